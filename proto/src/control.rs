@@ -1,0 +1,385 @@
+//! Control messages between an agent and the controller.
+//!
+//! They travel inside the Noise channel (see `mesh-control`) as JSON envelopes
+//! `{"v": PROTOCOL_VERSION, "msg": {...}}`. Each envelope is at most [`MAX_MESSAGE_LEN`] bytes;
+//! [`decode_client`] and [`decode_server`] check the version and every bound before anything
+//! else sees the value.
+
+use crate::{PublicKey, PROTOCOL_VERSION};
+use serde::{Deserialize, Serialize};
+use std::net::{Ipv4Addr, SocketAddr};
+
+/// Largest control message accepted, in bytes (a peer list of ~4000 nodes).
+pub const MAX_MESSAGE_LEN: usize = 1 << 20;
+/// Longest node or network name.
+pub const MAX_NAME_LEN: usize = 63;
+/// Most endpoints a node may report.
+pub const MAX_ENDPOINTS: usize = 16;
+/// Most peers in one peer list or delta.
+pub const MAX_PEERS: usize = 4096;
+/// Longest human-readable error text.
+pub const MAX_ERROR_TEXT: usize = 512;
+
+/// Messages a node sends to the controller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMsg {
+    /// First message of a node that holds a join token. The node's key is the Noise static key.
+    Join {
+        /// Token identifier (the part of the token stored in clear by the controller).
+        token_id: String,
+        /// Token secret, hex; the controller stores only its SHA-256.
+        token_secret: String,
+        /// Requested node name (hostname by default).
+        name: String,
+        /// Addresses this node can be reached at (local addresses with its UDP port).
+        endpoints: Vec<SocketAddr>,
+    },
+    /// First message of a node that already joined: its key (from Noise) identifies it.
+    Hello {
+        /// The network the node believes it is in.
+        network: String,
+        /// Addresses this node can be reached at.
+        endpoints: Vec<SocketAddr>,
+    },
+    /// Periodic liveness and endpoint refresh.
+    Heartbeat {
+        /// Addresses this node can be reached at.
+        endpoints: Vec<SocketAddr>,
+    },
+    /// The node leaves the network for good; the controller deletes it.
+    Leave,
+}
+
+/// Messages the controller sends to a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMsg {
+    /// Answer to `Join` or `Hello`: who the node is and the whole peer list.
+    Welcome {
+        /// Network name.
+        network: String,
+        /// The node's name as registered.
+        name: String,
+        /// The node's overlay address; stable for its key.
+        address: Ipv4Addr,
+        /// Prefix length of the network's CIDR.
+        prefix_len: u8,
+        /// Every other node of the network.
+        peers: Vec<PeerInfo>,
+    },
+    /// Changes to the peer list since the last message.
+    PeersChanged {
+        /// Peers that are new or whose details changed.
+        upsert: Vec<PeerInfo>,
+        /// Keys of peers that left or were removed.
+        remove: Vec<PublicKey>,
+    },
+    /// Answer to `Leave`: the node is deleted.
+    Left,
+    /// The request was refused; the connection closes after this.
+    Error {
+        /// Machine-readable reason.
+        code: ErrorCode,
+        /// What was wrong and what to do, for a person.
+        message: String,
+    },
+}
+
+/// One peer as the controller describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    /// The peer's WireGuard / node key.
+    pub key: PublicKey,
+    /// The peer's name.
+    pub name: String,
+    /// The peer's overlay address.
+    pub address: Ipv4Addr,
+    /// Where the peer may be reached: its observed address first, then what it reported.
+    pub endpoints: Vec<SocketAddr>,
+}
+
+/// Why the controller refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Unknown token id or wrong secret.
+    TokenInvalid,
+    /// Token past its expiry.
+    TokenExpired,
+    /// Token revoked by the admin.
+    TokenRevoked,
+    /// One-shot token already used by another node.
+    TokenUsed,
+    /// The node's key is not (or no longer) in the network.
+    NodeUnknown,
+    /// The network's address range is full.
+    NetworkFull,
+    /// The name is taken by another live node.
+    NameTaken,
+    /// The message was malformed or out of bounds.
+    BadRequest,
+    /// The protocol version is not supported.
+    VersionMismatch,
+    /// Something failed on the controller.
+    Internal,
+}
+
+/// A control message could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Longer than [`MAX_MESSAGE_LEN`].
+    #[error("message of {0} bytes exceeds the limit of {MAX_MESSAGE_LEN}")]
+    TooLong(usize),
+    /// Not a valid envelope.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// Envelope carries another protocol version.
+    #[error("protocol version {0} is not supported (this build speaks {PROTOCOL_VERSION})")]
+    Version(u16),
+    /// A field is outside its bound.
+    #[error("field out of bounds: {0}")]
+    Bounds(&'static str),
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope<T> {
+    v: u16,
+    msg: T,
+}
+
+fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    // Serializing these plain types to JSON cannot fail (no maps with non-string keys).
+    serde_json::to_vec(&Envelope {
+        v: PROTOCOL_VERSION,
+        msg,
+    })
+    .unwrap_or_default()
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, DecodeError> {
+    if bytes.len() > MAX_MESSAGE_LEN {
+        return Err(DecodeError::TooLong(bytes.len()));
+    }
+    #[derive(Deserialize)]
+    struct VersionOnly {
+        v: u16,
+    }
+    let head: VersionOnly =
+        serde_json::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    if head.v != PROTOCOL_VERSION {
+        return Err(DecodeError::Version(head.v));
+    }
+    let env: Envelope<T> =
+        serde_json::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    Ok(env.msg)
+}
+
+/// Checks a node or network name: 1..=63 characters of `[A-Za-z0-9._-]`.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+fn check_endpoints(e: &[SocketAddr]) -> Result<(), DecodeError> {
+    if e.len() > MAX_ENDPOINTS {
+        return Err(DecodeError::Bounds("endpoints"));
+    }
+    Ok(())
+}
+
+fn check_peers(p: &[PeerInfo]) -> Result<(), DecodeError> {
+    if p.len() > MAX_PEERS {
+        return Err(DecodeError::Bounds("peers"));
+    }
+    for peer in p {
+        if !valid_name(&peer.name) {
+            return Err(DecodeError::Bounds("peer name"));
+        }
+        check_endpoints(&peer.endpoints)?;
+    }
+    Ok(())
+}
+
+impl ClientMsg {
+    /// Encodes this message as an envelope.
+    pub fn encode(&self) -> Vec<u8> {
+        encode(self)
+    }
+}
+
+impl ServerMsg {
+    /// Encodes this message as an envelope.
+    pub fn encode(&self) -> Vec<u8> {
+        encode(self)
+    }
+}
+
+/// Decodes and bounds-checks a message sent by a node.
+pub fn decode_client(bytes: &[u8]) -> Result<ClientMsg, DecodeError> {
+    let msg: ClientMsg = decode(bytes)?;
+    match &msg {
+        ClientMsg::Join {
+            token_id,
+            token_secret,
+            name,
+            endpoints,
+        } => {
+            if token_id.len() > 64 || token_secret.len() > 128 {
+                return Err(DecodeError::Bounds("token"));
+            }
+            if !valid_name(name) {
+                return Err(DecodeError::Bounds("name"));
+            }
+            check_endpoints(endpoints)?;
+        }
+        ClientMsg::Hello { network, endpoints } => {
+            if !valid_name(network) {
+                return Err(DecodeError::Bounds("network"));
+            }
+            check_endpoints(endpoints)?;
+        }
+        ClientMsg::Heartbeat { endpoints } => check_endpoints(endpoints)?,
+        ClientMsg::Leave => {}
+    }
+    Ok(msg)
+}
+
+/// Decodes and bounds-checks a message sent by the controller.
+pub fn decode_server(bytes: &[u8]) -> Result<ServerMsg, DecodeError> {
+    let msg: ServerMsg = decode(bytes)?;
+    match &msg {
+        ServerMsg::Welcome {
+            network,
+            name,
+            prefix_len,
+            peers,
+            ..
+        } => {
+            if !valid_name(network) || !valid_name(name) {
+                return Err(DecodeError::Bounds("name"));
+            }
+            if !(8..=30).contains(prefix_len) {
+                return Err(DecodeError::Bounds("prefix_len"));
+            }
+            check_peers(peers)?;
+        }
+        ServerMsg::PeersChanged { upsert, remove } => {
+            check_peers(upsert)?;
+            if remove.len() > MAX_PEERS {
+                return Err(DecodeError::Bounds("remove"));
+            }
+        }
+        ServerMsg::Error { message, .. } => {
+            if message.len() > MAX_ERROR_TEXT {
+                return Err(DecodeError::Bounds("error message"));
+            }
+        }
+        ServerMsg::Left => {}
+    }
+    Ok(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(n: u8) -> PeerInfo {
+        PeerInfo {
+            key: PublicKey([n; 32]),
+            name: format!("node-{n}"),
+            address: Ipv4Addr::new(100, 64, 0, n),
+            endpoints: vec![SocketAddr::from(([192, 0, 2, n], 51820))],
+        }
+    }
+
+    #[test]
+    fn round_trip_every_message() {
+        let client = [
+            ClientMsg::Join {
+                token_id: "ab12".into(),
+                token_secret: "ff".into(),
+                name: "node-1".into(),
+                endpoints: vec![SocketAddr::from(([192, 0, 2, 1], 51820))],
+            },
+            ClientMsg::Hello {
+                network: "prod".into(),
+                endpoints: vec![],
+            },
+            ClientMsg::Heartbeat { endpoints: vec![] },
+            ClientMsg::Leave,
+        ];
+        for m in client {
+            assert_eq!(decode_client(&m.encode()), Ok(m));
+        }
+        let server = [
+            ServerMsg::Welcome {
+                network: "prod".into(),
+                name: "node-1".into(),
+                address: Ipv4Addr::new(100, 64, 0, 1),
+                prefix_len: 16,
+                peers: vec![peer(2), peer(3)],
+            },
+            ServerMsg::PeersChanged {
+                upsert: vec![peer(4)],
+                remove: vec![PublicKey([2; 32])],
+            },
+            ServerMsg::Left,
+            ServerMsg::Error {
+                code: ErrorCode::TokenExpired,
+                message: "expired".into(),
+            },
+        ];
+        for m in server {
+            assert_eq!(decode_server(&m.encode()), Ok(m));
+        }
+    }
+
+    #[test]
+    fn rejects_other_version() {
+        let bytes = br#"{"v":99,"msg":{"type":"leave"}}"#;
+        assert_eq!(decode_client(bytes), Err(DecodeError::Version(99)));
+    }
+
+    #[test]
+    fn rejects_oversized_and_out_of_bounds() {
+        let big = vec![b' '; MAX_MESSAGE_LEN + 1];
+        assert_eq!(
+            decode_client(&big),
+            Err(DecodeError::TooLong(MAX_MESSAGE_LEN + 1))
+        );
+        let m = ClientMsg::Heartbeat {
+            endpoints: vec![SocketAddr::from(([192, 0, 2, 1], 1)); MAX_ENDPOINTS + 1],
+        };
+        assert_eq!(
+            decode_client(&m.encode()),
+            Err(DecodeError::Bounds("endpoints"))
+        );
+        let m = ClientMsg::Join {
+            token_id: "a".into(),
+            token_secret: "b".into(),
+            name: "bad name with spaces".into(),
+            endpoints: vec![],
+        };
+        assert_eq!(decode_client(&m.encode()), Err(DecodeError::Bounds("name")));
+    }
+
+    #[test]
+    fn names() {
+        assert!(valid_name("node-1.example_a"));
+        assert!(!valid_name(""));
+        assert!(!valid_name(&"a".repeat(64)));
+        assert!(!valid_name("a/b"));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decoders_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+            let _ = decode_client(&bytes);
+            let _ = decode_server(&bytes);
+        }
+    }
+}

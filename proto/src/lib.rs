@@ -1,0 +1,23 @@
+//! Wire formats of mesh.
+//!
+//! This crate holds every message that crosses the network between agents, the controller and
+//! (later) relays, plus the rules for telling apart the protocols that share a node's one UDP
+//! socket. It does no I/O: it turns bytes into typed values and back, and every decoder is bounded
+//! and total (it returns an error, never panics, on any input).
+//!
+//! - [`demux`]: classify a UDP datagram as WireGuard, QUIC or STUN by its first bytes.
+//! - [`control`]: the control messages exchanged inside the Noise channel with the controller.
+//! - [`token`]: the join token string an admin hands to a node.
+//! - [`key`]: the node / controller public key type and its text form.
+//!
+//! See `proto/PROTOCOL.md` for the byte-level description.
+
+pub mod control;
+pub mod demux;
+pub mod key;
+pub mod token;
+
+pub use key::PublicKey;
+
+/// Version of the control protocol carried in every control envelope.
+pub const PROTOCOL_VERSION: u16 = 1;
