@@ -1,1 +1,26 @@
+//! The sans-IO heart of a mesh node.
+//!
+//! [`Node`] owns the node's WireGuard sessions with every peer and decides where each packet
+//! goes. It never touches a socket, a TUN device or the clock: the driver feeds it
+//!
+//! - IP packets read from the TUN device ([`Node::handle_tun_packet`]),
+//! - UDP datagrams received on the node's one socket ([`Node::handle_datagram`]),
+//! - the passage of time ([`Node::handle_timeout`]) and
+//! - the peer list from the controller ([`Node::set_peers`]),
+//!
+//! each with a `now: Instant`, and drains what the node wants done:
+//! [`Node::poll_transmit`] (datagrams to send), [`Node::poll_tun_packet`] (packets to write to
+//! TUN), [`Node::poll_event`] (things to log or report) and [`Node::poll_timeout`] (when to call
+//! `handle_timeout` next).
+//!
+//! What it does not do: control-plane I/O (QUIC, Noise), device configuration, persistence.
+//! Those live in `mesh-sys`, `mesh-control` and `mesh-agent`.
+//!
+//! WireGuard itself is boringtun's `noise::Tunn`, wrapped by [`session::Session`] so that no
+//! boringtun type leaks out of this crate.
 
+pub mod node;
+pub mod packet;
+pub mod session;
+
+pub use node::{Counters, Event, Node, NodeConfig, PeerConfig, PeerStatus, Transmit};

@@ -1,0 +1,806 @@
+//! The node state machine: peers, routing by overlay address, endpoint choice, timers.
+
+use crate::packet;
+use crate::session::{self, Addressed, Output, Session, SessionError};
+use mesh_proto::PublicKey;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+use x25519_dalek::{PublicKey as XPublic, StaticSecret};
+
+/// How often WireGuard's own timers run (boringtun's device uses the same cadence).
+pub const TICK: Duration = Duration::from_millis(250);
+/// WireGuard's REKEY_TIMEOUT: retransmit a handshake initiation after this long without answer.
+pub const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
+/// WireGuard's REKEY_ATTEMPT_TIME: give up retransmitting after this long.
+pub const REKEY_ATTEMPT_TIME: Duration = Duration::from_secs(90);
+/// WireGuard's KEEPALIVE_TIMEOUT + REKEY_TIMEOUT: data sent without any authenticated packet
+/// back for this long means the session is stale, so a new handshake starts.
+pub const STALE_SESSION: Duration = Duration::from_secs(15);
+/// Default persistent keepalive, seconds: keeps NAT mappings open.
+pub const DEFAULT_KEEPALIVE: u16 = 25;
+/// Largest datagram the node handles: an inner packet of up to 65535 bytes plus overhead.
+pub const MAX_DATAGRAM: usize = 65535 + session::DATA_OVERHEAD;
+/// Most transmits or TUN packets queued before the oldest are dropped (bounds memory when the
+/// driver does not drain).
+pub const MAX_QUEUE: usize = 4096;
+
+/// How a node is set up.
+#[derive(Clone)]
+pub struct NodeConfig {
+    /// The node's x25519 private key (its identity and WireGuard static key).
+    pub private_key: [u8; 32],
+    /// The node's overlay address.
+    pub address: Ipv4Addr,
+    /// Persistent keepalive in seconds (`None` disables it).
+    pub keepalive: Option<u16>,
+}
+
+/// One peer as the node needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerConfig {
+    /// The peer's key.
+    pub key: PublicKey,
+    /// The peer's name, for status and logs.
+    pub name: String,
+    /// The peer's overlay address; packets to it go to this peer, and the peer may only send
+    /// packets from it.
+    pub address: Ipv4Addr,
+    /// Where the peer may be reached, best first.
+    pub endpoints: Vec<SocketAddr>,
+}
+
+/// A datagram the driver must send on the node's UDP socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// Destination.
+    pub dst: SocketAddr,
+    /// Bytes to send.
+    pub payload: Vec<u8>,
+}
+
+/// Something the driver may want to log or report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A peer was confirmed at a (new) endpoint by an authenticated packet from there.
+    PeerEndpoint {
+        /// Which peer.
+        key: PublicKey,
+        /// Where it answered from.
+        endpoint: SocketAddr,
+    },
+    /// Handshake retransmissions for a peer ran out without an answer.
+    PeerUnreachable {
+        /// Which peer.
+        key: PublicKey,
+    },
+}
+
+/// Packets dropped, by reason. A bad packet is a counter, never an error.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Datagrams that are not well-formed WireGuard messages for us.
+    pub malformed_packets: u64,
+    /// Handshakes or packets from keys or indices we do not know.
+    pub unknown_peer_packets: u64,
+    /// WireGuard refused the datagram (bad MAC, replay, expired ...).
+    pub rejected_packets: u64,
+    /// Decrypted packets whose source is not the peer's overlay address.
+    pub spoofed_packets: u64,
+    /// TUN packets to an address no peer has.
+    pub no_route_packets: u64,
+    /// TUN packets that are not IPv4 (IPv6 router solicitations and the like).
+    pub non_ipv4_packets: u64,
+    /// Packets dropped because a queue was full.
+    pub queue_drops: u64,
+}
+
+/// Status of one peer, for `mesh status`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerStatus {
+    /// Key.
+    pub key: PublicKey,
+    /// Name.
+    pub name: String,
+    /// Overlay address.
+    pub address: Ipv4Addr,
+    /// Endpoint in use (confirmed by an authenticated packet), if any.
+    pub endpoint: Option<SocketAddr>,
+    /// Candidates from the controller.
+    pub candidates: Vec<SocketAddr>,
+    /// Time since the last handshake.
+    pub since_handshake: Option<Duration>,
+    /// Inner bytes received from the peer.
+    pub rx_bytes: u64,
+    /// Inner bytes sent to the peer.
+    pub tx_bytes: u64,
+    /// Time since the last authenticated packet from the peer.
+    pub since_last_rx: Option<Duration>,
+}
+
+struct Peer {
+    config: PeerConfig,
+    session: Session,
+    index: u32,
+    /// Confirmed endpoint: the source of the last authenticated packet.
+    endpoint: Option<SocketAddr>,
+    last_rx: Option<Instant>,
+    /// When we started waiting for a handshake with data queued, and when we last (re)sent one.
+    handshake_wait: Option<(Instant, Instant)>,
+    /// First data sent since the last authenticated packet from the peer.
+    awaiting_reply_since: Option<Instant>,
+    /// Last handshake we forced (bounds forced handshakes to one per REKEY_TIMEOUT).
+    last_forced: Option<Instant>,
+}
+
+impl Peer {
+    /// Starts a new handshake now, to every candidate, unless one was forced within
+    /// REKEY_TIMEOUT.
+    fn force_handshake(
+        &mut self,
+        now: Instant,
+        buf: &mut [u8],
+        transmits: &mut VecDeque<Transmit>,
+        counters: &mut Counters,
+    ) {
+        if self
+            .last_forced
+            .is_some_and(|t| now.duration_since(t) < REKEY_TIMEOUT)
+        {
+            return;
+        }
+        self.last_forced = Some(now);
+        let started = self.handshake_wait.map_or(now, |(s, _)| s);
+        self.handshake_wait = Some((started, now));
+        self.endpoint = None;
+        if let Output::Network(bytes) = self.session.force_handshake(buf) {
+            send_to_peer(transmits, counters, None, &self.config.endpoints, bytes);
+        }
+    }
+}
+
+/// A mesh node. See the crate docs for the input/output contract.
+pub struct Node {
+    secret: StaticSecret,
+    public: XPublic,
+    config: NodeConfig,
+    /// Ordered, so that timer work (and so a whole simulated run) is the same for a given seed.
+    peers: BTreeMap<PublicKey, Peer>,
+    by_address: HashMap<Ipv4Addr, PublicKey>,
+    by_index: HashMap<u32, PublicKey>,
+    next_index: u32,
+    transmits: VecDeque<Transmit>,
+    to_tun: VecDeque<Vec<u8>>,
+    events: VecDeque<Event>,
+    counters: Counters,
+    next_tick: Instant,
+    buf: Vec<u8>,
+}
+
+impl Node {
+    /// Creates a node with no peers. `index_seed` varies the WireGuard session indices between
+    /// runs (any value works; tests pass a fixed one).
+    pub fn new(config: NodeConfig, index_seed: u32, now: Instant) -> Self {
+        let secret = StaticSecret::from(config.private_key);
+        let public = XPublic::from(&secret);
+        Node {
+            secret,
+            public,
+            config,
+            peers: BTreeMap::new(),
+            by_address: HashMap::new(),
+            by_index: HashMap::new(),
+            next_index: (index_seed & 0x00ff_ffff).max(1),
+            transmits: VecDeque::new(),
+            to_tun: VecDeque::new(),
+            events: VecDeque::new(),
+            counters: Counters::default(),
+            next_tick: now + TICK,
+            buf: vec![0u8; MAX_DATAGRAM],
+        }
+    }
+
+    /// This node's public key.
+    pub fn public_key(&self) -> PublicKey {
+        PublicKey(self.public.to_bytes())
+    }
+
+    /// This node's overlay address.
+    pub fn address(&self) -> Ipv4Addr {
+        self.config.address
+    }
+
+    /// Drop counters.
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    /// Replaces the whole peer list. Peers that stay keep their sessions; a peer whose key is
+    /// ours is ignored; when two peers claim one address the first wins.
+    pub fn set_peers(&mut self, peers: &[PeerConfig], now: Instant) {
+        let wanted: HashMap<PublicKey, &PeerConfig> = peers
+            .iter()
+            .filter(|p| p.key != self.public_key())
+            .map(|p| (p.key, p))
+            .collect();
+        let gone: Vec<PublicKey> = self
+            .peers
+            .keys()
+            .filter(|k| !wanted.contains_key(k))
+            .copied()
+            .collect();
+        for key in gone {
+            self.remove_peer(&key);
+        }
+        for p in peers {
+            self.upsert_peer(p.clone(), now);
+        }
+    }
+
+    /// Adds a peer or updates its address, name and candidates.
+    pub fn upsert_peer(&mut self, config: PeerConfig, _now: Instant) {
+        if config.key == self.public_key() {
+            return;
+        }
+        if let Some(owner) = self.by_address.get(&config.address) {
+            if *owner != config.key {
+                tracing::warn!(peer = %config.key, address = %config.address, "address already used by another peer; ignoring");
+                return;
+            }
+        }
+        if let Some(peer) = self.peers.get_mut(&config.key) {
+            if peer.config.address != config.address {
+                self.by_address.remove(&peer.config.address);
+                self.by_address.insert(config.address, config.key);
+            }
+            peer.config = config;
+            return;
+        }
+        let index = self.allocate_index();
+        let session = Session::new(
+            self.secret.clone(),
+            config.key,
+            self.config.keepalive,
+            index,
+        );
+        self.by_address.insert(config.address, config.key);
+        self.by_index.insert(index, config.key);
+        self.peers.insert(
+            config.key,
+            Peer {
+                config,
+                session,
+                index,
+                endpoint: None,
+                last_rx: None,
+                handshake_wait: None,
+                awaiting_reply_since: None,
+                last_forced: None,
+            },
+        );
+    }
+
+    /// Removes a peer and its session.
+    pub fn remove_peer(&mut self, key: &PublicKey) {
+        if let Some(peer) = self.peers.remove(key) {
+            self.by_address.remove(&peer.config.address);
+            self.by_index.remove(&peer.index);
+        }
+    }
+
+    fn allocate_index(&mut self) -> u32 {
+        loop {
+            let i = self.next_index;
+            self.next_index = (self.next_index + 1) & 0x00ff_ffff;
+            if self.next_index == 0 {
+                self.next_index = 1;
+            }
+            if !self.by_index.contains_key(&i) {
+                return i;
+            }
+        }
+    }
+
+    /// An IP packet read from the TUN device.
+    pub fn handle_tun_packet(&mut self, packet: &[u8], now: Instant) {
+        let Some((_, dst)) = packet::ipv4_addrs(packet) else {
+            self.counters.non_ipv4_packets += 1;
+            return;
+        };
+        if packet.len() + session::DATA_OVERHEAD > self.buf.len() {
+            self.counters.malformed_packets += 1;
+            return;
+        }
+        let Some(key) = self.by_address.get(&dst).copied() else {
+            self.counters.no_route_packets += 1;
+            return;
+        };
+        let Some(peer) = self.peers.get_mut(&key) else {
+            return;
+        };
+        match peer.session.encapsulate(packet, &mut self.buf) {
+            Output::Network(bytes) => {
+                if !peer.session.established() && peer.handshake_wait.is_none() {
+                    peer.handshake_wait = Some((now, now));
+                }
+                if peer.awaiting_reply_since.is_none() {
+                    peer.awaiting_reply_since = Some(now);
+                }
+                send_to_peer(
+                    &mut self.transmits,
+                    &mut self.counters,
+                    peer.endpoint,
+                    &peer.config.endpoints,
+                    bytes,
+                );
+            }
+            Output::Done => {
+                // Queued behind a handshake in progress.
+                if peer.handshake_wait.is_none() {
+                    peer.handshake_wait = Some((now, now));
+                }
+            }
+            Output::Error(_) | Output::TunnelV4(..) | Output::TunnelV6 => {}
+        }
+    }
+
+    /// A datagram received on the node's UDP socket (already known not to be QUIC).
+    pub fn handle_datagram(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
+        let key = match session::address_of(&self.secret, &self.public, datagram) {
+            Some(Addressed::Initiation(key)) => key,
+            Some(Addressed::Index(index)) => match self.by_index.get(&index) {
+                Some(key) => *key,
+                None => {
+                    self.counters.unknown_peer_packets += 1;
+                    return;
+                }
+            },
+            None => {
+                self.counters.malformed_packets += 1;
+                return;
+            }
+        };
+        let Some(peer) = self.peers.get_mut(&key) else {
+            self.counters.unknown_peer_packets += 1;
+            return;
+        };
+        if datagram.len() > self.buf.len() {
+            self.counters.malformed_packets += 1;
+            return;
+        }
+        let mut authenticated = false;
+        match peer
+            .session
+            .decapsulate(Some(from.ip()), datagram, &mut self.buf)
+        {
+            Output::Network(bytes) => {
+                authenticated = true;
+                push_bounded(
+                    &mut self.transmits,
+                    &mut self.counters,
+                    Transmit {
+                        dst: from,
+                        payload: bytes.to_vec(),
+                    },
+                );
+                // Packets queued during the handshake follow the response.
+                while let Output::Network(bytes) = peer.session.flush_queued(&mut self.buf) {
+                    push_bounded(
+                        &mut self.transmits,
+                        &mut self.counters,
+                        Transmit {
+                            dst: from,
+                            payload: bytes.to_vec(),
+                        },
+                    );
+                }
+            }
+            Output::TunnelV4(inner, source) => {
+                authenticated = true;
+                if source == peer.config.address {
+                    push_bounded(&mut self.to_tun, &mut self.counters, inner.to_vec());
+                } else {
+                    self.counters.spoofed_packets += 1;
+                }
+            }
+            Output::TunnelV6 => {
+                authenticated = true;
+                self.counters.non_ipv4_packets += 1;
+            }
+            Output::Done => authenticated = true, // keepalive or cookie
+            Output::Error(_) => {
+                self.counters.rejected_packets += 1;
+                // Transport data under a session we do not have: the two sides disagree on the
+                // current session (crossed handshakes). The side with the lower key starts over
+                // at once; the other waits for the stale-session rule, so they do not cross
+                // again.
+                if datagram[0] == 4 && self.public.to_bytes() < key.0 {
+                    peer.force_handshake(
+                        now,
+                        &mut self.buf,
+                        &mut self.transmits,
+                        &mut self.counters,
+                    );
+                }
+            }
+        }
+        if authenticated {
+            peer.last_rx = Some(now);
+            peer.awaiting_reply_since = None;
+            if peer.session.established() {
+                peer.handshake_wait = None;
+            }
+            if peer.endpoint != Some(from) {
+                peer.endpoint = Some(from);
+                tracing::debug!(peer = %key, %from, "peer endpoint confirmed");
+                self.events.push_back(Event::PeerEndpoint {
+                    key,
+                    endpoint: from,
+                });
+            }
+        }
+    }
+
+    /// Runs timers that are due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if now < self.next_tick {
+            return;
+        }
+        self.next_tick = now + TICK;
+        for (key, peer) in self.peers.iter_mut() {
+            match peer.session.update_timers(&mut self.buf) {
+                Output::Network(bytes) => send_to_peer(
+                    &mut self.transmits,
+                    &mut self.counters,
+                    peer.endpoint,
+                    &peer.config.endpoints,
+                    bytes,
+                ),
+                Output::Error(SessionError::Expired) => {
+                    // Forget the endpoint: the next handshake tries every candidate again.
+                    peer.endpoint = None;
+                }
+                _ => {}
+            }
+            // Handshake retransmission on our clock while data waits for a session.
+            if let Some((started, last_sent)) = peer.handshake_wait {
+                if peer.session.established() {
+                    peer.handshake_wait = None;
+                } else if now.duration_since(started) >= REKEY_ATTEMPT_TIME {
+                    peer.handshake_wait = None;
+                    self.events.push_back(Event::PeerUnreachable { key: *key });
+                } else if now.duration_since(last_sent) >= REKEY_TIMEOUT {
+                    peer.last_forced = None;
+                    peer.force_handshake(
+                        now,
+                        &mut self.buf,
+                        &mut self.transmits,
+                        &mut self.counters,
+                    );
+                }
+            }
+            // Stale session: we keep sending and nothing authenticated comes back.
+            if peer
+                .awaiting_reply_since
+                .is_some_and(|t| now.duration_since(t) >= STALE_SESSION)
+            {
+                peer.awaiting_reply_since = Some(now);
+                peer.force_handshake(now, &mut self.buf, &mut self.transmits, &mut self.counters);
+            }
+        }
+    }
+
+    /// When [`Node::handle_timeout`] should be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.peers.is_empty() {
+            None
+        } else {
+            Some(self.next_tick)
+        }
+    }
+
+    /// Next datagram to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// Next packet to write to the TUN device.
+    pub fn poll_tun_packet(&mut self) -> Option<Vec<u8>> {
+        self.to_tun.pop_front()
+    }
+
+    /// Next event.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Status of every peer, sorted by overlay address.
+    pub fn peer_status(&self, now: Instant) -> Vec<PeerStatus> {
+        let mut out: Vec<PeerStatus> = self
+            .peers
+            .values()
+            .map(|p| {
+                let stats = p.session.stats();
+                PeerStatus {
+                    key: p.config.key,
+                    name: p.config.name.clone(),
+                    address: p.config.address,
+                    endpoint: p.endpoint,
+                    candidates: p.config.endpoints.clone(),
+                    since_handshake: stats.since_handshake,
+                    rx_bytes: stats.rx_bytes,
+                    tx_bytes: stats.tx_bytes,
+                    since_last_rx: p.last_rx.map(|t| now.saturating_duration_since(t)),
+                }
+            })
+            .collect();
+        out.sort_by_key(|p| p.address);
+        out
+    }
+}
+
+/// Sends to the confirmed endpoint, or, before one is known, to every candidate (the first that
+/// answers becomes the endpoint).
+fn send_to_peer(
+    transmits: &mut VecDeque<Transmit>,
+    counters: &mut Counters,
+    endpoint: Option<SocketAddr>,
+    candidates: &[SocketAddr],
+    bytes: &[u8],
+) {
+    match endpoint {
+        Some(dst) => push_bounded(
+            transmits,
+            counters,
+            Transmit {
+                dst,
+                payload: bytes.to_vec(),
+            },
+        ),
+        None => {
+            for dst in candidates.iter().take(mesh_proto::control::MAX_ENDPOINTS) {
+                push_bounded(
+                    transmits,
+                    counters,
+                    Transmit {
+                        dst: *dst,
+                        payload: bytes.to_vec(),
+                    },
+                );
+            }
+        }
+    }
+}
+
+fn push_bounded<T>(queue: &mut VecDeque<T>, counters: &mut Counters, item: T) {
+    if queue.len() >= MAX_QUEUE {
+        queue.pop_front();
+        counters.queue_drops += 1;
+    }
+    queue.push_back(item);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(seed: u8) -> ([u8; 32], PublicKey) {
+        let secret = [seed; 32];
+        let public = XPublic::from(&StaticSecret::from(secret));
+        (secret, PublicKey(public.to_bytes()))
+    }
+
+    fn icmp(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
+        let mut p = vec![0u8; 20 + payload.len()];
+        p[0] = 0x45;
+        let len = p.len() as u16;
+        p[2..4].copy_from_slice(&len.to_be_bytes());
+        p[8] = 64;
+        p[9] = 1;
+        p[12..16].copy_from_slice(&src.octets());
+        p[16..20].copy_from_slice(&dst.octets());
+        p[20..].copy_from_slice(payload);
+        p
+    }
+
+    struct Pair {
+        a: Node,
+        b: Node,
+        a_addr: SocketAddr,
+        b_addr: SocketAddr,
+        now: Instant,
+    }
+
+    impl Pair {
+        fn new() -> Pair {
+            let now = Instant::now();
+            let (ska, pka) = key(1);
+            let (skb, pkb) = key(2);
+            let a_addr: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+            let b_addr: SocketAddr = "192.0.2.2:51820".parse().unwrap();
+            let ip_a = Ipv4Addr::new(100, 64, 0, 1);
+            let ip_b = Ipv4Addr::new(100, 64, 0, 2);
+            let mut a = Node::new(
+                NodeConfig {
+                    private_key: ska,
+                    address: ip_a,
+                    keepalive: None,
+                },
+                1,
+                now,
+            );
+            let mut b = Node::new(
+                NodeConfig {
+                    private_key: skb,
+                    address: ip_b,
+                    keepalive: None,
+                },
+                1000,
+                now,
+            );
+            a.set_peers(
+                &[PeerConfig {
+                    key: pkb,
+                    name: "b".into(),
+                    address: ip_b,
+                    endpoints: vec![b_addr],
+                }],
+                now,
+            );
+            b.set_peers(
+                &[PeerConfig {
+                    key: pka,
+                    name: "a".into(),
+                    address: ip_a,
+                    endpoints: vec![a_addr],
+                }],
+                now,
+            );
+            Pair {
+                a,
+                b,
+                a_addr,
+                b_addr,
+                now,
+            }
+        }
+
+        /// Moves datagrams between the two until both are quiet, bounded in steps.
+        fn drive(&mut self) {
+            for _ in 0..100 {
+                let mut moved = false;
+                while let Some(t) = self.a.poll_transmit() {
+                    assert_eq!(t.dst, self.b_addr);
+                    self.b.handle_datagram(self.a_addr, &t.payload, self.now);
+                    moved = true;
+                }
+                while let Some(t) = self.b.poll_transmit() {
+                    assert_eq!(t.dst, self.a_addr);
+                    self.a.handle_datagram(self.b_addr, &t.payload, self.now);
+                    moved = true;
+                }
+                if !moved {
+                    return;
+                }
+            }
+            panic!("pair did not settle");
+        }
+    }
+
+    #[test]
+    fn packet_crosses_after_handshake() {
+        let mut p = Pair::new();
+        let pkt = icmp(p.a.address(), p.b.address(), b"hello");
+        p.a.handle_tun_packet(&pkt, p.now);
+        p.drive();
+        assert_eq!(p.b.poll_tun_packet(), Some(pkt.clone()));
+        assert_eq!(p.b.poll_tun_packet(), None);
+        let back = icmp(p.b.address(), p.a.address(), b"world");
+        p.b.handle_tun_packet(&back, p.now);
+        p.drive();
+        assert_eq!(p.a.poll_tun_packet(), Some(back));
+        let st = p.a.peer_status(p.now);
+        assert_eq!(st[0].endpoint, Some(p.b_addr));
+        assert!(st[0].tx_bytes > 0 && st[0].rx_bytes > 0);
+    }
+
+    #[test]
+    fn spoofed_inner_source_is_dropped() {
+        let mut p = Pair::new();
+        // B sends a packet claiming to come from an address that is not B's.
+        let pkt = icmp(Ipv4Addr::new(100, 64, 0, 9), p.a.address(), b"x");
+        p.b.handle_tun_packet(&pkt, p.now);
+        p.drive();
+        assert_eq!(p.a.poll_tun_packet(), None);
+        assert_eq!(p.a.counters().spoofed_packets, 1);
+    }
+
+    #[test]
+    fn garbage_is_counted_not_fatal() {
+        let mut p = Pair::new();
+        let from: SocketAddr = "198.51.100.7:1234".parse().unwrap();
+        for bad in [
+            &b""[..],
+            &[1, 0, 0, 0][..],
+            &[4, 0, 0, 0, 1, 2, 3][..],
+            &[9u8; 200][..],
+        ] {
+            p.a.handle_datagram(from, bad, p.now);
+        }
+        // A data packet for an index nobody has.
+        let mut data = vec![4u8, 0, 0, 0];
+        data.extend_from_slice(&[0xff; 28]);
+        p.a.handle_datagram(from, &data, p.now);
+        let c = p.a.counters();
+        assert_eq!(c.malformed_packets + c.unknown_peer_packets, 5);
+        assert!(p.a.poll_transmit().is_none());
+    }
+
+    #[test]
+    fn ipv6_and_unrouted_from_tun_are_dropped() {
+        let mut p = Pair::new();
+        let mut rs = vec![0x60u8; 48];
+        rs[6] = 58; // ICMPv6
+        p.a.handle_tun_packet(&rs, p.now);
+        p.a.handle_tun_packet(
+            &icmp(p.a.address(), Ipv4Addr::new(100, 64, 9, 9), b"x"),
+            p.now,
+        );
+        assert_eq!(p.a.counters().non_ipv4_packets, 1);
+        assert_eq!(p.a.counters().no_route_packets, 1);
+        assert!(p.a.poll_transmit().is_none());
+    }
+
+    #[test]
+    fn lost_initiation_is_retransmitted_on_injected_clock() {
+        let mut p = Pair::new();
+        p.a.handle_tun_packet(&icmp(p.a.address(), p.b.address(), b"1"), p.now);
+        // Lose the first initiation.
+        while p.a.poll_transmit().is_some() {}
+        p.now += REKEY_TIMEOUT;
+        p.a.handle_timeout(p.now);
+        p.drive();
+        assert!(p.b.poll_tun_packet().is_some(), "queued packet delivered");
+    }
+
+    #[test]
+    fn crossed_handshakes_converge() {
+        let mut p = Pair::new();
+        let to_b = icmp(p.a.address(), p.b.address(), b"ab");
+        let to_a = icmp(p.b.address(), p.a.address(), b"ba");
+        p.a.handle_tun_packet(&to_b, p.now);
+        p.b.handle_tun_packet(&to_a, p.now);
+        // Both initiations are on the wire before either arrives.
+        let from_a: Vec<Transmit> = std::iter::from_fn(|| p.a.poll_transmit()).collect();
+        let from_b: Vec<Transmit> = std::iter::from_fn(|| p.b.poll_transmit()).collect();
+        for t in from_a {
+            p.b.handle_datagram(p.a_addr, &t.payload, p.now);
+        }
+        for t in from_b {
+            p.a.handle_datagram(p.b_addr, &t.payload, p.now);
+        }
+        p.drive();
+        // Whatever got through, fresh traffic in both directions must now flow without waiting
+        // for any timer.
+        while p.a.poll_tun_packet().is_some() {}
+        while p.b.poll_tun_packet().is_some() {}
+        for _ in 0..2 {
+            p.a.handle_tun_packet(&to_b, p.now);
+            p.b.handle_tun_packet(&to_a, p.now);
+            p.drive();
+        }
+        assert!(p.b.poll_tun_packet().is_some(), "a -> b flows");
+        assert!(p.a.poll_tun_packet().is_some(), "b -> a flows");
+    }
+
+    #[test]
+    fn removed_peer_gets_nothing() {
+        let mut p = Pair::new();
+        let b_key = p.b.public_key();
+        p.a.remove_peer(&b_key);
+        p.a.handle_tun_packet(&icmp(p.a.address(), p.b.address(), b"x"), p.now);
+        assert!(p.a.poll_transmit().is_none());
+        assert_eq!(p.a.counters().no_route_packets, 1);
+        assert_eq!(p.a.poll_timeout(), None);
+    }
+}

@@ -1,0 +1,165 @@
+//! One WireGuard session with one peer.
+//!
+//! This is the only module that touches boringtun. It exposes a small surface in mesh's own types
+//! so that the WireGuard engine can be swapped (GotaTun, or a time-injected engine) without
+//! touching [`crate::Node`].
+//!
+//! boringtun reads its own clock inside `update_timers`; everything else in mesh-core runs on the
+//! `Instant`s the driver passes in. Handshake retransmission while data is waiting is driven by
+//! [`crate::Node`] on that injected clock (see `force_handshake`), so the simulation does not
+//! depend on wall time for a session to come up.
+
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use mesh_proto::PublicKey;
+use std::net::IpAddr;
+use std::time::Duration;
+use x25519_dalek::{PublicKey as XPublic, StaticSecret};
+
+/// Smallest buffer any session call may write into: a handshake initiation is 148 bytes and a
+/// data packet is the plaintext plus 32.
+pub const MIN_BUFFER: usize = 148;
+/// WireGuard transport overhead over the inner packet (header 16 + tag 16).
+pub const DATA_OVERHEAD: usize = 32;
+
+/// What a session call produced. Slices borrow the caller's buffer.
+#[derive(Debug)]
+pub enum Output<'a> {
+    /// Nothing to do.
+    Done,
+    /// Send these bytes to the peer. After `decapsulate`, call [`Session::flush_queued`] until it
+    /// returns `Done`: more may be waiting.
+    Network(&'a [u8]),
+    /// Write this IPv4 packet to the TUN device; it claims to come from `source`.
+    TunnelV4(&'a [u8], std::net::Ipv4Addr),
+    /// An IPv6 packet came out of the tunnel (not routed by mesh yet).
+    TunnelV6,
+    /// The datagram or timer event was refused.
+    Error(SessionError),
+}
+
+/// Why a session refused something.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionError {
+    /// No handshake for too long; the session is gone until traffic starts a new one.
+    Expired,
+    /// Authentication failed, replay, wrong index, or any other bad datagram.
+    Rejected,
+}
+
+/// Which local session a received datagram belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Addressed {
+    /// A handshake initiation from this key (already authenticated against our static key).
+    Initiation(PublicKey),
+    /// A response, cookie or data packet for the session with this local peer index.
+    Index(u32),
+}
+
+/// Works out which session a datagram is for, without touching any session state.
+/// `None` for anything that is not a well-formed WireGuard message addressed to us.
+pub fn address_of(secret: &StaticSecret, public: &XPublic, datagram: &[u8]) -> Option<Addressed> {
+    match Tunn::parse_incoming_packet(datagram).ok()? {
+        Packet::HandshakeInit(init) => parse_handshake_anon(secret, public, &init)
+            .ok()
+            .map(|half| Addressed::Initiation(PublicKey(half.peer_static_public))),
+        Packet::HandshakeResponse(p) => Some(Addressed::Index(p.receiver_idx >> 8)),
+        Packet::PacketCookieReply(p) => Some(Addressed::Index(p.receiver_idx >> 8)),
+        Packet::PacketData(p) => Some(Addressed::Index(p.receiver_idx >> 8)),
+    }
+}
+
+/// Counters of one session.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SessionStats {
+    /// Time since the last completed handshake (boringtun's clock).
+    pub since_handshake: Option<Duration>,
+    /// Inner bytes sent.
+    pub tx_bytes: u64,
+    /// Inner bytes received.
+    pub rx_bytes: u64,
+}
+
+/// A WireGuard session with one peer.
+pub struct Session {
+    tunn: Tunn,
+}
+
+impl Session {
+    /// `index` is this side's 24-bit peer index; received packets carry it back.
+    pub fn new(secret: StaticSecret, peer: PublicKey, keepalive: Option<u16>, index: u32) -> Self {
+        let tunn = Tunn::new(
+            secret,
+            XPublic::from(peer.0),
+            None,
+            keepalive,
+            index & 0x00ff_ffff,
+            None,
+        );
+        Session { tunn }
+    }
+
+    /// Encrypts one IP packet. Queues it and starts a handshake when there is no session yet.
+    /// `dst` must be at least `src.len() + 32` and at least [`MIN_BUFFER`] bytes.
+    pub fn encapsulate<'a>(&mut self, src: &[u8], dst: &'a mut [u8]) -> Output<'a> {
+        if dst.len() < (src.len() + DATA_OVERHEAD).max(MIN_BUFFER) {
+            return Output::Error(SessionError::Rejected);
+        }
+        convert(self.tunn.encapsulate(src, dst))
+    }
+
+    /// Decrypts or processes one datagram received from `from`.
+    pub fn decapsulate<'a>(
+        &mut self,
+        from: Option<IpAddr>,
+        datagram: &[u8],
+        dst: &'a mut [u8],
+    ) -> Output<'a> {
+        if datagram.is_empty() || dst.len() < datagram.len().max(MIN_BUFFER) {
+            return Output::Error(SessionError::Rejected);
+        }
+        convert(self.tunn.decapsulate(from, datagram, dst))
+    }
+
+    /// Emits packets queued while the handshake was in progress, one per call.
+    pub fn flush_queued<'a>(&mut self, dst: &'a mut [u8]) -> Output<'a> {
+        convert(self.tunn.decapsulate(None, &[], dst))
+    }
+
+    /// Runs WireGuard's own timers (keepalive, rekey, expiry).
+    pub fn update_timers<'a>(&mut self, dst: &'a mut [u8]) -> Output<'a> {
+        convert(self.tunn.update_timers(dst))
+    }
+
+    /// Sends a fresh handshake initiation even if one is in flight (retransmission).
+    pub fn force_handshake<'a>(&mut self, dst: &'a mut [u8]) -> Output<'a> {
+        convert(self.tunn.format_handshake_initiation(dst, true))
+    }
+
+    /// Whether a handshake has completed (a session key exists).
+    pub fn established(&self) -> bool {
+        self.tunn.stats().0.is_some()
+    }
+
+    /// Counters of this session.
+    pub fn stats(&self) -> SessionStats {
+        let (since, tx, rx, _, _) = self.tunn.stats();
+        SessionStats {
+            since_handshake: since,
+            tx_bytes: tx as u64,
+            rx_bytes: rx as u64,
+        }
+    }
+}
+
+fn convert(r: TunnResult<'_>) -> Output<'_> {
+    use boringtun::noise::errors::WireGuardError;
+    match r {
+        TunnResult::Done => Output::Done,
+        TunnResult::WriteToNetwork(b) => Output::Network(b),
+        TunnResult::WriteToTunnelV4(b, src) => Output::TunnelV4(b, src),
+        TunnResult::WriteToTunnelV6(_, _) => Output::TunnelV6,
+        TunnResult::Err(WireGuardError::ConnectionExpired) => Output::Error(SessionError::Expired),
+        TunnResult::Err(_) => Output::Error(SessionError::Rejected),
+    }
+}
