@@ -1,1 +1,13 @@
+//! The edges of a mesh node: everything that touches the kernel.
+//!
+//! - [`socket`]: the node's one UDP socket, with batched receive (recvmmsg/GRO) and batched send
+//!   (GSO) through quinn-udp, and [`socket::QuicSocket`], which lets a quinn endpoint share that
+//!   socket: the driver hands it the QUIC datagrams it demultiplexed.
+//! - [`tun`]: creating the TUN device.
+//! - [`netlink`]: address, route, MTU and link state through rtnetlink; local addresses.
+//!
+//! No protocol logic lives here.
 
+pub mod netlink;
+pub mod socket;
+pub mod tun;

@@ -1,0 +1,263 @@
+//! A Noise IK channel inside the first bidirectional QUIC stream of a connection.
+//!
+//! Wire: every Noise message is framed as `[u16 big-endian length][message]`. After the two
+//! handshake messages, an application message of up to
+//! [`mesh_proto::control::MAX_MESSAGE_LEN`] bytes is split into chunks; each chunk's plaintext
+//! is `[flag][data]`, flag 1 on the last chunk of a message and 0 otherwise.
+
+use mesh_proto::control::MAX_MESSAGE_LEN;
+use mesh_proto::PublicKey;
+use std::sync::{Arc, Mutex};
+
+/// The Noise protocol used.
+pub const NOISE_PATTERN: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
+/// QUIC application close code sent by the responder when the initiator's first message does
+/// not decrypt: the initiator expected another responder key.
+pub const CLOSE_HANDSHAKE_FAILED: u32 = 0x4d01;
+/// Prologue label (followed by keying material exported from the QUIC session).
+const PROLOGUE_LABEL: &[u8] = b"mesh-control/1";
+const EXPORTER_LABEL: &[u8] = b"EXPORTER-mesh-noise-prologue";
+const MAX_NOISE_MSG: usize = 65535;
+const TAG_LEN: usize = 16;
+const CHUNK: usize = MAX_NOISE_MSG - TAG_LEN - 1;
+
+/// Why the channel failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    /// The responder could not decrypt our handshake: its key is not the one we pinned.
+    #[error("the controller did not prove the key in the token (Noise handshake refused)")]
+    KeyMismatch,
+    /// The handshake from the other side did not authenticate.
+    #[error("Noise handshake failed: {0}")]
+    Handshake(String),
+    /// The QUIC connection failed or was closed.
+    #[error("connection lost: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// The peer closed the stream cleanly.
+    #[error("channel closed by the other side")]
+    Closed,
+    /// A message broke the framing or exceeded its bound.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+}
+
+fn noise_err(e: snow::Error) -> ChannelError {
+    ChannelError::Handshake(e.to_string())
+}
+
+fn read_err(e: quinn::ReadExactError) -> ChannelError {
+    match e {
+        quinn::ReadExactError::FinishedEarly(_) => ChannelError::Closed,
+        quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(c)) => {
+            ChannelError::Connection(c)
+        }
+        quinn::ReadExactError::ReadError(e) => ChannelError::Protocol(e.to_string()),
+    }
+}
+
+fn write_err(e: quinn::WriteError) -> ChannelError {
+    match e {
+        quinn::WriteError::ConnectionLost(c) => ChannelError::Connection(c),
+        e => ChannelError::Protocol(e.to_string()),
+    }
+}
+
+async fn prologue(conn: &quinn::Connection) -> Result<Vec<u8>, ChannelError> {
+    let mut exported = [0u8; 32];
+    conn.export_keying_material(&mut exported, EXPORTER_LABEL, b"")
+        .map_err(|_| ChannelError::Protocol("cannot export QUIC keying material".into()))?;
+    let mut p = PROLOGUE_LABEL.to_vec();
+    p.extend_from_slice(&exported);
+    Ok(p)
+}
+
+async fn write_frame(send: &mut quinn::SendStream, msg: &[u8]) -> Result<(), ChannelError> {
+    let len = u16::try_from(msg.len())
+        .map_err(|_| ChannelError::Protocol("noise message over 65535 bytes".into()))?;
+    let mut framed = Vec::with_capacity(2 + msg.len());
+    framed.extend_from_slice(&len.to_be_bytes());
+    framed.extend_from_slice(msg);
+    send.write_all(&framed).await.map_err(write_err)
+}
+
+async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Vec<u8>, ChannelError> {
+    let mut len = [0u8; 2];
+    recv.read_exact(&mut len).await.map_err(read_err)?;
+    let mut msg = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    recv.read_exact(&mut msg).await.map_err(read_err)?;
+    Ok(msg)
+}
+
+fn builder_params() -> Result<snow::params::NoiseParams, ChannelError> {
+    NOISE_PATTERN
+        .parse()
+        .map_err(|e: snow::Error| ChannelError::Handshake(e.to_string()))
+}
+
+/// Opens the channel as the node: proves `local_private` and requires the controller to prove
+/// `remote`.
+pub async fn initiate(
+    conn: &quinn::Connection,
+    local_private: &[u8; 32],
+    remote: &PublicKey,
+) -> Result<(Sender, Receiver), ChannelError> {
+    let prologue = prologue(conn).await?;
+    let mut hs = snow::Builder::new(builder_params()?)
+        .local_private_key(local_private)
+        .and_then(|b| b.remote_public_key(&remote.0))
+        .and_then(|b| b.prologue(&prologue))
+        .and_then(|b| b.build_initiator())
+        .map_err(noise_err)?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let mut buf = vec![0u8; MAX_NOISE_MSG];
+    let n = hs.write_message(&[], &mut buf).map_err(noise_err)?;
+    write_frame(&mut send, &buf[..n]).await?;
+    let reply = match read_frame(&mut recv).await {
+        Ok(r) => r,
+        Err(ChannelError::Connection(quinn::ConnectionError::ApplicationClosed(c)))
+            if c.error_code == quinn::VarInt::from_u32(CLOSE_HANDSHAKE_FAILED) =>
+        {
+            return Err(ChannelError::KeyMismatch)
+        }
+        Err(e) => return Err(e),
+    };
+    hs.read_message(&reply, &mut buf)
+        .map_err(|_| ChannelError::KeyMismatch)?;
+    let transport = hs.into_transport_mode().map_err(noise_err)?;
+    Ok(split(send, recv, transport))
+}
+
+/// Accepts the channel as the controller. Returns the node's proven key.
+pub async fn accept(
+    conn: &quinn::Connection,
+    local_private: &[u8; 32],
+) -> Result<(Sender, Receiver, PublicKey), ChannelError> {
+    let prologue = prologue(conn).await?;
+    let (mut send, mut recv) = conn.accept_bi().await?;
+    let first = read_frame(&mut recv).await?;
+    let mut hs = snow::Builder::new(builder_params()?)
+        .local_private_key(local_private)
+        .and_then(|b| b.prologue(&prologue))
+        .and_then(|b| b.build_responder())
+        .map_err(noise_err)?;
+    let mut buf = vec![0u8; MAX_NOISE_MSG];
+    if hs.read_message(&first, &mut buf).is_err() {
+        conn.close(
+            quinn::VarInt::from_u32(CLOSE_HANDSHAKE_FAILED),
+            b"noise handshake failed: the node expects another controller key",
+        );
+        return Err(ChannelError::Handshake(
+            "initiator expects another controller key".into(),
+        ));
+    }
+    let remote: [u8; 32] = hs
+        .get_remote_static()
+        .and_then(|k| k.try_into().ok())
+        .ok_or_else(|| ChannelError::Handshake("no remote static key".into()))?;
+    let n = hs.write_message(&[], &mut buf).map_err(noise_err)?;
+    write_frame(&mut send, &buf[..n]).await?;
+    let transport = hs.into_transport_mode().map_err(noise_err)?;
+    let (tx, rx) = split(send, recv, transport);
+    Ok((tx, rx, PublicKey(remote)))
+}
+
+fn split(
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    transport: snow::TransportState,
+) -> (Sender, Receiver) {
+    let state = Arc::new(Mutex::new(transport));
+    (
+        Sender {
+            send,
+            state: state.clone(),
+            buf: vec![0u8; MAX_NOISE_MSG],
+        },
+        Receiver {
+            recv,
+            state,
+            buf: vec![0u8; MAX_NOISE_MSG],
+        },
+    )
+}
+
+fn lock(
+    state: &Mutex<snow::TransportState>,
+) -> Result<std::sync::MutexGuard<'_, snow::TransportState>, ChannelError> {
+    state
+        .lock()
+        .map_err(|_| ChannelError::Protocol("noise state lock poisoned".into()))
+}
+
+/// Sending half of the channel.
+pub struct Sender {
+    send: quinn::SendStream,
+    state: Arc<Mutex<snow::TransportState>>,
+    buf: Vec<u8>,
+}
+
+impl Sender {
+    /// Sends one message (at most `MAX_MESSAGE_LEN` bytes).
+    pub async fn send(&mut self, msg: &[u8]) -> Result<(), ChannelError> {
+        if msg.len() > MAX_MESSAGE_LEN {
+            return Err(ChannelError::Protocol(format!(
+                "message of {} bytes over the limit",
+                msg.len()
+            )));
+        }
+        let mut chunks = msg.chunks(CHUNK).peekable();
+        if msg.is_empty() {
+            return self.send_chunk(&[], true).await;
+        }
+        while let Some(chunk) = chunks.next() {
+            let last = chunks.peek().is_none();
+            self.send_chunk(chunk, last).await?;
+        }
+        Ok(())
+    }
+
+    async fn send_chunk(&mut self, data: &[u8], last: bool) -> Result<(), ChannelError> {
+        let mut plain = Vec::with_capacity(data.len() + 1);
+        plain.push(u8::from(last));
+        plain.extend_from_slice(data);
+        let n = lock(&self.state)?
+            .write_message(&plain, &mut self.buf)
+            .map_err(noise_err)?;
+        write_frame(&mut self.send, &self.buf[..n]).await
+    }
+
+    /// Finishes the stream (the peer's `recv` returns `Closed` after pending messages).
+    pub fn finish(&mut self) {
+        let _ = self.send.finish();
+    }
+}
+
+/// Receiving half of the channel.
+pub struct Receiver {
+    recv: quinn::RecvStream,
+    state: Arc<Mutex<snow::TransportState>>,
+    buf: Vec<u8>,
+}
+
+impl Receiver {
+    /// Receives one whole message. Cancel-safe only between messages; use it from one task.
+    pub async fn recv(&mut self) -> Result<Vec<u8>, ChannelError> {
+        let mut msg = Vec::new();
+        loop {
+            let frame = read_frame(&mut self.recv).await?;
+            let n = lock(&self.state)?
+                .read_message(&frame, &mut self.buf)
+                .map_err(|e| ChannelError::Protocol(format!("undecryptable chunk: {e}")))?;
+            let Some((&flag, data)) = self.buf[..n].split_first() else {
+                return Err(ChannelError::Protocol("empty chunk".into()));
+            };
+            if msg.len() + data.len() > MAX_MESSAGE_LEN {
+                return Err(ChannelError::Protocol("message over the limit".into()));
+            }
+            msg.extend_from_slice(data);
+            if flag == 1 {
+                return Ok(msg);
+            }
+        }
+    }
+}

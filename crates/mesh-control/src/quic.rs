@@ -1,0 +1,127 @@
+//! QUIC configuration shared by agents and the controller.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+/// ALPN of the mesh control protocol.
+pub const ALPN: &[u8] = b"mesh/1";
+/// QUIC keepalive: well under common NAT UDP timeouts.
+pub const KEEPALIVE: Duration = Duration::from_secs(5);
+/// A control connection that hears nothing for this long is dead.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Building a QUIC configuration failed.
+#[derive(Debug, thiserror::Error)]
+#[error("QUIC/TLS configuration: {0}")]
+pub struct ConfigError(String);
+
+fn err(e: impl std::fmt::Display) -> ConfigError {
+    ConfigError(e.to_string())
+}
+
+/// Endpoint settings for every mesh endpoint: the QUIC fixed bit is never greased, so the first
+/// byte of every QUIC packet has 0x40 set and can be told apart from WireGuard and STUN.
+pub fn endpoint_config() -> quinn::EndpointConfig {
+    let mut c = quinn::EndpointConfig::default();
+    c.grease_quic_bit(false);
+    c
+}
+
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(KEEPALIVE));
+    if let Ok(idle) = IDLE_TIMEOUT.try_into() {
+        t.max_idle_timeout(Some(idle));
+    }
+    Arc::new(t)
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Server configuration with a fresh self-signed certificate.
+pub fn server_config() -> Result<quinn::ServerConfig, ConfigError> {
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["mesh-controller".to_owned()]).map_err(err)?;
+    let cert_der = cert.cert.der().clone();
+    let key = rustls::pki_types::PrivatePkcs8KeyDer::from(cert.key_pair.serialize_der());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(err)?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert_der], key.into())
+        .map_err(err)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(err)?;
+    let mut c = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    c.transport_config(transport());
+    Ok(c)
+}
+
+/// Client configuration. The certificate is not checked against any authority: the Noise
+/// handshake that follows proves the controller's pinned key (see the crate docs).
+pub fn client_config() -> Result<quinn::ClientConfig, ConfigError> {
+    let provider = provider();
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(err)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(NoiseAuthenticated(provider)))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(err)?;
+    let mut c = quinn::ClientConfig::new(Arc::new(crypto));
+    c.transport_config(transport());
+    Ok(c)
+}
+
+/// Accepts any server certificate but still checks that the handshake signatures are valid for
+/// it; authentication of the controller happens in the Noise layer.
+#[derive(Debug)]
+struct NoiseAuthenticated(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoiseAuthenticated {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}

@@ -1,0 +1,233 @@
+//! The node's one UDP socket and the QUIC endpoint that rides on it.
+
+use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
+use std::fmt;
+use std::io::{self, IoSliceMut};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use tokio::io::Interest;
+use tokio::sync::mpsc;
+
+/// Most QUIC datagrams queued for the quinn endpoint before new ones are dropped (QUIC recovers).
+pub const QUIC_INBOX: usize = 1024;
+
+/// One UDP socket, shared by the data path (WireGuard) and the QUIC endpoint.
+#[derive(Clone)]
+pub struct UdpPort {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    io: tokio::net::UdpSocket,
+    state: UdpSocketState,
+}
+
+impl fmt::Debug for UdpPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UdpPort")
+            .field("local", &self.inner.io.local_addr().ok())
+            .finish()
+    }
+}
+
+/// A datagram (or a GSO batch of equal-size datagrams) to send.
+#[derive(Debug)]
+pub struct Batch<'a> {
+    /// Destination.
+    pub dst: SocketAddr,
+    /// The bytes; with `segment_size`, several datagrams back to back.
+    pub contents: &'a [u8],
+    /// Size of each datagram in `contents` (the last may be shorter), for GSO.
+    pub segment_size: Option<usize>,
+}
+
+impl UdpPort {
+    /// Binds the socket. Must run inside a tokio runtime.
+    pub fn bind(addr: SocketAddr) -> io::Result<UdpPort> {
+        let std = std::net::UdpSocket::bind(addr)?;
+        std.set_nonblocking(true)?;
+        let state = UdpSocketState::new((&std).into())?;
+        let io = tokio::net::UdpSocket::from_std(std)?;
+        Ok(UdpPort {
+            inner: Arc::new(Inner { io, state }),
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.io.local_addr()
+    }
+
+    /// How many datagrams one GSO send may carry (1 without GSO).
+    pub fn max_gso_segments(&self) -> usize {
+        self.inner.state.max_gso_segments()
+    }
+
+    /// How many datagrams one received buffer may hold (GRO), 1 without GRO.
+    pub fn gro_segments(&self) -> usize {
+        self.inner.state.gro_segments()
+    }
+
+    /// Receives a batch of datagrams (recvmmsg; GRO may coalesce several into one buffer, see
+    /// `RecvMeta::stride`). Waits until at least one is there.
+    pub async fn recv(
+        &self,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> io::Result<usize> {
+        loop {
+            self.inner.io.readable().await?;
+            match self.inner.io.try_io(Interest::READABLE, || {
+                self.inner.state.recv((&self.inner.io).into(), bufs, meta)
+            }) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Sends one datagram or GSO batch, waiting for buffer space if needed. Send errors that
+    /// concern one destination (unreachable, and so on) are returned for the caller to count.
+    pub async fn send(&self, batch: &Batch<'_>) -> io::Result<()> {
+        let t = Transmit {
+            destination: batch.dst,
+            ecn: None,
+            contents: batch.contents,
+            segment_size: batch.segment_size,
+            src_ip: None,
+        };
+        loop {
+            self.inner.io.writable().await?;
+            match self.inner.io.try_io(Interest::WRITABLE, || {
+                self.inner.state.send((&self.inner.io).into(), &t)
+            }) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Creates the QUIC side of this socket. Feed it QUIC datagrams with [`QuicInbox::deliver`].
+    pub fn quic(&self) -> (QuicInbox, Arc<QuicSocket>) {
+        let (tx, rx) = mpsc::channel(QUIC_INBOX);
+        (
+            QuicInbox { tx },
+            Arc::new(QuicSocket {
+                port: self.clone(),
+                rx: Mutex::new(rx),
+            }),
+        )
+    }
+}
+
+/// Where the driver puts the QUIC datagrams it receives on the shared socket.
+#[derive(Clone, Debug)]
+pub struct QuicInbox {
+    tx: mpsc::Sender<(SocketAddr, Vec<u8>)>,
+}
+
+impl QuicInbox {
+    /// Hands one datagram to the QUIC endpoint; drops it when the endpoint is behind.
+    pub fn deliver(&self, from: SocketAddr, datagram: &[u8]) -> bool {
+        self.tx.try_send((from, datagram.to_vec())).is_ok()
+    }
+}
+
+/// quinn's view of the shared socket: sends go straight out, receives come from the inbox.
+pub struct QuicSocket {
+    port: UdpPort,
+    rx: Mutex<mpsc::Receiver<(SocketAddr, Vec<u8>)>>,
+}
+
+impl fmt::Debug for QuicSocket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QuicSocket")
+            .field("port", &self.port)
+            .finish()
+    }
+}
+
+#[derive(Debug)]
+struct Writable {
+    port: UdpPort,
+}
+
+impl quinn::UdpPoller for Writable {
+    fn poll_writable(self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
+        self.port.inner.io.poll_send_ready(cx)
+    }
+}
+
+impl quinn::AsyncUdpSocket for QuicSocket {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn quinn::UdpPoller>> {
+        Box::pin(Writable {
+            port: self.port.clone(),
+        })
+    }
+
+    fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
+        let inner = &self.port.inner;
+        inner.io.try_io(Interest::WRITABLE, || {
+            inner.state.send((&inner.io).into(), transmit)
+        })
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        let Ok(mut rx) = self.rx.lock() else {
+            return Poll::Ready(Err(io::Error::other("quic inbox lock poisoned")));
+        };
+        let mut n = 0;
+        while n < bufs.len().min(meta.len()) {
+            let next = if n == 0 {
+                match rx.poll_recv(cx) {
+                    Poll::Ready(Some(d)) => d,
+                    Poll::Ready(None) => {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::BrokenPipe,
+                            "UDP receive loop stopped",
+                        )))
+                    }
+                    Poll::Pending => return Poll::Pending,
+                }
+            } else {
+                match rx.try_recv() {
+                    Ok(d) => d,
+                    Err(_) => break,
+                }
+            };
+            let (from, data) = next;
+            let len = data.len().min(bufs[n].len());
+            bufs[n][..len].copy_from_slice(&data[..len]);
+            meta[n] = RecvMeta {
+                addr: from,
+                len,
+                stride: len,
+                ecn: None,
+                dst_ip: None,
+            };
+            n += 1;
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.port.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.port.max_gso_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.port.inner.state.may_fragment()
+    }
+}
