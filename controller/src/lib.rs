@@ -1,1 +1,15 @@
+//! The mesh controller.
+//!
+//! It admits nodes (join tokens), gives each node key a stable overlay address, and keeps every
+//! connected node's peer list current.
+//!
+//! - [`store`]: the state and its rules (tokens, IPAM, membership) over SQLite; takes wall time
+//!   as a parameter, does no network I/O.
+//! - [`netmap`]: pure functions that turn peer lists into per-node deltas.
+//! - [`server`]: the tokio/quinn driver (Noise channel per node, hub that pushes deltas).
+//! - [`state`]: the state directory (controller key, database, listen address).
 
+pub mod netmap;
+pub mod server;
+pub mod state;
+pub mod store;

@@ -1,0 +1,275 @@
+//! `mesh-controller`: serve the control plane and administer networks, tokens and nodes.
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+use mesh_controller::state::{unix_now, StateDir};
+use mesh_controller::store::{rfc3339, Cidr};
+use mesh_proto::token::JoinToken;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "mesh-controller",
+    version,
+    about = "mesh control plane: networks, join tokens, nodes"
+)]
+struct Cli {
+    /// State directory (key, database).
+    #[arg(long, global = true, default_value = "/var/lib/mesh-controller")]
+    state_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the control API over QUIC (foreground).
+    Serve {
+        /// UDP address to listen on.
+        #[arg(long, default_value = "0.0.0.0:7443")]
+        listen: SocketAddr,
+    },
+    /// Manage networks.
+    #[command(subcommand)]
+    Network(NetworkCmd),
+    /// Manage join tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Manage nodes.
+    #[command(subcommand)]
+    Node(NodeCmd),
+}
+
+#[derive(Subcommand)]
+enum NetworkCmd {
+    /// Create a network.
+    Create {
+        /// Network name.
+        name: String,
+        /// Overlay address range.
+        #[arg(long, default_value = "100.64.0.0/16")]
+        cidr: String,
+    },
+    /// List networks.
+    List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create a join token and print it.
+    Create {
+        /// Network the token admits to.
+        network: String,
+        /// Allow several nodes to join with it.
+        #[arg(long)]
+        reusable: bool,
+        /// Lifetime, e.g. 30m, 24h, 7d. Default: no expiry.
+        #[arg(long)]
+        expires: Option<String>,
+        /// Controller address written into the token (default: the address `serve` listens on).
+        #[arg(long)]
+        controller: Option<String>,
+    },
+    /// List tokens.
+    List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token.
+    Revoke {
+        /// Token id (from `token list`).
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// List the nodes of a network.
+    List {
+        /// Network.
+        network: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a node by name or key.
+    Remove {
+        /// Network.
+        network: String,
+        /// Node name or key.
+        node: String,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MESH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+#[allow(clippy::print_stdout)]
+fn out(s: &str) {
+    println!("{s}");
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let state = StateDir::open(&cli.state_dir)?;
+    match cli.command {
+        Command::Serve { listen } => {
+            init_logging();
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(mesh_controller::server::serve(state, listen))
+        }
+        Command::Network(NetworkCmd::Create { name, cidr }) => {
+            let cidr: Cidr = cidr.parse().map_err(anyhow::Error::msg)?;
+            state
+                .open_store()?
+                .create_network(&name, cidr, unix_now())?;
+            out(&format!("created network {name} ({cidr})"));
+            Ok(())
+        }
+        Command::Network(NetworkCmd::List { json }) => {
+            let rows = state.open_store()?.networks()?;
+            if json {
+                out(&serde_json::to_string_pretty(&rows)?);
+            } else {
+                out(&format!("{:<24} {:<18} {:>6}", "NAME", "CIDR", "NODES"));
+                for r in rows {
+                    out(&format!("{:<24} {:<18} {:>6}", r.name, r.cidr, r.nodes));
+                }
+            }
+            Ok(())
+        }
+        Command::Token(TokenCmd::Create {
+            network,
+            reusable,
+            expires,
+            controller,
+        }) => {
+            let controller = match controller {
+                Some(c) => c,
+                None => match state.listen_addr() {
+                    Some(a) if !a.ip().is_unspecified() => a.to_string(),
+                    Some(a) => bail!("the controller listens on {a}, which nodes cannot dial; pass the address nodes should use with --controller <ip:port>"),
+                    None => bail!("no controller address known: start `mesh-controller serve --listen <ip:port>` with this state dir first, or pass --controller <ip:port>"),
+                },
+            };
+            if controller.len() > 255 {
+                bail!("controller address too long");
+            }
+            let now = unix_now();
+            let expires_at = match expires {
+                Some(e) => Some(
+                    now + humantime::parse_duration(&e)
+                        .with_context(|| format!("invalid --expires {e:?}; use e.g. 30m, 24h, 7d"))?
+                        .as_secs()
+                        .max(1),
+                ),
+                None => None,
+            };
+            let mut rng = rand::rngs::OsRng;
+            let mut id_bytes = [0u8; 4];
+            rand::RngCore::fill_bytes(&mut rng, &mut id_bytes);
+            let id: String = id_bytes.iter().map(|b| format!("{b:02x}")).collect();
+            let mut secret = [0u8; 32];
+            rand::RngCore::fill_bytes(&mut rng, &mut secret);
+            state
+                .open_store()?
+                .create_token(&network, &id, &secret, reusable, expires_at, now)?;
+            let token = JoinToken {
+                controller,
+                controller_key: state.controller_public()?,
+                id: id.clone(),
+                secret,
+            };
+            out(&token.to_string());
+            let what = if reusable { "reusable" } else { "one-time" };
+            let until = expires_at.map_or("never expires".to_owned(), |e| {
+                format!("expires {}", rfc3339(e))
+            });
+            eprintln!("{what} token {id} for network {network}, {until}");
+            Ok(())
+        }
+        Command::Token(TokenCmd::List { json }) => {
+            let rows = state.open_store()?.tokens()?;
+            if json {
+                out(&serde_json::to_string_pretty(&rows)?);
+            } else {
+                out(&format!(
+                    "{:<10} {:<16} {:<9} {:<22} {:<8} {:>5}",
+                    "ID", "NETWORK", "REUSABLE", "EXPIRES", "REVOKED", "USES"
+                ));
+                for r in rows {
+                    out(&format!(
+                        "{:<10} {:<16} {:<9} {:<22} {:<8} {:>5}",
+                        r.id,
+                        r.network,
+                        r.reusable,
+                        r.expires_at.as_deref().unwrap_or("never"),
+                        r.revoked,
+                        r.uses
+                    ));
+                }
+            }
+            Ok(())
+        }
+        Command::Token(TokenCmd::Revoke { id }) => {
+            state.open_store()?.revoke_token(&id)?;
+            out(&format!("revoked token {id}"));
+            Ok(())
+        }
+        Command::Node(NodeCmd::List { network, json }) => {
+            let rows = state.open_store()?.nodes(&network, unix_now())?;
+            if json {
+                out(&serde_json::to_string_pretty(&rows)?);
+            } else {
+                out(&format!(
+                    "{:<20} {:<10} {:<16} {:<8} {:<22} ENDPOINTS",
+                    "NAME", "KEY", "ADDRESS", "ONLINE", "LAST SEEN"
+                ));
+                for r in rows {
+                    let eps: Vec<String> = r.endpoints.iter().map(|e| e.to_string()).collect();
+                    out(&format!(
+                        "{:<20} {:<10} {:<16} {:<8} {:<22} {}",
+                        r.name,
+                        r.key.short(),
+                        r.address,
+                        if r.online { "yes" } else { "no" },
+                        r.last_seen.as_deref().unwrap_or("never"),
+                        eps.join(",")
+                    ));
+                }
+            }
+            Ok(())
+        }
+        Command::Node(NodeCmd::Remove { network, node }) => {
+            let name = state
+                .open_store()?
+                .remove_node(&network, &node, unix_now())?;
+            out(&format!("removed node {name} from network {network}"));
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mesh-controller: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

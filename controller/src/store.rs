@@ -1,0 +1,986 @@
+//! Controller state in SQLite: networks, join tokens, nodes and address management.
+//!
+//! Every method takes the wall-clock time (`now`, seconds since the Unix epoch) it should act
+//! at, so expiry and liveness are tested without a real clock. Every state change is one
+//! transaction; the `UNIQUE(network_id, address)` constraint makes it impossible, even across
+//! crashes or two processes, to give one address to two nodes.
+//!
+//! Removed nodes are kept as tombstones that hold their address: the same key, or a new key under
+//! the same name (a reinstalled machine), gets that address back. Tombstoned addresses are
+//! reused for other nodes only when the range has nothing else free.
+
+use mesh_proto::control::{ErrorCode, PeerInfo};
+use mesh_proto::PublicKey;
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::collections::HashSet;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::time::{Duration, UNIX_EPOCH};
+
+/// A node counts as online when connected and heard from within this many seconds.
+pub const ONLINE_WINDOW_SECS: u64 = 30;
+
+/// Failures of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed.
+    #[error("database error: {0}")]
+    Db(#[from] rusqlite::Error),
+    /// The caller asked for something that does not exist or is not allowed.
+    #[error("{0}")]
+    Invalid(String),
+    /// A join or hello was refused; the code goes on the wire.
+    #[error("{message}")]
+    Refused {
+        /// Wire code.
+        code: ErrorCode,
+        /// Text for the person at the node.
+        message: String,
+    },
+}
+
+fn refused(code: ErrorCode, message: impl Into<String>) -> StoreError {
+    StoreError::Refused {
+        code,
+        message: message.into(),
+    }
+}
+
+/// An IPv4 network in CIDR form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    /// Network address.
+    pub network: Ipv4Addr,
+    /// Prefix length.
+    pub prefix_len: u8,
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (ip, len) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?} is not a CIDR (expected e.g. 100.64.0.0/16)"))?;
+        let ip: Ipv4Addr = ip
+            .parse()
+            .map_err(|_| format!("{ip:?} is not an IPv4 address"))?;
+        let prefix_len: u8 = len
+            .parse()
+            .map_err(|_| format!("{len:?} is not a prefix length"))?;
+        if !(8..=30).contains(&prefix_len) {
+            return Err(format!(
+                "prefix length /{prefix_len} out of range: use /8 to /30"
+            ));
+        }
+        let mask = u32::MAX << (32 - u32::from(prefix_len));
+        if u32::from(ip) & !mask != 0 {
+            return Err(format!(
+                "{s} has host bits set; did you mean {}/{prefix_len}?",
+                Ipv4Addr::from(u32::from(ip) & mask)
+            ));
+        }
+        Ok(Cidr {
+            network: ip,
+            prefix_len,
+        })
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix_len)
+    }
+}
+
+impl Cidr {
+    /// Usable host addresses, lowest first (network and broadcast excluded).
+    pub fn hosts(&self) -> impl Iterator<Item = u32> {
+        let base = u32::from(self.network);
+        let size = 1u32 << (32 - u32::from(self.prefix_len));
+        (base + 1)..(base + size - 1)
+    }
+}
+
+/// A network as listed.
+#[derive(Debug, Clone, Serialize)]
+pub struct NetworkRow {
+    /// Name.
+    pub name: String,
+    /// Address range.
+    pub cidr: String,
+    /// Live nodes.
+    pub nodes: u64,
+}
+
+/// A token as listed (never the secret).
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenRow {
+    /// Token id.
+    pub id: String,
+    /// Network it admits to.
+    pub network: String,
+    /// Whether it can be used by several nodes.
+    pub reusable: bool,
+    /// Expiry, RFC 3339 UTC, if any.
+    pub expires_at: Option<String>,
+    /// Revoked by the admin.
+    pub revoked: bool,
+    /// How many joins used it.
+    pub uses: u64,
+}
+
+/// A node as listed.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeRow {
+    /// Name.
+    pub name: String,
+    /// Key.
+    pub key: PublicKey,
+    /// Overlay address.
+    pub address: Ipv4Addr,
+    /// Endpoints, observed first.
+    pub endpoints: Vec<SocketAddr>,
+    /// Last time heard from, RFC 3339 UTC.
+    pub last_seen: Option<String>,
+    /// Connected and heard from recently.
+    pub online: bool,
+}
+
+/// What a node gets when admitted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admission {
+    /// Network id (internal).
+    pub network_id: i64,
+    /// Network name.
+    pub network: String,
+    /// Registered node name (may differ from the requested one when taken).
+    pub name: String,
+    /// Overlay address.
+    pub address: Ipv4Addr,
+    /// Prefix length of the network.
+    pub prefix_len: u8,
+}
+
+/// Formats Unix seconds as RFC 3339 UTC.
+pub fn rfc3339(secs: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
+}
+
+fn hash_secret(secret: &[u8]) -> Vec<u8> {
+    Sha256::digest(secret).to_vec()
+}
+
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The controller's database.
+pub struct Store {
+    conn: Connection,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS networks (
+                id INTEGER PRIMARY KEY,
+                name TEXT NOT NULL UNIQUE,
+                network INTEGER NOT NULL,
+                prefix_len INTEGER NOT NULL,
+                created_at INTEGER NOT NULL
+            );
+            CREATE TABLE IF NOT EXISTS tokens (
+                id TEXT PRIMARY KEY,
+                network_id INTEGER NOT NULL REFERENCES networks(id) ON DELETE CASCADE,
+                secret_hash BLOB NOT NULL,
+                reusable INTEGER NOT NULL,
+                expires_at INTEGER,
+                revoked INTEGER NOT NULL DEFAULT 0,
+                uses INTEGER NOT NULL DEFAULT 0,
+                created_at INTEGER NOT NULL
+            );
+            CREATE TABLE IF NOT EXISTS nodes (
+                id INTEGER PRIMARY KEY,
+                network_id INTEGER NOT NULL REFERENCES networks(id) ON DELETE CASCADE,
+                key TEXT NOT NULL,
+                name TEXT NOT NULL,
+                address INTEGER NOT NULL,
+                endpoints TEXT NOT NULL DEFAULT '[]',
+                last_seen INTEGER,
+                connected INTEGER NOT NULL DEFAULT 0,
+                removed_at INTEGER,
+                created_at INTEGER NOT NULL,
+                UNIQUE (network_id, key),
+                UNIQUE (network_id, address)
+            );",
+        )?;
+        Ok(Store { conn })
+    }
+
+    /// A number that changes whenever another connection commits (SQLite `data_version`).
+    pub fn data_version(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))?)
+    }
+
+    /// Creates a network.
+    pub fn create_network(&self, name: &str, cidr: Cidr, now: u64) -> Result<(), StoreError> {
+        if !mesh_proto::control::valid_name(name) {
+            return Err(StoreError::Invalid(format!(
+                "invalid network name {name:?}: use 1-63 letters, digits, '-', '_' or '.'"
+            )));
+        }
+        let r = self.conn.execute(
+            "INSERT INTO networks (name, network, prefix_len, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![name, u32::from(cidr.network), cidr.prefix_len, now as i64],
+        );
+        match r {
+            Ok(_) => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Err(StoreError::Invalid(format!(
+                    "network {name:?} already exists"
+                )))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Lists networks.
+    pub fn networks(&self) -> Result<Vec<NetworkRow>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT n.name, n.network, n.prefix_len,
+                    (SELECT COUNT(*) FROM nodes WHERE network_id = n.id AND removed_at IS NULL)
+             FROM networks n ORDER BY n.name",
+        )?;
+        let rows = st.query_map([], |r| {
+            let net: u32 = r.get(1)?;
+            let len: u8 = r.get(2)?;
+            Ok(NetworkRow {
+                name: r.get(0)?,
+                cidr: format!("{}/{len}", Ipv4Addr::from(net)),
+                nodes: r.get::<_, i64>(3)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn network(&self, name: &str) -> Result<(i64, Cidr), StoreError> {
+        self.conn
+            .query_row(
+                "SELECT id, network, prefix_len FROM networks WHERE name = ?1",
+                [name],
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        Cidr {
+                            network: Ipv4Addr::from(r.get::<_, u32>(1)?),
+                            prefix_len: r.get(2)?,
+                        },
+                    ))
+                },
+            )
+            .optional()?
+            .ok_or_else(|| {
+                StoreError::Invalid(format!(
+                    "no network named {name:?} (see `mesh-controller network list`)"
+                ))
+            })
+    }
+
+    /// Creates a token; returns its id. The caller generated `id` and `secret`.
+    pub fn create_token(
+        &self,
+        network: &str,
+        id: &str,
+        secret: &[u8],
+        reusable: bool,
+        expires_at: Option<u64>,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        let (network_id, _) = self.network(network)?;
+        self.conn.execute(
+            "INSERT INTO tokens (id, network_id, secret_hash, reusable, expires_at, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                id,
+                network_id,
+                hash_secret(secret),
+                reusable,
+                expires_at.map(|e| e as i64),
+                now as i64
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Lists tokens.
+    pub fn tokens(&self) -> Result<Vec<TokenRow>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT t.id, n.name, t.reusable, t.expires_at, t.revoked, t.uses
+             FROM tokens t JOIN networks n ON n.id = t.network_id ORDER BY t.created_at, t.id",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok(TokenRow {
+                id: r.get(0)?,
+                network: r.get(1)?,
+                reusable: r.get(2)?,
+                expires_at: r.get::<_, Option<i64>>(3)?.map(|e| rfc3339(e as u64)),
+                revoked: r.get(4)?,
+                uses: r.get::<_, i64>(5)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Revokes a token.
+    pub fn revoke_token(&self, id: &str) -> Result<(), StoreError> {
+        let n = self
+            .conn
+            .execute("UPDATE tokens SET revoked = 1 WHERE id = ?1", [id])?;
+        if n == 0 {
+            return Err(StoreError::Invalid(format!(
+                "no token with id {id:?} (see `mesh-controller token list`)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Admits a node that presents a join token. Same key, same address, every time.
+    pub fn join(
+        &mut self,
+        token_id: &str,
+        secret: &[u8],
+        key: &PublicKey,
+        name: &str,
+        endpoints: &[SocketAddr],
+        now: u64,
+    ) -> Result<Admission, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        type TokenInfo = (i64, Vec<u8>, bool, Option<i64>, bool, i64);
+        let token: Option<TokenInfo> = tx
+            .query_row(
+                "SELECT network_id, secret_hash, reusable, expires_at, revoked, uses
+                 FROM tokens WHERE id = ?1",
+                [token_id],
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                    ))
+                },
+            )
+            .optional()?;
+        let invalid = || {
+            refused(
+                ErrorCode::TokenInvalid,
+                "join token not accepted by the controller (unknown id or wrong secret); ask the controller admin for a new one (`mesh-controller token create`)",
+            )
+        };
+        let Some((network_id, hash, reusable, expires_at, revoked, uses)) = token else {
+            return Err(invalid());
+        };
+        if !ct_eq(&hash, &hash_secret(secret)) {
+            return Err(invalid());
+        }
+        if revoked {
+            return Err(refused(
+                ErrorCode::TokenRevoked,
+                format!("join token {token_id} was revoked; ask the controller admin for a new one (`mesh-controller token create`)"),
+            ));
+        }
+        if let Some(exp) = expires_at {
+            if (exp as u64) <= now {
+                return Err(refused(
+                    ErrorCode::TokenExpired,
+                    format!("join token {token_id} expired at {}; ask the controller admin for a new one (`mesh-controller token create`)", rfc3339(exp as u64)),
+                ));
+            }
+        }
+        let known_live: bool = tx
+            .query_row(
+                "SELECT 1 FROM nodes WHERE network_id = ?1 AND key = ?2 AND removed_at IS NULL",
+                params![network_id, key.to_string()],
+                |_| Ok(true),
+            )
+            .optional()?
+            .unwrap_or(false);
+        if !reusable && uses > 0 && !known_live {
+            return Err(refused(
+                ErrorCode::TokenUsed,
+                format!("join token {token_id} was for one node and is used up; ask the controller admin for a new one, or a reusable one (`mesh-controller token create --reusable`)"),
+            ));
+        }
+        let admission = admit(&tx, network_id, key, name, endpoints, now)?;
+        tx.execute(
+            "UPDATE tokens SET uses = uses + 1 WHERE id = ?1",
+            [token_id],
+        )?;
+        tx.commit()?;
+        Ok(admission)
+    }
+
+    /// Admits a node that joined before, by key.
+    pub fn hello(
+        &mut self,
+        network: &str,
+        key: &PublicKey,
+        endpoints: &[SocketAddr],
+        now: u64,
+    ) -> Result<Admission, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let row: Option<(i64, String, u32, u8)> = tx
+            .query_row(
+                "SELECT n.network_id, n.name, n.address, w.prefix_len
+                 FROM nodes n JOIN networks w ON w.id = n.network_id
+                 WHERE w.name = ?1 AND n.key = ?2 AND n.removed_at IS NULL",
+                params![network, key.to_string()],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()?;
+        let Some((network_id, name, address, prefix_len)) = row else {
+            return Err(refused(
+                ErrorCode::NodeUnknown,
+                format!("this node is not (or no longer) a member of network {network:?}; join again with a new token (`mesh join <token>`)"),
+            ));
+        };
+        tx.execute(
+            "UPDATE nodes SET endpoints = ?1, last_seen = ?2, connected = 1
+             WHERE network_id = ?3 AND key = ?4",
+            params![
+                endpoints_json(endpoints),
+                now as i64,
+                network_id,
+                key.to_string()
+            ],
+        )?;
+        tx.commit()?;
+        Ok(Admission {
+            network_id,
+            network: network.to_owned(),
+            name,
+            address: Ipv4Addr::from(address),
+            prefix_len,
+        })
+    }
+
+    /// Records that a node is alive, with its current endpoints.
+    pub fn heartbeat(
+        &self,
+        network_id: i64,
+        key: &PublicKey,
+        endpoints: &[SocketAddr],
+        now: u64,
+    ) -> Result<(), StoreError> {
+        self.conn.execute(
+            "UPDATE nodes SET endpoints = ?1, last_seen = ?2, connected = 1
+             WHERE network_id = ?3 AND key = ?4 AND removed_at IS NULL",
+            params![
+                endpoints_json(endpoints),
+                now as i64,
+                network_id,
+                key.to_string()
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Records that a node's control connection ended.
+    pub fn disconnected(
+        &self,
+        network_id: i64,
+        key: &PublicKey,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        self.conn.execute(
+            "UPDATE nodes SET connected = 0, last_seen = ?1 WHERE network_id = ?2 AND key = ?3 AND removed_at IS NULL",
+            params![now as i64, network_id, key.to_string()],
+        )?;
+        Ok(())
+    }
+
+    /// Marks every node disconnected (at controller start: no connection survives a restart).
+    pub fn reset_connections(&self) -> Result<(), StoreError> {
+        self.conn.execute("UPDATE nodes SET connected = 0", [])?;
+        Ok(())
+    }
+
+    /// Removes a node by name or key; its address stays reserved for its key and name.
+    pub fn remove_node(&self, network: &str, who: &str, now: u64) -> Result<String, StoreError> {
+        let (network_id, _) = self.network(network)?;
+        let name: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT name FROM nodes WHERE network_id = ?1 AND removed_at IS NULL AND (name = ?2 OR key = ?2)",
+                params![network_id, who],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(name) = name else {
+            return Err(StoreError::Invalid(format!(
+                "no node {who:?} in network {network:?} (see `mesh-controller node list {network}`)"
+            )));
+        };
+        self.conn.execute(
+            "UPDATE nodes SET removed_at = ?1, connected = 0 WHERE network_id = ?2 AND removed_at IS NULL AND name = ?3",
+            params![now as i64, network_id, name],
+        )?;
+        Ok(name)
+    }
+
+    /// Removes a node by key (the node asked to leave).
+    pub fn leave(&self, network_id: i64, key: &PublicKey, now: u64) -> Result<(), StoreError> {
+        self.conn.execute(
+            "UPDATE nodes SET removed_at = ?1, connected = 0 WHERE network_id = ?2 AND key = ?3",
+            params![now as i64, network_id, key.to_string()],
+        )?;
+        Ok(())
+    }
+
+    /// Lists the live nodes of a network.
+    pub fn nodes(&self, network: &str, now: u64) -> Result<Vec<NodeRow>, StoreError> {
+        let (network_id, _) = self.network(network)?;
+        let mut st = self.conn.prepare(
+            "SELECT name, key, address, endpoints, last_seen, connected FROM nodes
+             WHERE network_id = ?1 AND removed_at IS NULL ORDER BY address",
+        )?;
+        let rows = st.query_map([network_id], |r| {
+            let key: String = r.get(1)?;
+            let endpoints: String = r.get(3)?;
+            let last_seen: Option<i64> = r.get(4)?;
+            let connected: bool = r.get(5)?;
+            Ok((
+                r.get::<_, String>(0)?,
+                key,
+                r.get::<_, u32>(2)?,
+                endpoints,
+                last_seen,
+                connected,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (name, key, address, endpoints, last_seen, connected) = row?;
+            let Ok(key) = key.parse() else { continue };
+            out.push(NodeRow {
+                name,
+                key,
+                address: Ipv4Addr::from(address),
+                endpoints: serde_json::from_str(&endpoints).unwrap_or_default(),
+                last_seen: last_seen.map(|t| rfc3339(t as u64)),
+                online: connected
+                    && last_seen
+                        .is_some_and(|t| now.saturating_sub(t as u64) <= ONLINE_WINDOW_SECS),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The peer list of a network: every live node.
+    pub fn peers(&self, network_id: i64) -> Result<Vec<PeerInfo>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT key, name, address, endpoints FROM nodes
+             WHERE network_id = ?1 AND removed_at IS NULL ORDER BY address",
+        )?;
+        let rows = st.query_map([network_id], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, u32>(2)?,
+                r.get::<_, String>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (key, name, address, endpoints) = row?;
+            let Ok(key) = key.parse() else { continue };
+            out.push(PeerInfo {
+                key,
+                name,
+                address: Ipv4Addr::from(address),
+                endpoints: serde_json::from_str(&endpoints).unwrap_or_default(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Whether a key is a live member of a network.
+    pub fn is_member(&self, network_id: i64, key: &PublicKey) -> Result<bool, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT 1 FROM nodes WHERE network_id = ?1 AND key = ?2 AND removed_at IS NULL",
+                params![network_id, key.to_string()],
+                |_| Ok(true),
+            )
+            .optional()?
+            .unwrap_or(false))
+    }
+
+    /// Counts of nodes and online nodes over all networks.
+    pub fn counts(&self, now: u64) -> Result<(u64, u64), StoreError> {
+        Ok(self.conn.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(connected = 1 AND last_seen >= ?1), 0) FROM nodes WHERE removed_at IS NULL",
+            [now.saturating_sub(ONLINE_WINDOW_SECS) as i64],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+        )?)
+    }
+}
+
+fn endpoints_json(endpoints: &[SocketAddr]) -> String {
+    serde_json::to_string(endpoints).unwrap_or_else(|_| "[]".into())
+}
+
+/// Finds or allocates the node's address inside the open transaction.
+fn admit(
+    tx: &rusqlite::Transaction<'_>,
+    network_id: i64,
+    key: &PublicKey,
+    requested_name: &str,
+    endpoints: &[SocketAddr],
+    now: u64,
+) -> Result<Admission, StoreError> {
+    let (network_name, net, prefix_len): (String, u32, u8) = tx.query_row(
+        "SELECT name, network, prefix_len FROM networks WHERE id = ?1",
+        [network_id],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
+    let cidr = Cidr {
+        network: Ipv4Addr::from(net),
+        prefix_len,
+    };
+    let key_s = key.to_string();
+    let eps = endpoints_json(endpoints);
+
+    // 1. This key was here before (live or removed): same address.
+    let mine: Option<(u32, String, bool)> = tx
+        .query_row(
+            "SELECT address, name, removed_at IS NULL FROM nodes WHERE network_id = ?1 AND key = ?2",
+            params![network_id, key_s],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    if let Some((address, old_name, live)) = mine {
+        let name = if live {
+            old_name
+        } else {
+            free_name(tx, network_id, requested_name, Some(&key_s))?
+        };
+        tx.execute(
+            "UPDATE nodes SET removed_at = NULL, name = ?1, endpoints = ?2, last_seen = ?3, connected = 1
+             WHERE network_id = ?4 AND key = ?5",
+            params![name, eps, now as i64, network_id, key_s],
+        )?;
+        return Ok(Admission {
+            network_id,
+            network: network_name,
+            name,
+            address: Ipv4Addr::from(address),
+            prefix_len,
+        });
+    }
+
+    // 2. A removed node had this name (a reinstalled machine): take its address back.
+    let tomb: Option<(i64, u32)> = tx
+        .query_row(
+            "SELECT id, address FROM nodes WHERE network_id = ?1 AND name = ?2 AND removed_at IS NOT NULL
+             ORDER BY removed_at DESC LIMIT 1",
+            params![network_id, requested_name],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let name = free_name(tx, network_id, requested_name, None)?;
+    let address = if let Some((id, address)) = tomb.filter(|_| name == requested_name) {
+        tx.execute("DELETE FROM nodes WHERE id = ?1", [id])?;
+        address
+    } else {
+        // 3. The lowest address no node, live or removed, holds.
+        let used: HashSet<u32> = {
+            let mut st = tx.prepare("SELECT address FROM nodes WHERE network_id = ?1")?;
+            let rows = st.query_map([network_id], |r| r.get::<_, u32>(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        match cidr.hosts().find(|a| !used.contains(a)) {
+            Some(a) => a,
+            None => {
+                // 4. Full: reuse the address of the node removed longest ago.
+                let oldest: Option<(i64, u32)> = tx
+                    .query_row(
+                        "SELECT id, address FROM nodes WHERE network_id = ?1 AND removed_at IS NOT NULL
+                         ORDER BY removed_at ASC LIMIT 1",
+                        [network_id],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()?;
+                let Some((id, address)) = oldest else {
+                    return Err(refused(
+                        ErrorCode::NetworkFull,
+                        format!("network {network_name:?} ({cidr}) has no free address left; remove nodes or create a network with a larger range"),
+                    ));
+                };
+                tx.execute("DELETE FROM nodes WHERE id = ?1", [id])?;
+                address
+            }
+        }
+    };
+    tx.execute(
+        "INSERT INTO nodes (network_id, key, name, address, endpoints, last_seen, connected, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?6)",
+        params![network_id, key_s, name, address, eps, now as i64],
+    )?;
+    Ok(Admission {
+        network_id,
+        network: network_name,
+        name,
+        address: Ipv4Addr::from(address),
+        prefix_len,
+    })
+}
+
+/// `requested`, or `requested-2`, `-3`, ... if a live node of another key has it.
+fn free_name(
+    tx: &rusqlite::Transaction<'_>,
+    network_id: i64,
+    requested: &str,
+    own_key: Option<&str>,
+) -> Result<String, StoreError> {
+    for n in 1..1000u32 {
+        let candidate = if n == 1 {
+            requested.to_owned()
+        } else {
+            let suffix = format!("-{n}");
+            let mut base = requested.to_owned();
+            base.truncate(mesh_proto::control::MAX_NAME_LEN - suffix.len());
+            base + &suffix
+        };
+        let taken: bool = tx
+            .query_row(
+                "SELECT 1 FROM nodes WHERE network_id = ?1 AND name = ?2 AND removed_at IS NULL AND key != ?3",
+                params![network_id, candidate, own_key.unwrap_or("")],
+                |_| Ok(true),
+            )
+            .optional()?
+            .unwrap_or(false);
+        if !taken {
+            return Ok(candidate);
+        }
+    }
+    Err(refused(
+        ErrorCode::NameTaken,
+        format!("name {requested:?} is taken; pass another with --name"),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: u64 = 1_800_000_000;
+
+    fn key(n: u8) -> PublicKey {
+        PublicKey([n; 32])
+    }
+
+    fn store() -> (tempdir::Dir, Store) {
+        let dir = tempdir::Dir::new();
+        let s = Store::open(&dir.0.join("state.db")).unwrap();
+        s.create_network("prod", "100.64.0.0/29".parse().unwrap(), T0)
+            .unwrap();
+        s.create_token("prod", "tok1", b"secret", true, None, T0)
+            .unwrap();
+        (dir, s)
+    }
+
+    mod tempdir {
+        pub struct Dir(pub std::path::PathBuf);
+        impl Dir {
+            pub fn new() -> Dir {
+                use std::sync::atomic::{AtomicU32, Ordering};
+                static N: AtomicU32 = AtomicU32::new(0);
+                let p = std::env::temp_dir().join(format!(
+                    "mesh-store-test-{}-{}",
+                    std::process::id(),
+                    N.fetch_add(1, Ordering::SeqCst)
+                ));
+                std::fs::create_dir_all(&p).unwrap();
+                Dir(p)
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    fn join(s: &mut Store, n: u8, name: &str) -> Result<Admission, StoreError> {
+        s.join("tok1", b"secret", &key(n), name, &[], T0)
+    }
+
+    fn code(r: Result<Admission, StoreError>) -> ErrorCode {
+        match r {
+            Err(StoreError::Refused { code, .. }) => code,
+            other => panic!("expected refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn same_key_same_address_distinct_keys_distinct_addresses() {
+        let (_d, mut s) = store();
+        let a = join(&mut s, 1, "a").unwrap();
+        let b = join(&mut s, 2, "b").unwrap();
+        assert_eq!(a.address, Ipv4Addr::new(100, 64, 0, 1));
+        assert_eq!(b.address, Ipv4Addr::new(100, 64, 0, 2));
+        assert_eq!(join(&mut s, 1, "a").unwrap().address, a.address);
+        assert_eq!(
+            s.hello("prod", &key(2), &[], T0).unwrap().address,
+            b.address
+        );
+    }
+
+    #[test]
+    fn range_exhaustion_and_tombstone_reuse() {
+        let (_d, mut s) = store();
+        // /29: six usable addresses.
+        for n in 1..=6 {
+            join(&mut s, n, &format!("n{n}")).unwrap();
+        }
+        assert_eq!(code(join(&mut s, 7, "n7")), ErrorCode::NetworkFull);
+        s.remove_node("prod", "n3", T0 + 1).unwrap();
+        // The removed key comes back to its own address...
+        assert_eq!(
+            join(&mut s, 3, "n3").unwrap().address,
+            Ipv4Addr::new(100, 64, 0, 3)
+        );
+        s.remove_node("prod", "n3", T0 + 2).unwrap();
+        // ...and only when the range is full does another key take it.
+        assert_eq!(
+            join(&mut s, 7, "n7").unwrap().address,
+            Ipv4Addr::new(100, 64, 0, 3)
+        );
+    }
+
+    #[test]
+    fn reinstalled_machine_gets_its_address_back_by_name() {
+        let (_d, mut s) = store();
+        join(&mut s, 1, "a").unwrap();
+        let b = join(&mut s, 2, "b").unwrap();
+        s.remove_node("prod", "b", T0).unwrap();
+        join(&mut s, 3, "c").unwrap();
+        let b2 = join(&mut s, 4, "b").unwrap();
+        assert_eq!(b2.address, b.address);
+    }
+
+    #[test]
+    fn name_clash_gets_suffix() {
+        let (_d, mut s) = store();
+        join(&mut s, 1, "web").unwrap();
+        assert_eq!(join(&mut s, 2, "web").unwrap().name, "web-2");
+    }
+
+    #[test]
+    fn token_checks() {
+        let (_d, mut s) = store();
+        assert_eq!(
+            code(s.join("tok1", b"wrong", &key(1), "a", &[], T0)),
+            ErrorCode::TokenInvalid
+        );
+        assert_eq!(
+            code(s.join("nope", b"secret", &key(1), "a", &[], T0)),
+            ErrorCode::TokenInvalid
+        );
+        s.create_token("prod", "exp", b"s", true, Some(T0 + 10), T0)
+            .unwrap();
+        assert!(s.join("exp", b"s", &key(1), "a", &[], T0 + 9).is_ok());
+        let r = s.join("exp", b"s", &key(2), "b", &[], T0 + 10);
+        match r {
+            Err(StoreError::Refused { code, message }) => {
+                assert_eq!(code, ErrorCode::TokenExpired);
+                assert!(
+                    message.contains("expired at 2027-01-15T08:00:10Z"),
+                    "{message}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        s.create_token("prod", "one", b"s", false, None, T0)
+            .unwrap();
+        assert!(s.join("one", b"s", &key(3), "c", &[], T0).is_ok());
+        // The same node may present it again; another node may not.
+        assert!(s.join("one", b"s", &key(3), "c", &[], T0).is_ok());
+        assert_eq!(
+            code(s.join("one", b"s", &key(4), "d", &[], T0)),
+            ErrorCode::TokenUsed
+        );
+        s.revoke_token("tok1").unwrap();
+        assert_eq!(code(join(&mut s, 5, "e")), ErrorCode::TokenRevoked);
+        let t = s.tokens().unwrap();
+        assert!(t.iter().any(|t| t.id == "tok1" && t.revoked));
+    }
+
+    #[test]
+    fn removed_node_cannot_hello() {
+        let (_d, mut s) = store();
+        join(&mut s, 1, "a").unwrap();
+        s.remove_node("prod", &key(1).to_string(), T0).unwrap();
+        assert!(matches!(
+            s.hello("prod", &key(1), &[], T0),
+            Err(StoreError::Refused {
+                code: ErrorCode::NodeUnknown,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn survives_reopen() {
+        let (d, mut s) = store();
+        let a = join(&mut s, 1, "a").unwrap();
+        drop(s);
+        let mut s = Store::open(&d.0.join("state.db")).unwrap();
+        assert_eq!(join(&mut s, 1, "a").unwrap().address, a.address);
+        assert_eq!(
+            join(&mut s, 2, "b").unwrap().address,
+            Ipv4Addr::new(100, 64, 0, 2)
+        );
+    }
+
+    #[test]
+    fn online_needs_recent_heartbeat() {
+        let (_d, mut s) = store();
+        let a = join(&mut s, 1, "a").unwrap();
+        assert!(s.nodes("prod", T0).unwrap()[0].online);
+        assert!(!s.nodes("prod", T0 + ONLINE_WINDOW_SECS + 1).unwrap()[0].online);
+        s.disconnected(a.network_id, &key(1), T0).unwrap();
+        assert!(!s.nodes("prod", T0).unwrap()[0].online);
+    }
+
+    #[test]
+    fn cidr_parsing() {
+        assert!("100.64.0.0/16".parse::<Cidr>().is_ok());
+        assert!("100.64.0.1/16"
+            .parse::<Cidr>()
+            .unwrap_err()
+            .contains("host bits"));
+        assert!("100.64.0.0/31".parse::<Cidr>().is_err());
+        assert!("nonsense".parse::<Cidr>().is_err());
+    }
+}
