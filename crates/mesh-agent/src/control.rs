@@ -1,0 +1,423 @@
+//! The agent's side of the control channel: join or hello, then peer-list updates and
+//! heartbeats, reconnecting with backoff while the daemon runs.
+
+use crate::dataplane::DataCmd;
+use crate::state::StateDir;
+use mesh_control::channel::{self, ChannelError};
+use mesh_proto::control::{decode_server, ClientMsg, ErrorCode, PeerInfo, ServerMsg};
+use mesh_proto::PublicKey;
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{info, warn};
+
+/// How often the node reports that it is alive (and its endpoints).
+pub const HEARTBEAT: Duration = Duration::from_secs(10);
+/// Longest wait between reconnection attempts.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(15);
+
+/// Why talking to the controller failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The address in the token does not resolve.
+    #[error("cannot resolve the controller address {0:?}")]
+    Resolve(String),
+    /// Nothing answered.
+    #[error("cannot reach the controller at {addr} (no answer within {}); check the address in the token, that `mesh-controller serve` runs there, and that UDP to it is allowed", humantime::format_duration(*timeout))]
+    Unreachable {
+        /// Controller address.
+        addr: String,
+        /// How long we waited.
+        timeout: Duration,
+    },
+    /// The controller could not prove the pinned key.
+    #[error("the controller at {addr} did not prove the key in the token: the token is for another controller, or the controller's key changed (its state directory was replaced); ask the controller admin for a new token")]
+    KeyMismatch {
+        /// Controller address.
+        addr: String,
+    },
+    /// The controller refused.
+    #[error("{message}")]
+    Refused {
+        /// Wire code.
+        code: ErrorCode,
+        /// Controller's explanation.
+        message: String,
+    },
+    /// The connection broke or the controller spoke nonsense.
+    #[error("control connection to {addr} failed: {reason}")]
+    Failed {
+        /// Controller address.
+        addr: String,
+        /// What happened.
+        reason: String,
+    },
+}
+
+/// The controller's answer to join or hello.
+#[derive(Debug, Clone)]
+pub struct Welcome {
+    /// Network name.
+    pub network: String,
+    /// Registered name.
+    pub name: String,
+    /// Overlay address.
+    pub address: Ipv4Addr,
+    /// Prefix length.
+    pub prefix_len: u8,
+    /// Every other node.
+    pub peers: Vec<PeerInfo>,
+}
+
+/// An open, authenticated control session.
+pub struct Session {
+    conn: quinn::Connection,
+    tx: channel::Sender,
+    rx: channel::Receiver,
+}
+
+/// What `mesh status` shows about the controller.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ControlStatus {
+    /// Controller address.
+    pub address: String,
+    /// Whether a control session is up.
+    pub connected: bool,
+    /// Last error, if the last attempt failed.
+    pub last_error: Option<String>,
+}
+
+async fn resolve(addr: &str) -> Result<SocketAddr, ControlError> {
+    let mut addrs = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|_| ControlError::Resolve(addr.to_owned()))?;
+    addrs
+        .find(|a| a.is_ipv4())
+        .ok_or_else(|| ControlError::Resolve(addr.to_owned()))
+}
+
+/// Connects, authenticates both sides and sends `first` (join or hello); waits for the welcome.
+pub async fn open(
+    endpoint: &quinn::Endpoint,
+    controller: &str,
+    controller_key: &PublicKey,
+    node_key: &[u8; 32],
+    first: &ClientMsg,
+    timeout: Duration,
+) -> Result<(Session, Welcome), ControlError> {
+    let addr = resolve(controller).await?;
+    let failed = |reason: String| ControlError::Failed {
+        addr: controller.to_owned(),
+        reason,
+    };
+    let attempt = async {
+        let conn = endpoint
+            .connect(addr, "mesh-controller")
+            .map_err(|e| failed(e.to_string()))?
+            .await
+            .map_err(|e| match e {
+                quinn::ConnectionError::TimedOut => ControlError::Unreachable {
+                    addr: controller.to_owned(),
+                    timeout,
+                },
+                e => failed(e.to_string()),
+            })?;
+        let (mut tx, mut rx) = channel::initiate(&conn, node_key, controller_key)
+            .await
+            .map_err(|e| match e {
+                ChannelError::KeyMismatch => ControlError::KeyMismatch {
+                    addr: controller.to_owned(),
+                },
+                e => failed(e.to_string()),
+            })?;
+        tx.send(&first.encode())
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let reply = rx.recv().await.map_err(|e| failed(e.to_string()))?;
+        match decode_server(&reply).map_err(|e| failed(e.to_string()))? {
+            ServerMsg::Welcome {
+                network,
+                name,
+                address,
+                prefix_len,
+                peers,
+            } => Ok((
+                Session { conn, tx, rx },
+                Welcome {
+                    network,
+                    name,
+                    address,
+                    prefix_len,
+                    peers,
+                },
+            )),
+            ServerMsg::Error { code, message } => {
+                conn.close(0u32.into(), b"refused");
+                Err(ControlError::Refused { code, message })
+            }
+            other => Err(failed(format!("unexpected first message {other:?}"))),
+        }
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(ControlError::Unreachable {
+            addr: controller.to_owned(),
+            timeout,
+        }),
+    }
+}
+
+impl Session {
+    /// Asks the controller to delete this node; waits for the confirmation.
+    pub async fn leave(mut self) -> Result<(), ControlError> {
+        let failed = |reason: String| ControlError::Failed {
+            addr: self.conn.remote_address().to_string(),
+            reason,
+        };
+        self.tx
+            .send(&ClientMsg::Leave.encode())
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        loop {
+            let bytes = self.rx.recv().await.map_err(|e| failed(e.to_string()))?;
+            match decode_server(&bytes) {
+                Ok(ServerMsg::Left) => {
+                    self.conn.close(0u32.into(), b"left");
+                    return Ok(());
+                }
+                Ok(ServerMsg::Error { code, message }) => {
+                    return Err(ControlError::Refused { code, message })
+                }
+                _ => continue,
+            }
+        }
+    }
+}
+
+/// Everything the control loop needs.
+pub struct ControlCtx {
+    /// QUIC endpoint on the node's shared UDP socket.
+    pub endpoint: quinn::Endpoint,
+    /// State directory (peer cache).
+    pub state: StateDir,
+    /// Network name.
+    pub network: String,
+    /// Controller address.
+    pub controller: String,
+    /// Controller key.
+    pub controller_key: PublicKey,
+    /// Node private key.
+    pub node_key: [u8; 32],
+    /// UDP port (for the endpoints the node reports).
+    pub port: u16,
+    /// TUN device name (excluded from reported endpoints).
+    pub interface: String,
+    /// Status shared with the local API.
+    pub status: Arc<Mutex<ControlStatus>>,
+}
+
+/// The node's own addresses with its UDP port: its endpoint candidates.
+pub async fn local_endpoints(port: u16, interface: &str) -> Vec<SocketAddr> {
+    match mesh_sys::netlink::local_ipv4_addresses(interface).await {
+        Ok(ips) => ips
+            .into_iter()
+            .take(mesh_proto::control::MAX_ENDPOINTS - 1)
+            .map(|ip| SocketAddr::from((ip, port)))
+            .collect(),
+        Err(e) => {
+            warn!(error = %e, "cannot list local addresses");
+            Vec::new()
+        }
+    }
+}
+
+fn set_status(ctx: &ControlCtx, connected: bool, error: Option<String>) {
+    if let Ok(mut s) = ctx.status.lock() {
+        s.connected = connected;
+        s.last_error = error;
+    }
+}
+
+async fn publish(
+    ctx: &ControlCtx,
+    peers: &BTreeMap<PublicKey, PeerInfo>,
+    data: &mpsc::Sender<DataCmd>,
+) {
+    let list: Vec<PeerInfo> = peers.values().cloned().collect();
+    if let Err(e) = ctx.state.save_peers(&list) {
+        warn!(error = %format!("{e:#}"), "cannot cache the peer list");
+    }
+    let _ = data.send(DataCmd::SetPeers(list)).await;
+}
+
+/// Requests the control loop takes from the local API.
+pub enum ControlCmd {
+    /// Leave the network; answer when the controller confirmed.
+    Leave(oneshot::Sender<Result<(), String>>),
+}
+
+/// Keeps a control session up until `shutdown` flips: applies peer updates, sends heartbeats,
+/// reconnects with backoff. `first` is a session already opened by `mesh join`.
+pub async fn run(
+    ctx: ControlCtx,
+    mut first: Option<(Session, Welcome)>,
+    data: mpsc::Sender<DataCmd>,
+    mut cmds: mpsc::Receiver<ControlCmd>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_secs(1);
+    let mut pending_leave: Option<oneshot::Sender<Result<(), String>>> = None;
+    loop {
+        let (session, welcome) = match first.take() {
+            Some(s) => s,
+            None => {
+                let hello = ClientMsg::Hello {
+                    network: ctx.network.clone(),
+                    endpoints: local_endpoints(ctx.port, &ctx.interface).await,
+                };
+                let attempt = open(
+                    &ctx.endpoint,
+                    &ctx.controller,
+                    &ctx.controller_key,
+                    &ctx.node_key,
+                    &hello,
+                    Duration::from_secs(5),
+                );
+                let result = tokio::select! {
+                    r = attempt => r,
+                    _ = shutdown.changed() => return,
+                };
+                match result {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!(error = %e, retry_in = ?backoff, "controller connection failed");
+                        set_status(&ctx, false, Some(e.to_string()));
+                        if let Some(reply) = pending_leave.take() {
+                            let _ = reply.send(Err(e.to_string()));
+                        }
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = shutdown.changed() => return,
+                            Some(ControlCmd::Leave(reply)) = cmds.recv() => pending_leave = Some(reply),
+                        }
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        continue;
+                    }
+                }
+            }
+        };
+        backoff = Duration::from_secs(1);
+        set_status(&ctx, true, None);
+        info!(network = %welcome.network, address = %welcome.address, peers = welcome.peers.len(), "connected to controller");
+        let mut peers: BTreeMap<PublicKey, PeerInfo> =
+            welcome.peers.into_iter().map(|p| (p.key, p)).collect();
+        publish(&ctx, &peers, &data).await;
+
+        let Session {
+            conn,
+            mut tx,
+            mut rx,
+        } = session;
+        let (in_tx, mut in_rx) = mpsc::channel(16);
+        let reader = tokio::spawn(async move {
+            loop {
+                let r = rx.recv().await;
+                let end = r.is_err();
+                if in_tx.send(r).await.is_err() || end {
+                    break;
+                }
+            }
+        });
+        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        heartbeat.tick().await;
+        if let Some(reply) = pending_leave.take() {
+            let r = leave_on(&mut tx, &mut in_rx).await;
+            let _ = reply.send(r);
+        }
+        let reason = loop {
+            tokio::select! {
+                msg = in_rx.recv() => {
+                    let bytes = match msg {
+                        Some(Ok(b)) => b,
+                        Some(Err(e)) => break e.to_string(),
+                        None => break "reader stopped".to_owned(),
+                    };
+                    match decode_server(&bytes) {
+                        Ok(ServerMsg::PeersChanged { upsert, remove }) => {
+                            for k in remove {
+                                peers.remove(&k);
+                            }
+                            for p in upsert {
+                                peers.insert(p.key, p);
+                            }
+                            info!(peers = peers.len(), "peer list updated");
+                            publish(&ctx, &peers, &data).await;
+                        }
+                        Ok(ServerMsg::Error { message, .. }) => {
+                            warn!(%message, "controller closed the session");
+                            break message;
+                        }
+                        Ok(other) => tracing::debug!(?other, "ignored"),
+                        Err(e) => break format!("malformed message from controller: {e}"),
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    let hb = ClientMsg::Heartbeat { endpoints: local_endpoints(ctx.port, &ctx.interface).await };
+                    if let Err(e) = tx.send(&hb.encode()).await {
+                        break e.to_string();
+                    }
+                }
+                Some(ControlCmd::Leave(reply)) = cmds.recv() => {
+                    let r = leave_on(&mut tx, &mut in_rx).await;
+                    let ok = r.is_ok();
+                    let _ = reply.send(r);
+                    if ok {
+                        conn.close(0u32.into(), b"left");
+                        reader.abort();
+                        // The daemon stops after a leave; wait for it.
+                        let _ = shutdown.changed().await;
+                        return;
+                    }
+                }
+                _ = shutdown.changed() => {
+                    conn.close(0u32.into(), b"agent stopping");
+                    reader.abort();
+                    return;
+                }
+            }
+        };
+        reader.abort();
+        conn.close(0u32.into(), b"reconnecting");
+        warn!(%reason, "control connection lost; peers stay as they are, reconnecting");
+        set_status(&ctx, false, Some(reason));
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+async fn leave_on(
+    tx: &mut channel::Sender,
+    in_rx: &mut mpsc::Receiver<Result<Vec<u8>, ChannelError>>,
+) -> Result<(), String> {
+    tx.send(&ClientMsg::Leave.encode())
+        .await
+        .map_err(|e| e.to_string())?;
+    let wait = async {
+        while let Some(msg) = in_rx.recv().await {
+            match msg.map(|b| decode_server(&b)) {
+                Ok(Ok(ServerMsg::Left)) => return Ok(()),
+                Ok(Ok(ServerMsg::Error { message, .. })) => return Err(message),
+                Ok(_) => continue,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Err("control connection closed".to_owned())
+    };
+    tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .unwrap_or_else(|_| Err("controller did not confirm within 10 s".to_owned()))
+}

@@ -1,0 +1,376 @@
+//! Assembling and running the daemon: TUN, the shared UDP socket, QUIC on it, the data plane,
+//! the control loop and the local API.
+
+use crate::api::{self, Request};
+use crate::control::{self, ControlCmd, ControlCtx, ControlStatus, Session, Welcome};
+use crate::dataplane::{self, DataCmd, DataStatus};
+use crate::state::{Membership, StateDir};
+use anyhow::Context as _;
+use mesh_control::quic;
+use mesh_core::{Node, NodeConfig};
+use mesh_proto::control::ClientMsg;
+use mesh_proto::token::JoinToken;
+use mesh_proto::PublicKey;
+use mesh_sys::netlink::InterfaceConfig;
+use mesh_sys::socket::UdpPort;
+use serde_json::json;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{info, warn};
+
+/// Options shared by `join` and `up`.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// State directory.
+    pub state: StateDir,
+    /// UDP port.
+    pub port: u16,
+    /// MTU of the TUN device.
+    pub mtu: u32,
+    /// TUN device name.
+    pub interface: String,
+}
+
+struct Running {
+    port: UdpPort,
+    endpoint: quinn::Endpoint,
+    data_tx: mpsc::Sender<DataCmd>,
+    shutdown_tx: watch::Sender<bool>,
+    data_task: tokio::task::JoinHandle<()>,
+}
+
+fn public_of(secret: &[u8; 32]) -> PublicKey {
+    PublicKey(x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(*secret)).to_bytes())
+}
+
+/// Creates the TUN device and the shared socket, and starts the data plane (so QUIC works).
+fn start(opts: &Options, node_key: &[u8; 32], address: Ipv4Addr) -> anyhow::Result<Running> {
+    let tun = mesh_sys::tun::create(&opts.interface)?;
+    let bind: SocketAddr = (Ipv4Addr::UNSPECIFIED, opts.port).into();
+    let port = UdpPort::bind(bind).with_context(|| {
+        format!(
+            "cannot bind UDP port {} (is another mesh agent running? choose another with --port)",
+            opts.port
+        )
+    })?;
+    let (inbox, quic_socket) = port.quic();
+    let mut endpoint = quinn::Endpoint::new_with_abstract_socket(
+        quic::endpoint_config(),
+        None,
+        quic_socket,
+        Arc::new(quinn::TokioRuntime),
+    )?;
+    endpoint.set_default_client_config(quic::client_config()?);
+    let seed = rand::random::<u32>();
+    let node = Node::new(
+        NodeConfig {
+            private_key: *node_key,
+            address,
+            keepalive: Some(mesh_core::node::DEFAULT_KEEPALIVE),
+        },
+        seed,
+        Instant::now(),
+    );
+    let (data_tx, data_rx) = mpsc::channel(64);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let data_task = tokio::spawn(dataplane::run(
+        node,
+        port.clone(),
+        tun,
+        inbox,
+        data_rx,
+        shutdown_rx,
+    ));
+    Ok(Running {
+        port,
+        endpoint,
+        data_tx,
+        shutdown_tx,
+        data_task,
+    })
+}
+
+async fn configure_interface(opts: &Options, m: &Membership) -> anyhow::Result<()> {
+    mesh_sys::netlink::configure(&InterfaceConfig {
+        name: opts.interface.clone(),
+        address: m.address,
+        prefix_len: m.prefix_len,
+        mtu: opts.mtu,
+    })
+    .await
+    .with_context(|| format!("cannot configure {}", opts.interface))
+}
+
+/// `mesh join`: joins with a token, then runs the daemon in the foreground.
+pub async fn join(
+    opts: Options,
+    token: JoinToken,
+    name: String,
+    connect_timeout: Duration,
+) -> anyhow::Result<()> {
+    opts.state.create()?;
+    let node_key = opts.state.load_or_create_key()?;
+    let running = start(&opts, &node_key, Ipv4Addr::UNSPECIFIED)?;
+    let port = running.port.local_addr()?.port();
+    let first = ClientMsg::Join {
+        token_id: token.id.clone(),
+        token_secret: token.secret_hex(),
+        name,
+        endpoints: control::local_endpoints(port, &opts.interface).await,
+    };
+    info!(controller = %token.controller, "joining");
+    let (session, welcome) = match control::open(
+        &running.endpoint,
+        &token.controller,
+        &token.controller_key,
+        &node_key,
+        &first,
+        connect_timeout,
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = running.shutdown_tx.send(true);
+            return Err(match e {
+                control::ControlError::Refused { message, .. } => {
+                    anyhow::anyhow!("join refused: {message}")
+                }
+                e => e.into(),
+            });
+        }
+    };
+    let membership = Membership {
+        controller: token.controller.clone(),
+        controller_key: token.controller_key,
+        network: welcome.network.clone(),
+        name: welcome.name.clone(),
+        address: welcome.address,
+        prefix_len: welcome.prefix_len,
+        mtu: opts.mtu,
+        port,
+        interface: opts.interface.clone(),
+    };
+    opts.state.save_membership(&membership)?;
+    opts.state.save_peers(&welcome.peers)?;
+    info!(network = %membership.network, name = %membership.name, address = %membership.address, "joined");
+    run(
+        opts,
+        membership,
+        node_key,
+        running,
+        Some((session, welcome)),
+    )
+    .await
+}
+
+/// `mesh up`: runs the daemon from saved state; works while the controller is down.
+pub async fn up(mut opts: Options) -> anyhow::Result<()> {
+    let membership = opts.state.load_membership()?;
+    let node_key = opts.state.load_key()?.context(
+        "the node key is missing from the state directory; join again with `mesh join <token>`",
+    )?;
+    opts.port = membership.port;
+    opts.interface = membership.interface.clone();
+    opts.mtu = membership.mtu;
+    let running = start(&opts, &node_key, membership.address)?;
+    let cached = opts.state.load_peers();
+    info!(peers = cached.len(), "starting from saved state");
+    let _ = running.data_tx.send(DataCmd::SetPeers(cached)).await;
+    run(opts, membership, node_key, running, None).await
+}
+
+async fn run(
+    opts: Options,
+    membership: Membership,
+    node_key: [u8; 32],
+    running: Running,
+    first: Option<(Session, Welcome)>,
+) -> anyhow::Result<()> {
+    configure_interface(&opts, &membership).await?;
+    info!(interface = %opts.interface, address = %membership.address, prefix = membership.prefix_len, mtu = opts.mtu, "interface up");
+    let listener = api::bind(&opts.state.socket_path())?;
+    let status = Arc::new(Mutex::new(ControlStatus {
+        address: membership.controller.clone(),
+        connected: first.is_some(),
+        last_error: None,
+    }));
+    let (control_tx, control_rx) = mpsc::channel(4);
+    let ctx = ControlCtx {
+        endpoint: running.endpoint.clone(),
+        state: opts.state.clone(),
+        network: membership.network.clone(),
+        controller: membership.controller.clone(),
+        controller_key: membership.controller_key,
+        node_key,
+        port: membership.port,
+        interface: opts.interface.clone(),
+        status: status.clone(),
+    };
+    let control_task = tokio::spawn(control::run(
+        ctx,
+        first,
+        running.data_tx.clone(),
+        control_rx,
+        running.shutdown_tx.subscribe(),
+    ));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let node_info = json!({
+        "name": membership.name,
+        "key": public_of(&node_key).to_string(),
+        "address": membership.address.to_string(),
+        "prefix_len": membership.prefix_len,
+        "mtu": opts.mtu,
+        "interface": opts.interface,
+        "port": membership.port,
+        "network": membership.network,
+    });
+    let mut left = false;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            accepted = listener.accept() => {
+                let Ok((mut stream, _)) = accepted else { continue };
+                match api::read_request(&mut stream).await {
+                    Some(Request::Status) => {
+                        let v = status_json(&node_info, &status, &running.data_tx).await;
+                        api::write_response(&mut stream, &v).await;
+                    }
+                    Some(Request::Leave) => {
+                        let (tx, rx) = oneshot::channel();
+                        let _ = control_tx.send(ControlCmd::Leave(tx)).await;
+                        match rx.await.unwrap_or_else(|_| Err("control loop stopped".into())) {
+                            Ok(()) => {
+                                api::write_response(&mut stream, &json!({"ok": true, "network": membership.network})).await;
+                                left = true;
+                                break;
+                            }
+                            Err(e) => api::write_response(&mut stream, &json!({"error": format!("could not leave: {e}")})).await,
+                        }
+                    }
+                    None => api::write_response(&mut stream, &json!({"error": "malformed request"})).await,
+                }
+            }
+        }
+    }
+    info!("stopping");
+    let _ = running.shutdown_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(3), control_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(3), running.data_task).await;
+    running.endpoint.close(0u32.into(), b"agent stopping");
+    let _ = std::fs::remove_file(opts.state.socket_path());
+    if left {
+        opts.state.wipe()?;
+        info!("left the network; local state deleted");
+    }
+    Ok(())
+}
+
+fn secs(d: Option<Duration>) -> serde_json::Value {
+    d.map_or(serde_json::Value::Null, |d| json!(d.as_secs()))
+}
+
+async fn status_json(
+    node: &serde_json::Value,
+    control: &Arc<Mutex<ControlStatus>>,
+    data: &mpsc::Sender<DataCmd>,
+) -> serde_json::Value {
+    let (tx, rx) = oneshot::channel();
+    let _ = data.send(DataCmd::Status(tx)).await;
+    let Ok(DataStatus {
+        peers,
+        node: c,
+        driver,
+    }) = rx.await
+    else {
+        return json!({"error": "the data plane is not running"});
+    };
+    let control = control.lock().map(|c| c.clone()).unwrap_or_default();
+    let peers: Vec<serde_json::Value> = peers
+        .iter()
+        .map(|p| {
+            json!({
+                "name": p.name,
+                "key": p.key.to_string(),
+                "address": p.address.to_string(),
+                "endpoint": p.endpoint.map(|e| e.to_string()),
+                "candidates": p.candidates.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+                "last_handshake_secs_ago": secs(p.since_handshake),
+                "last_rx_secs_ago": secs(p.since_last_rx),
+                "rx_bytes": p.rx_bytes,
+                "tx_bytes": p.tx_bytes,
+            })
+        })
+        .collect();
+    json!({
+        "node": node,
+        "controller": control,
+        "peers": peers,
+        "counters": {
+            "malformed_packets": c.malformed_packets,
+            "unknown_peer_packets": c.unknown_peer_packets,
+            "rejected_packets": c.rejected_packets,
+            "spoofed_packets": c.spoofed_packets,
+            "no_route_packets": c.no_route_packets,
+            "non_ipv4_packets": c.non_ipv4_packets,
+            "queue_drops": c.queue_drops,
+            "udp_rx": driver.udp_rx,
+            "udp_tx": driver.udp_tx,
+            "udp_send_errors": driver.udp_send_errors,
+            "unknown_datagrams": driver.unknown_datagrams,
+            "quic_drops": driver.quic_drops,
+            "tun_rx": driver.tun_rx,
+            "tun_tx": driver.tun_tx,
+            "tun_write_errors": driver.tun_write_errors,
+        }
+    })
+}
+
+/// `mesh leave` without a running daemon: tell the controller directly, then delete the state.
+pub async fn leave_offline(state: &StateDir, force: bool) -> anyhow::Result<String> {
+    let m = state.load_membership()?;
+    let key = state
+        .load_key()?
+        .context("the node key is missing; nothing to tell the controller")?;
+    let result: anyhow::Result<()> = async {
+        let sock = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        let mut endpoint = quinn::Endpoint::new(
+            quic::endpoint_config(),
+            None,
+            sock,
+            Arc::new(quinn::TokioRuntime),
+        )?;
+        endpoint.set_default_client_config(quic::client_config()?);
+        let hello = ClientMsg::Hello {
+            network: m.network.clone(),
+            endpoints: vec![],
+        };
+        let (session, _) = control::open(
+            &endpoint,
+            &m.controller,
+            &m.controller_key,
+            &key,
+            &hello,
+            Duration::from_secs(10),
+        )
+        .await?;
+        session.leave().await?;
+        endpoint.wait_idle().await;
+        Ok(())
+    }
+    .await;
+    match result {
+        Ok(()) => {}
+        Err(e) if force => warn!(error = %format!("{e:#}"), "controller not told; deleting local state anyway (--force)"),
+        Err(e) => {
+            return Err(e.context(
+                "the controller was not told, so the node is still listed there; retry, or pass --force to delete the local state anyway",
+            ))
+        }
+    }
+    state.wipe()?;
+    Ok(m.network)
+}
