@@ -107,7 +107,7 @@ fn merge_endpoints(observed: SocketAddr, reported: &[SocketAddr]) -> Vec<SocketA
 }
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())

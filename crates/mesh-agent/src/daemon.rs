@@ -120,7 +120,7 @@ pub async fn join(
         name,
         endpoints: control::local_endpoints(port, &opts.interface).await,
     };
-    info!(controller = %token.controller, "joining");
+    tracing::debug!(controller = %token.controller, "joining");
     let (session, welcome) = match control::open(
         &running.endpoint,
         &token.controller,

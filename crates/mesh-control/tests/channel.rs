@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)]
 //! The Noise channel over real QUIC on loopback.
 
 use mesh_control::channel::{accept, initiate, ChannelError};

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)]
 //! In-process simulation of many mesh nodes on a virtual clock.
 //!
 //! Every node is a real [`mesh_core::Node`] with real WireGuard sessions; the network between
