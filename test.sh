@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Runs every mesh test: formatting, lints, unit tests, the in-process simulation and the
+# end-to-end tests in network namespaces (real binaries, real TUN). Needs root (namespaces, TUN).
+# Installs what it needs from Debian's packages when missing.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "test.sh: the end-to-end tests create network namespaces and TUN devices; run as root (sudo ./test.sh)" >&2
+    exit 1
+fi
+
+need=()
+command -v ip >/dev/null || need+=(iproute2)
+command -v ping >/dev/null || need+=(iputils-ping)
+command -v setpriv >/dev/null || need+=(util-linux)
+command -v nft >/dev/null || need+=(nftables)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "== installing ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+if ! command -v cargo >/dev/null; then
+    echo "test.sh: cargo not found; install Rust (https://rustup.rs) first" >&2
+    exit 1
+fi
+[ -e /dev/net/tun ] || { mkdir -p /dev/net && mknod /dev/net/tun c 10 200 && chmod 0666 /dev/net/tun; }
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "== build binaries"
+cargo build --workspace --bins --quiet
+echo "== tests"
+MESH_BIN_DIR="$PWD/target/debug" cargo test --workspace -- --test-threads="${MESH_TEST_THREADS:-2}"
+echo "== leftovers"
+left=$(ip netns list | grep -c . || true)
+if [ "$left" -ne 0 ]; then
+    echo "tests left network namespaces behind:" >&2
+    ip netns list >&2
+    exit 1
+fi
+echo "all tests passed"
