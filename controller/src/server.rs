@@ -52,7 +52,7 @@ pub async fn serve(state: StateDir, listen: SocketAddr) -> anyhow::Result<()> {
         std::net::UdpSocket::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
     state.write_listen_addr(listen)?;
     let endpoint = quinn::Endpoint::new(
-        quic::endpoint_config(),
+        quic::controller_endpoint_config(&secret),
         Some(quic::server_config()?),
         socket,
         Arc::new(quinn::TokioRuntime),

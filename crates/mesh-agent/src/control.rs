@@ -392,8 +392,9 @@ pub async fn run(
         conn.close(0u32.into(), b"reconnecting");
         warn!(%reason, "control connection lost; peers stay as they are, reconnecting");
         set_status(&ctx, false, Some(reason));
+        // A lost session is retried almost at once; backoff grows only while attempts fail.
         tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             _ = shutdown.changed() => return,
         }
     }
