@@ -238,7 +238,7 @@ impl Node {
     }
 
     /// Adds a peer or updates its address, name and candidates.
-    pub fn upsert_peer(&mut self, config: PeerConfig, _now: Instant) {
+    pub fn upsert_peer(&mut self, config: PeerConfig, now: Instant) {
         if config.key == self.public_key() {
             return;
         }
@@ -265,6 +265,11 @@ impl Node {
         );
         self.by_address.insert(config.address, config.key);
         self.by_index.insert(index, config.key);
+        // A new peer gets a handshake right away, so that the path is known and warm before the
+        // first packet. Only the lower key starts it: both sides learn of each other at the same
+        // moment, and crossed initiations would cost a round of recovery.
+        let initiate = self.public.to_bytes() < config.key.0;
+        let key = config.key;
         self.peers.insert(
             config.key,
             Peer {
@@ -278,6 +283,11 @@ impl Node {
                 last_forced: None,
             },
         );
+        if initiate {
+            if let Some(peer) = self.peers.get_mut(&key) {
+                peer.force_handshake(now, &mut self.buf, &mut self.transmits, &mut self.counters);
+            }
+        }
     }
 
     /// Removes a peer and its session.
@@ -612,7 +622,22 @@ mod tests {
     }
 
     impl Pair {
+        /// A pair whose proactive handshake went through.
         fn new() -> Pair {
+            let mut p = Pair::quiet();
+            p.drive();
+            p
+        }
+
+        /// A pair whose proactive handshake was lost on the wire.
+        fn lossy_start() -> Pair {
+            let mut p = Pair::quiet();
+            while p.a.poll_transmit().is_some() {}
+            while p.b.poll_transmit().is_some() {}
+            p
+        }
+
+        fn quiet() -> Pair {
             let now = Instant::now();
             let (ska, pka) = key(1);
             let (skb, pkb) = key(2);
@@ -753,7 +778,7 @@ mod tests {
 
     #[test]
     fn lost_initiation_is_retransmitted_on_injected_clock() {
-        let mut p = Pair::new();
+        let mut p = Pair::lossy_start();
         p.a.handle_tun_packet(&icmp(p.a.address(), p.b.address(), b"1"), p.now);
         // Lose the first initiation.
         while p.a.poll_transmit().is_some() {}
@@ -765,7 +790,7 @@ mod tests {
 
     #[test]
     fn crossed_handshakes_converge() {
-        let mut p = Pair::new();
+        let mut p = Pair::lossy_start();
         let to_b = icmp(p.a.address(), p.b.address(), b"ab");
         let to_a = icmp(p.b.address(), p.a.address(), b"ba");
         p.a.handle_tun_packet(&to_b, p.now);
@@ -791,6 +816,25 @@ mod tests {
         }
         assert!(p.b.poll_tun_packet().is_some(), "a -> b flows");
         assert!(p.a.poll_tun_packet().is_some(), "b -> a flows");
+    }
+
+    #[test]
+    fn new_peer_is_handshaken_proactively_by_the_lower_key() {
+        let mut p = Pair::quiet();
+        let a_lower = p.a.public_key() < p.b.public_key();
+        let (lower, higher, from) = if a_lower {
+            (&mut p.a, &mut p.b, p.a_addr)
+        } else {
+            (&mut p.b, &mut p.a, p.b_addr)
+        };
+        let t = lower.poll_transmit().expect("lower key initiates");
+        assert_eq!(t.payload.len(), 148, "a handshake initiation");
+        assert!(lower.poll_transmit().is_none());
+        assert!(higher.poll_transmit().is_none(), "higher key waits");
+        higher.handle_datagram(from, &t.payload, p.now);
+        p.drive();
+        let st = p.a.peer_status(p.now);
+        assert!(st[0].since_handshake.is_some() && st[0].endpoint.is_some());
     }
 
     #[test]
