@@ -20,21 +20,54 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
-/// Options shared by `join` and `up`.
+/// Options shared by `join` and `up`. `None` means: what the node saved at join, else the
+/// built-in default.
 #[derive(Debug, Clone)]
 pub struct Options {
     /// State directory.
     pub state: StateDir,
     /// UDP port.
-    pub port: u16,
+    pub port: Option<u16>,
     /// MTU of the TUN device.
-    pub mtu: u32,
+    pub mtu: Option<u32>,
     /// TUN device name.
-    pub interface: String,
+    pub interface: Option<String>,
+    /// Prometheus endpoint.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// Options with every value decided.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    state: StateDir,
+    port: u16,
+    mtu: u32,
+    interface: String,
+    metrics_listen: Option<SocketAddr>,
+}
+
+impl Options {
+    fn settle(self, saved: Option<&Membership>) -> Settings {
+        use crate::config::defaults;
+        Settings {
+            port: self
+                .port
+                .or(saved.map(|m| m.port))
+                .unwrap_or(defaults::PORT),
+            mtu: self.mtu.or(saved.map(|m| m.mtu)).unwrap_or(defaults::MTU),
+            interface: self
+                .interface
+                .or(saved.map(|m| m.interface.clone()))
+                .unwrap_or_else(|| defaults::INTERFACE.to_owned()),
+            metrics_listen: self.metrics_listen,
+            state: self.state,
+        }
+    }
 }
 
 struct Running {
     port: UdpPort,
+    tun: Arc<mesh_sys::tun::Tun>,
     endpoint: quinn::Endpoint,
     data_tx: mpsc::Sender<DataCmd>,
     shutdown_tx: watch::Sender<bool>,
@@ -46,7 +79,7 @@ fn public_of(secret: &[u8; 32]) -> PublicKey {
 }
 
 /// Creates the TUN device and the shared socket, and starts the data plane (so QUIC works).
-fn start(opts: &Options, node_key: &[u8; 32], address: Ipv4Addr) -> anyhow::Result<Running> {
+fn start(opts: &Settings, node_key: &[u8; 32], address: Ipv4Addr) -> anyhow::Result<Running> {
     let tun = mesh_sys::tun::create(&opts.interface)?;
     let bind: SocketAddr = (Ipv4Addr::UNSPECIFIED, opts.port).into();
     let port = UdpPort::bind(bind).with_context(|| {
@@ -75,16 +108,18 @@ fn start(opts: &Options, node_key: &[u8; 32], address: Ipv4Addr) -> anyhow::Resu
     );
     let (data_tx, data_rx) = mpsc::channel(64);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let tun = Arc::new(tun);
     let data_task = tokio::spawn(dataplane::run(
         node,
         port.clone(),
-        tun,
+        tun.clone(),
         inbox,
         data_rx,
         shutdown_rx,
     ));
     Ok(Running {
         port,
+        tun,
         endpoint,
         data_tx,
         shutdown_tx,
@@ -92,7 +127,7 @@ fn start(opts: &Options, node_key: &[u8; 32], address: Ipv4Addr) -> anyhow::Resu
     })
 }
 
-async fn configure_interface(opts: &Options, m: &Membership) -> anyhow::Result<()> {
+async fn configure_interface(opts: &Settings, m: &Membership) -> anyhow::Result<()> {
     mesh_sys::netlink::configure(&InterfaceConfig {
         name: opts.interface.clone(),
         address: m.address,
@@ -111,6 +146,9 @@ pub async fn join(
     connect_timeout: Duration,
 ) -> anyhow::Result<()> {
     opts.state.create()?;
+    // Joining again keeps the saved port and interface unless flags say otherwise.
+    let saved = opts.state.load_membership().ok();
+    let opts = opts.settle(saved.as_ref());
     let node_key = opts.state.load_or_create_key()?;
     let running = start(&opts, &node_key, Ipv4Addr::UNSPECIFIED)?;
     let port = running.port.local_addr()?.port();
@@ -167,14 +205,20 @@ pub async fn join(
 }
 
 /// `mesh up`: runs the daemon from saved state; works while the controller is down.
-pub async fn up(mut opts: Options) -> anyhow::Result<()> {
-    let membership = opts.state.load_membership()?;
+pub async fn up(opts: Options) -> anyhow::Result<()> {
+    let mut membership = opts.state.load_membership()?;
     let node_key = opts.state.load_key()?.context(
         "the node key is missing from the state directory; join again with `mesh join <token>`",
     )?;
-    opts.port = membership.port;
-    opts.interface = membership.interface.clone();
-    opts.mtu = membership.mtu;
+    let opts = opts.settle(Some(&membership));
+    if (membership.port, membership.mtu, &membership.interface)
+        != (opts.port, opts.mtu, &opts.interface)
+    {
+        membership.port = opts.port;
+        membership.mtu = opts.mtu;
+        membership.interface = opts.interface.clone();
+        opts.state.save_membership(&membership)?;
+    }
     let running = start(&opts, &node_key, membership.address)?;
     let cached = opts.state.load_peers();
     info!(peers = cached.len(), "starting from saved state");
@@ -183,14 +227,26 @@ pub async fn up(mut opts: Options) -> anyhow::Result<()> {
 }
 
 async fn run(
-    opts: Options,
+    opts: Settings,
     membership: Membership,
     node_key: [u8; 32],
     running: Running,
     first: Option<(Session, Welcome)>,
 ) -> anyhow::Result<()> {
     configure_interface(&opts, &membership).await?;
+    if let Err(e) = mesh_sys::tun::persist(&running.tun) {
+        warn!(error = %e, "cannot make {} persistent; it will vanish while the agent restarts", opts.interface);
+    }
     info!(interface = %opts.interface, address = %membership.address, prefix = membership.prefix_len, mtu = opts.mtu, "interface up");
+    // systemd (Type=notify): ready only now that the address is on the interface, so that
+    // kubelet, ordered after mesh.service, finds its --node-ip.
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&format!(
+            "{} on {} in network {}",
+            membership.address, opts.interface, membership.network
+        )),
+    ]);
     let listener = api::bind(&opts.state.socket_path())?;
     let status = Arc::new(Mutex::new(ControlStatus {
         address: membership.controller.clone(),
@@ -257,12 +313,17 @@ async fn run(
         }
     }
     info!("stopping");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     let _ = running.shutdown_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(3), control_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(3), running.data_task).await;
     running.endpoint.close(0u32.into(), b"agent stopping");
     let _ = std::fs::remove_file(opts.state.socket_path());
     if left {
+        drop(running.tun);
+        if let Err(e) = mesh_sys::netlink::delete_link(&opts.interface).await {
+            warn!(error = %e, "cannot delete {}", opts.interface);
+        }
         opts.state.wipe()?;
         info!("left the network; local state deleted");
     }

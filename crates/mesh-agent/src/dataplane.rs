@@ -76,7 +76,7 @@ fn to_config(p: &PeerInfo) -> PeerConfig {
 pub async fn run(
     mut node: Node,
     port: UdpPort,
-    tun: Tun,
+    tun: std::sync::Arc<Tun>,
     quic: QuicInbox,
     mut cmds: mpsc::Receiver<DataCmd>,
     mut shutdown: watch::Receiver<bool>,

@@ -1,6 +1,7 @@
 //! `mesh`: the node agent and its CLI.
 
 mod api;
+mod config;
 mod control;
 mod daemon;
 mod dataplane;
@@ -21,11 +22,31 @@ use std::time::Duration;
     about = "mesh node agent: a stable overlay IP on every machine"
 )]
 struct Cli {
-    /// State directory (node key, membership, peer cache, control socket).
-    #[arg(long, global = true, default_value = "/var/lib/mesh")]
-    state_dir: PathBuf,
+    /// State directory (node key, membership, peer cache, control socket) [default: /var/lib/mesh].
+    #[arg(long, global = true)]
+    state_dir: Option<PathBuf>,
+    /// Configuration file; flags win over it [default: /etc/mesh/mesh.toml if present].
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Daemon flags shared by `join` and `up`; each overrides the config file.
+#[derive(clap::Args, Clone, Default)]
+struct DaemonFlags {
+    /// UDP port for WireGuard and control traffic [default: 51820].
+    #[arg(long)]
+    port: Option<u16>,
+    /// MTU of the overlay interface [default: 1420].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1280..=9000))]
+    mtu: Option<u32>,
+    /// Name of the TUN device [default: mesh0].
+    #[arg(long)]
+    interface: Option<String>,
+    /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9101 [default: off].
+    #[arg(long)]
+    metrics_listen: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -37,21 +58,26 @@ enum Command {
         /// Node name (default: the hostname).
         #[arg(long)]
         name: Option<String>,
-        /// UDP port for WireGuard and control traffic.
-        #[arg(long, default_value_t = 51820)]
-        port: u16,
-        /// MTU of the overlay interface.
-        #[arg(long, default_value_t = 1420, value_parser = clap::value_parser!(u32).range(1280..=9000))]
-        mtu: u32,
-        /// Name of the TUN device.
-        #[arg(long, default_value = "mesh0")]
-        interface: String,
-        /// How long to wait for the controller.
-        #[arg(long, default_value = "10s")]
-        connect_timeout: String,
+        #[command(flatten)]
+        daemon: DaemonFlags,
+        /// How long to wait for the controller [default: 10s].
+        #[arg(long)]
+        connect_timeout: Option<String>,
     },
     /// Run the daemon from saved state (after a join), in the foreground.
-    Up,
+    Up {
+        #[command(flatten)]
+        daemon: DaemonFlags,
+    },
+    /// Wait until the overlay address is on the interface (and, with --peers, N peers answer).
+    WaitOnline {
+        /// Give up after this long.
+        #[arg(long, default_value = "60s")]
+        timeout: String,
+        /// Also wait until this many peers have answered within the last 30 s.
+        #[arg(long, default_value_t = 0)]
+        peers: usize,
+    },
     /// Print this node's overlay IPv4 address and nothing else.
     Ip,
     /// Show the node, the controller connection and every peer.
@@ -68,9 +94,9 @@ enum Command {
     },
 }
 
-fn init_logging() {
+fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MESH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -153,21 +179,63 @@ fn print_status(v: &serde_json::Value) {
     }
 }
 
+/// Resolves daemon options: flag, else config file, else (in the daemon) saved state or default.
+fn daemon_options(
+    state: StateDir,
+    flags: DaemonFlags,
+    file: &config::FileConfig,
+) -> anyhow::Result<daemon::Options> {
+    let metrics_listen =
+        match flags.metrics_listen.or_else(|| file.metrics_listen.clone()) {
+            Some(s) if !s.trim().is_empty() => Some(s.parse().with_context(|| {
+                format!("invalid metrics address {s:?}; use e.g. 127.0.0.1:9101")
+            })?),
+            _ => None,
+        };
+    let mtu = flags.mtu.or(file.mtu);
+    if let Some(m) = mtu {
+        if !(1280..=9000).contains(&m) {
+            anyhow::bail!("invalid mtu {m}: use 1280 to 9000");
+        }
+    }
+    Ok(daemon::Options {
+        state,
+        port: flags.port.or(file.port),
+        mtu,
+        interface: flags.interface.or_else(|| file.interface.clone()),
+        metrics_listen,
+    })
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let state = StateDir::new(&cli.state_dir);
+    let file = match &cli.config {
+        Some(p) => config::FileConfig::load(p, true)?,
+        None => config::FileConfig::load(std::path::Path::new(config::DEFAULT_PATH), false)?,
+    };
+    let state_dir = cli
+        .state_dir
+        .clone()
+        .or_else(|| file.state_dir.clone())
+        .unwrap_or_else(|| PathBuf::from(config::defaults::STATE_DIR));
+    let state = StateDir::new(&state_dir);
+    let log = file
+        .log
+        .clone()
+        .unwrap_or_else(|| config::defaults::LOG.to_owned());
     match cli.command {
         Command::Join {
             token,
             name,
-            port,
-            mtu,
-            interface,
+            daemon: flags,
             connect_timeout,
         } => {
             let token: JoinToken = token.parse()?;
+            let connect_timeout = connect_timeout
+                .or_else(|| file.connect_timeout.clone())
+                .unwrap_or_else(|| config::defaults::CONNECT_TIMEOUT.to_owned());
             let connect_timeout =
                 humantime::parse_duration(&connect_timeout).with_context(|| {
-                    format!("invalid --connect-timeout {connect_timeout:?}; use e.g. 10s")
+                    format!("invalid connect timeout {connect_timeout:?}; use e.g. 10s")
                 })?;
             let name = name.unwrap_or_else(hostname);
             if !mesh_proto::control::valid_name(&name) {
@@ -175,24 +243,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "invalid node name {name:?}: use 1-63 letters, digits, '-', '_' or '.'"
                 );
             }
-            init_logging();
-            let opts = daemon::Options {
-                state,
-                port,
-                mtu,
-                interface,
-            };
+            let opts = daemon_options(state, flags, &file)?;
+            init_logging(&log);
             runtime()?.block_on(daemon::join(opts, token, name, connect_timeout))
         }
-        Command::Up => {
-            init_logging();
-            let opts = daemon::Options {
-                state,
-                port: 51820,
-                mtu: 1420,
-                interface: "mesh0".into(),
-            };
+        Command::Up { daemon: flags } => {
+            let opts = daemon_options(state, flags, &file)?;
+            init_logging(&log);
             runtime()?.block_on(daemon::up(opts))
+        }
+        Command::WaitOnline { timeout, peers } => {
+            let timeout = humantime::parse_duration(&timeout)
+                .with_context(|| format!("invalid --timeout {timeout:?}; use e.g. 60s"))?;
+            runtime()?.block_on(wait_online(&state, timeout, peers))
         }
         Command::Ip => {
             let m = state.load_membership()?;
@@ -247,5 +310,55 @@ fn main() -> ExitCode {
             eprintln!("mesh: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Polls until the address is on the interface and `peers` peers answered recently.
+async fn wait_online(state: &StateDir, timeout: Duration, peers: usize) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let waiting_for = match state.load_membership() {
+            Err(_) => format!(
+                "a membership in {} (run `mesh join <token>`)",
+                state.path().display()
+            ),
+            Ok(m) => {
+                let present = mesh_sys::netlink::has_address(&m.interface, m.address)
+                    .await
+                    .unwrap_or(false);
+                if !present {
+                    format!("address {} on {}", m.address, m.interface)
+                } else if peers == 0 {
+                    return Ok(());
+                } else {
+                    match api::request(&state.socket_path(), api::Request::Status).await {
+                        Ok(v) => {
+                            let answering = v["peers"]
+                                .as_array()
+                                .map(|ps| {
+                                    ps.iter()
+                                        .filter(|p| {
+                                            p["last_rx_secs_ago"].as_u64().is_some_and(|s| s <= 30)
+                                        })
+                                        .count()
+                                })
+                                .unwrap_or(0);
+                            if answering >= peers {
+                                return Ok(());
+                            }
+                            format!("{peers} answering peers ({answering} so far)")
+                        }
+                        Err(_) => "the mesh daemon to answer".to_owned(),
+                    }
+                }
+            }
+        };
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "not online after {}: still waiting for {waiting_for}",
+                humantime::format_duration(timeout)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

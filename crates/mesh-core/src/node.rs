@@ -17,6 +17,9 @@ pub const REKEY_ATTEMPT_TIME: Duration = Duration::from_secs(90);
 /// WireGuard's KEEPALIVE_TIMEOUT + REKEY_TIMEOUT: data sent without any authenticated packet
 /// back for this long means the session is stale, so a new handshake starts.
 pub const STALE_SESSION: Duration = Duration::from_secs(15);
+/// How long the higher key waits for a new peer's proactive handshake before starting one itself
+/// (the peer's first initiation may have arrived before this node knew the peer).
+pub const PROACTIVE_FALLBACK: Duration = Duration::from_secs(1);
 /// Default persistent keepalive, seconds: keeps NAT mappings open.
 pub const DEFAULT_KEEPALIVE: u16 = 25;
 /// Largest datagram the node handles: an inner packet of up to 65535 bytes plus overhead.
@@ -131,6 +134,8 @@ struct Peer {
     awaiting_reply_since: Option<Instant>,
     /// Last handshake we forced (bounds forced handshakes to one per REKEY_TIMEOUT).
     last_forced: Option<Instant>,
+    /// For the higher key: when to start a handshake if the new peer's has not arrived.
+    proactive_fallback: Option<Instant>,
 }
 
 impl Peer {
@@ -281,6 +286,7 @@ impl Node {
                 handshake_wait: None,
                 awaiting_reply_since: None,
                 last_forced: None,
+                proactive_fallback: (!initiate).then_some(now + PROACTIVE_FALLBACK),
             },
         );
         if initiate {
@@ -481,6 +487,17 @@ impl Node {
                     self.events.push_back(Event::PeerUnreachable { key: *key });
                 } else if now.duration_since(last_sent) >= REKEY_TIMEOUT {
                     peer.last_forced = None;
+                    peer.force_handshake(
+                        now,
+                        &mut self.buf,
+                        &mut self.transmits,
+                        &mut self.counters,
+                    );
+                }
+            }
+            if peer.proactive_fallback.is_some_and(|t| t <= now) {
+                peer.proactive_fallback = None;
+                if peer.last_rx.is_none() && peer.handshake_wait.is_none() {
                     peer.force_handshake(
                         now,
                         &mut self.buf,
@@ -835,6 +852,20 @@ mod tests {
         p.drive();
         let st = p.a.peer_status(p.now);
         assert!(st[0].since_handshake.is_some() && st[0].endpoint.is_some());
+    }
+
+    #[test]
+    fn higher_key_starts_the_handshake_when_the_lower_keys_was_lost() {
+        let mut p = Pair::lossy_start();
+        p.now += PROACTIVE_FALLBACK;
+        p.a.handle_timeout(p.now);
+        p.b.handle_timeout(p.now);
+        p.drive();
+        let st = p.a.peer_status(p.now);
+        assert!(
+            st[0].since_handshake.is_some(),
+            "session up after 1 s, not 5"
+        );
     }
 
     #[test]

@@ -157,3 +157,44 @@ mod tests {
         assert_eq!(prefix_mask(32), u32::MAX);
     }
 }
+
+/// Whether interface `name` exists and carries `address`.
+pub async fn has_address(name: &str, address: Ipv4Addr) -> Result<bool, NetlinkError> {
+    let handle = connect()?;
+    let Ok(index) = link_index(&handle, name).await else {
+        return Ok(false);
+    };
+    let mut addrs = handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute();
+    while let Ok(Some(msg)) = addrs.try_next().await {
+        if msg
+            .attributes
+            .iter()
+            .any(|a| matches!(a, AddressAttribute::Address(IpAddr::V4(ip)) if *ip == address))
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Deletes interface `name` if it exists (the persistent TUN device after `mesh leave`).
+pub async fn delete_link(name: &str) -> Result<(), NetlinkError> {
+    let handle = connect()?;
+    let Ok(index) = link_index(&handle, name).await else {
+        return Ok(());
+    };
+    handle
+        .link()
+        .del(index)
+        .execute()
+        .await
+        .map_err(|source| NetlinkError::Request {
+            what: "deleting link",
+            link: name.to_owned(),
+            source,
+        })
+}

@@ -30,6 +30,12 @@ pub enum TunError {
 /// A TUN device carrying raw IP packets (no packet-information header).
 pub type Tun = tun_rs::AsyncDevice;
 
+/// Makes the device outlive the process: when the agent restarts, `mesh0` keeps its address
+/// and routes (and so do the CNI routes that point at it), and the new process re-attaches.
+pub fn persist(dev: &Tun) -> io::Result<()> {
+    dev.persist()
+}
+
 /// Creates (or attaches to) the TUN device `name`. Address, MTU and link state are set
 /// separately through [`crate::netlink`]. IPv6 is disabled on the device so that the kernel
 /// does not send router solicitations into it.

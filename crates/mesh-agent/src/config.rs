@@ -1,0 +1,97 @@
+//! The agent's configuration file (`/etc/mesh/mesh.toml`).
+//!
+//! Every command-line flag has a key here. A flag given on the command line wins over the file,
+//! and the file wins over the built-in default.
+
+use anyhow::Context as _;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// Where the file is looked for when `--config` is not given.
+pub const DEFAULT_PATH: &str = "/etc/mesh/mesh.toml";
+
+/// Built-in defaults.
+pub mod defaults {
+    /// State directory.
+    pub const STATE_DIR: &str = "/var/lib/mesh";
+    /// TUN device name.
+    pub const INTERFACE: &str = "mesh0";
+    /// UDP port.
+    pub const PORT: u16 = 51820;
+    /// Interface MTU: a 1500-byte underlay minus 60 bytes of WireGuard over IPv4 and 20 bytes of
+    /// margin for IPv6 or PPPoE underlays.
+    pub const MTU: u32 = 1420;
+    /// Wait for the controller at join.
+    pub const CONNECT_TIMEOUT: &str = "10s";
+    /// Log filter.
+    pub const LOG: &str = "info";
+}
+
+/// The file's contents; every key is optional.
+#[derive(Debug, Default, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// State directory.
+    pub state_dir: Option<PathBuf>,
+    /// TUN device name.
+    pub interface: Option<String>,
+    /// UDP port.
+    pub port: Option<u16>,
+    /// Interface MTU.
+    pub mtu: Option<u32>,
+    /// Controller connect timeout at join, e.g. "10s".
+    pub connect_timeout: Option<String>,
+    /// Prometheus endpoint address; empty or absent: off.
+    pub metrics_listen: Option<String>,
+    /// Log filter (tracing syntax), e.g. "info" or "mesh=debug".
+    pub log: Option<String>,
+}
+
+impl FileConfig {
+    /// Reads `path`. With `explicit` false, a missing file means "all defaults".
+    pub fn load(path: &Path, explicit: bool) -> anyhow::Result<FileConfig> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                return Ok(FileConfig::default())
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot read config {}", path.display()))
+            }
+        };
+        toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_key_and_refuses_unknown_ones() {
+        let c: FileConfig = toml::from_str(
+            r#"
+            state_dir = "/srv/mesh"
+            interface = "mesh1"
+            port = 41641
+            mtu = 1380
+            connect_timeout = "5s"
+            metrics_listen = "127.0.0.1:9101"
+            log = "debug"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.port, Some(41641));
+        assert_eq!(c.mtu, Some(1380));
+        assert_eq!(c.state_dir.as_deref(), Some(Path::new("/srv/mesh")));
+        let err = toml::from_str::<FileConfig>("prot = 1").unwrap_err();
+        assert!(err.to_string().contains("prot"), "{err}");
+    }
+
+    #[test]
+    fn missing_default_file_is_fine_missing_explicit_file_is_not() {
+        let p = Path::new("/nonexistent/mesh.toml");
+        assert_eq!(FileConfig::load(p, false).unwrap(), FileConfig::default());
+        assert!(FileConfig::load(p, true).is_err());
+    }
+}
