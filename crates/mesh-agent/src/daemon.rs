@@ -272,6 +272,25 @@ async fn run(
         control_rx,
         running.shutdown_tx.subscribe(),
     ));
+    let metrics_task = match opts.metrics_listen {
+        Some(addr) => {
+            let src = crate::metrics::Source {
+                data: running.data_tx.clone(),
+                control: status.clone(),
+            };
+            // Bind now, so that a taken port is an error at start, not a log line later.
+            let listener_check = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("cannot serve metrics on {addr}"))?;
+            drop(listener_check);
+            info!(%addr, "serving Prometheus metrics at /metrics");
+            Some(tokio::spawn(async move {
+                if let Err(e) = crate::metrics::serve(addr, src).await {
+                    warn!(error = %format!("{e:#}"), "metrics endpoint stopped");
+                }
+            }))
+        }
+        None => None,
+    };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let node_info = json!({
         "name": membership.name,
@@ -313,6 +332,9 @@ async fn run(
         }
     }
     info!("stopping");
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     let _ = running.shutdown_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(3), control_task).await;
@@ -361,6 +383,8 @@ async fn status_json(
                 "candidates": p.candidates.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
                 "last_handshake_secs_ago": secs(p.since_handshake),
                 "last_rx_secs_ago": secs(p.since_last_rx),
+                "rtt_ms": p.rtt.map(|d| d.as_millis() as u64),
+                "path": if p.endpoint.is_some() { "direct" } else { "none" },
                 "rx_bytes": p.rx_bytes,
                 "tx_bytes": p.tx_bytes,
             })

@@ -444,8 +444,8 @@ pub fn kubeadm_config(role: Role, ip: Ipv4Addr, node_name: &str) -> String {
                 "apiVersion: kubeadm.k8s.io/v1beta4\n\
                  kind: InitConfiguration\n\
                  {registration}\
-                 # The API server advertises and binds to the overlay address, so every node reaches\n\
-                 # it over the mesh, including nodes behind NAT.\n\
+                 # The API server advertises the overlay address (kubeadm also puts etcd's client and\n\
+                 # peer URLs on it), so every node reaches it over the mesh, even behind NAT.\n\
                  localAPIEndpoint:\n  \
                    advertiseAddress: {ip}\n  \
                    bindPort: {API_PORT}\n\
@@ -484,7 +484,7 @@ pub fn kubeadm_config(role: Role, ip: Ipv4Addr, node_name: &str) -> String {
                    bootstrapToken:\n    \
                      # The API server's overlay address and port, e.g. \"100.64.0.1:{API_PORT}\".\n    \
                      apiServerEndpoint: \"FILL-IN-CONTROL-PLANE-OVERLAY-IP:{API_PORT}\"\n    \
-                     # A bootstrap token, 6.16 characters like \"abcdef.0123456789abcdef\".\n    \
+                     # A bootstrap token: 6 characters, a dot, 16 characters (\"abcdef.0123456789abcdef\").\n    \
                      token: \"FILL-IN-BOOTSTRAP-TOKEN\"\n    \
                      # The pin of the cluster CA: \"sha256:\" and 64 hex digits.\n    \
                      caCertHashes:\n      \
@@ -509,7 +509,7 @@ fn node_registration(ip: Ipv4Addr, node_name: &str) -> String {
         s.push_str(&format!("  name: {}\n", yaml_quote(node_name)));
     }
     s.push_str(&format!(
-        "  # kubelet registers, and serves its API on port 10250, at the overlay address.\n  \
+        "  # The node's InternalIP: the API server reaches kubelet (port 10250) at this address.\n  \
            kubeletExtraArgs:\n    \
              - name: node-ip\n      \
                value: {ip}\n"
@@ -631,8 +631,7 @@ pub fn cni_advice(cni: Cni, mesh_mtu: u32) -> CniAdvice {
              services)"
                 .to_owned(),
             format!(
-                "check: `ip route get <pod IP on another node>` from a pod shows mtu {mtu}, \
-                 and `ip link show cilium_vxlan`"
+                "check: inside a pod, `ip route` or `ip link show eth0` shows mtu {mtu}"
             ),
         ],
     };

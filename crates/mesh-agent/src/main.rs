@@ -5,6 +5,7 @@ mod config;
 mod control;
 mod daemon;
 mod dataplane;
+mod metrics;
 mod state;
 
 use anyhow::Context as _;

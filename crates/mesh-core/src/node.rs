@@ -119,6 +119,8 @@ pub struct PeerStatus {
     pub tx_bytes: u64,
     /// Time since the last authenticated packet from the peer.
     pub since_last_rx: Option<Duration>,
+    /// Round-trip time measured by the last handshake.
+    pub rtt: Option<Duration>,
 }
 
 struct Peer {
@@ -558,6 +560,7 @@ impl Node {
                     rx_bytes: stats.rx_bytes,
                     tx_bytes: stats.tx_bytes,
                     since_last_rx: p.last_rx.map(|t| now.saturating_duration_since(t)),
+                    rtt: stats.rtt,
                 }
             })
             .collect();

@@ -78,6 +78,8 @@ pub struct SessionStats {
     pub tx_bytes: u64,
     /// Inner bytes received.
     pub rx_bytes: u64,
+    /// Round-trip time measured by the last handshake.
+    pub rtt: Option<Duration>,
 }
 
 /// A WireGuard session with one peer.
@@ -143,11 +145,12 @@ impl Session {
 
     /// Counters of this session.
     pub fn stats(&self) -> SessionStats {
-        let (since, tx, rx, _, _) = self.tunn.stats();
+        let (since, tx, rx, _, rtt_ms) = self.tunn.stats();
         SessionStats {
             since_handshake: since,
             tx_bytes: tx as u64,
             rx_bytes: rx as u64,
+            rtt: rtt_ms.map(|ms| Duration::from_millis(u64::from(ms))),
         }
     }
 }

@@ -146,18 +146,6 @@ pub async fn local_ipv4_addresses(skip: &str) -> Result<Vec<Ipv4Addr>, NetlinkEr
     Ok(out)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::prefix_mask;
-
-    #[test]
-    fn masks() {
-        assert_eq!(prefix_mask(16), 0xffff_0000);
-        assert_eq!(prefix_mask(0), 0);
-        assert_eq!(prefix_mask(32), u32::MAX);
-    }
-}
-
 /// Whether interface `name` exists and carries `address`.
 pub async fn has_address(name: &str, address: Ipv4Addr) -> Result<bool, NetlinkError> {
     let handle = connect()?;
@@ -197,4 +185,16 @@ pub async fn delete_link(name: &str) -> Result<(), NetlinkError> {
             link: name.to_owned(),
             source,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_mask;
+
+    #[test]
+    fn masks() {
+        assert_eq!(prefix_mask(16), 0xffff_0000);
+        assert_eq!(prefix_mask(0), 0);
+        assert_eq!(prefix_mask(32), u32::MAX);
+    }
 }

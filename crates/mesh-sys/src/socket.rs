@@ -190,13 +190,9 @@ impl quinn::AsyncUdpSocket for QuicSocket {
             let next = if n == 0 {
                 match rx.poll_recv(cx) {
                     Poll::Ready(Some(d)) => d,
-                    Poll::Ready(None) => {
-                        return Poll::Ready(Err(io::Error::new(
-                            io::ErrorKind::BrokenPipe,
-                            "UDP receive loop stopped",
-                        )))
-                    }
-                    Poll::Pending => return Poll::Pending,
+                    // The receive loop stopped: the node is shutting down and drops the endpoint
+                    // next. Nothing more will arrive; that is not an error worth reporting.
+                    Poll::Ready(None) | Poll::Pending => return Poll::Pending,
                 }
             } else {
                 match rx.try_recv() {
