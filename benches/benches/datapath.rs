@@ -104,7 +104,11 @@ fn node_pair() -> (Node, Node, SocketAddr, SocketAddr) {
     );
     // Establish the session in both directions.
     for (x, y) in [(ia, ib), (ib, ia)] {
-        let (from, to) = if x == ia { (&mut a, &mut b) } else { (&mut b, &mut a) };
+        let (from, to) = if x == ia {
+            (&mut a, &mut b)
+        } else {
+            (&mut b, &mut a)
+        };
         from.handle_tun_packet(&packet(x, y), now);
         for _ in 0..4 {
             while let Some(t) = from.poll_transmit() {
