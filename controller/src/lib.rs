@@ -8,7 +8,9 @@
 //! - [`netmap`]: pure functions that turn peer lists into per-node deltas.
 //! - [`server`]: the tokio/quinn driver (Noise channel per node, hub that pushes deltas).
 //! - [`state`]: the state directory (controller key, database, listen address).
+//! - [`metrics`]: the opt-in Prometheus endpoint.
 
+pub mod metrics;
 pub mod netmap;
 pub mod server;
 pub mod state;

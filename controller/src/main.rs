@@ -16,9 +16,12 @@ use std::process::ExitCode;
     about = "mesh control plane: networks, join tokens, nodes"
 )]
 struct Cli {
-    /// State directory (key, database).
-    #[arg(long, global = true, default_value = "/var/lib/mesh-controller")]
-    state_dir: PathBuf,
+    /// State directory (key, database) [default: /var/lib/mesh-controller].
+    #[arg(long, global = true)]
+    state_dir: Option<PathBuf>,
+    /// Configuration file; flags win over it [default: /etc/mesh/mesh-controller.toml if present].
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -27,9 +30,12 @@ struct Cli {
 enum Command {
     /// Serve the control API over QUIC (foreground).
     Serve {
-        /// UDP address to listen on.
-        #[arg(long, default_value = "0.0.0.0:7443")]
-        listen: SocketAddr,
+        /// UDP address to listen on [default: 0.0.0.0:7443].
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9102 [default: off].
+        #[arg(long)]
+        metrics_listen: Option<SocketAddr>,
     },
     /// Manage networks.
     #[command(subcommand)]
@@ -108,9 +114,37 @@ enum NodeCmd {
     },
 }
 
-fn init_logging() {
+/// The controller's configuration file; every key is optional and flags win over it.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    state_dir: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    metrics_listen: Option<String>,
+    log: Option<String>,
+}
+
+const DEFAULT_CONFIG: &str = "/etc/mesh/mesh-controller.toml";
+
+fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<FileConfig> {
+    let (path, explicit) = match path {
+        Some(p) => (p.to_owned(), true),
+        None => (PathBuf::from(DEFAULT_CONFIG), false),
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+            Ok(FileConfig::default())
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read config {}", path.display())),
+    }
+}
+
+fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MESH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -125,12 +159,36 @@ fn out(s: &str) {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let state = StateDir::open(&cli.state_dir)?;
+    let file = load_config(cli.config.as_deref())?;
+    let state_dir = cli
+        .state_dir
+        .or(file.state_dir.clone())
+        .unwrap_or_else(|| PathBuf::from("/var/lib/mesh-controller"));
+    let state = StateDir::open(&state_dir)?;
     match cli.command {
-        Command::Serve { listen } => {
-            init_logging();
+        Command::Serve {
+            listen,
+            metrics_listen,
+        } => {
+            let listen = listen
+                .or(file.listen)
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 7443)));
+            let metrics_listen = match metrics_listen {
+                Some(a) => Some(a),
+                None => match file.metrics_listen.as_deref().map(str::trim) {
+                    Some(s) if !s.is_empty() => Some(s.parse().with_context(|| {
+                        format!("invalid metrics_listen {s:?}; use e.g. 127.0.0.1:9102")
+                    })?),
+                    _ => None,
+                },
+            };
+            init_logging(file.log.as_deref().unwrap_or("info"));
             let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(mesh_controller::server::serve(state, listen))
+            rt.block_on(mesh_controller::server::serve(
+                state,
+                listen,
+                metrics_listen,
+            ))
         }
         Command::Network(NetworkCmd::Create { name, cidr }) => {
             let cidr: Cidr = cidr.parse().map_err(anyhow::Error::msg)?;

@@ -44,7 +44,11 @@ enum HubCmd {
 }
 
 /// Runs the controller until SIGINT/SIGTERM.
-pub async fn serve(state: StateDir, listen: SocketAddr) -> anyhow::Result<()> {
+pub async fn serve(
+    state: StateDir,
+    listen: SocketAddr,
+    metrics_listen: Option<SocketAddr>,
+) -> anyhow::Result<()> {
     let secret = state.controller_key()?;
     let store = state.open_store()?;
     store.reset_connections()?;
@@ -66,6 +70,17 @@ pub async fn serve(state: StateDir, listen: SocketAddr) -> anyhow::Result<()> {
         hub: hub_tx,
         next_id: AtomicU64::new(1),
     });
+    if let Some(addr) = metrics_listen {
+        std::net::TcpListener::bind(addr)
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+        let store = state.open_store()?;
+        info!(%addr, "serving Prometheus metrics at /metrics");
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(addr, store).await {
+                warn!(error = %format!("{e:#}"), "metrics endpoint stopped");
+            }
+        });
+    }
     info!(%listen, key = %state.controller_public()?, "controller listening");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {

@@ -5,6 +5,7 @@ mod config;
 mod control;
 mod daemon;
 mod dataplane;
+mod kubeadm;
 mod metrics;
 mod state;
 
@@ -70,6 +71,9 @@ enum Command {
         #[command(flatten)]
         daemon: DaemonFlags,
     },
+    /// kubeadm pre-step: kubelet's --node-ip, kubeadm config, CNI MTU.
+    #[command(subcommand)]
+    Kubeadm(KubeadmCmd),
     /// Wait until the overlay address is on the interface (and, with --peers, N peers answer).
     WaitOnline {
         /// Give up after this long.
@@ -93,6 +97,91 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum KubeadmCmd {
+    /// Write --node-ip=<overlay ip> into kubelet's extra args (/etc/default/kubelet or
+    /// /etc/sysconfig/kubelet), keeping every other argument.
+    NodeIp {
+        /// Show the change without writing it.
+        #[arg(long)]
+        dry_run: bool,
+        /// The kubelet defaults file [default: detected from /etc/os-release].
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Print a kubeadm InitConfiguration (control plane) or JoinConfiguration (worker) that uses
+    /// the overlay address.
+    Config {
+        /// control-plane or worker.
+        #[arg(long)]
+        role: kubeadm::Role,
+    },
+    /// Print the MTU and interface settings a CNI should use on top of mesh0.
+    CniMtu {
+        /// flannel, calico or cilium.
+        #[arg(long, default_value = "flannel")]
+        cni: kubeadm::Cni,
+    },
+}
+
+fn kubeadm_cmd(state: &StateDir, cmd: KubeadmCmd) -> anyhow::Result<()> {
+    let m = state.load_membership()?;
+    match cmd {
+        KubeadmCmd::NodeIp { dry_run, file } => {
+            let path = match file {
+                Some(p) => p,
+                None => {
+                    let os = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
+                    kubeadm::KubeletDefaults::detect(&os).path().to_owned()
+                }
+            };
+            let old = match std::fs::read_to_string(&path) {
+                Ok(t) => t,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+                Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+            };
+            let new = kubeadm::set_node_ip(&old, m.address);
+            if new == old {
+                out(&format!(
+                    "{} already sets --node-ip={}",
+                    path.display(),
+                    m.address
+                ));
+            } else if dry_run {
+                out(&kubeadm::preview(&path, &old, &new));
+            } else {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)
+                        .with_context(|| format!("cannot create {}", dir.display()))?;
+                }
+                std::fs::write(&path, &new)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                out(&format!(
+                    "wrote --node-ip={} to {}; restart kubelet to apply (systemctl restart kubelet)",
+                    m.address,
+                    path.display()
+                ));
+            }
+            Ok(())
+        }
+        KubeadmCmd::Config { role } => {
+            out(&kubeadm::kubeadm_config(role, m.address, &m.name));
+            Ok(())
+        }
+        KubeadmCmd::CniMtu { cni } => {
+            let a = kubeadm::cni_advice(cni, m.mtu);
+            out(&format!(
+                "{cni} pod MTU: {} ({} on {} minus {} bytes of {cni} encapsulation)",
+                a.mtu, m.mtu, m.interface, a.overhead
+            ));
+            for line in a.lines {
+                out(&line);
+            }
+            Ok(())
+        }
+    }
 }
 
 fn init_logging(default: &str) {
@@ -253,6 +342,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             init_logging(&log);
             runtime()?.block_on(daemon::up(opts))
         }
+        Command::Kubeadm(cmd) => kubeadm_cmd(&state, cmd),
         Command::WaitOnline { timeout, peers } => {
             let timeout = humantime::parse_duration(&timeout)
                 .with_context(|| format!("invalid --timeout {timeout:?}; use e.g. 60s"))?;
