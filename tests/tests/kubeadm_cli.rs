@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)]
 //! `mesh kubeadm` through the real binary, on sample files (no namespaces needed).
 
 use mesh_e2e::mesh_bin;
