@@ -282,6 +282,35 @@ impl Lab {
     }
 
     /// Adds the controller's host, 192.0.2.1.
+    /// Sets the MTU of `host`'s link to the switch, on both ends: a path that silently drops
+    /// larger frames toward the host (a bridge neither fragments nor answers with ICMP).
+    pub fn set_link_mtu(&self, host: &Host, mtu: u32) -> Result<()> {
+        let Some(switch) = &self.switch else {
+            bail!("lab {} has no switch", self.label);
+        };
+        let port = format!("v{}", host.ip.octets()[3]);
+        let mtu = mtu.to_string();
+        ip([
+            "-n",
+            switch.name(),
+            "link",
+            "set",
+            port.as_str(),
+            "mtu",
+            mtu.as_str(),
+        ])?;
+        ip([
+            "-n",
+            host.ns.as_str(),
+            "link",
+            "set",
+            "eth0",
+            "mtu",
+            mtu.as_str(),
+        ])?;
+        Ok(())
+    }
+
     pub fn add_controller_host(&mut self, name: &str) -> Result<Host> {
         self.add_host_at(name, CONTROLLER_OCTET)
     }

@@ -18,7 +18,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// Options shared by `join` and `up`. `None` means: what the node saved at join, else the
 /// built-in default.
@@ -66,6 +66,7 @@ impl Options {
 }
 
 struct Running {
+    path_rx: mpsc::UnboundedReceiver<dataplane::PathEvent>,
     port: UdpPort,
     tun: Arc<mesh_sys::tun::Tun>,
     endpoint: quinn::Endpoint,
@@ -102,11 +103,13 @@ fn start(opts: &Settings, node_key: &[u8; 32], address: Ipv4Addr) -> anyhow::Res
             private_key: *node_key,
             address,
             keepalive: Some(mesh_core::node::DEFAULT_KEEPALIVE),
+            mtu: u16::try_from(opts.mtu).unwrap_or(1420),
         },
         seed,
         Instant::now(),
     );
     let (data_tx, data_rx) = mpsc::channel(64);
+    let (path_tx, path_rx) = mpsc::unbounded_channel();
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let tun = Arc::new(tun);
     let data_task = tokio::spawn(dataplane::run(
@@ -115,9 +118,11 @@ fn start(opts: &Settings, node_key: &[u8; 32], address: Ipv4Addr) -> anyhow::Res
         tun.clone(),
         inbox,
         data_rx,
+        path_tx,
         shutdown_rx,
     ));
     Ok(Running {
+        path_rx,
         port,
         tun,
         endpoint,
@@ -193,6 +198,10 @@ pub async fn join(
     };
     opts.state.save_membership(&membership)?;
     opts.state.save_peers(&welcome.peers)?;
+    let _ = running
+        .data_tx
+        .send(DataCmd::SetAddress(membership.address))
+        .await;
     info!(network = %membership.network, name = %membership.name, address = %membership.address, "joined");
     run(
         opts,
@@ -234,6 +243,10 @@ async fn run(
     first: Option<(Session, Welcome)>,
 ) -> anyhow::Result<()> {
     configure_interface(&opts, &membership).await?;
+    match mesh_sys::firewall::clamp_mss(&opts.interface) {
+        Ok(()) => debug!(interface = %opts.interface, "TCP MSS clamped to the route MTU"),
+        Err(e) => warn!(error = %e, "no MSS clamping"),
+    }
     if let Err(e) = mesh_sys::tun::persist(&running.tun) {
         warn!(error = %e, "cannot make {} persistent; it will vanish while the agent restarts", opts.interface);
     }
@@ -291,6 +304,11 @@ async fn run(
         }
         None => None,
     };
+    let route_task = tokio::spawn(apply_path_events(
+        running.path_rx,
+        opts.interface.clone(),
+        membership.address,
+    ));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let node_info = json!({
         "name": membership.name,
@@ -332,6 +350,7 @@ async fn run(
         }
     }
     info!("stopping");
+    route_task.abort();
     if let Some(t) = metrics_task {
         t.abort();
     }
@@ -346,10 +365,35 @@ async fn run(
         if let Err(e) = mesh_sys::netlink::delete_link(&opts.interface).await {
             warn!(error = %e, "cannot delete {}", opts.interface);
         }
+        let _ = mesh_sys::firewall::remove(&opts.interface);
         opts.state.wipe()?;
         info!("left the network; local state deleted");
     }
     Ok(())
+}
+
+/// Keeps a host route with the path MTU for every peer whose path carries less than the
+/// interface MTU, so the kernel never hands the agent a packet the path cannot carry.
+async fn apply_path_events(
+    mut rx: mpsc::UnboundedReceiver<dataplane::PathEvent>,
+    interface: String,
+    source: Ipv4Addr,
+) {
+    while let Some(dataplane::PathEvent::Mtu {
+        peer,
+        mtu,
+        configured,
+    }) = rx.recv().await
+    {
+        let limit = (mtu < configured).then_some(u32::from(mtu));
+        match mesh_sys::netlink::set_peer_mtu(&interface, peer, source, limit).await {
+            Ok(()) if limit.is_some() => {
+                warn!(%peer, mtu, configured, "path MTU below the interface MTU: route to the peer limited")
+            }
+            Ok(()) => debug!(%peer, mtu, "path carries the full MTU"),
+            Err(e) => warn!(%peer, error = %e, "cannot set the peer's route MTU"),
+        }
+    }
 }
 
 fn secs(d: Option<Duration>) -> serde_json::Value {
@@ -385,6 +429,7 @@ async fn status_json(
                 "last_rx_secs_ago": secs(p.since_last_rx),
                 "rtt_ms": p.rtt.map(|d| d.as_millis() as u64),
                 "path": if p.endpoint.is_some() { "direct" } else { "none" },
+                "path_mtu": p.path_mtu,
                 "rx_bytes": p.rx_bytes,
                 "tx_bytes": p.tx_bytes,
             })
@@ -402,6 +447,7 @@ async fn status_json(
             "no_route_packets": c.no_route_packets,
             "non_ipv4_packets": c.non_ipv4_packets,
             "queue_drops": c.queue_drops,
+            "too_big_packets": c.too_big_packets,
             "udp_rx": driver.udp_rx,
             "udp_tx": driver.udp_tx,
             "udp_send_errors": driver.udp_send_errors,

@@ -27,6 +27,8 @@ const TUN_BATCH: usize = 64;
 pub enum DataCmd {
     /// Replace the peer list.
     SetPeers(Vec<PeerInfo>),
+    /// The node's overlay address (known after the join).
+    SetAddress(std::net::Ipv4Addr),
     /// Report status.
     Status(oneshot::Sender<DataStatus>),
 }
@@ -72,13 +74,29 @@ fn to_config(p: &PeerInfo) -> PeerConfig {
     }
 }
 
+/// Path changes the daemon acts on outside the data plane (route configuration).
+#[derive(Debug, Clone)]
+pub enum PathEvent {
+    /// A peer's path carries at most `mtu` bytes (inner); `configured` is the interface MTU.
+    Mtu {
+        /// The peer's overlay address.
+        peer: std::net::Ipv4Addr,
+        /// Path MTU.
+        mtu: u16,
+        /// Interface MTU.
+        configured: u16,
+    },
+}
+
 /// Runs the data plane until `shutdown` flips.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     mut node: Node,
     port: UdpPort,
     tun: std::sync::Arc<Tun>,
     quic: QuicInbox,
     mut cmds: mpsc::Receiver<DataCmd>,
+    events: mpsc::UnboundedSender<PathEvent>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut counters = DriverCounters::default();
@@ -156,6 +174,7 @@ pub async fn run(
                     let configs: Vec<PeerConfig> = peers.iter().map(to_config).collect();
                     node.set_peers(&configs, Instant::now());
                 }
+                Some(DataCmd::SetAddress(a)) => node.set_address(a),
                 Some(DataCmd::Status(reply)) => {
                     let _ = reply.send(DataStatus {
                         peers: node.peer_status(Instant::now()),
@@ -169,6 +188,19 @@ pub async fn run(
         }
         while let Some(ev) = node.poll_event() {
             debug!(?ev, "node event");
+            if let mesh_core::Event::PathMtu {
+                address,
+                mtu,
+                configured,
+                ..
+            } = ev
+            {
+                let _ = events.send(PathEvent::Mtu {
+                    peer: address,
+                    mtu,
+                    configured,
+                });
+            }
         }
         out.extend(std::iter::from_fn(|| node.poll_transmit()));
         if !out.is_empty() {

@@ -53,6 +53,7 @@ pub fn render(status: &DataStatus, control_connected: bool) -> String {
     let hs = Family::<PeerLabels, Gauge<f64, AtomicU64>>::default();
     let rtt = Family::<PeerLabels, Gauge<f64, AtomicU64>>::default();
     let direct = Family::<PeerLabels, Gauge>::default();
+    let pmtu = Family::<PeerLabels, Gauge>::default();
     for p in &status.peers {
         let l = PeerLabels {
             peer: p.name.clone(),
@@ -69,6 +70,9 @@ pub fn render(status: &DataStatus, control_connected: bool) -> String {
         direct
             .get_or_create(&l)
             .set(i64::from(p.endpoint.is_some()));
+        if let Some(m) = p.path_mtu {
+            pmtu.get_or_create(&l).set(i64::from(m));
+        }
     }
     reg.register("peer_rx_bytes", "Inner bytes received from the peer", rx);
     reg.register("peer_tx_bytes", "Inner bytes sent to the peer", tx);
@@ -87,6 +91,11 @@ pub fn render(status: &DataStatus, control_connected: bool) -> String {
         "1 when the peer is reached directly, 0 when not (yet) or through a relay",
         direct,
     );
+    reg.register(
+        "peer_path_mtu_bytes",
+        "Largest inner packet the path to the peer carries (probed)",
+        pmtu,
+    );
     let drops = Family::<ReasonLabels, Counter>::default();
     let c = status.node;
     for (reason, n) in [
@@ -97,6 +106,7 @@ pub fn render(status: &DataStatus, control_connected: bool) -> String {
         ("no_route", c.no_route_packets),
         ("non_ipv4", c.non_ipv4_packets),
         ("queue_full", c.queue_drops),
+        ("too_big", c.too_big_packets),
     ] {
         drops
             .get_or_create(&ReasonLabels {
@@ -178,6 +188,7 @@ mod tests {
                 tx_bytes: 99,
                 since_last_rx: Some(Duration::from_secs(1)),
                 rtt: Some(Duration::from_millis(12)),
+                path_mtu: Some(1340),
             }],
             node: mesh_core::Counters {
                 malformed_packets: 3,
@@ -195,6 +206,7 @@ mod tests {
             "mesh_controller_connected 1",
             "mesh_node_up 1",
             "mesh_dropped_packets_total{reason=\"malformed\"} 3",
+            "mesh_peer_path_mtu_bytes{peer=\"node-b\",address=\"100.64.0.2\"} 1340",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

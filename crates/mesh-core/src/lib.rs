@@ -21,6 +21,7 @@
 
 pub mod node;
 pub mod packet;
+pub mod pmtu;
 pub mod session;
 
 pub use node::{Counters, Event, Node, NodeConfig, PeerConfig, PeerStatus, Transmit};

@@ -1,6 +1,7 @@
 //! The node state machine: peers, routing by overlay address, endpoint choice, timers.
 
 use crate::packet;
+use crate::pmtu;
 use crate::session::{self, Addressed, Output, Session, SessionError};
 use mesh_proto::PublicKey;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -37,6 +38,8 @@ pub struct NodeConfig {
     pub address: Ipv4Addr,
     /// Persistent keepalive in seconds (`None` disables it).
     pub keepalive: Option<u16>,
+    /// MTU of the overlay interface: the largest inner packet; every path is probed for it.
+    pub mtu: u16,
 }
 
 /// One peer as the node needs it.
@@ -77,6 +80,17 @@ pub enum Event {
         /// Which peer.
         key: PublicKey,
     },
+    /// Path MTU discovery concluded for a peer (first result, or a change).
+    PathMtu {
+        /// Which peer.
+        key: PublicKey,
+        /// The peer's overlay address (for a per-peer route MTU).
+        address: Ipv4Addr,
+        /// Largest inner packet the path carries.
+        mtu: u16,
+        /// The configured interface MTU.
+        configured: u16,
+    },
 }
 
 /// Packets dropped, by reason. A bad packet is a counter, never an error.
@@ -96,6 +110,8 @@ pub struct Counters {
     pub non_ipv4_packets: u64,
     /// Packets dropped because a queue was full.
     pub queue_drops: u64,
+    /// TUN packets larger than the peer's path MTU (answered with ICMP when DF was set).
+    pub too_big_packets: u64,
 }
 
 /// Status of one peer, for `mesh status`.
@@ -121,6 +137,8 @@ pub struct PeerStatus {
     pub since_last_rx: Option<Duration>,
     /// Round-trip time measured by the last handshake.
     pub rtt: Option<Duration>,
+    /// Largest inner packet the path carries, once probed.
+    pub path_mtu: Option<u16>,
 }
 
 struct Peer {
@@ -138,6 +156,12 @@ struct Peer {
     last_forced: Option<Instant>,
     /// For the higher key: when to start a handshake if the new peer's has not arrived.
     proactive_fallback: Option<Instant>,
+    /// Path MTU search.
+    pmtu: pmtu::Search,
+    /// Last path MTU reported in an event.
+    reported_mtu: Option<u16>,
+    /// The endpoint the path MTU search ran (or runs) on.
+    probed_endpoint: Option<SocketAddr>,
 }
 
 impl Peer {
@@ -217,6 +241,12 @@ impl Node {
         self.config.address
     }
 
+    /// Sets the overlay address once the controller assigned it (a node that joins starts
+    /// before it knows it). Packets it originates (path MTU probes) carry this source.
+    pub fn set_address(&mut self, address: Ipv4Addr) {
+        self.config.address = address;
+    }
+
     /// Drop counters.
     pub fn counters(&self) -> Counters {
         self.counters
@@ -289,6 +319,9 @@ impl Node {
                 awaiting_reply_since: None,
                 last_forced: None,
                 proactive_fallback: (!initiate).then_some(now + PROACTIVE_FALLBACK),
+                pmtu: pmtu::Search::new(self.config.mtu),
+                reported_mtu: None,
+                probed_endpoint: None,
             },
         );
         if initiate {
@@ -336,6 +369,19 @@ impl Node {
         let Some(peer) = self.peers.get_mut(&key) else {
             return;
         };
+        if let Some(mtu) = peer.pmtu.result() {
+            if packet.len() > usize::from(mtu) {
+                // The path cannot carry it: answer like a router would rather than send it
+                // to die silently on the way.
+                self.counters.too_big_packets += 1;
+                if pmtu::dont_fragment(packet) {
+                    if let Some(icmp) = pmtu::frag_needed(packet, mtu, self.config.address) {
+                        push_bounded(&mut self.to_tun, &mut self.counters, icmp);
+                    }
+                }
+                return;
+            }
+        }
         match peer.session.encapsulate(packet, &mut self.buf) {
             Output::Network(bytes) => {
                 if !peer.session.established() && peer.handshake_wait.is_none() {
@@ -387,6 +433,7 @@ impl Node {
             return;
         }
         let mut authenticated = false;
+        let mut probe: Option<pmtu::Message> = None;
         match peer
             .session
             .decapsulate(Some(from.ip()), datagram, &mut self.buf)
@@ -415,10 +462,12 @@ impl Node {
             }
             Output::TunnelV4(inner, source) => {
                 authenticated = true;
-                if source == peer.config.address {
-                    push_bounded(&mut self.to_tun, &mut self.counters, inner.to_vec());
-                } else {
+                if source != peer.config.address {
                     self.counters.spoofed_packets += 1;
+                } else if let Some(m) = pmtu::parse(inner) {
+                    probe = Some(m);
+                } else {
+                    push_bounded(&mut self.to_tun, &mut self.counters, inner.to_vec());
                 }
             }
             Output::TunnelV6 => {
@@ -447,6 +496,35 @@ impl Node {
             peer.awaiting_reply_since = None;
             if peer.session.established() {
                 peer.handshake_wait = None;
+            }
+            match probe {
+                Some(m) if m.kind == pmtu::Kind::Probe => {
+                    let ack = pmtu::build(
+                        self.config.address,
+                        peer.config.address,
+                        pmtu::Message {
+                            kind: pmtu::Kind::Ack,
+                            ..m
+                        },
+                        0,
+                    );
+                    if let Output::Network(bytes) = peer.session.encapsulate(&ack, &mut self.buf) {
+                        push_bounded(
+                            &mut self.transmits,
+                            &mut self.counters,
+                            Transmit {
+                                dst: from,
+                                payload: bytes.to_vec(),
+                            },
+                        );
+                    }
+                }
+                Some(m) => {
+                    if let Some(mtu) = peer.pmtu.on_ack(m.id, m.size, now) {
+                        report_mtu(&mut self.events, peer, mtu, self.config.mtu);
+                    }
+                }
+                None => {}
             }
             if peer.endpoint != Some(from) {
                 peer.endpoint = Some(from);
@@ -508,6 +586,39 @@ impl Node {
                     );
                 }
             }
+            if peer.session.established() {
+                if peer.endpoint.is_some() && peer.probed_endpoint != peer.endpoint {
+                    // A new path (or the first one): find out what it carries.
+                    peer.probed_endpoint = peer.endpoint;
+                    peer.pmtu.start(now);
+                }
+                if let Some((id, size)) = peer.pmtu.poll_probe(now) {
+                    let p = pmtu::build(
+                        self.config.address,
+                        peer.config.address,
+                        pmtu::Message {
+                            kind: pmtu::Kind::Probe,
+                            id,
+                            size,
+                        },
+                        usize::from(size),
+                    );
+                    if let Output::Network(bytes) = peer.session.encapsulate(&p, &mut self.buf) {
+                        send_to_peer(
+                            &mut self.transmits,
+                            &mut self.counters,
+                            peer.endpoint,
+                            &peer.config.endpoints,
+                            bytes,
+                        );
+                    }
+                }
+                if let Some(mtu) = peer.pmtu.result() {
+                    if peer.reported_mtu != Some(mtu) {
+                        report_mtu(&mut self.events, peer, mtu, self.config.mtu);
+                    }
+                }
+            }
             // Stale session: we keep sending and nothing authenticated comes back.
             if peer
                 .awaiting_reply_since
@@ -561,12 +672,26 @@ impl Node {
                     tx_bytes: stats.tx_bytes,
                     since_last_rx: p.last_rx.map(|t| now.saturating_duration_since(t)),
                     rtt: stats.rtt,
+                    path_mtu: p.pmtu.result(),
                 }
             })
             .collect();
         out.sort_by_key(|p| p.address);
         out
     }
+}
+
+fn report_mtu(events: &mut VecDeque<Event>, peer: &mut Peer, mtu: u16, configured: u16) {
+    peer.reported_mtu = Some(mtu);
+    if mtu < configured {
+        tracing::warn!(peer = %peer.config.key, name = %peer.config.name, mtu, configured, "path carries smaller packets than the interface MTU");
+    }
+    events.push_back(Event::PathMtu {
+        key: peer.config.key,
+        address: peer.config.address,
+        mtu,
+        configured,
+    });
 }
 
 /// Sends to the confirmed endpoint, or, before one is known, to every candidate (the first that
@@ -670,6 +795,7 @@ mod tests {
                     private_key: ska,
                     address: ip_a,
                     keepalive: None,
+                    mtu: 1420,
                 },
                 1,
                 now,
@@ -679,6 +805,7 @@ mod tests {
                     private_key: skb,
                     address: ip_b,
                     keepalive: None,
+                    mtu: 1420,
                 },
                 1000,
                 now,
@@ -708,6 +835,29 @@ mod tests {
                 b_addr,
                 now,
             }
+        }
+
+        /// Like `drive`, over a link that drops datagrams larger than `limit` bytes.
+        fn drive_limited(&mut self, limit: usize) {
+            for _ in 0..100 {
+                let mut moved = false;
+                while let Some(t) = self.a.poll_transmit() {
+                    if t.payload.len() <= limit {
+                        self.b.handle_datagram(self.a_addr, &t.payload, self.now);
+                    }
+                    moved = true;
+                }
+                while let Some(t) = self.b.poll_transmit() {
+                    if t.payload.len() <= limit {
+                        self.a.handle_datagram(self.b_addr, &t.payload, self.now);
+                    }
+                    moved = true;
+                }
+                if !moved {
+                    return;
+                }
+            }
+            panic!("pair did not settle");
         }
 
         /// Moves datagrams between the two until both are quiet, bounded in steps.
@@ -869,6 +1019,58 @@ mod tests {
             st[0].since_handshake.is_some(),
             "session up after 1 s, not 5"
         );
+    }
+
+    fn path_mtu_events(node: &mut Node) -> Vec<u16> {
+        std::iter::from_fn(|| node.poll_event())
+            .filter_map(|e| match e {
+                Event::PathMtu { mtu, .. } => Some(mtu),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn full_path_is_confirmed_at_the_interface_mtu() {
+        let mut p = Pair::new();
+        for _ in 0..8 {
+            p.now += TICK;
+            p.a.handle_timeout(p.now);
+            p.b.handle_timeout(p.now);
+            p.drive();
+        }
+        assert_eq!(path_mtu_events(&mut p.a), vec![1420]);
+        assert_eq!(p.a.peer_status(p.now)[0].path_mtu, Some(1420));
+    }
+
+    #[test]
+    fn small_path_is_found_and_big_packets_get_icmp_not_silence() {
+        let mut p = Pair::new();
+        // An underlay hop with MTU 1400: UDP payload at most 1372, inner packets at most 1340.
+        let limit = 1400 - 28;
+        for _ in 0..400 {
+            p.now += TICK;
+            p.a.handle_timeout(p.now);
+            p.b.handle_timeout(p.now);
+            p.drive_limited(limit);
+        }
+        let found = path_mtu_events(&mut p.a);
+        let mtu = *found.last().expect("a result");
+        assert!((1332..=1340).contains(&mtu), "found {mtu}");
+        // A full-size packet with DF set is answered with "fragmentation needed".
+        let mut big = icmp(p.a.address(), p.b.address(), &[0u8; 1400 - 20]);
+        big[6] = 0x40;
+        p.a.handle_tun_packet(&big, p.now);
+        assert!(p.a.poll_transmit().is_none(), "not sent to die on the path");
+        let reply = p.a.poll_tun_packet().expect("ICMP back to the sender");
+        assert_eq!((reply[20], reply[21]), (3, 4));
+        assert_eq!(u16::from_be_bytes([reply[26], reply[27]]), mtu);
+        assert_eq!(p.a.counters().too_big_packets, 1);
+        // Packets that fit still flow.
+        let small = icmp(p.a.address(), p.b.address(), &[0u8; 1000]);
+        p.a.handle_tun_packet(&small, p.now);
+        p.drive_limited(limit);
+        assert_eq!(p.b.poll_tun_packet(), Some(small));
     }
 
     #[test]

@@ -129,6 +129,7 @@ impl Sim {
                     private_key: *sk,
                     address: overlay(i),
                     keepalive: Some(25),
+                    mtu: 1420,
                 },
                 (i as u32) * 4099 + 1,
                 start,

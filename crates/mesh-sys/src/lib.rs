@@ -5,9 +5,11 @@
 //!   socket: the driver hands it the QUIC datagrams it demultiplexed.
 //! - [`tun`]: creating the TUN device.
 //! - [`netlink`]: address, route, MTU and link state through rtnetlink; local addresses.
+//! - [`firewall`]: TCP MSS clamping on the overlay interface (nftables).
 //!
 //! No protocol logic lives here.
 
+pub mod firewall;
 pub mod netlink;
 pub mod socket;
 pub mod tun;

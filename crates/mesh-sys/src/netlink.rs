@@ -187,6 +187,49 @@ pub async fn delete_link(name: &str) -> Result<(), NetlinkError> {
         })
 }
 
+/// Sets (`Some`) or removes (`None`) a host route to a peer's overlay address on the interface
+/// with its own MTU: the kernel then sizes TCP segments and answers oversized packets for that
+/// peer with "fragmentation needed", and `rt mtu` MSS clamping follows it.
+pub async fn set_peer_mtu(
+    interface: &str,
+    peer: Ipv4Addr,
+    source: Ipv4Addr,
+    mtu: Option<u32>,
+) -> Result<(), NetlinkError> {
+    use rtnetlink::packet_route::route::{RouteAttribute, RouteMetric};
+    let handle = connect()?;
+    let index = link_index(&handle, interface).await?;
+    let mut route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(peer, 32)
+        .output_interface(index)
+        .pref_source(source)
+        .build();
+    let req = |what: &'static str| {
+        let link = interface.to_owned();
+        move |source| NetlinkError::Request { what, link, source }
+    };
+    match mtu {
+        Some(mtu) => {
+            route
+                .attributes
+                .push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(mtu)]));
+            handle
+                .route()
+                .add(route)
+                .replace()
+                .execute()
+                .await
+                .map_err(req("setting a peer route MTU"))
+        }
+        None => match handle.route().del(route).execute().await {
+            Ok(()) => Ok(()),
+            // ESRCH: there was no such route.
+            Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -3 => Ok(()),
+            Err(e) => Err(req("removing a peer route MTU")(e)),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::prefix_mask;

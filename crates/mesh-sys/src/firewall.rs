@@ -1,0 +1,86 @@
+//! TCP MSS clamping on the overlay interface (nftables).
+//!
+//! Packets the node forwards into the mesh (pod traffic from a CNI) get their TCP MSS set to the
+//! route MTU toward the destination (`rt mtu`). The per-peer host routes that carry a smaller
+//! path MTU therefore clamp exactly the connections that need it. Locally opened connections
+//! size their segments from the same routes without any rule.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+/// Name of the nftables table mesh owns.
+pub const TABLE: &str = "mesh";
+
+/// The ruleset for `interface`: the table is deleted and re-created in one transaction, so
+/// applying it again is harmless.
+pub fn ruleset(interface: &str) -> String {
+    format!(
+        "table inet {TABLE}\n\
+         delete table inet {TABLE}\n\
+         table inet {TABLE} {{\n\
+         \tchain clamp {{\n\
+         \t\ttype filter hook forward priority mangle; policy accept;\n\
+         \t\toifname \"{interface}\" tcp flags syn / syn,rst tcp option maxseg size set rt mtu\n\
+         \t}}\n\
+         }}\n"
+    )
+}
+
+/// Why clamping could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum FirewallError {
+    /// `nft` is not installed.
+    #[error("nft not found (install nftables): TCP MSS on {0} is not clamped")]
+    NoNft(String),
+    /// `nft` refused the ruleset.
+    #[error("nft refused the MSS clamping rules: {0}")]
+    Refused(String),
+}
+
+fn nft(input: &str, interface: &str) -> Result<(), FirewallError> {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|_| FirewallError::NoNft(interface.to_owned()))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(input.as_bytes());
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| FirewallError::Refused(e.to_string()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(FirewallError::Refused(
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        ))
+    }
+}
+
+/// Installs (or refreshes) MSS clamping for `interface`.
+pub fn clamp_mss(interface: &str) -> Result<(), FirewallError> {
+    nft(&ruleset(interface), interface)
+}
+
+/// Removes mesh's table (after `mesh leave`).
+pub fn remove(interface: &str) -> Result<(), FirewallError> {
+    nft(
+        &format!("table inet {TABLE}\ndelete table inet {TABLE}\n"),
+        interface,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ruleset_targets_the_interface_and_is_replaceable() {
+        let r = super::ruleset("mesh0");
+        assert!(r.starts_with("table inet mesh\ndelete table inet mesh\n"));
+        assert!(r.contains(
+            "oifname \"mesh0\" tcp flags syn / syn,rst tcp option maxseg size set rt mtu"
+        ));
+    }
+}

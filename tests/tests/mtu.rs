@@ -1,0 +1,125 @@
+//! A path that cannot carry the configured MTU is found and reported, and traffic adapts
+//! instead of vanishing: a per-peer route MTU, ICMP "too big" for DF packets, TCP that flows.
+#![allow(clippy::unwrap_used)]
+
+use mesh_e2e::{netns::ip, wait_for, wait_until, Agent, Controller, Lab};
+use std::time::Duration;
+
+const NET: &str = "mtu";
+
+/// Sends `bytes` over TCP from `from` to `to_ip:port` where a receiver counts them; returns
+/// what the receiver counted.
+fn tcp_transfer(
+    from: &mesh_e2e::netns::Host,
+    to: &mesh_e2e::netns::Host,
+    to_ip: &str,
+    bytes: usize,
+) -> usize {
+    let server = "import socket,sys\n\
+        s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+        s.bind(('0.0.0.0', 5201)); s.listen(1); s.settimeout(30)\n\
+        c,_=s.accept(); c.settimeout(30); n=0\n\
+        while True:\n\
+        \x20   d=c.recv(65536)\n\
+        \x20   if not d: break\n\
+        \x20   n+=len(d)\n\
+        print(n)\n";
+    let srv = std::process::Command::new("ip")
+        .args([
+            "netns", "exec", &to.ns, "timeout", "40", "python3", "-c", server,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until it listens.
+    assert!(wait_until(Duration::from_secs(10), || {
+        ip(["netns", "exec", &to.ns, "ss", "-H", "-l", "-t", "-n"])
+            .map(|o| o.contains(":5201"))
+            .unwrap_or(false)
+    }));
+    let client = format!(
+        "import socket\n\
+         s=socket.create_connection(('{to_ip}', 5201), timeout=30)\n\
+         s.sendall(b'x'*{bytes}); s.close()\n"
+    );
+    let out = from.run("timeout", ["40", "python3", "-c", client.as_str()]);
+    assert!(out.success(), "client failed: {out}");
+    let got = srv.wait_with_output().unwrap();
+    String::from_utf8_lossy(&got.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+#[test]
+fn small_path_is_detected_reported_and_carried() {
+    let mut lab = Lab::new("small-path").unwrap();
+    let ctl_host = lab.add_controller_host("ctl").unwrap();
+    let a_host = lab.add_host("a").unwrap();
+    let b_host = lab.add_host("b").unwrap();
+    // b's link carries 1400-byte frames: WireGuard around a 1420-byte packet needs 1480.
+    lab.set_link_mtu(&b_host, 1400).unwrap();
+    let ctl = Controller::start(&lab, &ctl_host).unwrap();
+    ctl.create_network(NET).unwrap();
+    let token = ctl.create_token(NET, &["--reusable"]).unwrap();
+    let a = Agent::join(&lab, &a_host, "a", &token).unwrap();
+    let b = Agent::join(&lab, &b_host, "b", &token).unwrap();
+
+    // Status reports the path MTU: at most 1400 - 28 (IP+UDP) - 32 (WireGuard) = 1340.
+    let mtu = wait_for(Duration::from_secs(40), || {
+        a.peer("b").ok()?["path_mtu"].as_u64().filter(|m| *m < 1420)
+    })
+    .unwrap_or_else(|| panic!("no reduced path MTU in status: {:#}", a.status().unwrap()));
+    assert!((1332..=1340).contains(&mtu), "path MTU {mtu}");
+
+    // The kernel learned it: a host route to b with that MTU.
+    let b_ip = b.address.to_string();
+    assert!(wait_until(Duration::from_secs(5), || {
+        ip(["-n", &a_host.ns, "route", "get", &b_ip])
+            .map(|r| r.contains(&format!("mtu {mtu}")))
+            .unwrap_or(false)
+    }));
+
+    // A DF packet too large for the path fails at once with a clear local error instead of
+    // being lost on the way.
+    let too_big = (mtu as usize + 100 - 28).to_string();
+    let out = a_host.run(
+        "ping",
+        [
+            "-M",
+            "do",
+            "-c",
+            "1",
+            "-W",
+            "2",
+            "-s",
+            too_big.as_str(),
+            b_ip.as_str(),
+        ],
+    );
+    assert!(!out.success());
+    let text = format!("{}{}", out.stdout, out.stderr);
+    assert!(text.contains("mtu") || text.contains("too long"), "{text}");
+    // What fits gets through.
+    let fits = (mtu as usize - 28).to_string();
+    let out = a_host.run(
+        "ping",
+        [
+            "-M",
+            "do",
+            "-c",
+            "1",
+            "-W",
+            "2",
+            "-s",
+            fits.as_str(),
+            b_ip.as_str(),
+        ],
+    );
+    assert!(out.success(), "{out}");
+
+    // Bulk TCP both ways completes (segments sized to the path, no stall).
+    assert_eq!(tcp_transfer(&a_host, &b_host, &b_ip, 4_000_000), 4_000_000);
+    let a_ip = a.address.to_string();
+    assert_eq!(tcp_transfer(&b_host, &a_host, &a_ip, 4_000_000), 4_000_000);
+}
