@@ -145,12 +145,17 @@ fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<FileConfig> {
 fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MESH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
+        .with_target(false);
+    // Under systemd, stderr goes to the journal, which stamps every line itself.
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
 }
 
 #[allow(clippy::print_stdout)]

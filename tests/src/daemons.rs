@@ -268,6 +268,20 @@ impl Agent {
         Ok(agent)
     }
 
+    /// An agent on `host` with its state dir and no daemon running yet: for one-shot CLI
+    /// commands such as `mesh join --no-daemon`, followed by [`Agent::up`].
+    pub fn idle(lab: &Lab, host: &Host, name: &str) -> Result<Agent> {
+        Ok(Agent {
+            host: host.clone(),
+            name: name.to_string(),
+            state_dir: lab.state_dir(name)?,
+            address: Ipv4Addr::UNSPECIFIED,
+            log_dir: lab.log_dir(),
+            transcript: lab.transcript(),
+            proc: None,
+        })
+    }
+
     /// `mesh up`: runs the daemon again from its saved state, waiting until ready.
     pub fn up(&mut self) -> Result<Ipv4Addr> {
         self.start(&["up"], "up")?;

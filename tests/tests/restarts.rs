@@ -131,3 +131,22 @@ fn agent_restarts_from_cache_while_controller_is_down() {
     wait_all_pairs_ping(&[&a, &b, &c], Duration::from_secs(20)).unwrap();
     assert!(a.is_running(), "{}", a.log());
 }
+
+#[test]
+fn join_without_daemon_then_up_as_a_service_would() {
+    let (lab, _ctl, token, hosts) = setup("join-no-daemon", &["a", "b"]);
+    let b = Agent::join(&lab, &hosts[1], "b", &token).unwrap();
+    let mut a = Agent::idle(&lab, &hosts[0], "a").unwrap();
+    let out = a.cli(["join", token.as_str(), "--name", "a", "--no-daemon"]);
+    assert!(out.success(), "{out}");
+    assert!(out.stdout.contains("joined network"), "{out}");
+    let joined_ip = a.ip().unwrap();
+    assert!(out.stdout.contains(&joined_ip.to_string()), "{out}");
+    assert!(
+        !a.cli(["status", "--json"]).success(),
+        "no daemon runs after --no-daemon"
+    );
+    // What `systemctl start mesh` runs: `mesh up` from the saved state.
+    assert_eq!(a.up().unwrap(), joined_ip);
+    wait_all_pairs_ping(&[&a, &b], Duration::from_secs(20)).unwrap();
+}

@@ -143,13 +143,15 @@ async fn configure_interface(opts: &Settings, m: &Membership) -> anyhow::Result<
     .with_context(|| format!("cannot configure {}", opts.interface))
 }
 
-/// `mesh join`: joins with a token, then runs the daemon in the foreground.
+/// `mesh join`: joins with a token, then runs the daemon in the foreground; with `no_daemon`,
+/// returns the saved membership instead.
 pub async fn join(
     opts: Options,
     token: JoinToken,
     name: String,
     connect_timeout: Duration,
-) -> anyhow::Result<()> {
+    no_daemon: bool,
+) -> anyhow::Result<Option<Membership>> {
     opts.state.create()?;
     // Joining again keeps the saved port and interface unless flags say otherwise.
     let saved = opts.state.load_membership().ok();
@@ -203,6 +205,13 @@ pub async fn join(
         .send(DataCmd::SetAddress(membership.address))
         .await;
     info!(network = %membership.network, name = %membership.name, address = %membership.address, "joined");
+    if no_daemon {
+        drop(session);
+        running.endpoint.close(0u32.into(), b"joined");
+        let _ = tokio::time::timeout(Duration::from_secs(2), running.endpoint.wait_idle()).await;
+        let _ = running.shutdown_tx.send(true);
+        return Ok(Some(membership));
+    }
     run(
         opts,
         membership,
@@ -211,6 +220,7 @@ pub async fn join(
         Some((session, welcome)),
     )
     .await
+    .map(|()| None)
 }
 
 /// `mesh up`: runs the daemon from saved state; works while the controller is down.

@@ -65,6 +65,10 @@ enum Command {
         /// How long to wait for the controller [default: 10s].
         #[arg(long)]
         connect_timeout: Option<String>,
+        /// Join, save the state and exit, instead of running the daemon (then start it with
+        /// `systemctl enable --now mesh` or `mesh up`).
+        #[arg(long)]
+        no_daemon: bool,
     },
     /// Run the daemon from saved state (after a join), in the foreground.
     Up {
@@ -187,12 +191,17 @@ fn kubeadm_cmd(state: &StateDir, cmd: KubeadmCmd) -> anyhow::Result<()> {
 fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MESH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
+        .with_target(false);
+    // Under systemd, stderr goes to the journal, which stamps every line itself.
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
 }
 
 fn hostname() -> String {
@@ -318,6 +327,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             daemon: flags,
             connect_timeout,
+            no_daemon,
         } => {
             let token: JoinToken = token.parse()?;
             let connect_timeout = connect_timeout
@@ -335,7 +345,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let opts = daemon_options(state, flags, &file)?;
             init_logging(&log);
-            runtime()?.block_on(daemon::join(opts, token, name, connect_timeout))
+            match runtime()?.block_on(daemon::join(
+                opts,
+                token,
+                name,
+                connect_timeout,
+                no_daemon,
+            ))? {
+                Some(m) => {
+                    out(&format!(
+                        "joined network {} as {} with address {}; start the agent with `systemctl enable --now mesh` (or `mesh up`)",
+                        m.network, m.name, m.address
+                    ));
+                    Ok(())
+                }
+                None => Ok(()),
+            }
         }
         Command::Up { daemon: flags } => {
             let opts = daemon_options(state, flags, &file)?;
