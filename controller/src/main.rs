@@ -132,9 +132,17 @@ fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<FileConfig> {
         None => (PathBuf::from(DEFAULT_CONFIG), false),
     };
     match std::fs::read_to_string(&path) {
-        Ok(text) => {
-            toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))
-        }
+        Ok(text) => toml::from_str(&text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+                .unwrap_or(1);
+            anyhow::anyhow!(
+                "invalid config {} line {line}: {}",
+                path.display(),
+                e.message().trim()
+            )
+        }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
             Ok(FileConfig::default())
         }

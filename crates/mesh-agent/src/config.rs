@@ -59,7 +59,22 @@ impl FileConfig {
                 return Err(e).with_context(|| format!("cannot read config {}", path.display()))
             }
         };
-        toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!(one_line(path, &text, &e)))
+    }
+}
+
+/// A TOML error as one line: file, line number, message.
+pub fn one_line(path: &Path, text: &str, e: &toml::de::Error) -> String {
+    let line = e
+        .span()
+        .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+    match line {
+        Some(l) => format!(
+            "invalid config {} line {l}: {}",
+            path.display(),
+            e.message().trim()
+        ),
+        None => format!("invalid config {}: {}", path.display(), e.message().trim()),
     }
 }
 
