@@ -24,4 +24,6 @@ pub mod packet;
 pub mod pmtu;
 pub mod session;
 
-pub use node::{Counters, Event, Node, NodeConfig, PeerConfig, PeerStatus, Transmit};
+pub use node::{
+    Counters, Event, Node, NodeConfig, Path, PeerConfig, PeerStatus, RelayTransmit, Transmit,
+};

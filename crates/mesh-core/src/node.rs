@@ -3,6 +3,7 @@
 use crate::packet;
 use crate::pmtu;
 use crate::session::{self, Addressed, Output, Session, SessionError};
+use mesh_proto::control::MAX_ENDPOINTS;
 use mesh_proto::PublicKey;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -21,6 +22,17 @@ pub const STALE_SESSION: Duration = Duration::from_secs(15);
 /// How long the higher key waits for a new peer's proactive handshake before starting one itself
 /// (the peer's first initiation may have arrived before this node knew the peer).
 pub const PROACTIVE_FALLBACK: Duration = Duration::from_secs(1);
+/// A direct path that stays silent this long while we send on it is dead: traffic falls back
+/// to the relay.
+pub const PATH_TIMEOUT: Duration = Duration::from_secs(5);
+/// On a quiet direct path we are sending on, a liveness probe goes out this often.
+pub const PATH_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// While on the relay, every candidate gets an authenticated probe this often (hole punching).
+pub const CANDIDATE_PROBE_INTERVAL: Duration = Duration::from_secs(2);
+/// Ids of pings and path probes (path MTU probes use the ids below).
+pub const PING_IDS: std::ops::Range<u16> = 0x8000..0xffff;
+/// Most pings in flight per peer.
+const MAX_PINGS: usize = 16;
 /// Default persistent keepalive, seconds: keeps NAT mappings open.
 pub const DEFAULT_KEEPALIVE: u16 = 25;
 /// Largest datagram the node handles: an inner packet of up to 65535 bytes plus overhead.
@@ -56,6 +68,36 @@ pub struct PeerConfig {
     pub endpoints: Vec<SocketAddr>,
 }
 
+/// A WireGuard message the driver must send through the relay, to the node with key `to`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayTransmit {
+    /// Destination node.
+    pub to: PublicKey,
+    /// The WireGuard message.
+    pub payload: Vec<u8>,
+}
+
+/// How traffic reaches a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// Straight over UDP to this endpoint.
+    Direct(SocketAddr),
+    /// Through the relay.
+    Relay,
+    /// No path known yet (no relay, no direct answer).
+    None,
+}
+
+impl std::fmt::Display for Path {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Path::Direct(_) => f.write_str("direct"),
+            Path::Relay => f.write_str("relay"),
+            Path::None => f.write_str("none"),
+        }
+    }
+}
+
 /// A datagram the driver must send on the node's UDP socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transmit {
@@ -79,6 +121,22 @@ pub enum Event {
     PeerUnreachable {
         /// Which peer.
         key: PublicKey,
+    },
+    /// Traffic to a peer now takes another path.
+    PathChanged {
+        /// Which peer.
+        key: PublicKey,
+        /// The new path.
+        path: Path,
+    },
+    /// The answer to [`Node::ping`].
+    Pong {
+        /// Which peer.
+        key: PublicKey,
+        /// Round-trip time.
+        rtt: Duration,
+        /// The path the answer came back on.
+        path: Path,
     },
     /// Path MTU discovery concluded for a peer (first result, or a change).
     PathMtu {
@@ -139,6 +197,8 @@ pub struct PeerStatus {
     pub rtt: Option<Duration>,
     /// Largest inner packet the path carries, once probed.
     pub path_mtu: Option<u16>,
+    /// How traffic reaches the peer now.
+    pub path: Path,
 }
 
 struct Peer {
@@ -162,18 +222,25 @@ struct Peer {
     reported_mtu: Option<u16>,
     /// The endpoint the path MTU search ran (or runs) on.
     probed_endpoint: Option<SocketAddr>,
+    /// Last authenticated message straight from the peer, and last one we sent straight to it.
+    last_direct_rx: Option<Instant>,
+    last_direct_tx: Option<Instant>,
+    /// Last authenticated message through the relay.
+    last_relay_rx: Option<Instant>,
+    /// Last probe of the candidates while on the relay, and last liveness probe of the direct
+    /// path.
+    last_candidate_probe: Option<Instant>,
+    last_path_probe: Option<Instant>,
+    /// Pings in flight: (id, sent at, asked for by the user).
+    pings: VecDeque<(u16, Instant, bool)>,
+    /// Round-trip time of the last answered ping or path probe.
+    rtt: Option<Duration>,
 }
 
 impl Peer {
     /// Starts a new handshake now, to every candidate, unless one was forced within
     /// REKEY_TIMEOUT.
-    fn force_handshake(
-        &mut self,
-        now: Instant,
-        buf: &mut [u8],
-        transmits: &mut VecDeque<Transmit>,
-        counters: &mut Counters,
-    ) {
+    fn force_handshake(&mut self, now: Instant, buf: &mut [u8], out: &mut Outbox) {
         if self
             .last_forced
             .is_some_and(|t| now.duration_since(t) < REKEY_TIMEOUT)
@@ -185,9 +252,94 @@ impl Peer {
         self.handshake_wait = Some((started, now));
         self.endpoint = None;
         if let Output::Network(bytes) = self.session.force_handshake(buf) {
-            send_to_peer(transmits, counters, None, &self.config.endpoints, bytes);
+            self.send(bytes, now, out);
         }
     }
+
+    /// Sends one WireGuard message by the best path there is:
+    /// - the confirmed direct endpoint;
+    /// - else the relay (if there is one), and handshake initiations also to every candidate
+    ///   directly, so a direct path can be found while traffic already flows;
+    /// - else every candidate (the first that answers becomes the endpoint).
+    fn send(&mut self, bytes: &[u8], now: Instant, out: &mut Outbox) {
+        if let Some(dst) = self.endpoint {
+            self.last_direct_tx = Some(now);
+            out.udp(dst, bytes);
+            return;
+        }
+        let initiation = bytes.first() == Some(&1);
+        if out.relay_up {
+            out.relay(self.config.key, bytes);
+            if !initiation {
+                return;
+            }
+        }
+        for dst in self.config.endpoints.iter().take(MAX_ENDPOINTS) {
+            out.udp(*dst, bytes);
+        }
+    }
+
+    /// The path traffic to this peer takes now.
+    fn path(&self, relay_up: bool) -> Path {
+        match self.endpoint {
+            Some(e) => Path::Direct(e),
+            None if relay_up => Path::Relay,
+            None => Path::None,
+        }
+    }
+}
+
+/// Everything a node has produced and not yet handed to the driver, plus its drop counters.
+#[derive(Default)]
+struct Outbox {
+    transmits: VecDeque<Transmit>,
+    relayed: VecDeque<RelayTransmit>,
+    to_tun: VecDeque<Vec<u8>>,
+    events: VecDeque<Event>,
+    counters: Counters,
+    /// Whether the driver has a relay connection.
+    relay_up: bool,
+}
+
+impl Outbox {
+    fn udp(&mut self, dst: SocketAddr, bytes: &[u8]) {
+        push_bounded(
+            &mut self.transmits,
+            &mut self.counters,
+            Transmit {
+                dst,
+                payload: bytes.to_vec(),
+            },
+        );
+    }
+
+    fn relay(&mut self, to: PublicKey, bytes: &[u8]) {
+        push_bounded(
+            &mut self.relayed,
+            &mut self.counters,
+            RelayTransmit {
+                to,
+                payload: bytes.to_vec(),
+            },
+        );
+    }
+
+    /// Sends a reply on the path the message it answers came in on.
+    fn reply(&mut self, via: Via, key: PublicKey, bytes: &[u8]) {
+        match via {
+            Via::Direct(from) => self.udp(from, bytes),
+            Via::Relay => self.relay(key, bytes),
+        }
+    }
+}
+
+/// Where a received WireGuard message came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// Straight from this UDP address.
+    Direct(SocketAddr),
+    /// Through the relay.
+    Relay,
 }
 
 /// A mesh node. See the crate docs for the input/output contract.
@@ -200,12 +352,10 @@ pub struct Node {
     by_address: HashMap<Ipv4Addr, PublicKey>,
     by_index: HashMap<u32, PublicKey>,
     next_index: u32,
-    transmits: VecDeque<Transmit>,
-    to_tun: VecDeque<Vec<u8>>,
-    events: VecDeque<Event>,
-    counters: Counters,
+    out: Outbox,
     next_tick: Instant,
     buf: Vec<u8>,
+    next_ping: u16,
 }
 
 impl Node {
@@ -222,12 +372,10 @@ impl Node {
             by_address: HashMap::new(),
             by_index: HashMap::new(),
             next_index: (index_seed & 0x00ff_ffff).max(1),
-            transmits: VecDeque::new(),
-            to_tun: VecDeque::new(),
-            events: VecDeque::new(),
-            counters: Counters::default(),
+            out: Outbox::default(),
             next_tick: now + TICK,
             buf: vec![0u8; MAX_DATAGRAM],
+            next_ping: PING_IDS.start,
         }
     }
 
@@ -249,7 +397,7 @@ impl Node {
 
     /// Drop counters.
     pub fn counters(&self) -> Counters {
-        self.counters
+        self.out.counters
     }
 
     /// Replaces the whole peer list. Peers that stay keep their sessions; a peer whose key is
@@ -322,11 +470,18 @@ impl Node {
                 pmtu: pmtu::Search::new(self.config.mtu),
                 reported_mtu: None,
                 probed_endpoint: None,
+                last_direct_rx: None,
+                last_direct_tx: None,
+                last_relay_rx: None,
+                last_candidate_probe: None,
+                last_path_probe: None,
+                pings: VecDeque::new(),
+                rtt: None,
             },
         );
         if initiate {
             if let Some(peer) = self.peers.get_mut(&key) {
-                peer.force_handshake(now, &mut self.buf, &mut self.transmits, &mut self.counters);
+                peer.force_handshake(now, &mut self.buf, &mut self.out);
             }
         }
     }
@@ -355,15 +510,15 @@ impl Node {
     /// An IP packet read from the TUN device.
     pub fn handle_tun_packet(&mut self, packet: &[u8], now: Instant) {
         let Some((_, dst)) = packet::ipv4_addrs(packet) else {
-            self.counters.non_ipv4_packets += 1;
+            self.out.counters.non_ipv4_packets += 1;
             return;
         };
         if packet.len() + session::DATA_OVERHEAD > self.buf.len() {
-            self.counters.malformed_packets += 1;
+            self.out.counters.malformed_packets += 1;
             return;
         }
         let Some(key) = self.by_address.get(&dst).copied() else {
-            self.counters.no_route_packets += 1;
+            self.out.counters.no_route_packets += 1;
             return;
         };
         let Some(peer) = self.peers.get_mut(&key) else {
@@ -373,10 +528,10 @@ impl Node {
             if packet.len() > usize::from(mtu) {
                 // The path cannot carry it: answer like a router would rather than send it
                 // to die silently on the way.
-                self.counters.too_big_packets += 1;
+                self.out.counters.too_big_packets += 1;
                 if pmtu::dont_fragment(packet) {
                     if let Some(icmp) = pmtu::frag_needed(packet, mtu, self.config.address) {
-                        push_bounded(&mut self.to_tun, &mut self.counters, icmp);
+                        push_bounded(&mut self.out.to_tun, &mut self.out.counters, icmp);
                     }
                 }
                 return;
@@ -390,13 +545,7 @@ impl Node {
                 if peer.awaiting_reply_since.is_none() {
                     peer.awaiting_reply_since = Some(now);
                 }
-                send_to_peer(
-                    &mut self.transmits,
-                    &mut self.counters,
-                    peer.endpoint,
-                    &peer.config.endpoints,
-                    bytes,
-                );
+                peer.send(bytes, now, &mut self.out);
             }
             Output::Done => {
                 // Queued behind a handshake in progress.
@@ -410,130 +559,210 @@ impl Node {
 
     /// A datagram received on the node's UDP socket (already known not to be QUIC).
     pub fn handle_datagram(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
+        self.receive(Via::Direct(from), None, datagram, now);
+    }
+
+    /// A WireGuard message that came through the relay from the node with key `from`.
+    pub fn handle_relayed(&mut self, from: PublicKey, packet: &[u8], now: Instant) {
+        self.receive(Via::Relay, Some(from), packet, now);
+    }
+
+    /// Tells the node whether the driver has a relay connection (traffic to peers without a
+    /// direct path goes there).
+    pub fn set_relay(&mut self, up: bool, now: Instant) {
+        let was_up = self.out.relay_up;
+        self.out.relay_up = up;
+        if !up || was_up {
+            return;
+        }
+        // A path appeared: peers still without a session try again now, lower key first (the
+        // higher key follows after PROACTIVE_FALLBACK, as for a new peer).
+        let me = self.public.to_bytes();
+        for (key, peer) in self.peers.iter_mut() {
+            if peer.session.established() {
+                continue;
+            }
+            if me < key.0 {
+                peer.last_forced = None;
+                peer.force_handshake(now, &mut self.buf, &mut self.out);
+            } else {
+                peer.proactive_fallback = Some(now + PROACTIVE_FALLBACK);
+            }
+        }
+    }
+
+    /// Next WireGuard message to send through the relay.
+    pub fn poll_relay_transmit(&mut self) -> Option<RelayTransmit> {
+        self.out.relayed.pop_front()
+    }
+
+    /// Sends an authenticated ping inside the tunnel to `key` on its current path; the answer
+    /// comes back as [`Event::Pong`]. Returns false for an unknown peer or no session yet.
+    pub fn ping(&mut self, key: &PublicKey, now: Instant) -> bool {
+        let me = self.config.address;
+        match self.peers.get_mut(key) {
+            Some(peer) if peer.session.established() => {
+                send_ping(
+                    peer,
+                    now,
+                    &mut self.buf,
+                    &mut self.out,
+                    me,
+                    &mut self.next_ping,
+                    true,
+                );
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn receive(
+        &mut self,
+        via: Via,
+        relayed_from: Option<PublicKey>,
+        datagram: &[u8],
+        now: Instant,
+    ) {
         let key = match session::address_of(&self.secret, &self.public, datagram) {
             Some(Addressed::Initiation(key)) => key,
             Some(Addressed::Index(index)) => match self.by_index.get(&index) {
                 Some(key) => *key,
                 None => {
-                    self.counters.unknown_peer_packets += 1;
+                    self.out.counters.unknown_peer_packets += 1;
                     return;
                 }
             },
             None => {
-                self.counters.malformed_packets += 1;
+                self.out.counters.malformed_packets += 1;
                 return;
             }
         };
+        // The relay names the sender; WireGuard must agree.
+        if relayed_from.is_some_and(|k| k != key) {
+            self.out.counters.rejected_packets += 1;
+            return;
+        }
         let Some(peer) = self.peers.get_mut(&key) else {
-            self.counters.unknown_peer_packets += 1;
+            self.out.counters.unknown_peer_packets += 1;
             return;
         };
         if datagram.len() > self.buf.len() {
-            self.counters.malformed_packets += 1;
+            self.out.counters.malformed_packets += 1;
             return;
         }
+        let source_ip = match via {
+            Via::Direct(from) => Some(from.ip()),
+            Via::Relay => None,
+        };
         let mut authenticated = false;
         let mut probe: Option<pmtu::Message> = None;
-        match peer
-            .session
-            .decapsulate(Some(from.ip()), datagram, &mut self.buf)
-        {
+        match peer.session.decapsulate(source_ip, datagram, &mut self.buf) {
             Output::Network(bytes) => {
                 authenticated = true;
-                push_bounded(
-                    &mut self.transmits,
-                    &mut self.counters,
-                    Transmit {
-                        dst: from,
-                        payload: bytes.to_vec(),
-                    },
-                );
+                self.out.reply(via, key, bytes);
                 // Packets queued during the handshake follow the response.
                 while let Output::Network(bytes) = peer.session.flush_queued(&mut self.buf) {
-                    push_bounded(
-                        &mut self.transmits,
-                        &mut self.counters,
-                        Transmit {
-                            dst: from,
-                            payload: bytes.to_vec(),
-                        },
-                    );
+                    self.out.reply(via, key, bytes);
                 }
             }
             Output::TunnelV4(inner, source) => {
                 authenticated = true;
                 if source != peer.config.address {
-                    self.counters.spoofed_packets += 1;
+                    self.out.counters.spoofed_packets += 1;
                 } else if let Some(m) = pmtu::parse(inner) {
                     probe = Some(m);
                 } else {
-                    push_bounded(&mut self.to_tun, &mut self.counters, inner.to_vec());
+                    push_bounded(&mut self.out.to_tun, &mut self.out.counters, inner.to_vec());
                 }
             }
             Output::TunnelV6 => {
                 authenticated = true;
-                self.counters.non_ipv4_packets += 1;
+                self.out.counters.non_ipv4_packets += 1;
             }
             Output::Done => authenticated = true, // keepalive or cookie
             Output::Error(_) => {
-                self.counters.rejected_packets += 1;
+                self.out.counters.rejected_packets += 1;
                 // Transport data under a session we do not have: the two sides disagree on the
                 // current session (crossed handshakes). The side with the lower key starts over
                 // at once; the other waits for the stale-session rule, so they do not cross
                 // again.
                 if datagram[0] == 4 && self.public.to_bytes() < key.0 {
-                    peer.force_handshake(
-                        now,
-                        &mut self.buf,
-                        &mut self.transmits,
-                        &mut self.counters,
-                    );
+                    peer.force_handshake(now, &mut self.buf, &mut self.out);
                 }
             }
         }
-        if authenticated {
-            peer.last_rx = Some(now);
-            peer.awaiting_reply_since = None;
-            if peer.session.established() {
-                peer.handshake_wait = None;
+        if !authenticated {
+            return;
+        }
+        peer.last_rx = Some(now);
+        peer.awaiting_reply_since = None;
+        if peer.session.established() {
+            peer.handshake_wait = None;
+        }
+        match probe {
+            Some(m) if m.kind == pmtu::Kind::Probe => {
+                let ack = pmtu::build(
+                    self.config.address,
+                    peer.config.address,
+                    pmtu::Message {
+                        kind: pmtu::Kind::Ack,
+                        ..m
+                    },
+                    0,
+                );
+                if let Output::Network(bytes) = peer.session.encapsulate(&ack, &mut self.buf) {
+                    self.out.reply(via, key, bytes);
+                }
             }
-            match probe {
-                Some(m) if m.kind == pmtu::Kind::Probe => {
-                    let ack = pmtu::build(
-                        self.config.address,
-                        peer.config.address,
-                        pmtu::Message {
-                            kind: pmtu::Kind::Ack,
-                            ..m
-                        },
-                        0,
-                    );
-                    if let Output::Network(bytes) = peer.session.encapsulate(&ack, &mut self.buf) {
-                        push_bounded(
-                            &mut self.transmits,
-                            &mut self.counters,
-                            Transmit {
-                                dst: from,
-                                payload: bytes.to_vec(),
-                            },
-                        );
+            Some(m) if PING_IDS.contains(&m.id) => {
+                if let Some(pos) = peer.pings.iter().position(|p| p.0 == m.id) {
+                    let (_, sent, user) = peer.pings.remove(pos).unwrap_or((0, now, false));
+                    let rtt = now.saturating_duration_since(sent);
+                    peer.rtt = Some(rtt);
+                    if user {
+                        let path = match via {
+                            Via::Direct(from) => Path::Direct(from),
+                            Via::Relay => Path::Relay,
+                        };
+                        self.out.events.push_back(Event::Pong { key, rtt, path });
                     }
                 }
-                Some(m) => {
-                    if let Some(mtu) = peer.pmtu.on_ack(m.id, m.size, now) {
-                        report_mtu(&mut self.events, peer, mtu, self.config.mtu);
+            }
+            Some(m) => {
+                if let Some(mtu) = peer.pmtu.on_ack(m.id, m.size, now) {
+                    report_mtu(&mut self.out.events, peer, mtu, self.config.mtu);
+                }
+            }
+            None => {}
+        }
+        match via {
+            Via::Direct(from) => {
+                peer.last_direct_rx = Some(now);
+                if peer.endpoint != Some(from) {
+                    let had_path = peer.endpoint.is_some();
+                    peer.endpoint = Some(from);
+                    tracing::debug!(peer = %key, %from, "direct path confirmed");
+                    self.out.events.push_back(Event::PeerEndpoint {
+                        key,
+                        endpoint: from,
+                    });
+                    self.out.events.push_back(Event::PathChanged {
+                        key,
+                        path: Path::Direct(from),
+                    });
+                    // A probe got through: answer on the same path at once, so that the peer
+                    // upgrades to it too instead of waiting for its own traffic.
+                    if !had_path && peer.session.established() {
+                        if let Output::Network(bytes) = peer.session.encapsulate(&[], &mut self.buf)
+                        {
+                            self.out.udp(from, bytes);
+                            peer.last_direct_tx = Some(now);
+                        }
                     }
                 }
-                None => {}
             }
-            if peer.endpoint != Some(from) {
-                peer.endpoint = Some(from);
-                tracing::debug!(peer = %key, %from, "peer endpoint confirmed");
-                self.events.push_back(Event::PeerEndpoint {
-                    key,
-                    endpoint: from,
-                });
-            }
+            Via::Relay => peer.last_relay_rx = Some(now),
         }
     }
 
@@ -545,13 +774,7 @@ impl Node {
         self.next_tick = now + TICK;
         for (key, peer) in self.peers.iter_mut() {
             match peer.session.update_timers(&mut self.buf) {
-                Output::Network(bytes) => send_to_peer(
-                    &mut self.transmits,
-                    &mut self.counters,
-                    peer.endpoint,
-                    &peer.config.endpoints,
-                    bytes,
-                ),
+                Output::Network(bytes) => peer.send(bytes, now, &mut self.out),
                 Output::Error(SessionError::Expired) => {
                     // Forget the endpoint: the next handshake tries every candidate again.
                     peer.endpoint = None;
@@ -564,26 +787,18 @@ impl Node {
                     peer.handshake_wait = None;
                 } else if now.duration_since(started) >= REKEY_ATTEMPT_TIME {
                     peer.handshake_wait = None;
-                    self.events.push_back(Event::PeerUnreachable { key: *key });
+                    self.out
+                        .events
+                        .push_back(Event::PeerUnreachable { key: *key });
                 } else if now.duration_since(last_sent) >= REKEY_TIMEOUT {
                     peer.last_forced = None;
-                    peer.force_handshake(
-                        now,
-                        &mut self.buf,
-                        &mut self.transmits,
-                        &mut self.counters,
-                    );
+                    peer.force_handshake(now, &mut self.buf, &mut self.out);
                 }
             }
             if peer.proactive_fallback.is_some_and(|t| t <= now) {
                 peer.proactive_fallback = None;
-                if peer.last_rx.is_none() && peer.handshake_wait.is_none() {
-                    peer.force_handshake(
-                        now,
-                        &mut self.buf,
-                        &mut self.transmits,
-                        &mut self.counters,
-                    );
+                if !peer.session.established() && peer.handshake_wait.is_none() {
+                    peer.force_handshake(now, &mut self.buf, &mut self.out);
                 }
             }
             if peer.session.established() {
@@ -604,20 +819,26 @@ impl Node {
                         usize::from(size),
                     );
                     if let Output::Network(bytes) = peer.session.encapsulate(&p, &mut self.buf) {
-                        send_to_peer(
-                            &mut self.transmits,
-                            &mut self.counters,
-                            peer.endpoint,
-                            &peer.config.endpoints,
-                            bytes,
-                        );
+                        peer.send(bytes, now, &mut self.out);
                     }
                 }
                 if let Some(mtu) = peer.pmtu.result() {
                     if peer.reported_mtu != Some(mtu) {
-                        report_mtu(&mut self.events, peer, mtu, self.config.mtu);
+                        report_mtu(&mut self.out.events, peer, mtu, self.config.mtu);
                     }
                 }
+            }
+            if peer.session.established() {
+                let me = self.config.address;
+                manage_path(
+                    peer,
+                    *key,
+                    now,
+                    &mut self.buf,
+                    &mut self.out,
+                    me,
+                    &mut self.next_ping,
+                );
             }
             // Stale session: we keep sending and nothing authenticated comes back.
             if peer
@@ -625,7 +846,7 @@ impl Node {
                 .is_some_and(|t| now.duration_since(t) >= STALE_SESSION)
             {
                 peer.awaiting_reply_since = Some(now);
-                peer.force_handshake(now, &mut self.buf, &mut self.transmits, &mut self.counters);
+                peer.force_handshake(now, &mut self.buf, &mut self.out);
             }
         }
     }
@@ -641,17 +862,17 @@ impl Node {
 
     /// Next datagram to send.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.transmits.pop_front()
+        self.out.transmits.pop_front()
     }
 
     /// Next packet to write to the TUN device.
     pub fn poll_tun_packet(&mut self) -> Option<Vec<u8>> {
-        self.to_tun.pop_front()
+        self.out.to_tun.pop_front()
     }
 
     /// Next event.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        self.out.events.pop_front()
     }
 
     /// Status of every peer, sorted by overlay address.
@@ -671,13 +892,105 @@ impl Node {
                     rx_bytes: stats.rx_bytes,
                     tx_bytes: stats.tx_bytes,
                     since_last_rx: p.last_rx.map(|t| now.saturating_duration_since(t)),
-                    rtt: stats.rtt,
+                    rtt: p.rtt.or(stats.rtt),
                     path_mtu: p.pmtu.result(),
+                    path: p.path(self.out.relay_up),
                 }
             })
             .collect();
         out.sort_by_key(|p| p.address);
         out
+    }
+}
+
+/// Keeps the peer on the best path: probes a quiet direct path and falls back to the relay when
+/// it dies; while on the relay, probes every candidate so a direct path can open.
+fn manage_path(
+    peer: &mut Peer,
+    key: PublicKey,
+    now: Instant,
+    buf: &mut [u8],
+    out: &mut Outbox,
+    me: Ipv4Addr,
+    next_ping: &mut u16,
+) {
+    match peer.endpoint {
+        Some(_) => {
+            let sending_unanswered = peer
+                .last_direct_tx
+                .is_some_and(|tx| peer.last_direct_rx.is_none_or(|rx| tx > rx));
+            if !sending_unanswered {
+                return;
+            }
+            let quiet = peer
+                .last_direct_rx
+                .map_or(Duration::MAX, |rx| now.saturating_duration_since(rx));
+            if quiet >= PATH_TIMEOUT && out.relay_up {
+                tracing::debug!(peer = %key, "direct path silent; falling back to the relay");
+                peer.endpoint = None;
+                peer.last_candidate_probe = None;
+                out.events.push_back(Event::PathChanged {
+                    key,
+                    path: Path::Relay,
+                });
+            } else if quiet >= PATH_PROBE_INTERVAL
+                && peer
+                    .last_path_probe
+                    .is_none_or(|t| now.saturating_duration_since(t) >= PATH_PROBE_INTERVAL)
+            {
+                peer.last_path_probe = Some(now);
+                send_ping(peer, now, buf, out, me, next_ping, false);
+            }
+        }
+        None if out.relay_up => {
+            if peer
+                .last_candidate_probe
+                .is_none_or(|t| now.saturating_duration_since(t) >= CANDIDATE_PROBE_INTERVAL)
+            {
+                peer.last_candidate_probe = Some(now);
+                if let Output::Network(bytes) = peer.session.encapsulate(&[], buf) {
+                    for dst in peer.config.endpoints.iter().take(MAX_ENDPOINTS) {
+                        out.udp(*dst, bytes);
+                    }
+                }
+            }
+        }
+        None => {}
+    }
+}
+
+/// Sends a small probe inside the tunnel on the peer's current path and remembers it.
+fn send_ping(
+    peer: &mut Peer,
+    now: Instant,
+    buf: &mut [u8],
+    out: &mut Outbox,
+    me: Ipv4Addr,
+    next_ping: &mut u16,
+    user: bool,
+) {
+    let id = *next_ping;
+    *next_ping = if *next_ping + 1 >= PING_IDS.end {
+        PING_IDS.start
+    } else {
+        *next_ping + 1
+    };
+    let p = pmtu::build(
+        me,
+        peer.config.address,
+        pmtu::Message {
+            kind: pmtu::Kind::Probe,
+            id,
+            size: 0,
+        },
+        0,
+    );
+    if peer.pings.len() >= MAX_PINGS {
+        peer.pings.pop_front();
+    }
+    peer.pings.push_back((id, now, user));
+    if let Output::Network(bytes) = peer.session.encapsulate(&p, buf) {
+        peer.send(bytes, now, out);
     }
 }
 
@@ -692,39 +1005,6 @@ fn report_mtu(events: &mut VecDeque<Event>, peer: &mut Peer, mtu: u16, configure
         mtu,
         configured,
     });
-}
-
-/// Sends to the confirmed endpoint, or, before one is known, to every candidate (the first that
-/// answers becomes the endpoint).
-fn send_to_peer(
-    transmits: &mut VecDeque<Transmit>,
-    counters: &mut Counters,
-    endpoint: Option<SocketAddr>,
-    candidates: &[SocketAddr],
-    bytes: &[u8],
-) {
-    match endpoint {
-        Some(dst) => push_bounded(
-            transmits,
-            counters,
-            Transmit {
-                dst,
-                payload: bytes.to_vec(),
-            },
-        ),
-        None => {
-            for dst in candidates.iter().take(mesh_proto::control::MAX_ENDPOINTS) {
-                push_bounded(
-                    transmits,
-                    counters,
-                    Transmit {
-                        dst: *dst,
-                        payload: bytes.to_vec(),
-                    },
-                );
-            }
-        }
-    }
 }
 
 fn push_bounded<T>(queue: &mut VecDeque<T>, counters: &mut Counters, item: T) {
@@ -1071,6 +1351,192 @@ mod tests {
         p.a.handle_tun_packet(&small, p.now);
         p.drive_limited(limit);
         assert_eq!(p.b.poll_tun_packet(), Some(small));
+    }
+
+    /// A pair with a relay between them; the direct UDP path can be cut and restored.
+    struct Relayed {
+        p: Pair,
+        udp: bool,
+    }
+
+    impl Relayed {
+        fn new(udp: bool) -> Relayed {
+            let mut p = Pair::quiet();
+            let now = p.now;
+            p.a.set_relay(true, now);
+            p.b.set_relay(true, now);
+            let mut r = Relayed { p, udp };
+            r.drive();
+            // The higher key's fallback handshake is due after PROACTIVE_FALLBACK at the latest.
+            for _ in 0..5 {
+                r.tick();
+            }
+            r
+        }
+
+        fn drive(&mut self) {
+            let (ka, kb) = (self.p.a.public_key(), self.p.b.public_key());
+            for _ in 0..100 {
+                let mut moved = false;
+                while let Some(t) = self.p.a.poll_transmit() {
+                    moved = true;
+                    if self.udp {
+                        self.p
+                            .b
+                            .handle_datagram(self.p.a_addr, &t.payload, self.p.now);
+                    }
+                }
+                while let Some(t) = self.p.b.poll_transmit() {
+                    moved = true;
+                    if self.udp {
+                        self.p
+                            .a
+                            .handle_datagram(self.p.b_addr, &t.payload, self.p.now);
+                    }
+                }
+                while let Some(t) = self.p.a.poll_relay_transmit() {
+                    moved = true;
+                    assert_eq!(t.to, kb);
+                    self.p.b.handle_relayed(ka, &t.payload, self.p.now);
+                }
+                while let Some(t) = self.p.b.poll_relay_transmit() {
+                    moved = true;
+                    assert_eq!(t.to, ka);
+                    self.p.a.handle_relayed(kb, &t.payload, self.p.now);
+                }
+                if !moved {
+                    return;
+                }
+            }
+            panic!("did not settle");
+        }
+
+        fn tick(&mut self) {
+            self.p.now += TICK;
+            self.p.a.handle_timeout(self.p.now);
+            self.p.b.handle_timeout(self.p.now);
+            self.drive();
+        }
+
+        fn path_a(&self) -> Path {
+            self.p.a.peer_status(self.p.now)[0].path
+        }
+
+        fn path_b(&self) -> Path {
+            self.p.b.peer_status(self.p.now)[0].path
+        }
+
+        /// Sends one packet a -> b and tells whether it arrived.
+        fn send_a_to_b(&mut self, tag: u8) -> bool {
+            let pkt = icmp(self.p.a.address(), self.p.b.address(), &[tag; 64]);
+            self.p.a.handle_tun_packet(&pkt, self.p.now);
+            self.drive();
+            std::iter::from_fn(|| self.p.b.poll_tun_packet()).any(|x| x == pkt)
+        }
+    }
+
+    #[test]
+    fn relay_carries_traffic_when_no_direct_path_exists() {
+        let mut r = Relayed::new(false);
+        assert!(
+            r.send_a_to_b(1),
+            "first packet goes through the relay at once"
+        );
+        assert_eq!(r.path_a(), Path::Relay);
+        assert_eq!(r.path_b(), Path::Relay);
+        for _ in 0..40 {
+            r.tick();
+        }
+        assert!(r.send_a_to_b(2));
+        assert_eq!(
+            r.path_a(),
+            Path::Relay,
+            "no direct path appears from nowhere"
+        );
+    }
+
+    #[test]
+    fn forged_relay_sender_is_refused() {
+        let mut r = Relayed::new(false);
+        let pkt = icmp(r.p.a.address(), r.p.b.address(), b"x");
+        r.p.a.handle_tun_packet(&pkt, r.p.now);
+        let t = r.p.a.poll_relay_transmit().expect("relayed");
+        // The relay claims the message came from someone else: refused, counted.
+        let before = r.p.b.counters().rejected_packets;
+        r.p.b
+            .handle_relayed(PublicKey([9; 32]), &t.payload, r.p.now);
+        assert_eq!(r.p.b.counters().rejected_packets, before + 1);
+        assert!(r.p.b.poll_tun_packet().is_none());
+    }
+
+    #[test]
+    fn upgrades_to_direct_when_a_probe_gets_through() {
+        let mut r = Relayed::new(false);
+        assert!(r.send_a_to_b(1));
+        r.udp = true;
+        let mut ticks = 0;
+        while !(matches!(r.path_a(), Path::Direct(_)) && matches!(r.path_b(), Path::Direct(_))) {
+            r.tick();
+            ticks += 1;
+            assert!(ticks < 40, "no upgrade within 10 s");
+        }
+        assert!(
+            ticks as u32 * TICK.as_millis() as u32
+                <= CANDIDATE_PROBE_INTERVAL.as_millis() as u32 + 500,
+            "upgrade took {ticks} ticks"
+        );
+        assert_eq!(r.path_a(), Path::Direct(r.p.b_addr));
+        assert_eq!(r.path_b(), Path::Direct(r.p.a_addr));
+        // The same session carries on: no new handshake was needed.
+        assert!(r.send_a_to_b(2));
+        assert!(r.p.a.poll_relay_transmit().is_none());
+    }
+
+    #[test]
+    fn falls_back_to_the_relay_within_five_seconds_when_direct_dies() {
+        let mut r = Relayed::new(true);
+        assert!(r.send_a_to_b(1));
+        assert!(matches!(r.path_a(), Path::Direct(_)));
+        r.udp = false;
+        let cut = r.p.now;
+        let mut delivered_again = None;
+        for i in 0..40u8 {
+            // Steady traffic, as an open TCP connection would send.
+            if r.send_a_to_b(10 + i) && delivered_again.is_none() && r.path_a() == Path::Relay {
+                delivered_again = Some(r.p.now);
+            }
+            r.tick();
+        }
+        let at = delivered_again.expect("traffic resumed through the relay");
+        assert!(
+            at.duration_since(cut) <= PATH_TIMEOUT + Duration::from_secs(1),
+            "took {:?}",
+            at.duration_since(cut)
+        );
+        // ...and back to direct when the path heals.
+        r.udp = true;
+        for _ in 0..20 {
+            r.tick();
+        }
+        assert!(matches!(r.path_a(), Path::Direct(_)));
+        assert!(r.send_a_to_b(99));
+    }
+
+    #[test]
+    fn ping_reports_path_and_rtt() {
+        let mut r = Relayed::new(false);
+        assert!(r.send_a_to_b(1));
+        let kb = r.p.b.public_key();
+        assert!(r.p.a.ping(&kb, r.p.now));
+        r.p.now += Duration::from_millis(30);
+        r.drive();
+        let pong = std::iter::from_fn(|| r.p.a.poll_event()).find_map(|e| match e {
+            Event::Pong { rtt, path, .. } => Some((rtt, path)),
+            _ => None,
+        });
+        // The answer was produced at the same virtual instant it was delivered.
+        assert_eq!(pong, Some((Duration::from_millis(30), Path::Relay)));
+        assert!(!r.p.a.ping(&PublicKey([7; 32]), r.p.now));
     }
 
     #[test]

@@ -225,7 +225,12 @@ impl Search {
 
     fn take_id(&mut self) -> u16 {
         let id = self.next_id;
-        self.next_id = self.next_id.wrapping_add(1).max(1);
+        // Ids from 0x8000 up belong to pings (see `node::PING_IDS`).
+        self.next_id = if self.next_id >= 0x7fff {
+            1
+        } else {
+            self.next_id + 1
+        };
         id
     }
 
