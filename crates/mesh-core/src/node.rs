@@ -942,16 +942,15 @@ fn manage_path(
                 send_ping(peer, now, buf, out, me, next_ping, false);
             }
         }
-        None if out.relay_up => {
-            if peer
+        None if out.relay_up
+            && peer
                 .last_candidate_probe
-                .is_none_or(|t| now.saturating_duration_since(t) >= CANDIDATE_PROBE_INTERVAL)
-            {
-                peer.last_candidate_probe = Some(now);
-                if let Output::Network(bytes) = peer.session.encapsulate(&[], buf) {
-                    for dst in peer.config.endpoints.iter().take(MAX_ENDPOINTS) {
-                        out.udp(*dst, bytes);
-                    }
+                .is_none_or(|t| now.saturating_duration_since(t) >= CANDIDATE_PROBE_INTERVAL) =>
+        {
+            peer.last_candidate_probe = Some(now);
+            if let Output::Network(bytes) = peer.session.encapsulate(&[], buf) {
+                for dst in peer.config.endpoints.iter().take(MAX_ENDPOINTS) {
+                    out.udp(*dst, bytes);
                 }
             }
         }
@@ -970,10 +969,9 @@ fn send_ping(
     user: bool,
 ) {
     let id = *next_ping;
-    *next_ping = if *next_ping + 1 >= PING_IDS.end {
-        PING_IDS.start
-    } else {
-        *next_ping + 1
+    *next_ping = match next_ping.checked_add(1) {
+        Some(n) if PING_IDS.contains(&n) => n,
+        _ => PING_IDS.start,
     };
     let p = pmtu::build(
         me,
