@@ -23,8 +23,12 @@ const RESYNC: Duration = Duration::from_secs(2);
 /// Time a node has to complete the handshake and send its first message.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Connected nodes by (network, key): where the relay sends frames.
+type RelayTable = Mutex<HashMap<(i64, PublicKey), quinn::Connection>>;
+
 struct Ctx {
     secret: [u8; 32],
+    relay: RelayTable,
     store: Mutex<crate::store::Store>,
     hub: mpsc::UnboundedSender<HubCmd>,
     next_id: AtomicU64,
@@ -66,6 +70,7 @@ pub async fn serve(
     tokio::spawn(run_hub(hub_store, hub_rx));
     let ctx = Arc::new(Ctx {
         secret,
+        relay: Mutex::new(HashMap::new()),
         store: Mutex::new(store),
         hub: hub_tx,
         next_id: AtomicU64::new(1),
@@ -240,6 +245,8 @@ async fn handle(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> anyhow::Result<()> 
         tx: push_tx,
         sent: view,
     });
+    relay_table(&ctx).insert((adm.network_id, key), conn.clone());
+    let relay = tokio::spawn(relay_from(ctx.clone(), conn.clone(), adm.network_id, key));
     let mut left = false;
     loop {
         tokio::select! {
@@ -278,12 +285,58 @@ async fn handle(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> anyhow::Result<()> 
             },
         }
     }
+    relay.abort();
+    {
+        let mut table = relay_table(&ctx);
+        if table
+            .get(&(adm.network_id, key))
+            .is_some_and(|c| c.stable_id() == conn.stable_id())
+        {
+            table.remove(&(adm.network_id, key));
+        }
+    }
     let _ = ctx.hub.send(HubCmd::Unregister { id });
     if !left {
         lock(&ctx).disconnected(adm.network_id, &key, unix_now())?;
     }
     info!(node = %adm.name, "node disconnected");
     Ok(())
+}
+
+fn relay_table(
+    ctx: &Ctx,
+) -> std::sync::MutexGuard<'_, HashMap<(i64, PublicKey), quinn::Connection>> {
+    ctx.relay.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The relay: forwards every frame `key` sends to the node it names, in the same network only,
+/// rewriting the key to the sender's. Malformed frames and unknown destinations are dropped.
+/// The relay sees only WireGuard ciphertext.
+async fn relay_from(ctx: Arc<Ctx>, conn: quinn::Connection, network_id: i64, key: PublicKey) {
+    let mut dropped: u64 = 0;
+    while let Ok(datagram) = conn.read_datagram().await {
+        let dst = match mesh_proto::relay::decode(&datagram) {
+            Ok(f) => f.key,
+            Err(_) => {
+                dropped += 1;
+                continue;
+            }
+        };
+        let target = relay_table(&ctx).get(&(network_id, dst)).cloned();
+        let Some(target) = target else {
+            dropped += 1;
+            continue;
+        };
+        let mut frame = datagram.to_vec();
+        if mesh_proto::relay::set_key(&mut frame, &key).is_err()
+            || target.send_datagram(frame.into()).is_err()
+        {
+            dropped += 1;
+        }
+    }
+    if dropped > 0 {
+        debug!(node = %key, dropped, "relay frames dropped");
+    }
 }
 
 struct Session {

@@ -9,12 +9,14 @@
 //! - [`control`]: the control messages exchanged inside the Noise channel with the controller.
 //! - [`token`]: the join token string an admin hands to a node.
 //! - [`key`]: the node / controller public key type and its text form.
+//! - [`relay`]: relay frames (WireGuard messages as QUIC datagrams, with fragmentation).
 //!
 //! See `proto/PROTOCOL.md` for the byte-level description.
 
 pub mod control;
 pub mod demux;
 pub mod key;
+pub mod relay;
 pub mod token;
 
 pub use key::PublicKey;

@@ -12,13 +12,18 @@ use tokio::net::{UnixListener, UnixStream};
 const MAX_LINE: usize = 4096;
 
 /// A request to the daemon.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     /// Full status.
     Status,
     /// Leave the network and stop.
     Leave,
+    /// Ping a peer (by name, overlay address or key) inside the tunnel.
+    Ping {
+        /// Name, overlay address or key.
+        peer: String,
+    },
 }
 
 /// The daemon is not running (no socket, or nobody listening).

@@ -320,6 +320,8 @@ pub async fn run(
             mut tx,
             mut rx,
         } = session;
+        // The controller embeds the relay: the same connection carries relayed traffic.
+        let _ = data.send(DataCmd::Relay(Some(conn.clone()))).await;
         let (in_tx, mut in_rx) = mpsc::channel(16);
         let reader = tokio::spawn(async move {
             loop {
@@ -389,6 +391,7 @@ pub async fn run(
             }
         };
         reader.abort();
+        let _ = data.send(DataCmd::Relay(None)).await;
         conn.close(0u32.into(), b"reconnecting");
         warn!(%reason, "control connection lost; peers stay as they are, reconnecting");
         set_status(&ctx, false, Some(reason));

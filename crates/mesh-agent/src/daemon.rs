@@ -354,6 +354,10 @@ async fn run(
                             Err(e) => api::write_response(&mut stream, &json!({"error": format!("could not leave: {e}")})).await,
                         }
                     }
+                    Some(Request::Ping { peer }) => {
+                        let v = ping(&running.data_tx, &peer).await;
+                        api::write_response(&mut stream, &v).await;
+                    }
                     None => api::write_response(&mut stream, &json!({"error": "malformed request"})).await,
                 }
             }
@@ -406,6 +410,35 @@ async fn apply_path_events(
     }
 }
 
+/// Resolves `peer` (name, overlay address or key) and pings it inside the tunnel.
+async fn ping(data: &mpsc::Sender<DataCmd>, peer: &str) -> serde_json::Value {
+    let (tx, rx) = oneshot::channel();
+    let _ = data.send(DataCmd::Status(tx)).await;
+    let Ok(status) = rx.await else {
+        return json!({"error": "the data plane is not running"});
+    };
+    let Some(p) = status
+        .peers
+        .iter()
+        .find(|p| p.name == peer || p.address.to_string() == peer || p.key.to_string() == peer)
+    else {
+        return json!({"error": format!("no peer {peer:?} (see `mesh status`)")});
+    };
+    let (tx, rx) = oneshot::channel();
+    let _ = data.send(DataCmd::Ping(p.key, tx)).await;
+    match rx.await {
+        Ok(Ok((path, rtt))) => json!({
+            "peer": p.name,
+            "address": p.address.to_string(),
+            "path": path.to_string(),
+            "endpoint": match path { mesh_core::Path::Direct(e) => Some(e.to_string()), _ => None },
+            "rtt_ms": rtt.as_secs_f64() * 1000.0,
+        }),
+        Ok(Err(e)) => json!({"error": format!("ping {}: {e}", p.name)}),
+        Err(_) => json!({"error": "the data plane stopped"}),
+    }
+}
+
 fn secs(d: Option<Duration>) -> serde_json::Value {
     d.map_or(serde_json::Value::Null, |d| json!(d.as_secs()))
 }
@@ -438,7 +471,7 @@ async fn status_json(
                 "last_handshake_secs_ago": secs(p.since_handshake),
                 "last_rx_secs_ago": secs(p.since_last_rx),
                 "rtt_ms": p.rtt.map(|d| d.as_millis() as u64),
-                "path": if p.endpoint.is_some() { "direct" } else { "none" },
+                "path": p.path.to_string(),
                 "path_mtu": p.path_mtu,
                 "rx_bytes": p.rx_bytes,
                 "tx_bytes": p.tx_bytes,
@@ -466,6 +499,9 @@ async fn status_json(
             "tun_rx": driver.tun_rx,
             "tun_tx": driver.tun_tx,
             "tun_write_errors": driver.tun_write_errors,
+            "relay_rx": driver.relay_rx,
+            "relay_tx": driver.relay_tx,
+            "relay_drops": driver.relay_drops,
         }
     })
 }

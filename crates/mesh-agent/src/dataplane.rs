@@ -5,9 +5,11 @@
 //! wake-up), runs the node's timers, and writes what the node produced: datagrams grouped into
 //! GSO batches per destination, and packets to the TUN device.
 
-use mesh_core::{Node, PeerConfig, PeerStatus, Transmit};
+use mesh_core::{Event, Node, Path, PeerConfig, PeerStatus, Transmit};
 use mesh_proto::control::PeerInfo;
 use mesh_proto::demux::{classify, DatagramKind};
+use mesh_proto::relay::{self, Reassembly};
+use mesh_proto::PublicKey;
 use mesh_sys::socket::{Batch, QuicInbox, UdpPort};
 use mesh_sys::tun::Tun;
 use quinn::udp::RecvMeta;
@@ -31,7 +33,17 @@ pub enum DataCmd {
     SetAddress(std::net::Ipv4Addr),
     /// Report status.
     Status(oneshot::Sender<DataStatus>),
+    /// The relay connection (the control connection, whose controller embeds the relay), or
+    /// `None` when it is gone.
+    Relay(Option<quinn::Connection>),
+    /// Ping a peer inside the tunnel; answers with the path and round-trip time.
+    Ping(PublicKey, oneshot::Sender<Result<(Path, Duration), String>>),
 }
+
+/// How long `mesh ping` waits for an answer.
+const PING_TIMEOUT: Duration = Duration::from_secs(3);
+/// Relay frames queued from the relay reader to the data plane.
+const RELAY_INBOX: usize = 1024;
 
 /// Counters kept by the driver itself (the node keeps its own).
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
@@ -52,6 +64,12 @@ pub struct DriverCounters {
     pub tun_rx: u64,
     /// Failed TUN writes.
     pub tun_write_errors: u64,
+    /// Relay frames received / sent.
+    pub relay_rx: u64,
+    /// Relay frames sent.
+    pub relay_tx: u64,
+    /// Relay frames dropped (malformed, incomplete, or the relay connection full or gone).
+    pub relay_drops: u64,
 }
 
 /// A status snapshot.
@@ -106,9 +124,34 @@ pub async fn run(
     let mut out: Vec<Transmit> = Vec::new();
     let mut gso_buf: Vec<u8> = Vec::with_capacity(65536);
     let far = Duration::from_secs(3600);
+    let mut relay_conn: Option<quinn::Connection> = None;
+    let mut relay_reader: Option<tokio::task::JoinHandle<()>> = None;
+    let (relay_in_tx, mut relay_in) = mpsc::channel::<bytes::Bytes>(RELAY_INBOX);
+    let mut reassembly = Reassembly::default();
+    let mut relay_id: u16 = 0;
+    let mut pings: Vec<(
+        PublicKey,
+        Instant,
+        oneshot::Sender<Result<(Path, Duration), String>>,
+    )> = Vec::new();
     loop {
-        let deadline = node.poll_timeout().unwrap_or_else(|| Instant::now() + far);
+        let mut deadline = node.poll_timeout().unwrap_or_else(|| Instant::now() + far);
+        if let Some(first) = pings.iter().map(|p| p.1).min() {
+            deadline = deadline.min(first);
+        }
         tokio::select! {
+            Some(d) = relay_in.recv() => {
+                let now = Instant::now();
+                counters.relay_rx += 1;
+                match relay::decode(&d) {
+                    Ok(frame) => {
+                        if let Some((from, msg)) = reassembly.push(frame, now) {
+                            node.handle_relayed(from, &msg, now);
+                        }
+                    }
+                    Err(_) => counters.relay_drops += 1,
+                }
+            }
             r = async {
                 let mut slices: Vec<IoSliceMut<'_>> =
                     recv_bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
@@ -175,6 +218,30 @@ pub async fn run(
                     node.set_peers(&configs, Instant::now());
                 }
                 Some(DataCmd::SetAddress(a)) => node.set_address(a),
+                Some(DataCmd::Relay(conn)) => {
+                    if let Some(r) = relay_reader.take() {
+                        r.abort();
+                    }
+                    node.set_relay(conn.is_some(), Instant::now());
+                    if let Some(c) = &conn {
+                        let (c2, tx) = (c.clone(), relay_in_tx.clone());
+                        relay_reader = Some(tokio::spawn(async move {
+                            while let Ok(d) = c2.read_datagram().await {
+                                // Full inbox: drop, as a congested link would.
+                                let _ = tx.try_send(d);
+                            }
+                        }));
+                    }
+                    relay_conn = conn;
+                }
+                Some(DataCmd::Ping(key, reply)) => {
+                    let now = Instant::now();
+                    if node.ping(&key, now) {
+                        pings.push((key, now + PING_TIMEOUT, reply));
+                    } else {
+                        let _ = reply.send(Err("no session with that peer yet (no handshake); is it online?".into()));
+                    }
+                }
                 Some(DataCmd::Status(reply)) => {
                     let _ = reply.send(DataStatus {
                         peers: node.peer_status(Instant::now()),
@@ -186,8 +253,27 @@ pub async fn run(
             },
             _ = shutdown.changed() => return,
         }
+        let now = Instant::now();
+        let mut i = 0;
+        while i < pings.len() {
+            if pings[i].1 <= now {
+                let (_, _, reply) = pings.swap_remove(i);
+                let _ = reply.send(Err(format!("no answer within {}s", PING_TIMEOUT.as_secs())));
+            } else {
+                i += 1;
+            }
+        }
         while let Some(ev) = node.poll_event() {
             debug!(?ev, "node event");
+            if let Event::Pong { key, rtt, path } = &ev {
+                if let Some(pos) = pings.iter().position(|p| p.0 == *key) {
+                    let (_, _, reply) = pings.swap_remove(pos);
+                    let _ = reply.send(Ok((*path, *rtt)));
+                }
+            }
+            if let Event::PathChanged { key, path } = &ev {
+                tracing::info!(peer = %key.short(), %path, "path changed");
+            }
             if let mesh_core::Event::PathMtu {
                 address,
                 mtu,
@@ -205,6 +291,26 @@ pub async fn run(
         out.extend(std::iter::from_fn(|| node.poll_transmit()));
         if !out.is_empty() {
             send_all(&port, &mut out, &mut gso_buf, &mut counters).await;
+        }
+        while let Some(t) = node.poll_relay_transmit() {
+            let Some(conn) = &relay_conn else {
+                counters.relay_drops += 1;
+                continue;
+            };
+            relay_id = relay_id.wrapping_add(1);
+            let max = conn.max_datagram_size().unwrap_or(0);
+            match relay::encode(&t.to, relay_id, &t.payload, max) {
+                Ok(frames) => {
+                    for f in frames {
+                        if conn.send_datagram(f.into()).is_ok() {
+                            counters.relay_tx += 1;
+                        } else {
+                            counters.relay_drops += 1;
+                        }
+                    }
+                }
+                Err(_) => counters.relay_drops += 1,
+            }
         }
         while let Some(pkt) = node.poll_tun_packet() {
             match tun.send(&pkt).await {

@@ -95,6 +95,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Ping a peer inside the tunnel: which path answered (direct or relay) and how fast.
+    Ping {
+        /// Peer name, overlay address or key.
+        peer: String,
+        /// How many pings.
+        #[arg(long, short = 'c', default_value_t = 3)]
+        count: u32,
+    },
     /// Leave the network: the controller deletes the node, and the local state is deleted.
     Leave {
         /// Delete the local state even if the controller cannot be told.
@@ -368,6 +376,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime()?.block_on(daemon::up(opts))
         }
         Command::Kubeadm(cmd) => kubeadm_cmd(&state, cmd),
+        Command::Ping { peer, count } => runtime()?.block_on(async {
+            let mut answered = 0;
+            for i in 0..count {
+                if i > 0 {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                let req = api::Request::Ping { peer: peer.clone() };
+                match api::request(&state.socket_path(), req).await {
+                    Ok(v) => {
+                        answered += 1;
+                        let via = match v["endpoint"].as_str() {
+                            Some(e) => format!("direct {e}"),
+                            None => v["path"].as_str().unwrap_or("?").to_owned(),
+                        };
+                        out(&format!(
+                            "pong from {} ({}) via {via} in {:.2} ms",
+                            v["peer"].as_str().unwrap_or("?"),
+                            v["address"].as_str().unwrap_or("?"),
+                            v["rtt_ms"].as_f64().unwrap_or(0.0)
+                        ));
+                    }
+                    Err(e) if e.downcast_ref::<api::NotRunning>().is_some() => return Err(e),
+                    Err(e) => out(&format!("{e:#}")),
+                }
+            }
+            if answered == 0 {
+                anyhow::bail!("{peer} did not answer");
+            }
+            Ok(())
+        }),
         Command::WaitOnline { timeout, peers } => {
             let timeout = humantime::parse_duration(&timeout)
                 .with_context(|| format!("invalid --timeout {timeout:?}; use e.g. 60s"))?;

@@ -7,6 +7,8 @@ use std::time::Duration;
 pub const ALPN: &[u8] = b"mesh/1";
 /// QUIC keepalive: well under common NAT UDP timeouts.
 pub const KEEPALIVE: Duration = Duration::from_secs(5);
+/// Bytes of relayed datagrams queued per connection and direction.
+pub const RELAY_BUFFER: usize = 512 * 1024;
 /// A control connection that hears nothing for this long is dead.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -54,6 +56,10 @@ pub fn controller_endpoint_config(controller_secret: &[u8; 32]) -> quinn::Endpoi
 fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(KEEPALIVE));
+    // Relayed WireGuard messages travel as datagrams. These buffers bound what one node can
+    // have queued at the relay (and the relay at a node); when full, the oldest go first.
+    t.datagram_receive_buffer_size(Some(RELAY_BUFFER));
+    t.datagram_send_buffer_size(RELAY_BUFFER);
     if let Ok(idle) = IDLE_TIMEOUT.try_into() {
         t.max_idle_timeout(Some(idle));
     }

@@ -1,0 +1,283 @@
+//! Relay frames: WireGuard messages carried as QUIC datagrams through a relay.
+//!
+//! One frame per QUIC datagram:
+//! `[version u8 = 1][fragment u8: index << 4 | count][packet id u16][peer key 32][chunk]`.
+//! Toward the relay the key is the destination node; from the relay it is the source node (the
+//! relay rewrites it, so a node cannot claim to be another). A WireGuard message larger than one
+//! datagram (a full 1420-byte inner packet needs 1452 bytes, a QUIC datagram starts at about
+//! 1150) is split into at most [`MAX_FRAGMENTS`] chunks with the same packet id, reassembled by
+//! [`Reassembly`] with hard bounds on memory and time.
+
+use crate::PublicKey;
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+/// Frame format version.
+pub const VERSION: u8 = 1;
+/// Bytes before the chunk.
+pub const HEADER_LEN: usize = 1 + 1 + 2 + 32;
+/// Most fragments of one message.
+pub const MAX_FRAGMENTS: usize = 4;
+/// Largest WireGuard message relayed (a 1420-byte inner packet needs 1452; jumbo MTUs up to
+/// 9000 are not relayed whole).
+pub const MAX_MESSAGE: usize = 4096;
+/// Messages being reassembled at once, over all senders.
+pub const MAX_PENDING: usize = 256;
+/// An incomplete message is dropped after this long.
+pub const REASSEMBLY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why a frame was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RelayError {
+    /// Shorter than the header, or an empty chunk.
+    #[error("relay frame too short")]
+    Short,
+    /// Unknown version.
+    #[error("relay frame version {0} unknown")]
+    Version(u8),
+    /// Fragment index/count out of range.
+    #[error("relay frame fragment fields out of range")]
+    Fragment,
+    /// The datagram size cannot hold even one byte of payload, or the message is too big.
+    #[error("relay message does not fit")]
+    Size,
+}
+
+/// A decoded frame, borrowing the datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frame<'a> {
+    /// Destination (toward the relay) or source (from the relay).
+    pub key: PublicKey,
+    /// Packet id shared by the fragments of one message.
+    pub id: u16,
+    /// Fragment index.
+    pub index: u8,
+    /// Fragment count.
+    pub count: u8,
+    /// This fragment's bytes.
+    pub chunk: &'a [u8],
+}
+
+/// Decodes one frame.
+pub fn decode(bytes: &[u8]) -> Result<Frame<'_>, RelayError> {
+    if bytes.len() <= HEADER_LEN {
+        return Err(RelayError::Short);
+    }
+    if bytes[0] != VERSION {
+        return Err(RelayError::Version(bytes[0]));
+    }
+    let (index, count) = (bytes[1] >> 4, bytes[1] & 0x0f);
+    if count == 0 || usize::from(count) > MAX_FRAGMENTS || index >= count {
+        return Err(RelayError::Fragment);
+    }
+    let mut key = [0u8; 32];
+    key.copy_from_slice(&bytes[4..HEADER_LEN]);
+    Ok(Frame {
+        key: PublicKey(key),
+        id: u16::from_be_bytes([bytes[2], bytes[3]]),
+        index,
+        count,
+        chunk: &bytes[HEADER_LEN..],
+    })
+}
+
+/// Rewrites the key of an encoded frame in place (what the relay does: destination → source).
+pub fn set_key(frame: &mut [u8], key: &PublicKey) -> Result<(), RelayError> {
+    if frame.len() <= HEADER_LEN {
+        return Err(RelayError::Short);
+    }
+    frame[4..HEADER_LEN].copy_from_slice(&key.0);
+    Ok(())
+}
+
+/// Splits `message` into frames of at most `max_datagram` bytes each.
+pub fn encode(
+    key: &PublicKey,
+    id: u16,
+    message: &[u8],
+    max_datagram: usize,
+) -> Result<Vec<Vec<u8>>, RelayError> {
+    let room = max_datagram
+        .checked_sub(HEADER_LEN)
+        .filter(|r| *r > 0)
+        .ok_or(RelayError::Size)?;
+    if message.is_empty() || message.len() > MAX_MESSAGE {
+        return Err(RelayError::Size);
+    }
+    let count = message.len().div_ceil(room);
+    if count > MAX_FRAGMENTS {
+        return Err(RelayError::Size);
+    }
+    Ok(message
+        .chunks(room)
+        .enumerate()
+        .map(|(i, chunk)| {
+            let mut f = Vec::with_capacity(HEADER_LEN + chunk.len());
+            f.push(VERSION);
+            f.push(((i as u8) << 4) | count as u8);
+            f.extend_from_slice(&id.to_be_bytes());
+            f.extend_from_slice(&key.0);
+            f.extend_from_slice(chunk);
+            f
+        })
+        .collect())
+}
+
+struct Pending {
+    started: Instant,
+    parts: Vec<Option<Vec<u8>>>,
+}
+
+/// Reassembles fragmented messages, bounded in entries and time.
+#[derive(Default)]
+pub struct Reassembly {
+    pending: HashMap<(PublicKey, u16), Pending>,
+    order: VecDeque<(PublicKey, u16)>,
+    dropped: u64,
+}
+
+impl Reassembly {
+    /// Messages given up on (expired or evicted) so far.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// Adds a frame; returns the whole message once every fragment is there.
+    pub fn push(&mut self, frame: Frame<'_>, now: Instant) -> Option<(PublicKey, Vec<u8>)> {
+        if frame.count == 1 {
+            return Some((frame.key, frame.chunk.to_vec()));
+        }
+        self.expire(now);
+        let k = (frame.key, frame.id);
+        if !self.pending.contains_key(&k) {
+            if self.pending.len() >= MAX_PENDING {
+                if let Some(old) = self.order.pop_front() {
+                    self.pending.remove(&old);
+                    self.dropped += 1;
+                }
+            }
+            self.pending.insert(
+                k,
+                Pending {
+                    started: now,
+                    parts: vec![None; usize::from(frame.count)],
+                },
+            );
+            self.order.push_back(k);
+        }
+        let p = self.pending.get_mut(&k)?;
+        if p.parts.len() != usize::from(frame.count) {
+            // Inconsistent fragment counts: drop the message.
+            self.pending.remove(&k);
+            self.dropped += 1;
+            return None;
+        }
+        p.parts[usize::from(frame.index)] = Some(frame.chunk.to_vec());
+        if p.parts.iter().all(Option::is_some) {
+            let p = self.pending.remove(&k)?;
+            self.order.retain(|o| *o != k);
+            let mut msg = Vec::new();
+            for part in p.parts.into_iter().flatten() {
+                msg.extend_from_slice(&part);
+            }
+            if msg.len() > MAX_MESSAGE {
+                self.dropped += 1;
+                return None;
+            }
+            return Some((frame.key, msg));
+        }
+        None
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while let Some(k) = self.order.front().copied() {
+            match self.pending.get(&k) {
+                Some(p) if now.duration_since(p.started) < REASSEMBLY_TIMEOUT => break,
+                Some(_) => {
+                    self.pending.remove(&k);
+                    self.dropped += 1;
+                    self.order.pop_front();
+                }
+                None => {
+                    self.order.pop_front();
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const K: PublicKey = PublicKey([3; 32]);
+
+    #[test]
+    fn small_message_is_one_frame() {
+        let frames = encode(&K, 7, &[1, 2, 3], 1200).unwrap();
+        assert_eq!(frames.len(), 1);
+        let f = decode(&frames[0]).unwrap();
+        assert_eq!(
+            (f.key, f.id, f.index, f.count, f.chunk),
+            (K, 7, 0, 1, &[1u8, 2, 3][..])
+        );
+    }
+
+    #[test]
+    fn full_size_packet_splits_and_reassembles_in_any_order() {
+        let msg: Vec<u8> = (0..1452u32).map(|i| i as u8).collect();
+        let frames = encode(&K, 9, &msg, 1150).unwrap();
+        assert_eq!(frames.len(), 2);
+        assert!(frames.iter().all(|f| f.len() <= 1150));
+        let now = Instant::now();
+        let mut r = Reassembly::default();
+        assert_eq!(r.push(decode(&frames[1]).unwrap(), now), None);
+        assert_eq!(r.push(decode(&frames[0]).unwrap(), now), Some((K, msg)));
+    }
+
+    #[test]
+    fn relay_rewrites_the_key() {
+        let mut f = encode(&K, 1, b"wg", 1200).unwrap().remove(0);
+        set_key(&mut f, &PublicKey([8; 32])).unwrap();
+        assert_eq!(decode(&f).unwrap().key, PublicKey([8; 32]));
+    }
+
+    #[test]
+    fn bad_frames_are_refused() {
+        assert_eq!(decode(&[1; 10]), Err(RelayError::Short));
+        let mut f = encode(&K, 1, b"wg", 1200).unwrap().remove(0);
+        f[0] = 2;
+        assert_eq!(decode(&f), Err(RelayError::Version(2)));
+        f[0] = 1;
+        f[1] = 0x22; // index 2 of 2
+        assert_eq!(decode(&f), Err(RelayError::Fragment));
+        f[1] = 0x05; // 5 fragments
+        assert_eq!(decode(&f), Err(RelayError::Fragment));
+        assert_eq!(encode(&K, 1, &[0; 5000], 1200), Err(RelayError::Size));
+        assert_eq!(encode(&K, 1, b"x", 36), Err(RelayError::Size));
+    }
+
+    #[test]
+    fn incomplete_messages_expire_and_memory_is_bounded() {
+        let msg = vec![5u8; 2000];
+        let now = Instant::now();
+        let mut r = Reassembly::default();
+        for id in 0..(MAX_PENDING as u16 + 10) {
+            let frames = encode(&K, id, &msg, 1200).unwrap();
+            assert_eq!(r.push(decode(&frames[0]).unwrap(), now), None);
+        }
+        assert!(r.pending.len() <= MAX_PENDING);
+        assert_eq!(r.dropped(), 10);
+        let later = now + REASSEMBLY_TIMEOUT;
+        let frames = encode(&K, 60000, &msg, 1200).unwrap();
+        r.push(decode(&frames[0]).unwrap(), later);
+        assert_eq!(r.pending.len(), 1, "old ones expired");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..80)) {
+            let _ = decode(&bytes);
+        }
+    }
+}
