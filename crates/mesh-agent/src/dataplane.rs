@@ -37,8 +37,13 @@ pub enum DataCmd {
     /// `None` when it is gone.
     Relay(Option<quinn::Connection>),
     /// Ping a peer inside the tunnel; answers with the path and round-trip time.
-    Ping(PublicKey, oneshot::Sender<Result<(Path, Duration), String>>),
+    Ping(PublicKey, PingReply),
 }
+
+/// Where the answer to a ping goes.
+type PingReply = oneshot::Sender<Result<(Path, Duration), String>>;
+/// A ping in flight: peer, deadline, reply.
+type PendingPing = (PublicKey, Instant, PingReply);
 
 /// How long `mesh ping` waits for an answer.
 const PING_TIMEOUT: Duration = Duration::from_secs(3);
@@ -129,11 +134,7 @@ pub async fn run(
     let (relay_in_tx, mut relay_in) = mpsc::channel::<bytes::Bytes>(RELAY_INBOX);
     let mut reassembly = Reassembly::default();
     let mut relay_id: u16 = 0;
-    let mut pings: Vec<(
-        PublicKey,
-        Instant,
-        oneshot::Sender<Result<(Path, Duration), String>>,
-    )> = Vec::new();
+    let mut pings: Vec<PendingPing> = Vec::new();
     loop {
         let mut deadline = node.poll_timeout().unwrap_or_else(|| Instant::now() + far);
         if let Some(first) = pings.iter().map(|p| p.1).min() {

@@ -69,7 +69,7 @@ pub fn render(status: &DataStatus, control_connected: bool) -> String {
         }
         direct
             .get_or_create(&l)
-            .set(i64::from(p.endpoint.is_some()));
+            .set(i64::from(matches!(p.path, mesh_core::Path::Direct(_))));
         if let Some(m) = p.path_mtu {
             pmtu.get_or_create(&l).set(i64::from(m));
         }
@@ -189,6 +189,7 @@ mod tests {
                 since_last_rx: Some(Duration::from_secs(1)),
                 rtt: Some(Duration::from_millis(12)),
                 path_mtu: Some(1340),
+                path: mesh_core::Path::Direct("192.0.2.12:51820".parse().unwrap()),
             }],
             node: mesh_core::Counters {
                 malformed_packets: 3,
