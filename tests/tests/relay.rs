@@ -1,0 +1,259 @@
+//! The relay embedded in the controller: a pair that cannot reach each other directly talks
+//! through it at once; when a direct path opens, traffic moves there; when it dies, traffic is
+//! back on the relay within seconds; an open TCP connection survives every switch.
+#![allow(clippy::unwrap_used)]
+
+use mesh_e2e::netns::Host;
+use mesh_e2e::{netns::ip, wait_for, wait_until, Agent, Controller, Lab};
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const NET: &str = "relay";
+
+/// Drops UDP between `host` and `peer_ip` port 51820 (both ways), as a firewall would.
+fn block_direct(host: &Host, peer_ip: &str) {
+    let ns = host.ns.as_str();
+    ip([
+        "netns",
+        "exec",
+        ns,
+        "nft",
+        "add",
+        "table",
+        "inet",
+        "blockdirect",
+    ])
+    .unwrap();
+    for (chain, hook) in [("out", "output"), ("in", "input")] {
+        let spec = format!("{{ type filter hook {hook} priority 0; }}");
+        ip([
+            "netns",
+            "exec",
+            ns,
+            "nft",
+            "add",
+            "chain",
+            "inet",
+            "blockdirect",
+            chain,
+            spec.as_str(),
+        ])
+        .unwrap();
+    }
+    ip([
+        "netns",
+        "exec",
+        ns,
+        "nft",
+        "add",
+        "rule",
+        "inet",
+        "blockdirect",
+        "out",
+        "ip",
+        "daddr",
+        peer_ip,
+        "udp",
+        "dport",
+        "51820",
+        "drop",
+    ])
+    .unwrap();
+    ip([
+        "netns",
+        "exec",
+        ns,
+        "nft",
+        "add",
+        "rule",
+        "inet",
+        "blockdirect",
+        "in",
+        "ip",
+        "saddr",
+        peer_ip,
+        "udp",
+        "sport",
+        "51820",
+        "drop",
+    ])
+    .unwrap();
+}
+
+fn unblock_direct(host: &Host) {
+    ip([
+        "netns",
+        "exec",
+        host.ns.as_str(),
+        "nft",
+        "delete",
+        "table",
+        "inet",
+        "blockdirect",
+    ])
+    .unwrap();
+}
+
+fn path_of(a: &Agent, peer: &str) -> String {
+    a.peer(peer)
+        .ok()
+        .and_then(|p| p["path"].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+#[test]
+fn relay_when_blocked_direct_when_open_and_tcp_survives_every_switch() {
+    let mut lab = Lab::new("relay").unwrap();
+    let ctl_host = lab.add_controller_host("ctl").unwrap();
+    let a_host = lab.add_host("a").unwrap();
+    let b_host = lab.add_host("b").unwrap();
+    block_direct(&a_host, &b_host.ip.to_string());
+    let ctl = Controller::start(&lab, &ctl_host).unwrap();
+    ctl.create_network(NET).unwrap();
+    let token = ctl.create_token(NET, &["--reusable"]).unwrap();
+    let a = Agent::join(&lab, &a_host, "a", &token).unwrap();
+    let b = Agent::join(&lab, &b_host, "b", &token).unwrap();
+    let b_ip = b.address.to_string();
+
+    // Through the relay at once, with full-size packets.
+    assert!(
+        a_host.wait_ping(b.address, Duration::from_secs(10)),
+        "no ping through the relay"
+    );
+    assert_eq!(path_of(&a, "b"), "relay");
+    let out = a_host.run(
+        "ping",
+        [
+            "-c",
+            "2",
+            "-W",
+            "2",
+            "-M",
+            "do",
+            "-s",
+            "1392",
+            b_ip.as_str(),
+        ],
+    );
+    assert!(out.success(), "1420-byte packets through the relay: {out}");
+    let out = a.cli(["ping", "b", "-c", "1"]);
+    assert!(out.success() && out.stdout.contains("via relay"), "{out}");
+
+    // A TCP stream that runs through every switch that follows.
+    let server = "import socket\n\
+        s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+        s.bind(('0.0.0.0', 5202)); s.listen(1); s.settimeout(60)\n\
+        c,_=s.accept(); c.settimeout(30); n=0\n\
+        while True:\n\
+        \x20   d=c.recv(65536)\n\
+        \x20   if not d: break\n\
+        \x20   n+=len(d)\n\
+        print(n)\n";
+    let srv = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            b_host.ns.as_str(),
+            "timeout",
+            "90",
+            "python3",
+            "-c",
+            server,
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(10), || {
+        ip([
+            "netns",
+            "exec",
+            b_host.ns.as_str(),
+            "ss",
+            "-H",
+            "-l",
+            "-t",
+            "-n",
+        ])
+        .map(|o| o.contains(":5202"))
+        .unwrap_or(false)
+    }));
+    // 20 KB every 50 ms until a stop file appears; prints what it sent.
+    let stop = lab.dir().join("stop-tcp");
+    let client = format!(
+        "import socket,os,time\n\
+         s=socket.create_connection(('{b_ip}', 5202), timeout=30); n=0\n\
+         while not os.path.exists('{}'):\n\
+         \x20   s.sendall(b'x'*20000); n+=20000; time.sleep(0.05)\n\
+         s.close(); print(n)\n",
+        stop.display()
+    );
+    let mut cli = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            a_host.ns.as_str(),
+            "timeout",
+            "90",
+            "python3",
+            "-c",
+            client.as_str(),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+
+    // The firewall opens: direct within a few probe rounds.
+    unblock_direct(&a_host);
+    let t = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(15), || path_of(&a, "b") == "direct"
+            && path_of(&b, "a") == "direct"),
+        "no upgrade to direct: {:#}",
+        a.status().unwrap()
+    );
+    let upgrade = t.elapsed();
+    let out = a.cli(["ping", "b", "-c", "1"]);
+    assert!(out.stdout.contains("via direct"), "{out}");
+
+    // The direct path dies (while the stream keeps sending): back on the relay within ~5 s.
+    block_direct(&a_host, &b_host.ip.to_string());
+    let t = Instant::now();
+    let fell_back = wait_for(Duration::from_secs(15), || {
+        (path_of(&a, "b") == "relay").then(|| t.elapsed())
+    })
+    .unwrap_or_else(|| panic!("no fallback: {:#}", a.status().unwrap()));
+    assert!(
+        fell_back <= Duration::from_secs(7),
+        "fallback took {fell_back:?}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+
+    // And direct again.
+    unblock_direct(&a_host);
+    assert!(wait_until(Duration::from_secs(15), || path_of(&a, "b") == "direct"));
+    std::thread::sleep(Duration::from_secs(1));
+
+    std::fs::write(&stop, b"").unwrap();
+    let mut sent = String::new();
+    let status = cli.wait().unwrap();
+    cli.stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut sent)
+        .unwrap();
+    assert!(
+        status.success(),
+        "the TCP client failed (connection broken?)"
+    );
+    let received = srv.wait_with_output().unwrap();
+    let received: u64 = String::from_utf8_lossy(&received.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    let sent: u64 = sent.trim().parse().unwrap();
+    assert!(sent > 200_000, "sent only {sent}");
+    assert_eq!(received, sent, "bytes lost across path switches");
+    eprintln!("upgrade to direct after {upgrade:?}, fallback to relay after {fell_back:?}, {sent} bytes over one TCP connection");
+}
