@@ -14,6 +14,7 @@
 //! Set `MESH_E2E_KEEP=1` to keep each lab's temp dir (state dirs and logs).
 
 pub mod daemons;
+pub mod natlab;
 pub mod netns;
 pub mod process;
 

@@ -1,0 +1,751 @@
+//! A small internet with NAT routers, on one machine, to test NAT traversal and relaying.
+//!
+//! ```text
+//!                         "internet" 203.0.113.0/24 (a bridge in its own namespace)
+//!   ctl 203.0.113.1   public hosts 203.0.113.10..99   router WANs 203.0.113.100..254
+//!                                                      |
+//!                      router (namespace; `wan` + `lan`, ip_forward=1, nftables NAT)
+//!                                                      |
+//!                         LAN 198.51.100.0/24 (its own bridge): router .1, hosts .10..
+//! ```
+//!
+//! Every LAN is a separate L2 segment, so all of them reuse 198.51.100.0/24. A double NAT is a
+//! CGNAT router whose inside segment is 192.0.2.0/24 (CGNAT at .1, routers behind it from .2)
+//! with a home router behind it whose LAN is again 198.51.100.0/24. The mesh overlay range
+//! 100.64.0.0/10 is never used here.
+//!
+//! # NAT kinds
+//!
+//! Each router has an nftables ruleset (`table ip nat` + `table inet filter`), see
+//! [`NatKind`]. Common to all kinds:
+//! - LAN → WAN is forwarded; WAN → LAN only for conntrack-established flows (and, for
+//!   [`NatKind::FullCone`], for flows its mapping table DNATs in).
+//! - Unsolicited UDP to the router's own WAN address is dropped in `input`. That keeps Linux
+//!   from confirming a conntrack entry for it, which would otherwise make the NAT change the
+//!   port of a later outbound flow to that peer (simultaneous open keeps working, as with a real
+//!   home router).
+//! - No hairpinning: a LAN host cannot reach another LAN host via the router's public mapping.
+//!
+//! # Endpoint-independent mapping
+//!
+//! Linux `masquerade` keeps the source port only while the resulting 5-tuple is unique, so two
+//! LAN hosts using the same port (every mesh agent uses 51820) would get per-destination
+//! mappings. The EIM kinds therefore keep their mappings in two dynamic nftables maps
+//! (`eim_out`: LAN ip.port → WAN ip.port, `eim_in`: WAN port → LAN ip.port, idle timeout
+//! [`MAPPING_TIMEOUT_SECS`], refreshed by every packet of the mapping's flows):
+//! - a flow from a LAN endpoint that already has a mapping is SNATed to that mapping;
+//! - otherwise its source port is kept unless another endpoint holds it (then a random one);
+//! - [`NatKind::FullCone`] also DNATs any inbound UDP to a mapped WAN port to its owner. This is
+//!   a real (dynamic) full cone, so no static port forwarding is needed: whatever port an agent
+//!   uses, once it has sent anything out it is reachable from anyone.
+//!
+//! # Using it with the daemons
+//!
+//! [`Controller`](crate::Controller) and [`Agent`](crate::Agent) take a [`Lab`] and a [`Host`]:
+//! pass [`NatLab::lab`] (the lab's temp dir, state dirs and logs) and hosts made here.
+//!
+//! ```no_run
+//! # use mesh_e2e::natlab::{NatKind, NatLab};
+//! # use mesh_e2e::{Agent, Controller};
+//! # fn main() -> anyhow::Result<()> {
+//! let mut nat = NatLab::new("my-test")?;
+//! let ctl = Controller::start(nat.lab(), &nat.controller_host())?; // 203.0.113.1:7443
+//! ctl.create_network("n")?;
+//! let token = ctl.create_token("n", &["--reusable"])?;
+//! let pub_host = nat.add_public_host("pub")?; // 203.0.113.10
+//! let home = nat.add_router("home", NatKind::PortRestricted)?; // WAN 203.0.113.100
+//! let a_host = nat.add_host_behind(&home, "a")?; // 198.51.100.10
+//! let a = Agent::join(nat.lab(), &a_host, "a", &token)?;
+//! let p = Agent::join(nat.lab(), &pub_host, "pub", &token)?;
+//! # Ok(()) }
+//! ```
+//!
+//! Drop order: drop the daemons before the `NatLab` (declare them after it). Dropping the
+//! `NatLab` kills whatever still runs in its namespaces, deletes them, and, if the thread is
+//! panicking, prints every router's ruleset (with counters and live mappings) and the logs.
+
+use crate::netns::{ip, Host, Lab, Netns};
+use crate::process::{run, Output, Proc};
+use crate::wait_until;
+use anyhow::{anyhow, bail, Context, Result};
+use std::ffi::OsStr;
+use std::fmt::Write as _;
+use std::fs;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The "internet" subnet (TEST-NET-3), /24.
+pub const INTERNET_PREFIX: [u8; 3] = [203, 0, 113];
+/// Every NAT router's LAN subnet (TEST-NET-2), /24; each LAN is its own segment.
+pub const LAN_PREFIX: [u8; 3] = [198, 51, 100];
+/// A CGNAT's inside subnet (TEST-NET-1), /24.
+pub const CGNAT_PREFIX: [u8; 3] = [192, 0, 2];
+/// The controller/relay host on the internet.
+pub const CONTROLLER_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+/// Idle timeout of an endpoint-independent mapping in the EIM routers.
+pub const MAPPING_TIMEOUT_SECS: u32 = 120;
+/// How long an interface may take to come up.
+const LINK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a router does to UDP. (TCP and ICMP are masqueraded by all of them.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NatKind {
+    /// Endpoint-independent mapping and filtering: once a LAN endpoint has sent anything out,
+    /// anyone on the internet can reach it at its mapping.
+    FullCone,
+    /// Endpoint-independent mapping, address-and-port-dependent filtering: only the exact
+    /// ip:port a LAN endpoint sent to may answer.
+    PortRestricted,
+    /// Endpoint-dependent mapping (`snat to WAN:1024-65535 random`): another external port for
+    /// every destination; replies only (conntrack).
+    Symmetric,
+    /// Like [`NatKind::PortRestricted`] for TCP, but the LAN may send UDP only to the controller
+    /// (203.0.113.1 port 7443); any other UDP from the LAN is dropped.
+    UdpBlocked,
+}
+
+/// A NAT router: its namespace has `wan` (upstream) and `lan` (its inside segment).
+#[derive(Debug, Clone)]
+pub struct Router {
+    /// Name given at creation (also the name of its ruleset file).
+    pub name: String,
+    /// What kind of NAT it is.
+    pub kind: NatKind,
+    /// Its namespace.
+    pub ns: String,
+    /// Address of `wan`: 203.0.113.100+ on the internet, 192.0.2.2+ behind a CGNAT.
+    pub wan_ip: Ipv4Addr,
+    /// Address of `lan` (the gateway of its hosts): 198.51.100.1, or 192.0.2.1 for a CGNAT.
+    pub lan_ip: Ipv4Addr,
+    /// The address its hosts' traffic has on the internet (the outermost NAT's WAN address).
+    pub public_ip: Ipv4Addr,
+    /// Index of its inside segment in the lab.
+    segment: usize,
+}
+
+impl Router {
+    /// Runs a one-shot command in the router's namespace (e.g. `nft list ruleset`).
+    pub fn run<I, S>(&self, bin: impl AsRef<OsStr>, args: I) -> Output
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        run(&self.ns, bin, args)
+    }
+
+    /// `nft list ruleset` of the router: rules with counters and the live EIM mappings.
+    pub fn ruleset(&self) -> String {
+        let out = self.run("nft", ["list", "ruleset"]);
+        if out.success() {
+            out.stdout
+        } else {
+            out.to_string()
+        }
+    }
+
+    /// The router as a [`Host`] (its WAN address), e.g. to spawn something in it.
+    pub fn as_host(&self) -> Host {
+        Host {
+            name: self.name.clone(),
+            ns: self.ns.clone(),
+            ip: self.wan_ip,
+        }
+    }
+}
+
+/// One L2 segment: a bridge `br0` in a switch namespace, with a /24.
+#[derive(Debug)]
+struct Segment {
+    /// Namespace holding the bridge.
+    switch: String,
+    prefix: [u8; 3],
+    used: Vec<u8>,
+    next_host: u8,
+    last_host: u8,
+    next_router: u8,
+    last_router: u8,
+}
+
+impl Segment {
+    fn addr(&self, octet: u8) -> Ipv4Addr {
+        let [a, b, c] = self.prefix;
+        Ipv4Addr::new(a, b, c, octet)
+    }
+
+    /// The next free octet in `next..=last`, advancing `next`.
+    fn take(used: &mut Vec<u8>, next: &mut u8, last: u8) -> Option<u8> {
+        while *next <= last {
+            let o = *next;
+            *next = next.saturating_add(1);
+            if !used.contains(&o) {
+                used.push(o);
+                return Some(o);
+            }
+            if o == u8::MAX {
+                break;
+            }
+        }
+        None
+    }
+
+    fn take_host(&mut self) -> Option<u8> {
+        Self::take(&mut self.used, &mut self.next_host, self.last_host)
+    }
+
+    fn take_router(&mut self) -> Option<u8> {
+        Self::take(&mut self.used, &mut self.next_router, self.last_router)
+    }
+}
+
+/// The NAT lab: an internet segment with the controller host, public hosts, NAT routers and
+/// hosts behind them. See the module doc.
+#[derive(Debug)]
+pub struct NatLab {
+    label: String,
+    /// Segment 0 is the internet.
+    segments: Vec<Segment>,
+    routers: Vec<Router>,
+    controller: Host,
+    /// Every namespace of ours (switches, routers, hosts), deleted on drop.
+    namespaces: Vec<Netns>,
+    /// Temp dir, state dirs, logs; dropped last.
+    lab: Lab,
+}
+
+impl NatLab {
+    /// An internet segment with the controller host `ctl` (203.0.113.1) on it; `label` (the
+    /// test name) names the temp dir.
+    pub fn new(label: &str) -> Result<NatLab> {
+        let lab = Lab::new(&format!("nat-{label}"))?;
+        let mut nat = NatLab {
+            label: label.to_string(),
+            segments: Vec::new(),
+            routers: Vec::new(),
+            controller: Host {
+                name: String::new(),
+                ns: String::new(),
+                ip: CONTROLLER_IP,
+            },
+            namespaces: Vec::new(),
+            lab,
+        };
+        fs::create_dir_all(nat.nft_dir())
+            .with_context(|| format!("creating {}", nat.nft_dir().display()))?;
+        let internet = nat.add_segment(INTERNET_PREFIX, (10, 99), (100, 254))?;
+        nat.segments[internet].used.push(CONTROLLER_IP.octets()[3]);
+        nat.controller = nat.add_host_on(internet, "ctl", CONTROLLER_IP.octets()[3], None)?;
+        Ok(nat)
+    }
+
+    /// The underlying [`Lab`]: temp dir, state dirs and log dir, for
+    /// [`Controller`](crate::Controller) and [`Agent`](crate::Agent). (Its own 192.0.2.0/24
+    /// switch stays empty: add hosts with the `NatLab` methods only.)
+    pub fn lab(&self) -> &Lab {
+        &self.lab
+    }
+
+    /// The controller/relay host, 203.0.113.1 on the internet, named `ctl`.
+    pub fn controller_host(&self) -> Host {
+        self.controller.clone()
+    }
+
+    /// The routers made so far.
+    pub fn routers(&self) -> &[Router] {
+        &self.routers
+    }
+
+    /// A host directly on the internet: 203.0.113.10, .11, ... (up to .99).
+    pub fn add_public_host(&mut self, name: &str) -> Result<Host> {
+        let octet = self.segments[0]
+            .take_host()
+            .ok_or_else(|| anyhow!("no public address left in lab {}", self.label))?;
+        self.add_host_on(0, name, octet, None)
+    }
+
+    /// A NAT router on the internet (WAN 203.0.113.100, .101, ...) with its own LAN
+    /// 198.51.100.0/24 behind it.
+    pub fn add_router(&mut self, name: &str, kind: NatKind) -> Result<Router> {
+        self.add_router_on(0, None, name, kind, LAN_PREFIX)
+    }
+
+    /// A NAT router whose WAN is inside `upstream` (192.0.2.2, .3, ... behind a CGNAT; default
+    /// route via `upstream`), with its own LAN 198.51.100.0/24.
+    pub fn add_router_behind(
+        &mut self,
+        upstream: &Router,
+        name: &str,
+        kind: NatKind,
+    ) -> Result<Router> {
+        let up = self.own_router(upstream)?;
+        self.add_router_on(up.segment, Some(up), name, kind, LAN_PREFIX)
+    }
+
+    /// Double NAT: a CGNAT router `<name>-cgnat` on the internet (inside 192.0.2.0/24) and a
+    /// home router `<name>-home` behind it (WAN 192.0.2.2, LAN 198.51.100.0/24), both
+    /// [`NatKind::PortRestricted`]. Put hosts behind the home router.
+    pub fn add_double_nat(&mut self, name: &str) -> Result<(Router, Router)> {
+        self.add_double_nat_with(name, NatKind::PortRestricted, NatKind::PortRestricted)
+    }
+
+    /// [`NatLab::add_double_nat`] with other kinds for the CGNAT and the home router.
+    pub fn add_double_nat_with(
+        &mut self,
+        name: &str,
+        cgnat: NatKind,
+        home: NatKind,
+    ) -> Result<(Router, Router)> {
+        let outer = self.add_router_on(0, None, &format!("{name}-cgnat"), cgnat, CGNAT_PREFIX)?;
+        let inner = self.add_router_on(
+            outer.segment,
+            Some(outer.clone()),
+            &format!("{name}-home"),
+            home,
+            LAN_PREFIX,
+        )?;
+        Ok((outer, inner))
+    }
+
+    /// A host on `router`'s inside segment: 198.51.100.10, .11, ... (192.0.2.10, ... behind a
+    /// CGNAT), default route via the router.
+    pub fn add_host_behind(&mut self, router: &Router, name: &str) -> Result<Host> {
+        let r = self.own_router(router)?;
+        let octet = self.segments[r.segment]
+            .take_host()
+            .ok_or_else(|| anyhow!("no address left behind router {}", r.name))?;
+        self.add_host_on(r.segment, name, octet, Some(r.lan_ip))
+    }
+
+    /// Starts a daemon in `host`, logging into the lab's log dir (see [`Lab::spawn`]).
+    pub fn spawn<I, S>(
+        &self,
+        host: &Host,
+        label: &str,
+        bin: impl AsRef<OsStr>,
+        args: I,
+    ) -> Result<Proc>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.lab.spawn(host, label, bin, args)
+    }
+
+    /// Names of every namespace of the lab (the `Lab`'s and ours).
+    pub fn namespaces(&self) -> Vec<String> {
+        let mut v = self.lab.namespaces();
+        v.extend(self.namespaces.iter().map(|n| n.name().to_string()));
+        v
+    }
+
+    /// Every router's `nft list ruleset`, for failure messages.
+    pub fn rulesets(&self) -> String {
+        let mut s = String::new();
+        for r in &self.routers {
+            let _ = writeln!(
+                s,
+                "---- router {} ({:?}, {}, wan {}):\n{}",
+                r.name,
+                r.kind,
+                r.ns,
+                r.wan_ip,
+                r.ruleset().trim_end()
+            );
+        }
+        s
+    }
+
+    fn nft_dir(&self) -> PathBuf {
+        self.lab.dir().join("nft")
+    }
+
+    /// The router as this lab knows it (so a `Router` of another lab is refused).
+    fn own_router(&self, router: &Router) -> Result<Router> {
+        self.routers
+            .iter()
+            .find(|r| r.ns == router.ns)
+            .cloned()
+            .ok_or_else(|| anyhow!("router {} is not part of lab {}", router.name, self.label))
+    }
+
+    fn new_netns(&mut self) -> Result<String> {
+        let ns = Netns::new()?;
+        let name = ns.name().to_string();
+        self.namespaces.push(ns);
+        Ok(name)
+    }
+
+    /// A new segment: a switch namespace with bridge `br0`.
+    fn add_segment(
+        &mut self,
+        prefix: [u8; 3],
+        hosts: (u8, u8),
+        routers: (u8, u8),
+    ) -> Result<usize> {
+        let switch = self.new_netns()?;
+        ip(["-n", &switch, "link", "add", "br0", "type", "bridge"])?;
+        ip(["-n", &switch, "link", "set", "br0", "up"])?;
+        self.segments.push(Segment {
+            switch,
+            prefix,
+            used: Vec::new(),
+            next_host: hosts.0,
+            last_host: hosts.1,
+            next_router: routers.0,
+            last_router: routers.1,
+        });
+        Ok(self.segments.len() - 1)
+    }
+
+    /// Connects namespace `ns` to segment `seg` by a veth pair (`v<octet>` on the bridge,
+    /// `ifname` in `ns`) and gives it address `<prefix>.<octet>/24`.
+    fn attach(&self, seg: usize, octet: u8, ns: &str, ifname: &str) -> Result<Ipv4Addr> {
+        let segment = &self.segments[seg];
+        let sw = segment.switch.as_str();
+        let port = format!("v{octet}");
+        let addr = segment.addr(octet);
+        ip([
+            "-n", sw, "link", "add", &port, "type", "veth", "peer", "name", ifname, "netns", ns,
+        ])?;
+        ip(["-n", sw, "link", "set", &port, "master", "br0", "up"])?;
+        ip([
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            ifname,
+        ])?;
+        ip(["-n", ns, "link", "set", ifname, "up"])?;
+        let up = wait_until(LINK_TIMEOUT, || {
+            ip(["-n", ns, "-o", "link", "show", ifname]).is_ok_and(|s| s.contains("LOWER_UP"))
+        });
+        if !up {
+            bail!("{ifname} of {ns} did not come up");
+        }
+        Ok(addr)
+    }
+
+    fn add_host_on(
+        &mut self,
+        seg: usize,
+        name: &str,
+        octet: u8,
+        gateway: Option<Ipv4Addr>,
+    ) -> Result<Host> {
+        let ns = self.new_netns()?;
+        let addr = self.attach(seg, octet, &ns, "eth0")?;
+        if let Some(gw) = gateway {
+            ip(["-n", &ns, "route", "add", "default", "via", &gw.to_string()])?;
+        }
+        Ok(Host {
+            name: name.to_string(),
+            ns,
+            ip: addr,
+        })
+    }
+
+    /// A router with `wan` on segment `up_seg` (default route via `upstream`'s LAN address if
+    /// given) and a new inside segment `inside`/24 on `lan`.
+    fn add_router_on(
+        &mut self,
+        up_seg: usize,
+        upstream: Option<Router>,
+        name: &str,
+        kind: NatKind,
+        inside: [u8; 3],
+    ) -> Result<Router> {
+        if self.routers.iter().any(|r| r.name == name) {
+            bail!("lab {} has a router named {name} already", self.label);
+        }
+        let wan_octet = self.segments[up_seg]
+            .take_router()
+            .ok_or_else(|| anyhow!("no router address left in lab {}", self.label))?;
+        let ns = self.new_netns()?;
+        let wan_ip = self.attach(up_seg, wan_octet, &ns, "wan")?;
+        if let Some(up) = &upstream {
+            ip([
+                "-n",
+                &ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &up.lan_ip.to_string(),
+            ])?;
+        }
+        let segment = self.add_segment(inside, (10, 254), (2, 9))?;
+        self.segments[segment].used.push(1);
+        let lan_ip = self.attach(segment, 1, &ns, "lan")?;
+        run(&ns, "sysctl", ["-qw", "net.ipv4.ip_forward=1"])
+            .ok()
+            .context("enabling IPv4 forwarding in a router")?;
+        let rules = ruleset(kind, wan_ip);
+        let safe: String = name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        let file = self.nft_dir().join(format!("{safe}.nft"));
+        fs::write(&file, &rules).with_context(|| format!("writing {}", file.display()))?;
+        run(&ns, "nft", [OsStr::new("-f"), file.as_os_str()])
+            .ok()
+            .with_context(|| {
+                format!("loading the {kind:?} ruleset of router {name} (is nftables installed?)")
+            })?;
+        let router = Router {
+            name: name.to_string(),
+            kind,
+            ns,
+            wan_ip,
+            lan_ip,
+            public_ip: upstream.map_or(wan_ip, |u| u.public_ip),
+            segment,
+        };
+        self.routers.push(router.clone());
+        Ok(router)
+    }
+}
+
+impl Drop for NatLab {
+    fn drop(&mut self) {
+        if std::thread::panicking() && !self.routers.is_empty() {
+            eprintln!(
+                "======== routers of NAT lab {} ========\n{}======== end of routers ========",
+                self.label,
+                self.rulesets()
+            );
+        }
+        // Kill what runs in our namespaces and delete them; then `lab` prints the logs (when
+        // panicking) and removes the temp dir.
+        while let Some(ns) = self.namespaces.pop() {
+            drop(ns);
+        }
+    }
+}
+
+/// The nftables ruleset of a router of `kind` whose WAN address is `wan`.
+fn ruleset(kind: NatKind, wan: Ipv4Addr) -> String {
+    let eim = matches!(kind, NatKind::FullCone | NatKind::PortRestricted);
+    let t = MAPPING_TIMEOUT_SECS;
+    let mut s = String::from("table ip nat {\n");
+    if eim {
+        let _ = write!(
+            s,
+            "  map eim_out {{\n    type ipv4_addr . inet_service : ipv4_addr . inet_service\n    \
+             flags dynamic,timeout\n    timeout {t}s\n  }}\n  map eim_in {{\n    type \
+             inet_service : ipv4_addr . inet_service\n    flags dynamic,timeout\n    timeout \
+             {t}s\n  }}\n"
+        );
+    }
+    s.push_str(
+        "  chain prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n",
+    );
+    if kind == NatKind::FullCone {
+        // Endpoint-independent filtering: anything to a mapped port goes to its owner.
+        s.push_str(
+            "    iifname \"wan\" meta l4proto udp dnat ip addr . port to udp dport map @eim_in\n",
+        );
+    }
+    s.push_str("  }\n  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n");
+    match kind {
+        NatKind::FullCone | NatKind::PortRestricted => {
+            let _ = write!(
+                s,
+                "    oifname \"wan\" meta l4proto udp snat ip addr . port to ip saddr . udp sport \
+                 map @eim_out\n    oifname \"wan\" meta l4proto udp udp sport @eim_in snat ip to \
+                 {wan}:1024-65535 random\n    oifname \"wan\" snat ip to {wan}\n"
+            );
+        }
+        NatKind::Symmetric => {
+            let _ = write!(
+                s,
+                "    oifname \"wan\" meta l4proto udp snat ip to {wan}:1024-65535 random\n    \
+                 oifname \"wan\" snat ip to {wan}\n"
+            );
+        }
+        NatKind::UdpBlocked => s.push_str("    oifname \"wan\" masquerade\n"),
+    }
+    s.push_str("  }\n");
+    if eim {
+        // Runs after SNAT, so the reply tuple holds the mapping. Flows opened from the LAN
+        // (original direction) and flows a full cone let in (reply direction) both refresh it.
+        s.push_str(
+            "  chain record {\n    type filter hook postrouting priority srcnat + 10; policy \
+             accept;\n    oifname \"wan\" meta l4proto udp ct direction original update @eim_out \
+             { ct original ip saddr . ct original proto-src : ct reply ip daddr . ct reply \
+             proto-dst } update @eim_in { ct reply proto-dst : ct original ip saddr . ct \
+             original proto-src }\n    oifname \"wan\" meta l4proto udp ct direction reply \
+             update @eim_out { ct reply ip saddr . ct reply proto-src : ct original ip daddr . \
+             ct original proto-dst } update @eim_in { ct original proto-dst : ct reply ip saddr \
+             . ct reply proto-src }\n  }\n",
+        );
+    }
+    s.push_str("}\n");
+    s.push_str(
+        "table inet filter {\n  chain input {\n    type filter hook input priority filter; \
+         policy accept;\n    iifname \"wan\" meta l4proto udp ct state new counter drop\n  }\n  \
+         chain forward {\n    type filter hook forward priority filter; policy drop;\n    ct \
+         state established,related accept\n",
+    );
+    if kind == NatKind::UdpBlocked {
+        let _ = write!(
+            s,
+            "    iifname \"lan\" oifname \"wan\" ip daddr {CONTROLLER_IP} udp dport {} accept\n    \
+             iifname \"lan\" meta l4proto udp counter drop\n",
+            crate::CONTROL_PORT
+        );
+    }
+    s.push_str("    iifname \"lan\" oifname \"wan\" accept\n");
+    if kind == NatKind::FullCone {
+        s.push_str("    iifname \"wan\" oifname \"lan\" ct status dnat accept\n");
+    }
+    s.push_str("    counter drop\n  }\n}\n");
+    s
+}
+
+/// The `mesh-e2e-stun` helper (integration tests find it as
+/// `env!("CARGO_BIN_EXE_mesh-e2e-stun")`): reflectors, probes, listeners and single datagrams,
+/// to see what a NAT does.
+#[derive(Debug, Clone)]
+pub struct Stun {
+    bin: PathBuf,
+}
+
+/// How long a started reflector or listener may take to bind.
+const STUN_READY: Duration = Duration::from_secs(5);
+
+impl Stun {
+    /// The helper at `bin`.
+    pub fn new(bin: impl Into<PathBuf>) -> Stun {
+        Stun { bin: bin.into() }
+    }
+
+    /// Starts a reflector on `host.ip:port` and waits until it is bound.
+    pub fn serve(&self, nat: &NatLab, host: &Host, port: u16) -> Result<Proc> {
+        let addr = SocketAddrV4::new(host.ip, port).to_string();
+        let mut p = nat.spawn(
+            host,
+            &format!("{}-stun-{port}", host.name),
+            &self.bin,
+            ["serve", addr.as_str()],
+        )?;
+        wait_line(&mut p, "serving ")?;
+        Ok(p)
+    }
+
+    /// From `host`'s UDP port `from`, asks each reflector in `servers` what it sees: the observed
+    /// mapping per server, in order (`None`: no answer within 2 s).
+    pub fn probe(
+        &self,
+        host: &Host,
+        from: u16,
+        servers: &[SocketAddrV4],
+    ) -> Result<Vec<Option<SocketAddrV4>>> {
+        let mut args = vec!["probe".to_string(), "--from".into(), from.to_string()];
+        args.extend(servers.iter().map(|s| s.to_string()));
+        let out = host.run(&self.bin, &args).ok()?;
+        let mut seen = Vec::new();
+        for server in servers {
+            let prefix = format!("{server} ");
+            let line = out
+                .stdout
+                .lines()
+                .find_map(|l| l.strip_prefix(&prefix))
+                .ok_or_else(|| anyhow!("probe printed nothing for {server}: {out}"))?;
+            seen.push(match line.trim() {
+                "none" => None,
+                other => Some(
+                    other
+                        .parse()
+                        .with_context(|| format!("bad mapping {other:?}: {out}"))?,
+                ),
+            });
+        }
+        Ok(seen)
+    }
+
+    /// Starts a listener on `host`'s UDP port `port` for `seconds`, after it sent one datagram
+    /// to each of `punch`; waits until it is bound.
+    pub fn listen(
+        &self,
+        nat: &NatLab,
+        host: &Host,
+        port: u16,
+        seconds: u64,
+        punch: &[SocketAddrV4],
+    ) -> Result<Listener> {
+        let mut args = vec!["listen".to_string(), port.to_string(), seconds.to_string()];
+        for p in punch {
+            args.push("--punch".into());
+            args.push(p.to_string());
+        }
+        let mut proc = nat.spawn(
+            host,
+            &format!("{}-listen-{port}", host.name),
+            &self.bin,
+            args,
+        )?;
+        wait_line(&mut proc, "listening ")?;
+        Ok(Listener { proc })
+    }
+
+    /// Sends one datagram from `host`'s UDP port `from` to `to`.
+    pub fn send(&self, host: &Host, from: u16, to: SocketAddrV4) -> Result<()> {
+        let args = [
+            "send".to_string(),
+            "--from".into(),
+            from.to_string(),
+            to.to_string(),
+            format!("from-{}", host.name),
+        ];
+        host.run(&self.bin, args).ok()?;
+        Ok(())
+    }
+}
+
+/// Waits until `p` printed a line starting with `prefix`; fails early if it exits.
+fn wait_line(p: &mut Proc, prefix: &str) -> Result<()> {
+    let mut exited = false;
+    let ready = wait_until(STUN_READY, || {
+        if p.stdout().lines().any(|l| l.starts_with(prefix)) {
+            return true;
+        }
+        exited = !p.is_running();
+        exited
+    });
+    if ready && !exited {
+        return Ok(());
+    }
+    let log = p.log();
+    bail!("{} did not start:\n{log}", p.label())
+}
+
+/// A running `mesh-e2e-stun listen`.
+#[derive(Debug)]
+pub struct Listener {
+    proc: Proc,
+}
+
+impl Listener {
+    /// Sources of the datagrams received so far, in order.
+    pub fn sources(&self) -> Vec<SocketAddrV4> {
+        self.proc
+            .stdout()
+            .lines()
+            .filter_map(|l| l.strip_prefix("from "))
+            .filter_map(|l| l.split_whitespace().next())
+            .filter_map(|a| a.parse().ok())
+            .collect()
+    }
+
+    /// Waits until a datagram from `src` has arrived.
+    pub fn wait_from(&self, src: SocketAddrV4, timeout: Duration) -> bool {
+        wait_until(timeout, || self.sources().contains(&src))
+    }
+
+    /// The process (its log, or to stop it early).
+    pub fn proc(&mut self) -> &mut Proc {
+        &mut self.proc
+    }
+}
