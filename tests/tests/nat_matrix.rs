@@ -196,4 +196,13 @@ fn every_pair_connects_directly_where_it_can_and_through_the_relay_otherwise() {
         settled && mismatches.is_empty(),
         "paths differ from the expected matrix: {mismatches:#?}"
     );
+    // Two nodes behind one NAT talk over their LAN addresses (the NAT does not hairpin).
+    let lan_endpoint = agents[idx("lan1")].peer("lan2").unwrap()["endpoint"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        lan_endpoint.starts_with("198.51.100."),
+        "lan1 reaches lan2 at {lan_endpoint}"
+    );
 }
