@@ -29,6 +29,8 @@ pub const PATH_TIMEOUT: Duration = Duration::from_secs(5);
 pub const PATH_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// While on the relay, every candidate gets an authenticated probe this often (hole punching).
 pub const CANDIDATE_PROBE_INTERVAL: Duration = Duration::from_secs(2);
+/// Ports above the peer's observed one probed while on the relay (port prediction).
+pub const PREDICTED_PORTS: u16 = 4;
 /// Ids of pings and path probes (path MTU probes use the ids below).
 pub const PING_IDS: std::ops::Range<u16> = 0x8000..0xffff;
 /// Most pings in flight per peer.
@@ -437,6 +439,11 @@ impl Node {
             if peer.config.address != config.address {
                 self.by_address.remove(&peer.config.address);
                 self.by_address.insert(config.address, config.key);
+            }
+            if peer.config.endpoints != config.endpoints {
+                // New candidates from the controller, which tells both sides at the same moment:
+                // probe them at the next tick, so the two sides punch their NATs together.
+                peer.last_candidate_probe = None;
             }
             peer.config = config;
             return;
@@ -951,6 +958,16 @@ fn manage_path(
             if let Output::Network(bytes) = peer.session.encapsulate(&[], buf) {
                 for dst in peer.config.endpoints.iter().take(MAX_ENDPOINTS) {
                     out.udp(*dst, bytes);
+                }
+                // Cheap port prediction: a NAT that maps each destination to the next free port
+                // gives the mapping toward us a port just above the one the controller saw
+                // (the first candidate). Bounded: PREDICTED_PORTS extra packets per round.
+                if let Some(first) = peer.config.endpoints.first() {
+                    for step in 1..=PREDICTED_PORTS {
+                        if let Some(port) = first.port().checked_add(step) {
+                            out.udp(SocketAddr::new(first.ip(), port), bytes);
+                        }
+                    }
                 }
             }
         }
@@ -1518,6 +1535,36 @@ mod tests {
         }
         assert!(matches!(r.path_a(), Path::Direct(_)));
         assert!(r.send_a_to_b(99));
+    }
+
+    #[test]
+    fn new_candidates_are_probed_at_the_next_tick_with_predicted_ports() {
+        let mut r = Relayed::new(false);
+        assert!(r.send_a_to_b(1));
+        r.tick();
+        while r.p.a.poll_transmit().is_some() {}
+        let kb = r.p.b.public_key();
+        let moved: SocketAddr = "203.0.113.9:40000".parse().unwrap();
+        r.p.a.upsert_peer(
+            PeerConfig {
+                key: kb,
+                name: "b".into(),
+                address: r.p.b.address(),
+                endpoints: vec![moved],
+            },
+            r.p.now,
+        );
+        r.p.now += TICK;
+        r.p.a.handle_timeout(r.p.now);
+        let sent: Vec<SocketAddr> = std::iter::from_fn(|| r.p.a.poll_transmit())
+            .map(|t| t.dst)
+            .collect();
+        let mut want = vec![moved];
+        want.extend((1..=PREDICTED_PORTS).map(|i| SocketAddr::new(moved.ip(), 40000 + i)));
+        assert_eq!(
+            sent, want,
+            "probes go to the new candidate and the ports just above it"
+        );
     }
 
     #[test]
