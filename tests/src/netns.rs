@@ -187,6 +187,78 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A TCP receiver in a host's namespace that counts the bytes of one connection (for checking
+/// that a stream got through whole). Started with [`Host::tcp_sink`].
+#[derive(Debug)]
+pub struct TcpSink {
+    child: Option<std::process::Child>,
+}
+
+impl TcpSink {
+    /// Waits for the connection to end and returns how many bytes it carried (0 if the receiver
+    /// failed or timed out).
+    pub fn received(mut self) -> u64 {
+        self.child
+            .take()
+            .and_then(|c| c.wait_with_output().ok())
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for TcpSink {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Host {
+    /// Starts a TCP receiver on `port` (one connection, at most `timeout_secs`) and waits until
+    /// it listens.
+    pub fn tcp_sink(&self, port: u16, timeout_secs: u32) -> Result<TcpSink> {
+        let script = format!(
+            "import socket\n\
+             s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+             s.bind(('0.0.0.0', {port})); s.listen(1); s.settimeout({timeout_secs})\n\
+             c,_=s.accept(); c.settimeout(30); n=0\n\
+             while True:\n\
+             \x20   d=c.recv(65536)\n\
+             \x20   if not d: break\n\
+             \x20   n+=len(d)\n\
+             print(n)\n"
+        );
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", self.ns.as_str(), "timeout"])
+            .arg((timeout_secs + 30).to_string())
+            .args(["python3", "-c", script.as_str()])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("starting the TCP receiver")?;
+        let sink = TcpSink { child: Some(child) };
+        let listening = format!(":{port}");
+        if !crate::wait_until(std::time::Duration::from_secs(10), || {
+            ip([
+                "netns",
+                "exec",
+                self.ns.as_str(),
+                "ss",
+                "-H",
+                "-l",
+                "-t",
+                "-n",
+            ])
+            .map(|o| o.contains(&listening))
+            .unwrap_or(false)
+        }) {
+            bail!("the TCP receiver in {} did not listen on {port}", self.name);
+        }
+        Ok(sink)
+    }
+}
+
 /// A flat L2 network: one "switch" namespace holding bridge `br0`, and hosts hanging off it by
 /// veth pairs, with addresses 192.0.2.N/24. Everything (namespaces, temp dir) is unique to the
 /// lab, so labs can run in parallel.

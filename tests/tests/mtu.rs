@@ -15,28 +15,7 @@ fn tcp_transfer(
     to_ip: &str,
     bytes: usize,
 ) -> usize {
-    let server = "import socket,sys\n\
-        s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-        s.bind(('0.0.0.0', 5201)); s.listen(1); s.settimeout(30)\n\
-        c,_=s.accept(); c.settimeout(30); n=0\n\
-        while True:\n\
-        \x20   d=c.recv(65536)\n\
-        \x20   if not d: break\n\
-        \x20   n+=len(d)\n\
-        print(n)\n";
-    let srv = std::process::Command::new("ip")
-        .args([
-            "netns", "exec", &to.ns, "timeout", "40", "python3", "-c", server,
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Wait until it listens.
-    assert!(wait_until(Duration::from_secs(10), || {
-        ip(["netns", "exec", &to.ns, "ss", "-H", "-l", "-t", "-n"])
-            .map(|o| o.contains(":5201"))
-            .unwrap_or(false)
-    }));
+    let sink = to.tcp_sink(5201, 30).unwrap();
     let client = format!(
         "import socket\n\
          s=socket.create_connection(('{to_ip}', 5201), timeout=30)\n\
@@ -44,11 +23,7 @@ fn tcp_transfer(
     );
     let out = from.run("timeout", ["40", "python3", "-c", client.as_str()]);
     assert!(out.success(), "client failed: {out}");
-    let got = srv.wait_with_output().unwrap();
-    String::from_utf8_lossy(&got.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(0)
+    sink.received() as usize
 }
 
 #[test]

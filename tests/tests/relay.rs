@@ -141,43 +141,7 @@ fn relay_when_blocked_direct_when_open_and_tcp_survives_every_switch() {
     assert!(out.success() && out.stdout.contains("via relay"), "{out}");
 
     // A TCP stream that runs through every switch that follows.
-    let server = "import socket\n\
-        s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-        s.bind(('0.0.0.0', 5202)); s.listen(1); s.settimeout(60)\n\
-        c,_=s.accept(); c.settimeout(30); n=0\n\
-        while True:\n\
-        \x20   d=c.recv(65536)\n\
-        \x20   if not d: break\n\
-        \x20   n+=len(d)\n\
-        print(n)\n";
-    let srv = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            b_host.ns.as_str(),
-            "timeout",
-            "90",
-            "python3",
-            "-c",
-            server,
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    assert!(wait_until(Duration::from_secs(10), || {
-        ip([
-            "netns",
-            "exec",
-            b_host.ns.as_str(),
-            "ss",
-            "-H",
-            "-l",
-            "-t",
-            "-n",
-        ])
-        .map(|o| o.contains(":5202"))
-        .unwrap_or(false)
-    }));
+    let sink = b_host.tcp_sink(5202, 60).unwrap();
     // 20 KB every 50 ms until a stop file appears; prints what it sent.
     let stop = lab.dir().join("stop-tcp");
     let client = format!(
@@ -247,11 +211,7 @@ fn relay_when_blocked_direct_when_open_and_tcp_survives_every_switch() {
         status.success(),
         "the TCP client failed (connection broken?)"
     );
-    let received = srv.wait_with_output().unwrap();
-    let received: u64 = String::from_utf8_lossy(&received.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(0);
+    let received = sink.received();
     let sent: u64 = sent.trim().parse().unwrap();
     assert!(sent > 200_000, "sent only {sent}");
     assert_eq!(received, sent, "bytes lost across path switches");

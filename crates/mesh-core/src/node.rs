@@ -264,8 +264,16 @@ impl Peer {
     ///   directly, so a direct path can be found while traffic already flows;
     /// - else every candidate (the first that answers becomes the endpoint).
     fn send(&mut self, bytes: &[u8], now: Instant, out: &mut Outbox) {
-        if let Some(dst) = self.endpoint {
+        if self.endpoint.is_some() {
             self.last_direct_tx = Some(now);
+        }
+        self.send_untracked(bytes, out);
+    }
+
+    /// Like [`Peer::send`], but not counted as traffic that expects an answer on the direct path:
+    /// for path MTU probes, which are meant to be lost when too large.
+    fn send_untracked(&mut self, bytes: &[u8], out: &mut Outbox) {
+        if let Some(dst) = self.endpoint {
             out.udp(dst, bytes);
             return;
         }
@@ -826,7 +834,7 @@ impl Node {
                         usize::from(size),
                     );
                     if let Output::Network(bytes) = peer.session.encapsulate(&p, &mut self.buf) {
-                        peer.send(bytes, now, &mut self.out);
+                        peer.send_untracked(bytes, &mut self.out);
                     }
                 }
                 if let Some(mtu) = peer.pmtu.result() {
