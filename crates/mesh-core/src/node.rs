@@ -822,7 +822,13 @@ impl Node {
                     peer.probed_endpoint = peer.endpoint;
                     peer.pmtu.start(now);
                 }
-                if let Some((id, size)) = peer.pmtu.poll_probe(now) {
+                // The search measures the direct path it started on; while traffic is on the
+                // relay (or another path) it waits.
+                let on_probed_path =
+                    peer.endpoint.is_some() && peer.endpoint == peer.probed_endpoint;
+                if let Some((id, size)) =
+                    on_probed_path.then(|| peer.pmtu.poll_probe(now)).flatten()
+                {
                     let p = pmtu::build(
                         self.config.address,
                         peer.config.address,
@@ -1380,15 +1386,21 @@ mod tests {
     struct Relayed {
         p: Pair,
         udp: bool,
+        /// Largest UDP datagram the direct path carries.
+        udp_limit: usize,
     }
 
     impl Relayed {
         fn new(udp: bool) -> Relayed {
+            Relayed::limited(udp, usize::MAX)
+        }
+
+        fn limited(udp: bool, udp_limit: usize) -> Relayed {
             let mut p = Pair::quiet();
             let now = p.now;
             p.a.set_relay(true, now);
             p.b.set_relay(true, now);
-            let mut r = Relayed { p, udp };
+            let mut r = Relayed { p, udp, udp_limit };
             r.drive();
             // The higher key's fallback handshake is due after PROACTIVE_FALLBACK at the latest.
             for _ in 0..5 {
@@ -1403,7 +1415,7 @@ mod tests {
                 let mut moved = false;
                 while let Some(t) = self.p.a.poll_transmit() {
                     moved = true;
-                    if self.udp {
+                    if self.udp && t.payload.len() <= self.udp_limit {
                         self.p
                             .b
                             .handle_datagram(self.p.a_addr, &t.payload, self.p.now);
@@ -1411,7 +1423,7 @@ mod tests {
                 }
                 while let Some(t) = self.p.b.poll_transmit() {
                     moved = true;
-                    if self.udp {
+                    if self.udp && t.payload.len() <= self.udp_limit {
                         self.p
                             .a
                             .handle_datagram(self.p.b_addr, &t.payload, self.p.now);
@@ -1573,6 +1585,19 @@ mod tests {
             sent, want,
             "probes go to the new candidate and the ports just above it"
         );
+    }
+
+    #[test]
+    fn small_direct_path_stays_direct_with_a_smaller_mtu_not_relayed() {
+        // Lost path MTU probes must not look like a dead path.
+        let mut r = Relayed::limited(true, 1400 - 28);
+        for i in 0..200u8 {
+            assert!(r.send_a_to_b(i), "small packets keep flowing");
+            r.tick();
+        }
+        assert!(matches!(r.path_a(), Path::Direct(_)), "{:?}", r.path_a());
+        let mtu = r.p.a.peer_status(r.p.now)[0].path_mtu.expect("a path MTU");
+        assert!((1332..=1340).contains(&mtu), "{mtu}");
     }
 
     #[test]
