@@ -66,18 +66,22 @@ fn three_nodes_ping_each_other_and_report_it() {
             .map(|o| o.name.as_str())
             .collect();
         let mut last = Value::Null;
-        let counted = wait_until(Duration::from_secs(5), || {
+        // Traffic may start on the relay; on one flat LAN the direct path follows within a
+        // probe round (2 s), so wait for it rather than catch the moment before.
+        let counted = wait_until(Duration::from_secs(10), || {
             last = a.status().unwrap();
             last["peers"].as_array().is_some_and(|peers| {
                 peers.len() == 2
-                    && peers
-                        .iter()
-                        .all(|p| u64_field(p, "rx_bytes") > 0 && u64_field(p, "tx_bytes") > 0)
+                    && peers.iter().all(|p| {
+                        u64_field(p, "rx_bytes") > 0
+                            && u64_field(p, "tx_bytes") > 0
+                            && p["path"] == "direct"
+                    })
             })
         });
         assert!(
             counted,
-            "{} should list 2 peers with rx_bytes and tx_bytes > 0: {last:#}",
+            "{} should list 2 peers, direct, with rx_bytes and tx_bytes > 0: {last:#}",
             a.name
         );
         let peers = last["peers"].as_array().unwrap();
