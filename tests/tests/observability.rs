@@ -72,7 +72,10 @@ fn agent_and_controller_export_metrics() {
 
     let text = wait_for(Duration::from_secs(10), || {
         let t = scrape(&a_host.ns, 9101)?;
-        (value(&t, "mesh_peer_rx_bytes_total{peer=\"b\"")? > 0.0).then_some(t)
+        // Traffic may start on the relay; on a flat LAN the direct path follows shortly.
+        let ready = value(&t, "mesh_peer_rx_bytes_total{peer=\"b\"")? > 0.0
+            && value(&t, "mesh_peer_path_direct{peer=\"b\"")? == 1.0;
+        ready.then_some(t)
     })
     .unwrap_or_else(|| panic!("agent metrics: {:?}", scrape(&a_host.ns, 9101)));
     assert_eq!(value(&text, "mesh_node_up"), Some(1.0));
