@@ -27,8 +27,12 @@ pub const PROACTIVE_FALLBACK: Duration = Duration::from_secs(1);
 pub const PATH_TIMEOUT: Duration = Duration::from_secs(5);
 /// On a quiet direct path we are sending on, a liveness probe goes out this often.
 pub const PATH_PROBE_INTERVAL: Duration = Duration::from_secs(1);
-/// While on the relay, every candidate gets an authenticated probe this often (hole punching).
+/// While on the relay, every candidate gets an authenticated probe this often at first (hole
+/// punching); the interval doubles after each unanswered round up to
+/// [`MAX_CANDIDATE_PROBE_INTERVAL`], and starts over when candidates change.
 pub const CANDIDATE_PROBE_INTERVAL: Duration = Duration::from_secs(2);
+/// Longest wait between probe rounds for a peer that no direct path reaches.
+pub const MAX_CANDIDATE_PROBE_INTERVAL: Duration = Duration::from_secs(32);
 /// Ports above the peer's observed one probed while on the relay (port prediction).
 pub const PREDICTED_PORTS: u16 = 4;
 /// Ids of pings and path probes (path MTU probes use the ids below).
@@ -232,6 +236,8 @@ struct Peer {
     /// Last probe of the candidates while on the relay, and last liveness probe of the direct
     /// path.
     last_candidate_probe: Option<Instant>,
+    /// Current wait between candidate probe rounds.
+    candidate_probe_interval: Duration,
     last_path_probe: Option<Instant>,
     /// Pings in flight: (id, sent at, asked for by the user).
     pings: VecDeque<(u16, Instant, bool)>,
@@ -452,6 +458,7 @@ impl Node {
                 // New candidates from the controller, which tells both sides at the same moment:
                 // probe them at the next tick, so the two sides punch their NATs together.
                 peer.last_candidate_probe = None;
+                peer.candidate_probe_interval = CANDIDATE_PROBE_INTERVAL;
             }
             peer.config = config;
             return;
@@ -489,6 +496,7 @@ impl Node {
                 last_direct_tx: None,
                 last_relay_rx: None,
                 last_candidate_probe: None,
+                candidate_probe_interval: CANDIDATE_PROBE_INTERVAL,
                 last_path_probe: None,
                 pings: VecDeque::new(),
                 rtt: None,
@@ -950,6 +958,7 @@ fn manage_path(
                 tracing::debug!(peer = %key, "direct path silent; falling back to the relay");
                 peer.endpoint = None;
                 peer.last_candidate_probe = None;
+                peer.candidate_probe_interval = CANDIDATE_PROBE_INTERVAL;
                 out.events.push_back(Event::PathChanged {
                     key,
                     path: Path::Relay,
@@ -964,10 +973,15 @@ fn manage_path(
             }
         }
         None if out.relay_up
-            && peer
-                .last_candidate_probe
-                .is_none_or(|t| now.saturating_duration_since(t) >= CANDIDATE_PROBE_INTERVAL) =>
+            && peer.last_candidate_probe.is_none_or(|t| {
+                now.saturating_duration_since(t) >= peer.candidate_probe_interval
+            }) =>
         {
+            if peer.last_candidate_probe.is_some() {
+                // The last round went unanswered (we are still on the relay): back off.
+                peer.candidate_probe_interval =
+                    (peer.candidate_probe_interval * 2).min(MAX_CANDIDATE_PROBE_INTERVAL);
+            }
             peer.last_candidate_probe = Some(now);
             if let Output::Network(bytes) = peer.session.encapsulate(&[], buf) {
                 for dst in peer.config.endpoints.iter().take(MAX_ENDPOINTS) {
@@ -1388,6 +1402,8 @@ mod tests {
         udp: bool,
         /// Largest UDP datagram the direct path carries.
         udp_limit: usize,
+        /// UDP datagrams a has sent (delivered or not).
+        a_udp_sent: usize,
     }
 
     impl Relayed {
@@ -1400,7 +1416,12 @@ mod tests {
             let now = p.now;
             p.a.set_relay(true, now);
             p.b.set_relay(true, now);
-            let mut r = Relayed { p, udp, udp_limit };
+            let mut r = Relayed {
+                p,
+                udp,
+                udp_limit,
+                a_udp_sent: 0,
+            };
             r.drive();
             // The higher key's fallback handshake is due after PROACTIVE_FALLBACK at the latest.
             for _ in 0..5 {
@@ -1415,6 +1436,7 @@ mod tests {
                 let mut moved = false;
                 while let Some(t) = self.p.a.poll_transmit() {
                     moved = true;
+                    self.a_udp_sent += 1;
                     if self.udp && t.payload.len() <= self.udp_limit {
                         self.p
                             .b
@@ -1598,6 +1620,40 @@ mod tests {
         assert!(matches!(r.path_a(), Path::Direct(_)), "{:?}", r.path_a());
         let mtu = r.p.a.peer_status(r.p.now)[0].path_mtu.expect("a path MTU");
         assert!((1332..=1340).contains(&mtu), "{mtu}");
+    }
+
+    #[test]
+    fn probing_backs_off_when_no_direct_path_exists_and_restarts_on_new_candidates() {
+        let mut r = Relayed::new(false);
+        let probe_rounds = |r: &mut Relayed, secs: u64| {
+            let mut rounds = 0;
+            for _ in 0..secs * 4 {
+                let before = r.a_udp_sent;
+                r.tick();
+                // A round: one keepalive per candidate plus the predicted ports.
+                if r.a_udp_sent > before {
+                    rounds += 1;
+                }
+            }
+            rounds
+        };
+        let early = probe_rounds(&mut r, 20);
+        let late = probe_rounds(&mut r, 120);
+        assert!(early >= 3, "probes at first: {early}");
+        assert!(
+            late <= 5,
+            "backed off to at most one round per 32 s: {late} rounds in 2 min"
+        );
+        // New candidates from the controller: probing starts over at once.
+        let kb = r.p.b.public_key();
+        let cfg = PeerConfig {
+            key: kb,
+            name: "b".into(),
+            address: r.p.b.address(),
+            endpoints: vec!["203.0.113.9:51820".parse().unwrap()],
+        };
+        r.p.a.upsert_peer(cfg, r.p.now);
+        assert!(probe_rounds(&mut r, 7) >= 3);
     }
 
     #[test]
