@@ -243,6 +243,8 @@ struct Peer {
     pings: VecDeque<(u16, Instant, bool)>,
     /// Round-trip time of the last answered ping or path probe.
     rtt: Option<Duration>,
+    /// Last message of any kind sent to the peer (for persistent keepalive).
+    last_tx: Option<Instant>,
 }
 
 impl Peer {
@@ -258,9 +260,14 @@ impl Peer {
         self.last_forced = Some(now);
         let started = self.handshake_wait.map_or(now, |(s, _)| s);
         self.handshake_wait = Some((started, now));
-        self.endpoint = None;
+        let previous = self.endpoint.take();
         if let Output::Network(bytes) = self.session.force_handshake(buf) {
             self.send(bytes, now, out);
+            // The endpoint that worked last is often the only one that can (a symmetric NAT's
+            // port toward us is in no candidate list): try it too.
+            if let Some(p) = previous.filter(|p| !self.config.endpoints.contains(p)) {
+                out.udp(p, bytes);
+            }
         }
     }
 
@@ -273,12 +280,13 @@ impl Peer {
         if self.endpoint.is_some() {
             self.last_direct_tx = Some(now);
         }
-        self.send_untracked(bytes, out);
+        self.send_untracked(bytes, now, out);
     }
 
     /// Like [`Peer::send`], but not counted as traffic that expects an answer on the direct path:
     /// for path MTU probes, which are meant to be lost when too large.
-    fn send_untracked(&mut self, bytes: &[u8], out: &mut Outbox) {
+    fn send_untracked(&mut self, bytes: &[u8], now: Instant, out: &mut Outbox) {
+        self.last_tx = Some(now);
         if let Some(dst) = self.endpoint {
             out.udp(dst, bytes);
             return;
@@ -467,7 +475,8 @@ impl Node {
         let session = Session::new(
             self.secret.clone(),
             config.key,
-            self.config.keepalive,
+            // Persistent keepalive runs in the node, on the injected clock (see handle_timeout).
+            None,
             index,
         );
         self.by_address.insert(config.address, config.key);
@@ -500,6 +509,7 @@ impl Node {
                 last_path_probe: None,
                 pings: VecDeque::new(),
                 rtt: None,
+                last_tx: None,
             },
         );
         if initiate {
@@ -683,6 +693,7 @@ impl Node {
         match peer.session.decapsulate(source_ip, datagram, &mut self.buf) {
             Output::Network(bytes) => {
                 authenticated = true;
+                peer.last_tx = Some(now);
                 self.out.reply(via, key, bytes);
                 // Packets queued during the handshake follow the response.
                 while let Output::Network(bytes) = peer.session.flush_queued(&mut self.buf) {
@@ -813,7 +824,8 @@ impl Node {
                     self.out
                         .events
                         .push_back(Event::PeerUnreachable { key: *key });
-                } else if now.duration_since(last_sent) >= REKEY_TIMEOUT {
+                } else if now.duration_since(last_sent) >= REKEY_TIMEOUT + retry_jitter(peer.index)
+                {
                     peer.last_forced = None;
                     peer.force_handshake(now, &mut self.buf, &mut self.out);
                 }
@@ -848,7 +860,7 @@ impl Node {
                         usize::from(size),
                     );
                     if let Output::Network(bytes) = peer.session.encapsulate(&p, &mut self.buf) {
-                        peer.send_untracked(bytes, &mut self.out);
+                        peer.send_untracked(bytes, now, &mut self.out);
                     }
                 }
                 if let Some(mtu) = peer.pmtu.result() {
@@ -868,6 +880,17 @@ impl Node {
                     me,
                     &mut self.next_ping,
                 );
+            }
+            // Persistent keepalive: keeps NAT mappings (ours and the peer's filters) open.
+            if let Some(k) = self.config.keepalive {
+                let idle = peer.last_tx.is_none_or(|t| {
+                    now.saturating_duration_since(t) >= Duration::from_secs(k.into())
+                });
+                if peer.session.established() && idle {
+                    if let Output::Network(bytes) = peer.session.encapsulate(&[], &mut self.buf) {
+                        peer.send_untracked(bytes, now, &mut self.out);
+                    }
+                }
             }
             // Stale session: we keep sending and nothing authenticated comes back.
             if peer
@@ -1035,6 +1058,13 @@ fn send_ping(
     if let Output::Network(bytes) = peer.session.encapsulate(&p, buf) {
         peer.send(bytes, now, out);
     }
+}
+
+/// 0..=333 ms added to handshake retransmissions (WireGuard's REKEY_TIMEOUT_JITTER), fixed per
+/// peer so a run stays deterministic, different between peers so retries do not march in
+/// lockstep.
+fn retry_jitter(index: u32) -> Duration {
+    Duration::from_millis(u64::from(index.wrapping_mul(2_654_435_761) % 334))
 }
 
 fn report_mtu(events: &mut VecDeque<Event>, peer: &mut Peer, mtu: u16, configured: u16) {
@@ -1275,7 +1305,7 @@ mod tests {
         p.a.handle_tun_packet(&icmp(p.a.address(), p.b.address(), b"1"), p.now);
         // Lose the first initiation.
         while p.a.poll_transmit().is_some() {}
-        p.now += REKEY_TIMEOUT;
+        p.now += REKEY_TIMEOUT + Duration::from_millis(334); // WireGuard's REKEY_TIMEOUT + jitter
         p.a.handle_timeout(p.now);
         p.drive();
         assert!(p.b.poll_tun_packet().is_some(), "queued packet delivered");

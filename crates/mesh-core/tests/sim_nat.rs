@@ -295,8 +295,6 @@ fn idle_mapping_expires_without_keepalive_until_the_inside_sends() {
 }
 
 #[test]
-#[ignore = "core gap: boringtun runs persistent keepalive on the wall clock, so on the virtual \
-            clock no keepalive is ever sent and the 30 s NAT mapping expires"]
 fn default_keepalive_holds_the_mapping_across_five_minutes_of_silence() {
     let (mut sim, public, natted) = public_and_restricted(8, Some(25));
     assert_eq!(sim.nat_timeout, Duration::from_secs(30));
