@@ -116,19 +116,13 @@ pub struct Transmit {
 /// Something the driver may want to log or report.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// A peer was confirmed at a (new) endpoint by an authenticated packet from there.
-    PeerEndpoint {
-        /// Which peer.
-        key: PublicKey,
-        /// Where it answered from.
-        endpoint: SocketAddr,
-    },
     /// Handshake retransmissions for a peer ran out without an answer.
     PeerUnreachable {
         /// Which peer.
         key: PublicKey,
     },
-    /// Traffic to a peer now takes another path.
+    /// Traffic to a peer now takes another path (a direct endpoint confirmed by an authenticated
+    /// packet from there, or a fallback to the relay).
     PathChanged {
         /// Which peer.
         key: PublicKey,
@@ -777,10 +771,6 @@ impl Node {
                     let had_path = peer.endpoint.is_some();
                     peer.endpoint = Some(from);
                     tracing::debug!(peer = %key, %from, "direct path confirmed");
-                    self.out.events.push_back(Event::PeerEndpoint {
-                        key,
-                        endpoint: from,
-                    });
                     self.out.events.push_back(Event::PathChanged {
                         key,
                         path: Path::Direct(from),
