@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
-use mesh_controller::state::{unix_now, StateDir};
+use mesh_controller::state::{public_of, unix_now, StateDir};
 use mesh_controller::store::{rfc3339, Cidr};
 use mesh_proto::token::JoinToken;
 use std::net::SocketAddr;
@@ -13,10 +13,11 @@ use std::process::ExitCode;
 #[command(
     name = "mesh-controller",
     version,
-    about = "mesh control plane: networks, join tokens, nodes"
+    about = "mesh control plane: networks, join tokens, nodes, relays"
 )]
 struct Cli {
-    /// State directory (key, database) [default: /var/lib/mesh-controller].
+    /// State directory (key, database) [default: /var/lib/mesh-controller, or
+    /// /var/lib/mesh-relay for `relay`].
     #[arg(long, global = true)]
     state_dir: Option<PathBuf>,
     /// Configuration file; flags win over it [default: /etc/mesh/mesh-controller.toml if present].
@@ -37,6 +38,25 @@ enum Command {
         #[arg(long)]
         metrics_listen: Option<SocketAddr>,
     },
+    /// Run a standalone relay (one region) in the foreground. Register it on the controller
+    /// with `mesh-controller region add`.
+    Relay {
+        /// UDP address to listen on [default: 0.0.0.0:7444].
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Public key of the controller whose tickets this relay honours
+        /// (`mesh-controller key` on the controller).
+        #[arg(long, required_unless_present = "print_key")]
+        controller_key: Option<String>,
+        /// Print this relay's public key (creating it if needed) and exit.
+        #[arg(long)]
+        print_key: bool,
+    },
+    /// Print the controller's public key (what a standalone relay needs).
+    Key,
+    /// Manage the standalone relays (regions) nodes may use besides the controller's own.
+    #[command(subcommand)]
+    Region(RegionCmd),
     /// Manage networks.
     #[command(subcommand)]
     Network(NetworkCmd),
@@ -46,6 +66,32 @@ enum Command {
     /// Manage nodes.
     #[command(subcommand)]
     Node(NodeCmd),
+}
+
+#[derive(Subcommand)]
+enum RegionCmd {
+    /// Add (or update) a standalone relay; connected nodes learn of it within seconds.
+    Add {
+        /// Region name, e.g. eu-west.
+        name: String,
+        /// Address nodes dial, host:port.
+        #[arg(long)]
+        addr: String,
+        /// The relay's public key (`mesh-controller relay --print-key` on the relay host).
+        #[arg(long)]
+        key: String,
+    },
+    /// List the standalone relays.
+    List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a standalone relay.
+    Remove {
+        /// Region name.
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -173,12 +219,84 @@ fn out(s: &str) {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let file = load_config(cli.config.as_deref())?;
+    let default_dir = match cli.command {
+        Command::Relay { .. } => "/var/lib/mesh-relay",
+        _ => "/var/lib/mesh-controller",
+    };
     let state_dir = cli
         .state_dir
         .or(file.state_dir.clone())
-        .unwrap_or_else(|| PathBuf::from("/var/lib/mesh-controller"));
+        .unwrap_or_else(|| PathBuf::from(default_dir));
     let state = StateDir::open(&state_dir)?;
     match cli.command {
+        Command::Relay {
+            listen,
+            controller_key,
+            print_key,
+        } => {
+            let secret = state.relay_key()?;
+            if print_key {
+                out(&public_of(&secret).to_string());
+                return Ok(());
+            }
+            let controller: mesh_proto::PublicKey = controller_key
+                .as_deref()
+                .unwrap_or_default()
+                .trim()
+                .parse()
+                .map_err(|e| anyhow::anyhow!("invalid --controller-key: {e}"))?;
+            let listen = listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 7444)));
+            init_logging(file.log.as_deref().unwrap_or("info"));
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(async {
+                let relay = mesh_relay::server::Relay::bind(listen, secret, &controller)?;
+                tracing::info!(%listen, key = %public_of(&secret), %controller, "relay listening");
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                relay
+                    .run(async move {
+                        tokio::select! {
+                            _ = tokio::signal::ctrl_c() => {}
+                            _ = term.recv() => {}
+                        }
+                    })
+                    .await;
+                tracing::info!("relay stopped");
+                anyhow::Ok(())
+            })
+        }
+        Command::Key => {
+            out(&state.controller_public()?.to_string());
+            Ok(())
+        }
+        Command::Region(RegionCmd::Add { name, addr, key }) => {
+            let key: mesh_proto::PublicKey = key
+                .trim()
+                .parse()
+                .map_err(|e| anyhow::anyhow!("invalid --key: {e}"))?;
+            state
+                .open_store()?
+                .add_relay(&name, &addr, &key, unix_now())?;
+            out(&format!("relay {name} at {addr} added"));
+            Ok(())
+        }
+        Command::Region(RegionCmd::List { json }) => {
+            let rows = state.open_store()?.relays()?;
+            if json {
+                out(&serde_json::to_string_pretty(&rows)?);
+            } else {
+                out(&format!("{:<20} {:<32} KEY", "NAME", "ADDRESS"));
+                for r in rows {
+                    out(&format!("{:<20} {:<32} {}", r.name, r.addr, r.key));
+                }
+            }
+            Ok(())
+        }
+        Command::Region(RegionCmd::Remove { name }) => {
+            state.open_store()?.remove_relay(&name)?;
+            out(&format!("relay {name} removed"));
+            Ok(())
+        }
         Command::Serve {
             listen,
             metrics_listen,

@@ -45,6 +45,7 @@ mod tests {
             name: format!("n{n}"),
             address: Ipv4Addr::new(100, 64, 0, n),
             endpoints: vec![([192, 0, 2, n], port).into()],
+            relay: None,
         }
     }
 

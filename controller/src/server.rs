@@ -3,11 +3,14 @@
 
 use crate::netmap::{self, PeerMap};
 use crate::state::{unix_now, StateDir};
-use crate::store::{Admission, StoreError};
+use crate::store::{Admission, RelayRow, StoreError};
 use anyhow::Context as _;
 use mesh_control::{channel, quic};
-use mesh_proto::control::{decode_client, ClientMsg, ErrorCode, ServerMsg, MAX_ENDPOINTS};
+use mesh_proto::control::{
+    decode_client, ClientMsg, ErrorCode, RelayInfo, ServerMsg, MAX_ENDPOINTS,
+};
 use mesh_proto::PublicKey;
+use mesh_relay::{Forwarder, TicketKey};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,12 +26,17 @@ const RESYNC: Duration = Duration::from_secs(2);
 /// Time a node has to complete the handshake and send its first message.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Connected nodes by (network, key): where the relay sends frames.
-type RelayTable = Mutex<HashMap<(i64, PublicKey), quinn::Connection>>;
+/// How long a relay ticket admits a node. While the node is connected here, the hub sends it
+/// fresh tickets every [`TICKET_RENEW`]; a node cut off from the controller keeps its relays for
+/// the rest of the lifetime.
+const TICKET_LIFETIME: Duration = Duration::from_secs(12 * 3600);
+/// Tickets are renewed when they are this old.
+const TICKET_RENEW: Duration = Duration::from_secs(6 * 3600);
 
 struct Ctx {
     secret: [u8; 32],
-    relay: RelayTable,
+    /// The embedded relay: connected nodes, by network and key.
+    forwarder: Arc<Forwarder>,
     store: Mutex<crate::store::Store>,
     hub: mpsc::UnboundedSender<HubCmd>,
     next_id: AtomicU64,
@@ -38,9 +46,11 @@ enum HubCmd {
     Register {
         id: u64,
         network_id: i64,
+        network: String,
         key: PublicKey,
         tx: mpsc::Sender<ServerMsg>,
         sent: PeerMap,
+        relays: Vec<RelayRow>,
     },
     Unregister {
         id: u64,
@@ -67,10 +77,10 @@ pub async fn serve(
     )?;
     let (hub_tx, hub_rx) = mpsc::unbounded_channel();
     let hub_store = state.open_store()?;
-    tokio::spawn(run_hub(hub_store, hub_rx));
+    tokio::spawn(run_hub(hub_store, hub_rx, secret));
     let ctx = Arc::new(Ctx {
         secret,
-        relay: Mutex::new(HashMap::new()),
+        forwarder: Forwarder::new(),
         store: Mutex::new(store),
         hub: hub_tx,
         next_id: AtomicU64::new(1),
@@ -124,6 +134,25 @@ fn merge_endpoints(observed: SocketAddr, reported: &[SocketAddr]) -> Vec<SocketA
         }
     }
     out
+}
+
+/// The standalone relays with a ticket for `key` in `network` at each.
+fn relay_infos(
+    secret: &[u8; 32],
+    relays: &[RelayRow],
+    network: &str,
+    key: &PublicKey,
+) -> Vec<RelayInfo> {
+    let expires = unix_now() + TICKET_LIFETIME.as_secs();
+    relays
+        .iter()
+        .map(|r| RelayInfo {
+            name: r.name.clone(),
+            addr: r.addr.clone(),
+            key: r.key,
+            ticket: TicketKey::new(secret, &r.key).issue(network, key, expires),
+        })
+        .collect()
 }
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
@@ -188,12 +217,24 @@ async fn handle(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> anyhow::Result<()> 
                 message: "join token secret is not hex".into(),
             }),
         },
-        Some(Ok(ClientMsg::Hello { network, endpoints })) => lock(&ctx).hello(
-            &network,
-            &key,
-            &merge_endpoints(conn.remote_address(), &endpoints),
-            now,
-        ),
+        Some(Ok(ClientMsg::Hello {
+            network,
+            endpoints,
+            home_relay,
+        })) => {
+            let mut store = lock(&ctx);
+            store
+                .hello(
+                    &network,
+                    &key,
+                    &merge_endpoints(conn.remote_address(), &endpoints),
+                    now,
+                )
+                .and_then(|adm| {
+                    store.set_home_relay(adm.network_id, &key, home_relay.as_deref())?;
+                    Ok(adm)
+                })
+        }
         Some(Ok(_)) => Err(StoreError::Refused {
             code: ErrorCode::BadRequest,
             message: "the first message must be join or hello".into(),
@@ -223,7 +264,10 @@ async fn handle(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> anyhow::Result<()> 
         }
     };
     info!(node = %adm.name, %key, address = %adm.address, network = %adm.network, "node connected");
-    let peers = lock(&ctx).peers(adm.network_id)?;
+    let (peers, relays) = {
+        let store = lock(&ctx);
+        (store.peers(adm.network_id)?, store.relays()?)
+    };
     let view = netmap::view_for(&peers, &key);
     tx.send(
         &ServerMsg::Welcome {
@@ -232,6 +276,7 @@ async fn handle(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> anyhow::Result<()> 
             address: adm.address,
             prefix_len: adm.prefix_len,
             peers: view.values().cloned().collect(),
+            relays: relay_infos(&ctx.secret, &relays, &adm.network, &key),
         }
         .encode(),
     )
@@ -241,19 +286,25 @@ async fn handle(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> anyhow::Result<()> 
     let _ = ctx.hub.send(HubCmd::Register {
         id,
         network_id: adm.network_id,
+        network: adm.network.clone(),
         key,
         tx: push_tx,
         sent: view,
+        relays,
     });
-    relay_table(&ctx).insert((adm.network_id, key), conn.clone());
-    let relay = tokio::spawn(relay_from(ctx.clone(), conn.clone(), adm.network_id, key));
+    let relay = tokio::spawn({
+        let (forwarder, conn, network) = (ctx.forwarder.clone(), conn.clone(), adm.network.clone());
+        async move { forwarder.serve(&network, key, conn).await }
+    });
     let mut left = false;
     loop {
         tokio::select! {
             msg = in_rx.recv() => match msg {
-                Some(Ok(ClientMsg::Heartbeat { endpoints })) => {
+                Some(Ok(ClientMsg::Heartbeat { endpoints, home_relay })) => {
                     let eps = merge_endpoints(conn.remote_address(), &endpoints);
-                    lock(&ctx).heartbeat(adm.network_id, &key, &eps, unix_now())?;
+                    let store = lock(&ctx);
+                    store.heartbeat(adm.network_id, &key, &eps, unix_now())?;
+                    store.set_home_relay(adm.network_id, &key, home_relay.as_deref())?;
                 }
                 Some(Ok(ClientMsg::Leave)) => {
                     lock(&ctx).leave(adm.network_id, &key, unix_now())?;
@@ -285,16 +336,8 @@ async fn handle(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> anyhow::Result<()> 
             },
         }
     }
+    // Dropping the forwarding task takes the node out of the relay table.
     relay.abort();
-    {
-        let mut table = relay_table(&ctx);
-        if table
-            .get(&(adm.network_id, key))
-            .is_some_and(|c| c.stable_id() == conn.stable_id())
-        {
-            table.remove(&(adm.network_id, key));
-        }
-    }
     let _ = ctx.hub.send(HubCmd::Unregister { id });
     if !left {
         lock(&ctx).disconnected(adm.network_id, &key, unix_now())?;
@@ -303,52 +346,24 @@ async fn handle(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> anyhow::Result<()> 
     Ok(())
 }
 
-fn relay_table(
-    ctx: &Ctx,
-) -> std::sync::MutexGuard<'_, HashMap<(i64, PublicKey), quinn::Connection>> {
-    ctx.relay.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// The relay: forwards every frame `key` sends to the node it names, in the same network only,
-/// rewriting the key to the sender's. Malformed frames and unknown destinations are dropped.
-/// The relay sees only WireGuard ciphertext.
-async fn relay_from(ctx: Arc<Ctx>, conn: quinn::Connection, network_id: i64, key: PublicKey) {
-    let mut dropped: u64 = 0;
-    while let Ok(datagram) = conn.read_datagram().await {
-        let dst = match mesh_proto::relay::decode(&datagram) {
-            Ok(f) => f.key,
-            Err(_) => {
-                dropped += 1;
-                continue;
-            }
-        };
-        let target = relay_table(&ctx).get(&(network_id, dst)).cloned();
-        let Some(target) = target else {
-            dropped += 1;
-            continue;
-        };
-        let mut frame = datagram.to_vec();
-        if mesh_proto::relay::set_key(&mut frame, &key).is_err()
-            || target.send_datagram(frame.into()).is_err()
-        {
-            dropped += 1;
-        }
-    }
-    if dropped > 0 {
-        debug!(node = %key, dropped, "relay frames dropped");
-    }
-}
-
 struct Session {
     network_id: i64,
+    network: String,
     key: PublicKey,
     tx: mpsc::Sender<ServerMsg>,
     sent: PeerMap,
     removed: bool,
+    /// The relay list last sent, and when its tickets were made.
+    relays: Vec<RelayRow>,
+    tickets_at: tokio::time::Instant,
 }
 
 /// Owns the list of connected sessions; pushes deltas when the database changes.
-async fn run_hub(store: crate::store::Store, mut rx: mpsc::UnboundedReceiver<HubCmd>) {
+async fn run_hub(
+    store: crate::store::Store,
+    mut rx: mpsc::UnboundedReceiver<HubCmd>,
+    secret: [u8; 32],
+) {
     let mut sessions: HashMap<u64, Session> = HashMap::new();
     let mut version = store.data_version().ok();
     let mut poll = tokio::time::interval(POLL);
@@ -356,10 +371,11 @@ async fn run_hub(store: crate::store::Store, mut rx: mpsc::UnboundedReceiver<Hub
     loop {
         tokio::select! {
             cmd = rx.recv() => match cmd {
-                Some(HubCmd::Register { id, network_id, key, tx, sent }) => {
-                    sessions.insert(id, Session { network_id, key, tx, sent, removed: false });
+                Some(HubCmd::Register { id, network_id, network, key, tx, sent, relays }) => {
+                    let tickets_at = tokio::time::Instant::now();
+                    sessions.insert(id, Session { network_id, network, key, tx, sent, removed: false, relays, tickets_at });
                     // Changes between the Welcome and now must not be lost.
-                    push(&store, &mut sessions);
+                    push(&store, &mut sessions, &secret);
                 }
                 Some(HubCmd::Unregister { id }) => { sessions.remove(&id); }
                 None => return,
@@ -369,14 +385,21 @@ async fn run_hub(store: crate::store::Store, mut rx: mpsc::UnboundedReceiver<Hub
                 if v != version || last_full.elapsed() >= RESYNC {
                     version = v;
                     last_full = tokio::time::Instant::now();
-                    push(&store, &mut sessions);
+                    push(&store, &mut sessions, &secret);
                 }
             }
         }
     }
 }
 
-fn push(store: &crate::store::Store, sessions: &mut HashMap<u64, Session>) {
+fn push(store: &crate::store::Store, sessions: &mut HashMap<u64, Session>, secret: &[u8; 32]) {
+    let relays = match store.relays() {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(error = %e, "cannot read relays");
+            return;
+        }
+    };
     let mut by_network: HashMap<i64, Vec<mesh_proto::control::PeerInfo>> = HashMap::new();
     for s in sessions.values_mut() {
         if s.removed {
@@ -404,6 +427,15 @@ fn push(store: &crate::store::Store, sessions: &mut HashMap<u64, Session>) {
         if let Some(delta) = netmap::diff(&s.sent, &view) {
             if s.tx.try_send(delta).is_ok() {
                 s.sent = view;
+            }
+        }
+        if s.relays != relays || s.tickets_at.elapsed() >= TICKET_RENEW {
+            let msg = ServerMsg::Relays {
+                relays: relay_infos(secret, &relays, &s.network, &s.key),
+            };
+            if s.tx.try_send(msg).is_ok() {
+                s.relays = relays.clone();
+                s.tickets_at = tokio::time::Instant::now();
             }
         }
     }

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 const KEY_FILE: &str = "controller.key";
+const RELAY_KEY_FILE: &str = "relay.key";
 const DB_FILE: &str = "controller.db";
 const ADDR_FILE: &str = "listen.addr";
 
@@ -21,6 +22,12 @@ pub fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// The public key of an x25519 private key.
+pub fn public_of(secret: &[u8; 32]) -> PublicKey {
+    let secret = x25519_dalek::StaticSecret::from(*secret);
+    PublicKey(x25519_dalek::PublicKey::from(&secret).to_bytes())
 }
 
 /// The controller's state directory.
@@ -48,7 +55,16 @@ impl StateDir {
 
     /// The controller's private key; generated (mode 0600) on first use.
     pub fn controller_key(&self) -> anyhow::Result<[u8; 32]> {
-        let path = self.dir.join(KEY_FILE);
+        self.private_key(KEY_FILE)
+    }
+
+    /// A standalone relay's private key; generated (mode 0600) on first use.
+    pub fn relay_key(&self) -> anyhow::Result<[u8; 32]> {
+        self.private_key(RELAY_KEY_FILE)
+    }
+
+    fn private_key(&self, file: &str) -> anyhow::Result<[u8; 32]> {
+        let path = self.dir.join(file);
         match std::fs::read_to_string(&path) {
             Ok(text) => {
                 let bytes = STANDARD
@@ -79,8 +95,7 @@ impl StateDir {
 
     /// The controller's public key.
     pub fn controller_public(&self) -> anyhow::Result<PublicKey> {
-        let secret = x25519_dalek::StaticSecret::from(self.controller_key()?);
-        Ok(PublicKey(x25519_dalek::PublicKey::from(&secret).to_bytes()))
+        Ok(public_of(&self.controller_key()?))
     }
 
     /// Remembers the address `serve` listens on, for `token create`.

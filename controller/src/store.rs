@@ -131,6 +131,17 @@ pub struct TokenRow {
     pub uses: u64,
 }
 
+/// A standalone relay as configured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RelayRow {
+    /// Region name.
+    pub name: String,
+    /// `host:port` nodes dial.
+    pub addr: String,
+    /// The relay's public key.
+    pub key: PublicKey,
+}
+
 /// A node as listed.
 #[derive(Debug, Clone, Serialize)]
 pub struct NodeRow {
@@ -240,8 +251,21 @@ impl Store {
                 created_at INTEGER NOT NULL,
                 UNIQUE (network_id, key),
                 UNIQUE (network_id, address)
+            );
+            CREATE TABLE IF NOT EXISTS relays (
+                name TEXT PRIMARY KEY,
+                addr TEXT NOT NULL,
+                key TEXT NOT NULL,
+                created_at INTEGER NOT NULL
             );",
         )?;
+        // Added after the first release: the standalone relay a node keeps as its home.
+        let has_home: bool = conn
+            .prepare("SELECT 1 FROM pragma_table_info('nodes') WHERE name = 'home_relay'")?
+            .exists([])?;
+        if !has_home {
+            conn.execute_batch("ALTER TABLE nodes ADD COLUMN home_relay TEXT")?;
+        }
         Ok(Store { conn })
     }
 
@@ -617,8 +641,9 @@ impl Store {
     /// The peer list of a network: every live node.
     pub fn peers(&self, network_id: i64) -> Result<Vec<PeerInfo>, StoreError> {
         let mut st = self.conn.prepare(
-            "SELECT key, name, address, endpoints FROM nodes
-             WHERE network_id = ?1 AND removed_at IS NULL ORDER BY address",
+            "SELECT n.key, n.name, n.address, n.endpoints, r.name FROM nodes n
+             LEFT JOIN relays r ON r.name = n.home_relay
+             WHERE n.network_id = ?1 AND n.removed_at IS NULL ORDER BY n.address",
         )?;
         let rows = st.query_map([network_id], |r| {
             Ok((
@@ -626,20 +651,113 @@ impl Store {
                 r.get::<_, String>(1)?,
                 r.get::<_, u32>(2)?,
                 r.get::<_, String>(3)?,
+                r.get::<_, Option<String>>(4)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (key, name, address, endpoints) = row?;
+            let (key, name, address, endpoints, relay) = row?;
             let Ok(key) = key.parse() else { continue };
             out.push(PeerInfo {
                 key,
                 name,
                 address: Ipv4Addr::from(address),
                 endpoints: serde_json::from_str(&endpoints).unwrap_or_default(),
+                relay,
             });
         }
         Ok(out)
+    }
+
+    /// Records the standalone relay a node uses as its home (`None`: the controller's).
+    pub fn set_home_relay(
+        &self,
+        network_id: i64,
+        key: &PublicKey,
+        home: Option<&str>,
+    ) -> Result<(), StoreError> {
+        self.conn.execute(
+            "UPDATE nodes SET home_relay = ?1
+             WHERE network_id = ?2 AND key = ?3 AND home_relay IS NOT ?1",
+            params![home, network_id, key.to_string()],
+        )?;
+        Ok(())
+    }
+
+    /// Adds or replaces a standalone relay.
+    pub fn add_relay(
+        &self,
+        name: &str,
+        addr: &str,
+        key: &PublicKey,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        if !mesh_proto::control::valid_name(name) {
+            return Err(StoreError::Invalid(format!(
+                "invalid relay name {name:?}: use 1-63 letters, digits, '-', '_' or '.'"
+            )));
+        }
+        if addr.is_empty()
+            || addr.len() > mesh_proto::control::MAX_RELAY_ADDR
+            || addr
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_none()
+        {
+            return Err(StoreError::Invalid(format!(
+                "invalid relay address {addr:?}: use host:port, e.g. relay-eu.example.net:7444"
+            )));
+        }
+        let count: i64 = self.conn.query_row(
+            "SELECT COUNT(*) FROM relays WHERE name != ?1",
+            [name],
+            |r| r.get(0),
+        )?;
+        if count as usize >= mesh_proto::control::MAX_RELAYS {
+            return Err(StoreError::Invalid(format!(
+                "at most {} relays are supported",
+                mesh_proto::control::MAX_RELAYS
+            )));
+        }
+        self.conn.execute(
+            "INSERT INTO relays (name, addr, key, created_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (name) DO UPDATE SET addr = ?2, key = ?3",
+            params![name, addr, key.to_string(), now as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Every standalone relay, by name.
+    pub fn relays(&self) -> Result<Vec<RelayRow>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT name, addr, key FROM relays ORDER BY name")?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (name, addr, key) = row?;
+            let Ok(key) = key.parse() else { continue };
+            out.push(RelayRow { name, addr, key });
+        }
+        Ok(out)
+    }
+
+    /// Removes a standalone relay; nodes stop using it at the next push.
+    pub fn remove_relay(&self, name: &str) -> Result<(), StoreError> {
+        if self
+            .conn
+            .execute("DELETE FROM relays WHERE name = ?1", [name])?
+            == 0
+        {
+            return Err(StoreError::Invalid(format!("no relay named {name:?}")));
+        }
+        Ok(())
     }
 
     /// Whether a key is a live member of a network.
@@ -954,6 +1072,28 @@ mod tests {
         assert_eq!(code(join(&mut s, 5, "e")), ErrorCode::TokenRevoked);
         let t = s.tokens().unwrap();
         assert!(t.iter().any(|t| t.id == "tok1" && t.revoked));
+    }
+
+    #[test]
+    fn relays_and_home_relay() {
+        let (_d, mut s) = store();
+        let a = s.join("tok1", b"secret", &key(1), "a", &[], T0).unwrap();
+        s.add_relay("eu-1", "192.0.2.10:7444", &key(9), T0).unwrap();
+        assert!(s
+            .add_relay("bad name", "192.0.2.10:7444", &key(9), T0)
+            .is_err());
+        assert!(s.add_relay("us-1", "no-port", &key(9), T0).is_err());
+        assert_eq!(s.relays().unwrap().len(), 1);
+        s.set_home_relay(a.network_id, &key(1), Some("eu-1"))
+            .unwrap();
+        assert_eq!(
+            s.peers(a.network_id).unwrap()[0].relay.as_deref(),
+            Some("eu-1")
+        );
+        // A relay that is removed is no longer anybody's home.
+        s.remove_relay("eu-1").unwrap();
+        assert_eq!(s.peers(a.network_id).unwrap()[0].relay, None);
+        assert!(s.remove_relay("eu-1").is_err());
     }
 
     #[test]

@@ -19,6 +19,10 @@ pub const MAX_ENDPOINTS: usize = 16;
 pub const MAX_PEERS: usize = 4096;
 /// Longest human-readable error text.
 pub const MAX_ERROR_TEXT: usize = 512;
+/// Most standalone relays a controller announces.
+pub const MAX_RELAYS: usize = 16;
+/// Longest relay address (`host:port`).
+pub const MAX_RELAY_ADDR: usize = 255;
 
 /// Messages a node sends to the controller.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,11 +45,18 @@ pub enum ClientMsg {
         network: String,
         /// Addresses this node can be reached at.
         endpoints: Vec<SocketAddr>,
+        /// The standalone relay the node keeps as its home (nearest), if any; `None` means the
+        /// controller's embedded relay.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        home_relay: Option<String>,
     },
     /// Periodic liveness and endpoint refresh.
     Heartbeat {
         /// Addresses this node can be reached at.
         endpoints: Vec<SocketAddr>,
+        /// The node's home relay, as in `Hello`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        home_relay: Option<String>,
     },
     /// The node leaves the network for good; the controller deletes it.
     Leave,
@@ -67,6 +78,14 @@ pub enum ServerMsg {
         prefix_len: u8,
         /// Every other node of the network.
         peers: Vec<PeerInfo>,
+        /// Standalone relays the node may use, each with its admission ticket.
+        #[serde(default)]
+        relays: Vec<RelayInfo>,
+    },
+    /// The relay list changed, or its tickets were renewed: the whole list again.
+    Relays {
+        /// Standalone relays the node may use.
+        relays: Vec<RelayInfo>,
     },
     /// Changes to the peer list since the last message.
     PeersChanged {
@@ -97,6 +116,36 @@ pub struct PeerInfo {
     pub address: Ipv4Addr,
     /// Where the peer may be reached: its observed address first, then what it reported.
     pub endpoints: Vec<SocketAddr>,
+    /// The peer's home relay (a standalone relay's name); `None`: the controller's relay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<String>,
+}
+
+/// A standalone relay (one region) as the controller announces it to a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayInfo {
+    /// Region name, unique per controller.
+    pub name: String,
+    /// Where the relay listens, `host:port`.
+    pub addr: String,
+    /// The relay's static key, which the node pins in the Noise handshake.
+    pub key: PublicKey,
+    /// Admits this node at this relay.
+    pub ticket: Ticket,
+}
+
+/// Proof, made by the controller for one relay, that a node belongs to a network until
+/// `expires`. The node key is not in it: the relay takes it from the Noise handshake, so a ticket
+/// is useless without the node's private key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ticket {
+    /// The network the node belongs to.
+    pub network: String,
+    /// Unix seconds after which the relay refuses the ticket.
+    pub expires: u64,
+    /// HMAC-SHA256 over network, node key and expiry, hex; keyed by the controller-relay
+    /// Diffie-Hellman secret.
+    pub mac: String,
 }
 
 /// Why the controller refused a request.
@@ -123,6 +172,10 @@ pub enum ErrorCode {
     VersionMismatch,
     /// Something failed on the controller.
     Internal,
+    /// A relay ticket that does not verify (made for another relay, node or controller).
+    TicketInvalid,
+    /// A relay ticket past its expiry.
+    TicketExpired,
 }
 
 /// A control message could not be decoded.
@@ -148,7 +201,7 @@ struct Envelope<T> {
     msg: T,
 }
 
-fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+pub(crate) fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
     // Serializing these plain types to JSON cannot fail (no maps with non-string keys).
     serde_json::to_vec(&Envelope {
         v: PROTOCOL_VERSION,
@@ -157,7 +210,7 @@ fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
     .unwrap_or_default()
 }
 
-fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, DecodeError> {
+pub(crate) fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, DecodeError> {
     if bytes.len() > MAX_MESSAGE_LEN {
         return Err(DecodeError::TooLong(bytes.len()));
     }
@@ -191,6 +244,34 @@ fn check_endpoints(e: &[SocketAddr]) -> Result<(), DecodeError> {
     Ok(())
 }
 
+/// Checks a ticket's bounds.
+pub(crate) fn check_ticket(t: &Ticket) -> Result<(), DecodeError> {
+    if !valid_name(&t.network) || t.mac.len() != 64 {
+        return Err(DecodeError::Bounds("ticket"));
+    }
+    Ok(())
+}
+
+fn check_relays(r: &[RelayInfo]) -> Result<(), DecodeError> {
+    if r.len() > MAX_RELAYS {
+        return Err(DecodeError::Bounds("relays"));
+    }
+    for relay in r {
+        if !valid_name(&relay.name) || relay.addr.is_empty() || relay.addr.len() > MAX_RELAY_ADDR {
+            return Err(DecodeError::Bounds("relay"));
+        }
+        check_ticket(&relay.ticket)?;
+    }
+    Ok(())
+}
+
+fn check_home(home: &Option<String>) -> Result<(), DecodeError> {
+    match home {
+        Some(h) if !valid_name(h) => Err(DecodeError::Bounds("home_relay")),
+        _ => Ok(()),
+    }
+}
+
 fn check_peers(p: &[PeerInfo]) -> Result<(), DecodeError> {
     if p.len() > MAX_PEERS {
         return Err(DecodeError::Bounds("peers"));
@@ -200,6 +281,7 @@ fn check_peers(p: &[PeerInfo]) -> Result<(), DecodeError> {
             return Err(DecodeError::Bounds("peer name"));
         }
         check_endpoints(&peer.endpoints)?;
+        check_home(&peer.relay)?;
     }
     Ok(())
 }
@@ -236,13 +318,24 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientMsg, DecodeError> {
             }
             check_endpoints(endpoints)?;
         }
-        ClientMsg::Hello { network, endpoints } => {
+        ClientMsg::Hello {
+            network,
+            endpoints,
+            home_relay,
+        } => {
             if !valid_name(network) {
                 return Err(DecodeError::Bounds("network"));
             }
             check_endpoints(endpoints)?;
+            check_home(home_relay)?;
         }
-        ClientMsg::Heartbeat { endpoints } => check_endpoints(endpoints)?,
+        ClientMsg::Heartbeat {
+            endpoints,
+            home_relay,
+        } => {
+            check_endpoints(endpoints)?;
+            check_home(home_relay)?;
+        }
         ClientMsg::Leave => {}
     }
     Ok(msg)
@@ -257,6 +350,7 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerMsg, DecodeError> {
             name,
             prefix_len,
             peers,
+            relays,
             ..
         } => {
             if !valid_name(network) || !valid_name(name) {
@@ -266,7 +360,9 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerMsg, DecodeError> {
                 return Err(DecodeError::Bounds("prefix_len"));
             }
             check_peers(peers)?;
+            check_relays(relays)?;
         }
+        ServerMsg::Relays { relays } => check_relays(relays)?,
         ServerMsg::PeersChanged { upsert, remove } => {
             check_peers(upsert)?;
             if remove.len() > MAX_PEERS {
@@ -293,6 +389,20 @@ mod tests {
             name: format!("node-{n}"),
             address: Ipv4Addr::new(100, 64, 0, n),
             endpoints: vec![SocketAddr::from(([192, 0, 2, n], 51820))],
+            relay: n.is_multiple_of(2).then(|| "eu-1".to_owned()),
+        }
+    }
+
+    fn relay(name: &str) -> RelayInfo {
+        RelayInfo {
+            name: name.into(),
+            addr: "relay.example.net:7000".into(),
+            key: PublicKey([9; 32]),
+            ticket: Ticket {
+                network: "prod".into(),
+                expires: 1_900_000_000,
+                mac: "ab".repeat(32),
+            },
         }
     }
 
@@ -308,8 +418,12 @@ mod tests {
             ClientMsg::Hello {
                 network: "prod".into(),
                 endpoints: vec![],
+                home_relay: None,
             },
-            ClientMsg::Heartbeat { endpoints: vec![] },
+            ClientMsg::Heartbeat {
+                endpoints: vec![],
+                home_relay: Some("eu-1".into()),
+            },
             ClientMsg::Leave,
         ];
         for m in client {
@@ -322,6 +436,10 @@ mod tests {
                 address: Ipv4Addr::new(100, 64, 0, 1),
                 prefix_len: 16,
                 peers: vec![peer(2), peer(3)],
+                relays: vec![relay("eu-1")],
+            },
+            ServerMsg::Relays {
+                relays: vec![relay("eu-1"), relay("us-1")],
             },
             ServerMsg::PeersChanged {
                 upsert: vec![peer(4)],
@@ -353,6 +471,7 @@ mod tests {
         );
         let m = ClientMsg::Heartbeat {
             endpoints: vec![SocketAddr::from(([192, 0, 2, 1], 1)); MAX_ENDPOINTS + 1],
+            home_relay: None,
         };
         assert_eq!(
             decode_client(&m.encode()),
@@ -365,6 +484,37 @@ mod tests {
             endpoints: vec![],
         };
         assert_eq!(decode_client(&m.encode()), Err(DecodeError::Bounds("name")));
+    }
+
+    #[test]
+    fn rejects_bad_relays() {
+        let mut bad = relay("eu-1");
+        bad.ticket.mac = "00".into();
+        let m = ServerMsg::Relays { relays: vec![bad] };
+        assert_eq!(
+            decode_server(&m.encode()),
+            Err(DecodeError::Bounds("ticket"))
+        );
+        let m = ServerMsg::Relays {
+            relays: vec![relay("eu-1"); MAX_RELAYS + 1],
+        };
+        assert_eq!(
+            decode_server(&m.encode()),
+            Err(DecodeError::Bounds("relays"))
+        );
+        let m = ClientMsg::Heartbeat {
+            endpoints: vec![],
+            home_relay: Some("no spaces allowed".into()),
+        };
+        assert_eq!(
+            decode_client(&m.encode()),
+            Err(DecodeError::Bounds("home_relay"))
+        );
+        // An older controller's welcome, without relays, still decodes.
+        let old = br#"{"v":1,"msg":{"type":"welcome","network":"p","name":"n","address":"100.64.0.1","prefix_len":16,"peers":[]}}"#;
+        assert!(
+            matches!(decode_server(old), Ok(ServerMsg::Welcome { relays, .. }) if relays.is_empty())
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! - [`token`]: the join token string an admin hands to a node.
 //! - [`key`]: the node / controller public key type and its text form.
 //! - [`relay`]: relay frames (WireGuard messages as QUIC datagrams, with fragmentation).
+//! - [`relay_session`]: admission of a node at a standalone relay (tickets, observed address).
 //!
 //! See `proto/PROTOCOL.md` for the byte-level description.
 
@@ -17,6 +18,7 @@ pub mod control;
 pub mod demux;
 pub mod key;
 pub mod relay;
+pub mod relay_session;
 pub mod token;
 
 pub use key::PublicKey;

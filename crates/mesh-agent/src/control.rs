@@ -2,9 +2,10 @@
 //! heartbeats, reconnecting with backoff while the daemon runs.
 
 use crate::dataplane::DataCmd;
+use crate::relays::RelayShared;
 use crate::state::StateDir;
 use mesh_control::channel::{self, ChannelError};
-use mesh_proto::control::{decode_server, ClientMsg, ErrorCode, PeerInfo, ServerMsg};
+use mesh_proto::control::{decode_server, ClientMsg, ErrorCode, PeerInfo, RelayInfo, ServerMsg};
 use mesh_proto::PublicKey;
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -69,6 +70,8 @@ pub struct Welcome {
     pub prefix_len: u8,
     /// Every other node.
     pub peers: Vec<PeerInfo>,
+    /// Standalone relays, with tickets.
+    pub relays: Vec<RelayInfo>,
 }
 
 /// An open, authenticated control session.
@@ -143,6 +146,7 @@ pub async fn open(
                 address,
                 prefix_len,
                 peers,
+                relays,
             } => Ok((
                 Session { conn, tx, rx },
                 Welcome {
@@ -151,6 +155,7 @@ pub async fn open(
                     address,
                     prefix_len,
                     peers,
+                    relays,
                 },
             )),
             ServerMsg::Error { code, message } => {
@@ -216,6 +221,30 @@ pub struct ControlCtx {
     pub interface: String,
     /// Status shared with the local API.
     pub status: Arc<Mutex<ControlStatus>>,
+    /// Standalone relays: the addresses they observe for this node.
+    pub relays: RelayShared,
+    /// Where the relay list from the controller goes.
+    pub relay_list: watch::Sender<Vec<RelayInfo>>,
+    /// The home relay chosen by the relay task.
+    pub home: watch::Receiver<Option<String>>,
+}
+
+/// Endpoint candidates: local addresses, then the public mappings the relays observe.
+async fn endpoints(ctx: &ControlCtx) -> Vec<SocketAddr> {
+    let mut out = local_endpoints(ctx.port, &ctx.interface).await;
+    for e in ctx.relays.observed() {
+        if !out.contains(&e) && out.len() < mesh_proto::control::MAX_ENDPOINTS - 1 {
+            out.push(e);
+        }
+    }
+    out
+}
+
+fn set_relays(ctx: &ControlCtx, relays: Vec<RelayInfo>) {
+    if let Err(e) = ctx.state.save_relays(&relays) {
+        warn!(error = %format!("{e:#}"), "cannot cache the relay list");
+    }
+    ctx.relay_list.send_replace(relays);
 }
 
 /// The node's own addresses with its UDP port: its endpoint candidates.
@@ -275,7 +304,8 @@ pub async fn run(
             None => {
                 let hello = ClientMsg::Hello {
                     network: ctx.network.clone(),
-                    endpoints: local_endpoints(ctx.port, &ctx.interface).await,
+                    endpoints: endpoints(&ctx).await,
+                    home_relay: ctx.home.borrow().clone(),
                 };
                 let attempt = open(
                     &ctx.endpoint,
@@ -314,6 +344,8 @@ pub async fn run(
         let mut peers: BTreeMap<PublicKey, PeerInfo> =
             welcome.peers.into_iter().map(|p| (p.key, p)).collect();
         publish(&ctx, &peers, &data).await;
+        set_relays(&ctx, welcome.relays);
+        let mut home = ctx.home.clone();
 
         let Session {
             conn,
@@ -322,6 +354,7 @@ pub async fn run(
         } = session;
         // The controller embeds the relay: the same connection carries relayed traffic.
         let _ = data.send(DataCmd::Relay(Some(conn.clone()))).await;
+
         let (in_tx, mut in_rx) = mpsc::channel(16);
         let reader = tokio::spawn(async move {
             loop {
@@ -357,6 +390,10 @@ pub async fn run(
                             info!(peers = peers.len(), "peer list updated");
                             publish(&ctx, &peers, &data).await;
                         }
+                        Ok(ServerMsg::Relays { relays }) => {
+                            info!(relays = relays.len(), "relay list updated");
+                            set_relays(&ctx, relays);
+                        }
                         Ok(ServerMsg::Error { message, .. }) => {
                             warn!(%message, "controller closed the session");
                             break message;
@@ -365,8 +402,15 @@ pub async fn run(
                         Err(e) => break format!("malformed message from controller: {e}"),
                     }
                 }
+                // A new home relay is told at once, so peers switch to it.
+                _ = async { if home.changed().await.is_err() { std::future::pending::<()>().await } } => {
+                    let hb = ClientMsg::Heartbeat { endpoints: endpoints(&ctx).await, home_relay: home.borrow_and_update().clone() };
+                    if let Err(e) = tx.send(&hb.encode()).await {
+                        break e.to_string();
+                    }
+                }
                 _ = heartbeat.tick() => {
-                    let hb = ClientMsg::Heartbeat { endpoints: local_endpoints(ctx.port, &ctx.interface).await };
+                    let hb = ClientMsg::Heartbeat { endpoints: endpoints(&ctx).await, home_relay: ctx.home.borrow().clone() };
                     if let Err(e) = tx.send(&hb.encode()).await {
                         break e.to_string();
                     }
@@ -392,6 +436,7 @@ pub async fn run(
         };
         reader.abort();
         let _ = data.send(DataCmd::Relay(None)).await;
+
         conn.close(0u32.into(), b"reconnecting");
         warn!(%reason, "control connection lost; peers stay as they are, reconnecting");
         set_status(&ctx, false, Some(reason));

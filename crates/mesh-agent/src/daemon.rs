@@ -277,6 +277,21 @@ async fn run(
         last_error: None,
     }));
     let (control_tx, control_rx) = mpsc::channel(4);
+    // Relays from the cache until the controller speaks: their tickets last for hours.
+    let (relay_list, relay_list_rx) = watch::channel(opts.state.load_relays());
+    let (home_tx, home_rx) = watch::channel(None);
+    let relay_shared = crate::relays::RelayShared::default();
+    let relay_task = tokio::spawn(crate::relays::run(
+        crate::relays::RelayCtx {
+            endpoint: running.endpoint.clone(),
+            node_key,
+            data: running.data_tx.clone(),
+            shared: relay_shared.clone(),
+        },
+        relay_list_rx,
+        home_tx,
+        running.shutdown_tx.subscribe(),
+    ));
     let ctx = ControlCtx {
         endpoint: running.endpoint.clone(),
         state: opts.state.clone(),
@@ -287,6 +302,9 @@ async fn run(
         port: membership.port,
         interface: opts.interface.clone(),
         status: status.clone(),
+        relays: relay_shared.clone(),
+        relay_list,
+        home: home_rx,
     };
     let control_task = tokio::spawn(control::run(
         ctx,
@@ -339,7 +357,7 @@ async fn run(
                 let Ok((mut stream, _)) = accepted else { continue };
                 match api::read_request(&mut stream).await {
                     Some(Request::Status) => {
-                        let v = status_json(&node_info, &status, &running.data_tx).await;
+                        let v = status_json(&node_info, &status, &relay_shared, &running.data_tx).await;
                         api::write_response(&mut stream, &v).await;
                     }
                     Some(Request::Leave) => {
@@ -365,6 +383,7 @@ async fn run(
     }
     info!("stopping");
     route_task.abort();
+    relay_task.abort();
     if let Some(t) = metrics_task {
         t.abort();
     }
@@ -432,6 +451,7 @@ async fn ping(data: &mpsc::Sender<DataCmd>, peer: &str) -> serde_json::Value {
             "address": p.address.to_string(),
             "path": path.to_string(),
             "endpoint": match path { mesh_core::Path::Direct(e) => Some(e.to_string()), _ => None },
+            "relay": matches!(path, mesh_core::Path::Relay).then(|| status.relay_of.get(&p.key)).flatten(),
             "rtt_ms": rtt.as_secs_f64() * 1000.0,
         }),
         Ok(Err(e)) => json!({"error": format!("ping {}: {e}", p.name)}),
@@ -446,6 +466,7 @@ fn secs(d: Option<Duration>) -> serde_json::Value {
 async fn status_json(
     node: &serde_json::Value,
     control: &Arc<Mutex<ControlStatus>>,
+    relays: &crate::relays::RelayShared,
     data: &mpsc::Sender<DataCmd>,
 ) -> serde_json::Value {
     let (tx, rx) = oneshot::channel();
@@ -454,6 +475,7 @@ async fn status_json(
         peers,
         node: c,
         driver,
+        relay_of,
     }) = rx.await
     else {
         return json!({"error": "the data plane is not running"});
@@ -472,15 +494,22 @@ async fn status_json(
                 "last_rx_secs_ago": secs(p.since_last_rx),
                 "rtt_ms": p.rtt.map(|d| d.as_millis() as u64),
                 "path": p.path.to_string(),
+                "relay": relay_of.get(&p.key),
                 "path_mtu": p.path_mtu,
                 "rx_bytes": p.rx_bytes,
                 "tx_bytes": p.tx_bytes,
             })
         })
         .collect();
+    let relays: Vec<crate::relays::RelayStatus> = relays
+        .status
+        .lock()
+        .map(|s| s.values().cloned().collect())
+        .unwrap_or_default();
     json!({
         "node": node,
         "controller": control,
+        "relays": relays,
         "peers": peers,
         "counters": {
             "malformed_packets": c.malformed_packets,
@@ -524,6 +553,7 @@ pub async fn leave_offline(state: &StateDir, force: bool) -> anyhow::Result<Stri
         let hello = ClientMsg::Hello {
             network: m.network.clone(),
             endpoints: vec![],
+            home_relay: None,
         };
         let (session, _) = control::open(
             &endpoint,

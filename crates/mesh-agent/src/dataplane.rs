@@ -36,6 +36,8 @@ pub enum DataCmd {
     /// The relay connection (the control connection, whose controller embeds the relay), or
     /// `None` when it is gone.
     Relay(Option<quinn::Connection>),
+    /// A standalone relay's connection (by region name), or `None` when it is gone.
+    RelayRegion(String, Option<quinn::Connection>),
     /// Ping a peer inside the tunnel; answers with the path and round-trip time.
     Ping(PublicKey, PingReply),
 }
@@ -86,6 +88,87 @@ pub struct DataStatus {
     pub node: mesh_core::Counters,
     /// Driver counters.
     pub driver: DriverCounters,
+    /// The relay each peer's relayed traffic goes through now (`controller` or a region).
+    pub relay_of: std::collections::HashMap<PublicKey, String>,
+}
+
+/// Name shown for the controller's embedded relay.
+pub const CONTROLLER_RELAY: &str = "controller";
+
+/// The relay connections and which one reaches each peer.
+#[derive(Default)]
+struct Relays {
+    /// The control connection (the controller embeds a relay).
+    controller: Option<quinn::Connection>,
+    /// Standalone relays by region.
+    regions: std::collections::BTreeMap<String, quinn::Connection>,
+    /// Readers feeding received frames to the data plane, by relay (`None`: the controller).
+    readers: std::collections::HashMap<Option<String>, tokio::task::JoinHandle<()>>,
+    /// Each peer's home relay, from the peer list.
+    home: std::collections::HashMap<PublicKey, String>,
+}
+
+impl Relays {
+    /// Replaces one relay connection (`region` `None`: the controller's).
+    fn set(
+        &mut self,
+        region: Option<String>,
+        conn: Option<quinn::Connection>,
+        inbox: &mpsc::Sender<bytes::Bytes>,
+    ) {
+        if let Some(r) = self.readers.remove(&region) {
+            r.abort();
+        }
+        if let Some(c) = &conn {
+            let (c2, tx) = (c.clone(), inbox.clone());
+            self.readers.insert(
+                region.clone(),
+                tokio::spawn(async move {
+                    while let Ok(d) = c2.read_datagram().await {
+                        // Full inbox: drop, as a congested link would.
+                        let _ = tx.try_send(d);
+                    }
+                }),
+            );
+        }
+        match (region, conn) {
+            (None, c) => self.controller = c,
+            (Some(r), Some(c)) => {
+                self.regions.insert(r, c);
+            }
+            (Some(r), None) => {
+                self.regions.remove(&r);
+            }
+        }
+    }
+
+    fn any(&self) -> bool {
+        self.controller.is_some() || !self.regions.is_empty()
+    }
+
+    /// The relay to reach `peer` by. A node listens on every relay it is connected to, so:
+    /// the peer's home relay when we are connected there; for a peer homed on a standalone
+    /// relay we cannot use, the nearest standalone relay (the peer is connected to those it can
+    /// reach, and the controller may be the thing that is down); for a peer homed on the
+    /// controller, the controller, else any.
+    fn pick(&self, peer: &PublicKey) -> Option<(&str, &quinn::Connection)> {
+        let nearest = || {
+            self.regions
+                .iter()
+                .min_by_key(|(_, c)| c.rtt())
+                .map(|(n, c)| (n.as_str(), c))
+        };
+        let controller = || self.controller.as_ref().map(|c| (CONTROLLER_RELAY, c));
+        match self.home.get(peer) {
+            Some(home) => self
+                .regions
+                .get_key_value(home)
+                .map(|(n, c)| (n.as_str(), c))
+                .or_else(nearest)
+                .or_else(controller),
+            None => controller().or_else(nearest),
+        }
+    }
 }
 
 fn to_config(p: &PeerInfo) -> PeerConfig {
@@ -129,8 +212,7 @@ pub async fn run(
     let mut out: Vec<Transmit> = Vec::new();
     let mut gso_buf: Vec<u8> = Vec::with_capacity(65536);
     let far = Duration::from_secs(3600);
-    let mut relay_conn: Option<quinn::Connection> = None;
-    let mut relay_reader: Option<tokio::task::JoinHandle<()>> = None;
+    let mut relays = Relays::default();
     let (relay_in_tx, mut relay_in) = mpsc::channel::<bytes::Bytes>(RELAY_INBOX);
     let mut reassembly = Reassembly::default();
     let mut relay_id: u16 = 0;
@@ -215,25 +297,21 @@ pub async fn run(
             }
             cmd = cmds.recv() => match cmd {
                 Some(DataCmd::SetPeers(peers)) => {
+                    relays.home = peers
+                        .iter()
+                        .filter_map(|p| Some((p.key, p.relay.clone()?)))
+                        .collect();
                     let configs: Vec<PeerConfig> = peers.iter().map(to_config).collect();
                     node.set_peers(&configs, Instant::now());
                 }
                 Some(DataCmd::SetAddress(a)) => node.set_address(a),
                 Some(DataCmd::Relay(conn)) => {
-                    if let Some(r) = relay_reader.take() {
-                        r.abort();
-                    }
-                    node.set_relay(conn.is_some(), Instant::now());
-                    if let Some(c) = &conn {
-                        let (c2, tx) = (c.clone(), relay_in_tx.clone());
-                        relay_reader = Some(tokio::spawn(async move {
-                            while let Ok(d) = c2.read_datagram().await {
-                                // Full inbox: drop, as a congested link would.
-                                let _ = tx.try_send(d);
-                            }
-                        }));
-                    }
-                    relay_conn = conn;
+                    relays.set(None, conn, &relay_in_tx);
+                    node.set_relay(relays.any(), Instant::now());
+                }
+                Some(DataCmd::RelayRegion(region, conn)) => {
+                    relays.set(Some(region), conn, &relay_in_tx);
+                    node.set_relay(relays.any(), Instant::now());
                 }
                 Some(DataCmd::Ping(key, reply)) => {
                     let now = Instant::now();
@@ -244,10 +322,16 @@ pub async fn run(
                     }
                 }
                 Some(DataCmd::Status(reply)) => {
+                    let peers = node.peer_status(Instant::now());
+                    let relay_of = peers
+                        .iter()
+                        .filter_map(|p| Some((p.key, relays.pick(&p.key)?.0.to_owned())))
+                        .collect();
                     let _ = reply.send(DataStatus {
-                        peers: node.peer_status(Instant::now()),
+                        peers,
                         node: node.counters(),
                         driver: counters,
+                        relay_of,
                     });
                 }
                 None => return,
@@ -294,7 +378,7 @@ pub async fn run(
             send_all(&port, &mut out, &mut gso_buf, &mut counters).await;
         }
         while let Some(t) = node.poll_relay_transmit() {
-            let Some(conn) = &relay_conn else {
+            let Some((_, conn)) = relays.pick(&t.to) else {
                 counters.relay_drops += 1;
                 continue;
             };

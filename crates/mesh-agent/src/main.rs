@@ -7,6 +7,7 @@ mod daemon;
 mod dataplane;
 mod kubeadm;
 mod metrics;
+mod relays;
 mod state;
 
 use anyhow::Context as _;
@@ -386,9 +387,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 match api::request(&state.socket_path(), req).await {
                     Ok(v) => {
                         answered += 1;
-                        let via = match v["endpoint"].as_str() {
-                            Some(e) => format!("direct {e}"),
-                            None => v["path"].as_str().unwrap_or("?").to_owned(),
+                        let via = match (v["endpoint"].as_str(), v["relay"].as_str()) {
+                            (Some(e), _) => format!("direct {e}"),
+                            (None, Some(r)) => format!("relay {r}"),
+                            (None, None) => v["path"].as_str().unwrap_or("?").to_owned(),
                         };
                         out(&format!(
                             "pong from {} ({}) via {via} in {:.2} ms",

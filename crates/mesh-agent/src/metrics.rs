@@ -196,6 +196,7 @@ mod tests {
                 ..Default::default()
             },
             driver: Default::default(),
+            relay_of: Default::default(),
         };
         let text = render(&status, true);
         for needle in [

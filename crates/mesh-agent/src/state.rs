@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 const KEY_FILE: &str = "node.key";
 const NODE_FILE: &str = "node.json";
 const PEERS_FILE: &str = "peers.json";
+const RELAYS_FILE: &str = "relays.json";
 const SOCKET_FILE: &str = "mesh.sock";
 
 /// What the node remembers about its membership (`node.json`).
@@ -160,9 +161,27 @@ impl StateDir {
             .unwrap_or_default()
     }
 
+    /// Caches the relay list with its tickets (they stay valid for hours), so that relays work
+    /// after a restart while the controller is down.
+    pub fn save_relays(&self, relays: &[mesh_proto::control::RelayInfo]) -> anyhow::Result<()> {
+        write_atomic(
+            &self.dir.join(RELAYS_FILE),
+            &serde_json::to_vec(relays)?,
+            0o600,
+        )
+    }
+
+    /// The cached relay list (empty if none or unreadable).
+    pub fn load_relays(&self) -> Vec<mesh_proto::control::RelayInfo> {
+        std::fs::read(self.dir.join(RELAYS_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
     /// Deletes everything the node stored.
     pub fn wipe(&self) -> anyhow::Result<()> {
-        for f in [KEY_FILE, NODE_FILE, PEERS_FILE, SOCKET_FILE] {
+        for f in [KEY_FILE, NODE_FILE, PEERS_FILE, RELAYS_FILE, SOCKET_FILE] {
             match std::fs::remove_file(self.dir.join(f)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

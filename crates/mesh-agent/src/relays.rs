@@ -1,0 +1,373 @@
+//! Standalone relays: the agent keeps a QUIC connection (on its one UDP socket) to every relay
+//! the controller announces, picks the nearest as its home, and tells the controller, so that
+//! peers send it relayed traffic there. Without standalone relays (or while none is reachable)
+//! the home is the controller's embedded relay. An admin who deploys regional relays wants
+//! relayed traffic on them, so the controller's relay does not compete with them.
+//!
+//! Each relay has its own task: connect (Noise pinned to the relay's key, then the ticket),
+//! hand the connection to the data plane, renew the ticket when the controller sends a fresh
+//! one, and reconnect with backoff when the connection goes.
+
+use crate::dataplane::DataCmd;
+use mesh_proto::control::{RelayInfo, Ticket};
+use mesh_proto::relay_session::{RelayClientMsg, RelayServerMsg};
+use mesh_relay::client::{self, RelaySession};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+/// How long one connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait between attempts to reach a relay.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How often the home relay is reconsidered.
+const HOME_CHECK: Duration = Duration::from_secs(5);
+/// Another relay becomes home only when it is this much nearer (ratio and absolute), so that
+/// jitter does not make the home flap.
+const HOME_HYSTERESIS: f64 = 0.75;
+const HOME_MIN_GAIN: Duration = Duration::from_millis(5);
+
+/// What `mesh status` shows about one relay.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RelayStatus {
+    /// Region name (`controller` for the embedded relay).
+    pub name: String,
+    /// Address dialled.
+    pub addr: String,
+    /// Whether the node is admitted there now.
+    pub connected: bool,
+    /// Smoothed QUIC round-trip time.
+    pub rtt_ms: Option<u64>,
+    /// Whether this is the node's home relay.
+    pub home: bool,
+    /// The node's address as this relay sees it.
+    pub observed: Option<SocketAddr>,
+    /// Last error, if the last attempt failed.
+    pub last_error: Option<String>,
+}
+
+/// Shared with the control loop and the local API.
+#[derive(Clone, Default)]
+pub struct RelayShared {
+    /// Per relay, for status.
+    pub status: Arc<Mutex<BTreeMap<String, RelayStatus>>>,
+    /// Live connections, by relay name.
+    conns: Arc<Mutex<BTreeMap<String, quinn::Connection>>>,
+    /// Signalled when a connection comes or goes.
+    changed: Arc<tokio::sync::Notify>,
+}
+
+impl RelayShared {
+    /// Addresses the relays observe for this node: endpoint candidates.
+    pub fn observed(&self) -> Vec<SocketAddr> {
+        let status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<SocketAddr> = status
+            .values()
+            .filter_map(|s| s.observed)
+            .filter(|a| !a.ip().is_loopback() && !a.ip().is_unspecified())
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    fn set(&self, name: &str, f: impl FnOnce(&mut RelayStatus)) {
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = status.get_mut(name) {
+            f(s);
+        }
+    }
+
+    fn conns(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, quinn::Connection>> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Everything the relay tasks need.
+#[derive(Clone)]
+pub struct RelayCtx {
+    /// QUIC endpoint on the node's shared UDP socket.
+    pub endpoint: quinn::Endpoint,
+    /// Node private key.
+    pub node_key: [u8; 32],
+    /// The data plane.
+    pub data: mpsc::Sender<DataCmd>,
+    /// Status and connections.
+    pub shared: RelayShared,
+}
+
+struct Running {
+    info: RelayInfo,
+    ticket: watch::Sender<Ticket>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Follows the relay list from the controller until `shutdown`; publishes the home relay
+/// (`None`: the controller's) on `home`.
+pub async fn run(
+    ctx: RelayCtx,
+    mut list: watch::Receiver<Vec<RelayInfo>>,
+    home: watch::Sender<Option<String>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut running: BTreeMap<String, Running> = BTreeMap::new();
+    let mut check = tokio::time::interval(HOME_CHECK);
+    loop {
+        let wanted: Vec<RelayInfo> = list.borrow_and_update().clone();
+        // Stop relays that went away or changed address or key.
+        let stale: Vec<String> = running
+            .iter()
+            .filter(|(name, r)| {
+                !wanted
+                    .iter()
+                    .any(|w| &w.name == *name && w.addr == r.info.addr && w.key == r.info.key)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            if let Some(r) = running.remove(&name) {
+                r.task.abort();
+                ctx.shared.conns().remove(&name);
+                ctx.shared
+                    .status
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&name);
+                let _ = ctx
+                    .data
+                    .send(DataCmd::RelayRegion(name.clone(), None))
+                    .await;
+                info!(relay = %name, "relay no longer used");
+            }
+        }
+        for info in wanted {
+            match running.get(&info.name) {
+                Some(r) => {
+                    let _ = r.ticket.send_if_modified(|t| {
+                        let newer = t.expires < info.ticket.expires;
+                        if newer {
+                            *t = info.ticket.clone();
+                        }
+                        newer
+                    });
+                }
+                None => {
+                    ctx.shared
+                        .status
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(
+                            info.name.clone(),
+                            RelayStatus {
+                                name: info.name.clone(),
+                                addr: info.addr.clone(),
+                                connected: false,
+                                rtt_ms: None,
+                                home: false,
+                                observed: None,
+                                last_error: None,
+                            },
+                        );
+                    let (ticket, ticket_rx) = watch::channel(info.ticket.clone());
+                    let task = tokio::spawn(maintain(ctx.clone(), info.clone(), ticket_rx));
+                    running.insert(info.name.clone(), Running { info, ticket, task });
+                }
+            }
+        }
+        tokio::select! {
+            r = list.changed() => if r.is_err() { break },
+            _ = check.tick() => update_home(&ctx.shared, &home),
+            // A relay came or went: at once, so that a new relay is used within a round trip.
+            _ = ctx.shared.changed.notified() => update_home(&ctx.shared, &home),
+            _ = shutdown.changed() => break,
+        }
+    }
+    for (_, r) in running {
+        r.task.abort();
+    }
+}
+
+/// Chooses the home relay from the live connections and publishes it; refreshes status.
+fn update_home(shared: &RelayShared, home: &watch::Sender<Option<String>>) {
+    let rtts: Vec<(String, Duration)> = shared
+        .conns()
+        .iter()
+        .map(|(n, c)| (n.clone(), c.rtt()))
+        .collect();
+    let chosen = choose_home(&rtts, home.borrow().as_deref());
+    home.send_if_modified(|h| {
+        if *h == chosen {
+            return false;
+        }
+        info!(
+            home = chosen.as_deref().unwrap_or("controller"),
+            "home relay"
+        );
+        *h = chosen.clone();
+        true
+    });
+    let mut status = shared.status.lock().unwrap_or_else(|p| p.into_inner());
+    let conns = shared.conns();
+    for s in status.values_mut() {
+        s.home = chosen.as_deref() == Some(s.name.as_str());
+        s.rtt_ms = conns.get(&s.name).map(|c| c.rtt().as_millis() as u64);
+    }
+}
+
+/// The nearest relay by round-trip time, keeping `current` unless another is clearly nearer;
+/// `None` (the controller's relay) when no standalone relay is connected.
+fn choose_home(rtts: &[(String, Duration)], current: Option<&str>) -> Option<String> {
+    let (best, best_rtt) = rtts.iter().min_by_key(|(_, rtt)| *rtt)?;
+    let Some((_, current_rtt)) = rtts.iter().find(|(n, _)| Some(n.as_str()) == current) else {
+        return Some(best.clone());
+    };
+    let clearly_better = best_rtt.as_secs_f64() < current_rtt.as_secs_f64() * HOME_HYSTERESIS
+        && *current_rtt >= *best_rtt + HOME_MIN_GAIN;
+    if clearly_better {
+        Some(best.clone())
+    } else {
+        current.map(str::to_owned)
+    }
+}
+
+async fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| format!("cannot resolve {addr}: {e}"))?
+        .find(|a| a.is_ipv4())
+        .ok_or_else(|| format!("{addr} has no IPv4 address"))
+}
+
+/// Keeps one relay connected.
+async fn maintain(ctx: RelayCtx, info: RelayInfo, mut ticket: watch::Receiver<Ticket>) {
+    let name = info.name.clone();
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let current = ticket.borrow_and_update().clone();
+        let attempt = async {
+            let addr = resolve(&info.addr).await?;
+            client::connect(
+                &ctx.endpoint,
+                addr,
+                &info.key,
+                &ctx.node_key,
+                current,
+                CONNECT_TIMEOUT,
+            )
+            .await
+            .map_err(|e| e.to_string())
+        };
+        match attempt.await {
+            Ok(session) => {
+                backoff = Duration::from_secs(1);
+                info!(relay = %name, observed = %session.observed, rtt_ms = session.conn.rtt().as_millis() as u64, "connected to relay");
+                let reason = serve(&ctx, &name, session, &mut ticket).await;
+                warn!(relay = %name, %reason, "relay connection lost; reconnecting");
+                ctx.shared.set(&name, |s| {
+                    s.connected = false;
+                    s.last_error = Some(reason);
+                });
+            }
+            Err(e) => {
+                warn!(relay = %name, error = %e, retry_in = ?backoff, "cannot use relay");
+                ctx.shared.set(&name, |s| {
+                    s.connected = false;
+                    s.last_error = Some(e);
+                });
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+/// Runs an admitted session until it ends; returns why.
+async fn serve(
+    ctx: &RelayCtx,
+    name: &str,
+    mut session: RelaySession,
+    ticket: &mut watch::Receiver<Ticket>,
+) -> String {
+    let conn = session.conn.clone();
+    ctx.shared.conns().insert(name.to_owned(), conn.clone());
+    ctx.shared.changed.notify_one();
+    ctx.shared.set(name, |s| {
+        s.connected = true;
+        s.last_error = None;
+        s.observed = Some(session.observed);
+        s.rtt_ms = Some(conn.rtt().as_millis() as u64);
+    });
+    let _ = ctx
+        .data
+        .send(DataCmd::RelayRegion(name.to_owned(), Some(conn.clone())))
+        .await;
+    let reason = loop {
+        tokio::select! {
+            e = conn.closed() => break e.to_string(),
+            r = ticket.changed() => {
+                if r.is_err() {
+                    break "stopped".to_owned();
+                }
+                let fresh = ticket.borrow_and_update().clone();
+                let msg = RelayClientMsg::Renew { ticket: fresh };
+                if let Err(e) = session.tx.send(&msg.encode()).await {
+                    break e.to_string();
+                }
+            }
+            msg = session.rx.recv() => match msg.map(|b: Vec<u8>| RelayServerMsg::decode(&b)) {
+                Ok(Ok(RelayServerMsg::Welcome { expires, .. })) => {
+                    debug!(relay = %name, expires, "relay ticket renewed");
+                }
+                Ok(Ok(RelayServerMsg::Error { message, .. })) => break format!("relay refused: {message}"),
+                Ok(Err(e)) => break format!("malformed message from relay: {e}"),
+                Err(e) => break e.to_string(),
+            },
+        }
+    };
+    {
+        let mut conns = ctx.shared.conns();
+        if conns
+            .get(name)
+            .is_some_and(|c| c.stable_id() == conn.stable_id())
+        {
+            conns.remove(name);
+        }
+    }
+    ctx.shared.changed.notify_one();
+    let _ = ctx
+        .data
+        .send(DataCmd::RelayRegion(name.to_owned(), None))
+        .await;
+    reason
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn home_is_the_nearest_with_hysteresis() {
+        let rtts = vec![("far".to_owned(), ms(80)), ("near".to_owned(), ms(12))];
+        assert_eq!(choose_home(&rtts, None).as_deref(), Some("near"));
+        // A gone home is replaced.
+        assert_eq!(choose_home(&rtts, Some("gone")).as_deref(), Some("near"));
+        // Jitter does not move the home...
+        let rtts = vec![("a".to_owned(), ms(10)), ("b".to_owned(), ms(9))];
+        assert_eq!(choose_home(&rtts, Some("a")).as_deref(), Some("a"));
+        // ...a clearly nearer relay does.
+        let rtts = vec![("a".to_owned(), ms(40)), ("b".to_owned(), ms(9))];
+        assert_eq!(choose_home(&rtts, Some("a")).as_deref(), Some("b"));
+        // Sub-millisecond differences on a LAN never count.
+        let rtts = vec![("a".to_owned(), ms(2)), ("b".to_owned(), ms(0))];
+        assert_eq!(choose_home(&rtts, Some("a")).as_deref(), Some("a"));
+        // No standalone relay: the controller's.
+        assert_eq!(choose_home(&[], Some("a")), None);
+    }
+}
