@@ -20,7 +20,8 @@ struct Cli {
     /// /var/lib/mesh-relay for `relay`].
     #[arg(long, global = true)]
     state_dir: Option<PathBuf>,
-    /// Configuration file; flags win over it [default: /etc/mesh/mesh-controller.toml if present].
+    /// Configuration file; flags win over it [default: /etc/mesh/mesh-controller.toml, or
+    /// /etc/mesh/mesh-relay.toml for `relay`, if present].
     #[arg(long, global = true)]
     config: Option<PathBuf>,
     #[command(subcommand)]
@@ -46,7 +47,7 @@ enum Command {
         listen: Option<SocketAddr>,
         /// Public key of the controller whose tickets this relay honours
         /// (`mesh-controller key` on the controller).
-        #[arg(long, required_unless_present = "print_key")]
+        #[arg(long)]
         controller_key: Option<String>,
         /// Print this relay's public key (creating it if needed) and exit.
         #[arg(long)]
@@ -168,14 +169,17 @@ struct FileConfig {
     listen: Option<SocketAddr>,
     metrics_listen: Option<String>,
     log: Option<String>,
+    /// For `relay`: the controller's public key.
+    controller_key: Option<String>,
 }
 
 const DEFAULT_CONFIG: &str = "/etc/mesh/mesh-controller.toml";
+const DEFAULT_RELAY_CONFIG: &str = "/etc/mesh/mesh-relay.toml";
 
-fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<FileConfig> {
+fn load_config(path: Option<&std::path::Path>, default: &str) -> anyhow::Result<FileConfig> {
     let (path, explicit) = match path {
         Some(p) => (p.to_owned(), true),
-        None => (PathBuf::from(DEFAULT_CONFIG), false),
+        None => (PathBuf::from(default), false),
     };
     match std::fs::read_to_string(&path) {
         Ok(text) => toml::from_str(&text).map_err(|e| {
@@ -218,11 +222,11 @@ fn out(s: &str) {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let file = load_config(cli.config.as_deref())?;
-    let default_dir = match cli.command {
-        Command::Relay { .. } => "/var/lib/mesh-relay",
-        _ => "/var/lib/mesh-controller",
+    let (default_config, default_dir) = match cli.command {
+        Command::Relay { .. } => (DEFAULT_RELAY_CONFIG, "/var/lib/mesh-relay"),
+        _ => (DEFAULT_CONFIG, "/var/lib/mesh-controller"),
     };
+    let file = load_config(cli.config.as_deref(), default_config)?;
     let state_dir = cli
         .state_dir
         .or(file.state_dir.clone())
@@ -239,13 +243,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 out(&public_of(&secret).to_string());
                 return Ok(());
             }
+            let Some(controller_key) = controller_key.or(file.controller_key.clone()) else {
+                bail!("a relay needs the controller's public key: pass --controller-key KEY (or set controller_key in the config file); `mesh-controller key` prints it on the controller");
+            };
             let controller: mesh_proto::PublicKey = controller_key
-                .as_deref()
-                .unwrap_or_default()
                 .trim()
                 .parse()
-                .map_err(|e| anyhow::anyhow!("invalid --controller-key: {e}"))?;
-            let listen = listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 7444)));
+                .map_err(|e| anyhow::anyhow!("invalid controller key: {e}"))?;
+            let listen = listen
+                .or(file.listen)
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 7444)));
             init_logging(file.log.as_deref().unwrap_or("info"));
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async {
