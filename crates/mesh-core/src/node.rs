@@ -1,11 +1,14 @@
 //! The node state machine: peers, routing by overlay address, endpoint choice, timers.
 
+use crate::birthday::{self, Attempt, BirthdayConfig, BirthdayStats, Owner, Sockets};
 use crate::packet;
 use crate::pmtu;
 use crate::session::{self, Addressed, Output, Session, SessionError};
 use mesh_proto::control::MAX_ENDPOINTS;
 use mesh_proto::PublicKey;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use rand::rngs::SmallRng;
+use rand::SeedableRng;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 use x25519_dalek::{PublicKey as XPublic, StaticSecret};
@@ -37,6 +40,8 @@ pub const MAX_CANDIDATE_PROBE_INTERVAL: Duration = Duration::from_secs(32);
 pub const PREDICTED_PORTS: u16 = 4;
 /// Ids of pings and path probes (path MTU probes use the ids below).
 pub const PING_IDS: std::ops::Range<u16> = 0x8000..0xffff;
+/// The node measures a peer's RTT by itself (new session, new path) at most this often.
+pub const RTT_PROBE_SPACING: Duration = Duration::from_secs(5);
 /// Most pings in flight per peer.
 const MAX_PINGS: usize = 16;
 /// Default persistent keepalive, seconds: keeps NAT mappings open.
@@ -104,9 +109,34 @@ impl std::fmt::Display for Path {
     }
 }
 
-/// A datagram the driver must send on the node's UDP socket.
+/// One of the node's UDP sockets, as the driver knows it: [`SocketId::MAIN`] is the node's one
+/// long-lived socket (WireGuard, QUIC, discovery); any other id is an extra socket the node asked
+/// for with [`Event::OpenSocket`] (birthday hole punching, see [`crate::birthday`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SocketId(pub u16);
+
+impl SocketId {
+    /// The node's main socket.
+    pub const MAIN: SocketId = SocketId(0);
+}
+
+impl std::fmt::Display for SocketId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if *self == SocketId::MAIN {
+            f.write_str("main")
+        } else {
+            write!(f, "extra-{}", self.0)
+        }
+    }
+}
+
+/// A datagram the driver must send on one of the node's UDP sockets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transmit {
+    /// The socket to send from: [`SocketId::MAIN`], or an extra socket announced by
+    /// [`Event::OpenSocket`]. A transmit on a socket the driver could not open (or has closed)
+    /// is dropped.
+    pub socket: SocketId,
     /// Destination.
     pub dst: SocketAddr,
     /// Bytes to send.
@@ -149,6 +179,15 @@ pub enum Event {
         /// The configured interface MTU.
         configured: u16,
     },
+    /// The driver must bind a new UDP socket (IPv4, any address, a port of the system's
+    /// choosing) under this id, and deliver what it receives with [`Node::handle_datagram_on`].
+    /// Ids are never [`SocketId::MAIN`] and are not reused while open. A transmit on the socket
+    /// is never returned by [`Node::poll_transmit`] before this event was returned by
+    /// [`Node::poll_event`]. If the socket cannot be bound, dropping its transmits is enough.
+    OpenSocket(SocketId),
+    /// The node is done with this extra socket: the driver closes it and drops anything still
+    /// queued for it.
+    CloseSocket(SocketId),
 }
 
 /// Packets dropped, by reason. A bad packet is a counter, never an error.
@@ -170,6 +209,8 @@ pub struct Counters {
     pub queue_drops: u64,
     /// TUN packets larger than the peer's path MTU (answered with ICMP when DF was set).
     pub too_big_packets: u64,
+    /// Datagrams on an extra socket the node has closed, or for another peer than the socket's.
+    pub unknown_socket_packets: u64,
 }
 
 /// Status of one peer, for `mesh status`.
@@ -201,12 +242,19 @@ pub struct PeerStatus {
     pub path: Path,
 }
 
+/// A direct path's two ends: our socket and the peer's address as seen from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Endpoint {
+    socket: SocketId,
+    addr: SocketAddr,
+}
+
 struct Peer {
     config: PeerConfig,
     session: Session,
     index: u32,
-    /// Confirmed endpoint: the source of the last authenticated packet.
-    endpoint: Option<SocketAddr>,
+    /// Confirmed endpoint: where the last authenticated packet came from (and on which socket).
+    endpoint: Option<Endpoint>,
     last_rx: Option<Instant>,
     /// When we started waiting for a handshake with data queued, and when we last (re)sent one.
     handshake_wait: Option<(Instant, Instant)>,
@@ -221,7 +269,7 @@ struct Peer {
     /// Last path MTU reported in an event.
     reported_mtu: Option<u16>,
     /// The endpoint the path MTU search ran (or runs) on.
-    probed_endpoint: Option<SocketAddr>,
+    probed_endpoint: Option<Endpoint>,
     /// Last authenticated message straight from the peer, and last one we sent straight to it.
     last_direct_rx: Option<Instant>,
     last_direct_tx: Option<Instant>,
@@ -235,10 +283,19 @@ struct Peer {
     last_path_probe: Option<Instant>,
     /// Pings in flight: (id, sent at, asked for by the user).
     pings: VecDeque<(u16, Instant, bool)>,
-    /// Round-trip time of the last answered ping or path probe.
+    /// Round-trip time of the last answered ping or path probe, and the path it was measured on.
     rtt: Option<Duration>,
+    rtt_path: Option<Path>,
+    /// When the node last probed the RTT on its own (a new session or a new path).
+    last_rtt_probe: Option<Instant>,
     /// Last message of any kind sent to the peer (for persistent keepalive).
     last_tx: Option<Instant>,
+    /// The extra socket that won a birthday attempt for this peer, and since when the direct
+    /// path no longer uses it (it closes [`birthday::KEPT_SOCKET_GRACE`] later).
+    kept_socket: Option<SocketId>,
+    kept_socket_idle_since: Option<Instant>,
+    /// When the peer gets its next birthday attempt.
+    punch: birthday::Schedule,
 }
 
 impl Peer {
@@ -258,9 +315,12 @@ impl Peer {
         if let Output::Network(bytes) = self.session.force_handshake(buf) {
             self.send(bytes, now, out);
             // The endpoint that worked last is often the only one that can (a symmetric NAT's
-            // port toward us is in no candidate list): try it too.
-            if let Some(p) = previous.filter(|p| !self.config.endpoints.contains(p)) {
-                out.udp(p, bytes);
+            // port toward us is in no candidate list, and an extra socket's mapping is the only
+            // one the peer's NAT lets in): try it too.
+            if let Some(p) = previous
+                .filter(|p| p.socket != SocketId::MAIN || !self.config.endpoints.contains(&p.addr))
+            {
+                out.udp(p.socket, p.addr, bytes);
             }
         }
     }
@@ -281,8 +341,8 @@ impl Peer {
     /// for path MTU probes, which are meant to be lost when too large.
     fn send_untracked(&mut self, bytes: &[u8], now: Instant, out: &mut Outbox) {
         self.last_tx = Some(now);
-        if let Some(dst) = self.endpoint {
-            out.udp(dst, bytes);
+        if let Some(e) = self.endpoint {
+            out.udp(e.socket, e.addr, bytes);
             return;
         }
         let initiation = bytes.first() == Some(&1);
@@ -293,14 +353,14 @@ impl Peer {
             }
         }
         for dst in self.config.endpoints.iter().take(MAX_ENDPOINTS) {
-            out.udp(*dst, bytes);
+            out.udp(SocketId::MAIN, *dst, bytes);
         }
     }
 
     /// The path traffic to this peer takes now.
     fn path(&self, relay_up: bool) -> Path {
         match self.endpoint {
-            Some(e) => Path::Direct(e),
+            Some(e) => Path::Direct(e.addr),
             None if relay_up => Path::Relay,
             None => Path::None,
         }
@@ -317,18 +377,31 @@ struct Outbox {
     counters: Counters,
     /// Whether the driver has a relay connection.
     relay_up: bool,
+    /// Extra sockets whose [`Event::OpenSocket`] the driver has not polled yet: transmits on
+    /// them wait.
+    unannounced: BTreeSet<SocketId>,
 }
 
 impl Outbox {
-    fn udp(&mut self, dst: SocketAddr, bytes: &[u8]) {
+    fn udp(&mut self, socket: SocketId, dst: SocketAddr, bytes: &[u8]) {
         push_bounded(
             &mut self.transmits,
             &mut self.counters,
             Transmit {
+                socket,
                 dst,
                 payload: bytes.to_vec(),
             },
         );
+    }
+
+    fn open_socket(&mut self, id: SocketId) {
+        self.unannounced.insert(id);
+        self.events.push_back(Event::OpenSocket(id));
+    }
+
+    fn close_socket(&mut self, id: SocketId) {
+        self.events.push_back(Event::CloseSocket(id));
     }
 
     fn relay(&mut self, to: PublicKey, bytes: &[u8]) {
@@ -345,7 +418,7 @@ impl Outbox {
     /// Sends a reply on the path the message it answers came in on.
     fn reply(&mut self, via: Via, key: PublicKey, bytes: &[u8]) {
         match via {
-            Via::Direct(from) => self.udp(from, bytes),
+            Via::Direct(from) => self.udp(from.socket, from.addr, bytes),
             Via::Relay => self.relay(key, bytes),
         }
     }
@@ -354,10 +427,54 @@ impl Outbox {
 /// Where a received WireGuard message came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Via {
-    /// Straight from this UDP address.
-    Direct(SocketAddr),
+    /// Straight from this UDP address, on this socket of ours.
+    Direct(Endpoint),
     /// Through the relay.
     Relay,
+}
+
+/// The node's birthday hole punching: settings, the attempt in flight and the extra sockets.
+struct Punching {
+    /// `None`: disabled.
+    config: Option<BirthdayConfig>,
+    /// Spray ports; seeded, so a simulated run is the same for a given seed.
+    rng: SmallRng,
+    sockets: Sockets,
+    attempt: Option<Attempt>,
+    /// Spray-only answers to joins that came while `attempt` was busy with another peer: the
+    /// endpoint-independent side of a pair needs nothing but its spray, so a node whose
+    /// sockets are taken can still do its part for everyone else.
+    side_sprays: Vec<Attempt>,
+    stats: BirthdayStats,
+}
+
+impl Punching {
+    /// Ends the attempt in flight: closes every socket of it that no peer kept.
+    fn finish(&mut self, success: bool, out: &mut Outbox) {
+        let Some(attempt) = self.attempt.take() else {
+            return;
+        };
+        if success {
+            self.stats.succeeded += 1;
+        }
+        tracing::debug!(peer = %attempt.peer, success, sprayed = attempt.sprayed(), "birthday attempt over");
+        for id in attempt.sockets {
+            if matches!(self.sockets.owner(id), Some(Owner::Attempt(_))) {
+                self.sockets.close(id);
+                out.close_socket(id);
+            }
+        }
+    }
+
+    fn close(&mut self, id: SocketId, out: &mut Outbox) {
+        if self.sockets.close(id) {
+            out.close_socket(id);
+        }
+    }
+
+    fn attempt_peer(&self) -> Option<PublicKey> {
+        self.attempt.as_ref().map(|a| a.peer)
+    }
 }
 
 /// A mesh node. See the crate docs for the input/output contract.
@@ -374,6 +491,7 @@ pub struct Node {
     next_tick: Instant,
     buf: Vec<u8>,
     next_ping: u16,
+    punching: Punching,
 }
 
 impl Node {
@@ -382,6 +500,9 @@ impl Node {
     pub fn new(config: NodeConfig, index_seed: u32, now: Instant) -> Self {
         let secret = StaticSecret::from(config.private_key);
         let public = XPublic::from(&secret);
+        let mut key_bits = [0u8; 8];
+        key_bits.copy_from_slice(&public.as_bytes()[..8]);
+        let seed = u64::from_le_bytes(key_bits) ^ u64::from(index_seed);
         Node {
             secret,
             public,
@@ -394,7 +515,39 @@ impl Node {
             next_tick: now + TICK,
             buf: vec![0u8; MAX_DATAGRAM],
             next_ping: PING_IDS.start,
+            punching: Punching {
+                config: Some(BirthdayConfig::default()),
+                rng: SmallRng::seed_from_u64(seed),
+                sockets: Sockets::default(),
+                attempt: None,
+                side_sprays: Vec::new(),
+                stats: BirthdayStats::default(),
+            },
         }
+    }
+
+    /// Sets the sizes of birthday hole punching (see [`crate::birthday`]; on by default with
+    /// [`BirthdayConfig::default`]), or turns it off with `None`. Sizes are capped as
+    /// [`BirthdayConfig::bounded`] says. An attempt in flight stops (its sockets close); sockets
+    /// that carry a peer's direct path stay.
+    pub fn set_birthday(&mut self, config: Option<BirthdayConfig>) {
+        self.punching.config = config.map(BirthdayConfig::bounded);
+        self.punching.finish(false, &mut self.out);
+    }
+
+    /// What birthday hole punching has cost and won so far.
+    pub fn birthday_stats(&self) -> BirthdayStats {
+        self.punching.stats
+    }
+
+    /// Extra sockets open now (announced with [`Event::OpenSocket`], not yet closed).
+    pub fn extra_sockets(&self) -> usize {
+        self.punching.sockets.len()
+    }
+
+    /// The local socket of the peer's direct path; `None` while it has none.
+    pub fn local_socket(&self, key: &PublicKey) -> Option<SocketId> {
+        self.peers.get(key)?.endpoint.map(|e| e.socket)
     }
 
     /// This node's public key.
@@ -461,6 +614,7 @@ impl Node {
                 // probe them at the next tick, so the two sides punch their NATs together.
                 peer.last_candidate_probe = None;
                 peer.candidate_probe_interval = CANDIDATE_PROBE_INTERVAL;
+                peer.punch.reset();
             }
             peer.config = config;
             return;
@@ -503,7 +657,12 @@ impl Node {
                 last_path_probe: None,
                 pings: VecDeque::new(),
                 rtt: None,
+                rtt_path: None,
+                last_rtt_probe: None,
                 last_tx: None,
+                kept_socket: None,
+                kept_socket_idle_since: None,
+                punch: birthday::Schedule::default(),
             },
         );
         if initiate {
@@ -518,6 +677,12 @@ impl Node {
         if let Some(peer) = self.peers.remove(key) {
             self.by_address.remove(&peer.config.address);
             self.by_index.remove(&peer.index);
+            if let Some(id) = peer.kept_socket {
+                self.punching.close(id, &mut self.out);
+            }
+            if self.punching.attempt_peer() == Some(*key) {
+                self.punching.finish(false, &mut self.out);
+            }
         }
     }
 
@@ -584,14 +749,39 @@ impl Node {
         }
     }
 
-    /// A datagram received on the node's UDP socket (already known not to be QUIC).
+    /// A datagram received on the node's main UDP socket (already known not to be QUIC).
     pub fn handle_datagram(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
-        self.receive(Via::Direct(from), None, datagram, now);
+        self.handle_datagram_on(SocketId::MAIN, from, datagram, now);
+    }
+
+    /// A datagram received on one of the node's sockets: [`SocketId::MAIN`] (as
+    /// [`Node::handle_datagram`]) or an extra socket opened with [`Event::OpenSocket`].
+    /// Datagrams on a socket the node has closed are counted and dropped.
+    pub fn handle_datagram_on(
+        &mut self,
+        socket: SocketId,
+        from: SocketAddr,
+        datagram: &[u8],
+        now: Instant,
+    ) {
+        let owner = if socket == SocketId::MAIN {
+            None
+        } else {
+            match self.punching.sockets.owner(socket) {
+                Some(o) => Some(o),
+                None => {
+                    self.out.counters.unknown_socket_packets += 1;
+                    return;
+                }
+            }
+        };
+        let via = Via::Direct(Endpoint { socket, addr: from });
+        self.receive(via, None, owner, datagram, now);
     }
 
     /// A WireGuard message that came through the relay from the node with key `from`.
     pub fn handle_relayed(&mut self, from: PublicKey, packet: &[u8], now: Instant) {
-        self.receive(Via::Relay, Some(from), packet, now);
+        self.receive(Via::Relay, Some(from), None, packet, now);
     }
 
     /// Tells the node whether the driver has a relay connection (traffic to peers without a
@@ -644,10 +834,12 @@ impl Node {
         }
     }
 
+    /// One WireGuard message in. `owner` is the owner of the extra socket it came in on.
     fn receive(
         &mut self,
         via: Via,
         relayed_from: Option<PublicKey>,
+        owner: Option<Owner>,
         datagram: &[u8],
         now: Instant,
     ) {
@@ -670,6 +862,11 @@ impl Node {
             self.out.counters.rejected_packets += 1;
             return;
         }
+        // An extra socket carries one peer's messages only.
+        if owner.is_some_and(|o| o.peer() != key) {
+            self.out.counters.unknown_socket_packets += 1;
+            return;
+        }
         let Some(peer) = self.peers.get_mut(&key) else {
             self.out.counters.unknown_peer_packets += 1;
             return;
@@ -679,7 +876,7 @@ impl Node {
             return;
         }
         let source_ip = match via {
-            Via::Direct(from) => Some(from.ip()),
+            Via::Direct(from) => Some(from.addr.ip()),
             Via::Relay => None,
         };
         let mut authenticated = false;
@@ -729,6 +926,21 @@ impl Node {
             peer.handshake_wait = None;
         }
         match probe {
+            Some(m) if m.kind == pmtu::Kind::Birthday => {
+                // The peer starts a birthday attempt toward us: run ours at the same time, so
+                // that whichever side has the symmetric NAT has its sockets open while the other
+                // sprays.
+                let me = self.config.address;
+                join_attempt(
+                    &mut self.punching,
+                    peer,
+                    key,
+                    now,
+                    &mut self.buf,
+                    &mut self.out,
+                    me,
+                );
+            }
             Some(m) if m.kind == pmtu::Kind::Probe => {
                 let ack = pmtu::build(
                     self.config.address,
@@ -748,9 +960,13 @@ impl Node {
                     let (_, sent, user) = peer.pings.remove(pos).unwrap_or((0, now, false));
                     let rtt = now.saturating_duration_since(sent);
                     peer.rtt = Some(rtt);
+                    peer.rtt_path = Some(match via {
+                        Via::Direct(from) => Path::Direct(from.addr),
+                        Via::Relay => Path::Relay,
+                    });
                     if user {
                         let path = match via {
-                            Via::Direct(from) => Path::Direct(from),
+                            Via::Direct(from) => Path::Direct(from.addr),
                             Via::Relay => Path::Relay,
                         };
                         self.out.events.push_back(Event::Pong { key, rtt, path });
@@ -766,23 +982,61 @@ impl Node {
         }
         match via {
             Via::Direct(from) => {
-                peer.last_direct_rx = Some(now);
-                if peer.endpoint != Some(from) {
+                let heard_before = peer.last_direct_rx.replace(now);
+                // The main socket and the socket the peer kept may carry its path; a socket of
+                // the attempt in flight may while the peer has no direct path (it won).
+                let won = matches!(owner, Some(Owner::Attempt(_)));
+                let may_switch = !won || peer.endpoint.is_none();
+                if may_switch && peer.endpoint != Some(from) {
                     let had_path = peer.endpoint.is_some();
                     peer.endpoint = Some(from);
-                    tracing::debug!(peer = %key, %from, "direct path confirmed");
+                    tracing::debug!(peer = %key, from = %from.addr, socket = %from.socket, "direct path confirmed");
                     self.out.events.push_back(Event::PathChanged {
                         key,
-                        path: Path::Direct(from),
+                        path: Path::Direct(from.addr),
                     });
                     // A probe got through: answer on the same path at once, so that the peer
                     // upgrades to it too instead of waiting for its own traffic.
                     if !had_path && peer.session.established() {
                         if let Output::Network(bytes) = peer.session.encapsulate(&[], &mut self.buf)
                         {
-                            self.out.udp(from, bytes);
+                            self.out.udp(from.socket, from.addr, bytes);
                             peer.last_direct_tx = Some(now);
                         }
+                    }
+                    if won {
+                        // This socket's mapping is the hole: it stays with the peer.
+                        self.punching
+                            .sockets
+                            .set_owner(from.socket, Owner::Peer(key));
+                        if let Some(old) = peer.kept_socket.replace(from.socket) {
+                            if old != from.socket {
+                                self.punching.close(old, &mut self.out);
+                            }
+                        }
+                        peer.kept_socket_idle_since = None;
+                    }
+                }
+                if peer.endpoint.is_some() && self.punching.attempt_peer() == Some(key) {
+                    self.punching.finish(true, &mut self.out);
+                }
+                // The peer went quiet on this path and now reaches us on it again: it may have
+                // fallen back to the relay and be probing its candidates while we still use the
+                // path. Answer at once (at most once per PATH_PROBE_INTERVAL), so it upgrades
+                // again without waiting for our next keepalive.
+                let was_quiet = heard_before
+                    .is_none_or(|t| now.saturating_duration_since(t) >= PATH_PROBE_INTERVAL);
+                let sent_lately = peer
+                    .last_direct_tx
+                    .is_some_and(|t| now.saturating_duration_since(t) < PATH_PROBE_INTERVAL);
+                if was_quiet
+                    && !sent_lately
+                    && peer.endpoint == Some(from)
+                    && peer.session.established()
+                {
+                    if let Output::Network(bytes) = peer.session.encapsulate(&[], &mut self.buf) {
+                        self.out.udp(from.socket, from.addr, bytes);
+                        peer.last_direct_tx = Some(now);
                     }
                 }
             }
@@ -870,7 +1124,45 @@ impl Node {
                     me,
                     &mut self.next_ping,
                 );
+                if peer.endpoint.is_none()
+                    && self.out.relay_up
+                    && self.punching.attempt.is_none()
+                    && peer.punch.due(now)
+                {
+                    start_attempt(
+                        &mut self.punching,
+                        peer,
+                        *key,
+                        now,
+                        &mut self.buf,
+                        &mut self.out,
+                        me,
+                        true,
+                    );
+                }
             }
+            // Status shows the RTT of the path in use: measure it once per session and path.
+            if peer.session.established() {
+                let path = peer.path(self.out.relay_up);
+                let stale = peer.rtt.is_none() || peer.rtt_path != Some(path);
+                let quiet = peer
+                    .last_rtt_probe
+                    .is_none_or(|t| now.saturating_duration_since(t) >= RTT_PROBE_SPACING);
+                if stale && quiet && path != Path::None {
+                    peer.last_rtt_probe = Some(now);
+                    let me = self.config.address;
+                    send_ping(
+                        peer,
+                        now,
+                        &mut self.buf,
+                        &mut self.out,
+                        me,
+                        &mut self.next_ping,
+                        false,
+                    );
+                }
+            }
+            retire_kept_socket(peer, now, &mut self.punching, &mut self.out);
             // Persistent keepalive: keeps NAT mappings (ours and the peer's filters) open.
             if let Some(k) = self.config.keepalive {
                 let idle = peer.last_tx.is_none_or(|t| {
@@ -891,6 +1183,20 @@ impl Node {
                 peer.force_handshake(now, &mut self.buf, &mut self.out);
             }
         }
+        advance_attempt(
+            &mut self.punching,
+            &mut self.peers,
+            now,
+            &mut self.buf,
+            &mut self.out,
+        );
+        advance_side_sprays(
+            &mut self.punching,
+            &mut self.peers,
+            now,
+            &mut self.buf,
+            &mut self.out,
+        );
     }
 
     /// When [`Node::handle_timeout`] should be called next.
@@ -902,9 +1208,19 @@ impl Node {
         }
     }
 
-    /// Next datagram to send.
+    /// Next datagram to send. Transmits on a new extra socket are held back until its
+    /// [`Event::OpenSocket`] has been polled (so poll events first); the others pass them.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.out.transmits.pop_front()
+        if self.out.unannounced.is_empty() {
+            return self.out.transmits.pop_front();
+        }
+        let unannounced = &self.out.unannounced;
+        let pos = self
+            .out
+            .transmits
+            .iter()
+            .position(|t| !unannounced.contains(&t.socket))?;
+        self.out.transmits.remove(pos)
     }
 
     /// Next packet to write to the TUN device.
@@ -914,7 +1230,11 @@ impl Node {
 
     /// Next event.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.out.events.pop_front()
+        let event = self.out.events.pop_front()?;
+        if let Event::OpenSocket(id) = event {
+            self.out.unannounced.remove(&id);
+        }
+        Some(event)
     }
 
     /// Status of every peer, sorted by overlay address.
@@ -928,7 +1248,7 @@ impl Node {
                     key: p.config.key,
                     name: p.config.name.clone(),
                     address: p.config.address,
-                    endpoint: p.endpoint,
+                    endpoint: p.endpoint.map(|e| e.addr),
                     candidates: p.config.endpoints.clone(),
                     since_handshake: stats.since_handshake,
                     rx_bytes: stats.rx_bytes,
@@ -972,6 +1292,7 @@ fn manage_path(
                 peer.endpoint = None;
                 peer.last_candidate_probe = None;
                 peer.candidate_probe_interval = CANDIDATE_PROBE_INTERVAL;
+                peer.punch.reset();
                 out.events.push_back(Event::PathChanged {
                     key,
                     path: Path::Relay,
@@ -994,11 +1315,12 @@ fn manage_path(
                 // The last round went unanswered (we are still on the relay): back off.
                 peer.candidate_probe_interval =
                     (peer.candidate_probe_interval * 2).min(MAX_CANDIDATE_PROBE_INTERVAL);
+                peer.punch.round_failed();
             }
             peer.last_candidate_probe = Some(now);
             if let Output::Network(bytes) = peer.session.encapsulate(&[], buf) {
                 for dst in peer.config.endpoints.iter().take(MAX_ENDPOINTS) {
-                    out.udp(*dst, bytes);
+                    out.udp(SocketId::MAIN, *dst, bytes);
                 }
                 // Cheap port prediction: a NAT that maps each destination to the next free port
                 // gives the mapping toward us a port just above the one the controller saw
@@ -1006,13 +1328,207 @@ fn manage_path(
                 if let Some(first) = peer.config.endpoints.first() {
                     for step in 1..=PREDICTED_PORTS {
                         if let Some(port) = first.port().checked_add(step) {
-                            out.udp(SocketAddr::new(first.ip(), port), bytes);
+                            out.udp(SocketId::MAIN, SocketAddr::new(first.ip(), port), bytes);
                         }
                     }
                 }
             }
         }
         None => {}
+    }
+}
+
+/// Starts a birthday attempt toward `peer` now, both roles (see [`crate::birthday`]): opens the
+/// extra sockets and sends one probe from each to the peer's public candidates; the spray from
+/// the main socket follows in [`advance_attempt`]. `initiator`: started on our own schedule (the
+/// peer is told to join), not on the peer's request. Returns whether it started (not when
+/// disabled, busy, or the peer has no public IPv4 candidate).
+#[allow(clippy::too_many_arguments)]
+fn start_attempt(
+    punching: &mut Punching,
+    peer: &mut Peer,
+    key: PublicKey,
+    now: Instant,
+    buf: &mut [u8],
+    out: &mut Outbox,
+    me: Ipv4Addr,
+    initiator: bool,
+) -> bool {
+    let Some(config) = punching.config else {
+        return false;
+    };
+    if punching.attempt.is_some() {
+        return false;
+    }
+    let targets = birthday::targets(&peer.config.endpoints);
+    let Some(spray_ip) = targets.first().and_then(|t| match t.ip() {
+        std::net::IpAddr::V4(ip) => Some(ip),
+        std::net::IpAddr::V6(_) => None,
+    }) else {
+        return false;
+    };
+    peer.punch.started(now);
+    if initiator {
+        punching.stats.attempts += 1;
+        let signal = pmtu::build(
+            me,
+            peer.config.address,
+            pmtu::Message {
+                kind: pmtu::Kind::Birthday,
+                id: 0,
+                size: 0,
+            },
+            0,
+        );
+        if let Output::Network(bytes) = peer.session.encapsulate(&signal, buf) {
+            peer.send_untracked(bytes, now, out);
+        }
+    } else {
+        punching.stats.joined += 1;
+    }
+    tracing::debug!(peer = %key, initiator, sockets = config.sockets, probes = config.probes, %spray_ip, "birthday attempt");
+    let mut sockets = Vec::with_capacity(usize::from(config.sockets));
+    for _ in 0..config.sockets {
+        let Some(id) = punching.sockets.open(Owner::Attempt(key)) else {
+            break;
+        };
+        out.open_socket(id);
+        punching.stats.sockets_opened += 1;
+        sockets.push(id);
+        for dst in &targets {
+            if let Output::Network(bytes) = peer.session.encapsulate(&[], buf) {
+                out.udp(id, *dst, bytes);
+                punching.stats.probes_sent += 1;
+            }
+        }
+    }
+    punching.attempt = Some(Attempt::new(key, sockets, spray_ip, now));
+    true
+}
+
+/// The peer asked us to join its attempt: start ours now unless we have a direct path to it or
+/// joined one too recently ([`birthday::MIN_JOIN_SPACING`]). With an attempt toward another
+/// peer in flight, spray toward this one from the main socket only: if we are the
+/// endpoint-independent side, that is all the peer's attempt needs from us, and the peer cannot
+/// know when we will be free.
+fn join_attempt(
+    punching: &mut Punching,
+    peer: &mut Peer,
+    key: PublicKey,
+    now: Instant,
+    buf: &mut [u8],
+    out: &mut Outbox,
+    me: Ipv4Addr,
+) {
+    if peer.endpoint.is_some() || punching.config.is_none() {
+        return;
+    }
+    if punching.attempt.is_none() && peer.punch.may_join(now) {
+        start_attempt(punching, peer, key, now, buf, out, me, false);
+        return;
+    }
+    if punching.attempt_peer() == Some(key)
+        || punching.side_sprays.iter().any(|s| s.peer == key)
+        || punching.side_sprays.len() >= birthday::MAX_SIDE_SPRAYS
+    {
+        return;
+    }
+    let Some(spray_ip) = birthday::targets(&peer.config.endpoints)
+        .first()
+        .and_then(|t| match t.ip() {
+            std::net::IpAddr::V4(ip) => Some(ip),
+            std::net::IpAddr::V6(_) => None,
+        })
+    else {
+        return;
+    };
+    if peer.punch.take_side_spray(now) {
+        punching.stats.side_sprays += 1;
+        tracing::debug!(peer = %key, %spray_ip, "birthday join while busy: spraying only");
+        punching
+            .side_sprays
+            .push(Attempt::new(key, Vec::new(), spray_ip, now));
+    }
+}
+
+/// Moves the spray-only answers on; drops those whose peer went direct, left, or timed out.
+fn advance_side_sprays(
+    punching: &mut Punching,
+    peers: &mut BTreeMap<PublicKey, Peer>,
+    now: Instant,
+    buf: &mut [u8],
+    out: &mut Outbox,
+) {
+    let Some(config) = punching.config else {
+        punching.side_sprays.clear();
+        return;
+    };
+    let rng = &mut punching.rng;
+    let stats = &mut punching.stats;
+    punching.side_sprays.retain_mut(|spray| {
+        let Some(peer) = peers.get_mut(&spray.peer) else {
+            return false;
+        };
+        if peer.endpoint.is_some() || now >= spray.ends {
+            return false;
+        }
+        for dst in spray.next_sprays(&config, rng, now) {
+            if let Output::Network(bytes) = peer.session.encapsulate(&[], buf) {
+                out.udp(SocketId::MAIN, dst, bytes);
+                stats.probes_sent += 1;
+            }
+        }
+        true
+    });
+}
+
+/// Moves the attempt in flight on: sprays this tick's probes, or ends it once the peer has a
+/// direct path (success), is gone, or the attempt timed out.
+fn advance_attempt(
+    punching: &mut Punching,
+    peers: &mut BTreeMap<PublicKey, Peer>,
+    now: Instant,
+    buf: &mut [u8],
+    out: &mut Outbox,
+) {
+    let (Some(attempt), Some(config)) = (punching.attempt.as_mut(), punching.config) else {
+        return;
+    };
+    let outcome = match peers.get_mut(&attempt.peer) {
+        None => Some(false),
+        Some(peer) if peer.endpoint.is_some() => Some(true),
+        Some(_) if now >= attempt.ends => Some(false),
+        Some(peer) => {
+            for dst in attempt.next_sprays(&config, &mut punching.rng, now) {
+                if let Output::Network(bytes) = peer.session.encapsulate(&[], buf) {
+                    out.udp(SocketId::MAIN, dst, bytes);
+                    punching.stats.probes_sent += 1;
+                }
+            }
+            None
+        }
+    };
+    if let Some(success) = outcome {
+        punching.finish(success, out);
+    }
+}
+
+/// Closes the socket a peer kept from a birthday attempt once its direct path has not used it
+/// for [`birthday::KEPT_SOCKET_GRACE`] (the path died, or moved to the main socket).
+fn retire_kept_socket(peer: &mut Peer, now: Instant, punching: &mut Punching, out: &mut Outbox) {
+    let Some(id) = peer.kept_socket else {
+        return;
+    };
+    if peer.endpoint.is_some_and(|e| e.socket == id) {
+        peer.kept_socket_idle_since = None;
+        return;
+    }
+    let since = *peer.kept_socket_idle_since.get_or_insert(now);
+    if now.saturating_duration_since(since) >= birthday::KEPT_SOCKET_GRACE {
+        tracing::debug!(peer = %peer.config.key, socket = %id, "closing the socket of a dead direct path");
+        peer.kept_socket = None;
+        peer.kept_socket_idle_since = None;
+        punching.close(id, out);
     }
 }
 
@@ -1478,6 +1994,10 @@ mod tests {
                 }
                 while let Some(t) = self.p.b.poll_relay_transmit() {
                     moved = true;
+                    // b may have a third peer (no node behind it): that traffic goes nowhere.
+                    if t.to != ka && self.p.b.peers.contains_key(&t.to) {
+                        continue;
+                    }
                     assert_eq!(t.to, ka);
                     self.p.a.handle_relayed(kb, &t.payload, self.p.now);
                 }
@@ -1645,6 +2165,8 @@ mod tests {
     #[test]
     fn probing_backs_off_when_no_direct_path_exists_and_restarts_on_new_candidates() {
         let mut r = Relayed::new(false);
+        // Regular candidate rounds only (birthday attempts have their own test).
+        r.p.a.set_birthday(None);
         let probe_rounds = |r: &mut Relayed, secs: u64| {
             let mut rounds = 0;
             for _ in 0..secs * 4 {
@@ -1702,5 +2224,401 @@ mod tests {
         assert!(p.a.poll_transmit().is_none());
         assert_eq!(p.a.counters().no_route_packets, 1);
         assert_eq!(p.a.poll_timeout(), None);
+    }
+
+    // --- birthday hole punching -----------------------------------------------------------
+
+    const SMALL: BirthdayConfig = BirthdayConfig {
+        sockets: 4,
+        probes: 64,
+        probes_per_tick: 32,
+    };
+
+    fn socket_events(node: &mut Node) -> (Vec<SocketId>, Vec<SocketId>, Vec<Event>) {
+        let (mut opened, mut closed, mut other) = (Vec::new(), Vec::new(), Vec::new());
+        while let Some(e) = node.poll_event() {
+            match e {
+                Event::OpenSocket(id) => opened.push(id),
+                Event::CloseSocket(id) => closed.push(id),
+                e => other.push(e),
+            }
+        }
+        (opened, closed, other)
+    }
+
+    /// A relayed pair without UDP where only `a` punches (with [`SMALL`]), ticked until `a`
+    /// opens its sockets. Returns them; their probes are still queued in `a`.
+    fn punching_pair() -> (Relayed, Vec<SocketId>) {
+        let mut r = Relayed::new(false);
+        r.p.a.set_birthday(Some(SMALL));
+        r.p.b.set_birthday(None);
+        assert!(r.send_a_to_b(1));
+        let _ = socket_events(&mut r.p.a);
+        for _ in 0..40 {
+            r.tick();
+            // Transmits on a socket wait for its OpenSocket to be polled.
+            let (opened, closed, _) = socket_events(&mut r.p.a);
+            if !opened.is_empty() {
+                assert!(closed.is_empty());
+                return (r, opened);
+            }
+        }
+        panic!("no attempt within 10 s on the relay");
+    }
+
+    /// An authenticated keepalive from `from` to `to`, as a spray probe would be.
+    fn keepalive(from: &mut Node, to: PublicKey) -> Vec<u8> {
+        let peer = from.peers.get_mut(&to).expect("peer");
+        match peer.session.encapsulate(&[], &mut from.buf) {
+            Output::Network(b) => b.to_vec(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn attempt_opens_sockets_and_probes_the_public_candidate_from_each() {
+        let (mut r, opened) = punching_pair();
+        assert_eq!(opened.len(), 4);
+        assert!(opened.iter().all(|id| *id != SocketId::MAIN));
+        let mut distinct = opened.clone();
+        distinct.dedup();
+        assert_eq!(distinct, opened);
+        let probes: Vec<Transmit> = std::iter::from_fn(|| r.p.a.poll_transmit()).collect();
+        let from: Vec<SocketId> = probes.iter().map(|t| t.socket).collect();
+        assert_eq!(from, opened, "one probe per socket, after its OpenSocket");
+        assert!(probes.iter().all(|t| t.dst == r.p.b_addr));
+        assert_eq!(r.p.a.extra_sockets(), 4);
+        assert_eq!(r.p.a.birthday_stats().attempts, 1);
+    }
+
+    #[test]
+    fn probe_on_an_extra_socket_makes_it_the_peers_and_closes_the_others() {
+        let (mut r, opened) = punching_pair();
+        while r.p.a.poll_transmit().is_some() {}
+        let (ka, kb) = (r.p.a.public_key(), r.p.b.public_key());
+        // One of b's spray probes lands on a's third socket, from b's mapping M.
+        let won = opened[2];
+        let m: SocketAddr = "198.51.100.9:40001".parse().unwrap();
+        let probe = keepalive(&mut r.p.b, ka);
+        r.p.a.handle_datagram_on(won, m, &probe, r.p.now);
+        let (newly, closed, other) = socket_events(&mut r.p.a);
+        assert!(newly.is_empty());
+        let mut others = opened.clone();
+        others.retain(|id| *id != won);
+        assert_eq!(closed, others, "the attempt's other sockets close at once");
+        assert!(other.contains(&Event::PathChanged {
+            key: kb,
+            path: Path::Direct(m)
+        }));
+        assert_eq!(r.p.a.local_socket(&kb), Some(won));
+        assert_eq!(r.p.a.extra_sockets(), 1);
+        assert_eq!(r.p.a.birthday_stats().succeeded, 1);
+        // The answer goes back at once from the winning socket, so b upgrades too ...
+        let answer = r.p.a.poll_transmit().expect("answer");
+        assert_eq!((answer.socket, answer.dst), (won, m));
+        // ... and so does everything else for b: data, keepalives, probes.
+        let pkt = icmp(r.p.a.address(), r.p.b.address(), b"x");
+        r.p.a.handle_tun_packet(&pkt, r.p.now);
+        let data = r.p.a.poll_transmit().expect("data");
+        assert_eq!((data.socket, data.dst), (won, m));
+        assert!(r.p.a.poll_relay_transmit().is_none());
+        for _ in 0..8 {
+            r.p.now += TICK;
+            r.p.a.handle_timeout(r.p.now);
+        }
+        let sent: Vec<Transmit> = std::iter::from_fn(|| r.p.a.poll_transmit()).collect();
+        assert!(!sent.is_empty());
+        assert!(
+            sent.iter().all(|t| (t.socket, t.dst) == (won, m)),
+            "{sent:?}"
+        );
+        // Later sprays landing on a closed socket are counted and dropped.
+        r.p.a.handle_datagram_on(opened[0], m, &probe, r.p.now);
+        assert_eq!(r.p.a.counters().unknown_socket_packets, 1);
+        assert_eq!(r.p.a.local_socket(&kb), Some(won));
+    }
+
+    #[test]
+    fn kept_socket_closes_once_its_path_dies_and_punching_starts_over() {
+        let (mut r, opened) = punching_pair();
+        let (ka, kb) = (r.p.a.public_key(), r.p.b.public_key());
+        let won = opened[0];
+        let m: SocketAddr = "198.51.100.9:40001".parse().unwrap();
+        let probe = keepalive(&mut r.p.b, ka);
+        r.p.a.handle_datagram_on(won, m, &probe, r.p.now);
+        let _ = socket_events(&mut r.p.a);
+        // b never answers on the direct path; a keeps sending.
+        let cut = r.p.now;
+        let mut closed_at = None;
+        for i in 0..60u8 {
+            r.send_a_to_b(i);
+            r.tick();
+            let (_, closed, _) = socket_events(&mut r.p.a);
+            if closed.contains(&won) {
+                closed_at = Some(r.p.now.duration_since(cut));
+                break;
+            }
+        }
+        let closed_at = closed_at.expect("socket closed");
+        assert!(
+            closed_at <= PATH_TIMEOUT + birthday::KEPT_SOCKET_GRACE + TICK * 2,
+            "{closed_at:?}"
+        );
+        assert_eq!(r.path_a(), Path::Relay);
+        assert_eq!(r.p.a.local_socket(&kb), None);
+        assert_eq!(r.p.a.extra_sockets(), 0);
+        // Punching starts over: regular rounds first, then a new attempt on new sockets.
+        let mut again = None;
+        for _ in 0..40 {
+            r.tick();
+            let (opened_again, _, _) = socket_events(&mut r.p.a);
+            if !opened_again.is_empty() {
+                again = Some(opened_again);
+                break;
+            }
+        }
+        let again = again.expect("a new attempt after the fallback");
+        assert!(again.iter().all(|id| !opened.contains(id)), "fresh ids");
+    }
+
+    #[test]
+    fn failed_attempt_closes_every_socket_and_the_retry_backs_off_on_fresh_ports() {
+        let (mut r, first_sockets) = punching_pair();
+        let b_ip = r.p.b_addr.ip();
+        let candidate_ports = r.p.b_addr.port()..=r.p.b_addr.port() + PREDICTED_PORTS;
+        let started = r.p.now;
+        // Each attempt: (start, sockets, closed, sprayed ports).
+        let mut attempts = vec![(started, first_sockets, Vec::new(), Vec::new())];
+        for _ in 0..4 * 60 {
+            let sprays: Vec<u16> = std::iter::from_fn(|| r.p.a.poll_transmit())
+                .filter(|t| t.socket == SocketId::MAIN && t.dst.ip() == b_ip)
+                .map(|t| t.dst.port())
+                .filter(|p| !candidate_ports.contains(p))
+                .collect();
+            if let Some(a) = attempts.last_mut() {
+                a.3.extend(sprays);
+            }
+            let (opened, closed, _) = socket_events(&mut r.p.a);
+            if let Some(a) = attempts.last_mut() {
+                a.2.extend(closed);
+            }
+            if !opened.is_empty() {
+                attempts.push((r.p.now, opened, Vec::new(), Vec::new()));
+            }
+            r.p.now += TICK;
+            r.p.a.handle_timeout(r.p.now);
+            r.p.b.handle_timeout(r.p.now);
+            while r.p.a.poll_relay_transmit().is_some() {}
+            while r.p.b.poll_relay_transmit().is_some() {}
+            while r.p.b.poll_transmit().is_some() {}
+        }
+        assert_eq!(attempts.len(), 2, "one retry in 60 s");
+        let (first, second) = (&attempts[0], &attempts[1]);
+        let gap = second.0.duration_since(first.0);
+        assert!(
+            gap >= birthday::FIRST_RETRY && gap <= birthday::FIRST_RETRY + TICK,
+            "{gap:?}"
+        );
+        for (_, opened, closed, sprayed) in &attempts {
+            assert_eq!(closed, opened, "a failed attempt closes every socket");
+            assert_eq!(sprayed.len(), usize::from(SMALL.probes));
+            let mut distinct = sprayed.clone();
+            distinct.sort();
+            distinct.dedup();
+            assert_eq!(distinct.len(), sprayed.len(), "each port once");
+            assert!(sprayed.iter().all(|p| *p >= birthday::LOWEST_PORT));
+        }
+        let overlap = second.3.iter().filter(|p| first.3.contains(p)).count();
+        assert!(
+            overlap <= 2,
+            "the retry sprays fresh ports: {overlap} reused"
+        );
+        assert_eq!(r.p.a.extra_sockets(), 0);
+        let s = r.p.a.birthday_stats();
+        assert_eq!((s.attempts, s.succeeded), (2, 0));
+        assert_eq!(
+            s.probes_sent,
+            2 * (u64::from(SMALL.sockets) + u64::from(SMALL.probes))
+        );
+    }
+
+    #[test]
+    fn the_peer_joins_an_attempt_at_once() {
+        let mut r = Relayed::new(false);
+        r.p.a.set_birthday(Some(SMALL));
+        r.p.b.set_birthday(Some(SMALL));
+        let ka = r.p.a.public_key();
+        let hold = r.p.now + Duration::from_secs(3600);
+        if let Some(p) = r.p.b.peers.get_mut(&ka) {
+            p.punch.hold_off(hold);
+        }
+        assert!(r.send_a_to_b(1));
+        for _ in 0..40 {
+            r.tick();
+            if r.p.a.birthday_stats().attempts > 0 {
+                break;
+            }
+        }
+        assert_eq!(r.p.a.birthday_stats().attempts, 1);
+        // The relay delivered a's signal within the same drive: b runs its attempt too.
+        let s = r.p.b.birthday_stats();
+        assert_eq!((s.attempts, s.joined), (0, 1));
+        assert_eq!(r.p.b.extra_sockets(), usize::from(SMALL.sockets));
+    }
+
+    #[test]
+    fn a_busy_peer_answers_a_join_by_spraying_only() {
+        let mut r = Relayed::new(false);
+        r.p.a.set_birthday(Some(SMALL));
+        r.p.b.set_birthday(Some(SMALL));
+        let ka = r.p.a.public_key();
+        if let Some(p) = r.p.b.peers.get_mut(&ka) {
+            p.punch.hold_off(r.p.now + Duration::from_secs(3600));
+        }
+        // b is in an attempt toward a third node c, with its sockets taken.
+        let kc = PublicKey(XPublic::from(&StaticSecret::from([9u8; 32])).to_bytes());
+        r.p.b.upsert_peer(
+            PeerConfig {
+                key: kc,
+                name: "c".into(),
+                address: Ipv4Addr::new(100, 64, 0, 9),
+                endpoints: vec!["203.0.113.9:51820".parse().unwrap()],
+            },
+            r.p.now,
+        );
+        let far = r.p.now + Duration::from_secs(3600);
+        let mut busy = Attempt::new(kc, Vec::new(), Ipv4Addr::new(203, 0, 113, 9), r.p.now);
+        busy.ends = far;
+        busy.spray_from = far;
+        r.p.b.punching.attempt = Some(busy);
+        assert!(r.send_a_to_b(1));
+        for _ in 0..40 {
+            r.tick();
+            if r.p.a.birthday_stats().attempts > 0 {
+                break;
+            }
+        }
+        assert_eq!(r.p.a.birthday_stats().attempts, 1);
+        // b cannot open sockets for a, but sprays a's public address from its main socket.
+        for _ in 0..8 {
+            r.tick();
+        }
+        let s = r.p.b.birthday_stats();
+        assert_eq!((s.joined, s.side_sprays), (0, 1), "{s:?}");
+        assert_eq!(s.probes_sent, u64::from(SMALL.probes));
+        assert_eq!(r.p.b.extra_sockets(), 0);
+        // A second join within the spacing is not answered again.
+        let before = r.p.b.birthday_stats();
+        for _ in 0..8 {
+            r.tick();
+        }
+        assert_eq!(r.p.b.birthday_stats().side_sprays, before.side_sprays);
+    }
+
+    #[test]
+    fn no_attempt_toward_a_peer_with_only_private_candidates() {
+        let mut r = Relayed::new(false);
+        r.p.a.set_birthday(Some(SMALL));
+        let kb = r.p.b.public_key();
+        r.p.a.upsert_peer(
+            PeerConfig {
+                key: kb,
+                name: "b".into(),
+                address: r.p.b.address(),
+                endpoints: vec![
+                    "192.168.1.2:51820".parse().unwrap(),
+                    "10.0.0.2:51820".parse().unwrap(),
+                ],
+            },
+            r.p.now,
+        );
+        assert!(r.send_a_to_b(1));
+        for _ in 0..4 * 60 {
+            r.tick();
+        }
+        let (opened, _, _) = socket_events(&mut r.p.a);
+        assert!(opened.is_empty());
+        assert_eq!(r.p.a.birthday_stats(), BirthdayStats::default());
+    }
+
+    #[test]
+    fn a_peers_socket_carries_no_other_peer() {
+        let (mut r, opened) = punching_pair();
+        let ka = r.p.a.public_key();
+        // A third node c with a session to a (straight over UDP).
+        let (skc, kc) = key(3);
+        let c_addr: SocketAddr = "192.0.2.3:51820".parse().unwrap();
+        let ip_c = Ipv4Addr::new(100, 64, 0, 3);
+        let mut c = Node::new(
+            NodeConfig {
+                private_key: skc,
+                address: ip_c,
+                keepalive: None,
+                mtu: 1420,
+            },
+            7,
+            r.p.now,
+        );
+        let peer = |key, address, endpoint| PeerConfig {
+            key,
+            name: "x".into(),
+            address,
+            endpoints: vec![endpoint],
+        };
+        c.upsert_peer(peer(ka, r.p.a.address(), r.p.a_addr), r.p.now);
+        r.p.a.upsert_peer(peer(kc, ip_c, c_addr), r.p.now);
+        c.handle_tun_packet(&icmp(ip_c, r.p.a.address(), b"hi"), r.p.now);
+        for _ in 0..4 {
+            while let Some(t) = c.poll_transmit() {
+                r.p.a.handle_datagram(c_addr, &t.payload, r.p.now);
+            }
+            while let Some(t) = r.p.a.poll_transmit() {
+                if t.dst == c_addr {
+                    c.handle_datagram(r.p.a_addr, &t.payload, r.p.now);
+                }
+            }
+        }
+        assert_eq!(
+            r.p.a.local_socket(&kc),
+            Some(SocketId::MAIN),
+            "a and c are up"
+        );
+        // c's message arrives on a socket of a's attempt toward b: refused, no path change.
+        let before = r.p.a.counters().unknown_socket_packets;
+        let from_c = keepalive(&mut c, ka);
+        r.p.a
+            .handle_datagram_on(opened[1], c_addr, &from_c, r.p.now);
+        assert_eq!(r.p.a.counters().unknown_socket_packets, before + 1);
+        assert_eq!(r.p.a.local_socket(&kc), Some(SocketId::MAIN));
+        assert_eq!(r.p.a.extra_sockets(), 4, "the attempt goes on");
+    }
+
+    #[test]
+    fn datagram_on_a_socket_the_node_never_opened_is_counted() {
+        let mut p = Pair::new();
+        let from: SocketAddr = "198.51.100.7:1234".parse().unwrap();
+        let kb = p.b.public_key();
+        let ka = p.a.public_key();
+        let bytes = keepalive(&mut p.b, ka);
+        p.a.handle_datagram_on(SocketId(77), from, &bytes, p.now);
+        assert_eq!(p.a.counters().unknown_socket_packets, 1);
+        assert_ne!(p.a.peer_status(p.now)[0].endpoint, Some(from));
+        assert_eq!(p.a.local_socket(&kb), Some(SocketId::MAIN));
+        assert!(p.a.poll_transmit().is_none());
+    }
+
+    #[test]
+    fn disabling_stops_the_attempt_and_closes_its_sockets() {
+        let (mut r, opened) = punching_pair();
+        r.p.a.set_birthday(None);
+        let (_, closed, _) = socket_events(&mut r.p.a);
+        assert_eq!(closed, opened);
+        assert_eq!(r.p.a.extra_sockets(), 0);
+        // And no attempt starts again while disabled.
+        for _ in 0..200 {
+            r.tick();
+        }
+        let (opened_again, _, _) = socket_events(&mut r.p.a);
+        assert!(opened_again.is_empty());
     }
 }

@@ -38,6 +38,9 @@ pub enum Kind {
     Probe = 1,
     /// "It did."
     Ack = 2,
+    /// "I am starting a birthday attempt toward you now: join it" (see [`crate::birthday`]).
+    /// Not a path MTU message, but the same small in-tunnel format.
+    Birthday = 3,
 }
 
 /// A parsed probe packet.
@@ -100,6 +103,7 @@ pub fn parse(packet: &[u8]) -> Option<Message> {
     let kind = match b[8] {
         1 => Kind::Probe,
         2 => Kind::Ack,
+        3 => Kind::Birthday,
         _ => return None,
     };
     Some(Message {

@@ -3,9 +3,10 @@
 //!
 //! Two layers:
 //!
-//! - [`Net`] is the network: realms (the internet and LANs), hosts with one UDP socket each,
-//!   NAT boxes between realms, per-link latency, seeded loss and the datagrams in flight. It knows
-//!   nothing about mesh.
+//! - [`Net`] is the network: realms (the internet and LANs), hosts (one UDP socket each; a node's
+//!   extra sockets are hosts at the same IP on other ports, see [`Net::open_socket`]), NAT boxes
+//!   between realms, per-link latency, seeded loss and the datagrams in flight. It knows nothing
+//!   about mesh.
 //! - [`Sim`] puts real [`mesh_core::Node`]s (and any other [`Service`], such as a relay) on hosts
 //!   of a [`Net`] and runs them on the virtual clock: the clock jumps to the next delivery or the
 //!   earliest timer, so minutes of virtual time take well under a second, and the same seed gives
@@ -13,11 +14,21 @@
 //!
 //! Addressing: every delivery is keyed by (realm, address). Realm [`INTERNET`] holds public
 //! hosts (203.0.113.0/24) and the WAN side of NATs (198.51.100.0/24). Every NAT has its own LAN
-//! realm behind it, and every LAN uses 192.0.2.0/24 (so two LANs reuse the same addresses, as
-//! real ones do). A datagram from a LAN host to an address outside 192.0.2.0/24 goes through the
-//! LAN's NAT (and the NAT above it, for double NAT); a datagram arriving at a NAT's public
-//! address is translated back or dropped. Hairpinning (an inside host sending to its own NAT's
-//! public address) is not supported: such datagrams are dropped.
+//! realm behind it, and every LAN uses the private 192.168.1.0/24 (so two LANs reuse the same
+//! addresses, as real ones do, and nodes see LAN candidates as private). A datagram from a LAN
+//! host to an address outside 192.168.1.0/24 goes through the LAN's NAT (and the NAT above it,
+//! for double NAT); a datagram arriving at a NAT's public address is translated back or
+//! dropped. Hairpinning (an inside host sending to its own NAT's public address) is not
+//! supported: such datagrams are dropped.
+//!
+//! NAT port allocation: endpoint-independent NATs hand out ports sequentially from 40000 (or
+//! keep the inside port, with [`NatConfig::port_preservation`]); symmetric NATs pick a random
+//! free port in 1024..=65535 for every new mapping (seeded), like Linux `masquerade random`.
+//!
+//! Relay: [`Sim::add_relay`] puts a relay on the internet. Nodes reach it from their main
+//! socket through their NATs (a relayed message is a UDP datagram `[RELAY_MAGIC, from key, to
+//! key, payload]`, forwarded as `[RELAY_MAGIC, from key, payload]`), UDP-blocking firewalls let
+//! it through, and every node keeps its mapping toward it alive (as a QUIC keepalive would).
 //!
 //! Adding a relay (or any other server) is one [`Service`] impl and one call:
 //! `sim.add_service(INTERNET, relay_addr, Box::new(relay))`. The service gets every datagram
@@ -40,7 +51,7 @@
 #![allow(dead_code)]
 #![allow(clippy::unwrap_used)]
 
-use mesh_core::{Node, NodeConfig, PeerConfig, Transmit};
+use mesh_core::{Event, Node, NodeConfig, PeerConfig, SocketId, Transmit};
 use mesh_proto::PublicKey;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -70,6 +81,16 @@ const ECHO_REQUEST: u8 = 8;
 const ECHO_REPLY: u8 = 0;
 /// First port a NAT hands out (then sequentially upward).
 const FIRST_NAT_PORT: u16 = 40000;
+/// Lowest port a NAT with random allocation hands out.
+const LOWEST_RANDOM_PORT: u16 = 1024;
+/// First local port of a node's extra sockets (then upward).
+const FIRST_EPHEMERAL_PORT: u16 = 32768;
+/// Where [`Sim::add_relay`] puts the relay.
+pub const RELAY: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 4), 443));
+/// First byte of relay frames (WireGuard messages start with 1..=4).
+pub const RELAY_MAGIC: u8 = 0xff;
+/// How often a node refreshes its mapping toward the relay (a QUIC keepalive).
+pub const RELAY_KEEPALIVE: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------------------------------------
 // NAT behaviour
@@ -110,6 +131,9 @@ pub struct NatConfig {
     /// does); otherwise ports are handed out sequentially, so a mapping that expired comes back
     /// on a different port.
     pub port_preservation: bool,
+    /// Hand out a random free port in 1024..=65535 for every new mapping (Linux `masquerade
+    /// random`) instead of sequential ones.
+    pub random_ports: bool,
 }
 
 impl NatConfig {
@@ -121,6 +145,7 @@ impl NatConfig {
             blocks_udp: false,
             allow: Vec::new(),
             port_preservation: false,
+            random_ports: false,
         }
     }
 
@@ -142,13 +167,17 @@ impl NatConfig {
         )
     }
 
-    /// Endpoint-dependent mapping, address-and-port-dependent filtering.
+    /// Endpoint-dependent mapping with random ports, address-and-port-dependent filtering
+    /// (Linux `masquerade random`).
     pub fn symmetric(timeout: Duration) -> NatConfig {
-        NatConfig::new(
-            Mapping::EndpointDependent,
-            Filtering::AddressAndPortDependent,
-            timeout,
-        )
+        NatConfig {
+            random_ports: true,
+            ..NatConfig::new(
+                Mapping::EndpointDependent,
+                Filtering::AddressAndPortDependent,
+                timeout,
+            )
+        }
     }
 
     /// No UDP at all (a port-restricted NAT behind a firewall that drops UDP); see
@@ -225,6 +254,10 @@ struct NatBox {
     next_port: u16,
     by_port: BTreeMap<u16, Binding>,
     by_flow: BTreeMap<FlowKey, u16>,
+    /// Picks random ports (seeded from the network's rng when the NAT is added).
+    rng: SmallRng,
+    /// Last time expired mappings were swept.
+    swept: Option<Instant>,
 }
 
 impl NatBox {
@@ -233,6 +266,11 @@ impl NatBox {
     }
 
     fn expire(&mut self, now: Instant) {
+        // Once per instant is enough (a spray allocates hundreds of mappings at one instant).
+        if self.swept == Some(now) {
+            return;
+        }
+        self.swept = Some(now);
         let timeout = self.config.timeout;
         let dead: Vec<u16> = self
             .by_port
@@ -251,6 +289,13 @@ impl NatBox {
         self.expire(now);
         let port = if self.config.port_preservation && !self.by_port.contains_key(&key.0.port()) {
             key.0.port()
+        } else if self.config.random_ports && self.by_port.len() < 60000 {
+            loop {
+                let p = self.rng.gen_range(LOWEST_RANDOM_PORT..=u16::MAX);
+                if !self.by_port.contains_key(&p) {
+                    break p;
+                }
+            }
         } else {
             loop {
                 let p = self.next_port;
@@ -377,6 +422,10 @@ struct RealmInfo {
 struct HostInfo {
     realm: Realm,
     addr: SocketAddr,
+    /// Cleared by [`Net::close_socket`]: nothing is delivered to it any more.
+    open: bool,
+    /// Next local port to try for an extra socket at this host's IP.
+    next_ephemeral: u16,
 }
 
 /// A datagram in flight: from `from` to `to` inside `realm` (sources already translated).
@@ -446,7 +495,7 @@ pub struct Net {
 
 fn in_lan_prefix(ip: Ipv4Addr) -> bool {
     let o = ip.octets();
-    (o[0], o[1], o[2]) == (192, 0, 2)
+    (o[0], o[1], o[2]) == (192, 168, 1)
 }
 
 fn v4(addr: SocketAddr) -> Ipv4Addr {
@@ -500,7 +549,7 @@ impl Net {
             } else {
                 let h = r.next_host;
                 r.next_host = h.checked_add(1).expect("out of LAN addresses");
-                Ipv4Addr::new(192, 0, 2, h)
+                Ipv4Addr::new(192, 168, 1, h)
             };
             if !self.used_ips.contains(&(realm, ip)) && ip.octets()[3] != 255 {
                 return ip;
@@ -514,6 +563,7 @@ impl Net {
         let public = self.free_ip(outside, true);
         self.used_ips.insert((outside, public));
         let realm = self.realms.len();
+        let rng = SmallRng::seed_from_u64(self.rng.gen());
         self.realms.push(RealmInfo {
             nat: Some(NatBox {
                 config,
@@ -522,6 +572,8 @@ impl Net {
                 next_port: FIRST_NAT_PORT,
                 by_port: BTreeMap::new(),
                 by_flow: BTreeMap::new(),
+                rng,
+                swept: None,
             }),
             next_host: 2,
             next_wan: 0,
@@ -547,8 +599,52 @@ impl Net {
         let old = self.by_addr.insert((realm, addr), id);
         assert!(old.is_none(), "{addr} is taken in realm {realm}");
         self.used_ips.insert((realm, v4(addr)));
-        self.hosts.push(HostInfo { realm, addr });
+        self.hosts.push(HostInfo {
+            realm,
+            addr,
+            open: true,
+            next_ephemeral: FIRST_EPHEMERAL_PORT,
+        });
         id
+    }
+
+    /// Opens another UDP socket on `host`'s machine: a new host at the same IP in the same
+    /// realm, on the next free local port from 32768 (so NATs map it separately).
+    pub fn open_socket(&mut self, host: HostId) -> HostId {
+        let HostInfo { realm, addr, .. } = self.hosts[host];
+        loop {
+            let port = self.hosts[host].next_ephemeral;
+            self.hosts[host].next_ephemeral = match port.checked_add(1) {
+                Some(p) => p,
+                None => FIRST_EPHEMERAL_PORT,
+            };
+            let candidate = SocketAddr::new(addr.ip(), port);
+            if port != addr.port() && !self.by_addr.contains_key(&(realm, candidate)) {
+                let id = self.hosts.len();
+                self.by_addr.insert((realm, candidate), id);
+                self.hosts.push(HostInfo {
+                    realm,
+                    addr: candidate,
+                    open: true,
+                    next_ephemeral: FIRST_EPHEMERAL_PORT,
+                });
+                return id;
+            }
+        }
+    }
+
+    /// Closes a socket opened with [`Net::open_socket`]: datagrams to it find nobody.
+    pub fn close_socket(&mut self, host: HostId) {
+        let h = &mut self.hosts[host];
+        if h.open {
+            h.open = false;
+            self.by_addr.remove(&(h.realm, h.addr));
+        }
+    }
+
+    /// Whether a host (socket) is open.
+    pub fn is_open(&self, host: HostId) -> bool {
+        self.hosts[host].open
     }
 
     /// A host's own address.
@@ -578,6 +674,23 @@ impl Net {
     pub fn allow_udp(&mut self, realm: Realm, remote: SocketAddr) {
         if let Some(n) = self.realms[realm].nat.as_mut() {
             n.config.allow.push(remote);
+        }
+    }
+
+    /// Lets UDP to and from `remote` through every UDP-blocking firewall.
+    pub fn allow_udp_everywhere(&mut self, remote: SocketAddr) {
+        for r in &mut self.realms {
+            if let Some(n) = r.nat.as_mut().filter(|n| n.config.blocks_udp) {
+                n.config.allow.push(remote);
+            }
+        }
+    }
+
+    /// The NAT in front of `realm` reboots: every mapping is forgotten.
+    pub fn reset_nat(&mut self, realm: Realm) {
+        if let Some(n) = self.realms[realm].nat.as_mut() {
+            n.by_port.clear();
+            n.by_flow.clear();
         }
     }
 
@@ -638,6 +751,7 @@ impl Net {
     pub fn send(&mut self, host: HostId, dst: SocketAddr, payload: Vec<u8>, now: Instant) {
         self.stats.sent += 1;
         let h = self.hosts[host];
+        assert!(h.open, "send on closed socket {}", h.addr);
         // Loss happens on the way, after the sender's NATs translated (and so refreshed) it.
         let lose = self.rng.gen_bool(self.loss);
         let before = self.stats;
@@ -801,12 +915,48 @@ pub struct SimNode {
     pub overlay: Ipv4Addr,
     /// Echo replies received: (peer overlay address, sequence number).
     pub replies: Vec<(Ipv4Addr, u16)>,
+    /// The node's extra sockets open now, and their hosts.
+    pub sockets: BTreeMap<SocketId, HostId>,
+    /// Socket accounting, from the node's events and transmits.
+    pub io: NodeIo,
+    /// Messages sent through the relay, by destination.
+    pub relayed_to: HashMap<PublicKey, u64>,
+}
+
+/// What a node asked of its driver, counted by the simulated one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeIo {
+    /// Datagrams sent on the main socket.
+    pub sent_main: u64,
+    /// Datagrams sent on extra sockets.
+    pub sent_extra: u64,
+    /// Transmits on a socket that was not open (dropped, as a real driver would).
+    pub dropped: u64,
+    /// Messages sent through the relay.
+    pub relayed: u64,
+    /// Extra sockets opened and closed.
+    pub sockets_opened: u64,
+    /// See `sockets_opened`.
+    pub sockets_closed: u64,
+    /// Most extra sockets open at once.
+    pub max_sockets: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
 enum Agent {
-    Node(usize),
+    /// A node's socket.
+    Node(usize, SocketId),
     Service(usize),
+    Relay,
+}
+
+/// The relay of [`Sim::add_relay`]: forwards frames between the nodes it has heard from.
+struct SimRelay {
+    host: HostId,
+    /// Where each node's frames came from last.
+    clients: HashMap<PublicKey, SocketAddr>,
+    /// When nodes next refresh their mapping toward it.
+    next_keepalive: Instant,
 }
 
 /// Nodes and services on a [`Net`], run on a virtual clock.
@@ -833,6 +983,7 @@ pub struct Sim {
     /// traffic. See [`Sim::set_controller_keepalive`].
     controller_keepalive: Option<Duration>,
     next_controller: Option<Instant>,
+    relay: Option<SimRelay>,
 }
 
 /// Overlay address of node `i` (100.64.0.0/10).
@@ -880,6 +1031,58 @@ impl Sim {
             transcript: Vec::new(),
             controller_keepalive: None,
             next_controller: None,
+            relay: None,
+        }
+    }
+
+    /// Puts a relay at [`RELAY`] (UDP-blocking firewalls let it through) and tells every node,
+    /// present and future, that it has a relay connection.
+    pub fn add_relay(&mut self) {
+        assert!(self.relay.is_none(), "one relay per simulation");
+        let host = self.net.add_host_at(INTERNET, RELAY);
+        self.agents.insert(host, Agent::Relay);
+        self.net.allow_udp_everywhere(RELAY);
+        self.relay = Some(SimRelay {
+            host,
+            clients: HashMap::new(),
+            next_keepalive: self.now + RELAY_KEEPALIVE,
+        });
+        for i in 0..self.nodes.len() {
+            self.join_relay(i);
+        }
+    }
+
+    /// Node `i` connects to the relay (or refreshes its mapping toward it).
+    fn join_relay(&mut self, i: usize) {
+        let Some(relay) = self.relay.as_mut() else {
+            return;
+        };
+        let host = self.nodes[i].host;
+        if let Some(seen) = self.net.observe(host, RELAY, self.now) {
+            relay.clients.insert(self.nodes[i].node.public_key(), seen);
+        }
+        self.nodes[i].node.set_relay(true, self.now);
+        self.flush(i);
+    }
+
+    /// A frame arrived at the relay.
+    fn relay_datagram(&mut self, from: SocketAddr, payload: &[u8]) {
+        let Some(relay) = self.relay.as_mut() else {
+            return;
+        };
+        if payload.len() < 65 || payload[0] != RELAY_MAGIC {
+            return;
+        }
+        let sender = PublicKey(payload[1..33].try_into().unwrap());
+        let to = PublicKey(payload[33..65].try_into().unwrap());
+        relay.clients.insert(sender, from);
+        if let Some(dst) = relay.clients.get(&to).copied() {
+            let mut frame = Vec::with_capacity(payload.len() - 32);
+            frame.push(RELAY_MAGIC);
+            frame.extend_from_slice(&sender.0);
+            frame.extend_from_slice(&payload[65..]);
+            let host = relay.host;
+            self.net.send(host, dst, frame, self.now);
         }
     }
 
@@ -900,7 +1103,13 @@ impl Sim {
             Behaviour::FullCone => self.net.add_nat(INTERNET, NatConfig::full_cone(t)),
             Behaviour::PortRestricted => self.net.add_nat(INTERNET, NatConfig::port_restricted(t)),
             Behaviour::Symmetric => self.net.add_nat(INTERNET, NatConfig::symmetric(t)),
-            Behaviour::UdpBlocked => self.net.add_nat(INTERNET, NatConfig::udp_blocked(t)),
+            Behaviour::UdpBlocked => {
+                let lan = self.net.add_nat(INTERNET, NatConfig::udp_blocked(t));
+                if self.relay.is_some() {
+                    self.net.allow_udp(lan, RELAY);
+                }
+                lan
+            }
             Behaviour::DoubleNat => {
                 let cgnat = self.net.add_nat(INTERNET, NatConfig::port_restricted(t));
                 self.net.add_nat(cgnat, NatConfig::port_restricted(t))
@@ -943,14 +1152,18 @@ impl Sim {
             (i as u32) * 4099 + 1,
             self.now + phase,
         );
-        self.agents.insert(host, Agent::Node(i));
+        self.agents.insert(host, Agent::Node(i, SocketId::MAIN));
         self.nodes.push(SimNode {
             node,
             host,
             name: format!("node-{i}"),
             overlay: overlay(i),
             replies: Vec::new(),
+            sockets: BTreeMap::new(),
+            io: NodeIo::default(),
+            relayed_to: HashMap::new(),
         });
+        self.join_relay(i);
         i
     }
 
@@ -1028,14 +1241,64 @@ impl Sim {
         self.set_peers(&peers);
     }
 
-    /// Moves everything node `i` wants to do into the network or back into the node.
+    /// Moves everything node `i` wants to do into the network or back into the node. Events
+    /// first, as a real driver must: they open the sockets the transmits go out on.
     pub fn flush(&mut self, i: usize) {
         loop {
             let mut progressed = false;
+            while let Some(ev) = self.nodes[i].node.poll_event() {
+                progressed = true;
+                match ev {
+                    Event::OpenSocket(id) => {
+                        assert_ne!(id, SocketId::MAIN, "node {i} opened MAIN");
+                        let host = self.net.open_socket(self.nodes[i].host);
+                        let old = self.nodes[i].sockets.insert(id, host);
+                        assert!(old.is_none(), "node {i} reopened open socket {id:?}");
+                        self.agents.insert(host, Agent::Node(i, id));
+                        let n = &mut self.nodes[i];
+                        n.io.sockets_opened += 1;
+                        n.io.max_sockets = n.io.max_sockets.max(n.sockets.len());
+                    }
+                    Event::CloseSocket(id) => {
+                        let host = self.nodes[i].sockets.remove(&id);
+                        let host = host.unwrap_or_else(|| panic!("node {i} closed {id:?}"));
+                        self.net.close_socket(host);
+                        self.agents.remove(&host);
+                        self.nodes[i].io.sockets_closed += 1;
+                    }
+                    _ => {}
+                }
+            }
             while let Some(t) = self.nodes[i].node.poll_transmit() {
                 progressed = true;
-                let host = self.nodes[i].host;
+                let n = &mut self.nodes[i];
+                let host = if t.socket == SocketId::MAIN {
+                    n.io.sent_main += 1;
+                    n.host
+                } else if let Some(h) = n.sockets.get(&t.socket) {
+                    n.io.sent_extra += 1;
+                    *h
+                } else {
+                    n.io.dropped += 1;
+                    continue;
+                };
                 self.net.send(host, t.dst, t.payload, self.now);
+            }
+            while let Some(t) = self.nodes[i].node.poll_relay_transmit() {
+                progressed = true;
+                if self.relay.is_none() {
+                    continue;
+                }
+                let n = &mut self.nodes[i];
+                n.io.relayed += 1;
+                *n.relayed_to.entry(t.to).or_default() += 1;
+                let mut frame = Vec::with_capacity(65 + t.payload.len());
+                frame.push(RELAY_MAGIC);
+                frame.extend_from_slice(&n.node.public_key().0);
+                frame.extend_from_slice(&t.to.0);
+                frame.extend_from_slice(&t.payload);
+                let host = n.host;
+                self.net.send(host, RELAY, frame, self.now);
             }
             while let Some(pkt) = self.nodes[i].node.poll_tun_packet() {
                 progressed = true;
@@ -1049,7 +1312,6 @@ impl Sim {
                     self.nodes[i].replies.push((src, seq));
                 }
             }
-            while self.nodes[i].node.poll_event().is_some() {}
             if !progressed {
                 break;
             }
@@ -1084,6 +1346,7 @@ impl Sim {
                 .filter_map(|n| n.node.poll_timeout())
                 .chain(self.services.iter().filter_map(|(_, s)| s.poll_timeout()))
                 .chain(self.next_controller)
+                .chain(self.relay.as_ref().map(|r| r.next_keepalive))
                 .min();
             let next = match (next_delivery, next_timer) {
                 (Some(a), Some(b)) => a.min(b),
@@ -1107,12 +1370,24 @@ impl Sim {
                     a.payload.len(),
                 ));
                 match self.agents.get(&a.host).copied() {
-                    Some(Agent::Node(j)) => {
-                        self.nodes[j]
-                            .node
-                            .handle_datagram(a.from, &a.payload, self.now);
+                    Some(Agent::Node(j, socket)) => {
+                        let relayed = socket == SocketId::MAIN
+                            && a.from == RELAY
+                            && a.payload.len() >= 33
+                            && a.payload[0] == RELAY_MAGIC;
+                        if relayed {
+                            let from = PublicKey(a.payload[1..33].try_into().unwrap());
+                            self.nodes[j]
+                                .node
+                                .handle_relayed(from, &a.payload[33..], self.now);
+                        } else {
+                            self.nodes[j]
+                                .node
+                                .handle_datagram_on(socket, a.from, &a.payload, self.now);
+                        }
                         self.flush(j);
                     }
+                    Some(Agent::Relay) => self.relay_datagram(a.from, &a.payload),
                     Some(Agent::Service(k)) => {
                         let mut out = Vec::new();
                         self.services[k]
@@ -1131,6 +1406,18 @@ impl Sim {
                 {
                     self.nodes[i].node.handle_timeout(self.now);
                     self.flush(i);
+                }
+            }
+            if self
+                .relay
+                .as_ref()
+                .is_some_and(|r| r.next_keepalive <= self.now)
+            {
+                for i in 0..self.nodes.len() {
+                    self.join_relay(i);
+                }
+                if let Some(r) = self.relay.as_mut() {
+                    r.next_keepalive = self.now + RELAY_KEEPALIVE;
                 }
             }
             if let (Some(t), Some(d)) = (self.next_controller, self.controller_keepalive) {
@@ -1185,6 +1472,23 @@ impl Sim {
             .into_iter()
             .find(|p| p.address == o)
             .and_then(|p| p.endpoint)
+    }
+
+    /// The local socket of node `a`'s direct path to node `b`.
+    pub fn local_socket(&self, a: usize, b: usize) -> Option<SocketId> {
+        let key = self.key(b);
+        self.nodes[a].node.local_socket(&key)
+    }
+
+    /// Messages node `a` has sent to node `b` through the relay.
+    pub fn relayed(&self, a: usize, b: usize) -> u64 {
+        let key = self.key(b);
+        self.nodes[a].relayed_to.get(&key).copied().unwrap_or(0)
+    }
+
+    /// Whether both `a` and `b` have a direct path to each other.
+    pub fn direct(&self, a: usize, b: usize) -> bool {
+        self.endpoint(a, b).is_some() && self.endpoint(b, a).is_some()
     }
 }
 
