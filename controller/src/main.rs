@@ -52,6 +52,9 @@ enum Command {
         /// Print this relay's public key (creating it if needed) and exit.
         #[arg(long)]
         print_key: bool,
+        /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9103 [default: off].
+        #[arg(long)]
+        metrics_listen: Option<SocketAddr>,
     },
     /// Print the controller's public key (what a standalone relay needs).
     Key,
@@ -216,6 +219,18 @@ fn init_logging(default: &str) {
     }
 }
 
+/// `metrics_listen` from the config file: empty or absent means off.
+fn parse_metrics_listen(value: Option<&str>) -> anyhow::Result<Option<SocketAddr>> {
+    match value.map(str::trim) {
+        Some(s) if !s.is_empty() => {
+            Ok(Some(s.parse().with_context(|| {
+                format!("invalid metrics_listen {s:?}; use e.g. 127.0.0.1:9102")
+            })?))
+        }
+        _ => Ok(None),
+    }
+}
+
 #[allow(clippy::print_stdout)]
 fn out(s: &str) {
     println!("{s}");
@@ -237,6 +252,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             controller_key,
             print_key,
+            metrics_listen,
         } => {
             let secret = state.relay_key()?;
             if print_key {
@@ -253,10 +269,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let listen = listen
                 .or(file.listen)
                 .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 7444)));
+            let metrics_listen = match metrics_listen {
+                Some(a) => Some(a),
+                None => parse_metrics_listen(file.metrics_listen.as_deref())?,
+            };
             init_logging(file.log.as_deref().unwrap_or("info"));
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async {
                 let relay = mesh_relay::server::Relay::bind(listen, secret, &controller)?;
+                if let Some(addr) = metrics_listen {
+                    let listener = tokio::net::TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("cannot serve metrics on {addr}"))?;
+                    drop(listener);
+                    tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+                    let forwarder = relay.forwarder();
+                    tokio::spawn(async move {
+                        if let Err(e) = mesh_controller::metrics::serve(addr, None, forwarder).await
+                        {
+                            tracing::warn!(error = %format!("{e:#}"), "metrics endpoint stopped");
+                        }
+                    });
+                }
                 tracing::info!(%listen, key = %public_of(&secret), %controller, "relay listening");
                 let mut term =
                     tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -313,12 +347,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 7443)));
             let metrics_listen = match metrics_listen {
                 Some(a) => Some(a),
-                None => match file.metrics_listen.as_deref().map(str::trim) {
-                    Some(s) if !s.is_empty() => Some(s.parse().with_context(|| {
-                        format!("invalid metrics_listen {s:?}; use e.g. 127.0.0.1:9102")
-                    })?),
-                    _ => None,
-                },
+                None => parse_metrics_listen(file.metrics_listen.as_deref())?,
             };
             init_logging(file.log.as_deref().unwrap_or("info"));
             let rt = tokio::runtime::Runtime::new()?;
@@ -378,7 +407,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut rng = rand::rngs::OsRng;
             let mut id_bytes = [0u8; 4];
             rand::RngCore::fill_bytes(&mut rng, &mut id_bytes);
-            let id: String = id_bytes.iter().map(|b| format!("{b:02x}")).collect();
+            let id = mesh_proto::hex::encode(&id_bytes);
             let mut secret = [0u8; 32];
             rand::RngCore::fill_bytes(&mut rng, &mut secret);
             state

@@ -1,10 +1,13 @@
-//! Prometheus endpoint of the controller (opt-in, `--metrics-listen`): node counts per network
-//! and how many are online.
+//! Prometheus endpoints (opt-in, `--metrics-listen`): the controller's node counts per network
+//! and how many are online, and what a relay (the controller's own, or a standalone one)
+//! forwards.
 
 use crate::state::unix_now;
 use crate::store::Store;
+use mesh_relay::Forwarder;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -42,15 +45,63 @@ pub fn render(store: &Store, now: u64) -> Result<String, crate::store::StoreErro
     Ok(out)
 }
 
+/// Renders a relay's metrics.
+pub fn render_relay(relay: &Forwarder) -> String {
+    let mut reg = Registry::with_prefix("mesh_relay");
+    let c = relay.counters();
+    let connected = Gauge::<i64>::default();
+    connected.set(relay.connected() as i64);
+    reg.register(
+        "nodes_connected",
+        "Nodes connected to this relay",
+        connected,
+    );
+    let counter = |v: u64| {
+        let m = Counter::<u64>::default();
+        m.inc_by(v);
+        m
+    };
+    reg.register(
+        "forwarded_frames",
+        "Relay frames forwarded to a node of the sender's network",
+        counter(c.forwarded),
+    );
+    reg.register(
+        "forwarded_bytes",
+        "Bytes of relay frames forwarded",
+        counter(c.forwarded_bytes),
+    );
+    reg.register(
+        "dropped_frames",
+        "Relay frames dropped: malformed, destination offline or in another network, or its queue full",
+        counter(c.dropped),
+    );
+    let mut out = String::new();
+    let _ = encode(&mut out, &reg);
+    out
+}
+
+type ScrapeState = (Option<Arc<Mutex<Store>>>, Arc<Forwarder>);
+
 async fn scrape(
-    axum::extract::State(store): axum::extract::State<Arc<Mutex<Store>>>,
+    axum::extract::State((store, relay)): axum::extract::State<ScrapeState>,
 ) -> (axum::http::StatusCode, String) {
-    let text = {
-        let guard = store.lock().unwrap_or_else(|p| p.into_inner());
-        render(&guard, unix_now())
+    let text = match store {
+        Some(store) => {
+            let guard = store.lock().unwrap_or_else(|p| p.into_inner());
+            render(&guard, unix_now())
+        }
+        None => Ok(String::new()),
     };
     match text {
-        Ok(t) => (axum::http::StatusCode::OK, t),
+        Ok(mut t) => {
+            // Each render ends with "# EOF"; one exposition has one.
+            if let Some(cut) = t.rfind("# EOF") {
+                t.truncate(cut);
+            }
+            t.push_str(&render_relay(&relay));
+            (axum::http::StatusCode::OK, t)
+        }
         Err(e) => (
             axum::http::StatusCode::INTERNAL_SERVER_ERROR,
             format!("{e}\n"),
@@ -58,14 +109,19 @@ async fn scrape(
     }
 }
 
-/// Serves `/metrics` on `addr`.
-pub async fn serve(addr: SocketAddr, store: Store) -> anyhow::Result<()> {
+/// Serves `/metrics` on `addr`: the controller's (with `store`) and the relay's.
+pub async fn serve(
+    addr: SocketAddr,
+    store: Option<Store>,
+    relay: Arc<Forwarder>,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
+    let state: ScrapeState = (store.map(|s| Arc::new(Mutex::new(s))), relay);
     let app = axum::Router::new()
         .route("/metrics", axum::routing::get(scrape))
-        .with_state(Arc::new(Mutex::new(store)));
+        .with_state(state);
     axum::serve(listener, app).await?;
     Ok(())
 }

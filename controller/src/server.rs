@@ -66,21 +66,15 @@ pub async fn serve(
     let secret = state.controller_key()?;
     let store = state.open_store()?;
     store.reset_connections()?;
-    let socket =
-        std::net::UdpSocket::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
+    let endpoint = quic::bind_server(listen, &secret)?;
     state.write_listen_addr(listen)?;
-    let endpoint = quinn::Endpoint::new(
-        quic::controller_endpoint_config(&secret),
-        Some(quic::server_config()?),
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )?;
     let (hub_tx, hub_rx) = mpsc::unbounded_channel();
     let hub_store = state.open_store()?;
     tokio::spawn(run_hub(hub_store, hub_rx, secret));
+    let forwarder = Forwarder::new();
     let ctx = Arc::new(Ctx {
         secret,
-        forwarder: Forwarder::new(),
+        forwarder: forwarder.clone(),
         store: Mutex::new(store),
         hub: hub_tx,
         next_id: AtomicU64::new(1),
@@ -91,7 +85,7 @@ pub async fn serve(
         let store = state.open_store()?;
         info!(%addr, "serving Prometheus metrics at /metrics");
         tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve(addr, store).await {
+            if let Err(e) = crate::metrics::serve(addr, Some(store), forwarder).await {
                 warn!(error = %format!("{e:#}"), "metrics endpoint stopped");
             }
         });
@@ -155,16 +149,6 @@ fn relay_infos(
         .collect()
 }
 
-fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
 async fn refuse(
     tx: &mut channel::Sender,
     conn: &quinn::Connection,
@@ -203,7 +187,7 @@ async fn handle(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> anyhow::Result<()> 
             token_secret,
             name,
             endpoints,
-        })) => match decode_hex(&token_secret) {
+        })) => match mesh_proto::hex::decode(&token_secret) {
             Some(secret) => lock(&ctx).join(
                 &token_id,
                 &secret,
@@ -277,6 +261,7 @@ async fn handle(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> anyhow::Result<()> 
             prefix_len: adm.prefix_len,
             peers: view.values().cloned().collect(),
             relays: relay_infos(&ctx.secret, &relays, &adm.network, &key),
+            observed: Some(conn.remote_address()),
         }
         .encode(),
     )

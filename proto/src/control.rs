@@ -81,6 +81,9 @@ pub enum ServerMsg {
         /// Standalone relays the node may use, each with its admission ticket.
         #[serde(default)]
         relays: Vec<RelayInfo>,
+        /// The node's address as the controller sees it: its public mapping.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        observed: Option<SocketAddr>,
     },
     /// The relay list changed, or its tickets were renewed: the whole list again.
     Relays {
@@ -437,6 +440,7 @@ mod tests {
                 prefix_len: 16,
                 peers: vec![peer(2), peer(3)],
                 relays: vec![relay("eu-1")],
+                observed: Some(SocketAddr::from(([203, 0, 113, 9], 40000))),
             },
             ServerMsg::Relays {
                 relays: vec![relay("eu-1"), relay("us-1")],

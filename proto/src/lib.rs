@@ -7,6 +7,7 @@
 //!
 //! - [`demux`]: classify a UDP datagram as WireGuard, QUIC or STUN by its first bytes.
 //! - [`control`]: the control messages exchanged inside the Noise channel with the controller.
+//! - [`hex`]: hex text for secrets and MACs.
 //! - [`token`]: the join token string an admin hands to a node.
 //! - [`key`]: the node / controller public key type and its text form.
 //! - [`relay`]: relay frames (WireGuard messages as QUIC datagrams, with fragmentation).
@@ -16,6 +17,7 @@
 
 pub mod control;
 pub mod demux;
+pub mod hex;
 pub mod key;
 pub mod relay;
 pub mod relay_session;

@@ -52,7 +52,7 @@ pub enum TokenError {
 impl JoinToken {
     /// The secret as lowercase hex, as sent in `ClientMsg::Join`.
     pub fn secret_hex(&self) -> String {
-        self.secret.iter().map(|b| format!("{b:02x}")).collect()
+        crate::hex::encode(&self.secret)
     }
 }
 

@@ -90,6 +90,25 @@ pub fn controller_bin() -> Result<PathBuf> {
     product_bin("mesh-controller")
 }
 
+/// Fetches `http://127.0.0.1:<port>/metrics` from inside namespace `ns` (with python3, which the
+/// test set-up installs); `None` if nothing answered.
+pub fn scrape_metrics(ns: &str, port: u16) -> Option<String> {
+    let script = format!(
+        "import urllib.request\nprint(urllib.request.urlopen('http://127.0.0.1:{port}/metrics', timeout=5).read().decode())"
+    );
+    let out = run(ns, "python3", ["-c", script.as_str()]);
+    out.success().then_some(out.stdout)
+}
+
+/// The value of the first sample in a Prometheus text exposition whose line starts with
+/// `prefix` (a metric name, optionally with labels).
+pub fn metric_value(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
 /// Asserts that a command failed the way a user should see it fail: it exited by itself with a
 /// non-zero code, wrote exactly one non-empty line on stderr and no panic, and that line contains
 /// (case-insensitively) one of `any_of`. Returns the line.

@@ -112,8 +112,26 @@ fn three_nodes_ping_each_other_and_report_it() {
             "status says MTU {mtu}, the interface says: {link}"
         );
 
-        // The human form works too.
-        a.cli(["status"]).ok().unwrap();
+        // The human form shows each peer's path, endpoint and RTT on its line (the agent
+        // measures the RTT of a new session by itself, within a round trip or two).
+        let mut human = String::new();
+        let complete = wait_until(Duration::from_secs(5), || {
+            human = a.cli(["status"]).ok().unwrap().stdout;
+            agents.iter().filter(|o| o.name != a.name).all(|o| {
+                human
+                    .lines()
+                    .find(|l| l.starts_with(&format!("{} ", o.name)))
+                    .is_some_and(|line| {
+                        line.contains(" direct ")
+                            && line.contains(&o.underlay().to_string())
+                            && line.contains(" ms ")
+                    })
+            })
+        });
+        assert!(
+            complete,
+            "a peer line lacks path, endpoint or RTT:\n{human}"
+        );
     }
 
     // The controller lists the three nodes with their addresses.

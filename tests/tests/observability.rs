@@ -6,21 +6,7 @@ use mesh_e2e::daemons::udp_port_bound;
 use mesh_e2e::{controller_bin, netns::ip, run, wait_all_pairs_ping, wait_for, Agent, Lab, Proc};
 use std::time::Duration;
 
-/// Fetches `http://127.0.0.1:<port>/metrics` from inside a namespace.
-fn scrape(ns: &str, port: u16) -> Option<String> {
-    let script = format!(
-        "import urllib.request\nprint(urllib.request.urlopen('http://127.0.0.1:{port}/metrics', timeout=5).read().decode())"
-    );
-    let out = run(ns, "python3", ["-c", script.as_str()]);
-    out.success().then_some(out.stdout)
-}
-
-fn value(text: &str, prefix: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
+use mesh_e2e::{metric_value as value, scrape_metrics as scrape};
 
 #[test]
 fn agent_and_controller_export_metrics() {
@@ -94,6 +80,13 @@ fn agent_and_controller_export_metrics() {
         value(&text, "mesh_controller_nodes{network=\"obs\"}"),
         Some(2.0)
     );
+    // The embedded relay reports in the same exposition: both nodes are connected to it.
+    assert_eq!(
+        value(&text, "mesh_relay_nodes_connected"),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(text.matches("# EOF").count(), 1, "{text}");
 }
 
 #[test]

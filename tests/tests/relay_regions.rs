@@ -33,7 +33,11 @@ fn relay_key(host: &Host, state: &std::path::Path) -> String {
     out.stdout.trim().to_owned()
 }
 
+/// The near relay serves metrics here, in its namespace.
+const METRICS_PORT: u16 = 9103;
+
 fn start_relay(nat: &NatLab, host: &Host, listen: &str, controller_key: &str) -> Proc {
+    let metrics = format!("127.0.0.1:{METRICS_PORT}");
     let state = nat.lab().state_dir(&host.name).unwrap();
     let p = nat
         .spawn(
@@ -48,6 +52,8 @@ fn start_relay(nat: &NatLab, host: &Host, listen: &str, controller_key: &str) ->
                 controller_key,
                 "--state-dir",
                 state.to_str().unwrap(),
+                "--metrics-listen",
+                &metrics,
             ],
         )
         .unwrap();
@@ -153,6 +159,9 @@ fn nodes_use_their_nearest_relay_and_survive_losing_it_and_the_controller() {
         a.status().unwrap()["relays"]
     );
     let homed = t0.elapsed();
+    // The controller and the near relay see different mappings of the same socket.
+    let nat_view = a.status().unwrap()["nat"].clone();
+    assert_eq!(nat_view["mapping"], "endpoint-dependent", "{nat_view:#}");
     let bogus = wait_until(Duration::from_secs(10), || {
         a.status().ok().is_some_and(|s| {
             relay(&s, "bogus").is_some_and(|r| {
@@ -191,6 +200,15 @@ fn nodes_use_their_nearest_relay_and_survive_losing_it_and_the_controller() {
     assert!(h1.wait_ping(b.address, Duration::from_secs(5)));
     assert!(h2.wait_ping(a.address, Duration::from_secs(5)));
     let rtt_near = a.cli(["ping", "sym2"]).ok().unwrap().stdout;
+    // The relay's own count agrees: frames went through it.
+    let metrics = mesh_e2e::scrape_metrics(&near.ns, METRICS_PORT).expect("relay metrics");
+    let forwarded = mesh_e2e::metric_value(&metrics, "mesh_relay_forwarded_frames_total");
+    assert!(forwarded.is_some_and(|n| n >= 10.0), "{metrics}");
+    assert_eq!(
+        mesh_e2e::metric_value(&metrics, "mesh_relay_nodes_connected"),
+        Some(2.0),
+        "{metrics}"
+    );
     assert!(rtt_near.contains("via relay near"), "{rtt_near}");
 
     // The controller dies: the relays do not need it.

@@ -72,6 +72,8 @@ pub struct Welcome {
     pub peers: Vec<PeerInfo>,
     /// Standalone relays, with tickets.
     pub relays: Vec<RelayInfo>,
+    /// This node's public mapping as the controller sees it.
+    pub observed: Option<SocketAddr>,
 }
 
 /// An open, authenticated control session.
@@ -90,6 +92,8 @@ pub struct ControlStatus {
     pub connected: bool,
     /// Last error, if the last attempt failed.
     pub last_error: Option<String>,
+    /// This node's public mapping as the controller saw it at the last connection.
+    pub observed: Option<SocketAddr>,
 }
 
 async fn resolve(addr: &str) -> Result<SocketAddr, ControlError> {
@@ -147,6 +151,7 @@ pub async fn open(
                 prefix_len,
                 peers,
                 relays,
+                observed,
             } => Ok((
                 Session { conn, tx, rx },
                 Welcome {
@@ -156,6 +161,7 @@ pub async fn open(
                     prefix_len,
                     peers,
                     relays,
+                    observed,
                 },
             )),
             ServerMsg::Error { code, message } => {
@@ -340,6 +346,9 @@ pub async fn run(
         };
         backoff = Duration::from_secs(1);
         set_status(&ctx, true, None);
+        if let Ok(mut s) = ctx.status.lock() {
+            s.observed = welcome.observed;
+        }
         info!(network = %welcome.network, address = %welcome.address, peers = welcome.peers.len(), "connected to controller");
         let mut peers: BTreeMap<PublicKey, PeerInfo> =
             welcome.peers.into_iter().map(|p| (p.key, p)).collect();

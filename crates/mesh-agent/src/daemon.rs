@@ -275,6 +275,7 @@ async fn run(
         address: membership.controller.clone(),
         connected: first.is_some(),
         last_error: None,
+        observed: None,
     }));
     let (control_tx, control_rx) = mpsc::channel(4);
     // Relays from the cache until the controller speaks: their tickets last for hours.
@@ -459,6 +460,17 @@ async fn ping(data: &mpsc::Sender<DataCmd>, peer: &str) -> serde_json::Value {
     }
 }
 
+/// What the addresses that the controller and the relays observe for this node's one socket
+/// say about its NAT: one mapping for every destination, or one per destination (a
+/// "symmetric" NAT, which only the hard-NAT hole punching can cross).
+fn mapping_kind(observed: &[std::net::SocketAddr]) -> &'static str {
+    match observed {
+        [] | [_] => "unknown (needs a standalone relay as a second observer)",
+        [first, rest @ ..] if rest.iter().all(|a| a == first) => "endpoint-independent",
+        _ => "endpoint-dependent",
+    }
+}
+
 fn secs(d: Option<Duration>) -> serde_json::Value {
     d.map_or(serde_json::Value::Null, |d| json!(d.as_secs()))
 }
@@ -501,6 +513,11 @@ async fn status_json(
             })
         })
         .collect();
+    let observed: Vec<std::net::SocketAddr> = control
+        .observed
+        .into_iter()
+        .chain(relays.observed())
+        .collect();
     let relays: Vec<crate::relays::RelayStatus> = relays
         .status
         .lock()
@@ -510,6 +527,10 @@ async fn status_json(
         "node": node,
         "controller": control,
         "relays": relays,
+        "nat": {
+            "observed": observed.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "mapping": mapping_kind(&observed),
+        },
         "peers": peers,
         "counters": {
             "malformed_packets": c.malformed_packets,
@@ -531,6 +552,10 @@ async fn status_json(
             "relay_rx": driver.relay_rx,
             "relay_tx": driver.relay_tx,
             "relay_drops": driver.relay_drops,
+            "extra_sockets": driver.extra_sockets,
+            "extra_socket_errors": driver.extra_socket_errors,
+            "extra_rx": driver.extra_rx,
+            "extra_tx": driver.extra_tx,
         }
     })
 }

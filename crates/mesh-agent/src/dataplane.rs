@@ -5,7 +5,7 @@
 //! wake-up), runs the node's timers, and writes what the node produced: datagrams grouped into
 //! GSO batches per destination, and packets to the TUN device.
 
-use mesh_core::{Event, Node, Path, PeerConfig, PeerStatus, Transmit};
+use mesh_core::{Event, Node, Path, PeerConfig, PeerStatus, SocketId, Transmit};
 use mesh_proto::control::PeerInfo;
 use mesh_proto::demux::{classify, DatagramKind};
 use mesh_proto::relay::{self, Reassembly};
@@ -51,6 +51,8 @@ type PendingPing = (PublicKey, Instant, PingReply);
 const PING_TIMEOUT: Duration = Duration::from_secs(3);
 /// Relay frames queued from the relay reader to the data plane.
 const RELAY_INBOX: usize = 1024;
+/// Datagrams queued from the extra (birthday) sockets to the data plane.
+const EXTRA_INBOX: usize = 1024;
 
 /// Counters kept by the driver itself (the node keeps its own).
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
@@ -77,6 +79,72 @@ pub struct DriverCounters {
     pub relay_tx: u64,
     /// Relay frames dropped (malformed, incomplete, or the relay connection full or gone).
     pub relay_drops: u64,
+    /// Extra sockets open now (hole punching toward endpoint-dependent NATs, and the ones kept
+    /// for peers reached that way).
+    pub extra_sockets: u64,
+    /// Extra sockets the system refused to open.
+    pub extra_socket_errors: u64,
+    /// Datagrams received / sent on extra sockets.
+    pub extra_rx: u64,
+    /// Datagrams sent on extra sockets.
+    pub extra_tx: u64,
+}
+
+/// The node's extra UDP sockets (see [`mesh_core::birthday`]): plain sockets without batching,
+/// each with a reader feeding one inbox.
+#[derive(Default)]
+struct ExtraSockets {
+    /// Each open socket: a handle to send on, and the reader task (which owns the tokio side).
+    open: std::collections::HashMap<SocketId, (std::net::UdpSocket, tokio::task::JoinHandle<()>)>,
+}
+
+/// A datagram received on an extra socket.
+type ExtraDatagram = (SocketId, std::net::SocketAddr, Vec<u8>);
+
+impl ExtraSockets {
+    fn open(&mut self, id: SocketId, inbox: &mpsc::Sender<ExtraDatagram>) -> std::io::Result<()> {
+        let std_socket = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))?;
+        std_socket.set_nonblocking(true)?;
+        // Sends go through a plain non-blocking handle: tokio's try_send_to refuses until the
+        // reactor has seen the new socket writable, and the first probe goes out at once.
+        let sender = std_socket.try_clone()?;
+        let reader = tokio::net::UdpSocket::from_std(std_socket)?;
+        let tx = inbox.clone();
+        let task = tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, from)) = reader.recv_from(&mut buf).await {
+                // Full inbox: drop, as a congested link would.
+                let _ = tx.try_send((id, from, buf[..n].to_vec()));
+            }
+        });
+        if let Some((_, old)) = self.open.insert(id, (sender, task)) {
+            old.abort();
+        }
+        Ok(())
+    }
+
+    fn close(&mut self, id: SocketId) {
+        if let Some((_, task)) = self.open.remove(&id) {
+            task.abort();
+        }
+    }
+
+    /// Sends one datagram; false if the socket is not open or the send failed. A send that
+    /// fails with an ICMP error left by an earlier datagram is tried once more (see
+    /// [`mesh_sys::socket::UdpPort::send`]).
+    fn send(&self, t: &Transmit) -> bool {
+        let Some((s, _)) = self.open.get(&t.socket) else {
+            return false;
+        };
+        let result = match s.send_to(&t.payload, t.dst) {
+            Err(e) if mesh_sys::socket::is_deferred_icmp_error(&e) => s.send_to(&t.payload, t.dst),
+            other => other,
+        };
+        if let Err(e) = &result {
+            debug!(socket = %t.socket, dst = %t.dst, error = %e, "UDP send on an extra socket failed");
+        }
+        result.is_ok()
+    }
 }
 
 /// A status snapshot.
@@ -213,6 +281,8 @@ pub async fn run(
     let mut gso_buf: Vec<u8> = Vec::with_capacity(65536);
     let far = Duration::from_secs(3600);
     let mut relays = Relays::default();
+    let mut extra = ExtraSockets::default();
+    let (extra_in_tx, mut extra_in) = mpsc::channel::<ExtraDatagram>(EXTRA_INBOX);
     let (relay_in_tx, mut relay_in) = mpsc::channel::<bytes::Bytes>(RELAY_INBOX);
     let mut reassembly = Reassembly::default();
     let mut relay_id: u16 = 0;
@@ -223,6 +293,10 @@ pub async fn run(
             deadline = deadline.min(first);
         }
         tokio::select! {
+            Some((id, from, datagram)) = extra_in.recv() => {
+                counters.extra_rx += 1;
+                node.handle_datagram_on(id, from, &datagram, Instant::now());
+            }
             Some(d) = relay_in.recv() => {
                 let now = Instant::now();
                 counters.relay_rx += 1;
@@ -349,6 +423,25 @@ pub async fn run(
             }
         }
         while let Some(ev) = node.poll_event() {
+            match ev {
+                Event::OpenSocket(id) => {
+                    match extra.open(id, &extra_in_tx) {
+                        Ok(()) => {}
+                        Err(e) => {
+                            counters.extra_socket_errors += 1;
+                            debug!(socket = %id, error = %e, "cannot open an extra socket");
+                        }
+                    }
+                    counters.extra_sockets = extra.open.len() as u64;
+                    continue;
+                }
+                Event::CloseSocket(id) => {
+                    extra.close(id);
+                    counters.extra_sockets = extra.open.len() as u64;
+                    continue;
+                }
+                _ => {}
+            }
             debug!(?ev, "node event");
             if let Event::Pong { key, rtt, path } = &ev {
                 if let Some(pos) = pings.iter().position(|p| p.0 == *key) {
@@ -373,7 +466,15 @@ pub async fn run(
                 });
             }
         }
-        out.extend(std::iter::from_fn(|| node.poll_transmit()));
+        while let Some(t) = node.poll_transmit() {
+            if t.socket == SocketId::MAIN {
+                out.push(t);
+            } else if extra.send(&t) {
+                counters.extra_tx += 1;
+            } else {
+                counters.udp_send_errors += 1;
+            }
+        }
         if !out.is_empty() {
             send_all(&port, &mut out, &mut gso_buf, &mut counters).await;
         }

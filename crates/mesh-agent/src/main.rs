@@ -267,19 +267,72 @@ fn print_status(v: &serde_json::Value) {
             format!("disconnected ({})", ctl["last_error"].as_str().unwrap_or("connecting"))
         }
     ));
+    let nat = &v["nat"];
+    let observed: Vec<&str> = nat["observed"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.as_str())
+        .collect();
     out(&format!(
-        "\n{:<20} {:<16} {:<22} {:>10} {:>12} {:>12}",
-        "PEER", "ADDRESS", "ENDPOINT", "HANDSHAKE", "RX", "TX"
+        "public    {} (mapping {})",
+        if observed.is_empty() {
+            "-".to_owned()
+        } else {
+            observed.join(", ")
+        },
+        s(&nat["mapping"])
+    ));
+    for r in v["relays"].as_array().into_iter().flatten() {
+        let state = if r["connected"].as_bool() == Some(true) {
+            format!(
+                "connected, rtt {} ms{}",
+                r["rtt_ms"].as_u64().unwrap_or(0),
+                if r["home"].as_bool() == Some(true) {
+                    ", home"
+                } else {
+                    ""
+                }
+            )
+        } else {
+            format!(
+                "not connected ({})",
+                r["last_error"].as_str().unwrap_or("connecting")
+            )
+        };
+        out(&format!(
+            "relay     {} {} {state}",
+            s(&r["name"]),
+            s(&r["addr"])
+        ));
+    }
+    out(&format!(
+        "\n{:<20} {:<16} {:<18} {:<22} {:>8} {:>10} {:>12} {:>12}",
+        "PEER", "ADDRESS", "PATH", "ENDPOINT", "RTT", "HANDSHAKE", "RX", "TX"
     ));
     for p in v["peers"].as_array().into_iter().flatten() {
         let hs = p["last_handshake_secs_ago"]
             .as_u64()
             .map_or("never".to_owned(), |s| format!("{s}s ago"));
+        let path = match (p["path"].as_str(), p["relay"].as_str()) {
+            (Some("relay"), Some(r)) => format!("relay {r}"),
+            (Some(path), _) => path.to_owned(),
+            (None, _) => "-".to_owned(),
+        };
+        let endpoint = if p["path"] == "direct" {
+            p["endpoint"].as_str().unwrap_or("-")
+        } else {
+            "-"
+        };
         out(&format!(
-            "{:<20} {:<16} {:<22} {:>10} {:>12} {:>12}",
+            "{:<20} {:<16} {:<18} {:<22} {:>8} {:>10} {:>12} {:>12}",
             s(&p["name"]),
             s(&p["address"]),
-            p["endpoint"].as_str().unwrap_or("-"),
+            path,
+            endpoint,
+            p["rtt_ms"]
+                .as_u64()
+                .map_or("-".to_owned(), |r| format!("{r} ms")),
             hs,
             p["rx_bytes"].as_u64().unwrap_or(0),
             p["tx_bytes"].as_u64().unwrap_or(0)

@@ -70,6 +70,23 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// A server endpoint (controller or standalone relay) on `listen`, with connection IDs and
+/// stateless resets derived from `secret` (see [`controller_endpoint_config`]).
+pub fn bind_server(
+    listen: std::net::SocketAddr,
+    secret: &[u8; 32],
+) -> Result<quinn::Endpoint, ConfigError> {
+    let socket = std::net::UdpSocket::bind(listen)
+        .map_err(|e| err(format!("cannot listen on {listen}: {e}")))?;
+    quinn::Endpoint::new(
+        controller_endpoint_config(secret),
+        Some(server_config()?),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|e| err(format!("cannot listen on {listen}: {e}")))
+}
+
 /// Server configuration with a fresh self-signed certificate.
 pub fn server_config() -> Result<quinn::ServerConfig, ConfigError> {
     let cert =

@@ -42,16 +42,9 @@ impl Relay {
         secret: [u8; 32],
         controller: &PublicKey,
     ) -> anyhow::Result<Relay> {
-        let socket = std::net::UdpSocket::bind(listen)
-            .with_context(|| format!("cannot listen on {listen}"))?;
-        let endpoint = quinn::Endpoint::new(
-            // Stable reset keys: after a restart, nodes learn at once that their connection is
-            // gone and reconnect, instead of waiting for the idle timeout.
-            quic::controller_endpoint_config(&secret),
-            Some(quic::server_config()?),
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )?;
+        // Stable reset keys: after a restart, nodes learn at once that their connection is gone
+        // and reconnect, instead of waiting for the idle timeout.
+        let endpoint = quic::bind_server(listen, &secret)?;
         Ok(Relay {
             endpoint,
             tickets: TicketKey::new(&secret, controller),

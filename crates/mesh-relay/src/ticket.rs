@@ -58,13 +58,13 @@ impl TicketKey {
         Ticket {
             network: network.to_owned(),
             expires,
-            mac: tag.as_ref().iter().map(|b| format!("{b:02x}")).collect(),
+            mac: mesh_proto::hex::encode(tag.as_ref()),
         }
     }
 
     /// Checks a ticket shown by `node` at Unix time `now`.
     pub fn verify(&self, ticket: &Ticket, node: &PublicKey, now: u64) -> Result<(), TicketError> {
-        let mac = decode_hex(&ticket.mac).ok_or(TicketError::Invalid)?;
+        let mac = mesh_proto::hex::decode(&ticket.mac).ok_or(TicketError::Invalid)?;
         ring::hmac::verify(
             &self.key,
             &Self::message(&ticket.network, node, ticket.expires),
@@ -76,16 +76,6 @@ impl TicketKey {
         }
         Ok(())
     }
-}
-
-fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 #[cfg(test)]

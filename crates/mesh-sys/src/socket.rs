@@ -91,6 +91,11 @@ impl UdpPort {
 
     /// Sends one datagram or GSO batch, waiting for buffer space if needed. Send errors that
     /// concern one destination (unreachable, and so on) are returned for the caller to count.
+    ///
+    /// An ICMP error caused by an *earlier* datagram (a probe to a closed port, say) is reported
+    /// by the kernel on the next send, which it fails without sending. That error is consumed
+    /// by reporting it, so such a send is tried once more: one dead destination must not cost
+    /// the datagram that happens to follow it.
     pub async fn send(&self, batch: &Batch<'_>) -> io::Result<()> {
         let t = Transmit {
             destination: batch.dst,
@@ -99,6 +104,7 @@ impl UdpPort {
             segment_size: batch.segment_size,
             src_ip: None,
         };
+        let mut retried = false;
         loop {
             self.inner.io.writable().await?;
             match self.inner.io.try_io(Interest::WRITABLE, || {
@@ -106,6 +112,7 @@ impl UdpPort {
             }) {
                 Ok(()) => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if !retried && is_deferred_icmp_error(&e) => retried = true,
                 Err(e) => return Err(e),
             }
         }
@@ -122,6 +129,16 @@ impl UdpPort {
             }),
         )
     }
+}
+
+/// Errors Linux reports on a UDP socket for an ICMP message about an earlier datagram.
+pub fn is_deferred_icmp_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::HostUnreachable
+            | io::ErrorKind::NetworkUnreachable
+    )
 }
 
 /// Where the driver puts the QUIC datagrams it receives on the shared socket.
