@@ -2442,8 +2442,10 @@ mod tests {
         );
     }
 
-    #[test]
-    fn the_peer_joins_an_attempt_at_once() {
+    /// A relayed pair, both punching with [`SMALL`], where b never starts an attempt on its
+    /// own. `prepare` runs before traffic starts; returns once a started its attempt (and
+    /// asked b to join).
+    fn pair_where_a_starts(prepare: impl FnOnce(&mut Relayed)) -> Relayed {
         let mut r = Relayed::new(false);
         r.p.a.set_birthday(Some(SMALL));
         r.p.b.set_birthday(Some(SMALL));
@@ -2452,6 +2454,7 @@ mod tests {
         if let Some(p) = r.p.b.peers.get_mut(&ka) {
             p.punch.hold_off(hold);
         }
+        prepare(&mut r);
         assert!(r.send_a_to_b(1));
         for _ in 0..40 {
             r.tick();
@@ -2460,6 +2463,12 @@ mod tests {
             }
         }
         assert_eq!(r.p.a.birthday_stats().attempts, 1);
+        r
+    }
+
+    #[test]
+    fn the_peer_joins_an_attempt_at_once() {
+        let r = pair_where_a_starts(|_| {});
         // The relay delivered a's signal within the same drive: b runs its attempt too.
         let s = r.p.b.birthday_stats();
         assert_eq!((s.attempts, s.joined), (0, 1));
@@ -2468,37 +2477,24 @@ mod tests {
 
     #[test]
     fn a_busy_peer_answers_a_join_by_spraying_only() {
-        let mut r = Relayed::new(false);
-        r.p.a.set_birthday(Some(SMALL));
-        r.p.b.set_birthday(Some(SMALL));
-        let ka = r.p.a.public_key();
-        if let Some(p) = r.p.b.peers.get_mut(&ka) {
-            p.punch.hold_off(r.p.now + Duration::from_secs(3600));
-        }
-        // b is in an attempt toward a third node c, with its sockets taken.
-        let kc = PublicKey(XPublic::from(&StaticSecret::from([9u8; 32])).to_bytes());
-        r.p.b.upsert_peer(
-            PeerConfig {
-                key: kc,
-                name: "c".into(),
-                address: Ipv4Addr::new(100, 64, 0, 9),
-                endpoints: vec!["203.0.113.9:51820".parse().unwrap()],
-            },
-            r.p.now,
-        );
-        let far = r.p.now + Duration::from_secs(3600);
-        let mut busy = Attempt::new(kc, Vec::new(), Ipv4Addr::new(203, 0, 113, 9), r.p.now);
-        busy.ends = far;
-        busy.spray_from = far;
-        r.p.b.punching.attempt = Some(busy);
-        assert!(r.send_a_to_b(1));
-        for _ in 0..40 {
-            r.tick();
-            if r.p.a.birthday_stats().attempts > 0 {
-                break;
-            }
-        }
-        assert_eq!(r.p.a.birthday_stats().attempts, 1);
+        let mut r = pair_where_a_starts(|r| {
+            // b is in an attempt toward a third node c, with its sockets taken.
+            let kc = PublicKey(XPublic::from(&StaticSecret::from([9u8; 32])).to_bytes());
+            r.p.b.upsert_peer(
+                PeerConfig {
+                    key: kc,
+                    name: "c".into(),
+                    address: Ipv4Addr::new(100, 64, 0, 9),
+                    endpoints: vec!["203.0.113.9:51820".parse().unwrap()],
+                },
+                r.p.now,
+            );
+            let far = r.p.now + Duration::from_secs(3600);
+            let mut busy = Attempt::new(kc, Vec::new(), Ipv4Addr::new(203, 0, 113, 9), r.p.now);
+            busy.ends = far;
+            busy.spray_from = far;
+            r.p.b.punching.attempt = Some(busy);
+        });
         // b cannot open sockets for a, but sprays a's public address from its main socket.
         for _ in 0..8 {
             r.tick();
