@@ -26,7 +26,10 @@
 //! Nodes do not know their NAT type, so both sides of a pair that is still on the relay after
 //! [`AFTER_FAILED_ROUNDS`] unanswered candidate rounds run both roles. The side that starts
 //! tells the other through the tunnel (a [`crate::pmtu::Kind::Birthday`] message), which joins
-//! at once, so the socket side's mappings exist when the spray arrives.
+//! at once, so the socket side's mappings exist when the spray arrives. A node busy with an
+//! attempt toward another peer answers a join with the spray role only (up to
+//! [`MAX_SIDE_SPRAYS`] at once): if it is the EIM side, that is all the attempt needs from it,
+//! and in a cluster a symmetric node may be punching toward many peers at the same time.
 //!
 //! Bounds: at most one attempt in flight per node (so at most K extra sockets, plus one kept
 //! per peer that won); an attempt ends after [`ATTEMPT_TIMEOUT`] and closes its sockets; attempts
