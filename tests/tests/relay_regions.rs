@@ -199,6 +199,18 @@ fn nodes_use_their_nearest_relay_and_survive_losing_it_and_the_controller() {
     );
     assert!(h1.wait_ping(b.address, Duration::from_secs(5)));
     assert!(h2.wait_ping(a.address, Duration::from_secs(5)));
+    // The human status says the same: the relays, which is home, and the relay per peer.
+    let human = a.cli(["status"]).ok().unwrap().stdout;
+    eprintln!("{human}");
+    assert!(
+        human.lines().any(|l| l.starts_with("relay ") && l.contains("near") && l.contains(", home")),
+        "{human}"
+    );
+    assert!(
+        human.lines().any(|l| l.starts_with("sym2 ") && l.contains("relay near")),
+        "{human}"
+    );
+    assert!(human.contains("mapping endpoint-dependent"), "{human}");
     let rtt_near = a.cli(["ping", "sym2"]).ok().unwrap().stdout;
     // The relay's own count agrees: frames went through it.
     let metrics = mesh_e2e::scrape_metrics(&near.ns, METRICS_PORT).expect("relay metrics");
