@@ -203,11 +203,15 @@ fn nodes_use_their_nearest_relay_and_survive_losing_it_and_the_controller() {
     let human = a.cli(["status"]).ok().unwrap().stdout;
     eprintln!("{human}");
     assert!(
-        human.lines().any(|l| l.starts_with("relay ") && l.contains("near") && l.contains(", home")),
+        human
+            .lines()
+            .any(|l| l.starts_with("relay ") && l.contains("near") && l.contains(", home")),
         "{human}"
     );
     assert!(
-        human.lines().any(|l| l.starts_with("sym2 ") && l.contains("relay near")),
+        human
+            .lines()
+            .any(|l| l.starts_with("sym2 ") && l.contains("relay near")),
         "{human}"
     );
     assert!(human.contains("mapping endpoint-dependent"), "{human}");
