@@ -1140,9 +1140,7 @@ impl Node {
                         true,
                     );
                 }
-            }
-            // Status shows the RTT of the path in use: measure it once per session and path.
-            if peer.session.established() {
+                // Status shows the RTT of the path in use: measure it once per session and path.
                 let path = peer.path(self.out.relay_up);
                 let stale = peer.rtt.is_none() || peer.rtt_path != Some(path);
                 let quiet = peer
@@ -1150,7 +1148,6 @@ impl Node {
                     .is_none_or(|t| now.saturating_duration_since(t) >= RTT_PROBE_SPACING);
                 if stale && quiet && path != Path::None {
                     peer.last_rtt_probe = Some(now);
-                    let me = self.config.address;
                     send_ping(
                         peer,
                         now,
@@ -1472,14 +1469,30 @@ fn advance_side_sprays(
         if peer.endpoint.is_some() || now >= spray.ends {
             return false;
         }
-        for dst in spray.next_sprays(&config, rng, now) {
-            if let Output::Network(bytes) = peer.session.encapsulate(&[], buf) {
-                out.udp(SocketId::MAIN, dst, bytes);
-                stats.probes_sent += 1;
-            }
-        }
+        spray_due(spray, peer, &config, rng, stats, now, buf, out);
         true
     });
+}
+
+/// Sends the spray probes of `attempt` that are due now: keepalives from the main socket to
+/// fresh random ports of the peer's public IP.
+#[allow(clippy::too_many_arguments)]
+fn spray_due(
+    attempt: &mut Attempt,
+    peer: &mut Peer,
+    config: &BirthdayConfig,
+    rng: &mut SmallRng,
+    stats: &mut BirthdayStats,
+    now: Instant,
+    buf: &mut [u8],
+    out: &mut Outbox,
+) {
+    for dst in attempt.next_sprays(config, rng, now) {
+        if let Output::Network(bytes) = peer.session.encapsulate(&[], buf) {
+            out.udp(SocketId::MAIN, dst, bytes);
+            stats.probes_sent += 1;
+        }
+    }
 }
 
 /// Moves the attempt in flight on: sprays this tick's probes, or ends it once the peer has a
@@ -1499,12 +1512,8 @@ fn advance_attempt(
         Some(peer) if peer.endpoint.is_some() => Some(true),
         Some(_) if now >= attempt.ends => Some(false),
         Some(peer) => {
-            for dst in attempt.next_sprays(&config, &mut punching.rng, now) {
-                if let Output::Network(bytes) = peer.session.encapsulate(&[], buf) {
-                    out.udp(SocketId::MAIN, dst, bytes);
-                    punching.stats.probes_sent += 1;
-                }
-            }
+            let (rng, stats) = (&mut punching.rng, &mut punching.stats);
+            spray_due(attempt, peer, &config, rng, stats, now, buf, out);
             None
         }
     };
