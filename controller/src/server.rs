@@ -254,7 +254,7 @@ async fn handle(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> anyhow::Result<()> 
     };
     let view = netmap::view_for(&peers, &key);
     tx.send(
-        &ServerMsg::Welcome {
+        &ServerMsg::Welcome(mesh_proto::control::Welcome {
             network: adm.network.clone(),
             name: adm.name.clone(),
             address: adm.address,
@@ -262,7 +262,7 @@ async fn handle(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> anyhow::Result<()> 
             peers: view.values().cloned().collect(),
             relays: relay_infos(&ctx.secret, &relays, &adm.network, &key),
             observed: Some(conn.remote_address()),
-        }
+        })
         .encode(),
     )
     .await?;

@@ -67,24 +67,7 @@ pub enum ClientMsg {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMsg {
     /// Answer to `Join` or `Hello`: who the node is and the whole peer list.
-    Welcome {
-        /// Network name.
-        network: String,
-        /// The node's name as registered.
-        name: String,
-        /// The node's overlay address; stable for its key.
-        address: Ipv4Addr,
-        /// Prefix length of the network's CIDR.
-        prefix_len: u8,
-        /// Every other node of the network.
-        peers: Vec<PeerInfo>,
-        /// Standalone relays the node may use, each with its admission ticket.
-        #[serde(default)]
-        relays: Vec<RelayInfo>,
-        /// The node's address as the controller sees it: its public mapping.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        observed: Option<SocketAddr>,
-    },
+    Welcome(Welcome),
     /// The relay list changed, or its tickets were renewed: the whole list again.
     Relays {
         /// Standalone relays the node may use.
@@ -106,6 +89,28 @@ pub enum ServerMsg {
         /// What was wrong and what to do, for a person.
         message: String,
     },
+}
+
+/// The controller's answer to `Join` or `Hello`. On the wire its fields sit beside
+/// `"type": "welcome"`, like every other message's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// Network name.
+    pub network: String,
+    /// The node's name as registered.
+    pub name: String,
+    /// The node's overlay address; stable for its key.
+    pub address: Ipv4Addr,
+    /// Prefix length of the network's CIDR.
+    pub prefix_len: u8,
+    /// Every other node of the network.
+    pub peers: Vec<PeerInfo>,
+    /// Standalone relays the node may use, each with its admission ticket.
+    #[serde(default)]
+    pub relays: Vec<RelayInfo>,
+    /// The node's address as the controller sees it: its public mapping.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed: Option<SocketAddr>,
 }
 
 /// One peer as the controller describes it.
@@ -348,14 +353,14 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientMsg, DecodeError> {
 pub fn decode_server(bytes: &[u8]) -> Result<ServerMsg, DecodeError> {
     let msg: ServerMsg = decode(bytes)?;
     match &msg {
-        ServerMsg::Welcome {
+        ServerMsg::Welcome(Welcome {
             network,
             name,
             prefix_len,
             peers,
             relays,
             ..
-        } => {
+        }) => {
             if !valid_name(network) || !valid_name(name) {
                 return Err(DecodeError::Bounds("name"));
             }
@@ -433,7 +438,7 @@ mod tests {
             assert_eq!(decode_client(&m.encode()), Ok(m));
         }
         let server = [
-            ServerMsg::Welcome {
+            ServerMsg::Welcome(Welcome {
                 network: "prod".into(),
                 name: "node-1".into(),
                 address: Ipv4Addr::new(100, 64, 0, 1),
@@ -441,7 +446,7 @@ mod tests {
                 peers: vec![peer(2), peer(3)],
                 relays: vec![relay("eu-1")],
                 observed: Some(SocketAddr::from(([203, 0, 113, 9], 40000))),
-            },
+            }),
             ServerMsg::Relays {
                 relays: vec![relay("eu-1"), relay("us-1")],
             },
@@ -516,9 +521,7 @@ mod tests {
         );
         // An older controller's welcome, without relays, still decodes.
         let old = br#"{"v":1,"msg":{"type":"welcome","network":"p","name":"n","address":"100.64.0.1","prefix_len":16,"peers":[]}}"#;
-        assert!(
-            matches!(decode_server(old), Ok(ServerMsg::Welcome { relays, .. }) if relays.is_empty())
-        );
+        assert!(matches!(decode_server(old), Ok(ServerMsg::Welcome(w)) if w.relays.is_empty()));
     }
 
     #[test]

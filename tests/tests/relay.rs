@@ -13,72 +13,12 @@ const NET: &str = "relay";
 
 /// Drops UDP between `host` and `peer_ip` port 51820 (both ways), as a firewall would.
 fn block_direct(host: &Host, peer_ip: &str) {
-    let ns = host.ns.as_str();
-    ip([
-        "netns",
-        "exec",
-        ns,
-        "nft",
-        "add",
-        "table",
-        "inet",
-        "blockdirect",
-    ])
-    .unwrap();
-    for (chain, hook) in [("out", "output"), ("in", "input")] {
-        let spec = format!("{{ type filter hook {hook} priority 0; }}");
-        ip([
-            "netns",
-            "exec",
-            ns,
-            "nft",
-            "add",
-            "chain",
-            "inet",
-            "blockdirect",
-            chain,
-            spec.as_str(),
-        ])
-        .unwrap();
-    }
-    ip([
-        "netns",
-        "exec",
-        ns,
-        "nft",
-        "add",
-        "rule",
-        "inet",
-        "blockdirect",
-        "out",
-        "ip",
-        "daddr",
-        peer_ip,
-        "udp",
-        "dport",
-        "51820",
-        "drop",
-    ])
-    .unwrap();
-    ip([
-        "netns",
-        "exec",
-        ns,
-        "nft",
-        "add",
-        "rule",
-        "inet",
-        "blockdirect",
-        "in",
-        "ip",
-        "saddr",
-        peer_ip,
-        "udp",
-        "sport",
-        "51820",
-        "drop",
-    ])
-    .unwrap();
+    let table = format!(
+        "table inet blockdirect {{ \
+         chain out {{ type filter hook output priority 0; ip daddr {peer_ip} udp dport 51820 drop; }}; \
+         chain in {{ type filter hook input priority 0; ip saddr {peer_ip} udp sport 51820 drop; }}; }}"
+    );
+    ip(["netns", "exec", host.ns.as_str(), "nft", table.as_str()]).unwrap();
 }
 
 fn unblock_direct(host: &Host) {

@@ -5,10 +5,12 @@ use crate::dataplane::DataCmd;
 use crate::relays::RelayShared;
 use crate::state::StateDir;
 use mesh_control::channel::{self, ChannelError};
-use mesh_proto::control::{decode_server, ClientMsg, ErrorCode, PeerInfo, RelayInfo, ServerMsg};
+use mesh_proto::control::{
+    decode_server, ClientMsg, ErrorCode, PeerInfo, RelayInfo, ServerMsg, Welcome,
+};
 use mesh_proto::PublicKey;
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -55,25 +57,6 @@ pub enum ControlError {
         /// What happened.
         reason: String,
     },
-}
-
-/// The controller's answer to join or hello.
-#[derive(Debug, Clone)]
-pub struct Welcome {
-    /// Network name.
-    pub network: String,
-    /// Registered name.
-    pub name: String,
-    /// Overlay address.
-    pub address: Ipv4Addr,
-    /// Prefix length.
-    pub prefix_len: u8,
-    /// Every other node.
-    pub peers: Vec<PeerInfo>,
-    /// Standalone relays, with tickets.
-    pub relays: Vec<RelayInfo>,
-    /// This node's public mapping as the controller sees it.
-    pub observed: Option<SocketAddr>,
 }
 
 /// An open, authenticated control session.
@@ -144,26 +127,7 @@ pub async fn open(
             .map_err(|e| failed(e.to_string()))?;
         let reply = rx.recv().await.map_err(|e| failed(e.to_string()))?;
         match decode_server(&reply).map_err(|e| failed(e.to_string()))? {
-            ServerMsg::Welcome {
-                network,
-                name,
-                address,
-                prefix_len,
-                peers,
-                relays,
-                observed,
-            } => Ok((
-                Session { conn, tx, rx },
-                Welcome {
-                    network,
-                    name,
-                    address,
-                    prefix_len,
-                    peers,
-                    relays,
-                    observed,
-                },
-            )),
+            ServerMsg::Welcome(welcome) => Ok((Session { conn, tx, rx }, welcome)),
             ServerMsg::Error { code, message } => {
                 conn.close(0u32.into(), b"refused");
                 Err(ControlError::Refused { code, message })

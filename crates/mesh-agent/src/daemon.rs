@@ -2,13 +2,14 @@
 //! the control loop and the local API.
 
 use crate::api::{self, Request};
-use crate::control::{self, ControlCmd, ControlCtx, ControlStatus, Session, Welcome};
+use crate::control::{self, ControlCmd, ControlCtx, ControlStatus, Session};
 use crate::dataplane::{self, DataCmd, DataStatus};
 use crate::state::{Membership, StateDir};
 use anyhow::Context as _;
 use mesh_control::quic;
 use mesh_core::{Node, NodeConfig};
 use mesh_proto::control::ClientMsg;
+use mesh_proto::control::Welcome;
 use mesh_proto::token::JoinToken;
 use mesh_proto::PublicKey;
 use mesh_sys::netlink::InterfaceConfig;
