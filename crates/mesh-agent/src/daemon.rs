@@ -568,14 +568,7 @@ pub async fn leave_offline(state: &StateDir, force: bool) -> anyhow::Result<Stri
         .load_key()?
         .context("the node key is missing; nothing to tell the controller")?;
     let result: anyhow::Result<()> = async {
-        let sock = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
-        let mut endpoint = quinn::Endpoint::new(
-            quic::endpoint_config(),
-            None,
-            sock,
-            Arc::new(quinn::TokioRuntime),
-        )?;
-        endpoint.set_default_client_config(quic::client_config()?);
+        let endpoint = quic::bind_client((Ipv4Addr::UNSPECIFIED, 0).into())?;
         let hello = ClientMsg::Hello {
             network: m.network.clone(),
             endpoints: vec![],

@@ -87,6 +87,22 @@ pub fn bind_server(
     .map_err(|e| err(format!("cannot listen on {listen}: {e}")))
 }
 
+/// A client-only endpoint on its own socket bound to `bind` (the agent's shared socket uses
+/// [`endpoint_config`] with its own socket adapter instead): for one-shot commands and tests.
+pub fn bind_client(bind: std::net::SocketAddr) -> Result<quinn::Endpoint, ConfigError> {
+    let socket =
+        std::net::UdpSocket::bind(bind).map_err(|e| err(format!("cannot bind {bind}: {e}")))?;
+    let mut endpoint = quinn::Endpoint::new(
+        endpoint_config(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|e| err(format!("cannot bind {bind}: {e}")))?;
+    endpoint.set_default_client_config(client_config()?);
+    Ok(endpoint)
+}
+
 /// Server configuration with a fresh self-signed certificate.
 pub fn server_config() -> Result<quinn::ServerConfig, ConfigError> {
     let cert =

@@ -26,15 +26,7 @@ fn endpoints() -> (quinn::Endpoint, quinn::Endpoint, SocketAddr) {
         Arc::new(quinn::TokioRuntime),
     )
     .unwrap();
-    let client_sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let mut client = quinn::Endpoint::new(
-        quic::endpoint_config(),
-        None,
-        client_sock,
-        Arc::new(quinn::TokioRuntime),
-    )
-    .unwrap();
-    client.set_default_client_config(quic::client_config().unwrap());
+    let client = quic::bind_client("127.0.0.1:0".parse().unwrap()).unwrap();
     (server, client, server_addr)
 }
 

@@ -69,15 +69,7 @@ struct Node {
 
 fn node() -> Node {
     let (secret, key) = keypair();
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind node");
-    let mut endpoint = quinn::Endpoint::new(
-        quic::endpoint_config(),
-        None,
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )
-    .expect("endpoint");
-    endpoint.set_default_client_config(quic::client_config().expect("client config"));
+    let endpoint = quic::bind_client("127.0.0.1:0".parse().unwrap()).expect("bind node");
     Node {
         secret,
         key,
