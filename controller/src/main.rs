@@ -179,46 +179,6 @@ struct FileConfig {
 const DEFAULT_CONFIG: &str = "/etc/mesh/mesh-controller.toml";
 const DEFAULT_RELAY_CONFIG: &str = "/etc/mesh/mesh-relay.toml";
 
-fn load_config(path: Option<&std::path::Path>, default: &str) -> anyhow::Result<FileConfig> {
-    let (path, explicit) = match path {
-        Some(p) => (p.to_owned(), true),
-        None => (PathBuf::from(default), false),
-    };
-    match std::fs::read_to_string(&path) {
-        Ok(text) => toml::from_str(&text).map_err(|e| {
-            let line = e
-                .span()
-                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
-                .unwrap_or(1);
-            anyhow::anyhow!(
-                "invalid config {} line {line}: {}",
-                path.display(),
-                e.message().trim()
-            )
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
-            Ok(FileConfig::default())
-        }
-        Err(e) => Err(e).with_context(|| format!("cannot read config {}", path.display())),
-    }
-}
-
-fn init_logging(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MESH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false);
-    // Under systemd, stderr goes to the journal, which stamps every line itself.
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
-        builder.without_time().init();
-    } else {
-        builder.init();
-    }
-}
-
 /// `metrics_listen` from the config file: empty or absent means off.
 fn parse_metrics_listen(value: Option<&str>) -> anyhow::Result<Option<SocketAddr>> {
     match value.map(str::trim) {
@@ -241,7 +201,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Relay { .. } => (DEFAULT_RELAY_CONFIG, "/var/lib/mesh-relay"),
         _ => (DEFAULT_CONFIG, "/var/lib/mesh-controller"),
     };
-    let file = load_config(cli.config.as_deref(), default_config)?;
+    let file: FileConfig = match cli.config.as_deref() {
+        Some(path) => mesh_service::load_config(path, true)?,
+        None => mesh_service::load_config(std::path::Path::new(default_config), false)?,
+    };
     let state_dir = cli
         .state_dir
         .or(file.state_dir.clone())
@@ -273,7 +236,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(a) => Some(a),
                 None => parse_metrics_listen(file.metrics_listen.as_deref())?,
             };
-            init_logging(file.log.as_deref().unwrap_or("info"));
+            mesh_service::init_logging(file.log.as_deref().unwrap_or("info"));
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async {
                 let relay = mesh_relay::server::Relay::bind(listen, secret, &controller)?;
@@ -349,7 +312,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(a) => Some(a),
                 None => parse_metrics_listen(file.metrics_listen.as_deref())?,
             };
-            init_logging(file.log.as_deref().unwrap_or("info"));
+            mesh_service::init_logging(file.log.as_deref().unwrap_or("info"));
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(mesh_controller::server::serve(
                 state,

@@ -3,7 +3,6 @@
 //! Every command-line flag has a key here. A flag given on the command line wins over the file,
 //! and the file wins over the built-in default.
 
-use anyhow::Context as _;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -50,31 +49,7 @@ pub struct FileConfig {
 impl FileConfig {
     /// Reads `path`. With `explicit` false, a missing file means "all defaults".
     pub fn load(path: &Path, explicit: bool) -> anyhow::Result<FileConfig> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
-                return Ok(FileConfig::default())
-            }
-            Err(e) => {
-                return Err(e).with_context(|| format!("cannot read config {}", path.display()))
-            }
-        };
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!(one_line(path, &text, &e)))
-    }
-}
-
-/// A TOML error as one line: file, line number, message.
-pub fn one_line(path: &Path, text: &str, e: &toml::de::Error) -> String {
-    let line = e
-        .span()
-        .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
-    match line {
-        Some(l) => format!(
-            "invalid config {} line {l}: {}",
-            path.display(),
-            e.message().trim()
-        ),
-        None => format!("invalid config {}: {}", path.display(), e.message().trim()),
+        mesh_service::load_config(path, explicit)
     }
 }
 

@@ -197,22 +197,6 @@ fn kubeadm_cmd(state: &StateDir, cmd: KubeadmCmd) -> anyhow::Result<()> {
     }
 }
 
-fn init_logging(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MESH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false);
-    // Under systemd, stderr goes to the journal, which stamps every line itself.
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
-        builder.without_time().init();
-    } else {
-        builder.init();
-    }
-}
-
 fn hostname() -> String {
     let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let clean: String = raw
@@ -406,7 +390,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             let opts = daemon_options(state, flags, &file)?;
-            init_logging(&log);
+            mesh_service::init_logging(&log);
             match runtime()?.block_on(daemon::join(
                 opts,
                 token,
@@ -426,7 +410,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Up { daemon: flags } => {
             let opts = daemon_options(state, flags, &file)?;
-            init_logging(&log);
+            mesh_service::init_logging(&log);
             runtime()?.block_on(daemon::up(opts))
         }
         Command::Kubeadm(cmd) => kubeadm_cmd(&state, cmd),

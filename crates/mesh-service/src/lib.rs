@@ -1,0 +1,56 @@
+//! What `mesh` and `mesh-controller` set up the same way.
+//!
+//! - [`init_logging`]: tracing to stderr, filtered by `MESH_LOG` (else the configured level),
+//!   colours only on a terminal, no timestamps under journald (which stamps every line).
+//! - [`load_config`]: a TOML configuration file whose every key is optional; errors are one
+//!   line naming the file and the line.
+
+use anyhow::Context as _;
+use serde::de::DeserializeOwned;
+use std::path::Path;
+
+/// Sets up logging; `default` is the filter when `MESH_LOG` is not set (e.g. "info").
+pub fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MESH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false);
+    // Under systemd, stderr goes to the journal, which stamps every line itself.
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Reads the configuration file at `path`. With `explicit` false (the default path, not one
+/// the user named), a missing file means "all defaults".
+pub fn load_config<T: DeserializeOwned + Default>(
+    path: &Path,
+    explicit: bool,
+) -> anyhow::Result<T> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => return Ok(T::default()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read config {}", path.display())),
+    };
+    toml::from_str(&text).map_err(|e| anyhow::anyhow!(one_line(path, &text, &e)))
+}
+
+/// A TOML error as one line: file, line number, message.
+fn one_line(path: &Path, text: &str, e: &toml::de::Error) -> String {
+    let line = e
+        .span()
+        .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+    match line {
+        Some(l) => format!(
+            "invalid config {} line {l}: {}",
+            path.display(),
+            e.message().trim()
+        ),
+        None => format!("invalid config {}: {}", path.display(), e.message().trim()),
+    }
+}
