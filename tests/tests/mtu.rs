@@ -26,6 +26,15 @@ fn tcp_transfer(
     sink.received() as usize
 }
 
+/// One ping with `payload` bytes of ICMP data and DF set, from `host` to `to`.
+fn df_ping(host: &mesh_e2e::Host, payload: usize, to: &str) -> mesh_e2e::Output {
+    let size = payload.to_string();
+    host.run(
+        "ping",
+        ["-M", "do", "-c", "1", "-W", "2", "-s", size.as_str(), to],
+    )
+}
+
 #[test]
 fn small_path_is_detected_reported_and_carried() {
     let mut lab = Lab::new("small-path").unwrap();
@@ -57,40 +66,12 @@ fn small_path_is_detected_reported_and_carried() {
 
     // A DF packet too large for the path fails at once with a clear local error instead of
     // being lost on the way.
-    let too_big = (mtu as usize + 100 - 28).to_string();
-    let out = a_host.run(
-        "ping",
-        [
-            "-M",
-            "do",
-            "-c",
-            "1",
-            "-W",
-            "2",
-            "-s",
-            too_big.as_str(),
-            b_ip.as_str(),
-        ],
-    );
+    let out = df_ping(&a_host, mtu as usize + 100 - 28, &b_ip);
     assert!(!out.success());
     let text = format!("{}{}", out.stdout, out.stderr);
     assert!(text.contains("mtu") || text.contains("too long"), "{text}");
     // What fits gets through.
-    let fits = (mtu as usize - 28).to_string();
-    let out = a_host.run(
-        "ping",
-        [
-            "-M",
-            "do",
-            "-c",
-            "1",
-            "-W",
-            "2",
-            "-s",
-            fits.as_str(),
-            b_ip.as_str(),
-        ],
-    );
+    let out = df_ping(&a_host, mtu as usize - 28, &b_ip);
     assert!(out.success(), "{out}");
 
     // Bulk TCP both ways completes (segments sized to the path, no stall).
