@@ -8,8 +8,16 @@
 //! `Instant`s the driver passes in. Handshake retransmission while data is waiting is driven by
 //! [`crate::Node`] on that injected clock (see `force_handshake`), so the simulation does not
 //! depend on wall time for a session to come up.
+//!
+//! boringtun's per-peer handshake rate limiter is sized out of the way ([`Session::new`]). It
+//! counts on the wall clock (10 per second by default), so in the simulation a burst of retries
+//! within one wall second refused handshakes depending on how fast the machine ran. When it
+//! trips it asks for a cookie round trip, which is impossible through the relay. And it protects
+//! nothing here: a handshake reaches a session only after [`address_of`] has done the DH that
+//! identifies a known peer's key, which is the expensive part.
 
 use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use mesh_proto::PublicKey;
 use std::net::IpAddr;
@@ -90,13 +98,15 @@ pub struct Session {
 impl Session {
     /// `index` is this side's 24-bit peer index; received packets carry it back.
     pub fn new(secret: StaticSecret, peer: PublicKey, keepalive: Option<u16>, index: u32) -> Self {
+        // A limiter that never reports load (see the module docs).
+        let limiter = std::sync::Arc::new(RateLimiter::new(&XPublic::from(&secret), u64::MAX));
         let tunn = Tunn::new(
             secret,
             XPublic::from(peer.0),
             None,
             keepalive,
             index & 0x00ff_ffff,
-            None,
+            Some(limiter),
         );
         Session { tunn }
     }
