@@ -38,6 +38,9 @@ enum Command {
         /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9102 [default: off].
         #[arg(long)]
         metrics_listen: Option<SocketAddr>,
+        /// Most QUIC connections open at once; more are refused and logged [default: 10000].
+        #[arg(long, value_name = "N")]
+        max_connections: Option<usize>,
     },
     /// Run a standalone relay (one region) in the foreground. Register it on the controller
     /// with `mesh-controller region add`.
@@ -55,6 +58,9 @@ enum Command {
         /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9103 [default: off].
         #[arg(long)]
         metrics_listen: Option<SocketAddr>,
+        /// Most QUIC connections open at once; more are refused and logged [default: 10000].
+        #[arg(long, value_name = "N")]
+        max_connections: Option<usize>,
     },
     /// Print the controller's public key (what a standalone relay needs).
     Key,
@@ -125,9 +131,9 @@ enum TokenCmd {
         /// Allow several nodes to join with it.
         #[arg(long)]
         reusable: bool,
-        /// Lifetime, e.g. 30m, 24h, 7d. Default: no expiry.
-        #[arg(long)]
-        expires: Option<String>,
+        /// Lifetime, e.g. 30m, 24h, 7d, or `never` for a token that does not expire.
+        #[arg(long, value_name = "DURATION", default_value = DEFAULT_TOKEN_LIFETIME)]
+        expires: String,
         /// Controller address written into the token (default: the address `serve` listens on).
         #[arg(long)]
         controller: Option<String>,
@@ -216,6 +222,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             controller_key,
             print_key,
             metrics_listen,
+            max_connections,
         } => {
             let secret = state.relay_key()?;
             if print_key {
@@ -239,7 +246,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             mesh_service::init_logging(file.log.as_deref().unwrap_or("info"));
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async {
-                let relay = mesh_relay::server::Relay::bind(listen, secret, &controller)?;
+                let relay = mesh_relay::server::Relay::bind_with(
+                    listen,
+                    secret,
+                    &controller,
+                    server_limits(max_connections)?,
+                )?;
                 if let Some(addr) = metrics_listen {
                     let listener = tokio::net::TcpListener::bind(addr)
                         .await
@@ -304,6 +316,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve {
             listen,
             metrics_listen,
+            max_connections,
         } => {
             let listen = listen
                 .or(file.listen)
@@ -314,10 +327,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             mesh_service::init_logging(file.log.as_deref().unwrap_or("info"));
             let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(mesh_controller::server::serve(
+            rt.block_on(mesh_controller::server::serve_with(
                 state,
                 listen,
                 metrics_listen,
+                server_limits(max_connections)?,
             ))
         }
         Command::Network(NetworkCmd::Create { name, cidr }) => {
@@ -358,15 +372,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 bail!("controller address too long");
             }
             let now = unix_now();
-            let expires_at = match expires {
-                Some(e) => Some(
-                    now + humantime::parse_duration(&e)
-                        .with_context(|| format!("invalid --expires {e:?}; use e.g. 30m, 24h, 7d"))?
-                        .as_secs()
-                        .max(1),
-                ),
-                None => None,
-            };
+            let expires_at = token_expiry(&expires, now)?;
             let mut rng = rand::rngs::OsRng;
             let mut id_bytes = [0u8; 4];
             rand::RngCore::fill_bytes(&mut rng, &mut id_bytes);
@@ -396,18 +402,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 out(&serde_json::to_string_pretty(&rows)?);
             } else {
                 out(&format!(
-                    "{:<10} {:<16} {:<9} {:<22} {:<8} {:>5}",
+                    "{:<10} {:<16} {:<9} {:<32} {:<8} {:>5}",
                     "ID", "NETWORK", "REUSABLE", "EXPIRES", "REVOKED", "USES"
                 ));
+                // Same fixed-width RFC 3339 form as the rows, so the strings compare as times.
+                let now = rfc3339(unix_now());
                 for r in rows {
+                    let expires = match r.expires_at.as_deref() {
+                        None => "never".to_owned(),
+                        Some(e) if e <= now.as_str() => format!("{e} (expired)"),
+                        Some(e) => e.to_owned(),
+                    };
                     out(&format!(
-                        "{:<10} {:<16} {:<9} {:<22} {:<8} {:>5}",
-                        r.id,
-                        r.network,
-                        r.reusable,
-                        r.expires_at.as_deref().unwrap_or("never"),
-                        r.revoked,
-                        r.uses
+                        "{:<10} {:<16} {:<9} {:<32} {:<8} {:>5}",
+                        r.id, r.network, r.reusable, expires, r.revoked, r.uses
                     ));
                 }
             }
@@ -452,6 +460,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// How long a join token lives unless `token create --expires` says otherwise.
+const DEFAULT_TOKEN_LIFETIME: &str = "24h";
+
+/// `--expires`: a lifetime from `now` (unix seconds), or `never`.
+fn token_expiry(expires: &str, now: u64) -> anyhow::Result<Option<u64>> {
+    if expires.trim().eq_ignore_ascii_case("never") {
+        return Ok(None);
+    }
+    let lifetime = humantime::parse_duration(expires.trim()).with_context(|| {
+        format!("invalid --expires {expires:?}; use e.g. 30m, 24h, 7d, or never")
+    })?;
+    Ok(Some(now + lifetime.as_secs().max(1)))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -460,5 +482,39 @@ fn main() -> ExitCode {
             eprintln!("mesh-controller: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `--max-connections`, over the library's defaults.
+fn server_limits(
+    max_connections: Option<usize>,
+) -> anyhow::Result<mesh_control::quic::ServerLimits> {
+    let mut limits = mesh_control::quic::ServerLimits::default();
+    if let Some(n) = max_connections {
+        if n == 0 {
+            bail!("--max-connections 0 would refuse every node; use at least 1");
+        }
+        limits.max_connections = n;
+    }
+    Ok(limits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_expire_after_24_hours_unless_told_otherwise() {
+        let now = 1_800_000_000;
+        let cli = Cli::parse_from(["mesh-controller", "token", "create", "prod"]);
+        let Command::Token(TokenCmd::Create { expires, .. }) = cli.command else {
+            panic!("not token create");
+        };
+        assert_eq!(token_expiry(&expires, now).unwrap(), Some(now + 24 * 3600));
+        assert_eq!(token_expiry("30m", now).unwrap(), Some(now + 1800));
+        assert_eq!(token_expiry("never", now).unwrap(), None);
+        assert_eq!(token_expiry("Never", now).unwrap(), None);
+        let err = token_expiry("soon", now).unwrap_err();
+        assert!(err.to_string().contains("never"), "{err}");
     }
 }

@@ -2,8 +2,10 @@
 //! and how many are online, and what a relay (the controller's own, or a standalone one)
 //! forwards.
 
+use crate::server::Stats;
 use crate::state::unix_now;
 use crate::store::Store;
+use mesh_control::quic::Gate;
 use mesh_relay::Forwarder;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -76,15 +78,104 @@ pub fn render_relay(relay: &Forwarder) -> String {
         "Relay frames dropped: malformed, destination offline or in another network, or its queue full",
         counter(c.dropped),
     );
+    reg.register(
+        "replaced_connections",
+        "Connections closed because the same node connected again",
+        counter(c.replaced),
+    );
+    reg.register(
+        "revoked_connections",
+        "Connections closed because the node was removed from its network",
+        counter(c.revoked),
+    );
     let mut out = String::new();
     let _ = encode(&mut out, &reg);
     out
 }
 
-type ScrapeState = (Option<Arc<Mutex<Store>>>, Arc<Forwarder>);
+/// Renders the control plane's counters: connections, heartbeats, refused candidates.
+pub fn render_control(stats: &Stats, gate: &Gate) -> String {
+    let mut reg = Registry::with_prefix("mesh_controller");
+    let g = gate.counters();
+    let gauge = |v: usize| {
+        let m = Gauge::<i64>::default();
+        m.set(v as i64);
+        m
+    };
+    let counter = |v: u64| {
+        let m = Counter::<u64>::default();
+        m.inc_by(v);
+        m
+    };
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    reg.register(
+        "connections",
+        "QUIC connections open, handshakes included",
+        gauge(g.connections),
+    );
+    reg.register(
+        "handshakes",
+        "Connections not yet admitted",
+        gauge(g.handshakes),
+    );
+    reg.register(
+        "refused_connections",
+        "Connection attempts refused at the connection limit",
+        counter(g.refused),
+    );
+    reg.register(
+        "retried_connections",
+        "Connection attempts asked to validate their address (QUIC Retry)",
+        counter(g.retried),
+    );
+    reg.register(
+        "heartbeats",
+        "Heartbeats accepted",
+        counter(load(&stats.heartbeats)),
+    );
+    reg.register(
+        "heartbeats_dropped",
+        "Heartbeats over the per-node rate limit, dropped",
+        counter(load(&stats.heartbeats_dropped)),
+    );
+    reg.register(
+        "heartbeat_writes",
+        "Database writes for heartbeats",
+        counter(load(&stats.heartbeat_writes)),
+    );
+    reg.register(
+        "candidates_refused",
+        "Reported endpoints refused (overlay, loopback, unspecified, multicast, broadcast, port 0)",
+        counter(load(&stats.candidates_refused)),
+    );
+    reg.register(
+        "replaced_connections",
+        "Connections closed because the same node key connected again",
+        counter(load(&stats.replaced)),
+    );
+    reg.register(
+        "deltas_pushed",
+        "Peer-list deltas pushed to nodes",
+        counter(load(&stats.deltas_pushed)),
+    );
+    let mut out = String::new();
+    let _ = encode(&mut out, &reg);
+    out
+}
+
+#[derive(Clone)]
+struct ScrapeState {
+    store: Option<Arc<Mutex<Store>>>,
+    relay: Arc<Forwarder>,
+    control: Option<(Arc<Stats>, Arc<Gate>)>,
+}
 
 async fn scrape(
-    axum::extract::State((store, relay)): axum::extract::State<ScrapeState>,
+    axum::extract::State(ScrapeState {
+        store,
+        relay,
+        control,
+    }): axum::extract::State<ScrapeState>,
 ) -> (axum::http::StatusCode, String) {
     let text = match store {
         Some(store) => {
@@ -98,6 +189,13 @@ async fn scrape(
             // Each render ends with "# EOF"; one exposition has one.
             if let Some(cut) = t.rfind("# EOF") {
                 t.truncate(cut);
+            }
+            if let Some((stats, gate)) = &control {
+                let mut c = render_control(stats, gate);
+                if let Some(cut) = c.rfind("# EOF") {
+                    c.truncate(cut);
+                }
+                t.push_str(&c);
             }
             t.push_str(&render_relay(&relay));
             (axum::http::StatusCode::OK, t)
@@ -115,10 +213,24 @@ pub async fn serve(
     store: Option<Store>,
     relay: Arc<Forwarder>,
 ) -> anyhow::Result<()> {
+    serve_with(addr, store, relay, None).await
+}
+
+/// [`serve`], plus the control plane's counters.
+pub async fn serve_with(
+    addr: SocketAddr,
+    store: Option<Store>,
+    relay: Arc<Forwarder>,
+    control: Option<(Arc<Stats>, Arc<Gate>)>,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
-    let state: ScrapeState = (store.map(|s| Arc::new(Mutex::new(s))), relay);
+    let state = ScrapeState {
+        store: store.map(|s| Arc::new(Mutex::new(s))),
+        relay,
+        control,
+    };
     let app = axum::Router::new()
         .route("/metrics", axum::routing::get(scrape))
         .with_state(state);
@@ -140,10 +252,24 @@ mod tests {
             .unwrap();
         s.create_token("prod", "t", b"s", true, None, t0).unwrap();
         let a = s
-            .join("t", b"s", &mesh_proto::PublicKey([1; 32]), "a", &[], t0)
+            .join(
+                "t",
+                b"s",
+                &mesh_proto::PublicKey([1; 32]),
+                "a",
+                crate::store::Candidates::default(),
+                t0,
+            )
             .unwrap();
-        s.join("t", b"s", &mesh_proto::PublicKey([2; 32]), "b", &[], t0)
-            .unwrap();
+        s.join(
+            "t",
+            b"s",
+            &mesh_proto::PublicKey([2; 32]),
+            "b",
+            crate::store::Candidates::default(),
+            t0,
+        )
+        .unwrap();
         s.disconnected(a.network_id, &mesh_proto::PublicKey([1; 32]), t0)
             .unwrap();
         let text = render(&s, t0).unwrap();

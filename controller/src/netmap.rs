@@ -1,17 +1,112 @@
 //! What each connected node should be told when the peer list changes (pure functions).
+//!
+//! **Candidates.** Peers probe every endpoint they are given, and birthday punching sprays the
+//! IP of a public one, so the controller must not let a member aim the network at a third
+//! party. It hands out, for a peer P:
+//! - P's observed address (where P's control connection comes from), first;
+//! - P's reported candidates with the observed IP (other ports of the same public address,
+//!   such as the mappings standalone relays observed);
+//! - P's other reported candidates (LAN addresses) only to viewers whose own observed IP equals
+//!   P's: nodes behind the same NAT, for which the LAN path is the direct one.
+//!
+//! Reported candidates in the network's overlay range, loopback, unspecified, multicast or
+//! broadcast addresses, and port 0 are refused when reported ([`filter_reported`]).
 
-use mesh_proto::control::{PeerInfo, ServerMsg};
+use mesh_proto::control::{PeerInfo, ServerMsg, MAX_ENDPOINTS};
 use mesh_proto::PublicKey;
 use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 /// A peer list keyed by node key.
 pub type PeerMap = BTreeMap<PublicKey, PeerInfo>;
 
-/// The list a node sees: every member except itself.
+/// Whether a reported candidate may be handed to peers at all. `overlay` is the network's
+/// range as (network address, prefix length).
+pub fn acceptable_candidate(addr: &SocketAddr, overlay: (Ipv4Addr, u8)) -> bool {
+    if addr.port() == 0 {
+        return false;
+    }
+    match addr.ip() {
+        IpAddr::V4(ip) => {
+            let (net, len) = overlay;
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(len.min(32)))
+                .unwrap_or(0);
+            let in_overlay = len > 0 && (u32::from(ip) & mask) == (u32::from(net) & mask);
+            !(in_overlay
+                || ip.is_loopback()
+                || ip.is_unspecified()
+                || ip.is_multicast()
+                || ip.is_broadcast())
+        }
+        IpAddr::V6(ip) => {
+            if let Some(v4) = ip.to_ipv4_mapped() {
+                return acceptable_candidate(&SocketAddr::from((v4, addr.port())), overlay);
+            }
+            !(ip.is_loopback() || ip.is_unspecified() || ip.is_multicast())
+        }
+    }
+}
+
+/// The observed address of a node's connection as a candidate, unless it lies in the overlay
+/// range (the node's control traffic went through the tunnel itself), is unspecified, or has
+/// port 0. A loopback address stays: it is a real observation (everything on one host).
+pub fn usable_observed(observed: SocketAddr, overlay: (Ipv4Addr, u8)) -> Option<SocketAddr> {
+    let loopback = observed.ip().is_loopback()
+        || matches!(observed.ip(), IpAddr::V6(ip) if ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()));
+    (loopback || acceptable_candidate(&observed, overlay)).then_some(observed)
+}
+
+/// The reported candidates that may be stored: acceptable ones, without duplicates of the
+/// observed address, at most `MAX_ENDPOINTS - 1`. Returns them and how many were refused.
+pub fn filter_reported(
+    reported: &[SocketAddr],
+    observed: Option<SocketAddr>,
+    overlay: (Ipv4Addr, u8),
+) -> (Vec<SocketAddr>, usize) {
+    let mut out: Vec<SocketAddr> = Vec::new();
+    let mut refused = 0;
+    for e in reported {
+        if !acceptable_candidate(e, overlay) {
+            refused += 1;
+        } else if Some(*e) != observed && !out.contains(e) && out.len() < MAX_ENDPOINTS - 1 {
+            out.push(*e);
+        }
+    }
+    (out, refused)
+}
+
+/// The endpoints of `peer` that a viewer whose connection comes from `viewer_observed` may
+/// probe (the rule in the module docs), observed first.
+pub fn endpoints_for(peer: &PeerInfo, viewer_observed: Option<SocketAddr>) -> Vec<SocketAddr> {
+    let Some(observed) = peer.observed else {
+        // Never seen connected: nothing anybody saw, so nothing to probe.
+        return Vec::new();
+    };
+    let same_nat = viewer_observed.is_some_and(|v| v.ip() == observed.ip());
+    let mut out = vec![observed];
+    for e in &peer.endpoints {
+        if out.len() >= MAX_ENDPOINTS {
+            break;
+        }
+        if !out.contains(e) && (e.ip() == observed.ip() || same_nat) {
+            out.push(*e);
+        }
+    }
+    out
+}
+
+/// The list a node sees: every member except itself, each with the endpoints this node may
+/// probe. `all` holds reported endpoints and observed addresses as stored.
 pub fn view_for(all: &[PeerInfo], me: &PublicKey) -> PeerMap {
+    let my_observed = all.iter().find(|p| p.key == *me).and_then(|p| p.observed);
     all.iter()
         .filter(|p| p.key != *me)
-        .map(|p| (p.key, p.clone()))
+        .map(|p| {
+            let mut seen = p.clone();
+            seen.endpoints = endpoints_for(p, my_observed);
+            (p.key, seen)
+        })
         .collect()
 }
 
@@ -46,7 +141,101 @@ mod tests {
             address: Ipv4Addr::new(100, 64, 0, n),
             endpoints: vec![([192, 0, 2, n], port).into()],
             relay: None,
+            observed: Some(([192, 0, 2, n], port).into()),
         }
+    }
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    const OVERLAY: (Ipv4Addr, u8) = (Ipv4Addr::new(100, 64, 0, 0), 10);
+
+    #[test]
+    fn refuses_candidates_that_cannot_be_a_peer_endpoint() {
+        for bad in [
+            "100.64.0.7:51820",    // inside the overlay
+            "100.127.255.1:51820", // still inside 100.64/10
+            "127.0.0.1:51820",
+            "0.0.0.0:51820",
+            "224.0.0.1:51820",
+            "255.255.255.255:51820",
+            "192.0.2.1:0",
+            "[::1]:51820",
+            "[::]:51820",
+            "[ff02::1]:51820",
+            "[::ffff:127.0.0.1]:51820",
+        ] {
+            assert!(!acceptable_candidate(&sa(bad), OVERLAY), "{bad}");
+        }
+        for good in [
+            "192.0.2.1:51820",
+            "198.51.100.4:1",
+            "100.128.0.1:5",
+            "[2001:db8::1]:51820",
+        ] {
+            assert!(acceptable_candidate(&sa(good), OVERLAY), "{good}");
+        }
+        let observed = Some(sa("203.0.113.5:40000"));
+        let (kept, refused) = filter_reported(
+            &[
+                sa("100.64.0.9:51820"),
+                sa("203.0.113.5:40000"),
+                sa("198.51.100.4:51820"),
+                sa("198.51.100.4:51820"),
+                sa("127.0.0.1:1"),
+            ],
+            observed,
+            OVERLAY,
+        );
+        assert_eq!(kept, vec![sa("198.51.100.4:51820")]);
+        assert_eq!(refused, 2);
+    }
+
+    #[test]
+    fn observed_addresses_in_the_overlay_are_not_candidates() {
+        assert_eq!(usable_observed(sa("100.64.0.3:51820"), OVERLAY), None);
+        assert_eq!(usable_observed(sa("0.0.0.0:1"), OVERLAY), None);
+        for ok in ["127.0.0.1:4000", "203.0.113.5:40000"] {
+            assert_eq!(usable_observed(sa(ok), OVERLAY), Some(sa(ok)));
+        }
+    }
+
+    #[test]
+    fn lan_candidates_only_to_viewers_behind_the_same_public_address() {
+        let mut peer = p(2, 40000);
+        peer.observed = Some(sa("203.0.113.5:40000"));
+        // Another port of the observed IP (a relay's observation) and a LAN address.
+        peer.endpoints = vec![sa("203.0.113.5:40001"), sa("198.51.100.4:51820")];
+        // A viewer elsewhere: public candidates only, observed first.
+        assert_eq!(
+            endpoints_for(&peer, Some(sa("192.0.2.9:51820"))),
+            vec![sa("203.0.113.5:40000"), sa("203.0.113.5:40001")]
+        );
+        // A viewer behind the same NAT also gets the LAN address.
+        assert_eq!(
+            endpoints_for(&peer, Some(sa("203.0.113.5:12345"))),
+            vec![
+                sa("203.0.113.5:40000"),
+                sa("203.0.113.5:40001"),
+                sa("198.51.100.4:51820")
+            ]
+        );
+        // A viewer whose address is unknown gets nothing private.
+        assert_eq!(endpoints_for(&peer, None).len(), 2);
+        // A member cannot aim the network at a third party: a reported address with another
+        // IP than its own public one reaches nobody outside its NAT.
+        let mut liar = p(3, 1);
+        liar.observed = Some(sa("203.0.113.77:5000"));
+        liar.endpoints = vec![sa("192.0.2.200:443")];
+        let all = [p(1, 1), liar.clone()];
+        let view = view_for(&all, &PublicKey([1; 32]));
+        assert_eq!(view[&liar.key].endpoints, vec![sa("203.0.113.77:5000")]);
+        // A peer never observed offers nothing to probe.
+        let mut unseen = p(4, 1);
+        unseen.observed = None;
+        unseen.endpoints = vec![sa("192.0.2.44:51820")];
+        assert!(endpoints_for(&unseen, Some(sa("192.0.2.44:1"))).is_empty());
     }
 
     #[test]

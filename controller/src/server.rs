@@ -1,21 +1,35 @@
 //! The tokio/quinn driver: accepts node connections, runs the Noise channel, applies join/hello
 //! to the store, and pushes peer-list deltas through the hub.
+//!
+//! Limits that keep one node (or a stranger) from costing the controller much:
+//! - QUIC: the transport limits and connection cap of [`mesh_control::quic`]; at most
+//!   [`mesh_control::channel::MAX_UNADMITTED_LEN`] bytes per message before admission.
+//! - One connection per node key: a node that connects again replaces its older connection,
+//!   which is closed ([`quic::CLOSE_REPLACED`]).
+//! - Heartbeats: a burst of [`HEARTBEAT_BURST`], then one per second ([`HeartbeatLimiter`]);
+//!   more are dropped and counted, and a flood closes the connection. The database is written
+//!   only when what the node reports changed, or every [`LAST_SEEN_EVERY`] for `last_seen`.
+//!   Peers get a delta only when their view changed.
 
 use crate::netmap::{self, PeerMap};
 use crate::state::{unix_now, StateDir};
-use crate::store::{Admission, RelayRow, StoreError};
+use crate::store::{Admission, Candidates, NodeReport, RelayRow, StoreError};
 use anyhow::Context as _;
+use mesh_control::quic::{Gate, ServerLimits, Slot};
 use mesh_control::{channel, quic};
 use mesh_proto::control::{
-    decode_client, ClientMsg, ErrorCode, RelayInfo, ServerMsg, MAX_ENDPOINTS,
+    decode_client, ClientMsg, ErrorCode, RelayInfo, Revocation, ServerMsg, MAX_MESSAGE_LEN,
+    MAX_REVOCATIONS,
 };
 use mesh_proto::PublicKey;
+use mesh_relay::forward::CLOSE_REVOKED;
 use mesh_relay::{Forwarder, TicketKey};
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn, Instrument};
 
@@ -32,6 +46,103 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const TICKET_LIFETIME: Duration = Duration::from_secs(12 * 3600);
 /// Tickets are renewed when they are this old.
 const TICKET_RENEW: Duration = Duration::from_secs(6 * 3600);
+/// Added to a revocation's expiry: a ticket made while the removal was being noticed (a
+/// welcome or a push already under way) expires a little after the removal plus the lifetime.
+const REVOCATION_MARGIN: u64 = 5;
+
+/// Heartbeats a node may send back to back (it sends one every 10 s, plus one when its home
+/// relay changes).
+pub const HEARTBEAT_BURST: f64 = 5.0;
+/// Heartbeats per second a node may keep sending after the burst.
+pub const HEARTBEAT_RATE: f64 = 1.0;
+/// Dropped heartbeats within one minute that close the connection as abusive.
+pub const HEARTBEAT_ABUSE: u32 = 3000;
+/// `last_seen` is written at least this often while nothing else changes (the online window
+/// is 30 s and heartbeats come every 10 s).
+pub const LAST_SEEN_EVERY: Duration = Duration::from_secs(15);
+
+/// Counters of the control plane since start.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Heartbeats accepted.
+    pub heartbeats: AtomicU64,
+    /// Heartbeats over the rate limit, dropped.
+    pub heartbeats_dropped: AtomicU64,
+    /// Database writes for heartbeats.
+    pub heartbeat_writes: AtomicU64,
+    /// Reported endpoint candidates refused (overlay, loopback, unspecified, multicast,
+    /// broadcast, port 0).
+    pub candidates_refused: AtomicU64,
+    /// Connections closed because the same node key connected again.
+    pub replaced: AtomicU64,
+    /// Peer-list deltas pushed.
+    pub deltas_pushed: AtomicU64,
+}
+
+impl Stats {
+    fn inc(c: &AtomicU64, by: u64) {
+        c.fetch_add(by, Ordering::Relaxed);
+    }
+}
+
+/// Per session: admits a burst of heartbeats, then [`HEARTBEAT_RATE`] per second.
+#[derive(Debug, Clone)]
+pub struct HeartbeatLimiter {
+    tokens: f64,
+    last: Instant,
+    window_start: Instant,
+    dropped_in_window: u32,
+}
+
+/// What to do with one heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Handle it.
+    Accept,
+    /// Over the rate: drop and count it.
+    Drop,
+    /// A flood: close the connection.
+    Abuse,
+}
+
+impl HeartbeatLimiter {
+    /// A full bucket at `now`.
+    pub fn new(now: Instant) -> Self {
+        HeartbeatLimiter {
+            tokens: HEARTBEAT_BURST,
+            last: now,
+            window_start: now,
+            dropped_in_window: 0,
+        }
+    }
+
+    /// Judges a heartbeat that arrived at `now`.
+    pub fn check(&mut self, now: Instant) -> Verdict {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * HEARTBEAT_RATE).min(HEARTBEAT_BURST);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return Verdict::Accept;
+        }
+        if now.saturating_duration_since(self.window_start) >= Duration::from_secs(60) {
+            self.window_start = now;
+            self.dropped_in_window = 0;
+        }
+        self.dropped_in_window += 1;
+        if self.dropped_in_window > HEARTBEAT_ABUSE {
+            Verdict::Abuse
+        } else {
+            Verdict::Drop
+        }
+    }
+}
+
+/// The connection currently serving a node key.
+struct Current {
+    id: u64,
+    conn: quinn::Connection,
+}
 
 struct Ctx {
     secret: [u8; 32],
@@ -40,6 +151,9 @@ struct Ctx {
     store: Mutex<crate::store::Store>,
     hub: mpsc::UnboundedSender<HubCmd>,
     next_id: AtomicU64,
+    /// One connection per node key.
+    current: Mutex<HashMap<(i64, PublicKey), Current>>,
+    stats: Arc<Stats>,
 }
 
 enum HubCmd {
@@ -51,66 +165,152 @@ enum HubCmd {
         tx: mpsc::Sender<ServerMsg>,
         sent: PeerMap,
         relays: Vec<RelayRow>,
+        revoked: Vec<(PublicKey, u64)>,
     },
     Unregister {
         id: u64,
     },
 }
 
-/// Runs the controller until SIGINT/SIGTERM.
+/// A bound controller, ready to run.
+pub struct Controller {
+    endpoint: quinn::Endpoint,
+    ctx: Arc<Ctx>,
+    gate: Arc<Gate>,
+}
+
+impl Controller {
+    /// Opens the state directory's database and binds `listen`. Must be called inside a tokio
+    /// runtime (it starts the hub).
+    pub fn bind(
+        state: &StateDir,
+        listen: SocketAddr,
+        limits: ServerLimits,
+    ) -> anyhow::Result<Controller> {
+        let secret = state.controller_key()?;
+        let store = state.open_store()?;
+        store.reset_connections()?;
+        let endpoint = quic::bind_server(listen, &secret)?;
+        let (hub_tx, hub_rx) = mpsc::unbounded_channel();
+        let hub_store = state.open_store()?;
+        let forwarder = Forwarder::new();
+        let stats = Arc::new(Stats::default());
+        tokio::spawn(run_hub(
+            hub_store,
+            hub_rx,
+            secret,
+            forwarder.clone(),
+            stats.clone(),
+        ));
+        let ctx = Arc::new(Ctx {
+            secret,
+            forwarder,
+            store: Mutex::new(store),
+            hub: hub_tx,
+            next_id: AtomicU64::new(1),
+            current: Mutex::new(HashMap::new()),
+            stats,
+        });
+        Ok(Controller {
+            endpoint,
+            ctx,
+            gate: Gate::new(limits),
+        })
+    }
+
+    /// The address bound.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// The embedded relay's table.
+    pub fn forwarder(&self) -> Arc<Forwarder> {
+        self.ctx.forwarder.clone()
+    }
+
+    /// Control-plane counters.
+    pub fn stats(&self) -> Arc<Stats> {
+        self.ctx.stats.clone()
+    }
+
+    /// Connection counters.
+    pub fn gate(&self) -> Arc<Gate> {
+        self.gate.clone()
+    }
+
+    /// Rows the serving connection changed in the database since start.
+    pub fn store_changes(&self) -> u64 {
+        lock(&self.ctx).total_changes()
+    }
+
+    /// Serves until `shutdown` completes.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                incoming = self.endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    let remote = incoming.remote_address();
+                    let Some((incoming, slot)) = self.gate.admit(incoming) else { continue };
+                    let ctx = self.ctx.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = handle(incoming, slot, ctx).await {
+                            debug!(%remote, error = %format!("{e:#}"), "connection ended");
+                        }
+                    }.instrument(tracing::info_span!("node", %remote)));
+                }
+                _ = &mut shutdown => break,
+            }
+        }
+        info!("shutting down");
+        self.endpoint
+            .close(0u32.into(), b"controller shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Runs the controller until SIGINT/SIGTERM, with the default connection limits.
 pub async fn serve(
     state: StateDir,
     listen: SocketAddr,
     metrics_listen: Option<SocketAddr>,
 ) -> anyhow::Result<()> {
-    let secret = state.controller_key()?;
-    let store = state.open_store()?;
-    store.reset_connections()?;
-    let endpoint = quic::bind_server(listen, &secret)?;
+    serve_with(state, listen, metrics_listen, ServerLimits::default()).await
+}
+
+/// [`serve`] with explicit connection limits.
+pub async fn serve_with(
+    state: StateDir,
+    listen: SocketAddr,
+    metrics_listen: Option<SocketAddr>,
+    limits: ServerLimits,
+) -> anyhow::Result<()> {
+    let controller = Controller::bind(&state, listen, limits)?;
     state.write_listen_addr(listen)?;
-    let (hub_tx, hub_rx) = mpsc::unbounded_channel();
-    let hub_store = state.open_store()?;
-    tokio::spawn(run_hub(hub_store, hub_rx, secret));
-    let forwarder = Forwarder::new();
-    let ctx = Arc::new(Ctx {
-        secret,
-        forwarder: forwarder.clone(),
-        store: Mutex::new(store),
-        hub: hub_tx,
-        next_id: AtomicU64::new(1),
-    });
     if let Some(addr) = metrics_listen {
         std::net::TcpListener::bind(addr)
             .with_context(|| format!("cannot serve metrics on {addr}"))?;
         let store = state.open_store()?;
+        let forwarder = controller.forwarder();
+        let control = Some((controller.stats(), controller.gate()));
         info!(%addr, "serving Prometheus metrics at /metrics");
         tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve(addr, Some(store), forwarder).await {
+            if let Err(e) = crate::metrics::serve_with(addr, Some(store), forwarder, control).await
+            {
                 warn!(error = %format!("{e:#}"), "metrics endpoint stopped");
             }
         });
     }
-    info!(%listen, key = %state.controller_public()?, "controller listening");
+    info!(%listen, key = %state.controller_public()?, max_connections = limits.max_connections, "controller listening");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    loop {
-        tokio::select! {
-            incoming = endpoint.accept() => {
-                let Some(incoming) = incoming else { break };
-                let ctx = ctx.clone();
-                let remote = incoming.remote_address();
-                tokio::spawn(async move {
-                    if let Err(e) = handle(incoming, ctx).await {
-                        debug!(%remote, error = %format!("{e:#}"), "connection ended");
-                    }
-                }.instrument(tracing::info_span!("node", %remote)));
+    controller
+        .run(async move {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
             }
-            _ = tokio::signal::ctrl_c() => break,
-            _ = term.recv() => break,
-        }
-    }
-    info!("shutting down");
-    endpoint.close(0u32.into(), b"controller shutting down");
-    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        })
+        .await;
     Ok(())
 }
 
@@ -119,33 +319,59 @@ fn lock(ctx: &Ctx) -> std::sync::MutexGuard<'_, crate::store::Store> {
     ctx.store.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Observed address first, then what the node reported, without duplicates.
-fn merge_endpoints(observed: SocketAddr, reported: &[SocketAddr]) -> Vec<SocketAddr> {
-    let mut out = vec![observed];
-    for e in reported {
-        if !out.contains(e) && out.len() < MAX_ENDPOINTS {
-            out.push(*e);
-        }
-    }
-    out
+fn current(ctx: &Ctx) -> std::sync::MutexGuard<'_, HashMap<(i64, PublicKey), Current>> {
+    ctx.current.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The standalone relays with a ticket for `key` in `network` at each.
+/// Revocation cut-offs for the nodes of a network removed within a ticket lifetime: (key,
+/// latest expiry of a ticket issued before the removal), newest first.
+fn revoked_in(
+    store: &crate::store::Store,
+    network_id: i64,
+    now: u64,
+) -> Result<Vec<(PublicKey, u64)>, StoreError> {
+    let lifetime = TICKET_LIFETIME.as_secs() + REVOCATION_MARGIN;
+    Ok(store
+        .removed_since(network_id, now.saturating_sub(lifetime), MAX_REVOCATIONS)?
+        .into_iter()
+        .map(|(key, at)| (key, at + lifetime))
+        .collect())
+}
+
+/// The standalone relays with a ticket for `key` in `network` at each, and the network's
+/// revocations made for each relay.
 fn relay_infos(
     secret: &[u8; 32],
     relays: &[RelayRow],
     network: &str,
     key: &PublicKey,
+    revoked: &[(PublicKey, u64)],
 ) -> Vec<RelayInfo> {
     let expires = unix_now() + TICKET_LIFETIME.as_secs();
     relays
         .iter()
-        .map(|r| RelayInfo {
-            name: r.name.clone(),
-            addr: r.addr.clone(),
-            key: r.key,
-            ticket: TicketKey::new(secret, &r.key).issue(network, key, expires),
+        .map(|r| {
+            let tickets = TicketKey::new(secret, &r.key);
+            RelayInfo {
+                name: r.name.clone(),
+                addr: r.addr.clone(),
+                key: r.key,
+                ticket: tickets.issue(network, key, expires),
+                revoked: revocations_for(&tickets, network, revoked),
+            }
         })
+        .collect()
+}
+
+fn revocations_for(
+    tickets: &TicketKey,
+    network: &str,
+    revoked: &[(PublicKey, u64)],
+) -> Vec<Revocation> {
+    revoked
+        .iter()
+        .take(MAX_REVOCATIONS)
+        .map(|(k, cutoff)| tickets.revoke(network, k, *cutoff))
         .collect()
 }
 
@@ -162,27 +388,22 @@ async fn refuse(
     let _ = tokio::time::timeout(Duration::from_secs(3), conn.closed()).await;
 }
 
-async fn handle(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> anyhow::Result<()> {
+async fn handle(incoming: quinn::Incoming, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()> {
     let conn = incoming.await?;
-    let (mut tx, mut rx, key) =
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, channel::accept(&conn, &ctx.secret)).await??;
-    let (in_tx, mut in_rx) = mpsc::channel::<Result<ClientMsg, String>>(16);
-    tokio::spawn(async move {
-        loop {
-            let msg = match rx.recv().await {
-                Ok(bytes) => decode_client(&bytes).map_err(|e| e.to_string()),
-                Err(_) => break,
-            };
-            let bad = msg.is_err();
-            if in_tx.send(msg).await.is_err() || bad {
-                break;
-            }
-        }
-    });
-    let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, in_rx.recv()).await?;
+    // Everything before admission is bounded in time and size (the channel reads at most
+    // MAX_UNADMITTED_LEN bytes per message until the limit is raised below).
+    let (mut tx, mut rx, key, first) = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        let (tx, mut rx, key) = channel::accept(&conn, &ctx.secret).await?;
+        let first = rx.recv().await.map(|b| decode_client(&b));
+        anyhow::Ok((tx, rx, key, first))
+    })
+    .await
+    .context("handshake timed out")??;
+    let observed = conn.remote_address();
     let now = unix_now();
+    let mut home = None;
     let result: Result<Admission, StoreError> = match first {
-        Some(Ok(ClientMsg::Join {
+        Ok(Ok(ClientMsg::Join {
             token_id,
             token_secret,
             name,
@@ -193,7 +414,10 @@ async fn handle(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> anyhow::Result<()> 
                 &secret,
                 &key,
                 &name,
-                &merge_endpoints(conn.remote_address(), &endpoints),
+                Candidates {
+                    reported: &endpoints,
+                    observed: Some(observed),
+                },
                 now,
             ),
             None => Err(StoreError::Refused {
@@ -201,17 +425,21 @@ async fn handle(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> anyhow::Result<()> 
                 message: "join token secret is not hex".into(),
             }),
         },
-        Some(Ok(ClientMsg::Hello {
+        Ok(Ok(ClientMsg::Hello {
             network,
             endpoints,
             home_relay,
         })) => {
             let mut store = lock(&ctx);
+            home = home_relay.clone();
             store
                 .hello(
                     &network,
                     &key,
-                    &merge_endpoints(conn.remote_address(), &endpoints),
+                    Candidates {
+                        reported: &endpoints,
+                        observed: Some(observed),
+                    },
                     now,
                 )
                 .and_then(|adm| {
@@ -219,15 +447,16 @@ async fn handle(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> anyhow::Result<()> 
                     Ok(adm)
                 })
         }
-        Some(Ok(_)) => Err(StoreError::Refused {
+        Ok(Ok(_)) => Err(StoreError::Refused {
             code: ErrorCode::BadRequest,
             message: "the first message must be join or hello".into(),
         }),
-        Some(Err(e)) => Err(StoreError::Refused {
+        Ok(Err(e)) => Err(StoreError::Refused {
             code: ErrorCode::BadRequest,
             message: format!("malformed message: {e}"),
         }),
-        None => return Ok(()),
+        Err(channel::ChannelError::Closed) => return Ok(()),
+        Err(e) => return Err(e.into()),
     };
     let adm = match result {
         Ok(a) => a,
@@ -247,10 +476,37 @@ async fn handle(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> anyhow::Result<()> 
             return Err(e.into());
         }
     };
-    info!(node = %adm.name, %key, address = %adm.address, network = %adm.network, "node connected");
-    let (peers, relays) = {
+    slot.established();
+    rx.set_limit(MAX_MESSAGE_LEN);
+    if adm.refused > 0 {
+        Stats::inc(&ctx.stats.candidates_refused, adm.refused as u64);
+        debug!(refused = adm.refused, "reported candidates refused (overlay, loopback, unspecified, multicast, broadcast or port 0)");
+    }
+    let id = ctx.next_id.fetch_add(1, Ordering::Relaxed);
+    // One connection per node key: this one replaces an older one.
+    let older = current(&ctx).insert(
+        (adm.network_id, key),
+        Current {
+            id,
+            conn: conn.clone(),
+        },
+    );
+    if let Some(older) = older {
+        Stats::inc(&ctx.stats.replaced, 1);
+        info!(node = %adm.name, "node connected again; closing its older connection");
+        older.conn.close(
+            quic::CLOSE_REPLACED.into(),
+            b"replaced by a newer connection of the same node",
+        );
+    }
+    info!(node = %adm.name, %key, address = %adm.address, network = %adm.network, %observed, "node connected");
+    let (peers, relays, revoked) = {
         let store = lock(&ctx);
-        (store.peers(adm.network_id)?, store.relays()?)
+        (
+            store.peers(adm.network_id)?,
+            store.relays()?,
+            revoked_in(&store, adm.network_id, unix_now())?,
+        )
     };
     let view = netmap::view_for(&peers, &key);
     tx.send(
@@ -260,13 +516,12 @@ async fn handle(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> anyhow::Result<()> 
             address: adm.address,
             prefix_len: adm.prefix_len,
             peers: view.values().cloned().collect(),
-            relays: relay_infos(&ctx.secret, &relays, &adm.network, &key),
-            observed: Some(conn.remote_address()),
+            relays: relay_infos(&ctx.secret, &relays, &adm.network, &key, &revoked),
+            observed: Some(observed),
         })
         .encode(),
     )
     .await?;
-    let id = ctx.next_id.fetch_add(1, Ordering::Relaxed);
     let (push_tx, mut push_rx) = mpsc::channel(64);
     let _ = ctx.hub.send(HubCmd::Register {
         id,
@@ -276,22 +531,57 @@ async fn handle(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> anyhow::Result<()> 
         tx: push_tx,
         sent: view,
         relays,
+        revoked,
     });
     let relay = tokio::spawn({
         let (forwarder, conn, network) = (ctx.forwarder.clone(), conn.clone(), adm.network.clone());
         async move { forwarder.serve(&network, key, conn).await }
     });
+    let overlay = (adm.overlay.network, adm.overlay.prefix_len);
+    let mut limiter = HeartbeatLimiter::new(Instant::now());
+    let mut reported = NodeReport {
+        endpoints: adm.endpoints.clone(),
+        observed: netmap::usable_observed(observed, overlay),
+        home_relay: home,
+    };
+    let mut written_at = Instant::now();
     let mut left = false;
+    let mut removed = false;
     loop {
         tokio::select! {
-            msg = in_rx.recv() => match msg {
-                Some(Ok(ClientMsg::Heartbeat { endpoints, home_relay })) => {
-                    let eps = merge_endpoints(conn.remote_address(), &endpoints);
-                    let store = lock(&ctx);
-                    store.heartbeat(adm.network_id, &key, &eps, unix_now())?;
-                    store.set_home_relay(adm.network_id, &key, home_relay.as_deref())?;
+            msg = rx.recv() => match msg.map(|b| decode_client(&b)) {
+                Ok(Ok(ClientMsg::Heartbeat { endpoints, home_relay })) => {
+                    match limiter.check(Instant::now()) {
+                        Verdict::Accept => {}
+                        Verdict::Drop => {
+                            Stats::inc(&ctx.stats.heartbeats_dropped, 1);
+                            continue;
+                        }
+                        Verdict::Abuse => {
+                            Stats::inc(&ctx.stats.heartbeats_dropped, 1);
+                            warn!(node = %adm.name, "heartbeat flood; closing the connection");
+                            refuse(&mut tx, &conn, ErrorCode::BadRequest, format!("more than {HEARTBEAT_ABUSE} heartbeats over the limit within a minute; the agent sends one every 10 s")).await;
+                            break;
+                        }
+                    }
+                    Stats::inc(&ctx.stats.heartbeats, 1);
+                    let observed = netmap::usable_observed(conn.remote_address(), overlay);
+                    let (endpoints, refused) = netmap::filter_reported(&endpoints, observed, overlay);
+                    if refused > 0 {
+                        Stats::inc(&ctx.stats.candidates_refused, refused as u64);
+                        debug!(refused, "reported candidates refused");
+                    }
+                    let report = NodeReport { endpoints, observed, home_relay };
+                    if report != reported || written_at.elapsed() >= LAST_SEEN_EVERY {
+                        lock(&ctx).heartbeat(adm.network_id, &key, &report, unix_now())?;
+                        Stats::inc(&ctx.stats.heartbeat_writes, 1);
+                        reported = report;
+                        written_at = Instant::now();
+                    }
                 }
-                Some(Ok(ClientMsg::Leave)) => {
+                Ok(Ok(ClientMsg::Leave)) => {
+                    relay.abort();
+                    ctx.forwarder.remove(&adm.network, &key, false);
                     lock(&ctx).leave(adm.network_id, &key, unix_now())?;
                     info!(node = %adm.name, "node left the network");
                     left = true;
@@ -300,20 +590,27 @@ async fn handle(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> anyhow::Result<()> 
                     let _ = tokio::time::timeout(Duration::from_secs(3), conn.closed()).await;
                     break;
                 }
-                Some(Ok(other)) => debug!(?other, "unexpected message ignored"),
-                Some(Err(e)) => {
+                Ok(Ok(other)) => debug!(?other, "unexpected message ignored"),
+                Ok(Err(e)) => {
                     warn!(error = %e, "malformed message; closing");
                     break;
                 }
-                None => break,
+                Err(_) => break,
             },
             out = push_rx.recv() => match out {
                 Some(msg) => {
                     let fatal = matches!(msg, ServerMsg::Error { .. });
+                    if fatal {
+                        // Removed: off the relay at once (the hub took it out of the table),
+                        // then the reason, then the connection.
+                        relay.abort();
+                        removed = true;
+                    }
                     tx.send(&msg.encode()).await?;
                     if fatal {
                         tx.finish();
-                        let _ = tokio::time::timeout(Duration::from_secs(3), conn.closed()).await;
+                        let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
+                        conn.close(CLOSE_REVOKED.into(), b"removed from the network");
                         break;
                     }
                 }
@@ -324,10 +621,18 @@ async fn handle(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> anyhow::Result<()> 
     // Dropping the forwarding task takes the node out of the relay table.
     relay.abort();
     let _ = ctx.hub.send(HubCmd::Unregister { id });
-    if !left {
+    let still_current = {
+        let mut cur = current(&ctx);
+        let mine = cur.get(&(adm.network_id, key)).is_some_and(|c| c.id == id);
+        if mine {
+            cur.remove(&(adm.network_id, key));
+        }
+        mine
+    };
+    if still_current && !left && !removed {
         lock(&ctx).disconnected(adm.network_id, &key, unix_now())?;
     }
-    info!(node = %adm.name, "node disconnected");
+    info!(node = %adm.name, replaced = !still_current, "node disconnected");
     Ok(())
 }
 
@@ -338,8 +643,9 @@ struct Session {
     tx: mpsc::Sender<ServerMsg>,
     sent: PeerMap,
     removed: bool,
-    /// The relay list last sent, and when its tickets were made.
+    /// The relay list last sent, its revocations, and when its tickets were made.
     relays: Vec<RelayRow>,
+    revoked: Vec<(PublicKey, u64)>,
     tickets_at: tokio::time::Instant,
 }
 
@@ -348,19 +654,26 @@ async fn run_hub(
     store: crate::store::Store,
     mut rx: mpsc::UnboundedReceiver<HubCmd>,
     secret: [u8; 32],
+    forwarder: Arc<Forwarder>,
+    stats: Arc<Stats>,
 ) {
     let mut sessions: HashMap<u64, Session> = HashMap::new();
     let mut version = store.data_version().ok();
     let mut poll = tokio::time::interval(POLL);
     let mut last_full = tokio::time::Instant::now();
+    let hub = Hub {
+        secret,
+        forwarder,
+        stats,
+    };
     loop {
         tokio::select! {
             cmd = rx.recv() => match cmd {
-                Some(HubCmd::Register { id, network_id, network, key, tx, sent, relays }) => {
+                Some(HubCmd::Register { id, network_id, network, key, tx, sent, relays, revoked }) => {
                     let tickets_at = tokio::time::Instant::now();
-                    sessions.insert(id, Session { network_id, network, key, tx, sent, removed: false, relays, tickets_at });
+                    sessions.insert(id, Session { network_id, network, key, tx, sent, removed: false, relays, revoked, tickets_at });
                     // Changes between the Welcome and now must not be lost.
-                    push(&store, &mut sessions, &secret);
+                    hub.push(&store, &mut sessions);
                 }
                 Some(HubCmd::Unregister { id }) => { sessions.remove(&id); }
                 None => return,
@@ -370,58 +683,388 @@ async fn run_hub(
                 if v != version || last_full.elapsed() >= RESYNC {
                     version = v;
                     last_full = tokio::time::Instant::now();
-                    push(&store, &mut sessions, &secret);
+                    hub.push(&store, &mut sessions);
                 }
             }
         }
     }
 }
 
-fn push(store: &crate::store::Store, sessions: &mut HashMap<u64, Session>, secret: &[u8; 32]) {
-    let relays = match store.relays() {
-        Ok(r) => r,
-        Err(e) => {
-            warn!(error = %e, "cannot read relays");
-            return;
-        }
-    };
-    let mut by_network: HashMap<i64, Vec<mesh_proto::control::PeerInfo>> = HashMap::new();
-    for s in sessions.values_mut() {
-        if s.removed {
-            continue;
-        }
-        let peers = match by_network.get(&s.network_id) {
-            Some(p) => p,
-            None => match store.peers(s.network_id) {
-                Ok(p) => by_network.entry(s.network_id).or_insert(p),
-                Err(e) => {
-                    warn!(error = %e, "cannot read peers");
-                    return;
-                }
-            },
+struct Hub {
+    secret: [u8; 32],
+    forwarder: Arc<Forwarder>,
+    stats: Arc<Stats>,
+}
+
+impl Hub {
+    fn push(&self, store: &crate::store::Store, sessions: &mut HashMap<u64, Session>) {
+        let relays = match store.relays() {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "cannot read relays");
+                return;
+            }
         };
-        if !peers.iter().any(|p| p.key == s.key) {
-            s.removed = true;
-            let _ = s.tx.try_send(ServerMsg::Error {
-                code: ErrorCode::NodeUnknown,
-                message: "this node was removed from the network by the controller admin; join again with a new token (`mesh join <token>`)".into(),
-            });
-            continue;
-        }
-        let view = netmap::view_for(peers, &s.key);
-        if let Some(delta) = netmap::diff(&s.sent, &view) {
-            if s.tx.try_send(delta).is_ok() {
-                s.sent = view;
+        let now = unix_now();
+        let mut by_network: HashMap<i64, Vec<mesh_proto::control::PeerInfo>> = HashMap::new();
+        let mut revoked_by_network: HashMap<i64, Vec<(PublicKey, u64)>> = HashMap::new();
+        for s in sessions.values_mut() {
+            if s.removed {
+                continue;
             }
-        }
-        if s.relays != relays || s.tickets_at.elapsed() >= TICKET_RENEW {
-            let msg = ServerMsg::Relays {
-                relays: relay_infos(secret, &relays, &s.network, &s.key),
+            let peers = match by_network.get(&s.network_id) {
+                Some(p) => p,
+                None => match store.peers(s.network_id) {
+                    Ok(p) => by_network.entry(s.network_id).or_insert(p),
+                    Err(e) => {
+                        warn!(error = %e, "cannot read peers");
+                        return;
+                    }
+                },
             };
-            if s.tx.try_send(msg).is_ok() {
-                s.relays = relays.clone();
-                s.tickets_at = tokio::time::Instant::now();
+            if !peers.iter().any(|p| p.key == s.key) {
+                s.removed = true;
+                // Off the embedded relay at once; the session closes the connection after
+                // telling the node why.
+                self.forwarder.remove(&s.network, &s.key, false);
+                let _ = s.tx.try_send(ServerMsg::Error {
+                    code: ErrorCode::NodeUnknown,
+                    message: "this node was removed from the network by the controller admin; join again with a new token (`mesh join <token>`)".into(),
+                });
+                continue;
+            }
+            let view = netmap::view_for(peers, &s.key);
+            if let Some(delta) = netmap::diff(&s.sent, &view) {
+                if s.tx.try_send(delta).is_ok() {
+                    Stats::inc(&self.stats.deltas_pushed, 1);
+                    s.sent = view;
+                }
+            }
+            let revoked = if relays.is_empty() {
+                Vec::new()
+            } else {
+                match revoked_by_network.get(&s.network_id) {
+                    Some(r) => r.clone(),
+                    None => match revoked_in(store, s.network_id, now) {
+                        Ok(r) => revoked_by_network.entry(s.network_id).or_insert(r).clone(),
+                        Err(e) => {
+                            warn!(error = %e, "cannot read removed nodes");
+                            return;
+                        }
+                    },
+                }
+            };
+            if s.relays != relays || s.revoked != revoked || s.tickets_at.elapsed() >= TICKET_RENEW
+            {
+                let msg = ServerMsg::Relays {
+                    relays: relay_infos(&self.secret, &relays, &s.network, &s.key, &revoked),
+                };
+                if s.tx.try_send(msg).is_ok() {
+                    s.relays = relays.clone();
+                    s.revoked = revoked;
+                    s.tickets_at = tokio::time::Instant::now();
+                }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use mesh_control::channel::{Receiver, Sender};
+    use mesh_proto::control::decode_server;
+
+    #[test]
+    fn heartbeats_burst_then_one_per_second_then_abuse() {
+        let t0 = Instant::now();
+        let mut l = HeartbeatLimiter::new(t0);
+        let accepted = (0..1000).filter(|_| l.check(t0) == Verdict::Accept).count();
+        assert_eq!(accepted, HEARTBEAT_BURST as usize);
+        // One more per second after that.
+        assert_eq!(l.check(t0 + Duration::from_millis(500)), Verdict::Drop);
+        assert_eq!(l.check(t0 + Duration::from_secs(1)), Verdict::Accept);
+        // The agent's own pace (every 10 s) is never limited.
+        let mut l = HeartbeatLimiter::new(t0);
+        for n in 1..100 {
+            assert_eq!(l.check(t0 + Duration::from_secs(10 * n)), Verdict::Accept);
+        }
+        // A sustained flood is closed.
+        let mut l = HeartbeatLimiter::new(t0);
+        let verdicts: Vec<Verdict> = (0..(HEARTBEAT_ABUSE + 10))
+            .map(|i| l.check(t0 + Duration::from_micros(u64::from(i))))
+            .collect();
+        assert_eq!(verdicts.last(), Some(&Verdict::Abuse));
+    }
+
+    struct Lab {
+        _dir: TempDir,
+        addr: SocketAddr,
+        controller_key: PublicKey,
+        stats: Arc<Stats>,
+        forwarder: Arc<Forwarder>,
+        state: StateDir,
+        changes: Arc<dyn Fn() -> u64 + Send + Sync>,
+        _stop: tokio::sync::oneshot::Sender<()>,
+    }
+
+    struct TempDir(std::path::PathBuf);
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn lab() -> Lab {
+        use std::sync::atomic::AtomicU32;
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "mesh-server-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let state = StateDir::open(&dir).unwrap();
+        let store = state.open_store().unwrap();
+        store
+            .create_network("prod", "100.64.0.0/16".parse().unwrap(), unix_now())
+            .unwrap();
+        store
+            .create_token("prod", "tok", b"secret", true, None, unix_now())
+            .unwrap();
+        let controller = Controller::bind(
+            &state,
+            "127.0.0.1:0".parse().unwrap(),
+            ServerLimits::default(),
+        )
+        .unwrap();
+        let addr = controller.local_addr().unwrap();
+        let stats = controller.stats();
+        let forwarder = controller.forwarder();
+        let ctx = controller.ctx.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(controller.run(async move {
+            let _ = stopped.await;
+        }));
+        Lab {
+            _dir: TempDir(dir),
+            addr,
+            controller_key: state.controller_public().unwrap(),
+            stats,
+            forwarder,
+            state,
+            changes: Arc::new(move || lock(&ctx).total_changes()),
+            _stop: stop,
+        }
+    }
+
+    struct Client {
+        conn: quinn::Connection,
+        tx: Sender,
+        rx: Receiver,
+        _endpoint: quinn::Endpoint,
+    }
+
+    async fn join(lab: &Lab, seed: u8, endpoints: Vec<SocketAddr>) -> (Client, ServerMsg) {
+        let endpoint = quic::bind_client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let conn = endpoint.connect(lab.addr, "mesh").unwrap().await.unwrap();
+        let (mut tx, mut rx) = channel::initiate(&conn, &[seed; 32], &lab.controller_key)
+            .await
+            .unwrap();
+        let msg = ClientMsg::Join {
+            token_id: "tok".into(),
+            token_secret: mesh_proto::hex::encode(b"secret"),
+            name: format!("n{seed}"),
+            endpoints,
+        };
+        tx.send(&msg.encode()).await.unwrap();
+        let welcome = decode_server(&rx.recv().await.unwrap()).unwrap();
+        (
+            Client {
+                conn,
+                tx,
+                rx,
+                _endpoint: endpoint,
+            },
+            welcome,
+        )
+    }
+
+    fn public(seed: u8) -> PublicKey {
+        crate::state::public_of(&[seed; 32])
+    }
+
+    #[tokio::test]
+    async fn a_heartbeat_burst_costs_a_bounded_number_of_writes_and_pushes() {
+        let lab = lab();
+        let (mut a, _) = join(&lab, 1, vec![]).await;
+        let (mut b, _) = join(&lab, 2, vec![]).await;
+        // B learns of A... wait for the delta about A's join to settle.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = (lab.changes)();
+        let started = Instant::now();
+        // 1,000 heartbeats as fast as possible, each with other endpoints (worst case).
+        for i in 0..1000u16 {
+            let eps = vec![
+                SocketAddr::from(([127, 0, 0, 1], 1000 + i)),
+                SocketAddr::from(([192, 0, 2, 7], 2000 + i)),
+            ];
+            let hb = ClientMsg::Heartbeat {
+                endpoints: eps,
+                home_relay: None,
+            };
+            a.tx.send(&hb.encode()).await.unwrap();
+        }
+        // Let the controller work through them, then count what reached B.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let elapsed = started.elapsed().as_secs_f64();
+        let mut deltas = 0;
+        while let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(300), b.rx.recv()).await {
+            if matches!(decode_server(&m), Ok(ServerMsg::PeersChanged { .. })) {
+                deltas += 1;
+            }
+        }
+        let writes = (lab.changes)() - before;
+        let bound = (HEARTBEAT_BURST + elapsed * HEARTBEAT_RATE).ceil() as u64 + 1;
+        let dropped = lab.stats.heartbeats_dropped.load(Ordering::Relaxed);
+        eprintln!("1000 heartbeats in {elapsed:.2} s: {writes} rows written, {deltas} deltas to a peer, {dropped} dropped");
+        assert!(writes <= bound, "{writes} writes > {bound}");
+        assert!(deltas as u64 <= bound, "{deltas} deltas > {bound}");
+        assert!(dropped >= 1000 - bound, "{dropped}");
+        // The loopback and unspecified candidates were refused and counted.
+        assert!(lab.stats.candidates_refused.load(Ordering::Relaxed) >= 5);
+        // The connection is still up: a burst is not fatal.
+        assert!(a.conn.close_reason().is_none());
+        // Unchanged heartbeats write nothing.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let before = (lab.changes)();
+        for _ in 0..3 {
+            let hb = ClientMsg::Heartbeat {
+                endpoints: vec![SocketAddr::from(([192, 0, 2, 7], 2999))],
+                home_relay: None,
+            };
+            a.tx.send(&hb.encode()).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+        }
+        assert!(
+            (lab.changes)() - before <= 1,
+            "only the first (a change) is written"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_second_connection_of_the_same_key_replaces_the_first() {
+        let lab = lab();
+        let (a1, _) = join(&lab, 1, vec![]).await;
+        let (a2, _) = join(&lab, 1, vec![]).await;
+        let closed = tokio::time::timeout(Duration::from_secs(5), a1.conn.closed())
+            .await
+            .unwrap();
+        match closed {
+            quinn::ConnectionError::ApplicationClosed(c) => {
+                assert_eq!(c.error_code, quinn::VarInt::from_u32(quic::CLOSE_REPLACED))
+            }
+            other => panic!("{other}"),
+        }
+        assert_eq!(lab.stats.replaced.load(Ordering::Relaxed), 1);
+        // The old session's end does not mark the node offline.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let store = lab.state.open_store().unwrap();
+        let nodes = store.nodes("prod", unix_now()).unwrap();
+        assert!(nodes[0].online, "{nodes:?}");
+        assert!(lab.forwarder.is_connected("prod", &public(1)));
+        assert!(a2.conn.close_reason().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_removed_node_loses_the_relay_at_once() {
+        let lab = lab();
+        let (mut a, _) = join(&lab, 1, vec![]).await;
+        let (_b, _) = join(&lab, 2, vec![]).await;
+        assert!(lab.forwarder.is_connected("prod", &public(1)));
+        let store = lab.state.open_store().unwrap();
+        store.remove_node("prod", "n1", unix_now()).unwrap();
+        let started = Instant::now();
+        while lab.forwarder.is_connected("prod", &public(1)) {
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "still on the relay"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        eprintln!(
+            "off the embedded relay {} ms after removal",
+            started.elapsed().as_millis()
+        );
+        // The node is told why, then the connection closes.
+        let mut told = false;
+        while let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(3), a.rx.recv()).await {
+            if let Ok(ServerMsg::Error { code, .. }) = decode_server(&m) {
+                assert_eq!(code, ErrorCode::NodeUnknown);
+                told = true;
+            }
+        }
+        assert!(told);
+        tokio::time::timeout(Duration::from_secs(3), a.conn.closed())
+            .await
+            .unwrap();
+        assert!(
+            lab.forwarder.is_connected("prod", &public(2)),
+            "others stay"
+        );
+    }
+
+    #[tokio::test]
+    async fn relays_carry_revocations_of_removed_nodes() {
+        let lab = lab();
+        let store = lab.state.open_store().unwrap();
+        let relay_secret = [42u8; 32];
+        let relay_key = crate::state::public_of(&relay_secret);
+        store
+            .add_relay("eu-1", "192.0.2.10:7444", &relay_key, unix_now())
+            .unwrap();
+        let (_a, _) = join(&lab, 1, vec![]).await;
+        let (mut b, _) = join(&lab, 2, vec![]).await;
+        store.remove_node("prod", "n1", unix_now()).unwrap();
+        let relay_side = TicketKey::new(&relay_secret, &lab.controller_key);
+        let mut found = None;
+        while let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(3), b.rx.recv()).await {
+            if let Ok(ServerMsg::Relays { relays }) = decode_server(&m) {
+                if let Some(r) = relays[0].revoked.first() {
+                    found = Some(r.clone());
+                    break;
+                }
+            }
+        }
+        let r = found.expect("a revocation for the removed node");
+        assert_eq!(r.key, public(1));
+        assert!(relay_side.verify_revocation("prod", &r));
+        assert!(r.expires >= unix_now() + TICKET_LIFETIME.as_secs() - 5);
+    }
+
+    #[tokio::test]
+    async fn peers_get_only_candidates_they_may_probe() {
+        let lab = lab();
+        // A reports a loopback address, an overlay address, and a "LAN" address; all nodes here
+        // come from 127.0.0.1, i.e. behind the same public address, so B gets the LAN one.
+        let lan = SocketAddr::from(([198, 51, 100, 4], 51820));
+        let (_a, _) = join(
+            &lab,
+            1,
+            vec![
+                SocketAddr::from(([127, 0, 0, 1], 5)),
+                SocketAddr::from(([100, 64, 0, 9], 5)),
+                lan,
+            ],
+        )
+        .await;
+        let (_b, welcome) = join(&lab, 2, vec![]).await;
+        let ServerMsg::Welcome(w) = welcome else {
+            panic!("{welcome:?}")
+        };
+        let a = w.peers.iter().find(|p| p.key == public(1)).unwrap();
+        assert_eq!(a.endpoints[0], a.observed.unwrap(), "observed first");
+        assert_eq!(a.endpoints[1..], [lan]);
+        assert_eq!(lab.stats.candidates_refused.load(Ordering::Relaxed), 2);
     }
 }

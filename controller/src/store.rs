@@ -8,6 +8,9 @@
 //! Removed nodes are kept as tombstones that hold their address: the same key, or a new key under
 //! the same name (a reinstalled machine), gets that address back. Tombstoned addresses are
 //! reused for other nodes only when the range has nothing else free.
+//!
+//! The database file (and SQLite's `-wal`/`-shm` files beside it) is readable by its owner only:
+//! it holds token hashes and the membership of every network.
 
 use mesh_proto::control::{ErrorCode, PeerInfo};
 use mesh_proto::PublicKey;
@@ -16,6 +19,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -151,7 +155,7 @@ pub struct NodeRow {
     pub key: PublicKey,
     /// Overlay address.
     pub address: Ipv4Addr,
-    /// Endpoints, observed first.
+    /// Endpoints: the observed address first, then the reported ones.
     pub endpoints: Vec<SocketAddr>,
     /// Last time heard from, RFC 3339 UTC.
     pub last_seen: Option<String>,
@@ -172,6 +176,12 @@ pub struct Admission {
     pub address: Ipv4Addr,
     /// Prefix length of the network.
     pub prefix_len: u8,
+    /// The network's overlay range.
+    pub overlay: Cidr,
+    /// Reported endpoints stored (refused ones left out; see `netmap::filter_reported`).
+    pub endpoints: Vec<SocketAddr>,
+    /// Reported endpoints refused.
+    pub refused: usize,
 }
 
 /// Formats Unix seconds as RFC 3339 UTC.
@@ -215,6 +225,7 @@ impl Store {
     }
 
     fn open_once(path: &Path) -> Result<Store, StoreError> {
+        restrict_mode(path)?;
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -266,7 +277,35 @@ impl Store {
         if !has_home {
             conn.execute_batch("ALTER TABLE nodes ADD COLUMN home_relay TEXT")?;
         }
+        // Added with the reflection rule: the address the controller saw the node's control
+        // connection come from, apart from what the node reported. Older databases kept it as
+        // the first endpoint.
+        let has_observed: bool = conn
+            .prepare("SELECT 1 FROM pragma_table_info('nodes') WHERE name = 'observed'")?
+            .exists([])?;
+        if !has_observed {
+            conn.execute_batch(
+                "BEGIN IMMEDIATE;
+                 ALTER TABLE nodes ADD COLUMN observed TEXT;
+                 UPDATE nodes SET observed = json_extract(endpoints, '$[0]'),
+                     endpoints = COALESCE((SELECT json_group_array(value) FROM json_each(nodes.endpoints) WHERE key > 0), '[]')
+                     WHERE json_valid(endpoints) AND json_array_length(endpoints) > 0;
+                 COMMIT;",
+            )?;
+        }
+        // SQLite creates -wal and -shm with the database file's mode; older versions of this
+        // controller left them readable by all.
+        for suffix in ["-wal", "-shm"] {
+            let mut side = path.as_os_str().to_owned();
+            side.push(suffix);
+            fix_mode(Path::new(&side))?;
+        }
         Ok(Store { conn })
+    }
+
+    /// Rows changed by this connection since it opened (SQLite `total_changes`).
+    pub fn total_changes(&self) -> u64 {
+        self.conn.total_changes()
     }
 
     /// A number that changes whenever another connection commits (SQLite `data_version`).
@@ -407,7 +446,7 @@ impl Store {
         secret: &[u8],
         key: &PublicKey,
         name: &str,
-        endpoints: &[SocketAddr],
+        seen: Candidates<'_>,
         now: u64,
     ) -> Result<Admission, StoreError> {
         let tx = self
@@ -471,7 +510,7 @@ impl Store {
                 format!("join token {token_id} was for one node and is used up; ask the controller admin for a new one, or a reusable one (`mesh-controller token create --reusable`)"),
             ));
         }
-        let admission = admit(&tx, network_id, key, name, endpoints, now)?;
+        let admission = admit(&tx, network_id, key, name, seen, now)?;
         tx.execute(
             "UPDATE tokens SET uses = uses + 1 WHERE id = ?1",
             [token_id],
@@ -485,35 +524,48 @@ impl Store {
         &mut self,
         network: &str,
         key: &PublicKey,
-        endpoints: &[SocketAddr],
+        seen: Candidates<'_>,
         now: u64,
     ) -> Result<Admission, StoreError> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let row: Option<(i64, String, u32, u8)> = tx
+        let row: Option<(i64, String, u32, u8, u32)> = tx
             .query_row(
-                "SELECT n.network_id, n.name, n.address, w.prefix_len
+                "SELECT n.network_id, n.name, n.address, w.prefix_len, w.network
                  FROM nodes n JOIN networks w ON w.id = n.network_id
                  WHERE w.name = ?1 AND n.key = ?2 AND n.removed_at IS NULL",
                 params![network, key.to_string()],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
             )
             .optional()?;
-        let Some((network_id, name, address, prefix_len)) = row else {
+        let Some((network_id, name, address, prefix_len, net)) = row else {
             return Err(refused(
                 ErrorCode::NodeUnknown,
                 format!("this node is not (or no longer) a member of network {network:?}; join again with a new token (`mesh join <token>`)"),
             ));
         };
+        let overlay = Cidr {
+            network: Ipv4Addr::from(net),
+            prefix_len,
+        };
+        let observed = seen
+            .observed
+            .and_then(|o| crate::netmap::usable_observed(o, (overlay.network, overlay.prefix_len)));
+        let (endpoints, refused) = crate::netmap::filter_reported(
+            seen.reported,
+            observed,
+            (overlay.network, overlay.prefix_len),
+        );
         tx.execute(
-            "UPDATE nodes SET endpoints = ?1, last_seen = ?2, connected = 1
+            "UPDATE nodes SET endpoints = ?1, last_seen = ?2, connected = 1, observed = ?5
              WHERE network_id = ?3 AND key = ?4",
             params![
-                endpoints_json(endpoints),
+                endpoints_json(&endpoints),
                 now as i64,
                 network_id,
-                key.to_string()
+                key.to_string(),
+                observed.map(|o| o.to_string()),
             ],
         )?;
         tx.commit()?;
@@ -523,28 +575,60 @@ impl Store {
             name,
             address: Ipv4Addr::from(address),
             prefix_len,
+            overlay,
+            endpoints,
+            refused,
         })
     }
 
-    /// Records that a node is alive, with its current endpoints.
+    /// Records that a node is alive, with what it reports now. One statement; the caller
+    /// writes only when something changed or `last_seen` is due (see `server`).
     pub fn heartbeat(
         &self,
         network_id: i64,
         key: &PublicKey,
-        endpoints: &[SocketAddr],
+        report: &NodeReport,
         now: u64,
     ) -> Result<(), StoreError> {
         self.conn.execute(
-            "UPDATE nodes SET endpoints = ?1, last_seen = ?2, connected = 1
+            "UPDATE nodes SET endpoints = ?1, last_seen = ?2, connected = 1, observed = ?5,
+                 home_relay = ?6
              WHERE network_id = ?3 AND key = ?4 AND removed_at IS NULL",
             params![
-                endpoints_json(endpoints),
+                endpoints_json(&report.endpoints),
                 now as i64,
                 network_id,
-                key.to_string()
+                key.to_string(),
+                report.observed.map(|o| o.to_string()),
+                report.home_relay,
             ],
         )?;
         Ok(())
+    }
+
+    /// Nodes of a network removed (or gone by `leave`) at or after `since`, newest first, at
+    /// most `limit`: key and removal time.
+    pub fn removed_since(
+        &self,
+        network_id: i64,
+        since: u64,
+        limit: usize,
+    ) -> Result<Vec<(PublicKey, u64)>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT key, removed_at FROM nodes
+             WHERE network_id = ?1 AND removed_at IS NOT NULL AND removed_at >= ?2
+             ORDER BY removed_at DESC, key LIMIT ?3",
+        )?;
+        let rows = st.query_map(params![network_id, since as i64, limit as i64], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (key, at) = row?;
+            let Ok(key) = key.parse() else { continue };
+            out.push((key, at as u64));
+        }
+        Ok(out)
     }
 
     /// Records that a node's control connection ended.
@@ -603,7 +687,7 @@ impl Store {
     pub fn nodes(&self, network: &str, now: u64) -> Result<Vec<NodeRow>, StoreError> {
         let (network_id, _) = self.network(network)?;
         let mut st = self.conn.prepare(
-            "SELECT name, key, address, endpoints, last_seen, connected FROM nodes
+            "SELECT name, key, address, endpoints, last_seen, connected, observed FROM nodes
              WHERE network_id = ?1 AND removed_at IS NULL ORDER BY address",
         )?;
         let rows = st.query_map([network_id], |r| {
@@ -618,17 +702,25 @@ impl Store {
                 endpoints,
                 last_seen,
                 connected,
+                r.get::<_, Option<String>>(6)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (name, key, address, endpoints, last_seen, connected) = row?;
+            let (name, key, address, endpoints, last_seen, connected, observed) = row?;
             let Ok(key) = key.parse() else { continue };
+            let mut all: Vec<SocketAddr> =
+                observed.and_then(|o| o.parse().ok()).into_iter().collect();
+            for e in serde_json::from_str::<Vec<SocketAddr>>(&endpoints).unwrap_or_default() {
+                if !all.contains(&e) {
+                    all.push(e);
+                }
+            }
             out.push(NodeRow {
                 name,
                 key,
                 address: Ipv4Addr::from(address),
-                endpoints: serde_json::from_str(&endpoints).unwrap_or_default(),
+                endpoints: all,
                 last_seen: last_seen.map(|t| rfc3339(t as u64)),
                 online: connected
                     && last_seen
@@ -638,10 +730,11 @@ impl Store {
         Ok(out)
     }
 
-    /// The peer list of a network: every live node.
+    /// The peer list of a network: every live node, with `endpoints` as the node reported them
+    /// and `observed` apart (`netmap::view_for` decides what each viewer gets).
     pub fn peers(&self, network_id: i64) -> Result<Vec<PeerInfo>, StoreError> {
         let mut st = self.conn.prepare(
-            "SELECT n.key, n.name, n.address, n.endpoints, r.name FROM nodes n
+            "SELECT n.key, n.name, n.address, n.endpoints, r.name, n.observed FROM nodes n
              LEFT JOIN relays r ON r.name = n.home_relay
              WHERE n.network_id = ?1 AND n.removed_at IS NULL ORDER BY n.address",
         )?;
@@ -652,11 +745,12 @@ impl Store {
                 r.get::<_, u32>(2)?,
                 r.get::<_, String>(3)?,
                 r.get::<_, Option<String>>(4)?,
+                r.get::<_, Option<String>>(5)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (key, name, address, endpoints, relay) = row?;
+            let (key, name, address, endpoints, relay, observed) = row?;
             let Ok(key) = key.parse() else { continue };
             out.push(PeerInfo {
                 key,
@@ -664,6 +758,7 @@ impl Store {
                 address: Ipv4Addr::from(address),
                 endpoints: serde_json::from_str(&endpoints).unwrap_or_default(),
                 relay,
+                observed: observed.and_then(|o| o.parse().ok()),
             });
         }
         Ok(out)
@@ -783,8 +878,69 @@ impl Store {
     }
 }
 
+/// Where a node says it can be reached, and where its connection comes from (join, hello).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Candidates<'a> {
+    /// Endpoints the node reported (filtered before they are stored).
+    pub reported: &'a [SocketAddr],
+    /// The address its connection comes from.
+    pub observed: Option<SocketAddr>,
+}
+
+/// What a node reports about itself (with the address its connection comes from).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeReport {
+    /// Reported endpoint candidates (already filtered).
+    pub endpoints: Vec<SocketAddr>,
+    /// The address the controller sees the node's connection come from.
+    pub observed: Option<SocketAddr>,
+    /// The node's home relay (`None`: the controller's).
+    pub home_relay: Option<String>,
+}
+
 fn endpoints_json(endpoints: &[SocketAddr]) -> String {
     serde_json::to_string(endpoints).unwrap_or_else(|_| "[]".into())
+}
+
+/// Creates the database file with mode 0600 if it does not exist, and tightens an existing
+/// one that group or others could read.
+fn restrict_mode(path: &Path) -> Result<(), StoreError> {
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => fix_mode(path),
+        Err(e) => Err(StoreError::Invalid(format!(
+            "cannot create database {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+/// Sets mode 0600 on `path` if it exists and group or others have any access.
+fn fix_mode(path: &Path) -> Result<(), StoreError> {
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Ok(());
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 == 0 {
+        return Ok(());
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| {
+        StoreError::Invalid(format!(
+            "{} is readable by other users (mode {mode:o}) and its mode cannot be changed: {e}; run `chmod 600` on it",
+            path.display()
+        ))
+    })?;
+    tracing::warn!(
+        path = %path.display(),
+        old_mode = format!("{mode:o}"),
+        "database file was readable by other users; changed its mode to 600"
+    );
+    Ok(())
 }
 
 /// Finds or allocates the node's address inside the open transaction.
@@ -793,7 +949,7 @@ fn admit(
     network_id: i64,
     key: &PublicKey,
     requested_name: &str,
-    endpoints: &[SocketAddr],
+    seen: Candidates<'_>,
     now: u64,
 ) -> Result<Admission, StoreError> {
     let (network_name, net, prefix_len): (String, u32, u8) = tx.query_row(
@@ -806,7 +962,14 @@ fn admit(
         prefix_len,
     };
     let key_s = key.to_string();
-    let eps = endpoints_json(endpoints);
+    let overlay = (cidr.network, cidr.prefix_len);
+    let observed = seen
+        .observed
+        .and_then(|o| crate::netmap::usable_observed(o, overlay));
+    let (endpoints, refused_endpoints) =
+        crate::netmap::filter_reported(seen.reported, observed, overlay);
+    let eps = endpoints_json(&endpoints);
+    let observed = observed.map(|o| o.to_string());
 
     // 1. This key was here before (live or removed): same address.
     let mine: Option<(u32, String, bool)> = tx
@@ -823,9 +986,10 @@ fn admit(
             free_name(tx, network_id, requested_name, Some(&key_s))?
         };
         tx.execute(
-            "UPDATE nodes SET removed_at = NULL, name = ?1, endpoints = ?2, last_seen = ?3, connected = 1
+            "UPDATE nodes SET removed_at = NULL, name = ?1, endpoints = ?2, last_seen = ?3, connected = 1,
+                 observed = ?6
              WHERE network_id = ?4 AND key = ?5",
-            params![name, eps, now as i64, network_id, key_s],
+            params![name, eps, now as i64, network_id, key_s, observed],
         )?;
         return Ok(Admission {
             network_id,
@@ -833,6 +997,9 @@ fn admit(
             name,
             address: Ipv4Addr::from(address),
             prefix_len,
+            overlay: cidr,
+            endpoints,
+            refused: refused_endpoints,
         });
     }
 
@@ -880,9 +1047,9 @@ fn admit(
         }
     };
     tx.execute(
-        "INSERT INTO nodes (network_id, key, name, address, endpoints, last_seen, connected, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?6)",
-        params![network_id, key_s, name, address, eps, now as i64],
+        "INSERT INTO nodes (network_id, key, name, address, endpoints, last_seen, connected, created_at, observed)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?6, ?7)",
+        params![network_id, key_s, name, address, eps, now as i64, observed],
     )?;
     Ok(Admission {
         network_id,
@@ -890,6 +1057,9 @@ fn admit(
         name,
         address: Ipv4Addr::from(address),
         prefix_len,
+        overlay: cidr,
+        endpoints,
+        refused: refused_endpoints,
     })
 }
 
@@ -970,7 +1140,7 @@ mod tests {
     }
 
     fn join(s: &mut Store, n: u8, name: &str) -> Result<Admission, StoreError> {
-        s.join("tok1", b"secret", &key(n), name, &[], T0)
+        s.join("tok1", b"secret", &key(n), name, Candidates::default(), T0)
     }
 
     fn code(r: Result<Admission, StoreError>) -> ErrorCode {
@@ -989,7 +1159,9 @@ mod tests {
         assert_eq!(b.address, Ipv4Addr::new(100, 64, 0, 2));
         assert_eq!(join(&mut s, 1, "a").unwrap().address, a.address);
         assert_eq!(
-            s.hello("prod", &key(2), &[], T0).unwrap().address,
+            s.hello("prod", &key(2), Candidates::default(), T0)
+                .unwrap()
+                .address,
             b.address
         );
     }
@@ -1038,17 +1210,19 @@ mod tests {
     fn token_checks() {
         let (_d, mut s) = store();
         assert_eq!(
-            code(s.join("tok1", b"wrong", &key(1), "a", &[], T0)),
+            code(s.join("tok1", b"wrong", &key(1), "a", Candidates::default(), T0)),
             ErrorCode::TokenInvalid
         );
         assert_eq!(
-            code(s.join("nope", b"secret", &key(1), "a", &[], T0)),
+            code(s.join("nope", b"secret", &key(1), "a", Candidates::default(), T0)),
             ErrorCode::TokenInvalid
         );
         s.create_token("prod", "exp", b"s", true, Some(T0 + 10), T0)
             .unwrap();
-        assert!(s.join("exp", b"s", &key(1), "a", &[], T0 + 9).is_ok());
-        let r = s.join("exp", b"s", &key(2), "b", &[], T0 + 10);
+        assert!(s
+            .join("exp", b"s", &key(1), "a", Candidates::default(), T0 + 9)
+            .is_ok());
+        let r = s.join("exp", b"s", &key(2), "b", Candidates::default(), T0 + 10);
         match r {
             Err(StoreError::Refused { code, message }) => {
                 assert_eq!(code, ErrorCode::TokenExpired);
@@ -1061,11 +1235,15 @@ mod tests {
         }
         s.create_token("prod", "one", b"s", false, None, T0)
             .unwrap();
-        assert!(s.join("one", b"s", &key(3), "c", &[], T0).is_ok());
+        assert!(s
+            .join("one", b"s", &key(3), "c", Candidates::default(), T0)
+            .is_ok());
         // The same node may present it again; another node may not.
-        assert!(s.join("one", b"s", &key(3), "c", &[], T0).is_ok());
+        assert!(s
+            .join("one", b"s", &key(3), "c", Candidates::default(), T0)
+            .is_ok());
         assert_eq!(
-            code(s.join("one", b"s", &key(4), "d", &[], T0)),
+            code(s.join("one", b"s", &key(4), "d", Candidates::default(), T0)),
             ErrorCode::TokenUsed
         );
         s.revoke_token("tok1").unwrap();
@@ -1077,7 +1255,9 @@ mod tests {
     #[test]
     fn relays_and_home_relay() {
         let (_d, mut s) = store();
-        let a = s.join("tok1", b"secret", &key(1), "a", &[], T0).unwrap();
+        let a = s
+            .join("tok1", b"secret", &key(1), "a", Candidates::default(), T0)
+            .unwrap();
         s.add_relay("eu-1", "192.0.2.10:7444", &key(9), T0).unwrap();
         assert!(s
             .add_relay("bad name", "192.0.2.10:7444", &key(9), T0)
@@ -1102,7 +1282,7 @@ mod tests {
         join(&mut s, 1, "a").unwrap();
         s.remove_node("prod", &key(1).to_string(), T0).unwrap();
         assert!(matches!(
-            s.hello("prod", &key(1), &[], T0),
+            s.hello("prod", &key(1), Candidates::default(), T0),
             Err(StoreError::Refused {
                 code: ErrorCode::NodeUnknown,
                 ..
@@ -1131,6 +1311,92 @@ mod tests {
         assert!(!s.nodes("prod", T0 + ONLINE_WINDOW_SECS + 1).unwrap()[0].online);
         s.disconnected(a.network_id, &key(1), T0).unwrap();
         assert!(!s.nodes("prod", T0).unwrap()[0].online);
+    }
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn database_files_are_private() {
+        let d = tempdir::Dir::new();
+        let path = d.0.join("c.db");
+        let s = Store::open(&path).unwrap();
+        s.create_network("prod", "100.64.0.0/29".parse().unwrap(), T0)
+            .unwrap();
+        assert_eq!(mode(&path), 0o600);
+        for side in ["c.db-wal", "c.db-shm"] {
+            assert_eq!(mode(&d.0.join(side)), 0o600, "{side}");
+        }
+        drop(s);
+        // A file left readable by an older version is fixed on start.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let s = Store::open(&path).unwrap();
+        s.create_network("dev", "100.65.0.0/29".parse().unwrap(), T0)
+            .unwrap();
+        assert_eq!(mode(&path), 0o600);
+    }
+
+    #[test]
+    fn old_databases_get_the_observed_column() {
+        let d = tempdir::Dir::new();
+        let path = d.0.join("old.db");
+        {
+            let mut s = Store::open(&path).unwrap();
+            s.create_network("prod", "100.64.0.0/29".parse().unwrap(), T0)
+                .unwrap();
+            s.create_token("prod", "tok1", b"secret", true, None, T0)
+                .unwrap();
+            s.join("tok1", b"secret", &key(1), "a", Candidates::default(), T0)
+                .unwrap();
+            // What an older controller stored: observed first, then reported; no column.
+            s.conn
+                .execute_batch(
+                    "ALTER TABLE nodes DROP COLUMN observed;
+                     UPDATE nodes SET endpoints = '[\"203.0.113.5:40000\",\"198.51.100.4:51820\"]';",
+                )
+                .unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        let p = &s.peers(1).unwrap()[0];
+        assert_eq!(p.observed, Some("203.0.113.5:40000".parse().unwrap()));
+        assert_eq!(p.endpoints, vec!["198.51.100.4:51820".parse().unwrap()]);
+    }
+
+    #[test]
+    fn removals_are_listed_for_revocation() {
+        let (_d, mut s) = store();
+        let a = join(&mut s, 1, "a").unwrap();
+        join(&mut s, 2, "b").unwrap();
+        s.remove_node("prod", "a", T0 + 10).unwrap();
+        let removed = s.removed_since(a.network_id, T0, 64).unwrap();
+        assert_eq!(removed, vec![(key(1), T0 + 10)]);
+        assert!(s
+            .removed_since(a.network_id, T0 + 11, 64)
+            .unwrap()
+            .is_empty());
+        // Joining again ends the revocation.
+        join(&mut s, 1, "a").unwrap();
+        assert!(s.removed_since(a.network_id, T0, 64).unwrap().is_empty());
+    }
+
+    #[test]
+    fn heartbeat_stores_what_the_node_reports() {
+        let (_d, mut s) = store();
+        let a = join(&mut s, 1, "a").unwrap();
+        let report = NodeReport {
+            endpoints: vec!["198.51.100.4:51820".parse().unwrap()],
+            observed: Some("203.0.113.5:40000".parse().unwrap()),
+            home_relay: None,
+        };
+        s.heartbeat(a.network_id, &key(1), &report, T0 + 1).unwrap();
+        let p = &s.peers(a.network_id).unwrap()[0];
+        assert_eq!(
+            (&p.endpoints, p.observed),
+            (&report.endpoints, report.observed)
+        );
+        let row = &s.nodes("prod", T0 + 1).unwrap()[0];
+        assert_eq!(row.endpoints[0], report.observed.unwrap(), "observed first");
     }
 
     #[test]

@@ -23,9 +23,11 @@ pub const MAX_ERROR_TEXT: usize = 512;
 pub const MAX_RELAYS: usize = 16;
 /// Longest relay address (`host:port`).
 pub const MAX_RELAY_ADDR: usize = 255;
+/// Most revocations announced per relay (the newest removals first).
+pub const MAX_REVOCATIONS: usize = 64;
 
-/// Messages a node sends to the controller.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Messages a node sends to the controller. Its `Debug` form never shows the token secret.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientMsg {
     /// First message of a node that holds a join token. The node's key is the Noise static key.
@@ -60,6 +62,44 @@ pub enum ClientMsg {
     },
     /// The node leaves the network for good; the controller deletes it.
     Leave,
+}
+
+impl std::fmt::Debug for ClientMsg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientMsg::Join {
+                token_id,
+                name,
+                endpoints,
+                ..
+            } => f
+                .debug_struct("Join")
+                .field("token_id", token_id)
+                .field("token_secret", &"<hidden>")
+                .field("name", name)
+                .field("endpoints", endpoints)
+                .finish(),
+            ClientMsg::Hello {
+                network,
+                endpoints,
+                home_relay,
+            } => f
+                .debug_struct("Hello")
+                .field("network", network)
+                .field("endpoints", endpoints)
+                .field("home_relay", home_relay)
+                .finish(),
+            ClientMsg::Heartbeat {
+                endpoints,
+                home_relay,
+            } => f
+                .debug_struct("Heartbeat")
+                .field("endpoints", endpoints)
+                .field("home_relay", home_relay)
+                .finish(),
+            ClientMsg::Leave => f.write_str("Leave"),
+        }
+    }
 }
 
 /// Messages the controller sends to a node.
@@ -122,11 +162,16 @@ pub struct PeerInfo {
     pub name: String,
     /// The peer's overlay address.
     pub address: Ipv4Addr,
-    /// Where the peer may be reached: its observed address first, then what it reported.
+    /// Where the peer may be reached: its observed address first, then the reported addresses
+    /// this viewer may probe (see PROTOCOL.md, "Candidates").
     pub endpoints: Vec<SocketAddr>,
     /// The peer's home relay (a standalone relay's name); `None`: the controller's relay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay: Option<String>,
+    /// The address the controller saw the peer's control connection come from (its public
+    /// mapping); `None` from older controllers or for a peer never seen connected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed: Option<SocketAddr>,
 }
 
 /// A standalone relay (one region) as the controller announces it to a node.
@@ -140,6 +185,26 @@ pub struct RelayInfo {
     pub key: PublicKey,
     /// Admits this node at this relay.
     pub ticket: Ticket,
+    /// Nodes recently removed from the node's network, for this relay: the node forwards them
+    /// to the relay, which closes their connections and refuses their old tickets. At most
+    /// [`MAX_REVOCATIONS`]; absent from older controllers (and ignored by older nodes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked: Vec<Revocation>,
+}
+
+/// The controller's word, for one relay, that tickets of `key` in the ticket's network that
+/// expire at or before `expires` are void: the node was removed. A ticket issued after the
+/// removal (the node joined again) expires later and stays valid. The relay may forget a
+/// revocation once `expires` has passed, since every ticket it voids has expired by then.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    /// The removed node's key.
+    pub key: PublicKey,
+    /// Unix seconds: the latest expiry of a ticket the controller issued before the removal.
+    pub expires: u64,
+    /// HMAC-SHA256 over network, node key and expiry (another label than tickets), hex; keyed
+    /// like tickets.
+    pub mac: String,
 }
 
 /// Proof, made by the controller for one relay, that a node belongs to a network until
@@ -260,6 +325,14 @@ pub(crate) fn check_ticket(t: &Ticket) -> Result<(), DecodeError> {
     Ok(())
 }
 
+/// Checks a list of revocations' bounds.
+pub(crate) fn check_revocations(r: &[Revocation]) -> Result<(), DecodeError> {
+    if r.len() > MAX_REVOCATIONS || r.iter().any(|r| r.mac.len() != 64) {
+        return Err(DecodeError::Bounds("revoked"));
+    }
+    Ok(())
+}
+
 fn check_relays(r: &[RelayInfo]) -> Result<(), DecodeError> {
     if r.len() > MAX_RELAYS {
         return Err(DecodeError::Bounds("relays"));
@@ -269,6 +342,7 @@ fn check_relays(r: &[RelayInfo]) -> Result<(), DecodeError> {
             return Err(DecodeError::Bounds("relay"));
         }
         check_ticket(&relay.ticket)?;
+        check_revocations(&relay.revoked)?;
     }
     Ok(())
 }
@@ -388,6 +462,26 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerMsg, DecodeError> {
 }
 
 #[cfg(test)]
+mod debug_tests {
+    use super::ClientMsg;
+
+    #[test]
+    fn a_join_logged_at_debug_level_shows_no_secret() {
+        let join = ClientMsg::Join {
+            token_id: "2438f77a".into(),
+            token_secret: "c0ffee00c0ffee00".into(),
+            name: "n1".into(),
+            endpoints: vec![],
+        };
+        let text = format!("{join:?}");
+        assert!(
+            text.contains("2438f77a") && !text.contains("c0ffee00"),
+            "{text}"
+        );
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -398,6 +492,9 @@ mod tests {
             address: Ipv4Addr::new(100, 64, 0, n),
             endpoints: vec![SocketAddr::from(([192, 0, 2, n], 51820))],
             relay: n.is_multiple_of(2).then(|| "eu-1".to_owned()),
+            observed: n
+                .is_multiple_of(3)
+                .then(|| SocketAddr::from(([192, 0, 2, n], 51820))),
         }
     }
 
@@ -410,6 +507,15 @@ mod tests {
                 network: "prod".into(),
                 expires: 1_900_000_000,
                 mac: "ab".repeat(32),
+            },
+            revoked: if name == "eu-1" {
+                vec![Revocation {
+                    key: PublicKey([4; 32]),
+                    expires: 1_900_000_000,
+                    mac: "cd".repeat(32),
+                }]
+            } else {
+                vec![]
             },
         }
     }
@@ -518,6 +624,23 @@ mod tests {
         assert_eq!(
             decode_client(&m.encode()),
             Err(DecodeError::Bounds("home_relay"))
+        );
+        let mut bad = relay("eu-1");
+        bad.revoked = vec![bad.revoked[0].clone(); MAX_REVOCATIONS + 1];
+        let m = ServerMsg::Relays { relays: vec![bad] };
+        assert_eq!(
+            decode_server(&m.encode()),
+            Err(DecodeError::Bounds("revoked"))
+        );
+        // Fields older builds do not know are left out when empty, and ignored when present.
+        let plain = ServerMsg::Relays {
+            relays: vec![relay("us-1")],
+        }
+        .encode();
+        assert!(!String::from_utf8_lossy(&plain).contains("revoked"));
+        let newer = br#"{"v":1,"msg":{"type":"peers_changed","upsert":[{"key":"BAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQ=","name":"a","address":"100.64.0.4","endpoints":[],"observed":"192.0.2.1:5","future":1}],"remove":[]}}"#;
+        assert!(
+            matches!(decode_server(newer), Ok(ServerMsg::PeersChanged { upsert, .. }) if upsert[0].observed.is_some())
         );
         // An older controller's welcome, without relays, still decodes.
         let old = br#"{"v":1,"msg":{"type":"welcome","network":"p","name":"n","address":"100.64.0.1","prefix_len":16,"peers":[]}}"#;

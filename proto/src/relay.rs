@@ -23,6 +23,10 @@ pub const MAX_FRAGMENTS: usize = 4;
 pub const MAX_MESSAGE: usize = 4096;
 /// Messages being reassembled at once, over all senders.
 pub const MAX_PENDING: usize = 256;
+/// Messages being reassembled at once from one sender: its share of [`MAX_PENDING`]. A sender
+/// at its share loses its own oldest message, never another sender's; when the whole table is
+/// full, the sender with the most pending loses its oldest.
+pub const MAX_PENDING_PER_SENDER: usize = 32;
 /// An incomplete message is dropped after this long.
 pub const REASSEMBLY_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -128,11 +132,13 @@ struct Pending {
     parts: Vec<Option<Vec<u8>>>,
 }
 
-/// Reassembles fragmented messages, bounded in entries and time.
+/// Reassembles fragmented messages, bounded in entries and time, with a share per sender.
 #[derive(Default)]
 pub struct Reassembly {
     pending: HashMap<(PublicKey, u16), Pending>,
     order: VecDeque<(PublicKey, u16)>,
+    /// Pending messages per sender.
+    per_sender: HashMap<PublicKey, usize>,
     dropped: u64,
 }
 
@@ -150,12 +156,20 @@ impl Reassembly {
         self.expire(now);
         let k = (frame.key, frame.id);
         if !self.pending.contains_key(&k) {
-            if self.pending.len() >= MAX_PENDING {
-                if let Some(old) = self.order.pop_front() {
-                    self.pending.remove(&old);
-                    self.dropped += 1;
+            let mine = self.per_sender.get(&frame.key).copied().unwrap_or(0);
+            if mine >= MAX_PENDING_PER_SENDER {
+                self.evict_oldest_of(frame.key);
+            } else if self.pending.len() >= MAX_PENDING {
+                let hog = self
+                    .per_sender
+                    .iter()
+                    .max_by_key(|(_, n)| **n)
+                    .map(|(key, _)| *key);
+                if let Some(hog) = hog {
+                    self.evict_oldest_of(hog);
                 }
             }
+            *self.per_sender.entry(frame.key).or_insert(0) += 1;
             self.pending.insert(
                 k,
                 Pending {
@@ -168,14 +182,13 @@ impl Reassembly {
         let p = self.pending.get_mut(&k)?;
         if p.parts.len() != usize::from(frame.count) {
             // Inconsistent fragment counts: drop the message.
-            self.pending.remove(&k);
+            self.remove(k);
             self.dropped += 1;
             return None;
         }
         p.parts[usize::from(frame.index)] = Some(frame.chunk.to_vec());
         if p.parts.iter().all(Option::is_some) {
-            let p = self.pending.remove(&k)?;
-            self.order.retain(|o| *o != k);
+            let p = self.remove(k)?;
             let mut msg = Vec::new();
             for part in p.parts.into_iter().flatten() {
                 msg.extend_from_slice(&part);
@@ -189,14 +202,34 @@ impl Reassembly {
         None
     }
 
+    /// Takes a message out of every table.
+    fn remove(&mut self, k: (PublicKey, u16)) -> Option<Pending> {
+        let p = self.pending.remove(&k)?;
+        self.order.retain(|o| *o != k);
+        if let Some(n) = self.per_sender.get_mut(&k.0) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_sender.remove(&k.0);
+            }
+        }
+        Some(p)
+    }
+
+    /// Gives up on the oldest pending message of `sender`.
+    fn evict_oldest_of(&mut self, sender: PublicKey) {
+        if let Some(k) = self.order.iter().find(|o| o.0 == sender).copied() {
+            self.remove(k);
+            self.dropped += 1;
+        }
+    }
+
     fn expire(&mut self, now: Instant) {
         while let Some(k) = self.order.front().copied() {
             match self.pending.get(&k) {
                 Some(p) if now.duration_since(p.started) < REASSEMBLY_TIMEOUT => break,
                 Some(_) => {
-                    self.pending.remove(&k);
+                    self.remove(k);
                     self.dropped += 1;
-                    self.order.pop_front();
                 }
                 None => {
                     self.order.pop_front();
@@ -266,12 +299,53 @@ mod tests {
             let frames = encode(&K, id, &msg, 1200).unwrap();
             assert_eq!(r.push(decode(&frames[0]).unwrap(), now), None);
         }
+        assert!(r.pending.len() <= MAX_PENDING_PER_SENDER);
+        assert_eq!(r.dropped(), u64::from(MAX_PENDING as u16 + 10) - 32);
+        // Many senders together stay within the total.
+        for n in 0..20u8 {
+            for id in 0..40u16 {
+                let frames = encode(&PublicKey([n; 32]), id, &msg, 1200).unwrap();
+                r.push(decode(&frames[0]).unwrap(), now);
+            }
+        }
         assert!(r.pending.len() <= MAX_PENDING);
-        assert_eq!(r.dropped(), 10);
+        assert_eq!(r.order.len(), r.pending.len());
+        assert_eq!(r.per_sender.values().sum::<usize>(), r.pending.len());
         let later = now + REASSEMBLY_TIMEOUT;
         let frames = encode(&K, 60000, &msg, 1200).unwrap();
         r.push(decode(&frames[0]).unwrap(), later);
         assert_eq!(r.pending.len(), 1, "old ones expired");
+    }
+
+    #[test]
+    fn a_sender_spraying_partial_frames_does_not_evict_another_senders() {
+        let msg = vec![7u8; 2000];
+        let now = Instant::now();
+        let mut r = Reassembly::default();
+        let victim = PublicKey([1; 32]);
+        let sprayer = PublicKey([2; 32]);
+        // The victim's first fragment arrives...
+        let good = encode(&victim, 42, &msg, 1200).unwrap();
+        assert_eq!(r.push(decode(&good[0]).unwrap(), now), None);
+        // ...then the sprayer sends thousands of first fragments that never complete...
+        for id in 0..5000u16 {
+            let f = encode(&sprayer, id, &msg, 1200).unwrap();
+            assert_eq!(r.push(decode(&f[0]).unwrap(), now), None);
+        }
+        // ...and the victim's message still completes.
+        assert_eq!(
+            r.push(decode(&good[1]).unwrap(), now),
+            Some((victim, msg.clone()))
+        );
+        // Many sprayers together cannot evict it either: the fullest sender pays.
+        assert_eq!(r.push(decode(&good[0]).unwrap(), now), None);
+        for n in 10..30u8 {
+            for id in 0..100u16 {
+                let f = encode(&PublicKey([n; 32]), id, &msg, 1200).unwrap();
+                r.push(decode(&f[0]).unwrap(), now);
+            }
+        }
+        assert_eq!(r.push(decode(&good[1]).unwrap(), now), Some((victim, msg)));
     }
 
     proptest::proptest! {

@@ -9,7 +9,8 @@
 //! of [`crate::control`].
 
 use crate::control::{
-    check_ticket, decode, encode, DecodeError, ErrorCode, Ticket, MAX_ERROR_TEXT,
+    check_revocations, check_ticket, decode, encode, valid_name, DecodeError, ErrorCode,
+    Revocation, Ticket, MAX_ERROR_TEXT,
 };
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -28,6 +29,14 @@ pub enum RelayClientMsg {
         /// Ticket from the controller for this relay.
         ticket: Ticket,
     },
+    /// Revocations the controller made for this relay, forwarded by a node (only to relays
+    /// whose welcome said `revocations`). The relay verifies each; the sender needs no rights.
+    Revoke {
+        /// The network the revocations are for.
+        network: String,
+        /// At most [`crate::control::MAX_REVOCATIONS`].
+        revoked: Vec<Revocation>,
+    },
 }
 
 /// Messages a relay sends to a node.
@@ -40,6 +49,9 @@ pub enum RelayServerMsg {
         observed: SocketAddr,
         /// Unix seconds; the relay closes the connection then unless a renewal came.
         expires: u64,
+        /// The relay accepts `revoke` messages (older relays do not and would close).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        revocations: bool,
     },
     /// Refused; the relay closes the connection after this.
     Error {
@@ -62,6 +74,12 @@ impl RelayClientMsg {
         match &msg {
             RelayClientMsg::Hello { ticket } | RelayClientMsg::Renew { ticket } => {
                 check_ticket(ticket)?
+            }
+            RelayClientMsg::Revoke { network, revoked } => {
+                if !valid_name(network) {
+                    return Err(DecodeError::Bounds("network"));
+                }
+                check_revocations(revoked)?
             }
         }
         Ok(msg)
@@ -103,6 +121,14 @@ mod tests {
         for m in [
             RelayClientMsg::Hello { ticket: ticket() },
             RelayClientMsg::Renew { ticket: ticket() },
+            RelayClientMsg::Revoke {
+                network: "prod".into(),
+                revoked: vec![Revocation {
+                    key: crate::PublicKey([1; 32]),
+                    expires: 1_900_000_000,
+                    mac: "0e".repeat(32),
+                }],
+            },
         ] {
             assert_eq!(RelayClientMsg::decode(&m.encode()), Ok(m));
         }
@@ -110,6 +136,7 @@ mod tests {
             RelayServerMsg::Welcome {
                 observed: SocketAddr::from(([203, 0, 113, 7], 40123)),
                 expires: 1_900_000_000,
+                revocations: true,
             },
             RelayServerMsg::Error {
                 code: ErrorCode::TicketExpired,

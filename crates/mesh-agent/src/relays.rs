@@ -7,9 +7,12 @@
 //! Each relay has its own task: connect (Noise pinned to the relay's key, then the ticket),
 //! hand the connection to the data plane, renew the ticket when the controller sends a fresh
 //! one, and reconnect with backoff when the connection goes.
+//!
+//! It also carries the controller's revocations (nodes removed from the network) to each relay
+//! that accepts them, so that a removed node loses the relays at once; the relay checks them.
 
 use crate::dataplane::DataCmd;
-use mesh_proto::control::{RelayInfo, Ticket};
+use mesh_proto::control::{RelayInfo, Revocation, Ticket};
 use mesh_proto::relay_session::{RelayClientMsg, RelayServerMsg};
 use mesh_relay::client::{self, RelaySession};
 use std::collections::BTreeMap;
@@ -102,6 +105,7 @@ pub struct RelayCtx {
 struct Running {
     info: RelayInfo,
     ticket: watch::Sender<Ticket>,
+    revoked: watch::Sender<Vec<Revocation>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -153,6 +157,13 @@ pub async fn run(
                         }
                         newer
                     });
+                    let _ = r.revoked.send_if_modified(|v| {
+                        let changed = *v != info.revoked;
+                        if changed {
+                            v.clone_from(&info.revoked);
+                        }
+                        changed
+                    });
                 }
                 None => {
                     ctx.shared
@@ -172,8 +183,18 @@ pub async fn run(
                             },
                         );
                     let (ticket, ticket_rx) = watch::channel(info.ticket.clone());
-                    let task = tokio::spawn(maintain(ctx.clone(), info.clone(), ticket_rx));
-                    running.insert(info.name.clone(), Running { info, ticket, task });
+                    let (revoked, revoked_rx) = watch::channel(info.revoked.clone());
+                    let task =
+                        tokio::spawn(maintain(ctx.clone(), info.clone(), ticket_rx, revoked_rx));
+                    running.insert(
+                        info.name.clone(),
+                        Running {
+                            info,
+                            ticket,
+                            revoked,
+                            task,
+                        },
+                    );
                 }
             }
         }
@@ -242,7 +263,12 @@ async fn resolve(addr: &str) -> Result<SocketAddr, String> {
 }
 
 /// Keeps one relay connected.
-async fn maintain(ctx: RelayCtx, info: RelayInfo, mut ticket: watch::Receiver<Ticket>) {
+async fn maintain(
+    ctx: RelayCtx,
+    info: RelayInfo,
+    mut ticket: watch::Receiver<Ticket>,
+    mut revoked: watch::Receiver<Vec<Revocation>>,
+) {
     let name = info.name.clone();
     let mut backoff = Duration::from_secs(1);
     loop {
@@ -264,7 +290,7 @@ async fn maintain(ctx: RelayCtx, info: RelayInfo, mut ticket: watch::Receiver<Ti
             Ok(session) => {
                 backoff = Duration::from_secs(1);
                 info!(relay = %name, observed = %session.observed, rtt_ms = session.conn.rtt().as_millis() as u64, "connected to relay");
-                let reason = serve(&ctx, &name, session, &mut ticket).await;
+                let reason = serve(&ctx, &name, session, &mut ticket, &mut revoked).await;
                 warn!(relay = %name, %reason, "relay connection lost; reconnecting");
                 ctx.shared.set(&name, |s| {
                     s.connected = false;
@@ -290,6 +316,7 @@ async fn serve(
     name: &str,
     mut session: RelaySession,
     ticket: &mut watch::Receiver<Ticket>,
+    revoked: &mut watch::Receiver<Vec<Revocation>>,
 ) -> String {
     let conn = session.conn.clone();
     ctx.shared.conns().insert(name.to_owned(), conn.clone());
@@ -304,9 +331,35 @@ async fn serve(
         .data
         .send(DataCmd::RelayRegion(name.to_owned(), Some(conn.clone())))
         .await;
+    // The relay learns of removed nodes from whichever member tells it first.
+    let revocations = session.revocations;
+    let network = ticket.borrow().network.clone();
+    let first = revoked.borrow_and_update().clone();
+    if revocations && !first.is_empty() {
+        let msg = RelayClientMsg::Revoke {
+            network: network.clone(),
+            revoked: first,
+        };
+        if let Err(e) = session.tx.send(&msg.encode()).await {
+            return e.to_string();
+        }
+    }
     let reason = loop {
         tokio::select! {
             e = conn.closed() => break e.to_string(),
+            r = revoked.changed() => {
+                if r.is_err() {
+                    break "stopped".to_owned();
+                }
+                let list = revoked.borrow_and_update().clone();
+                if revocations && !list.is_empty() {
+                    debug!(relay = %name, count = list.len(), "forwarding revocations");
+                    let msg = RelayClientMsg::Revoke { network: network.clone(), revoked: list };
+                    if let Err(e) = session.tx.send(&msg.encode()).await {
+                        break e.to_string();
+                    }
+                }
+            }
             r = ticket.changed() => {
                 if r.is_err() {
                     break "stopped".to_owned();
@@ -346,7 +399,95 @@ async fn serve(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+    use mesh_proto::PublicKey;
+
+    fn keypair(seed: u8) -> ([u8; 32], PublicKey) {
+        let secret = [seed; 32];
+        let public = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(secret));
+        (secret, PublicKey(public.to_bytes()))
+    }
+
+    fn unix_now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    }
+
+    /// A member's relay task carries the controller's revocations to the relay, which then
+    /// disconnects the removed node.
+    #[tokio::test]
+    async fn revocations_from_the_controller_reach_the_relay() {
+        let (controller, controller_pub) = keypair(1);
+        let (relay_secret, relay_key) = keypair(2);
+        let relay = mesh_relay::server::Relay::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            relay_secret,
+            &controller_pub,
+        )
+        .unwrap();
+        let addr = relay.local_addr().unwrap();
+        let forwarder = relay.forwarder();
+        tokio::spawn(relay.run(std::future::pending()));
+        let issuer = mesh_relay::TicketKey::new(&controller, &relay_key);
+        let expires = unix_now() + 3600;
+
+        // The node that will be removed, connected by hand.
+        let (victim_secret, victim) = keypair(3);
+        let victim_ep = mesh_control::quic::bind_client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let v = client::connect(
+            &victim_ep,
+            addr,
+            &relay_key,
+            &victim_secret,
+            issuer.issue("prod", &victim, expires),
+            CONNECT_TIMEOUT,
+        )
+        .await
+        .unwrap();
+
+        // A member runs the relay task as the agent does.
+        let (member_secret, member) = keypair(4);
+        let (data, mut data_rx) = mpsc::channel(16);
+        tokio::spawn(async move { while data_rx.recv().await.is_some() {} });
+        let ctx = RelayCtx {
+            endpoint: mesh_control::quic::bind_client("127.0.0.1:0".parse().unwrap()).unwrap(),
+            node_key: member_secret,
+            data,
+            shared: RelayShared::default(),
+        };
+        let info = RelayInfo {
+            name: "eu-1".into(),
+            addr: addr.to_string(),
+            key: relay_key,
+            ticket: issuer.issue("prod", &member, expires),
+            revoked: vec![],
+        };
+        let (list_tx, list) = watch::channel(vec![info.clone()]);
+        let (home, _home_rx) = watch::channel(None);
+        let (_stop, shutdown) = watch::channel(false);
+        tokio::spawn(run(ctx.clone(), list, home, shutdown));
+        let t = std::time::Instant::now();
+        while !forwarder.is_connected("prod", &member) {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "member never connected"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        // The controller pushes the relay list again, now with a revocation.
+        let mut with_revocation = info;
+        with_revocation.revoked = vec![issuer.revoke("prod", &victim, expires)];
+        list_tx.send_replace(vec![with_revocation]);
+        tokio::time::timeout(Duration::from_secs(5), v.conn.closed())
+            .await
+            .expect("the removed node is disconnected");
+        assert!(!forwarder.is_connected("prod", &victim));
+        assert!(forwarder.is_connected("prod", &member), "the member stays");
+    }
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)

@@ -4,6 +4,11 @@
 //! handshake messages, an application message of up to
 //! [`mesh_proto::control::MAX_MESSAGE_LEN`] bytes is split into chunks; each chunk's plaintext
 //! is `[flag][data]`, flag 1 on the last chunk of a message and 0 otherwise.
+//!
+//! The responder (controller or relay) reads at most [`MAX_UNADMITTED_LEN`] bytes per message
+//! until it calls [`Receiver::set_limit`] after admitting the peer, so a stranger cannot make it
+//! buffer a 1 MiB message before proving anything. A message over the limit closes the
+//! connection with [`CLOSE_MESSAGE_TOO_LARGE`].
 
 use mesh_proto::control::MAX_MESSAGE_LEN;
 use mesh_proto::PublicKey;
@@ -14,6 +19,13 @@ pub const NOISE_PATTERN: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
 /// QUIC application close code sent by the responder when the initiator's first message does
 /// not decrypt: the initiator expected another responder key.
 pub const CLOSE_HANDSHAKE_FAILED: u32 = 0x4d01;
+/// QUIC application close code sent by a receiver when a message exceeds its current limit.
+pub const CLOSE_MESSAGE_TOO_LARGE: u32 = 0x4d03;
+/// Largest message a responder reads before it admits the peer (join, hello, a relay ticket:
+/// a few hundred bytes each).
+pub const MAX_UNADMITTED_LEN: usize = 4096;
+/// Largest Noise handshake message accepted (IK message 1 with an empty payload is 96 bytes).
+const MAX_HANDSHAKE_FRAME: usize = 1024;
 /// Prologue label (followed by keying material exported from the QUIC session).
 const PROLOGUE_LABEL: &[u8] = b"mesh-control/1";
 const EXPORTER_LABEL: &[u8] = b"EXPORTER-mesh-noise-prologue";
@@ -39,6 +51,15 @@ pub enum ChannelError {
     /// A message broke the framing or exceeded its bound.
     #[error("protocol violation: {0}")]
     Protocol(String),
+    /// A message (or a handshake message) is larger than the receiver accepts now; the
+    /// connection was closed.
+    #[error("message of at least {len} bytes exceeds the limit of {limit} bytes (before admission only join, hello or a relay ticket may be sent); connection closed")]
+    TooLarge {
+        /// Bytes announced or received so far.
+        len: usize,
+        /// The limit in force.
+        limit: usize,
+    },
 }
 
 fn noise_err(e: snow::Error) -> ChannelError {
@@ -80,10 +101,15 @@ async fn write_frame(send: &mut quinn::SendStream, msg: &[u8]) -> Result<(), Cha
     send.write_all(&framed).await.map_err(write_err)
 }
 
-async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Vec<u8>, ChannelError> {
+/// Reads one frame of at most `max` bytes; a larger one is refused before its body is read.
+async fn read_frame(recv: &mut quinn::RecvStream, max: usize) -> Result<Vec<u8>, ChannelError> {
     let mut len = [0u8; 2];
     recv.read_exact(&mut len).await.map_err(read_err)?;
-    let mut msg = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    let len = usize::from(u16::from_be_bytes(len));
+    if len > max {
+        return Err(ChannelError::TooLarge { len, limit: max });
+    }
+    let mut msg = vec![0u8; len];
     recv.read_exact(&mut msg).await.map_err(read_err)?;
     Ok(msg)
 }
@@ -112,7 +138,7 @@ pub async fn initiate(
     let mut buf = vec![0u8; MAX_NOISE_MSG];
     let n = hs.write_message(&[], &mut buf).map_err(noise_err)?;
     write_frame(&mut send, &buf[..n]).await?;
-    let reply = match read_frame(&mut recv).await {
+    let reply = match read_frame(&mut recv, MAX_HANDSHAKE_FRAME).await {
         Ok(r) => r,
         Err(ChannelError::Connection(quinn::ConnectionError::ApplicationClosed(c)))
             if c.error_code == quinn::VarInt::from_u32(CLOSE_HANDSHAKE_FAILED) =>
@@ -124,17 +150,31 @@ pub async fn initiate(
     hs.read_message(&reply, &mut buf)
         .map_err(|_| ChannelError::KeyMismatch)?;
     let transport = hs.into_transport_mode().map_err(noise_err)?;
-    Ok(split(send, recv, transport))
+    Ok(split(conn, send, recv, transport, MAX_MESSAGE_LEN))
 }
 
-/// Accepts the channel as the controller. Returns the node's proven key.
+/// Closes `conn` with [`CLOSE_MESSAGE_TOO_LARGE`] when `e` is [`ChannelError::TooLarge`].
+fn close_if_too_large(conn: &quinn::Connection, e: &ChannelError) {
+    if let ChannelError::TooLarge { len, limit } = e {
+        conn.close(
+            quinn::VarInt::from_u32(CLOSE_MESSAGE_TOO_LARGE),
+            format!("message of {len} bytes over the limit of {limit}").as_bytes(),
+        );
+    }
+}
+
+/// Accepts the channel as the controller or a relay. Returns the node's proven key. The
+/// receiver accepts messages of at most [`MAX_UNADMITTED_LEN`] bytes until
+/// [`Receiver::set_limit`] raises the limit.
 pub async fn accept(
     conn: &quinn::Connection,
     local_private: &[u8; 32],
 ) -> Result<(Sender, Receiver, PublicKey), ChannelError> {
     let prologue = prologue(conn).await?;
     let (mut send, mut recv) = conn.accept_bi().await?;
-    let first = read_frame(&mut recv).await?;
+    let first = read_frame(&mut recv, MAX_HANDSHAKE_FRAME)
+        .await
+        .inspect_err(|e| close_if_too_large(conn, e))?;
     let mut hs = snow::Builder::new(builder_params()?)
         .local_private_key(local_private)
         .and_then(|b| b.prologue(&prologue))
@@ -157,14 +197,16 @@ pub async fn accept(
     let n = hs.write_message(&[], &mut buf).map_err(noise_err)?;
     write_frame(&mut send, &buf[..n]).await?;
     let transport = hs.into_transport_mode().map_err(noise_err)?;
-    let (tx, rx) = split(send, recv, transport);
+    let (tx, rx) = split(conn, send, recv, transport, MAX_UNADMITTED_LEN);
     Ok((tx, rx, PublicKey(remote)))
 }
 
 fn split(
+    conn: &quinn::Connection,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     transport: snow::TransportState,
+    limit: usize,
 ) -> (Sender, Receiver) {
     let state = Arc::new(Mutex::new(transport));
     (
@@ -174,9 +216,11 @@ fn split(
             buf: vec![0u8; MAX_NOISE_MSG],
         },
         Receiver {
+            conn: conn.clone(),
             recv,
             state,
             buf: vec![0u8; MAX_NOISE_MSG],
+            limit,
         },
     )
 }
@@ -234,25 +278,55 @@ impl Sender {
 
 /// Receiving half of the channel.
 pub struct Receiver {
+    conn: quinn::Connection,
     recv: quinn::RecvStream,
     state: Arc<Mutex<snow::TransportState>>,
     buf: Vec<u8>,
+    limit: usize,
 }
 
 impl Receiver {
-    /// Receives one whole message. Cancel-safe only between messages; use it from one task.
+    /// Sets the largest message accepted from now on (at most `MAX_MESSAGE_LEN`): a server
+    /// raises it once the peer is admitted.
+    pub fn set_limit(&mut self, limit: usize) {
+        self.limit = limit.min(MAX_MESSAGE_LEN);
+    }
+
+    /// Receives one whole message. Cancel-safe only between messages; use it from one task. A
+    /// message over the limit closes the connection ([`CLOSE_MESSAGE_TOO_LARGE`]).
     pub async fn recv(&mut self) -> Result<Vec<u8>, ChannelError> {
+        let r = self.recv_inner().await;
+        if let Err(e) = &r {
+            close_if_too_large(&self.conn, e);
+        }
+        r
+    }
+
+    async fn recv_inner(&mut self) -> Result<Vec<u8>, ChannelError> {
         let mut msg = Vec::new();
         loop {
-            let frame = read_frame(&mut self.recv).await?;
+            // A chunk's ciphertext is its data plus the flag byte and the tag.
+            let max_frame = (self.limit.saturating_sub(msg.len()) + 1 + TAG_LEN).min(MAX_NOISE_MSG);
+            let frame = read_frame(&mut self.recv, max_frame)
+                .await
+                .map_err(|e| match e {
+                    ChannelError::TooLarge { len, .. } => ChannelError::TooLarge {
+                        len: msg.len() + len.saturating_sub(1 + TAG_LEN),
+                        limit: self.limit,
+                    },
+                    e => e,
+                })?;
             let n = lock(&self.state)?
                 .read_message(&frame, &mut self.buf)
                 .map_err(|e| ChannelError::Protocol(format!("undecryptable chunk: {e}")))?;
             let Some((&flag, data)) = self.buf[..n].split_first() else {
                 return Err(ChannelError::Protocol("empty chunk".into()));
             };
-            if msg.len() + data.len() > MAX_MESSAGE_LEN {
-                return Err(ChannelError::Protocol("message over the limit".into()));
+            if msg.len() + data.len() > self.limit {
+                return Err(ChannelError::TooLarge {
+                    len: msg.len() + data.len(),
+                    limit: self.limit,
+                });
             }
             msg.extend_from_slice(data);
             if flag == 1 {

@@ -1,16 +1,43 @@
-//! QUIC configuration shared by agents and the controller.
+//! QUIC configuration shared by agents, the controller and standalone relays.
+//!
+//! The protocol needs little from QUIC: one bidirectional stream per connection (the Noise
+//! channel, opened by the node), no unidirectional streams, and datagrams for relayed frames.
+//! The transport limits say exactly that, so that one peer cannot make a server hold more than
+//! a bounded amount of memory: see [`server_transport`] and [`Gate`] for the numbers.
 
-use std::sync::Arc;
-use std::time::Duration;
+use mesh_proto::control::MAX_MESSAGE_LEN;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tracing::warn;
 
 /// ALPN of the mesh control protocol.
 pub const ALPN: &[u8] = b"mesh/1";
-/// QUIC keepalive: well under common NAT UDP timeouts.
-pub const KEEPALIVE: Duration = Duration::from_secs(5);
+/// QUIC keepalive: well under common NAT UDP timeouts, and often enough that a few lost
+/// packets do not reach [`IDLE_TIMEOUT`].
+pub const KEEPALIVE: Duration = Duration::from_secs(2);
 /// Bytes of relayed datagrams queued per connection and direction.
 pub const RELAY_BUFFER: usize = 512 * 1024;
-/// A control connection that hears nothing for this long is dead.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+/// A connection that hears nothing for this long is dead. QUIC uses the smaller of both sides'
+/// values, and restarts the timer when it sends the first ack-eliciting packet after a
+/// receipt, so a dead peer is noticed within `KEEPALIVE + IDLE_TIMEOUT` (8 s), under the 10 s
+/// that `mesh status` promises.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(6);
+/// Bidirectional streams a node may open toward a server at once: the Noise channel only.
+pub const SERVER_MAX_BIDI_STREAMS: u32 = 1;
+/// Per-stream receive window at a server. Nodes send small messages (join, hello, heartbeat,
+/// ticket renewals: a few KB); two maximal Noise frames (64 KiB each) keep them flowing.
+pub const SERVER_STREAM_WINDOW: u32 = 128 * 1024;
+/// Bytes a server buffers for sending per connection: the largest control message.
+pub const SERVER_SEND_WINDOW: u64 = MAX_MESSAGE_LEN as u64 + 64 * 1024;
+/// Per-stream receive window at a node: the largest control message (a full peer list).
+pub const CLIENT_STREAM_WINDOW: u32 = MAX_MESSAGE_LEN as u32 + 64 * 1024;
+/// Connection attempts quinn queues before the server looks at them.
+pub const MAX_INCOMING: usize = 1024;
+/// Bytes buffered for one connection attempt before the server accepts it.
+pub const INCOMING_BUFFER: u64 = 64 * 1024;
+/// Bytes buffered for all connection attempts together.
+pub const INCOMING_BUFFER_TOTAL: u64 = 16 * 1024 * 1024;
 
 /// Building a QUIC configuration failed.
 #[derive(Debug, thiserror::Error)]
@@ -53,7 +80,7 @@ pub fn controller_endpoint_config(controller_secret: &[u8; 32]) -> quinn::Endpoi
     c
 }
 
-fn transport() -> Arc<quinn::TransportConfig> {
+fn base_transport() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(KEEPALIVE));
     // Relayed WireGuard messages travel as datagrams. These buffers bound what one node can
@@ -63,6 +90,33 @@ fn transport() -> Arc<quinn::TransportConfig> {
     if let Ok(idle) = IDLE_TIMEOUT.try_into() {
         t.max_idle_timeout(Some(idle));
     }
+    // Nothing in the protocol uses unidirectional streams.
+    t.max_concurrent_uni_streams(0u32.into());
+    t
+}
+
+/// Transport limits of a server (controller or relay), per connection: one bidirectional
+/// stream, no unidirectional one, [`SERVER_STREAM_WINDOW`] of unread stream data,
+/// [`SERVER_SEND_WINDOW`] of unsent data, and the datagram buffers ([`RELAY_BUFFER`] each way).
+/// About 2.2 MiB at most per connection (quinn's defaults allowed 200 streams of 1.2 MB
+/// each and an unbounded connection window).
+pub fn server_transport() -> Arc<quinn::TransportConfig> {
+    let mut t = base_transport();
+    t.max_concurrent_bidi_streams(SERVER_MAX_BIDI_STREAMS.into());
+    t.stream_receive_window(SERVER_STREAM_WINDOW.into());
+    t.receive_window(SERVER_STREAM_WINDOW.into());
+    t.send_window(SERVER_SEND_WINDOW);
+    Arc::new(t)
+}
+
+/// Transport limits of a node: servers never open streams toward it; one control message at a
+/// time in flight.
+fn client_transport() -> Arc<quinn::TransportConfig> {
+    let mut t = base_transport();
+    t.max_concurrent_bidi_streams(0u32.into());
+    t.stream_receive_window(CLIENT_STREAM_WINDOW.into());
+    t.receive_window(CLIENT_STREAM_WINDOW.into());
+    t.send_window(u64::from(SERVER_STREAM_WINDOW));
     Arc::new(t)
 }
 
@@ -118,7 +172,11 @@ pub fn server_config() -> Result<quinn::ServerConfig, ConfigError> {
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(err)?;
     let mut c = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    c.transport_config(transport());
+    c.transport_config(server_transport());
+    c.max_incoming(MAX_INCOMING);
+    c.incoming_buffer_size(INCOMING_BUFFER);
+    c.incoming_buffer_size_total(INCOMING_BUFFER_TOTAL);
+    // Connection migration is how a node survives a NAT rebinding; keep quinn's default (on).
     Ok(c)
 }
 
@@ -135,7 +193,7 @@ pub fn client_config() -> Result<quinn::ClientConfig, ConfigError> {
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(err)?;
     let mut c = quinn::ClientConfig::new(Arc::new(crypto));
-    c.transport_config(transport());
+    c.transport_config(client_transport());
     Ok(c)
 }
 
@@ -186,5 +244,220 @@ impl rustls::client::danger::ServerCertVerifier for NoiseAuthenticated {
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// QUIC application close code: the node's key connected again, and the newer connection
+/// replaced this one (one connection per node key).
+pub const CLOSE_REPLACED: u32 = 0x4d04;
+
+/// Connection limits of a server (controller or standalone relay).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// Connections open at once, handshakes included; more are refused (default 10,000).
+    pub max_connections: usize,
+    /// Connections still in their handshake (QUIC, Noise, first message) beyond which a new
+    /// attempt must first prove its address with a QUIC Retry (default 64).
+    pub max_unvalidated_handshakes: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            max_connections: 10_000,
+            max_unvalidated_handshakes: 64,
+        }
+    }
+}
+
+/// What to do with a connection attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Go ahead with the handshake.
+    Accept,
+    /// Send a QUIC Retry: the client must show it receives packets at its source address.
+    Retry,
+    /// At the connection limit: refuse.
+    Refuse,
+}
+
+/// The admission rule for one connection attempt: refuse at the connection limit; while many
+/// handshakes are in flight, accept only addresses that a Retry has validated.
+pub fn decide(
+    limits: &ServerLimits,
+    connections: usize,
+    handshakes: usize,
+    validated: bool,
+    may_retry: bool,
+) -> Decision {
+    if connections >= limits.max_connections {
+        Decision::Refuse
+    } else if !validated && handshakes >= limits.max_unvalidated_handshakes {
+        if may_retry {
+            Decision::Retry
+        } else {
+            // A client that already got a Retry but whose token did not validate.
+            Decision::Refuse
+        }
+    } else {
+        Decision::Accept
+    }
+}
+
+/// Totals of a [`Gate`] since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GateCounters {
+    /// Connections open now (handshakes included).
+    pub connections: usize,
+    /// Connections still in their handshake now.
+    pub handshakes: usize,
+    /// Attempts refused at the connection limit.
+    pub refused: u64,
+    /// Attempts answered with a Retry.
+    pub retried: u64,
+}
+
+/// Counts a server's connections and applies [`decide`] to each attempt.
+pub struct Gate {
+    limits: ServerLimits,
+    connections: AtomicUsize,
+    handshakes: AtomicUsize,
+    refused: AtomicU64,
+    retried: AtomicU64,
+    last_warning: Mutex<Option<Instant>>,
+}
+
+/// Holds one connection's place in a [`Gate`] until dropped.
+pub struct Slot {
+    gate: Arc<Gate>,
+    handshaking: bool,
+}
+
+impl Slot {
+    /// The peer is authenticated and admitted: it no longer counts as a handshake.
+    pub fn established(&mut self) {
+        if std::mem::take(&mut self.handshaking) {
+            self.gate.handshakes.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.established();
+        self.gate.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How often a server under its connection limit says so in the log.
+const BUSY_WARNING_EVERY: Duration = Duration::from_secs(10);
+
+impl Gate {
+    /// A gate with no connections.
+    pub fn new(limits: ServerLimits) -> Arc<Gate> {
+        Arc::new(Gate {
+            limits,
+            connections: AtomicUsize::new(0),
+            handshakes: AtomicUsize::new(0),
+            refused: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
+            last_warning: Mutex::new(None),
+        })
+    }
+
+    /// Decides on `incoming`: returns it with its slot when it may proceed, or disposes of it
+    /// (Retry or refusal) and returns `None`.
+    pub fn admit(self: &Arc<Self>, incoming: quinn::Incoming) -> Option<(quinn::Incoming, Slot)> {
+        let connections = self.connections.load(Ordering::Relaxed);
+        let handshakes = self.handshakes.load(Ordering::Relaxed);
+        match decide(
+            &self.limits,
+            connections,
+            handshakes,
+            incoming.remote_address_validated(),
+            incoming.may_retry(),
+        ) {
+            Decision::Accept => {
+                self.connections.fetch_add(1, Ordering::Relaxed);
+                self.handshakes.fetch_add(1, Ordering::Relaxed);
+                Some((
+                    incoming,
+                    Slot {
+                        gate: self.clone(),
+                        handshaking: true,
+                    },
+                ))
+            }
+            Decision::Retry => {
+                self.retried.fetch_add(1, Ordering::Relaxed);
+                if incoming.retry().is_err() {
+                    // Cannot happen after `may_retry`; nothing more to do with it.
+                    self.refused.fetch_add(1, Ordering::Relaxed);
+                }
+                None
+            }
+            Decision::Refuse => {
+                let total = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+                let remote = incoming.remote_address();
+                incoming.refuse();
+                self.warn_busy(remote, connections, total);
+                None
+            }
+        }
+    }
+
+    fn warn_busy(&self, remote: std::net::SocketAddr, connections: usize, total: u64) {
+        let mut last = self.last_warning.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| t.elapsed() < BUSY_WARNING_EVERY) {
+            return;
+        }
+        *last = Some(Instant::now());
+        warn!(
+            %remote,
+            connections,
+            limit = self.limits.max_connections,
+            refused_total = total,
+            "refusing connections: the server is at its connection limit; if this many nodes are expected, raise the limit (ServerLimits::max_connections)"
+        );
+    }
+
+    /// Counters since start.
+    pub fn counters(&self) -> GateCounters {
+        GateCounters {
+            connections: self.connections.load(Ordering::Relaxed),
+            handshakes: self.handshakes.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
+            retried: self.retried.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admission_rule() {
+        let l = ServerLimits {
+            max_connections: 10,
+            max_unvalidated_handshakes: 3,
+        };
+        assert_eq!(decide(&l, 0, 0, false, true), Decision::Accept);
+        assert_eq!(decide(&l, 5, 2, false, true), Decision::Accept);
+        // Many handshakes in flight: prove the address first.
+        assert_eq!(decide(&l, 5, 3, false, true), Decision::Retry);
+        assert_eq!(decide(&l, 5, 3, true, false), Decision::Accept);
+        assert_eq!(decide(&l, 5, 3, false, false), Decision::Refuse);
+        // At the limit: nobody, validated or not.
+        assert_eq!(decide(&l, 10, 0, true, false), Decision::Refuse);
+    }
+
+    #[test]
+    fn liveness_is_within_ten_seconds() {
+        // `mesh status` must show a dead controller within 10 s. The idle timer restarts when
+        // the first keepalive after the last receipt goes out, so the worst case is both.
+        assert!(KEEPALIVE + IDLE_TIMEOUT <= Duration::from_secs(8));
+        // Several keepalives fit in one idle period, so losing one or two is harmless.
+        assert!(KEEPALIVE * 3 <= IDLE_TIMEOUT);
     }
 }

@@ -48,6 +48,8 @@ pub struct RelaySession {
     pub observed: SocketAddr,
     /// Unix seconds until which the relay admits the node.
     pub expires: u64,
+    /// The relay accepts forwarded revocations (`RelayClientMsg::Revoke`).
+    pub revocations: bool,
 }
 
 /// Connects to the relay at `addr`, pins `relay_key`, proves `node_private`, shows `ticket`.
@@ -77,12 +79,17 @@ pub async fn connect(
             .map_err(|e| unreachable(e.to_string()))?;
         let reply = rx.recv().await.map_err(|e| unreachable(e.to_string()))?;
         match RelayServerMsg::decode(&reply).map_err(|e| unreachable(e.to_string()))? {
-            RelayServerMsg::Welcome { observed, expires } => Ok(RelaySession {
+            RelayServerMsg::Welcome {
+                observed,
+                expires,
+                revocations,
+            } => Ok(RelaySession {
                 conn,
                 tx,
                 rx,
                 observed,
                 expires,
+                revocations,
             }),
             RelayServerMsg::Error { code, message } => {
                 conn.close(0u32.into(), b"refused");

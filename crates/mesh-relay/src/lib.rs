@@ -13,6 +13,12 @@
 //!   controller: the ticket key comes from a Diffie-Hellman between the controller's and the
 //!   relay's static keys, so only public keys are exchanged when a relay is set up.
 //!
+//! One connection per node key: a node that connects again replaces its older connection. A
+//! removed node loses the relay at once: the embedded relay takes it out of the table when the
+//! controller sees the removal; a standalone relay gets the controller's revocation (MAC'd like
+//! tickets, see [`ticket`]) from any connected member, closes the node's connection and refuses
+//! its old tickets.
+//!
 //! What one node may have queued is bounded by the QUIC datagram buffers of its connection
 //! ([`mesh_control::quic::RELAY_BUFFER`] each way); beyond that the oldest datagrams go.
 

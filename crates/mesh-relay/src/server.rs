@@ -2,20 +2,24 @@
 //! handshake plus controller ticket, and forwards their frames.
 
 use crate::forward::Forwarder;
-use crate::ticket::{TicketError, TicketKey};
+use crate::ticket::{Revocations, TicketError, TicketKey};
 use anyhow::Context as _;
+use mesh_control::quic::{Gate, ServerLimits, Slot};
 use mesh_control::{channel, quic};
 use mesh_proto::control::{ErrorCode, Ticket};
 use mesh_proto::relay_session::{RelayClientMsg, RelayServerMsg};
 use mesh_proto::PublicKey;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tracing::{debug, info, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 /// Time a node has to finish the handshake and show its ticket.
 const ADMISSION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest message an admitted node may send (a renewal, or a list of revocations).
+const MAX_ADMITTED_MESSAGE: usize = 64 * 1024;
 /// QUIC close code when the ticket ran out without renewal.
 pub const CLOSE_TICKET_EXPIRED: u32 = 0x4d02;
 
@@ -29,28 +33,63 @@ fn unix_now() -> u64 {
 /// A bound relay, ready to run.
 pub struct Relay {
     endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+}
+
+/// What every connection task of a relay uses.
+struct Shared {
     secret: [u8; 32],
     tickets: TicketKey,
     forwarder: Arc<Forwarder>,
+    gate: Arc<Gate>,
+    revocations: Mutex<Revocations>,
+    /// Revocations that did not verify (another relay's, forged, or for another network).
+    bad_revocations: AtomicU64,
+}
+
+impl Shared {
+    fn revocations(&self) -> std::sync::MutexGuard<'_, Revocations> {
+        self.revocations.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl Relay {
     /// Binds `listen` with the relay's private key, admitting nodes with tickets from the
-    /// controller whose public key is `controller`.
+    /// controller whose public key is `controller`, with the default [`ServerLimits`].
     pub fn bind(
         listen: SocketAddr,
         secret: [u8; 32],
         controller: &PublicKey,
+    ) -> anyhow::Result<Relay> {
+        Relay::bind_with(listen, secret, controller, ServerLimits::default())
+    }
+
+    /// [`Relay::bind`] with explicit connection limits.
+    pub fn bind_with(
+        listen: SocketAddr,
+        secret: [u8; 32],
+        controller: &PublicKey,
+        limits: ServerLimits,
     ) -> anyhow::Result<Relay> {
         // Stable reset keys: after a restart, nodes learn at once that their connection is gone
         // and reconnect, instead of waiting for the idle timeout.
         let endpoint = quic::bind_server(listen, &secret)?;
         Ok(Relay {
             endpoint,
-            tickets: TicketKey::new(&secret, controller),
-            secret,
-            forwarder: Forwarder::new(),
+            shared: Arc::new(Shared {
+                tickets: TicketKey::new(&secret, controller),
+                secret,
+                forwarder: Forwarder::new(),
+                gate: Gate::new(limits),
+                revocations: Mutex::new(Revocations::default()),
+                bad_revocations: AtomicU64::new(0),
+            }),
         })
+    }
+
+    /// Connection counters (open, refused, retried).
+    pub fn gate(&self) -> Arc<Gate> {
+        self.shared.gate.clone()
     }
 
     /// The address actually bound.
@@ -60,21 +99,22 @@ impl Relay {
 
     /// The forwarding table, for counters.
     pub fn forwarder(&self) -> Arc<Forwarder> {
-        self.forwarder.clone()
+        self.shared.forwarder.clone()
     }
 
     /// Serves until `shutdown` completes.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let shared = Arc::new((self.secret, self.tickets, self.forwarder));
+        let shared = self.shared.clone();
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
                     let remote = incoming.remote_address();
+                    let Some((incoming, slot)) = shared.gate.admit(incoming) else { continue };
                     let shared = shared.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = admit(incoming, &shared.0, &shared.1, &shared.2).await {
+                        if let Err(e) = admit(incoming, slot, &shared).await {
                             debug!(error = %format!("{e:#}"), "connection ended");
                         }
                     }.instrument(tracing::info_span!("node", %remote)));
@@ -105,12 +145,39 @@ async fn refuse(tx: &mut channel::Sender, conn: &quinn::Connection, msg: RelaySe
     let _ = tokio::time::timeout(Duration::from_secs(3), conn.closed()).await;
 }
 
-async fn admit(
-    incoming: quinn::Incoming,
-    secret: &[u8; 32],
-    tickets: &TicketKey,
-    forwarder: &Arc<Forwarder>,
-) -> anyhow::Result<()> {
+fn revoked_refusal() -> RelayServerMsg {
+    RelayServerMsg::Error {
+        code: ErrorCode::TicketInvalid,
+        message: "relay ticket revoked: this node was removed from its network; join again (`mesh join <token>`) to get new tickets".into(),
+    }
+}
+
+/// Verifies and applies revocations a node forwarded; returns how many connections closed.
+fn apply_revocations(
+    shared: &Shared,
+    network: &str,
+    revoked: &[mesh_proto::control::Revocation],
+) -> usize {
+    let now = unix_now();
+    let mut closed = 0;
+    for r in revoked {
+        if !shared.tickets.verify_revocation(network, r) {
+            shared.bad_revocations.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        if shared.revocations().insert(network, &r.key, r.expires, now) {
+            info!(%network, node = %r.key, "revocation accepted");
+        }
+        if shared.forwarder.revoke(network, &r.key, r.expires) {
+            info!(%network, node = %r.key, "revoked node disconnected");
+            closed += 1;
+        }
+    }
+    closed
+}
+
+async fn admit(incoming: quinn::Incoming, mut slot: Slot, shared: &Shared) -> anyhow::Result<()> {
+    let (secret, tickets, forwarder) = (&shared.secret, &shared.tickets, &shared.forwarder);
     let conn = incoming.await?;
     let (mut tx, mut rx, key, ticket) = tokio::time::timeout(ADMISSION_TIMEOUT, async {
         let (tx, mut rx, key) = channel::accept(&conn, secret).await?;
@@ -121,7 +188,7 @@ async fn admit(
     .context("admission timed out")??;
     let ticket: Ticket = match ticket {
         Ok(RelayClientMsg::Hello { ticket }) => ticket,
-        Ok(RelayClientMsg::Renew { .. }) => {
+        Ok(RelayClientMsg::Renew { .. } | RelayClientMsg::Revoke { .. }) => {
             let message = "the first message must be hello".to_owned();
             let code = ErrorCode::BadRequest;
             refuse(&mut tx, &conn, RelayServerMsg::Error { code, message }).await;
@@ -138,15 +205,26 @@ async fn admit(
         refuse(&mut tx, &conn, refusal(&e)).await;
         return Ok(());
     }
+    if shared
+        .revocations()
+        .voids(&ticket.network, &key, ticket.expires)
+    {
+        refuse(&mut tx, &conn, revoked_refusal()).await;
+        return Ok(());
+    }
     let network = ticket.network;
     let mut expires = ticket.expires;
     let welcome = |expires| RelayServerMsg::Welcome {
         observed: conn.remote_address(),
         expires,
+        revocations: true,
     };
     tx.send(&welcome(expires).encode()).await?;
+    slot.established();
+    rx.set_limit(MAX_ADMITTED_MESSAGE);
     info!(%network, node = %key, "node admitted");
-    let forwarding = forwarder.serve(&network, key, conn.clone());
+    let attachment = forwarder.attach(&network, key, conn.clone(), expires);
+    let forwarding = attachment.forward();
     tokio::pin!(forwarding);
     loop {
         let left = Duration::from_secs(expires.saturating_sub(unix_now()));
@@ -162,14 +240,28 @@ async fn admit(
                 match RelayClientMsg::decode(&bytes) {
                     Ok(RelayClientMsg::Renew { ticket }) if ticket.network == network => {
                         match tickets.verify(&ticket, &key, unix_now()) {
+                            Ok(()) if shared.revocations().voids(&network, &key, ticket.expires) => {
+                                refuse(&mut tx, &conn, revoked_refusal()).await;
+                                break;
+                            }
                             Ok(()) => {
                                 expires = expires.max(ticket.expires);
+                                attachment.set_expires(expires);
                                 tx.send(&welcome(expires).encode()).await?;
                             }
                             Err(e) => {
                                 refuse(&mut tx, &conn, refusal(&e)).await;
                                 break;
                             }
+                        }
+                    }
+                    Ok(RelayClientMsg::Revoke { network: net, revoked }) => {
+                        let before = shared.bad_revocations.load(Ordering::Relaxed);
+                        apply_revocations(shared, &net, &revoked);
+                        let bad = shared.bad_revocations.load(Ordering::Relaxed) - before;
+                        if bad > 0 {
+                            // Not fatal: a node may carry a list made for this relay's old key.
+                            warn!(node = %key, bad, "revocations that do not verify were ignored");
                         }
                     }
                     other => {

@@ -34,20 +34,27 @@ struct Setup {
     relay_key: PublicKey,
     issuer: TicketKey,
     forwarder: Arc<mesh_relay::Forwarder>,
+    gate: Arc<quic::Gate>,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
 async fn start() -> Setup {
+    start_with(quic::ServerLimits::default()).await
+}
+
+async fn start_with(limits: quic::ServerLimits) -> Setup {
     let (controller, controller_pub) = keypair();
     let (relay_secret, relay_key) = keypair();
-    let relay = Relay::bind(
+    let relay = Relay::bind_with(
         "127.0.0.1:0".parse().unwrap(),
         relay_secret,
         &controller_pub,
+        limits,
     )
     .expect("bind relay");
     let relay_addr = relay.local_addr().expect("addr");
     let forwarder = relay.forwarder();
+    let gate = relay.gate();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(relay.run(async move {
         let _ = stopped.await;
@@ -57,6 +64,7 @@ async fn start() -> Setup {
         relay_key,
         issuer: TicketKey::new(&controller, &relay_key),
         forwarder,
+        gate,
         _stop: stop,
     }
 }
@@ -227,4 +235,153 @@ async fn closes_at_expiry_unless_renewed() {
     assert!(sb.conn.close_reason().is_none(), "B renewed and stays");
     assert!(s.forwarder.is_connected("prod", &b.key));
     assert!(!s.forwarder.is_connected("prod", &a.key));
+}
+
+fn close_code(e: quinn::ConnectionError) -> Option<u32> {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            u32::try_from(c.error_code.into_inner()).ok()
+        }
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn a_revoked_node_is_disconnected_and_its_old_tickets_refused() {
+    let s = start().await;
+    let (a, b, c) = (node(), node(), node());
+    let old_ticket = s.issuer.issue("prod", &a.key, now() + 3600);
+    let sa = join(&s, &a, old_ticket.clone()).await.expect("admitted");
+    assert!(sa.revocations, "the relay says it takes revocations");
+    let mut sb = admitted(&s, &b, "prod").await;
+    let sc = admitted(&s, &c, "prod").await;
+
+    // The controller revokes A (its tickets up to the latest it could have issued); B, a
+    // member in good standing, carries the revocation to the relay.
+    let revocation = s.issuer.revoke("prod", &a.key, now() + 3600);
+    // A forged one (for another node, wrong MAC) is ignored.
+    let mut forged = s.issuer.revoke("prod", &c.key, now() + 3600);
+    forged.mac = "00".repeat(32);
+    sb.tx
+        .send(
+            &RelayClientMsg::Revoke {
+                network: "prod".into(),
+                revoked: vec![forged, revocation],
+            }
+            .encode(),
+        )
+        .await
+        .expect("send revocation");
+    let closed = tokio::time::timeout(T, sa.conn.closed())
+        .await
+        .expect("A is disconnected at once");
+    assert_eq!(close_code(closed), Some(mesh_relay::forward::CLOSE_REVOKED));
+    assert!(!s.forwarder.is_connected("prod", &a.key));
+
+    // A cannot come back with the ticket it still holds...
+    match join(&s, &a, old_ticket).await {
+        Err(ClientError::Refused { code, message, .. }) => {
+            assert_eq!(code, ErrorCode::TicketInvalid);
+            assert!(message.contains("revoked"), "{message}");
+        }
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    }
+
+    // ...others are unaffected and still reach each other...
+    assert!(sb.conn.close_reason().is_none() && sc.conn.close_reason().is_none());
+    send(&sb, &c.key, 1, b"still here");
+    assert_eq!(receive(&sc, T).await.expect("B to C").1, b"still here");
+
+    // ...and after joining again, A's new (later) ticket admits it.
+    let fresh = s.issuer.issue("prod", &a.key, now() + 3700);
+    join(&s, &a, fresh)
+        .await
+        .expect("a ticket issued after the removal is valid");
+}
+
+#[tokio::test]
+async fn a_second_connection_of_the_same_node_replaces_the_first() {
+    let s = start().await;
+    let (a, b) = (node(), node());
+    let first = admitted(&s, &a, "prod").await;
+    let sb = admitted(&s, &b, "prod").await;
+    // Same key, another socket (the node restarted).
+    let a2 = Node {
+        secret: a.secret,
+        key: a.key,
+        endpoint: quic::bind_client("127.0.0.1:0".parse().unwrap()).unwrap(),
+    };
+    let second = admitted(&s, &a2, "prod").await;
+    let closed = tokio::time::timeout(T, first.conn.closed())
+        .await
+        .expect("the older connection is closed");
+    assert_eq!(close_code(closed), Some(quic::CLOSE_REPLACED));
+    assert_eq!(s.forwarder.connected(), 2);
+    assert_eq!(s.forwarder.counters().replaced, 1);
+    // Traffic for A reaches the new connection.
+    send(&sb, &a.key, 9, b"to the new one");
+    assert_eq!(
+        receive(&second, T).await.expect("delivered").1,
+        b"to the new one"
+    );
+}
+
+#[tokio::test]
+async fn connections_beyond_the_cap_are_refused() {
+    let s = start_with(quic::ServerLimits {
+        max_connections: 2,
+        ..Default::default()
+    })
+    .await;
+    let (a, b, c) = (node(), node(), node());
+    let _sa = admitted(&s, &a, "prod").await;
+    let _sb = admitted(&s, &b, "prod").await;
+    let ticket = s.issuer.issue("prod", &c.key, now() + 3600);
+    let r = connect(
+        &c.endpoint,
+        s.relay_addr,
+        &s.relay_key,
+        &c.secret,
+        ticket,
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(
+        matches!(r, Err(ClientError::Unreachable { .. })),
+        "{:?}",
+        r.map(|_| ())
+    );
+    let counters = s.gate.counters();
+    assert_eq!(counters.connections, 2, "{counters:?}");
+    assert!(counters.refused >= 1, "{counters:?}");
+}
+
+#[tokio::test]
+async fn addresses_are_validated_when_handshakes_pile_up() {
+    // With no room for unvalidated handshakes, every attempt must answer a Retry first.
+    let s = start_with(quic::ServerLimits {
+        max_unvalidated_handshakes: 0,
+        ..Default::default()
+    })
+    .await;
+    let a = node();
+    let _sa = admitted(&s, &a, "prod").await;
+    assert!(s.gate.counters().retried >= 1, "{:?}", s.gate.counters());
+    assert_eq!(
+        s.gate.counters().handshakes,
+        0,
+        "admitted: no longer a handshake"
+    );
+}
+
+#[tokio::test]
+async fn streams_beyond_the_control_channel_are_not_granted() {
+    let s = start().await;
+    let a = node();
+    let sa = admitted(&s, &a, "prod").await;
+    let wait = Duration::from_millis(500);
+    assert!(tokio::time::timeout(wait, sa.conn.open_bi()).await.is_err());
+    assert!(tokio::time::timeout(wait, sa.conn.open_uni())
+        .await
+        .is_err());
 }
