@@ -124,10 +124,12 @@ TOKEN=${TOKEN//[[:space:]]/}
 ok "token: ${TOKEN:0:24}... (${#TOKEN} characters)"
 info "$(tail -n 1 "$WORK/token-create.log")"
 
-step "Starting three agents: mesh join TOKEN --name NAME"
+step "Starting three agents: mesh join --token-file FILE --name NAME"
+# The token in a file only root can read: on a command line, every local user could read it.
+(umask 077 && printf '%s\n' "$TOKEN" >"$WORK/token")
 for n in "${NODES[@]}"; do
     mkdir -p "$WORK/$n"
-    spawn "${NETNS[$n]}" "$WORK/$n.log" "$MESH" join "$TOKEN" --name "$n" --state-dir "$WORK/$n"
+    spawn "${NETNS[$n]}" "$WORK/$n.log" "$MESH" join --token-file "$WORK/token" --name "$n" --state-dir "$WORK/$n"
     PID[$n]=$LAST_PID
     info "$n: started (pid $LAST_PID)"
 done

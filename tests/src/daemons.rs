@@ -240,7 +240,8 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// `mesh join TOKEN --name NAME --state-dir state/NAME` in `host`, waiting until ready.
+    /// `mesh join --token-file FILE --name NAME --state-dir state/NAME` in `host` (the token
+    /// in a 0600 file beside the state dir, the form the docs recommend), waiting until ready.
     pub fn join(lab: &Lab, host: &Host, name: &str, token: &str) -> Result<Agent> {
         Self::join_with(lab, host, name, token, &[])
     }
@@ -262,7 +263,9 @@ impl Agent {
             transcript: lab.transcript(),
             proc: None,
         };
-        let mut args = vec!["join", token, "--name", name];
+        let token_file = write_token_file(&agent.state_dir, token)?;
+        let token_file = token_file.to_string_lossy().into_owned();
+        let mut args = vec!["join", "--token-file", &token_file, "--name", name];
         args.extend_from_slice(extra);
         agent.start(&args, "join")?;
         Ok(agent)
@@ -280,6 +283,37 @@ impl Agent {
             transcript: lab.transcript(),
             proc: None,
         })
+    }
+
+    /// An agent started by any command line in `host` (which must pass `--state-dir` as
+    /// [`Agent::state_dir`] of `name`, e.g. through `env` or `sh -c`), waiting until ready:
+    /// for the ways of giving `mesh join` its token.
+    pub fn spawn<I, S>(
+        lab: &Lab,
+        host: &Host,
+        name: &str,
+        bin: impl AsRef<std::ffi::OsStr>,
+        args: I,
+    ) -> Result<Agent>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let mut agent = Agent::idle(lab, host, name)?;
+        let label = format!("{name}-spawn");
+        agent.proc = Some(Proc::spawn(&host.ns, &agent.log_dir, &label, bin, args)?);
+        agent.address = agent.wait_ready(READY_TIMEOUT)?;
+        Ok(agent)
+    }
+
+    /// The PID of the daemon (the process the harness started), if one was started.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(|p| p.pid())
+    }
+
+    /// What the daemon wrote on stderr so far.
+    pub fn stderr(&self) -> String {
+        self.proc.as_ref().map(|p| p.stderr()).unwrap_or_default()
     }
 
     /// `mesh up`: runs the daemon again from its saved state, waiting until ready.
@@ -424,6 +458,22 @@ impl Agent {
     pub fn underlay(&self) -> SocketAddrV4 {
         SocketAddrV4::new(self.host.ip, AGENT_PORT)
     }
+}
+
+/// Writes `token` to `<state_dir>.token` (mode 0600, created so before the token is written)
+/// and returns the path.
+pub fn write_token_file(state_dir: &Path, token: &str) -> Result<PathBuf> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = state_dir.with_extension("token");
+    let _ = std::fs::remove_file(&path);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    writeln!(f, "{token}").with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
 }
 
 /// `mesh ARGS --state-dir DIR` in namespace `ns`.

@@ -9,14 +9,15 @@ mod kubeadm;
 mod metrics;
 mod relays;
 mod state;
+mod token_source;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use mesh_proto::token::JoinToken;
 use state::StateDir;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+use token_source::TokenSource;
 
 #[derive(Parser)]
 #[command(
@@ -54,10 +55,19 @@ struct DaemonFlags {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Join a network with a token and run the daemon in the foreground.
+    /// Join a network with a token, then run the daemon in the foreground (as `mesh up`).
+    ///
+    /// Give the token with --token-file PATH, on standard input (`mesh join -`) or in the
+    /// MESH_TOKEN environment variable. The daemon does not keep it: once the node has joined
+    /// and saved its state, the process continues as `mesh up` (same PID).
     Join {
-        /// Join token from `mesh-controller token create`.
-        token: String,
+        /// Join token from `mesh-controller token create`, or `-` to read it from standard
+        /// input. Discouraged: every local user can read a token given here while mesh runs.
+        #[arg(value_name = "TOKEN")]
+        token: Option<String>,
+        /// Read the join token from this file (`-`: standard input).
+        #[arg(long, value_name = "PATH", conflicts_with = "token")]
+        token_file: Option<PathBuf>,
         /// Node name (default: the hostname).
         #[arg(long)]
         name: Option<String>,
@@ -169,8 +179,13 @@ fn kubeadm_cmd(state: &StateDir, cmd: KubeadmCmd) -> anyhow::Result<()> {
                     std::fs::create_dir_all(dir)
                         .with_context(|| format!("cannot create {}", dir.display()))?;
                 }
-                std::fs::write(&path, &new)
-                    .with_context(|| format!("cannot write {}", path.display()))?;
+                // Replaced whole (never half-written), keeping the file's mode; through a
+                // symlink, the file it points to is replaced.
+                let target = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+                let mode = std::fs::metadata(&target)
+                    .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777)
+                    .unwrap_or(0o644);
+                state::write_file(&target, new.as_bytes(), mode)?;
                 out(&format!(
                     "wrote --node-ip={} to {}; restart kubelet to apply (systemctl restart kubelet)",
                     m.address,
@@ -221,6 +236,83 @@ fn hostname() -> String {
 #[allow(clippy::print_stdout)]
 fn out(s: &str) {
     println!("{s}");
+}
+
+/// One warning line on stderr, in the form of the error lines.
+fn warn_user(s: &str) {
+    eprintln!("mesh: warning: {s}");
+}
+
+/// Replaces this process (same PID) with the same command line minus the token argument, the
+/// token moved into `MESH_TOKEN`. Returns only on failure.
+fn exec_without_arg_token(token: &str) -> std::io::Error {
+    use std::os::unix::process::CommandExt as _;
+    let mut argv = std::env::args_os();
+    let argv0 = argv.next().unwrap_or_else(|| "mesh".into());
+    let mut removed = false;
+    let rest: Vec<std::ffi::OsString> = argv
+        .filter(|a| {
+            let drop = !removed && a.as_os_str() == token;
+            removed |= drop;
+            !drop
+        })
+        .collect();
+    if !removed {
+        return std::io::Error::other("token argument not found");
+    }
+    std::process::Command::new("/proc/self/exe")
+        .arg0(argv0)
+        .args(rest)
+        .env(token_source::ENV, token)
+        .exec()
+}
+
+/// After a join: replaces this process (same PID, so systemd's Type=notify and other
+/// supervisors keep tracking it) with `mesh up` on the state just saved, so that the daemon
+/// carries no token in its argv, its environment or its memory. Returns only on failure.
+fn exec_up(
+    state_dir: &std::path::Path,
+    config: Option<&std::path::Path>,
+    m: &state::Membership,
+    metrics_listen: Option<std::net::SocketAddr>,
+) -> anyhow::Error {
+    use std::os::unix::process::CommandExt as _;
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "up".into(),
+        "--state-dir".into(),
+        state_dir.into(),
+        "--port".into(),
+        m.port.to_string().into(),
+        "--mtu".into(),
+        m.mtu.to_string().into(),
+        "--interface".into(),
+        m.interface.clone().into(),
+    ];
+    if let Some(c) = config {
+        args.extend(["--config".into(), c.into()]);
+    }
+    if let Some(a) = metrics_listen {
+        args.extend(["--metrics-listen".into(), a.to_string().into()]);
+    }
+    let argv0 = std::env::args_os().next().unwrap_or_else(|| "mesh".into());
+    tracing::info!("continuing as `mesh up`; the join token is not kept");
+    // /proc/self/exe is this very binary even if the file was replaced meanwhile; argv[0]
+    // (looked up in PATH) if /proc is not mounted.
+    let first = std::process::Command::new("/proc/self/exe")
+        .arg0(&argv0)
+        .args(&args)
+        .env_remove(token_source::ENV)
+        .exec();
+    let second = std::process::Command::new(&argv0)
+        .args(&args)
+        .env_remove(token_source::ENV)
+        .exec();
+    anyhow::anyhow!(
+        "joined network {} as {} with address {}, but cannot start the daemon ({first}; {second}); start it with `mesh up` or `systemctl enable --now mesh`",
+        m.network,
+        m.name,
+        m.address
+    )
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -370,12 +462,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Join {
             token,
+            token_file,
             name,
             daemon: flags,
             connect_timeout,
             no_daemon,
         } => {
-            let token: JoinToken = token.parse()?;
+            let source =
+                TokenSource::choose(token, token_file, std::env::var(token_source::ENV).ok())?;
+            if source == TokenSource::Stdin && std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+                eprint!("paste the join token and press Enter: ");
+            }
+            let (token, warnings) = source.read(std::io::stdin().lock())?;
+            for w in warnings {
+                warn_user(&w);
+            }
+            if let TokenSource::Arg(text) = &source {
+                // Out of the command line at once: run again with the token in the
+                // environment, which only this user and root can read. Returns on failure
+                // only; then the join goes on as it is.
+                let _ = exec_without_arg_token(text);
+            }
             let connect_timeout = connect_timeout
                 .or_else(|| file.connect_timeout.clone())
                 .unwrap_or_else(|| config::defaults::CONNECT_TIMEOUT.to_owned());
@@ -390,23 +497,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             let opts = daemon_options(state, flags, &file)?;
+            let metrics_listen = opts.metrics_listen;
             mesh_service::init_logging(&log);
-            match runtime()?.block_on(daemon::join(
-                opts,
-                token,
-                name,
-                connect_timeout,
-                no_daemon,
-            ))? {
-                Some(m) => {
-                    out(&format!(
-                        "joined network {} as {} with address {}; start the agent with `systemctl enable --now mesh` (or `mesh up`)",
-                        m.network, m.name, m.address
-                    ));
-                    Ok(())
-                }
-                None => Ok(()),
+            // Join and save the state, then close everything (sockets, TUN) so that the daemon
+            // can start afresh without the token.
+            let rt = runtime()?;
+            let joined = rt.block_on(daemon::join(opts, token, name, connect_timeout));
+            rt.shutdown_timeout(Duration::from_secs(2));
+            let m = joined?;
+            if no_daemon {
+                out(&format!(
+                    "joined network {} as {} with address {}; start the agent with `systemctl enable --now mesh` (or `mesh up`)",
+                    m.network, m.name, m.address
+                ));
+                return Ok(());
             }
+            Err(exec_up(
+                &state_dir,
+                cli.config.as_deref(),
+                &m,
+                metrics_listen,
+            ))
         }
         Command::Up { daemon: flags } => {
             let opts = daemon_options(state, flags, &file)?;
@@ -436,7 +547,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                             v["rtt_ms"].as_f64().unwrap_or(0.0)
                         ));
                     }
-                    Err(e) if e.downcast_ref::<api::NotRunning>().is_some() => return Err(e),
+                    Err(e)
+                        if e.downcast_ref::<api::NotRunning>().is_some()
+                            || e.downcast_ref::<api::NotAllowed>().is_some() =>
+                    {
+                        return Err(e)
+                    }
                     Err(e) => out(&format!("{e:#}")),
                 }
             }
@@ -512,7 +628,7 @@ async fn wait_online(state: &StateDir, timeout: Duration, peers: usize) -> anyho
     loop {
         let waiting_for = match state.load_membership() {
             Err(_) => format!(
-                "a membership in {} (run `mesh join <token>`)",
+                "a membership in {} (run `mesh join --token-file FILE`)",
                 state.path().display()
             ),
             Ok(m) => {

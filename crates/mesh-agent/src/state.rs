@@ -8,7 +8,7 @@ use mesh_proto::PublicKey;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::net::Ipv4Addr;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 const KEY_FILE: &str = "node.key";
@@ -46,21 +46,93 @@ pub struct StateDir {
     dir: PathBuf,
 }
 
-fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::OpenOptions::new()
+/// How many temporary names [`write_file`] tries before it gives up.
+const TEMP_ATTEMPTS: u32 = 16;
+
+/// Whether `name` is one of the temporary files [`write_file`] creates for `target`.
+fn is_temp_of(name: &str, target: &str) -> bool {
+    name.strip_prefix('.')
+        .and_then(|n| n.strip_prefix(target))
+        .is_some_and(|rest| rest.starts_with('.') && rest.ends_with(".tmp"))
+}
+
+/// Creates a new temporary file next to `path`, with a name no one else uses (`O_EXCL`: an
+/// existing file or symlink of that name is never opened) and exactly `mode` before any byte
+/// is written.
+fn create_temp(path: &Path, mode: u32) -> anyhow::Result<(PathBuf, std::fs::File)> {
+    let dir = parent_dir(path);
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .with_context(|| format!("{} is not a file path", path.display()))?;
+    for _ in 0..TEMP_ATTEMPTS {
+        let tmp = dir.join(format!(
+            ".{name}.{}.{:016x}.tmp",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        match std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(mode)
             .open(&tmp)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
+        {
+            Ok(f) => {
+                // The umask may have taken bits away; set exactly `mode` while it is empty.
+                if let Err(e) = f.set_permissions(std::fs::Permissions::from_mode(mode)) {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(e)
+                        .with_context(|| format!("cannot set the mode of {}", tmp.display()));
+                }
+                return Ok((tmp, f));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("cannot create a temporary file in {}", dir.display())
+                })
+            }
+        }
     }
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    anyhow::bail!(
+        "cannot create a temporary file in {}: {TEMP_ATTEMPTS} random names were all taken",
+        dir.display()
+    )
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Replaces `path` with `bytes`, so that a reader, a crash or a power cut leaves either the
+/// old file or the whole new one, with exactly `mode`, never a mix: the bytes go to a
+/// temporary file of their own in the same directory (created with `mode` before anything is
+/// written), which is fsynced and renamed over `path`; then the directory is fsynced so that
+/// the rename itself is on disk. On error the temporary file is removed.
+///
+/// Every file the agent keeps (node key, membership, peer and relay caches) and the kubelet
+/// defaults file it edits are written through here.
+pub fn write_file(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
+    let (tmp, mut file) = create_temp(path, mode)?;
+    let written = file
+        .write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("cannot write {}", tmp.display()));
+    drop(file);
+    let renamed = written.and_then(|()| {
+        std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))
+    });
+    if let Err(e) = renamed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    let dir = parent_dir(path);
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot sync directory {}", dir.display()))
 }
 
 impl StateDir {
@@ -76,11 +148,37 @@ impl StateDir {
         &self.dir
     }
 
-    /// Creates the directory (mode 0700).
+    /// Creates the directory (mode 0700) if it is missing. An existing directory keeps its
+    /// mode (an admin may open it to a group for `mesh status`, see [`crate::api`]), but one
+    /// that every user may write to is refused.
     pub fn create(&self) -> anyhow::Result<()> {
-        std::fs::create_dir_all(&self.dir)
-            .with_context(|| format!("cannot create state directory {}", self.dir.display()))?;
-        let _ = std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700));
+        if let Some(parent) = self.dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create state directory {}", self.dir.display()))?;
+        }
+        match std::fs::DirBuilder::new().mode(0o700).create(&self.dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("cannot create state directory {}", self.dir.display())
+                })
+            }
+        }
+        let meta = std::fs::metadata(&self.dir)
+            .with_context(|| format!("cannot use state directory {}", self.dir.display()))?;
+        if !meta.is_dir() {
+            anyhow::bail!(
+                "state directory {} is not a directory; choose another with --state-dir",
+                self.dir.display()
+            );
+        }
+        if meta.permissions().mode() & 0o002 != 0 {
+            anyhow::bail!(
+                "state directory {} is writable by every user; give mesh a directory of its own (e.g. /var/lib/mesh, mode 0700) with --state-dir",
+                self.dir.display()
+            );
+        }
         Ok(())
     }
 
@@ -96,7 +194,7 @@ impl StateDir {
         }
         let mut key = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut key);
-        write_atomic(
+        write_file(
             &self.dir.join(KEY_FILE),
             format!("{}\n", STANDARD.encode(key)).as_bytes(),
             0o600,
@@ -123,7 +221,7 @@ impl StateDir {
 
     /// Saves the membership.
     pub fn save_membership(&self, m: &Membership) -> anyhow::Result<()> {
-        write_atomic(
+        write_file(
             &self.dir.join(NODE_FILE),
             &serde_json::to_vec_pretty(m)?,
             0o600,
@@ -136,7 +234,7 @@ impl StateDir {
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(
-                "this node has not joined a network (no {}); run `mesh join <token>` first",
+                "this node has not joined a network (no {}); run `mesh join --token-file FILE` first",
                 path.display()
             ),
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
@@ -146,7 +244,7 @@ impl StateDir {
 
     /// Saves the last peer list.
     pub fn save_peers(&self, peers: &[PeerInfo]) -> anyhow::Result<()> {
-        write_atomic(
+        write_file(
             &self.dir.join(PEERS_FILE),
             &serde_json::to_vec(peers)?,
             0o600,
@@ -164,7 +262,7 @@ impl StateDir {
     /// Caches the relay list with its tickets (they stay valid for hours), so that relays work
     /// after a restart while the controller is down.
     pub fn save_relays(&self, relays: &[mesh_proto::control::RelayInfo]) -> anyhow::Result<()> {
-        write_atomic(
+        write_file(
             &self.dir.join(RELAYS_FILE),
             &serde_json::to_vec(relays)?,
             0o600,
@@ -179,16 +277,205 @@ impl StateDir {
             .unwrap_or_default()
     }
 
-    /// Deletes everything the node stored.
+    /// Deletes everything the node stored, including temporary files a crash left behind.
     pub fn wipe(&self) -> anyhow::Result<()> {
         for f in [KEY_FILE, NODE_FILE, PEERS_FILE, RELAYS_FILE, SOCKET_FILE] {
-            match std::fs::remove_file(self.dir.join(f)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e).with_context(|| format!("cannot remove {f}")),
+            remove_if_present(&self.dir.join(f))?;
+        }
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if [KEY_FILE, NODE_FILE, PEERS_FILE, RELAYS_FILE]
+                    .iter()
+                    .any(|target| is_temp_of(&name, target))
+                {
+                    remove_if_present(&entry.path())?;
+                } else if name.starts_with(crate::api::PRIVATE_DIR_PREFIX) {
+                    // Where a daemon that was killed while binding its socket left it.
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
             }
         }
         let _ = std::fs::remove_dir(&self.dir);
         Ok(())
+    }
+}
+
+fn remove_if_present(path: &Path) -> anyhow::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("cannot remove {}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(label: &str) -> TempDir {
+            let d = std::env::temp_dir().join(format!(
+                "mesh-state-test-{label}-{}-{:x}",
+                std::process::id(),
+                rand::random::<u64>()
+            ));
+            std::fs::create_dir_all(&d).unwrap();
+            TempDir(d)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::symlink_metadata(path)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    }
+
+    fn membership() -> Membership {
+        Membership {
+            controller: "192.0.2.1:7443".into(),
+            controller_key: PublicKey([3; 32]),
+            network: "prod".into(),
+            name: "node-a".into(),
+            address: Ipv4Addr::new(100, 64, 0, 7),
+            prefix_len: 16,
+            mtu: 1420,
+            port: 51820,
+            interface: "mesh0".into(),
+        }
+    }
+
+    #[test]
+    fn writes_round_trip_with_their_modes_and_leave_no_temp_file() {
+        let tmp = TempDir::new("round-trip");
+        let state = StateDir::new(&tmp.0.join("mesh"));
+        state.create().unwrap();
+        assert_eq!(mode(state.path()), 0o700);
+        let key = state.load_or_create_key().unwrap();
+        assert_eq!(state.load_key().unwrap(), Some(key));
+        assert_eq!(state.load_or_create_key().unwrap(), key, "the key is kept");
+        let m = membership();
+        state.save_membership(&m).unwrap();
+        assert_eq!(state.load_membership().unwrap(), m);
+        // Written again over an existing file.
+        let m2 = Membership {
+            port: 41641,
+            ..m.clone()
+        };
+        state.save_membership(&m2).unwrap();
+        assert_eq!(state.load_membership().unwrap(), m2);
+        state.save_peers(&[]).unwrap();
+        assert!(state.load_peers().is_empty());
+        state.save_relays(&[]).unwrap();
+        assert!(state.load_relays().is_empty());
+        assert_eq!(
+            names(state.path()),
+            [NODE_FILE, KEY_FILE, PEERS_FILE, RELAYS_FILE]
+        );
+        for f in [KEY_FILE, NODE_FILE, PEERS_FILE, RELAYS_FILE] {
+            assert_eq!(mode(&state.path().join(f)), 0o600, "{f}");
+        }
+        state.wipe().unwrap();
+        assert!(!state.path().exists());
+    }
+
+    #[test]
+    fn the_mode_is_exact_even_over_a_looser_file() {
+        let tmp = TempDir::new("mode");
+        let path = tmp.0.join("kubelet");
+        std::fs::write(&path, "old").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        write_file(&path, b"new", 0o600).unwrap();
+        assert_eq!(mode(&path), 0o600);
+        write_file(&path, b"newer", 0o644).unwrap();
+        assert_eq!(mode(&path), 0o644);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "newer");
+        assert_eq!(names(&tmp.0), ["kubelet"]);
+    }
+
+    /// A file or symlink left where a fixed temporary name would be (by a crash, or planted by
+    /// someone who can write to the directory) is neither followed nor reused.
+    #[test]
+    fn leftovers_at_temp_names_are_never_written_through() {
+        let tmp = TempDir::new("leftovers");
+        let state = StateDir::new(&tmp.0.join("mesh"));
+        state.create().unwrap();
+        let victim = tmp.0.join("victim");
+        std::fs::write(&victim, "untouched").unwrap();
+        for name in ["node.tmp", "node.key.tmp", "node.json.tmp", ".node.key.tmp"] {
+            std::os::unix::fs::symlink(&victim, state.path().join(name)).unwrap();
+        }
+        let key = state.load_or_create_key().unwrap();
+        state.save_membership(&membership()).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched");
+        assert_eq!(state.load_key().unwrap(), Some(key));
+        assert_eq!(mode(&state.path().join(KEY_FILE)), 0o600);
+    }
+
+    #[test]
+    fn every_write_has_a_temporary_file_of_its_own() {
+        let tmp = TempDir::new("unique");
+        let path = tmp.0.join("node.key");
+        let (a, _fa) = create_temp(&path, 0o600).unwrap();
+        let (b, _fb) = create_temp(&path, 0o600).unwrap();
+        let (c, _fc) = create_temp(&tmp.0.join("node.json"), 0o600).unwrap();
+        assert!(a != b && b != c && a != c, "{a:?} {b:?} {c:?}");
+        for p in [&a, &b, &c] {
+            assert_eq!(mode(p), 0o600);
+            assert_eq!(p.parent(), Some(tmp.0.as_path()));
+        }
+        let name = |p: &PathBuf| p.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(is_temp_of(&name(&a), "node.key"));
+        assert!(!is_temp_of(&name(&c), "node.key"));
+        // A crash leaves such files behind; leaving the network removes them too.
+        let state = StateDir::new(&tmp.0);
+        state.wipe().unwrap();
+        assert!(!a.exists() && !b.exists() && !c.exists());
+    }
+
+    #[test]
+    fn a_failed_write_leaves_nothing_behind() {
+        let tmp = TempDir::new("failed");
+        // The target is a directory: the rename fails, and the temporary file goes away.
+        let target = tmp.0.join("node.json");
+        std::fs::create_dir(&target).unwrap();
+        std::fs::write(target.join("x"), "keep").unwrap();
+        assert!(write_file(&target, b"{}", 0o600).is_err());
+        assert_eq!(names(&tmp.0), ["node.json"]);
+    }
+
+    #[test]
+    fn a_state_dir_every_user_may_write_to_is_refused() {
+        let tmp = TempDir::new("world-writable");
+        let dir = tmp.0.join("mesh");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = StateDir::new(&dir).create().unwrap_err();
+        assert!(err.to_string().contains("writable by every user"), "{err}");
+        // A directory an admin opened to a group keeps its mode.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750)).unwrap();
+        StateDir::new(&dir).create().unwrap();
+        assert_eq!(mode(&dir), 0o750);
     }
 }
