@@ -1,6 +1,7 @@
 //! One WireGuard session with one peer.
 //!
-//! This is the only module that touches boringtun. It exposes a small surface in mesh's own types
+//! This is the only module that touches boringtun's WireGuard state machine ([`crate::guard`]
+//! uses its mac and cookie checks). It exposes a small surface in mesh's own types
 //! so that the WireGuard engine can be swapped (GotaTun, or a time-injected engine) without
 //! touching [`crate::Node`].
 //!
@@ -9,12 +10,14 @@
 //! [`crate::Node`] on that injected clock (see `force_handshake`), so the simulation does not
 //! depend on wall time for a session to come up.
 //!
-//! boringtun's per-peer handshake rate limiter is sized out of the way ([`Session::new`]). It
-//! counts on the wall clock (10 per second by default), so in the simulation a burst of retries
-//! within one wall second refused handshakes depending on how fast the machine ran. When it
-//! trips it asks for a cookie round trip, which is impossible through the relay. And it protects
-//! nothing here: a handshake reaches a session only after [`address_of`] has done the DH that
-//! identifies a known peer's key, which is the expensive part.
+//! boringtun's per-peer handshake rate limiter is sized out of the way ([`Session::new`]): it
+//! only checks mac1 here. It counts on the wall clock (10 per second by default), so in the
+//! simulation a burst of retries within one wall second refused handshakes depending on how fast
+//! the machine ran, and when it trips it asks for a cookie round trip, which is impossible through
+//! the relay. Its purpose is served node-wide, before any DH, by [`crate::guard`]: every
+//! handshake reaching [`address_of`] (which does the DH that identifies the sender's key) or a
+//! session has passed a mac1 check and a handshake budget on the injected clock, and under load
+//! a direct sender has proven its address with a cookie.
 
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
