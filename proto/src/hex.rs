@@ -7,7 +7,8 @@ pub fn encode(bytes: &[u8]) -> String {
 
 /// Decodes hex (either case); `None` on an odd length or a non-hex character.
 pub fn decode(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
+    // `from_str_radix` alone would take a sign: "+f" must not decode as 0x0f.
+    if !s.len().is_multiple_of(2) || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     (0..s.len())
@@ -28,5 +29,8 @@ mod tests {
         assert_eq!(decode("zz"), None);
         // A multi-byte character must not panic the slicing.
         assert_eq!(decode("é0"), None);
+        // Found by mesh-fuzz: a sign is not a hex digit.
+        assert_eq!(decode("+f"), None);
+        assert_eq!(decode("0a+b"), None);
     }
 }
