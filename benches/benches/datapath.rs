@@ -92,6 +92,7 @@ fn node_pair() -> (Node, Node, SocketAddr, SocketAddr) {
             name: "b".into(),
             address: ib,
             endpoints: vec![eb],
+            observed: None,
         }],
         now,
     );
@@ -101,6 +102,7 @@ fn node_pair() -> (Node, Node, SocketAddr, SocketAddr) {
             name: "a".into(),
             address: ia,
             endpoints: vec![ea],
+            observed: None,
         }],
         now,
     );

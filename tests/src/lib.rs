@@ -13,6 +13,7 @@
 //! before `cargo test -p mesh-e2e`. The tests need root (namespaces, TUN) and `ip`, `ping`, `ss`.
 //! Set `MESH_E2E_KEEP=1` to keep each lab's temp dir (state dirs and logs).
 
+pub mod cni;
 pub mod daemons;
 pub mod natlab;
 pub mod netns;

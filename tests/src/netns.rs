@@ -174,6 +174,28 @@ impl Host {
         wait_until(timeout, || self.ping(to))
     }
 
+    /// Whether some TCP socket in this host listens on `port` (any address).
+    pub fn tcp_listening(&self, port: u16) -> bool {
+        let suffix = format!(":{port}");
+        crate::run(&self.ns, "ss", ["-H", "-l", "-t", "-n"])
+            .stdout
+            .lines()
+            .any(|l| {
+                l.split_whitespace()
+                    .nth(3)
+                    .is_some_and(|local| local.ends_with(&suffix))
+            })
+    }
+
+    /// Runs `nft RULES` in this host: `rules` is one nftables command, e.g. a whole `table { .. }`.
+    pub fn nft(&self, rules: &str) -> Result<()> {
+        let out = crate::run(&self.ns, "nft", [rules]);
+        if !out.success() {
+            bail!("nft in {} refused the rules: {out}", self.name);
+        }
+        Ok(())
+    }
+
     /// Sends each payload as one UDP datagram to `to`, with the helper binary `udp_helper`
     /// (`mesh-e2e-udp`, which integration tests find as `env!("CARGO_BIN_EXE_mesh-e2e-udp")`).
     pub fn send_udp(&self, udp_helper: &Path, to: SocketAddrV4, payloads: &[&[u8]]) -> Output {

@@ -11,12 +11,13 @@ use std::time::{Duration, Instant};
 
 const NET: &str = "relay";
 
-/// Drops UDP between `host` and `peer_ip` port 51820 (both ways), as a firewall would.
+/// Drops every UDP datagram between `host` and `peer_ip` (both ways, any port), as a firewall
+/// would: a direct path on another port (a socket a birthday attempt won) dies with the rest.
 fn block_direct(host: &Host, peer_ip: &str) {
     let table = format!(
         "table inet blockdirect {{ \
-         chain out {{ type filter hook output priority 0; ip daddr {peer_ip} udp dport 51820 drop; }}; \
-         chain in {{ type filter hook input priority 0; ip saddr {peer_ip} udp sport 51820 drop; }}; }}"
+         chain out {{ type filter hook output priority 0; ip daddr {peer_ip} meta l4proto udp drop; }}; \
+         chain in {{ type filter hook input priority 0; ip saddr {peer_ip} meta l4proto udp drop; }}; }}"
     );
     ip(["netns", "exec", host.ns.as_str(), "nft", table.as_str()]).unwrap();
 }

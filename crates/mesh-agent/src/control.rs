@@ -189,6 +189,8 @@ pub struct ControlCtx {
     pub port: u16,
     /// TUN device name (excluded from reported endpoints).
     pub interface: String,
+    /// The network's overlay range (never reported as an endpoint).
+    pub overlay: ipnet::Ipv4Net,
     /// Status shared with the local API.
     pub status: Arc<Mutex<ControlStatus>>,
     /// Standalone relays: the addresses they observe for this node.
@@ -201,7 +203,7 @@ pub struct ControlCtx {
 
 /// Endpoint candidates: local addresses, then the public mappings the relays observe.
 async fn endpoints(ctx: &ControlCtx) -> Vec<SocketAddr> {
-    let mut out = local_endpoints(ctx.port, &ctx.interface).await;
+    let mut out = local_endpoints(ctx.port, &ctx.interface, Some(ctx.overlay)).await;
     for e in ctx.relays.observed() {
         if !out.contains(&e) && out.len() < mesh_proto::control::MAX_ENDPOINTS - 1 {
             out.push(e);
@@ -217,10 +219,17 @@ fn set_relays(ctx: &ControlCtx, relays: Vec<RelayInfo>) {
     ctx.relay_list.send_replace(relays);
 }
 
-/// The node's own addresses with its UDP port: its endpoint candidates.
-pub async fn local_endpoints(port: u16, interface: &str) -> Vec<SocketAddr> {
-    match mesh_sys::netlink::local_ipv4_addresses(interface).await {
-        Ok(ips) => ips
+/// The node's own addresses with its UDP port: its endpoint candidates. Addresses of the overlay
+/// interface, of interfaces stacked on it (a CNI's vxlan device) and inside destinations routed
+/// through it are never offered (see [`mesh_sys::netlink::overlay_view`]).
+pub async fn local_endpoints(
+    port: u16,
+    interface: &str,
+    overlay: Option<ipnet::Ipv4Net>,
+) -> Vec<SocketAddr> {
+    match mesh_sys::netlink::overlay_view(interface, overlay).await {
+        Ok(view) => view
+            .candidates
             .into_iter()
             .take(mesh_proto::control::MAX_ENDPOINTS - 1)
             .map(|ip| SocketAddr::from((ip, port)))
@@ -312,6 +321,13 @@ pub async fn run(
         set_status(&ctx, true, None);
         if let Ok(mut s) = ctx.status.lock() {
             s.observed = welcome.observed;
+        }
+        // A node the controller sees at one of its own addresses is not behind a NAT: peers
+        // reach its socket as it is, and birthday punching from it only costs (DESIGN: never
+        // punch from a node that is not NATed).
+        if let Some(observed) = welcome.observed {
+            let own = local_endpoints(ctx.port, &ctx.interface, Some(ctx.overlay)).await;
+            let _ = data.send(DataCmd::Natted(!own.contains(&observed))).await;
         }
         info!(network = %welcome.network, address = %welcome.address, peers = welcome.peers.len(), "connected to controller");
         let mut peers: BTreeMap<PublicKey, PeerInfo> =

@@ -74,6 +74,23 @@ struct Running {
     data_tx: mpsc::Sender<DataCmd>,
     shutdown_tx: watch::Sender<bool>,
     data_task: tokio::task::JoinHandle<()>,
+    /// Whether the shared socket carries the bypass mark.
+    marked: bool,
+}
+
+/// What `mesh status` shows about keeping the overlay off itself.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+struct OverlayStatus {
+    /// The firewall mark on mesh's own sockets.
+    bypass_mark: String,
+    /// Whether the sockets carry it (needs CAP_NET_ADMIN).
+    sockets_marked: bool,
+    /// Whether the policy rules that keep marked packets off the overlay are installed.
+    bypass_rule: bool,
+    /// Interfaces found stacked on the overlay interface (never endpoints).
+    stacked: Vec<String>,
+    /// Destinations the overlay reaches (never endpoints).
+    excluded: Vec<String>,
 }
 
 fn public_of(secret: &[u8; 32]) -> PublicKey {
@@ -90,6 +107,13 @@ fn start(opts: &Settings, node_key: &[u8; 32], address: Ipv4Addr) -> anyhow::Res
             opts.port
         )
     })?;
+    let marked = match port.set_bypass_mark() {
+        Ok(()) => true,
+        Err(e) => {
+            warn!(error = %e, "cannot mark mesh's own packets (SO_MARK needs CAP_NET_ADMIN): they are kept off {} by endpoint filtering alone", opts.interface);
+            false
+        }
+    };
     let (inbox, quic_socket) = port.quic();
     let mut endpoint = quinn::Endpoint::new_with_abstract_socket(
         quic::endpoint_config(),
@@ -130,6 +154,7 @@ fn start(opts: &Settings, node_key: &[u8; 32], address: Ipv4Addr) -> anyhow::Res
         data_tx,
         shutdown_tx,
         data_task,
+        marked,
     })
 }
 
@@ -144,15 +169,15 @@ async fn configure_interface(opts: &Settings, m: &Membership) -> anyhow::Result<
     .with_context(|| format!("cannot configure {}", opts.interface))
 }
 
-/// `mesh join`: joins with a token, then runs the daemon in the foreground; with `no_daemon`,
-/// returns the saved membership instead.
+/// `mesh join`: joins with a token, saves the membership, closes the connection and returns
+/// the membership. The caller then starts the daemon as `mesh up` (a process of its own that
+/// never held the token), or stops there (`--no-daemon`).
 pub async fn join(
     opts: Options,
     token: JoinToken,
     name: String,
     connect_timeout: Duration,
-    no_daemon: bool,
-) -> anyhow::Result<Option<Membership>> {
+) -> anyhow::Result<Membership> {
     opts.state.create()?;
     // Joining again keeps the saved port and interface unless flags say otherwise.
     let saved = opts.state.load_membership().ok();
@@ -164,7 +189,7 @@ pub async fn join(
         token_id: token.id.clone(),
         token_secret: token.secret_hex(),
         name,
-        endpoints: control::local_endpoints(port, &opts.interface).await,
+        endpoints: control::local_endpoints(port, &opts.interface, None).await,
     };
     tracing::debug!(controller = %token.controller, "joining");
     let (session, welcome) = match control::open(
@@ -201,34 +226,24 @@ pub async fn join(
     };
     opts.state.save_membership(&membership)?;
     opts.state.save_peers(&welcome.peers)?;
+    opts.state.save_relays(&welcome.relays)?;
     let _ = running
         .data_tx
         .send(DataCmd::SetAddress(membership.address))
         .await;
     info!(network = %membership.network, name = %membership.name, address = %membership.address, "joined");
-    if no_daemon {
-        drop(session);
-        running.endpoint.close(0u32.into(), b"joined");
-        let _ = tokio::time::timeout(Duration::from_secs(2), running.endpoint.wait_idle()).await;
-        let _ = running.shutdown_tx.send(true);
-        return Ok(Some(membership));
-    }
-    run(
-        opts,
-        membership,
-        node_key,
-        running,
-        Some((session, welcome)),
-    )
-    .await
-    .map(|()| None)
+    drop(session);
+    running.endpoint.close(0u32.into(), b"joined");
+    let _ = tokio::time::timeout(Duration::from_secs(2), running.endpoint.wait_idle()).await;
+    let _ = running.shutdown_tx.send(true);
+    Ok(membership)
 }
 
 /// `mesh up`: runs the daemon from saved state; works while the controller is down.
 pub async fn up(opts: Options) -> anyhow::Result<()> {
     let mut membership = opts.state.load_membership()?;
     let node_key = opts.state.load_key()?.context(
-        "the node key is missing from the state directory; join again with `mesh join <token>`",
+        "the node key is missing from the state directory; join again with `mesh join --token-file FILE`",
     )?;
     let opts = opts.settle(Some(&membership));
     if (membership.port, membership.mtu, &membership.interface)
@@ -303,6 +318,7 @@ async fn run(
         node_key,
         port: membership.port,
         interface: opts.interface.clone(),
+        overlay: overlay_range(&membership),
         status: status.clone(),
         relays: relay_shared.clone(),
         relay_list,
@@ -334,6 +350,38 @@ async fn run(
         }
         None => None,
     };
+    // mesh's own packets never enter the overlay: the marked sockets' rule, and the view of
+    // what the overlay reaches, refreshed while interfaces come and go (a CNI's vxlan device).
+    let overlay_status = Arc::new(Mutex::new(OverlayStatus {
+        bypass_mark: format!("{:#x}", mesh_sys::bypass::MARK),
+        sockets_marked: running.marked,
+        ..OverlayStatus::default()
+    }));
+    let installed = if running.marked {
+        mesh_sys::bypass::install(&opts.interface).await
+    } else {
+        Err(mesh_sys::netlink::NetlinkError::Connect(
+            std::io::Error::other("the sockets carry no mark"),
+        ))
+    };
+    if let Ok(mut o) = overlay_status.lock() {
+        o.bypass_rule = installed.is_ok();
+    }
+    match installed {
+        Ok(()) => info!(
+            mark = format_args!("{:#x}", mesh_sys::bypass::MARK),
+            "policy rule keeps mesh's own packets off {}", opts.interface
+        ),
+        Err(e) => {
+            warn!(error = %e, "cannot install the policy rule that keeps mesh's own packets off {}; relying on endpoint filtering", opts.interface)
+        }
+    }
+    let overlay_task = tokio::spawn(watch_overlay(
+        opts.interface.clone(),
+        overlay_range(&membership),
+        running.data_tx.clone(),
+        overlay_status.clone(),
+    ));
     let route_task = tokio::spawn(apply_path_events(
         running.path_rx,
         opts.interface.clone(),
@@ -359,7 +407,10 @@ async fn run(
                 let Ok((mut stream, _)) = accepted else { continue };
                 match api::read_request(&mut stream).await {
                     Some(Request::Status) => {
-                        let v = status_json(&node_info, &status, &relay_shared, &running.data_tx).await;
+                        let mut v = status_json(&node_info, &status, &relay_shared, &running.data_tx).await;
+                        if let (Some(obj), Ok(o)) = (v.as_object_mut(), overlay_status.lock()) {
+                            obj.insert("overlay".into(), json!(*o));
+                        }
                         api::write_response(&mut stream, &v).await;
                     }
                     Some(Request::Leave) => {
@@ -385,6 +436,10 @@ async fn run(
     }
     info!("stopping");
     route_task.abort();
+    overlay_task.abort();
+    if let Err(e) = mesh_sys::bypass::remove().await {
+        warn!(error = %e, "cannot remove the policy rule for mesh's own packets");
+    }
     relay_task.abort();
     if let Some(t) = metrics_task {
         t.abort();
@@ -405,6 +460,53 @@ async fn run(
         info!("left the network; local state deleted");
     }
     Ok(())
+}
+
+/// The network's overlay range, from the node's address and prefix.
+fn overlay_range(m: &Membership) -> ipnet::Ipv4Net {
+    ipnet::Ipv4Net::new(m.address, m.prefix_len)
+        .map(|n| n.trunc())
+        .unwrap_or_else(|_| ipnet::Ipv4Net::from(m.address))
+}
+
+/// How often the agent looks again at which destinations the overlay reaches.
+const OVERLAY_VIEW_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Tells the data plane which destinations the overlay itself reaches, at start and whenever
+/// that changes (a CNI adds its vxlan device or pod routes after mesh is up).
+async fn watch_overlay(
+    interface: String,
+    overlay: ipnet::Ipv4Net,
+    data: mpsc::Sender<DataCmd>,
+    status: Arc<Mutex<OverlayStatus>>,
+) {
+    let mut last: Option<mesh_sys::netlink::OverlayView> = None;
+    loop {
+        match mesh_sys::netlink::overlay_view(&interface, Some(overlay)).await {
+            Ok(view) if last.as_ref() != Some(&view) => {
+                if !view.stacked.is_empty()
+                    && last.as_ref().is_none_or(|l| l.stacked != view.stacked)
+                {
+                    info!(interfaces = ?view.stacked, "interfaces stacked on {interface}: never used as endpoints");
+                }
+                if let Ok(mut s) = status.lock() {
+                    s.stacked = view.stacked.clone();
+                    s.excluded = view.excluded.iter().map(|n| n.to_string()).collect();
+                }
+                if data
+                    .send(DataCmd::SetExcluded(view.excluded.clone()))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                last = Some(view);
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "cannot read interfaces and routes"),
+        }
+        tokio::time::sleep(OVERLAY_VIEW_INTERVAL).await;
+    }
 }
 
 /// Keeps a host route with the path MTU for every peer whose path carries less than the
@@ -542,6 +644,14 @@ async fn status_json(
             "non_ipv4_packets": c.non_ipv4_packets,
             "queue_drops": c.queue_drops,
             "too_big_packets": c.too_big_packets,
+            "bad_mac1_packets": c.bad_mac1_packets,
+            "over_budget_handshakes": c.over_budget_handshakes,
+            "cookie_replies_sent": c.cookie_replies_sent,
+            "misdirected_packets": c.misdirected_packets,
+            "overlay_sources": c.overlay_sources,
+            "refused_candidates": c.refused_candidates,
+            "probe_budget_drops": c.probe_budget_drops,
+            "unknown_socket_packets": c.unknown_socket_packets,
             "udp_rx": driver.udp_rx,
             "udp_tx": driver.udp_tx,
             "udp_send_errors": driver.udp_send_errors,
@@ -597,6 +707,13 @@ pub async fn leave_offline(state: &StateDir, force: bool) -> anyhow::Result<Stri
             ))
         }
     }
+    // What a stopped daemon left on the host: the persistent interface, mesh's nftables table
+    // and the policy rules.
+    if let Err(e) = mesh_sys::netlink::delete_link(&m.interface).await {
+        warn!(error = %e, "cannot delete {}", m.interface);
+    }
+    let _ = mesh_sys::firewall::remove(&m.interface);
+    let _ = mesh_sys::bypass::remove().await;
     state.wipe()?;
     Ok(m.network)
 }

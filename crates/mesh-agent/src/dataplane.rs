@@ -40,6 +40,11 @@ pub enum DataCmd {
     RelayRegion(String, Option<quinn::Connection>),
     /// Ping a peer inside the tunnel; answers with the path and round-trip time.
     Ping(PublicKey, PingReply),
+    /// Destinations the overlay itself reaches (see [`Node::set_excluded`]).
+    SetExcluded(Vec<ipnet::Ipv4Net>),
+    /// Whether this node is behind a NAT (as the controller sees it): birthday punching runs
+    /// only then.
+    Natted(bool),
 }
 
 /// Where the answer to a ping goes.
@@ -105,6 +110,9 @@ impl ExtraSockets {
     fn open(&mut self, id: SocketId, inbox: &mpsc::Sender<ExtraDatagram>) -> std::io::Result<()> {
         let std_socket = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))?;
         std_socket.set_nonblocking(true)?;
+        // Like the main socket, never routed into the overlay (fails without CAP_NET_ADMIN,
+        // which the main socket's start-up has already reported).
+        let _ = mesh_sys::bypass::mark_socket(&std_socket);
         // Sends go through a plain non-blocking handle: tokio's try_send_to refuses until the
         // reactor has seen the new socket writable, and the first probe goes out at once.
         let sender = std_socket.try_clone()?;
@@ -245,6 +253,7 @@ fn to_config(p: &PeerInfo) -> PeerConfig {
         name: p.name.clone(),
         address: p.address,
         endpoints: p.endpoints.clone(),
+        observed: p.observed,
     }
 }
 
@@ -287,6 +296,10 @@ pub async fn run(
     let mut reassembly = Reassembly::default();
     let mut relay_id: u16 = 0;
     let mut pings: Vec<PendingPing> = Vec::new();
+    // The last peer list, applied again when the excluded destinations change.
+    let mut configs: Vec<PeerConfig> = Vec::new();
+    // Birthday punching is on (the node's default) until the controller says there is no NAT.
+    let mut punching = true;
     loop {
         let mut deadline = node.poll_timeout().unwrap_or_else(|| Instant::now() + far);
         if let Some(first) = pings.iter().map(|p| p.1).min() {
@@ -375,7 +388,22 @@ pub async fn run(
                         .iter()
                         .filter_map(|p| Some((p.key, p.relay.clone()?)))
                         .collect();
-                    let configs: Vec<PeerConfig> = peers.iter().map(to_config).collect();
+                    configs = peers.iter().map(to_config).collect();
+                    node.set_peers(&configs, Instant::now());
+                }
+                Some(DataCmd::Natted(natted)) if natted != punching => {
+                    punching = natted;
+                    if natted {
+                        node.set_birthday(Some(mesh_core::BirthdayConfig::default()));
+                    } else {
+                        tracing::info!("the controller sees this node at its own address (no NAT): no birthday punching from here");
+                        node.set_birthday(None);
+                    }
+                }
+                Some(DataCmd::Natted(_)) => {}
+                Some(DataCmd::SetExcluded(excluded)) => {
+                    node.set_excluded(excluded);
+                    // Candidates refused before may be fine now (an interface went away).
                     node.set_peers(&configs, Instant::now());
                 }
                 Some(DataCmd::SetAddress(a)) => node.set_address(a),

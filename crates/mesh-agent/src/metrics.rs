@@ -107,6 +107,13 @@ pub fn render(status: &DataStatus, control_connected: bool) -> String {
         ("non_ipv4", c.non_ipv4_packets),
         ("queue_full", c.queue_drops),
         ("too_big", c.too_big_packets),
+        ("bad_mac1", c.bad_mac1_packets),
+        ("handshake_over_budget", c.over_budget_handshakes),
+        ("misdirected", c.misdirected_packets),
+        ("overlay_source", c.overlay_sources),
+        ("refused_candidate", c.refused_candidates),
+        ("probe_budget", c.probe_budget_drops),
+        ("unknown_socket", c.unknown_socket_packets),
     ] {
         drops
             .get_or_create(&ReasonLabels {
@@ -115,6 +122,13 @@ pub fn render(status: &DataStatus, control_connected: bool) -> String {
             .inc_by(n);
     }
     reg.register("dropped_packets", "Packets dropped, by reason", drops);
+    let cookies = Counter::<u64>::default();
+    cookies.inc_by(c.cookie_replies_sent);
+    reg.register(
+        "cookie_replies_sent",
+        "WireGuard cookie replies sent to handshakes that came while under load",
+        cookies,
+    );
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &reg);
@@ -193,6 +207,8 @@ mod tests {
             }],
             node: mesh_core::Counters {
                 malformed_packets: 3,
+                bad_mac1_packets: 4,
+                cookie_replies_sent: 5,
                 ..Default::default()
             },
             driver: Default::default(),
@@ -208,6 +224,8 @@ mod tests {
             "mesh_controller_connected 1",
             "mesh_node_up 1",
             "mesh_dropped_packets_total{reason=\"malformed\"} 3",
+            "mesh_dropped_packets_total{reason=\"bad_mac1\"} 4",
+            "mesh_cookie_replies_sent_total 5",
             "mesh_peer_path_mtu_bytes{peer=\"node-b\",address=\"100.64.0.2\"} 1340",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");

@@ -22,6 +22,8 @@
 //! boringtun type leaks out of this crate.
 
 pub mod birthday;
+mod budget;
+pub mod guard;
 pub mod node;
 pub mod packet;
 pub mod pmtu;

@@ -1,4 +1,12 @@
-//! TCP MSS clamping on the overlay interface (nftables).
+//! mesh's nftables table: TCP MSS clamping on the overlay interface, and the forwarding guard.
+//!
+//! **Forwarding guard.** A member may only send this node packets addressed to this node: the
+//! core drops decrypted packets to any other destination (see `mesh_core`'s
+//! `misdirected_packets`). As a second layer, packets that arrive on the overlay interface and
+//! would be forwarded (with `ip_forward=1`, which Kubernetes needs) are dropped, except where
+//! conntrack shows they are legitimate: a connection to this node that was DNATed to a pod (a
+//! NodePort reached over the overlay), and replies to connections that left through the overlay
+//! (a pod's traffic masqueraded to another node).
 //!
 //! Packets the node forwards into the mesh (pod traffic from a CNI) get their TCP MSS set to the
 //! route MTU toward the destination (`rt mtu`). The per-peer host routes that carry a smaller
@@ -21,6 +29,12 @@ pub fn ruleset(interface: &str) -> String {
          \tchain clamp {{\n\
          \t\ttype filter hook forward priority mangle; policy accept;\n\
          \t\toifname \"{interface}\" tcp flags syn / syn,rst tcp option maxseg size set rt mtu\n\
+         \t}}\n\
+         \tchain guard {{\n\
+         \t\ttype filter hook forward priority filter; policy accept;\n\
+         \t\tiifname \"{interface}\" ct status dnat accept\n\
+         \t\tiifname \"{interface}\" ct direction reply accept\n\
+         \t\tiifname \"{interface}\" counter drop\n\
          \t}}\n\
          }}\n"
     )
@@ -60,7 +74,7 @@ fn nft(input: &str, interface: &str) -> Result<(), FirewallError> {
     }
 }
 
-/// Installs (or refreshes) MSS clamping for `interface`.
+/// Installs (or refreshes) MSS clamping and the forwarding guard for `interface`.
 pub fn clamp_mss(interface: &str) -> Result<(), FirewallError> {
     nft(&ruleset(interface), interface)
 }
@@ -82,5 +96,8 @@ mod tests {
         assert!(r.contains(
             "oifname \"mesh0\" tcp flags syn / syn,rst tcp option maxseg size set rt mtu"
         ));
+        assert!(r.contains("iifname \"mesh0\" counter drop"));
+        let guard = r.find("chain guard").unwrap_or(0);
+        assert!(guard > 0 && r[guard..].find("ct status dnat accept") < r[guard..].find("drop"));
     }
 }

@@ -5,10 +5,13 @@
 //!   socket: the driver hands it the QUIC datagrams it demultiplexed.
 //! - [`tun`]: creating the TUN device.
 //! - [`netlink`]: address, route, MTU and link state through rtnetlink; local addresses.
+//! - [`bypass`]: the firewall mark on mesh's own sockets and the policy-routing rules that keep
+//!   marked packets off the overlay interface.
 //! - [`firewall`]: TCP MSS clamping on the overlay interface (nftables).
 //!
 //! No protocol logic lives here.
 
+pub mod bypass;
 pub mod firewall;
 pub mod netlink;
 pub mod socket;

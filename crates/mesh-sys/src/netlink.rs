@@ -1,8 +1,10 @@
 //! Interface configuration through rtnetlink: MTU, link up, address, route; local addresses.
 
 use futures_util::TryStreamExt;
+use ipnet::Ipv4Net;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 
 /// A netlink request failed.
@@ -53,7 +55,7 @@ const fn libc_eexist() -> i32 {
     17
 }
 
-async fn link_index(handle: &Handle, name: &str) -> Result<u32, NetlinkError> {
+pub(crate) async fn link_index(handle: &Handle, name: &str) -> Result<u32, NetlinkError> {
     let mut links = handle.link().get().match_name(name.to_owned()).execute();
     match links.try_next().await {
         Ok(Some(link)) => Ok(link.header.index),
@@ -124,26 +126,180 @@ pub fn prefix_mask(prefix_len: u8) -> u32 {
     }
 }
 
-/// IPv4 addresses of every interface except loopback and `skip` (the overlay device): the
-/// node's local endpoint candidates.
-pub async fn local_ipv4_addresses(skip: &str) -> Result<Vec<Ipv4Addr>, NetlinkError> {
+/// What the host's interfaces and routes say about the overlay: which of the node's addresses
+/// may be offered to peers as endpoint candidates, and which destinations are reached only
+/// through the overlay (and so may never be a peer's endpoint).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OverlayView {
+    /// Local IPv4 addresses that are not on the overlay interface, on an interface stacked on
+    /// it, or inside a destination routed through them; not loopback or link-local.
+    pub candidates: Vec<Ipv4Addr>,
+    /// Destinations reached through the overlay: the overlay range, the addresses and routes of
+    /// the overlay interface and of every interface stacked on it, plus this host's own
+    /// addresses as /32 (a peer is never at one of them).
+    pub excluded: Vec<Ipv4Net>,
+    /// Names of the interfaces found stacked on the overlay interface (for logs and status).
+    pub stacked: Vec<String>,
+}
+
+/// Reads links, addresses and routes and works out the [`OverlayView`] of overlay interface
+/// `overlay_if` with overlay range `overlay` (`None` before the node knows it: while joining). An interface is stacked on the overlay when its
+/// lower link (`IFLA_LINK`, a vxlan's `dev`) is the overlay interface or stacked itself, when a
+/// vxlan's local address is inside the overlay range, or when it is a bridge with a stacked port.
+pub async fn overlay_view(
+    overlay_if: &str,
+    overlay: Option<Ipv4Net>,
+) -> Result<OverlayView, NetlinkError> {
+    use rtnetlink::packet_route::link::{InfoData, InfoVxlan, LinkAttribute, LinkInfo};
+    use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
     let handle = connect()?;
-    let skip_index = link_index(&handle, skip).await.ok();
-    let mut out = Vec::new();
-    let mut addrs = handle.address().get().execute();
-    while let Ok(Some(msg)) = addrs.try_next().await {
-        if Some(msg.header.index) == skip_index {
+    let overlay_index = link_index(&handle, overlay_if).await.ok();
+
+    // Links: index -> (name, lower links and bridge master, vxlan local address).
+    struct Link {
+        name: String,
+        lower: Vec<u32>,
+        master: Option<u32>,
+        local_in_overlay: bool,
+    }
+    let mut links: HashMap<u32, Link> = HashMap::new();
+    let mut dump = handle.link().get().execute();
+    while let Ok(Some(msg)) = dump.try_next().await {
+        let mut link = Link {
+            name: String::new(),
+            lower: Vec::new(),
+            master: None,
+            local_in_overlay: false,
+        };
+        // A lower link in another namespace (a veth's peer, a device moved into a container)
+        // has an index that means nothing here, however much it looks like the overlay's.
+        let foreign = msg
+            .attributes
+            .iter()
+            .any(|a| matches!(a, LinkAttribute::LinkNetNsId(_)));
+        for a in &msg.attributes {
+            match a {
+                LinkAttribute::IfName(n) => link.name = n.clone(),
+                LinkAttribute::Link(i) if !foreign => link.lower.push(*i),
+                LinkAttribute::Controller(i) => link.master = Some(*i),
+                LinkAttribute::LinkInfo(infos) => {
+                    for info in infos {
+                        if let LinkInfo::Data(InfoData::Vxlan(vx)) = info {
+                            for v in vx {
+                                match v {
+                                    InfoVxlan::Link(i) if !foreign => link.lower.push(*i),
+                                    InfoVxlan::Local(ip) => {
+                                        link.local_in_overlay |=
+                                            overlay.is_some_and(|o| o.contains(ip))
+                                    }
+                                    _ => {}
+                                }
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        links.insert(msg.header.index, link);
+    }
+    // Stacked links, to a fixpoint (a bridge of vxlan ports, a vlan on a stacked vxlan ...).
+    let mut stacked: BTreeSet<u32> = overlay_index.into_iter().collect();
+    loop {
+        let before = stacked.len();
+        for (index, link) in &links {
+            let on_stacked = link.local_in_overlay
+                || link.lower.iter().any(|l| stacked.contains(l) && l != index);
+            if on_stacked {
+                stacked.insert(*index);
+            }
+            if let Some(master) = link.master {
+                if stacked.contains(index) && links.contains_key(&master) {
+                    stacked.insert(master);
+                }
+            }
+        }
+        if stacked.len() == before {
+            break;
+        }
+    }
+
+    let mut excluded: Vec<Ipv4Net> = overlay.iter().map(|o| o.trunc()).collect();
+    let push = |net: Ipv4Net, excluded: &mut Vec<Ipv4Net>| {
+        if net.prefix_len() > 0 && !excluded.contains(&net) {
+            excluded.push(net);
+        }
+    };
+    // Every route (any table) that leaves through a stacked interface. Default routes are left
+    // out: a default route over the overlay would exclude the whole underlay.
+    let mut routes = handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute();
+    while let Ok(Some(msg)) = routes.try_next().await {
+        let oif = msg.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Oif(i) => Some(*i),
+            _ => None,
+        });
+        if !oif.is_some_and(|i| stacked.contains(&i)) {
             continue;
         }
+        let dst = msg.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
+            _ => None,
+        });
+        if let Some(dst) = dst {
+            if let Ok(net) = Ipv4Net::new(dst, msg.header.destination_prefix_length) {
+                push(net.trunc(), &mut excluded);
+            }
+        }
+    }
+    // Addresses: those of stacked interfaces are excluded with their subnets; the others are
+    // candidates unless a route through the overlay covers them.
+    let mut own: Vec<(Ipv4Addr, bool)> = Vec::new();
+    let mut addrs = handle.address().get().execute();
+    while let Ok(Some(msg)) = addrs.try_next().await {
+        let on_stacked = stacked.contains(&msg.header.index);
         for a in &msg.attributes {
             if let AddressAttribute::Address(IpAddr::V4(ip)) = a {
-                if !ip.is_loopback() && !ip.is_link_local() && !out.contains(ip) {
-                    out.push(*ip);
+                if on_stacked {
+                    if let Ok(net) = Ipv4Net::new(*ip, msg.header.prefix_len) {
+                        push(net.trunc(), &mut excluded);
+                    }
+                }
+                if !own.iter().any(|(o, _)| o == ip) {
+                    own.push((*ip, on_stacked));
                 }
             }
         }
     }
-    Ok(out)
+    let mut candidates = Vec::new();
+    for (ip, on_stacked) in &own {
+        if let Ok(net) = Ipv4Net::new(*ip, 32) {
+            push(net, &mut excluded);
+        }
+        let usable = !on_stacked
+            && !ip.is_loopback()
+            && !ip.is_link_local()
+            && !ip.is_unspecified()
+            && !excluded
+                .iter()
+                .any(|n| n.prefix_len() < 32 && n.contains(ip));
+        if usable {
+            candidates.push(*ip);
+        }
+    }
+    let mut names: Vec<String> = stacked
+        .iter()
+        .filter(|i| Some(**i) != overlay_index)
+        .filter_map(|i| links.get(i).map(|l| l.name.clone()))
+        .collect();
+    names.sort();
+    Ok(OverlayView {
+        candidates,
+        excluded,
+        stacked: names,
+    })
 }
 
 /// Whether interface `name` exists and carries `address`.

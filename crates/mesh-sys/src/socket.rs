@@ -55,6 +55,12 @@ impl UdpPort {
         })
     }
 
+    /// Marks the socket's packets with [`crate::bypass::MARK`] so that they never enter the
+    /// overlay. Fails without CAP_NET_ADMIN.
+    pub fn set_bypass_mark(&self) -> io::Result<()> {
+        crate::bypass::mark_socket(&self.inner.io)
+    }
+
     /// The bound address.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.inner.io.local_addr()

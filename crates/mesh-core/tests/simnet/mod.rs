@@ -1221,6 +1221,7 @@ impl Sim {
                 name: self.nodes[i].name.clone(),
                 address: self.nodes[i].overlay,
                 endpoints: self.candidates(i),
+                observed: None,
             })
             .collect()
     }
