@@ -267,10 +267,9 @@ pub enum ControlCmd {
 }
 
 /// Keeps a control session up until `shutdown` flips: applies peer updates, sends heartbeats,
-/// reconnects with backoff. `first` is a session already opened by `mesh join`.
+/// reconnects with backoff.
 pub async fn run(
     ctx: ControlCtx,
-    mut first: Option<(Session, Welcome)>,
     data: mpsc::Sender<DataCmd>,
     mut cmds: mpsc::Receiver<ControlCmd>,
     mut shutdown: watch::Receiver<bool>,
@@ -278,42 +277,39 @@ pub async fn run(
     let mut backoff = Duration::from_secs(1);
     let mut pending_leave: Option<oneshot::Sender<Result<(), String>>> = None;
     loop {
-        let (session, welcome) = match first.take() {
-            Some(s) => s,
-            None => {
-                let hello = ClientMsg::Hello {
-                    network: ctx.network.clone(),
-                    endpoints: endpoints(&ctx).await,
-                    home_relay: ctx.home.borrow().clone(),
-                };
-                let attempt = open(
-                    &ctx.endpoint,
-                    &ctx.controller,
-                    &ctx.controller_key,
-                    &ctx.node_key,
-                    &hello,
-                    Duration::from_secs(5),
-                );
-                let result = tokio::select! {
-                    r = attempt => r,
-                    _ = shutdown.changed() => return,
-                };
-                match result {
-                    Ok(s) => s,
-                    Err(e) => {
-                        warn!(error = %e, retry_in = ?backoff, "controller connection failed");
-                        set_status(&ctx, false, Some(e.to_string()));
-                        if let Some(reply) = pending_leave.take() {
-                            let _ = reply.send(Err(e.to_string()));
-                        }
-                        tokio::select! {
-                            _ = tokio::time::sleep(backoff) => {}
-                            _ = shutdown.changed() => return,
-                            Some(ControlCmd::Leave(reply)) = cmds.recv() => pending_leave = Some(reply),
-                        }
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
-                        continue;
+        let (session, welcome) = {
+            let hello = ClientMsg::Hello {
+                network: ctx.network.clone(),
+                endpoints: endpoints(&ctx).await,
+                home_relay: ctx.home.borrow().clone(),
+            };
+            let attempt = open(
+                &ctx.endpoint,
+                &ctx.controller,
+                &ctx.controller_key,
+                &ctx.node_key,
+                &hello,
+                Duration::from_secs(5),
+            );
+            let result = tokio::select! {
+                r = attempt => r,
+                _ = shutdown.changed() => return,
+            };
+            match result {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, retry_in = ?backoff, "controller connection failed");
+                    set_status(&ctx, false, Some(e.to_string()));
+                    if let Some(reply) = pending_leave.take() {
+                        let _ = reply.send(Err(e.to_string()));
                     }
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.changed() => return,
+                        Some(ControlCmd::Leave(reply)) = cmds.recv() => pending_leave = Some(reply),
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
                 }
             }
         };

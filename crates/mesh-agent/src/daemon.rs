@@ -2,14 +2,13 @@
 //! the control loop and the local API.
 
 use crate::api::{self, Request};
-use crate::control::{self, ControlCmd, ControlCtx, ControlStatus, Session};
+use crate::control::{self, ControlCmd, ControlCtx, ControlStatus};
 use crate::dataplane::{self, DataCmd, DataStatus};
 use crate::state::{Membership, StateDir};
 use anyhow::Context as _;
 use mesh_control::quic;
 use mesh_core::{Node, NodeConfig};
 use mesh_proto::control::ClientMsg;
-use mesh_proto::control::Welcome;
 use mesh_proto::token::JoinToken;
 use mesh_proto::PublicKey;
 use mesh_sys::netlink::InterfaceConfig;
@@ -258,7 +257,7 @@ pub async fn up(opts: Options) -> anyhow::Result<()> {
     let cached = opts.state.load_peers();
     info!(peers = cached.len(), "starting from saved state");
     let _ = running.data_tx.send(DataCmd::SetPeers(cached)).await;
-    run(opts, membership, node_key, running, None).await
+    run(opts, membership, node_key, running).await
 }
 
 async fn run(
@@ -266,7 +265,6 @@ async fn run(
     membership: Membership,
     node_key: [u8; 32],
     running: Running,
-    first: Option<(Session, Welcome)>,
 ) -> anyhow::Result<()> {
     configure_interface(&opts, &membership).await?;
     match mesh_sys::firewall::clamp_mss(&opts.interface) {
@@ -289,7 +287,7 @@ async fn run(
     let listener = api::bind(&opts.state.socket_path())?;
     let status = Arc::new(Mutex::new(ControlStatus {
         address: membership.controller.clone(),
-        connected: first.is_some(),
+        connected: false,
         last_error: None,
         observed: None,
     }));
@@ -326,7 +324,6 @@ async fn run(
     };
     let control_task = tokio::spawn(control::run(
         ctx,
-        first,
         running.data_tx.clone(),
         control_rx,
         running.shutdown_tx.subscribe(),
