@@ -403,6 +403,19 @@ impl Peer {
         }
     }
 
+    /// The longest wait between candidate probe rounds: short while traffic flows (a direct path
+    /// that comes back is used soon), long for an idle peer.
+    fn longest_probe_wait(&self, now: Instant) -> Duration {
+        let flowing = self
+            .last_data
+            .is_some_and(|t| now.saturating_duration_since(t) < ACTIVE_TRAFFIC);
+        if flowing {
+            ACTIVE_CANDIDATE_PROBE_INTERVAL
+        } else {
+            MAX_CANDIDATE_PROBE_INTERVAL
+        }
+    }
+
     /// The path traffic to this peer takes now.
     fn path(&self, relay_up: bool) -> Path {
         match self.endpoint {
@@ -618,12 +631,8 @@ impl Node {
         self.excluded = excluded;
         let relay_up = self.out.relay_up;
         for (key, peer) in self.peers.iter_mut() {
-            let before = peer.config.endpoints.len();
-            let excluded = &self.excluded;
-            peer.config
-                .endpoints
-                .retain(|e| !is_excluded(excluded, e.ip()));
-            self.out.counters.refused_candidates += (before - peer.config.endpoints.len()) as u64;
+            self.out.counters.refused_candidates +=
+                refuse_excluded(&self.excluded, &mut peer.config.endpoints);
             if peer
                 .endpoint
                 .is_some_and(|e| is_excluded(&self.excluded, e.addr.ip()))
@@ -712,11 +721,8 @@ impl Node {
         if config.key == self.public_key() {
             return;
         }
-        let before = config.endpoints.len();
-        config
-            .endpoints
-            .retain(|e| !is_excluded(&self.excluded, e.ip()));
-        self.out.counters.refused_candidates += (before - config.endpoints.len()) as u64;
+        self.out.counters.refused_candidates +=
+            refuse_excluded(&self.excluded, &mut config.endpoints);
         if let Some(owner) = self.by_address.get(&config.address) {
             if *owner != config.key {
                 tracing::warn!(peer = %config.key, address = %config.address, "address already used by another peer; ignoring");
@@ -1473,30 +1479,16 @@ fn manage_path(
         }
         None if out.relay_up
             && peer.last_candidate_probe.is_none_or(|t| {
-                let flowing = peer
-                    .last_data
-                    .is_some_and(|d| now.saturating_duration_since(d) < ACTIVE_TRAFFIC);
-                let wait = if flowing {
-                    peer.candidate_probe_interval
-                        .min(ACTIVE_CANDIDATE_PROBE_INTERVAL)
-                } else {
-                    peer.candidate_probe_interval
-                };
+                let wait = peer
+                    .candidate_probe_interval
+                    .min(peer.longest_probe_wait(now));
                 now.saturating_duration_since(t) >= wait
             }) =>
         {
             if peer.last_candidate_probe.is_some() {
-                // The last round went unanswered (we are still on the relay): back off, less
-                // far while traffic flows, so a direct path that comes back is used soon.
-                let flowing = peer
-                    .last_data
-                    .is_some_and(|t| now.saturating_duration_since(t) < ACTIVE_TRAFFIC);
-                let longest = if flowing {
-                    ACTIVE_CANDIDATE_PROBE_INTERVAL
-                } else {
-                    MAX_CANDIDATE_PROBE_INTERVAL
-                };
-                peer.candidate_probe_interval = (peer.candidate_probe_interval * 2).min(longest);
+                // The last round went unanswered (we are still on the relay): back off.
+                peer.candidate_probe_interval =
+                    (peer.candidate_probe_interval * 2).min(peer.longest_probe_wait(now));
                 peer.punch.round_failed();
             }
             peer.last_candidate_probe = Some(now);
@@ -1800,6 +1792,13 @@ fn is_excluded(excluded: &[Ipv4Net], ip: std::net::IpAddr) -> bool {
         std::net::IpAddr::V4(v4) => excluded.iter().any(|n| n.contains(&v4)),
         std::net::IpAddr::V6(_) => false,
     }
+}
+
+/// Removes the candidates inside `excluded`; returns how many went.
+fn refuse_excluded(excluded: &[Ipv4Net], candidates: &mut Vec<SocketAddr>) -> u64 {
+    let before = candidates.len();
+    candidates.retain(|e| !is_excluded(excluded, e.ip()));
+    (before - candidates.len()) as u64
 }
 
 fn push_bounded<T>(queue: &mut VecDeque<T>, counters: &mut Counters, item: T) {
