@@ -354,24 +354,23 @@ async fn run(
         sockets_marked: running.marked,
         ..OverlayStatus::default()
     }));
-    let installed = if running.marked {
-        mesh_sys::bypass::install(&opts.interface).await
-    } else {
-        Err(mesh_sys::netlink::NetlinkError::Connect(
-            std::io::Error::other("the sockets carry no mark"),
-        ))
-    };
+    // Without the mark (start-up already said why) a rule would match nothing.
+    let installed = running.marked
+        && match mesh_sys::bypass::install(&opts.interface).await {
+            Ok(()) => {
+                info!(
+                    mark = format_args!("{:#x}", mesh_sys::bypass::MARK),
+                    "policy rule keeps mesh's own packets off {}", opts.interface
+                );
+                true
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot install the policy rule that keeps mesh's own packets off {}; relying on endpoint filtering", opts.interface);
+                false
+            }
+        };
     if let Ok(mut o) = overlay_status.lock() {
-        o.bypass_rule = installed.is_ok();
-    }
-    match installed {
-        Ok(()) => info!(
-            mark = format_args!("{:#x}", mesh_sys::bypass::MARK),
-            "policy rule keeps mesh's own packets off {}", opts.interface
-        ),
-        Err(e) => {
-            warn!(error = %e, "cannot install the policy rule that keeps mesh's own packets off {}; relying on endpoint filtering", opts.interface)
-        }
+        o.bypass_rule = installed;
     }
     let overlay_task = tokio::spawn(watch_overlay(
         opts.interface.clone(),
