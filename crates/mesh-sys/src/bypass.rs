@@ -23,7 +23,7 @@
 //! Setting a mark needs CAP_NET_ADMIN. Without it the caller falls back to filtering endpoint
 //! candidates (which it does anyway) and says so in the log.
 
-use crate::netlink::NetlinkError;
+use crate::netlink::{connect, NetlinkError};
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute};
 use rtnetlink::{Handle, IpVersion, LinkUnspec};
@@ -41,12 +41,6 @@ pub const RULE_PREF: u32 = 32_600;
 /// Sets [`MARK`] on a socket. Fails without CAP_NET_ADMIN.
 pub fn mark_socket<S: std::os::fd::AsFd>(socket: &S) -> io::Result<()> {
     socket2::SockRef::from(socket).set_mark(MARK)
-}
-
-fn connect() -> Result<Handle, NetlinkError> {
-    let (conn, handle, _) = rtnetlink::new_connection()?;
-    tokio::spawn(conn);
-    Ok(handle)
 }
 
 fn request(what: &'static str, link: &str) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {

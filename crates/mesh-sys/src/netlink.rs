@@ -41,7 +41,7 @@ pub struct InterfaceConfig {
     pub mtu: u32,
 }
 
-fn connect() -> Result<Handle, NetlinkError> {
+pub(crate) fn connect() -> Result<Handle, NetlinkError> {
     let (conn, handle, _) = rtnetlink::new_connection()?;
     tokio::spawn(conn);
     Ok(handle)
