@@ -978,6 +978,8 @@ pub struct Sim {
     pub nat_timeout: Duration,
     /// (virtual ms, from, to, bytes) of every datagram delivered.
     pub transcript: Vec<(u128, SocketAddr, SocketAddr, usize)>,
+    /// (virtual ms, node, event) of every event a node returned, in order.
+    pub events: Vec<(u128, usize, Event)>,
     /// How often each node's control connection (which shares the node's UDP socket) sends to
     /// the controller, refreshing the node's mapping towards it; `None` models no control
     /// traffic. See [`Sim::set_controller_keepalive`].
@@ -1029,6 +1031,7 @@ impl Sim {
             keepalive: Some(mesh_core::node::DEFAULT_KEEPALIVE),
             nat_timeout: DEFAULT_NAT_TIMEOUT,
             transcript: Vec::new(),
+            events: Vec::new(),
             controller_keepalive: None,
             next_controller: None,
             relay: None,
@@ -1249,6 +1252,8 @@ impl Sim {
             let mut progressed = false;
             while let Some(ev) = self.nodes[i].node.poll_event() {
                 progressed = true;
+                let at = self.now.duration_since(self.start).as_millis();
+                self.events.push((at, i, ev.clone()));
                 match ev {
                     Event::OpenSocket(id) => {
                         assert_ne!(id, SocketId::MAIN, "node {i} opened MAIN");
