@@ -12,6 +12,8 @@
 //! - [`key`]: the node / controller public key type and its text form.
 //! - [`relay`]: relay frames (WireGuard messages as QUIC datagrams, with fragmentation).
 //! - [`relay_session`]: admission of a node at a standalone relay (tickets, observed address).
+//! - [`tunnel`]: messages between two nodes inside their WireGuard session (path MTU probes,
+//!   pings, birthday joins).
 //!
 //! See `proto/PROTOCOL.md` for the byte-level description.
 
@@ -22,6 +24,7 @@ pub mod key;
 pub mod relay;
 pub mod relay_session;
 pub mod token;
+pub mod tunnel;
 
 pub use key::PublicKey;
 

@@ -1,23 +1,21 @@
 //! Path MTU discovery inside the tunnel.
 //!
-//! A probe is a tiny IPv4 packet (protocol 253, reserved for experiments by RFC 3692) from this
-//! node's overlay address to the peer's, carrying [`MAGIC`], a kind, an id and the probed size.
-//! It is padded with zeros to the probed size before encryption, so the datagram on the wire
-//! is as large as a full inner packet of that size. The receiving boringtun trims the padding
-//! back to the IP total length, and the peer's node answers every probe with a small ack. The
-//! largest size that gets an ack is the path MTU for inner packets. The outer datagram is sent
-//! with DF set (quinn-udp sets it), so a too-small link drops it instead of fragmenting it.
+//! The search sends probes, in-tunnel messages of the format in [`mesh_proto::tunnel`]
+//! (re-exported here), each padded with zeros to the size it probes before encryption, so the
+//! datagram on the wire is as large as a full inner packet of that size. The peer's node
+//! answers every probe with a small ack. The largest size that gets an ack is the path MTU for
+//! inner packets. The outer datagram is sent with DF set (quinn-udp sets it), so a too-small
+//! link drops it instead of fragmenting it.
 //!
 //! [`Search`] is the per-peer state machine: it first tries the configured MTU, then searches
 //! down by bisection, giving each size [`ATTEMPTS`] tries spaced [`PROBE_TIMEOUT`] apart.
 
+use mesh_proto::tunnel::{internet_checksum, write_ipv4_header, IPV4_HEADER};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-/// IP protocol number of probes (RFC 3692 experimental).
-pub const PROTO: u8 = 253;
-/// Marks a mesh probe.
-pub const MAGIC: &[u8; 8] = b"meshpmtu";
+pub use mesh_proto::tunnel::{build, build_into, parse, Kind, Message, MAGIC, PROTO};
+
 /// IPv4's minimum MTU for mesh: the search never goes below it.
 pub const MIN_MTU: u16 = 1280;
 /// How long to wait for an ack.
@@ -28,90 +26,6 @@ pub const ATTEMPTS: u8 = 3;
 pub const RESEARCH_AFTER: Duration = Duration::from_secs(600);
 /// The search stops when the bracket is this narrow.
 const RESOLUTION: u16 = 8;
-const HEADER: usize = 20;
-const BODY: usize = MAGIC.len() + 1 + 2 + 2;
-
-/// Probe or answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// "Did this size arrive?"
-    Probe = 1,
-    /// "It did."
-    Ack = 2,
-    /// "I am starting a birthday attempt toward you now: join it" (see [`crate::birthday`]).
-    /// Not a path MTU message, but the same small in-tunnel format.
-    Birthday = 3,
-}
-
-/// A parsed probe packet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Message {
-    /// Probe or ack.
-    pub kind: Kind,
-    /// Matches an ack to its probe.
-    pub id: u16,
-    /// Size that was probed.
-    pub size: u16,
-}
-
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = 0;
-    for chunk in bytes.chunks(2) {
-        let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
-        sum += u32::from(word);
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-fn ipv4_header(p: &mut [u8], total_len: u16, proto: u8, src: Ipv4Addr, dst: Ipv4Addr) {
-    p[0] = 0x45;
-    p[2..4].copy_from_slice(&total_len.to_be_bytes());
-    p[6] = 0x40; // DF
-    p[8] = 64;
-    p[9] = proto;
-    p[12..16].copy_from_slice(&src.octets());
-    p[16..20].copy_from_slice(&dst.octets());
-    let c = checksum(&p[..HEADER]);
-    p[10..12].copy_from_slice(&c.to_be_bytes());
-}
-
-/// Builds a probe or ack, padded with zeros to `pad_to` bytes (at least its own length).
-pub fn build(src: Ipv4Addr, dst: Ipv4Addr, msg: Message, pad_to: usize) -> Vec<u8> {
-    let len = HEADER + BODY;
-    let mut p = vec![0u8; pad_to.max(len)];
-    ipv4_header(&mut p, len as u16, PROTO, src, dst);
-    let b = &mut p[HEADER..len];
-    b[..8].copy_from_slice(MAGIC);
-    b[8] = msg.kind as u8;
-    b[9..11].copy_from_slice(&msg.id.to_be_bytes());
-    b[11..13].copy_from_slice(&msg.size.to_be_bytes());
-    p
-}
-
-/// Recognises a probe or ack; `None` for any other packet.
-pub fn parse(packet: &[u8]) -> Option<Message> {
-    if packet.len() < HEADER + BODY || packet[0] != 0x45 || packet[9] != PROTO {
-        return None;
-    }
-    let b = &packet[HEADER..HEADER + BODY];
-    if &b[..8] != MAGIC {
-        return None;
-    }
-    let kind = match b[8] {
-        1 => Kind::Probe,
-        2 => Kind::Ack,
-        3 => Kind::Birthday,
-        _ => return None,
-    };
-    Some(Message {
-        kind,
-        id: u16::from_be_bytes([b[9], b[10]]),
-        size: u16::from_be_bytes([b[11], b[12]]),
-    })
-}
 
 /// Whether an IPv4 packet has Don't Fragment set.
 pub fn dont_fragment(packet: &[u8]) -> bool {
@@ -125,15 +39,15 @@ pub fn frag_needed(original: &[u8], mtu: u16, from: Ipv4Addr) -> Option<Vec<u8>>
     let (src, _) = crate::packet::ipv4_addrs(original)?;
     let ihl = usize::from(original[0] & 0x0f) * 4;
     let quoted = &original[..original.len().min(ihl + 8)];
-    let total = HEADER + 8 + quoted.len();
+    let total = IPV4_HEADER + 8 + quoted.len();
     let mut p = vec![0u8; total];
-    ipv4_header(&mut p, total as u16, 1, from, src);
-    let icmp = &mut p[HEADER..];
+    let (header, icmp) = p.split_first_chunk_mut::<IPV4_HEADER>()?;
+    write_ipv4_header(header, total as u16, 1, from, src);
     icmp[0] = 3;
     icmp[1] = 4;
     icmp[6..8].copy_from_slice(&mtu.to_be_bytes());
     icmp[8..].copy_from_slice(quoted);
-    let c = checksum(icmp);
+    let c = internet_checksum(icmp);
     icmp[2..4].copy_from_slice(&c.to_be_bytes());
     Some(p)
 }
@@ -290,39 +204,17 @@ mod tests {
     const B: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 2);
 
     #[test]
-    fn probe_round_trip_and_padding() {
-        let m = Message {
-            kind: Kind::Probe,
-            id: 7,
-            size: 1420,
-        };
-        let p = build(A, B, m, 1420);
-        assert_eq!(p.len(), 1420);
-        assert_eq!(
-            u16::from_be_bytes([p[2], p[3]]),
-            33,
-            "IP length excludes padding"
-        );
-        assert_eq!(checksum(&p[..20]), 0, "valid header checksum");
-        assert_eq!(parse(&p), Some(m));
-        assert_eq!(parse(&p[..33]), Some(m), "trimmed as boringtun delivers it");
-        let mut other = p.clone();
-        other[9] = 17;
-        assert_eq!(parse(&other), None);
-        assert_eq!(parse(&[0x45; 10]), None);
-    }
-
-    #[test]
     fn frag_needed_is_a_valid_icmp_for_the_sender() {
         let mut orig = vec![0u8; 1420];
-        ipv4_header(&mut orig, 1420, 6, A, B);
+        let header = orig.first_chunk_mut().unwrap();
+        write_ipv4_header(header, 1420, 6, A, B);
         let icmp = frag_needed(&orig, 1340, A).unwrap();
         assert_eq!(icmp.len(), 20 + 8 + 28);
         assert_eq!(&icmp[16..20], &A.octets(), "addressed to the sender");
         assert_eq!((icmp[20], icmp[21]), (3, 4));
         assert_eq!(u16::from_be_bytes([icmp[26], icmp[27]]), 1340);
-        assert_eq!(checksum(&icmp[..20]), 0);
-        assert_eq!(checksum(&icmp[20..]), 0);
+        assert_eq!(internet_checksum(&icmp[..20]), 0);
+        assert_eq!(internet_checksum(&icmp[20..]), 0);
         assert_eq!(&icmp[28..], &orig[..28], "quotes header + 8 bytes");
         assert!(dont_fragment(&orig));
     }

@@ -2,7 +2,7 @@
 //!
 //! Each [`Target`] starts from a corpus of real messages made by the project's own encoders
 //! (control and relay-session messages, relay frames of several sizes, join tokens, keys, relay
-//! tickets, WireGuard handshakes and data from two real `mesh_core::Node`s, path MTU probes),
+//! tickets, WireGuard handshakes and data from two real `mesh_core::Node`s, in-tunnel messages),
 //! plus any files under `crates/mesh-fuzz/corpus/<target>/`, and feeds the decoder seeded
 //! mutations of them ([`mutate`]: bit flips, byte sets, interesting values, truncation,
 //! extension, splicing, length-field tweaks; for JSON messages also edits of the parsed tree).

@@ -34,7 +34,8 @@ pub enum Target {
     Key,
     /// `mesh_core::packet` and `pmtu::frag_needed`: views of IP packets.
     IpPacket,
-    /// `mesh_core::pmtu::parse`: in-tunnel probe, ack and birthday messages.
+    /// `mesh_proto::tunnel::parse` (re-exported as `mesh_core::pmtu::parse`): in-tunnel probe,
+    /// ack and birthday messages.
     Pmtu,
     /// A whole `mesh_core::Node`: datagrams, relayed messages, TUN packets, timer ticks.
     Node,

@@ -196,7 +196,7 @@ fn check_tun_packet(p: &[u8], peer: Ipv4Addr, me: Ipv4Addr) {
         "a node writes to TUN only packets from the peer's overlay address (or its own ICMP)",
     );
     check(
-        mesh_core::pmtu::parse(p).is_none(),
+        mesh_proto::tunnel::parse(p).is_none(),
         "in-tunnel probe messages never reach TUN",
     );
 }

@@ -5,6 +5,7 @@ use super::{check, Decoder};
 use crate::Outcome;
 use mesh_core::node::PING_IDS;
 use mesh_core::{packet, pmtu};
+use mesh_proto::tunnel::{self, Kind, Message};
 use std::net::Ipv4Addr;
 
 /// An IPv4 packet with a header of `ihl` words (options zero) and `payload`.
@@ -34,14 +35,14 @@ fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, ihl: u8, flags: u8, payload: &[
 /// Real inner packets from `src` to `dst`: path MTU probes and acks, pings, birthday joins,
 /// ICMP, UDP and TCP, a fragment, IP options, an IPv6 packet.
 pub(super) fn inner_packets(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<Vec<u8>> {
-    let msg = |kind, id, size| pmtu::Message { kind, id, size };
+    let msg = |kind, id, size| Message { kind, id, size };
     let mut out = vec![
-        pmtu::build(src, dst, msg(pmtu::Kind::Probe, 1, 1280), 0),
-        pmtu::build(src, dst, msg(pmtu::Kind::Probe, 2, 1420), 1420),
-        pmtu::build(src, dst, msg(pmtu::Kind::Ack, 2, 1420), 0),
-        pmtu::build(src, dst, msg(pmtu::Kind::Probe, PING_IDS.start, 0), 0),
-        pmtu::build(src, dst, msg(pmtu::Kind::Ack, PING_IDS.start + 1, 0), 0),
-        pmtu::build(src, dst, msg(pmtu::Kind::Birthday, 0, 0), 0),
+        tunnel::build(src, dst, msg(Kind::Probe, 1, 1280), 0),
+        tunnel::build(src, dst, msg(Kind::Probe, 2, 1420), 1420),
+        tunnel::build(src, dst, msg(Kind::Ack, 2, 1420), 0),
+        tunnel::build(src, dst, msg(Kind::Probe, PING_IDS.start, 0), 0),
+        tunnel::build(src, dst, msg(Kind::Ack, PING_IDS.start + 1, 0), 0),
+        tunnel::build(src, dst, msg(Kind::Birthday, 0, 0), 0),
     ];
     let mut echo = vec![8, 0, 0, 0, 0, 1, 0, 1];
     echo.extend((0u8..56).collect::<Vec<_>>());
@@ -117,25 +118,30 @@ pub(super) fn ip_packet() -> Decoder {
     })
 }
 
+/// `mesh_proto::tunnel::parse` (which `mesh_core::pmtu` re-exports): in-tunnel messages.
 pub(super) fn pmtu() -> Decoder {
     Decoder::new("pmtu", inner_packets(A, B), 1600, |b| {
-        match pmtu::parse(b) {
-            Some(m) => {
-                check(
-                    b[0] == 0x45 && b[9] == pmtu::PROTO,
-                    "only probe packets parse",
-                );
-                check(
-                    pmtu::parse(&pmtu::build(A, B, m, 0)) == Some(m),
-                    "a parsed message builds back to itself",
-                );
-                Outcome::new(match m.kind {
-                    pmtu::Kind::Probe => "probe",
-                    pmtu::Kind::Ack => "ack",
-                    pmtu::Kind::Birthday => "birthday",
-                })
-            }
-            None => Outcome::new("other"),
-        }
+        let Some(m) = tunnel::parse(b) else {
+            return Outcome::new("other");
+        };
+        check(
+            b[0] == 0x45 && b[9] == tunnel::PROTO,
+            "only in-tunnel messages parse",
+        );
+        let built = tunnel::build(A, B, m, b.len());
+        check(
+            tunnel::parse(&built) == Some(m),
+            "a parsed message builds back to itself",
+        );
+        let mut buf = vec![0xee; built.len() + 1];
+        check(
+            tunnel::build_into(A, B, m, b.len(), &mut buf).map(|n| &buf[..n]) == Some(&built[..]),
+            "build_into writes what build returns",
+        );
+        Outcome::new(match m.kind {
+            Kind::Probe => "probe",
+            Kind::Ack => "ack",
+            Kind::Birthday => "birthday",
+        })
     })
 }
