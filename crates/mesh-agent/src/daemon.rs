@@ -3,11 +3,11 @@
 
 use crate::api::{self, Request};
 use crate::control::{self, ControlCmd, ControlCtx, ControlStatus};
-use crate::dataplane::{self, DataCmd, DataStatus};
+use crate::dataplane::{self, DataCmd, DataStatus, DriverCounters};
 use crate::state::{Membership, StateDir};
 use anyhow::Context as _;
 use mesh_control::quic;
-use mesh_core::{Node, NodeConfig};
+use mesh_core::{Counters, Node, NodeConfig};
 use mesh_proto::control::ClientMsg;
 use mesh_proto::token::JoinToken;
 use mesh_proto::PublicKey;
@@ -574,6 +574,16 @@ fn secs(d: Option<Duration>) -> serde_json::Value {
     d.map_or(serde_json::Value::Null, |d| json!(d.as_secs()))
 }
 
+/// The `counters` of `mesh status --json`: every node and driver counter under its field name.
+pub(crate) fn counters_json(node: &Counters, driver: &DriverCounters) -> serde_json::Value {
+    node.entries()
+        .iter()
+        .chain(driver.entries().iter())
+        .map(|e| (e.name.to_owned(), json!(e.value)))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
 async fn status_json(
     node: &serde_json::Value,
     control: &Arc<Mutex<ControlStatus>>,
@@ -631,39 +641,7 @@ async fn status_json(
             "mapping": mapping_kind(&observed),
         },
         "peers": peers,
-        "counters": {
-            "malformed_packets": c.malformed_packets,
-            "unknown_peer_packets": c.unknown_peer_packets,
-            "rejected_packets": c.rejected_packets,
-            "spoofed_packets": c.spoofed_packets,
-            "no_route_packets": c.no_route_packets,
-            "non_ipv4_packets": c.non_ipv4_packets,
-            "queue_drops": c.queue_drops,
-            "too_big_packets": c.too_big_packets,
-            "bad_mac1_packets": c.bad_mac1_packets,
-            "over_budget_handshakes": c.over_budget_handshakes,
-            "cookie_replies_sent": c.cookie_replies_sent,
-            "misdirected_packets": c.misdirected_packets,
-            "overlay_sources": c.overlay_sources,
-            "refused_candidates": c.refused_candidates,
-            "probe_budget_drops": c.probe_budget_drops,
-            "unknown_socket_packets": c.unknown_socket_packets,
-            "udp_rx": driver.udp_rx,
-            "udp_tx": driver.udp_tx,
-            "udp_send_errors": driver.udp_send_errors,
-            "unknown_datagrams": driver.unknown_datagrams,
-            "quic_drops": driver.quic_drops,
-            "tun_rx": driver.tun_rx,
-            "tun_tx": driver.tun_tx,
-            "tun_write_errors": driver.tun_write_errors,
-            "relay_rx": driver.relay_rx,
-            "relay_tx": driver.relay_tx,
-            "relay_drops": driver.relay_drops,
-            "extra_sockets": driver.extra_sockets,
-            "extra_socket_errors": driver.extra_socket_errors,
-            "extra_rx": driver.extra_rx,
-            "extra_tx": driver.extra_tx,
-        }
+        "counters": counters_json(&c, &driver),
     })
 }
 

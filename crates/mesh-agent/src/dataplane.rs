@@ -59,40 +59,44 @@ const RELAY_INBOX: usize = 1024;
 /// Datagrams queued from the extra (birthday) sockets to the data plane.
 const EXTRA_INBOX: usize = 1024;
 
-/// Counters kept by the driver itself (the node keeps its own).
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
-pub struct DriverCounters {
-    /// Datagrams received on the UDP socket.
-    pub udp_rx: u64,
-    /// Datagrams sent.
-    pub udp_tx: u64,
-    /// Send calls that failed.
-    pub udp_send_errors: u64,
-    /// Datagrams whose first bytes match no protocol.
-    pub unknown_datagrams: u64,
-    /// QUIC datagrams dropped because the QUIC endpoint was behind.
-    pub quic_drops: u64,
-    /// Packets written to TUN.
-    pub tun_tx: u64,
-    /// Packets read from TUN.
-    pub tun_rx: u64,
-    /// Failed TUN writes.
-    pub tun_write_errors: u64,
-    /// Relay frames received / sent.
-    pub relay_rx: u64,
-    /// Relay frames sent.
-    pub relay_tx: u64,
-    /// Relay frames dropped (malformed, incomplete, or the relay connection full or gone).
-    pub relay_drops: u64,
-    /// Extra sockets open now (hole punching toward endpoint-dependent NATs, and the ones kept
-    /// for peers reached that way).
-    pub extra_sockets: u64,
-    /// Extra sockets the system refused to open.
-    pub extra_socket_errors: u64,
-    /// Datagrams received / sent on extra sockets.
-    pub extra_rx: u64,
-    /// Datagrams sent on extra sockets.
-    pub extra_tx: u64,
+mesh_core::counters! {
+    /// Counters kept by the driver itself (the node keeps its own).
+    pub struct DriverCounters {
+        /// Datagrams received on the UDP socket.
+        udp_rx: Counter("udp_rx_datagrams"),
+        /// Datagrams sent on the UDP socket.
+        udp_tx: Counter("udp_tx_datagrams"),
+        /// Send calls on the UDP socket that failed.
+        udp_send_errors: Counter("udp_send_errors"),
+        /// Datagrams whose first bytes match no protocol.
+        unknown_datagrams: Drop("unknown_protocol"),
+        /// QUIC datagrams dropped because the QUIC endpoint was behind.
+        quic_drops: Drop("quic_behind"),
+        /// Packets written to TUN.
+        tun_tx: Counter("tun_tx_packets"),
+        /// Packets read from TUN.
+        tun_rx: Counter("tun_rx_packets"),
+        /// Failed TUN writes.
+        tun_write_errors: Counter("tun_write_errors"),
+        /// Relay frames received.
+        relay_rx: Counter("relay_rx_frames"),
+        /// Relay frames sent.
+        relay_tx: Counter("relay_tx_frames"),
+        /// Relay frames dropped (malformed, too big, or the relay connection full or gone).
+        relay_drops: Drop("relay_frame"),
+        /// Relayed messages given up on before all their fragments came (expired, or evicted to
+        /// bound the reassembly's memory).
+        relay_reassembly_drops: Drop("relay_reassembly"),
+        /// Extra sockets open now (hole punching toward endpoint-dependent NATs, and the ones kept
+        /// for peers reached that way).
+        extra_sockets: Gauge("extra_sockets_open"),
+        /// Extra sockets the system refused to open.
+        extra_socket_errors: Counter("extra_socket_errors"),
+        /// Datagrams received on extra sockets.
+        extra_rx: Counter("extra_rx_datagrams"),
+        /// Datagrams sent on extra sockets.
+        extra_tx: Counter("extra_tx_datagrams"),
+    }
 }
 
 /// The node's extra UDP sockets (see [`mesh_core::birthday`]): plain sockets without batching,
@@ -429,6 +433,7 @@ pub async fn run(
                         .iter()
                         .filter_map(|p| Some((p.key, relays.pick(&p.key)?.0.to_owned())))
                         .collect();
+                    counters.relay_reassembly_drops = reassembly.dropped();
                     let _ = reply.send(DataStatus {
                         peers,
                         node: node.counters(),

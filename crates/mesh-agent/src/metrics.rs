@@ -1,9 +1,10 @@
 //! Prometheus endpoint (opt-in, `--metrics-listen`): per-peer path, RTT, bytes and handshake
-//! age, the controller connection and the node's drop counters. Each scrape takes a fresh
-//! snapshot from the data plane.
+//! age, the controller connection, and every node and driver counter as its declaration says
+//! (see [`mesh_core::counters`]). Each scrape takes a fresh snapshot from the data plane.
 
 use crate::control::ControlStatus;
 use crate::dataplane::{DataCmd, DataStatus};
+use mesh_core::counters::Metric;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -96,39 +97,34 @@ pub fn render(status: &DataStatus, control_connected: bool) -> String {
         "Largest inner packet the path to the peer carries (probed)",
         pmtu,
     );
+    // The node's and the driver's counters, each shown as its declaration says.
     let drops = Family::<ReasonLabels, Counter>::default();
-    let c = status.node;
-    for (reason, n) in [
-        ("malformed", c.malformed_packets),
-        ("unknown_peer", c.unknown_peer_packets),
-        ("rejected", c.rejected_packets),
-        ("spoofed", c.spoofed_packets),
-        ("no_route", c.no_route_packets),
-        ("non_ipv4", c.non_ipv4_packets),
-        ("queue_full", c.queue_drops),
-        ("too_big", c.too_big_packets),
-        ("bad_mac1", c.bad_mac1_packets),
-        ("handshake_over_budget", c.over_budget_handshakes),
-        ("misdirected", c.misdirected_packets),
-        ("overlay_source", c.overlay_sources),
-        ("refused_candidate", c.refused_candidates),
-        ("probe_budget", c.probe_budget_drops),
-        ("unknown_socket", c.unknown_socket_packets),
-    ] {
-        drops
-            .get_or_create(&ReasonLabels {
-                reason: reason.to_owned(),
-            })
-            .inc_by(n);
+    let node = status.node.entries();
+    let driver = status.driver.entries();
+    for e in node.iter().chain(driver.iter()) {
+        // The registry appends the full stop.
+        let help = e.help.strip_suffix('.').unwrap_or(e.help);
+        match e.metric {
+            Metric::Drop(reason) => {
+                drops
+                    .get_or_create(&ReasonLabels {
+                        reason: reason.to_owned(),
+                    })
+                    .inc_by(e.value);
+            }
+            Metric::Counter(name) => {
+                let counter = Counter::<u64>::default();
+                counter.inc_by(e.value);
+                reg.register(name, help, counter);
+            }
+            Metric::Gauge(name) => {
+                let gauge = Gauge::<u64, AtomicU64>::default();
+                gauge.set(e.value);
+                reg.register(name, help, gauge);
+            }
+        }
     }
     reg.register("dropped_packets", "Packets dropped, by reason", drops);
-    let cookies = Counter::<u64>::default();
-    cookies.inc_by(c.cookie_replies_sent);
-    reg.register(
-        "cookie_replies_sent",
-        "WireGuard cookie replies sent to handshakes that came while under load",
-        cookies,
-    );
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &reg);
@@ -184,8 +180,10 @@ pub async fn serve(addr: SocketAddr, src: Source) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dataplane::DriverCounters;
     use mesh_core::PeerStatus;
     use mesh_proto::PublicKey;
+    use std::collections::BTreeSet;
     use std::time::Duration;
 
     #[test]
@@ -209,9 +207,15 @@ mod tests {
                 malformed_packets: 3,
                 bad_mac1_packets: 4,
                 cookie_replies_sent: 5,
+                unknown_socket_packets: 6,
                 ..Default::default()
             },
-            driver: Default::default(),
+            driver: DriverCounters {
+                udp_rx: 8,
+                relay_reassembly_drops: 9,
+                extra_sockets: 2,
+                ..Default::default()
+            },
             relay_of: Default::default(),
         };
         let text = render(&status, true);
@@ -226,9 +230,65 @@ mod tests {
             "mesh_dropped_packets_total{reason=\"malformed\"} 3",
             "mesh_dropped_packets_total{reason=\"bad_mac1\"} 4",
             "mesh_cookie_replies_sent_total 5",
+            "mesh_dropped_packets_total{reason=\"unknown_socket\"} 6",
+            "# HELP mesh_cookie_replies_sent WireGuard cookie replies sent to direct handshakes that came while under load.",
+            "mesh_udp_rx_datagrams_total 8",
+            "# HELP mesh_udp_rx_datagrams Datagrams received on the UDP socket.",
+            "mesh_dropped_packets_total{reason=\"relay_reassembly\"} 9",
+            "# TYPE mesh_extra_sockets_open gauge",
+            "mesh_extra_sockets_open 2",
             "mesh_peer_path_mtu_bytes{peer=\"node-b\",address=\"100.64.0.2\"} 1340",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }
+    }
+
+    /// Both outputs are built from the counter declarations: a counter added later shows in
+    /// `mesh status --json` under its field name and in Prometheus under its own series.
+    #[test]
+    fn every_counter_shows_in_status_json_and_metrics() {
+        let status = DataStatus {
+            peers: vec![],
+            node: Default::default(),
+            driver: Default::default(),
+            relay_of: Default::default(),
+        };
+        let json = crate::daemon::counters_json(&status.node, &status.driver);
+        let text = render(&status, true);
+        let node = status.node.entries();
+        let driver = status.driver.entries();
+        let mut series = BTreeSet::new();
+        for e in node.iter().chain(driver.iter()) {
+            assert_eq!(
+                json[e.name].as_u64(),
+                Some(0),
+                "{} missing in {json:#}",
+                e.name
+            );
+            let line = match e.metric {
+                Metric::Drop(reason) => {
+                    format!("mesh_dropped_packets_total{{reason=\"{reason}\"}} 0")
+                }
+                Metric::Counter(name) => format!("mesh_{name}_total 0"),
+                Metric::Gauge(name) => format!("mesh_{name} 0"),
+            };
+            assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
+            assert!(series.insert(line.clone()), "two counters share {line}");
+        }
+        assert_eq!(
+            json.as_object().map(|o| o.len()),
+            Some(node.len() + driver.len()),
+            "two counters share a key in {json:#}"
+        );
+        let types: Vec<&str> = text.lines().filter(|l| l.starts_with("# TYPE ")).collect();
+        let distinct: BTreeSet<&str> = types
+            .iter()
+            .map(|l| l.split(' ').nth(2).unwrap_or(""))
+            .collect();
+        assert_eq!(
+            distinct.len(),
+            types.len(),
+            "a metric is registered twice in\n{text}"
+        );
     }
 }

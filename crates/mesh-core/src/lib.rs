@@ -23,6 +23,7 @@
 
 pub mod birthday;
 mod budget;
+pub mod counters;
 pub mod guard;
 pub mod node;
 pub mod packet;
@@ -30,7 +31,7 @@ pub mod pmtu;
 pub mod session;
 
 pub use birthday::{BirthdayConfig, BirthdayStats};
+pub use counters::Counters;
 pub use node::{
-    Counters, Event, Node, NodeConfig, Path, PeerConfig, PeerStatus, RelayTransmit, SocketId,
-    Transmit,
+    Event, Node, NodeConfig, Path, PeerConfig, PeerStatus, RelayTransmit, SocketId, Transmit,
 };

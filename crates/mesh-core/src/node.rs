@@ -2,6 +2,7 @@
 
 use crate::birthday::{self, Attempt, BirthdayConfig, BirthdayStats, Owner, Sockets};
 use crate::budget::ProbeBudget;
+use crate::counters::Counters;
 use crate::guard::{GuardConfig, HandshakeGuard, Verdict};
 use crate::packet;
 use crate::pmtu;
@@ -209,45 +210,6 @@ pub enum Event {
     /// The node is done with this extra socket: the driver closes it and drops anything still
     /// queued for it.
     CloseSocket(SocketId),
-}
-
-/// Packets dropped, by reason. A bad packet is a counter, never an error.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Counters {
-    /// Datagrams that are not well-formed WireGuard messages for us.
-    pub malformed_packets: u64,
-    /// Handshakes or packets from keys or indices we do not know.
-    pub unknown_peer_packets: u64,
-    /// WireGuard refused the datagram (bad MAC, replay, expired ...).
-    pub rejected_packets: u64,
-    /// Decrypted packets whose source is not the peer's overlay address.
-    pub spoofed_packets: u64,
-    /// TUN packets to an address no peer has.
-    pub no_route_packets: u64,
-    /// TUN packets that are not IPv4 (IPv6 router solicitations and the like).
-    pub non_ipv4_packets: u64,
-    /// Packets dropped because a queue was full.
-    pub queue_drops: u64,
-    /// TUN packets larger than the peer's path MTU (answered with ICMP when DF was set).
-    pub too_big_packets: u64,
-    /// Datagrams on an extra socket the node has closed, or for another peer than the socket's.
-    pub unknown_socket_packets: u64,
-    /// Decrypted packets not addressed to this node (a member trying to use it as a router).
-    pub misdirected_packets: u64,
-    /// Peer endpoint candidates refused because the overlay reaches them (the overlay range,
-    /// an interface stacked on the overlay, a route through it) or they are this host's own.
-    pub refused_candidates: u64,
-    /// Datagrams whose source is reached through the overlay (WireGuard inside the overlay):
-    /// dropped, never taken as a peer's endpoint.
-    pub overlay_sources: u64,
-    /// Probes not sent because their target IP had its [`PROBE_BUDGET`] for the minute.
-    pub probe_budget_drops: u64,
-    /// Handshakes without a valid mac1 for this node's key (dropped before any DH).
-    pub bad_mac1_packets: u64,
-    /// Handshakes dropped because the node-wide DH budget was spent (see [`crate::guard`]).
-    pub over_budget_handshakes: u64,
-    /// WireGuard cookie replies sent to direct handshakes that came while under load.
-    pub cookie_replies_sent: u64,
 }
 
 /// Status of one peer, for `mesh status`.
