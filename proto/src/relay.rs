@@ -7,6 +7,9 @@
 //! datagram (a full 1420-byte inner packet needs 1452 bytes, a QUIC datagram starts at about
 //! 1150) is split into at most [`MAX_FRAGMENTS`] chunks with the same packet id, reassembled by
 //! [`Reassembly`] with hard bounds on memory and time.
+//!
+//! A node frames and reassembles with one [`Framer`] (packet ids and reassembly, without I/O),
+//! so the agent's data plane and the simulation do it the same way.
 
 use crate::PublicKey;
 use std::collections::{HashMap, VecDeque};
@@ -239,6 +242,50 @@ impl Reassembly {
     }
 }
 
+/// A node's end of its relay connections, without I/O: numbers and frames the WireGuard
+/// messages it sends through a relay, and reassembles the ones it receives. One per node,
+/// shared by all its relay connections (one packet id sequence, one bounded [`Reassembly`]).
+#[derive(Default)]
+pub struct Framer {
+    /// Packet id of the last message framed.
+    last_id: u16,
+    reassembly: Reassembly,
+}
+
+impl Framer {
+    /// Frames a WireGuard message for the node `to` under the next packet id, in datagrams of
+    /// at most `max_datagram` bytes (the relay connection's QUIC datagram room now). Send every
+    /// datagram returned; the receiver reassembles them in any order. A message that cannot be
+    /// framed (empty, larger than [`MAX_MESSAGE`], or needing more than [`MAX_FRAGMENTS`]
+    /// datagrams) is an error: drop it and count it.
+    pub fn frame(
+        &mut self,
+        to: &PublicKey,
+        message: &[u8],
+        max_datagram: usize,
+    ) -> Result<Vec<Vec<u8>>, RelayError> {
+        self.last_id = self.last_id.wrapping_add(1);
+        encode(to, self.last_id, message, max_datagram)
+    }
+
+    /// One datagram from a relay. `Ok(Some((from, message)))` once a message is whole: hand it to
+    /// the node as relayed from `from`. `Ok(None)` while fragments are missing. An error for a
+    /// malformed frame: drop it and count it.
+    pub fn receive(
+        &mut self,
+        datagram: &[u8],
+        now: Instant,
+    ) -> Result<Option<(PublicKey, Vec<u8>)>, RelayError> {
+        let frame = decode(datagram)?;
+        Ok(self.reassembly.push(frame, now))
+    }
+
+    /// Incomplete messages given up on so far (expired or evicted).
+    pub fn dropped(&self) -> u64 {
+        self.reassembly.dropped()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -346,6 +393,49 @@ mod tests {
             }
         }
         assert_eq!(r.push(decode(&good[1]).unwrap(), now), Some((victim, msg)));
+    }
+
+    #[test]
+    fn framer_numbers_messages_and_reassembles_what_it_frames() {
+        let now = Instant::now();
+        let (mut a, mut b) = (Framer::default(), Framer::default());
+        let small = a.frame(&K, b"handshake", 1200).unwrap();
+        let msg: Vec<u8> = (0..1452u32).map(|i| i as u8).collect();
+        let big = a.frame(&K, &msg, 1200).unwrap();
+        assert_eq!((small.len(), big.len()), (1, 2));
+        assert!(big.iter().all(|f| f.len() <= 1200));
+        let ids: Vec<u16> = [&small[0], &big[0], &big[1]]
+            .iter()
+            .map(|f| decode(f).unwrap().id)
+            .collect();
+        assert_eq!(ids, [1, 2, 2]);
+        // What a relay would forward: the sender's key in place of the destination's.
+        let from = PublicKey([4; 32]);
+        let mut relayed: Vec<Vec<u8>> = small.into_iter().chain(big.into_iter().rev()).collect();
+        for f in &mut relayed {
+            set_key(f, &from).unwrap();
+        }
+        assert_eq!(
+            b.receive(&relayed[0], now),
+            Ok(Some((from, b"handshake".to_vec())))
+        );
+        assert_eq!(b.receive(&relayed[1], now), Ok(None));
+        assert_eq!(b.receive(&relayed[2], now), Ok(Some((from, msg))));
+        assert_eq!(b.receive(&[1; 20], now), Err(RelayError::Short));
+        // A message that cannot be framed still uses up its id; the next one goes on.
+        assert_eq!(a.frame(&K, &[], 1200), Err(RelayError::Size));
+        assert_eq!(decode(&a.frame(&K, b"x", 1200).unwrap()[0]).unwrap().id, 4);
+        assert_eq!(b.dropped(), 0);
+    }
+
+    #[test]
+    fn framer_packet_ids_wrap() {
+        let mut a = Framer {
+            last_id: u16::MAX - 1,
+            ..Framer::default()
+        };
+        let id = |a: &mut Framer| decode(&a.frame(&K, b"x", 1200).unwrap()[0]).unwrap().id;
+        assert_eq!((id(&mut a), id(&mut a), id(&mut a)), (u16::MAX, 0, 1));
     }
 
     proptest::proptest! {

@@ -1,51 +1,30 @@
-//! The forwarding table, shared by the embedded and the standalone relay.
+//! The forwarding table over quinn, shared by the embedded and the standalone relay.
 //!
 //! One connection per (network, node key): a node that connects again replaces its older
 //! connection, which is closed ([`mesh_control::quic::CLOSE_REPLACED`]). Only the connection in
-//! the table may send: frames from a replaced, removed or revoked connection are dropped.
+//! the table may send: frames from a replaced, removed or revoked connection are dropped. The
+//! rules themselves are [`Routes`], without I/O; this module drives them with quinn connections.
 
+use crate::route::{self, Routed, Routes};
 use mesh_proto::PublicKey;
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tracing::{debug, info};
+
+pub use crate::route::RelayCounters;
 
 /// QUIC application close code: the node was removed from its network (its tickets revoked).
 pub const CLOSE_REVOKED: u32 = 0x4d06;
 
-struct Entry {
-    conn: quinn::Connection,
-    /// Unix seconds when the node's admission ends (its ticket's expiry; `u64::MAX` for the
-    /// embedded relay, where the control connection itself is the admission).
-    expires: u64,
-}
-
-type Table = HashMap<(String, PublicKey), Entry>;
-
-/// Totals since start.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RelayCounters {
-    /// Frames forwarded.
-    pub forwarded: u64,
-    /// Bytes forwarded.
-    pub forwarded_bytes: u64,
-    /// Frames dropped: malformed, unknown or offline destination, or a full destination queue.
-    pub dropped: u64,
-    /// Connections closed because the same node connected again.
-    pub replaced: u64,
-    /// Connections closed because the node was removed or revoked.
-    pub revoked: u64,
+impl route::Connection for quinn::Connection {
+    fn id(&self) -> usize {
+        self.stable_id()
+    }
 }
 
 /// Admitted nodes by (network, key), and the loop that forwards what each sends.
 #[derive(Default)]
 pub struct Forwarder {
-    table: Mutex<Table>,
-    forwarded: AtomicU64,
-    forwarded_bytes: AtomicU64,
-    dropped: AtomicU64,
-    replaced: AtomicU64,
-    revoked: AtomicU64,
+    routes: Mutex<Routes<quinn::Connection>>,
 }
 
 /// Keeps a node in the table; dropping it removes the node unless a newer connection of the
@@ -59,14 +38,9 @@ pub struct Attachment {
 
 impl Drop for Attachment {
     fn drop(&mut self) {
-        let mut table = self.forwarder.lock();
-        let id = (std::mem::take(&mut self.network), self.key);
-        if table
-            .get(&id)
-            .is_some_and(|e| e.conn.stable_id() == self.conn.stable_id())
-        {
-            table.remove(&id);
-        }
+        self.forwarder
+            .lock()
+            .detach(&self.network, &self.key, &self.conn);
     }
 }
 
@@ -89,12 +63,9 @@ impl Attachment {
 
     /// Extends the node's admission (a renewed ticket).
     pub fn set_expires(&self, expires: u64) {
-        let mut table = self.forwarder.lock();
-        if let Some(e) = table.get_mut(&(self.network.clone(), self.key)) {
-            if e.conn.stable_id() == self.conn.stable_id() {
-                e.expires = expires;
-            }
-        }
+        self.forwarder
+            .lock()
+            .set_expires(&self.network, &self.key, &self.conn, expires);
     }
 }
 
@@ -104,9 +75,9 @@ impl Forwarder {
         Arc::new(Forwarder::default())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Routes<quinn::Connection>> {
         // A panic while holding the lock would be a bug; the table is still consistent.
-        self.table.lock().unwrap_or_else(|p| p.into_inner())
+        self.routes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Admits `key` of `network` on `conn` (replacing an older connection of the same node) and
@@ -125,17 +96,10 @@ impl Forwarder {
         conn: quinn::Connection,
         expires: u64,
     ) -> Attachment {
-        let old = self.lock().insert(
-            (network.to_owned(), key),
-            Entry {
-                conn: conn.clone(),
-                expires,
-            },
-        );
-        if let Some(old) = old.filter(|o| o.conn.stable_id() != conn.stable_id()) {
-            self.replaced.fetch_add(1, Ordering::Relaxed);
+        let old = self.lock().attach(network, key, conn.clone(), expires);
+        if let Some(old) = old {
             info!(node = %key, %network, "node connected again; closing its older relay connection");
-            old.conn.close(
+            old.close(
                 mesh_control::quic::CLOSE_REPLACED.into(),
                 b"replaced by a newer connection of the same node",
             );
@@ -152,13 +116,11 @@ impl Forwarder {
     /// sends is forwarded and nothing reaches it. Its connection is closed when `close` is set;
     /// the controller closes its own after telling the node why. Returns whether it was there.
     pub fn remove(&self, network: &str, key: &PublicKey, close: bool) -> bool {
-        let Some(e) = self.lock().remove(&(network.to_owned(), *key)) else {
+        let Some(conn) = self.lock().remove(network, key) else {
             return false;
         };
-        self.revoked.fetch_add(1, Ordering::Relaxed);
         if close {
-            e.conn
-                .close(CLOSE_REVOKED.into(), b"removed from the network");
+            conn.close(CLOSE_REVOKED.into(), b"removed from the network");
         }
         true
     }
@@ -166,24 +128,18 @@ impl Forwarder {
     /// Applies a verified revocation: disconnects `key` of `network` if its admission ends at
     /// or before `cutoff`. Returns whether a connection was closed.
     pub fn revoke(&self, network: &str, key: &PublicKey, cutoff: u64) -> bool {
-        let id = (network.to_owned(), *key);
-        let e = {
-            let mut table = self.lock();
-            match table.get(&id) {
-                Some(e) if e.expires <= cutoff => table.remove(&id),
-                _ => None,
-            }
+        let Some(conn) = self.lock().revoke(network, key, cutoff) else {
+            return false;
         };
-        let Some(e) = e else { return false };
-        self.revoked.fetch_add(1, Ordering::Relaxed);
-        e.conn.close(
+        conn.close(
             CLOSE_REVOKED.into(),
             b"removed from the network by the controller admin",
         );
         true
     }
 
-    /// Forwards one frame from `from` on `conn`; false if it was dropped.
+    /// Forwards one frame from `from` on `conn` by the rules of [`Routes`]; false if it was
+    /// dropped.
     fn forward_one(
         &self,
         network: &str,
@@ -191,34 +147,17 @@ impl Forwarder {
         conn: &quinn::Connection,
         datagram: &[u8],
     ) -> bool {
-        let ok = (|| {
-            let dst = mesh_proto::relay::decode(datagram).ok()?.key;
-            if dst == *from {
-                return None;
-            }
-            let target = {
-                let table = self.lock();
-                // Only the node's current connection may send (not a replaced or removed one).
-                let sender = table.get(&(network.to_owned(), *from))?;
-                if sender.conn.stable_id() != conn.stable_id() {
-                    return None;
-                }
-                table.get(&(network.to_owned(), dst))?.conn.clone()
-            };
-            let mut frame = datagram.to_vec();
-            mesh_proto::relay::set_key(&mut frame, from).ok()?;
-            // A full destination queue drops its oldest datagrams, never blocks the sender.
-            target.send_datagram(frame.into()).ok()
-        })()
-        .is_some();
-        if ok {
-            self.forwarded.fetch_add(1, Ordering::Relaxed);
-            self.forwarded_bytes
-                .fetch_add(datagram.len() as u64, Ordering::Relaxed);
-        } else {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+        let routed = self.lock().route(network, from, conn, datagram);
+        let Ok(Routed { to, frame }) = routed else {
+            return false;
+        };
+        let len = frame.len();
+        // A full destination queue drops its oldest datagrams, never blocks the sender.
+        if to.send_datagram(frame.into()).is_ok() {
+            return true;
         }
-        ok
+        self.lock().undelivered(len);
+        false
     }
 
     /// Nodes connected now.
@@ -228,17 +167,11 @@ impl Forwarder {
 
     /// Whether `key` of `network` is connected.
     pub fn is_connected(&self, network: &str, key: &PublicKey) -> bool {
-        self.lock().contains_key(&(network.to_owned(), *key))
+        self.lock().contains(network, key)
     }
 
     /// Totals since start.
     pub fn counters(&self) -> RelayCounters {
-        RelayCounters {
-            forwarded: self.forwarded.load(Ordering::Relaxed),
-            forwarded_bytes: self.forwarded_bytes.load(Ordering::Relaxed),
-            dropped: self.dropped.load(Ordering::Relaxed),
-            replaced: self.replaced.load(Ordering::Relaxed),
-            revoked: self.revoked.load(Ordering::Relaxed),
-        }
+        self.lock().counters()
     }
 }

@@ -5,7 +5,9 @@
 //! frame only to a node of the sender's network, rewriting the key to the sender's so that nobody
 //! can pose as another node, and never sees plaintext (WireGuard is end to end).
 //!
-//! The same [`Forwarder`] runs in two places:
+//! The forwarding rules are [`route::Routes`], without I/O, so mesh-core's simulation runs them
+//! too; [`Forwarder`] drives them with quinn connections, and the same [`Forwarder`] runs in two
+//! places:
 //! - inside `mesh-controller serve`, where nodes are admitted by the control channel itself;
 //! - alone, as `mesh-controller relay` ([`server::serve`]), one per region. There a node proves
 //!   its key with a Noise handshake pinned to the relay's key and shows a [`ticket`] the
@@ -24,6 +26,7 @@
 
 pub mod client;
 pub mod forward;
+pub mod route;
 pub mod server;
 pub mod ticket;
 

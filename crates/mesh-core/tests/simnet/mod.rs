@@ -25,10 +25,14 @@
 //! keep the inside port, with [`NatConfig::port_preservation`]); symmetric NATs pick a random
 //! free port in 1024..=65535 for every new mapping (seeded), like Linux `masquerade random`.
 //!
-//! Relay: [`Sim::add_relay`] puts a relay on the internet. Nodes reach it from their main
-//! socket through their NATs (a relayed message is a UDP datagram `[RELAY_MAGIC, from key, to
-//! key, payload]`, forwarded as `[RELAY_MAGIC, from key, payload]`), UDP-blocking firewalls let
-//! it through, and every node keeps its mapping toward it alive (as a QUIC keepalive would).
+//! Relay: [`Sim::add_relay`] puts a relay on the internet that runs the real relay code
+//! ([`relay`]): mesh-relay's forwarding rules, and mesh-proto's framing and reassembly on the
+//! nodes, in frames of at most [`relay::MAX_DATAGRAM`] bytes. Its UDP datagrams stand for QUIC
+//! datagrams (QUIC itself, its encryption included, is not simulated). Nodes reach it from their
+//! main socket through their NATs; a node takes what comes from the relay's address on that
+//! socket as relay traffic (for real, QUIC is told apart by its first byte). UDP-blocking
+//! firewalls let the relay through, and every node keeps its mapping toward it alive (as a QUIC
+//! keepalive would); each node is admitted when it first connects (see [`relay`]).
 //!
 //! Adding a relay (or any other server) is one [`Service`] impl and one call:
 //! `sim.add_service(INTERNET, relay_addr, Box::new(relay))`. The service gets every datagram
@@ -50,6 +54,10 @@
 
 #![allow(dead_code)]
 #![allow(clippy::unwrap_used)]
+
+mod relay;
+
+pub use relay::SimRelay;
 
 use mesh_core::{Event, Node, NodeConfig, PeerConfig, SocketId, Transmit};
 use mesh_proto::PublicKey;
@@ -87,8 +95,6 @@ const LOWEST_RANDOM_PORT: u16 = 1024;
 const FIRST_EPHEMERAL_PORT: u16 = 32768;
 /// Where [`Sim::add_relay`] puts the relay.
 pub const RELAY: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 4), 443));
-/// First byte of relay frames (WireGuard messages start with 1..=4).
-pub const RELAY_MAGIC: u8 = 0xff;
 /// How often a node refreshes its mapping toward the relay (a QUIC keepalive).
 pub const RELAY_KEEPALIVE: Duration = Duration::from_secs(10);
 
@@ -950,15 +956,6 @@ enum Agent {
     Relay,
 }
 
-/// The relay of [`Sim::add_relay`]: forwards frames between the nodes it has heard from.
-struct SimRelay {
-    host: HostId,
-    /// Where each node's frames came from last.
-    clients: HashMap<PublicKey, SocketAddr>,
-    /// When nodes next refresh their mapping toward it.
-    next_keepalive: Instant,
-}
-
 /// Nodes and services on a [`Net`], run on a virtual clock.
 pub struct Sim {
     /// When the run started.
@@ -1045,48 +1042,39 @@ impl Sim {
         let host = self.net.add_host_at(INTERNET, RELAY);
         self.agents.insert(host, Agent::Relay);
         self.net.allow_udp_everywhere(RELAY);
-        self.relay = Some(SimRelay {
-            host,
-            clients: HashMap::new(),
-            next_keepalive: self.now + RELAY_KEEPALIVE,
-        });
+        self.relay = Some(SimRelay::new(host, self.now + RELAY_KEEPALIVE));
         for i in 0..self.nodes.len() {
             self.join_relay(i);
         }
     }
 
-    /// Node `i` connects to the relay (or refreshes its mapping toward it).
+    /// Node `i` connects to the relay and is admitted (or, connected already, refreshes its
+    /// mapping toward it).
     fn join_relay(&mut self, i: usize) {
         let Some(relay) = self.relay.as_mut() else {
             return;
         };
         let host = self.nodes[i].host;
         if let Some(seen) = self.net.observe(host, RELAY, self.now) {
-            relay.clients.insert(self.nodes[i].node.public_key(), seen);
+            relay.connect(self.nodes[i].node.public_key(), seen);
         }
         self.nodes[i].node.set_relay(true, self.now);
         self.flush(i);
     }
 
-    /// A frame arrived at the relay.
+    /// A datagram arrived at the relay: it forwards what its rules let through.
     fn relay_datagram(&mut self, from: SocketAddr, payload: &[u8]) {
         let Some(relay) = self.relay.as_mut() else {
             return;
         };
-        if payload.len() < 65 || payload[0] != RELAY_MAGIC {
-            return;
+        if let Some((to, datagram)) = relay.forward(from, payload) {
+            self.net.send(relay.host, to, datagram, self.now);
         }
-        let sender = PublicKey(payload[1..33].try_into().unwrap());
-        let to = PublicKey(payload[33..65].try_into().unwrap());
-        relay.clients.insert(sender, from);
-        if let Some(dst) = relay.clients.get(&to).copied() {
-            let mut frame = Vec::with_capacity(payload.len() - 32);
-            frame.push(RELAY_MAGIC);
-            frame.extend_from_slice(&sender.0);
-            frame.extend_from_slice(&payload[65..]);
-            let host = relay.host;
-            self.net.send(host, dst, frame, self.now);
-        }
+    }
+
+    /// The relay, if [`Sim::add_relay`] put one.
+    pub fn relay(&self) -> Option<&SimRelay> {
+        self.relay.as_ref()
     }
 
     /// Models the control connection: every `interval` each node sends a datagram to
@@ -1292,19 +1280,15 @@ impl Sim {
             }
             while let Some(t) = self.nodes[i].node.poll_relay_transmit() {
                 progressed = true;
-                if self.relay.is_none() {
+                let Some(relay) = self.relay.as_mut() else {
                     continue;
-                }
+                };
                 let n = &mut self.nodes[i];
                 n.io.relayed += 1;
                 *n.relayed_to.entry(t.to).or_default() += 1;
-                let mut frame = Vec::with_capacity(65 + t.payload.len());
-                frame.push(RELAY_MAGIC);
-                frame.extend_from_slice(&n.node.public_key().0);
-                frame.extend_from_slice(&t.to.0);
-                frame.extend_from_slice(&t.payload);
-                let host = n.host;
-                self.net.send(host, RELAY, frame, self.now);
+                for datagram in relay.node_sends(&n.node.public_key(), &t.to, &t.payload) {
+                    self.net.send(n.host, RELAY, datagram, self.now);
+                }
             }
             while let Some(pkt) = self.nodes[i].node.poll_tun_packet() {
                 progressed = true;
@@ -1377,15 +1361,17 @@ impl Sim {
                 ));
                 match self.agents.get(&a.host).copied() {
                     Some(Agent::Node(j, socket)) => {
-                        let relayed = socket == SocketId::MAIN
-                            && a.from == RELAY
-                            && a.payload.len() >= 33
-                            && a.payload[0] == RELAY_MAGIC;
-                        if relayed {
-                            let from = PublicKey(a.payload[1..33].try_into().unwrap());
-                            self.nodes[j]
-                                .node
-                                .handle_relayed(from, &a.payload[33..], self.now);
+                        if socket == SocketId::MAIN && a.from == RELAY {
+                            // The node's relay connection takes it and reassembles.
+                            let key = self.nodes[j].node.public_key();
+                            let now = self.now;
+                            let relayed = self
+                                .relay
+                                .as_mut()
+                                .and_then(|r| r.node_receives(&key, &a.payload, now));
+                            if let Some((from, message)) = relayed {
+                                self.nodes[j].node.handle_relayed(from, &message, now);
+                            }
                         } else {
                             self.nodes[j]
                                 .node
