@@ -38,12 +38,11 @@
 //! all private addresses. Probes are WireGuard keepalives of the session the pair already has
 //! through the relay, so nothing unauthenticated is ever answered.
 
-use crate::node::SocketId;
+use crate::sockets::{Owner, SocketId, Sockets};
 use mesh_proto::PublicKey;
 use rand::rngs::SmallRng;
-use rand::Rng;
-use std::collections::btree_map::Entry;
-use std::collections::{BTreeMap, HashSet};
+use rand::{Rng, SeedableRng};
+use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -138,68 +137,6 @@ pub struct BirthdayStats {
     pub probes_sent: u64,
     /// Joins answered by spraying only, because an attempt toward another peer was in flight.
     pub side_sprays: u64,
-}
-
-/// Who an extra socket belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Owner {
-    /// One of the sockets of the attempt toward this peer.
-    Attempt(PublicKey),
-    /// The socket of this peer's direct path (it won an attempt).
-    Peer(PublicKey),
-}
-
-impl Owner {
-    /// The peer the socket is for.
-    pub(crate) fn peer(self) -> PublicKey {
-        match self {
-            Owner::Attempt(k) | Owner::Peer(k) => k,
-        }
-    }
-}
-
-/// The node's open extra sockets. Ids go round 1..=65535, skipping open ones, so an id is not
-/// used again until all the others were.
-#[derive(Debug, Default)]
-pub(crate) struct Sockets {
-    owners: BTreeMap<SocketId, Owner>,
-    last: u16,
-}
-
-impl Sockets {
-    /// Allocates an id for a new socket; `None` when every id is in use.
-    pub(crate) fn open(&mut self, owner: Owner) -> Option<SocketId> {
-        if self.owners.len() >= usize::from(u16::MAX) {
-            return None;
-        }
-        loop {
-            self.last = self.last.checked_add(1).unwrap_or(1);
-            if let Entry::Vacant(slot) = self.owners.entry(SocketId(self.last)) {
-                let id = *slot.key();
-                slot.insert(owner);
-                return Some(id);
-            }
-        }
-    }
-
-    /// Forgets a socket; whether it was open.
-    pub(crate) fn close(&mut self, id: SocketId) -> bool {
-        self.owners.remove(&id).is_some()
-    }
-
-    pub(crate) fn owner(&self, id: SocketId) -> Option<Owner> {
-        self.owners.get(&id).copied()
-    }
-
-    pub(crate) fn set_owner(&mut self, id: SocketId, owner: Owner) {
-        if let Some(o) = self.owners.get_mut(&id) {
-            *o = owner;
-        }
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.owners.len()
-    }
 }
 
 /// When a peer gets its next attempt.
@@ -371,6 +308,370 @@ pub(crate) fn targets(candidates: &[SocketAddr]) -> Vec<SocketAddr> {
     out
 }
 
+/// What punching asks the node to do, in order. The node carries out each at once with the
+/// peer's session: probes are keepalives of the session the pair already has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Intent {
+    /// Tell the peer, inside the tunnel, to join the attempt starting now.
+    Join,
+    /// Ask the driver for a new extra socket under this id.
+    Open(SocketId),
+    /// The node is done with this extra socket.
+    Close(SocketId),
+    /// Send an authenticated keepalive to `dst` from `socket`; if the probe budget lets it
+    /// go, count it ([`Punching::probe_sent`]).
+    Probe {
+        /// From this socket.
+        socket: SocketId,
+        /// To this address.
+        dst: SocketAddr,
+    },
+}
+
+/// A peer's share of punching: when it gets its next attempt, and the socket that won its
+/// direct path, if one did.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PeerPunch {
+    pub(crate) schedule: Schedule,
+    /// The extra socket that won a birthday attempt for this peer, and since when the direct
+    /// path no longer uses it (it closes [`KEPT_SOCKET_GRACE`] later).
+    kept: Option<(SocketId, Option<Instant>)>,
+}
+
+impl PeerPunch {
+    /// The socket the peer kept from a won attempt.
+    pub(crate) fn kept_socket(&self) -> Option<SocketId> {
+        self.kept.map(|(id, _)| id)
+    }
+}
+
+/// How a peer stands, as punching needs to know it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PeerState {
+    /// Gone from the peer list.
+    Gone,
+    /// It has a direct path.
+    Direct,
+    /// Still without one.
+    Waiting,
+}
+
+/// The node's birthday hole punching: settings, the attempt in flight and the extra sockets.
+pub(crate) struct Punching {
+    /// `None`: disabled.
+    config: Option<BirthdayConfig>,
+    /// Spray ports; seeded, so a simulated run is the same for a given seed.
+    rng: SmallRng,
+    pub(crate) sockets: Sockets,
+    attempt: Option<Attempt>,
+    /// Spray-only answers to joins that came while `attempt` was busy with another peer: the
+    /// endpoint-independent side of a pair needs nothing but its spray, so a node whose
+    /// sockets are taken can still do its part for everyone else.
+    side_sprays: Vec<Attempt>,
+    pub(crate) stats: BirthdayStats,
+}
+
+impl Punching {
+    /// On with the default sizes; `seed` drives the spray ports.
+    pub(crate) fn new(seed: u64) -> Punching {
+        Punching {
+            config: Some(BirthdayConfig::default()),
+            rng: SmallRng::seed_from_u64(seed),
+            sockets: Sockets::default(),
+            attempt: None,
+            side_sprays: Vec::new(),
+            stats: BirthdayStats::default(),
+        }
+    }
+
+    /// New sizes, or off with `None`; an attempt in flight stops.
+    pub(crate) fn configure(
+        &mut self,
+        config: Option<BirthdayConfig>,
+        out: &mut Vec<(PublicKey, Intent)>,
+    ) {
+        self.config = config.map(BirthdayConfig::bounded);
+        self.finish(false, out);
+    }
+
+    /// Puts an attempt in flight (tests).
+    #[cfg(test)]
+    pub(crate) fn set_attempt(&mut self, attempt: Attempt) {
+        self.attempt = Some(attempt);
+    }
+
+    /// Whether an attempt is in flight.
+    pub(crate) fn busy(&self) -> bool {
+        self.attempt.is_some()
+    }
+
+    /// The peer of the attempt in flight.
+    pub(crate) fn attempt_peer(&self) -> Option<PublicKey> {
+        self.attempt.as_ref().map(|a| a.peer)
+    }
+
+    /// A probe of an intent went out.
+    pub(crate) fn probe_sent(&mut self) {
+        self.stats.probes_sent += 1;
+    }
+
+    /// Ends the attempt in flight: closes every socket of it that no peer kept.
+    pub(crate) fn finish(&mut self, success: bool, out: &mut Vec<(PublicKey, Intent)>) {
+        let Some(attempt) = self.attempt.take() else {
+            return;
+        };
+        if success {
+            self.stats.succeeded += 1;
+        }
+        tracing::debug!(peer = %attempt.peer, success, sprayed = attempt.sprayed(), "birthday attempt over");
+        for id in attempt.sockets {
+            if matches!(self.sockets.owner(id), Some(Owner::Attempt(_))) {
+                self.sockets.close(id);
+                out.push((attempt.peer, Intent::Close(id)));
+            }
+        }
+    }
+
+    /// Closes one extra socket.
+    pub(crate) fn close(
+        &mut self,
+        key: PublicKey,
+        id: SocketId,
+        out: &mut Vec<(PublicKey, Intent)>,
+    ) {
+        if self.sockets.close(id) {
+            out.push((key, Intent::Close(id)));
+        }
+    }
+
+    /// A peer left: its kept socket closes, and so does an attempt toward it.
+    pub(crate) fn peer_removed(
+        &mut self,
+        key: PublicKey,
+        punch: &PeerPunch,
+        out: &mut Vec<(PublicKey, Intent)>,
+    ) {
+        if let Some(id) = punch.kept_socket() {
+            self.close(key, id, out);
+        }
+        if self.attempt_peer() == Some(key) {
+            self.finish(false, out);
+        }
+    }
+
+    /// Starts an attempt toward `key` now, both roles: opens the extra sockets and sends one
+    /// probe from each to the peer's public candidates; the spray from the main socket follows
+    /// in [`Punching::advance`]. `initiator`: started on our own schedule (the peer is told to
+    /// join), not on the peer's request. Returns whether it started (not when disabled, busy,
+    /// or the peer has no public IPv4 candidate).
+    pub(crate) fn start(
+        &mut self,
+        key: PublicKey,
+        punch: &mut PeerPunch,
+        targets: Vec<SocketAddr>,
+        initiator: bool,
+        now: Instant,
+        out: &mut Vec<(PublicKey, Intent)>,
+    ) -> bool {
+        let Some(config) = self.config else {
+            return false;
+        };
+        if self.attempt.is_some() {
+            return false;
+        }
+        let Some(spray_ip) = spray_ip(&targets) else {
+            return false;
+        };
+        punch.schedule.started(now);
+        if initiator {
+            self.stats.attempts += 1;
+            out.push((key, Intent::Join));
+        } else {
+            self.stats.joined += 1;
+        }
+        tracing::debug!(peer = %key, initiator, sockets = config.sockets, probes = config.probes, %spray_ip, "birthday attempt");
+        let mut sockets = Vec::with_capacity(usize::from(config.sockets));
+        for _ in 0..config.sockets {
+            let Some(id) = self.sockets.open(Owner::Attempt(key)) else {
+                break;
+            };
+            out.push((key, Intent::Open(id)));
+            self.stats.sockets_opened += 1;
+            sockets.push(id);
+            for dst in &targets {
+                out.push((
+                    key,
+                    Intent::Probe {
+                        socket: id,
+                        dst: *dst,
+                    },
+                ));
+            }
+        }
+        self.attempt = Some(Attempt::new(key, sockets, spray_ip, now));
+        true
+    }
+
+    /// The peer asked us to join its attempt: start ours now unless we have a direct path to
+    /// it or joined one too recently ([`MIN_JOIN_SPACING`]). With an attempt toward another
+    /// peer in flight, spray toward this one from the main socket only: if we are the
+    /// endpoint-independent side, that is all the peer's attempt needs from us, and the peer
+    /// cannot know when we will be free.
+    pub(crate) fn join(
+        &mut self,
+        key: PublicKey,
+        punch: &mut PeerPunch,
+        targets: Vec<SocketAddr>,
+        now: Instant,
+        out: &mut Vec<(PublicKey, Intent)>,
+    ) {
+        if self.config.is_none() {
+            return;
+        }
+        if self.attempt.is_none() && punch.schedule.may_join(now) {
+            self.start(key, punch, targets, false, now, out);
+            return;
+        }
+        if self.attempt_peer() == Some(key)
+            || self.side_sprays.iter().any(|s| s.peer == key)
+            || self.side_sprays.len() >= MAX_SIDE_SPRAYS
+        {
+            return;
+        }
+        let Some(spray_ip) = spray_ip(&targets) else {
+            return;
+        };
+        if punch.schedule.take_side_spray(now) {
+            self.stats.side_sprays += 1;
+            tracing::debug!(peer = %key, %spray_ip, "birthday join while busy: spraying only");
+            self.side_sprays
+                .push(Attempt::new(key, Vec::new(), spray_ip, now));
+        }
+    }
+
+    /// A socket of the attempt in flight won `key`'s direct path: it stays with the peer (its
+    /// mapping is the hole), and a socket the peer kept before closes.
+    pub(crate) fn won(
+        &mut self,
+        key: PublicKey,
+        socket: SocketId,
+        punch: &mut PeerPunch,
+        out: &mut Vec<(PublicKey, Intent)>,
+    ) {
+        self.sockets.set_owner(socket, Owner::Peer(key));
+        if let Some((old, _)) = punch.kept.replace((socket, None)) {
+            if old != socket {
+                self.close(key, old, out);
+            }
+        }
+    }
+
+    /// Closes the socket a peer kept from a won attempt once its direct path (now on
+    /// `path_socket`) has not used it for [`KEPT_SOCKET_GRACE`] (the path died, or moved to the
+    /// main socket).
+    pub(crate) fn retire_kept(
+        &mut self,
+        key: PublicKey,
+        punch: &mut PeerPunch,
+        path_socket: Option<SocketId>,
+        now: Instant,
+        out: &mut Vec<(PublicKey, Intent)>,
+    ) {
+        let Some((id, idle_since)) = punch.kept.as_mut() else {
+            return;
+        };
+        if path_socket == Some(*id) {
+            *idle_since = None;
+            return;
+        }
+        let since = *idle_since.get_or_insert(now);
+        if now.saturating_duration_since(since) >= KEPT_SOCKET_GRACE {
+            let id = *id;
+            tracing::debug!(peer = %key, socket = %id, "closing the socket of a dead direct path");
+            punch.kept = None;
+            self.close(key, id, out);
+        }
+    }
+
+    /// Moves the attempt in flight and the spray-only answers on: sprays what is due, or ends
+    /// them once their peer has a direct path (success), is gone, or they timed out.
+    pub(crate) fn advance(
+        &mut self,
+        state: impl Fn(&PublicKey) -> PeerState,
+        now: Instant,
+        out: &mut Vec<(PublicKey, Intent)>,
+    ) {
+        if let (Some(attempt), Some(config)) = (self.attempt.as_mut(), self.config) {
+            let outcome = match state(&attempt.peer) {
+                PeerState::Gone => Some(false),
+                PeerState::Direct => Some(true),
+                PeerState::Waiting if now >= attempt.ends => Some(false),
+                PeerState::Waiting => {
+                    spray_due(attempt, &config, &mut self.rng, now, out);
+                    None
+                }
+            };
+            if let Some(success) = outcome {
+                self.finish(success, out);
+            }
+        }
+        let Some(config) = self.config else {
+            self.side_sprays.clear();
+            return;
+        };
+        let rng = &mut self.rng;
+        self.side_sprays.retain_mut(|spray| {
+            if state(&spray.peer) != PeerState::Waiting || now >= spray.ends {
+                return false;
+            }
+            spray_due(spray, &config, rng, now, out);
+            true
+        });
+    }
+}
+
+/// The spray probes of `attempt` due now: keepalives from the main socket to fresh random
+/// ports of the peer's public IP.
+fn spray_due(
+    attempt: &mut Attempt,
+    config: &BirthdayConfig,
+    rng: &mut SmallRng,
+    now: Instant,
+    out: &mut Vec<(PublicKey, Intent)>,
+) {
+    for dst in attempt.next_sprays(config, rng, now) {
+        out.push((
+            attempt.peer,
+            Intent::Probe {
+                socket: SocketId::MAIN,
+                dst,
+            },
+        ));
+    }
+}
+
+/// The IPv4 address an attempt sprays: that of its first target.
+fn spray_ip(targets: &[SocketAddr]) -> Option<Ipv4Addr> {
+    targets.first().and_then(|t| match t.ip() {
+        IpAddr::V4(ip) => Some(ip),
+        IpAddr::V6(_) => None,
+    })
+}
+
+/// The candidates a birthday attempt toward a peer probes: its public ones, and only at the IP
+/// the controller observed when it says which (a reported address elsewhere is nobody's NAT
+/// that we know of, and spraying it would aim a thousand datagrams at a stranger).
+pub(crate) fn spray_targets(
+    candidates: &[SocketAddr],
+    observed: Option<SocketAddr>,
+) -> Vec<SocketAddr> {
+    let mut targets = targets(candidates);
+    if let Some(observed) = observed {
+        targets.retain(|t| t.ip() == observed.ip());
+    }
+    targets
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -427,21 +728,6 @@ mod tests {
         assert_eq!(sizes, vec![256, 256, 88, 0]);
         assert_eq!(a.sprayed(), 600);
         assert!(a.sprayed.iter().all(|p| *p >= LOWEST_PORT));
-    }
-
-    #[test]
-    fn socket_ids_skip_main_and_open_ones() {
-        let mut s = Sockets::default();
-        let k = PublicKey([1; 32]);
-        let a = s.open(Owner::Attempt(k)).unwrap();
-        assert_eq!(a, SocketId(1));
-        s.last = u16::MAX - 1;
-        assert_eq!(s.open(Owner::Attempt(k)), Some(SocketId(u16::MAX)));
-        // Wraps past MAIN (0) and past the open id 1.
-        assert_eq!(s.open(Owner::Attempt(k)), Some(SocketId(2)));
-        assert!(s.close(a));
-        assert!(!s.close(a));
-        assert_eq!(s.len(), 2);
     }
 
     #[test]

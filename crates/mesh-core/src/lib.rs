@@ -26,9 +26,13 @@ mod budget;
 pub mod counters;
 pub mod guard;
 pub mod node;
+mod outbox;
 pub mod packet;
+mod peer;
+mod peers;
 pub mod pmtu;
 pub mod session;
+pub mod sockets;
 
 pub use birthday::{BirthdayConfig, BirthdayStats};
 pub use counters::Counters;

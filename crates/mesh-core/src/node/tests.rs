@@ -1,0 +1,1233 @@
+//! Unit tests of the node: two nodes wired back to back on an injected clock.
+
+use super::*;
+use crate::birthday::{spray_targets, Attempt};
+
+fn key(seed: u8) -> ([u8; 32], PublicKey) {
+    let secret = [seed; 32];
+    let public = XPublic::from(&StaticSecret::from(secret));
+    (secret, PublicKey(public.to_bytes()))
+}
+
+fn icmp(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0u8; 20 + payload.len()];
+    p[0] = 0x45;
+    let len = p.len() as u16;
+    p[2..4].copy_from_slice(&len.to_be_bytes());
+    p[8] = 64;
+    p[9] = 1;
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    p[20..].copy_from_slice(payload);
+    p
+}
+
+struct Pair {
+    a: Node,
+    b: Node,
+    a_addr: SocketAddr,
+    b_addr: SocketAddr,
+    now: Instant,
+}
+
+impl Pair {
+    /// A pair whose proactive handshake went through.
+    fn new() -> Pair {
+        let mut p = Pair::quiet();
+        p.drive();
+        p
+    }
+
+    /// A pair whose proactive handshake was lost on the wire.
+    fn lossy_start() -> Pair {
+        let mut p = Pair::quiet();
+        while p.a.poll_transmit().is_some() {}
+        while p.b.poll_transmit().is_some() {}
+        p
+    }
+
+    fn quiet() -> Pair {
+        let now = Instant::now();
+        let (ska, pka) = key(1);
+        let (skb, pkb) = key(2);
+        let a_addr: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+        let b_addr: SocketAddr = "192.0.2.2:51820".parse().unwrap();
+        let ip_a = Ipv4Addr::new(100, 64, 0, 1);
+        let ip_b = Ipv4Addr::new(100, 64, 0, 2);
+        let mut a = Node::new(
+            NodeConfig {
+                private_key: ska,
+                address: ip_a,
+                keepalive: None,
+                mtu: 1420,
+            },
+            1,
+            now,
+        );
+        let mut b = Node::new(
+            NodeConfig {
+                private_key: skb,
+                address: ip_b,
+                keepalive: None,
+                mtu: 1420,
+            },
+            1000,
+            now,
+        );
+        a.set_peers(
+            &[PeerConfig {
+                key: pkb,
+                name: "b".into(),
+                address: ip_b,
+                endpoints: vec![b_addr],
+                observed: None,
+            }],
+            now,
+        );
+        b.set_peers(
+            &[PeerConfig {
+                key: pka,
+                name: "a".into(),
+                address: ip_a,
+                endpoints: vec![a_addr],
+                observed: None,
+            }],
+            now,
+        );
+        Pair {
+            a,
+            b,
+            a_addr,
+            b_addr,
+            now,
+        }
+    }
+
+    /// Like `drive`, over a link that drops datagrams larger than `limit` bytes.
+    fn drive_limited(&mut self, limit: usize) {
+        for _ in 0..100 {
+            let mut moved = false;
+            while let Some(t) = self.a.poll_transmit() {
+                if t.payload.len() <= limit {
+                    self.b.handle_datagram(self.a_addr, &t.payload, self.now);
+                }
+                moved = true;
+            }
+            while let Some(t) = self.b.poll_transmit() {
+                if t.payload.len() <= limit {
+                    self.a.handle_datagram(self.b_addr, &t.payload, self.now);
+                }
+                moved = true;
+            }
+            if !moved {
+                return;
+            }
+        }
+        panic!("pair did not settle");
+    }
+
+    /// Moves datagrams between the two until both are quiet, bounded in steps.
+    fn drive(&mut self) {
+        for _ in 0..100 {
+            let mut moved = false;
+            while let Some(t) = self.a.poll_transmit() {
+                assert_eq!(t.dst, self.b_addr);
+                self.b.handle_datagram(self.a_addr, &t.payload, self.now);
+                moved = true;
+            }
+            while let Some(t) = self.b.poll_transmit() {
+                assert_eq!(t.dst, self.a_addr);
+                self.a.handle_datagram(self.b_addr, &t.payload, self.now);
+                moved = true;
+            }
+            if !moved {
+                return;
+            }
+        }
+        panic!("pair did not settle");
+    }
+}
+
+#[test]
+fn packet_crosses_after_handshake() {
+    let mut p = Pair::new();
+    let pkt = icmp(p.a.address(), p.b.address(), b"hello");
+    p.a.handle_tun_packet(&pkt, p.now);
+    p.drive();
+    assert_eq!(p.b.poll_tun_packet(), Some(pkt.clone()));
+    assert_eq!(p.b.poll_tun_packet(), None);
+    let back = icmp(p.b.address(), p.a.address(), b"world");
+    p.b.handle_tun_packet(&back, p.now);
+    p.drive();
+    assert_eq!(p.a.poll_tun_packet(), Some(back));
+    let st = p.a.peer_status(p.now);
+    assert_eq!(st[0].endpoint, Some(p.b_addr));
+    assert!(st[0].tx_bytes > 0 && st[0].rx_bytes > 0);
+}
+
+#[test]
+fn spoofed_inner_source_is_dropped() {
+    let mut p = Pair::new();
+    // B sends a packet claiming to come from an address that is not B's.
+    let pkt = icmp(Ipv4Addr::new(100, 64, 0, 9), p.a.address(), b"x");
+    p.b.handle_tun_packet(&pkt, p.now);
+    p.drive();
+    assert_eq!(p.a.poll_tun_packet(), None);
+    assert_eq!(p.a.counters().spoofed_packets, 1);
+}
+
+/// `inner` encrypted by `from` for peer `to` on their session, as a member that crafts its
+/// own packets would send it.
+fn sealed(from: &mut Node, to: PublicKey, inner: &[u8]) -> Vec<u8> {
+    let peer = from.peers.get_mut(&to).expect("peer");
+    match peer.session.encapsulate(inner, &mut from.buf) {
+        Output::Network(b) => b.to_vec(),
+        other => panic!("no session: {other:?}"),
+    }
+}
+
+#[test]
+fn a_member_cannot_use_a_node_as_a_router() {
+    let mut p = Pair::new();
+    let ka = p.a.public_key();
+    let b = p.b.address();
+    // Addressed to a's LAN, the cloud metadata service and a pod network: a with
+    // ip_forward=1 would route them on.
+    for dst in [
+        Ipv4Addr::new(192, 168, 1, 1),
+        Ipv4Addr::new(169, 254, 169, 254),
+        Ipv4Addr::new(10, 244, 3, 7),
+    ] {
+        let bytes = sealed(&mut p.b, ka, &icmp(b, dst, b"x"));
+        p.a.handle_datagram(p.b_addr, &bytes, p.now);
+    }
+    assert_eq!(p.a.poll_tun_packet(), None, "nothing reaches a's kernel");
+    assert_eq!(p.a.counters().misdirected_packets, 3);
+    // What is addressed to a still arrives.
+    let ok = icmp(b, p.a.address(), b"y");
+    let bytes = sealed(&mut p.b, ka, &ok);
+    p.a.handle_datagram(p.b_addr, &bytes, p.now);
+    assert_eq!(p.a.poll_tun_packet(), Some(ok));
+}
+
+#[test]
+fn candidates_and_sources_the_overlay_reaches_are_refused() {
+    let mut p = Pair::new();
+    let kb = p.b.public_key();
+    // a's view: the overlay range, and b's flannel.1 subnet routed over a vxlan device
+    // stacked on the overlay.
+    let excluded: Vec<Ipv4Net> = vec![
+        "100.64.0.0/16".parse().unwrap(),
+        "10.244.0.0/16".parse().unwrap(),
+    ];
+    p.a.set_excluded(excluded);
+    let vxlan: SocketAddr = "10.244.2.0:51820".parse().unwrap();
+    let overlay: SocketAddr = "100.64.0.2:51820".parse().unwrap();
+    p.a.upsert_peer(
+        PeerConfig {
+            key: kb,
+            name: "b".into(),
+            address: p.b.address(),
+            endpoints: vec![p.b_addr, vxlan, overlay],
+            observed: None,
+        },
+        p.now,
+    );
+    assert_eq!(p.a.counters().refused_candidates, 2);
+    assert_eq!(p.a.peer_status(p.now)[0].candidates, vec![p.b_addr]);
+    // b's traffic arriving from its vxlan address (it went through the overlay) is dropped,
+    // and the path stays where it was.
+    let ka = p.a.public_key();
+    let bytes = sealed(&mut p.b, ka, &[]);
+    p.a.handle_datagram(vxlan, &bytes, p.now);
+    assert_eq!(p.a.counters().overlay_sources, 1);
+    assert_eq!(p.a.peer_status(p.now)[0].endpoint, Some(p.b_addr));
+    // A path that turns out to run through the overlay is dropped at once.
+    p.a.set_excluded(vec!["192.0.2.0/24".parse().unwrap()]);
+    assert_eq!(p.a.peer_status(p.now)[0].endpoint, None);
+}
+
+#[test]
+fn garbage_is_counted_not_fatal() {
+    let mut p = Pair::new();
+    let from: SocketAddr = "198.51.100.7:1234".parse().unwrap();
+    for bad in [
+        &b""[..],
+        &[1, 0, 0, 0][..],
+        &[4, 0, 0, 0, 1, 2, 3][..],
+        &[9u8; 200][..],
+    ] {
+        p.a.handle_datagram(from, bad, p.now);
+    }
+    // A data packet for an index nobody has.
+    let mut data = vec![4u8, 0, 0, 0];
+    data.extend_from_slice(&[0xff; 28]);
+    p.a.handle_datagram(from, &data, p.now);
+    let c = p.a.counters();
+    assert_eq!(c.malformed_packets + c.unknown_peer_packets, 5);
+    assert!(p.a.poll_transmit().is_none());
+}
+
+#[test]
+fn ipv6_and_unrouted_from_tun_are_dropped() {
+    let mut p = Pair::new();
+    let mut rs = vec![0x60u8; 48];
+    rs[6] = 58; // ICMPv6
+    p.a.handle_tun_packet(&rs, p.now);
+    p.a.handle_tun_packet(
+        &icmp(p.a.address(), Ipv4Addr::new(100, 64, 9, 9), b"x"),
+        p.now,
+    );
+    assert_eq!(p.a.counters().non_ipv4_packets, 1);
+    assert_eq!(p.a.counters().no_route_packets, 1);
+    assert!(p.a.poll_transmit().is_none());
+}
+
+#[test]
+fn lost_initiation_is_retransmitted_on_injected_clock() {
+    let mut p = Pair::lossy_start();
+    p.a.handle_tun_packet(&icmp(p.a.address(), p.b.address(), b"1"), p.now);
+    // Lose the first initiation.
+    while p.a.poll_transmit().is_some() {}
+    p.now += REKEY_TIMEOUT + Duration::from_millis(334); // WireGuard's REKEY_TIMEOUT + jitter
+    p.a.handle_timeout(p.now);
+    p.drive();
+    assert!(p.b.poll_tun_packet().is_some(), "queued packet delivered");
+}
+
+#[test]
+fn crossed_handshakes_converge() {
+    let mut p = Pair::lossy_start();
+    let to_b = icmp(p.a.address(), p.b.address(), b"ab");
+    let to_a = icmp(p.b.address(), p.a.address(), b"ba");
+    p.a.handle_tun_packet(&to_b, p.now);
+    p.b.handle_tun_packet(&to_a, p.now);
+    // Both initiations are on the wire before either arrives.
+    let from_a: Vec<Transmit> = std::iter::from_fn(|| p.a.poll_transmit()).collect();
+    let from_b: Vec<Transmit> = std::iter::from_fn(|| p.b.poll_transmit()).collect();
+    for t in from_a {
+        p.b.handle_datagram(p.a_addr, &t.payload, p.now);
+    }
+    for t in from_b {
+        p.a.handle_datagram(p.b_addr, &t.payload, p.now);
+    }
+    p.drive();
+    // Whatever got through, fresh traffic in both directions must now flow without waiting
+    // for any timer.
+    while p.a.poll_tun_packet().is_some() {}
+    while p.b.poll_tun_packet().is_some() {}
+    for _ in 0..2 {
+        p.a.handle_tun_packet(&to_b, p.now);
+        p.b.handle_tun_packet(&to_a, p.now);
+        p.drive();
+    }
+    assert!(p.b.poll_tun_packet().is_some(), "a -> b flows");
+    assert!(p.a.poll_tun_packet().is_some(), "b -> a flows");
+}
+
+#[test]
+fn new_peer_is_handshaken_proactively_by_the_lower_key() {
+    let mut p = Pair::quiet();
+    let a_lower = p.a.public_key() < p.b.public_key();
+    let (lower, higher, from) = if a_lower {
+        (&mut p.a, &mut p.b, p.a_addr)
+    } else {
+        (&mut p.b, &mut p.a, p.b_addr)
+    };
+    let t = lower.poll_transmit().expect("lower key initiates");
+    assert_eq!(t.payload.len(), 148, "a handshake initiation");
+    assert!(lower.poll_transmit().is_none());
+    assert!(higher.poll_transmit().is_none(), "higher key waits");
+    higher.handle_datagram(from, &t.payload, p.now);
+    p.drive();
+    let st = p.a.peer_status(p.now);
+    assert!(st[0].since_handshake.is_some() && st[0].endpoint.is_some());
+}
+
+#[test]
+fn higher_key_starts_the_handshake_when_the_lower_keys_was_lost() {
+    let mut p = Pair::lossy_start();
+    p.now += PROACTIVE_FALLBACK;
+    p.a.handle_timeout(p.now);
+    p.b.handle_timeout(p.now);
+    p.drive();
+    let st = p.a.peer_status(p.now);
+    assert!(
+        st[0].since_handshake.is_some(),
+        "session up after 1 s, not 5"
+    );
+}
+
+fn path_mtu_events(node: &mut Node) -> Vec<u16> {
+    std::iter::from_fn(|| node.poll_event())
+        .filter_map(|e| match e {
+            Event::PathMtu { mtu, .. } => Some(mtu),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn full_path_is_confirmed_at_the_interface_mtu() {
+    let mut p = Pair::new();
+    for _ in 0..8 {
+        p.now += TICK;
+        p.a.handle_timeout(p.now);
+        p.b.handle_timeout(p.now);
+        p.drive();
+    }
+    assert_eq!(path_mtu_events(&mut p.a), vec![1420]);
+    assert_eq!(p.a.peer_status(p.now)[0].path_mtu, Some(1420));
+}
+
+#[test]
+fn small_path_is_found_and_big_packets_get_icmp_not_silence() {
+    let mut p = Pair::new();
+    // An underlay hop with MTU 1400: UDP payload at most 1372, inner packets at most 1340.
+    let limit = 1400 - 28;
+    for _ in 0..400 {
+        p.now += TICK;
+        p.a.handle_timeout(p.now);
+        p.b.handle_timeout(p.now);
+        p.drive_limited(limit);
+    }
+    let found = path_mtu_events(&mut p.a);
+    let mtu = *found.last().expect("a result");
+    assert!((1332..=1340).contains(&mtu), "found {mtu}");
+    // A full-size packet with DF set is answered with "fragmentation needed".
+    let mut big = icmp(p.a.address(), p.b.address(), &[0u8; 1400 - 20]);
+    big[6] = 0x40;
+    p.a.handle_tun_packet(&big, p.now);
+    assert!(p.a.poll_transmit().is_none(), "not sent to die on the path");
+    let reply = p.a.poll_tun_packet().expect("ICMP back to the sender");
+    assert_eq!((reply[20], reply[21]), (3, 4));
+    assert_eq!(u16::from_be_bytes([reply[26], reply[27]]), mtu);
+    assert_eq!(p.a.counters().too_big_packets, 1);
+    // Packets that fit still flow.
+    let small = icmp(p.a.address(), p.b.address(), &[0u8; 1000]);
+    p.a.handle_tun_packet(&small, p.now);
+    p.drive_limited(limit);
+    assert_eq!(p.b.poll_tun_packet(), Some(small));
+}
+
+/// A pair with a relay between them; the direct UDP path can be cut and restored.
+struct Relayed {
+    p: Pair,
+    udp: bool,
+    /// Largest UDP datagram the direct path carries.
+    udp_limit: usize,
+    /// UDP datagrams a has sent (delivered or not).
+    a_udp_sent: usize,
+}
+
+impl Relayed {
+    fn new(udp: bool) -> Relayed {
+        Relayed::limited(udp, usize::MAX)
+    }
+
+    fn limited(udp: bool, udp_limit: usize) -> Relayed {
+        let mut p = Pair::quiet();
+        let now = p.now;
+        p.a.set_relay(true, now);
+        p.b.set_relay(true, now);
+        let mut r = Relayed {
+            p,
+            udp,
+            udp_limit,
+            a_udp_sent: 0,
+        };
+        r.drive();
+        // The higher key's fallback handshake is due after PROACTIVE_FALLBACK at the latest.
+        for _ in 0..5 {
+            r.tick();
+        }
+        r
+    }
+
+    fn drive(&mut self) {
+        let (ka, kb) = (self.p.a.public_key(), self.p.b.public_key());
+        for _ in 0..100 {
+            let mut moved = false;
+            while let Some(t) = self.p.a.poll_transmit() {
+                moved = true;
+                self.a_udp_sent += 1;
+                if self.udp && t.payload.len() <= self.udp_limit {
+                    self.p
+                        .b
+                        .handle_datagram(self.p.a_addr, &t.payload, self.p.now);
+                }
+            }
+            while let Some(t) = self.p.b.poll_transmit() {
+                moved = true;
+                if self.udp && t.payload.len() <= self.udp_limit {
+                    self.p
+                        .a
+                        .handle_datagram(self.p.b_addr, &t.payload, self.p.now);
+                }
+            }
+            while let Some(t) = self.p.a.poll_relay_transmit() {
+                moved = true;
+                assert_eq!(t.to, kb);
+                self.p.b.handle_relayed(ka, &t.payload, self.p.now);
+            }
+            while let Some(t) = self.p.b.poll_relay_transmit() {
+                moved = true;
+                // b may have a third peer (no node behind it): that traffic goes nowhere.
+                if t.to != ka && self.p.b.peers.contains(&t.to) {
+                    continue;
+                }
+                assert_eq!(t.to, ka);
+                self.p.a.handle_relayed(kb, &t.payload, self.p.now);
+            }
+            if !moved {
+                return;
+            }
+        }
+        panic!("did not settle");
+    }
+
+    fn tick(&mut self) {
+        self.p.now += TICK;
+        self.p.a.handle_timeout(self.p.now);
+        self.p.b.handle_timeout(self.p.now);
+        self.drive();
+    }
+
+    fn path_a(&self) -> Path {
+        self.p.a.peer_status(self.p.now)[0].path
+    }
+
+    fn path_b(&self) -> Path {
+        self.p.b.peer_status(self.p.now)[0].path
+    }
+
+    /// Sends one packet a -> b and tells whether it arrived.
+    fn send_a_to_b(&mut self, tag: u8) -> bool {
+        let pkt = icmp(self.p.a.address(), self.p.b.address(), &[tag; 64]);
+        self.p.a.handle_tun_packet(&pkt, self.p.now);
+        self.drive();
+        std::iter::from_fn(|| self.p.b.poll_tun_packet()).any(|x| x == pkt)
+    }
+}
+
+#[test]
+fn an_idle_direct_path_stays_when_traffic_starts_again() {
+    let mut r = Relayed::new(true);
+    assert!(r.send_a_to_b(1));
+    assert!(matches!(r.path_a(), Path::Direct(_)));
+    // Half a minute with nothing to send either way.
+    for _ in 0..120 {
+        r.tick();
+    }
+    while r.p.a.poll_event().is_some() {}
+    // A packet goes out, and a's next timer runs before anything could come back (the tick
+    // came 250 ms later, the answer takes longer). The path owes an answer only since this
+    // packet: nothing moves, and later the answer (or the probe's) arrives.
+    let pkt = icmp(r.p.a.address(), r.p.b.address(), &[2; 64]);
+    r.p.a.handle_tun_packet(&pkt, r.p.now);
+    r.p.now += TICK;
+    r.p.a.handle_timeout(r.p.now);
+    r.drive();
+    for _ in 0..8 {
+        r.tick();
+    }
+    let events: Vec<Event> = std::iter::from_fn(|| r.p.a.poll_event()).collect();
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, Event::PathChanged { .. })),
+        "{events:?}"
+    );
+    assert!(matches!(r.path_a(), Path::Direct(_)));
+}
+
+#[test]
+fn two_live_paths_do_not_take_turns_and_a_dead_one_gives_way() {
+    let mut p = Pair::new();
+    let (ka, kb) = (p.a.public_key(), p.b.public_key());
+    while p.a.poll_event().is_some() {}
+    // b's packets reach a both straight and by a second route (another of its addresses).
+    let other: SocketAddr = "198.51.100.20:40000".parse().unwrap();
+    for i in 0..20 {
+        let from = if i % 2 == 0 { other } else { p.b_addr };
+        let bytes = sealed(&mut p.b, ka, &[]);
+        p.a.handle_datagram(from, &bytes, p.now);
+        p.now += Duration::from_millis(10);
+    }
+    let flips: Vec<Event> = std::iter::from_fn(|| p.a.poll_event())
+        .filter(|e| matches!(e, Event::PathChanged { .. }))
+        .collect();
+    assert!(flips.is_empty(), "{flips:?}");
+    assert_eq!(p.a.peer_status(p.now)[0].endpoint, Some(p.b_addr));
+    // The first path goes quiet: the second takes over.
+    p.now += PATH_PROBE_INTERVAL;
+    let bytes = sealed(&mut p.b, ka, &[]);
+    p.a.handle_datagram(other, &bytes, p.now);
+    assert_eq!(p.a.peer_status(p.now)[0].endpoint, Some(other));
+    assert!(std::iter::from_fn(|| p.a.poll_event()).any(|e| e
+        == Event::PathChanged {
+            key: kb,
+            path: Path::Direct(other)
+        }));
+}
+
+#[test]
+fn relay_carries_traffic_when_no_direct_path_exists() {
+    let mut r = Relayed::new(false);
+    assert!(
+        r.send_a_to_b(1),
+        "first packet goes through the relay at once"
+    );
+    assert_eq!(r.path_a(), Path::Relay);
+    assert_eq!(r.path_b(), Path::Relay);
+    for _ in 0..40 {
+        r.tick();
+    }
+    assert!(r.send_a_to_b(2));
+    assert_eq!(
+        r.path_a(),
+        Path::Relay,
+        "no direct path appears from nowhere"
+    );
+}
+
+#[test]
+fn forged_relay_sender_is_refused() {
+    let mut r = Relayed::new(false);
+    let pkt = icmp(r.p.a.address(), r.p.b.address(), b"x");
+    r.p.a.handle_tun_packet(&pkt, r.p.now);
+    let t = r.p.a.poll_relay_transmit().expect("relayed");
+    // The relay claims the message came from someone else: refused, counted.
+    let before = r.p.b.counters().rejected_packets;
+    r.p.b
+        .handle_relayed(PublicKey([9; 32]), &t.payload, r.p.now);
+    assert_eq!(r.p.b.counters().rejected_packets, before + 1);
+    assert!(r.p.b.poll_tun_packet().is_none());
+}
+
+#[test]
+fn upgrades_to_direct_when_a_probe_gets_through() {
+    let mut r = Relayed::new(false);
+    assert!(r.send_a_to_b(1));
+    r.udp = true;
+    let mut ticks = 0;
+    while !(matches!(r.path_a(), Path::Direct(_)) && matches!(r.path_b(), Path::Direct(_))) {
+        r.tick();
+        ticks += 1;
+        assert!(ticks < 40, "no upgrade within 10 s");
+    }
+    assert!(
+        ticks as u32 * TICK.as_millis() as u32 <= CANDIDATE_PROBE_INTERVAL.as_millis() as u32 + 500,
+        "upgrade took {ticks} ticks"
+    );
+    assert_eq!(r.path_a(), Path::Direct(r.p.b_addr));
+    assert_eq!(r.path_b(), Path::Direct(r.p.a_addr));
+    // The same session carries on: no new handshake was needed.
+    assert!(r.send_a_to_b(2));
+    assert!(r.p.a.poll_relay_transmit().is_none());
+}
+
+#[test]
+fn falls_back_to_the_relay_within_three_seconds_when_direct_dies() {
+    let mut r = Relayed::new(true);
+    assert!(r.send_a_to_b(1));
+    assert!(matches!(r.path_a(), Path::Direct(_)));
+    r.udp = false;
+    let cut = r.p.now;
+    let mut delivered_again = None;
+    for i in 0..40u8 {
+        // Steady traffic, as an open TCP connection would send.
+        if r.send_a_to_b(10 + i) && delivered_again.is_none() && r.path_a() == Path::Relay {
+            delivered_again = Some(r.p.now);
+        }
+        r.tick();
+    }
+    let at = delivered_again.expect("traffic resumed through the relay");
+    // The goal: traffic flows on the relay less than 3 s after the path dies.
+    assert!(
+        at.duration_since(cut) < Duration::from_secs(3),
+        "took {:?}",
+        at.duration_since(cut)
+    );
+    // ...and back to direct well within 15 s of the path's return, while traffic flows.
+    r.udp = true;
+    let healed = r.p.now;
+    let mut tag = 100u8;
+    while !matches!(r.path_a(), Path::Direct(_)) {
+        assert!(
+            r.p.now.duration_since(healed) < Duration::from_secs(15),
+            "still on the relay 15 s after the path came back"
+        );
+        r.send_a_to_b(tag);
+        tag = tag.wrapping_add(1);
+        r.tick();
+    }
+    assert!(r.send_a_to_b(99));
+}
+
+#[test]
+fn new_candidates_are_probed_at_the_next_tick_with_predicted_ports() {
+    let mut r = Relayed::new(false);
+    assert!(r.send_a_to_b(1));
+    r.tick();
+    while r.p.a.poll_transmit().is_some() {}
+    let kb = r.p.b.public_key();
+    let moved: SocketAddr = "203.0.113.9:40000".parse().unwrap();
+    r.p.a.upsert_peer(
+        PeerConfig {
+            key: kb,
+            name: "b".into(),
+            address: r.p.b.address(),
+            endpoints: vec![moved],
+            observed: None,
+        },
+        r.p.now,
+    );
+    r.p.now += TICK;
+    r.p.a.handle_timeout(r.p.now);
+    let sent: Vec<SocketAddr> = std::iter::from_fn(|| r.p.a.poll_transmit())
+        .map(|t| t.dst)
+        .collect();
+    let mut want = vec![moved];
+    want.extend((1..=PREDICTED_PORTS).map(|i| SocketAddr::new(moved.ip(), 40000 + i)));
+    assert_eq!(
+        sent, want,
+        "probes go to the new candidate and the ports just above it"
+    );
+}
+
+#[test]
+fn small_direct_path_stays_direct_with_a_smaller_mtu_not_relayed() {
+    // Lost path MTU probes must not look like a dead path.
+    let mut r = Relayed::limited(true, 1400 - 28);
+    for i in 0..200u8 {
+        assert!(r.send_a_to_b(i), "small packets keep flowing");
+        r.tick();
+    }
+    assert!(matches!(r.path_a(), Path::Direct(_)), "{:?}", r.path_a());
+    let mtu = r.p.a.peer_status(r.p.now)[0].path_mtu.expect("a path MTU");
+    assert!((1332..=1340).contains(&mtu), "{mtu}");
+}
+
+#[test]
+fn probing_backs_off_when_no_direct_path_exists_and_restarts_on_new_candidates() {
+    let mut r = Relayed::new(false);
+    // Regular candidate rounds only (birthday attempts have their own test).
+    r.p.a.set_birthday(None);
+    let probe_rounds = |r: &mut Relayed, secs: u64| {
+        let mut rounds = 0;
+        for _ in 0..secs * 4 {
+            let before = r.a_udp_sent;
+            r.tick();
+            // A round: one keepalive per candidate plus the predicted ports.
+            if r.a_udp_sent > before {
+                rounds += 1;
+            }
+        }
+        rounds
+    };
+    let early = probe_rounds(&mut r, 20);
+    let late = probe_rounds(&mut r, 120);
+    assert!(early >= 3, "probes at first: {early}");
+    assert!(
+        late <= 5,
+        "backed off to at most one round per 32 s: {late} rounds in 2 min"
+    );
+    // New candidates from the controller: probing starts over at once.
+    let kb = r.p.b.public_key();
+    let cfg = PeerConfig {
+        key: kb,
+        name: "b".into(),
+        address: r.p.b.address(),
+        endpoints: vec!["203.0.113.9:51820".parse().unwrap()],
+        observed: None,
+    };
+    r.p.a.upsert_peer(cfg, r.p.now);
+    assert!(probe_rounds(&mut r, 7) >= 3);
+}
+
+#[test]
+fn ping_reports_path_and_rtt() {
+    let mut r = Relayed::new(false);
+    assert!(r.send_a_to_b(1));
+    let kb = r.p.b.public_key();
+    assert!(r.p.a.ping(&kb, r.p.now));
+    r.p.now += Duration::from_millis(30);
+    r.drive();
+    let pong = std::iter::from_fn(|| r.p.a.poll_event()).find_map(|e| match e {
+        Event::Pong { rtt, path, .. } => Some((rtt, path)),
+        _ => None,
+    });
+    // The answer was produced at the same virtual instant it was delivered.
+    assert_eq!(pong, Some((Duration::from_millis(30), Path::Relay)));
+    assert!(!r.p.a.ping(&PublicKey([7; 32]), r.p.now));
+}
+
+#[test]
+fn removed_peer_gets_nothing() {
+    let mut p = Pair::new();
+    let b_key = p.b.public_key();
+    p.a.remove_peer(&b_key);
+    p.a.handle_tun_packet(&icmp(p.a.address(), p.b.address(), b"x"), p.now);
+    assert!(p.a.poll_transmit().is_none());
+    assert_eq!(p.a.counters().no_route_packets, 1);
+    assert_eq!(p.a.poll_timeout(), None);
+}
+
+// --- birthday hole punching -----------------------------------------------------------
+
+const SMALL: BirthdayConfig = BirthdayConfig {
+    sockets: 4,
+    probes: 64,
+    probes_per_tick: 32,
+};
+
+fn socket_events(node: &mut Node) -> (Vec<SocketId>, Vec<SocketId>, Vec<Event>) {
+    let (mut opened, mut closed, mut other) = (Vec::new(), Vec::new(), Vec::new());
+    while let Some(e) = node.poll_event() {
+        match e {
+            Event::OpenSocket(id) => opened.push(id),
+            Event::CloseSocket(id) => closed.push(id),
+            e => other.push(e),
+        }
+    }
+    (opened, closed, other)
+}
+
+/// A relayed pair without UDP where only `a` punches (with [`SMALL`]), ticked until `a`
+/// opens its sockets. Returns them; their probes are still queued in `a`.
+fn punching_pair() -> (Relayed, Vec<SocketId>) {
+    let mut r = Relayed::new(false);
+    r.p.a.set_birthday(Some(SMALL));
+    r.p.b.set_birthday(None);
+    assert!(r.send_a_to_b(1));
+    let _ = socket_events(&mut r.p.a);
+    for _ in 0..40 {
+        r.tick();
+        // Transmits on a socket wait for its OpenSocket to be polled.
+        let (opened, closed, _) = socket_events(&mut r.p.a);
+        if !opened.is_empty() {
+            assert!(closed.is_empty());
+            return (r, opened);
+        }
+    }
+    panic!("no attempt within 10 s on the relay");
+}
+
+/// An authenticated keepalive from `from` to `to`, as a spray probe would be.
+fn keepalive(from: &mut Node, to: PublicKey) -> Vec<u8> {
+    let peer = from.peers.get_mut(&to).expect("peer");
+    match peer.session.encapsulate(&[], &mut from.buf) {
+        Output::Network(b) => b.to_vec(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn attempt_opens_sockets_and_probes_the_public_candidate_from_each() {
+    let (mut r, opened) = punching_pair();
+    assert_eq!(opened.len(), 4);
+    assert!(opened.iter().all(|id| *id != SocketId::MAIN));
+    let mut distinct = opened.clone();
+    distinct.dedup();
+    assert_eq!(distinct, opened);
+    let probes: Vec<Transmit> = std::iter::from_fn(|| r.p.a.poll_transmit()).collect();
+    let from: Vec<SocketId> = probes.iter().map(|t| t.socket).collect();
+    assert_eq!(from, opened, "one probe per socket, after its OpenSocket");
+    assert!(probes.iter().all(|t| t.dst == r.p.b_addr));
+    assert_eq!(r.p.a.extra_sockets(), 4);
+    assert_eq!(r.p.a.birthday_stats().attempts, 1);
+}
+
+#[test]
+fn probe_on_an_extra_socket_makes_it_the_peers_and_closes_the_others() {
+    let (mut r, opened) = punching_pair();
+    while r.p.a.poll_transmit().is_some() {}
+    let (ka, kb) = (r.p.a.public_key(), r.p.b.public_key());
+    // One of b's spray probes lands on a's third socket, from b's mapping M.
+    let won = opened[2];
+    let m: SocketAddr = "198.51.100.9:40001".parse().unwrap();
+    let probe = keepalive(&mut r.p.b, ka);
+    r.p.a.handle_datagram_on(won, m, &probe, r.p.now);
+    let (newly, closed, other) = socket_events(&mut r.p.a);
+    assert!(newly.is_empty());
+    let mut others = opened.clone();
+    others.retain(|id| *id != won);
+    assert_eq!(closed, others, "the attempt's other sockets close at once");
+    assert!(other.contains(&Event::PathChanged {
+        key: kb,
+        path: Path::Direct(m)
+    }));
+    assert_eq!(r.p.a.local_socket(&kb), Some(won));
+    assert_eq!(r.p.a.extra_sockets(), 1);
+    assert_eq!(r.p.a.birthday_stats().succeeded, 1);
+    // The answer goes back at once from the winning socket, so b upgrades too ...
+    let answer = r.p.a.poll_transmit().expect("answer");
+    assert_eq!((answer.socket, answer.dst), (won, m));
+    // ... and so does everything else for b: data, keepalives, probes.
+    let pkt = icmp(r.p.a.address(), r.p.b.address(), b"x");
+    r.p.a.handle_tun_packet(&pkt, r.p.now);
+    let data = r.p.a.poll_transmit().expect("data");
+    assert_eq!((data.socket, data.dst), (won, m));
+    assert!(r.p.a.poll_relay_transmit().is_none());
+    // Liveness probes follow the data while b stays silent (short of the path timeout).
+    for _ in 0..3 {
+        r.p.now += TICK;
+        r.p.a.handle_timeout(r.p.now);
+    }
+    let sent: Vec<Transmit> = std::iter::from_fn(|| r.p.a.poll_transmit()).collect();
+    assert!(!sent.is_empty());
+    assert!(
+        sent.iter().all(|t| (t.socket, t.dst) == (won, m)),
+        "{sent:?}"
+    );
+    // Later sprays landing on a closed socket are counted and dropped.
+    r.p.a.handle_datagram_on(opened[0], m, &probe, r.p.now);
+    assert_eq!(r.p.a.counters().unknown_socket_packets, 1);
+    assert_eq!(r.p.a.local_socket(&kb), Some(won));
+}
+
+#[test]
+fn kept_socket_closes_once_its_path_dies_and_punching_starts_over() {
+    let (mut r, opened) = punching_pair();
+    let (ka, kb) = (r.p.a.public_key(), r.p.b.public_key());
+    let won = opened[0];
+    let m: SocketAddr = "198.51.100.9:40001".parse().unwrap();
+    let probe = keepalive(&mut r.p.b, ka);
+    r.p.a.handle_datagram_on(won, m, &probe, r.p.now);
+    let _ = socket_events(&mut r.p.a);
+    // b never answers on the direct path; a keeps sending.
+    let cut = r.p.now;
+    let mut closed_at = None;
+    for i in 0..60u8 {
+        r.send_a_to_b(i);
+        r.tick();
+        let (_, closed, _) = socket_events(&mut r.p.a);
+        if closed.contains(&won) {
+            closed_at = Some(r.p.now.duration_since(cut));
+            break;
+        }
+    }
+    let closed_at = closed_at.expect("socket closed");
+    assert!(
+        closed_at <= PATH_TIMEOUT + birthday::KEPT_SOCKET_GRACE + TICK * 2,
+        "{closed_at:?}"
+    );
+    assert_eq!(r.path_a(), Path::Relay);
+    assert_eq!(r.p.a.local_socket(&kb), None);
+    assert_eq!(r.p.a.extra_sockets(), 0);
+    // Punching starts over: regular rounds first, then a new attempt on new sockets.
+    let mut again = None;
+    for _ in 0..40 {
+        r.tick();
+        let (opened_again, _, _) = socket_events(&mut r.p.a);
+        if !opened_again.is_empty() {
+            again = Some(opened_again);
+            break;
+        }
+    }
+    let again = again.expect("a new attempt after the fallback");
+    assert!(again.iter().all(|id| !opened.contains(id)), "fresh ids");
+}
+
+#[test]
+fn failed_attempt_closes_every_socket_and_the_retry_backs_off_on_fresh_ports() {
+    let (mut r, first_sockets) = punching_pair();
+    let b_ip = r.p.b_addr.ip();
+    let candidate_ports = r.p.b_addr.port()..=r.p.b_addr.port() + PREDICTED_PORTS;
+    let started = r.p.now;
+    // Each attempt: (start, sockets, closed, sprayed ports).
+    let mut attempts = vec![(started, first_sockets, Vec::new(), Vec::new())];
+    for _ in 0..4 * 60 {
+        let sprays: Vec<u16> = std::iter::from_fn(|| r.p.a.poll_transmit())
+            .filter(|t| t.socket == SocketId::MAIN && t.dst.ip() == b_ip)
+            .map(|t| t.dst.port())
+            .filter(|p| !candidate_ports.contains(p))
+            .collect();
+        if let Some(a) = attempts.last_mut() {
+            a.3.extend(sprays);
+        }
+        let (opened, closed, _) = socket_events(&mut r.p.a);
+        if let Some(a) = attempts.last_mut() {
+            a.2.extend(closed);
+        }
+        if !opened.is_empty() {
+            attempts.push((r.p.now, opened, Vec::new(), Vec::new()));
+        }
+        r.p.now += TICK;
+        r.p.a.handle_timeout(r.p.now);
+        r.p.b.handle_timeout(r.p.now);
+        while r.p.a.poll_relay_transmit().is_some() {}
+        while r.p.b.poll_relay_transmit().is_some() {}
+        while r.p.b.poll_transmit().is_some() {}
+    }
+    assert_eq!(attempts.len(), 2, "one retry in 60 s");
+    let (first, second) = (&attempts[0], &attempts[1]);
+    let gap = second.0.duration_since(first.0);
+    assert!(
+        gap >= birthday::FIRST_RETRY && gap <= birthday::FIRST_RETRY + TICK,
+        "{gap:?}"
+    );
+    for (_, opened, closed, sprayed) in &attempts {
+        assert_eq!(closed, opened, "a failed attempt closes every socket");
+        assert_eq!(sprayed.len(), usize::from(SMALL.probes));
+        let mut distinct = sprayed.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), sprayed.len(), "each port once");
+        assert!(sprayed.iter().all(|p| *p >= birthday::LOWEST_PORT));
+    }
+    let overlap = second.3.iter().filter(|p| first.3.contains(p)).count();
+    assert!(
+        overlap <= 2,
+        "the retry sprays fresh ports: {overlap} reused"
+    );
+    assert_eq!(r.p.a.extra_sockets(), 0);
+    let s = r.p.a.birthday_stats();
+    assert_eq!((s.attempts, s.succeeded), (2, 0));
+    assert_eq!(
+        s.probes_sent,
+        2 * (u64::from(SMALL.sockets) + u64::from(SMALL.probes))
+    );
+}
+
+/// A relayed pair, both punching with [`SMALL`], where b never starts an attempt on its
+/// own. `prepare` runs before traffic starts; returns once a started its attempt (and
+/// asked b to join).
+fn pair_where_a_starts(prepare: impl FnOnce(&mut Relayed)) -> Relayed {
+    let mut r = Relayed::new(false);
+    r.p.a.set_birthday(Some(SMALL));
+    r.p.b.set_birthday(Some(SMALL));
+    let ka = r.p.a.public_key();
+    let hold = r.p.now + Duration::from_secs(3600);
+    if let Some(p) = r.p.b.peers.get_mut(&ka) {
+        p.punch.schedule.hold_off(hold);
+    }
+    prepare(&mut r);
+    assert!(r.send_a_to_b(1));
+    for _ in 0..40 {
+        r.tick();
+        if r.p.a.birthday_stats().attempts > 0 {
+            break;
+        }
+    }
+    assert_eq!(r.p.a.birthday_stats().attempts, 1);
+    r
+}
+
+#[test]
+fn the_peer_joins_an_attempt_at_once() {
+    let r = pair_where_a_starts(|_| {});
+    // The relay delivered a's signal within the same drive: b runs its attempt too.
+    let s = r.p.b.birthday_stats();
+    assert_eq!((s.attempts, s.joined), (0, 1));
+    assert_eq!(r.p.b.extra_sockets(), usize::from(SMALL.sockets));
+}
+
+#[test]
+fn a_busy_peer_answers_a_join_by_spraying_only() {
+    let mut r = pair_where_a_starts(|r| {
+        // b is in an attempt toward a third node c, with its sockets taken.
+        let kc = PublicKey(XPublic::from(&StaticSecret::from([9u8; 32])).to_bytes());
+        r.p.b.upsert_peer(
+            PeerConfig {
+                key: kc,
+                name: "c".into(),
+                address: Ipv4Addr::new(100, 64, 0, 9),
+                endpoints: vec!["203.0.113.9:51820".parse().unwrap()],
+                observed: None,
+            },
+            r.p.now,
+        );
+        let far = r.p.now + Duration::from_secs(3600);
+        let mut busy = Attempt::new(kc, Vec::new(), Ipv4Addr::new(203, 0, 113, 9), r.p.now);
+        busy.ends = far;
+        busy.spray_from = far;
+        r.p.b.punching.set_attempt(busy);
+    });
+    // b cannot open sockets for a, but sprays a's public address from its main socket.
+    for _ in 0..8 {
+        r.tick();
+    }
+    let s = r.p.b.birthday_stats();
+    assert_eq!((s.joined, s.side_sprays), (0, 1), "{s:?}");
+    assert_eq!(s.probes_sent, u64::from(SMALL.probes));
+    assert_eq!(r.p.b.extra_sockets(), 0);
+    // A second join within the spacing is not answered again.
+    let before = r.p.b.birthday_stats();
+    for _ in 0..8 {
+        r.tick();
+    }
+    assert_eq!(r.p.b.birthday_stats().side_sprays, before.side_sprays);
+}
+
+#[test]
+fn a_reported_stranger_gets_a_bounded_number_of_probes() {
+    // b "reports" a third party's address; a, with birthday punching at the largest sizes
+    // allowed, is told to punch toward it for ten minutes.
+    let mut r = Relayed::new(false);
+    r.p.a.set_birthday(Some(BirthdayConfig {
+        sockets: birthday::MAX_SOCKETS,
+        probes: 8192,
+        probes_per_tick: birthday::MAX_PROBES_PER_TICK,
+    }));
+    let kb = r.p.b.public_key();
+    let victim: SocketAddr = "203.0.113.66:443".parse().unwrap();
+    r.p.a.upsert_peer(
+        PeerConfig {
+            key: kb,
+            name: "b".into(),
+            address: r.p.b.address(),
+            endpoints: vec![victim],
+            observed: None,
+        },
+        r.p.now,
+    );
+    let start = r.p.now;
+    let mut per_minute = [0u32; 10];
+    let mut tag = 0u8;
+    while r.p.now.duration_since(start) < Duration::from_secs(600) {
+        r.send_a_to_b(tag);
+        tag = tag.wrapping_add(1);
+        r.p.now += TICK;
+        r.p.a.handle_timeout(r.p.now);
+        while let Some(e) = r.p.a.poll_event() {
+            let _ = e;
+        }
+        while let Some(t) = r.p.a.poll_transmit() {
+            if t.dst.ip() == victim.ip() {
+                let minute = (r.p.now.duration_since(start).as_secs() / 60) as usize;
+                per_minute[minute.min(9)] += 1;
+            }
+        }
+        while r.p.a.poll_relay_transmit().is_some() {}
+    }
+    // At most 4,096 a minute to one address, whatever the node is told.
+    assert!(per_minute.iter().all(|n| *n <= 4096), "{per_minute:?}");
+    assert!(per_minute[0] > 0, "some probes do go out");
+}
+
+#[test]
+fn birthday_sprays_only_the_ip_the_controller_observed() {
+    let observed: SocketAddr = "198.51.100.9:40000".parse().unwrap();
+    let peer = PeerConfig {
+        key: PublicKey([9; 32]),
+        name: "b".into(),
+        address: Ipv4Addr::new(100, 64, 0, 2),
+        endpoints: vec!["203.0.113.66:51820".parse().unwrap(), observed],
+        observed: Some(observed),
+    };
+    assert_eq!(
+        spray_targets(&peer.endpoints, peer.observed),
+        vec![observed]
+    );
+}
+
+#[test]
+fn no_attempt_toward_a_peer_with_only_private_candidates() {
+    let mut r = Relayed::new(false);
+    r.p.a.set_birthday(Some(SMALL));
+    let kb = r.p.b.public_key();
+    r.p.a.upsert_peer(
+        PeerConfig {
+            key: kb,
+            name: "b".into(),
+            address: r.p.b.address(),
+            endpoints: vec![
+                "192.168.1.2:51820".parse().unwrap(),
+                "10.0.0.2:51820".parse().unwrap(),
+            ],
+            observed: None,
+        },
+        r.p.now,
+    );
+    assert!(r.send_a_to_b(1));
+    for _ in 0..4 * 60 {
+        r.tick();
+    }
+    let (opened, _, _) = socket_events(&mut r.p.a);
+    assert!(opened.is_empty());
+    assert_eq!(r.p.a.birthday_stats(), BirthdayStats::default());
+}
+
+#[test]
+fn a_peers_socket_carries_no_other_peer() {
+    let (mut r, opened) = punching_pair();
+    let ka = r.p.a.public_key();
+    // A third node c with a session to a (straight over UDP).
+    let (skc, kc) = key(3);
+    let c_addr: SocketAddr = "192.0.2.3:51820".parse().unwrap();
+    let ip_c = Ipv4Addr::new(100, 64, 0, 3);
+    let mut c = Node::new(
+        NodeConfig {
+            private_key: skc,
+            address: ip_c,
+            keepalive: None,
+            mtu: 1420,
+        },
+        7,
+        r.p.now,
+    );
+    let peer = |key, address, endpoint| PeerConfig {
+        key,
+        name: "x".into(),
+        address,
+        endpoints: vec![endpoint],
+        observed: None,
+    };
+    c.upsert_peer(peer(ka, r.p.a.address(), r.p.a_addr), r.p.now);
+    r.p.a.upsert_peer(peer(kc, ip_c, c_addr), r.p.now);
+    c.handle_tun_packet(&icmp(ip_c, r.p.a.address(), b"hi"), r.p.now);
+    for _ in 0..4 {
+        while let Some(t) = c.poll_transmit() {
+            r.p.a.handle_datagram(c_addr, &t.payload, r.p.now);
+        }
+        while let Some(t) = r.p.a.poll_transmit() {
+            if t.dst == c_addr {
+                c.handle_datagram(r.p.a_addr, &t.payload, r.p.now);
+            }
+        }
+    }
+    assert_eq!(
+        r.p.a.local_socket(&kc),
+        Some(SocketId::MAIN),
+        "a and c are up"
+    );
+    // c's message arrives on a socket of a's attempt toward b: refused, no path change.
+    let before = r.p.a.counters().unknown_socket_packets;
+    let from_c = keepalive(&mut c, ka);
+    r.p.a
+        .handle_datagram_on(opened[1], c_addr, &from_c, r.p.now);
+    assert_eq!(r.p.a.counters().unknown_socket_packets, before + 1);
+    assert_eq!(r.p.a.local_socket(&kc), Some(SocketId::MAIN));
+    assert_eq!(r.p.a.extra_sockets(), 4, "the attempt goes on");
+}
+
+#[test]
+fn datagram_on_a_socket_the_node_never_opened_is_counted() {
+    let mut p = Pair::new();
+    let from: SocketAddr = "198.51.100.7:1234".parse().unwrap();
+    let kb = p.b.public_key();
+    let ka = p.a.public_key();
+    let bytes = keepalive(&mut p.b, ka);
+    p.a.handle_datagram_on(SocketId(77), from, &bytes, p.now);
+    assert_eq!(p.a.counters().unknown_socket_packets, 1);
+    assert_ne!(p.a.peer_status(p.now)[0].endpoint, Some(from));
+    assert_eq!(p.a.local_socket(&kb), Some(SocketId::MAIN));
+    assert!(p.a.poll_transmit().is_none());
+}
+
+#[test]
+fn disabling_stops_the_attempt_and_closes_its_sockets() {
+    let (mut r, opened) = punching_pair();
+    r.p.a.set_birthday(None);
+    let (_, closed, _) = socket_events(&mut r.p.a);
+    assert_eq!(closed, opened);
+    assert_eq!(r.p.a.extra_sockets(), 0);
+    // And no attempt starts again while disabled.
+    for _ in 0..200 {
+        r.tick();
+    }
+    let (opened_again, _, _) = socket_events(&mut r.p.a);
+    assert!(opened_again.is_empty());
+}

@@ -1,0 +1,465 @@
+//! One peer: its WireGuard session and the parts that decide when it handshakes
+//! ([`handshake`]), how traffic reaches it ([`path`]), what its probes measured ([`probes`]) and
+//! when it is punched ([`crate::birthday::PeerPunch`]).
+//!
+//! Each part owns its state and rules; [`Peer`] combines them where one event touches several
+//! (a handshake forgets the direct path, a send marks the path as owing an answer).
+
+pub(crate) mod handshake;
+pub(crate) mod path;
+pub(crate) mod probes;
+
+use crate::birthday::PeerPunch;
+use crate::node::{Event, Path};
+use crate::outbox::{Ctx, Endpoint, Via};
+
+use crate::pmtu;
+use crate::session::{Output, Session, SessionError};
+use crate::sockets::SocketId;
+use handshake::{Due, Handshake};
+use mesh_proto::control::MAX_ENDPOINTS;
+use mesh_proto::PublicKey;
+use path::{DirectDue, PathState, ACTIVE_TRAFFIC, PATH_PROBE_INTERVAL, PREDICTED_PORTS};
+use probes::{Probes, Purpose};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+/// One peer as the node needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerConfig {
+    /// The peer's key.
+    pub key: PublicKey,
+    /// The peer's name, for status and logs.
+    pub name: String,
+    /// The peer's overlay address; packets to it go to this peer, and the peer may only send
+    /// packets from it.
+    pub address: Ipv4Addr,
+    /// Where the peer may be reached, best first.
+    pub endpoints: Vec<SocketAddr>,
+    /// The peer's address as the controller saw it (its public mapping), if known. Birthday
+    /// punching sprays only this IP.
+    pub observed: Option<SocketAddr>,
+}
+
+/// What came out of one authenticated datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Received {
+    /// Not authenticated (or not for this session): dropped and counted.
+    Refused,
+    /// Authenticated; carried this in-tunnel message for the node, if any.
+    Authenticated(Option<pmtu::Message>),
+}
+
+pub(crate) struct Peer {
+    pub(crate) config: PeerConfig,
+    pub(crate) session: Session,
+    /// Our WireGuard index for this peer's sessions.
+    pub(crate) index: u32,
+    pub(crate) handshake: Handshake,
+    pub(crate) path: PathState,
+    pub(crate) probes: Probes,
+    pub(crate) punch: PeerPunch,
+    /// Last authenticated packet from the peer.
+    pub(crate) last_rx: Option<Instant>,
+    /// Last inner packet from the TUN device sent to the peer (traffic flowing).
+    pub(crate) last_data: Option<Instant>,
+}
+
+impl Peer {
+    pub(crate) fn new(
+        config: PeerConfig,
+        session: Session,
+        index: u32,
+        proactive_at: Option<Instant>,
+        mtu: u16,
+    ) -> Peer {
+        Peer {
+            config,
+            session,
+            index,
+            handshake: Handshake::new(proactive_at),
+            path: PathState::default(),
+            probes: Probes::new(mtu),
+            punch: PeerPunch::default(),
+            last_rx: None,
+            last_data: None,
+        }
+    }
+
+    pub(crate) fn key(&self) -> PublicKey {
+        self.config.key
+    }
+
+    /// The path traffic to this peer takes now.
+    pub(crate) fn route(&self, relay_up: bool) -> Path {
+        match self.path.endpoint() {
+            Some(e) => Path::Direct(e.addr),
+            None if relay_up => Path::Relay,
+            None => Path::None,
+        }
+    }
+
+    /// Whether traffic to the peer flows (data sent within [`ACTIVE_TRAFFIC`]).
+    pub(crate) fn flowing(&self, now: Instant) -> bool {
+        self.last_data
+            .is_some_and(|t| now.saturating_duration_since(t) < ACTIVE_TRAFFIC)
+    }
+
+    /// Starts a new handshake now, to every candidate, unless one was forced within
+    /// REKEY_TIMEOUT.
+    pub(crate) fn force_handshake(&mut self, cx: &mut Ctx<'_>) {
+        if !self.handshake.force(cx.now) {
+            return;
+        }
+        let previous = self.path.forget();
+        if let Output::Network(bytes) = self.session.force_handshake(cx.buf) {
+            self.path.send(&self.config, bytes, true, cx.now, cx.out);
+            // The endpoint that worked last is often the only one that can (a symmetric NAT's
+            // port toward us is in no candidate list, and an extra socket's mapping is the only
+            // one the peer's NAT lets in): try it too.
+            if let Some(p) = previous
+                .filter(|p| p.socket != SocketId::MAIN || !self.config.endpoints.contains(&p.addr))
+            {
+                cx.out.probe(p.socket, p.addr, bytes, cx.now);
+            }
+        }
+    }
+
+    /// Encrypts `inner` (empty: a keepalive) and sends it by the best path there is; see
+    /// [`PathState::send`]. `tracked`: the direct path owes an answer to it (not so for path MTU probes,
+    /// which are meant to be lost when too large).
+    pub(crate) fn seal_and_send(&mut self, inner: &[u8], tracked: bool, cx: &mut Ctx<'_>) {
+        if let Output::Network(bytes) = self.session.encapsulate(inner, cx.buf) {
+            self.path.send(&self.config, bytes, tracked, cx.now, cx.out);
+        }
+    }
+
+    /// Sends a small probe inside the tunnel on the peer's current path and remembers it.
+    pub(crate) fn ping(&mut self, purpose: Purpose, cx: &mut Ctx<'_>) {
+        let id = probes::next_ping_id(cx.next_ping);
+        let p = pmtu::build(
+            cx.me,
+            self.config.address,
+            pmtu::Message {
+                kind: pmtu::Kind::Probe,
+                id,
+                size: 0,
+            },
+            0,
+        );
+        self.probes.sent(id, purpose, cx.now);
+        self.seal_and_send(&p, true, cx);
+    }
+
+    /// One datagram from this peer (already known to be addressed to its session), from `via`.
+    /// Replies (handshake responses, queued packets) go back the way it came; inner packets
+    /// addressed to this node go to the TUN device.
+    pub(crate) fn decapsulate(&mut self, via: Via, datagram: &[u8], cx: &mut Ctx<'_>) -> Received {
+        let key = self.key();
+        let source_ip = match via {
+            Via::Direct(from) => Some(from.addr.ip()),
+            Via::Relay => None,
+        };
+        match self.session.decapsulate(source_ip, datagram, cx.buf) {
+            Output::Network(bytes) => {
+                self.path.last_tx = Some(cx.now);
+                cx.out.reply(via, key, bytes);
+                // Packets queued during the handshake follow the response.
+                while let Output::Network(bytes) = self.session.flush_queued(cx.buf) {
+                    cx.out.reply(via, key, bytes);
+                }
+                Received::Authenticated(None)
+            }
+            Output::TunnelV4(inner, source) => {
+                let to_us = crate::packet::ipv4_addrs(inner).is_some_and(|(_, dst)| dst == cx.me);
+                if source != self.config.address {
+                    cx.out.counters.spoofed_packets += 1;
+                } else if !to_us {
+                    // A member may only reach this node, not use it as a router into its LAN,
+                    // its cloud's metadata service or a pod network.
+                    cx.out.counters.misdirected_packets += 1;
+                } else if let Some(m) = pmtu::parse(inner) {
+                    return Received::Authenticated(Some(m));
+                } else {
+                    cx.out.deliver(inner.to_vec());
+                }
+                Received::Authenticated(None)
+            }
+            Output::TunnelV6 => {
+                cx.out.counters.non_ipv4_packets += 1;
+                Received::Authenticated(None)
+            }
+            Output::Done => Received::Authenticated(None), // keepalive or cookie
+            Output::Error(_) => {
+                cx.out.counters.rejected_packets += 1;
+                // Transport data under a session we do not have: the two sides disagree on the
+                // current session (crossed handshakes). The side with the lower key starts over
+                // at once; the other waits for the stale-session rule, so they do not cross
+                // again.
+                if datagram[0] == 4 && cx.me_key < &key.0 {
+                    self.force_handshake(cx);
+                }
+                Received::Refused
+            }
+        }
+    }
+
+    /// Something authenticated came from the peer.
+    pub(crate) fn heard(&mut self, now: Instant) {
+        self.last_rx = Some(now);
+        self.handshake.heard(self.session.established());
+    }
+
+    /// An in-tunnel probe or answer (not a birthday join, which the node handles) from `via`.
+    pub(crate) fn on_probe(&mut self, m: pmtu::Message, via: Via, cx: &mut Ctx<'_>) {
+        let key = self.key();
+        if m.kind == pmtu::Kind::Probe {
+            let ack = pmtu::build(
+                cx.me,
+                self.config.address,
+                pmtu::Message {
+                    kind: pmtu::Kind::Ack,
+                    ..m
+                },
+                0,
+            );
+            if let Output::Network(bytes) = self.session.encapsulate(&ack, cx.buf) {
+                cx.out.reply(via, key, bytes);
+            }
+        } else if probes::PING_IDS.contains(&m.id) {
+            let path = match via {
+                Via::Direct(from) => Path::Direct(from.addr),
+                Via::Relay => Path::Relay,
+            };
+            if let Some((rtt, Purpose::User)) = self.probes.answered(m.id, path, cx.now) {
+                cx.out.events.push_back(Event::Pong { key, rtt, path });
+            }
+        } else if let Some(mtu) = self.probes.mtu.on_ack(m.id, m.size, cx.now) {
+            self.report_mtu(mtu, cx);
+        }
+    }
+
+    /// An authenticated message came straight from `from`. Makes it the direct path unless a
+    /// live one exists (or `won`, a socket of the attempt in flight, came while a path exists);
+    /// answers at once where that makes the peer upgrade too. Returns whether the path switched
+    /// to `from`.
+    pub(crate) fn heard_direct(&mut self, from: Endpoint, won: bool, cx: &mut Ctx<'_>) -> bool {
+        let now = cx.now;
+        // A path that is alive keeps the peer: a second one that also works (the socket a
+        // birthday attempt won beside the main one, a LAN path beside the public one) would
+        // otherwise take turns with it on every packet. A path quiet for PATH_PROBE_INTERVAL
+        // gives way (the peer roamed, its NAT rebound).
+        let current_alive = self.path.other_alive(from, now);
+        let heard_before = self.path.heard_direct(from, now);
+        let had_path = self.path.direct.is_some();
+        let may_switch = (!won || !had_path) && !current_alive;
+        let switched = may_switch && self.path.endpoint() != Some(from);
+        if switched {
+            self.path.switch(from, now);
+            tracing::debug!(peer = %self.config.key, from = %from.addr, socket = %from.socket, "direct path confirmed");
+            cx.out.events.push_back(Event::PathChanged {
+                key: self.config.key,
+                path: Path::Direct(from.addr),
+            });
+            // A probe got through: answer on the same path at once, so that the peer upgrades
+            // to it too instead of waiting for its own traffic.
+            if !had_path && self.session.established() {
+                if let Output::Network(bytes) = self.session.encapsulate(&[], cx.buf) {
+                    cx.out.udp(from.socket, from.addr, bytes);
+                    self.path.last_direct_tx = Some(now);
+                }
+            }
+        }
+        // The peer went quiet on this path and now reaches us on it again: it may have fallen
+        // back to the relay and be probing its candidates while we still use the path. Answer
+        // at once (at most once per PATH_PROBE_INTERVAL), so it upgrades again without waiting
+        // for our next keepalive.
+        let was_quiet =
+            heard_before.is_none_or(|t| now.saturating_duration_since(t) >= PATH_PROBE_INTERVAL);
+        let sent_lately = self
+            .path
+            .last_direct_tx
+            .is_some_and(|t| now.saturating_duration_since(t) < PATH_PROBE_INTERVAL);
+        if was_quiet
+            && !sent_lately
+            && self.path.endpoint() == Some(from)
+            && self.session.established()
+        {
+            if let Output::Network(bytes) = self.session.encapsulate(&[], cx.buf) {
+                cx.out.udp(from.socket, from.addr, bytes);
+                self.path.last_direct_tx = Some(now);
+            }
+        }
+        switched
+    }
+
+    /// Drops the direct path because it runs through the overlay itself.
+    pub(crate) fn drop_path_through_overlay(&mut self, relay_up: bool, cx_events: &mut Ctx<'_>) {
+        tracing::warn!(peer = %self.config.key, "direct path goes through the overlay itself; dropping it");
+        self.path.direct = None;
+        self.path.rounds.last = None;
+        cx_events.out.events.push_back(Event::PathChanged {
+            key: self.config.key,
+            path: if relay_up { Path::Relay } else { Path::None },
+        });
+    }
+
+    // ---- timers, in the order the node runs them -------------------------------------------
+
+    /// boringtun's own timers (rekey, its keepalives, session expiry).
+    pub(crate) fn wireguard_timers(&mut self, cx: &mut Ctx<'_>) {
+        match self.session.update_timers(cx.buf) {
+            Output::Network(bytes) => self.path.send(&self.config, bytes, true, cx.now, cx.out),
+            Output::Error(SessionError::Expired) => {
+                // Forget the endpoint: the next handshake tries every candidate again.
+                self.path.direct = None;
+            }
+            _ => {}
+        }
+    }
+
+    /// Handshake retransmission while data waits, and the proactive handshake.
+    pub(crate) fn handshake_timers(&mut self, cx: &mut Ctx<'_>) {
+        let jitter = retry_jitter(self.index);
+        match self
+            .handshake
+            .poll(self.session.established(), jitter, cx.now)
+        {
+            Due::Nothing => {}
+            Due::GaveUp => cx
+                .out
+                .events
+                .push_back(Event::PeerUnreachable { key: self.key() }),
+            Due::Retransmit | Due::Proactive => self.force_handshake(cx),
+        }
+    }
+
+    /// Path MTU: start a search on a new direct path, send its probes, report results.
+    pub(crate) fn mtu_timers(&mut self, cx: &mut Ctx<'_>) {
+        let endpoint = self.path.endpoint();
+        if endpoint.is_some() && self.probes.mtu_endpoint != endpoint {
+            // A new path (or the first one): find out what it carries.
+            self.probes.mtu_endpoint = endpoint;
+            self.probes.mtu.start(cx.now);
+        }
+        // The search measures the direct path it started on; while traffic is on the relay (or
+        // another path) it waits.
+        let on_probed_path = endpoint.is_some() && endpoint == self.probes.mtu_endpoint;
+        if let Some((id, size)) = on_probed_path
+            .then(|| self.probes.mtu.poll_probe(cx.now))
+            .flatten()
+        {
+            let p = pmtu::build(
+                cx.me,
+                self.config.address,
+                pmtu::Message {
+                    kind: pmtu::Kind::Probe,
+                    id,
+                    size,
+                },
+                usize::from(size),
+            );
+            self.seal_and_send(&p, false, cx);
+        }
+        if let Some(mtu) = self.probes.mtu.result() {
+            if self.probes.reported_mtu != Some(mtu) {
+                self.report_mtu(mtu, cx);
+            }
+        }
+    }
+
+    /// Keeps the peer on the best path: probes a quiet direct path and falls back to the relay
+    /// when it dies; while on the relay, probes every candidate so a direct path can open.
+    pub(crate) fn path_timers(&mut self, cx: &mut Ctx<'_>) {
+        let relay_up = cx.out.relay_up;
+        match self.path.poll_direct(relay_up, cx.now) {
+            DirectDue::Dead => {
+                tracing::debug!(peer = %self.config.key, "direct path silent; falling back to the relay");
+                self.punch.schedule.reset();
+                cx.out.events.push_back(Event::PathChanged {
+                    key: self.key(),
+                    path: Path::Relay,
+                });
+                return;
+            }
+            DirectDue::Probe => {
+                self.ping(Purpose::Liveness, cx);
+                return;
+            }
+            DirectDue::Nothing if self.path.direct.is_some() => return,
+            DirectDue::Nothing => {}
+        }
+        let Some(failed) = self.path.poll_round(relay_up, self.flowing(cx.now), cx.now) else {
+            return;
+        };
+        if failed {
+            self.punch.schedule.round_failed();
+        }
+        if let Output::Network(bytes) = self.session.encapsulate(&[], cx.buf) {
+            for dst in self.config.endpoints.iter().take(MAX_ENDPOINTS) {
+                cx.out.probe(SocketId::MAIN, *dst, bytes, cx.now);
+            }
+            // Cheap port prediction: a NAT that maps each destination to the next free port
+            // gives the mapping toward us a port just above the one the controller saw (the
+            // first candidate). Bounded: PREDICTED_PORTS extra packets per round.
+            if let Some(first) = self.config.endpoints.first() {
+                for step in 1..=PREDICTED_PORTS {
+                    if let Some(port) = first.port().checked_add(step) {
+                        let dst = SocketAddr::new(first.ip(), port);
+                        cx.out.probe(SocketId::MAIN, dst, bytes, cx.now);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Status shows the RTT of the path in use: measure it once per session and path.
+    pub(crate) fn rtt_timer(&mut self, cx: &mut Ctx<'_>) {
+        let path = self.route(cx.out.relay_up);
+        if self.probes.rtt_due(path, cx.now) {
+            self.ping(Purpose::Rtt, cx);
+        }
+    }
+
+    /// Persistent keepalive: keeps NAT mappings (ours and the peer's filters) open.
+    pub(crate) fn keepalive_timer(&mut self, keepalive: Option<u16>, cx: &mut Ctx<'_>) {
+        let Some(k) = keepalive else {
+            return;
+        };
+        let idle = self
+            .path
+            .last_tx
+            .is_none_or(|t| cx.now.saturating_duration_since(t) >= Duration::from_secs(k.into()));
+        if self.session.established() && idle {
+            self.seal_and_send(&[], false, cx);
+        }
+    }
+
+    /// Stale session: we keep sending and nothing authenticated comes back.
+    pub(crate) fn stale_timer(&mut self, cx: &mut Ctx<'_>) {
+        if self.handshake.stale(cx.now) {
+            self.force_handshake(cx);
+        }
+    }
+
+    fn report_mtu(&mut self, mtu: u16, cx: &mut Ctx<'_>) {
+        self.probes.reported_mtu = Some(mtu);
+        let configured = cx.mtu;
+        if mtu < configured {
+            tracing::warn!(peer = %self.config.key, name = %self.config.name, mtu, configured, "path carries smaller packets than the interface MTU");
+        }
+        cx.out.events.push_back(Event::PathMtu {
+            key: self.config.key,
+            address: self.config.address,
+            mtu,
+            configured,
+        });
+    }
+}
+
+/// 0..=333 ms added to handshake retransmissions (WireGuard's REKEY_TIMEOUT_JITTER), fixed per
+/// peer so a run stays deterministic, different between peers so retries do not march in
+/// lockstep.
+fn retry_jitter(index: u32) -> Duration {
+    Duration::from_millis(u64::from(index.wrapping_mul(2_654_435_761) % 334))
+}

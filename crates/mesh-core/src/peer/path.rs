@@ -1,0 +1,257 @@
+//! How traffic reaches a peer: a direct endpoint with its liveness, or the relay while candidate
+//! probe rounds look for a direct path.
+//!
+//! A direct path is confirmed only by an authenticated message from the peer's address. While
+//! we send on it and hear nothing back, it is probed after [`PATH_PROBE_INTERVAL`] and given up
+//! after [`PATH_TIMEOUT`] (traffic falls back to the relay). Without one, every candidate gets an
+//! authenticated probe each round, the rounds backing off from [`CANDIDATE_PROBE_INTERVAL`] to
+//! [`MAX_CANDIDATE_PROBE_INTERVAL`] (or [`ACTIVE_CANDIDATE_PROBE_INTERVAL`] while traffic flows).
+
+use crate::outbox::{Endpoint, Outbox};
+use crate::peer::PeerConfig;
+use crate::sockets::SocketId;
+use mesh_proto::control::MAX_ENDPOINTS;
+use std::time::{Duration, Instant};
+
+/// A direct path that stays silent this long while we send on it (and its liveness probes go
+/// unanswered) is dead: traffic falls back to the relay. Short enough that a TCP stream's
+/// retransmission after its second timeout (about 1.4 s after the loss) already takes the relay.
+pub const PATH_TIMEOUT: Duration = Duration::from_secs(1);
+/// On a direct path we send on and hear nothing back from, a liveness probe goes out once it
+/// has been quiet this long, and again this often. Idle peers get none: only traffic that
+/// expects an answer starts them (WireGuard's own rule for "no reply since we sent").
+pub const PATH_PROBE_INTERVAL: Duration = Duration::from_millis(250);
+/// While on the relay, every candidate gets an authenticated probe this often at first (hole
+/// punching); the interval doubles after each unanswered round up to
+/// [`MAX_CANDIDATE_PROBE_INTERVAL`], and starts over when candidates change.
+pub const CANDIDATE_PROBE_INTERVAL: Duration = Duration::from_secs(2);
+/// Longest wait between probe rounds for a peer that no direct path reaches.
+pub const MAX_CANDIDATE_PROBE_INTERVAL: Duration = Duration::from_secs(32);
+/// Longest wait between probe rounds while traffic to the peer flows over the relay, so that a
+/// direct path that comes back is used again within seconds.
+pub const ACTIVE_CANDIDATE_PROBE_INTERVAL: Duration = Duration::from_secs(4);
+/// Data sent to a peer within this long counts as traffic flowing.
+pub const ACTIVE_TRAFFIC: Duration = Duration::from_secs(10);
+/// Ports above the peer's observed one probed while on the relay (port prediction).
+pub const PREDICTED_PORTS: u16 = 4;
+
+/// A confirmed direct path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Direct {
+    /// Our socket and the peer's address on it.
+    pub(crate) endpoint: Endpoint,
+    /// Last authenticated message from this endpoint.
+    pub(crate) last_rx: Instant,
+    /// The first message sent on it since the peer was last heard directly: the path has owed
+    /// an answer since then (liveness probes and the fallback count from here, so an idle path
+    /// is not judged by how long it was idle).
+    pub(crate) unanswered_since: Option<Instant>,
+    /// Last liveness probe.
+    pub(crate) last_probe: Option<Instant>,
+}
+
+/// The candidate probe rounds that run while the peer has no direct path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Rounds {
+    /// When the last round went out; `None`: the next one is due at once.
+    pub(crate) last: Option<Instant>,
+    /// Current wait between rounds.
+    pub(crate) interval: Duration,
+}
+
+impl Rounds {
+    /// New candidates, or the direct path died: the next round goes now, then every
+    /// [`CANDIDATE_PROBE_INTERVAL`].
+    pub(crate) fn restart(&mut self) {
+        self.last = None;
+        self.interval = CANDIDATE_PROBE_INTERVAL;
+    }
+}
+
+impl Default for Rounds {
+    fn default() -> Self {
+        Rounds {
+            last: None,
+            interval: CANDIDATE_PROBE_INTERVAL,
+        }
+    }
+}
+
+/// What [`PathState::poll`] decided for a direct path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DirectDue {
+    /// Nothing owed, or not yet.
+    Nothing,
+    /// Send a liveness probe on the path.
+    Probe,
+    /// The path is dead: it was dropped; traffic goes to the relay.
+    Dead,
+}
+
+/// How traffic reaches the peer, and when it last went straight to it and back.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PathState {
+    /// The confirmed direct path, if any.
+    pub(crate) direct: Option<Direct>,
+    /// Candidate probe rounds (they run while `direct` is `None` and a relay is up).
+    pub(crate) rounds: Rounds,
+    /// Last authenticated message straight from the peer (any endpoint).
+    pub(crate) last_direct_rx: Option<Instant>,
+    /// Last message we sent straight to the peer (any endpoint).
+    pub(crate) last_direct_tx: Option<Instant>,
+    /// Last message of any kind sent to the peer, by any path (for persistent keepalive).
+    pub(crate) last_tx: Option<Instant>,
+}
+
+impl PathState {
+    /// The direct endpoint in use.
+    pub(crate) fn endpoint(&self) -> Option<Endpoint> {
+        self.direct.map(|d| d.endpoint)
+    }
+
+    /// Drops the direct path (the next handshake tries every candidate); returns it.
+    pub(crate) fn forget(&mut self) -> Option<Endpoint> {
+        self.direct.take().map(|d| d.endpoint)
+    }
+
+    /// Sends one WireGuard message to `peer` by the best path there is:
+    /// - the confirmed direct endpoint;
+    /// - else the relay (if there is one), and handshake initiations also to every candidate
+    ///   directly, so a direct path can be found while traffic already flows;
+    /// - else every candidate (the first that answers becomes the endpoint).
+    ///
+    /// `tracked`: the direct path owes an answer to it (not so for keepalives and path MTU
+    /// probes, which are meant to be lost when too large).
+    pub(crate) fn send(
+        &mut self,
+        peer: &PeerConfig,
+        bytes: &[u8],
+        tracked: bool,
+        now: Instant,
+        out: &mut Outbox,
+    ) {
+        if let Some(d) = self.direct.as_mut().filter(|_| tracked) {
+            self.last_direct_tx = Some(now);
+            d.unanswered_since.get_or_insert(now);
+        }
+        self.last_tx = Some(now);
+        if let Some(e) = self.endpoint() {
+            out.udp(e.socket, e.addr, bytes);
+            return;
+        }
+        let initiation = bytes.first() == Some(&1);
+        if out.relay_up {
+            out.relay(peer.key, bytes);
+            if !initiation {
+                return;
+            }
+        }
+        for dst in peer.endpoints.iter().take(MAX_ENDPOINTS) {
+            out.probe(SocketId::MAIN, *dst, bytes, now);
+        }
+    }
+
+    /// Whether the current endpoint (another than `from`) was heard within
+    /// [`PATH_PROBE_INTERVAL`]: a live path keeps the peer.
+    pub(crate) fn other_alive(&self, from: Endpoint, now: Instant) -> bool {
+        self.direct.is_some_and(|d| {
+            d.endpoint != from && now.saturating_duration_since(d.last_rx) < PATH_PROBE_INTERVAL
+        })
+    }
+
+    /// An authenticated message came straight from `from`; returns when the peer was last heard
+    /// directly before it.
+    pub(crate) fn heard_direct(&mut self, from: Endpoint, now: Instant) -> Option<Instant> {
+        let before = self.last_direct_rx.replace(now);
+        if let Some(d) = self.direct.as_mut() {
+            d.unanswered_since = None;
+            if d.endpoint == from {
+                d.last_rx = now;
+            }
+        }
+        before
+    }
+
+    /// Makes `to` the direct path.
+    pub(crate) fn switch(&mut self, to: Endpoint, now: Instant) {
+        match self.direct.as_mut() {
+            Some(d) => {
+                d.endpoint = to;
+                d.last_rx = now;
+            }
+            None => {
+                self.direct = Some(Direct {
+                    endpoint: to,
+                    last_rx: now,
+                    unanswered_since: None,
+                    last_probe: None,
+                })
+            }
+        }
+    }
+
+    /// The liveness rule of a direct path at `now` (`relay_up`: there is somewhere to fall back
+    /// to).
+    pub(crate) fn poll_direct(&mut self, relay_up: bool, now: Instant) -> DirectDue {
+        let Some(d) = self.direct.as_mut() else {
+            return DirectDue::Nothing;
+        };
+        // Nothing sent since the peer was last heard: nothing is owed, nothing to probe.
+        let Some(since) = d.unanswered_since else {
+            return DirectDue::Nothing;
+        };
+        let quiet = now.saturating_duration_since(since);
+        if quiet >= PATH_TIMEOUT && relay_up {
+            self.direct = None;
+            self.rounds.restart();
+            DirectDue::Dead
+        } else if quiet >= PATH_PROBE_INTERVAL
+            && d.last_probe
+                .is_none_or(|t| now.saturating_duration_since(t) >= PATH_PROBE_INTERVAL)
+        {
+            d.last_probe = Some(now);
+            DirectDue::Probe
+        } else {
+            DirectDue::Nothing
+        }
+    }
+
+    /// Whether a candidate round is due at `now` (no direct path, a relay up); if so, records
+    /// it and returns whether the previous round went unanswered (the interval then doubled).
+    /// `flowing`: traffic to the peer flows, so rounds stay short.
+    pub(crate) fn poll_round(
+        &mut self,
+        relay_up: bool,
+        flowing: bool,
+        now: Instant,
+    ) -> Option<bool> {
+        if self.direct.is_some() || !relay_up {
+            return None;
+        }
+        let longest = longest_wait(flowing);
+        let due = self
+            .rounds
+            .last
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.rounds.interval.min(longest));
+        if !due {
+            return None;
+        }
+        let failed = self.rounds.last.is_some();
+        if failed {
+            // The last round went unanswered (we are still on the relay): back off.
+            self.rounds.interval = (self.rounds.interval * 2).min(longest);
+        }
+        self.rounds.last = Some(now);
+        Some(failed)
+    }
+}
+
+/// The longest wait between candidate probe rounds: short while traffic flows (a direct path
+/// that comes back is used soon), long for an idle peer.
+pub(crate) fn longest_wait(flowing: bool) -> Duration {
+    if flowing {
+        ACTIVE_CANDIDATE_PROBE_INTERVAL
+    } else {
+        MAX_CANDIDATE_PROBE_INTERVAL
+    }
+}
