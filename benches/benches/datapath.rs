@@ -11,7 +11,7 @@
 
 use boringtun::noise::{Tunn, TunnResult};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use mesh_core::{Node, NodeConfig, PeerConfig};
+use mesh_core::{Node, NodeConfig, PeerConfig, Source};
 use mesh_proto::PublicKey;
 use std::hint::black_box;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -116,10 +116,16 @@ fn node_pair() -> (Node, Node, SocketAddr, SocketAddr) {
         from.handle_tun_packet(&packet(x, y), now);
         for _ in 0..4 {
             while let Some(t) = from.poll_transmit() {
-                to.handle_datagram(if x == ia { ea } else { eb }, &t.payload, now);
+                let src = Source::main(if x == ia { ea } else { eb });
+                for d in t.segments() {
+                    to.handle_datagram(src, d, now);
+                }
             }
             while let Some(t) = to.poll_transmit() {
-                from.handle_datagram(if x == ia { eb } else { ea }, &t.payload, now);
+                let src = Source::main(if x == ia { eb } else { ea });
+                for d in t.segments() {
+                    from.handle_datagram(src, d, now);
+                }
             }
         }
         while to.poll_tun_packet().is_some() {}
@@ -152,10 +158,14 @@ fn datapath(c: &mut Criterion) {
     let now = Instant::now();
     g.bench_function("mesh_core", |bench| {
         bench.iter(|| {
+            // The driver gives both buffers back, as the agent's data plane does.
             a.handle_tun_packet(black_box(&pkt), now);
             let t = a.poll_transmit().unwrap();
-            b.handle_datagram(ea, &t.payload, now);
-            black_box(b.poll_tun_packet().unwrap().len())
+            b.handle_datagram(Source::main(ea), &t.contents, now);
+            a.recycle(t.contents);
+            let p = b.poll_tun_packet().unwrap();
+            black_box(p.len());
+            b.recycle(p);
         })
     });
     g.finish();

@@ -2,13 +2,17 @@
 //!
 //! It reads the shared UDP socket in batches (recvmmsg/GRO), hands QUIC datagrams to the quinn
 //! endpoint and everything else to the node, reads the TUN device (draining up to a batch per
-//! wake-up), runs the node's timers, and writes what the node produced: datagrams grouped into
-//! GSO batches per destination, and packets to the TUN device.
+//! wake-up), runs the node's timers, and carries out what the node produced, in the order
+//! [`Node::poll_output`] gives it: events, datagrams (GSO batches the node grouped, or relayed
+//! messages framed for the relay's QUIC connection), packets to the TUN device. Buffers go back
+//! to the node ([`Node::recycle`]) once written.
 
-use mesh_core::{Event, Node, Path, PeerConfig, PeerStatus, SocketId, Transmit};
+use mesh_core::{
+    Destination, Event, Node, Output, Path, PeerConfig, PeerStatus, SocketId, Source, Transmit,
+};
 use mesh_proto::control::PeerInfo;
 use mesh_proto::demux::{classify, DatagramKind};
-use mesh_proto::relay::{self, Reassembly};
+use mesh_proto::relay::Framer;
 use mesh_proto::PublicKey;
 use mesh_sys::socket::{Batch, QuicInbox, UdpPort};
 use mesh_sys::tun::Tun;
@@ -141,21 +145,27 @@ impl ExtraSockets {
         }
     }
 
-    /// Sends one datagram; false if the socket is not open or the send failed. A send that
-    /// fails with an ICMP error left by an earlier datagram is tried once more (see
-    /// [`mesh_sys::socket::UdpPort::send`]).
-    fn send(&self, t: &Transmit) -> bool {
-        let Some((s, _)) = self.open.get(&t.socket) else {
-            return false;
+    /// Sends each datagram of a transmit on extra socket `id`; how many went (0 if the socket
+    /// is not open). A send that fails with an ICMP error left by an earlier datagram is tried
+    /// once more (see [`mesh_sys::socket::UdpPort::send`]).
+    fn send(&self, id: SocketId, dst: std::net::SocketAddr, t: &Transmit) -> usize {
+        let Some((s, _)) = self.open.get(&id) else {
+            return 0;
         };
-        let result = match s.send_to(&t.payload, t.dst) {
-            Err(e) if mesh_sys::socket::is_deferred_icmp_error(&e) => s.send_to(&t.payload, t.dst),
-            other => other,
-        };
-        if let Err(e) = &result {
-            debug!(socket = %t.socket, dst = %t.dst, error = %e, "UDP send on an extra socket failed");
+        let mut sent = 0;
+        for d in t.segments() {
+            let result = match s.send_to(d, dst) {
+                Err(e) if mesh_sys::socket::is_deferred_icmp_error(&e) => s.send_to(d, dst),
+                other => other,
+            };
+            match result {
+                Ok(_) => sent += 1,
+                Err(e) => {
+                    debug!(socket = %id, %dst, error = %e, "UDP send on an extra socket failed")
+                }
+            }
         }
-        result.is_ok()
+        sent
     }
 }
 
@@ -290,15 +300,12 @@ pub async fn run(
     let mut recv_bufs = vec![vec![0u8; RECV_BUF]; RECV_BATCH];
     let mut meta = vec![RecvMeta::default(); RECV_BATCH];
     let mut tun_buf = vec![0u8; 65536];
-    let mut out: Vec<Transmit> = Vec::new();
-    let mut gso_buf: Vec<u8> = Vec::with_capacity(65536);
     let far = Duration::from_secs(3600);
     let mut relays = Relays::default();
     let mut extra = ExtraSockets::default();
     let (extra_in_tx, mut extra_in) = mpsc::channel::<ExtraDatagram>(EXTRA_INBOX);
     let (relay_in_tx, mut relay_in) = mpsc::channel::<bytes::Bytes>(RELAY_INBOX);
-    let mut reassembly = Reassembly::default();
-    let mut relay_id: u16 = 0;
+    let mut relay_link = Framer::default();
     let mut pings: Vec<PendingPing> = Vec::new();
     // The last peer list, applied again when the excluded destinations change.
     let mut configs: Vec<PeerConfig> = Vec::new();
@@ -312,17 +319,17 @@ pub async fn run(
         tokio::select! {
             Some((id, from, datagram)) = extra_in.recv() => {
                 counters.extra_rx += 1;
-                node.handle_datagram_on(id, from, &datagram, Instant::now());
+                let source = Source::Udp { socket: id, from };
+                node.handle_datagram(source, &datagram, Instant::now());
             }
             Some(d) = relay_in.recv() => {
                 let now = Instant::now();
                 counters.relay_rx += 1;
-                match relay::decode(&d) {
-                    Ok(frame) => {
-                        if let Some((from, msg)) = reassembly.push(frame, now) {
-                            node.handle_relayed(from, &msg, now);
-                        }
+                match relay_link.receive(&d, now) {
+                    Ok(Some((from, msg))) => {
+                        node.handle_datagram(Source::Relay { from }, &msg, now);
                     }
+                    Ok(None) => {}
                     Err(_) => counters.relay_drops += 1,
                 }
             }
@@ -350,11 +357,13 @@ pub async fn run(
                                     counters.quic_drops += 1;
                                 }
                             }
-                            DatagramKind::WireGuard => node.handle_datagram(m.addr, datagram, now),
+                            DatagramKind::WireGuard => {
+                                node.handle_datagram(Source::main(m.addr), datagram, now)
+                            }
                             DatagramKind::Stun | DatagramKind::Unknown => {
                                 counters.unknown_datagrams += 1;
                                 // The node counts it as malformed too; kept in one place.
-                                node.handle_datagram(m.addr, datagram, now);
+                                node.handle_datagram(Source::main(m.addr), datagram, now);
                             }
                         }
                     }
@@ -428,15 +437,16 @@ pub async fn run(
                     }
                 }
                 Some(DataCmd::Status(reply)) => {
-                    let peers = node.peer_status(Instant::now());
-                    let relay_of = peers
+                    let status = node.status(Instant::now());
+                    let relay_of = status
+                        .peers
                         .iter()
                         .filter_map(|p| Some((p.key, relays.pick(&p.key)?.0.to_owned())))
                         .collect();
-                    counters.relay_reassembly_drops = reassembly.dropped();
+                    counters.relay_reassembly_drops = relay_link.dropped();
                     let _ = reply.send(DataStatus {
-                        peers,
-                        node: node.counters(),
+                        peers: status.peers,
+                        node: status.counters,
                         driver: counters,
                         relay_of,
                     });
@@ -455,144 +465,154 @@ pub async fn run(
                 i += 1;
             }
         }
-        while let Some(ev) = node.poll_event() {
-            match ev {
-                Event::OpenSocket(id) => {
-                    match extra.open(id, &extra_in_tx) {
-                        Ok(()) => {}
+        while let Some(output) = node.poll_output() {
+            match output {
+                Output::Event(ev) => on_event(
+                    ev,
+                    &mut extra,
+                    &extra_in_tx,
+                    &mut pings,
+                    &events,
+                    &mut counters,
+                ),
+                Output::Transmit(t) => {
+                    match t.destination {
+                        Destination::Udp {
+                            socket: SocketId::MAIN,
+                            dst,
+                        } => send_udp(&port, dst, &t, &mut counters).await,
+                        Destination::Udp { socket, dst } => {
+                            let sent = extra.send(socket, dst, &t);
+                            counters.extra_tx += sent as u64;
+                            counters.udp_send_errors += (t.datagrams() - sent) as u64;
+                        }
+                        Destination::Relay { to } => {
+                            send_relayed(&relays, &mut relay_link, to, &t.contents, &mut counters)
+                        }
+                    }
+                    node.recycle(t.contents);
+                }
+                Output::Tun(pkt) => {
+                    match tun.send(&pkt).await {
+                        Ok(_) => counters.tun_tx += 1,
                         Err(e) => {
-                            counters.extra_socket_errors += 1;
-                            debug!(socket = %id, error = %e, "cannot open an extra socket");
+                            counters.tun_write_errors += 1;
+                            debug!(error = %e, "TUN write failed");
                         }
                     }
-                    counters.extra_sockets = extra.open.len() as u64;
-                    continue;
-                }
-                Event::CloseSocket(id) => {
-                    extra.close(id);
-                    counters.extra_sockets = extra.open.len() as u64;
-                    continue;
-                }
-                _ => {}
-            }
-            debug!(?ev, "node event");
-            if let Event::Pong { key, rtt, path } = &ev {
-                if let Some(pos) = pings.iter().position(|p| p.0 == *key) {
-                    let (_, _, reply) = pings.swap_remove(pos);
-                    let _ = reply.send(Ok((*path, *rtt)));
-                }
-            }
-            if let Event::PathChanged { key, path } = &ev {
-                tracing::info!(peer = %key.short(), %path, "path changed");
-            }
-            if let mesh_core::Event::PathMtu {
-                address,
-                mtu,
-                configured,
-                ..
-            } = ev
-            {
-                let _ = events.send(PathEvent::Mtu {
-                    peer: address,
-                    mtu,
-                    configured,
-                });
-            }
-        }
-        while let Some(t) = node.poll_transmit() {
-            if t.socket == SocketId::MAIN {
-                out.push(t);
-            } else if extra.send(&t) {
-                counters.extra_tx += 1;
-            } else {
-                counters.udp_send_errors += 1;
-            }
-        }
-        if !out.is_empty() {
-            send_all(&port, &mut out, &mut gso_buf, &mut counters).await;
-        }
-        while let Some(t) = node.poll_relay_transmit() {
-            let Some((_, conn)) = relays.pick(&t.to) else {
-                counters.relay_drops += 1;
-                continue;
-            };
-            relay_id = relay_id.wrapping_add(1);
-            let max = conn.max_datagram_size().unwrap_or(0);
-            match relay::encode(&t.to, relay_id, &t.payload, max) {
-                Ok(frames) => {
-                    for f in frames {
-                        if conn.send_datagram(f.into()).is_ok() {
-                            counters.relay_tx += 1;
-                        } else {
-                            counters.relay_drops += 1;
-                        }
-                    }
-                }
-                Err(_) => counters.relay_drops += 1,
-            }
-        }
-        while let Some(pkt) = node.poll_tun_packet() {
-            match tun.send(&pkt).await {
-                Ok(_) => counters.tun_tx += 1,
-                Err(e) => {
-                    counters.tun_write_errors += 1;
-                    debug!(error = %e, "TUN write failed");
+                    node.recycle(pkt);
                 }
             }
         }
     }
 }
 
-/// Sends every transmit, grouping runs to one destination into GSO batches: every datagram of
-/// a batch has the first one's size except the last, which may be shorter.
-async fn send_all(
-    port: &UdpPort,
-    out: &mut Vec<Transmit>,
-    gso_buf: &mut Vec<u8>,
+/// Carries out one of the node's events: extra sockets open and close, answers to pings go to
+/// whoever asked, path MTU results go to the daemon.
+fn on_event(
+    ev: Event,
+    extra: &mut ExtraSockets,
+    extra_in: &mpsc::Sender<ExtraDatagram>,
+    pings: &mut Vec<PendingPing>,
+    events: &mpsc::UnboundedSender<PathEvent>,
     counters: &mut DriverCounters,
 ) {
-    let max = port.max_gso_segments().max(1);
-    let mut i = 0;
-    while i < out.len() {
-        let dst = out[i].dst;
-        let size = out[i].payload.len();
-        let mut j = i + 1;
-        while j < out.len()
-            && j - i < max
-            && out[j].dst == dst
-            && out[j].payload.len() <= size
-            && out[j - 1].payload.len() == size
-            && gso_buf.capacity() >= (j - i + 1) * size
-        {
-            j += 1;
-        }
-        let result = if j - i == 1 {
-            port.send(&Batch {
-                dst,
-                contents: &out[i].payload,
-                segment_size: None,
-            })
-            .await
-        } else {
-            gso_buf.clear();
-            for t in &out[i..j] {
-                gso_buf.extend_from_slice(&t.payload);
+    match ev {
+        Event::OpenSocket(id) => {
+            if let Err(e) = extra.open(id, extra_in) {
+                counters.extra_socket_errors += 1;
+                debug!(socket = %id, error = %e, "cannot open an extra socket");
             }
-            port.send(&Batch {
-                dst,
-                contents: gso_buf,
-                segment_size: Some(size),
-            })
-            .await
+            counters.extra_sockets = extra.open.len() as u64;
+            return;
+        }
+        Event::CloseSocket(id) => {
+            extra.close(id);
+            counters.extra_sockets = extra.open.len() as u64;
+            return;
+        }
+        _ => {}
+    }
+    debug!(?ev, "node event");
+    match ev {
+        Event::Pong { key, rtt, path } => {
+            if let Some(pos) = pings.iter().position(|p| p.0 == key) {
+                let (_, _, reply) = pings.swap_remove(pos);
+                let _ = reply.send(Ok((path, rtt)));
+            }
+        }
+        Event::PathChanged { key, path } => {
+            tracing::info!(peer = %key.short(), %path, "path changed");
+        }
+        Event::PathMtu {
+            address,
+            mtu,
+            configured,
+            ..
+        } => {
+            let _ = events.send(PathEvent::Mtu {
+                peer: address,
+                mtu,
+                configured,
+            });
+        }
+        _ => {}
+    }
+}
+
+/// Sends a transmit on the main socket: one datagram, or the node's GSO batch, split where the
+/// socket takes fewer segments per call.
+async fn send_udp(
+    port: &UdpPort,
+    dst: std::net::SocketAddr,
+    t: &Transmit,
+    counters: &mut DriverCounters,
+) {
+    let per_call = match t.segment_size {
+        Some(size) => size * port.max_gso_segments().max(1),
+        None => t.contents.len(),
+    };
+    for chunk in t.contents.chunks(per_call.max(1)) {
+        let segment_size = t.segment_size.filter(|s| chunk.len() > *s);
+        let datagrams = segment_size.map_or(1, |s| chunk.len().div_ceil(s)) as u64;
+        let batch = Batch {
+            dst,
+            contents: chunk,
+            segment_size,
         };
-        match result {
-            Ok(()) => counters.udp_tx += (j - i) as u64,
+        match port.send(&batch).await {
+            Ok(()) => counters.udp_tx += datagrams,
             Err(e) => {
                 counters.udp_send_errors += 1;
                 debug!(%dst, error = %e, "UDP send failed");
             }
         }
-        i = j;
     }
-    out.clear();
+}
+
+/// Frames a WireGuard message for the relay that reaches `to` and sends it as QUIC datagrams.
+fn send_relayed(
+    relays: &Relays,
+    link: &mut Framer,
+    to: PublicKey,
+    message: &[u8],
+    counters: &mut DriverCounters,
+) {
+    let Some((_, conn)) = relays.pick(&to) else {
+        counters.relay_drops += 1;
+        return;
+    };
+    let max = conn.max_datagram_size().unwrap_or(0);
+    match link.frame(&to, message, max) {
+        Ok(frames) => {
+            for f in frames {
+                if conn.send_datagram(f.into()).is_ok() {
+                    counters.relay_tx += 1;
+                } else {
+                    counters.relay_drops += 1;
+                }
+            }
+        }
+        Err(_) => counters.relay_drops += 1,
+    }
 }

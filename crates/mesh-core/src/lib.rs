@@ -1,19 +1,26 @@
 //! The sans-IO heart of a mesh node.
 //!
 //! [`Node`] owns the node's WireGuard sessions with every peer and decides where each packet
-//! goes. It never touches a socket, a TUN device or the clock: the driver feeds it
+//! goes. It never touches a socket, a TUN device or the clock. The driver feeds it
 //!
 //! - IP packets read from the TUN device ([`Node::handle_tun_packet`]),
-//! - UDP datagrams received on the node's main socket ([`Node::handle_datagram`]) or on one of
-//!   the extra sockets it asked for ([`Node::handle_datagram_on`]; see [`birthday`]),
+//! - datagrams, each with its [`Source`]: one of the node's UDP sockets (the main one, or an
+//!   extra socket it asked for, see [`birthday`]) or the relay, which names the sending node
+//!   ([`Node::handle_datagram`]),
 //! - the passage of time ([`Node::handle_timeout`]) and
 //! - the peer list from the controller ([`Node::set_peers`]),
 //!
-//! each with a `now: Instant`, and drains what the node wants done:
-//! [`Node::poll_transmit`] (datagrams to send, each on a [`SocketId`]), [`Node::poll_tun_packet`]
-//! (packets to write to TUN), [`Node::poll_event`] (things to log or report, and extra sockets
-//! to open or close: poll events before transmits) and [`Node::poll_timeout`] (when to call
-//! `handle_timeout` next).
+//! each with a `now: Instant`, and carries out what the node wants done, in the order
+//! [`Node::poll_output`] gives it: events (things to log or report, and extra sockets to open
+//! or close), [`Transmit`]s (one datagram or a GSO batch, to a UDP socket and address or
+//! through the relay to a node: the [`Destination`]) and packets for the TUN device. Buffers go
+//! back with [`Node::recycle`], so a warm data path allocates nothing. [`Node::poll_timeout`]
+//! says when to call `handle_timeout` next; [`Node::status`] reports peers, counters and
+//! punching.
+//!
+//! Inside, [`node`] only dispatches; the peer table is `peers`, each peer's parts are in
+//! `peer` (handshake schedule, path, probes), punching in [`birthday`], socket ownership in
+//! [`sockets`], the drop counters in [`counters`](mod@counters).
 //!
 //! What it does not do: control-plane I/O (QUIC, Noise), device configuration, persistence.
 //! Those live in `mesh-sys`, `mesh-control` and `mesh-agent`.
@@ -37,5 +44,6 @@ pub mod sockets;
 pub use birthday::{BirthdayConfig, BirthdayStats};
 pub use counters::Counters;
 pub use node::{
-    Event, Node, NodeConfig, Path, PeerConfig, PeerStatus, RelayTransmit, SocketId, Transmit,
+    Destination, Event, Node, NodeConfig, Output, Path, PeerConfig, PeerStatus, SocketId, Source,
+    Status, Transmit,
 };

@@ -6,19 +6,19 @@
 //! peer (handshake initiation by key, everything else by receiver index) → check the sender
 //! (the relay's word and the socket's owner agree with WireGuard's) → decapsulate → an
 //! in-tunnel message or a packet for the TUN device → tell the peer's path what was
-//! authenticated, and on which path. The peer's parts live in [`crate::peer`], the table in
-//! [`crate::peers`], punching in [`crate::birthday`].
+//! authenticated, and on which path. The peer's parts live in `peer`, the table in
+//! `peers`, punching in [`crate::birthday`].
 
 use crate::birthday::{self, BirthdayConfig, BirthdayStats, Intent, PeerState, Punching};
 pub use crate::counters::Counters;
 use crate::guard::{GuardConfig, HandshakeGuard, Verdict};
-use crate::outbox::{push_bounded, Ctx, Endpoint, Outbox, Via};
+use crate::outbox::{Ctx, Endpoint, Outbox, Via};
 use crate::packet;
 use crate::peer::probes::Purpose;
 use crate::peer::{Peer, Received};
 use crate::peers::PeerTable;
 use crate::pmtu;
-use crate::session::{self, Addressed, Output, Session};
+use crate::session::{self, Addressed, Output as Sealed, Session};
 use crate::sockets::Owner;
 use ipnet::Ipv4Net;
 use mesh_proto::PublicKey;
@@ -68,15 +68,6 @@ pub struct NodeConfig {
     pub mtu: u16,
 }
 
-/// A WireGuard message the driver must send through the relay, to the node with key `to`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RelayTransmit {
-    /// Destination node.
-    pub to: PublicKey,
-    /// The WireGuard message.
-    pub payload: Vec<u8>,
-}
-
 /// How traffic reaches a peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Path {
@@ -98,17 +89,89 @@ impl std::fmt::Display for Path {
     }
 }
 
-/// A datagram the driver must send on one of the node's UDP sockets.
+/// Where a datagram came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// One of the node's UDP sockets: [`SocketId::MAIN`], or an extra socket opened with
+    /// [`Event::OpenSocket`]; `from` is the sender's address as the socket saw it.
+    Udp {
+        /// The socket it arrived on.
+        socket: SocketId,
+        /// The sender.
+        from: SocketAddr,
+    },
+    /// The relay, which names the node that sent it.
+    Relay {
+        /// The sending node, as the relay authenticated it.
+        from: PublicKey,
+    },
+}
+
+impl Source {
+    /// A datagram on the node's main socket from `from`.
+    pub fn main(from: SocketAddr) -> Source {
+        Source::Udp {
+            socket: SocketId::MAIN,
+            from,
+        }
+    }
+}
+
+/// Where a transmit goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    /// Out of one of the node's UDP sockets. A transmit on a socket the driver could not open
+    /// (or has closed) is dropped.
+    Udp {
+        /// [`SocketId::MAIN`], or an extra socket announced by [`Event::OpenSocket`].
+        socket: SocketId,
+        /// The address to send to.
+        dst: SocketAddr,
+    },
+    /// Through the relay (the driver frames it, see `mesh_proto::relay`), to this node.
+    Relay {
+        /// The destination node.
+        to: PublicKey,
+    },
+}
+
+/// Datagrams the driver must send: one, or a run of datagrams to one UDP destination (a GSO
+/// batch) that the driver sends with one call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transmit {
-    /// The socket to send from: [`SocketId::MAIN`], or an extra socket announced by
-    /// [`Event::OpenSocket`]. A transmit on a socket the driver could not open (or has closed)
-    /// is dropped.
-    pub socket: SocketId,
-    /// Destination.
-    pub dst: SocketAddr,
-    /// Bytes to send.
-    pub payload: Vec<u8>,
+    /// Where they go.
+    pub destination: Destination,
+    /// The bytes: one datagram, or with `segment_size` the datagrams one after the other.
+    pub contents: Vec<u8>,
+    /// `Some(n)`: `contents` holds datagrams of `n` bytes each (the last may be shorter, though
+    /// the node only batches equal sizes). `None`: one datagram.
+    pub segment_size: Option<usize>,
+}
+
+/// The next thing the driver must do, in the order the node needs them done
+/// ([`Node::poll_output`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Log or act on an event. Events come first: an [`Event::OpenSocket`] must be carried out
+    /// before the transmits on that socket.
+    Event(Event),
+    /// Send these datagrams.
+    Transmit(Transmit),
+    /// Write this IP packet to the TUN device.
+    Tun(Vec<u8>),
+}
+
+/// What [`Node::status`] reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Status {
+    /// Every peer, sorted by overlay address.
+    pub peers: Vec<PeerStatus>,
+    /// Drop counters.
+    pub counters: Counters,
+    /// What birthday hole punching has cost and won.
+    pub birthday: BirthdayStats,
+    /// Extra sockets open now.
+    pub extra_sockets: usize,
 }
 
 /// Something the driver may want to log or report.
@@ -148,7 +211,8 @@ pub enum Event {
         configured: u16,
     },
     /// The driver must bind a new UDP socket (IPv4, any address, a port of the system's
-    /// choosing) under this id, and deliver what it receives with [`Node::handle_datagram_on`].
+    /// choosing) under this id, and deliver what it receives with [`Node::handle_datagram`]
+    /// ([`Source::Udp`] with this id).
     /// Ids are never [`SocketId::MAIN`] and are not reused while open. A transmit on the socket
     /// is never returned by [`Node::poll_transmit`] before this event was returned by
     /// [`Node::poll_event`]. If the socket cannot be bound, dropping its transmits is enough.
@@ -283,16 +347,6 @@ impl Node {
         self.carry_out_intents(self.next_tick);
     }
 
-    /// What birthday hole punching has cost and won so far.
-    pub fn birthday_stats(&self) -> BirthdayStats {
-        self.punching.stats
-    }
-
-    /// Extra sockets open now (announced with [`Event::OpenSocket`], not yet closed).
-    pub fn extra_sockets(&self) -> usize {
-        self.punching.sockets.len()
-    }
-
     /// The local socket of the peer's direct path; `None` while it has none.
     pub fn local_socket(&self, key: &PublicKey) -> Option<SocketId> {
         self.peers.get(key)?.path.endpoint().map(|e| e.socket)
@@ -312,11 +366,6 @@ impl Node {
     /// before it knows it). Packets it originates (path MTU probes) carry this source.
     pub fn set_address(&mut self, address: Ipv4Addr) {
         self.config.address = address;
-    }
-
-    /// Drop counters.
-    pub fn counters(&self) -> Counters {
-        self.out.counters
     }
 
     /// Replaces the whole peer list. Peers that stay keep their sessions; a peer whose key is
@@ -432,7 +481,7 @@ impl Node {
                 cx.out.counters.too_big_packets += 1;
                 if pmtu::dont_fragment(packet) {
                     if let Some(icmp) = pmtu::frag_needed(packet, mtu, cx.me) {
-                        push_bounded(&mut cx.out.to_tun, &mut cx.out.counters, icmp);
+                        cx.out.deliver(&icmp);
                     }
                 }
                 return;
@@ -440,60 +489,50 @@ impl Node {
         }
         peer.last_data = Some(now);
         match peer.session.encapsulate(packet, cx.buf) {
-            Output::Network(bytes) => {
+            Sealed::Network(bytes) => {
                 if !peer.session.established() {
                     peer.handshake.data_waits(now);
                 }
                 peer.handshake.data_sent(now);
                 peer.path.send(&peer.config, bytes, true, now, cx.out);
             }
-            Output::Done => {
+            Sealed::Done => {
                 // Queued behind a handshake in progress.
                 peer.handshake.data_waits(now);
             }
-            Output::Error(_) | Output::TunnelV4(..) | Output::TunnelV6 => {}
+            Sealed::Error(_) | Sealed::TunnelV4(..) | Sealed::TunnelV6 => {}
         }
     }
 
-    /// A datagram received on the node's main UDP socket (already known not to be QUIC).
-    pub fn handle_datagram(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
-        self.handle_datagram_on(SocketId::MAIN, from, datagram, now);
-    }
-
-    /// A datagram received on one of the node's sockets: [`SocketId::MAIN`] (as
-    /// [`Node::handle_datagram`]) or an extra socket opened with [`Event::OpenSocket`].
-    /// Datagrams on a socket the node has closed are counted and dropped.
-    pub fn handle_datagram_on(
-        &mut self,
-        socket: SocketId,
-        from: SocketAddr,
-        datagram: &[u8],
-        now: Instant,
-    ) {
-        if is_excluded(&self.excluded, from.ip()) {
-            // It came through the overlay (a vxlan device or a routed subnet on top of it):
-            // taking it as the peer's endpoint would carry WireGuard inside WireGuard.
-            self.out.counters.overlay_sources += 1;
-            return;
-        }
-        let owner = if socket == SocketId::MAIN {
-            None
-        } else {
-            match self.punching.sockets.owner(socket) {
-                Some(o) => Some(o),
-                None => {
-                    self.out.counters.unknown_socket_packets += 1;
+    /// A datagram that is not QUIC: from one of the node's UDP sockets, or a WireGuard
+    /// message the relay carried. Datagrams on an extra socket the node has closed (or from
+    /// another peer than the socket's) are counted and dropped.
+    pub fn handle_datagram(&mut self, source: Source, datagram: &[u8], now: Instant) {
+        let (via, relayed_from, owner) = match source {
+            Source::Udp { socket, from } => {
+                if is_excluded(&self.excluded, from.ip()) {
+                    // It came through the overlay (a vxlan device or a routed subnet on top of
+                    // it): taking it as the peer's endpoint would carry WireGuard inside
+                    // WireGuard.
+                    self.out.counters.overlay_sources += 1;
                     return;
                 }
+                let owner = if socket == SocketId::MAIN {
+                    None
+                } else {
+                    match self.punching.sockets.owner(socket) {
+                        Some(o) => Some(o),
+                        None => {
+                            self.out.counters.unknown_socket_packets += 1;
+                            return;
+                        }
+                    }
+                };
+                (Via::Direct(Endpoint { socket, addr: from }), None, owner)
             }
+            Source::Relay { from } => (Via::Relay, Some(from), None),
         };
-        let via = Via::Direct(Endpoint { socket, addr: from });
-        self.receive(via, None, owner, datagram, now);
-    }
-
-    /// A WireGuard message that came through the relay from the node with key `from`.
-    pub fn handle_relayed(&mut self, from: PublicKey, packet: &[u8], now: Instant) {
-        self.receive(Via::Relay, Some(from), None, packet, now);
+        self.receive(via, relayed_from, owner, datagram, now);
     }
 
     /// Tells the node whether the driver has a relay connection (traffic to peers without a
@@ -519,11 +558,6 @@ impl Node {
                 peer.handshake.expect_proactive(now + PROACTIVE_FALLBACK);
             }
         }
-    }
-
-    /// Next WireGuard message to send through the relay.
-    pub fn poll_relay_transmit(&mut self) -> Option<RelayTransmit> {
-        self.out.relayed.pop_front()
     }
 
     /// Sends an authenticated ping inside the tunnel to `key` on its current path; the answer
@@ -727,19 +761,11 @@ impl Node {
         }
     }
 
-    /// Next datagram to send. Transmits on a new extra socket are held back until its
-    /// [`Event::OpenSocket`] has been polled (so poll events first); the others pass them.
+    /// Next datagrams to send. Transmits on a new extra socket are held back until its
+    /// [`Event::OpenSocket`] has been polled (so poll events first, or use
+    /// [`Node::poll_output`]); the others pass them.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        if self.out.unannounced.is_empty() {
-            return self.out.transmits.pop_front();
-        }
-        let unannounced = &self.out.unannounced;
-        let pos = self
-            .out
-            .transmits
-            .iter()
-            .position(|t| !unannounced.contains(&t.socket))?;
-        self.out.transmits.remove(pos)
+        self.out.pop_transmit()
     }
 
     /// Next packet to write to the TUN device.
@@ -756,8 +782,38 @@ impl Node {
         Some(event)
     }
 
+    /// The next thing to do, in the one order a driver must follow: events, then transmits,
+    /// then packets for the TUN device. A driver calls this until `None` after every input
+    /// (writing a TUN packet may make the node answer, so keep polling).
+    pub fn poll_output(&mut self) -> Option<Output> {
+        if let Some(e) = self.poll_event() {
+            return Some(Output::Event(e));
+        }
+        if let Some(t) = self.poll_transmit() {
+            return Some(Output::Transmit(t));
+        }
+        self.poll_tun_packet().map(Output::Tun)
+    }
+
+    /// Gives back the buffer of a sent [`Transmit`] or a written TUN packet, so the node can
+    /// reuse it instead of allocating (optional, but the data path allocates nothing once
+    /// warm when the driver does it).
+    pub fn recycle(&mut self, buf: Vec<u8>) {
+        self.out.recycle(buf);
+    }
+
+    /// Peers, counters and punching, for `mesh status` and metrics.
+    pub fn status(&self, now: Instant) -> Status {
+        Status {
+            peers: self.peer_status(now),
+            counters: self.out.counters,
+            birthday: self.punching.stats,
+            extra_sockets: self.punching.sockets.len(),
+        }
+    }
+
     /// Status of every peer, sorted by overlay address.
-    pub fn peer_status(&self, now: Instant) -> Vec<PeerStatus> {
+    fn peer_status(&self, now: Instant) -> Vec<PeerStatus> {
         let mut out: Vec<PeerStatus> = self
             .peers
             .iter()
@@ -833,7 +889,7 @@ fn carry_out_one(intent: Intent, peer: &mut Peer, punching: &mut Punching, cx: &
             peer.seal_and_send(&signal, false, cx);
         }
         Intent::Probe { socket, dst } => {
-            if let Output::Network(bytes) = peer.session.encapsulate(&[], cx.buf) {
+            if let Sealed::Network(bytes) = peer.session.encapsulate(&[], cx.buf) {
                 if cx.out.probe(socket, dst, bytes, cx.now) {
                     punching.probe_sent();
                 }
@@ -855,6 +911,57 @@ fn refuse_excluded(excluded: &[Ipv4Net], candidates: &mut Vec<SocketAddr>) -> u6
     let before = candidates.len();
     candidates.retain(|e| !is_excluded(excluded, e.ip()));
     (before - candidates.len()) as u64
+}
+
+/// Test views of the output: UDP datagrams and relayed messages one at a time, as two
+/// queues (the order within each is the node's).
+#[cfg(test)]
+impl Node {
+    fn poll_udp(&mut self) -> Option<tests::Sent> {
+        let unannounced = &self.out.unannounced;
+        let pos = self
+            .out
+            .transmits
+            .iter()
+            .position(|t| match t.destination {
+                Destination::Udp { socket, .. } => !unannounced.contains(&socket),
+                Destination::Relay { .. } => false,
+            })?;
+        let t = &mut self.out.transmits[pos];
+        let Destination::Udp { socket, dst } = t.destination else {
+            return None;
+        };
+        let size = t.segment_size.unwrap_or(t.contents.len());
+        let payload: Vec<u8> = t.contents.drain(..size.min(t.contents.len())).collect();
+        if t.contents.is_empty() {
+            self.out.transmits.remove(pos);
+        }
+        Some(tests::Sent {
+            socket,
+            dst,
+            payload,
+        })
+    }
+
+    fn poll_relayed(&mut self) -> Option<tests::RelaySent> {
+        let pos = self
+            .out
+            .transmits
+            .iter()
+            .position(|t| matches!(t.destination, Destination::Relay { .. }))?;
+        let t = self.out.transmits.remove(pos)?;
+        let Destination::Relay { to } = t.destination else {
+            return None;
+        };
+        Some(tests::RelaySent {
+            to,
+            payload: t.contents,
+        })
+    }
+
+    fn counters(&self) -> Counters {
+        self.out.counters
+    }
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use crate::budget::ProbeBudget;
 use crate::node::{
-    Counters, Event, RelayTransmit, Transmit, MAX_QUEUE, PROBE_BUDGET, PROBE_BUDGET_WINDOW,
+    Counters, Destination, Event, Transmit, MAX_QUEUE, PROBE_BUDGET, PROBE_BUDGET_WINDOW,
 };
 use crate::sockets::SocketId;
 use mesh_proto::PublicKey;
@@ -13,8 +13,11 @@ use std::time::Instant;
 
 /// Everything a node has produced and not yet handed to the driver, plus its drop counters.
 pub(crate) struct Outbox {
+    /// Datagrams to send, oldest first; runs to one UDP destination of one size share a
+    /// transmit (a GSO batch).
     pub(crate) transmits: VecDeque<Transmit>,
-    pub(crate) relayed: VecDeque<RelayTransmit>,
+    /// Datagrams in `transmits` (a batch counts each of its segments).
+    queued: usize,
     pub(crate) to_tun: VecDeque<Vec<u8>>,
     pub(crate) events: VecDeque<Event>,
     pub(crate) counters: Counters,
@@ -25,19 +28,23 @@ pub(crate) struct Outbox {
     pub(crate) unannounced: BTreeSet<SocketId>,
     /// What each unconfirmed target may still be sent ([`PROBE_BUDGET`]).
     budget: ProbeBudget,
+    /// Buffers the driver gave back ([`crate::Node::recycle`]), reused for new transmits and
+    /// TUN packets so the data path allocates nothing once warm.
+    pool: Vec<Vec<u8>>,
 }
 
 impl Default for Outbox {
     fn default() -> Self {
         Outbox {
             transmits: VecDeque::new(),
-            relayed: VecDeque::new(),
+            queued: 0,
             to_tun: VecDeque::new(),
             events: VecDeque::new(),
             counters: Counters::default(),
             relay_up: false,
             unannounced: BTreeSet::new(),
             budget: ProbeBudget::new(PROBE_BUDGET, PROBE_BUDGET_WINDOW),
+            pool: Vec::new(),
         }
     }
 }
@@ -45,15 +52,7 @@ impl Default for Outbox {
 impl Outbox {
     /// A datagram to a confirmed endpoint (or an answer to what just came from there).
     pub(crate) fn udp(&mut self, socket: SocketId, dst: SocketAddr, bytes: &[u8]) {
-        push_bounded(
-            &mut self.transmits,
-            &mut self.counters,
-            Transmit {
-                socket,
-                dst,
-                payload: bytes.to_vec(),
-            },
-        );
+        self.push(Destination::Udp { socket, dst }, bytes);
     }
 
     /// A datagram to an address that is not a confirmed endpoint: sent within the target's
@@ -82,15 +81,9 @@ impl Outbox {
         self.events.push_back(Event::CloseSocket(id));
     }
 
+    /// A WireGuard message for the relay to carry to `to`.
     pub(crate) fn relay(&mut self, to: PublicKey, bytes: &[u8]) {
-        push_bounded(
-            &mut self.relayed,
-            &mut self.counters,
-            RelayTransmit {
-                to,
-                payload: bytes.to_vec(),
-            },
-        );
+        self.push(Destination::Relay { to }, bytes);
     }
 
     /// Sends a reply on the path the message it answers came in on.
@@ -102,8 +95,99 @@ impl Outbox {
     }
 
     /// An inner packet for the TUN device.
-    pub(crate) fn deliver(&mut self, packet: Vec<u8>) {
-        push_bounded(&mut self.to_tun, &mut self.counters, packet);
+    pub(crate) fn deliver(&mut self, packet: &[u8]) {
+        let mut buf = self.buffer();
+        buf.extend_from_slice(packet);
+        push_bounded(&mut self.to_tun, &mut self.counters, buf);
+    }
+
+    /// A buffer the driver may give back with [`crate::Node::recycle`].
+    pub(crate) fn recycle(&mut self, mut buf: Vec<u8>) {
+        if self.pool.len() < POOL {
+            buf.clear();
+            self.pool.push(buf);
+        }
+    }
+
+    /// The next transmit the driver may send now (not on a socket it has not been told to
+    /// open yet).
+    pub(crate) fn pop_transmit(&mut self) -> Option<Transmit> {
+        let pos = if self.unannounced.is_empty() {
+            0
+        } else {
+            let unannounced = &self.unannounced;
+            self.transmits.iter().position(|t| match t.destination {
+                Destination::Udp { socket, .. } => !unannounced.contains(&socket),
+                Destination::Relay { .. } => true,
+            })?
+        };
+        let t = self.transmits.remove(pos)?;
+        self.queued -= t.datagrams();
+        Some(t)
+    }
+
+    fn buffer(&mut self) -> Vec<u8> {
+        self.pool.pop().unwrap_or_default()
+    }
+
+    /// Queues one datagram: appended to the last transmit when that is a batch it can join
+    /// (same UDP destination, every datagram so far of this one's size, room left), else a
+    /// transmit of its own. The oldest transmit goes when [`MAX_QUEUE`] datagrams wait.
+    fn push(&mut self, destination: Destination, bytes: &[u8]) {
+        if let Some(last) = self.transmits.back_mut() {
+            if last.can_take(&destination, bytes.len()) {
+                last.contents.extend_from_slice(bytes);
+                last.segment_size = Some(bytes.len());
+                self.queued += 1;
+                return;
+            }
+        }
+        if self.queued >= MAX_QUEUE {
+            if let Some(old) = self.transmits.pop_front() {
+                self.queued -= old.datagrams();
+                self.counters.queue_drops += old.datagrams() as u64;
+                self.recycle(old.contents);
+            }
+        }
+        let mut contents = self.buffer();
+        contents.extend_from_slice(bytes);
+        self.transmits.push_back(Transmit {
+            destination,
+            contents,
+            segment_size: None,
+        });
+        self.queued += 1;
+    }
+}
+
+/// Most datagrams in one GSO batch (Linux sends at most 64 segments in one call).
+pub const MAX_BATCH: usize = 64;
+/// Most buffers kept for reuse.
+const POOL: usize = 1024;
+
+impl Transmit {
+    /// Datagrams in this transmit.
+    pub fn datagrams(&self) -> usize {
+        match self.segment_size {
+            Some(size) if size > 0 => self.contents.len().div_ceil(size),
+            _ => 1,
+        }
+    }
+
+    /// Each datagram of this transmit (one, or a batch's segments).
+    pub fn segments(&self) -> std::slice::Chunks<'_, u8> {
+        let size = self.segment_size.unwrap_or(self.contents.len()).max(1);
+        self.contents.chunks(size)
+    }
+
+    fn can_take(&self, destination: &Destination, len: usize) -> bool {
+        let size = self.segment_size.unwrap_or(self.contents.len());
+        matches!(destination, Destination::Udp { .. })
+            && self.destination == *destination
+            && len == size
+            && len > 0
+            && self.contents.len().is_multiple_of(size)
+            && self.contents.len() / size < MAX_BATCH
     }
 }
 
@@ -139,7 +223,7 @@ pub(crate) struct Ctx<'a> {
     pub(crate) next_ping: &'a mut u16,
 }
 
-pub(crate) fn push_bounded<T>(queue: &mut VecDeque<T>, counters: &mut Counters, item: T) {
+fn push_bounded<T>(queue: &mut VecDeque<T>, counters: &mut Counters, item: T) {
     if queue.len() >= MAX_QUEUE {
         queue.pop_front();
         counters.queue_drops += 1;

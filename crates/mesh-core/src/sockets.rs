@@ -3,7 +3,7 @@
 //! [`SocketId::MAIN`] is the node's one long-lived socket (WireGuard, QUIC, discovery). Every
 //! other id is an extra socket the node asked the driver for with
 //! [`crate::Event::OpenSocket`]: the sockets of a birthday attempt ([`crate::birthday`]), and
-//! the one a peer keeps when such a socket won its direct path. [`Sockets`] says which peer each
+//! the one a peer keeps when such a socket won its direct path. `Sockets` says which peer each
 //! belongs to, so a datagram on a peer's socket from anyone else is refused.
 
 use mesh_proto::PublicKey;

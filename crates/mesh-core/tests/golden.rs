@@ -132,7 +132,7 @@ fn transcript(sim: &Sim, title: &str) -> String {
     }
     s.push_str("## paths at the end\n");
     for (i, n) in sim.nodes.iter().enumerate() {
-        for p in n.node.peer_status(sim.now) {
+        for p in n.node.status(sim.now).peers {
             writeln!(
                 s,
                 "n{i} {}: {} rx {} tx {}",

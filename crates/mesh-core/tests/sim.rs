@@ -49,7 +49,7 @@ fn fifty_nodes_every_pair_pings() {
     let underlay_of: HashMap<Ipv4Addr, SocketAddr> =
         (0..50).map(|i| (overlay(i), underlay(i))).collect();
     for i in 0..50 {
-        let peers = sim.nodes[i].node.peer_status(sim.now);
+        let peers = sim.nodes[i].node.status(sim.now).peers;
         assert_eq!(peers.len(), 49);
         for p in peers {
             assert_eq!(
@@ -69,12 +69,12 @@ fn sixty_nodes_with_ten_percent_loss_all_connect() {
     // of retries is enough for every pair at 10 % loss.
     let missing = all_pairs(&mut sim, 30);
     for (a, b) in &missing {
-        let st = sim.nodes[*a].node.peer_status(sim.now);
+        let st = sim.nodes[*a].node.status(sim.now).peers;
         let p = st.iter().find(|p| p.address == overlay(*b)).unwrap();
         eprintln!(
             "{a}->{b}: {:?} counters {:?}",
             p,
-            sim.nodes[*a].node.counters()
+            sim.nodes[*a].node.status(sim.now).counters
         );
     }
     assert!(missing.is_empty(), "no reply for {missing:?}");

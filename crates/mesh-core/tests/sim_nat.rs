@@ -11,8 +11,8 @@
 
 mod simnet;
 
-use mesh_core::{BirthdayConfig, SocketId, Transmit};
-use simnet::{all_pairs, pairs_among, pairs_until_answered, Behaviour, Sim};
+use mesh_core::{BirthdayConfig, SocketId};
+use simnet::{all_pairs, pairs_among, pairs_until_answered, Behaviour, Datagram, Sim};
 use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -289,7 +289,8 @@ fn udp_blocked_reaches_nobody() {
     for b in [n[0], n[1]] {
         assert!(sim.nodes[b]
             .node
-            .peer_status(sim.now)
+            .status(sim.now)
+            .peers
             .iter()
             .all(|p| p.endpoint.is_none() && p.rx_bytes == 0));
     }
@@ -451,10 +452,9 @@ impl simnet::Service for Reflector {
         from: SocketAddr,
         _payload: &[u8],
         _now: Instant,
-        out: &mut Vec<Transmit>,
+        out: &mut Vec<Datagram>,
     ) {
-        out.push(Transmit {
-            socket: SocketId::MAIN,
+        out.push(Datagram {
             dst: from,
             payload: from.to_string().into_bytes(),
         });
@@ -474,7 +474,7 @@ impl simnet::Service for Probe {
         _from: SocketAddr,
         payload: &[u8],
         _now: Instant,
-        _out: &mut Vec<Transmit>,
+        _out: &mut Vec<Datagram>,
     ) {
         self.got
             .borrow_mut()
@@ -485,10 +485,9 @@ impl simnet::Service for Probe {
         self.due
     }
 
-    fn handle_timeout(&mut self, _now: Instant, out: &mut Vec<Transmit>) {
+    fn handle_timeout(&mut self, _now: Instant, out: &mut Vec<Datagram>) {
         self.due = None;
-        out.push(Transmit {
-            socket: SocketId::MAIN,
+        out.push(Datagram {
             dst: self.target,
             payload: b"?".to_vec(),
         });
@@ -616,7 +615,7 @@ fn symmetric_meets(
         assert!(sim.nodes[sym].sockets.contains_key(&won));
         let mut tries = Vec::new();
         for n in [sym, other] {
-            let s = sim.nodes[n].node.birthday_stats();
+            let s = sim.nodes[n].node.status(sim.now).birthday;
             tries.push(s.attempts + s.joined);
         }
         assert!(pings_direct_both_ways(&mut sim, sym, other), "seed {seed}");
@@ -722,7 +721,7 @@ fn retries_converge_when_attempts_miss() {
         );
         let (sym, pr) = (n[0], n[1]);
         let took = time_to_direct(&mut sim, sym, pr, Duration::from_secs(600));
-        let s = sim.nodes[pr].node.birthday_stats();
+        let s = sim.nodes[pr].node.status(sim.now).birthday;
         eprintln!("K = 64, seed {seed}: direct after {took:?}, {s:?}");
         let took = took.unwrap_or_else(|| panic!("seed {seed}: still relayed after 10 min"));
         let tries = s.attempts + s.joined;
@@ -768,7 +767,7 @@ fn stays_relayed_at_bounded_cost(seed: u64, kinds: [Behaviour; 2]) {
     let per_attempt = u64::from(c.sockets) + u64::from(c.probes);
     for i in [a, b] {
         let io = sim.nodes[i].io;
-        let s = sim.nodes[i].node.birthday_stats();
+        let s = sim.nodes[i].node.status(sim.now).birthday;
         eprintln!("{kinds:?} node {i} after 5 min: {io:?} {s:?}");
         assert_eq!(s.succeeded, 0);
         let attempts = s.attempts + s.joined;
@@ -784,7 +783,7 @@ fn stays_relayed_at_bounded_cost(seed: u64, kinds: [Behaviour; 2]) {
         // Every attempt failed, so every socket it opened is closed.
         assert_eq!(io.sockets_opened, io.sockets_closed, "{io:?}");
         assert!(sim.nodes[i].sockets.is_empty());
-        assert_eq!(sim.nodes[i].node.extra_sockets(), 0);
+        assert_eq!(sim.nodes[i].node.status(sim.now).extra_sockets, 0);
         assert_eq!(io.dropped, 0);
     }
 }
@@ -817,7 +816,8 @@ fn no_attempt_toward_a_peer_with_only_private_candidates() {
     let blocked_key = sim.key(n[0]);
     let blocked_candidates = sim.nodes[n[1]]
         .node
-        .peer_status(sim.now)
+        .status(sim.now)
+        .peers
         .into_iter()
         .find(|p| p.key == blocked_key)
         .unwrap()
@@ -825,11 +825,11 @@ fn no_attempt_toward_a_peer_with_only_private_candidates() {
     assert_eq!(blocked_candidates, vec![sim.addr(n[0])]);
     for i in [n[1], n[2]] {
         // Their attempts are with each other only (one pair, so 1-2 attempts in 2 min).
-        let s = sim.nodes[i].node.birthday_stats();
+        let s = sim.nodes[i].node.status(sim.now).birthday;
         assert!(s.attempts + s.joined <= 1 + 1, "{s:?}");
     }
     // The blocked node tries (it cannot know), joined by nobody.
-    let s = sim.nodes[n[0]].node.birthday_stats();
+    let s = sim.nodes[n[0]].node.status(sim.now).birthday;
     assert!(s.attempts >= 2 && s.joined == 0, "{s:?}");
 }
 

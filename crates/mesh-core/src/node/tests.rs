@@ -1,6 +1,21 @@
 //! Unit tests of the node: two nodes wired back to back on an injected clock.
 
 use super::*;
+
+/// A UDP datagram the node sent.
+#[derive(Debug)]
+pub(super) struct Sent {
+    pub(super) socket: SocketId,
+    pub(super) dst: SocketAddr,
+    pub(super) payload: Vec<u8>,
+}
+
+/// A message the node sent through the relay.
+#[derive(Debug)]
+pub(super) struct RelaySent {
+    pub(super) to: PublicKey,
+    pub(super) payload: Vec<u8>,
+}
 use crate::birthday::{spray_targets, Attempt};
 
 fn key(seed: u8) -> ([u8; 32], PublicKey) {
@@ -41,8 +56,8 @@ impl Pair {
     /// A pair whose proactive handshake was lost on the wire.
     fn lossy_start() -> Pair {
         let mut p = Pair::quiet();
-        while p.a.poll_transmit().is_some() {}
-        while p.b.poll_transmit().is_some() {}
+        while p.a.poll_udp().is_some() {}
+        while p.b.poll_udp().is_some() {}
         p
     }
 
@@ -107,15 +122,17 @@ impl Pair {
     fn drive_limited(&mut self, limit: usize) {
         for _ in 0..100 {
             let mut moved = false;
-            while let Some(t) = self.a.poll_transmit() {
+            while let Some(t) = self.a.poll_udp() {
                 if t.payload.len() <= limit {
-                    self.b.handle_datagram(self.a_addr, &t.payload, self.now);
+                    self.b
+                        .handle_datagram(Source::main(self.a_addr), &t.payload, self.now);
                 }
                 moved = true;
             }
-            while let Some(t) = self.b.poll_transmit() {
+            while let Some(t) = self.b.poll_udp() {
                 if t.payload.len() <= limit {
-                    self.a.handle_datagram(self.b_addr, &t.payload, self.now);
+                    self.a
+                        .handle_datagram(Source::main(self.b_addr), &t.payload, self.now);
                 }
                 moved = true;
             }
@@ -130,14 +147,16 @@ impl Pair {
     fn drive(&mut self) {
         for _ in 0..100 {
             let mut moved = false;
-            while let Some(t) = self.a.poll_transmit() {
+            while let Some(t) = self.a.poll_udp() {
                 assert_eq!(t.dst, self.b_addr);
-                self.b.handle_datagram(self.a_addr, &t.payload, self.now);
+                self.b
+                    .handle_datagram(Source::main(self.a_addr), &t.payload, self.now);
                 moved = true;
             }
-            while let Some(t) = self.b.poll_transmit() {
+            while let Some(t) = self.b.poll_udp() {
                 assert_eq!(t.dst, self.a_addr);
-                self.a.handle_datagram(self.b_addr, &t.payload, self.now);
+                self.a
+                    .handle_datagram(Source::main(self.b_addr), &t.payload, self.now);
                 moved = true;
             }
             if !moved {
@@ -181,7 +200,7 @@ fn spoofed_inner_source_is_dropped() {
 fn sealed(from: &mut Node, to: PublicKey, inner: &[u8]) -> Vec<u8> {
     let peer = from.peers.get_mut(&to).expect("peer");
     match peer.session.encapsulate(inner, &mut from.buf) {
-        Output::Network(b) => b.to_vec(),
+        Sealed::Network(b) => b.to_vec(),
         other => panic!("no session: {other:?}"),
     }
 }
@@ -199,14 +218,14 @@ fn a_member_cannot_use_a_node_as_a_router() {
         Ipv4Addr::new(10, 244, 3, 7),
     ] {
         let bytes = sealed(&mut p.b, ka, &icmp(b, dst, b"x"));
-        p.a.handle_datagram(p.b_addr, &bytes, p.now);
+        p.a.handle_datagram(Source::main(p.b_addr), &bytes, p.now);
     }
     assert_eq!(p.a.poll_tun_packet(), None, "nothing reaches a's kernel");
     assert_eq!(p.a.counters().misdirected_packets, 3);
     // What is addressed to a still arrives.
     let ok = icmp(b, p.a.address(), b"y");
     let bytes = sealed(&mut p.b, ka, &ok);
-    p.a.handle_datagram(p.b_addr, &bytes, p.now);
+    p.a.handle_datagram(Source::main(p.b_addr), &bytes, p.now);
     assert_eq!(p.a.poll_tun_packet(), Some(ok));
 }
 
@@ -239,7 +258,7 @@ fn candidates_and_sources_the_overlay_reaches_are_refused() {
     // and the path stays where it was.
     let ka = p.a.public_key();
     let bytes = sealed(&mut p.b, ka, &[]);
-    p.a.handle_datagram(vxlan, &bytes, p.now);
+    p.a.handle_datagram(Source::main(vxlan), &bytes, p.now);
     assert_eq!(p.a.counters().overlay_sources, 1);
     assert_eq!(p.a.peer_status(p.now)[0].endpoint, Some(p.b_addr));
     // A path that turns out to run through the overlay is dropped at once.
@@ -257,15 +276,15 @@ fn garbage_is_counted_not_fatal() {
         &[4, 0, 0, 0, 1, 2, 3][..],
         &[9u8; 200][..],
     ] {
-        p.a.handle_datagram(from, bad, p.now);
+        p.a.handle_datagram(Source::main(from), bad, p.now);
     }
     // A data packet for an index nobody has.
     let mut data = vec![4u8, 0, 0, 0];
     data.extend_from_slice(&[0xff; 28]);
-    p.a.handle_datagram(from, &data, p.now);
+    p.a.handle_datagram(Source::main(from), &data, p.now);
     let c = p.a.counters();
     assert_eq!(c.malformed_packets + c.unknown_peer_packets, 5);
-    assert!(p.a.poll_transmit().is_none());
+    assert!(p.a.poll_udp().is_none());
 }
 
 #[test]
@@ -280,7 +299,7 @@ fn ipv6_and_unrouted_from_tun_are_dropped() {
     );
     assert_eq!(p.a.counters().non_ipv4_packets, 1);
     assert_eq!(p.a.counters().no_route_packets, 1);
-    assert!(p.a.poll_transmit().is_none());
+    assert!(p.a.poll_udp().is_none());
 }
 
 #[test]
@@ -288,7 +307,7 @@ fn lost_initiation_is_retransmitted_on_injected_clock() {
     let mut p = Pair::lossy_start();
     p.a.handle_tun_packet(&icmp(p.a.address(), p.b.address(), b"1"), p.now);
     // Lose the first initiation.
-    while p.a.poll_transmit().is_some() {}
+    while p.a.poll_udp().is_some() {}
     p.now += REKEY_TIMEOUT + Duration::from_millis(334); // WireGuard's REKEY_TIMEOUT + jitter
     p.a.handle_timeout(p.now);
     p.drive();
@@ -303,13 +322,13 @@ fn crossed_handshakes_converge() {
     p.a.handle_tun_packet(&to_b, p.now);
     p.b.handle_tun_packet(&to_a, p.now);
     // Both initiations are on the wire before either arrives.
-    let from_a: Vec<Transmit> = std::iter::from_fn(|| p.a.poll_transmit()).collect();
-    let from_b: Vec<Transmit> = std::iter::from_fn(|| p.b.poll_transmit()).collect();
+    let from_a: Vec<Sent> = std::iter::from_fn(|| p.a.poll_udp()).collect();
+    let from_b: Vec<Sent> = std::iter::from_fn(|| p.b.poll_udp()).collect();
     for t in from_a {
-        p.b.handle_datagram(p.a_addr, &t.payload, p.now);
+        p.b.handle_datagram(Source::main(p.a_addr), &t.payload, p.now);
     }
     for t in from_b {
-        p.a.handle_datagram(p.b_addr, &t.payload, p.now);
+        p.a.handle_datagram(Source::main(p.b_addr), &t.payload, p.now);
     }
     p.drive();
     // Whatever got through, fresh traffic in both directions must now flow without waiting
@@ -334,11 +353,11 @@ fn new_peer_is_handshaken_proactively_by_the_lower_key() {
     } else {
         (&mut p.b, &mut p.a, p.b_addr)
     };
-    let t = lower.poll_transmit().expect("lower key initiates");
+    let t = lower.poll_udp().expect("lower key initiates");
     assert_eq!(t.payload.len(), 148, "a handshake initiation");
-    assert!(lower.poll_transmit().is_none());
-    assert!(higher.poll_transmit().is_none(), "higher key waits");
-    higher.handle_datagram(from, &t.payload, p.now);
+    assert!(lower.poll_udp().is_none());
+    assert!(higher.poll_udp().is_none(), "higher key waits");
+    higher.handle_datagram(Source::main(from), &t.payload, p.now);
     p.drive();
     let st = p.a.peer_status(p.now);
     assert!(st[0].since_handshake.is_some() && st[0].endpoint.is_some());
@@ -398,7 +417,7 @@ fn small_path_is_found_and_big_packets_get_icmp_not_silence() {
     let mut big = icmp(p.a.address(), p.b.address(), &[0u8; 1400 - 20]);
     big[6] = 0x40;
     p.a.handle_tun_packet(&big, p.now);
-    assert!(p.a.poll_transmit().is_none(), "not sent to die on the path");
+    assert!(p.a.poll_udp().is_none(), "not sent to die on the path");
     let reply = p.a.poll_tun_packet().expect("ICMP back to the sender");
     assert_eq!((reply[20], reply[21]), (3, 4));
     assert_eq!(u16::from_be_bytes([reply[26], reply[27]]), mtu);
@@ -448,36 +467,40 @@ impl Relayed {
         let (ka, kb) = (self.p.a.public_key(), self.p.b.public_key());
         for _ in 0..100 {
             let mut moved = false;
-            while let Some(t) = self.p.a.poll_transmit() {
+            while let Some(t) = self.p.a.poll_udp() {
                 moved = true;
                 self.a_udp_sent += 1;
                 if self.udp && t.payload.len() <= self.udp_limit {
                     self.p
                         .b
-                        .handle_datagram(self.p.a_addr, &t.payload, self.p.now);
+                        .handle_datagram(Source::main(self.p.a_addr), &t.payload, self.p.now);
                 }
             }
-            while let Some(t) = self.p.b.poll_transmit() {
+            while let Some(t) = self.p.b.poll_udp() {
                 moved = true;
                 if self.udp && t.payload.len() <= self.udp_limit {
                     self.p
                         .a
-                        .handle_datagram(self.p.b_addr, &t.payload, self.p.now);
+                        .handle_datagram(Source::main(self.p.b_addr), &t.payload, self.p.now);
                 }
             }
-            while let Some(t) = self.p.a.poll_relay_transmit() {
+            while let Some(t) = self.p.a.poll_relayed() {
                 moved = true;
                 assert_eq!(t.to, kb);
-                self.p.b.handle_relayed(ka, &t.payload, self.p.now);
+                self.p
+                    .b
+                    .handle_datagram(Source::Relay { from: ka }, &t.payload, self.p.now);
             }
-            while let Some(t) = self.p.b.poll_relay_transmit() {
+            while let Some(t) = self.p.b.poll_relayed() {
                 moved = true;
                 // b may have a third peer (no node behind it): that traffic goes nowhere.
                 if t.to != ka && self.p.b.peers.contains(&t.to) {
                     continue;
                 }
                 assert_eq!(t.to, ka);
-                self.p.a.handle_relayed(kb, &t.payload, self.p.now);
+                self.p
+                    .a
+                    .handle_datagram(Source::Relay { from: kb }, &t.payload, self.p.now);
             }
             if !moved {
                 return;
@@ -551,7 +574,7 @@ fn two_live_paths_do_not_take_turns_and_a_dead_one_gives_way() {
     for i in 0..20 {
         let from = if i % 2 == 0 { other } else { p.b_addr };
         let bytes = sealed(&mut p.b, ka, &[]);
-        p.a.handle_datagram(from, &bytes, p.now);
+        p.a.handle_datagram(Source::main(from), &bytes, p.now);
         p.now += Duration::from_millis(10);
     }
     let flips: Vec<Event> = std::iter::from_fn(|| p.a.poll_event())
@@ -562,7 +585,7 @@ fn two_live_paths_do_not_take_turns_and_a_dead_one_gives_way() {
     // The first path goes quiet: the second takes over.
     p.now += PATH_PROBE_INTERVAL;
     let bytes = sealed(&mut p.b, ka, &[]);
-    p.a.handle_datagram(other, &bytes, p.now);
+    p.a.handle_datagram(Source::main(other), &bytes, p.now);
     assert_eq!(p.a.peer_status(p.now)[0].endpoint, Some(other));
     assert!(std::iter::from_fn(|| p.a.poll_event()).any(|e| e
         == Event::PathChanged {
@@ -596,11 +619,16 @@ fn forged_relay_sender_is_refused() {
     let mut r = Relayed::new(false);
     let pkt = icmp(r.p.a.address(), r.p.b.address(), b"x");
     r.p.a.handle_tun_packet(&pkt, r.p.now);
-    let t = r.p.a.poll_relay_transmit().expect("relayed");
+    let t = r.p.a.poll_relayed().expect("relayed");
     // The relay claims the message came from someone else: refused, counted.
     let before = r.p.b.counters().rejected_packets;
-    r.p.b
-        .handle_relayed(PublicKey([9; 32]), &t.payload, r.p.now);
+    r.p.b.handle_datagram(
+        Source::Relay {
+            from: PublicKey([9; 32]),
+        },
+        &t.payload,
+        r.p.now,
+    );
     assert_eq!(r.p.b.counters().rejected_packets, before + 1);
     assert!(r.p.b.poll_tun_packet().is_none());
 }
@@ -624,7 +652,7 @@ fn upgrades_to_direct_when_a_probe_gets_through() {
     assert_eq!(r.path_b(), Path::Direct(r.p.a_addr));
     // The same session carries on: no new handshake was needed.
     assert!(r.send_a_to_b(2));
-    assert!(r.p.a.poll_relay_transmit().is_none());
+    assert!(r.p.a.poll_relayed().is_none());
 }
 
 #[test]
@@ -670,7 +698,7 @@ fn new_candidates_are_probed_at_the_next_tick_with_predicted_ports() {
     let mut r = Relayed::new(false);
     assert!(r.send_a_to_b(1));
     r.tick();
-    while r.p.a.poll_transmit().is_some() {}
+    while r.p.a.poll_udp().is_some() {}
     let kb = r.p.b.public_key();
     let moved: SocketAddr = "203.0.113.9:40000".parse().unwrap();
     r.p.a.upsert_peer(
@@ -685,7 +713,7 @@ fn new_candidates_are_probed_at_the_next_tick_with_predicted_ports() {
     );
     r.p.now += TICK;
     r.p.a.handle_timeout(r.p.now);
-    let sent: Vec<SocketAddr> = std::iter::from_fn(|| r.p.a.poll_transmit())
+    let sent: Vec<SocketAddr> = std::iter::from_fn(|| r.p.a.poll_udp())
         .map(|t| t.dst)
         .collect();
     let mut want = vec![moved];
@@ -769,7 +797,7 @@ fn removed_peer_gets_nothing() {
     let b_key = p.b.public_key();
     p.a.remove_peer(&b_key);
     p.a.handle_tun_packet(&icmp(p.a.address(), p.b.address(), b"x"), p.now);
-    assert!(p.a.poll_transmit().is_none());
+    assert!(p.a.poll_udp().is_none());
     assert_eq!(p.a.counters().no_route_packets, 1);
     assert_eq!(p.a.poll_timeout(), None);
 }
@@ -818,7 +846,7 @@ fn punching_pair() -> (Relayed, Vec<SocketId>) {
 fn keepalive(from: &mut Node, to: PublicKey) -> Vec<u8> {
     let peer = from.peers.get_mut(&to).expect("peer");
     match peer.session.encapsulate(&[], &mut from.buf) {
-        Output::Network(b) => b.to_vec(),
+        Sealed::Network(b) => b.to_vec(),
         other => panic!("{other:?}"),
     }
 }
@@ -831,24 +859,31 @@ fn attempt_opens_sockets_and_probes_the_public_candidate_from_each() {
     let mut distinct = opened.clone();
     distinct.dedup();
     assert_eq!(distinct, opened);
-    let probes: Vec<Transmit> = std::iter::from_fn(|| r.p.a.poll_transmit()).collect();
+    let probes: Vec<Sent> = std::iter::from_fn(|| r.p.a.poll_udp()).collect();
     let from: Vec<SocketId> = probes.iter().map(|t| t.socket).collect();
     assert_eq!(from, opened, "one probe per socket, after its OpenSocket");
     assert!(probes.iter().all(|t| t.dst == r.p.b_addr));
-    assert_eq!(r.p.a.extra_sockets(), 4);
-    assert_eq!(r.p.a.birthday_stats().attempts, 1);
+    assert_eq!(r.p.a.status(Instant::now()).extra_sockets, 4);
+    assert_eq!(r.p.a.status(Instant::now()).birthday.attempts, 1);
 }
 
 #[test]
 fn probe_on_an_extra_socket_makes_it_the_peers_and_closes_the_others() {
     let (mut r, opened) = punching_pair();
-    while r.p.a.poll_transmit().is_some() {}
+    while r.p.a.poll_udp().is_some() {}
     let (ka, kb) = (r.p.a.public_key(), r.p.b.public_key());
     // One of b's spray probes lands on a's third socket, from b's mapping M.
     let won = opened[2];
     let m: SocketAddr = "198.51.100.9:40001".parse().unwrap();
     let probe = keepalive(&mut r.p.b, ka);
-    r.p.a.handle_datagram_on(won, m, &probe, r.p.now);
+    r.p.a.handle_datagram(
+        Source::Udp {
+            socket: won,
+            from: m,
+        },
+        &probe,
+        r.p.now,
+    );
     let (newly, closed, other) = socket_events(&mut r.p.a);
     assert!(newly.is_empty());
     let mut others = opened.clone();
@@ -859,30 +894,37 @@ fn probe_on_an_extra_socket_makes_it_the_peers_and_closes_the_others() {
         path: Path::Direct(m)
     }));
     assert_eq!(r.p.a.local_socket(&kb), Some(won));
-    assert_eq!(r.p.a.extra_sockets(), 1);
-    assert_eq!(r.p.a.birthday_stats().succeeded, 1);
+    assert_eq!(r.p.a.status(Instant::now()).extra_sockets, 1);
+    assert_eq!(r.p.a.status(Instant::now()).birthday.succeeded, 1);
     // The answer goes back at once from the winning socket, so b upgrades too ...
-    let answer = r.p.a.poll_transmit().expect("answer");
+    let answer = r.p.a.poll_udp().expect("answer");
     assert_eq!((answer.socket, answer.dst), (won, m));
     // ... and so does everything else for b: data, keepalives, probes.
     let pkt = icmp(r.p.a.address(), r.p.b.address(), b"x");
     r.p.a.handle_tun_packet(&pkt, r.p.now);
-    let data = r.p.a.poll_transmit().expect("data");
+    let data = r.p.a.poll_udp().expect("data");
     assert_eq!((data.socket, data.dst), (won, m));
-    assert!(r.p.a.poll_relay_transmit().is_none());
+    assert!(r.p.a.poll_relayed().is_none());
     // Liveness probes follow the data while b stays silent (short of the path timeout).
     for _ in 0..3 {
         r.p.now += TICK;
         r.p.a.handle_timeout(r.p.now);
     }
-    let sent: Vec<Transmit> = std::iter::from_fn(|| r.p.a.poll_transmit()).collect();
+    let sent: Vec<Sent> = std::iter::from_fn(|| r.p.a.poll_udp()).collect();
     assert!(!sent.is_empty());
     assert!(
         sent.iter().all(|t| (t.socket, t.dst) == (won, m)),
         "{sent:?}"
     );
     // Later sprays landing on a closed socket are counted and dropped.
-    r.p.a.handle_datagram_on(opened[0], m, &probe, r.p.now);
+    r.p.a.handle_datagram(
+        Source::Udp {
+            socket: opened[0],
+            from: m,
+        },
+        &probe,
+        r.p.now,
+    );
     assert_eq!(r.p.a.counters().unknown_socket_packets, 1);
     assert_eq!(r.p.a.local_socket(&kb), Some(won));
 }
@@ -894,7 +936,14 @@ fn kept_socket_closes_once_its_path_dies_and_punching_starts_over() {
     let won = opened[0];
     let m: SocketAddr = "198.51.100.9:40001".parse().unwrap();
     let probe = keepalive(&mut r.p.b, ka);
-    r.p.a.handle_datagram_on(won, m, &probe, r.p.now);
+    r.p.a.handle_datagram(
+        Source::Udp {
+            socket: won,
+            from: m,
+        },
+        &probe,
+        r.p.now,
+    );
     let _ = socket_events(&mut r.p.a);
     // b never answers on the direct path; a keeps sending.
     let cut = r.p.now;
@@ -915,7 +964,7 @@ fn kept_socket_closes_once_its_path_dies_and_punching_starts_over() {
     );
     assert_eq!(r.path_a(), Path::Relay);
     assert_eq!(r.p.a.local_socket(&kb), None);
-    assert_eq!(r.p.a.extra_sockets(), 0);
+    assert_eq!(r.p.a.status(Instant::now()).extra_sockets, 0);
     // Punching starts over: regular rounds first, then a new attempt on new sockets.
     let mut again = None;
     for _ in 0..40 {
@@ -939,7 +988,7 @@ fn failed_attempt_closes_every_socket_and_the_retry_backs_off_on_fresh_ports() {
     // Each attempt: (start, sockets, closed, sprayed ports).
     let mut attempts = vec![(started, first_sockets, Vec::new(), Vec::new())];
     for _ in 0..4 * 60 {
-        let sprays: Vec<u16> = std::iter::from_fn(|| r.p.a.poll_transmit())
+        let sprays: Vec<u16> = std::iter::from_fn(|| r.p.a.poll_udp())
             .filter(|t| t.socket == SocketId::MAIN && t.dst.ip() == b_ip)
             .map(|t| t.dst.port())
             .filter(|p| !candidate_ports.contains(p))
@@ -957,9 +1006,9 @@ fn failed_attempt_closes_every_socket_and_the_retry_backs_off_on_fresh_ports() {
         r.p.now += TICK;
         r.p.a.handle_timeout(r.p.now);
         r.p.b.handle_timeout(r.p.now);
-        while r.p.a.poll_relay_transmit().is_some() {}
-        while r.p.b.poll_relay_transmit().is_some() {}
-        while r.p.b.poll_transmit().is_some() {}
+        while r.p.a.poll_relayed().is_some() {}
+        while r.p.b.poll_relayed().is_some() {}
+        while r.p.b.poll_udp().is_some() {}
     }
     assert_eq!(attempts.len(), 2, "one retry in 60 s");
     let (first, second) = (&attempts[0], &attempts[1]);
@@ -982,8 +1031,8 @@ fn failed_attempt_closes_every_socket_and_the_retry_backs_off_on_fresh_ports() {
         overlap <= 2,
         "the retry sprays fresh ports: {overlap} reused"
     );
-    assert_eq!(r.p.a.extra_sockets(), 0);
-    let s = r.p.a.birthday_stats();
+    assert_eq!(r.p.a.status(Instant::now()).extra_sockets, 0);
+    let s = r.p.a.status(Instant::now()).birthday;
     assert_eq!((s.attempts, s.succeeded), (2, 0));
     assert_eq!(
         s.probes_sent,
@@ -1007,11 +1056,11 @@ fn pair_where_a_starts(prepare: impl FnOnce(&mut Relayed)) -> Relayed {
     assert!(r.send_a_to_b(1));
     for _ in 0..40 {
         r.tick();
-        if r.p.a.birthday_stats().attempts > 0 {
+        if r.p.a.status(Instant::now()).birthday.attempts > 0 {
             break;
         }
     }
-    assert_eq!(r.p.a.birthday_stats().attempts, 1);
+    assert_eq!(r.p.a.status(Instant::now()).birthday.attempts, 1);
     r
 }
 
@@ -1019,9 +1068,12 @@ fn pair_where_a_starts(prepare: impl FnOnce(&mut Relayed)) -> Relayed {
 fn the_peer_joins_an_attempt_at_once() {
     let r = pair_where_a_starts(|_| {});
     // The relay delivered a's signal within the same drive: b runs its attempt too.
-    let s = r.p.b.birthday_stats();
+    let s = r.p.b.status(Instant::now()).birthday;
     assert_eq!((s.attempts, s.joined), (0, 1));
-    assert_eq!(r.p.b.extra_sockets(), usize::from(SMALL.sockets));
+    assert_eq!(
+        r.p.b.status(Instant::now()).extra_sockets,
+        usize::from(SMALL.sockets)
+    );
 }
 
 #[test]
@@ -1049,16 +1101,19 @@ fn a_busy_peer_answers_a_join_by_spraying_only() {
     for _ in 0..8 {
         r.tick();
     }
-    let s = r.p.b.birthday_stats();
+    let s = r.p.b.status(Instant::now()).birthday;
     assert_eq!((s.joined, s.side_sprays), (0, 1), "{s:?}");
     assert_eq!(s.probes_sent, u64::from(SMALL.probes));
-    assert_eq!(r.p.b.extra_sockets(), 0);
+    assert_eq!(r.p.b.status(Instant::now()).extra_sockets, 0);
     // A second join within the spacing is not answered again.
-    let before = r.p.b.birthday_stats();
+    let before = r.p.b.status(Instant::now()).birthday;
     for _ in 0..8 {
         r.tick();
     }
-    assert_eq!(r.p.b.birthday_stats().side_sprays, before.side_sprays);
+    assert_eq!(
+        r.p.b.status(Instant::now()).birthday.side_sprays,
+        before.side_sprays
+    );
 }
 
 #[test]
@@ -1094,13 +1149,13 @@ fn a_reported_stranger_gets_a_bounded_number_of_probes() {
         while let Some(e) = r.p.a.poll_event() {
             let _ = e;
         }
-        while let Some(t) = r.p.a.poll_transmit() {
+        while let Some(t) = r.p.a.poll_udp() {
             if t.dst.ip() == victim.ip() {
                 let minute = (r.p.now.duration_since(start).as_secs() / 60) as usize;
                 per_minute[minute.min(9)] += 1;
             }
         }
-        while r.p.a.poll_relay_transmit().is_some() {}
+        while r.p.a.poll_relayed().is_some() {}
     }
     // At most 4,096 a minute to one address, whatever the node is told.
     assert!(per_minute.iter().all(|n| *n <= 4096), "{per_minute:?}");
@@ -1147,7 +1202,10 @@ fn no_attempt_toward_a_peer_with_only_private_candidates() {
     }
     let (opened, _, _) = socket_events(&mut r.p.a);
     assert!(opened.is_empty());
-    assert_eq!(r.p.a.birthday_stats(), BirthdayStats::default());
+    assert_eq!(
+        r.p.a.status(Instant::now()).birthday,
+        BirthdayStats::default()
+    );
 }
 
 #[test]
@@ -1179,12 +1237,13 @@ fn a_peers_socket_carries_no_other_peer() {
     r.p.a.upsert_peer(peer(kc, ip_c, c_addr), r.p.now);
     c.handle_tun_packet(&icmp(ip_c, r.p.a.address(), b"hi"), r.p.now);
     for _ in 0..4 {
-        while let Some(t) = c.poll_transmit() {
-            r.p.a.handle_datagram(c_addr, &t.payload, r.p.now);
+        while let Some(t) = c.poll_udp() {
+            r.p.a
+                .handle_datagram(Source::main(c_addr), &t.payload, r.p.now);
         }
-        while let Some(t) = r.p.a.poll_transmit() {
+        while let Some(t) = r.p.a.poll_udp() {
             if t.dst == c_addr {
-                c.handle_datagram(r.p.a_addr, &t.payload, r.p.now);
+                c.handle_datagram(Source::main(r.p.a_addr), &t.payload, r.p.now);
             }
         }
     }
@@ -1196,11 +1255,21 @@ fn a_peers_socket_carries_no_other_peer() {
     // c's message arrives on a socket of a's attempt toward b: refused, no path change.
     let before = r.p.a.counters().unknown_socket_packets;
     let from_c = keepalive(&mut c, ka);
-    r.p.a
-        .handle_datagram_on(opened[1], c_addr, &from_c, r.p.now);
+    r.p.a.handle_datagram(
+        Source::Udp {
+            socket: opened[1],
+            from: c_addr,
+        },
+        &from_c,
+        r.p.now,
+    );
     assert_eq!(r.p.a.counters().unknown_socket_packets, before + 1);
     assert_eq!(r.p.a.local_socket(&kc), Some(SocketId::MAIN));
-    assert_eq!(r.p.a.extra_sockets(), 4, "the attempt goes on");
+    assert_eq!(
+        r.p.a.status(Instant::now()).extra_sockets,
+        4,
+        "the attempt goes on"
+    );
 }
 
 #[test]
@@ -1210,11 +1279,18 @@ fn datagram_on_a_socket_the_node_never_opened_is_counted() {
     let kb = p.b.public_key();
     let ka = p.a.public_key();
     let bytes = keepalive(&mut p.b, ka);
-    p.a.handle_datagram_on(SocketId(77), from, &bytes, p.now);
+    p.a.handle_datagram(
+        Source::Udp {
+            socket: SocketId(77),
+            from,
+        },
+        &bytes,
+        p.now,
+    );
     assert_eq!(p.a.counters().unknown_socket_packets, 1);
     assert_ne!(p.a.peer_status(p.now)[0].endpoint, Some(from));
     assert_eq!(p.a.local_socket(&kb), Some(SocketId::MAIN));
-    assert!(p.a.poll_transmit().is_none());
+    assert!(p.a.poll_udp().is_none());
 }
 
 #[test]
@@ -1223,7 +1299,7 @@ fn disabling_stops_the_attempt_and_closes_its_sockets() {
     r.p.a.set_birthday(None);
     let (_, closed, _) = socket_events(&mut r.p.a);
     assert_eq!(closed, opened);
-    assert_eq!(r.p.a.extra_sockets(), 0);
+    assert_eq!(r.p.a.status(Instant::now()).extra_sockets, 0);
     // And no attempt starts again while disabled.
     for _ in 0..200 {
         r.tick();

@@ -181,7 +181,7 @@ impl Peer {
                 } else if let Some(m) = pmtu::parse(inner) {
                     return Received::Authenticated(Some(m));
                 } else {
-                    cx.out.deliver(inner.to_vec());
+                    cx.out.deliver(inner);
                 }
                 Received::Authenticated(None)
             }

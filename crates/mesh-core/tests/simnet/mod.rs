@@ -59,7 +59,9 @@ mod relay;
 
 pub use relay::SimRelay;
 
-use mesh_core::{Event, Node, NodeConfig, PeerConfig, SocketId, Transmit};
+use mesh_core::{
+    Destination, Event, Node, NodeConfig, Output, PeerConfig, SocketId, Source, Transmit,
+};
 use mesh_proto::PublicKey;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -888,6 +890,15 @@ impl Net {
 // Nodes and services on the network
 // ---------------------------------------------------------------------------------------------
 
+/// A datagram a [`Service`] sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Datagram {
+    /// Destination.
+    pub dst: SocketAddr,
+    /// Bytes.
+    pub payload: Vec<u8>,
+}
+
 /// Anything other than a mesh node that sits on a host: a relay, a STUN server, a sink.
 pub trait Service {
     /// A datagram arrived; push any answers to `out`.
@@ -896,7 +907,7 @@ pub trait Service {
         from: SocketAddr,
         payload: &[u8],
         now: Instant,
-        out: &mut Vec<Transmit>,
+        out: &mut Vec<Datagram>,
     );
 
     /// When [`Service::handle_timeout`] should run next; it must move past the current time
@@ -906,7 +917,7 @@ pub trait Service {
     }
 
     /// Timers that are due.
-    fn handle_timeout(&mut self, _now: Instant, _out: &mut Vec<Transmit>) {}
+    fn handle_timeout(&mut self, _now: Instant, _out: &mut Vec<Datagram>) {}
 }
 
 /// A mesh node on a host.
@@ -1236,81 +1247,94 @@ impl Sim {
     /// Moves everything node `i` wants to do into the network or back into the node. Events
     /// first, as a real driver must: they open the sockets the transmits go out on.
     pub fn flush(&mut self, i: usize) {
-        loop {
-            let mut progressed = false;
-            while let Some(ev) = self.nodes[i].node.poll_event() {
-                progressed = true;
-                let at = self.now.duration_since(self.start).as_millis();
-                self.events.push((at, i, ev.clone()));
-                match ev {
-                    Event::OpenSocket(id) => {
-                        assert_ne!(id, SocketId::MAIN, "node {i} opened MAIN");
-                        let host = self.net.open_socket(self.nodes[i].host);
-                        let old = self.nodes[i].sockets.insert(id, host);
-                        assert!(old.is_none(), "node {i} reopened open socket {id:?}");
-                        self.agents.insert(host, Agent::Node(i, id));
-                        let n = &mut self.nodes[i];
-                        n.io.sockets_opened += 1;
-                        n.io.max_sockets = n.io.max_sockets.max(n.sockets.len());
+        while let Some(output) = self.nodes[i].node.poll_output() {
+            match output {
+                Output::Event(ev) => self.event(i, ev),
+                Output::Transmit(t) => {
+                    self.transmit(i, &t);
+                    self.nodes[i].node.recycle(t.contents);
+                }
+                Output::Tun(pkt) => {
+                    // Play the node's IP stack: answer echo requests, record replies.
+                    let (src, dst) = addrs(&pkt);
+                    let seq = u16::from_be_bytes([pkt[26], pkt[27]]);
+                    if pkt[20] == ECHO_REQUEST {
+                        let reply = echo(ECHO_REPLY, dst, src, seq);
+                        self.nodes[i].node.handle_tun_packet(&reply, self.now);
+                    } else {
+                        self.nodes[i].replies.push((src, seq));
                     }
-                    Event::CloseSocket(id) => {
-                        let host = self.nodes[i].sockets.remove(&id);
-                        let host = host.unwrap_or_else(|| panic!("node {i} closed {id:?}"));
-                        self.net.close_socket(host);
-                        self.agents.remove(&host);
-                        self.nodes[i].io.sockets_closed += 1;
-                    }
-                    _ => {}
+                    self.nodes[i].node.recycle(pkt);
                 }
-            }
-            while let Some(t) = self.nodes[i].node.poll_transmit() {
-                progressed = true;
-                let n = &mut self.nodes[i];
-                let host = if t.socket == SocketId::MAIN {
-                    n.io.sent_main += 1;
-                    n.host
-                } else if let Some(h) = n.sockets.get(&t.socket) {
-                    n.io.sent_extra += 1;
-                    *h
-                } else {
-                    n.io.dropped += 1;
-                    continue;
-                };
-                self.net.send(host, t.dst, t.payload, self.now);
-            }
-            while let Some(t) = self.nodes[i].node.poll_relay_transmit() {
-                progressed = true;
-                let Some(relay) = self.relay.as_mut() else {
-                    continue;
-                };
-                let n = &mut self.nodes[i];
-                n.io.relayed += 1;
-                *n.relayed_to.entry(t.to).or_default() += 1;
-                for datagram in relay.node_sends(&n.node.public_key(), &t.to, &t.payload) {
-                    self.net.send(n.host, RELAY, datagram, self.now);
-                }
-            }
-            while let Some(pkt) = self.nodes[i].node.poll_tun_packet() {
-                progressed = true;
-                // Play the node's IP stack: answer echo requests, record replies.
-                let (src, dst) = addrs(&pkt);
-                let seq = u16::from_be_bytes([pkt[26], pkt[27]]);
-                if pkt[20] == ECHO_REQUEST {
-                    let reply = echo(ECHO_REPLY, dst, src, seq);
-                    self.nodes[i].node.handle_tun_packet(&reply, self.now);
-                } else {
-                    self.nodes[i].replies.push((src, seq));
-                }
-            }
-            if !progressed {
-                break;
             }
         }
     }
 
-    fn send_all(&mut self, host: HostId, out: Vec<Transmit>) {
-        for t in out {
-            self.net.send(host, t.dst, t.payload, self.now);
+    /// Carries out an event of node `i`: extra sockets open and close.
+    fn event(&mut self, i: usize, ev: Event) {
+        let at = self.now.duration_since(self.start).as_millis();
+        self.events.push((at, i, ev.clone()));
+        match ev {
+            Event::OpenSocket(id) => {
+                assert_ne!(id, SocketId::MAIN, "node {i} opened MAIN");
+                let host = self.net.open_socket(self.nodes[i].host);
+                let old = self.nodes[i].sockets.insert(id, host);
+                assert!(old.is_none(), "node {i} reopened open socket {id:?}");
+                self.agents.insert(host, Agent::Node(i, id));
+                let n = &mut self.nodes[i];
+                n.io.sockets_opened += 1;
+                n.io.max_sockets = n.io.max_sockets.max(n.sockets.len());
+            }
+            Event::CloseSocket(id) => {
+                let host = self.nodes[i].sockets.remove(&id);
+                let host = host.unwrap_or_else(|| panic!("node {i} closed {id:?}"));
+                self.net.close_socket(host);
+                self.agents.remove(&host);
+                self.nodes[i].io.sockets_closed += 1;
+            }
+            _ => {}
+        }
+    }
+
+    /// Sends a transmit of node `i`: each datagram of it on its socket, or through the relay.
+    fn transmit(&mut self, i: usize, t: &Transmit) {
+        match t.destination {
+            Destination::Udp { socket, dst } => {
+                let n = &mut self.nodes[i];
+                let host = if socket == SocketId::MAIN {
+                    n.host
+                } else if let Some(h) = n.sockets.get(&socket) {
+                    *h
+                } else {
+                    n.io.dropped += t.datagrams() as u64;
+                    return;
+                };
+                for d in t.segments() {
+                    if socket == SocketId::MAIN {
+                        n.io.sent_main += 1;
+                    } else {
+                        n.io.sent_extra += 1;
+                    }
+                    self.net.send(host, dst, d.to_vec(), self.now);
+                }
+            }
+            Destination::Relay { to } => {
+                let Some(relay) = self.relay.as_mut() else {
+                    return;
+                };
+                let n = &mut self.nodes[i];
+                n.io.relayed += 1;
+                *n.relayed_to.entry(to).or_default() += 1;
+                for datagram in relay.node_sends(&n.node.public_key(), &to, &t.contents) {
+                    self.net.send(n.host, RELAY, datagram, self.now);
+                }
+            }
+        }
+    }
+
+    fn send_all(&mut self, host: HostId, out: Vec<Datagram>) {
+        for d in out {
+            self.net.send(host, d.dst, d.payload, self.now);
         }
     }
 
@@ -1370,12 +1394,17 @@ impl Sim {
                                 .as_mut()
                                 .and_then(|r| r.node_receives(&key, &a.payload, now));
                             if let Some((from, message)) = relayed {
-                                self.nodes[j].node.handle_relayed(from, &message, now);
+                                let source = Source::Relay { from };
+                                self.nodes[j].node.handle_datagram(source, &message, now);
                             }
                         } else {
+                            let source = Source::Udp {
+                                socket,
+                                from: a.from,
+                            };
                             self.nodes[j]
                                 .node
-                                .handle_datagram_on(socket, a.from, &a.payload, self.now);
+                                .handle_datagram(source, &a.payload, self.now);
                         }
                         self.flush(j);
                     }
@@ -1460,7 +1489,8 @@ impl Sim {
         let o = self.nodes[b].overlay;
         self.nodes[a]
             .node
-            .peer_status(self.now)
+            .status(self.now)
+            .peers
             .into_iter()
             .find(|p| p.address == o)
             .and_then(|p| p.endpoint)

@@ -5,7 +5,7 @@ use super::packet::inner_packets;
 use super::{check, committed, Harness, Step};
 use crate::mutate::Mutator;
 use crate::Outcome;
-use mesh_core::{Counters, Node, NodeConfig, PeerConfig, SocketId};
+use mesh_core::{Counters, Destination, Node, NodeConfig, PeerConfig, SocketId, Source};
 use mesh_proto::PublicKey;
 use rand::rngs::SmallRng;
 use rand::Rng;
@@ -168,20 +168,18 @@ fn deliver(
     // Events first: transmits on a new extra socket wait for its announcement.
     while from.poll_event().is_some() {}
     while let Some(t) = from.poll_transmit() {
-        if t.dst == to_addr && t.socket == SocketId::MAIN {
-            to.handle_datagram(from_addr, &t.payload, now);
-            moved += 1;
-            if let Some(log) = log.as_deref_mut() {
-                log.push(t.payload);
+        let source = match t.destination {
+            Destination::Udp { socket, dst } if dst == to_addr && socket == SocketId::MAIN => {
+                Source::main(from_addr)
             }
-        }
-    }
-    while let Some(r) = from.poll_relay_transmit() {
-        if r.to == to_key {
-            to.handle_relayed(from_key, &r.payload, now);
+            Destination::Relay { to } if to == to_key => Source::Relay { from: from_key },
+            _ => continue,
+        };
+        for d in t.segments() {
+            to.handle_datagram(source, d, now);
             moved += 1;
             if let Some(log) = log.as_deref_mut() {
-                log.push(r.payload);
+                log.push(d.to_vec());
             }
         }
     }
@@ -384,7 +382,7 @@ impl Harness for Single {
     fn execute(&mut self, case: &[Step]) -> Outcome {
         let p = self.pair.get_or_insert_with(|| Pair::new(true, None));
         let key_a = p.a.public_key();
-        let before = p.b.counters();
+        let before = p.b.status(p.now).counters;
         let mut last = Op::Pause;
         let mut written = 0;
         for step in case {
@@ -392,13 +390,26 @@ impl Harness for Single {
             last = op;
             let bytes = &step.bytes;
             match op {
-                Op::FromPeer => p.b.handle_datagram(A_ADDR, bytes, p.now),
-                Op::FromStranger => p.b.handle_datagram(STRANGER_ADDR, bytes, p.now),
-                Op::RelayedFromPeer => p.b.handle_relayed(key_a, bytes, p.now),
-                Op::RelayedFromStranger => p.b.handle_relayed(STRANGER_KEY, bytes, p.now),
+                Op::FromPeer => p.b.handle_datagram(Source::main(A_ADDR), bytes, p.now),
+                Op::FromStranger => {
+                    p.b.handle_datagram(Source::main(STRANGER_ADDR), bytes, p.now)
+                }
+                Op::RelayedFromPeer => {
+                    p.b.handle_datagram(Source::Relay { from: key_a }, bytes, p.now)
+                }
+                Op::RelayedFromStranger => {
+                    p.b.handle_datagram(Source::Relay { from: STRANGER_KEY }, bytes, p.now)
+                }
                 Op::ExtraSocket => {
                     let id = SocketId(u16::from(bytes.first().copied().unwrap_or(1)));
-                    p.b.handle_datagram_on(id, A_ADDR, bytes.get(1..).unwrap_or(&[]), p.now);
+                    p.b.handle_datagram(
+                        Source::Udp {
+                            socket: id,
+                            from: A_ADDR,
+                        },
+                        bytes.get(1..).unwrap_or(&[]),
+                        p.now,
+                    );
                 }
                 Op::Tun => p.b.handle_tun_packet(bytes, p.now),
                 Op::Pause => {
@@ -416,11 +427,12 @@ impl Harness for Single {
                 check(n == 0, "nothing a stranger sends reaches TUN");
             }
         }
-        let after = p.b.counters();
+        let after = p.b.status(p.now).counters;
         let exchanged = p.drive(4, None) > 0;
         written += p.check_tun();
         let endpoint =
-            p.b.peer_status(p.now)
+            p.b.status(p.now)
+                .peers
                 .into_iter()
                 .find(|s| s.key == key_a)
                 .and_then(|s| s.endpoint);
@@ -497,7 +509,7 @@ impl Harness for Tunnel {
 
     fn execute(&mut self, case: &[Step]) -> Outcome {
         let p = self.pair.get_or_insert_with(|| Pair::new(true, None));
-        let (a_before, b_before) = (p.a.counters(), p.b.counters());
+        let (a_before, b_before) = (p.a.status(p.now).counters, p.b.status(p.now).counters);
         let mut written = 0;
         for step in case {
             if step.op & 1 == 1 {
@@ -507,10 +519,10 @@ impl Harness for Tunnel {
             p.drive(8, None);
             written += p.check_tun();
         }
-        if let Some(at_a) = moved(&a_before, &p.a.counters()) {
+        if let Some(at_a) = moved(&a_before, &p.a.status(p.now).counters) {
             return Outcome::with("at A", at_a);
         }
-        match moved(&b_before, &p.b.counters()) {
+        match moved(&b_before, &p.b.status(p.now).counters) {
             Some(at_b) => Outcome::with("at B", at_b),
             None if written > 0 => Outcome::new("delivered"),
             None => Outcome::new("consumed"),
@@ -538,7 +550,7 @@ mod tests {
     fn pairs_come_up_both_ways() {
         for direct in [true, false] {
             let p = Pair::new(direct, None);
-            let status = p.b.peer_status(p.now);
+            let status = p.b.status(p.now).peers;
             let a = status.iter().find(|s| s.address == IP_A).unwrap();
             assert!(a.since_handshake.is_some(), "direct {direct}: {a:?}");
         }
