@@ -393,6 +393,7 @@ pub async fn run(
                 }
             }
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => {
+                tracing::trace!(timer = ?node.next_timer().map(|t| t.1), "node timers due");
                 node.handle_timeout(Instant::now());
             }
             cmd = cmds.recv() => match cmd {

@@ -66,6 +66,8 @@ pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Spraying starts this long after the attempt, so the peer (told through the relay) has opened
 /// its sockets by the time the first probes arrive.
 pub const SPRAY_DELAY: Duration = Duration::from_millis(250);
+/// How often a batch of spray probes goes ([`BirthdayConfig::probes_per_tick`] each).
+pub const SPRAY_PACE: Duration = Duration::from_millis(250);
 /// Wait before the second attempt toward a peer; doubles after each attempt.
 pub const FIRST_RETRY: Duration = Duration::from_secs(30);
 /// Longest wait between attempts toward one peer.
@@ -184,6 +186,12 @@ impl Schedule {
         self.failed_rounds >= AFTER_FAILED_ROUNDS && self.not_before.is_none_or(|t| now >= t)
     }
 
+    /// When an attempt of our own becomes due (after enough failed rounds), if it will.
+    pub(crate) fn due_at(&self, now: Instant) -> Option<Instant> {
+        (self.failed_rounds >= AFTER_FAILED_ROUNDS)
+            .then(|| self.not_before.map_or(now, |t| t.max(now)))
+    }
+
     /// Whether the peer's request to join may be honoured now.
     pub(crate) fn may_join(&self, now: Instant) -> bool {
         self.last_started
@@ -224,7 +232,8 @@ pub(crate) struct Attempt {
     pub(crate) sockets: Vec<SocketId>,
     /// The peer's public IP, sprayed.
     pub(crate) spray_ip: Ipv4Addr,
-    /// When spraying starts.
+    /// When the next spray probes go (spraying starts [`SPRAY_DELAY`] after the sockets open,
+    /// then [`BirthdayConfig::probes_per_tick`] every [`SPRAY_PACE`]).
     pub(crate) spray_from: Instant,
     /// When the attempt gives up.
     pub(crate) ends: Instant,
@@ -260,6 +269,7 @@ impl Attempt {
         if now < self.spray_from {
             return Vec::new();
         }
+        self.spray_from = now + SPRAY_PACE;
         let left = usize::from(config.probes).saturating_sub(self.sprayed.len());
         let n = left.min(usize::from(config.probes_per_tick));
         let mut out = Vec::with_capacity(n);
@@ -275,6 +285,15 @@ impl Attempt {
     /// Probes sprayed so far.
     pub(crate) fn sprayed(&self) -> usize {
         self.sprayed.len()
+    }
+
+    /// When this attempt next has something to do: spray, or end.
+    fn deadline(&self, config: &BirthdayConfig) -> Instant {
+        if self.sprayed.len() < usize::from(config.probes) {
+            self.spray_from.min(self.ends)
+        } else {
+            self.ends
+        }
     }
 }
 
@@ -339,6 +358,19 @@ pub(crate) struct PeerPunch {
 }
 
 impl PeerPunch {
+    /// When [`Punching::retire_kept`] next has something to do for this peer.
+    pub(crate) fn kept_deadline(
+        &self,
+        path_socket: Option<SocketId>,
+        now: Instant,
+    ) -> Option<Instant> {
+        let (id, idle_since) = self.kept?;
+        if path_socket == Some(id) {
+            return None;
+        }
+        Some(idle_since.map_or(now, |t| t + KEPT_SOCKET_GRACE))
+    }
+
     /// The socket the peer kept from a won attempt.
     pub(crate) fn kept_socket(&self) -> Option<SocketId> {
         self.kept.map(|(id, _)| id)
@@ -398,6 +430,21 @@ impl Punching {
     #[cfg(test)]
     pub(crate) fn set_attempt(&mut self, attempt: Attempt) {
         self.attempt = Some(attempt);
+    }
+
+    /// Whether punching is on.
+    pub(crate) fn enabled(&self) -> bool {
+        self.config.is_some()
+    }
+
+    /// When [`Punching::advance`] next has something to do.
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        let config = self.config?;
+        self.attempt
+            .iter()
+            .chain(self.side_sprays.iter())
+            .map(|a| a.deadline(&config))
+            .min()
     }
 
     /// Whether an attempt is in flight.
@@ -650,6 +697,30 @@ fn spray_due(
     }
 }
 
+/// Whether a peer with these candidates can be punched at all (it has a public IPv4 target).
+/// (The answer [`spray_targets`] gives, without allocating: the timers ask it often.)
+pub(crate) fn punchable(candidates: &[SocketAddr], observed: Option<SocketAddr>) -> bool {
+    let mut seen: [Option<SocketAddr>; MAX_TARGETS] = [None; MAX_TARGETS];
+    let mut n = 0;
+    for c in candidates {
+        if n == MAX_TARGETS {
+            break;
+        }
+        let IpAddr::V4(ip) = c.ip() else {
+            continue;
+        };
+        if !is_public(ip) || seen[..n].contains(&Some(*c)) {
+            continue;
+        }
+        seen[n] = Some(*c);
+        n += 1;
+        if observed.is_none_or(|o| o.ip() == c.ip()) {
+            return true;
+        }
+    }
+    false
+}
+
 /// The IPv4 address an attempt sprays: that of its first target.
 fn spray_ip(targets: &[SocketAddr]) -> Option<Ipv4Addr> {
     targets.first().and_then(|t| match t.ip() {
@@ -703,6 +774,23 @@ mod tests {
         with.insert(3, public);
         with.push(public);
         assert_eq!(targets(&with), vec![public]);
+        // The allocation-free check agrees with the targets it stands for.
+        let other: SocketAddr = "203.0.113.9:1".parse().unwrap();
+        for (cands, observed) in [
+            (c.clone(), None),
+            (with.clone(), None),
+            (with.clone(), Some(public)),
+            (with.clone(), Some(other)),
+            (vec![other, public], Some(public)),
+            (vec![other, other, public], Some(public)),
+        ] {
+            let expected = !spray_targets(&cands, observed).is_empty();
+            assert_eq!(
+                punchable(&cands, observed),
+                expected,
+                "{cands:?} {observed:?}"
+            );
+        }
     }
 
     #[test]
@@ -722,10 +810,18 @@ mod tests {
         );
         assert!(a.next_sprays(&config, &mut rng, now).is_empty(), "delayed");
         let t = now + SPRAY_DELAY;
-        let sizes: Vec<usize> = (0..4)
-            .map(|_| a.next_sprays(&config, &mut rng, t).len())
+        let sizes: Vec<usize> = (0..4u32)
+            .map(|k| a.next_sprays(&config, &mut rng, t + SPRAY_PACE * k).len())
             .collect();
         assert_eq!(sizes, vec![256, 256, 88, 0]);
+        let mut b = Attempt::new(
+            PublicKey([2; 32]),
+            Vec::new(),
+            Ipv4Addr::new(198, 51, 100, 2),
+            now,
+        );
+        assert_eq!(b.next_sprays(&config, &mut rng, t).len(), 256);
+        assert!(b.next_sprays(&config, &mut rng, t).is_empty(), "paced");
         assert_eq!(a.sprayed(), 600);
         assert!(a.sprayed.iter().all(|p| *p >= LOWEST_PORT));
     }

@@ -15,7 +15,8 @@ use crate::guard::{GuardConfig, HandshakeGuard, Verdict};
 use crate::outbox::{Ctx, Endpoint, Outbox, Via};
 use crate::packet;
 use crate::peer::probes::Purpose;
-use crate::peer::{Peer, Received};
+pub use crate::peer::Timer;
+use crate::peer::{Peer, Received, TimerEnv};
 use crate::peers::PeerTable;
 use crate::pmtu;
 use crate::session::{self, Addressed, Output as Sealed, Session};
@@ -258,7 +259,14 @@ pub struct Node {
     config: NodeConfig,
     peers: PeerTable,
     out: Outbox,
-    next_tick: Instant,
+    /// A point of the node's tick grid: boringtun's ticks fall on `origin + k * TICK`, so the
+    /// ticks of many peers come in one wake-up (and a simulated node's phase is its own).
+    origin: Instant,
+    /// The latest time the driver gave (for calls that take none).
+    now: Instant,
+    /// The earliest peer or punching deadline, as last computed (never later than the real
+    /// one: waking early only costs a check).
+    wake: Option<(Instant, Timer)>,
     buf: Vec<u8>,
     next_ping: u16,
     punching: Punching,
@@ -302,7 +310,9 @@ impl Node {
             config,
             peers: PeerTable::new(index_seed),
             out: Outbox::default(),
-            next_tick: now + TICK,
+            origin: now + TICK,
+            now,
+            wake: None,
             buf: vec![0u8; MAX_DATAGRAM],
             next_ping: PING_IDS.start,
             punching: Punching::new(seed),
@@ -323,7 +333,7 @@ impl Node {
         }
         self.excluded = excluded;
         let relay_up = self.out.relay_up;
-        let now = self.next_tick;
+        let now = self.now;
         let mut cx = cx!(self, now);
         for (_, peer) in self.peers.iter_mut() {
             cx.out.counters.refused_candidates +=
@@ -336,6 +346,7 @@ impl Node {
                 peer.drop_path_through_overlay(relay_up, &mut cx);
             }
         }
+        self.rearm_all(now);
     }
 
     /// Sets the sizes of birthday hole punching (see [`crate::birthday`]; on by default with
@@ -344,7 +355,8 @@ impl Node {
     /// that carry a peer's direct path stay.
     pub fn set_birthday(&mut self, config: Option<BirthdayConfig>) {
         self.punching.configure(config, &mut self.intents);
-        self.carry_out_intents(self.next_tick);
+        self.carry_out_intents(self.now);
+        self.rearm_all(self.now);
     }
 
     /// The local socket of the peer's direct path; `None` while it has none.
@@ -404,18 +416,19 @@ impl Node {
                 return;
             }
         }
+        let config_key = config.key;
         if self.peers.contains(&config.key) {
             self.peers.readdress(&config.key, config.address);
             if let Some(peer) = self.peers.get_mut(&config.key) {
                 if peer.config.endpoints != config.endpoints {
                     // New candidates from the controller, which tells both sides at the same
-                    // moment: probe them at the next tick, so the two sides punch their NATs
-                    // together.
+                    // moment: probe them at once, so the two sides punch their NATs together.
                     peer.path.rounds.restart();
                     peer.punch.schedule.reset();
                 }
                 peer.config = config;
             }
+            self.rearm(&config_key, now);
             return;
         }
         let index = self.peers.allocate_index();
@@ -438,6 +451,8 @@ impl Node {
             index,
             proactive_at,
             self.config.mtu,
+            // Its first boringtun tick: the node's next one.
+            snap(self.origin, now + Duration::from_nanos(1), TICK),
         ));
         if initiate {
             let mut cx = cx!(self, now);
@@ -445,6 +460,7 @@ impl Node {
                 peer.force_handshake(&mut cx);
             }
         }
+        self.rearm(&key, now);
     }
 
     /// Removes a peer and its session.
@@ -452,7 +468,8 @@ impl Node {
         if let Some(peer) = self.peers.remove(key) {
             self.punching
                 .peer_removed(*key, &peer.punch, &mut self.intents);
-            self.carry_out_intents(self.next_tick);
+            self.carry_out_intents(self.now);
+            self.rearm_all(self.now);
         }
     }
 
@@ -502,6 +519,12 @@ impl Node {
             }
             Sealed::Error(_) | Sealed::TunnelV4(..) | Sealed::TunnelV6 => {}
         }
+        // What a send arms (a path probe, a retransmission, the stale rule) comes no sooner
+        // than a path probe interval from now: a peer that wakes by then is re-checked anyway,
+        // so a stream of packets costs one comparison each.
+        if peer.wake.0 > now + PATH_PROBE_INTERVAL {
+            self.rearm(&key, now);
+        }
     }
 
     /// A datagram that is not QUIC: from one of the node's UDP sockets, or a WireGuard
@@ -538,8 +561,13 @@ impl Node {
     /// Tells the node whether the driver has a relay connection (traffic to peers without a
     /// direct path goes there).
     pub fn set_relay(&mut self, up: bool, now: Instant) {
+        self.now = self.now.max(now);
         let was_up = self.out.relay_up;
         self.out.relay_up = up;
+        if was_up != up {
+            // Candidate rounds run only with a relay; a dead direct path falls back only to one.
+            self.rearm_all(now);
+        }
         if !up || was_up {
             return;
         }
@@ -558,6 +586,7 @@ impl Node {
                 peer.handshake.expect_proactive(now + PROACTIVE_FALLBACK);
             }
         }
+        self.rearm_all(now);
     }
 
     /// Sends an authenticated ping inside the tunnel to `key` on its current path; the answer
@@ -567,6 +596,7 @@ impl Node {
         match self.peers.get_mut(key) {
             Some(peer) if peer.session.established() => {
                 peer.ping(Purpose::User, &mut cx);
+                self.rearm(key, now);
                 true
             }
             _ => false,
@@ -611,7 +641,10 @@ impl Node {
         let Some(peer) = self.peers.get_mut(&key) else {
             return;
         };
+        let was_established = peer.session.established();
+        let was_busy = self.punching.busy();
         let Received::Authenticated(message) = peer.decapsulate(via, datagram, &mut cx) else {
+            self.rearm(&key, now);
             return;
         };
         peer.heard(now);
@@ -622,11 +655,12 @@ impl Node {
             Some(m) => peer.on_probe(m, via, &mut cx),
             None => {}
         }
+        let mut switched = false;
         if let Via::Direct(from) = via {
             // The main socket and the socket the peer kept may carry its path; a socket of the
             // attempt in flight may while the peer has no direct path (it won).
             let won = matches!(owner, Some(Owner::Attempt(_)));
-            let switched = peer.heard_direct(from, won, &mut cx);
+            switched = peer.heard_direct(from, won, &mut cx);
             if switched && won {
                 // This socket's mapping is the hole: it stays with the peer.
                 self.punching
@@ -636,6 +670,13 @@ impl Node {
                 self.punching.finish(true, &mut self.intents);
             }
             carry_out(&mut self.intents, peer, &mut self.punching, &mut cx);
+        }
+        // A data packet only clears timers (the path and the session were heard from); a
+        // handshake, an in-tunnel message or a new path may bring one forward.
+        if was_busy != self.punching.busy() {
+            self.rearm_all(now);
+        } else if message.is_some() || switched || !was_established {
+            self.rearm(&key, now);
         }
     }
 
@@ -684,16 +725,22 @@ impl Node {
         }
     }
 
-    /// Runs timers that are due at `now`.
+    /// Runs the timers that are due at `now`: those of every peer whose deadline has come (in
+    /// key order, so a simulated run is the same for a given seed), then punching's.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if now < self.next_tick {
-            return;
-        }
-        self.next_tick = now + TICK;
+        self.now = self.now.max(now);
         let keepalive = self.config.keepalive;
+        let was_busy = self.punching.busy();
         let mut cx = cx!(self, now);
         for (key, peer) in self.peers.iter_mut() {
-            peer.wireguard_timers(&mut cx);
+            if peer.wake.0 > now {
+                continue;
+            }
+            if let Some(every) = peer.wireguard_timers(&mut cx) {
+                // On the node's grid (of the idle tick for idle peers), so the ticks of many
+                // peers come in one wake-up, even when this one came late.
+                peer.wireguard_at = snap(self.origin, peer.wireguard_at, every);
+            }
             peer.handshake_timers(&mut cx);
             if peer.session.established() {
                 peer.mtu_timers(&mut cx);
@@ -723,6 +770,7 @@ impl Node {
             carry_out(&mut self.intents, peer, &mut self.punching, &mut cx);
             peer.keepalive_timer(keepalive, &mut cx);
             peer.stale_timer(&mut cx);
+            peer.wake = (now, Timer::WireGuard); // recomputed below
         }
         let peers = &self.peers;
         self.punching.advance(
@@ -735,6 +783,63 @@ impl Node {
             &mut self.intents,
         );
         self.carry_out_intents(now);
+        if was_busy && !self.punching.busy() {
+            // Peers whose attempt waited for the one in flight may start theirs.
+            self.rearm_all(now);
+        } else {
+            self.rearm_due(now);
+        }
+    }
+
+    /// The context a peer's deadlines are computed in.
+    fn timer_env(&self, now: Instant) -> TimerEnv {
+        TimerEnv {
+            now,
+            relay_up: self.out.relay_up,
+            keepalive: self.config.keepalive,
+            punch_ready: self.punching.enabled() && !self.punching.busy(),
+            origin: self.origin,
+        }
+    }
+
+    /// Recomputes one peer's deadline after an input touched it (it may only have come
+    /// sooner; a later one is found when the earlier wake-up re-checks).
+    fn rearm(&mut self, key: &PublicKey, now: Instant) {
+        let env = self.timer_env(now);
+        if let Some(peer) = self.peers.get_mut(key) {
+            peer.wake = peer.deadline(&env);
+            if self.wake.is_none_or(|w| peer.wake.0 < w.0) {
+                self.wake = Some(peer.wake);
+            }
+        }
+    }
+
+    /// Recomputes the deadlines of the peers that just ran, then the node's earliest.
+    fn rearm_due(&mut self, now: Instant) {
+        let env = self.timer_env(now);
+        for (_, peer) in self.peers.iter_mut() {
+            if peer.wake.0 <= now {
+                peer.wake = floor(peer.deadline(&env), now);
+            }
+        }
+        self.rewake();
+    }
+
+    /// Recomputes every deadline (something node-wide changed: the relay, punching, the
+    /// excluded destinations).
+    fn rearm_all(&mut self, now: Instant) {
+        let env = self.timer_env(now);
+        for (_, peer) in self.peers.iter_mut() {
+            peer.wake = peer.deadline(&env);
+        }
+        self.rewake();
+    }
+
+    /// The node's earliest deadline from the peers' and punching's.
+    fn rewake(&mut self) {
+        let peers = self.peers.iter().map(|(_, p)| p.wake);
+        let punching = self.punching.deadline().map(|t| (t, Timer::Spray));
+        self.wake = peers.chain(punching).min_by_key(|w| w.0);
     }
 
     /// Carries out what punching asked for, each with its peer's session.
@@ -752,13 +857,15 @@ impl Node {
         self.intents = intents;
     }
 
-    /// When [`Node::handle_timeout`] should be called next.
+    /// When [`Node::handle_timeout`] should be called next: the earliest real deadline of any
+    /// peer (boringtun's tick, a handshake, a path probe, a candidate round...) or of punching.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        if self.peers.is_empty() {
-            None
-        } else {
-            Some(self.next_tick)
-        }
+        self.wake.map(|w| w.0)
+    }
+
+    /// [`Node::poll_timeout`] with the reason, for debug logs.
+    pub fn next_timer(&self) -> Option<(Instant, Timer)> {
+        self.wake
     }
 
     /// Next datagrams to send. Transmits on a new extra socket are held back until its
@@ -855,6 +962,26 @@ fn join_attempt(
     let targets = birthday::spray_targets(&peer.config.endpoints, peer.config.observed);
     punching.join(peer.key(), &mut peer.punch, targets, cx.now, intents);
     carry_out(intents, peer, punching, cx);
+}
+
+/// The first point at or after `t` of the grid of step `every` through `origin`.
+pub(crate) fn snap(origin: Instant, t: Instant, every: Duration) -> Instant {
+    if t <= origin || every.is_zero() {
+        return t.max(origin);
+    }
+    let steps = (t - origin).as_nanos().div_ceil(every.as_nanos());
+    origin + every * u32::try_from(steps).unwrap_or(u32::MAX)
+}
+
+/// A deadline that has already passed after its timers ran would spin the driver: it can only
+/// come from a rule that did not move its own state on; wait a moment instead.
+fn floor(deadline: (Instant, Timer), now: Instant) -> (Instant, Timer) {
+    if deadline.0 <= now {
+        tracing::debug!(timer = ?deadline.1, "timer still due after it ran");
+        (now + Duration::from_millis(1), deadline.1)
+    } else {
+        deadline
+    }
 }
 
 /// Carries out the intents punching produced for `peer` (all of them are for it).

@@ -28,10 +28,6 @@ impl PeerTable {
         }
     }
 
-    pub(crate) fn is_empty(&self) -> bool {
-        self.by_key.is_empty()
-    }
-
     pub(crate) fn get(&self, key: &PublicKey) -> Option<&Peer> {
         self.by_key.get(key)
     }

@@ -159,6 +159,24 @@ impl Handshake {
         }
     }
 
+    /// When [`Handshake::poll`] next has something to do.
+    pub(crate) fn deadline(&self, established: bool, jitter: Duration) -> Option<Instant> {
+        match self.wait {
+            Wait::Idle => None,
+            Wait::Proactive(at) => Some(at),
+            // Cleared at the next poll; nothing is due for it.
+            Wait::Waiting { .. } if established => None,
+            Wait::Waiting { started, last_sent } => {
+                Some((last_sent + REKEY_TIMEOUT + jitter).min(started + REKEY_ATTEMPT_TIME))
+            }
+        }
+    }
+
+    /// When the stale-session rule fires unless something authenticated comes first.
+    pub(crate) fn stale_at(&self) -> Option<Instant> {
+        self.awaiting_reply_since.map(|t| t + STALE_SESSION)
+    }
+
     /// The stale-session rule: data has gone unanswered for [`STALE_SESSION`]; if so, the wait
     /// restarts from now and a handshake is due.
     pub(crate) fn stale(&mut self, now: Instant) -> bool {

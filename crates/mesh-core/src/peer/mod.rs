@@ -41,6 +41,54 @@ pub struct PeerConfig {
     pub observed: Option<SocketAddr>,
 }
 
+/// Why the node wants to run a peer's timers (for debug logs and tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timer {
+    /// boringtun's own timers (rekey, its keepalives, expiry) need their tick.
+    WireGuard,
+    /// A handshake is due: the proactive one, or a retransmission while data waits.
+    Handshake,
+    /// Data went unanswered: the stale-session rule.
+    StaleSession,
+    /// A quiet direct path gets a liveness probe.
+    PathProbe,
+    /// A direct path owed an answer too long: fall back to the relay.
+    PathTimeout,
+    /// A candidate probe round while on the relay.
+    CandidateRound,
+    /// A birthday attempt of our own.
+    Punch,
+    /// The RTT of a new session or path.
+    Rtt,
+    /// The path MTU search.
+    Mtu,
+    /// Persistent keepalive.
+    Keepalive,
+    /// A socket kept from a won attempt that the path no longer uses.
+    KeptSocket,
+    /// Birthday sprays, or the end of an attempt.
+    Spray,
+}
+
+/// What a peer's deadlines depend on besides the peer itself.
+pub(crate) struct TimerEnv {
+    pub(crate) now: Instant,
+    pub(crate) relay_up: bool,
+    pub(crate) keepalive: Option<u16>,
+    /// Punching is on and free for a new attempt.
+    pub(crate) punch_ready: bool,
+    /// A point of the node's tick grid (see [`crate::node::snap`]).
+    pub(crate) origin: Instant,
+}
+
+/// boringtun ticks an active peer (traffic or a handshake within [`ACTIVE_WIREGUARD`]) every
+/// [`crate::node::TICK`], like boringtun's own device, and an idle one this often: its timers
+/// (rekey after 120 s, expiry) are coarse.
+pub const IDLE_WIREGUARD_TICK: Duration = Duration::from_secs(1);
+/// A peer counts as active for boringtun's ticks this long after its last traffic: covers
+/// boringtun's passive keepalive (10 s after data received) and stale-session rule (15 s).
+pub const ACTIVE_WIREGUARD: Duration = Duration::from_secs(16);
+
 /// What came out of one authenticated datagram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Received {
@@ -63,6 +111,13 @@ pub(crate) struct Peer {
     pub(crate) last_rx: Option<Instant>,
     /// Last inner packet from the TUN device sent to the peer (traffic flowing).
     pub(crate) last_data: Option<Instant>,
+    /// Last packet (not a keepalive) that came out of the tunnel from the peer.
+    pub(crate) last_data_rx: Option<Instant>,
+    /// When boringtun's timers next need a tick.
+    pub(crate) wireguard_at: Instant,
+    /// When the node runs this peer's timers next (the earliest deadline, as last computed;
+    /// inputs only ever bring it forward, so waking early re-evaluates and is harmless).
+    pub(crate) wake: (Instant, Timer),
 }
 
 impl Peer {
@@ -72,6 +127,7 @@ impl Peer {
         index: u32,
         proactive_at: Option<Instant>,
         mtu: u16,
+        first_tick: Instant,
     ) -> Peer {
         Peer {
             config,
@@ -83,7 +139,91 @@ impl Peer {
             punch: PeerPunch::default(),
             last_rx: None,
             last_data: None,
+            last_data_rx: None,
+            wireguard_at: first_tick,
+            wake: (first_tick, Timer::WireGuard),
         }
+    }
+
+    /// The earliest of this peer's deadlines, and why. Mirrors the rules of the timer methods
+    /// below, which re-check their own conditions: waking early only costs a check.
+    pub(crate) fn deadline(&self, env: &TimerEnv) -> (Instant, Timer) {
+        let now = env.now;
+        let mut next = (self.wireguard_at, Timer::WireGuard);
+        let mut at = |t: Option<Instant>, why: Timer| {
+            if let Some(t) = t {
+                if t < next.0 {
+                    next = (t, why);
+                }
+            }
+        };
+        let established = self.session.established();
+        at(
+            self.handshake
+                .deadline(established, retry_jitter(self.index)),
+            Timer::Handshake,
+        );
+        at(self.handshake.stale_at(), Timer::StaleSession);
+        if established {
+            let endpoint = self.path.endpoint();
+            if endpoint.is_some() && self.probes.mtu_endpoint != endpoint {
+                at(Some(now), Timer::Mtu);
+            } else if endpoint.is_some() {
+                at(self.probes.mtu.poll_timeout(), Timer::Mtu);
+            }
+            if let Some(d) = self.path.direct {
+                if let Some(since) = d.unanswered_since {
+                    let probe = d.last_probe.map_or(since, |t| t.max(since)) + PATH_PROBE_INTERVAL;
+                    at(Some(probe), Timer::PathProbe);
+                    if env.relay_up {
+                        at(Some(since + path::PATH_TIMEOUT), Timer::PathTimeout);
+                    }
+                }
+            } else if env.relay_up {
+                let wait = self
+                    .path
+                    .rounds
+                    .interval
+                    .min(path::longest_wait(self.flowing(now)));
+                at(
+                    Some(self.path.rounds.last.map_or(now, |t| t + wait)),
+                    Timer::CandidateRound,
+                );
+                if env.punch_ready
+                    && crate::birthday::punchable(&self.config.endpoints, self.config.observed)
+                {
+                    at(self.punch.schedule.due_at(now), Timer::Punch);
+                }
+            }
+            let route = self.route(env.relay_up);
+            at(self.probes.rtt_at(route, now), Timer::Rtt);
+            if let Some(k) = env.keepalive {
+                // On the idle tick's grid: the keepalives of many peers go in one wake-up,
+                // at most a second late.
+                let every = Duration::from_secs(k.into());
+                let due = self.path.last_tx.map_or(now, |t| t + every);
+                let due = crate::node::snap(env.origin, due, IDLE_WIREGUARD_TICK);
+                at(Some(due), Timer::Keepalive);
+            }
+        }
+        let path_socket = self.path.endpoint().map(|e| e.socket);
+        at(
+            self.punch.kept_deadline(path_socket, now),
+            Timer::KeptSocket,
+        );
+        next
+    }
+
+    /// Whether boringtun's timers need the fast tick: a handshake under way, or traffic lately.
+    /// (Data, not keepalives: those start none of boringtun's timers.)
+    fn wireguard_active(&self, now: Instant) -> bool {
+        let lately = |t: Option<Instant>| {
+            t.is_some_and(|t| now.saturating_duration_since(t) < ACTIVE_WIREGUARD)
+        };
+        !self.session.established()
+            || self.handshake.waiting()
+            || lately(self.last_data)
+            || lately(self.last_data_rx)
     }
 
     pub(crate) fn key(&self) -> PublicKey {
@@ -171,6 +311,7 @@ impl Peer {
                 Received::Authenticated(None)
             }
             Output::TunnelV4(inner, source) => {
+                self.last_data_rx = Some(cx.now);
                 let to_us = crate::packet::ipv4_addrs(inner).is_some_and(|(_, dst)| dst == cx.me);
                 if source != self.config.address {
                     cx.out.counters.spoofed_packets += 1;
@@ -306,8 +447,18 @@ impl Peer {
 
     // ---- timers, in the order the node runs them -------------------------------------------
 
-    /// boringtun's own timers (rekey, its keepalives, session expiry).
-    pub(crate) fn wireguard_timers(&mut self, cx: &mut Ctx<'_>) {
+    /// boringtun's own timers (rekey, its keepalives, session expiry), when their tick is due.
+    /// Returns the wait until the next tick when this one ran (the node puts it on its grid).
+    pub(crate) fn wireguard_timers(&mut self, cx: &mut Ctx<'_>) -> Option<Duration> {
+        if cx.now < self.wireguard_at {
+            return None;
+        }
+        let every = if self.wireguard_active(cx.now) {
+            crate::node::TICK
+        } else {
+            IDLE_WIREGUARD_TICK
+        };
+        self.wireguard_at = cx.now + every;
         match self.session.update_timers(cx.buf) {
             Output::Network(bytes) => self.path.send(&self.config, bytes, true, cx.now, cx.out),
             Output::Error(SessionError::Expired) => {
@@ -316,6 +467,7 @@ impl Peer {
             }
             _ => {}
         }
+        Some(every)
     }
 
     /// Handshake retransmission while data waits, and the proactive handshake.

@@ -90,6 +90,18 @@ impl Probes {
         Some((rtt, ping.purpose))
     }
 
+    /// When the node will want to measure the RTT of `path` by itself, if it will.
+    pub(crate) fn rtt_at(&self, path: Path, now: Instant) -> Option<Instant> {
+        let stale = self.rtt.is_none_or(|(_, p)| p != path);
+        if !stale || path == Path::None {
+            return None;
+        }
+        Some(
+            self.last_rtt_probe
+                .map_or(now, |t| (t + RTT_PROBE_SPACING).max(now)),
+        )
+    }
+
     /// Whether the node should measure the RTT of `path` now (never measured there, and no own
     /// measurement within [`RTT_PROBE_SPACING`]); if so, records it.
     pub(crate) fn rtt_due(&mut self, path: Path, now: Instant) -> bool {

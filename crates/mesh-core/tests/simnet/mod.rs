@@ -957,6 +957,8 @@ pub struct NodeIo {
     pub sockets_closed: u64,
     /// Most extra sockets open at once.
     pub max_sockets: usize,
+    /// Times the node's timers ran ([`Node::handle_timeout`] calls at its deadlines).
+    pub wakes: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -1426,6 +1428,7 @@ impl Sim {
                     .is_some_and(|t| t <= self.now)
                 {
                     self.nodes[i].node.handle_timeout(self.now);
+                    self.nodes[i].io.wakes += 1;
                     self.flush(i);
                 }
             }
