@@ -7,6 +7,7 @@
 //! messages framed for the relay's QUIC connection), packets to the TUN device. Buffers go back
 //! to the node ([`Node::recycle`]) once written.
 
+use mesh_core::node::MAX_BATCH_BYTES;
 use mesh_core::{
     Destination, Event, Node, Output, Path, PeerConfig, PeerStatus, SocketId, Source, Transmit,
 };
@@ -570,7 +571,12 @@ async fn send_udp(
     counters: &mut DriverCounters,
 ) {
     let per_call = match t.segment_size {
-        Some(size) => size * port.max_gso_segments().max(1),
+        Some(size) => {
+            size * port
+                .max_gso_segments()
+                .max(1)
+                .min(MAX_BATCH_BYTES / size.max(1))
+        }
         None => t.contents.len(),
     };
     for chunk in t.contents.chunks(per_call.max(1)) {

@@ -28,6 +28,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 use x25519_dalek::{PublicKey as XPublic, StaticSecret};
 
+pub use crate::outbox::{MAX_BATCH, MAX_BATCH_BYTES};
 pub use crate::peer::handshake::{
     PROACTIVE_FALLBACK, REKEY_ATTEMPT_TIME, REKEY_TIMEOUT, STALE_SESSION,
 };

@@ -162,6 +162,9 @@ impl Outbox {
 
 /// Most datagrams in one GSO batch (Linux sends at most 64 segments in one call).
 pub const MAX_BATCH: usize = 64;
+/// Most bytes in one GSO batch: the whole batch must fit one UDP datagram's length field
+/// (65,535 with headers), or the kernel refuses all of it.
+pub const MAX_BATCH_BYTES: usize = 64_000;
 /// Most buffers kept for reuse.
 const POOL: usize = 1024;
 
@@ -188,6 +191,7 @@ impl Transmit {
             && len > 0
             && self.contents.len().is_multiple_of(size)
             && self.contents.len() / size < MAX_BATCH
+            && self.contents.len() + len <= MAX_BATCH_BYTES
     }
 }
 

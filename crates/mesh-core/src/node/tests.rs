@@ -1307,3 +1307,35 @@ fn disabling_stops_the_attempt_and_closes_its_sockets() {
     let (opened_again, _, _) = socket_events(&mut r.p.a);
     assert!(opened_again.is_empty());
 }
+
+#[test]
+fn a_burst_leaves_in_gso_batches_the_kernel_accepts() {
+    let mut p = Pair::new();
+    let (ip_a, ip_b) = (Ipv4Addr::new(100, 64, 0, 1), Ipv4Addr::new(100, 64, 0, 2));
+    for _ in 0..200 {
+        p.a.handle_tun_packet(&icmp(ip_a, ip_b, &[7; 1380]), p.now);
+    }
+    let mut datagrams = 0;
+    while let Some(t) = p.a.poll_transmit() {
+        assert!(
+            t.contents.len() <= MAX_BATCH_BYTES,
+            "{} bytes",
+            t.contents.len()
+        );
+        assert!(t.datagrams() <= MAX_BATCH);
+        assert_eq!(t.segments().count(), t.datagrams());
+        datagrams += t.datagrams();
+        for d in t.segments() {
+            p.b.handle_datagram(Source::main(p.a_addr), d, p.now);
+        }
+    }
+    assert_eq!(datagrams, 200);
+    let mut delivered = 0;
+    while p.b.poll_tun_packet().is_some() {
+        delivered += 1;
+    }
+    assert_eq!(
+        delivered, 200,
+        "every packet of the burst arrives, in batches"
+    );
+}
