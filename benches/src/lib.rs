@@ -1,2 +1,207 @@
 //! Microbenchmarks live in `benches/datapath.rs`; the end-to-end throughput bench is
-//! `benches/tunnel.sh`.
+//! `benches/tunnel.sh`. This library holds what the data-path bench and its instruction
+//! counter (`mesh-datapath-count`, for `valgrind --tool=callgrind`) share: the same two pairs,
+//! raw boringtun and two mesh nodes, and one round of each.
+
+#![allow(clippy::unwrap_used)]
+
+use boringtun::noise::{Tunn, TunnResult};
+use mesh_core::{Node, NodeConfig, PeerConfig, Source};
+use mesh_proto::PublicKey;
+use std::hint::black_box;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Instant;
+use x25519_dalek::{PublicKey as XPublic, StaticSecret};
+
+/// Size of the inner packet of one round.
+pub const PAYLOAD: usize = 1400;
+
+/// An IPv4/UDP packet of [`PAYLOAD`] bytes from `src` to `dst`.
+pub fn packet(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+    let mut p = vec![0u8; PAYLOAD];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(PAYLOAD as u16).to_be_bytes());
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    p
+}
+
+/// Two boringtun tunnels with an established session.
+pub fn boringtun_pair() -> (Tunn, Tunn) {
+    let sa = StaticSecret::from([1u8; 32]);
+    let sb = StaticSecret::from([2u8; 32]);
+    let pa = XPublic::from(&sa);
+    let pb = XPublic::from(&sb);
+    let mut a = Tunn::new(sa, pb, None, None, 1, None);
+    let mut b = Tunn::new(sb, pa, None, None, 2, None);
+    let mut buf = vec![0u8; 2048];
+    let mut buf2 = vec![0u8; 2048];
+    let init = match a.format_handshake_initiation(&mut buf, false) {
+        TunnResult::WriteToNetwork(p) => p.to_vec(),
+        _ => panic!("no initiation"),
+    };
+    let resp = match b.decapsulate(None, &init, &mut buf2) {
+        TunnResult::WriteToNetwork(p) => p.to_vec(),
+        _ => panic!("no response"),
+    };
+    if let TunnResult::WriteToNetwork(p) = a.decapsulate(None, &resp, &mut buf) {
+        // Keepalive confirming the session to the responder.
+        let k = p.to_vec();
+        let _ = b.decapsulate(None, &k, &mut buf2);
+    }
+    (a, b)
+}
+
+/// Two mesh nodes with an established session both ways, and their underlay addresses.
+pub fn node_pair() -> (Node, Node, SocketAddr, SocketAddr) {
+    let now = Instant::now();
+    let ka = [1u8; 32];
+    let kb = [2u8; 32];
+    let pa = PublicKey(XPublic::from(&StaticSecret::from(ka)).to_bytes());
+    let pb = PublicKey(XPublic::from(&StaticSecret::from(kb)).to_bytes());
+    let ea: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+    let eb: SocketAddr = "192.0.2.2:51820".parse().unwrap();
+    let ia = Ipv4Addr::new(100, 64, 0, 1);
+    let ib = Ipv4Addr::new(100, 64, 0, 2);
+    let mut a = Node::new(
+        NodeConfig {
+            private_key: ka,
+            address: ia,
+            keepalive: None,
+            mtu: 1420,
+        },
+        1,
+        now,
+    );
+    let mut b = Node::new(
+        NodeConfig {
+            private_key: kb,
+            address: ib,
+            keepalive: None,
+            mtu: 1420,
+        },
+        2,
+        now,
+    );
+    a.set_peers(
+        &[PeerConfig {
+            key: pb,
+            name: "b".into(),
+            address: ib,
+            endpoints: vec![eb],
+            observed: None,
+        }],
+        now,
+    );
+    b.set_peers(
+        &[PeerConfig {
+            key: pa,
+            name: "a".into(),
+            address: ia,
+            endpoints: vec![ea],
+            observed: None,
+        }],
+        now,
+    );
+    // Establish the session in both directions.
+    for (x, y) in [(ia, ib), (ib, ia)] {
+        let (from, to) = if x == ia {
+            (&mut a, &mut b)
+        } else {
+            (&mut b, &mut a)
+        };
+        from.handle_tun_packet(&packet(x, y), now);
+        for _ in 0..4 {
+            while let Some(t) = from.poll_transmit() {
+                let src = Source::main(if x == ia { ea } else { eb });
+                for d in t.segments() {
+                    to.handle_datagram(src, d, now);
+                }
+            }
+            while let Some(t) = to.poll_transmit() {
+                let src = Source::main(if x == ia { eb } else { ea });
+                for d in t.segments() {
+                    from.handle_datagram(src, d, now);
+                }
+            }
+        }
+        while to.poll_tun_packet().is_some() {}
+    }
+    (a, b, ea, eb)
+}
+
+/// The raw boringtun pair and its buffers.
+pub struct Raw {
+    a: Tunn,
+    b: Tunn,
+    pkt: Vec<u8>,
+    enc: Vec<u8>,
+    dec: Vec<u8>,
+}
+
+impl Default for Raw {
+    fn default() -> Self {
+        let (a, b) = boringtun_pair();
+        Raw {
+            a,
+            b,
+            pkt: packet(Ipv4Addr::new(100, 64, 0, 1), Ipv4Addr::new(100, 64, 0, 2)),
+            enc: vec![0u8; 2048],
+            dec: vec![0u8; 2048],
+        }
+    }
+}
+
+impl Raw {
+    /// One packet: encapsulated by one tunnel, decapsulated by the other.
+    pub fn round(&mut self) -> usize {
+        let n = match self.a.encapsulate(black_box(&self.pkt), &mut self.enc) {
+            TunnResult::WriteToNetwork(p) => p.len(),
+            _ => panic!("encapsulate"),
+        };
+        match self.b.decapsulate(None, &self.enc[..n], &mut self.dec) {
+            TunnResult::WriteToTunnelV4(p, _) => black_box(p.len()),
+            _ => panic!("decapsulate"),
+        }
+    }
+}
+
+/// The mesh pair.
+pub struct Mesh {
+    a: Node,
+    b: Node,
+    ea: SocketAddr,
+    pkt: Vec<u8>,
+    now: Instant,
+}
+
+impl Default for Mesh {
+    fn default() -> Self {
+        let (a, b, ea, _) = node_pair();
+        Mesh {
+            a,
+            b,
+            ea,
+            pkt: packet(Ipv4Addr::new(100, 64, 0, 1), Ipv4Addr::new(100, 64, 0, 2)),
+            now: Instant::now(),
+        }
+    }
+}
+
+impl Mesh {
+    /// One packet: into A's TUN side, out of B's, with both buffers given back as the agent's
+    /// data plane does.
+    pub fn round(&mut self) -> usize {
+        self.a.handle_tun_packet(black_box(&self.pkt), self.now);
+        let t = self.a.poll_transmit().unwrap();
+        self.b
+            .handle_datagram(Source::main(self.ea), &t.contents, self.now);
+        self.a.recycle(t.contents);
+        let p = self.b.poll_tun_packet().unwrap();
+        let n = black_box(p.len());
+        self.b.recycle(p);
+        n
+    }
+}

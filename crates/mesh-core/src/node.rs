@@ -488,7 +488,7 @@ impl Node {
             self.out.counters.no_route_packets += 1;
             return;
         };
-        let cx = cx!(self, now);
+        let mut cx = cx!(self, now);
         let Some(peer) = self.peers.get_mut(&key) else {
             return;
         };
@@ -506,19 +506,23 @@ impl Node {
             }
         }
         peer.last_data = Some(now);
-        match peer.session.encapsulate(packet, cx.buf) {
-            Sealed::Network(bytes) => {
-                if !peer.session.established() {
+        if peer.seal_data(packet, &mut cx) {
+            // Sent (or, rarely, handed to boringtun's handshake): see the bottom.
+        } else {
+            match peer.session.encapsulate(packet, cx.buf) {
+                Sealed::Network(bytes) => {
+                    if !peer.session.established() {
+                        peer.handshake.data_waits(now);
+                    }
+                    peer.handshake.data_sent(now);
+                    peer.path.send(&peer.config, bytes, true, now, cx.out);
+                }
+                Sealed::Done => {
+                    // Queued behind a handshake in progress.
                     peer.handshake.data_waits(now);
                 }
-                peer.handshake.data_sent(now);
-                peer.path.send(&peer.config, bytes, true, now, cx.out);
+                Sealed::Error(_) | Sealed::TunnelV4(..) | Sealed::TunnelV6 => {}
             }
-            Sealed::Done => {
-                // Queued behind a handshake in progress.
-                peer.handshake.data_waits(now);
-            }
-            Sealed::Error(_) | Sealed::TunnelV4(..) | Sealed::TunnelV6 => {}
         }
         // What a send arms (a path probe, a retransmission, the stale rule) comes no sooner
         // than a path probe interval from now: a peer that wakes by then is re-checked anyway,
@@ -630,16 +634,13 @@ impl Node {
             self.out.counters.unknown_socket_packets += 1;
             return;
         }
-        if !self.peers.contains(&key) {
-            self.out.counters.unknown_peer_packets += 1;
-            return;
-        }
         if datagram.len() > self.buf.len() {
             self.out.counters.malformed_packets += 1;
             return;
         }
         let mut cx = cx!(self, now);
         let Some(peer) = self.peers.get_mut(&key) else {
+            cx.out.counters.unknown_peer_packets += 1;
             return;
         };
         let was_established = peer.session.established();

@@ -97,15 +97,79 @@ impl Outbox {
     /// An inner packet for the TUN device.
     pub(crate) fn deliver(&mut self, packet: &[u8]) {
         let mut buf = self.buffer();
+        buf.clear();
         buf.extend_from_slice(packet);
-        push_bounded(&mut self.to_tun, &mut self.counters, buf);
+        self.deliver_buffer(buf);
     }
 
-    /// A buffer the driver may give back with [`crate::Node::recycle`].
-    pub(crate) fn recycle(&mut self, mut buf: Vec<u8>) {
+    /// An inner packet for the TUN device, already in a buffer of its own (decrypted there).
+    pub(crate) fn deliver_buffer(&mut self, packet: Vec<u8>) {
+        push_bounded(&mut self.to_tun, &mut self.counters, packet);
+    }
+
+    /// A buffer the driver may give back with [`crate::Node::recycle`]. It keeps its length:
+    /// whoever takes it next sets the length it needs, and resizing within what it had writes
+    /// nothing.
+    pub(crate) fn recycle(&mut self, buf: Vec<u8>) {
         if self.pool.len() < POOL {
-            buf.clear();
             self.pool.push(buf);
+        }
+    }
+
+    /// A buffer from the pool (any length and contents: set them), or a new one.
+    pub(crate) fn buffer(&mut self) -> Vec<u8> {
+        self.pool.pop().unwrap_or_default()
+    }
+
+    /// Seals one datagram straight into the transmit queue: `seal` writes it into the `room`
+    /// bytes it is given and says how long it came out (`None`: nothing to send). It goes at
+    /// the end of the last transmit when that is a batch it can join, so a run of same-size
+    /// datagrams to one destination is encrypted into one GSO buffer without a copy.
+    pub(crate) fn seal(
+        &mut self,
+        destination: Destination,
+        room: usize,
+        seal: impl FnOnce(&mut [u8]) -> Option<usize>,
+    ) -> Option<usize> {
+        let mut seal = Some(seal);
+        if let Some(last) = self.transmits.back_mut() {
+            if let Some(size) = last.can_grow(&destination) {
+                let start = last.contents.len();
+                last.contents.resize(start + room, 0);
+                let written = seal.take().and_then(|f| f(&mut last.contents[start..]));
+                match written {
+                    Some(n) if n == size => {
+                        last.contents.truncate(start + n);
+                        last.segment_size = Some(size);
+                        self.queued += 1;
+                        return Some(n);
+                    }
+                    Some(n) => {
+                        // Another size ends the batch: the datagram gets a transmit of its own.
+                        let own = last.contents[start..start + n].to_vec();
+                        last.contents.truncate(start);
+                        self.push_transmit(destination, own);
+                        return Some(n);
+                    }
+                    None => {
+                        last.contents.truncate(start);
+                        return None;
+                    }
+                }
+            }
+        }
+        let mut contents = self.buffer();
+        contents.resize(room, 0);
+        match seal.take().and_then(|f| f(&mut contents)) {
+            Some(n) => {
+                contents.truncate(n);
+                self.push_transmit(destination, contents);
+                Some(n)
+            }
+            None => {
+                self.recycle(contents);
+                None
+            }
         }
     }
 
@@ -126,10 +190,6 @@ impl Outbox {
         Some(t)
     }
 
-    fn buffer(&mut self) -> Vec<u8> {
-        self.pool.pop().unwrap_or_default()
-    }
-
     /// Queues one datagram: appended to the last transmit when that is a batch it can join
     /// (same UDP destination, every datagram so far of this one's size, room left), else a
     /// transmit of its own. The oldest transmit goes when [`MAX_QUEUE`] datagrams wait.
@@ -142,6 +202,15 @@ impl Outbox {
                 return;
             }
         }
+        let mut contents = self.buffer();
+        contents.clear();
+        contents.extend_from_slice(bytes);
+        self.push_transmit(destination, contents);
+    }
+
+    /// Queues one datagram as a transmit of its own; the oldest transmit goes when
+    /// [`MAX_QUEUE`] datagrams wait.
+    fn push_transmit(&mut self, destination: Destination, contents: Vec<u8>) {
         if self.queued >= MAX_QUEUE {
             if let Some(old) = self.transmits.pop_front() {
                 self.queued -= old.datagrams();
@@ -149,8 +218,6 @@ impl Outbox {
                 self.recycle(old.contents);
             }
         }
-        let mut contents = self.buffer();
-        contents.extend_from_slice(bytes);
         self.transmits.push_back(Transmit {
             destination,
             contents,
@@ -181,6 +248,18 @@ impl Transmit {
     pub fn segments(&self) -> std::slice::Chunks<'_, u8> {
         let size = self.segment_size.unwrap_or(self.contents.len()).max(1);
         self.contents.chunks(size)
+    }
+
+    /// The segment size a datagram to `destination` must have to join this batch, if one may.
+    fn can_grow(&self, destination: &Destination) -> Option<usize> {
+        let size = self.segment_size.unwrap_or(self.contents.len());
+        let ok = matches!(destination, Destination::Udp { .. })
+            && self.destination == *destination
+            && size > 0
+            && self.contents.len().is_multiple_of(size)
+            && self.contents.len() / size < MAX_BATCH
+            && self.contents.len() + size <= MAX_BATCH_BYTES;
+        ok.then_some(size)
     }
 
     fn can_take(&self, destination: &Destination, len: usize) -> bool {

@@ -8,14 +8,47 @@
 use crate::peer::Peer;
 use mesh_proto::PublicKey;
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::Ipv4Addr;
+
+/// A multiplicative hash for the small keys of the per-packet lookups (overlay addresses and
+/// our own receiver indices). SipHash cost about 150 instructions a packet; these keys come
+/// from the controller and from this node, so nobody chooses them to collide.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct SmallKeyHasher(u64);
+
+impl Hasher for SmallKeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+}
+
+type SmallKeyMap<K, V> = HashMap<K, V, BuildHasherDefault<SmallKeyHasher>>;
 
 #[derive(Default)]
 pub(crate) struct PeerTable {
     /// Ordered, so that timer work (and so a whole simulated run) is the same for a given seed.
     by_key: BTreeMap<PublicKey, Peer>,
-    by_address: HashMap<Ipv4Addr, PublicKey>,
-    by_index: HashMap<u32, PublicKey>,
+    by_address: SmallKeyMap<Ipv4Addr, PublicKey>,
+    by_index: SmallKeyMap<u32, PublicKey>,
     next_index: u32,
 }
 

@@ -96,6 +96,10 @@ pub struct SessionStats {
 /// A WireGuard session with one peer.
 pub struct Session {
     tunn: Tunn,
+    /// Whether a session key exists, as last known; `None`: ask boringtun (which reads its
+    /// clock to answer, so the data path does not ask: a data message sealed or opened proves
+    /// the key).
+    established: std::cell::Cell<Option<bool>>,
 }
 
 impl Session {
@@ -111,7 +115,10 @@ impl Session {
             index & 0x00ff_ffff,
             Some(limiter),
         );
-        Session { tunn }
+        Session {
+            tunn,
+            established: std::cell::Cell::new(Some(false)),
+        }
     }
 
     /// Encrypts one IP packet. Queues it and starts a handshake when there is no session yet.
@@ -120,7 +127,10 @@ impl Session {
         if dst.len() < (src.len() + DATA_OVERHEAD).max(MIN_BUFFER) {
             return Output::Error(SessionError::Rejected);
         }
-        convert(self.tunn.encapsulate(src, dst))
+        let out = convert(self.tunn.encapsulate(src, dst));
+        let data = matches!(out, Output::Network(b) if b.first() == Some(&4));
+        self.established.set(data.then_some(true));
+        out
     }
 
     /// Decrypts or processes one datagram received from `from`.
@@ -133,27 +143,38 @@ impl Session {
         if datagram.is_empty() || dst.len() < datagram.len().max(MIN_BUFFER) {
             return Output::Error(SessionError::Rejected);
         }
-        convert(self.tunn.decapsulate(from, datagram, dst))
+        let out = convert(self.tunn.decapsulate(from, datagram, dst));
+        let data = datagram[0] == 4 && !matches!(out, Output::Error(_));
+        self.established.set(data.then_some(true));
+        out
     }
 
     /// Emits packets queued while the handshake was in progress, one per call.
     pub fn flush_queued<'a>(&mut self, dst: &'a mut [u8]) -> Output<'a> {
+        self.established.set(None);
         convert(self.tunn.decapsulate(None, &[], dst))
     }
 
     /// Runs WireGuard's own timers (keepalive, rekey, expiry).
     pub fn update_timers<'a>(&mut self, dst: &'a mut [u8]) -> Output<'a> {
+        self.established.set(None);
         convert(self.tunn.update_timers(dst))
     }
 
     /// Sends a fresh handshake initiation even if one is in flight (retransmission).
     pub fn force_handshake<'a>(&mut self, dst: &'a mut [u8]) -> Output<'a> {
+        self.established.set(None);
         convert(self.tunn.format_handshake_initiation(dst, true))
     }
 
     /// Whether a handshake has completed (a session key exists).
     pub fn established(&self) -> bool {
-        self.tunn.stats().0.is_some()
+        if let Some(known) = self.established.get() {
+            return known;
+        }
+        let known = self.tunn.stats().0.is_some();
+        self.established.set(Some(known));
+        known
     }
 
     /// Counters of this session.

@@ -300,7 +300,10 @@ impl Peer {
             Via::Direct(from) => Some(from.addr.ip()),
             Via::Relay => None,
         };
-        match self.session.decapsulate(source_ip, datagram, cx.buf) {
+        // Opened straight into a buffer that can go to the TUN device as it is.
+        let mut buf = cx.out.buffer();
+        buf.resize(datagram.len().max(crate::session::MIN_BUFFER), 0);
+        let received = match self.session.decapsulate(source_ip, datagram, &mut buf) {
             Output::Network(bytes) => {
                 self.path.last_tx = Some(cx.now);
                 cx.out.reply(via, key, bytes);
@@ -313,6 +316,7 @@ impl Peer {
             Output::TunnelV4(inner, source) => {
                 self.last_data_rx = Some(cx.now);
                 let to_us = crate::packet::ipv4_addrs(inner).is_some_and(|(_, dst)| dst == cx.me);
+                let len = inner.len();
                 if source != self.config.address {
                     cx.out.counters.spoofed_packets += 1;
                 } else if !to_us {
@@ -320,9 +324,13 @@ impl Peer {
                     // its cloud's metadata service or a pod network.
                     cx.out.counters.misdirected_packets += 1;
                 } else if let Some(m) = pmtu::parse(inner) {
+                    cx.out.recycle(buf);
                     return Received::Authenticated(Some(m));
                 } else {
-                    cx.out.deliver(inner);
+                    // boringtun writes the packet at the start of the buffer.
+                    buf.truncate(len);
+                    cx.out.deliver_buffer(buf);
+                    return Received::Authenticated(None);
                 }
                 Received::Authenticated(None)
             }
@@ -342,7 +350,56 @@ impl Peer {
                 }
                 Received::Refused
             }
+        };
+        cx.out.recycle(buf);
+        received
+    }
+
+    /// Encrypts an inner packet from the TUN device straight into the transmit queue when the
+    /// session is up and the path is one place (direct or relay); returns false when it could
+    /// not (no session or no single path yet), and the caller takes the general way.
+    pub(crate) fn seal_data(&mut self, packet: &[u8], cx: &mut Ctx<'_>) -> bool {
+        if !self.session.established() {
+            return false;
         }
+        let Some(destination) = self.path.destination(&self.config, cx.out.relay_up) else {
+            return false;
+        };
+        let room =
+            (packet.len() + crate::session::DATA_OVERHEAD + 16).max(crate::session::MIN_BUFFER);
+        let session = &mut self.session;
+        let mut other: Option<Vec<u8>> = None;
+        let mut queued = false;
+        let sealed = cx.out.seal(destination, room, |buf| {
+            match session.encapsulate(packet, buf) {
+                Output::Network(b) if b.first() == Some(&4) => Some(b.len()),
+                // The session was gone after all (a handshake initiation instead).
+                Output::Network(b) => {
+                    other = Some(b.to_vec());
+                    None
+                }
+                Output::Done => {
+                    queued = true;
+                    None
+                }
+                _ => None,
+            }
+        });
+        if queued {
+            // Queued behind a handshake in progress.
+            self.handshake.data_waits(cx.now);
+        }
+        if let Some(bytes) = other {
+            self.handshake.data_waits(cx.now);
+            self.handshake.data_sent(cx.now);
+            self.path.send(&self.config, &bytes, true, cx.now, cx.out);
+            return true;
+        }
+        if sealed.is_some() {
+            self.handshake.data_sent(cx.now);
+            self.path.sent(true, cx.now);
+        }
+        true
     }
 
     /// Something authenticated came from the peer.
@@ -415,12 +472,11 @@ impl Peer {
         // back to the relay and be probing its candidates while we still use the path. Answer
         // at once (at most once per PATH_PROBE_INTERVAL), so it upgrades again without waiting
         // for our next keepalive.
-        let was_quiet =
-            heard_before.is_none_or(|t| now.saturating_duration_since(t) >= PATH_PROBE_INTERVAL);
-        let sent_lately = self
-            .path
-            .last_direct_tx
-            .is_some_and(|t| now.saturating_duration_since(t) < PATH_PROBE_INTERVAL);
+        // (Instants compared against one bound: cheaper per packet than two durations.)
+        let lately = now.checked_sub(PATH_PROBE_INTERVAL);
+        let recent = |t: Instant| lately.is_none_or(|l| t > l);
+        let was_quiet = heard_before.is_none_or(|t| !recent(t));
+        let sent_lately = self.path.last_direct_tx.is_some_and(recent);
         if was_quiet
             && !sent_lately
             && self.path.endpoint() == Some(from)

@@ -7,6 +7,7 @@
 //! authenticated probe each round, the rounds backing off from [`CANDIDATE_PROBE_INTERVAL`] to
 //! [`MAX_CANDIDATE_PROBE_INTERVAL`] (or [`ACTIVE_CANDIDATE_PROBE_INTERVAL`] while traffic flows).
 
+use crate::node::Destination;
 use crate::outbox::{Endpoint, Outbox};
 use crate::peer::PeerConfig;
 use crate::sockets::SocketId;
@@ -130,11 +131,7 @@ impl PathState {
         now: Instant,
         out: &mut Outbox,
     ) {
-        if let Some(d) = self.direct.as_mut().filter(|_| tracked) {
-            self.last_direct_tx = Some(now);
-            d.unanswered_since.get_or_insert(now);
-        }
-        self.last_tx = Some(now);
+        self.sent(tracked, now);
         if let Some(e) = self.endpoint() {
             out.udp(e.socket, e.addr, bytes);
             return;
@@ -151,12 +148,34 @@ impl PathState {
         }
     }
 
+    /// A message went to the peer now (`tracked`: one the direct path owes an answer to).
+    pub(crate) fn sent(&mut self, tracked: bool, now: Instant) {
+        if let Some(d) = self.direct.as_mut().filter(|_| tracked) {
+            self.last_direct_tx = Some(now);
+            d.unanswered_since.get_or_insert(now);
+        }
+        self.last_tx = Some(now);
+    }
+
+    /// Where a data message to the peer goes when there is exactly one place: its direct
+    /// endpoint, else the relay (`None` with neither: it goes to every candidate).
+    pub(crate) fn destination(&self, peer: &PeerConfig, relay_up: bool) -> Option<Destination> {
+        match self.endpoint() {
+            Some(e) => Some(Destination::Udp {
+                socket: e.socket,
+                dst: e.addr,
+            }),
+            None if relay_up => Some(Destination::Relay { to: peer.key }),
+            None => None,
+        }
+    }
+
     /// Whether the current endpoint (another than `from`) was heard within
     /// [`PATH_PROBE_INTERVAL`]: a live path keeps the peer.
     pub(crate) fn other_alive(&self, from: Endpoint, now: Instant) -> bool {
-        self.direct.is_some_and(|d| {
-            d.endpoint != from && now.saturating_duration_since(d.last_rx) < PATH_PROBE_INTERVAL
-        })
+        let lately = now.checked_sub(PATH_PROBE_INTERVAL);
+        self.direct
+            .is_some_and(|d| d.endpoint != from && lately.is_none_or(|l| d.last_rx > l))
     }
 
     /// An authenticated message came straight from `from`; returns when the peer was last heard
