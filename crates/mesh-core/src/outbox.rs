@@ -176,16 +176,16 @@ impl Outbox {
     /// The next transmit the driver may send now (not on a socket it has not been told to
     /// open yet).
     pub(crate) fn pop_transmit(&mut self) -> Option<Transmit> {
-        let pos = if self.unannounced.is_empty() {
-            0
+        let t = if self.unannounced.is_empty() {
+            self.transmits.pop_front()?
         } else {
             let unannounced = &self.unannounced;
-            self.transmits.iter().position(|t| match t.destination {
+            let pos = self.transmits.iter().position(|t| match t.destination {
                 Destination::Udp { socket, .. } => !unannounced.contains(&socket),
                 Destination::Relay { .. } => true,
-            })?
+            })?;
+            self.transmits.remove(pos)?
         };
-        let t = self.transmits.remove(pos)?;
         self.queued -= t.datagrams();
         Some(t)
     }
