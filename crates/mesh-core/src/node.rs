@@ -1005,16 +1005,7 @@ fn carry_out_one(intent: Intent, peer: &mut Peer, punching: &mut Punching, cx: &
         Intent::Open(id) => cx.out.open_socket(id),
         Intent::Close(id) => cx.out.close_socket(id),
         Intent::Join => {
-            let signal = pmtu::build(
-                cx.me,
-                peer.config.address,
-                pmtu::Message {
-                    kind: pmtu::Kind::Birthday,
-                    id: 0,
-                    size: 0,
-                },
-                0,
-            );
+            let signal = peer.message(cx.me, pmtu::Kind::Birthday, 0, 0, 0);
             peer.seal_and_send(&signal, false, cx);
         }
         Intent::Probe { socket, dst } => {

@@ -274,19 +274,28 @@ impl Peer {
         }
     }
 
+    /// An in-tunnel message (`mesh_proto::tunnel`) from this node to the peer, padded to
+    /// `pad_to` bytes.
+    pub(crate) fn message(
+        &self,
+        me: Ipv4Addr,
+        kind: pmtu::Kind,
+        id: u16,
+        size: u16,
+        pad_to: usize,
+    ) -> Vec<u8> {
+        pmtu::build(
+            me,
+            self.config.address,
+            pmtu::Message { kind, id, size },
+            pad_to,
+        )
+    }
+
     /// Sends a small probe inside the tunnel on the peer's current path and remembers it.
     pub(crate) fn ping(&mut self, purpose: Purpose, cx: &mut Ctx<'_>) {
         let id = probes::next_ping_id(cx.next_ping);
-        let p = pmtu::build(
-            cx.me,
-            self.config.address,
-            pmtu::Message {
-                kind: pmtu::Kind::Probe,
-                id,
-                size: 0,
-            },
-            0,
-        );
+        let p = self.message(cx.me, pmtu::Kind::Probe, id, 0, 0);
         self.probes.sent(id, purpose, cx.now);
         self.seal_and_send(&p, true, cx);
     }
@@ -412,15 +421,7 @@ impl Peer {
     pub(crate) fn on_probe(&mut self, m: pmtu::Message, via: Via, cx: &mut Ctx<'_>) {
         let key = self.key();
         if m.kind == pmtu::Kind::Probe {
-            let ack = pmtu::build(
-                cx.me,
-                self.config.address,
-                pmtu::Message {
-                    kind: pmtu::Kind::Ack,
-                    ..m
-                },
-                0,
-            );
+            let ack = self.message(cx.me, pmtu::Kind::Ack, m.id, m.size, 0);
             if let Output::Network(bytes) = self.session.encapsulate(&ack, cx.buf) {
                 cx.out.reply(via, key, bytes);
             }
@@ -557,16 +558,7 @@ impl Peer {
             .then(|| self.probes.mtu.poll_probe(cx.now))
             .flatten()
         {
-            let p = pmtu::build(
-                cx.me,
-                self.config.address,
-                pmtu::Message {
-                    kind: pmtu::Kind::Probe,
-                    id,
-                    size,
-                },
-                usize::from(size),
-            );
+            let p = self.message(cx.me, pmtu::Kind::Probe, id, size, usize::from(size));
             self.seal_and_send(&p, false, cx);
         }
         if let Some(mtu) = self.probes.mtu.result() {
