@@ -136,15 +136,12 @@ fn start(opts: &Settings, node_key: &[u8; 32], address: Ipv4Addr) -> anyhow::Res
     let (path_tx, path_rx) = mpsc::unbounded_channel();
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let tun = Arc::new(tun);
-    let data_task = tokio::spawn(dataplane::run(
-        node,
-        port.clone(),
-        tun.clone(),
-        inbox,
-        data_rx,
-        path_tx,
-        shutdown_rx,
-    ));
+    let devices = dataplane::Devices {
+        port: port.clone(),
+        tun: tun.clone(),
+        quic: inbox,
+    };
+    let data_task = tokio::spawn(dataplane::run(node, devices, data_rx, path_tx, shutdown_rx));
     Ok(Running {
         path_rx,
         port,

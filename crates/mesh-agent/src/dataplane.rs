@@ -286,17 +286,26 @@ pub enum PathEvent {
     },
 }
 
+/// What the data plane reads and writes: the node's UDP socket, the TUN device, and the inbox
+/// of the QUIC endpoint that shares the socket.
+pub struct Devices {
+    /// The one UDP socket.
+    pub port: UdpPort,
+    /// The overlay interface.
+    pub tun: std::sync::Arc<Tun>,
+    /// Where QUIC datagrams read from the socket go.
+    pub quic: QuicInbox,
+}
+
 /// Runs the data plane until `shutdown` flips.
-#[allow(clippy::too_many_arguments)]
 pub async fn run(
     mut node: Node,
-    port: UdpPort,
-    tun: std::sync::Arc<Tun>,
-    quic: QuicInbox,
+    devices: Devices,
     mut cmds: mpsc::Receiver<DataCmd>,
     events: mpsc::UnboundedSender<PathEvent>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let Devices { port, tun, quic } = devices;
     let mut counters = DriverCounters::default();
     let mut recv_bufs = vec![vec![0u8; RECV_BUF]; RECV_BATCH];
     let mut meta = vec![RecvMeta::default(); RECV_BATCH];

@@ -18,7 +18,7 @@
 //! says when to call `handle_timeout` next; [`Node::status`] reports peers, counters and
 //! punching.
 //!
-//! Inside, [`node`] only dispatches; the peer table is `peers`, each peer's parts are in
+//! Inside, [`node`] only dispatches ([`io`] holds its input and output types); the peer table is `peers`, each peer's parts are in
 //! `peer` (handshake schedule, path, probes), punching in [`birthday`], socket ownership in
 //! [`sockets`], the drop counters in [`counters`](mod@counters).
 //!
@@ -32,6 +32,7 @@ pub mod birthday;
 mod budget;
 pub mod counters;
 pub mod guard;
+pub mod io;
 pub mod node;
 mod outbox;
 pub mod packet;

@@ -1,6 +1,7 @@
 //! Unit tests of the node: two nodes wired back to back on an injected clock.
 
 use super::*;
+use crate::BirthdayStats;
 
 /// A UDP datagram the node sent.
 #[derive(Debug)]
