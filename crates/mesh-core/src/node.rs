@@ -20,7 +20,7 @@ use crate::packet;
 use crate::peer::probes::Purpose;
 pub use crate::peer::Timer;
 use crate::peer::{Peer, Received, TimerEnv};
-use crate::peers::PeerTable;
+use crate::peers::{PeerTable, Slot};
 use crate::pmtu;
 use crate::session::{self, Addressed, Output as Sealed, Session};
 use crate::sockets::Owner;
@@ -291,14 +291,13 @@ impl Node {
             self.out.counters.malformed_packets += 1;
             return;
         }
-        let Some(key) = self.peers.key_by_address(&dst) else {
+        let Some(slot) = self.peers.by_address(&dst) else {
             self.out.counters.no_route_packets += 1;
             return;
         };
+        let key = self.peers.key_at(slot);
         let mut cx = cx!(self, now);
-        let Some(peer) = self.peers.get_mut(&key) else {
-            return;
-        };
+        let peer = self.peers.at_mut(slot);
         if let Some(mtu) = peer.probes.mtu.result() {
             if packet.len() > usize::from(mtu) {
                 // The path cannot carry it: answer like a router would rather than send it
@@ -428,7 +427,7 @@ impl Node {
         if !self.guard_passes(via, datagram, now) {
             return;
         }
-        let Some(key) = self.find_peer(datagram) else {
+        let Some((key, slot)) = self.find_peer(datagram) else {
             return;
         };
         // The relay names the sender; WireGuard must agree.
@@ -446,10 +445,11 @@ impl Node {
             return;
         }
         let mut cx = cx!(self, now);
-        let Some(peer) = self.peers.get_mut(&key) else {
+        let Some(slot) = slot else {
             cx.out.counters.unknown_peer_packets += 1;
             return;
         };
+        let peer = self.peers.at_mut(slot);
         let was_established = peer.session.established();
         let was_busy = self.punching.busy();
         let Received::Authenticated(message) = peer.decapsulate(via, datagram, &mut cx) else {
@@ -515,18 +515,18 @@ impl Node {
         }
     }
 
-    /// The peer a datagram is for: a handshake initiation names its sender's key (after a DH),
-    /// everything else our receiver index.
-    fn find_peer(&mut self, datagram: &[u8]) -> Option<PublicKey> {
+    /// The peer a datagram is for, and where it sits if it is ours: a handshake initiation
+    /// names its sender's key (after a DH), everything else our receiver index.
+    fn find_peer(&mut self, datagram: &[u8]) -> Option<(PublicKey, Option<Slot>)> {
         match session::address_of(&self.secret, &self.public, datagram) {
-            Some(Addressed::Initiation(key)) => Some(key),
-            Some(Addressed::Index(index)) => {
-                let key = self.peers.key_by_index(index);
-                if key.is_none() {
+            Some(Addressed::Initiation(key)) => Some((key, self.peers.slot(&key))),
+            Some(Addressed::Index(index)) => match self.peers.by_index(index) {
+                Some(slot) => Some((self.peers.key_at(slot), Some(slot))),
+                None => {
                     self.out.counters.unknown_peer_packets += 1;
+                    None
                 }
-                key
-            }
+            },
             None => {
                 self.out.counters.malformed_packets += 1;
                 None

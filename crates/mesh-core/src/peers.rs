@@ -1,13 +1,14 @@
 //! The peer table: every peer by key, by overlay address and by WireGuard receiver index.
 //!
-//! The three maps always agree: a peer is in all of them or in none, no two peers share an
-//! overlay address, and an index names one peer. [`PeerTable::insert`] and
+//! The peers and the two maps always agree: a peer is in all of them or in none, no two peers
+//! share an overlay address, an index names one peer, and each map points at the peer's
+//! current position. [`PeerTable::insert`] and
 //! [`PeerTable::remove`] are the only ways in and out; everything else reads or mutates peers
 //! in place without touching the keys the maps hold.
 
 use crate::peer::Peer;
 use mesh_proto::PublicKey;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::Ipv4Addr;
 
@@ -43,12 +44,18 @@ impl Hasher for SmallKeyHasher {
 
 type SmallKeyMap<K, V> = HashMap<K, V, BuildHasherDefault<SmallKeyHasher>>;
 
+/// Where a peer sits in the table: valid until the next [`PeerTable::insert`] or
+/// [`PeerTable::remove`] (those shift the peers after it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Slot(usize);
+
 #[derive(Default)]
 pub(crate) struct PeerTable {
-    /// Ordered, so that timer work (and so a whole simulated run) is the same for a given seed.
-    by_key: BTreeMap<PublicKey, Peer>,
-    by_address: SmallKeyMap<Ipv4Addr, PublicKey>,
-    by_index: SmallKeyMap<u32, PublicKey>,
+    /// Sorted by key, so that timer work (and so a whole simulated run) is the same for a given
+    /// seed, and so that the per-packet lookups below lead straight to the peer.
+    peers: Vec<(PublicKey, Peer)>,
+    by_address: SmallKeyMap<Ipv4Addr, Slot>,
+    by_index: SmallKeyMap<u32, Slot>,
     next_index: u32,
 }
 
@@ -61,38 +68,63 @@ impl PeerTable {
         }
     }
 
+    fn find(&self, key: &PublicKey) -> Result<usize, usize> {
+        self.peers.binary_search_by(|(k, _)| k.cmp(key))
+    }
+
     pub(crate) fn get(&self, key: &PublicKey) -> Option<&Peer> {
-        self.by_key.get(key)
+        self.find(key).ok().map(|i| &self.peers[i].1)
     }
 
     pub(crate) fn get_mut(&mut self, key: &PublicKey) -> Option<&mut Peer> {
-        self.by_key.get_mut(key)
+        self.find(key).ok().map(|i| &mut self.peers[i].1)
     }
 
     pub(crate) fn contains(&self, key: &PublicKey) -> bool {
-        self.by_key.contains_key(key)
+        self.find(key).is_ok()
     }
 
     /// The peer that owns overlay address `ip`.
-    pub(crate) fn key_by_address(&self, ip: &Ipv4Addr) -> Option<PublicKey> {
+    pub(crate) fn by_address(&self, ip: &Ipv4Addr) -> Option<Slot> {
         self.by_address.get(ip).copied()
     }
 
     /// The peer whose session uses our receiver index `index`.
-    pub(crate) fn key_by_index(&self, index: u32) -> Option<PublicKey> {
+    pub(crate) fn by_index(&self, index: u32) -> Option<Slot> {
         self.by_index.get(&index).copied()
     }
 
+    /// The key of the peer that owns overlay address `ip`.
+    pub(crate) fn key_by_address(&self, ip: &Ipv4Addr) -> Option<PublicKey> {
+        self.by_address(ip).map(|s| self.peers[s.0].0)
+    }
+
+    /// Where the peer with `key` sits.
+    pub(crate) fn slot(&self, key: &PublicKey) -> Option<Slot> {
+        self.find(key).ok().map(Slot)
+    }
+
+    /// The key of the peer in `slot`.
+    pub(crate) fn key_at(&self, slot: Slot) -> PublicKey {
+        self.peers[slot.0].0
+    }
+
+    /// The peer in `slot` (from [`PeerTable::by_address`] or [`PeerTable::by_index`] since
+    /// the last insert or remove).
+    pub(crate) fn at_mut(&mut self, slot: Slot) -> &mut Peer {
+        &mut self.peers[slot.0].1
+    }
+
     pub(crate) fn keys(&self) -> impl Iterator<Item = &PublicKey> {
-        self.by_key.keys()
+        self.peers.iter().map(|(k, _)| k)
     }
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&PublicKey, &Peer)> {
-        self.by_key.iter()
+        self.peers.iter().map(|(k, p)| (k, p))
     }
 
     pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = (&PublicKey, &mut Peer)> {
-        self.by_key.iter_mut()
+        self.peers.iter_mut().map(|(k, p)| (&*k, p))
     }
 
     /// A fresh receiver index for a new peer: 24 bits (boringtun keeps the low 8 for the
@@ -114,28 +146,109 @@ impl PeerTable {
     /// that its key and address are free.
     pub(crate) fn insert(&mut self, peer: Peer) {
         let key = peer.config.key;
-        self.by_address.insert(peer.config.address, key);
-        self.by_index.insert(peer.index, key);
-        self.by_key.insert(key, peer);
+        // Not expected (the caller checked), but the maps must stay right.
+        self.remove(&key);
+        let Err(at) = self.find(&key) else { return };
+        self.peers.insert(at, (key, peer));
+        self.reslot(at);
     }
 
     /// Moves a peer to a new overlay address (the caller has checked it is free).
     pub(crate) fn readdress(&mut self, key: &PublicKey, address: Ipv4Addr) {
-        let Some(peer) = self.by_key.get_mut(key) else {
+        let Ok(i) = self.find(key) else {
             return;
         };
+        let peer = &mut self.peers[i].1;
         if peer.config.address != address {
             self.by_address.remove(&peer.config.address);
-            self.by_address.insert(address, *key);
+            self.by_address.insert(address, Slot(i));
             peer.config.address = address;
         }
     }
 
     /// Takes a peer out of every map.
     pub(crate) fn remove(&mut self, key: &PublicKey) -> Option<Peer> {
-        let peer = self.by_key.remove(key)?;
+        let i = self.find(key).ok()?;
+        let (_, peer) = self.peers.remove(i);
         self.by_address.remove(&peer.config.address);
         self.by_index.remove(&peer.index);
+        self.reslot(i);
         Some(peer)
+    }
+
+    /// Points the maps at the peers from position `from` on (they moved).
+    fn reslot(&mut self, from: usize) {
+        for (i, (_, peer)) in self.peers.iter().enumerate().skip(from) {
+            self.by_address.insert(peer.config.address, Slot(i));
+            self.by_index.insert(peer.index, Slot(i));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::Session;
+    use crate::PeerConfig;
+    use std::time::Instant;
+    use x25519_dalek::StaticSecret;
+
+    fn peer(table: &mut PeerTable, n: u8) -> Peer {
+        let config = PeerConfig {
+            key: PublicKey([n; 32]),
+            name: format!("p{n}"),
+            address: Ipv4Addr::new(100, 64, 1, n),
+            endpoints: vec![],
+            observed: None,
+        };
+        let index = table.allocate_index();
+        let session = Session::new(StaticSecret::from([7u8; 32]), config.key, None, index);
+        Peer::new(config, session, index, None, 1420, Instant::now())
+    }
+
+    /// Every peer is found by key, address and index, at the slot that holds it, and the
+    /// iteration is in key order.
+    fn check(table: &PeerTable, present: &[u8]) {
+        let keys: Vec<u8> = table.keys().map(|k| k.0[0]).collect();
+        let mut sorted = present.to_vec();
+        sorted.sort_unstable();
+        assert_eq!(keys, sorted);
+        assert_eq!(table.by_address.len(), present.len());
+        assert_eq!(table.by_index.len(), present.len());
+        for &n in present {
+            let key = PublicKey([n; 32]);
+            let p = table.get(&key).expect("by key");
+            let slot = table.by_address(&p.config.address).expect("by address");
+            assert_eq!(table.key_at(slot), key);
+            assert_eq!(table.by_index(p.index), Some(slot));
+            assert_eq!(table.slot(&key), Some(slot));
+        }
+    }
+
+    #[test]
+    fn maps_follow_inserts_and_removals_in_any_order() {
+        let mut table = PeerTable::new(5);
+        let mut present = Vec::new();
+        for n in [9u8, 3, 14, 1, 7, 12, 5] {
+            let p = peer(&mut table, n);
+            table.insert(p);
+            present.push(n);
+            check(&table, &present);
+        }
+        for n in [3u8, 12, 9] {
+            let gone = table.remove(&PublicKey([n; 32])).expect("present");
+            assert_eq!(gone.config.key, PublicKey([n; 32]));
+            assert!(table.by_index(gone.index).is_none());
+            present.retain(|&x| x != n);
+            check(&table, &present);
+        }
+        assert!(table.remove(&PublicKey([3; 32])).is_none());
+        table.readdress(&PublicKey([7; 32]), Ipv4Addr::new(100, 64, 2, 7));
+        assert!(table.by_address(&Ipv4Addr::new(100, 64, 1, 7)).is_none());
+        check(&table, &present);
+        // The same key again replaces the peer without leaving its old entries behind.
+        let again = peer(&mut table, 7);
+        table.insert(again);
+        check(&table, &present);
     }
 }

@@ -444,6 +444,9 @@ impl Peer {
     /// to `from`.
     pub(crate) fn heard_direct(&mut self, from: Endpoint, won: bool, cx: &mut Ctx<'_>) -> bool {
         let now = cx.now;
+        if self.path.heard_again(from, now) {
+            return false;
+        }
         // A path that is alive keeps the peer: a second one that also works (the socket a
         // birthday attempt won beside the main one, a LAN path beside the public one) would
         // otherwise take turns with it on every packet. A path quiet for PATH_PROBE_INTERVAL

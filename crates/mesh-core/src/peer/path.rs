@@ -178,6 +178,29 @@ impl PathState {
             .is_some_and(|d| d.endpoint != from && lately.is_none_or(|l| d.last_rx > l))
     }
 
+    /// The case of nearly every data packet: `from` is the direct path and the peer was heard
+    /// directly within PATH_PROBE_INTERVAL. Records it and returns true (there is nothing to
+    /// decide); otherwise changes nothing and returns false.
+    pub(crate) fn heard_again(&mut self, from: Endpoint, now: Instant) -> bool {
+        let Some(d) = self.direct.as_mut() else {
+            return false;
+        };
+        let Some(last) = self.last_direct_rx else {
+            return false;
+        };
+        if d.endpoint != from
+            || now
+                .checked_sub(PATH_PROBE_INTERVAL)
+                .is_some_and(|l| last <= l)
+        {
+            return false;
+        }
+        d.unanswered_since = None;
+        d.last_rx = now;
+        self.last_direct_rx = Some(now);
+        true
+    }
+
     /// An authenticated message came straight from `from`; returns when the peer was last heard
     /// directly before it.
     pub(crate) fn heard_direct(&mut self, from: Endpoint, now: Instant) -> Option<Instant> {
