@@ -572,10 +572,15 @@ fn secs(d: Option<Duration>) -> serde_json::Value {
 }
 
 /// The `counters` of `mesh status --json`: every node and driver counter under its field name.
-pub(crate) fn counters_json(node: &Counters, driver: &DriverCounters) -> serde_json::Value {
+pub(crate) fn counters_json(
+    node: &Counters,
+    driver: &DriverCounters,
+    birthday: &mesh_core::BirthdayStats,
+) -> serde_json::Value {
     node.entries()
         .iter()
         .chain(driver.entries().iter())
+        .chain(birthday.entries().iter())
         .map(|e| (e.name.to_owned(), json!(e.value)))
         .collect::<serde_json::Map<_, _>>()
         .into()
@@ -593,6 +598,7 @@ async fn status_json(
         peers,
         node: c,
         driver,
+        birthday,
         relay_of,
     }) = rx.await
     else {
@@ -638,7 +644,7 @@ async fn status_json(
             "mapping": mapping_kind(&observed),
         },
         "peers": peers,
-        "counters": counters_json(&c, &driver),
+        "counters": counters_json(&c, &driver, &birthday),
     })
 }
 

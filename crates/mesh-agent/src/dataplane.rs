@@ -179,6 +179,8 @@ pub struct DataStatus {
     pub node: mesh_core::Counters,
     /// Driver counters.
     pub driver: DriverCounters,
+    /// What birthday punching has cost and won.
+    pub birthday: mesh_core::BirthdayStats,
     /// The relay each peer's relayed traffic goes through now (`controller` or a region).
     pub relay_of: std::collections::HashMap<PublicKey, String>,
 }
@@ -297,6 +299,57 @@ pub struct Devices {
     pub quic: QuicInbox,
 }
 
+/// Batches of received datagrams handled before the timers when they come due (see `run`).
+const LATE_DRAIN_BATCHES: usize = 8;
+
+/// One batch from the UDP socket: QUIC to the endpoint, the rest to the node.
+fn udp_batch(
+    node: &mut Node,
+    quic: &QuicInbox,
+    counters: &mut DriverCounters,
+    bufs: &[Vec<u8>],
+    meta: &[RecvMeta],
+) {
+    let now = Instant::now();
+    for (buf, m) in bufs.iter().zip(meta) {
+        let stride = m.stride.max(1);
+        for datagram in buf[..m.len].chunks(stride) {
+            counters.udp_rx += 1;
+            match classify(datagram) {
+                DatagramKind::Quic => {
+                    if !quic.deliver(m.addr, datagram) {
+                        counters.quic_drops += 1;
+                    }
+                }
+                DatagramKind::WireGuard => {
+                    node.handle_datagram(Source::main(m.addr), datagram, now)
+                }
+                DatagramKind::Stun | DatagramKind::Unknown => {
+                    counters.unknown_datagrams += 1;
+                    // The node counts it as malformed too; kept in one place.
+                    node.handle_datagram(Source::main(m.addr), datagram, now);
+                }
+            }
+        }
+    }
+}
+
+/// One datagram from a relay connection: reassembled, then to the node.
+fn relay_datagram(
+    node: &mut Node,
+    link: &mut Framer,
+    counters: &mut DriverCounters,
+    d: &bytes::Bytes,
+) {
+    let now = Instant::now();
+    counters.relay_rx += 1;
+    match link.receive(d, now) {
+        Ok(Some((from, msg))) => node.handle_datagram(Source::Relay { from }, &msg, now),
+        Ok(None) => {}
+        Err(_) => counters.relay_drops += 1,
+    }
+}
+
 /// Runs the data plane until `shutdown` flips.
 pub async fn run(
     mut node: Node,
@@ -333,15 +386,7 @@ pub async fn run(
                 node.handle_datagram(source, &datagram, Instant::now());
             }
             Some(d) = relay_in.recv() => {
-                let now = Instant::now();
-                counters.relay_rx += 1;
-                match relay_link.receive(&d, now) {
-                    Ok(Some((from, msg))) => {
-                        node.handle_datagram(Source::Relay { from }, &msg, now);
-                    }
-                    Ok(None) => {}
-                    Err(_) => counters.relay_drops += 1,
-                }
+                relay_datagram(&mut node, &mut relay_link, &mut counters, &d);
             }
             r = async {
                 let mut slices: Vec<IoSliceMut<'_>> =
@@ -356,28 +401,7 @@ pub async fn run(
                         continue;
                     }
                 };
-                let now = Instant::now();
-                for (buf, m) in recv_bufs.iter().zip(meta.iter()).take(n) {
-                    let stride = m.stride.max(1);
-                    for datagram in buf[..m.len].chunks(stride) {
-                        counters.udp_rx += 1;
-                        match classify(datagram) {
-                            DatagramKind::Quic => {
-                                if !quic.deliver(m.addr, datagram) {
-                                    counters.quic_drops += 1;
-                                }
-                            }
-                            DatagramKind::WireGuard => {
-                                node.handle_datagram(Source::main(m.addr), datagram, now)
-                            }
-                            DatagramKind::Stun | DatagramKind::Unknown => {
-                                counters.unknown_datagrams += 1;
-                                // The node counts it as malformed too; kept in one place.
-                                node.handle_datagram(Source::main(m.addr), datagram, now);
-                            }
-                        }
-                    }
-                }
+                udp_batch(&mut node, &quic, &mut counters, &recv_bufs, &meta[..n]);
             }
             r = tun.recv(&mut tun_buf) => {
                 let now = Instant::now();
@@ -404,6 +428,24 @@ pub async fn run(
             }
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => {
                 tracing::trace!(timer = ?node.next_timer().map(|t| t.1), "node timers due");
+                // What arrived before the deadline goes first. When the agent itself ran late
+                // (a node at 100 % CPU), the answers to what it sent wait in the socket, and
+                // timers run before them would take a path that works for dead.
+                for _ in 0..LATE_DRAIN_BATCHES {
+                    let mut slices: Vec<IoSliceMut<'_>> =
+                        recv_bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+                    match port.try_recv(&mut slices, &mut meta) {
+                        Ok(n) => udp_batch(&mut node, &quic, &mut counters, &recv_bufs, &meta[..n]),
+                        Err(_) => break,
+                    }
+                }
+                while let Ok((id, from, datagram)) = extra_in.try_recv() {
+                    counters.extra_rx += 1;
+                    node.handle_datagram(Source::Udp { socket: id, from }, &datagram, Instant::now());
+                }
+                while let Ok(d) = relay_in.try_recv() {
+                    relay_datagram(&mut node, &mut relay_link, &mut counters, &d);
+                }
                 node.handle_timeout(Instant::now());
             }
             cmd = cmds.recv() => match cmd {
@@ -459,6 +501,7 @@ pub async fn run(
                         peers: status.peers,
                         node: status.counters,
                         driver: counters,
+                        birthday: status.birthday,
                         relay_of,
                     });
                 }

@@ -101,7 +101,8 @@ pub fn render(status: &DataStatus, control_connected: bool) -> String {
     let drops = Family::<ReasonLabels, Counter>::default();
     let node = status.node.entries();
     let driver = status.driver.entries();
-    for e in node.iter().chain(driver.iter()) {
+    let birthday = status.birthday.entries();
+    for e in node.iter().chain(driver.iter()).chain(birthday.iter()) {
         // The registry appends the full stop.
         let help = e.help.strip_suffix('.').unwrap_or(e.help);
         match e.metric {
@@ -216,6 +217,10 @@ mod tests {
                 extra_sockets: 2,
                 ..Default::default()
             },
+            birthday: mesh_core::BirthdayStats {
+                birthday_probes_sent: 11,
+                ..Default::default()
+            },
             relay_of: Default::default(),
         };
         let text = render(&status, true);
@@ -237,6 +242,7 @@ mod tests {
             "mesh_dropped_packets_total{reason=\"relay_reassembly\"} 9",
             "# TYPE mesh_extra_sockets_open gauge",
             "mesh_extra_sockets_open 2",
+            "mesh_birthday_probes_sent_total 11",
             "mesh_peer_path_mtu_bytes{peer=\"node-b\",address=\"100.64.0.2\"} 1340",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
@@ -251,14 +257,16 @@ mod tests {
             peers: vec![],
             node: Default::default(),
             driver: Default::default(),
+            birthday: Default::default(),
             relay_of: Default::default(),
         };
-        let json = crate::daemon::counters_json(&status.node, &status.driver);
+        let json = crate::daemon::counters_json(&status.node, &status.driver, &status.birthday);
         let text = render(&status, true);
         let node = status.node.entries();
         let driver = status.driver.entries();
+        let birthday = status.birthday.entries();
         let mut series = BTreeSet::new();
-        for e in node.iter().chain(driver.iter()) {
+        for e in node.iter().chain(driver.iter()).chain(birthday.iter()) {
             assert_eq!(
                 json[e.name].as_u64(),
                 Some(0),
@@ -277,7 +285,7 @@ mod tests {
         }
         assert_eq!(
             json.as_object().map(|o| o.len()),
-            Some(node.len() + driver.len()),
+            Some(node.len() + driver.len() + birthday.len()),
             "two counters share a key in {json:#}"
         );
         let types: Vec<&str> = text.lines().filter(|l| l.starts_with("# TYPE ")).collect();

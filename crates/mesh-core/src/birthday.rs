@@ -124,21 +124,24 @@ impl BirthdayConfig {
     }
 }
 
-/// What birthday attempts have cost and won so far.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct BirthdayStats {
-    /// Attempts this node started on its own schedule.
-    pub attempts: u64,
-    /// Attempts this node started because the peer asked it to join.
-    pub joined: u64,
-    /// Attempts (of either kind) that ended with a direct path to the peer.
-    pub succeeded: u64,
-    /// Extra sockets opened.
-    pub sockets_opened: u64,
-    /// Probes sent (from extra sockets and sprayed from the main socket).
-    pub probes_sent: u64,
-    /// Joins answered by spraying only, because an attempt toward another peer was in flight.
-    pub side_sprays: u64,
+crate::counters! {
+    /// What birthday attempts have cost and won so far. Shown with the other counters in
+    /// `mesh status --json` and Prometheus.
+    pub struct BirthdayStats {
+        /// Birthday attempts this node started on its own schedule.
+        birthday_attempts: Counter("birthday_attempts"),
+        /// Birthday attempts this node started because the peer asked it to join.
+        birthday_joined: Counter("birthday_joined"),
+        /// Birthday attempts (of either kind) that ended with a direct path to the peer.
+        birthday_succeeded: Counter("birthday_succeeded"),
+        /// Extra sockets opened for birthday attempts.
+        birthday_sockets_opened: Counter("birthday_sockets_opened"),
+        /// Birthday probes sent (from extra sockets and sprayed from the main socket).
+        birthday_probes_sent: Counter("birthday_probes_sent"),
+        /// Birthday joins answered by spraying only, because an attempt toward another peer
+        /// was in flight.
+        birthday_side_sprays: Counter("birthday_side_sprays"),
+    }
 }
 
 /// When a peer gets its next attempt.
@@ -459,7 +462,7 @@ impl Punching {
 
     /// A probe of an intent went out.
     pub(crate) fn probe_sent(&mut self) {
-        self.stats.probes_sent += 1;
+        self.stats.birthday_probes_sent += 1;
     }
 
     /// Ends the attempt in flight: closes every socket of it that no peer kept.
@@ -468,7 +471,7 @@ impl Punching {
             return;
         };
         if success {
-            self.stats.succeeded += 1;
+            self.stats.birthday_succeeded += 1;
         }
         tracing::debug!(peer = %attempt.peer, success, sprayed = attempt.sprayed(), "birthday attempt over");
         for id in attempt.sockets {
@@ -531,10 +534,10 @@ impl Punching {
         };
         punch.schedule.started(now);
         if initiator {
-            self.stats.attempts += 1;
+            self.stats.birthday_attempts += 1;
             out.push((key, Intent::Join));
         } else {
-            self.stats.joined += 1;
+            self.stats.birthday_joined += 1;
         }
         tracing::debug!(peer = %key, initiator, sockets = config.sockets, probes = config.probes, %spray_ip, "birthday attempt");
         let mut sockets = Vec::with_capacity(usize::from(config.sockets));
@@ -543,7 +546,7 @@ impl Punching {
                 break;
             };
             out.push((key, Intent::Open(id)));
-            self.stats.sockets_opened += 1;
+            self.stats.birthday_sockets_opened += 1;
             sockets.push(id);
             for dst in &targets {
                 out.push((
@@ -589,7 +592,7 @@ impl Punching {
             return;
         };
         if punch.schedule.take_side_spray(now) {
-            self.stats.side_sprays += 1;
+            self.stats.birthday_side_sprays += 1;
             tracing::debug!(peer = %key, %spray_ip, "birthday join while busy: spraying only");
             self.side_sprays
                 .push(Attempt::new(key, Vec::new(), spray_ip, now));

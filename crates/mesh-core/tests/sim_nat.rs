@@ -618,7 +618,7 @@ fn symmetric_meets(
         let mut tries = Vec::new();
         for n in [sym, other] {
             let s = sim.nodes[n].node.status(sim.now).birthday;
-            tries.push(s.attempts + s.joined);
+            tries.push(s.birthday_attempts + s.birthday_joined);
         }
         assert!(pings_direct_both_ways(&mut sim, sym, other), "seed {seed}");
         if let Some(nb) = neighbour {
@@ -726,7 +726,7 @@ fn retries_converge_when_attempts_miss() {
         let s = sim.nodes[pr].node.status(sim.now).birthday;
         eprintln!("K = 64, seed {seed}: direct after {took:?}, {s:?}");
         let took = took.unwrap_or_else(|| panic!("seed {seed}: still relayed after 10 min"));
-        let tries = s.attempts + s.joined;
+        let tries = s.birthday_attempts + s.birthday_joined;
         if tries > 1 {
             retried += 1;
             assert!(
@@ -771,14 +771,14 @@ fn stays_relayed_at_bounded_cost(seed: u64, kinds: [Behaviour; 2]) {
         let io = sim.nodes[i].io;
         let s = sim.nodes[i].node.status(sim.now).birthday;
         eprintln!("{kinds:?} node {i} after 5 min: {io:?} {s:?}");
-        assert_eq!(s.succeeded, 0);
-        let attempts = s.attempts + s.joined;
+        assert_eq!(s.birthday_succeeded, 0);
+        let attempts = s.birthday_attempts + s.birthday_joined;
         assert!(attempts <= ATTEMPTS_IN_FIVE_MINUTES, "{s:?}");
-        assert_eq!(s.probes_sent, attempts * per_attempt, "{s:?}");
+        assert_eq!(s.birthday_probes_sent, attempts * per_attempt, "{s:?}");
         // Everything else a node sends in 5 min is a few dozen datagrams (candidate rounds,
         // handshakes, keepalives).
         assert!(
-            io.sent_main + io.sent_extra <= s.probes_sent + 300,
+            io.sent_main + io.sent_extra <= s.birthday_probes_sent + 300,
             "{io:?}"
         );
         assert!(io.max_sockets <= 256, "{io:?}");
@@ -828,11 +828,11 @@ fn no_attempt_toward_a_peer_with_only_private_candidates() {
     for i in [n[1], n[2]] {
         // Their attempts are with each other only (one pair, so 1-2 attempts in 2 min).
         let s = sim.nodes[i].node.status(sim.now).birthday;
-        assert!(s.attempts + s.joined <= 1 + 1, "{s:?}");
+        assert!(s.birthday_attempts + s.birthday_joined <= 1 + 1, "{s:?}");
     }
     // The blocked node tries (it cannot know), joined by nobody.
     let s = sim.nodes[n[0]].node.status(sim.now).birthday;
-    assert!(s.attempts >= 2 && s.joined == 0, "{s:?}");
+    assert!(s.birthday_attempts >= 2 && s.birthday_joined == 0, "{s:?}");
 }
 
 #[test]

@@ -95,6 +95,17 @@ impl UdpPort {
         }
     }
 
+    /// [`UdpPort::recv`] without waiting: `WouldBlock` when nothing is there.
+    pub fn try_recv(
+        &self,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> io::Result<usize> {
+        self.inner.io.try_io(Interest::READABLE, || {
+            self.inner.state.recv((&self.inner.io).into(), bufs, meta)
+        })
+    }
+
     /// Sends one datagram or GSO batch, waiting for buffer space if needed. Send errors that
     /// concern one destination (unreachable, and so on) are returned for the caller to count.
     ///

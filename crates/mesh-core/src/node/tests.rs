@@ -865,7 +865,7 @@ fn attempt_opens_sockets_and_probes_the_public_candidate_from_each() {
     assert_eq!(from, opened, "one probe per socket, after its OpenSocket");
     assert!(probes.iter().all(|t| t.dst == r.p.b_addr));
     assert_eq!(r.p.a.status(Instant::now()).extra_sockets, 4);
-    assert_eq!(r.p.a.status(Instant::now()).birthday.attempts, 1);
+    assert_eq!(r.p.a.status(Instant::now()).birthday.birthday_attempts, 1);
 }
 
 #[test]
@@ -896,7 +896,7 @@ fn probe_on_an_extra_socket_makes_it_the_peers_and_closes_the_others() {
     }));
     assert_eq!(r.p.a.local_socket(&kb), Some(won));
     assert_eq!(r.p.a.status(Instant::now()).extra_sockets, 1);
-    assert_eq!(r.p.a.status(Instant::now()).birthday.succeeded, 1);
+    assert_eq!(r.p.a.status(Instant::now()).birthday.birthday_succeeded, 1);
     // The answer goes back at once from the winning socket, so b upgrades too ...
     let answer = r.p.a.poll_udp().expect("answer");
     assert_eq!((answer.socket, answer.dst), (won, m));
@@ -1034,9 +1034,9 @@ fn failed_attempt_closes_every_socket_and_the_retry_backs_off_on_fresh_ports() {
     );
     assert_eq!(r.p.a.status(Instant::now()).extra_sockets, 0);
     let s = r.p.a.status(Instant::now()).birthday;
-    assert_eq!((s.attempts, s.succeeded), (2, 0));
+    assert_eq!((s.birthday_attempts, s.birthday_succeeded), (2, 0));
     assert_eq!(
-        s.probes_sent,
+        s.birthday_probes_sent,
         2 * (u64::from(SMALL.sockets) + u64::from(SMALL.probes))
     );
 }
@@ -1057,11 +1057,11 @@ fn pair_where_a_starts(prepare: impl FnOnce(&mut Relayed)) -> Relayed {
     assert!(r.send_a_to_b(1));
     for _ in 0..40 {
         r.tick();
-        if r.p.a.status(Instant::now()).birthday.attempts > 0 {
+        if r.p.a.status(Instant::now()).birthday.birthday_attempts > 0 {
             break;
         }
     }
-    assert_eq!(r.p.a.status(Instant::now()).birthday.attempts, 1);
+    assert_eq!(r.p.a.status(Instant::now()).birthday.birthday_attempts, 1);
     r
 }
 
@@ -1070,7 +1070,7 @@ fn the_peer_joins_an_attempt_at_once() {
     let r = pair_where_a_starts(|_| {});
     // The relay delivered a's signal within the same drive: b runs its attempt too.
     let s = r.p.b.status(Instant::now()).birthday;
-    assert_eq!((s.attempts, s.joined), (0, 1));
+    assert_eq!((s.birthday_attempts, s.birthday_joined), (0, 1));
     assert_eq!(
         r.p.b.status(Instant::now()).extra_sockets,
         usize::from(SMALL.sockets)
@@ -1103,8 +1103,8 @@ fn a_busy_peer_answers_a_join_by_spraying_only() {
         r.tick();
     }
     let s = r.p.b.status(Instant::now()).birthday;
-    assert_eq!((s.joined, s.side_sprays), (0, 1), "{s:?}");
-    assert_eq!(s.probes_sent, u64::from(SMALL.probes));
+    assert_eq!((s.birthday_joined, s.birthday_side_sprays), (0, 1), "{s:?}");
+    assert_eq!(s.birthday_probes_sent, u64::from(SMALL.probes));
     assert_eq!(r.p.b.status(Instant::now()).extra_sockets, 0);
     // A second join within the spacing is not answered again.
     let before = r.p.b.status(Instant::now()).birthday;
@@ -1112,8 +1112,8 @@ fn a_busy_peer_answers_a_join_by_spraying_only() {
         r.tick();
     }
     assert_eq!(
-        r.p.b.status(Instant::now()).birthday.side_sprays,
-        before.side_sprays
+        r.p.b.status(Instant::now()).birthday.birthday_side_sprays,
+        before.birthday_side_sprays
     );
 }
 

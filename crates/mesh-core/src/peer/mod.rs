@@ -576,8 +576,8 @@ impl Peer {
     pub(crate) fn path_timers(&mut self, cx: &mut Ctx<'_>) {
         let relay_up = cx.out.relay_up;
         match self.path.poll_direct(relay_up, cx.now) {
-            DirectDue::Dead => {
-                tracing::debug!(peer = %self.config.key, "direct path silent; falling back to the relay");
+            DirectDue::Dead { quiet } => {
+                tracing::debug!(peer = %self.config.key, quiet_ms = quiet.as_millis() as u64, "direct path silent; falling back to the relay");
                 self.punch.schedule.reset();
                 cx.out.events.push_back(Event::PathChanged {
                     key: self.key(),

@@ -86,7 +86,10 @@ pub(crate) enum DirectDue {
     /// Send a liveness probe on the path.
     Probe,
     /// The path is dead: it was dropped; traffic goes to the relay.
-    Dead,
+    Dead {
+        /// How long it went unanswered.
+        quiet: Duration,
+    },
 }
 
 /// How traffic reaches the peer, and when it last went straight to it and back.
@@ -246,7 +249,7 @@ impl PathState {
         if quiet >= PATH_TIMEOUT && relay_up {
             self.direct = None;
             self.rounds.restart();
-            DirectDue::Dead
+            DirectDue::Dead { quiet }
         } else if quiet >= PATH_PROBE_INTERVAL
             && d.last_probe
                 .is_none_or(|t| now.saturating_duration_since(t) >= PATH_PROBE_INTERVAL)
