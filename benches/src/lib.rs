@@ -92,6 +92,7 @@ pub fn node_pair() -> (Node, Node, SocketAddr, SocketAddr) {
             address: ib,
             endpoints: vec![eb],
             observed: None,
+            nat: None,
         }],
         now,
     );
@@ -102,6 +103,7 @@ pub fn node_pair() -> (Node, Node, SocketAddr, SocketAddr) {
             address: ia,
             endpoints: vec![ea],
             observed: None,
+            nat: None,
         }],
         now,
     );

@@ -41,6 +41,11 @@ enum Command {
         /// Most QUIC connections open at once; more are refused and logged [default: 10000].
         #[arg(long, value_name = "N")]
         max_connections: Option<usize>,
+        /// UDP address of the STUN observer, which tells each node how its NAT maps (a second
+        /// view of its socket beside the QUIC one); `off` to run none [default: the listen
+        /// address's IP, port 3478].
+        #[arg(long, value_name = "ADDR|off")]
+        observer_listen: Option<String>,
     },
     /// Run a standalone relay (one region) in the foreground. Register it on the controller
     /// with `mesh-controller region add`.
@@ -177,6 +182,8 @@ struct FileConfig {
     state_dir: Option<PathBuf>,
     listen: Option<SocketAddr>,
     metrics_listen: Option<String>,
+    /// For `serve`: the STUN observer's address, or `off`.
+    observer_listen: Option<String>,
     log: Option<String>,
     /// For `relay`: the controller's public key.
     controller_key: Option<String>,
@@ -184,6 +191,21 @@ struct FileConfig {
 
 const DEFAULT_CONFIG: &str = "/etc/mesh/mesh-controller.toml";
 const DEFAULT_RELAY_CONFIG: &str = "/etc/mesh/mesh-relay.toml";
+
+/// The STUN observer's address: `off` (or empty) for none, absent for the listen address's IP
+/// on port 3478 (STUN's own port).
+fn parse_observer_listen(
+    value: Option<&str>,
+    listen: SocketAddr,
+) -> anyhow::Result<Option<SocketAddr>> {
+    match value.map(str::trim) {
+        None => Ok(Some(SocketAddr::new(listen.ip(), 3478))),
+        Some("" | "off") => Ok(None),
+        Some(s) => Ok(Some(s.parse().with_context(|| {
+            format!("invalid observer_listen {s:?}; use an address such as 0.0.0.0:3478, or off")
+        })?)),
+    }
+}
 
 /// `metrics_listen` from the config file: empty or absent means off.
 fn parse_metrics_listen(value: Option<&str>) -> anyhow::Result<Option<SocketAddr>> {
@@ -317,6 +339,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             metrics_listen,
             max_connections,
+            observer_listen,
         } => {
             let listen = listen
                 .or(file.listen)
@@ -327,10 +350,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             mesh_service::init_logging(file.log.as_deref().unwrap_or("info"));
             let rt = tokio::runtime::Runtime::new()?;
+            let observer = parse_observer_listen(
+                observer_listen
+                    .as_deref()
+                    .or(file.observer_listen.as_deref()),
+                listen,
+            )?;
             rt.block_on(mesh_controller::server::serve_with(
                 state,
                 listen,
                 metrics_listen,
+                observer,
                 server_limits(max_connections)?,
             ))
         }

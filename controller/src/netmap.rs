@@ -142,6 +142,7 @@ mod tests {
             endpoints: vec![([192, 0, 2, n], port).into()],
             relay: None,
             observed: Some(([192, 0, 2, n], port).into()),
+            nat: None,
         }
     }
 

@@ -154,6 +154,8 @@ struct Ctx {
     /// One connection per node key.
     current: Mutex<HashMap<(i64, PublicKey), Current>>,
     stats: Arc<Stats>,
+    /// Where the STUN observer answers (told to nodes in the Welcome), if it runs.
+    observer: Option<SocketAddr>,
 }
 
 enum HubCmd {
@@ -187,6 +189,34 @@ impl Controller {
         listen: SocketAddr,
         limits: ServerLimits,
     ) -> anyhow::Result<Controller> {
+        Self::bind_with_observer(state, listen, None, limits)
+    }
+
+    /// [`Controller::bind`], plus the STUN observer on `observer` (see [`observe`]). An
+    /// observer that cannot bind is logged and left off: nodes then cannot tell
+    /// endpoint-independent from endpoint-dependent NATs, and punch as if dependent.
+    pub fn bind_with_observer(
+        state: &StateDir,
+        listen: SocketAddr,
+        observer: Option<SocketAddr>,
+        limits: ServerLimits,
+    ) -> anyhow::Result<Controller> {
+        let observer = observer.and_then(|addr| match std::net::UdpSocket::bind(addr)
+            .and_then(|s| {
+                s.set_nonblocking(true)?;
+                tokio::net::UdpSocket::from_std(s)
+            }) {
+            Ok(socket) => {
+                let bound = socket.local_addr().unwrap_or(addr);
+                info!(%bound, "STUN observer listening (nodes learn their NAT kind from it)");
+                tokio::spawn(observe(socket));
+                Some(bound)
+            }
+            Err(e) => {
+                warn!(%addr, error = %e, "cannot bind the STUN observer; nodes will not learn their NAT kind (use --observer-listen to pick another address)");
+                None
+            }
+        });
         let secret = state.controller_key()?;
         let store = state.open_store()?;
         store.reset_connections()?;
@@ -210,6 +240,7 @@ impl Controller {
             next_id: AtomicU64::new(1),
             current: Mutex::new(HashMap::new()),
             stats,
+            observer,
         });
         Ok(Controller {
             endpoint,
@@ -269,13 +300,36 @@ impl Controller {
     }
 }
 
+/// The STUN observer: answers every binding request with the address it came from. A node asks
+/// from its one UDP socket; the answer, beside the address the QUIC side sees, tells it whether
+/// its NAT maps per destination. Requests shorter than the answer get none (see
+/// `mesh_proto::stun`), so the observer amplifies nothing.
+async fn observe(socket: tokio::net::UdpSocket) {
+    let mut buf = vec![0u8; mesh_proto::stun::MAX_LEN + 1];
+    loop {
+        let (n, from) = match socket.recv_from(&mut buf).await {
+            Ok(r) => r,
+            Err(e) => {
+                debug!(error = %e, "STUN observer receive failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        if let Some(id) = mesh_proto::stun::parse_request(&buf[..n]) {
+            let _ = socket
+                .send_to(&mesh_proto::stun::answer(id, from), from)
+                .await;
+        }
+    }
+}
+
 /// Runs the controller until SIGINT/SIGTERM, with the default connection limits.
 pub async fn serve(
     state: StateDir,
     listen: SocketAddr,
     metrics_listen: Option<SocketAddr>,
 ) -> anyhow::Result<()> {
-    serve_with(state, listen, metrics_listen, ServerLimits::default()).await
+    serve_with(state, listen, metrics_listen, None, ServerLimits::default()).await
 }
 
 /// [`serve`] with explicit connection limits.
@@ -283,9 +337,10 @@ pub async fn serve_with(
     state: StateDir,
     listen: SocketAddr,
     metrics_listen: Option<SocketAddr>,
+    observer: Option<SocketAddr>,
     limits: ServerLimits,
 ) -> anyhow::Result<()> {
-    let controller = Controller::bind(&state, listen, limits)?;
+    let controller = Controller::bind_with_observer(&state, listen, observer, limits)?;
     state.write_listen_addr(listen)?;
     if let Some(addr) = metrics_listen {
         std::net::TcpListener::bind(addr)
@@ -402,6 +457,7 @@ async fn handle(incoming: quinn::Incoming, mut slot: Slot, ctx: Arc<Ctx>) -> any
     let observed = conn.remote_address();
     let now = unix_now();
     let mut home = None;
+    let mut hello_nat = None;
     let result: Result<Admission, StoreError> = match first {
         Ok(Ok(ClientMsg::Join {
             token_id,
@@ -429,9 +485,11 @@ async fn handle(incoming: quinn::Incoming, mut slot: Slot, ctx: Arc<Ctx>) -> any
             network,
             endpoints,
             home_relay,
+            nat,
         })) => {
             let mut store = lock(&ctx);
             home = home_relay.clone();
+            hello_nat = nat;
             store
                 .hello(
                     &network,
@@ -518,6 +576,7 @@ async fn handle(incoming: quinn::Incoming, mut slot: Slot, ctx: Arc<Ctx>) -> any
             peers: view.values().cloned().collect(),
             relays: relay_infos(&ctx.secret, &relays, &adm.network, &key, &revoked),
             observed: Some(observed),
+            observer: ctx.observer,
         })
         .encode(),
     )
@@ -543,14 +602,18 @@ async fn handle(incoming: quinn::Incoming, mut slot: Slot, ctx: Arc<Ctx>) -> any
         endpoints: adm.endpoints.clone(),
         observed: netmap::usable_observed(observed, overlay),
         home_relay: home,
+        nat: hello_nat,
     };
+    if hello_nat.is_some() {
+        lock(&ctx).heartbeat(adm.network_id, &key, &reported, unix_now())?;
+    }
     let mut written_at = Instant::now();
     let mut left = false;
     let mut removed = false;
     loop {
         tokio::select! {
             msg = rx.recv() => match msg.map(|b| decode_client(&b)) {
-                Ok(Ok(ClientMsg::Heartbeat { endpoints, home_relay })) => {
+                Ok(Ok(ClientMsg::Heartbeat { endpoints, home_relay, nat })) => {
                     match limiter.check(Instant::now()) {
                         Verdict::Accept => {}
                         Verdict::Drop => {
@@ -571,7 +634,7 @@ async fn handle(incoming: quinn::Incoming, mut slot: Slot, ctx: Arc<Ctx>) -> any
                         Stats::inc(&ctx.stats.candidates_refused, refused as u64);
                         debug!(refused, "reported candidates refused");
                     }
-                    let report = NodeReport { endpoints, observed, home_relay };
+                    let report = NodeReport { endpoints, observed, home_relay, nat };
                     if report != reported || written_at.elapsed() >= LAST_SEEN_EVERY {
                         lock(&ctx).heartbeat(adm.network_id, &key, &report, unix_now())?;
                         Stats::inc(&ctx.stats.heartbeat_writes, 1);
@@ -912,6 +975,7 @@ mod tests {
             let hb = ClientMsg::Heartbeat {
                 endpoints: eps,
                 home_relay: None,
+                nat: None,
             };
             a.tx.send(&hb.encode()).await.unwrap();
         }
@@ -942,6 +1006,7 @@ mod tests {
             let hb = ClientMsg::Heartbeat {
                 endpoints: vec![SocketAddr::from(([192, 0, 2, 7], 2999))],
                 home_relay: None,
+                nat: None,
             };
             a.tx.send(&hb.encode()).await.unwrap();
             tokio::time::sleep(Duration::from_millis(1100)).await;

@@ -12,7 +12,7 @@
 //! The database file (and SQLite's `-wal`/`-shm` files beside it) is readable by its owner only:
 //! it holds token hashes and the membership of every network.
 
-use mesh_proto::control::{ErrorCode, PeerInfo};
+use mesh_proto::control::{ErrorCode, NatKind, PeerInfo};
 use mesh_proto::PublicKey;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::Serialize;
@@ -292,6 +292,13 @@ impl Store {
                      WHERE json_valid(endpoints) AND json_array_length(endpoints) > 0;
                  COMMIT;",
             )?;
+        }
+        // Added with NAT kinds: what the node found out about its own NAT.
+        let has_nat: bool = conn
+            .prepare("SELECT 1 FROM pragma_table_info('nodes') WHERE name = 'nat'")?
+            .exists([])?;
+        if !has_nat {
+            conn.execute_batch("ALTER TABLE nodes ADD COLUMN nat TEXT")?;
         }
         // SQLite creates -wal and -shm with the database file's mode; older versions of this
         // controller left them readable by all.
@@ -592,7 +599,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         self.conn.execute(
             "UPDATE nodes SET endpoints = ?1, last_seen = ?2, connected = 1, observed = ?5,
-                 home_relay = ?6
+                 home_relay = ?6, nat = ?7
              WHERE network_id = ?3 AND key = ?4 AND removed_at IS NULL",
             params![
                 endpoints_json(&report.endpoints),
@@ -601,6 +608,7 @@ impl Store {
                 key.to_string(),
                 report.observed.map(|o| o.to_string()),
                 report.home_relay,
+                report.nat.map(nat_text),
             ],
         )?;
         Ok(())
@@ -734,7 +742,7 @@ impl Store {
     /// and `observed` apart (`netmap::view_for` decides what each viewer gets).
     pub fn peers(&self, network_id: i64) -> Result<Vec<PeerInfo>, StoreError> {
         let mut st = self.conn.prepare(
-            "SELECT n.key, n.name, n.address, n.endpoints, r.name, n.observed FROM nodes n
+            "SELECT n.key, n.name, n.address, n.endpoints, r.name, n.observed, n.nat FROM nodes n
              LEFT JOIN relays r ON r.name = n.home_relay
              WHERE n.network_id = ?1 AND n.removed_at IS NULL ORDER BY n.address",
         )?;
@@ -746,11 +754,12 @@ impl Store {
                 r.get::<_, String>(3)?,
                 r.get::<_, Option<String>>(4)?,
                 r.get::<_, Option<String>>(5)?,
+                r.get::<_, Option<String>>(6)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (key, name, address, endpoints, relay, observed) = row?;
+            let (key, name, address, endpoints, relay, observed, nat) = row?;
             let Ok(key) = key.parse() else { continue };
             out.push(PeerInfo {
                 key,
@@ -759,6 +768,7 @@ impl Store {
                 endpoints: serde_json::from_str(&endpoints).unwrap_or_default(),
                 relay,
                 observed: observed.and_then(|o| o.parse().ok()),
+                nat: nat.as_deref().and_then(nat_from_text),
             });
         }
         Ok(out)
@@ -896,6 +906,27 @@ pub struct NodeReport {
     pub observed: Option<SocketAddr>,
     /// The node's home relay (`None`: the controller's).
     pub home_relay: Option<String>,
+    /// The node's NAT kind as it found it (`None`: not known yet, or an older agent).
+    pub nat: Option<NatKind>,
+}
+
+/// How a NAT kind is stored.
+fn nat_text(kind: NatKind) -> &'static str {
+    match kind {
+        NatKind::Public => "public",
+        NatKind::EndpointIndependent => "endpoint_independent",
+        NatKind::EndpointDependent => "endpoint_dependent",
+    }
+}
+
+fn nat_from_text(s: &str) -> Option<NatKind> {
+    [
+        NatKind::Public,
+        NatKind::EndpointIndependent,
+        NatKind::EndpointDependent,
+    ]
+    .into_iter()
+    .find(|k| nat_text(*k) == s)
 }
 
 fn endpoints_json(endpoints: &[SocketAddr]) -> String {
@@ -1388,6 +1419,7 @@ mod tests {
             endpoints: vec!["198.51.100.4:51820".parse().unwrap()],
             observed: Some("203.0.113.5:40000".parse().unwrap()),
             home_relay: None,
+            nat: None,
         };
         s.heartbeat(a.network_id, &key(1), &report, T0 + 1).unwrap();
         let p = &s.peers(a.network_id).unwrap()[0];
@@ -1397,6 +1429,20 @@ mod tests {
         );
         let row = &s.nodes("prod", T0 + 1).unwrap()[0];
         assert_eq!(row.endpoints[0], report.observed.unwrap(), "observed first");
+        assert_eq!(p.nat, None);
+        // The NAT kind, once the node knows it, reaches its peers' lists.
+        for kind in [
+            NatKind::EndpointDependent,
+            NatKind::EndpointIndependent,
+            NatKind::Public,
+        ] {
+            let report = NodeReport {
+                nat: Some(kind),
+                ..report.clone()
+            };
+            s.heartbeat(a.network_id, &key(1), &report, T0 + 2).unwrap();
+            assert_eq!(s.peers(a.network_id).unwrap()[0].nat, Some(kind));
+        }
     }
 
     #[test]

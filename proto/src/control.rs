@@ -26,6 +26,44 @@ pub const MAX_RELAY_ADDR: usize = 255;
 /// Most revocations announced per relay (the newest removals first).
 pub const MAX_REVOCATIONS: usize = 64;
 
+/// How a node's NAT maps its UDP socket, as the node found out from two observations of it
+/// (the controller's QUIC side and its STUN observer, two destinations).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NatKind {
+    /// No NAT: the controller sees the node at one of its own addresses.
+    Public,
+    /// One mapping for every destination (peers can reach the mapping the controller sees).
+    EndpointIndependent,
+    /// A mapping per destination ("symmetric"): only birthday punching or a port mapping on
+    /// the router gets a peer through.
+    EndpointDependent,
+}
+
+impl NatKind {
+    /// What two observations of one socket, from two destinations, say (`own`: the node's own
+    /// addresses with its port).
+    pub fn from_observations(own: &[SocketAddr], first: SocketAddr, second: SocketAddr) -> NatKind {
+        if own.contains(&first) && first == second {
+            NatKind::Public
+        } else if first == second {
+            NatKind::EndpointIndependent
+        } else {
+            NatKind::EndpointDependent
+        }
+    }
+}
+
+impl std::fmt::Display for NatKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NatKind::Public => "none (public address)",
+            NatKind::EndpointIndependent => "endpoint-independent",
+            NatKind::EndpointDependent => "endpoint-dependent",
+        })
+    }
+}
+
 /// Messages a node sends to the controller. Its `Debug` form never shows the token secret.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -51,6 +89,9 @@ pub enum ClientMsg {
         /// controller's embedded relay.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         home_relay: Option<String>,
+        /// The node's NAT kind, once it knows it (from an earlier connection).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        nat: Option<NatKind>,
     },
     /// Periodic liveness and endpoint refresh.
     Heartbeat {
@@ -59,6 +100,9 @@ pub enum ClientMsg {
         /// The node's home relay, as in `Hello`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         home_relay: Option<String>,
+        /// The node's NAT kind, as in `Hello`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        nat: Option<NatKind>,
     },
     /// The node leaves the network for good; the controller deletes it.
     Leave,
@@ -83,19 +127,23 @@ impl std::fmt::Debug for ClientMsg {
                 network,
                 endpoints,
                 home_relay,
+                nat,
             } => f
                 .debug_struct("Hello")
                 .field("network", network)
                 .field("endpoints", endpoints)
                 .field("home_relay", home_relay)
+                .field("nat", nat)
                 .finish(),
             ClientMsg::Heartbeat {
                 endpoints,
                 home_relay,
+                nat,
             } => f
                 .debug_struct("Heartbeat")
                 .field("endpoints", endpoints)
                 .field("home_relay", home_relay)
+                .field("nat", nat)
                 .finish(),
             ClientMsg::Leave => f.write_str("Leave"),
         }
@@ -151,6 +199,12 @@ pub struct Welcome {
     /// The node's address as the controller sees it: its public mapping.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed: Option<SocketAddr>,
+    /// Where the controller's STUN observer answers binding requests: a second destination
+    /// whose view of the node's mapping, beside `observed`, tells the node its [`NatKind`]. An
+    /// unspecified IP means the address the node reached the controller at. `None` from older
+    /// controllers or with the observer off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observer: Option<SocketAddr>,
 }
 
 /// One peer as the controller describes it.
@@ -172,6 +226,9 @@ pub struct PeerInfo {
     /// mapping); `None` from older controllers or for a peer never seen connected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed: Option<SocketAddr>,
+    /// The peer's NAT kind as it reported it; `None` while unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat: Option<NatKind>,
 }
 
 /// A standalone relay (one region) as the controller announces it to a node.
@@ -404,6 +461,7 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientMsg, DecodeError> {
             network,
             endpoints,
             home_relay,
+            ..
         } => {
             if !valid_name(network) {
                 return Err(DecodeError::Bounds("network"));
@@ -414,6 +472,7 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientMsg, DecodeError> {
         ClientMsg::Heartbeat {
             endpoints,
             home_relay,
+            ..
         } => {
             check_endpoints(endpoints)?;
             check_home(home_relay)?;
@@ -485,6 +544,30 @@ mod debug_tests {
 mod tests {
     use super::*;
 
+    #[test]
+    fn nat_kind_from_two_observations() {
+        let own: Vec<SocketAddr> = vec!["192.0.2.5:51820".parse().unwrap()];
+        let a: SocketAddr = "192.0.2.5:51820".parse().unwrap();
+        let b: SocketAddr = "203.0.113.4:40000".parse().unwrap();
+        let c: SocketAddr = "203.0.113.4:40001".parse().unwrap();
+        assert_eq!(NatKind::from_observations(&own, a, a), NatKind::Public);
+        assert_eq!(
+            NatKind::from_observations(&own, b, b),
+            NatKind::EndpointIndependent
+        );
+        assert_eq!(
+            NatKind::from_observations(&own, b, c),
+            NatKind::EndpointDependent
+        );
+        // Its own address to one, another port to the other: a NAT that keeps ports while it can.
+        assert_eq!(
+            NatKind::from_observations(&own, a, c),
+            NatKind::EndpointDependent
+        );
+        let json = serde_json::to_string(&NatKind::EndpointDependent).unwrap();
+        assert_eq!(json, "\"endpoint_dependent\"");
+    }
+
     fn peer(n: u8) -> PeerInfo {
         PeerInfo {
             key: PublicKey([n; 32]),
@@ -495,6 +578,7 @@ mod tests {
             observed: n
                 .is_multiple_of(3)
                 .then(|| SocketAddr::from(([192, 0, 2, n], 51820))),
+            nat: None,
         }
     }
 
@@ -533,10 +617,12 @@ mod tests {
                 network: "prod".into(),
                 endpoints: vec![],
                 home_relay: None,
+                nat: None,
             },
             ClientMsg::Heartbeat {
                 endpoints: vec![],
                 home_relay: Some("eu-1".into()),
+                nat: None,
             },
             ClientMsg::Leave,
         ];
@@ -552,6 +638,7 @@ mod tests {
                 peers: vec![peer(2), peer(3)],
                 relays: vec![relay("eu-1")],
                 observed: Some(SocketAddr::from(([203, 0, 113, 9], 40000))),
+                observer: None,
             }),
             ServerMsg::Relays {
                 relays: vec![relay("eu-1"), relay("us-1")],
@@ -587,6 +674,7 @@ mod tests {
         let m = ClientMsg::Heartbeat {
             endpoints: vec![SocketAddr::from(([192, 0, 2, 1], 1)); MAX_ENDPOINTS + 1],
             home_relay: None,
+            nat: None,
         };
         assert_eq!(
             decode_client(&m.encode()),
@@ -620,6 +708,7 @@ mod tests {
         let m = ClientMsg::Heartbeat {
             endpoints: vec![],
             home_relay: Some("no spaces allowed".into()),
+            nat: None,
         };
         assert_eq!(
             decode_client(&m.encode()),

@@ -12,6 +12,7 @@
 //! - [`key`]: the node / controller public key type and its text form.
 //! - [`relay`]: relay frames (WireGuard messages as QUIC datagrams, with fragmentation).
 //! - [`relay_session`]: admission of a node at a standalone relay (tickets, observed address).
+//! - [`stun`]: STUN binding requests and answers (the controller's second observation).
 //! - [`tunnel`]: messages between two nodes inside their WireGuard session (path MTU probes,
 //!   pings, birthday joins).
 //!
@@ -23,6 +24,7 @@ pub mod hex;
 pub mod key;
 pub mod relay;
 pub mod relay_session;
+pub mod stun;
 pub mod token;
 pub mod tunnel;
 

@@ -318,7 +318,14 @@ impl Agent {
 
     /// `mesh up`: runs the daemon again from its saved state, waiting until ready.
     pub fn up(&mut self) -> Result<Ipv4Addr> {
-        self.start(&["up"], "up")?;
+        self.up_with(&[])
+    }
+
+    /// [`Agent::up`] with extra arguments for `mesh up`.
+    pub fn up_with(&mut self, extra: &[&str]) -> Result<Ipv4Addr> {
+        let mut args = vec!["up"];
+        args.extend_from_slice(extra);
+        self.start(&args, "up")?;
         Ok(self.address)
     }
 

@@ -224,6 +224,34 @@ fn every_pair_connects_directly_where_it_can_and_through_the_relay_otherwise() {
         settled && mismatches.is_empty(),
         "paths differ from the expected matrix: {mismatches:#?}"
     );
+    // Each node knows how its NAT maps (the controller's QUIC side and its STUN observer are
+    // two destinations), and only nodes behind endpoint-dependent mapping open birthday
+    // sockets: the others never need them.
+    for a in &agents {
+        let s = a.status().unwrap();
+        let want = match kind_of(&a.name) {
+            "public" => Some("public"),
+            "symmetric" => Some("endpoint_dependent"),
+            // Its UDP may go to the controller's QUIC port only: the observer cannot answer.
+            "UDP-blocked" => None,
+            _ => Some("endpoint_independent"),
+        };
+        assert_eq!(
+            s["nat"]["kind"].as_str(),
+            want,
+            "{}'s NAT kind: {:#}",
+            a.name,
+            s["nat"]
+        );
+        let sockets = s["counters"]["birthday_sockets_opened"].as_u64().unwrap();
+        if kind_of(&a.name) != "symmetric" {
+            assert_eq!(
+                sockets, 0,
+                "{} is not behind endpoint-dependent mapping yet opened birthday sockets: {:#}",
+                a.name, s["counters"]
+            );
+        }
+    }
     // Two nodes behind one NAT talk over their LAN addresses (the NAT does not hairpin).
     let lan_endpoint = agents[idx("lan1")].peer("lan2").unwrap()["endpoint"]
         .as_str()

@@ -42,6 +42,9 @@ pub struct FileConfig {
     pub connect_timeout: Option<String>,
     /// Prometheus endpoint address; empty or absent: off.
     pub metrics_listen: Option<String>,
+    /// Interfaces whose addresses are offered as endpoint candidates: comma-separated globs,
+    /// `!` to deny (see `mesh up --help`); empty: the defaults.
+    pub endpoint_interfaces: Option<String>,
     /// Log filter (tracing syntax), e.g. "info" or "mesh=debug".
     pub log: Option<String>,
 }
@@ -67,10 +70,12 @@ mod tests {
             mtu = 1380
             connect_timeout = "5s"
             metrics_listen = "127.0.0.1:9101"
+            endpoint_interfaces = "eth0,!docker*"
             log = "debug"
             "#,
         )
         .unwrap();
+        assert_eq!(c.endpoint_interfaces.as_deref(), Some("eth0,!docker*"));
         assert_eq!(c.port, Some(41641));
         assert_eq!(c.mtu, Some(1380));
         assert_eq!(c.state_dir.as_deref(), Some(Path::new("/srv/mesh")));

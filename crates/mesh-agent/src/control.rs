@@ -1,12 +1,13 @@
 //! The agent's side of the control channel: join or hello, then peer-list updates and
 //! heartbeats, reconnecting with backoff while the daemon runs.
 
+use crate::candidates::{self, EndpointInterfaces};
 use crate::dataplane::DataCmd;
 use crate::relays::RelayShared;
 use crate::state::StateDir;
 use mesh_control::channel::{self, ChannelError};
 use mesh_proto::control::{
-    decode_server, ClientMsg, ErrorCode, PeerInfo, RelayInfo, ServerMsg, Welcome,
+    decode_server, ClientMsg, ErrorCode, NatKind, PeerInfo, RelayInfo, ServerMsg, Welcome,
 };
 use mesh_proto::PublicKey;
 use std::collections::BTreeMap;
@@ -77,6 +78,10 @@ pub struct ControlStatus {
     pub last_error: Option<String>,
     /// This node's public mapping as the controller saw it at the last connection.
     pub observed: Option<SocketAddr>,
+    /// The same socket as the controller's STUN observer saw it.
+    pub observer_saw: Option<SocketAddr>,
+    /// How this node's NAT maps, from the two observations.
+    pub nat: Option<NatKind>,
 }
 
 async fn resolve(addr: &str) -> Result<SocketAddr, ControlError> {
@@ -189,6 +194,8 @@ pub struct ControlCtx {
     pub port: u16,
     /// TUN device name (excluded from reported endpoints).
     pub interface: String,
+    /// The operator's endpoint interface list (which interfaces' addresses are reported).
+    pub endpoint_interfaces: EndpointInterfaces,
     /// The network's overlay range (never reported as an endpoint).
     pub overlay: ipnet::Ipv4Net,
     /// Status shared with the local API.
@@ -201,15 +208,17 @@ pub struct ControlCtx {
     pub home: watch::Receiver<Option<String>>,
 }
 
-/// Endpoint candidates: local addresses, then the public mappings the relays observe.
+/// Endpoint candidates: the local addresses of the interfaces that can carry a path, then the
+/// public mappings the relays observe, each of which has a place (see [`candidates::report`]).
 async fn endpoints(ctx: &ControlCtx) -> Vec<SocketAddr> {
-    let mut out = local_endpoints(ctx.port, &ctx.interface, Some(ctx.overlay)).await;
-    for e in ctx.relays.observed() {
-        if !out.contains(&e) && out.len() < mesh_proto::control::MAX_ENDPOINTS - 1 {
-            out.push(e);
-        }
-    }
-    out
+    let controller_observed = ctx.status.lock().ok().and_then(|s| s.observed);
+    candidates::report(
+        &local_addresses(&ctx.interface, Some(ctx.overlay)).await,
+        &ctx.endpoint_interfaces,
+        ctx.port,
+        &ctx.relays.observed(),
+        controller_observed,
+    )
 }
 
 fn set_relays(ctx: &ControlCtx, relays: Vec<RelayInfo>) {
@@ -219,26 +228,35 @@ fn set_relays(ctx: &ControlCtx, relays: Vec<RelayInfo>) {
     ctx.relay_list.send_replace(relays);
 }
 
-/// The node's own addresses with its UDP port: its endpoint candidates. Addresses of the overlay
-/// interface, of interfaces stacked on it (a CNI's vxlan device) and inside destinations routed
-/// through it are never offered (see [`mesh_sys::netlink::overlay_view`]).
-pub async fn local_endpoints(
-    port: u16,
+/// The node's own addresses outside the overlay, with their interfaces. Addresses of the
+/// overlay interface, of interfaces stacked on it (a CNI's vxlan device) and inside
+/// destinations routed through it are left out (see [`mesh_sys::netlink::overlay_view`]).
+pub async fn local_addresses(
     interface: &str,
     overlay: Option<ipnet::Ipv4Net>,
-) -> Vec<SocketAddr> {
+) -> Vec<mesh_sys::netlink::LocalAddress> {
     match mesh_sys::netlink::overlay_view(interface, overlay).await {
-        Ok(view) => view
-            .candidates
-            .into_iter()
-            .take(mesh_proto::control::MAX_ENDPOINTS - 1)
-            .map(|ip| SocketAddr::from((ip, port)))
-            .collect(),
+        Ok(view) => view.candidates,
         Err(e) => {
             warn!(error = %e, "cannot list local addresses");
             Vec::new()
         }
     }
+}
+
+/// Every one of the node's own addresses outside the overlay with its UDP port, on whatever
+/// interface (not only those reported as candidates): a mapping that the controller observes
+/// at one of them means the node is not behind a NAT.
+pub async fn local_endpoints(
+    port: u16,
+    interface: &str,
+    overlay: Option<ipnet::Ipv4Net>,
+) -> Vec<SocketAddr> {
+    local_addresses(interface, overlay)
+        .await
+        .into_iter()
+        .map(|a| SocketAddr::from((a.address, port)))
+        .collect()
 }
 
 fn set_status(ctx: &ControlCtx, connected: bool, error: Option<String>) {
@@ -260,6 +278,23 @@ async fn publish(
     let _ = data.send(DataCmd::SetPeers(list)).await;
 }
 
+/// Asks the STUN observer (`observer`; an unspecified IP means the controller's, `controller`)
+/// from the node's main socket how it sees the node.
+async fn observe(
+    data: &mpsc::Sender<DataCmd>,
+    observer: SocketAddr,
+    controller: SocketAddr,
+) -> Option<SocketAddr> {
+    let to = if observer.ip().is_unspecified() {
+        SocketAddr::new(controller.ip(), observer.port())
+    } else {
+        observer
+    };
+    let (tx, rx) = oneshot::channel();
+    data.send(DataCmd::Observe(to, tx)).await.ok()?;
+    rx.await.ok().flatten()
+}
+
 /// Requests the control loop takes from the local API.
 pub enum ControlCmd {
     /// Leave the network; answer when the controller confirmed.
@@ -276,12 +311,16 @@ pub async fn run(
 ) {
     let mut backoff = Duration::from_secs(1);
     let mut pending_leave: Option<oneshot::Sender<Result<(), String>>> = None;
+    // What the last connection found out about this node's NAT, told in every Hello and
+    // heartbeat.
+    let mut nat: Option<NatKind> = None;
     loop {
         let (session, welcome) = {
             let hello = ClientMsg::Hello {
                 network: ctx.network.clone(),
                 endpoints: endpoints(&ctx).await,
                 home_relay: ctx.home.borrow().clone(),
+                nat,
             };
             let attempt = open(
                 &ctx.endpoint,
@@ -323,7 +362,26 @@ pub async fn run(
         // punch from a node that is not NATed).
         if let Some(observed) = welcome.observed {
             let own = local_endpoints(ctx.port, &ctx.interface, Some(ctx.overlay)).await;
-            let _ = data.send(DataCmd::Natted(!own.contains(&observed))).await;
+            // The observer, a second destination, says whether the mapping depends on it.
+            let second = match welcome.observer {
+                Some(observer) => observe(&data, observer, session.conn.remote_address()).await,
+                None => None,
+            };
+            let kind = second.map(|second| NatKind::from_observations(&own, observed, second));
+            if let Ok(mut s) = ctx.status.lock() {
+                s.observer_saw = second;
+                s.nat = kind;
+            }
+            match (kind, welcome.observer, second) {
+                (Some(k), _, _) => info!(nat = %k, %observed, second = ?second, "NAT kind"),
+                (None, Some(o), None) => {
+                    warn!(observer = %o, "the controller's STUN observer did not answer (is its UDP port open?); the NAT kind stays unknown")
+                }
+                _ => {}
+            }
+            let natted = !own.contains(&observed);
+            let _ = data.send(DataCmd::Nat { natted, kind }).await;
+            nat = kind.or(nat);
         }
         info!(network = %welcome.network, address = %welcome.address, peers = welcome.peers.len(), "connected to controller");
         let mut peers: BTreeMap<PublicKey, PeerInfo> =
@@ -351,7 +409,10 @@ pub async fn run(
             }
         });
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
-        heartbeat.tick().await;
+        if nat.is_none() {
+            // Nothing new to tell before the first interval.
+            heartbeat.tick().await;
+        }
         if let Some(reply) = pending_leave.take() {
             let r = leave_on(&mut tx, &mut in_rx).await;
             let _ = reply.send(r);
@@ -389,13 +450,13 @@ pub async fn run(
                 }
                 // A new home relay is told at once, so peers switch to it.
                 _ = async { if home.changed().await.is_err() { std::future::pending::<()>().await } } => {
-                    let hb = ClientMsg::Heartbeat { endpoints: endpoints(&ctx).await, home_relay: home.borrow_and_update().clone() };
+                    let hb = ClientMsg::Heartbeat { endpoints: endpoints(&ctx).await, home_relay: home.borrow_and_update().clone(), nat };
                     if let Err(e) = tx.send(&hb.encode()).await {
                         break e.to_string();
                     }
                 }
                 _ = heartbeat.tick() => {
-                    let hb = ClientMsg::Heartbeat { endpoints: endpoints(&ctx).await, home_relay: ctx.home.borrow().clone() };
+                    let hb = ClientMsg::Heartbeat { endpoints: endpoints(&ctx).await, home_relay: ctx.home.borrow().clone(), nat };
                     if let Err(e) = tx.send(&hb.encode()).await {
                         break e.to_string();
                     }

@@ -2,6 +2,7 @@
 //! the control loop and the local API.
 
 use crate::api::{self, Request};
+use crate::candidates::{self, EndpointInterfaces};
 use crate::control::{self, ControlCmd, ControlCtx, ControlStatus};
 use crate::dataplane::{self, DataCmd, DataStatus, DriverCounters};
 use crate::state::{Membership, StateDir};
@@ -34,6 +35,8 @@ pub struct Options {
     pub interface: Option<String>,
     /// Prometheus endpoint.
     pub metrics_listen: Option<SocketAddr>,
+    /// Which interfaces' addresses are offered as endpoint candidates.
+    pub endpoint_interfaces: Option<EndpointInterfaces>,
 }
 
 /// Options with every value decided.
@@ -44,12 +47,26 @@ pub struct Settings {
     mtu: u32,
     interface: String,
     metrics_listen: Option<SocketAddr>,
+    endpoint_interfaces: EndpointInterfaces,
 }
 
 impl Options {
-    fn settle(self, saved: Option<&Membership>) -> Settings {
+    fn settle(self, saved: Option<&Membership>) -> anyhow::Result<Settings> {
         use crate::config::defaults;
-        Settings {
+        let endpoint_interfaces = match (self.endpoint_interfaces, saved) {
+            (Some(list), _) => list,
+            (None, Some(Membership {
+                endpoint_interfaces: Some(list),
+                ..
+            })) => list.parse().with_context(|| {
+                format!(
+                    "the endpoint interface list {list:?} saved in {} is invalid; give another with --endpoint-interfaces (\"\" for the defaults)",
+                    self.state.path().display()
+                )
+            })?,
+            (None, _) => EndpointInterfaces::default(),
+        };
+        Ok(Settings {
             port: self
                 .port
                 .or(saved.map(|m| m.port))
@@ -60,8 +77,15 @@ impl Options {
                 .or(saved.map(|m| m.interface.clone()))
                 .unwrap_or_else(|| defaults::INTERFACE.to_owned()),
             metrics_listen: self.metrics_listen,
+            endpoint_interfaces,
             state: self.state,
-        }
+        })
+    }
+
+    /// The endpoint interface list as `node.json` keeps it (`None`: the defaults).
+    fn saved_list(settings: &Settings) -> Option<String> {
+        (!settings.endpoint_interfaces.is_default())
+            .then(|| settings.endpoint_interfaces.to_string())
     }
 }
 
@@ -90,6 +114,17 @@ struct OverlayStatus {
     stacked: Vec<String>,
     /// Destinations the overlay reaches (never endpoints).
     excluded: Vec<String>,
+}
+
+/// What `mesh status` shows about which interfaces' addresses are offered to peers.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+struct EndpointInterfacesStatus {
+    /// The operator's list in effect; empty: the defaults alone.
+    list: String,
+    /// Interfaces whose addresses are offered.
+    offered: Vec<String>,
+    /// Interfaces whose addresses are not offered, with why.
+    skipped: Vec<candidates::Skipped>,
 }
 
 fn public_of(secret: &[u8; 32]) -> PublicKey {
@@ -177,7 +212,7 @@ pub async fn join(
     opts.state.create()?;
     // Joining again keeps the saved port and interface unless flags say otherwise.
     let saved = opts.state.load_membership().ok();
-    let opts = opts.settle(saved.as_ref());
+    let opts = opts.settle(saved.as_ref())?;
     let node_key = opts.state.load_or_create_key()?;
     let running = start(&opts, &node_key, Ipv4Addr::UNSPECIFIED)?;
     let port = running.port.local_addr()?.port();
@@ -185,7 +220,13 @@ pub async fn join(
         token_id: token.id.clone(),
         token_secret: token.secret_hex(),
         name,
-        endpoints: control::local_endpoints(port, &opts.interface, None).await,
+        endpoints: candidates::report(
+            &control::local_addresses(&opts.interface, None).await,
+            &opts.endpoint_interfaces,
+            port,
+            &[],
+            None,
+        ),
     };
     tracing::debug!(controller = %token.controller, "joining");
     let (session, welcome) = match control::open(
@@ -219,6 +260,7 @@ pub async fn join(
         mtu: opts.mtu,
         port,
         interface: opts.interface.clone(),
+        endpoint_interfaces: Options::saved_list(&opts),
     };
     opts.state.save_membership(&membership)?;
     opts.state.save_peers(&welcome.peers)?;
@@ -241,13 +283,19 @@ pub async fn up(opts: Options) -> anyhow::Result<()> {
     let node_key = opts.state.load_key()?.context(
         "the node key is missing from the state directory; join again with `mesh join --token-file FILE`",
     )?;
-    let opts = opts.settle(Some(&membership));
-    if (membership.port, membership.mtu, &membership.interface)
-        != (opts.port, opts.mtu, &opts.interface)
+    let opts = opts.settle(Some(&membership))?;
+    let list = Options::saved_list(&opts);
+    if (
+        membership.port,
+        membership.mtu,
+        &membership.interface,
+        &membership.endpoint_interfaces,
+    ) != (opts.port, opts.mtu, &opts.interface, &list)
     {
         membership.port = opts.port;
         membership.mtu = opts.mtu;
         membership.interface = opts.interface.clone();
+        membership.endpoint_interfaces = list;
         opts.state.save_membership(&membership)?;
     }
     let running = start(&opts, &node_key, membership.address)?;
@@ -287,6 +335,8 @@ async fn run(
         connected: false,
         last_error: None,
         observed: None,
+        observer_saw: None,
+        nat: None,
     }));
     let (control_tx, control_rx) = mpsc::channel(4);
     // Relays from the cache until the controller speaks: their tickets last for hours.
@@ -313,6 +363,7 @@ async fn run(
         node_key,
         port: membership.port,
         interface: opts.interface.clone(),
+        endpoint_interfaces: opts.endpoint_interfaces.clone(),
         overlay: overlay_range(&membership),
         status: status.clone(),
         relays: relay_shared.clone(),
@@ -369,11 +420,16 @@ async fn run(
     if let Ok(mut o) = overlay_status.lock() {
         o.bypass_rule = installed;
     }
+    let endpoint_status = Arc::new(Mutex::new(EndpointInterfacesStatus {
+        list: opts.endpoint_interfaces.to_string(),
+        ..EndpointInterfacesStatus::default()
+    }));
     let overlay_task = tokio::spawn(watch_overlay(
         opts.interface.clone(),
         overlay_range(&membership),
         running.data_tx.clone(),
         overlay_status.clone(),
+        (opts.endpoint_interfaces.clone(), endpoint_status.clone()),
     ));
     let route_task = tokio::spawn(apply_path_events(
         running.path_rx,
@@ -403,6 +459,9 @@ async fn run(
                         let mut v = status_json(&node_info, &status, &relay_shared, &running.data_tx).await;
                         if let (Some(obj), Ok(o)) = (v.as_object_mut(), overlay_status.lock()) {
                             obj.insert("overlay".into(), json!(*o));
+                        }
+                        if let (Some(obj), Ok(e)) = (v.as_object_mut(), endpoint_status.lock()) {
+                            obj.insert("endpoint_interfaces".into(), json!(*e));
                         }
                         api::write_response(&mut stream, &v).await;
                     }
@@ -466,13 +525,17 @@ fn overlay_range(m: &Membership) -> ipnet::Ipv4Net {
 const OVERLAY_VIEW_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Tells the data plane which destinations the overlay itself reaches, at start and whenever
-/// that changes (a CNI adds its vxlan device or pod routes after mesh is up).
+/// that changes (a CNI adds its vxlan device or pod routes after mesh is up). Also keeps
+/// `mesh status` and the log told which interfaces' addresses the endpoint interface list
+/// (`endpoints`: the list and where to show the result) leaves out.
 async fn watch_overlay(
     interface: String,
     overlay: ipnet::Ipv4Net,
     data: mpsc::Sender<DataCmd>,
     status: Arc<Mutex<OverlayStatus>>,
+    endpoints: (EndpointInterfaces, Arc<Mutex<EndpointInterfacesStatus>>),
 ) {
+    let (list, endpoint_status) = endpoints;
     let mut last: Option<mesh_sys::netlink::OverlayView> = None;
     loop {
         match mesh_sys::netlink::overlay_view(&interface, Some(overlay)).await {
@@ -485,6 +548,31 @@ async fn watch_overlay(
                 if let Ok(mut s) = status.lock() {
                     s.stacked = view.stacked.clone();
                     s.excluded = view.excluded.iter().map(|n| n.to_string()).collect();
+                }
+                let skipped = candidates::skipped(&view.candidates, &list);
+                let before = last
+                    .as_ref()
+                    .map(|l| candidates::skipped(&l.candidates, &list));
+                if !skipped.is_empty() && before.as_ref() != Some(&skipped) {
+                    let summary: Vec<String> = skipped
+                        .iter()
+                        .map(|s| {
+                            let n = s.addresses;
+                            let plural = if n == 1 { "" } else { "es" };
+                            format!("{} ({n} address{plural}; {})", s.interface, s.reason)
+                        })
+                        .collect();
+                    info!(interfaces = %summary.join(", "), "addresses not offered to peers as endpoints");
+                }
+                if let Ok(mut e) = endpoint_status.lock() {
+                    let mut offered: Vec<String> = Vec::new();
+                    for a in candidates::offered(&view.candidates, &list) {
+                        if !offered.contains(&a.interface) {
+                            offered.push(a.interface.clone());
+                        }
+                    }
+                    e.offered = offered;
+                    e.skipped = skipped;
                 }
                 if data
                     .send(DataCmd::SetExcluded(view.excluded.clone()))
@@ -561,7 +649,7 @@ async fn ping(data: &mpsc::Sender<DataCmd>, peer: &str) -> serde_json::Value {
 /// "symmetric" NAT, which only the hard-NAT hole punching can cross).
 fn mapping_kind(observed: &[std::net::SocketAddr]) -> &'static str {
     match observed {
-        [] | [_] => "unknown (needs a standalone relay as a second observer)",
+        [] | [_] => "unknown (the controller's STUN observer did not answer, and no standalone relay saw this node)",
         [first, rest @ ..] if rest.iter().all(|a| a == first) => "endpoint-independent",
         _ => "endpoint-dependent",
     }
@@ -628,6 +716,7 @@ async fn status_json(
     let observed: Vec<std::net::SocketAddr> = control
         .observed
         .into_iter()
+        .chain(control.observer_saw)
         .chain(relays.observed())
         .collect();
     let relays: Vec<crate::relays::RelayStatus> = relays
@@ -641,7 +730,8 @@ async fn status_json(
         "relays": relays,
         "nat": {
             "observed": observed.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-            "mapping": mapping_kind(&observed),
+            "mapping": control.nat.map_or_else(|| mapping_kind(&observed).to_owned(), |k| k.to_string()),
+            "kind": control.nat,
         },
         "peers": peers,
         "counters": counters_json(&c, &driver, &birthday),
@@ -660,6 +750,7 @@ pub async fn leave_offline(state: &StateDir, force: bool) -> anyhow::Result<Stri
             network: m.network.clone(),
             endpoints: vec![],
             home_relay: None,
+            nat: None,
         };
         let (session, _) = control::open(
             &endpoint,
@@ -693,4 +784,72 @@ pub async fn leave_offline(state: &StateDir, force: bool) -> anyhow::Result<Stri
     let _ = mesh_sys::bypass::remove().await;
     state.wipe()?;
     Ok(m.network)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(list: Option<&str>) -> Options {
+        Options {
+            state: StateDir::new(std::path::Path::new("/nonexistent/mesh")),
+            port: None,
+            mtu: None,
+            interface: None,
+            metrics_listen: None,
+            endpoint_interfaces: list.map(|l| l.parse().unwrap()),
+        }
+    }
+
+    fn saved(list: Option<&str>) -> Membership {
+        Membership {
+            controller: "192.0.2.1:7443".into(),
+            controller_key: PublicKey([3; 32]),
+            network: "prod".into(),
+            name: "node-a".into(),
+            address: Ipv4Addr::new(100, 64, 0, 7),
+            prefix_len: 16,
+            mtu: 1420,
+            port: 51820,
+            interface: "mesh0".into(),
+            endpoint_interfaces: list.map(str::to_owned),
+        }
+    }
+
+    /// The endpoint interface list: flag or config file, else what the node saved, else the
+    /// defaults; and what is saved back.
+    #[test]
+    fn the_endpoint_interface_list_is_kept_across_runs() {
+        let settle = |flag, saved: Option<Membership>| {
+            let s = options(flag).settle(saved.as_ref()).unwrap();
+            (s.endpoint_interfaces.to_string(), Options::saved_list(&s))
+        };
+        assert_eq!(settle(None, None), (String::new(), None));
+        assert_eq!(
+            settle(Some("!eth1"), None),
+            ("!eth1".into(), Some("!eth1".into()))
+        );
+        assert_eq!(
+            settle(None, Some(saved(Some("!eth1")))),
+            ("!eth1".into(), Some("!eth1".into()))
+        );
+        assert_eq!(
+            settle(Some("eth0"), Some(saved(Some("!eth1")))),
+            ("eth0".into(), Some("eth0".into()))
+        );
+        // An empty list given goes back to the defaults, and nothing is saved.
+        assert_eq!(
+            settle(Some(""), Some(saved(Some("!eth1")))),
+            (String::new(), None)
+        );
+        // A damaged saved list is an error that says where it is and what to do.
+        let err = options(None)
+            .settle(Some(&saved(Some("eth[0]"))))
+            .unwrap_err();
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("/nonexistent/mesh") && text.contains("--endpoint-interfaces"),
+            "{text}"
+        );
+    }
 }

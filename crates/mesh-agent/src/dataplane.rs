@@ -11,7 +11,7 @@ use mesh_core::node::MAX_BATCH_BYTES;
 use mesh_core::{
     Destination, Event, Node, Output, Path, PeerConfig, PeerStatus, SocketId, Source, Transmit,
 };
-use mesh_proto::control::PeerInfo;
+use mesh_proto::control::{NatKind, PeerInfo};
 use mesh_proto::demux::{classify, DatagramKind};
 use mesh_proto::relay::Framer;
 use mesh_proto::PublicKey;
@@ -19,6 +19,7 @@ use mesh_sys::socket::{Batch, QuicInbox, UdpPort};
 use mesh_sys::tun::Tun;
 use quinn::udp::RecvMeta;
 use std::io::IoSliceMut;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, warn};
@@ -48,8 +49,16 @@ pub enum DataCmd {
     /// Destinations the overlay itself reaches (see [`Node::set_excluded`]).
     SetExcluded(Vec<ipnet::Ipv4Net>),
     /// Whether this node is behind a NAT (as the controller sees it): birthday punching runs
-    /// only then.
-    Natted(bool),
+    /// only then. `kind`: how the NAT maps, when two observations told.
+    Nat {
+        /// The controller sees the node at an address that is not its own.
+        natted: bool,
+        /// How it maps, if known.
+        kind: Option<NatKind>,
+    },
+    /// Ask the STUN observer at `to` from the main socket how it sees this node; the answer
+    /// (or `None` after [`OBSERVE_TIMEOUT`]) goes to `reply`.
+    Observe(SocketAddr, oneshot::Sender<Option<SocketAddr>>),
 }
 
 /// Where the answer to a ping goes.
@@ -271,6 +280,7 @@ fn to_config(p: &PeerInfo) -> PeerConfig {
         address: p.address,
         endpoints: p.endpoints.clone(),
         observed: p.observed,
+        nat: p.nat,
     }
 }
 
@@ -299,14 +309,37 @@ pub struct Devices {
     pub quic: QuicInbox,
 }
 
+/// How long a STUN observation waits for its answer.
+pub const OBSERVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the request is repeated meanwhile.
+const OBSERVE_RESEND: Duration = Duration::from_millis(400);
+
+/// A STUN observation in flight.
+struct Observation {
+    id: [u8; 12],
+    to: SocketAddr,
+    next_send: Instant,
+    gives_up: Instant,
+    reply: oneshot::Sender<Option<SocketAddr>>,
+}
+
+impl Observation {
+    /// When it next needs the loop.
+    fn deadline(&self) -> Instant {
+        self.next_send.min(self.gives_up)
+    }
+}
+
 /// Batches of received datagrams handled before the timers when they come due (see `run`).
 const LATE_DRAIN_BATCHES: usize = 8;
 
-/// One batch from the UDP socket: QUIC to the endpoint, the rest to the node.
+/// One batch from the UDP socket: QUIC to the endpoint, the answer to a STUN observation in
+/// flight to its asker, the rest to the node.
 fn udp_batch(
     node: &mut Node,
     quic: &QuicInbox,
     counters: &mut DriverCounters,
+    observation: &mut Option<Observation>,
     bufs: &[Vec<u8>],
     meta: &[RecvMeta],
 ) {
@@ -323,6 +356,18 @@ fn udp_batch(
                 }
                 DatagramKind::WireGuard => {
                     node.handle_datagram(Source::main(m.addr), datagram, now)
+                }
+                DatagramKind::Stun
+                    if observation.as_ref().is_some_and(|o| {
+                        o.to == m.addr
+                            && mesh_proto::stun::parse_answer(datagram)
+                                .is_some_and(|(id, _)| id == o.id)
+                    }) =>
+                {
+                    if let Some(o) = observation.take() {
+                        let seen = mesh_proto::stun::parse_answer(datagram).map(|(_, a)| a);
+                        let _ = o.reply.send(seen);
+                    }
                 }
                 DatagramKind::Stun | DatagramKind::Unknown => {
                     counters.unknown_datagrams += 1;
@@ -374,10 +419,14 @@ pub async fn run(
     let mut configs: Vec<PeerConfig> = Vec::new();
     // Birthday punching is on (the node's default) until the controller says there is no NAT.
     let mut punching = true;
+    let mut observation: Option<Observation> = None;
     loop {
         let mut deadline = node.poll_timeout().unwrap_or_else(|| Instant::now() + far);
         if let Some(first) = pings.iter().map(|p| p.1).min() {
             deadline = deadline.min(first);
+        }
+        if let Some(o) = &observation {
+            deadline = deadline.min(o.deadline());
         }
         tokio::select! {
             Some((id, from, datagram)) = extra_in.recv() => {
@@ -401,7 +450,7 @@ pub async fn run(
                         continue;
                     }
                 };
-                udp_batch(&mut node, &quic, &mut counters, &recv_bufs, &meta[..n]);
+                udp_batch(&mut node, &quic, &mut counters, &mut observation, &recv_bufs, &meta[..n]);
             }
             r = tun.recv(&mut tun_buf) => {
                 let now = Instant::now();
@@ -435,7 +484,7 @@ pub async fn run(
                     let mut slices: Vec<IoSliceMut<'_>> =
                         recv_bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
                     match port.try_recv(&mut slices, &mut meta) {
-                        Ok(n) => udp_batch(&mut node, &quic, &mut counters, &recv_bufs, &meta[..n]),
+                        Ok(n) => udp_batch(&mut node, &quic, &mut counters, &mut observation, &recv_bufs, &meta[..n]),
                         Err(_) => break,
                     }
                 }
@@ -457,16 +506,30 @@ pub async fn run(
                     configs = peers.iter().map(to_config).collect();
                     node.set_peers(&configs, Instant::now());
                 }
-                Some(DataCmd::Natted(natted)) if natted != punching => {
-                    punching = natted;
-                    if natted {
-                        node.set_birthday(Some(mesh_core::BirthdayConfig::default()));
-                    } else {
-                        tracing::info!("the controller sees this node at its own address (no NAT): no birthday punching from here");
-                        node.set_birthday(None);
+                Some(DataCmd::Nat { natted, kind }) => {
+                    if natted != punching {
+                        punching = natted;
+                        if natted {
+                            node.set_birthday(Some(mesh_core::BirthdayConfig::default()));
+                        } else {
+                            tracing::info!("the controller sees this node at its own address (no NAT): no birthday punching from here");
+                            node.set_birthday(None);
+                        }
                     }
+                    node.set_nat(kind);
                 }
-                Some(DataCmd::Natted(_)) => {}
+                Some(DataCmd::Observe(to, reply)) => {
+                    let now = Instant::now();
+                    let id: [u8; 12] = rand::random();
+                    // A newer request replaces one in flight (its asker hears `None`).
+                    observation = Some(Observation {
+                        id,
+                        to,
+                        next_send: now,
+                        gives_up: now + OBSERVE_TIMEOUT,
+                        reply,
+                    });
+                }
                 Some(DataCmd::SetExcluded(excluded)) => {
                     node.set_excluded(excluded);
                     // Candidates refused before may be fine now (an interface went away).
@@ -517,6 +580,23 @@ pub async fn run(
                 let _ = reply.send(Err(format!("no answer within {}s", PING_TIMEOUT.as_secs())));
             } else {
                 i += 1;
+            }
+        }
+        if observation.as_ref().is_some_and(|o| o.gives_up <= now) {
+            if let Some(o) = observation.take() {
+                let _ = o.reply.send(None);
+            }
+        }
+        if let Some(o) = observation.as_mut().filter(|o| o.next_send <= now) {
+            o.next_send = now + OBSERVE_RESEND;
+            let request = mesh_proto::stun::request(o.id);
+            let batch = Batch {
+                dst: o.to,
+                contents: &request,
+                segment_size: None,
+            };
+            if let Err(e) = port.send(&batch).await {
+                tracing::debug!(to = %o.to, error = %e, "STUN request not sent");
             }
         }
         while let Some(output) = node.poll_output() {

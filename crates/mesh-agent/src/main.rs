@@ -1,6 +1,7 @@
 //! `mesh`: the node agent and its CLI.
 
 mod api;
+mod candidates;
 mod config;
 mod control;
 mod daemon;
@@ -51,6 +52,18 @@ struct DaemonFlags {
     /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9101 [default: off].
     #[arg(long)]
     metrics_listen: Option<String>,
+    /// Interfaces whose addresses peers may try as this node's endpoints: comma-separated glob
+    /// patterns on interface names (`*` any characters, `?` one); a leading `!` denies.
+    ///
+    /// `eth0,ens*`: only those interfaces. `!docker*,!eth1`: the defaults, and these denied as
+    /// well. Deny wins over allow. Quote the list for the shell ('!eth1'). By default every
+    /// interface is used except bridges, dummies and tunnels (docker0, kube-ipvs0, wg0, ...)
+    /// and container, pod-network and VPN devices by name (veth*, cali*, tailscale*, ...),
+    /// but never the interface of the default route. Saved with the node's state, so a
+    /// later `mesh up` keeps it; an empty LIST ("") goes back to the defaults. `mesh status
+    /// --json` lists the interfaces left out and why (`endpoint_interfaces.skipped`).
+    #[arg(long, value_name = "LIST")]
+    endpoint_interfaces: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -294,6 +307,9 @@ fn exec_up(
     if let Some(a) = metrics_listen {
         args.extend(["--metrics-listen".into(), a.to_string().into()]);
     }
+    if let Some(list) = &m.endpoint_interfaces {
+        args.extend(["--endpoint-interfaces".into(), list.into()]);
+    }
     let argv0 = std::env::args_os().next().unwrap_or_else(|| "mesh".into());
     tracing::info!("continuing as `mesh up`; the join token is not kept");
     // /proc/self/exe is this very binary even if the file was replaced meanwhile; argv[0]
@@ -435,12 +451,24 @@ fn daemon_options(
             anyhow::bail!("invalid mtu {m}: use 1280 to 9000");
         }
     }
+    let endpoint_interfaces =
+        match (flags.endpoint_interfaces, &file.endpoint_interfaces) {
+            (Some(list), _) => Some(
+                list.parse::<candidates::EndpointInterfaces>()
+                    .with_context(|| format!("invalid --endpoint-interfaces {list:?}"))?,
+            ),
+            (None, Some(list)) => Some(list.parse().with_context(|| {
+                format!("invalid endpoint_interfaces {list:?} in the config file")
+            })?),
+            (None, None) => None,
+        };
     Ok(daemon::Options {
         state,
         port: flags.port.or(file.port),
         mtu,
         interface: flags.interface.or_else(|| file.interface.clone()),
         metrics_listen,
+        endpoint_interfaces,
     })
 }
 

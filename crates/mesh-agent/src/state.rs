@@ -38,6 +38,10 @@ pub struct Membership {
     pub port: u16,
     /// TUN device name.
     pub interface: String,
+    /// The endpoint interface list it last ran with (`--endpoint-interfaces`); `None`: the
+    /// defaults. Absent from files written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_interfaces: Option<String>,
 }
 
 /// The state directory.
@@ -363,6 +367,7 @@ mod tests {
             mtu: 1420,
             port: 51820,
             interface: "mesh0".into(),
+            endpoint_interfaces: None,
         }
     }
 
@@ -381,6 +386,7 @@ mod tests {
         // Written again over an existing file.
         let m2 = Membership {
             port: 41641,
+            endpoint_interfaces: Some("eth0,!docker*".into()),
             ..m.clone()
         };
         state.save_membership(&m2).unwrap();
@@ -398,6 +404,16 @@ mod tests {
         }
         state.wipe().unwrap();
         assert!(!state.path().exists());
+    }
+
+    #[test]
+    fn node_json_from_before_the_endpoint_interface_list_loads() {
+        let old = r#"{"controller":"192.0.2.1:7443","controller_key":"AwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwM=","network":"prod","name":"node-a","address":"100.64.0.7","prefix_len":16,"mtu":1420,"port":51820,"interface":"mesh0"}"#;
+        let m: Membership = serde_json::from_str(old).unwrap();
+        assert_eq!(m, membership());
+        // The defaults are not written out, so older agents read the file as before.
+        let text = serde_json::to_string(&m).unwrap();
+        assert!(!text.contains("endpoint_interfaces"), "{text}");
     }
 
     #[test]

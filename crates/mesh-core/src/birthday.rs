@@ -39,10 +39,12 @@
 //! through the relay, so nothing unauthenticated is ever answered.
 
 use crate::sockets::{Owner, SocketId, Sockets};
+use mesh_proto::control::NatKind;
 use mesh_proto::PublicKey;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::collections::HashSet;
+use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -83,6 +85,60 @@ pub const KEPT_SOCKET_GRACE: Duration = Duration::from_secs(5);
 pub const MAX_TARGETS: usize = 2;
 /// Lowest port sprayed (ports below are rarely handed out by NATs).
 pub const LOWEST_PORT: u16 = 1024;
+
+/// Attempts this node starts on its own schedule within [`ATTEMPT_BUDGET_WINDOW`], over all
+/// peers (joins a peer asks for are bounded by [`MIN_JOIN_SPACING`] instead).
+pub const ATTEMPT_BUDGET: usize = 8;
+/// The window of [`ATTEMPT_BUDGET`].
+pub const ATTEMPT_BUDGET_WINDOW: Duration = Duration::from_secs(600);
+
+/// Which parts of an attempt a node runs toward one peer, from the two NAT kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Roles {
+    /// Open the extra sockets (the endpoint-dependent side: each gets a mapping of its own).
+    pub sockets: bool,
+    /// Spray random ports of the peer's IP from the main socket (the other side: each probe
+    /// opens its own NAT's filter for that port).
+    pub spray: bool,
+}
+
+impl Roles {
+    /// What to do toward a peer, or `None` when birthday punching cannot help or is not for
+    /// this pair: neither side maps per destination (plain candidate probes connect such a
+    /// pair, or nothing does), or both do (two random ports do not meet). A side whose kind is
+    /// unknown while the other's is known (its UDP reaches the controller's QUIC port but not
+    /// the observer: a firewall that lets little through) is not punched at all. With both
+    /// kinds unknown (an older controller), both roles run on both sides, as before the kinds
+    /// were known.
+    pub fn for_pair(own: Option<NatKind>, peer: Option<NatKind>) -> Option<Roles> {
+        use NatKind::EndpointDependent as Dep;
+        match (own, peer) {
+            (Some(Dep), Some(Dep)) => None,
+            (Some(Dep), Some(_)) => Some(Roles {
+                sockets: true,
+                spray: false,
+            }),
+            (Some(_), Some(Dep)) => Some(Roles {
+                sockets: false,
+                spray: true,
+            }),
+            (None, None) => Some(Roles {
+                sockets: true,
+                spray: true,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// What an attempt toward one peer is to do: probe these targets, in these roles; started on
+/// our own schedule (`initiator`: the peer is told to join) or on the peer's request.
+#[derive(Debug, Clone)]
+pub(crate) struct Start {
+    pub(crate) targets: Vec<SocketAddr>,
+    pub(crate) roles: Roles,
+    pub(crate) initiator: bool,
+}
 
 /// Sizes of a birthday attempt. See the module docs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -235,6 +291,8 @@ pub(crate) struct Attempt {
     pub(crate) sockets: Vec<SocketId>,
     /// The peer's public IP, sprayed.
     pub(crate) spray_ip: Ipv4Addr,
+    /// Whether this node sprays in this attempt (see [`Roles`]).
+    spray: bool,
     /// When the next spray probes go (spraying starts [`SPRAY_DELAY`] after the sockets open,
     /// then [`BirthdayConfig::probes_per_tick`] every [`SPRAY_PACE`]).
     pub(crate) spray_from: Instant,
@@ -255,6 +313,7 @@ impl Attempt {
             peer,
             sockets,
             spray_ip,
+            spray: true,
             spray_from: now + SPRAY_DELAY,
             ends: now + ATTEMPT_TIMEOUT,
             sprayed: HashSet::new(),
@@ -269,7 +328,7 @@ impl Attempt {
         rng: &mut SmallRng,
         now: Instant,
     ) -> Vec<SocketAddr> {
-        if now < self.spray_from {
+        if !self.spray || now < self.spray_from {
             return Vec::new();
         }
         self.spray_from = now + SPRAY_PACE;
@@ -292,7 +351,7 @@ impl Attempt {
 
     /// When this attempt next has something to do: spray, or end.
     fn deadline(&self, config: &BirthdayConfig) -> Instant {
-        if self.sprayed.len() < usize::from(config.probes) {
+        if self.spray && self.sprayed.len() < usize::from(config.probes) {
             self.spray_from.min(self.ends)
         } else {
             self.ends
@@ -403,6 +462,8 @@ pub(crate) struct Punching {
     /// endpoint-independent side of a pair needs nothing but its spray, so a node whose
     /// sockets are taken can still do its part for everyone else.
     side_sprays: Vec<Attempt>,
+    /// When the attempts of our own within [`ATTEMPT_BUDGET_WINDOW`] started.
+    recent: VecDeque<Instant>,
     pub(crate) stats: BirthdayStats,
 }
 
@@ -415,6 +476,7 @@ impl Punching {
             sockets: Sockets::default(),
             attempt: None,
             side_sprays: Vec::new(),
+            recent: VecDeque::new(),
             stats: BirthdayStats::default(),
         }
     }
@@ -448,6 +510,28 @@ impl Punching {
             .chain(self.side_sprays.iter())
             .map(|a| a.deadline(&config))
             .min()
+    }
+
+    /// Whether the node-wide budget allows an attempt of our own at `now`.
+    pub(crate) fn within_budget(&self, now: Instant) -> bool {
+        self.recent
+            .iter()
+            .filter(|t| now.saturating_duration_since(**t) < ATTEMPT_BUDGET_WINDOW)
+            .count()
+            < ATTEMPT_BUDGET
+    }
+
+    /// When the budget allows the next attempt of our own (`now` if it does).
+    pub(crate) fn budget_at(&self, now: Instant) -> Instant {
+        if self.within_budget(now) {
+            return now;
+        }
+        // Full: the oldest start inside the window leaves it first.
+        self.recent
+            .iter()
+            .filter(|t| now.saturating_duration_since(**t) < ATTEMPT_BUDGET_WINDOW)
+            .min()
+            .map_or(now, |t| *t + ATTEMPT_BUDGET_WINDOW)
     }
 
     /// Whether an attempt is in flight.
@@ -518,15 +602,19 @@ impl Punching {
         &mut self,
         key: PublicKey,
         punch: &mut PeerPunch,
-        targets: Vec<SocketAddr>,
-        initiator: bool,
+        how: Start,
         now: Instant,
         out: &mut Vec<(PublicKey, Intent)>,
     ) -> bool {
+        let Start {
+            targets,
+            roles,
+            initiator,
+        } = how;
         let Some(config) = self.config else {
             return false;
         };
-        if self.attempt.is_some() {
+        if self.attempt.is_some() || (initiator && !self.within_budget(now)) {
             return false;
         }
         let Some(spray_ip) = spray_ip(&targets) else {
@@ -534,14 +622,23 @@ impl Punching {
         };
         punch.schedule.started(now);
         if initiator {
+            while self
+                .recent
+                .front()
+                .is_some_and(|t| now.saturating_duration_since(*t) >= ATTEMPT_BUDGET_WINDOW)
+            {
+                self.recent.pop_front();
+            }
+            self.recent.push_back(now);
             self.stats.birthday_attempts += 1;
             out.push((key, Intent::Join));
         } else {
             self.stats.birthday_joined += 1;
         }
-        tracing::debug!(peer = %key, initiator, sockets = config.sockets, probes = config.probes, %spray_ip, "birthday attempt");
-        let mut sockets = Vec::with_capacity(usize::from(config.sockets));
-        for _ in 0..config.sockets {
+        let n_sockets = if roles.sockets { config.sockets } else { 0 };
+        tracing::debug!(peer = %key, initiator, sockets = n_sockets, spray = roles.spray, probes = config.probes, %spray_ip, "birthday attempt");
+        let mut sockets = Vec::with_capacity(usize::from(n_sockets));
+        for _ in 0..n_sockets {
             let Some(id) = self.sockets.open(Owner::Attempt(key)) else {
                 break;
             };
@@ -558,7 +655,9 @@ impl Punching {
                 ));
             }
         }
-        self.attempt = Some(Attempt::new(key, sockets, spray_ip, now));
+        let mut attempt = Attempt::new(key, sockets, spray_ip, now);
+        attempt.spray = roles.spray;
+        self.attempt = Some(attempt);
         true
     }
 
@@ -572,6 +671,7 @@ impl Punching {
         key: PublicKey,
         punch: &mut PeerPunch,
         targets: Vec<SocketAddr>,
+        roles: Roles,
         now: Instant,
         out: &mut Vec<(PublicKey, Intent)>,
     ) {
@@ -579,7 +679,15 @@ impl Punching {
             return;
         }
         if self.attempt.is_none() && punch.schedule.may_join(now) {
-            self.start(key, punch, targets, false, now, out);
+            let how = Start {
+                targets,
+                roles,
+                initiator: false,
+            };
+            self.start(key, punch, how, now, out);
+            return;
+        }
+        if !roles.spray {
             return;
         }
         if self.attempt_peer() == Some(key)
@@ -750,6 +858,94 @@ pub(crate) fn spray_targets(
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    #[test]
+    fn roles_follow_the_two_nat_kinds() {
+        use NatKind::*;
+        let both = Some(Roles {
+            sockets: true,
+            spray: true,
+        });
+        let sockets = Some(Roles {
+            sockets: true,
+            spray: false,
+        });
+        let spray = Some(Roles {
+            sockets: false,
+            spray: true,
+        });
+        // Nothing to punch where neither side maps per destination, or both do.
+        for (a, b) in [
+            (Public, Public),
+            (Public, EndpointIndependent),
+            (EndpointIndependent, EndpointIndependent),
+            (EndpointDependent, EndpointDependent),
+        ] {
+            assert_eq!(Roles::for_pair(Some(a), Some(b)), None, "{a:?} {b:?}");
+            assert_eq!(Roles::for_pair(Some(b), Some(a)), None, "{b:?} {a:?}");
+        }
+        // The dependent side opens sockets, the other sprays; a public node never opens any.
+        assert_eq!(
+            Roles::for_pair(Some(EndpointDependent), Some(Public)),
+            sockets
+        );
+        assert_eq!(Roles::for_pair(Some(EndpointDependent), None), None);
+        assert_eq!(
+            Roles::for_pair(Some(Public), Some(EndpointDependent)),
+            spray
+        );
+        assert_eq!(
+            Roles::for_pair(Some(EndpointIndependent), Some(EndpointDependent)),
+            spray
+        );
+        assert_eq!(Roles::for_pair(None, Some(EndpointDependent)), None);
+        // A side of unknown kind, with the other known, is not punched.
+        assert_eq!(Roles::for_pair(Some(Public), None), None);
+        assert_eq!(Roles::for_pair(None, Some(EndpointIndependent)), None);
+        // Nothing known (an older controller): both roles, as before kinds.
+        assert_eq!(Roles::for_pair(None, None), both);
+    }
+
+    #[test]
+    fn attempts_of_our_own_keep_to_the_node_budget() {
+        let mut p = Punching::new(1);
+        let mut out = Vec::new();
+        let t0 = Instant::now();
+        let target: SocketAddr = "198.51.100.7:40000".parse().unwrap();
+        let roles = Roles {
+            sockets: false,
+            spray: true,
+        };
+        let mut started = 0;
+        for i in 0..(ATTEMPT_BUDGET as u32 + 3) {
+            let now = t0 + Duration::from_secs(10) * i;
+            p.finish(false, &mut out);
+            let mut punch = PeerPunch::default();
+            let how = Start {
+                targets: vec![target],
+                roles,
+                initiator: true,
+            };
+            if p.start(PublicKey([i as u8; 32]), &mut punch, how, now, &mut out) {
+                started += 1;
+            }
+        }
+        assert_eq!(started, ATTEMPT_BUDGET);
+        let later = t0 + Duration::from_secs(10) * (ATTEMPT_BUDGET as u32 + 3);
+        assert!(!p.within_budget(later));
+        assert_eq!(p.budget_at(later), t0 + ATTEMPT_BUDGET_WINDOW);
+        assert!(p.within_budget(t0 + ATTEMPT_BUDGET_WINDOW));
+        // Without the socket role, no socket opened; a join the peer asks for is not counted.
+        assert_eq!(p.stats.birthday_sockets_opened, 0);
+        p.finish(false, &mut out);
+        let mut punch = PeerPunch::default();
+        let how = Start {
+            targets: vec![target],
+            roles,
+            initiator: false,
+        };
+        assert!(p.start(PublicKey([99; 32]), &mut punch, how, later, &mut out));
+    }
 
     #[test]
     fn default_attempt_hits_about_98_percent() {

@@ -9,7 +9,7 @@
 //! authenticated, and on which path. The peer's parts live in `peer`, the table in
 //! `peers`, punching in [`crate::birthday`].
 
-use crate::birthday::{self, BirthdayConfig, Intent, PeerState, Punching};
+use crate::birthday::{self, BirthdayConfig, Intent, PeerState, Punching, Roles, Start};
 pub use crate::counters::Counters;
 use crate::guard::{GuardConfig, HandshakeGuard, Verdict};
 pub use crate::io::{
@@ -78,6 +78,8 @@ pub struct Node {
     buf: Vec<u8>,
     next_ping: u16,
     punching: Punching,
+    /// This node's NAT kind, once the driver learned it (see [`Node::set_nat`]).
+    own_nat: Option<mesh_proto::control::NatKind>,
     /// What punching asked for and the node has not yet carried out (kept to reuse its memory).
     intents: Vec<(PublicKey, Intent)>,
     /// Checks every handshake's mac1 and DH budget before any DH.
@@ -98,6 +100,7 @@ macro_rules! cx {
             buf: &mut $node.buf,
             out: &mut $node.out,
             next_ping: &mut $node.next_ping,
+            own_nat: $node.own_nat,
         }
     };
 }
@@ -123,6 +126,7 @@ impl Node {
             wake: None,
             buf: vec![0u8; MAX_DATAGRAM],
             next_ping: PING_IDS.start,
+            own_nat: None,
             punching: Punching::new(seed),
             intents: Vec::new(),
             guard,
@@ -164,6 +168,15 @@ impl Node {
     pub fn set_birthday(&mut self, config: Option<BirthdayConfig>) {
         self.punching.configure(config, &mut self.intents);
         self.carry_out_intents(self.now);
+        self.rearm_all(self.now);
+    }
+
+    /// This node's NAT kind, as the driver found it from two observations of its socket
+    /// (`None`: unknown). With both kinds known, birthday punching runs only toward pairs where
+    /// one side maps per destination, each side in its own role (see
+    /// [`crate::birthday::Roles`]).
+    pub fn set_nat(&mut self, kind: Option<mesh_proto::control::NatKind>) {
+        self.own_nat = kind;
         self.rearm_all(self.now);
     }
 
@@ -554,21 +567,25 @@ impl Node {
             if peer.session.established() {
                 peer.mtu_timers(&mut cx);
                 peer.path_timers(&mut cx);
-                if peer.path.direct.is_none()
-                    && cx.out.relay_up
-                    && !self.punching.busy()
-                    && peer.punch.schedule.due(now)
-                {
-                    let targets =
-                        birthday::spray_targets(&peer.config.endpoints, peer.config.observed);
-                    self.punching.start(
-                        *key,
-                        &mut peer.punch,
-                        targets,
-                        true,
-                        now,
-                        &mut self.intents,
-                    );
+                let roles = Roles::for_pair(self.own_nat, peer.config.nat);
+                if let (Some(roles), true) = (
+                    roles,
+                    peer.path.direct.is_none()
+                        && cx.out.relay_up
+                        && !self.punching.busy()
+                        && self.punching.within_budget(now)
+                        && peer.punch.schedule.due(now),
+                ) {
+                    let how = Start {
+                        targets: birthday::spray_targets(
+                            &peer.config.endpoints,
+                            peer.config.observed,
+                        ),
+                        roles,
+                        initiator: true,
+                    };
+                    self.punching
+                        .start(*key, &mut peer.punch, how, now, &mut self.intents);
                     carry_out(&mut self.intents, peer, &mut self.punching, &mut cx);
                 }
                 peer.rtt_timer(&mut cx);
@@ -606,7 +623,11 @@ impl Node {
             now,
             relay_up: self.out.relay_up,
             keepalive: self.config.keepalive,
-            punch_ready: self.punching.enabled() && !self.punching.busy(),
+            punch_ready: self.punching.enabled()
+                && !self.punching.busy()
+                && self.punching.within_budget(now),
+            punch_budget_at: self.punching.budget_at(now),
+            own_nat: self.own_nat,
             origin: self.origin,
         }
     }
@@ -768,8 +789,11 @@ fn join_attempt(
     if peer.path.direct.is_some() {
         return;
     }
+    let Some(roles) = Roles::for_pair(cx.own_nat, peer.config.nat) else {
+        return;
+    };
     let targets = birthday::spray_targets(&peer.config.endpoints, peer.config.observed);
-    punching.join(peer.key(), &mut peer.punch, targets, cx.now, intents);
+    punching.join(peer.key(), &mut peer.punch, targets, roles, cx.now, intents);
     carry_out(intents, peer, punching, cx);
 }
 

@@ -304,6 +304,8 @@ pub(crate) struct Ctx<'a> {
     pub(crate) out: &'a mut Outbox,
     /// Node-wide id of the next ping (see [`crate::node::PING_IDS`]).
     pub(crate) next_ping: &'a mut u16,
+    /// The node's NAT kind, if known.
+    pub(crate) own_nat: Option<mesh_proto::control::NatKind>,
 }
 
 fn push_bounded<T>(queue: &mut VecDeque<T>, counters: &mut Counters, item: T) {

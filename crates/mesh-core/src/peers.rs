@@ -200,6 +200,7 @@ mod tests {
             address: Ipv4Addr::new(100, 64, 1, n),
             endpoints: vec![],
             observed: None,
+            nat: None,
         };
         let index = table.allocate_index();
         let session = Session::new(StaticSecret::from([7u8; 32]), config.key, None, index);

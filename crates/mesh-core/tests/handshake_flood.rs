@@ -125,6 +125,7 @@ impl Lab {
             address,
             endpoints: vec![endpoint.parse().unwrap()],
             observed: None,
+            nat: None,
         };
         let (ka, kb) = (self.a.public_key(), self.b.public_key());
         self.a

@@ -12,6 +12,7 @@
 mod simnet;
 
 use mesh_core::{BirthdayConfig, SocketId};
+use mesh_proto::control::NatKind;
 use simnet::{all_pairs, pairs_among, pairs_until_answered, Behaviour, Datagram, Sim};
 use std::cell::RefCell;
 use std::net::SocketAddr;
@@ -940,4 +941,99 @@ fn symmetric_nat_hands_out_random_ports_and_extra_sockets_get_their_own_mappings
     assert_eq!(a, b);
     let extra = sim.net.open_socket(h);
     assert_ne!(sim.net.observe(extra, dst, sim.now).unwrap(), a);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Birthday punching with the NAT kinds known (the controller's observer told each node)
+// ---------------------------------------------------------------------------------------------
+
+/// Tells every node its own NAT kind and every peer's, as the agent and the controller do once
+/// the observer answered.
+fn tell_kinds(sim: &mut Sim, kinds: &[(usize, NatKind)]) {
+    for &(i, k) in kinds {
+        sim.nodes[i].node.set_nat(Some(k));
+    }
+    let mut peers = sim.peer_configs();
+    for &(i, k) in kinds {
+        peers[i].nat = Some(k);
+    }
+    sim.set_peers(&peers);
+}
+
+#[test]
+fn with_kinds_known_the_symmetric_side_opens_sockets_and_the_other_only_sprays() {
+    let c = BirthdayConfig::default();
+    for seed in 1..=10 {
+        let (mut sim, n) = relayed_sites(
+            300 + seed,
+            0.0,
+            &[Behaviour::Symmetric, Behaviour::PortRestricted],
+            c,
+        );
+        let (sym, pr) = (n[0], n[1]);
+        tell_kinds(
+            &mut sim,
+            &[
+                (sym, NatKind::EndpointDependent),
+                (pr, NatKind::EndpointIndependent),
+            ],
+        );
+        let took = time_to_direct(&mut sim, sym, pr, Duration::from_secs(180))
+            .unwrap_or_else(|| panic!("seed {seed}: no direct path in 3 min"));
+        assert!(pings_direct_both_ways(&mut sim, sym, pr), "seed {seed}");
+        let (s_sym, s_pr) = (
+            sim.nodes[sym].node.status(sim.now).birthday,
+            sim.nodes[pr].node.status(sim.now).birthday,
+        );
+        eprintln!("seed {seed}: direct after {took:?}; sym {s_sym:?}; pr {s_pr:?}");
+        // The endpoint-independent side never opens a socket; the symmetric side never sprays
+        // (each probe from its main socket would get a mapping of its own, useless to the
+        // peer): its probes are one per socket and target.
+        assert_eq!(sim.nodes[pr].io.max_sockets, 0, "seed {seed}");
+        assert_eq!(s_pr.birthday_sockets_opened, 0, "seed {seed}");
+        let sym_tries = s_sym.birthday_attempts + s_sym.birthday_joined;
+        assert!(sym_tries >= 1);
+        assert!(
+            s_sym.birthday_probes_sent <= sym_tries * u64::from(c.sockets) * 2,
+            "seed {seed}: {s_sym:?}"
+        );
+        let pr_tries = s_pr.birthday_attempts + s_pr.birthday_joined + s_pr.birthday_side_sprays;
+        assert!(
+            s_pr.birthday_probes_sent <= pr_tries * u64::from(c.probes),
+            "seed {seed}: {s_pr:?}"
+        );
+    }
+}
+
+#[test]
+fn with_kinds_known_pairs_without_endpoint_dependent_mapping_never_punch() {
+    for (seed, kinds, nat) in [
+        (
+            1,
+            [Behaviour::PortRestricted, Behaviour::PortRestricted],
+            [NatKind::EndpointIndependent, NatKind::EndpointIndependent],
+        ),
+        (
+            2,
+            [Behaviour::Public, Behaviour::PortRestricted],
+            [NatKind::Public, NatKind::EndpointIndependent],
+        ),
+        // Two symmetric NATs: birthday punching cannot meet two random ports; the relay stays.
+        (
+            3,
+            [Behaviour::Symmetric, Behaviour::Symmetric],
+            [NatKind::EndpointDependent, NatKind::EndpointDependent],
+        ),
+    ] {
+        let (mut sim, n) = relayed_sites(seed, 0.0, &kinds, BirthdayConfig::default());
+        tell_kinds(&mut sim, &[(n[0], nat[0]), (n[1], nat[1])]);
+        sim.run_for(Duration::from_secs(120));
+        sim.clear_replies();
+        assert!(pairs_among(&mut sim, &n, 3).is_empty(), "{kinds:?}");
+        for &i in &n {
+            let s = sim.nodes[i].node.status(sim.now).birthday;
+            assert_eq!(s, Default::default(), "{kinds:?}: node {i} punched: {s:?}");
+            assert_eq!(sim.nodes[i].io.max_sockets, 0, "{kinds:?}");
+        }
+    }
 }

@@ -132,14 +132,31 @@ pub fn prefix_mask(prefix_len: u8) -> u32 {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OverlayView {
     /// Local IPv4 addresses that are not on the overlay interface, on an interface stacked on
-    /// it, or inside a destination routed through them; not loopback or link-local.
-    pub candidates: Vec<Ipv4Addr>,
+    /// it, or inside a destination routed through them; not loopback or link-local. Each comes
+    /// with its interface, so that the caller can apply its own policy (which kinds of
+    /// interface carry a path) on top.
+    pub candidates: Vec<LocalAddress>,
     /// Destinations reached through the overlay: the overlay range, the addresses and routes of
     /// the overlay interface and of every interface stacked on it, plus this host's own
     /// addresses as /32 (a peer is never at one of them).
     pub excluded: Vec<Ipv4Net>,
     /// Names of the interfaces found stacked on the overlay interface (for logs and status).
     pub stacked: Vec<String>,
+}
+
+/// A local address outside the overlay, with what the kernel says about its interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalAddress {
+    /// The address.
+    pub address: Ipv4Addr,
+    /// Name of the interface that holds it.
+    pub interface: String,
+    /// The interface's link kind (`IFLA_INFO_KIND`: `bridge`, `dummy`, `veth`, `vlan`,
+    /// `wireguard`, ...), `None` for a physical NIC.
+    pub kind: Option<String>,
+    /// Whether a default route of the main routing table leaves through the interface: it is
+    /// the host's uplink.
+    pub uplink: bool,
 }
 
 /// Reads links, addresses and routes and works out the [`OverlayView`] of overlay interface
@@ -151,13 +168,14 @@ pub async fn overlay_view(
     overlay: Option<Ipv4Net>,
 ) -> Result<OverlayView, NetlinkError> {
     use rtnetlink::packet_route::link::{InfoData, InfoVxlan, LinkAttribute, LinkInfo};
-    use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
+    use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader};
     let handle = connect()?;
     let overlay_index = link_index(&handle, overlay_if).await.ok();
 
-    // Links: index -> (name, lower links and bridge master, vxlan local address).
+    // Links: index -> (name, kind, lower links and bridge master, vxlan local address).
     struct Link {
         name: String,
+        kind: Option<String>,
         lower: Vec<u32>,
         master: Option<u32>,
         local_in_overlay: bool,
@@ -167,6 +185,7 @@ pub async fn overlay_view(
     while let Ok(Some(msg)) = dump.try_next().await {
         let mut link = Link {
             name: String::new(),
+            kind: None,
             lower: Vec::new(),
             master: None,
             local_in_overlay: false,
@@ -184,6 +203,9 @@ pub async fn overlay_view(
                 LinkAttribute::Controller(i) => link.master = Some(*i),
                 LinkAttribute::LinkInfo(infos) => {
                     for info in infos {
+                        if let LinkInfo::Kind(kind) = info {
+                            link.kind = Some(kind.to_string());
+                        }
                         if let LinkInfo::Data(InfoData::Vxlan(vx)) = info {
                             for v in vx {
                                 match v {
@@ -231,7 +253,10 @@ pub async fn overlay_view(
         }
     };
     // Every route (any table) that leaves through a stacked interface. Default routes are left
-    // out: a default route over the overlay would exclude the whole underlay.
+    // out: a default route over the overlay would exclude the whole underlay. Default routes of
+    // the main table name the uplinks (policy tables are left out: a VPN such as wg-quick puts
+    // its own default route there).
+    let mut uplinks: BTreeSet<u32> = BTreeSet::new();
     let mut routes = handle
         .route()
         .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
@@ -241,6 +266,24 @@ pub async fn overlay_view(
             RouteAttribute::Oif(i) => Some(*i),
             _ => None,
         });
+        let table = msg
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                RouteAttribute::Table(t) => Some(*t),
+                _ => None,
+            })
+            .unwrap_or(u32::from(msg.header.table));
+        if msg.header.destination_prefix_length == 0
+            && table == u32::from(RouteHeader::RT_TABLE_MAIN)
+        {
+            uplinks.extend(oif);
+            for a in &msg.attributes {
+                if let RouteAttribute::MultiPath(hops) = a {
+                    uplinks.extend(hops.iter().map(|h| h.interface_index));
+                }
+            }
+        }
         if !oif.is_some_and(|i| stacked.contains(&i)) {
             continue;
         }
@@ -256,10 +299,11 @@ pub async fn overlay_view(
     }
     // Addresses: those of stacked interfaces are excluded with their subnets; the others are
     // candidates unless a route through the overlay covers them.
-    let mut own: Vec<(Ipv4Addr, bool)> = Vec::new();
+    let mut own: Vec<(Ipv4Addr, bool, u32)> = Vec::new();
     let mut addrs = handle.address().get().execute();
     while let Ok(Some(msg)) = addrs.try_next().await {
-        let on_stacked = stacked.contains(&msg.header.index);
+        let index = msg.header.index;
+        let on_stacked = stacked.contains(&index);
         for a in &msg.attributes {
             if let AddressAttribute::Address(IpAddr::V4(ip)) = a {
                 if on_stacked {
@@ -267,14 +311,14 @@ pub async fn overlay_view(
                         push(net.trunc(), &mut excluded);
                     }
                 }
-                if !own.iter().any(|(o, _)| o == ip) {
-                    own.push((*ip, on_stacked));
+                if !own.iter().any(|(o, _, _)| o == ip) {
+                    own.push((*ip, on_stacked, index));
                 }
             }
         }
     }
     let mut candidates = Vec::new();
-    for (ip, on_stacked) in &own {
+    for (ip, on_stacked, index) in &own {
         if let Ok(net) = Ipv4Net::new(*ip, 32) {
             push(net, &mut excluded);
         }
@@ -286,7 +330,13 @@ pub async fn overlay_view(
                 .iter()
                 .any(|n| n.prefix_len() < 32 && n.contains(ip));
         if usable {
-            candidates.push(*ip);
+            let link = links.get(index);
+            candidates.push(LocalAddress {
+                address: *ip,
+                interface: link.map(|l| l.name.clone()).unwrap_or_default(),
+                kind: link.and_then(|l| l.kind.clone()),
+                uplink: uplinks.contains(index),
+            });
         }
     }
     let mut names: Vec<String> = stacked

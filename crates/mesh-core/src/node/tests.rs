@@ -97,6 +97,7 @@ impl Pair {
                 address: ip_b,
                 endpoints: vec![b_addr],
                 observed: None,
+                nat: None,
             }],
             now,
         );
@@ -107,6 +108,7 @@ impl Pair {
                 address: ip_a,
                 endpoints: vec![a_addr],
                 observed: None,
+                nat: None,
             }],
             now,
         );
@@ -250,6 +252,7 @@ fn candidates_and_sources_the_overlay_reaches_are_refused() {
             address: p.b.address(),
             endpoints: vec![p.b_addr, vxlan, overlay],
             observed: None,
+            nat: None,
         },
         p.now,
     );
@@ -709,6 +712,7 @@ fn new_candidates_are_probed_at_the_next_tick_with_predicted_ports() {
             address: r.p.b.address(),
             endpoints: vec![moved],
             observed: None,
+            nat: None,
         },
         r.p.now,
     );
@@ -770,6 +774,7 @@ fn probing_backs_off_when_no_direct_path_exists_and_restarts_on_new_candidates()
         address: r.p.b.address(),
         endpoints: vec!["203.0.113.9:51820".parse().unwrap()],
         observed: None,
+        nat: None,
     };
     r.p.a.upsert_peer(cfg, r.p.now);
     assert!(probe_rounds(&mut r, 7) >= 3);
@@ -1089,6 +1094,7 @@ fn a_busy_peer_answers_a_join_by_spraying_only() {
                 address: Ipv4Addr::new(100, 64, 0, 9),
                 endpoints: vec!["203.0.113.9:51820".parse().unwrap()],
                 observed: None,
+                nat: None,
             },
             r.p.now,
         );
@@ -1136,6 +1142,7 @@ fn a_reported_stranger_gets_a_bounded_number_of_probes() {
             address: r.p.b.address(),
             endpoints: vec![victim],
             observed: None,
+            nat: None,
         },
         r.p.now,
     );
@@ -1172,6 +1179,7 @@ fn birthday_sprays_only_the_ip_the_controller_observed() {
         address: Ipv4Addr::new(100, 64, 0, 2),
         endpoints: vec!["203.0.113.66:51820".parse().unwrap(), observed],
         observed: Some(observed),
+        nat: None,
     };
     assert_eq!(
         spray_targets(&peer.endpoints, peer.observed),
@@ -1194,6 +1202,7 @@ fn no_attempt_toward_a_peer_with_only_private_candidates() {
                 "10.0.0.2:51820".parse().unwrap(),
             ],
             observed: None,
+            nat: None,
         },
         r.p.now,
     );
@@ -1233,6 +1242,7 @@ fn a_peers_socket_carries_no_other_peer() {
         address,
         endpoints: vec![endpoint],
         observed: None,
+        nat: None,
     };
     c.upsert_peer(peer(ka, r.p.a.address(), r.p.a_addr), r.p.now);
     r.p.a.upsert_peer(peer(kc, ip_c, c_addr), r.p.now);

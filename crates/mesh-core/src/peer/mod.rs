@@ -17,7 +17,7 @@ use crate::pmtu;
 use crate::session::{Output, Session, SessionError};
 use crate::sockets::SocketId;
 use handshake::{Due, Handshake};
-use mesh_proto::control::MAX_ENDPOINTS;
+use mesh_proto::control::{NatKind, MAX_ENDPOINTS};
 use mesh_proto::PublicKey;
 use path::{DirectDue, PathState, ACTIVE_TRAFFIC, PATH_PROBE_INTERVAL, PREDICTED_PORTS};
 use probes::{Probes, Purpose};
@@ -39,6 +39,9 @@ pub struct PeerConfig {
     /// The peer's address as the controller saw it (its public mapping), if known. Birthday
     /// punching sprays only this IP.
     pub observed: Option<SocketAddr>,
+    /// The peer's NAT kind as it reported it, if known: birthday punching runs only toward a
+    /// pair where one side maps per destination (see [`crate::birthday::Roles`]).
+    pub nat: Option<NatKind>,
 }
 
 /// Why the node wants to run a peer's timers (for debug logs and tests).
@@ -75,8 +78,12 @@ pub(crate) struct TimerEnv {
     pub(crate) now: Instant,
     pub(crate) relay_up: bool,
     pub(crate) keepalive: Option<u16>,
-    /// Punching is on and free for a new attempt.
+    /// Punching is on, free for a new attempt and within its budget.
     pub(crate) punch_ready: bool,
+    /// When the attempt budget allows the next attempt (`now` if it does).
+    pub(crate) punch_budget_at: Instant,
+    /// This node's NAT kind, if known.
+    pub(crate) own_nat: Option<NatKind>,
     /// A point of the node's tick grid (see [`crate::node::snap`]).
     pub(crate) origin: Instant,
 }
@@ -189,10 +196,15 @@ impl Peer {
                     Some(self.path.rounds.last.map_or(now, |t| t + wait)),
                     Timer::CandidateRound,
                 );
-                if env.punch_ready
+                let roles = crate::birthday::Roles::for_pair(env.own_nat, self.config.nat);
+                if roles.is_some()
                     && crate::birthday::punchable(&self.config.endpoints, self.config.observed)
                 {
-                    at(self.punch.schedule.due_at(now), Timer::Punch);
+                    if env.punch_ready {
+                        at(self.punch.schedule.due_at(now), Timer::Punch);
+                    } else if env.punch_budget_at > now {
+                        at(Some(env.punch_budget_at), Timer::Punch);
+                    }
                 }
             }
             let route = self.route(env.relay_up);

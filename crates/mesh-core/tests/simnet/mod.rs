@@ -1226,6 +1226,7 @@ impl Sim {
                 address: self.nodes[i].overlay,
                 endpoints: self.candidates(i),
                 observed: None,
+                nat: None,
             })
             .collect()
     }

@@ -75,6 +75,7 @@ fn peer(n: u8) -> PeerInfo {
         observed: n
             .is_multiple_of(3)
             .then(|| SocketAddr::from(([203, 0, 113, n], 40000))),
+        nat: None,
     }
 }
 
@@ -96,19 +97,23 @@ pub(super) fn client_messages() -> Vec<ClientMsg> {
             network: "prod".into(),
             endpoints: endpoints(16),
             home_relay: Some("eu-1".into()),
+            nat: None,
         },
         ClientMsg::Hello {
             network: "lab_2.example".into(),
             endpoints: vec![],
             home_relay: None,
+            nat: None,
         },
         ClientMsg::Heartbeat {
             endpoints: endpoints(2),
             home_relay: None,
+            nat: None,
         },
         ClientMsg::Heartbeat {
             endpoints: vec![],
             home_relay: Some("us-1".into()),
+            nat: None,
         },
         ClientMsg::Leave,
     ]
@@ -138,6 +143,7 @@ pub(super) fn server_messages() -> Vec<ServerMsg> {
             peers: (2..6).map(peer).collect(),
             relays: vec![relay("eu-1")],
             observed: Some(SocketAddr::from(([203, 0, 113, 9], 40000))),
+            observer: None,
         }),
         ServerMsg::Welcome(Welcome {
             network: "n".into(),
@@ -147,6 +153,7 @@ pub(super) fn server_messages() -> Vec<ServerMsg> {
             peers: vec![],
             relays: vec![],
             observed: None,
+            observer: None,
         }),
         ServerMsg::Welcome(Welcome {
             network: "big".into(),
@@ -156,6 +163,7 @@ pub(super) fn server_messages() -> Vec<ServerMsg> {
             peers: (1..=40).map(peer).collect(),
             relays: vec![relay("eu-1"), relay("us-1"), relay("ap-1")],
             observed: Some(SocketAddr::from(([0x2001, 0xdb8, 0, 0, 0, 0, 0, 9], 1))),
+            observer: None,
         }),
         ServerMsg::Relays {
             relays: vec![relay("eu-1"), relay("us-1")],

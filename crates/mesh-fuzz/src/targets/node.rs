@@ -72,6 +72,7 @@ impl Pair {
             address: IP_C,
             endpoints: vec![C_ADDR],
             observed: Some(C_ADDR),
+            nat: None,
         };
         a.set_peers(
             &[
@@ -81,6 +82,7 @@ impl Pair {
                     address: IP_B,
                     endpoints: endpoints(B_ADDR),
                     observed: Some(B_ADDR),
+                    nat: None,
                 },
                 c.clone(),
             ],
@@ -94,6 +96,7 @@ impl Pair {
                     address: IP_A,
                     endpoints: endpoints(A_ADDR),
                     observed: Some(A_ADDR),
+                    nat: None,
                 },
                 c,
             ],
