@@ -145,8 +145,8 @@ fn removed_peer_is_cut_off_while_others_continue() {
 #[test]
 fn an_idle_network_wakes_its_nodes_rarely() {
     // Every pair talks, then the network goes quiet for two minutes: boringtun's timers need an
-    // idle peer only once a second, and the keepalives (every 25 s per peer) share those
-    // wake-ups. A 250 ms sweep woke each node 480 times; this takes about 100.
+    // idle peer only every 5 s, and the keepalives (every 25 s per peer, on a 1 s grid) come
+    // on top. A 250 ms sweep woke each node 480 times, a 1 s idle tick about 100.
     let mut sim = Sim::new(8, 21, 0.0);
     assert!(all_pairs(&mut sim, 2).is_empty());
     sim.run_for(Duration::from_secs(30));
@@ -154,8 +154,9 @@ fn an_idle_network_wakes_its_nodes_rarely() {
     sim.run_for(Duration::from_secs(120));
     for (i, n) in sim.nodes.iter().enumerate() {
         let wakes = n.io.wakes - before[i];
+        eprintln!("node {i}: {wakes} wake-ups in 120 idle seconds");
         assert!(
-            wakes <= 130,
+            wakes <= 40,
             "node {i} woke {wakes} times in 120 idle seconds"
         );
     }

@@ -89,9 +89,15 @@ pub(crate) struct TimerEnv {
 }
 
 /// boringtun ticks an active peer (traffic or a handshake within [`ACTIVE_WIREGUARD`]) every
-/// [`crate::node::TICK`], like boringtun's own device, and an idle one this often: its timers
-/// (rekey after 120 s, expiry) are coarse.
-pub const IDLE_WIREGUARD_TICK: Duration = Duration::from_secs(1);
+/// [`crate::node::TICK`], like boringtun's own device, and an idle one this often. An idle
+/// peer's timers are coarse: a rekey 120 s after the session if data was sent on it, one 165 s
+/// after if data came (15 s before the keys stop working at 180 s), the keys' end at 540 s. A
+/// tick up to 5 s late leaves those 10 s of margin, and a node with a thousand idle peers
+/// touches them every 5 s instead of every second.
+pub const IDLE_WIREGUARD_TICK: Duration = Duration::from_secs(5);
+/// Keepalives go on this grid: those of many peers share a wake-up, at most a second late
+/// (NAT mappings that expire after 30 s still see one every 26 s).
+pub const KEEPALIVE_GRID: Duration = Duration::from_secs(1);
 /// A peer counts as active for boringtun's ticks this long after its last traffic: covers
 /// boringtun's passive keepalive (10 s after data received) and stale-session rule (15 s).
 pub const ACTIVE_WIREGUARD: Duration = Duration::from_secs(16);
@@ -210,11 +216,11 @@ impl Peer {
             let route = self.route(env.relay_up);
             at(self.probes.rtt_at(route, now), Timer::Rtt);
             if let Some(k) = env.keepalive {
-                // On the idle tick's grid: the keepalives of many peers go in one wake-up,
-                // at most a second late.
+                // On a grid: the keepalives of many peers go in one wake-up, at most a
+                // second late.
                 let every = Duration::from_secs(k.into());
                 let due = self.path.last_tx.map_or(now, |t| t + every);
-                let due = crate::node::snap(env.origin, due, IDLE_WIREGUARD_TICK);
+                let due = crate::node::snap(env.origin, due, KEEPALIVE_GRID);
                 at(Some(due), Timer::Keepalive);
             }
         }
