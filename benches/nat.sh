@@ -2,7 +2,8 @@
 # NAT traversal over trials: every NAT pair kind of the e2e lab, NAT_TRIALS times from fresh
 # (default 10), with the share of trials that went direct and the time to direct (median,
 # 90th percentile). It is the e2e test `tests/tests/nat_trials.rs` (which CI runs with one
-# trial per kind) run longer, on release binaries.
+# trial per kind) run longer, on release binaries, with the pairs behind plain Linux
+# masquerade gateways added (measured, not asserted: issue 12, item 4).
 #
 #   sudo benches/nat.sh                  # 10 trials per pair kind
 #   sudo NAT_TRIALS=30 benches/nat.sh
@@ -20,6 +21,6 @@ echo "== building mesh (release)"
 (cd "$ROOT" && cargo build --release --bins --quiet)
 echo "== ${NAT_TRIALS:-10} trials per pair kind"
 cd "$ROOT/tests"
-MESH_NAT_TRIALS="${NAT_TRIALS:-10}" MESH_BIN_DIR="$TARGET_DIR/release" \
+MESH_NAT_TRIALS="${NAT_TRIALS:-10}" MESH_NAT_TRIALS_LINUX=1 MESH_BIN_DIR="$TARGET_DIR/release" \
     cargo test --release --quiet --test nat_trials -- --nocapture 2>&1 |
     grep -v -e '^running ' -e '^$'

@@ -23,7 +23,8 @@
 //! - Unsolicited UDP to the router's own WAN address is dropped in `input`. That keeps Linux
 //!   from confirming a conntrack entry for it, which would otherwise make the NAT change the
 //!   port of a later outbound flow to that peer (simultaneous open keeps working, as with a real
-//!   home router).
+//!   home router). Except [`NatKind::Masquerade`], the plain Linux gateway, which has no input
+//!   filter and so shows exactly that.
 //! - No hairpinning: a LAN host cannot reach another LAN host via the router's public mapping.
 //!
 //! # Endpoint-independent mapping
@@ -103,6 +104,13 @@ pub enum NatKind {
     /// Like [`NatKind::PortRestricted`] for TCP, but the LAN may send UDP only to the controller
     /// (203.0.113.1 port 7443); any other UDP from the LAN is dropped.
     UdpBlocked,
+    /// A plain Linux gateway as tutorials, minimal Debian routers and cloud NAT instances set
+    /// it up: `masquerade` and a forward filter, but no input filter. Unsolicited UDP to its WAN
+    /// address is accepted by the router itself (nothing listens, but conntrack confirms an
+    /// entry for it), and masquerade keeps a source port only while the resulting 5-tuple is
+    /// unique: a peer's first probe that arrives before our own outbound packet makes our later
+    /// flow to that peer leave from another port.
+    Masquerade,
 }
 
 /// A NAT router: its namespace has `wan` (upstream) and `lan` (its inside segment).
@@ -564,7 +572,7 @@ fn ruleset(kind: NatKind, wan: Ipv4Addr) -> String {
                  oifname \"wan\" snat ip to {wan}\n"
             );
         }
-        NatKind::UdpBlocked => s.push_str("    oifname \"wan\" masquerade\n"),
+        NatKind::UdpBlocked | NatKind::Masquerade => s.push_str("    oifname \"wan\" masquerade\n"),
     }
     s.push_str("  }\n");
     if eim {
@@ -584,9 +592,14 @@ fn ruleset(kind: NatKind, wan: Ipv4Addr) -> String {
     s.push_str("}\n");
     s.push_str(
         "table inet filter {\n  chain input {\n    type filter hook input priority filter; \
-         policy accept;\n    iifname \"wan\" meta l4proto udp ct state new counter drop\n  }\n  \
-         chain forward {\n    type filter hook forward priority filter; policy drop;\n    ct \
-         state established,related accept\n",
+         policy accept;\n",
+    );
+    if kind != NatKind::Masquerade {
+        s.push_str("    iifname \"wan\" meta l4proto udp ct state new counter drop\n");
+    }
+    s.push_str(
+        "  }\n  chain forward {\n    type filter hook forward priority filter; policy drop;\n    \
+         ct state established,related accept\n",
     );
     if kind == NatKind::UdpBlocked {
         let _ = write!(
