@@ -217,6 +217,8 @@ pub struct NatLab {
     controller: Host,
     /// Every namespace of ours (switches, routers, hosts), deleted on drop.
     namespaces: Vec<Netns>,
+    /// The core router's namespace, once a router sits behind it.
+    core: Option<String>,
     /// Temp dir, state dirs, logs; dropped last.
     lab: Lab,
 }
@@ -236,6 +238,7 @@ impl NatLab {
                 ip: CONTROLLER_IP,
             },
             namespaces: Vec::new(),
+            core: None,
             lab,
         };
         fs::create_dir_all(nat.nft_dir())
@@ -275,6 +278,60 @@ impl NatLab {
     /// 198.51.100.0/24 behind it.
     pub fn add_router(&mut self, name: &str, kind: NatKind) -> Result<Router> {
         self.add_router_on(0, None, name, kind, LAN_PREFIX)
+    }
+
+    /// A NAT router on the internet one routed hop away from everything else, as sites are in
+    /// the world: its WAN (203.0.113.100, .101, ...) sits on a segment of its own, joined to the
+    /// internet segment by a core router that answers ARP on both sides (proxy ARP) and
+    /// forwards, decrementing the TTL. Addresses stay as with [`NatLab::add_router`].
+    pub fn add_router_via_core(&mut self, name: &str, kind: NatKind) -> Result<Router> {
+        let core = match &self.core {
+            Some(c) => c.clone(),
+            None => {
+                let octet = self.segments[0]
+                    .take_router()
+                    .ok_or_else(|| anyhow!("no router address left in lab {}", self.label))?;
+                let ns = self.new_netns()?;
+                self.attach(0, octet, &ns, "inet")?;
+                for setting in ["net.ipv4.ip_forward=1", "net.ipv4.conf.inet.proxy_arp=1"] {
+                    run(&ns, "sysctl", ["-qw", setting])
+                        .ok()
+                        .context("configuring the core router")?;
+                }
+                self.core = Some(ns.clone());
+                ns
+            }
+        };
+        let octet = self.segments[0]
+            .take_router()
+            .ok_or_else(|| anyhow!("no router address left in lab {}", self.label))?;
+        // The site's own segment: the core's port and the router's WAN only.
+        let site = self.add_segment(INTERNET_PREFIX, (1, 0), (octet, octet))?;
+        let port = format!("c{octet}");
+        let sw = self.segments[site].switch.clone();
+        ip([
+            "-n", &sw, "link", "add", "up0", "type", "veth", "peer", "name", &port, "netns", &core,
+        ])?;
+        ip(["-n", &sw, "link", "set", "up0", "master", "br0", "up"])?;
+        ip(["-n", &core, "link", "set", &port, "up"])?;
+        run(
+            &core,
+            "sysctl",
+            ["-qw", &format!("net.ipv4.conf.{port}.proxy_arp=1")],
+        )
+        .ok()
+        .context("configuring the core router")?;
+        let wan = self.segments[0].addr(octet);
+        ip([
+            "-n",
+            &core,
+            "route",
+            "add",
+            &format!("{wan}/32"),
+            "dev",
+            &port,
+        ])?;
+        self.add_router_on(site, None, name, kind, LAN_PREFIX)
     }
 
     /// A NAT router whose WAN is inside `upstream` (192.0.2.2, .3, ... behind a CGNAT; default

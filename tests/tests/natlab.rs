@@ -185,6 +185,66 @@ fn symmetric_maps_each_destination_to_another_port() {
 }
 
 #[test]
+fn plain_linux_gateway_behind_a_core_router_keeps_ports_and_is_a_hop_away() {
+    let mut nat = NatLab::new("masquerade").unwrap();
+    let refl = reflectors(&mut nat);
+    let router = nat
+        .add_router_via_core("masq", NatKind::Masquerade)
+        .unwrap();
+    let h = nat.add_host_behind(&router, "h").unwrap();
+
+    // masquerade keeps the source port while the tuple is unique: one mapping for both.
+    let [m1, m2] = mappings(&h, LOCAL_PORT, &refl);
+    assert_eq!(m1, SocketAddrV4::new(router.wan_ip, LOCAL_PORT));
+    assert_eq!(m1, m2);
+
+    // The core is a routed hop: from behind the gateway, TTL 2 dies at the core (the gateway
+    // took one), TTL 3 reaches the controller.
+    let ping = |ttl: &str| {
+        h.run(
+            "ping",
+            [
+                "-n",
+                "-c",
+                "1",
+                "-W",
+                "1",
+                "-t",
+                ttl,
+                &CONTROLLER_IP.to_string(),
+            ],
+        )
+        .success()
+    };
+    assert!(!ping("2"), "TTL 2 got past the core router");
+    assert!(ping("3"), "TTL 3 did not reach the controller");
+
+    // No input filter: unsolicited UDP to the gateway's own address is taken by the gateway
+    // itself (conntrack confirms an entry for it), and the port the host then uses toward that
+    // sender is no longer free on the gateway: its flow leaves from another one.
+    let sender = SocketAddrV4::new(*refl.addrs[0].ip(), 6000);
+    stun()
+        .send(
+            &refl.hosts[0],
+            6000,
+            SocketAddrV4::new(router.wan_ip, 41000),
+        )
+        .unwrap();
+    thread::sleep(SETTLE);
+    let l = stun().listen(&nat, &refl.hosts[0], 6000, 10, &[]).unwrap();
+    stun().send(&h, 41000, sender).unwrap();
+    let arrived = mesh_e2e::wait_until(ARRIVAL, || {
+        l.sources().iter().any(|s| *s.ip() == router.wan_ip)
+    });
+    assert!(arrived, "nothing arrived from the gateway");
+    let seen = l.sources();
+    assert!(
+        seen.iter().all(|s| s.port() != 41000),
+        "the gateway kept port 41000 although an inbound entry held it: {seen:?}"
+    );
+}
+
+#[test]
 fn udp_blocked_only_lets_udp_to_the_controller_port_out() {
     let mut nat = NatLab::new("udp-blocked").unwrap();
     let refl = reflectors(&mut nat);
