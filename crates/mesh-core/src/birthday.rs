@@ -514,23 +514,22 @@ impl Punching {
 
     /// Whether the node-wide budget allows an attempt of our own at `now`.
     pub(crate) fn within_budget(&self, now: Instant) -> bool {
-        self.recent
-            .iter()
-            .filter(|t| now.saturating_duration_since(**t) < ATTEMPT_BUDGET_WINDOW)
-            .count()
-            < ATTEMPT_BUDGET
+        self.budget_at(now) <= now
     }
 
-    /// When the budget allows the next attempt of our own (`now` if it does).
+    /// When the budget allows the next attempt of our own: `now` if it does, else when the
+    /// oldest start inside the window leaves it (starts are kept in time order).
     pub(crate) fn budget_at(&self, now: Instant) -> Instant {
-        if self.within_budget(now) {
+        let in_window = || {
+            self.recent
+                .iter()
+                .filter(move |t| now.saturating_duration_since(**t) < ATTEMPT_BUDGET_WINDOW)
+        };
+        if in_window().count() < ATTEMPT_BUDGET {
             return now;
         }
-        // Full: the oldest start inside the window leaves it first.
-        self.recent
-            .iter()
-            .filter(|t| now.saturating_duration_since(**t) < ATTEMPT_BUDGET_WINDOW)
-            .min()
+        in_window()
+            .next()
             .map_or(now, |t| *t + ATTEMPT_BUDGET_WINDOW)
     }
 

@@ -567,15 +567,14 @@ impl Node {
             if peer.session.established() {
                 peer.mtu_timers(&mut cx);
                 peer.path_timers(&mut cx);
-                let roles = Roles::for_pair(self.own_nat, peer.config.nat);
-                if let (Some(roles), true) = (
-                    roles,
-                    peer.path.direct.is_none()
-                        && cx.out.relay_up
-                        && !self.punching.busy()
-                        && self.punching.within_budget(now)
-                        && peer.punch.schedule.due(now),
-                ) {
+                let wanted = peer.path.direct.is_none()
+                    && cx.out.relay_up
+                    && !self.punching.busy()
+                    && peer.punch.schedule.due(now);
+                // (An attempt over the node's budget is refused by `start` itself.)
+                if let Some(roles) =
+                    Roles::for_pair(self.own_nat, peer.config.nat).filter(|_| wanted)
+                {
                     let how = Start {
                         targets: birthday::spray_targets(
                             &peer.config.endpoints,
@@ -623,9 +622,7 @@ impl Node {
             now,
             relay_up: self.out.relay_up,
             keepalive: self.config.keepalive,
-            punch_ready: self.punching.enabled()
-                && !self.punching.busy()
-                && self.punching.within_budget(now),
+            punch_free: self.punching.enabled() && !self.punching.busy(),
             punch_budget_at: self.punching.budget_at(now),
             own_nat: self.own_nat,
             origin: self.origin,

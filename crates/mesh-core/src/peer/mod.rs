@@ -78,8 +78,8 @@ pub(crate) struct TimerEnv {
     pub(crate) now: Instant,
     pub(crate) relay_up: bool,
     pub(crate) keepalive: Option<u16>,
-    /// Punching is on, free for a new attempt and within its budget.
-    pub(crate) punch_ready: bool,
+    /// Punching is on and free for a new attempt.
+    pub(crate) punch_free: bool,
     /// When the attempt budget allows the next attempt (`now` if it does).
     pub(crate) punch_budget_at: Instant,
     /// This node's NAT kind, if known.
@@ -203,14 +203,12 @@ impl Peer {
                     Timer::CandidateRound,
                 );
                 let roles = crate::birthday::Roles::for_pair(env.own_nat, self.config.nat);
-                if roles.is_some()
+                if env.punch_free
+                    && roles.is_some()
                     && crate::birthday::punchable(&self.config.endpoints, self.config.observed)
                 {
-                    if env.punch_ready {
-                        at(self.punch.schedule.due_at(now), Timer::Punch);
-                    } else if env.punch_budget_at > now {
-                        at(Some(env.punch_budget_at), Timer::Punch);
-                    }
+                    let due = self.punch.schedule.due_at(now);
+                    at(due.map(|t| t.max(env.punch_budget_at)), Timer::Punch);
                 }
             }
             let route = self.route(env.relay_up);
