@@ -357,19 +357,13 @@ fn udp_batch(
                 DatagramKind::WireGuard => {
                     node.handle_datagram(Source::main(m.addr), datagram, now)
                 }
-                DatagramKind::Stun
-                    if observation.as_ref().is_some_and(|o| {
-                        o.to == m.addr
-                            && mesh_proto::stun::parse_answer(datagram)
-                                .is_some_and(|(id, _)| id == o.id)
-                    }) =>
-                {
-                    if let Some(o) = observation.take() {
-                        let seen = mesh_proto::stun::parse_answer(datagram).map(|(_, a)| a);
-                        let _ = o.reply.send(seen);
-                    }
-                }
                 DatagramKind::Stun | DatagramKind::Unknown => {
+                    if let Some(seen) = answer_to(observation.as_ref(), m.addr, datagram) {
+                        if let Some(o) = observation.take() {
+                            let _ = o.reply.send(Some(seen));
+                        }
+                        continue;
+                    }
                     counters.unknown_datagrams += 1;
                     // The node counts it as malformed too; kept in one place.
                     node.handle_datagram(Source::main(m.addr), datagram, now);
@@ -377,6 +371,24 @@ fn udp_batch(
             }
         }
     }
+}
+
+/// What the observation in flight was told, if `datagram` from `from` is its answer.
+fn answer_to(
+    observation: Option<&Observation>,
+    from: SocketAddr,
+    datagram: &[u8],
+) -> Option<SocketAddr> {
+    let o = observation.filter(|o| o.to == from)?;
+    let (id, seen) = mesh_proto::stun::parse_answer(datagram)?;
+    (id == o.id).then_some(seen)
+}
+
+/// One datagram from an extra (birthday) socket, to the node.
+fn extra_datagram(node: &mut Node, counters: &mut DriverCounters, d: ExtraDatagram) {
+    counters.extra_rx += 1;
+    let (socket, from, datagram) = d;
+    node.handle_datagram(Source::Udp { socket, from }, &datagram, Instant::now());
 }
 
 /// One datagram from a relay connection: reassembled, then to the node.
@@ -429,11 +441,7 @@ pub async fn run(
             deadline = deadline.min(o.deadline());
         }
         tokio::select! {
-            Some((id, from, datagram)) = extra_in.recv() => {
-                counters.extra_rx += 1;
-                let source = Source::Udp { socket: id, from };
-                node.handle_datagram(source, &datagram, Instant::now());
-            }
+            Some(d) = extra_in.recv() => extra_datagram(&mut node, &mut counters, d),
             Some(d) = relay_in.recv() => {
                 relay_datagram(&mut node, &mut relay_link, &mut counters, &d);
             }
@@ -488,9 +496,8 @@ pub async fn run(
                         Err(_) => break,
                     }
                 }
-                while let Ok((id, from, datagram)) = extra_in.try_recv() {
-                    counters.extra_rx += 1;
-                    node.handle_datagram(Source::Udp { socket: id, from }, &datagram, Instant::now());
+                while let Ok(d) = extra_in.try_recv() {
+                    extra_datagram(&mut node, &mut counters, d);
                 }
                 while let Ok(d) = relay_in.try_recv() {
                     relay_datagram(&mut node, &mut relay_link, &mut counters, &d);
