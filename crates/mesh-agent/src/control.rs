@@ -360,11 +360,28 @@ pub async fn run(
         // A node the controller sees at one of its own addresses is not behind a NAT: peers
         // reach its socket as it is, and birthday punching from it only costs (DESIGN: never
         // punch from a node that is not NATed).
+        info!(network = %welcome.network, address = %welcome.address, peers = welcome.peers.len(), "connected to controller");
+        let mut peers: BTreeMap<PublicKey, PeerInfo> =
+            welcome.peers.into_iter().map(|p| (p.key, p)).collect();
+        publish(&ctx, &peers, &data).await;
+        set_relays(&ctx, welcome.relays);
+        let mut home = ctx.home.clone();
+
+        let Session {
+            conn,
+            mut tx,
+            mut rx,
+        } = session;
+        // The controller embeds the relay: the same connection carries relayed traffic.
+        let _ = data.send(DataCmd::Relay(Some(conn.clone()))).await;
+
+        // After the peers and the relay are in place: the observer's answer takes a round trip,
+        // and up to OBSERVE_TIMEOUT when its port is blocked (a node that needs the relay most).
         if let Some(observed) = welcome.observed {
             let own = local_endpoints(ctx.port, &ctx.interface, Some(ctx.overlay)).await;
             // The observer, a second destination, says whether the mapping depends on it.
             let second = match welcome.observer {
-                Some(observer) => observe(&data, observer, session.conn.remote_address()).await,
+                Some(observer) => observe(&data, observer, conn.remote_address()).await,
                 None => None,
             };
             let kind = second.map(|second| NatKind::from_observations(&own, observed, second));
@@ -383,20 +400,6 @@ pub async fn run(
             let _ = data.send(DataCmd::Nat { natted, kind }).await;
             nat = kind.or(nat);
         }
-        info!(network = %welcome.network, address = %welcome.address, peers = welcome.peers.len(), "connected to controller");
-        let mut peers: BTreeMap<PublicKey, PeerInfo> =
-            welcome.peers.into_iter().map(|p| (p.key, p)).collect();
-        publish(&ctx, &peers, &data).await;
-        set_relays(&ctx, welcome.relays);
-        let mut home = ctx.home.clone();
-
-        let Session {
-            conn,
-            mut tx,
-            mut rx,
-        } = session;
-        // The controller embeds the relay: the same connection carries relayed traffic.
-        let _ = data.send(DataCmd::Relay(Some(conn.clone()))).await;
 
         let (in_tx, mut in_rx) = mpsc::channel(16);
         let reader = tokio::spawn(async move {
