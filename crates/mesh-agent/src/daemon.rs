@@ -803,16 +803,8 @@ mod tests {
 
     fn saved(list: Option<&str>) -> Membership {
         Membership {
-            controller: "192.0.2.1:7443".into(),
-            controller_key: PublicKey([3; 32]),
-            network: "prod".into(),
-            name: "node-a".into(),
-            address: Ipv4Addr::new(100, 64, 0, 7),
-            prefix_len: 16,
-            mtu: 1420,
-            port: 51820,
-            interface: "mesh0".into(),
             endpoint_interfaces: list.map(str::to_owned),
+            ..crate::state::sample_membership()
         }
     }
 

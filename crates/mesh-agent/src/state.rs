@@ -314,6 +314,23 @@ fn remove_if_present(path: &Path) -> anyhow::Result<()> {
     }
 }
 
+/// A membership for tests (node-a, 100.64.0.7/16 in network prod).
+#[cfg(test)]
+pub(crate) fn sample_membership() -> Membership {
+    Membership {
+        controller: "192.0.2.1:7443".into(),
+        controller_key: PublicKey([3; 32]),
+        network: "prod".into(),
+        name: "node-a".into(),
+        address: std::net::Ipv4Addr::new(100, 64, 0, 7),
+        prefix_len: 16,
+        mtu: 1420,
+        port: 51820,
+        interface: "mesh0".into(),
+        endpoint_interfaces: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -357,18 +374,7 @@ mod tests {
     }
 
     fn membership() -> Membership {
-        Membership {
-            controller: "192.0.2.1:7443".into(),
-            controller_key: PublicKey([3; 32]),
-            network: "prod".into(),
-            name: "node-a".into(),
-            address: Ipv4Addr::new(100, 64, 0, 7),
-            prefix_len: 16,
-            mtu: 1420,
-            port: 51820,
-            interface: "mesh0".into(),
-            endpoint_interfaces: None,
-        }
+        super::sample_membership()
     }
 
     #[test]
