@@ -135,6 +135,39 @@ impl UdpPort {
         }
     }
 
+    /// Sends one datagram to an IPv4 `dst` with IP TTL `ttl` (a primer), waiting for buffer
+    /// space if needed, and leaving the socket's default TTL alone for everything else on it
+    /// (QUIC included): the TTL travels with the datagram (an `IP_TTL` control message).
+    pub async fn send_with_ttl(&self, dst: SocketAddr, contents: &[u8], ttl: u8) -> io::Result<()> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, SockaddrIn};
+        use std::os::fd::AsRawFd;
+        let SocketAddr::V4(v4) = dst else {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a TTL is set on IPv4 datagrams only",
+            ));
+        };
+        let ttl = i32::from(ttl);
+        let addr = SockaddrIn::from(v4);
+        let iov = [io::IoSlice::new(contents)];
+        let cmsg = [ControlMessage::Ipv4Ttl(&ttl)];
+        let mut retried = false;
+        loop {
+            self.inner.io.writable().await?;
+            match self.inner.io.try_io(Interest::WRITABLE, || {
+                let fd = self.inner.io.as_raw_fd();
+                sendmsg(fd, &iov, &cmsg, MsgFlags::empty(), Some(&addr))
+                    .map(|_| ())
+                    .map_err(io::Error::from)
+            }) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if !retried && is_deferred_icmp_error(&e) => retried = true,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Creates the QUIC side of this socket. Feed it QUIC datagrams with [`QuicInbox::deliver`].
     pub fn quic(&self) -> (QuicInbox, Arc<QuicSocket>) {
         let (tx, rx) = mpsc::channel(QUIC_INBOX);
@@ -259,5 +292,55 @@ impl quinn::AsyncUdpSocket for QuicSocket {
 
     fn may_fragment(&self) -> bool {
         self.port.inner.state.may_fragment()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags};
+    use std::os::fd::AsFd;
+
+    /// What arrives of a primer: its bytes, with the TTL it was given (the receiver asks the
+    /// kernel for each datagram's TTL), while an ordinary send on the same socket keeps the
+    /// default.
+    #[tokio::test]
+    async fn a_primer_leaves_with_its_own_ttl_and_the_socket_keeps_the_default() {
+        let port = UdpPort::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        setsockopt(&rx.as_fd(), sockopt::Ipv4RecvTtl, &true).unwrap();
+        rx.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let to = rx.local_addr().unwrap();
+        let received_ttl = || {
+            let mut buf = [0u8; 64];
+            let mut iov = [io::IoSliceMut::new(&mut buf)];
+            let mut space = nix::cmsg_space!(i32);
+            let msg = recvmsg::<()>(
+                std::os::fd::AsRawFd::as_raw_fd(&rx),
+                &mut iov,
+                Some(&mut space),
+                MsgFlags::empty(),
+            )
+            .unwrap();
+            let ttl = msg.cmsgs().unwrap().find_map(|c| match c {
+                ControlMessageOwned::Ipv4Ttl(t) => Some(t),
+                _ => None,
+            });
+            (msg.bytes, ttl)
+        };
+        port.send_with_ttl(to, b"primer", 2).await.unwrap();
+        assert_eq!(received_ttl(), (6, Some(2)));
+        let batch = Batch {
+            dst: to,
+            contents: b"plain",
+            segment_size: None,
+        };
+        port.send(&batch).await.unwrap();
+        let (len, ttl) = received_ttl();
+        assert_eq!(len, 5);
+        assert_eq!(ttl, Some(64), "the socket's default TTL is untouched");
+        let v6: SocketAddr = "[::1]:9".parse().unwrap();
+        assert!(port.send_with_ttl(v6, b"x", 2).await.is_err());
     }
 }
