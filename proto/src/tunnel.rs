@@ -23,6 +23,12 @@
 //!   round-trip time, a path MTU probe's tells the search that `size` passed.
 //! - [`Kind::Birthday`]: the sender is starting a birthday hole-punching attempt toward the
 //!   receiver now (id and size 0); the receiver starts one too, so both run at the same time.
+//! - [`Kind::Punch`]: the sender has just primed its own NAT toward the receiver's candidates
+//!   (probes with a TTL too low to reach the receiver's gateway) and asks the receiver to probe
+//!   the sender's candidates now, then answer with a [`Kind::PunchAck`] with the same id (size
+//!   0).
+//! - [`Kind::PunchAck`]: the receiver of a punch has probed; the sender of the punch now probes
+//!   the receiver's candidates too, through the holes those probes opened.
 //!
 //! This module only reads and writes the bytes; which ids are in flight and what to do about
 //! them is the node's business.
@@ -49,6 +55,10 @@ pub enum Kind {
     Ack = 2,
     /// "I am starting a birthday attempt toward you now: join it."
     Birthday = 3,
+    /// "My NAT is primed toward your candidates: probe mine now, then acknowledge."
+    Punch = 4,
+    /// "I probed yours: probe mine."
+    PunchAck = 5,
 }
 
 impl Kind {
@@ -57,6 +67,8 @@ impl Kind {
             1 => Some(Kind::Probe),
             2 => Some(Kind::Ack),
             3 => Some(Kind::Birthday),
+            4 => Some(Kind::Punch),
+            5 => Some(Kind::PunchAck),
             _ => None,
         }
     }
@@ -174,6 +186,8 @@ mod tests {
             msg(Kind::Probe, 0x8000, 0),
             msg(Kind::Ack, 7, 1420),
             msg(Kind::Birthday, 0, 0),
+            msg(Kind::Punch, 3, 0),
+            msg(Kind::PunchAck, 3, 0),
         ] {
             let p = build(A, B, m, 0);
             assert_eq!(p.len(), 33);

@@ -157,7 +157,8 @@ impl ExtraSockets {
 
     /// Sends each datagram of a transmit on extra socket `id`; how many went (0 if the socket
     /// is not open). A send that fails with an ICMP error left by an earlier datagram is tried
-    /// once more (see [`mesh_sys::socket::UdpPort::send`]).
+    /// once more (see [`mesh_sys::socket::UdpPort::send`]). (The node sends primers, the only
+    /// transmits with a TTL of their own, on the main socket only.)
     fn send(&self, id: SocketId, dst: std::net::SocketAddr, t: &Transmit) -> usize {
         let Some((s, _)) = self.open.get(&id) else {
             return 0;
@@ -709,6 +710,17 @@ async fn send_udp(
     t: &Transmit,
     counters: &mut DriverCounters,
 ) {
+    if let Some(ttl) = t.ttl {
+        // A primer: one datagram that must die past our gateway.
+        match port.send_with_ttl(dst, &t.contents, ttl).await {
+            Ok(()) => counters.udp_tx += 1,
+            Err(e) => {
+                counters.udp_send_errors += 1;
+                debug!(%dst, ttl, error = %e, "UDP send failed");
+            }
+        }
+        return;
+    }
     let per_call = match t.segment_size {
         Some(size) => {
             size * port

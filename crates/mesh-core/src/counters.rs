@@ -142,6 +142,13 @@ counters! {
         over_budget_handshakes: Drop("handshake_over_budget"),
         /// WireGuard cookie replies sent to direct handshakes that came while under load.
         cookie_replies_sent: Counter("cookie_replies_sent"),
+        /// Probes sent with a low IP TTL to open the node's own NAT toward a peer before the
+        /// peer fires at it (see `PRIMER_TTL`).
+        primers_sent: Counter("primers_sent"),
+        /// Coordinated punch rounds this node started (primed, then asked the peer to fire).
+        punch_rounds: Counter("punch_rounds"),
+        /// Coordinated punch rounds of a peer this node answered (primed, fired, acknowledged).
+        punch_answers: Counter("punch_answers"),
     }
 }
 
@@ -216,6 +223,9 @@ mod tests {
                 ("bad_mac1_packets", Drop("bad_mac1")),
                 ("over_budget_handshakes", Drop("handshake_over_budget")),
                 ("cookie_replies_sent", Counter("cookie_replies_sent")),
+                ("primers_sent", Counter("primers_sent")),
+                ("punch_rounds", Counter("punch_rounds")),
+                ("punch_answers", Counter("punch_answers")),
             ]
         );
     }

@@ -103,6 +103,10 @@ pub struct Transmit {
     /// `Some(n)`: `contents` holds datagrams of `n` bytes each (the last may be shorter, though
     /// the node only batches equal sizes). `None`: one datagram.
     pub segment_size: Option<usize>,
+    /// `Some(n)`: send with IP TTL `n` instead of the system's default. A primer: it opens the
+    /// node's own NAT toward the destination and dies on the way, before it can reach (and
+    /// poison) the far side's gateway. Never set on a batch.
+    pub ttl: Option<u8>,
 }
 
 /// The next thing the driver must do, in the order the node needs them done

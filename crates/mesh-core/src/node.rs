@@ -881,6 +881,7 @@ impl Node {
         };
         let size = t.segment_size.unwrap_or(t.contents.len());
         let payload: Vec<u8> = t.contents.drain(..size.min(t.contents.len())).collect();
+        let ttl = t.ttl;
         if t.contents.is_empty() {
             self.out.transmits.remove(pos);
         }
@@ -888,6 +889,7 @@ impl Node {
             socket,
             dst,
             payload,
+            ttl,
         })
     }
 

@@ -72,6 +72,28 @@ impl Outbox {
         true
     }
 
+    /// A primer: `bytes` to an unconfirmed address with IP TTL [`PRIMER_TTL`], so that it opens
+    /// our own NAT's mapping toward `dst` and dies at the first router past it. Within the
+    /// target's [`PROBE_BUDGET`] like any probe.
+    pub(crate) fn primer(
+        &mut self,
+        socket: SocketId,
+        dst: SocketAddr,
+        bytes: &[u8],
+        now: Instant,
+    ) -> bool {
+        if !self.budget.take(dst.ip(), now) {
+            self.counters.probe_budget_drops += 1;
+            return false;
+        }
+        let mut contents = self.buffer();
+        contents.clear();
+        contents.extend_from_slice(bytes);
+        self.push_transmit(Destination::Udp { socket, dst }, contents, Some(PRIMER_TTL));
+        self.counters.primers_sent += 1;
+        true
+    }
+
     pub(crate) fn open_socket(&mut self, id: SocketId) {
         self.unannounced.insert(id);
         self.events.push_back(Event::OpenSocket(id));
@@ -148,7 +170,7 @@ impl Outbox {
                         // Another size ends the batch: the datagram gets a transmit of its own.
                         let own = last.contents[start..start + n].to_vec();
                         last.contents.truncate(start);
-                        self.push_transmit(destination, own);
+                        self.push_transmit(destination, own, None);
                         return Some(n);
                     }
                     None => {
@@ -163,7 +185,7 @@ impl Outbox {
         match seal.take().and_then(|f| f(&mut contents)) {
             Some(n) => {
                 contents.truncate(n);
-                self.push_transmit(destination, contents);
+                self.push_transmit(destination, contents, None);
                 Some(n)
             }
             None => {
@@ -205,12 +227,12 @@ impl Outbox {
         let mut contents = self.buffer();
         contents.clear();
         contents.extend_from_slice(bytes);
-        self.push_transmit(destination, contents);
+        self.push_transmit(destination, contents, None);
     }
 
     /// Queues one datagram as a transmit of its own; the oldest transmit goes when
     /// [`MAX_QUEUE`] datagrams wait.
-    fn push_transmit(&mut self, destination: Destination, contents: Vec<u8>) {
+    fn push_transmit(&mut self, destination: Destination, contents: Vec<u8>, ttl: Option<u8>) {
         if self.queued >= MAX_QUEUE {
             if let Some(old) = self.transmits.pop_front() {
                 self.queued -= old.datagrams();
@@ -222,6 +244,7 @@ impl Outbox {
             destination,
             contents,
             segment_size: None,
+            ttl,
         });
         self.queued += 1;
     }
@@ -234,6 +257,10 @@ pub const MAX_BATCH: usize = 64;
 pub const MAX_BATCH_BYTES: usize = 64_000;
 /// Most buffers kept for reuse.
 const POOL: usize = 1024;
+/// IP TTL of a primer: it passes the node's own gateway (one hop) and dies at the next router,
+/// so a gateway that accepts unsolicited input on the far side never sees it. (Two gateways on
+/// one segment are one hop apart: there a primer arrives like any probe.)
+pub const PRIMER_TTL: u8 = 2;
 
 impl Transmit {
     /// Datagrams in this transmit.
@@ -254,6 +281,7 @@ impl Transmit {
     fn can_grow(&self, destination: &Destination) -> Option<usize> {
         let size = self.segment_size.unwrap_or(self.contents.len());
         let ok = matches!(destination, Destination::Udp { .. })
+            && self.ttl.is_none()
             && self.destination == *destination
             && size > 0
             && self.contents.len().is_multiple_of(size)
@@ -265,6 +293,7 @@ impl Transmit {
     fn can_take(&self, destination: &Destination, len: usize) -> bool {
         let size = self.segment_size.unwrap_or(self.contents.len());
         matches!(destination, Destination::Udp { .. })
+            && self.ttl.is_none()
             && self.destination == *destination
             && len == size
             && len > 0

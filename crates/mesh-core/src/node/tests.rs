@@ -1,7 +1,9 @@
 //! Unit tests of the node: two nodes wired back to back on an injected clock.
 
 use super::*;
+use crate::outbox::PRIMER_TTL;
 use crate::BirthdayStats;
+use mesh_proto::control::NatKind;
 
 /// A UDP datagram the node sent.
 #[derive(Debug)]
@@ -9,6 +11,8 @@ pub(super) struct Sent {
     pub(super) socket: SocketId,
     pub(super) dst: SocketAddr,
     pub(super) payload: Vec<u8>,
+    /// The IP TTL it was to be sent with (`None`: the system's).
+    pub(super) ttl: Option<u8>,
 }
 
 /// A message the node sent through the relay.
@@ -441,6 +445,8 @@ struct Relayed {
     udp_limit: usize,
     /// UDP datagrams a has sent (delivered or not).
     a_udp_sent: usize,
+    /// Where each of them went, and with what TTL.
+    fired_by_a: Vec<(SocketAddr, Option<u8>)>,
 }
 
 impl Relayed {
@@ -458,6 +464,7 @@ impl Relayed {
             udp,
             udp_limit,
             a_udp_sent: 0,
+            fired_by_a: Vec::new(),
         };
         r.drive();
         // The higher key's fallback handshake is due after PROACTIVE_FALLBACK at the latest.
@@ -474,6 +481,7 @@ impl Relayed {
             while let Some(t) = self.p.a.poll_udp() {
                 moved = true;
                 self.a_udp_sent += 1;
+                self.fired_by_a.push((t.dst, t.ttl));
                 if self.udp && t.payload.len() <= self.udp_limit {
                     self.p
                         .b
@@ -697,14 +705,17 @@ fn falls_back_to_the_relay_within_three_seconds_when_direct_dies() {
     assert!(r.send_a_to_b(99));
 }
 
-#[test]
-fn new_candidates_are_probed_at_the_next_tick_with_predicted_ports() {
+/// On the relay, `a` learns that `b` moved to `moved` (with `b`'s NAT kind `nat`) and runs its
+/// next tick: the UDP datagrams that tick sent.
+fn probes_after_move(nat: Option<NatKind>, moved: SocketAddr) -> (Relayed, Vec<Sent>) {
     let mut r = Relayed::new(false);
     assert!(r.send_a_to_b(1));
     r.tick();
     while r.p.a.poll_udp().is_some() {}
+    r.fired_by_a.clear();
+    r.p.a.out.counters = Counters::default();
+    r.p.b.out.counters = Counters::default();
     let kb = r.p.b.public_key();
-    let moved: SocketAddr = "203.0.113.9:40000".parse().unwrap();
     r.p.a.upsert_peer(
         PeerConfig {
             key: kb,
@@ -712,21 +723,46 @@ fn new_candidates_are_probed_at_the_next_tick_with_predicted_ports() {
             address: r.p.b.address(),
             endpoints: vec![moved],
             observed: None,
-            nat: None,
+            nat,
         },
         r.p.now,
     );
     r.p.now += TICK;
     r.p.a.handle_timeout(r.p.now);
-    let sent: Vec<SocketAddr> = std::iter::from_fn(|| r.p.a.poll_udp())
-        .map(|t| t.dst)
-        .collect();
+    let sent = std::iter::from_fn(|| r.p.a.poll_udp()).collect();
+    (r, sent)
+}
+
+#[test]
+fn new_candidates_are_probed_at_the_next_tick_with_predicted_ports() {
+    // A peer that is not behind a NAT has no gateway a probe could spoil: probed at once.
+    let moved: SocketAddr = "203.0.113.9:40000".parse().unwrap();
+    let (_, sent) = probes_after_move(Some(NatKind::Public), moved);
+    let sent: Vec<SocketAddr> = sent.iter().map(|t| t.dst).collect();
     let mut want = vec![moved];
     want.extend((1..=PREDICTED_PORTS).map(|i| SocketAddr::new(moved.ip(), 40000 + i)));
     assert_eq!(
         sent, want,
         "probes go to the new candidate and the ports just above it"
     );
+}
+
+#[test]
+fn a_round_toward_a_natted_peer_primes_then_probes_only_after_the_peers_answer() {
+    let moved: SocketAddr = "198.51.100.9:40000".parse().unwrap();
+    let (mut r, sent) = probes_after_move(Some(NatKind::EndpointIndependent), moved);
+    // Only a primer leaves at once: to the candidate, with a TTL that dies past our gateway.
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!((sent[0].dst, sent[0].ttl), (moved, Some(PRIMER_TTL)));
+    assert_eq!(r.p.a.counters().punch_rounds, 1);
+    // The punch goes through the relay; b answers it (b probes a's candidates: a has none
+    // here) and acknowledges; only then does a probe b's candidate at full TTL.
+    r.drive();
+    assert_eq!(r.p.b.counters().punch_answers, 1);
+    let fired = r.fired_by_a.clone();
+    let mut want = vec![(moved, None)];
+    want.extend((1..=PREDICTED_PORTS).map(|i| (SocketAddr::new(moved.ip(), 40000 + i), None)));
+    assert_eq!(fired, want);
 }
 
 #[test]

@@ -433,10 +433,27 @@ impl Peer {
         self.handshake.heard(self.session.established());
     }
 
-    /// An in-tunnel probe or answer (not a birthday join, which the node handles) from `via`.
+    /// An in-tunnel probe or answer, or a punch (not a birthday join, which the node handles)
+    /// from `via`.
     pub(crate) fn on_probe(&mut self, m: pmtu::Message, via: Via, cx: &mut Ctx<'_>) {
         let key = self.key();
-        if m.kind == pmtu::Kind::Probe {
+        if m.kind == pmtu::Kind::Punch {
+            // The peer primed its NAT toward us: probe it now (unless a path already works),
+            // then say so.
+            if self.path.rounds.may_answer(cx.now) {
+                if self.path.direct.is_none() {
+                    self.fire(cx);
+                }
+                let ack = self.message(cx.me, pmtu::Kind::PunchAck, m.id, 0, 0);
+                self.seal_and_send(&ack, false, cx);
+                cx.out.counters.punch_answers += 1;
+            }
+        } else if m.kind == pmtu::Kind::PunchAck {
+            // The peer's probes opened its NAT toward us: ours pass now.
+            if self.path.rounds.acknowledged(m.id, cx.now) && self.path.direct.is_none() {
+                self.fire(cx);
+            }
+        } else if m.kind == pmtu::Kind::Probe {
             let ack = self.message(cx.me, pmtu::Kind::Ack, m.id, m.size, 0);
             if let Output::Network(bytes) = self.session.encapsulate(&ack, cx.buf) {
                 cx.out.reply(via, key, bytes);
@@ -614,6 +631,30 @@ impl Peer {
         if failed {
             self.punch.schedule.round_failed();
         }
+        if path::coordinated(&self.config) {
+            // Open our NAT toward the peer's candidates, then ask the peer to probe ours.
+            self.prime(cx);
+            let id = self.path.rounds.punch(cx.now);
+            let punch = self.message(cx.me, pmtu::Kind::Punch, id, 0, 0);
+            self.seal_and_send(&punch, false, cx);
+            cx.out.counters.punch_rounds += 1;
+        } else {
+            self.fire(cx);
+        }
+    }
+
+    /// Primers to every candidate of the peer: keepalives with a TTL that opens our own NAT
+    /// toward them and dies before the peer's gateway (they reach a peer on our LAN).
+    fn prime(&mut self, cx: &mut Ctx<'_>) {
+        if let Output::Network(bytes) = self.session.encapsulate(&[], cx.buf) {
+            for dst in self.config.endpoints.iter().take(MAX_ENDPOINTS) {
+                cx.out.primer(SocketId::MAIN, *dst, bytes, cx.now);
+            }
+        }
+    }
+
+    /// Probes (keepalives) to every candidate of the peer and a few predicted ports.
+    fn fire(&mut self, cx: &mut Ctx<'_>) {
         if let Output::Network(bytes) = self.session.encapsulate(&[], cx.buf) {
             for dst in self.config.endpoints.iter().take(MAX_ENDPOINTS) {
                 cx.out.probe(SocketId::MAIN, *dst, bytes, cx.now);

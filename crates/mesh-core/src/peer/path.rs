@@ -6,12 +6,21 @@
 //! after [`PATH_TIMEOUT`] (traffic falls back to the relay). Without one, every candidate gets an
 //! authenticated probe each round, the rounds backing off from [`CANDIDATE_PROBE_INTERVAL`] to
 //! [`MAX_CANDIDATE_PROBE_INTERVAL`] (or [`ACTIVE_CANDIDATE_PROBE_INTERVAL`] while traffic flows).
+//!
+//! A round toward a peer behind a NAT is coordinated ([`coordinated`]): a plain Linux gateway
+//! that accepts unsolicited input takes the first probe that reaches it before its own host has
+//! sent anything to the prober, and conntrack then moves the host's flow to that prober onto
+//! another port: a probe that arrives too early spoils the pair. So the node first primes its
+//! own NAT (probes with [`crate::outbox::PRIMER_TTL`], which die past its gateway) and asks the
+//! peer through the tunnel to probe now (`Punch`); the peer probes the node's candidates, which
+//! find the node's gateway expecting them, and acknowledges (`PunchAck`); then the node probes
+//! the peer's candidates, through the holes the peer's probes opened.
 
 use crate::node::Destination;
 use crate::outbox::{Endpoint, Outbox};
 use crate::peer::PeerConfig;
 use crate::sockets::SocketId;
-use mesh_proto::control::MAX_ENDPOINTS;
+use mesh_proto::control::{NatKind, MAX_ENDPOINTS};
 use std::time::{Duration, Instant};
 
 /// A direct path that stays silent this long while we send on it (and its liveness probes go
@@ -35,6 +44,16 @@ pub const ACTIVE_CANDIDATE_PROBE_INTERVAL: Duration = Duration::from_secs(4);
 pub const ACTIVE_TRAFFIC: Duration = Duration::from_secs(10);
 /// Ports above the peer's observed one probed while on the relay (port prediction).
 pub const PREDICTED_PORTS: u16 = 4;
+/// A peer's acknowledgement of our punch counts this long after we sent the punch.
+pub const PUNCH_ACK_WINDOW: Duration = Duration::from_secs(5);
+/// The node answers a peer's punches at most this often (each answer probes every candidate).
+pub const PUNCH_ANSWER_SPACING: Duration = Duration::from_millis(500);
+
+/// Whether direct probes to the peer's candidates wait for its word (see the module docs): yes
+/// unless it reported that it is not behind a NAT (then no gateway of its own can take a probe).
+pub(crate) fn coordinated(peer: &PeerConfig) -> bool {
+    peer.nat != Some(NatKind::Public)
+}
 
 /// A confirmed direct path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,9 +77,47 @@ pub(crate) struct Rounds {
     pub(crate) last: Option<Instant>,
     /// Current wait between rounds.
     pub(crate) interval: Duration,
+    /// The punch of the last coordinated round (its id, when it went) until acknowledged.
+    pub(crate) punch: Option<(u16, Instant)>,
+    /// Id of the next punch.
+    pub(crate) next_punch: u16,
+    /// When the node last answered a punch of the peer's.
+    pub(crate) answered: Option<Instant>,
 }
 
 impl Rounds {
+    /// A punch goes out now: its id.
+    pub(crate) fn punch(&mut self, now: Instant) -> u16 {
+        let id = self.next_punch;
+        self.next_punch = id.wrapping_add(1);
+        self.punch = Some((id, now));
+        id
+    }
+
+    /// The peer acknowledged punch `id`: whether it is ours, in flight and recent (then it is
+    /// done).
+    pub(crate) fn acknowledged(&mut self, id: u16, now: Instant) -> bool {
+        let ours = self
+            .punch
+            .is_some_and(|(p, t)| p == id && now.saturating_duration_since(t) < PUNCH_ACK_WINDOW);
+        if ours {
+            self.punch = None;
+        }
+        ours
+    }
+
+    /// Whether the node may answer a punch now (at most one per [`PUNCH_ANSWER_SPACING`]); if
+    /// so, records it.
+    pub(crate) fn may_answer(&mut self, now: Instant) -> bool {
+        let ok = self
+            .answered
+            .is_none_or(|t| now.saturating_duration_since(t) >= PUNCH_ANSWER_SPACING);
+        if ok {
+            self.answered = Some(now);
+        }
+        ok
+    }
+
     /// New candidates, or the direct path died: the next round goes now, then every
     /// [`CANDIDATE_PROBE_INTERVAL`].
     pub(crate) fn restart(&mut self) {
@@ -74,6 +131,9 @@ impl Default for Rounds {
         Rounds {
             last: None,
             interval: CANDIDATE_PROBE_INTERVAL,
+            punch: None,
+            next_punch: 0,
+            answered: None,
         }
     }
 }
@@ -121,7 +181,8 @@ impl PathState {
     /// Sends one WireGuard message to `peer` by the best path there is:
     /// - the confirmed direct endpoint;
     /// - else the relay (if there is one), and handshake initiations also to every candidate
-    ///   directly, so a direct path can be found while traffic already flows;
+    ///   directly, so a direct path can be found while traffic already flows (as primers where
+    ///   the rounds are [`coordinated`]: they open our NAT, and reach a peer on our own LAN);
     /// - else every candidate (the first that answers becomes the endpoint).
     ///
     /// `tracked`: the direct path owes an answer to it (not so for keepalives and path MTU
@@ -143,6 +204,12 @@ impl PathState {
         if out.relay_up {
             out.relay(peer.key, bytes);
             if !initiation {
+                return;
+            }
+            if coordinated(peer) {
+                for dst in peer.endpoints.iter().take(MAX_ENDPOINTS) {
+                    out.primer(SocketId::MAIN, *dst, bytes, now);
+                }
                 return;
             }
         }

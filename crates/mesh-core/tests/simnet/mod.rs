@@ -62,6 +62,7 @@ pub use relay::SimRelay;
 use mesh_core::{
     Destination, Event, Node, NodeConfig, Output, PeerConfig, SocketId, Source, Transmit,
 };
+use mesh_proto::control::NatKind;
 use mesh_proto::PublicKey;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -142,6 +143,10 @@ pub struct NatConfig {
     /// Hand out a random free port in 1024..=65535 for every new mapping (Linux `masquerade
     /// random`) instead of sequential ones.
     pub random_ports: bool,
+    /// A plain Linux gateway (`masquerade`, no input filter): Linux connection tracking instead
+    /// of mappings and filters, see [`Conntrack`]. `mapping`, `filtering`, `timeout` and the
+    /// port options are then unused.
+    pub linux_gateway: bool,
 }
 
 impl NatConfig {
@@ -154,6 +159,15 @@ impl NatConfig {
             allow: Vec::new(),
             port_preservation: false,
             random_ports: false,
+            linux_gateway: false,
+        }
+    }
+
+    /// A plain Linux gateway: `masquerade` and no input filter (see [`Conntrack`]).
+    pub fn linux_gateway() -> NatConfig {
+        NatConfig {
+            linux_gateway: true,
+            ..NatConfig::port_restricted(CT_REPLIED_TIMEOUT)
         }
     }
 
@@ -213,6 +227,9 @@ pub enum Behaviour {
     UdpBlocked,
     /// Behind a port-restricted home router behind a port-restricted carrier-grade NAT.
     DoubleNat,
+    /// Behind a plain Linux gateway (`masquerade`, no input filter), see [`Conntrack`]. Not in
+    /// [`Behaviour::ALL`]: its tests say how far apart the gateways are ([`Net::core_hops`]).
+    LinuxGateway,
 }
 
 impl Behaviour {
@@ -235,12 +252,157 @@ impl Behaviour {
             Behaviour::Symmetric => "sym",
             Behaviour::UdpBlocked => "blk",
             Behaviour::DoubleNat => "dbl",
+            Behaviour::LinuxGateway => "lnx",
         }
     }
 }
 
 /// An inside flow: the inside ip:port and, for endpoint-dependent mapping, the destination.
 type FlowKey = (SocketAddr, Option<SocketAddr>);
+
+/// How long Linux keeps a UDP conntrack entry that has seen no reply (`nf_conntrack_udp_timeout`).
+pub const CT_UNREPLIED_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long Linux keeps a UDP conntrack entry that has seen traffic both ways
+/// (`nf_conntrack_udp_timeout_stream`).
+pub const CT_REPLIED_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A (source, destination) pair: one direction of a conntrack entry.
+type Tuple = (SocketAddr, SocketAddr);
+
+/// One conntrack entry.
+#[derive(Debug, Clone)]
+struct CtEntry {
+    /// The direction its first packet went.
+    orig: Tuple,
+    /// What the answer looks like (for a masqueraded flow: from the remote to the gateway's
+    /// address and the port it picked).
+    reply: Tuple,
+    /// Created by a datagram to the gateway itself (nothing listens; it is dropped there).
+    local: bool,
+    /// A packet matched the reply direction.
+    replied: bool,
+    /// Last packet either way.
+    last: Instant,
+}
+
+impl CtEntry {
+    fn alive(&self, now: Instant) -> bool {
+        let timeout = if self.replied {
+            CT_REPLIED_TIMEOUT
+        } else {
+            CT_UNREPLIED_TIMEOUT
+        };
+        now < self.last + timeout
+    }
+}
+
+/// Linux connection tracking as a plain `masquerade` gateway without an input filter uses it
+/// (a minimal Debian router, a cloud NAT instance, a tutorial's homelab box):
+///
+/// - An outbound flow keeps its source port when the entry that results is unique, that is when
+///   no other entry already holds the reply tuple (remote -> gateway:port); otherwise it gets
+///   another port.
+/// - An inbound datagram that answers an entry goes to the inside host. One that answers none
+///   is addressed to the gateway itself: with no input filter it is accepted there (nothing
+///   listens) and conntrack confirms an UNREPLIED entry for it. That entry holds the tuple: an
+///   inside host that now sends to that remote from that port gets another port, and the
+///   remote's next datagrams keep landing on the gateway. This is what defeats naive hole
+///   punching through such gateways: whichever side's probe arrives first poisons the flow.
+/// - Entries live [`CT_UNREPLIED_TIMEOUT`] without a reply and [`CT_REPLIED_TIMEOUT`] with one,
+///   refreshed by every packet either way.
+#[derive(Debug, Clone, Default)]
+struct Conntrack {
+    entries: BTreeMap<u64, CtEntry>,
+    /// Both tuples of every entry.
+    by_tuple: HashMap<Tuple, u64>,
+    next: u64,
+}
+
+impl Conntrack {
+    /// The live entry holding `tuple` (either direction); forgets it if it timed out.
+    fn find(&mut self, tuple: Tuple, now: Instant) -> Option<u64> {
+        let id = *self.by_tuple.get(&tuple)?;
+        if self.entries.get(&id).is_some_and(|e| e.alive(now)) {
+            return Some(id);
+        }
+        if let Some(e) = self.entries.remove(&id) {
+            self.by_tuple.remove(&e.orig);
+            self.by_tuple.remove(&e.reply);
+        }
+        None
+    }
+
+    fn insert(&mut self, e: CtEntry) {
+        let id = self.next;
+        self.next += 1;
+        self.by_tuple.insert(e.orig, id);
+        self.by_tuple.insert(e.reply, id);
+        self.entries.insert(id, e);
+    }
+
+    /// Masquerades `src -> dst` behind `public`; returns the source port it leaves from.
+    fn outbound(
+        &mut self,
+        public: Ipv4Addr,
+        src: SocketAddr,
+        dst: SocketAddr,
+        rng: &mut SmallRng,
+        now: Instant,
+    ) -> u16 {
+        if let Some(id) = self.find((src, dst), now) {
+            let e = self.entries.get_mut(&id).unwrap();
+            if e.orig == (src, dst) && !e.local {
+                e.last = now;
+                return e.reply.1.port();
+            }
+        }
+        let at = |p: u16| SocketAddr::new(IpAddr::V4(public), p);
+        let mut port = src.port();
+        while self.find((dst, at(port)), now).is_some() {
+            port = rng.gen_range(LOWEST_RANDOM_PORT..=u16::MAX);
+        }
+        self.insert(CtEntry {
+            orig: (src, dst),
+            reply: (dst, at(port)),
+            local: false,
+            replied: false,
+            last: now,
+        });
+        port
+    }
+
+    /// A datagram from `from` to `to` (the gateway's address): the inside address it answers,
+    /// or `None` when it went to the gateway itself (`true`: it created a new entry there).
+    fn inbound(
+        &mut self,
+        from: SocketAddr,
+        to: SocketAddr,
+        now: Instant,
+    ) -> Result<SocketAddr, bool> {
+        if let Some(id) = self.find((from, to), now) {
+            let e = self.entries.get_mut(&id).unwrap();
+            e.last = now;
+            if !e.local && e.reply == (from, to) {
+                e.replied = true;
+                return Ok(e.orig.0);
+            }
+            return Err(false);
+        }
+        self.insert(CtEntry {
+            orig: (from, to),
+            reply: (to, from),
+            local: true,
+            replied: false,
+            last: now,
+        });
+        Err(true)
+    }
+
+    /// Live entries.
+    fn live(&self, now: Instant) -> usize {
+        self.entries.values().filter(|e| e.alive(now)).count()
+    }
+}
 
 /// One live mapping of a NAT.
 #[derive(Debug, Clone)]
@@ -266,6 +428,8 @@ struct NatBox {
     rng: SmallRng,
     /// Last time expired mappings were swept.
     swept: Option<Instant>,
+    /// With [`NatConfig::linux_gateway`]: connection tracking instead of mappings.
+    conntrack: Conntrack,
 }
 
 impl NatBox {
@@ -341,6 +505,12 @@ impl NatBox {
             stats.hairpin += 1;
             return None;
         }
+        if self.config.linux_gateway {
+            let port = self
+                .conntrack
+                .outbound(self.public, src, dst, &mut self.rng, now);
+            return Some(SocketAddr::new(IpAddr::V4(self.public), port));
+        }
         let key = match self.config.mapping {
             Mapping::EndpointIndependent => (src, None),
             Mapping::EndpointDependent => (src, Some(dst)),
@@ -373,6 +543,17 @@ impl NatBox {
         if self.config.blocks_udp && !self.config.allow.contains(&from) {
             stats.blocked += 1;
             return None;
+        }
+        if self.config.linux_gateway {
+            let to = SocketAddr::new(IpAddr::V4(self.public), port);
+            return match self.conntrack.inbound(from, to, now) {
+                Ok(inside) => Some(inside),
+                Err(created) => {
+                    stats.accepted_locally += 1;
+                    stats.poisoned += u64::from(created);
+                    None
+                }
+            };
         }
         let Some(b) = self.by_port.get(&port) else {
             stats.no_mapping += 1;
@@ -415,6 +596,13 @@ pub struct NetStats {
     pub filtered: u64,
     /// Dropped by a UDP-blocking firewall.
     pub blocked: u64,
+    /// Accepted by a Linux gateway itself (no entry answered it; nothing listens there).
+    pub accepted_locally: u64,
+    /// Of those, the ones that created a conntrack entry: a tuple an inside host's flow can no
+    /// longer have.
+    pub poisoned: u64,
+    /// Dropped by a router because the IP TTL ran out.
+    pub ttl_expired: u64,
 }
 
 struct RealmInfo {
@@ -444,6 +632,8 @@ struct InFlight {
     from: SocketAddr,
     to: SocketAddr,
     payload: Vec<u8>,
+    /// IP TTL left.
+    ttl: u8,
 }
 
 impl PartialEq for InFlight {
@@ -499,6 +689,22 @@ pub struct Net {
     pub trace: Option<Vec<String>>,
     /// The run's start, for trace timestamps.
     epoch: Instant,
+    /// Routers between any two sites on the internet (each takes one from the IP TTL). 0 puts
+    /// every NAT's WAN and every public host on one segment.
+    pub core_hops: u8,
+}
+
+/// The IP TTL of a datagram sent without one.
+pub const DEFAULT_TTL: u8 = 64;
+
+/// One router hop: the datagram goes on with one less TTL, or `false` where it dies.
+fn hop(ttl: &mut u8, stats: &mut NetStats) -> bool {
+    if *ttl <= 1 {
+        stats.ttl_expired += 1;
+        return false;
+    }
+    *ttl -= 1;
+    true
 }
 
 fn in_lan_prefix(ip: Ipv4Addr) -> bool {
@@ -533,6 +739,7 @@ impl Net {
             stats: NetStats::default(),
             trace: None,
             epoch: Instant::now(),
+            core_hops: 0,
         }
     }
 
@@ -582,6 +789,7 @@ impl Net {
                 by_flow: BTreeMap::new(),
                 rng,
                 swept: None,
+                conntrack: Conntrack::default(),
             }),
             next_host: 2,
             next_wan: 0,
@@ -699,12 +907,16 @@ impl Net {
         if let Some(n) = self.realms[realm].nat.as_mut() {
             n.by_port.clear();
             n.by_flow.clear();
+            n.conntrack = Conntrack::default();
         }
     }
 
     /// Live mappings of the NAT in front of `realm`.
     pub fn live_mappings(&self, realm: Realm, now: Instant) -> usize {
         self.realms[realm].nat.as_ref().map_or(0, |n| {
+            if n.config.linux_gateway {
+                return n.conntrack.live(now);
+            }
             n.by_port
                 .values()
                 .filter(|b| n.alive(b.last_out, now))
@@ -718,21 +930,39 @@ impl Net {
 
     /// Carries a datagram out of LANs until it is in the realm where `dst` is local.
     /// Returns that realm and the source as seen there, or `None` when a NAT dropped it.
+    /// Each NAT is a router hop: `ttl` loses one at each, and the datagram dies (after the NAT
+    /// translated it, as Linux's conntrack sees it before routing does) where it runs out; then
+    /// on the internet it crosses [`Net::core_hops`] more routers.
     fn route_out(
         &mut self,
         mut realm: Realm,
         mut src: SocketAddr,
         dst: SocketAddr,
+        ttl: &mut u8,
         now: Instant,
     ) -> Option<(Realm, SocketAddr)> {
         let ip = v4(dst);
+        let mut crossed = false;
         loop {
             if self.is_local(realm, ip) {
+                if realm == INTERNET && crossed {
+                    for _ in 0..self.core_hops {
+                        if !hop(ttl, &mut self.stats) {
+                            return None;
+                        }
+                    }
+                }
                 return Some((realm, src));
             }
             let nat = self.realms[realm].nat.as_mut()?;
+            if *ttl <= 1 {
+                self.stats.ttl_expired += 1;
+                return None;
+            }
             src = nat.outbound(src, dst, now, &mut self.stats)?;
+            *ttl -= 1;
             realm = nat.outside;
+            crossed = true;
         }
     }
 
@@ -741,7 +971,8 @@ impl Net {
     /// controller learns a node's reflexive address. `None` if no NAT lets it out.
     pub fn observe(&mut self, host: HostId, dst: SocketAddr, now: Instant) -> Option<SocketAddr> {
         let h = self.hosts[host];
-        self.route_out(h.realm, h.addr, dst, now)
+        let mut ttl = DEFAULT_TTL;
+        self.route_out(h.realm, h.addr, dst, &mut ttl, now)
             .map(|(_, src)| src)
     }
 
@@ -757,13 +988,25 @@ impl Net {
 
     /// `host` sends a datagram to `dst` now. It may be lost, dropped by a NAT, or arrive later.
     pub fn send(&mut self, host: HostId, dst: SocketAddr, payload: Vec<u8>, now: Instant) {
+        self.send_with_ttl(host, dst, payload, DEFAULT_TTL, now);
+    }
+
+    /// [`Net::send`] with this IP TTL: the datagram dies at the router where it runs out.
+    pub fn send_with_ttl(
+        &mut self,
+        host: HostId,
+        dst: SocketAddr,
+        payload: Vec<u8>,
+        mut ttl: u8,
+        now: Instant,
+    ) {
         self.stats.sent += 1;
         let h = self.hosts[host];
         assert!(h.open, "send on closed socket {}", h.addr);
         // Loss happens on the way, after the sender's NATs translated (and so refreshed) it.
         let lose = self.rng.gen_bool(self.loss);
         let before = self.stats;
-        let Some((realm, from)) = self.route_out(h.realm, h.addr, dst, now) else {
+        let Some((realm, from)) = self.route_out(h.realm, h.addr, dst, &mut ttl, now) else {
             if self.stats == before {
                 self.stats.no_route += 1;
             }
@@ -797,6 +1040,7 @@ impl Net {
             from,
             to: dst,
             payload,
+            ttl,
         }));
     }
 
@@ -811,6 +1055,12 @@ impl Net {
             "filtered"
         } else if s.blocked > before.blocked {
             "UDP blocked"
+        } else if s.poisoned > before.poisoned {
+            "taken by the gateway itself (conntrack entry created)"
+        } else if s.accepted_locally > before.accepted_locally {
+            "taken by the gateway itself"
+        } else if s.ttl_expired > before.ttl_expired {
+            "TTL expired"
         } else {
             "no route"
         }
@@ -825,7 +1075,7 @@ impl Net {
     pub fn pop_arrival(&mut self, now: Instant) -> Option<Arrival> {
         while self.in_flight.peek().is_some_and(|r| r.0.at <= now) {
             let Reverse(d) = self.in_flight.pop()?;
-            let (mut realm, mut to) = (d.realm, d.to);
+            let (mut realm, mut to, mut ttl) = (d.realm, d.to, d.ttl);
             loop {
                 if let Some(&host) = self.by_addr.get(&(realm, to)) {
                     self.stats.delivered += 1;
@@ -861,7 +1111,10 @@ impl Net {
                     break;
                 };
                 let nat = self.realms[inside].nat.as_mut().unwrap();
-                match nat.inbound(d.from, to.port(), d.at, &mut self.stats) {
+                let forwarded = nat
+                    .inbound(d.from, to.port(), d.at, &mut self.stats)
+                    .filter(|_| hop(&mut ttl, &mut self.stats));
+                match forwarded {
                     Some(internal) => {
                         realm = inside;
                         to = internal;
@@ -1118,6 +1371,7 @@ impl Sim {
                 let cgnat = self.net.add_nat(INTERNET, NatConfig::port_restricted(t));
                 self.net.add_nat(cgnat, NatConfig::port_restricted(t))
             }
+            Behaviour::LinuxGateway => self.net.add_nat(INTERNET, NatConfig::linux_gateway()),
         }
     }
 
@@ -1318,7 +1572,8 @@ impl Sim {
                     } else {
                         n.io.sent_extra += 1;
                     }
-                    self.net.send(host, dst, d.to_vec(), self.now);
+                    let ttl = t.ttl.unwrap_or(DEFAULT_TTL);
+                    self.net.send_with_ttl(host, dst, d.to_vec(), ttl, self.now);
                 }
             }
             Destination::Relay { to } => {
@@ -1515,6 +1770,32 @@ impl Sim {
     /// Whether both `a` and `b` have a direct path to each other.
     pub fn direct(&self, a: usize, b: usize) -> bool {
         self.endpoint(a, b).is_some() && self.endpoint(b, a).is_some()
+    }
+
+    /// Runs in 250 ms steps until `a` and `b` have a direct path to each other; how long it
+    /// took.
+    pub fn time_to_direct(&mut self, a: usize, b: usize, max: Duration) -> Option<Duration> {
+        let t0 = self.now;
+        while self.now.duration_since(t0) < max {
+            if self.direct(a, b) {
+                return Some(self.now.duration_since(t0));
+            }
+            self.run_for(Duration::from_millis(250));
+        }
+        None
+    }
+
+    /// Tells every node its own NAT kind and every peer's, as the agent and the controller do
+    /// once the observer answered.
+    pub fn tell_kinds(&mut self, kinds: &[(usize, NatKind)]) {
+        for &(i, k) in kinds {
+            self.nodes[i].node.set_nat(Some(k));
+        }
+        let mut peers = self.peer_configs();
+        for &(i, k) in kinds {
+            peers[i].nat = Some(k);
+        }
+        self.set_peers(&peers);
     }
 }
 

@@ -142,6 +142,8 @@ pub(super) fn pmtu() -> Decoder {
             Kind::Probe => "probe",
             Kind::Ack => "ack",
             Kind::Birthday => "birthday",
+            Kind::Punch => "punch",
+            Kind::PunchAck => "punch_ack",
         })
     })
 }
