@@ -40,6 +40,12 @@
 //!   a real (dynamic) full cone, so no static port forwarding is needed: whatever port an agent
 //!   uses, once it has sent anything out it is reachable from anyone.
 //!
+//! # Routers that map ports
+//!
+//! [`NatLab::add_port_mapping_router`] makes a router of any kind that also runs Debian's
+//! miniupnpd (UPnP IGD, NAT-PMP, PCP), as home routers do; its mappings are DNAT rules in the
+//! router's own ruleset ([`PortMapper::mappings`]).
+//!
 //! # Using it with the daemons
 //!
 //! [`Controller`](crate::Controller) and [`Agent`](crate::Agent) take a [`Lab`] and a [`Host`]:
@@ -88,6 +94,11 @@ pub const CONTROLLER_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 pub const MAPPING_TIMEOUT_SECS: u32 = 120;
 /// How long an interface may take to come up.
 const LINK_TIMEOUT: Duration = Duration::from_secs(5);
+/// The UDP port of the STUN server that tells the first port-mapping router its public
+/// address (on the controller host; the next router's is one higher, and so on).
+pub const PORT_MAPPER_STUN_PORT: u16 = 3479;
+/// How long miniupnpd may take to start (its STUN check retries after 3 s without answers).
+const PORT_MAPPER_READY: Duration = Duration::from_secs(15);
 
 /// What a router does to UDP. (TCP and ICMP are masqueraded by all of them.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,6 +141,8 @@ pub struct Router {
     pub public_ip: Ipv4Addr,
     /// Index of its inside segment in the lab.
     segment: usize,
+    /// Whether miniupnpd runs in it ([`NatLab::add_port_mapping_router`]).
+    port_mapping: bool,
 }
 
 impl Router {
@@ -277,7 +290,7 @@ impl NatLab {
     /// A NAT router on the internet (WAN 203.0.113.100, .101, ...) with its own LAN
     /// 198.51.100.0/24 behind it.
     pub fn add_router(&mut self, name: &str, kind: NatKind) -> Result<Router> {
-        self.add_router_on(0, None, name, kind, LAN_PREFIX)
+        self.add_router_on(0, None, name, kind, LAN_PREFIX, false)
     }
 
     /// A NAT router on the internet one routed hop away from everything else, as sites are in
@@ -331,7 +344,7 @@ impl NatLab {
             "dev",
             &port,
         ])?;
-        self.add_router_on(site, None, name, kind, LAN_PREFIX)
+        self.add_router_on(site, None, name, kind, LAN_PREFIX, false)
     }
 
     /// A NAT router whose WAN is inside `upstream` (192.0.2.2, .3, ... behind a CGNAT; default
@@ -343,7 +356,7 @@ impl NatLab {
         kind: NatKind,
     ) -> Result<Router> {
         let up = self.own_router(upstream)?;
-        self.add_router_on(up.segment, Some(up), name, kind, LAN_PREFIX)
+        self.add_router_on(up.segment, Some(up), name, kind, LAN_PREFIX, false)
     }
 
     /// Double NAT: a CGNAT router `<name>-cgnat` on the internet (inside 192.0.2.0/24) and a
@@ -360,15 +373,150 @@ impl NatLab {
         cgnat: NatKind,
         home: NatKind,
     ) -> Result<(Router, Router)> {
-        let outer = self.add_router_on(0, None, &format!("{name}-cgnat"), cgnat, CGNAT_PREFIX)?;
+        let outer = self.add_router_on(
+            0,
+            None,
+            &format!("{name}-cgnat"),
+            cgnat,
+            CGNAT_PREFIX,
+            false,
+        )?;
         let inner = self.add_router_on(
             outer.segment,
             Some(outer.clone()),
             &format!("{name}-home"),
             home,
             LAN_PREFIX,
+            false,
         )?;
         Ok((outer, inner))
+    }
+
+    /// A NAT router on the internet like [`NatLab::add_router`] that maps ports on request, as
+    /// most home routers do: Debian's miniupnpd (package `miniupnpd-nftables`) runs in it with
+    /// UPnP IGD, NAT-PMP and PCP on its `lan`, `wan` as its external interface, in secure mode
+    /// (a host may map ports to itself only). It fills chains of the router's ruleset, so its
+    /// mappings show there (and in the ruleset printed when a test fails).
+    ///
+    /// miniupnpd refuses to map ports while its external address is a reserved one, which the
+    /// lab's documentation addresses are; it is told its public address by STUN instead, for
+    /// which `stun` (the `mesh-e2e-stun` helper) answers on the controller host at
+    /// [`PORT_MAPPER_STUN_PORT`] and up. Returns once miniupnpd listens with port forwarding
+    /// enabled. It stops when the [`PortMapper`] or the lab is dropped.
+    pub fn add_port_mapping_router(
+        &mut self,
+        name: &str,
+        kind: NatKind,
+        stun: &Stun,
+    ) -> Result<(Router, PortMapper)> {
+        self.add_port_mapping_router_with(name, kind, stun, Speaks::All)
+    }
+
+    /// [`NatLab::add_port_mapping_router`] whose miniupnpd speaks only some of the protocols.
+    pub fn add_port_mapping_router_with(
+        &mut self,
+        name: &str,
+        kind: NatKind,
+        stun: &Stun,
+        speaks: Speaks,
+    ) -> Result<(Router, PortMapper)> {
+        let miniupnpd = ["/usr/sbin/miniupnpd", "/usr/local/sbin/miniupnpd"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_file())
+            .ok_or_else(|| {
+                anyhow!("miniupnpd not found: install Debian's miniupnpd-nftables (test.sh does)")
+            })?;
+        let index = self.routers.iter().filter(|r| r.port_mapping).count();
+        let mut router = self.add_router_on(0, None, name, kind, LAN_PREFIX, true)?;
+        router.port_mapping = true;
+        if let Some(r) = self.routers.last_mut() {
+            r.port_mapping = true;
+        }
+        let stun_port = PORT_MAPPER_STUN_PORT + u16::try_from(index).unwrap_or(0);
+        let ctl = self.controller_host();
+        let stun_server = stun.stun(self, &ctl, stun_port)?;
+        let safe: String = name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        let dir = self.lab.dir().join(format!("miniupnpd-{safe}"));
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let conf = dir.join("miniupnpd.conf");
+        let [a, b, c] = LAN_PREFIX;
+        let config = format!(
+            "# miniupnpd of lab router {name} ({kind:?})\n\
+             ext_ifname=wan\n\
+             listening_ip=lan\n\
+             http_port=5000\n\
+             enable_upnp={upnp}\n\
+             # NAT-PMP and PCP share this switch.\n\
+             enable_natpmp={pmp}\n\
+             secure_mode=yes\n\
+             system_uptime=no\n\
+             ext_perform_stun=yes\n\
+             ext_stun_host={CONTROLLER_IP}\n\
+             ext_stun_port={stun_port}\n\
+             lease_file={leases}\n\
+             uuid=6f9a3c1e-2b7d-4e58-9a41-0c5e8d7f{index:04x}\n\
+             min_lifetime=120\n\
+             max_lifetime=86400\n\
+             allow 1024-65535 {a}.{b}.{c}.0/24 1024-65535\n\
+             deny 0-65535 0.0.0.0/0 0-65535\n",
+            leases = dir.join("leases").display(),
+            upnp = if speaks == Speaks::PcpAndNatPmp {
+                "no"
+            } else {
+                "yes"
+            },
+            pmp = if speaks == Speaks::Upnp { "no" } else { "yes" },
+        );
+        fs::write(&conf, config).with_context(|| format!("writing {}", conf.display()))?;
+        let pid_file = dir.join("miniupnpd.pid");
+        // -d: in the foreground, logging to stderr; -P: its pid file here, not in /run.
+        let args = [
+            OsStr::new("-d"),
+            OsStr::new("-f"),
+            conf.as_os_str(),
+            OsStr::new("-P"),
+            pid_file.as_os_str(),
+        ];
+        let mut daemon = self.spawn(
+            &router.as_host(),
+            &format!("{name}-miniupnpd"),
+            &miniupnpd,
+            args,
+        )?;
+        let mut exited = false;
+        // Its last start-up line: NAT-PMP/PCP's socket, else UPnP's HTTP port.
+        let ready_line = if speaks == Speaks::Upnp {
+            "HTTP listening on port"
+        } else {
+            "Listening for NAT-PMP/PCP traffic"
+        };
+        let listening = wait_until(PORT_MAPPER_READY, || {
+            if daemon.stderr().contains(ready_line) {
+                return true;
+            }
+            exited = !daemon.is_running();
+            exited
+        });
+        let log = daemon.stderr();
+        if !listening || exited || !log.contains("Port forwarding is now enabled") {
+            let log = daemon.log();
+            bail!(
+                "miniupnpd in router {name} did not start with port forwarding enabled within \
+                 {PORT_MAPPER_READY:?}:\n{log}"
+            );
+        }
+        Ok((
+            router.clone(),
+            PortMapper {
+                router,
+                daemon,
+                _stun: stun_server,
+            },
+        ))
     }
 
     /// A host on `router`'s inside segment: 198.51.100.10, .11, ... (192.0.2.10, ... behind a
@@ -520,6 +668,7 @@ impl NatLab {
         name: &str,
         kind: NatKind,
         inside: [u8; 3],
+        port_mapping: bool,
     ) -> Result<Router> {
         if self.routers.iter().any(|r| r.name == name) {
             bail!("lab {} has a router named {name} already", self.label);
@@ -546,7 +695,7 @@ impl NatLab {
         run(&ns, "sysctl", ["-qw", "net.ipv4.ip_forward=1"])
             .ok()
             .context("enabling IPv4 forwarding in a router")?;
-        let rules = ruleset(kind, wan_ip);
+        let rules = ruleset(kind, wan_ip, port_mapping);
         let safe: String = name
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
@@ -566,6 +715,7 @@ impl NatLab {
             lan_ip,
             public_ip: upstream.map_or(wan_ip, |u| u.public_ip),
             segment,
+            port_mapping: false,
         };
         self.routers.push(router.clone());
         Ok(router)
@@ -589,8 +739,11 @@ impl Drop for NatLab {
     }
 }
 
-/// The nftables ruleset of a router of `kind` whose WAN address is `wan`.
-fn ruleset(kind: NatKind, wan: Ipv4Addr) -> String {
+/// The nftables ruleset of a router of `kind` whose WAN address is `wan`. With `port_mapping`,
+/// it also has what miniupnpd fills (see [`PortMapper`]): its chains in `table inet filter`
+/// (miniupnpd's default table), hooked in, and the router's own traffic leaves from its own
+/// address and ports (miniupnpd's STUN check of its public address needs that).
+fn ruleset(kind: NatKind, wan: Ipv4Addr, port_mapping: bool) -> String {
     let eim = matches!(kind, NatKind::FullCone | NatKind::PortRestricted);
     let t = MAPPING_TIMEOUT_SECS;
     let mut s = String::from("table ip nat {\n");
@@ -613,6 +766,9 @@ fn ruleset(kind: NatKind, wan: Ipv4Addr) -> String {
         );
     }
     s.push_str("  }\n  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n");
+    if port_mapping {
+        let _ = writeln!(s, "    oifname \"wan\" ip saddr {wan} accept");
+    }
     match kind {
         NatKind::FullCone | NatKind::PortRestricted => {
             let _ = write!(
@@ -647,10 +803,19 @@ fn ruleset(kind: NatKind, wan: Ipv4Addr) -> String {
         );
     }
     s.push_str("}\n");
-    s.push_str(
-        "table inet filter {\n  chain input {\n    type filter hook input priority filter; \
-         policy accept;\n",
-    );
+    s.push_str("table inet filter {\n");
+    if port_mapping {
+        // miniupnpd adds its DNAT rules to prerouting_miniupnpd, its accept rules to miniupnpd
+        // (jumped to from forward below) and PCP PEER's SNAT rules to postrouting_miniupnpd.
+        s.push_str(
+            "  chain prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n    \
+             jump prerouting_miniupnpd\n  }\n  chain postrouting {\n    type nat hook \
+             postrouting priority srcnat; policy accept;\n    jump postrouting_miniupnpd\n  }\n  \
+             chain prerouting_miniupnpd {\n  }\n  chain postrouting_miniupnpd {\n  }\n  chain \
+             miniupnpd {\n  }\n",
+        );
+    }
+    s.push_str("  chain input {\n    type filter hook input priority filter; policy accept;\n");
     if kind != NatKind::Masquerade {
         s.push_str("    iifname \"wan\" meta l4proto udp ct state new counter drop\n");
     }
@@ -669,6 +834,9 @@ fn ruleset(kind: NatKind, wan: Ipv4Addr) -> String {
     s.push_str("    iifname \"lan\" oifname \"wan\" accept\n");
     if kind == NatKind::FullCone {
         s.push_str("    iifname \"wan\" oifname \"lan\" ct status dnat accept\n");
+    }
+    if port_mapping {
+        s.push_str("    jump miniupnpd\n");
     }
     s.push_str("    counter drop\n  }\n}\n");
     s
@@ -760,6 +928,20 @@ impl Stun {
         Ok(Listener { proc })
     }
 
+    /// Starts a STUN server (binding requests only) on `host.ip:port` and waits until it is
+    /// bound.
+    pub fn stun(&self, nat: &NatLab, host: &Host, port: u16) -> Result<Proc> {
+        let addr = SocketAddrV4::new(host.ip, port).to_string();
+        let mut p = nat.spawn(
+            host,
+            &format!("{}-stun-server-{port}", host.name),
+            &self.bin,
+            ["stun", addr.as_str()],
+        )?;
+        wait_line(&mut p, "serving ")?;
+        Ok(p)
+    }
+
     /// Sends one datagram from `host`'s UDP port `from` to `to`.
     pub fn send(&self, host: &Host, from: u16, to: SocketAddrV4) -> Result<()> {
         let args = [
@@ -817,5 +999,127 @@ impl Listener {
     /// The process (its log, or to stop it early).
     pub fn proc(&mut self) -> &mut Proc {
         &mut self.proc
+    }
+}
+
+/// The port mapping protocols a lab router's miniupnpd speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Speaks {
+    /// UPnP IGD, NAT-PMP and PCP.
+    All,
+    /// UPnP IGD only.
+    Upnp,
+    /// PCP and NAT-PMP only (miniupnpd has one switch for both).
+    PcpAndNatPmp,
+}
+
+/// miniupnpd running in a lab router ([`NatLab::add_port_mapping_router`]), with the STUN
+/// server that told it its public address. Dropping it stops both.
+#[derive(Debug)]
+pub struct PortMapper {
+    router: Router,
+    daemon: Proc,
+    _stun: Proc,
+}
+
+/// One port mapping miniupnpd holds: a DNAT rule it put in the router's ruleset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mapping {
+    /// `udp` or `tcp`.
+    pub protocol: String,
+    /// The port on the router's WAN address.
+    pub external_port: u16,
+    /// Where it forwards to.
+    pub internal: SocketAddrV4,
+}
+
+impl PortMapper {
+    /// The router it runs in.
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// The mappings it holds now, from its DNAT rules in the router's ruleset (chain
+    /// `prerouting_miniupnpd`); an error if the chain cannot be read.
+    pub fn mappings(&self) -> Result<Vec<Mapping>> {
+        let out = self
+            .router
+            .run(
+                "nft",
+                ["list", "chain", "inet", "filter", "prerouting_miniupnpd"],
+            )
+            .ok()?;
+        Ok(out.stdout.lines().filter_map(parse_dnat_rule).collect())
+    }
+
+    /// miniupnpd's log so far (and whether it runs), for failure messages.
+    pub fn log(&mut self) -> String {
+        self.daemon.log()
+    }
+}
+
+/// A mapping from one line of `nft list chain` output, if it is a DNAT rule of miniupnpd's.
+/// miniupnpd writes raw payload matches, which nftables 1.0 prints as
+/// `iif "wan" @nh,72,8 0x11 th dport 51820 dnat ip to 198.51.100.10:51820` (`@nh,72,8` is the
+/// IPv4 protocol byte: 0x11 UDP, 0x6 TCP); other versions may spell the protocol as `udp` or
+/// `meta l4proto udp`.
+fn parse_dnat_rule(line: &str) -> Option<Mapping> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let dnat = words.iter().position(|w| *w == "dnat")?;
+    let to = words[dnat..].iter().position(|w| *w == "to")? + dnat;
+    let internal: SocketAddrV4 = words.get(to + 1)?.parse().ok()?;
+    let matches = &words[..dnat];
+    let dport = matches.iter().position(|w| *w == "dport")?;
+    let external_port: u16 = matches.get(dport + 1)?.parse().ok()?;
+    let protocol_byte = matches
+        .iter()
+        .position(|w| *w == "@nh,72,8")
+        .and_then(|i| matches.get(i + 1));
+    let protocol = match protocol_byte {
+        Some(&"0x11") => "udp",
+        Some(&"0x6" | &"0x06") => "tcp",
+        Some(_) => return None,
+        None if matches.contains(&"tcp") => "tcp",
+        None => "udp",
+    };
+    Some(Mapping {
+        protocol: protocol.to_string(),
+        external_port,
+        internal,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn miniupnpds_dnat_rules_parse() {
+        let udp = parse_dnat_rule(
+            "\t\tiif \"wan\" @nh,72,8 0x11 th dport 51820 dnat ip to 198.51.100.10:51820",
+        );
+        assert_eq!(
+            udp,
+            Some(Mapping {
+                protocol: "udp".into(),
+                external_port: 51820,
+                internal: "198.51.100.10:51820".parse().unwrap(),
+            })
+        );
+        let tcp =
+            parse_dnat_rule("iif \"wan\" @nh,72,8 0x6 th dport 8080 dnat ip to 198.51.100.11:80");
+        assert_eq!(
+            tcp.map(|m| (m.protocol, m.external_port)),
+            Some(("tcp".into(), 8080))
+        );
+        let spelled = parse_dnat_rule("iif \"wan\" udp dport 4000 dnat ip to 198.51.100.12:4001");
+        assert_eq!(spelled.map(|m| m.internal.port()), Some(4001));
+        // Not a DNAT rule: miniupnpd's accept rules in its filter chain.
+        assert_eq!(
+            parse_dnat_rule(
+                "iif \"wan\" th dport 51820 @nh,128,32 0xc633640a @nh,72,8 0x11 accept"
+            ),
+            None
+        );
     }
 }

@@ -26,8 +26,9 @@
 //! reach these rules ([`mesh_sys::netlink::overlay_view`] leaves them out), so no pattern can
 //! bring them back.
 //!
-//! [`report`] then keeps room for the mappings that standalone relays observe: local addresses
-//! get only the places those leave.
+//! [`report`] then keeps room for the public mappings: the one the router grants on request
+//! ([`crate::portmap`]) and those that standalone relays observe. Local addresses get only the
+//! places those leave.
 
 use mesh_proto::control::MAX_ENDPOINTS;
 use mesh_sys::netlink::LocalAddress;
@@ -394,23 +395,35 @@ pub fn skipped(local: &[LocalAddress], list: &EndpointInterfaces) -> Vec<Skipped
     out
 }
 
+/// The node's public mappings, as [`report`] takes them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Mappings<'a> {
+    /// The router's mapping of the port (UPnP IGD, NAT-PMP, PCP), if it granted one.
+    pub router: Option<SocketAddr>,
+    /// The mappings standalone relays observe.
+    pub relays: &'a [SocketAddr],
+    /// The controller's own observation (it puts that one first itself).
+    pub controller: Option<SocketAddr>,
+}
+
 /// The candidates a node reports to the controller, at most [`REPORTED`]: its offered local
-/// addresses with its UDP `port`, then the mappings standalone relays observe (`mapped`).
+/// addresses with its UDP `port`, then its public mappings: the router's first, then those
+/// standalone relays observe.
 ///
-/// Every distinct mapping has a place, whatever the number of local addresses: local
-/// addresses get only the places the mappings leave. A mapping equal to the controller's own
-/// observation (`controller_observed`) takes none, since the controller puts that one first
-/// anyway, nor does a local address that is also a mapping (a host with a public address).
+/// Every distinct mapping has a place, whatever the number of local addresses (the router's
+/// before any relay's): local addresses get only the places the mappings leave. A mapping
+/// equal to the controller's own observation takes none, since the controller puts that one
+/// first anyway, nor does a local address that is also a mapping (a host with a public
+/// address).
 pub fn report(
     local: &[LocalAddress],
     list: &EndpointInterfaces,
     port: u16,
-    mapped: &[SocketAddr],
-    controller_observed: Option<SocketAddr>,
+    mapped: Mappings<'_>,
 ) -> Vec<SocketAddr> {
     let mut mappings: Vec<SocketAddr> = Vec::new();
-    for m in mapped {
-        if Some(*m) != controller_observed && !mappings.contains(m) && mappings.len() < REPORTED {
+    for m in mapped.router.iter().chain(mapped.relays) {
+        if Some(*m) != mapped.controller && !mappings.contains(m) && mappings.len() < REPORTED {
             mappings.push(*m);
         }
     }
@@ -435,6 +448,15 @@ mod tests {
 
     fn list(s: &str) -> EndpointInterfaces {
         s.parse().unwrap()
+    }
+
+    /// Mappings that relays observed (and what the controller saw), no router mapping.
+    fn relays(relays: &[SocketAddr], controller: Option<SocketAddr>) -> Mappings<'_> {
+        Mappings {
+            router: None,
+            relays,
+            controller,
+        }
     }
 
     fn skipped_for(name: &str, kind: Option<&str>, uplink: bool, l: &str) -> Option<Skip> {
@@ -683,7 +705,7 @@ mod tests {
 
     #[test]
     fn a_kubernetes_node_reports_its_lan_address_alone() {
-        let r = report(&kubernetes_node(), &list(""), 51820, &[], None);
+        let r = report(&kubernetes_node(), &list(""), 51820, relays(&[], None));
         assert_eq!(r, vec![SocketAddr::from(([198, 51, 100, 10], 51820))]);
         let skipped = skipped(&kubernetes_node(), &list(""));
         let names: Vec<(&str, usize)> = skipped
@@ -700,7 +722,7 @@ mod tests {
             addr([198, 51, 100, 10], "eth0", None, true),
             addr([192, 0, 2, 6], "eth2", None, false),
         ];
-        let r = report(&local, &list(""), 7, &[], None);
+        let r = report(&local, &list(""), 7, relays(&[], None));
         let ips: Vec<String> = r.iter().map(|e| e.ip().to_string()).collect();
         assert_eq!(ips, ["198.51.100.10", "192.0.2.5", "192.0.2.6"]);
     }
@@ -715,7 +737,12 @@ mod tests {
         let ctl = SocketAddr::from(([203, 0, 113, 100], 51820));
         let m1 = SocketAddr::from(([203, 0, 113, 100], 40001));
         let m2 = SocketAddr::from(([203, 0, 113, 100], 40002));
-        let r = report(&local, &list(""), 51820, &[m1, ctl, m2, m1], Some(ctl));
+        let r = report(
+            &local,
+            &list(""),
+            51820,
+            relays(&[m1, ctl, m2, m1], Some(ctl)),
+        );
         assert_eq!(r.len(), REPORTED);
         assert_eq!(&r[REPORTED - 2..], &[m1, m2]);
         assert!(
@@ -727,10 +754,10 @@ mod tests {
         let many: Vec<SocketAddr> = (0..20u16)
             .map(|p| SocketAddr::from(([203, 0, 113, 100], 50000 + p)))
             .collect();
-        let r = report(&local, &list(""), 51820, &many, None);
+        let r = report(&local, &list(""), 51820, relays(&many, None));
         assert_eq!(r, many[..REPORTED]);
         // Without relays, local addresses fill every place.
-        let r = report(&local, &list(""), 51820, &[], Some(ctl));
+        let r = report(&local, &list(""), 51820, relays(&[], Some(ctl)));
         assert_eq!(r.len(), REPORTED);
     }
 
@@ -738,6 +765,65 @@ mod tests {
     fn a_public_address_that_is_also_a_mapping_counts_once() {
         let local = vec![addr([203, 0, 113, 10], "eth0", None, true)];
         let m = SocketAddr::from(([203, 0, 113, 10], 51820));
-        assert_eq!(report(&local, &list(""), 51820, &[m], None), vec![m]);
+        assert_eq!(
+            report(&local, &list(""), 51820, relays(&[m], None)),
+            vec![m]
+        );
+    }
+
+    #[test]
+    fn the_routers_mapping_is_never_crowded_out() {
+        let local: Vec<LocalAddress> = (0..40u8)
+            .map(|i| addr([192, 0, 2, i + 1], "eth0", None, true))
+            .collect();
+        let router = SocketAddr::from(([203, 0, 113, 100], 51820));
+        let ctl = SocketAddr::from(([203, 0, 113, 100], 40000));
+        let many: Vec<SocketAddr> = (0..20u16)
+            .map(|p| SocketAddr::from(([203, 0, 113, 100], 50000 + p)))
+            .collect();
+        let with = |relays: &[SocketAddr], controller| {
+            report(
+                &local,
+                &list(""),
+                51820,
+                Mappings {
+                    router: Some(router),
+                    relays,
+                    controller,
+                },
+            )
+        };
+        // 40 local addresses: the router's mapping keeps its place, local addresses fill the
+        // rest.
+        let r = with(&[], Some(ctl));
+        assert_eq!(r.len(), REPORTED);
+        assert_eq!(r.last(), Some(&router));
+        // More relay mappings than places: the router's comes first and stays.
+        let r = with(&many, None);
+        assert_eq!(r[0], router);
+        assert_eq!(r[1..], many[..REPORTED - 1]);
+        // Seen by a relay too, or by the controller: counted once, or left to the controller.
+        let r = with(&[router, many[0]], None);
+        assert_eq!(r.iter().filter(|e| **e == router).count(), 1);
+        assert_eq!(&r[REPORTED - 2..], &[router, many[0]]);
+        let r = report(
+            &local,
+            &list(""),
+            51820,
+            Mappings {
+                router: Some(router),
+                relays: &[],
+                controller: Some(router),
+            },
+        );
+        assert!(
+            !r.contains(&router),
+            "the controller puts its observation first itself"
+        );
+        // Without a router mapping nothing changes.
+        assert_eq!(
+            report(&local, &list(""), 51820, Mappings::default()),
+            report(&local, &list(""), 51820, relays(&[], None))
+        );
     }
 }

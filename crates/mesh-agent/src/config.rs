@@ -45,6 +45,9 @@ pub struct FileConfig {
     /// Interfaces whose addresses are offered as endpoint candidates: comma-separated globs,
     /// `!` to deny (see `mesh up --help`); empty: the defaults.
     pub endpoint_interfaces: Option<String>,
+    /// Whether to ask the router (UPnP IGD, NAT-PMP, PCP) to forward the UDP port [default:
+    /// true].
+    pub port_mapping: Option<bool>,
     /// Log filter (tracing syntax), e.g. "info" or "mesh=debug".
     pub log: Option<String>,
 }
@@ -71,11 +74,13 @@ mod tests {
             connect_timeout = "5s"
             metrics_listen = "127.0.0.1:9101"
             endpoint_interfaces = "eth0,!docker*"
+            port_mapping = false
             log = "debug"
             "#,
         )
         .unwrap();
         assert_eq!(c.endpoint_interfaces.as_deref(), Some("eth0,!docker*"));
+        assert_eq!(c.port_mapping, Some(false));
         assert_eq!(c.port, Some(41641));
         assert_eq!(c.mtu, Some(1380));
         assert_eq!(c.state_dir.as_deref(), Some(Path::new("/srv/mesh")));

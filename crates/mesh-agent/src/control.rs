@@ -206,19 +206,36 @@ pub struct ControlCtx {
     pub relay_list: watch::Sender<Vec<RelayInfo>>,
     /// The home relay chosen by the relay task.
     pub home: watch::Receiver<Option<String>>,
+    /// The address at which the router forwards the UDP port (see [`crate::portmap`]).
+    pub port_mapping: watch::Receiver<Option<SocketAddr>>,
 }
 
 /// Endpoint candidates: the local addresses of the interfaces that can carry a path, then the
-/// public mappings the relays observe, each of which has a place (see [`candidates::report`]).
+/// router's mapping of the port and the public mappings the relays observe, each of which has
+/// a place (see [`candidates::report`]).
 async fn endpoints(ctx: &ControlCtx) -> Vec<SocketAddr> {
     let controller_observed = ctx.status.lock().ok().and_then(|s| s.observed);
+    let router_mapped = *ctx.port_mapping.borrow();
     candidates::report(
         &local_addresses(&ctx.interface, Some(ctx.overlay)).await,
         &ctx.endpoint_interfaces,
         ctx.port,
-        &ctx.relays.observed(),
-        controller_observed,
+        candidates::Mappings {
+            router: router_mapped,
+            relays: &ctx.relays.observed(),
+            controller: controller_observed,
+        },
     )
+}
+
+/// A heartbeat as it stands now (candidates, home relay, NAT kind), encoded.
+async fn heartbeat_now(ctx: &ControlCtx, nat: Option<NatKind>) -> Vec<u8> {
+    ClientMsg::Heartbeat {
+        endpoints: endpoints(ctx).await,
+        home_relay: ctx.home.borrow().clone(),
+        nat,
+    }
+    .encode()
 }
 
 fn set_relays(ctx: &ControlCtx, relays: Vec<RelayInfo>) {
@@ -314,7 +331,11 @@ pub async fn run(
     // What the last connection found out about this node's NAT, told in every Hello and
     // heartbeat.
     let mut nat: Option<NatKind> = None;
+    // The router's mapping: every Hello and heartbeat carries it, and a change is told at once.
+    let mut mapped = ctx.port_mapping.clone();
     loop {
+        // What the Hello is about to tell counts as told.
+        mapped.borrow_and_update();
         let (session, welcome) = {
             let hello = ClientMsg::Hello {
                 network: ctx.network.clone(),
@@ -453,14 +474,20 @@ pub async fn run(
                 }
                 // A new home relay is told at once, so peers switch to it.
                 _ = async { if home.changed().await.is_err() { std::future::pending::<()>().await } } => {
-                    let hb = ClientMsg::Heartbeat { endpoints: endpoints(&ctx).await, home_relay: home.borrow_and_update().clone(), nat };
-                    if let Err(e) = tx.send(&hb.encode()).await {
+                    home.borrow_and_update();
+                    if let Err(e) = tx.send(&heartbeat_now(&ctx, nat).await).await {
+                        break e.to_string();
+                    }
+                }
+                // A new, moved or lost router mapping is told at once, so peers try it.
+                _ = async { if mapped.changed().await.is_err() { std::future::pending::<()>().await } } => {
+                    mapped.borrow_and_update();
+                    if let Err(e) = tx.send(&heartbeat_now(&ctx, nat).await).await {
                         break e.to_string();
                     }
                 }
                 _ = heartbeat.tick() => {
-                    let hb = ClientMsg::Heartbeat { endpoints: endpoints(&ctx).await, home_relay: ctx.home.borrow().clone(), nat };
-                    if let Err(e) = tx.send(&hb.encode()).await {
+                    if let Err(e) = tx.send(&heartbeat_now(&ctx, nat).await).await {
                         break e.to_string();
                     }
                 }

@@ -37,6 +37,8 @@ pub struct Options {
     pub metrics_listen: Option<SocketAddr>,
     /// Which interfaces' addresses are offered as endpoint candidates.
     pub endpoint_interfaces: Option<EndpointInterfaces>,
+    /// Whether to ask the router to forward the UDP port.
+    pub port_mapping: Option<bool>,
 }
 
 /// Options with every value decided.
@@ -48,6 +50,7 @@ pub struct Settings {
     interface: String,
     metrics_listen: Option<SocketAddr>,
     endpoint_interfaces: EndpointInterfaces,
+    port_mapping: bool,
 }
 
 impl Options {
@@ -78,6 +81,10 @@ impl Options {
                 .unwrap_or_else(|| defaults::INTERFACE.to_owned()),
             metrics_listen: self.metrics_listen,
             endpoint_interfaces,
+            port_mapping: self
+                .port_mapping
+                .or(saved.map(|m| m.port_mapping))
+                .unwrap_or(true),
             state: self.state,
         })
     }
@@ -224,8 +231,7 @@ pub async fn join(
             &control::local_addresses(&opts.interface, None).await,
             &opts.endpoint_interfaces,
             port,
-            &[],
-            None,
+            candidates::Mappings::default(),
         ),
     };
     tracing::debug!(controller = %token.controller, "joining");
@@ -261,6 +267,7 @@ pub async fn join(
         port,
         interface: opts.interface.clone(),
         endpoint_interfaces: Options::saved_list(&opts),
+        port_mapping: opts.port_mapping,
     };
     opts.state.save_membership(&membership)?;
     opts.state.save_peers(&welcome.peers)?;
@@ -290,12 +297,19 @@ pub async fn up(opts: Options) -> anyhow::Result<()> {
         membership.mtu,
         &membership.interface,
         &membership.endpoint_interfaces,
-    ) != (opts.port, opts.mtu, &opts.interface, &list)
-    {
+        membership.port_mapping,
+    ) != (
+        opts.port,
+        opts.mtu,
+        &opts.interface,
+        &list,
+        opts.port_mapping,
+    ) {
         membership.port = opts.port;
         membership.mtu = opts.mtu;
         membership.interface = opts.interface.clone();
         membership.endpoint_interfaces = list;
+        membership.port_mapping = opts.port_mapping;
         opts.state.save_membership(&membership)?;
     }
     let running = start(&opts, &node_key, membership.address)?;
@@ -354,6 +368,25 @@ async fn run(
         home_tx,
         running.shutdown_tx.subscribe(),
     ));
+    // The router's mapping of the UDP port: asked for in the background, never waited for.
+    let (mapped_tx, mapped_rx) = watch::channel(None);
+    let port_mapping = crate::portmap::PortMapShared::new(if opts.port_mapping {
+        crate::portmap::State::Searching
+    } else {
+        crate::portmap::State::Off
+    });
+    let portmap_task = if opts.port_mapping {
+        let bound = running.port.local_addr()?.port();
+        Some(tokio::spawn(crate::portmap::run(
+            bound,
+            port_mapping.clone(),
+            mapped_tx,
+            running.shutdown_tx.subscribe(),
+        )))
+    } else {
+        info!("port mapping is off: the router is not asked to forward the UDP port");
+        None
+    };
     let ctx = ControlCtx {
         endpoint: running.endpoint.clone(),
         state: opts.state.clone(),
@@ -369,6 +402,7 @@ async fn run(
         relays: relay_shared.clone(),
         relay_list,
         home: home_rx,
+        port_mapping: mapped_rx,
     };
     let control_task = tokio::spawn(control::run(
         ctx,
@@ -381,6 +415,7 @@ async fn run(
             let src = crate::metrics::Source {
                 data: running.data_tx.clone(),
                 control: status.clone(),
+                port_mapping: port_mapping.clone(),
             };
             // Bind now, so that a taken port is an error at start, not a log line later.
             let listener_check = std::net::TcpListener::bind(addr)
@@ -463,6 +498,9 @@ async fn run(
                         if let (Some(obj), Ok(e)) = (v.as_object_mut(), endpoint_status.lock()) {
                             obj.insert("endpoint_interfaces".into(), json!(*e));
                         }
+                        if let Some(obj) = v.as_object_mut() {
+                            obj.insert("port_mapping".into(), port_mapping.snapshot().to_json(Instant::now()));
+                        }
                         api::write_response(&mut stream, &v).await;
                     }
                     Some(Request::Leave) => {
@@ -500,6 +538,11 @@ async fn run(
     let _ = running.shutdown_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(3), control_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(3), running.data_task).await;
+    if let Some(t) = portmap_task {
+        // It removes the router's mapping (bounded by its own timeout) before it ends.
+        let _ =
+            tokio::time::timeout(crate::portmap::REMOVE_TIMEOUT + Duration::from_secs(1), t).await;
+    }
     running.endpoint.close(0u32.into(), b"agent stopping");
     let _ = std::fs::remove_file(opts.state.socket_path());
     if left {
@@ -798,7 +841,35 @@ mod tests {
             interface: None,
             metrics_listen: None,
             endpoint_interfaces: list.map(|l| l.parse().unwrap()),
+            port_mapping: None,
         }
+    }
+
+    /// Port mapping: flag or config file, else what the node saved, else on.
+    #[test]
+    fn port_mapping_is_on_unless_turned_off_and_stays_as_saved() {
+        let settle = |flag: Option<bool>, saved_off: Option<bool>| {
+            let saved = saved_off.map(|off| Membership {
+                port_mapping: !off,
+                ..crate::state::sample_membership()
+            });
+            Options {
+                port_mapping: flag,
+                ..options(None)
+            }
+            .settle(saved.as_ref())
+            .unwrap()
+            .port_mapping
+        };
+        assert!(settle(None, None), "on by default");
+        assert!(settle(None, Some(false)));
+        assert!(
+            !settle(None, Some(true)),
+            "a saved --no-port-mapping is kept"
+        );
+        assert!(!settle(Some(false), None));
+        assert!(settle(Some(true), Some(true)), "--port-mapping undoes it");
+        assert!(!settle(Some(false), Some(false)));
     }
 
     fn saved(list: Option<&str>) -> Membership {

@@ -8,6 +8,7 @@ mod daemon;
 mod dataplane;
 mod kubeadm;
 mod metrics;
+mod portmap;
 mod relays;
 mod state;
 mod token_source;
@@ -64,6 +65,17 @@ struct DaemonFlags {
     /// --json` lists the interfaces left out and why (`endpoint_interfaces.skipped`).
     #[arg(long, value_name = "LIST")]
     endpoint_interfaces: Option<String>,
+    /// Do not ask the router to forward the UDP port (UPnP IGD, NAT-PMP, PCP).
+    ///
+    /// By default the agent asks the default gateway for a mapping of its port, renews it and
+    /// removes it when it stops; peers then reach the node at the mapped address. Saved with
+    /// the node's state, so a later `mesh up` keeps it; `--port-mapping` turns it back on.
+    #[arg(long, overrides_with = "port_mapping")]
+    no_port_mapping: bool,
+    /// Ask the router to forward the UDP port (the default; undoes a saved
+    /// --no-port-mapping).
+    #[arg(long, overrides_with = "no_port_mapping")]
+    port_mapping: bool,
 }
 
 #[derive(Subcommand)]
@@ -310,6 +322,9 @@ fn exec_up(
     if let Some(list) = &m.endpoint_interfaces {
         args.extend(["--endpoint-interfaces".into(), list.into()]);
     }
+    if !m.port_mapping {
+        args.push("--no-port-mapping".into());
+    }
     let argv0 = std::env::args_os().next().unwrap_or_else(|| "mesh".into());
     tracing::info!("continuing as `mesh up`; the join token is not kept");
     // /proc/self/exe is this very binary even if the file was replaced meanwhile; argv[0]
@@ -375,6 +390,9 @@ fn print_status(v: &serde_json::Value) {
         },
         s(&nat["mapping"])
     ));
+    if let Some(line) = port_mapping_line(&v["port_mapping"]) {
+        out(&format!("portmap   {line}"));
+    }
     for r in v["relays"].as_array().into_iter().flatten() {
         let state = if r["connected"].as_bool() == Some(true) {
             format!(
@@ -432,6 +450,35 @@ fn print_status(v: &serde_json::Value) {
     }
 }
 
+/// The `portmap` line of `mesh status`: the router's mapping of the UDP port, or why there is
+/// none. `None` when the daemon did not say (an older daemon).
+fn port_mapping_line(pm: &serde_json::Value) -> Option<String> {
+    let text = |k: &str| pm[k].as_str().unwrap_or("-");
+    Some(match pm["state"].as_str()? {
+        "mapped" => {
+            let expiry = match (pm["expires_in_secs"].as_u64(), pm["expires_at"].as_str()) {
+                (Some(secs), Some(at)) => format!(
+                    ", lease expires in {} ({at})",
+                    humantime::format_duration(Duration::from_secs(secs))
+                ),
+                _ => String::new(),
+            };
+            format!(
+                "{} {} at gateway {}{expiry}",
+                text("protocol"),
+                text("external"),
+                text("gateway")
+            )
+        }
+        "off" => "off (--no-port-mapping)".to_owned(),
+        "searching" => "none yet (asking the router)".to_owned(),
+        state => match pm["last_error"].as_str() {
+            Some(e) => format!("none ({state}: {e})"),
+            None => format!("none ({state})"),
+        },
+    })
+}
+
 /// Resolves daemon options: flag, else config file, else (in the daemon) saved state or default.
 fn daemon_options(
     state: StateDir,
@@ -462,6 +509,11 @@ fn daemon_options(
             })?),
             (None, None) => None,
         };
+    let port_mapping = match (flags.port_mapping, flags.no_port_mapping) {
+        (true, _) => Some(true),
+        (_, true) => Some(false),
+        _ => file.port_mapping,
+    };
     Ok(daemon::Options {
         state,
         port: flags.port.or(file.port),
@@ -469,6 +521,7 @@ fn daemon_options(
         interface: flags.interface.or_else(|| file.interface.clone()),
         metrics_listen,
         endpoint_interfaces,
+        port_mapping,
     })
 }
 

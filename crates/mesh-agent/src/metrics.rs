@@ -1,9 +1,11 @@
 //! Prometheus endpoint (opt-in, `--metrics-listen`): per-peer path, RTT, bytes and handshake
-//! age, the controller connection, and every node and driver counter as its declaration says
-//! (see [`mesh_core::counters`]). Each scrape takes a fresh snapshot from the data plane.
+//! age, the controller connection, the router's port mapping, and every node and driver counter
+//! as its declaration says (see [`mesh_core::counters`]). Each scrape takes a fresh snapshot
+//! from the data plane.
 
 use crate::control::ControlStatus;
 use crate::dataplane::{DataCmd, DataStatus};
+use crate::portmap::{PortMapShared, Snapshot, State};
 use mesh_core::counters::Metric;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -14,6 +16,7 @@ use prometheus_client::registry::Registry;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -27,6 +30,11 @@ struct ReasonLabels {
     reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProtocolLabels {
+    protocol: String,
+}
+
 /// Where a scrape gets its numbers.
 #[derive(Clone)]
 pub struct Source {
@@ -34,10 +42,51 @@ pub struct Source {
     pub data: mpsc::Sender<DataCmd>,
     /// The control loop's status.
     pub control: Arc<Mutex<ControlStatus>>,
+    /// The router's port mapping.
+    pub port_mapping: PortMapShared,
+}
+
+/// The router's port mapping: whether one is held (labelled with its protocol, `none`
+/// otherwise), how long its lease still runs, and how renewals went.
+fn register_port_mapping(reg: &mut Registry, pm: &Snapshot) {
+    let active = Family::<ProtocolLabels, Gauge>::default();
+    active
+        .get_or_create(&ProtocolLabels {
+            protocol: pm.protocol.map_or("none", |p| p.name()).to_owned(),
+        })
+        .set(i64::from(pm.state == State::Mapped));
+    reg.register(
+        "port_mapping_active",
+        "1 while the router forwards the UDP port (UPnP IGD, NAT-PMP or PCP), labelled with the protocol",
+        active,
+    );
+    if let Some((at, _)) = pm.expires {
+        let left = Gauge::<f64, AtomicU64>::default();
+        left.set(at.saturating_duration_since(Instant::now()).as_secs_f64());
+        reg.register(
+            "port_mapping_lease_remaining_seconds",
+            "Seconds until the router's port mapping lease runs out unless renewed",
+            left,
+        );
+    }
+    let renewals = Counter::<u64>::default();
+    renewals.inc_by(pm.renewals);
+    reg.register(
+        "port_mapping_renewals",
+        "Port mapping leases renewed",
+        renewals,
+    );
+    let failures = Counter::<u64>::default();
+    failures.inc_by(pm.failures);
+    reg.register(
+        "port_mapping_failures",
+        "Port mapping requests and renewals that got no usable mapping",
+        failures,
+    );
 }
 
 /// Renders the metrics text for one snapshot.
-pub fn render(status: &DataStatus, control_connected: bool) -> String {
+pub fn render(status: &DataStatus, control_connected: bool, port_mapping: &Snapshot) -> String {
     let mut reg = Registry::with_prefix("mesh");
     let up = Gauge::<i64>::default();
     up.set(1);
@@ -126,6 +175,7 @@ pub fn render(status: &DataStatus, control_connected: bool) -> String {
         }
     }
     reg.register("dropped_packets", "Packets dropped, by reason", drops);
+    register_port_mapping(&mut reg, port_mapping);
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &reg);
@@ -162,7 +212,7 @@ async fn scrape(
     (
         axum::http::StatusCode::OK,
         ctype,
-        render(&status, connected),
+        render(&status, connected, &src.port_mapping.snapshot()),
     )
 }
 
@@ -223,8 +273,22 @@ mod tests {
             },
             relay_of: Default::default(),
         };
-        let text = render(&status, true);
+        let pm = Snapshot {
+            state: State::Mapped,
+            protocol: Some(crate::portmap::Protocol::Pcp),
+            expires: Some((
+                Instant::now() + Duration::from_secs(3600),
+                std::time::SystemTime::now(),
+            )),
+            renewals: 3,
+            ..Snapshot::default()
+        };
+        let text = render(&status, true, &pm);
         for needle in [
+            "mesh_port_mapping_active{protocol=\"pcp\"} 1",
+            "mesh_port_mapping_renewals_total 3",
+            "mesh_port_mapping_failures_total 0",
+            "# TYPE mesh_port_mapping_lease_remaining_seconds gauge",
             "mesh_peer_rx_bytes_total{peer=\"node-b\",address=\"100.64.0.2\"} 1234",
             "mesh_peer_tx_bytes_total{peer=\"node-b\",address=\"100.64.0.2\"} 99",
             "mesh_peer_last_handshake_seconds{peer=\"node-b\",address=\"100.64.0.2\"} 7",
@@ -261,7 +325,11 @@ mod tests {
             relay_of: Default::default(),
         };
         let json = crate::daemon::counters_json(&status.node, &status.driver, &status.birthday);
-        let text = render(&status, true);
+        let text = render(&status, true, &Snapshot::default());
+        assert!(
+            text.contains("mesh_port_mapping_active{protocol=\"none\"} 0"),
+            "{text}"
+        );
         let node = status.node.entries();
         let driver = status.driver.entries();
         let birthday = status.birthday.entries();

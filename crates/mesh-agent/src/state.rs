@@ -42,6 +42,18 @@ pub struct Membership {
     /// defaults. Absent from files written before it existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint_interfaces: Option<String>,
+    /// Whether it asks the router to forward its UDP port (`--no-port-mapping` turns it off).
+    /// Absent from files written before it existed, and when on.
+    #[serde(default = "yes", skip_serializing_if = "is_yes")]
+    pub port_mapping: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_yes(b: &bool) -> bool {
+    *b
 }
 
 /// The state directory.
@@ -328,6 +340,7 @@ pub(crate) fn sample_membership() -> Membership {
         port: 51820,
         interface: "mesh0".into(),
         endpoint_interfaces: None,
+        port_mapping: true,
     }
 }
 
@@ -393,6 +406,7 @@ mod tests {
         let m2 = Membership {
             port: 41641,
             endpoint_interfaces: Some("eth0,!docker*".into()),
+            port_mapping: false,
             ..m.clone()
         };
         state.save_membership(&m2).unwrap();
@@ -413,13 +427,14 @@ mod tests {
     }
 
     #[test]
-    fn node_json_from_before_the_endpoint_interface_list_loads() {
+    fn node_json_from_before_the_endpoint_interface_list_and_port_mapping_loads() {
         let old = r#"{"controller":"192.0.2.1:7443","controller_key":"AwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwM=","network":"prod","name":"node-a","address":"100.64.0.7","prefix_len":16,"mtu":1420,"port":51820,"interface":"mesh0"}"#;
         let m: Membership = serde_json::from_str(old).unwrap();
         assert_eq!(m, membership());
         // The defaults are not written out, so older agents read the file as before.
         let text = serde_json::to_string(&m).unwrap();
         assert!(!text.contains("endpoint_interfaces"), "{text}");
+        assert!(!text.contains("port_mapping"), "{text}");
     }
 
     #[test]

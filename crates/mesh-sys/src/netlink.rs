@@ -375,6 +375,52 @@ pub async fn has_address(name: &str, address: Ipv4Addr) -> Result<bool, NetlinkE
     Ok(false)
 }
 
+/// The IPv4 gateway of the main table's default route (the one with the lowest metric when
+/// there are several), or `None` when the host has no default route through a gateway (a host
+/// on a public segment, a point-to-point uplink). The router that port mapping asks.
+pub async fn default_gateway() -> Result<Option<Ipv4Addr>, NetlinkError> {
+    use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader};
+    let handle = connect()?;
+    let mut best: Option<(u32, Ipv4Addr)> = None;
+    let mut routes = handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute();
+    while let Ok(Some(msg)) = routes.try_next().await {
+        let table = msg
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                RouteAttribute::Table(t) => Some(*t),
+                _ => None,
+            })
+            .unwrap_or(u32::from(msg.header.table));
+        if msg.header.destination_prefix_length != 0
+            || table != u32::from(RouteHeader::RT_TABLE_MAIN)
+        {
+            continue;
+        }
+        let gateway = msg.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Gateway(RouteAddress::Inet(ip)) => Some(*ip),
+            _ => None,
+        });
+        let metric = msg
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                RouteAttribute::Priority(p) => Some(*p),
+                _ => None,
+            })
+            .unwrap_or(0);
+        if let Some(gw) = gateway {
+            if best.is_none_or(|(m, _)| metric < m) {
+                best = Some((metric, gw));
+            }
+        }
+    }
+    Ok(best.map(|(_, gw)| gw))
+}
+
 /// Deletes interface `name` if it exists (the persistent TUN device after `mesh leave`).
 pub async fn delete_link(name: &str) -> Result<(), NetlinkError> {
     let handle = connect()?;

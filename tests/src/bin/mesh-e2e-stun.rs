@@ -1,6 +1,6 @@
 //! `mesh-e2e-stun`: a tiny UDP reflector and prober that the NAT lab's tests use to check what a
 //! router really does with UDP (mappings and filtering). Not STUN the protocol: the payloads are
-//! plain text.
+//! plain text (except `stun`).
 //!
 //! ```text
 //! mesh-e2e-stun serve IP:PORT
@@ -16,6 +16,12 @@
 //!     SECONDS, then exits 0.
 //! mesh-e2e-stun send --from PORT TO [TEXT]
 //!     Sends one datagram (TEXT, default "mesh-e2e-stun") from 0.0.0.0:PORT to TO.
+//! mesh-e2e-stun stun IP:PORT
+//!     A STUN server (RFC 5389 binding requests only): answers each request from the same
+//!     socket with the sender's address (XOR-MAPPED-ADDRESS), whatever attributes it carries
+//!     (a CHANGE-REQUEST is answered from here too). Prints "serving IP:PORT" once bound, then
+//!     "from SRC" per request. For routers that look up their own public address (miniupnpd's
+//!     ext_perform_stun). Runs until killed.
 //! ```
 //!
 //! Exit codes: 0 done, 1 a socket error, 2 bad usage.
@@ -37,7 +43,8 @@ const USAGE: &str = "usage:
   mesh-e2e-stun serve IP:PORT
   mesh-e2e-stun probe --from PORT SERVER...
   mesh-e2e-stun listen PORT SECONDS [--punch TO]...
-  mesh-e2e-stun send --from PORT TO [TEXT]";
+  mesh-e2e-stun send --from PORT TO [TEXT]
+  mesh-e2e-stun stun IP:PORT";
 
 /// Why the command failed: bad usage (exit 2) or an I/O error (exit 1).
 enum Failure {
@@ -53,6 +60,7 @@ fn main() -> ExitCode {
             "probe" => probe(rest),
             "listen" => listen(rest),
             "send" => send(rest),
+            "stun" => stun(rest),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return ExitCode::SUCCESS;
@@ -277,4 +285,58 @@ fn send(args: &[String]) -> Result<(), Failure> {
     let to = parse_addr(to)?;
     let socket = bind_port(port)?;
     send_to(&socket, text.as_bytes(), to)
+}
+
+/// STUN's magic cookie (RFC 5389), also the key of the XOR-MAPPED-ADDRESS.
+const MAGIC_COOKIE: u32 = 0x2112_a442;
+
+/// The answer to a STUN binding request `request` from `src`, or `None` if it is not one (too
+/// short, another message type, no magic cookie, or IPv6).
+fn stun_answer(request: &[u8], src: SocketAddr) -> Option<Vec<u8>> {
+    let header = request.get(..20)?;
+    if header[..2] != [0x00, 0x01] || header[4..8] != MAGIC_COOKIE.to_be_bytes() {
+        return None;
+    }
+    let SocketAddr::V4(src) = src else {
+        return None;
+    };
+    let mut answer = Vec::with_capacity(32);
+    // Binding success response, 12 bytes of attributes, the request's cookie and id.
+    answer.extend_from_slice(&[0x01, 0x01, 0x00, 0x0c]);
+    answer.extend_from_slice(&header[4..20]);
+    // XOR-MAPPED-ADDRESS: type, length 8, family IPv4, port and address XORed with the cookie.
+    answer.extend_from_slice(&[0x00, 0x20, 0x00, 0x08, 0x00, 0x01]);
+    let port = src.port() ^ ((MAGIC_COOKIE >> 16) as u16);
+    answer.extend_from_slice(&port.to_be_bytes());
+    answer.extend_from_slice(&(u32::from(*src.ip()) ^ MAGIC_COOKIE).to_be_bytes());
+    Some(answer)
+}
+
+fn stun(args: &[String]) -> Result<(), Failure> {
+    let [addr] = args else {
+        return Err(Failure::Usage("stun takes one IP:PORT".into()));
+    };
+    let socket = bind(parse_addr(addr)?)?;
+    let local = socket
+        .local_addr()
+        .map_err(|e| Failure::Io(format!("local address: {e}")))?;
+    println!("serving {local}");
+    flush();
+    let mut buf = [0u8; 2048];
+    loop {
+        match socket.recv_from(&mut buf) {
+            Ok((n, src)) => {
+                let Some(answer) = stun_answer(&buf[..n], src) else {
+                    continue;
+                };
+                println!("from {src}");
+                flush();
+                if let Err(e) = socket.send_to(&answer, src) {
+                    eprintln!("mesh-e2e-stun: answering {src}: {e}");
+                }
+            }
+            Err(e) if is_transient(&e) => {}
+            Err(e) => return Err(Failure::Io(format!("receiving: {e}"))),
+        }
+    }
 }
