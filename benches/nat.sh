@@ -2,8 +2,8 @@
 # NAT traversal over trials: every NAT pair kind of the e2e lab, NAT_TRIALS times from fresh
 # (default 10), with the share of trials that went direct and the time to direct (median,
 # 90th percentile). It is the e2e test `tests/tests/nat_trials.rs` (which CI runs with one
-# trial per kind) run longer, on release binaries, with the pairs behind plain Linux
-# masquerade gateways added (measured, not asserted: issue 12, item 4).
+# trial per kind) run longer, on release binaries, with the pairs whose plain Linux gateways
+# share one segment with the other side's router added (measured, not asserted).
 #
 #   sudo benches/nat.sh                  # 10 trials per pair kind
 #   sudo NAT_TRIALS=30 benches/nat.sh
