@@ -149,6 +149,9 @@ counters! {
         punch_rounds: Counter("punch_rounds"),
         /// Coordinated punch rounds of a peer this node answered (primed, fired, acknowledged).
         punch_answers: Counter("punch_answers"),
+        /// Times one peer's timers ran: the node's per-peer work. An idle peer costs one at each
+        /// keepalive and at its session's rekey and expiry ages, nothing in between.
+        peer_timer_runs: Counter("peer_timer_runs"),
     }
 }
 
@@ -226,6 +229,7 @@ mod tests {
                 ("primers_sent", Counter("primers_sent")),
                 ("punch_rounds", Counter("punch_rounds")),
                 ("punch_answers", Counter("punch_answers")),
+                ("peer_timer_runs", Counter("peer_timer_runs")),
             ]
         );
     }

@@ -325,6 +325,7 @@ impl Node {
             }
         }
         peer.last_data = Some(now);
+        let woke = peer.wake_wireguard(now);
         if peer.seal_data(packet, &mut cx) {
             // Sent (or, rarely, handed to boringtun's handshake): see the bottom.
         } else {
@@ -346,7 +347,7 @@ impl Node {
         // What a send arms (a path probe, a retransmission, the stale rule) comes no sooner
         // than a path probe interval from now: a peer that wakes by then is re-checked anyway,
         // so a stream of packets costs one comparison each.
-        if peer.wake.0 > now + PATH_PROBE_INTERVAL {
+        if woke || peer.wake.0 > now + PATH_PROBE_INTERVAL {
             self.rearm(&key, now);
         }
     }
@@ -470,6 +471,8 @@ impl Node {
             return;
         };
         peer.heard(now);
+        // Data came in: boringtun's passive keepalive and rekey rules need the fast tick.
+        let woke = peer.last_data_rx == Some(now) && peer.wake_wireguard(now);
         match message {
             Some(m) if m.kind == pmtu::Kind::Birthday => {
                 join_attempt(peer, &mut self.punching, &mut self.intents, &mut cx);
@@ -497,7 +500,7 @@ impl Node {
         // handshake, an in-tunnel message or a new path may bring one forward.
         if was_busy != self.punching.busy() {
             self.rearm_all(now);
-        } else if message.is_some() || switched || !was_established {
+        } else if message.is_some() || switched || !was_established || woke {
             self.rearm(&key, now);
         }
     }
@@ -558,6 +561,7 @@ impl Node {
             if peer.wake.0 > now {
                 continue;
             }
+            cx.out.counters.peer_timer_runs += 1;
             if let Some(every) = peer.wireguard_timers(&mut cx) {
                 // On the node's grid (of the idle tick for idle peers), so the ticks of many
                 // peers come in one wake-up, even when this one came late.

@@ -89,12 +89,23 @@ pub(crate) struct TimerEnv {
 }
 
 /// boringtun ticks an active peer (traffic or a handshake within [`ACTIVE_WIREGUARD`]) every
-/// [`crate::node::TICK`], like boringtun's own device, and an idle one this often. An idle
-/// peer's timers are coarse: a rekey 120 s after the session if data was sent on it, one 165 s
-/// after if data came (15 s before the keys stop working at 180 s), the keys' end at 540 s. A
-/// tick up to 5 s late leaves those 10 s of margin, and a node with a thousand idle peers
-/// touches them every 5 s instead of every second.
+/// [`crate::node::TICK`], like boringtun's own device. An idle peer's timers are coarse and
+/// known in advance: they act only at the session ages in [`SESSION_MARKS`] (a rekey 120 s
+/// after the session if data was sent on it, one 165 s after if data came, 15 s before the keys
+/// stop working at 180 s, the keys' end at 540 s). So an idle peer is ticked only at those
+/// ages, on a grid of this step (at most this late: 10 s of margin are left), and a node with a
+/// thousand idle peers does no work for them between keepalives. Traffic brings the fast tick
+/// back at once ([`Peer::wake_wireguard`]).
 pub const IDLE_WIREGUARD_TICK: Duration = Duration::from_secs(5);
+/// The session ages at which boringtun's timers act on a session without traffic:
+/// REKEY_AFTER_TIME, REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT, REJECT_AFTER_TIME
+/// and three times REJECT_AFTER_TIME (WireGuard's constants, as boringtun uses them).
+pub const SESSION_MARKS: [Duration; 4] = [
+    Duration::from_secs(120),
+    Duration::from_secs(165),
+    Duration::from_secs(180),
+    Duration::from_secs(540),
+];
 /// Keepalives go on this grid: those of many peers share a wake-up, at most a second late
 /// (NAT mappings that expire after 30 s still see one every 26 s).
 pub const KEEPALIVE_GRID: Duration = Duration::from_secs(1);
@@ -124,10 +135,13 @@ pub(crate) struct Peer {
     pub(crate) last_rx: Option<Instant>,
     /// Last inner packet from the TUN device sent to the peer (traffic flowing).
     pub(crate) last_data: Option<Instant>,
-    /// Last packet (not a keepalive) that came out of the tunnel from the peer.
+    /// Last inner packet from the peer delivered to the TUN device (not a keepalive, not an
+    /// in-tunnel message).
     pub(crate) last_data_rx: Option<Instant>,
     /// When boringtun's timers next need a tick.
     pub(crate) wireguard_at: Instant,
+    /// `wireguard_at` is an idle peer's far tick (a session age), which traffic brings forward.
+    idle_tick: bool,
     /// When the node runs this peer's timers next (the earliest deadline, as last computed;
     /// inputs only ever bring it forward, so waking early re-evaluates and is harmless).
     pub(crate) wake: (Instant, Timer),
@@ -154,6 +168,7 @@ impl Peer {
             last_data: None,
             last_data_rx: None,
             wireguard_at: first_tick,
+            idle_tick: false,
             wake: (first_tick, Timer::WireGuard),
         }
     }
@@ -230,16 +245,19 @@ impl Peer {
         next
     }
 
-    /// Whether boringtun's timers need the fast tick: a handshake under way, or traffic lately.
-    /// (Data, not keepalives: those start none of boringtun's timers.)
+    /// Whether boringtun's timers need the fast tick: data waits for a handshake, traffic
+    /// lately, or, without a session, anything sent or heard lately (a handshake boringtun may
+    /// be retransmitting). (Data, not keepalives, for an established session: those start none
+    /// of boringtun's timers.) A peer without a session and without any of these (its keys
+    /// expired, or it never answered) has nothing for boringtun to do but wait.
     fn wireguard_active(&self, now: Instant) -> bool {
         let lately = |t: Option<Instant>| {
             t.is_some_and(|t| now.saturating_duration_since(t) < ACTIVE_WIREGUARD)
         };
-        !self.session.established()
-            || self.handshake.waiting()
+        self.handshake.waiting()
             || lately(self.last_data)
             || lately(self.last_data_rx)
+            || (!self.session.established() && (lately(self.path.last_tx) || lately(self.last_rx)))
     }
 
     pub(crate) fn key(&self) -> PublicKey {
@@ -339,7 +357,6 @@ impl Peer {
                 Received::Authenticated(None)
             }
             Output::TunnelV4(inner, source) => {
-                self.last_data_rx = Some(cx.now);
                 let to_us = crate::packet::ipv4_addrs(inner).is_some_and(|(_, dst)| dst == cx.me);
                 let len = inner.len();
                 if source != self.config.address {
@@ -352,6 +369,8 @@ impl Peer {
                     cx.out.recycle(buf);
                     return Received::Authenticated(Some(m));
                 } else {
+                    // Traffic (not an in-tunnel probe, which needs none of boringtun's timers).
+                    self.last_data_rx = Some(cx.now);
                     // boringtun writes the packet at the start of the buffer.
                     buf.truncate(len);
                     cx.out.deliver_buffer(buf);
@@ -546,12 +565,6 @@ impl Peer {
         if cx.now < self.wireguard_at {
             return None;
         }
-        let every = if self.wireguard_active(cx.now) {
-            crate::node::TICK
-        } else {
-            IDLE_WIREGUARD_TICK
-        };
-        self.wireguard_at = cx.now + every;
         match self.session.update_timers(cx.buf) {
             Output::Network(bytes) => self.path.send(&self.config, bytes, true, cx.now, cx.out),
             Output::Error(SessionError::Expired) => {
@@ -560,7 +573,48 @@ impl Peer {
             }
             _ => {}
         }
-        Some(every)
+        self.idle_tick = !self.wireguard_active(cx.now);
+        if !self.idle_tick {
+            self.wireguard_at = cx.now + crate::node::TICK;
+            return Some(crate::node::TICK);
+        }
+        self.wireguard_at = self.next_session_mark(cx.now);
+        Some(IDLE_WIREGUARD_TICK)
+    }
+
+    /// When boringtun's timers next act on an idle established session: the next of
+    /// [`SESSION_MARKS`] after `now` (its session age by boringtun's clock).
+    fn next_session_mark(&self, now: Instant) -> Instant {
+        let Some(age) = self.session.stats().since_handshake else {
+            return now + IDLE_WIREGUARD_TICK;
+        };
+        let Some(started) = now.checked_sub(age) else {
+            return now + IDLE_WIREGUARD_TICK;
+        };
+        SESSION_MARKS
+            .iter()
+            .map(|m| started + *m)
+            .find(|t| *t > now)
+            .unwrap_or(now + IDLE_WIREGUARD_TICK)
+    }
+
+    /// Traffic to or from the peer: boringtun's timers need the fast tick again from now.
+    /// Returns whether that brought the tick forward (the node then recomputes the wake-up).
+    #[inline]
+    pub(crate) fn wake_wireguard(&mut self, now: Instant) -> bool {
+        if !self.idle_tick {
+            // (The data path's case: one check per packet.)
+            return false;
+        }
+        self.wake_idle(now);
+        true
+    }
+
+    /// [`Peer::wake_wireguard`] for an idle peer.
+    #[cold]
+    fn wake_idle(&mut self, now: Instant) {
+        self.idle_tick = false;
+        self.wireguard_at = self.wireguard_at.min(now + crate::node::TICK);
     }
 
     /// Handshake retransmission while data waits, and the proactive handshake.
