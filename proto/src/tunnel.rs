@@ -263,7 +263,7 @@ mod tests {
         let mut v6 = good.clone();
         v6[0] = 0x60;
         assert_eq!(parse(&v6), None, "IPv6");
-        for kind in [0, 4, 255] {
+        for kind in [0, 6, 255] {
             let mut unknown = good.clone();
             unknown[28] = kind;
             assert_eq!(parse(&unknown), None, "kind {kind}");
