@@ -109,6 +109,28 @@ enum RegionCmd {
     },
 }
 
+/// A birthday budget on the command line: a number, or `default`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Budget {
+    /// The nodes' own default.
+    Default,
+    /// This many attempts per node per 10 minutes.
+    Attempts(u16),
+}
+
+impl std::str::FromStr for Budget {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Budget, String> {
+        if s == "default" {
+            return Ok(Budget::Default);
+        }
+        s.parse()
+            .map(Budget::Attempts)
+            .map_err(|_| format!("{s:?} is not a number of attempts (0-65535) or `default`"))
+    }
+}
+
 #[derive(Subcommand)]
 enum NetworkCmd {
     /// Create a network.
@@ -118,6 +140,18 @@ enum NetworkCmd {
         /// Overlay address range.
         #[arg(long, default_value = "100.64.0.0/16")]
         cidr: String,
+        /// Birthday hole-punching attempts each node may run per 10 minutes (started or
+        /// joined; 0 turns it off in this network). Default: the nodes' own (8).
+        #[arg(long, value_name = "N")]
+        birthday_budget: Option<u16>,
+    },
+    /// Change a network's settings; connected nodes are told at once.
+    Set {
+        /// Network name.
+        name: String,
+        /// Birthday attempts per node per 10 minutes (0: none), or `default`.
+        #[arg(long, value_name = "N|default")]
+        birthday_budget: Option<Budget>,
     },
     /// List networks.
     List {
@@ -364,12 +398,40 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 server_limits(max_connections)?,
             ))
         }
-        Command::Network(NetworkCmd::Create { name, cidr }) => {
+        Command::Network(NetworkCmd::Create {
+            name,
+            cidr,
+            birthday_budget,
+        }) => {
             let cidr: Cidr = cidr.parse().map_err(anyhow::Error::msg)?;
-            state
-                .open_store()?
-                .create_network(&name, cidr, unix_now())?;
+            let store = state.open_store()?;
+            store.create_network(&name, cidr, unix_now())?;
+            if birthday_budget.is_some() {
+                store.set_birthday_budget(&name, birthday_budget)?;
+            }
             out(&format!("created network {name} ({cidr})"));
+            Ok(())
+        }
+        Command::Network(NetworkCmd::Set {
+            name,
+            birthday_budget,
+        }) => {
+            let Some(budget) = birthday_budget else {
+                anyhow::bail!("nothing to set: give --birthday-budget N (or `default`)");
+            };
+            let budget = match budget {
+                Budget::Default => None,
+                Budget::Attempts(n) => Some(n),
+            };
+            state.open_store()?.set_birthday_budget(&name, budget)?;
+            match budget {
+                Some(n) => out(&format!(
+                    "network {name}: {n} birthday attempts per node per 10 minutes"
+                )),
+                None => out(&format!(
+                    "network {name}: birthday attempts per node back to the nodes' default"
+                )),
+            }
             Ok(())
         }
         Command::Network(NetworkCmd::List { json }) => {
@@ -377,9 +439,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if json {
                 out(&serde_json::to_string_pretty(&rows)?);
             } else {
-                out(&format!("{:<24} {:<18} {:>6}", "NAME", "CIDR", "NODES"));
+                out(&format!(
+                    "{:<24} {:<18} {:>6} {:>9}",
+                    "NAME", "CIDR", "NODES", "BIRTHDAY"
+                ));
                 for r in rows {
-                    out(&format!("{:<24} {:<18} {:>6}", r.name, r.cidr, r.nodes));
+                    let budget = r
+                        .birthday_budget
+                        .map_or_else(|| "default".to_string(), |b| b.to_string());
+                    out(&format!(
+                        "{:<24} {:<18} {:>6} {:>9}",
+                        r.name, r.cidr, r.nodes, budget
+                    ));
                 }
             }
             Ok(())

@@ -168,6 +168,7 @@ enum HubCmd {
         sent: PeerMap,
         relays: Vec<RelayRow>,
         revoked: Vec<(PublicKey, u64)>,
+        birthday_budget: Option<u16>,
     },
     Unregister {
         id: u64,
@@ -558,12 +559,13 @@ async fn handle(incoming: quinn::Incoming, mut slot: Slot, ctx: Arc<Ctx>) -> any
         );
     }
     info!(node = %adm.name, %key, address = %adm.address, network = %adm.network, %observed, "node connected");
-    let (peers, relays, revoked) = {
+    let (peers, relays, revoked, birthday_budget) = {
         let store = lock(&ctx);
         (
             store.peers(adm.network_id)?,
             store.relays()?,
             revoked_in(&store, adm.network_id, unix_now())?,
+            store.birthday_budget(adm.network_id)?,
         )
     };
     let view = netmap::view_for(&peers, &key);
@@ -577,6 +579,7 @@ async fn handle(incoming: quinn::Incoming, mut slot: Slot, ctx: Arc<Ctx>) -> any
             relays: relay_infos(&ctx.secret, &relays, &adm.network, &key, &revoked),
             observed: Some(observed),
             observer: ctx.observer,
+            birthday_budget,
         })
         .encode(),
     )
@@ -591,6 +594,7 @@ async fn handle(incoming: quinn::Incoming, mut slot: Slot, ctx: Arc<Ctx>) -> any
         sent: view,
         relays,
         revoked,
+        birthday_budget,
     });
     let relay = tokio::spawn({
         let (forwarder, conn, network) = (ctx.forwarder.clone(), conn.clone(), adm.network.clone());
@@ -710,6 +714,8 @@ struct Session {
     relays: Vec<RelayRow>,
     revoked: Vec<(PublicKey, u64)>,
     tickets_at: tokio::time::Instant,
+    /// The network's birthday budget as last told.
+    birthday_budget: Option<u16>,
 }
 
 /// Owns the list of connected sessions; pushes deltas when the database changes.
@@ -732,9 +738,9 @@ async fn run_hub(
     loop {
         tokio::select! {
             cmd = rx.recv() => match cmd {
-                Some(HubCmd::Register { id, network_id, network, key, tx, sent, relays, revoked }) => {
+                Some(HubCmd::Register { id, network_id, network, key, tx, sent, relays, revoked, birthday_budget }) => {
                     let tickets_at = tokio::time::Instant::now();
-                    sessions.insert(id, Session { network_id, network, key, tx, sent, removed: false, relays, revoked, tickets_at });
+                    sessions.insert(id, Session { network_id, network, key, tx, sent, removed: false, relays, revoked, tickets_at, birthday_budget });
                     // Changes between the Welcome and now must not be lost.
                     hub.push(&store, &mut sessions);
                 }
@@ -771,6 +777,7 @@ impl Hub {
         let now = unix_now();
         let mut by_network: HashMap<i64, Vec<mesh_proto::control::PeerInfo>> = HashMap::new();
         let mut revoked_by_network: HashMap<i64, Vec<(PublicKey, u64)>> = HashMap::new();
+        let mut budgets: HashMap<i64, Option<u16>> = HashMap::new();
         for s in sessions.values_mut() {
             if s.removed {
                 continue;
@@ -801,6 +808,24 @@ impl Hub {
                 if s.tx.try_send(delta).is_ok() {
                     Stats::inc(&self.stats.deltas_pushed, 1);
                     s.sent = view;
+                }
+            }
+            let budget = match budgets.get(&s.network_id) {
+                Some(b) => *b,
+                None => match store.birthday_budget(s.network_id) {
+                    Ok(b) => *budgets.entry(s.network_id).or_insert(b),
+                    Err(e) => {
+                        warn!(error = %e, "cannot read the network's settings");
+                        return;
+                    }
+                },
+            };
+            if budget != s.birthday_budget {
+                let msg = ServerMsg::Settings {
+                    birthday_budget: budget,
+                };
+                if s.tx.try_send(msg).is_ok() {
+                    s.birthday_budget = budget;
                 }
             }
             let revoked = if relays.is_empty() {

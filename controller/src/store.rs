@@ -116,6 +116,9 @@ pub struct NetworkRow {
     pub cidr: String,
     /// Live nodes.
     pub nodes: u64,
+    /// Birthday attempts per node per 10 minutes the network allows; `None`: the nodes'
+    /// default (see [`Store::set_birthday_budget`]).
+    pub birthday_budget: Option<u16>,
 }
 
 /// A token as listed (never the secret).
@@ -300,6 +303,13 @@ impl Store {
         if !has_nat {
             conn.execute_batch("ALTER TABLE nodes ADD COLUMN nat TEXT")?;
         }
+        // Added with the network's birthday budget (NULL: the nodes' default).
+        let has_budget: bool = conn
+            .prepare("SELECT 1 FROM pragma_table_info('networks') WHERE name = 'birthday_budget'")?
+            .exists([])?;
+        if !has_budget {
+            conn.execute_batch("ALTER TABLE networks ADD COLUMN birthday_budget INTEGER")?;
+        }
         // SQLite creates -wal and -shm with the database file's mode; older versions of this
         // controller left them readable by all.
         for suffix in ["-wal", "-shm"] {
@@ -350,7 +360,8 @@ impl Store {
     pub fn networks(&self) -> Result<Vec<NetworkRow>, StoreError> {
         let mut st = self.conn.prepare(
             "SELECT n.name, n.network, n.prefix_len,
-                    (SELECT COUNT(*) FROM nodes WHERE network_id = n.id AND removed_at IS NULL)
+                    (SELECT COUNT(*) FROM nodes WHERE network_id = n.id AND removed_at IS NULL),
+                    n.birthday_budget
              FROM networks n ORDER BY n.name",
         )?;
         let rows = st.query_map([], |r| {
@@ -360,9 +371,41 @@ impl Store {
                 name: r.get(0)?,
                 cidr: format!("{}/{len}", Ipv4Addr::from(net)),
                 nodes: r.get::<_, i64>(3)? as u64,
+                birthday_budget: r.get(4)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Sets how many birthday attempts per 10 minutes each node of network `name` may run
+    /// (started or joined; 0: none), or back to the nodes' default with `None`. Connected
+    /// nodes are told within a poll of the hub.
+    pub fn set_birthday_budget(&self, name: &str, budget: Option<u16>) -> Result<(), StoreError> {
+        let max = mesh_proto::control::MAX_BIRTHDAY_BUDGET;
+        if let Some(b) = budget.filter(|b| *b > max) {
+            return Err(StoreError::Invalid(format!(
+                "a birthday budget of {b} is more than the {max} attempts per 10 minutes a node runs at most"
+            )));
+        }
+        let (id, _) = self.network(name)?;
+        self.conn.execute(
+            "UPDATE networks SET birthday_budget = ?1 WHERE id = ?2",
+            params![budget, id],
+        )?;
+        Ok(())
+    }
+
+    /// The birthday budget of the network with this id (see [`Store::set_birthday_budget`]).
+    pub fn birthday_budget(&self, network_id: i64) -> Result<Option<u16>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT birthday_budget FROM networks WHERE id = ?1",
+                [network_id],
+                |r| r.get(0),
+            )
+            .optional()?
+            .flatten())
     }
 
     fn network(&self, name: &str) -> Result<(i64, Cidr), StoreError> {
@@ -1346,6 +1389,33 @@ mod tests {
 
     fn mode(p: &Path) -> u32 {
         std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn a_network_sets_its_birthday_budget_within_bounds() {
+        let (_d, s) = store();
+        let id = s.network("prod").unwrap().0;
+        assert_eq!(s.birthday_budget(id).unwrap(), None, "the nodes' default");
+        s.set_birthday_budget("prod", Some(0)).unwrap();
+        assert_eq!(s.birthday_budget(id).unwrap(), Some(0));
+        assert_eq!(s.networks().unwrap()[0].birthday_budget, Some(0));
+        let e = s
+            .set_birthday_budget("prod", Some(65))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("more than the 64"), "{e}");
+        assert_eq!(
+            s.birthday_budget(id).unwrap(),
+            Some(0),
+            "a refused setting changes nothing"
+        );
+        let e = s
+            .set_birthday_budget("nope", Some(1))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no network named"), "{e}");
+        s.set_birthday_budget("prod", None).unwrap();
+        assert_eq!(s.birthday_budget(id).unwrap(), None);
     }
 
     #[test]

@@ -150,6 +150,9 @@ impl std::fmt::Debug for ClientMsg {
     }
 }
 
+/// The largest birthday budget (attempts per node per 10 minutes) a network may set.
+pub const MAX_BIRTHDAY_BUDGET: u16 = 64;
+
 /// Messages the controller sends to a node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -167,6 +170,12 @@ pub enum ServerMsg {
         upsert: Vec<PeerInfo>,
         /// Keys of peers that left or were removed.
         remove: Vec<PublicKey>,
+    },
+    /// The network's settings changed (sent only on a change; the Welcome carries them too).
+    Settings {
+        /// See [`Welcome::birthday_budget`].
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        birthday_budget: Option<u16>,
     },
     /// Answer to `Leave`: the node is deleted.
     Left,
@@ -205,6 +214,10 @@ pub struct Welcome {
     /// controllers or with the observer off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observer: Option<SocketAddr>,
+    /// Birthday attempts per node per 10 minutes that the network allows, started or joined
+    /// (0: none); `None`: the node's default. The administrator's setting for the network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub birthday_budget: Option<u16>,
 }
 
 /// One peer as the controller describes it.
@@ -515,7 +528,7 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerMsg, DecodeError> {
                 return Err(DecodeError::Bounds("error message"));
             }
         }
-        ServerMsg::Left => {}
+        ServerMsg::Settings { .. } | ServerMsg::Left => {}
     }
     Ok(msg)
 }
@@ -639,7 +652,14 @@ mod tests {
                 relays: vec![relay("eu-1")],
                 observed: Some(SocketAddr::from(([203, 0, 113, 9], 40000))),
                 observer: None,
+                birthday_budget: Some(2),
             }),
+            ServerMsg::Settings {
+                birthday_budget: Some(0),
+            },
+            ServerMsg::Settings {
+                birthday_budget: None,
+            },
             ServerMsg::Relays {
                 relays: vec![relay("eu-1"), relay("us-1")],
             },

@@ -210,3 +210,74 @@ fn every_nat_pair_kind_goes_direct_where_it_can_over_trials() {
     eprintln!("{table}");
     assert!(wrong.is_empty(), "{wrong:#?}\n{table}");
 }
+
+/// The birthday budget is the network administrator's: at 0, a symmetric node and a
+/// port-restricted one stay on the relay (and answer) while neither opens a birthday socket;
+/// set back to the default while both run, they are told at once and go direct.
+#[test]
+fn a_network_budget_of_zero_stops_birthday_punching_until_it_is_lifted() {
+    let mut nat = NatLab::new("budget").unwrap();
+    let ctl_host = nat.controller_host();
+    let mut shared = None;
+    let ha = place(&mut nat, Site::Behind(NatKind::Symmetric), "a", &mut shared);
+    let hb = place(
+        &mut nat,
+        Site::Behind(NatKind::PortRestricted),
+        "b",
+        &mut shared,
+    );
+    let ctl = Controller::start(nat.lab(), &ctl_host).unwrap();
+    ctl.create_network(NET).unwrap();
+    let set = |value: &str| {
+        ctl.admin(["network", "set", NET, "--birthday-budget", value])
+            .ok()
+            .unwrap()
+            .stdout
+    };
+    assert!(set("0").contains("0 birthday attempts per node"));
+    let list = ctl.admin(["network", "list", "--json"]);
+    let list: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
+    assert_eq!(list[0]["birthday_budget"], 0);
+    let token = ctl.create_token(NET, &["--reusable"]).unwrap();
+    let aa = Agent::join(nat.lab(), &ha, "a", &token).unwrap();
+    let ab = Agent::join(nat.lab(), &hb, "b", &token).unwrap();
+    let direct = |x: &Agent, peer: &str| x.peer(peer).is_ok_and(|p| p["path"] == "direct");
+    let start = Instant::now();
+    let mut answered = false;
+    while start.elapsed() < Duration::from_secs(15) {
+        answered |= ha.ping(ab.address);
+        assert!(!direct(&aa, "b"), "direct with birthday punching off");
+    }
+    assert!(answered, "the relay carries the pair");
+    for (x, name) in [(&aa, "a"), (&ab, "b")] {
+        let s = x.status().unwrap();
+        assert_eq!(s["nat"]["birthday_budget"], 0, "{name}");
+        assert_eq!(s["counters"]["birthday_sockets_opened"], 0, "{name}");
+        assert_eq!(s["counters"]["birthday_attempts"], 0, "{name}");
+    }
+    // Lifted while both run: pushed to them, and the pair goes direct.
+    assert!(set("default").contains("default"));
+    let lifted = Instant::now();
+    loop {
+        ha.ping(ab.address);
+        if direct(&aa, "b") && direct(&ab, "a") {
+            break;
+        }
+        assert!(
+            lifted.elapsed() < Duration::from_secs(45),
+            "not direct 45 s after the budget was lifted: {}",
+            aa.status().unwrap()["counters"]
+        );
+    }
+    eprintln!(
+        "direct {:.1} s after the budget was lifted",
+        lifted.elapsed().as_secs_f64()
+    );
+    let s = aa.status().unwrap();
+    assert_eq!(s["nat"]["birthday_budget"], 8);
+    assert!(
+        s["counters"]["birthday_sockets_opened"].as_u64() > Some(0),
+        "the symmetric side punched: {}",
+        s["counters"]
+    );
+}

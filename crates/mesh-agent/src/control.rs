@@ -82,6 +82,8 @@ pub struct ControlStatus {
     pub observer_saw: Option<SocketAddr>,
     /// How this node's NAT maps, from the two observations.
     pub nat: Option<NatKind>,
+    /// The network's birthday budget (attempts per node per 10 minutes), if it sets one.
+    pub birthday_budget: Option<u16>,
 }
 
 async fn resolve(addr: &str) -> Result<SocketAddr, ControlError> {
@@ -377,7 +379,11 @@ pub async fn run(
         set_status(&ctx, true, None);
         if let Ok(mut s) = ctx.status.lock() {
             s.observed = welcome.observed;
+            s.birthday_budget = welcome.birthday_budget;
         }
+        let _ = data
+            .send(DataCmd::BirthdayBudget(welcome.birthday_budget))
+            .await;
         // A node the controller sees at one of its own addresses is not behind a NAT: peers
         // reach its socket as it is, and birthday punching from it only costs (DESIGN: never
         // punch from a node that is not NATed).
@@ -463,6 +469,12 @@ pub async fn run(
                         Ok(ServerMsg::Relays { relays }) => {
                             info!(relays = relays.len(), "relay list updated");
                             set_relays(&ctx, relays);
+                        }
+                        Ok(ServerMsg::Settings { birthday_budget }) => {
+                            if let Ok(mut s) = ctx.status.lock() {
+                                s.birthday_budget = birthday_budget;
+                            }
+                            let _ = data.send(DataCmd::BirthdayBudget(birthday_budget)).await;
                         }
                         Ok(ServerMsg::Error { message, .. }) => {
                             warn!(%message, "controller closed the session");

@@ -351,6 +351,7 @@ async fn run(
         observed: None,
         observer_saw: None,
         nat: None,
+        birthday_budget: None,
     }));
     let (control_tx, control_rx) = mpsc::channel(4);
     // Relays from the cache until the controller speaks: their tickets last for hours.
@@ -775,6 +776,7 @@ async fn status_json(
             "observed": observed.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "mapping": control.nat.map_or_else(|| mapping_kind(&observed).to_owned(), |k| k.to_string()),
             "kind": control.nat,
+            "birthday_budget": control.birthday_budget.unwrap_or(mesh_core::birthday::ATTEMPT_BUDGET),
         },
         "peers": peers,
         "counters": counters_json(&c, &driver, &birthday),

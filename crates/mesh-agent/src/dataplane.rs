@@ -56,6 +56,8 @@ pub enum DataCmd {
         /// How it maps, if known.
         kind: Option<NatKind>,
     },
+    /// The network's birthday budget (attempts per 10 minutes; `None`: the default).
+    BirthdayBudget(Option<u16>),
     /// Ask the STUN observer at `to` from the main socket how it sees this node; the answer
     /// (or `None` after [`OBSERVE_TIMEOUT`]) goes to `reply`.
     Observe(SocketAddr, oneshot::Sender<Option<SocketAddr>>),
@@ -432,6 +434,8 @@ pub async fn run(
     let mut configs: Vec<PeerConfig> = Vec::new();
     // Birthday punching is on (the node's default) until the controller says there is no NAT.
     let mut punching = true;
+    // The network's birthday budget, as the controller last said.
+    let mut budget: Option<u16> = None;
     let mut observation: Option<Observation> = None;
     loop {
         let mut deadline = node.poll_timeout().unwrap_or_else(|| Instant::now() + far);
@@ -518,13 +522,22 @@ pub async fn run(
                     if natted != punching {
                         punching = natted;
                         if natted {
-                            node.set_birthday(Some(mesh_core::BirthdayConfig::default()));
+                            node.set_birthday(Some(birthday_config(budget)));
                         } else {
                             tracing::info!("the controller sees this node at its own address (no NAT): no birthday punching from here");
                             node.set_birthday(None);
                         }
                     }
                     node.set_nat(kind);
+                }
+                Some(DataCmd::BirthdayBudget(b)) => {
+                    if b != budget {
+                        budget = b;
+                        tracing::info!(attempts = birthday_config(budget).attempts, "birthday budget per 10 minutes (the network's setting)");
+                        if punching {
+                            node.set_birthday(Some(birthday_config(budget)));
+                        }
+                    }
                 }
                 Some(DataCmd::Observe(to, reply)) => {
                     let now = Instant::now();
@@ -646,6 +659,15 @@ pub async fn run(
                 }
             }
         }
+    }
+}
+
+/// Birthday punching's sizes with the network's budget (`None`: the node's default).
+fn birthday_config(budget: Option<u16>) -> mesh_core::BirthdayConfig {
+    let default = mesh_core::BirthdayConfig::default();
+    mesh_core::BirthdayConfig {
+        attempts: budget.unwrap_or(default.attempts),
+        ..default
     }
 }
 

@@ -86,9 +86,12 @@ pub const MAX_TARGETS: usize = 2;
 /// Lowest port sprayed (ports below are rarely handed out by NATs).
 pub const LOWEST_PORT: u16 = 1024;
 
-/// Attempts this node starts on its own schedule within [`ATTEMPT_BUDGET_WINDOW`], over all
-/// peers (joins a peer asks for are bounded by [`MIN_JOIN_SPACING`] instead).
-pub const ATTEMPT_BUDGET: usize = 8;
+/// Attempts a node runs within [`ATTEMPT_BUDGET_WINDOW`] by default, over all peers, whether
+/// it started them or joined a peer's ([`BirthdayConfig::attempts`]; the controller may set
+/// another for the whole network).
+pub const ATTEMPT_BUDGET: u16 = 8;
+/// The most attempts per window any setting allows.
+pub const MAX_ATTEMPTS: u16 = mesh_proto::control::MAX_BIRTHDAY_BUDGET;
 /// The window of [`ATTEMPT_BUDGET`].
 pub const ATTEMPT_BUDGET_WINDOW: Duration = Duration::from_secs(600);
 
@@ -150,6 +153,9 @@ pub struct BirthdayConfig {
     pub probes: u16,
     /// Spray probes per tick (capped at [`MAX_PROBES_PER_TICK`], at least 1).
     pub probes_per_tick: u16,
+    /// Attempts within [`ATTEMPT_BUDGET_WINDOW`], started or joined (capped at
+    /// [`MAX_ATTEMPTS`]; 0: none, the node only probes candidates).
+    pub attempts: u16,
 }
 
 impl Default for BirthdayConfig {
@@ -158,6 +164,7 @@ impl Default for BirthdayConfig {
             sockets: DEFAULT_SOCKETS,
             probes: DEFAULT_PROBES,
             probes_per_tick: DEFAULT_PROBES_PER_TICK,
+            attempts: ATTEMPT_BUDGET,
         }
     }
 }
@@ -169,6 +176,7 @@ impl BirthdayConfig {
             sockets: self.sockets.min(MAX_SOCKETS),
             probes: self.probes.min(MAX_PROBES),
             probes_per_tick: self.probes_per_tick.clamp(1, MAX_PROBES_PER_TICK),
+            attempts: self.attempts.min(MAX_ATTEMPTS),
         }
     }
 
@@ -462,7 +470,7 @@ pub(crate) struct Punching {
     /// endpoint-independent side of a pair needs nothing but its spray, so a node whose
     /// sockets are taken can still do its part for everyone else.
     side_sprays: Vec<Attempt>,
-    /// When the attempts of our own within [`ATTEMPT_BUDGET_WINDOW`] started.
+    /// When the attempts within [`ATTEMPT_BUDGET_WINDOW`] started (ours and those joined).
     recent: VecDeque<Instant>,
     pub(crate) stats: BirthdayStats,
 }
@@ -512,25 +520,27 @@ impl Punching {
             .min()
     }
 
-    /// Whether the node-wide budget allows an attempt of our own at `now`.
+    /// Whether the node-wide budget allows another attempt at `now`.
     pub(crate) fn within_budget(&self, now: Instant) -> bool {
         self.budget_at(now) <= now
     }
 
-    /// When the budget allows the next attempt of our own: `now` if it does, else when the
-    /// oldest start inside the window leaves it (starts are kept in time order).
+    /// When the budget allows the next attempt: `now` if it does, else when the oldest start
+    /// inside the window leaves it (starts are kept in time order). With a budget of 0, a
+    /// window from now (and again then: never).
     pub(crate) fn budget_at(&self, now: Instant) -> Instant {
+        let budget = self.config.map_or(0, |c| usize::from(c.attempts));
         let in_window = || {
             self.recent
                 .iter()
                 .filter(move |t| now.saturating_duration_since(**t) < ATTEMPT_BUDGET_WINDOW)
         };
-        if in_window().count() < ATTEMPT_BUDGET {
+        if in_window().count() < budget {
             return now;
         }
         in_window()
             .next()
-            .map_or(now, |t| *t + ATTEMPT_BUDGET_WINDOW)
+            .map_or(now + ATTEMPT_BUDGET_WINDOW, |t| *t + ATTEMPT_BUDGET_WINDOW)
     }
 
     /// Whether an attempt is in flight.
@@ -613,22 +623,22 @@ impl Punching {
         let Some(config) = self.config else {
             return false;
         };
-        if self.attempt.is_some() || (initiator && !self.within_budget(now)) {
+        if self.attempt.is_some() || !self.within_budget(now) {
             return false;
         }
         let Some(spray_ip) = spray_ip(&targets) else {
             return false;
         };
         punch.schedule.started(now);
+        while self
+            .recent
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) >= ATTEMPT_BUDGET_WINDOW)
+        {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(now);
         if initiator {
-            while self
-                .recent
-                .front()
-                .is_some_and(|t| now.saturating_duration_since(*t) >= ATTEMPT_BUDGET_WINDOW)
-            {
-                self.recent.pop_front();
-            }
-            self.recent.push_back(now);
             self.stats.birthday_attempts += 1;
             out.push((key, Intent::Join));
         } else {
@@ -916,7 +926,7 @@ mod tests {
             spray: true,
         };
         let mut started = 0;
-        for i in 0..(ATTEMPT_BUDGET as u32 + 3) {
+        for i in 0..(u32::from(ATTEMPT_BUDGET) + 3) {
             let now = t0 + Duration::from_secs(10) * i;
             p.finish(false, &mut out);
             let mut punch = PeerPunch::default();
@@ -930,20 +940,44 @@ mod tests {
             }
         }
         assert_eq!(started, ATTEMPT_BUDGET);
-        let later = t0 + Duration::from_secs(10) * (ATTEMPT_BUDGET as u32 + 3);
+        let later = t0 + Duration::from_secs(10) * (u32::from(ATTEMPT_BUDGET) + 3);
         assert!(!p.within_budget(later));
         assert_eq!(p.budget_at(later), t0 + ATTEMPT_BUDGET_WINDOW);
         assert!(p.within_budget(t0 + ATTEMPT_BUDGET_WINDOW));
-        // Without the socket role, no socket opened; a join the peer asks for is not counted.
+        // Without the socket role, no socket opened. A join the peer asks for counts too: over
+        // the budget it is refused, once the window moves on it runs.
         assert_eq!(p.stats.birthday_sockets_opened, 0);
         p.finish(false, &mut out);
-        let mut punch = PeerPunch::default();
-        let how = Start {
+        let join = || Start {
             targets: vec![target],
             roles,
             initiator: false,
         };
-        assert!(p.start(PublicKey([99; 32]), &mut punch, how, later, &mut out));
+        let mut punch = PeerPunch::default();
+        assert!(!p.start(PublicKey([99; 32]), &mut punch, join(), later, &mut out));
+        let mut punch = PeerPunch::default();
+        let then = t0 + ATTEMPT_BUDGET_WINDOW;
+        assert!(p.start(PublicKey([99; 32]), &mut punch, join(), then, &mut out));
+
+        // A network that sets the budget to 0: no attempt at all, started or joined.
+        let mut p = Punching::new(1);
+        p.configure(
+            Some(BirthdayConfig {
+                attempts: 0,
+                ..BirthdayConfig::default()
+            }),
+            &mut out,
+        );
+        assert!(!p.within_budget(t0));
+        for initiator in [true, false] {
+            let how = Start {
+                targets: vec![target],
+                roles,
+                initiator,
+            };
+            let mut punch = PeerPunch::default();
+            assert!(!p.start(PublicKey([7; 32]), &mut punch, how, t0, &mut out));
+        }
     }
 
     #[test]
@@ -997,6 +1031,7 @@ mod tests {
             sockets: 4,
             probes: 600,
             probes_per_tick: 256,
+            attempts: ATTEMPT_BUDGET,
         };
         let now = Instant::now();
         let mut rng = SmallRng::seed_from_u64(1);

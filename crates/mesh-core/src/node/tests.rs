@@ -850,6 +850,7 @@ const SMALL: BirthdayConfig = BirthdayConfig {
     sockets: 4,
     probes: 64,
     probes_per_tick: 32,
+    attempts: birthday::ATTEMPT_BUDGET,
 };
 
 fn socket_events(node: &mut Node) -> (Vec<SocketId>, Vec<SocketId>, Vec<Event>) {
@@ -1168,6 +1169,7 @@ fn a_reported_stranger_gets_a_bounded_number_of_probes() {
         sockets: birthday::MAX_SOCKETS,
         probes: 8192,
         probes_per_tick: birthday::MAX_PROBES_PER_TICK,
+        attempts: birthday::ATTEMPT_BUDGET,
     }));
     let kb = r.p.b.public_key();
     let victim: SocketAddr = "203.0.113.66:443".parse().unwrap();

@@ -144,6 +144,7 @@ pub(super) fn server_messages() -> Vec<ServerMsg> {
             relays: vec![relay("eu-1")],
             observed: Some(SocketAddr::from(([203, 0, 113, 9], 40000))),
             observer: None,
+            birthday_budget: None,
         }),
         ServerMsg::Welcome(Welcome {
             network: "n".into(),
@@ -154,6 +155,7 @@ pub(super) fn server_messages() -> Vec<ServerMsg> {
             relays: vec![],
             observed: None,
             observer: None,
+            birthday_budget: None,
         }),
         ServerMsg::Welcome(Welcome {
             network: "big".into(),
@@ -164,6 +166,7 @@ pub(super) fn server_messages() -> Vec<ServerMsg> {
             relays: vec![relay("eu-1"), relay("us-1"), relay("ap-1")],
             observed: Some(SocketAddr::from(([0x2001, 0xdb8, 0, 0, 0, 0, 0, 9], 1))),
             observer: None,
+            birthday_budget: None,
         }),
         ServerMsg::Relays {
             relays: vec![relay("eu-1"), relay("us-1")],
@@ -176,6 +179,9 @@ pub(super) fn server_messages() -> Vec<ServerMsg> {
         ServerMsg::PeersChanged {
             upsert: vec![],
             remove: vec![],
+        },
+        ServerMsg::Settings {
+            birthday_budget: Some(8),
         },
         ServerMsg::Left,
     ];
@@ -226,6 +232,7 @@ pub(super) fn server() -> Decoder {
                         ServerMsg::Welcome(_) => "welcome",
                         ServerMsg::Relays { .. } => "relays",
                         ServerMsg::PeersChanged { .. } => "peers_changed",
+                        ServerMsg::Settings { .. } => "settings",
                         ServerMsg::Left => "left",
                         ServerMsg::Error { .. } => "error",
                     },
