@@ -64,12 +64,21 @@ impl Outbox {
         bytes: &[u8],
         now: Instant,
     ) -> bool {
-        if !self.budget.take(dst.ip(), now) {
-            self.counters.probe_budget_drops += 1;
+        if !self.budget_allows(dst, now) {
             return false;
         }
         self.udp(socket, dst, bytes);
         true
+    }
+
+    /// Whether `dst` may be sent one more unconfirmed datagram now ([`PROBE_BUDGET`]); counts
+    /// the drop when not.
+    fn budget_allows(&mut self, dst: SocketAddr, now: Instant) -> bool {
+        let ok = self.budget.take(dst.ip(), now);
+        if !ok {
+            self.counters.probe_budget_drops += 1;
+        }
+        ok
     }
 
     /// A primer: `bytes` to an unconfirmed address with IP TTL [`PRIMER_TTL`], so that it opens
@@ -82,8 +91,7 @@ impl Outbox {
         bytes: &[u8],
         now: Instant,
     ) -> bool {
-        if !self.budget.take(dst.ip(), now) {
-            self.counters.probe_budget_drops += 1;
+        if !self.budget_allows(dst, now) {
             return false;
         }
         let mut contents = self.buffer();

@@ -132,9 +132,11 @@ fn is_transient(e: &std::io::Error) -> bool {
     )
 }
 
-fn serve(args: &[String]) -> Result<(), Failure> {
+/// Binds the one IP:PORT in `args` (`command` names the subcommand in the usage error) and
+/// says so on stdout, which the lab waits for.
+fn bind_announced(command: &str, args: &[String]) -> Result<UdpSocket, Failure> {
     let [addr] = args else {
-        return Err(Failure::Usage("serve takes one IP:PORT".into()));
+        return Err(Failure::Usage(format!("{command} takes one IP:PORT")));
     };
     let socket = bind(parse_addr(addr)?)?;
     let local = socket
@@ -142,6 +144,11 @@ fn serve(args: &[String]) -> Result<(), Failure> {
         .map_err(|e| Failure::Io(format!("local address: {e}")))?;
     println!("serving {local}");
     flush();
+    Ok(socket)
+}
+
+fn serve(args: &[String]) -> Result<(), Failure> {
+    let socket = bind_announced("serve", args)?;
     let mut buf = [0u8; 2048];
     loop {
         match socket.recv_from(&mut buf) {
@@ -313,15 +320,7 @@ fn stun_answer(request: &[u8], src: SocketAddr) -> Option<Vec<u8>> {
 }
 
 fn stun(args: &[String]) -> Result<(), Failure> {
-    let [addr] = args else {
-        return Err(Failure::Usage("stun takes one IP:PORT".into()));
-    };
-    let socket = bind(parse_addr(addr)?)?;
-    let local = socket
-        .local_addr()
-        .map_err(|e| Failure::Io(format!("local address: {e}")))?;
-    println!("serving {local}");
-    flush();
+    let socket = bind_announced("stun", args)?;
     let mut buf = [0u8; 2048];
     loop {
         match socket.recv_from(&mut buf) {
