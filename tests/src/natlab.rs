@@ -420,6 +420,31 @@ impl NatLab {
         stun: &Stun,
         speaks: Speaks,
     ) -> Result<(Router, PortMapper)> {
+        self.start_port_mapper(name, kind, stun, speaks, MAX_LIFETIME)
+    }
+
+    /// [`NatLab::add_port_mapping_router`] whose miniupnpd grants PCP and NAT-PMP leases of at
+    /// most `max_lease`, so that a test sees them renewed (miniupnpd's shortest lease is 120 s,
+    /// and it refuses to start unless the longest is longer).
+    pub fn add_port_mapping_router_with_lease(
+        &mut self,
+        name: &str,
+        kind: NatKind,
+        stun: &Stun,
+        max_lease: Duration,
+    ) -> Result<(Router, PortMapper)> {
+        let secs = u32::try_from(max_lease.as_secs()).unwrap_or(MAX_LIFETIME);
+        self.start_port_mapper(name, kind, stun, Speaks::All, secs)
+    }
+
+    fn start_port_mapper(
+        &mut self,
+        name: &str,
+        kind: NatKind,
+        stun: &Stun,
+        speaks: Speaks,
+        max_lifetime: u32,
+    ) -> Result<(Router, PortMapper)> {
         let miniupnpd = ["/usr/sbin/miniupnpd", "/usr/local/sbin/miniupnpd"]
             .into_iter()
             .map(PathBuf::from)
@@ -460,7 +485,7 @@ impl NatLab {
              lease_file={leases}\n\
              uuid=6f9a3c1e-2b7d-4e58-9a41-0c5e8d7f{index:04x}\n\
              min_lifetime=120\n\
-             max_lifetime=86400\n\
+             max_lifetime={max_lifetime}\n\
              allow 1024-65535 {a}.{b}.{c}.0/24 1024-65535\n\
              deny 0-65535 0.0.0.0/0 0-65535\n",
             leases = dir.join("leases").display(),
@@ -1001,6 +1026,9 @@ impl Listener {
         &mut self.proc
     }
 }
+
+/// The longest PCP / NAT-PMP lease a lab router's miniupnpd grants unless a test says otherwise.
+const MAX_LIFETIME: u32 = 86_400;
 
 /// The port mapping protocols a lab router's miniupnpd speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

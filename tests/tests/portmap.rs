@@ -304,3 +304,58 @@ fn a_router_that_speaks_only_upnp_maps_the_port_too() {
         mapper.log()
     );
 }
+
+/// A lease is renewed before it runs out: a router that grants only 130 s (miniupnpd's
+/// shortest lease is 120 s, and its longest must be longer) sees the node ask again at half of
+/// it, the lease's end moves on, and the router still holds the mapping.
+#[test]
+fn a_short_lease_is_renewed_before_it_ends() {
+    let stun = Stun::new(env!("CARGO_BIN_EXE_mesh-e2e-stun"));
+    let mut nat = NatLab::new("renew").unwrap();
+    let ctl_host = nat.controller_host();
+    let (home, mut mapper) = nat
+        .add_port_mapping_router_with_lease(
+            "home",
+            NatKind::Symmetric,
+            &stun,
+            Duration::from_secs(130),
+        )
+        .unwrap();
+    let a_host = nat.add_host_behind(&home, "a").unwrap();
+    let ctl = Controller::start(nat.lab(), &ctl_host).unwrap();
+    ctl.create_network(NET).unwrap();
+    let token = ctl.create_token(NET, &["--reusable"]).unwrap();
+    let a = Agent::join(nat.lab(), &a_host, "a", &token).unwrap();
+    let first = port_mapping(&a);
+    assert_eq!(first["state"], "mapped", "{first:#}\n{}", mapper.log());
+    assert_eq!(first["lease_secs"], 130, "{first:#}");
+    assert_eq!(first["renewals"], 0, "{first:#}");
+    // Renewed at half the lease (65 s), well before the router would drop it.
+    let renewed = wait_for(Duration::from_secs(80), || {
+        let pm = a.status().ok()?["port_mapping"].clone();
+        (pm["renewals"].as_u64() >= Some(1)).then_some(pm)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no renewal within 80 s: {:#}\n{}",
+            a.status().unwrap()["port_mapping"],
+            mapper.log()
+        )
+    });
+    assert_eq!(renewed["state"], "mapped", "{renewed:#}");
+    assert_eq!(renewed["external"], first["external"], "{renewed:#}");
+    assert!(
+        renewed["expires_at"].as_str() > first["expires_at"].as_str(),
+        "the lease's end moved on: {first:#} then {renewed:#}"
+    );
+    let held = Mapping {
+        protocol: "udp".into(),
+        external_port: AGENT_PORT,
+        internal: a.underlay(),
+    };
+    assert!(
+        mapper.mappings().unwrap().contains(&held),
+        "{:?}",
+        mapper.mappings()
+    );
+}
