@@ -168,7 +168,7 @@ pub async fn overlay_view(
     overlay: Option<Ipv4Net>,
 ) -> Result<OverlayView, NetlinkError> {
     use rtnetlink::packet_route::link::{InfoData, InfoVxlan, LinkAttribute, LinkInfo};
-    use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader};
+    use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
     let handle = connect()?;
     let overlay_index = link_index(&handle, overlay_if).await.ok();
 
@@ -266,17 +266,7 @@ pub async fn overlay_view(
             RouteAttribute::Oif(i) => Some(*i),
             _ => None,
         });
-        let table = msg
-            .attributes
-            .iter()
-            .find_map(|a| match a {
-                RouteAttribute::Table(t) => Some(*t),
-                _ => None,
-            })
-            .unwrap_or(u32::from(msg.header.table));
-        if msg.header.destination_prefix_length == 0
-            && table == u32::from(RouteHeader::RT_TABLE_MAIN)
-        {
+        if is_main_default(&msg) {
             uplinks.extend(oif);
             for a in &msg.attributes {
                 if let RouteAttribute::MultiPath(hops) = a {
@@ -375,11 +365,27 @@ pub async fn has_address(name: &str, address: Ipv4Addr) -> Result<bool, NetlinkE
     Ok(false)
 }
 
+/// Whether `msg` is a default route of the main table (policy tables are not: a VPN such as
+/// wg-quick puts its own default route there). The table is the attribute when there is one
+/// (tables above 255), else the header's.
+fn is_main_default(msg: &rtnetlink::packet_route::route::RouteMessage) -> bool {
+    use rtnetlink::packet_route::route::{RouteAttribute, RouteHeader};
+    let table = msg
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(msg.header.table));
+    msg.header.destination_prefix_length == 0 && table == u32::from(RouteHeader::RT_TABLE_MAIN)
+}
+
 /// The IPv4 gateway of the main table's default route (the one with the lowest metric when
 /// there are several), or `None` when the host has no default route through a gateway (a host
 /// on a public segment, a point-to-point uplink). The router that port mapping asks.
 pub async fn default_gateway() -> Result<Option<Ipv4Addr>, NetlinkError> {
-    use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader};
+    use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
     let handle = connect()?;
     let mut best: Option<(u32, Ipv4Addr)> = None;
     let mut routes = handle
@@ -387,17 +393,7 @@ pub async fn default_gateway() -> Result<Option<Ipv4Addr>, NetlinkError> {
         .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
         .execute();
     while let Ok(Some(msg)) = routes.try_next().await {
-        let table = msg
-            .attributes
-            .iter()
-            .find_map(|a| match a {
-                RouteAttribute::Table(t) => Some(*t),
-                _ => None,
-            })
-            .unwrap_or(u32::from(msg.header.table));
-        if msg.header.destination_prefix_length != 0
-            || table != u32::from(RouteHeader::RT_TABLE_MAIN)
-        {
+        if !is_main_default(&msg) {
             continue;
         }
         let gateway = msg.attributes.iter().find_map(|a| match a {
