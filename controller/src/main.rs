@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
+use mesh_controller::server::TcpListen;
 use mesh_controller::state::{public_of, unix_now, StateDir};
 use mesh_controller::store::{rfc3339, Cidr};
 use mesh_proto::token::JoinToken;
@@ -46,6 +47,11 @@ enum Command {
         /// address's IP, port 3478].
         #[arg(long, value_name = "ADDR|off")]
         observer_listen: Option<String>,
+        /// TCP address for nodes whose UDP is blocked (TLS after an HTTP upgrade: join, control
+        /// and relayed traffic); `off` for none [default: the listen address's IP, port 443,
+        /// left off with a warning if it cannot be bound].
+        #[arg(long, value_name = "ADDR|off")]
+        listen_tcp: Option<String>,
     },
     /// Run a standalone relay (one region) in the foreground. Register it on the controller
     /// with `mesh-controller region add`.
@@ -66,6 +72,10 @@ enum Command {
         /// Most QUIC connections open at once; more are refused and logged [default: 10000].
         #[arg(long, value_name = "N")]
         max_connections: Option<usize>,
+        /// TCP address for nodes whose UDP is blocked; `off` for none [default: the listen
+        /// address's IP, port 443, left off with a warning if it cannot be bound].
+        #[arg(long, value_name = "ADDR|off")]
+        listen_tcp: Option<String>,
     },
     /// Print the controller's public key (what a standalone relay needs).
     Key,
@@ -92,6 +102,10 @@ enum RegionCmd {
         /// Address nodes dial, host:port.
         #[arg(long)]
         addr: String,
+        /// Address nodes whose UDP is blocked dial over TCP, host:port (where the relay runs
+        /// with --listen-tcp; by default port 443 of its host).
+        #[arg(long)]
+        tcp_addr: Option<String>,
         /// The relay's public key (`mesh-controller relay --print-key` on the relay host).
         #[arg(long)]
         key: String,
@@ -176,6 +190,10 @@ enum TokenCmd {
         /// Controller address written into the token (default: the address `serve` listens on).
         #[arg(long)]
         controller: Option<String>,
+        /// The controller's TCP address written into the token, host:port, or `none` (default:
+        /// the controller address's host with the TCP port `serve` listens on, if it does).
+        #[arg(long, value_name = "HOST:PORT|none")]
+        controller_tcp: Option<String>,
     },
     /// List tokens.
     List {
@@ -218,6 +236,8 @@ struct FileConfig {
     metrics_listen: Option<String>,
     /// For `serve`: the STUN observer's address, or `off`.
     observer_listen: Option<String>,
+    /// The TCP address, or `off`.
+    listen_tcp: Option<String>,
     log: Option<String>,
     /// For `relay`: the controller's public key.
     controller_key: Option<String>,
@@ -237,6 +257,21 @@ fn parse_observer_listen(
         Some("" | "off") => Ok(None),
         Some(s) => Ok(Some(s.parse().with_context(|| {
             format!("invalid observer_listen {s:?}; use an address such as 0.0.0.0:3478, or off")
+        })?)),
+    }
+}
+
+/// `listen_tcp`: absent for the listen address's IP on port 443 (bound if it can be), `off` (or
+/// empty) for none, or an address (which must be bound).
+fn parse_listen_tcp(value: Option<&str>, listen: SocketAddr) -> anyhow::Result<TcpListen> {
+    match value.map(str::trim) {
+        None => Ok(TcpListen::Default(SocketAddr::new(
+            listen.ip(),
+            mesh_control::tcp::DEFAULT_PORT,
+        ))),
+        Some("" | "off") => Ok(TcpListen::Off),
+        Some(s) => Ok(TcpListen::Explicit(s.parse().with_context(|| {
+            format!("invalid listen_tcp {s:?}; use an address such as 0.0.0.0:443, or off")
         })?)),
     }
 }
@@ -279,6 +314,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print_key,
             metrics_listen,
             max_connections,
+            listen_tcp,
         } => {
             let secret = state.relay_key()?;
             if print_key {
@@ -301,13 +337,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             mesh_service::init_logging(file.log.as_deref().unwrap_or("info"));
             let rt = tokio::runtime::Runtime::new()?;
+            let listen_tcp =
+                parse_listen_tcp(listen_tcp.as_deref().or(file.listen_tcp.as_deref()), listen)?;
             rt.block_on(async {
-                let relay = mesh_relay::server::Relay::bind_with(
+                let mut relay = mesh_relay::server::Relay::bind_with(
                     listen,
                     secret,
                     &controller,
                     server_limits(max_connections)?,
                 )?;
+                if let Some(tcp) = listen_tcp.bind("relay", |a| relay.listen_tcp(a))? {
+                    tracing::info!(%tcp, "listening on TCP too (TLS, for nodes whose UDP is blocked)");
+                }
                 if let Some(addr) = metrics_listen {
                     let listener = tokio::net::TcpListener::bind(addr)
                         .await
@@ -341,15 +382,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             out(&state.controller_public()?.to_string());
             Ok(())
         }
-        Command::Region(RegionCmd::Add { name, addr, key }) => {
+        Command::Region(RegionCmd::Add {
+            name,
+            addr,
+            tcp_addr,
+            key,
+        }) => {
             let key: mesh_proto::PublicKey = key
                 .trim()
                 .parse()
                 .map_err(|e| anyhow::anyhow!("invalid --key: {e}"))?;
             state
                 .open_store()?
-                .add_relay(&name, &addr, &key, unix_now())?;
-            out(&format!("relay {name} at {addr} added"));
+                .add_relay(&name, &addr, tcp_addr.as_deref(), &key, unix_now())?;
+            match tcp_addr {
+                Some(tcp) => out(&format!("relay {name} at {addr} (TCP {tcp}) added")),
+                None => out(&format!("relay {name} at {addr} added")),
+            }
             Ok(())
         }
         Command::Region(RegionCmd::List { json }) => {
@@ -357,9 +406,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if json {
                 out(&serde_json::to_string_pretty(&rows)?);
             } else {
-                out(&format!("{:<20} {:<32} KEY", "NAME", "ADDRESS"));
+                out(&format!(
+                    "{:<20} {:<32} {:<32} KEY",
+                    "NAME", "ADDRESS", "TCP"
+                ));
                 for r in rows {
-                    out(&format!("{:<20} {:<32} {}", r.name, r.addr, r.key));
+                    let tcp = r.tcp_addr.as_deref().unwrap_or("-");
+                    out(&format!(
+                        "{:<20} {:<32} {:<32} {}",
+                        r.name, r.addr, tcp, r.key
+                    ));
                 }
             }
             Ok(())
@@ -374,6 +430,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             metrics_listen,
             max_connections,
             observer_listen,
+            listen_tcp,
         } => {
             let listen = listen
                 .or(file.listen)
@@ -390,9 +447,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .or(file.observer_listen.as_deref()),
                 listen,
             )?;
+            let listen_tcp =
+                parse_listen_tcp(listen_tcp.as_deref().or(file.listen_tcp.as_deref()), listen)?;
             rt.block_on(mesh_controller::server::serve_with(
                 state,
                 listen,
+                listen_tcp,
                 metrics_listen,
                 observer,
                 server_limits(max_connections)?,
@@ -460,6 +520,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             reusable,
             expires,
             controller,
+            controller_tcp,
         }) => {
             let controller = match controller {
                 Some(c) => c,
@@ -472,6 +533,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if controller.len() > 255 {
                 bail!("controller address too long");
             }
+            let controller_tcp = match controller_tcp.as_deref().map(str::trim) {
+                Some("none") => None,
+                Some(a) => {
+                    if a.len() > 255
+                        || a.rsplit_once(':')
+                            .and_then(|(_, p)| p.parse::<u16>().ok())
+                            .is_none()
+                    {
+                        bail!("invalid --controller-tcp {a:?}: use host:port, e.g. 192.0.2.1:443, or none");
+                    }
+                    Some(a.to_owned())
+                }
+                // The host nodes dial, with the port `serve` listens on over TCP.
+                None => state.listen_tcp_addr().and_then(|tcp| {
+                    let host = controller.rsplit_once(':').map(|(h, _)| h)?;
+                    Some(format!("{host}:{}", tcp.port()))
+                }),
+            };
             let now = unix_now();
             let expires_at = token_expiry(&expires, now)?;
             let mut rng = rand::rngs::OsRng;
@@ -488,6 +567,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 controller_key: state.controller_public()?,
                 id: id.clone(),
                 secret,
+                controller_tcp,
             };
             out(&token.to_string());
             let what = if reusable { "reusable" } else { "one-time" };

@@ -16,7 +16,7 @@ use crate::state::{unix_now, StateDir};
 use crate::store::{Admission, Candidates, NodeReport, RelayRow, StoreError};
 use anyhow::Context as _;
 use mesh_control::quic::{Gate, ServerLimits, Slot};
-use mesh_control::{channel, quic};
+use mesh_control::{channel, quic, tcp, Link};
 use mesh_proto::control::{
     decode_client, ClientMsg, ErrorCode, RelayInfo, Revocation, ServerMsg, MAX_MESSAGE_LEN,
     MAX_REVOCATIONS,
@@ -141,7 +141,7 @@ impl HeartbeatLimiter {
 /// The connection currently serving a node key.
 struct Current {
     id: u64,
-    conn: quinn::Connection,
+    conn: Link,
 }
 
 struct Ctx {
@@ -178,6 +178,7 @@ enum HubCmd {
 /// A bound controller, ready to run.
 pub struct Controller {
     endpoint: quinn::Endpoint,
+    tcp: Option<tcp::Listener>,
     ctx: Arc<Ctx>,
     gate: Arc<Gate>,
 }
@@ -245,6 +246,7 @@ impl Controller {
         });
         Ok(Controller {
             endpoint,
+            tcp: None,
             ctx,
             gate: Gate::new(limits),
         })
@@ -253,6 +255,20 @@ impl Controller {
     /// The address bound.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.endpoint.local_addr()
+    }
+
+    /// Also listens on TCP at `listen` (TLS after an HTTP upgrade: join, control and the
+    /// embedded relay for nodes whose UDP is blocked). Returns the address bound.
+    pub fn listen_tcp(&mut self, listen: SocketAddr) -> std::io::Result<SocketAddr> {
+        let listener = tcp::Listener::bind(listen)?;
+        let bound = listener.local_addr()?;
+        self.tcp = Some(listener);
+        Ok(bound)
+    }
+
+    /// The TCP address bound, if the controller listens on TCP.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The embedded relay's table.
@@ -286,10 +302,26 @@ impl Controller {
                     let Some((incoming, slot)) = self.gate.admit(incoming) else { continue };
                     let ctx = self.ctx.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = handle(incoming, slot, ctx).await {
+                        let r = async { handle(Link::Quic(incoming.await?), slot, ctx).await };
+                        if let Err(e) = r.await {
                             debug!(%remote, error = %format!("{e:#}"), "connection ended");
                         }
-                    }.instrument(tracing::info_span!("node", %remote)));
+                    }.instrument(tracing::info_span!("node", %remote, transport = "quic")));
+                }
+                accepted = mesh_relay::server::accept_tcp(self.tcp.as_ref()) => {
+                    let Ok((stream, remote)) = accepted else { continue };
+                    let Some(slot) = self.gate.admit_tcp(remote) else { continue };
+                    let Some(upgrader) = self.tcp.as_ref().map(|l| l.upgrader()) else { continue };
+                    let ctx = self.ctx.clone();
+                    tokio::spawn(async move {
+                        let r = async {
+                            let link = upgrader.upgrade(stream, remote).await?;
+                            handle(Link::Tcp(link), slot, ctx).await
+                        };
+                        if let Err(e) = r.await {
+                            debug!(%remote, error = %format!("{e:#}"), "connection ended");
+                        }
+                    }.instrument(tracing::info_span!("node", %remote, transport = "tcp")));
                 }
                 _ = &mut shutdown => break,
             }
@@ -324,25 +356,74 @@ async fn observe(socket: tokio::net::UdpSocket) {
     }
 }
 
+/// Whether and where a controller or relay listens on TCP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpListen {
+    /// Not at all.
+    Off,
+    /// The default (port 443): left off, with a warning, if it cannot be bound (another web
+    /// server holds it, or the service lacks CAP_NET_BIND_SERVICE).
+    Default(SocketAddr),
+    /// Where the operator said: failing to bind it is an error.
+    Explicit(SocketAddr),
+}
+
+impl TcpListen {
+    /// Binds with `bind` as the rule says; `Ok(None)` when off or a default that cannot be had.
+    pub fn bind<T>(
+        self,
+        what: &str,
+        bind: impl FnOnce(SocketAddr) -> std::io::Result<T>,
+    ) -> anyhow::Result<Option<T>> {
+        match self {
+            TcpListen::Off => Ok(None),
+            TcpListen::Default(addr) => match bind(addr) {
+                Ok(t) => Ok(Some(t)),
+                Err(e) => {
+                    warn!(%addr, error = %e, "cannot listen on TCP; nodes whose UDP is blocked cannot reach this {what} (run it with CAP_NET_BIND_SERVICE as the shipped unit does, or pick a port with --listen-tcp, or --listen-tcp off to silence this)");
+                    Ok(None)
+                }
+            },
+            TcpListen::Explicit(addr) => bind(addr)
+                .map(Some)
+                .with_context(|| format!("cannot listen on TCP {addr}")),
+        }
+    }
+}
+
 /// Runs the controller until SIGINT/SIGTERM, with the default connection limits.
 pub async fn serve(
     state: StateDir,
     listen: SocketAddr,
     metrics_listen: Option<SocketAddr>,
 ) -> anyhow::Result<()> {
-    serve_with(state, listen, metrics_listen, None, ServerLimits::default()).await
+    serve_with(
+        state,
+        listen,
+        TcpListen::Off,
+        metrics_listen,
+        None,
+        ServerLimits::default(),
+    )
+    .await
 }
 
 /// [`serve`] with explicit connection limits.
 pub async fn serve_with(
     state: StateDir,
     listen: SocketAddr,
+    listen_tcp: TcpListen,
     metrics_listen: Option<SocketAddr>,
     observer: Option<SocketAddr>,
     limits: ServerLimits,
 ) -> anyhow::Result<()> {
-    let controller = Controller::bind_with_observer(&state, listen, observer, limits)?;
+    let mut controller = Controller::bind_with_observer(&state, listen, observer, limits)?;
+    let tcp = listen_tcp.bind("controller", |a| controller.listen_tcp(a))?;
+    if let Some(tcp) = tcp {
+        info!(%tcp, "listening on TCP too (TLS, for nodes whose UDP is blocked)");
+    }
     state.write_listen_addr(listen)?;
+    state.write_listen_tcp_addr(tcp)?;
     if let Some(addr) = metrics_listen {
         std::net::TcpListener::bind(addr)
             .with_context(|| format!("cannot serve metrics on {addr}"))?;
@@ -411,6 +492,7 @@ fn relay_infos(
             RelayInfo {
                 name: r.name.clone(),
                 addr: r.addr.clone(),
+                tcp: r.tcp_addr.clone(),
                 key: r.key,
                 ticket: tickets.issue(network, key, expires),
                 revoked: revocations_for(&tickets, network, revoked),
@@ -431,12 +513,7 @@ fn revocations_for(
         .collect()
 }
 
-async fn refuse(
-    tx: &mut channel::Sender,
-    conn: &quinn::Connection,
-    code: ErrorCode,
-    message: String,
-) {
+async fn refuse(tx: &mut channel::Sender, conn: &Link, code: ErrorCode, message: String) {
     info!(?code, %message, "refused");
     let _ = tx.send(&ServerMsg::Error { code, message }.encode()).await;
     tx.finish();
@@ -444,8 +521,7 @@ async fn refuse(
     let _ = tokio::time::timeout(Duration::from_secs(3), conn.closed()).await;
 }
 
-async fn handle(incoming: quinn::Incoming, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()> {
-    let conn = incoming.await?;
+async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()> {
     // Everything before admission is bounded in time and size (the channel reads at most
     // MAX_UNADMITTED_LEN bytes per message until the limit is raised below).
     let (mut tx, mut rx, key, first) = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
@@ -455,7 +531,9 @@ async fn handle(incoming: quinn::Incoming, mut slot: Slot, ctx: Arc<Ctx>) -> any
     })
     .await
     .context("handshake timed out")??;
-    let observed = conn.remote_address();
+    // The node's UDP mapping as seen here; none over TCP, whose source port is no candidate.
+    let observed = conn.observed_udp();
+    let transport = conn.transport();
     let now = unix_now();
     let mut home = None;
     let mut hello_nat = None;
@@ -473,7 +551,7 @@ async fn handle(incoming: quinn::Incoming, mut slot: Slot, ctx: Arc<Ctx>) -> any
                 &name,
                 Candidates {
                     reported: &endpoints,
-                    observed: Some(observed),
+                    observed,
                 },
                 now,
             ),
@@ -497,7 +575,7 @@ async fn handle(incoming: quinn::Incoming, mut slot: Slot, ctx: Arc<Ctx>) -> any
                     &key,
                     Candidates {
                         reported: &endpoints,
-                        observed: Some(observed),
+                        observed,
                     },
                     now,
                 )
@@ -554,11 +632,11 @@ async fn handle(incoming: quinn::Incoming, mut slot: Slot, ctx: Arc<Ctx>) -> any
         Stats::inc(&ctx.stats.replaced, 1);
         info!(node = %adm.name, "node connected again; closing its older connection");
         older.conn.close(
-            quic::CLOSE_REPLACED.into(),
+            quic::CLOSE_REPLACED,
             b"replaced by a newer connection of the same node",
         );
     }
-    info!(node = %adm.name, %key, address = %adm.address, network = %adm.network, %observed, "node connected");
+    info!(node = %adm.name, %key, address = %adm.address, network = %adm.network, observed = ?observed, %transport, "node connected");
     let (peers, relays, revoked, birthday_budget) = {
         let store = lock(&ctx);
         (
@@ -577,7 +655,7 @@ async fn handle(incoming: quinn::Incoming, mut slot: Slot, ctx: Arc<Ctx>) -> any
             prefix_len: adm.prefix_len,
             peers: view.values().cloned().collect(),
             relays: relay_infos(&ctx.secret, &relays, &adm.network, &key, &revoked),
-            observed: Some(observed),
+            observed,
             observer: ctx.observer,
             birthday_budget,
         })
@@ -604,7 +682,7 @@ async fn handle(incoming: quinn::Incoming, mut slot: Slot, ctx: Arc<Ctx>) -> any
     let mut limiter = HeartbeatLimiter::new(Instant::now());
     let mut reported = NodeReport {
         endpoints: adm.endpoints.clone(),
-        observed: netmap::usable_observed(observed, overlay),
+        observed: observed.and_then(|o| netmap::usable_observed(o, overlay)),
         home_relay: home,
         nat: hello_nat,
     };
@@ -632,7 +710,7 @@ async fn handle(incoming: quinn::Incoming, mut slot: Slot, ctx: Arc<Ctx>) -> any
                         }
                     }
                     Stats::inc(&ctx.stats.heartbeats, 1);
-                    let observed = netmap::usable_observed(conn.remote_address(), overlay);
+                    let observed = conn.observed_udp().and_then(|o| netmap::usable_observed(o, overlay));
                     let (endpoints, refused) = netmap::filter_reported(&endpoints, observed, overlay);
                     if refused > 0 {
                         Stats::inc(&ctx.stats.candidates_refused, refused as u64);
@@ -677,7 +755,7 @@ async fn handle(incoming: quinn::Incoming, mut slot: Slot, ctx: Arc<Ctx>) -> any
                     if fatal {
                         tx.finish();
                         let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
-                        conn.close(CLOSE_REVOKED.into(), b"removed from the network");
+                        conn.close(CLOSE_REVOKED, b"removed from the network");
                         break;
                     }
                 }
@@ -956,9 +1034,10 @@ mod tests {
     async fn join(lab: &Lab, seed: u8, endpoints: Vec<SocketAddr>) -> (Client, ServerMsg) {
         let endpoint = quic::bind_client("127.0.0.1:0".parse().unwrap()).unwrap();
         let conn = endpoint.connect(lab.addr, "mesh").unwrap().await.unwrap();
-        let (mut tx, mut rx) = channel::initiate(&conn, &[seed; 32], &lab.controller_key)
-            .await
-            .unwrap();
+        let (mut tx, mut rx) =
+            channel::initiate(&Link::Quic(conn.clone()), &[seed; 32], &lab.controller_key)
+                .await
+                .unwrap();
         let msg = ClientMsg::Join {
             token_id: "tok".into(),
             token_secret: mesh_proto::hex::encode(b"secret"),
@@ -1111,7 +1190,7 @@ mod tests {
         let relay_secret = [42u8; 32];
         let relay_key = crate::state::public_of(&relay_secret);
         store
-            .add_relay("eu-1", "192.0.2.10:7444", &relay_key, unix_now())
+            .add_relay("eu-1", "192.0.2.10:7444", None, &relay_key, unix_now())
             .unwrap();
         let (_a, _) = join(&lab, 1, vec![]).await;
         let (mut b, _) = join(&lab, 2, vec![]).await;

@@ -15,6 +15,7 @@ const KEY_FILE: &str = "controller.key";
 const RELAY_KEY_FILE: &str = "relay.key";
 const DB_FILE: &str = "controller.db";
 const ADDR_FILE: &str = "listen.addr";
+const TCP_ADDR_FILE: &str = "listen-tcp.addr";
 
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
@@ -102,6 +103,28 @@ impl StateDir {
     pub fn write_listen_addr(&self, addr: SocketAddr) -> anyhow::Result<()> {
         std::fs::write(self.dir.join(ADDR_FILE), format!("{addr}\n"))?;
         Ok(())
+    }
+
+    /// Remembers the TCP address `serve` listens on (or that it does not), for `token create`.
+    pub fn write_listen_tcp_addr(&self, addr: Option<SocketAddr>) -> anyhow::Result<()> {
+        let path = self.dir.join(TCP_ADDR_FILE);
+        match addr {
+            Some(a) => std::fs::write(path, format!("{a}\n"))?,
+            None => match std::fs::remove_file(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+                _ => {}
+            },
+        }
+        Ok(())
+    }
+
+    /// The TCP address `serve` last listened on, if it listened on TCP.
+    pub fn listen_tcp_addr(&self) -> Option<SocketAddr> {
+        std::fs::read_to_string(self.dir.join(TCP_ADDR_FILE))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     /// The address `serve` last listened on.

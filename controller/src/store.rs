@@ -147,6 +147,8 @@ pub struct RelayRow {
     pub addr: String,
     /// The relay's public key.
     pub key: PublicKey,
+    /// `host:port` nodes dial over TCP, if the relay listens on TCP.
+    pub tcp_addr: Option<String>,
 }
 
 /// A node as listed.
@@ -309,6 +311,13 @@ impl Store {
             .exists([])?;
         if !has_budget {
             conn.execute_batch("ALTER TABLE networks ADD COLUMN birthday_budget INTEGER")?;
+        }
+        // Added with the TCP transport: where a relay listens on TCP (NULL: it does not say).
+        let has_relay_tcp: bool = conn
+            .prepare("SELECT 1 FROM pragma_table_info('relays') WHERE name = 'tcp_addr'")?
+            .exists([])?;
+        if !has_relay_tcp {
+            conn.execute_batch("ALTER TABLE relays ADD COLUMN tcp_addr TEXT")?;
         }
         // SQLite creates -wal and -shm with the database file's mode; older versions of this
         // controller left them readable by all.
@@ -837,6 +846,7 @@ impl Store {
         &self,
         name: &str,
         addr: &str,
+        tcp_addr: Option<&str>,
         key: &PublicKey,
         now: u64,
     ) -> Result<(), StoreError> {
@@ -845,15 +855,21 @@ impl Store {
                 "invalid relay name {name:?}: use 1-63 letters, digits, '-', '_' or '.'"
             )));
         }
-        if addr.is_empty()
-            || addr.len() > mesh_proto::control::MAX_RELAY_ADDR
-            || addr
-                .rsplit_once(':')
-                .and_then(|(_, p)| p.parse::<u16>().ok())
-                .is_none()
-        {
+        let valid = |a: &str| {
+            !a.is_empty()
+                && a.len() <= mesh_proto::control::MAX_RELAY_ADDR
+                && a.rsplit_once(':')
+                    .and_then(|(_, p)| p.parse::<u16>().ok())
+                    .is_some()
+        };
+        if !valid(addr) {
             return Err(StoreError::Invalid(format!(
                 "invalid relay address {addr:?}: use host:port, e.g. relay-eu.example.net:7444"
+            )));
+        }
+        if let Some(tcp) = tcp_addr.filter(|a| !valid(a)) {
+            return Err(StoreError::Invalid(format!(
+                "invalid relay TCP address {tcp:?}: use host:port, e.g. relay-eu.example.net:443"
             )));
         }
         let count: i64 = self.conn.query_row(
@@ -868,9 +884,9 @@ impl Store {
             )));
         }
         self.conn.execute(
-            "INSERT INTO relays (name, addr, key, created_at) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (name) DO UPDATE SET addr = ?2, key = ?3",
-            params![name, addr, key.to_string(), now as i64],
+            "INSERT INTO relays (name, addr, key, created_at, tcp_addr) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (name) DO UPDATE SET addr = ?2, key = ?3, tcp_addr = ?5",
+            params![name, addr, key.to_string(), now as i64, tcp_addr],
         )?;
         Ok(())
     }
@@ -879,19 +895,25 @@ impl Store {
     pub fn relays(&self) -> Result<Vec<RelayRow>, StoreError> {
         let mut st = self
             .conn
-            .prepare("SELECT name, addr, key FROM relays ORDER BY name")?;
+            .prepare("SELECT name, addr, key, tcp_addr FROM relays ORDER BY name")?;
         let rows = st.query_map([], |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, String>(1)?,
                 r.get::<_, String>(2)?,
+                r.get::<_, Option<String>>(3)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (name, addr, key) = row?;
+            let (name, addr, key, tcp_addr) = row?;
             let Ok(key) = key.parse() else { continue };
-            out.push(RelayRow { name, addr, key });
+            out.push(RelayRow {
+                name,
+                addr,
+                key,
+                tcp_addr,
+            });
         }
         Ok(out)
     }
@@ -1332,11 +1354,25 @@ mod tests {
         let a = s
             .join("tok1", b"secret", &key(1), "a", Candidates::default(), T0)
             .unwrap();
-        s.add_relay("eu-1", "192.0.2.10:7444", &key(9), T0).unwrap();
+        s.add_relay(
+            "eu-1",
+            "192.0.2.10:7444",
+            Some("192.0.2.10:443"),
+            &key(9),
+            T0,
+        )
+        .unwrap();
+        assert_eq!(
+            s.relays().unwrap()[0].tcp_addr.as_deref(),
+            Some("192.0.2.10:443")
+        );
         assert!(s
-            .add_relay("bad name", "192.0.2.10:7444", &key(9), T0)
+            .add_relay("eu-2", "192.0.2.10:7444", Some("no-port"), &key(9), T0)
             .is_err());
-        assert!(s.add_relay("us-1", "no-port", &key(9), T0).is_err());
+        assert!(s
+            .add_relay("bad name", "192.0.2.10:7444", None, &key(9), T0)
+            .is_err());
+        assert!(s.add_relay("us-1", "no-port", None, &key(9), T0).is_err());
         assert_eq!(s.relays().unwrap().len(), 1);
         s.set_home_relay(a.network_id, &key(1), Some("eu-1"))
             .unwrap();

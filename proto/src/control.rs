@@ -251,6 +251,10 @@ pub struct RelayInfo {
     pub name: String,
     /// Where the relay listens, `host:port`.
     pub addr: String,
+    /// Where it listens on TCP (TLS after an HTTP upgrade), for nodes whose UDP is blocked;
+    /// absent from older controllers and for relays registered without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<String>,
     /// The relay's static key, which the node pins in the Noise handshake.
     pub key: PublicKey,
     /// Admits this node at this relay.
@@ -599,6 +603,7 @@ mod tests {
         RelayInfo {
             name: name.into(),
             addr: "relay.example.net:7000".into(),
+            tcp: Some("relay.example.net:443".into()),
             key: PublicKey([9; 32]),
             ticket: Ticket {
                 network: "prod".into(),

@@ -2,7 +2,14 @@
 //! key the controller must prove, and the secret that admits the node to a network.
 //!
 //! Text form: `mesh1_` followed by unpadded base64url of
-//! `[version=1][addr_len u8][addr utf-8 "host:port"][controller key 32][id_len u8][id][secret 32]`.
+//! `[version][addr_len u8][addr utf-8 "host:port"][controller key 32][id_len u8][id][secret 32]`
+//! and, from version 2 on, extensions `[tag u8][len u8][value]` up to the end:
+//! - tag 1: the controller's TCP address (`host:port`, TLS after an HTTP upgrade), for nodes
+//!   whose UDP is blocked.
+//!
+//! Unknown tags are skipped, so later extensions do not need a new version. A token without
+//! extensions is written as version 1, which every agent reads; an agent that meets a version
+//! newer than it knows says that the token comes from a newer controller.
 
 use crate::PublicKey;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -11,7 +18,9 @@ use std::fmt;
 use std::str::FromStr;
 
 const PREFIX: &str = "mesh1_";
-const FORMAT_VERSION: u8 = 1;
+/// The newest version this code reads and writes.
+pub const FORMAT_VERSION: u8 = 2;
+const TAG_TCP: u8 = 1;
 /// Longest token text accepted.
 pub const MAX_TOKEN_LEN: usize = 512;
 
@@ -26,6 +35,8 @@ pub struct JoinToken {
     pub id: String,
     /// The secret; the controller stores only its hash.
     pub secret: [u8; 32],
+    /// The controller's TCP address, `host:port`, when it listens on TCP (version 2 tokens).
+    pub controller_tcp: Option<String>,
 }
 
 impl fmt::Debug for JoinToken {
@@ -34,6 +45,7 @@ impl fmt::Debug for JoinToken {
             .field("controller", &self.controller)
             .field("controller_key", &self.controller_key)
             .field("id", &self.id)
+            .field("controller_tcp", &self.controller_tcp)
             .finish_non_exhaustive()
     }
 }
@@ -47,6 +59,9 @@ pub enum TokenError {
     /// Base64 or layout is broken.
     #[error("join token is damaged ({0}); copy the whole line printed by `mesh-controller token create`")]
     Damaged(&'static str),
+    /// Made by a newer controller than this agent understands.
+    #[error("this join token was made by a newer mesh-controller (token format {0}, this mesh reads up to {FORMAT_VERSION}); upgrade mesh on this node")]
+    Newer(u8),
 }
 
 impl JoinToken {
@@ -58,14 +73,19 @@ impl JoinToken {
 
 impl fmt::Display for JoinToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut b = Vec::with_capacity(128);
-        b.push(FORMAT_VERSION);
+        let mut b = Vec::with_capacity(160);
+        b.push(if self.controller_tcp.is_some() { 2 } else { 1 });
         b.push(self.controller.len() as u8);
         b.extend_from_slice(self.controller.as_bytes());
         b.extend_from_slice(&self.controller_key.0);
         b.push(self.id.len() as u8);
         b.extend_from_slice(self.id.as_bytes());
         b.extend_from_slice(&self.secret);
+        if let Some(tcp) = &self.controller_tcp {
+            b.push(TAG_TCP);
+            b.push(tcp.len() as u8);
+            b.extend_from_slice(tcp.as_bytes());
+        }
         write!(f, "{PREFIX}{}", URL_SAFE_NO_PAD.encode(b))
     }
 }
@@ -104,8 +124,11 @@ impl FromStr for JoinToken {
             .decode(body)
             .map_err(|_| TokenError::Damaged("not base64url"))?;
         let mut r = Reader(&bytes);
-        if r.byte()? != FORMAT_VERSION {
-            return Err(TokenError::Damaged("unknown token version"));
+        let version = r.byte()?;
+        match version {
+            1 | 2 => {}
+            0 => return Err(TokenError::Damaged("unknown token version")),
+            v => return Err(TokenError::Newer(v)),
         }
         let n = r.byte()? as usize;
         let controller = std::str::from_utf8(r.take(n)?)
@@ -117,8 +140,22 @@ impl FromStr for JoinToken {
             .map_err(|_| TokenError::Damaged("bad token id"))?
             .to_owned();
         let secret = r.array32()?;
-        if !r.0.is_empty() {
+        let mut controller_tcp = None;
+        if version == 1 && !r.0.is_empty() {
             return Err(TokenError::Damaged("trailing bytes"));
+        }
+        while !r.0.is_empty() {
+            let tag = r.byte()?;
+            let n = r.byte()? as usize;
+            let value = r.take(n)?;
+            if tag == TAG_TCP {
+                let addr = std::str::from_utf8(value)
+                    .map_err(|_| TokenError::Damaged("bad TCP address"))?;
+                if addr.is_empty() {
+                    return Err(TokenError::Damaged("empty field"));
+                }
+                controller_tcp = Some(addr.to_owned());
+            }
         }
         if controller.is_empty() || id.is_empty() {
             return Err(TokenError::Damaged("empty field"));
@@ -128,6 +165,7 @@ impl FromStr for JoinToken {
             controller_key,
             id,
             secret,
+            controller_tcp,
         })
     }
 }
@@ -142,6 +180,7 @@ mod tests {
             controller_key: PublicKey([9; 32]),
             id: "a1b2c3d4".into(),
             secret: [5; 32],
+            controller_tcp: None,
         }
     }
 
@@ -152,6 +191,39 @@ mod tests {
         assert!(s.starts_with("mesh1_"));
         assert!(!s.contains(char::is_whitespace));
         assert_eq!(s.parse::<JoinToken>(), Ok(t));
+    }
+
+    #[test]
+    fn a_tcp_address_makes_a_version_2_token_that_stays_one_line() {
+        let t = JoinToken {
+            controller_tcp: Some("192.0.2.1:443".into()),
+            ..sample()
+        };
+        let s = t.to_string();
+        assert!(s.starts_with("mesh1_") && !s.contains(char::is_whitespace));
+        assert!(s.len() < 200, "{} characters", s.len());
+        assert_eq!(s.parse::<JoinToken>(), Ok(t));
+        // Without one it stays version 1, which older agents read.
+        let bytes = URL_SAFE_NO_PAD
+            .decode(sample().to_string().strip_prefix(PREFIX).unwrap())
+            .unwrap();
+        assert_eq!(bytes[0], 1);
+    }
+
+    #[test]
+    fn unknown_extensions_are_skipped_and_newer_versions_named() {
+        let mut bytes = URL_SAFE_NO_PAD
+            .decode(sample().to_string().strip_prefix(PREFIX).unwrap())
+            .unwrap();
+        bytes[0] = 2;
+        bytes.extend_from_slice(&[77, 3, b'x', b'y', b'z']);
+        let s = format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(&bytes));
+        assert_eq!(s.parse::<JoinToken>(), Ok(sample()));
+        bytes[0] = 9;
+        let s = format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(&bytes));
+        let err = s.parse::<JoinToken>().unwrap_err();
+        assert_eq!(err, TokenError::Newer(9));
+        assert!(err.to_string().contains("upgrade mesh"), "{err}");
     }
 
     #[test]

@@ -3,9 +3,11 @@
 
 use crate::candidates::{self, EndpointInterfaces};
 use crate::dataplane::DataCmd;
+use crate::dial::{Dialer, Target};
 use crate::relays::RelayShared;
 use crate::state::StateDir;
 use mesh_control::channel::{self, ChannelError};
+use mesh_control::Link;
 use mesh_proto::control::{
     decode_server, ClientMsg, ErrorCode, NatKind, PeerInfo, RelayInfo, ServerMsg, Welcome,
 };
@@ -25,16 +27,17 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(15);
 /// Why talking to the controller failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    /// The address in the token does not resolve.
-    #[error("cannot resolve the controller address {0:?}")]
-    Resolve(String),
     /// Nothing answered.
-    #[error("cannot reach the controller at {addr} (no answer within {}); check the address in the token, that `mesh-controller serve` runs there, and that UDP to it is allowed", humantime::format_duration(*timeout))]
+    #[error("cannot reach the controller at {addr} (no answer within {}; {detail}); check the address in the token, that `mesh-controller serve` runs there, and that UDP to it, or TCP to {tcp}, is allowed", humantime::format_duration(*timeout))]
     Unreachable {
         /// Controller address.
         addr: String,
+        /// Its TCP address.
+        tcp: String,
         /// How long we waited.
         timeout: Duration,
+        /// What each transport said.
+        detail: String,
     },
     /// The controller could not prove the pinned key.
     #[error("the controller at {addr} did not prove the key in the token: the token is for another controller, or the controller's key changed (its state directory was replaced); ask the controller admin for a new token")]
@@ -62,7 +65,7 @@ pub enum ControlError {
 
 /// An open, authenticated control session.
 pub struct Session {
-    conn: quinn::Connection,
+    conn: Link,
     tx: channel::Sender,
     rx: channel::Receiver,
 }
@@ -74,6 +77,8 @@ pub struct ControlStatus {
     pub address: String,
     /// Whether a control session is up.
     pub connected: bool,
+    /// The transport of the session: `quic`, or `tcp` where UDP does not get through.
+    pub transport: Option<String>,
     /// Last error, if the last attempt failed.
     pub last_error: Option<String>,
     /// This node's public mapping as the controller saw it at the last connection.
@@ -86,41 +91,46 @@ pub struct ControlStatus {
     pub birthday_budget: Option<u16>,
 }
 
-async fn resolve(addr: &str) -> Result<SocketAddr, ControlError> {
-    let mut addrs = tokio::net::lookup_host(addr)
+/// Connects (QUIC, or TCP where QUIC does not answer: see [`crate::dial`]), authenticates
+/// both sides and sends `first` (join or hello); waits for the welcome.
+pub async fn open(
+    dialer: &Dialer,
+    target: &Target,
+    controller_key: &PublicKey,
+    node_key: &[u8; 32],
+    first: &ClientMsg,
+    timeout: Duration,
+) -> Result<(Session, Welcome), ControlError> {
+    let started = std::time::Instant::now();
+    let link = dialer
+        .connect(target, timeout)
         .await
-        .map_err(|_| ControlError::Resolve(addr.to_owned()))?;
-    addrs
-        .find(|a| a.is_ipv4())
-        .ok_or_else(|| ControlError::Resolve(addr.to_owned()))
+        .map_err(|e| ControlError::Unreachable {
+            addr: target.quic.clone(),
+            tcp: target.tcp.clone(),
+            timeout,
+            detail: e.to_string(),
+        })?;
+    let left = timeout
+        .saturating_sub(started.elapsed())
+        .max(Duration::from_secs(2));
+    open_on(link, &target.quic, controller_key, node_key, first, left).await
 }
 
-/// Connects, authenticates both sides and sends `first` (join or hello); waits for the welcome.
-pub async fn open(
-    endpoint: &quinn::Endpoint,
+/// [`open`] on a link already up.
+pub async fn open_on(
+    conn: Link,
     controller: &str,
     controller_key: &PublicKey,
     node_key: &[u8; 32],
     first: &ClientMsg,
     timeout: Duration,
 ) -> Result<(Session, Welcome), ControlError> {
-    let addr = resolve(controller).await?;
     let failed = |reason: String| ControlError::Failed {
         addr: controller.to_owned(),
         reason,
     };
     let attempt = async {
-        let conn = endpoint
-            .connect(addr, "mesh-controller")
-            .map_err(|e| failed(e.to_string()))?
-            .await
-            .map_err(|e| match e {
-                quinn::ConnectionError::TimedOut => ControlError::Unreachable {
-                    addr: controller.to_owned(),
-                    timeout,
-                },
-                e => failed(e.to_string()),
-            })?;
         let (mut tx, mut rx) = channel::initiate(&conn, node_key, controller_key)
             .await
             .map_err(|e| match e {
@@ -134,9 +144,16 @@ pub async fn open(
             .map_err(|e| failed(e.to_string()))?;
         let reply = rx.recv().await.map_err(|e| failed(e.to_string()))?;
         match decode_server(&reply).map_err(|e| failed(e.to_string()))? {
-            ServerMsg::Welcome(welcome) => Ok((Session { conn, tx, rx }, welcome)),
+            ServerMsg::Welcome(welcome) => Ok((
+                Session {
+                    conn: conn.clone(),
+                    tx,
+                    rx,
+                },
+                welcome,
+            )),
             ServerMsg::Error { code, message } => {
-                conn.close(0u32.into(), b"refused");
+                conn.close(0, b"refused");
                 Err(ControlError::Refused { code, message })
             }
             other => Err(failed(format!("unexpected first message {other:?}"))),
@@ -144,10 +161,14 @@ pub async fn open(
     };
     match tokio::time::timeout(timeout, attempt).await {
         Ok(r) => r,
-        Err(_) => Err(ControlError::Unreachable {
-            addr: controller.to_owned(),
-            timeout,
-        }),
+        Err(_) => {
+            conn.close(0, b"timed out");
+            Err(failed(format!(
+                "connected over {}, but no answer to the handshake within {}",
+                conn.transport(),
+                humantime::format_duration(timeout)
+            )))
+        }
     }
 }
 
@@ -166,7 +187,7 @@ impl Session {
             let bytes = self.rx.recv().await.map_err(|e| failed(e.to_string()))?;
             match decode_server(&bytes) {
                 Ok(ServerMsg::Left) => {
-                    self.conn.close(0u32.into(), b"left");
+                    self.conn.close(0, b"left");
                     return Ok(());
                 }
                 Ok(ServerMsg::Error { code, message }) => {
@@ -180,14 +201,14 @@ impl Session {
 
 /// Everything the control loop needs.
 pub struct ControlCtx {
-    /// QUIC endpoint on the node's shared UDP socket.
-    pub endpoint: quinn::Endpoint,
+    /// Opens links (QUIC on the node's shared UDP socket, or TCP).
+    pub dialer: Dialer,
+    /// Where the controller listens.
+    pub target: Target,
     /// State directory (peer cache).
     pub state: StateDir,
     /// Network name.
     pub network: String,
-    /// Controller address.
-    pub controller: String,
     /// Controller key.
     pub controller_key: PublicKey,
     /// Node private key.
@@ -335,10 +356,14 @@ pub async fn run(
     let mut nat: Option<NatKind> = None;
     // The router's mapping: every Hello and heartbeat carries it, and a change is told at once.
     let mut mapped = ctx.port_mapping.clone();
+    // A session opened on a better transport, to go on with (see `crate::dial`).
+    let mut switched: Option<(Session, Welcome)> = None;
     loop {
         // What the Hello is about to tell counts as told.
         mapped.borrow_and_update();
-        let (session, welcome) = {
+        let (session, welcome) = if let Some(s) = switched.take() {
+            s
+        } else {
             let hello = ClientMsg::Hello {
                 network: ctx.network.clone(),
                 endpoints: endpoints(&ctx).await,
@@ -346,8 +371,8 @@ pub async fn run(
                 nat,
             };
             let attempt = open(
-                &ctx.endpoint,
-                &ctx.controller,
+                &ctx.dialer,
+                &ctx.target,
                 &ctx.controller_key,
                 &ctx.node_key,
                 &hello,
@@ -377,7 +402,9 @@ pub async fn run(
         };
         backoff = Duration::from_secs(1);
         set_status(&ctx, true, None);
+        let transport = session.conn.transport();
         if let Ok(mut s) = ctx.status.lock() {
+            s.transport = Some(transport.to_string());
             s.observed = welcome.observed;
             s.birthday_budget = welcome.birthday_budget;
         }
@@ -387,7 +414,7 @@ pub async fn run(
         // A node the controller sees at one of its own addresses is not behind a NAT: peers
         // reach its socket as it is, and birthday punching from it only costs (DESIGN: never
         // punch from a node that is not NATed).
-        info!(network = %welcome.network, address = %welcome.address, peers = welcome.peers.len(), "connected to controller");
+        info!(network = %welcome.network, address = %welcome.address, peers = welcome.peers.len(), %transport, "connected to controller");
         let mut peers: BTreeMap<PublicKey, PeerInfo> =
             welcome.peers.into_iter().map(|p| (p.key, p)).collect();
         publish(&ctx, &peers, &data).await;
@@ -447,8 +474,31 @@ pub async fn run(
             let r = leave_on(&mut tx, &mut in_rx).await;
             let _ = reply.send(r);
         }
+        // A better transport, when one shows up: QUIC that went quiet gets TCP beside it, and
+        // TCP gets QUIC back when it answers again.
+        let better = ctx.dialer.better(&ctx.target, &conn);
+        tokio::pin!(better);
         let reason = loop {
             tokio::select! {
+                link = &mut better => {
+                    let (to, hello) = (link.transport(), ClientMsg::Hello {
+                        network: ctx.network.clone(),
+                        endpoints: endpoints(&ctx).await,
+                        home_relay: ctx.home.borrow().clone(),
+                        nat,
+                    });
+                    match open_on(link, &ctx.target.quic, &ctx.controller_key, &ctx.node_key, &hello, Duration::from_secs(5)).await {
+                        Ok(s) => {
+                            info!(from = %transport, %to, "control session moved to another transport");
+                            switched = Some(s);
+                            break format!("moved from {transport} to {to}");
+                        }
+                        Err(e) => {
+                            warn!(error = %e, %to, "the other transport connected but the session did not open; staying");
+                            better.set(ctx.dialer.better(&ctx.target, &conn));
+                        }
+                    }
+                }
                 msg = in_rx.recv() => {
                     let bytes = match msg {
                         Some(Ok(b)) => b,
@@ -508,7 +558,7 @@ pub async fn run(
                     let ok = r.is_ok();
                     let _ = reply.send(r);
                     if ok {
-                        conn.close(0u32.into(), b"left");
+                        conn.close(0, b"left");
                         reader.abort();
                         // The daemon stops after a leave; wait for it.
                         let _ = shutdown.changed().await;
@@ -516,16 +566,21 @@ pub async fn run(
                     }
                 }
                 _ = shutdown.changed() => {
-                    conn.close(0u32.into(), b"agent stopping");
+                    conn.close(0, b"agent stopping");
                     reader.abort();
                     return;
                 }
             }
         };
         reader.abort();
+        if switched.is_some() {
+            // The new session's welcome hands the data plane its relay link.
+            conn.close(0, b"moved to another transport");
+            continue;
+        }
         let _ = data.send(DataCmd::Relay(None)).await;
 
-        conn.close(0u32.into(), b"reconnecting");
+        conn.close(0, b"reconnecting");
         warn!(%reason, "control connection lost; peers stay as they are, reconnecting");
         set_status(&ctx, false, Some(reason));
         // A lost session is retried almost at once; backoff grows only while attempts fail.

@@ -5,6 +5,7 @@ use crate::api::{self, Request};
 use crate::candidates::{self, EndpointInterfaces};
 use crate::control::{self, ControlCmd, ControlCtx, ControlStatus};
 use crate::dataplane::{self, DataCmd, DataStatus, DriverCounters};
+use crate::dial::{Dialer, ProxyEnv, Target};
 use crate::state::{Membership, StateDir};
 use anyhow::Context as _;
 use mesh_control::quic;
@@ -101,6 +102,8 @@ struct Running {
     port: UdpPort,
     tun: Arc<mesh_sys::tun::Tun>,
     endpoint: quinn::Endpoint,
+    /// Opens links to the controller and relays over QUIC or TCP.
+    dialer: Dialer,
     data_tx: mpsc::Sender<DataCmd>,
     shutdown_tx: watch::Sender<bool>,
     data_task: tokio::task::JoinHandle<()>,
@@ -139,7 +142,12 @@ fn public_of(secret: &[u8; 32]) -> PublicKey {
 }
 
 /// Creates the TUN device and the shared socket, and starts the data plane (so QUIC works).
-fn start(opts: &Settings, node_key: &[u8; 32], address: Ipv4Addr) -> anyhow::Result<Running> {
+fn start(
+    opts: &Settings,
+    node_key: &[u8; 32],
+    address: Ipv4Addr,
+    overlay: Option<ipnet::Ipv4Net>,
+) -> anyhow::Result<Running> {
     let tun = mesh_sys::tun::create(&opts.interface)?;
     let bind: SocketAddr = (Ipv4Addr::UNSPECIFIED, opts.port).into();
     let port = UdpPort::bind(bind).with_context(|| {
@@ -163,6 +171,16 @@ fn start(opts: &Settings, node_key: &[u8; 32], address: Ipv4Addr) -> anyhow::Res
         Arc::new(quinn::TokioRuntime),
     )?;
     endpoint.set_default_client_config(quic::client_config()?);
+    let dialer = Dialer {
+        endpoint: endpoint.clone(),
+        mark: marked.then_some(mesh_sys::bypass::MARK),
+        proxy: ProxyEnv::from_env(),
+        interface: opts.interface.clone(),
+        overlay,
+    };
+    if let Some(p) = &dialer.proxy.https {
+        info!(proxy = %p.addr, "HTTPS_PROXY set: used for TCP to the controller and relays where UDP does not get through");
+    }
     let seed = rand::random::<u32>();
     let node = Node::new(
         NodeConfig {
@@ -189,6 +207,7 @@ fn start(opts: &Settings, node_key: &[u8; 32], address: Ipv4Addr) -> anyhow::Res
         port,
         tun,
         endpoint,
+        dialer,
         data_tx,
         shutdown_tx,
         data_task,
@@ -221,7 +240,7 @@ pub async fn join(
     let saved = opts.state.load_membership().ok();
     let opts = opts.settle(saved.as_ref())?;
     let node_key = opts.state.load_or_create_key()?;
-    let running = start(&opts, &node_key, Ipv4Addr::UNSPECIFIED)?;
+    let running = start(&opts, &node_key, Ipv4Addr::UNSPECIFIED, None)?;
     let port = running.port.local_addr()?.port();
     let first = ClientMsg::Join {
         token_id: token.id.clone(),
@@ -235,9 +254,14 @@ pub async fn join(
         ),
     };
     tracing::debug!(controller = %token.controller, "joining");
-    let (session, welcome) = match control::open(
-        &running.endpoint,
+    let target = Target::new(
         &token.controller,
+        token.controller_tcp.as_deref(),
+        "mesh-controller",
+    );
+    let (session, welcome) = match control::open(
+        &running.dialer,
+        &target,
         &token.controller_key,
         &node_key,
         &first,
@@ -258,6 +282,7 @@ pub async fn join(
     };
     let membership = Membership {
         controller: token.controller.clone(),
+        controller_tcp: token.controller_tcp.clone(),
         controller_key: token.controller_key,
         network: welcome.network.clone(),
         name: welcome.name.clone(),
@@ -312,7 +337,12 @@ pub async fn up(opts: Options) -> anyhow::Result<()> {
         membership.port_mapping = opts.port_mapping;
         opts.state.save_membership(&membership)?;
     }
-    let running = start(&opts, &node_key, membership.address)?;
+    let running = start(
+        &opts,
+        &node_key,
+        membership.address,
+        Some(overlay_range(&membership)),
+    )?;
     let cached = opts.state.load_peers();
     info!(peers = cached.len(), "starting from saved state");
     let _ = running.data_tx.send(DataCmd::SetPeers(cached)).await;
@@ -347,6 +377,7 @@ async fn run(
     let status = Arc::new(Mutex::new(ControlStatus {
         address: membership.controller.clone(),
         connected: false,
+        transport: None,
         last_error: None,
         observed: None,
         observer_saw: None,
@@ -360,7 +391,7 @@ async fn run(
     let relay_shared = crate::relays::RelayShared::default();
     let relay_task = tokio::spawn(crate::relays::run(
         crate::relays::RelayCtx {
-            endpoint: running.endpoint.clone(),
+            dialer: running.dialer.clone(),
             node_key,
             data: running.data_tx.clone(),
             shared: relay_shared.clone(),
@@ -389,10 +420,14 @@ async fn run(
         None
     };
     let ctx = ControlCtx {
-        endpoint: running.endpoint.clone(),
+        dialer: running.dialer.clone(),
+        target: Target::new(
+            &membership.controller,
+            membership.controller_tcp.as_deref(),
+            "mesh-controller",
+        ),
         state: opts.state.clone(),
         network: membership.network.clone(),
-        controller: membership.controller.clone(),
         controller_key: membership.controller_key,
         node_key,
         port: membership.port,
@@ -791,6 +826,18 @@ pub async fn leave_offline(state: &StateDir, force: bool) -> anyhow::Result<Stri
         .context("the node key is missing; nothing to tell the controller")?;
     let result: anyhow::Result<()> = async {
         let endpoint = quic::bind_client((Ipv4Addr::UNSPECIFIED, 0).into())?;
+        let dialer = Dialer {
+            endpoint: endpoint.clone(),
+            mark: None,
+            proxy: ProxyEnv::from_env(),
+            interface: m.interface.clone(),
+            overlay: Some(overlay_range(&m)),
+        };
+        let target = Target::new(
+            &m.controller,
+            m.controller_tcp.as_deref(),
+            "mesh-controller",
+        );
         let hello = ClientMsg::Hello {
             network: m.network.clone(),
             endpoints: vec![],
@@ -798,8 +845,8 @@ pub async fn leave_offline(state: &StateDir, force: bool) -> anyhow::Result<Stri
             nat: None,
         };
         let (session, _) = control::open(
-            &endpoint,
-            &m.controller,
+            &dialer,
+            &target,
             &m.controller_key,
             &key,
             &hello,

@@ -41,9 +41,9 @@ pub enum DataCmd {
     Status(oneshot::Sender<DataStatus>),
     /// The relay connection (the control connection, whose controller embeds the relay), or
     /// `None` when it is gone.
-    Relay(Option<quinn::Connection>),
+    Relay(Option<mesh_control::Link>),
     /// A standalone relay's connection (by region name), or `None` when it is gone.
-    RelayRegion(String, Option<quinn::Connection>),
+    RelayRegion(String, Option<mesh_control::Link>),
     /// Ping a peer inside the tunnel; answers with the path and round-trip time.
     Ping(PublicKey, PingReply),
     /// Destinations the overlay itself reaches (see [`Node::set_excluded`]).
@@ -204,9 +204,9 @@ pub const CONTROLLER_RELAY: &str = "controller";
 #[derive(Default)]
 struct Relays {
     /// The control connection (the controller embeds a relay).
-    controller: Option<quinn::Connection>,
+    controller: Option<mesh_control::Link>,
     /// Standalone relays by region.
-    regions: std::collections::BTreeMap<String, quinn::Connection>,
+    regions: std::collections::BTreeMap<String, mesh_control::Link>,
     /// Readers feeding received frames to the data plane, by relay (`None`: the controller).
     readers: std::collections::HashMap<Option<String>, tokio::task::JoinHandle<()>>,
     /// Each peer's home relay, from the peer list.
@@ -218,7 +218,7 @@ impl Relays {
     fn set(
         &mut self,
         region: Option<String>,
-        conn: Option<quinn::Connection>,
+        conn: Option<mesh_control::Link>,
         inbox: &mpsc::Sender<bytes::Bytes>,
     ) {
         if let Some(r) = self.readers.remove(&region) {
@@ -256,7 +256,7 @@ impl Relays {
     /// relay we cannot use, the nearest standalone relay (the peer is connected to those it can
     /// reach, and the controller may be the thing that is down); for a peer homed on the
     /// controller, the controller, else any.
-    fn pick(&self, peer: &PublicKey) -> Option<(&str, &quinn::Connection)> {
+    fn pick(&self, peer: &PublicKey) -> Option<(&str, &mesh_control::Link)> {
         let nearest = || {
             self.regions
                 .iter()

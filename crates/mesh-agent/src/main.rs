@@ -6,6 +6,7 @@ mod config;
 mod control;
 mod daemon;
 mod dataplane;
+mod dial;
 mod kubeadm;
 mod metrics;
 mod portmap;
@@ -369,7 +370,11 @@ fn print_status(v: &serde_json::Value) {
         s(&node["key"]),
         s(&ctl["address"]),
         if ctl["connected"].as_bool() == Some(true) {
-            "connected".to_owned()
+            match ctl["transport"].as_str() {
+                Some("tcp") => "connected over tcp (TLS; UDP does not get through)".to_owned(),
+                Some(t) => format!("connected over {t}"),
+                None => "connected".to_owned(),
+            }
         } else {
             format!("disconnected ({})", ctl["last_error"].as_str().unwrap_or("connecting"))
         }
@@ -396,7 +401,8 @@ fn print_status(v: &serde_json::Value) {
     for r in v["relays"].as_array().into_iter().flatten() {
         let state = if r["connected"].as_bool() == Some(true) {
             format!(
-                "connected, rtt {} ms{}",
+                "connected over {}, rtt {} ms{}",
+                r["transport"].as_str().unwrap_or("quic"),
                 r["rtt_ms"].as_u64().unwrap_or(0),
                 if r["home"].as_bool() == Some(true) {
                     ", home"

@@ -1,4 +1,5 @@
-//! Standalone relays: the agent keeps a QUIC connection (on its one UDP socket) to every relay
+//! Standalone relays: the agent keeps a link (QUIC on its one UDP socket, or TCP where UDP does
+//! not get through: see [`crate::dial`]) to every relay
 //! the controller announces, picks the nearest as its home, and tells the controller, so that
 //! peers send it relayed traffic there. Without standalone relays (or while none is reachable)
 //! the home is the controller's embedded relay. An admin who deploys regional relays wants
@@ -12,6 +13,8 @@
 //! that accepts them, so that a removed node loses the relays at once; the relay checks them.
 
 use crate::dataplane::DataCmd;
+use crate::dial::{Dialer, Target};
+use mesh_control::Link;
 use mesh_proto::control::{RelayInfo, Revocation, Ticket};
 use mesh_proto::relay_session::{RelayClientMsg, RelayServerMsg};
 use mesh_relay::client::{self, RelaySession};
@@ -42,7 +45,9 @@ pub struct RelayStatus {
     pub addr: String,
     /// Whether the node is admitted there now.
     pub connected: bool,
-    /// Smoothed QUIC round-trip time.
+    /// The transport of the link: `quic`, or `tcp` where UDP does not get through.
+    pub transport: Option<String>,
+    /// Smoothed round-trip time.
     pub rtt_ms: Option<u64>,
     /// Whether this is the node's home relay.
     pub home: bool,
@@ -58,7 +63,7 @@ pub struct RelayShared {
     /// Per relay, for status.
     pub status: Arc<Mutex<BTreeMap<String, RelayStatus>>>,
     /// Live connections, by relay name.
-    conns: Arc<Mutex<BTreeMap<String, quinn::Connection>>>,
+    conns: Arc<Mutex<BTreeMap<String, Link>>>,
     /// Signalled when a connection comes or goes.
     changed: Arc<tokio::sync::Notify>,
 }
@@ -84,7 +89,7 @@ impl RelayShared {
         }
     }
 
-    fn conns(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, quinn::Connection>> {
+    fn conns(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Link>> {
         self.conns.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -92,8 +97,8 @@ impl RelayShared {
 /// Everything the relay tasks need.
 #[derive(Clone)]
 pub struct RelayCtx {
-    /// QUIC endpoint on the node's shared UDP socket.
-    pub endpoint: quinn::Endpoint,
+    /// Opens links (QUIC on the node's shared UDP socket, or TCP).
+    pub dialer: Dialer,
     /// Node private key.
     pub node_key: [u8; 32],
     /// The data plane.
@@ -125,9 +130,12 @@ pub async fn run(
         let stale: Vec<String> = running
             .iter()
             .filter(|(name, r)| {
-                !wanted
-                    .iter()
-                    .any(|w| &w.name == *name && w.addr == r.info.addr && w.key == r.info.key)
+                !wanted.iter().any(|w| {
+                    &w.name == *name
+                        && w.addr == r.info.addr
+                        && w.tcp == r.info.tcp
+                        && w.key == r.info.key
+                })
             })
             .map(|(name, _)| name.clone())
             .collect();
@@ -176,6 +184,7 @@ pub async fn run(
                                 name: info.name.clone(),
                                 addr: info.addr.clone(),
                                 connected: false,
+                                transport: None,
                                 rtt_ms: None,
                                 home: false,
                                 observed: None,
@@ -254,14 +263,6 @@ fn choose_home(rtts: &[(String, Duration)], current: Option<&str>) -> Option<Str
     }
 }
 
-async fn resolve(addr: &str) -> Result<SocketAddr, String> {
-    tokio::net::lookup_host(addr)
-        .await
-        .map_err(|e| format!("cannot resolve {addr}: {e}"))?
-        .find(|a| a.is_ipv4())
-        .ok_or_else(|| format!("{addr} has no IPv4 address"))
-}
-
 /// Keeps one relay connected.
 async fn maintain(
     ctx: RelayCtx,
@@ -270,32 +271,53 @@ async fn maintain(
     mut revoked: watch::Receiver<Vec<Revocation>>,
 ) {
     let name = info.name.clone();
+    let target = Target::new(&info.addr, info.tcp.as_deref(), "mesh-relay");
     let mut backoff = Duration::from_secs(1);
+    let mut switched: Option<RelaySession> = None;
     loop {
         let current = ticket.borrow_and_update().clone();
         let attempt = async {
-            let addr = resolve(&info.addr).await?;
-            client::connect(
-                &ctx.endpoint,
-                addr,
-                &info.key,
-                &ctx.node_key,
-                current,
-                CONNECT_TIMEOUT,
-            )
-            .await
-            .map_err(|e| e.to_string())
+            if let Some(s) = switched.take() {
+                return Ok(s);
+            }
+            let link = ctx
+                .dialer
+                .connect(&target, CONNECT_TIMEOUT)
+                .await
+                .map_err(|e| format!("cannot reach relay at {}: {e}", info.addr))?;
+            client::admit(link, &info.key, &ctx.node_key, current, CONNECT_TIMEOUT)
+                .await
+                .map_err(|e| e.to_string())
         };
         match attempt.await {
             Ok(session) => {
                 backoff = Duration::from_secs(1);
-                info!(relay = %name, observed = %session.observed, rtt_ms = session.conn.rtt().as_millis() as u64, "connected to relay");
-                let reason = serve(&ctx, &name, session, &mut ticket, &mut revoked).await;
-                warn!(relay = %name, %reason, "relay connection lost; reconnecting");
-                ctx.shared.set(&name, |s| {
-                    s.connected = false;
-                    s.last_error = Some(reason);
-                });
+                let transport = session.conn.transport();
+                info!(relay = %name, observed = ?session.observed, %transport, rtt_ms = session.conn.rtt().as_millis() as u64, "connected to relay");
+                match serve(
+                    &ctx,
+                    &name,
+                    &target,
+                    &info.key,
+                    session,
+                    &mut ticket,
+                    &mut revoked,
+                )
+                .await
+                {
+                    Ended::Moved(next) => {
+                        info!(relay = %name, from = %transport, to = %next.conn.transport(), "relay link moved to another transport");
+                        switched = Some(next);
+                    }
+                    Ended::Lost(reason) => {
+                        warn!(relay = %name, %reason, "relay connection lost; reconnecting");
+                        ctx.shared.set(&name, |s| {
+                            s.connected = false;
+                            s.transport = None;
+                            s.last_error = Some(reason);
+                        });
+                    }
+                }
             }
             Err(e) => {
                 warn!(relay = %name, error = %e, retry_in = ?backoff, "cannot use relay");
@@ -310,21 +332,35 @@ async fn maintain(
     }
 }
 
-/// Runs an admitted session until it ends; returns why.
+/// How a session ended.
+enum Ended {
+    /// The link failed or the relay closed it.
+    Lost(String),
+    /// A session on a better transport replaces it.
+    Moved(RelaySession),
+}
+
+/// Runs an admitted session until it ends.
 async fn serve(
     ctx: &RelayCtx,
     name: &str,
+    target: &Target,
+    relay_key: &mesh_proto::PublicKey,
     mut session: RelaySession,
     ticket: &mut watch::Receiver<Ticket>,
     revoked: &mut watch::Receiver<Vec<Revocation>>,
-) -> String {
+) -> Ended {
     let conn = session.conn.clone();
     ctx.shared.conns().insert(name.to_owned(), conn.clone());
     ctx.shared.changed.notify_one();
     ctx.shared.set(name, |s| {
         s.connected = true;
+        s.transport = Some(conn.transport().to_string());
         s.last_error = None;
-        s.observed = Some(session.observed);
+        // Over TCP the relay sees no UDP mapping; keep what QUIC showed last.
+        if session.observed.is_some() {
+            s.observed = session.observed;
+        }
         s.rtt_ms = Some(conn.rtt().as_millis() as u64);
     });
     let _ = ctx
@@ -341,59 +377,73 @@ async fn serve(
             revoked: first,
         };
         if let Err(e) = session.tx.send(&msg.encode()).await {
-            return e.to_string();
+            return Ended::Lost(e.to_string());
         }
     }
+    let better = ctx.dialer.better(target, &conn);
+    tokio::pin!(better);
     let reason = loop {
         tokio::select! {
-            e = conn.closed() => break e.to_string(),
+            e = conn.closed() => break Ended::Lost(e.to_string()),
+            link = &mut better => {
+                let fresh = ticket.borrow().clone();
+                match client::admit(link, relay_key, &ctx.node_key, fresh, CONNECT_TIMEOUT).await {
+                    Ok(next) => break Ended::Moved(next),
+                    Err(e) => {
+                        warn!(relay = %name, error = %e, "the other transport connected but the relay did not admit the node; staying");
+                        better.set(ctx.dialer.better(target, &conn));
+                    }
+                }
+            }
             r = revoked.changed() => {
                 if r.is_err() {
-                    break "stopped".to_owned();
+                    break Ended::Lost("stopped".to_owned());
                 }
                 let list = revoked.borrow_and_update().clone();
                 if revocations && !list.is_empty() {
                     debug!(relay = %name, count = list.len(), "forwarding revocations");
                     let msg = RelayClientMsg::Revoke { network: network.clone(), revoked: list };
                     if let Err(e) = session.tx.send(&msg.encode()).await {
-                        break e.to_string();
+                        break Ended::Lost(e.to_string());
                     }
                 }
             }
             r = ticket.changed() => {
                 if r.is_err() {
-                    break "stopped".to_owned();
+                    break Ended::Lost("stopped".to_owned());
                 }
                 let fresh = ticket.borrow_and_update().clone();
                 let msg = RelayClientMsg::Renew { ticket: fresh };
                 if let Err(e) = session.tx.send(&msg.encode()).await {
-                    break e.to_string();
+                    break Ended::Lost(e.to_string());
                 }
             }
             msg = session.rx.recv() => match msg.map(|b: Vec<u8>| RelayServerMsg::decode(&b)) {
                 Ok(Ok(RelayServerMsg::Welcome { expires, .. })) => {
                     debug!(relay = %name, expires, "relay ticket renewed");
                 }
-                Ok(Ok(RelayServerMsg::Error { message, .. })) => break format!("relay refused: {message}"),
-                Ok(Err(e)) => break format!("malformed message from relay: {e}"),
-                Err(e) => break e.to_string(),
+                Ok(Ok(RelayServerMsg::Error { message, .. })) => break Ended::Lost(format!("relay refused: {message}")),
+                Ok(Err(e)) => break Ended::Lost(format!("malformed message from relay: {e}")),
+                Err(e) => break Ended::Lost(e.to_string()),
             },
         }
     };
     {
         let mut conns = ctx.shared.conns();
-        if conns
-            .get(name)
-            .is_some_and(|c| c.stable_id() == conn.stable_id())
-        {
+        if conns.get(name).is_some_and(|c| c.id() == conn.id()) {
             conns.remove(name);
         }
     }
     ctx.shared.changed.notify_one();
-    let _ = ctx
-        .data
-        .send(DataCmd::RelayRegion(name.to_owned(), None))
-        .await;
+    if matches!(reason, Ended::Moved(_)) {
+        // The next session hands the data plane its link at once.
+        conn.close(0, b"moved to another transport");
+    } else {
+        let _ = ctx
+            .data
+            .send(DataCmd::RelayRegion(name.to_owned(), None))
+            .await;
+    }
     reason
 }
 
@@ -453,7 +503,13 @@ mod tests {
         let (data, mut data_rx) = mpsc::channel(16);
         tokio::spawn(async move { while data_rx.recv().await.is_some() {} });
         let ctx = RelayCtx {
-            endpoint: mesh_control::quic::bind_client("127.0.0.1:0".parse().unwrap()).unwrap(),
+            dialer: Dialer {
+                endpoint: mesh_control::quic::bind_client("127.0.0.1:0".parse().unwrap()).unwrap(),
+                mark: None,
+                proxy: Default::default(),
+                interface: "mesh-test0".into(),
+                overlay: None,
+            },
             node_key: member_secret,
             data,
             shared: RelayShared::default(),
@@ -461,6 +517,7 @@ mod tests {
         let info = RelayInfo {
             name: "eu-1".into(),
             addr: addr.to_string(),
+            tcp: None,
             key: relay_key,
             ticket: issuer.issue("prod", &member, expires),
             revoked: vec![],

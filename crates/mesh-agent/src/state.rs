@@ -22,6 +22,10 @@ const SOCKET_FILE: &str = "mesh.sock";
 pub struct Membership {
     /// Controller address, `host:port`.
     pub controller: String,
+    /// The controller's TCP address, `host:port`, from the token; absent: port 443 of the
+    /// controller's host (see [`crate::dial::Target::new`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controller_tcp: Option<String>,
     /// The controller's pinned key.
     pub controller_key: PublicKey,
     /// Network name.
@@ -331,6 +335,7 @@ fn remove_if_present(path: &Path) -> anyhow::Result<()> {
 pub(crate) fn sample_membership() -> Membership {
     Membership {
         controller: "192.0.2.1:7443".into(),
+        controller_tcp: None,
         controller_key: PublicKey([3; 32]),
         network: "prod".into(),
         name: "node-a".into(),

@@ -157,6 +157,7 @@ mod tests {
             controller_key: PublicKey([7; 32]),
             id: "0badc0de".into(),
             secret: [0x5a; 32],
+            controller_tcp: None,
         }
     }
 

@@ -1,6 +1,8 @@
-//! A Noise IK channel inside the first bidirectional QUIC stream of a connection.
+//! A Noise IK channel over a [`Link`]: inside the first bidirectional QUIC stream of a QUIC
+//! link, or as the control frames of a TCP link ([`crate::tcp`]).
 //!
-//! Wire: every Noise message is framed as `[u16 big-endian length][message]`. After the two
+//! Wire: on QUIC every Noise message is framed as `[u16 big-endian length][message]`; on TCP
+//! each is one control frame. After the two
 //! handshake messages, an application message of up to
 //! [`mesh_proto::control::MAX_MESSAGE_LEN`] bytes is split into chunks; each chunk's plaintext
 //! is `[flag][data]`, flag 1 on the last chunk of a message and 0 otherwise.
@@ -10,16 +12,18 @@
 //! buffer a 1 MiB message before proving anything. A message over the limit closes the
 //! connection with [`CLOSE_MESSAGE_TOO_LARGE`].
 
+use crate::link::{Link, LinkClosed};
+use crate::tcp::TcpLink;
 use mesh_proto::control::MAX_MESSAGE_LEN;
 use mesh_proto::PublicKey;
 use std::sync::{Arc, Mutex};
 
 /// The Noise protocol used.
 pub const NOISE_PATTERN: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
-/// QUIC application close code sent by the responder when the initiator's first message does
+/// Application close code sent by the responder when the initiator's first message does
 /// not decrypt: the initiator expected another responder key.
 pub const CLOSE_HANDSHAKE_FAILED: u32 = 0x4d01;
-/// QUIC application close code sent by a receiver when a message exceeds its current limit.
+/// Application close code sent by a receiver when a message exceeds its current limit.
 pub const CLOSE_MESSAGE_TOO_LARGE: u32 = 0x4d03;
 /// Largest message a responder reads before it admits the peer (join, hello, a relay ticket:
 /// a few hundred bytes each).
@@ -28,7 +32,8 @@ pub const MAX_UNADMITTED_LEN: usize = 4096;
 const MAX_HANDSHAKE_FRAME: usize = 1024;
 /// Prologue label (followed by keying material exported from the QUIC session).
 const PROLOGUE_LABEL: &[u8] = b"mesh-control/1";
-const EXPORTER_LABEL: &[u8] = b"EXPORTER-mesh-noise-prologue";
+/// Label of the keying material exported from the QUIC or TLS session into the prologue.
+pub(crate) const EXPORTER_LABEL: &[u8] = b"EXPORTER-mesh-noise-prologue";
 const MAX_NOISE_MSG: usize = 65535;
 const TAG_LEN: usize = 16;
 const CHUNK: usize = MAX_NOISE_MSG - TAG_LEN - 1;
@@ -42,9 +47,9 @@ pub enum ChannelError {
     /// The handshake from the other side did not authenticate.
     #[error("Noise handshake failed: {0}")]
     Handshake(String),
-    /// The QUIC connection failed or was closed.
+    /// The link failed or was closed.
     #[error("connection lost: {0}")]
-    Connection(#[from] quinn::ConnectionError),
+    Connection(#[from] LinkClosed),
     /// The peer closed the stream cleanly.
     #[error("channel closed by the other side")]
     Closed,
@@ -70,7 +75,7 @@ fn read_err(e: quinn::ReadExactError) -> ChannelError {
     match e {
         quinn::ReadExactError::FinishedEarly(_) => ChannelError::Closed,
         quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(c)) => {
-            ChannelError::Connection(c)
+            ChannelError::Connection(c.into())
         }
         quinn::ReadExactError::ReadError(e) => ChannelError::Protocol(e.to_string()),
     }
@@ -78,40 +83,110 @@ fn read_err(e: quinn::ReadExactError) -> ChannelError {
 
 fn write_err(e: quinn::WriteError) -> ChannelError {
     match e {
-        quinn::WriteError::ConnectionLost(c) => ChannelError::Connection(c),
+        quinn::WriteError::ConnectionLost(c) => ChannelError::Connection(c.into()),
         e => ChannelError::Protocol(e.to_string()),
     }
 }
 
-async fn prologue(conn: &quinn::Connection) -> Result<Vec<u8>, ChannelError> {
+fn prologue(link: &Link) -> Result<Vec<u8>, ChannelError> {
     let mut exported = [0u8; 32];
-    conn.export_keying_material(&mut exported, EXPORTER_LABEL, b"")
-        .map_err(|_| ChannelError::Protocol("cannot export QUIC keying material".into()))?;
+    match link {
+        Link::Quic(conn) => conn
+            .export_keying_material(&mut exported, EXPORTER_LABEL, b"")
+            .map_err(|_| ChannelError::Protocol("cannot export QUIC keying material".into()))?,
+        Link::Tcp(tcp) => exported = tcp.exporter(),
+    }
     let mut p = PROLOGUE_LABEL.to_vec();
     p.extend_from_slice(&exported);
     Ok(p)
 }
 
-async fn write_frame(send: &mut quinn::SendStream, msg: &[u8]) -> Result<(), ChannelError> {
-    let len = u16::try_from(msg.len())
-        .map_err(|_| ChannelError::Protocol("noise message over 65535 bytes".into()))?;
-    let mut framed = Vec::with_capacity(2 + msg.len());
-    framed.extend_from_slice(&len.to_be_bytes());
-    framed.extend_from_slice(msg);
-    send.write_all(&framed).await.map_err(write_err)
+/// The sending side of the channel's byte pipe.
+enum FrameTx {
+    Quic(quinn::SendStream),
+    Tcp(TcpLink),
 }
 
-/// Reads one frame of at most `max` bytes; a larger one is refused before its body is read.
-async fn read_frame(recv: &mut quinn::RecvStream, max: usize) -> Result<Vec<u8>, ChannelError> {
-    let mut len = [0u8; 2];
-    recv.read_exact(&mut len).await.map_err(read_err)?;
-    let len = usize::from(u16::from_be_bytes(len));
-    if len > max {
-        return Err(ChannelError::TooLarge { len, limit: max });
+/// The receiving side.
+enum FrameRx {
+    Quic(quinn::RecvStream),
+    Tcp(TcpLink),
+}
+
+impl FrameTx {
+    async fn open(link: &Link) -> Result<(FrameTx, FrameRx), ChannelError> {
+        Ok(match link {
+            Link::Quic(conn) => {
+                let (send, recv) = conn.open_bi().await.map_err(LinkClosed::from)?;
+                (FrameTx::Quic(send), FrameRx::Quic(recv))
+            }
+            Link::Tcp(t) => (FrameTx::Tcp(t.clone()), FrameRx::Tcp(t.clone())),
+        })
     }
-    let mut msg = vec![0u8; len];
-    recv.read_exact(&mut msg).await.map_err(read_err)?;
-    Ok(msg)
+
+    async fn accept(link: &Link) -> Result<(FrameTx, FrameRx), ChannelError> {
+        Ok(match link {
+            Link::Quic(conn) => {
+                let (send, recv) = conn.accept_bi().await.map_err(LinkClosed::from)?;
+                (FrameTx::Quic(send), FrameRx::Quic(recv))
+            }
+            Link::Tcp(t) => (FrameTx::Tcp(t.clone()), FrameRx::Tcp(t.clone())),
+        })
+    }
+
+    async fn write_frame(&mut self, msg: &[u8]) -> Result<(), ChannelError> {
+        let len = u16::try_from(msg.len())
+            .map_err(|_| ChannelError::Protocol("noise message over 65535 bytes".into()))?;
+        match self {
+            FrameTx::Quic(send) => {
+                let mut framed = Vec::with_capacity(2 + msg.len());
+                framed.extend_from_slice(&len.to_be_bytes());
+                framed.extend_from_slice(msg);
+                send.write_all(&framed).await.map_err(write_err)
+            }
+            FrameTx::Tcp(t) => Ok(t.send_control(msg.to_vec().into()).await?),
+        }
+    }
+
+    fn finish(&mut self) {
+        match self {
+            FrameTx::Quic(send) => {
+                let _ = send.finish();
+            }
+            // The link closes after its owner's last message; nothing to finish.
+            FrameTx::Tcp(_) => {}
+        }
+    }
+}
+
+impl FrameRx {
+    /// Reads one frame of at most `max` bytes; a larger one is refused before its body is
+    /// read (on TCP, before it is decrypted).
+    async fn read_frame(&mut self, max: usize) -> Result<Vec<u8>, ChannelError> {
+        match self {
+            FrameRx::Quic(recv) => {
+                let mut len = [0u8; 2];
+                recv.read_exact(&mut len).await.map_err(read_err)?;
+                let len = usize::from(u16::from_be_bytes(len));
+                if len > max {
+                    return Err(ChannelError::TooLarge { len, limit: max });
+                }
+                let mut msg = vec![0u8; len];
+                recv.read_exact(&mut msg).await.map_err(read_err)?;
+                Ok(msg)
+            }
+            FrameRx::Tcp(t) => {
+                let frame = t.recv_control().await?;
+                if frame.len() > max {
+                    return Err(ChannelError::TooLarge {
+                        len: frame.len(),
+                        limit: max,
+                    });
+                }
+                Ok(frame.to_vec())
+            }
+        }
+    }
 }
 
 fn builder_params() -> Result<snow::params::NoiseParams, ChannelError> {
@@ -123,28 +198,27 @@ fn builder_params() -> Result<snow::params::NoiseParams, ChannelError> {
 /// Opens the channel as the node: proves `local_private` and requires the controller to prove
 /// `remote`.
 pub async fn initiate(
-    conn: &quinn::Connection,
+    conn: &Link,
     local_private: &[u8; 32],
     remote: &PublicKey,
 ) -> Result<(Sender, Receiver), ChannelError> {
-    let prologue = prologue(conn).await?;
+    let prologue = prologue(conn)?;
     let mut hs = snow::Builder::new(builder_params()?)
         .local_private_key(local_private)
         .and_then(|b| b.remote_public_key(&remote.0))
         .and_then(|b| b.prologue(&prologue))
         .and_then(|b| b.build_initiator())
         .map_err(noise_err)?;
-    let (mut send, mut recv) = conn.open_bi().await?;
+    let (mut send, mut recv) = FrameTx::open(conn).await?;
     let mut buf = vec![0u8; MAX_NOISE_MSG];
     let n = hs.write_message(&[], &mut buf).map_err(noise_err)?;
-    write_frame(&mut send, &buf[..n]).await?;
-    let reply = match read_frame(&mut recv, MAX_HANDSHAKE_FRAME).await {
+    send.write_frame(&buf[..n]).await?;
+    let reply = match recv.read_frame(MAX_HANDSHAKE_FRAME).await {
         Ok(r) => r,
-        Err(ChannelError::Connection(quinn::ConnectionError::ApplicationClosed(c)))
-            if c.error_code == quinn::VarInt::from_u32(CLOSE_HANDSHAKE_FAILED) =>
-        {
-            return Err(ChannelError::KeyMismatch)
-        }
+        Err(ChannelError::Connection(LinkClosed {
+            code: Some(CLOSE_HANDSHAKE_FAILED),
+            ..
+        })) => return Err(ChannelError::KeyMismatch),
         Err(e) => return Err(e),
     };
     hs.read_message(&reply, &mut buf)
@@ -154,10 +228,10 @@ pub async fn initiate(
 }
 
 /// Closes `conn` with [`CLOSE_MESSAGE_TOO_LARGE`] when `e` is [`ChannelError::TooLarge`].
-fn close_if_too_large(conn: &quinn::Connection, e: &ChannelError) {
+fn close_if_too_large(conn: &Link, e: &ChannelError) {
     if let ChannelError::TooLarge { len, limit } = e {
         conn.close(
-            quinn::VarInt::from_u32(CLOSE_MESSAGE_TOO_LARGE),
+            CLOSE_MESSAGE_TOO_LARGE,
             format!("message of {len} bytes over the limit of {limit}").as_bytes(),
         );
     }
@@ -167,12 +241,13 @@ fn close_if_too_large(conn: &quinn::Connection, e: &ChannelError) {
 /// receiver accepts messages of at most [`MAX_UNADMITTED_LEN`] bytes until
 /// [`Receiver::set_limit`] raises the limit.
 pub async fn accept(
-    conn: &quinn::Connection,
+    conn: &Link,
     local_private: &[u8; 32],
 ) -> Result<(Sender, Receiver, PublicKey), ChannelError> {
-    let prologue = prologue(conn).await?;
-    let (mut send, mut recv) = conn.accept_bi().await?;
-    let first = read_frame(&mut recv, MAX_HANDSHAKE_FRAME)
+    let prologue = prologue(conn)?;
+    let (mut send, mut recv) = FrameTx::accept(conn).await?;
+    let first = recv
+        .read_frame(MAX_HANDSHAKE_FRAME)
         .await
         .inspect_err(|e| close_if_too_large(conn, e))?;
     let mut hs = snow::Builder::new(builder_params()?)
@@ -183,7 +258,7 @@ pub async fn accept(
     let mut buf = vec![0u8; MAX_NOISE_MSG];
     if hs.read_message(&first, &mut buf).is_err() {
         conn.close(
-            quinn::VarInt::from_u32(CLOSE_HANDSHAKE_FAILED),
+            CLOSE_HANDSHAKE_FAILED,
             b"noise handshake failed: the node expects another controller key",
         );
         return Err(ChannelError::Handshake(
@@ -195,16 +270,16 @@ pub async fn accept(
         .and_then(|k| k.try_into().ok())
         .ok_or_else(|| ChannelError::Handshake("no remote static key".into()))?;
     let n = hs.write_message(&[], &mut buf).map_err(noise_err)?;
-    write_frame(&mut send, &buf[..n]).await?;
+    send.write_frame(&buf[..n]).await?;
     let transport = hs.into_transport_mode().map_err(noise_err)?;
     let (tx, rx) = split(conn, send, recv, transport, MAX_UNADMITTED_LEN);
     Ok((tx, rx, PublicKey(remote)))
 }
 
 fn split(
-    conn: &quinn::Connection,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    conn: &Link,
+    send: FrameTx,
+    recv: FrameRx,
     transport: snow::TransportState,
     limit: usize,
 ) -> (Sender, Receiver) {
@@ -235,7 +310,7 @@ fn lock(
 
 /// Sending half of the channel.
 pub struct Sender {
-    send: quinn::SendStream,
+    send: FrameTx,
     state: Arc<Mutex<snow::TransportState>>,
     buf: Vec<u8>,
 }
@@ -267,19 +342,19 @@ impl Sender {
         let n = lock(&self.state)?
             .write_message(&plain, &mut self.buf)
             .map_err(noise_err)?;
-        write_frame(&mut self.send, &self.buf[..n]).await
+        self.send.write_frame(&self.buf[..n]).await
     }
 
     /// Finishes the stream (the peer's `recv` returns `Closed` after pending messages).
     pub fn finish(&mut self) {
-        let _ = self.send.finish();
+        self.send.finish();
     }
 }
 
 /// Receiving half of the channel.
 pub struct Receiver {
-    conn: quinn::Connection,
-    recv: quinn::RecvStream,
+    conn: Link,
+    recv: FrameRx,
     state: Arc<Mutex<snow::TransportState>>,
     buf: Vec<u8>,
     limit: usize,
@@ -307,15 +382,13 @@ impl Receiver {
         loop {
             // A chunk's ciphertext is its data plus the flag byte and the tag.
             let max_frame = (self.limit.saturating_sub(msg.len()) + 1 + TAG_LEN).min(MAX_NOISE_MSG);
-            let frame = read_frame(&mut self.recv, max_frame)
-                .await
-                .map_err(|e| match e {
-                    ChannelError::TooLarge { len, .. } => ChannelError::TooLarge {
-                        len: msg.len() + len.saturating_sub(1 + TAG_LEN),
-                        limit: self.limit,
-                    },
-                    e => e,
-                })?;
+            let frame = self.recv.read_frame(max_frame).await.map_err(|e| match e {
+                ChannelError::TooLarge { len, .. } => ChannelError::TooLarge {
+                    len: msg.len() + len.saturating_sub(1 + TAG_LEN),
+                    limit: self.limit,
+                },
+                e => e,
+            })?;
             let n = lock(&self.state)?
                 .read_message(&frame, &mut self.buf)
                 .map_err(|e| ChannelError::Protocol(format!("undecryptable chunk: {e}")))?;

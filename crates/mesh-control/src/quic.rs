@@ -44,7 +44,7 @@ pub const INCOMING_BUFFER_TOTAL: u64 = 16 * 1024 * 1024;
 #[error("QUIC/TLS configuration: {0}")]
 pub struct ConfigError(String);
 
-fn err(e: impl std::fmt::Display) -> ConfigError {
+pub(crate) fn err(e: impl std::fmt::Display) -> ConfigError {
     ConfigError(e.to_string())
 }
 
@@ -157,8 +157,9 @@ pub fn bind_client(bind: std::net::SocketAddr) -> Result<quinn::Endpoint, Config
     Ok(endpoint)
 }
 
-/// Server configuration with a fresh self-signed certificate.
-pub fn server_config() -> Result<quinn::ServerConfig, ConfigError> {
+/// TLS 1.3 server settings with a fresh self-signed certificate, offering `alpn`. The
+/// certificate proves nothing: the Noise handshake inside proves the server's pinned key.
+pub(crate) fn tls_server(alpn: &[u8]) -> Result<rustls::ServerConfig, ConfigError> {
     let cert =
         rcgen::generate_simple_self_signed(vec!["mesh-controller".to_owned()]).map_err(err)?;
     let cert_der = cert.cert.der().clone();
@@ -169,7 +170,27 @@ pub fn server_config() -> Result<quinn::ServerConfig, ConfigError> {
         .with_no_client_auth()
         .with_single_cert(vec![cert_der], key.into())
         .map_err(err)?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    Ok(tls)
+}
+
+/// TLS 1.3 client settings that accept any server certificate (see [`NoiseAuthenticated`]),
+/// asking for `alpn`.
+pub(crate) fn tls_client(alpn: &[u8]) -> Result<rustls::ClientConfig, ConfigError> {
+    let provider = provider();
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(err)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(NoiseAuthenticated(provider)))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    Ok(tls)
+}
+
+/// Server configuration with a fresh self-signed certificate.
+pub fn server_config() -> Result<quinn::ServerConfig, ConfigError> {
+    let tls = tls_server(ALPN)?;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(err)?;
     let mut c = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     c.transport_config(server_transport());
@@ -183,14 +204,7 @@ pub fn server_config() -> Result<quinn::ServerConfig, ConfigError> {
 /// Client configuration. The certificate is not checked against any authority: the Noise
 /// handshake that follows proves the controller's pinned key (see the crate docs).
 pub fn client_config() -> Result<quinn::ClientConfig, ConfigError> {
-    let provider = provider();
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(err)?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(NoiseAuthenticated(provider)))
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let tls = tls_client(ALPN)?;
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(err)?;
     let mut c = quinn::ClientConfig::new(Arc::new(crypto));
     c.transport_config(client_transport());
@@ -400,6 +414,28 @@ impl Gate {
                 let total = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
                 let remote = incoming.remote_address();
                 incoming.refuse();
+                self.warn_busy(remote, connections, total);
+                None
+            }
+        }
+    }
+
+    /// Decides on a TCP connection from `remote` (the TCP handshake proved its address, so
+    /// no Retry is needed): its slot, or `None` at the connection limit (the caller closes it).
+    pub fn admit_tcp(self: &Arc<Self>, remote: std::net::SocketAddr) -> Option<Slot> {
+        let connections = self.connections.load(Ordering::Relaxed);
+        let handshakes = self.handshakes.load(Ordering::Relaxed);
+        match decide(&self.limits, connections, handshakes, true, false) {
+            Decision::Accept => {
+                self.connections.fetch_add(1, Ordering::Relaxed);
+                self.handshakes.fetch_add(1, Ordering::Relaxed);
+                Some(Slot {
+                    gate: self.clone(),
+                    handshaking: true,
+                })
+            }
+            Decision::Retry | Decision::Refuse => {
+                let total = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
                 self.warn_busy(remote, connections, total);
                 None
             }

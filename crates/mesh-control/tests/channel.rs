@@ -3,6 +3,7 @@
 
 use mesh_control::channel::{accept, initiate, ChannelError};
 use mesh_control::quic;
+use mesh_control::Link;
 use mesh_proto::PublicKey;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,7 +38,9 @@ async fn handshake_proves_both_keys_and_carries_large_messages() {
     let (node_secret, node_public) = keypair(2);
     let srv = tokio::spawn(async move {
         let conn = server.accept().await.unwrap().await.unwrap();
-        let (mut tx, mut rx, who) = accept(&conn, &ctrl_secret).await.unwrap();
+        let (mut tx, mut rx, who) = accept(&Link::from(conn.clone()), &ctrl_secret)
+            .await
+            .unwrap();
         // What a server does once it has admitted the node.
         rx.set_limit(mesh_proto::control::MAX_MESSAGE_LEN);
         let msg = rx.recv().await.unwrap();
@@ -47,7 +50,9 @@ async fn handshake_proves_both_keys_and_carries_large_messages() {
         (who, msg.len())
     });
     let conn = client.connect(addr, "mesh").unwrap().await.unwrap();
-    let (mut tx, mut rx) = initiate(&conn, &node_secret, &ctrl_public).await.unwrap();
+    let (mut tx, mut rx) = initiate(&Link::from(conn.clone()), &node_secret, &ctrl_public)
+        .await
+        .unwrap();
     let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
     tx.send(&big).await.unwrap();
     assert_eq!(
@@ -69,10 +74,10 @@ async fn wrong_controller_key_is_refused() {
     let (node_secret, _) = keypair(2);
     let srv = tokio::spawn(async move {
         let conn = server.accept().await.unwrap().await.unwrap();
-        accept(&conn, &ctrl_secret).await.err()
+        accept(&Link::from(conn.clone()), &ctrl_secret).await.err()
     });
     let conn = client.connect(addr, "mesh").unwrap().await.unwrap();
-    let err = initiate(&conn, &node_secret, &other_public)
+    let err = initiate(&Link::from(conn.clone()), &node_secret, &other_public)
         .await
         .err()
         .expect("handshake must fail");
@@ -87,7 +92,9 @@ async fn large_message_before_admission_is_refused_and_closes() {
     let (node_secret, _) = keypair(2);
     let srv = tokio::spawn(async move {
         let conn = server.accept().await.unwrap().await.unwrap();
-        let (_tx, mut rx, _) = accept(&conn, &ctrl_secret).await.unwrap();
+        let (_tx, mut rx, _) = accept(&Link::from(conn.clone()), &ctrl_secret)
+            .await
+            .unwrap();
         // A small first message is fine...
         let small = rx.recv().await.unwrap();
         // ...a large second one before admission is not.
@@ -95,7 +102,9 @@ async fn large_message_before_admission_is_refused_and_closes() {
         (small.len(), err, conn)
     });
     let conn = client.connect(addr, "mesh").unwrap().await.unwrap();
-    let (mut tx, _rx) = initiate(&conn, &node_secret, &ctrl_public).await.unwrap();
+    let (mut tx, _rx) = initiate(&Link::from(conn.clone()), &node_secret, &ctrl_public)
+        .await
+        .unwrap();
     tx.send(&[b'x'; 300]).await.unwrap();
     tx.send(&vec![b'y'; 10_000]).await.unwrap();
     let (small, err, _server_conn) = srv.await.unwrap();
@@ -129,13 +138,17 @@ async fn raised_limit_admits_large_messages() {
     let (node_secret, _) = keypair(2);
     let srv = tokio::spawn(async move {
         let conn = server.accept().await.unwrap().await.unwrap();
-        let (_tx, mut rx, _) = accept(&conn, &ctrl_secret).await.unwrap();
+        let (_tx, mut rx, _) = accept(&Link::from(conn.clone()), &ctrl_secret)
+            .await
+            .unwrap();
         rx.set_limit(mesh_proto::control::MAX_MESSAGE_LEN);
         let n = rx.recv().await.unwrap().len();
         (n, conn)
     });
     let conn = client.connect(addr, "mesh").unwrap().await.unwrap();
-    let (mut tx, _rx) = initiate(&conn, &node_secret, &ctrl_public).await.unwrap();
+    let (mut tx, _rx) = initiate(&Link::from(conn.clone()), &node_secret, &ctrl_public)
+        .await
+        .unwrap();
     tx.send(&vec![b'y'; 100_000]).await.unwrap();
     assert_eq!(srv.await.unwrap().0, 100_000);
 }
@@ -146,7 +159,7 @@ async fn oversized_handshake_frame_is_refused_before_it_is_read() {
     let (ctrl_secret, _) = keypair(1);
     let srv = tokio::spawn(async move {
         let conn = server.accept().await.unwrap().await.unwrap();
-        accept(&conn, &ctrl_secret).await.err()
+        accept(&Link::from(conn.clone()), &ctrl_secret).await.err()
     });
     let conn = client.connect(addr, "mesh").unwrap().await.unwrap();
     let (mut send, _recv) = conn.open_bi().await.unwrap();
@@ -171,11 +184,15 @@ async fn servers_allow_one_stream_and_no_unidirectional_ones() {
     let (node_secret, _) = keypair(2);
     let srv = tokio::spawn(async move {
         let conn = server.accept().await.unwrap().await.unwrap();
-        let _channel = accept(&conn, &ctrl_secret).await.unwrap();
+        let _channel = accept(&Link::from(conn.clone()), &ctrl_secret)
+            .await
+            .unwrap();
         conn.closed().await;
     });
     let conn = client.connect(addr, "mesh").unwrap().await.unwrap();
-    let _channel = initiate(&conn, &node_secret, &ctrl_public).await.unwrap();
+    let _channel = initiate(&Link::from(conn.clone()), &node_secret, &ctrl_public)
+        .await
+        .unwrap();
     let wait = std::time::Duration::from_millis(500);
     assert!(
         tokio::time::timeout(wait, conn.open_bi()).await.is_err(),
@@ -229,11 +246,15 @@ async fn a_dead_controller_is_noticed_within_ten_seconds() {
     let proxy = lossy_proxy(addr, cut.clone()).await;
     tokio::spawn(async move {
         let conn = server.accept().await.unwrap().await.unwrap();
-        let _channel = accept(&conn, &ctrl_secret).await.unwrap();
+        let _channel = accept(&Link::from(conn.clone()), &ctrl_secret)
+            .await
+            .unwrap();
         conn.closed().await;
     });
     let conn = client.connect(proxy, "mesh").unwrap().await.unwrap();
-    let _channel = initiate(&conn, &node_secret, &ctrl_public).await.unwrap();
+    let _channel = initiate(&Link::from(conn.clone()), &node_secret, &ctrl_public)
+        .await
+        .unwrap();
     // Idle but alive: keepalives hold the connection well past the idle timeout.
     tokio::time::sleep(quic::IDLE_TIMEOUT + std::time::Duration::from_secs(1)).await;
     assert!(conn.close_reason().is_none(), "keepalives keep it open");

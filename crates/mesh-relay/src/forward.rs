@@ -1,30 +1,32 @@
-//! The forwarding table over quinn, shared by the embedded and the standalone relay.
+//! The forwarding table over links (QUIC or TCP), shared by the embedded and the standalone
+//! relay.
 //!
 //! One connection per (network, node key): a node that connects again replaces its older
 //! connection, which is closed ([`mesh_control::quic::CLOSE_REPLACED`]). Only the connection in
 //! the table may send: frames from a replaced, removed or revoked connection are dropped. The
-//! rules themselves are [`Routes`], without I/O; this module drives them with quinn connections.
+//! rules themselves are [`Routes`], without I/O; this module drives them with links.
 
 use crate::route::{self, Routed, Routes};
+use mesh_control::Link;
 use mesh_proto::PublicKey;
 use std::sync::{Arc, Mutex};
 use tracing::{debug, info};
 
 pub use crate::route::RelayCounters;
 
-/// QUIC application close code: the node was removed from its network (its tickets revoked).
+/// Application close code: the node was removed from its network (its tickets revoked).
 pub const CLOSE_REVOKED: u32 = 0x4d06;
 
-impl route::Connection for quinn::Connection {
+impl route::Connection for Link {
     fn id(&self) -> usize {
-        self.stable_id()
+        Link::id(self)
     }
 }
 
 /// Admitted nodes by (network, key), and the loop that forwards what each sends.
 #[derive(Default)]
 pub struct Forwarder {
-    routes: Mutex<Routes<quinn::Connection>>,
+    routes: Mutex<Routes<Link>>,
 }
 
 /// Keeps a node in the table; dropping it removes the node unless a newer connection of the
@@ -33,7 +35,7 @@ pub struct Attachment {
     forwarder: Arc<Forwarder>,
     network: String,
     key: PublicKey,
-    conn: quinn::Connection,
+    conn: Link,
 }
 
 impl Drop for Attachment {
@@ -75,7 +77,7 @@ impl Forwarder {
         Arc::new(Forwarder::default())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Routes<quinn::Connection>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Routes<Link>> {
         // A panic while holding the lock would be a bug; the table is still consistent.
         self.routes.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -83,7 +85,7 @@ impl Forwarder {
     /// Admits `key` of `network` on `conn` (replacing an older connection of the same node) and
     /// forwards what it sends until the connection closes. Frames go only to nodes of the same
     /// network, with the key rewritten to the sender's.
-    pub async fn serve(self: &Arc<Self>, network: &str, key: PublicKey, conn: quinn::Connection) {
+    pub async fn serve(self: &Arc<Self>, network: &str, key: PublicKey, conn: Link) {
         self.attach(network, key, conn, u64::MAX).forward().await;
     }
 
@@ -93,14 +95,14 @@ impl Forwarder {
         self: &Arc<Self>,
         network: &str,
         key: PublicKey,
-        conn: quinn::Connection,
+        conn: Link,
         expires: u64,
     ) -> Attachment {
         let old = self.lock().attach(network, key, conn.clone(), expires);
         if let Some(old) = old {
             info!(node = %key, %network, "node connected again; closing its older relay connection");
             old.close(
-                mesh_control::quic::CLOSE_REPLACED.into(),
+                mesh_control::quic::CLOSE_REPLACED,
                 b"replaced by a newer connection of the same node",
             );
         }
@@ -120,7 +122,7 @@ impl Forwarder {
             return false;
         };
         if close {
-            conn.close(CLOSE_REVOKED.into(), b"removed from the network");
+            conn.close(CLOSE_REVOKED, b"removed from the network");
         }
         true
     }
@@ -132,7 +134,7 @@ impl Forwarder {
             return false;
         };
         conn.close(
-            CLOSE_REVOKED.into(),
+            CLOSE_REVOKED,
             b"removed from the network by the controller admin",
         );
         true
@@ -140,13 +142,7 @@ impl Forwarder {
 
     /// Forwards one frame from `from` on `conn` by the rules of [`Routes`]; false if it was
     /// dropped.
-    fn forward_one(
-        &self,
-        network: &str,
-        from: &PublicKey,
-        conn: &quinn::Connection,
-        datagram: &[u8],
-    ) -> bool {
+    fn forward_one(&self, network: &str, from: &PublicKey, conn: &Link, datagram: &[u8]) -> bool {
         let routed = self.lock().route(network, from, conn, datagram);
         let Ok(Routed { to, frame }) = routed else {
             return false;

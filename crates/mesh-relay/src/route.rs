@@ -4,7 +4,7 @@
 //! decision for each frame a node sends: the connection it goes to and the bytes to send, or why
 //! it is dropped. It never touches a socket or a clock. Its driver admits and removes nodes,
 //! hands it every frame with the connection it came on, and sends what it returns: the
-//! [`Forwarder`](crate::Forwarder) over quinn in the embedded and the standalone relay, and
+//! [`Forwarder`](crate::Forwarder) over QUIC and TCP links in the embedded and the standalone relay, and
 //! mesh-core's simulation, so relayed paths are simulated with the very rules that run.
 //!
 //! A frame ([`mesh_proto::relay`]) is forwarded only when:

@@ -1,11 +1,12 @@
-//! The standalone relay (`mesh-controller relay`): a QUIC endpoint that admits nodes by Noise
+//! The standalone relay (`mesh-controller relay`): a QUIC endpoint, and optionally a TCP
+//! listener ([`mesh_control::tcp`]) for nodes whose UDP is blocked, that admits nodes by Noise
 //! handshake plus controller ticket, and forwards their frames.
 
 use crate::forward::Forwarder;
 use crate::ticket::{Revocations, TicketError, TicketKey};
 use anyhow::Context as _;
 use mesh_control::quic::{Gate, ServerLimits, Slot};
-use mesh_control::{channel, quic};
+use mesh_control::{channel, quic, tcp, Link};
 use mesh_proto::control::{ErrorCode, Ticket};
 use mesh_proto::relay_session::{RelayClientMsg, RelayServerMsg};
 use mesh_proto::PublicKey;
@@ -33,6 +34,7 @@ fn unix_now() -> u64 {
 /// A bound relay, ready to run.
 pub struct Relay {
     endpoint: quinn::Endpoint,
+    tcp: Option<tcp::Listener>,
     shared: Arc<Shared>,
 }
 
@@ -76,6 +78,7 @@ impl Relay {
         let endpoint = quic::bind_server(listen, &secret)?;
         Ok(Relay {
             endpoint,
+            tcp: None,
             shared: Arc::new(Shared {
                 tickets: TicketKey::new(&secret, controller),
                 secret,
@@ -97,6 +100,20 @@ impl Relay {
         self.endpoint.local_addr()
     }
 
+    /// Also listens on TCP at `listen` (TLS after an HTTP upgrade) for nodes whose UDP does
+    /// not get through. Returns the address bound.
+    pub fn listen_tcp(&mut self, listen: SocketAddr) -> std::io::Result<SocketAddr> {
+        let listener = tcp::Listener::bind(listen)?;
+        let bound = listener.local_addr()?;
+        self.tcp = Some(listener);
+        Ok(bound)
+    }
+
+    /// The TCP address bound, if the relay listens on TCP.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// The forwarding table, for counters.
     pub fn forwarder(&self) -> Arc<Forwarder> {
         self.shared.forwarder.clone()
@@ -114,10 +131,26 @@ impl Relay {
                     let Some((incoming, slot)) = shared.gate.admit(incoming) else { continue };
                     let shared = shared.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = admit(incoming, slot, &shared).await {
+                        let r = async { admit(Link::Quic(incoming.await?), slot, &shared).await };
+                        if let Err(e) = r.await {
                             debug!(error = %format!("{e:#}"), "connection ended");
                         }
-                    }.instrument(tracing::info_span!("node", %remote)));
+                    }.instrument(tracing::info_span!("node", %remote, transport = "quic")));
+                }
+                accepted = accept_tcp(self.tcp.as_ref()) => {
+                    let Ok((stream, remote)) = accepted else { continue };
+                    let Some(slot) = shared.gate.admit_tcp(remote) else { continue };
+                    let (shared, upgrader) = (shared.clone(), self.tcp.as_ref().map(|l| l.upgrader()));
+                    let Some(upgrader) = upgrader else { continue };
+                    tokio::spawn(async move {
+                        let r = async {
+                            let link = upgrader.upgrade(stream, remote).await?;
+                            admit(Link::Tcp(link), slot, &shared).await
+                        };
+                        if let Err(e) = r.await {
+                            debug!(error = %format!("{e:#}"), "connection ended");
+                        }
+                    }.instrument(tracing::info_span!("node", %remote, transport = "tcp")));
                 }
                 _ = &mut shutdown => break,
             }
@@ -137,7 +170,25 @@ fn refusal(e: &TicketError) -> RelayServerMsg {
     }
 }
 
-async fn refuse(tx: &mut channel::Sender, conn: &quinn::Connection, msg: RelayServerMsg) {
+/// The next TCP connection, or never when the relay does not listen on TCP.
+pub async fn accept_tcp(
+    listener: Option<&tcp::Listener>,
+) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    match listener {
+        Some(l) => {
+            let r = l.accept().await;
+            if let Err(e) = &r {
+                // Out of file descriptors and the like: do not spin.
+                warn!(error = %e, "cannot accept a TCP connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            r
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn refuse(tx: &mut channel::Sender, conn: &Link, msg: RelayServerMsg) {
     info!(?msg, "refused");
     let _ = tx.send(&msg.encode()).await;
     tx.finish();
@@ -176,9 +227,8 @@ fn apply_revocations(
     closed
 }
 
-async fn admit(incoming: quinn::Incoming, mut slot: Slot, shared: &Shared) -> anyhow::Result<()> {
+async fn admit(conn: Link, mut slot: Slot, shared: &Shared) -> anyhow::Result<()> {
     let (secret, tickets, forwarder) = (&shared.secret, &shared.tickets, &shared.forwarder);
-    let conn = incoming.await?;
     let (mut tx, mut rx, key, ticket) = tokio::time::timeout(ADMISSION_TIMEOUT, async {
         let (tx, mut rx, key) = channel::accept(&conn, secret).await?;
         let first = rx.recv().await?;
@@ -232,7 +282,7 @@ async fn admit(incoming: quinn::Incoming, mut slot: Slot, shared: &Shared) -> an
             _ = &mut forwarding => break,
             _ = tokio::time::sleep(left) => {
                 info!(node = %key, "ticket expired without renewal; closing");
-                conn.close(CLOSE_TICKET_EXPIRED.into(), b"ticket expired");
+                conn.close(CLOSE_TICKET_EXPIRED, b"ticket expired");
                 break;
             }
             msg = rx.recv() => {

@@ -51,6 +51,7 @@ fn relay(name: &str) -> RelayInfo {
     RelayInfo {
         name: name.into(),
         addr: format!("{name}.relay.example.net:7000"),
+        tcp: Some(format!("{name}.relay.example.net:443")),
         key: PublicKey([0x77; 32]),
         ticket: ticket("prod", 1_900_000_000),
         revoked: if name == "eu-1" {

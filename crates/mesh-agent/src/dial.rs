@@ -1,0 +1,386 @@
+//! Reaching the controller or a relay over whatever gets through.
+//!
+//! QUIC on the node's one UDP socket comes first: it shares the socket with WireGuard, so the
+//! server sees the very mapping peers will use. When QUIC has not answered within
+//! [`QUIC_HEAD_START`], TLS over TCP ([`mesh_control::tcp`], port 443 by default) starts beside
+//! it, and whichever link is up first wins (happy eyeballs). Over TCP the node honours
+//! `HTTPS_PROXY` / `https_proxy` (HTTP CONNECT) and `NO_PROXY` / `no_proxy`, and never uses a
+//! proxy reached through the overlay (clusters run proxies inside it: the overlay would carry
+//! its own control traffic, and die with it).
+//!
+//! Once up, a link is watched ([`Dialer::better`]): a QUIC link that hears nothing for
+//! [`QUIC_QUIET`] while its keepalives go out gets a TCP link beside it, taken if it comes up
+//! while QUIC stays quiet; a TCP link has QUIC tried again every [`QUIC_RETRY`], and QUIC is
+//! taken back as soon as it answers.
+
+use mesh_control::tcp::{self, Proxy};
+use mesh_control::{Link, Transport};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+use tracing::{debug, info, warn};
+
+/// How long QUIC has alone before TCP starts beside it.
+pub const QUIC_HEAD_START: Duration = Duration::from_secs(2);
+/// A QUIC link that receives nothing for this long is suspect: both sides send a keepalive
+/// every 2 s when idle, and each is acknowledged, so a healthy link hears something well
+/// within it.
+pub const QUIC_QUIET: Duration = Duration::from_millis(2500);
+/// While on TCP, QUIC is tried again this often.
+pub const QUIC_RETRY: Duration = Duration::from_secs(15);
+/// How long a background QUIC attempt may take.
+const QUIC_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often a link's receive counter is sampled.
+const SAMPLE: Duration = Duration::from_millis(250);
+
+/// Where a server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// `host:port` of its QUIC (UDP) side.
+    pub quic: String,
+    /// `host:port` of its TCP side.
+    pub tcp: String,
+    /// TLS server name on QUIC.
+    pub server_name: &'static str,
+}
+
+impl Target {
+    /// A server at `quic`, with its TCP side at `tcp` or, when unknown (an older token or
+    /// relay list), on [`tcp::DEFAULT_PORT`] of the same host.
+    pub fn new(quic: &str, tcp: Option<&str>, server_name: &'static str) -> Target {
+        let tcp = match tcp {
+            Some(t) => t.to_owned(),
+            None => {
+                let host = quic.rsplit_once(':').map_or(quic, |(h, _)| h);
+                format!("{host}:{}", tcp::DEFAULT_PORT)
+            }
+        };
+        Target {
+            quic: quic.to_owned(),
+            tcp,
+            server_name,
+        }
+    }
+}
+
+/// The proxy settings from the environment.
+#[derive(Debug, Clone, Default)]
+pub struct ProxyEnv {
+    /// `HTTPS_PROXY`, parsed.
+    pub https: Option<Proxy>,
+    /// `NO_PROXY` entries: host names, `.domain` suffixes, IPs, CIDRs, or `*`.
+    pub no_proxy: Vec<String>,
+}
+
+fn env_either(upper: &str, lower: &str) -> Option<String> {
+    std::env::var(lower)
+        .ok()
+        .or_else(|| std::env::var(upper).ok())
+        .filter(|v| !v.trim().is_empty())
+}
+
+impl ProxyEnv {
+    /// Reads `https_proxy`/`HTTPS_PROXY` and `no_proxy`/`NO_PROXY`; an unusable proxy URL is
+    /// logged and ignored.
+    pub fn from_env() -> ProxyEnv {
+        let https = env_either("HTTPS_PROXY", "https_proxy").and_then(|url| {
+            Proxy::parse(&url)
+                .inspect_err(|e| warn!(error = %e, "HTTPS_PROXY ignored"))
+                .ok()
+        });
+        let no_proxy = env_either("NO_PROXY", "no_proxy")
+            .map(|v| {
+                v.split(',')
+                    .map(|s| s.trim().to_ascii_lowercase())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default();
+        ProxyEnv { https, no_proxy }
+    }
+
+    /// The proxy for `host` (a name or an IP), unless `NO_PROXY` exempts it.
+    pub fn for_host(&self, host: &str) -> Option<&Proxy> {
+        let proxy = self.https.as_ref()?;
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase();
+        let ip: Option<IpAddr> = host.parse().ok();
+        let exempt = self.no_proxy.iter().any(|entry| {
+            let entry = entry.split_once(':').map_or(entry.as_str(), |(h, _)| h);
+            if entry == "*" {
+                return true;
+            }
+            if let (Some(ip), Ok(net)) = (ip, entry.parse::<ipnet::IpNet>()) {
+                return net.contains(&ip);
+            }
+            if let (Some(ip), Ok(e)) = (ip, entry.parse::<IpAddr>()) {
+                return ip == e;
+            }
+            let suffix = entry.trim_start_matches('.');
+            host == suffix || host.ends_with(&format!(".{suffix}"))
+        });
+        (!exempt).then_some(proxy)
+    }
+}
+
+/// Opens links to servers.
+#[derive(Clone)]
+pub struct Dialer {
+    /// The QUIC endpoint on the node's shared socket.
+    pub endpoint: quinn::Endpoint,
+    /// The firewall mark for TCP sockets (see `mesh_sys::bypass`), if the node can set it.
+    pub mark: Option<u32>,
+    /// Proxy settings.
+    pub proxy: ProxyEnv,
+    /// The overlay interface, whose routes a proxy may not be behind.
+    pub interface: String,
+    /// The overlay range, once known.
+    pub overlay: Option<ipnet::Ipv4Net>,
+}
+
+impl Dialer {
+    /// QUIC only, within `timeout`.
+    pub async fn quic(&self, target: &Target, timeout: Duration) -> Result<Link, String> {
+        let attempt = async {
+            let addr = resolve(&target.quic).await?;
+            let conn = self
+                .endpoint
+                .connect(addr, target.server_name)
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(Link::Quic(conn))
+        };
+        tokio::time::timeout(timeout, attempt)
+            .await
+            .unwrap_or_else(|_| Err(format!("no QUIC answer within {timeout:?}")))
+    }
+
+    /// TCP only (through the proxy, if one applies and may be used).
+    pub async fn tcp(&self, target: &Target) -> Result<Link, String> {
+        let host = target
+            .tcp
+            .rsplit_once(':')
+            .map_or(target.tcp.as_str(), |(h, _)| h);
+        let proxy = match self.proxy.for_host(host) {
+            Some(p) if self.reached_through_overlay(p).await => {
+                warn!(proxy = %p.addr, "HTTPS_PROXY is reached through the overlay; not using it for mesh's own connections");
+                None
+            }
+            p => p.cloned(),
+        };
+        let dialer = tcp::Dialer {
+            mark: self.mark,
+            proxy,
+        };
+        tcp::connect(&dialer, &target.tcp)
+            .await
+            .map(Link::Tcp)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Whether the proxy's address is inside the overlay or behind a route through it.
+    async fn reached_through_overlay(&self, proxy: &Proxy) -> bool {
+        let Ok(addrs) = tokio::net::lookup_host(&proxy.addr).await else {
+            return false;
+        };
+        let addrs: Vec<SocketAddr> = addrs.collect();
+        let excluded = match mesh_sys::netlink::overlay_view(&self.interface, self.overlay).await {
+            Ok(view) => view.excluded,
+            Err(_) => self.overlay.into_iter().collect(),
+        };
+        addrs.iter().any(|a| match a.ip() {
+            IpAddr::V4(ip) => excluded.iter().any(|net| net.contains(&ip)) && !ip.is_loopback(),
+            IpAddr::V6(_) => false,
+        })
+    }
+
+    /// Happy eyeballs: QUIC, then TCP beside it after [`QUIC_HEAD_START`] (at once if QUIC
+    /// fails sooner); the first link up wins. Fails when both failed or `timeout` passed.
+    pub async fn connect(&self, target: &Target, timeout: Duration) -> Result<Link, DialError> {
+        let started = Instant::now();
+        let quic = self.quic(target, timeout);
+        tokio::pin!(quic);
+        let head_start = tokio::time::sleep(QUIC_HEAD_START);
+        tokio::pin!(head_start);
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        type Attempt<'a> =
+            std::pin::Pin<Box<dyn std::future::Future<Output = Result<Link, String>> + Send + 'a>>;
+        let mut tcp: Option<Attempt<'_>> = None;
+        let (mut quic_err, mut tcp_err) = (None, None);
+        loop {
+            tokio::select! {
+                r = &mut quic, if quic_err.is_none() => match r {
+                    Ok(link) => return Ok(link),
+                    Err(e) => {
+                        debug!(target = %target.quic, error = %e, "QUIC failed");
+                        quic_err = Some(e);
+                        // No reason to wait out the head start.
+                        if tcp.is_none() {
+                            tcp = Some(Box::pin(self.tcp(target)));
+                        }
+                    }
+                },
+                _ = &mut head_start, if tcp.is_none() => {
+                    debug!(target = %target.quic, "no QUIC answer yet; trying TCP beside it");
+                    tcp = Some(Box::pin(self.tcp(target)));
+                }
+                r = async {
+                    match tcp.as_mut() {
+                        Some(t) => t.await,
+                        None => std::future::pending().await,
+                    }
+                }, if tcp.is_some() && tcp_err.is_none() => match r {
+                    Ok(link) => {
+                        info!(target = %target.tcp, after_ms = started.elapsed().as_millis() as u64, "connected over TCP (QUIC did not answer)");
+                        return Ok(link);
+                    }
+                    Err(e) => {
+                        debug!(target = %target.tcp, error = %e, "TCP failed");
+                        tcp_err = Some(e);
+                    }
+                },
+                _ = &mut deadline => return Err(DialError::Timeout { quic: quic_err, tcp: tcp_err }),
+            }
+            if let (Some(quic), Some(tcp)) = (&quic_err, &tcp_err) {
+                return Err(DialError::Failed {
+                    quic: quic.clone(),
+                    tcp: tcp.clone(),
+                });
+            }
+        }
+    }
+
+    /// Resolves with a better link to `target` than `current`, and never otherwise (see the
+    /// module docs).
+    pub async fn better(&self, target: &Target, current: &Link) -> Link {
+        match current.transport() {
+            Transport::Quic => loop {
+                self.quiet(current).await;
+                debug!(target = %target.quic, "QUIC link quiet; trying TCP beside it");
+                let tcp = self.tcp(target);
+                tokio::pin!(tcp);
+                let heard = self.heard(current);
+                tokio::pin!(heard);
+                tokio::select! {
+                    r = &mut tcp => match r {
+                        Ok(link) => {
+                            info!(target = %target.tcp, "QUIC went quiet; moving to TCP");
+                            return link;
+                        }
+                        Err(e) => {
+                            debug!(error = %e, "TCP failed too");
+                            tokio::time::sleep(QUIC_HEAD_START).await;
+                        }
+                    },
+                    _ = &mut heard => debug!("QUIC link heard again"),
+                }
+            },
+            Transport::Tcp => loop {
+                // Jitter keeps many nodes of one network from retrying in step.
+                let jitter = Duration::from_millis(rand::random::<u64>() % 3000);
+                tokio::time::sleep(QUIC_RETRY + jitter).await;
+                match self.quic(target, QUIC_PROBE_TIMEOUT).await {
+                    Ok(link) => {
+                        info!(target = %target.quic, "QUIC answers again; moving back from TCP");
+                        return link;
+                    }
+                    Err(e) => debug!(error = %e, "QUIC still does not answer"),
+                }
+            },
+        }
+    }
+
+    /// Resolves once `link` has received nothing for [`QUIC_QUIET`].
+    async fn quiet(&self, link: &Link) {
+        let mut last = link.received();
+        let mut since = Instant::now();
+        loop {
+            tokio::time::sleep(SAMPLE).await;
+            let now = link.received();
+            if now != last {
+                last = now;
+                since = Instant::now();
+            } else if since.elapsed() >= QUIC_QUIET {
+                return;
+            }
+        }
+    }
+
+    /// Resolves once `link` receives something.
+    async fn heard(&self, link: &Link) {
+        let last = link.received();
+        while link.received() == last {
+            tokio::time::sleep(SAMPLE).await;
+        }
+    }
+}
+
+/// Neither transport got through.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DialError {
+    /// Both failed.
+    #[error("over QUIC (UDP): {quic}; over TCP: {tcp}")]
+    Failed {
+        /// QUIC's error.
+        quic: String,
+        /// TCP's error.
+        tcp: String,
+    },
+    /// Time ran out.
+    #[error("no answer in time (QUIC: {}; TCP: {})", quic.as_deref().unwrap_or("no answer"), tcp.as_deref().unwrap_or("no answer"))]
+    Timeout {
+        /// QUIC's error, if it failed.
+        quic: Option<String>,
+        /// TCP's error, if it failed.
+        tcp: Option<String>,
+    },
+}
+
+async fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| format!("cannot resolve {addr}: {e}"))?
+        .find(|a| a.is_ipv4())
+        .ok_or_else(|| format!("{addr} has no IPv4 address"))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn tcp_side_defaults_to_443_of_the_host() {
+        let t = Target::new("192.0.2.1:7443", None, "mesh-controller");
+        assert_eq!(t.tcp, "192.0.2.1:443");
+        let t = Target::new("ctl.example:7443", Some("ctl.example:8443"), "x");
+        assert_eq!(t.tcp, "ctl.example:8443");
+    }
+
+    #[test]
+    fn no_proxy_exempts_names_suffixes_ips_and_ranges() {
+        let env = ProxyEnv {
+            https: Some(Proxy::parse("http://proxy.corp:3128").unwrap()),
+            no_proxy: ["internal.example", ".svc", "192.0.2.9", "198.51.100.0/24"]
+                .map(String::from)
+                .to_vec(),
+        };
+        assert!(env.for_host("ctl.public.example").is_some());
+        assert!(env.for_host("internal.example").is_none());
+        assert!(env.for_host("a.internal.example").is_none());
+        assert!(env.for_host("api.default.svc").is_none());
+        assert!(env.for_host("192.0.2.9").is_none());
+        assert!(env.for_host("192.0.2.10").is_some());
+        assert!(env.for_host("198.51.100.77").is_none());
+        let all = ProxyEnv {
+            no_proxy: vec!["*".into()],
+            ..env.clone()
+        };
+        assert!(all.for_host("anything").is_none());
+        let none = ProxyEnv::default();
+        assert!(none.for_host("x").is_none());
+    }
+}
