@@ -17,6 +17,8 @@ command -v setpriv >/dev/null || need+=(util-linux)
 command -v nft >/dev/null || need+=(nftables)
 command -v iperf3 >/dev/null || need+=(iperf3)
 command -v python3 >/dev/null || need+=(python3)
+# The shipped units are checked with systemd-analyze verify (nothing is started).
+command -v systemd-analyze >/dev/null || need+=(systemd)
 # The port mapping tests run miniupnpd in a lab router. This package is the daemon alone: no
 # service, nothing starts on the host (the `miniupnpd` package would add the service).
 command -v miniupnpd >/dev/null || [ -x /usr/sbin/miniupnpd ] || need+=(miniupnpd-nftables)
