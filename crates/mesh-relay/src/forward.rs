@@ -148,8 +148,14 @@ impl Forwarder {
             return false;
         };
         let len = frame.len();
-        // A full destination queue drops its oldest datagrams, never blocks the sender.
+        // A full destination queue drops its oldest datagrams, never blocks the sender (quinn
+        // does not count them; a TCP link does, and they count as dropped here).
+        let before = to.datagrams_dropped();
         if to.send_datagram(frame.into()).is_ok() {
+            let evicted = to.datagrams_dropped().saturating_sub(before);
+            if evicted > 0 {
+                self.lock().evicted(evicted);
+            }
             return true;
         }
         self.lock().undelivered(len);

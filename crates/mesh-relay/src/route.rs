@@ -247,6 +247,14 @@ impl<C: Connection> Routes<C> {
         self.counters.dropped += 1;
     }
 
+    /// `n` frames counted as forwarded were dropped later, from a full queue of the
+    /// destination's link (a TCP link drops its oldest queued frames; a slow reader never grows
+    /// the relay's memory).
+    pub fn evicted(&mut self, n: u64) {
+        self.counters.forwarded = self.counters.forwarded.saturating_sub(n);
+        self.counters.dropped += n;
+    }
+
     /// Totals since start.
     pub fn counters(&self) -> RelayCounters {
         self.counters
