@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 #
 # TCP throughput through mesh compared with plain veth and two other
-# userspace WireGuard implementations (boringtun-cli, wireguard-go).
+# userspace WireGuard implementations (boringtun-cli, wireguard-go), and
+# through mesh's relay: over QUIC (direct UDP between the nodes blocked) and
+# over TCP (all UDP of the nodes blocked), as ratios to the direct path.
 # See benches/README.md. Needs root; everything runs in throwaway network
 # namespaces that are removed on exit.
 #
 # Environment:
 #   BENCH_SECONDS   length of each iperf3 run in seconds (default 10)
 #   BENCH_PATHS     paths to measure, space separated
-#                   (default "veth mesh boringtun wireguard-go")
+#                   (default "veth mesh relay-quic relay-tcp boringtun
+#                   wireguard-go"; the relay paths need mesh)
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -17,7 +20,7 @@ ROOT=$(cd "$HERE/.." && pwd)
 . "$HERE/lib-netns.sh"
 
 BENCH_SECONDS=${BENCH_SECONDS:-10}
-BENCH_PATHS=${BENCH_PATHS:-veth mesh boringtun wireguard-go}
+BENCH_PATHS=${BENCH_PATHS:-veth mesh relay-quic relay-tcp boringtun wireguard-go}
 [[ $BENCH_SECONDS =~ ^[1-9][0-9]*$ ]] || die "BENCH_SECONDS must be a positive integer (got '$BENCH_SECONDS')"
 
 TOOLS_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/bench-tools"
@@ -227,6 +230,72 @@ bench_mesh() {
         return 1
     }
     measure mesh "$ip_b"
+    MESH_IP_B=$ip_b
+    MESH_SD=$sd
+}
+
+# The transport of the controller session of the agent with state dir $2 in namespace $1.
+mesh_transport() {
+    ip netns exec "$1" "$MESH_BIN" status --json --state-dir "$2" 2>/dev/null |
+        jq -r '.controller.transport // empty'
+}
+
+mesh_path_to() { # NS STATE_DIR PEER_NAME -> prints direct or relay
+    ip netns exec "$1" "$MESH_BIN" status --json --state-dir "$2" 2>/dev/null |
+        jq -r --arg n "$3" '.peers[] | select(.name == $n) | .path'
+}
+
+on_relay() { [[ $(mesh_path_to "$NS_A" "$MESH_SD/a" bench-b) == relay ]]; }
+both_on_tcp() {
+    [[ $(mesh_transport "$NS_A" "$MESH_SD/a") == tcp && $(mesh_transport "$NS_B" "$MESH_SD/b") == tcp ]]
+}
+
+# Drops UDP between the two nodes (their direct path), or all their UDP (QUIC to the
+# controller too), as a firewall in each node's namespace would. The overlay (mesh0) is spared.
+block_udp() { # direct|all
+    local n peer
+    for n in a b; do
+        if [[ $1 == direct ]]; then
+            peer=$([[ $n == a ]] && echo "$B_IP" || echo "$A_IP")
+            ip netns exec "$(ns "$n")" nft "table inet benchblock { chain o { type filter hook output priority 0; oifname != \"mesh0\" ip daddr $peer meta l4proto udp drop; }; chain i { type filter hook input priority 0; iifname != \"mesh0\" ip saddr $peer meta l4proto udp drop; }; }"
+        else
+            ip netns exec "$(ns "$n")" nft "table inet benchblock { chain o { type filter hook output priority 0; oifname != \"mesh0\" meta l4proto udp drop; }; chain i { type filter hook input priority 0; iifname != \"mesh0\" meta l4proto udp drop; }; }"
+        fi
+    done
+}
+
+unblock_udp() {
+    local n
+    for n in a b; do ip netns exec "$(ns "$n")" nft delete table inet benchblock 2>/dev/null || true; done
+}
+
+bench_relay() {
+    step "Path 2b: mesh through the controller's relay, over QUIC and over TCP"
+    if [[ -z ${MESH_IP_B:-} ]]; then
+        skip relay-quic "mesh was not measured"
+        skip relay-tcp "mesh was not measured"
+        return 1
+    fi
+    if want relay-quic; then
+        block_udp direct
+        if wait_until 20 "A -> B on the relay" on_relay; then
+            wait_until 10 "A -> B over the relay" ns_ping "$NS_A" "$MESH_IP_B" || true
+            measure relay-quic "$MESH_IP_B" || true
+        else
+            skip relay-quic "the pair did not move to the relay"
+        fi
+        unblock_udp
+    fi
+    if want relay-tcp; then
+        block_udp all
+        if wait_until 30 "both agents on TCP" both_on_tcp && wait_until 20 "A -> B on the relay" on_relay; then
+            wait_until 10 "A -> B over the relay" ns_ping "$NS_A" "$MESH_IP_B" || true
+            measure relay-tcp "$MESH_IP_B" || true
+        else
+            skip relay-tcp "the agents did not move to TCP"
+        fi
+        unblock_udp
+    fi
 }
 
 # --------------------------------------------------- userspace WireGuard --
@@ -317,6 +386,7 @@ bench_wggo() {
 want veth && { bench_veth || true; }
 if want mesh; then
     bench_mesh || true
+    if want relay-quic || want relay-tcp; then bench_relay || true; fi
     mesh_stop
 fi
 if want boringtun; then
@@ -333,7 +403,7 @@ fi
 step "Results: TCP A -> B, iperf3, ${BENCH_SECONDS}s"
 printf '    %-14s %12s %14s\n' path "Mbit/s" "mesh/path"
 printf '    %-14s %12s %14s\n' -------------- ------------ --------------
-for path in veth mesh boringtun wireguard-go; do
+for path in veth mesh relay-quic relay-tcp boringtun wireguard-go; do
     want "$path" || continue
     if [[ -n ${MBITS[$path]:-} ]]; then
         if [[ -n ${MBITS[mesh]:-} ]]; then
@@ -346,11 +416,17 @@ for path in veth mesh boringtun wireguard-go; do
         printf '    %-14s %12s %14s   (%s)\n' "$path" "-" "-" "${WHY[$path]:-not measured}"
     fi
 done
+for path in relay-quic relay-tcp; do
+    if [[ -n ${MBITS[$path]:-} && -n ${MBITS[mesh]:-} ]]; then
+        printf '    %s carries %s of the direct path\n' "$path" \
+            "$(awk -v r="${MBITS[$path]}" -v m="${MBITS[mesh]}" 'BEGIN { printf "%.0f %%", 100 * r / m }')"
+    fi
+done
 echo
 
 REPORTED=1
 # Logs of the paths that were skipped, so that the reason is visible.
-for path in veth mesh boringtun wireguard-go; do
+for path in veth mesh relay-quic relay-tcp boringtun wireguard-go; do
     if ! want "$path" || [[ -z ${WHY[$path]:-} ]]; then continue; fi
     for f in "$WORK/$path"-*.log "$WORK/iperf-$path.err"; do
         [[ -s $f ]] || continue

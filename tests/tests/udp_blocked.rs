@@ -356,3 +356,119 @@ fn udp_blocked_while_up_moves_to_tcp_in_seconds_and_back_when_it_returns() {
         t.elapsed()
     );
 }
+
+fn relay_state(a: &Agent, name: &str) -> (bool, String) {
+    let status = a.status().unwrap_or_default();
+    let relay = status["relays"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["name"] == name)
+        .cloned()
+        .unwrap_or_default();
+    (
+        relay["connected"] == true,
+        relay["transport"].as_str().unwrap_or("").to_owned(),
+    )
+}
+
+#[test]
+fn a_standalone_relay_restarted_under_nodes_on_tcp_gets_them_back() {
+    let mut nat = NatLab::new("tcprelay").unwrap();
+    let ctl_host = nat.controller_host();
+    let relay_host = nat.add_public_host("relay").unwrap();
+    let fw1 = nat.add_router("fw1", NatKind::PortRestricted).unwrap();
+    let fw2 = nat.add_router("fw2", NatKind::PortRestricted).unwrap();
+    let h1 = nat.add_host_behind(&fw1, "w1").unwrap();
+    let h2 = nat.add_host_behind(&fw2, "w2").unwrap();
+    block_udp(&fw1, None);
+    block_udp(&fw2, None);
+
+    let ctl = Controller::start(nat.lab(), &ctl_host).unwrap();
+    ctl.create_network(NET).unwrap();
+    let token = ctl.create_token(NET, &["--reusable"]).unwrap();
+    let controller_key = ctl.admin(["key"]).ok().unwrap().stdout.trim().to_owned();
+    let state = nat.lab().state_dir("relay").unwrap();
+    let state = state.to_str().unwrap().to_owned();
+    let bin = mesh_e2e::controller_bin().unwrap();
+    let key = mesh_e2e::run(
+        &relay_host.ns,
+        &bin,
+        ["relay", "--print-key", "--state-dir", state.as_str()],
+    )
+    .ok()
+    .unwrap()
+    .stdout
+    .trim()
+    .to_owned();
+    let listen = format!("{}:7444", relay_host.ip);
+    let tcp = format!("{}:443", relay_host.ip);
+    let args = [
+        "relay",
+        "--listen",
+        listen.as_str(),
+        "--controller-key",
+        controller_key.as_str(),
+        "--state-dir",
+        state.as_str(),
+    ];
+    let relay_up = |ns: &str| {
+        wait_until(Duration::from_secs(10), || {
+            mesh_e2e::run(ns, "ss", ["-H", "-ltn"])
+                .stdout
+                .contains(&format!("{}:443", relay_host.ip))
+        })
+    };
+    let mut relay = nat.spawn(&relay_host, "relay", &bin, args).unwrap();
+    assert!(relay_up(&relay_host.ns), "relay did not listen on TCP");
+    ctl.admin([
+        "region",
+        "add",
+        "eu",
+        "--addr",
+        &listen,
+        "--tcp-addr",
+        &tcp,
+        "--key",
+        &key,
+    ])
+    .ok()
+    .unwrap();
+
+    let a = Agent::join(nat.lab(), &h1, "w1", &token).unwrap();
+    let b = Agent::join(nat.lab(), &h2, "w2", &token).unwrap();
+    let on_relay_over_tcp = || {
+        relay_state(&a, "eu") == (true, "tcp".to_owned())
+            && relay_state(&b, "eu") == (true, "tcp".to_owned())
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), on_relay_over_tcp),
+        "not on the standalone relay over TCP: {:#}",
+        a.status().unwrap()
+    );
+    assert!(h1.wait_ping(b.address, Duration::from_secs(10)));
+    assert!(
+        wait_until(Duration::from_secs(10), || a
+            .peer("w2")
+            .is_ok_and(|p| p["relay"] == "eu")),
+        "traffic not through the standalone relay: {:#}",
+        a.peer("w2").unwrap()
+    );
+
+    // The relay restarts: the nodes come back to it over TCP and traffic flows.
+    relay.kill9();
+    let mut relay = nat.spawn(&relay_host, "relay-again", &bin, args).unwrap();
+    assert!(relay_up(&relay_host.ns));
+    let t = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(30), on_relay_over_tcp),
+        "not back on the restarted relay: {:#}",
+        a.status().unwrap()
+    );
+    assert!(h1.wait_ping(b.address, Duration::from_secs(10)));
+    eprintln!(
+        "standalone relay restarted under nodes on TCP: back after {:?}",
+        t.elapsed()
+    );
+    relay.stop();
+}

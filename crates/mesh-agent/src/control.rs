@@ -173,6 +173,11 @@ pub async fn open_on(
 }
 
 impl Session {
+    /// The transport the session runs on.
+    pub fn transport(&self) -> mesh_control::Transport {
+        self.conn.transport()
+    }
+
     /// Asks the controller to delete this node; waits for the confirmation.
     pub async fn leave(mut self) -> Result<(), ControlError> {
         let failed = |reason: String| ControlError::Failed {
@@ -403,6 +408,14 @@ pub async fn run(
         backoff = Duration::from_secs(1);
         set_status(&ctx, true, None);
         let transport = session.conn.transport();
+        // Where only TCP got through, the next connection attempt starts it at once.
+        let tcp_only = transport == mesh_control::Transport::Tcp;
+        ctx.dialer
+            .tcp_first
+            .store(tcp_only, std::sync::atomic::Ordering::Relaxed);
+        if let Err(e) = ctx.state.save_tcp_only(tcp_only) {
+            warn!(error = %format!("{e:#}"), "cannot remember the transport");
+        }
         if let Ok(mut s) = ctx.status.lock() {
             s.transport = Some(transport.to_string());
             s.observed = welcome.observed;

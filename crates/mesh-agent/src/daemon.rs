@@ -177,6 +177,9 @@ fn start(
         proxy: ProxyEnv::from_env(),
         interface: opts.interface.clone(),
         overlay,
+        tcp_first: Arc::new(std::sync::atomic::AtomicBool::new(
+            opts.state.load_tcp_only(),
+        )),
     };
     if let Some(p) = &dialer.proxy.https {
         info!(proxy = %p.addr, "HTTPS_PROXY set: used for TCP to the controller and relays where UDP does not get through");
@@ -295,6 +298,9 @@ pub async fn join(
         port_mapping: opts.port_mapping,
     };
     opts.state.save_membership(&membership)?;
+    // `mesh up`, next, goes straight to TCP where QUIC did not get through.
+    opts.state
+        .save_tcp_only(session.transport() == mesh_control::Transport::Tcp)?;
     opts.state.save_peers(&welcome.peers)?;
     opts.state.save_relays(&welcome.relays)?;
     let _ = running
@@ -302,9 +308,14 @@ pub async fn join(
         .send(DataCmd::SetAddress(membership.address))
         .await;
     info!(network = %membership.network, name = %membership.name, address = %membership.address, "joined");
+    let over_quic = session.transport() == mesh_control::Transport::Quic;
     drop(session);
     running.endpoint.close(0u32.into(), b"joined");
-    let _ = tokio::time::timeout(Duration::from_secs(2), running.endpoint.wait_idle()).await;
+    // Over QUIC, let the close reach the controller. Over TCP, the endpoint holds only the QUIC
+    // attempt that lost the race, whose packets go nowhere: no reason to wait for it.
+    if over_quic {
+        let _ = tokio::time::timeout(Duration::from_secs(2), running.endpoint.wait_idle()).await;
+    }
     let _ = running.shutdown_tx.send(true);
     Ok(membership)
 }
@@ -832,6 +843,7 @@ pub async fn leave_offline(state: &StateDir, force: bool) -> anyhow::Result<Stri
             proxy: ProxyEnv::from_env(),
             interface: m.interface.clone(),
             overlay: Some(overlay_range(&m)),
+            tcp_first: Arc::new(std::sync::atomic::AtomicBool::new(state.load_tcp_only())),
         };
         let target = Target::new(
             &m.controller,

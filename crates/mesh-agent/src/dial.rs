@@ -16,6 +16,8 @@
 use mesh_control::tcp::{self, Proxy};
 use mesh_control::{Link, Transport};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
@@ -137,6 +139,9 @@ pub struct Dialer {
     pub interface: String,
     /// The overlay range, once known.
     pub overlay: Option<ipnet::Ipv4Net>,
+    /// QUIC did not get through last time: TCP starts beside it at once, without the head
+    /// start (QUIC still wins if it answers first, and is retried in the background).
+    pub tcp_first: Arc<AtomicBool>,
 }
 
 impl Dialer {
@@ -202,7 +207,11 @@ impl Dialer {
         let started = Instant::now();
         let quic = self.quic(target, timeout);
         tokio::pin!(quic);
-        let head_start = tokio::time::sleep(QUIC_HEAD_START);
+        let head_start = tokio::time::sleep(if self.tcp_first.load(Ordering::Relaxed) {
+            Duration::ZERO
+        } else {
+            QUIC_HEAD_START
+        });
         tokio::pin!(head_start);
         let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline);

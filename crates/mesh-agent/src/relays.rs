@@ -509,6 +509,7 @@ mod tests {
                 proxy: Default::default(),
                 interface: "mesh-test0".into(),
                 overlay: None,
+                tcp_first: Default::default(),
             },
             node_key: member_secret,
             data,

@@ -15,6 +15,8 @@ const KEY_FILE: &str = "node.key";
 const NODE_FILE: &str = "node.json";
 const PEERS_FILE: &str = "peers.json";
 const RELAYS_FILE: &str = "relays.json";
+/// Present while the controller was last reached over TCP only (its content: `tcp`).
+const TRANSPORT_FILE: &str = "transport";
 const SOCKET_FILE: &str = "mesh.sock";
 
 /// What the node remembers about its membership (`node.json`).
@@ -287,6 +289,26 @@ impl StateDir {
             &serde_json::to_vec(relays)?,
             0o600,
         )
+    }
+
+    /// Remembers whether the controller was last reached over TCP only, so that the next
+    /// start (`mesh up` after `mesh join`, a restart) tries TCP at once instead of after
+    /// QUIC's head start.
+    pub fn save_tcp_only(&self, tcp_only: bool) -> anyhow::Result<()> {
+        let path = self.dir.join(TRANSPORT_FILE);
+        if tcp_only {
+            write_file(&path, b"tcp\n", 0o600)
+        } else {
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+                _ => Ok(()),
+            }
+        }
+    }
+
+    /// Whether the controller was last reached over TCP only.
+    pub fn load_tcp_only(&self) -> bool {
+        std::fs::read_to_string(self.dir.join(TRANSPORT_FILE)).is_ok_and(|s| s.trim() == "tcp")
     }
 
     /// The cached relay list (empty if none or unreadable).
