@@ -520,10 +520,50 @@ struct Inner {
     dropped: AtomicU64,
 }
 
-/// One upgraded TCP connection (see the module docs). Clones share it.
+impl Inner {
+    fn set_closed(&self, code: Option<u32>, reason: String) -> bool {
+        self.state.send_if_modified(|s| {
+            if s.is_some() {
+                return false;
+            }
+            *s = Some(LinkClosed { code, reason });
+            true
+        })
+    }
+
+    fn close(&self, code: u32, reason: &[u8]) {
+        if self.state.borrow().is_some() {
+            return;
+        }
+        let reason = &reason[..reason.len().min(MAX_CLOSE_REASON)];
+        let mut frame = Vec::with_capacity(4 + reason.len());
+        frame.extend_from_slice(&code.to_be_bytes());
+        frame.extend_from_slice(reason);
+        *lock(&self.close_frame) = Some(frame.into());
+        self.set_closed(
+            Some(code),
+            format!("closed locally: {}", String::from_utf8_lossy(reason)),
+        );
+    }
+}
+
+/// Closes the link when the last handle its owners hold goes (the reader and writer tasks
+/// hold none), as dropping a QUIC connection does.
+struct CloseOnDrop(Arc<Inner>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close(0, b"dropped");
+    }
+}
+
+/// One upgraded TCP connection (see the module docs). Clones share it; when the last clone
+/// goes, the connection is closed.
 #[derive(Clone)]
 pub struct TcpLink {
     inner: Arc<Inner>,
+    /// `None` in the link's own tasks.
+    _owner: Option<Arc<CloseOnDrop>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -537,29 +577,34 @@ impl TcpLink {
     {
         let (control_out, control_out_rx) = mpsc::channel(CONTROL_QUEUE);
         let (control_in_tx, control_in) = mpsc::channel(CONTROL_QUEUE);
-        let link = TcpLink {
-            inner: Arc::new(Inner {
-                remote,
-                exporter,
-                control_out,
-                control_in: tokio::sync::Mutex::new(control_in),
-                out: Mutex::new(Queue::default()),
-                pongs: Mutex::new(Vec::new()),
-                wake_writer: Notify::new(),
-                inbox: Mutex::new(Queue::default()),
-                wake_reader: Notify::new(),
-                state: watch::channel(None).0,
-                close_frame: Mutex::new(None),
-                started: Instant::now(),
-                rtt_us: AtomicU64::new(rtt.as_micros() as u64),
-                frames_rx: AtomicU64::new(0),
-                dropped: AtomicU64::new(0),
-            }),
+        let inner = Arc::new(Inner {
+            remote,
+            exporter,
+            control_out,
+            control_in: tokio::sync::Mutex::new(control_in),
+            out: Mutex::new(Queue::default()),
+            pongs: Mutex::new(Vec::new()),
+            wake_writer: Notify::new(),
+            inbox: Mutex::new(Queue::default()),
+            wake_reader: Notify::new(),
+            state: watch::channel(None).0,
+            close_frame: Mutex::new(None),
+            started: Instant::now(),
+            rtt_us: AtomicU64::new(rtt.as_micros() as u64),
+            frames_rx: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+        });
+        let task = || TcpLink {
+            inner: inner.clone(),
+            _owner: None,
         };
         let (read, write) = tokio::io::split(stream);
-        tokio::spawn(link.clone().read_loop(read, control_in_tx));
-        tokio::spawn(link.clone().write_loop(write, control_out_rx));
-        link
+        tokio::spawn(task().read_loop(read, control_in_tx));
+        tokio::spawn(task().write_loop(write, control_out_rx));
+        TcpLink {
+            _owner: Some(Arc::new(CloseOnDrop(inner.clone()))),
+            inner,
+        }
     }
 
     /// The other side's address.
@@ -578,26 +623,12 @@ impl TcpLink {
     }
 
     fn set_closed(&self, code: Option<u32>, reason: String) -> bool {
-        self.inner.state.send_if_modified(|s| {
-            if s.is_some() {
-                return false;
-            }
-            *s = Some(LinkClosed { code, reason });
-            true
-        })
+        self.inner.set_closed(code, reason)
     }
 
     /// Closes the link: the other side receives `code` and `reason`.
     pub fn close(&self, code: u32, reason: &[u8]) {
-        let reason = &reason[..reason.len().min(MAX_CLOSE_REASON)];
-        let mut frame = Vec::with_capacity(4 + reason.len());
-        frame.extend_from_slice(&code.to_be_bytes());
-        frame.extend_from_slice(reason);
-        *lock(&self.inner.close_frame) = Some(frame.into());
-        self.set_closed(
-            Some(code),
-            format!("closed locally: {}", String::from_utf8_lossy(reason)),
-        );
+        self.inner.close(code, reason);
     }
 
     /// Waits until the link is closed.

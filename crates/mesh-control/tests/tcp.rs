@@ -315,3 +315,24 @@ async fn nothing_listening_is_a_clear_error() {
         .unwrap();
     assert!(err.to_string().contains("refused"), "{err}");
 }
+
+#[tokio::test]
+async fn dropping_every_handle_closes_the_connection() {
+    // A server task that ends (a refused node, a finished session) drops its link; the
+    // connection must not live on in the link's own reader and writer tasks.
+    let (addr, mut links) = server().await;
+    let client: Link = tcp::connect(&Dialer::default(), &addr.to_string())
+        .await
+        .unwrap()
+        .into();
+    let server_side = links.recv().await.unwrap();
+    let copy = server_side.clone();
+    drop(server_side);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(client.close_reason().is_none(), "a clone still holds it");
+    drop(copy);
+    let closed = tokio::time::timeout(Duration::from_secs(5), client.closed())
+        .await
+        .expect("the other side sees the close");
+    assert_eq!(closed.code, Some(0), "{closed}");
+}
