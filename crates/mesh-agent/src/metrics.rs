@@ -85,8 +85,23 @@ fn register_port_mapping(reg: &mut Registry, pm: &Snapshot) {
     );
 }
 
+/// What the metrics show of the control connection.
+#[derive(Debug, Clone, Default)]
+pub struct Control {
+    /// Whether it is up.
+    pub connected: bool,
+    /// `quic` or `tcp`.
+    pub transport: Option<String>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransportLabels {
+    transport: String,
+}
+
 /// Renders the metrics text for one snapshot.
-pub fn render(status: &DataStatus, control_connected: bool, port_mapping: &Snapshot) -> String {
+pub fn render(status: &DataStatus, control: &Control, port_mapping: &Snapshot) -> String {
+    let control_connected = control.connected;
     let mut reg = Registry::with_prefix("mesh");
     let up = Gauge::<i64>::default();
     up.set(1);
@@ -97,6 +112,20 @@ pub fn render(status: &DataStatus, control_connected: bool, port_mapping: &Snaps
         "controller_connected",
         "1 while the control connection is up",
         connected,
+    );
+    let transport = Family::<TransportLabels, Gauge>::default();
+    for t in ["quic", "tcp"] {
+        let on = control.connected && control.transport.as_deref() == Some(t);
+        transport
+            .get_or_create(&TransportLabels {
+                transport: t.to_owned(),
+            })
+            .set(i64::from(on));
+    }
+    reg.register(
+        "controller_transport",
+        "1 for the transport the control connection uses (tcp where UDP does not get through)",
+        transport,
     );
     let rx = Family::<PeerLabels, Counter>::default();
     let tx = Family::<PeerLabels, Counter>::default();
@@ -208,11 +237,18 @@ async fn scrape(
             "data plane stopped\n".into(),
         );
     };
-    let connected = src.control.lock().map(|c| c.connected).unwrap_or(false);
+    let control = src
+        .control
+        .lock()
+        .map(|c| Control {
+            connected: c.connected,
+            transport: c.transport.clone(),
+        })
+        .unwrap_or_default();
     (
         axum::http::StatusCode::OK,
         ctype,
-        render(&status, connected, &src.port_mapping.snapshot()),
+        render(&status, &control, &src.port_mapping.snapshot()),
     )
 }
 
@@ -283,7 +319,11 @@ mod tests {
             renewals: 3,
             ..Snapshot::default()
         };
-        let text = render(&status, true, &pm);
+        let control = Control {
+            connected: true,
+            transport: Some("tcp".into()),
+        };
+        let text = render(&status, &control, &pm);
         for needle in [
             "mesh_port_mapping_active{protocol=\"pcp\"} 1",
             "mesh_port_mapping_renewals_total 3",
@@ -295,6 +335,8 @@ mod tests {
             "mesh_peer_rtt_seconds{peer=\"node-b\",address=\"100.64.0.2\"} 0.012",
             "mesh_peer_path_direct{peer=\"node-b\",address=\"100.64.0.2\"} 1",
             "mesh_controller_connected 1",
+            "mesh_controller_transport{transport=\"tcp\"} 1",
+            "mesh_controller_transport{transport=\"quic\"} 0",
             "mesh_node_up 1",
             "mesh_dropped_packets_total{reason=\"malformed\"} 3",
             "mesh_dropped_packets_total{reason=\"bad_mac1\"} 4",
@@ -325,7 +367,11 @@ mod tests {
             relay_of: Default::default(),
         };
         let json = crate::daemon::counters_json(&status.node, &status.driver, &status.birthday);
-        let text = render(&status, true, &Snapshot::default());
+        let control = Control {
+            connected: true,
+            transport: Some("quic".into()),
+        };
+        let text = render(&status, &control, &Snapshot::default());
         assert!(
             text.contains("mesh_port_mapping_active{protocol=\"none\"} 0"),
             "{text}"
