@@ -131,21 +131,74 @@ impl Tally {
     }
 }
 
-/// Counters `first..first + len` of session `index`, all sent on `leg`.
+/// Counters `first..first + len` of session `index`, all sent on one leg.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Run {
     first: u64,
     index: u32,
-    len: u16,
-    leg: Leg,
+    /// The length (below [`Run::MAX_LEN`]) and, in the top bit, the leg.
+    len_leg: u32,
 }
 
-/// Which of our data messages went on which leg, as runs of consecutive counters in a ring of
-/// [`RUNS`]. See the module docs.
+impl Run {
+    const RELAY: u32 = 1 << 31;
+    const MAX_LEN: u64 = (Run::RELAY - 1) as u64;
+    const EMPTY: Run = Run {
+        first: 0,
+        index: 0,
+        len_leg: 0,
+    };
+
+    fn new(leg: Leg, index: u32, first: u64, len: u64) -> Run {
+        let leg_bit = match leg {
+            Leg::Direct => 0,
+            Leg::Relay => Run::RELAY,
+        };
+        Run {
+            first,
+            index,
+            len_leg: leg_bit | len.min(Run::MAX_LEN) as u32,
+        }
+    }
+
+    fn len(&self) -> u64 {
+        u64::from(self.len_leg & !Run::RELAY)
+    }
+
+    fn leg(&self) -> Leg {
+        if self.len_leg & Run::RELAY == 0 {
+            Leg::Direct
+        } else {
+            Leg::Relay
+        }
+    }
+
+    /// How many of `first..=last` of session `index` on `leg` it holds.
+    fn overlap(&self, leg: Leg, index: u32, first: u64, last: u64) -> u64 {
+        if self.len() == 0 || self.leg() != leg || self.index != index {
+            return 0;
+        }
+        let end = self.first + self.len() - 1;
+        let (from, to) = (self.first.max(first), end.min(last));
+        if from > to {
+            0
+        } else {
+            to - from + 1
+        }
+    }
+}
+
+/// Which of our data messages went on which leg: the run being extended, and the runs before
+/// it in a ring of [`RUNS`]. See the module docs.
 #[derive(Debug, Clone)]
 pub(crate) struct SentLog {
+    /// The open run: its leg, session, first counter, and the counter that extends it.
+    leg: Leg,
+    index: u32,
+    first: u64,
+    next: u64,
+    /// Closed runs, the newest at `newest`.
     runs: [Run; RUNS],
-    /// The newest run.
     newest: usize,
     /// Per leg, the session and last counter of the newest run that left the ring: a report
     /// reaching back into it cannot be judged.
@@ -154,14 +207,12 @@ pub(crate) struct SentLog {
 
 impl Default for SentLog {
     fn default() -> Self {
-        let empty = Run {
-            first: 0,
-            index: 0,
-            len: 0,
-            leg: Leg::Direct,
-        };
         SentLog {
-            runs: [empty; RUNS],
+            leg: Leg::Direct,
+            index: 0,
+            first: 0,
+            next: 0,
+            runs: [Run::EMPTY; RUNS],
             newest: 0,
             evicted: [None; 2],
         }
@@ -180,34 +231,39 @@ impl SentLog {
     /// Counter `counter` of session `index` went on `leg`.
     #[inline]
     pub(crate) fn note(&mut self, leg: Leg, index: u32, counter: u64) {
-        let run = &mut self.runs[self.newest];
-        // (A run of 0 is the empty slot of a new log; one of u16::MAX is full.)
-        let continues = run.leg == leg
-            && run.index == index
-            && run.len.wrapping_sub(1) < u16::MAX - 1
-            && run.first.wrapping_add(u64::from(run.len)) == counter;
-        if continues {
-            run.len += 1;
+        // The data path's case: the next message of the open run.
+        if counter == self.next && leg == self.leg && index == self.index {
+            self.next += 1;
         } else {
             self.start(leg, index, counter);
         }
     }
 
+    /// Closes the open run into the ring and opens another at `counter`.
     #[cold]
     fn start(&mut self, leg: Leg, index: u32, counter: u64) {
-        if self.runs[self.newest].len != 0 {
-            self.newest = (self.newest + 1) % RUNS;
+        let mut len = self.next.saturating_sub(self.first);
+        let mut first = self.first;
+        while len > 0 {
+            // (A run longer than a ring entry holds takes several.)
+            let part = len.min(Run::MAX_LEN);
+            self.push(Run::new(self.leg, self.index, first, part));
+            first += part;
+            len -= part;
         }
+        self.leg = leg;
+        self.index = index;
+        self.first = counter;
+        self.next = counter.saturating_add(1);
+    }
+
+    fn push(&mut self, run: Run) {
+        self.newest = (self.newest + 1) % RUNS;
         let old = self.runs[self.newest];
-        if old.len != 0 {
-            self.evicted[old.leg as usize] = Some((old.index, old.first + u64::from(old.len) - 1));
+        if old.len() != 0 {
+            self.evicted[old.leg() as usize] = Some((old.index, old.first + old.len() - 1));
         }
-        self.runs[self.newest] = Run {
-            first: counter,
-            index,
-            len: 1,
-            leg,
-        };
+        self.runs[self.newest] = run;
     }
 
     /// How many of the counters `first..=last` of session `index` went on `leg`, or `None` when
@@ -216,19 +272,17 @@ impl SentLog {
         if self.evicted[leg as usize].is_some_and(|(i, end)| i == index && end >= first) {
             return None;
         }
+        let open = Run::new(
+            self.leg,
+            self.index,
+            self.first,
+            self.next.saturating_sub(self.first),
+        );
         let sum = self
             .runs
             .iter()
-            .filter(|r| r.len != 0 && r.leg == leg && r.index == index)
-            .map(|r| {
-                let end = r.first + u64::from(r.len) - 1;
-                let (from, to) = (r.first.max(first), end.min(last));
-                if from > to {
-                    0
-                } else {
-                    to - from + 1
-                }
-            })
+            .chain(std::iter::once(&open))
+            .map(|r| r.overlap(leg, index, first, last))
             .sum();
         Some(sum)
     }
@@ -357,12 +411,16 @@ mod tests {
     }
 
     #[test]
-    fn long_runs_stay_one_entry_until_full() {
+    fn a_long_run_stays_one_entry() {
         let mut log = SentLog::default();
         for c in 0..200_000u64 {
             log.note(Leg::Direct, 1, c);
         }
+        log.note(Leg::Relay, 1, 200_000);
         assert_eq!(log.expected(Leg::Direct, 1, 0, 199_999), Some(200_000));
-        assert_eq!(log.newest, 3, "runs of 65,535");
+        assert_eq!(log.expected(Leg::Relay, 1, 0, 200_000), Some(1));
+        assert_eq!(log.runs.iter().filter(|r| r.len() != 0).count(), 1);
+        // (Packed: the ring is 1 KiB.)
+        assert_eq!(std::mem::size_of::<Run>(), 16);
     }
 }

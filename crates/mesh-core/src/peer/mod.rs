@@ -442,7 +442,7 @@ impl Peer {
                     // Traffic (not an in-tunnel probe, which needs none of boringtun's timers).
                     self.last_data_rx = Some(cx.now);
                     if self.measure.is_none() {
-                        self.start_measuring(cx);
+                        self.measure = Some(start_measuring(cx.quality, self.index, cx.now));
                     }
                     // boringtun writes the packet at the start of the buffer.
                     buf.truncate(len);
@@ -494,19 +494,18 @@ impl Peer {
             crate::node::Destination::Udp { .. } => Leg::Direct,
             crate::node::Destination::Relay { .. } => Leg::Relay,
         };
-        if self.measure.is_none() {
-            self.start_measuring(cx);
-        }
-        let log = self.measure.as_deref_mut().map(|m| &mut m.sent);
+        let (quality, index, now) = (cx.quality, self.index, cx.now);
+        let log = &mut self
+            .measure
+            .get_or_insert_with(|| start_measuring(quality, index, now))
+            .sent;
         let session = &mut self.session;
         let mut other: Option<Vec<u8>> = None;
         let mut queued = false;
         let sealed = cx.out.seal(destination, room, |buf| {
             match session.encapsulate(packet, buf) {
                 Output::Network(b) if b.first() == Some(&4) => {
-                    if let Some(log) = log {
-                        log.note_message(leg, b);
-                    }
+                    log.note_message(leg, b);
                     Some(b.len())
                 }
                 // The session was gone after all (a handshake initiation instead).
@@ -1052,12 +1051,6 @@ impl Peer {
         }
     }
 
-    /// Traffic started: measure the paths while it flows.
-    #[cold]
-    fn start_measuring(&mut self, cx: &Ctx<'_>) {
-        self.measure = Some(Box::new(Measure::new(cx.quality, self.index, cx.now)));
-    }
-
     /// What status shows of each leg: (direct, relay).
     pub(crate) fn quality_status(
         &self,
@@ -1086,6 +1079,12 @@ impl Peer {
             configured,
         });
     }
+}
+
+/// Traffic started: measure the paths while it flows (`index`: the peer's).
+#[cold]
+fn start_measuring(config: &QualityConfig, index: u32, now: Instant) -> Box<Measure> {
+    Box::new(Measure::new(config, index, now))
 }
 
 /// Logs a data message sealed for the peer on `leg` (if it went on one), while measuring.
