@@ -601,6 +601,15 @@ mod tests {
         assert!(m.answered(MAX_PROBES as u16 + 2, now + SEC / 2));
     }
 
+    /// What a peer carries while traffic flows (an idle one: a null pointer).
+    #[test]
+    fn the_measurements_of_a_busy_peer_stay_small() {
+        let size = std::mem::size_of::<Measure>();
+        eprintln!("Measure: {size} bytes");
+        assert!(size <= 2_560, "{size} bytes");
+        assert_eq!(std::mem::size_of::<Option<Box<Measure>>>(), 8);
+    }
+
     #[test]
     fn gaps_spread_evenly_and_repeatably() {
         let factors: Vec<f64> = (0..10_000).map(|n| spread(42, n)).collect();
