@@ -1,5 +1,5 @@
 //! Messages between two nodes inside their WireGuard session: path MTU probes and acks, pings,
-//! and the birthday join.
+//! the birthday join, punch rounds and loss reports.
 //!
 //! Each message is a tiny IPv4 packet that the sender encrypts like any inner packet, from its
 //! overlay address to the peer's, with IP protocol [`PROTO`] (253, set aside for experiments by
@@ -30,6 +30,11 @@
 //! - [`Kind::PunchAck`]: the receiver of a punch has probed; the sender of the punch now probes
 //!   the receiver's candidates too, through the holes those probes opened.
 //!
+//! Kind 6 is a [`LossReport`]: what the sender received of the receiver's WireGuard data on one
+//! path, which the receiver compares with what it sent there. Its body is longer than the
+//! others' (see [`REPORT_LEN`]), so it is not a [`Message`]: [`parse`] leaves it alone and
+//! [`parse_report`] reads it.
+//!
 //! This module only reads and writes the bytes; which ids are in flight and what to do about
 //! them is the node's business.
 
@@ -45,6 +50,17 @@ pub const IPV4_HEADER: usize = 20;
 const BODY: usize = MAGIC.len() + 1 + 2 + 2;
 /// Bytes of a message without padding; also the IPv4 total length it carries.
 pub const LEN: usize = IPV4_HEADER + BODY;
+/// The kind byte of a [`LossReport`].
+pub const REPORT_KIND: u8 = 6;
+/// Bytes a [`LossReport`] adds after the common part: path, receiver index, first and last
+/// counter, packets received.
+const REPORT_BODY: usize = 1 + 4 + 8 + 8 + 4;
+/// Bytes of a loss report; also the IPv4 total length it carries.
+pub const REPORT_LEN: usize = LEN + REPORT_BODY;
+/// Most WireGuard counters one report may span (`last - first + 1`) and most packets it may
+/// count: 2^24, far beyond what one sender can send on one path between two reports (a second
+/// of 10 Gbit/s in 1,400-byte packets is under a million).
+pub const MAX_REPORT_SPAN: u64 = 1 << 24;
 
 /// What a message asks of its receiver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,6 +183,136 @@ pub fn parse(packet: &[u8]) -> Option<Message> {
     })
 }
 
+/// The path a [`LossReport`] counts, as its sender (the receiver of the data) saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportPath {
+    /// Datagrams that came straight over UDP (from any address of the peer).
+    Direct = 1,
+    /// Datagrams the relay carried.
+    Relay = 2,
+}
+
+impl ReportPath {
+    fn from_wire(byte: u8) -> Option<ReportPath> {
+        match byte {
+            1 => Some(ReportPath::Direct),
+            2 => Some(ReportPath::Relay),
+            _ => None,
+        }
+    }
+}
+
+/// "Of your WireGuard data messages of session `index` with counters `first..=last`, this many
+/// reached me on `path`." The node that receives data sends one per path about once a second
+/// while data flows; the node that sent the data knows which of those counters it sent on that
+/// path, and so how many were lost.
+///
+/// `received` counts the messages that arrived on the path since the previous report, which
+/// may include a few with counters before `first` that arrived late (reordered): the two sides
+/// sum reports over a window, where these even out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LossReport {
+    /// The path the messages arrived on.
+    pub path: ReportPath,
+    /// The WireGuard receiver index of the session (bytes 4..8 of its data messages): counters
+    /// start over with every session, and the index names it.
+    pub index: u32,
+    /// Lowest counter of the span (the one after the previous report's `last`, or the first
+    /// seen on this path in this session).
+    pub first: u64,
+    /// Highest counter seen on the path so far.
+    pub last: u64,
+    /// Messages that arrived on the path since the previous report.
+    pub received: u32,
+}
+
+/// Why a kind-6 message is not a valid [`LossReport`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ReportError {
+    /// Shorter than [`REPORT_LEN`].
+    #[error("loss report shorter than {REPORT_LEN} bytes")]
+    Short,
+    /// A path byte other than 1 (direct) or 2 (relay).
+    #[error("loss report for unknown path {0}")]
+    UnknownPath(u8),
+    /// `first` after `last`, a span over [`MAX_REPORT_SPAN`], or more packets than that.
+    #[error("loss report out of bounds")]
+    OutOfBounds,
+}
+
+/// Writes report number `id` from `src` to `dst` at the start of `buf`. Returns the bytes
+/// written ([`REPORT_LEN`]), or `None` when they do not fit.
+pub fn build_report_into(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    id: u16,
+    report: &LossReport,
+    buf: &mut [u8],
+) -> Option<usize> {
+    let (header, rest) = buf
+        .get_mut(..REPORT_LEN)?
+        .split_first_chunk_mut::<IPV4_HEADER>()?;
+    write_ipv4_header(header, REPORT_LEN as u16, PROTO, src, dst);
+    rest[..8].copy_from_slice(MAGIC);
+    rest[8] = REPORT_KIND;
+    rest[9..11].copy_from_slice(&id.to_be_bytes());
+    rest[11..13].fill(0);
+    let body = &mut rest[BODY..];
+    body[0] = report.path as u8;
+    body[1..5].copy_from_slice(&report.index.to_be_bytes());
+    body[5..13].copy_from_slice(&report.first.to_be_bytes());
+    body[13..21].copy_from_slice(&report.last.to_be_bytes());
+    body[21..25].copy_from_slice(&report.received.to_be_bytes());
+    Some(REPORT_LEN)
+}
+
+/// Builds report number `id` from `src` to `dst`.
+pub fn build_report(src: Ipv4Addr, dst: Ipv4Addr, id: u16, report: &LossReport) -> Vec<u8> {
+    let mut packet = vec![0u8; REPORT_LEN];
+    let written = build_report_into(src, dst, id, report, &mut packet);
+    debug_assert_eq!(written, Some(REPORT_LEN));
+    packet
+}
+
+/// Recognises a loss report in a decrypted inner packet: `None` when the packet is no in-tunnel
+/// message of kind 6 (ordinary traffic, or another kind: see [`parse`]); `Some(Err)` when it is
+/// one but malformed (the node counts and drops it); otherwise the report and its number.
+pub fn parse_report(packet: &[u8]) -> Option<Result<(u16, LossReport), ReportError>> {
+    if packet.len() < LEN || packet[0] != 0x45 || packet[9] != PROTO {
+        return None;
+    }
+    let common = &packet[IPV4_HEADER..LEN];
+    if &common[..8] != MAGIC || common[8] != REPORT_KIND {
+        return None;
+    }
+    let id = u16::from_be_bytes([common[9], common[10]]);
+    let Some(body) = packet.get(LEN..REPORT_LEN) else {
+        return Some(Err(ReportError::Short));
+    };
+    let Some(path) = ReportPath::from_wire(body[0]) else {
+        return Some(Err(ReportError::UnknownPath(body[0])));
+    };
+    let word = |at: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&body[at..at + 8]);
+        u64::from_be_bytes(b)
+    };
+    let report = LossReport {
+        path,
+        index: u32::from_be_bytes([body[1], body[2], body[3], body[4]]),
+        first: word(5),
+        last: word(13),
+        received: u32::from_be_bytes([body[21], body[22], body[23], body[24]]),
+    };
+    let bounded = report.first <= report.last
+        && report.last - report.first < MAX_REPORT_SPAN
+        && u64::from(report.received) <= MAX_REPORT_SPAN;
+    if !bounded {
+        return Some(Err(ReportError::OutOfBounds));
+    }
+    Some(Ok((id, report)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,10 +409,11 @@ mod tests {
         let mut v6 = good.clone();
         v6[0] = 0x60;
         assert_eq!(parse(&v6), None, "IPv6");
-        for kind in [0, 6, 255] {
+        for kind in [0, 7, 255] {
             let mut unknown = good.clone();
             unknown[28] = kind;
             assert_eq!(parse(&unknown), None, "kind {kind}");
+            assert_eq!(parse_report(&unknown), None, "kind {kind}");
         }
         assert_eq!(parse(&good[..32]), None, "short");
         assert_eq!(parse(&[0x45; 10]), None);
@@ -293,6 +440,139 @@ mod tests {
         assert_eq!(build_into(A, B, m, 1300, &mut [0; 1300]), Some(1300));
     }
 
+    fn report(path: ReportPath, first: u64, last: u64, received: u32) -> LossReport {
+        LossReport {
+            path,
+            index: 0x0102_0304,
+            first,
+            last,
+            received,
+        }
+    }
+
+    #[test]
+    fn a_loss_report_round_trips() {
+        for r in [
+            report(ReportPath::Direct, 0, 0, 1),
+            report(ReportPath::Relay, 1000, 1999, 987),
+            report(ReportPath::Direct, u64::MAX - 5, u64::MAX, 0),
+            report(
+                ReportPath::Relay,
+                7,
+                7 + MAX_REPORT_SPAN - 1,
+                MAX_REPORT_SPAN as u32,
+            ),
+        ] {
+            let p = build_report(A, B, 42, &r);
+            assert_eq!(p.len(), REPORT_LEN);
+            assert_eq!(parse_report(&p), Some(Ok((42, r))));
+            assert_eq!(internet_checksum(&p[..IPV4_HEADER]), 0);
+        }
+    }
+
+    #[test]
+    fn the_report_layout_is_as_documented() {
+        let r = LossReport {
+            path: ReportPath::Relay,
+            index: 0x0a0b_0c0d,
+            first: 0x0102,
+            last: 0x0304,
+            received: 0x0506,
+        };
+        let p = build_report(A, B, 0x1234, &r);
+        assert_eq!(REPORT_LEN, 58);
+        assert_eq!(u16::from_be_bytes([p[2], p[3]]), 58, "IP length");
+        assert_eq!(p[9], 253);
+        assert_eq!(&p[20..28], b"meshpmtu");
+        assert_eq!(&p[28..33], &[6, 0x12, 0x34, 0, 0], "kind, id, size 0");
+        assert_eq!(p[33], 2, "path: relay");
+        assert_eq!(&p[34..38], &[0x0a, 0x0b, 0x0c, 0x0d], "receiver index");
+        assert_eq!(&p[38..46], &[0, 0, 0, 0, 0, 0, 1, 2], "first counter");
+        assert_eq!(&p[46..54], &[0, 0, 0, 0, 0, 0, 3, 4], "last counter");
+        assert_eq!(&p[54..58], &[0, 0, 5, 6], "received");
+    }
+
+    #[test]
+    fn reports_and_messages_are_told_apart() {
+        let p = build_report(A, B, 1, &report(ReportPath::Direct, 1, 2, 2));
+        assert_eq!(parse(&p), None, "a report is no Message");
+        for kind in [
+            Kind::Probe,
+            Kind::Ack,
+            Kind::Birthday,
+            Kind::Punch,
+            Kind::PunchAck,
+        ] {
+            let m = build(A, B, msg(kind, 1, 0), REPORT_LEN);
+            assert_eq!(parse_report(&m), None, "{kind:?} is no report");
+        }
+        assert_eq!(parse_report(&[0x45; 10]), None);
+        assert_eq!(parse_report(&[]), None);
+    }
+
+    #[test]
+    fn malformed_reports_are_errors() {
+        let good = build_report(A, B, 9, &report(ReportPath::Direct, 10, 20, 11));
+        assert_eq!(
+            parse_report(&good[..REPORT_LEN - 1]),
+            Some(Err(ReportError::Short))
+        );
+        assert_eq!(parse_report(&good[..LEN]), Some(Err(ReportError::Short)));
+        for path in [0, 3, 255] {
+            let mut bad = good.clone();
+            bad[33] = path;
+            assert_eq!(
+                parse_report(&bad),
+                Some(Err(ReportError::UnknownPath(path)))
+            );
+        }
+        let backwards = build_report(A, B, 9, &report(ReportPath::Direct, 21, 20, 0));
+        assert_eq!(
+            parse_report(&backwards),
+            Some(Err(ReportError::OutOfBounds))
+        );
+        let wide = build_report(A, B, 9, &report(ReportPath::Relay, 0, MAX_REPORT_SPAN, 1));
+        assert_eq!(parse_report(&wide), Some(Err(ReportError::OutOfBounds)));
+        let many = build_report(A, B, 9, &report(ReportPath::Relay, 0, 1, u32::MAX));
+        assert_eq!(parse_report(&many), Some(Err(ReportError::OutOfBounds)));
+        // Padding after the report (a future, longer version) is ignored.
+        let mut longer = good.clone();
+        longer.extend_from_slice(&[0xee; 8]);
+        assert_eq!(parse_report(&longer), parse_report(&good));
+    }
+
+    #[test]
+    fn build_report_into_a_too_small_buffer_is_none() {
+        let r = report(ReportPath::Direct, 1, 2, 2);
+        assert_eq!(
+            build_report_into(A, B, 1, &r, &mut [0; REPORT_LEN - 1]),
+            None
+        );
+        assert_eq!(build_report_into(A, B, 1, &r, &mut []), None);
+        let mut buf = [0xee; REPORT_LEN + 1];
+        assert_eq!(build_report_into(A, B, 1, &r, &mut buf), Some(REPORT_LEN));
+        assert_eq!(&buf[..REPORT_LEN], &build_report(A, B, 1, &r)[..]);
+        assert_eq!(buf[REPORT_LEN], 0xee, "nothing written past the report");
+    }
+
+    fn any_report() -> impl Strategy<Value = LossReport> {
+        let path = prop_oneof![Just(ReportPath::Direct), Just(ReportPath::Relay)];
+        (
+            path,
+            any::<u32>(),
+            any::<u64>(),
+            0..MAX_REPORT_SPAN,
+            0..=MAX_REPORT_SPAN as u32,
+        )
+            .prop_map(|(path, index, first, span, received)| LossReport {
+                path,
+                index,
+                first: first.min(u64::MAX - span),
+                last: first.min(u64::MAX - span) + span,
+                received,
+            })
+    }
+
     fn any_message() -> impl Strategy<Value = Message> {
         let kind = prop_oneof![Just(Kind::Probe), Just(Kind::Ack), Just(Kind::Birthday)];
         (kind, any::<u16>(), any::<u16>()).prop_map(|(kind, id, size)| Message { kind, id, size })
@@ -310,6 +590,36 @@ mod tests {
             prop_assert_eq!(p.len(), pad_to.max(LEN));
             prop_assert_eq!(parse(&p), Some(m));
             prop_assert_eq!(internet_checksum(&p[..IPV4_HEADER]), 0);
+        }
+
+        #[test]
+        fn parse_report_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..100)) {
+            if let Some(Ok((_, r))) = parse_report(&bytes) {
+                prop_assert!(r.first <= r.last && r.last - r.first < MAX_REPORT_SPAN);
+                prop_assert!(u64::from(r.received) <= MAX_REPORT_SPAN);
+            }
+        }
+
+        #[test]
+        fn build_report_then_parse_round_trips(r in any_report(), id in any::<u16>()) {
+            let p = build_report(A, B, id, &r);
+            prop_assert_eq!(parse_report(&p), Some(Ok((id, r))));
+            prop_assert_eq!(parse(&p), None);
+        }
+
+        #[test]
+        fn a_report_with_any_byte_changed_never_panics(
+            r in any_report(),
+            at in 0usize..REPORT_LEN,
+            byte in any::<u8>(),
+            cut in 0usize..=REPORT_LEN,
+        ) {
+            let mut p = build_report(A, B, 1, &r);
+            p[at] = byte;
+            p.truncate(cut);
+            if let Some(Ok((_, r))) = parse_report(&p) {
+                prop_assert!(r.first <= r.last && r.last - r.first < MAX_REPORT_SPAN);
+            }
         }
 
         #[test]

@@ -1,5 +1,5 @@
 //! Prometheus endpoint (opt-in, `--metrics-listen`): per-peer path, RTT, bytes and handshake
-//! age, the controller connection, the router's port mapping, and every node and driver counter
+//! age, the loss and RTT measured on each of a peer's paths, the controller connection, the router's port mapping, and every node and driver counter
 //! as its declaration says (see [`mesh_core::counters`]). Each scrape takes a fresh snapshot
 //! from the data plane.
 
@@ -23,6 +23,14 @@ use tokio::sync::{mpsc, oneshot};
 struct PeerLabels {
     peer: String,
     address: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PathLabels {
+    peer: String,
+    address: String,
+    /// `direct` or `relay`.
+    path: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -133,7 +141,22 @@ pub fn render(status: &DataStatus, control: &Control, port_mapping: &Snapshot) -
     let rtt = Family::<PeerLabels, Gauge<f64, AtomicU64>>::default();
     let direct = Family::<PeerLabels, Gauge>::default();
     let pmtu = Family::<PeerLabels, Gauge>::default();
+    let path_loss = Family::<PathLabels, Gauge<f64, AtomicU64>>::default();
+    let path_rtt = Family::<PathLabels, Gauge<f64, AtomicU64>>::default();
     for p in &status.peers {
+        for (path, q) in [("direct", p.direct_quality), ("relay", p.relay_quality)] {
+            let l = PathLabels {
+                peer: p.name.clone(),
+                address: p.address.to_string(),
+                path: path.to_owned(),
+            };
+            if let Some(loss) = q.loss {
+                path_loss.get_or_create(&l).set(loss);
+            }
+            if let Some(rtt) = q.rtt {
+                path_rtt.get_or_create(&l).set(rtt.as_secs_f64());
+            }
+        }
         let l = PeerLabels {
             peer: p.name.clone(),
             address: p.address.to_string(),
@@ -174,6 +197,16 @@ pub fn render(status: &DataStatus, control: &Control, port_mapping: &Snapshot) -
         "peer_path_mtu_bytes",
         "Largest inner packet the path to the peer carries (probed)",
         pmtu,
+    );
+    reg.register(
+        "peer_path_loss_ratio",
+        "Fraction of packets to the peer lost on the path (direct or relay) over the last quality window, where measured",
+        path_loss,
+    );
+    reg.register(
+        "peer_path_rtt_seconds",
+        "Mean round-trip time of the probes on the path (direct or relay) over the last quality window, where measured",
+        path_rtt,
     );
     // The node's and the driver's counters, each shown as its declaration says.
     let drops = Family::<ReasonLabels, Counter>::default();
@@ -289,6 +322,14 @@ mod tests {
                 rtt: Some(Duration::from_millis(12)),
                 path_mtu: Some(1340),
                 path: mesh_core::Path::Direct("192.0.2.12:51820".parse().unwrap()),
+                direct_quality: mesh_core::PathQuality {
+                    loss: Some(0.25),
+                    rtt: Some(Duration::from_millis(12)),
+                },
+                relay_quality: mesh_core::PathQuality {
+                    loss: None,
+                    rtt: Some(Duration::from_millis(40)),
+                },
             }],
             node: mesh_core::Counters {
                 malformed_packets: 3,
@@ -350,9 +391,18 @@ mod tests {
             "mesh_extra_sockets_open 2",
             "mesh_birthday_probes_sent_total 11",
             "mesh_peer_path_mtu_bytes{peer=\"node-b\",address=\"100.64.0.2\"} 1340",
+            "mesh_peer_path_loss_ratio{peer=\"node-b\",address=\"100.64.0.2\",path=\"direct\"} 0.25",
+            "mesh_peer_path_rtt_seconds{peer=\"node-b\",address=\"100.64.0.2\",path=\"direct\"} 0.012",
+            "mesh_peer_path_rtt_seconds{peer=\"node-b\",address=\"100.64.0.2\",path=\"relay\"} 0.04",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }
+        assert!(
+            !text.contains(
+                "mesh_peer_path_loss_ratio{peer=\"node-b\",address=\"100.64.0.2\",path=\"relay\"}"
+            ),
+            "no relay loss where none was measured"
+        );
     }
 
     /// Both outputs are built from the counter declarations: a counter added later shows in

@@ -152,6 +152,22 @@ counters! {
         /// Times one peer's timers ran: the node's per-peer work. An idle peer costs one at each
         /// keepalive and at its session's rekey and expiry ages, nothing in between.
         peer_timer_runs: Counter("peer_timer_runs"),
+        /// Loss reports from peers that were not well-formed (dropped).
+        malformed_loss_reports: Drop("malformed_loss_report"),
+        /// Loss reports sent to peers: what this node received of their data, per path.
+        loss_reports_sent: Counter("loss_reports_sent"),
+        /// Loss reports received from peers.
+        loss_reports_received: Counter("loss_reports_received"),
+        /// Loss reports that could not be matched with what this node sent (a session or span
+        /// it no longer remembers, or nothing sent on that path): they count for nothing.
+        loss_reports_unmatched: Counter("loss_reports_unmatched"),
+        /// Probes sent to measure the loss and round-trip time of a path.
+        quality_probes_sent: Counter("quality_probes_sent"),
+        /// Times a peer's traffic moved from its direct path to the relay because the direct
+        /// path lost packets.
+        quality_switches_to_relay: Counter("quality_switches_to_relay"),
+        /// Times a peer's traffic moved back from the relay to its recovered direct path.
+        quality_switches_to_direct: Counter("quality_switches_to_direct"),
     }
 }
 
@@ -230,6 +246,19 @@ mod tests {
                 ("punch_rounds", Counter("punch_rounds")),
                 ("punch_answers", Counter("punch_answers")),
                 ("peer_timer_runs", Counter("peer_timer_runs")),
+                ("malformed_loss_reports", Drop("malformed_loss_report")),
+                ("loss_reports_sent", Counter("loss_reports_sent")),
+                ("loss_reports_received", Counter("loss_reports_received")),
+                ("loss_reports_unmatched", Counter("loss_reports_unmatched")),
+                ("quality_probes_sent", Counter("quality_probes_sent")),
+                (
+                    "quality_switches_to_relay",
+                    Counter("quality_switches_to_relay")
+                ),
+                (
+                    "quality_switches_to_direct",
+                    Counter("quality_switches_to_direct")
+                ),
             ]
         );
     }

@@ -25,6 +25,105 @@ pub struct NodeConfig {
     pub mtu: u16,
 }
 
+/// How a node measures its paths to a peer and when it moves a peer's traffic between its
+/// direct path and the relay for quality ([`Node::set_quality`]; the defaults are
+/// [`QualityConfig::default`]).
+///
+/// A direct path stays in use while it is alive. While the node sends data to a peer whose
+/// direct path has lost at least `switch_loss` over a whole `window`, it probes the relay every
+/// `probe_interval`, and moves the peer's traffic there once the relay has lost at most
+/// `recover_loss` (and less than half of what the direct path lost). It keeps probing the direct
+/// path, and takes it back once that has lost less than `recover_loss` over a whole window. A
+/// peer changes path for quality at most once per `hold`; a return to the direct path that had
+/// to be undone within twice `hold` doubles the next stay on the relay (up to `max_hold`), so a
+/// path that passes sparse probes but drops bulk (a rate limit) is retried ever more rarely. A
+/// direct path that dies still gives way at once (liveness, see `PATH_TIMEOUT`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QualityConfig {
+    /// Whether the node switches paths for quality at all (it measures and reports either way).
+    pub switching: bool,
+    /// The sliding window loss and round-trip time are measured over (it moves on in tenths of
+    /// itself). Default 10 s; 1 s to 60 s.
+    pub window: Duration,
+    /// A direct path that loses at least this fraction of packets over a window gives way to a
+    /// clean relay. Default 0.10.
+    pub switch_loss: f64,
+    /// A direct path that loses less than this is taken back; a relay that loses at most this is
+    /// clean. Default 0.03 (at most `switch_loss`).
+    pub recover_loss: f64,
+    /// A window with fewer samples (probes plus data messages the peer reported on) says nothing
+    /// about its path. Default 20.
+    pub min_samples: u32,
+    /// Least time between two quality switches of one peer. Default 30 s.
+    pub hold: Duration,
+    /// Longest stay on the relay before the direct path is tried again, when returns keep
+    /// failing. Default 480 s (at least `hold`).
+    pub max_hold: Duration,
+    /// How often the path being weighed is probed (the relay while the direct path loses, the
+    /// direct path while the peer is on the relay for quality). Default 200 ms.
+    pub probe_interval: Duration,
+    /// How often the path in use is probed while data flows to the peer (round-trip time, and
+    /// loss where little data flows). Default 2 s.
+    pub active_probe_interval: Duration,
+    /// How often a node reports to a peer what it received of its data, while data comes.
+    /// Default 1 s.
+    pub report_interval: Duration,
+}
+
+impl Default for QualityConfig {
+    fn default() -> Self {
+        QualityConfig {
+            switching: true,
+            window: Duration::from_secs(10),
+            switch_loss: 0.10,
+            recover_loss: 0.03,
+            min_samples: 20,
+            hold: Duration::from_secs(30),
+            max_hold: Duration::from_secs(480),
+            probe_interval: Duration::from_millis(200),
+            active_probe_interval: Duration::from_secs(2),
+            report_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+impl QualityConfig {
+    /// The same settings within their bounds: a window of 1 to 60 s, losses within 0..=1 with
+    /// `recover_loss` at most `switch_loss`, at least one sample, `max_hold` at least `hold`,
+    /// probes and reports at least 50 ms apart.
+    pub fn bounded(self) -> QualityConfig {
+        let fraction = |f: f64| if f.is_nan() { 1.0 } else { f.clamp(0.0, 1.0) };
+        let switch_loss = fraction(self.switch_loss);
+        let floor = Duration::from_millis(50);
+        QualityConfig {
+            switching: self.switching,
+            window: self
+                .window
+                .clamp(Duration::from_secs(1), Duration::from_secs(60)),
+            switch_loss,
+            recover_loss: fraction(self.recover_loss).min(switch_loss),
+            min_samples: self.min_samples.max(1),
+            hold: self.hold,
+            max_hold: self.max_hold.max(self.hold),
+            probe_interval: self.probe_interval.max(floor),
+            active_probe_interval: self.active_probe_interval.max(floor),
+            report_interval: self.report_interval.max(floor),
+        }
+    }
+}
+
+/// What a node measured of one path to a peer over the last quality window
+/// ([`QualityConfig::window`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PathQuality {
+    /// Fraction of packets lost on the way to the peer (0 to 1): from the peer's loss reports
+    /// where enough data flowed, else from probes and reports together. `None` until the window
+    /// holds [`QualityConfig::min_samples`].
+    pub loss: Option<f64>,
+    /// Mean round-trip time of the probes answered on this path in the window.
+    pub rtt: Option<Duration>,
+}
+
 /// How traffic reaches a peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Path {
@@ -210,4 +309,8 @@ pub struct PeerStatus {
     pub path_mtu: Option<u16>,
     /// How traffic reaches the peer now.
     pub path: Path,
+    /// What the direct path measured lately (nothing while the peer is idle).
+    pub direct_quality: PathQuality,
+    /// What the relay path measured lately (nothing while the peer is idle).
+    pub relay_quality: PathQuality,
 }

@@ -19,8 +19,9 @@
 //! punching.
 //!
 //! Inside, [`node`] only dispatches ([`io`] holds its input and output types); the peer table is `peers`, each peer's parts are in
-//! `peer` (handshake schedule, path, probes), punching in [`birthday`], socket ownership in
-//! [`sockets`], the drop counters in [`counters`](mod@counters).
+//! `peer` (handshake schedule, path, probes, the quality of its paths from probes and loss
+//! reports, and the choice between them: [`QualityConfig`]), punching in [`birthday`], socket
+//! ownership in [`sockets`], the drop counters in [`counters`](mod@counters).
 //!
 //! What it does not do: control-plane I/O (QUIC, Noise), device configuration, persistence.
 //! Those live in `mesh-sys`, `mesh-control` and `mesh-agent`.
@@ -45,6 +46,6 @@ pub mod sockets;
 pub use birthday::{BirthdayConfig, BirthdayStats};
 pub use counters::Counters;
 pub use node::{
-    Destination, Event, Node, NodeConfig, Output, Path, PeerConfig, PeerStatus, SocketId, Source,
-    Status, Transmit,
+    Destination, Event, Node, NodeConfig, Output, Path, PathQuality, PeerConfig, PeerStatus,
+    QualityConfig, SocketId, Source, Status, Transmit,
 };

@@ -13,13 +13,14 @@ use crate::birthday::{self, BirthdayConfig, Intent, PeerState, Punching, Roles, 
 pub use crate::counters::Counters;
 use crate::guard::{GuardConfig, HandshakeGuard, Verdict};
 pub use crate::io::{
-    Destination, Event, NodeConfig, Output, Path, PeerStatus, Source, Status, Transmit,
+    Destination, Event, NodeConfig, Output, Path, PathQuality, PeerStatus, QualityConfig, Source,
+    Status, Transmit,
 };
 use crate::outbox::{Ctx, Endpoint, Outbox, Via};
 use crate::packet;
 use crate::peer::probes::Purpose;
 pub use crate::peer::Timer;
-use crate::peer::{Peer, Received, TimerEnv};
+use crate::peer::{InTunnel, Peer, Received, TimerEnv};
 use crate::peers::{PeerTable, Slot};
 use crate::pmtu;
 use crate::session::{self, Addressed, Output as Sealed, Session};
@@ -40,6 +41,7 @@ pub use crate::peer::path::{
     MAX_CANDIDATE_PROBE_INTERVAL, PATH_PROBE_INTERVAL, PATH_TIMEOUT, PREDICTED_PORTS,
 };
 pub use crate::peer::probes::{PING_IDS, RTT_PROBE_SPACING};
+pub use crate::peer::quality::PROBE_LOSS_TIMEOUT;
 pub use crate::peer::PeerConfig;
 pub use crate::sockets::SocketId;
 
@@ -86,6 +88,8 @@ pub struct Node {
     guard: HandshakeGuard,
     /// Destinations reached only through the overlay: never a peer's endpoint.
     excluded: Vec<Ipv4Net>,
+    /// How paths are measured and chosen ([`Node::set_quality`]).
+    quality: QualityConfig,
 }
 
 /// The context a peer acts in, built from the node's fields (a macro, so that the borrows of
@@ -101,6 +105,7 @@ macro_rules! cx {
             out: &mut $node.out,
             next_ping: &mut $node.next_ping,
             own_nat: $node.own_nat,
+            quality: &$node.quality,
         }
     };
 }
@@ -131,7 +136,31 @@ impl Node {
             intents: Vec::new(),
             guard,
             excluded: Vec::new(),
+            quality: QualityConfig::default(),
         }
+    }
+
+    /// Sets how the node measures its paths to peers and when it moves a peer's traffic
+    /// between its direct path and the relay for quality (see [`QualityConfig`]; on by default
+    /// with [`QualityConfig::default`]). Values are kept within [`QualityConfig::bounded`].
+    /// What was measured so far is dropped (it was measured over the old window); with
+    /// switching off, peers on the relay for quality go back to their direct path at once.
+    pub fn set_quality(&mut self, config: QualityConfig) {
+        self.quality = config.bounded();
+        let relay_up = self.out.relay_up;
+        for (key, peer) in self.peers.iter_mut() {
+            peer.measure = None;
+            if !self.quality.switching && peer.path.choice.prefers_relay() {
+                peer.path.choice = Default::default();
+                if let Some(e) = peer.path.sending_direct(relay_up) {
+                    self.out.events.push_back(Event::PathChanged {
+                        key: *key,
+                        path: Path::Direct(e.addr),
+                    });
+                }
+            }
+        }
+        self.rearm_all(self.now);
     }
 
     /// Sets the destinations that the overlay itself reaches: the overlay range, addresses and
@@ -474,10 +503,11 @@ impl Node {
         // Data came in: boringtun's passive keepalive and rekey rules need the fast tick.
         let woke = peer.last_data_rx == Some(now) && peer.wake_wireguard(now);
         match message {
-            Some(m) if m.kind == pmtu::Kind::Birthday => {
+            Some(InTunnel::Message(m)) if m.kind == pmtu::Kind::Birthday => {
                 join_attempt(peer, &mut self.punching, &mut self.intents, &mut cx);
             }
-            Some(m) => peer.on_probe(m, via, &mut cx),
+            Some(InTunnel::Message(m)) => peer.on_probe(m, via, &mut cx),
+            Some(InTunnel::Report(r)) => peer.on_loss_report(r, &mut cx),
             None => {}
         }
         let mut switched = false;
@@ -593,6 +623,7 @@ impl Node {
                 }
                 peer.rtt_timer(&mut cx);
             }
+            peer.quality_timers(&mut cx);
             let path_socket = peer.path.endpoint().map(|e| e.socket);
             self.punching
                 .retire_kept(*key, &mut peer.punch, path_socket, now, &mut self.intents);
@@ -630,6 +661,7 @@ impl Node {
             punch_budget_at: self.punching.budget_at(now),
             own_nat: self.own_nat,
             origin: self.origin,
+            quality: self.quality,
         }
     }
 
@@ -757,6 +789,7 @@ impl Node {
             .iter()
             .map(|(_, p)| {
                 let stats = p.session.stats();
+                let (direct_quality, relay_quality) = p.quality_status(&self.quality, now);
                 PeerStatus {
                     key: p.config.key,
                     name: p.config.name.clone(),
@@ -770,6 +803,8 @@ impl Node {
                     rtt: p.probes.rtt.map(|(rtt, _)| rtt).or(stats.rtt),
                     path_mtu: p.probes.mtu.result(),
                     path: p.route(self.out.relay_up),
+                    direct_quality,
+                    relay_quality,
                 }
             })
             .collect();

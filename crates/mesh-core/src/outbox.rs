@@ -343,6 +343,8 @@ pub(crate) struct Ctx<'a> {
     pub(crate) next_ping: &'a mut u16,
     /// The node's NAT kind, if known.
     pub(crate) own_nat: Option<mesh_proto::control::NatKind>,
+    /// How paths are measured and chosen.
+    pub(crate) quality: &'a crate::io::QualityConfig,
 }
 
 fn push_bounded<T>(queue: &mut VecDeque<T>, counters: &mut Counters, item: T) {

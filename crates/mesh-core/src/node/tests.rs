@@ -1388,3 +1388,156 @@ fn a_burst_leaves_in_gso_batches_the_kernel_accepts() {
         "every packet of the burst arrives, in batches"
     );
 }
+
+/// `a` sends `n` data packets to `b`; the ones whose index `drop` picks never arrive. What
+/// reaches `b`'s TUN device is taken away.
+fn data_with_loss(p: &mut Pair, n: usize, drop: impl Fn(usize) -> bool) {
+    let (ip_a, ip_b) = (p.a.address(), p.b.address());
+    for i in 0..n {
+        p.a.handle_tun_packet(&icmp(ip_a, ip_b, &[i as u8; 100]), p.now);
+        while let Some(t) = p.a.poll_udp() {
+            if !drop(i) {
+                p.b.handle_datagram(Source::main(p.a_addr), &t.payload, p.now);
+            }
+        }
+    }
+    while p.b.poll_tun_packet().is_some() {}
+}
+
+/// Both nodes' timers every 250 ms for `d`, the datagrams between them delivered.
+fn run_timers(p: &mut Pair, d: Duration) {
+    let end = p.now + d;
+    while p.now < end {
+        p.now += Duration::from_millis(250);
+        p.a.handle_timeout(p.now);
+        p.b.handle_timeout(p.now);
+        p.drive();
+        while p.a.poll_tun_packet().is_some() {}
+        while p.b.poll_tun_packet().is_some() {}
+    }
+}
+
+#[test]
+fn the_receiver_reports_the_data_it_missed_and_the_sender_learns_its_loss() {
+    let mut p = Pair::new();
+    // 10 of 40 lost on the way (one in four from the tenth on).
+    data_with_loss(&mut p, 40, |i| i >= 10 && i % 4 == 2);
+    run_timers(&mut p, Duration::from_secs(2));
+    assert!(p.b.counters().loss_reports_sent >= 1);
+    assert!(p.a.counters().loss_reports_received >= 1);
+    assert_eq!(p.a.counters().loss_reports_unmatched, 0);
+    let direct = p.a.peer_status(p.now)[0].direct_quality;
+    let loss = direct.loss.expect("enough reported");
+    // b counts from the second packet it got: 8 of the 39 data packets after the first, and
+    // the probes of the path in use, which all came through (not the path MTU probes, which
+    // neither side counts).
+    assert!((0.17..0.21).contains(&loss), "{loss}");
+    assert!(
+        direct.rtt.is_some(),
+        "a probe of the path in use went and came back"
+    );
+    assert_eq!(p.a.peer_status(p.now)[0].relay_quality.loss, None);
+    // b sent no data: it judges nothing, and a reports nothing to it.
+    assert_eq!(p.a.counters().loss_reports_sent, 0);
+    assert_eq!(p.b.peer_status(p.now)[0].direct_quality.loss, None);
+}
+
+#[test]
+fn an_idle_peer_keeps_no_measurements_and_sends_no_reports() {
+    let mut p = Pair::new();
+    let kb = p.b.public_key();
+    let ka = p.a.public_key();
+    // A handshake and keepalives are no data: nothing is measured.
+    run_timers(&mut p, Duration::from_secs(30));
+    assert!(p.a.peers.get(&kb).is_some_and(|x| x.measure.is_none()));
+    assert_eq!(p.b.counters().loss_reports_sent, 0);
+    data_with_loss(&mut p, 30, |_| false);
+    assert!(p.a.peers.get(&kb).is_some_and(|x| x.measure.is_some()));
+    assert!(p.b.peers.get(&ka).is_some_and(|x| x.measure.is_some()));
+    run_timers(&mut p, Duration::from_secs(2));
+    let reports = p.b.counters().loss_reports_sent;
+    assert!(reports >= 1);
+    // Ten seconds after the last data both sides have let go of what they measured, and
+    // reports stopped with the data.
+    run_timers(&mut p, Duration::from_secs(12));
+    assert!(p.a.peers.get(&kb).is_some_and(|x| x.measure.is_none()));
+    assert!(p.b.peers.get(&ka).is_some_and(|x| x.measure.is_none()));
+    assert_eq!(p.b.counters().loss_reports_sent, reports);
+    assert_eq!(
+        p.a.peer_status(p.now)[0].direct_quality,
+        PathQuality::default()
+    );
+}
+
+#[test]
+fn malformed_loss_reports_are_counted_and_never_reach_the_tun_device() {
+    use mesh_proto::tunnel::{build_report, LossReport, ReportPath, REPORT_LEN};
+    let mut p = Pair::new();
+    let ka = p.a.public_key();
+    let (ip_a, ip_b) = (p.a.address(), p.b.address());
+    let good = build_report(
+        ip_b,
+        ip_a,
+        1,
+        &LossReport {
+            path: ReportPath::Direct,
+            index: 1,
+            first: 10,
+            last: 20,
+            received: 5,
+        },
+    );
+    let mut bad_path = good.clone();
+    bad_path[33] = 9;
+    let mut backwards = good.clone();
+    backwards[38..46].copy_from_slice(&30u64.to_be_bytes());
+    let mut short = good[..REPORT_LEN - 4].to_vec();
+    // (The IPv4 length says how much WireGuard delivers.)
+    short[2..4].copy_from_slice(&((REPORT_LEN - 4) as u16).to_be_bytes());
+    for inner in [bad_path, backwards, short] {
+        let bytes = sealed(&mut p.b, ka, &inner);
+        p.a.handle_datagram(Source::main(p.b_addr), &bytes, p.now);
+    }
+    assert_eq!(p.a.poll_tun_packet(), None);
+    assert_eq!(p.a.counters().malformed_loss_reports, 3);
+    assert_eq!(p.a.counters().loss_reports_received, 0);
+    // A well-formed one about data a never sent counts for nothing.
+    let bytes = sealed(&mut p.b, ka, &good);
+    p.a.handle_datagram(Source::main(p.b_addr), &bytes, p.now);
+    assert_eq!(p.a.poll_tun_packet(), None);
+    let c = p.a.counters();
+    assert_eq!((c.loss_reports_received, c.loss_reports_unmatched), (1, 1));
+    assert_eq!(p.a.peer_status(p.now)[0].direct_quality.loss, None);
+}
+
+#[test]
+fn switching_off_brings_a_peer_back_from_the_relay() {
+    let mut r = Relayed::new(true);
+    assert!(r.send_a_to_b(1));
+    let kb = r.p.b.public_key();
+    let now = r.p.now;
+    let peer = r.p.a.peers.get_mut(&kb).expect("peer");
+    assert!(peer.path.endpoint().is_some(), "a direct path");
+    peer.path.choice = crate::peer::choice::Choice::Relay {
+        since: now,
+        stay: Duration::from_secs(30),
+    };
+    assert_eq!(r.p.a.peer_status(now)[0].path, Path::Relay);
+    while r.p.a.poll_event().is_some() {}
+    r.p.a.set_quality(QualityConfig {
+        switching: false,
+        ..QualityConfig::default()
+    });
+    assert!(matches!(r.p.a.peer_status(now)[0].path, Path::Direct(_)));
+    let events: Vec<Event> = std::iter::from_fn(|| r.p.a.poll_event()).collect();
+    assert!(
+        events.iter().any(|e| matches!(
+            e,
+            Event::PathChanged {
+                path: Path::Direct(_),
+                ..
+            }
+        )),
+        "{events:?}"
+    );
+}

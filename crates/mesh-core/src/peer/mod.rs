@@ -1,26 +1,35 @@
 //! One peer: its WireGuard session and the parts that decide when it handshakes
-//! ([`handshake`]), how traffic reaches it ([`path`]), what its probes measured ([`probes`]) and
-//! when it is punched ([`crate::birthday::PeerPunch`]).
+//! ([`handshake`]), how traffic reaches it ([`path`]), what its probes measured ([`probes`]),
+//! how well each path carries packets ([`quality`], fed by loss reports both ways, [`loss`]),
+//! which path carries the traffic when both work ([`choice`]) and when it is punched
+//! ([`crate::birthday::PeerPunch`]).
 //!
 //! Each part owns its state and rules; [`Peer`] combines them where one event touches several
 //! (a handshake forgets the direct path, a send marks the path as owing an answer).
 
+pub(crate) mod choice;
 pub(crate) mod handshake;
+pub(crate) mod loss;
 pub(crate) mod path;
 pub(crate) mod probes;
+pub(crate) mod quality;
 
 use crate::birthday::PeerPunch;
+use crate::io::{PathQuality, QualityConfig};
 use crate::node::{Event, Path};
 use crate::outbox::{Ctx, Endpoint, Via};
 
 use crate::pmtu;
 use crate::session::{Output, Session, SessionError};
 use crate::sockets::SocketId;
+use choice::Switch;
 use handshake::{Due, Handshake};
 use mesh_proto::control::{NatKind, MAX_ENDPOINTS};
+use mesh_proto::tunnel::{self, LossReport};
 use mesh_proto::PublicKey;
 use path::{DirectDue, PathState, ACTIVE_TRAFFIC, PATH_PROBE_INTERVAL, PREDICTED_PORTS};
 use probes::{Probes, Purpose};
+use quality::{Leg, Measure};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -71,6 +80,10 @@ pub enum Timer {
     KeptSocket,
     /// Birthday sprays, or the end of an attempt.
     Spray,
+    /// A quality probe is due, or one timed out.
+    Quality,
+    /// Loss reports to the peer are due.
+    LossReport,
 }
 
 /// What a peer's deadlines depend on besides the peer itself.
@@ -86,6 +99,8 @@ pub(crate) struct TimerEnv {
     pub(crate) own_nat: Option<NatKind>,
     /// A point of the node's tick grid (see [`crate::node::snap`]).
     pub(crate) origin: Instant,
+    /// How paths are measured and chosen.
+    pub(crate) quality: QualityConfig,
 }
 
 /// boringtun ticks an active peer (traffic or a handshake within [`ACTIVE_WIREGUARD`]) every
@@ -119,7 +134,16 @@ pub(crate) enum Received {
     /// Not authenticated (or not for this session): dropped and counted.
     Refused,
     /// Authenticated; carried this in-tunnel message for the node, if any.
-    Authenticated(Option<pmtu::Message>),
+    Authenticated(Option<InTunnel>),
+}
+
+/// An in-tunnel message from the peer (`mesh_proto::tunnel`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum InTunnel {
+    /// A probe, an ack, a join, a punch or its ack.
+    Message(pmtu::Message),
+    /// What the peer received of our data on one path.
+    Report(LossReport),
 }
 
 pub(crate) struct Peer {
@@ -145,6 +169,8 @@ pub(crate) struct Peer {
     /// When the node runs this peer's timers next (the earliest deadline, as last computed;
     /// inputs only ever bring it forward, so waking early re-evaluates and is harmless).
     pub(crate) wake: (Instant, Timer),
+    /// What the peer's paths measured, while traffic flows (`None` while idle).
+    pub(crate) measure: Option<Box<Measure>>,
 }
 
 impl Peer {
@@ -170,6 +196,7 @@ impl Peer {
             wireguard_at: first_tick,
             idle_tick: false,
             wake: (first_tick, Timer::WireGuard),
+            measure: None,
         }
     }
 
@@ -193,7 +220,7 @@ impl Peer {
         );
         at(self.handshake.stale_at(), Timer::StaleSession);
         if established {
-            let endpoint = self.path.endpoint();
+            let endpoint = self.path.sending_direct(env.relay_up);
             if endpoint.is_some() && self.probes.mtu_endpoint != endpoint {
                 at(Some(now), Timer::Mtu);
             } else if endpoint.is_some() {
@@ -236,6 +263,20 @@ impl Peer {
                 let due = crate::node::snap(env.origin, due, KEEPALIVE_GRID);
                 at(Some(due), Timer::Keepalive);
             }
+            if let Some(m) = self.measure.as_deref() {
+                at(
+                    m.report_at(self.last_data_rx, &env.quality),
+                    Timer::LossReport,
+                );
+                at(m.expiry(), Timer::Quality);
+                for (leg, every) in self
+                    .probe_plan(m, env.relay_up, &env.quality, now)
+                    .into_iter()
+                    .flatten()
+                {
+                    at(Some(m.probe_at(leg, every, now)), Timer::Quality);
+                }
+            }
         }
         let path_socket = self.path.endpoint().map(|e| e.socket);
         at(
@@ -266,7 +307,7 @@ impl Peer {
 
     /// The path traffic to this peer takes now.
     pub(crate) fn route(&self, relay_up: bool) -> Path {
-        match self.path.endpoint() {
+        match self.path.sending_direct(relay_up) {
             Some(e) => Path::Direct(e.addr),
             None if relay_up => Path::Relay,
             None => Path::None,
@@ -304,7 +345,8 @@ impl Peer {
     /// which are meant to be lost when too large).
     pub(crate) fn seal_and_send(&mut self, inner: &[u8], tracked: bool, cx: &mut Ctx<'_>) {
         if let Output::Network(bytes) = self.session.encapsulate(inner, cx.buf) {
-            self.path.send(&self.config, bytes, tracked, cx.now, cx.out);
+            let leg = self.path.send(&self.config, bytes, tracked, cx.now, cx.out);
+            log_sent(&mut self.measure, leg, bytes);
         }
     }
 
@@ -334,14 +376,30 @@ impl Peer {
         self.seal_and_send(&p, true, cx);
     }
 
+    /// Sends a small probe inside the tunnel on the direct path, whichever path traffic takes,
+    /// and remembers it.
+    fn ping_direct(&mut self, purpose: Purpose, cx: &mut Ctx<'_>) {
+        let Some(e) = self.path.endpoint() else {
+            return;
+        };
+        let id = probes::next_ping_id(cx.next_ping);
+        let p = self.message(cx.me, pmtu::Kind::Probe, id, 0, 0);
+        self.probes.sent(id, purpose, cx.now);
+        if let Output::Network(bytes) = self.session.encapsulate(&p, cx.buf) {
+            cx.out.udp(e.socket, e.addr, bytes);
+            self.path.sent(Some(Leg::Direct), true, cx.now);
+            log_sent(&mut self.measure, Some(Leg::Direct), bytes);
+        }
+    }
+
     /// One datagram from this peer (already known to be addressed to its session), from `via`.
     /// Replies (handshake responses, queued packets) go back the way it came; inner packets
     /// addressed to this node go to the TUN device.
     pub(crate) fn decapsulate(&mut self, via: Via, datagram: &[u8], cx: &mut Ctx<'_>) -> Received {
         let key = self.key();
-        let source_ip = match via {
-            Via::Direct(from) => Some(from.addr.ip()),
-            Via::Relay => None,
+        let (source_ip, leg) = match via {
+            Via::Direct(from) => (Some(from.addr.ip()), Leg::Direct),
+            Via::Relay => (None, Leg::Relay),
         };
         // Opened straight into a buffer that can go to the TUN device as it is.
         let mut buf = cx.out.buffer();
@@ -353,10 +411,18 @@ impl Peer {
                 // Packets queued during the handshake follow the response.
                 while let Output::Network(bytes) = self.session.flush_queued(cx.buf) {
                     cx.out.reply(via, key, bytes);
+                    log_sent(&mut self.measure, Some(leg), bytes);
                 }
                 Received::Authenticated(None)
             }
             Output::TunnelV4(inner, source) => {
+                if let Some(m) = self.measure.as_deref_mut() {
+                    // (Path MTU probes count neither here nor at their sender: a probe too
+                    // large for the path is meant to be lost.)
+                    if !is_path_mtu_probe(inner) {
+                        m.received(leg, datagram);
+                    }
+                }
                 let to_us = crate::packet::ipv4_addrs(inner).is_some_and(|(_, dst)| dst == cx.me);
                 let len = inner.len();
                 if source != self.config.address {
@@ -365,12 +431,19 @@ impl Peer {
                     // A member may only reach this node, not use it as a router into its LAN,
                     // its cloud's metadata service or a pod network.
                     cx.out.counters.misdirected_packets += 1;
-                } else if let Some(m) = pmtu::parse(inner) {
+                } else if let Some(message) = in_tunnel(inner) {
                     cx.out.recycle(buf);
-                    return Received::Authenticated(Some(m));
+                    let Ok(message) = message else {
+                        cx.out.counters.malformed_loss_reports += 1;
+                        return Received::Authenticated(None);
+                    };
+                    return Received::Authenticated(Some(message));
                 } else {
                     // Traffic (not an in-tunnel probe, which needs none of boringtun's timers).
                     self.last_data_rx = Some(cx.now);
+                    if self.measure.is_none() {
+                        self.measure = Some(start_measuring(cx.quality, self.index, cx.now));
+                    }
                     // boringtun writes the packet at the start of the buffer.
                     buf.truncate(len);
                     cx.out.deliver_buffer(buf);
@@ -382,7 +455,13 @@ impl Peer {
                 cx.out.counters.non_ipv4_packets += 1;
                 Received::Authenticated(None)
             }
-            Output::Done => Received::Authenticated(None), // keepalive or cookie
+            Output::Done => {
+                // A keepalive (or a cookie reply, which has no counter).
+                if let Some(m) = self.measure.as_deref_mut() {
+                    m.received(leg, datagram);
+                }
+                Received::Authenticated(None)
+            }
             Output::Error(_) => {
                 cx.out.counters.rejected_packets += 1;
                 // Transport data under a session we do not have: the two sides disagree on the
@@ -411,12 +490,24 @@ impl Peer {
         };
         let room =
             (packet.len() + crate::session::DATA_OVERHEAD + 16).max(crate::session::MIN_BUFFER);
+        let leg = match destination {
+            crate::node::Destination::Udp { .. } => Leg::Direct,
+            crate::node::Destination::Relay { .. } => Leg::Relay,
+        };
+        let (quality, index, now) = (cx.quality, self.index, cx.now);
+        let log = &mut self
+            .measure
+            .get_or_insert_with(|| start_measuring(quality, index, now))
+            .sent;
         let session = &mut self.session;
         let mut other: Option<Vec<u8>> = None;
         let mut queued = false;
         let sealed = cx.out.seal(destination, room, |buf| {
             match session.encapsulate(packet, buf) {
-                Output::Network(b) if b.first() == Some(&4) => Some(b.len()),
+                Output::Network(b) if b.first() == Some(&4) => {
+                    log.note_message(leg, b);
+                    Some(b.len())
+                }
                 // The session was gone after all (a handshake initiation instead).
                 Output::Network(b) => {
                     other = Some(b.to_vec());
@@ -441,7 +532,7 @@ impl Peer {
         }
         if sealed.is_some() {
             self.handshake.data_sent(cx.now);
-            self.path.sent(true, cx.now);
+            self.path.sent(Some(leg), true, cx.now);
         }
         true
     }
@@ -476,14 +567,27 @@ impl Peer {
             let ack = self.message(cx.me, pmtu::Kind::Ack, m.id, m.size, 0);
             if let Output::Network(bytes) = self.session.encapsulate(&ack, cx.buf) {
                 cx.out.reply(via, key, bytes);
+                log_sent(&mut self.measure, Some(Leg::of(via)), bytes);
             }
         } else if probes::PING_IDS.contains(&m.id) {
-            let path = match via {
-                Via::Direct(from) => Path::Direct(from.addr),
-                Via::Relay => Path::Relay,
+            let (path, leg) = match via {
+                Via::Direct(from) => (Path::Direct(from.addr), Leg::Direct),
+                Via::Relay => (Path::Relay, Leg::Relay),
             };
-            if let Some((rtt, Purpose::User)) = self.probes.answered(m.id, path, cx.now) {
-                cx.out.events.push_back(Event::Pong { key, rtt, path });
+            match self.probes.answered(m.id, path, cx.now) {
+                Some((rtt, purpose)) => {
+                    if let Some(q) = self.measure.as_deref_mut() {
+                        q.window(leg).rtt(rtt, cx.now);
+                    }
+                    if purpose == Purpose::User {
+                        cx.out.events.push_back(Event::Pong { key, rtt, path });
+                    }
+                }
+                None => {
+                    if let Some(q) = self.measure.as_deref_mut() {
+                        q.answered(m.id, cx.now);
+                    }
+                }
             }
         } else if let Some(mtu) = self.probes.mtu.on_ack(m.id, m.size, cx.now) {
             self.report_mtu(mtu, cx);
@@ -511,16 +615,20 @@ impl Peer {
         if switched {
             self.path.switch(from, now);
             tracing::debug!(peer = %self.config.key, from = %from.addr, socket = %from.socket, "direct path confirmed");
-            cx.out.events.push_back(Event::PathChanged {
-                key: self.config.key,
-                path: Path::Direct(from.addr),
-            });
+            // (While the relay carries the traffic for quality, it goes on doing so.)
+            if self.path.sending_direct(cx.out.relay_up).is_some() {
+                cx.out.events.push_back(Event::PathChanged {
+                    key: self.config.key,
+                    path: Path::Direct(from.addr),
+                });
+            }
             // A probe got through: answer on the same path at once, so that the peer upgrades
             // to it too instead of waiting for its own traffic.
             if !had_path && self.session.established() {
                 if let Output::Network(bytes) = self.session.encapsulate(&[], cx.buf) {
                     cx.out.udp(from.socket, from.addr, bytes);
                     self.path.last_direct_tx = Some(now);
+                    log_sent(&mut self.measure, Some(Leg::Direct), bytes);
                 }
             }
         }
@@ -541,6 +649,7 @@ impl Peer {
             if let Output::Network(bytes) = self.session.encapsulate(&[], cx.buf) {
                 cx.out.udp(from.socket, from.addr, bytes);
                 self.path.last_direct_tx = Some(now);
+                log_sent(&mut self.measure, Some(Leg::Direct), bytes);
             }
         }
         switched
@@ -566,7 +675,10 @@ impl Peer {
             return None;
         }
         match self.session.update_timers(cx.buf) {
-            Output::Network(bytes) => self.path.send(&self.config, bytes, true, cx.now, cx.out),
+            Output::Network(bytes) => {
+                let leg = self.path.send(&self.config, bytes, true, cx.now, cx.out);
+                log_sent(&mut self.measure, leg, bytes);
+            }
             Output::Error(SessionError::Expired) => {
                 // Forget the endpoint: the next handshake tries every candidate again.
                 self.path.direct = None;
@@ -635,7 +747,7 @@ impl Peer {
 
     /// Path MTU: start a search on a new direct path, send its probes, report results.
     pub(crate) fn mtu_timers(&mut self, cx: &mut Ctx<'_>) {
-        let endpoint = self.path.endpoint();
+        let endpoint = self.path.sending_direct(cx.out.relay_up);
         if endpoint.is_some() && self.probes.mtu_endpoint != endpoint {
             // A new path (or the first one): find out what it carries.
             self.probes.mtu_endpoint = endpoint;
@@ -649,7 +761,11 @@ impl Peer {
             .flatten()
         {
             let p = self.message(cx.me, pmtu::Kind::Probe, id, size, usize::from(size));
-            self.seal_and_send(&p, false, cx);
+            // Not logged for loss reports: a probe larger than the path carries is meant to be
+            // lost, which is no loss of the path's.
+            if let Output::Network(bytes) = self.session.encapsulate(&p, cx.buf) {
+                self.path.send(&self.config, bytes, false, cx.now, cx.out);
+            }
         }
         if let Some(mtu) = self.probes.mtu.result() {
             if self.probes.reported_mtu != Some(mtu) {
@@ -662,18 +778,22 @@ impl Peer {
     /// when it dies; while on the relay, probes every candidate so a direct path can open.
     pub(crate) fn path_timers(&mut self, cx: &mut Ctx<'_>) {
         let relay_up = cx.out.relay_up;
+        let on_direct = self.path.sending_direct(relay_up).is_some();
         match self.path.poll_direct(relay_up, cx.now) {
             DirectDue::Dead { quiet } => {
                 tracing::debug!(peer = %self.config.key, quiet_ms = quiet.as_millis() as u64, "direct path silent; falling back to the relay");
                 self.punch.schedule.reset();
-                cx.out.events.push_back(Event::PathChanged {
-                    key: self.key(),
-                    path: Path::Relay,
-                });
+                if on_direct {
+                    cx.out.events.push_back(Event::PathChanged {
+                        key: self.key(),
+                        path: Path::Relay,
+                    });
+                }
                 return;
             }
             DirectDue::Probe => {
-                self.ping(Purpose::Liveness, cx);
+                // The direct path's liveness, whichever path the traffic takes.
+                self.ping_direct(Purpose::Liveness, cx);
                 return;
             }
             DirectDue::Nothing if self.path.direct.is_some() => return,
@@ -756,6 +876,196 @@ impl Peer {
         }
     }
 
+    /// Quality: loss reports to the peer, quality probes and their timeouts, the choice of
+    /// path; and an idle peer's measurements go.
+    pub(crate) fn quality_timers(&mut self, cx: &mut Ctx<'_>) {
+        if self.measure.is_none() {
+            return;
+        }
+        let now = cx.now;
+        let config = *cx.quality;
+        let flowing = self.flowing(now);
+        let receiving = self
+            .last_data_rx
+            .is_some_and(|t| now.saturating_duration_since(t) < ACTIVE_TRAFFIC);
+        if !flowing && !receiving {
+            // Idle: what was measured is stale by the time traffic comes again. (The choice
+            // of path stays.)
+            self.measure = None;
+            return;
+        }
+        if !self.session.established() {
+            return;
+        }
+        let relay_up = cx.out.relay_up;
+        let direct = self.path.endpoint();
+        let Some(m) = self.measure.as_deref_mut() else {
+            return;
+        };
+        m.direct_is(direct, now);
+        m.expire(now);
+        let mut reports = [None, None];
+        if m.report_at(self.last_data_rx, &config)
+            .is_some_and(|t| t <= now)
+        {
+            m.reported_at = Some(now);
+            for (slot, leg) in reports.iter_mut().zip(Leg::BOTH) {
+                if let Some(r) = m.tally(leg).take(leg) {
+                    *slot = Some((m.next_report, r));
+                    m.next_report = m.next_report.wrapping_add(1);
+                }
+            }
+        }
+        let Some(m) = self.measure.as_deref() else {
+            return;
+        };
+        if flowing && config.switching && relay_up {
+            if let Some(endpoint) = direct {
+                let d = m.estimate(Leg::Direct, &config, now);
+                let r = m.estimate(Leg::Relay, &config, now);
+                if let Some(switch) = self.path.choice.decide(&d, &r, &config, now) {
+                    let (path, loss) = match switch {
+                        Switch::ToRelay => {
+                            cx.out.counters.quality_switches_to_relay += 1;
+                            (Path::Relay, d.loss)
+                        }
+                        Switch::ToDirect => {
+                            cx.out.counters.quality_switches_to_direct += 1;
+                            (Path::Direct(endpoint.addr), d.loss)
+                        }
+                    };
+                    tracing::info!(peer = %self.config.key, name = %self.config.name, %path, direct_loss = ?loss, relay_loss = ?r.loss, "path changed for quality");
+                    cx.out.events.push_back(Event::PathChanged {
+                        key: self.config.key,
+                        path,
+                    });
+                }
+            }
+        }
+        let plan = self.probe_plan(m, relay_up, &config, now);
+        let due = plan.map(|p| p.filter(|(leg, every)| m.probe_at(*leg, *every, now) <= now));
+        for (id, r) in reports.into_iter().flatten() {
+            let p = tunnel::build_report(cx.me, self.config.address, id, &r);
+            self.seal_and_send(&p, false, cx);
+            cx.out.counters.loss_reports_sent += 1;
+        }
+        for (leg, _) in due.into_iter().flatten() {
+            self.probe_on(leg, cx);
+        }
+    }
+
+    /// Which legs get quality probes now, and how often: the leg in use every
+    /// `active_probe_interval` if data went to the peer since its last probe; while data flows
+    /// and a switch is weighed, the other one every `probe_interval` (the relay while the direct
+    /// path loses, the direct path while the relay carries the traffic for quality).
+    fn probe_plan(
+        &self,
+        m: &Measure,
+        relay_up: bool,
+        config: &QualityConfig,
+        now: Instant,
+    ) -> [Option<(Leg, Duration)>; 2] {
+        if !self.flowing(now) {
+            return [None, None];
+        }
+        let in_use = if self.path.sending_direct(relay_up).is_some() {
+            Leg::Direct
+        } else if relay_up {
+            Leg::Relay
+        } else {
+            return [None, None];
+        };
+        let weighing = config.switching
+            && relay_up
+            && self.path.endpoint().is_some()
+            && match in_use {
+                Leg::Direct => m
+                    .estimate(Leg::Direct, config, now)
+                    .loss
+                    .is_some_and(|l| l >= config.switch_loss),
+                Leg::Relay => self.path.choice.prefers_relay(),
+            };
+        let sent_since = self
+            .last_data
+            .is_some_and(|t| m.last_probe(in_use).is_none_or(|p| t > p));
+        [
+            sent_since.then_some((in_use, config.active_probe_interval)),
+            weighing.then_some((in_use.other(), config.probe_interval)),
+        ]
+    }
+
+    /// A quality probe on `leg`, whichever leg the traffic takes.
+    fn probe_on(&mut self, leg: Leg, cx: &mut Ctx<'_>) {
+        let now = cx.now;
+        let Some(m) = self.measure.as_deref_mut() else {
+            return;
+        };
+        let id = probes::next_ping_id(cx.next_ping);
+        m.probe_sent(id, leg, now);
+        cx.out.counters.quality_probes_sent += 1;
+        let probe = pmtu::Message {
+            kind: pmtu::Kind::Probe,
+            id,
+            size: 0,
+        };
+        let p = pmtu::build(cx.me, self.config.address, probe, 0);
+        let Output::Network(bytes) = self.session.encapsulate(&p, cx.buf) else {
+            return;
+        };
+        match leg {
+            Leg::Direct => {
+                let Some(e) = self.path.endpoint() else {
+                    return;
+                };
+                cx.out.udp(e.socket, e.addr, bytes);
+            }
+            Leg::Relay => {
+                if !cx.out.relay_up {
+                    return;
+                }
+                cx.out.relay(self.config.key, bytes);
+            }
+        }
+        self.path.sent(Some(leg), true, now);
+        m.sent.note_message(leg, bytes);
+    }
+
+    /// The peer reported what it received of our data on one leg: what we sent there of that
+    /// span tells the loss.
+    pub(crate) fn on_loss_report(&mut self, report: LossReport, cx: &mut Ctx<'_>) {
+        cx.out.counters.loss_reports_received += 1;
+        let leg = Leg::from(report.path);
+        let Some(m) = self.measure.as_deref_mut() else {
+            cx.out.counters.loss_reports_unmatched += 1;
+            return;
+        };
+        match m
+            .sent
+            .expected(leg, report.index, report.first, report.last)
+        {
+            Some(expected) if expected > 0 => {
+                m.window(leg)
+                    .reported(expected, u64::from(report.received), cx.now);
+            }
+            _ => cx.out.counters.loss_reports_unmatched += 1,
+        }
+    }
+
+    /// What status shows of each leg: (direct, relay).
+    pub(crate) fn quality_status(
+        &self,
+        config: &QualityConfig,
+        now: Instant,
+    ) -> (PathQuality, PathQuality) {
+        match self.measure.as_deref() {
+            Some(m) => (
+                m.status(Leg::Direct, config, now),
+                m.status(Leg::Relay, config, now),
+            ),
+            None => Default::default(),
+        }
+    }
+
     fn report_mtu(&mut self, mtu: u16, cx: &mut Ctx<'_>) {
         self.probes.reported_mtu = Some(mtu);
         let configured = cx.mtu;
@@ -769,6 +1079,42 @@ impl Peer {
             configured,
         });
     }
+}
+
+/// Traffic started: measure the paths while it flows (`index`: the peer's).
+#[cold]
+fn start_measuring(config: &QualityConfig, index: u32, now: Instant) -> Box<Measure> {
+    Box::new(Measure::new(config, index, now))
+}
+
+/// Logs a data message sealed for the peer on `leg` (if it went on one), while measuring.
+#[inline]
+fn log_sent(measure: &mut Option<Box<Measure>>, leg: Option<Leg>, bytes: &[u8]) {
+    if let (Some(m), Some(leg)) = (measure.as_deref_mut(), leg) {
+        m.sent.note_message(leg, bytes);
+    }
+}
+
+/// Whether a decrypted packet is a path MTU probe (padded to the size it probes).
+#[inline]
+fn is_path_mtu_probe(inner: &[u8]) -> bool {
+    inner.get(9) == Some(&pmtu::PROTO)
+        && pmtu::parse(inner)
+            .is_some_and(|m| m.kind == pmtu::Kind::Probe && !probes::PING_IDS.contains(&m.id))
+}
+
+/// An in-tunnel message in a decrypted packet: `None` for ordinary traffic, `Some(Err)` for a
+/// malformed loss report.
+#[inline]
+fn in_tunnel(inner: &[u8]) -> Option<Result<InTunnel, tunnel::ReportError>> {
+    if inner.get(9) != Some(&pmtu::PROTO) {
+        return None;
+    }
+    if let Some(m) = pmtu::parse(inner) {
+        return Some(Ok(InTunnel::Message(m)));
+    }
+    let report = tunnel::parse_report(inner)?;
+    Some(report.map(|(_, r)| InTunnel::Report(r)))
 }
 
 /// 0..=333 ms added to handshake retransmissions (WireGuard's REKEY_TIMEOUT_JITTER), fixed per

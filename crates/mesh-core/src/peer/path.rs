@@ -15,7 +15,14 @@
 //! peer through the tunnel to probe now (`Punch`); the peer probes the node's candidates, which
 //! find the node's gateway expecting them, and acknowledges (`PunchAck`); then the node probes
 //! the peer's candidates, through the holes the peer's probes opened.
+//!
+//! While both a direct path and the relay work, [`PathState::choice`] says which one carries
+//! the traffic (the direct one unless its measured quality made the relay better, see
+//! [`super::choice`]). The direct path stays confirmed, and its liveness tracked, while the
+//! relay carries the traffic; a relay that goes down sends everything direct again.
 
+use super::choice::Choice;
+use super::quality::Leg;
 use crate::node::Destination;
 use crate::outbox::{Endpoint, Outbox};
 use crate::peer::PeerConfig;
@@ -165,6 +172,8 @@ pub(crate) struct PathState {
     pub(crate) last_direct_tx: Option<Instant>,
     /// Last message of any kind sent to the peer, by any path (for persistent keepalive).
     pub(crate) last_tx: Option<Instant>,
+    /// Which path carries the traffic while both work.
+    pub(crate) choice: Choice,
 }
 
 impl PathState {
@@ -178,15 +187,23 @@ impl PathState {
         self.direct.take().map(|d| d.endpoint)
     }
 
+    /// The direct endpoint traffic goes to now: the confirmed one, unless the relay (up)
+    /// carries the traffic for quality.
+    pub(crate) fn sending_direct(&self, relay_up: bool) -> Option<Endpoint> {
+        self.endpoint()
+            .filter(|_| !relay_up || !self.choice.prefers_relay())
+    }
+
     /// Sends one WireGuard message to `peer` by the best path there is:
-    /// - the confirmed direct endpoint;
-    /// - else the relay (if there is one), and handshake initiations also to every candidate
-    ///   directly, so a direct path can be found while traffic already flows (as primers where
-    ///   the rounds are [`coordinated`]: they open our NAT, and reach a peer on our own LAN);
+    /// - the direct endpoint traffic goes to ([`PathState::sending_direct`]);
+    /// - else the relay (if there is one), and, while no direct path is confirmed, handshake
+    ///   initiations also to every candidate directly, so a direct path can be found while
+    ///   traffic already flows (as primers where the rounds are [`coordinated`]: they open our
+    ///   NAT, and reach a peer on our own LAN);
     /// - else every candidate (the first that answers becomes the endpoint).
     ///
     /// `tracked`: the direct path owes an answer to it (not so for keepalives and path MTU
-    /// probes, which are meant to be lost when too large).
+    /// probes, which are meant to be lost when too large). Returns the leg it went on, if one.
     pub(crate) fn send(
         &mut self,
         peer: &PeerConfig,
@@ -194,43 +211,48 @@ impl PathState {
         tracked: bool,
         now: Instant,
         out: &mut Outbox,
-    ) {
-        self.sent(tracked, now);
-        if let Some(e) = self.endpoint() {
+    ) -> Option<Leg> {
+        if let Some(e) = self.sending_direct(out.relay_up) {
+            self.sent(Some(Leg::Direct), tracked, now);
             out.udp(e.socket, e.addr, bytes);
-            return;
+            return Some(Leg::Direct);
         }
+        self.sent(None, tracked, now);
         let initiation = bytes.first() == Some(&1);
         if out.relay_up {
             out.relay(peer.key, bytes);
-            if !initiation {
-                return;
+            if !initiation || self.direct.is_some() {
+                return Some(Leg::Relay);
             }
             if coordinated(peer) {
                 for dst in peer.endpoints.iter().take(MAX_ENDPOINTS) {
                     out.primer(SocketId::MAIN, *dst, bytes, now);
                 }
-                return;
+                return Some(Leg::Relay);
             }
         }
         for dst in peer.endpoints.iter().take(MAX_ENDPOINTS) {
             out.probe(SocketId::MAIN, *dst, bytes, now);
         }
+        out.relay_up.then_some(Leg::Relay)
     }
 
-    /// A message went to the peer now (`tracked`: one the direct path owes an answer to).
-    pub(crate) fn sent(&mut self, tracked: bool, now: Instant) {
-        if let Some(d) = self.direct.as_mut().filter(|_| tracked) {
+    /// A message went to the peer now, on `leg` if one (`tracked`: one the direct path owes
+    /// an answer to, when it went there).
+    pub(crate) fn sent(&mut self, leg: Option<Leg>, tracked: bool, now: Instant) {
+        let direct = leg == Some(Leg::Direct) && tracked;
+        if let Some(d) = self.direct.as_mut().filter(|_| direct) {
             self.last_direct_tx = Some(now);
             d.unanswered_since.get_or_insert(now);
         }
         self.last_tx = Some(now);
     }
 
-    /// Where a data message to the peer goes when there is exactly one place: its direct
-    /// endpoint, else the relay (`None` with neither: it goes to every candidate).
+    /// Where a data message to the peer goes when there is exactly one place: the direct
+    /// endpoint traffic goes to, else the relay (`None` with neither: it goes to every
+    /// candidate).
     pub(crate) fn destination(&self, peer: &PeerConfig, relay_up: bool) -> Option<Destination> {
-        match self.endpoint() {
+        match self.sending_direct(relay_up) {
             Some(e) => Some(Destination::Udp {
                 socket: e.socket,
                 dst: e.addr,

@@ -5,8 +5,8 @@
 //!
 //! - [`Net`] is the network: realms (the internet and LANs), hosts (one UDP socket each; a node's
 //!   extra sockets are hosts at the same IP on other ports, see [`Net::open_socket`]), NAT boxes
-//!   between realms, per-link latency, seeded loss and the datagrams in flight. It knows nothing
-//!   about mesh.
+//!   between realms, per-link latency, seeded loss (everywhere, and per direction of a link:
+//!   [`LinkLoss`]) and the datagrams in flight. It knows nothing about mesh.
 //! - [`Sim`] puts real [`mesh_core::Node`]s (and any other [`Service`], such as a relay) on hosts
 //!   of a [`Net`] and runs them on the virtual clock: the clock jumps to the next delivery or the
 //!   earliest timer, so minutes of virtual time take well under a second, and the same seed gives
@@ -582,7 +582,7 @@ impl NatBox {
 pub struct NetStats {
     /// Datagrams handed to [`Net::send`].
     pub sent: u64,
-    /// Lost to random loss.
+    /// Lost to random loss, or to a link's own loss model ([`Net::set_link_loss`]).
     pub lost: u64,
     /// Delivered to a host.
     pub delivered: u64,
@@ -603,6 +603,77 @@ pub struct NetStats {
     pub poisoned: u64,
     /// Dropped by a router because the IP TTL ran out.
     pub ttl_expired: u64,
+}
+
+/// How one direction of a link loses datagrams, on top of the network's random [`Net::loss`]
+/// ([`Net::set_link_loss`]). Each link draws from a generator of its own, seeded from the
+/// network's, so the same seed gives the same losses.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LinkLoss {
+    /// Every datagram is lost with this probability.
+    Random(f64),
+    /// Loss in bursts (the Gilbert-Elliott model with a lossless good state and a bad state
+    /// that loses everything): a datagram in the good state starts a burst with probability
+    /// `enter`; each datagram in a burst is lost, and the burst ends after it with probability
+    /// `leave`. Mean loss `enter / (enter + leave)`, mean burst `1 / leave` datagrams.
+    Bursts {
+        /// Chance that a burst starts.
+        enter: f64,
+        /// Chance that a burst ends after each of its datagrams.
+        leave: f64,
+    },
+    /// A token bucket, as a carrier's UDP rate limit: `rate` datagrams per second with bursts
+    /// of up to `burst`; what comes over it is dropped. Sparse datagrams (probes, keepalives)
+    /// all pass; bulk above the rate loses the excess.
+    RateLimit {
+        /// Datagrams per second it lets through.
+        rate: f64,
+        /// Bucket size.
+        burst: f64,
+    },
+}
+
+/// A [`LinkLoss`] and its state.
+struct Link {
+    model: LinkLoss,
+    rng: SmallRng,
+    in_burst: bool,
+    tokens: f64,
+    refilled: Option<Instant>,
+}
+
+impl Link {
+    /// Whether the datagram sent now is lost.
+    fn loses(&mut self, now: Instant) -> bool {
+        match self.model {
+            LinkLoss::Random(p) => self.rng.gen_bool(p.clamp(0.0, 1.0)),
+            LinkLoss::Bursts { enter, leave } => {
+                if !self.in_burst {
+                    self.in_burst = self.rng.gen_bool(enter.clamp(0.0, 1.0));
+                }
+                if !self.in_burst {
+                    return false;
+                }
+                if self.rng.gen_bool(leave.clamp(0.0, 1.0)) {
+                    self.in_burst = false;
+                }
+                true
+            }
+            LinkLoss::RateLimit { rate, burst } => {
+                let since = self
+                    .refilled
+                    .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+                self.tokens = (self.tokens + since.as_secs_f64() * rate).min(burst);
+                self.refilled = Some(now);
+                if self.tokens >= 1.0 {
+                    self.tokens -= 1.0;
+                    false
+                } else {
+                    true
+                }
+            }
+        }
+    }
 }
 
 struct RealmInfo {
@@ -692,6 +763,9 @@ pub struct Net {
     /// Routers between any two sites on the internet (each takes one from the IP TTL). 0 puts
     /// every NAT's WAN and every public host on one segment.
     pub core_hops: u8,
+    /// Loss models of single directions of links: (source IP, destination IP) as the
+    /// datagram travels in the destination's realm (after the sender's NATs).
+    links: HashMap<(Ipv4Addr, Ipv4Addr), Link>,
 }
 
 /// The IP TTL of a datagram sent without one.
@@ -740,7 +814,42 @@ impl Net {
             trace: None,
             epoch: Instant::now(),
             core_hops: 0,
+            links: HashMap::new(),
         }
+    }
+
+    /// Datagrams from `from` to `to` (IPs as the destination's realm sees them: a NATed
+    /// sender's public address) are lost by `model` from now on, besides [`Net::loss`]; `None`
+    /// makes the direction clean again.
+    pub fn set_link_loss(&mut self, from: Ipv4Addr, to: Ipv4Addr, model: Option<LinkLoss>) {
+        match model {
+            Some(model) => {
+                let rng = SmallRng::seed_from_u64(self.rng.gen());
+                let tokens = match model {
+                    LinkLoss::RateLimit { burst, .. } => burst,
+                    _ => 0.0,
+                };
+                self.links.insert(
+                    (from, to),
+                    Link {
+                        model,
+                        rng,
+                        in_burst: false,
+                        tokens,
+                        refilled: None,
+                    },
+                );
+            }
+            None => {
+                self.links.remove(&(from, to));
+            }
+        }
+    }
+
+    /// [`Net::set_link_loss`] in both directions (each with its own state).
+    pub fn set_path_loss(&mut self, a: Ipv4Addr, b: Ipv4Addr, model: Option<LinkLoss>) {
+        self.set_link_loss(a, b, model);
+        self.set_link_loss(b, a, model);
     }
 
     fn log(&mut self, at: Instant, what: std::fmt::Arguments<'_>) {
@@ -1026,6 +1135,16 @@ impl Net {
                 format_args!("{} -> {dst} {len}B (as {from}) lost", h.addr),
             );
             return;
+        }
+        if let Some(link) = self.links.get_mut(&(v4(from), v4(dst))) {
+            if link.loses(now) {
+                self.stats.lost += 1;
+                self.log(
+                    now,
+                    format_args!("{} -> {dst} {len}B (as {from}) lost on its link", h.addr),
+                );
+                return;
+            }
         }
         self.log(
             now,
@@ -1594,6 +1713,22 @@ impl Sim {
         for d in out {
             self.net.send(host, d.dst, d.payload, self.now);
         }
+    }
+
+    /// Node `from` sends node `to` an IP packet of `len` bytes (at least 60) into its TUN side:
+    /// an echo reply, which `to` records in its `replies` (with `seq`) and answers nothing.
+    pub fn send_data(&mut self, from: usize, to: usize, seq: u16, len: usize) {
+        let mut p = echo(
+            ECHO_REPLY,
+            self.nodes[from].overlay,
+            self.nodes[to].overlay,
+            seq,
+        );
+        p.resize(len.max(p.len()), 0);
+        let total = p.len() as u16;
+        p[2..4].copy_from_slice(&total.to_be_bytes());
+        self.nodes[from].node.handle_tun_packet(&p, self.now);
+        self.flush(from);
     }
 
     /// Node `from` pings node `to` (an ICMP echo request into its TUN side).
