@@ -19,6 +19,10 @@ command -v iperf3 >/dev/null || need+=(iperf3)
 command -v python3 >/dev/null || need+=(python3)
 # The shipped units are checked with systemd-analyze verify (nothing is started).
 command -v systemd-analyze >/dev/null || need+=(systemd)
+# A 3-member etcd cluster runs over the overlay in the path quality test (nothing starts on the
+# host: the test runs etcd by PID in namespaces).
+command -v etcd >/dev/null || need+=(etcd-server)
+command -v etcdctl >/dev/null || need+=(etcd-client)
 # The port mapping tests run miniupnpd in a lab router. This package is the daemon alone: no
 # service, nothing starts on the host (the `miniupnpd` package would add the service).
 command -v miniupnpd >/dev/null || [ -x /usr/sbin/miniupnpd ] || need+=(miniupnpd-nftables)

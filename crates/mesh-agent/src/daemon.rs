@@ -764,6 +764,13 @@ pub(crate) fn counters_json(
         .into()
 }
 
+fn quality_json(q: &mesh_core::io::PathQuality) -> serde_json::Value {
+    json!({
+        "loss": q.loss,
+        "rtt_ms": q.rtt.map(|d| d.as_secs_f64() * 1000.0),
+    })
+}
+
 async fn status_json(
     node: &serde_json::Value,
     control: &Arc<Mutex<ControlStatus>>,
@@ -798,6 +805,11 @@ async fn status_json(
                 "path": p.path.to_string(),
                 "relay": relay_of.get(&p.key),
                 "path_mtu": p.path_mtu,
+                // Loss (0 to 1) and RTT of each path where measured (while data flows).
+                "quality": {
+                    "direct": quality_json(&p.direct_quality),
+                    "relay": quality_json(&p.relay_quality),
+                },
                 "rx_bytes": p.rx_bytes,
                 "tx_bytes": p.tx_bytes,
             })

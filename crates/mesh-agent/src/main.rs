@@ -423,7 +423,7 @@ fn print_status(v: &serde_json::Value) {
         ));
     }
     out(&format!(
-        "\n{:<20} {:<16} {:<18} {:<22} {:>8} {:>10} {:>12} {:>12}",
+        "\n{:<20} {:<16} {:<18} {:<22} {:>8} {:>10} {:>12} {:>12}  QUALITY",
         "PEER", "ADDRESS", "PATH", "ENDPOINT", "RTT", "HANDSHAKE", "RX", "TX"
     ));
     for p in v["peers"].as_array().into_iter().flatten() {
@@ -441,7 +441,7 @@ fn print_status(v: &serde_json::Value) {
             "-"
         };
         out(&format!(
-            "{:<20} {:<16} {:<18} {:<22} {:>8} {:>10} {:>12} {:>12}",
+            "{:<20} {:<16} {:<18} {:<22} {:>8} {:>10} {:>12} {:>12}  {}",
             s(&p["name"]),
             s(&p["address"]),
             path,
@@ -451,8 +451,32 @@ fn print_status(v: &serde_json::Value) {
                 .map_or("-".to_owned(), |r| format!("{r} ms")),
             hs,
             p["rx_bytes"].as_u64().unwrap_or(0),
-            p["tx_bytes"].as_u64().unwrap_or(0)
+            p["tx_bytes"].as_u64().unwrap_or(0),
+            quality_text(&p["quality"])
         ));
+    }
+}
+
+/// Each measured path's loss and RTT, e.g. `direct 12% loss 3 ms, relay 0% loss 9 ms`; `-`
+/// while nothing is measured (no data flowing).
+fn quality_text(q: &serde_json::Value) -> String {
+    let parts: Vec<String> = ["direct", "relay"]
+        .iter()
+        .filter_map(|path| {
+            let loss = q[path]["loss"].as_f64();
+            let rtt = q[path]["rtt_ms"].as_f64();
+            if loss.is_none() && rtt.is_none() {
+                return None;
+            }
+            let loss = loss.map_or("?".to_owned(), |l| format!("{:.0}%", l * 100.0));
+            let rtt = rtt.map_or(String::new(), |r| format!(" {r:.0} ms"));
+            Some(format!("{path} {loss} loss{rtt}"))
+        })
+        .collect();
+    if parts.is_empty() {
+        "-".to_owned()
+    } else {
+        parts.join(", ")
     }
 }
 

@@ -1,0 +1,223 @@
+//! Path choice by measured quality, with real binaries: a direct path that loses 20 % of its
+//! UDP (nftables `numgen random`) while the relay is clean gives way to the relay, and a
+//! 3-member etcd cluster over the overlay completes its writes; a direct path under a UDP rate
+//! limit (nftables `limit rate over`: sparse probes pass, bulk is dropped) gives way too, and
+//! bulk TCP inside the tunnel keeps at least the limit's throughput.
+//!
+//! The loss and the limit apply to UDP between the two nodes only (their direct path); the
+//! controller's relay, over QUIC, stays clean.
+#![allow(clippy::unwrap_used)]
+
+use mesh_e2e::netns::Host;
+use mesh_e2e::{wait_until, Agent, Controller, Lab, Proc};
+use std::time::{Duration, Instant};
+
+const NET: &str = "quality";
+
+/// Drops UDP between `host` and `peer` as `rule` says (an nftables statement that ends in
+/// `drop`), both ways.
+fn spoil_direct(host: &Host, peer: &str, rule: &str) {
+    let table = format!(
+        "table inet spoil {{ \
+         chain o {{ type filter hook output priority 0; ip daddr {peer} meta l4proto udp {rule}; }}; \
+         chain i {{ type filter hook input priority 0; ip saddr {peer} meta l4proto udp {rule}; }}; }}"
+    );
+    let out = mesh_e2e::run(&host.ns, "nft", [table.as_str()]);
+    assert!(out.success(), "nft: {out}");
+}
+
+fn path_of(a: &Agent, peer: &str) -> String {
+    a.peer(peer)
+        .ok()
+        .and_then(|p| p["path"].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+fn start_etcd(lab: &Lab, hosts: &[(&Host, &Agent)], cluster: &str) -> Vec<Proc> {
+    hosts
+        .iter()
+        .map(|(host, agent)| {
+            let ip = agent.address.to_string();
+            let dir = lab.dir().join(format!("etcd-{}", agent.name));
+            lab.spawn(
+                host,
+                &format!("etcd-{}", agent.name),
+                "etcd",
+                [
+                    "--name",
+                    agent.name.as_str(),
+                    "--data-dir",
+                    dir.to_str().unwrap(),
+                    "--listen-peer-urls",
+                    &format!("http://{ip}:2380"),
+                    "--initial-advertise-peer-urls",
+                    &format!("http://{ip}:2380"),
+                    "--listen-client-urls",
+                    &format!("http://{ip}:2379"),
+                    "--advertise-client-urls",
+                    &format!("http://{ip}:2379"),
+                    "--initial-cluster",
+                    cluster,
+                    "--initial-cluster-state",
+                    "new",
+                    "--initial-cluster-token",
+                    "mesh-e2e",
+                ],
+            )
+            .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn a_lossy_direct_path_gives_way_to_a_clean_relay_and_etcd_keeps_writing() {
+    let mut lab = Lab::new("lossy").unwrap();
+    let ctl_host = lab.add_controller_host("ctl").unwrap();
+    let ha = lab.add_host("a").unwrap();
+    let hb = lab.add_host("b").unwrap();
+    let hc = lab.add_host("c").unwrap();
+    let ctl = Controller::start(&lab, &ctl_host).unwrap();
+    ctl.create_network(NET).unwrap();
+    let token = ctl.create_token(NET, &["--reusable"]).unwrap();
+    let a = Agent::join(&lab, &ha, "a", &token).unwrap();
+    let b = Agent::join(&lab, &hb, "b", &token).unwrap();
+    let c = Agent::join(&lab, &hc, "c", &token).unwrap();
+    assert!(wait_until(Duration::from_secs(15), || {
+        path_of(&a, "b") == "direct" && path_of(&b, "a") == "direct"
+    }));
+
+    let cluster = [&a, &b, &c]
+        .iter()
+        .map(|x| format!("{}=http://{}:2380", x.name, x.address))
+        .collect::<Vec<_>>()
+        .join(",");
+    let _etcd = start_etcd(&lab, &[(&ha, &a), (&hb, &b), (&hc, &c)], &cluster);
+    let endpoint = format!("http://{}:2379", a.address);
+    let all = [&a, &b, &c]
+        .iter()
+        .map(|x| format!("http://{}:2379", x.address))
+        .collect::<Vec<_>>()
+        .join(",");
+    assert!(
+        wait_until(Duration::from_secs(30), || mesh_e2e::run(
+            &ha.ns,
+            "etcdctl",
+            ["--endpoints", all.as_str(), "endpoint", "health"]
+        )
+        .success()),
+        "etcd cluster not healthy"
+    );
+
+    // 20 % of the UDP between a and b is lost from now on.
+    spoil_direct(&ha, &hb.ip.to_string(), "numgen random mod 100 < 20 drop");
+    let t = Instant::now();
+    let mut ok = 0;
+    let mut moved = None;
+    for i in 0..200 {
+        let key = format!("k{i}");
+        let value = format!("v{i}");
+        let out = mesh_e2e::run_with_timeout(
+            &ha.ns,
+            "etcdctl",
+            [
+                "--endpoints",
+                endpoint.as_str(),
+                "--command-timeout",
+                "5s",
+                "put",
+                key.as_str(),
+                value.as_str(),
+            ],
+            Duration::from_secs(10),
+        );
+        if out.success() {
+            ok += 1;
+        }
+        if moved.is_none() && path_of(&a, "b") == "relay" {
+            moved = Some(t.elapsed());
+        }
+    }
+    // Bulk between a and b (etcd alone is sparse), so that the loss shows in the data.
+    let _ = mesh_e2e::run_with_timeout(
+        &ha.ns,
+        "ping",
+        ["-f", "-c", "2000", "-s", "1000", &b.address.to_string()],
+        Duration::from_secs(20),
+    );
+    let moved = moved.or_else(|| {
+        wait_until(Duration::from_secs(30), || path_of(&a, "b") == "relay").then(|| t.elapsed())
+    });
+    let elapsed = t.elapsed();
+    let status = a.peer("b").unwrap();
+    eprintln!(
+        "20 % loss on the direct path: {ok} of 200 etcd puts in {elapsed:?}; a -> b on the relay after {moved:?}; quality {}",
+        status["quality"]
+    );
+    assert!(ok >= 198, "only {ok} of 200 puts completed");
+    assert!(
+        moved.is_some(),
+        "the pair stayed on the lossy direct path: {status:#}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(180),
+        "over the lab's time budget"
+    );
+    // Every member still agrees.
+    let out = mesh_e2e::run(
+        &hc.ns,
+        "etcdctl",
+        [
+            "--endpoints",
+            all.as_str(),
+            "get",
+            "k199",
+            "--print-value-only",
+        ],
+    );
+    assert_eq!(out.stdout.trim(), "v199", "{out}");
+}
+
+#[test]
+fn a_rate_limited_direct_path_gives_way_and_bulk_keeps_the_limits_throughput() {
+    let mut lab = Lab::new("ratelimit").unwrap();
+    let ctl_host = lab.add_controller_host("ctl").unwrap();
+    let ha = lab.add_host("a").unwrap();
+    let hb = lab.add_host("b").unwrap();
+    let ctl = Controller::start(&lab, &ctl_host).unwrap();
+    ctl.create_network(NET).unwrap();
+    let token = ctl.create_token(NET, &["--reusable"]).unwrap();
+    let a = Agent::join(&lab, &ha, "a", &token).unwrap();
+    let b = Agent::join(&lab, &hb, "b", &token).unwrap();
+    assert!(wait_until(Duration::from_secs(15), || {
+        path_of(&a, "b") == "direct" && path_of(&b, "a") == "direct"
+    }));
+
+    // A carrier's UDP limit: about 1,000 packets per second pass (sparse probes and
+    // keepalives always do), the rest is dropped.
+    spoil_direct(&ha, &hb.ip.to_string(), "limit rate over 1000/second drop");
+    let server = mesh_e2e::run_with_timeout(
+        &hb.ns,
+        "iperf3",
+        ["-s", "-1", "-D", "-p", "5304"],
+        Duration::from_secs(5),
+    );
+    assert!(server.success(), "{server}");
+    std::thread::sleep(Duration::from_millis(300));
+    let b_ip = b.address.to_string();
+    let out = mesh_e2e::run_with_timeout(
+        &ha.ns,
+        "iperf3",
+        ["-c", b_ip.as_str(), "-p", "5304", "-t", "20", "-J"],
+        Duration::from_secs(60),
+    );
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let mbit = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap()
+        / 1e6;
+    let path = path_of(&a, "b");
+    // 1,000 packets of at most 1,452 bytes per second is about 11.6 Mbit/s.
+    eprintln!("UDP rate limit on the direct path: bulk TCP at {mbit:.1} Mbit/s over 20 s, path now {path}");
+    assert_eq!(path, "relay", "{:#}", a.peer("b").unwrap());
+    assert!(mbit >= 11.6, "{mbit:.1} Mbit/s, under the limit's rate");
+}
