@@ -221,3 +221,66 @@ fn a_rate_limited_direct_path_gives_way_and_bulk_keeps_the_limits_throughput() {
     assert_eq!(path, "relay", "{:#}", a.peer("b").unwrap());
     assert!(mbit >= 11.6, "{mbit:.1} Mbit/s, under the limit's rate");
 }
+
+#[test]
+fn lossy_udp_everywhere_moves_the_node_to_the_tcp_relay() {
+    let mut lab = Lab::new("lossyall").unwrap();
+    let ctl_host = lab.add_controller_host("ctl").unwrap();
+    let ha = lab.add_host("a").unwrap();
+    let hb = lab.add_host("b").unwrap();
+    let ctl = Controller::start(&lab, &ctl_host).unwrap();
+    ctl.create_network(NET).unwrap();
+    let token = ctl.create_token(NET, &["--reusable"]).unwrap();
+    let a = Agent::join(&lab, &ha, "a", &token).unwrap();
+    let b = Agent::join(&lab, &hb, "b", &token).unwrap();
+    assert!(wait_until(Duration::from_secs(15), || {
+        path_of(&a, "b") == "direct" && path_of(&b, "a") == "direct"
+    }));
+
+    // A fifth of all of a's UDP is lost: the direct path and QUIC to the controller alike.
+    // TCP is clean.
+    let table = "table inet spoil { \
+         chain o { type filter hook output priority 0; oifname != \"mesh0\" meta l4proto udp numgen random mod 100 < 20 drop; }; \
+         chain i { type filter hook input priority 0; iifname != \"mesh0\" meta l4proto udp numgen random mod 100 < 20 drop; }; }";
+    let out = mesh_e2e::run(&ha.ns, "nft", [table]);
+    assert!(out.success(), "nft: {out}");
+    let b_ip = b.address.to_string();
+    let t = Instant::now();
+    // Traffic, so that both the core and the agent see the loss.
+    let mut pinger = std::process::Command::new("ip")
+        .args(["netns", "exec", ha.ns.as_str(), "ping", "-q", "-i", "0.01"])
+        .args(["-s", "1000", "-w", "60", b_ip.as_str()])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let transport = |x: &Agent| {
+        x.status()
+            .ok()
+            .and_then(|s| s["controller"]["transport"].as_str().map(str::to_owned))
+            .unwrap_or_default()
+    };
+    let moved = wait_until(Duration::from_secs(45), || {
+        transport(&a) == "tcp" && path_of(&a, "b") == "relay"
+    });
+    let _ = pinger.kill();
+    let _ = pinger.wait();
+    assert!(moved, "not on the TCP relay: {:#}", a.status().unwrap());
+    let after = t.elapsed();
+    // Over the TCP relay nothing is lost any more.
+    let out = mesh_e2e::run_with_timeout(
+        &ha.ns,
+        "ping",
+        ["-q", "-c", "100", "-i", "0.02", "-W", "2", b_ip.as_str()],
+        Duration::from_secs(30),
+    );
+    let loss: f64 = out
+        .stdout
+        .split(", ")
+        .find_map(|p| p.strip_suffix("% packet loss"))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(100.0);
+    eprintln!(
+        "20 % loss on all UDP: on the TCP relay after {after:?}; then {loss} % of 100 pings lost"
+    );
+    assert!(loss <= 2.0, "{loss} % lost over the TCP relay: {out}");
+}

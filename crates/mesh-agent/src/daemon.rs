@@ -180,6 +180,7 @@ fn start(
         tcp_first: Arc::new(std::sync::atomic::AtomicBool::new(
             opts.state.load_tcp_only(),
         )),
+        lossy: Default::default(),
     };
     if let Some(p) = &dialer.proxy.https {
         info!(proxy = %p.addr, "HTTPS_PROXY set: used for TCP to the controller and relays where UDP does not get through");
@@ -856,6 +857,7 @@ pub async fn leave_offline(state: &StateDir, force: bool) -> anyhow::Result<Stri
             interface: m.interface.clone(),
             overlay: Some(overlay_range(&m)),
             tcp_first: Arc::new(std::sync::atomic::AtomicBool::new(state.load_tcp_only())),
+            lossy: Default::default(),
         };
         let target = Target::new(
             &m.controller,

@@ -10,8 +10,11 @@
 //!
 //! Once up, a link is watched ([`Dialer::better`]): a QUIC link that hears nothing for
 //! [`QUIC_QUIET`] while its keepalives go out gets a TCP link beside it, taken if it comes up
-//! while QUIC stays quiet; a TCP link has QUIC tried again every [`QUIC_RETRY`], and QUIC is
-//! taken back as soon as it answers.
+//! while QUIC stays quiet; so does a QUIC link that loses [`QUIC_LOSSY`] or more of its packets
+//! over [`LOSS_WINDOW`] (UDP dropped in part: the relayed traffic on it suffers while TCP would
+//! carry it whole). A TCP link has QUIC tried again every [`QUIC_RETRY`], and QUIC is taken back
+//! as soon as it answers; after a move for loss the next try waits [`LOSSY_RETRY`], doubling
+//! each time QUIC turns out lossy again within that long, up to [`MAX_LOSSY_RETRY`].
 
 use mesh_control::tcp::{self, Proxy};
 use mesh_control::{Link, Transport};
@@ -29,6 +32,16 @@ pub const QUIC_HEAD_START: Duration = Duration::from_secs(2);
 pub const QUIC_QUIET: Duration = Duration::from_millis(2500);
 /// While on TCP, QUIC is tried again this often.
 pub const QUIC_RETRY: Duration = Duration::from_secs(15);
+/// A QUIC link that loses this share of its packets over [`LOSS_WINDOW`] moves to TCP.
+pub const QUIC_LOSSY: f64 = 0.10;
+/// The window over which a QUIC link's loss is judged.
+pub const LOSS_WINDOW: Duration = Duration::from_secs(10);
+/// Fewest packets sent in the window for its loss to count.
+const MIN_LOSS_SAMPLE: u64 = 50;
+/// After a move to TCP for loss, QUIC is tried again after this long at first.
+pub const LOSSY_RETRY: Duration = Duration::from_secs(60);
+/// Longest wait before QUIC is tried again after moves for loss.
+pub const MAX_LOSSY_RETRY: Duration = Duration::from_secs(480);
 /// How long a background QUIC attempt may take.
 const QUIC_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often a link's receive counter is sampled.
@@ -142,6 +155,9 @@ pub struct Dialer {
     /// QUIC did not get through last time: TCP starts beside it at once, without the head
     /// start (QUIC still wins if it answers first, and is retried in the background).
     pub tcp_first: Arc<AtomicBool>,
+    /// After moves to TCP for loss: when the last one was, and how long to wait before QUIC
+    /// is tried again.
+    pub lossy: Arc<std::sync::Mutex<Option<(Instant, Duration)>>>,
 }
 
 impl Dialer {
@@ -267,8 +283,30 @@ impl Dialer {
     pub async fn better(&self, target: &Target, current: &Link) -> Link {
         match current.transport() {
             Transport::Quic => loop {
-                self.quiet(current).await;
-                debug!(target = %target.quic, "QUIC link quiet; trying TCP beside it");
+                let lossy = tokio::select! {
+                    _ = self.quiet(current) => {
+                        debug!(target = %target.quic, "QUIC link quiet; trying TCP beside it");
+                        false
+                    }
+                    loss = self.lossy(current) => {
+                        info!(target = %target.quic, loss = format_args!("{:.0} %", loss * 100.0), "QUIC link loses packets; trying TCP beside it");
+                        true
+                    }
+                };
+                if lossy {
+                    match self.tcp(target).await {
+                        Ok(link) => {
+                            self.note_lossy_move();
+                            info!(target = %target.tcp, "QUIC lost too much; moving to TCP");
+                            return link;
+                        }
+                        Err(e) => {
+                            debug!(error = %e, "TCP failed; staying on QUIC");
+                            tokio::time::sleep(LOSS_WINDOW).await;
+                            continue;
+                        }
+                    }
+                }
                 let tcp = self.tcp(target);
                 tokio::pin!(tcp);
                 let heard = self.heard(current);
@@ -290,7 +328,8 @@ impl Dialer {
             Transport::Tcp => loop {
                 // Jitter keeps many nodes of one network from retrying in step.
                 let jitter = Duration::from_millis(rand::random::<u64>() % 3000);
-                tokio::time::sleep(QUIC_RETRY + jitter).await;
+                let wait = self.lossy_wait().unwrap_or(QUIC_RETRY);
+                tokio::time::sleep(wait + jitter).await;
                 match self.quic(target, QUIC_PROBE_TIMEOUT).await {
                     Ok(link) => {
                         info!(target = %target.quic, "QUIC answers again; moving back from TCP");
@@ -300,6 +339,54 @@ impl Dialer {
                 }
             },
         }
+    }
+
+    /// Resolves with the loss once `link` (QUIC) lost [`QUIC_LOSSY`] or more of the packets it
+    /// sent over the last [`LOSS_WINDOW`]; never on a link that does not count losses.
+    async fn lossy(&self, link: &Link) -> f64 {
+        let Some(first) = link.packet_loss_counters() else {
+            return std::future::pending().await;
+        };
+        let mut samples = std::collections::VecDeque::from([first]);
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let Some(now) = link.packet_loss_counters() else {
+                return std::future::pending().await;
+            };
+            samples.push_back(now);
+            while samples.len() as u64 > LOSS_WINDOW.as_secs() + 1 {
+                samples.pop_front();
+            }
+            let (sent0, lost0) = samples[0];
+            let (sent, lost) = (now.0 - sent0, now.1.saturating_sub(lost0));
+            let full = samples.len() as u64 > LOSS_WINDOW.as_secs();
+            if full && sent >= MIN_LOSS_SAMPLE {
+                let loss = lost as f64 / sent as f64;
+                if loss >= QUIC_LOSSY {
+                    return loss;
+                }
+            }
+        }
+    }
+
+    /// Records a move to TCP for loss: the next QUIC try waits [`LOSSY_RETRY`], doubled if the
+    /// last such move was recent (QUIC came back and was lossy again).
+    fn note_lossy_move(&self) {
+        let mut lossy = self.lossy.lock().unwrap_or_else(|p| p.into_inner());
+        let wait = match *lossy {
+            Some((at, wait)) if at.elapsed() < wait * 2 + LOSS_WINDOW * 2 => {
+                (wait * 2).min(MAX_LOSSY_RETRY)
+            }
+            _ => LOSSY_RETRY,
+        };
+        *lossy = Some((Instant::now(), wait));
+    }
+
+    /// How long to wait before trying QUIC again after a move for loss, if one was recent.
+    fn lossy_wait(&self) -> Option<Duration> {
+        let lossy = self.lossy.lock().unwrap_or_else(|p| p.into_inner());
+        let (at, wait) = (*lossy)?;
+        (at.elapsed() < wait * 2 + LOSS_WINDOW * 2).then_some(wait)
     }
 
     /// Resolves once `link` has received nothing for [`QUIC_QUIET`].
@@ -360,6 +447,26 @@ async fn resolve(addr: &str) -> Result<SocketAddr, String> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[tokio::test]
+    async fn moves_for_loss_back_off_doubling() {
+        let dialer = Dialer {
+            endpoint: mesh_control::quic::bind_client("127.0.0.1:0".parse().unwrap()).unwrap(),
+            mark: None,
+            proxy: ProxyEnv::default(),
+            interface: "mesh-test0".into(),
+            overlay: None,
+            tcp_first: Default::default(),
+            lossy: Default::default(),
+        };
+        assert_eq!(dialer.lossy_wait(), None, "QUIC retried at the usual pace");
+        let mut waits = Vec::new();
+        for _ in 0..5 {
+            dialer.note_lossy_move();
+            waits.push(dialer.lossy_wait().unwrap().as_secs());
+        }
+        assert_eq!(waits, [60, 120, 240, 480, 480]);
+    }
 
     #[test]
     fn tcp_side_defaults_to_443_of_the_host() {

@@ -510,6 +510,7 @@ mod tests {
                 interface: "mesh-test0".into(),
                 overlay: None,
                 tcp_first: Default::default(),
+                lossy: Default::default(),
             },
             node_key: member_secret,
             data,

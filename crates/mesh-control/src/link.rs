@@ -217,6 +217,18 @@ impl Link {
         }
     }
 
+    /// Packets sent and declared lost so far, where the transport knows (QUIC): the loss of
+    /// the path to the server, keepalives and relayed datagrams included.
+    pub fn packet_loss_counters(&self) -> Option<(u64, u64)> {
+        match self {
+            Link::Quic(c) => {
+                let path = c.stats().path;
+                Some((path.sent_packets, path.lost_packets))
+            }
+            Link::Tcp(_) => None,
+        }
+    }
+
     /// Relay frames this side dropped because a queue was full (sending or receiving).
     pub fn datagrams_dropped(&self) -> u64 {
         match self {
