@@ -249,7 +249,7 @@ fn lossy_udp_everywhere_moves_the_node_to_the_tcp_relay() {
     // Traffic, so that both the core and the agent see the loss.
     let mut pinger = std::process::Command::new("ip")
         .args(["netns", "exec", ha.ns.as_str(), "ping", "-q", "-i", "0.01"])
-        .args(["-s", "1000", "-w", "60", b_ip.as_str()])
+        .args(["-s", "1000", "-w", "70", b_ip.as_str()])
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -259,8 +259,9 @@ fn lossy_udp_everywhere_moves_the_node_to_the_tcp_relay() {
             .and_then(|s| s["controller"]["transport"].as_str().map(str::to_owned))
             .unwrap_or_default()
     };
+    // The pair: b sends into a's lossy UDP too, and learns it from a's loss reports.
     let moved = wait_until(Duration::from_secs(45), || {
-        transport(&a) == "tcp" && path_of(&a, "b") == "relay"
+        transport(&a) == "tcp" && path_of(&a, "b") == "relay" && path_of(&b, "a") == "relay"
     });
     let _ = pinger.kill();
     let _ = pinger.wait();
