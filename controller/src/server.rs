@@ -266,11 +266,6 @@ impl Controller {
         Ok(bound)
     }
 
-    /// The TCP address bound, if the controller listens on TCP.
-    pub fn tcp_addr(&self) -> Option<SocketAddr> {
-        self.tcp.as_ref().and_then(|l| l.local_addr().ok())
-    }
-
     /// The embedded relay's table.
     pub fn forwarder(&self) -> Arc<Forwarder> {
         self.ctx.forwarder.clone()
@@ -308,15 +303,13 @@ impl Controller {
                         }
                     }.instrument(tracing::info_span!("node", %remote, transport = "quic")));
                 }
-                accepted = mesh_relay::server::accept_tcp(self.tcp.as_ref()) => {
-                    let Ok((stream, remote)) = accepted else { continue };
-                    let Some(slot) = self.gate.admit_tcp(remote) else { continue };
-                    let Some(upgrader) = self.tcp.as_ref().map(|l| l.upgrader()) else { continue };
-                    let ctx = self.ctx.clone();
+                attempt = mesh_relay::server::accept_tcp(self.tcp.as_ref(), &self.gate) => {
+                    let Some(attempt) = attempt else { continue };
+                    let (remote, ctx) = (attempt.remote, self.ctx.clone());
                     tokio::spawn(async move {
                         let r = async {
-                            let link = upgrader.upgrade(stream, remote).await?;
-                            handle(Link::Tcp(link), slot, ctx).await
+                            let (link, slot) = attempt.upgrade().await?;
+                            handle(link, slot, ctx).await
                         };
                         if let Err(e) = r.await {
                             debug!(%remote, error = %format!("{e:#}"), "connection ended");

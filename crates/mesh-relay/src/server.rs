@@ -109,11 +109,6 @@ impl Relay {
         Ok(bound)
     }
 
-    /// The TCP address bound, if the relay listens on TCP.
-    pub fn tcp_addr(&self) -> Option<SocketAddr> {
-        self.tcp.as_ref().and_then(|l| l.local_addr().ok())
-    }
-
     /// The forwarding table, for counters.
     pub fn forwarder(&self) -> Arc<Forwarder> {
         self.shared.forwarder.clone()
@@ -137,15 +132,13 @@ impl Relay {
                         }
                     }.instrument(tracing::info_span!("node", %remote, transport = "quic")));
                 }
-                accepted = accept_tcp(self.tcp.as_ref()) => {
-                    let Ok((stream, remote)) = accepted else { continue };
-                    let Some(slot) = shared.gate.admit_tcp(remote) else { continue };
-                    let (shared, upgrader) = (shared.clone(), self.tcp.as_ref().map(|l| l.upgrader()));
-                    let Some(upgrader) = upgrader else { continue };
+                attempt = accept_tcp(self.tcp.as_ref(), &shared.gate) => {
+                    let Some(attempt) = attempt else { continue };
+                    let (remote, shared) = (attempt.remote, shared.clone());
                     tokio::spawn(async move {
                         let r = async {
-                            let link = upgrader.upgrade(stream, remote).await?;
-                            admit(Link::Tcp(link), slot, &shared).await
+                            let (link, slot) = attempt.upgrade().await?;
+                            admit(link, slot, &shared).await
                         };
                         if let Err(e) = r.await {
                             debug!(error = %format!("{e:#}"), "connection ended");
@@ -170,21 +163,43 @@ fn refusal(e: &TicketError) -> RelayServerMsg {
     }
 }
 
-/// The next TCP connection, or never when the relay does not listen on TCP.
-pub async fn accept_tcp(
-    listener: Option<&tcp::Listener>,
-) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
-    match listener {
-        Some(l) => {
-            let r = l.accept().await;
-            if let Err(e) = &r {
-                // Out of file descriptors and the like: do not spin.
-                warn!(error = %e, "cannot accept a TCP connection");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            r
+/// An accepted TCP connection that the gate admitted, not yet upgraded.
+pub struct TcpAttempt {
+    /// Where it comes from.
+    pub remote: SocketAddr,
+    stream: tokio::net::TcpStream,
+    slot: Slot,
+    upgrader: tcp::Upgrader,
+}
+
+impl TcpAttempt {
+    /// TLS and the HTTP upgrade (bounded in time); the link with its place in the gate.
+    pub async fn upgrade(self) -> Result<(Link, Slot), tcp::TcpError> {
+        let link = self.upgrader.upgrade(self.stream, self.remote).await?;
+        Ok((Link::Tcp(link), self.slot))
+    }
+}
+
+/// The next TCP connection the gate admits (`None`: one it refused, or an accept error, which
+/// is logged), or never when the server does not listen on TCP. For the controller and the
+/// standalone relay alike.
+pub async fn accept_tcp(listener: Option<&tcp::Listener>, gate: &Arc<Gate>) -> Option<TcpAttempt> {
+    let Some(listener) = listener else {
+        return std::future::pending().await;
+    };
+    match listener.accept().await {
+        Ok((stream, remote)) => Some(TcpAttempt {
+            remote,
+            stream,
+            slot: gate.admit_tcp(remote)?,
+            upgrader: listener.upgrader(),
+        }),
+        Err(e) => {
+            // Out of file descriptors and the like: do not spin.
+            warn!(error = %e, "cannot accept a TCP connection");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            None
         }
-        None => std::future::pending().await,
     }
 }
 
