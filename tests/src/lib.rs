@@ -142,3 +142,39 @@ pub fn assert_clean_failure(out: &Output, any_of: &[&str]) -> String {
     );
     line
 }
+
+/// TCP throughput in Mbit/s (receiver side) of `iperf3 -c to_ip` from `from` for `secs`
+/// seconds, against a one-shot server started in `to` on `port`; `None` when either side
+/// failed (the output is in the lab's command log).
+pub fn iperf3(from: &Host, to: &Host, to_ip: &str, port: u16, secs: u32) -> Option<f64> {
+    let port = port.to_string();
+    let server = run_with_timeout(
+        &to.ns,
+        "iperf3",
+        ["-s", "-1", "-D", "-p", port.as_str()],
+        Duration::from_secs(5),
+    );
+    if !server.success() {
+        return None;
+    }
+    thread::sleep(Duration::from_millis(300));
+    let secs_arg = secs.to_string();
+    let out = run_with_timeout(
+        &from.ns,
+        "iperf3",
+        [
+            "-c",
+            to_ip,
+            "-p",
+            port.as_str(),
+            "-t",
+            secs_arg.as_str(),
+            "-J",
+        ],
+        Duration::from_secs(u64::from(secs) + 20),
+    );
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).ok()?;
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|b| b / 1e6)
+}

@@ -40,29 +40,6 @@ fn expected(a: &str, b: &str) -> &'static str {
     "direct"
 }
 
-fn iperf(from: &Host, to: &Host, to_ip: &str) -> Option<f64> {
-    let server = mesh_e2e::run_with_timeout(
-        &to.ns,
-        "iperf3",
-        ["-s", "-1", "-D", "-p", "5301"],
-        Duration::from_secs(5),
-    );
-    if !server.success() {
-        return None;
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    let out = mesh_e2e::run_with_timeout(
-        &from.ns,
-        "iperf3",
-        ["-c", to_ip, "-p", "5301", "-t", "3", "-J"],
-        Duration::from_secs(20),
-    );
-    let v: serde_json::Value = serde_json::from_str(&out.stdout).ok()?;
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .map(|b| b / 1e6)
-}
-
 #[test]
 fn every_pair_connects_directly_where_it_can_and_through_the_relay_otherwise() {
     let mut nat = NatLab::new("matrix").unwrap();
@@ -211,7 +188,13 @@ fn every_pair_connects_directly_where_it_can_and_through_the_relay_otherwise() {
     let idx = |n: &str| names.iter().position(|x| *x == n).unwrap();
     for (from, to) in [("cone", "port"), ("sym1", "sym2")] {
         let (f, t) = (idx(from), idx(to));
-        let mbit = iperf(&hosts[f].1, &hosts[t].1, &agents[t].address.to_string());
+        let mbit = mesh_e2e::iperf3(
+            &hosts[f].1,
+            &hosts[t].1,
+            &agents[t].address.to_string(),
+            5301,
+            3,
+        );
         eprintln!(
             "iperf3 {from} -> {to} ({}): {}",
             path(&agents[f], to),

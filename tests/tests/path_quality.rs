@@ -195,26 +195,8 @@ fn a_rate_limited_direct_path_gives_way_and_bulk_keeps_the_limits_throughput() {
     // A carrier's UDP limit: about 1,000 packets per second pass (sparse probes and
     // keepalives always do), the rest is dropped.
     spoil_direct(&ha, &hb.ip.to_string(), "limit rate over 1000/second drop");
-    let server = mesh_e2e::run_with_timeout(
-        &hb.ns,
-        "iperf3",
-        ["-s", "-1", "-D", "-p", "5304"],
-        Duration::from_secs(5),
-    );
-    assert!(server.success(), "{server}");
-    std::thread::sleep(Duration::from_millis(300));
-    let b_ip = b.address.to_string();
-    let out = mesh_e2e::run_with_timeout(
-        &ha.ns,
-        "iperf3",
-        ["-c", b_ip.as_str(), "-p", "5304", "-t", "20", "-J"],
-        Duration::from_secs(60),
-    );
-    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
-    let mbit = v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap()
-        / 1e6;
+    let mbit = mesh_e2e::iperf3(&ha, &hb, &b.address.to_string(), 5304, 20)
+        .expect("iperf3 through the rate-limited pair failed (see the lab's command log)");
     let path = path_of(&a, "b");
     // 1,000 packets of at most 1,452 bytes per second is about 11.6 Mbit/s.
     eprintln!("UDP rate limit on the direct path: bulk TCP at {mbit:.1} Mbit/s over 20 s, path now {path}");

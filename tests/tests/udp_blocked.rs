@@ -7,7 +7,6 @@
 
 use mesh_e2e::daemons::write_token_file;
 use mesh_e2e::natlab::{NatKind, NatLab, Router};
-use mesh_e2e::netns::Host;
 use mesh_e2e::{wait_for, wait_until, Agent, Controller};
 use std::io::Read;
 use std::process::{Command, Stdio};
@@ -50,29 +49,6 @@ fn path_of(a: &Agent, peer: &str) -> String {
         .ok()
         .and_then(|p| p["path"].as_str().map(str::to_owned))
         .unwrap_or_default()
-}
-
-fn iperf(from: &Host, to: &Host, to_ip: &str) -> f64 {
-    let server = mesh_e2e::run_with_timeout(
-        &to.ns,
-        "iperf3",
-        ["-s", "-1", "-D", "-p", "5302"],
-        Duration::from_secs(5),
-    );
-    assert!(server.success(), "iperf3 -s: {server}");
-    std::thread::sleep(Duration::from_millis(300));
-    let out = mesh_e2e::run_with_timeout(
-        &from.ns,
-        "iperf3",
-        ["-c", to_ip, "-p", "5302", "-t", "3", "-J"],
-        Duration::from_secs(20),
-    );
-    let v: serde_json::Value = serde_json::from_str(&out.stdout)
-        .unwrap_or_else(|_| panic!("iperf3 through the TCP relay failed: {out}"));
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap()
-        / 1e6
 }
 
 #[test]
@@ -118,7 +94,8 @@ fn a_node_with_only_tcp_443_joins_pings_everyone_and_carries_iperf() {
     );
 
     // Bulk through the TCP relay.
-    let mbit = iperf(&walled, &public, &a.address.to_string());
+    let mbit = mesh_e2e::iperf3(&walled, &public, &a.address.to_string(), 5302, 3)
+        .expect("iperf3 through the TCP relay failed (see the lab's command log)");
     assert!(mbit > 1.0, "iperf3 through the TCP relay: {mbit:.1} Mbit/s");
     eprintln!("iperf3 walled -> public over the TCP relay: {mbit:.0} Mbit/s");
 
