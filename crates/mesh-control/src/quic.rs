@@ -175,8 +175,9 @@ pub(crate) fn tls_server(alpn: &[u8]) -> Result<rustls::ServerConfig, ConfigErro
 }
 
 /// TLS 1.3 client settings that accept any server certificate (see [`NoiseAuthenticated`]),
-/// asking for `alpn`.
-pub(crate) fn tls_client(alpn: &[u8]) -> Result<rustls::ClientConfig, ConfigError> {
+/// asking for `alpn`. Safe only with the Noise handshake on top; public for tests that speak
+/// TLS to a server without it.
+pub fn tls_client(alpn: &[u8]) -> Result<rustls::ClientConfig, ConfigError> {
     let provider = provider();
     let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
