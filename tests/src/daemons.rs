@@ -417,6 +417,11 @@ impl Agent {
         self.proc.as_mut().and_then(|p| p.kill9())
     }
 
+    /// Waits up to `timeout` for the daemon to exit by itself; its exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        self.proc.as_mut().and_then(|p| p.wait_exit(timeout))
+    }
+
     /// The log of the current (or last) daemon run.
     pub fn log(&mut self) -> String {
         self.proc

@@ -34,8 +34,14 @@ pub const PRIVATE_DIR_PREFIX: &str = ".sock-";
 pub enum Request {
     /// Full status.
     Status,
-    /// Leave the network and stop.
-    Leave,
+    /// Leave the network and stop. `force`: also when the controller cannot be told.
+    Leave {
+        /// Leave even if the controller does not confirm within a few seconds.
+        #[serde(default)]
+        force: bool,
+    },
+    /// Stop the daemon without leaving: mesh0 goes, the state stays (`mesh up` resumes).
+    Down,
     /// Ping a peer (by name, overlay address or key) inside the tunnel.
     Ping {
         /// Name, overlay address or key.

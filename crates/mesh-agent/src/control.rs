@@ -347,13 +347,15 @@ pub enum ControlCmd {
 }
 
 /// Keeps a control session up until `shutdown` flips: applies peer updates, sends heartbeats,
-/// reconnects with backoff.
+/// reconnects with backoff. Returns the controller's words when it says that this node is no
+/// longer a member (removed by the admin): retrying cannot help, and the old address may
+/// already belong to another node, so the daemon stops. `None` after `shutdown`.
 pub async fn run(
     ctx: ControlCtx,
     data: mpsc::Sender<DataCmd>,
     mut cmds: mpsc::Receiver<ControlCmd>,
     mut shutdown: watch::Receiver<bool>,
-) {
+) -> Option<String> {
     let mut backoff = Duration::from_secs(1);
     let mut pending_leave: Option<oneshot::Sender<Result<(), String>>> = None;
     // What the last connection found out about this node's NAT, told in every Hello and
@@ -385,10 +387,20 @@ pub async fn run(
             );
             let result = tokio::select! {
                 r = attempt => r,
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed() => return None,
             };
             match result {
                 Ok(s) => s,
+                Err(ControlError::Refused {
+                    code: ErrorCode::NodeUnknown,
+                    message,
+                }) => {
+                    if let Some(reply) = pending_leave.take() {
+                        // Nothing left to leave on the controller.
+                        let _ = reply.send(Ok(()));
+                    }
+                    return Some(message);
+                }
                 Err(e) => {
                     warn!(error = %e, retry_in = ?backoff, "controller connection failed");
                     set_status(&ctx, false, Some(e.to_string()));
@@ -397,7 +409,7 @@ pub async fn run(
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.changed() => return,
+                        _ = shutdown.changed() => return None,
                         Some(ControlCmd::Leave(reply)) = cmds.recv() => pending_leave = Some(reply),
                     }
                     backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -539,6 +551,11 @@ pub async fn run(
                             }
                             let _ = data.send(DataCmd::BirthdayBudget(birthday_budget)).await;
                         }
+                        Ok(ServerMsg::Error { code: ErrorCode::NodeUnknown, message }) => {
+                            conn.close(0, b"removed");
+                            reader.abort();
+                            return Some(message);
+                        }
                         Ok(ServerMsg::Error { message, .. }) => {
                             warn!(%message, "controller closed the session");
                             break message;
@@ -575,13 +592,13 @@ pub async fn run(
                         reader.abort();
                         // The daemon stops after a leave; wait for it.
                         let _ = shutdown.changed().await;
-                        return;
+                        return None;
                     }
                 }
                 _ = shutdown.changed() => {
                     conn.close(0, b"agent stopping");
                     reader.abort();
-                    return;
+                    return None;
                 }
             }
         };
@@ -599,7 +616,7 @@ pub async fn run(
         // A lost session is retried almost at once; backoff grows only while attempts fail.
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-            _ = shutdown.changed() => return,
+            _ = shutdown.changed() => return None,
         }
     }
 }

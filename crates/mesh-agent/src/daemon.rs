@@ -230,16 +230,31 @@ async fn configure_interface(opts: &Settings, m: &Membership) -> anyhow::Result<
     .with_context(|| format!("cannot configure {}", opts.interface))
 }
 
+/// Pause between join attempts while the controller does not answer.
+const JOIN_RETRY: Duration = Duration::from_secs(2);
+
+/// The name a node asks for at its join.
+#[derive(Debug, Clone)]
+pub struct NameChoice {
+    /// The name.
+    pub name: String,
+    /// Given with `--name`: taken means refused, not renamed.
+    pub explicit: bool,
+}
+
 /// `mesh join`: joins with a token, saves the membership, closes the connection and returns
 /// the membership. The caller then starts the daemon as `mesh up` (a process of its own that
 /// never held the token), or stops there (`--no-daemon`).
 pub async fn join(
     opts: Options,
     token: JoinToken,
-    name: String,
+    name: NameChoice,
     connect_timeout: Duration,
+    wait: Duration,
 ) -> anyhow::Result<Membership> {
     opts.state.create()?;
+    opts.state.check_writable().map_err(fatal)?;
+    let _lock = opts.state.lock()?;
     // Joining again keeps the saved port and interface unless flags say otherwise.
     let saved = opts.state.load_membership().ok();
     let opts = opts.settle(saved.as_ref())?;
@@ -249,7 +264,7 @@ pub async fn join(
     let first = ClientMsg::Join {
         token_id: token.id.clone(),
         token_secret: token.secret_hex(),
-        name,
+        name: name.name.clone(),
         endpoints: candidates::report(
             &control::local_addresses(&opts.interface, None).await,
             &opts.endpoint_interfaces,
@@ -257,33 +272,58 @@ pub async fn join(
             candidates::Mappings::default(),
         ),
     };
-    tracing::debug!(controller = %token.controller, "joining");
+    tracing::debug!(controller = %token.controller, name = %name.name, explicit = name.explicit, "joining");
     let target = Target::new(
         &token.controller,
         token.controller_tcp.as_deref(),
         "mesh-controller",
     );
-    let (session, welcome) = match control::open(
-        &running.dialer,
-        &target,
-        &token.controller_key,
-        &node_key,
-        &first,
-        connect_timeout,
-    )
-    .await
-    {
-        Ok(s) => s,
-        Err(e) => {
+    // A controller that does not answer yet may be booting (cloud-init starts every VM at
+    // once): keep trying until `wait` is over. A refusal or a wrong key is final at once.
+    let deadline = tokio::time::Instant::now() + wait.max(connect_timeout);
+    let mut told = false;
+    let (session, welcome) = loop {
+        let attempt = control::open(
+            &running.dialer,
+            &target,
+            &token.controller_key,
+            &node_key,
+            &first,
+            connect_timeout,
+        )
+        .await;
+        let e = match attempt {
+            Ok(s) => break s,
+            Err(e) => e,
+        };
+        let retry = matches!(
+            e,
+            control::ControlError::Unreachable { .. } | control::ControlError::Failed { .. }
+        ) && tokio::time::Instant::now() + JOIN_RETRY < deadline;
+        if !retry {
             let _ = running.shutdown_tx.send(true);
             return Err(match e {
                 control::ControlError::Refused { message, .. } => {
                     anyhow::anyhow!("join refused: {message}")
                 }
+                e if told => anyhow::Error::from(e).context(format!(
+                    "gave up after waiting {} for the controller (--wait-controller)",
+                    humantime::format_duration(wait)
+                )),
                 e => e.into(),
             });
         }
+        if !told {
+            told = true;
+            warn!(controller = %token.controller, error = %e, "the controller does not answer yet; trying again until --wait-controller ({}) is over", humantime::format_duration(wait));
+        } else {
+            debug!(error = %e, "still no answer from the controller");
+        }
+        tokio::time::sleep(JOIN_RETRY).await;
     };
+    if told {
+        info!(controller = %token.controller, "the controller answers now");
+    }
     let membership = Membership {
         controller: token.controller.clone(),
         controller_tcp: token.controller_tcp.clone(),
@@ -299,6 +339,8 @@ pub async fn join(
         port_mapping: opts.port_mapping,
     };
     opts.state.save_membership(&membership)?;
+    // A node removed before and now joined again is a member again.
+    opts.state.clear_removed()?;
     // `mesh up`, next, goes straight to TCP where QUIC did not get through.
     opts.state
         .save_tcp_only(session.transport() == mesh_control::Transport::Tcp)?;
@@ -309,6 +351,13 @@ pub async fn join(
         .send(DataCmd::SetAddress(membership.address))
         .await;
     info!(network = %membership.network, name = %membership.name, address = %membership.address, "joined");
+    if membership.name != name.name {
+        // Only an implicit name gets here (an explicit one is refused when taken).
+        warn!(
+            "the name {:?} is taken in network {} by another node, so this node is registered as {:?}; kubeadm names the node after the hostname, so the two now differ. If the holder is this machine's old entry (a reinstall, a lost key), remove it with `mesh-controller node remove {} {}` and join again; otherwise give this node its own --name",
+            name.name, membership.network, membership.name, membership.network, name.name
+        );
+    }
     let over_quic = session.transport() == mesh_control::Transport::Quic;
     drop(session);
     running.endpoint.close(0u32.into(), b"joined");
@@ -323,7 +372,19 @@ pub async fn join(
 
 /// `mesh up`: runs the daemon from saved state; works while the controller is down.
 pub async fn up(opts: Options) -> anyhow::Result<()> {
+    // Before anything touches the interface: a state directory it can write, one agent per
+    // state directory, and a membership the controller has not ended.
     let mut membership = opts.state.load_membership()?;
+    if let Some(r) = opts.state.load_removed() {
+        return Err(fatal(anyhow::anyhow!(
+            "this node was removed from network {} (the controller said: {}); its address {} may now belong to another node, so mesh does not bring it up. Join again with a new token (`mesh join --token-file FILE`), or clean up with `mesh leave --force`",
+            r.network,
+            r.message,
+            r.address
+        )));
+    }
+    opts.state.check_writable().map_err(fatal)?;
+    let lock = opts.state.lock()?;
     let node_key = opts.state.load_key()?.context(
         "the node key is missing from the state directory; join again with `mesh join --token-file FILE`",
     )?;
@@ -358,7 +419,35 @@ pub async fn up(opts: Options) -> anyhow::Result<()> {
     let cached = opts.state.load_peers();
     info!(peers = cached.len(), "starting from saved state");
     let _ = running.data_tx.send(DataCmd::SetPeers(cached)).await;
-    run(opts, membership, node_key, running).await
+    let result = run(opts, membership, node_key, running).await;
+    drop(lock);
+    result
+}
+
+/// A state that restarting the agent cannot fix (the node was removed, the state directory is
+/// read-only): `mesh` exits with [`EXIT_FATAL`], which the unit does not restart on.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:#}")]
+pub struct Fatal(anyhow::Error);
+
+/// Exit status for [`Fatal`] (`RestartPreventExitStatus=` in mesh.service; sysexits' EX_CONFIG).
+pub const EXIT_FATAL: u8 = 78;
+
+fn fatal(e: anyhow::Error) -> anyhow::Error {
+    Fatal(e).into()
+}
+
+/// Why the daemon's loop ended.
+enum Exit {
+    /// SIGTERM or Ctrl-C: stop, keep the interface (a restart takes it over).
+    Signal,
+    /// `mesh leave`: the interface and the state go.
+    Left,
+    /// `mesh down`: the interface goes, the state stays.
+    Down,
+    /// The controller says the node is no longer a member: the interface goes (its address may
+    /// be given to another node), the removal is recorded, the agent fails.
+    Removed(String),
 }
 
 async fn run(
@@ -452,7 +541,7 @@ async fn run(
         home: home_rx,
         port_mapping: mapped_rx,
     };
-    let control_task = tokio::spawn(control::run(
+    let mut control_task = tokio::spawn(control::run(
         ctx,
         running.data_tx.clone(),
         control_rx,
@@ -530,11 +619,17 @@ async fn run(
         "port": membership.port,
         "network": membership.network,
     });
-    let mut left = false;
-    loop {
+    let mut control_done = false;
+    let exit = loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break Exit::Signal,
+            _ = term.recv() => break Exit::Signal,
+            ended = &mut control_task, if !control_done => {
+                control_done = true;
+                if let Ok(Some(reason)) = ended {
+                    break Exit::Removed(reason);
+                }
+            }
             accepted = listener.accept() => {
                 let Ok((mut stream, _)) = accepted else { continue };
                 match api::read_request(&mut stream).await {
@@ -551,17 +646,38 @@ async fn run(
                         }
                         api::write_response(&mut stream, &v).await;
                     }
-                    Some(Request::Leave) => {
+                    Some(Request::Leave { force }) => {
                         let (tx, rx) = oneshot::channel();
-                        let _ = control_tx.send(ControlCmd::Leave(tx)).await;
-                        match rx.await.unwrap_or_else(|_| Err("control loop stopped".into())) {
-                            Ok(()) => {
-                                api::write_response(&mut stream, &json!({"ok": true, "network": membership.network})).await;
-                                left = true;
-                                break;
+                        let told = async {
+                            if control_tx.send(ControlCmd::Leave(tx)).await.is_err() {
+                                return Err("the control connection is not running".to_owned());
                             }
-                            Err(e) => api::write_response(&mut stream, &json!({"error": format!("could not leave: {e}")})).await,
+                            rx.await.unwrap_or_else(|_| Err("control loop stopped".into()))
+                        };
+                        // Forced: the controller gets a few seconds, then the node leaves anyway.
+                        let told = if force {
+                            tokio::time::timeout(FORCED_LEAVE_WAIT, told)
+                                .await
+                                .unwrap_or_else(|_| Err(format!("no answer within {}", humantime::format_duration(FORCED_LEAVE_WAIT))))
+                        } else {
+                            told.await
+                        };
+                        match told {
+                            Ok(()) => {
+                                api::write_response(&mut stream, &json!({"ok": true, "network": membership.network, "controller_told": true})).await;
+                                break Exit::Left;
+                            }
+                            Err(e) if force => {
+                                warn!(error = %e, "the controller was not told that this node leaves; leaving anyway (--force)");
+                                api::write_response(&mut stream, &json!({"ok": true, "network": membership.network, "name": membership.name, "controller_told": false, "reason": e})).await;
+                                break Exit::Left;
+                            }
+                            Err(e) => api::write_response(&mut stream, &json!({"error": format!("could not leave: the controller was not told ({e}); retry when it answers, or leave anyway with `mesh leave --force` (the controller then still lists the node until `mesh-controller node remove {} {}`)", membership.network, membership.name)})).await,
                         }
+                    }
+                    Some(Request::Down) => {
+                        api::write_response(&mut stream, &json!({"ok": true, "network": membership.network, "interface": opts.interface})).await;
+                        break Exit::Down;
                     }
                     Some(Request::Ping { peer }) => {
                         let v = ping(&running.data_tx, &peer).await;
@@ -571,7 +687,7 @@ async fn run(
                 }
             }
         }
-    }
+    };
     info!("stopping");
     route_task.abort();
     overlay_task.abort();
@@ -584,7 +700,9 @@ async fn run(
     }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     let _ = running.shutdown_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(3), control_task).await;
+    if !control_done {
+        let _ = tokio::time::timeout(Duration::from_secs(3), control_task).await;
+    }
     let _ = tokio::time::timeout(Duration::from_secs(3), running.data_task).await;
     if let Some(t) = portmap_task {
         // It removes the router's mapping (bounded by its own timeout) before it ends.
@@ -593,17 +711,50 @@ async fn run(
     }
     running.endpoint.close(0u32.into(), b"agent stopping");
     let _ = std::fs::remove_file(opts.state.socket_path());
-    if left {
-        drop(running.tun);
-        if let Err(e) = mesh_sys::netlink::delete_link(&opts.interface).await {
-            warn!(error = %e, "cannot delete {}", opts.interface);
-        }
-        let _ = mesh_sys::firewall::remove(&opts.interface);
-        opts.state.wipe()?;
-        info!("left the network; local state deleted");
+    if matches!(exit, Exit::Signal) {
+        return Ok(());
     }
-    Ok(())
+    // Every other way out takes the interface, its address and its routes away.
+    drop(running.tun);
+    if let Err(e) = mesh_sys::netlink::delete_link(&opts.interface).await {
+        warn!(error = %e, "cannot delete {}", opts.interface);
+    }
+    let _ = mesh_sys::firewall::remove(&opts.interface);
+    match exit {
+        Exit::Signal => Ok(()),
+        Exit::Left => {
+            opts.state.wipe()?;
+            info!("left the network; local state deleted");
+            Ok(())
+        }
+        Exit::Down => {
+            info!(interface = %opts.interface, "down: {} removed, state kept; `mesh up` resumes", opts.interface);
+            Ok(())
+        }
+        Exit::Removed(message) => {
+            let removed = crate::state::Removed {
+                network: membership.network.clone(),
+                address: membership.address,
+                message: message.clone(),
+                at: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+            };
+            if let Err(e) = opts.state.save_removed(&removed) {
+                warn!(error = %format!("{e:#}"), "cannot record the removal");
+            }
+            Err(fatal(anyhow::anyhow!(
+                "the controller says this node is no longer a member of network {} ({message}); {} and its address {} were removed, because the controller may give that address to another node. Join again with a new token (`mesh join --token-file FILE`)",
+                membership.network,
+                opts.interface,
+                membership.address
+            )))
+        }
+    }
 }
+
+/// How long a forced `mesh leave` waits for the controller's confirmation.
+const FORCED_LEAVE_WAIT: Duration = Duration::from_secs(5);
 
 /// The network's overlay range, from the node's address and prefix.
 fn overlay_range(m: &Membership) -> ipnet::Ipv4Net {
@@ -842,9 +993,22 @@ async fn status_json(
     })
 }
 
-/// `mesh leave` without a running daemon: tell the controller directly, then delete the state.
-pub async fn leave_offline(state: &StateDir, force: bool) -> anyhow::Result<String> {
+/// What `mesh leave` without a running daemon did.
+pub struct LeftOffline {
+    /// The network left.
+    pub network: String,
+    /// The node's name there.
+    pub name: String,
+    /// Why the controller was not told, when it was not (`--force`).
+    pub not_told: Option<String>,
+}
+
+/// `mesh leave` without a running daemon: tell the controller directly, then delete the
+/// interface and the state.
+pub async fn leave_offline(state: &StateDir, force: bool) -> anyhow::Result<LeftOffline> {
     let m = state.load_membership()?;
+    // A daemon that started meanwhile (or one the socket did not answer for) keeps its state.
+    let _lock = state.lock()?;
     let key = state
         .load_key()?
         .context("the node key is missing; nothing to tell the controller")?;
@@ -876,7 +1040,7 @@ pub async fn leave_offline(state: &StateDir, force: bool) -> anyhow::Result<Stri
             &m.controller_key,
             &key,
             &hello,
-            Duration::from_secs(10),
+            Duration::from_secs(if force { 5 } else { 10 }),
         )
         .await?;
         session.leave().await?;
@@ -884,15 +1048,28 @@ pub async fn leave_offline(state: &StateDir, force: bool) -> anyhow::Result<Stri
         Ok(())
     }
     .await;
-    match result {
-        Ok(()) => {}
-        Err(e) if force => warn!(error = %format!("{e:#}"), "controller not told; deleting local state anyway (--force)"),
-        Err(e) => {
-            return Err(e.context(
-                "the controller was not told, so the node is still listed there; retry, or pass --force to delete the local state anyway",
-            ))
+    let not_told = match result {
+        Ok(()) => None,
+        // Removed on the controller already: nothing left to tell it.
+        Err(e)
+            if matches!(
+                e.downcast_ref::<control::ControlError>(),
+                Some(control::ControlError::Refused {
+                    code: mesh_proto::control::ErrorCode::NodeUnknown,
+                    ..
+                })
+            ) =>
+        {
+            None
         }
-    }
+        Err(e) if force => Some(format!("{e:#}")),
+        Err(e) => {
+            return Err(e.context(format!(
+                "the controller was not told, so the node is still listed there; retry when it answers, or leave anyway with `mesh leave --force` (then remove the node on the controller: `mesh-controller node remove {} {}`)",
+                m.network, m.name
+            )))
+        }
+    };
     // What a stopped daemon left on the host: the persistent interface, mesh's nftables table
     // and the policy rules.
     if let Err(e) = mesh_sys::netlink::delete_link(&m.interface).await {
@@ -901,7 +1078,11 @@ pub async fn leave_offline(state: &StateDir, force: bool) -> anyhow::Result<Stri
     let _ = mesh_sys::firewall::remove(&m.interface);
     let _ = mesh_sys::bypass::remove().await;
     state.wipe()?;
-    Ok(m.network)
+    Ok(LeftOffline {
+        network: m.network,
+        name: m.name,
+        not_told,
+    })
 }
 
 #[cfg(test)]

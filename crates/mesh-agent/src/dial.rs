@@ -175,7 +175,21 @@ impl Dialer {
         };
         tokio::time::timeout(timeout, attempt)
             .await
-            .unwrap_or_else(|_| Err(format!("no QUIC answer within {timeout:?}")))
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "no QUIC answer within {}",
+                    humantime::format_duration(timeout)
+                ))
+            })
+    }
+
+    /// Why QUIC to `target` got no answer, in the kernel's words where it has some (quinn only
+    /// sees silence).
+    async fn quic_silence(&self, target: &Target) -> String {
+        match resolve(&target.quic).await {
+            Ok(addr) => udp_silence(addr, self.mark.is_some()).await,
+            Err(e) => e,
+        }
     }
 
     /// TCP only (through the proxy, if one applies and may be used).
@@ -267,7 +281,13 @@ impl Dialer {
                         tcp_err = Some(e);
                     }
                 },
-                _ = &mut deadline => return Err(DialError::Timeout { quic: quic_err, tcp: tcp_err }),
+                _ = &mut deadline => {
+                    let quic = match quic_err {
+                        Some(e) => e,
+                        None => self.quic_silence(target).await,
+                    };
+                    return Err(DialError::Timeout { quic: Some(quic), tcp: tcp_err });
+                }
             }
             if let (Some(quic), Some(tcp)) = (&quic_err, &tcp_err) {
                 return Err(DialError::Failed {
@@ -434,6 +454,50 @@ pub enum DialError {
         tcp: Option<String>,
     },
 }
+
+/// Why a UDP server stays silent, as far as the kernel can tell: no route to it (a UDP socket
+/// cannot even connect), an ICMP error (a datagram sent to it comes back refused: nothing
+/// listens on the port; or the host is unreachable), or nothing at all. One empty datagram
+/// goes to `addr` (a QUIC server drops it unread).
+pub(crate) async fn udp_silence(addr: SocketAddr, marked: bool) -> String {
+    let bind: SocketAddr = match addr {
+        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let Ok(socket) = tokio::net::UdpSocket::bind(bind).await else {
+        return "no answer".to_owned();
+    };
+    if marked {
+        // Routed like mesh's own packets: never into the overlay.
+        let _ = mesh_sys::bypass::mark_socket(&socket);
+    }
+    let said = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => format!(
+            "ICMP port unreachable: nothing listens on UDP port {} at {}",
+            addr.port(),
+            addr.ip()
+        ),
+        std::io::ErrorKind::NetworkUnreachable => {
+            format!("no route to {} ({e})", addr.ip())
+        }
+        std::io::ErrorKind::HostUnreachable => format!("host {} unreachable ({e})", addr.ip()),
+        _ => e.to_string(),
+    };
+    if let Err(e) = socket.connect(addr).await {
+        return said(e);
+    }
+    if let Err(e) = socket.send(&[]).await {
+        return said(e);
+    }
+    let mut buf = [0u8; 16];
+    match tokio::time::timeout(UDP_ERROR_WAIT, socket.recv(&mut buf)).await {
+        Ok(Err(e)) => said(e),
+        _ => format!("no answer from {addr} (UDP may be filtered on the way)"),
+    }
+}
+
+/// How long [`udp_silence`] waits for an ICMP error to come back.
+const UDP_ERROR_WAIT: Duration = Duration::from_millis(500);
 
 async fn resolve(addr: &str) -> Result<SocketAddr, String> {
     tokio::net::lookup_host(addr)

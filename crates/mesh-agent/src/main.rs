@@ -99,9 +99,13 @@ enum Command {
         name: Option<String>,
         #[command(flatten)]
         daemon: DaemonFlags,
-        /// How long to wait for the controller [default: 10s].
+        /// How long one connection attempt to the controller may take [default: 10s].
         #[arg(long)]
         connect_timeout: Option<String>,
+        /// Keep trying this long while the controller does not answer (it may still be
+        /// booting); a refusal ends the join at once [default: 60s].
+        #[arg(long, value_name = "DURATION")]
+        wait_controller: Option<String>,
         /// Join, save the state and exit, instead of running the daemon (then start it with
         /// `systemctl enable --now mesh` or `mesh up`).
         #[arg(long)]
@@ -140,12 +144,17 @@ enum Command {
         #[arg(long, short = 'c', default_value_t = 3)]
         count: u32,
     },
-    /// Leave the network: the controller deletes the node, and the local state is deleted.
+    /// Leave the network: the controller deletes the node; the agent stops, mesh0 and the
+    /// local state are deleted.
     Leave {
-        /// Delete the local state even if the controller cannot be told.
+        /// Leave even if the controller cannot be told (it is down, or the node was removed
+        /// there): the agent stops and mesh0 and the local state go all the same.
         #[arg(long)]
         force: bool,
     },
+    /// Stop the agent without leaving: mesh0 goes, the membership and key stay, and `mesh up`
+    /// (or `systemctl start mesh`) brings the node back with the same address.
+    Down,
 }
 
 #[derive(Subcommand)]
@@ -577,6 +586,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             daemon: flags,
             connect_timeout,
+            wait_controller,
             no_daemon,
         } => {
             let source =
@@ -601,10 +611,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 humantime::parse_duration(&connect_timeout).with_context(|| {
                     format!("invalid connect timeout {connect_timeout:?}; use e.g. 10s")
                 })?;
-            let name = name.unwrap_or_else(hostname);
-            if !mesh_proto::control::valid_name(&name) {
+            let wait = match wait_controller {
+                Some(w) => humantime::parse_duration(&w)
+                    .with_context(|| format!("invalid --wait-controller {w:?}; use e.g. 60s"))?,
+                None => Duration::from_secs(60),
+            };
+            let name = daemon::NameChoice {
+                explicit: name.is_some(),
+                name: name.unwrap_or_else(hostname),
+            };
+            if !mesh_proto::control::valid_name(&name.name) {
                 anyhow::bail!(
-                    "invalid node name {name:?}: use 1-63 letters, digits, '-', '_' or '.'"
+                    "invalid node name {:?}: use 1-63 letters, digits, '-', '_' or '.'",
+                    name.name
                 );
             }
             let opts = daemon_options(state, flags, &file)?;
@@ -613,7 +632,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // Join and save the state, then close everything (sockets, TUN) so that the daemon
             // can start afresh without the token.
             let rt = runtime()?;
-            let joined = rt.block_on(daemon::join(opts, token, name, connect_timeout));
+            let joined = rt.block_on(daemon::join(opts, token, name, connect_timeout, wait));
             rt.shutdown_timeout(Duration::from_secs(2));
             let m = joined?;
             if no_daemon {
@@ -692,8 +711,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Down => runtime()?.block_on(async {
+            let v = api::request(&state.socket_path(), api::Request::Down).await?;
+            // The daemon takes mesh0 away as it stops; wait until it has.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+            while state.running_agent().is_some() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            out(&format!(
+                "mesh is down: {} removed, membership of network {} kept; `mesh up` (or `systemctl start mesh`) brings the node back with the same address",
+                v["interface"].as_str().unwrap_or("mesh0"),
+                v["network"].as_str().unwrap_or("?")
+            ));
+            Ok(())
+        }),
         Command::Leave { force } => runtime()?.block_on(async {
-            match api::request(&state.socket_path(), api::Request::Leave).await {
+            match api::request(&state.socket_path(), api::Request::Leave { force }).await {
                 Ok(v) => {
                     // The daemon deletes the state as it stops; wait for that.
                     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -701,19 +734,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
+                    let network = v["network"].as_str().unwrap_or("?");
                     out(&format!(
-                        "left network {}; local state in {} deleted",
-                        v["network"].as_str().unwrap_or("?"),
+                        "left network {network}; mesh0 and the local state in {} deleted",
                         state.path().display()
                     ));
+                    if v["controller_told"] == false {
+                        warn_user(&format!(
+                            "the controller was not told ({}), so it may still list this node: remove it there with `mesh-controller node remove {network} {}`",
+                            v["reason"].as_str().unwrap_or("no answer"),
+                            v["name"].as_str().unwrap_or("NAME"),
+                        ));
+                    }
                     Ok(())
                 }
                 Err(e) if e.downcast_ref::<api::NotRunning>().is_some() => {
-                    let network = daemon::leave_offline(&state, force).await?;
+                    let left = daemon::leave_offline(&state, force).await?;
                     out(&format!(
-                        "left network {network}; local state in {} deleted",
+                        "left network {}; mesh0 and the local state in {} deleted",
+                        left.network,
                         state.path().display()
                     ));
+                    if let Some(reason) = left.not_told {
+                        warn_user(&format!(
+                            "the controller was not told ({reason}), so it may still list this node: remove it there with `mesh-controller node remove {} {}`",
+                            left.network, left.name
+                        ));
+                    }
                     Ok(())
                 }
                 Err(e) => Err(e),
@@ -728,7 +775,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("mesh: error: {e:#}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<daemon::Fatal>().is_some() {
+                ExitCode::from(daemon::EXIT_FATAL)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

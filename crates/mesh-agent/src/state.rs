@@ -18,6 +18,24 @@ const RELAYS_FILE: &str = "relays.json";
 /// Present while the controller was last reached over TCP only (its content: `tcp`).
 const TRANSPORT_FILE: &str = "transport";
 const SOCKET_FILE: &str = "mesh.sock";
+/// Locked (`flock`) by the running agent, which writes its PID into it.
+const LOCK_FILE: &str = "agent.lock";
+/// Present once the controller said this node is no longer a member: why, as JSON.
+const REMOVED_FILE: &str = "removed.json";
+
+/// What the agent keeps after the controller said the node is no longer a member
+/// (`removed.json`): `mesh up` refuses to put the old address back on the interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Removed {
+    /// Network it was removed from.
+    pub network: String,
+    /// The address it had, which the controller may give to another node.
+    pub address: Ipv4Addr,
+    /// The controller's words.
+    pub message: String,
+    /// When, in seconds since the Unix epoch.
+    pub at: u64,
+}
 
 /// What the node remembers about its membership (`node.json`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -204,6 +222,66 @@ impl StateDir {
         Ok(())
     }
 
+    /// Checks that the directory can be written (before the agent touches the interface, so
+    /// that a read-only mount fails at once instead of after the address is up).
+    pub fn check_writable(&self) -> anyhow::Result<()> {
+        let probe = self
+            .dir
+            .join(format!(".write-check-{}.tmp", std::process::id()));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&probe)
+        {
+            Ok(_) => {
+                let _ = std::fs::remove_file(&probe);
+                Ok(())
+            }
+            Err(e) => anyhow::bail!(
+                "state directory {} cannot be written ({e}): mesh saves its peer list and membership there; give it a writable directory (--state-dir, or remount)",
+                self.dir.display()
+            ),
+        }
+    }
+
+    /// Takes the lock of this state directory for the life of the process: one agent per
+    /// state directory.
+    pub fn lock(&self) -> anyhow::Result<mesh_service::DirLock> {
+        mesh_service::DirLock::acquire(&self.dir, LOCK_FILE, "an agent").map_err(|e| match e {
+            mesh_service::LockError::Held { .. } => anyhow::anyhow!(
+                "{e}; stop it first (`mesh down`, or `systemctl stop mesh` where the unit runs it)"
+            ),
+            e => e.into(),
+        })
+    }
+
+    /// The PID of the agent that runs for this state directory, if one does.
+    pub fn running_agent(&self) -> Option<u32> {
+        mesh_service::DirLock::holder(&self.dir, LOCK_FILE)
+    }
+
+    /// Records that the controller removed this node.
+    pub fn save_removed(&self, r: &Removed) -> anyhow::Result<()> {
+        write_file(
+            &self.dir.join(REMOVED_FILE),
+            &serde_json::to_vec_pretty(r)?,
+            0o600,
+        )
+    }
+
+    /// Why the controller removed this node, if it did (and nobody joined since).
+    pub fn load_removed(&self) -> Option<Removed> {
+        std::fs::read(self.dir.join(REMOVED_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+    }
+
+    /// Forgets a removal (after a new join).
+    pub fn clear_removed(&self) -> anyhow::Result<()> {
+        remove_if_present(&self.dir.join(REMOVED_FILE))
+    }
+
     /// Path of the local API socket.
     pub fn socket_path(&self) -> PathBuf {
         self.dir.join(SOCKET_FILE)
@@ -234,7 +312,10 @@ impl StateDir {
                 .and_then(|b| <[u8; 32]>::try_from(b).ok())
                 .map(Some)
                 .with_context(|| {
-                    format!("{} is damaged (not a base64 x25519 key)", path.display())
+                    format!(
+                        "{} is damaged (not a base64 x25519 key): restore it from a backup; without it the node must join again with a new key (`mesh leave --force`, then `mesh join`), which gives it a new overlay address unless the admin first removes the old node (`mesh-controller node remove NETWORK NAME`) so that the name keeps its address",
+                        path.display()
+                    )
                 }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
@@ -261,7 +342,12 @@ impl StateDir {
             ),
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         };
-        serde_json::from_slice(&bytes).with_context(|| format!("{} is damaged", path.display()))
+        serde_json::from_slice(&bytes).with_context(|| {
+            format!(
+                "{} is damaged: restore it from a backup, or join again (`mesh join --token-file FILE`; with the same node.key and --name the node keeps its address)",
+                path.display()
+            )
+        })
     }
 
     /// Saves the last peer list.
@@ -273,12 +359,10 @@ impl StateDir {
         )
     }
 
-    /// The cached peer list (empty if none or unreadable).
+    /// The cached peer list (empty if none; a damaged one is a warning, not an error: the
+    /// controller sends the list again).
     pub fn load_peers(&self) -> Vec<PeerInfo> {
-        std::fs::read(self.dir.join(PEERS_FILE))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default()
+        load_cache(&self.dir.join(PEERS_FILE), "peer list")
     }
 
     /// Caches the relay list with its tickets (they stay valid for hours), so that relays work
@@ -311,17 +395,23 @@ impl StateDir {
         std::fs::read_to_string(self.dir.join(TRANSPORT_FILE)).is_ok_and(|s| s.trim() == "tcp")
     }
 
-    /// The cached relay list (empty if none or unreadable).
+    /// The cached relay list (empty if none; a damaged one is a warning).
     pub fn load_relays(&self) -> Vec<mesh_proto::control::RelayInfo> {
-        std::fs::read(self.dir.join(RELAYS_FILE))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default()
+        load_cache(&self.dir.join(RELAYS_FILE), "relay list")
     }
 
     /// Deletes everything the node stored, including temporary files a crash left behind.
     pub fn wipe(&self) -> anyhow::Result<()> {
-        for f in [KEY_FILE, NODE_FILE, PEERS_FILE, RELAYS_FILE, SOCKET_FILE] {
+        for f in [
+            KEY_FILE,
+            NODE_FILE,
+            PEERS_FILE,
+            RELAYS_FILE,
+            SOCKET_FILE,
+            TRANSPORT_FILE,
+            REMOVED_FILE,
+            LOCK_FILE,
+        ] {
             remove_if_present(&self.dir.join(f))?;
         }
         if let Ok(entries) = std::fs::read_dir(&self.dir) {
@@ -342,6 +432,23 @@ impl StateDir {
         let _ = std::fs::remove_dir(&self.dir);
         Ok(())
     }
+}
+
+/// A cache file's list: empty when the file is missing; when it cannot be read or parsed, a
+/// warning that names it, and empty (the controller sends the list again once it answers).
+fn load_cache<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Vec<T> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "cannot read the cached {what}; starting without it until the controller answers");
+            return Vec::new();
+        }
+    };
+    serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+        tracing::warn!(file = %path.display(), error = %e, "the cached {what} is damaged; starting without it until the controller answers (it is rewritten then)");
+        Vec::new()
+    })
 }
 
 fn remove_if_present(path: &Path) -> anyhow::Result<()> {

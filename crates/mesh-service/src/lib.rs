@@ -4,6 +4,11 @@
 //!   colours only on a terminal, no timestamps under journald (which stamps every line).
 //! - [`load_config`]: a TOML configuration file whose every key is optional; errors are one
 //!   line naming the file and the line.
+//! - [`DirLock`]: one process per state directory.
+
+mod lock;
+
+pub use lock::{DirLock, LockError};
 
 use anyhow::Context as _;
 use serde::de::DeserializeOwned;
@@ -11,8 +16,12 @@ use std::path::Path;
 
 /// Sets up logging; `default` is the filter when `MESH_LOG` is not set (e.g. "info").
 pub fn init_logging(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MESH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // quinn-udp logs a failed sendmsg as a Rust Debug dump (`Os { code: 101, .. }`) once a
+    // minute; mesh reports the cause in its own words where it matters (see the agent's
+    // dialer), so by default those lines stay out of the log.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MESH_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{default},quinn_udp=error"))
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -1,0 +1,265 @@
+//! The agent's lifecycle has no dead ends (issue 14): a node the controller removed stops with
+//! its address gone and stays down; `mesh leave --force` works while the agent runs and the
+//! controller is gone; `mesh down` stops the agent and `mesh up` resumes with the same address;
+//! one agent per state directory; a read-only state directory fails before mesh0 exists; and
+//! `mesh join` waits for a controller that is still booting.
+#![allow(clippy::unwrap_used)]
+
+use mesh_e2e::daemons::write_token_file;
+use mesh_e2e::{netns::ip, wait_all_pairs_ping, wait_until, Agent, Controller, Lab};
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+const NET: &str = "cycle";
+/// `mesh`'s exit status for a state no restart can fix (`RestartPreventExitStatus=` in the unit).
+const EXIT_FATAL: i32 = 78;
+
+fn has_mesh0(host: &mesh_e2e::Host) -> bool {
+    ip(["-n", host.ns.as_str(), "link", "show", "mesh0"]).is_ok()
+}
+
+fn code(status: Option<ExitStatus>) -> Option<i32> {
+    status.and_then(|s| s.code())
+}
+
+#[test]
+fn a_removed_node_stops_with_its_address_gone_and_stays_down() {
+    let mut lab = Lab::new("removed").unwrap();
+    let ctl_host = lab.add_controller_host("ctl").unwrap();
+    let (ha, hb) = (lab.add_host("a").unwrap(), lab.add_host("b").unwrap());
+    let ctl = Controller::start(&lab, &ctl_host).unwrap();
+    ctl.create_network(NET).unwrap();
+    let token = ctl.create_token(NET, &["--reusable"]).unwrap();
+    let a = Agent::join(&lab, &ha, "a", &token).unwrap();
+    let mut b = Agent::join(&lab, &hb, "b", &token).unwrap();
+    wait_all_pairs_ping(&[&a, &b], Duration::from_secs(20)).unwrap();
+    let old = b.address;
+
+    let out = ctl.admin(["node", "remove", NET, "b"]);
+    assert!(out.success(), "{out}");
+    let t = Instant::now();
+    let status = b.wait_exit(Duration::from_secs(10));
+    eprintln!("b exited {:?} after {:?}", status, t.elapsed());
+    assert_eq!(code(status), Some(EXIT_FATAL), "{}", b.log());
+    let log = b.stderr();
+    assert!(log.contains("no longer a member of network cycle"), "{log}");
+    assert!(
+        !has_mesh0(&hb),
+        "mesh0 (with {old}) must be gone once the node is removed"
+    );
+
+    // A restart (what systemd would do without RestartPreventExitStatus) does not put the
+    // address back: it refuses before mesh0 exists.
+    let out = b.cli(["up"]);
+    assert_eq!(out.code(), Some(EXIT_FATAL), "{out}");
+    assert!(
+        out.stderr.contains("was removed from network cycle"),
+        "{out}"
+    );
+    assert!(out.stderr.contains("mesh join"), "{out}");
+    assert!(!has_mesh0(&hb));
+
+    // Leaving cleans up even though the controller no longer knows the node.
+    let out = b.cli(["leave"]);
+    assert!(out.success(), "{out}");
+    assert!(!b.state_dir.join("node.json").exists());
+}
+
+#[test]
+fn leave_force_works_while_the_agent_runs_and_the_controller_is_gone() {
+    let mut lab = Lab::new("leaveforce").unwrap();
+    let ctl_host = lab.add_controller_host("ctl").unwrap();
+    let ha = lab.add_host("a").unwrap();
+    let mut ctl = Controller::start(&lab, &ctl_host).unwrap();
+    ctl.create_network(NET).unwrap();
+    let token = ctl.create_token(NET, &[]).unwrap();
+    let mut a = Agent::join(&lab, &ha, "a", &token).unwrap();
+    ctl.kill9();
+
+    // Without --force: refused, and the error says what to do.
+    let out = a.cli(["leave"]);
+    assert!(!out.success(), "{out}");
+    assert!(out.stderr.contains("mesh leave --force"), "{out}");
+    assert!(a.is_running(), "a refused leave leaves the agent running");
+    assert!(has_mesh0(&ha));
+
+    let t = Instant::now();
+    let out = a.cli(["leave", "--force"]);
+    eprintln!("leave --force took {:?}", t.elapsed());
+    assert!(out.success(), "{out}");
+    assert!(out.stdout.contains("left network cycle"), "{out}");
+    assert!(
+        out.stderr.contains("mesh-controller node remove cycle a"),
+        "{out}"
+    );
+    assert!(
+        a.wait_exit(Duration::from_secs(10)).is_some(),
+        "agent stopped"
+    );
+    assert!(!has_mesh0(&ha), "mesh0 and its address are gone");
+    assert!(!a.state_dir.join("node.json").exists(), "state deleted");
+}
+
+#[test]
+fn down_stops_the_agent_and_up_resumes_with_the_same_address() {
+    let mut lab = Lab::new("down").unwrap();
+    let ctl_host = lab.add_controller_host("ctl").unwrap();
+    let (ha, hb) = (lab.add_host("a").unwrap(), lab.add_host("b").unwrap());
+    let ctl = Controller::start(&lab, &ctl_host).unwrap();
+    ctl.create_network(NET).unwrap();
+    let token = ctl.create_token(NET, &["--reusable"]).unwrap();
+    let a = Agent::join(&lab, &ha, "a", &token).unwrap();
+    let mut b = Agent::join(&lab, &hb, "b", &token).unwrap();
+    let before = b.address;
+
+    let out = b.cli(["down"]);
+    assert!(out.success(), "{out}");
+    assert!(out.stdout.contains("mesh up"), "{out}");
+    assert_eq!(code(b.wait_exit(Duration::from_secs(10))), Some(0));
+    assert!(!has_mesh0(&hb), "down removes mesh0");
+    assert_eq!(b.ip().unwrap(), before, "membership kept");
+    assert!(!ha.ping(before), "b is down");
+
+    assert_eq!(b.up().unwrap(), before);
+    assert!(ha.wait_ping(before, Duration::from_secs(20)));
+    drop(a);
+}
+
+#[test]
+fn one_agent_per_state_directory() {
+    let mut lab = Lab::new("owner").unwrap();
+    let ctl_host = lab.add_controller_host("ctl").unwrap();
+    let ha = lab.add_host("a").unwrap();
+    let ctl = Controller::start(&lab, &ctl_host).unwrap();
+    ctl.create_network(NET).unwrap();
+    let token = ctl.create_token(NET, &["--reusable"]).unwrap();
+    let mut a = Agent::join(&lab, &ha, "a", &token).unwrap();
+    let pid = a.pid().unwrap();
+
+    let expected = format!(
+        "an agent already runs for state directory {} (pid {pid})",
+        a.state_dir.display()
+    );
+    let out = a.cli(["up"]);
+    assert!(!out.success(), "{out}");
+    assert!(out.stderr.contains(&expected), "{out}");
+    assert!(!out.stderr.contains("resource busy"), "{out}");
+    assert_eq!(out.stderr.lines().count(), 1, "one line: {out}");
+
+    let token_file = a.state_dir.with_extension("token");
+    let out = a.cli([
+        "join",
+        "--token-file",
+        token_file.to_str().unwrap(),
+        "--name",
+        "a",
+    ]);
+    assert!(!out.success(), "{out}");
+    assert!(out.stderr.contains(&expected), "{out}");
+    assert!(a.is_running(), "the running agent is untouched");
+    assert_eq!(a.pid(), Some(pid));
+}
+
+/// A read-only bind mount of a directory onto itself, undone when dropped.
+struct ReadOnly(PathBuf);
+
+impl ReadOnly {
+    fn mount(dir: &Path) -> ReadOnly {
+        let d = dir.to_str().unwrap();
+        let run = |args: &[&str]| {
+            let s = std::process::Command::new("mount")
+                .args(args)
+                .status()
+                .unwrap();
+            assert!(s.success(), "mount {args:?}");
+        };
+        run(&["--bind", d, d]);
+        let guard = ReadOnly(dir.to_owned());
+        run(&["-o", "remount,bind,ro", d]);
+        guard
+    }
+}
+
+impl Drop for ReadOnly {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_read_only_state_directory_fails_before_mesh0_exists() {
+    let mut lab = Lab::new("readonly").unwrap();
+    let ctl_host = lab.add_controller_host("ctl").unwrap();
+    let ha = lab.add_host("a").unwrap();
+    let ctl = Controller::start(&lab, &ctl_host).unwrap();
+    ctl.create_network(NET).unwrap();
+    let token = ctl.create_token(NET, &[]).unwrap();
+    let mut a = Agent::join(&lab, &ha, "a", &token).unwrap();
+    a.stop();
+    // (A stopped agent leaves mesh0 for a quick restart; take it away to see that the failed
+    // start does not create it.)
+    ip(["-n", ha.ns.as_str(), "link", "del", "mesh0"]).unwrap();
+
+    let ro = ReadOnly::mount(&a.state_dir);
+    let out = a.cli(["up"]);
+    drop(ro);
+    assert_eq!(out.code(), Some(EXIT_FATAL), "{out}");
+    assert!(out.stderr.contains("cannot be written"), "{out}");
+    assert!(!has_mesh0(&ha), "nothing touched mesh0");
+}
+
+#[test]
+fn join_waits_for_a_controller_that_starts_later() {
+    let mut lab = Lab::new("latectl").unwrap();
+    let ctl_host = lab.add_controller_host("ctl").unwrap();
+    let ha = lab.add_host("a").unwrap();
+    let mut ctl = Controller::start(&lab, &ctl_host).unwrap();
+    ctl.create_network(NET).unwrap();
+    let token = ctl.create_token(NET, &[]).unwrap();
+    ctl.stop();
+
+    // The controller VM boots 20 s after the node runs its cloud-init.
+    const LATE: Duration = Duration::from_secs(20);
+    let started = Instant::now();
+    let joined = std::thread::scope(|s| {
+        let join = s.spawn(|| {
+            let mut a = Agent::idle(&lab, &ha, "a").unwrap();
+            let out = a.cli([
+                "join",
+                "--no-daemon",
+                "--token-file",
+                write_token_file(&a.state_dir, &token)
+                    .unwrap()
+                    .to_str()
+                    .unwrap(),
+                "--name",
+                "a",
+            ]);
+            let took = started.elapsed();
+            let up = out.success().then(|| a.up());
+            (out, took, up.map(|r| r.map_err(|e| e.to_string())))
+        });
+        std::thread::sleep(LATE);
+        ctl.serve().unwrap();
+        join.join().unwrap()
+    });
+    let (out, took, up) = joined;
+    eprintln!("join with the controller {LATE:?} late took {took:?}");
+    assert!(out.success(), "{out}");
+    assert!(took >= LATE, "it really waited: {took:?}");
+    assert!(
+        out.stderr.contains("does not answer yet"),
+        "progress shown: {out}"
+    );
+    let addr = up.unwrap().unwrap();
+    assert!(wait_until(Duration::from_secs(5), || ip([
+        "-n",
+        ha.ns.as_str(),
+        "-4",
+        "addr",
+        "show",
+        "mesh0"
+    ])
+    .is_ok_and(|s| s.contains(&addr.to_string()))));
+}
