@@ -304,15 +304,21 @@ fn the_local_api_answers_root_and_its_group_only() {
     let mut lab = Lab::new("local-api").unwrap();
     let ctl_host = lab.add_controller_host("ctl").unwrap();
     let host = lab.add_host("a").unwrap();
+    let host_b = lab.add_host("b").unwrap();
     let ctl = Controller::start(&lab, &ctl_host).unwrap();
     ctl.create_network(NET).unwrap();
-    let token = ctl.create_token(NET, &[]).unwrap();
+    let token = ctl.create_token(NET, &["--reusable"]).unwrap();
     let mut a = Agent::join(&lab, &host, "a", &token).unwrap();
+    let b = Agent::join(&lab, &host_b, "b", &token).unwrap();
+    wait_all_pairs_ping(&[&a, &b], Duration::from_secs(20)).unwrap();
     let state = a.state_dir.clone();
     let socket = state.join("mesh.sock");
+    let read_only = state.join("status.sock");
 
-    // The socket: 0660, the state directory's group; the state files 0600, no leftovers.
+    // The socket: 0660, the state directory's group; the read-only one 0666; the state files
+    // 0600, no leftovers.
     assert_eq!(mode(&socket), 0o660);
+    assert_eq!(mode(&read_only), 0o666);
     assert_eq!(
         std::fs::metadata(&socket).unwrap().gid(),
         std::fs::metadata(&state).unwrap().gid()
@@ -325,30 +331,49 @@ fn the_local_api_answers_root_and_its_group_only() {
     assert_eq!(
         names,
         [
+            "agent.lock",
             "mesh.sock",
             "node.json",
             "node.key",
             "peers.json",
-            "relays.json"
+            "relays.json",
+            "status.sock"
         ]
     );
-    for f in ["node.json", "node.key", "peers.json", "relays.json"] {
+    for f in [
+        "agent.lock",
+        "node.json",
+        "node.key",
+        "peers.json",
+        "relays.json",
+    ] {
         assert_eq!(mode(&state.join(f)), 0o600, "{f}");
     }
 
     // Root may.
     assert!(a.cli(["status"]).success());
-    // A stranger gets one line that says what is needed, and nothing on stdout.
+    // A stranger may look, as with `tailscale status`: status with its peers, a peer's
+    // address, a ping (through the read-only socket).
     let out = as_user(&host.ns, NOBODY, &[], &["status"], &state);
-    let line = assert_clean_failure(&out, &["root"]);
-    eprintln!("`mesh status` as nobody: {line}");
-    assert!(line.contains("group"), "{line}");
-    assert!(!line.contains("not running"), "{line}");
-    assert!(out.stdout.is_empty(), "{out}");
+    assert!(out.success(), "{out}");
+    assert!(out.stdout.contains(&b.address.to_string()), "{out}");
+    let out = as_user(&host.ns, NOBODY, &[], &["ip", "b"], &state);
+    assert_eq!(out.stdout.trim(), b.address.to_string(), "{out}");
+    let out = as_user(&host.ns, NOBODY, &[], &["ping", "b", "-c", "1"], &state);
+    assert!(out.success(), "{out}");
+    // But changes need root or the group: one line that says so, and nothing on stdout.
+    for args in [&["leave"][..], &["down"]] {
+        let out = as_user(&host.ns, NOBODY, &[], args, &state);
+        let line = assert_clean_failure(&out, &["root"]);
+        eprintln!("`mesh {}` as nobody: {line}", args.join(" "));
+        assert!(line.contains("group"), "{line}");
+        assert!(!line.contains("not running"), "{line}");
+        assert!(out.stdout.is_empty(), "{out}");
+    }
 
     // Even if someone opens the socket to everybody, the daemon checks the caller itself.
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
-    for args in [&["status"][..], &["status", "--json"], &["leave"]] {
+    for args in [&["leave"][..], &["down"], &["leave", "--force"]] {
         let out = as_user(&host.ns, NOBODY, &[], args, &state);
         let line = assert_clean_failure(&out, &["root"]);
         eprintln!("`mesh {}` as nobody, socket 0666: {line}", args.join(" "));

@@ -25,6 +25,11 @@ const MAX_LINE: usize = 4096;
 /// Mode of the socket: the daemon's user and the socket's group may connect.
 pub const SOCKET_MODE: u32 = 0o660;
 
+/// Mode of the read-only socket (`status.sock`): every local user may connect; it answers
+/// [`Request::read_only`] requests only (`mesh status`, `mesh ip PEER`, `mesh ping`), as
+/// `tailscale status` works for every user.
+pub const READ_ONLY_SOCKET_MODE: u32 = 0o666;
+
 /// Name prefix of the private directory the socket is bound in, in the state directory.
 pub const PRIVATE_DIR_PREFIX: &str = ".sock-";
 
@@ -49,6 +54,13 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// Whether the request only reads (anyone may send it, on the read-only socket).
+    pub fn read_only(&self) -> bool {
+        matches!(self, Request::Status | Request::Ping { .. })
+    }
+}
+
 /// The daemon is not running (no socket, or nobody listening).
 #[derive(Debug, thiserror::Error)]
 #[error("the mesh daemon is not running for state directory {0} (start it with `mesh up`, or `mesh join --token-file FILE`)")]
@@ -68,6 +80,24 @@ pub enum NotAllowed {
     /// The daemon refused the caller (its credentials); the daemon's message.
     #[error("{0}")]
     Daemon(String),
+}
+
+/// Sends a read-only request on `socket`, or, when this user may not use it, on the read-only
+/// socket `read_only` (which an older daemon may not have: then the first refusal stands).
+pub async fn query(
+    socket: &Path,
+    read_only: &Path,
+    req: Request,
+) -> anyhow::Result<serde_json::Value> {
+    match request(socket, req.clone()).await {
+        Err(e) if e.downcast_ref::<NotAllowed>().is_some() && req.read_only() => {
+            match request(read_only, req).await {
+                Err(second) if second.downcast_ref::<NotRunning>().is_some() => Err(e),
+                r => r,
+            }
+        }
+        r => r,
+    }
 }
 
 /// Sends one request and returns the response.
@@ -143,6 +173,8 @@ struct Access {
     owner_uid: u32,
     /// The socket's group.
     gid: u32,
+    /// Every local user (the read-only socket).
+    everyone: bool,
 }
 
 /// A caller, from `SO_PEERCRED` (and `/proc/<pid>/status` for its supplementary groups).
@@ -155,7 +187,11 @@ struct Caller {
 
 impl Access {
     fn allows(&self, c: &Caller) -> bool {
-        c.uid == 0 || c.uid == self.owner_uid || c.gid == self.gid || c.groups.contains(&self.gid)
+        self.everyone
+            || c.uid == 0
+            || c.uid == self.owner_uid
+            || c.gid == self.gid
+            || c.groups.contains(&self.gid)
     }
 }
 
@@ -214,6 +250,15 @@ impl Listener {
 /// Binds the socket with its final group and mode before it is reachable, replacing a stale
 /// one; refuses when another daemon answers on it.
 pub fn bind(socket: &Path) -> anyhow::Result<Listener> {
+    bind_as(socket, false)
+}
+
+/// Binds the read-only socket (mode [`READ_ONLY_SOCKET_MODE`]), like [`bind`].
+pub fn bind_read_only(socket: &Path) -> anyhow::Result<Listener> {
+    bind_as(socket, true)
+}
+
+fn bind_as(socket: &Path, read_only: bool) -> anyhow::Result<Listener> {
     if socket.exists() && std::os::unix::net::UnixStream::connect(socket).is_ok() {
         anyhow::bail!(
             "another mesh daemon is already running with this state directory ({})",
@@ -226,14 +271,19 @@ pub fn bind(socket: &Path) -> anyhow::Result<Listener> {
         .mode(0o700)
         .create(&private)
         .with_context(|| format!("cannot create the control socket in {}", dir.display()))?;
-    let result = bind_in(&private.join("s"), socket, dir);
+    let result = bind_in(&private.join("s"), socket, dir, read_only);
     let _ = std::fs::remove_file(private.join("s"));
     let _ = std::fs::remove_dir(&private);
     result
 }
 
 /// Binds at `tmp` (in a private directory), sets group and mode, renames it to `socket`.
-fn bind_in(tmp: &Path, socket: &Path, dir: &Path) -> anyhow::Result<Listener> {
+fn bind_in(tmp: &Path, socket: &Path, dir: &Path, read_only: bool) -> anyhow::Result<Listener> {
+    let mode = if read_only {
+        READ_ONLY_SOCKET_MODE
+    } else {
+        SOCKET_MODE
+    };
     let cannot = || format!("cannot create the control socket {}", socket.display());
     let std_listener = std::os::unix::net::UnixListener::bind(tmp).with_context(cannot)?;
     std_listener.set_nonblocking(true).with_context(cannot)?;
@@ -241,12 +291,12 @@ fn bind_in(tmp: &Path, socket: &Path, dir: &Path) -> anyhow::Result<Listener> {
     if let Err(e) = std::os::unix::fs::chown(tmp, None, Some(dir_gid)) {
         warn!(error = %e, gid = dir_gid, "cannot give the control socket the state directory's group; only root and this daemon's user can use it");
     }
-    std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(SOCKET_MODE))
-        .with_context(cannot)?;
+    std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(mode)).with_context(cannot)?;
     let meta = std::fs::metadata(tmp).with_context(cannot)?;
     let access = Access {
         owner_uid: meta.uid(),
         gid: meta.gid(),
+        everyone: read_only,
     };
     std::fs::rename(tmp, socket).with_context(cannot)?;
     let group = group_name(access.gid);
@@ -260,7 +310,7 @@ fn bind_in(tmp: &Path, socket: &Path, dir: &Path) -> anyhow::Result<Listener> {
     .to_string();
     refusal.push('\n');
     let inner = UnixListener::from_std(std_listener).with_context(cannot)?;
-    debug!(socket = %socket.display(), group = %group, mode = format!("{SOCKET_MODE:o}"), "local API listening");
+    debug!(socket = %socket.display(), group = %group, mode = format!("{mode:o}"), "local API listening");
     Ok(Listener {
         inner,
         access,
@@ -295,6 +345,7 @@ mod tests {
         let access = Access {
             owner_uid: 0,
             gid: 4242,
+            everyone: false,
         };
         let caller = |uid, gid, groups: &[u32]| Caller {
             uid,
@@ -309,9 +360,19 @@ mod tests {
         let own = Access {
             owner_uid: 1000,
             gid: 1000,
+            everyone: false,
         };
         assert!(own.allows(&caller(1000, 50, &[])));
         assert!(!own.allows(&caller(1001, 50, &[])));
+        let everyone = Access {
+            everyone: true,
+            ..own
+        };
+        assert!(everyone.allows(&caller(65534, 65534, &[])));
+        assert!(Request::Status.read_only());
+        assert!(Request::Ping { peer: "b".into() }.read_only());
+        assert!(!Request::Leave { force: true }.read_only());
+        assert!(!Request::Down.read_only());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use crate::state::{Membership, StateDir};
 use anyhow::Context as _;
 use mesh_control::quic;
 use mesh_core::{Counters, Node, NodeConfig};
-use mesh_proto::control::ClientMsg;
+use mesh_proto::control::{ClientMsg, NatKind};
 use mesh_proto::token::JoinToken;
 use mesh_proto::PublicKey;
 use mesh_sys::netlink::InterfaceConfig;
@@ -475,6 +475,7 @@ async fn run(
         )),
     ]);
     let listener = api::bind(&opts.state.socket_path())?;
+    let read_only = api::bind_read_only(&opts.state.read_only_socket_path())?;
     let status = Arc::new(Mutex::new(ControlStatus {
         address: membership.controller.clone(),
         connected: false,
@@ -630,9 +631,24 @@ async fn run(
                     break Exit::Removed(reason);
                 }
             }
-            accepted = listener.accept() => {
-                let Ok((mut stream, _)) = accepted else { continue };
-                match api::read_request(&mut stream).await {
+            accepted = async {
+                tokio::select! {
+                    a = listener.accept() => a.map(|(s, ())| (s, false)),
+                    a = read_only.accept() => a.map(|(s, ())| (s, true)),
+                }
+            } => {
+                let Ok((mut stream, ro)) = accepted else { continue };
+                let request = match api::read_request(&mut stream).await {
+                    Some(r) if ro && !r.read_only() => {
+                        api::write_response(&mut stream, &json!({
+                            "error": format!("permission denied: this command changes the node and needs root (or the group of {}); run it with sudo", opts.state.socket_path().display()),
+                            "denied": true,
+                        })).await;
+                        continue;
+                    }
+                    r => r,
+                };
+                match request {
                     Some(Request::Status) => {
                         let mut v = status_json(&node_info, &status, &relay_shared, &running.data_tx).await;
                         if let (Some(obj), Ok(o)) = (v.as_object_mut(), overlay_status.lock()) {
@@ -711,6 +727,7 @@ async fn run(
     }
     running.endpoint.close(0u32.into(), b"agent stopping");
     let _ = std::fs::remove_file(opts.state.socket_path());
+    let _ = std::fs::remove_file(opts.state.read_only_socket_path());
     if matches!(exit, Exit::Signal) {
         return Ok(());
     }
@@ -889,13 +906,22 @@ async fn ping(data: &mpsc::Sender<DataCmd>, peer: &str) -> serde_json::Value {
 /// What the addresses that the controller and the relays observe for this node's one socket
 /// say about its NAT: one mapping for every destination, or one per destination (a
 /// "symmetric" NAT, which only the hard-NAT hole punching can cross).
-fn mapping_kind(observed: &[std::net::SocketAddr]) -> &'static str {
-    match observed {
-        [] | [_] => "unknown (the controller's STUN observer did not answer, and no standalone relay saw this node)",
-        [first, rest @ ..] if rest.iter().all(|a| a == first) => "endpoint-independent",
-        _ => "endpoint-dependent",
+/// How the node's NAT maps its socket: `endpoint-independent` (or no NAT), `endpoint-dependent`,
+/// or `unknown` (the controller's STUN observer did not answer, and no standalone relay saw the
+/// node): from the NAT kind found at the last connection, else from the observations.
+fn mapping_kind(kind: Option<NatKind>, observed: &[std::net::SocketAddr]) -> &'static str {
+    match (kind, observed) {
+        (Some(NatKind::Public | NatKind::EndpointIndependent), _) => "endpoint-independent",
+        (Some(NatKind::EndpointDependent), _) => "endpoint-dependent",
+        (None, [] | [_]) => "unknown",
+        (None, [first, rest @ ..]) if rest.iter().all(|a| a == first) => "endpoint-independent",
+        (None, _) => "endpoint-dependent",
     }
 }
+
+/// A peer heard from within this long is online (keepalives come every 25 s at most, and a
+/// handshake takes up to REKEY_TIMEOUT more).
+const PEER_ONLINE_WINDOW: Duration = Duration::from_secs(45);
 
 fn secs(d: Option<Duration>) -> serde_json::Value {
     d.map_or(serde_json::Value::Null, |d| json!(d.as_secs()))
@@ -953,7 +979,9 @@ async fn status_json(
                 "candidates": p.candidates.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
                 "last_handshake_secs_ago": secs(p.since_handshake),
                 "last_rx_secs_ago": secs(p.since_last_rx),
-                "rtt_ms": p.rtt.map(|d| d.as_millis() as u64),
+                // Heard from lately (every peer sends a keepalive at least every 25 s).
+                "online": p.since_last_rx.is_some_and(|d| d <= PEER_ONLINE_WINDOW),
+                "rtt_ms": p.rtt.map(|d| (d.as_secs_f64() * 1e6).round() / 1e3),
                 "path": p.path.to_string(),
                 "relay": relay_of.get(&p.key),
                 "path_mtu": p.path_mtu,
@@ -979,12 +1007,14 @@ async fn status_json(
         .map(|s| s.values().cloned().collect())
         .unwrap_or_default();
     json!({
+        "version": env!("CARGO_PKG_VERSION"),
         "node": node,
         "controller": control,
         "relays": relays,
         "nat": {
             "observed": observed.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-            "mapping": control.nat.map_or_else(|| mapping_kind(&observed).to_owned(), |k| k.to_string()),
+            // One of three fixed values, for scripts.
+            "mapping": mapping_kind(control.nat, &observed),
             "kind": control.nat,
             "birthday_budget": control.birthday_budget.unwrap_or(mesh_core::birthday::ATTEMPT_BUDGET),
         },

@@ -128,8 +128,11 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         peers: usize,
     },
-    /// Print this node's overlay IPv4 address and nothing else.
-    Ip,
+    /// Print this node's overlay IPv4 address and nothing else; with PEER, that peer's.
+    Ip {
+        /// A peer's name, overlay address or key.
+        peer: Option<String>,
+    },
     /// Show the node, the controller connection and every peer.
     Status {
         /// JSON output.
@@ -368,7 +371,8 @@ fn print_status(v: &serde_json::Value) {
     let node = &v["node"];
     let ctl = &v["controller"];
     out(&format!(
-        "node      {} (udp port {})\naddress   {}/{} on {} (mtu {})\nnetwork   {}\nkey       {}\ncontroller {} {}",
+        "mesh      {}\nnode      {} (udp port {})\naddress   {}/{} on {} (mtu {})\nnetwork   {}\nkey       {}\ncontroller {} {}",
+        s(&v["version"]),
         s(&node["name"]),
         node["port"],
         s(&node["address"]),
@@ -402,7 +406,10 @@ fn print_status(v: &serde_json::Value) {
         } else {
             observed.join(", ")
         },
-        s(&nat["mapping"])
+        match nat["mapping"].as_str() {
+            Some("unknown") => "unknown: the controller's STUN observer did not answer, and no standalone relay saw this node".to_owned(),
+            _ => s(&nat["mapping"]),
+        }
     ));
     if let Some(line) = port_mapping_line(&v["port_mapping"]) {
         out(&format!("portmap   {line}"));
@@ -440,6 +447,8 @@ fn print_status(v: &serde_json::Value) {
             .as_u64()
             .map_or("never".to_owned(), |s| format!("{s}s ago"));
         let path = match (p["path"].as_str(), p["relay"].as_str()) {
+            // Not heard from lately: whatever path it had, it answers on none.
+            _ if p["online"] == false => "offline".to_owned(),
             (Some("relay"), Some(r)) => format!("relay {r}"),
             (Some(path), _) => path.to_owned(),
             (None, _) => "-".to_owned(),
@@ -456,8 +465,8 @@ fn print_status(v: &serde_json::Value) {
             path,
             endpoint,
             p["rtt_ms"]
-                .as_u64()
-                .map_or("-".to_owned(), |r| format!("{r} ms")),
+                .as_f64()
+                .map_or("-".to_owned(), |r| format!("{r:.2} ms")),
             hs,
             p["rx_bytes"].as_u64().unwrap_or(0),
             p["tx_bytes"].as_u64().unwrap_or(0),
@@ -662,7 +671,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
                 let req = api::Request::Ping { peer: peer.clone() };
-                match api::request(&state.socket_path(), req).await {
+                match api::query(&state.socket_path(), &state.read_only_socket_path(), req).await {
                     Ok(v) => {
                         answered += 1;
                         let via = match (v["endpoint"].as_str(), v["relay"].as_str()) {
@@ -696,14 +705,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("invalid --timeout {timeout:?}; use e.g. 60s"))?;
             runtime()?.block_on(wait_online(&state, timeout, peers))
         }
-        Command::Ip => {
+        Command::Ip { peer: None } => {
             let m = state.load_membership()?;
             out(&m.address.to_string());
             Ok(())
         }
+        Command::Ip { peer: Some(peer) } => {
+            let v =
+                runtime()?.block_on(api::query(&state.socket_path(), &state.read_only_socket_path(), api::Request::Status))?;
+            let found = v["peers"].as_array().into_iter().flatten().find(|p| {
+                ["name", "address", "key"]
+                    .iter()
+                    .any(|k| p[*k].as_str() == Some(peer.as_str()))
+            });
+            match found.and_then(|p| p["address"].as_str()) {
+                Some(a) => {
+                    out(a);
+                    Ok(())
+                }
+                None => anyhow::bail!(
+                    "no peer named {peer:?} in network {} (see `mesh status`)",
+                    v["node"]["network"].as_str().unwrap_or("?")
+                ),
+            }
+        }
         Command::Status { json } => {
             let v =
-                runtime()?.block_on(api::request(&state.socket_path(), api::Request::Status))?;
+                runtime()?.block_on(api::query(&state.socket_path(), &state.read_only_socket_path(), api::Request::Status))?;
             if json {
                 out(&serde_json::to_string_pretty(&v)?);
             } else {
@@ -802,7 +830,13 @@ async fn wait_online(state: &StateDir, timeout: Duration, peers: usize) -> anyho
                 } else if peers == 0 {
                     return Ok(());
                 } else {
-                    match api::request(&state.socket_path(), api::Request::Status).await {
+                    match api::query(
+                        &state.socket_path(),
+                        &state.read_only_socket_path(),
+                        api::Request::Status,
+                    )
+                    .await
+                    {
                         Ok(v) => {
                             let answering = v["peers"]
                                 .as_array()

@@ -18,6 +18,10 @@ const RELAYS_FILE: &str = "relays.json";
 /// Present while the controller was last reached over TCP only (its content: `tcp`).
 const TRANSPORT_FILE: &str = "transport";
 const SOCKET_FILE: &str = "mesh.sock";
+const READ_ONLY_SOCKET_FILE: &str = "status.sock";
+/// Mode of a state directory mesh creates: only root lists or writes it, but every user may
+/// reach the read-only socket in it (every file in it is 0600).
+pub const DIR_MODE: u32 = 0o711;
 /// Locked (`flock`) by the running agent, which writes its PID into it.
 const LOCK_FILE: &str = "agent.lock";
 /// Present once the controller said this node is no longer a member: why, as JSON.
@@ -188,7 +192,7 @@ impl StateDir {
         &self.dir
     }
 
-    /// Creates the directory (mode 0700) if it is missing. An existing directory keeps its
+    /// Creates the directory (mode [`DIR_MODE`]) if it is missing. An existing directory keeps its
     /// mode (an admin may open it to a group for `mesh status`, see [`crate::api`]), but one
     /// that every user may write to is refused.
     pub fn create(&self) -> anyhow::Result<()> {
@@ -196,7 +200,7 @@ impl StateDir {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("cannot create state directory {}", self.dir.display()))?;
         }
-        match std::fs::DirBuilder::new().mode(0o700).create(&self.dir) {
+        match std::fs::DirBuilder::new().mode(DIR_MODE).create(&self.dir) {
             Ok(()) => return Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => {
@@ -285,6 +289,11 @@ impl StateDir {
     /// Path of the local API socket.
     pub fn socket_path(&self) -> PathBuf {
         self.dir.join(SOCKET_FILE)
+    }
+
+    /// Path of the read-only local API socket (see [`crate::api::READ_ONLY_SOCKET_MODE`]).
+    pub fn read_only_socket_path(&self) -> PathBuf {
+        self.dir.join(READ_ONLY_SOCKET_FILE)
     }
 
     /// Loads the node key, or generates one (file mode 0600).
@@ -408,6 +417,7 @@ impl StateDir {
             PEERS_FILE,
             RELAYS_FILE,
             SOCKET_FILE,
+            READ_ONLY_SOCKET_FILE,
             TRANSPORT_FILE,
             REMOVED_FILE,
             LOCK_FILE,
@@ -529,7 +539,7 @@ mod tests {
         let tmp = TempDir::new("round-trip");
         let state = StateDir::new(&tmp.0.join("mesh"));
         state.create().unwrap();
-        assert_eq!(mode(state.path()), 0o700);
+        assert_eq!(mode(state.path()), DIR_MODE);
         let key = state.load_or_create_key().unwrap();
         assert_eq!(state.load_key().unwrap(), Some(key));
         assert_eq!(state.load_or_create_key().unwrap(), key, "the key is kept");
