@@ -624,6 +624,7 @@ pub async fn run(
             match output {
                 Output::Event(ev) => on_event(
                     ev,
+                    &node,
                     &mut extra,
                     &extra_in_tx,
                     &mut pings,
@@ -675,6 +676,7 @@ fn birthday_config(budget: Option<u16>) -> mesh_core::BirthdayConfig {
 /// whoever asked, path MTU results go to the daemon.
 fn on_event(
     ev: Event,
+    node: &Node,
     extra: &mut ExtraSockets,
     extra_in: &mpsc::Sender<ExtraDatagram>,
     pings: &mut Vec<PendingPing>,
@@ -706,7 +708,8 @@ fn on_event(
             }
         }
         Event::PathChanged { key, path } => {
-            tracing::info!(peer = %key.short(), %path, "path changed");
+            let name = node.peer_name(&key).unwrap_or("?");
+            tracing::info!(peer = %name, key = %key.short(), %path, "path changed");
         }
         Event::PathMtu {
             address,

@@ -7,6 +7,7 @@ mod control;
 mod daemon;
 mod dataplane;
 mod dial;
+mod handover;
 mod kubeadm;
 mod metrics;
 mod portmap;
@@ -77,11 +78,30 @@ struct DaemonFlags {
     /// --no-port-mapping).
     #[arg(long, overrides_with = "no_port_mapping")]
     port_mapping: bool,
+    /// Run the daemon in this process even where systemd runs mesh.service (by default the
+    /// unit runs it there, and the command returns once the node is online).
+    #[arg(long)]
+    foreground: bool,
+}
+
+impl DaemonFlags {
+    /// Whether any flag only a foreground daemon would apply was given.
+    fn any_run_flag(&self) -> bool {
+        self.port.is_some()
+            || self.mtu.is_some()
+            || self.interface.is_some()
+            || self.metrics_listen.is_some()
+            || self.endpoint_interfaces.is_some()
+            || self.no_port_mapping
+            || self.port_mapping
+    }
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Join a network with a token, then run the daemon in the foreground (as `mesh up`).
+    /// Join a network with a token, then run the daemon: where systemd runs and mesh.service
+    /// is installed, the unit runs it and the command returns once the node is online;
+    /// elsewhere (or with --foreground) it runs in the foreground, as `mesh up`.
     ///
     /// Give the token with --token-file PATH, on standard input (`mesh join -`) or in the
     /// MESH_TOKEN environment variable. The daemon does not keep it: once the node has joined
@@ -111,7 +131,8 @@ enum Command {
         #[arg(long)]
         no_daemon: bool,
     },
-    /// Run the daemon from saved state (after a join), in the foreground.
+    /// Run the daemon from saved state (after a join): through mesh.service where systemd
+    /// runs it (returning once online), else (or with --foreground) in the foreground.
     Up {
         #[command(flatten)]
         daemon: DaemonFlags,
@@ -573,6 +594,49 @@ fn daemon_options(
     })
 }
 
+/// Whether this `mesh join`/`mesh up` hands the daemon to mesh.service (see [`handover`]).
+fn hand_over(
+    cli_state_dir: Option<&PathBuf>,
+    cli_config: Option<&PathBuf>,
+    flags: &DaemonFlags,
+    join: bool,
+) -> bool {
+    handover::decide(
+        handover::Host::detect(),
+        handover::Request {
+            foreground: flags.foreground,
+            default_state_dir: cli_state_dir.is_none(),
+            default_config: cli_config
+                .is_none_or(|c| c.as_path() == std::path::Path::new(config::DEFAULT_PATH)),
+            run_flags: !join && flags.any_run_flag(),
+        },
+    )
+}
+
+/// After the unit was started: waits until the node is online, and says so.
+fn handed_over(state: &StateDir, what: &str) -> anyhow::Result<()> {
+    runtime()?
+        .block_on(wait_online(state, handover::ONLINE_TIMEOUT, 0))
+        .map_err(|e| {
+            e.context(format!(
+                "{} started but the node is not online; see `systemctl status {}` and `journalctl -u {}`",
+                handover::UNIT,
+                handover::UNIT,
+                handover::UNIT
+            ))
+        })?;
+    let m = state.load_membership()?;
+    out(&format!(
+        "{what} network {} as {} with address {}; the agent runs as {} (systemctl status {})",
+        m.network,
+        m.name,
+        m.address,
+        handover::UNIT,
+        handover::UNIT
+    ));
+    Ok(())
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let file = match &cli.config {
         Some(p) => config::FileConfig::load(p, true)?,
@@ -635,7 +699,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     name.name
                 );
             }
-            let opts = daemon_options(state, flags, &file)?;
+            let handing_over = hand_over(cli.state_dir.as_ref(), cli.config.as_ref(), &flags, true);
+            let opts = daemon_options(state.clone(), flags, &file)?;
             let metrics_listen = opts.metrics_listen;
             mesh_service::init_logging(&log);
             // Join and save the state, then close everything (sockets, TUN) so that the daemon
@@ -644,6 +709,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let joined = rt.block_on(daemon::join(opts, token, name, connect_timeout, wait));
             rt.shutdown_timeout(Duration::from_secs(2));
             let m = joined?;
+            if handing_over && !no_daemon {
+                handover::start_after_join()?;
+                return handed_over(&state, "joined");
+            }
             if no_daemon {
                 out(&format!(
                     "joined network {} as {} with address {}; start the agent with `systemctl enable --now mesh` (or `mesh up`)",
@@ -659,6 +728,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ))
         }
         Command::Up { daemon: flags } => {
+            if hand_over(cli.state_dir.as_ref(), cli.config.as_ref(), &flags, false) {
+                // The saved state must be there; the unit's start says nothing about it.
+                state.load_membership()?;
+                handover::start()?;
+                return handed_over(&state, "up in");
+            }
             let opts = daemon_options(state, flags, &file)?;
             mesh_service::init_logging(&log);
             runtime()?.block_on(daemon::up(opts))

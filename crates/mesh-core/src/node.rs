@@ -214,6 +214,11 @@ impl Node {
         self.peers.get(key)?.path.endpoint().map(|e| e.socket)
     }
 
+    /// The name of the peer with this key (for logs), if it is a peer.
+    pub fn peer_name(&self, key: &PublicKey) -> Option<&str> {
+        self.peers.get(key).map(|p| p.config.name.as_str())
+    }
+
     /// This node's public key.
     pub fn public_key(&self) -> PublicKey {
         PublicKey(self.public.to_bytes())
@@ -262,7 +267,7 @@ impl Node {
             refuse_excluded(&self.excluded, &mut config.endpoints);
         if let Some(owner) = self.peers.key_by_address(&config.address) {
             if owner != config.key {
-                tracing::warn!(peer = %config.key, address = %config.address, "address already used by another peer; ignoring");
+                tracing::warn!(peer = %config.name, key = %config.key.short(), address = %config.address, "address already used by another peer; ignoring");
                 return;
             }
         }

@@ -13,6 +13,8 @@ pub use lock::{DirLock, LockError};
 use anyhow::Context as _;
 use serde::de::DeserializeOwned;
 use std::path::Path;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 /// Sets up logging; `default` is the filter when `MESH_LOG` is not set (e.g. "info").
 pub fn init_logging(default: &str) {
@@ -29,10 +31,38 @@ pub fn init_logging(default: &str) {
         .with_target(false);
     // Under systemd, stderr goes to the journal, which stamps every line itself.
     if std::env::var_os("JOURNAL_STREAM").is_some() {
-        builder.without_time().init();
+        builder.without_time().finish().with(quiet_repeats()).init();
     } else {
-        builder.init();
+        builder.finish().with(quiet_repeats()).init();
     }
+}
+
+/// How often one of boringtun's warnings may appear (each says the same thing every 5 s while
+/// a peer does not answer).
+const REPEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A filter that lets each warning of boringtun's through at most once per [`REPEAT_INTERVAL`]
+/// (mesh's own lines are left alone).
+fn quiet_repeats() -> tracing_subscriber::filter::FilterFn<
+    impl Fn(&tracing::Metadata<'_>) -> bool + Send + Sync + 'static,
+> {
+    let last = std::sync::Mutex::new(std::collections::HashMap::new());
+    tracing_subscriber::filter::filter_fn(move |meta| {
+        if !meta.is_event() || !meta.target().starts_with("boringtun") {
+            return true;
+        }
+        let now = std::time::Instant::now();
+        let Ok(mut last) = last.lock() else {
+            return true;
+        };
+        match last.get(&meta.callsite()) {
+            Some(t) if now.saturating_duration_since(*t) < REPEAT_INTERVAL => false,
+            _ => {
+                last.insert(meta.callsite(), now);
+                true
+            }
+        }
+    })
 }
 
 /// Reads the configuration file at `path`. With `explicit` false (the default path, not one

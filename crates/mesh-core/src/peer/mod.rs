@@ -614,7 +614,7 @@ impl Peer {
         let switched = may_switch && self.path.endpoint() != Some(from);
         if switched {
             self.path.switch(from, now);
-            tracing::debug!(peer = %self.config.key, from = %from.addr, socket = %from.socket, "direct path confirmed");
+            tracing::debug!(peer = %self.config.name, key = %self.config.key.short(), from = %from.addr, socket = %from.socket, "direct path confirmed");
             // (While the relay carries the traffic for quality, it goes on doing so.)
             if self.path.sending_direct(cx.out.relay_up).is_some() {
                 cx.out.events.push_back(Event::PathChanged {
@@ -657,7 +657,7 @@ impl Peer {
 
     /// Drops the direct path because it runs through the overlay itself.
     pub(crate) fn drop_path_through_overlay(&mut self, relay_up: bool, cx_events: &mut Ctx<'_>) {
-        tracing::warn!(peer = %self.config.key, "direct path goes through the overlay itself; dropping it");
+        tracing::warn!(peer = %self.config.name, key = %self.config.key.short(), "direct path goes through the overlay itself; dropping it");
         self.path.direct = None;
         self.path.rounds.last = None;
         cx_events.out.events.push_back(Event::PathChanged {
@@ -674,7 +674,12 @@ impl Peer {
         if cx.now < self.wireguard_at {
             return None;
         }
-        match self.session.update_timers(cx.buf) {
+        // boringtun's own warnings (a handshake unanswered, a session gone stale) name no
+        // peer: this span gives them the peer's name.
+        let span = tracing::warn_span!("peer", name = %self.config.name).entered();
+        let result = self.session.update_timers(cx.buf);
+        drop(span);
+        match result {
             Output::Network(bytes) => {
                 let leg = self.path.send(&self.config, bytes, true, cx.now, cx.out);
                 log_sent(&mut self.measure, leg, bytes);
@@ -781,7 +786,7 @@ impl Peer {
         let on_direct = self.path.sending_direct(relay_up).is_some();
         match self.path.poll_direct(relay_up, cx.now) {
             DirectDue::Dead { quiet } => {
-                tracing::debug!(peer = %self.config.key, quiet_ms = quiet.as_millis() as u64, "direct path silent; falling back to the relay");
+                tracing::debug!(peer = %self.config.name, key = %self.config.key.short(), quiet_ms = quiet.as_millis() as u64, "direct path silent; falling back to the relay");
                 self.punch.schedule.reset();
                 if on_direct {
                     cx.out.events.push_back(Event::PathChanged {
@@ -934,7 +939,7 @@ impl Peer {
                             (Path::Direct(endpoint.addr), d.loss)
                         }
                     };
-                    tracing::info!(peer = %self.config.key, name = %self.config.name, %path, direct_loss = ?loss, relay_loss = ?r.loss, "path changed for quality");
+                    tracing::info!(peer = %self.config.name, key = %self.config.key.short(), %path, direct_loss = ?loss, relay_loss = ?r.loss, "path changed for quality");
                     cx.out.events.push_back(Event::PathChanged {
                         key: self.config.key,
                         path,
@@ -1070,7 +1075,7 @@ impl Peer {
         self.probes.reported_mtu = Some(mtu);
         let configured = cx.mtu;
         if mtu < configured {
-            tracing::warn!(peer = %self.config.key, name = %self.config.name, mtu, configured, "path carries smaller packets than the interface MTU");
+            tracing::warn!(peer = %self.config.name, key = %self.config.key.short(), mtu, configured, "path carries smaller packets than the interface MTU");
         }
         cx.out.events.push_back(Event::PathMtu {
             key: self.config.key,
