@@ -292,9 +292,14 @@ fn hostname() -> String {
     }
 }
 
-#[allow(clippy::print_stdout)]
+/// One line on stdout. A closed pipe (`mesh status | grep -q ...`) ends the output quietly
+/// instead of panicking.
 fn out(s: &str) {
-    println!("{s}");
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    if writeln!(stdout, "{s}").is_err() {
+        std::process::exit(0);
+    }
 }
 
 /// One warning line on stderr, in the form of the error lines.
