@@ -359,6 +359,8 @@ fn the_local_api_answers_root_and_its_group_only() {
     assert!(out.stdout.contains(&b.address.to_string()), "{out}");
     let out = as_user(&host.ns, NOBODY, &[], &["ip", "b"], &state);
     assert_eq!(out.stdout.trim(), b.address.to_string(), "{out}");
+    let out = as_user(&host.ns, NOBODY, &[], &["ip"], &state);
+    assert_eq!(out.stdout.trim(), a.address.to_string(), "{out}");
     let out = as_user(&host.ns, NOBODY, &[], &["ping", "b", "-c", "1"], &state);
     assert!(out.success(), "{out}");
     // But changes need root or the group: one line that says so, and nothing on stdout.

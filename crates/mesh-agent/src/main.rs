@@ -786,8 +786,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime()?.block_on(wait_online(&state, timeout, peers))
         }
         Command::Ip { peer: None } => {
-            let m = state.load_membership()?;
-            out(&m.address.to_string());
+            let address = match state.load_membership() {
+                Ok(m) => m.address.to_string(),
+                // node.json is root's: a user asks the running daemon (read-only socket).
+                Err(e) => runtime()?
+                    .block_on(api::query(
+                        &state.socket_path(),
+                        &state.read_only_socket_path(),
+                        api::Request::Status,
+                    ))
+                    .ok()
+                    .and_then(|v| v["node"]["address"].as_str().map(str::to_owned))
+                    .ok_or(e)?,
+            };
+            out(&address);
             Ok(())
         }
         Command::Ip { peer: Some(peer) } => {
