@@ -359,6 +359,7 @@ impl Node {
             }
         }
         peer.last_data = Some(now);
+        peer.sync_clock(&mut cx);
         let woke = peer.wake_wireguard(now);
         if peer.seal_data(packet, &mut cx) {
             // Sent (or, rarely, handed to boringtun's handshake): see the bottom.
@@ -454,6 +455,7 @@ impl Node {
         let mut cx = cx!(self, now);
         match self.peers.get_mut(key) {
             Some(peer) if peer.session.established() => {
+                peer.sync_clock(&mut cx);
                 peer.ping(Purpose::User, &mut cx);
                 self.rearm(key, now);
                 true
@@ -498,6 +500,7 @@ impl Node {
             return;
         };
         let peer = self.peers.at_mut(slot);
+        peer.sync_clock(&mut cx);
         let was_established = peer.session.established();
         let was_busy = self.punching.busy();
         let Received::Authenticated(message) = peer.decapsulate(via, datagram, &mut cx) else {
@@ -601,6 +604,9 @@ impl Node {
                 // On the node's grid (of the idle tick for idle peers), so the ticks of many
                 // peers come in one wake-up, even when this one came late.
                 peer.wireguard_at = snap(self.origin, peer.wireguard_at, every);
+            } else {
+                // Other timers of an idle peer (a keepalive, a probe) hand boringtun packets.
+                peer.sync_clock(&mut cx);
             }
             peer.handshake_timers(&mut cx);
             if peer.session.established() {

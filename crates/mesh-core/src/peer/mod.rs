@@ -674,6 +674,18 @@ impl Peer {
         if cx.now < self.wireguard_at {
             return None;
         }
+        self.run_boringtun_timers(cx);
+        self.idle_tick = !self.wireguard_active(cx.now);
+        if !self.idle_tick {
+            self.wireguard_at = cx.now + crate::node::TICK;
+            return Some(crate::node::TICK);
+        }
+        self.wireguard_at = self.next_session_mark(cx.now);
+        Some(IDLE_WIREGUARD_TICK)
+    }
+
+    /// One run of boringtun's timers; what they send goes by the best path.
+    fn run_boringtun_timers(&mut self, cx: &mut Ctx<'_>) {
         // boringtun's own warnings (a handshake unanswered, a session gone stale) name no
         // peer: this span gives them the peer's name.
         let span = tracing::warn_span!("peer", name = %self.config.name).entered();
@@ -690,13 +702,26 @@ impl Peer {
             }
             _ => {}
         }
-        self.idle_tick = !self.wireguard_active(cx.now);
-        if !self.idle_tick {
-            self.wireguard_at = cx.now + crate::node::TICK;
-            return Some(crate::node::TICK);
+    }
+
+    /// Brings boringtun's clock to now before a packet or a timer of an idle peer reaches it.
+    ///
+    /// boringtun stamps what happens (a new session, a packet sent or received, a handshake
+    /// started) with the time of its last timer run, and an idle peer's timers run only at its
+    /// session marks. Without this, a session made while the peer was idle was stamped up to
+    /// a minute in the past, and its keys expired that much before REJECT_AFTER_TIME, in the
+    /// middle of the traffic that had just started (both sides then wait for a new handshake:
+    /// seconds without a packet).
+    #[inline]
+    pub(crate) fn sync_clock(&mut self, cx: &mut Ctx<'_>) {
+        if self.idle_tick && cx.now < self.wireguard_at {
+            self.sync_idle_clock(cx);
         }
-        self.wireguard_at = self.next_session_mark(cx.now);
-        Some(IDLE_WIREGUARD_TICK)
+    }
+
+    #[cold]
+    fn sync_idle_clock(&mut self, cx: &mut Ctx<'_>) {
+        self.run_boringtun_timers(cx);
     }
 
     /// When boringtun's timers next act on an idle established session: the next of
