@@ -256,6 +256,7 @@ pub async fn join(
             port,
             candidates::Mappings::default(),
         ),
+        exact_name: false,
     };
     tracing::debug!(controller = %token.controller, "joining");
     let target = Target::new(
