@@ -96,6 +96,13 @@ impl StateDir {
         let state = StateDir {
             dir: dir.to_owned(),
         };
+        // A `serve` that has just started holds the lock and is about to create the key.
+        if !state.dir.join(KEY_FILE).exists() && state.locked(Role::Controller) {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !state.dir.join(KEY_FILE).exists() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
         if !state.dir.join(KEY_FILE).exists() {
             if state.dir.join(DB_FILE).exists() {
                 bail!("{}", state.lost_key());
@@ -137,6 +144,17 @@ impl StateDir {
     /// The controller's key file: its identity, which every token and node pins.
     pub fn key_path(&self) -> PathBuf {
         self.dir.join(KEY_FILE)
+    }
+
+    /// Whether a process holds the directory for `role` (creating nothing).
+    fn locked(&self, role: Role) -> bool {
+        let Ok(file) = File::open(self.dir.join(role.lock_file())) else {
+            return false;
+        };
+        matches!(
+            Flock::lock(file, FlockArg::LockSharedNonblock),
+            Err((_, nix::errno::Errno::EWOULDBLOCK))
+        )
     }
 
     /// Takes the directory for `role` for as long as the returned lock lives, or says which

@@ -1,11 +1,16 @@
 //! The controller binary over its life on one machine: who owns a state directory, what admin
 //! commands need, backups. Real processes, traffic on loopback only.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_mesh-controller");
+
+/// A controller key file's contents (base64 of 32 zero bytes).
+const A_KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n";
 
 /// A fresh directory under the system's temp dir, removed on drop.
 struct TempDir(PathBuf);
@@ -50,27 +55,34 @@ fn text(out: &Output) -> String {
     )
 }
 
-/// A `mesh-controller serve` on loopback, killed (by its pid) when dropped, also when the test
-/// fails.
-struct Serve {
+/// A `mesh-controller serve` (or `relay`) on loopback, killed (by its pid) when dropped, also
+/// when the test fails.
+struct Daemon {
     child: Child,
     log: PathBuf,
 }
 
-impl Serve {
-    fn spawn(dir: &Path, log_name: &str) -> Serve {
+impl Daemon {
+    fn spawn(dir: &Path, log_name: &str) -> Daemon {
+        let args = ["serve", "--listen", "127.0.0.1:0", "--listen-tcp", "off"];
+        Daemon::spawn_with(&args, &["--observer-listen", "off"], dir, log_name)
+    }
+
+    /// `mesh-controller ARGS MORE --state-dir DIR`, logging to a file beside DIR.
+    fn spawn_with(args: &[&str], more: &[&str], dir: &Path, log_name: &str) -> Daemon {
         let log = dir.with_extension(format!("{log_name}.log"));
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0", "--listen-tcp", "off"])
-            .args(["--observer-listen", "off", "--state-dir"])
+            .args(args)
+            .args(more)
+            .arg("--state-dir")
             .arg(dir)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
             .unwrap();
-        Serve { child, log }
+        Daemon { child, log }
     }
 
     fn log(&self) -> String {
@@ -120,7 +132,7 @@ impl Serve {
     }
 }
 
-impl Drop for Serve {
+impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -128,12 +140,19 @@ impl Drop for Serve {
     }
 }
 
+/// A `serve` listening in a new state directory: it, the address it listens on, the directory,
+/// and the temporary directory around it (removed after the `serve` is killed).
+fn serving(label: &str) -> (Daemon, String, PathBuf, TempDir) {
+    let tmp = TempDir::new(label);
+    let dir = tmp.0.join("state");
+    let mut serve = Daemon::spawn(&dir, "serve");
+    let addr = serve.wait_listening(&dir);
+    (serve, addr, dir, tmp)
+}
+
 #[test]
 fn a_second_serve_on_one_state_directory_is_refused() {
-    let tmp = TempDir::new("two-serves");
-    let dir = tmp.0.join("state");
-    let mut first = Serve::spawn(&dir, "first");
-    let addr = first.wait_listening(&dir);
+    let (mut first, addr, dir, _tmp) = serving("two-serves");
     assert!(
         first
             .log()
@@ -141,7 +160,7 @@ fn a_second_serve_on_one_state_directory_is_refused() {
         "{}",
         first.log()
     );
-    let mut second = Serve::spawn(&dir, "second");
+    let mut second = Daemon::spawn(&dir, "second");
     let status = second.wait_exit(Duration::from_secs(30));
     let log = second.log();
     assert!(
@@ -214,10 +233,7 @@ fn admin_commands_without_a_controller_are_refused_and_create_nothing() {
 
 #[test]
 fn a_database_without_its_key_is_not_given_a_new_identity() {
-    let tmp = TempDir::new("lost-key");
-    let dir = tmp.0.join("state");
-    let mut serve = Serve::spawn(&dir, "serve");
-    serve.wait_listening(&dir);
+    let (serve, _, dir, _tmp) = serving("lost-key");
     drop(serve);
     std::fs::remove_file(dir.join("controller.key")).unwrap();
     let out = ctl(&dir, &["network", "list"]);
@@ -227,7 +243,7 @@ fn a_database_without_its_key_is_not_given_a_new_identity() {
         "{}",
         text(&out)
     );
-    let mut again = Serve::spawn(&dir, "again");
+    let mut again = Daemon::spawn(&dir, "again");
     let status = again.wait_exit(Duration::from_secs(30));
     assert!(status.is_some_and(|s| !s.success()), "{}", again.log());
     assert!(
@@ -247,11 +263,7 @@ fn processes_opening_a_new_database_at_once_all_succeed() {
     let dir = tmp.0.join("state");
     std::fs::create_dir(&dir).unwrap();
     // A controller whose key exists but whose database does not yet.
-    std::fs::write(
-        dir.join("controller.key"),
-        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n",
-    )
-    .unwrap();
+    std::fs::write(dir.join("controller.key"), A_KEY).unwrap();
     let admins: Vec<Child> = (0..10)
         .map(|_| {
             Command::new(BIN)
@@ -263,7 +275,7 @@ fn processes_opening_a_new_database_at_once_all_succeed() {
                 .unwrap()
         })
         .collect();
-    let mut serve = Serve::spawn(&dir, "serve");
+    let mut serve = Daemon::spawn(&dir, "serve");
     for child in admins {
         let out = child.wait_with_output().unwrap();
         assert!(out.status.success(), "{}", text(&out));
@@ -273,10 +285,7 @@ fn processes_opening_a_new_database_at_once_all_succeed() {
 
 #[test]
 fn tokens_say_where_they_point() {
-    let tmp = TempDir::new("tokens");
-    let dir = tmp.0.join("state");
-    let mut serve = Serve::spawn(&dir, "serve");
-    let addr = serve.wait_listening(&dir);
+    let (_serve, addr, dir, _tmp) = serving("tokens");
     let out = ctl(
         &dir,
         &["network", "create", "prod", "--cidr", "100.64.0.0/24"],
@@ -323,17 +332,22 @@ fn tokens_say_where_they_point() {
     assert!(list.contains(&format!("{addr} (QUIC/UDP)")), "{list}");
     assert!(list.contains("192.0.2.1:443 (TCP)"), "{list}");
     let out = ctl(&dir, &["token", "list", "--json"]);
-    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(rows[1]["controller"], "192.0.2.1:7443");
-    assert_eq!(rows[1]["controller_tcp"], "192.0.2.1:443");
+    // Both made in the same second: their order is the ids'.
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let explicit = rows
+        .iter()
+        .find(|r| r["controller"] == "192.0.2.1:7443")
+        .unwrap_or_else(|| panic!("{rows:?}"));
+    assert_eq!(explicit["controller_tcp"], "192.0.2.1:443");
+    assert!(
+        rows.iter().any(|r| r["controller"] == addr.as_str()),
+        "{rows:?}"
+    );
 }
 
 #[test]
 fn a_backup_taken_while_serving_restores() {
-    let tmp = TempDir::new("backup");
-    let dir = tmp.0.join("state");
-    let mut serve = Serve::spawn(&dir, "serve");
-    serve.wait_listening(&dir);
+    let (mut serve, _, dir, tmp) = serving("backup");
     let out = ctl(
         &dir,
         &["network", "create", "prod", "--cidr", "100.64.0.0/24"],
@@ -370,9 +384,59 @@ fn a_backup_taken_while_serving_restores() {
         let _ = std::fs::remove_file(dir.join(side));
     }
     std::fs::copy(&file, dir.join("controller.db")).unwrap();
-    let mut serve = Serve::spawn(&dir, "restored");
+    let mut serve = Daemon::spawn(&dir, "restored");
     serve.wait_listening(&dir);
     let out = ctl(&dir, &["network", "list"]);
     let list = String::from_utf8_lossy(&out.stdout);
     assert!(list.contains("prod") && !list.contains("later"), "{list}");
+}
+
+/// An admin command run just after `serve` started (as in `serve & network create`) waits for
+/// the controller `serve` is creating instead of refusing.
+#[test]
+fn admin_commands_wait_for_a_serve_that_is_starting() {
+    let tmp = TempDir::new("starting");
+    let dir = tmp.0.join("state");
+    std::fs::create_dir(&dir).unwrap();
+    // What `serve` holds from its first moments, before it has created the key.
+    let file = std::fs::File::create(dir.join("controller.lock")).unwrap();
+    let _lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).unwrap();
+    let admin = Command::new(BIN)
+        .args(["network", "list", "--state-dir"])
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::write(dir.join("controller.key"), A_KEY).unwrap();
+    let out = admin.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+#[test]
+fn a_second_relay_on_one_state_directory_is_refused() {
+    let tmp = TempDir::new("two-relays");
+    let dir = tmp.0.join("relay");
+    let args = ["relay", "--listen", "127.0.0.1:0", "--listen-tcp", "off"];
+    let key = ["--controller-key", A_KEY.trim()];
+    let mut first = Daemon::spawn_with(&args, &key, &dir, "first");
+    // Its pid in the lock file: it holds the directory.
+    let pid = first.child.id().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_to_string(dir.join("relay.lock")).map_or(true, |p| p.trim() != pid) {
+        assert!(first.child.try_wait().unwrap().is_none(), "{}", first.log());
+        assert!(Instant::now() < deadline, "{}", first.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut second = Daemon::spawn_with(&args, &key, &dir, "second");
+    let status = second.wait_exit(Duration::from_secs(30));
+    let log = second.log();
+    assert!(status.is_some_and(|s| !s.success()), "{status:?}: {log}");
+    let expected = format!(
+        "a relay already runs for state directory {} (pid {pid})",
+        dir.display()
+    );
+    assert!(log.contains(&expected), "{log}");
+    assert!(first.child.try_wait().unwrap().is_none(), "{}", first.log());
 }
