@@ -252,13 +252,7 @@ mod tests {
             .unwrap();
         s.create_token(
             "prod",
-            &crate::store::NewToken {
-                id: "t",
-                secret: b"s",
-                reusable: true,
-                expires_at: None,
-                ..Default::default()
-            },
+            &crate::store::NewToken::for_test("t", b"s", true),
             t0,
         )
         .unwrap();

@@ -997,13 +997,7 @@ mod tests {
         store
             .create_token(
                 "prod",
-                &crate::store::NewToken {
-                    id: "tok",
-                    secret: b"secret",
-                    reusable: true,
-                    expires_at: None,
-                    ..Default::default()
-                },
+                &crate::store::NewToken::for_test("tok", b"secret", true),
                 unix_now(),
             )
             .unwrap();

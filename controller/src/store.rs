@@ -160,6 +160,19 @@ pub struct NewToken<'a> {
     pub controller_tcp: Option<&'a str>,
 }
 
+#[cfg(test)]
+impl<'a> NewToken<'a> {
+    /// A token that never expires, with no recorded addresses.
+    pub(crate) fn for_test(id: &'a str, secret: &'a [u8], reusable: bool) -> NewToken<'a> {
+        NewToken {
+            id,
+            secret,
+            reusable,
+            ..NewToken::default()
+        }
+    }
+}
+
 /// A standalone relay as configured.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RelayRow {
@@ -1389,18 +1402,8 @@ mod tests {
         let s = Store::open(&dir.0.join("state.db")).unwrap();
         s.create_network("prod", "100.64.0.0/29".parse().unwrap(), T0)
             .unwrap();
-        s.create_token(
-            "prod",
-            &NewToken {
-                id: "tok1",
-                secret: b"secret",
-                reusable: true,
-                expires_at: None,
-                ..NewToken::default()
-            },
-            T0,
-        )
-        .unwrap();
+        s.create_token("prod", &NewToken::for_test("tok1", b"secret", true), T0)
+            .unwrap();
         (dir, s)
     }
 
@@ -1427,14 +1430,24 @@ mod tests {
     }
 
     fn join(s: &mut Store, n: u8, name: &str) -> Result<Admission, StoreError> {
-        s.join(
-            "tok1",
-            b"secret",
-            &key(n),
-            NameRequest::Preferred(name),
-            Candidates::default(),
-            T0,
-        )
+        join_as(s, n, NameRequest::Preferred(name))
+    }
+
+    fn join_as(s: &mut Store, n: u8, name: NameRequest<'_>) -> Result<Admission, StoreError> {
+        s.join("tok1", b"secret", &key(n), name, Candidates::default(), T0)
+    }
+
+    /// Node `n` (named `n<n>`) joins with this token at `now`.
+    fn join_with(
+        s: &mut Store,
+        token: &str,
+        secret: &[u8],
+        n: u8,
+        now: u64,
+    ) -> Result<Admission, StoreError> {
+        let name = format!("n{n}");
+        let name = NameRequest::Preferred(&name);
+        s.join(token, secret, &key(n), name, Candidates::default(), now)
     }
 
     fn code(r: Result<Admission, StoreError>) -> ErrorCode {
@@ -1500,22 +1513,11 @@ mod tests {
         assert_eq!(join(&mut s, 2, "web").unwrap().name, "web-2");
     }
 
-    fn join_exact(s: &mut Store, n: u8, name: &str) -> Result<Admission, StoreError> {
-        s.join(
-            "tok1",
-            b"secret",
-            &key(n),
-            NameRequest::Exact(name),
-            Candidates::default(),
-            T0,
-        )
-    }
-
     #[test]
     fn a_name_the_user_chose_is_never_changed() {
         let (_d, mut s) = store();
         let web = join(&mut s, 1, "web").unwrap();
-        match join_exact(&mut s, 2, "web") {
+        match join_as(&mut s, 2, NameRequest::Exact("web")) {
             Err(StoreError::Refused { code, message }) => {
                 assert_eq!(code, ErrorCode::NameTaken);
                 let holder = format!("node {} (key {}…)", web.address, &key(1).to_string()[..8]);
@@ -1530,11 +1532,17 @@ mod tests {
         }
         assert_eq!(s.nodes("prod", T0).unwrap().len(), 1, "nothing registered");
         // The holder itself may ask for its own name again, and a free name is given as is.
-        assert_eq!(join_exact(&mut s, 1, "web").unwrap().name, "web");
-        assert_eq!(join_exact(&mut s, 2, "db").unwrap().name, "db");
+        assert_eq!(
+            join_as(&mut s, 1, NameRequest::Exact("web")).unwrap().name,
+            "web"
+        );
+        assert_eq!(
+            join_as(&mut s, 2, NameRequest::Exact("db")).unwrap().name,
+            "db"
+        );
         // Once the holder is removed, the name is free (and its address goes with it).
         s.remove_node("prod", "web", T0).unwrap();
-        let again = join_exact(&mut s, 3, "web").unwrap();
+        let again = join_as(&mut s, 3, NameRequest::Exact("web")).unwrap();
         assert_eq!((again.name.as_str(), again.address), ("web", web.address));
     }
 
@@ -1542,57 +1550,24 @@ mod tests {
     fn token_checks() {
         let (_d, mut s) = store();
         assert_eq!(
-            code(s.join(
-                "tok1",
-                b"wrong",
-                &key(1),
-                NameRequest::Preferred("a"),
-                Candidates::default(),
-                T0
-            )),
+            code(join_with(&mut s, "tok1", b"wrong", 1, T0)),
             ErrorCode::TokenInvalid
         );
         assert_eq!(
-            code(s.join(
-                "nope",
-                b"secret",
-                &key(1),
-                NameRequest::Preferred("a"),
-                Candidates::default(),
-                T0
-            )),
+            code(join_with(&mut s, "nope", b"secret", 1, T0)),
             ErrorCode::TokenInvalid
         );
         s.create_token(
             "prod",
             &NewToken {
-                id: "exp",
-                secret: b"s",
-                reusable: true,
                 expires_at: Some(T0 + 10),
-                ..NewToken::default()
+                ..NewToken::for_test("exp", b"s", true)
             },
             T0,
         )
         .unwrap();
-        assert!(s
-            .join(
-                "exp",
-                b"s",
-                &key(1),
-                NameRequest::Preferred("a"),
-                Candidates::default(),
-                T0 + 9
-            )
-            .is_ok());
-        let r = s.join(
-            "exp",
-            b"s",
-            &key(2),
-            NameRequest::Preferred("b"),
-            Candidates::default(),
-            T0 + 10,
-        );
+        assert!(join_with(&mut s, "exp", b"s", 1, T0 + 9).is_ok());
+        let r = join_with(&mut s, "exp", b"s", 2, T0 + 10);
         match r {
             Err(StoreError::Refused { code, message }) => {
                 assert_eq!(code, ErrorCode::TokenExpired);
@@ -1603,48 +1578,13 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        s.create_token(
-            "prod",
-            &NewToken {
-                id: "one",
-                secret: b"s",
-                reusable: false,
-                expires_at: None,
-                ..NewToken::default()
-            },
-            T0,
-        )
-        .unwrap();
-        assert!(s
-            .join(
-                "one",
-                b"s",
-                &key(3),
-                NameRequest::Preferred("c"),
-                Candidates::default(),
-                T0
-            )
-            .is_ok());
+        s.create_token("prod", &NewToken::for_test("one", b"s", false), T0)
+            .unwrap();
+        assert!(join_with(&mut s, "one", b"s", 3, T0).is_ok());
         // The same node may present it again; another node may not.
-        assert!(s
-            .join(
-                "one",
-                b"s",
-                &key(3),
-                NameRequest::Preferred("c"),
-                Candidates::default(),
-                T0
-            )
-            .is_ok());
+        assert!(join_with(&mut s, "one", b"s", 3, T0).is_ok());
         assert_eq!(
-            code(s.join(
-                "one",
-                b"s",
-                &key(4),
-                NameRequest::Preferred("d"),
-                Candidates::default(),
-                T0
-            )),
+            code(join_with(&mut s, "one", b"s", 4, T0)),
             ErrorCode::TokenUsed
         );
         s.revoke_token("tok1").unwrap();
@@ -1680,16 +1620,7 @@ mod tests {
     #[test]
     fn relays_and_home_relay() {
         let (_d, mut s) = store();
-        let a = s
-            .join(
-                "tok1",
-                b"secret",
-                &key(1),
-                NameRequest::Preferred("a"),
-                Candidates::default(),
-                T0,
-            )
-            .unwrap();
+        let a = join(&mut s, 1, "a").unwrap();
         s.add_relay(
             "eu-1",
             "192.0.2.10:7444",
@@ -1818,27 +1749,9 @@ mod tests {
             let mut s = Store::open(&path).unwrap();
             s.create_network("prod", "100.64.0.0/29".parse().unwrap(), T0)
                 .unwrap();
-            s.create_token(
-                "prod",
-                &NewToken {
-                    id: "tok1",
-                    secret: b"secret",
-                    reusable: true,
-                    expires_at: None,
-                    ..NewToken::default()
-                },
-                T0,
-            )
-            .unwrap();
-            s.join(
-                "tok1",
-                b"secret",
-                &key(1),
-                NameRequest::Preferred("a"),
-                Candidates::default(),
-                T0,
-            )
-            .unwrap();
+            s.create_token("prod", &NewToken::for_test("tok1", b"secret", true), T0)
+                .unwrap();
+            join(&mut s, 1, "a").unwrap();
             // What an older controller stored: observed first, then reported; no column.
             s.conn
                 .execute_batch(
