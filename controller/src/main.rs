@@ -3,8 +3,8 @@
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 use mesh_controller::server::TcpListen;
-use mesh_controller::state::{public_of, unix_now, StateDir};
-use mesh_controller::store::{rfc3339, Cidr};
+use mesh_controller::state::{public_of, unix_now, Role, StateDir};
+use mesh_controller::store::{rfc3339, Cidr, NewToken};
 use mesh_proto::token::JoinToken;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -79,6 +79,15 @@ enum Command {
     },
     /// Print the controller's public key (what a standalone relay needs).
     Key,
+    /// Copy the controller's database to FILE, also while `serve` runs (SQLite's online
+    /// backup). Back up controller.key too: it is the identity every token and node pins.
+    Backup {
+        /// Where to write the copy (mode 0600).
+        file: PathBuf,
+        /// Replace FILE if it exists.
+        #[arg(long)]
+        force: bool,
+    },
     /// Manage the standalone relays (regions) nodes may use besides the controller's own.
     #[command(subcommand)]
     Region(RegionCmd),
@@ -306,7 +315,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .state_dir
         .or(file.state_dir.clone())
         .unwrap_or_else(|| PathBuf::from(default_dir));
-    let state = StateDir::open(&state_dir)?;
+    // Only `serve` creates a controller, and `relay` its own key; admin commands need one.
+    let state = match cli.command {
+        Command::Serve { .. } | Command::Relay { .. } => StateDir::open(&state_dir)?,
+        _ => StateDir::existing(&state_dir)?,
+    };
     match cli.command {
         Command::Relay {
             listen,
@@ -336,6 +349,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 None => parse_metrics_listen(file.metrics_listen.as_deref())?,
             };
             mesh_service::init_logging(file.log.as_deref().unwrap_or("info"));
+            let _lock = state.lock(Role::Relay)?;
             let rt = tokio::runtime::Runtime::new()?;
             let listen_tcp =
                 parse_listen_tcp(listen_tcp.as_deref().or(file.listen_tcp.as_deref()), listen)?;
@@ -380,6 +394,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Key => {
             out(&state.controller_public()?.to_string());
+            Ok(())
+        }
+        Command::Backup { file, force } => {
+            if !force && std::fs::symlink_metadata(&file).is_ok() {
+                bail!(
+                    "{} exists; pass --force to replace it, or choose another file",
+                    file.display()
+                );
+            }
+            let summary = state.open_store()?.backup_to(&file)?;
+            out(&format!(
+                "wrote {} ({} bytes: {} networks, {} nodes)",
+                file.display(),
+                summary.bytes,
+                summary.networks,
+                summary.nodes
+            ));
+            out(&format!(
+                "back up {} too: it is the controller's identity, pinned in every token; without it every node must join again",
+                state.key_path().display()
+            ));
             Ok(())
         }
         Command::Region(RegionCmd::Add {
@@ -440,6 +475,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 None => parse_metrics_listen(file.metrics_listen.as_deref())?,
             };
             mesh_service::init_logging(file.log.as_deref().unwrap_or("info"));
+            // Held until `serve` returns: a second `serve` here would overwrite listen.addr.
+            let _lock = state.lock(Role::Controller)?;
+            if state.init_controller()? {
+                tracing::info!(
+                    "created a new controller in {} (key {})",
+                    state.path().display(),
+                    state.controller_public()?
+                );
+            }
             let rt = tokio::runtime::Runtime::new()?;
             let observer = parse_observer_listen(
                 observer_listen
@@ -559,9 +603,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let id = mesh_proto::hex::encode(&id_bytes);
             let mut secret = [0u8; 32];
             rand::RngCore::fill_bytes(&mut rng, &mut secret);
-            state
-                .open_store()?
-                .create_token(&network, &id, &secret, reusable, expires_at, now)?;
+            let record = NewToken {
+                id: &id,
+                secret: &secret,
+                reusable,
+                expires_at,
+                controller: Some(&controller),
+                controller_tcp: controller_tcp.as_deref(),
+            };
+            state.open_store()?.create_token(&network, &record, now)?;
+            let points_at = token_addresses(&controller, controller_tcp.as_deref());
             let token = JoinToken {
                 controller,
                 controller_key: state.controller_public()?,
@@ -574,7 +625,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let until = expires_at.map_or("never expires".to_owned(), |e| {
                 format!("expires {}", rfc3339(e))
             });
+            // The token alone goes to stdout, for scripts; what it is, to stderr.
             eprintln!("{what} token {id} for network {network}, {until}");
+            eprintln!("nodes that use it dial the controller at {points_at}");
             Ok(())
         }
         Command::Token(TokenCmd::List { json }) => {
@@ -583,7 +636,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 out(&serde_json::to_string_pretty(&rows)?);
             } else {
                 out(&format!(
-                    "{:<10} {:<16} {:<9} {:<32} {:<8} {:>5}",
+                    "{:<10} {:<16} {:<9} {:<32} {:<8} {:>5} CONTROLLER",
                     "ID", "NETWORK", "REUSABLE", "EXPIRES", "REVOKED", "USES"
                 ));
                 // Same fixed-width RFC 3339 form as the rows, so the strings compare as times.
@@ -594,8 +647,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         Some(e) if e <= now.as_str() => format!("{e} (expired)"),
                         Some(e) => e.to_owned(),
                     };
+                    // Tokens made before addresses were recorded: not known.
+                    let points_at = r.controller.as_deref().map_or("-".to_owned(), |c| {
+                        token_addresses(c, r.controller_tcp.as_deref())
+                    });
                     out(&format!(
-                        "{:<10} {:<16} {:<9} {:<32} {:<8} {:>5}",
+                        "{:<10} {:<16} {:<9} {:<32} {:<8} {:>5} {points_at}",
                         r.id, r.network, r.reusable, expires, r.revoked, r.uses
                     ));
                 }
@@ -638,6 +695,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             out(&format!("removed node {name} from network {network}"));
             Ok(())
         }
+    }
+}
+
+/// Where a token points nodes: "ADDR (QUIC/UDP)" and ", TCP_ADDR (TCP)" when it has one.
+fn token_addresses(controller: &str, tcp: Option<&str>) -> String {
+    match tcp {
+        Some(tcp) => format!("{controller} (QUIC/UDP), {tcp} (TCP)"),
+        None => format!("{controller} (QUIC/UDP)"),
     }
 }
 

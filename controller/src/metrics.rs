@@ -250,13 +250,18 @@ mod tests {
         let t0 = 1_800_000_000;
         s.create_network("prod", "100.64.0.0/16".parse().unwrap(), t0)
             .unwrap();
-        s.create_token("prod", "t", b"s", true, None, t0).unwrap();
+        s.create_token(
+            "prod",
+            &crate::store::NewToken::for_test("t", b"s", true),
+            t0,
+        )
+        .unwrap();
         let a = s
             .join(
                 "t",
                 b"s",
                 &mesh_proto::PublicKey([1; 32]),
-                "a",
+                crate::store::NameRequest::Preferred("a"),
                 crate::store::Candidates::default(),
                 t0,
             )
@@ -265,7 +270,7 @@ mod tests {
             "t",
             b"s",
             &mesh_proto::PublicKey([2; 32]),
-            "b",
+            crate::store::NameRequest::Preferred("b"),
             crate::store::Candidates::default(),
             t0,
         )

@@ -13,7 +13,7 @@
 
 use crate::netmap::{self, PeerMap};
 use crate::state::{unix_now, StateDir};
-use crate::store::{Admission, Candidates, NodeReport, RelayRow, StoreError};
+use crate::store::{Admission, Candidates, NameRequest, NodeReport, RelayRow, StoreError};
 use anyhow::Context as _;
 use mesh_control::quic::{Gate, ServerLimits, Slot};
 use mesh_control::{channel, quic, tcp, Link};
@@ -415,7 +415,8 @@ pub async fn serve_with(
     if let Some(tcp) = tcp {
         info!(%tcp, "listening on TCP too (TLS, for nodes whose UDP is blocked)");
     }
-    state.write_listen_addr(listen)?;
+    // The bound address: with port 0 the kernel chose one, and tokens must carry it.
+    state.write_listen_addr(controller.local_addr().unwrap_or(listen))?;
     state.write_listen_tcp_addr(tcp)?;
     if let Some(addr) = metrics_listen {
         std::net::TcpListener::bind(addr)
@@ -536,12 +537,17 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
             token_secret,
             name,
             endpoints,
+            exact_name,
         })) => match mesh_proto::hex::decode(&token_secret) {
             Some(secret) => lock(&ctx).join(
                 &token_id,
                 &secret,
                 &key,
-                &name,
+                if exact_name {
+                    NameRequest::Exact(&name)
+                } else {
+                    NameRequest::Preferred(&name)
+                },
                 Candidates {
                     reported: &endpoints,
                     observed,
@@ -989,7 +995,11 @@ mod tests {
             .create_network("prod", "100.64.0.0/16".parse().unwrap(), unix_now())
             .unwrap();
         store
-            .create_token("prod", "tok", b"secret", true, None, unix_now())
+            .create_token(
+                "prod",
+                &crate::store::NewToken::for_test("tok", b"secret", true),
+                unix_now(),
+            )
             .unwrap();
         let controller = Controller::bind(
             &state,
@@ -1036,6 +1046,7 @@ mod tests {
             token_secret: mesh_proto::hex::encode(b"secret"),
             name: format!("n{seed}"),
             endpoints,
+            exact_name: false,
         };
         tx.send(&msg.encode()).await.unwrap();
         let welcome = decode_server(&rx.recv().await.unwrap()).unwrap();

@@ -1,11 +1,18 @@
 //! The controller's state directory: its key, its database, the address it listens on.
+//!
+//! One directory holds one controller, and one `serve` owns it at a time ([`StateDir::lock`]).
+//! Only `serve` creates a controller ([`StateDir::init_controller`]); admin commands open an
+//! existing one ([`StateDir::existing`]) so that a mistyped `--state-dir` never mints a new
+//! controller identity.
 
 use crate::store::Store;
-use anyhow::Context as _;
+use anyhow::{bail, Context as _};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use mesh_proto::PublicKey;
-use std::io::Write;
+use nix::fcntl::{Flock, FlockArg};
+use std::fs::File;
+use std::io::{Read as _, Write};
 use std::net::SocketAddr;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -16,6 +23,40 @@ const RELAY_KEY_FILE: &str = "relay.key";
 const DB_FILE: &str = "controller.db";
 const ADDR_FILE: &str = "listen.addr";
 const TCP_ADDR_FILE: &str = "listen-tcp.addr";
+const LOCK_FILE: &str = "controller.lock";
+const RELAY_LOCK_FILE: &str = "relay.lock";
+
+/// Which long-running process owns a state directory (see [`StateDir::lock`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `mesh-controller serve`.
+    Controller,
+    /// `mesh-controller relay`.
+    Relay,
+}
+
+impl Role {
+    fn lock_file(self) -> &'static str {
+        match self {
+            Role::Controller => LOCK_FILE,
+            Role::Relay => RELAY_LOCK_FILE,
+        }
+    }
+
+    fn noun(self) -> &'static str {
+        match self {
+            Role::Controller => "controller",
+            Role::Relay => "relay",
+        }
+    }
+}
+
+/// An exclusive `flock` on a state directory's lock file (which holds the owner's pid); the
+/// directory is this process's until the lock is dropped or the process ends.
+#[derive(Debug)]
+pub struct DirLock {
+    _lock: Flock<File>,
+}
 
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
@@ -46,6 +87,110 @@ impl StateDir {
         Ok(StateDir {
             dir: dir.to_owned(),
         })
+    }
+
+    /// An existing controller's directory, for admin commands: refuses a directory without
+    /// `controller.key` (creating nothing, not even the directory), so that a mistyped
+    /// `--state-dir` never mints a new controller identity.
+    pub fn existing(dir: &Path) -> anyhow::Result<StateDir> {
+        let state = StateDir {
+            dir: dir.to_owned(),
+        };
+        // A `serve` that has just started holds the lock and is about to create the key.
+        if !state.dir.join(KEY_FILE).exists() && state.locked(Role::Controller) {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !state.dir.join(KEY_FILE).exists() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+        if !state.dir.join(KEY_FILE).exists() {
+            if state.dir.join(DB_FILE).exists() {
+                bail!("{}", state.lost_key());
+            }
+            bail!(
+                "no controller in {dir}: start one with `mesh-controller serve --state-dir {dir}`, or pass the right --state-dir",
+                dir = dir.display()
+            );
+        }
+        Ok(state)
+    }
+
+    /// For `serve`: creates the controller's key if the directory has none yet; whether it did.
+    /// Refuses a database without its key: every token and node of that controller pins the
+    /// lost key, so a new one would lock them all out.
+    pub fn init_controller(&self) -> anyhow::Result<bool> {
+        if self.dir.join(KEY_FILE).exists() {
+            return Ok(false);
+        }
+        if self.dir.join(DB_FILE).exists() {
+            bail!("{}", self.lost_key());
+        }
+        self.controller_key()?;
+        Ok(true)
+    }
+
+    fn lost_key(&self) -> String {
+        format!(
+            "{dir} holds {DB_FILE} but no {KEY_FILE}: restore {KEY_FILE} from your backup (every token and node pins it), or move {DB_FILE} away to start a new controller",
+            dir = self.dir.display()
+        )
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The controller's key file: its identity, which every token and node pins.
+    pub fn key_path(&self) -> PathBuf {
+        self.dir.join(KEY_FILE)
+    }
+
+    /// Whether a process holds the directory for `role` (creating nothing).
+    fn locked(&self, role: Role) -> bool {
+        let Ok(file) = File::open(self.dir.join(role.lock_file())) else {
+            return false;
+        };
+        matches!(
+            Flock::lock(file, FlockArg::LockSharedNonblock),
+            Err((_, nix::errno::Errno::EWOULDBLOCK))
+        )
+    }
+
+    /// Takes the directory for `role` for as long as the returned lock lives, or says which
+    /// process holds it. Admin commands take no lock: they share the database with `serve`.
+    pub fn lock(&self, role: Role) -> anyhow::Result<DirLock> {
+        let path = self.dir.join(role.lock_file());
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("cannot open lock file {}", path.display()))?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => {
+                let mut f: &File = &lock;
+                f.set_len(0)?;
+                writeln!(f, "{}", std::process::id())?;
+                Ok(DirLock { _lock: lock })
+            }
+            Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+                let mut pid = String::new();
+                let _ = file.read_to_string(&mut pid);
+                let pid = match pid.trim() {
+                    "" => "unknown".to_owned(),
+                    p => p.to_owned(),
+                };
+                bail!(
+                    "a {} already runs for state directory {} (pid {pid}); stop it first, or give this one another --state-dir",
+                    role.noun(),
+                    self.dir.display()
+                )
+            }
+            Err((_, e)) => Err(e).with_context(|| format!("cannot lock {}", path.display())),
+        }
     }
 
     /// Opens the database.

@@ -136,6 +136,41 @@ pub struct TokenRow {
     pub revoked: bool,
     /// How many joins used it.
     pub uses: u64,
+    /// The controller address (QUIC over UDP) the token embeds; `None` for tokens made before
+    /// addresses were recorded.
+    pub controller: Option<String>,
+    /// The controller's TCP address the token embeds, if any.
+    pub controller_tcp: Option<String>,
+}
+
+/// A join token to record; the caller generated `id` and `secret` (stored hashed).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NewToken<'a> {
+    /// Token id (stored in clear).
+    pub id: &'a str,
+    /// Token secret.
+    pub secret: &'a [u8],
+    /// Whether several nodes may use it.
+    pub reusable: bool,
+    /// Unix seconds it expires at, if ever.
+    pub expires_at: Option<u64>,
+    /// The controller address it embeds (shown by `token list`).
+    pub controller: Option<&'a str>,
+    /// The controller TCP address it embeds, if any.
+    pub controller_tcp: Option<&'a str>,
+}
+
+#[cfg(test)]
+impl<'a> NewToken<'a> {
+    /// A token that never expires, with no recorded addresses.
+    pub(crate) fn for_test(id: &'a str, secret: &'a [u8], reusable: bool) -> NewToken<'a> {
+        NewToken {
+            id,
+            secret,
+            reusable,
+            ..NewToken::default()
+        }
+    }
 }
 
 /// A standalone relay as configured.
@@ -231,94 +266,13 @@ impl Store {
 
     fn open_once(path: &Path) -> Result<Store, StoreError> {
         restrict_mode(path)?;
-        let conn = Connection::open(path)?;
+        let mut conn = Connection::open(path)?;
+        // Another process may hold the write lock (a migration, a join): wait for it.
         conn.busy_timeout(Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS networks (
-                id INTEGER PRIMARY KEY,
-                name TEXT NOT NULL UNIQUE,
-                network INTEGER NOT NULL,
-                prefix_len INTEGER NOT NULL,
-                created_at INTEGER NOT NULL
-            );
-            CREATE TABLE IF NOT EXISTS tokens (
-                id TEXT PRIMARY KEY,
-                network_id INTEGER NOT NULL REFERENCES networks(id) ON DELETE CASCADE,
-                secret_hash BLOB NOT NULL,
-                reusable INTEGER NOT NULL,
-                expires_at INTEGER,
-                revoked INTEGER NOT NULL DEFAULT 0,
-                uses INTEGER NOT NULL DEFAULT 0,
-                created_at INTEGER NOT NULL
-            );
-            CREATE TABLE IF NOT EXISTS nodes (
-                id INTEGER PRIMARY KEY,
-                network_id INTEGER NOT NULL REFERENCES networks(id) ON DELETE CASCADE,
-                key TEXT NOT NULL,
-                name TEXT NOT NULL,
-                address INTEGER NOT NULL,
-                endpoints TEXT NOT NULL DEFAULT '[]',
-                last_seen INTEGER,
-                connected INTEGER NOT NULL DEFAULT 0,
-                removed_at INTEGER,
-                created_at INTEGER NOT NULL,
-                UNIQUE (network_id, key),
-                UNIQUE (network_id, address)
-            );
-            CREATE TABLE IF NOT EXISTS relays (
-                name TEXT PRIMARY KEY,
-                addr TEXT NOT NULL,
-                key TEXT NOT NULL,
-                created_at INTEGER NOT NULL
-            );",
-        )?;
-        // Added after the first release: the standalone relay a node keeps as its home.
-        let has_home: bool = conn
-            .prepare("SELECT 1 FROM pragma_table_info('nodes') WHERE name = 'home_relay'")?
-            .exists([])?;
-        if !has_home {
-            conn.execute_batch("ALTER TABLE nodes ADD COLUMN home_relay TEXT")?;
-        }
-        // Added with the reflection rule: the address the controller saw the node's control
-        // connection come from, apart from what the node reported. Older databases kept it as
-        // the first endpoint.
-        let has_observed: bool = conn
-            .prepare("SELECT 1 FROM pragma_table_info('nodes') WHERE name = 'observed'")?
-            .exists([])?;
-        if !has_observed {
-            conn.execute_batch(
-                "BEGIN IMMEDIATE;
-                 ALTER TABLE nodes ADD COLUMN observed TEXT;
-                 UPDATE nodes SET observed = json_extract(endpoints, '$[0]'),
-                     endpoints = COALESCE((SELECT json_group_array(value) FROM json_each(nodes.endpoints) WHERE key > 0), '[]')
-                     WHERE json_valid(endpoints) AND json_array_length(endpoints) > 0;
-                 COMMIT;",
-            )?;
-        }
-        // Added with NAT kinds: what the node found out about its own NAT.
-        let has_nat: bool = conn
-            .prepare("SELECT 1 FROM pragma_table_info('nodes') WHERE name = 'nat'")?
-            .exists([])?;
-        if !has_nat {
-            conn.execute_batch("ALTER TABLE nodes ADD COLUMN nat TEXT")?;
-        }
-        // Added with the network's birthday budget (NULL: the nodes' default).
-        let has_budget: bool = conn
-            .prepare("SELECT 1 FROM pragma_table_info('networks') WHERE name = 'birthday_budget'")?
-            .exists([])?;
-        if !has_budget {
-            conn.execute_batch("ALTER TABLE networks ADD COLUMN birthday_budget INTEGER")?;
-        }
-        // Added with the TCP transport: where a relay listens on TCP (NULL: it does not say).
-        let has_relay_tcp: bool = conn
-            .prepare("SELECT 1 FROM pragma_table_info('relays') WHERE name = 'tcp_addr'")?
-            .exists([])?;
-        if !has_relay_tcp {
-            conn.execute_batch("ALTER TABLE relays ADD COLUMN tcp_addr TEXT")?;
-        }
+        migrate(&mut conn)?;
         // SQLite creates -wal and -shm with the database file's mode; older versions of this
         // controller left them readable by all.
         for suffix in ["-wal", "-shm"] {
@@ -327,6 +281,30 @@ impl Store {
             fix_mode(Path::new(&side))?;
         }
         Ok(Store { conn })
+    }
+
+    /// Copies the database to `dest` while other connections (a running `serve`) keep using
+    /// it, with SQLite's online backup API: into a temporary file beside `dest` (mode 0600),
+    /// which then replaces `dest`. The copy is a single file (no `-wal` beside it), ready to be
+    /// put back as `controller.db`.
+    pub fn backup_to(&self, dest: &Path) -> Result<BackupSummary, StoreError> {
+        let file_name = dest
+            .file_name()
+            .ok_or_else(|| StoreError::Invalid(format!("{} is not a file name", dest.display())))?;
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(file_name);
+        tmp_name.push(format!(".tmp-{}", std::process::id()));
+        let tmp = dest.with_file_name(tmp_name);
+        let written = copy_into(&self.conn, &tmp).and_then(|summary| {
+            std::fs::rename(&tmp, dest).map_err(|e| {
+                StoreError::Invalid(format!("cannot write {}: {e}", dest.display()))
+            })?;
+            Ok(summary)
+        });
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written
     }
 
     /// Rows changed by this connection since it opened (SQLite `total_changes`).
@@ -440,27 +418,27 @@ impl Store {
             })
     }
 
-    /// Creates a token; returns its id. The caller generated `id` and `secret`.
+    /// Records a token for `network`.
     pub fn create_token(
         &self,
         network: &str,
-        id: &str,
-        secret: &[u8],
-        reusable: bool,
-        expires_at: Option<u64>,
+        token: &NewToken<'_>,
         now: u64,
     ) -> Result<(), StoreError> {
         let (network_id, _) = self.network(network)?;
         self.conn.execute(
-            "INSERT INTO tokens (id, network_id, secret_hash, reusable, expires_at, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO tokens (id, network_id, secret_hash, reusable, expires_at, created_at,
+                 controller, controller_tcp)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
-                id,
+                token.id,
                 network_id,
-                hash_secret(secret),
-                reusable,
-                expires_at.map(|e| e as i64),
-                now as i64
+                hash_secret(token.secret),
+                token.reusable,
+                token.expires_at.map(|e| e as i64),
+                now as i64,
+                token.controller,
+                token.controller_tcp,
             ],
         )?;
         Ok(())
@@ -469,7 +447,8 @@ impl Store {
     /// Lists tokens.
     pub fn tokens(&self) -> Result<Vec<TokenRow>, StoreError> {
         let mut st = self.conn.prepare(
-            "SELECT t.id, n.name, t.reusable, t.expires_at, t.revoked, t.uses
+            "SELECT t.id, n.name, t.reusable, t.expires_at, t.revoked, t.uses, t.controller,
+                    t.controller_tcp
              FROM tokens t JOIN networks n ON n.id = t.network_id ORDER BY t.created_at, t.id",
         )?;
         let rows = st.query_map([], |r| {
@@ -480,6 +459,8 @@ impl Store {
                 expires_at: r.get::<_, Option<i64>>(3)?.map(|e| rfc3339(e as u64)),
                 revoked: r.get(4)?,
                 uses: r.get::<_, i64>(5)? as u64,
+                controller: r.get(6)?,
+                controller_tcp: r.get(7)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -504,7 +485,7 @@ impl Store {
         token_id: &str,
         secret: &[u8],
         key: &PublicKey,
-        name: &str,
+        name: NameRequest<'_>,
         seen: Candidates<'_>,
         now: u64,
     ) -> Result<Admission, StoreError> {
@@ -953,6 +934,197 @@ impl Store {
     }
 }
 
+/// What [`Store::backup_to`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackupSummary {
+    /// Size of the copy.
+    pub bytes: u64,
+    /// Networks in it.
+    pub networks: u64,
+    /// Live nodes in it.
+    pub nodes: u64,
+}
+
+/// The backup proper: `from` into a new file at `path`, which is left complete and synced.
+fn copy_into(from: &Connection, path: &Path) -> Result<BackupSummary, StoreError> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| StoreError::Invalid(format!("cannot create {}: {e}", path.display())))?;
+    let mut to = Connection::open(path)?;
+    {
+        let backup = rusqlite::backup::Backup::new(from, &mut to)?;
+        // All pages in one step, under one read transaction: in WAL mode it does not hold up
+        // `serve`'s writes, and a copy made in steps would restart at each of them.
+        let mut waits = 0;
+        loop {
+            match backup.step(-1)? {
+                rusqlite::backup::StepResult::Done => break,
+                rusqlite::backup::StepResult::More => {}
+                _ if waits < 100 => {
+                    waits += 1;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                _ => {
+                    return Err(StoreError::Invalid(
+                        "the database stayed busy for 10 s; try the backup again".into(),
+                    ))
+                }
+            }
+        }
+    }
+    // A self-contained file: the copy took the source's WAL mode.
+    to.pragma_update(None, "journal_mode", "DELETE")?;
+    let (networks, nodes) = to.query_row(
+        "SELECT (SELECT COUNT(*) FROM networks),
+                (SELECT COUNT(*) FROM nodes WHERE removed_at IS NULL)",
+        [],
+        |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+    )?;
+    to.close().map_err(|(_, e)| e)?;
+    let file = std::fs::File::open(path)
+        .map_err(|e| StoreError::Invalid(format!("cannot read {}: {e}", path.display())))?;
+    let synced = file.sync_all().and_then(|()| file.metadata());
+    let bytes = synced
+        .map_err(|e| StoreError::Invalid(format!("cannot sync {}: {e}", path.display())))?
+        .len();
+    Ok(BackupSummary {
+        bytes,
+        networks,
+        nodes,
+    })
+}
+
+/// The schema this version of the controller writes, kept in SQLite's `user_version`. Raise it
+/// with every change to the schema, and add the change to [`migrate`].
+const SCHEMA_VERSION: i64 = 2;
+
+/// Brings the schema up to [`SCHEMA_VERSION`] in one `BEGIN IMMEDIATE` transaction: the version
+/// is read under the write lock, so of several processes opening one database at once (`serve`
+/// and an admin command) exactly one migrates and the others wait, then find nothing to do.
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version == SCHEMA_VERSION {
+        return Ok(());
+    }
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::Invalid(format!(
+            "the database has schema version {version}, written by a newer mesh-controller (this one knows {SCHEMA_VERSION}); run the newer version, or restore a backup taken before the upgrade"
+        )));
+    }
+    if version == SCHEMA_VERSION {
+        return Ok(());
+    }
+    // Version 0 is every database before versions were kept: whatever subset of the columns
+    // below it has, each step adds what is missing.
+    if version < 1 {
+        tx.execute_batch(
+            "CREATE TABLE IF NOT EXISTS networks (
+                id INTEGER PRIMARY KEY,
+                name TEXT NOT NULL UNIQUE,
+                network INTEGER NOT NULL,
+                prefix_len INTEGER NOT NULL,
+                created_at INTEGER NOT NULL
+            );
+            CREATE TABLE IF NOT EXISTS tokens (
+                id TEXT PRIMARY KEY,
+                network_id INTEGER NOT NULL REFERENCES networks(id) ON DELETE CASCADE,
+                secret_hash BLOB NOT NULL,
+                reusable INTEGER NOT NULL,
+                expires_at INTEGER,
+                revoked INTEGER NOT NULL DEFAULT 0,
+                uses INTEGER NOT NULL DEFAULT 0,
+                created_at INTEGER NOT NULL
+            );
+            CREATE TABLE IF NOT EXISTS nodes (
+                id INTEGER PRIMARY KEY,
+                network_id INTEGER NOT NULL REFERENCES networks(id) ON DELETE CASCADE,
+                key TEXT NOT NULL,
+                name TEXT NOT NULL,
+                address INTEGER NOT NULL,
+                endpoints TEXT NOT NULL DEFAULT '[]',
+                last_seen INTEGER,
+                connected INTEGER NOT NULL DEFAULT 0,
+                removed_at INTEGER,
+                created_at INTEGER NOT NULL,
+                UNIQUE (network_id, key),
+                UNIQUE (network_id, address)
+            );
+            CREATE TABLE IF NOT EXISTS relays (
+                name TEXT PRIMARY KEY,
+                addr TEXT NOT NULL,
+                key TEXT NOT NULL,
+                created_at INTEGER NOT NULL
+            );",
+        )?;
+        // The standalone relay a node keeps as its home.
+        add_column(&tx, "nodes", "home_relay", "TEXT")?;
+        // The address the controller saw the node's control connection come from, apart from
+        // what the node reported. Older databases kept it as the first endpoint.
+        if add_column(&tx, "nodes", "observed", "TEXT")? {
+            tx.execute_batch(
+                "UPDATE nodes SET observed = json_extract(endpoints, '$[0]'),
+                     endpoints = COALESCE((SELECT json_group_array(value) FROM json_each(nodes.endpoints) WHERE key > 0), '[]')
+                     WHERE json_valid(endpoints) AND json_array_length(endpoints) > 0;",
+            )?;
+        }
+        // What the node found out about its own NAT.
+        add_column(&tx, "nodes", "nat", "TEXT")?;
+        // The network's birthday budget (NULL: the nodes' default).
+        add_column(&tx, "networks", "birthday_budget", "INTEGER")?;
+        // Where a relay listens on TCP (NULL: it does not say).
+        add_column(&tx, "relays", "tcp_addr", "TEXT")?;
+    }
+    if version < 2 {
+        // The controller addresses a token embeds, for `token list` (NULL: an older token).
+        add_column(&tx, "tokens", "controller", "TEXT")?;
+        add_column(&tx, "tokens", "controller_tcp", "TEXT")?;
+    }
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Adds `column` to `table` unless it is there; whether it was added.
+fn add_column(
+    tx: &rusqlite::Transaction<'_>,
+    table: &str,
+    column: &str,
+    decl: &str,
+) -> Result<bool, StoreError> {
+    let has: bool = tx
+        .prepare("SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2")?
+        .exists(params![table, column])?;
+    if !has {
+        tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+    }
+    Ok(!has)
+}
+
+/// The name a joining node asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NameRequest<'a> {
+    /// A default (the node's hostname): when another live node holds it, the node is
+    /// registered as `name-2`, `name-3`... and learns its name from the welcome.
+    Preferred(&'a str),
+    /// Chosen by the user (`mesh join --name`): when another live node holds it, the join is
+    /// refused with [`ErrorCode::NameTaken`], naming the holder.
+    Exact(&'a str),
+}
+
+impl<'a> NameRequest<'a> {
+    /// The name asked for.
+    pub fn name(self) -> &'a str {
+        match self {
+            NameRequest::Preferred(n) | NameRequest::Exact(n) => n,
+        }
+    }
+}
+
 /// Where a node says it can be reached, and where its connection comes from (join, hello).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Candidates<'a> {
@@ -1044,10 +1216,11 @@ fn admit(
     tx: &rusqlite::Transaction<'_>,
     network_id: i64,
     key: &PublicKey,
-    requested_name: &str,
+    request: NameRequest<'_>,
     seen: Candidates<'_>,
     now: u64,
 ) -> Result<Admission, StoreError> {
+    let requested_name = request.name();
     let (network_name, net, prefix_len): (String, u32, u8) = tx.query_row(
         "SELECT name, network, prefix_len FROM networks WHERE id = ?1",
         [network_id],
@@ -1079,7 +1252,7 @@ fn admit(
         let name = if live {
             old_name
         } else {
-            free_name(tx, network_id, requested_name, Some(&key_s))?
+            free_name(tx, network_id, request, Some(&key_s))?
         };
         tx.execute(
             "UPDATE nodes SET removed_at = NULL, name = ?1, endpoints = ?2, last_seen = ?3, connected = 1,
@@ -1108,7 +1281,7 @@ fn admit(
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .optional()?;
-    let name = free_name(tx, network_id, requested_name, None)?;
+    let name = free_name(tx, network_id, request, None)?;
     let address = if let Some((id, address)) = tomb.filter(|_| name == requested_name) {
         tx.execute("DELETE FROM nodes WHERE id = ?1", [id])?;
         address
@@ -1159,13 +1332,42 @@ fn admit(
     })
 }
 
-/// `requested`, or `requested-2`, `-3`, ... if a live node of another key has it.
+/// The requested name, or for a [`NameRequest::Preferred`] one `name-2`, `name-3`... if a live
+/// node of another key holds it.
 fn free_name(
     tx: &rusqlite::Transaction<'_>,
     network_id: i64,
-    requested: &str,
+    request: NameRequest<'_>,
     own_key: Option<&str>,
 ) -> Result<String, StoreError> {
+    let requested = request.name();
+    // The live node of another key that holds `name`: its key and address.
+    let holder = |name: &str| {
+        tx.query_row(
+            "SELECT key, address FROM nodes WHERE network_id = ?1 AND name = ?2 AND removed_at IS NULL AND key != ?3",
+            params![network_id, name, own_key.unwrap_or("")],
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?)),
+        )
+        .optional()
+    };
+    if let NameRequest::Exact(name) = request {
+        let Some((mut key, address)) = holder(name)? else {
+            return Ok(name.to_owned());
+        };
+        let network: String = tx.query_row(
+            "SELECT name FROM networks WHERE id = ?1",
+            [network_id],
+            |r| r.get(0),
+        )?;
+        key.truncate(8);
+        return Err(refused(
+            ErrorCode::NameTaken,
+            format!(
+                "the name {name:?} is taken by node {} (key {key}…) in network {network:?}; remove it with `mesh-controller node remove {network} {name}` or choose another --name",
+                Ipv4Addr::from(address)
+            ),
+        ));
+    }
     for n in 1..1000u32 {
         let candidate = if n == 1 {
             requested.to_owned()
@@ -1175,15 +1377,7 @@ fn free_name(
             base.truncate(mesh_proto::control::MAX_NAME_LEN - suffix.len());
             base + &suffix
         };
-        let taken: bool = tx
-            .query_row(
-                "SELECT 1 FROM nodes WHERE network_id = ?1 AND name = ?2 AND removed_at IS NULL AND key != ?3",
-                params![network_id, candidate, own_key.unwrap_or("")],
-                |_| Ok(true),
-            )
-            .optional()?
-            .unwrap_or(false);
-        if !taken {
+        if holder(&candidate)?.is_none() {
             return Ok(candidate);
         }
     }
@@ -1208,7 +1402,7 @@ mod tests {
         let s = Store::open(&dir.0.join("state.db")).unwrap();
         s.create_network("prod", "100.64.0.0/29".parse().unwrap(), T0)
             .unwrap();
-        s.create_token("prod", "tok1", b"secret", true, None, T0)
+        s.create_token("prod", &NewToken::for_test("tok1", b"secret", true), T0)
             .unwrap();
         (dir, s)
     }
@@ -1236,7 +1430,24 @@ mod tests {
     }
 
     fn join(s: &mut Store, n: u8, name: &str) -> Result<Admission, StoreError> {
+        join_as(s, n, NameRequest::Preferred(name))
+    }
+
+    fn join_as(s: &mut Store, n: u8, name: NameRequest<'_>) -> Result<Admission, StoreError> {
         s.join("tok1", b"secret", &key(n), name, Candidates::default(), T0)
+    }
+
+    /// Node `n` (named `n<n>`) joins with this token at `now`.
+    fn join_with(
+        s: &mut Store,
+        token: &str,
+        secret: &[u8],
+        n: u8,
+        now: u64,
+    ) -> Result<Admission, StoreError> {
+        let name = format!("n{n}");
+        let name = NameRequest::Preferred(&name);
+        s.join(token, secret, &key(n), name, Candidates::default(), now)
     }
 
     fn code(r: Result<Admission, StoreError>) -> ErrorCode {
@@ -1303,22 +1514,60 @@ mod tests {
     }
 
     #[test]
+    fn a_name_the_user_chose_is_never_changed() {
+        let (_d, mut s) = store();
+        let web = join(&mut s, 1, "web").unwrap();
+        match join_as(&mut s, 2, NameRequest::Exact("web")) {
+            Err(StoreError::Refused { code, message }) => {
+                assert_eq!(code, ErrorCode::NameTaken);
+                let holder = format!("node {} (key {}…)", web.address, &key(1).to_string()[..8]);
+                assert!(message.contains(&holder), "{message}");
+                assert!(
+                    message.contains("`mesh-controller node remove prod web`"),
+                    "{message}"
+                );
+                assert!(message.contains("another --name"), "{message}");
+            }
+            other => panic!("expected NameTaken, got {other:?}"),
+        }
+        assert_eq!(s.nodes("prod", T0).unwrap().len(), 1, "nothing registered");
+        // The holder itself may ask for its own name again, and a free name is given as is.
+        assert_eq!(
+            join_as(&mut s, 1, NameRequest::Exact("web")).unwrap().name,
+            "web"
+        );
+        assert_eq!(
+            join_as(&mut s, 2, NameRequest::Exact("db")).unwrap().name,
+            "db"
+        );
+        // Once the holder is removed, the name is free (and its address goes with it).
+        s.remove_node("prod", "web", T0).unwrap();
+        let again = join_as(&mut s, 3, NameRequest::Exact("web")).unwrap();
+        assert_eq!((again.name.as_str(), again.address), ("web", web.address));
+    }
+
+    #[test]
     fn token_checks() {
         let (_d, mut s) = store();
         assert_eq!(
-            code(s.join("tok1", b"wrong", &key(1), "a", Candidates::default(), T0)),
+            code(join_with(&mut s, "tok1", b"wrong", 1, T0)),
             ErrorCode::TokenInvalid
         );
         assert_eq!(
-            code(s.join("nope", b"secret", &key(1), "a", Candidates::default(), T0)),
+            code(join_with(&mut s, "nope", b"secret", 1, T0)),
             ErrorCode::TokenInvalid
         );
-        s.create_token("prod", "exp", b"s", true, Some(T0 + 10), T0)
-            .unwrap();
-        assert!(s
-            .join("exp", b"s", &key(1), "a", Candidates::default(), T0 + 9)
-            .is_ok());
-        let r = s.join("exp", b"s", &key(2), "b", Candidates::default(), T0 + 10);
+        s.create_token(
+            "prod",
+            &NewToken {
+                expires_at: Some(T0 + 10),
+                ..NewToken::for_test("exp", b"s", true)
+            },
+            T0,
+        )
+        .unwrap();
+        assert!(join_with(&mut s, "exp", b"s", 1, T0 + 9).is_ok());
+        let r = join_with(&mut s, "exp", b"s", 2, T0 + 10);
         match r {
             Err(StoreError::Refused { code, message }) => {
                 assert_eq!(code, ErrorCode::TokenExpired);
@@ -1329,17 +1578,13 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        s.create_token("prod", "one", b"s", false, None, T0)
+        s.create_token("prod", &NewToken::for_test("one", b"s", false), T0)
             .unwrap();
-        assert!(s
-            .join("one", b"s", &key(3), "c", Candidates::default(), T0)
-            .is_ok());
+        assert!(join_with(&mut s, "one", b"s", 3, T0).is_ok());
         // The same node may present it again; another node may not.
-        assert!(s
-            .join("one", b"s", &key(3), "c", Candidates::default(), T0)
-            .is_ok());
+        assert!(join_with(&mut s, "one", b"s", 3, T0).is_ok());
         assert_eq!(
-            code(s.join("one", b"s", &key(4), "d", Candidates::default(), T0)),
+            code(join_with(&mut s, "one", b"s", 4, T0)),
             ErrorCode::TokenUsed
         );
         s.revoke_token("tok1").unwrap();
@@ -1349,11 +1594,33 @@ mod tests {
     }
 
     #[test]
+    fn tokens_list_the_addresses_they_embed() {
+        let (_d, s) = store();
+        let token = NewToken {
+            id: "tcp",
+            secret: b"s",
+            controller: Some("192.0.2.1:7443"),
+            controller_tcp: Some("192.0.2.1:443"),
+            ..NewToken::default()
+        };
+        s.create_token("prod", &token, T0).unwrap();
+        let rows = s.tokens().unwrap();
+        let old = rows.iter().find(|t| t.id == "tok1").unwrap();
+        assert_eq!(
+            (old.controller.as_deref(), old.controller_tcp.as_deref()),
+            (None, None)
+        );
+        let new = rows.iter().find(|t| t.id == "tcp").unwrap();
+        assert_eq!(
+            (new.controller.as_deref(), new.controller_tcp.as_deref()),
+            (Some("192.0.2.1:7443"), Some("192.0.2.1:443"))
+        );
+    }
+
+    #[test]
     fn relays_and_home_relay() {
         let (_d, mut s) = store();
-        let a = s
-            .join("tok1", b"secret", &key(1), "a", Candidates::default(), T0)
-            .unwrap();
+        let a = join(&mut s, 1, "a").unwrap();
         s.add_relay(
             "eu-1",
             "192.0.2.10:7444",
@@ -1482,15 +1749,15 @@ mod tests {
             let mut s = Store::open(&path).unwrap();
             s.create_network("prod", "100.64.0.0/29".parse().unwrap(), T0)
                 .unwrap();
-            s.create_token("prod", "tok1", b"secret", true, None, T0)
+            s.create_token("prod", &NewToken::for_test("tok1", b"secret", true), T0)
                 .unwrap();
-            s.join("tok1", b"secret", &key(1), "a", Candidates::default(), T0)
-                .unwrap();
+            join(&mut s, 1, "a").unwrap();
             // What an older controller stored: observed first, then reported; no column.
             s.conn
                 .execute_batch(
                     "ALTER TABLE nodes DROP COLUMN observed;
-                     UPDATE nodes SET endpoints = '[\"203.0.113.5:40000\",\"198.51.100.4:51820\"]';",
+                     UPDATE nodes SET endpoints = '[\"203.0.113.5:40000\",\"198.51.100.4:51820\"]';
+                     PRAGMA user_version = 0;",
                 )
                 .unwrap();
         }
@@ -1498,6 +1765,73 @@ mod tests {
         let p = &s.peers(1).unwrap()[0];
         assert_eq!(p.observed, Some("203.0.113.5:40000".parse().unwrap()));
         assert_eq!(p.endpoints, vec!["198.51.100.4:51820".parse().unwrap()]);
+    }
+
+    #[test]
+    fn processes_opening_a_new_database_at_once_migrate_it_once() {
+        let d = tempdir::Dir::new();
+        let path = d.0.join("c.db");
+        let barrier = std::sync::Barrier::new(10);
+        let results: Vec<Result<(), String>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..10)
+                .map(|_| {
+                    scope.spawn(|| {
+                        barrier.wait();
+                        let s = Store::open(&path).map_err(|e| e.to_string())?;
+                        s.networks().map(drop).map_err(|e| e.to_string())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for r in &results {
+            assert!(r.is_ok(), "{results:?}");
+        }
+        let s = Store::open(&path).unwrap();
+        let version: i64 = s
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn a_database_from_a_newer_controller_is_refused() {
+        let d = tempdir::Dir::new();
+        let path = d.0.join("c.db");
+        Store::open(&path)
+            .unwrap()
+            .conn
+            .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        let e = Store::open(&path).err().unwrap().to_string();
+        assert!(e.contains("newer mesh-controller"), "{e}");
+    }
+
+    #[test]
+    fn a_backup_made_while_the_database_is_in_use_reads_the_same() {
+        let (d, mut s) = store();
+        let a = join(&mut s, 1, "a").unwrap();
+        // A second connection, as `serve` holds while an admin command runs the backup.
+        let live = Store::open(&d.0.join("state.db")).unwrap();
+        let copy = d.0.join("backup.db");
+        let summary = live.backup_to(&copy).unwrap();
+        assert_eq!((summary.networks, summary.nodes), (1, 1));
+        assert_eq!(summary.bytes, std::fs::metadata(&copy).unwrap().len());
+        assert_eq!(mode(&copy), 0o600);
+        let names: Vec<_> = std::fs::read_dir(&d.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.contains("backup"))
+            .collect();
+        assert_eq!(names, ["backup.db"], "no temporary or -wal file left");
+        // The original keeps working; the copy holds what was there.
+        join(&mut s, 2, "b").unwrap();
+        let restored = Store::open(&copy).unwrap();
+        let nodes = restored.nodes("prod", T0).unwrap();
+        assert_eq!(nodes.len(), 1);
+        assert_eq!((nodes[0].key, nodes[0].address), (key(1), a.address));
+        assert_eq!(restored.tokens().unwrap()[0].id, "tok1");
     }
 
     #[test]

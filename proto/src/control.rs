@@ -78,6 +78,11 @@ pub enum ClientMsg {
         name: String,
         /// Addresses this node can be reached at (local addresses with its UDP port).
         endpoints: Vec<SocketAddr>,
+        /// The user chose `name` (`mesh join --name`): refuse with [`ErrorCode::NameTaken`]
+        /// when another node holds it, instead of registering the node under `name-2`.
+        /// Absent (false) from older agents.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        exact_name: bool,
     },
     /// First message of a node that already joined: its key (from Noise) identifies it.
     Hello {
@@ -115,6 +120,7 @@ impl std::fmt::Debug for ClientMsg {
                 token_id,
                 name,
                 endpoints,
+                exact_name,
                 ..
             } => f
                 .debug_struct("Join")
@@ -122,6 +128,7 @@ impl std::fmt::Debug for ClientMsg {
                 .field("token_secret", &"<hidden>")
                 .field("name", name)
                 .field("endpoints", endpoints)
+                .field("exact_name", exact_name)
                 .finish(),
             ClientMsg::Hello {
                 network,
@@ -465,6 +472,7 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientMsg, DecodeError> {
             token_secret,
             name,
             endpoints,
+            exact_name: _,
         } => {
             if token_id.len() > 64 || token_secret.len() > 128 {
                 return Err(DecodeError::Bounds("token"));
@@ -548,6 +556,7 @@ mod debug_tests {
             token_secret: "c0ffee00c0ffee00".into(),
             name: "n1".into(),
             endpoints: vec![],
+            exact_name: false,
         };
         let text = format!("{join:?}");
         assert!(
@@ -630,6 +639,14 @@ mod tests {
                 token_secret: "ff".into(),
                 name: "node-1".into(),
                 endpoints: vec![SocketAddr::from(([192, 0, 2, 1], 51820))],
+                exact_name: false,
+            },
+            ClientMsg::Join {
+                token_id: "ab12".into(),
+                token_secret: "ff".into(),
+                name: "web".into(),
+                endpoints: vec![],
+                exact_name: true,
             },
             ClientMsg::Hello {
                 network: "prod".into(),
@@ -710,6 +727,7 @@ mod tests {
             token_secret: "b".into(),
             name: "bad name with spaces".into(),
             endpoints: vec![],
+            exact_name: false,
         };
         assert_eq!(decode_client(&m.encode()), Err(DecodeError::Bounds("name")));
     }

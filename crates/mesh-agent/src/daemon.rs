@@ -271,6 +271,7 @@ pub async fn join(
             port,
             candidates::Mappings::default(),
         ),
+        exact_name: false,
     };
     tracing::debug!(controller = %token.controller, name = %name.name, explicit = name.explicit, "joining");
     let target = Target::new(

@@ -87,12 +87,14 @@ pub(super) fn client_messages() -> Vec<ClientMsg> {
             token_secret: "0f".repeat(32),
             name: "node-1".into(),
             endpoints: endpoints(3),
+            exact_name: true,
         },
         ClientMsg::Join {
             token_id: "x".into(),
             token_secret: "ff".into(),
             name: "n".into(),
             endpoints: vec![],
+            exact_name: false,
         },
         ClientMsg::Hello {
             network: "prod".into(),
