@@ -876,7 +876,7 @@ impl Hub {
                 self.forwarder.remove(&s.network, &s.key, false);
                 let _ = s.tx.try_send(ServerMsg::Error {
                     code: ErrorCode::NodeUnknown,
-                    message: "this node was removed from the network by the controller admin; join again with a new token (`mesh join <token>`)".into(),
+                    message: "this node was removed from the network by the controller admin; join again with a new token (`mesh join --token-file FILE`)".into(),
                 });
                 continue;
             }

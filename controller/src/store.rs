@@ -582,7 +582,7 @@ impl Store {
         let Some((network_id, name, address, prefix_len, net)) = row else {
             return Err(refused(
                 ErrorCode::NodeUnknown,
-                format!("this node is not (or no longer) a member of network {network:?}; join again with a new token (`mesh join <token>`)"),
+                format!("this node is not (or no longer) a member of network {network:?}; join again with a new token (`mesh join --token-file FILE`)"),
             ));
         };
         let overlay = Cidr {

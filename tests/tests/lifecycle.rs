@@ -263,3 +263,78 @@ fn join_waits_for_a_controller_that_starts_later() {
     ])
     .is_ok_and(|s| s.contains(&addr.to_string()))));
 }
+
+#[test]
+fn names_are_never_changed_behind_the_users_back() {
+    let mut lab = Lab::new("names").unwrap();
+    let ctl_host = lab.add_controller_host("ctl").unwrap();
+    let (ha, hb) = (lab.add_host("a").unwrap(), lab.add_host("b").unwrap());
+    let ctl = Controller::start(&lab, &ctl_host).unwrap();
+    ctl.create_network(NET).unwrap();
+    let token = ctl.create_token(NET, &["--reusable"]).unwrap();
+    let a = Agent::join(&lab, &ha, "web", &token).unwrap();
+
+    // An explicit --name that another node holds: refused, naming the holder and the fix.
+    let b = Agent::idle(&lab, &hb, "b").unwrap();
+    let token_file = write_token_file(&b.state_dir, &token).unwrap();
+    let token_file = token_file.to_str().unwrap();
+    let out = b.cli([
+        "join",
+        "--no-daemon",
+        "--token-file",
+        token_file,
+        "--name",
+        "web",
+    ]);
+    assert!(!out.success(), "{out}");
+    assert!(
+        out.stderr
+            .contains(&format!("the name \"web\" is taken by node {}", a.address)),
+        "{out}"
+    );
+    assert!(
+        out.stderr.contains("mesh-controller node remove cycle web"),
+        "{out}"
+    );
+    assert!(
+        !b.state_dir.join("node.json").exists(),
+        "no membership saved"
+    );
+
+    // The implicit name (the hostname, the same for every namespace here): the second node
+    // gets a suffix, and is told so with the same advice.
+    let c = Agent::idle(&lab, &hb, "c").unwrap();
+    let c_token = write_token_file(&c.state_dir, &token).unwrap();
+    let out = c.cli([
+        "join",
+        "--no-daemon",
+        "--token-file",
+        c_token.to_str().unwrap(),
+    ]);
+    assert!(out.success(), "{out}");
+    // "joined network cycle as NAME with address ..."
+    let host = out
+        .stdout
+        .split(" as ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap();
+    let d = Agent::idle(&lab, &hb, "d").unwrap();
+    let d_token = write_token_file(&d.state_dir, &token).unwrap();
+    let out = d.cli([
+        "join",
+        "--no-daemon",
+        "--token-file",
+        d_token.to_str().unwrap(),
+    ]);
+    assert!(out.success(), "{out}");
+    assert!(!out.stdout.contains(&format!(" as {host} ")), "{out}");
+    assert!(out.stderr.contains("is taken"), "{out}");
+    assert!(
+        out.stderr
+            .contains(&format!("mesh-controller node remove cycle {host}")),
+        "{out}"
+    );
+}

@@ -271,9 +271,9 @@ pub async fn join(
             port,
             candidates::Mappings::default(),
         ),
-        exact_name: false,
+        exact_name: name.explicit,
     };
-    tracing::debug!(controller = %token.controller, name = %name.name, explicit = name.explicit, "joining");
+    tracing::debug!(controller = %token.controller, name = %name.name, "joining");
     let target = Target::new(
         &token.controller,
         token.controller_tcp.as_deref(),
