@@ -10,9 +10,8 @@ use anyhow::{bail, Context as _};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use mesh_proto::PublicKey;
-use nix::fcntl::{Flock, FlockArg};
-use std::fs::File;
-use std::io::{Read as _, Write};
+use mesh_service::DirLock;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -42,20 +41,6 @@ impl Role {
             Role::Relay => RELAY_LOCK_FILE,
         }
     }
-
-    fn noun(self) -> &'static str {
-        match self {
-            Role::Controller => "controller",
-            Role::Relay => "relay",
-        }
-    }
-}
-
-/// An exclusive `flock` on a state directory's lock file (which holds the owner's pid); the
-/// directory is this process's until the lock is dropped or the process ends.
-#[derive(Debug)]
-pub struct DirLock {
-    _lock: Flock<File>,
 }
 
 /// Seconds since the Unix epoch.
@@ -148,49 +133,22 @@ impl StateDir {
 
     /// Whether a process holds the directory for `role` (creating nothing).
     fn locked(&self, role: Role) -> bool {
-        let Ok(file) = File::open(self.dir.join(role.lock_file())) else {
-            return false;
-        };
-        matches!(
-            Flock::lock(file, FlockArg::LockSharedNonblock),
-            Err((_, nix::errno::Errno::EWOULDBLOCK))
-        )
+        mesh_service::DirLock::holder(&self.dir, role.lock_file()).is_some()
     }
 
     /// Takes the directory for `role` for as long as the returned lock lives, or says which
     /// process holds it. Admin commands take no lock: they share the database with `serve`.
     pub fn lock(&self, role: Role) -> anyhow::Result<DirLock> {
-        let path = self.dir.join(role.lock_file());
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .with_context(|| format!("cannot open lock file {}", path.display()))?;
-        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => {
-                let mut f: &File = &lock;
-                f.set_len(0)?;
-                writeln!(f, "{}", std::process::id())?;
-                Ok(DirLock { _lock: lock })
+        let what = match role {
+            Role::Controller => "a controller",
+            Role::Relay => "a relay",
+        };
+        DirLock::acquire(&self.dir, role.lock_file(), what).map_err(|e| match e {
+            mesh_service::LockError::Held { .. } => {
+                anyhow::anyhow!("{e}; stop it first, or give this one another --state-dir")
             }
-            Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
-                let mut pid = String::new();
-                let _ = file.read_to_string(&mut pid);
-                let pid = match pid.trim() {
-                    "" => "unknown".to_owned(),
-                    p => p.to_owned(),
-                };
-                bail!(
-                    "a {} already runs for state directory {} (pid {pid}); stop it first, or give this one another --state-dir",
-                    role.noun(),
-                    self.dir.display()
-                )
-            }
-            Err((_, e)) => Err(e).with_context(|| format!("cannot lock {}", path.display())),
-        }
+            e => e.into(),
+        })
     }
 
     /// Opens the database.

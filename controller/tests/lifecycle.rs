@@ -399,8 +399,7 @@ fn admin_commands_wait_for_a_serve_that_is_starting() {
     let dir = tmp.0.join("state");
     std::fs::create_dir(&dir).unwrap();
     // What `serve` holds from its first moments, before it has created the key.
-    let file = std::fs::File::create(dir.join("controller.lock")).unwrap();
-    let _lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).unwrap();
+    let _lock = mesh_service::DirLock::acquire(&dir, "controller.lock", "a controller").unwrap();
     let admin = Command::new(BIN)
         .args(["network", "list", "--state-dir"])
         .arg(&dir)

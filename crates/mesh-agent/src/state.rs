@@ -260,8 +260,8 @@ impl StateDir {
         })
     }
 
-    /// The PID of the agent that runs for this state directory, if one does.
-    pub fn running_agent(&self) -> Option<u32> {
+    /// Whether an agent runs for this state directory (and its PID, if known).
+    pub fn running_agent(&self) -> Option<Option<u32>> {
         mesh_service::DirLock::holder(&self.dir, LOCK_FILE)
     }
 

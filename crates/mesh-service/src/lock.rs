@@ -77,10 +77,17 @@ impl DirLock {
         Ok(DirLock { _file: file })
     }
 
-    /// The PID written in `dir`'s lock file `name` if a process holds the lock now.
-    pub fn holder(dir: &Path, name: &str) -> Option<u32> {
-        match DirLock::acquire(dir, name, "") {
-            Err(LockError::Held { pid, .. }) => pid.or(Some(0)),
+    /// Whether a process holds `dir`'s lock file `name` now, and its PID if it wrote one
+    /// (`Some(None)`: held, PID unknown). Creates nothing; the check takes a shared lock for an
+    /// instant, so it never keeps the owner from taking the lock for long.
+    pub fn holder(dir: &Path, name: &str) -> Option<Option<u32>> {
+        let file = std::fs::File::open(dir.join(name)).ok()?;
+        match Flock::lock(file, FlockArg::LockSharedNonblock) {
+            Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+                let mut text = String::new();
+                let _ = file.read_to_string(&mut text);
+                Some(text.trim().parse().ok())
+            }
             _ => None,
         }
     }
@@ -106,9 +113,14 @@ mod tests {
                 std::process::id()
             )
         );
-        assert_eq!(DirLock::holder(&dir, "test.lock"), Some(std::process::id()));
+        assert_eq!(
+            DirLock::holder(&dir, "test.lock"),
+            Some(Some(std::process::id()))
+        );
         drop(first);
         assert_eq!(DirLock::holder(&dir, "test.lock"), None);
+        assert_eq!(DirLock::holder(&dir, "absent.lock"), None);
+        assert!(!dir.join("absent.lock").exists(), "a check creates nothing");
         let again = DirLock::acquire(&dir, "test.lock", "an agent");
         assert!(again.is_ok());
         drop(again);
