@@ -19,20 +19,27 @@ fn has_mesh0(host: &mesh_e2e::Host) -> bool {
     ip(["-n", host.ns.as_str(), "link", "show", "mesh0"]).is_ok()
 }
 
+/// A lab with a controller serving network [`NET`], hosts named `hosts`, and a reusable token.
+fn lab(label: &str, hosts: &[&str]) -> (Lab, Controller, Vec<mesh_e2e::Host>, String) {
+    let mut lab = Lab::new(label).unwrap();
+    let ctl_host = lab.add_controller_host("ctl").unwrap();
+    let hosts = hosts.iter().map(|h| lab.add_host(h).unwrap()).collect();
+    let ctl = Controller::start(&lab, &ctl_host).unwrap();
+    ctl.create_network(NET).unwrap();
+    let token = ctl.create_token(NET, &["--reusable"]).unwrap();
+    (lab, ctl, hosts, token)
+}
+
 fn code(status: Option<ExitStatus>) -> Option<i32> {
     status.and_then(|s| s.code())
 }
 
 #[test]
 fn a_removed_node_stops_with_its_address_gone_and_stays_down() {
-    let mut lab = Lab::new("removed").unwrap();
-    let ctl_host = lab.add_controller_host("ctl").unwrap();
-    let (ha, hb) = (lab.add_host("a").unwrap(), lab.add_host("b").unwrap());
-    let ctl = Controller::start(&lab, &ctl_host).unwrap();
-    ctl.create_network(NET).unwrap();
-    let token = ctl.create_token(NET, &["--reusable"]).unwrap();
-    let a = Agent::join(&lab, &ha, "a", &token).unwrap();
-    let mut b = Agent::join(&lab, &hb, "b", &token).unwrap();
+    let (lab, ctl, hosts, token) = lab("removed", &["a", "b"]);
+    let (ha, hb) = (&hosts[0], &hosts[1]);
+    let a = Agent::join(&lab, ha, "a", &token).unwrap();
+    let mut b = Agent::join(&lab, hb, "b", &token).unwrap();
     wait_all_pairs_ping(&[&a, &b], Duration::from_secs(20)).unwrap();
     let old = b.address;
 
@@ -45,7 +52,7 @@ fn a_removed_node_stops_with_its_address_gone_and_stays_down() {
     let log = b.stderr();
     assert!(log.contains("no longer a member of network cycle"), "{log}");
     assert!(
-        !has_mesh0(&hb),
+        !has_mesh0(hb),
         "mesh0 (with {old}) must be gone once the node is removed"
     );
 
@@ -58,7 +65,7 @@ fn a_removed_node_stops_with_its_address_gone_and_stays_down() {
         "{out}"
     );
     assert!(out.stderr.contains("mesh join"), "{out}");
-    assert!(!has_mesh0(&hb));
+    assert!(!has_mesh0(hb));
 
     // Leaving cleans up even though the controller no longer knows the node.
     let out = b.cli(["leave"]);
@@ -68,13 +75,9 @@ fn a_removed_node_stops_with_its_address_gone_and_stays_down() {
 
 #[test]
 fn leave_force_works_while_the_agent_runs_and_the_controller_is_gone() {
-    let mut lab = Lab::new("leaveforce").unwrap();
-    let ctl_host = lab.add_controller_host("ctl").unwrap();
-    let ha = lab.add_host("a").unwrap();
-    let mut ctl = Controller::start(&lab, &ctl_host).unwrap();
-    ctl.create_network(NET).unwrap();
-    let token = ctl.create_token(NET, &[]).unwrap();
-    let mut a = Agent::join(&lab, &ha, "a", &token).unwrap();
+    let (lab, mut ctl, hosts, token) = lab("leaveforce", &["a"]);
+    let ha = &hosts[0];
+    let mut a = Agent::join(&lab, ha, "a", &token).unwrap();
     ctl.kill9();
 
     // Without --force: refused, and the error says what to do.
@@ -82,7 +85,7 @@ fn leave_force_works_while_the_agent_runs_and_the_controller_is_gone() {
     assert!(!out.success(), "{out}");
     assert!(out.stderr.contains("mesh leave --force"), "{out}");
     assert!(a.is_running(), "a refused leave leaves the agent running");
-    assert!(has_mesh0(&ha));
+    assert!(has_mesh0(ha));
 
     let t = Instant::now();
     let out = a.cli(["leave", "--force"]);
@@ -97,27 +100,23 @@ fn leave_force_works_while_the_agent_runs_and_the_controller_is_gone() {
         a.wait_exit(Duration::from_secs(10)).is_some(),
         "agent stopped"
     );
-    assert!(!has_mesh0(&ha), "mesh0 and its address are gone");
+    assert!(!has_mesh0(ha), "mesh0 and its address are gone");
     assert!(!a.state_dir.join("node.json").exists(), "state deleted");
 }
 
 #[test]
 fn down_stops_the_agent_and_up_resumes_with_the_same_address() {
-    let mut lab = Lab::new("down").unwrap();
-    let ctl_host = lab.add_controller_host("ctl").unwrap();
-    let (ha, hb) = (lab.add_host("a").unwrap(), lab.add_host("b").unwrap());
-    let ctl = Controller::start(&lab, &ctl_host).unwrap();
-    ctl.create_network(NET).unwrap();
-    let token = ctl.create_token(NET, &["--reusable"]).unwrap();
-    let a = Agent::join(&lab, &ha, "a", &token).unwrap();
-    let mut b = Agent::join(&lab, &hb, "b", &token).unwrap();
+    let (lab, _ctl, hosts, token) = lab("down", &["a", "b"]);
+    let (ha, hb) = (&hosts[0], &hosts[1]);
+    let a = Agent::join(&lab, ha, "a", &token).unwrap();
+    let mut b = Agent::join(&lab, hb, "b", &token).unwrap();
     let before = b.address;
 
     let out = b.cli(["down"]);
     assert!(out.success(), "{out}");
     assert!(out.stdout.contains("mesh up"), "{out}");
     assert_eq!(code(b.wait_exit(Duration::from_secs(10))), Some(0));
-    assert!(!has_mesh0(&hb), "down removes mesh0");
+    assert!(!has_mesh0(hb), "down removes mesh0");
     assert_eq!(b.ip().unwrap(), before, "membership kept");
     assert!(!ha.ping(before), "b is down");
 
@@ -128,13 +127,9 @@ fn down_stops_the_agent_and_up_resumes_with_the_same_address() {
 
 #[test]
 fn one_agent_per_state_directory() {
-    let mut lab = Lab::new("owner").unwrap();
-    let ctl_host = lab.add_controller_host("ctl").unwrap();
-    let ha = lab.add_host("a").unwrap();
-    let ctl = Controller::start(&lab, &ctl_host).unwrap();
-    ctl.create_network(NET).unwrap();
-    let token = ctl.create_token(NET, &["--reusable"]).unwrap();
-    let mut a = Agent::join(&lab, &ha, "a", &token).unwrap();
+    let (lab, _ctl, hosts, token) = lab("owner", &["a"]);
+    let ha = &hosts[0];
+    let mut a = Agent::join(&lab, ha, "a", &token).unwrap();
     let pid = a.pid().unwrap();
 
     let expected = format!(
@@ -189,13 +184,9 @@ impl Drop for ReadOnly {
 
 #[test]
 fn a_read_only_state_directory_fails_before_mesh0_exists() {
-    let mut lab = Lab::new("readonly").unwrap();
-    let ctl_host = lab.add_controller_host("ctl").unwrap();
-    let ha = lab.add_host("a").unwrap();
-    let ctl = Controller::start(&lab, &ctl_host).unwrap();
-    ctl.create_network(NET).unwrap();
-    let token = ctl.create_token(NET, &[]).unwrap();
-    let mut a = Agent::join(&lab, &ha, "a", &token).unwrap();
+    let (lab, _ctl, hosts, token) = lab("readonly", &["a"]);
+    let ha = &hosts[0];
+    let mut a = Agent::join(&lab, ha, "a", &token).unwrap();
     a.stop();
     // (A stopped agent leaves mesh0 for a quick restart; take it away to see that the failed
     // start does not create it.)
@@ -206,17 +197,13 @@ fn a_read_only_state_directory_fails_before_mesh0_exists() {
     drop(ro);
     assert_eq!(out.code(), Some(EXIT_FATAL), "{out}");
     assert!(out.stderr.contains("cannot be written"), "{out}");
-    assert!(!has_mesh0(&ha), "nothing touched mesh0");
+    assert!(!has_mesh0(ha), "nothing touched mesh0");
 }
 
 #[test]
 fn join_waits_for_a_controller_that_starts_later() {
-    let mut lab = Lab::new("latectl").unwrap();
-    let ctl_host = lab.add_controller_host("ctl").unwrap();
-    let ha = lab.add_host("a").unwrap();
-    let mut ctl = Controller::start(&lab, &ctl_host).unwrap();
-    ctl.create_network(NET).unwrap();
-    let token = ctl.create_token(NET, &[]).unwrap();
+    let (lab, mut ctl, hosts, token) = lab("latectl", &["a"]);
+    let ha = &hosts[0];
     ctl.stop();
 
     // The controller VM boots 20 s after the node runs its cloud-init.
@@ -224,7 +211,7 @@ fn join_waits_for_a_controller_that_starts_later() {
     let started = Instant::now();
     let joined = std::thread::scope(|s| {
         let join = s.spawn(|| {
-            let mut a = Agent::idle(&lab, &ha, "a").unwrap();
+            let mut a = Agent::idle(&lab, ha, "a").unwrap();
             let out = a.cli([
                 "join",
                 "--no-daemon",
@@ -266,16 +253,12 @@ fn join_waits_for_a_controller_that_starts_later() {
 
 #[test]
 fn names_are_never_changed_behind_the_users_back() {
-    let mut lab = Lab::new("names").unwrap();
-    let ctl_host = lab.add_controller_host("ctl").unwrap();
-    let (ha, hb) = (lab.add_host("a").unwrap(), lab.add_host("b").unwrap());
-    let ctl = Controller::start(&lab, &ctl_host).unwrap();
-    ctl.create_network(NET).unwrap();
-    let token = ctl.create_token(NET, &["--reusable"]).unwrap();
-    let a = Agent::join(&lab, &ha, "web", &token).unwrap();
+    let (lab, _ctl, hosts, token) = lab("names", &["a", "b"]);
+    let (ha, hb) = (&hosts[0], &hosts[1]);
+    let a = Agent::join(&lab, ha, "web", &token).unwrap();
 
     // An explicit --name that another node holds: refused, naming the holder and the fix.
-    let b = Agent::idle(&lab, &hb, "b").unwrap();
+    let b = Agent::idle(&lab, hb, "b").unwrap();
     let token_file = write_token_file(&b.state_dir, &token).unwrap();
     let token_file = token_file.to_str().unwrap();
     let out = b.cli([
@@ -303,7 +286,7 @@ fn names_are_never_changed_behind_the_users_back() {
 
     // The implicit name (the hostname, the same for every namespace here): the second node
     // gets a suffix, and is told so with the same advice.
-    let c = Agent::idle(&lab, &hb, "c").unwrap();
+    let c = Agent::idle(&lab, hb, "c").unwrap();
     let c_token = write_token_file(&c.state_dir, &token).unwrap();
     let out = c.cli([
         "join",
@@ -321,7 +304,7 @@ fn names_are_never_changed_behind_the_users_back() {
         .split(' ')
         .next()
         .unwrap();
-    let d = Agent::idle(&lab, &hb, "d").unwrap();
+    let d = Agent::idle(&lab, hb, "d").unwrap();
     let d_token = write_token_file(&d.state_dir, &token).unwrap();
     let out = d.cli([
         "join",
