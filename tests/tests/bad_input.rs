@@ -130,9 +130,16 @@ fn unreachable_controller_is_reported() {
         &host,
         &lab.state_dir("node").unwrap(),
         &token,
-        &["--connect-timeout", "2s"],
+        // (Without --wait-controller 0s a join keeps trying for a minute: a controller
+        // that does not answer may still be booting.)
+        &["--connect-timeout", "2s", "--wait-controller", "0s"],
     );
-    assert_clean_failure(&out, &["reach"]);
+    let line = assert_clean_failure(&out, &["reach"]);
+    // The cause, in words: here the address takes the packets and nothing answers.
+    assert!(
+        line.contains("QUIC: no answer from 192.0.2.99:7443"),
+        "{line}"
+    );
     assert!(
         out.elapsed < Duration::from_secs(10),
         "--connect-timeout 2s took {:?}",

@@ -177,7 +177,7 @@ impl Dialer {
             .await
             .unwrap_or_else(|_| {
                 Err(format!(
-                    "no QUIC answer within {}",
+                    "{NO_QUIC_ANSWER} {}",
                     humantime::format_duration(timeout)
                 ))
             })
@@ -283,8 +283,8 @@ impl Dialer {
                 },
                 _ = &mut deadline => {
                     let quic = match quic_err {
-                        Some(e) => e,
-                        None => self.quic_silence(target).await,
+                        Some(e) if !e.starts_with(NO_QUIC_ANSWER) => e,
+                        _ => self.quic_silence(target).await,
                     };
                     return Err(DialError::Timeout { quic: Some(quic), tcp: tcp_err });
                 }
@@ -495,6 +495,10 @@ pub(crate) async fn udp_silence(addr: SocketAddr, marked: bool) -> String {
         _ => format!("no answer from {addr} (UDP may be filtered on the way)"),
     }
 }
+
+/// How [`Dialer::quic`]'s error starts when QUIC only met silence (the kernel may know more:
+/// [`udp_silence`]).
+const NO_QUIC_ANSWER: &str = "no QUIC answer within";
 
 /// How long [`udp_silence`] waits for an ICMP error to come back.
 const UDP_ERROR_WAIT: Duration = Duration::from_millis(500);
