@@ -52,6 +52,12 @@ enum Command {
         /// left off with a warning if it cannot be bound].
         #[arg(long, value_name = "ADDR|off")]
         listen_tcp: Option<String>,
+        /// Addresses (host:port of the QUIC listener, comma-separated) to announce to every
+        /// node: nodes save them and try them when the address they use stops answering.
+        /// Announce a new address before moving the controller there, so that nodes follow it
+        /// without joining again.
+        #[arg(long, value_name = "HOST:PORT,...", value_delimiter = ',')]
+        announce: Vec<String>,
     },
     /// Run a standalone relay (one region) in the foreground. Register it on the controller
     /// with `mesh-controller region add`.
@@ -247,6 +253,8 @@ struct FileConfig {
     observer_listen: Option<String>,
     /// The TCP address, or `off`.
     listen_tcp: Option<String>,
+    /// For `serve`: addresses to announce to nodes (see `serve --announce`).
+    announce: Option<Vec<String>>,
     log: Option<String>,
     /// For `relay`: the controller's public key.
     controller_key: Option<String>,
@@ -466,7 +474,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_connections,
             observer_listen,
             listen_tcp,
+            announce,
         } => {
+            let announce = if announce.is_empty() {
+                file.announce.clone().unwrap_or_default()
+            } else {
+                announce
+            };
+            if let Some(bad) = announce.iter().find(|a| {
+                a.rsplit_once(':')
+                    .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+            }) {
+                anyhow::bail!(
+                    "invalid --announce address {bad:?}: use host:port, e.g. ctl.example.com:7443"
+                );
+            }
+            if announce.len() > mesh_proto::control::MAX_CONTROLLERS {
+                anyhow::bail!(
+                    "at most {} addresses may be announced",
+                    mesh_proto::control::MAX_CONTROLLERS
+                );
+            }
             let listen = listen
                 .or(file.listen)
                 .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 7443)));
@@ -500,6 +528,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 metrics_listen,
                 observer,
                 server_limits(max_connections)?,
+                announce,
             ))
         }
         Command::Network(NetworkCmd::Create {

@@ -156,6 +156,8 @@ struct Ctx {
     stats: Arc<Stats>,
     /// Where the STUN observer answers (told to nodes in the Welcome), if it runs.
     observer: Option<SocketAddr>,
+    /// The addresses the controller announces in every Welcome (`serve --announce`).
+    announce: std::sync::RwLock<Vec<String>>,
 }
 
 enum HubCmd {
@@ -243,6 +245,7 @@ impl Controller {
             current: Mutex::new(HashMap::new()),
             stats,
             observer,
+            announce: std::sync::RwLock::new(Vec::new()),
         });
         Ok(Controller {
             endpoint,
@@ -259,6 +262,15 @@ impl Controller {
 
     /// Also listens on TCP at `listen` (TLS after an HTTP upgrade: join, control and the
     /// embedded relay for nodes whose UDP is blocked). Returns the address bound.
+    /// Announces `addrs` (`host:port` of the QUIC listener) to every node that connects from
+    /// now on: nodes save them and try them when the address they use stops answering, so a
+    /// controller about to move announces its new address first.
+    pub fn announce(&self, addrs: Vec<String>) {
+        if let Ok(mut a) = self.ctx.announce.write() {
+            *a = addrs;
+        }
+    }
+
     pub fn listen_tcp(&mut self, listen: SocketAddr) -> std::io::Result<SocketAddr> {
         let listener = tcp::Listener::bind(listen)?;
         let bound = listener.local_addr()?;
@@ -397,6 +409,7 @@ pub async fn serve(
         metrics_listen,
         None,
         ServerLimits::default(),
+        Vec::new(),
     )
     .await
 }
@@ -409,8 +422,13 @@ pub async fn serve_with(
     metrics_listen: Option<SocketAddr>,
     observer: Option<SocketAddr>,
     limits: ServerLimits,
+    announce: Vec<String>,
 ) -> anyhow::Result<()> {
     let mut controller = Controller::bind_with_observer(&state, listen, observer, limits)?;
+    if !announce.is_empty() {
+        info!(addresses = ?announce, "announcing these controller addresses to every node");
+        controller.announce(announce);
+    }
     let tcp = listen_tcp.bind("controller", |a| controller.listen_tcp(a))?;
     if let Some(tcp) = tcp {
         info!(%tcp, "listening on TCP too (TLS, for nodes whose UDP is blocked)");
@@ -657,6 +675,7 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
             observed,
             observer: ctx.observer,
             birthday_budget,
+            controllers: ctx.announce.read().map(|a| a.clone()).unwrap_or_default(),
         })
         .encode(),
     )

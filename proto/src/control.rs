@@ -23,6 +23,8 @@ pub const MAX_ERROR_TEXT: usize = 512;
 pub const MAX_RELAYS: usize = 16;
 /// Longest relay address (`host:port`).
 pub const MAX_RELAY_ADDR: usize = 255;
+/// Most controller addresses a Welcome announces.
+pub const MAX_CONTROLLERS: usize = 8;
 /// Most revocations announced per relay (the newest removals first).
 pub const MAX_REVOCATIONS: usize = 64;
 
@@ -225,6 +227,12 @@ pub struct Welcome {
     /// (0: none); `None`: the node's default. The administrator's setting for the network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub birthday_budget: Option<u16>,
+    /// The QUIC addresses (`host:port`) the controller says it can be reached at, in the order
+    /// nodes should try them after the one they used: the node saves them and tries them when
+    /// that one stops answering, so a controller that moves announces its new address first
+    /// (`mesh-controller serve --announce`). Empty from controllers that announce none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub controllers: Vec<String>,
 }
 
 /// One peer as the controller describes it.
@@ -517,6 +525,7 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerMsg, DecodeError> {
             prefix_len,
             peers,
             relays,
+            controllers,
             ..
         }) => {
             if !valid_name(network) || !valid_name(name) {
@@ -527,6 +536,13 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerMsg, DecodeError> {
             }
             check_peers(peers)?;
             check_relays(relays)?;
+            if controllers.len() > MAX_CONTROLLERS
+                || controllers
+                    .iter()
+                    .any(|c| c.is_empty() || c.len() > MAX_RELAY_ADDR)
+            {
+                return Err(DecodeError::Bounds("controllers"));
+            }
         }
         ServerMsg::Relays { relays } => check_relays(relays)?,
         ServerMsg::PeersChanged { upsert, remove } => {
@@ -675,6 +691,7 @@ mod tests {
                 observed: Some(SocketAddr::from(([203, 0, 113, 9], 40000))),
                 observer: None,
                 birthday_budget: Some(2),
+                controllers: vec!["ctl.example:7443".into()],
             }),
             ServerMsg::Settings {
                 birthday_budget: Some(0),
@@ -730,6 +747,36 @@ mod tests {
             exact_name: false,
         };
         assert_eq!(decode_client(&m.encode()), Err(DecodeError::Bounds("name")));
+    }
+
+    #[test]
+    fn announced_controllers_are_bounded() {
+        let welcome = |controllers: Vec<String>| {
+            ServerMsg::Welcome(Welcome {
+                network: "prod".into(),
+                name: "node-1".into(),
+                address: Ipv4Addr::new(100, 64, 0, 1),
+                prefix_len: 16,
+                peers: vec![],
+                relays: vec![],
+                observed: None,
+                observer: None,
+                birthday_budget: None,
+                controllers,
+            })
+        };
+        let ok = welcome(vec!["ctl.example:7443".into(); MAX_CONTROLLERS]);
+        assert_eq!(decode_server(&ok.encode()), Ok(ok));
+        for bad in [
+            vec!["ctl.example:7443".to_owned(); MAX_CONTROLLERS + 1],
+            vec![String::new()],
+            vec!["x".repeat(MAX_RELAY_ADDR + 1)],
+        ] {
+            assert_eq!(
+                decode_server(&welcome(bad).encode()),
+                Err(DecodeError::Bounds("controllers"))
+            );
+        }
     }
 
     #[test]

@@ -66,6 +66,8 @@ pub struct Controller {
     pub state_dir: PathBuf,
     /// Its `--listen` address.
     pub listen: SocketAddrV4,
+    /// Extra arguments for every `serve` (e.g. `--announce`).
+    pub extra: Vec<String>,
     log_dir: PathBuf,
     transcript: PathBuf,
     proc: Option<Proc>,
@@ -80,10 +82,22 @@ impl Controller {
 
     /// Starts `serve` on `host:port` with the given state dir, and waits until ready.
     pub fn start_with(lab: &Lab, host: &Host, state_dir: &Path, port: u16) -> Result<Controller> {
+        Self::start_with_args(lab, host, state_dir, port, &[])
+    }
+
+    /// [`Controller::start_with`], with extra arguments for `serve`.
+    pub fn start_with_args(
+        lab: &Lab,
+        host: &Host,
+        state_dir: &Path,
+        port: u16,
+        extra: &[&str],
+    ) -> Result<Controller> {
         let mut c = Controller {
             host: host.clone(),
             state_dir: state_dir.to_path_buf(),
             listen: SocketAddrV4::new(host.ip, port),
+            extra: extra.iter().map(|a| a.to_string()).collect(),
             log_dir: lab.log_dir(),
             transcript: lab.transcript(),
             proc: None,
@@ -99,14 +113,13 @@ impl Controller {
             bail!("controller in {} is already running", self.host.name);
         }
         let bin = controller_bin()?;
-        let args = with_state_dir(
-            [
-                "serve".to_string(),
-                "--listen".into(),
-                self.listen.to_string(),
-            ],
-            &self.state_dir,
-        );
+        let mut args = vec![
+            "serve".to_string(),
+            "--listen".into(),
+            self.listen.to_string(),
+        ];
+        args.extend(self.extra.iter().cloned());
+        let args = with_state_dir(args, &self.state_dir);
         let label = format!("{}-serve", self.host.name);
         self.proc = Some(Proc::spawn(
             &self.host.ns,

@@ -321,3 +321,49 @@ fn names_are_never_changed_behind_the_users_back() {
         "{out}"
     );
 }
+
+#[test]
+fn a_controller_moves_to_the_address_it_announced_and_nodes_follow() {
+    let mut lab = Lab::new("move").unwrap();
+    let old_host = lab.add_controller_host("ctl").unwrap();
+    let new_host = lab.add_host_at("ctl-new", 2).unwrap();
+    let (ha, hb) = (lab.add_host("a").unwrap(), lab.add_host("b").unwrap());
+    let state = lab.state_dir("ctl").unwrap();
+    let new_addr = format!("{}:{}", new_host.ip, mesh_e2e::CONTROL_PORT);
+    // Before the move, the controller announces where it is going.
+    let mut ctl = Controller::start_with_args(
+        &lab,
+        &old_host,
+        &state,
+        mesh_e2e::CONTROL_PORT,
+        &["--announce", &new_addr],
+    )
+    .unwrap();
+    ctl.create_network(NET).unwrap();
+    let token = ctl.create_token(NET, &["--reusable"]).unwrap();
+    let a = Agent::join(&lab, &ha, "a", &token).unwrap();
+    let b = Agent::join(&lab, &hb, "b", &token).unwrap();
+    wait_all_pairs_ping(&[&a, &b], Duration::from_secs(20)).unwrap();
+    let saved = std::fs::read_to_string(a.state_dir.join("node.json")).unwrap();
+    assert!(
+        saved.contains(&new_addr),
+        "the node saved the address: {saved}"
+    );
+
+    // The move: the old address goes dark, the same state directory serves at the new one.
+    ctl.stop();
+    let _moved = Controller::start_with(&lab, &new_host, &state, mesh_e2e::CONTROL_PORT).unwrap();
+    let t = Instant::now();
+    let followed = wait_until(Duration::from_secs(60), || {
+        [&a, &b].iter().all(|n| {
+            n.status().is_ok_and(|v| {
+                v["controller"]["connected"] == true && v["controller"]["address"] == new_addr
+            })
+        })
+    });
+    eprintln!("nodes followed the controller after {:?}", t.elapsed());
+    assert!(followed, "{:#}", a.status().unwrap()["controller"]);
+    // Nobody joined again: same addresses, and the overlay works.
+    assert_eq!(a.ip().unwrap(), a.address);
+    assert!(ha.wait_ping(b.address, Duration::from_secs(10)));
+}

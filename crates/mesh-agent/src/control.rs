@@ -365,6 +365,10 @@ pub async fn run(
     let mut mapped = ctx.port_mapping.clone();
     // A session opened on a better transport, to go on with (see `crate::dial`).
     let mut switched: Option<(Session, Welcome)> = None;
+    // The address in use: the token's, or one the controller announced (tried in turn while
+    // the one in use does not answer).
+    let mut target = ctx.target.clone();
+    let mut next_alternative = 0usize;
     loop {
         // What the Hello is about to tell counts as told.
         mapped.borrow_and_update();
@@ -379,7 +383,7 @@ pub async fn run(
             };
             let attempt = open(
                 &ctx.dialer,
-                &ctx.target,
+                &target,
                 &ctx.controller_key,
                 &ctx.node_key,
                 &hello,
@@ -403,6 +407,19 @@ pub async fn run(
                 }
                 Err(e) => {
                     warn!(error = %e, retry_in = ?backoff, "controller connection failed");
+                    if matches!(e, ControlError::Unreachable { .. }) {
+                        // Next time, the next address: the token's, then the announced ones.
+                        let all = addresses(&ctx);
+                        if all.len() > 1 {
+                            next_alternative = (next_alternative + 1) % all.len();
+                            target = if next_alternative == 0 {
+                                ctx.target.clone()
+                            } else {
+                                Target::new(&all[next_alternative], None, "mesh-controller")
+                            };
+                            info!(controller = %target.quic, "trying another address the controller announced");
+                        }
+                    }
                     set_status(&ctx, false, Some(e.to_string()));
                     if let Some(reply) = pending_leave.take() {
                         let _ = reply.send(Err(e.to_string()));
@@ -429,6 +446,7 @@ pub async fn run(
             warn!(error = %format!("{e:#}"), "cannot remember the transport");
         }
         if let Ok(mut s) = ctx.status.lock() {
+            s.address = target.quic.clone();
             s.transport = Some(transport.to_string());
             s.observed = welcome.observed;
             s.birthday_budget = welcome.birthday_budget;
@@ -439,7 +457,8 @@ pub async fn run(
         // A node the controller sees at one of its own addresses is not behind a NAT: peers
         // reach its socket as it is, and birthday punching from it only costs (DESIGN: never
         // punch from a node that is not NATed).
-        info!(network = %welcome.network, address = %welcome.address, peers = welcome.peers.len(), %transport, "connected to controller");
+        info!(network = %welcome.network, address = %welcome.address, peers = welcome.peers.len(), %transport, controller = %target.quic, "connected to controller");
+        remember_announced(&ctx, &welcome.controllers);
         let mut peers: BTreeMap<PublicKey, PeerInfo> =
             welcome.peers.into_iter().map(|p| (p.key, p)).collect();
         publish(&ctx, &peers, &data).await;
@@ -501,7 +520,7 @@ pub async fn run(
         }
         // A better transport, when one shows up: QUIC that went quiet gets TCP beside it, and
         // TCP gets QUIC back when it answers again.
-        let better = ctx.dialer.better(&ctx.target, &conn);
+        let better = ctx.dialer.better(&target, &conn);
         tokio::pin!(better);
         let reason = loop {
             tokio::select! {
@@ -512,7 +531,7 @@ pub async fn run(
                         home_relay: ctx.home.borrow().clone(),
                         nat,
                     });
-                    match open_on(link, &ctx.target.quic, &ctx.controller_key, &ctx.node_key, &hello, Duration::from_secs(5)).await {
+                    match open_on(link, &target.quic, &ctx.controller_key, &ctx.node_key, &hello, Duration::from_secs(5)).await {
                         Ok(s) => {
                             info!(from = %transport, %to, "control session moved to another transport");
                             switched = Some(s);
@@ -520,7 +539,7 @@ pub async fn run(
                         }
                         Err(e) => {
                             warn!(error = %e, %to, "the other transport connected but the session did not open; staying");
-                            better.set(ctx.dialer.better(&ctx.target, &conn));
+                            better.set(ctx.dialer.better(&target, &conn));
                         }
                     }
                 }
@@ -617,6 +636,43 @@ pub async fn run(
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             _ = shutdown.changed() => return None,
+        }
+    }
+}
+
+/// Every address the controller may be reached at: the one from the token, then the ones it
+/// announced (saved with the membership).
+fn addresses(ctx: &ControlCtx) -> Vec<String> {
+    let mut all = vec![ctx.target.quic.clone()];
+    if let Ok(m) = ctx.state.load_membership() {
+        for a in m.controllers {
+            if !all.contains(&a) {
+                all.push(a);
+            }
+        }
+    }
+    all
+}
+
+/// Saves the addresses the controller announced in its Welcome, when they changed (an empty
+/// list, from a controller that announces none, changes nothing).
+fn remember_announced(ctx: &ControlCtx, announced: &[String]) {
+    if announced.is_empty() {
+        return;
+    }
+    let Ok(mut m) = ctx.state.load_membership() else {
+        return;
+    };
+    if m.controllers == announced {
+        return;
+    }
+    m.controllers = announced.to_vec();
+    match ctx.state.save_membership(&m) {
+        Ok(()) => {
+            info!(addresses = ?announced, "the controller announced where else it can be reached; saved")
+        }
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "cannot save the controller's announced addresses")
         }
     }
 }

@@ -329,6 +329,7 @@ pub async fn join(
         controller: token.controller.clone(),
         controller_tcp: token.controller_tcp.clone(),
         controller_key: token.controller_key,
+        controllers: welcome.controllers.clone(),
         network: welcome.network.clone(),
         name: welcome.name.clone(),
         address: welcome.address,

@@ -52,6 +52,11 @@ pub struct Membership {
     pub controller_tcp: Option<String>,
     /// The controller's pinned key.
     pub controller_key: PublicKey,
+    /// Further addresses (`host:port`, QUIC) the controller announced (`serve --announce`),
+    /// tried in turn when `controller` stops answering: how a controller moves without every
+    /// node joining again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub controllers: Vec<String>,
     /// Network name.
     pub network: String,
     /// This node's name.
@@ -476,6 +481,7 @@ pub(crate) fn sample_membership() -> Membership {
         controller: "192.0.2.1:7443".into(),
         controller_tcp: None,
         controller_key: PublicKey([3; 32]),
+        controllers: Vec::new(),
         network: "prod".into(),
         name: "node-a".into(),
         address: std::net::Ipv4Addr::new(100, 64, 0, 7),

@@ -148,6 +148,7 @@ pub(super) fn server_messages() -> Vec<ServerMsg> {
             observed: Some(SocketAddr::from(([203, 0, 113, 9], 40000))),
             observer: None,
             birthday_budget: None,
+            controllers: vec!["ctl.example:7443".into(), "192.0.2.9:7443".into()],
         }),
         ServerMsg::Welcome(Welcome {
             network: "n".into(),
@@ -159,6 +160,7 @@ pub(super) fn server_messages() -> Vec<ServerMsg> {
             observed: None,
             observer: None,
             birthday_budget: None,
+            controllers: vec![],
         }),
         ServerMsg::Welcome(Welcome {
             network: "big".into(),
@@ -170,6 +172,7 @@ pub(super) fn server_messages() -> Vec<ServerMsg> {
             observed: Some(SocketAddr::from(([0x2001, 0xdb8, 0, 0, 0, 0, 0, 9], 1))),
             observer: None,
             birthday_budget: None,
+            controllers: vec![],
         }),
         ServerMsg::Relays {
             relays: vec![relay("eu-1"), relay("us-1")],
