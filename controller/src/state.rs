@@ -23,6 +23,8 @@ const DB_FILE: &str = "controller.db";
 const ADDR_FILE: &str = "listen.addr";
 const TCP_ADDR_FILE: &str = "listen-tcp.addr";
 const LOCK_FILE: &str = "controller.lock";
+/// How long an admin command waits for a `serve` started just before it to take its directory.
+const SERVE_START_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 const RELAY_LOCK_FILE: &str = "relay.lock";
 
 /// Which long-running process owns a state directory (see [`StateDir::lock`]).
@@ -81,12 +83,21 @@ impl StateDir {
         let state = StateDir {
             dir: dir.to_owned(),
         };
-        // A `serve` that has just started holds the lock and is about to create the key.
-        if !state.dir.join(KEY_FILE).exists() && state.locked(Role::Controller) {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            while !state.dir.join(KEY_FILE).exists() && std::time::Instant::now() < deadline {
-                std::thread::sleep(std::time::Duration::from_millis(20));
+        // A `serve` that has just started (`serve ... &` then `network create`, as every
+        // provisioning script does) is about to create the key: wait for it, up to 10 s once it
+        // holds the lock, and up to 2 s for it to take the lock at all.
+        let started = std::time::Instant::now();
+        while !state.dir.join(KEY_FILE).exists() {
+            let waited = started.elapsed();
+            let limit = if state.locked(Role::Controller) {
+                std::time::Duration::from_secs(10)
+            } else {
+                SERVE_START_WAIT
+            };
+            if waited >= limit {
+                break;
             }
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
         if !state.dir.join(KEY_FILE).exists() {
             if state.dir.join(DB_FILE).exists() {

@@ -283,6 +283,20 @@ fn processes_opening_a_new_database_at_once_all_succeed() {
     serve.wait_listening(&dir);
 }
 
+/// The quickstart as typed: `serve ... &` on a fresh directory, then at once `network create`
+/// and `token create`. The admin commands wait for the controller `serve` is creating.
+#[test]
+fn the_quickstart_works_typed_as_it_is() {
+    let tmp = TempDir::new("quickstart");
+    let dir = tmp.0.join("state");
+    let mut serve = Daemon::spawn(&dir, "serve");
+    let out = ctl(&dir, &["network", "create", "prod"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = ctl(&dir, &["token", "create", "prod"]);
+    assert!(out.status.success(), "{}", text(&out));
+    serve.wait_listening(&dir);
+}
+
 #[test]
 fn tokens_say_where_they_point() {
     let (_serve, addr, dir, _tmp) = serving("tokens");
