@@ -195,12 +195,27 @@ fn a_rate_limited_direct_path_gives_way_and_bulk_keeps_the_limits_throughput() {
     // A carrier's UDP limit: about 1,000 packets per second pass (sparse probes and
     // keepalives always do), the rest is dropped.
     spoil_direct(&ha, &hb.ip.to_string(), "limit rate over 1000/second drop");
+    let relayed = || {
+        a.status().unwrap()["counters"]["relay_tx"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = relayed();
     let mbit = mesh_e2e::iperf3(&ha, &hb, &b.address.to_string(), 5304, 20)
         .expect("iperf3 through the rate-limited pair failed (see the lab's command log)");
+    let relayed = relayed() - before;
     let path = path_of(&a, "b");
     // 1,000 packets of at most 1,452 bytes per second is about 11.6 Mbit/s.
-    eprintln!("UDP rate limit on the direct path: bulk TCP at {mbit:.1} Mbit/s over 20 s, path now {path}");
-    assert_eq!(path, "relay", "{:#}", a.peer("b").unwrap());
+    eprintln!("UDP rate limit on the direct path: bulk TCP at {mbit:.1} Mbit/s over 20 s, {relayed} packets relayed, path now {path}");
+    // The direct path gave way: the relay carried more packets than the limit lets through the
+    // direct path in the whole run. (Where the pair is at the last instant is no measure: with
+    // the loss the limit causes measured just under the 10 % switch threshold, liveness moves
+    // traffic to the relay and back; see the stop 25 note.)
+    assert!(
+        relayed > 20 * 1000,
+        "{relayed} packets relayed: {:#}",
+        a.peer("b").unwrap()
+    );
     assert!(mbit >= 11.6, "{mbit:.1} Mbit/s, under the limit's rate");
 }
 
