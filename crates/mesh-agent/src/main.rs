@@ -599,6 +599,12 @@ fn daemon_options(
     })
 }
 
+/// A read-only request to the daemon of `state`, on whichever of its sockets this user may
+/// use (see [`api::query`]).
+async fn ask(state: &StateDir, req: api::Request) -> anyhow::Result<serde_json::Value> {
+    api::query(&state.socket_path(), &state.read_only_socket_path(), req).await
+}
+
 /// Whether this `mesh join`/`mesh up` hands the daemon to mesh.service (see [`handover`]).
 fn hand_over(
     cli_state_dir: Option<&PathBuf>,
@@ -751,7 +757,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
                 let req = api::Request::Ping { peer: peer.clone() };
-                match api::query(&state.socket_path(), &state.read_only_socket_path(), req).await {
+                match ask(&state, req).await {
                     Ok(v) => {
                         answered += 1;
                         let via = match (v["endpoint"].as_str(), v["relay"].as_str()) {
@@ -790,10 +796,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(m) => m.address.to_string(),
                 // node.json is root's: a user asks the running daemon (read-only socket).
                 Err(e) => runtime()?
-                    .block_on(api::query(
-                        &state.socket_path(),
-                        &state.read_only_socket_path(),
-                        api::Request::Status,
+                    .block_on(ask(&state, api::Request::Status,
                     ))
                     .ok()
                     .and_then(|v| v["node"]["address"].as_str().map(str::to_owned))
@@ -804,7 +807,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Ip { peer: Some(peer) } => {
             let v =
-                runtime()?.block_on(api::query(&state.socket_path(), &state.read_only_socket_path(), api::Request::Status))?;
+                runtime()?.block_on(ask(&state, api::Request::Status))?;
             let found = v["peers"].as_array().into_iter().flatten().find(|p| {
                 ["name", "address", "key"]
                     .iter()
@@ -823,7 +826,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Status { json } => {
             let v =
-                runtime()?.block_on(api::query(&state.socket_path(), &state.read_only_socket_path(), api::Request::Status))?;
+                runtime()?.block_on(ask(&state, api::Request::Status))?;
             if json {
                 out(&serde_json::to_string_pretty(&v)?);
             } else {
@@ -922,13 +925,7 @@ async fn wait_online(state: &StateDir, timeout: Duration, peers: usize) -> anyho
                 } else if peers == 0 {
                     return Ok(());
                 } else {
-                    match api::query(
-                        &state.socket_path(),
-                        &state.read_only_socket_path(),
-                        api::Request::Status,
-                    )
-                    .await
-                    {
+                    match ask(state, api::Request::Status).await {
                         Ok(v) => {
                             let answering = v["peers"]
                                 .as_array()
