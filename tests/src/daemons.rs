@@ -485,6 +485,25 @@ impl Agent {
     }
 }
 
+/// A lab with a controller (192.0.2.1) serving `network`, hosts named `hosts`, and a reusable
+/// token for it: what most tests start from.
+pub fn lab_with_network(
+    label: &str,
+    network: &str,
+    hosts: &[&str],
+) -> Result<(Lab, Controller, Vec<Host>, String)> {
+    let mut lab = Lab::new(label)?;
+    let ctl_host = lab.add_controller_host("ctl")?;
+    let hosts = hosts
+        .iter()
+        .map(|h| lab.add_host(h))
+        .collect::<Result<Vec<_>>>()?;
+    let ctl = Controller::start(&lab, &ctl_host)?;
+    ctl.create_network(network)?;
+    let token = ctl.create_token(network, &["--reusable"])?;
+    Ok((lab, ctl, hosts, token))
+}
+
 /// Writes `token` to `<state_dir>.token` (mode 0600, created so before the token is written)
 /// and returns the path.
 pub fn write_token_file(state_dir: &Path, token: &str) -> Result<PathBuf> {

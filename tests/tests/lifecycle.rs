@@ -21,13 +21,7 @@ fn has_mesh0(host: &mesh_e2e::Host) -> bool {
 
 /// A lab with a controller serving network [`NET`], hosts named `hosts`, and a reusable token.
 fn lab(label: &str, hosts: &[&str]) -> (Lab, Controller, Vec<mesh_e2e::Host>, String) {
-    let mut lab = Lab::new(label).unwrap();
-    let ctl_host = lab.add_controller_host("ctl").unwrap();
-    let hosts = hosts.iter().map(|h| lab.add_host(h).unwrap()).collect();
-    let ctl = Controller::start(&lab, &ctl_host).unwrap();
-    ctl.create_network(NET).unwrap();
-    let token = ctl.create_token(NET, &["--reusable"]).unwrap();
-    (lab, ctl, hosts, token)
+    mesh_e2e::daemons::lab_with_network(label, NET, hosts).unwrap()
 }
 
 fn code(status: Option<ExitStatus>) -> Option<i32> {

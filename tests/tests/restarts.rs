@@ -10,12 +10,7 @@ const NET: &str = "lab";
 
 /// A lab with a controller, network `lab`, a reusable token, and one host per name.
 fn setup(label: &str, names: &[&str]) -> (Lab, Controller, String, Vec<Host>) {
-    let mut lab = Lab::new(label).unwrap();
-    let ctl_host = lab.add_controller_host("ctl").unwrap();
-    let hosts = names.iter().map(|n| lab.add_host(n).unwrap()).collect();
-    let ctl = Controller::start(&lab, &ctl_host).unwrap();
-    ctl.create_network(NET).unwrap();
-    let token = ctl.create_token(NET, &["--reusable"]).unwrap();
+    let (lab, ctl, hosts, token) = mesh_e2e::daemons::lab_with_network(label, NET, names).unwrap();
     (lab, ctl, token, hosts)
 }
 
