@@ -597,7 +597,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }) => {
             let controller = match controller {
                 Some(c) => c,
-                None => match state.listen_addr() {
+                None => match state.wait_listen_addr() {
                     Some(a) if !a.ip().is_unspecified() => a.to_string(),
                     Some(a) => bail!("the controller listens on {a}, which nodes cannot dial; pass the address nodes should use with --controller <ip:port>"),
                     None => bail!("no controller address known: start `mesh-controller serve --listen <ip:port>` with this state dir first, or pass --controller <ip:port>"),

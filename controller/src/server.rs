@@ -433,9 +433,10 @@ pub async fn serve_with(
     if let Some(tcp) = tcp {
         info!(%tcp, "listening on TCP too (TLS, for nodes whose UDP is blocked)");
     }
-    // The bound address: with port 0 the kernel chose one, and tokens must carry it.
-    state.write_listen_addr(controller.local_addr().unwrap_or(listen))?;
+    // The bound addresses: with port 0 the kernel chose one, and tokens must carry it. The UDP
+    // address last: `token create` takes it as the sign that both are written.
     state.write_listen_tcp_addr(tcp)?;
+    state.write_listen_addr(controller.local_addr().unwrap_or(listen))?;
     if let Some(addr) = metrics_listen {
         std::net::TcpListener::bind(addr)
             .with_context(|| format!("cannot serve metrics on {addr}"))?;

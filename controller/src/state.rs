@@ -215,7 +215,14 @@ impl StateDir {
 
     /// Remembers the address `serve` listens on, for `token create`.
     pub fn write_listen_addr(&self, addr: SocketAddr) -> anyhow::Result<()> {
-        std::fs::write(self.dir.join(ADDR_FILE), format!("{addr}\n"))?;
+        self.write_whole(ADDR_FILE, &format!("{addr}\n"))
+    }
+
+    /// Writes `name` so that a reader sees the old or the new content, never a part.
+    fn write_whole(&self, name: &str, content: &str) -> anyhow::Result<()> {
+        let tmp = self.dir.join(format!("{name}.tmp"));
+        std::fs::write(&tmp, content)?;
+        std::fs::rename(&tmp, self.dir.join(name))?;
         Ok(())
     }
 
@@ -223,7 +230,7 @@ impl StateDir {
     pub fn write_listen_tcp_addr(&self, addr: Option<SocketAddr>) -> anyhow::Result<()> {
         let path = self.dir.join(TCP_ADDR_FILE);
         match addr {
-            Some(a) => std::fs::write(path, format!("{a}\n"))?,
+            Some(a) => self.write_whole(TCP_ADDR_FILE, &format!("{a}\n"))?,
             None => match std::fs::remove_file(path) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
                 _ => {}
@@ -239,6 +246,22 @@ impl StateDir {
             .trim()
             .parse()
             .ok()
+    }
+
+    /// The address `serve` listens on; while a `serve` that holds the directory has not yet
+    /// written it (it is still binding), waits up to 10 s for it.
+    pub fn wait_listen_addr(&self) -> Option<SocketAddr> {
+        let started = std::time::Instant::now();
+        loop {
+            let addr = self.listen_addr();
+            if addr.is_some()
+                || !self.locked(Role::Controller)
+                || started.elapsed() >= std::time::Duration::from_secs(10)
+            {
+                return addr;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 
     /// The address `serve` last listened on.
