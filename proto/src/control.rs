@@ -86,6 +86,24 @@ pub enum ClientMsg {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         exact_name: bool,
     },
+    /// First message of a node that asks to join by network id (`mesh join meshnet1_...`):
+    /// no secret, so the controller admits it only once the administrator approves (or at
+    /// once where the network approves automatically). The answer is a `Welcome`, or
+    /// `Pending` and later a `Welcome` on the same connection, or an `Error`.
+    RequestJoin {
+        /// The network asked for.
+        network: String,
+        /// Requested node name (hostname by default).
+        name: String,
+        /// The machine's hostname, shown to the administrator beside the name.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        hostname: String,
+        /// Addresses this node can be reached at (local addresses with its UDP port).
+        endpoints: Vec<SocketAddr>,
+        /// As in `Join`: the user chose `name`, so a name taken at approval is refused.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        exact_name: bool,
+    },
     /// First message of a node that already joined: its key (from Noise) identifies it.
     Hello {
         /// The network the node believes it is in.
@@ -129,6 +147,20 @@ impl std::fmt::Debug for ClientMsg {
                 .field("token_id", token_id)
                 .field("token_secret", &"<hidden>")
                 .field("name", name)
+                .field("endpoints", endpoints)
+                .field("exact_name", exact_name)
+                .finish(),
+            ClientMsg::RequestJoin {
+                network,
+                name,
+                hostname,
+                endpoints,
+                exact_name,
+            } => f
+                .debug_struct("RequestJoin")
+                .field("network", network)
+                .field("name", name)
+                .field("hostname", hostname)
                 .field("endpoints", endpoints)
                 .field("exact_name", exact_name)
                 .finish(),
@@ -185,6 +217,15 @@ pub enum ServerMsg {
         /// See [`Welcome::birthday_budget`].
         #[serde(default, skip_serializing_if = "Option::is_none")]
         birthday_budget: Option<u16>,
+    },
+    /// Answer to `RequestJoin` where the administrator must approve: the request is recorded
+    /// and the connection stays open; a `Welcome` follows on it once approved, or an `Error`
+    /// (`rejected`, or `request_dropped`: ask again). Nothing about the network comes before.
+    Pending {
+        /// The network asked for.
+        network: String,
+        /// The name the request is recorded under (the admin approves it by this name).
+        name: String,
     },
     /// Answer to `Leave`: the node is deleted.
     Left,
@@ -338,6 +379,13 @@ pub enum ErrorCode {
     TicketInvalid,
     /// A relay ticket past its expiry.
     TicketExpired,
+    /// The administrator rejected this node's join request.
+    Rejected,
+    /// The network asked for does not exist (any more) on this controller.
+    NetworkUnknown,
+    /// The pending join request lapsed (24 h), or was pushed out by newer ones, or the
+    /// controller has too many from this address: ask again later.
+    RequestDropped,
 }
 
 /// A control message could not be decoded.
@@ -388,6 +436,18 @@ pub(crate) fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, De
     let env: Envelope<T> =
         serde_json::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
     Ok(env.msg)
+}
+
+/// Longest hostname a join request carries.
+pub const MAX_HOSTNAME_LEN: usize = 253;
+
+/// Checks a hostname as a join request carries it: 1..=253 characters of `[A-Za-z0-9._-]`.
+pub fn valid_hostname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_HOSTNAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
 /// Checks a node or network name: 1..=63 characters of `[A-Za-z0-9._-]`.
@@ -490,6 +550,21 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientMsg, DecodeError> {
             }
             check_endpoints(endpoints)?;
         }
+        ClientMsg::RequestJoin {
+            network,
+            name,
+            hostname,
+            endpoints,
+            ..
+        } => {
+            if !valid_name(network) || !valid_name(name) {
+                return Err(DecodeError::Bounds("name"));
+            }
+            if !hostname.is_empty() && !valid_hostname(hostname) {
+                return Err(DecodeError::Bounds("hostname"));
+            }
+            check_endpoints(endpoints)?;
+        }
         ClientMsg::Hello {
             network,
             endpoints,
@@ -554,6 +629,11 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerMsg, DecodeError> {
         ServerMsg::Error { message, .. } => {
             if message.len() > MAX_ERROR_TEXT {
                 return Err(DecodeError::Bounds("error message"));
+            }
+        }
+        ServerMsg::Pending { network, name } => {
+            if !valid_name(network) || !valid_name(name) {
+                return Err(DecodeError::Bounds("name"));
             }
         }
         ServerMsg::Settings { .. } | ServerMsg::Left => {}

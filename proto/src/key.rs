@@ -19,6 +19,17 @@ impl PublicKey {
         s.truncate(8);
         s
     }
+
+    /// A short digest of the key for people to compare, as `mesh status` shows it on the node
+    /// and `mesh-controller node pending` on the controller: the first 8 bytes of its SHA-256,
+    /// in four groups of hex (`3f2a-91c0-77de-0b14`). Guessing a key with a given
+    /// fingerprint takes about 2^64 tries.
+    pub fn fingerprint(&self) -> String {
+        use sha2::Digest as _;
+        let digest = sha2::Sha256::digest(self.0);
+        let hex = crate::hex::encode(&digest[..8]);
+        format!("{}-{}-{}-{}", &hex[..4], &hex[4..8], &hex[8..12], &hex[12..16])
+    }
 }
 
 /// The key text was not 32 bytes of base64.
@@ -72,6 +83,14 @@ mod tests {
         let s = k.to_string();
         assert_eq!(s.len(), 44);
         assert_eq!(s.parse::<PublicKey>(), Ok(k));
+    }
+
+    #[test]
+    fn fingerprints_are_short_and_differ() {
+        let a = PublicKey([7u8; 32]).fingerprint();
+        assert_eq!(a.len(), 19);
+        assert_eq!(a.matches('-').count(), 3);
+        assert_ne!(a, PublicKey([8u8; 32]).fingerprint());
     }
 
     #[test]

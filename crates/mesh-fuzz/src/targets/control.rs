@@ -96,6 +96,13 @@ pub(super) fn client_messages() -> Vec<ClientMsg> {
             endpoints: vec![],
             exact_name: false,
         },
+        ClientMsg::RequestJoin {
+            network: "prod".into(),
+            name: "worker-3".into(),
+            hostname: "worker-3.lab.example".into(),
+            endpoints: endpoints(4),
+            exact_name: false,
+        },
         ClientMsg::Hello {
             network: "prod".into(),
             endpoints: endpoints(16),
@@ -211,6 +218,7 @@ pub(super) fn client() -> Decoder {
                     "ok",
                     match m {
                         ClientMsg::Join { .. } => "join",
+                        ClientMsg::RequestJoin { .. } => "request_join",
                         ClientMsg::Hello { .. } => "hello",
                         ClientMsg::Heartbeat { .. } => "heartbeat",
                         ClientMsg::Leave => "leave",
@@ -240,6 +248,7 @@ pub(super) fn server() -> Decoder {
                         ServerMsg::PeersChanged { .. } => "peers_changed",
                         ServerMsg::Settings { .. } => "settings",
                         ServerMsg::Left => "left",
+                        ServerMsg::Pending { .. } => "pending",
                         ServerMsg::Error { .. } => "error",
                     },
                 )

@@ -8,7 +8,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use mesh_proto::demux::{classify, DatagramKind, STUN_MAGIC_COOKIE};
 use mesh_proto::relay::{self, RelayError, HEADER_LEN, MAX_FRAGMENTS, MAX_MESSAGE};
-use mesh_proto::token::{JoinToken, TokenError};
+use mesh_proto::token::{JoinArg, JoinToken, NetworkId, TokenError};
 use mesh_proto::{hex, PublicKey};
 use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
@@ -354,7 +354,21 @@ fn tokens() -> Vec<JoinToken> {
     .collect()
 }
 
-/// `JoinToken::from_str` on mutated token text, and on tokens whose decoded layout was
+fn network_ids() -> Vec<NetworkId> {
+    (0..3u64)
+        .map(|i| NetworkId {
+            controller: mesh_proto::token::ControllerRef {
+                addr: "192.0.2.1:7443".into(),
+                key: PublicKey(filler(400 + i, 32).try_into().unwrap_or([0; 32])),
+                tcp: (i > 0).then(|| "192.0.2.1:443".to_owned()),
+                others: (0..i).map(|j| format!("198.51.100.{j}:7443")).collect(),
+            },
+            network: format!("net-{i}"),
+        })
+        .collect()
+}
+
+/// `JoinToken::from_str` (and the network id and `mesh join` argument parsers) on mutated token text, and on tokens whose decoded layout was
 /// mutated and encoded again (so inputs get past base64 into the layout reader).
 pub(super) struct Token {
     corpus: Vec<Vec<u8>>,
@@ -367,14 +381,16 @@ impl Token {
             .iter()
             .map(|t| t.to_string().into_bytes())
             .collect();
+        corpus.extend(network_ids().iter().map(|n| n.to_string().into_bytes()));
         corpus.extend(committed("token"));
         let bodies = corpus
             .iter()
             .filter_map(|t| {
-                let text = std::str::from_utf8(t).ok()?;
-                URL_SAFE_NO_PAD
-                    .decode(text.trim().strip_prefix("mesh1_")?)
-                    .ok()
+                let text = std::str::from_utf8(t).ok()?.trim();
+                let body = text
+                    .strip_prefix("mesh1_")
+                    .or_else(|| text.strip_prefix("meshnet1_"))?;
+                URL_SAFE_NO_PAD.decode(body).ok()
             })
             .collect();
         Token { corpus, bodies }
@@ -388,7 +404,8 @@ impl Harness for Token {
         } else {
             let m = Mutator::new(&self.bodies, 600);
             let body = m.input(rng);
-            format!("mesh1_{}", URL_SAFE_NO_PAD.encode(body)).into_bytes()
+            let prefix = if rng.gen() { "mesh1_" } else { "meshnet1_" };
+            format!("{prefix}{}", URL_SAFE_NO_PAD.encode(body)).into_bytes()
         };
         vec![Step { op: 0, bytes }]
     }
@@ -398,6 +415,13 @@ impl Harness for Token {
             return Outcome::new("empty");
         };
         let text = String::from_utf8_lossy(&step.bytes);
+        if let Ok(n) = text.parse::<NetworkId>() {
+            check(
+                n.to_string().parse::<NetworkId>().as_ref() == Ok(&n),
+                "an accepted network id encodes back to itself",
+            );
+        }
+        let _ = text.parse::<JoinArg>();
         match text.parse::<JoinToken>() {
             Ok(t) => {
                 check(
@@ -413,6 +437,9 @@ impl Harness for Token {
             Err(TokenError::Prefix) => Outcome::new("prefix"),
             Err(TokenError::Damaged(why)) => Outcome::with("damaged", why),
             Err(TokenError::Newer(_)) => Outcome::new("newer"),
+            Err(TokenError::NetworkDamaged(_) | TokenError::NetworkNewer(_)) => {
+                Outcome::new("network")
+            }
         }
     }
 
