@@ -218,7 +218,7 @@ impl<'a> Reader<'a> {
 }
 
 /// The bytes after `prefix`, bounded and decoded.
-fn body<'a>(s: &'a str, prefix: &str) -> Option<Result<Vec<u8>, &'static str>> {
+fn body(s: &str, prefix: &str) -> Option<Result<Vec<u8>, &'static str>> {
     let body = s.strip_prefix(prefix)?;
     if s.len() > MAX_TOKEN_LEN {
         return Some(Err("too long"));

@@ -215,6 +215,21 @@ impl Controller {
         Ok(token.to_string())
     }
 
+    /// `network id NAME`: the network id (checked to be one `meshnet1_` line).
+    pub fn network_id(&self, network: &str) -> Result<String> {
+        let out = self.admin(["network", "id", network]).ok()?;
+        let id = out.stdout.trim();
+        if !id.starts_with("meshnet1_") || id.lines().count() != 1 {
+            bail!("`network id` printed something else than one network id: {out}");
+        }
+        Ok(id.to_string())
+    }
+
+    /// `node pending NETWORK --json`.
+    pub fn pending(&self, network: &str) -> Result<Vec<Value>> {
+        json_array(self.admin(["node", "pending", network, "--json"]))
+    }
+
     /// `token list --json`.
     pub fn tokens(&self) -> Result<Vec<Value>> {
         json_array(self.admin(["token", "list", "--json"]))
@@ -282,6 +297,69 @@ impl Agent {
         args.extend_from_slice(extra);
         agent.start(&args, "join")?;
         Ok(agent)
+    }
+
+    /// `mesh join NETWORK-ID --name NAME EXTRA...` in `host`, without waiting: the node may
+    /// wait for the administrator's approval (see [`Agent::wait_pending`], [`Agent::wait_ready`]).
+    pub fn ask(lab: &Lab, host: &Host, name: &str, id: &str, extra: &[&str]) -> Result<Agent> {
+        let mut agent = Agent::idle(lab, host, name)?;
+        let mut args = vec!["join", id, "--name", name];
+        args.extend_from_slice(extra);
+        agent.spawn_daemon(&args, "ask")?;
+        Ok(agent)
+    }
+
+    /// Starts `mesh ARGS` as this agent's daemon without waiting for anything.
+    pub fn spawn_daemon(&mut self, args: &[&str], what: &str) -> Result<()> {
+        if self.is_running() {
+            bail!("agent {} is already running", self.name);
+        }
+        let label = format!("{}-{what}", self.name);
+        self.proc = Some(Proc::spawn(
+            &self.host.ns,
+            &self.log_dir,
+            &label,
+            mesh_bin()?,
+            with_state_dir(args.iter().copied(), &self.state_dir),
+        )?);
+        Ok(())
+    }
+
+    /// Waits until `mesh status --json` says the node waits for approval with the controller
+    /// holding its request; returns that status. Fails early, with the log, if the daemon exits.
+    pub fn wait_pending(&mut self, timeout: Duration) -> Result<Value> {
+        let mut last = String::from("(no status yet)");
+        let (ns, state_dir) = (self.host.ns.clone(), self.state_dir.clone());
+        let mut proc = self.proc.as_mut();
+        let found = wait_for(timeout, || {
+            if let Some(status) = proc.as_mut().and_then(|p| p.try_status()) {
+                return Some(Err(status));
+            }
+            let out = mesh_cli(&ns, &state_dir, ["status", "--json"]);
+            let Ok(status) = serde_json::from_str::<Value>(&out.stdout) else {
+                last = out.to_string();
+                return None;
+            };
+            if status["state"] == "waiting_for_approval" && status["controller"]["connected"] == true
+            {
+                return Some(Ok(status));
+            }
+            last = out.to_string();
+            None
+        });
+        let name = self.name.clone();
+        match found {
+            Some(Ok(v)) => Ok(v),
+            Some(Err(status)) => Err(anyhow!(
+                "agent {name} exited ({}) instead of waiting for approval\n{}",
+                describe_status(Some(status), false),
+                self.log()
+            )),
+            None => Err(anyhow!(
+                "agent {name} not waiting for approval after {timeout:?}; last check: {last}\n{}",
+                self.log()
+            )),
+        }
     }
 
     /// An agent on `host` with its state dir and no daemon running yet: for one-shot CLI

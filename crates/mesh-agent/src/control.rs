@@ -101,6 +101,63 @@ pub async fn open(
     first: &ClientMsg,
     timeout: Duration,
 ) -> Result<(Session, Welcome), ControlError> {
+    let answer = ask(dialer, target, controller_key, node_key, first, timeout).await?;
+    welcome_only(&target.quic, answer)
+}
+
+/// A welcome, where `Pending` cannot be the answer (a token join, a hello).
+fn welcome_only(
+    controller: &str,
+    answer: (Session, Reply),
+) -> Result<(Session, Welcome), ControlError> {
+    match answer {
+        (session, Reply::Welcome(w)) => Ok((session, w)),
+        (session, Reply::Pending { .. }) => {
+            session.conn.close(0, b"unexpected");
+            Err(ControlError::Failed {
+                addr: controller.to_owned(),
+                reason: "the controller answered `pending` to a request that cannot wait".into(),
+            })
+        }
+    }
+}
+
+/// [`open`] on a link already up.
+pub async fn open_on(
+    conn: Link,
+    controller: &str,
+    controller_key: &PublicKey,
+    node_key: &[u8; 32],
+    first: &ClientMsg,
+    timeout: Duration,
+) -> Result<(Session, Welcome), ControlError> {
+    let answer = first_reply(conn, controller, controller_key, node_key, first, timeout).await?;
+    welcome_only(controller, answer)
+}
+
+/// The controller's first answer to a join request by network id.
+#[derive(Debug)]
+pub enum Reply {
+    /// Admitted (approved before, or the network approves automatically).
+    Welcome(Welcome),
+    /// Recorded; the administrator must approve. A `Welcome` or an `Error` follows on the
+    /// session (see [`Session::recv`]).
+    Pending {
+        /// The name the request is recorded under.
+        name: String,
+    },
+}
+
+/// Connects like [`open`] and sends `first` (a join request by network id), taking
+/// `Pending` as an answer as well as `Welcome`.
+pub async fn ask(
+    dialer: &Dialer,
+    target: &Target,
+    controller_key: &PublicKey,
+    node_key: &[u8; 32],
+    first: &ClientMsg,
+    timeout: Duration,
+) -> Result<(Session, Reply), ControlError> {
     let started = std::time::Instant::now();
     let link = dialer
         .connect(target, timeout)
@@ -114,18 +171,18 @@ pub async fn open(
     let left = timeout
         .saturating_sub(started.elapsed())
         .max(Duration::from_secs(2));
-    open_on(link, &target.quic, controller_key, node_key, first, left).await
+    first_reply(link, &target.quic, controller_key, node_key, first, left).await
 }
 
-/// [`open`] on a link already up.
-pub async fn open_on(
+/// The handshake, `first`, and the controller's answer to it.
+async fn first_reply(
     conn: Link,
     controller: &str,
     controller_key: &PublicKey,
     node_key: &[u8; 32],
     first: &ClientMsg,
     timeout: Duration,
-) -> Result<(Session, Welcome), ControlError> {
+) -> Result<(Session, Reply), ControlError> {
     let failed = |reason: String| ControlError::Failed {
         addr: controller.to_owned(),
         reason,
@@ -143,21 +200,23 @@ pub async fn open_on(
             .await
             .map_err(|e| failed(e.to_string()))?;
         let reply = rx.recv().await.map_err(|e| failed(e.to_string()))?;
-        match decode_server(&reply).map_err(|e| failed(e.to_string()))? {
-            ServerMsg::Welcome(welcome) => Ok((
-                Session {
-                    conn: conn.clone(),
-                    tx,
-                    rx,
-                },
-                welcome,
-            )),
+        let reply = match decode_server(&reply).map_err(|e| failed(e.to_string()))? {
+            ServerMsg::Welcome(welcome) => Reply::Welcome(welcome),
+            ServerMsg::Pending { name, .. } => Reply::Pending { name },
             ServerMsg::Error { code, message } => {
                 conn.close(0, b"refused");
-                Err(ControlError::Refused { code, message })
+                return Err(ControlError::Refused { code, message });
             }
-            other => Err(failed(format!("unexpected first message {other:?}"))),
-        }
+            other => return Err(failed(format!("unexpected first message {other:?}"))),
+        };
+        Ok((
+            Session {
+                conn: conn.clone(),
+                tx,
+                rx,
+            },
+            reply,
+        ))
     };
     match tokio::time::timeout(timeout, attempt).await {
         Ok(r) => r,
@@ -173,6 +232,21 @@ pub async fn open_on(
 }
 
 impl Session {
+    /// The next message from the controller (waits as long as the connection lives).
+    pub async fn recv(&mut self) -> Result<ServerMsg, ControlError> {
+        let failed = |reason: String| ControlError::Failed {
+            addr: self.conn.remote_address().to_string(),
+            reason,
+        };
+        let bytes = self.rx.recv().await.map_err(|e| failed(e.to_string()))?;
+        decode_server(&bytes).map_err(|e| failed(e.to_string()))
+    }
+
+    /// Closes the session at once.
+    pub fn close(&self) {
+        self.conn.close(0, b"done");
+    }
+
     /// The transport the session runs on.
     pub fn transport(&self) -> mesh_control::Transport {
         self.conn.transport()

@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use mesh_control::quic;
 use mesh_core::{Counters, Node, NodeConfig};
 use mesh_proto::control::{ClientMsg, NatKind};
-use mesh_proto::token::JoinToken;
+use mesh_proto::token::{ControllerRef, JoinToken, NetworkId};
 use mesh_proto::PublicKey;
 use mesh_sys::netlink::InterfaceConfig;
 use mesh_sys::socket::UdpPort;
@@ -325,11 +325,35 @@ pub async fn join(
     if told {
         info!(controller = %token.controller, "the controller answers now");
     }
+    let controller = ControllerRef {
+        addr: token.controller.clone(),
+        key: token.controller_key,
+        tcp: token.controller_tcp.clone(),
+        others: Vec::new(),
+    };
+    let membership = save_welcome(&opts, &controller, &welcome, &session, port)?;
+    close_joined(membership, &name.name, session, running).await
+}
+
+/// After a welcome at a join: the membership, saved with the peer and relay lists.
+fn save_welcome(
+    opts: &Settings,
+    controller: &ControllerRef,
+    welcome: &mesh_proto::control::Welcome,
+    session: &control::Session,
+    port: u16,
+) -> anyhow::Result<Membership> {
+    let mut controllers = controller.others.clone();
+    for c in &welcome.controllers {
+        if !controllers.contains(c) && *c != controller.addr {
+            controllers.push(c.clone());
+        }
+    }
     let membership = Membership {
-        controller: token.controller.clone(),
-        controller_tcp: token.controller_tcp.clone(),
-        controller_key: token.controller_key,
-        controllers: welcome.controllers.clone(),
+        controller: controller.addr.clone(),
+        controller_tcp: controller.tcp.clone(),
+        controller_key: controller.key,
+        controllers,
         network: welcome.network.clone(),
         name: welcome.name.clone(),
         address: welcome.address,
@@ -337,29 +361,35 @@ pub async fn join(
         mtu: opts.mtu,
         port,
         interface: opts.interface.clone(),
-        endpoint_interfaces: Options::saved_list(&opts),
+        endpoint_interfaces: Options::saved_list(opts),
         port_mapping: opts.port_mapping,
     };
     opts.state.save_membership(&membership)?;
-    // A node removed before and now joined again is a member again.
+    // A node removed before and now joined again is a member again; a request is answered.
     opts.state.clear_removed()?;
+    opts.state.clear_request()?;
     // `mesh up`, next, goes straight to TCP where QUIC did not get through.
     opts.state
         .save_tcp_only(session.transport() == mesh_control::Transport::Tcp)?;
     opts.state.save_peers(&welcome.peers)?;
     opts.state.save_relays(&welcome.relays)?;
+    Ok(membership)
+}
+
+/// The end of a join in this process: says where the node is, closes the session, the QUIC
+/// endpoint and the data plane (the daemon starts afresh as `mesh up`).
+async fn close_joined(
+    membership: Membership,
+    asked: &str,
+    session: control::Session,
+    running: Running,
+) -> anyhow::Result<Membership> {
     let _ = running
         .data_tx
         .send(DataCmd::SetAddress(membership.address))
         .await;
     info!(network = %membership.network, name = %membership.name, address = %membership.address, "joined");
-    if membership.name != name.name {
-        // Only an implicit name gets here (an explicit one is refused when taken).
-        warn!(
-            "the name {:?} is taken in network {} by another node, so this node is registered as {:?}; kubeadm names the node after the hostname, so the two now differ. If the holder is this machine's old entry (a reinstall, a lost key), remove it with `mesh-controller node remove {} {}` and join again; otherwise give this node its own --name",
-            name.name, membership.network, membership.name, membership.network, name.name
-        );
-    }
+    warn_renamed(&membership, asked);
     let over_quic = session.transport() == mesh_control::Transport::Quic;
     drop(session);
     running.endpoint.close(0u32.into(), b"joined");
@@ -372,8 +402,349 @@ pub async fn join(
     Ok(membership)
 }
 
-/// `mesh up`: runs the daemon from saved state; works while the controller is down.
-pub async fn up(opts: Options) -> anyhow::Result<()> {
+/// Warns when the node was registered under another name than the one it asked for.
+fn warn_renamed(membership: &Membership, asked: &str) {
+    if membership.name != asked {
+        // Only an implicit name gets here (an explicit one is refused when taken).
+        warn!(
+            "the name {:?} is taken in network {} by another node, so this node is registered as {:?}; kubeadm names the node after the hostname, so the two now differ. If the holder is this machine's old entry (a reinstall, a lost key), remove it with `mesh-controller node remove {} {}` and join again; otherwise give this node its own --name",
+            asked, membership.network, membership.name, membership.network, asked
+        );
+    }
+}
+
+/// What a join by network id came to.
+pub enum Requested {
+    /// Admitted at once (approved before, or the network approves automatically).
+    Joined(Membership),
+    /// Recorded (and saved in `request.json`): the administrator must approve.
+    Pending(crate::approval::WaitStatus),
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The join request by network id, as sent.
+async fn request_msg(opts: &Settings, id: &NetworkId, name: &NameChoice, port: u16) -> ClientMsg {
+    ClientMsg::RequestJoin {
+        network: id.network.clone(),
+        name: name.name.clone(),
+        hostname: crate::config::hostname(),
+        endpoints: candidates::report(
+            &control::local_addresses(&opts.interface, None).await,
+            &opts.endpoint_interfaces,
+            port,
+            candidates::Mappings::default(),
+        ),
+        exact_name: name.explicit,
+    }
+}
+
+fn wait_status(
+    id: &NetworkId,
+    name: &str,
+    node_key: &[u8; 32],
+    since: u64,
+) -> crate::approval::WaitStatus {
+    let key = public_of(node_key);
+    crate::approval::WaitStatus {
+        network: id.network.clone(),
+        name: name.to_owned(),
+        key,
+        fingerprint: key.fingerprint(),
+        controller: id.controller.addr.clone(),
+        controller_answers: false,
+        last_error: None,
+        since,
+    }
+}
+
+/// `mesh join NETWORK-ID`: asks the controller to admit this node. Returns the membership when
+/// the controller admits it at once; else saves the request (`request.json`), which `mesh up`
+/// keeps asking with until the administrator decides.
+pub async fn request(
+    opts: Options,
+    id_text: &str,
+    name: NameChoice,
+    connect_timeout: Duration,
+    wait: Option<Duration>,
+) -> anyhow::Result<Requested> {
+    let id: NetworkId = id_text.parse()?;
+    opts.state.create()?;
+    opts.state.check_writable().map_err(fatal)?;
+    let _lock = opts.state.lock()?;
+    let saved = opts.state.load_membership().ok();
+    let opts = opts.settle(saved.as_ref())?;
+    let node_key = opts.state.load_or_create_key()?;
+    let running = start(&opts, &node_key, Ipv4Addr::UNSPECIFIED, None)?;
+    let port = running.port.local_addr()?.port();
+    let since = unix_now();
+    let status = Mutex::new(wait_status(&id, &name.name, &node_key, since));
+    let asking = crate::approval::Asking {
+        dialer: &running.dialer,
+        id: &id,
+        node_key: &node_key,
+        request: request_msg(&opts, &id, &name, port).await,
+        connect_timeout,
+    };
+    let limits = crate::approval::Limits {
+        unreachable: Some(wait.unwrap_or(DEFAULT_CONTROLLER_WAIT)),
+        total: wait,
+    };
+    match crate::approval::ask_until(&asking, &status, limits, true).await {
+        Err(e) => {
+            let _ = running.shutdown_tx.send(true);
+            Err(e)
+        }
+        Ok(crate::approval::Answer::Approved(session, welcome)) => {
+            let m = save_welcome(&opts, &id.controller, &welcome, &session, port)?;
+            close_joined(m, &name.name, session, running)
+                .await
+                .map(Requested::Joined)
+        }
+        Ok(crate::approval::Answer::Pending(session)) => {
+            let status = status.lock().map(|s| s.clone()).map_err(|_| {
+                anyhow::anyhow!("internal error: the request's status is poisoned")
+            })?;
+            let settings = Membership {
+                controller: id.controller.addr.clone(),
+                controller_tcp: id.controller.tcp.clone(),
+                controller_key: id.controller.key,
+                controllers: id.controller.others.clone(),
+                network: id.network.clone(),
+                name: status.name.clone(),
+                address: Ipv4Addr::UNSPECIFIED,
+                prefix_len: 0,
+                mtu: opts.mtu,
+                port,
+                interface: opts.interface.clone(),
+                endpoint_interfaces: Options::saved_list(&opts),
+                port_mapping: opts.port_mapping,
+            };
+            opts.state.save_request(&crate::state::PendingJoin {
+                id: id_text.trim().to_owned(),
+                name: name.name.clone(),
+                exact_name: name.explicit,
+                since,
+                settings,
+            })?;
+            opts.state.clear_removed()?;
+            session.close();
+            running.endpoint.close(0u32.into(), b"asked");
+            let _ = running.shutdown_tx.send(true);
+            Ok(Requested::Pending(status))
+        }
+    }
+}
+
+/// How long `mesh join` waits for a controller that does not answer, unless `--wait` says.
+pub const DEFAULT_CONTROLLER_WAIT: Duration = Duration::from_secs(60);
+
+/// `mesh status` of a node that waits for approval.
+fn pending_status_json(s: &crate::approval::WaitStatus, interface: &str) -> serde_json::Value {
+    json!({
+        "state": "waiting_for_approval",
+        "version": env!("CARGO_PKG_VERSION"),
+        "node": {
+            "name": s.name,
+            "key": s.key.to_string(),
+            "fingerprint": s.fingerprint,
+            "network": s.network,
+            "interface": interface,
+        },
+        "controller": {
+            "address": s.controller,
+            "connected": s.controller_answers,
+            "last_error": s.last_error,
+        },
+        "waiting_since": humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + Duration::from_secs(s.since)
+        ).to_string(),
+        "approve_with": s.approve_command(),
+    })
+}
+
+/// How often the daemon tells systemd, while it waits for approval, to wait longer for it
+/// (`EXTEND_TIMEOUT_USEC`, by twice this), so the unit's start does not time out.
+const EXTEND_EVERY: Duration = Duration::from_secs(30);
+
+/// `mesh up` of a node whose join request waits for approval: asks until the administrator
+/// decides, serving `mesh status` meanwhile, then goes on as a member in this process.
+async fn up_pending(
+    opts: Options,
+    pending: crate::state::PendingJoin,
+    wait: Option<Duration>,
+) -> anyhow::Result<()> {
+    opts.state.check_writable().map_err(fatal)?;
+    let lock = opts.state.lock()?;
+    let node_key = opts.state.load_key()?.context(
+        "the node key is missing from the state directory; ask again with `mesh join NETWORK-ID`",
+    )?;
+    let id = pending.network_id().map_err(fatal)?;
+    let opts = opts.settle(Some(&pending.settings))?;
+    let mut running = start(&opts, &node_key, Ipv4Addr::UNSPECIFIED, None)?;
+    let port = running.port.local_addr()?.port();
+    let sockets = (
+        api::bind(&opts.state.socket_path())?,
+        api::bind_read_only(&opts.state.read_only_socket_path())?,
+    );
+    let name = NameChoice {
+        name: pending.name.clone(),
+        explicit: pending.exact_name,
+    };
+    let status = Mutex::new(wait_status(&id, &pending.name, &node_key, pending.since));
+    let dialer = running.dialer.clone();
+    let asking = crate::approval::Asking {
+        dialer: &dialer,
+        id: &id,
+        node_key: &node_key,
+        request: request_msg(&opts, &id, &name, port).await,
+        connect_timeout: Duration::from_secs(10),
+    };
+    let limits = crate::approval::Limits {
+        unreachable: wait,
+        total: wait,
+    };
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&format!(
+        "asking the controller at {} to join network {}",
+        id.controller.addr, id.network
+    ))]);
+    let waiting = crate::approval::ask_until(&asking, &status, limits, false);
+    tokio::pin!(waiting);
+    let mut extend = tokio::time::interval(EXTEND_EVERY);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let (listener, read_only) = &sockets;
+    enum Stop {
+        Signal,
+        Down,
+        Withdrawn,
+    }
+    let outcome = loop {
+        tokio::select! {
+            r = &mut waiting => break Ok(r),
+            _ = extend.tick() => {
+                let line = status.lock().map(|s| if s.controller_answers {
+                    s.line()
+                } else {
+                    format!("asking the controller at {} to join network {} ({})", s.controller, s.network, s.last_error.as_deref().unwrap_or("connecting"))
+                }).unwrap_or_default();
+                let extend_usec = u32::try_from((EXTEND_EVERY * 2).as_micros()).unwrap_or(u32::MAX);
+                let _ = sd_notify::notify(&[
+                    sd_notify::NotifyState::ExtendTimeoutUsec(extend_usec),
+                    sd_notify::NotifyState::Status(&line),
+                ]);
+            }
+            _ = tokio::signal::ctrl_c() => break Err(Stop::Signal),
+            _ = term.recv() => break Err(Stop::Signal),
+            accepted = async {
+                tokio::select! {
+                    a = listener.accept() => a.map(|(s, ())| (s, false)),
+                    a = read_only.accept() => a.map(|(s, ())| (s, true)),
+                }
+            } => {
+                let Ok((mut stream, ro)) = accepted else { continue };
+                let snapshot = status.lock().map(|s| s.clone());
+                let Ok(snapshot) = snapshot else { continue };
+                match api::read_request(&mut stream).await {
+                    Some(r) if ro && !r.read_only() => {
+                        api::write_response(&mut stream, &json!({
+                            "error": format!("permission denied: this command changes the node and needs root (or the group of {}); run it with sudo", opts.state.socket_path().display()),
+                            "denied": true,
+                        })).await;
+                    }
+                    Some(Request::Status) => {
+                        api::write_response(&mut stream, &pending_status_json(&snapshot, &opts.interface)).await;
+                    }
+                    Some(Request::Ping { .. }) => {
+                        api::write_response(&mut stream, &json!({"error": format!("this node has no peers yet: {}", snapshot.line())})).await;
+                    }
+                    Some(Request::Down) => {
+                        api::write_response(&mut stream, &json!({"ok": true, "network": snapshot.network, "interface": opts.interface, "pending": true})).await;
+                        break Err(Stop::Down);
+                    }
+                    Some(Request::Leave { .. }) => {
+                        api::write_response(&mut stream, &json!({
+                            "ok": true,
+                            "network": snapshot.network,
+                            "name": snapshot.name,
+                            "pending": true,
+                            "controller_told": false,
+                            "reason": "the node was still waiting for approval; its request stays listed until it lapses (24 h) or the administrator rejects it",
+                        })).await;
+                        break Err(Stop::Withdrawn);
+                    }
+                    None => api::write_response(&mut stream, &json!({"error": "malformed request"})).await,
+                }
+            }
+        }
+    };
+    let stop_waiting = |running: Running| async move {
+        let _ = running.shutdown_tx.send(true);
+        running.endpoint.close(0u32.into(), b"agent stopping");
+        let _ = tokio::time::timeout(Duration::from_secs(3), running.data_task).await;
+    };
+    let remove_sockets = || {
+        let _ = std::fs::remove_file(opts.state.socket_path());
+        let _ = std::fs::remove_file(opts.state.read_only_socket_path());
+    };
+    let answer = match outcome {
+        Ok(answer) => answer,
+        Err(stop) => {
+            stop_waiting(running).await;
+            remove_sockets();
+            match stop {
+                Stop::Signal => info!("stopping; the join request is kept (`mesh up` asks again)"),
+                Stop::Down => info!("down: the join request is kept; `mesh up` asks again"),
+                Stop::Withdrawn => {
+                    opts.state.wipe()?;
+                    info!("join request withdrawn; local state deleted");
+                }
+            }
+            drop(lock);
+            return Ok(());
+        }
+    };
+    let (session, welcome) = match answer {
+        Ok(crate::approval::Answer::Approved(session, welcome)) => (session, welcome),
+        Ok(crate::approval::Answer::Pending(_)) => unreachable!("asked until approved"),
+        Err(e) => {
+            stop_waiting(running).await;
+            remove_sockets();
+            if e.downcast_ref::<Fatal>().is_some() {
+                // Rejected, or the network is gone: asking again cannot help.
+                opts.state.clear_request()?;
+            }
+            return Err(e);
+        }
+    };
+    let membership = save_welcome(&opts, &id.controller, &welcome, &session, port)?;
+    info!(network = %membership.network, name = %membership.name, address = %membership.address, "approved: joined");
+    warn_renamed(&membership, &pending.name);
+    // The daemon goes on in this process; its control loop says hello on its own connection.
+    session.close();
+    running.dialer.overlay = Some(overlay_range(&membership));
+    let _ = running
+        .data_tx
+        .send(DataCmd::SetAddress(membership.address))
+        .await;
+    let _ = running
+        .data_tx
+        .send(DataCmd::SetPeers(welcome.peers.clone()))
+        .await;
+    let result = run(opts, membership, node_key, running, Some(sockets)).await;
+    drop(lock);
+    result
+}
+
+/// `mesh up`: runs the daemon from saved state; works while the controller is down. A node
+/// whose join request waits for approval keeps asking (for `wait` at most; `None`: for ever).
+pub async fn up(opts: Options, wait: Option<Duration>) -> anyhow::Result<()> {
+    if let Some(pending) = opts.state.load_request()? {
+        return up_pending(opts, pending, wait).await;
+    }
     // Before anything touches the interface: a state directory it can write, one agent per
     // state directory, and a membership the controller has not ended.
     let mut membership = opts.state.load_membership()?;
@@ -421,7 +792,7 @@ pub async fn up(opts: Options) -> anyhow::Result<()> {
     let cached = opts.state.load_peers();
     info!(peers = cached.len(), "starting from saved state");
     let _ = running.data_tx.send(DataCmd::SetPeers(cached)).await;
-    let result = run(opts, membership, node_key, running).await;
+    let result = run(opts, membership, node_key, running, None).await;
     drop(lock);
     result
 }
@@ -435,7 +806,8 @@ pub struct Fatal(anyhow::Error);
 /// Exit status for [`Fatal`] (`RestartPreventExitStatus=` in mesh.service; sysexits' EX_CONFIG).
 pub const EXIT_FATAL: u8 = 78;
 
-fn fatal(e: anyhow::Error) -> anyhow::Error {
+/// Wraps `e` as [`Fatal`].
+pub(crate) fn fatal(e: anyhow::Error) -> anyhow::Error {
     Fatal(e).into()
 }
 
@@ -457,6 +829,7 @@ async fn run(
     membership: Membership,
     node_key: [u8; 32],
     running: Running,
+    sockets: Option<(api::Listener, api::Listener)>,
 ) -> anyhow::Result<()> {
     configure_interface(&opts, &membership).await?;
     match mesh_sys::firewall::clamp_mss(&opts.interface) {
@@ -476,8 +849,13 @@ async fn run(
             membership.address, opts.interface, membership.network
         )),
     ]);
-    let listener = api::bind(&opts.state.socket_path())?;
-    let read_only = api::bind_read_only(&opts.state.read_only_socket_path())?;
+    let (listener, read_only) = match sockets {
+        Some(s) => s,
+        None => (
+            api::bind(&opts.state.socket_path())?,
+            api::bind_read_only(&opts.state.read_only_socket_path())?,
+        ),
+    };
     let status = Arc::new(Mutex::new(ControlStatus {
         address: membership.controller.clone(),
         connected: false,
@@ -615,6 +993,7 @@ async fn run(
     let node_info = json!({
         "name": membership.name,
         "key": public_of(&node_key).to_string(),
+        "fingerprint": public_of(&node_key).fingerprint(),
         "address": membership.address.to_string(),
         "prefix_len": membership.prefix_len,
         "mtu": opts.mtu,
@@ -1009,6 +1388,7 @@ async fn status_json(
         .map(|s| s.values().cloned().collect())
         .unwrap_or_default();
     json!({
+        "state": "online",
         "version": env!("CARGO_PKG_VERSION"),
         "node": node,
         "controller": control,
@@ -1038,6 +1418,18 @@ pub struct LeftOffline {
 /// `mesh leave` without a running daemon: tell the controller directly, then delete the
 /// interface and the state.
 pub async fn leave_offline(state: &StateDir, force: bool) -> anyhow::Result<LeftOffline> {
+    if let (Err(_), Some(r)) = (state.load_membership(), state.load_request()?) {
+        // Only asked, never admitted: nothing to take down but the local state.
+        let _lock = state.lock()?;
+        state.wipe()?;
+        return Ok(LeftOffline {
+            network: r.settings.network,
+            name: r.name,
+            not_told: Some(
+                "the node was still waiting for approval; its request stays listed until it lapses (24 h) or the administrator rejects it".into(),
+            ),
+        });
+    }
     let m = state.load_membership()?;
     // A daemon that started meanwhile (or one the socket did not answer for) keeps its state.
     let _lock = state.lock()?;

@@ -97,6 +97,18 @@ pub fn start() -> anyhow::Result<()> {
     systemctl(&["start", UNIT])
 }
 
+/// After a join by network id that waits for approval: enables and (re)starts the unit without
+/// waiting for its start to finish, which happens only once the administrator approves.
+pub fn start_after_join_no_block() -> anyhow::Result<()> {
+    systemctl(&["enable", "--quiet", UNIT])?;
+    systemctl(&["restart", "--no-block", UNIT])
+}
+
+/// Starts the unit without waiting for it to be ready (a node that waits for approval).
+pub fn start_no_block() -> anyhow::Result<()> {
+    systemctl(&["start", "--no-block", UNIT])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,7 @@
 //! `mesh`: the node agent and its CLI.
 
 mod api;
+mod approval;
 mod candidates;
 mod config;
 mod control;
@@ -21,6 +22,7 @@ use state::StateDir;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+use mesh_proto::token::JoinArg;
 use token_source::TokenSource;
 
 #[derive(Parser)]
@@ -99,17 +101,24 @@ impl DaemonFlags {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Join a network with a token, then run the daemon: where systemd runs and mesh.service
-    /// is installed, the unit runs it and the command returns once the node is online;
-    /// elsewhere (or with --foreground) it runs in the foreground, as `mesh up`.
+    /// Join a network by its id (the administrator approves the node) or with a join token
+    /// (approved in advance, for automation), then run the daemon: where systemd runs and
+    /// mesh.service is installed, the unit runs it and the command returns once the node is
+    /// online; elsewhere (or with --foreground) it runs in the foreground, as `mesh up`.
     ///
-    /// Give the token with --token-file PATH, on standard input (`mesh join -`) or in the
+    /// A network id (`meshnet1_...`, from `mesh-controller network id NETWORK`) holds no secret:
+    /// pass it as the argument. The node waits until the administrator runs `mesh-controller
+    /// node approve NETWORK NAME`, for ever unless --wait says otherwise.
+    ///
+    /// Give a token with --token-file PATH, on standard input (`mesh join -`) or in the
     /// MESH_TOKEN environment variable. The daemon does not keep it: once the node has joined
     /// and saved its state, the process continues as `mesh up` (same PID).
     Join {
-        /// Join token from `mesh-controller token create`, or `-` to read it from standard
-        /// input. Discouraged: every local user can read a token given here while mesh runs.
-        #[arg(value_name = "TOKEN")]
+        /// The network id from `mesh-controller network id NETWORK`; or a join token from
+        /// `mesh-controller token create`, or `-` to read one from standard input
+        /// (discouraged for tokens: every local user can read a token given here while mesh
+        /// runs).
+        #[arg(value_name = "NETWORK-ID|TOKEN")]
         token: Option<String>,
         /// Read the join token from this file (`-`: standard input).
         #[arg(long, value_name = "PATH", conflicts_with = "token")]
@@ -122,10 +131,11 @@ enum Command {
         /// How long one connection attempt to the controller may take [default: 10s].
         #[arg(long)]
         connect_timeout: Option<String>,
-        /// Keep trying this long while the controller does not answer (it may still be
-        /// booting); a refusal ends the join at once [default: 60s].
-        #[arg(long, value_name = "DURATION")]
-        wait_controller: Option<String>,
+        /// Give up after this long: while the controller does not answer (it may still be
+        /// booting; default 60s), and, joining by network id, while the administrator has not
+        /// approved the node (default: wait for ever). A refusal ends the join at once.
+        #[arg(long, value_name = "DURATION", alias = "wait-controller")]
+        wait: Option<String>,
         /// Join, save the state and exit, instead of running the daemon (then start it with
         /// `systemctl enable --now mesh` or `mesh up`).
         #[arg(long)]
@@ -136,6 +146,10 @@ enum Command {
     Up {
         #[command(flatten)]
         daemon: DaemonFlags,
+        /// While the node's join request waits for approval: give up after this long
+        /// [default: wait for ever].
+        #[arg(long, value_name = "DURATION")]
+        wait: Option<String>,
     },
     /// kubeadm pre-step: kubelet's --node-ip, kubeadm config, CNI MTU.
     #[command(subcommand)]
@@ -271,27 +285,6 @@ fn kubeadm_cmd(state: &StateDir, cmd: KubeadmCmd) -> anyhow::Result<()> {
     }
 }
 
-fn hostname() -> String {
-    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let clean: String = raw
-        .trim()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .take(mesh_proto::control::MAX_NAME_LEN)
-        .collect();
-    if clean.is_empty() {
-        "node".into()
-    } else {
-        clean
-    }
-}
-
 /// One line on stdout. A closed pipe (`mesh status | grep -q ...`) ends the output quietly
 /// instead of panicking.
 fn out(s: &str) {
@@ -339,6 +332,7 @@ fn exec_up(
     config: Option<&std::path::Path>,
     m: &state::Membership,
     metrics_listen: Option<std::net::SocketAddr>,
+    wait: Option<Duration>,
 ) -> anyhow::Error {
     use std::os::unix::process::CommandExt as _;
     let mut args: Vec<std::ffi::OsString> = vec![
@@ -360,6 +354,12 @@ fn exec_up(
     }
     if let Some(list) = &m.endpoint_interfaces {
         args.extend(["--endpoint-interfaces".into(), list.into()]);
+    }
+    if let Some(w) = wait {
+        args.extend([
+            "--wait".into(),
+            format!("{}s", w.as_secs().max(1)).into(),
+        ]);
     }
     if !m.port_mapping {
         args.push("--no-port-mapping".into());
@@ -394,6 +394,27 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn print_status(v: &serde_json::Value) {
     let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
+    if v["state"] == "waiting_for_approval" {
+        let node = &v["node"];
+        let ctl = &v["controller"];
+        out(&format!(
+            "mesh      {}\nstate     waiting for the administrator to approve this node\nnode      {}\nnetwork   {}\nkey       {}\nfingerprint {}\nwaiting since {}\ncontroller {} {}\napprove with: {}",
+            s(&v["version"]),
+            s(&node["name"]),
+            s(&node["network"]),
+            s(&node["key"]),
+            s(&node["fingerprint"]),
+            s(&v["waiting_since"]),
+            s(&ctl["address"]),
+            if ctl["connected"].as_bool() == Some(true) {
+                "holds the request".to_owned()
+            } else {
+                format!("not answering ({})", ctl["last_error"].as_str().unwrap_or("connecting"))
+            },
+            s(&v["approve_with"]),
+        ));
+        return;
+    }
     let node = &v["node"];
     let ctl = &v["controller"];
     out(&format!(
@@ -648,6 +669,60 @@ fn handed_over(state: &StateDir, what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// After a join that admitted the node: hand the daemon to the unit, stop (`--no-daemon`), or
+/// continue as `mesh up` in this process.
+fn after_join(
+    state: &StateDir,
+    m: &state::Membership,
+    handing_over: bool,
+    no_daemon: bool,
+    config: Option<&std::path::Path>,
+    metrics_listen: Option<std::net::SocketAddr>,
+) -> anyhow::Result<()> {
+    if handing_over && !no_daemon {
+        handover::start_after_join()?;
+        return handed_over(state, "joined");
+    }
+    if no_daemon {
+        out(&format!(
+            "joined network {} as {} with address {}; start the agent with `systemctl enable --now mesh` (or `mesh up`)",
+            m.network, m.name, m.address
+        ));
+        return Ok(());
+    }
+    Err(exec_up(state.path(), config, m, metrics_listen, None))
+}
+
+/// While mesh.service waits for the administrator's approval: waits until the node is online
+/// (or the request ends, or `wait` is over), and says so.
+async fn wait_approved(state: &StateDir, wait: Option<Duration>) -> anyhow::Result<()> {
+    let deadline = wait.map(|w| tokio::time::Instant::now() + w);
+    loop {
+        if let Ok(m) = state.load_membership() {
+            if state.load_request()?.is_none()
+                && mesh_sys::netlink::has_address(&m.interface, m.address)
+                    .await
+                    .unwrap_or(false)
+            {
+                return handed_over(state, "joined");
+            }
+        } else if state.load_request()?.is_none() {
+            anyhow::bail!(
+                "the join request ended without approval (rejected, or the network is gone); `systemctl status {}` and `journalctl -u {}` say why",
+                handover::UNIT,
+                handover::UNIT
+            );
+        }
+        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            anyhow::bail!(
+                "not approved within --wait; {} keeps waiting (`mesh status` shows the request; `mesh leave` withdraws it)",
+                handover::UNIT
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let file = match &cli.config {
         Some(p) => config::FileConfig::load(p, true)?,
@@ -670,9 +745,88 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             daemon: flags,
             connect_timeout,
-            wait_controller,
+            wait,
             no_daemon,
         } => {
+            let wait = wait
+                .map(|w| {
+                    humantime::parse_duration(&w)
+                        .with_context(|| format!("invalid --wait {w:?}; use e.g. 60s, 10m or 2h"))
+                })
+                .transpose()?;
+            let connect_timeout = connect_timeout
+                .or_else(|| file.connect_timeout.clone())
+                .unwrap_or_else(|| config::defaults::CONNECT_TIMEOUT.to_owned());
+            let connect_timeout =
+                humantime::parse_duration(&connect_timeout).with_context(|| {
+                    format!("invalid connect timeout {connect_timeout:?}; use e.g. 10s")
+                })?;
+            let name = daemon::NameChoice {
+                explicit: name.is_some(),
+                name: name.unwrap_or_else(config::hostname),
+            };
+            if !mesh_proto::control::valid_name(&name.name) {
+                anyhow::bail!(
+                    "invalid node name {:?}: use 1-63 letters, digits, '-', '_' or '.'",
+                    name.name
+                );
+            }
+            // A network id holds no secret: it is the argument, and the join is a request.
+            let network_id = match token.as_deref().filter(|t| *t != "-") {
+                Some(arg) => match arg.parse::<JoinArg>()? {
+                    JoinArg::Network(_) => Some(arg.trim().to_owned()),
+                    JoinArg::Token(_) => None,
+                },
+                None => None,
+            };
+            if let Some(id) = network_id {
+                let handing_over =
+                    hand_over(cli.state_dir.as_ref(), cli.config.as_ref(), &flags, true);
+                let opts = daemon_options(state.clone(), flags, &file)?;
+                let metrics_listen = opts.metrics_listen;
+                mesh_service::init_logging(&log);
+                let rt = runtime()?;
+                let asked = rt.block_on(daemon::request(opts, &id, name, connect_timeout, wait));
+                rt.shutdown_timeout(Duration::from_secs(2));
+                let started = std::time::Instant::now();
+                return match asked? {
+                    daemon::Requested::Joined(m) => after_join(
+                        &state,
+                        &m,
+                        handing_over,
+                        no_daemon,
+                        cli.config.as_deref(),
+                        metrics_listen,
+                    ),
+                    daemon::Requested::Pending(status) => {
+                        warn_user(&status.line());
+                        if no_daemon {
+                            out(&format!(
+                                "asked to join network {} as {}; start the agent with `systemctl enable --now mesh` (or `mesh up`): it waits for the approval, then brings the node up",
+                                status.network, status.name
+                            ));
+                            return Ok(());
+                        }
+                        if handing_over {
+                            handover::start_after_join_no_block()?;
+                            return runtime()?.block_on(wait_approved(&state, wait));
+                        }
+                        let settings = state
+                            .load_request()?
+                            .context("the join request was not saved")?
+                            .settings;
+                        let left = wait.map(|w| w.saturating_sub(started.elapsed()));
+                        Err(exec_up(
+                            &state_dir,
+                            cli.config.as_deref(),
+                            &settings,
+                            metrics_listen,
+                            left,
+                        ))
+                    }
+                };
+            }
+            let wait = wait.unwrap_or(daemon::DEFAULT_CONTROLLER_WAIT);
             let source =
                 TokenSource::choose(token, token_file, std::env::var(token_source::ENV).ok())?;
             if source == TokenSource::Stdin && std::io::IsTerminal::is_terminal(&std::io::stdin()) {
@@ -688,28 +842,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 // only; then the join goes on as it is.
                 let _ = exec_without_arg_token(text);
             }
-            let connect_timeout = connect_timeout
-                .or_else(|| file.connect_timeout.clone())
-                .unwrap_or_else(|| config::defaults::CONNECT_TIMEOUT.to_owned());
-            let connect_timeout =
-                humantime::parse_duration(&connect_timeout).with_context(|| {
-                    format!("invalid connect timeout {connect_timeout:?}; use e.g. 10s")
-                })?;
-            let wait = match wait_controller {
-                Some(w) => humantime::parse_duration(&w)
-                    .with_context(|| format!("invalid --wait-controller {w:?}; use e.g. 60s"))?,
-                None => Duration::from_secs(60),
-            };
-            let name = daemon::NameChoice {
-                explicit: name.is_some(),
-                name: name.unwrap_or_else(hostname),
-            };
-            if !mesh_proto::control::valid_name(&name.name) {
-                anyhow::bail!(
-                    "invalid node name {:?}: use 1-63 letters, digits, '-', '_' or '.'",
-                    name.name
-                );
-            }
             let handing_over = hand_over(cli.state_dir.as_ref(), cli.config.as_ref(), &flags, true);
             let opts = daemon_options(state.clone(), flags, &file)?;
             let metrics_listen = opts.metrics_listen;
@@ -720,26 +852,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let joined = rt.block_on(daemon::join(opts, token, name, connect_timeout, wait));
             rt.shutdown_timeout(Duration::from_secs(2));
             let m = joined?;
-            if handing_over && !no_daemon {
-                handover::start_after_join()?;
-                return handed_over(&state, "joined");
-            }
-            if no_daemon {
-                out(&format!(
-                    "joined network {} as {} with address {}; start the agent with `systemctl enable --now mesh` (or `mesh up`)",
-                    m.network, m.name, m.address
-                ));
-                return Ok(());
-            }
-            Err(exec_up(
-                &state_dir,
-                cli.config.as_deref(),
+            after_join(
+                &state,
                 &m,
+                handing_over,
+                no_daemon,
+                cli.config.as_deref(),
                 metrics_listen,
-            ))
+            )
         }
-        Command::Up { daemon: flags } => {
+        Command::Up {
+            daemon: flags,
+            wait,
+        } => {
+            let wait = wait
+                .map(|w| {
+                    humantime::parse_duration(&w)
+                        .with_context(|| format!("invalid --wait {w:?}; use e.g. 10m or 2h"))
+                })
+                .transpose()?;
             if hand_over(cli.state_dir.as_ref(), cli.config.as_ref(), &flags, false) {
+                if state.load_request()?.is_some() {
+                    handover::start_no_block()?;
+                    return runtime()?.block_on(wait_approved(&state, wait));
+                }
                 // The saved state must be there; the unit's start says nothing about it.
                 state.load_membership()?;
                 handover::start()?;
@@ -747,7 +883,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let opts = daemon_options(state, flags, &file)?;
             mesh_service::init_logging(&log);
-            runtime()?.block_on(daemon::up(opts))
+            runtime()?.block_on(daemon::up(opts, wait))
         }
         Command::Kubeadm(cmd) => kubeadm_cmd(&state, cmd),
         Command::Ping { peer, count } => runtime()?.block_on(async {
@@ -792,6 +928,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime()?.block_on(wait_online(&state, timeout, peers))
         }
         Command::Ip { peer: None } => {
+            if let (Err(_), Ok(Some(r))) = (state.load_membership(), state.load_request()) {
+                anyhow::bail!(
+                    "this node has no address yet: its request to join network {} waits for approval (on the controller: mesh-controller node approve {} {})",
+                    r.settings.network,
+                    r.settings.network,
+                    r.name
+                );
+            }
             let address = match state.load_membership() {
                 Ok(m) => m.address.to_string(),
                 // node.json is root's: a user asks the running daemon (read-only socket).
@@ -912,6 +1056,10 @@ async fn wait_online(state: &StateDir, timeout: Duration, peers: usize) -> anyho
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let waiting_for = match state.load_membership() {
+            Err(_) if matches!(state.load_request(), Ok(Some(_))) => {
+                "the administrator to approve this node's join request (`mesh status` shows it)"
+                    .to_owned()
+            }
             Err(_) => format!(
                 "a membership in {} (run `mesh join --token-file FILE`)",
                 state.path().display()

@@ -26,6 +26,8 @@ pub const DIR_MODE: u32 = 0o711;
 const LOCK_FILE: &str = "agent.lock";
 /// Present once the controller said this node is no longer a member: why, as JSON.
 const REMOVED_FILE: &str = "removed.json";
+/// Present while a join by network id waits for the administrator's approval.
+const REQUEST_FILE: &str = "request.json";
 
 /// What the agent keeps after the controller said the node is no longer a member
 /// (`removed.json`): `mesh up` refuses to put the old address back on the interface.
@@ -39,6 +41,34 @@ pub struct Removed {
     pub message: String,
     /// When, in seconds since the Unix epoch.
     pub at: u64,
+}
+
+/// A join by network id that waits for the administrator (`request.json`): what `mesh up`
+/// needs to keep asking, across its own restarts, until the controller answers with a welcome
+/// (then `node.json` replaces it) or a rejection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingJoin {
+    /// The network id, as given to `mesh join`.
+    pub id: String,
+    /// The name asked for.
+    pub name: String,
+    /// The name was given with `--name` (taken means refused, not renamed).
+    #[serde(default)]
+    pub exact_name: bool,
+    /// When the node first asked, in seconds since the Unix epoch.
+    pub since: u64,
+    /// The daemon settings of the join (port, MTU, interface...), in the form `node.json`
+    /// keeps them; its address, prefix and name are placeholders until the welcome.
+    pub settings: Membership,
+}
+
+impl PendingJoin {
+    /// The network id, parsed.
+    pub fn network_id(&self) -> anyhow::Result<mesh_proto::token::NetworkId> {
+        self.id
+            .parse()
+            .map_err(|e| anyhow::anyhow!("the network id saved in request.json: {e}"))
+    }
 }
 
 /// What the node remembers about its membership (`node.json`).
@@ -291,6 +321,35 @@ impl StateDir {
         remove_if_present(&self.dir.join(REMOVED_FILE))
     }
 
+    /// Saves a join request that waits for approval.
+    pub fn save_request(&self, r: &PendingJoin) -> anyhow::Result<()> {
+        write_file(
+            &self.dir.join(REQUEST_FILE),
+            &serde_json::to_vec_pretty(r)?,
+            0o600,
+        )
+    }
+
+    /// The join request that waits for approval, if there is one.
+    pub fn load_request(&self) -> anyhow::Result<Option<PendingJoin>> {
+        let path = self.dir.join(REQUEST_FILE);
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map(Some).with_context(|| {
+                format!(
+                    "{} is damaged: delete it and ask again (`mesh join NETWORK-ID`)",
+                    path.display()
+                )
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
+    }
+
+    /// Forgets the join request (approved, rejected, or replaced by another join).
+    pub fn clear_request(&self) -> anyhow::Result<()> {
+        remove_if_present(&self.dir.join(REQUEST_FILE))
+    }
+
     /// Path of the local API socket.
     pub fn socket_path(&self) -> PathBuf {
         self.dir.join(SOCKET_FILE)
@@ -425,6 +484,7 @@ impl StateDir {
             READ_ONLY_SOCKET_FILE,
             TRANSPORT_FILE,
             REMOVED_FILE,
+            REQUEST_FILE,
             LOCK_FILE,
         ] {
             remove_if_present(&self.dir.join(f))?;
@@ -433,7 +493,7 @@ impl StateDir {
             for entry in entries.flatten() {
                 let name = entry.file_name();
                 let name = name.to_string_lossy();
-                if [KEY_FILE, NODE_FILE, PEERS_FILE, RELAYS_FILE]
+                if [KEY_FILE, NODE_FILE, PEERS_FILE, RELAYS_FILE, REQUEST_FILE]
                     .iter()
                     .any(|target| is_temp_of(&name, target))
                 {

@@ -102,6 +102,12 @@ impl TokenSource {
                 self.describe()
             );
         }
+        if text.trim().starts_with(mesh_proto::token::NETWORK_PREFIX) {
+            anyhow::bail!(
+                "{} is a network id, not a join token; it holds no secret: pass it as the argument (`mesh join meshnet1_...`)",
+                self.describe()
+            );
+        }
         let token = match self {
             // As before: the parse error alone (it never repeats the text).
             TokenSource::Arg(_) => text.parse::<JoinToken>()?,
