@@ -410,7 +410,7 @@ impl StateDir {
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(
-                "this node has not joined a network (no {}); run `mesh join --token-file FILE` first",
+                "this node has not joined a network (no {}); run `mesh join NETWORK-ID` (or `mesh join --token-file FILE`) first",
                 path.display()
             ),
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
