@@ -9,6 +9,9 @@
 //! the same name (a reinstalled machine), gets that address back. Tombstoned addresses are
 //! reused for other nodes only when the range has nothing else free.
 //!
+//! Nodes are admitted with a join token, or by asking to join a network by its id: such a request
+//! waits for the administrator unless the network approves automatically ([`approval`]).
+//!
 //! The database file (and SQLite's `-wal`/`-shm` files beside it) is readable by its owner only:
 //! it holds token hashes and the membership of every network.
 
@@ -22,6 +25,13 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
+
+pub mod approval;
+
+pub use approval::{
+    Approval, Approved, JoinRequest, PendingRow, Rejected, RequestOutcome, RequestState, Who,
+    MAX_PENDING_PER_NETWORK, MAX_PENDING_PER_SOURCE, REJECT_COOLDOWN_SECS, REQUEST_LIFETIME_SECS,
+};
 
 /// A node counts as online when connected and heard from within this many seconds.
 pub const ONLINE_WINDOW_SECS: u64 = 30;
@@ -119,6 +129,8 @@ pub struct NetworkRow {
     /// Birthday attempts per node per 10 minutes the network allows; `None`: the nodes'
     /// default (see [`Store::set_birthday_budget`]).
     pub birthday_budget: Option<u16>,
+    /// Whether joins by network id wait for the administrator.
+    pub approval: Approval,
 }
 
 /// A token as listed (never the secret).
@@ -201,6 +213,11 @@ pub struct NodeRow {
     pub last_seen: Option<String>,
     /// Connected and heard from recently.
     pub online: bool,
+    /// Who admitted it: `token <id>`, the administrator who approved its request, or
+    /// `auto (network policy)`; `None` for nodes admitted before this was recorded.
+    pub approved_by: Option<String>,
+    /// When it was admitted, RFC 3339 UTC.
+    pub approved_at: Option<String>,
 }
 
 /// What a node gets when admitted.
@@ -319,16 +336,34 @@ impl Store {
             .query_row("PRAGMA data_version", [], |r| r.get(0))?)
     }
 
-    /// Creates a network.
+    /// Creates a network whose join requests wait for the administrator.
     pub fn create_network(&self, name: &str, cidr: Cidr, now: u64) -> Result<(), StoreError> {
+        self.create_network_with(name, cidr, Approval::Manual, now)
+    }
+
+    /// Creates a network with the given approval policy for joins by network id.
+    pub fn create_network_with(
+        &self,
+        name: &str,
+        cidr: Cidr,
+        approval: Approval,
+        now: u64,
+    ) -> Result<(), StoreError> {
         if !mesh_proto::control::valid_name(name) {
             return Err(StoreError::Invalid(format!(
                 "invalid network name {name:?}: use 1-63 letters, digits, '-', '_' or '.'"
             )));
         }
         let r = self.conn.execute(
-            "INSERT INTO networks (name, network, prefix_len, created_at) VALUES (?1, ?2, ?3, ?4)",
-            params![name, u32::from(cidr.network), cidr.prefix_len, now as i64],
+            "INSERT INTO networks (name, network, prefix_len, created_at, approval)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                name,
+                u32::from(cidr.network),
+                cidr.prefix_len,
+                now as i64,
+                approval.as_str()
+            ],
         );
         match r {
             Ok(_) => Ok(()),
@@ -348,7 +383,7 @@ impl Store {
         let mut st = self.conn.prepare(
             "SELECT n.name, n.network, n.prefix_len,
                     (SELECT COUNT(*) FROM nodes WHERE network_id = n.id AND removed_at IS NULL),
-                    n.birthday_budget
+                    n.birthday_budget, n.approval
              FROM networks n ORDER BY n.name",
         )?;
         let rows = st.query_map([], |r| {
@@ -359,6 +394,7 @@ impl Store {
                 cidr: format!("{}/{len}", Ipv4Addr::from(net)),
                 nodes: r.get::<_, i64>(3)? as u64,
                 birthday_budget: r.get(4)?,
+                approval: Approval::from_column(&r.get::<_, String>(5)?),
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -396,26 +432,7 @@ impl Store {
     }
 
     fn network(&self, name: &str) -> Result<(i64, Cidr), StoreError> {
-        self.conn
-            .query_row(
-                "SELECT id, network, prefix_len FROM networks WHERE name = ?1",
-                [name],
-                |r| {
-                    Ok((
-                        r.get(0)?,
-                        Cidr {
-                            network: Ipv4Addr::from(r.get::<_, u32>(1)?),
-                            prefix_len: r.get(2)?,
-                        },
-                    ))
-                },
-            )
-            .optional()?
-            .ok_or_else(|| {
-                StoreError::Invalid(format!(
-                    "no network named {name:?} (see `mesh-controller network list`)"
-                ))
-            })
+        network_by_name(&self.conn, name)
     }
 
     /// Records a token for `network`.
@@ -479,7 +496,9 @@ impl Store {
         Ok(())
     }
 
-    /// Admits a node that presents a join token. Same key, same address, every time.
+    /// Admits a node that presents a join token. Same key, same address, every time. A node
+    /// admitted anew records `token <id>` as who approved it; one that joins again keeps what
+    /// it had. A join request the key had waiting in the network is settled by the token.
     pub fn join(
         &mut self,
         token_id: &str,
@@ -551,6 +570,10 @@ impl Store {
             ));
         }
         let admission = admit(&tx, network_id, key, name, seen, now)?;
+        if !known_live {
+            record_approval(&tx, network_id, key, &format!("token {token_id}"), now)?;
+        }
+        approval::forget_request(&tx, network_id, key)?;
         tx.execute(
             "UPDATE tokens SET uses = uses + 1 WHERE id = ?1",
             [token_id],
@@ -570,55 +593,14 @@ impl Store {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let row: Option<(i64, String, u32, u8, u32)> = tx
-            .query_row(
-                "SELECT n.network_id, n.name, n.address, w.prefix_len, w.network
-                 FROM nodes n JOIN networks w ON w.id = n.network_id
-                 WHERE w.name = ?1 AND n.key = ?2 AND n.removed_at IS NULL",
-                params![network, key.to_string()],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
-            )
-            .optional()?;
-        let Some((network_id, name, address, prefix_len, net)) = row else {
+        let Some(admission) = welcome_back(&tx, network, key, seen, now)? else {
             return Err(refused(
                 ErrorCode::NodeUnknown,
                 format!("this node is not (or no longer) a member of network {network:?}; join again with a new token (`mesh join --token-file FILE`)"),
             ));
         };
-        let overlay = Cidr {
-            network: Ipv4Addr::from(net),
-            prefix_len,
-        };
-        let observed = seen
-            .observed
-            .and_then(|o| crate::netmap::usable_observed(o, (overlay.network, overlay.prefix_len)));
-        let (endpoints, refused) = crate::netmap::filter_reported(
-            seen.reported,
-            observed,
-            (overlay.network, overlay.prefix_len),
-        );
-        tx.execute(
-            "UPDATE nodes SET endpoints = ?1, last_seen = ?2, connected = 1, observed = ?5
-             WHERE network_id = ?3 AND key = ?4",
-            params![
-                endpoints_json(&endpoints),
-                now as i64,
-                network_id,
-                key.to_string(),
-                observed.map(|o| o.to_string()),
-            ],
-        )?;
         tx.commit()?;
-        Ok(Admission {
-            network_id,
-            network: network.to_owned(),
-            name,
-            address: Ipv4Addr::from(address),
-            prefix_len,
-            overlay,
-            endpoints,
-            refused,
-        })
+        Ok(admission)
     }
 
     /// Records that a node is alive, with what it reports now. One statement; the caller
@@ -692,18 +674,20 @@ impl Store {
         Ok(())
     }
 
-    /// Removes a node by name or key; its address stays reserved for its key and name.
+    /// Removes a node by name or key; its address stays reserved for its key and name. A join
+    /// request the key may still have in the network goes too: if it asks again, that is a new
+    /// request.
     pub fn remove_node(&self, network: &str, who: &str, now: u64) -> Result<String, StoreError> {
         let (network_id, _) = self.network(network)?;
-        let name: Option<String> = self
+        let found: Option<(String, String)> = self
             .conn
             .query_row(
-                "SELECT name FROM nodes WHERE network_id = ?1 AND removed_at IS NULL AND (name = ?2 OR key = ?2)",
+                "SELECT name, key FROM nodes WHERE network_id = ?1 AND removed_at IS NULL AND (name = ?2 OR key = ?2)",
                 params![network_id, who],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
-        let Some(name) = name else {
+        let Some((name, key)) = found else {
             return Err(StoreError::Invalid(format!(
                 "no node {who:?} in network {network:?} (see `mesh-controller node list {network}`)"
             )));
@@ -711,6 +695,10 @@ impl Store {
         self.conn.execute(
             "UPDATE nodes SET removed_at = ?1, connected = 0 WHERE network_id = ?2 AND removed_at IS NULL AND name = ?3",
             params![now as i64, network_id, name],
+        )?;
+        self.conn.execute(
+            "DELETE FROM join_requests WHERE network_id = ?1 AND key = ?2",
+            params![network_id, key],
         )?;
         Ok(name)
     }
@@ -728,8 +716,9 @@ impl Store {
     pub fn nodes(&self, network: &str, now: u64) -> Result<Vec<NodeRow>, StoreError> {
         let (network_id, _) = self.network(network)?;
         let mut st = self.conn.prepare(
-            "SELECT name, key, address, endpoints, last_seen, connected, observed FROM nodes
-             WHERE network_id = ?1 AND removed_at IS NULL ORDER BY address",
+            "SELECT name, key, address, endpoints, last_seen, connected, observed, approved_by,
+                    approved_at
+             FROM nodes WHERE network_id = ?1 AND removed_at IS NULL ORDER BY address",
         )?;
         let rows = st.query_map([network_id], |r| {
             let key: String = r.get(1)?;
@@ -744,11 +733,13 @@ impl Store {
                 last_seen,
                 connected,
                 r.get::<_, Option<String>>(6)?,
+                (r.get::<_, Option<String>>(7)?, r.get::<_, Option<i64>>(8)?),
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (name, key, address, endpoints, last_seen, connected, observed) = row?;
+            let (name, key, address, endpoints, last_seen, connected, observed, approval) = row?;
+            let (approved_by, approved_at) = approval;
             let Ok(key) = key.parse() else { continue };
             let mut all: Vec<SocketAddr> =
                 observed.and_then(|o| o.parse().ok()).into_iter().collect();
@@ -766,6 +757,8 @@ impl Store {
                 online: connected
                     && last_seen
                         .is_some_and(|t| now.saturating_sub(t as u64) <= ONLINE_WINDOW_SECS),
+                approved_by,
+                approved_at: approved_at.map(|t| rfc3339(t as u64)),
             });
         }
         Ok(out)
@@ -999,7 +992,7 @@ fn copy_into(from: &Connection, path: &Path) -> Result<BackupSummary, StoreError
 
 /// The schema this version of the controller writes, kept in SQLite's `user_version`. Raise it
 /// with every change to the schema, and add the change to [`migrate`].
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// Brings the schema up to [`SCHEMA_VERSION`] in one `BEGIN IMMEDIATE` transaction: the version
 /// is read under the write lock, so of several processes opening one database at once (`serve`
@@ -1083,6 +1076,46 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         // The controller addresses a token embeds, for `token list` (NULL: an older token).
         add_column(&tx, "tokens", "controller", "TEXT")?;
         add_column(&tx, "tokens", "controller_tcp", "TEXT")?;
+    }
+    if version < 3 {
+        // Joins by network id: whether the administrator approves each one, who admitted
+        // each node, and the requests that wait (see `approval`).
+        add_column(
+            &tx,
+            "networks",
+            "approval",
+            "TEXT NOT NULL DEFAULT 'manual'",
+        )?;
+        add_column(&tx, "nodes", "approved_by", "TEXT")?;
+        add_column(&tx, "nodes", "approved_at", "INTEGER")?;
+        tx.execute_batch(
+            "CREATE TABLE IF NOT EXISTS join_requests (
+                id INTEGER PRIMARY KEY,
+                network_id INTEGER NOT NULL REFERENCES networks(id) ON DELETE CASCADE,
+                key TEXT NOT NULL,
+                name TEXT NOT NULL,
+                exact_name INTEGER NOT NULL DEFAULT 0,
+                hostname TEXT NOT NULL DEFAULT '',
+                source TEXT,
+                endpoints TEXT NOT NULL DEFAULT '[]',
+                observed TEXT,
+                first_seen INTEGER NOT NULL,
+                last_seen INTEGER NOT NULL,
+                state TEXT NOT NULL DEFAULT 'pending',
+                decided_at INTEGER,
+                decided_by TEXT,
+                UNIQUE (network_id, key)
+            );
+            -- The caps (per network, per network and source) and the pruning.
+            CREATE INDEX IF NOT EXISTS join_requests_by_network
+                ON join_requests (network_id, state, first_seen);
+            CREATE INDEX IF NOT EXISTS join_requests_by_source
+                ON join_requests (network_id, source, state, first_seen);
+            CREATE INDEX IF NOT EXISTS join_requests_by_age
+                ON join_requests (state, first_seen);
+            CREATE INDEX IF NOT EXISTS join_requests_by_decision
+                ON join_requests (state, decided_at);",
+        )?;
     }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()?;
@@ -1208,6 +1241,100 @@ fn fix_mode(path: &Path) -> Result<(), StoreError> {
         old_mode = format!("{mode:o}"),
         "database file was readable by other users; changed its mode to 600"
     );
+    Ok(())
+}
+
+/// The id and range of the network called `name`, or an error that says how to list them.
+fn network_by_name(conn: &Connection, name: &str) -> Result<(i64, Cidr), StoreError> {
+    conn.query_row(
+        "SELECT id, network, prefix_len FROM networks WHERE name = ?1",
+        [name],
+        |r| {
+            Ok((
+                r.get(0)?,
+                Cidr {
+                    network: Ipv4Addr::from(r.get::<_, u32>(1)?),
+                    prefix_len: r.get(2)?,
+                },
+            ))
+        },
+    )
+    .optional()?
+    .ok_or_else(|| {
+        StoreError::Invalid(format!(
+            "no network named {name:?} (see `mesh-controller network list`)"
+        ))
+    })
+}
+
+/// A live member of `network` connects again: its endpoints, observed address and liveness
+/// are brought up to date inside the open transaction. `None` when the key is no live member.
+fn welcome_back(
+    tx: &rusqlite::Transaction<'_>,
+    network: &str,
+    key: &PublicKey,
+    seen: Candidates<'_>,
+    now: u64,
+) -> Result<Option<Admission>, StoreError> {
+    let row: Option<(i64, String, u32, u8, u32)> = tx
+        .query_row(
+            "SELECT n.network_id, n.name, n.address, w.prefix_len, w.network
+             FROM nodes n JOIN networks w ON w.id = n.network_id
+             WHERE w.name = ?1 AND n.key = ?2 AND n.removed_at IS NULL",
+            params![network, key.to_string()],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+        )
+        .optional()?;
+    let Some((network_id, name, address, prefix_len, net)) = row else {
+        return Ok(None);
+    };
+    let overlay = Cidr {
+        network: Ipv4Addr::from(net),
+        prefix_len,
+    };
+    let observed = seen
+        .observed
+        .and_then(|o| crate::netmap::usable_observed(o, (overlay.network, overlay.prefix_len)));
+    let (endpoints, refused) = crate::netmap::filter_reported(
+        seen.reported,
+        observed,
+        (overlay.network, overlay.prefix_len),
+    );
+    tx.execute(
+        "UPDATE nodes SET endpoints = ?1, last_seen = ?2, connected = 1, observed = ?5
+         WHERE network_id = ?3 AND key = ?4",
+        params![
+            endpoints_json(&endpoints),
+            now as i64,
+            network_id,
+            key.to_string(),
+            observed.map(|o| o.to_string()),
+        ],
+    )?;
+    Ok(Some(Admission {
+        network_id,
+        network: network.to_owned(),
+        name,
+        address: Ipv4Addr::from(address),
+        prefix_len,
+        overlay,
+        endpoints,
+        refused,
+    }))
+}
+
+/// Records who admitted the node with this key, and when.
+fn record_approval(
+    tx: &rusqlite::Transaction<'_>,
+    network_id: i64,
+    key: &PublicKey,
+    by: &str,
+    now: u64,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "UPDATE nodes SET approved_by = ?1, approved_at = ?2 WHERE network_id = ?3 AND key = ?4",
+        params![by, now as i64, network_id, key.to_string()],
+    )?;
     Ok(())
 }
 
@@ -1391,13 +1518,14 @@ fn free_name(
 mod tests {
     use super::*;
 
-    const T0: u64 = 1_800_000_000;
+    pub(super) const T0: u64 = 1_800_000_000;
 
-    fn key(n: u8) -> PublicKey {
+    pub(super) fn key(n: u8) -> PublicKey {
         PublicKey([n; 32])
     }
 
-    fn store() -> (tempdir::Dir, Store) {
+    /// A store with network `prod` (100.64.0.0/29, manual approval) and reusable token `tok1`.
+    pub(super) fn store() -> (tempdir::Dir, Store) {
         let dir = tempdir::Dir::new();
         let s = Store::open(&dir.0.join("state.db")).unwrap();
         s.create_network("prod", "100.64.0.0/29".parse().unwrap(), T0)
@@ -1407,7 +1535,7 @@ mod tests {
         (dir, s)
     }
 
-    mod tempdir {
+    pub(super) mod tempdir {
         pub struct Dir(pub std::path::PathBuf);
         impl Dir {
             pub fn new() -> Dir {
@@ -1429,11 +1557,15 @@ mod tests {
         }
     }
 
-    fn join(s: &mut Store, n: u8, name: &str) -> Result<Admission, StoreError> {
+    pub(super) fn join(s: &mut Store, n: u8, name: &str) -> Result<Admission, StoreError> {
         join_as(s, n, NameRequest::Preferred(name))
     }
 
-    fn join_as(s: &mut Store, n: u8, name: NameRequest<'_>) -> Result<Admission, StoreError> {
+    pub(super) fn join_as(
+        s: &mut Store,
+        n: u8,
+        name: NameRequest<'_>,
+    ) -> Result<Admission, StoreError> {
         s.join("tok1", b"secret", &key(n), name, Candidates::default(), T0)
     }
 
