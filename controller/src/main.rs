@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use mesh_controller::server::TcpListen;
 use mesh_controller::state::{public_of, unix_now, Role, StateDir};
 use mesh_controller::store::{rfc3339, Cidr, NewToken};
-use mesh_proto::token::JoinToken;
+use mesh_proto::token::{ControllerRef, JoinToken};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -512,6 +512,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     state.controller_public()?
                 );
             }
+            // For the network ids admin commands print: the other addresses nodes may use.
+            state.write_announced(&announce)?;
             let rt = tokio::runtime::Runtime::new()?;
             let observer = parse_observer_listen(
                 observer_listen
@@ -595,35 +597,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             controller,
             controller_tcp,
         }) => {
-            let controller = match controller {
-                Some(c) => c,
-                None => match state.wait_listen_addr() {
-                    Some(a) if !a.ip().is_unspecified() => a.to_string(),
-                    Some(a) => bail!("the controller listens on {a}, which nodes cannot dial; pass the address nodes should use with --controller <ip:port>"),
-                    None => bail!("no controller address known: start `mesh-controller serve --listen <ip:port>` with this state dir first, or pass --controller <ip:port>"),
-                },
-            };
-            if controller.len() > 255 {
-                bail!("controller address too long");
-            }
-            let controller_tcp = match controller_tcp.as_deref().map(str::trim) {
-                Some("none") => None,
-                Some(a) => {
-                    if a.len() > 255
-                        || a.rsplit_once(':')
-                            .and_then(|(_, p)| p.parse::<u16>().ok())
-                            .is_none()
-                    {
-                        bail!("invalid --controller-tcp {a:?}: use host:port, e.g. 192.0.2.1:443, or none");
-                    }
-                    Some(a.to_owned())
-                }
-                // The host nodes dial, with the port `serve` listens on over TCP.
-                None => state.listen_tcp_addr().and_then(|tcp| {
-                    let host = controller.rsplit_once(':').map(|(h, _)| h)?;
-                    Some(format!("{host}:{}", tcp.port()))
-                }),
-            };
+            let ControllerRef {
+                addr: controller,
+                key: controller_key,
+                tcp: controller_tcp,
+                ..
+            } = controller_ref(&state, controller, controller_tcp.as_deref())?;
             let now = unix_now();
             let expires_at = token_expiry(&expires, now)?;
             let mut rng = rand::rngs::OsRng;
@@ -644,7 +623,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let points_at = token_addresses(&controller, controller_tcp.as_deref());
             let token = JoinToken {
                 controller,
-                controller_key: state.controller_public()?,
+                controller_key,
                 id: id.clone(),
                 secret,
                 controller_tcp,
@@ -727,6 +706,93 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// No address nodes can dial is known for the controller, so no token or network id can be
+/// made without `--controller`.
+#[derive(Debug, thiserror::Error)]
+enum NoAddress {
+    /// `serve` never wrote the address it listens on.
+    #[error("no controller address known: start `mesh-controller serve --listen <ip:port>` with this state dir first, or pass --controller <ip:port>")]
+    NotServed,
+    /// `serve` listens on a wildcard address.
+    #[error("the controller listens on {0}, which nodes cannot dial; pass the address nodes should use with --controller <ip:port>")]
+    Unspecified(SocketAddr),
+}
+
+/// Where nodes reach this controller, as join tokens and network ids carry it: `controller`
+/// (`--controller`) or the address `serve` listens on; `controller_tcp` (`--controller-tcp`,
+/// `none` for no TCP) or that address's host with the TCP port `serve` listens on, if it does;
+/// besides, the other addresses `serve` announces. Fails with [`NoAddress`] when no address
+/// nodes can dial is known.
+fn controller_ref(
+    state: &StateDir,
+    controller: Option<String>,
+    controller_tcp: Option<&str>,
+) -> anyhow::Result<ControllerRef> {
+    let addr = match controller {
+        Some(c) => {
+            let c = c.trim();
+            check_host_port("--controller", c, "192.0.2.1:7443")?;
+            c.to_owned()
+        }
+        None => match state.wait_listen_addr() {
+            Some(a) if !a.ip().is_unspecified() => a.to_string(),
+            Some(a) => return Err(NoAddress::Unspecified(a).into()),
+            None => return Err(NoAddress::NotServed.into()),
+        },
+    };
+    let tcp = match controller_tcp.map(str::trim) {
+        Some("none") => None,
+        Some(a) => {
+            check_host_port("--controller-tcp", a, "192.0.2.1:443, or none")?;
+            Some(a.to_owned())
+        }
+        // The host nodes dial, with the port `serve` listens on over TCP.
+        None => state.listen_tcp_addr().and_then(|tcp| {
+            let host = addr.rsplit_once(':').map(|(h, _)| h)?;
+            Some(format!("{host}:{}", tcp.port()))
+        }),
+    };
+    let mut others: Vec<String> = Vec::new();
+    for other in state.announced() {
+        if others.len() < mesh_proto::token::MAX_OTHER_CONTROLLERS
+            && other != addr
+            && !others.contains(&other)
+            && is_host_port(&other)
+        {
+            others.push(other);
+        }
+    }
+    Ok(ControllerRef {
+        addr,
+        key: state.controller_public()?,
+        tcp,
+        others,
+    })
+}
+
+/// Whether `addr` is a `host:port` that fits in a token or network id (at most 255 bytes).
+fn is_host_port(addr: &str) -> bool {
+    addr.len() <= 255
+        && addr
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+}
+
+/// Refuses a `flag` value that is no [`is_host_port`], showing `example`.
+fn check_host_port(flag: &str, addr: &str, example: &str) -> anyhow::Result<()> {
+    if addr.len() > 255 {
+        bail!(
+            "{flag} {:?}... is {} bytes long; at most 255 fit in a token or network id",
+            addr.chars().take(32).collect::<String>(),
+            addr.len()
+        );
+    }
+    if !is_host_port(addr) {
+        bail!("invalid {flag} {addr:?}: use host:port, e.g. {example}");
+    }
+    Ok(())
+}
+
 /// Where a token points nodes: "ADDR (QUIC/UDP)" and ", TCP_ADDR (TCP)" when it has one.
 fn token_addresses(controller: &str, tcp: Option<&str>) -> String {
     match tcp {
@@ -791,5 +857,50 @@ mod tests {
         assert_eq!(token_expiry("Never", now).unwrap(), None);
         let err = token_expiry("soon", now).unwrap_err();
         assert!(err.to_string().contains("never"), "{err}");
+    }
+
+    #[test]
+    fn tokens_and_network_ids_carry_what_serve_listens_on_and_announces() {
+        let dir = std::env::temp_dir().join(format!("mesh-ctl-main-test-{}", std::process::id()));
+        let state = StateDir::open(&dir).unwrap();
+        let e = controller_ref(&state, None, None).unwrap_err();
+        assert!(
+            matches!(e.downcast_ref(), Some(NoAddress::NotServed)),
+            "{e}"
+        );
+        state
+            .write_listen_addr("0.0.0.0:7443".parse().unwrap())
+            .unwrap();
+        let e = controller_ref(&state, None, None).unwrap_err();
+        assert!(
+            matches!(e.downcast_ref(), Some(NoAddress::Unspecified(_))),
+            "{e}"
+        );
+        state
+            .write_listen_addr("192.0.2.1:7443".parse().unwrap())
+            .unwrap();
+        state
+            .write_listen_tcp_addr(Some("0.0.0.0:443".parse().unwrap()))
+            .unwrap();
+        let announced: Vec<String> = ["192.0.2.1:7443", "a:1", "b:2", "a:1", "c:3", "d:4", "e:5"]
+            .map(String::from)
+            .to_vec();
+        state.write_announced(&announced).unwrap();
+        let c = controller_ref(&state, None, None).unwrap();
+        assert_eq!(c.addr, "192.0.2.1:7443");
+        assert_eq!(c.tcp.as_deref(), Some("192.0.2.1:443"));
+        assert_eq!(c.key, state.controller_public().unwrap());
+        // Not the address itself, each once, as many as an id carries.
+        assert_eq!(c.others, ["a:1", "b:2", "c:3", "d:4"]);
+        let c = controller_ref(&state, Some("ctl.example.com:7443".into()), Some("none")).unwrap();
+        assert_eq!((c.addr.as_str(), c.tcp), ("ctl.example.com:7443", None));
+        let e = controller_ref(&state, Some("ctl.example.com".into()), None).unwrap_err();
+        assert!(e.to_string().contains("use host:port"), "{e}");
+        let e = controller_ref(&state, None, Some("443")).unwrap_err();
+        assert!(e.to_string().contains("invalid --controller-tcp"), "{e}");
+        let long = format!("{}:1", "h".repeat(300));
+        let e = controller_ref(&state, Some(long), None).unwrap_err();
+        assert!(e.to_string().contains("at most 255"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

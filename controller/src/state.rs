@@ -1,4 +1,5 @@
-//! The controller's state directory: its key, its database, the address it listens on.
+//! The controller's state directory: its key, its database, the addresses it listens on and
+//! announces.
 //!
 //! One directory holds one controller, and one `serve` owns it at a time ([`StateDir::lock`]).
 //! Only `serve` creates a controller ([`StateDir::init_controller`]); admin commands open an
@@ -22,6 +23,7 @@ const RELAY_KEY_FILE: &str = "relay.key";
 const DB_FILE: &str = "controller.db";
 const ADDR_FILE: &str = "listen.addr";
 const TCP_ADDR_FILE: &str = "listen-tcp.addr";
+const ANNOUNCE_FILE: &str = "announce.addrs";
 const LOCK_FILE: &str = "controller.lock";
 /// How long an admin command waits for a `serve` started just before it to take its directory.
 const SERVE_START_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -248,6 +250,25 @@ impl StateDir {
             .ok()
     }
 
+    /// Remembers the addresses `serve` announces to nodes (`--announce`), one a line, for the
+    /// network ids admin commands print; an empty list when it announces none.
+    pub fn write_announced(&self, addrs: &[String]) -> anyhow::Result<()> {
+        let content: String = addrs.iter().map(|a| format!("{a}\n")).collect();
+        self.write_whole(ANNOUNCE_FILE, &content)
+    }
+
+    /// The addresses `serve` last announced, in its order; none if it announced none or never
+    /// ran.
+    pub fn announced(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.join(ANNOUNCE_FILE))
+            .unwrap_or_default()
+            .lines()
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// The address `serve` listens on; while a `serve` that holds the directory has not yet
     /// written it (it is still binding), waits up to 10 s for it.
     pub fn wait_listen_addr(&self) -> Option<SocketAddr> {
@@ -271,5 +292,30 @@ impl StateDir {
             .trim()
             .parse()
             .ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn announced_addresses_are_kept_in_order_and_replaced_whole() {
+        let dir = std::env::temp_dir().join(format!("mesh-state-test-{}", std::process::id()));
+        let state = StateDir::open(&dir).unwrap();
+        assert!(state.announced().is_empty(), "serve never ran");
+        let addrs = vec![
+            "ctl.example.com:7443".to_owned(),
+            "192.0.2.9:7443".to_owned(),
+        ];
+        state.write_announced(&addrs).unwrap();
+        assert_eq!(state.announced(), addrs);
+        state.write_announced(&[]).unwrap();
+        assert!(
+            state.announced().is_empty(),
+            "a serve that announces nothing"
+        );
+        assert!(!dir.join("announce.addrs.tmp").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
