@@ -4,8 +4,8 @@ use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 use mesh_controller::server::TcpListen;
 use mesh_controller::state::{public_of, unix_now, Role, StateDir};
-use mesh_controller::store::{rfc3339, Cidr, NewToken};
-use mesh_proto::token::{ControllerRef, JoinToken};
+use mesh_controller::store::{rfc3339, Approval, Cidr, NetworkRow, NewToken, Who};
+use mesh_proto::token::{ControllerRef, JoinToken, NetworkId};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -162,7 +162,7 @@ impl std::str::FromStr for Budget {
 
 #[derive(Subcommand)]
 enum NetworkCmd {
-    /// Create a network.
+    /// Create a network and print its network id (nodes join with `mesh join ID`).
     Create {
         /// Network name.
         name: String,
@@ -173,6 +173,11 @@ enum NetworkCmd {
         /// joined; 0 turns it off in this network). Default: the nodes' own (8).
         #[arg(long, value_name = "N")]
         birthday_budget: Option<u16>,
+        /// Who admits a node that joins by network id: `manual`, the administrator approves
+        /// each (`node approve`); `auto`, anyone who has the id joins at once. Joins with a
+        /// token need no approval either way.
+        #[arg(long, value_name = "manual|auto", default_value = "manual")]
+        approval: Approval,
     },
     /// Change a network's settings; connected nodes are told at once.
     Set {
@@ -181,12 +186,28 @@ enum NetworkCmd {
         /// Birthday attempts per node per 10 minutes (0: none), or `default`.
         #[arg(long, value_name = "N|default")]
         birthday_budget: Option<Budget>,
+        /// Who admits a node that joins by network id: `manual` (the administrator) or `auto`.
+        #[arg(long, value_name = "manual|auto")]
+        approval: Option<Approval>,
     },
     /// List networks.
     List {
         /// JSON output.
         #[arg(long)]
         json: bool,
+    },
+    /// Print a network's id, alone on one line: what `mesh join` takes to ask to join it. It
+    /// holds the controller's addresses and key, and no secret.
+    Id {
+        /// Network name.
+        name: String,
+        /// Controller address written into the id (default: the address `serve` listens on).
+        #[arg(long, value_name = "HOST:PORT")]
+        controller: Option<String>,
+        /// The controller's TCP address written into the id, host:port, or `none` (default:
+        /// the controller address's host with the TCP port `serve` listens on, if it does).
+        #[arg(long, value_name = "HOST:PORT|none")]
+        controller_tcp: Option<String>,
     },
 }
 
@@ -239,6 +260,44 @@ enum NodeCmd {
         network: String,
         /// Node name or key.
         node: String,
+    },
+    /// List the requests to join a network (by its id) that wait for approval, oldest first.
+    Pending {
+        /// Network.
+        network: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve join requests: each node becomes a member as if it held a token.
+    #[command(
+        group(clap::ArgGroup::new("which").required(true).args(["nodes", "all"])),
+        override_usage = "mesh-controller node approve [OPTIONS] <NETWORK> <NAME-OR-KEY...|--all>"
+    )]
+    Approve {
+        /// Network.
+        network: String,
+        /// Requests by name, key fingerprint or full key, as `node pending` lists them.
+        #[arg(value_name = "NAME-OR-KEY")]
+        nodes: Vec<String>,
+        /// Every pending request of the network.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Reject join requests: each node is told so, and refused for an hour if it asks again.
+    #[command(
+        group(clap::ArgGroup::new("which").required(true).args(["nodes", "all"])),
+        override_usage = "mesh-controller node reject [OPTIONS] <NETWORK> <NAME-OR-KEY...|--all>"
+    )]
+    Reject {
+        /// Network.
+        network: String,
+        /// Requests by name, key fingerprint or full key, as `node pending` lists them.
+        #[arg(value_name = "NAME-OR-KEY")]
+        nodes: Vec<String>,
+        /// Every pending request of the network.
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -537,57 +596,147 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             cidr,
             birthday_budget,
+            approval,
         }) => {
             let cidr: Cidr = cidr.parse().map_err(anyhow::Error::msg)?;
             let store = state.open_store()?;
-            store.create_network(&name, cidr, unix_now())?;
+            store.create_network_with(&name, cidr, approval, unix_now())?;
             if birthday_budget.is_some() {
                 store.set_birthday_budget(&name, birthday_budget)?;
             }
-            out(&format!("created network {name} ({cidr})"));
+            // The id alone goes to stdout, for scripts; what to do with it, to stderr.
+            eprintln!("created network {name} ({cidr}), {approval} approval");
+            match controller_ref(&state, None, None) {
+                Ok(controller) => {
+                    let id = NetworkId {
+                        controller,
+                        network: name.clone(),
+                    };
+                    out(&id.to_string());
+                    eprintln!("nodes join with: mesh join {id}");
+                    match approval {
+                        Approval::Manual => eprintln!(
+                            "each node that asks waits for approval: `mesh-controller node pending {name}` lists them, `mesh-controller node approve {name} NODE` admits one"
+                        ),
+                        Approval::Auto => eprintln!(
+                            "anyone who has the id joins at once; to approve each node instead: `mesh-controller network set {name} --approval manual`"
+                        ),
+                    }
+                }
+                Err(e) => match e.downcast_ref::<NoAddress>() {
+                    Some(NoAddress::NotServed) => eprintln!(
+                        "no network id yet: the id names the controller's address, and none is known; once `mesh-controller serve` runs with this state directory, `mesh-controller network id {name}` prints it"
+                    ),
+                    Some(NoAddress::Unspecified(a)) => eprintln!(
+                        "no network id yet: the controller listens on {a}, which nodes cannot dial; print it with the address nodes should use: `mesh-controller network id {name} --controller HOST:PORT`"
+                    ),
+                    None => return Err(e),
+                },
+            }
             Ok(())
         }
         Command::Network(NetworkCmd::Set {
             name,
             birthday_budget,
+            approval,
         }) => {
-            let Some(budget) = birthday_budget else {
-                anyhow::bail!("nothing to set: give --birthday-budget N (or `default`)");
-            };
-            let budget = match budget {
-                Budget::Default => None,
-                Budget::Attempts(n) => Some(n),
-            };
-            state.open_store()?.set_birthday_budget(&name, budget)?;
-            match budget {
-                Some(n) => out(&format!(
-                    "network {name}: {n} birthday attempts per node per 10 minutes"
-                )),
-                None => out(&format!(
-                    "network {name}: birthday attempts per node back to the nodes' default"
-                )),
+            if birthday_budget.is_none() && approval.is_none() {
+                anyhow::bail!(
+                    "nothing to set: give --birthday-budget N (or `default`), or --approval manual|auto"
+                );
+            }
+            let store = state.open_store()?;
+            if let Some(budget) = birthday_budget {
+                let budget = match budget {
+                    Budget::Default => None,
+                    Budget::Attempts(n) => Some(n),
+                };
+                store.set_birthday_budget(&name, budget)?;
+                match budget {
+                    Some(n) => out(&format!(
+                        "network {name}: {n} birthday attempts per node per 10 minutes"
+                    )),
+                    None => out(&format!(
+                        "network {name}: birthday attempts per node back to the nodes' default"
+                    )),
+                }
+            }
+            if let Some(approval) = approval {
+                store.set_approval(&name, approval)?;
+                match approval {
+                    Approval::Manual => out(&format!(
+                        "network {name}: the administrator approves each join request (`mesh-controller node approve {name} NODE`)"
+                    )),
+                    Approval::Auto => out(&format!(
+                        "network {name}: join requests are approved automatically; requests already waiting are admitted when their nodes ask again, or now with `mesh-controller node approve {name} --all`"
+                    )),
+                }
             }
             Ok(())
         }
         Command::Network(NetworkCmd::List { json }) => {
             let rows = state.open_store()?.networks()?;
+            // Without a known controller address there are no ids: `-`.
+            let controller = controller_ref(&state, None, None).ok();
+            let id = |name: &str| {
+                controller.clone().map(|controller| {
+                    NetworkId {
+                        controller,
+                        network: name.to_owned(),
+                    }
+                    .to_string()
+                })
+            };
             if json {
-                out(&serde_json::to_string_pretty(&rows)?);
+                let listed: Vec<NetworkListing<'_>> = rows
+                    .iter()
+                    .map(|row| NetworkListing {
+                        row,
+                        id: id(&row.name),
+                    })
+                    .collect();
+                out(&serde_json::to_string_pretty(&listed)?);
             } else {
                 out(&format!(
-                    "{:<24} {:<18} {:>6} {:>9}",
-                    "NAME", "CIDR", "NODES", "BIRTHDAY"
+                    "{:<24} {:<18} {:>6} {:>9} {:<8} ID",
+                    "NAME", "CIDR", "NODES", "BIRTHDAY", "APPROVAL"
                 ));
                 for r in rows {
                     let budget = r
                         .birthday_budget
                         .map_or_else(|| "default".to_string(), |b| b.to_string());
                     out(&format!(
-                        "{:<24} {:<18} {:>6} {:>9}",
-                        r.name, r.cidr, r.nodes, budget
+                        "{:<24} {:<18} {:>6} {:>9} {:<8} {}",
+                        r.name,
+                        r.cidr,
+                        r.nodes,
+                        budget,
+                        r.approval.as_str(),
+                        id(&r.name).unwrap_or_else(|| "-".to_owned())
                     ));
                 }
             }
+            Ok(())
+        }
+        Command::Network(NetworkCmd::Id {
+            name,
+            controller,
+            controller_tcp,
+        }) => {
+            if !state
+                .open_store()?
+                .networks()?
+                .iter()
+                .any(|n| n.name == name)
+            {
+                bail!("no network named {name:?} (see `mesh-controller network list`)");
+            }
+            let controller = controller_ref(&state, controller, controller_tcp.as_deref())?;
+            out(&NetworkId {
+                controller,
+                network: name,
+            }
+            .to_string());
             Ok(())
         }
         Command::Token(TokenCmd::Create {
@@ -678,18 +827,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 out(&serde_json::to_string_pretty(&rows)?);
             } else {
                 out(&format!(
-                    "{:<20} {:<10} {:<16} {:<8} {:<22} ENDPOINTS",
-                    "NAME", "KEY", "ADDRESS", "ONLINE", "LAST SEEN"
+                    "{:<20} {:<10} {:<16} {:<8} {:<22} {:<22} ENDPOINTS",
+                    "NAME", "KEY", "ADDRESS", "ONLINE", "LAST SEEN", "APPROVED"
                 ));
                 for r in rows {
                     let eps: Vec<String> = r.endpoints.iter().map(|e| e.to_string()).collect();
                     out(&format!(
-                        "{:<20} {:<10} {:<16} {:<8} {:<22} {}",
+                        "{:<20} {:<10} {:<16} {:<8} {:<22} {:<22} {}",
                         r.name,
                         r.key.short(),
                         r.address,
                         if r.online { "yes" } else { "no" },
                         r.last_seen.as_deref().unwrap_or("never"),
+                        r.approved_by.as_deref().unwrap_or("-"),
                         eps.join(",")
                     ));
                 }
@@ -703,7 +853,83 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             out(&format!("removed node {name} from network {network}"));
             Ok(())
         }
+        Command::Node(NodeCmd::Pending { network, json }) => {
+            let rows = state.open_store()?.pending(&network, unix_now())?;
+            if json {
+                out(&serde_json::to_string_pretty(&rows)?);
+            } else if rows.is_empty() {
+                eprintln!("no pending requests in {network}");
+            } else {
+                out(&format!(
+                    "{:<20} {:<19} {:<24} {:<24} {:<20} LAST SEEN",
+                    "NAME", "FINGERPRINT", "HOSTNAME", "SOURCE", "FIRST SEEN"
+                ));
+                for r in rows {
+                    out(&format!(
+                        "{:<20} {:<19} {:<24} {:<24} {:<20} {}",
+                        r.name,
+                        r.fingerprint,
+                        if r.hostname.is_empty() {
+                            "-"
+                        } else {
+                            &r.hostname
+                        },
+                        r.source.as_deref().unwrap_or("-"),
+                        r.first_seen,
+                        r.last_seen
+                    ));
+                }
+            }
+            Ok(())
+        }
+        Command::Node(NodeCmd::Approve {
+            network,
+            nodes,
+            all,
+        }) => {
+            let who = if all { Who::All } else { Who::These(&nodes) };
+            let approved = state
+                .open_store()?
+                .approve(&network, who, &admin_user(), unix_now())?;
+            for a in approved {
+                out(&format!(
+                    "approved {} (fingerprint {}) with address {}",
+                    a.name,
+                    a.key.fingerprint(),
+                    a.address
+                ));
+            }
+            Ok(())
+        }
+        Command::Node(NodeCmd::Reject {
+            network,
+            nodes,
+            all,
+        }) => {
+            let who = if all { Who::All } else { Who::These(&nodes) };
+            let rejected =
+                state
+                    .open_store()?
+                    .reject_requests(&network, who, &admin_user(), unix_now())?;
+            for r in rejected {
+                out(&format!(
+                    "rejected {} (fingerprint {})",
+                    r.name,
+                    r.key.fingerprint()
+                ));
+            }
+            Ok(())
+        }
     }
+}
+
+/// A network as `network list --json` shows it: the stored row and its id (`null` while no
+/// controller address is known).
+#[derive(serde::Serialize)]
+struct NetworkListing<'a> {
+    #[serde(flatten)]
+    row: &'a NetworkRow,
+    id: Option<String>,
 }
 
 /// No address nodes can dial is known for the controller, so no token or network id can be
@@ -793,6 +1019,27 @@ fn check_host_port(flag: &str, addr: &str, example: &str) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// Who runs this admin command, as recorded beside an approval or a rejection: the user
+/// behind `sudo`, else the logged-in user, else the uid.
+fn admin_user() -> String {
+    admin_user_from(|var| std::env::var(var).ok())
+}
+
+/// [`admin_user`] with the environment given.
+fn admin_user_from(env: impl Fn(&str) -> Option<String>) -> String {
+    for var in ["SUDO_USER", "USER"] {
+        if let Some(user) = env(var).filter(|u| !u.trim().is_empty()) {
+            return user.trim().to_owned();
+        }
+    }
+    use std::os::unix::fs::MetadataExt as _;
+    // The process's own /proc directory belongs to its user: no unsafe getuid().
+    std::fs::metadata("/proc/self").map_or_else(
+        |_| "an unknown user".to_owned(),
+        |m| format!("uid {}", m.uid()),
+    )
+}
+
 /// Where a token points nodes: "ADDR (QUIC/UDP)" and ", TCP_ADDR (TCP)" when it has one.
 fn token_addresses(controller: &str, tcp: Option<&str>) -> String {
     match tcp {
@@ -857,6 +1104,39 @@ mod tests {
         assert_eq!(token_expiry("Never", now).unwrap(), None);
         let err = token_expiry("soon", now).unwrap_err();
         assert!(err.to_string().contains("never"), "{err}");
+    }
+
+    #[test]
+    fn approve_and_reject_take_names_or_all_but_not_both() {
+        for verb in ["approve", "reject"] {
+            let parse = |more: &[&str]| {
+                let args = ["mesh-controller", "node", verb, "prod"];
+                Cli::try_parse_from(args.iter().chain(more))
+            };
+            assert!(parse(&["web", "3f2a-91c0-77de-0b14"]).is_ok());
+            assert!(parse(&["--all"]).is_ok());
+            let e = parse(&[]).err().unwrap().to_string();
+            assert!(e.contains("--all"), "{e}");
+            assert!(parse(&["web", "--all"]).is_err());
+        }
+    }
+
+    #[test]
+    fn the_admin_is_the_user_behind_sudo_else_the_user_else_the_uid() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |var: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == var)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let both = &[("SUDO_USER", "alice"), ("USER", "root")];
+        assert_eq!(admin_user_from(env(both)), "alice");
+        assert_eq!(admin_user_from(env(&[("USER", "bob")])), "bob");
+        let blank = &[("SUDO_USER", " "), ("USER", "bob")];
+        assert_eq!(admin_user_from(env(blank)), "bob");
+        assert!(admin_user_from(env(&[])).starts_with("uid "));
     }
 
     #[test]
