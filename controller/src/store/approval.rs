@@ -252,6 +252,20 @@ impl Store {
         req: &JoinRequest<'_>,
         now: u64,
     ) -> Result<RequestOutcome, StoreError> {
+        // The wire decoder checks these too; they end up in the administrator's terminal.
+        let name = req.name.name();
+        if !mesh_proto::control::valid_name(name) {
+            return Err(refused(
+                ErrorCode::BadRequest,
+                format!("invalid node name {name:?}: use 1-63 letters, digits, '-', '_' or '.' (mesh join --name)"),
+            ));
+        }
+        if !req.hostname.is_empty() && !mesh_proto::control::valid_hostname(req.hostname) {
+            return Err(refused(
+                ErrorCode::BadRequest,
+                "the hostname sent is not a valid hostname (letters, digits, '-', '_' and '.')",
+            ));
+        }
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -267,7 +281,7 @@ impl Store {
             return Err(refused(
                 ErrorCode::NetworkUnknown,
                 format!(
-                    "network {:?} does not exist on this controller (it may have been renamed or deleted); ask the administrator for the current network id (`mesh-controller network id NETWORK`)",
+                    "network {:?} does not exist on this controller; ask the administrator for the current network id (`mesh-controller network id NETWORK`)",
                     req.network
                 ),
             ));
@@ -317,7 +331,7 @@ impl Store {
             params![
                 network_id,
                 key,
-                req.name.name(),
+                name,
                 matches!(req.name, NameRequest::Exact(_)),
                 req.hostname,
                 source,
@@ -331,7 +345,7 @@ impl Store {
         tx.commit()?;
         Ok(RequestOutcome::Pending {
             network_id,
-            name: req.name.name().to_owned(),
+            name: name.to_owned(),
             dropped,
         })
     }
@@ -1463,6 +1477,39 @@ mod tests {
         assert_eq!(names.len(), MAX_PENDING_PER_SOURCE);
         assert_eq!(names[0], "moved");
         assert!(!names.contains(&"n0".to_string()), "{names:?}");
+    }
+
+    #[test]
+    fn names_and_hostnames_are_checked_before_anything_is_stored() {
+        let (_d, mut s) = store();
+        let k = key(1);
+        let bad_name = request(
+            "prod",
+            &k,
+            NameRequest::Preferred("web\x1b[2J"),
+            "192.0.2.1",
+        );
+        assert_eq!(
+            code_of(s.request_join(&bad_name, T0)),
+            ErrorCode::BadRequest
+        );
+        let bad_host = JoinRequest {
+            hostname: "host\nname",
+            ..request("prod", &k, NameRequest::Preferred("web"), "192.0.2.1")
+        };
+        assert_eq!(
+            code_of(s.request_join(&bad_host, T0)),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(requests_in_table(&s), 0);
+        let no_host = JoinRequest {
+            hostname: "",
+            ..request("prod", &k, NameRequest::Preferred("web"), "192.0.2.1")
+        };
+        assert!(
+            s.request_join(&no_host, T0).is_ok(),
+            "the hostname is optional"
+        );
     }
 
     #[test]
