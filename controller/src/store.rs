@@ -29,8 +29,9 @@ use std::time::{Duration, UNIX_EPOCH};
 pub mod approval;
 
 pub use approval::{
-    Approval, Approved, JoinRequest, PendingRow, Rejected, RequestOutcome, RequestState, Who,
-    MAX_PENDING_PER_NETWORK, MAX_PENDING_PER_SOURCE, REJECT_COOLDOWN_SECS, REQUEST_LIFETIME_SECS,
+    rejection_message, Approval, Approved, JoinRequest, PendingRow, Rejected, RequestOutcome,
+    RequestState, Who, MAX_PENDING_PER_NETWORK, MAX_PENDING_PER_SOURCE, REJECT_COOLDOWN_SECS,
+    REQUEST_LIFETIME_SECS,
 };
 
 /// A node counts as online when connected and heard from within this many seconds.
