@@ -158,6 +158,26 @@ pub fn render_control(stats: &Stats, gate: &Gate) -> String {
         "Peer-list deltas pushed to nodes",
         counter(load(&stats.deltas_pushed)),
     );
+    reg.register(
+        "join_requests",
+        "Join requests by network id received (each connection that asks)",
+        counter(load(&stats.join_requests)),
+    );
+    reg.register(
+        "join_requests_limited",
+        "Join requests refused at once because their source address asked too often",
+        counter(load(&stats.join_requests_limited)),
+    );
+    reg.register(
+        "join_requests_dropped",
+        "Pending join requests dropped to keep the per-network and per-address caps (oldest first)",
+        counter(load(&stats.join_requests_dropped)),
+    );
+    reg.register(
+        "join_requests_waiting",
+        "Nodes connected now that wait for the administrator's approval",
+        gauge(stats.waiting.load(std::sync::atomic::Ordering::Relaxed) as usize),
+    );
     let mut out = String::new();
     let _ = encode(&mut out, &reg);
     out

@@ -13,7 +13,10 @@
 
 use crate::netmap::{self, PeerMap};
 use crate::state::{unix_now, StateDir};
-use crate::store::{Admission, Candidates, NameRequest, NodeReport, RelayRow, StoreError};
+use crate::store::{
+    Admission, Candidates, JoinRequest, NameRequest, NodeReport, RelayRow, RequestOutcome,
+    RequestState, StoreError,
+};
 use anyhow::Context as _;
 use mesh_control::quic::{Gate, ServerLimits, Slot};
 use mesh_control::{channel, quic, tcp, Link};
@@ -77,6 +80,53 @@ pub struct Stats {
     pub replaced: AtomicU64,
     /// Peer-list deltas pushed.
     pub deltas_pushed: AtomicU64,
+    /// Join requests by network id received.
+    pub join_requests: AtomicU64,
+    /// Join requests refused at once: their source address asked too often.
+    pub join_requests_limited: AtomicU64,
+    /// Pending join requests dropped to keep the caps.
+    pub join_requests_dropped: AtomicU64,
+    /// Nodes connected now that wait for approval.
+    pub waiting: AtomicU64,
+}
+
+/// Join requests one source address may make back to back.
+pub const ASK_BURST: f64 = 50.0;
+/// Join requests per second one source address may keep making after the burst.
+pub const ASK_RATE: f64 = 10.0;
+/// Source addresses the join request limiter remembers; when full, the quietest are forgotten.
+const ASK_SOURCES: usize = 4096;
+
+/// Per source address: a burst of join requests, then [`ASK_RATE`] per second. Bounded in
+/// memory whatever the number of addresses.
+#[derive(Debug, Default)]
+pub struct AskLimiter {
+    sources: HashMap<std::net::IpAddr, (f64, Instant)>,
+}
+
+impl AskLimiter {
+    /// Whether a join request from `ip` at `now` may be handled.
+    pub fn allow(&mut self, ip: std::net::IpAddr, now: Instant) -> bool {
+        if self.sources.len() >= ASK_SOURCES && !self.sources.contains_key(&ip) {
+            // Forget the addresses whose buckets are full again: they cost nothing to rebuild.
+            let full_after = Duration::from_secs_f64(ASK_BURST / ASK_RATE);
+            self.sources
+                .retain(|_, (_, last)| now.saturating_duration_since(*last) < full_after);
+            if self.sources.len() >= ASK_SOURCES {
+                return false;
+            }
+        }
+        let (tokens, last) = self.sources.entry(ip).or_insert((ASK_BURST, now));
+        let elapsed = now.saturating_duration_since(*last).as_secs_f64();
+        *last = now;
+        *tokens = (*tokens + elapsed * ASK_RATE).min(ASK_BURST);
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl Stats {
@@ -158,6 +208,8 @@ struct Ctx {
     observer: Option<SocketAddr>,
     /// The addresses the controller announces in every Welcome (`serve --announce`).
     announce: std::sync::RwLock<Vec<String>>,
+    /// Join requests per source address.
+    asks: Mutex<AskLimiter>,
 }
 
 enum HubCmd {
@@ -173,6 +225,17 @@ enum HubCmd {
         birthday_budget: Option<u16>,
     },
     Unregister {
+        id: u64,
+    },
+    /// A connection that waits for the administrator's verdict on its join request.
+    Wait {
+        id: u64,
+        network_id: i64,
+        key: PublicKey,
+        verdict: tokio::sync::oneshot::Sender<RequestState>,
+    },
+    /// It stopped waiting (the node went away).
+    Unwait {
         id: u64,
     },
 }
@@ -246,6 +309,7 @@ impl Controller {
             stats,
             observer,
             announce: std::sync::RwLock::new(Vec::new()),
+            asks: Mutex::new(AskLimiter::default()),
         });
         Ok(Controller {
             endpoint,
@@ -534,6 +598,138 @@ async fn refuse(tx: &mut channel::Sender, conn: &Link, code: ErrorCode, message:
     let _ = tokio::time::timeout(Duration::from_secs(3), conn.closed()).await;
 }
 
+/// A join request by network id: admitted at once (a member already, or a network that
+/// approves automatically), or recorded, answered `Pending`, and held until the administrator
+/// decides. `None`: the node went away while it waited.
+#[allow(clippy::too_many_arguments)]
+async fn ask(
+    ctx: &Arc<Ctx>,
+    conn: &Link,
+    tx: &mut channel::Sender,
+    rx: &mut channel::Receiver,
+    network: &str,
+    key: &PublicKey,
+    name: NameRequest<'_>,
+    hostname: &str,
+    seen: Candidates<'_>,
+) -> Option<Result<Admission, StoreError>> {
+    Stats::inc(&ctx.stats.join_requests, 1);
+    let source = conn.remote_address().ip();
+    let allowed = ctx
+        .asks
+        .lock()
+        .map(|mut a| a.allow(source, Instant::now()))
+        .unwrap_or(false);
+    if !allowed {
+        Stats::inc(&ctx.stats.join_requests_limited, 1);
+        return Some(Err(StoreError::Refused {
+            code: ErrorCode::RequestDropped,
+            message: format!("too many join requests from {source}; ask again in a minute"),
+        }));
+    }
+    // The write waits for the database (and its fsync): on the blocking pool, so that a flood
+    // of requests never holds up the tokio workers that drive every other connection.
+    let outcome = {
+        let ctx = ctx.clone();
+        let (network, key, hostname) = (network.to_owned(), *key, hostname.to_owned());
+        let (exact, name) = match name {
+            NameRequest::Exact(n) => (true, n.to_owned()),
+            NameRequest::Preferred(n) => (false, n.to_owned()),
+        };
+        let (reported, observed) = (seen.reported.to_vec(), seen.observed);
+        tokio::task::spawn_blocking(move || {
+            let request = JoinRequest {
+                network: &network,
+                key: &key,
+                name: if exact {
+                    NameRequest::Exact(&name)
+                } else {
+                    NameRequest::Preferred(&name)
+                },
+                hostname: &hostname,
+                // Over TCP the source is the node's too (a proxy's, behind one).
+                source: Some(source),
+                seen: Candidates {
+                    reported: &reported,
+                    observed,
+                },
+            };
+            lock(&ctx).request_join(&request, unix_now())
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(StoreError::Invalid(format!(
+                "the join request's database task failed: {e}"
+            )))
+        })
+    };
+    let (network_id, recorded) = match outcome {
+        Ok(RequestOutcome::Admitted(adm)) => return Some(Ok(adm)),
+        Ok(RequestOutcome::Pending {
+            network_id,
+            name,
+            dropped,
+        }) => {
+            Stats::inc(&ctx.stats.join_requests_dropped, dropped as u64);
+            (network_id, name)
+        }
+        Err(e) => return Some(Err(e)),
+    };
+    info!(network, name = %recorded, fingerprint = %key.fingerprint(), %source, "join request waits for approval");
+    let sent = tx
+        .send(
+            &ServerMsg::Pending {
+                network: network.to_owned(),
+                name: recorded.clone(),
+            }
+            .encode(),
+        )
+        .await;
+    if sent.is_err() {
+        return None;
+    }
+    let id = ctx.next_id.fetch_add(1, Ordering::Relaxed);
+    let (verdict_tx, verdict_rx) = tokio::sync::oneshot::channel();
+    let _ = ctx.hub.send(HubCmd::Wait {
+        id,
+        network_id,
+        key: *key,
+        verdict: verdict_tx,
+    });
+    ctx.stats.waiting.fetch_add(1, Ordering::Relaxed);
+    let verdict = async {
+        tokio::pin!(verdict_rx);
+        loop {
+            tokio::select! {
+                v = &mut verdict_rx => return v.ok(),
+                // A waiting node has nothing to say; whatever it sends is dropped, and a closed
+                // connection ends the wait.
+                m = rx.recv() => if m.is_err() { return None },
+            }
+        }
+    }
+    .await;
+    ctx.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+    let _ = ctx.hub.send(HubCmd::Unwait { id });
+    match verdict? {
+        RequestState::Approved => {
+            info!(network, name = %recorded, "join request approved; admitting the waiting node");
+            Some(lock(ctx).hello(network, key, seen, unix_now()))
+        }
+        RequestState::Rejected { at, by } => {
+            info!(network, name = %recorded, %by, "join request rejected; telling the waiting node");
+            Some(Err(StoreError::Refused {
+                code: ErrorCode::Rejected,
+                message: crate::store::approval::rejection_message(network, at),
+            }))
+        }
+        RequestState::Gone | RequestState::Pending => Some(Err(StoreError::Refused {
+            code: ErrorCode::RequestDropped,
+            message: "the request lapsed or was pushed out by newer ones (the controller keeps a bounded number); asking again".into(),
+        })),
+    }
+}
+
 async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()> {
     // Everything before admission is bounded in time and size (the channel reads at most
     // MAX_UNADMITTED_LEN bytes per message until the limit is raised below).
@@ -578,6 +774,29 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
                 message: "join token secret is not hex".into(),
             }),
         },
+        Ok(Ok(ClientMsg::RequestJoin {
+            network,
+            name,
+            hostname,
+            endpoints,
+            exact_name,
+        })) => {
+            let name = if exact_name {
+                NameRequest::Exact(&name)
+            } else {
+                NameRequest::Preferred(&name)
+            };
+            let seen = Candidates {
+                reported: &endpoints,
+                observed,
+            };
+            // The node proved its key: a wait for approval is no handshake in flight.
+            slot.established();
+            match ask(&ctx, &conn, &mut tx, &mut rx, &network, &key, name, &hostname, seen).await {
+                Some(r) => r,
+                None => return Ok(()),
+            }
+        }
         Ok(Ok(ClientMsg::Hello {
             network,
             endpoints,
@@ -824,6 +1043,7 @@ async fn run_hub(
     stats: Arc<Stats>,
 ) {
     let mut sessions: HashMap<u64, Session> = HashMap::new();
+    let mut waiters: HashMap<u64, Waiter> = HashMap::new();
     let mut version = store.data_version().ok();
     let mut poll = tokio::time::interval(POLL);
     let mut last_full = tokio::time::Instant::now();
@@ -842,16 +1062,55 @@ async fn run_hub(
                     hub.push(&store, &mut sessions);
                 }
                 Some(HubCmd::Unregister { id }) => { sessions.remove(&id); }
+                Some(HubCmd::Wait { id, network_id, key, verdict }) => {
+                    let mut one = HashMap::from([(id, Waiter { network_id, key, verdict })]);
+                    // A verdict between the request and now must not be lost.
+                    decide(&store, &mut one);
+                    waiters.extend(one);
+                }
+                Some(HubCmd::Unwait { id }) => { waiters.remove(&id); }
                 None => return,
             },
             _ = poll.tick() => {
                 let v = store.data_version().ok();
                 if v != version || last_full.elapsed() >= RESYNC {
+                    let changed = v != version;
                     version = v;
                     last_full = tokio::time::Instant::now();
                     hub.push(&store, &mut sessions);
+                    if changed || !waiters.is_empty() {
+                        decide(&store, &mut waiters);
+                    }
                 }
             }
+        }
+    }
+}
+
+/// A connection waiting for the verdict on its join request.
+struct Waiter {
+    network_id: i64,
+    key: PublicKey,
+    verdict: tokio::sync::oneshot::Sender<RequestState>,
+}
+
+/// Tells every waiter whose request was decided (approved, rejected, or gone) its verdict.
+fn decide(store: &crate::store::Store, waiters: &mut HashMap<u64, Waiter>) {
+    let now = unix_now();
+    let mut decided = Vec::new();
+    for (id, w) in waiters.iter() {
+        match store.request_state(w.network_id, &w.key, now) {
+            Ok(RequestState::Pending) => {}
+            Ok(state) => decided.push((*id, state)),
+            Err(e) => {
+                warn!(error = %e, "cannot read join requests");
+                return;
+            }
+        }
+    }
+    for (id, state) in decided {
+        if let Some(w) = waiters.remove(&id) {
+            let _ = w.verdict.send(state);
         }
     }
 }
@@ -1079,6 +1338,129 @@ mod tests {
             },
             welcome,
         )
+    }
+
+    /// A node with key `[seed; 32]` asks to join network prod by network id.
+    async fn ask_as(lab: &Lab, seed: u8, name: &str) -> (Client, ServerMsg) {
+        let endpoint = quic::bind_client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let conn = endpoint.connect(lab.addr, "mesh").unwrap().await.unwrap();
+        let (mut tx, mut rx) =
+            channel::initiate(&Link::Quic(conn.clone()), &[seed; 32], &lab.controller_key)
+                .await
+                .unwrap();
+        let msg = ClientMsg::RequestJoin {
+            network: "prod".into(),
+            name: name.into(),
+            hostname: format!("{name}.example"),
+            endpoints: vec![],
+            exact_name: false,
+        };
+        tx.send(&msg.encode()).await.unwrap();
+        let first = decode_server(&rx.recv().await.unwrap()).unwrap();
+        (
+            Client {
+                conn,
+                tx,
+                rx,
+                _endpoint: endpoint,
+            },
+            first,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_waiting_node_gets_its_verdict_on_the_connection_it_asked_on() {
+        use crate::store::approval::Who;
+        let lab = lab();
+        let (mut a, first) = ask_as(&lab, 7, "asker").await;
+        assert!(
+            matches!(&first, ServerMsg::Pending { name, .. } if name == "asker"),
+            "{first:?}"
+        );
+        // Nothing about the network reaches a node that waits.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), a.rx.recv())
+                .await
+                .is_err()
+        );
+        assert_eq!(lab.stats.waiting.load(Ordering::Relaxed), 1);
+        let started = Instant::now();
+        lab.state
+            .open_store()
+            .unwrap()
+            .approve("prod", Who::These(&["asker".into()]), "admin", unix_now())
+            .unwrap();
+        let bytes = tokio::time::timeout(Duration::from_secs(5), a.rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        match decode_server(&bytes).unwrap() {
+            ServerMsg::Welcome(w) => assert_eq!(w.name, "asker"),
+            other => panic!("{other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+
+        let (mut b, first) = ask_as(&lab, 8, "other").await;
+        assert!(matches!(first, ServerMsg::Pending { .. }), "{first:?}");
+        lab.state
+            .open_store()
+            .unwrap()
+            .reject("prod", Who::These(&["other".into()]), "admin", unix_now())
+            .unwrap();
+        let bytes = tokio::time::timeout(Duration::from_secs(5), b.rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        match decode_server(&bytes).unwrap() {
+            ServerMsg::Error { code, message } => {
+                assert_eq!(code, ErrorCode::Rejected);
+                assert!(message.contains("rejected"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Asking again is refused at once.
+        let (_, again) = ask_as(&lab, 8, "other").await;
+        assert!(
+            matches!(again, ServerMsg::Error { code: ErrorCode::Rejected, .. }),
+            "{again:?}"
+        );
+        // A network the controller does not have is named as such.
+        let endpoint = quic::bind_client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let conn = endpoint.connect(lab.addr, "mesh").unwrap().await.unwrap();
+        let (mut tx, mut rx) =
+            channel::initiate(&Link::Quic(conn.clone()), &[9; 32], &lab.controller_key)
+                .await
+                .unwrap();
+        let msg = ClientMsg::RequestJoin {
+            network: "gone".into(),
+            name: "x".into(),
+            hostname: String::new(),
+            endpoints: vec![],
+            exact_name: false,
+        };
+        tx.send(&msg.encode()).await.unwrap();
+        let answer = decode_server(&rx.recv().await.unwrap()).unwrap();
+        assert!(
+            matches!(answer, ServerMsg::Error { code: ErrorCode::NetworkUnknown, .. }),
+            "{answer:?}"
+        );
+    }
+
+    #[test]
+    fn the_request_limiter_admits_a_burst_then_a_rate_and_stays_bounded() {
+        let mut l = AskLimiter::default();
+        let t = Instant::now();
+        let ip: std::net::IpAddr = "192.0.2.7".parse().unwrap();
+        let burst = (0..100).filter(|_| l.allow(ip, t)).count();
+        assert_eq!(burst, ASK_BURST as usize);
+        let later = t + Duration::from_secs(1);
+        let more = (0..100).filter(|_| l.allow(ip, later)).count();
+        assert_eq!(more, ASK_RATE as usize);
+        for i in 0..(ASK_SOURCES as u32 + 500) {
+            let ip = std::net::IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            l.allow(ip, later);
+        }
+        assert!(l.sources.len() <= ASK_SOURCES);
     }
 
     fn public(seed: u8) -> PublicKey {

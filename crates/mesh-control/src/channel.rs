@@ -288,13 +288,11 @@ fn split(
         Sender {
             send,
             state: state.clone(),
-            buf: vec![0u8; MAX_NOISE_MSG],
         },
         Receiver {
             conn: conn.clone(),
             recv,
             state,
-            buf: vec![0u8; MAX_NOISE_MSG],
             limit,
         },
     )
@@ -308,11 +306,12 @@ fn lock(
         .map_err(|_| ChannelError::Protocol("noise state lock poisoned".into()))
 }
 
-/// Sending half of the channel.
+/// Sending half of the channel. It holds no buffer between messages: a controller keeps a
+/// channel per connected (or waiting) node, and 64 KiB each way per node would make a flood of
+/// join requests cost the controller 128 KiB a connection.
 pub struct Sender {
     send: FrameTx,
     state: Arc<Mutex<snow::TransportState>>,
-    buf: Vec<u8>,
 }
 
 impl Sender {
@@ -339,10 +338,11 @@ impl Sender {
         let mut plain = Vec::with_capacity(data.len() + 1);
         plain.push(u8::from(last));
         plain.extend_from_slice(data);
+        let mut sealed = vec![0u8; plain.len() + TAG_LEN];
         let n = lock(&self.state)?
-            .write_message(&plain, &mut self.buf)
+            .write_message(&plain, &mut sealed)
             .map_err(noise_err)?;
-        self.send.write_frame(&self.buf[..n]).await
+        self.send.write_frame(&sealed[..n]).await
     }
 
     /// Finishes the stream (the peer's `recv` returns `Closed` after pending messages).
@@ -351,12 +351,11 @@ impl Sender {
     }
 }
 
-/// Receiving half of the channel.
+/// Receiving half of the channel (no buffer between messages either; see [`Sender`]).
 pub struct Receiver {
     conn: Link,
     recv: FrameRx,
     state: Arc<Mutex<snow::TransportState>>,
-    buf: Vec<u8>,
     limit: usize,
 }
 
@@ -389,10 +388,11 @@ impl Receiver {
                 },
                 e => e,
             })?;
+            let mut opened = vec![0u8; frame.len()];
             let n = lock(&self.state)?
-                .read_message(&frame, &mut self.buf)
+                .read_message(&frame, &mut opened)
                 .map_err(|e| ChannelError::Protocol(format!("undecryptable chunk: {e}")))?;
-            let Some((&flag, data)) = self.buf[..n].split_first() else {
+            let Some((&flag, data)) = opened[..n].split_first() else {
                 return Err(ChannelError::Protocol("empty chunk".into()));
             };
             if msg.len() + data.len() > self.limit {
