@@ -792,7 +792,11 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
             };
             // The node proved its key: a wait for approval is no handshake in flight.
             slot.established();
-            match ask(&ctx, &conn, &mut tx, &mut rx, &network, &key, name, &hostname, seen).await {
+            match ask(
+                &ctx, &conn, &mut tx, &mut rx, &network, &key, name, &hostname, seen,
+            )
+            .await
+            {
                 Some(r) => r,
                 None => return Ok(()),
             }
@@ -1398,7 +1402,11 @@ mod tests {
             ServerMsg::Welcome(w) => assert_eq!(w.name, "asker"),
             other => panic!("{other:?}"),
         }
-        assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
 
         let (mut b, first) = ask_as(&lab, 8, "other").await;
         assert!(matches!(first, ServerMsg::Pending { .. }), "{first:?}");
@@ -1421,7 +1429,13 @@ mod tests {
         // Asking again is refused at once.
         let (_, again) = ask_as(&lab, 8, "other").await;
         assert!(
-            matches!(again, ServerMsg::Error { code: ErrorCode::Rejected, .. }),
+            matches!(
+                again,
+                ServerMsg::Error {
+                    code: ErrorCode::Rejected,
+                    ..
+                }
+            ),
             "{again:?}"
         );
         // A network the controller does not have is named as such.
@@ -1441,7 +1455,13 @@ mod tests {
         tx.send(&msg.encode()).await.unwrap();
         let answer = decode_server(&rx.recv().await.unwrap()).unwrap();
         assert!(
-            matches!(answer, ServerMsg::Error { code: ErrorCode::NetworkUnknown, .. }),
+            matches!(
+                answer,
+                ServerMsg::Error {
+                    code: ErrorCode::NetworkUnknown,
+                    ..
+                }
+            ),
             "{answer:?}"
         );
     }
