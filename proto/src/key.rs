@@ -28,7 +28,13 @@ impl PublicKey {
         use sha2::Digest as _;
         let digest = sha2::Sha256::digest(self.0);
         let hex = crate::hex::encode(&digest[..8]);
-        format!("{}-{}-{}-{}", &hex[..4], &hex[4..8], &hex[8..12], &hex[12..16])
+        format!(
+            "{}-{}-{}-{}",
+            &hex[..4],
+            &hex[4..8],
+            &hex[8..12],
+            &hex[12..16]
+        )
     }
 }
 

@@ -264,7 +264,9 @@ impl FromStr for NetworkId {
     type Err = TokenError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bytes = body(s.trim(), NETWORK_PREFIX)
-            .ok_or(TokenError::NetworkDamaged("it should start with \"meshnet1_\""))?
+            .ok_or(TokenError::NetworkDamaged(
+                "it should start with \"meshnet1_\"",
+            ))?
             .map_err(TokenError::NetworkDamaged)?;
         let mut r = Reader(&bytes);
         match r.byte().map_err(TokenError::NetworkDamaged)? {
@@ -411,8 +413,7 @@ mod tests {
         assert!(err.to_string().contains("join token is damaged"), "{err}");
         let err = "prod".parse::<JoinArg>().unwrap_err();
         assert!(
-            err.to_string()
-                .contains("mesh-controller network id prod"),
+            err.to_string().contains("mesh-controller network id prod"),
             "{err}"
         );
         let err = "MeshNet1-abc".parse::<JoinArg>().unwrap_err();

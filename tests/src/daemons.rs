@@ -340,7 +340,8 @@ impl Agent {
                 last = out.to_string();
                 return None;
             };
-            if status["state"] == "waiting_for_approval" && status["controller"]["connected"] == true
+            if status["state"] == "waiting_for_approval"
+                && status["controller"]["connected"] == true
             {
                 return Some(Ok(status));
             }

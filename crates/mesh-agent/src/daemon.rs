@@ -506,9 +506,10 @@ pub async fn request(
                 .map(Requested::Joined)
         }
         Ok(crate::approval::Answer::Pending(session)) => {
-            let status = status.lock().map(|s| s.clone()).map_err(|_| {
-                anyhow::anyhow!("internal error: the request's status is poisoned")
-            })?;
+            let status = status
+                .lock()
+                .map(|s| s.clone())
+                .map_err(|_| anyhow::anyhow!("internal error: the request's status is poisoned"))?;
             let settings = Membership {
                 controller: id.controller.addr.clone(),
                 controller_tcp: id.controller.tcp.clone(),

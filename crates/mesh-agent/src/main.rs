@@ -18,11 +18,11 @@ mod token_source;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use mesh_proto::token::JoinArg;
 use state::StateDir;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use mesh_proto::token::JoinArg;
 use token_source::TokenSource;
 
 #[derive(Parser)]
@@ -356,10 +356,7 @@ fn exec_up(
         args.extend(["--endpoint-interfaces".into(), list.into()]);
     }
     if let Some(w) = wait {
-        args.extend([
-            "--wait".into(),
-            format!("{}s", w.as_secs().max(1)).into(),
-        ]);
+        args.extend(["--wait".into(), format!("{}s", w.as_secs().max(1)).into()]);
     }
     if !m.port_mapping {
         args.push("--no-port-mapping".into());
