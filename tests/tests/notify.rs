@@ -153,3 +153,105 @@ fn wait_online_times_out_with_a_reason() {
         "{err}"
     );
 }
+
+/// A node that asks by network id, as mesh.service runs it: while it waits for the approval,
+/// systemd hears the approve command as STATUS= and EXTEND_TIMEOUT_USEC= (so the unit's start
+/// does not time out) and no READY=1; once approved, READY=1 comes with the address on mesh0.
+#[test]
+fn a_node_waiting_for_approval_extends_the_start_and_says_why() {
+    let mut lab = Lab::new("notify-ask").unwrap();
+    let ctl_host = lab.add_controller_host("ctl").unwrap();
+    let a_host = lab.add_host("a").unwrap();
+    let ctl = Controller::start(&lab, &ctl_host).unwrap();
+    ctl.create_network(NET).unwrap();
+    let id = ctl.network_id(NET).unwrap();
+    let a_state = lab.state_dir("a").unwrap();
+    let mut waiter = wait_online(&a_host.ns, &a_state, &["--timeout", "60s"]);
+    let sock_path = lab.dir().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let notify_env = format!("NOTIFY_SOCKET={}", sock_path.display());
+    let mesh = mesh_bin().unwrap();
+    let state_arg = a_state.to_str().unwrap().to_owned();
+    let _agent = Proc::spawn(
+        &a_host.ns,
+        &lab.log_dir(),
+        "a-ask-notify",
+        "env",
+        [
+            notify_env.as_str(),
+            mesh.to_str().unwrap(),
+            "join",
+            id.as_str(),
+            "--name",
+            "a",
+            "--state-dir",
+            state_arg.as_str(),
+        ],
+    )
+    .unwrap();
+    let mut messages = Vec::new();
+    let mut buf = [0u8; 4096];
+    let lines = |messages: &Vec<String>| -> Vec<String> {
+        messages
+            .iter()
+            .flat_map(|m| m.lines().map(str::to_owned))
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no waiting status; got {messages:?}"
+        );
+        if let Ok(n) = sock.recv(&mut buf) {
+            messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        let l = lines(&messages);
+        if l.iter().any(|l| l.starts_with("EXTEND_TIMEOUT_USEC="))
+            && l.iter().any(|l| {
+                l.starts_with("STATUS=waiting for approval of node a")
+                    && l.contains("mesh-controller node approve notify a")
+            })
+        {
+            break;
+        }
+    }
+    assert!(
+        !lines(&messages).iter().any(|l| l == "READY=1"),
+        "{messages:?}"
+    );
+    assert!(!has_overlay_address(&a_host.ns));
+    assert!(
+        matches!(waiter.try_wait(), Ok(None)),
+        "wait-online waits too"
+    );
+
+    let out = ctl.admin(["node", "approve", NET, "a"]);
+    assert!(out.success(), "{out}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let ready_with_address = loop {
+        assert!(Instant::now() < deadline, "no READY=1; got {messages:?}");
+        if let Ok(n) = sock.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let ready = msg.lines().any(|l| l == "READY=1");
+            let present = has_overlay_address(&a_host.ns);
+            messages.push(msg);
+            if ready {
+                break present;
+            }
+        }
+    };
+    assert!(
+        ready_with_address,
+        "READY=1 before the address: {messages:?}"
+    );
+    let out = waiter.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_file(&sock_path);
+}
