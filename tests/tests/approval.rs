@@ -172,3 +172,21 @@ fn join_arguments_say_which_form_they_resemble() {
     assert!(out.stderr.contains("--wait"), "{out}");
     assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
 }
+
+#[test]
+fn leaving_while_waiting_withdraws_the_request_here_and_says_how_to_clear_it_there() {
+    let (lab, _ctl, _a, hosts, id) = lab("withdraw", &["b"]);
+    let mut b = Agent::ask(&lab, &hosts[0], "b", &id, &[]).unwrap();
+    b.wait_pending(Duration::from_secs(20)).unwrap();
+    let out = b.cli(["leave"]);
+    assert!(out.success(), "{out}");
+    assert!(out.stdout.contains("left network ask"), "{out}");
+    assert!(
+        out.stderr.contains("mesh-controller node reject ask b"),
+        "{out}"
+    );
+    let status = b.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", b.log());
+    assert!(!b.state_dir.join("request.json").exists());
+    assert!(!b.state_dir.join("node.key").exists());
+}

@@ -242,6 +242,37 @@ pub struct NameChoice {
     pub explicit: bool,
 }
 
+/// What a join, by token or by network id, starts from: the state directory taken, the node
+/// key, and the socket, QUIC and the TUN device up, without an address yet.
+struct Joining {
+    opts: Settings,
+    _lock: mesh_service::DirLock,
+    node_key: [u8; 32],
+    running: Running,
+    port: u16,
+}
+
+impl Joining {
+    fn begin(opts: Options) -> anyhow::Result<Joining> {
+        opts.state.create()?;
+        opts.state.check_writable().map_err(fatal)?;
+        let lock = opts.state.lock()?;
+        // Joining again keeps the saved port and interface unless flags say otherwise.
+        let saved = opts.state.load_membership().ok();
+        let opts = opts.settle(saved.as_ref())?;
+        let node_key = opts.state.load_or_create_key()?;
+        let running = start(&opts, &node_key, Ipv4Addr::UNSPECIFIED, None)?;
+        let port = running.port.local_addr()?.port();
+        Ok(Joining {
+            opts,
+            _lock: lock,
+            node_key,
+            running,
+            port,
+        })
+    }
+}
+
 /// `mesh join`: joins with a token, saves the membership, closes the connection and returns
 /// the membership. The caller then starts the daemon as `mesh up` (a process of its own that
 /// never held the token), or stops there (`--no-daemon`).
@@ -252,15 +283,13 @@ pub async fn join(
     connect_timeout: Duration,
     wait: Duration,
 ) -> anyhow::Result<Membership> {
-    opts.state.create()?;
-    opts.state.check_writable().map_err(fatal)?;
-    let _lock = opts.state.lock()?;
-    // Joining again keeps the saved port and interface unless flags say otherwise.
-    let saved = opts.state.load_membership().ok();
-    let opts = opts.settle(saved.as_ref())?;
-    let node_key = opts.state.load_or_create_key()?;
-    let running = start(&opts, &node_key, Ipv4Addr::UNSPECIFIED, None)?;
-    let port = running.port.local_addr()?.port();
+    let Joining {
+        opts,
+        _lock,
+        node_key,
+        running,
+        port,
+    } = Joining::begin(opts)?;
     let first = ClientMsg::Join {
         token_id: token.id.clone(),
         token_secret: token.secret_hex(),
@@ -473,14 +502,13 @@ pub async fn request(
     wait: Option<Duration>,
 ) -> anyhow::Result<Requested> {
     let id: NetworkId = id_text.parse()?;
-    opts.state.create()?;
-    opts.state.check_writable().map_err(fatal)?;
-    let _lock = opts.state.lock()?;
-    let saved = opts.state.load_membership().ok();
-    let opts = opts.settle(saved.as_ref())?;
-    let node_key = opts.state.load_or_create_key()?;
-    let running = start(&opts, &node_key, Ipv4Addr::UNSPECIFIED, None)?;
-    let port = running.port.local_addr()?.port();
+    let Joining {
+        opts,
+        _lock,
+        node_key,
+        running,
+        port,
+    } = Joining::begin(opts)?;
     let since = unix_now();
     let status = Mutex::new(wait_status(&id, &name.name, &node_key, since));
     let asking = crate::approval::Asking {
@@ -1414,6 +1442,8 @@ pub struct LeftOffline {
     pub name: String,
     /// Why the controller was not told, when it was not (`--force`).
     pub not_told: Option<String>,
+    /// The node only asked to join and was waiting for approval.
+    pub pending: bool,
 }
 
 /// `mesh leave` without a running daemon: tell the controller directly, then delete the
@@ -1426,9 +1456,8 @@ pub async fn leave_offline(state: &StateDir, force: bool) -> anyhow::Result<Left
         return Ok(LeftOffline {
             network: r.settings.network,
             name: r.name,
-            not_told: Some(
-                "the node was still waiting for approval; its request stays listed until it lapses (24 h) or the administrator rejects it".into(),
-            ),
+            not_told: None,
+            pending: true,
         });
     }
     let m = state.load_membership()?;
@@ -1507,6 +1536,7 @@ pub async fn leave_offline(state: &StateDir, force: bool) -> anyhow::Result<Left
         network: m.network,
         name: m.name,
         not_told,
+        pending: false,
     })
 }
 

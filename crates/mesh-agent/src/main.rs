@@ -1003,7 +1003,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         "left network {network}; mesh0 and the local state in {} deleted",
                         state.path().display()
                     ));
-                    if v["controller_told"] == false {
+                    if v["pending"] == true {
+                        warn_user(&format!(
+                            "the node was still waiting for approval; its request stays listed on the controller until it lapses (24 h): reject it there with `mesh-controller node reject {network} {}`",
+                            v["name"].as_str().unwrap_or("NAME"),
+                        ));
+                    } else if v["controller_told"] == false {
                         warn_user(&format!(
                             "the controller was not told ({}), so it may still list this node: remove it there with `mesh-controller node remove {network} {}`",
                             v["reason"].as_str().unwrap_or("no answer"),
@@ -1019,7 +1024,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         left.network,
                         state.path().display()
                     ));
-                    if let Some(reason) = left.not_told {
+                    if left.pending {
+                        warn_user(&format!(
+                            "the node was still waiting for approval; its request stays listed on the controller until it lapses (24 h): reject it there with `mesh-controller node reject {} {}`",
+                            left.network, left.name
+                        ));
+                    } else if let Some(reason) = left.not_told {
                         warn_user(&format!(
                             "the controller was not told ({reason}), so it may still list this node: remove it there with `mesh-controller node remove {} {}`",
                             left.network, left.name
