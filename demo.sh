@@ -114,9 +114,12 @@ ctl_cmd() {
     ip netns exec "$NS_CTL" "$CTL" "$@" --state-dir "$WORK/controller" 2>>"$log"
 }
 
-step "Creating network '$NETWORK' ($OVERLAY_CIDR) and a reusable join token"
-ctl_cmd network-create network create "$NETWORK" --cidr "$OVERLAY_CIDR" | sed 's/^/    /' ||
+step "Creating network '$NETWORK' ($OVERLAY_CIDR), its network id and a reusable join token"
+ctl_cmd network-create network create "$NETWORK" --cidr "$OVERLAY_CIDR" >/dev/null ||
     die "mesh-controller network create failed"
+NETWORK_ID=$(ctl_cmd network-id network id "$NETWORK") || die "mesh-controller network id failed"
+NETWORK_ID=${NETWORK_ID//[[:space:]]/}
+ok "network id: ${NETWORK_ID:0:28}... (no secret in it; nodes that join with it wait for approval)"
 TOKEN=$(ctl_cmd token-create token create "$NETWORK" --reusable --expires 1h) ||
     die "mesh-controller token create failed"
 TOKEN=${TOKEN//[[:space:]]/}
@@ -124,15 +127,33 @@ TOKEN=${TOKEN//[[:space:]]/}
 ok "token: ${TOKEN:0:24}... (${#TOKEN} characters)"
 info "$(tail -n 1 "$WORK/token-create.log")"
 
-step "Starting three agents: mesh join --token-file FILE --name NAME"
+ASKER=${NODES[${#NODES[@]}-1]}
+step "Starting three agents: the token for all but $ASKER, which joins by network id"
 # The token in a file only root can read: on a command line, every local user could read it.
 (umask 077 && printf '%s\n' "$TOKEN" >"$WORK/token")
 for n in "${NODES[@]}"; do
     mkdir -p "$WORK/$n"
-    spawn "${NETNS[$n]}" "$WORK/$n.log" "$MESH" join --token-file "$WORK/token" --name "$n" --state-dir "$WORK/$n"
+    if [[ $n == "$ASKER" ]]; then
+        spawn "${NETNS[$n]}" "$WORK/$n.log" "$MESH" join "$NETWORK_ID" --name "$n" --state-dir "$WORK/$n"
+        info "$n: mesh join meshnet1_... --name $n (pid $LAST_PID)"
+    else
+        spawn "${NETNS[$n]}" "$WORK/$n.log" "$MESH" join --token-file "$WORK/token" --name "$n" --state-dir "$WORK/$n"
+        info "$n: mesh join --token-file FILE --name $n (pid $LAST_PID)"
+    fi
     PID[$n]=$LAST_PID
-    info "$n: started (pid $LAST_PID)"
 done
+
+# asker_pending: the controller lists the asking node as waiting for approval.
+asker_pending() {
+    ctl_cmd node-pending node pending "$NETWORK" 2>/dev/null | grep -q "^$ASKER "
+}
+step "$ASKER waits for approval: mesh-controller node pending $NETWORK"
+WAIT_WATCH_PID=${PID[$ASKER]} wait_until 30 "$ASKER's join request" asker_pending ||
+    die "$ASKER's join request did not reach the controller"
+ctl_cmd node-pending node pending "$NETWORK" | sed 's/^/    /'
+ctl_cmd node-approve node approve "$NETWORK" "$ASKER" | sed 's/^/    /' ||
+    die "mesh-controller node approve failed"
+ok "approved $ASKER"
 
 # overlay_ready NODE: `mesh ip` answers and mesh0 carries that address.
 overlay_ready() {

@@ -1036,8 +1036,20 @@ fn admin_user_from(env: impl Fn(&str) -> Option<String>) -> String {
     // The process's own /proc directory belongs to its user: no unsafe getuid().
     std::fs::metadata("/proc/self").map_or_else(
         |_| "an unknown user".to_owned(),
-        |m| format!("uid {}", m.uid()),
+        |m| user_name(m.uid()).unwrap_or_else(|| format!("uid {}", m.uid())),
     )
+}
+
+/// The name of user `uid` in `/etc/passwd`.
+fn user_name(uid: u32) -> Option<String> {
+    std::fs::read_to_string("/etc/passwd")
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            (f.nth(1)?.parse::<u32>().ok()? == uid).then(|| name.to_owned())
+        })
 }
 
 /// Where a token points nodes: "ADDR (QUIC/UDP)" and ", TCP_ADDR (TCP)" when it has one.
@@ -1136,7 +1148,10 @@ mod tests {
         assert_eq!(admin_user_from(env(&[("USER", "bob")])), "bob");
         let blank = &[("SUDO_USER", " "), ("USER", "bob")];
         assert_eq!(admin_user_from(env(blank)), "bob");
-        assert!(admin_user_from(env(&[])).starts_with("uid "));
+        // Without either variable: the process's user, by name where /etc/passwd has it.
+        let own = admin_user_from(env(&[]));
+        assert!(!own.is_empty() && !own.contains(':'), "{own}");
+        assert_eq!(user_name(0).as_deref(), Some("root"));
     }
 
     #[test]
