@@ -87,6 +87,7 @@ pub fn node_pair() -> (Node, Node, SocketAddr, SocketAddr) {
     );
     a.set_peers(
         &[PeerConfig {
+            routes: Vec::new(),
             key: pb,
             name: "b".into(),
             address: ib,
@@ -98,6 +99,7 @@ pub fn node_pair() -> (Node, Node, SocketAddr, SocketAddr) {
     );
     b.set_peers(
         &[PeerConfig {
+            routes: Vec::new(),
             key: pa,
             name: "a".into(),
             address: ia,

@@ -167,6 +167,7 @@ fn main() {
 
     // The remotes first, each knowing the hub only.
     let hub_entry = PeerConfig {
+        routes: Vec::new(),
         key: hub_key,
         name: "hub".into(),
         address: hub_overlay,
@@ -184,6 +185,7 @@ fn main() {
         r.set_peers(std::slice::from_ref(&hub_entry), start);
         remotes.push(r);
         entries.push(PeerConfig {
+            routes: Vec::new(),
             key: public(s),
             name: format!("n{i}"),
             address: overlay(i),

@@ -278,6 +278,7 @@ impl Relays {
 
 fn to_config(p: &PeerInfo) -> PeerConfig {
     PeerConfig {
+        routes: Vec::new(),
         key: p.key,
         name: p.name.clone(),
         address: p.address,

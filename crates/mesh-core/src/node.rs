@@ -88,6 +88,8 @@ pub struct Node {
     guard: HandshakeGuard,
     /// Destinations reached only through the overlay: never a peer's endpoint.
     excluded: Vec<Ipv4Net>,
+    /// The prefixes this node routes for its peers ([`Node::set_routes`]).
+    routes: Vec<Ipv4Net>,
     /// How paths are measured and chosen ([`Node::set_quality`]).
     quality: QualityConfig,
 }
@@ -106,6 +108,7 @@ macro_rules! cx {
             next_ping: &mut $node.next_ping,
             own_nat: $node.own_nat,
             quality: &$node.quality,
+            routes: &$node.routes,
         }
     };
 }
@@ -136,6 +139,7 @@ impl Node {
             intents: Vec::new(),
             guard,
             excluded: Vec::new(),
+            routes: Vec::new(),
             quality: QualityConfig::default(),
         }
     }
@@ -161,6 +165,13 @@ impl Node {
             }
         }
         self.rearm_all(self.now);
+    }
+
+    /// Sets the prefixes this node routes for its peers (its pod subnet, say), as the
+    /// controller approved them: packets from peers addressed inside them are delivered (the host
+    /// routes them on), where otherwise only packets to the node's own address are.
+    pub fn set_routes(&mut self, routes: Vec<Ipv4Net>) {
+        self.routes = routes;
     }
 
     /// Sets the destinations that the overlay itself reaches: the overlay range, addresses and
@@ -283,6 +294,7 @@ impl Node {
                 }
                 peer.config = config;
             }
+            self.peers.reroute(&config_key);
             self.rearm(&config_key, now);
             return;
         }
@@ -338,7 +350,7 @@ impl Node {
             self.out.counters.malformed_packets += 1;
             return;
         }
-        let Some(slot) = self.peers.by_address(&dst) else {
+        let Some(slot) = self.peers.route(&dst) else {
             self.out.counters.no_route_packets += 1;
             return;
         };

@@ -345,6 +345,8 @@ pub(crate) struct Ctx<'a> {
     pub(crate) own_nat: Option<mesh_proto::control::NatKind>,
     /// How paths are measured and chosen.
     pub(crate) quality: &'a crate::io::QualityConfig,
+    /// The prefixes this node routes for its peers (see [`crate::Node::set_routes`]).
+    pub(crate) routes: &'a [ipnet::Ipv4Net],
 }
 
 fn push_bounded<T>(queue: &mut VecDeque<T>, counters: &mut Counters, item: T) {

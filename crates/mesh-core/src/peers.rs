@@ -56,6 +56,9 @@ pub(crate) struct PeerTable {
     peers: Vec<(PublicKey, Peer)>,
     by_address: SmallKeyMap<Ipv4Addr, Slot>,
     by_index: SmallKeyMap<u32, Slot>,
+    /// Every peer's routed prefixes (see [`PeerConfig::routes`](crate::PeerConfig)), longest
+    /// first, then by prefix and key: the first that contains a destination is its route.
+    routes: Vec<(ipnet::Ipv4Net, PublicKey)>,
     next_index: u32,
 }
 
@@ -87,6 +90,37 @@ impl PeerTable {
     /// The peer that owns overlay address `ip`.
     pub(crate) fn by_address(&self, ip: &Ipv4Addr) -> Option<Slot> {
         self.by_address.get(ip).copied()
+    }
+
+    /// The peer a packet to `ip` goes to: the owner of the overlay address, else the peer whose
+    /// routed prefix is the longest that contains it.
+    pub(crate) fn route(&self, ip: &Ipv4Addr) -> Option<Slot> {
+        if let Some(slot) = self.by_address(ip) {
+            return Some(slot);
+        }
+        let (_, key) = self.routes.iter().find(|(net, _)| net.contains(ip))?;
+        self.slot(key)
+    }
+
+    /// Takes the routed prefixes of the peer with `key` from its configuration again (after
+    /// the configuration changed).
+    pub(crate) fn reroute(&mut self, key: &PublicKey) {
+        self.routes.retain(|(_, k)| k != key);
+        if let Some(peer) = self.get(key) {
+            let mine: Vec<_> = peer
+                .config
+                .routes
+                .iter()
+                .map(|n| (n.trunc(), *key))
+                .collect();
+            self.routes.extend(mine);
+        }
+        self.routes.sort_by(|(a, ka), (b, kb)| {
+            b.prefix_len()
+                .cmp(&a.prefix_len())
+                .then(a.network().cmp(&b.network()))
+                .then(ka.cmp(kb))
+        });
     }
 
     /// The peer whose session uses our receiver index `index`.
@@ -151,6 +185,7 @@ impl PeerTable {
         let Err(at) = self.find(&key) else { return };
         self.peers.insert(at, (key, peer));
         self.reslot(at);
+        self.reroute(&key);
     }
 
     /// Moves a peer to a new overlay address (the caller has checked it is free).
@@ -172,6 +207,7 @@ impl PeerTable {
         let (_, peer) = self.peers.remove(i);
         self.by_address.remove(&peer.config.address);
         self.by_index.remove(&peer.index);
+        self.routes.retain(|(_, k)| k != key);
         self.reslot(i);
         Some(peer)
     }
@@ -195,6 +231,7 @@ mod tests {
 
     fn peer(table: &mut PeerTable, n: u8) -> Peer {
         let config = PeerConfig {
+            routes: Vec::new(),
             key: PublicKey([n; 32]),
             name: format!("p{n}"),
             address: Ipv4Addr::new(100, 64, 1, n),

@@ -120,6 +120,7 @@ impl Lab {
 
     fn connect(&mut self) {
         let peer = |key, name: &str, address, endpoint: &str| PeerConfig {
+            routes: Vec::new(),
             key,
             name: name.into(),
             address,

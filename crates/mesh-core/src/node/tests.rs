@@ -96,6 +96,7 @@ impl Pair {
         );
         a.set_peers(
             &[PeerConfig {
+                routes: Vec::new(),
                 key: pkb,
                 name: "b".into(),
                 address: ip_b,
@@ -107,6 +108,7 @@ impl Pair {
         );
         b.set_peers(
             &[PeerConfig {
+                routes: Vec::new(),
                 key: pka,
                 name: "a".into(),
                 address: ip_a,
@@ -236,6 +238,110 @@ fn a_member_cannot_use_a_node_as_a_router() {
     assert_eq!(p.a.poll_tun_packet(), Some(ok));
 }
 
+/// Subnet routes (issue 16): a prefix the controller approved for a routes to it, b sends
+/// packets for it to a, a delivers them (its kernel routes them to the pods), and the pods'
+/// answers come back from inside the prefix. Other sources stay spoofed, other destinations
+/// stay misdirected or unrouted.
+#[test]
+fn a_routed_prefix_goes_to_its_peer_both_ways_and_nothing_else_does() {
+    let mut p = Pair::new();
+    let (ka, kb) = (p.a.public_key(), p.b.public_key());
+    let pods_a: Ipv4Net = "10.244.1.0/24".parse().unwrap();
+    let pod = Ipv4Addr::new(10, 244, 1, 5);
+    let (ip_a, ip_b) = (p.a.address(), p.b.address());
+    let peer_a = PeerConfig {
+        key: ka,
+        name: "a".into(),
+        address: ip_a,
+        endpoints: vec![p.a_addr],
+        observed: None,
+        nat: None,
+        routes: vec![pods_a],
+    };
+    p.b.upsert_peer(peer_a, p.now);
+    p.a.set_routes(vec![pods_a]);
+
+    // b → a pod: routed to a by the prefix, delivered there.
+    let to_pod = icmp(ip_b, pod, b"to the pod");
+    p.b.handle_tun_packet(&to_pod, p.now);
+    p.drive();
+    assert_eq!(p.a.poll_tun_packet(), Some(to_pod));
+    // The pod answers from inside a's prefix: b takes it.
+    let from_pod = icmp(pod, ip_b, b"from the pod");
+    p.a.handle_tun_packet(&from_pod, p.now);
+    p.drive();
+    assert_eq!(p.b.poll_tun_packet(), Some(from_pod));
+
+    // a claims a source in a prefix that is not its own: dropped and counted at b.
+    let spoofed = icmp(Ipv4Addr::new(10, 244, 2, 9), ip_b, b"x");
+    let bytes = sealed(&mut p.a, kb, &spoofed);
+    p.b.handle_datagram(Source::main(p.a_addr), &bytes, p.now);
+    assert_eq!(p.b.poll_tun_packet(), None);
+    assert_eq!(p.b.counters().spoofed_packets, 1);
+    // b sends into a prefix a does not route (not approved): a refuses it.
+    let misdirected = icmp(ip_b, Ipv4Addr::new(10, 244, 9, 1), b"x");
+    let bytes = sealed(&mut p.b, ka, &misdirected);
+    p.a.handle_datagram(Source::main(p.b_addr), &bytes, p.now);
+    assert_eq!(p.a.poll_tun_packet(), None);
+    assert_eq!(p.a.counters().misdirected_packets, 1);
+    // And b has no route there at all.
+    p.b.handle_tun_packet(&icmp(ip_b, Ipv4Addr::new(10, 244, 9, 1), b"x"), p.now);
+    assert_eq!(p.b.counters().no_route_packets, 1);
+
+    // The route is withdrawn: b stops routing to it, a stops delivering into it.
+    let mut withdrawn = p.b.peers.get(&ka).unwrap().config.clone();
+    withdrawn.routes.clear();
+    p.b.upsert_peer(withdrawn, p.now);
+    p.a.set_routes(Vec::new());
+    p.b.handle_tun_packet(&icmp(ip_b, pod, b"x"), p.now);
+    assert_eq!(p.b.counters().no_route_packets, 2);
+    let bytes = sealed(&mut p.b, ka, &icmp(ip_b, pod, b"x"));
+    p.a.handle_datagram(Source::main(p.b_addr), &bytes, p.now);
+    assert_eq!(p.a.counters().misdirected_packets, 2);
+}
+
+#[test]
+fn the_longest_routed_prefix_wins_and_an_address_beats_any_prefix() {
+    let mut table = crate::peers::PeerTable::new(1);
+    let mut p = Pair::new();
+    let (ka, kb) = (p.a.public_key(), p.b.public_key());
+    let wide: Ipv4Net = "10.0.0.0/8".parse().unwrap();
+    let narrow: Ipv4Net = "10.244.1.0/24".parse().unwrap();
+    for (key, address, routes) in [
+        (ka, p.a.address(), vec![wide]),
+        (
+            kb,
+            p.b.address(),
+            vec![narrow, "100.64.0.0/16".parse().unwrap()],
+        ),
+    ] {
+        let peer = p.b.peers.remove(&ka).or_else(|| p.a.peers.remove(&kb));
+        let mut peer = peer.expect("a peer to reuse");
+        peer.config.key = key;
+        peer.config.address = address;
+        peer.config.routes = routes;
+        table.insert(peer);
+    }
+    fn key_of(table: &crate::peers::PeerTable, ip: [u8; 4]) -> Option<PublicKey> {
+        table.route(&Ipv4Addr::from(ip)).map(|s| table.key_at(s))
+    }
+    assert_eq!(
+        key_of(&table, [10, 244, 1, 7]),
+        Some(kb),
+        "the /24 beats the /8"
+    );
+    assert_eq!(key_of(&table, [10, 9, 9, 9]), Some(ka));
+    // a's overlay address lies inside b's (odd) 100.64/16: the address owner wins.
+    assert_eq!(key_of(&table, p.a.address().octets()), Some(ka));
+    assert_eq!(key_of(&table, [192, 0, 2, 1]), None);
+    table.remove(&kb);
+    assert_eq!(
+        key_of(&table, [10, 244, 1, 7]),
+        Some(ka),
+        "b's routes left with it"
+    );
+}
+
 #[test]
 fn candidates_and_sources_the_overlay_reaches_are_refused() {
     let mut p = Pair::new();
@@ -251,6 +357,7 @@ fn candidates_and_sources_the_overlay_reaches_are_refused() {
     let overlay: SocketAddr = "100.64.0.2:51820".parse().unwrap();
     p.a.upsert_peer(
         PeerConfig {
+            routes: Vec::new(),
             key: kb,
             name: "b".into(),
             address: p.b.address(),
@@ -718,6 +825,7 @@ fn probes_after_move(nat: Option<NatKind>, moved: SocketAddr) -> (Relayed, Vec<S
     let kb = r.p.b.public_key();
     r.p.a.upsert_peer(
         PeerConfig {
+            routes: Vec::new(),
             key: kb,
             name: "b".into(),
             address: r.p.b.address(),
@@ -805,6 +913,7 @@ fn probing_backs_off_when_no_direct_path_exists_and_restarts_on_new_candidates()
     // New candidates from the controller: probing starts over at once.
     let kb = r.p.b.public_key();
     let cfg = PeerConfig {
+        routes: Vec::new(),
         key: kb,
         name: "b".into(),
         address: r.p.b.address(),
@@ -1126,6 +1235,7 @@ fn a_busy_peer_answers_a_join_by_spraying_only() {
         let kc = PublicKey(XPublic::from(&StaticSecret::from([9u8; 32])).to_bytes());
         r.p.b.upsert_peer(
             PeerConfig {
+                routes: Vec::new(),
                 key: kc,
                 name: "c".into(),
                 address: Ipv4Addr::new(100, 64, 0, 9),
@@ -1175,6 +1285,7 @@ fn a_reported_stranger_gets_a_bounded_number_of_probes() {
     let victim: SocketAddr = "203.0.113.66:443".parse().unwrap();
     r.p.a.upsert_peer(
         PeerConfig {
+            routes: Vec::new(),
             key: kb,
             name: "b".into(),
             address: r.p.b.address(),
@@ -1212,6 +1323,7 @@ fn a_reported_stranger_gets_a_bounded_number_of_probes() {
 fn birthday_sprays_only_the_ip_the_controller_observed() {
     let observed: SocketAddr = "198.51.100.9:40000".parse().unwrap();
     let peer = PeerConfig {
+        routes: Vec::new(),
         key: PublicKey([9; 32]),
         name: "b".into(),
         address: Ipv4Addr::new(100, 64, 0, 2),
@@ -1232,6 +1344,7 @@ fn no_attempt_toward_a_peer_with_only_private_candidates() {
     let kb = r.p.b.public_key();
     r.p.a.upsert_peer(
         PeerConfig {
+            routes: Vec::new(),
             key: kb,
             name: "b".into(),
             address: r.p.b.address(),
@@ -1275,6 +1388,7 @@ fn a_peers_socket_carries_no_other_peer() {
         r.p.now,
     );
     let peer = |key, address, endpoint| PeerConfig {
+        routes: Vec::new(),
         key,
         name: "x".into(),
         address,

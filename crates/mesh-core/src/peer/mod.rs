@@ -18,6 +18,7 @@ use crate::birthday::PeerPunch;
 use crate::io::{PathQuality, QualityConfig};
 use crate::node::{Event, Path};
 use crate::outbox::{Ctx, Endpoint, Via};
+use ipnet::Ipv4Net;
 
 use crate::pmtu;
 use crate::session::{Output, Session, SessionError};
@@ -51,6 +52,9 @@ pub struct PeerConfig {
     /// The peer's NAT kind as it reported it, if known: birthday punching runs only toward a
     /// pair where one side maps per destination (see [`crate::birthday::Roles`]).
     pub nat: Option<NatKind>,
+    /// Prefixes the peer routes (its pod subnet, say), as the controller approved them: packets
+    /// to them go to this peer, and the peer may send packets from them (besides its address).
+    pub routes: Vec<Ipv4Net>,
 }
 
 /// Why the node wants to run a peer's timers (for debug logs and tests).
@@ -423,13 +427,18 @@ impl Peer {
                         m.received(leg, datagram);
                     }
                 }
-                let to_us = crate::packet::ipv4_addrs(inner).is_some_and(|(_, dst)| dst == cx.me);
+                let to_us = crate::packet::ipv4_addrs(inner).is_some_and(|(_, dst)| {
+                    dst == cx.me || cx.routes.iter().any(|r| r.contains(&dst))
+                });
                 let len = inner.len();
-                if source != self.config.address {
+                if source != self.config.address
+                    && !self.config.routes.iter().any(|r| r.contains(&source))
+                {
                     cx.out.counters.spoofed_packets += 1;
                 } else if !to_us {
-                    // A member may only reach this node, not use it as a router into its LAN,
-                    // its cloud's metadata service or a pod network.
+                    // A member may only reach this node and the prefixes it routes (approved
+                    // by the controller), not use it as a router into its LAN, its cloud's
+                    // metadata service or any other network.
                     cx.out.counters.misdirected_packets += 1;
                 } else if let Some(message) = in_tunnel(inner) {
                     cx.out.recycle(buf);

@@ -1594,6 +1594,7 @@ impl Sim {
     pub fn peer_configs(&mut self) -> Vec<PeerConfig> {
         (0..self.nodes.len())
             .map(|i| PeerConfig {
+                routes: Vec::new(),
                 key: self.key(i),
                 name: self.nodes[i].name.clone(),
                 address: self.nodes[i].overlay,

@@ -67,6 +67,7 @@ impl Pair {
         b.set_relay(true, now);
         let endpoints = |addr| if direct { vec![addr] } else { vec![] };
         let c = PeerConfig {
+            routes: Vec::new(),
             key: public(&KEY_C),
             name: "c".into(),
             address: IP_C,
@@ -77,6 +78,7 @@ impl Pair {
         a.set_peers(
             &[
                 PeerConfig {
+                    routes: Vec::new(),
                     key: b.public_key(),
                     name: "b".into(),
                     address: IP_B,
@@ -91,6 +93,7 @@ impl Pair {
         b.set_peers(
             &[
                 PeerConfig {
+                    routes: Vec::new(),
                     key: a.public_key(),
                     name: "a".into(),
                     address: IP_A,
