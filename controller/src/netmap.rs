@@ -143,6 +143,7 @@ mod tests {
             relay: None,
             observed: Some(([192, 0, 2, n], port).into()),
             nat: None,
+            routes: Vec::new(),
         }
     }
 

@@ -806,6 +806,7 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
             endpoints,
             home_relay,
             nat,
+            routes: _,
         })) => {
             let mut store = lock(&ctx);
             home = home_relay.clone();
@@ -937,7 +938,7 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
     loop {
         tokio::select! {
             msg = rx.recv() => match msg.map(|b| decode_client(&b)) {
-                Ok(Ok(ClientMsg::Heartbeat { endpoints, home_relay, nat })) => {
+                Ok(Ok(ClientMsg::Heartbeat { endpoints, home_relay, nat, routes: _ })) => {
                     match limiter.check(Instant::now()) {
                         Verdict::Accept => {}
                         Verdict::Drop => {
@@ -1506,6 +1507,7 @@ mod tests {
                 endpoints: eps,
                 home_relay: None,
                 nat: None,
+                routes: Vec::new(),
             };
             a.tx.send(&hb.encode()).await.unwrap();
         }
@@ -1537,6 +1539,7 @@ mod tests {
                 endpoints: vec![SocketAddr::from(([192, 0, 2, 7], 2999))],
                 home_relay: None,
                 nat: None,
+                routes: Vec::new(),
             };
             a.tx.send(&hb.encode()).await.unwrap();
             tokio::time::sleep(Duration::from_millis(1100)).await;

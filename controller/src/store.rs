@@ -796,6 +796,7 @@ impl Store {
                 relay,
                 observed: observed.and_then(|o| o.parse().ok()),
                 nat: nat.as_deref().and_then(nat_from_text),
+                routes: Vec::new(),
             });
         }
         Ok(out)

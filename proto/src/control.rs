@@ -6,6 +6,7 @@
 //! else sees the value.
 
 use crate::{PublicKey, PROTOCOL_VERSION};
+pub use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use std::net::{Ipv4Addr, SocketAddr};
 
@@ -27,6 +28,8 @@ pub const MAX_RELAY_ADDR: usize = 255;
 pub const MAX_CONTROLLERS: usize = 8;
 /// Most revocations announced per relay (the newest removals first).
 pub const MAX_REVOCATIONS: usize = 64;
+/// Most prefixes one node may advertise (subnet routes).
+pub const MAX_ROUTES: usize = 64;
 
 /// How a node's NAT maps its UDP socket, as the node found out from two observations of it
 /// (the controller's QUIC side and its STUN observer, two destinations).
@@ -117,6 +120,11 @@ pub enum ClientMsg {
         /// The node's NAT kind, once it knows it (from an earlier connection).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         nat: Option<NatKind>,
+        /// The prefixes the node routes and offers to its peers (subnet routes: its pod
+        /// subnet, say), all of them: the controller approves them (see [`RouteState`]).
+        /// Absent: none.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        routes: Vec<Ipv4Net>,
     },
     /// Periodic liveness and endpoint refresh.
     Heartbeat {
@@ -128,6 +136,9 @@ pub enum ClientMsg {
         /// The node's NAT kind, as in `Hello`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         nat: Option<NatKind>,
+        /// The prefixes the node routes, as in `Hello` (the whole list each time).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        routes: Vec<Ipv4Net>,
     },
     /// The node leaves the network for good; the controller deletes it.
     Leave,
@@ -169,22 +180,26 @@ impl std::fmt::Debug for ClientMsg {
                 endpoints,
                 home_relay,
                 nat,
+                routes,
             } => f
                 .debug_struct("Hello")
                 .field("network", network)
                 .field("endpoints", endpoints)
                 .field("home_relay", home_relay)
                 .field("nat", nat)
+                .field("routes", routes)
                 .finish(),
             ClientMsg::Heartbeat {
                 endpoints,
                 home_relay,
                 nat,
+                routes,
             } => f
                 .debug_struct("Heartbeat")
                 .field("endpoints", endpoints)
                 .field("home_relay", home_relay)
                 .field("nat", nat)
+                .field("routes", routes)
                 .finish(),
             ClientMsg::Leave => f.write_str("Leave"),
         }
@@ -217,6 +232,12 @@ pub enum ServerMsg {
         /// See [`Welcome::birthday_budget`].
         #[serde(default, skip_serializing_if = "Option::is_none")]
         birthday_budget: Option<u16>,
+    },
+    /// Where the prefixes this node advertises stand (sent after the welcome when the node
+    /// advertises any, and whenever one changes): the whole list.
+    Routes {
+        /// One entry per advertised prefix.
+        routes: Vec<RouteState>,
     },
     /// Answer to `RequestJoin` where the administrator must approve: the request is recorded
     /// and the connection stays open; a `Welcome` follows on it once approved, or an `Error`
@@ -276,6 +297,32 @@ pub struct Welcome {
     pub controllers: Vec<String>,
 }
 
+/// Where one advertised prefix stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteState {
+    /// The prefix.
+    pub prefix: Ipv4Net,
+    /// Its state.
+    pub state: RouteStatus,
+    /// Why, for `refused` (and who decided, for `rejected`), for a person.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The state of an advertised prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteStatus {
+    /// Approved: peers route it to this node.
+    Approved,
+    /// Waiting for the administrator (`mesh-controller route approve`).
+    Pending,
+    /// Rejected by the administrator.
+    Rejected,
+    /// Refused by the controller's rules: it overlaps another node's prefix or the overlay.
+    Refused,
+}
+
 /// One peer as the controller describes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerInfo {
@@ -298,6 +345,10 @@ pub struct PeerInfo {
     /// The peer's NAT kind as it reported it; `None` while unknown.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nat: Option<NatKind>,
+    /// The prefixes the peer routes, as the controller approved them (subnet routes): packets
+    /// to them go to the peer, and it may send from them. Absent from older controllers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<Ipv4Net>,
 }
 
 /// A standalone relay (one region) as the controller announces it to a node.
@@ -503,11 +554,29 @@ fn check_home(home: &Option<String>) -> Result<(), DecodeError> {
     }
 }
 
+fn check_routes(r: &[Ipv4Net]) -> Result<(), DecodeError> {
+    if r.len() > MAX_ROUTES {
+        return Err(DecodeError::Bounds("routes"));
+    }
+    Ok(())
+}
+
+fn check_route_states(r: &[RouteState]) -> Result<(), DecodeError> {
+    if r.len() > MAX_ROUTES
+        || r.iter()
+            .any(|s| s.reason.as_ref().is_some_and(|t| t.len() > MAX_ERROR_TEXT))
+    {
+        return Err(DecodeError::Bounds("routes"));
+    }
+    Ok(())
+}
+
 fn check_peers(p: &[PeerInfo]) -> Result<(), DecodeError> {
     if p.len() > MAX_PEERS {
         return Err(DecodeError::Bounds("peers"));
     }
     for peer in p {
+        check_routes(&peer.routes)?;
         if !valid_name(&peer.name) {
             return Err(DecodeError::Bounds("peer name"));
         }
@@ -569,6 +638,7 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientMsg, DecodeError> {
             network,
             endpoints,
             home_relay,
+            routes,
             ..
         } => {
             if !valid_name(network) {
@@ -576,14 +646,17 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientMsg, DecodeError> {
             }
             check_endpoints(endpoints)?;
             check_home(home_relay)?;
+            check_routes(routes)?;
         }
         ClientMsg::Heartbeat {
             endpoints,
             home_relay,
+            routes,
             ..
         } => {
             check_endpoints(endpoints)?;
             check_home(home_relay)?;
+            check_routes(routes)?;
         }
         ClientMsg::Leave => {}
     }
@@ -631,6 +704,7 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerMsg, DecodeError> {
                 return Err(DecodeError::Bounds("error message"));
             }
         }
+        ServerMsg::Routes { routes } => check_route_states(routes)?,
         ServerMsg::Pending { network, name } => {
             if !valid_name(network) || !valid_name(name) {
                 return Err(DecodeError::Bounds("name"));
@@ -701,6 +775,7 @@ mod tests {
                 .is_multiple_of(3)
                 .then(|| SocketAddr::from(([192, 0, 2, n], 51820))),
             nat: None,
+            routes: Vec::new(),
         }
     }
 
@@ -749,11 +824,13 @@ mod tests {
                 endpoints: vec![],
                 home_relay: None,
                 nat: None,
+                routes: Vec::new(),
             },
             ClientMsg::Heartbeat {
                 endpoints: vec![],
                 home_relay: Some("eu-1".into()),
                 nat: None,
+                routes: Vec::new(),
             },
             ClientMsg::Leave,
         ];
@@ -814,6 +891,7 @@ mod tests {
             endpoints: vec![SocketAddr::from(([192, 0, 2, 1], 1)); MAX_ENDPOINTS + 1],
             home_relay: None,
             nat: None,
+            routes: Vec::new(),
         };
         assert_eq!(
             decode_client(&m.encode()),
@@ -860,6 +938,40 @@ mod tests {
     }
 
     #[test]
+    fn advertised_routes_are_bounded_and_absent_means_none() {
+        let hb = |routes: Vec<Ipv4Net>| ClientMsg::Heartbeat {
+            endpoints: vec![],
+            home_relay: None,
+            nat: None,
+            routes,
+        };
+        let pods: Ipv4Net = "10.244.1.0/24".parse().unwrap();
+        let ok = hb(vec![pods]);
+        let text = String::from_utf8(ok.encode()).unwrap();
+        assert!(text.contains("\"10.244.1.0/24\""), "{text}");
+        assert_eq!(decode_client(&ok.encode()), Ok(ok));
+        assert_eq!(
+            decode_client(&hb(vec![pods; MAX_ROUTES + 1]).encode()),
+            Err(DecodeError::Bounds("routes"))
+        );
+        // An older agent's heartbeat: no field, no routes.
+        let old = br#"{"v":1,"msg":{"type":"heartbeat","endpoints":[]}}"#;
+        assert_eq!(decode_client(old), Ok(hb(vec![])));
+        // A prefix that is not one is malformed, not taken.
+        let bad =
+            br#"{"v":1,"msg":{"type":"heartbeat","endpoints":[],"routes":["10.244.1.0/33"]}}"#;
+        assert!(matches!(decode_client(bad), Err(DecodeError::Malformed(_))));
+        let states = ServerMsg::Routes {
+            routes: vec![RouteState {
+                prefix: pods,
+                state: RouteStatus::Refused,
+                reason: Some("overlaps 10.244.0.0/16 of node b".into()),
+            }],
+        };
+        assert_eq!(decode_server(&states.encode()), Ok(states));
+    }
+
+    #[test]
     fn rejects_bad_relays() {
         let mut bad = relay("eu-1");
         bad.ticket.mac = "00".into();
@@ -879,6 +991,7 @@ mod tests {
             endpoints: vec![],
             home_relay: Some("no spaces allowed".into()),
             nat: None,
+            routes: Vec::new(),
         };
         assert_eq!(
             decode_client(&m.encode()),

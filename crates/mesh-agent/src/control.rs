@@ -336,6 +336,7 @@ async fn heartbeat_now(ctx: &ControlCtx, nat: Option<NatKind>) -> Vec<u8> {
         endpoints: endpoints(ctx).await,
         home_relay: ctx.home.borrow().clone(),
         nat,
+        routes: Vec::new(),
     }
     .encode()
 }
@@ -454,6 +455,7 @@ pub async fn run(
                 endpoints: endpoints(&ctx).await,
                 home_relay: ctx.home.borrow().clone(),
                 nat,
+                routes: Vec::new(),
             };
             let attempt = open(
                 &ctx.dialer,
@@ -604,6 +606,7 @@ pub async fn run(
                         endpoints: endpoints(&ctx).await,
                         home_relay: ctx.home.borrow().clone(),
                         nat,
+                        routes: Vec::new(),
                     });
                     match open_on(link, &target.quic, &ctx.controller_key, &ctx.node_key, &hello, Duration::from_secs(5)).await {
                         Ok(s) => {

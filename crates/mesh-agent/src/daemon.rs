@@ -1487,6 +1487,7 @@ pub async fn leave_offline(state: &StateDir, force: bool) -> anyhow::Result<Left
             endpoints: vec![],
             home_relay: None,
             nat: None,
+            routes: Vec::new(),
         };
         let (session, _) = control::open(
             &dialer,

@@ -77,6 +77,7 @@ fn peer(n: u8) -> PeerInfo {
             .is_multiple_of(3)
             .then(|| SocketAddr::from(([203, 0, 113, n], 40000))),
         nat: None,
+        routes: Vec::new(),
     }
 }
 
@@ -108,22 +109,26 @@ pub(super) fn client_messages() -> Vec<ClientMsg> {
             endpoints: endpoints(16),
             home_relay: Some("eu-1".into()),
             nat: None,
+            routes: Vec::new(),
         },
         ClientMsg::Hello {
             network: "lab_2.example".into(),
             endpoints: vec![],
             home_relay: None,
             nat: None,
+            routes: Vec::new(),
         },
         ClientMsg::Heartbeat {
             endpoints: endpoints(2),
             home_relay: None,
             nat: None,
+            routes: Vec::new(),
         },
         ClientMsg::Heartbeat {
             endpoints: vec![],
             home_relay: Some("us-1".into()),
             nat: None,
+            routes: Vec::new(),
         },
         ClientMsg::Leave,
     ]
@@ -249,6 +254,7 @@ pub(super) fn server() -> Decoder {
                         ServerMsg::Settings { .. } => "settings",
                         ServerMsg::Left => "left",
                         ServerMsg::Pending { .. } => "pending",
+                        ServerMsg::Routes { .. } => "routes",
                         ServerMsg::Error { .. } => "error",
                     },
                 )
