@@ -47,6 +47,16 @@ pub enum Request {
     },
     /// Stop the daemon without leaving: mesh0 goes, the state stays (`mesh up` resumes).
     Down,
+    /// Change the prefixes this node advertises (subnet routes): add `advertise`, remove
+    /// `withdraw`; the controller is told at once, and the list is saved.
+    Routes {
+        /// Prefixes to add.
+        #[serde(default)]
+        advertise: Vec<String>,
+        /// Prefixes to remove.
+        #[serde(default)]
+        withdraw: Vec<String>,
+    },
     /// Ping a peer (by name, overlay address or key) inside the tunnel.
     Ping {
         /// Name, overlay address or key.

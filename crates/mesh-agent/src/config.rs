@@ -48,6 +48,8 @@ pub struct FileConfig {
     /// Whether to ask the router (UPnP IGD, NAT-PMP, PCP) to forward the UDP port [default:
     /// true].
     pub port_mapping: Option<bool>,
+    /// Prefixes to advertise as subnet routes, comma-separated (see `mesh up --help`).
+    pub advertise_routes: Option<String>,
     /// Log filter (tracing syntax), e.g. "info" or "mesh=debug".
     pub log: Option<String>,
 }

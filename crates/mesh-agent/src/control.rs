@@ -9,7 +9,8 @@ use crate::state::StateDir;
 use mesh_control::channel::{self, ChannelError};
 use mesh_control::Link;
 use mesh_proto::control::{
-    decode_server, ClientMsg, ErrorCode, NatKind, PeerInfo, RelayInfo, ServerMsg, Welcome,
+    decode_server, ClientMsg, ErrorCode, Ipv4Net, NatKind, PeerInfo, RelayInfo, RouteState,
+    RouteStatus, ServerMsg, Welcome,
 };
 use mesh_proto::PublicKey;
 use std::collections::BTreeMap;
@@ -310,6 +311,12 @@ pub struct ControlCtx {
     pub home: watch::Receiver<Option<String>>,
     /// The address at which the router forwards the UDP port (see [`crate::portmap`]).
     pub port_mapping: watch::Receiver<Option<SocketAddr>>,
+    /// The prefixes this node advertises (`--advertise-routes`, `mesh routes advertise`).
+    pub advertised: watch::Receiver<Vec<Ipv4Net>>,
+    /// Where the controller's word on them goes (see [`ServerMsg::Routes`]).
+    pub route_states: watch::Sender<Vec<RouteState>>,
+    /// The prefixes the peers route, as approved (the daemon installs a route for each).
+    pub peer_routes: watch::Sender<Vec<Ipv4Net>>,
 }
 
 /// Endpoint candidates: the local addresses of the interfaces that can carry a path, then the
@@ -330,15 +337,29 @@ async fn endpoints(ctx: &ControlCtx) -> Vec<SocketAddr> {
     )
 }
 
-/// A heartbeat as it stands now (candidates, home relay, NAT kind), encoded.
+/// A heartbeat as it stands now (candidates, home relay, NAT kind, advertised routes), encoded.
 async fn heartbeat_now(ctx: &ControlCtx, nat: Option<NatKind>) -> Vec<u8> {
     ClientMsg::Heartbeat {
         endpoints: endpoints(ctx).await,
         home_relay: ctx.home.borrow().clone(),
         nat,
-        routes: Vec::new(),
+        routes: ctx.advertised.borrow().clone(),
     }
     .encode()
+}
+
+/// Takes the controller's word on this node's advertised prefixes: caches it (a restart while
+/// the controller is down keeps routing the approved ones) and passes it on.
+fn set_route_states(ctx: &ControlCtx, states: Vec<RouteState>) {
+    if let Err(e) = ctx.state.save_route_states(&states) {
+        warn!(error = %format!("{e:#}"), "cannot cache the route states");
+    }
+    for s in &states {
+        if s.state == RouteStatus::Refused || s.state == RouteStatus::Rejected {
+            warn!(prefix = %s.prefix, state = ?s.state, reason = s.reason.as_deref().unwrap_or(""), "the controller does not route this prefix to this node");
+        }
+    }
+    ctx.route_states.send_replace(states);
 }
 
 fn set_relays(ctx: &ControlCtx, relays: Vec<RelayInfo>) {
@@ -395,7 +416,19 @@ async fn publish(
     if let Err(e) = ctx.state.save_peers(&list) {
         warn!(error = %format!("{e:#}"), "cannot cache the peer list");
     }
+    ctx.peer_routes.send_replace(routes_of(&list));
     let _ = data.send(DataCmd::SetPeers(list)).await;
+}
+
+/// Every prefix the peers route, once each.
+pub fn routes_of(peers: &[PeerInfo]) -> Vec<Ipv4Net> {
+    let mut all: Vec<Ipv4Net> = peers
+        .iter()
+        .flat_map(|p| p.routes.iter().copied())
+        .collect();
+    all.sort();
+    all.dedup();
+    all
 }
 
 /// Asks the STUN observer (`observer`; an unspecified IP means the controller's, `controller`)
@@ -438,6 +471,7 @@ pub async fn run(
     let mut nat: Option<NatKind> = None;
     // The router's mapping: every Hello and heartbeat carries it, and a change is told at once.
     let mut mapped = ctx.port_mapping.clone();
+    let mut advertised = ctx.advertised.clone();
     // A session opened on a better transport, to go on with (see `crate::dial`).
     let mut switched: Option<(Session, Welcome)> = None;
     // The address in use: the token's, or one the controller announced (tried in turn while
@@ -447,6 +481,7 @@ pub async fn run(
     loop {
         // What the Hello is about to tell counts as told.
         mapped.borrow_and_update();
+        advertised.borrow_and_update();
         let (session, welcome) = if let Some(s) = switched.take() {
             s
         } else {
@@ -455,7 +490,7 @@ pub async fn run(
                 endpoints: endpoints(&ctx).await,
                 home_relay: ctx.home.borrow().clone(),
                 nat,
-                routes: Vec::new(),
+                routes: ctx.advertised.borrow().clone(),
             };
             let attempt = open(
                 &ctx.dialer,
@@ -606,7 +641,7 @@ pub async fn run(
                         endpoints: endpoints(&ctx).await,
                         home_relay: ctx.home.borrow().clone(),
                         nat,
-                        routes: Vec::new(),
+                        routes: ctx.advertised.borrow().clone(),
                     });
                     match open_on(link, &target.quic, &ctx.controller_key, &ctx.node_key, &hello, Duration::from_secs(5)).await {
                         Ok(s) => {
@@ -641,6 +676,10 @@ pub async fn run(
                             info!(relays = relays.len(), "relay list updated");
                             set_relays(&ctx, relays);
                         }
+                        Ok(ServerMsg::Routes { routes }) => {
+                            info!(routes = routes.len(), "route states updated");
+                            set_route_states(&ctx, routes);
+                        }
                         Ok(ServerMsg::Settings { birthday_budget }) => {
                             if let Ok(mut s) = ctx.status.lock() {
                                 s.birthday_budget = birthday_budget;
@@ -663,6 +702,13 @@ pub async fn run(
                 // A new home relay is told at once, so peers switch to it.
                 _ = async { if home.changed().await.is_err() { std::future::pending::<()>().await } } => {
                     home.borrow_and_update();
+                    if let Err(e) = tx.send(&heartbeat_now(&ctx, nat).await).await {
+                        break e.to_string();
+                    }
+                }
+                // Routes advertised or withdrawn at run time (`mesh routes`) are told at once.
+                _ = async { if advertised.changed().await.is_err() { std::future::pending::<()>().await } } => {
+                    advertised.borrow_and_update();
                     if let Err(e) = tx.send(&heartbeat_now(&ctx, nat).await).await {
                         break e.to_string();
                     }

@@ -40,6 +40,8 @@ pub struct Options {
     pub endpoint_interfaces: Option<EndpointInterfaces>,
     /// Whether to ask the router to forward the UDP port.
     pub port_mapping: Option<bool>,
+    /// The prefixes to advertise as subnet routes.
+    pub advertise_routes: Option<Vec<ipnet::Ipv4Net>>,
 }
 
 /// Options with every value decided.
@@ -52,6 +54,7 @@ pub struct Settings {
     metrics_listen: Option<SocketAddr>,
     endpoint_interfaces: EndpointInterfaces,
     port_mapping: bool,
+    advertise_routes: Vec<ipnet::Ipv4Net>,
 }
 
 impl Options {
@@ -86,6 +89,10 @@ impl Options {
                 .port_mapping
                 .or(saved.map(|m| m.port_mapping))
                 .unwrap_or(true),
+            advertise_routes: self
+                .advertise_routes
+                .or(saved.map(|m| m.advertise_routes.clone()))
+                .unwrap_or_default(),
             state: self.state,
         })
     }
@@ -392,6 +399,7 @@ fn save_welcome(
         interface: opts.interface.clone(),
         endpoint_interfaces: Options::saved_list(opts),
         port_mapping: opts.port_mapping,
+        advertise_routes: opts.advertise_routes.clone(),
     };
     opts.state.save_membership(&membership)?;
     // A node removed before and now joined again is a member again; a request is answered.
@@ -552,6 +560,7 @@ pub async fn request(
                 interface: opts.interface.clone(),
                 endpoint_interfaces: Options::saved_list(&opts),
                 port_mapping: opts.port_mapping,
+                advertise_routes: opts.advertise_routes.clone(),
             };
             opts.state.save_request(&crate::state::PendingJoin {
                 id: id_text.trim().to_owned(),
@@ -690,6 +699,9 @@ async fn up_pending(
                     Some(Request::Ping { .. }) => {
                         api::write_response(&mut stream, &json!({"error": format!("this node has no peers yet: {}", snapshot.line())})).await;
                     }
+                    Some(Request::Routes { .. }) => {
+                        api::write_response(&mut stream, &json!({"error": format!("this node is not a member yet, so it advertises nothing: {}; once approved, `mesh routes advertise` works (or give --advertise-routes to `mesh up`)", snapshot.line())})).await;
+                    }
                     Some(Request::Down) => {
                         api::write_response(&mut stream, &json!({"ok": true, "network": snapshot.network, "interface": opts.interface, "pending": true})).await;
                         break Err(Stop::Down);
@@ -798,18 +810,21 @@ pub async fn up(opts: Options, wait: Option<Duration>) -> anyhow::Result<()> {
         &membership.interface,
         &membership.endpoint_interfaces,
         membership.port_mapping,
+        &membership.advertise_routes,
     ) != (
         opts.port,
         opts.mtu,
         &opts.interface,
         &list,
         opts.port_mapping,
+        &opts.advertise_routes,
     ) {
         membership.port = opts.port;
         membership.mtu = opts.mtu;
         membership.interface = opts.interface.clone();
         membership.endpoint_interfaces = list;
         membership.port_mapping = opts.port_mapping;
+        membership.advertise_routes = opts.advertise_routes.clone();
         opts.state.save_membership(&membership)?;
     }
     let running = start(
@@ -855,16 +870,33 @@ enum Exit {
 
 async fn run(
     opts: Settings,
-    membership: Membership,
+    mut membership: Membership,
     node_key: [u8; 32],
     running: Running,
     sockets: Option<(api::Listener, api::Listener)>,
 ) -> anyhow::Result<()> {
     configure_interface(&opts, &membership).await?;
-    match mesh_sys::firewall::clamp_mss(&opts.interface) {
+    // Subnet routes from the caches until the controller speaks: what this node may route for
+    // its peers, and what its peers route.
+    let cached_states = opts.state.load_route_states();
+    let own_routes = approved(&cached_states);
+    match mesh_sys::firewall::clamp_mss(&opts.interface, &own_routes) {
         Ok(()) => debug!(interface = %opts.interface, "TCP MSS clamped to the route MTU"),
         Err(e) => warn!(error = %e, "no MSS clamping"),
     }
+    let _ = running.data_tx.send(DataCmd::SetRoutes(own_routes)).await;
+    let (advertised_tx, advertised_rx) = watch::channel(membership.advertise_routes.clone());
+    let (route_states_tx, route_states_rx) = watch::channel(cached_states);
+    let (peer_routes_tx, peer_routes_rx) =
+        watch::channel(control::routes_of(&opts.state.load_peers()));
+    let routes_task = tokio::spawn(sync_routes(
+        opts.interface.clone(),
+        membership.address,
+        overlay_range(&membership),
+        peer_routes_rx,
+        route_states_rx.clone(),
+        running.data_tx.clone(),
+    ));
     if let Err(e) = mesh_sys::tun::persist(&running.tun) {
         warn!(error = %e, "cannot make {} persistent; it will vanish while the agent restarts", opts.interface);
     }
@@ -950,6 +982,9 @@ async fn run(
         relay_list,
         home: home_rx,
         port_mapping: mapped_rx,
+        advertised: advertised_rx,
+        route_states: route_states_tx,
+        peer_routes: peer_routes_tx,
     };
     let mut control_task = tokio::spawn(control::run(
         ctx,
@@ -1069,6 +1104,7 @@ async fn run(
                         }
                         if let Some(obj) = v.as_object_mut() {
                             obj.insert("port_mapping".into(), port_mapping.snapshot().to_json(Instant::now()));
+                            obj.insert("routes".into(), routes_json(&advertised_tx.borrow(), &route_states_rx.borrow(), &opts.state.load_peers()));
                         }
                         api::write_response(&mut stream, &v).await;
                     }
@@ -1105,6 +1141,23 @@ async fn run(
                         api::write_response(&mut stream, &json!({"ok": true, "network": membership.network, "interface": opts.interface})).await;
                         break Exit::Down;
                     }
+                    Some(Request::Routes { advertise, withdraw }) => {
+                        let v = match change_routes(&advertised_tx.borrow(), &advertise, &withdraw) {
+                            Ok(list) => {
+                                membership.advertise_routes = list.clone();
+                                match opts.state.save_membership(&membership) {
+                                    Ok(()) => {
+                                        info!(routes = ?list, "advertised routes changed");
+                                        advertised_tx.send_replace(list.clone());
+                                        json!({"ok": true, "advertised": list})
+                                    }
+                                    Err(e) => json!({"error": format!("cannot save the advertised routes: {e:#}")}),
+                                }
+                            }
+                            Err(e) => json!({"error": e}),
+                        };
+                        api::write_response(&mut stream, &v).await;
+                    }
                     Some(Request::Ping { peer }) => {
                         let v = ping(&running.data_tx, &peer).await;
                         api::write_response(&mut stream, &v).await;
@@ -1116,6 +1169,7 @@ async fn run(
     };
     info!("stopping");
     route_task.abort();
+    routes_task.abort();
     overlay_task.abort();
     if let Err(e) = mesh_sys::bypass::remove().await {
         warn!(error = %e, "cannot remove the policy rule for mesh's own packets");
@@ -1176,6 +1230,156 @@ async fn run(
                 opts.interface,
                 membership.address
             )))
+        }
+    }
+}
+
+/// The advertised list after `mesh routes advertise|withdraw`, or what is wrong with the
+/// request.
+fn change_routes(
+    current: &[ipnet::Ipv4Net],
+    advertise: &[String],
+    withdraw: &[String],
+) -> Result<Vec<ipnet::Ipv4Net>, String> {
+    let parse = |t: &String| -> Result<ipnet::Ipv4Net, String> {
+        let net: ipnet::Ipv4Net = t
+            .trim()
+            .parse()
+            .map_err(|_| format!("{t:?} is not an IPv4 prefix (expected e.g. 10.244.1.0/24)"))?;
+        if net.trunc() != net {
+            return Err(format!(
+                "{t} has host bits set; did you mean {}?",
+                net.trunc()
+            ));
+        }
+        Ok(net)
+    };
+    let mut list = current.to_vec();
+    for t in withdraw {
+        let net = parse(t)?;
+        if !list.contains(&net) {
+            return Err(format!("{net} is not advertised (see `mesh routes list`)"));
+        }
+        list.retain(|n| *n != net);
+    }
+    for t in advertise {
+        let net = parse(t)?;
+        if !list.contains(&net) {
+            list.push(net);
+        }
+    }
+    if list.len() > mesh_proto::control::MAX_ROUTES {
+        return Err(format!(
+            "a node advertises at most {} prefixes",
+            mesh_proto::control::MAX_ROUTES
+        ));
+    }
+    Ok(list)
+}
+
+/// `mesh status`'s `routes`: what this node advertises and where each stands, and what its
+/// peers route.
+fn routes_json(
+    advertised: &[ipnet::Ipv4Net],
+    states: &[mesh_proto::control::RouteState],
+    peers: &[mesh_proto::control::PeerInfo],
+) -> serde_json::Value {
+    let advertised: Vec<serde_json::Value> = advertised
+        .iter()
+        .map(|p| {
+            let s = states.iter().find(|s| s.prefix == *p);
+            json!({
+                "prefix": p.to_string(),
+                "state": s.map_or("unknown".to_owned(), |s| {
+                    serde_json::to_value(s.state)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default()
+                }),
+                "reason": s.and_then(|s| s.reason.clone()),
+            })
+        })
+        .collect();
+    let via: Vec<serde_json::Value> = peers
+        .iter()
+        .flat_map(|p| {
+            p.routes
+                .iter()
+                .map(move |r| json!({"prefix": r.to_string(), "peer": p.name}))
+        })
+        .collect();
+    json!({"advertised": advertised, "peers": via})
+}
+
+/// The approved prefixes among `states`.
+fn approved(states: &[mesh_proto::control::RouteState]) -> Vec<ipnet::Ipv4Net> {
+    states
+        .iter()
+        .filter(|s| s.state == mesh_proto::control::RouteStatus::Approved)
+        .map(|s| s.prefix)
+        .collect()
+}
+
+/// Keeps the kernel's routes through the overlay interface equal to the prefixes the peers
+/// route (added with the node's overlay address as source, removed when withdrawn), and the
+/// node's own approved prefixes in the data plane and the forwarding guard.
+async fn sync_routes(
+    interface: String,
+    source: Ipv4Addr,
+    overlay: ipnet::Ipv4Net,
+    mut peer_routes: watch::Receiver<Vec<ipnet::Ipv4Net>>,
+    mut own: watch::Receiver<Vec<mesh_proto::control::RouteState>>,
+    data: mpsc::Sender<DataCmd>,
+) {
+    // What an earlier run installed (mesh0 outlives agent restarts) counts as installed.
+    let mut installed: std::collections::BTreeSet<ipnet::Ipv4Net> =
+        match mesh_sys::netlink::routes_via(&interface, Some(overlay)).await {
+            Ok(r) => r.into_iter().collect(),
+            Err(e) => {
+                warn!(error = %e, "cannot list the routes through {interface}");
+                Default::default()
+            }
+        };
+    let mut own_applied: Option<Vec<ipnet::Ipv4Net>> = None;
+    loop {
+        let wanted: std::collections::BTreeSet<ipnet::Ipv4Net> = peer_routes
+            .borrow_and_update()
+            .iter()
+            .copied()
+            .filter(|r| !r.contains(&source) && *r != overlay)
+            .collect();
+        for gone in installed.difference(&wanted).copied().collect::<Vec<_>>() {
+            match mesh_sys::netlink::set_route(&interface, gone, source, false).await {
+                Ok(()) => {
+                    info!(prefix = %gone, "subnet route removed");
+                    installed.remove(&gone);
+                }
+                Err(e) => warn!(prefix = %gone, error = %e, "cannot remove a subnet route"),
+            }
+        }
+        for new in wanted.difference(&installed).copied().collect::<Vec<_>>() {
+            match mesh_sys::netlink::set_route(&interface, new, source, true).await {
+                Ok(()) => {
+                    info!(prefix = %new, "subnet route added through {interface}");
+                    installed.insert(new);
+                }
+                Err(e) => warn!(prefix = %new, error = %e, "cannot add a subnet route"),
+            }
+        }
+        let mine = approved(&own.borrow_and_update());
+        if own_applied.as_ref() != Some(&mine) {
+            if let Err(e) = mesh_sys::firewall::clamp_mss(&interface, &mine) {
+                warn!(error = %e, "cannot let the approved prefixes through the forwarding guard");
+            }
+            if !mine.is_empty() {
+                info!(prefixes = ?mine, "routing the approved prefixes for the peers");
+            }
+            let _ = data.send(DataCmd::SetRoutes(mine.clone())).await;
+            own_applied = Some(mine);
+        }
+        tokio::select! {
+            r = peer_routes.changed() => if r.is_err() { return },
+            r = own.changed() => if r.is_err() { return },
         }
     }
 }
@@ -1545,6 +1749,27 @@ pub async fn leave_offline(state: &StateDir, force: bool) -> anyhow::Result<Left
 mod tests {
     use super::*;
 
+    #[test]
+    fn advertised_routes_change_by_prefix_and_say_what_is_wrong() {
+        let pods: ipnet::Ipv4Net = "10.244.1.0/24".parse().unwrap();
+        let list = change_routes(&[], &["10.244.1.0/24".into()], &[]).unwrap();
+        assert_eq!(list, vec![pods]);
+        // Advertising again changes nothing; withdrawing removes it.
+        assert_eq!(
+            change_routes(&list, &["10.244.1.0/24".into()], &[]).unwrap(),
+            list
+        );
+        assert!(change_routes(&list, &[], &["10.244.1.0/24".into()])
+            .unwrap()
+            .is_empty());
+        let e = change_routes(&list, &["10.244.1.5/24".into()], &[]).unwrap_err();
+        assert!(e.contains("did you mean 10.244.1.0/24"), "{e}");
+        let e = change_routes(&list, &["pods".into()], &[]).unwrap_err();
+        assert!(e.contains("not an IPv4 prefix"), "{e}");
+        let e = change_routes(&list, &[], &["10.9.0.0/16".into()]).unwrap_err();
+        assert!(e.contains("not advertised"), "{e}");
+    }
+
     fn options(list: Option<&str>) -> Options {
         Options {
             state: StateDir::new(std::path::Path::new("/nonexistent/mesh")),
@@ -1554,6 +1779,7 @@ mod tests {
             metrics_listen: None,
             endpoint_interfaces: list.map(|l| l.parse().unwrap()),
             port_mapping: None,
+            advertise_routes: None,
         }
     }
 

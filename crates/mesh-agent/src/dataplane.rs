@@ -48,6 +48,8 @@ pub enum DataCmd {
     Ping(PublicKey, PingReply),
     /// Destinations the overlay itself reaches (see [`Node::set_excluded`]).
     SetExcluded(Vec<ipnet::Ipv4Net>),
+    /// The prefixes the controller approved for this node (see [`Node::set_routes`]).
+    SetRoutes(Vec<ipnet::Ipv4Net>),
     /// Whether this node is behind a NAT (as the controller sees it): birthday punching runs
     /// only then. `kind`: how the NAT maps, when two observations told.
     Nat {
@@ -278,7 +280,7 @@ impl Relays {
 
 fn to_config(p: &PeerInfo) -> PeerConfig {
     PeerConfig {
-        routes: Vec::new(),
+        routes: p.routes.clone(),
         key: p.key,
         name: p.name.clone(),
         address: p.address,
@@ -552,6 +554,7 @@ pub async fn run(
                         reply,
                     });
                 }
+                Some(DataCmd::SetRoutes(routes)) => node.set_routes(routes),
                 Some(DataCmd::SetExcluded(excluded)) => {
                     node.set_excluded(excluded);
                     // Candidates refused before may be fine now (an interface went away).

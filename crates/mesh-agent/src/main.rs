@@ -69,6 +69,12 @@ struct DaemonFlags {
     /// --json` lists the interfaces left out and why (`endpoint_interfaces.skipped`).
     #[arg(long, value_name = "LIST")]
     endpoint_interfaces: Option<String>,
+    /// IPv4 prefixes this node routes and offers its peers (subnet routes), comma-separated,
+    /// e.g. its pod subnet `10.244.1.0/24`. The controller approves them (by network policy or
+    /// `mesh-controller route approve`); peers then route them through mesh0. Saved with the
+    /// node's state; "" advertises none. At run time: `mesh routes advertise|withdraw`.
+    #[arg(long, value_name = "PREFIX,...")]
+    advertise_routes: Option<String>,
     /// Do not ask the router to forward the UDP port (UPnP IGD, NAT-PMP, PCP).
     ///
     /// By default the agent asks the default gateway for a mapping of its port, renews it and
@@ -96,6 +102,7 @@ impl DaemonFlags {
             || self.endpoint_interfaces.is_some()
             || self.no_port_mapping
             || self.port_mapping
+            || self.advertise_routes.is_some()
     }
 }
 
@@ -154,6 +161,10 @@ enum Command {
     /// kubeadm pre-step: kubelet's --node-ip, kubeadm config, CNI MTU.
     #[command(subcommand)]
     Kubeadm(KubeadmCmd),
+    /// Subnet routes: the prefixes this node advertises (its pod subnet), where each stands at
+    /// the controller, and the prefixes its peers route through mesh0.
+    #[command(subcommand)]
+    Routes(RoutesCmd),
     /// Wait until the overlay address is on the interface (and, with --peers, N peers answer).
     WaitOnline {
         /// Give up after this long.
@@ -193,6 +204,28 @@ enum Command {
     /// Stop the agent without leaving: mesh0 goes, the membership and key stay, and `mesh up`
     /// (or `systemctl start mesh`) brings the node back with the same address.
     Down,
+}
+
+#[derive(Subcommand)]
+enum RoutesCmd {
+    /// What this node advertises (with the controller's word on each) and what peers route.
+    List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Advertise more prefixes (added to the saved list; the controller approves them).
+    Advertise {
+        /// IPv4 prefixes, e.g. 10.244.1.0/24.
+        #[arg(required = true, value_name = "PREFIX")]
+        prefixes: Vec<String>,
+    },
+    /// Stop advertising prefixes (peers remove their routes to them).
+    Withdraw {
+        /// IPv4 prefixes.
+        #[arg(required = true, value_name = "PREFIX")]
+        prefixes: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -572,6 +605,30 @@ fn port_mapping_line(pm: &serde_json::Value) -> Option<String> {
 }
 
 /// Resolves daemon options: flag, else config file, else (in the daemon) saved state or default.
+/// A comma-separated list of IPv4 prefixes ("" for none), each checked.
+fn parse_prefixes(list: &str) -> anyhow::Result<Vec<ipnet::Ipv4Net>> {
+    let mut out: Vec<ipnet::Ipv4Net> = Vec::new();
+    for item in list.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let net: ipnet::Ipv4Net = item.parse().map_err(|_| {
+            anyhow::anyhow!("{item:?} is not an IPv4 prefix (expected e.g. 10.244.1.0/24)")
+        })?;
+        if net.trunc() != net {
+            anyhow::bail!("{item} has host bits set; did you mean {}?", net.trunc());
+        }
+        if !out.contains(&net) {
+            out.push(net);
+        }
+    }
+    if out.len() > mesh_proto::control::MAX_ROUTES {
+        anyhow::bail!(
+            "{} prefixes; a node advertises at most {}",
+            out.len(),
+            mesh_proto::control::MAX_ROUTES
+        );
+    }
+    Ok(out)
+}
+
 fn daemon_options(
     state: StateDir,
     flags: DaemonFlags,
@@ -601,12 +658,20 @@ fn daemon_options(
             })?),
             (None, None) => None,
         };
+    let advertise_routes = match (flags.advertise_routes, &file.advertise_routes) {
+        (Some(list), _) => Some(parse_prefixes(&list).context("invalid --advertise-routes")?),
+        (None, Some(list)) => {
+            Some(parse_prefixes(list).context("invalid advertise_routes in the config file")?)
+        }
+        (None, None) => None,
+    };
     let port_mapping = match (flags.port_mapping, flags.no_port_mapping) {
         (true, _) => Some(true),
         (_, true) => Some(false),
         _ => file.port_mapping,
     };
     Ok(daemon::Options {
+        advertise_routes,
         state,
         port: flags.port.or(file.port),
         mtu,
@@ -883,6 +948,56 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime()?.block_on(daemon::up(opts, wait))
         }
         Command::Kubeadm(cmd) => kubeadm_cmd(&state, cmd),
+        Command::Routes(RoutesCmd::List { json }) => {
+            let v = runtime()?.block_on(ask(&state, api::Request::Status))?;
+            let routes = &v["routes"];
+            if json {
+                out(&serde_json::to_string_pretty(routes)?);
+                return Ok(());
+            }
+            let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
+            out(&format!("{:<20} {:<10} REASON", "ADVERTISED", "STATE"));
+            for r in routes["advertised"].as_array().into_iter().flatten() {
+                out(&format!(
+                    "{:<20} {:<10} {}",
+                    s(&r["prefix"]),
+                    s(&r["state"]),
+                    r["reason"].as_str().unwrap_or("")
+                ));
+            }
+            out(&format!("\n{:<20} VIA PEER", "PEER ROUTE"));
+            for r in routes["peers"].as_array().into_iter().flatten() {
+                out(&format!("{:<20} {}", s(&r["prefix"]), s(&r["peer"])));
+            }
+            Ok(())
+        }
+        Command::Routes(RoutesCmd::Advertise { prefixes }) => runtime()?.block_on(async {
+            let v = api::request(
+                &state.socket_path(),
+                api::Request::Routes {
+                    advertise: prefixes,
+                    withdraw: Vec::new(),
+                },
+            )
+            .await?;
+            out(&format!(
+                "advertising {}; the controller approves each (see `mesh routes list`)",
+                v["advertised"]
+            ));
+            Ok(())
+        }),
+        Command::Routes(RoutesCmd::Withdraw { prefixes }) => runtime()?.block_on(async {
+            let v = api::request(
+                &state.socket_path(),
+                api::Request::Routes {
+                    advertise: Vec::new(),
+                    withdraw: prefixes,
+                },
+            )
+            .await?;
+            out(&format!("advertising {}", v["advertised"]));
+            Ok(())
+        }),
         Command::Ping { peer, count } => runtime()?.block_on(async {
             let mut answered = 0;
             for i in 0..count {

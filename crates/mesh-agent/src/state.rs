@@ -15,6 +15,8 @@ const KEY_FILE: &str = "node.key";
 const NODE_FILE: &str = "node.json";
 const PEERS_FILE: &str = "peers.json";
 const RELAYS_FILE: &str = "relays.json";
+/// Where the controller's word on the prefixes this node advertises is cached.
+const ROUTES_FILE: &str = "routes.json";
 /// Present while the controller was last reached over TCP only (its content: `tcp`).
 const TRANSPORT_FILE: &str = "transport";
 const SOCKET_FILE: &str = "mesh.sock";
@@ -105,6 +107,9 @@ pub struct Membership {
     /// defaults. Absent from files written before it existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint_interfaces: Option<String>,
+    /// The prefixes it advertises as subnet routes (`--advertise-routes`, `mesh routes`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub advertise_routes: Vec<mesh_proto::control::Ipv4Net>,
     /// Whether it asks the router to forward its UDP port (`--no-port-mapping` turns it off).
     /// Absent from files written before it existed, and when on.
     #[serde(default = "yes", skip_serializing_if = "is_yes")]
@@ -468,6 +473,24 @@ impl StateDir {
         std::fs::read_to_string(self.dir.join(TRANSPORT_FILE)).is_ok_and(|s| s.trim() == "tcp")
     }
 
+    /// Caches where this node's advertised prefixes stand, so that a restart while the
+    /// controller is down keeps routing the approved ones.
+    pub fn save_route_states(
+        &self,
+        states: &[mesh_proto::control::RouteState],
+    ) -> anyhow::Result<()> {
+        write_file(
+            &self.dir.join(ROUTES_FILE),
+            &serde_json::to_vec(states)?,
+            0o600,
+        )
+    }
+
+    /// The cached route states (empty if none; a damaged one is a warning).
+    pub fn load_route_states(&self) -> Vec<mesh_proto::control::RouteState> {
+        load_cache(&self.dir.join(ROUTES_FILE), "route states")
+    }
+
     /// The cached relay list (empty if none; a damaged one is a warning).
     pub fn load_relays(&self) -> Vec<mesh_proto::control::RelayInfo> {
         load_cache(&self.dir.join(RELAYS_FILE), "relay list")
@@ -480,6 +503,7 @@ impl StateDir {
             NODE_FILE,
             PEERS_FILE,
             RELAYS_FILE,
+            ROUTES_FILE,
             SOCKET_FILE,
             READ_ONLY_SOCKET_FILE,
             TRANSPORT_FILE,
@@ -551,6 +575,7 @@ pub(crate) fn sample_membership() -> Membership {
         interface: "mesh0".into(),
         endpoint_interfaces: None,
         port_mapping: true,
+        advertise_routes: Vec::new(),
     }
 }
 

@@ -20,8 +20,19 @@ use std::process::{Command, Stdio};
 pub const TABLE: &str = "mesh";
 
 /// The ruleset for `interface`: the table is deleted and re-created in one transaction, so
-/// applying it again is harmless.
-pub fn ruleset(interface: &str) -> String {
+/// applying it again is harmless. The guard drops what peers send through this node to
+/// anywhere else, except to `routed`: the prefixes the controller approved for this node (its
+/// pod subnet), which it routes for its peers.
+pub fn ruleset(interface: &str, routed: &[ipnet::Ipv4Net]) -> String {
+    let routed_rule = if routed.is_empty() {
+        String::new()
+    } else {
+        let set: Vec<String> = routed.iter().map(|n| n.trunc().to_string()).collect();
+        format!(
+            "\t\tiifname \"{interface}\" ip daddr {{ {} }} accept\n",
+            set.join(", ")
+        )
+    };
     format!(
         "table inet {TABLE}\n\
          delete table inet {TABLE}\n\
@@ -34,6 +45,7 @@ pub fn ruleset(interface: &str) -> String {
          \t\ttype filter hook forward priority filter; policy accept;\n\
          \t\tiifname \"{interface}\" ct status dnat accept\n\
          \t\tiifname \"{interface}\" ct direction reply accept\n\
+         {routed_rule}\
          \t\tiifname \"{interface}\" counter drop\n\
          \t}}\n\
          }}\n"
@@ -74,9 +86,10 @@ fn nft(input: &str, interface: &str) -> Result<(), FirewallError> {
     }
 }
 
-/// Installs (or refreshes) MSS clamping and the forwarding guard for `interface`.
-pub fn clamp_mss(interface: &str) -> Result<(), FirewallError> {
-    nft(&ruleset(interface), interface)
+/// Installs (or refreshes) MSS clamping and the forwarding guard for `interface`, letting
+/// through what peers send to `routed` (see [`ruleset`]).
+pub fn clamp_mss(interface: &str, routed: &[ipnet::Ipv4Net]) -> Result<(), FirewallError> {
+    nft(&ruleset(interface, routed), interface)
 }
 
 /// Removes mesh's table (after `mesh leave`).
@@ -91,7 +104,7 @@ pub fn remove(interface: &str) -> Result<(), FirewallError> {
 mod tests {
     #[test]
     fn ruleset_targets_the_interface_and_is_replaceable() {
-        let r = super::ruleset("mesh0");
+        let r = super::ruleset("mesh0", &[]);
         assert!(r.starts_with("table inet mesh\ndelete table inet mesh\n"));
         assert!(r.contains(
             "oifname \"mesh0\" tcp flags syn / syn,rst tcp option maxseg size set rt mtu"
@@ -99,5 +112,17 @@ mod tests {
         assert!(r.contains("iifname \"mesh0\" counter drop"));
         let guard = r.find("chain guard").unwrap_or(0);
         assert!(guard > 0 && r[guard..].find("ct status dnat accept") < r[guard..].find("drop"));
+        assert!(!r.contains("daddr"));
+        let routed = super::ruleset(
+            "mesh0",
+            &[
+                "10.244.1.0/24".parse().unwrap(),
+                "10.250.0.0/16".parse().unwrap(),
+            ],
+        );
+        let accept = routed
+            .find("iifname \"mesh0\" ip daddr { 10.244.1.0/24, 10.250.0.0/16 } accept")
+            .unwrap();
+        assert!(accept < routed.find("counter drop").unwrap());
     }
 }

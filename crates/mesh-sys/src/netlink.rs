@@ -478,6 +478,80 @@ pub async fn set_peer_mtu(
     }
 }
 
+/// Adds (`present`) or removes a route to `prefix` through `interface`, with `source` as the
+/// preferred source address (the node's overlay address): a peer's approved subnet route.
+pub async fn set_route(
+    interface: &str,
+    prefix: Ipv4Net,
+    source: Ipv4Addr,
+    present: bool,
+) -> Result<(), NetlinkError> {
+    let handle = connect()?;
+    let index = link_index(&handle, interface).await?;
+    let route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(prefix.network(), prefix.prefix_len())
+        .output_interface(index)
+        .pref_source(source)
+        .build();
+    let req = |what: &'static str| {
+        let link = interface.to_owned();
+        move |source| NetlinkError::Request { what, link, source }
+    };
+    if present {
+        handle
+            .route()
+            .add(route)
+            .replace()
+            .execute()
+            .await
+            .map_err(req("adding a subnet route"))
+    } else {
+        match handle.route().del(route).execute().await {
+            Ok(()) => Ok(()),
+            // ESRCH: there was no such route.
+            Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -3 => Ok(()),
+            Err(e) => Err(req("removing a subnet route")(e)),
+        }
+    }
+}
+
+/// The prefixes routed through `interface` in the main table, other than host routes (/32,
+/// the per-peer MTU routes) and `connected` (the overlay's own subnet): the subnet routes a
+/// previous run of the agent installed.
+pub async fn routes_via(
+    interface: &str,
+    connected: Option<Ipv4Net>,
+) -> Result<Vec<Ipv4Net>, NetlinkError> {
+    use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
+    let handle = connect()?;
+    let index = link_index(&handle, interface).await?;
+    let mut out = Vec::new();
+    let mut routes = handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute();
+    while let Ok(Some(msg)) = routes.try_next().await {
+        let oif = msg.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Oif(i) => Some(*i),
+            _ => None,
+        });
+        if oif != Some(index) || msg.header.table != 254 {
+            continue;
+        }
+        let dst = msg.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
+            _ => None,
+        });
+        let len = msg.header.destination_prefix_length;
+        if let Some(net) = dst.and_then(|d| Ipv4Net::new(d, len).ok()) {
+            if len > 0 && len < 32 && Some(net.trunc()) != connected.map(|c| c.trunc()) {
+                out.push(net.trunc());
+            }
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::prefix_mask;
