@@ -335,7 +335,21 @@ async fn a_flood_of_join_requests_stays_bounded_and_members_keep_working() {
             "{text}"
         );
     }
-    assert!(metric(&text, "mesh_controller_join_requests_waiting") <= 1000);
+    // A connection whose request the caps dropped is told at the hub's next look at the
+    // database (100 ms): right after the flood a few may still be waiting.
+    let mut settled = text.clone();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (metric(&settled, "mesh_controller_join_requests_waiting") > 1000
+        || metric(&settled, "mesh_controller_connections") > 1100)
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        settled = scrape(metrics).await;
+    }
+    assert!(
+        metric(&settled, "mesh_controller_join_requests_waiting") <= 1000,
+        "{settled}"
+    );
     assert!(
         db_after < db_before + 4 * 1024 * 1024,
         "database grew from {db_before} to {db_after} bytes"
@@ -347,8 +361,8 @@ async fn a_flood_of_join_requests_stays_bounded_and_members_keep_working() {
         "controller memory grew from {rss_before} to {rss_after} KiB"
     );
     assert!(
-        metric(&text, "mesh_controller_connections") <= 1100,
-        "{text}"
+        metric(&settled, "mesh_controller_connections") <= 1100,
+        "{settled}"
     );
 
     // Members keep working: an approval reaches its waiting node, and the member learns of the
