@@ -394,7 +394,7 @@ pub(super) fn forget_routes(
     Ok(())
 }
 
-/// Each route's approved prefixes, by node key, sorted: what `peers` hands out.
+/// Each node's approved prefixes, by node key, sorted: what `peers` hands out.
 pub(super) fn approved_by_key(
     conn: &Connection,
     network_id: i64,
@@ -573,27 +573,26 @@ impl Store {
                 "node {key} is not a member of network id {network_id}; only members advertise routes: join first (`mesh join`)"
             )));
         }
-        let withdrawn = routes_of(&tx, network_id, &key)?
-            .into_iter()
-            .filter(|(_, prefix)| prefix.is_none_or(|p| !wanted.contains(&p)))
-            .map(|(id, _)| id)
-            .collect::<Vec<_>>();
-        for id in &withdrawn {
-            tx.execute("DELETE FROM routes WHERE id = ?1", [id])?;
+        let mut known = BTreeSet::new();
+        let mut changed = false;
+        for (id, prefix) in routes_of(&tx, network_id, &key)? {
+            match prefix.filter(|p| wanted.contains(p)) {
+                Some(p) => {
+                    known.insert(p);
+                }
+                None => {
+                    tx.execute("DELETE FROM routes WHERE id = ?1", [id])?;
+                    changed = true;
+                }
+            }
         }
-        let mut changed = !withdrawn.is_empty();
         // Refused routes, older than what this node adds, are judged first: what it withdrew
         // may have freed them. A prefix that stays advertised keeps its state, but a refused
         // one is judged again too.
         changed |= rejudge_refused(&tx, network_id, now)?;
-        let mut routes = load(&tx, network_id)?;
-        let known: BTreeSet<Ipv4Net> = routes
-            .iter()
-            .filter(|r| r.key == key)
-            .map(|r| r.prefix)
-            .collect();
         let added: Vec<Ipv4Net> = wanted.difference(&known).copied().collect();
         if !added.is_empty() {
+            let mut routes = load(&tx, network_id)?;
             let policy = policy(&tx, network_id)?;
             let node: String = tx.query_row(
                 "SELECT name FROM nodes WHERE network_id = ?1 AND key = ?2",
