@@ -4,7 +4,10 @@ use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 use mesh_controller::server::TcpListen;
 use mesh_controller::state::{public_of, unix_now, Role, StateDir};
-use mesh_controller::store::{rfc3339, Approval, Cidr, NetworkRow, NewToken, Who};
+use mesh_controller::store::{
+    parse_prefix_list, rfc3339, Approval, Cidr, NetworkRow, NewToken, RouteRow, Who,
+};
+use mesh_proto::control::Ipv4Net;
 use mesh_proto::token::{ControllerRef, JoinToken, NetworkId};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -106,6 +109,9 @@ enum Command {
     /// Manage nodes.
     #[command(subcommand)]
     Node(NodeCmd),
+    /// Manage the subnet routes nodes advertise (prefixes they route for their peers).
+    #[command(subcommand)]
+    Route(RouteCmd),
 }
 
 #[derive(Subcommand)]
@@ -160,6 +166,25 @@ impl std::str::FromStr for Budget {
     }
 }
 
+/// A list of IPv4 prefixes on the command line: `a.b.c.d/n,...`, or `none`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Prefixes(Vec<Ipv4Net>);
+
+impl std::str::FromStr for Prefixes {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Prefixes, String> {
+        parse_prefix_list(s).map(Prefixes)
+    }
+}
+
+impl std::fmt::Display for Prefixes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list: Vec<String> = self.0.iter().map(ToString::to_string).collect();
+        f.write_str(&list.join(","))
+    }
+}
+
 #[derive(Subcommand)]
 enum NetworkCmd {
     /// Create a network and print its network id (nodes join with `mesh join ID`).
@@ -178,6 +203,10 @@ enum NetworkCmd {
         /// token need no approval either way.
         #[arg(long, value_name = "manual|auto", default_value = "manual")]
         approval: Approval,
+        /// Approve the subnet routes nodes advertise inside these prefixes at once, e.g. the
+        /// cluster's pod range 10.244.0.0/16; others wait for `route approve`.
+        #[arg(long, value_name = "PREFIX,...")]
+        auto_approve_routes: Option<Prefixes>,
     },
     /// Change a network's settings; connected nodes are told at once.
     Set {
@@ -189,6 +218,10 @@ enum NetworkCmd {
         /// Who admits a node that joins by network id: `manual` (the administrator) or `auto`.
         #[arg(long, value_name = "manual|auto")]
         approval: Option<Approval>,
+        /// Prefixes inside which advertised subnet routes are approved at once (pending ones
+        /// too), or `none`: the administrator approves each (`route approve`).
+        #[arg(long, value_name = "PREFIX,...|none")]
+        auto_approve_routes: Option<Prefixes>,
     },
     /// List networks.
     List {
@@ -296,6 +329,50 @@ enum NodeCmd {
         #[arg(value_name = "NAME-OR-KEY")]
         nodes: Vec<String>,
         /// Every pending request of the network.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum RouteCmd {
+    /// List the prefixes the nodes of a network advertise, with where each stands.
+    List {
+        /// Network.
+        network: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve advertised routes: peers route the prefixes to their nodes.
+    #[command(
+        group(clap::ArgGroup::new("which").required(true).args(["routes", "all"])),
+        override_usage = "mesh-controller route approve [OPTIONS] <NETWORK> <PREFIX-OR-NODE...|--all>"
+    )]
+    Approve {
+        /// Network.
+        network: String,
+        /// Routes by prefix (as `route list` shows them), or a node's name for all of its
+        /// pending routes.
+        #[arg(value_name = "PREFIX-OR-NODE")]
+        routes: Vec<String>,
+        /// Every pending route of the network.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Reject advertised routes: no peer routes them (an approved route loses its approval).
+    #[command(
+        group(clap::ArgGroup::new("which").required(true).args(["routes", "all"])),
+        override_usage = "mesh-controller route reject [OPTIONS] <NETWORK> <PREFIX-OR-NODE...|--all>"
+    )]
+    Reject {
+        /// Network.
+        network: String,
+        /// Routes by prefix (as `route list` shows them), or a node's name for all of its
+        /// pending routes.
+        #[arg(value_name = "PREFIX-OR-NODE")]
+        routes: Vec<String>,
+        /// Every pending route of the network.
         #[arg(long)]
         all: bool,
     },
@@ -597,15 +674,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cidr,
             birthday_budget,
             approval,
+            auto_approve_routes,
         }) => {
             let cidr: Cidr = cidr.parse().map_err(anyhow::Error::msg)?;
             let store = state.open_store()?;
-            store.create_network_with(&name, cidr, approval, unix_now())?;
+            let now = unix_now();
+            store.create_network_with(&name, cidr, approval, now)?;
             if birthday_budget.is_some() {
                 store.set_birthday_budget(&name, birthday_budget)?;
             }
+            let auto_routes = auto_approve_routes.unwrap_or(Prefixes(Vec::new()));
+            if !auto_routes.0.is_empty() {
+                store.set_auto_approve_routes(&name, &auto_routes.0, now)?;
+            }
             // The id alone goes to stdout, for scripts; what to do with it, to stderr.
             eprintln!("created network {name} ({cidr}), {approval} approval");
+            if !auto_routes.0.is_empty() {
+                eprintln!("subnet routes inside {auto_routes} are approved automatically");
+            }
             match controller_ref(&state, None, None) {
                 Ok(controller) => {
                     let id = NetworkId {
@@ -639,10 +725,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             birthday_budget,
             approval,
+            auto_approve_routes,
         }) => {
-            if birthday_budget.is_none() && approval.is_none() {
+            if birthday_budget.is_none() && approval.is_none() && auto_approve_routes.is_none() {
                 anyhow::bail!(
-                    "nothing to set: give --birthday-budget N (or `default`), or --approval manual|auto"
+                    "nothing to set: give --birthday-budget N (or `default`), --approval manual|auto, or --auto-approve-routes PREFIX,...|none"
                 );
             }
             let store = state.open_store()?;
@@ -672,6 +759,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     )),
                 }
             }
+            if let Some(routes) = auto_approve_routes {
+                store.set_auto_approve_routes(&name, &routes.0, unix_now())?;
+                if routes.0.is_empty() {
+                    out(&format!(
+                        "network {name}: the administrator approves each subnet route (`mesh-controller route approve {name} PREFIX`)"
+                    ));
+                } else {
+                    out(&format!(
+                        "network {name}: subnet routes inside {routes} are approved automatically, pending ones too (`mesh-controller route list {name}`)"
+                    ));
+                }
+            }
             Ok(())
         }
         Command::Network(NetworkCmd::List { json }) => {
@@ -698,20 +797,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 out(&serde_json::to_string_pretty(&listed)?);
             } else {
                 out(&format!(
-                    "{:<24} {:<18} {:>6} {:>9} {:<8} ID",
-                    "NAME", "CIDR", "NODES", "BIRTHDAY", "APPROVAL"
+                    "{:<24} {:<18} {:>6} {:>9} {:<8} {:<19} ID",
+                    "NAME", "CIDR", "NODES", "BIRTHDAY", "APPROVAL", "AUTO-APPROVE ROUTES"
                 ));
                 for r in rows {
                     let budget = r
                         .birthday_budget
                         .map_or_else(|| "default".to_string(), |b| b.to_string());
+                    let auto_routes = if r.auto_approve_routes.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        r.auto_approve_routes.join(",")
+                    };
                     out(&format!(
-                        "{:<24} {:<18} {:>6} {:>9} {:<8} {}",
+                        "{:<24} {:<18} {:>6} {:>9} {:<8} {:<19} {}",
                         r.name,
                         r.cidr,
                         r.nodes,
                         budget,
                         r.approval.as_str(),
+                        auto_routes,
                         id(&r.name).unwrap_or_else(|| "-".to_owned())
                     ));
                 }
@@ -920,6 +1025,63 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Route(RouteCmd::List { network, json }) => {
+            let rows = state.open_store()?.routes(&network)?;
+            if json {
+                out(&serde_json::to_string_pretty(&rows)?);
+            } else if rows.is_empty() {
+                eprintln!("no routes advertised in {network}");
+            } else {
+                out(&format!(
+                    "{:<20} {:<18} {:<9} {:<22} REASON",
+                    "NODE", "PREFIX", "STATE", "DECIDED BY"
+                ));
+                for r in rows {
+                    out(&format!(
+                        "{:<20} {:<18} {:<9} {:<22} {}",
+                        r.node,
+                        r.prefix,
+                        r.state,
+                        r.decided_by.as_deref().unwrap_or("-"),
+                        r.reason.as_deref().unwrap_or("-")
+                    ));
+                }
+            }
+            Ok(())
+        }
+        Command::Route(RouteCmd::Approve {
+            network,
+            routes,
+            all,
+        }) => {
+            let who = if all { Who::All } else { Who::These(&routes) };
+            let approved =
+                state
+                    .open_store()?
+                    .approve_routes(&network, who, &admin_user(), unix_now())?;
+            print_decided("approved", &approved);
+            Ok(())
+        }
+        Command::Route(RouteCmd::Reject {
+            network,
+            routes,
+            all,
+        }) => {
+            let who = if all { Who::All } else { Who::These(&routes) };
+            let rejected =
+                state
+                    .open_store()?
+                    .reject_routes(&network, who, &admin_user(), unix_now())?;
+            print_decided("rejected", &rejected);
+            Ok(())
+        }
+    }
+}
+
+/// One line per route approved or rejected: `approved 10.244.1.0/24 of node-b`.
+fn print_decided(verb: &str, rows: &[RouteRow]) {
+    for r in rows {
+        out(&format!("{verb} {} of {}", r.prefix, r.node));
     }
 }
 
@@ -1131,6 +1293,55 @@ mod tests {
             assert!(e.contains("--all"), "{e}");
             assert!(parse(&["web", "--all"]).is_err());
         }
+    }
+
+    #[test]
+    fn route_approve_and_reject_take_prefixes_or_nodes_or_all_but_not_both() {
+        for verb in ["approve", "reject"] {
+            let parse = |more: &[&str]| {
+                let args = ["mesh-controller", "route", verb, "prod"];
+                Cli::try_parse_from(args.iter().chain(more))
+            };
+            assert!(parse(&["10.244.1.0/24", "node-b"]).is_ok());
+            assert!(parse(&["--all"]).is_ok());
+            let e = parse(&[]).err().unwrap().to_string();
+            assert!(e.contains("--all"), "{e}");
+            assert!(parse(&["node-b", "--all"]).is_err());
+        }
+    }
+
+    #[test]
+    fn auto_approve_routes_take_a_list_or_none() {
+        let parse = |value: &str| {
+            let cli = Cli::try_parse_from([
+                "mesh-controller",
+                "network",
+                "set",
+                "prod",
+                "--auto-approve-routes",
+                value,
+            ])?;
+            let Command::Network(NetworkCmd::Set {
+                auto_approve_routes,
+                ..
+            }) = cli.command
+            else {
+                panic!("not network set");
+            };
+            Ok::<_, clap::Error>(auto_approve_routes.unwrap().to_string())
+        };
+        assert_eq!(
+            parse("10.245.0.0/16,10.244.0.0/16").unwrap(),
+            "10.244.0.0/16,10.245.0.0/16"
+        );
+        assert_eq!(parse("none").unwrap(), "");
+        let e = parse("10.244.1.0/33").unwrap_err().to_string();
+        assert!(
+            e.contains("10.244.1.0/33 is not an IPv4 prefix (expected e.g. 10.244.0.0/16)"),
+            "{e}"
+        );
+        let e = parse("10.244.1.0/16").unwrap_err().to_string();
+        assert!(e.contains("did you mean 10.244.0.0/16?"), "{e}");
     }
 
     #[test]

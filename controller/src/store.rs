@@ -12,6 +12,10 @@
 //! Nodes are admitted with a join token, or by asking to join a network by its id: such a request
 //! waits for the administrator unless the network approves automatically ([`approval`]).
 //!
+//! Nodes advertise subnet routes (their pod subnet, say); the network's policy or the
+//! administrator approves them, overlaps are refused, and peers get the approved ones
+//! ([`routes`]).
+//!
 //! The database file (and SQLite's `-wal`/`-shm` files beside it) is readable by its owner only:
 //! it holds token hashes and the membership of every network.
 
@@ -27,12 +31,14 @@ use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
 pub mod approval;
+pub mod routes;
 
 pub use approval::{
     rejection_message, Approval, Approved, JoinRequest, PendingRow, Rejected, RequestOutcome,
     RequestState, Who, MAX_PENDING_PER_NETWORK, MAX_PENDING_PER_SOURCE, REJECT_COOLDOWN_SECS,
     REQUEST_LIFETIME_SECS,
 };
+pub use routes::{parse_prefix, parse_prefix_list, RouteRow};
 
 /// A node counts as online when connected and heard from within this many seconds.
 pub const ONLINE_WINDOW_SECS: u64 = 30;
@@ -132,6 +138,9 @@ pub struct NetworkRow {
     pub birthday_budget: Option<u16>,
     /// Whether joins by network id wait for the administrator.
     pub approval: Approval,
+    /// Prefixes inside which advertised routes are approved automatically (`a.b.c.d/n`);
+    /// empty: the administrator approves each.
+    pub auto_approve_routes: Vec<String>,
 }
 
 /// A token as listed (never the secret).
@@ -384,7 +393,7 @@ impl Store {
         let mut st = self.conn.prepare(
             "SELECT n.name, n.network, n.prefix_len,
                     (SELECT COUNT(*) FROM nodes WHERE network_id = n.id AND removed_at IS NULL),
-                    n.birthday_budget, n.approval
+                    n.birthday_budget, n.approval, n.auto_approve_routes
              FROM networks n ORDER BY n.name",
         )?;
         let rows = st.query_map([], |r| {
@@ -396,6 +405,10 @@ impl Store {
                 nodes: r.get::<_, i64>(3)? as u64,
                 birthday_budget: r.get(4)?,
                 approval: Approval::from_column(&r.get::<_, String>(5)?),
+                auto_approve_routes: routes::decode_auto(r.get::<_, Option<String>>(6)?.as_deref())
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -677,7 +690,7 @@ impl Store {
 
     /// Removes a node by name or key; its address stays reserved for its key and name. A join
     /// request the key may still have in the network goes too: if it asks again, that is a new
-    /// request.
+    /// request. Its routes go (if it joins again, it advertises afresh).
     pub fn remove_node(&self, network: &str, who: &str, now: u64) -> Result<String, StoreError> {
         let (network_id, _) = self.network(network)?;
         let found: Option<(String, String)> = self
@@ -693,23 +706,29 @@ impl Store {
                 "no node {who:?} in network {network:?} (see `mesh-controller node list {network}`)"
             )));
         };
-        self.conn.execute(
+        let tx = rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
+        tx.execute(
             "UPDATE nodes SET removed_at = ?1, connected = 0 WHERE network_id = ?2 AND removed_at IS NULL AND name = ?3",
             params![now as i64, network_id, name],
         )?;
-        self.conn.execute(
+        tx.execute(
             "DELETE FROM join_requests WHERE network_id = ?1 AND key = ?2",
             params![network_id, key],
         )?;
+        routes::forget_routes(&tx, network_id, &key, now)?;
+        tx.commit()?;
         Ok(name)
     }
 
-    /// Removes a node by key (the node asked to leave).
+    /// Removes a node by key (the node asked to leave), with its routes.
     pub fn leave(&self, network_id: i64, key: &PublicKey, now: u64) -> Result<(), StoreError> {
-        self.conn.execute(
+        let tx = rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
+        tx.execute(
             "UPDATE nodes SET removed_at = ?1, connected = 0 WHERE network_id = ?2 AND key = ?3",
             params![now as i64, network_id, key.to_string()],
         )?;
+        routes::forget_routes(&tx, network_id, &key.to_string(), now)?;
+        tx.commit()?;
         Ok(())
     }
 
@@ -766,8 +785,10 @@ impl Store {
     }
 
     /// The peer list of a network: every live node, with `endpoints` as the node reported them
-    /// and `observed` apart (`netmap::view_for` decides what each viewer gets).
+    /// and `observed` apart (`netmap::view_for` decides what each viewer gets), and its approved
+    /// routes, sorted.
     pub fn peers(&self, network_id: i64) -> Result<Vec<PeerInfo>, StoreError> {
+        let mut approved = routes::approved_by_key(&self.conn, network_id)?;
         let mut st = self.conn.prepare(
             "SELECT n.key, n.name, n.address, n.endpoints, r.name, n.observed, n.nat FROM nodes n
              LEFT JOIN relays r ON r.name = n.home_relay
@@ -787,6 +808,7 @@ impl Store {
         let mut out = Vec::new();
         for row in rows {
             let (key, name, address, endpoints, relay, observed, nat) = row?;
+            let routes = approved.remove(&key).unwrap_or_default();
             let Ok(key) = key.parse() else { continue };
             out.push(PeerInfo {
                 key,
@@ -796,7 +818,7 @@ impl Store {
                 relay,
                 observed: observed.and_then(|o| o.parse().ok()),
                 nat: nat.as_deref().and_then(nat_from_text),
-                routes: Vec::new(),
+                routes,
             });
         }
         Ok(out)
@@ -994,7 +1016,7 @@ fn copy_into(from: &Connection, path: &Path) -> Result<BackupSummary, StoreError
 
 /// The schema this version of the controller writes, kept in SQLite's `user_version`. Raise it
 /// with every change to the schema, and add the change to [`migrate`].
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 /// Brings the schema up to [`SCHEMA_VERSION`] in one `BEGIN IMMEDIATE` transaction: the version
 /// is read under the write lock, so of several processes opening one database at once (`serve`
@@ -1118,6 +1140,10 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
             CREATE INDEX IF NOT EXISTS join_requests_by_decision
                 ON join_requests (state, decided_at);",
         )?;
+    }
+    if version < 4 {
+        // Subnet routes: what nodes advertise, and each network's auto-approve prefixes.
+        routes::migrate(&tx)?;
     }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()?;

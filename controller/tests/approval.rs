@@ -270,8 +270,10 @@ fn network_list_shows_the_approval_policy_and_the_id() {
             .map(str::to_owned)
             .collect::<Vec<_>>()
     };
-    assert_eq!(row("prod")[4..], ["manual".to_owned(), prod.to_string()]);
-    assert_eq!(row("open")[4..], ["auto".to_owned(), open.to_string()]);
+    // APPROVAL, AUTO-APPROVE ROUTES (none), ID.
+    let rest = |policy: &str, id: &NetworkId| [policy.to_owned(), "-".to_owned(), id.to_string()];
+    assert_eq!(row("prod")[4..], rest("manual", &prod));
+    assert_eq!(row("open")[4..], rest("auto", &open));
     // Switching the policy.
     let out = ok(&dir, &["network", "set", "prod", "--approval", "auto"]);
     assert!(

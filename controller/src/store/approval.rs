@@ -34,7 +34,7 @@ pub const MAX_PENDING_PER_NETWORK: usize = 1000;
 pub const MAX_PENDING_PER_SOURCE: usize = 32;
 
 /// Who admitted a node that a network with [`Approval::Auto`] let in.
-const AUTO_APPROVER: &str = "auto (network policy)";
+pub(super) const AUTO_APPROVER: &str = "auto (network policy)";
 
 /// Whether a network's join requests wait for the administrator.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
