@@ -20,6 +20,7 @@ use crate::store::{
 use anyhow::Context as _;
 use mesh_control::quic::{Gate, ServerLimits, Slot};
 use mesh_control::{channel, quic, tcp, Link};
+use mesh_proto::control::Ipv4Net;
 use mesh_proto::control::{
     decode_client, ClientMsg, ErrorCode, RelayInfo, Revocation, ServerMsg, MAX_MESSAGE_LEN,
     MAX_REVOCATIONS,
@@ -746,6 +747,8 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
     let now = unix_now();
     let mut home = None;
     let mut hello_nat = None;
+    // The prefixes a returning node advertises (a hello carries the whole list; none is a list).
+    let mut hello_routes: Option<Vec<Ipv4Net>> = None;
     let result: Result<Admission, StoreError> = match first {
         Ok(Ok(ClientMsg::Join {
             token_id,
@@ -806,11 +809,12 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
             endpoints,
             home_relay,
             nat,
-            routes: _,
+            routes,
         })) => {
             let mut store = lock(&ctx);
             home = home_relay.clone();
             hello_nat = nat;
+            hello_routes = Some(routes);
             store
                 .hello(
                     &network,
@@ -878,6 +882,10 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
             b"replaced by a newer connection of the same node",
         );
     }
+    if let Some(routes) = &hello_routes {
+        lock(&ctx).advertise_routes(adm.network_id, &key, routes, unix_now())?;
+    }
+    let mut advertised = hello_routes.unwrap_or_default();
     info!(node = %adm.name, %key, address = %adm.address, network = %adm.network, observed = ?observed, %transport, "node connected");
     let (peers, relays, revoked, birthday_budget) = {
         let store = lock(&ctx);
@@ -938,7 +946,7 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
     loop {
         tokio::select! {
             msg = rx.recv() => match msg.map(|b| decode_client(&b)) {
-                Ok(Ok(ClientMsg::Heartbeat { endpoints, home_relay, nat, routes: _ })) => {
+                Ok(Ok(ClientMsg::Heartbeat { endpoints, home_relay, nat, routes })) => {
                     match limiter.check(Instant::now()) {
                         Verdict::Accept => {}
                         Verdict::Drop => {
@@ -958,6 +966,11 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
                     if refused > 0 {
                         Stats::inc(&ctx.stats.candidates_refused, refused as u64);
                         debug!(refused, "reported candidates refused");
+                    }
+                    if routes != advertised {
+                        lock(&ctx).advertise_routes(adm.network_id, &key, &routes, unix_now())?;
+                        info!(node = %adm.name, routes = ?routes, "advertised routes changed");
+                        advertised = routes;
                     }
                     let report = NodeReport { endpoints, observed, home_relay, nat };
                     if report != reported || written_at.elapsed() >= LAST_SEEN_EVERY {
@@ -1037,6 +1050,8 @@ struct Session {
     tickets_at: tokio::time::Instant,
     /// The network's birthday budget as last told.
     birthday_budget: Option<u16>,
+    /// Where the node's advertised prefixes stand, as last told.
+    route_states: Vec<mesh_proto::control::RouteState>,
 }
 
 /// Owns the list of connected sessions; pushes deltas when the database changes.
@@ -1062,7 +1077,7 @@ async fn run_hub(
             cmd = rx.recv() => match cmd {
                 Some(HubCmd::Register { id, network_id, network, key, tx, sent, relays, revoked, birthday_budget }) => {
                     let tickets_at = tokio::time::Instant::now();
-                    sessions.insert(id, Session { network_id, network, key, tx, sent, removed: false, relays, revoked, tickets_at, birthday_budget });
+                    sessions.insert(id, Session { network_id, network, key, tx, sent, removed: false, relays, revoked, tickets_at, birthday_budget, route_states: Vec::new() });
                     // Changes between the Welcome and now must not be lost.
                     hub.push(&store, &mut sessions);
                 }
@@ -1139,6 +1154,8 @@ impl Hub {
         let mut by_network: HashMap<i64, Vec<mesh_proto::control::PeerInfo>> = HashMap::new();
         let mut revoked_by_network: HashMap<i64, Vec<(PublicKey, u64)>> = HashMap::new();
         let mut budgets: HashMap<i64, Option<u16>> = HashMap::new();
+        type States = HashMap<PublicKey, Vec<mesh_proto::control::RouteState>>;
+        let mut route_states: HashMap<i64, States> = HashMap::new();
         for s in sessions.values_mut() {
             if s.removed {
                 continue;
@@ -1181,6 +1198,25 @@ impl Hub {
                     }
                 },
             };
+            let states = match route_states.get(&s.network_id) {
+                Some(r) => r,
+                None => match store.route_states(s.network_id) {
+                    Ok(r) => route_states.entry(s.network_id).or_insert(r),
+                    Err(e) => {
+                        warn!(error = %e, "cannot read routes");
+                        return;
+                    }
+                },
+            };
+            let mine = states.get(&s.key).cloned().unwrap_or_default();
+            if mine != s.route_states {
+                let msg = ServerMsg::Routes {
+                    routes: mine.clone(),
+                };
+                if s.tx.try_send(msg).is_ok() {
+                    s.route_states = mine;
+                }
+            }
             if budget != s.birthday_budget {
                 let msg = ServerMsg::Settings {
                     birthday_budget: budget,

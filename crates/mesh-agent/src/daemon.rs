@@ -1104,7 +1104,8 @@ async fn run(
                         }
                         if let Some(obj) = v.as_object_mut() {
                             obj.insert("port_mapping".into(), port_mapping.snapshot().to_json(Instant::now()));
-                            obj.insert("routes".into(), routes_json(&advertised_tx.borrow(), &route_states_rx.borrow(), &opts.state.load_peers()));
+                            let (advertised, states) = (advertised_tx.borrow().clone(), route_states_rx.borrow().clone());
+                            obj.insert("routes".into(), routes_json(&advertised, &states, &opts.state.load_peers()));
                         }
                         api::write_response(&mut stream, &v).await;
                     }
@@ -1142,7 +1143,9 @@ async fn run(
                         break Exit::Down;
                     }
                     Some(Request::Routes { advertise, withdraw }) => {
-                        let v = match change_routes(&advertised_tx.borrow(), &advertise, &withdraw) {
+                        // A copy: the watch's read guard must be gone before the send below.
+                        let current = advertised_tx.borrow().clone();
+                        let v = match change_routes(&current, &advertise, &withdraw) {
                             Ok(list) => {
                                 membership.advertise_routes = list.clone();
                                 match opts.state.save_membership(&membership) {
