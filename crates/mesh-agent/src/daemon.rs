@@ -737,7 +737,7 @@ async fn up_pending(
         }
     };
     let (session, welcome) = match answer {
-        Ok(crate::approval::Answer::Approved(session, welcome)) => (session, welcome),
+        Ok(crate::approval::Answer::Approved(session, welcome)) => (session, *welcome),
         Ok(crate::approval::Answer::Pending(_)) => unreachable!("asked until approved"),
         Err(e) => {
             stop_waiting(running).await;
@@ -894,6 +894,7 @@ async fn run(
         observer_saw: None,
         nat: None,
         birthday_budget: None,
+        clock_offset_ms: None,
     }));
     let (control_tx, control_rx) = mpsc::channel(4);
     // Relays from the cache until the controller speaks: their tickets last for hours.
