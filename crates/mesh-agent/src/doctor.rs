@@ -494,7 +494,7 @@ fn overlay_address(f: &Facts) -> Check {
         (Daemon::NotRunning(e), _) => check(
             N,
             Status::Fail,
-            format!("the mesh daemon is not running ({e}): start it with `systemctl start mesh` (or `mesh up`; `mesh join` first on a new node)"),
+            format!("{e}; where mesh.service is installed: systemctl start mesh"),
         ),
         (Daemon::Pending(how), _) => check(N, Status::Fail, how.clone()),
         (Daemon::NotAllowed(e), _) => check(N, Status::Skip, format!("skipped: {e}")),
@@ -513,7 +513,7 @@ fn ip_forward(f: &Facts) -> Check {
         Some(v) => check(
             N,
             Status::Fail,
-            format!("net.ipv4.ip_forward is {v}: pods cannot reach other nodes; sysctl -w net.ipv4.ip_forward=1 and persist it: echo net.ipv4.ip_forward=1 > /etc/sysctl.d/99-kubernetes.conf"),
+            format!("net.ipv4.ip_forward is {v}: pods cannot reach other nodes; sysctl -w net.ipv4.ip_forward=1 and persist it: echo net.ipv4.ip_forward=1 >> /etc/sysctl.d/99-kubernetes.conf"),
         ),
         None => check(N, Status::Skip, "cannot read /proc/sys/net/ipv4/ip_forward"),
     }
@@ -1769,6 +1769,10 @@ mod tests {
         fails_with(&f, "overlay_address", "systemctl restart mesh");
         f.daemon = Daemon::NotRunning("not running".into());
         fails_with(&f, "overlay_address", "systemctl start mesh");
+        assert_eq!(
+            one(&f, "overlay_address").message,
+            "not running; where mesh.service is installed: systemctl start mesh"
+        );
         // Everything that needs the daemon is skipped, saying so; the host checks still run.
         let checks = judge(&f);
         for name in [
