@@ -909,6 +909,10 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
             observer: ctx.observer,
             birthday_budget,
             controllers: ctx.announce.read().map(|a| a.clone()).unwrap_or_default(),
+            now: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()
+                .and_then(|d| u64::try_from(d.as_millis()).ok()),
         })
         .encode(),
     )

@@ -295,6 +295,11 @@ pub struct Welcome {
     /// (`mesh-controller serve --announce`). Empty from controllers that announce none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub controllers: Vec<String>,
+    /// The controller's wall clock when it sent the welcome, in milliseconds since the Unix
+    /// epoch: the node compares it with its own clock (`mesh doctor`'s clock check), since
+    /// tokens and relay tickets carry expiry times. `None` from older controllers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub now: Option<u64>,
 }
 
 /// Where one advertised prefix stands.
@@ -849,6 +854,7 @@ mod tests {
                 observer: None,
                 birthday_budget: Some(2),
                 controllers: vec!["ctl.example:7443".into()],
+                now: Some(1_796_300_000_123),
             }),
             ServerMsg::Settings {
                 birthday_budget: Some(0),
@@ -921,6 +927,7 @@ mod tests {
                 observer: None,
                 birthday_budget: None,
                 controllers,
+                now: None,
             })
         };
         let ok = welcome(vec!["ctl.example:7443".into(); MAX_CONTROLLERS]);

@@ -91,7 +91,7 @@ impl WaitStatus {
 /// How the asking ended.
 pub enum Answer {
     /// Admitted: the session goes on as a member's.
-    Approved(Session, Welcome),
+    Approved(Session, Box<Welcome>),
     /// Recorded, waiting for the administrator (only from [`ask_until`] with `first_only`).
     Pending(Session),
 }
@@ -169,7 +169,7 @@ pub async fn ask_until(
         )
         .await;
         let pause = match attempt {
-            Ok((session, Reply::Welcome(w))) => return Ok(Answer::Approved(session, w)),
+            Ok((session, Reply::Welcome(w))) => return Ok(Answer::Approved(session, Box::new(w))),
             Ok((mut session, Reply::Pending { name, .. })) => {
                 reached = true;
                 backoff = Duration::from_secs(1);
@@ -209,7 +209,7 @@ pub async fn ask_until(
                     None => verdict.await,
                 };
                 match verdict {
-                    Ok(w) => return Ok(Answer::Approved(session, w)),
+                    Ok(w) => return Ok(Answer::Approved(session, Box::new(w))),
                     Err(Err(refused)) => refused?,
                     Err(Ok(lost)) => {
                         warn!(error = %lost, "lost the connection to the controller while waiting for approval; asking again");

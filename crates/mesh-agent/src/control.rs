@@ -90,6 +90,18 @@ pub struct ControlStatus {
     pub nat: Option<NatKind>,
     /// The network's birthday budget (attempts per node per 10 minutes), if it sets one.
     pub birthday_budget: Option<u16>,
+    /// The controller's clock minus this node's, in milliseconds, as measured at the last
+    /// welcome (off by up to the one-way delay); `None` when the controller did not send its
+    /// time (an older controller).
+    pub clock_offset_ms: Option<i64>,
+}
+
+/// The controller's clock (`now`, ms since the Unix epoch) minus this host's, in ms.
+fn clock_offset_ms(now: u64) -> i64 {
+    let local = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    i64::try_from(now).unwrap_or(i64::MAX).saturating_sub(local)
 }
 
 /// Connects (QUIC, or TCP where QUIC does not answer: see [`crate::dial`]), authenticates
@@ -561,6 +573,7 @@ pub async fn run(
             s.transport = Some(transport.to_string());
             s.observed = welcome.observed;
             s.birthday_budget = welcome.birthday_budget;
+            s.clock_offset_ms = welcome.now.map(clock_offset_ms);
         }
         let _ = data
             .send(DataCmd::BirthdayBudget(welcome.birthday_budget))

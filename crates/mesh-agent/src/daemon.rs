@@ -427,6 +427,7 @@ async fn close_joined(
         .await;
     info!(network = %membership.network, name = %membership.name, address = %membership.address, "joined");
     warn_renamed(&membership, asked);
+    warn_overlaps(&membership).await;
     let over_quic = session.transport() == mesh_control::Transport::Quic;
     drop(session);
     running.endpoint.close(0u32.into(), b"joined");
@@ -437,6 +438,24 @@ async fn close_joined(
     }
     let _ = running.shutdown_tx.send(true);
     Ok(membership)
+}
+
+/// Warns when the network's overlay range overlaps a route or address of this host that is
+/// not on the overlay interface: packets for those addresses would go one way or the other.
+async fn warn_overlaps(membership: &Membership) {
+    let Ok(local) = mesh_sys::netlink::local_networks().await else {
+        return;
+    };
+    let range = overlay_range(membership);
+    let found = crate::doctor::overlay_conflicts(range, &membership.interface, &local);
+    if !found.is_empty() {
+        let list: Vec<String> = found.iter().map(crate::doctor::describe).collect();
+        warn!(
+            "network {}'s range {range} overlaps this host's {}: traffic to those addresses may take the wrong way; move that network, or use a network with another range (mesh-controller network create NAME --cidr ...); `mesh doctor` checks this and more",
+            membership.network,
+            list.join(", ")
+        );
+    }
 }
 
 /// Warns when the node was registered under another name than the one it asked for.
@@ -749,7 +768,7 @@ async fn up_pending(
         }
     };
     let (session, welcome) = match answer {
-        Ok(crate::approval::Answer::Approved(session, welcome)) => (session, welcome),
+        Ok(crate::approval::Answer::Approved(session, welcome)) => (session, *welcome),
         Ok(crate::approval::Answer::Pending(_)) => unreachable!("asked until approved"),
         Err(e) => {
             stop_waiting(running).await;
@@ -764,6 +783,7 @@ async fn up_pending(
     let membership = save_welcome(&opts, &id.controller, &welcome, &session, port)?;
     info!(network = %membership.network, name = %membership.name, address = %membership.address, "approved: joined");
     warn_renamed(&membership, &pending.name);
+    warn_overlaps(&membership).await;
     // The daemon goes on in this process; its control loop says hello on its own connection.
     session.close();
     running.dialer.overlay = Some(overlay_range(&membership));
@@ -926,6 +946,7 @@ async fn run(
         observer_saw: None,
         nat: None,
         birthday_budget: None,
+        clock_offset_ms: None,
     }));
     let (control_tx, control_rx) = mpsc::channel(4);
     // Relays from the cache until the controller speaks: their tickets last for hours.

@@ -8,6 +8,7 @@ mod control;
 mod daemon;
 mod dataplane;
 mod dial;
+mod doctor;
 mod handover;
 mod kubeadm;
 mod metrics;
@@ -200,6 +201,34 @@ enum Command {
         /// there): the agent stops and mesh0 and the local state go all the same.
         #[arg(long)]
         force: bool,
+    },
+    /// Check what kubeadm and a CNI need on this node, one line per check (ok, warn, FAIL,
+    /// skip), each failure with the command that fixes it; exits 1 when a check fails.
+    ///
+    /// Looks at: the overlay address on mesh0, ip_forward, br_netfilter and
+    /// bridge-nf-call-iptables, swap, kubelet's --node-ip, the CNI's MTU, the controller
+    /// connection and clock, the NAT mapping, each peer's path, overlaps between the overlay,
+    /// pod and service ranges and local routes, forward chains that drop, firewalld/ufw, and
+    /// proxy variables. Runs without root; what needs root says so and is skipped.
+    Doctor {
+        /// JSON output: {"checks": [{"name", "status", "message"}], "ok": bool}.
+        #[arg(long)]
+        json: bool,
+        /// The cluster's pod range [default: from the CNI config, else 10.244.0.0/16].
+        #[arg(long, value_name = "CIDR")]
+        pod_cidr: Option<ipnet::Ipv4Net>,
+        /// The cluster's service range.
+        #[arg(long, value_name = "CIDR", default_value = doctor::DEFAULT_SERVICE_CIDR)]
+        service_cidr: ipnet::Ipv4Net,
+        /// Where the CNI configs are.
+        #[arg(long, value_name = "DIR", default_value = doctor::DEFAULT_CNI_DIR)]
+        cni_dir: PathBuf,
+        /// flannel's subnet file.
+        #[arg(long, value_name = "PATH", default_value = doctor::DEFAULT_FLANNEL_ENV)]
+        flannel_env: PathBuf,
+        /// The kubelet extra-args file [default: detected from /etc/os-release].
+        #[arg(long, value_name = "PATH")]
+        kubelet_file: Option<PathBuf>,
     },
     /// Stop the agent without leaving: mesh0 goes, the membership and key stay, and `mesh up`
     /// (or `systemctl start mesh`) brings the node back with the same address.
@@ -998,6 +1027,46 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             out(&format!("advertising {}", v["advertised"]));
             Ok(())
         }),
+        Command::Doctor {
+            json,
+            pod_cidr,
+            service_cidr,
+            cni_dir,
+            flannel_env,
+            kubelet_file,
+        } => {
+            let kubelet_file = kubelet_file.unwrap_or_else(|| {
+                let os = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
+                kubeadm::KubeletDefaults::detect(&os).path().to_owned()
+            });
+            let sources = doctor::Sources {
+                cni_dir,
+                flannel_env,
+                kubelet_file,
+                pod_cidr: pod_cidr.map(|p| p.trunc()),
+                service_cidr: service_cidr.trunc(),
+            };
+            let facts = runtime()?.block_on(async {
+                let status = doctor::status(&state).await;
+                doctor::gather(&sources, status).await
+            });
+            let checks = doctor::judge(&facts);
+            if json {
+                out(&serde_json::to_string_pretty(&doctor::to_json(&checks))?);
+            } else {
+                for c in &checks {
+                    out(&doctor::line(c));
+                }
+            }
+            let failed = checks
+                .iter()
+                .filter(|c| c.status == doctor::Status::Fail)
+                .count();
+            if failed > 0 {
+                return Err(doctor::Failed(failed).into());
+            }
+            Ok(())
+        }
         Command::Ping { peer, count } => runtime()?.block_on(async {
             let mut answered = 0;
             for i in 0..count {

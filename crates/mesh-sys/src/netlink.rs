@@ -342,6 +342,91 @@ pub async fn overlay_view(
     })
 }
 
+/// One IPv4 network this host reaches without the overlay's say: the destination of a route of
+/// the main table, or the subnet of an address, with the interface it is on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalNetwork {
+    /// A route's destination, or an address with its prefix length.
+    pub network: Ipv4Net,
+    /// The interface the route leaves through, or that holds the address (empty if unknown).
+    pub interface: String,
+    /// Whether this is an address's subnet (`true`) or a route (`false`).
+    pub address: bool,
+}
+
+/// Every route of the main table except default routes, and the subnet of every IPv4 address
+/// except loopback, each with its interface name. Needs no privilege.
+pub async fn local_networks() -> Result<Vec<LocalNetwork>, NetlinkError> {
+    use rtnetlink::packet_route::link::LinkAttribute;
+    use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader};
+    let handle = connect()?;
+    let mut names: HashMap<u32, String> = HashMap::new();
+    let mut links = handle.link().get().execute();
+    while let Ok(Some(msg)) = links.try_next().await {
+        for a in &msg.attributes {
+            if let LinkAttribute::IfName(n) = a {
+                names.insert(msg.header.index, n.clone());
+            }
+        }
+    }
+    let name_of = |i: Option<u32>| i.and_then(|i| names.get(&i).cloned()).unwrap_or_default();
+    let mut out: Vec<LocalNetwork> = Vec::new();
+    let mut routes = handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute();
+    while let Ok(Some(msg)) = routes.try_next().await {
+        let table = msg
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                RouteAttribute::Table(t) => Some(*t),
+                _ => None,
+            })
+            .unwrap_or(u32::from(msg.header.table));
+        if table != u32::from(RouteHeader::RT_TABLE_MAIN)
+            || msg.header.destination_prefix_length == 0
+        {
+            continue;
+        }
+        let dst = msg.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
+            _ => None,
+        });
+        let oif = msg.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Oif(i) => Some(*i),
+            _ => None,
+        });
+        if let Some(net) =
+            dst.and_then(|d| Ipv4Net::new(d, msg.header.destination_prefix_length).ok())
+        {
+            out.push(LocalNetwork {
+                network: net.trunc(),
+                interface: name_of(oif),
+                address: false,
+            });
+        }
+    }
+    let mut addrs = handle.address().get().execute();
+    while let Ok(Some(msg)) = addrs.try_next().await {
+        for a in &msg.attributes {
+            if let AddressAttribute::Address(IpAddr::V4(ip)) = a {
+                if ip.is_loopback() {
+                    continue;
+                }
+                if let Ok(net) = Ipv4Net::new(*ip, msg.header.prefix_len) {
+                    out.push(LocalNetwork {
+                        network: net,
+                        interface: name_of(Some(msg.header.index)),
+                        address: true,
+                    });
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Whether interface `name` exists and carries `address`.
 pub async fn has_address(name: &str, address: Ipv4Addr) -> Result<bool, NetlinkError> {
     let handle = connect()?;

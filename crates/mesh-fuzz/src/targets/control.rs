@@ -161,6 +161,7 @@ pub(super) fn server_messages() -> Vec<ServerMsg> {
             observer: None,
             birthday_budget: None,
             controllers: vec!["ctl.example:7443".into(), "192.0.2.9:7443".into()],
+            now: Some(1_796_300_000_123),
         }),
         ServerMsg::Welcome(Welcome {
             network: "n".into(),
@@ -173,6 +174,7 @@ pub(super) fn server_messages() -> Vec<ServerMsg> {
             observer: None,
             birthday_budget: None,
             controllers: vec![],
+            now: None,
         }),
         ServerMsg::Welcome(Welcome {
             network: "big".into(),
@@ -185,6 +187,7 @@ pub(super) fn server_messages() -> Vec<ServerMsg> {
             observer: None,
             birthday_budget: None,
             controllers: vec![],
+            now: None,
         }),
         ServerMsg::Relays {
             relays: vec![relay("eu-1"), relay("us-1")],
