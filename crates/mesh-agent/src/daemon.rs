@@ -301,12 +301,7 @@ pub async fn join(
         token_id: token.id.clone(),
         token_secret: token.secret_hex(),
         name: name.name.clone(),
-        endpoints: candidates::report(
-            &control::local_addresses(&opts.interface, None).await,
-            &opts.endpoint_interfaces,
-            port,
-            candidates::Mappings::default(),
-        ),
+        endpoints: join_candidates(&opts, port).await,
         exact_name: name.explicit,
     };
     tracing::debug!(controller = %token.controller, name = %name.name, "joining");
@@ -489,14 +484,20 @@ async fn request_msg(opts: &Settings, id: &NetworkId, name: &NameChoice, port: u
         network: id.network.clone(),
         name: name.name.clone(),
         hostname: crate::config::hostname(),
-        endpoints: candidates::report(
-            &control::local_addresses(&opts.interface, None).await,
-            &opts.endpoint_interfaces,
-            port,
-            candidates::Mappings::default(),
-        ),
+        endpoints: join_candidates(opts, port).await,
         exact_name: name.explicit,
     }
+}
+
+/// The candidates a node reports when it joins (by token or by network id): its local
+/// addresses with its port; nothing is known yet of the overlay or of mappings.
+async fn join_candidates(opts: &Settings, port: u16) -> Vec<SocketAddr> {
+    candidates::report(
+        &control::local_addresses(&opts.interface, None).await,
+        &opts.endpoint_interfaces,
+        port,
+        candidates::Mappings::default(),
+    )
 }
 
 fn wait_status(
@@ -904,7 +905,10 @@ async fn run(
         Ok(()) => debug!(interface = %opts.interface, "TCP MSS clamped to the route MTU"),
         Err(e) => warn!(error = %e, "no MSS clamping"),
     }
-    let _ = running.data_tx.send(DataCmd::SetRoutes(own_routes)).await;
+    let _ = running
+        .data_tx
+        .send(DataCmd::SetRoutes(own_routes.clone()))
+        .await;
     let (advertised_tx, advertised_rx) = watch::channel(membership.advertise_routes.clone());
     let (route_states_tx, route_states_rx) = watch::channel(cached_states);
     let (peer_routes_tx, peer_routes_rx) =
@@ -914,7 +918,7 @@ async fn run(
         membership.address,
         overlay_range(&membership),
         peer_routes_rx,
-        route_states_rx.clone(),
+        (route_states_rx.clone(), own_routes),
         running.data_tx.clone(),
     ));
     if let Err(e) = mesh_sys::tun::persist(&running.tun) {
@@ -1346,15 +1350,20 @@ fn approved(states: &[mesh_proto::control::RouteState]) -> Vec<ipnet::Ipv4Net> {
 
 /// Keeps the kernel's routes through the overlay interface equal to the prefixes the peers
 /// route (added with the node's overlay address as source, removed when withdrawn), and the
-/// node's own approved prefixes in the data plane and the forwarding guard.
+/// node's own approved prefixes in the data plane and the forwarding guard (`own`: their
+/// states, and the prefixes already put there at start, from the cache).
 async fn sync_routes(
     interface: String,
     source: Ipv4Addr,
     overlay: ipnet::Ipv4Net,
     mut peer_routes: watch::Receiver<Vec<ipnet::Ipv4Net>>,
-    mut own: watch::Receiver<Vec<mesh_proto::control::RouteState>>,
+    own: (
+        watch::Receiver<Vec<mesh_proto::control::RouteState>>,
+        Vec<ipnet::Ipv4Net>,
+    ),
     data: mpsc::Sender<DataCmd>,
 ) {
+    let (mut own, applied) = own;
     // What an earlier run installed (mesh0 outlives agent restarts) counts as installed.
     let mut installed: std::collections::BTreeSet<ipnet::Ipv4Net> =
         match mesh_sys::netlink::routes_via(&interface, Some(overlay)).await {
@@ -1364,7 +1373,7 @@ async fn sync_routes(
                 Default::default()
             }
         };
-    let mut own_applied: Option<Vec<ipnet::Ipv4Net>> = None;
+    let mut own_applied = applied;
     loop {
         let wanted: std::collections::BTreeSet<ipnet::Ipv4Net> = peer_routes
             .borrow_and_update()
@@ -1391,7 +1400,7 @@ async fn sync_routes(
             }
         }
         let mine = approved(&own.borrow_and_update());
-        if own_applied.as_ref() != Some(&mine) {
+        if own_applied != mine {
             if let Err(e) = mesh_sys::firewall::clamp_mss(&interface, &mine) {
                 warn!(error = %e, "cannot let the approved prefixes through the forwarding guard");
             }
@@ -1399,7 +1408,7 @@ async fn sync_routes(
                 info!(prefixes = ?mine, "routing the approved prefixes for the peers");
             }
             let _ = data.send(DataCmd::SetRoutes(mine.clone())).await;
-            own_applied = Some(mine);
+            own_applied = mine;
         }
         tokio::select! {
             r = peer_routes.changed() => if r.is_err() { return },

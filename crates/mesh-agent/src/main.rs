@@ -634,6 +634,15 @@ fn port_mapping_line(pm: &serde_json::Value) -> Option<String> {
 }
 
 /// Resolves daemon options: flag, else config file, else (in the daemon) saved state or default.
+/// `--wait DURATION` of `mesh join` and `mesh up`, if given.
+fn parse_wait(wait: Option<String>) -> anyhow::Result<Option<Duration>> {
+    wait.map(|w| {
+        humantime::parse_duration(&w)
+            .with_context(|| format!("invalid --wait {w:?}; use e.g. 60s, 10m or 2h"))
+    })
+    .transpose()
+}
+
 /// A comma-separated list of IPv4 prefixes ("" for none), each checked.
 fn parse_prefixes(list: &str) -> anyhow::Result<Vec<ipnet::Ipv4Net>> {
     let mut out: Vec<ipnet::Ipv4Net> = Vec::new();
@@ -839,12 +848,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             wait,
             no_daemon,
         } => {
-            let wait = wait
-                .map(|w| {
-                    humantime::parse_duration(&w)
-                        .with_context(|| format!("invalid --wait {w:?}; use e.g. 60s, 10m or 2h"))
-                })
-                .transpose()?;
+            let wait = parse_wait(wait)?;
             let connect_timeout = connect_timeout
                 .or_else(|| file.connect_timeout.clone())
                 .unwrap_or_else(|| config::defaults::CONNECT_TIMEOUT.to_owned());
@@ -956,12 +960,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             daemon: flags,
             wait,
         } => {
-            let wait = wait
-                .map(|w| {
-                    humantime::parse_duration(&w)
-                        .with_context(|| format!("invalid --wait {w:?}; use e.g. 10m or 2h"))
-                })
-                .transpose()?;
+            let wait = parse_wait(wait)?;
             if hand_over(cli.state_dir.as_ref(), cli.config.as_ref(), &flags, false) {
                 if state.load_request()?.is_some() {
                     handover::start_no_block()?;

@@ -529,38 +529,10 @@ pub async fn set_peer_mtu(
     source: Ipv4Addr,
     mtu: Option<u32>,
 ) -> Result<(), NetlinkError> {
-    use rtnetlink::packet_route::route::{RouteAttribute, RouteMetric};
-    let handle = connect()?;
-    let index = link_index(&handle, interface).await?;
-    let mut route = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(peer, 32)
-        .output_interface(index)
-        .pref_source(source)
-        .build();
-    let req = |what: &'static str| {
-        let link = interface.to_owned();
-        move |source| NetlinkError::Request { what, link, source }
-    };
-    match mtu {
-        Some(mtu) => {
-            route
-                .attributes
-                .push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(mtu)]));
-            handle
-                .route()
-                .add(route)
-                .replace()
-                .execute()
-                .await
-                .map_err(req("setting a peer route MTU"))
-        }
-        None => match handle.route().del(route).execute().await {
-            Ok(()) => Ok(()),
-            // ESRCH: there was no such route.
-            Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -3 => Ok(()),
-            Err(e) => Err(req("removing a peer route MTU")(e)),
-        },
-    }
+    use rtnetlink::packet_route::route::RouteMetric;
+    let what = ("setting a peer route MTU", "removing a peer route MTU");
+    let metrics = mtu.map(|mtu| vec![RouteMetric::Mtu(mtu)]);
+    replace_route(interface, Ipv4Net::from(peer), source, metrics, what).await
 }
 
 /// Adds (`present`) or removes a route to `prefix` through `interface`, with `source` as the
@@ -571,9 +543,24 @@ pub async fn set_route(
     source: Ipv4Addr,
     present: bool,
 ) -> Result<(), NetlinkError> {
+    let what = ("adding a subnet route", "removing a subnet route");
+    replace_route(interface, prefix, source, present.then(Vec::new), what).await
+}
+
+/// Puts the main-table route to `prefix` through `interface` (preferred source `source`) in
+/// place with `metrics` (replacing one that is there), or removes it with `None`; removing a
+/// route that is not there is no error. `what`: how a failure to add, and to remove, is told.
+async fn replace_route(
+    interface: &str,
+    prefix: Ipv4Net,
+    source: Ipv4Addr,
+    metrics: Option<Vec<rtnetlink::packet_route::route::RouteMetric>>,
+    what: (&'static str, &'static str),
+) -> Result<(), NetlinkError> {
+    use rtnetlink::packet_route::route::RouteAttribute;
     let handle = connect()?;
     let index = link_index(&handle, interface).await?;
-    let route = RouteMessageBuilder::<Ipv4Addr>::new()
+    let mut route = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(prefix.network(), prefix.prefix_len())
         .output_interface(index)
         .pref_source(source)
@@ -582,21 +569,25 @@ pub async fn set_route(
         let link = interface.to_owned();
         move |source| NetlinkError::Request { what, link, source }
     };
-    if present {
-        handle
-            .route()
-            .add(route)
-            .replace()
-            .execute()
-            .await
-            .map_err(req("adding a subnet route"))
-    } else {
-        match handle.route().del(route).execute().await {
+    match metrics {
+        Some(metrics) => {
+            if !metrics.is_empty() {
+                route.attributes.push(RouteAttribute::Metrics(metrics));
+            }
+            handle
+                .route()
+                .add(route)
+                .replace()
+                .execute()
+                .await
+                .map_err(req(what.0))
+        }
+        None => match handle.route().del(route).execute().await {
             Ok(()) => Ok(()),
             // ESRCH: there was no such route.
             Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -3 => Ok(()),
-            Err(e) => Err(req("removing a subnet route")(e)),
-        }
+            Err(e) => Err(req(what.1)(e)),
+        },
     }
 }
 
