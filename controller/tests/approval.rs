@@ -8,140 +8,20 @@
 use mesh_proto::token::NetworkId;
 use mesh_proto::PublicKey;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Output;
 
-const BIN: &str = env!("CARGO_BIN_EXE_mesh-controller");
-
-/// A controller key file's contents (base64 of 32 zero bytes).
-const A_KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n";
+mod common;
+use common::{fails, ok, stderr, stdout, text, Daemon, TempDir, A_KEY};
 
 /// Another address of the controller that `serve` announces.
 const ANNOUNCED: &str = "192.0.2.50:7443";
 
-/// A fresh directory under the system's temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(label: &str) -> TempDir {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "mesh-approval-{label}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn ctl(dir: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .arg("--state-dir")
-        .arg(dir)
-        .env("RUST_LOG", "info")
-        .output()
-        .unwrap()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// Runs `mesh-controller ARGS` and expects success.
-fn ok(dir: &Path, args: &[&str]) -> Output {
-    let out = ctl(dir, args);
-    assert!(out.status.success(), "{args:?}: {}", text(&out));
-    out
-}
-
-/// Runs `mesh-controller ARGS`, expects failure, and returns what it said on stderr.
-fn fails(dir: &Path, args: &[&str]) -> String {
-    let out = ctl(dir, args);
-    assert!(!out.status.success(), "{args:?} succeeded: {}", text(&out));
-    stderr(&out)
-}
-
-/// A `mesh-controller serve` on loopback, killed (by its pid) when dropped, also when the test
-/// fails.
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    /// `serve` on a loopback port the kernel picks, without TCP or STUN, announcing
-    /// [`ANNOUNCED`] besides.
-    fn spawn(dir: &Path) -> Daemon {
-        let log = dir.with_extension("serve.log");
-        let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0", "--listen-tcp", "off"])
-            .args(["--observer-listen", "off", "--announce", ANNOUNCED])
-            .arg("--state-dir")
-            .arg(dir)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .unwrap();
-        Daemon { child, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits until it listens (it has written the address it bound), or panics with its log.
-    fn wait_listening(&mut self, dir: &Path) -> String {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("serve exited ({status}) before listening:\n{}", self.log());
-            }
-            if let Ok(addr) = std::fs::read_to_string(dir.join("listen.addr")) {
-                if !addr.trim().ends_with(":0") {
-                    return addr.trim().to_owned();
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "serve not listening after 30 s:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log);
-    }
+/// `serve` on a loopback port the kernel picks, without TCP or STUN, announcing [`ANNOUNCED`]
+/// besides.
+fn spawn_announcing(dir: &Path) -> Daemon {
+    let args = ["serve", "--listen", "127.0.0.1:0", "--listen-tcp", "off"];
+    let more = ["--observer-listen", "off", "--announce", ANNOUNCED];
+    Daemon::spawn_with(&args, &more, dir, "serve")
 }
 
 /// A `serve` listening in a new state directory: it, the address it listens on, the directory,
@@ -149,7 +29,7 @@ impl Drop for Daemon {
 fn serving(label: &str) -> (Daemon, String, PathBuf, TempDir) {
     let tmp = TempDir::new(label);
     let dir = tmp.0.join("state");
-    let mut serve = Daemon::spawn(&dir);
+    let mut serve = spawn_announcing(&dir);
     let addr = serve.wait_listening(&dir);
     (serve, addr, dir, tmp)
 }
@@ -324,7 +204,7 @@ fn a_network_created_before_serve_ever_ran_gets_its_id_later() {
         serde_json::from_slice(&ok(&dir, &["network", "list", "--json"]).stdout).unwrap();
     assert!(json[0]["id"].is_null(), "{json}");
     // Once serve runs, the id is there.
-    let mut serve = Daemon::spawn(&dir);
+    let mut serve = spawn_announcing(&dir);
     let addr = serve.wait_listening(&dir);
     let id = network_id(&ok(&dir, &["network", "id", "prod"]));
     assert_eq!(

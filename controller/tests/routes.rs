@@ -5,147 +5,10 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
 
-const BIN: &str = env!("CARGO_BIN_EXE_mesh-controller");
-
-/// A controller key file's contents (base64 of 32 zero bytes).
-const A_KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n";
-
-/// A fresh directory under the system's temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(label: &str) -> TempDir {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "mesh-routes-{label}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn ctl(dir: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .arg("--state-dir")
-        .arg(dir)
-        .env("RUST_LOG", "info")
-        .output()
-        .unwrap()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// Runs `mesh-controller ARGS` and expects success.
-fn ok(dir: &Path, args: &[&str]) -> Output {
-    let out = ctl(dir, args);
-    assert!(out.status.success(), "{args:?}: {}", text(&out));
-    out
-}
-
-/// Runs `mesh-controller ARGS`, expects failure, and returns what it said on stderr.
-fn fails(dir: &Path, args: &[&str]) -> String {
-    let out = ctl(dir, args);
-    assert!(!out.status.success(), "{args:?} succeeded: {}", text(&out));
-    stderr(&out)
-}
-
-/// A state directory with a controller key that has never served: enough for admin commands.
-fn unserved(label: &str) -> (PathBuf, TempDir) {
-    let tmp = TempDir::new(label);
-    let dir = tmp.0.join("state");
-    std::fs::create_dir(&dir).unwrap();
-    std::fs::write(dir.join("controller.key"), A_KEY).unwrap();
-    (dir, tmp)
-}
-
-/// A `mesh-controller serve` on loopback, killed (by its pid) when dropped, also when the test
-/// fails.
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    /// `serve` on a loopback port the kernel picks, without TCP or STUN; returns once it
-    /// listens (it has written the address it bound), or panics with its log.
-    fn serving(dir: &Path) -> Daemon {
-        let log = dir.with_extension("serve.log");
-        let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0", "--listen-tcp", "off"])
-            .args(["--observer-listen", "off"])
-            .arg("--state-dir")
-            .arg(dir)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .unwrap();
-        let mut daemon = Daemon { child, log };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = daemon.child.try_wait().unwrap() {
-                panic!(
-                    "serve exited ({status}) before listening:\n{}",
-                    daemon.log()
-                );
-            }
-            if let Ok(addr) = std::fs::read_to_string(dir.join("listen.addr")) {
-                if !addr.trim().ends_with(":0") {
-                    return daemon;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "serve not listening after 30 s:\n{}",
-                daemon.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log);
-    }
-}
+mod common;
+use common::{fails, ok, stderr, stdout, text, unserved, Daemon, TempDir};
 
 /// `network list --json`, the entry of network `name`.
 fn listed(dir: &Path, name: &str) -> serde_json::Value {
@@ -160,7 +23,8 @@ fn listed(dir: &Path, name: &str) -> serde_json::Value {
 fn auto_approve_routes_are_set_at_creation_changed_and_listed() {
     let tmp = TempDir::new("policy");
     let dir = tmp.0.join("state");
-    let _serve = Daemon::serving(&dir);
+    let mut _serve = Daemon::spawn(&dir, "serve");
+    _serve.wait_listening(&dir);
     let out = ok(
         &dir,
         &[
