@@ -112,6 +112,41 @@ enum Command {
     /// Manage the subnet routes nodes advertise (prefixes they route for their peers).
     #[command(subcommand)]
     Route(RouteCmd),
+    /// Names for several nodes: `name set prod k8s-api cp1 cp2 cp3` makes `k8s-api` and
+    /// `k8s-api.prod.mesh` resolve on every node to those of cp1..cp3 it can reach (kubeadm's
+    /// controlPlaneEndpoint without a load balancer).
+    #[command(subcommand)]
+    Name(NameCmd),
+}
+
+#[derive(Subcommand)]
+enum NameCmd {
+    /// Make NAME stand for these nodes (replacing its members if it exists); every node of
+    /// the network answers it within a second.
+    Set {
+        /// Network.
+        network: String,
+        /// The name, a DNS name (lowercase letters, digits, '-', '.').
+        name: String,
+        /// Member nodes, by node name.
+        #[arg(required = true, value_name = "NODE")]
+        nodes: Vec<String>,
+    },
+    /// Remove a name.
+    Remove {
+        /// Network.
+        network: String,
+        /// The name.
+        name: String,
+    },
+    /// List the network's names for several nodes.
+    List {
+        /// Network.
+        network: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -1022,6 +1057,48 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     r.name,
                     r.key.fingerprint()
                 ));
+            }
+            Ok(())
+        }
+        Command::Name(NameCmd::Set {
+            network,
+            name,
+            nodes,
+        }) => {
+            state
+                .open_store()?
+                .set_name(&network, &name, &nodes, unix_now())?;
+            out(&format!(
+                "{}.{network}.mesh -> {}",
+                name.trim().to_ascii_lowercase(),
+                nodes.join(" ")
+            ));
+            Ok(())
+        }
+        Command::Name(NameCmd::Remove { network, name }) => {
+            if !state.open_store()?.remove_name(&network, &name)? {
+                anyhow::bail!(
+                    "network {network:?} has no name {name:?} (see `mesh-controller name list {network}`)"
+                );
+            }
+            out(&format!("removed {name} from {network}"));
+            Ok(())
+        }
+        Command::Name(NameCmd::List { network, json }) => {
+            let names = state.open_store()?.names(&network)?;
+            if json {
+                out(&serde_json::to_string_pretty(&names)?);
+            } else if names.is_empty() {
+                eprintln!("no names for several nodes in {network} (`mesh-controller name set {network} NAME NODE...`)");
+            } else {
+                out(&format!("{:<30} NODES", "NAME"));
+                for n in names {
+                    out(&format!(
+                        "{:<30} {}",
+                        format!("{}.{network}.mesh", n.name),
+                        n.nodes.join(" ")
+                    ));
+                }
             }
             Ok(())
         }

@@ -1056,6 +1056,8 @@ struct Session {
     birthday_budget: Option<u16>,
     /// Where the node's advertised prefixes stand, as last told.
     route_states: Vec<mesh_proto::control::RouteState>,
+    /// The network's names for several nodes, as last told.
+    names: Vec<mesh_proto::control::NameAlias>,
 }
 
 /// Owns the list of connected sessions; pushes deltas when the database changes.
@@ -1081,7 +1083,7 @@ async fn run_hub(
             cmd = rx.recv() => match cmd {
                 Some(HubCmd::Register { id, network_id, network, key, tx, sent, relays, revoked, birthday_budget }) => {
                     let tickets_at = tokio::time::Instant::now();
-                    sessions.insert(id, Session { network_id, network, key, tx, sent, removed: false, relays, revoked, tickets_at, birthday_budget, route_states: Vec::new() });
+                    sessions.insert(id, Session { network_id, network, key, tx, sent, removed: false, relays, revoked, tickets_at, birthday_budget, route_states: Vec::new(), names: Vec::new() });
                     // Changes between the Welcome and now must not be lost.
                     hub.push(&store, &mut sessions);
                 }
@@ -1160,6 +1162,8 @@ impl Hub {
         let mut budgets: HashMap<i64, Option<u16>> = HashMap::new();
         type States = HashMap<PublicKey, Vec<mesh_proto::control::RouteState>>;
         let mut route_states: HashMap<i64, States> = HashMap::new();
+        let mut names_by_network: HashMap<i64, Vec<mesh_proto::control::NameAlias>> =
+            HashMap::new();
         for s in sessions.values_mut() {
             if s.removed {
                 continue;
@@ -1219,6 +1223,24 @@ impl Hub {
                 };
                 if s.tx.try_send(msg).is_ok() {
                     s.route_states = mine;
+                }
+            }
+            let names = match names_by_network.get(&s.network_id) {
+                Some(n) => n,
+                None => match store.aliases(s.network_id) {
+                    Ok(n) => names_by_network.entry(s.network_id).or_insert(n),
+                    Err(e) => {
+                        warn!(error = %e, "cannot read names");
+                        return;
+                    }
+                },
+            };
+            if *names != s.names {
+                let msg = ServerMsg::Names {
+                    names: names.clone(),
+                };
+                if s.tx.try_send(msg).is_ok() {
+                    s.names = names.clone();
                 }
             }
             if budget != s.birthday_budget {

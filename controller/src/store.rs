@@ -31,6 +31,7 @@ use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
 pub mod approval;
+pub mod names;
 pub mod routes;
 
 pub use approval::{
@@ -1016,7 +1017,7 @@ fn copy_into(from: &Connection, path: &Path) -> Result<BackupSummary, StoreError
 
 /// The schema this version of the controller writes, kept in SQLite's `user_version`. Raise it
 /// with every change to the schema, and add the change to [`migrate`].
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 /// Brings the schema up to [`SCHEMA_VERSION`] in one `BEGIN IMMEDIATE` transaction: the version
 /// is read under the write lock, so of several processes opening one database at once (`serve`
@@ -1144,6 +1145,10 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     if version < 4 {
         // Subnet routes: what nodes advertise, and each network's auto-approve prefixes.
         routes::migrate(&tx)?;
+    }
+    if version < 5 {
+        // Names for several nodes (`mesh-controller name set`).
+        names::migrate(&tx)?;
     }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()?;
@@ -1496,14 +1501,39 @@ fn free_name(
     own_key: Option<&str>,
 ) -> Result<String, StoreError> {
     let requested = request.name();
-    // The live node of another key that holds `name`: its key and address.
+    if !mesh_proto::control::valid_node_name(requested) {
+        return Err(refused(
+            ErrorCode::BadRequest,
+            format!(
+                "{requested:?} is not a valid node name: Kubernetes takes lowercase letters, digits, '-' and '.' (each part starting and ending with a letter or digit), and mesh at most {} characters; join again with --name (e.g. --name {})",
+                mesh_proto::control::MAX_NAME_LEN,
+                mesh_proto::control::node_name_like(requested)
+            ),
+        ));
+    }
+    if names::is_alias(tx, network_id, requested)? {
+        if let NameRequest::Exact(name) = request {
+            return Err(refused(
+                ErrorCode::NameTaken,
+                format!(
+                    "{name:?} is a name for several nodes in this network (`mesh-controller name list`); choose another --name"
+                ),
+            ));
+        }
+    }
+    // The live node of another key that holds `name` (or a name for several nodes): its key
+    // and address.
     let holder = |name: &str| {
+        if names::is_alias(tx, network_id, name)? {
+            return Ok(Some((String::new(), 0)));
+        }
         tx.query_row(
             "SELECT key, address FROM nodes WHERE network_id = ?1 AND name = ?2 AND removed_at IS NULL AND key != ?3",
             params![network_id, name, own_key.unwrap_or("")],
             |r| Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?)),
         )
         .optional()
+        .map_err(StoreError::from)
     };
     if let NameRequest::Exact(name) = request {
         let Some((mut key, address)) = holder(name)? else {

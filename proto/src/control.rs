@@ -248,6 +248,12 @@ pub enum ServerMsg {
         /// The name the request is recorded under (the admin approves it by this name).
         name: String,
     },
+    /// The network's names for several nodes (`mesh-controller name set`): the whole list,
+    /// sent after the welcome when the network has any, and whenever one changes.
+    Names {
+        /// One entry per name.
+        names: Vec<NameAlias>,
+    },
     /// Answer to `Leave`: the node is deleted.
     Left,
     /// The request was refused; the connection closes after this.
@@ -258,6 +264,26 @@ pub enum ServerMsg {
         message: String,
     },
 }
+
+/// A name that resolves to several nodes, such as kubeadm's `controlPlaneEndpoint`: each node
+/// answers it with the overlay addresses of the members it can reach.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameAlias {
+    /// The name, a DNS name by the rules of [`valid_node_name`].
+    pub name: String,
+    /// The member nodes, by node name.
+    pub nodes: Vec<String>,
+    /// The members the controller sees offline (no control connection, or removed): a node
+    /// answers the name with the other members' addresses, and with all of them only when
+    /// every member is offline.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub down: Vec<String>,
+}
+
+/// Most names for several nodes a network may have.
+pub const MAX_ALIASES: usize = 64;
+/// Most nodes one such name may stand for.
+pub const MAX_ALIAS_NODES: usize = 16;
 
 /// The controller's answer to `Join` or `Hello`. On the wire its fields sit beside
 /// `"type": "welcome"`, like every other message's.
@@ -515,6 +541,61 @@ pub fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
+/// Checks a name as Kubernetes checks node names (an RFC 1123 subdomain: lowercase letters,
+/// digits, '-' and '.', each dot-separated label 1..=63 characters that start and end with a
+/// letter or digit), within mesh's limit of [`MAX_NAME_LEN`] characters. `node-b` and
+/// `master.example.com` pass; `Node_B` and `-a` do not.
+pub fn valid_node_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name.split('.').all(|label| {
+            let b = label.as_bytes();
+            !b.is_empty()
+                && b.iter()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+                && b[0] != b'-'
+                && b[b.len() - 1] != b'-'
+        })
+}
+
+/// A valid node name close to `name` (a hostname, say): lowercase, other characters as '-'.
+pub fn node_name_like(name: &str) -> String {
+    let mut out: String = name
+        .chars()
+        .map(|c| match c.to_ascii_lowercase() {
+            c @ ('a'..='z' | '0'..='9' | '.') => c,
+            _ => '-',
+        })
+        .collect();
+    out = out
+        .split('.')
+        .map(|l| l.trim_matches('-'))
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(".");
+    out.truncate(MAX_NAME_LEN);
+    let out = out.trim_end_matches(['-', '.']).to_owned();
+    if out.is_empty() {
+        "node-1".to_owned()
+    } else {
+        out
+    }
+}
+
+fn check_aliases(names: &[NameAlias]) -> Result<(), DecodeError> {
+    if names.len() > MAX_ALIASES
+        || names.iter().any(|a| {
+            !valid_node_name(&a.name)
+                || a.nodes.len() > MAX_ALIAS_NODES
+                || a.down.len() > MAX_ALIAS_NODES
+                || a.nodes.iter().chain(&a.down).any(|n| !valid_name(n))
+        })
+    {
+        return Err(DecodeError::Bounds("names"));
+    }
+    Ok(())
+}
+
 fn check_endpoints(e: &[SocketAddr]) -> Result<(), DecodeError> {
     if e.len() > MAX_ENDPOINTS {
         return Err(DecodeError::Bounds("endpoints"));
@@ -715,6 +796,7 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerMsg, DecodeError> {
                 return Err(DecodeError::Bounds("name"));
             }
         }
+        ServerMsg::Names { names } => check_aliases(names)?,
         ServerMsg::Settings { .. } | ServerMsg::Left => {}
     }
     Ok(msg)
@@ -1032,6 +1114,40 @@ mod tests {
         assert!(!valid_name(""));
         assert!(!valid_name(&"a".repeat(64)));
         assert!(!valid_name("a/b"));
+        // Node names as Kubernetes takes them.
+        for ok in ["node-b", "master.example.com", "a", "0x1", "cp1.k8s"] {
+            assert!(valid_node_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "Node-b",
+            "node_b",
+            "-a",
+            "a-",
+            "a..b",
+            ".a",
+            "a.",
+            &"a".repeat(64),
+        ] {
+            assert!(!valid_node_name(bad), "{bad}");
+            assert!(valid_node_name(&node_name_like(bad)), "{bad}");
+        }
+        assert_eq!(node_name_like("My_Host"), "my-host");
+        assert_eq!(node_name_like("node-b"), "node-b");
+    }
+
+    #[test]
+    fn names_for_several_nodes_are_bounded() {
+        let alias = |name: &str, n: usize| NameAlias {
+            name: name.into(),
+            nodes: (0..n).map(|i| format!("cp{i}")).collect(),
+            down: Vec::new(),
+        };
+        let names = |names| ServerMsg::Names { names }.encode();
+        assert!(decode_server(&names(vec![alias("k8s-api", 3)])).is_ok());
+        assert!(decode_server(&names(vec![alias("k8s-api", MAX_ALIAS_NODES + 1)])).is_err());
+        assert!(decode_server(&names(vec![alias("K8s_api", 1)])).is_err());
+        assert!(decode_server(&names(vec![alias("a", 1); MAX_ALIASES + 1])).is_err());
     }
 
     proptest::proptest! {

@@ -254,10 +254,10 @@ impl Store {
     ) -> Result<RequestOutcome, StoreError> {
         // The wire decoder checks these too; they end up in the administrator's terminal.
         let name = req.name.name();
-        if !mesh_proto::control::valid_name(name) {
+        if !mesh_proto::control::valid_node_name(name) {
             return Err(refused(
                 ErrorCode::BadRequest,
-                format!("invalid node name {name:?}: use 1-63 letters, digits, '-', '_' or '.' (mesh join --name)"),
+                format!("invalid node name {name:?}: Kubernetes takes 1-63 lowercase letters, digits, '-' and '.', each part starting and ending with a letter or digit (mesh join --name)"),
             ));
         }
         if !req.hostname.is_empty() && !mesh_proto::control::valid_hostname(req.hostname) {

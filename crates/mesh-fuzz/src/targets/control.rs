@@ -204,6 +204,13 @@ pub(super) fn server_messages() -> Vec<ServerMsg> {
         ServerMsg::Settings {
             birthday_budget: Some(8),
         },
+        ServerMsg::Names {
+            names: vec![mesh_proto::control::NameAlias {
+                name: "k8s-api".into(),
+                nodes: vec!["cp1".into(), "cp2".into()],
+                down: vec!["cp2".into()],
+            }],
+        },
         ServerMsg::Left,
     ];
     out.extend(codes.into_iter().map(|code| ServerMsg::Error {
@@ -258,6 +265,7 @@ pub(super) fn server() -> Decoder {
                         ServerMsg::Left => "left",
                         ServerMsg::Pending { .. } => "pending",
                         ServerMsg::Routes { .. } => "routes",
+                        ServerMsg::Names { .. } => "names",
                         ServerMsg::Error { .. } => "error",
                     },
                 )
