@@ -50,6 +50,10 @@ pub struct FileConfig {
     pub port_mapping: Option<bool>,
     /// Prefixes to advertise as subnet routes, comma-separated (see `mesh up --help`).
     pub advertise_routes: Option<String>,
+    /// Whether to answer node names on the overlay address [default: true].
+    pub dns: Option<bool>,
+    /// Whether to keep the node names in a block of /etc/hosts [default: false].
+    pub hosts_file: Option<bool>,
     /// Log filter (tracing syntax), e.g. "info" or "mesh=debug".
     pub log: Option<String>,
 }

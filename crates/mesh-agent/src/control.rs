@@ -329,6 +329,10 @@ pub struct ControlCtx {
     pub route_states: watch::Sender<Vec<RouteState>>,
     /// The prefixes the peers route, as approved (the daemon installs a route for each).
     pub peer_routes: watch::Sender<Vec<Ipv4Net>>,
+    /// The peers' names and overlay addresses (the name responder answers them).
+    pub peer_names: watch::Sender<Vec<(String, std::net::Ipv4Addr)>>,
+    /// The network's names for several nodes (see [`ServerMsg::Names`]).
+    pub aliases: watch::Sender<Vec<mesh_proto::control::NameAlias>>,
 }
 
 /// Endpoint candidates: the local addresses of the interfaces that can carry a path, then the
@@ -429,7 +433,20 @@ async fn publish(
         warn!(error = %format!("{e:#}"), "cannot cache the peer list");
     }
     ctx.peer_routes.send_replace(routes_of(&list));
+    ctx.peer_names.send_if_modified(|names| {
+        let now = names_of(&list);
+        let changed = *names != now;
+        *names = now;
+        changed
+    });
     let _ = data.send(DataCmd::SetPeers(list)).await;
+}
+
+/// The peers' names and overlay addresses, by name.
+pub fn names_of(peers: &[PeerInfo]) -> Vec<(String, std::net::Ipv4Addr)> {
+    let mut names: Vec<_> = peers.iter().map(|p| (p.name.clone(), p.address)).collect();
+    names.sort();
+    names
 }
 
 /// Every prefix the peers route, once each.
@@ -692,6 +709,13 @@ pub async fn run(
                         Ok(ServerMsg::Routes { routes }) => {
                             info!(routes = routes.len(), "route states updated");
                             set_route_states(&ctx, routes);
+                        }
+                        Ok(ServerMsg::Names { names }) => {
+                            info!(names = names.len(), "names for several nodes updated");
+                            if let Err(e) = ctx.state.save_names(&names) {
+                                warn!(error = %format!("{e:#}"), "cannot cache the names");
+                            }
+                            ctx.aliases.send_replace(names);
                         }
                         Ok(ServerMsg::Settings { birthday_budget }) => {
                             if let Ok(mut s) = ctx.status.lock() {

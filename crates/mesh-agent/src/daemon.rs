@@ -42,6 +42,10 @@ pub struct Options {
     pub port_mapping: Option<bool>,
     /// The prefixes to advertise as subnet routes.
     pub advertise_routes: Option<Vec<ipnet::Ipv4Net>>,
+    /// Whether to answer node names on the overlay address.
+    pub dns: Option<bool>,
+    /// Whether to keep the node names in /etc/hosts.
+    pub hosts_file: Option<bool>,
 }
 
 /// Options with every value decided.
@@ -55,6 +59,8 @@ pub struct Settings {
     endpoint_interfaces: EndpointInterfaces,
     port_mapping: bool,
     advertise_routes: Vec<ipnet::Ipv4Net>,
+    dns: bool,
+    hosts_file: bool,
 }
 
 impl Options {
@@ -93,6 +99,11 @@ impl Options {
                 .advertise_routes
                 .or(saved.map(|m| m.advertise_routes.clone()))
                 .unwrap_or_default(),
+            dns: self.dns.or(saved.map(|m| m.dns)).unwrap_or(true),
+            hosts_file: self
+                .hosts_file
+                .or(saved.map(|m| m.hosts_file))
+                .unwrap_or(false),
             state: self.state,
         })
     }
@@ -395,6 +406,8 @@ fn save_welcome(
         endpoint_interfaces: Options::saved_list(opts),
         port_mapping: opts.port_mapping,
         advertise_routes: opts.advertise_routes.clone(),
+        dns: opts.dns,
+        hosts_file: opts.hosts_file,
     };
     opts.state.save_membership(&membership)?;
     // A node removed before and now joined again is a member again; a request is answered.
@@ -581,6 +594,8 @@ pub async fn request(
                 endpoint_interfaces: Options::saved_list(&opts),
                 port_mapping: opts.port_mapping,
                 advertise_routes: opts.advertise_routes.clone(),
+                dns: opts.dns,
+                hosts_file: opts.hosts_file,
             };
             opts.state.save_request(&crate::state::PendingJoin {
                 id: id_text.trim().to_owned(),
@@ -832,6 +847,7 @@ pub async fn up(opts: Options, wait: Option<Duration>) -> anyhow::Result<()> {
         &membership.endpoint_interfaces,
         membership.port_mapping,
         &membership.advertise_routes,
+        (membership.dns, membership.hosts_file),
     ) != (
         opts.port,
         opts.mtu,
@@ -839,6 +855,7 @@ pub async fn up(opts: Options, wait: Option<Duration>) -> anyhow::Result<()> {
         &list,
         opts.port_mapping,
         &opts.advertise_routes,
+        (opts.dns, opts.hosts_file),
     ) {
         membership.port = opts.port;
         membership.mtu = opts.mtu;
@@ -846,6 +863,8 @@ pub async fn up(opts: Options, wait: Option<Duration>) -> anyhow::Result<()> {
         membership.endpoint_interfaces = list;
         membership.port_mapping = opts.port_mapping;
         membership.advertise_routes = opts.advertise_routes.clone();
+        membership.dns = opts.dns;
+        membership.hosts_file = opts.hosts_file;
         opts.state.save_membership(&membership)?;
     }
     let running = start(
@@ -987,7 +1006,54 @@ async fn run(
         info!("port mapping is off: the router is not asked to forward the UDP port");
         None
     };
+    // Node names: the peers' and the network's names for several nodes, from the caches until
+    // the controller speaks; the responder on the overlay address and the hosts block follow.
+    let (peer_names_tx, peer_names_rx) =
+        watch::channel(control::names_of(&opts.state.load_peers()));
+    let (aliases_tx, aliases_rx) = watch::channel(opts.state.load_names());
+    let (names_tx, names_rx) = watch::channel(Arc::new(crate::dns::NameTable::default()));
+    let names_task = tokio::spawn(crate::names::run(
+        crate::names::Sources {
+            network: membership.network.clone(),
+            own: (membership.name.clone(), membership.address),
+            peers: peer_names_rx,
+            aliases: aliases_rx,
+        },
+        names_tx,
+        opts.hosts_file
+            .then(|| std::path::PathBuf::from(crate::names::HOSTS_FILE)),
+        running.shutdown_tx.subscribe(),
+    ));
+    let dns_stats = Arc::new(crate::dns::DnsStats::default());
+    let dns_status = if opts.dns {
+        let addr = SocketAddr::from((membership.address, crate::dns::PORT));
+        match crate::dns::Responder::bind(addr).await {
+            Ok(r) => {
+                tokio::spawn(r.run(names_rx, dns_stats.clone(), running.shutdown_tx.subscribe()));
+                let resolver = match crate::names::tell_resolved(&opts.interface, membership.address, &membership.network).await {
+                    Ok(true) => {
+                        info!(interface = %opts.interface, "systemd-resolved asks the responder for .mesh names");
+                        json!("systemd-resolved")
+                    }
+                    Ok(false) => json!(null),
+                    Err(e) => {
+                        warn!(error = %e, "cannot point systemd-resolved at the responder; names resolve with dig @address or --hosts-file");
+                        json!(null)
+                    }
+                };
+                json!({"listening": addr.to_string(), "resolver": resolver})
+            }
+            Err(e) => {
+                warn!(error = %e, "node names are not answered on the overlay address");
+                json!({"listening": null, "error": e.to_string()})
+            }
+        }
+    } else {
+        json!({"listening": null, "error": "off (--no-dns)"})
+    };
     let ctx = ControlCtx {
+        peer_names: peer_names_tx,
+        aliases: aliases_tx,
         dialer: running.dialer.clone(),
         target: Target::new(
             &membership.controller,
@@ -1131,6 +1197,10 @@ async fn run(
                             obj.insert("port_mapping".into(), port_mapping.snapshot().to_json(Instant::now()));
                             let (advertised, states) = (advertised_tx.borrow().clone(), route_states_rx.borrow().clone());
                             obj.insert("routes".into(), routes_json(&advertised, &states, &opts.state.load_peers()));
+                            let mut dns = dns_status.clone();
+                            dns["stats"] = json!(dns_stats.snapshot());
+                            dns["hosts_file"] = json!(opts.hosts_file);
+                            obj.insert("dns".into(), dns);
                         }
                         api::write_response(&mut stream, &v).await;
                     }
@@ -1196,6 +1266,7 @@ async fn run(
         }
     };
     info!("stopping");
+    names_task.abort();
     route_task.abort();
     routes_task.abort();
     overlay_task.abort();
@@ -1229,6 +1300,9 @@ async fn run(
         warn!(error = %e, "cannot delete {}", opts.interface);
     }
     let _ = mesh_sys::firewall::remove(&opts.interface);
+    if opts.hosts_file {
+        crate::names::remove_hosts_block(&membership.network);
+    }
     match exit {
         Exit::Signal => Ok(()),
         Exit::Left => {
@@ -1762,8 +1836,11 @@ pub async fn leave_offline(state: &StateDir, force: bool) -> anyhow::Result<Left
             )))
         }
     };
-    // What a stopped daemon left on the host: the persistent interface, mesh's nftables table
-    // and the policy rules.
+    // What a stopped daemon left on the host: the persistent interface, mesh's nftables table,
+    // the policy rules and the names in the hosts file.
+    if m.hosts_file {
+        crate::names::remove_hosts_block(&m.network);
+    }
     if let Err(e) = mesh_sys::netlink::delete_link(&m.interface).await {
         warn!(error = %e, "cannot delete {}", m.interface);
     }

@@ -12,6 +12,7 @@ mod doctor;
 mod handover;
 mod kubeadm;
 mod metrics;
+mod names;
 mod portmap;
 mod relays;
 mod state;
@@ -87,6 +88,24 @@ struct DaemonFlags {
     /// --no-port-mapping).
     #[arg(long, overrides_with = "no_port_mapping")]
     port_mapping: bool,
+    /// Do not answer node names on the overlay address (by default the agent answers
+    /// `<node>`, `<node>.<network>.mesh` and the network's names for several nodes there, on
+    /// port 53, and refuses every other name). Saved with the node's state; `--dns` turns it
+    /// back on.
+    #[arg(long, overrides_with = "dns")]
+    no_dns: bool,
+    /// Answer node names on the overlay address (the default; undoes a saved --no-dns).
+    #[arg(long, overrides_with = "no_dns")]
+    dns: bool,
+    /// Keep every node's name in a block of /etc/hosts (between `# BEGIN mesh <network>` and
+    /// `# END mesh <network>`; nothing else in the file is touched; the block goes when the
+    /// node leaves), for hosts whose resolver cannot be pointed at the overlay address.
+    /// Saved with the node's state; `--no-hosts-file` turns it off.
+    #[arg(long, overrides_with = "no_hosts_file")]
+    hosts_file: bool,
+    /// Do not keep node names in /etc/hosts (the default; undoes a saved --hosts-file).
+    #[arg(long, overrides_with = "hosts_file")]
+    no_hosts_file: bool,
     /// Run the daemon in this process even where systemd runs mesh.service (by default the
     /// unit runs it there, and the command returns once the node is online).
     #[arg(long)]
@@ -104,6 +123,10 @@ impl DaemonFlags {
             || self.no_port_mapping
             || self.port_mapping
             || self.advertise_routes.is_some()
+            || self.dns
+            || self.no_dns
+            || self.hosts_file
+            || self.no_hosts_file
     }
 }
 
@@ -520,6 +543,25 @@ fn print_status(v: &serde_json::Value) {
     if let Some(line) = port_mapping_line(&v["port_mapping"]) {
         out(&format!("portmap   {line}"));
     }
+    let dns = &v["dns"];
+    if dns.is_object() {
+        let how = [
+            dns["resolver"].as_str().map(|r| format!("via {r}")),
+            (dns["hosts_file"].as_bool() == Some(true)).then(|| "in /etc/hosts".to_owned()),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(", ");
+        out(&format!(
+            "names     {}",
+            match dns["listening"].as_str() {
+                Some(a) if how.is_empty() => format!("answered on {a}"),
+                Some(a) => format!("answered on {a}, {how}"),
+                None => format!("not answered: {}", s(&dns["error"])),
+            }
+        ));
+    }
     for r in v["relays"].as_array().into_iter().flatten() {
         let state = if r["connected"].as_bool() == Some(true) {
             format!(
@@ -708,8 +750,20 @@ fn daemon_options(
         (_, true) => Some(false),
         _ => file.port_mapping,
     };
+    let dns = match (flags.dns, flags.no_dns) {
+        (true, _) => Some(true),
+        (_, true) => Some(false),
+        _ => file.dns,
+    };
+    let hosts_file = match (flags.hosts_file, flags.no_hosts_file) {
+        (true, _) => Some(true),
+        (_, true) => Some(false),
+        _ => file.hosts_file,
+    };
     Ok(daemon::Options {
         advertise_routes,
+        dns,
+        hosts_file,
         state,
         port: flags.port.or(file.port),
         mtu,
@@ -856,14 +910,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 humantime::parse_duration(&connect_timeout).with_context(|| {
                     format!("invalid connect timeout {connect_timeout:?}; use e.g. 10s")
                 })?;
+            // The default is the hostname as kubelet takes it for the node name (lowercase).
             let name = daemon::NameChoice {
                 explicit: name.is_some(),
-                name: name.unwrap_or_else(config::hostname),
+                name: name.unwrap_or_else(|| {
+                    mesh_proto::control::node_name_like(&config::hostname())
+                }),
             };
-            if !mesh_proto::control::valid_name(&name.name) {
+            if !mesh_proto::control::valid_node_name(&name.name) {
                 anyhow::bail!(
-                    "invalid node name {:?}: use 1-63 letters, digits, '-', '_' or '.'",
-                    name.name
+                    "invalid node name {:?}: node names are DNS names, as Kubernetes requires: 1-63 lowercase letters, digits, '-' and '.', each part starting and ending with a letter or digit (e.g. --name {})",
+                    name.name,
+                    mesh_proto::control::node_name_like(&name.name)
                 );
             }
             // A network id holds no secret: it is the argument, and the join is a request.

@@ -17,6 +17,8 @@ const PEERS_FILE: &str = "peers.json";
 const RELAYS_FILE: &str = "relays.json";
 /// Where the controller's word on the prefixes this node advertises is cached.
 const ROUTES_FILE: &str = "routes.json";
+/// Where the network's names for several nodes are cached (`mesh-controller name set`).
+const NAMES_FILE: &str = "names.json";
 /// Present while the controller was last reached over TCP only (its content: `tcp`).
 const TRANSPORT_FILE: &str = "transport";
 const SOCKET_FILE: &str = "mesh.sock";
@@ -114,6 +116,16 @@ pub struct Membership {
     /// Absent from files written before it existed, and when on.
     #[serde(default = "yes", skip_serializing_if = "is_yes")]
     pub port_mapping: bool,
+    /// Whether it answers node names on its overlay address (`--no-dns` turns it off).
+    #[serde(default = "yes", skip_serializing_if = "is_yes")]
+    pub dns: bool,
+    /// Whether it keeps the node names in a block of /etc/hosts (`--hosts-file`).
+    #[serde(default, skip_serializing_if = "is_no")]
+    pub hosts_file: bool,
+}
+
+fn is_no(b: &bool) -> bool {
+    !*b
 }
 
 fn yes() -> bool {
@@ -491,6 +503,21 @@ impl StateDir {
         load_cache(&self.dir.join(ROUTES_FILE), "route states")
     }
 
+    /// Caches the network's names for several nodes, so that they resolve after a restart
+    /// while the controller is down.
+    pub fn save_names(&self, names: &[mesh_proto::control::NameAlias]) -> anyhow::Result<()> {
+        write_file(
+            &self.dir.join(NAMES_FILE),
+            &serde_json::to_vec(names)?,
+            0o600,
+        )
+    }
+
+    /// The cached names for several nodes (empty if none; a damaged one is a warning).
+    pub fn load_names(&self) -> Vec<mesh_proto::control::NameAlias> {
+        load_cache(&self.dir.join(NAMES_FILE), "names")
+    }
+
     /// The cached relay list (empty if none; a damaged one is a warning).
     pub fn load_relays(&self) -> Vec<mesh_proto::control::RelayInfo> {
         load_cache(&self.dir.join(RELAYS_FILE), "relay list")
@@ -504,6 +531,7 @@ impl StateDir {
             PEERS_FILE,
             RELAYS_FILE,
             ROUTES_FILE,
+            NAMES_FILE,
             SOCKET_FILE,
             READ_ONLY_SOCKET_FILE,
             TRANSPORT_FILE,
@@ -576,6 +604,8 @@ pub(crate) fn sample_membership() -> Membership {
         endpoint_interfaces: None,
         port_mapping: true,
         advertise_routes: Vec::new(),
+        dns: true,
+        hosts_file: false,
     }
 }
 
