@@ -16,6 +16,7 @@ use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode}
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -88,11 +89,11 @@ impl NameTable {
         }
         if let Some(base) = self.strip_zone(&name) {
             return match self.resolve(base) {
-                Some(addrs) => Lookup::Found(addrs),
+                Some((_, addrs)) => Lookup::Found(addrs),
                 None => Lookup::NoSuchName,
             };
         }
-        if let Some(addrs) = self.resolve(&name) {
+        if let Some((_, addrs)) = self.resolve(&name) {
             return Lookup::Found(addrs);
         }
         let in_mesh = name == ZONE
@@ -108,7 +109,10 @@ impl NameTable {
 
     /// The lines of the managed /etc/hosts block: per address, every name that [`lookup`]
     /// answers with that address (each bare name and its `<name>.<network>.mesh` form).
-    /// Sorted by address, names sorted within a line; addresses without a name are left out.
+    /// Sorted by address. Within a line the node's own full names come first (the first name
+    /// of a hosts line is the canonical one, which reverse lookups return), then its short
+    /// names, then alias names, each group sorted by name. Addresses without a name are left
+    /// out.
     ///
     /// [`lookup`]: NameTable::lookup
     pub fn hosts_entries(&self) -> Vec<(Ipv4Addr, Vec<String>)> {
@@ -125,17 +129,17 @@ impl NameTable {
         candidates.sort();
         candidates.dedup();
 
-        let mut by_addr: std::collections::BTreeMap<Ipv4Addr, Vec<String>> = Default::default();
+        let mut by_addr: BTreeMap<Ipv4Addr, Vec<(NameKind, String)>> = BTreeMap::new();
         for name in candidates {
-            let Some(addrs) = self.resolve(&name) else {
+            let Some((kind, addrs)) = self.resolve(&name) else {
                 continue;
             };
             let zoned = self.zoned(&name);
             for addr in addrs {
                 let names = by_addr.entry(addr).or_default();
-                names.push(name.clone());
+                names.push((kind, name.clone()));
                 if let Some(zoned) = &zoned {
-                    names.push(zoned.clone());
+                    names.push((kind, zoned.clone()));
                 }
             }
         }
@@ -144,7 +148,7 @@ impl NameTable {
             .map(|(addr, mut names)| {
                 names.sort();
                 names.dedup();
-                (addr, names)
+                (addr, names.into_iter().map(|(_, name)| name).collect())
             })
             .collect()
     }
@@ -173,7 +177,7 @@ impl NameTable {
 
     /// The addresses of a bare lowercase name (no zone suffix), by the precedence of
     /// [`lookup`](NameTable::lookup).
-    fn resolve(&self, name: &str) -> Option<Vec<Ipv4Addr>> {
+    fn resolve(&self, name: &str) -> Option<(NameKind, Vec<Ipv4Addr>)> {
         let full: Vec<Ipv4Addr> = self
             .nodes
             .iter()
@@ -181,7 +185,7 @@ impl NameTable {
             .map(|(_, addr)| *addr)
             .collect();
         if !full.is_empty() {
-            return Some(sorted(full));
+            return Some((NameKind::Node, sorted(full)));
         }
         let mut alias_found = false;
         let mut alias_addrs = Vec::new();
@@ -192,7 +196,7 @@ impl NameTable {
             }
         }
         if alias_found {
-            return Some(sorted(alias_addrs));
+            return Some((NameKind::Alias, sorted(alias_addrs)));
         }
         // A first label never contains a dot; a dotted name is only ever a full name.
         if name.contains('.') {
@@ -203,10 +207,21 @@ impl NameTable {
             .iter()
             .filter(|(node, _)| first_label(node).eq_ignore_ascii_case(name));
         match (owners.next(), owners.next()) {
-            (Some((_, addr)), None) => Some(vec![*addr]),
+            (Some((_, addr)), None) => Some((NameKind::FirstLabel, vec![*addr])),
             _ => None,
         }
     }
+}
+
+/// Why a name resolves, in the order of a hosts line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum NameKind {
+    /// A node's full name.
+    Node,
+    /// A node's unique first label.
+    FirstLabel,
+    /// An alias of several nodes.
+    Alias,
 }
 
 /// The part of a name before its first dot.
@@ -798,11 +813,11 @@ mod tests {
         let want: Vec<(Ipv4Addr, Vec<String>)> = vec![
             (
                 ip(1),
-                vec!["k8s-api", "k8s-api.prod.mesh", "node-a", "node-a.prod.mesh"],
+                vec!["node-a", "node-a.prod.mesh", "k8s-api", "k8s-api.prod.mesh"],
             ),
             (
                 ip(2),
-                vec!["k8s-api", "k8s-api.prod.mesh", "node-b", "node-b.prod.mesh"],
+                vec!["node-b", "node-b.prod.mesh", "k8s-api", "k8s-api.prod.mesh"],
             ),
             (ip(3), vec!["master", "master.prod.mesh"]),
             (
@@ -812,9 +827,9 @@ mod tests {
             (
                 ip(5),
                 vec![
-                    "web",
                     "web.eu.example.com",
                     "web.eu.example.com.prod.mesh",
+                    "web",
                     "web.prod.mesh",
                 ],
             ),

@@ -6,12 +6,12 @@
 //!
 //! ```text
 //! # BEGIN mesh prod (managed by mesh; edits inside are overwritten)
-//! 100.64.0.2	node-b node-b.prod.mesh
+//! 100.64.0.2 node-b node-b.prod.mesh
 //! # END mesh prod
 //! ```
 //!
-//! [`render`] builds the block, [`update`] puts it into the file (or takes it out) without
-//! touching a byte outside the markers. Several networks' blocks coexist. The file is
+//! A tab separates the address from the names. [`render`] builds the block, [`update`] puts
+//! it into the file (or takes it out) without touching a byte outside the markers. Several networks' blocks coexist. The file is
 //! replaced atomically (a temporary file renamed over it) except where it is a bind mount
 //! (Docker, `ip netns exec`), where renaming over it is impossible and it is rewritten in
 //! place instead.
@@ -101,13 +101,26 @@ fn end_marker(network: &str) -> String {
 
 /// The block for `network`: a BEGIN marker line, one line per address (`address<TAB>names`
 /// separated by spaces) in the given order, an END marker line; each line ends with `\n`.
-/// Entries without names are left out.
+/// Names that are not plain host names (letters, digits, '-' and '.') are left out, so that a
+/// strange name from the peer list cannot break the file's syntax; so are entries left
+/// without names.
 pub fn render(entries: &[(Ipv4Addr, Vec<String>)], network: &str) -> String {
     let mut block = format!(
         "{} (managed by mesh; edits inside are overwritten)\n",
         begin_marker(network)
     );
     for (addr, names) in entries {
+        let names: Vec<&str> = names
+            .iter()
+            .map(String::as_str)
+            .filter(|name| {
+                let plain = is_plain_host_name(name);
+                if !plain {
+                    debug!(name, "not a plain host name; left out of the hosts block");
+                }
+                plain
+            })
+            .collect();
         if names.is_empty() {
             continue;
         }
@@ -116,6 +129,16 @@ pub fn render(entries: &[(Ipv4Addr, Vec<String>)], network: &str) -> String {
     block.push_str(&end_marker(network));
     block.push('\n');
     block
+}
+
+/// Letters, digits, '-' and '.', at most 253 characters, not starting with '-' or '.'.
+fn is_plain_host_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && !name.starts_with(['-', '.'])
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
 /// Puts `block` (made by [`render`] for `network`) into the hosts file at `path` in place of
@@ -418,6 +441,15 @@ mod tests {
         );
         let empty = render(&[(Ipv4Addr::new(100, 64, 0, 9), vec![])], "prod");
         assert_eq!(empty.lines().count(), 2);
+        let odd = render(
+            &[(
+                Ipv4Addr::new(100, 64, 0, 9),
+                vec!["ok".into(), "bad\n# END mesh prod".into(), "x y".into()],
+            )],
+            "prod",
+        );
+        assert!(odd.contains("100.64.0.9\tok\n"), "{odd}");
+        assert_eq!(odd.lines().count(), 3);
     }
 
     #[test]
