@@ -1029,8 +1029,15 @@ async fn run(
         let addr = SocketAddr::from((membership.address, crate::dns::PORT));
         match crate::dns::Responder::bind(addr).await {
             Ok(r) => {
+                let listening = r.local_addr();
                 tokio::spawn(r.run(names_rx, dns_stats.clone(), running.shutdown_tx.subscribe()));
-                let resolver = match crate::names::tell_resolved(&opts.interface, membership.address, &membership.network).await {
+                let resolver = match crate::names::tell_resolved(
+                    &opts.interface,
+                    membership.address,
+                    &membership.network,
+                )
+                .await
+                {
                     Ok(true) => {
                         info!(interface = %opts.interface, "systemd-resolved asks the responder for .mesh names");
                         json!("systemd-resolved")
@@ -1041,7 +1048,7 @@ async fn run(
                         json!(null)
                     }
                 };
-                json!({"listening": addr.to_string(), "resolver": resolver})
+                json!({"listening": listening.to_string(), "resolver": resolver})
             }
             Err(e) => {
                 warn!(error = %e, "node names are not answered on the overlay address");
@@ -1890,6 +1897,8 @@ mod tests {
             endpoint_interfaces: list.map(|l| l.parse().unwrap()),
             port_mapping: None,
             advertise_routes: None,
+            dns: None,
+            hosts_file: None,
         }
     }
 

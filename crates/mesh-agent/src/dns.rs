@@ -39,6 +39,8 @@ pub const UDP_EDNS_LIMIT: usize = 1232;
 pub const TCP_LIMIT: usize = 65535;
 /// The zone this responder is authoritative for.
 const ZONE: &str = "mesh";
+/// The port the responder listens on (on the overlay address only).
+pub const PORT: u16 = 53;
 
 /// Receive buffer of the UDP socket: larger than any query we accept, so that an oversized
 /// datagram is seen as oversized rather than silently cut.
@@ -517,7 +519,7 @@ pub enum DnsError {
     )]
     Unspecified(SocketAddr),
     /// Another program holds the port on this address (or on all addresses).
-    #[error("port {port} on {ip} is taken ({proto}; another DNS server bound to all addresses? bind it to its own addresses, or run mesh with --dns off)", port = .addr.port(), ip = .addr.ip())]
+    #[error("port {port} on {ip} is taken ({proto}; another DNS server bound to all addresses? bind it to its own addresses, or start mesh with --no-dns)", port = .addr.port(), ip = .addr.ip())]
     PortTaken {
         /// The address we tried.
         addr: SocketAddr,
@@ -525,7 +527,7 @@ pub enum DnsError {
         proto: &'static str,
     },
     /// The port is privileged and we lack the right.
-    #[error("binding port {port} on {ip} needs root or CAP_NET_BIND_SERVICE (or run mesh with --dns off)", port = .addr.port(), ip = .addr.ip())]
+    #[error("binding port {port} on {ip} needs root or CAP_NET_BIND_SERVICE (or start mesh with --no-dns)", port = .addr.port(), ip = .addr.ip())]
     PermissionDenied {
         /// The address we tried.
         addr: SocketAddr,

@@ -8,13 +8,9 @@ mod control;
 mod daemon;
 mod dataplane;
 mod dial;
-// Wired into the daemon in a later change; until then only its tests use it.
-#[allow(dead_code)]
 mod dns;
 mod doctor;
 mod handover;
-// Wired into the daemon in a later change; until then only its tests use it.
-#[allow(dead_code)]
 mod hosts;
 mod kubeadm;
 mod metrics;

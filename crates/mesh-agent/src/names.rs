@@ -147,7 +147,12 @@ pub async fn tell_resolved(
                 ))
             }
             Ok(Err(e)) => return Err(format!("cannot run resolvectl: {e}")),
-            Err(_) => return Err(format!("resolvectl {} did not finish in 5 s", args.join(" "))),
+            Err(_) => {
+                return Err(format!(
+                    "resolvectl {} did not finish in 5 s",
+                    args.join(" ")
+                ))
+            }
         }
     }
     Ok(true)
@@ -158,7 +163,12 @@ pub async fn tell_resolved(
 fn resolvectl_args(interface: &str, address: Ipv4Addr, zone: &str) -> [Vec<String>; 2] {
     [
         vec!["dns".into(), interface.into(), address.to_string()],
-        vec!["domain".into(), interface.into(), zone.into(), "~mesh".into()],
+        vec![
+            "domain".into(),
+            interface.into(),
+            zone.into(),
+            "~mesh".into(),
+        ],
     ]
 }
 
