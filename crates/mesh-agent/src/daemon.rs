@@ -42,6 +42,10 @@ pub struct Options {
     pub port_mapping: Option<bool>,
     /// The prefixes to advertise as subnet routes.
     pub advertise_routes: Option<Vec<ipnet::Ipv4Net>>,
+    /// Whether to advertise the pod subnet found on the node as well (`auto`).
+    pub advertise_auto: Option<bool>,
+    /// Where that pod subnet is looked for.
+    pub pod_cidr_sources: crate::podcidr::Sources,
 }
 
 /// Options with every value decided.
@@ -55,6 +59,8 @@ pub struct Settings {
     endpoint_interfaces: EndpointInterfaces,
     port_mapping: bool,
     advertise_routes: Vec<ipnet::Ipv4Net>,
+    auto_routes: Option<crate::podcidr::AutoRoutes>,
+    pod_cidr_sources: crate::podcidr::Sources,
 }
 
 impl Options {
@@ -73,6 +79,23 @@ impl Options {
             })?,
             (None, _) => EndpointInterfaces::default(),
         };
+        // `auto` on: the prefix found last stays advertised until the sources say otherwise,
+        // also when the explicit prefixes beside it are given anew.
+        let saved_auto = saved.and_then(|m| m.auto_routes.clone());
+        let auto_routes = match self.advertise_auto {
+            Some(true) => Some(saved_auto.unwrap_or_default()),
+            Some(false) => None,
+            None => saved_auto,
+        };
+        let mut advertise_routes = self
+            .advertise_routes
+            .or(saved.map(|m| m.advertise_routes.clone()))
+            .unwrap_or_default();
+        if let Some(found) = auto_routes.as_ref().and_then(|a| a.found) {
+            if !advertise_routes.contains(&found) {
+                advertise_routes.push(found);
+            }
+        }
         Ok(Settings {
             port: self
                 .port
@@ -89,10 +112,9 @@ impl Options {
                 .port_mapping
                 .or(saved.map(|m| m.port_mapping))
                 .unwrap_or(true),
-            advertise_routes: self
-                .advertise_routes
-                .or(saved.map(|m| m.advertise_routes.clone()))
-                .unwrap_or_default(),
+            advertise_routes,
+            auto_routes,
+            pod_cidr_sources: self.pod_cidr_sources,
             state: self.state,
         })
     }
@@ -395,6 +417,7 @@ fn save_welcome(
         endpoint_interfaces: Options::saved_list(opts),
         port_mapping: opts.port_mapping,
         advertise_routes: opts.advertise_routes.clone(),
+        auto_routes: opts.auto_routes.clone(),
     };
     opts.state.save_membership(&membership)?;
     // A node removed before and now joined again is a member again; a request is answered.
@@ -581,6 +604,7 @@ pub async fn request(
                 endpoint_interfaces: Options::saved_list(&opts),
                 port_mapping: opts.port_mapping,
                 advertise_routes: opts.advertise_routes.clone(),
+                auto_routes: opts.auto_routes.clone(),
             };
             opts.state.save_request(&crate::state::PendingJoin {
                 id: id_text.trim().to_owned(),
@@ -832,6 +856,7 @@ pub async fn up(opts: Options, wait: Option<Duration>) -> anyhow::Result<()> {
         &membership.endpoint_interfaces,
         membership.port_mapping,
         &membership.advertise_routes,
+        &membership.auto_routes,
     ) != (
         opts.port,
         opts.mtu,
@@ -839,6 +864,7 @@ pub async fn up(opts: Options, wait: Option<Duration>) -> anyhow::Result<()> {
         &list,
         opts.port_mapping,
         &opts.advertise_routes,
+        &opts.auto_routes,
     ) {
         membership.port = opts.port;
         membership.mtu = opts.mtu;
@@ -846,6 +872,7 @@ pub async fn up(opts: Options, wait: Option<Duration>) -> anyhow::Result<()> {
         membership.endpoint_interfaces = list;
         membership.port_mapping = opts.port_mapping;
         membership.advertise_routes = opts.advertise_routes.clone();
+        membership.auto_routes = opts.auto_routes.clone();
         opts.state.save_membership(&membership)?;
     }
     let running = start(
@@ -910,6 +937,15 @@ async fn run(
         .send(DataCmd::SetRoutes(own_routes.clone()))
         .await;
     let (advertised_tx, advertised_rx) = watch::channel(membership.advertise_routes.clone());
+    // `--advertise-routes auto`: the pod subnet found on the node, followed while it changes.
+    let (mut auto_rx, auto_task) = match crate::podcidr::start(
+        &opts.pod_cidr_sources,
+        membership.auto_routes.as_ref(),
+        running.shutdown_tx.subscribe(),
+    ) {
+        Some((rx, task)) => (Some(rx), Some(task)),
+        None => (None, None),
+    };
     let (route_states_tx, route_states_rx) = watch::channel(cached_states);
     let (peer_routes_tx, peer_routes_rx) =
         watch::channel(control::routes_of(&opts.state.load_peers()));
@@ -1095,6 +1131,28 @@ async fn run(
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break Exit::Signal,
             _ = term.recv() => break Exit::Signal,
+            changed = async {
+                match auto_rx.as_mut() {
+                    Some(rx) => rx.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            } => {
+                let found = auto_rx.as_ref().filter(|_| changed).and_then(|rx| rx.borrow().prefix);
+                if !changed {
+                    auto_rx = None;
+                }
+                match found.map(|p| crate::podcidr::adopt(&mut membership, p)) {
+                    Some(Ok(Some(list))) => {
+                        info!(routes = ?list, "pod subnet found: advertised routes changed");
+                        if let Err(e) = opts.state.save_membership(&membership) {
+                            warn!(error = %format!("{e:#}"), "cannot save the advertised routes");
+                        }
+                        advertised_tx.send_replace(list);
+                    }
+                    Some(Err(e)) => warn!("{e}"),
+                    Some(Ok(None)) | None => {}
+                }
+            }
             ended = &mut control_task, if !control_done => {
                 control_done = true;
                 if let Ok(Some(reason)) = ended {
@@ -1130,7 +1188,12 @@ async fn run(
                         if let Some(obj) = v.as_object_mut() {
                             obj.insert("port_mapping".into(), port_mapping.snapshot().to_json(Instant::now()));
                             let (advertised, states) = (advertised_tx.borrow().clone(), route_states_rx.borrow().clone());
-                            obj.insert("routes".into(), routes_json(&advertised, &states, &opts.state.load_peers()));
+                            let mut routes = routes_json(&advertised, &states, &opts.state.load_peers());
+                            routes["auto"] = match &auto_rx {
+                                Some(rx) => json!({"enabled": true, "found": *rx.borrow()}),
+                                None => json!({"enabled": false}),
+                            };
+                            obj.insert("routes".into(), routes);
                         }
                         api::write_response(&mut stream, &v).await;
                     }
@@ -1198,6 +1261,9 @@ async fn run(
     info!("stopping");
     route_task.abort();
     routes_task.abort();
+    if let Some(t) = auto_task {
+        t.abort();
+    }
     overlay_task.abort();
     if let Err(e) = mesh_sys::bypass::remove().await {
         warn!(error = %e, "cannot remove the policy rule for mesh's own packets");
@@ -1813,6 +1879,8 @@ mod tests {
             endpoint_interfaces: list.map(|l| l.parse().unwrap()),
             port_mapping: None,
             advertise_routes: None,
+            advertise_auto: None,
+            pod_cidr_sources: crate::podcidr::Sources::default(),
         }
     }
 
