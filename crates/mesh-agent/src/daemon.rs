@@ -44,8 +44,9 @@ pub struct Options {
     pub advertise_routes: Option<Vec<ipnet::Ipv4Net>>,
     /// Whether to advertise the pod subnet found on the node as well (`auto`).
     pub advertise_auto: Option<bool>,
-    /// Where that pod subnet is looked for.
-    pub pod_cidr_sources: crate::podcidr::Sources,
+    /// Where that pod subnet is looked for: the CNI config directory, flannel's subnet file
+    /// (`None`: as saved, else the defaults).
+    pub pod_cidr_sources: (Option<std::path::PathBuf>, Option<std::path::PathBuf>),
 }
 
 /// Options with every value decided.
@@ -60,7 +61,6 @@ pub struct Settings {
     port_mapping: bool,
     advertise_routes: Vec<ipnet::Ipv4Net>,
     auto_routes: Option<crate::podcidr::AutoRoutes>,
-    pod_cidr_sources: crate::podcidr::Sources,
 }
 
 impl Options {
@@ -82,11 +82,16 @@ impl Options {
         // `auto` on: the prefix found last stays advertised until the sources say otherwise,
         // also when the explicit prefixes beside it are given anew.
         let saved_auto = saved.and_then(|m| m.auto_routes.clone());
-        let auto_routes = match self.advertise_auto {
+        let mut auto_routes = match self.advertise_auto {
             Some(true) => Some(saved_auto.unwrap_or_default()),
             Some(false) => None,
             None => saved_auto,
         };
+        if let Some(a) = auto_routes.as_mut() {
+            let (cni, flannel) = self.pod_cidr_sources;
+            a.cni_conf_dir = cni.or(a.cni_conf_dir.take());
+            a.flannel_subnet_env = flannel.or(a.flannel_subnet_env.take());
+        }
         let mut advertise_routes = self
             .advertise_routes
             .or(saved.map(|m| m.advertise_routes.clone()))
@@ -114,7 +119,6 @@ impl Options {
                 .unwrap_or(true),
             advertise_routes,
             auto_routes,
-            pod_cidr_sources: self.pod_cidr_sources,
             state: self.state,
         })
     }
@@ -939,7 +943,6 @@ async fn run(
     let (advertised_tx, advertised_rx) = watch::channel(membership.advertise_routes.clone());
     // `--advertise-routes auto`: the pod subnet found on the node, followed while it changes.
     let (mut auto_rx, auto_task) = match crate::podcidr::start(
-        &opts.pod_cidr_sources,
         membership.auto_routes.as_ref(),
         running.shutdown_tx.subscribe(),
     ) {
@@ -1880,7 +1883,7 @@ mod tests {
             port_mapping: None,
             advertise_routes: None,
             advertise_auto: None,
-            pod_cidr_sources: crate::podcidr::Sources::default(),
+            pod_cidr_sources: (None, None),
         }
     }
 
@@ -1909,6 +1912,47 @@ mod tests {
         assert!(!settle(Some(false), None));
         assert!(settle(Some(true), Some(true)), "--port-mapping undoes it");
         assert!(!settle(Some(false), Some(false)));
+    }
+
+    /// `auto`: on by flag or as saved; the prefix found last stays advertised beside new
+    /// explicit prefixes; the source paths are kept as saved unless given.
+    #[test]
+    fn auto_routes_keep_the_found_prefix_and_the_sources() {
+        let net = |s: &str| s.parse::<ipnet::Ipv4Net>().unwrap();
+        let saved = Membership {
+            advertise_routes: vec![net("10.244.1.0/24")],
+            auto_routes: Some(crate::podcidr::AutoRoutes {
+                found: Some(net("10.244.1.0/24")),
+                cni_conf_dir: Some("/srv/cni".into()),
+                flannel_subnet_env: None,
+            }),
+            ..crate::state::sample_membership()
+        };
+        let settle = |auto: Option<bool>, list: Option<Vec<ipnet::Ipv4Net>>| {
+            Options {
+                advertise_auto: auto,
+                advertise_routes: list,
+                ..options(None)
+            }
+            .settle(Some(&saved))
+            .unwrap()
+        };
+        let s = settle(None, None);
+        assert_eq!(s.advertise_routes, vec![net("10.244.1.0/24")]);
+        let sources = s.auto_routes.unwrap().sources();
+        assert_eq!(sources.cni_conf_dir, std::path::Path::new("/srv/cni"));
+        assert_eq!(
+            sources.flannel_subnet_env,
+            std::path::Path::new(crate::podcidr::DEFAULT_FLANNEL_SUBNET_ENV)
+        );
+        let s = settle(Some(true), Some(vec![net("192.168.7.0/24")]));
+        assert_eq!(
+            s.advertise_routes,
+            vec![net("192.168.7.0/24"), net("10.244.1.0/24")]
+        );
+        let s = settle(Some(false), Some(vec![net("192.168.7.0/24")]));
+        assert_eq!(s.advertise_routes, vec![net("192.168.7.0/24")]);
+        assert_eq!(s.auto_routes, None);
     }
 
     fn saved(list: Option<&str>) -> Membership {

@@ -844,17 +844,12 @@ fn daemon_options(
         }
         (None, None) => (None, None),
     };
-    let defaults = podcidr::Sources::default();
-    let pod_cidr_sources = podcidr::Sources {
-        cni_conf_dir: flags
-            .cni_conf_dir
-            .or_else(|| file.cni_conf_dir.clone())
-            .unwrap_or(defaults.cni_conf_dir),
-        flannel_subnet_env: flags
+    let pod_cidr_sources = (
+        flags.cni_conf_dir.or_else(|| file.cni_conf_dir.clone()),
+        flags
             .flannel_subnet_env
-            .or_else(|| file.flannel_subnet_env.clone())
-            .unwrap_or(defaults.flannel_subnet_env),
-    };
+            .or_else(|| file.flannel_subnet_env.clone()),
+    );
     let port_mapping = match (flags.port_mapping, flags.no_port_mapping) {
         (true, _) => Some(true),
         (_, true) => Some(false),

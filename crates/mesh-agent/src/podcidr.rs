@@ -58,6 +58,26 @@ pub struct AutoRoutes {
     /// node whose files are gone still advertises what it had.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub found: Option<Ipv4Net>,
+    /// The CNI config directory, when not the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cni_conf_dir: Option<PathBuf>,
+    /// flannel's subnet file, when not the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flannel_subnet_env: Option<PathBuf>,
+}
+
+impl AutoRoutes {
+    /// Where to look, defaults filled in.
+    pub fn sources(&self) -> Sources {
+        let d = Sources::default();
+        Sources {
+            cni_conf_dir: self.cni_conf_dir.clone().unwrap_or(d.cni_conf_dir),
+            flannel_subnet_env: self
+                .flannel_subnet_env
+                .clone()
+                .unwrap_or(d.flannel_subnet_env),
+        }
+    }
 }
 
 /// One look at the sources.
@@ -327,13 +347,14 @@ pub fn adopt(
 
 /// Starts [`run`] when `auto` is on: the status channel, and the task.
 pub fn start(
-    sources: &Sources,
     auto: Option<&AutoRoutes>,
     shutdown: watch::Receiver<bool>,
 ) -> Option<(watch::Receiver<Status>, tokio::task::JoinHandle<()>)> {
-    let tracker = Tracker::new(sources, auto?.found);
+    let auto = auto?;
+    let sources = auto.sources();
+    let tracker = Tracker::new(&sources, auto.found);
     let (tx, rx) = watch::channel(tracker.status().clone());
-    let task = tokio::spawn(run(sources.clone(), tracker, tx, shutdown));
+    let task = tokio::spawn(run(sources, tracker, tx, shutdown));
     Some((rx, task))
 }
 
