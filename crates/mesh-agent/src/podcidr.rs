@@ -333,7 +333,9 @@ pub fn adopt(
     let Some(auto) = membership.auto_routes.as_mut() else {
         return Ok(None);
     };
-    if auto.found == Some(found) && membership.advertise_routes.contains(&found) {
+    // Unchanged: nothing to do, also when `mesh routes withdraw` took it out by hand (it
+    // comes back when the subnet changes, or at the next start).
+    if auto.found == Some(found) {
         return Ok(None);
     }
     let max = mesh_proto::control::MAX_ROUTES;
