@@ -519,6 +519,26 @@ mod tests {
     }
 
     #[test]
+    fn adopting_a_found_prefix_changes_the_membership_once() {
+        let (a, b, x) = (
+            net("10.244.1.0/24"),
+            net("10.244.2.0/24"),
+            net("192.168.9.0/24"),
+        );
+        let mut m = crate::state::Membership {
+            advertise_routes: vec![x],
+            ..crate::state::sample_membership()
+        };
+        assert_eq!(adopt(&mut m, a), Ok(None), "auto off: nothing");
+        m.auto_routes = Some(AutoRoutes::default());
+        assert_eq!(adopt(&mut m, a), Ok(Some(vec![x, a])));
+        assert_eq!(adopt(&mut m, a), Ok(None));
+        assert_eq!(adopt(&mut m, b), Ok(Some(vec![x, b])));
+        assert_eq!(m.auto_routes.as_ref().unwrap().found, Some(b));
+        assert_eq!(m.advertise_routes, vec![x, b]);
+    }
+
+    #[test]
     fn the_auto_prefix_is_replaced_and_explicit_ones_stay() {
         let (a, b, x) = (
             net("10.244.1.0/24"),
