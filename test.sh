@@ -19,6 +19,9 @@ command -v iperf3 >/dev/null || need+=(iperf3)
 command -v python3 >/dev/null || need+=(python3)
 # The node-name tests ask each node's responder with dig.
 command -v dig >/dev/null || need+=(bind9-dnsutils)
+# The reference CNI plugins (bridge, host-local, portmap) make pods in the CNI test; Debian
+# installs them to /usr/lib/cni.
+[ -x /usr/lib/cni/bridge ] || need+=(containernetworking-plugins)
 # The shipped units are checked with systemd-analyze verify (nothing is started).
 command -v systemd-analyze >/dev/null || need+=(systemd)
 # A 3-member etcd cluster runs over the overlay in the path quality test (nothing starts on the

@@ -234,3 +234,164 @@ impl CniBridge {
         })
     }
 }
+
+/// Where Debian's `containernetworking-plugins` installs the reference CNI plugins.
+pub const CNI_PATH: &str = "/usr/lib/cni";
+
+/// Whether the reference plugins this module runs are installed in [`CNI_PATH`].
+pub fn plugins_installed() -> bool {
+    ["bridge", "host-local", "portmap"]
+        .iter()
+        .all(|p| std::path::Path::new(CNI_PATH).join(p).is_file())
+}
+
+/// A pod made by the real CNI plugins, the way kubelet (through the container runtime) makes
+/// one: a namespace of its own, then each plugin of the node's conflist run in the node's
+/// namespace with `CNI_COMMAND=ADD`, the list's `name` and `cniVersion` put into each plugin's
+/// config and the previous plugin's result passed on as `prevResult`. [`CniPod::del`] runs DEL in
+/// reverse order; dropping the pod runs it if the test did not, then deletes the namespace.
+#[derive(Debug)]
+pub struct CniPod {
+    /// The pod, as a host (to run commands in it); `ip` is its address from host-local.
+    pub pod: Host,
+    node: Host,
+    container_id: String,
+    /// Each plugin's config as passed to ADD (without `prevResult`).
+    plugins: Vec<serde_json::Value>,
+    /// The last plugin's result.
+    result: serde_json::Value,
+    deleted: bool,
+    _ns: Netns,
+}
+
+/// Runs the CNI plugin `conf["type"]` in namespace `node_ns` with `conf` on its stdin.
+fn run_plugin(
+    node_ns: &str,
+    command: &str,
+    container_id: &str,
+    pod_ns: &str,
+    conf: &serde_json::Value,
+) -> Result<serde_json::Value> {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let Some(kind) = conf["type"].as_str() else {
+        bail!("a plugin config without \"type\": {conf}");
+    };
+    let bin = std::path::Path::new(CNI_PATH).join(kind);
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", node_ns])
+        .arg(&bin)
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", container_id)
+        .env("CNI_NETNS", format!("/var/run/netns/{pod_ns}"))
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", CNI_PATH)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(conf.to_string().as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "CNI {command} of {kind} in {node_ns} failed ({}): {stdout} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    if stdout.trim().is_empty() {
+        return Ok(serde_json::Value::Null);
+    }
+    Ok(serde_json::from_str(&stdout)?)
+}
+
+impl CniPod {
+    /// Adds a pod named `name` on `node` with the network config list `conflist` (its text).
+    /// `data_dir` becomes host-local's `dataDir`, so that the lab's nodes, which share this
+    /// machine's file system, keep their address leases apart.
+    pub fn add(
+        node: &Host,
+        conflist: &str,
+        name: &str,
+        data_dir: &std::path::Path,
+    ) -> Result<CniPod> {
+        let list: serde_json::Value = serde_json::from_str(conflist)?;
+        let ns = Netns::new()?;
+        let container_id = format!("{}-{}", node.name, name);
+        let mut plugins = Vec::new();
+        for plugin in list["plugins"].as_array().into_iter().flatten() {
+            let mut conf = plugin.clone();
+            conf["name"] = list["name"].clone();
+            conf["cniVersion"] = list["cniVersion"].clone();
+            if conf["ipam"]["type"] == "host-local" {
+                conf["ipam"]["dataDir"] = data_dir.to_string_lossy().into_owned().into();
+            }
+            plugins.push(conf);
+        }
+        let mut pod = CniPod {
+            pod: Host {
+                name: format!("{}-{name}", node.name),
+                ns: ns.name().to_string(),
+                ip: Ipv4Addr::UNSPECIFIED,
+            },
+            node: node.clone(),
+            container_id,
+            plugins,
+            result: serde_json::Value::Null,
+            deleted: false,
+            _ns: ns,
+        };
+        let mut prev = serde_json::Value::Null;
+        for conf in &pod.plugins {
+            let mut conf = conf.clone();
+            if !prev.is_null() {
+                conf["prevResult"] = prev.clone();
+            }
+            prev = run_plugin(&node.ns, "ADD", &pod.container_id, &pod.pod.ns, &conf)?;
+        }
+        let address = prev["ips"][0]["address"].as_str().unwrap_or_default();
+        pod.pod.ip = address
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .parse()
+            .map_err(|_| anyhow::anyhow!("the CNI result has no IPv4 address: {prev}"))?;
+        pod.result = prev;
+        Ok(pod)
+    }
+
+    /// The final result of ADD (interfaces, ips, routes).
+    pub fn result(&self) -> &serde_json::Value {
+        &self.result
+    }
+
+    /// CNI DEL: every plugin in reverse order, each with the ADD result as `prevResult`.
+    pub fn del(&mut self) -> Result<()> {
+        self.deleted = true;
+        for conf in self.plugins.iter().rev() {
+            let mut conf = conf.clone();
+            conf["prevResult"] = self.result.clone();
+            run_plugin(
+                &self.node.ns,
+                "DEL",
+                &self.container_id,
+                &self.pod.ns,
+                &conf,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for CniPod {
+    fn drop(&mut self) {
+        if !self.deleted {
+            if let Err(e) = self.del() {
+                eprintln!("mesh-e2e: CNI DEL of {}: {e:#}", self.pod.name);
+            }
+        }
+    }
+}

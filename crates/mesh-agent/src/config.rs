@@ -48,12 +48,18 @@ pub struct FileConfig {
     /// Whether to ask the router (UPnP IGD, NAT-PMP, PCP) to forward the UDP port [default:
     /// true].
     pub port_mapping: Option<bool>,
-    /// Prefixes to advertise as subnet routes, comma-separated (see `mesh up --help`).
+    /// Prefixes to advertise as subnet routes, comma-separated (see `mesh up --help`);
+    /// `auto` advertises the pod subnet found on the node.
     pub advertise_routes: Option<String>,
     /// Whether to answer node names on the overlay address [default: true].
     pub dns: Option<bool>,
     /// Whether to keep the node names in a block of /etc/hosts [default: false].
     pub hosts_file: Option<bool>,
+    /// Where `advertise_routes = "auto"` looks for CNI configs [default: /etc/cni/net.d].
+    pub cni_conf_dir: Option<PathBuf>,
+    /// Where `advertise_routes = "auto"` looks for flannel's subnet file [default:
+    /// /run/flannel/subnet.env].
+    pub flannel_subnet_env: Option<PathBuf>,
     /// Log filter (tracing syntax), e.g. "info" or "mesh=debug".
     pub log: Option<String>,
 }
@@ -104,12 +110,16 @@ mod tests {
             metrics_listen = "127.0.0.1:9101"
             endpoint_interfaces = "eth0,!docker*"
             port_mapping = false
+            advertise_routes = "auto,192.168.5.0/24"
+            cni_conf_dir = "/srv/cni"
+            flannel_subnet_env = "/srv/subnet.env"
             log = "debug"
             "#,
         )
         .unwrap();
         assert_eq!(c.endpoint_interfaces.as_deref(), Some("eth0,!docker*"));
         assert_eq!(c.port_mapping, Some(false));
+        assert_eq!(c.cni_conf_dir.as_deref(), Some(Path::new("/srv/cni")));
         assert_eq!(c.port, Some(41641));
         assert_eq!(c.mtu, Some(1380));
         assert_eq!(c.state_dir.as_deref(), Some(Path::new("/srv/mesh")));

@@ -46,6 +46,11 @@ pub struct Options {
     pub dns: Option<bool>,
     /// Whether to keep the node names in /etc/hosts.
     pub hosts_file: Option<bool>,
+    /// Whether to advertise the pod subnet found on the node as well (`auto`).
+    pub advertise_auto: Option<bool>,
+    /// Where that pod subnet is looked for: the CNI config directory, flannel's subnet file
+    /// (`None`: as saved, else the defaults).
+    pub pod_cidr_sources: (Option<std::path::PathBuf>, Option<std::path::PathBuf>),
 }
 
 /// Options with every value decided.
@@ -61,6 +66,7 @@ pub struct Settings {
     advertise_routes: Vec<ipnet::Ipv4Net>,
     dns: bool,
     hosts_file: bool,
+    auto_routes: Option<crate::podcidr::AutoRoutes>,
 }
 
 impl Options {
@@ -79,6 +85,28 @@ impl Options {
             })?,
             (None, _) => EndpointInterfaces::default(),
         };
+        // `auto` on: the prefix found last stays advertised until the sources say otherwise,
+        // also when the explicit prefixes beside it are given anew.
+        let saved_auto = saved.and_then(|m| m.auto_routes.clone());
+        let mut auto_routes = match self.advertise_auto {
+            Some(true) => Some(saved_auto.unwrap_or_default()),
+            Some(false) => None,
+            None => saved_auto,
+        };
+        if let Some(a) = auto_routes.as_mut() {
+            let (cni, flannel) = self.pod_cidr_sources;
+            a.cni_conf_dir = cni.or(a.cni_conf_dir.take());
+            a.flannel_subnet_env = flannel.or(a.flannel_subnet_env.take());
+        }
+        let mut advertise_routes = self
+            .advertise_routes
+            .or(saved.map(|m| m.advertise_routes.clone()))
+            .unwrap_or_default();
+        if let Some(found) = auto_routes.as_ref().and_then(|a| a.found) {
+            if !advertise_routes.contains(&found) {
+                advertise_routes.push(found);
+            }
+        }
         Ok(Settings {
             port: self
                 .port
@@ -95,10 +123,8 @@ impl Options {
                 .port_mapping
                 .or(saved.map(|m| m.port_mapping))
                 .unwrap_or(true),
-            advertise_routes: self
-                .advertise_routes
-                .or(saved.map(|m| m.advertise_routes.clone()))
-                .unwrap_or_default(),
+            advertise_routes,
+            auto_routes,
             dns: self.dns.or(saved.map(|m| m.dns)).unwrap_or(true),
             hosts_file: self
                 .hosts_file
@@ -408,6 +434,7 @@ fn save_welcome(
         advertise_routes: opts.advertise_routes.clone(),
         dns: opts.dns,
         hosts_file: opts.hosts_file,
+        auto_routes: opts.auto_routes.clone(),
     };
     opts.state.save_membership(&membership)?;
     // A node removed before and now joined again is a member again; a request is answered.
@@ -596,6 +623,7 @@ pub async fn request(
                 advertise_routes: opts.advertise_routes.clone(),
                 dns: opts.dns,
                 hosts_file: opts.hosts_file,
+                auto_routes: opts.auto_routes.clone(),
             };
             opts.state.save_request(&crate::state::PendingJoin {
                 id: id_text.trim().to_owned(),
@@ -848,6 +876,7 @@ pub async fn up(opts: Options, wait: Option<Duration>) -> anyhow::Result<()> {
         membership.port_mapping,
         &membership.advertise_routes,
         (membership.dns, membership.hosts_file),
+        &membership.auto_routes,
     ) != (
         opts.port,
         opts.mtu,
@@ -856,6 +885,7 @@ pub async fn up(opts: Options, wait: Option<Duration>) -> anyhow::Result<()> {
         opts.port_mapping,
         &opts.advertise_routes,
         (opts.dns, opts.hosts_file),
+        &opts.auto_routes,
     ) {
         membership.port = opts.port;
         membership.mtu = opts.mtu;
@@ -865,6 +895,7 @@ pub async fn up(opts: Options, wait: Option<Duration>) -> anyhow::Result<()> {
         membership.advertise_routes = opts.advertise_routes.clone();
         membership.dns = opts.dns;
         membership.hosts_file = opts.hosts_file;
+        membership.auto_routes = opts.auto_routes.clone();
         opts.state.save_membership(&membership)?;
     }
     let running = start(
@@ -929,6 +960,14 @@ async fn run(
         .send(DataCmd::SetRoutes(own_routes.clone()))
         .await;
     let (advertised_tx, advertised_rx) = watch::channel(membership.advertise_routes.clone());
+    // `--advertise-routes auto`: the pod subnet found on the node, followed while it changes.
+    let (mut auto_rx, auto_task) = match crate::podcidr::start(
+        membership.auto_routes.as_ref(),
+        running.shutdown_tx.subscribe(),
+    ) {
+        Some((rx, task)) => (Some(rx), Some(task)),
+        None => (None, None),
+    };
     let (route_states_tx, route_states_rx) = watch::channel(cached_states);
     let (peer_routes_tx, peer_routes_rx) =
         watch::channel(control::routes_of(&opts.state.load_peers()));
@@ -1168,6 +1207,28 @@ async fn run(
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break Exit::Signal,
             _ = term.recv() => break Exit::Signal,
+            changed = async {
+                match auto_rx.as_mut() {
+                    Some(rx) => rx.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            } => {
+                let found = auto_rx.as_ref().filter(|_| changed).and_then(|rx| rx.borrow().prefix);
+                if !changed {
+                    auto_rx = None;
+                }
+                match found.map(|p| crate::podcidr::adopt(&mut membership, p)) {
+                    Some(Ok(Some(list))) => {
+                        info!(routes = ?list, "pod subnet found: advertised routes changed");
+                        if let Err(e) = opts.state.save_membership(&membership) {
+                            warn!(error = %format!("{e:#}"), "cannot save the advertised routes");
+                        }
+                        advertised_tx.send_replace(list);
+                    }
+                    Some(Err(e)) => warn!("{e}"),
+                    Some(Ok(None)) | None => {}
+                }
+            }
             ended = &mut control_task, if !control_done => {
                 control_done = true;
                 if let Ok(Some(reason)) = ended {
@@ -1203,7 +1264,12 @@ async fn run(
                         if let Some(obj) = v.as_object_mut() {
                             obj.insert("port_mapping".into(), port_mapping.snapshot().to_json(Instant::now()));
                             let (advertised, states) = (advertised_tx.borrow().clone(), route_states_rx.borrow().clone());
-                            obj.insert("routes".into(), routes_json(&advertised, &states, &opts.state.load_peers()));
+                            let mut routes = routes_json(&advertised, &states, &opts.state.load_peers());
+                            routes["auto"] = match &auto_rx {
+                                Some(rx) => json!({"enabled": true, "found": *rx.borrow()}),
+                                None => json!({"enabled": false}),
+                            };
+                            obj.insert("routes".into(), routes);
                             let mut dns = dns_status.clone();
                             dns["stats"] = json!(dns_stats.snapshot());
                             dns["hosts_file"] = json!(opts.hosts_file);
@@ -1276,6 +1342,9 @@ async fn run(
     names_task.abort();
     route_task.abort();
     routes_task.abort();
+    if let Some(t) = auto_task {
+        t.abort();
+    }
     overlay_task.abort();
     if let Err(e) = mesh_sys::bypass::remove().await {
         warn!(error = %e, "cannot remove the policy rule for mesh's own packets");
@@ -1899,6 +1968,8 @@ mod tests {
             advertise_routes: None,
             dns: None,
             hosts_file: None,
+            advertise_auto: None,
+            pod_cidr_sources: (None, None),
         }
     }
 
@@ -1927,6 +1998,47 @@ mod tests {
         assert!(!settle(Some(false), None));
         assert!(settle(Some(true), Some(true)), "--port-mapping undoes it");
         assert!(!settle(Some(false), Some(false)));
+    }
+
+    /// `auto`: on by flag or as saved; the prefix found last stays advertised beside new
+    /// explicit prefixes; the source paths are kept as saved unless given.
+    #[test]
+    fn auto_routes_keep_the_found_prefix_and_the_sources() {
+        let net = |s: &str| s.parse::<ipnet::Ipv4Net>().unwrap();
+        let saved = Membership {
+            advertise_routes: vec![net("10.244.1.0/24")],
+            auto_routes: Some(crate::podcidr::AutoRoutes {
+                found: Some(net("10.244.1.0/24")),
+                cni_conf_dir: Some("/srv/cni".into()),
+                flannel_subnet_env: None,
+            }),
+            ..crate::state::sample_membership()
+        };
+        let settle = |auto: Option<bool>, list: Option<Vec<ipnet::Ipv4Net>>| {
+            Options {
+                advertise_auto: auto,
+                advertise_routes: list,
+                ..options(None)
+            }
+            .settle(Some(&saved))
+            .unwrap()
+        };
+        let s = settle(None, None);
+        assert_eq!(s.advertise_routes, vec![net("10.244.1.0/24")]);
+        let sources = s.auto_routes.unwrap().sources();
+        assert_eq!(sources.cni_conf_dir, std::path::Path::new("/srv/cni"));
+        assert_eq!(
+            sources.flannel_subnet_env,
+            std::path::Path::new(crate::podcidr::DEFAULT_FLANNEL_SUBNET_ENV)
+        );
+        let s = settle(Some(true), Some(vec![net("192.168.7.0/24")]));
+        assert_eq!(
+            s.advertise_routes,
+            vec![net("192.168.7.0/24"), net("10.244.1.0/24")]
+        );
+        let s = settle(Some(false), Some(vec![net("192.168.7.0/24")]));
+        assert_eq!(s.advertise_routes, vec![net("192.168.7.0/24")]);
+        assert_eq!(s.auto_routes, None);
     }
 
     fn saved(list: Option<&str>) -> Membership {

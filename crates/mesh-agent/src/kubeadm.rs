@@ -11,6 +11,8 @@
 //!   overlay address.
 //! - [`cni_advice`] computes the pod MTU for a CNI whose VXLAN tunnel runs over `mesh0`, and
 //!   lists the settings that bind the CNI to `mesh0`.
+//! - [`cni_conflist`] renders a CNI config for the standard `bridge`, `host-local` and
+//!   `portmap` plugins over mesh's subnet routes (no second encapsulation).
 
 use std::fmt;
 use std::net::Ipv4Addr;
@@ -647,6 +649,73 @@ pub fn cni_advice(cni: Cni, mesh_mtu: u32) -> CniAdvice {
     }
 }
 
+/// The CNI spec version of [`cni_conflist`]: 1.0.0 is the newest that the reference plugins in
+/// Debian 12 and Ubuntu 22.04 (`containernetworking-plugins` 1.1.1) and containerd 1.6 accept.
+pub const CNI_VERSION: &str = "1.0.0";
+/// The network name in [`cni_conflist`].
+pub const CNI_NETWORK: &str = "mesh";
+/// The bridge the pods hang on, the name kubelet's bridge setups use.
+pub const DEFAULT_CNI_BRIDGE: &str = "cni0";
+/// The file `mesh kubeadm cni --write` writes; `10-` sorts before most CNIs' own files, and
+/// kubelet uses the first file by name.
+pub const CNI_CONFLIST_FILE: &str = "10-mesh.conflist";
+
+/// Whether `name` can name a Linux network interface: 1 to 15 bytes, none of them `/`, `:`,
+/// whitespace or a control character, and not `.` or `..`.
+pub fn valid_interface_name(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && !name.chars().any(|c| {
+            c == '/' || c == ':' || c.is_whitespace() || c.is_control() || c == '"' || c == '\\'
+        })
+}
+
+/// A CNI network config list (`.conflist`) for a node whose pod subnet is `pod_cidr`:
+///
+/// - `bridge` puts every pod's veth on `bridge` (created on first use) and gives the bridge the
+///   subnet's first address as the pods' gateway (`isGateway`); `hairpinMode` lets a pod reach
+///   itself through a Service. `ipMasq` is off: a pod's packets to another node's pods must keep
+///   the pod's source address, since mesh routes the other node's prefix over `mesh0` and
+///   accepts from each peer only its own approved prefixes. Pods reach the world through the
+///   node's own masquerade, which must leave the cluster range alone (for example
+///   `iptables -t nat -A POSTROUTING -s 10.244.1.0/24 ! -d 10.244.0.0/16 -j MASQUERADE`).
+/// - `mtu` is `mesh0`'s MTU itself: pod packets cross `mesh0` as they are, with no second
+///   header, so a 1420-byte pod packet fits a 1420-byte `mesh0`.
+/// - `host-local` hands out addresses from `pod_cidr` (stored per node in
+///   `/var/lib/cni/networks/<name>`), with a default route through the bridge.
+/// - `portmap` implements `hostPort`; kubelet passes the port list because of its
+///   `portMappings` capability.
+pub fn cni_conflist(pod_cidr: ipnet::Ipv4Net, bridge: &str, mtu: u32) -> String {
+    let subnet = pod_cidr.trunc();
+    format!(
+        r#"{{
+  "cniVersion": "{CNI_VERSION}",
+  "name": "{CNI_NETWORK}",
+  "plugins": [
+    {{
+      "type": "bridge",
+      "bridge": "{bridge}",
+      "isGateway": true,
+      "ipMasq": false,
+      "hairpinMode": true,
+      "mtu": {mtu},
+      "ipam": {{
+        "type": "host-local",
+        "ranges": [[{{ "subnet": "{subnet}" }}]],
+        "routes": [{{ "dst": "0.0.0.0/0" }}]
+      }}
+    }},
+    {{
+      "type": "portmap",
+      "capabilities": {{ "portMappings": true }}
+    }}
+  ]
+}}
+"#
+    )
+}
+
 /// A value given on the command line that is not one of the accepted choices.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("unknown {kind} {given:?}; use one of: {expected}")]
@@ -713,6 +782,48 @@ impl fmt::Display for Cni {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cni_conflist_is_bridge_host_local_and_portmap_over_the_mesh_mtu() {
+        let text = cni_conflist("10.244.3.0/24".parse().unwrap(), "cni0", 1420);
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["cniVersion"], "1.0.0");
+        assert_eq!(v["name"], "mesh");
+        let bridge = &v["plugins"][0];
+        assert_eq!(bridge["type"], "bridge");
+        assert_eq!(bridge["bridge"], "cni0");
+        assert_eq!(bridge["isGateway"], true);
+        assert_eq!(
+            bridge["ipMasq"], false,
+            "pod sources must survive across nodes"
+        );
+        assert_eq!(bridge["hairpinMode"], true);
+        assert_eq!(bridge["mtu"], 1420);
+        assert_eq!(bridge["ipam"]["type"], "host-local");
+        assert_eq!(bridge["ipam"]["ranges"][0][0]["subnet"], "10.244.3.0/24");
+        assert_eq!(bridge["ipam"]["routes"][0]["dst"], "0.0.0.0/0");
+        assert_eq!(v["plugins"][1]["type"], "portmap");
+        assert_eq!(v["plugins"][1]["capabilities"]["portMappings"], true);
+        assert_eq!(v["plugins"].as_array().unwrap().len(), 2);
+        // What `--advertise-routes auto` reads back from it.
+        assert_eq!(
+            crate::podcidr::parse_cni_config(&text),
+            Ok(Some("10.244.3.0/24".parse().unwrap()))
+        );
+        // Host bits given are cleared.
+        let text = cni_conflist("10.244.9.1/24".parse().unwrap(), "br-pods", 1380);
+        assert!(text.contains("\"subnet\": \"10.244.9.0/24\""), "{text}");
+        assert!(text.contains("\"mtu\": 1380"), "{text}");
+    }
+
+    #[test]
+    fn bridge_names_are_interface_names() {
+        assert!(valid_interface_name("cni0"));
+        assert!(valid_interface_name("br-pods.1"));
+        for bad in ["", "a-name-too-long-x", "a b", "a/b", "a:1", "..", "a\"b"] {
+            assert!(!valid_interface_name(bad), "{bad:?}");
+        }
+    }
 
     const IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 7);
     const OTHER: Ipv4Addr = Ipv4Addr::new(100, 64, 3, 9);

@@ -15,6 +15,7 @@ mod hosts;
 mod kubeadm;
 mod metrics;
 mod names;
+mod podcidr;
 mod portmap;
 mod relays;
 mod state;
@@ -77,8 +78,20 @@ struct DaemonFlags {
     /// e.g. its pod subnet `10.244.1.0/24`. The controller approves them (by network policy or
     /// `mesh-controller route approve`); peers then route them through mesh0. Saved with the
     /// node's state; "" advertises none. At run time: `mesh routes advertise|withdraw`.
-    #[arg(long, value_name = "PREFIX,...")]
+    ///
+    /// `auto` (alone or beside prefixes) advertises the node's pod subnet as the cluster
+    /// assigns it, and follows it when it changes: from flannel's /run/flannel/subnet.env, else
+    /// from the host-local range of the first CNI config in /etc/cni/net.d (such as the one
+    /// `mesh kubeadm cni --write` writes).
+    #[arg(long, value_name = "PREFIX,...|auto")]
     advertise_routes: Option<String>,
+    /// Where `--advertise-routes auto` looks for CNI configs [default: /etc/cni/net.d].
+    #[arg(long, value_name = "DIR", hide = true)]
+    cni_conf_dir: Option<PathBuf>,
+    /// Where `--advertise-routes auto` looks for flannel's subnet file [default:
+    /// /run/flannel/subnet.env].
+    #[arg(long, value_name = "PATH", hide = true)]
+    flannel_subnet_env: Option<PathBuf>,
     /// Do not ask the router to forward the UDP port (UPnP IGD, NAT-PMP, PCP).
     ///
     /// By default the agent asks the default gateway for a mapping of its port, renews it and
@@ -129,6 +142,8 @@ impl DaemonFlags {
             || self.no_dns
             || self.hosts_file
             || self.no_hosts_file
+            || self.cni_conf_dir.is_some()
+            || self.flannel_subnet_env.is_some()
     }
 }
 
@@ -307,9 +322,122 @@ enum KubeadmCmd {
         #[arg(long, default_value = "flannel")]
         cni: kubeadm::Cni,
     },
+    /// Print (or, with --write, install) a CNI config for the standard bridge, host-local and
+    /// portmap plugins: pods on a bridge with addresses from this node's pod subnet, which mesh
+    /// routes to the other nodes over mesh0 (subnet routes), with no second encapsulation.
+    ///
+    /// The plugins come with the distribution (`containernetworking-plugins`, in /usr/lib/cni)
+    /// or from github.com/containernetworking/plugins (in /opt/cni/bin).
+    Cni {
+        /// The node's pod subnet [default: the first prefix this node advertises].
+        #[arg(long, value_name = "CIDR")]
+        pod_cidr: Option<ipnet::Ipv4Net>,
+        /// The bridge the pods hang on.
+        #[arg(long, default_value = kubeadm::DEFAULT_CNI_BRIDGE)]
+        bridge: String,
+        /// The pods' MTU [default: mesh0's MTU].
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1280..=9000))]
+        mtu: Option<u32>,
+        /// Write the config to DIR/10-mesh.conflist (atomically) instead of printing it.
+        #[arg(long)]
+        write: bool,
+        /// The directory kubelet reads CNI configs from.
+        #[arg(long, value_name = "DIR", default_value = podcidr::DEFAULT_CNI_CONF_DIR)]
+        dir: PathBuf,
+        /// With --write: replace an existing 10-mesh.conflist that says something else.
+        #[arg(long, requires = "write")]
+        force: bool,
+    },
+}
+
+/// `mesh kubeadm cni`: renders the conflist, prints or installs it.
+fn kubeadm_cni(
+    state: &StateDir,
+    pod_cidr: Option<ipnet::Ipv4Net>,
+    bridge: &str,
+    mtu: Option<u32>,
+    write_to: Option<(&std::path::Path, bool)>,
+) -> anyhow::Result<()> {
+    if !kubeadm::valid_interface_name(bridge) {
+        anyhow::bail!(
+            "invalid --bridge {bridge:?}: an interface name has 1 to 15 characters, without spaces, quotes, `/` or `:`"
+        );
+    }
+    // What this node advertises and its MTU: from node.json, else from the running agent.
+    let (advertised, node_mtu) = match state.load_membership() {
+        Ok(m) => (m.advertise_routes.first().copied(), Some(m.mtu)),
+        Err(_) => match runtime()?.block_on(ask(state, api::Request::Status)) {
+            Ok(v) => (
+                v["routes"]["advertised"][0]["prefix"]
+                    .as_str()
+                    .and_then(|p| p.parse().ok()),
+                v["node"]["mtu"]
+                    .as_u64()
+                    .and_then(|m| u32::try_from(m).ok()),
+            ),
+            Err(_) => (None, None),
+        },
+    };
+    let pod_cidr = pod_cidr
+        .or(advertised)
+        .context("no pod CIDR: pass --pod-cidr or advertise one with `mesh routes advertise`")?;
+    if pod_cidr.trunc() != pod_cidr {
+        anyhow::bail!(
+            "--pod-cidr {pod_cidr} has host bits set; did you mean {}?",
+            pod_cidr.trunc()
+        );
+    }
+    let mtu = mtu.or(node_mtu).unwrap_or(config::defaults::MTU);
+    let text = kubeadm::cni_conflist(pod_cidr, bridge, mtu);
+    let Some((dir, force)) = write_to else {
+        out(text.trim_end_matches('\n'));
+        return Ok(());
+    };
+    let path = dir.join(kubeadm::CNI_CONFLIST_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(old) if old == text => {
+            out(&format!(
+                "{} already holds this config (pod subnet {pod_cidr})",
+                path.display()
+            ));
+            return Ok(());
+        }
+        Ok(_) if !force => anyhow::bail!(
+            "{} exists and says something else; compare it with `mesh kubeadm cni` and pass --force to replace it",
+            path.display()
+        ),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    state::write_file(&path, text.as_bytes(), 0o644)?;
+    out(&format!(
+        "wrote {} (bridge {bridge}, pod subnet {pod_cidr}, MTU {mtu})",
+        path.display()
+    ));
+    if let Some(first) = podcidr::first_cni_config(dir).filter(|f| *f != path) {
+        warn_user(&format!(
+            "kubelet uses the first CNI config by name, which is {}, not this one; remove it or rename ours",
+            first.display()
+        ));
+    }
+    Ok(())
 }
 
 fn kubeadm_cmd(state: &StateDir, cmd: KubeadmCmd) -> anyhow::Result<()> {
+    if let KubeadmCmd::Cni {
+        pod_cidr,
+        bridge,
+        mtu,
+        write,
+        dir,
+        force,
+    } = &cmd
+    {
+        let write_to = write.then_some((dir.as_path(), *force));
+        return kubeadm_cni(state, *pod_cidr, bridge, *mtu, write_to);
+    }
     let m = state.load_membership()?;
     match cmd {
         KubeadmCmd::NodeIp { dry_run, file } => {
@@ -358,6 +486,7 @@ fn kubeadm_cmd(state: &StateDir, cmd: KubeadmCmd) -> anyhow::Result<()> {
             out(&kubeadm::kubeadm_config(role, m.address, &m.name));
             Ok(())
         }
+        KubeadmCmd::Cni { .. } => Ok(()),
         KubeadmCmd::CniMtu { cni } => {
             let a = kubeadm::cni_advice(cni, m.mtu);
             out(&format!(
@@ -687,10 +816,16 @@ fn parse_wait(wait: Option<String>) -> anyhow::Result<Option<Duration>> {
     .transpose()
 }
 
-/// A comma-separated list of IPv4 prefixes ("" for none), each checked.
-fn parse_prefixes(list: &str) -> anyhow::Result<Vec<ipnet::Ipv4Net>> {
+/// A comma-separated list of IPv4 prefixes ("" for none), each checked, and whether `auto`
+/// was among them.
+fn parse_prefixes(list: &str) -> anyhow::Result<(Vec<ipnet::Ipv4Net>, bool)> {
     let mut out: Vec<ipnet::Ipv4Net> = Vec::new();
+    let mut auto = false;
     for item in list.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        if item.eq_ignore_ascii_case("auto") {
+            auto = true;
+            continue;
+        }
         let net: ipnet::Ipv4Net = item.parse().map_err(|_| {
             anyhow::anyhow!("{item:?} is not an IPv4 prefix (expected e.g. 10.244.1.0/24)")
         })?;
@@ -708,7 +843,7 @@ fn parse_prefixes(list: &str) -> anyhow::Result<Vec<ipnet::Ipv4Net>> {
             mesh_proto::control::MAX_ROUTES
         );
     }
-    Ok(out)
+    Ok((out, auto))
 }
 
 fn daemon_options(
@@ -740,13 +875,25 @@ fn daemon_options(
             })?),
             (None, None) => None,
         };
-    let advertise_routes = match (flags.advertise_routes, &file.advertise_routes) {
-        (Some(list), _) => Some(parse_prefixes(&list).context("invalid --advertise-routes")?),
-        (None, Some(list)) => {
-            Some(parse_prefixes(list).context("invalid advertise_routes in the config file")?)
+    let (advertise_routes, advertise_auto) = match (flags.advertise_routes, &file.advertise_routes)
+    {
+        (Some(list), _) => {
+            let (l, auto) = parse_prefixes(&list).context("invalid --advertise-routes")?;
+            (Some(l), Some(auto))
         }
-        (None, None) => None,
+        (None, Some(list)) => {
+            let (l, auto) =
+                parse_prefixes(list).context("invalid advertise_routes in the config file")?;
+            (Some(l), Some(auto))
+        }
+        (None, None) => (None, None),
     };
+    let pod_cidr_sources = (
+        flags.cni_conf_dir.or_else(|| file.cni_conf_dir.clone()),
+        flags
+            .flannel_subnet_env
+            .or_else(|| file.flannel_subnet_env.clone()),
+    );
     let port_mapping = match (flags.port_mapping, flags.no_port_mapping) {
         (true, _) => Some(true),
         (_, true) => Some(false),
@@ -766,6 +913,8 @@ fn daemon_options(
         advertise_routes,
         dns,
         hosts_file,
+        advertise_auto,
+        pod_cidr_sources,
         state,
         port: flags.port.or(file.port),
         mtu,
@@ -1052,6 +1201,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     s(&r["state"]),
                     r["reason"].as_str().unwrap_or("")
                 ));
+            }
+            let auto = &routes["auto"]["found"];
+            if routes["auto"]["enabled"] == true {
+                let from = match auto["source"].as_str() {
+                    Some(f) => format!("from {f}"),
+                    None => "kept from the last run".to_owned(),
+                };
+                match auto["prefix"].as_str() {
+                    Some(p) => out(&format!("\nauto: pod subnet {p} {from}")),
+                    None => out("\nauto: no pod subnet found yet"),
+                }
+                if let Some(note) = auto["note"].as_str() {
+                    out(&format!("auto: {note}"));
+                }
             }
             out(&format!("\n{:<20} VIA PEER", "PEER ROUTE"));
             for r in routes["peers"].as_array().into_iter().flatten() {

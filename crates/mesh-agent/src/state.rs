@@ -112,6 +112,10 @@ pub struct Membership {
     /// The prefixes it advertises as subnet routes (`--advertise-routes`, `mesh routes`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub advertise_routes: Vec<mesh_proto::control::Ipv4Net>,
+    /// Present when it also advertises the pod subnet found on the node
+    /// (`--advertise-routes auto`), with the prefix found last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_routes: Option<crate::podcidr::AutoRoutes>,
     /// Whether it asks the router to forward its UDP port (`--no-port-mapping` turns it off).
     /// Absent from files written before it existed, and when on.
     #[serde(default = "yes", skip_serializing_if = "is_yes")]
@@ -606,6 +610,7 @@ pub(crate) fn sample_membership() -> Membership {
         advertise_routes: Vec::new(),
         dns: true,
         hosts_file: false,
+        auto_routes: None,
     }
 }
 
