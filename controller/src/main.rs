@@ -1110,14 +1110,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 eprintln!("no routes advertised in {network}");
             } else {
                 out(&format!(
-                    "{:<20} {:<18} {:<9} {:<22} REASON",
-                    "NODE", "PREFIX", "STATE", "DECIDED BY"
+                    "{:<20} {:<18} {:<5} {:<9} {:<22} REASON",
+                    "NODE", "PREFIX", "KIND", "STATE", "DECIDED BY"
                 ));
                 for r in rows {
                     out(&format!(
-                        "{:<20} {:<18} {:<9} {:<22} {}",
+                        "{:<20} {:<18} {:<5} {:<9} {:<22} {}",
                         r.node,
                         r.prefix,
+                        if r.exit { "exit" } else { "route" },
                         r.state,
                         r.decided_by.as_deref().unwrap_or("-"),
                         r.reason.as_deref().unwrap_or("-")

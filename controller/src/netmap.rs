@@ -144,6 +144,7 @@ mod tests {
             observed: Some(([192, 0, 2, n], port).into()),
             nat: None,
             routes: Vec::new(),
+            exits: Vec::new(),
         }
     }
 

@@ -748,7 +748,7 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
     let mut home = None;
     let mut hello_nat = None;
     // The prefixes a returning node advertises (a hello carries the whole list; none is a list).
-    let mut hello_routes: Option<Vec<Ipv4Net>> = None;
+    let mut hello_routes: Option<(Vec<Ipv4Net>, Vec<Ipv4Net>)> = None;
     let result: Result<Admission, StoreError> = match first {
         Ok(Ok(ClientMsg::Join {
             token_id,
@@ -810,11 +810,12 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
             home_relay,
             nat,
             routes,
+            exits,
         })) => {
             let mut store = lock(&ctx);
             home = home_relay.clone();
             hello_nat = nat;
-            hello_routes = Some(routes);
+            hello_routes = Some((routes, exits));
             store
                 .hello(
                     &network,
@@ -882,8 +883,8 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
             b"replaced by a newer connection of the same node",
         );
     }
-    if let Some(routes) = &hello_routes {
-        lock(&ctx).advertise_routes(adm.network_id, &key, routes, unix_now())?;
+    if let Some((routes, exits)) = &hello_routes {
+        lock(&ctx).advertise(adm.network_id, &key, routes, exits, unix_now())?;
     }
     let mut advertised = hello_routes.unwrap_or_default();
     info!(node = %adm.name, %key, address = %adm.address, network = %adm.network, observed = ?observed, %transport, "node connected");
@@ -950,7 +951,7 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
     loop {
         tokio::select! {
             msg = rx.recv() => match msg.map(|b| decode_client(&b)) {
-                Ok(Ok(ClientMsg::Heartbeat { endpoints, home_relay, nat, routes })) => {
+                Ok(Ok(ClientMsg::Heartbeat { endpoints, home_relay, nat, routes, exits })) => {
                     match limiter.check(Instant::now()) {
                         Verdict::Accept => {}
                         Verdict::Drop => {
@@ -971,10 +972,12 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
                         Stats::inc(&ctx.stats.candidates_refused, refused as u64);
                         debug!(refused, "reported candidates refused");
                     }
-                    if routes != advertised {
-                        lock(&ctx).advertise_routes(adm.network_id, &key, &routes, unix_now())?;
-                        info!(node = %adm.name, routes = ?routes, "advertised routes changed");
-                        advertised = routes;
+                    let now_advertised = (routes, exits);
+                    if now_advertised != advertised {
+                        let (routes, exits) = &now_advertised;
+                        lock(&ctx).advertise(adm.network_id, &key, routes, exits, unix_now())?;
+                        info!(node = %adm.name, routes = ?routes, exits = ?exits, "advertised routes changed");
+                        advertised = now_advertised;
                     }
                     let report = NodeReport { endpoints, observed, home_relay, nat };
                     if report != reported || written_at.elapsed() >= LAST_SEEN_EVERY {
@@ -1570,6 +1573,7 @@ mod tests {
                 home_relay: None,
                 nat: None,
                 routes: Vec::new(),
+                exits: Vec::new(),
             };
             a.tx.send(&hb.encode()).await.unwrap();
         }
@@ -1602,6 +1606,7 @@ mod tests {
                 home_relay: None,
                 nat: None,
                 routes: Vec::new(),
+                exits: Vec::new(),
             };
             a.tx.send(&hb.encode()).await.unwrap();
             tokio::time::sleep(Duration::from_millis(1100)).await;

@@ -809,7 +809,7 @@ impl Store {
         let mut out = Vec::new();
         for row in rows {
             let (key, name, address, endpoints, relay, observed, nat) = row?;
-            let routes = approved.remove(&key).unwrap_or_default();
+            let routes::Approved { routes, exits } = approved.remove(&key).unwrap_or_default();
             let Ok(key) = key.parse() else { continue };
             out.push(PeerInfo {
                 key,
@@ -820,6 +820,7 @@ impl Store {
                 observed: observed.and_then(|o| o.parse().ok()),
                 nat: nat.as_deref().and_then(nat_from_text),
                 routes,
+                exits,
             });
         }
         Ok(out)
@@ -1149,6 +1150,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     if version < 5 {
         // Names for several nodes (`mesh-controller name set`).
         names::migrate(&tx)?;
+        routes::migrate_exits(&tx)?;
     }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()?;

@@ -125,6 +125,12 @@ pub enum ClientMsg {
         /// Absent: none.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         routes: Vec<Ipv4Net>,
+        /// The prefixes the node offers as an exit (reached through its own uplink rather
+        /// than inside its site; `0.0.0.0/0` for everything), all of them: approved like
+        /// routes, but a peer uses one only when it opts in (`mesh up --exit-node`). Absent:
+        /// none.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        exits: Vec<Ipv4Net>,
     },
     /// Periodic liveness and endpoint refresh.
     Heartbeat {
@@ -139,6 +145,9 @@ pub enum ClientMsg {
         /// The prefixes the node routes, as in `Hello` (the whole list each time).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         routes: Vec<Ipv4Net>,
+        /// The prefixes the node offers as an exit, as in `Hello` (the whole list each time).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        exits: Vec<Ipv4Net>,
     },
     /// The node leaves the network for good; the controller deletes it.
     Leave,
@@ -181,6 +190,7 @@ impl std::fmt::Debug for ClientMsg {
                 home_relay,
                 nat,
                 routes,
+                exits,
             } => f
                 .debug_struct("Hello")
                 .field("network", network)
@@ -188,18 +198,21 @@ impl std::fmt::Debug for ClientMsg {
                 .field("home_relay", home_relay)
                 .field("nat", nat)
                 .field("routes", routes)
+                .field("exits", exits)
                 .finish(),
             ClientMsg::Heartbeat {
                 endpoints,
                 home_relay,
                 nat,
                 routes,
+                exits,
             } => f
                 .debug_struct("Heartbeat")
                 .field("endpoints", endpoints)
                 .field("home_relay", home_relay)
                 .field("nat", nat)
                 .field("routes", routes)
+                .field("exits", exits)
                 .finish(),
             ClientMsg::Leave => f.write_str("Leave"),
         }
@@ -338,6 +351,9 @@ pub struct RouteState {
     /// Why, for `refused` (and who decided, for `rejected`), for a person.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Whether it is offered as an exit (`exits` in `Hello`) rather than a route.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub exit: bool,
 }
 
 /// The state of an advertised prefix.
@@ -380,6 +396,10 @@ pub struct PeerInfo {
     /// to them go to the peer, and it may send from them. Absent from older controllers.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<Ipv4Net>,
+    /// The prefixes the peer offers as an exit, as approved: used only by a node that opts
+    /// in to this peer as its exit for them. Absent from older controllers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exits: Vec<Ipv4Net>,
 }
 
 /// A standalone relay (one region) as the controller announces it to a node.
@@ -663,6 +683,7 @@ fn check_peers(p: &[PeerInfo]) -> Result<(), DecodeError> {
     }
     for peer in p {
         check_routes(&peer.routes)?;
+        check_routes(&peer.exits)?;
         if !valid_name(&peer.name) {
             return Err(DecodeError::Bounds("peer name"));
         }
@@ -725,6 +746,7 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientMsg, DecodeError> {
             endpoints,
             home_relay,
             routes,
+            exits,
             ..
         } => {
             if !valid_name(network) {
@@ -733,16 +755,19 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientMsg, DecodeError> {
             check_endpoints(endpoints)?;
             check_home(home_relay)?;
             check_routes(routes)?;
+            check_routes(exits)?;
         }
         ClientMsg::Heartbeat {
             endpoints,
             home_relay,
             routes,
+            exits,
             ..
         } => {
             check_endpoints(endpoints)?;
             check_home(home_relay)?;
             check_routes(routes)?;
+            check_routes(exits)?;
         }
         ClientMsg::Leave => {}
     }
@@ -863,6 +888,7 @@ mod tests {
                 .then(|| SocketAddr::from(([192, 0, 2, n], 51820))),
             nat: None,
             routes: Vec::new(),
+            exits: Vec::new(),
         }
     }
 
@@ -912,12 +938,14 @@ mod tests {
                 home_relay: None,
                 nat: None,
                 routes: Vec::new(),
+                exits: Vec::new(),
             },
             ClientMsg::Heartbeat {
                 endpoints: vec![],
                 home_relay: Some("eu-1".into()),
                 nat: None,
                 routes: Vec::new(),
+                exits: Vec::new(),
             },
             ClientMsg::Leave,
         ];
@@ -980,6 +1008,7 @@ mod tests {
             home_relay: None,
             nat: None,
             routes: Vec::new(),
+            exits: Vec::new(),
         };
         assert_eq!(
             decode_client(&m.encode()),
@@ -1033,6 +1062,7 @@ mod tests {
             home_relay: None,
             nat: None,
             routes,
+            exits: Vec::new(),
         };
         let pods: Ipv4Net = "10.244.1.0/24".parse().unwrap();
         let ok = hb(vec![pods]);
@@ -1055,6 +1085,7 @@ mod tests {
                 prefix: pods,
                 state: RouteStatus::Refused,
                 reason: Some("overlaps 10.244.0.0/16 of node b".into()),
+                exit: false,
             }],
         };
         assert_eq!(decode_server(&states.encode()), Ok(states));
@@ -1081,6 +1112,7 @@ mod tests {
             home_relay: Some("no spaces allowed".into()),
             nat: None,
             routes: Vec::new(),
+            exits: Vec::new(),
         };
         assert_eq!(
             decode_client(&m.encode()),

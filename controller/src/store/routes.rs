@@ -24,7 +24,7 @@ use mesh_proto::control::{Ipv4Net, RouteState, RouteStatus, MAX_ERROR_TEXT, MAX_
 use mesh_proto::PublicKey;
 use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 use serde::Serialize;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 
 /// Ranges no node may route, with what they are.
@@ -104,6 +104,8 @@ pub struct RouteRow {
     pub decided_by: Option<String>,
     /// When it was approved, rejected or refused, RFC 3339 UTC.
     pub decided_at: Option<String>,
+    /// Offered as an exit (`mesh up --advertise-exit`) rather than a route of the node's site.
+    pub exit: bool,
 }
 
 /// One row of `routes`, with the name of its node.
@@ -117,6 +119,8 @@ struct Route {
     reason: Option<String>,
     decided_at: Option<i64>,
     decided_by: Option<String>,
+    /// Offered as an exit: peers use it only when they opt in, and it blocks no one.
+    exit: bool,
 }
 
 impl Route {
@@ -129,12 +133,14 @@ impl Route {
             reason: self.reason.clone(),
             decided_by: self.decided_by.clone(),
             decided_at: self.decided_at.map(|t| rfc3339(t.max(0) as u64)),
+            exit: self.exit,
         })
     }
 
-    /// Whether it keeps other nodes from routing prefixes that overlap it.
+    /// Whether it keeps other nodes from routing prefixes that overlap it (an exit never
+    /// does: a node uses it only by choice, and more specific routes win over it).
     fn holds(&self) -> bool {
-        matches!(self.state, RouteStatus::Approved | RouteStatus::Pending)
+        !self.exit && matches!(self.state, RouteStatus::Approved | RouteStatus::Pending)
     }
 }
 
@@ -223,7 +229,8 @@ fn policy(conn: &Connection, network_id: i64) -> Result<Policy, StoreError> {
 /// The network's routes, oldest first, with the names of their nodes.
 fn load(conn: &Connection, network_id: i64) -> Result<Vec<Route>, StoreError> {
     let mut st = conn.prepare(
-        "SELECT r.id, r.key, n.name, r.prefix, r.state, r.reason, r.decided_at, r.decided_by
+        "SELECT r.id, r.key, n.name, r.prefix, r.state, r.reason, r.decided_at, r.decided_by,
+             r.exit
          FROM routes r
          LEFT JOIN nodes n ON n.network_id = r.network_id AND n.key = r.key
              AND n.removed_at IS NULL
@@ -239,11 +246,12 @@ fn load(conn: &Connection, network_id: i64) -> Result<Vec<Route>, StoreError> {
             r.get::<_, Option<String>>(5)?,
             r.get::<_, Option<i64>>(6)?,
             r.get::<_, Option<String>>(7)?,
+            r.get::<_, bool>(8)?,
         ))
     })?;
     let mut out = Vec::new();
     for row in rows {
-        let (id, key, node, prefix, state, reason, decided_at, decided_by) = row?;
+        let (id, key, node, prefix, state, reason, decided_at, decided_by, exit) = row?;
         // Rows this code did not write are left out.
         let (Ok(prefix), Some(state)) = (prefix.parse(), state_from(&state)) else {
             continue;
@@ -258,16 +266,25 @@ fn load(conn: &Connection, network_id: i64) -> Result<Vec<Route>, StoreError> {
             reason,
             decided_at,
             decided_by,
+            exit,
         });
     }
     Ok(out)
 }
 
-/// Why no node may route `prefix`, whoever else routes what.
-fn never_routed(prefix: Ipv4Net) -> Option<String> {
+/// Why no node may route `prefix`, whoever else routes what. An exit may contain ranges that
+/// are never routed (0.0.0.0/0 contains them all: a host routes them locally before any exit),
+/// but not lie inside one.
+fn never_routed(prefix: Ipv4Net, exit: bool) -> Option<String> {
+    if exit {
+        return NEVER_ROUTED
+            .iter()
+            .find(|(range, _)| range.contains(&prefix))
+            .map(|(range, what)| format!("lies in {range} ({what}), which is never routed"));
+    }
     if prefix.prefix_len() < MIN_PREFIX_LEN {
         return Some(format!(
-            "{prefix} is an exit route (shorter than /{MIN_PREFIX_LEN}): exit routes are not supported yet; advertise the subnets behind the node, e.g. 10.244.1.0/24"
+            "{prefix} is shorter than /{MIN_PREFIX_LEN}: offer it as an exit (`mesh up --advertise-exit {prefix}`; peers use it only with --exit-node), or advertise the subnets behind the node, e.g. 10.244.1.0/24"
         ));
     }
     NEVER_ROUTED
@@ -276,10 +293,26 @@ fn never_routed(prefix: Ipv4Net) -> Option<String> {
         .map(|(range, what)| format!("overlaps {range} ({what}), which is never routed"))
 }
 
-/// What the rules say of `prefix`, advertised by `key`, beside the network's `routes`.
-fn judge(prefix: Ipv4Net, key: &str, policy: &Policy, routes: &[Route]) -> Verdict {
-    if let Some(reason) = never_routed(prefix) {
+/// What the rules say of `prefix`, advertised by `key` (as an exit or not), beside the
+/// network's `routes`.
+fn judge(prefix: Ipv4Net, exit: bool, key: &str, policy: &Policy, routes: &[Route]) -> Verdict {
+    if let Some(reason) = never_routed(prefix, exit) {
         return Verdict::Refused(reason);
+    }
+    if exit {
+        // An exit may contain the overlay range and other nodes' prefixes (those stay more
+        // specific), but not lie inside the overlay.
+        if policy.overlay.contains(&prefix) {
+            return Verdict::Refused(format!(
+                "lies inside the network's overlay range {}; an exit leads out of the overlay",
+                policy.overlay
+            ));
+        }
+        return if policy.auto.iter().any(|a| a.contains(&prefix)) {
+            Verdict::Approved
+        } else {
+            Verdict::Pending
+        };
     }
     if overlaps(prefix, policy.overlay) {
         return Verdict::Refused(format!(
@@ -344,7 +377,13 @@ pub(super) fn rejudge_refused(
         if routes[i].state != RouteStatus::Refused {
             continue;
         }
-        let verdict = judge(routes[i].prefix, &routes[i].key, &policy, &routes);
+        let verdict = judge(
+            routes[i].prefix,
+            routes[i].exit,
+            &routes[i].key,
+            &policy,
+            &routes,
+        );
         let same = match (&verdict, &routes[i].reason) {
             (Verdict::Refused(new), Some(old)) => bounded(new.clone()) == *old,
             _ => false,
@@ -394,27 +433,48 @@ pub(super) fn forget_routes(
     Ok(())
 }
 
-/// Each node's approved prefixes, by node key, sorted: what `peers` hands out.
+/// Each node's approved prefixes, by node key, sorted: its routes, and its exits. What
+/// `peers` hands out.
 pub(super) fn approved_by_key(
     conn: &Connection,
     network_id: i64,
-) -> Result<HashMap<String, Vec<Ipv4Net>>, StoreError> {
-    let mut st = conn
-        .prepare("SELECT key, prefix FROM routes WHERE network_id = ?1 AND state = 'approved'")?;
+) -> Result<HashMap<String, Approved>, StoreError> {
+    let mut st = conn.prepare(
+        "SELECT key, prefix, exit FROM routes WHERE network_id = ?1 AND state = 'approved'",
+    )?;
     let rows = st.query_map([network_id], |r| {
-        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, bool>(2)?,
+        ))
     })?;
-    let mut out: HashMap<String, Vec<Ipv4Net>> = HashMap::new();
+    let mut out: HashMap<String, Approved> = HashMap::new();
     for row in rows {
-        let (key, prefix) = row?;
+        let (key, prefix, exit) = row?;
         if let Ok(prefix) = prefix.parse() {
-            out.entry(key).or_default().push(prefix);
+            let entry = out.entry(key).or_default();
+            if exit {
+                entry.exits.push(prefix);
+            } else {
+                entry.routes.push(prefix);
+            }
         }
     }
-    for prefixes in out.values_mut() {
-        prefixes.sort();
+    for a in out.values_mut() {
+        a.routes.sort();
+        a.exits.sort();
     }
     Ok(out)
+}
+
+/// A node's approved prefixes.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Approved {
+    /// Routes of its site: every peer routes them to it.
+    pub routes: Vec<Ipv4Net>,
+    /// Exits: peers route them to it only by choice.
+    pub exits: Vec<Ipv4Net>,
 }
 
 /// Whether the administrator approves or rejects.
@@ -557,11 +617,26 @@ impl Store {
         prefixes: &[Ipv4Net],
         now: u64,
     ) -> Result<bool, StoreError> {
-        let wanted: BTreeSet<Ipv4Net> = prefixes.iter().map(Ipv4Net::trunc).collect();
-        if wanted.len() > MAX_ROUTES {
+        self.advertise(network_id, key, prefixes, &[], now)
+    }
+
+    /// [`Store::advertise_routes`] with the prefixes the node offers as exits beside its
+    /// routes (a prefix in both lists is a route).
+    pub fn advertise(
+        &mut self,
+        network_id: i64,
+        key: &PublicKey,
+        prefixes: &[Ipv4Net],
+        exits: &[Ipv4Net],
+        now: u64,
+    ) -> Result<bool, StoreError> {
+        let mut wanted: BTreeMap<Ipv4Net, bool> =
+            exits.iter().map(|p| (p.trunc(), true)).collect();
+        wanted.extend(prefixes.iter().map(|p| (p.trunc(), false)));
+        if prefixes.len().max(exits.len()) > MAX_ROUTES {
             return Err(StoreError::Invalid(format!(
                 "{} prefixes advertised; a node may advertise at most {MAX_ROUTES}: advertise shorter prefixes that cover several",
-                wanted.len()
+                prefixes.len().max(exits.len())
             )));
         }
         let tx = self
@@ -575,8 +650,8 @@ impl Store {
         }
         let mut known = BTreeSet::new();
         let mut changed = false;
-        for (id, prefix) in routes_of(&tx, network_id, &key)? {
-            match prefix.filter(|p| wanted.contains(p)) {
+        for (id, prefix, exit) in routes_of(&tx, network_id, &key)? {
+            match prefix.filter(|p| wanted.get(p) == Some(&exit)) {
                 Some(p) => {
                     known.insert(p);
                 }
@@ -590,7 +665,11 @@ impl Store {
         // may have freed them. A prefix that stays advertised keeps its state, but a refused
         // one is judged again too.
         changed |= rejudge_refused(&tx, network_id, now)?;
-        let added: Vec<Ipv4Net> = wanted.difference(&known).copied().collect();
+        let added: Vec<(Ipv4Net, bool)> = wanted
+            .iter()
+            .filter(|(p, _)| !known.contains(*p))
+            .map(|(p, e)| (*p, *e))
+            .collect();
         if !added.is_empty() {
             let mut routes = load(&tx, network_id)?;
             let policy = policy(&tx, network_id)?;
@@ -599,13 +678,13 @@ impl Store {
                 params![network_id, key],
                 |r| r.get(0),
             )?;
-            for prefix in added {
-                let verdict = judge(prefix, &key, &policy, &routes);
+            for (prefix, exit) in added {
+                let verdict = judge(prefix, exit, &key, &policy, &routes);
                 let (state, reason, decided_at, decided_by) = verdict_columns(&verdict, now);
                 let id: i64 = tx.query_row(
                     "INSERT INTO routes (network_id, key, prefix, state, reason, advertised_at,
-                         decided_at, decided_by)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) RETURNING id",
+                         decided_at, decided_by, exit)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) RETURNING id",
                     params![
                         network_id,
                         key,
@@ -614,7 +693,8 @@ impl Store {
                         reason,
                         now as i64,
                         decided_at,
-                        decided_by
+                        decided_by,
+                        exit
                     ],
                     |r| r.get(0),
                 )?;
@@ -627,6 +707,7 @@ impl Store {
                     reason,
                     decided_at,
                     decided_by,
+                    exit,
                 });
                 changed = true;
             }
@@ -669,6 +750,7 @@ impl Store {
                 prefix: route.prefix,
                 state: route.state,
                 reason: reason.map(bounded),
+                exit: route.exit,
             });
         }
         for states in out.values_mut() {
@@ -735,8 +817,11 @@ impl Store {
         for &i in &chosen {
             if decision == Decision::Approve {
                 let route = &routes[i];
+                // Exits conflict with nothing (see `Route::holds`).
                 let conflict = routes.iter().find(|r| {
-                    r.key != route.key
+                    !route.exit
+                        && !r.exit
+                        && r.key != route.key
                         && r.state == RouteStatus::Approved
                         && overlaps(r.prefix, route.prefix)
                 });
@@ -835,18 +920,28 @@ fn routes_of(
     conn: &Connection,
     network_id: i64,
     key: &str,
-) -> Result<Vec<(i64, Option<Ipv4Net>)>, StoreError> {
+) -> Result<Vec<(i64, Option<Ipv4Net>, bool)>, StoreError> {
     let mut st =
-        conn.prepare("SELECT id, prefix FROM routes WHERE network_id = ?1 AND key = ?2")?;
+        conn.prepare("SELECT id, prefix, exit FROM routes WHERE network_id = ?1 AND key = ?2")?;
     let rows = st.query_map(params![network_id, key], |r| {
-        Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, bool>(2)?,
+        ))
     })?;
     let mut out = Vec::new();
     for row in rows {
-        let (id, prefix) = row?;
-        out.push((id, prefix.parse().ok()));
+        let (id, prefix, exit) = row?;
+        out.push((id, prefix.parse().ok(), exit));
     }
     Ok(out)
+}
+
+/// Schema 5: whether a route is offered as an exit.
+pub(super) fn migrate_exits(tx: &Transaction<'_>) -> Result<(), StoreError> {
+    super::add_column(tx, "routes", "exit", "INTEGER NOT NULL DEFAULT 0")?;
+    Ok(())
 }
 
 fn is_live(conn: &Connection, network_id: i64, key: &str) -> Result<bool, StoreError> {
@@ -1079,8 +1174,8 @@ mod tests {
         s.set_auto_approve_routes("prod", &ps(&["0.0.0.0/0"]), T0)
             .unwrap();
         let refused = [
-            ("0.0.0.0/0", "exit routes are not supported yet"),
-            ("10.0.0.0/7", "exit routes are not supported yet"),
+            ("0.0.0.0/0", "offer it as an exit (`mesh up --advertise-exit 0.0.0.0/0`"),
+            ("10.0.0.0/7", "offer it as an exit"),
             ("127.0.0.0/8", "(loopback)"),
             ("169.254.0.0/16", "(link-local)"),
             ("169.0.0.0/8", "(link-local)"),
@@ -1098,6 +1193,52 @@ mod tests {
                 "{prefix}: {r:?}"
             );
         }
+    }
+
+    #[test]
+    fn exits_are_approved_like_routes_overlap_anything_and_block_nothing() {
+        let (_d, mut s) = store();
+        join(&mut s, 1, "a").unwrap();
+        join(&mut s, 2, "b").unwrap();
+        s.set_auto_approve_routes("prod", &ps(&["10.244.0.0/16"]), T0)
+            .unwrap();
+        // a offers everything as an exit, and a mirror range; b routes its pods.
+        s.advertise(
+            NET,
+            &key(1),
+            &[],
+            &ps(&["0.0.0.0/0", "198.51.100.0/24", "127.0.0.0/16", "100.64.0.0/30"]),
+            T0,
+        )
+        .unwrap();
+        advertise(&mut s, 2, &["10.244.2.0/24"], T0);
+        let exit = route(&s, "a", "0.0.0.0/0");
+        assert!(exit.exit && exit.state == "pending", "{exit:?}");
+        assert_eq!(route(&s, "a", "198.51.100.0/24").state, "pending");
+        assert_eq!(route(&s, "b", "10.244.2.0/24").state, "approved");
+        let inside = route(&s, "a", "127.0.0.0/16");
+        assert!(inside.reason.unwrap().contains("never routed"));
+        let overlay = route(&s, "a", "100.64.0.0/30");
+        assert!(overlay.reason.unwrap().contains("inside the network's overlay range"));
+        // Approved by the administrator; handed to peers apart from routes.
+        s.approve_routes(
+            "prod",
+            Who::These(&["0.0.0.0/0".into(), "198.51.100.0/24".into()]),
+            ADMIN,
+            T0,
+        )
+        .unwrap();
+        let peers = s.peers(NET).unwrap();
+        let a = peers.iter().find(|p| p.name == "a").unwrap();
+        assert!(a.routes.is_empty());
+        assert_eq!(a.exits, ps(&["0.0.0.0/0", "198.51.100.0/24"]));
+        let states = s.route_states(NET).unwrap();
+        assert!(states[&key(1)].iter().all(|r| r.exit));
+        // The same prefix moved from exit to route is judged as a route.
+        s.advertise(NET, &key(1), &ps(&["198.51.100.0/24"]), &ps(&["0.0.0.0/0"]), T0)
+            .unwrap();
+        let moved = route(&s, "a", "198.51.100.0/24");
+        assert!(!moved.exit && moved.state == "pending", "{moved:?}");
     }
 
     #[test]

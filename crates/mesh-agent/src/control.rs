@@ -360,6 +360,7 @@ async fn heartbeat_now(ctx: &ControlCtx, nat: Option<NatKind>) -> Vec<u8> {
         home_relay: ctx.home.borrow().clone(),
         nat,
         routes: ctx.advertised.borrow().clone(),
+        exits: Vec::new(),
     }
     .encode()
 }
@@ -520,6 +521,7 @@ pub async fn run(
                 home_relay: ctx.home.borrow().clone(),
                 nat,
                 routes: ctx.advertised.borrow().clone(),
+                exits: Vec::new(),
             };
             let attempt = open(
                 &ctx.dialer,
@@ -672,6 +674,7 @@ pub async fn run(
                         home_relay: ctx.home.borrow().clone(),
                         nat,
                         routes: ctx.advertised.borrow().clone(),
+                        exits: Vec::new(),
                     });
                     match open_on(link, &target.quic, &ctx.controller_key, &ctx.node_key, &hello, Duration::from_secs(5)).await {
                         Ok(s) => {

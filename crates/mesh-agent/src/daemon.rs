@@ -1875,6 +1875,7 @@ pub async fn leave_offline(state: &StateDir, force: bool) -> anyhow::Result<Left
             home_relay: None,
             nat: None,
             routes: Vec::new(),
+            exits: Vec::new(),
         };
         let (session, _) = control::open(
             &dialer,

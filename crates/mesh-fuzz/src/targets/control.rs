@@ -78,6 +78,7 @@ fn peer(n: u8) -> PeerInfo {
             .then(|| SocketAddr::from(([203, 0, 113, n], 40000))),
         nat: None,
         routes: Vec::new(),
+        exits: Vec::new(),
     }
 }
 
@@ -110,6 +111,7 @@ pub(super) fn client_messages() -> Vec<ClientMsg> {
             home_relay: Some("eu-1".into()),
             nat: None,
             routes: Vec::new(),
+            exits: Vec::new(),
         },
         ClientMsg::Hello {
             network: "lab_2.example".into(),
@@ -117,18 +119,21 @@ pub(super) fn client_messages() -> Vec<ClientMsg> {
             home_relay: None,
             nat: None,
             routes: Vec::new(),
+            exits: Vec::new(),
         },
         ClientMsg::Heartbeat {
             endpoints: endpoints(2),
             home_relay: None,
             nat: None,
             routes: Vec::new(),
+            exits: Vec::new(),
         },
         ClientMsg::Heartbeat {
             endpoints: vec![],
             home_relay: Some("us-1".into()),
             nat: None,
             routes: Vec::new(),
+            exits: Vec::new(),
         },
         ClientMsg::Leave,
     ]
