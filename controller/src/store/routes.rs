@@ -630,8 +630,7 @@ impl Store {
         exits: &[Ipv4Net],
         now: u64,
     ) -> Result<bool, StoreError> {
-        let mut wanted: BTreeMap<Ipv4Net, bool> =
-            exits.iter().map(|p| (p.trunc(), true)).collect();
+        let mut wanted: BTreeMap<Ipv4Net, bool> = exits.iter().map(|p| (p.trunc(), true)).collect();
         wanted.extend(prefixes.iter().map(|p| (p.trunc(), false)));
         if prefixes.len().max(exits.len()) > MAX_ROUTES {
             return Err(StoreError::Invalid(format!(
@@ -1174,7 +1173,10 @@ mod tests {
         s.set_auto_approve_routes("prod", &ps(&["0.0.0.0/0"]), T0)
             .unwrap();
         let refused = [
-            ("0.0.0.0/0", "offer it as an exit (`mesh up --advertise-exit 0.0.0.0/0`"),
+            (
+                "0.0.0.0/0",
+                "offer it as an exit (`mesh up --advertise-exit 0.0.0.0/0`",
+            ),
             ("10.0.0.0/7", "offer it as an exit"),
             ("127.0.0.0/8", "(loopback)"),
             ("169.254.0.0/16", "(link-local)"),
@@ -1207,7 +1209,12 @@ mod tests {
             NET,
             &key(1),
             &[],
-            &ps(&["0.0.0.0/0", "198.51.100.0/24", "127.0.0.0/16", "100.64.0.0/30"]),
+            &ps(&[
+                "0.0.0.0/0",
+                "198.51.100.0/24",
+                "127.0.0.0/16",
+                "100.64.0.0/30",
+            ]),
             T0,
         )
         .unwrap();
@@ -1219,7 +1226,10 @@ mod tests {
         let inside = route(&s, "a", "127.0.0.0/16");
         assert!(inside.reason.unwrap().contains("never routed"));
         let overlay = route(&s, "a", "100.64.0.0/30");
-        assert!(overlay.reason.unwrap().contains("inside the network's overlay range"));
+        assert!(overlay
+            .reason
+            .unwrap()
+            .contains("inside the network's overlay range"));
         // Approved by the administrator; handed to peers apart from routes.
         s.approve_routes(
             "prod",
@@ -1235,8 +1245,14 @@ mod tests {
         let states = s.route_states(NET).unwrap();
         assert!(states[&key(1)].iter().all(|r| r.exit));
         // The same prefix moved from exit to route is judged as a route.
-        s.advertise(NET, &key(1), &ps(&["198.51.100.0/24"]), &ps(&["0.0.0.0/0"]), T0)
-            .unwrap();
+        s.advertise(
+            NET,
+            &key(1),
+            &ps(&["198.51.100.0/24"]),
+            &ps(&["0.0.0.0/0"]),
+            T0,
+        )
+        .unwrap();
         let moved = route(&s, "a", "198.51.100.0/24");
         assert!(!moved.exit && moved.state == "pending", "{moved:?}");
     }

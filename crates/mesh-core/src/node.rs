@@ -90,6 +90,8 @@ pub struct Node {
     excluded: Vec<Ipv4Net>,
     /// The prefixes this node routes for its peers ([`Node::set_routes`]).
     routes: Vec<Ipv4Net>,
+    /// Who may send from which source address (rebuilt whenever the peer table changes).
+    sources: crate::peers::Sources,
     /// How paths are measured and chosen ([`Node::set_quality`]).
     quality: QualityConfig,
 }
@@ -109,6 +111,7 @@ macro_rules! cx {
             own_nat: $node.own_nat,
             quality: &$node.quality,
             routes: &$node.routes,
+            sources: &$node.sources,
         }
     };
 }
@@ -140,6 +143,7 @@ impl Node {
             guard,
             excluded: Vec::new(),
             routes: Vec::new(),
+            sources: crate::peers::Sources::default(),
             quality: QualityConfig::default(),
         }
     }
@@ -295,6 +299,7 @@ impl Node {
                 peer.config = config;
             }
             self.peers.reroute(&config_key);
+            self.sources = self.peers.sources();
             self.rearm(&config_key, now);
             return;
         }
@@ -321,6 +326,7 @@ impl Node {
             // Its first boringtun tick: the node's next one.
             snap(self.origin, now + Duration::from_nanos(1), TICK),
         ));
+        self.sources = self.peers.sources();
         if initiate {
             let mut cx = cx!(self, now);
             if let Some(peer) = self.peers.get_mut(&key) {
@@ -333,6 +339,7 @@ impl Node {
     /// Removes a peer and its session.
     pub fn remove_peer(&mut self, key: &PublicKey) {
         if let Some(peer) = self.peers.remove(key) {
+            self.sources = self.peers.sources();
             self.punching
                 .peer_removed(*key, &peer.punch, &mut self.intents);
             self.carry_out_intents(self.now);

@@ -347,6 +347,8 @@ pub(crate) struct Ctx<'a> {
     pub(crate) quality: &'a crate::io::QualityConfig,
     /// The prefixes this node routes for its peers (see [`crate::Node::set_routes`]).
     pub(crate) routes: &'a [ipnet::Ipv4Net],
+    /// Who may send from which source address.
+    pub(crate) sources: &'a crate::peers::Sources,
 }
 
 fn push_bounded<T>(queue: &mut VecDeque<T>, counters: &mut Counters, item: T) {

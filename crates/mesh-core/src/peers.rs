@@ -49,6 +49,33 @@ type SmallKeyMap<K, V> = HashMap<K, V, BuildHasherDefault<SmallKeyHasher>>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Slot(usize);
 
+/// Which peer owns which source address, as WireGuard's allowed IPs decide it: the owner of
+/// an overlay address, else the peer whose routed prefix is the longest that contains it. A
+/// peer whose prefixes are wide (an exit's 0.0.0.0/0) still cannot send from another node's
+/// address or from a more specific prefix another node routes.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Sources {
+    addresses: SmallKeyMap<Ipv4Addr, PublicKey>,
+    /// Longest prefix first, as [`PeerTable`] keeps them.
+    routes: Vec<(ipnet::Ipv4Net, PublicKey)>,
+}
+
+impl Sources {
+    /// Whether the peer `key` (overlay address `address`) may send packets from `source`.
+    pub(crate) fn may_send(&self, key: &PublicKey, address: Ipv4Addr, source: Ipv4Addr) -> bool {
+        if source == address {
+            return true;
+        }
+        if let Some(owner) = self.addresses.get(&source) {
+            return owner == key;
+        }
+        self.routes
+            .iter()
+            .find(|(net, _)| net.contains(&source))
+            .is_some_and(|(_, owner)| owner == key)
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct PeerTable {
     /// Sorted by key, so that timer work (and so a whole simulated run) is the same for a given
@@ -198,6 +225,23 @@ impl PeerTable {
             self.by_address.remove(&peer.config.address);
             self.by_address.insert(address, Slot(i));
             peer.config.address = address;
+        }
+    }
+
+    /// Who may send from which source address: a snapshot of the overlay addresses and routed
+    /// prefixes, for the check on every decrypted packet (see [`Sources`]). Empty while no
+    /// peer routes a prefix: then a peer may send from its own address alone.
+    pub(crate) fn sources(&self) -> Sources {
+        if self.routes.is_empty() {
+            return Sources::default();
+        }
+        Sources {
+            addresses: self
+                .peers
+                .iter()
+                .map(|(k, p)| (p.config.address, *k))
+                .collect(),
+            routes: self.routes.clone(),
         }
     }
 

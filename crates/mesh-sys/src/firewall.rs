@@ -22,15 +22,39 @@ pub const TABLE: &str = "mesh";
 /// The ruleset for `interface`: the table is deleted and re-created in one transaction, so
 /// applying it again is harmless. The guard drops what peers send through this node to
 /// anywhere else, except to `routed`: the prefixes the controller approved for this node (its
-/// pod subnet), which it routes for its peers.
-pub fn ruleset(interface: &str, routed: &[ipnet::Ipv4Net]) -> String {
-    let routed_rule = if routed.is_empty() {
+/// pod subnet), which it routes for its peers, and `exits`: the prefixes it offers as an exit,
+/// where peers' packets leave masqueraded behind the node's own address (the world has no
+/// route back to the overlay), unless they go into `routed` or back into the overlay.
+pub fn ruleset(interface: &str, routed: &[ipnet::Ipv4Net], exits: &[ipnet::Ipv4Net]) -> String {
+    let set = |nets: &[ipnet::Ipv4Net]| {
+        nets.iter()
+            .map(|n| n.trunc().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let all: Vec<ipnet::Ipv4Net> = routed.iter().chain(exits).copied().collect();
+    let routed_rule = if all.is_empty() {
         String::new()
     } else {
-        let set: Vec<String> = routed.iter().map(|n| n.trunc().to_string()).collect();
         format!(
             "\t\tiifname \"{interface}\" ip daddr {{ {} }} accept\n",
-            set.join(", ")
+            set(&all)
+        )
+    };
+    let exit_chain = if exits.is_empty() {
+        String::new()
+    } else {
+        let keep = if routed.is_empty() {
+            String::new()
+        } else {
+            format!("ip daddr != {{ {} }} ", set(routed))
+        };
+        format!(
+            "\tchain exit {{\n\
+             \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+             \t\tiifname \"{interface}\" oifname != \"{interface}\" {keep}ip daddr {{ {} }} masquerade\n\
+             \t}}\n",
+            set(exits)
         )
     };
     format!(
@@ -48,6 +72,7 @@ pub fn ruleset(interface: &str, routed: &[ipnet::Ipv4Net]) -> String {
          {routed_rule}\
          \t\tiifname \"{interface}\" counter drop\n\
          \t}}\n\
+         {exit_chain}\
          }}\n"
     )
 }
@@ -87,9 +112,13 @@ fn nft(input: &str, interface: &str) -> Result<(), FirewallError> {
 }
 
 /// Installs (or refreshes) MSS clamping and the forwarding guard for `interface`, letting
-/// through what peers send to `routed` (see [`ruleset`]).
-pub fn clamp_mss(interface: &str, routed: &[ipnet::Ipv4Net]) -> Result<(), FirewallError> {
-    nft(&ruleset(interface, routed), interface)
+/// through what peers send to `routed` and `exits` (see [`ruleset`]).
+pub fn clamp_mss(
+    interface: &str,
+    routed: &[ipnet::Ipv4Net],
+    exits: &[ipnet::Ipv4Net],
+) -> Result<(), FirewallError> {
+    nft(&ruleset(interface, routed, exits), interface)
 }
 
 /// Removes mesh's table (after `mesh leave`).
@@ -104,7 +133,7 @@ pub fn remove(interface: &str) -> Result<(), FirewallError> {
 mod tests {
     #[test]
     fn ruleset_targets_the_interface_and_is_replaceable() {
-        let r = super::ruleset("mesh0", &[]);
+        let r = super::ruleset("mesh0", &[], &[]);
         assert!(r.starts_with("table inet mesh\ndelete table inet mesh\n"));
         assert!(r.contains(
             "oifname \"mesh0\" tcp flags syn / syn,rst tcp option maxseg size set rt mtu"
@@ -119,10 +148,21 @@ mod tests {
                 "10.244.1.0/24".parse().unwrap(),
                 "10.250.0.0/16".parse().unwrap(),
             ],
+            &[],
         );
         let accept = routed
             .find("iifname \"mesh0\" ip daddr { 10.244.1.0/24, 10.250.0.0/16 } accept")
             .unwrap();
         assert!(accept < routed.find("counter drop").unwrap());
+        assert!(!routed.contains("masquerade"));
+        let exit = super::ruleset(
+            "mesh0",
+            &["10.244.1.0/24".parse().unwrap()],
+            &["0.0.0.0/0".parse().unwrap()],
+        );
+        assert!(exit.contains("iifname \"mesh0\" ip daddr { 10.244.1.0/24, 0.0.0.0/0 } accept"));
+        assert!(exit.contains(
+            "iifname \"mesh0\" oifname != \"mesh0\" ip daddr != { 10.244.1.0/24 } ip daddr { 0.0.0.0/0 } masquerade"
+        ));
     }
 }

@@ -12,6 +12,7 @@
 //! No protocol logic lives here.
 
 pub mod bypass;
+pub mod exits;
 pub mod firewall;
 pub mod netlink;
 pub mod socket;

@@ -238,6 +238,67 @@ fn a_member_cannot_use_a_node_as_a_router() {
     assert_eq!(p.a.poll_tun_packet(), Some(ok));
 }
 
+/// An exit (issue 16): b uses a as its exit for everything (0.0.0.0/0 among a's prefixes at
+/// b): b's packets to the world go to a, a delivers them (its kernel forwards and masquerades),
+/// and the world's answers come back from any address. But a still cannot send from another
+/// node's overlay address or from a prefix another node routes: the longest prefix decides.
+#[test]
+fn an_exit_carries_the_world_but_cannot_speak_for_other_nodes() {
+    let mut p = Pair::new();
+    let (ka, kb) = (p.a.public_key(), p.b.public_key());
+    let (ip_a, ip_b) = (p.a.address(), p.b.address());
+    let everything: Ipv4Net = "0.0.0.0/0".parse().unwrap();
+    let peer_a = PeerConfig {
+        key: ka,
+        name: "a".into(),
+        address: ip_a,
+        endpoints: vec![p.a_addr],
+        observed: None,
+        nat: None,
+        routes: vec![everything],
+    };
+    p.b.upsert_peer(peer_a, p.now);
+    // A third node, c, with its pods; b knows it (no session needed for the check).
+    let kc = PublicKey([0xcc; 32]);
+    let ip_c = Ipv4Addr::new(100, 64, 0, 3);
+    p.b.upsert_peer(
+        PeerConfig {
+            key: kc,
+            name: "c".into(),
+            address: ip_c,
+            endpoints: vec![],
+            observed: None,
+            nat: None,
+            routes: vec!["10.244.3.0/24".parse().unwrap()],
+        },
+        p.now,
+    );
+    p.a.set_routes(vec![everything]);
+    let registry = Ipv4Addr::new(203, 0, 113, 80);
+    let out = icmp(ip_b, registry, b"GET /v2/");
+    p.b.handle_tun_packet(&out, p.now);
+    p.drive();
+    assert_eq!(
+        p.a.poll_tun_packet(),
+        Some(out),
+        "a takes b's packet to the world"
+    );
+    let back = icmp(registry, ip_b, b"200 OK");
+    let bytes = sealed(&mut p.a, kb, &back);
+    p.b.handle_datagram(Source::main(p.a_addr), &bytes, p.now);
+    assert_eq!(
+        p.b.poll_tun_packet(),
+        Some(back),
+        "the answer from the world arrives"
+    );
+    for spoofed in [ip_c, Ipv4Addr::new(10, 244, 3, 9)] {
+        let bytes = sealed(&mut p.a, kb, &icmp(spoofed, ip_b, b"x"));
+        p.b.handle_datagram(Source::main(p.a_addr), &bytes, p.now);
+        assert_eq!(p.b.poll_tun_packet(), None, "{spoofed}");
+    }
+    assert_eq!(p.b.counters().spoofed_packets, 2);
+}
+
 /// Subnet routes (issue 16): a prefix the controller approved for a routes to it, b sends
 /// packets for it to a, a delivers them (its kernel routes them to the pods), and the pods'
 /// answers come back from inside the prefix. Other sources stay spoofed, other destinations

@@ -431,8 +431,9 @@ impl Peer {
                     dst == cx.me || cx.routes.iter().any(|r| r.contains(&dst))
                 });
                 let len = inner.len();
-                if source != self.config.address
-                    && !self.config.routes.iter().any(|r| r.contains(&source))
+                if !cx
+                    .sources
+                    .may_send(&self.config.key, self.config.address, source)
                 {
                     cx.out.counters.spoofed_packets += 1;
                 } else if !to_us {
