@@ -51,6 +51,12 @@ pub struct FileConfig {
     /// Prefixes to advertise as subnet routes, comma-separated (see `mesh up --help`);
     /// `auto` advertises the pod subnet found on the node.
     pub advertise_routes: Option<String>,
+    /// Prefixes to offer as an exit, comma-separated (see `mesh up --help`).
+    pub advertise_exits: Option<String>,
+    /// The node whose exit carries everything without a more specific route.
+    pub exit_node: Option<String>,
+    /// Prefixes to send through a peer's exit: comma-separated "PREFIX via NODE".
+    pub use_routes: Option<String>,
     /// Whether to answer node names on the overlay address [default: true].
     pub dns: Option<bool>,
     /// Whether to keep the node names in a block of /etc/hosts [default: false].

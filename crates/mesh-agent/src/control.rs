@@ -333,6 +333,12 @@ pub struct ControlCtx {
     pub peer_names: watch::Sender<Vec<(String, std::net::Ipv4Addr)>>,
     /// The network's names for several nodes (see [`ServerMsg::Names`]).
     pub aliases: watch::Sender<Vec<mesh_proto::control::NameAlias>>,
+    /// The prefixes this node offers as an exit.
+    pub exits: Vec<Ipv4Net>,
+    /// The prefixes it sends through a peer's exit, by choice.
+    pub uses: Vec<crate::exits::ExitUse>,
+    /// Those of them an approved exit of the named peer covers now (the daemon routes them).
+    pub exit_routes: watch::Sender<Vec<Ipv4Net>>,
 }
 
 /// Endpoint candidates: the local addresses of the interfaces that can carry a path, then the
@@ -360,7 +366,7 @@ async fn heartbeat_now(ctx: &ControlCtx, nat: Option<NatKind>) -> Vec<u8> {
         home_relay: ctx.home.borrow().clone(),
         nat,
         routes: ctx.advertised.borrow().clone(),
-        exits: Vec::new(),
+        exits: ctx.exits.clone(),
     }
     .encode()
 }
@@ -440,6 +446,17 @@ async fn publish(
         *names = now;
         changed
     });
+    let active: Vec<Ipv4Net> = crate::exits::active(&ctx.uses, &list)
+        .into_iter()
+        .filter(|(_, key)| key.is_some())
+        .map(|(u, _)| u.prefix)
+        .collect();
+    ctx.exit_routes.send_if_modified(|now| {
+        let changed = *now != active;
+        *now = active;
+        changed
+    });
+    let list = crate::exits::with_exits(list, &ctx.uses);
     let _ = data.send(DataCmd::SetPeers(list)).await;
 }
 
@@ -521,7 +538,7 @@ pub async fn run(
                 home_relay: ctx.home.borrow().clone(),
                 nat,
                 routes: ctx.advertised.borrow().clone(),
-                exits: Vec::new(),
+                exits: ctx.exits.clone(),
             };
             let attempt = open(
                 &ctx.dialer,
@@ -674,7 +691,7 @@ pub async fn run(
                         home_relay: ctx.home.borrow().clone(),
                         nat,
                         routes: ctx.advertised.borrow().clone(),
-                        exits: Vec::new(),
+                        exits: ctx.exits.clone(),
                     });
                     match open_on(link, &target.quic, &ctx.controller_key, &ctx.node_key, &hello, Duration::from_secs(5)).await {
                         Ok(s) => {

@@ -46,6 +46,10 @@ pub struct Options {
     pub dns: Option<bool>,
     /// Whether to keep the node names in /etc/hosts.
     pub hosts_file: Option<bool>,
+    /// The prefixes to offer as an exit.
+    pub advertise_exits: Option<Vec<ipnet::Ipv4Net>>,
+    /// The prefixes to send through a peer's exit.
+    pub use_exits: Option<Vec<crate::exits::ExitUse>>,
     /// Whether to advertise the pod subnet found on the node as well (`auto`).
     pub advertise_auto: Option<bool>,
     /// Where that pod subnet is looked for: the CNI config directory, flannel's subnet file
@@ -66,6 +70,8 @@ pub struct Settings {
     advertise_routes: Vec<ipnet::Ipv4Net>,
     dns: bool,
     hosts_file: bool,
+    advertise_exits: Vec<ipnet::Ipv4Net>,
+    use_exits: Vec<crate::exits::ExitUse>,
     auto_routes: Option<crate::podcidr::AutoRoutes>,
 }
 
@@ -130,6 +136,14 @@ impl Options {
                 .hosts_file
                 .or(saved.map(|m| m.hosts_file))
                 .unwrap_or(false),
+            advertise_exits: self
+                .advertise_exits
+                .or(saved.map(|m| m.advertise_exits.clone()))
+                .unwrap_or_default(),
+            use_exits: self
+                .use_exits
+                .or(saved.map(|m| m.use_exits.clone()))
+                .unwrap_or_default(),
             state: self.state,
         })
     }
@@ -434,6 +448,8 @@ fn save_welcome(
         advertise_routes: opts.advertise_routes.clone(),
         dns: opts.dns,
         hosts_file: opts.hosts_file,
+        advertise_exits: opts.advertise_exits.clone(),
+        use_exits: opts.use_exits.clone(),
         auto_routes: opts.auto_routes.clone(),
     };
     opts.state.save_membership(&membership)?;
@@ -623,6 +639,8 @@ pub async fn request(
                 advertise_routes: opts.advertise_routes.clone(),
                 dns: opts.dns,
                 hosts_file: opts.hosts_file,
+                advertise_exits: opts.advertise_exits.clone(),
+                use_exits: opts.use_exits.clone(),
                 auto_routes: opts.auto_routes.clone(),
             };
             opts.state.save_request(&crate::state::PendingJoin {
@@ -837,7 +855,10 @@ async fn up_pending(
         .await;
     let _ = running
         .data_tx
-        .send(DataCmd::SetPeers(welcome.peers.clone()))
+        .send(DataCmd::SetPeers(crate::exits::with_exits(
+            welcome.peers.clone(),
+            &opts.use_exits,
+        )))
         .await;
     let result = run(opts, membership, node_key, running, Some(sockets)).await;
     drop(lock);
@@ -876,6 +897,7 @@ pub async fn up(opts: Options, wait: Option<Duration>) -> anyhow::Result<()> {
         membership.port_mapping,
         &membership.advertise_routes,
         (membership.dns, membership.hosts_file),
+        (&membership.advertise_exits, &membership.use_exits),
         &membership.auto_routes,
     ) != (
         opts.port,
@@ -885,6 +907,7 @@ pub async fn up(opts: Options, wait: Option<Duration>) -> anyhow::Result<()> {
         opts.port_mapping,
         &opts.advertise_routes,
         (opts.dns, opts.hosts_file),
+        (&opts.advertise_exits, &opts.use_exits),
         &opts.auto_routes,
     ) {
         membership.port = opts.port;
@@ -895,6 +918,8 @@ pub async fn up(opts: Options, wait: Option<Duration>) -> anyhow::Result<()> {
         membership.advertise_routes = opts.advertise_routes.clone();
         membership.dns = opts.dns;
         membership.hosts_file = opts.hosts_file;
+        membership.advertise_exits = opts.advertise_exits.clone();
+        membership.use_exits = opts.use_exits.clone();
         membership.auto_routes = opts.auto_routes.clone();
         opts.state.save_membership(&membership)?;
     }
@@ -906,7 +931,13 @@ pub async fn up(opts: Options, wait: Option<Duration>) -> anyhow::Result<()> {
     )?;
     let cached = opts.state.load_peers();
     info!(peers = cached.len(), "starting from saved state");
-    let _ = running.data_tx.send(DataCmd::SetPeers(cached)).await;
+    let _ = running
+        .data_tx
+        .send(DataCmd::SetPeers(crate::exits::with_exits(
+            cached,
+            &opts.use_exits,
+        )))
+        .await;
     let result = run(opts, membership, node_key, running, None).await;
     drop(lock);
     result
@@ -951,7 +982,8 @@ async fn run(
     // its peers, and what its peers route.
     let cached_states = opts.state.load_route_states();
     let own_routes = approved(&cached_states);
-    match mesh_sys::firewall::clamp_mss(&opts.interface, &own_routes) {
+    let (routed, exits) = split_exits(&cached_states);
+    match mesh_sys::firewall::clamp_mss(&opts.interface, &routed, &exits) {
         Ok(()) => debug!(interface = %opts.interface, "TCP MSS clamped to the route MTU"),
         Err(e) => warn!(error = %e, "no MSS clamping"),
     }
@@ -1097,7 +1129,23 @@ async fn run(
     } else {
         json!({"listening": null, "error": "off (--no-dns)"})
     };
+    // Exits this node chose: routed from the cached peer list until the controller speaks.
+    let initial_exits: Vec<ipnet::Ipv4Net> =
+        crate::exits::active(&opts.use_exits, &opts.state.load_peers())
+            .into_iter()
+            .filter(|(_, key)| key.is_some())
+            .map(|(u, _)| u.prefix)
+            .collect();
+    let (exit_routes_tx, exit_routes_rx) = watch::channel(initial_exits);
+    let exits_task = tokio::spawn(crate::exits::run(
+        opts.interface.clone(),
+        membership.address,
+        exit_routes_rx,
+    ));
     let ctx = ControlCtx {
+        exits: opts.advertise_exits.clone(),
+        uses: opts.use_exits.clone(),
+        exit_routes: exit_routes_tx,
         peer_names: peer_names_tx,
         aliases: aliases_tx,
         dialer: running.dialer.clone(),
@@ -1274,6 +1322,11 @@ async fn run(
                             dns["stats"] = json!(dns_stats.snapshot());
                             dns["hosts_file"] = json!(opts.hosts_file);
                             obj.insert("dns".into(), dns);
+                            let using: Vec<_> = crate::exits::active(&opts.use_exits, &opts.state.load_peers())
+                                .into_iter()
+                                .map(|(u, key)| json!({"prefix": u.prefix, "node": u.node, "active": key.is_some()}))
+                                .collect();
+                            obj.insert("exits".into(), json!({"offered": opts.advertise_exits, "using": using}));
                         }
                         api::write_response(&mut stream, &v).await;
                     }
@@ -1340,6 +1393,13 @@ async fn run(
     };
     info!("stopping");
     names_task.abort();
+    exits_task.abort();
+    if !opts.use_exits.is_empty() {
+        // Nothing may be routed into an interface nobody serves.
+        if let Err(e) = mesh_sys::exits::remove().await {
+            warn!(error = %e, "cannot remove the exit routes");
+        }
+    }
     route_task.abort();
     routes_task.abort();
     if let Some(t) = auto_task {
@@ -1498,6 +1558,25 @@ fn approved(states: &[mesh_proto::control::RouteState]) -> Vec<ipnet::Ipv4Net> {
         .collect()
 }
 
+/// The approved prefixes of this node: those of its site, and those it offers as an exit.
+fn split_exits(
+    states: &[mesh_proto::control::RouteState],
+) -> (Vec<ipnet::Ipv4Net>, Vec<ipnet::Ipv4Net>) {
+    let approved = states
+        .iter()
+        .filter(|s| s.state == mesh_proto::control::RouteStatus::Approved);
+    let (exits, routed): (Vec<_>, Vec<_>) = approved.partition(|s| s.exit);
+    (
+        routed.iter().map(|s| s.prefix).collect(),
+        exits.iter().map(|s| s.prefix).collect(),
+    )
+}
+
+/// Whether the kernel forwards IPv4 (what an exit needs).
+fn ip_forward_on() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "1")
+}
+
 /// Keeps the kernel's routes through the overlay interface equal to the prefixes the peers
 /// route (added with the node's overlay address as source, removed when withdrawn), and the
 /// node's own approved prefixes in the data plane and the forwarding guard (`own`: their
@@ -1549,10 +1628,15 @@ async fn sync_routes(
                 Err(e) => warn!(prefix = %new, error = %e, "cannot add a subnet route"),
             }
         }
-        let mine = approved(&own.borrow_and_update());
+        let states = own.borrow_and_update().clone();
+        let mine = approved(&states);
         if own_applied != mine {
-            if let Err(e) = mesh_sys::firewall::clamp_mss(&interface, &mine) {
+            let (routed, exits) = split_exits(&states);
+            if let Err(e) = mesh_sys::firewall::clamp_mss(&interface, &routed, &exits) {
                 warn!(error = %e, "cannot let the approved prefixes through the forwarding guard");
+            }
+            if !exits.is_empty() && !ip_forward_on() {
+                warn!(exits = ?exits, "this node is an approved exit but IPv4 forwarding is off, so peers' packets go nowhere: sysctl -w net.ipv4.ip_forward=1");
             }
             if !mine.is_empty() {
                 info!(prefixes = ?mine, "routing the approved prefixes for the peers");
@@ -1969,6 +2053,8 @@ mod tests {
             advertise_routes: None,
             dns: None,
             hosts_file: None,
+            advertise_exits: None,
+            use_exits: None,
             advertise_auto: None,
             pod_cidr_sources: (None, None),
         }

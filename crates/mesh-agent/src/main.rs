@@ -10,6 +10,7 @@ mod dataplane;
 mod dial;
 mod dns;
 mod doctor;
+mod exits;
 mod handover;
 mod hosts;
 mod kubeadm;
@@ -103,6 +104,21 @@ struct DaemonFlags {
     /// --no-port-mapping).
     #[arg(long, overrides_with = "no_port_mapping")]
     port_mapping: bool,
+    /// IPv4 prefixes this node offers as an exit, comma-separated: `0.0.0.0/0` for everything
+    /// (a site whose uplink reaches registries and mirrors others cannot). Approved like
+    /// routes; peers use an exit only when they choose it (--exit-node). The node masquerades
+    /// what it forwards there and needs net.ipv4.ip_forward=1. Saved; "" offers none.
+    #[arg(long, value_name = "PREFIX,...")]
+    advertise_exit: Option<String>,
+    /// Send everything without a more specific route through NODE's exit (which it offers
+    /// with --advertise-exit 0.0.0.0/0 and the controller approved); mesh's own traffic keeps
+    /// the underlay. Saved; "" stops.
+    #[arg(long, value_name = "NODE")]
+    exit_node: Option<String>,
+    /// Send these prefixes through a peer's exit: comma-separated "PREFIX via NODE" (e.g.
+    /// "198.51.100.0/24 via site-a"). Saved; "" for none.
+    #[arg(long, value_name = "\"PREFIX via NODE\",...")]
+    use_routes: Option<String>,
     /// Do not answer node names on the overlay address (by default the agent answers
     /// `<node>`, `<node>.<network>.mesh` and the network's names for several nodes there, on
     /// port 53, and refuses every other name). Saved with the node's state; `--dns` turns it
@@ -138,6 +154,9 @@ impl DaemonFlags {
             || self.no_port_mapping
             || self.port_mapping
             || self.advertise_routes.is_some()
+            || self.advertise_exit.is_some()
+            || self.exit_node.is_some()
+            || self.use_routes.is_some()
             || self.dns
             || self.no_dns
             || self.hosts_file
@@ -674,6 +693,21 @@ fn print_status(v: &serde_json::Value) {
     if let Some(line) = port_mapping_line(&v["port_mapping"]) {
         out(&format!("portmap   {line}"));
     }
+    for u in v["exits"]["using"].as_array().into_iter().flatten() {
+        out(&format!(
+            "exit      {} via {}{}",
+            s(&u["prefix"]),
+            s(&u["node"]),
+            if u["active"].as_bool() == Some(true) {
+                ""
+            } else {
+                " (not in use: that node offers no approved exit covering it)"
+            }
+        ));
+    }
+    for p in v["exits"]["offered"].as_array().into_iter().flatten() {
+        out(&format!("exit      {} offered to peers", s(p)));
+    }
     let dns = &v["dns"];
     if dns.is_object() {
         let how = [
@@ -909,7 +943,44 @@ fn daemon_options(
         (_, true) => Some(false),
         _ => file.hosts_file,
     };
+    let advertise_exits = match flags
+        .advertise_exit
+        .or_else(|| file.advertise_exits.clone())
+    {
+        Some(list) => {
+            let (prefixes, auto) = parse_prefixes(&list).context("invalid --advertise-exit")?;
+            if auto {
+                anyhow::bail!(
+                    "invalid --advertise-exit: `auto` applies to --advertise-routes only"
+                );
+            }
+            Some(prefixes)
+        }
+        None => None,
+    };
+    let exit_node = flags.exit_node.or_else(|| file.exit_node.clone());
+    let use_routes = flags.use_routes.or_else(|| file.use_routes.clone());
+    let use_exits = if exit_node.is_none() && use_routes.is_none() {
+        None
+    } else {
+        let mut uses = crate::exits::parse_uses(use_routes.as_deref().unwrap_or(""))
+            .map_err(|e| anyhow::anyhow!("invalid --use-routes: {e}"))?;
+        if let Some(node) = exit_node
+            .as_deref()
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+        {
+            uses.retain(|u| u.prefix.prefix_len() != 0);
+            uses.push(crate::exits::ExitUse {
+                prefix: ipnet::Ipv4Net::default(),
+                node: node.to_owned(),
+            });
+        }
+        Some(uses)
+    };
     Ok(daemon::Options {
+        advertise_exits,
+        use_exits,
         advertise_routes,
         dns,
         hosts_file,

@@ -126,6 +126,12 @@ pub struct Membership {
     /// Whether it keeps the node names in a block of /etc/hosts (`--hosts-file`).
     #[serde(default, skip_serializing_if = "is_no")]
     pub hosts_file: bool,
+    /// The prefixes it offers as an exit (`--advertise-exit`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub advertise_exits: Vec<mesh_proto::control::Ipv4Net>,
+    /// The prefixes it sends through a peer's exit (`--exit-node`, `--use-routes`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub use_exits: Vec<crate::exits::ExitUse>,
 }
 
 fn is_no(b: &bool) -> bool {
@@ -610,6 +616,8 @@ pub(crate) fn sample_membership() -> Membership {
         advertise_routes: Vec::new(),
         dns: true,
         hosts_file: false,
+        advertise_exits: Vec::new(),
+        use_exits: Vec::new(),
         auto_routes: None,
     }
 }
