@@ -129,15 +129,7 @@ async fn flush_table(handle: &Handle) {
         .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
         .execute();
     while let Ok(Some(msg)) = routes.try_next().await {
-        let table = msg
-            .attributes
-            .iter()
-            .find_map(|a| match a {
-                RouteAttribute::Table(t) => Some(*t),
-                _ => None,
-            })
-            .unwrap_or(u32::from(msg.header.table));
-        if table == TABLE {
+        if crate::netlink::table_of(&msg) == TABLE {
             ours.push(msg);
         }
     }

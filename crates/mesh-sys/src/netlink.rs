@@ -376,14 +376,7 @@ pub async fn local_networks() -> Result<Vec<LocalNetwork>, NetlinkError> {
         .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
         .execute();
     while let Ok(Some(msg)) = routes.try_next().await {
-        let table = msg
-            .attributes
-            .iter()
-            .find_map(|a| match a {
-                RouteAttribute::Table(t) => Some(*t),
-                _ => None,
-            })
-            .unwrap_or(u32::from(msg.header.table));
+        let table = table_of(&msg);
         if table != u32::from(RouteHeader::RT_TABLE_MAIN)
             || msg.header.destination_prefix_length == 0
         {
@@ -454,16 +447,22 @@ pub async fn has_address(name: &str, address: Ipv4Addr) -> Result<bool, NetlinkE
 /// wg-quick puts its own default route there). The table is the attribute when there is one
 /// (tables above 255), else the header's.
 fn is_main_default(msg: &rtnetlink::packet_route::route::RouteMessage) -> bool {
-    use rtnetlink::packet_route::route::{RouteAttribute, RouteHeader};
-    let table = msg
-        .attributes
+    use rtnetlink::packet_route::route::RouteHeader;
+    msg.header.destination_prefix_length == 0
+        && table_of(msg) == u32::from(RouteHeader::RT_TABLE_MAIN)
+}
+
+/// The routing table a route is in: the attribute when there is one (tables above 255), else
+/// the header's.
+pub(crate) fn table_of(msg: &rtnetlink::packet_route::route::RouteMessage) -> u32 {
+    use rtnetlink::packet_route::route::RouteAttribute;
+    msg.attributes
         .iter()
         .find_map(|a| match a {
             RouteAttribute::Table(t) => Some(*t),
             _ => None,
         })
-        .unwrap_or(u32::from(msg.header.table));
-    msg.header.destination_prefix_length == 0 && table == u32::from(RouteHeader::RT_TABLE_MAIN)
+        .unwrap_or(u32::from(msg.header.table))
 }
 
 /// The IPv4 gateway of the main table's default route (the one with the lowest metric when
