@@ -349,6 +349,50 @@ fn a_rate_limited_direct_path_with_bulk_traffic_moves_to_the_relay() {
     }
 }
 
+/// The direct path is cut for 20 s (longer than the quality window) under traffic, then comes
+/// back whole: the pair goes back to it at once, and the probes that failed during the outage
+/// do not send it away again for quality (the e2e `path_recovery` test saw that happen under
+/// load: direct again, then the relay for a whole hold time).
+#[test]
+fn a_path_back_from_a_long_outage_is_not_judged_by_the_outage() {
+    for seed in SEEDS {
+        let mut p = Pair::new(seed);
+        p.traffic(Duration::from_secs(15), true);
+        p.direct_loss(Some(LinkLoss::Random(1.0)), Some(LinkLoss::Random(1.0)));
+        p.traffic(Duration::from_secs(20), true);
+        assert_eq!(
+            p.path(p.a, p.b),
+            Path::Relay,
+            "seed {seed}: the cut moves a to the relay"
+        );
+        p.direct_loss(None, None);
+        let took = p
+            .traffic_until(
+                p.a,
+                |p, x| is_direct(&p.path(x, p.peer_of(x))),
+                Duration::from_secs(15),
+                true,
+            )
+            .unwrap_or_else(|| panic!("seed {seed}: not direct within 15 s of the path's return"));
+        p.traffic(Duration::from_secs(30), true);
+        assert!(
+            is_direct(&p.path(p.a, p.b)) && is_direct(&p.path(p.b, p.a)),
+            "seed {seed}: left the direct path again"
+        );
+        assert_eq!(
+            p.switches(p.a).0,
+            0,
+            "seed {seed}: a switched to the relay for quality"
+        );
+        assert_eq!(
+            p.switches(p.b).0,
+            0,
+            "seed {seed}: b switched to the relay for quality"
+        );
+        eprintln!("seed {seed}: direct again {took:?} after the outage");
+    }
+}
+
 #[test]
 fn a_recovered_direct_path_is_taken_back() {
     for seed in SEEDS {

@@ -141,6 +141,11 @@ impl Window {
         self.since = now;
     }
 
+    /// How long the window is.
+    pub(crate) fn length(&self) -> Duration {
+        self.width * BUCKETS as u32
+    }
+
     fn slot(&self, now: Instant) -> u32 {
         let n = now.saturating_duration_since(self.origin).as_nanos() / self.width.as_nanos();
         u32::try_from(n).unwrap_or(u32::MAX)
@@ -266,8 +271,10 @@ pub(crate) struct Measure {
     pub(crate) reported_at: Option<Instant>,
     /// Number of the next loss report.
     pub(crate) next_report: u16,
-    /// The direct endpoint the direct window measures.
+    /// The direct endpoint the direct window measures (`None`: none yet, or the path died).
     direct_endpoint: Option<Endpoint>,
+    /// Since when the direct path is dead, while it is.
+    died_at: Option<Instant>,
 }
 
 impl Measure {
@@ -289,6 +296,7 @@ impl Measure {
             reported_at: None,
             next_report: 0,
             direct_endpoint: None,
+            died_at: None,
         }
     }
 
@@ -321,14 +329,31 @@ impl Measure {
         }
     }
 
-    /// The direct path is `endpoint` now: a new one starts the direct window over.
+    /// The direct path is `endpoint` now (`None`: it is dead). A new endpoint starts the direct
+    /// window over. So does the same endpoint coming back after it was dead for a whole window:
+    /// then the window holds nothing but the outage, which was already acted on, not the
+    /// quality of the path that returned (it would keep a recovered path on the relay for a
+    /// whole hold time). After a shorter death (loss in bursts) the window goes on: the bursts
+    /// are the path's quality.
     pub(crate) fn direct_is(&mut self, endpoint: Option<Endpoint>, now: Instant) {
-        if endpoint.is_some() && endpoint != self.direct_endpoint {
-            if self.direct_endpoint.is_some() {
-                self.windows[Leg::Direct as usize].restart(now);
+        let Some(endpoint) = endpoint else {
+            if self.direct_endpoint.is_some() && self.died_at.is_none() {
+                self.died_at = Some(now);
             }
-            self.direct_endpoint = endpoint;
+            return;
+        };
+        let died_at = self.died_at.take();
+        match self.direct_endpoint {
+            Some(old) if old != endpoint => self.windows[Leg::Direct as usize].restart(now),
+            Some(_) => {
+                let window = self.windows[Leg::Direct as usize].length();
+                if died_at.is_some_and(|d| now.saturating_duration_since(d) >= window) {
+                    self.windows[Leg::Direct as usize].restart(now);
+                }
+            }
+            None => {}
         }
+        self.direct_endpoint = Some(endpoint);
     }
 
     /// A quality probe with `id` went on `leg` now. (With all slots taken, the oldest is
@@ -637,10 +662,26 @@ mod tests {
         };
         m.direct_is(Some(a), t0);
         m.window(Leg::Direct).reported(100, 50, t0);
-        m.direct_is(None, t0 + SEC);
+        // The same endpoint, still alive: the window goes on.
         m.direct_is(Some(a), t0 + SEC);
         assert_eq!(m.estimate(Leg::Direct, &config, t0 + SEC).loss, Some(0.5));
-        m.direct_is(Some(b), t0 + 2 * SEC);
-        assert_eq!(m.estimate(Leg::Direct, &config, t0 + 2 * SEC).loss, None);
+        // Dead for a second (loss in bursts) and back: the window goes on.
+        m.direct_is(None, t0 + SEC);
+        m.direct_is(Some(a), t0 + 2 * SEC);
+        assert_eq!(
+            m.estimate(Leg::Direct, &config, t0 + 2 * SEC).loss,
+            Some(0.5)
+        );
+        // Dead for a whole window (the probes of the outage fail) and back: the window starts
+        // over, the outage is not its quality.
+        let back = t0 + 2 * SEC + config.window;
+        m.direct_is(None, t0 + 2 * SEC);
+        m.window(Leg::Direct).reported(100, 0, back - SEC);
+        m.direct_is(Some(a), back);
+        assert_eq!(m.estimate(Leg::Direct, &config, back).loss, None);
+        m.window(Leg::Direct).reported(100, 50, back);
+        // Another endpoint: over again.
+        m.direct_is(Some(b), back + SEC);
+        assert_eq!(m.estimate(Leg::Direct, &config, back + SEC).loss, None);
     }
 }
