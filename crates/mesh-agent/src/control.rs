@@ -446,11 +446,7 @@ async fn publish(
         *names = now;
         changed
     });
-    let active: Vec<Ipv4Net> = crate::exits::active(&ctx.uses, &list)
-        .into_iter()
-        .filter(|(_, key)| key.is_some())
-        .map(|(u, _)| u.prefix)
-        .collect();
+    let active = crate::exits::in_use(&ctx.uses, &list);
     ctx.exit_routes.send_if_modified(|now| {
         let changed = *now != active;
         *now = active;

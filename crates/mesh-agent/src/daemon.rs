@@ -981,6 +981,9 @@ async fn run(
     // Subnet routes from the caches until the controller speaks: what this node may route for
     // its peers, and what its peers route.
     let cached_states = opts.state.load_route_states();
+    // The cached peer list, read once: the routes, names and exits it gives until the
+    // controller speaks.
+    let cached_peers = opts.state.load_peers();
     let own_routes = approved(&cached_states);
     let (routed, exits) = split_exits(&cached_states);
     match mesh_sys::firewall::clamp_mss(&opts.interface, &routed, &exits) {
@@ -1001,8 +1004,7 @@ async fn run(
         None => (None, None),
     };
     let (route_states_tx, route_states_rx) = watch::channel(cached_states);
-    let (peer_routes_tx, peer_routes_rx) =
-        watch::channel(control::routes_of(&opts.state.load_peers()));
+    let (peer_routes_tx, peer_routes_rx) = watch::channel(control::routes_of(&cached_peers));
     let routes_task = tokio::spawn(sync_routes(
         opts.interface.clone(),
         membership.address,
@@ -1079,8 +1081,7 @@ async fn run(
     };
     // Node names: the peers' and the network's names for several nodes, from the caches until
     // the controller speaks; the responder on the overlay address and the hosts block follow.
-    let (peer_names_tx, peer_names_rx) =
-        watch::channel(control::names_of(&opts.state.load_peers()));
+    let (peer_names_tx, peer_names_rx) = watch::channel(control::names_of(&cached_peers));
     let (aliases_tx, aliases_rx) = watch::channel(opts.state.load_names());
     let (names_tx, names_rx) = watch::channel(Arc::new(crate::dns::NameTable::default()));
     let names_task = tokio::spawn(crate::names::run(
@@ -1130,12 +1131,7 @@ async fn run(
         json!({"listening": null, "error": "off (--no-dns)"})
     };
     // Exits this node chose: routed from the cached peer list until the controller speaks.
-    let initial_exits: Vec<ipnet::Ipv4Net> =
-        crate::exits::active(&opts.use_exits, &opts.state.load_peers())
-            .into_iter()
-            .filter(|(_, key)| key.is_some())
-            .map(|(u, _)| u.prefix)
-            .collect();
+    let initial_exits = crate::exits::in_use(&opts.use_exits, &cached_peers);
     let (exit_routes_tx, exit_routes_rx) = watch::channel(initial_exits);
     let exits_task = tokio::spawn(crate::exits::run(
         opts.interface.clone(),

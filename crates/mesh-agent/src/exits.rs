@@ -78,6 +78,15 @@ pub fn active(
         .collect()
 }
 
+/// The prefixes in use: those an approved exit of the named peer covers now.
+pub fn in_use(uses: &[ExitUse], peers: &[PeerInfo]) -> Vec<Ipv4Net> {
+    active(uses, peers)
+        .into_iter()
+        .filter(|(_, key)| key.is_some())
+        .map(|(u, _)| u.prefix)
+        .collect()
+}
+
 /// The peer list as the data plane gets it: each exit's used prefixes among its routes, so
 /// that packets to them go to it and it may answer from them.
 pub fn with_exits(mut peers: Vec<PeerInfo>, uses: &[ExitUse]) -> Vec<PeerInfo> {
