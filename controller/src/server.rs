@@ -99,7 +99,8 @@ pub const ASK_RATE: f64 = 10.0;
 const ASK_SOURCES: usize = 4096;
 
 /// Per source address: a burst of join requests, then [`ASK_RATE`] per second. Bounded in
-/// memory whatever the number of addresses.
+/// memory whatever the number of addresses. An IPv6 source counts by its /64: one host
+/// usually holds a whole /64 and could otherwise take a fresh address per request.
 #[derive(Debug, Default)]
 pub struct AskLimiter {
     sources: HashMap<std::net::IpAddr, (f64, Instant)>,
@@ -108,6 +109,12 @@ pub struct AskLimiter {
 impl AskLimiter {
     /// Whether a join request from `ip` at `now` may be handled.
     pub fn allow(&mut self, ip: std::net::IpAddr, now: Instant) -> bool {
+        let ip = match ip.to_canonical() {
+            std::net::IpAddr::V6(v6) => {
+                std::net::IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into())
+            }
+            v4 => v4,
+        };
         if self.sources.len() >= ASK_SOURCES && !self.sources.contains_key(&ip) {
             // Forget the addresses whose buckets are full again: they cost nothing to rebuild.
             let full_after = Duration::from_secs_f64(ASK_BURST / ASK_RATE);
@@ -1551,6 +1558,14 @@ mod tests {
             l.allow(ip, later);
         }
         assert!(l.sources.len() <= ASK_SOURCES);
+        // Every address of one IPv6 /64 shares one bucket.
+        let mut l = AskLimiter::default();
+        let host =
+            |i: u16| std::net::IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 1, 0, 0, 0, i));
+        let spread = (0..100).filter(|i| l.allow(host(*i), later)).count();
+        assert_eq!(spread, ASK_BURST as usize);
+        let other = std::net::IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 2, 0, 0, 0, 1));
+        assert!(l.allow(other, later), "another /64 has its own");
     }
 
     fn public(seed: u8) -> PublicKey {
