@@ -1185,12 +1185,13 @@ enum NoAddress {
     #[error("no controller address known: start `mesh-controller serve --listen <ip:port>` with this state dir first, or pass --controller <ip:port>")]
     NotServed,
     /// `serve` listens on a wildcard address.
-    #[error("the controller listens on {0}, which nodes cannot dial; pass the address nodes should use with --controller <ip:port>")]
+    #[error("the controller listens on {0}, which nodes cannot dial; pass the address nodes should use with --controller <ip:port> (or start serve with --announce <ip:port>,...)")]
     Unspecified(SocketAddr),
 }
 
 /// Where nodes reach this controller, as join tokens and network ids carry it: `controller`
-/// (`--controller`) or the address `serve` listens on; `controller_tcp` (`--controller-tcp`,
+/// (`--controller`), the address `serve` listens on, or (when that is a wildcard) the first one
+/// `serve --announce` names; `controller_tcp` (`--controller-tcp`,
 /// `none` for no TCP) or that address's host with the TCP port `serve` listens on, if it does;
 /// besides, the other addresses `serve` announces. Fails with [`NoAddress`] when no address
 /// nodes can dial is known.
@@ -1207,7 +1208,11 @@ fn controller_ref(
         }
         None => match state.wait_listen_addr() {
             Some(a) if !a.ip().is_unspecified() => a.to_string(),
-            Some(a) => return Err(NoAddress::Unspecified(a).into()),
+            // Listening on every address: the first one `serve --announce` names, if any.
+            Some(a) => match state.announced().into_iter().find(|x| is_host_port(x)) {
+                Some(first) => first,
+                None => return Err(NoAddress::Unspecified(a).into()),
+            },
             None => return Err(NoAddress::NotServed.into()),
         },
     };
@@ -1465,6 +1470,12 @@ mod tests {
             matches!(e.downcast_ref(), Some(NoAddress::Unspecified(_))),
             "{e}"
         );
+        // On every address, with addresses announced: the first of them, the rest besides.
+        let both = ["[2001:db8::1]:7443", "192.0.2.1:7443"].map(String::from);
+        state.write_announced(&both).unwrap();
+        let c = controller_ref(&state, None, None).unwrap();
+        assert_eq!(c.addr, "[2001:db8::1]:7443");
+        assert_eq!(c.others, ["192.0.2.1:7443"]);
         state
             .write_listen_addr("192.0.2.1:7443".parse().unwrap())
             .unwrap();

@@ -1243,6 +1243,7 @@ async fn run(
     let overlay_task = tokio::spawn(watch_overlay(
         opts.interface.clone(),
         overlay_range(&membership),
+        running.port.clone(),
         running.data_tx.clone(),
         overlay_status.clone(),
         (opts.endpoint_interfaces.clone(), endpoint_status.clone()),
@@ -1685,6 +1686,7 @@ const OVERLAY_VIEW_INTERVAL: Duration = Duration::from_secs(2);
 async fn watch_overlay(
     interface: String,
     overlay: ipnet::Ipv4Net,
+    port: UdpPort,
     data: mpsc::Sender<DataCmd>,
     status: Arc<Mutex<OverlayStatus>>,
     endpoints: (EndpointInterfaces, Arc<Mutex<EndpointInterfacesStatus>>),
@@ -1736,6 +1738,16 @@ async fn watch_overlay(
                     e.offered = offered;
                     e.skipped = skipped;
                 }
+                // Datagrams to IPv6 peers leave from an address they were told about.
+                port.set_ipv6_sources(
+                    candidates::offered(&view.candidates, &list)
+                        .iter()
+                        .filter_map(|a| match a.address {
+                            std::net::IpAddr::V6(v6) if !a.temporary => Some(v6),
+                            _ => None,
+                        })
+                        .collect(),
+                );
                 if data
                     .send(DataCmd::SetExcluded(view.excluded.clone()))
                     .await

@@ -10,8 +10,9 @@
 use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
 use std::fmt;
 use std::io::{self, IoSliceMut};
-use std::net::{SocketAddr, SocketAddrV6};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::pin::Pin;
+use std::sync::RwLock;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tokio::io::Interest;
@@ -31,6 +32,9 @@ struct Inner {
     state: UdpSocketState,
     /// An IPv6 socket (dual-stack): IPv4 destinations are sent to as IPv4-mapped addresses.
     v6: bool,
+    /// The IPv6 addresses datagrams to IPv6 destinations leave from (see
+    /// [`UdpPort::set_ipv6_sources`]); empty: the kernel's choice.
+    sources6: RwLock<Vec<Ipv6Addr>>,
 }
 
 impl fmt::Debug for UdpPort {
@@ -66,8 +70,39 @@ impl UdpPort {
         let state = UdpSocketState::new((&std).into())?;
         let io = tokio::net::UdpSocket::from_std(std)?;
         Ok(UdpPort {
-            inner: Arc::new(Inner { io, state, v6 }),
+            inner: Arc::new(Inner {
+                io,
+                state,
+                v6,
+                sources6: RwLock::new(Vec::new()),
+            }),
         })
+    }
+
+    /// The node's own IPv6 addresses that it offers its peers: every datagram to an IPv6
+    /// destination leaves from the one that shares the longest prefix with it. Linux would
+    /// otherwise pick a temporary (privacy) address where `use_tempaddr=2` prefers them, which
+    /// no peer was told about, so stateful firewalls on both sides drop the crossing probes.
+    pub fn set_ipv6_sources(&self, sources: Vec<Ipv6Addr>) {
+        if let Ok(mut s) = self.inner.sources6.write() {
+            *s = sources;
+        }
+    }
+
+    /// The source for a datagram to `dst` (see [`UdpPort::set_ipv6_sources`]).
+    fn source_for(&self, dst: SocketAddr) -> Option<IpAddr> {
+        let SocketAddr::V6(d) = dst else {
+            return None;
+        };
+        if d.ip().to_ipv4_mapped().is_some() {
+            return None;
+        }
+        let sources = self.inner.sources6.read().ok()?;
+        let common = |s: &Ipv6Addr| (u128::from(*s) ^ u128::from(*d.ip())).leading_zeros();
+        sources
+            .iter()
+            .max_by_key(|s| common(s))
+            .map(|s| IpAddr::V6(*s))
     }
 
     /// Whether the socket carries IPv6 (it is dual-stack then).
@@ -152,7 +187,7 @@ impl UdpPort {
             ecn: None,
             contents: batch.contents,
             segment_size: batch.segment_size,
-            src_ip: None,
+            src_ip: self.source_for(batch.dst),
         };
         let mut retried = false;
         loop {
@@ -176,10 +211,22 @@ impl UdpPort {
         use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, SockaddrIn, SockaddrIn6};
         use std::os::fd::AsRawFd;
         let ttl = i32::from(ttl);
-        let cmsg = [match dst {
+        let source = match self.source_for(dst) {
+            Some(IpAddr::V6(s)) => Some(nix::libc::in6_pktinfo {
+                ipi6_ifindex: 0,
+                ipi6_addr: nix::libc::in6_addr {
+                    s6_addr: s.octets(),
+                },
+            }),
+            _ => None,
+        };
+        let mut cmsg = vec![match dst {
             SocketAddr::V4(_) => ControlMessage::Ipv4Ttl(&ttl),
             SocketAddr::V6(_) => ControlMessage::Ipv6HopLimit(&ttl),
         }];
+        if let Some(info) = source.as_ref() {
+            cmsg.push(ControlMessage::Ipv6PacketInfo(info));
+        }
         let iov = [io::IoSlice::new(contents)];
         let (v4, v6) = match self.socket_form(dst) {
             SocketAddr::V4(a) => (Some(SockaddrIn::from(a)), None),
@@ -224,10 +271,15 @@ impl UdpPort {
     }
 }
 
+/// `addr` with an IPv4-mapped IPv6 address turned back into the IPv4 one.
+fn canonical_addr(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
 /// Turns the senders of the first `n` received datagrams into their canonical form; returns `n`.
 fn canonical_meta(meta: &mut [RecvMeta], n: usize) -> usize {
     for m in meta.iter_mut().take(n) {
-        m.addr = SocketAddr::new(m.addr.ip().to_canonical(), m.addr.port());
+        m.addr = canonical_addr(m.addr);
         m.dst_ip = m.dst_ip.map(|ip| ip.to_canonical());
     }
     n
@@ -290,6 +342,17 @@ impl quinn::AsyncUdpSocket for QuicSocket {
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
         let inner = &self.port.inner;
+        let sourced;
+        let transmit = match self.port.source_for(canonical_addr(transmit.destination)) {
+            Some(src) if transmit.src_ip.is_none() => {
+                sourced = Transmit {
+                    src_ip: Some(src),
+                    ..*transmit
+                };
+                &sourced
+            }
+            _ => transmit,
+        };
         inner.io.try_io(Interest::WRITABLE, || {
             inner.state.send((&inner.io).into(), transmit)
         })
