@@ -529,3 +529,54 @@ fn ipv6_sites_are_routed_without_nat_behind_stateful_firewalls_that_a_punch_open
         "{shown}"
     );
 }
+
+/// Round trip of one ping from `host` to `to` in ms (`None`: no answer).
+fn rtt_ms(host: &Host, to: &str) -> Option<f64> {
+    let out = host.run("ping", ["-n", "-c", "1", "-W", "2", to]);
+    out.stdout
+        .split("time=")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[test]
+fn the_ipv6_delay_box_slows_ipv6_between_its_hosts_and_nothing_else() {
+    let mut nat = NatLab::new("v6-delay").unwrap();
+    let p = nat.add_public_host_with("p", Stack::DualStack).unwrap();
+    let q = nat.add_public_host_with("q", Stack::DualStack).unwrap();
+    let ctl6 = nat.controller_ipv6().unwrap();
+    let q6 = q.ip6.unwrap().to_string();
+    let fast = rtt_ms(&p, &q6).unwrap();
+    let mut delay = nat
+        .delay_ipv6(
+            std::path::Path::new(env!("CARGO_BIN_EXE_mesh-e2e-tundelay")),
+            &[&p, &q],
+            40,
+        )
+        .unwrap();
+    let slow = rtt_ms(&p, &q6);
+    let v4 = rtt_ms(&p, &q.ip.to_string());
+    let other = rtt_ms(&p, &ctl6.to_string());
+    eprintln!(
+        "ping p -> q: IPv6 {fast} ms, delayed {slow:?} ms; IPv4 {v4:?} ms; p -> ctl {other:?} ms"
+    );
+    // 40 ms each way, and the box is the only thing that delays.
+    assert!(
+        slow.is_some_and(|ms| (80.0..200.0).contains(&ms)),
+        "{slow:?}"
+    );
+    assert!(v4.is_some_and(|ms| ms < 40.0), "IPv4 was delayed: {v4:?}");
+    assert!(
+        other.is_some_and(|ms| ms < 40.0),
+        "other IPv6 was delayed: {other:?}"
+    );
+    delay.remove().unwrap();
+    let again = rtt_ms(&p, &q6);
+    assert!(
+        again.is_some_and(|ms| ms < 40.0),
+        "still delayed: {again:?}"
+    );
+}
