@@ -134,6 +134,9 @@ fn controller(nat: &NatLab) -> (Controller, String) {
 fn nodes_behind_symmetric_nats_with_global_ipv6_go_direct_over_ipv6_within_5s() {
     let mut nat = NatLab::new("v6-direct").unwrap();
     let (_r1, a_host, _r2, b_host) = two_sites(&mut nat, NatKind::Symmetric);
+    // b also has a privacy address, as most desktops and phones do.
+    let b_temporary = nat.add_temporary_address(&b_host).unwrap();
+    let b_stable = b_host.ip6.unwrap();
     let (_ctl, token) = controller(&nat);
     let a = Agent::join(nat.lab(), &a_host, "a", &token).unwrap();
     let b = Agent::join(nat.lab(), &b_host, "b", &token).unwrap();
@@ -155,10 +158,10 @@ fn nodes_behind_symmetric_nats_with_global_ipv6_go_direct_over_ipv6_within_5s() 
         both_statuses(&a, &b)
     );
     // The endpoints are the peers' own global addresses (no NAT for IPv6).
-    assert_eq!(
-        on_a.endpoint.map(|e| e.ip()),
-        b_host.ip6.map(IpAddr::V6),
-        "{on_a:?}"
+    assert!(
+        on_a.endpoint
+            .is_some_and(|e| [IpAddr::V6(b_stable), IpAddr::V6(b_temporary)].contains(&e.ip())),
+        "a does not use one of b's addresses {b_stable}, {b_temporary}: {on_a:?}"
     );
     assert_eq!(
         on_b.endpoint.map(|e| e.ip()),
@@ -170,6 +173,26 @@ fn nodes_behind_symmetric_nats_with_global_ipv6_go_direct_over_ipv6_within_5s() 
         seen(&a, "b").direct_v6() && seen(&b, "a").direct_v6(),
         "the overlay ping moved the pair off IPv6:\n{}",
         both_statuses(&a, &b)
+    );
+
+    // What b offers: its global addresses, the stable one before the temporary one, and no
+    // link-local address.
+    let offered: Vec<SocketAddr> = a.peer("b").unwrap()["candidates"]
+        .as_array()
+        .map(|c| c.iter().filter_map(|e| e.as_str()?.parse().ok()).collect())
+        .unwrap_or_default();
+    let at = |ip: std::net::Ipv6Addr| offered.iter().position(|c| c.ip() == IpAddr::V6(ip));
+    assert!(
+        offered.iter().all(|c| match c.ip() {
+            IpAddr::V6(ip) => ip.segments()[0] & 0xffc0 != 0xfe80,
+            IpAddr::V4(_) => true,
+        }),
+        "b offers a link-local address: {offered:?}"
+    );
+    assert!(
+        matches!((at(b_stable), at(b_temporary)), (Some(s), Some(t)) if s < t),
+        "b does not offer its stable address {b_stable} before its temporary one {b_temporary}: \
+         {offered:?}"
     );
 }
 
