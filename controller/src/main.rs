@@ -36,7 +36,8 @@ struct Cli {
 enum Command {
     /// Serve the control API over QUIC (foreground).
     Serve {
-        /// UDP address to listen on [default: 0.0.0.0:7443].
+        /// UDP address to listen on [default: [::]:7443, both IPv6 and IPv4 (IPv4 alone where the
+        /// kernel has no IPv6)].
         #[arg(long)]
         listen: Option<SocketAddr>,
         /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9102 [default: off].
@@ -65,7 +66,7 @@ enum Command {
     /// Run a standalone relay (one region) in the foreground. Register it on the controller
     /// with `mesh-controller region add`.
     Relay {
-        /// UDP address to listen on [default: 0.0.0.0:7444].
+        /// UDP address to listen on [default: [::]:7444, both families as for `serve`].
         #[arg(long)]
         listen: Option<SocketAddr>,
         /// Public key of the controller whose tickets this relay honours
@@ -522,7 +523,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("invalid controller key: {e}"))?;
             let listen = listen
                 .or(file.listen)
-                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 7444)));
+                .unwrap_or_else(|| mesh_control::net::any(7444));
             let metrics_listen = match metrics_listen {
                 Some(a) => Some(a),
                 None => parse_metrics_listen(file.metrics_listen.as_deref())?,
@@ -668,7 +669,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let listen = listen
                 .or(file.listen)
-                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 7443)));
+                .unwrap_or_else(|| mesh_control::net::any(7443));
             let metrics_listen = match metrics_listen {
                 Some(a) => Some(a),
                 None => parse_metrics_listen(file.metrics_listen.as_deref())?,

@@ -269,7 +269,8 @@ impl Controller {
         observer: Option<SocketAddr>,
         limits: ServerLimits,
     ) -> anyhow::Result<Controller> {
-        let observer = observer.and_then(|addr| match std::net::UdpSocket::bind(addr)
+        let bind = |addr| mesh_control::net::with_ipv4_fallback(addr, mesh_control::net::bind_udp);
+        let observer = observer.and_then(|addr| match bind(addr)
             .and_then(|s| {
                 s.set_nonblocking(true)?;
                 tokio::net::UdpSocket::from_std(s)
@@ -420,7 +421,10 @@ async fn observe(socket: tokio::net::UdpSocket) {
         };
         if let Some(id) = mesh_proto::stun::parse_request(&buf[..n]) {
             let _ = socket
-                .send_to(&mesh_proto::stun::answer(id, from), from)
+                .send_to(
+                    &mesh_proto::stun::answer(id, mesh_control::net::canonical(from)),
+                    from,
+                )
                 .await;
         }
     }

@@ -15,9 +15,11 @@
 //! - [`tcp`]: the TCP transport: dialing (directly or through an HTTP proxy), listening,
 //!   framing.
 //! - [`channel`]: the Noise channel: handshake, then length-bounded encrypted messages.
+//! - [`net`]: sockets of both address families (dual-stack binds, canonical addresses).
 
 pub mod channel;
 pub mod link;
+pub mod net;
 pub mod quic;
 pub mod tcp;
 

@@ -122,10 +122,10 @@ impl Link {
 
     /// The other side's address (for a TCP link through a proxy: the proxy's, on the node).
     pub fn remote_address(&self) -> SocketAddr {
-        match self {
+        crate::net::canonical(match self {
             Link::Quic(c) => c.remote_address(),
             Link::Tcp(c) => c.remote_address(),
-        }
+        })
     }
 
     /// On a server: the node's UDP mapping as seen here, which peers may use as an endpoint
@@ -133,7 +133,7 @@ impl Link {
     /// node's UDP socket.
     pub fn observed_udp(&self) -> Option<SocketAddr> {
         match self {
-            Link::Quic(c) => Some(c.remote_address()),
+            Link::Quic(c) => Some(crate::net::canonical(c.remote_address())),
             Link::Tcp(_) => None,
         }
     }

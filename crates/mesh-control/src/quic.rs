@@ -130,7 +130,7 @@ pub fn bind_server(
     listen: std::net::SocketAddr,
     secret: &[u8; 32],
 ) -> Result<quinn::Endpoint, ConfigError> {
-    let socket = std::net::UdpSocket::bind(listen)
+    let socket = crate::net::with_ipv4_fallback(listen, crate::net::bind_udp)
         .map_err(|e| err(format!("cannot listen on {listen}: {e}")))?;
     quinn::Endpoint::new(
         controller_endpoint_config(secret),
@@ -144,8 +144,8 @@ pub fn bind_server(
 /// A client-only endpoint on its own socket bound to `bind` (the agent's shared socket uses
 /// [`endpoint_config`] with its own socket adapter instead): for one-shot commands and tests.
 pub fn bind_client(bind: std::net::SocketAddr) -> Result<quinn::Endpoint, ConfigError> {
-    let socket =
-        std::net::UdpSocket::bind(bind).map_err(|e| err(format!("cannot bind {bind}: {e}")))?;
+    let socket = crate::net::with_ipv4_fallback(bind, crate::net::bind_udp)
+        .map_err(|e| err(format!("cannot bind {bind}: {e}")))?;
     let mut endpoint = quinn::Endpoint::new(
         endpoint_config(),
         None,

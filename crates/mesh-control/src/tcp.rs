@@ -361,18 +361,29 @@ pub struct Listener {
     tls: tokio_rustls::TlsAcceptor,
 }
 
+/// A listening TCP socket on `listen` (nonblocking, address reuse; an unspecified IPv6 address
+/// takes both families).
+fn bind_tcp(listen: SocketAddr) -> std::io::Result<socket2::Socket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(listen),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    if let SocketAddr::V6(v6) = listen {
+        socket.set_only_v6(!v6.ip().is_unspecified())?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&listen.into())?;
+    socket.listen(1024)?;
+    Ok(socket)
+}
+
 impl Listener {
-    /// Binds `listen`. Must be called inside a tokio runtime.
+    /// Binds `listen`. Must be called inside a tokio runtime. An unspecified IPv6 address (`[::]:443`) listens on both families, IPv4 alone where
+    /// the kernel has no IPv6.
     pub fn bind(listen: SocketAddr) -> std::io::Result<Listener> {
-        let socket = socket2::Socket::new(
-            socket2::Domain::for_address(listen),
-            socket2::Type::STREAM,
-            Some(socket2::Protocol::TCP),
-        )?;
-        socket.set_reuse_address(true)?;
-        socket.set_nonblocking(true)?;
-        socket.bind(&listen.into())?;
-        socket.listen(1024)?;
+        let socket = crate::net::with_ipv4_fallback(listen, bind_tcp)?;
         let listener = tokio::net::TcpListener::from_std(socket.into())?;
         let tls = quic::tls_server(ALPN).map_err(std::io::Error::other)?;
         Ok(Listener {
@@ -391,7 +402,7 @@ impl Listener {
         let (s, remote) = self.listener.accept().await?;
         let _ = s.set_nodelay(true);
         let _ = socket2::SockRef::from(&s).set_send_buffer_size(SEND_BUFFER);
-        Ok((s, remote))
+        Ok((s, crate::net::canonical(remote)))
     }
 
     /// What turns an accepted connection into a link, for the connection's own task.

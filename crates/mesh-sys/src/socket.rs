@@ -1,9 +1,16 @@
 //! The node's one UDP socket and the QUIC endpoint that rides on it.
+//!
+//! The socket is dual-stack where the host has IPv6 (`[::]:port` with `IPV6_V6ONLY` off), so
+//! WireGuard, QUIC and STUN of both families share one port and one demultiplexer. The kernel
+//! names IPv4 senders of such a socket by IPv4-mapped IPv6 addresses (`::ffff:192.0.2.1`);
+//! [`UdpPort`] turns them back into plain IPv4 addresses on receive and maps them again on send,
+//! so the rest of the node only ever sees one form of each address. quinn maps IPv4 addresses
+//! itself on an IPv6 socket, so its side ([`QuicSocket`]) is handed the mapped form.
 
 use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
 use std::fmt;
 use std::io::{self, IoSliceMut};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV6};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -22,6 +29,8 @@ pub struct UdpPort {
 struct Inner {
     io: tokio::net::UdpSocket,
     state: UdpSocketState,
+    /// An IPv6 socket (dual-stack): IPv4 destinations are sent to as IPv4-mapped addresses.
+    v6: bool,
 }
 
 impl fmt::Debug for UdpPort {
@@ -44,15 +53,26 @@ pub struct Batch<'a> {
 }
 
 impl UdpPort {
-    /// Binds the socket. Must run inside a tokio runtime.
+    /// Binds the socket to `addr`. Must run inside a tokio runtime.
     pub fn bind(addr: SocketAddr) -> io::Result<UdpPort> {
-        let std = std::net::UdpSocket::bind(addr)?;
+        UdpPort::from_std(std::net::UdpSocket::bind(addr)?)
+    }
+
+    /// Takes over a bound socket (a dual-stack one from `mesh_control::net::bind_udp_dual_stack`,
+    /// say). Must run inside a tokio runtime.
+    pub fn from_std(std: std::net::UdpSocket) -> io::Result<UdpPort> {
         std.set_nonblocking(true)?;
+        let v6 = std.local_addr()?.is_ipv6();
         let state = UdpSocketState::new((&std).into())?;
         let io = tokio::net::UdpSocket::from_std(std)?;
         Ok(UdpPort {
-            inner: Arc::new(Inner { io, state }),
+            inner: Arc::new(Inner { io, state, v6 }),
         })
+    }
+
+    /// Whether the socket carries IPv6 (it is dual-stack then).
+    pub fn is_dual_stack(&self) -> bool {
+        self.inner.v6
     }
 
     /// Marks the socket's packets with [`crate::bypass::MARK`] so that they never enter the
@@ -88,7 +108,7 @@ impl UdpPort {
             match self.inner.io.try_io(Interest::READABLE, || {
                 self.inner.state.recv((&self.inner.io).into(), bufs, meta)
             }) {
-                Ok(n) => return Ok(n),
+                Ok(n) => return Ok(canonical_meta(meta, n)),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
             }
@@ -101,9 +121,22 @@ impl UdpPort {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> io::Result<usize> {
-        self.inner.io.try_io(Interest::READABLE, || {
-            self.inner.state.recv((&self.inner.io).into(), bufs, meta)
-        })
+        self.inner
+            .io
+            .try_io(Interest::READABLE, || {
+                self.inner.state.recv((&self.inner.io).into(), bufs, meta)
+            })
+            .map(|n| canonical_meta(meta, n))
+    }
+
+    /// `dst` as this socket must be given it: IPv4-mapped on a dual-stack socket.
+    fn socket_form(&self, dst: SocketAddr) -> SocketAddr {
+        match dst {
+            SocketAddr::V4(v4) if self.inner.v6 => {
+                SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0).into()
+            }
+            other => other,
+        }
     }
 
     /// Sends one datagram or GSO batch, waiting for buffer space if needed. Send errors that
@@ -115,7 +148,7 @@ impl UdpPort {
     /// the datagram that happens to follow it.
     pub async fn send(&self, batch: &Batch<'_>) -> io::Result<()> {
         let t = Transmit {
-            destination: batch.dst,
+            destination: self.socket_form(batch.dst),
             ecn: None,
             contents: batch.contents,
             segment_size: batch.segment_size,
@@ -135,30 +168,40 @@ impl UdpPort {
         }
     }
 
-    /// Sends one datagram to an IPv4 `dst` with IP TTL `ttl` (a primer), waiting for buffer
-    /// space if needed, and leaving the socket's default TTL alone for everything else on it
-    /// (QUIC included): the TTL travels with the datagram (an `IP_TTL` control message).
+    /// Sends one datagram to `dst` with IP TTL (IPv6: hop limit) `ttl` (a primer), waiting for
+    /// buffer space if needed, and leaving the socket's default TTL alone for everything else on
+    /// it (QUIC included): the TTL travels with the datagram (an `IP_TTL` or `IPV6_HOPLIMIT`
+    /// control message; an IPv4 destination of a dual-stack socket takes the IPv4 one).
     pub async fn send_with_ttl(&self, dst: SocketAddr, contents: &[u8], ttl: u8) -> io::Result<()> {
-        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, SockaddrIn};
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, SockaddrIn, SockaddrIn6};
         use std::os::fd::AsRawFd;
-        let SocketAddr::V4(v4) = dst else {
-            return Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "a TTL is set on IPv4 datagrams only",
-            ));
-        };
         let ttl = i32::from(ttl);
-        let addr = SockaddrIn::from(v4);
+        let cmsg = [match dst {
+            SocketAddr::V4(_) => ControlMessage::Ipv4Ttl(&ttl),
+            SocketAddr::V6(_) => ControlMessage::Ipv6HopLimit(&ttl),
+        }];
         let iov = [io::IoSlice::new(contents)];
-        let cmsg = [ControlMessage::Ipv4Ttl(&ttl)];
+        let (v4, v6) = match self.socket_form(dst) {
+            SocketAddr::V4(a) => (Some(SockaddrIn::from(a)), None),
+            SocketAddr::V6(a) if self.inner.v6 => (None, Some(SockaddrIn6::from(a))),
+            SocketAddr::V6(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "an IPv6 destination needs a dual-stack socket",
+                ))
+            }
+        };
         let mut retried = false;
         loop {
             self.inner.io.writable().await?;
             match self.inner.io.try_io(Interest::WRITABLE, || {
                 let fd = self.inner.io.as_raw_fd();
-                sendmsg(fd, &iov, &cmsg, MsgFlags::empty(), Some(&addr))
-                    .map(|_| ())
-                    .map_err(io::Error::from)
+                match (&v4, &v6) {
+                    (Some(a), _) => sendmsg(fd, &iov, &cmsg, MsgFlags::empty(), Some(a)),
+                    (_, a) => sendmsg(fd, &iov, &cmsg, MsgFlags::empty(), a.as_ref()),
+                }
+                .map(|_| ())
+                .map_err(io::Error::from)
             }) {
                 Ok(()) => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -179,6 +222,15 @@ impl UdpPort {
             }),
         )
     }
+}
+
+/// Turns the senders of the first `n` received datagrams into their canonical form; returns `n`.
+fn canonical_meta(meta: &mut [RecvMeta], n: usize) -> usize {
+    for m in meta.iter_mut().take(n) {
+        m.addr = SocketAddr::new(m.addr.ip().to_canonical(), m.addr.port());
+        m.dst_ip = m.dst_ip.map(|ip| ip.to_canonical());
+    }
+    n
 }
 
 /// Errors Linux reports on a UDP socket for an ICMP message about an earlier datagram.
@@ -271,7 +323,7 @@ impl quinn::AsyncUdpSocket for QuicSocket {
             let len = data.len().min(bufs[n].len());
             bufs[n][..len].copy_from_slice(&data[..len]);
             meta[n] = RecvMeta {
-                addr: from,
+                addr: self.port.socket_form(from),
                 len,
                 stride: len,
                 ecn: None,
@@ -342,5 +394,75 @@ mod tests {
         assert_eq!(ttl, Some(64), "the socket's default TTL is untouched");
         let v6: SocketAddr = "[::1]:9".parse().unwrap();
         assert!(port.send_with_ttl(v6, b"x", 2).await.is_err());
+    }
+
+    /// One dual-stack socket talks to both families: an IPv4 sender is seen as a plain IPv4
+    /// address, a reply goes back to it, and primers carry their TTL (hop limit) either way.
+    #[tokio::test]
+    async fn a_dual_stack_socket_serves_both_families_with_plain_addresses() {
+        let Ok(port) = UdpPort::bind("[::]:0".parse().unwrap()) else {
+            eprintln!("no IPv6 in this kernel: nothing to check");
+            return;
+        };
+        let me = port.local_addr().unwrap().port();
+        let v4 = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let v6 = std::net::UdpSocket::bind("[::1]:0").unwrap();
+        setsockopt(&v4.as_fd(), sockopt::Ipv4RecvTtl, &true).unwrap();
+        setsockopt(&v6.as_fd(), sockopt::Ipv6RecvHopLimit, &true).unwrap();
+        for s in [&v4, &v6] {
+            s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .unwrap();
+        }
+        let mut buf = vec![0u8; 2048];
+        let mut meta = [RecvMeta::default()];
+        for (peer, to) in [(&v4, "127.0.0.1"), (&v6, "::1")] {
+            let to: std::net::IpAddr = to.parse().unwrap();
+            peer.send_to(b"hello", (to, me)).unwrap();
+            let n = {
+                let mut slices = [IoSliceMut::new(&mut buf)];
+                tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    port.recv(&mut slices, &mut meta),
+                )
+                .await
+                .unwrap()
+                .unwrap()
+            };
+            assert_eq!(n, 1);
+            assert_eq!(
+                meta[0].addr,
+                peer.local_addr().unwrap(),
+                "the sender's own form"
+            );
+            let batch = Batch {
+                dst: meta[0].addr,
+                contents: b"reply",
+                segment_size: None,
+            };
+            port.send(&batch).await.unwrap();
+            let mut got = [0u8; 16];
+            let (len, from) = peer.recv_from(&mut got).unwrap();
+            assert_eq!(&got[..len], b"reply");
+            assert_eq!(from.port(), me);
+            port.send_with_ttl(meta[0].addr, b"primer", 3)
+                .await
+                .unwrap();
+            let mut b = [0u8; 64];
+            let mut iov = [io::IoSliceMut::new(&mut b)];
+            let mut space = nix::cmsg_space!(i32);
+            let msg = recvmsg::<()>(
+                std::os::fd::AsRawFd::as_raw_fd(peer),
+                &mut iov,
+                Some(&mut space),
+                MsgFlags::empty(),
+            )
+            .unwrap();
+            let ttl = msg.cmsgs().unwrap().find_map(|c| match c {
+                ControlMessageOwned::Ipv4Ttl(t) => Some(t),
+                ControlMessageOwned::Ipv6HopLimit(t) => Some(t),
+                _ => None,
+            });
+            assert_eq!((msg.bytes, ttl), (6, Some(3)), "primer to {to}");
+        }
     }
 }
