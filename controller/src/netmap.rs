@@ -6,8 +6,14 @@
 //! - P's observed address (where P's control connection comes from), first;
 //! - P's reported candidates with the observed IP (other ports of the same public address,
 //!   such as the mappings standalone relays observed);
-//! - P's other reported candidates (LAN addresses) only to viewers whose own observed IP equals
-//!   P's: nodes behind the same NAT, for which the LAN path is the direct one.
+//! - P's reported global IPv6 candidates (inside 2000::/3), at most [`MAX_GLOBAL_V6`]: IPv6
+//!   hosts are reached at their own addresses, which no observation over IPv4 can confirm. A
+//!   member could name a third party's address here; what that costs the third party is a few
+//!   handshake-sized probes per peer, backing off to one every 32 s, from a member the
+//!   administrator admitted and can remove;
+//! - P's other reported candidates (LAN addresses, IPv6 ULAs) only to viewers whose own
+//!   observed IP equals P's: nodes behind the same NAT, for which the LAN path is the direct
+//!   one.
 //!
 //! Reported candidates in the network's overlay range, loopback, unspecified, multicast or
 //! broadcast addresses, and port 0 are refused when reported ([`filter_reported`]).
@@ -16,6 +22,15 @@ use mesh_proto::control::{PeerInfo, ServerMsg, MAX_ENDPOINTS};
 use mesh_proto::PublicKey;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+/// Most reported global IPv6 candidates of one peer handed to every viewer (a host has one or
+/// two stable addresses per uplink).
+pub const MAX_GLOBAL_V6: usize = 4;
+
+/// Whether `ip` is a global unicast IPv6 address (2000::/3), reached the same way from anywhere.
+pub fn is_global_v6(ip: IpAddr) -> bool {
+    matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xe000 == 0x2000)
+}
 
 /// A peer list keyed by node key.
 pub type PeerMap = BTreeMap<PublicKey, PeerInfo>;
@@ -43,7 +58,8 @@ pub fn acceptable_candidate(addr: &SocketAddr, overlay: (Ipv4Addr, u8)) -> bool 
             if let Some(v4) = ip.to_ipv4_mapped() {
                 return acceptable_candidate(&SocketAddr::from((v4, addr.port())), overlay);
             }
-            !(ip.is_loopback() || ip.is_unspecified() || ip.is_multicast())
+            let link_local = ip.segments()[0] & 0xffc0 == 0xfe80;
+            !(ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() || link_local)
         }
     }
 }
@@ -85,11 +101,14 @@ pub fn endpoints_for(peer: &PeerInfo, viewer_observed: Option<SocketAddr>) -> Ve
     };
     let same_nat = viewer_observed.is_some_and(|v| v.ip() == observed.ip());
     let mut out = vec![observed];
+    let mut global_v6 = usize::from(is_global_v6(observed.ip()));
     for e in &peer.endpoints {
         if out.len() >= MAX_ENDPOINTS {
             break;
         }
-        if !out.contains(e) && (e.ip() == observed.ip() || same_nat) {
+        let v6 = is_global_v6(e.ip()) && global_v6 < MAX_GLOBAL_V6;
+        if !out.contains(e) && (e.ip() == observed.ip() || same_nat || v6) {
+            global_v6 += usize::from(is_global_v6(e.ip()));
             out.push(*e);
         }
     }
@@ -167,6 +186,7 @@ mod tests {
             "[::1]:51820",
             "[::]:51820",
             "[ff02::1]:51820",
+            "[fe80::1]:51820",
             "[::ffff:127.0.0.1]:51820",
         ] {
             assert!(!acceptable_candidate(&sa(bad), OVERLAY), "{bad}");
@@ -193,6 +213,40 @@ mod tests {
         );
         assert_eq!(kept, vec![sa("198.51.100.4:51820")]);
         assert_eq!(refused, 2);
+    }
+
+    #[test]
+    fn global_ipv6_candidates_reach_every_viewer_and_ulas_only_the_same_nat() {
+        let mut peer = p(2, 40000);
+        peer.observed = Some(sa("203.0.113.5:40000"));
+        peer.endpoints = vec![
+            sa("[fd00:1::5]:40000"),
+            sa("[2001:db8:1::5]:40000"),
+            sa("[2001:db8:1::6]:40000"),
+            sa("[2001:db8:1::7]:40000"),
+            sa("[2001:db8:1::8]:40000"),
+            sa("[2001:db8:1::9]:40000"),
+        ];
+        let elsewhere = endpoints_for(&peer, Some(sa("192.0.2.9:51820")));
+        assert_eq!(elsewhere[0], sa("203.0.113.5:40000"), "observed first");
+        assert_eq!(
+            elsewhere[1..],
+            [
+                sa("[2001:db8:1::5]:40000"),
+                sa("[2001:db8:1::6]:40000"),
+                sa("[2001:db8:1::7]:40000"),
+                sa("[2001:db8:1::8]:40000"),
+            ],
+            "global IPv6 addresses, at most MAX_GLOBAL_V6, no ULA"
+        );
+        let same_nat = endpoints_for(&peer, Some(sa("203.0.113.5:1")));
+        assert!(same_nat.contains(&sa("[fd00:1::5]:40000")));
+        // A node that reached the controller over IPv6 counts its observation among them.
+        peer.observed = Some(sa("[2001:db8:1::5]:40000"));
+        assert_eq!(
+            endpoints_for(&peer, Some(sa("192.0.2.9:51820"))).len(),
+            MAX_GLOBAL_V6
+        );
     }
 
     #[test]

@@ -352,14 +352,36 @@ pub fn verdict(
 }
 
 /// The addresses of `local` that [`verdict`] lets through, the uplinks' first (the likeliest
-/// to work), otherwise in the kernel's order.
+/// to work), IPv4 before IPv6 and stable IPv6 before temporary (privacy) addresses, otherwise
+/// in the kernel's order. A temporary address is offered only for an interface without a
+/// stable IPv6 address, and one per interface.
 pub fn offered<'a>(local: &'a [LocalAddress], list: &EndpointInterfaces) -> Vec<&'a LocalAddress> {
     let mut out: Vec<&LocalAddress> = local
         .iter()
         .filter(|a| verdict(&a.interface, a.kind.as_deref(), a.uplink, list).is_none())
+        .filter(|a| !a.temporary || !has_stable_v6(local, &a.interface))
         .collect();
-    out.sort_by_key(|a| !a.uplink);
+    // Uplinks first; within each, IPv4, then stable IPv6, then temporary IPv6 (a privacy
+    // address is replaced within a day, a stable one stays the same path).
+    out.sort_by_key(|a| (!a.uplink, a.address.is_ipv6(), a.temporary));
+    // One temporary address per interface is enough: they all lead to the same host.
+    let mut seen: Vec<&str> = Vec::new();
+    out.retain(|a| {
+        if !a.temporary {
+            return true;
+        }
+        let first = !seen.contains(&a.interface.as_str());
+        seen.push(&a.interface);
+        first
+    });
     out
+}
+
+/// Whether `interface` has a stable (not temporary) global IPv6 address among `local`.
+fn has_stable_v6(local: &[LocalAddress], interface: &str) -> bool {
+    local
+        .iter()
+        .any(|a| a.interface == interface && a.address.is_ipv6() && !a.temporary)
 }
 
 /// One interface whose addresses are not offered, for `mesh status` and the log.
@@ -465,11 +487,41 @@ mod tests {
 
     fn addr(ip: [u8; 4], interface: &str, kind: Option<&str>, uplink: bool) -> LocalAddress {
         LocalAddress {
-            address: Ipv4Addr::from(ip),
+            address: Ipv4Addr::from(ip).into(),
+            temporary: false,
             interface: interface.into(),
             kind: kind.map(str::to_owned),
             uplink,
         }
+    }
+
+    fn addr6(ip: &str, interface: &str, temporary: bool) -> LocalAddress {
+        LocalAddress {
+            address: ip.parse().unwrap(),
+            temporary,
+            interface: interface.into(),
+            kind: None,
+            uplink: true,
+        }
+    }
+
+    #[test]
+    fn stable_ipv6_addresses_are_offered_after_ipv4_and_temporary_ones_only_without_them() {
+        let local = vec![
+            addr6("2001:db8:1::aaaa", "eth0", true),
+            addr6("2001:db8:1::1", "eth0", false),
+            addr([198, 51, 100, 10], "eth0", None, true),
+            addr6("2001:db8:1::bbbb", "eth0", true),
+            addr6("2001:db8:2::cccc", "wlan0", true),
+            addr6("2001:db8:2::dddd", "wlan0", true),
+        ];
+        let got: Vec<String> = offered(&local, &list(""))
+            .iter()
+            .map(|a| a.address.to_string())
+            .collect();
+        assert_eq!(got, ["198.51.100.10", "2001:db8:1::1", "2001:db8:2::cccc"]);
+        let reported = report(&local, &list(""), 7000, Mappings::default());
+        assert_eq!(reported[1], "[2001:db8:1::1]:7000".parse().unwrap());
     }
 
     #[test]

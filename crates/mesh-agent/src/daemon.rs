@@ -191,6 +191,9 @@ struct EndpointInterfacesStatus {
     list: String,
     /// Interfaces whose addresses are offered.
     offered: Vec<String>,
+    /// The local addresses offered to peers, per underlay family.
+    ipv4: Vec<String>,
+    ipv6: Vec<String>,
     /// Interfaces whose addresses are not offered, with why.
     skipped: Vec<candidates::Skipped>,
 }
@@ -207,8 +210,13 @@ fn start(
     overlay: Option<ipnet::Ipv4Net>,
 ) -> anyhow::Result<Running> {
     let tun = mesh_sys::tun::create(&opts.interface)?;
-    let bind: SocketAddr = (Ipv4Addr::UNSPECIFIED, opts.port).into();
-    let port = UdpPort::bind(bind).with_context(|| {
+    // Both families on one port (IPv4 alone where the kernel has no IPv6).
+    let port = mesh_control::net::with_ipv4_fallback(
+        mesh_control::net::any(opts.port),
+        mesh_control::net::bind_udp,
+    )
+    .and_then(UdpPort::from_std)
+    .with_context(|| {
         format!(
             "cannot bind UDP port {} (is another mesh agent running? choose another with --port)",
             opts.port
@@ -1702,10 +1710,18 @@ async fn watch_overlay(
                 }
                 if let Ok(mut e) = endpoint_status.lock() {
                     let mut offered: Vec<String> = Vec::new();
+                    e.ipv4.clear();
+                    e.ipv6.clear();
                     for a in candidates::offered(&view.candidates, &list) {
                         if !offered.contains(&a.interface) {
                             offered.push(a.interface.clone());
                         }
+                        let family = if a.address.is_ipv6() {
+                            &mut e.ipv6
+                        } else {
+                            &mut e.ipv4
+                        };
+                        family.push(a.address.to_string());
                     }
                     e.offered = offered;
                     e.skipped = skipped;
@@ -1860,6 +1876,12 @@ async fn status_json(
                 "online": p.since_last_rx.is_some_and(|d| d <= PEER_ONLINE_WINDOW),
                 "rtt_ms": p.rtt.map(|d| (d.as_secs_f64() * 1e6).round() / 1e3),
                 "path": p.path.to_string(),
+                // The underlay family of the direct path ("ipv4", "ipv6"); null off it.
+                "family": match p.path {
+                    mesh_core::Path::Direct(e) if e.is_ipv6() => Some("ipv6"),
+                    mesh_core::Path::Direct(_) => Some("ipv4"),
+                    _ => None,
+                },
                 "relay": relay_of.get(&p.key),
                 "path_mtu": p.path_mtu,
                 // Loss (0 to 1) and RTT of each path where measured (while data flows).

@@ -47,7 +47,7 @@ pub enum DataCmd {
     /// Ping a peer inside the tunnel; answers with the path and round-trip time.
     Ping(PublicKey, PingReply),
     /// Destinations the overlay itself reaches (see [`Node::set_excluded`]).
-    SetExcluded(Vec<ipnet::Ipv4Net>),
+    SetExcluded(Vec<ipnet::IpNet>),
     /// The prefixes the controller approved for this node (see [`Node::set_routes`]).
     SetRoutes(Vec<ipnet::Ipv4Net>),
     /// Whether this node is behind a NAT (as the controller sees it): birthday punching runs

@@ -223,11 +223,11 @@ impl Dialer {
         let addrs: Vec<SocketAddr> = addrs.collect();
         let excluded = match mesh_sys::netlink::overlay_view(&self.interface, self.overlay).await {
             Ok(view) => view.excluded,
-            Err(_) => self.overlay.into_iter().collect(),
+            Err(_) => self.overlay.into_iter().map(ipnet::IpNet::V4).collect(),
         };
-        addrs.iter().any(|a| match a.ip() {
-            IpAddr::V4(ip) => excluded.iter().any(|net| net.contains(&ip)) && !ip.is_loopback(),
-            IpAddr::V6(_) => false,
+        addrs.iter().any(|a| {
+            let ip = a.ip().to_canonical();
+            excluded.iter().any(|net| net.contains(&ip)) && !ip.is_loopback()
         })
     }
 

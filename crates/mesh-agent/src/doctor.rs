@@ -143,6 +143,8 @@ pub struct DaemonView {
     pub mapping: String,
     /// The router forwards the port (UPnP, NAT-PMP, PCP).
     pub port_mapped: bool,
+    /// The IPv6 addresses offered to peers as candidates.
+    pub ipv6: Vec<String>,
     /// Every peer.
     pub peers: Vec<PeerView>,
 }
@@ -233,6 +235,12 @@ pub fn daemon_from_status(v: &serde_json::Value) -> Daemon {
         clock_offset_ms: ctl["clock_offset_ms"].as_i64(),
         mapping: text(&v["nat"]["mapping"]).unwrap_or_else(|| "unknown".into()),
         port_mapped: v["port_mapping"]["state"] == "mapped",
+        ipv6: v["endpoint_interfaces"]["ipv6"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(text)
+            .collect(),
         peers,
     }))
 }
@@ -439,6 +447,7 @@ pub fn judge(f: &Facts) -> Vec<Check> {
         controller(f),
         clock(f),
         nat(f),
+        underlay(f),
     ];
     out.extend(peer_paths(f));
     out.extend(range_overlap(f));
@@ -731,6 +740,40 @@ fn clock(f: &Facts) -> Check {
     }
 }
 
+/// Which underlay families carry this node's direct paths.
+fn underlay(f: &Facts) -> Check {
+    const N: &str = "underlay";
+    let Some(v) = online(f) else {
+        return check(N, Status::Skip, no_daemon(f));
+    };
+    let direct = |v6: bool| {
+        v.peers
+            .iter()
+            .filter(|p| {
+                p.online
+                    && p.path == "direct"
+                    && p.endpoint
+                        .as_deref()
+                        .is_some_and(|e| e.starts_with('[') == v6)
+            })
+            .count()
+    };
+    let (over4, over6) = (direct(false), direct(true));
+    if v.ipv6.is_empty() {
+        check(
+            N,
+            Status::Ok,
+            format!("IPv4 only: this host offers peers no IPv6 address (none global, or none on an offered interface), so direct paths use IPv4 ({over4} peers direct); with global IPv6 on the uplink, pairs behind IPv4 NATs could go direct over IPv6"),
+        )
+    } else {
+        check(
+            N,
+            Status::Ok,
+            format!("IPv4 and IPv6 ({}): direct paths take the family with the better round trip, IPv6 on a tie; {over6} peers direct over IPv6, {over4} over IPv4", v.ipv6.join(", ")),
+        )
+    }
+}
+
 fn nat(f: &Facts) -> Check {
     const N: &str = "nat";
     let Some(v) = online(f) else {
@@ -779,7 +822,16 @@ fn peer_paths(f: &Facts) -> Vec<Check> {
             "direct" => check(
                 N,
                 Status::Ok,
-                format!("{}: direct{}", p.name, p.endpoint.as_deref().map(|e| format!(" {e}")).unwrap_or_default()),
+                format!(
+                    "{}: direct{}{}",
+                    p.name,
+                    match p.endpoint.as_deref() {
+                        Some(e) if e.starts_with('[') => " over IPv6",
+                        Some(_) => " over IPv4",
+                        None => "",
+                    },
+                    p.endpoint.as_deref().map(|e| format!(" {e}")).unwrap_or_default()
+                ),
             ),
             "relay" => {
                 let why = if v.mapping == "endpoint-dependent" {
@@ -1647,6 +1699,7 @@ mod tests {
             clock_offset_ms: Some(150),
             mapping: "endpoint-independent".into(),
             port_mapped: false,
+            ipv6: Vec::new(),
             peers: vec![PeerView {
                 name: "node-b".into(),
                 path: "direct".into(),
@@ -1751,6 +1804,7 @@ mod tests {
                 "controller",
                 "clock",
                 "nat",
+                "underlay",
                 "peer_path",
                 "range_overlap",
                 "route_overlap",

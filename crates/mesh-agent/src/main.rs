@@ -752,7 +752,7 @@ fn print_status(v: &serde_json::Value) {
         ));
     }
     out(&format!(
-        "\n{:<20} {:<16} {:<18} {:<22} {:>8} {:>10} {:>12} {:>12}  QUALITY",
+        "\n{:<20} {:<16} {:<18} {:<28} {:>8} {:>10} {:>12} {:>12}  QUALITY",
         "PEER", "ADDRESS", "PATH", "ENDPOINT", "RTT", "HANDSHAKE", "RX", "TX"
     ));
     for p in v["peers"].as_array().into_iter().flatten() {
@@ -763,6 +763,8 @@ fn print_status(v: &serde_json::Value) {
             // Not heard from lately: whatever path it had, it answers on none.
             _ if p["online"] == false => "offline".to_owned(),
             (Some("relay"), Some(r)) => format!("relay {r}"),
+            (Some("direct"), _) if p["family"] == "ipv6" => "direct (IPv6)".to_owned(),
+            (Some("direct"), _) if p["family"] == "ipv4" => "direct (IPv4)".to_owned(),
             (Some(path), _) => path.to_owned(),
             (None, _) => "-".to_owned(),
         };
@@ -772,7 +774,7 @@ fn print_status(v: &serde_json::Value) {
             "-"
         };
         out(&format!(
-            "{:<20} {:<16} {:<18} {:<22} {:>8} {:>10} {:>12} {:>12}  {}",
+            "{:<20} {:<16} {:<18} {:<28} {:>8} {:>10} {:>12} {:>12}  {}",
             s(&p["name"]),
             s(&p["address"]),
             path,

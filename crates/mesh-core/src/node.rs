@@ -25,7 +25,7 @@ use crate::peers::{PeerTable, Slot};
 use crate::pmtu;
 use crate::session::{self, Addressed, Output as Sealed, Session};
 use crate::sockets::Owner;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use mesh_proto::PublicKey;
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -87,7 +87,7 @@ pub struct Node {
     /// Checks every handshake's mac1 and DH budget before any DH.
     guard: HandshakeGuard,
     /// Destinations reached only through the overlay: never a peer's endpoint.
-    excluded: Vec<Ipv4Net>,
+    excluded: Vec<IpNet>,
     /// The prefixes this node routes for its peers ([`Node::set_routes`]).
     routes: Vec<Ipv4Net>,
     /// Who may send from which source address (rebuilt whenever the peer table changes).
@@ -183,7 +183,7 @@ impl Node {
     /// it, and this host's own addresses. No candidate inside them is ever probed and no
     /// datagram from inside them is taken as a peer's (WireGuard inside WireGuard is a routing
     /// loop); a peer whose direct path is inside them falls back to the relay at once.
-    pub fn set_excluded(&mut self, excluded: Vec<Ipv4Net>) {
+    pub fn set_excluded(&mut self, excluded: Vec<IpNet>) {
         if excluded == self.excluded {
             return;
         }
@@ -631,6 +631,7 @@ impl Node {
             if peer.session.established() {
                 peer.mtu_timers(&mut cx);
                 peer.path_timers(&mut cx);
+                peer.family_timers(&mut cx);
                 let wanted = peer.path.direct.is_none()
                     && cx.out.relay_up
                     && !self.punching.busy()
@@ -915,16 +916,13 @@ fn carry_out_one(intent: Intent, peer: &mut Peer, punching: &mut Punching, cx: &
     }
 }
 
-/// Whether `ip` is inside one of `excluded` (IPv6 never is: the overlay is IPv4 for now).
-fn is_excluded(excluded: &[Ipv4Net], ip: std::net::IpAddr) -> bool {
-    match ip {
-        std::net::IpAddr::V4(v4) => excluded.iter().any(|n| n.contains(&v4)),
-        std::net::IpAddr::V6(_) => false,
-    }
+/// Whether `ip` is inside one of `excluded`.
+fn is_excluded(excluded: &[IpNet], ip: std::net::IpAddr) -> bool {
+    excluded.iter().any(|n| n.contains(&ip))
 }
 
 /// Removes the candidates inside `excluded`; returns how many went.
-fn refuse_excluded(excluded: &[Ipv4Net], candidates: &mut Vec<SocketAddr>) -> u64 {
+fn refuse_excluded(excluded: &[IpNet], candidates: &mut Vec<SocketAddr>) -> u64 {
     let before = candidates.len();
     candidates.retain(|e| !is_excluded(excluded, e.ip()));
     (before - candidates.len()) as u64

@@ -1,7 +1,7 @@
 //! Interface configuration through rtnetlink: MTU, link up, address, route; local addresses.
 
 use futures_util::TryStreamExt;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 use std::collections::{BTreeSet, HashMap};
@@ -131,15 +131,16 @@ pub fn prefix_mask(prefix_len: u8) -> u32 {
 /// through the overlay (and so may never be a peer's endpoint).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OverlayView {
-    /// Local IPv4 addresses that are not on the overlay interface, on an interface stacked on
-    /// it, or inside a destination routed through them; not loopback or link-local. Each comes
-    /// with its interface, so that the caller can apply its own policy (which kinds of
-    /// interface carry a path) on top.
+    /// Local addresses of both families that are not on the overlay interface, on an interface
+    /// stacked on it, or inside a destination routed through them; not loopback, link-local,
+    /// or (IPv6) tentative, deprecated or failed duplicate detection. Each comes with its
+    /// interface, so that the caller can apply its own policy (which kinds of interface carry
+    /// a path) on top.
     pub candidates: Vec<LocalAddress>,
     /// Destinations reached through the overlay: the overlay range, the addresses and routes of
     /// the overlay interface and of every interface stacked on it, plus this host's own
-    /// addresses as /32 (a peer is never at one of them).
-    pub excluded: Vec<Ipv4Net>,
+    /// addresses as host prefixes (a peer is never at one of them).
+    pub excluded: Vec<IpNet>,
     /// Names of the interfaces found stacked on the overlay interface (for logs and status).
     pub stacked: Vec<String>,
 }
@@ -148,7 +149,9 @@ pub struct OverlayView {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalAddress {
     /// The address.
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
+    /// An IPv6 temporary (privacy) address: it changes within a day, so stable ones come first.
+    pub temporary: bool,
     /// Name of the interface that holds it.
     pub interface: String,
     /// The interface's link kind (`IFLA_INFO_KIND`: `bridge`, `dummy`, `veth`, `vlan`,
@@ -246,86 +249,117 @@ pub async fn overlay_view(
         }
     }
 
-    let mut excluded: Vec<Ipv4Net> = overlay.iter().map(|o| o.trunc()).collect();
-    let push = |net: Ipv4Net, excluded: &mut Vec<Ipv4Net>| {
+    let mut excluded: Vec<IpNet> = overlay.iter().map(|o| IpNet::V4(o.trunc())).collect();
+    let push = |net: IpNet, excluded: &mut Vec<IpNet>| {
         if net.prefix_len() > 0 && !excluded.contains(&net) {
             excluded.push(net);
         }
     };
-    // Every route (any table) that leaves through a stacked interface. Default routes are left
-    // out: a default route over the overlay would exclude the whole underlay. Default routes of
-    // the main table name the uplinks (policy tables are left out: a VPN such as wg-quick puts
-    // its own default route there).
+    // Every route (any table, both families) that leaves through a stacked interface. Default
+    // routes are left out: a default route over the overlay would exclude the whole underlay.
+    // Default routes of the main table name the uplinks (policy tables are left out: a VPN such
+    // as wg-quick puts its own default route there).
     let mut uplinks: BTreeSet<u32> = BTreeSet::new();
-    let mut routes = handle
-        .route()
-        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-        .execute();
-    while let Ok(Some(msg)) = routes.try_next().await {
-        let oif = msg.attributes.iter().find_map(|a| match a {
-            RouteAttribute::Oif(i) => Some(*i),
-            _ => None,
-        });
-        if is_main_default(&msg) {
-            uplinks.extend(oif);
-            for a in &msg.attributes {
-                if let RouteAttribute::MultiPath(hops) = a {
-                    uplinks.extend(hops.iter().map(|h| h.interface_index));
+    for family in [
+        RouteMessageBuilder::<Ipv4Addr>::new().build(),
+        RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+    ] {
+        let mut routes = handle.route().get(family).execute();
+        while let Ok(Some(msg)) = routes.try_next().await {
+            let oif = msg.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(i) => Some(*i),
+                _ => None,
+            });
+            if is_main_default(&msg) {
+                uplinks.extend(oif);
+                for a in &msg.attributes {
+                    if let RouteAttribute::MultiPath(hops) = a {
+                        uplinks.extend(hops.iter().map(|h| h.interface_index));
+                    }
                 }
             }
-        }
-        if !oif.is_some_and(|i| stacked.contains(&i)) {
-            continue;
-        }
-        let dst = msg.attributes.iter().find_map(|a| match a {
-            RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
-            _ => None,
-        });
-        if let Some(dst) = dst {
-            if let Ok(net) = Ipv4Net::new(dst, msg.header.destination_prefix_length) {
-                push(net.trunc(), &mut excluded);
+            if !oif.is_some_and(|i| stacked.contains(&i)) {
+                continue;
+            }
+            let dst = msg.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
+                RouteAttribute::Destination(RouteAddress::Inet6(ip)) => Some(IpAddr::V6(*ip)),
+                _ => None,
+            });
+            if let Some(dst) = dst {
+                if let Ok(net) = IpNet::new(dst, msg.header.destination_prefix_length) {
+                    push(net.trunc(), &mut excluded);
+                }
             }
         }
     }
     // Addresses: those of stacked interfaces are excluded with their subnets; the others are
     // candidates unless a route through the overlay covers them.
-    let mut own: Vec<(Ipv4Addr, bool, u32)> = Vec::new();
+    struct Own {
+        ip: IpAddr,
+        on_stacked: bool,
+        index: u32,
+        temporary: bool,
+        unusable: bool,
+    }
+    let mut own: Vec<Own> = Vec::new();
     let mut addrs = handle.address().get().execute();
     while let Ok(Some(msg)) = addrs.try_next().await {
+        use rtnetlink::packet_route::address::AddressFlags;
         let index = msg.header.index;
         let on_stacked = stacked.contains(&index);
+        // The full flags when the kernel sends them, else the header's byte. IPv6's temporary
+        // flag shares its bit with IPv4's "secondary".
+        let flags = msg
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                AddressAttribute::Flags(f) => Some(*f),
+                _ => None,
+            })
+            .unwrap_or_else(|| AddressFlags::from_bits_retain(u32::from(msg.header.flags.bits())));
         for a in &msg.attributes {
-            if let AddressAttribute::Address(IpAddr::V4(ip)) = a {
+            if let AddressAttribute::Address(ip) = a {
                 if on_stacked {
-                    if let Ok(net) = Ipv4Net::new(*ip, msg.header.prefix_len) {
+                    if let Ok(net) = IpNet::new(*ip, msg.header.prefix_len) {
                         push(net.trunc(), &mut excluded);
                     }
                 }
-                if !own.iter().any(|(o, _, _)| o == ip) {
-                    own.push((*ip, on_stacked, index));
+                if !own.iter().any(|o| o.ip == *ip) {
+                    let v6 = ip.is_ipv6();
+                    own.push(Own {
+                        ip: *ip,
+                        on_stacked,
+                        index,
+                        temporary: v6 && flags.contains(AddressFlags::Secondary),
+                        unusable: v6
+                            && flags.intersects(
+                                AddressFlags::Tentative
+                                    | AddressFlags::Deprecated
+                                    | AddressFlags::Dadfailed,
+                            ),
+                    });
                 }
             }
         }
     }
     let mut candidates = Vec::new();
-    for (ip, on_stacked, index) in &own {
-        if let Ok(net) = Ipv4Net::new(*ip, 32) {
-            push(net, &mut excluded);
-        }
-        let usable = !on_stacked
-            && !ip.is_loopback()
-            && !ip.is_link_local()
-            && !ip.is_unspecified()
+    for o in &own {
+        push(IpNet::from(o.ip), &mut excluded);
+        let usable = !o.on_stacked
+            && !o.unusable
+            && is_unicast_path(o.ip)
             && !excluded
                 .iter()
-                .any(|n| n.prefix_len() < 32 && n.contains(ip));
+                .any(|n| n.prefix_len() < n.max_prefix_len() && n.contains(&o.ip));
         if usable {
-            let link = links.get(index);
+            let link = links.get(&o.index);
             candidates.push(LocalAddress {
-                address: *ip,
+                address: o.ip,
+                temporary: o.temporary,
                 interface: link.map(|l| l.name.clone()).unwrap_or_default(),
                 kind: link.and_then(|l| l.kind.clone()),
-                uplink: uplinks.contains(index),
+                uplink: uplinks.contains(&o.index),
             });
         }
     }
@@ -340,6 +374,24 @@ pub async fn overlay_view(
         excluded,
         stacked: names,
     })
+}
+
+/// Whether a peer could reach this host at `ip`: not loopback, unspecified, link-local (IPv6
+/// link-local addresses need a zone no peer knows), multicast or IPv4-mapped.
+fn is_unicast_path(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            !v4.is_loopback() && !v4.is_link_local() && !v4.is_unspecified() && !v4.is_multicast()
+        }
+        IpAddr::V6(v6) => {
+            let link_local = (v6.segments()[0] & 0xffc0) == 0xfe80;
+            !v6.is_loopback()
+                && !v6.is_unspecified()
+                && !v6.is_multicast()
+                && !link_local
+                && v6.to_ipv4_mapped().is_none()
+        }
+    }
 }
 
 /// One IPv4 network this host reaches without the overlay's say: the destination of a route of

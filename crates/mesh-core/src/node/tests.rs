@@ -409,7 +409,7 @@ fn candidates_and_sources_the_overlay_reaches_are_refused() {
     let kb = p.b.public_key();
     // a's view: the overlay range, and b's flannel.1 subnet routed over a vxlan device
     // stacked on the overlay.
-    let excluded: Vec<Ipv4Net> = vec![
+    let excluded: Vec<ipnet::IpNet> = vec![
         "100.64.0.0/16".parse().unwrap(),
         "10.244.0.0/16".parse().unwrap(),
     ];
@@ -1715,4 +1715,175 @@ fn switching_off_brings_a_peer_back_from_the_relay() {
         )),
         "{events:?}"
     );
+}
+
+/// Two dual-stack nodes, each with an IPv4 and an IPv6 address, over links with a delay per
+/// family (and IPv6 that can be cut), exchanging a packet each way every 50 ms.
+struct DualStack {
+    a: Node,
+    b: Node,
+    now: Instant,
+    delay4: Duration,
+    delay6: Duration,
+    cut6: bool,
+    /// In flight: when it arrives, whether for b, from where, the bytes.
+    wire: Vec<(Instant, bool, SocketAddr, Vec<u8>)>,
+}
+
+const A4: &str = "192.0.2.1:51820";
+const A6: &str = "[2001:db8:a::1]:51820";
+const B4: &str = "192.0.2.2:51820";
+const B6: &str = "[2001:db8:b::1]:51820";
+
+impl DualStack {
+    fn new(delay4: Duration, delay6: Duration) -> DualStack {
+        let now = Instant::now();
+        let (ska, pka) = key(1);
+        let (skb, pkb) = key(2);
+        let node = |sk, ip, seed| {
+            Node::new(
+                NodeConfig {
+                    private_key: sk,
+                    address: ip,
+                    keepalive: None,
+                    mtu: 1420,
+                },
+                seed,
+                now,
+            )
+        };
+        let mut a = node(ska, Ipv4Addr::new(100, 64, 0, 1), 1);
+        let mut b = node(skb, Ipv4Addr::new(100, 64, 0, 2), 1000);
+        let peer = |key, name: &str, ip, v4: &str, v6: &str| PeerConfig {
+            routes: Vec::new(),
+            key,
+            name: name.into(),
+            address: ip,
+            endpoints: vec![v4.parse().unwrap(), v6.parse().unwrap()],
+            observed: None,
+            nat: Some(NatKind::Public),
+        };
+        a.set_peers(&[peer(pkb, "b", Ipv4Addr::new(100, 64, 0, 2), B4, B6)], now);
+        b.set_peers(&[peer(pka, "a", Ipv4Addr::new(100, 64, 0, 1), A4, A6)], now);
+        DualStack {
+            a,
+            b,
+            now,
+            delay4,
+            delay6,
+            cut6: false,
+            wire: Vec::new(),
+        }
+    }
+
+    /// Runs `d` of traffic and timers.
+    fn run(&mut self, d: Duration) {
+        let end = self.now + d;
+        let mut next_packet = self.now;
+        let (ip_a, ip_b) = (self.a.address(), self.b.address());
+        while self.now < end {
+            if self.now >= next_packet {
+                self.a
+                    .handle_tun_packet(&icmp(ip_a, ip_b, b"ping"), self.now);
+                self.b
+                    .handle_tun_packet(&icmp(ip_b, ip_a, b"pong"), self.now);
+                next_packet = self.now + Duration::from_millis(50);
+            }
+            for (from_a, node) in [(true, &mut self.a), (false, &mut self.b)] {
+                while let Some(t) = node.poll_udp() {
+                    let v6 = t.dst.is_ipv6();
+                    if v6 && self.cut6 {
+                        continue;
+                    }
+                    let src = match (from_a, v6) {
+                        (true, false) => A4,
+                        (true, true) => A6,
+                        (false, false) => B4,
+                        (false, true) => B6,
+                    };
+                    let delay = if v6 { self.delay6 } else { self.delay4 };
+                    self.wire
+                        .push((self.now + delay, from_a, src.parse().unwrap(), t.payload));
+                }
+                while node.poll_relayed().is_some() {}
+                while node.poll_tun_packet().is_some() {}
+            }
+            self.wire.sort_by_key(|w| w.0);
+            while self.wire.first().is_some_and(|w| w.0 <= self.now) {
+                let (_, to_b, src, bytes) = self.wire.remove(0);
+                let node = if to_b { &mut self.b } else { &mut self.a };
+                node.handle_datagram(Source::main(src), &bytes, self.now);
+            }
+            for node in [&mut self.a, &mut self.b] {
+                if node.poll_timeout().is_some_and(|t| t <= self.now) {
+                    node.handle_timeout(self.now);
+                }
+            }
+            let next = [
+                Some(next_packet),
+                self.wire.first().map(|w| w.0),
+                self.a.poll_timeout(),
+                self.b.poll_timeout(),
+                Some(end),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(end);
+            self.now = next.max(self.now + Duration::from_micros(10));
+        }
+    }
+
+    fn a_path(&self) -> Path {
+        self.a.peer_status(self.now)[0].path
+    }
+
+    fn b_path(&self) -> Path {
+        self.b.peer_status(self.now)[0].path
+    }
+}
+
+#[test]
+fn a_dual_stack_pair_settles_on_ipv6_when_both_families_are_as_fast() {
+    let mut d = DualStack::new(Duration::from_millis(5), Duration::from_millis(5));
+    d.run(Duration::from_secs(5));
+    assert_eq!(d.a_path(), Path::Direct(B6.parse().unwrap()));
+    assert_eq!(d.b_path(), Path::Direct(A6.parse().unwrap()));
+    // It stays there.
+    d.run(Duration::from_secs(30));
+    assert_eq!(d.a_path(), Path::Direct(B6.parse().unwrap()));
+}
+
+#[test]
+fn a_dual_stack_pair_takes_ipv4_when_ipv6_is_much_slower() {
+    let mut d = DualStack::new(Duration::from_millis(5), Duration::from_millis(25));
+    d.run(Duration::from_secs(5));
+    assert_eq!(d.a_path(), Path::Direct(B4.parse().unwrap()));
+    assert_eq!(d.b_path(), Path::Direct(A4.parse().unwrap()));
+    // IPv6 gets as fast: the next round moves the pair to it.
+    d.delay6 = Duration::from_millis(5);
+    d.run(Duration::from_secs(12));
+    assert_eq!(d.a_path(), Path::Direct(B6.parse().unwrap()));
+    assert_eq!(d.b_path(), Path::Direct(A6.parse().unwrap()));
+}
+
+#[test]
+fn losing_ipv6_moves_a_dual_stack_pair_to_ipv4_without_a_relay_stay() {
+    let mut d = DualStack::new(Duration::from_millis(5), Duration::from_millis(5));
+    // A relay is up, so that a dead direct path is given up (PATH_TIMEOUT).
+    d.a.set_relay(true, d.now);
+    d.b.set_relay(true, d.now);
+    d.run(Duration::from_secs(15));
+    assert_eq!(d.a_path(), Path::Direct(B6.parse().unwrap()));
+    d.cut6 = true;
+    for _ in 0..25 {
+        d.run(Duration::from_millis(100));
+        assert_ne!(
+            d.a_path(),
+            Path::Relay,
+            "the other family was measured lately"
+        );
+    }
+    assert_eq!(d.a_path(), Path::Direct(B4.parse().unwrap()));
+    assert_eq!(d.b_path(), Path::Direct(A4.parse().unwrap()));
 }

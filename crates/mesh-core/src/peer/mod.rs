@@ -1,13 +1,15 @@
 //! One peer: its WireGuard session and the parts that decide when it handshakes
 //! ([`handshake`]), how traffic reaches it ([`path`]), what its probes measured ([`probes`]),
 //! how well each path carries packets ([`quality`], fed by loss reports both ways, [`loss`]),
-//! which path carries the traffic when both work ([`choice`]) and when it is punched
+//! which path carries the traffic when both work ([`choice`]), which address family a direct
+//! path takes when the peer has both ([`family`]) and when it is punched
 //! ([`crate::birthday::PeerPunch`]).
 //!
 //! Each part owns its state and rules; [`Peer`] combines them where one event touches several
 //! (a handshake forgets the direct path, a send marks the path as owing an answer).
 
 pub(crate) mod choice;
+pub(crate) mod family;
 pub(crate) mod handshake;
 pub(crate) mod loss;
 pub(crate) mod path;
@@ -88,6 +90,8 @@ pub enum Timer {
     Quality,
     /// Loss reports to the peer are due.
     LossReport,
+    /// A family round: the direct path against the other address family's candidates.
+    Family,
 }
 
 /// What a peer's deadlines depend on besides the peer itself.
@@ -157,6 +161,7 @@ pub(crate) struct Peer {
     pub(crate) index: u32,
     pub(crate) handshake: Handshake,
     pub(crate) path: PathState,
+    pub(crate) families: family::Families,
     pub(crate) probes: Probes,
     pub(crate) punch: PeerPunch,
     /// Last authenticated packet from the peer.
@@ -192,6 +197,7 @@ impl Peer {
             index,
             handshake: Handshake::new(proactive_at),
             path: PathState::default(),
+            families: family::Families::default(),
             probes: Probes::new(mtu),
             punch: PeerPunch::default(),
             last_rx: None,
@@ -231,6 +237,15 @@ impl Peer {
                 at(self.probes.mtu.poll_timeout(), Timer::Mtu);
             }
             if let Some(d) = self.path.direct {
+                at(
+                    self.families.deadline(
+                        d.endpoint,
+                        &self.config.endpoints,
+                        self.flowing(now),
+                        now,
+                    ),
+                    Timer::Family,
+                );
                 if let Some(since) = d.unanswered_since {
                     let probe = d.last_probe.map_or(since, |t| t.max(since)) + PATH_PROBE_INTERVAL;
                     at(Some(probe), Timer::PathProbe);
@@ -579,6 +594,26 @@ impl Peer {
                 cx.out.reply(via, key, bytes);
                 log_sent(&mut self.measure, Some(Leg::of(via)), bytes);
             }
+        } else if probes::PING_IDS.contains(&m.id) && self.families.owns(m.id) {
+            let (Via::Direct(from), Some((rtt, _))) = (
+                via,
+                self.probes
+                    .answered(m.id, Path::Direct(via_addr(via)), cx.now),
+            ) else {
+                return;
+            };
+            if let Some(to) = self.families.answered(m.id, from, rtt, cx.now) {
+                if self.path.endpoint() != Some(to) {
+                    tracing::debug!(peer = %self.config.name, key = %self.config.key.short(), to = %to.addr, rtt_us = rtt.as_micros() as u64, "the other address family is the better direct path");
+                    self.path.switch(to, cx.now);
+                    if self.path.sending_direct(cx.out.relay_up).is_some() {
+                        cx.out.events.push_back(Event::PathChanged {
+                            key,
+                            path: Path::Direct(to.addr),
+                        });
+                    }
+                }
+            }
         } else if probes::PING_IDS.contains(&m.id) {
             let (path, leg) = match via {
                 Via::Direct(from) => (Path::Direct(from.addr), Leg::Direct),
@@ -819,8 +854,23 @@ impl Peer {
     pub(crate) fn path_timers(&mut self, cx: &mut Ctx<'_>) {
         let relay_up = cx.out.relay_up;
         let on_direct = self.path.sending_direct(relay_up).is_some();
+        let was = self.path.endpoint();
         match self.path.poll_direct(relay_up, cx.now) {
             DirectDue::Dead { quiet } => {
+                self.families.retain(&self.config.endpoints);
+                let other = was.and_then(|dead| self.families.fallback(dead, cx.now));
+                if let Some(to) = other {
+                    // The other family answered lately: it carries the traffic at once.
+                    tracing::debug!(peer = %self.config.name, key = %self.config.key.short(), quiet_ms = quiet.as_millis() as u64, to = %to.addr, "direct path silent; moving to the other address family");
+                    self.path.switch(to, cx.now);
+                    if self.path.sending_direct(relay_up).is_some() {
+                        cx.out.events.push_back(Event::PathChanged {
+                            key: self.key(),
+                            path: Path::Direct(to.addr),
+                        });
+                    }
+                    return;
+                }
                 tracing::debug!(peer = %self.config.name, key = %self.config.key.short(), quiet_ms = quiet.as_millis() as u64, "direct path silent; falling back to the relay");
                 self.punch.schedule.reset();
                 if on_direct {
@@ -854,6 +904,47 @@ impl Peer {
             cx.out.counters.punch_rounds += 1;
         } else {
             self.fire(cx);
+        }
+    }
+
+    /// A family round when one is due (see [`family`]): an RTT ping on the direct path and one
+    /// to each candidate of the other address family.
+    pub(crate) fn family_timers(&mut self, cx: &mut Ctx<'_>) {
+        let Some(path) = self.path.endpoint() else {
+            return;
+        };
+        if family::others(path.addr, &self.config.endpoints)
+            .next()
+            .is_none()
+        {
+            return;
+        }
+        if !self.families.poll(path, self.flowing(cx.now), cx.now) {
+            return;
+        }
+        let others: Vec<SocketAddr> = family::others(path.addr, &self.config.endpoints)
+            .copied()
+            .collect();
+        let targets = std::iter::once(path).chain(others.into_iter().map(|addr| Endpoint {
+            socket: SocketId::MAIN,
+            addr,
+        }));
+        for to in targets {
+            let id = probes::next_ping_id(cx.next_ping);
+            let p = self.message(cx.me, pmtu::Kind::Probe, id, 0, 0);
+            let Output::Network(bytes) = self.session.encapsulate(&p, cx.buf) else {
+                continue;
+            };
+            let went = if to == path {
+                cx.out.udp(to.socket, to.addr, bytes);
+                true
+            } else {
+                cx.out.probe(to.socket, to.addr, bytes, cx.now)
+            };
+            if went {
+                self.probes.sent(id, Purpose::Family, cx.now);
+                self.families.sent(id, to);
+            }
         }
     }
 
@@ -1137,6 +1228,14 @@ fn log_sent(measure: &mut Option<Box<Measure>>, leg: Option<Leg>, bytes: &[u8]) 
 
 /// Whether a decrypted packet is a path MTU probe (padded to the size it probes).
 #[inline]
+/// The address a message came from (unspecified for the relay, which family rounds never use).
+fn via_addr(via: Via) -> SocketAddr {
+    match via {
+        Via::Direct(e) => e.addr,
+        Via::Relay => SocketAddr::from(([0, 0, 0, 0], 0)),
+    }
+}
+
 fn is_path_mtu_probe(inner: &[u8]) -> bool {
     inner.get(9) == Some(&pmtu::PROTO)
         && pmtu::parse(inner)

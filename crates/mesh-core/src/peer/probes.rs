@@ -24,6 +24,9 @@ pub(crate) enum Purpose {
     Rtt,
     /// A direct path we send on went quiet: is it alive?
     Liveness,
+    /// A family round: the direct path's and the other family's RTT (see
+    /// [`super::family`]).
+    Family,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -86,7 +89,11 @@ impl Probes {
         let pos = self.pings.iter().position(|p| p.id == id)?;
         let ping = self.pings.remove(pos)?;
         let rtt = now.saturating_duration_since(ping.sent);
-        self.rtt = Some((rtt, path));
+        // A family round's pings measure candidates traffic may not take: status shows the
+        // path in use.
+        if ping.purpose != Purpose::Family {
+            self.rtt = Some((rtt, path));
+        }
         Some((rtt, ping.purpose))
     }
 
