@@ -4,8 +4,9 @@
 //! - two nodes behind IPv4 symmetric NATs (only the relay over IPv4) with global IPv6 behind
 //!   stateful firewalls go direct over IPv6 within 5 s of both being up, also when one of them
 //!   has a temporary (privacy) address beside its stable one;
-//! - a checksummed TCP stream survives the loss of the IPv6 underlay (a router stops forwarding
-//!   IPv6): the pair moves to IPv4 and every byte arrives;
+//! - a checksummed TCP stream (8 MiB) survives the loss of the IPv6 underlay (a router stops
+//!   forwarding IPv6, or the host's address is deleted): the pair moves to IPv4 (direct where
+//!   the NATs allow, else the relay) and every byte arrives;
 //! - a 1,400-byte DF ping crosses an IPv6 underlay whose links carry 1,480-byte frames, at the
 //!   MTU the agent chose for the peer (80 bytes of WireGuard over IPv6);
 //! - an IPv6-only node joins a dual-stack controller (a token naming both addresses) and reaches
@@ -33,8 +34,10 @@ const OFF_V6_LIMIT: Duration = Duration::from_secs(10);
 const TO_V4_LIMIT: Duration = Duration::from_secs(30);
 /// TCP port of the checksummed stream.
 const STREAM_PORT: u16 = 5217;
-/// Rate of the stream: 1 MB/s, well within what the relay carries.
-const STREAM_RATE: u64 = 1_000_000;
+/// Rate of the stream: 2 MB/s, within what the relay carries.
+const STREAM_RATE: u64 = 2_000_000;
+/// The stream carries at least this much (8 MiB) before it ends.
+const STREAM_TOTAL: u64 = 8 << 20;
 /// Bytes the stream must move past a point to count as flowing: more than can be in flight.
 const FLOWING: u64 = 256 * 1024;
 
@@ -239,11 +242,43 @@ fn received(receiver: &Proc) -> u64 {
         .unwrap_or(0)
 }
 
+/// How the IPv6 underlay goes away.
+#[derive(Debug, Clone, Copy)]
+enum Withdrawal {
+    /// Site a's router stops forwarding IPv6; the hosts are not told (a black hole).
+    RouterDrops,
+    /// a's global IPv6 address is deleted (the host knows; its packets cannot leave).
+    AddressDeleted,
+}
+
 #[test]
-fn a_tcp_stream_survives_the_loss_of_the_ipv6_underlay_by_moving_to_ipv4() {
-    let mut nat = NatLab::new("v6-withdrawn").unwrap();
+fn a_tcp_stream_survives_ipv6_dying_in_the_network_by_moving_to_ipv4() {
     // Port-restricted NATs: after IPv6, a direct IPv4 path exists too.
-    let (r1, a_host, _r2, b_host) = two_sites(&mut nat, NatKind::PortRestricted);
+    stream_survives_losing_ipv6(
+        "v6-blackhole",
+        NatKind::PortRestricted,
+        Withdrawal::RouterDrops,
+    );
+}
+
+#[test]
+fn a_tcp_stream_survives_the_hosts_ipv6_address_going_by_moving_to_ipv4() {
+    stream_survives_losing_ipv6(
+        "v6-addr-gone",
+        NatKind::PortRestricted,
+        Withdrawal::AddressDeleted,
+    );
+}
+
+#[test]
+fn a_tcp_stream_survives_ipv6_dying_behind_symmetric_nats_by_moving_to_the_relay() {
+    // Over IPv4 only the relay is left.
+    stream_survives_losing_ipv6("v6-to-relay", NatKind::Symmetric, Withdrawal::RouterDrops);
+}
+
+fn stream_survives_losing_ipv6(label: &str, kind: NatKind, how: Withdrawal) {
+    let mut nat = NatLab::new(label).unwrap();
+    let (r1, a_host, _r2, b_host) = two_sites(&mut nat, kind);
     let (_ctl, token) = controller(&nat);
     let a = Agent::join(nat.lab(), &a_host, "a", &token).unwrap();
     let b = Agent::join(nat.lab(), &b_host, "b", &token).unwrap();
@@ -295,8 +330,13 @@ fn a_tcp_stream_survives_the_loss_of_the_ipv6_underlay_by_moving_to_ipv4() {
         both_statuses(&a, &b)
     );
 
-    // Site a's router stops forwarding IPv6; the hosts are not told.
-    r1.block_ipv6().unwrap();
+    match how {
+        Withdrawal::RouterDrops => r1.block_ipv6().unwrap(),
+        Withdrawal::AddressDeleted => {
+            let addr = format!("{}/64", a_host.ip6.unwrap());
+            ip(["-n", &a_host.ns, "addr", "del", &addr, "dev", "eth0"]).unwrap();
+        }
+    }
     let cut = Instant::now();
     let before = received(&receiver);
     let off_v6 = wait_for(MEASURE, || {
@@ -306,6 +346,8 @@ fn a_tcp_stream_survives_the_loss_of_the_ipv6_underlay_by_moving_to_ipv4() {
     let flowing = wait_for(MEASURE, || {
         (received(&receiver) > before + FLOWING).then(|| cut.elapsed())
     });
+    // On its new path until it carried STREAM_TOTAL in all.
+    wait_until(MEASURE, || received(&receiver) >= STREAM_TOTAL);
     std::fs::write(&stop, b"").unwrap();
     let sender_status = sender.wait_exit(Duration::from_secs(90));
     let receiver_status = receiver.wait_exit(Duration::from_secs(30));
@@ -316,8 +358,8 @@ fn a_tcp_stream_survives_the_loss_of_the_ipv6_underlay_by_moving_to_ipv4() {
     };
     let (sent, done) = (line(&sender, "sent "), line(&receiver, "done "));
     eprintln!(
-        "IPv6 withdrawn -> both sides off IPv6: {} (limit {}; a: {} {:?} {:?}, b: {} {:?} {:?}); \
-         stream moving again: {}; sender `{}`, receiver `{}`",
+        "IPv6 withdrawn ({how:?}) -> both sides off IPv6: {} (limit {}; a: {} {:?} {:?}, b: {} \
+         {:?} {:?}); stream moving again: {}; sender `{}`, receiver `{}`",
         secs(off_v6),
         secs(Some(OFF_V6_LIMIT)),
         on_a.path,
@@ -341,7 +383,11 @@ fn a_tcp_stream_survives_the_loss_of_the_ipv6_underlay_by_moving_to_ipv4() {
         sender.log(),
         receiver.log()
     );
+    let total: Option<u64> = done
+        .as_deref()
+        .and_then(|d| d.split_whitespace().next()?.parse().ok());
     let intact = matches!((&sent, &done), (Some(s), Some(d)) if s == d)
+        && total.is_some_and(|t| t >= STREAM_TOTAL)
         && sender_status.is_some_and(|s| s.success())
         && receiver_status.is_some_and(|s| s.success());
     assert!(
