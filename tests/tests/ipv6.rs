@@ -504,25 +504,27 @@ fn an_ipv6_only_node_joins_a_dual_stack_controller_and_reaches_ipv4_only_nodes()
     let four_host = nat.add_host_behind(&site4, "four").unwrap();
     let pub4_host = nat.add_public_host("pub4").unwrap();
     let dual_host = nat.add_public_host_with("dual", Stack::DualStack).unwrap();
-    // One socket for both families; the token names both addresses (IPv6 first: the IPv4-only
-    // nodes must go on to the next one).
-    let announce = [
-        SocketAddr::new(ctl6.into(), CONTROL_PORT),
-        SocketAddr::new(CONTROLLER_IP.into(), CONTROL_PORT),
-    ];
-    let ctl = Controller::start_dual_stack(nat.lab(), &nat.controller_host(), &announce).unwrap();
-    ctl.create_network(NET).unwrap();
-    let token = ctl.create_token(NET, &["--reusable"]).unwrap();
+    // One controller socket for both families. Each family's nodes get a token naming the
+    // controller's address of their family: the one token naming both is
+    // tokens_of_a_dual_stack_controller_name_the_addresses_it_announces.
+    let ctl = dual_stack_controller(&mut nat);
+    let token_for = |ip: IpAddr| {
+        let at = SocketAddr::new(ip, CONTROL_PORT).to_string();
+        ctl.create_token(NET, &["--reusable", "--controller", &at])
+            .unwrap()
+    };
+    let token6 = token_for(ctl6.into());
+    let token4 = token_for(CONTROLLER_IP.into());
 
-    let six = Agent::join(nat.lab(), &six_host, "six", &token).unwrap();
-    let four = Agent::join(nat.lab(), &four_host, "four", &token).unwrap();
-    let pub4 = Agent::join(nat.lab(), &pub4_host, "pub4", &token).unwrap();
-    let dual = Agent::join(nat.lab(), &dual_host, "dual", &token).unwrap();
-    let status = six.status().unwrap();
-    eprintln!("the IPv6-only node's controller: {}", status["controller"]);
+    let six = Agent::join(nat.lab(), &six_host, "six", &token6).unwrap();
+    let four = Agent::join(nat.lab(), &four_host, "four", &token4).unwrap();
+    let pub4 = Agent::join(nat.lab(), &pub4_host, "pub4", &token4).unwrap();
+    let dual = Agent::join(nat.lab(), &dual_host, "dual", &token6).unwrap();
+    let controller = six.status().unwrap()["controller"].clone();
+    eprintln!("the IPv6-only node's controller: {controller}");
     assert_eq!(
-        status["controller"]["connected"], true,
-        "the IPv6-only node is not connected to the controller: {status:#}"
+        controller["connected"], true,
+        "the IPv6-only node is not connected to the controller: {controller:#}"
     );
 
     wait_all_pairs_ping(&[&six, &four, &pub4, &dual], Duration::from_secs(30)).unwrap_or_else(
@@ -539,11 +541,64 @@ fn an_ipv6_only_node_joins_a_dual_stack_controller_and_reaches_ipv4_only_nodes()
         let s = seen(&six, peer);
         assert_eq!(s.path, "relay", "six -> {peer}: {s:?}");
     }
-    assert!(
-        wait_both(&six, &dual, MEASURE, PathSeen::direct_v6).is_some(),
-        "the IPv6-only node and the dual-stack node are not direct over IPv6:\n{}",
-        both_statuses(&six, &dual)
-    );
+    let mut failures = Vec::new();
+    if wait_both(&six, &dual, MEASURE, PathSeen::direct_v6).is_none() {
+        failures.push(format!(
+            "the IPv6-only node and the dual-stack node are not direct over IPv6: six sees dual \
+             as {:?} with candidates {}, dual sees six as {:?} with candidates {}",
+            seen(&six, "dual"),
+            six.peer("dual").unwrap()["candidates"],
+            seen(&dual, "six"),
+            dual.peer("six").unwrap()["candidates"]
+        ));
+    }
+    // Over QUIC, as IPv4 nodes are, not TLS over TCP 443 (the fallback for blocked UDP).
+    for node in [&six, &dual] {
+        let controller = node.status().unwrap()["controller"].clone();
+        if controller["transport"] != "quic" {
+            failures.push(format!(
+                "{} reaches the controller at {} over {} instead of QUIC; its log says: {}",
+                node.name,
+                controller["address"],
+                controller["transport"],
+                node.stderr()
+                    .lines()
+                    .find(|l| l.contains("QUIC"))
+                    .unwrap_or("(nothing about QUIC)")
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// `mesh-controller serve --listen [::]:7443 --announce [2001:db8::1]:7443,203.0.113.1:7443`
+/// on the controller host (given its IPv6 address), with network [`NET`].
+fn dual_stack_controller(nat: &mut NatLab) -> Controller {
+    let ctl6 = nat.controller_ipv6().unwrap();
+    let announce = [
+        SocketAddr::new(ctl6.into(), CONTROL_PORT),
+        SocketAddr::new(CONTROLLER_IP.into(), CONTROL_PORT),
+    ];
+    let ctl = Controller::start_dual_stack(nat.lab(), &nat.controller_host(), &announce).unwrap();
+    ctl.create_network(NET).unwrap();
+    ctl
+}
+
+/// What issue 17 promises an administrator: `serve --announce "[2001:db8::1]:7443,
+/// 203.0.113.1:7443"` on a controller listening on `[::]:7443` makes tokens that name both
+/// addresses, so that nodes of either family join with the one token.
+#[test]
+fn tokens_of_a_dual_stack_controller_name_the_addresses_it_announces() {
+    let mut nat = NatLab::new("v6-token").unwrap();
+    let six_host = nat.add_public_host_with("six", Stack::V6Only).unwrap();
+    let four_host = nat.add_public_host("four").unwrap();
+    let ctl = dual_stack_controller(&mut nat);
+    let token = ctl.create_token(NET, &["--reusable"]).unwrap_or_else(|e| {
+        panic!("`token create` on a controller that announces both its addresses: {e:#}")
+    });
+    let six = Agent::join(nat.lab(), &six_host, "six", &token).unwrap();
+    let four = Agent::join(nat.lab(), &four_host, "four", &token).unwrap();
+    wait_all_pairs_ping(&[&six, &four], Duration::from_secs(20)).unwrap();
 }
 
 fn tundelay_bin() -> &'static std::path::Path {
