@@ -891,7 +891,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 addr: controller,
                 key: controller_key,
                 tcp: controller_tcp,
-                ..
+                others: controller_others,
             } = controller_ref(&state, controller, controller_tcp.as_deref())?;
             let now = unix_now();
             let expires_at = token_expiry(&expires, now)?;
@@ -910,13 +910,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 controller_tcp: controller_tcp.as_deref(),
             };
             state.open_store()?.create_token(&network, &record, now)?;
-            let points_at = token_addresses(&controller, controller_tcp.as_deref());
+            let mut points_at = token_addresses(&controller, controller_tcp.as_deref());
+            if !controller_others.is_empty() {
+                points_at.push_str(&format!(", else {}", controller_others.join(", ")));
+            }
             let token = JoinToken {
                 controller,
                 controller_key,
                 id: id.clone(),
                 secret,
                 controller_tcp,
+                controller_others,
             };
             out(&token.to_string());
             let what = if reusable { "reusable" } else { "one-time" };

@@ -66,6 +66,9 @@ pub struct JoinToken {
     pub secret: [u8; 32],
     /// The controller's TCP address, `host:port`, when it listens on TCP (version 2 tokens).
     pub controller_tcp: Option<String>,
+    /// Other QUIC addresses of the same controller (another address family, another
+    /// replica), tried in turn after `controller` (version 2 tokens).
+    pub controller_others: Vec<String>,
 }
 
 impl fmt::Debug for JoinToken {
@@ -75,6 +78,7 @@ impl fmt::Debug for JoinToken {
             .field("controller_key", &self.controller_key)
             .field("id", &self.id)
             .field("controller_tcp", &self.controller_tcp)
+            .field("controller_others", &self.controller_others)
             .finish_non_exhaustive()
     }
 }
@@ -136,12 +140,17 @@ fn push_extensions(b: &mut Vec<u8>, tcp: Option<&str>, others: &[String]) {
 impl fmt::Display for JoinToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut b = Vec::with_capacity(160);
-        b.push(if self.controller_tcp.is_some() { 2 } else { 1 });
+        let extended = self.controller_tcp.is_some() || !self.controller_others.is_empty();
+        b.push(if extended { 2 } else { 1 });
         push_field(&mut b, &self.controller);
         b.extend_from_slice(&self.controller_key.0);
         push_field(&mut b, &self.id);
         b.extend_from_slice(&self.secret);
-        push_extensions(&mut b, self.controller_tcp.as_deref(), &[]);
+        push_extensions(
+            &mut b,
+            self.controller_tcp.as_deref(),
+            &self.controller_others,
+        );
         write!(f, "{PREFIX}{}", URL_SAFE_NO_PAD.encode(b))
     }
 }
@@ -247,13 +256,14 @@ impl FromStr for JoinToken {
             if version == 1 && !r.0.is_empty() {
                 return Err("trailing bytes");
             }
-            let (controller_tcp, _others) = r.extensions()?;
+            let (controller_tcp, controller_others) = r.extensions()?;
             Ok(JoinToken {
                 controller,
                 controller_key,
                 id,
                 secret,
                 controller_tcp,
+                controller_others,
             })
         };
         parse(&mut r).map_err(TokenError::Damaged)
@@ -363,6 +373,7 @@ mod tests {
             id: "a1b2c3d4".into(),
             secret: [5; 32],
             controller_tcp: None,
+            controller_others: Vec::new(),
         }
     }
 
@@ -426,12 +437,21 @@ mod tests {
     fn a_tcp_address_makes_a_version_2_token_that_stays_one_line() {
         let t = JoinToken {
             controller_tcp: Some("192.0.2.1:443".into()),
+            controller_others: Vec::new(),
             ..sample()
         };
         let s = t.to_string();
         assert!(s.starts_with("mesh1_") && !s.contains(char::is_whitespace));
         assert!(s.len() < 200, "{} characters", s.len());
         assert_eq!(s.parse::<JoinToken>(), Ok(t));
+        // Both families of one controller: the other address rides along.
+        let both = JoinToken {
+            controller_others: vec!["[2001:db8::1]:7443".into()],
+            ..sample()
+        };
+        let s = both.to_string();
+        assert!(s.len() < 200, "{} characters", s.len());
+        assert_eq!(s.parse::<JoinToken>(), Ok(both));
         // Without one it stays version 1, which older agents read.
         let bytes = URL_SAFE_NO_PAD
             .decode(sample().to_string().strip_prefix(PREFIX).unwrap())

@@ -364,19 +364,23 @@ pub async fn join(
         exact_name: name.explicit,
     };
     tracing::debug!(controller = %token.controller, name = %name.name, "joining");
-    let target = Target::new(
-        &token.controller,
-        token.controller_tcp.as_deref(),
-        "mesh-controller",
-    );
+    // The token's address first, then its others (the other address family, say), each
+    // tried when the one before does not answer.
+    let targets: Vec<Target> = std::iter::once(&token.controller)
+        .chain(&token.controller_others)
+        .map(|a| Target::new(a, token.controller_tcp.as_deref(), "mesh-controller"))
+        .collect();
+    let mut next = 0;
     // A controller that does not answer yet may be booting (cloud-init starts every VM at
     // once): keep trying until `wait` is over. A refusal or a wrong key is final at once.
     let deadline = tokio::time::Instant::now() + wait.max(connect_timeout);
     let mut told = false;
     let (session, welcome) = loop {
+        let target = &targets[next % targets.len()];
+        next += 1;
         let attempt = control::open(
             &running.dialer,
-            &target,
+            target,
             &token.controller_key,
             &node_key,
             &first,
@@ -404,12 +408,18 @@ pub async fn join(
                 e => e.into(),
             });
         }
+        if next < targets.len() {
+            // Another address of the controller is still untried: at once.
+            debug!(controller = %target.quic, error = %e, "no answer; trying the controller's next address");
+            continue;
+        }
         if !told {
             told = true;
             warn!(controller = %token.controller, error = %e, "the controller does not answer yet; trying again until --wait-controller ({}) is over", humantime::format_duration(wait));
         } else {
             debug!(error = %e, "still no answer from the controller");
         }
+        next = 0;
         tokio::time::sleep(JOIN_RETRY).await;
     };
     if told {
@@ -419,7 +429,7 @@ pub async fn join(
         addr: token.controller.clone(),
         key: token.controller_key,
         tcp: token.controller_tcp.clone(),
-        others: Vec::new(),
+        others: token.controller_others.clone(),
     };
     let membership = save_welcome(&opts, &controller, &welcome, &session, port)?;
     close_joined(membership, &name.name, session, running).await

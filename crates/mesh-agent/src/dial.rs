@@ -504,11 +504,40 @@ const NO_QUIC_ANSWER: &str = "no QUIC answer within";
 const UDP_ERROR_WAIT: Duration = Duration::from_millis(500);
 
 async fn resolve(addr: &str) -> Result<SocketAddr, String> {
-    tokio::net::lookup_host(addr)
+    let all: Vec<SocketAddr> = tokio::net::lookup_host(addr)
         .await
         .map_err(|e| format!("cannot resolve {addr}: {e}"))?
-        .find(|a| a.is_ipv4())
-        .ok_or_else(|| format!("{addr} has no IPv4 address"))
+        .map(mesh_control::net::canonical)
+        .collect();
+    // In the resolver's order (IPv6 first where the host has IPv6), the first this host has
+    // a route to; with none, the first one's routing error.
+    let mut first_error = None;
+    for a in &all {
+        match routable(*a) {
+            Ok(()) => return Ok(*a),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    Err(first_error.unwrap_or_else(|| format!("{addr} has no address")))
+}
+
+/// Fails at once when this host has no route to `addr` (a UDP `connect` asks the kernel and
+/// sends nothing): an IPv6-only host has none to a controller's IPv4 address, and QUIC would
+/// only wait out its whole timeout before the next address is tried.
+fn routable(addr: SocketAddr) -> Result<(), String> {
+    let any: SocketAddr = if addr.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let family = if addr.is_ipv6() { "IPv6" } else { "IPv4" };
+    let socket = std::net::UdpSocket::bind(any)
+        .map_err(|e| format!("this host has no {family} ({e}), so {addr} cannot be reached"))?;
+    socket
+        .connect(addr)
+        .map_err(|e| format!("no route to {addr} ({e}): this host has no {family} path there"))
 }
 
 #[cfg(test)]

@@ -140,6 +140,7 @@ pub fn render(status: &DataStatus, control: &Control, port_mapping: &Snapshot) -
     let hs = Family::<PeerLabels, Gauge<f64, AtomicU64>>::default();
     let rtt = Family::<PeerLabels, Gauge<f64, AtomicU64>>::default();
     let direct = Family::<PeerLabels, Gauge>::default();
+    let direct6 = Family::<PeerLabels, Gauge>::default();
     let pmtu = Family::<PeerLabels, Gauge>::default();
     let path_loss = Family::<PathLabels, Gauge<f64, AtomicU64>>::default();
     let path_rtt = Family::<PathLabels, Gauge<f64, AtomicU64>>::default();
@@ -172,6 +173,9 @@ pub fn render(status: &DataStatus, control: &Control, port_mapping: &Snapshot) -
         direct
             .get_or_create(&l)
             .set(i64::from(matches!(p.path, mesh_core::Path::Direct(_))));
+        direct6.get_or_create(&l).set(i64::from(
+            matches!(p.path, mesh_core::Path::Direct(e) if e.is_ipv6()),
+        ));
         if let Some(m) = p.path_mtu {
             pmtu.get_or_create(&l).set(i64::from(m));
         }
@@ -192,6 +196,11 @@ pub fn render(status: &DataStatus, control: &Control, port_mapping: &Snapshot) -
         "peer_path_direct",
         "1 when the peer is reached directly, 0 when not (yet) or through a relay",
         direct,
+    );
+    reg.register(
+        "peer_path_direct_ipv6",
+        "1 when the peer is reached directly over IPv6, 0 otherwise",
+        direct6,
     );
     reg.register(
         "peer_path_mtu_bytes",

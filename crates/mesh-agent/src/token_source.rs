@@ -164,6 +164,7 @@ mod tests {
             id: "0badc0de".into(),
             secret: [0x5a; 32],
             controller_tcp: None,
+            controller_others: Vec::new(),
         }
     }
 

@@ -350,6 +350,7 @@ fn tokens() -> Vec<JoinToken> {
         secret: filler(300 + i as u64, 32).try_into().unwrap_or([0; 32]),
         // Every other seed carries a TCP address (a version 2 token).
         controller_tcp: (i % 2 == 1).then(|| "controller.example.net:443".to_owned()),
+        controller_others: Vec::new(),
     })
     .collect()
 }
