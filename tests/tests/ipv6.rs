@@ -504,22 +504,19 @@ fn an_ipv6_only_node_joins_a_dual_stack_controller_and_reaches_ipv4_only_nodes()
     let four_host = nat.add_host_behind(&site4, "four").unwrap();
     let pub4_host = nat.add_public_host("pub4").unwrap();
     let dual_host = nat.add_public_host_with("dual", Stack::DualStack).unwrap();
-    // One controller socket for both families. Each family's nodes get a token naming the
-    // controller's address of their family: the one token naming both is
-    // tokens_of_a_dual_stack_controller_name_the_addresses_it_announces.
+    // One controller socket for both families, one token for all: it names the IPv6 address
+    // (`--controller`) and the other announced one, so the IPv4-only nodes must go on to it.
+    // (Without `--controller`: tokens_of_a_dual_stack_controller_name_the_addresses_it_announces.)
     let ctl = dual_stack_controller(&mut nat);
-    let token_for = |ip: IpAddr| {
-        let at = SocketAddr::new(ip, CONTROL_PORT).to_string();
-        ctl.create_token(NET, &["--reusable", "--controller", &at])
-            .unwrap()
-    };
-    let token6 = token_for(ctl6.into());
-    let token4 = token_for(CONTROLLER_IP.into());
+    let v6_first = SocketAddr::new(ctl6.into(), CONTROL_PORT).to_string();
+    let token = ctl
+        .create_token(NET, &["--reusable", "--controller", &v6_first])
+        .unwrap();
 
-    let six = Agent::join(nat.lab(), &six_host, "six", &token6).unwrap();
-    let four = Agent::join(nat.lab(), &four_host, "four", &token4).unwrap();
-    let pub4 = Agent::join(nat.lab(), &pub4_host, "pub4", &token4).unwrap();
-    let dual = Agent::join(nat.lab(), &dual_host, "dual", &token6).unwrap();
+    let six = Agent::join(nat.lab(), &six_host, "six", &token).unwrap();
+    let four = Agent::join(nat.lab(), &four_host, "four", &token).unwrap();
+    let pub4 = Agent::join(nat.lab(), &pub4_host, "pub4", &token).unwrap();
+    let dual = Agent::join(nat.lab(), &dual_host, "dual", &token).unwrap();
     let controller = six.status().unwrap()["controller"].clone();
     eprintln!("the IPv6-only node's controller: {controller}");
     assert_eq!(
