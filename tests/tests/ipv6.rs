@@ -11,8 +11,8 @@
 //!   MTU the agent chose for the peer (80 bytes of WireGuard over IPv6);
 //! - an IPv6-only node joins a dual-stack controller (a token naming both addresses) and reaches
 //!   IPv4-only nodes over the overlay;
-//! - two public dual-stack nodes use IPv6 when both families are equal and settle on IPv4 when
-//!   the IPv6 path is 40 ms slower each way.
+//! - two public dual-stack nodes use IPv6 when both families are equal, settle on IPv4 when
+//!   the IPv6 path is 40 ms slower each way, and go back to IPv6 when it is not.
 //!
 //! Every figure is printed before the limits are checked, so a failing run still reports them.
 #![allow(clippy::unwrap_used)]
@@ -653,8 +653,17 @@ fn public_dual_stack_nodes_prefer_ipv6_and_settle_on_ipv4_when_ipv6_is_40ms_slow
         both_statuses(&p, &q)
     );
 
-    // The delay gone: only reported (hysteresis may keep a good IPv4 path).
+    // The delay gone: both families equal again, so IPv6 again.
     delay.remove().unwrap();
-    let back = wait_both(&p, &q, Duration::from_secs(10), PathSeen::direct_v6);
-    eprintln!("delay removed -> back on IPv6: {}", secs(back));
+    let back = wait_both(&p, &q, TO_V4_LIMIT + MEASURE, PathSeen::direct_v6);
+    eprintln!(
+        "delay removed -> back on IPv6: {} (limit {})",
+        secs(back),
+        secs(Some(TO_V4_LIMIT))
+    );
+    assert!(
+        back.is_some_and(|d| d <= TO_V4_LIMIT),
+        "the pair did not go back to IPv6 within {TO_V4_LIMIT:?} of it being as fast as IPv4:\n{}",
+        both_statuses(&p, &q)
+    );
 }
