@@ -436,7 +436,9 @@ impl NatLab {
     /// 2001:db8::100, ::101, ... (the group reads like its IPv4 WAN's last octet), site
     /// 2001:db8:1:n::/64 on its LAN (n = 1 for the first dual-stack router, then 2, ...), no
     /// NAT for IPv6, its `inet` forward chain as the stateful IPv6 firewall (see the module
-    /// doc). Put hosts with IPv6 behind it with [`NatLab::add_host_behind_with`].
+    /// doc; a [`NatKind::UdpBlocked`] one drops IPv6 UDP from its LAN too). Put hosts with
+    /// IPv6 behind it with [`NatLab::add_host_behind_with`]. Sites behind the core router or a
+    /// CGNAT have no IPv6 (yet).
     pub fn add_dual_stack_router(&mut self, name: &str, kind: NatKind) -> Result<Router> {
         let router = self.add_router_on(0, None, name, kind, LAN_PREFIX, false)?;
         let n = u16::try_from(self.sites6.len() + 1).unwrap_or(u16::MAX);
