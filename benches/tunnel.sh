@@ -318,10 +318,11 @@ bench_relay() {
 
 # ------------------------------------------------------------ mesh-v6 --
 
-# The family of A's path to bench-b (ipv4, ipv6; empty while unknown): the
-# status's `family`, else read from the endpoint ("[...]:port" is IPv6).
+# The family of A's direct path to bench-b (ipv4, ipv6; empty while there is
+# none) in the pair under state dir $1: the status's `family`, else read from
+# the endpoint ("[...]:port" is IPv6).
 mesh_family_to_b() {
-    ip netns exec "$NS_A" "$MESH_BIN" status --json --state-dir "$1" 2>/dev/null |
+    ip netns exec "$NS_A" "$MESH_BIN" status --json --state-dir "$1/a" 2>/dev/null |
         jq -r '.peers[] | select(.name == "bench-b")
             | select(.path == "direct")
             | (.family // (if (.endpoint // "") | startswith("[") then "ipv6"
