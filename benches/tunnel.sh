@@ -3,14 +3,15 @@
 # TCP throughput through mesh compared with plain veth and two other
 # userspace WireGuard implementations (boringtun-cli, wireguard-go), and
 # through mesh's relay: over QUIC (direct UDP between the nodes blocked) and
-# over TCP (all UDP of the nodes blocked), as ratios to the direct path.
-# See benches/README.md. Needs root; everything runs in throwaway network
+# over TCP (all UDP of the nodes blocked), as ratios to the direct path; and
+# mesh over an IPv6 underlay (the same links with 2001:db8:: addresses, a
+# controller reached over IPv6). See benches/README.md. Needs root; everything runs in throwaway network
 # namespaces that are removed on exit.
 #
 # Environment:
 #   BENCH_SECONDS   length of each iperf3 run in seconds (default 10)
 #   BENCH_PATHS     paths to measure, space separated
-#                   (default "veth mesh relay-quic relay-tcp boringtun
+#                   (default "veth mesh relay-quic relay-tcp mesh-v6 boringtun
 #                   wireguard-go"; the relay paths need mesh)
 set -euo pipefail
 
@@ -20,7 +21,7 @@ ROOT=$(cd "$HERE/.." && pwd)
 . "$HERE/lib-netns.sh"
 
 BENCH_SECONDS=${BENCH_SECONDS:-10}
-BENCH_PATHS=${BENCH_PATHS:-veth mesh relay-quic relay-tcp boringtun wireguard-go}
+BENCH_PATHS=${BENCH_PATHS:-veth mesh relay-quic relay-tcp mesh-v6 boringtun wireguard-go}
 [[ $BENCH_SECONDS =~ ^[1-9][0-9]*$ ]] || die "BENCH_SECONDS must be a positive integer (got '$BENCH_SECONDS')"
 
 TOOLS_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/bench-tools"
@@ -30,6 +31,11 @@ TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 CTL_IP=192.0.2.1
 A_IP=192.0.2.11
 B_IP=192.0.2.12
+# The IPv6 underlay of mesh-v6 (documentation prefix), added to the same links
+# only for that run, so that every other path stays IPv4-only.
+CTL_IP6=2001:db8::1
+A_IP6=2001:db8::11
+B_IP6=2001:db8::12
 CTL_PORT=7443
 MESH_PORT=51820
 IPERF_PORT=5201
@@ -89,16 +95,19 @@ fi
 
 MESH_BIN="$TARGET_DIR/release/mesh"
 CTL_BIN="$TARGET_DIR/release/mesh-controller"
-if want mesh; then
+if want mesh || want mesh-v6; then
     if find_cargo; then
         info "building mesh: cargo build --release --bins"
         if ! (cd "$ROOT" && cargo build --release --bins); then
             skip mesh "cargo build --release --bins failed"
+            skip mesh-v6 "cargo build --release --bins failed"
         elif [[ ! -x $MESH_BIN || ! -x $CTL_BIN ]]; then
             skip mesh "the build did not produce $MESH_BIN and $CTL_BIN"
+            skip mesh-v6 "the build did not produce $MESH_BIN and $CTL_BIN"
         fi
     else
         skip mesh "cargo not found, cannot build mesh"
+        skip mesh-v6 "cargo not found, cannot build mesh"
     fi
 fi
 
@@ -175,42 +184,41 @@ mesh_controller_ready() {
     udp_listening "$NS_C" "$CTL_PORT" && [[ -s $1/listen.addr ]]
 }
 
-bench_mesh() {
-    step "Path 2: mesh (controller + two agents)"
-    if [[ -n ${WHY[mesh]:-} ]]; then
-        info "skipped: ${WHY[mesh]}"
-        return 1
-    fi
-    local sd="$WORK/mesh" token ip_b name netns
+# mesh_pair PATH STATE_DIR LISTEN: a controller listening on LISTEN and the
+# agents bench-a and bench-b joined through it, up and pinging; leaves B's
+# overlay address in PAIR_IP_B. Failures are skipped as PATH (logs carry
+# PATH's name, so that a skipped path shows them).
+mesh_pair() {
+    local path="$1" sd="$2" listen="$3" token ip_b name netns
     mkdir -p "$sd/ctl" "$sd/a" "$sd/b"
 
-    spawn "$NS_C" "$WORK/mesh-controller.log" "$CTL_BIN" serve --listen "$CTL_IP:$CTL_PORT" --state-dir "$sd/ctl"
+    spawn "$NS_C" "$WORK/$path-controller.log" "$CTL_BIN" serve --listen "$listen" --state-dir "$sd/ctl"
     MESH_PIDS+=("$LAST_PID")
     WAIT_WATCH_PID=$LAST_PID wait_until 20 "controller on udp/$CTL_PORT" \
         mesh_controller_ready "$sd/ctl" || {
-        skip mesh "mesh-controller serve did not start (see mesh-controller.log)"
+        skip "$path" "mesh-controller serve did not start (see $path-controller.log)"
         return 1
     }
     ip netns exec "$NS_C" "$CTL_BIN" network create bench --cidr 100.64.0.0/16 --state-dir "$sd/ctl" \
-        >"$WORK/mesh-network-create.log" 2>&1 || {
-        skip mesh "mesh-controller network create failed: $(tail -n 3 "$WORK/mesh-network-create.log")"
+        >"$WORK/$path-network-create.log" 2>&1 || {
+        skip "$path" "mesh-controller network create failed: $(tail -n 3 "$WORK/$path-network-create.log")"
         return 1
     }
     if ! token=$(ip netns exec "$NS_C" "$CTL_BIN" token create bench --reusable --expires 1h \
-        --state-dir "$sd/ctl" 2>"$WORK/mesh-token-create.log"); then
-        skip mesh "mesh-controller token create failed: $(tail -n 3 "$WORK/mesh-token-create.log")"
+        --state-dir "$sd/ctl" 2>"$WORK/$path-token-create.log"); then
+        skip "$path" "mesh-controller token create failed: $(tail -n 3 "$WORK/$path-token-create.log")"
         return 1
     fi
     token=${token//[[:space:]]/}
     if [[ -z $token ]]; then
-        skip mesh "mesh-controller token create printed no token"
+        skip "$path" "mesh-controller token create printed no token"
         return 1
     fi
 
     local -A agent_pid=()
     for name in a b; do
         netns=$(ns "$name")
-        spawn "$netns" "$WORK/mesh-agent-$name.log" "$MESH_BIN" join "$token" --name "bench-$name" \
+        spawn "$netns" "$WORK/$path-agent-$name.log" "$MESH_BIN" join "$token" --name "bench-$name" \
             --port "$MESH_PORT" --state-dir "$sd/$name"
         MESH_PIDS+=("$LAST_PID")
         agent_pid[$name]=$LAST_PID
@@ -219,19 +227,29 @@ bench_mesh() {
         netns=$(ns "$name")
         WAIT_WATCH_PID=${agent_pid[$name]} wait_until 30 "agent bench-$name to get its overlay address" \
             mesh_overlay_ready "$netns" "$sd/$name" || {
-            skip mesh "agent bench-$name did not come up (see mesh-agent-$name.log)"
+            skip "$path" "agent bench-$name did not come up (see $path-agent-$name.log)"
             return 1
         }
     done
     ip_b=$(mesh_overlay_ready "$NS_B" "$sd/b")
     info "overlay: A=$(mesh_overlay_ready "$NS_A" "$sd/a") B=$ip_b, mesh0 MTU $(ip -n "$NS_A" -o link show mesh0 | sed -n 's/.* mtu \([0-9]*\).*/\1/p')"
     wait_until 30 "A -> B over mesh" ns_ping "$NS_A" "$ip_b" || {
-        skip mesh "no connectivity A -> B over the overlay"
+        skip "$path" "no connectivity A -> B over the overlay"
         return 1
     }
-    measure mesh "$ip_b"
-    MESH_IP_B=$ip_b
-    MESH_SD=$sd
+    PAIR_IP_B=$ip_b
+}
+
+bench_mesh() {
+    step "Path 2: mesh (controller + two agents)"
+    if [[ -n ${WHY[mesh]:-} ]]; then
+        info "skipped: ${WHY[mesh]}"
+        return 1
+    fi
+    mesh_pair mesh "$WORK/mesh" "$CTL_IP:$CTL_PORT" || return 1
+    measure mesh "$PAIR_IP_B"
+    MESH_IP_B=$PAIR_IP_B
+    MESH_SD=$WORK/mesh
 }
 
 # The transport of the controller session of the agent with state dir $2 in namespace $1.
@@ -296,6 +314,76 @@ bench_relay() {
         fi
         unblock_udp
     fi
+}
+
+# ------------------------------------------------------------ mesh-v6 --
+
+# The family of A's direct path to bench-b (ipv4, ipv6; empty while there is
+# none) in the pair under state dir $1: the status's `family`, else read from
+# the endpoint ("[...]:port" is IPv6).
+mesh_family_to_b() {
+    ip netns exec "$NS_A" "$MESH_BIN" status --json --state-dir "$1/a" 2>/dev/null |
+        jq -r '.peers[] | select(.name == "bench-b")
+            | select(.path == "direct")
+            | (.family // (if (.endpoint // "") | startswith("[") then "ipv6"
+                           elif (.endpoint // "") != "" then "ipv4" else empty end))'
+}
+on_v6() { [[ $(mesh_family_to_b "$1") == ipv6 ]]; }
+
+# Gives the controller, A and B their IPv6 addresses on the same links (no
+# DAD, so that they are usable at once) and waits until A reaches both.
+underlay_v6() {
+    local n addr
+    for n in ctl a b; do
+        case $n in ctl) addr=$CTL_IP6 ;; a) addr=$A_IP6 ;; b) addr=$B_IP6 ;; esac
+        ip -n "$(ns "$n")" addr add "$addr/64" dev eth0 nodad || return 1
+    done
+    wait_until 10 "underlay A -> B over IPv6" ns_ping "$NS_A" "$B_IP6" &&
+        wait_until 10 "underlay A -> controller over IPv6" ns_ping "$NS_A" "$CTL_IP6"
+}
+
+# Drops IPv4 UDP between the nodes (not to the controller), so that a pair
+# that does not choose IPv6 by itself has no other direct path.
+block_udp4_direct() {
+    local n peer
+    for n in a b; do
+        peer=$([[ $n == a ]] && echo "$B_IP" || echo "$A_IP")
+        ip netns exec "$(ns "$n")" nft "table ip benchv4 { chain o { type filter hook output priority 0; ip daddr $peer meta l4proto udp drop; }; chain i { type filter hook input priority 0; ip saddr $peer meta l4proto udp drop; }; }"
+    done
+}
+
+unblock_udp4_direct() {
+    local n
+    for n in a b; do ip netns exec "$(ns "$n")" nft delete table ip benchv4 2>/dev/null || true; done
+}
+
+bench_mesh_v6() {
+    step "Path 2c: mesh over an IPv6 underlay (controller at [$CTL_IP6]:$CTL_PORT)"
+    if [[ -n ${WHY[mesh-v6]:-} ]]; then
+        info "skipped: ${WHY[mesh-v6]}"
+        return 1
+    fi
+    underlay_v6 || {
+        skip mesh-v6 "the IPv6 underlay did not come up"
+        return 1
+    }
+    local sd="$WORK/mesh-v6"
+    mesh_pair mesh-v6 "$sd" "[$CTL_IP6]:$CTL_PORT" || return 1
+    # Both families are equal here, so mesh should choose IPv6 by itself; if it
+    # does not, IPv4 between the nodes is blocked (and that is said).
+    if ! wait_until 20 "A -> B direct over IPv6" on_v6 "$sd"; then
+        warn "mesh-v6: the pair did not choose IPv6 by itself; blocking IPv4 UDP between the nodes"
+        block_udp4_direct
+        wait_until 20 "A -> B direct over IPv6 (IPv4 blocked)" on_v6 "$sd" || {
+            unblock_udp4_direct
+            skip mesh-v6 "the pair did not go direct over IPv6"
+            return 1
+        }
+    fi
+    ok "A -> B direct over IPv6: $(ip netns exec "$NS_A" "$MESH_BIN" status --json --state-dir "$sd/a" 2>/dev/null |
+        jq -r '.peers[] | select(.name == "bench-b") | .endpoint')"
+    measure mesh-v6 "$PAIR_IP_B" || true
+    unblock_udp4_direct
 }
 
 # --------------------------------------------------- userspace WireGuard --
@@ -389,6 +477,10 @@ if want mesh; then
     if want relay-quic || want relay-tcp; then bench_relay || true; fi
     mesh_stop
 fi
+if want mesh-v6; then
+    bench_mesh_v6 || true
+    mesh_stop
+fi
 if want boringtun; then
     bench_boringtun || true
     wg_stop
@@ -403,7 +495,7 @@ fi
 step "Results: TCP A -> B, iperf3, ${BENCH_SECONDS}s"
 printf '    %-14s %12s %14s\n' path "Mbit/s" "mesh/path"
 printf '    %-14s %12s %14s\n' -------------- ------------ --------------
-for path in veth mesh relay-quic relay-tcp boringtun wireguard-go; do
+for path in veth mesh relay-quic relay-tcp mesh-v6 boringtun wireguard-go; do
     want "$path" || continue
     if [[ -n ${MBITS[$path]:-} ]]; then
         if [[ -n ${MBITS[mesh]:-} ]]; then
@@ -422,11 +514,15 @@ for path in relay-quic relay-tcp; do
             "$(awk -v r="${MBITS[$path]}" -v m="${MBITS[mesh]}" 'BEGIN { printf "%.0f %%", 100 * r / m }')"
     fi
 done
+if [[ -n ${MBITS[mesh-v6]:-} && -n ${MBITS[mesh]:-} ]]; then
+    printf '    mesh-v6 (IPv6 underlay) carries %s of mesh over IPv4\n' \
+        "$(awk -v r="${MBITS[mesh-v6]}" -v m="${MBITS[mesh]}" 'BEGIN { printf "%.0f %%", 100 * r / m }')"
+fi
 echo
 
 REPORTED=1
 # Logs of the paths that were skipped, so that the reason is visible.
-for path in veth mesh relay-quic relay-tcp boringtun wireguard-go; do
+for path in veth mesh relay-quic relay-tcp mesh-v6 boringtun wireguard-go; do
     if ! want "$path" || [[ -z ${WHY[$path]:-} ]]; then continue; fi
     for f in "$WORK/$path"-*.log "$WORK/iperf-$path.err"; do
         [[ -s $f ]] || continue

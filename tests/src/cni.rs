@@ -195,6 +195,7 @@ impl CniBridge {
             name: format!("{}-pod", node.host.name),
             ns: pod_ns.name().to_string(),
             ip: pod_ip,
+            ip6: None,
         };
         ip([
             "-n", ns, "link", "add", "vethpod", "mtu", &mtu, "type", "veth", "peer", "name",
@@ -336,6 +337,7 @@ impl CniPod {
                 name: format!("{}-{name}", node.name),
                 ns: ns.name().to_string(),
                 ip: Ipv4Addr::UNSPECIFIED,
+                ip6: None,
             },
             node: node.clone(),
             container_id,

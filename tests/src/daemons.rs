@@ -12,7 +12,7 @@ use serde_json::Value;
 use std::ffi::OsString;
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::Duration;
@@ -64,8 +64,11 @@ pub struct Controller {
     pub host: Host,
     /// Its `--state-dir`.
     pub state_dir: PathBuf,
-    /// Its `--listen` address.
+    /// Its `--listen` address (for a dual-stack one, the host's IPv4 address and the port: it
+    /// listens on `[::]`, which includes it).
     pub listen: SocketAddrV4,
+    /// `--listen` when it is not [`Controller::listen`] (`[::]:7443` for a dual-stack one).
+    listen_wildcard: Option<SocketAddr>,
     /// Extra arguments for every `serve` (e.g. `--announce`).
     pub extra: Vec<String>,
     log_dir: PathBuf,
@@ -97,7 +100,30 @@ impl Controller {
             host: host.clone(),
             state_dir: state_dir.to_path_buf(),
             listen: SocketAddrV4::new(host.ip, port),
+            listen_wildcard: None,
             extra: extra.iter().map(|a| a.to_string()).collect(),
+            log_dir: lab.log_dir(),
+            transcript: lab.transcript(),
+            proc: None,
+        };
+        c.serve()?;
+        Ok(c)
+    }
+
+    /// Starts `serve --listen [::]:7443` (one socket for both families) in `host` with state
+    /// dir `state/<host name>`, announcing `announce` (`--announce`, so that tokens name those
+    /// addresses, tried in turn by the agents), and waits until ready.
+    pub fn start_dual_stack(lab: &Lab, host: &Host, announce: &[SocketAddr]) -> Result<Controller> {
+        let announce: Vec<String> = announce.iter().map(|a| a.to_string()).collect();
+        let mut c = Controller {
+            host: host.clone(),
+            state_dir: lab.state_dir(&host.name)?,
+            listen: SocketAddrV4::new(host.ip, CONTROL_PORT),
+            listen_wildcard: Some(SocketAddr::from((
+                std::net::Ipv6Addr::UNSPECIFIED,
+                CONTROL_PORT,
+            ))),
+            extra: vec!["--announce".into(), announce.join(",")],
             log_dir: lab.log_dir(),
             transcript: lab.transcript(),
             proc: None,
@@ -116,7 +142,8 @@ impl Controller {
         let mut args = vec![
             "serve".to_string(),
             "--listen".into(),
-            self.listen.to_string(),
+            self.listen_wildcard
+                .map_or_else(|| self.listen.to_string(), |w| w.to_string()),
         ];
         args.extend(self.extra.iter().cloned());
         let args = with_state_dir(args, &self.state_dir);

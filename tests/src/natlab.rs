@@ -14,6 +14,31 @@
 //! with a home router behind it whose LAN is again 198.51.100.0/24. The mesh overlay range
 //! 100.64.0.0/10 is never used here.
 //!
+//! # IPv6
+//!
+//! IPv6 is opt-in, per host and per site, and uses the documentation prefix 2001:db8::/32 only:
+//!
+//! ```text
+//!   internet 2001:db8::/64 (the same bridge): ctl 2001:db8::1 ([`NatLab::controller_ipv6`]),
+//!     public hosts 2001:db8::10.. ([`NatLab::add_public_host_with`]), router WANs 2001:db8::100..
+//!   dual-stack router n ([`NatLab::add_dual_stack_router`]): routes its site 2001:db8:1:n::/64
+//!     on `lan` (router 2001:db8:1:n::1), hosts 2001:db8:1:n::10.. ([`NatLab::add_host_behind_with`])
+//! ```
+//!
+//! The last group of an IPv6 address spells the last octet of the IPv4 address it goes with
+//! (203.0.113.10 and 2001:db8::10, 198.51.100.12 and 2001:db8:1:n::12). Every IPv6 node on the
+//! internet has a route to every site's /64 via that site's router. There is no NAT for IPv6:
+//! the router's `table inet filter` (see below) is a stateful IPv6 firewall as home routers have
+//! one: `ct state established,related accept`, LAN → WAN accepted, everything else from the WAN
+//! dropped. So two hosts of two sites reach each other only once both have sent (a punch).
+//! [`Stack::V6Only`] hosts have no IPv4 at all (loopback aside). DAD is off in IPv6 namespaces
+//! (`accept_dad=0`, addresses added `nodad`), so addresses are usable at once; a host behind a
+//! router is ready when it pings its gateway. [`NatLab::add_temporary_address`] lets the kernel
+//! add a privacy address (RFC 8981, flag `temporary`) beside the stable one;
+//! [`Router::block_ipv6`] withdraws a site's IPv6 (the forward chain drops it);
+//! [`NatLab::delay_ipv6`] sends IPv6 between some hosts through a box that delays it (this
+//! kernel has no netem).
+//!
 //! # NAT kinds
 //!
 //! Each router has an nftables ruleset (`table ip nat` + `table inet filter`), see
@@ -78,7 +103,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::fs;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -99,6 +124,55 @@ const LINK_TIMEOUT: Duration = Duration::from_secs(5);
 pub const PORT_MAPPER_STUN_PORT: u16 = 3479;
 /// How long miniupnpd may take to start (its STUN check retries after 3 s without answers).
 const PORT_MAPPER_READY: Duration = Duration::from_secs(15);
+/// The internet's IPv6 /64 (inside the documentation prefix 2001:db8::/32), first four groups.
+pub const INTERNET6_PREFIX: [u16; 4] = [0x2001, 0xdb8, 0, 0];
+/// The controller/relay host's IPv6 address (once [`NatLab::controller_ipv6`] gave it one).
+pub const CONTROLLER_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+/// How long the kernel may take to add a temporary (privacy) address.
+const TEMPADDR_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The IPv6 site prefix (a /64) of the `n`th dual-stack router: 2001:db8:1:`n`::/64.
+pub fn site_prefix(n: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 1, n, 0, 0, 0, 0)
+}
+
+/// Whether `ip` is inside the documentation prefix 2001:db8::/32.
+pub fn is_documentation_v6(ip: &Ipv6Addr) -> bool {
+    ip.segments()[..2] == [0x2001, 0xdb8]
+}
+
+/// The IPv6 group that reads like `octet` (10 → `::10`, 254 → `::254`), so that a host's IPv6
+/// address ends like its IPv4 address.
+fn group_of(octet: u8) -> u16 {
+    let (h, t, o) = (
+        u16::from(octet / 100),
+        u16::from(octet / 10 % 10),
+        u16::from(octet % 10),
+    );
+    h << 8 | t << 4 | o
+}
+
+/// Which address families a lab host has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Stack {
+    /// IPv4 only (what the lab did before it knew IPv6).
+    #[default]
+    V4,
+    /// IPv4 (NATed behind a router) and a global IPv6 address.
+    DualStack,
+    /// A global IPv6 address and no IPv4 at all (loopback aside): no IPv4 address, no route.
+    V6Only,
+}
+
+impl Stack {
+    fn has_v4(self) -> bool {
+        self != Stack::V6Only
+    }
+
+    fn has_v6(self) -> bool {
+        self != Stack::V4
+    }
+}
 
 /// What a router does to UDP. (TCP and ICMP are masqueraded by all of them.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +213,8 @@ pub struct Router {
     pub lan_ip: Ipv4Addr,
     /// The address its hosts' traffic has on the internet (the outermost NAT's WAN address).
     pub public_ip: Ipv4Addr,
+    /// IPv6 of a dual-stack router ([`NatLab::add_dual_stack_router`]).
+    pub ip6: Option<RouterV6>,
     /// Index of its inside segment in the lab.
     segment: usize,
     /// Whether miniupnpd runs in it ([`NatLab::add_port_mapping_router`]).
@@ -171,8 +247,36 @@ impl Router {
             name: self.name.clone(),
             ns: self.ns.clone(),
             ip: self.wan_ip,
+            ip6: self.ip6.map(|v| v.wan),
         }
     }
+
+    /// Withdraws the site's IPv6 without telling its hosts, as an ISP outage or a broken
+    /// firewall update would: the router stops forwarding IPv6 either way (a rule at the top
+    /// of its forward chain drops it). The hosts keep their addresses and routes.
+    pub fn block_ipv6(&self) -> Result<()> {
+        self.run(
+            "nft",
+            [
+                "insert", "rule", "inet", "filter", "forward", "meta", "nfproto", "ipv6",
+                "counter", "drop",
+            ],
+        )
+        .ok()
+        .with_context(|| format!("blocking IPv6 in router {}", self.name))?;
+        Ok(())
+    }
+}
+
+/// The IPv6 side of a dual-stack router: routed, no NAT, a stateful firewall.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouterV6 {
+    /// Its `wan` address on the internet: 2001:db8::100, ::101, ...
+    pub wan: Ipv6Addr,
+    /// The site's /64 on its `lan`: 2001:db8:1:n::/64.
+    pub site: Ipv6Addr,
+    /// Its `lan` address, its hosts' gateway: 2001:db8:1:n::1.
+    pub lan: Ipv6Addr,
 }
 
 /// One L2 segment: a bridge `br0` in a switch namespace, with a /24.
@@ -181,6 +285,8 @@ struct Segment {
     /// Namespace holding the bridge.
     switch: String,
     prefix: [u8; 3],
+    /// The first four groups of its IPv6 /64, where it has one.
+    prefix6: Option<[u16; 4]>,
     used: Vec<u8>,
     next_host: u8,
     last_host: u8,
@@ -192,6 +298,12 @@ impl Segment {
     fn addr(&self, octet: u8) -> Ipv4Addr {
         let [a, b, c] = self.prefix;
         Ipv4Addr::new(a, b, c, octet)
+    }
+
+    /// The IPv6 address that goes with `octet`, if the segment has IPv6.
+    fn addr6(&self, octet: u8) -> Option<Ipv6Addr> {
+        let [a, b, c, d] = self.prefix6?;
+        Some(Ipv6Addr::new(a, b, c, d, 0, 0, 0, group_of(octet)))
     }
 
     /// The next free octet in `next..=last`, advancing `next`.
@@ -232,6 +344,10 @@ pub struct NatLab {
     namespaces: Vec<Netns>,
     /// The core router's namespace, once a router sits behind it.
     core: Option<String>,
+    /// Namespaces with IPv6 on the internet segment: each has a route to every site's /64.
+    internet6: Vec<String>,
+    /// Every site's /64 and the router it is routed via.
+    sites6: Vec<(Ipv6Addr, Ipv6Addr)>,
     /// Temp dir, state dirs, logs; dropped last.
     lab: Lab,
 }
@@ -249,16 +365,21 @@ impl NatLab {
                 name: String::new(),
                 ns: String::new(),
                 ip: CONTROLLER_IP,
+                ip6: None,
             },
             namespaces: Vec::new(),
             core: None,
+            internet6: Vec::new(),
+            sites6: Vec::new(),
             lab,
         };
         fs::create_dir_all(nat.nft_dir())
             .with_context(|| format!("creating {}", nat.nft_dir().display()))?;
         let internet = nat.add_segment(INTERNET_PREFIX, (10, 99), (100, 254))?;
+        nat.segments[internet].prefix6 = Some(INTERNET6_PREFIX);
         nat.segments[internet].used.push(CONTROLLER_IP.octets()[3]);
-        nat.controller = nat.add_host_on(internet, "ctl", CONTROLLER_IP.octets()[3], None)?;
+        nat.controller =
+            nat.add_host_on(internet, "ctl", CONTROLLER_IP.octets()[3], None, Stack::V4)?;
         Ok(nat)
     }
 
@@ -269,9 +390,23 @@ impl NatLab {
         &self.lab
     }
 
-    /// The controller/relay host, 203.0.113.1 on the internet, named `ctl`.
+    /// The controller/relay host, 203.0.113.1 on the internet, named `ctl` (and 2001:db8::1
+    /// once [`NatLab::controller_ipv6`] was called).
     pub fn controller_host(&self) -> Host {
         self.controller.clone()
+    }
+
+    /// Gives the controller host its IPv6 address 2001:db8::1 too (once; later calls only
+    /// return it), with routes to every site.
+    pub fn controller_ipv6(&mut self) -> Result<Ipv6Addr> {
+        if self.controller.ip6.is_none() {
+            let ns = self.controller.ns.clone();
+            enable_ipv6(&ns, &["eth0"])?;
+            add_addr6(&ns, "eth0", CONTROLLER_IP6)?;
+            self.join_internet6(&ns)?;
+            self.controller.ip6 = Some(CONTROLLER_IP6);
+        }
+        Ok(CONTROLLER_IP6)
     }
 
     /// The routers made so far.
@@ -281,10 +416,70 @@ impl NatLab {
 
     /// A host directly on the internet: 203.0.113.10, .11, ... (up to .99).
     pub fn add_public_host(&mut self, name: &str) -> Result<Host> {
+        self.add_public_host_with(name, Stack::V4)
+    }
+
+    /// A host directly on the internet with the address families of `stack`: 203.0.113.10
+    /// and/or 2001:db8::10, and so on (up to .99). IPv6 hosts get routes to every site.
+    pub fn add_public_host_with(&mut self, name: &str, stack: Stack) -> Result<Host> {
         let octet = self.segments[0]
             .take_host()
             .ok_or_else(|| anyhow!("no public address left in lab {}", self.label))?;
-        self.add_host_on(0, name, octet, None)
+        let host = self.add_host_on(0, name, octet, None, stack)?;
+        if stack.has_v6() {
+            self.join_internet6(&host.ns)?;
+        }
+        Ok(host)
+    }
+
+    /// A router like [`NatLab::add_router`] (IPv4 NAT of `kind`) that also routes IPv6: WAN
+    /// 2001:db8::100, ::101, ... (the group reads like its IPv4 WAN's last octet), site
+    /// 2001:db8:1:n::/64 on its LAN (n = 1 for the first dual-stack router, then 2, ...), no
+    /// NAT for IPv6, its `inet` forward chain as the stateful IPv6 firewall (see the module
+    /// doc; a [`NatKind::UdpBlocked`] one drops IPv6 UDP from its LAN too). Put hosts with
+    /// IPv6 behind it with [`NatLab::add_host_behind_with`]. Sites behind the core router or a
+    /// CGNAT have no IPv6 (yet).
+    pub fn add_dual_stack_router(&mut self, name: &str, kind: NatKind) -> Result<Router> {
+        let router = self.add_router_on(0, None, name, kind, LAN_PREFIX, false)?;
+        let n = u16::try_from(self.sites6.len() + 1).unwrap_or(u16::MAX);
+        let site = site_prefix(n);
+        let s = site.segments();
+        let wan_octet = router.wan_ip.octets()[3];
+        let wan = self.segments[0]
+            .addr6(wan_octet)
+            .ok_or_else(|| anyhow!("the internet segment has no IPv6"))?;
+        let lan = Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 1);
+        let ns = router.ns.clone();
+        enable_ipv6(&ns, &["wan", "lan"])?;
+        run(&ns, "sysctl", ["-qw", "net.ipv6.conf.all.forwarding=1"])
+            .ok()
+            .context("enabling IPv6 forwarding in a router")?;
+        add_addr6(&ns, "wan", wan)?;
+        add_addr6(&ns, "lan", lan)?;
+        self.segments[router.segment].prefix6 = Some([s[0], s[1], s[2], s[3]]);
+        self.join_internet6(&ns)?;
+        for other in self.internet6.clone() {
+            if other != ns {
+                ip([
+                    "-n",
+                    &other,
+                    "-6",
+                    "route",
+                    "add",
+                    &format!("{site}/64"),
+                    "via",
+                    &wan.to_string(),
+                ])?;
+            }
+        }
+        self.sites6.push((site, wan));
+        let v6 = RouterV6 { wan, site, lan };
+        let mut router = router;
+        router.ip6 = Some(v6);
+        if let Some(r) = self.routers.iter_mut().find(|r| r.ns == ns) {
+            r.ip6 = Some(v6);
+        }
+        Ok(router)
     }
 
     /// A NAT router on the internet (WAN 203.0.113.100, .101, ...) with its own LAN
@@ -547,11 +742,241 @@ impl NatLab {
     /// A host on `router`'s inside segment: 198.51.100.10, .11, ... (192.0.2.10, ... behind a
     /// CGNAT), default route via the router.
     pub fn add_host_behind(&mut self, router: &Router, name: &str) -> Result<Host> {
+        self.add_host_behind_with(router, name, Stack::V4)
+    }
+
+    /// A host on `router`'s inside segment with the address families of `stack`: IPv4 as
+    /// with [`NatLab::add_host_behind`], IPv6 2001:db8:1:n::10, ::11, ... from the site's /64
+    /// (the router must be a [`NatLab::add_dual_stack_router`]), default routes via the router.
+    /// Returns once the host pings its gateway in each family it has.
+    pub fn add_host_behind_with(
+        &mut self,
+        router: &Router,
+        name: &str,
+        stack: Stack,
+    ) -> Result<Host> {
         let r = self.own_router(router)?;
+        if stack.has_v6() && r.ip6.is_none() {
+            bail!(
+                "router {} has no IPv6: make it with add_dual_stack_router",
+                r.name
+            );
+        }
         let octet = self.segments[r.segment]
             .take_host()
             .ok_or_else(|| anyhow!("no address left behind router {}", r.name))?;
-        self.add_host_on(r.segment, name, octet, Some(r.lan_ip))
+        let host = self.add_host_on(r.segment, name, octet, Some(r.lan_ip), stack)?;
+        if let (Some(v6), true) = (r.ip6, stack.has_v6()) {
+            ip([
+                "-n",
+                &host.ns,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &v6.lan.to_string(),
+            ])?;
+            let pinger = host.clone();
+            if !wait_until(LINK_TIMEOUT, || pinger.ping6(v6.lan)) {
+                bail!(
+                    "{name} ({}) cannot ping its IPv6 gateway {}",
+                    host.ns,
+                    v6.lan
+                );
+            }
+        }
+        Ok(host)
+    }
+
+    /// Sets the MTU of the link between `host` and `router`'s inside segment, on both ends (the
+    /// bridge port and the host's `eth0`): a LAN that silently drops larger frames toward the
+    /// host (a bridge neither fragments nor answers with ICMP). As [`Lab::set_link_mtu`], UDP GSO
+    /// batches are segmented before these devices.
+    pub fn set_link_mtu(&self, router: &Router, host: &Host, mtu: u32) -> Result<()> {
+        let r = self.own_router(router)?;
+        let octet = if host.ip.is_unspecified() {
+            host.ip6
+                .and_then(|a| format!("{:x}", a.segments()[7]).parse::<u8>().ok())
+                .ok_or_else(|| anyhow!("{} has no lab address", host.name))?
+        } else {
+            host.ip.octets()[3]
+        };
+        let port = format!("v{octet}");
+        let mtu = mtu.to_string();
+        let sw = self.segments[r.segment].switch.as_str();
+        for (ns, dev) in [(sw, port.as_str()), (host.ns.as_str(), "eth0")] {
+            ip([
+                "-n",
+                ns,
+                "link",
+                "set",
+                dev,
+                "mtu",
+                mtu.as_str(),
+                "gso_max_segs",
+                "1",
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// Lets the kernel give `host` a temporary (privacy) address beside its stable one, as
+    /// `use_tempaddr=2` does with router advertisements: the stable address becomes the
+    /// template (`mngtmpaddr`), and the kernel adds a random address of the same /64 with the
+    /// flag `temporary`, preferred for outgoing connections. Returns that address once it is
+    /// usable.
+    pub fn add_temporary_address(&self, host: &Host) -> Result<Ipv6Addr> {
+        let stable = host
+            .ip6
+            .ok_or_else(|| anyhow!("{} has no IPv6 address", host.name))?;
+        run(
+            &host.ns,
+            "sysctl",
+            ["-qw", "net.ipv6.conf.eth0.use_tempaddr=2"],
+        )
+        .ok()
+        .context("enabling privacy addresses")?;
+        ip([
+            "-n",
+            &host.ns,
+            "addr",
+            "change",
+            &format!("{stable}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+            "mngtmpaddr",
+        ])?;
+        let found = crate::wait_for(TEMPADDR_TIMEOUT, || {
+            let out = ip([
+                "-n",
+                &host.ns,
+                "-6",
+                "-o",
+                "addr",
+                "show",
+                "dev",
+                "eth0",
+                "temporary",
+            ])
+            .ok()?;
+            out.lines()
+                .filter(|l| !l.contains("tentative"))
+                .find_map(|l| {
+                    let word = l.split_whitespace().skip_while(|w| *w != "inet6").nth(1)?;
+                    word.split('/').next()?.parse::<Ipv6Addr>().ok()
+                })
+        });
+        found.ok_or_else(|| {
+            anyhow!(
+                "the kernel made no temporary address on {} within {TEMPADDR_TIMEOUT:?}",
+                host.name
+            )
+        })
+    }
+
+    /// Sends the IPv6 packets that `hosts` (on the internet segment) send to each other
+    /// through a box that holds each one `millis` ms (this kernel has no netem): a namespace on
+    /// the internet with a TUN device served by `helper` (the `mesh-e2e-tundelay` binary), host
+    /// routes to the others via the box. IPv4 and everything else keeps its path. Dropping the
+    /// [`Ipv6Delay`] (or [`Ipv6Delay::remove`]) takes the routes away again.
+    pub fn delay_ipv6(
+        &mut self,
+        helper: &std::path::Path,
+        hosts: &[&Host],
+        millis: u64,
+    ) -> Result<Ipv6Delay> {
+        let addrs: Vec<Ipv6Addr> = hosts
+            .iter()
+            .map(|h| {
+                h.ip6
+                    .filter(|a| a.segments()[..4] == INTERNET6_PREFIX)
+                    .ok_or_else(|| anyhow!("{} has no IPv6 address on the internet", h.name))
+            })
+            .collect::<Result<_>>()?;
+        let octet = self.segments[0]
+            .take_host()
+            .ok_or_else(|| anyhow!("no public address left in lab {}", self.label))?;
+        let boxed = self.add_host_on(0, "v6delay", octet, None, Stack::V6Only)?;
+        let box_ip = boxed
+            .ip6
+            .ok_or_else(|| anyhow!("the delay box has no IPv6"))?;
+        run(
+            &boxed.ns,
+            "sysctl",
+            ["-qw", "net.ipv6.conf.all.forwarding=1"],
+        )
+        .ok()
+        .context("enabling IPv6 forwarding in the delay box")?;
+        let mut proc = self.spawn(
+            &boxed,
+            "v6delay",
+            helper,
+            ["dly0".to_string(), millis.to_string()],
+        )?;
+        let mut exited = false;
+        let ready = wait_until(LINK_TIMEOUT, || {
+            if proc.stdout().lines().any(|l| l.starts_with("ready ")) {
+                return true;
+            }
+            exited = !proc.is_running();
+            exited
+        });
+        if !ready || exited {
+            let log = proc.log();
+            bail!("the IPv6 delay box did not start:\n{log}");
+        }
+        let ns = boxed.ns.as_str();
+        ip(["-n", ns, "link", "set", "dly0", "up"])?;
+        // In: to the delayed hosts via the TUN; out of the TUN: straight to the segment.
+        for a in &addrs {
+            ip([
+                "-n",
+                ns,
+                "-6",
+                "route",
+                "add",
+                &format!("{a}/128"),
+                "dev",
+                "dly0",
+            ])?;
+        }
+        ip([
+            "-n", ns, "-6", "rule", "add", "iif", "dly0", "lookup", "100",
+        ])?;
+        ip([
+            "-n",
+            ns,
+            "-6",
+            "route",
+            "add",
+            "2001:db8::/64",
+            "dev",
+            "eth0",
+            "table",
+            "100",
+        ])?;
+        let mut routes = Vec::new();
+        for (h, a) in hosts.iter().zip(&addrs) {
+            for b in addrs.iter().filter(|b| *b != a) {
+                ip([
+                    "-n",
+                    &h.ns,
+                    "-6",
+                    "route",
+                    "add",
+                    &format!("{b}/128"),
+                    "via",
+                    &box_ip.to_string(),
+                ])?;
+                routes.push((h.ns.clone(), *b));
+            }
+        }
+        Ok(Ipv6Delay {
+            routes,
+            _proc: proc,
+        })
     }
 
     /// Starts a daemon in `host`, logging into the lab's log dir (see [`Lab::spawn`]).
@@ -613,6 +1038,25 @@ impl NatLab {
         Ok(name)
     }
 
+    /// Adds namespace `ns` (IPv6 on the internet segment) to those that route to every site,
+    /// with routes to the sites known so far.
+    fn join_internet6(&mut self, ns: &str) -> Result<()> {
+        for (site, via) in &self.sites6 {
+            ip([
+                "-n",
+                ns,
+                "-6",
+                "route",
+                "add",
+                &format!("{site}/64"),
+                "via",
+                &via.to_string(),
+            ])?;
+        }
+        self.internet6.push(ns.to_string());
+        Ok(())
+    }
+
     /// A new segment: a switch namespace with bridge `br0`.
     fn add_segment(
         &mut self,
@@ -626,6 +1070,7 @@ impl NatLab {
         self.segments.push(Segment {
             switch,
             prefix,
+            prefix6: None,
             used: Vec::new(),
             next_host: hosts.0,
             last_host: hosts.1,
@@ -638,6 +1083,18 @@ impl NatLab {
     /// Connects namespace `ns` to segment `seg` by a veth pair (`v<octet>` on the bridge,
     /// `ifname` in `ns`) and gives it address `<prefix>.<octet>/24`.
     fn attach(&self, seg: usize, octet: u8, ns: &str, ifname: &str) -> Result<Ipv4Addr> {
+        self.attach_with(seg, octet, ns, ifname, true)
+    }
+
+    /// [`NatLab::attach`], with the IPv4 address only if `v4`.
+    fn attach_with(
+        &self,
+        seg: usize,
+        octet: u8,
+        ns: &str,
+        ifname: &str,
+        v4: bool,
+    ) -> Result<Ipv4Addr> {
         let segment = &self.segments[seg];
         let sw = segment.switch.as_str();
         let port = format!("v{octet}");
@@ -646,15 +1103,17 @@ impl NatLab {
             "-n", sw, "link", "add", &port, "type", "veth", "peer", "name", ifname, "netns", ns,
         ])?;
         ip(["-n", sw, "link", "set", &port, "master", "br0", "up"])?;
-        ip([
-            "-n",
-            ns,
-            "addr",
-            "add",
-            &format!("{addr}/24"),
-            "dev",
-            ifname,
-        ])?;
+        if v4 {
+            ip([
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                ifname,
+            ])?;
+        }
         ip(["-n", ns, "link", "set", ifname, "up"])?;
         let up = wait_until(LINK_TIMEOUT, || {
             ip(["-n", ns, "-o", "link", "show", ifname]).is_ok_and(|s| s.contains("LOWER_UP"))
@@ -671,16 +1130,35 @@ impl NatLab {
         name: &str,
         octet: u8,
         gateway: Option<Ipv4Addr>,
+        stack: Stack,
     ) -> Result<Host> {
         let ns = self.new_netns()?;
-        let addr = self.attach(seg, octet, &ns, "eth0")?;
-        if let Some(gw) = gateway {
+        if stack.has_v6() {
+            // Before the link exists, so that its link-local address skips DAD too.
+            enable_ipv6(&ns, &[])?;
+        }
+        let addr = self.attach_with(seg, octet, &ns, "eth0", stack.has_v4())?;
+        if let (Some(gw), true) = (gateway, stack.has_v4()) {
             ip(["-n", &ns, "route", "add", "default", "via", &gw.to_string()])?;
         }
+        let ip6 = if stack.has_v6() {
+            let a = self.segments[seg]
+                .addr6(octet)
+                .ok_or_else(|| anyhow!("segment of {name} has no IPv6"))?;
+            add_addr6(&ns, "eth0", a)?;
+            Some(a)
+        } else {
+            None
+        };
         Ok(Host {
             name: name.to_string(),
             ns,
-            ip: addr,
+            ip: if stack.has_v4() {
+                addr
+            } else {
+                Ipv4Addr::UNSPECIFIED
+            },
+            ip6,
         })
     }
 
@@ -702,6 +1180,8 @@ impl NatLab {
             .take_router()
             .ok_or_else(|| anyhow!("no router address left in lab {}", self.label))?;
         let ns = self.new_netns()?;
+        // (DAD off in every router, in case it gets IPv6: its links must exist after this.)
+        enable_ipv6(&ns, &[])?;
         let wan_ip = self.attach(up_seg, wan_octet, &ns, "wan")?;
         if let Some(up) = &upstream {
             ip([
@@ -739,6 +1219,7 @@ impl NatLab {
             wan_ip,
             lan_ip,
             public_ip: upstream.map_or(wan_ip, |u| u.public_ip),
+            ip6: None,
             segment,
             port_mapping: false,
         };
@@ -761,6 +1242,76 @@ impl Drop for NatLab {
         while let Some(ns) = self.namespaces.pop() {
             drop(ns);
         }
+    }
+}
+
+/// Turns off DAD in namespace `ns` (for links made later, and for `ifaces`, which exist), so
+/// that IPv6 addresses are usable as soon as they are added.
+fn enable_ipv6(ns: &str, ifaces: &[&str]) -> Result<()> {
+    let mut settings = vec![
+        "net.ipv6.conf.all.accept_dad=0".to_string(),
+        "net.ipv6.conf.default.accept_dad=0".to_string(),
+    ];
+    settings.extend(
+        ifaces
+            .iter()
+            .map(|i| format!("net.ipv6.conf.{i}.accept_dad=0")),
+    );
+    let mut args = vec!["-qw".to_string()];
+    args.extend(settings);
+    run(ns, "sysctl", &args)
+        .ok()
+        .context("turning off IPv6 DAD")?;
+    Ok(())
+}
+
+/// Adds `addr`/64 to `ifname` in `ns` without DAD, and waits until it is usable (not
+/// tentative).
+fn add_addr6(ns: &str, ifname: &str, addr: Ipv6Addr) -> Result<()> {
+    ip([
+        "-n",
+        ns,
+        "addr",
+        "add",
+        &format!("{addr}/64"),
+        "dev",
+        ifname,
+        "nodad",
+    ])?;
+    let needle = format!(" {addr}/64 ");
+    let usable = wait_until(LINK_TIMEOUT, || {
+        ip(["-n", ns, "-6", "-o", "addr", "show", "dev", ifname]).is_ok_and(|s| {
+            s.lines()
+                .any(|l| l.contains(&needle) && !l.contains("tentative"))
+        })
+    });
+    if !usable {
+        bail!("{addr} on {ifname} of {ns} did not become usable");
+    }
+    Ok(())
+}
+
+/// IPv6 between some hosts held up by [`NatLab::delay_ipv6`]'s box, until dropped.
+#[derive(Debug)]
+pub struct Ipv6Delay {
+    /// (namespace, destination) of each host route via the box.
+    routes: Vec<(String, Ipv6Addr)>,
+    _proc: Proc,
+}
+
+impl Ipv6Delay {
+    /// Takes the hosts' routes via the box away: their IPv6 goes straight again.
+    pub fn remove(&mut self) -> Result<()> {
+        while let Some((ns, dst)) = self.routes.pop() {
+            ip(["-n", &ns, "-6", "route", "del", &format!("{dst}/128")])?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Ipv6Delay {
+    fn drop(&mut self) {
+        let _ = self.remove();
     }
 }
 
@@ -967,6 +1518,50 @@ impl Stun {
         Ok(p)
     }
 
+    /// Starts an IPv6 listener (`[::]:port`) on `host` for `seconds`, after it sent one
+    /// datagram to each of `punch`; waits until it is bound. Its sources are
+    /// [`Listener::sources_any`].
+    pub fn listen6(
+        &self,
+        nat: &NatLab,
+        host: &Host,
+        port: u16,
+        seconds: u64,
+        punch: &[SocketAddr],
+    ) -> Result<Listener> {
+        let mut args = vec![
+            "listen".to_string(),
+            port.to_string(),
+            seconds.to_string(),
+            "--ipv6".into(),
+        ];
+        for p in punch {
+            args.push("--punch".into());
+            args.push(p.to_string());
+        }
+        let mut proc = nat.spawn(
+            host,
+            &format!("{}-listen6-{port}", host.name),
+            &self.bin,
+            args,
+        )?;
+        wait_line(&mut proc, "listening ")?;
+        Ok(Listener { proc })
+    }
+
+    /// Sends one datagram from `host`'s UDP port `from` to `to`, of either family.
+    pub fn send_any(&self, host: &Host, from: u16, to: SocketAddr) -> Result<()> {
+        let args = [
+            "send".to_string(),
+            "--from".into(),
+            from.to_string(),
+            to.to_string(),
+            format!("from-{}", host.name),
+        ];
+        host.run(&self.bin, args).ok()?;
+        Ok(())
+    }
+
     /// Sends one datagram from `host`'s UDP port `from` to `to`.
     pub fn send(&self, host: &Host, from: u16, to: SocketAddrV4) -> Result<()> {
         let args = [
@@ -1019,6 +1614,22 @@ impl Listener {
     /// Waits until a datagram from `src` has arrived.
     pub fn wait_from(&self, src: SocketAddrV4, timeout: Duration) -> bool {
         wait_until(timeout, || self.sources().contains(&src))
+    }
+
+    /// Sources of the datagrams received so far, of either family, in order.
+    pub fn sources_any(&self) -> Vec<SocketAddr> {
+        self.proc
+            .stdout()
+            .lines()
+            .filter_map(|l| l.strip_prefix("from "))
+            .filter_map(|l| l.split_whitespace().next())
+            .filter_map(|a| a.parse().ok())
+            .collect()
+    }
+
+    /// Waits until a datagram from `src` (of either family) has arrived.
+    pub fn wait_from_any(&self, src: SocketAddr, timeout: Duration) -> bool {
+        wait_until(timeout, || self.sources_any().contains(&src))
     }
 
     /// The process (its log, or to stop it early).

@@ -8,7 +8,7 @@ use crate::{wait_until, RUN_TIMEOUT_PING};
 use anyhow::{bail, Context, Result};
 use std::ffi::OsStr;
 use std::fs;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -144,8 +144,11 @@ pub struct Host {
     pub name: String,
     /// Namespace name.
     pub ns: String,
-    /// Underlay address on `eth0` (in 192.0.2.0/24).
+    /// Underlay address on `eth0` (in 192.0.2.0/24); `0.0.0.0` for a host without IPv4 (an
+    /// IPv6-only host of the NAT lab).
     pub ip: Ipv4Addr,
+    /// Global IPv6 address on `eth0`, for hosts the NAT lab gave one (in 2001:db8::/32).
+    pub ip6: Option<Ipv6Addr>,
 }
 
 impl Host {
@@ -172,6 +175,17 @@ impl Host {
     /// Pings `to` until it answers or `timeout` passes.
     pub fn wait_ping(&self, to: Ipv4Addr, timeout: Duration) -> bool {
         wait_until(timeout, || self.ping(to))
+    }
+
+    /// One `ping -6 -c 1 -W 1` to `to`; true if it was answered.
+    pub fn ping6(&self, to: Ipv6Addr) -> bool {
+        run_with_timeout(
+            &self.ns,
+            "ping",
+            ["-6", "-n", "-c", "1", "-W", "1", &to.to_string()],
+            RUN_TIMEOUT_PING,
+        )
+        .success()
     }
 
     /// Whether some TCP socket in this host listens on `port` (any address).
@@ -479,6 +493,7 @@ impl Lab {
             name: name.to_string(),
             ns: ns.name().to_string(),
             ip: addr,
+            ip6: None,
         };
         self.hosts.push(ns);
         self.used_octets.push(octet);

@@ -2,10 +2,10 @@
 //! internet with `mesh-e2e-stun`. Only the last test needs the product binaries.
 #![allow(clippy::unwrap_used)]
 
-use mesh_e2e::natlab::{NatKind, NatLab, Stun, CONTROLLER_IP};
+use mesh_e2e::natlab::{NatKind, NatLab, Stack, Stun, CONTROLLER_IP};
 use mesh_e2e::netns::ip;
 use mesh_e2e::{Agent, Controller, Host, Proc, CONTROL_PORT};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::thread;
 use std::time::Duration;
 
@@ -411,4 +411,172 @@ fn agents_behind_nats_join_the_controller() {
             a.address
         );
     }
+}
+
+/// The UDP port of the IPv6 firewall check (and the next one).
+const V6_PORT: u16 = 40600;
+
+#[test]
+fn ipv6_sites_are_routed_without_nat_behind_stateful_firewalls_that_a_punch_opens() {
+    let mut nat = NatLab::new("v6-firewall").unwrap();
+    let ctl6 = nat.controller_ipv6().unwrap();
+    let ctl = nat.controller_host();
+    let r1 = nat
+        .add_dual_stack_router("site1", NatKind::Symmetric)
+        .unwrap();
+    let r2 = nat
+        .add_dual_stack_router("site2", NatKind::PortRestricted)
+        .unwrap();
+    let h1 = nat
+        .add_host_behind_with(&r1, "h1", Stack::DualStack)
+        .unwrap();
+    let h2 = nat
+        .add_host_behind_with(&r2, "h2", Stack::DualStack)
+        .unwrap();
+    let only6 = nat
+        .add_host_behind_with(&r2, "only6", Stack::V6Only)
+        .unwrap();
+    let stranger = nat
+        .add_public_host_with("stranger", Stack::DualStack)
+        .unwrap();
+    let v6 = |s: &str| s.parse::<Ipv6Addr>().unwrap();
+    assert_eq!(ctl6, v6("2001:db8::1"));
+    assert_eq!(r1.ip6.unwrap().site, v6("2001:db8:1:1::"));
+    assert_eq!(r2.ip6.unwrap().wan, v6("2001:db8::101"));
+    assert_eq!(h1.ip6, Some(v6("2001:db8:1:1::10")));
+    assert_eq!(h2.ip6, Some(v6("2001:db8:1:2::10")));
+    assert_eq!(only6.ip6, Some(v6("2001:db8:1:2::11")));
+    assert_eq!(stranger.ip6, Some(v6("2001:db8::10")));
+    assert_eq!(h1.ip, Ipv4Addr::new(198, 51, 100, 10));
+
+    // The IPv6-only host has no IPv4 but loopback, and no IPv4 route; IPv6 gets out.
+    let v4 = only6.run("ip", ["-4", "-o", "addr", "show"]).ok().unwrap();
+    assert!(
+        v4.stdout.lines().all(|l| l.contains(" lo ")),
+        "IPv4 on an IPv6-only host: {v4}"
+    );
+    let routes = only6.run("ip", ["-4", "route", "show"]).ok().unwrap();
+    assert!(routes.stdout.trim().is_empty(), "{routes}");
+    assert!(
+        only6.ping6(ctl6),
+        "the IPv6-only host cannot ping the controller"
+    );
+    assert!(
+        !only6.ping(CONTROLLER_IP),
+        "an IPv6-only host pinged over IPv4"
+    );
+
+    // Out through the firewall with the host's own address: no NAT for IPv6.
+    let at_ctl = stun().listen6(&nat, &ctl, V6_PORT, 10, &[]).unwrap();
+    let h1_addr = SocketAddr::new(h1.ip6.unwrap().into(), V6_PORT);
+    stun()
+        .send_any(&h1, V6_PORT, SocketAddr::new(ctl6.into(), V6_PORT))
+        .unwrap();
+    assert!(
+        at_ctl.wait_from_any(h1_addr, ARRIVAL),
+        "the controller did not see h1 at {h1_addr}: {:?}\n{}",
+        at_ctl.sources_any(),
+        nat.rulesets()
+    );
+
+    // Unsolicited datagrams from another site or from the internet are dropped.
+    let port = V6_PORT + 1;
+    let quiet = stun().listen6(&nat, &h1, port, 10, &[]).unwrap();
+    let h1_quiet = SocketAddr::new(h1.ip6.unwrap().into(), port);
+    stun().send_any(&h2, port, h1_quiet).unwrap();
+    stun().send_any(&stranger, port, h1_quiet).unwrap();
+    assert!(
+        !quiet.wait_from_any(SocketAddr::new(h2.ip6.unwrap().into(), port), ARRIVAL),
+        "an unsolicited datagram crossed the IPv6 firewall: {:?}\n{}",
+        quiet.sources_any(),
+        nat.rulesets()
+    );
+    assert_eq!(quiet.sources_any(), vec![], "unsolicited datagrams got in");
+
+    // A punch: h1 sends first (dropped at site2, but it opens site1), then h2 (opens site2 and
+    // gets through to h1), then h1 again gets through to h2.
+    let h2_addr = SocketAddr::new(h2.ip6.unwrap().into(), V6_PORT);
+    let mut first = stun().listen6(&nat, &h1, V6_PORT, 3, &[h2_addr]).unwrap();
+    let second = stun().listen6(&nat, &h2, V6_PORT, 10, &[h1_addr]).unwrap();
+    assert!(
+        first.wait_from_any(h2_addr, ARRIVAL),
+        "h2's punch did not reach h1 although h1 had sent to it: {:?}\n{}",
+        first.sources_any(),
+        nat.rulesets()
+    );
+    first.proc().wait_exit(Duration::from_secs(10));
+    stun().send_any(&h1, V6_PORT, h2_addr).unwrap();
+    assert!(
+        second.wait_from_any(h1_addr, ARRIVAL),
+        "h1 did not reach h2 after both had sent: {:?}\n{}",
+        second.sources_any(),
+        nat.rulesets()
+    );
+
+    // A privacy address beside the stable one, in the same /64.
+    let tmp = nat.add_temporary_address(&h1).unwrap();
+    assert_ne!(Some(tmp), h1.ip6);
+    assert_eq!(tmp.segments()[..4], h1.ip6.unwrap().segments()[..4]);
+    let shown = h1
+        .run("ip", ["-6", "-o", "addr", "show", "dev", "eth0"])
+        .ok()
+        .unwrap();
+    assert!(
+        shown
+            .stdout
+            .lines()
+            .any(|l| l.contains(&format!(" {tmp}/64 ")) && l.contains("temporary")),
+        "{shown}"
+    );
+}
+
+/// Round trip of one ping from `host` to `to` in ms (`None`: no answer).
+fn rtt_ms(host: &Host, to: &str) -> Option<f64> {
+    let out = host.run("ping", ["-n", "-c", "1", "-W", "2", to]);
+    out.stdout
+        .split("time=")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[test]
+fn the_ipv6_delay_box_slows_ipv6_between_its_hosts_and_nothing_else() {
+    let mut nat = NatLab::new("v6-delay").unwrap();
+    let p = nat.add_public_host_with("p", Stack::DualStack).unwrap();
+    let q = nat.add_public_host_with("q", Stack::DualStack).unwrap();
+    let ctl6 = nat.controller_ipv6().unwrap();
+    let q6 = q.ip6.unwrap().to_string();
+    let fast = rtt_ms(&p, &q6).unwrap();
+    let mut delay = nat
+        .delay_ipv6(
+            std::path::Path::new(env!("CARGO_BIN_EXE_mesh-e2e-tundelay")),
+            &[&p, &q],
+            40,
+        )
+        .unwrap();
+    let slow = rtt_ms(&p, &q6);
+    let v4 = rtt_ms(&p, &q.ip.to_string());
+    let other = rtt_ms(&p, &ctl6.to_string());
+    eprintln!(
+        "ping p -> q: IPv6 {fast} ms, delayed {slow:?} ms; IPv4 {v4:?} ms; p -> ctl {other:?} ms"
+    );
+    // 40 ms each way, and the box is the only thing that delays.
+    assert!(
+        slow.is_some_and(|ms| (80.0..200.0).contains(&ms)),
+        "{slow:?}"
+    );
+    assert!(v4.is_some_and(|ms| ms < 40.0), "IPv4 was delayed: {v4:?}");
+    assert!(
+        other.is_some_and(|ms| ms < 40.0),
+        "other IPv6 was delayed: {other:?}"
+    );
+    delay.remove().unwrap();
+    let again = rtt_ms(&p, &q6);
+    assert!(
+        again.is_some_and(|ms| ms < 40.0),
+        "still delayed: {again:?}"
+    );
 }

@@ -10,12 +10,13 @@
 //!     From one UDP socket bound to 0.0.0.0:PORT, asks each SERVER (IP:PORT, in turn) what it
 //!     sees and prints one line per server: "SERVER OBSERVED", or "SERVER none" when no answer
 //!     came within 2 s (the request is repeated every 400 ms meanwhile).
-//! mesh-e2e-stun listen PORT SECONDS [--punch TO]...
-//!     Binds 0.0.0.0:PORT, first sends one datagram to each TO (to open a NAT's filter), prints
-//!     "listening 0.0.0.0:PORT", then "from SRC PAYLOAD" for every datagram received during
-//!     SECONDS, then exits 0.
+//! mesh-e2e-stun listen PORT SECONDS [--ipv6] [--punch TO]...
+//!     Binds 0.0.0.0:PORT ([::]:PORT with --ipv6), first sends one datagram to each TO (to open
+//!     a NAT's or a firewall's filter), prints "listening LOCAL", then "from SRC PAYLOAD" for
+//!     every datagram received during SECONDS, then exits 0.
 //! mesh-e2e-stun send --from PORT TO [TEXT]
-//!     Sends one datagram (TEXT, default "mesh-e2e-stun") from 0.0.0.0:PORT to TO.
+//!     Sends one datagram (TEXT, default "mesh-e2e-stun") from 0.0.0.0:PORT (or [::]:PORT when
+//!     TO is an IPv6 address) to TO.
 //! mesh-e2e-stun stun IP:PORT
 //!     A STUN server (RFC 5389 binding requests only): answers each request from the same
 //!     socket with the sender's address (XOR-MAPPED-ADDRESS), whatever attributes it carries
@@ -42,7 +43,7 @@ const PROBE_RESEND: Duration = Duration::from_millis(400);
 const USAGE: &str = "usage:
   mesh-e2e-stun serve IP:PORT
   mesh-e2e-stun probe --from PORT SERVER...
-  mesh-e2e-stun listen PORT SECONDS [--punch TO]...
+  mesh-e2e-stun listen PORT SECONDS [--ipv6] [--punch TO]...
   mesh-e2e-stun send --from PORT TO [TEXT]
   mesh-e2e-stun stun IP:PORT";
 
@@ -106,6 +107,11 @@ fn bind(addr: SocketAddr) -> Result<UdpSocket, Failure> {
 
 fn bind_port(port: u16) -> Result<UdpSocket, Failure> {
     bind(SocketAddr::from(([0, 0, 0, 0], port)))
+}
+
+/// Binds `[::]:port` (IPv6, and IPv4 as mapped addresses).
+fn bind_port6(port: u16) -> Result<UdpSocket, Failure> {
+    bind(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)))
 }
 
 fn send_to(socket: &UdpSocket, payload: &[u8], to: SocketAddr) -> Result<(), Failure> {
@@ -237,7 +243,10 @@ fn listen(args: &[String]) -> Result<(), Failure> {
         .parse()
         .map_err(|e| Failure::Usage(format!("bad SECONDS {seconds:?}: {e}")))?;
     let mut punch = Vec::new();
-    let mut rest = rest;
+    let (v6, mut rest) = match rest {
+        [flag, tail @ ..] if flag == "--ipv6" => (true, tail),
+        _ => (false, rest),
+    };
     while let [flag, to, tail @ ..] = rest {
         if flag != "--punch" {
             break;
@@ -248,7 +257,11 @@ fn listen(args: &[String]) -> Result<(), Failure> {
     if !rest.is_empty() {
         return Err(Failure::Usage(format!("unexpected arguments {rest:?}")));
     }
-    let socket = bind_port(port)?;
+    let socket = if v6 {
+        bind_port6(port)?
+    } else {
+        bind_port(port)?
+    };
     for to in punch {
         send_to(&socket, b"punch", to)?;
     }
@@ -290,7 +303,11 @@ fn send(args: &[String]) -> Result<(), Failure> {
         _ => return Err(Failure::Usage("send takes --from PORT TO [TEXT]".into())),
     };
     let to = parse_addr(to)?;
-    let socket = bind_port(port)?;
+    let socket = if to.is_ipv6() {
+        bind_port6(port)?
+    } else {
+        bind_port(port)?
+    };
     send_to(&socket, text.as_bytes(), to)
 }
 
