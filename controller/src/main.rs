@@ -230,6 +230,10 @@ enum NetworkCmd {
         /// Overlay address range.
         #[arg(long, default_value = "100.64.0.0/16")]
         cidr: String,
+        /// IPv6 overlay prefix, a unique local one (fc00::/7, /48 to /112), or `off` for an
+        /// IPv4-only network. Default: a random ULA /64 (fd and a random 40-bit global id).
+        #[arg(long, value_name = "PREFIX|off")]
+        cidr6: Option<String>,
         /// Birthday hole-punching attempts each node may run per 10 minutes (started or
         /// joined; 0 turns it off in this network). Default: the nodes' own (8).
         #[arg(long, value_name = "N")]
@@ -708,14 +712,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Network(NetworkCmd::Create {
             name,
             cidr,
+            cidr6,
             birthday_budget,
             approval,
             auto_approve_routes,
         }) => {
             let cidr: Cidr = cidr.parse().map_err(anyhow::Error::msg)?;
+            let cidr6 = match cidr6 {
+                Some(text) => mesh_controller::store::ipam6::parse_cidr6(&text)
+                    .map_err(|e| anyhow::anyhow!("--cidr6: {e}"))?,
+                None => Some(mesh_controller::store::ipam6::random_ula()),
+            };
             let store = state.open_store()?;
             let now = unix_now();
-            store.create_network_with(&name, cidr, approval, now)?;
+            store.create_network_with(&name, cidr, cidr6, approval, now)?;
             if birthday_budget.is_some() {
                 store.set_birthday_budget(&name, birthday_budget)?;
             }
@@ -725,6 +735,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             // The id alone goes to stdout, for scripts; what to do with it, to stderr.
             eprintln!("created network {name} ({cidr}), {approval} approval");
+            match cidr6 {
+                Some(p) => eprintln!("IPv6 overlay {p}: each node gets a stable address in it"),
+                None => eprintln!("no IPv6 overlay (--cidr6 off): nodes get IPv4 addresses only"),
+            }
             if !auto_routes.0.is_empty() {
                 eprintln!("subnet routes inside {auto_routes} are approved automatically");
             }
@@ -833,8 +847,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 out(&serde_json::to_string_pretty(&listed)?);
             } else {
                 out(&format!(
-                    "{:<24} {:<18} {:>6} {:>9} {:<8} {:<19} ID",
-                    "NAME", "CIDR", "NODES", "BIRTHDAY", "APPROVAL", "AUTO-APPROVE ROUTES"
+                    "{:<24} {:<18} {:<24} {:>6} {:>9} {:<8} {:<19} ID",
+                    "NAME", "CIDR", "CIDR6", "NODES", "BIRTHDAY", "APPROVAL", "AUTO-APPROVE ROUTES"
                 ));
                 for r in rows {
                     let budget = r
@@ -846,9 +860,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         r.auto_approve_routes.join(",")
                     };
                     out(&format!(
-                        "{:<24} {:<18} {:>6} {:>9} {:<8} {:<19} {}",
+                        "{:<24} {:<18} {:<24} {:>6} {:>9} {:<8} {:<19} {}",
                         r.name,
                         r.cidr,
+                        r.cidr6.as_deref().unwrap_or("-"),
                         r.nodes,
                         budget,
                         r.approval.as_str(),
@@ -972,16 +987,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 out(&serde_json::to_string_pretty(&rows)?);
             } else {
                 out(&format!(
-                    "{:<20} {:<10} {:<16} {:<8} {:<22} {:<22} ENDPOINTS",
-                    "NAME", "KEY", "ADDRESS", "ONLINE", "LAST SEEN", "APPROVED"
+                    "{:<20} {:<10} {:<16} {:<40} {:<8} {:<22} {:<22} ENDPOINTS",
+                    "NAME", "KEY", "ADDRESS", "ADDRESS6", "ONLINE", "LAST SEEN", "APPROVED"
                 ));
                 for r in rows {
                     let eps: Vec<String> = r.endpoints.iter().map(|e| e.to_string()).collect();
+                    let address6 = r.address6.map_or_else(|| "-".to_owned(), |a| a.to_string());
                     out(&format!(
-                        "{:<20} {:<10} {:<16} {:<8} {:<22} {:<22} {}",
+                        "{:<20} {:<10} {:<16} {:<40} {:<8} {:<22} {:<22} {}",
                         r.name,
                         r.key.short(),
                         r.address,
+                        address6,
                         if r.online { "yes" } else { "no" },
                         r.last_seen.as_deref().unwrap_or("never"),
                         r.approved_by.as_deref().unwrap_or("-"),
@@ -1037,8 +1054,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .open_store()?
                 .approve(&network, who, &admin_user(), unix_now())?;
             for a in approved {
+                let v6 = a.address6.map(|a| format!(" and {a}")).unwrap_or_default();
                 out(&format!(
-                    "approved {} (fingerprint {}) with address {}",
+                    "approved {} (fingerprint {}) with address {}{v6}",
                     a.name,
                     a.key.fingerprint(),
                     a.address

@@ -158,6 +158,7 @@ mod tests {
             key: PublicKey([n; 32]),
             name: format!("n{n}"),
             address: Ipv4Addr::new(100, 64, 0, n),
+            address6: None,
             endpoints: vec![([192, 0, 2, n], port).into()],
             relay: None,
             observed: Some(([192, 0, 2, n], port).into()),

@@ -898,7 +898,7 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
         lock(&ctx).advertise(adm.network_id, &key, routes, exits, unix_now())?;
     }
     let mut advertised = hello_routes.unwrap_or_default();
-    info!(node = %adm.name, %key, address = %adm.address, network = %adm.network, observed = ?observed, %transport, "node connected");
+    info!(node = %adm.name, %key, address = %adm.address, address6 = ?adm.address6, network = %adm.network, observed = ?observed, %transport, "node connected");
     let (peers, relays, revoked, birthday_budget) = {
         let store = lock(&ctx);
         (
@@ -915,6 +915,8 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
             name: adm.name.clone(),
             address: adm.address,
             prefix_len: adm.prefix_len,
+            address6: adm.address6,
+            prefix6: adm.prefix6,
             peers: view.values().cloned().collect(),
             relays: relay_infos(&ctx.secret, &relays, &adm.network, &key, &revoked),
             observed,
@@ -978,7 +980,8 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
                     }
                     Stats::inc(&ctx.stats.heartbeats, 1);
                     let observed = conn.observed_udp().and_then(|o| netmap::usable_observed(o, overlay));
-                    let (endpoints, refused) = netmap::filter_reported(&endpoints, observed, overlay);
+                    let (mut endpoints, mut refused) = netmap::filter_reported(&endpoints, observed, overlay);
+                    refused += crate::store::ipam6::refuse_overlay6(adm.prefix6, &mut endpoints);
                     if refused > 0 {
                         Stats::inc(&ctx.stats.candidates_refused, refused as u64);
                         debug!(refused, "reported candidates refused");

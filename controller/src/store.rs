@@ -12,6 +12,9 @@
 //! Nodes are admitted with a join token, or by asking to join a network by its id: such a request
 //! waits for the administrator unless the network approves automatically ([`approval`]).
 //!
+//! Every network also has an IPv6 overlay prefix (a ULA) unless created without one, and every
+//! node a stable address in it, under the same rules ([`ipam6`]).
+//!
 //! Nodes advertise subnet routes (their pod subnet, say); the network's policy or the
 //! administrator approves them, overlaps are refused, and peers get the approved ones
 //! ([`routes`]).
@@ -19,18 +22,19 @@
 //! The database file (and SQLite's `-wal`/`-shm` files beside it) is readable by its owner only:
 //! it holds token hashes and the membership of every network.
 
-use mesh_proto::control::{ErrorCode, NatKind, PeerInfo};
+use mesh_proto::control::{ErrorCode, Ipv6Net, NatKind, PeerInfo};
 use mesh_proto::PublicKey;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::collections::HashSet;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
 pub mod approval;
+pub mod ipam6;
 pub mod names;
 pub mod routes;
 
@@ -132,6 +136,8 @@ pub struct NetworkRow {
     pub name: String,
     /// Address range.
     pub cidr: String,
+    /// IPv6 overlay prefix (a ULA); `None`: the network has no IPv6 overlay.
+    pub cidr6: Option<String>,
     /// Live nodes.
     pub nodes: u64,
     /// Birthday attempts per node per 10 minutes the network allows; `None`: the nodes'
@@ -218,6 +224,8 @@ pub struct NodeRow {
     pub key: PublicKey,
     /// Overlay address.
     pub address: Ipv4Addr,
+    /// IPv6 overlay address; `None` in a network without an IPv6 overlay.
+    pub address6: Option<Ipv6Addr>,
     /// Endpoints: the observed address first, then the reported ones.
     pub endpoints: Vec<SocketAddr>,
     /// Last time heard from, RFC 3339 UTC.
@@ -246,6 +254,10 @@ pub struct Admission {
     pub prefix_len: u8,
     /// The network's overlay range.
     pub overlay: Cidr,
+    /// IPv6 overlay address, in `prefix6`.
+    pub address6: Option<Ipv6Addr>,
+    /// The network's IPv6 overlay prefix; `None`: it has none.
+    pub prefix6: Option<Ipv6Net>,
     /// Reported endpoints stored (refused ones left out; see `netmap::filter_reported`).
     pub endpoints: Vec<SocketAddr>,
     /// Reported endpoints refused.
@@ -347,16 +359,19 @@ impl Store {
             .query_row("PRAGMA data_version", [], |r| r.get(0))?)
     }
 
-    /// Creates a network whose join requests wait for the administrator.
+    /// Creates a network whose join requests wait for the administrator, with a random
+    /// IPv6 overlay prefix.
     pub fn create_network(&self, name: &str, cidr: Cidr, now: u64) -> Result<(), StoreError> {
-        self.create_network_with(name, cidr, Approval::Manual, now)
+        self.create_network_with(name, cidr, Some(ipam6::random_ula()), Approval::Manual, now)
     }
 
-    /// Creates a network with the given approval policy for joins by network id.
+    /// Creates a network with the given IPv6 overlay prefix (`None`: no IPv6 overlay) and
+    /// approval policy for joins by network id.
     pub fn create_network_with(
         &self,
         name: &str,
         cidr: Cidr,
+        cidr6: Option<Ipv6Net>,
         approval: Approval,
         now: u64,
     ) -> Result<(), StoreError> {
@@ -365,15 +380,23 @@ impl Store {
                 "invalid network name {name:?}: use 1-63 letters, digits, '-', '_' or '.'"
             )));
         }
+        if let Some(p) = cidr6.filter(|p| !mesh_proto::control::valid_prefix6(p)) {
+            return Err(StoreError::Invalid(format!(
+                "{p} cannot be an IPv6 overlay: use a unique local prefix (fc00::/7) of /{} to /{}",
+                mesh_proto::control::MIN_PREFIX6_LEN,
+                mesh_proto::control::MAX_PREFIX6_LEN
+            )));
+        }
         let r = self.conn.execute(
-            "INSERT INTO networks (name, network, prefix_len, created_at, approval)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO networks (name, network, prefix_len, created_at, approval, prefix6)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![
                 name,
                 u32::from(cidr.network),
                 cidr.prefix_len,
                 now as i64,
-                approval.as_str()
+                approval.as_str(),
+                cidr6.map(|p| p.to_string()),
             ],
         );
         match r {
@@ -394,7 +417,7 @@ impl Store {
         let mut st = self.conn.prepare(
             "SELECT n.name, n.network, n.prefix_len,
                     (SELECT COUNT(*) FROM nodes WHERE network_id = n.id AND removed_at IS NULL),
-                    n.birthday_budget, n.approval, n.auto_approve_routes
+                    n.birthday_budget, n.approval, n.auto_approve_routes, n.prefix6
              FROM networks n ORDER BY n.name",
         )?;
         let rows = st.query_map([], |r| {
@@ -403,6 +426,7 @@ impl Store {
             Ok(NetworkRow {
                 name: r.get(0)?,
                 cidr: format!("{}/{len}", Ipv4Addr::from(net)),
+                cidr6: r.get(7)?,
                 nodes: r.get::<_, i64>(3)? as u64,
                 birthday_budget: r.get(4)?,
                 approval: Approval::from_column(&r.get::<_, String>(5)?),
@@ -738,7 +762,7 @@ impl Store {
         let (network_id, _) = self.network(network)?;
         let mut st = self.conn.prepare(
             "SELECT name, key, address, endpoints, last_seen, connected, observed, approved_by,
-                    approved_at
+                    approved_at, address6
              FROM nodes WHERE network_id = ?1 AND removed_at IS NULL ORDER BY address",
         )?;
         let rows = st.query_map([network_id], |r| {
@@ -755,11 +779,13 @@ impl Store {
                 connected,
                 r.get::<_, Option<String>>(6)?,
                 (r.get::<_, Option<String>>(7)?, r.get::<_, Option<i64>>(8)?),
+                r.get::<_, Option<String>>(9)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (name, key, address, endpoints, last_seen, connected, observed, approval) = row?;
+            let (name, key, address, endpoints, last_seen, connected, observed, approval, address6) =
+                row?;
             let (approved_by, approved_at) = approval;
             let Ok(key) = key.parse() else { continue };
             let mut all: Vec<SocketAddr> =
@@ -773,6 +799,7 @@ impl Store {
                 name,
                 key,
                 address: Ipv4Addr::from(address),
+                address6: address6.and_then(|a| a.parse().ok()),
                 endpoints: all,
                 last_seen: last_seen.map(|t| rfc3339(t as u64)),
                 online: connected
@@ -791,7 +818,8 @@ impl Store {
     pub fn peers(&self, network_id: i64) -> Result<Vec<PeerInfo>, StoreError> {
         let mut approved = routes::approved_by_key(&self.conn, network_id)?;
         let mut st = self.conn.prepare(
-            "SELECT n.key, n.name, n.address, n.endpoints, r.name, n.observed, n.nat FROM nodes n
+            "SELECT n.key, n.name, n.address, n.endpoints, r.name, n.observed, n.nat, n.address6
+             FROM nodes n
              LEFT JOIN relays r ON r.name = n.home_relay
              WHERE n.network_id = ?1 AND n.removed_at IS NULL ORDER BY n.address",
         )?;
@@ -804,17 +832,19 @@ impl Store {
                 r.get::<_, Option<String>>(4)?,
                 r.get::<_, Option<String>>(5)?,
                 r.get::<_, Option<String>>(6)?,
+                r.get::<_, Option<String>>(7)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (key, name, address, endpoints, relay, observed, nat) = row?;
+            let (key, name, address, endpoints, relay, observed, nat, address6) = row?;
             let routes::Approved { routes, exits } = approved.remove(&key).unwrap_or_default();
             let Ok(key) = key.parse() else { continue };
             out.push(PeerInfo {
                 key,
                 name,
                 address: Ipv4Addr::from(address),
+                address6: address6.and_then(|a| a.parse().ok()),
                 endpoints: serde_json::from_str(&endpoints).unwrap_or_default(),
                 relay,
                 observed: observed.and_then(|o| o.parse().ok()),
@@ -1018,7 +1048,7 @@ fn copy_into(from: &Connection, path: &Path) -> Result<BackupSummary, StoreError
 
 /// The schema this version of the controller writes, kept in SQLite's `user_version`. Raise it
 /// with every change to the schema, and add the change to [`migrate`].
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 
 /// Brings the schema up to [`SCHEMA_VERSION`] in one `BEGIN IMMEDIATE` transaction: the version
 /// is read under the write lock, so of several processes opening one database at once (`serve`
@@ -1151,6 +1181,10 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         // Names for several nodes (`mesh-controller name set`).
         names::migrate(&tx)?;
         routes::migrate_exits(&tx)?;
+    }
+    if version < 6 {
+        // The IPv6 overlay: a ULA prefix per network, an address per node.
+        ipam6::migrate(&tx)?;
     }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()?;
@@ -1330,11 +1364,14 @@ fn welcome_back(
     let observed = seen
         .observed
         .and_then(|o| crate::netmap::usable_observed(o, (overlay.network, overlay.prefix_len)));
-    let (endpoints, refused) = crate::netmap::filter_reported(
+    let (mut endpoints, mut refused) = crate::netmap::filter_reported(
         seen.reported,
         observed,
         (overlay.network, overlay.prefix_len),
     );
+    let prefix6 = ipam6::prefix_of(tx, network_id)?;
+    refused += ipam6::refuse_overlay6(prefix6, &mut endpoints);
+    let address6 = ipam6::ensure(tx, network_id, network, &key.to_string())?;
     tx.execute(
         "UPDATE nodes SET endpoints = ?1, last_seen = ?2, connected = 1, observed = ?5
          WHERE network_id = ?3 AND key = ?4",
@@ -1353,6 +1390,8 @@ fn welcome_back(
         address: Ipv4Addr::from(address),
         prefix_len,
         overlay,
+        address6,
+        prefix6,
         endpoints,
         refused,
     }))
@@ -1397,8 +1436,10 @@ fn admit(
     let observed = seen
         .observed
         .and_then(|o| crate::netmap::usable_observed(o, overlay));
-    let (endpoints, refused_endpoints) =
+    let (mut endpoints, mut refused_endpoints) =
         crate::netmap::filter_reported(seen.reported, observed, overlay);
+    let prefix6 = ipam6::prefix_of(tx, network_id)?;
+    refused_endpoints += ipam6::refuse_overlay6(prefix6, &mut endpoints);
     let eps = endpoints_json(&endpoints);
     let observed = observed.map(|o| o.to_string());
 
@@ -1422,6 +1463,7 @@ fn admit(
              WHERE network_id = ?4 AND key = ?5",
             params![name, eps, now as i64, network_id, key_s, observed],
         )?;
+        let address6 = ipam6::ensure(tx, network_id, &network_name, &key_s)?;
         return Ok(Admission {
             network_id,
             network: network_name,
@@ -1429,23 +1471,28 @@ fn admit(
             address: Ipv4Addr::from(address),
             prefix_len,
             overlay: cidr,
+            address6,
+            prefix6,
             endpoints,
             refused: refused_endpoints,
         });
     }
 
-    // 2. A removed node had this name (a reinstalled machine): take its address back.
-    let tomb: Option<(i64, u32)> = tx
+    // 2. A removed node had this name (a reinstalled machine): take its addresses back.
+    let tomb: Option<(i64, u32, Option<String>)> = tx
         .query_row(
-            "SELECT id, address FROM nodes WHERE network_id = ?1 AND name = ?2 AND removed_at IS NOT NULL
+            "SELECT id, address, address6 FROM nodes
+             WHERE network_id = ?1 AND name = ?2 AND removed_at IS NOT NULL
              ORDER BY removed_at DESC LIMIT 1",
             params![network_id, requested_name],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .optional()?;
     let name = free_name(tx, network_id, request, None)?;
-    let address = if let Some((id, address)) = tomb.filter(|_| name == requested_name) {
+    let mut address6 = None;
+    let address = if let Some((id, address, old6)) = tomb.filter(|_| name == requested_name) {
         tx.execute("DELETE FROM nodes WHERE id = ?1", [id])?;
+        address6 = ipam6::stored(old6, prefix6);
         address
     } else {
         // 3. The lowest address no node, live or removed, holds.
@@ -1477,10 +1524,29 @@ fn admit(
             }
         }
     };
+    if let (None, Some(prefix)) = (address6, prefix6) {
+        address6 = Some(ipam6::allocate(
+            tx,
+            network_id,
+            &network_name,
+            &prefix,
+            key,
+        )?);
+    }
     tx.execute(
-        "INSERT INTO nodes (network_id, key, name, address, endpoints, last_seen, connected, created_at, observed)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?6, ?7)",
-        params![network_id, key_s, name, address, eps, now as i64, observed],
+        "INSERT INTO nodes (network_id, key, name, address, endpoints, last_seen, connected, created_at,
+             observed, address6)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?6, ?7, ?8)",
+        params![
+            network_id,
+            key_s,
+            name,
+            address,
+            eps,
+            now as i64,
+            observed,
+            address6.map(|a| a.to_string())
+        ],
     )?;
     Ok(Admission {
         network_id,
@@ -1489,6 +1555,8 @@ fn admit(
         address: Ipv4Addr::from(address),
         prefix_len,
         overlay: cidr,
+        address6,
+        prefix6,
         endpoints,
         refused: refused_endpoints,
     })
@@ -1663,6 +1731,208 @@ mod tests {
                 .address,
             b.address
         );
+    }
+
+    /// The IPv6 addresses of the live nodes of network `prod`, by name.
+    fn addresses6(s: &Store) -> Vec<(String, Ipv6Addr)> {
+        s.nodes("prod", T0)
+            .unwrap()
+            .into_iter()
+            .map(|n| (n.name, n.address6.expect("an IPv6 address")))
+            .collect()
+    }
+
+    #[test]
+    fn ipv6_addresses_are_stable_for_a_key_and_never_shared() {
+        let d = tempdir::Dir::new();
+        let path = d.0.join("c.db");
+        let mut s = Store::open(&path).unwrap();
+        let prefix: Ipv6Net = "fd12:3456:789a::/64".parse().unwrap();
+        s.create_network_with(
+            "prod",
+            "100.64.0.0/24".parse().unwrap(),
+            Some(prefix),
+            Approval::Manual,
+            T0,
+        )
+        .unwrap();
+        s.create_token("prod", &NewToken::for_test("tok1", b"secret", true), T0)
+            .unwrap();
+        let a = join(&mut s, 1, "a").unwrap();
+        assert_eq!(a.prefix6, Some(prefix));
+        let a6 = a.address6.expect("an IPv6 address");
+        // By construction: the key's first hashed candidate.
+        assert_eq!(Some(a6), ipam6::candidate(&prefix, &key(1), 0));
+        for n in 2..=40 {
+            join(&mut s, n, &format!("n{n}")).unwrap();
+        }
+        let all = addresses6(&s);
+        let distinct: HashSet<Ipv6Addr> = all.iter().map(|(_, a)| *a).collect();
+        assert_eq!(distinct.len(), 40);
+        assert!(distinct.iter().all(|a| prefix.contains(a)));
+        // Again, by hello, after a restart of the controller, and after a removal.
+        assert_eq!(join(&mut s, 1, "a").unwrap().address6, Some(a6));
+        drop(s);
+        let mut s = Store::open(&path).unwrap();
+        let hello = s.hello("prod", &key(1), Candidates::default(), T0).unwrap();
+        assert_eq!((hello.address6, hello.prefix6), (Some(a6), Some(prefix)));
+        assert_eq!(s.peers(1).unwrap()[0].address6, Some(a6));
+        s.remove_node("prod", "a", T0 + 1).unwrap();
+        assert_eq!(join(&mut s, 1, "a").unwrap().address6, Some(a6));
+        // A reinstalled machine (new key, same name) takes the old one's address back...
+        s.remove_node("prod", "a", T0 + 2).unwrap();
+        let again = join(&mut s, 99, "a").unwrap();
+        assert_eq!(again.address6, Some(a6));
+        // ...and a key whose hashed address is taken gets the next candidate.
+        s.conn
+            .execute(
+                "UPDATE nodes SET address6 = ?1 WHERE key = ?2",
+                params![
+                    ipam6::candidate(&prefix, &key(200), 0).unwrap().to_string(),
+                    key(99).to_string()
+                ],
+            )
+            .unwrap();
+        let clash = join(&mut s, 200, "clash").unwrap().address6.unwrap();
+        assert_eq!(Some(clash), ipam6::candidate(&prefix, &key(200), 1));
+        // The database itself refuses one address for two nodes.
+        let dup = s.conn.execute(
+            "UPDATE nodes SET address6 = ?1 WHERE key = ?2",
+            params![clash.to_string(), key(2).to_string()],
+        );
+        assert!(dup.is_err(), "{dup:?}");
+    }
+
+    #[test]
+    fn a_network_without_ipv6_gives_no_address6() {
+        let (_d, mut s) = store();
+        s.create_network_with(
+            "v4only",
+            "100.65.0.0/24".parse().unwrap(),
+            None,
+            Approval::Manual,
+            T0,
+        )
+        .unwrap();
+        s.create_token("v4only", &NewToken::for_test("tok4", b"secret", true), T0)
+            .unwrap();
+        let a = s
+            .join(
+                "tok4",
+                b"secret",
+                &key(1),
+                NameRequest::Preferred("a"),
+                Candidates::default(),
+                T0,
+            )
+            .unwrap();
+        assert_eq!((a.address6, a.prefix6), (None, None));
+        let nets = s.networks().unwrap();
+        assert!(nets.iter().any(|n| n.name == "v4only" && n.cidr6.is_none()));
+        assert!(nets
+            .iter()
+            .any(|n| n.name == "prod" && n.cidr6.as_deref().is_some_and(|p| p.starts_with("fd"))));
+        let bad = s.create_network_with(
+            "gua",
+            "100.66.0.0/24".parse().unwrap(),
+            Some("2001:db8::/64".parse().unwrap()),
+            Approval::Manual,
+            T0,
+        );
+        assert!(matches!(bad, Err(StoreError::Invalid(m)) if m.contains("unique local")));
+    }
+
+    #[test]
+    fn ipv6_endpoints_inside_the_overlay_are_refused() {
+        let (_d, mut s) = store();
+        let prefix = s.networks().unwrap()[0].cidr6.clone().unwrap();
+        let prefix: Ipv6Net = prefix.parse().unwrap();
+        let inside = SocketAddr::new(
+            std::net::IpAddr::V6(ipam6::candidate(&prefix, &key(7), 0).unwrap()),
+            51820,
+        );
+        let lan: SocketAddr = "[2001:db8::5]:51820".parse().unwrap();
+        let seen = Candidates {
+            reported: &[inside, lan],
+            observed: None,
+        };
+        let a = s
+            .join(
+                "tok1",
+                b"secret",
+                &key(1),
+                NameRequest::Preferred("a"),
+                seen,
+                T0,
+            )
+            .unwrap();
+        assert_eq!((a.endpoints, a.refused), (vec![lan], 1));
+    }
+
+    #[test]
+    fn old_databases_get_an_ipv6_overlay() {
+        let d = tempdir::Dir::new();
+        let path = d.0.join("old.db");
+        {
+            let mut s = Store::open(&path).unwrap();
+            s.create_network("prod", "100.64.0.0/29".parse().unwrap(), T0)
+                .unwrap();
+            s.create_network("dev", "100.65.0.0/29".parse().unwrap(), T0)
+                .unwrap();
+            s.create_token("prod", &NewToken::for_test("tok1", b"secret", true), T0)
+                .unwrap();
+            for n in 1..=4 {
+                join(&mut s, n, &format!("n{n}")).unwrap();
+            }
+            s.remove_node("prod", "n4", T0).unwrap();
+            // Schema version 5, as the controller before the IPv6 overlay left it.
+            s.conn
+                .execute_batch(
+                    "DROP INDEX nodes_by_address6;
+                     ALTER TABLE nodes DROP COLUMN address6;
+                     ALTER TABLE networks DROP COLUMN prefix6;
+                     PRAGMA user_version = 5;",
+                )
+                .unwrap();
+        }
+        let mut s = Store::open(&path).unwrap();
+        let nets = s.networks().unwrap();
+        let prefixes: Vec<Ipv6Net> = nets
+            .iter()
+            .map(|n| n.cidr6.as_deref().expect("a prefix").parse().unwrap())
+            .collect();
+        assert!(prefixes
+            .iter()
+            .all(|p| p.prefix_len() == 64 && p.network().octets()[0] == 0xfd));
+        assert_ne!(prefixes[0], prefixes[1], "a random global id per network");
+        let prod: Ipv6Net = nets
+            .iter()
+            .find(|n| n.name == "prod")
+            .unwrap()
+            .cidr6
+            .as_deref()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let before = addresses6(&s);
+        assert_eq!(before.len(), 3);
+        let distinct: HashSet<Ipv6Addr> = before.iter().map(|(_, a)| *a).collect();
+        assert_eq!(distinct.len(), 3);
+        assert!(distinct.iter().all(|a| prod.contains(a)));
+        // The tombstone holds its address too: its key comes back to it.
+        let tomb: Option<String> = s
+            .conn
+            .query_row("SELECT address6 FROM nodes WHERE name = 'n4'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        let back = join(&mut s, 4, "n4").unwrap().address6;
+        assert_eq!(back.map(|a| a.to_string()), tomb);
+        // Opening again changes nothing.
+        drop(s);
+        let s = Store::open(&path).unwrap();
+        assert_eq!(addresses6(&s)[..3], before[..]);
+        assert_eq!(s.networks().unwrap()[1].cidr6, nets[1].cidr6);
     }
 
     #[test]

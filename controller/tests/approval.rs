@@ -150,10 +150,10 @@ fn network_list_shows_the_approval_policy_and_the_id() {
             .map(str::to_owned)
             .collect::<Vec<_>>()
     };
-    // APPROVAL, AUTO-APPROVE ROUTES (none), ID.
+    // APPROVAL, AUTO-APPROVE ROUTES (none), ID (after NAME, CIDR, CIDR6, NODES, BIRTHDAY).
     let rest = |policy: &str, id: &NetworkId| [policy.to_owned(), "-".to_owned(), id.to_string()];
-    assert_eq!(row("prod")[4..], rest("manual", &prod));
-    assert_eq!(row("open")[4..], rest("auto", &open));
+    assert_eq!(row("prod")[5..], rest("manual", &prod));
+    assert_eq!(row("open")[5..], rest("auto", &open));
     // Switching the policy.
     let out = ok(&dir, &["network", "set", "prod", "--approval", "auto"]);
     assert!(

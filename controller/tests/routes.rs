@@ -69,7 +69,7 @@ fn auto_approve_routes_are_set_at_creation_changed_and_listed() {
             .find(|l| l.starts_with(&format!("{name} ")))
             .unwrap_or_else(|| panic!("no {name}: {list}"))
             .split_whitespace()
-            .nth(5)
+            .nth(6)
             .unwrap()
             .to_owned()
     };

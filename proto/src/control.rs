@@ -6,9 +6,9 @@
 //! else sees the value.
 
 use crate::{PublicKey, PROTOCOL_VERSION};
-pub use ipnet::Ipv4Net;
+pub use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// Largest control message accepted, in bytes (a peer list of ~4000 nodes).
 pub const MAX_MESSAGE_LEN: usize = 1 << 20;
@@ -30,6 +30,10 @@ pub const MAX_CONTROLLERS: usize = 8;
 pub const MAX_REVOCATIONS: usize = 64;
 /// Most prefixes one node may advertise (subnet routes).
 pub const MAX_ROUTES: usize = 64;
+/// Shortest IPv6 overlay prefix a network may have (a ULA site prefix).
+pub const MIN_PREFIX6_LEN: u8 = 48;
+/// Longest IPv6 overlay prefix a network may have: 16 bits for the nodes' interface ids.
+pub const MAX_PREFIX6_LEN: u8 = 112;
 
 /// How a node's NAT maps its UDP socket, as the node found out from two observations of it
 /// (the controller's QUIC side and its STUN observer, two destinations).
@@ -310,6 +314,14 @@ pub struct Welcome {
     pub address: Ipv4Addr,
     /// Prefix length of the network's CIDR.
     pub prefix_len: u8,
+    /// The node's IPv6 overlay address, inside `prefix6`; stable for its key. `None` from
+    /// older controllers and in networks without an IPv6 overlay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address6: Option<Ipv6Addr>,
+    /// The network's IPv6 overlay prefix (a ULA, `fdXX:XXXX:XXXX::/64` by default): the
+    /// node routes it to `mesh0`. Present whenever `address6` is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix6: Option<Ipv6Net>,
     /// Every other node of the network.
     pub peers: Vec<PeerInfo>,
     /// Standalone relays the node may use, each with its admission ticket.
@@ -379,6 +391,10 @@ pub struct PeerInfo {
     pub name: String,
     /// The peer's overlay address.
     pub address: Ipv4Addr,
+    /// The peer's IPv6 overlay address, if the network has an IPv6 overlay; absent from older
+    /// controllers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address6: Option<Ipv6Addr>,
     /// Where the peer may be reached: its observed address first, then the reported addresses
     /// this viewer may probe (see PROTOCOL.md, "Candidates").
     pub endpoints: Vec<SocketAddr>,
@@ -677,11 +693,42 @@ fn check_route_states(r: &[RouteState]) -> Result<(), DecodeError> {
     Ok(())
 }
 
+/// Whether `prefix` may be a network's IPv6 overlay: a ULA (`fc00::/7`) of
+/// [`MIN_PREFIX6_LEN`]..=[`MAX_PREFIX6_LEN`] bits, without host bits.
+pub fn valid_prefix6(prefix: &Ipv6Net) -> bool {
+    let ula = Ipv6Net::new_assert(Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, 0), 7);
+    (MIN_PREFIX6_LEN..=MAX_PREFIX6_LEN).contains(&prefix.prefix_len())
+        && prefix.trunc() == *prefix
+        && ula.contains(prefix)
+}
+
+/// Whether `address` may be a node's IPv6 overlay address (unicast, not the unspecified or
+/// loopback address).
+pub fn valid_address6(address: Ipv6Addr) -> bool {
+    !(address.is_unspecified() || address.is_loopback() || address.is_multicast())
+}
+
+/// A welcome's IPv6 overlay: none, or an address inside a valid prefix (a prefix without an
+/// address is allowed: the node's address is not known yet).
+fn check_overlay6(address: Option<Ipv6Addr>, prefix: Option<Ipv6Net>) -> Result<(), DecodeError> {
+    if prefix.is_some_and(|p| !valid_prefix6(&p)) {
+        return Err(DecodeError::Bounds("prefix6"));
+    }
+    match (address, prefix) {
+        (Some(a), Some(p)) if valid_address6(a) && p.contains(&a) && a != p.network() => Ok(()),
+        (Some(_), _) => Err(DecodeError::Bounds("address6")),
+        (None, _) => Ok(()),
+    }
+}
+
 fn check_peers(p: &[PeerInfo]) -> Result<(), DecodeError> {
     if p.len() > MAX_PEERS {
         return Err(DecodeError::Bounds("peers"));
     }
     for peer in p {
+        if peer.address6.is_some_and(|a| !valid_address6(a)) {
+            return Err(DecodeError::Bounds("peer address6"));
+        }
         check_routes(&peer.routes)?;
         check_routes(&peer.exits)?;
         if !valid_name(&peer.name) {
@@ -782,6 +829,8 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerMsg, DecodeError> {
             network,
             name,
             prefix_len,
+            address6,
+            prefix6,
             peers,
             relays,
             controllers,
@@ -793,6 +842,7 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerMsg, DecodeError> {
             if !(8..=30).contains(prefix_len) {
                 return Err(DecodeError::Bounds("prefix_len"));
             }
+            check_overlay6(*address6, *prefix6)?;
             check_peers(peers)?;
             check_relays(relays)?;
             if controllers.len() > MAX_CONTROLLERS
@@ -881,6 +931,16 @@ mod tests {
             key: PublicKey([n; 32]),
             name: format!("node-{n}"),
             address: Ipv4Addr::new(100, 64, 0, n),
+            address6: Some(Ipv6Addr::new(
+                0xfd5e,
+                0x1234,
+                0x5678,
+                0,
+                0,
+                0,
+                0,
+                u16::from(n),
+            )),
             endpoints: vec![SocketAddr::from(([192, 0, 2, n], 51820))],
             relay: n.is_multiple_of(2).then(|| "eu-1".to_owned()),
             observed: n
@@ -958,6 +1018,8 @@ mod tests {
                 name: "node-1".into(),
                 address: Ipv4Addr::new(100, 64, 0, 1),
                 prefix_len: 16,
+                address6: Some("fd5e:1234:5678::1".parse().unwrap()),
+                prefix6: Some("fd5e:1234:5678::/64".parse().unwrap()),
                 peers: vec![peer(2), peer(3)],
                 relays: vec![relay("eu-1")],
                 observed: Some(SocketAddr::from(([203, 0, 113, 9], 40000))),
@@ -1032,6 +1094,8 @@ mod tests {
                 name: "node-1".into(),
                 address: Ipv4Addr::new(100, 64, 0, 1),
                 prefix_len: 16,
+                address6: None,
+                prefix6: None,
                 peers: vec![],
                 relays: vec![],
                 observed: None,
@@ -1138,6 +1202,78 @@ mod tests {
         // An older controller's welcome, without relays, still decodes.
         let old = br#"{"v":1,"msg":{"type":"welcome","network":"p","name":"n","address":"100.64.0.1","prefix_len":16,"peers":[]}}"#;
         assert!(matches!(decode_server(old), Ok(ServerMsg::Welcome(w)) if w.relays.is_empty()));
+    }
+
+    #[test]
+    fn the_v6_overlay_is_optional_and_bounded() {
+        let welcome = |address6: Option<&str>, prefix6: Option<&str>| {
+            ServerMsg::Welcome(Welcome {
+                network: "prod".into(),
+                name: "node-1".into(),
+                address: Ipv4Addr::new(100, 64, 0, 1),
+                prefix_len: 16,
+                address6: address6.map(|a| a.parse().unwrap()),
+                prefix6: prefix6.map(|p| p.parse().unwrap()),
+                peers: vec![],
+                relays: vec![],
+                observed: None,
+                observer: None,
+                birthday_budget: None,
+                controllers: vec![],
+                now: None,
+            })
+        };
+        let ok = welcome(Some("fd5e:1234:5678::9"), Some("fd5e:1234:5678::/64"));
+        let text = String::from_utf8(ok.encode()).unwrap();
+        assert!(
+            text.contains(r#""address6":"fd5e:1234:5678::9""#)
+                && text.contains(r#""prefix6":"fd5e:1234:5678::/64""#),
+            "{text}"
+        );
+        assert_eq!(decode_server(&ok.encode()), Ok(ok));
+        // A network without IPv6: nothing on the wire, as from an older controller.
+        let none = welcome(None, None);
+        let text = String::from_utf8(none.encode()).unwrap();
+        assert!(
+            !text.contains("address6") && !text.contains("prefix6"),
+            "{text}"
+        );
+        assert_eq!(decode_server(&none.encode()), Ok(none));
+        for (address6, prefix6, field) in [
+            // Outside its prefix, the prefix's own network address, no prefix at all.
+            (Some("fd00:1::9"), Some("fd5e:1234:5678::/64"), "address6"),
+            (
+                Some("fd5e:1234:5678::"),
+                Some("fd5e:1234:5678::/64"),
+                "address6",
+            ),
+            (Some("fd5e:1234:5678::9"), None, "address6"),
+            // Not a ULA, too long, host bits set.
+            (None, Some("2001:db8::/64"), "prefix6"),
+            (None, Some("fd5e:1234:5678::/120"), "prefix6"),
+            (None, Some("fd5e:1234:5678::1/64"), "prefix6"),
+        ] {
+            assert_eq!(
+                decode_server(&welcome(address6, prefix6).encode()),
+                Err(DecodeError::Bounds(field)),
+                "{address6:?} {prefix6:?}"
+            );
+        }
+        let mut bad = peer(2);
+        bad.address6 = Some("ff02::1".parse().unwrap());
+        let m = ServerMsg::PeersChanged {
+            upsert: vec![bad],
+            remove: vec![],
+        };
+        assert_eq!(
+            decode_server(&m.encode()),
+            Err(DecodeError::Bounds("peer address6"))
+        );
+        // An older controller's peer: no address6.
+        let old = br#"{"v":1,"msg":{"type":"peers_changed","upsert":[{"key":"BAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQ=","name":"a","address":"100.64.0.4","endpoints":[]}],"remove":[]}}"#;
+        assert!(
+            matches!(decode_server(old), Ok(ServerMsg::PeersChanged { upsert, .. }) if upsert[0].address6.is_none())
+        );
     }
 
     #[test]

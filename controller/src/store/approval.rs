@@ -160,6 +160,8 @@ pub struct Approved {
     pub key: PublicKey,
     /// Its overlay address.
     pub address: Ipv4Addr,
+    /// Its IPv6 overlay address, if the network has an IPv6 overlay.
+    pub address6: Option<std::net::Ipv6Addr>,
 }
 
 /// A request refused by [`Store::reject_requests`].
@@ -416,6 +418,7 @@ impl Store {
                 name: admission.name,
                 key: w.key,
                 address: admission.address,
+                address6: admission.address6,
             });
         }
         tx.commit()?;
@@ -795,8 +798,14 @@ mod tests {
             "\"manual\""
         );
         let (_d, s) = store();
-        s.create_network_with("open", "100.65.0.0/24".parse().unwrap(), Approval::Auto, T0)
-            .unwrap();
+        s.create_network_with(
+            "open",
+            "100.65.0.0/24".parse().unwrap(),
+            None,
+            Approval::Auto,
+            T0,
+        )
+        .unwrap();
         let policy = |s: &Store, name: &str| {
             s.networks()
                 .unwrap()
@@ -964,9 +973,14 @@ mod tests {
                 name: "web".into(),
                 key: key(1),
                 address: Ipv4Addr::new(100, 64, 0, 1),
+                address6: s.nodes("prod", T0 + 30).unwrap()[0].address6,
             }]
         );
         let node = &s.nodes("prod", T0 + 30).unwrap()[0];
+        assert!(
+            node.address6.is_some(),
+            "an approved node gets its IPv6 address too"
+        );
         assert_eq!(node.approved_by.as_deref(), Some(ADMIN));
         assert_eq!(node.approved_at, Some(rfc3339(T0 + 30)));
         assert!(

@@ -169,7 +169,7 @@ pub async fn ask_until(
         )
         .await;
         let pause = match attempt {
-            Ok((session, Reply::Welcome(w))) => return Ok(Answer::Approved(session, Box::new(w))),
+            Ok((session, Reply::Welcome(w))) => return Ok(Answer::Approved(session, w)),
             Ok((mut session, Reply::Pending { name, .. })) => {
                 reached = true;
                 backoff = Duration::from_secs(1);

@@ -124,7 +124,7 @@ fn welcome_only(
     answer: (Session, Reply),
 ) -> Result<(Session, Welcome), ControlError> {
     match answer {
-        (session, Reply::Welcome(w)) => Ok((session, w)),
+        (session, Reply::Welcome(w)) => Ok((session, *w)),
         (session, Reply::Pending { .. }) => {
             session.conn.close(0, b"unexpected");
             Err(ControlError::Failed {
@@ -152,7 +152,7 @@ pub async fn open_on(
 #[derive(Debug)]
 pub enum Reply {
     /// Admitted (approved before, or the network approves automatically).
-    Welcome(Welcome),
+    Welcome(Box<Welcome>),
     /// Recorded; the administrator must approve. A `Welcome` or an `Error` follows on the
     /// session (see [`Session::recv`]).
     Pending {
@@ -214,7 +214,7 @@ async fn first_reply(
             .map_err(|e| failed(e.to_string()))?;
         let reply = rx.recv().await.map_err(|e| failed(e.to_string()))?;
         let reply = match decode_server(&reply).map_err(|e| failed(e.to_string()))? {
-            ServerMsg::Welcome(welcome) => Reply::Welcome(welcome),
+            ServerMsg::Welcome(welcome) => Reply::Welcome(Box::new(welcome)),
             ServerMsg::Pending { name, .. } => Reply::Pending { name },
             ServerMsg::Error { code, message } => {
                 conn.close(0, b"refused");
@@ -329,6 +329,9 @@ pub struct ControlCtx {
     pub route_states: watch::Sender<Vec<RouteState>>,
     /// The prefixes the peers route, as approved (the daemon installs a route for each).
     pub peer_routes: watch::Sender<Vec<Ipv4Net>>,
+    /// The node's IPv6 overlay address and the network's prefix, as the last welcome gave
+    /// them (the daemon saves and configures a change).
+    pub overlay6: watch::Sender<Option<(std::net::Ipv6Addr, mesh_proto::control::Ipv6Net)>>,
     /// The peers' names and overlay addresses (the name responder answers them).
     pub peer_names: watch::Sender<Vec<(String, std::net::Ipv4Addr)>>,
     /// The network's names for several nodes (see [`ServerMsg::Names`]).
@@ -615,6 +618,13 @@ pub async fn run(
         // punch from a node that is not NATed).
         info!(network = %welcome.network, address = %welcome.address, peers = welcome.peers.len(), %transport, controller = %target.quic, "connected to controller");
         remember_announced(&ctx, &welcome.controllers);
+        if let Some(given) = welcome.address6.zip(welcome.prefix6) {
+            ctx.overlay6.send_if_modified(|o| {
+                let changed = *o != Some(given);
+                *o = Some(given);
+                changed
+            });
+        }
         let mut peers: BTreeMap<PublicKey, PeerInfo> =
             welcome.peers.into_iter().map(|p| (p.key, p)).collect();
         publish(&ctx, &peers, &data).await;

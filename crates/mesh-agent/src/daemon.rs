@@ -290,6 +290,7 @@ async fn configure_interface(opts: &Settings, m: &Membership) -> anyhow::Result<
         name: opts.interface.clone(),
         address: m.address,
         prefix_len: m.prefix_len,
+        address6: m.address6.zip(m.prefix6.map(|p| p.prefix_len())),
         mtu: opts.mtu,
     })
     .await
@@ -458,6 +459,8 @@ fn save_welcome(
         name: welcome.name.clone(),
         address: welcome.address,
         prefix_len: welcome.prefix_len,
+        address6: welcome.address6,
+        prefix6: welcome.prefix6.filter(|_| welcome.address6.is_some()),
         mtu: opts.mtu,
         port,
         interface: opts.interface.clone(),
@@ -541,7 +544,7 @@ fn warn_renamed(membership: &Membership, asked: &str) {
 /// What a join by network id came to.
 pub enum Requested {
     /// Admitted at once (approved before, or the network approves automatically).
-    Joined(Membership),
+    Joined(Box<Membership>),
     /// Recorded (and saved in `request.json`): the administrator must approve.
     Pending(crate::approval::WaitStatus),
 }
@@ -633,7 +636,7 @@ pub async fn request(
             let m = save_welcome(&opts, &id.controller, &welcome, &session, port)?;
             close_joined(m, &name.name, session, running)
                 .await
-                .map(Requested::Joined)
+                .map(|m| Requested::Joined(Box::new(m)))
         }
         Ok(crate::approval::Answer::Pending(session)) => {
             let status = status
@@ -649,6 +652,8 @@ pub async fn request(
                 name: status.name.clone(),
                 address: Ipv4Addr::UNSPECIFIED,
                 prefix_len: 0,
+                address6: None,
+                prefix6: None,
                 mtu: opts.mtu,
                 port,
                 interface: opts.interface.clone(),
@@ -975,6 +980,11 @@ pub(crate) fn fatal(e: anyhow::Error) -> anyhow::Error {
     Fatal(e).into()
 }
 
+/// The node's IPv6 overlay address with the network's prefix, as saved (`None`: IPv4 only).
+fn overlay6_of(m: &Membership) -> Option<(std::net::Ipv6Addr, ipnet::Ipv6Net)> {
+    m.address6.zip(m.prefix6)
+}
+
 /// Why the daemon's loop ended.
 enum Exit {
     /// SIGTERM or Ctrl-C: stop, keep the interface (a restart takes it over).
@@ -996,6 +1006,10 @@ async fn run(
     sockets: Option<(api::Listener, api::Listener)>,
 ) -> anyhow::Result<()> {
     configure_interface(&opts, &membership).await?;
+    let _ = running
+        .data_tx
+        .send(DataCmd::SetAddress6(overlay6_of(&membership)))
+        .await;
     // Subnet routes from the caches until the controller speaks: what this node may route for
     // its peers, and what its peers route.
     let cached_states = opts.state.load_route_states();
@@ -1156,6 +1170,7 @@ async fn run(
         membership.address,
         exit_routes_rx,
     ));
+    let (overlay6_tx, mut overlay6_rx) = watch::channel(overlay6_of(&membership));
     let ctx = ControlCtx {
         exits: opts.advertise_exits.clone(),
         uses: opts.use_exits.clone(),
@@ -1184,6 +1199,7 @@ async fn run(
         advertised: advertised_rx,
         route_states: route_states_tx,
         peer_routes: peer_routes_tx,
+        overlay6: overlay6_tx,
     };
     let mut control_task = tokio::spawn(control::run(
         ctx,
@@ -1254,12 +1270,14 @@ async fn run(
         membership.address,
     ));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let node_info = json!({
+    let mut node_info = json!({
         "name": membership.name,
         "key": public_of(&node_key).to_string(),
         "fingerprint": public_of(&node_key).fingerprint(),
         "address": membership.address.to_string(),
         "prefix_len": membership.prefix_len,
+        "address6": membership.address6.map(|a| a.to_string()),
+        "prefix6": membership.prefix6.map(|p| p.to_string()),
         "mtu": opts.mtu,
         "interface": opts.interface,
         "port": membership.port,
@@ -1290,6 +1308,26 @@ async fn run(
                     }
                     Some(Err(e)) => warn!("{e}"),
                     Some(Ok(None)) | None => {}
+                }
+            }
+            changed = overlay6_rx.changed() => {
+                let given = *overlay6_rx.borrow_and_update();
+                if changed.is_ok() && given.is_some() && given != overlay6_of(&membership) {
+                    // The controller gave this node an IPv6 overlay address it did not have
+                    // (a network that got one at an upgrade) or moved it: saved for restarts
+                    // during an outage, and put on the interface.
+                    membership.address6 = given.map(|(a, _)| a);
+                    membership.prefix6 = given.map(|(_, p)| p);
+                    info!(address6 = ?membership.address6, prefix6 = ?membership.prefix6, "IPv6 overlay address from the controller");
+                    if let Err(e) = opts.state.save_membership(&membership) {
+                        warn!(error = %format!("{e:#}"), "cannot save the IPv6 overlay address");
+                    }
+                    if let Err(e) = configure_interface(&opts, &membership).await {
+                        warn!(error = %format!("{e:#}"), "cannot put the IPv6 overlay address on the interface");
+                    }
+                    let _ = running.data_tx.send(DataCmd::SetAddress6(given)).await;
+                    node_info["address6"] = json!(membership.address6.map(|a| a.to_string()));
+                    node_info["prefix6"] = json!(membership.prefix6.map(|p| p.to_string()));
                 }
             }
             ended = &mut control_task, if !control_done => {
@@ -1890,6 +1928,7 @@ async fn status_json(
                 "name": p.name,
                 "key": p.key.to_string(),
                 "address": p.address.to_string(),
+                "address6": p.address6.map(|a| a.to_string()),
                 "endpoint": p.endpoint.map(|e| e.to_string()),
                 "candidates": p.candidates.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
                 "last_handshake_secs_ago": secs(p.since_handshake),

@@ -37,6 +37,8 @@ pub enum DataCmd {
     SetPeers(Vec<PeerInfo>),
     /// The node's overlay address (known after the join).
     SetAddress(std::net::Ipv4Addr),
+    /// The node's IPv6 overlay address and the network's IPv6 prefix (`None`: IPv4 only).
+    SetAddress6(Option<(std::net::Ipv6Addr, ipnet::Ipv6Net)>),
     /// Report status.
     Status(oneshot::Sender<DataStatus>),
     /// The relay connection (the control connection, whose controller embeds the relay), or
@@ -46,7 +48,8 @@ pub enum DataCmd {
     RelayRegion(String, Option<mesh_control::Link>),
     /// Ping a peer inside the tunnel; answers with the path and round-trip time.
     Ping(PublicKey, PingReply),
-    /// Destinations the overlay itself reaches (see [`Node::set_excluded`]).
+    /// Destinations the overlay itself reaches (see [`Node::set_excluded`]); the IPv6 overlay
+    /// prefix of [`DataCmd::SetAddress6`] joins them.
     SetExcluded(Vec<ipnet::IpNet>),
     /// The prefixes the controller approved for this node (see [`Node::set_routes`]).
     SetRoutes(Vec<ipnet::Ipv4Net>),
@@ -280,10 +283,11 @@ impl Relays {
 
 fn to_config(p: &PeerInfo) -> PeerConfig {
     PeerConfig {
-        routes: p.routes.clone(),
+        routes: p.routes.iter().copied().map(ipnet::IpNet::from).collect(),
         key: p.key,
         name: p.name.clone(),
         address: p.address,
+        address6: p.address6,
         endpoints: p.endpoints.clone(),
         observed: p.observed,
         nat: p.nat,
@@ -435,6 +439,17 @@ pub async fn run(
     let mut pings: Vec<PendingPing> = Vec::new();
     // The last peer list, applied again when the excluded destinations change.
     let mut configs: Vec<PeerConfig> = Vec::new();
+    // What the overlay reaches: the daemon's view (both families), and the IPv6 overlay
+    // prefix (also in the view once it is on mesh0; here from the start).
+    let mut excluded_view: Vec<ipnet::IpNet> = Vec::new();
+    let mut overlay6: Option<ipnet::Ipv6Net> = None;
+    let excluded = |view: &[ipnet::IpNet], v6: Option<ipnet::Ipv6Net>| -> Vec<ipnet::IpNet> {
+        let mut all = view.to_vec();
+        if let Some(p) = v6.map(ipnet::IpNet::from).filter(|p| !all.contains(p)) {
+            all.push(p);
+        }
+        all
+    };
     // Birthday punching is on (the node's default) until the controller says there is no NAT.
     let mut punching = true;
     // The network's birthday budget, as the controller last said.
@@ -554,13 +569,21 @@ pub async fn run(
                         reply,
                     });
                 }
-                Some(DataCmd::SetRoutes(routes)) => node.set_routes(routes),
-                Some(DataCmd::SetExcluded(excluded)) => {
-                    node.set_excluded(excluded);
+                Some(DataCmd::SetRoutes(routes)) => {
+                    node.set_routes(routes.into_iter().map(ipnet::IpNet::from).collect());
+                }
+                Some(DataCmd::SetExcluded(view)) => {
+                    excluded_view = view;
+                    node.set_excluded(excluded(&excluded_view, overlay6));
                     // Candidates refused before may be fine now (an interface went away).
                     node.set_peers(&configs, Instant::now());
                 }
                 Some(DataCmd::SetAddress(a)) => node.set_address(a),
+                Some(DataCmd::SetAddress6(v6)) => {
+                    node.set_address6(v6.map(|(a, _)| a));
+                    overlay6 = v6.map(|(_, p)| p);
+                    node.set_excluded(excluded(&excluded_view, overlay6));
+                }
                 Some(DataCmd::Relay(conn)) => {
                     relays.set(None, conn, &relay_in_tx);
                     node.set_relay(relays.any(), Instant::now());

@@ -158,6 +158,7 @@ mod tests {
             key: mesh_proto::PublicKey([n; 32]),
             name: name.into(),
             address: std::net::Ipv4Addr::new(100, 64, 0, n),
+            address6: None,
             endpoints: vec![],
             relay: None,
             observed: None,

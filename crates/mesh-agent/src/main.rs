@@ -238,6 +238,9 @@ enum Command {
     Ip {
         /// A peer's name, overlay address or key.
         peer: Option<String>,
+        /// The IPv6 overlay address instead (in the network's ULA prefix).
+        #[arg(short = '6', long = "ipv6")]
+        ipv6: bool,
     },
     /// Show the node, the controller connection and every peer.
     Status {
@@ -671,6 +674,16 @@ fn print_status(v: &serde_json::Value) {
             format!("disconnected ({})", ctl["last_error"].as_str().unwrap_or("connecting"))
         }
     ));
+    if let Some(a6) = node["address6"].as_str() {
+        let len = node["prefix6"]
+            .as_str()
+            .and_then(|p| p.split_once('/'))
+            .map_or("?", |(_, len)| len);
+        out(&format!(
+            "address6  {a6}/{len} on {}",
+            s(&node["interface"])
+        ));
+    }
     let nat = &v["nat"];
     let observed: Vec<&str> = nat["observed"]
         .as_array()
@@ -752,8 +765,8 @@ fn print_status(v: &serde_json::Value) {
         ));
     }
     out(&format!(
-        "\n{:<20} {:<16} {:<18} {:<28} {:>8} {:>10} {:>12} {:>12}  QUALITY",
-        "PEER", "ADDRESS", "PATH", "ENDPOINT", "RTT", "HANDSHAKE", "RX", "TX"
+        "\n{:<20} {:<16} {:<39} {:<18} {:<28} {:>8} {:>10} {:>12} {:>12}  QUALITY",
+        "PEER", "ADDRESS", "ADDRESS6", "PATH", "ENDPOINT", "RTT", "HANDSHAKE", "RX", "TX"
     ));
     for p in v["peers"].as_array().into_iter().flatten() {
         let hs = p["last_handshake_secs_ago"]
@@ -774,9 +787,10 @@ fn print_status(v: &serde_json::Value) {
             "-"
         };
         out(&format!(
-            "{:<20} {:<16} {:<18} {:<28} {:>8} {:>10} {:>12} {:>12}  {}",
+            "{:<20} {:<16} {:<39} {:<18} {:<28} {:>8} {:>10} {:>12} {:>12}  {}",
             s(&p["name"]),
             s(&p["address"]),
+            s(&p["address6"]),
             path,
             endpoint,
             p["rtt_ms"]
@@ -1403,7 +1417,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("invalid --timeout {timeout:?}; use e.g. 60s"))?;
             runtime()?.block_on(wait_online(&state, timeout, peers))
         }
-        Command::Ip { peer: None } => {
+        Command::Ip {
+            peer: None,
+            ipv6: true,
+        } => {
+            let address6 = match state.load_membership() {
+                Ok(m) => m.address6.map(|a| a.to_string()),
+                // node.json is root's: a user asks the running daemon (read-only socket).
+                Err(e) => {
+                    let v = runtime()?
+                        .block_on(ask(&state, api::Request::Status))
+                        .map_err(|_| e)?;
+                    v["node"]["address6"].as_str().map(str::to_owned)
+                }
+            };
+            match address6 {
+                Some(a) => {
+                    out(&a);
+                    Ok(())
+                }
+                None => anyhow::bail!(
+                    "this node has no IPv6 overlay address: its network has none (created with `--cidr6 off`), or the controller has not given it one yet (an older controller, or the node has not connected since the upgrade); `mesh ip` prints the IPv4 one"
+                ),
+            }
+        }
+        Command::Ip {
+            peer: None,
+            ipv6: false,
+        } => {
             if let (Err(_), Ok(Some(r))) = (state.load_membership(), state.load_request()) {
                 anyhow::bail!(
                     "this node has no address yet: its request to join network {} waits for approval (on the controller: mesh-controller node approve {} {})",
@@ -1425,19 +1466,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             out(&address);
             Ok(())
         }
-        Command::Ip { peer: Some(peer) } => {
+        Command::Ip {
+            peer: Some(peer),
+            ipv6,
+        } => {
             let v =
                 runtime()?.block_on(ask(&state, api::Request::Status))?;
             let found = v["peers"].as_array().into_iter().flatten().find(|p| {
-                ["name", "address", "key"]
+                ["name", "address", "address6", "key"]
                     .iter()
                     .any(|k| p[*k].as_str() == Some(peer.as_str()))
             });
-            match found.and_then(|p| p["address"].as_str()) {
-                Some(a) => {
+            let field = if ipv6 { "address6" } else { "address" };
+            match found.map(|p| p[field].as_str()) {
+                Some(Some(a)) => {
                     out(a);
                     Ok(())
                 }
+                Some(None) => anyhow::bail!(
+                    "peer {peer:?} has no IPv6 overlay address (its network has none, or the controller is older); `mesh ip {peer}` prints the IPv4 one"
+                ),
                 None => anyhow::bail!(
                     "no peer named {peer:?} in network {} (see `mesh status`)",
                     v["node"]["network"].as_str().unwrap_or("?")

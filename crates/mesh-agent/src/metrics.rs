@@ -322,6 +322,7 @@ mod tests {
                 key: PublicKey([1; 32]),
                 name: "node-b".into(),
                 address: "100.64.0.2".parse().unwrap(),
+                address6: None,
                 endpoint: Some("192.0.2.12:51820".parse().unwrap()),
                 candidates: vec![],
                 since_handshake: Some(Duration::from_secs(7)),

@@ -99,6 +99,13 @@ pub struct Membership {
     pub address: Ipv4Addr,
     /// Prefix length of the overlay network.
     pub prefix_len: u8,
+    /// IPv6 overlay address, from the controller; absent in networks without an IPv6 overlay
+    /// and from files written before it existed (the next welcome brings it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address6: Option<std::net::Ipv6Addr>,
+    /// The network's IPv6 overlay prefix, with `address6`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix6: Option<mesh_proto::control::Ipv6Net>,
     /// Interface MTU.
     pub mtu: u32,
     /// UDP port.
@@ -608,6 +615,8 @@ pub(crate) fn sample_membership() -> Membership {
         name: "node-a".into(),
         address: std::net::Ipv4Addr::new(100, 64, 0, 7),
         prefix_len: 16,
+        address6: None,
+        prefix6: None,
         mtu: 1420,
         port: 51820,
         interface: "mesh0".into(),
@@ -713,6 +722,34 @@ mod tests {
         let text = serde_json::to_string(&m).unwrap();
         assert!(!text.contains("endpoint_interfaces"), "{text}");
         assert!(!text.contains("port_mapping"), "{text}");
+    }
+
+    /// A restart while the controller is down finds the IPv6 overlay address in node.json and
+    /// the peers' in peers.json.
+    #[test]
+    fn the_ipv6_overlay_is_kept_across_restarts() {
+        let tmp = TempDir::new("overlay6");
+        let state = StateDir::new(&tmp.0.join("state"));
+        state.create().unwrap();
+        let mut m = membership();
+        m.address6 = Some("fd12:3456:789a::7".parse().unwrap());
+        m.prefix6 = Some("fd12:3456:789a::/64".parse().unwrap());
+        state.save_membership(&m).unwrap();
+        let text = std::fs::read_to_string(state.path().join(NODE_FILE)).unwrap();
+        assert!(text.contains("fd12:3456:789a::7"), "{text}");
+        assert_eq!(state.load_membership().unwrap(), m);
+        let peer: PeerInfo = serde_json::from_str(
+            r#"{"key":"BAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQ=","name":"b","address":"100.64.0.4","address6":"fd12:3456:789a::4","endpoints":[]}"#,
+        )
+        .unwrap();
+        state.save_peers(std::slice::from_ref(&peer)).unwrap();
+        assert_eq!(state.load_peers()[0].address6, peer.address6);
+        // A file of an IPv4-only membership has neither field.
+        let plain = serde_json::to_string(&membership()).unwrap();
+        assert!(
+            !plain.contains("address6") && !plain.contains("prefix6"),
+            "{plain}"
+        );
     }
 
     #[test]

@@ -114,11 +114,13 @@ counters! {
         unknown_peer_packets: Drop("unknown_peer"),
         /// WireGuard refused the datagram (bad MAC, replay, expired ...).
         rejected_packets: Drop("rejected"),
-        /// Decrypted packets whose source is not the peer's overlay address.
+        /// Decrypted packets whose source is not the peer's overlay address (IPv4 or IPv6) nor
+        /// inside a prefix it routes.
         spoofed_packets: Drop("spoofed"),
         /// TUN packets to an address no peer has.
         no_route_packets: Drop("no_route"),
-        /// TUN packets that are not IPv4 (IPv6 router solicitations and the like).
+        /// TUN packets mesh does not route: neither IPv4 nor IPv6, or link-scoped IPv6 (router
+        /// and neighbour solicitations, multicast).
         non_ipv4_packets: Drop("non_ipv4"),
         /// Packets dropped because a queue was full.
         queue_drops: Drop("queue_full"),

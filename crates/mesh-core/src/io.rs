@@ -291,6 +291,8 @@ pub struct PeerStatus {
     pub name: String,
     /// Overlay address.
     pub address: Ipv4Addr,
+    /// IPv6 overlay address, if the peer has one.
+    pub address6: Option<std::net::Ipv6Addr>,
     /// Endpoint in use (confirmed by an authenticated packet), if any.
     pub endpoint: Option<SocketAddr>,
     /// Candidates from the controller.

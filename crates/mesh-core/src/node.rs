@@ -25,10 +25,10 @@ use crate::peers::{PeerTable, Slot};
 use crate::pmtu;
 use crate::session::{self, Addressed, Output as Sealed, Session};
 use crate::sockets::Owner;
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 use mesh_proto::PublicKey;
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 use x25519_dalek::{PublicKey as XPublic, StaticSecret};
 
@@ -86,10 +86,13 @@ pub struct Node {
     intents: Vec<(PublicKey, Intent)>,
     /// Checks every handshake's mac1 and DH budget before any DH.
     guard: HandshakeGuard,
+    /// This node's IPv6 overlay address, once the controller assigned one
+    /// ([`Node::set_address6`]).
+    address6: Option<Ipv6Addr>,
     /// Destinations reached only through the overlay: never a peer's endpoint.
     excluded: Vec<IpNet>,
     /// The prefixes this node routes for its peers ([`Node::set_routes`]).
-    routes: Vec<Ipv4Net>,
+    routes: Vec<IpNet>,
     /// Who may send from which source address (rebuilt whenever the peer table changes).
     sources: crate::peers::Sources,
     /// How paths are measured and chosen ([`Node::set_quality`]).
@@ -103,6 +106,7 @@ macro_rules! cx {
         Ctx {
             now: $now,
             me: $node.config.address,
+            me6: $node.address6,
             me_key: $node.public.as_bytes(),
             mtu: $node.config.mtu,
             buf: &mut $node.buf,
@@ -141,6 +145,7 @@ impl Node {
             punching: Punching::new(seed),
             intents: Vec::new(),
             guard,
+            address6: None,
             excluded: Vec::new(),
             routes: Vec::new(),
             sources: crate::peers::Sources::default(),
@@ -174,7 +179,7 @@ impl Node {
     /// Sets the prefixes this node routes for its peers (its pod subnet, say), as the
     /// controller approved them: packets from peers addressed inside them are delivered (the host
     /// routes them on), where otherwise only packets to the node's own address are.
-    pub fn set_routes(&mut self, routes: Vec<Ipv4Net>) {
+    pub fn set_routes(&mut self, routes: Vec<IpNet>) {
         self.routes = routes;
     }
 
@@ -250,6 +255,17 @@ impl Node {
         self.config.address = address;
     }
 
+    /// This node's IPv6 overlay address, if it has one.
+    pub fn address6(&self) -> Option<Ipv6Addr> {
+        self.address6
+    }
+
+    /// Sets the IPv6 overlay address (`None`: the network has no IPv6 overlay). Decrypted IPv6
+    /// packets are delivered only when addressed to it (or into a prefix this node routes).
+    pub fn set_address6(&mut self, address6: Option<Ipv6Addr>) {
+        self.address6 = address6;
+    }
+
     /// Replaces the whole peer list. Peers that stay keep their sessions; a peer whose key is
     /// ours is ignored; when two peers claim one address the first wins.
     pub fn set_peers(&mut self, peers: &[PeerConfig], now: Instant) {
@@ -286,9 +302,20 @@ impl Node {
                 return;
             }
         }
+        if let Some(address6) = config.address6 {
+            if self
+                .peers
+                .key_by_address6(&address6)
+                .is_some_and(|owner| owner != config.key)
+            {
+                tracing::warn!(peer = %config.name, key = %config.key.short(), %address6, "IPv6 address already used by another peer; ignoring");
+                return;
+            }
+        }
         let config_key = config.key;
         if self.peers.contains(&config.key) {
-            self.peers.readdress(&config.key, config.address);
+            self.peers
+                .readdress(&config.key, config.address, config.address6);
             if let Some(peer) = self.peers.get_mut(&config.key) {
                 if peer.config.endpoints != config.endpoints {
                     // New candidates from the controller, which tells both sides at the same
@@ -347,9 +374,15 @@ impl Node {
         }
     }
 
-    /// An IP packet read from the TUN device.
+    /// An IP packet read from the TUN device: IPv4, or IPv6 to a peer's IPv6 overlay address
+    /// or a prefix it routes. Link-scoped IPv6 (the kernel's router and neighbour
+    /// solicitations) and anything else is counted and dropped.
     pub fn handle_tun_packet(&mut self, packet: &[u8], now: Instant) {
-        let Some((_, dst)) = packet::ipv4_addrs(packet) else {
+        let dst = match packet::ip_addrs(packet) {
+            Some((_, IpAddr::V6(dst))) if packet::link_scoped_v6(dst) => None,
+            other => other.map(|(_, dst)| dst),
+        };
+        let Some(dst) = dst else {
             self.out.counters.non_ipv4_packets += 1;
             return;
         };
@@ -369,7 +402,7 @@ impl Node {
                 // The path cannot carry it: answer like a router would rather than send it
                 // to die silently on the way.
                 cx.out.counters.too_big_packets += 1;
-                if pmtu::dont_fragment(packet) {
+                if dst.is_ipv4() && pmtu::dont_fragment(packet) {
                     if let Some(icmp) = pmtu::frag_needed(packet, mtu, cx.me) {
                         cx.out.deliver(&icmp);
                     }
@@ -395,7 +428,7 @@ impl Node {
                     // Queued behind a handshake in progress.
                     peer.handshake.data_waits(now);
                 }
-                Sealed::Error(_) | Sealed::TunnelV4(..) | Sealed::TunnelV6 => {}
+                Sealed::Error(_) | Sealed::TunnelV4(..) | Sealed::TunnelV6(..) => {}
             }
         }
         // What a send arms (a path probe, a retransmission, the stale rule) comes no sooner
@@ -825,6 +858,7 @@ impl Node {
                     key: p.config.key,
                     name: p.config.name.clone(),
                     address: p.config.address,
+                    address6: p.config.address6,
                     endpoint: p.path.endpoint().map(|e| e.addr),
                     candidates: p.config.endpoints.clone(),
                     since_handshake: stats.since_handshake,
@@ -916,8 +950,9 @@ fn carry_out_one(intent: Intent, peer: &mut Peer, punching: &mut Punching, cx: &
     }
 }
 
-/// Whether `ip` is inside one of `excluded`.
-fn is_excluded(excluded: &[IpNet], ip: std::net::IpAddr) -> bool {
+/// Whether `ip` is inside one of `excluded` (an IPv4-mapped IPv6 address as its IPv4 one).
+fn is_excluded(excluded: &[IpNet], ip: IpAddr) -> bool {
+    let ip = ip.to_canonical();
     excluded.iter().any(|n| n.contains(&ip))
 }
 

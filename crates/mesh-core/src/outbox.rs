@@ -333,6 +333,8 @@ pub(crate) struct Ctx<'a> {
     pub(crate) now: Instant,
     /// The node's overlay address (source of the packets it originates).
     pub(crate) me: Ipv4Addr,
+    /// The node's IPv6 overlay address, if it has one.
+    pub(crate) me6: Option<std::net::Ipv6Addr>,
     /// The node's public key (the lower key of a pair starts over after crossed handshakes).
     pub(crate) me_key: &'a [u8; 32],
     /// The configured interface MTU.
@@ -346,7 +348,7 @@ pub(crate) struct Ctx<'a> {
     /// How paths are measured and chosen.
     pub(crate) quality: &'a crate::io::QualityConfig,
     /// The prefixes this node routes for its peers (see [`crate::Node::set_routes`]).
-    pub(crate) routes: &'a [ipnet::Ipv4Net],
+    pub(crate) routes: &'a [ipnet::IpNet],
     /// Who may send from which source address.
     pub(crate) sources: &'a crate::peers::Sources,
 }

@@ -1,16 +1,19 @@
-//! The peer table: every peer by key, by overlay address and by WireGuard receiver index.
+//! The peer table: every peer by key, by overlay address (IPv4, and IPv6 where it has one) and
+//! by WireGuard receiver index.
 //!
-//! The peers and the two maps always agree: a peer is in all of them or in none, no two peers
-//! share an overlay address, an index names one peer, and each map points at the peer's
+//! The peers and the maps always agree: a peer is in all of them or in none (the IPv6 map holds
+//! only peers with an IPv6 address), no two peers share an overlay address, an index names one
+//! peer, and each map points at the peer's
 //! current position. [`PeerTable::insert`] and
 //! [`PeerTable::remove`] are the only ways in and out; everything else reads or mutates peers
 //! in place without touching the keys the maps hold.
 
 use crate::peer::Peer;
+use ipnet::IpNet;
 use mesh_proto::PublicKey;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// A multiplicative hash for the small keys of the per-packet lookups (overlay addresses and
 /// our own receiver indices). SipHash cost about 150 instructions a packet; these keys come
@@ -50,23 +53,34 @@ type SmallKeyMap<K, V> = HashMap<K, V, BuildHasherDefault<SmallKeyHasher>>;
 pub(crate) struct Slot(usize);
 
 /// Which peer owns which source address, as WireGuard's allowed IPs decide it: the owner of
-/// an overlay address, else the peer whose routed prefix is the longest that contains it. A
-/// peer whose prefixes are wide (an exit's 0.0.0.0/0) still cannot send from another node's
-/// address or from a more specific prefix another node routes.
+/// an overlay address (IPv4 or IPv6), else the peer whose routed prefix is the longest that
+/// contains it. A peer whose prefixes are wide (an exit's 0.0.0.0/0) still cannot send from
+/// another node's address or from a more specific prefix another node routes.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Sources {
     addresses: SmallKeyMap<Ipv4Addr, PublicKey>,
+    addresses6: SmallKeyMap<Ipv6Addr, PublicKey>,
     /// Longest prefix first, as [`PeerTable`] keeps them.
-    routes: Vec<(ipnet::Ipv4Net, PublicKey)>,
+    routes: Vec<(IpNet, PublicKey)>,
 }
 
 impl Sources {
-    /// Whether the peer `key` (overlay address `address`) may send packets from `source`.
-    pub(crate) fn may_send(&self, key: &PublicKey, address: Ipv4Addr, source: Ipv4Addr) -> bool {
-        if source == address {
-            return true;
-        }
-        if let Some(owner) = self.addresses.get(&source) {
+    /// Whether the peer `key` (overlay addresses `address` and `address6`) may send packets
+    /// from `source`.
+    pub(crate) fn may_send(
+        &self,
+        key: &PublicKey,
+        address: Ipv4Addr,
+        address6: Option<Ipv6Addr>,
+        source: IpAddr,
+    ) -> bool {
+        let owner = match source {
+            IpAddr::V4(v4) if v4 == address => return true,
+            IpAddr::V6(v6) if Some(v6) == address6 => return true,
+            IpAddr::V4(v4) => self.addresses.get(&v4),
+            IpAddr::V6(v6) => self.addresses6.get(&v6),
+        };
+        if let Some(owner) = owner {
             return owner == key;
         }
         self.routes
@@ -82,10 +96,11 @@ pub(crate) struct PeerTable {
     /// seed, and so that the per-packet lookups below lead straight to the peer.
     peers: Vec<(PublicKey, Peer)>,
     by_address: SmallKeyMap<Ipv4Addr, Slot>,
+    by_address6: SmallKeyMap<Ipv6Addr, Slot>,
     by_index: SmallKeyMap<u32, Slot>,
     /// Every peer's routed prefixes (see [`PeerConfig::routes`](crate::PeerConfig)), longest
     /// first, then by prefix and key: the first that contains a destination is its route.
-    routes: Vec<(ipnet::Ipv4Net, PublicKey)>,
+    routes: Vec<(IpNet, PublicKey)>,
     next_index: u32,
 }
 
@@ -119,11 +134,20 @@ impl PeerTable {
         self.by_address.get(ip).copied()
     }
 
+    /// The peer that owns IPv6 overlay address `ip`.
+    pub(crate) fn by_address6(&self, ip: &Ipv6Addr) -> Option<Slot> {
+        self.by_address6.get(ip).copied()
+    }
+
     /// The peer a packet to `ip` goes to: the owner of the overlay address, else the peer whose
     /// routed prefix is the longest that contains it.
-    pub(crate) fn route(&self, ip: &Ipv4Addr) -> Option<Slot> {
-        if let Some(slot) = self.by_address(ip) {
-            return Some(slot);
+    pub(crate) fn route(&self, ip: &IpAddr) -> Option<Slot> {
+        let owner = match ip {
+            IpAddr::V4(v4) => self.by_address(v4),
+            IpAddr::V6(v6) => self.by_address6(v6),
+        };
+        if owner.is_some() {
+            return owner;
         }
         let (_, key) = self.routes.iter().find(|(net, _)| net.contains(ip))?;
         self.slot(key)
@@ -158,6 +182,11 @@ impl PeerTable {
     /// The key of the peer that owns overlay address `ip`.
     pub(crate) fn key_by_address(&self, ip: &Ipv4Addr) -> Option<PublicKey> {
         self.by_address(ip).map(|s| self.peers[s.0].0)
+    }
+
+    /// The key of the peer that owns IPv6 overlay address `ip`.
+    pub(crate) fn key_by_address6(&self, ip: &Ipv6Addr) -> Option<PublicKey> {
+        self.by_address6(ip).map(|s| self.peers[s.0].0)
     }
 
     /// Where the peer with `key` sits.
@@ -215,8 +244,13 @@ impl PeerTable {
         self.reroute(&key);
     }
 
-    /// Moves a peer to a new overlay address (the caller has checked it is free).
-    pub(crate) fn readdress(&mut self, key: &PublicKey, address: Ipv4Addr) {
+    /// Moves a peer to new overlay addresses (the caller has checked they are free).
+    pub(crate) fn readdress(
+        &mut self,
+        key: &PublicKey,
+        address: Ipv4Addr,
+        address6: Option<Ipv6Addr>,
+    ) {
         let Ok(i) = self.find(key) else {
             return;
         };
@@ -225,6 +259,15 @@ impl PeerTable {
             self.by_address.remove(&peer.config.address);
             self.by_address.insert(address, Slot(i));
             peer.config.address = address;
+        }
+        if peer.config.address6 != address6 {
+            if let Some(old) = peer.config.address6 {
+                self.by_address6.remove(&old);
+            }
+            if let Some(new) = address6 {
+                self.by_address6.insert(new, Slot(i));
+            }
+            peer.config.address6 = address6;
         }
     }
 
@@ -241,6 +284,11 @@ impl PeerTable {
                 .iter()
                 .map(|(k, p)| (p.config.address, *k))
                 .collect(),
+            addresses6: self
+                .peers
+                .iter()
+                .filter_map(|(k, p)| Some((p.config.address6?, *k)))
+                .collect(),
             routes: self.routes.clone(),
         }
     }
@@ -250,6 +298,9 @@ impl PeerTable {
         let i = self.find(key).ok()?;
         let (_, peer) = self.peers.remove(i);
         self.by_address.remove(&peer.config.address);
+        if let Some(a6) = peer.config.address6 {
+            self.by_address6.remove(&a6);
+        }
         self.by_index.remove(&peer.index);
         self.routes.retain(|(_, k)| k != key);
         self.reslot(i);
@@ -260,6 +311,9 @@ impl PeerTable {
     fn reslot(&mut self, from: usize) {
         for (i, (_, peer)) in self.peers.iter().enumerate().skip(from) {
             self.by_address.insert(peer.config.address, Slot(i));
+            if let Some(a6) = peer.config.address6 {
+                self.by_address6.insert(a6, Slot(i));
+            }
             self.by_index.insert(peer.index, Slot(i));
         }
     }
@@ -279,6 +333,16 @@ mod tests {
             key: PublicKey([n; 32]),
             name: format!("p{n}"),
             address: Ipv4Addr::new(100, 64, 1, n),
+            address6: Some(Ipv6Addr::new(
+                0xfd12,
+                0x3456,
+                0x789a,
+                0,
+                0,
+                0,
+                1,
+                u16::from(n),
+            )),
             endpoints: vec![],
             observed: None,
             nat: None,
@@ -296,12 +360,17 @@ mod tests {
         sorted.sort_unstable();
         assert_eq!(keys, sorted);
         assert_eq!(table.by_address.len(), present.len());
+        assert_eq!(table.by_address6.len(), present.len());
         assert_eq!(table.by_index.len(), present.len());
         for &n in present {
             let key = PublicKey([n; 32]);
             let p = table.get(&key).expect("by key");
             let slot = table.by_address(&p.config.address).expect("by address");
             assert_eq!(table.key_at(slot), key);
+            assert_eq!(
+                table.by_address6(&p.config.address6.expect("an address6")),
+                Some(slot)
+            );
             assert_eq!(table.by_index(p.index), Some(slot));
             assert_eq!(table.slot(&key), Some(slot));
         }
@@ -325,8 +394,15 @@ mod tests {
             check(&table, &present);
         }
         assert!(table.remove(&PublicKey([3; 32])).is_none());
-        table.readdress(&PublicKey([7; 32]), Ipv4Addr::new(100, 64, 2, 7));
+        let new6 = Ipv6Addr::new(0xfd12, 0x3456, 0x789a, 0, 0, 0, 2, 7);
+        table.readdress(
+            &PublicKey([7; 32]),
+            Ipv4Addr::new(100, 64, 2, 7),
+            Some(new6),
+        );
         assert!(table.by_address(&Ipv4Addr::new(100, 64, 1, 7)).is_none());
+        let old6 = Ipv6Addr::new(0xfd12, 0x3456, 0x789a, 0, 0, 0, 1, 7);
+        assert!(table.by_address6(&old6).is_none());
         check(&table, &present);
         // The same key again replaces the peer without leaving its old entries behind.
         let again = peer(&mut table, 7);

@@ -43,8 +43,8 @@ pub enum Output<'a> {
     Network(&'a [u8]),
     /// Write this IPv4 packet to the TUN device; it claims to come from `source`.
     TunnelV4(&'a [u8], std::net::Ipv4Addr),
-    /// An IPv6 packet came out of the tunnel (not routed by mesh yet).
-    TunnelV6,
+    /// Write this IPv6 packet to the TUN device; it claims to come from `source`.
+    TunnelV6(&'a [u8], std::net::Ipv6Addr),
     /// The datagram or timer event was refused.
     Error(SessionError),
 }
@@ -195,7 +195,7 @@ fn convert(r: TunnResult<'_>) -> Output<'_> {
         TunnResult::Done => Output::Done,
         TunnResult::WriteToNetwork(b) => Output::Network(b),
         TunnResult::WriteToTunnelV4(b, src) => Output::TunnelV4(b, src),
-        TunnResult::WriteToTunnelV6(_, _) => Output::TunnelV6,
+        TunnResult::WriteToTunnelV6(b, src) => Output::TunnelV6(b, src),
         TunnResult::Err(WireGuardError::ConnectionExpired) => Output::Error(SessionError::Expired),
         TunnResult::Err(_) => Output::Error(SessionError::Rejected),
     }

@@ -124,6 +124,7 @@ impl Lab {
             key,
             name: name.into(),
             address,
+            address6: None,
             endpoints: vec![endpoint.parse().unwrap()],
             observed: None,
             nat: None,

@@ -5,7 +5,7 @@ use ipnet::{IpNet, Ipv4Net};
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 use std::collections::{BTreeSet, HashMap};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// A netlink request failed.
 #[derive(Debug, thiserror::Error)]
@@ -16,6 +16,14 @@ pub enum NetlinkError {
     /// The interface does not exist.
     #[error("interface {0} not found")]
     NoLink(String),
+    /// IPv6 could not be turned on for the interface (for an IPv6 overlay address).
+    #[error("cannot enable IPv6 on {link} ({source}); is IPv6 disabled on this host (ipv6.disable=1 or net.ipv6.conf.all.disable_ipv6=1)? Enable it, or ask the admin for a network without an IPv6 overlay (`mesh-controller network create --cidr6 off`)")]
+    Ipv6 {
+        /// Interface.
+        link: String,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The kernel refused a request.
     #[error("{what} on {link}: {source}")]
     Request {
@@ -37,6 +45,9 @@ pub struct InterfaceConfig {
     pub address: Ipv4Addr,
     /// Prefix length of the overlay network; the network's route points at the interface.
     pub prefix_len: u8,
+    /// The node's IPv6 overlay address and the prefix length of the network's IPv6 overlay
+    /// (the kernel routes the prefix to the interface); `None`: IPv4 only.
+    pub address6: Option<(Ipv6Addr, u8)>,
     /// MTU.
     pub mtu: u32,
 }
@@ -85,11 +96,16 @@ pub async fn configure(cfg: &InterfaceConfig) -> Result<(), NetlinkError> {
         .set_link_index_filter(index)
         .execute();
     while let Ok(Some(msg)) = addrs.try_next().await {
-        let stale =
-            msg.attributes.iter().any(
-                |a| matches!(a, AddressAttribute::Address(IpAddr::V4(ip)) if *ip != cfg.address),
-            ) || msg.header.prefix_len != cfg.prefix_len;
-        if stale {
+        let ours = msg.attributes.iter().any(|a| match a {
+            AddressAttribute::Address(IpAddr::V4(ip)) => {
+                *ip == cfg.address && msg.header.prefix_len == cfg.prefix_len
+            }
+            AddressAttribute::Address(IpAddr::V6(ip)) => {
+                cfg.address6 == Some((*ip, msg.header.prefix_len))
+            }
+            _ => false,
+        });
+        if !ours {
             let _ = handle.address().del(msg).execute().await;
         }
     }
@@ -113,6 +129,23 @@ pub async fn configure(cfg: &InterfaceConfig) -> Result<(), NetlinkError> {
         Ok(()) => {}
         Err(e) if exists(&e) => {}
         Err(e) => return Err(req("adding route")(e)),
+    }
+    if let Some((address6, len)) = cfg.address6 {
+        crate::tun::enable_ipv6(&cfg.name).map_err(|e| NetlinkError::Ipv6 {
+            link: cfg.name.clone(),
+            source: e,
+        })?;
+        // The kernel adds the route to the prefix with the address.
+        match handle
+            .address()
+            .add(index, IpAddr::V6(address6), len)
+            .execute()
+            .await
+        {
+            Ok(()) => {}
+            Err(e) if exists(&e) => {}
+            Err(e) => return Err(req("adding IPv6 address")(e)),
+        }
     }
     Ok(())
 }

@@ -38,7 +38,8 @@ pub fn persist(dev: &Tun) -> io::Result<()> {
 
 /// Creates (or attaches to) the TUN device `name`. Address, MTU and link state are set
 /// separately through [`crate::netlink`]. IPv6 is disabled on the device so that the kernel
-/// does not send router solicitations into it.
+/// does not send router solicitations into it, until [`enable_ipv6`] turns it on for an IPv6
+/// overlay address.
 pub fn create(name: &str) -> Result<Tun, TunError> {
     let dev = tun_rs::DeviceBuilder::new()
         .name(name)
@@ -65,4 +66,32 @@ pub fn create(name: &str) -> Result<Tun, TunError> {
         tracing::debug!(%path, error = %e, "could not disable IPv6 on the TUN device");
     }
     Ok(dev)
+}
+
+/// Turns IPv6 on for the device `name` so that it can carry an IPv6 overlay address, without
+/// what a fresh IPv6 interface does on its own: no link-local address (`addr_gen_mode` 1), so
+/// no router or neighbour solicitations go into the tunnel; no router advertisements taken; no
+/// duplicate address detection (the controller guarantees the address is unique). mesh-core
+/// drops and counts any link-scoped packet that still comes.
+pub fn enable_ipv6(name: &str) -> io::Result<()> {
+    if name.is_empty() || name.contains('/') || name.starts_with('.') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{name:?} is not an interface name"),
+        ));
+    }
+    let conf = format!("/proc/sys/net/ipv6/conf/{name}");
+    // The order matters: the address generation mode must be set before IPv6 comes up.
+    for (key, value) in [
+        ("addr_gen_mode", "1"),
+        ("accept_ra", "0"),
+        ("router_solicitations", "0"),
+        ("accept_dad", "0"),
+    ] {
+        let path = format!("{conf}/{key}");
+        if let Err(e) = std::fs::write(&path, value) {
+            tracing::debug!(%path, error = %e, "could not set an IPv6 setting of the TUN device");
+        }
+    }
+    std::fs::write(format!("{conf}/disable_ipv6"), "0")
 }

@@ -100,6 +100,7 @@ impl Pair {
                 key: pkb,
                 name: "b".into(),
                 address: ip_b,
+                address6: None,
                 endpoints: vec![b_addr],
                 observed: None,
                 nat: None,
@@ -112,6 +113,7 @@ impl Pair {
                 key: pka,
                 name: "a".into(),
                 address: ip_a,
+                address6: None,
                 endpoints: vec![a_addr],
                 observed: None,
                 nat: None,
@@ -214,6 +216,144 @@ fn sealed(from: &mut Node, to: PublicKey, inner: &[u8]) -> Vec<u8> {
     }
 }
 
+/// An ICMPv6 echo-like packet (the checksum does not matter to mesh).
+fn icmp6(src: Ipv6Addr, dst: Ipv6Addr, payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0u8; 40 + payload.len()];
+    p[0] = 0x60;
+    let len = payload.len() as u16;
+    p[4..6].copy_from_slice(&len.to_be_bytes());
+    p[6] = 58;
+    p[7] = 64;
+    p[8..24].copy_from_slice(&src.octets());
+    p[24..40].copy_from_slice(&dst.octets());
+    p[40..].copy_from_slice(payload);
+    p
+}
+
+/// Gives both nodes of the pair an IPv6 overlay address, and each the other's.
+fn dual_stack(p: &mut Pair) -> (Ipv6Addr, Ipv6Addr) {
+    let a6: Ipv6Addr = "fd12:3456:789a::a".parse().unwrap();
+    let b6: Ipv6Addr = "fd12:3456:789a::b".parse().unwrap();
+    p.a.set_address6(Some(a6));
+    p.b.set_address6(Some(b6));
+    let (ka, kb) = (p.a.public_key(), p.b.public_key());
+    let mut b_at_a = p.a.peers.get(&kb).unwrap().config.clone();
+    b_at_a.address6 = Some(b6);
+    p.a.upsert_peer(b_at_a, p.now);
+    let mut a_at_b = p.b.peers.get(&ka).unwrap().config.clone();
+    a_at_b.address6 = Some(a6);
+    p.b.upsert_peer(a_at_b, p.now);
+    (a6, b6)
+}
+
+/// The IPv6 overlay (issue 17): a packet to a peer's address6 goes to that peer and is
+/// delivered there, both ways; other IPv6 destinations have no route, and the kernel's
+/// link-scoped chatter (router solicitations) never leaves the node.
+#[test]
+fn ipv6_packets_go_to_the_peer_whose_address6_they_are_for() {
+    let mut p = Pair::new();
+    let (a6, b6) = dual_stack(&mut p);
+    assert_eq!(p.a.address6(), Some(a6));
+    assert_eq!(p.a.peer_status(p.now)[0].address6, Some(b6));
+    let ping = icmp6(a6, b6, b"ping over the ULA");
+    p.a.handle_tun_packet(&ping, p.now);
+    p.drive();
+    assert_eq!(p.b.poll_tun_packet().as_ref(), Some(&ping));
+    let pong = icmp6(b6, a6, b"pong");
+    p.b.handle_tun_packet(&pong, p.now);
+    p.drive();
+    assert_eq!(p.a.poll_tun_packet(), Some(pong));
+    // IPv4 still goes its way beside it.
+    let v4 = icmp(p.a.address(), p.b.address(), b"v4");
+    p.a.handle_tun_packet(&v4, p.now);
+    p.drive();
+    assert_eq!(p.b.poll_tun_packet(), Some(v4));
+
+    let nobody: Ipv6Addr = "fd12:3456:789a::c".parse().unwrap();
+    p.a.handle_tun_packet(&icmp6(a6, nobody, b"x"), p.now);
+    assert_eq!(p.a.counters().no_route_packets, 1);
+    let link_local: Ipv6Addr = "fe80::1".parse().unwrap();
+    let solicitation = icmp6(link_local, "ff02::2".parse().unwrap(), &[133, 0, 0, 0]);
+    p.a.handle_tun_packet(&solicitation, p.now);
+    p.a.handle_tun_packet(&icmp6(a6, link_local, b"x"), p.now);
+    p.a.handle_tun_packet(&ping[..39], p.now);
+    assert_eq!(p.a.counters().non_ipv4_packets, 3);
+    assert!(p.a.poll_udp().is_none(), "nothing of that leaves a");
+    // The peer's IPv6 address moves with its configuration.
+    let kb = p.b.public_key();
+    let mut moved = p.a.peers.get(&kb).unwrap().config.clone();
+    moved.address6 = Some(nobody);
+    p.a.upsert_peer(moved, p.now);
+    p.a.handle_tun_packet(&icmp6(a6, b6, b"x"), p.now);
+    assert_eq!(p.a.counters().no_route_packets, 2);
+    let to_new = icmp6(a6, nobody, b"x");
+    p.a.handle_tun_packet(&to_new, p.now);
+    assert_eq!(
+        p.a.counters().no_route_packets,
+        2,
+        "routed to b's new address6"
+    );
+}
+
+/// A decrypted IPv6 packet is checked like an IPv4 one: its source must be the peer's
+/// address6 or inside a prefix the peer routes (never another node's address6), and its
+/// destination this node's address6 or a prefix it routes.
+#[test]
+fn spoofed_or_misdirected_ipv6_is_dropped_and_counted() {
+    let mut p = Pair::new();
+    let (a6, b6) = dual_stack(&mut p);
+    let (ka, kb) = (p.a.public_key(), p.b.public_key());
+    // A third node, c, known to b with its own address6.
+    let c6: Ipv6Addr = "fd12:3456:789a::c".parse().unwrap();
+    p.b.upsert_peer(
+        PeerConfig {
+            key: PublicKey([0xcc; 32]),
+            name: "c".into(),
+            address: Ipv4Addr::new(100, 64, 0, 3),
+            address6: Some(c6),
+            endpoints: vec![],
+            observed: None,
+            nat: None,
+            routes: vec!["fd00:244:3::/64".parse().unwrap()],
+        },
+        p.now,
+    );
+    for spoofed in [
+        c6,
+        "fd12:3456:789a::99".parse().unwrap(),
+        "fd00:244:3::5".parse().unwrap(),
+        "2001:db8::1".parse().unwrap(),
+    ] {
+        let bytes = sealed(&mut p.a, kb, &icmp6(spoofed, b6, b"x"));
+        p.b.handle_datagram(Source::main(p.a_addr), &bytes, p.now);
+        assert_eq!(p.b.poll_tun_packet(), None, "{spoofed}");
+    }
+    assert_eq!(p.b.counters().spoofed_packets, 4);
+    // Right source, but not for b (a's LAN over IPv6, another node): misdirected.
+    for dst in ["2001:db8:1::1".parse().unwrap(), c6] {
+        let bytes = sealed(&mut p.a, kb, &icmp6(a6, dst, b"x"));
+        p.b.handle_datagram(Source::main(p.a_addr), &bytes, p.now);
+        assert_eq!(p.b.poll_tun_packet(), None, "{dst}");
+    }
+    assert_eq!(p.b.counters().misdirected_packets, 2);
+    // An IPv6 prefix a routes (its pods) is a's to send from, and b's to receive into once b
+    // routes one.
+    let pods_a: IpNet = "fd00:244:1::/64".parse().unwrap();
+    let mut a_at_b = p.b.peers.get(&ka).unwrap().config.clone();
+    a_at_b.routes = vec![pods_a];
+    p.b.upsert_peer(a_at_b, p.now);
+    let from_pod = icmp6("fd00:244:1::5".parse().unwrap(), b6, b"from a pod");
+    let bytes = sealed(&mut p.a, kb, &from_pod);
+    p.b.handle_datagram(Source::main(p.a_addr), &bytes, p.now);
+    assert_eq!(p.b.poll_tun_packet(), Some(from_pod));
+    // Nothing changed for IPv4 on the way.
+    assert_eq!(p.b.counters().spoofed_packets, 4);
+    let v4 = icmp(p.a.address(), p.b.address(), b"v4");
+    let bytes = sealed(&mut p.a, kb, &v4);
+    p.b.handle_datagram(Source::main(p.a_addr), &bytes, p.now);
+    assert_eq!(p.b.poll_tun_packet(), Some(v4));
+}
+
 #[test]
 fn a_member_cannot_use_a_node_as_a_router() {
     let mut p = Pair::new();
@@ -247,11 +387,12 @@ fn an_exit_carries_the_world_but_cannot_speak_for_other_nodes() {
     let mut p = Pair::new();
     let (ka, kb) = (p.a.public_key(), p.b.public_key());
     let (ip_a, ip_b) = (p.a.address(), p.b.address());
-    let everything: Ipv4Net = "0.0.0.0/0".parse().unwrap();
+    let everything: IpNet = "0.0.0.0/0".parse().unwrap();
     let peer_a = PeerConfig {
         key: ka,
         name: "a".into(),
         address: ip_a,
+        address6: None,
         endpoints: vec![p.a_addr],
         observed: None,
         nat: None,
@@ -266,6 +407,7 @@ fn an_exit_carries_the_world_but_cannot_speak_for_other_nodes() {
             key: kc,
             name: "c".into(),
             address: ip_c,
+            address6: None,
             endpoints: vec![],
             observed: None,
             nat: None,
@@ -307,13 +449,14 @@ fn an_exit_carries_the_world_but_cannot_speak_for_other_nodes() {
 fn a_routed_prefix_goes_to_its_peer_both_ways_and_nothing_else_does() {
     let mut p = Pair::new();
     let (ka, kb) = (p.a.public_key(), p.b.public_key());
-    let pods_a: Ipv4Net = "10.244.1.0/24".parse().unwrap();
+    let pods_a: IpNet = "10.244.1.0/24".parse().unwrap();
     let pod = Ipv4Addr::new(10, 244, 1, 5);
     let (ip_a, ip_b) = (p.a.address(), p.b.address());
     let peer_a = PeerConfig {
         key: ka,
         name: "a".into(),
         address: ip_a,
+        address6: None,
         endpoints: vec![p.a_addr],
         observed: None,
         nat: None,
@@ -366,8 +509,8 @@ fn the_longest_routed_prefix_wins_and_an_address_beats_any_prefix() {
     let mut table = crate::peers::PeerTable::new(1);
     let mut p = Pair::new();
     let (ka, kb) = (p.a.public_key(), p.b.public_key());
-    let wide: Ipv4Net = "10.0.0.0/8".parse().unwrap();
-    let narrow: Ipv4Net = "10.244.1.0/24".parse().unwrap();
+    let wide: IpNet = "10.0.0.0/8".parse().unwrap();
+    let narrow: IpNet = "10.244.1.0/24".parse().unwrap();
     for (key, address, routes) in [
         (ka, p.a.address(), vec![wide]),
         (
@@ -384,7 +527,7 @@ fn the_longest_routed_prefix_wins_and_an_address_beats_any_prefix() {
         table.insert(peer);
     }
     fn key_of(table: &crate::peers::PeerTable, ip: [u8; 4]) -> Option<PublicKey> {
-        table.route(&Ipv4Addr::from(ip)).map(|s| table.key_at(s))
+        table.route(&IpAddr::from(ip)).map(|s| table.key_at(s))
     }
     assert_eq!(
         key_of(&table, [10, 244, 1, 7]),
@@ -409,7 +552,7 @@ fn candidates_and_sources_the_overlay_reaches_are_refused() {
     let kb = p.b.public_key();
     // a's view: the overlay range, and b's flannel.1 subnet routed over a vxlan device
     // stacked on the overlay.
-    let excluded: Vec<ipnet::IpNet> = vec![
+    let excluded: Vec<IpNet> = vec![
         "100.64.0.0/16".parse().unwrap(),
         "10.244.0.0/16".parse().unwrap(),
     ];
@@ -422,6 +565,7 @@ fn candidates_and_sources_the_overlay_reaches_are_refused() {
             key: kb,
             name: "b".into(),
             address: p.b.address(),
+            address6: None,
             endpoints: vec![p.b_addr, vxlan, overlay],
             observed: None,
             nat: None,
@@ -464,17 +608,25 @@ fn garbage_is_counted_not_fatal() {
 }
 
 #[test]
-fn ipv6_and_unrouted_from_tun_are_dropped() {
+fn link_scoped_ipv6_and_unrouted_from_tun_are_dropped() {
     let mut p = Pair::new();
-    let mut rs = vec![0x60u8; 48];
-    rs[6] = 58; // ICMPv6
+    // The kernel's router solicitation on a fresh mesh0.
+    let rs = icmp6(
+        "fe80::1".parse().unwrap(),
+        "ff02::2".parse().unwrap(),
+        &[133; 8],
+    );
     p.a.handle_tun_packet(&rs, p.now);
     p.a.handle_tun_packet(
         &icmp(p.a.address(), Ipv4Addr::new(100, 64, 9, 9), b"x"),
         p.now,
     );
+    // IPv6 to an address no peer has (b has no address6 here).
+    let mut junk = vec![0x60u8; 48];
+    junk[6] = 58;
+    p.a.handle_tun_packet(&junk, p.now);
     assert_eq!(p.a.counters().non_ipv4_packets, 1);
-    assert_eq!(p.a.counters().no_route_packets, 1);
+    assert_eq!(p.a.counters().no_route_packets, 2);
     assert!(p.a.poll_udp().is_none());
 }
 
@@ -890,6 +1042,7 @@ fn probes_after_move(nat: Option<NatKind>, moved: SocketAddr) -> (Relayed, Vec<S
             key: kb,
             name: "b".into(),
             address: r.p.b.address(),
+            address6: None,
             endpoints: vec![moved],
             observed: None,
             nat,
@@ -978,6 +1131,7 @@ fn probing_backs_off_when_no_direct_path_exists_and_restarts_on_new_candidates()
         key: kb,
         name: "b".into(),
         address: r.p.b.address(),
+        address6: None,
         endpoints: vec!["203.0.113.9:51820".parse().unwrap()],
         observed: None,
         nat: None,
@@ -1300,6 +1454,7 @@ fn a_busy_peer_answers_a_join_by_spraying_only() {
                 key: kc,
                 name: "c".into(),
                 address: Ipv4Addr::new(100, 64, 0, 9),
+                address6: None,
                 endpoints: vec!["203.0.113.9:51820".parse().unwrap()],
                 observed: None,
                 nat: None,
@@ -1350,6 +1505,7 @@ fn a_reported_stranger_gets_a_bounded_number_of_probes() {
             key: kb,
             name: "b".into(),
             address: r.p.b.address(),
+            address6: None,
             endpoints: vec![victim],
             observed: None,
             nat: None,
@@ -1388,6 +1544,7 @@ fn birthday_sprays_only_the_ip_the_controller_observed() {
         key: PublicKey([9; 32]),
         name: "b".into(),
         address: Ipv4Addr::new(100, 64, 0, 2),
+        address6: None,
         endpoints: vec!["203.0.113.66:51820".parse().unwrap(), observed],
         observed: Some(observed),
         nat: None,
@@ -1409,6 +1566,7 @@ fn no_attempt_toward_a_peer_with_only_private_candidates() {
             key: kb,
             name: "b".into(),
             address: r.p.b.address(),
+            address6: None,
             endpoints: vec![
                 "192.168.1.2:51820".parse().unwrap(),
                 "10.0.0.2:51820".parse().unwrap(),
@@ -1453,6 +1611,7 @@ fn a_peers_socket_carries_no_other_peer() {
         key,
         name: "x".into(),
         address,
+        address6: None,
         endpoints: vec![endpoint],
         observed: None,
         nat: None,
@@ -1755,6 +1914,7 @@ impl DualStack {
         let mut a = node(ska, Ipv4Addr::new(100, 64, 0, 1), 1);
         let mut b = node(skb, Ipv4Addr::new(100, 64, 0, 2), 1000);
         let peer = |key, name: &str, ip, v4: &str, v6: &str| PeerConfig {
+            address6: None,
             routes: Vec::new(),
             key,
             name: name.into(),

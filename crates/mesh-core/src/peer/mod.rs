@@ -20,7 +20,7 @@ use crate::birthday::PeerPunch;
 use crate::io::{PathQuality, QualityConfig};
 use crate::node::{Event, Path};
 use crate::outbox::{Ctx, Endpoint, Via};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 use crate::pmtu;
 use crate::session::{Output, Session, SessionError};
@@ -33,7 +33,7 @@ use mesh_proto::PublicKey;
 use path::{DirectDue, PathState, ACTIVE_TRAFFIC, PATH_PROBE_INTERVAL, PREDICTED_PORTS};
 use probes::{Probes, Purpose};
 use quality::{Leg, Measure};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 /// One peer as the node needs it.
@@ -46,6 +46,9 @@ pub struct PeerConfig {
     /// The peer's overlay address; packets to it go to this peer, and the peer may only send
     /// packets from it.
     pub address: Ipv4Addr,
+    /// The peer's IPv6 overlay address, if the network has an IPv6 overlay: IPv6 packets to it
+    /// go to this peer, and the peer may send IPv6 packets from it.
+    pub address6: Option<Ipv6Addr>,
     /// Where the peer may be reached, best first.
     pub endpoints: Vec<SocketAddr>,
     /// The peer's address as the controller saw it (its public mapping), if known. Birthday
@@ -56,7 +59,8 @@ pub struct PeerConfig {
     pub nat: Option<NatKind>,
     /// Prefixes the peer routes (its pod subnet, say), as the controller approved them: packets
     /// to them go to this peer, and the peer may send packets from them (besides its address).
-    pub routes: Vec<Ipv4Net>,
+    /// IPv4 and IPv6 prefixes alike.
+    pub routes: Vec<IpNet>,
 }
 
 /// Why the node wants to run a peer's timers (for debug logs and tests).
@@ -434,7 +438,20 @@ impl Peer {
                 }
                 Received::Authenticated(None)
             }
-            Output::TunnelV4(inner, source) => {
+            out @ (Output::TunnelV4(..) | Output::TunnelV6(..)) => {
+                let (inner, source, dst) = match out {
+                    Output::TunnelV4(inner, source) => (
+                        inner,
+                        IpAddr::V4(source),
+                        crate::packet::ipv4_addrs(inner).map(|(_, d)| IpAddr::V4(d)),
+                    ),
+                    Output::TunnelV6(inner, source) => (
+                        inner,
+                        IpAddr::V6(source),
+                        crate::packet::ipv6_addrs(inner).map(|(_, d)| IpAddr::V6(d)),
+                    ),
+                    _ => return Received::Authenticated(None),
+                };
                 if let Some(m) = self.measure.as_deref_mut() {
                     // (Path MTU probes count neither here nor at their sender: a probe too
                     // large for the path is meant to be lost.)
@@ -442,14 +459,18 @@ impl Peer {
                         m.received(leg, datagram);
                     }
                 }
-                let to_us = crate::packet::ipv4_addrs(inner).is_some_and(|(_, dst)| {
-                    dst == cx.me || cx.routes.iter().any(|r| r.contains(&dst))
+                let to_us = dst.is_some_and(|dst| {
+                    dst == IpAddr::V4(cx.me)
+                        || cx.me6.is_some_and(|me6| dst == IpAddr::V6(me6))
+                        || cx.routes.iter().any(|r| r.contains(&dst))
                 });
                 let len = inner.len();
-                if !cx
-                    .sources
-                    .may_send(&self.config.key, self.config.address, source)
-                {
+                if !cx.sources.may_send(
+                    &self.config.key,
+                    self.config.address,
+                    self.config.address6,
+                    source,
+                ) {
                     cx.out.counters.spoofed_packets += 1;
                 } else if !to_us {
                     // A member may only reach this node and the prefixes it routes (approved
@@ -474,10 +495,6 @@ impl Peer {
                     cx.out.deliver_buffer(buf);
                     return Received::Authenticated(None);
                 }
-                Received::Authenticated(None)
-            }
-            Output::TunnelV6 => {
-                cx.out.counters.non_ipv4_packets += 1;
                 Received::Authenticated(None)
             }
             Output::Done => {

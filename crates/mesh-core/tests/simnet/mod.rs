@@ -1598,6 +1598,7 @@ impl Sim {
                 key: self.key(i),
                 name: self.nodes[i].name.clone(),
                 address: self.nodes[i].overlay,
+                address6: None,
                 endpoints: self.candidates(i),
                 observed: None,
                 nat: None,

@@ -71,6 +71,9 @@ fn peer(n: u8) -> PeerInfo {
         key: PublicKey([n; 32]),
         name: format!("node-{n}"),
         address: Ipv4Addr::new(100, 64, n / 200, n),
+        address6: n
+            .is_multiple_of(4)
+            .then(|| std::net::Ipv6Addr::new(0xfd12, 0x3456, 0x789a, 0, 0, 0, 0, u16::from(n) + 1)),
         endpoints: endpoints(n % 5),
         relay: n.is_multiple_of(2).then(|| "eu-1".to_owned()),
         observed: n
@@ -160,6 +163,10 @@ pub(super) fn server_messages() -> Vec<ServerMsg> {
             name: "node-1".into(),
             address: Ipv4Addr::new(100, 64, 0, 1),
             prefix_len: 16,
+            address6: Some(std::net::Ipv6Addr::new(
+                0xfd12, 0x3456, 0x789a, 0, 0, 0, 0, 1,
+            )),
+            prefix6: "fd12:3456:789a::/64".parse().ok(),
             peers: (2..6).map(peer).collect(),
             relays: vec![relay("eu-1")],
             observed: Some(SocketAddr::from(([203, 0, 113, 9], 40000))),
@@ -173,6 +180,8 @@ pub(super) fn server_messages() -> Vec<ServerMsg> {
             name: "a".into(),
             address: Ipv4Addr::new(10, 0, 0, 2),
             prefix_len: 30,
+            address6: None,
+            prefix6: None,
             peers: vec![],
             relays: vec![],
             observed: None,
@@ -186,6 +195,8 @@ pub(super) fn server_messages() -> Vec<ServerMsg> {
             name: "node-0".into(),
             address: Ipv4Addr::new(100, 64, 0, 200),
             prefix_len: 8,
+            address6: None,
+            prefix6: "fd00:1:2::/48".parse().ok(),
             peers: (1..=40).map(peer).collect(),
             relays: vec![relay("eu-1"), relay("us-1"), relay("ap-1")],
             observed: Some(SocketAddr::from(([0x2001, 0xdb8, 0, 0, 0, 0, 0, 9], 1))),
