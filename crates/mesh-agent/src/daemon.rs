@@ -285,16 +285,31 @@ fn start(
     })
 }
 
-async fn configure_interface(opts: &Settings, m: &Membership) -> anyhow::Result<()> {
+/// Configures the overlay interface: the IPv4 address (a failure is fatal), then the IPv6
+/// overlay address, if the network has one: without IPv6 on this host the node still works
+/// over IPv4 (warned; returned for `mesh status`, `node.address6_error`).
+async fn configure_interface(opts: &Settings, m: &Membership) -> anyhow::Result<Option<String>> {
+    let address6 = m.address6.zip(m.prefix6.map(|p| p.prefix_len()));
     mesh_sys::netlink::configure(&InterfaceConfig {
         name: opts.interface.clone(),
         address: m.address,
         prefix_len: m.prefix_len,
-        address6: m.address6.zip(m.prefix6.map(|p| p.prefix_len())),
+        address6,
         mtu: opts.mtu,
     })
     .await
-    .with_context(|| format!("cannot configure {}", opts.interface))
+    .with_context(|| format!("cannot configure {}", opts.interface))?;
+    let error = match address6 {
+        Some((a, len)) => mesh_sys::netlink::configure_ipv6(&opts.interface, a, len)
+            .await
+            .err()
+            .map(|e| {
+                warn!(address6 = %a, error = %e, "no IPv6 overlay address on {}: peers reach this node over IPv4 only", opts.interface);
+                e.to_string()
+            }),
+        None => None,
+    };
+    Ok(error)
 }
 
 /// Pause between join attempts while the controller does not answer.
@@ -1005,7 +1020,7 @@ async fn run(
     running: Running,
     sockets: Option<(api::Listener, api::Listener)>,
 ) -> anyhow::Result<()> {
-    configure_interface(&opts, &membership).await?;
+    let address6_error = configure_interface(&opts, &membership).await?;
     let _ = running
         .data_tx
         .send(DataCmd::SetAddress6(overlay6_of(&membership)))
@@ -1277,6 +1292,7 @@ async fn run(
         "address": membership.address.to_string(),
         "prefix_len": membership.prefix_len,
         "address6": membership.address6.map(|a| a.to_string()),
+        "address6_error": address6_error,
         "prefix6": membership.prefix6.map(|p| p.to_string()),
         "mtu": opts.mtu,
         "interface": opts.interface,
@@ -1322,8 +1338,9 @@ async fn run(
                     if let Err(e) = opts.state.save_membership(&membership) {
                         warn!(error = %format!("{e:#}"), "cannot save the IPv6 overlay address");
                     }
-                    if let Err(e) = configure_interface(&opts, &membership).await {
-                        warn!(error = %format!("{e:#}"), "cannot put the IPv6 overlay address on the interface");
+                    match configure_interface(&opts, &membership).await {
+                        Ok(error) => node_info["address6_error"] = json!(error),
+                        Err(e) => warn!(error = %format!("{e:#}"), "cannot put the IPv6 overlay address on the interface"),
                     }
                     let _ = running.data_tx.send(DataCmd::SetAddress6(given)).await;
                     node_info["address6"] = json!(membership.address6.map(|a| a.to_string()));

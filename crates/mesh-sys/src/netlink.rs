@@ -17,7 +17,7 @@ pub enum NetlinkError {
     #[error("interface {0} not found")]
     NoLink(String),
     /// IPv6 could not be turned on for the interface (for an IPv6 overlay address).
-    #[error("cannot enable IPv6 on {link} ({source}); is IPv6 disabled on this host (ipv6.disable=1 or net.ipv6.conf.all.disable_ipv6=1)? Enable it, or ask the admin for a network without an IPv6 overlay (`mesh-controller network create --cidr6 off`)")]
+    #[error("cannot enable IPv6 on {link} ({source}); is IPv6 disabled on this host (ipv6.disable=1 or net.ipv6.conf.all.disable_ipv6=1)? The overlay works over IPv4 alone meanwhile; enable IPv6 for the IPv6 overlay address")]
     Ipv6 {
         /// Interface.
         link: String,
@@ -75,7 +75,8 @@ pub(crate) async fn link_index(handle: &Handle, name: &str) -> Result<u32, Netli
 }
 
 /// Sets MTU, brings the link up, adds the address with its prefix and makes sure the overlay
-/// route points at the interface. Idempotent: what is already there stays.
+/// route points at the interface. Idempotent: what is already there stays (the IPv6 overlay
+/// address `address6` included, which [`configure_ipv6`] adds).
 pub async fn configure(cfg: &InterfaceConfig) -> Result<(), NetlinkError> {
     let handle = connect()?;
     let index = link_index(&handle, &cfg.name).await?;
@@ -130,24 +131,34 @@ pub async fn configure(cfg: &InterfaceConfig) -> Result<(), NetlinkError> {
         Err(e) if exists(&e) => {}
         Err(e) => return Err(req("adding route")(e)),
     }
-    if let Some((address6, len)) = cfg.address6 {
-        crate::tun::enable_ipv6(&cfg.name).map_err(|e| NetlinkError::Ipv6 {
-            link: cfg.name.clone(),
-            source: e,
-        })?;
-        // The kernel adds the route to the prefix with the address.
-        match handle
-            .address()
-            .add(index, IpAddr::V6(address6), len)
-            .execute()
-            .await
-        {
-            Ok(()) => {}
-            Err(e) if exists(&e) => {}
-            Err(e) => return Err(req("adding IPv6 address")(e)),
-        }
-    }
     Ok(())
+}
+
+/// Puts the IPv6 overlay address `address6`/`len` on the interface `name` (after
+/// [`configure`], which keeps it when it is there): turns IPv6 on for the device first (see
+/// [`crate::tun::enable_ipv6`]). The kernel adds the route to the prefix with the address.
+/// Fails on a host without IPv6; the caller goes on over IPv4.
+pub async fn configure_ipv6(name: &str, address6: Ipv6Addr, len: u8) -> Result<(), NetlinkError> {
+    let handle = connect()?;
+    let index = link_index(&handle, name).await?;
+    crate::tun::enable_ipv6(name).map_err(|e| NetlinkError::Ipv6 {
+        link: name.to_owned(),
+        source: e,
+    })?;
+    match handle
+        .address()
+        .add(index, IpAddr::V6(address6), len)
+        .execute()
+        .await
+    {
+        Ok(()) => Ok(()),
+        Err(e) if exists(&e) => Ok(()),
+        Err(e) => Err(NetlinkError::Request {
+            what: "adding IPv6 address",
+            link: name.to_owned(),
+            source: e,
+        }),
+    }
 }
 
 /// Netmask of a prefix length.
