@@ -488,6 +488,42 @@ fn a_1400_byte_df_ping_crosses_an_ipv6_underlay_of_1480_byte_links() {
         "the large pings did not cross IPv6:\n{}",
         both_statuses(&a, &b)
     );
+    // The IPv6 overlay follows the same path MTU: a full-size IPv6 packet to b's ULA crosses,
+    // and a larger one is refused at once by a's kernel (the peer's /128 route carries the
+    // MTU) instead of vanishing on the path.
+    let b6 = b.status().unwrap()["node"]["address6"]
+        .as_str()
+        .map(str::to_owned)
+        .expect("b has an IPv6 overlay address");
+    let ping6 = |size: u32| {
+        let payload = (size - 48).to_string();
+        a_host.run(
+            "ping",
+            [
+                "-6",
+                "-M",
+                "do",
+                "-c",
+                "1",
+                "-W",
+                "2",
+                "-s",
+                payload.as_str(),
+                b6.as_str(),
+            ],
+        )
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || ping6(mtu).success()),
+        "a {mtu}-byte IPv6 DF ping to b's overlay address does not get through: {}",
+        ping6(mtu)
+    );
+    let too_big = ping6(mtu + 16);
+    assert!(
+        !too_big.success() && too_big.to_string().to_lowercase().contains("too long"),
+        "a {}-byte IPv6 packet to b was not refused locally as too long: {too_big}",
+        mtu + 16
+    );
 }
 
 #[test]

@@ -1828,11 +1828,17 @@ async fn apply_path_events(
 ) {
     while let Some(dataplane::PathEvent::Mtu {
         peer,
+        peer6,
         mtu,
         configured,
     }) = rx.recv().await
     {
         let limit = (mtu < configured).then_some(u32::from(mtu));
+        if let Some(peer6) = peer6 {
+            if let Err(e) = mesh_sys::netlink::set_peer_mtu6(&interface, peer6, limit).await {
+                warn!(%peer6, error = %e, "cannot set the peer's IPv6 route MTU");
+            }
+        }
         match mesh_sys::netlink::set_peer_mtu(&interface, peer, source, limit).await {
             Ok(()) if limit.is_some() => {
                 warn!(%peer, mtu, configured, "path MTU below the interface MTU: route to the peer limited")

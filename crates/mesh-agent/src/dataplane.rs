@@ -301,6 +301,8 @@ pub enum PathEvent {
     Mtu {
         /// The peer's overlay address.
         peer: std::net::Ipv4Addr,
+        /// The peer's IPv6 overlay address, if it has one.
+        peer6: Option<std::net::Ipv6Addr>,
         /// Path MTU.
         mtu: u16,
         /// Interface MTU.
@@ -740,12 +742,14 @@ fn on_event(
         }
         Event::PathMtu {
             address,
+            address6,
             mtu,
             configured,
             ..
         } => {
             let _ = events.send(PathEvent::Mtu {
                 peer: address,
+                peer6: address6,
                 mtu,
                 configured,
             });

@@ -265,6 +265,8 @@ pub enum Event {
         key: PublicKey,
         /// The peer's overlay address (for a per-peer route MTU).
         address: Ipv4Addr,
+        /// The peer's IPv6 overlay address, if it has one (its route gets the MTU too).
+        address6: Option<std::net::Ipv6Addr>,
         /// Largest inner packet the path carries.
         mtu: u16,
         /// The configured interface MTU.

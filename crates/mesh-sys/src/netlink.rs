@@ -630,6 +630,46 @@ pub async fn set_peer_mtu(
     replace_route(interface, Ipv4Net::from(peer), source, metrics, what).await
 }
 
+/// [`set_peer_mtu`] for a peer's IPv6 overlay address: a /128 route on the interface with its
+/// own MTU (`None`: removed), so that the kernel answers oversized IPv6 packets for that peer
+/// with "packet too big" and sizes TCP segments to fit.
+pub async fn set_peer_mtu6(
+    interface: &str,
+    peer: std::net::Ipv6Addr,
+    mtu: Option<u32>,
+) -> Result<(), NetlinkError> {
+    use rtnetlink::packet_route::route::{RouteAttribute, RouteMetric};
+    let handle = connect()?;
+    let index = link_index(&handle, interface).await?;
+    let mut route = RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+        .destination_prefix(peer, 128)
+        .output_interface(index)
+        .build();
+    let req = |what: &'static str| {
+        let link = interface.to_owned();
+        move |source| NetlinkError::Request { what, link, source }
+    };
+    match mtu {
+        Some(mtu) => {
+            route
+                .attributes
+                .push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(mtu)]));
+            handle
+                .route()
+                .add(route)
+                .replace()
+                .execute()
+                .await
+                .map_err(req("setting a peer route MTU (IPv6)"))
+        }
+        None => match handle.route().del(route).execute().await {
+            Ok(()) => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -3 => Ok(()),
+            Err(e) => Err(req("removing a peer route MTU (IPv6)")(e)),
+        },
+    }
+}
+
 /// Adds (`present`) or removes a route to `prefix` through `interface`, with `source` as the
 /// preferred source address (the node's overlay address): a peer's approved subnet route.
 pub async fn set_route(

@@ -1223,6 +1223,7 @@ impl Peer {
         cx.out.events.push_back(Event::PathMtu {
             key: self.config.key,
             address: self.config.address,
+            address6: self.config.address6,
             mtu,
             configured,
         });
