@@ -638,36 +638,19 @@ pub async fn set_peer_mtu6(
     peer: std::net::Ipv6Addr,
     mtu: Option<u32>,
 ) -> Result<(), NetlinkError> {
-    use rtnetlink::packet_route::route::{RouteAttribute, RouteMetric};
+    use rtnetlink::packet_route::route::RouteMetric;
     let handle = connect()?;
     let index = link_index(&handle, interface).await?;
-    let mut route = RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+    let route = RouteMessageBuilder::<std::net::Ipv6Addr>::new()
         .destination_prefix(peer, 128)
         .output_interface(index)
         .build();
-    let req = |what: &'static str| {
-        let link = interface.to_owned();
-        move |source| NetlinkError::Request { what, link, source }
-    };
-    match mtu {
-        Some(mtu) => {
-            route
-                .attributes
-                .push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(mtu)]));
-            handle
-                .route()
-                .add(route)
-                .replace()
-                .execute()
-                .await
-                .map_err(req("setting a peer route MTU (IPv6)"))
-        }
-        None => match handle.route().del(route).execute().await {
-            Ok(()) => Ok(()),
-            Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -3 => Ok(()),
-            Err(e) => Err(req("removing a peer route MTU (IPv6)")(e)),
-        },
-    }
+    let metrics = mtu.map(|mtu| vec![RouteMetric::Mtu(mtu)]);
+    let what = (
+        "setting a peer route MTU (IPv6)",
+        "removing a peer route MTU (IPv6)",
+    );
+    put_route(&handle, interface, route, metrics, what).await
 }
 
 /// Adds (`present`) or removes a route to `prefix` through `interface`, with `source` as the
@@ -692,14 +675,26 @@ async fn replace_route(
     metrics: Option<Vec<rtnetlink::packet_route::route::RouteMetric>>,
     what: (&'static str, &'static str),
 ) -> Result<(), NetlinkError> {
-    use rtnetlink::packet_route::route::RouteAttribute;
     let handle = connect()?;
     let index = link_index(&handle, interface).await?;
-    let mut route = RouteMessageBuilder::<Ipv4Addr>::new()
+    let route = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(prefix.network(), prefix.prefix_len())
         .output_interface(index)
         .pref_source(source)
         .build();
+    put_route(&handle, interface, route, metrics, what).await
+}
+
+/// Puts `route` in place with `metrics` (replacing one that is there), or removes it with
+/// `None`; removing a route that is not there is no error.
+async fn put_route(
+    handle: &rtnetlink::Handle,
+    interface: &str,
+    mut route: rtnetlink::packet_route::route::RouteMessage,
+    metrics: Option<Vec<rtnetlink::packet_route::route::RouteMetric>>,
+    what: (&'static str, &'static str),
+) -> Result<(), NetlinkError> {
+    use rtnetlink::packet_route::route::RouteAttribute;
     let req = |what: &'static str| {
         let link = interface.to_owned();
         move |source| NetlinkError::Request { what, link, source }
