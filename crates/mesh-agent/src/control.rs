@@ -333,7 +333,7 @@ pub struct ControlCtx {
     /// them (the daemon saves and configures a change).
     pub overlay6: watch::Sender<Option<(std::net::Ipv6Addr, mesh_proto::control::Ipv6Net)>>,
     /// The peers' names and overlay addresses (the name responder answers them).
-    pub peer_names: watch::Sender<Vec<(String, std::net::Ipv4Addr)>>,
+    pub peer_names: watch::Sender<Vec<crate::dns::Node>>,
     /// The network's names for several nodes (see [`ServerMsg::Names`]).
     pub aliases: watch::Sender<Vec<mesh_proto::control::NameAlias>>,
     /// The prefixes this node offers as an exit.
@@ -460,8 +460,15 @@ async fn publish(
 }
 
 /// The peers' names and overlay addresses, by name.
-pub fn names_of(peers: &[PeerInfo]) -> Vec<(String, std::net::Ipv4Addr)> {
-    let mut names: Vec<_> = peers.iter().map(|p| (p.name.clone(), p.address)).collect();
+pub fn names_of(peers: &[PeerInfo]) -> Vec<crate::dns::Node> {
+    let mut names: Vec<_> = peers
+        .iter()
+        .map(|p| crate::dns::Node {
+            name: p.name.clone(),
+            address: p.address,
+            address6: p.address6,
+        })
+        .collect();
     names.sort();
     names
 }

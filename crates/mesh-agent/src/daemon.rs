@@ -1131,10 +1131,12 @@ async fn run(
     let (peer_names_tx, peer_names_rx) = watch::channel(control::names_of(&cached_peers));
     let (aliases_tx, aliases_rx) = watch::channel(opts.state.load_names());
     let (names_tx, names_rx) = watch::channel(Arc::new(crate::dns::NameTable::default()));
+    let (overlay6_tx, mut overlay6_rx) = watch::channel(overlay6_of(&membership));
     let names_task = tokio::spawn(crate::names::run(
         crate::names::Sources {
             network: membership.network.clone(),
             own: (membership.name.clone(), membership.address),
+            own6: overlay6_tx.subscribe(),
             peers: peer_names_rx,
             aliases: aliases_rx,
         },
@@ -1185,7 +1187,6 @@ async fn run(
         membership.address,
         exit_routes_rx,
     ));
-    let (overlay6_tx, mut overlay6_rx) = watch::channel(overlay6_of(&membership));
     let ctx = ControlCtx {
         exits: opts.advertise_exits.clone(),
         uses: opts.use_exits.clone(),

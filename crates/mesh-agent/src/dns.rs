@@ -2,7 +2,9 @@
 //!
 //! Every node answers, on its own overlay address, the names of the nodes of its network:
 //! `<node>`, `<node>.<network>.mesh`, the node's first label where that is unique, and the
-//! network's alias names (one name for several nodes). It is authoritative for `.mesh` (any
+//! network's alias names (one name for several nodes). A queries get the IPv4 overlay
+//! addresses, AAAA queries the IPv6 ones (`address6`, on a network with an IPv6 overlay); a
+//! name without an address of the asked family is NODATA (NOERROR, no records). It is authoritative for `.mesh` (any
 //! other `.mesh` name is NXDOMAIN) and refuses everything else: it neither recurses nor
 //! forwards, so it cannot be used as an open resolver.
 //!
@@ -13,11 +15,11 @@
 //! The wire format is hickory-proto's; this module only decides what to answer.
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
-use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +29,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, info, trace, warn};
 
-/// TTL of every A record: short, because addresses follow the peer list (members of an alias
+/// TTL of every A and AAAA record: short, because addresses follow the peer list (members of an alias
 /// go on- and offline).
 pub const TTL_SECS: u32 = 5;
 /// Reply limit over UDP for a query without EDNS (RFC 1035).
@@ -57,18 +59,38 @@ const TCP_MAX_QUERIES: usize = 32;
 pub struct NameTable {
     /// The network's name; every name is also answered as `<name>.<network>.mesh`.
     pub network: String,
-    /// Every node of the network, this one included: (node name, overlay address). Node names are RFC 1123 subdomains (lowercase letters, digits, '-', '.'), e.g. `node-b` or `master.example.com`.
-    pub nodes: Vec<(String, Ipv4Addr)>,
-    /// Names for several nodes (`mesh-controller name set NET k8s-api cp1 cp2 cp3`): alias name → the addresses to answer (the daemon has already chosen the online members).
-    pub aliases: Vec<(String, Vec<Ipv4Addr>)>,
+    /// Every node of the network, this one included.
+    pub nodes: Vec<Node>,
+    /// Names for several nodes (`mesh-controller name set NET k8s-api cp1 cp2 cp3`): alias name → the addresses to answer, both families (the daemon has already chosen the online members).
+    pub aliases: Vec<(String, Vec<IpAddr>)>,
+}
+
+/// One node's name and overlay addresses.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Node {
+    /// An RFC 1123 subdomain (lowercase letters, digits, '-', '.'), e.g. `node-b` or
+    /// `master.example.com`.
+    pub name: String,
+    /// The IPv4 overlay address (A records).
+    pub address: Ipv4Addr,
+    /// The IPv6 overlay address (AAAA records); `None` on a network without an IPv6 overlay.
+    pub address6: Option<Ipv6Addr>,
+}
+
+impl Node {
+    /// The node's addresses, IPv4 first.
+    fn addresses(&self) -> impl Iterator<Item = IpAddr> {
+        std::iter::once(IpAddr::V4(self.address)).chain(self.address6.map(IpAddr::V6))
+    }
 }
 
 /// The result of [`NameTable::lookup`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup {
-    /// The name exists; these are its addresses (sorted, without duplicates). Empty for an
-    /// alias none of whose members is online: the name exists but has no address (NODATA).
-    Found(Vec<Ipv4Addr>),
+    /// The name exists; these are its addresses of both families (sorted, IPv4 first, without
+    /// duplicates). Empty for an alias none of whose members is known: the name exists but has
+    /// no address (NODATA).
+    Found(Vec<IpAddr>),
     /// A `.mesh` name that does not exist: we are authoritative, so NXDOMAIN.
     NoSuchName,
     /// Not a name of ours: refuse it (no recursion, no forwarding).
@@ -111,16 +133,16 @@ impl NameTable {
 
     /// The lines of the managed /etc/hosts block: per address, every name that [`lookup`]
     /// answers with that address (each bare name and its `<name>.<network>.mesh` form).
-    /// Sorted by address. Within a line the node's own full names come first (the first name
+    /// Sorted by address, the IPv4 lines first, then the IPv6 ones. Within a line the node's own full names come first (the first name
     /// of a hosts line is the canonical one, which reverse lookups return), then its short
     /// names, then alias names, each group sorted by name. Addresses without a name are left
     /// out.
     ///
     /// [`lookup`]: NameTable::lookup
-    pub fn hosts_entries(&self) -> Vec<(Ipv4Addr, Vec<String>)> {
+    pub fn hosts_entries(&self) -> Vec<(IpAddr, Vec<String>)> {
         let mut candidates: Vec<String> = Vec::new();
-        for (name, _) in &self.nodes {
-            let name = name.to_ascii_lowercase();
+        for node in &self.nodes {
+            let name = node.name.to_ascii_lowercase();
             candidates.push(first_label(&name).to_owned());
             candidates.push(name);
         }
@@ -131,7 +153,7 @@ impl NameTable {
         candidates.sort();
         candidates.dedup();
 
-        let mut by_addr: BTreeMap<Ipv4Addr, Vec<(NameKind, String)>> = BTreeMap::new();
+        let mut by_addr: BTreeMap<IpAddr, Vec<(NameKind, String)>> = BTreeMap::new();
         for name in candidates {
             let Some((kind, addrs)) = self.resolve(&name) else {
                 continue;
@@ -179,12 +201,12 @@ impl NameTable {
 
     /// The addresses of a bare lowercase name (no zone suffix), by the precedence of
     /// [`lookup`](NameTable::lookup).
-    fn resolve(&self, name: &str) -> Option<(NameKind, Vec<Ipv4Addr>)> {
-        let full: Vec<Ipv4Addr> = self
+    fn resolve(&self, name: &str) -> Option<(NameKind, Vec<IpAddr>)> {
+        let full: Vec<IpAddr> = self
             .nodes
             .iter()
-            .filter(|(node, _)| node.eq_ignore_ascii_case(name))
-            .map(|(_, addr)| *addr)
+            .filter(|node| node.name.eq_ignore_ascii_case(name))
+            .flat_map(Node::addresses)
             .collect();
         if !full.is_empty() {
             return Some((NameKind::Node, sorted(full)));
@@ -207,9 +229,9 @@ impl NameTable {
         let mut owners = self
             .nodes
             .iter()
-            .filter(|(node, _)| first_label(node).eq_ignore_ascii_case(name));
+            .filter(|node| first_label(&node.name).eq_ignore_ascii_case(name));
         match (owners.next(), owners.next()) {
-            (Some((_, addr)), None) => Some((NameKind::FirstLabel, vec![*addr])),
+            (Some(node), None) => Some((NameKind::FirstLabel, node.addresses().collect())),
             _ => None,
         }
     }
@@ -231,7 +253,7 @@ fn first_label(name: &str) -> &str {
     name.split('.').next().unwrap_or(name)
 }
 
-fn sorted(mut addrs: Vec<Ipv4Addr>) -> Vec<Ipv4Addr> {
+fn sorted(mut addrs: Vec<IpAddr>) -> Vec<IpAddr> {
     addrs.sort();
     addrs.dedup();
     addrs
@@ -256,7 +278,7 @@ pub enum Answer {
 /// The kind of a reply, one counter each in [`DnsStats`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// NOERROR with at least one A record.
+    /// NOERROR with at least one A or AAAA record.
     Answered,
     /// NOERROR without records: the name exists, not with that type.
     NoData,
@@ -379,16 +401,22 @@ fn resolve_question(question: &Query, table: &NameTable, reply: &mut Message) ->
             reply
                 .set_authoritative(true)
                 .set_response_code(ResponseCode::NoError);
-            let wants_a = matches!(question.query_type(), RecordType::A | RecordType::ANY);
-            if !wants_a || addrs.is_empty() {
+            let qtype = question.query_type();
+            let wants_a = matches!(qtype, RecordType::A | RecordType::ANY);
+            let wants_aaaa = matches!(qtype, RecordType::AAAA | RecordType::ANY);
+            let records: Vec<RData> = addrs
+                .into_iter()
+                .filter_map(|addr| match addr {
+                    IpAddr::V4(v4) if wants_a => Some(RData::A(A(v4))),
+                    IpAddr::V6(v6) if wants_aaaa => Some(RData::AAAA(AAAA(v6))),
+                    _ => None,
+                })
+                .collect();
+            if records.is_empty() {
                 return Outcome::NoData;
             }
-            for addr in addrs {
-                reply.add_answer(Record::from_rdata(
-                    question.name().clone(),
-                    TTL_SECS,
-                    RData::A(A(addr)),
-                ));
+            for rdata in records {
+                reply.add_answer(Record::from_rdata(question.name().clone(), TTL_SECS, rdata));
             }
             Outcome::Answered
         }
@@ -719,67 +747,91 @@ mod tests {
     use hickory_proto::rr::Name;
     use std::str::FromStr as _;
 
-    fn ip(last: u8) -> Ipv4Addr {
-        Ipv4Addr::new(100, 64, 0, last)
+    fn v4(last: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(100, 64, 0, last))
+    }
+
+    fn v6(last: u16) -> IpAddr {
+        IpAddr::V6(Ipv6Addr::new(0xfd6d, 0x6573, 0x6800, 0, 0, 0, 0, last))
+    }
+
+    /// A node with its IPv4 address `100.64.0.<last>` and, with `dual`, its IPv6 address
+    /// `fd6d:6573:6800::<last>`.
+    fn node(name: &str, last: u8, dual: bool) -> Node {
+        let address6 = dual.then(|| match v6(last.into()) {
+            IpAddr::V6(a) => a,
+            IpAddr::V4(_) => unreachable!(),
+        });
+        Node {
+            name: name.into(),
+            address: Ipv4Addr::new(100, 64, 0, last),
+            address6,
+        }
     }
 
     fn table() -> NameTable {
         NameTable {
             network: "prod".into(),
             nodes: vec![
-                ("node-a".into(), ip(1)),
-                ("node-b".into(), ip(2)),
-                ("master".into(), ip(3)),
-                ("master.example.com".into(), ip(4)),
-                ("web.eu.example.com".into(), ip(5)),
-                ("db.one.example".into(), ip(6)),
-                ("db.two.example".into(), ip(7)),
+                node("node-a", 1, true),
+                node("node-b", 2, true),
+                node("master", 3, false),
+                node("master.example.com", 4, false),
+                node("web.eu.example.com", 5, true),
+                node("db.one.example", 6, false),
+                node("db.two.example", 7, false),
             ],
-            aliases: vec![("k8s-api".into(), vec![ip(2), ip(1)])],
+            aliases: vec![("k8s-api".into(), vec![v6(2), v4(2), v4(1), v6(1)])],
         }
     }
 
     #[test]
     fn full_names_with_dots() {
         let t = table();
-        assert_eq!(t.lookup("master.example.com"), Lookup::Found(vec![ip(4)]));
+        assert_eq!(t.lookup("master.example.com"), Lookup::Found(vec![v4(4)]));
         assert_eq!(
             t.lookup("master.example.com.prod.mesh"),
-            Lookup::Found(vec![ip(4)])
+            Lookup::Found(vec![v4(4)])
         );
-        assert_eq!(t.lookup("node-a"), Lookup::Found(vec![ip(1)]));
-        assert_eq!(t.lookup("node-a.prod.mesh"), Lookup::Found(vec![ip(1)]));
+        assert_eq!(t.lookup("node-a"), Lookup::Found(vec![v4(1), v6(1)]));
+        assert_eq!(
+            t.lookup("node-a.prod.mesh"),
+            Lookup::Found(vec![v4(1), v6(1)])
+        );
     }
 
     #[test]
     fn unique_first_labels() {
         let t = table();
-        assert_eq!(t.lookup("web"), Lookup::Found(vec![ip(5)]));
-        assert_eq!(t.lookup("web.prod.mesh"), Lookup::Found(vec![ip(5)]));
+        assert_eq!(t.lookup("web"), Lookup::Found(vec![v4(5), v6(5)]));
+        assert_eq!(t.lookup("web.prod.mesh"), Lookup::Found(vec![v4(5), v6(5)]));
         // Two nodes start with `db`: neither gets the short name.
         assert_eq!(t.lookup("db"), Lookup::NotOurs);
         assert_eq!(t.lookup("db.prod.mesh"), Lookup::NoSuchName);
-        assert_eq!(t.lookup("db.one.example"), Lookup::Found(vec![ip(6)]));
+        assert_eq!(t.lookup("db.one.example"), Lookup::Found(vec![v4(6)]));
     }
 
     #[test]
     fn full_name_wins_over_another_nodes_first_label() {
         let t = table();
-        assert_eq!(t.lookup("master"), Lookup::Found(vec![ip(3)]));
-        assert_eq!(t.lookup("master.prod.mesh"), Lookup::Found(vec![ip(3)]));
+        assert_eq!(t.lookup("master"), Lookup::Found(vec![v4(3)]));
+        assert_eq!(t.lookup("master.prod.mesh"), Lookup::Found(vec![v4(3)]));
         // Without the node `master`, the short name is master.example.com's.
         let mut t = t;
-        t.nodes.retain(|(name, _)| name != "master");
-        assert_eq!(t.lookup("master"), Lookup::Found(vec![ip(4)]));
+        t.nodes.retain(|node| node.name != "master");
+        assert_eq!(t.lookup("master"), Lookup::Found(vec![v4(4)]));
     }
 
     #[test]
     fn aliases() {
         let t = table();
-        assert_eq!(t.lookup("k8s-api"), Lookup::Found(vec![ip(1), ip(2)]));
+        assert_eq!(
+            t.lookup("k8s-api"),
+            Lookup::Found(vec![v4(1), v4(2), v6(1), v6(2)])
+        );
         assert_eq!(
             t.lookup("K8S-API.prod.mesh."),
-            Lookup::Found(vec![ip(1), ip(2)])
+            Lookup::Found(vec![v4(1), v4(2), v6(1), v6(2)])
         );
         let mut t = t;
         t.aliases = vec![("k8s-api".into(), vec![])];
@@ -803,8 +855,11 @@ mod tests {
     #[test]
     fn case_and_one_trailing_dot() {
         let t = table();
-        assert_eq!(t.lookup("Node-B."), Lookup::Found(vec![ip(2)]));
-        assert_eq!(t.lookup("NODE-B.PROD.MESH."), Lookup::Found(vec![ip(2)]));
+        assert_eq!(t.lookup("Node-B."), Lookup::Found(vec![v4(2), v6(2)]));
+        assert_eq!(
+            t.lookup("NODE-B.PROD.MESH."),
+            Lookup::Found(vec![v4(2), v6(2)])
+        );
         assert_eq!(t.lookup("node-b.."), Lookup::NotOurs);
     }
 
@@ -812,22 +867,22 @@ mod tests {
     fn hosts_entries_match_lookup() {
         let t = table();
         let entries = t.hosts_entries();
-        let want: Vec<(Ipv4Addr, Vec<String>)> = vec![
+        let want: Vec<(IpAddr, Vec<String>)> = vec![
             (
-                ip(1),
+                v4(1),
                 vec!["node-a", "node-a.prod.mesh", "k8s-api", "k8s-api.prod.mesh"],
             ),
             (
-                ip(2),
+                v4(2),
                 vec!["node-b", "node-b.prod.mesh", "k8s-api", "k8s-api.prod.mesh"],
             ),
-            (ip(3), vec!["master", "master.prod.mesh"]),
+            (v4(3), vec!["master", "master.prod.mesh"]),
             (
-                ip(4),
+                v4(4),
                 vec!["master.example.com", "master.example.com.prod.mesh"],
             ),
             (
-                ip(5),
+                v4(5),
                 vec![
                     "web.eu.example.com",
                     "web.eu.example.com.prod.mesh",
@@ -835,8 +890,26 @@ mod tests {
                     "web.prod.mesh",
                 ],
             ),
-            (ip(6), vec!["db.one.example", "db.one.example.prod.mesh"]),
-            (ip(7), vec!["db.two.example", "db.two.example.prod.mesh"]),
+            (v4(6), vec!["db.one.example", "db.one.example.prod.mesh"]),
+            (v4(7), vec!["db.two.example", "db.two.example.prod.mesh"]),
+            // The IPv6 lines after the IPv4 ones, with the same names.
+            (
+                v6(1),
+                vec!["node-a", "node-a.prod.mesh", "k8s-api", "k8s-api.prod.mesh"],
+            ),
+            (
+                v6(2),
+                vec!["node-b", "node-b.prod.mesh", "k8s-api", "k8s-api.prod.mesh"],
+            ),
+            (
+                v6(5),
+                vec![
+                    "web.eu.example.com",
+                    "web.eu.example.com.prod.mesh",
+                    "web",
+                    "web.prod.mesh",
+                ],
+            ),
         ]
         .into_iter()
         .map(|(addr, names)| (addr, names.into_iter().map(String::from).collect()))
@@ -881,11 +954,21 @@ mod tests {
         reply(answer_udp(&msg.to_vec().expect("encode"), &table()))
     }
 
-    fn a_records(msg: &Message) -> Vec<Ipv4Addr> {
+    fn a_records(msg: &Message) -> Vec<IpAddr> {
         msg.answers()
             .iter()
             .filter_map(|record| match record.data() {
-                RData::A(A(addr)) => Some(*addr),
+                RData::A(A(addr)) => Some(IpAddr::V4(*addr)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn aaaa_records(msg: &Message) -> Vec<IpAddr> {
+        msg.answers()
+            .iter()
+            .filter_map(|record| match record.data() {
+                RData::AAAA(AAAA(addr)) => Some(IpAddr::V6(*addr)),
                 _ => None,
             })
             .collect()
@@ -903,7 +986,7 @@ mod tests {
         assert!(msg.recursion_desired());
         assert!(!msg.recursion_available());
         assert_eq!(msg.queries(), query("node-b.", RecordType::A).queries());
-        assert_eq!(a_records(&msg), vec![ip(2)]);
+        assert_eq!(a_records(&msg), vec![v4(2)]);
         assert_eq!(msg.answers()[0].ttl(), TTL_SECS);
         assert!(msg.extensions().is_none());
     }
@@ -912,17 +995,68 @@ mod tests {
     fn a_for_first_label_in_zone_and_any() {
         let (msg, outcome, _) = ask(&query("web.prod.mesh.", RecordType::A));
         assert_eq!(outcome, Outcome::Answered);
-        assert_eq!(a_records(&msg), vec![ip(5)]);
+        assert_eq!(a_records(&msg), vec![v4(5)]);
         let (msg, _, _) = ask(&query("k8s-api.", RecordType::ANY));
-        assert_eq!(a_records(&msg), vec![ip(1), ip(2)]);
+        assert_eq!(a_records(&msg), vec![v4(1), v4(2)]);
+        assert_eq!(aaaa_records(&msg), vec![v6(1), v6(2)]);
     }
 
     #[test]
-    fn aaaa_is_nodata() {
-        let (msg, outcome, _) = ask(&query("node-a.prod.mesh.", RecordType::AAAA));
+    fn a_answers_only_ipv4() {
+        let (msg, _, _) = ask(&query("node-a.prod.mesh.", RecordType::A));
+        assert_eq!(a_records(&msg), vec![v4(1)]);
+        assert_eq!(msg.answers().len(), 1);
+    }
+
+    #[test]
+    fn aaaa_for_a_node_a_short_name_and_an_alias() {
+        for (name, want) in [
+            ("node-a.", vec![v6(1)]),
+            ("node-a.prod.mesh.", vec![v6(1)]),
+            ("WEB.prod.mesh.", vec![v6(5)]),
+            ("k8s-api.", vec![v6(1), v6(2)]),
+            ("k8s-api.prod.mesh.", vec![v6(1), v6(2)]),
+        ] {
+            let (msg, outcome, truncated) = ask(&query(name, RecordType::AAAA));
+            assert_eq!(outcome, Outcome::Answered, "{name}");
+            assert!(!truncated);
+            assert_eq!(msg.response_code(), ResponseCode::NoError);
+            assert!(msg.authoritative());
+            assert_eq!(aaaa_records(&msg), want, "{name}");
+            assert!(a_records(&msg).is_empty(), "{name}");
+            assert_eq!(msg.answers()[0].ttl(), TTL_SECS);
+        }
+    }
+
+    #[test]
+    fn aaaa_without_ipv6_is_nodata() {
+        // A node without address6 (a network created with --cidr6 off).
+        let (msg, outcome, _) = ask(&query("master.prod.mesh.", RecordType::AAAA));
         assert_eq!(outcome, Outcome::NoData);
         assert_eq!(msg.response_code(), ResponseCode::NoError);
         assert!(msg.authoritative());
+        assert!(msg.answers().is_empty());
+        // An alias whose members have no IPv6 address.
+        let mut t = table();
+        t.aliases.push(("v4-only".into(), vec![v4(3), v4(4)]));
+        let bytes = query("v4-only.", RecordType::AAAA)
+            .to_vec()
+            .expect("encode");
+        let (msg, outcome, _) = reply(answer_udp(&bytes, &t));
+        assert_eq!(outcome, Outcome::NoData);
+        assert_eq!(msg.response_code(), ResponseCode::NoError);
+        assert!(msg.answers().is_empty());
+        // Still NXDOMAIN for a name that does not exist.
+        let (msg, outcome, _) = ask(&query("nobody.prod.mesh.", RecordType::AAAA));
+        assert_eq!(outcome, Outcome::NxDomain);
+        assert_eq!(msg.response_code(), ResponseCode::NXDomain);
+    }
+
+    #[test]
+    fn other_types_are_nodata() {
+        let (msg, outcome, _) = ask(&query("node-a.prod.mesh.", RecordType::MX));
+        assert_eq!(outcome, Outcome::NoData);
+        assert_eq!(msg.response_code(), ResponseCode::NoError);
         assert!(msg.answers().is_empty());
     }
 
@@ -991,7 +1125,7 @@ mod tests {
     fn big_alias_table() -> NameTable {
         let mut t = table();
         t.aliases
-            .push(("all".into(), (1..=60).map(ip).collect::<Vec<_>>()));
+            .push(("all".into(), (1..=60).map(v4).collect::<Vec<_>>()));
         t
     }
 
@@ -1081,7 +1215,7 @@ mod tests {
         let t = table();
         for (name, qtype) in [
             ("node-a.", RecordType::A),
-            ("node-a.", RecordType::AAAA),
+            ("master.", RecordType::AAAA),
             ("x.prod.mesh.", RecordType::A),
             ("example.com.", RecordType::A),
         ] {
@@ -1171,7 +1305,7 @@ mod tests {
             .expect("UDP reply in time")
             .expect("recv");
         let msg = Message::from_vec(&buf[..len]).expect("decode");
-        assert_eq!(a_records(&msg), vec![ip(2)]);
+        assert_eq!(a_records(&msg), vec![v4(2)]);
 
         let mut stream = TcpStream::connect(addr).await.expect("connect");
         for name in ["node-a.", "all."] {
@@ -1187,7 +1321,7 @@ mod tests {
             stream.read_exact(&mut reply).await.expect("read");
             let msg = Message::from_vec(&reply).expect("decode");
             if name == "node-a." {
-                assert_eq!(a_records(&msg), vec![ip(1)]);
+                assert_eq!(a_records(&msg), vec![v4(1)]);
             } else {
                 assert_eq!(msg.response_code(), ResponseCode::Refused);
             }

@@ -121,6 +121,8 @@ pub enum Daemon {
 pub struct DaemonView {
     /// Overlay address.
     pub address: Ipv4Addr,
+    /// IPv6 overlay address, on a network with an IPv6 overlay.
+    pub address6: Option<std::net::Ipv6Addr>,
     /// Prefix length of the network.
     pub prefix_len: u8,
     /// MTU of the overlay interface.
@@ -218,6 +220,7 @@ pub fn daemon_from_status(v: &serde_json::Value) -> Daemon {
         .collect();
     Daemon::Online(Box::new(DaemonView {
         address,
+        address6: node["address6"].as_str().and_then(|a| a.parse().ok()),
         prefix_len,
         mtu: node["mtu"]
             .as_u64()
@@ -593,13 +596,17 @@ fn kubelet_node_ip(f: &Facts) -> Check {
     let Some(v) = online(f) else {
         return check(N, Status::Skip, no_daemon(f));
     };
-    // The file is right when setting the flag would change nothing.
-    if kubeadm::set_node_ip(text, v.address) == *text {
-        check(
-            N,
-            Status::Ok,
-            format!("{path} sets --node-ip={}", v.address),
-        )
+    // The file is right when setting the flag would change nothing: the IPv4 overlay address
+    // alone, or both overlay addresses for a dual-stack cluster.
+    let dual = v.address6.map(|v6| kubeadm::NodeIp {
+        v4: v.address,
+        v6: Some(v6),
+    });
+    let set = std::iter::once(kubeadm::NodeIp::from(v.address))
+        .chain(dual)
+        .find(|ip| kubeadm::set_node_ip(text, *ip) == *text);
+    if let Some(ip) = set {
+        check(N, Status::Ok, format!("{path} sets --node-ip={ip}"))
     } else {
         check(
             N,
@@ -1688,6 +1695,7 @@ mod tests {
     fn view() -> DaemonView {
         DaemonView {
             address: Ipv4Addr::new(100, 64, 0, 7),
+            address6: Some("fd12:3456:789a::7".parse().expect("address6")),
             prefix_len: 16,
             mtu: 1420,
             interface: "mesh0".into(),
@@ -1896,6 +1904,18 @@ mod tests {
             "KUBELET_EXTRA_ARGS=\"--max-pods=200 --node-ip 100.64.0.7\"\n".into(),
         ));
         assert_eq!(one(&f, "kubelet_node_ip").status, Status::Ok);
+        // Both overlay addresses (`mesh kubeadm node-ip --dual-stack`) are right too.
+        f.kubelet.text = Ok(Some(
+            "KUBELET_EXTRA_ARGS=--node-ip=100.64.0.7,fd12:3456:789a::7\n".into(),
+        ));
+        let c = one(&f, "kubelet_node_ip");
+        assert_eq!(c.status, Status::Ok, "{}", c.message);
+        assert!(c.message.contains("100.64.0.7,fd12:3456:789a::7"));
+        // Another IPv6 address is not.
+        f.kubelet.text = Ok(Some(
+            "KUBELET_EXTRA_ARGS=--node-ip=100.64.0.7,fd12:3456:789a::8\n".into(),
+        ));
+        fails_with(&f, "kubelet_node_ip", "mesh kubeadm node-ip");
         f.kubelet.text = Ok(None);
         let c = one(&f, "kubelet_node_ip");
         assert_eq!(c.status, Status::Skip);

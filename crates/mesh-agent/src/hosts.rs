@@ -7,10 +7,12 @@
 //! ```text
 //! # BEGIN mesh prod (managed by mesh; edits inside are overwritten)
 //! 100.64.0.2 node-b node-b.prod.mesh
+//! fd6d:6573:6800::2 node-b node-b.prod.mesh
 //! # END mesh prod
 //! ```
 //!
-//! A tab separates the address from the names. [`render`] builds the block, [`update`] puts
+//! A tab separates the address from the names. On a network with an IPv6 overlay every name
+//! also has a line with its IPv6 address (after the IPv4 lines). [`render`] builds the block, [`update`] puts
 //! it into the file (or takes it out) without touching a byte outside the markers. Several networks' blocks coexist. The file is
 //! replaced atomically (a temporary file renamed over it) except where it is a bind mount
 //! (Docker, `ip netns exec`), where renaming over it is impossible and it is rewritten in
@@ -18,7 +20,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read as _, Write as _};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -104,7 +106,7 @@ fn end_marker(network: &str) -> String {
 /// Names that are not plain host names (letters, digits, '-' and '.') are left out, so that a
 /// strange name from the peer list cannot break the file's syntax; so are entries left
 /// without names.
-pub fn render(entries: &[(Ipv4Addr, Vec<String>)], network: &str) -> String {
+pub fn render(entries: &[(IpAddr, Vec<String>)], network: &str) -> String {
     let mut block = format!(
         "{} (managed by mesh; edits inside are overwritten)\n",
         begin_marker(network)
@@ -380,6 +382,7 @@ fn sync_parent(path: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
 
     /// A fresh directory under the system's temporary directory, removed on drop.
     struct TempDir(PathBuf);
@@ -412,14 +415,14 @@ mod tests {
     const ORIGINAL: &str =
         "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n\n# the db\n10.0.0.5 db\n";
 
-    fn entries(last: u8) -> Vec<(Ipv4Addr, Vec<String>)> {
+    fn entries(last: u8) -> Vec<(IpAddr, Vec<String>)> {
         vec![
             (
-                Ipv4Addr::new(100, 64, 0, 1),
+                Ipv4Addr::new(100, 64, 0, 1).into(),
                 vec!["node-a".into(), "node-a.prod.mesh".into()],
             ),
             (
-                Ipv4Addr::new(100, 64, 0, last),
+                Ipv4Addr::new(100, 64, 0, last).into(),
                 vec!["node-b".into(), "node-b.prod.mesh".into()],
             ),
         ]
@@ -439,17 +442,44 @@ mod tests {
              100.64.0.2\tnode-b node-b.prod.mesh\n\
              # END mesh prod\n"
         );
-        let empty = render(&[(Ipv4Addr::new(100, 64, 0, 9), vec![])], "prod");
+        let empty = render(&[(Ipv4Addr::new(100, 64, 0, 9).into(), vec![])], "prod");
         assert_eq!(empty.lines().count(), 2);
         let odd = render(
             &[(
-                Ipv4Addr::new(100, 64, 0, 9),
+                Ipv4Addr::new(100, 64, 0, 9).into(),
                 vec!["ok".into(), "bad\n# END mesh prod".into(), "x y".into()],
             )],
             "prod",
         );
         assert!(odd.contains("100.64.0.9\tok\n"), "{odd}");
         assert_eq!(odd.lines().count(), 3);
+    }
+
+    #[test]
+    fn render_both_families() {
+        let mut entries = entries(2);
+        let v6 = |last| IpAddr::V6(Ipv6Addr::new(0xfd6d, 0x6573, 0x6800, 0, 0, 0, 0, last));
+        entries.push((v6(1), vec!["node-a".into(), "node-a.prod.mesh".into()]));
+        entries.push((v6(2), vec!["node-b".into(), "node-b.prod.mesh".into()]));
+        let block = render(&entries, "prod");
+        assert_eq!(
+            block,
+            "# BEGIN mesh prod (managed by mesh; edits inside are overwritten)\n\
+             100.64.0.1\tnode-a node-a.prod.mesh\n\
+             100.64.0.2\tnode-b node-b.prod.mesh\n\
+             fd6d:6573:6800::1\tnode-a node-a.prod.mesh\n\
+             fd6d:6573:6800::2\tnode-b node-b.prod.mesh\n\
+             # END mesh prod\n"
+        );
+        // Into the file and out again, without touching the system's IPv6 lines.
+        let dir = TempDir::new("dual");
+        let path = dir.file(ORIGINAL);
+        assert!(update(&path, "prod", Some(&block)).expect("insert"));
+        let text = read(&path);
+        assert!(text.starts_with(ORIGINAL), "{text}");
+        assert!(text.ends_with(&block), "{text}");
+        assert!(update(&path, "prod", None).expect("remove"));
+        assert_eq!(read(&path), ORIGINAL);
     }
 
     #[test]

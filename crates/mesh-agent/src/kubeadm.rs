@@ -8,14 +8,16 @@
 //!   zero-context unified diff for `--dry-run`.
 //! - [`kubeadm_config`] prints a kubeadm `InitConfiguration` (control plane) or
 //!   `JoinConfiguration` (worker) that pins the node IP and the API server address to the
-//!   overlay address.
+//!   overlay address; with [`DualStack`] kubelet gets both overlay addresses and the cluster
+//!   an IPv6 pod and service range beside the IPv4 ones.
 //! - [`cni_advice`] computes the pod MTU for a CNI whose VXLAN tunnel runs over `mesh0`, and
 //!   lists the settings that bind the CNI to `mesh0`.
 //! - [`cni_conflist`] renders a CNI config for the standard `bridge`, `host-local` and
 //!   `portmap` plugins over mesh's subnet routes (no second encapsulation).
 
+use ipnet::Ipv6Net;
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::ops::Range;
 use std::path::Path;
 use std::str::FromStr;
@@ -34,6 +36,136 @@ const VXLAN_OVERHEAD: u32 = 50;
 const IPIP_OVERHEAD: u32 = 20;
 /// The smallest MTU IPv6 allows on a link; pods below it cannot carry IPv6.
 const IPV6_MIN_MTU: u32 = 1280;
+/// The IPv4 pod range of the rendered config (flannel's default).
+const POD_CIDR: &str = "10.244.0.0/16";
+/// The IPv4 service range of the rendered dual-stack config (kubeadm's default).
+const SERVICE_CIDR: &str = "10.96.0.0/12";
+/// The IPv6 pod range of a dual-stack config unless `--pod-cidr6` says otherwise: a ULA /56,
+/// room for 256 nodes' /64 (kube-controller-manager's default IPv6 node mask).
+pub const DEFAULT_POD_CIDR6: &str = "fd00:10:244::/56";
+/// The IPv6 service range of a dual-stack config unless `--service-cidr6` says otherwise: a
+/// ULA /112 (kube-apiserver takes IPv6 service ranges of /108 or smaller).
+pub const DEFAULT_SERVICE_CIDR6: &str = "fd00:10:96::/112";
+/// kube-controller-manager's default `--node-cidr-mask-size-ipv6`: each node's IPv6 pod range.
+const NODE_MASK6: u8 = 64;
+/// kube-controller-manager splits a pod range into node ranges at most 16 bits smaller.
+const MAX_NODE_SPLIT_BITS: u8 = 16;
+/// The largest IPv6 service range kube-apiserver accepts (20 bits of addresses).
+const MAX_SERVICE_BITS6: u8 = 20;
+
+/// The address(es) kubelet registers the node with (`--node-ip`): the IPv4 overlay address,
+/// and for a dual-stack cluster the IPv6 one after it (`100.64.0.7,fd12:3456:789a::7`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeIp {
+    /// The IPv4 overlay address (the cluster's primary family).
+    pub v4: Ipv4Addr,
+    /// The IPv6 overlay address, only for a dual-stack cluster.
+    pub v6: Option<Ipv6Addr>,
+}
+
+impl From<Ipv4Addr> for NodeIp {
+    fn from(v4: Ipv4Addr) -> Self {
+        NodeIp { v4, v6: None }
+    }
+}
+
+impl fmt::Display for NodeIp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.v6 {
+            Some(v6) => write!(f, "{},{v6}", self.v4),
+            None => write!(f, "{}", self.v4),
+        }
+    }
+}
+
+/// The IPv6 half of a dual-stack cluster: the node's IPv6 overlay address and the cluster's
+/// IPv6 pod and service ranges. Made by [`DualStack::new`], which checks them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DualStack {
+    /// The node's IPv6 overlay address (kubelet's second node IP).
+    pub address6: Ipv6Addr,
+    /// The cluster's IPv6 pod range.
+    pub pod_cidr6: Ipv6Net,
+    /// The cluster's IPv6 service range.
+    pub service_cidr6: Ipv6Net,
+}
+
+impl DualStack {
+    /// Checks what `--dual-stack` needs: the node has an IPv6 overlay address (`address6`, in
+    /// the network's `prefix6`), and the IPv6 pod and service ranges ([`DEFAULT_POD_CIDR6`] and
+    /// [`DEFAULT_SERVICE_CIDR6`] when not given) fit what Kubernetes accepts and overlap
+    /// neither each other nor the overlay prefix.
+    pub fn new(
+        address6: Option<Ipv6Addr>,
+        prefix6: Option<Ipv6Net>,
+        pod_cidr6: Option<Ipv6Net>,
+        service_cidr6: Option<Ipv6Net>,
+    ) -> Result<DualStack, String> {
+        let Some(address6) = address6 else {
+            return Err(
+                "--dual-stack: this network has no IPv6 overlay (created with --cidr6 off), \
+                 so this node has no IPv6 address for kubelet; leave out --dual-stack for an \
+                 IPv4-only cluster, or put the nodes on a network with an IPv6 overlay \
+                 (`mesh ip -6` prints the node's IPv6 address when it has one)"
+                    .to_owned(),
+            );
+        };
+        let default = |text: &str| text.parse::<Ipv6Net>().expect("a valid default range");
+        let pod = pod_cidr6
+            .unwrap_or_else(|| default(DEFAULT_POD_CIDR6))
+            .trunc();
+        let service = service_cidr6
+            .unwrap_or_else(|| default(DEFAULT_SERVICE_CIDR6))
+            .trunc();
+        let min_pod_len = NODE_MASK6 - MAX_NODE_SPLIT_BITS;
+        if !(min_pod_len..NODE_MASK6).contains(&pod.prefix_len()) {
+            return Err(format!(
+                "--pod-cidr6 {pod}: an IPv6 pod range must be a /{min_pod_len} to a /{} \
+                 (kube-controller-manager gives every node a /{NODE_MASK6} of it); pass e.g. \
+                 --pod-cidr6 {DEFAULT_POD_CIDR6}",
+                NODE_MASK6 - 1
+            ));
+        }
+        let min_service_len = 128 - MAX_SERVICE_BITS6;
+        if service.prefix_len() < min_service_len {
+            return Err(format!(
+                "--service-cidr6 {service}: kube-apiserver refuses an IPv6 service range larger \
+                 than a /{min_service_len}; pass e.g. --service-cidr6 {DEFAULT_SERVICE_CIDR6}"
+            ));
+        }
+        if overlaps(&pod, &service) {
+            return Err(format!(
+                "--pod-cidr6 {pod} and --service-cidr6 {service} overlap; give them disjoint ranges"
+            ));
+        }
+        if let Some(prefix6) = prefix6.map(|p| p.trunc()) {
+            for (flag, range) in [("--pod-cidr6", pod), ("--service-cidr6", service)] {
+                if overlaps(&range, &prefix6) {
+                    return Err(format!(
+                        "{flag} {range} overlaps the mesh's IPv6 overlay prefix {prefix6}; \
+                         pick another range (the default {} does not, unless the network \
+                         was given it)",
+                        if flag == "--pod-cidr6" {
+                            DEFAULT_POD_CIDR6
+                        } else {
+                            DEFAULT_SERVICE_CIDR6
+                        }
+                    ));
+                }
+            }
+        }
+        Ok(DualStack {
+            address6,
+            pod_cidr6: pod,
+            service_cidr6: service,
+        })
+    }
+}
+
+/// Whether two IPv6 ranges share an address.
+fn overlaps(a: &Ipv6Net, b: &Ipv6Net) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
 
 /// Where kubelet's extra args live on this distribution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,7 +245,11 @@ fn unquote_os_release(v: &str) -> &str {
 ///
 /// The file is read by systemd (`EnvironmentFile=` in kubelet's drop-in), for which an
 /// unquoted value may contain spaces, so an unquoted value stays unquoted.
-pub fn set_node_ip(existing: &str, ip: Ipv4Addr) -> String {
+///
+/// `ip` is the IPv4 overlay address, or a [`NodeIp`] with both addresses for a dual-stack
+/// cluster (`--node-ip=<v4>,<v6>`).
+pub fn set_node_ip(existing: &str, ip: impl Into<NodeIp>) -> String {
+    let ip = ip.into();
     let assignments = find_assignments(existing);
     let Some(last) = assignments.len().checked_sub(1) else {
         let mut out = existing.to_owned();
@@ -232,7 +368,7 @@ fn words(s: &str) -> Vec<Range<usize>> {
 /// Sets `--node-ip` in one argument string: the first occurrence gets `ip` (keeping its
 /// `--node-ip=X` or `--node-ip X` form), later occurrences are removed, and the flag is
 /// appended after the last argument when it is missing and `add` is set.
-fn edit_args(args: &str, ip: Ipv4Addr, add: bool) -> String {
+fn edit_args(args: &str, ip: NodeIp, add: bool) -> String {
     let words = words(args);
     let with_value = format!("{NODE_IP_FLAG}={ip}");
     // (range in `args`, replacement), in ascending order and non-overlapping.
@@ -422,7 +558,21 @@ pub enum Role {
 ///
 /// `node_name` becomes `nodeRegistration.name` unless it is empty (kubeadm then uses the
 /// hostname).
-pub fn kubeadm_config(role: Role, ip: Ipv4Addr, node_name: &str) -> String {
+///
+/// With `dual` (a dual-stack cluster), `node-ip` is `<ip>,<address6>` and the control plane's
+/// `ClusterConfiguration` is active, not commented out: its `networking.podSubnet` and
+/// `serviceSubnet` hold an IPv4 and an IPv6 range each (IPv4 first, the primary family).
+/// The API server still advertises the IPv4 overlay address.
+pub fn kubeadm_config(
+    role: Role,
+    ip: Ipv4Addr,
+    node_name: &str,
+    dual: Option<&DualStack>,
+) -> String {
+    let node_ip = NodeIp {
+        v4: ip,
+        v6: dual.map(|d| d.address6),
+    };
     let mut y = String::new();
     let (what, command) = match role {
         Role::ControlPlane => ("first control-plane node", "kubeadm init --config"),
@@ -437,11 +587,51 @@ pub fn kubeadm_config(role: Role, ip: Ipv4Addr, node_name: &str) -> String {
          # For kubeadm 1.22-1.30 change every apiVersion to kubeadm.k8s.io/v1beta3 and write\n\
          # kubeletExtraArgs as a map instead of a list:\n\
          #   kubeletExtraArgs:\n\
-         #     node-ip: \"{ip}\"\n"
+         #     node-ip: \"{node_ip}\"\n"
     ));
-    let registration = node_registration(ip, node_name);
-    match role {
-        Role::ControlPlane => {
+    if dual.is_some() {
+        y.push_str(
+            "#\n\
+             # Dual-stack: kubelet registers both overlay addresses (IPv4 first). Every node of the\n\
+             # cluster needs them (`mesh kubeadm config --dual-stack`, `mesh kubeadm node-ip\n\
+             # --dual-stack`), and the CNI needs an IPv6 pod range too.\n",
+        );
+    }
+    let registration = node_registration(node_ip, node_name);
+    match (role, dual) {
+        (Role::ControlPlane, Some(dual)) => {
+            y.push_str(&format!(
+                "apiVersion: kubeadm.k8s.io/v1beta4\n\
+                 kind: InitConfiguration\n\
+                 {registration}\
+                 # The API server advertises the IPv4 overlay address (kubeadm also puts etcd's client\n\
+                 # and peer URLs on it), so every node reaches it over the mesh, even behind NAT.\n\
+                 localAPIEndpoint:\n  \
+                   advertiseAddress: {ip}\n  \
+                   bindPort: {API_PORT}\n\
+                 ---\n\
+                 apiVersion: kubeadm.k8s.io/v1beta4\n\
+                 kind: ClusterConfiguration\n\
+                 # An IPv4 and an IPv6 range each, IPv4 first. Give the CNI the same pod ranges (flannel:\n\
+                 # \"Network\" and \"IPv6Network\" with \"EnableIPv6\": true; Calico: CALICO_IPV4POOL_CIDR\n\
+                 # and CALICO_IPV6POOL_CIDR). None may overlap the mesh ranges 100.64.0.0/10 and the\n\
+                 # network's IPv6 overlay prefix.\n\
+                 networking:\n  \
+                   podSubnet: \"{POD_CIDR},{pod6}\"\n  \
+                   serviceSubnet: \"{SERVICE_CIDR},{service6}\"\n\
+                 # Optional: the address kubelets, kube-proxy and kubectl use for the API server, and\n\
+                 # the names its certificate is valid for. An overlay address works for one\n\
+                 # control-plane node; for several, use a DNS name that resolves to their overlay\n\
+                 # addresses. To use them, remove the \"# \" in front of the next four lines.\n\
+                 # controlPlaneEndpoint: \"{ip}:{API_PORT}\"\n\
+                 # apiServer:\n\
+                 #   certSANs:\n\
+                 #     - \"{ip}\"\n",
+                pod6 = dual.pod_cidr6,
+                service6 = dual.service_cidr6,
+            ));
+        }
+        (Role::ControlPlane, None) => {
             y.push_str(&format!(
                 "apiVersion: kubeadm.k8s.io/v1beta4\n\
                  kind: InitConfiguration\n\
@@ -471,10 +661,10 @@ pub fn kubeadm_config(role: Role, ip: Ipv4Addr, node_name: &str) -> String {
                  # networking:\n\
                  #   # The CNI's pod range (10.244.0.0/16 is flannel's default; for Calico use its\n\
                  #   # CALICO_IPV4POOL_CIDR). It must not overlap the mesh range 100.64.0.0/10.\n\
-                 #   podSubnet: \"10.244.0.0/16\"\n"
+                 #   podSubnet: \"{POD_CIDR}\"\n"
             ));
         }
-        Role::Worker => {
+        (Role::Worker, _) => {
             y.push_str(&format!(
                 "apiVersion: kubeadm.k8s.io/v1beta4\n\
                  kind: JoinConfiguration\n\
@@ -505,16 +695,21 @@ pub fn kubeadm_config(role: Role, ip: Ipv4Addr, node_name: &str) -> String {
 }
 
 /// The `nodeRegistration` block shared by both roles, in v1beta4 form.
-fn node_registration(ip: Ipv4Addr, node_name: &str) -> String {
+fn node_registration(ip: NodeIp, node_name: &str) -> String {
     let mut s = String::from("nodeRegistration:\n");
     if !node_name.is_empty() {
         s.push_str(&format!("  name: {}\n", yaml_quote(node_name)));
     }
+    // Two addresses are quoted: a comma-separated list reads better as one string.
+    let value = match ip.v6 {
+        Some(_) => format!("\"{ip}\""),
+        None => ip.to_string(),
+    };
     s.push_str(&format!(
         "  # The node's InternalIP: the API server reaches kubelet (port 10250) at this address.\n  \
            kubeletExtraArgs:\n    \
              - name: node-ip\n      \
-               value: {ip}\n"
+               value: {value}\n"
     ));
     s
 }
@@ -1099,7 +1294,7 @@ NO_PROXY=10.0.0.0/8,100.64.0.0/10
 
     #[test]
     fn control_plane_config_pins_the_overlay_address() {
-        let y = kubeadm_config(Role::ControlPlane, IP, "cp-1");
+        let y = kubeadm_config(Role::ControlPlane, IP, "cp-1", None);
         let lines: Vec<&str> = y.lines().collect();
         let has = |l: &str| lines.contains(&l);
         assert!(has("apiVersion: kubeadm.k8s.io/v1beta4"), "{y}");
@@ -1130,7 +1325,7 @@ NO_PROXY=10.0.0.0/8,100.64.0.0/10
     #[test]
     fn uncommenting_the_cluster_configuration_hint_gives_a_second_document() {
         // Mimics `sed '/^# ---$/,$ s/^# //'` from the comment in the output.
-        let y = kubeadm_config(Role::ControlPlane, IP, "");
+        let y = kubeadm_config(Role::ControlPlane, IP, "", None);
         let start = y.lines().position(|l| l == "# ---").unwrap();
         let uncommented: Vec<String> = y
             .lines()
@@ -1148,7 +1343,7 @@ NO_PROXY=10.0.0.0/8,100.64.0.0/10
 
     #[test]
     fn worker_config_joins_with_the_overlay_address() {
-        let y = kubeadm_config(Role::Worker, OTHER, "worker-1");
+        let y = kubeadm_config(Role::Worker, OTHER, "worker-1", None);
         let lines: Vec<&str> = y.lines().collect();
         let has = |l: &str| lines.contains(&l);
         assert!(has("apiVersion: kubeadm.k8s.io/v1beta4"), "{y}");
@@ -1173,8 +1368,155 @@ NO_PROXY=10.0.0.0/8,100.64.0.0/10
 
     #[test]
     fn node_names_are_quoted_for_yaml() {
-        let y = kubeadm_config(Role::Worker, IP, "we\"ird\\name");
+        let y = kubeadm_config(Role::Worker, IP, "we\"ird\\name", None);
         assert!(y.contains("  name: \"we\\\"ird\\\\name\"\n"), "{y}");
+    }
+
+    const IP6: &str = "fd12:3456:789a::7";
+    const PREFIX6: &str = "fd12:3456:789a::/64";
+
+    fn dual(pod6: Option<&str>, service6: Option<&str>) -> Result<DualStack, String> {
+        DualStack::new(
+            Some(IP6.parse().unwrap()),
+            Some(PREFIX6.parse().unwrap()),
+            pod6.map(|p| p.parse().unwrap()),
+            service6.map(|p| p.parse().unwrap()),
+        )
+    }
+
+    #[test]
+    fn node_ip_is_ipv4_alone_unless_dual_stack() {
+        assert_eq!(NodeIp::from(IP).to_string(), "100.64.0.7");
+        let both = NodeIp {
+            v4: IP,
+            v6: Some(IP6.parse().unwrap()),
+        };
+        assert_eq!(both.to_string(), "100.64.0.7,fd12:3456:789a::7");
+        assert_eq!(
+            set_node_ip("KUBELET_EXTRA_ARGS=\"--max-pods=200\"\n", both),
+            "KUBELET_EXTRA_ARGS=\"--max-pods=200 --node-ip=100.64.0.7,fd12:3456:789a::7\"\n"
+        );
+        // From dual-stack back to IPv4 alone, and the space form.
+        assert_eq!(
+            set_node_ip(
+                "KUBELET_EXTRA_ARGS=--node-ip 100.64.0.7,fd12:3456:789a::7 --v=2\n",
+                IP
+            ),
+            "KUBELET_EXTRA_ARGS=--node-ip 100.64.0.7 --v=2\n"
+        );
+        let once = set_node_ip("", both);
+        assert_eq!(set_node_ip(&once, both), once);
+        assert!(once.contains("KUBELET_EXTRA_ARGS=--node-ip=100.64.0.7,fd12:3456:789a::7\n"));
+    }
+
+    #[test]
+    fn dual_stack_defaults_and_checks() {
+        let d = dual(None, None).unwrap();
+        assert_eq!(d.address6, IP6.parse::<Ipv6Addr>().unwrap());
+        assert_eq!(d.pod_cidr6.to_string(), DEFAULT_POD_CIDR6);
+        assert_eq!(d.service_cidr6.to_string(), DEFAULT_SERVICE_CIDR6);
+        // Host bits are dropped.
+        let d = dual(Some("fd00:1:2::5/56"), Some("fd00:9::1/108")).unwrap();
+        assert_eq!(d.pod_cidr6.to_string(), "fd00:1:2::/56");
+        assert_eq!(d.service_cidr6.to_string(), "fd00:9::/108");
+    }
+
+    #[test]
+    fn dual_stack_without_ipv6_overlay_says_what_to_do() {
+        let err = DualStack::new(None, None, None, None).unwrap_err();
+        assert!(
+            err.contains("this network has no IPv6 overlay (created with --cidr6 off)"),
+            "{err}"
+        );
+        assert!(err.contains("leave out --dual-stack"), "{err}");
+    }
+
+    #[test]
+    fn dual_stack_refuses_ranges_kubernetes_refuses() {
+        let err = dual(Some("fd00:10:244::/64"), None).unwrap_err();
+        assert!(
+            err.contains("--pod-cidr6") && err.contains("/48 to a /63"),
+            "{err}"
+        );
+        let err = dual(Some("fd00::/40"), None).unwrap_err();
+        assert!(err.contains("--pod-cidr6"), "{err}");
+        let err = dual(None, Some("fd00:10:96::/100")).unwrap_err();
+        assert!(
+            err.contains("--service-cidr6") && err.contains("/108"),
+            "{err}"
+        );
+        let err = dual(Some("fd00:10:96::/56"), Some("fd00:10:96::/112")).unwrap_err();
+        assert!(err.contains("overlap"), "{err}");
+        let err = dual(Some("fd12:3456:789a::/48"), None).unwrap_err();
+        assert!(
+            err.contains("overlaps the mesh's IPv6 overlay prefix fd12:3456:789a::/64"),
+            "{err}"
+        );
+        let err = dual(None, Some("fd12:3456:789a::/112")).unwrap_err();
+        assert!(err.contains("--service-cidr6"), "{err}");
+    }
+
+    #[test]
+    fn dual_stack_control_plane_config() {
+        let d = dual(None, None).unwrap();
+        let y = kubeadm_config(Role::ControlPlane, IP, "cp-1", Some(&d));
+        let lines: Vec<&str> = y.lines().collect();
+        let has = |l: &str| lines.contains(&l);
+        assert!(has("kind: InitConfiguration"), "{y}");
+        assert!(has("    - name: node-ip"));
+        assert!(has("      value: \"100.64.0.7,fd12:3456:789a::7\""));
+        // The API server stays on the IPv4 overlay address.
+        assert!(has("  advertiseAddress: 100.64.0.7"));
+        assert!(!y.contains("advertiseAddress: fd"));
+        // An active ClusterConfiguration with both families, IPv4 first.
+        assert!(has("---"));
+        assert_eq!(lines.iter().filter(|l| l.starts_with("kind:")).count(), 2);
+        assert!(has("kind: ClusterConfiguration"));
+        assert!(has("networking:"));
+        assert!(has("  podSubnet: \"10.244.0.0/16,fd00:10:244::/56\""));
+        assert!(has("  serviceSubnet: \"10.96.0.0/12,fd00:10:96::/112\""));
+        // The optional endpoint lines stay commented, on the IPv4 address.
+        assert!(has("# controlPlaneEndpoint: \"100.64.0.7:6443\""));
+        assert!(has("#     - \"100.64.0.7\""));
+        // The v1beta3 hint names both addresses; the CNI hint names the IPv6 pools.
+        assert!(has("#     node-ip: \"100.64.0.7,fd12:3456:789a::7\""));
+        assert!(y.contains("CALICO_IPV6POOL_CIDR") && y.contains("IPv6Network"));
+        assert!(!y.contains('\t'));
+    }
+
+    #[test]
+    fn dual_stack_ranges_are_the_ones_given() {
+        let d = dual(Some("fd00:aa::/48"), Some("fd00:bb::/108")).unwrap();
+        let y = kubeadm_config(Role::ControlPlane, IP, "", Some(&d));
+        assert!(
+            y.contains("  podSubnet: \"10.244.0.0/16,fd00:aa::/48\"\n"),
+            "{y}"
+        );
+        assert!(
+            y.contains("  serviceSubnet: \"10.96.0.0/12,fd00:bb::/108\"\n"),
+            "{y}"
+        );
+    }
+
+    #[test]
+    fn dual_stack_worker_config() {
+        let d = dual(None, None).unwrap();
+        let y = kubeadm_config(Role::Worker, OTHER, "worker-1", Some(&d));
+        let lines: Vec<&str> = y.lines().collect();
+        assert!(lines.contains(&"kind: JoinConfiguration"), "{y}");
+        assert!(lines.contains(&"      value: \"100.64.3.9,fd12:3456:789a::7\""));
+        assert!(lines.contains(&"#     advertiseAddress: 100.64.3.9"));
+        assert!(!y.contains("ClusterConfiguration"));
+        assert!(!y.contains("podSubnet"));
+    }
+
+    #[test]
+    fn single_stack_config_has_no_ipv6() {
+        for role in [Role::ControlPlane, Role::Worker] {
+            let y = kubeadm_config(role, IP, "n", None);
+            assert!(!y.contains("fd"), "{y}");
+            assert!(!y.contains("Dual-stack"), "{y}");
+        }
     }
 
     #[test]

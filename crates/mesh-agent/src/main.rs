@@ -330,6 +330,10 @@ enum KubeadmCmd {
         /// The kubelet defaults file [default: detected from /etc/os-release].
         #[arg(long)]
         file: Option<PathBuf>,
+        /// For a dual-stack cluster: --node-ip=<IPv4>,<IPv6> with both overlay addresses
+        /// (a single-stack cluster refuses two, so the default is the IPv4 address alone).
+        #[arg(long)]
+        dual_stack: bool,
     },
     /// Print a kubeadm InitConfiguration (control plane) or JoinConfiguration (worker) that uses
     /// the overlay address.
@@ -337,6 +341,17 @@ enum KubeadmCmd {
         /// control-plane or worker.
         #[arg(long)]
         role: kubeadm::Role,
+        /// A dual-stack cluster: kubelet gets both overlay addresses, and the control plane's
+        /// ClusterConfiguration an IPv6 pod and service range beside the IPv4 ones (the API
+        /// server stays on the IPv4 overlay address).
+        #[arg(long)]
+        dual_stack: bool,
+        /// With --dual-stack: the cluster's IPv6 pod range, a /48 to a /63.
+        #[arg(long, value_name = "CIDR", requires = "dual_stack", default_value = kubeadm::DEFAULT_POD_CIDR6)]
+        pod_cidr6: ipnet::Ipv6Net,
+        /// With --dual-stack: the cluster's IPv6 service range, a /108 or smaller.
+        #[arg(long, value_name = "CIDR", requires = "dual_stack", default_value = kubeadm::DEFAULT_SERVICE_CIDR6)]
+        service_cidr6: ipnet::Ipv6Net,
     },
     /// Print the MTU and interface settings a CNI should use on top of mesh0.
     CniMtu {
@@ -462,7 +477,21 @@ fn kubeadm_cmd(state: &StateDir, cmd: KubeadmCmd) -> anyhow::Result<()> {
     }
     let m = state.load_membership()?;
     match cmd {
-        KubeadmCmd::NodeIp { dry_run, file } => {
+        KubeadmCmd::NodeIp {
+            dry_run,
+            file,
+            dual_stack,
+        } => {
+            let node_ip = if dual_stack {
+                let dual = kubeadm::DualStack::new(m.address6, m.prefix6, None, None)
+                    .map_err(anyhow::Error::msg)?;
+                kubeadm::NodeIp {
+                    v4: m.address,
+                    v6: Some(dual.address6),
+                }
+            } else {
+                kubeadm::NodeIp::from(m.address)
+            };
             let path = match file {
                 Some(p) => p,
                 None => {
@@ -475,12 +504,11 @@ fn kubeadm_cmd(state: &StateDir, cmd: KubeadmCmd) -> anyhow::Result<()> {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
                 Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
             };
-            let new = kubeadm::set_node_ip(&old, m.address);
+            let new = kubeadm::set_node_ip(&old, node_ip);
             if new == old {
                 out(&format!(
-                    "{} already sets --node-ip={}",
-                    path.display(),
-                    m.address
+                    "{} already sets --node-ip={node_ip}",
+                    path.display()
                 ));
             } else if dry_run {
                 out(&kubeadm::preview(&path, &old, &new));
@@ -497,15 +525,37 @@ fn kubeadm_cmd(state: &StateDir, cmd: KubeadmCmd) -> anyhow::Result<()> {
                     .unwrap_or(0o644);
                 state::write_file(&target, new.as_bytes(), mode)?;
                 out(&format!(
-                    "wrote --node-ip={} to {}; restart kubelet to apply (systemctl restart kubelet)",
-                    m.address,
+                    "wrote --node-ip={node_ip} to {}; restart kubelet to apply (systemctl restart kubelet)",
                     path.display()
                 ));
             }
             Ok(())
         }
-        KubeadmCmd::Config { role } => {
-            out(&kubeadm::kubeadm_config(role, m.address, &m.name));
+        KubeadmCmd::Config {
+            role,
+            dual_stack,
+            pod_cidr6,
+            service_cidr6,
+        } => {
+            let dual = if dual_stack {
+                Some(
+                    kubeadm::DualStack::new(
+                        m.address6,
+                        m.prefix6,
+                        Some(pod_cidr6),
+                        Some(service_cidr6),
+                    )
+                    .map_err(anyhow::Error::msg)?,
+                )
+            } else {
+                None
+            };
+            out(&kubeadm::kubeadm_config(
+                role,
+                m.address,
+                &m.name,
+                dual.as_ref(),
+            ));
             Ok(())
         }
         KubeadmCmd::Cni { .. } => Ok(()),

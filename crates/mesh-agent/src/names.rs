@@ -2,14 +2,17 @@
 //! optional block in /etc/hosts ([`crate::hosts`]), both kept in step with the peer list and
 //! the network's names for several nodes (`mesh-controller name set`).
 //!
+//! Names answer with the nodes' IPv4 overlay addresses (A) and, on a network with an IPv6
+//! overlay, their IPv6 ones (AAAA; both in the hosts block).
+//!
 //! A name for several nodes answers with the members the controller sees online; when it sees
 //! none, with every member (an address that may answer beats no answer at all for kubeadm's
 //! controlPlaneEndpoint). Members this node does not know (not in its peer list) are left out.
 
-use crate::dns::NameTable;
-use mesh_proto::control::NameAlias;
+use crate::dns::{NameTable, Node};
+use mesh_proto::control::{Ipv6Net, NameAlias};
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::watch;
@@ -22,31 +25,33 @@ pub const HOSTS_FILE: &str = "/etc/hosts";
 pub struct Sources {
     /// The network's name (the zone is `<network>.mesh`).
     pub network: String,
-    /// This node's name and overlay address.
+    /// This node's name and IPv4 overlay address.
     pub own: (String, Ipv4Addr),
+    /// This node's IPv6 overlay address (and the network's prefix), which a welcome may give
+    /// or move while the node runs.
+    pub own6: watch::Receiver<Option<(Ipv6Addr, Ipv6Net)>>,
     /// The peers' names and addresses, as the control connection learns them.
-    pub peers: watch::Receiver<Vec<(String, Ipv4Addr)>>,
+    pub peers: watch::Receiver<Vec<Node>>,
     /// The network's names for several nodes.
     pub aliases: watch::Receiver<Vec<NameAlias>>,
 }
 
 /// The table for this node, its peers and the names for several nodes.
-pub fn table(
-    network: &str,
-    own: &(String, Ipv4Addr),
-    peers: &[(String, Ipv4Addr)],
-    aliases: &[NameAlias],
-) -> NameTable {
-    let mut nodes: Vec<(String, Ipv4Addr)> = Vec::with_capacity(peers.len() + 1);
+pub fn table(network: &str, own: &Node, peers: &[Node], aliases: &[NameAlias]) -> NameTable {
+    let mut nodes: Vec<Node> = Vec::with_capacity(peers.len() + 1);
     nodes.push(own.clone());
     nodes.extend(peers.iter().cloned());
-    let by_name: HashMap<&str, Ipv4Addr> = nodes.iter().map(|(n, a)| (n.as_str(), *a)).collect();
+    let by_name: HashMap<&str, &Node> = nodes.iter().map(|n| (n.name.as_str(), n)).collect();
     let aliases = aliases
         .iter()
         .filter_map(|alias| {
-            let known = |names: &mut dyn Iterator<Item = &String>| -> Vec<Ipv4Addr> {
-                let mut a: Vec<Ipv4Addr> = names
-                    .filter_map(|n| by_name.get(n.as_str()).copied())
+            let known = |names: &mut dyn Iterator<Item = &String>| -> Vec<IpAddr> {
+                let mut a: Vec<IpAddr> = names
+                    .filter_map(|n| by_name.get(n.as_str()))
+                    .flat_map(|node| {
+                        std::iter::once(IpAddr::V4(node.address))
+                            .chain(node.address6.map(IpAddr::V6))
+                    })
                     .collect();
                 a.sort();
                 a.dedup();
@@ -77,10 +82,16 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut last_error: Option<String> = None;
+    let mut own6_open = true;
     loop {
+        let own = Node {
+            name: sources.own.0.clone(),
+            address: sources.own.1,
+            address6: sources.own6.borrow_and_update().map(|(a, _)| a),
+        };
         let t = table(
             &sources.network,
-            &sources.own,
+            &own,
             &sources.peers.borrow_and_update(),
             &sources.aliases.borrow_and_update(),
         );
@@ -112,6 +123,8 @@ pub async fn run(
         tokio::select! {
             r = sources.peers.changed() => if r.is_err() { return },
             r = sources.aliases.changed() => if r.is_err() { return },
+            // The node's own IPv6 address stops changing when its sender goes; names go on.
+            r = sources.own6.changed(), if own6_open => own6_open = r.is_ok(),
             _ = shutdown.changed() => return,
         }
     }
@@ -203,13 +216,29 @@ mod tests {
         assert_eq!(domain, ["domain", "mesh0", "prod.mesh", "~mesh"]);
     }
 
+    fn node(name: &str, last: u8, dual: bool) -> Node {
+        Node {
+            name: name.into(),
+            address: Ipv4Addr::new(100, 64, 0, last),
+            address6: dual.then(|| Ipv6Addr::new(0xfd6d, 0x6573, 0x6800, 0, 0, 0, 0, last.into())),
+        }
+    }
+
+    fn v4(last: u8) -> IpAddr {
+        Ipv4Addr::new(100, 64, 0, last).into()
+    }
+
+    fn v6(last: u16) -> IpAddr {
+        Ipv6Addr::new(0xfd6d, 0x6573, 0x6800, 0, 0, 0, 0, last).into()
+    }
+
     #[test]
     fn a_name_for_several_nodes_answers_with_the_members_online() {
-        let own = ("cp1".to_owned(), Ipv4Addr::new(100, 64, 0, 1));
+        let own = node("cp1", 1, true);
         let peers = vec![
-            ("cp2".to_owned(), Ipv4Addr::new(100, 64, 0, 2)),
-            ("cp3".to_owned(), Ipv4Addr::new(100, 64, 0, 3)),
-            ("worker".to_owned(), Ipv4Addr::new(100, 64, 0, 4)),
+            node("cp2", 2, true),
+            node("cp3", 3, true),
+            node("worker", 4, true),
         ];
         let t = table(
             "prod",
@@ -222,18 +251,26 @@ mod tests {
             ],
         );
         assert_eq!(t.nodes.len(), 4);
+        assert_eq!(t.nodes[0], own);
         assert_eq!(
             t.aliases,
             vec![
-                (
-                    "k8s-api".to_owned(),
-                    vec![Ipv4Addr::new(100, 64, 0, 1), Ipv4Addr::new(100, 64, 0, 3)]
-                ),
-                (
-                    "all-down".to_owned(),
-                    vec![Ipv4Addr::new(100, 64, 0, 2), Ipv4Addr::new(100, 64, 0, 3)]
-                ),
+                ("k8s-api".to_owned(), vec![v4(1), v4(3), v6(1), v6(3)]),
+                ("all-down".to_owned(), vec![v4(2), v4(3), v6(2), v6(3)]),
             ]
         );
+    }
+
+    #[test]
+    fn nodes_without_ipv6_give_aliases_ipv4_only() {
+        // A network created with --cidr6 off: no node has address6.
+        let t = table(
+            "prod",
+            &node("cp1", 1, false),
+            &[node("cp2", 2, false)],
+            &[alias("k8s-api", &["cp1", "cp2"], &[])],
+        );
+        assert_eq!(t.aliases, vec![("k8s-api".to_owned(), vec![v4(1), v4(2)])]);
+        assert!(t.nodes.iter().all(|n| n.address6.is_none()));
     }
 }
