@@ -81,6 +81,25 @@ fn dig(host: &Host, server: Ipv4Addr, name: &str) -> (Vec<Ipv4Addr>, String) {
     (addrs, status)
 }
 
+/// `dig +short AAAA` on `host` asking `server` for `name`: the IPv6 addresses.
+fn dig6(host: &Host, server: Ipv4Addr, name: &str) -> Vec<std::net::Ipv6Addr> {
+    let out = host.run(
+        "dig",
+        [
+            &format!("@{server}"),
+            name,
+            "AAAA",
+            "+time=1",
+            "+tries=2",
+            "+short",
+        ],
+    );
+    out.stdout
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
 fn getent(host: &Host, name: &str) -> Option<Ipv4Addr> {
     let out = host.run("getent", ["ahostsv4", name]);
     out.stdout.split_whitespace().next()?.parse().ok()
@@ -120,6 +139,17 @@ fn names_resolve_on_every_node_and_a_name_for_several_nodes_follows_who_is_onlin
     wait_name(ha, a.address, &format!("cp2.{NET}.mesh"), vec![b.address]);
     wait_name(hb, b.address, &format!("cp1.{NET}.mesh"), vec![a.address]);
     wait_name(hb, b.address, "CP1.", vec![a.address]);
+    // AAAA: the node's IPv6 overlay address (every network has one by default).
+    let a6: std::net::Ipv6Addr = a.status().unwrap()["node"]["address6"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("a has an IPv6 overlay address");
+    assert!(
+        wait_until(Duration::from_secs(10), || dig6(hb, b.address, "cp1")
+            == vec![a6]),
+        "AAAA cp1 on b: {:?}, want {a6}",
+        dig6(hb, b.address, "cp1")
+    );
     // Not ours: refused (no open resolver); ours but unknown: NXDOMAIN.
     let (none, status) = dig(ha, a.address, "example.com");
     assert!(none.is_empty() && status.contains("REFUSED"), "{status}");

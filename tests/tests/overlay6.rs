@@ -87,6 +87,23 @@ fn three_nodes_ping_over_both_families_and_keep_their_ipv6_address() {
         assert_eq!(listed["address6"], addr.to_string(), "{listed:#}");
         // `mesh ip` stays the IPv4 one.
         assert_eq!(a.ip().unwrap(), a.address);
+        // kubelet's node IP for a dual-stack cluster names both, IPv4 first.
+        let kubelet = a
+            .cli([
+                "kubeadm",
+                "node-ip",
+                "--dual-stack",
+                "--dry-run",
+                "--file",
+                "/nonexistent/kubelet",
+            ])
+            .ok()
+            .unwrap()
+            .stdout;
+        assert!(
+            kubelet.contains(&format!("--node-ip={},{addr}", a.address)),
+            "{kubelet}"
+        );
     }
 
     // Every pair, both families.
