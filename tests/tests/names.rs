@@ -82,7 +82,7 @@ fn dig(host: &Host, server: Ipv4Addr, name: &str) -> (Vec<Ipv4Addr>, String) {
 }
 
 /// `dig +short AAAA` on `host` asking `server` for `name`: the IPv6 addresses.
-fn dig6(host: &Host, server: Ipv4Addr, name: &str) -> Vec<std::net::Ipv6Addr> {
+fn dig6(host: &Host, server: std::net::IpAddr, name: &str) -> Vec<std::net::Ipv6Addr> {
     let out = host.run(
         "dig",
         [
@@ -144,11 +144,21 @@ fn names_resolve_on_every_node_and_a_name_for_several_nodes_follows_who_is_onlin
         .as_str()
         .and_then(|s| s.parse().ok())
         .expect("a has an IPv6 overlay address");
+    let (b4, a6_server) = (
+        std::net::IpAddr::from(b.address),
+        std::net::IpAddr::from(a6),
+    );
     assert!(
-        wait_until(Duration::from_secs(10), || dig6(hb, b.address, "cp1")
-            == vec![a6]),
+        wait_until(Duration::from_secs(10), || dig6(hb, b4, "cp1") == vec![a6]),
         "AAAA cp1 on b: {:?}, want {a6}",
-        dig6(hb, b.address, "cp1")
+        dig6(hb, b4, "cp1")
+    );
+    // The responder answers on the IPv6 overlay address too (asked across the tunnel).
+    assert!(
+        wait_until(Duration::from_secs(10), || dig6(hb, a6_server, "cp1")
+            == vec![a6]),
+        "AAAA cp1 asked of a's IPv6 overlay address from b: {:?}",
+        dig6(hb, a6_server, "cp1")
     );
     // Not ours: refused (no open resolver); ours but unknown: NXDOMAIN.
     let (none, status) = dig(ha, a.address, "example.com");

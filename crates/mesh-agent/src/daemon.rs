@@ -1151,6 +1151,24 @@ async fn run(
         match crate::dns::Responder::bind(addr).await {
             Ok(r) => {
                 let listening = r.local_addr();
+                // The same names on the IPv6 overlay address, where it is on mesh0.
+                let mut listening6 = None;
+                if let Some(a6) = membership.address6.filter(|_| address6_error.is_none()) {
+                    let addr6 = SocketAddr::from((a6, crate::dns::PORT));
+                    match crate::dns::Responder::bind(addr6).await {
+                        Ok(r6) => {
+                            listening6 = Some(r6.local_addr().to_string());
+                            tokio::spawn(r6.run(
+                                names_rx.clone(),
+                                dns_stats.clone(),
+                                running.shutdown_tx.subscribe(),
+                            ));
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "node names are not answered on the IPv6 overlay address")
+                        }
+                    }
+                }
                 tokio::spawn(r.run(names_rx, dns_stats.clone(), running.shutdown_tx.subscribe()));
                 let resolver = match crate::names::tell_resolved(
                     &opts.interface,
@@ -1169,7 +1187,7 @@ async fn run(
                         json!(null)
                     }
                 };
-                json!({"listening": listening.to_string(), "resolver": resolver})
+                json!({"listening": listening.to_string(), "listening6": listening6, "resolver": resolver})
             }
             Err(e) => {
                 warn!(error = %e, "node names are not answered on the overlay address");
