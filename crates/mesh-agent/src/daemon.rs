@@ -1794,11 +1794,12 @@ async fn watch_overlay(
                         .collect();
                     info!(interfaces = %summary.join(", "), "addresses not offered to peers as endpoints");
                 }
+                let offered_addresses = candidates::offered(&view.candidates, &list);
                 if let Ok(mut e) = endpoint_status.lock() {
                     let mut offered: Vec<String> = Vec::new();
                     e.ipv4.clear();
                     e.ipv6.clear();
-                    for a in candidates::offered(&view.candidates, &list) {
+                    for a in &offered_addresses {
                         if !offered.contains(&a.interface) {
                             offered.push(a.interface.clone());
                         }
@@ -1814,7 +1815,7 @@ async fn watch_overlay(
                 }
                 // Datagrams to IPv6 peers leave from an address they were told about.
                 port.set_ipv6_sources(
-                    candidates::offered(&view.candidates, &list)
+                    offered_addresses
                         .iter()
                         .filter_map(|a| match a.address {
                             std::net::IpAddr::V6(v6) if !a.temporary => Some(v6),
