@@ -6,7 +6,7 @@
 //! else sees the value.
 
 use crate::{PublicKey, PROTOCOL_VERSION};
-pub use ipnet::{Ipv4Net, Ipv6Net};
+pub use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -127,14 +127,14 @@ pub enum ClientMsg {
         /// The prefixes the node routes and offers to its peers (subnet routes: its pod
         /// subnet, say), all of them: the controller approves them (see [`RouteState`]).
         /// Absent: none.
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        routes: Vec<Ipv4Net>,
+        #[serde(flatten, with = "routes_wire")]
+        routes: Vec<IpNet>,
         /// The prefixes the node offers as an exit (reached through its own uplink rather
         /// than inside its site; `0.0.0.0/0` for everything), all of them: approved like
         /// routes, but a peer uses one only when it opts in (`mesh up --exit-node`). Absent:
         /// none.
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        exits: Vec<Ipv4Net>,
+        #[serde(flatten, with = "exits_wire")]
+        exits: Vec<IpNet>,
     },
     /// Periodic liveness and endpoint refresh.
     Heartbeat {
@@ -147,11 +147,11 @@ pub enum ClientMsg {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         nat: Option<NatKind>,
         /// The prefixes the node routes, as in `Hello` (the whole list each time).
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        routes: Vec<Ipv4Net>,
+        #[serde(flatten, with = "routes_wire")]
+        routes: Vec<IpNet>,
         /// The prefixes the node offers as an exit, as in `Hello` (the whole list each time).
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        exits: Vec<Ipv4Net>,
+        #[serde(flatten, with = "exits_wire")]
+        exits: Vec<IpNet>,
     },
     /// The node leaves the network for good; the controller deletes it.
     Leave,
@@ -356,8 +356,8 @@ pub struct Welcome {
 /// Where one advertised prefix stands.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RouteState {
-    /// The prefix.
-    pub prefix: Ipv4Net,
+    /// The prefix (IPv4 or IPv6: only ever one the node advertised itself).
+    pub prefix: IpNet,
     /// Its state.
     pub state: RouteStatus,
     /// Why, for `refused` (and who decided, for `rejected`), for a person.
@@ -410,12 +410,12 @@ pub struct PeerInfo {
     pub nat: Option<NatKind>,
     /// The prefixes the peer routes, as the controller approved them (subnet routes): packets
     /// to them go to the peer, and it may send from them. Absent from older controllers.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub routes: Vec<Ipv4Net>,
+    #[serde(flatten, with = "routes_wire")]
+    pub routes: Vec<IpNet>,
     /// The prefixes the peer offers as an exit, as approved: used only by a node that opts
     /// in to this peer as its exit for them. Absent from older controllers.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub exits: Vec<Ipv4Net>,
+    #[serde(flatten, with = "exits_wire")]
+    pub exits: Vec<IpNet>,
 }
 
 /// A standalone relay (one region) as the controller announces it to a node.
@@ -676,7 +676,63 @@ fn check_home(home: &Option<String>) -> Result<(), DecodeError> {
     }
 }
 
-fn check_routes(r: &[Ipv4Net]) -> Result<(), DecodeError> {
+/// The wire form of a list of prefixes of both families: IPv4 ones under the field's own name
+/// (`routes`, `exits`), IPv6 ones under the same name with a `6` (`routes6`, `exits6`), each
+/// absent when empty. Kept apart so that an older peer, which knows only the IPv4 field and
+/// ignores unknown ones, still reads the IPv4 prefixes of a list that has IPv6 ones too.
+macro_rules! prefixes_wire {
+    ($module:ident, $v4:literal, $v6:literal) => {
+        mod $module {
+            use super::{IpNet, Ipv4Net, Ipv6Net};
+            use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+            #[derive(Serialize)]
+            struct Out {
+                #[serde(rename = $v4, skip_serializing_if = "Vec::is_empty")]
+                v4: Vec<Ipv4Net>,
+                #[serde(rename = $v6, skip_serializing_if = "Vec::is_empty")]
+                v6: Vec<Ipv6Net>,
+            }
+
+            #[derive(Deserialize)]
+            struct In {
+                #[serde(rename = $v4, default)]
+                v4: Vec<Ipv4Net>,
+                #[serde(rename = $v6, default)]
+                v6: Vec<Ipv6Net>,
+            }
+
+            pub fn serialize<S: Serializer>(all: &[IpNet], s: S) -> Result<S::Ok, S::Error> {
+                let mut out = Out {
+                    v4: Vec::new(),
+                    v6: Vec::new(),
+                };
+                for prefix in all {
+                    match prefix {
+                        IpNet::V4(p) => out.v4.push(*p),
+                        IpNet::V6(p) => out.v6.push(*p),
+                    }
+                }
+                out.serialize(s)
+            }
+
+            pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+                let wire = In::deserialize(d)?;
+                Ok(wire
+                    .v4
+                    .into_iter()
+                    .map(IpNet::V4)
+                    .chain(wire.v6.into_iter().map(IpNet::V6))
+                    .collect())
+            }
+        }
+    };
+}
+
+prefixes_wire!(routes_wire, "routes", "routes6");
+prefixes_wire!(exits_wire, "exits", "exits6");
+
+fn check_routes(r: &[IpNet]) -> Result<(), DecodeError> {
     if r.len() > MAX_ROUTES {
         return Err(DecodeError::Bounds("routes"));
     }
@@ -1121,14 +1177,14 @@ mod tests {
 
     #[test]
     fn advertised_routes_are_bounded_and_absent_means_none() {
-        let hb = |routes: Vec<Ipv4Net>| ClientMsg::Heartbeat {
+        let hb = |routes: Vec<IpNet>| ClientMsg::Heartbeat {
             endpoints: vec![],
             home_relay: None,
             nat: None,
             routes,
             exits: Vec::new(),
         };
-        let pods: Ipv4Net = "10.244.1.0/24".parse().unwrap();
+        let pods: IpNet = "10.244.1.0/24".parse().unwrap();
         let ok = hb(vec![pods]);
         let text = String::from_utf8(ok.encode()).unwrap();
         assert!(text.contains("\"10.244.1.0/24\""), "{text}");
@@ -1153,6 +1209,54 @@ mod tests {
             }],
         };
         assert_eq!(decode_server(&states.encode()), Ok(states));
+    }
+
+    #[test]
+    fn ipv6_prefixes_travel_beside_ipv4_ones_where_older_readers_skip_them() {
+        let pods: IpNet = "10.244.1.0/24".parse().unwrap();
+        let pods6: IpNet = "fd00:10:244:1::/64".parse().unwrap();
+        let exit6: IpNet = "::/0".parse().unwrap();
+        let hb = ClientMsg::Heartbeat {
+            endpoints: vec![],
+            home_relay: None,
+            nat: None,
+            routes: vec![pods, pods6],
+            exits: vec![exit6],
+        };
+        let text = String::from_utf8(hb.encode()).unwrap();
+        assert!(text.contains(r#""routes":["10.244.1.0/24"]"#), "{text}");
+        assert!(text.contains(r#""routes6":["fd00:10:244:1::/64"]"#), "{text}");
+        assert!(text.contains(r#""exits6":["::/0"]"#), "{text}");
+        assert!(!text.contains(r#""exits":"#), "no empty IPv4 exits: {text}");
+        assert_eq!(decode_client(&hb.encode()), Ok(hb));
+
+        // What an older agent or controller reads of it: the IPv4 prefixes, nothing refused.
+        #[derive(Deserialize)]
+        struct Older {
+            routes: Vec<Ipv4Net>,
+        }
+        #[derive(Deserialize)]
+        struct OlderEnvelope {
+            msg: Older,
+        }
+        let older: OlderEnvelope = serde_json::from_str(&text).unwrap();
+        assert_eq!(older.msg.routes, vec!["10.244.1.0/24".parse::<Ipv4Net>().unwrap()]);
+
+        // Both families count toward one bound.
+        let many = ClientMsg::Heartbeat {
+            endpoints: vec![],
+            home_relay: None,
+            nat: None,
+            routes: [vec![pods; MAX_ROUTES / 2], vec![pods6; MAX_ROUTES / 2 + 1]].concat(),
+            exits: vec![],
+        };
+        assert_eq!(
+            decode_client(&many.encode()),
+            Err(DecodeError::Bounds("routes"))
+        );
+        // An IPv4 prefix in the IPv6 field is malformed.
+        let bad = br#"{"v":1,"msg":{"type":"heartbeat","endpoints":[],"routes6":["10.0.0.0/8"]}}"#;
+        assert!(matches!(decode_client(bad), Err(DecodeError::Malformed(_))));
     }
 
     #[test]
