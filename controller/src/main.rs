@@ -7,7 +7,7 @@ use mesh_controller::state::{public_of, unix_now, Role, StateDir};
 use mesh_controller::store::{
     parse_prefix_list, rfc3339, Approval, Cidr, NetworkRow, NewToken, RouteRow, Who,
 };
-use mesh_proto::control::Ipv4Net;
+use mesh_proto::control::IpNet;
 use mesh_proto::token::{ControllerRef, JoinToken, NetworkId};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -202,9 +202,9 @@ impl std::str::FromStr for Budget {
     }
 }
 
-/// A list of IPv4 prefixes on the command line: `a.b.c.d/n,...`, or `none`.
+/// A list of IPv4 and IPv6 prefixes on the command line: `a.b.c.d/n,x:y::/n,...`, or `none`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Prefixes(Vec<Ipv4Net>);
+struct Prefixes(Vec<IpNet>);
 
 impl std::str::FromStr for Prefixes {
     type Err = String;
@@ -1443,7 +1443,7 @@ mod tests {
         assert_eq!(parse("none").unwrap(), "");
         let e = parse("10.244.1.0/33").unwrap_err().to_string();
         assert!(
-            e.contains("10.244.1.0/33 is not an IPv4 prefix (expected e.g. 10.244.0.0/16)"),
+            e.contains("10.244.1.0/33 is not an IP prefix (expected e.g. 10.244.0.0/16 or fd00:10:244::/56)"),
             "{e}"
         );
         let e = parse("10.244.1.0/16").unwrap_err().to_string();

@@ -20,7 +20,7 @@ use crate::store::{
 use anyhow::Context as _;
 use mesh_control::quic::{Gate, ServerLimits, Slot};
 use mesh_control::{channel, quic, tcp, Link};
-use mesh_proto::control::Ipv4Net;
+use mesh_proto::control::IpNet;
 use mesh_proto::control::{
     decode_client, ClientMsg, ErrorCode, RelayInfo, Revocation, ServerMsg, MAX_MESSAGE_LEN,
     MAX_REVOCATIONS,
@@ -759,7 +759,7 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
     let mut home = None;
     let mut hello_nat = None;
     // The prefixes a returning node advertises (a hello carries the whole list; none is a list).
-    let mut hello_routes: Option<(Vec<Ipv4Net>, Vec<Ipv4Net>)> = None;
+    let mut hello_routes: Option<(Vec<IpNet>, Vec<IpNet>)> = None;
     let result: Result<Admission, StoreError> = match first {
         Ok(Ok(ClientMsg::Join {
             token_id,

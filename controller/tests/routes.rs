@@ -131,7 +131,7 @@ fn bad_prefixes_in_flags_are_refused_with_what_to_type() {
     };
     let e = create("10.244.1.0/33");
     assert!(
-        e.contains("10.244.1.0/33 is not an IPv4 prefix (expected e.g. 10.244.0.0/16)"),
+        e.contains("10.244.1.0/33 is not an IP prefix (expected e.g. 10.244.0.0/16 or fd00:10:244::/56)"),
         "{e}"
     );
     let e = create("10.244.1.0/16");
@@ -140,7 +140,7 @@ fn bad_prefixes_in_flags_are_refused_with_what_to_type() {
         "{e}"
     );
     let e = create("10.244.0.0/16,pods");
-    assert!(e.contains("pods is not an IPv4 prefix"), "{e}");
+    assert!(e.contains("pods is not an IP prefix"), "{e}");
     let json = stdout(&ok(&dir, &["network", "list", "--json"]));
     assert_eq!(json.trim(), "[]", "no network was created");
     ok(&dir, &["network", "create", "prod"]);
@@ -197,7 +197,7 @@ fn a_network_without_routes_lists_none_and_says_where_to_look() {
         );
         let e = fails(&dir, &["route", verb, "prod", "10.244.1.0/33"]);
         assert!(
-            e.contains("10.244.1.0/33 is not an IPv4 prefix (expected e.g. 10.244.0.0/16)"),
+            e.contains("10.244.1.0/33 is not an IP prefix (expected e.g. 10.244.0.0/16 or fd00:10:244::/56)"),
             "{e}"
         );
         let e = fails(&dir, &["route", verb, "prod", "--all"]);

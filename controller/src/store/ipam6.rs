@@ -94,10 +94,10 @@ pub fn candidate(prefix: &Ipv6Net, key: &PublicKey, attempt: u32) -> Option<Ipv6
 
 /// The network's IPv6 prefix, if it has one.
 pub(super) fn prefix_of(
-    tx: &Transaction<'_>,
+    conn: &rusqlite::Connection,
     network_id: i64,
 ) -> Result<Option<Ipv6Net>, StoreError> {
-    let text: Option<String> = tx
+    let text: Option<String> = conn
         .query_row(
             "SELECT prefix6 FROM networks WHERE id = ?1",
             [network_id],

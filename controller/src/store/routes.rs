@@ -1,4 +1,7 @@
-//! Subnet routes: IPv4 prefixes a node routes for its peers (its pod subnet, say).
+//! Subnet routes: IPv4 and IPv6 prefixes a node routes for its peers (its pod subnets, say).
+//!
+//! The rules are the same for both families, each judged against its own: a prefix overlaps
+//! only prefixes of its family, the IPv4 overlay range or the network's IPv6 overlay prefix.
 //!
 //! A node advertises its whole list in every `Hello` and `Heartbeat`; [`Store::advertise_routes`]
 //! keeps one row of `routes` per network, node key and prefix (canonical: host bits cleared).
@@ -20,46 +23,59 @@
 //! nodes only: one node may advertise a prefix and a part of it.
 
 use super::{approval::AUTO_APPROVER, network_by_name, rfc3339, Store, StoreError, Who};
-use mesh_proto::control::{Ipv4Net, RouteState, RouteStatus, MAX_ERROR_TEXT, MAX_ROUTES};
+use mesh_proto::control::{IpNet, Ipv4Net, Ipv6Net, RouteState, RouteStatus, MAX_ERROR_TEXT, MAX_ROUTES};
 use mesh_proto::PublicKey;
 use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 /// Ranges no node may route, with what they are.
-const NEVER_ROUTED: [(Ipv4Net, &str); 5] = [
+const NEVER_ROUTED: [(IpNet, &str); 8] = [
+    (v4(0, 0, 0, 0, 8), "\"this network\""),
+    (v4(127, 0, 0, 0, 8), "loopback"),
+    (v4(169, 254, 0, 0, 16), "link-local"),
+    (v4(224, 0, 0, 0, 4), "multicast"),
+    (v4(240, 0, 0, 0, 4), "reserved and broadcast"),
     (
-        Ipv4Net::new_assert(Ipv4Addr::new(0, 0, 0, 0), 8),
-        "\"this network\"",
+        v6(0, 8),
+        "reserved: unspecified, loopback and IPv4-mapped",
     ),
-    (
-        Ipv4Net::new_assert(Ipv4Addr::new(127, 0, 0, 0), 8),
-        "loopback",
-    ),
-    (
-        Ipv4Net::new_assert(Ipv4Addr::new(169, 254, 0, 0), 16),
-        "link-local",
-    ),
-    (
-        Ipv4Net::new_assert(Ipv4Addr::new(224, 0, 0, 0), 4),
-        "multicast",
-    ),
-    (
-        Ipv4Net::new_assert(Ipv4Addr::new(240, 0, 0, 0), 4),
-        "reserved and broadcast",
-    ),
+    (v6(0xfe80, 10), "link-local"),
+    (v6(0xff00, 8), "multicast"),
 ];
 
-/// The shortest prefix a node may advertise; anything shorter is an exit route.
-const MIN_PREFIX_LEN: u8 = 8;
+const fn v4(a: u8, b: u8, c: u8, d: u8, len: u8) -> IpNet {
+    IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(a, b, c, d), len))
+}
 
-/// Parses an IPv4 prefix as the administrator types it: `a.b.c.d/n` with the host bits clear.
-pub fn parse_prefix(text: &str) -> Result<Ipv4Net, String> {
+const fn v6(first: u16, len: u8) -> IpNet {
+    IpNet::V6(Ipv6Net::new_assert(
+        Ipv6Addr::new(first, 0, 0, 0, 0, 0, 0, 0),
+        len,
+    ))
+}
+
+/// The shortest IPv4 prefix a node may advertise as a route; anything shorter is an exit.
+const MIN_PREFIX_LEN: u8 = 8;
+/// The shortest IPv6 prefix a node may advertise as a route; anything shorter is an exit.
+const MIN_PREFIX6_LEN: u8 = 16;
+
+/// The shortest route `prefix`'s family allows.
+fn min_len(prefix: IpNet) -> u8 {
+    match prefix {
+        IpNet::V4(_) => MIN_PREFIX_LEN,
+        IpNet::V6(_) => MIN_PREFIX6_LEN,
+    }
+}
+
+/// Parses an IPv4 or IPv6 prefix as the administrator types it (`a.b.c.d/n`, `x:y::/n`) with
+/// the host bits clear.
+pub fn parse_prefix(text: &str) -> Result<IpNet, String> {
     let text = text.trim();
-    let prefix: Ipv4Net = text
-        .parse()
-        .map_err(|_| format!("{text} is not an IPv4 prefix (expected e.g. 10.244.0.0/16)"))?;
+    let prefix: IpNet = text.parse().map_err(|_| {
+        format!("{text} is not an IP prefix (expected e.g. 10.244.0.0/16 or fd00:10:244::/56)")
+    })?;
     if prefix.trunc() != prefix {
         return Err(format!(
             "{text} has host bits set; did you mean {}?",
@@ -70,7 +86,7 @@ pub fn parse_prefix(text: &str) -> Result<Ipv4Net, String> {
 }
 
 /// Parses a comma-separated list of prefixes ([`parse_prefix`]), or `none` for an empty one.
-pub fn parse_prefix_list(text: &str) -> Result<Vec<Ipv4Net>, String> {
+pub fn parse_prefix_list(text: &str) -> Result<Vec<IpNet>, String> {
     if text.trim().eq_ignore_ascii_case("none") {
         return Ok(Vec::new());
     }
@@ -114,7 +130,7 @@ struct Route {
     id: i64,
     key: String,
     node: String,
-    prefix: Ipv4Net,
+    prefix: IpNet,
     state: RouteStatus,
     reason: Option<String>,
     decided_at: Option<i64>,
@@ -152,10 +168,11 @@ enum Verdict {
     Refused(String),
 }
 
-/// A network's overlay range and auto-approve prefixes.
+/// A network's overlay ranges and auto-approve prefixes.
 struct Policy {
-    overlay: Ipv4Net,
-    auto: Vec<Ipv4Net>,
+    /// The IPv4 overlay and, when the network has one, the IPv6 overlay.
+    overlays: Vec<IpNet>,
+    auto: Vec<IpNet>,
 }
 
 fn state_text(state: RouteStatus) -> &'static str {
@@ -178,12 +195,12 @@ fn state_from(text: &str) -> Option<RouteStatus> {
     .find(|s| state_text(*s) == text)
 }
 
-fn overlaps(a: Ipv4Net, b: Ipv4Net) -> bool {
+fn overlaps(a: IpNet, b: IpNet) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
 
 /// The stored form of a policy: comma-separated prefixes, `NULL` for none.
-fn encode_auto(prefixes: &[Ipv4Net]) -> Option<String> {
+fn encode_auto(prefixes: &[IpNet]) -> Option<String> {
     (!prefixes.is_empty()).then(|| {
         prefixes
             .iter()
@@ -194,7 +211,7 @@ fn encode_auto(prefixes: &[Ipv4Net]) -> Option<String> {
 }
 
 /// The stored policy; entries that do not parse (never written so) are left out.
-pub(super) fn decode_auto(text: Option<&str>) -> Vec<Ipv4Net> {
+pub(super) fn decode_auto(text: Option<&str>) -> Vec<IpNet> {
     text.map_or_else(Vec::new, |t| {
         t.split(',').filter_map(|p| p.trim().parse().ok()).collect()
     })
@@ -220,8 +237,11 @@ fn policy(conn: &Connection, network_id: i64) -> Result<Policy, StoreError> {
     )?;
     let overlay = Ipv4Net::new(Ipv4Addr::from(net), len)
         .map_err(|_| StoreError::Invalid(format!("network id {network_id} has a bad range")))?;
+    let overlay6 = super::ipam6::prefix_of(conn, network_id)?;
     Ok(Policy {
-        overlay,
+        overlays: std::iter::once(IpNet::V4(overlay))
+            .chain(overlay6.map(IpNet::V6))
+            .collect(),
         auto: decode_auto(auto.as_deref()),
     })
 }
@@ -275,16 +295,21 @@ fn load(conn: &Connection, network_id: i64) -> Result<Vec<Route>, StoreError> {
 /// Why no node may route `prefix`, whoever else routes what. An exit may contain ranges that
 /// are never routed (0.0.0.0/0 contains them all: a host routes them locally before any exit),
 /// but not lie inside one.
-fn never_routed(prefix: Ipv4Net, exit: bool) -> Option<String> {
+fn never_routed(prefix: IpNet, exit: bool) -> Option<String> {
     if exit {
         return NEVER_ROUTED
             .iter()
             .find(|(range, _)| range.contains(&prefix))
             .map(|(range, what)| format!("lies in {range} ({what}), which is never routed"));
     }
-    if prefix.prefix_len() < MIN_PREFIX_LEN {
+    if prefix.prefix_len() < min_len(prefix) {
+        let example = match prefix {
+            IpNet::V4(_) => "10.244.1.0/24",
+            IpNet::V6(_) => "fd00:10:244:1::/64",
+        };
         return Some(format!(
-            "{prefix} is shorter than /{MIN_PREFIX_LEN}: offer it as an exit (`mesh up --advertise-exit {prefix}`; peers use it only with --exit-node), or advertise the subnets behind the node, e.g. 10.244.1.0/24"
+            "{prefix} is shorter than /{}: offer it as an exit (`mesh up --advertise-exit {prefix}`; peers use it only with --exit-node), or advertise the subnets behind the node, e.g. {example}",
+            min_len(prefix)
         ));
     }
     NEVER_ROUTED
@@ -295,17 +320,16 @@ fn never_routed(prefix: Ipv4Net, exit: bool) -> Option<String> {
 
 /// What the rules say of `prefix`, advertised by `key` (as an exit or not), beside the
 /// network's `routes`.
-fn judge(prefix: Ipv4Net, exit: bool, key: &str, policy: &Policy, routes: &[Route]) -> Verdict {
+fn judge(prefix: IpNet, exit: bool, key: &str, policy: &Policy, routes: &[Route]) -> Verdict {
     if let Some(reason) = never_routed(prefix, exit) {
         return Verdict::Refused(reason);
     }
     if exit {
         // An exit may contain the overlay range and other nodes' prefixes (those stay more
         // specific), but not lie inside the overlay.
-        if policy.overlay.contains(&prefix) {
+        if let Some(overlay) = policy.overlays.iter().find(|o| o.contains(&prefix)) {
             return Verdict::Refused(format!(
-                "lies inside the network's overlay range {}; an exit leads out of the overlay",
-                policy.overlay
+                "lies inside the network's overlay range {overlay}; an exit leads out of the overlay"
             ));
         }
         return if policy.auto.iter().any(|a| a.contains(&prefix)) {
@@ -314,10 +338,9 @@ fn judge(prefix: Ipv4Net, exit: bool, key: &str, policy: &Policy, routes: &[Rout
             Verdict::Pending
         };
     }
-    if overlaps(prefix, policy.overlay) {
+    if let Some(overlay) = policy.overlays.iter().find(|o| overlaps(prefix, **o)) {
         return Verdict::Refused(format!(
-            "overlaps the network's overlay range {}; advertise a prefix outside it",
-            policy.overlay
+            "overlaps the network's overlay range {overlay}; advertise a prefix outside it"
         ));
     }
     let conflict = routes
@@ -472,9 +495,9 @@ pub(super) fn approved_by_key(
 #[derive(Debug, Clone, Default)]
 pub(super) struct Approved {
     /// Routes of its site: every peer routes them to it.
-    pub routes: Vec<Ipv4Net>,
+    pub routes: Vec<IpNet>,
     /// Exits: peers route them to it only by choice.
-    pub exits: Vec<Ipv4Net>,
+    pub exits: Vec<IpNet>,
 }
 
 /// Whether the administrator approves or rejects.
@@ -536,9 +559,9 @@ fn choose(
     for entry in entries {
         let entry = entry.trim();
         let found: Vec<usize> = if entry.contains('/') {
-            let prefix: Ipv4Net = entry.parse().map_err(|_| {
+            let prefix: IpNet = entry.parse().map_err(|_| {
                 StoreError::Invalid(format!(
-                    "{entry} is not an IPv4 prefix (expected e.g. 10.244.0.0/16)"
+                    "{entry} is not an IP prefix (expected e.g. 10.244.0.0/16 or fd00:10:244::/56)"
                 ))
             })?;
             let prefix = prefix.trunc();
@@ -614,7 +637,7 @@ impl Store {
         &mut self,
         network_id: i64,
         key: &PublicKey,
-        prefixes: &[Ipv4Net],
+        prefixes: &[IpNet],
         now: u64,
     ) -> Result<bool, StoreError> {
         self.advertise(network_id, key, prefixes, &[], now)
@@ -626,11 +649,11 @@ impl Store {
         &mut self,
         network_id: i64,
         key: &PublicKey,
-        prefixes: &[Ipv4Net],
-        exits: &[Ipv4Net],
+        prefixes: &[IpNet],
+        exits: &[IpNet],
         now: u64,
     ) -> Result<bool, StoreError> {
-        let mut wanted: BTreeMap<Ipv4Net, bool> = exits.iter().map(|p| (p.trunc(), true)).collect();
+        let mut wanted: BTreeMap<IpNet, bool> = exits.iter().map(|p| (p.trunc(), true)).collect();
         wanted.extend(prefixes.iter().map(|p| (p.trunc(), false)));
         if prefixes.len().max(exits.len()) > MAX_ROUTES {
             return Err(StoreError::Invalid(format!(
@@ -664,7 +687,7 @@ impl Store {
         // may have freed them. A prefix that stays advertised keeps its state, but a refused
         // one is judged again too.
         changed |= rejudge_refused(&tx, network_id, now)?;
-        let added: Vec<(Ipv4Net, bool)> = wanted
+        let added: Vec<(IpNet, bool)> = wanted
             .iter()
             .filter(|(p, _)| !known.contains(*p))
             .map(|(p, e)| (*p, *e))
@@ -859,7 +882,7 @@ impl Store {
     pub fn set_auto_approve_routes(
         &self,
         network: &str,
-        prefixes: &[Ipv4Net],
+        prefixes: &[IpNet],
         now: u64,
     ) -> Result<(), StoreError> {
         if let Some(p) = prefixes.iter().find(|p| p.trunc() != **p) {
@@ -868,7 +891,7 @@ impl Store {
                 p.trunc()
             )));
         }
-        let prefixes: Vec<Ipv4Net> = prefixes
+        let prefixes: Vec<IpNet> = prefixes
             .iter()
             .copied()
             .collect::<BTreeSet<_>>()
@@ -919,7 +942,7 @@ fn routes_of(
     conn: &Connection,
     network_id: i64,
     key: &str,
-) -> Result<Vec<(i64, Option<Ipv4Net>, bool)>, StoreError> {
+) -> Result<Vec<(i64, Option<IpNet>, bool)>, StoreError> {
     let mut st =
         conn.prepare("SELECT id, prefix, exit FROM routes WHERE network_id = ?1 AND key = ?2")?;
     let rows = st.query_map(params![network_id, key], |r| {
@@ -978,11 +1001,11 @@ mod tests {
     const ADMIN: &str = "alice";
     const NET: i64 = 1;
 
-    fn p(text: &str) -> Ipv4Net {
+    fn p(text: &str) -> IpNet {
         text.parse().unwrap()
     }
 
-    fn ps(texts: &[&str]) -> Vec<Ipv4Net> {
+    fn ps(texts: &[&str]) -> Vec<IpNet> {
         texts.iter().map(|t| p(t)).collect()
     }
 
@@ -1025,7 +1048,7 @@ mod tests {
         }
     }
 
-    fn peer_routes(s: &Store, name: &str) -> Vec<Ipv4Net> {
+    fn peer_routes(s: &Store, name: &str) -> Vec<IpNet> {
         s.peers(NET)
             .unwrap()
             .into_iter()
@@ -1039,7 +1062,7 @@ mod tests {
         assert_eq!(parse_prefix(" 10.244.0.0/16 "), Ok(p("10.244.0.0/16")));
         assert_eq!(
             parse_prefix("10.244.1.0/33").unwrap_err(),
-            "10.244.1.0/33 is not an IPv4 prefix (expected e.g. 10.244.0.0/16)"
+            "10.244.1.0/33 is not an IP prefix (expected e.g. 10.244.0.0/16 or fd00:10:244::/56)"
         );
         assert_eq!(
             parse_prefix("10.244.1.7/24").unwrap_err(),
@@ -1051,8 +1074,14 @@ mod tests {
             parse_prefix_list("10.245.0.0/16,10.244.0.0/16,10.244.0.0/16"),
             Ok(ps(&["10.244.0.0/16", "10.245.0.0/16"]))
         );
-        let e = parse_prefix_list("10.244.0.0/16,fd00::/8").unwrap_err();
-        assert!(e.starts_with("fd00::/8 is not an IPv4 prefix"), "{e}");
+        assert_eq!(
+            parse_prefix_list("fd00:10:244::/56,10.244.0.0/16"),
+            Ok(ps(&["10.244.0.0/16", "fd00:10:244::/56"]))
+        );
+        let e = parse_prefix_list("10.244.0.0/16,fd00::1/8").unwrap_err();
+        assert_eq!(e, "fd00::1/8 has host bits set; did you mean fd00::/8?");
+        let e = parse_prefix_list("10.244.0.0/16,fd00::/129").unwrap_err();
+        assert!(e.starts_with("fd00::/129 is not an IP prefix"), "{e}");
     }
 
     #[test]
@@ -1195,6 +1224,75 @@ mod tests {
                 "{prefix}: {r:?}"
             );
         }
+    }
+
+    #[test]
+    fn ipv6_prefixes_follow_the_same_rules_against_their_own_family() {
+        let (_d, mut s) = store();
+        join(&mut s, 1, "a").unwrap();
+        join(&mut s, 2, "b").unwrap();
+        let overlay6: Ipv6Net = s
+            .conn
+            .query_row("SELECT prefix6 FROM networks WHERE id = ?1", [NET], |r| {
+                r.get::<_, String>(0)
+            })
+            .unwrap()
+            .parse()
+            .unwrap();
+        let in_overlay6 = Ipv6Net::new(overlay6.network(), 72).unwrap().to_string();
+        s.set_auto_approve_routes("prod", &ps(&["fd00:10:244::/48"]), T0)
+            .unwrap();
+        // The same bits in both families do not collide: a's IPv4 pods wait for the
+        // administrator while its IPv6 pods are approved by the policy.
+        advertise(&mut s, 1, &["fd00:10:244:1::/64", "10.244.1.0/24"], T0);
+        assert_eq!(route(&s, "a", "fd00:10:244:1::/64").state, "approved");
+        assert_eq!(route(&s, "a", "10.244.1.0/24").state, "pending");
+        let refused = [
+            ("fd00:10:244::/56", "overlaps fd00:10:244:1::/64 of node a (approved)"),
+            (
+                in_overlay6.as_str(),
+                &format!("overlaps the network's overlay range {overlay6}"),
+            ),
+            ("fe80::/64", "(link-local)"),
+            ("ff02::/16", "(multicast)"),
+            ("::1/128", "(reserved: unspecified, loopback and IPv4-mapped)"),
+            ("::ffff:10.244.2.0/120", "(reserved"),
+            (
+                "fc00::/7",
+                "shorter than /16: offer it as an exit (`mesh up --advertise-exit fc00::/7`",
+            ),
+        ];
+        let mut all: Vec<&str> = refused.iter().map(|(r, _)| *r).collect();
+        all.push("fd00:10:244:2::/64");
+        advertise(&mut s, 2, &all, T0);
+        for (prefix, why) in refused {
+            let r = route(&s, "b", prefix);
+            assert_eq!(r.state, "refused", "{prefix}");
+            assert!(
+                r.reason.as_deref().unwrap().contains(why),
+                "{prefix}: {r:?}"
+            );
+        }
+        assert_eq!(route(&s, "b", "fd00:10:244:2::/64").state, "approved");
+        assert_eq!(peer_routes(&s, "a"), ps(&["fd00:10:244:1::/64"]));
+        assert_eq!(peer_routes(&s, "b"), ps(&["fd00:10:244:2::/64"]));
+        // Exits: everything IPv6 may be offered, but not a part of the overlay.
+        s.advertise(NET, &key(1), &[], &ps(&["::/0", &in_overlay6]), T0)
+            .unwrap();
+        let exit = route(&s, "a", "::/0");
+        assert!(exit.exit && exit.state == "pending", "{exit:?}");
+        let inside = route(&s, "a", &in_overlay6);
+        assert!(
+            inside
+                .reason
+                .unwrap()
+                .contains(&format!("lies inside the network's overlay range {overlay6}")),
+            "refused"
+        );
+        // Withdrawing a's routes frees the wider IPv6 prefix for b, judged again.
+        advertise(&mut s, 1, &[], T0 + 1);
+        advertise(&mut s, 2, &all, T0 + 2);
+        assert_eq!(route(&s, "b", "fd00:10:244::/56").state, "approved");
     }
 
     #[test]
@@ -1453,7 +1551,7 @@ mod tests {
         );
         assert!(e.ends_with(see), "{e}");
         let e = invalid(approve(&mut s, &["10.244.1.0/33"]));
-        assert!(e.contains("is not an IPv4 prefix"), "{e}");
+        assert!(e.contains("is not an IP prefix"), "{e}");
         // A refused route cannot be approved, and the error says why.
         let e = invalid(approve(&mut s, &["b"]));
         assert!(
@@ -1522,8 +1620,8 @@ mod tests {
         join(&mut s, 1, "a").unwrap();
         let e = invalid(s.advertise_routes(NET, &key(9), &ps(&["10.244.1.0/24"]), T0));
         assert!(e.contains("only members advertise routes"), "{e}");
-        let many: Vec<Ipv4Net> = (0..=MAX_ROUTES as u8)
-            .map(|i| Ipv4Net::new_assert(Ipv4Addr::new(10, 200, i, 0), 24))
+        let many: Vec<IpNet> = (0..=MAX_ROUTES as u8)
+            .map(|i| IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(10, 200, i, 0), 24)))
             .collect();
         let e = invalid(s.advertise_routes(NET, &key(1), &many, T0));
         assert!(e.contains("at most 64"), "{e}");
@@ -1586,7 +1684,7 @@ mod tests {
         assert_eq!(route(&s, "a", "10.244.1.0/24").state, "approved");
         let e = invalid(s.set_auto_approve_routes(
             "prod",
-            &[Ipv4Net::new_assert(Ipv4Addr::new(10, 244, 1, 1), 24)],
+            &[IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(10, 244, 1, 1), 24))],
             T0,
         ));
         assert_eq!(
