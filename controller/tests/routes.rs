@@ -131,7 +131,9 @@ fn bad_prefixes_in_flags_are_refused_with_what_to_type() {
     };
     let e = create("10.244.1.0/33");
     assert!(
-        e.contains("10.244.1.0/33 is not an IP prefix (expected e.g. 10.244.0.0/16 or fd00:10:244::/56)"),
+        e.contains(
+            "10.244.1.0/33 is not an IP prefix (expected e.g. 10.244.0.0/16 or fd00:10:244::/56)"
+        ),
         "{e}"
     );
     let e = create("10.244.1.0/16");

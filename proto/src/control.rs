@@ -1225,7 +1225,10 @@ mod tests {
         };
         let text = String::from_utf8(hb.encode()).unwrap();
         assert!(text.contains(r#""routes":["10.244.1.0/24"]"#), "{text}");
-        assert!(text.contains(r#""routes6":["fd00:10:244:1::/64"]"#), "{text}");
+        assert!(
+            text.contains(r#""routes6":["fd00:10:244:1::/64"]"#),
+            "{text}"
+        );
         assert!(text.contains(r#""exits6":["::/0"]"#), "{text}");
         assert!(!text.contains(r#""exits":"#), "no empty IPv4 exits: {text}");
         assert_eq!(decode_client(&hb.encode()), Ok(hb));
@@ -1240,7 +1243,10 @@ mod tests {
             msg: Older,
         }
         let older: OlderEnvelope = serde_json::from_str(&text).unwrap();
-        assert_eq!(older.msg.routes, vec!["10.244.1.0/24".parse::<Ipv4Net>().unwrap()]);
+        assert_eq!(
+            older.msg.routes,
+            vec!["10.244.1.0/24".parse::<Ipv4Net>().unwrap()]
+        );
 
         // Both families count toward one bound.
         let many = ClientMsg::Heartbeat {

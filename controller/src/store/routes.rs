@@ -23,7 +23,9 @@
 //! nodes only: one node may advertise a prefix and a part of it.
 
 use super::{approval::AUTO_APPROVER, network_by_name, rfc3339, Store, StoreError, Who};
-use mesh_proto::control::{IpNet, Ipv4Net, Ipv6Net, RouteState, RouteStatus, MAX_ERROR_TEXT, MAX_ROUTES};
+use mesh_proto::control::{
+    IpNet, Ipv4Net, Ipv6Net, RouteState, RouteStatus, MAX_ERROR_TEXT, MAX_ROUTES,
+};
 use mesh_proto::PublicKey;
 use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 use serde::Serialize;
@@ -37,10 +39,7 @@ const NEVER_ROUTED: [(IpNet, &str); 8] = [
     (v4(169, 254, 0, 0, 16), "link-local"),
     (v4(224, 0, 0, 0, 4), "multicast"),
     (v4(240, 0, 0, 0, 4), "reserved and broadcast"),
-    (
-        v6(0, 8),
-        "reserved: unspecified, loopback and IPv4-mapped",
-    ),
+    (v6(0, 8), "reserved: unspecified, loopback and IPv4-mapped"),
     (v6(0xfe80, 10), "link-local"),
     (v6(0xff00, 8), "multicast"),
 ];
@@ -1248,14 +1247,20 @@ mod tests {
         assert_eq!(route(&s, "a", "fd00:10:244:1::/64").state, "approved");
         assert_eq!(route(&s, "a", "10.244.1.0/24").state, "pending");
         let refused = [
-            ("fd00:10:244::/56", "overlaps fd00:10:244:1::/64 of node a (approved)"),
+            (
+                "fd00:10:244::/56",
+                "overlaps fd00:10:244:1::/64 of node a (approved)",
+            ),
             (
                 in_overlay6.as_str(),
                 &format!("overlaps the network's overlay range {overlay6}"),
             ),
             ("fe80::/64", "(link-local)"),
             ("ff02::/16", "(multicast)"),
-            ("::1/128", "(reserved: unspecified, loopback and IPv4-mapped)"),
+            (
+                "::1/128",
+                "(reserved: unspecified, loopback and IPv4-mapped)",
+            ),
             ("::ffff:10.244.2.0/120", "(reserved"),
             (
                 "fc00::/7",
@@ -1283,10 +1288,9 @@ mod tests {
         assert!(exit.exit && exit.state == "pending", "{exit:?}");
         let inside = route(&s, "a", &in_overlay6);
         assert!(
-            inside
-                .reason
-                .unwrap()
-                .contains(&format!("lies inside the network's overlay range {overlay6}")),
+            inside.reason.unwrap().contains(&format!(
+                "lies inside the network's overlay range {overlay6}"
+            )),
             "refused"
         );
         // Withdrawing a's routes frees the wider IPv6 prefix for b, judged again.
@@ -1684,7 +1688,10 @@ mod tests {
         assert_eq!(route(&s, "a", "10.244.1.0/24").state, "approved");
         let e = invalid(s.set_auto_approve_routes(
             "prod",
-            &[IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(10, 244, 1, 1), 24))],
+            &[IpNet::V4(Ipv4Net::new_assert(
+                Ipv4Addr::new(10, 244, 1, 1),
+                24,
+            ))],
             T0,
         ));
         assert_eq!(

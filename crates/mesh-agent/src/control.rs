@@ -9,7 +9,7 @@ use crate::state::StateDir;
 use mesh_control::channel::{self, ChannelError};
 use mesh_control::Link;
 use mesh_proto::control::{
-    decode_server, ClientMsg, ErrorCode, Ipv4Net, NatKind, PeerInfo, RelayInfo, RouteState,
+    decode_server, ClientMsg, ErrorCode, IpNet, NatKind, PeerInfo, RelayInfo, RouteState,
     RouteStatus, ServerMsg, Welcome,
 };
 use mesh_proto::PublicKey;
@@ -324,11 +324,11 @@ pub struct ControlCtx {
     /// The address at which the router forwards the UDP port (see [`crate::portmap`]).
     pub port_mapping: watch::Receiver<Option<SocketAddr>>,
     /// The prefixes this node advertises (`--advertise-routes`, `mesh routes advertise`).
-    pub advertised: watch::Receiver<Vec<Ipv4Net>>,
+    pub advertised: watch::Receiver<Vec<IpNet>>,
     /// Where the controller's word on them goes (see [`ServerMsg::Routes`]).
     pub route_states: watch::Sender<Vec<RouteState>>,
     /// The prefixes the peers route, as approved (the daemon installs a route for each).
-    pub peer_routes: watch::Sender<Vec<Ipv4Net>>,
+    pub peer_routes: watch::Sender<Vec<IpNet>>,
     /// The node's IPv6 overlay address and the network's prefix, as the last welcome gave
     /// them (the daemon saves and configures a change).
     pub overlay6: watch::Sender<Option<(std::net::Ipv6Addr, mesh_proto::control::Ipv6Net)>>,
@@ -337,11 +337,11 @@ pub struct ControlCtx {
     /// The network's names for several nodes (see [`ServerMsg::Names`]).
     pub aliases: watch::Sender<Vec<mesh_proto::control::NameAlias>>,
     /// The prefixes this node offers as an exit.
-    pub exits: Vec<Ipv4Net>,
+    pub exits: Vec<IpNet>,
     /// The prefixes it sends through a peer's exit, by choice.
     pub uses: Vec<crate::exits::ExitUse>,
     /// Those of them an approved exit of the named peer covers now (the daemon routes them).
-    pub exit_routes: watch::Sender<Vec<Ipv4Net>>,
+    pub exit_routes: watch::Sender<Vec<IpNet>>,
 }
 
 /// Endpoint candidates: the local addresses of the interfaces that can carry a path, then the
@@ -474,8 +474,8 @@ pub fn names_of(peers: &[PeerInfo]) -> Vec<crate::dns::Node> {
 }
 
 /// Every prefix the peers route, once each.
-pub fn routes_of(peers: &[PeerInfo]) -> Vec<Ipv4Net> {
-    let mut all: Vec<Ipv4Net> = peers
+pub fn routes_of(peers: &[PeerInfo]) -> Vec<IpNet> {
+    let mut all: Vec<IpNet> = peers
         .iter()
         .flat_map(|p| p.routes.iter().copied())
         .collect();

@@ -16,7 +16,7 @@ use mesh_proto::PublicKey;
 use mesh_sys::netlink::InterfaceConfig;
 use mesh_sys::socket::UdpPort;
 use serde_json::json;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -41,13 +41,13 @@ pub struct Options {
     /// Whether to ask the router to forward the UDP port.
     pub port_mapping: Option<bool>,
     /// The prefixes to advertise as subnet routes.
-    pub advertise_routes: Option<Vec<ipnet::Ipv4Net>>,
+    pub advertise_routes: Option<Vec<ipnet::IpNet>>,
     /// Whether to answer node names on the overlay address.
     pub dns: Option<bool>,
     /// Whether to keep the node names in /etc/hosts.
     pub hosts_file: Option<bool>,
     /// The prefixes to offer as an exit.
-    pub advertise_exits: Option<Vec<ipnet::Ipv4Net>>,
+    pub advertise_exits: Option<Vec<ipnet::IpNet>>,
     /// The prefixes to send through a peer's exit.
     pub use_exits: Option<Vec<crate::exits::ExitUse>>,
     /// Whether to advertise the pod subnet found on the node as well (`auto`).
@@ -67,10 +67,10 @@ pub struct Settings {
     metrics_listen: Option<SocketAddr>,
     endpoint_interfaces: EndpointInterfaces,
     port_mapping: bool,
-    advertise_routes: Vec<ipnet::Ipv4Net>,
+    advertise_routes: Vec<ipnet::IpNet>,
     dns: bool,
     hosts_file: bool,
-    advertise_exits: Vec<ipnet::Ipv4Net>,
+    advertise_exits: Vec<ipnet::IpNet>,
     use_exits: Vec<crate::exits::ExitUse>,
     auto_routes: Option<crate::podcidr::AutoRoutes>,
 }
@@ -109,8 +109,8 @@ impl Options {
             .or(saved.map(|m| m.advertise_routes.clone()))
             .unwrap_or_default();
         if let Some(found) = auto_routes.as_ref().and_then(|a| a.found) {
-            if !advertise_routes.contains(&found) {
-                advertise_routes.push(found);
+            if !advertise_routes.contains(&ipnet::IpNet::V4(found)) {
+                advertise_routes.push(ipnet::IpNet::V4(found));
             }
         }
         Ok(Settings {
@@ -1054,8 +1054,8 @@ async fn run(
     let (peer_routes_tx, peer_routes_rx) = watch::channel(control::routes_of(&cached_peers));
     let routes_task = tokio::spawn(sync_routes(
         opts.interface.clone(),
-        membership.address,
-        overlay_range(&membership),
+        (membership.address, membership.address6),
+        overlay_ranges(&membership),
         peer_routes_rx,
         (route_states_rx.clone(), own_routes),
         running.data_tx.clone(),
@@ -1202,7 +1202,7 @@ async fn run(
     let (exit_routes_tx, exit_routes_rx) = watch::channel(initial_exits);
     let exits_task = tokio::spawn(crate::exits::run(
         opts.interface.clone(),
-        membership.address,
+        (membership.address, membership.address6),
         exit_routes_rx,
     ));
     let ctx = ControlCtx {
@@ -1564,15 +1564,14 @@ async fn run(
 /// The advertised list after `mesh routes advertise|withdraw`, or what is wrong with the
 /// request.
 fn change_routes(
-    current: &[ipnet::Ipv4Net],
+    current: &[ipnet::IpNet],
     advertise: &[String],
     withdraw: &[String],
-) -> Result<Vec<ipnet::Ipv4Net>, String> {
-    let parse = |t: &String| -> Result<ipnet::Ipv4Net, String> {
-        let net: ipnet::Ipv4Net = t
-            .trim()
-            .parse()
-            .map_err(|_| format!("{t:?} is not an IPv4 prefix (expected e.g. 10.244.1.0/24)"))?;
+) -> Result<Vec<ipnet::IpNet>, String> {
+    let parse = |t: &String| -> Result<ipnet::IpNet, String> {
+        let net: ipnet::IpNet = t.trim().parse().map_err(|_| {
+            format!("{t:?} is not an IP prefix (expected e.g. 10.244.1.0/24 or fd00:10:244:1::/64)")
+        })?;
         if net.trunc() != net {
             return Err(format!(
                 "{t} has host bits set; did you mean {}?",
@@ -1607,7 +1606,7 @@ fn change_routes(
 /// `mesh status`'s `routes`: what this node advertises and where each stands, and what its
 /// peers route.
 fn routes_json(
-    advertised: &[ipnet::Ipv4Net],
+    advertised: &[ipnet::IpNet],
     states: &[mesh_proto::control::RouteState],
     peers: &[mesh_proto::control::PeerInfo],
 ) -> serde_json::Value {
@@ -1639,7 +1638,7 @@ fn routes_json(
 }
 
 /// The approved prefixes among `states`.
-fn approved(states: &[mesh_proto::control::RouteState]) -> Vec<ipnet::Ipv4Net> {
+fn approved(states: &[mesh_proto::control::RouteState]) -> Vec<ipnet::IpNet> {
     states
         .iter()
         .filter(|s| s.state == mesh_proto::control::RouteStatus::Approved)
@@ -1650,7 +1649,7 @@ fn approved(states: &[mesh_proto::control::RouteState]) -> Vec<ipnet::Ipv4Net> {
 /// The approved prefixes of this node: those of its site, and those it offers as an exit.
 fn split_exits(
     states: &[mesh_proto::control::RouteState],
-) -> (Vec<ipnet::Ipv4Net>, Vec<ipnet::Ipv4Net>) {
+) -> (Vec<ipnet::IpNet>, Vec<ipnet::IpNet>) {
     let approved = states
         .iter()
         .filter(|s| s.state == mesh_proto::control::RouteStatus::Approved);
@@ -1666,25 +1665,31 @@ fn ip_forward_on() -> bool {
     std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "1")
 }
 
+/// Whether the kernel forwards IPv6 (what an IPv6 exit needs).
+fn ip6_forward_on() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/forwarding").is_ok_and(|v| v.trim() == "1")
+}
+
 /// Keeps the kernel's routes through the overlay interface equal to the prefixes the peers
-/// route (added with the node's overlay address as source, removed when withdrawn), and the
-/// node's own approved prefixes in the data plane and the forwarding guard (`own`: their
-/// states, and the prefixes already put there at start, from the cache).
+/// route (added with the node's overlay address of their family as source, removed when
+/// withdrawn), and the node's own approved prefixes in the data plane and the forwarding guard
+/// (`own`: their states, and the prefixes already put there at start, from the cache).
+/// `overlay`: the overlay ranges (IPv4, and IPv6 when the network has one), never routed so.
 async fn sync_routes(
     interface: String,
-    source: Ipv4Addr,
-    overlay: ipnet::Ipv4Net,
-    mut peer_routes: watch::Receiver<Vec<ipnet::Ipv4Net>>,
+    source: (Ipv4Addr, Option<std::net::Ipv6Addr>),
+    overlay: Vec<ipnet::IpNet>,
+    mut peer_routes: watch::Receiver<Vec<ipnet::IpNet>>,
     own: (
         watch::Receiver<Vec<mesh_proto::control::RouteState>>,
-        Vec<ipnet::Ipv4Net>,
+        Vec<ipnet::IpNet>,
     ),
     data: mpsc::Sender<DataCmd>,
 ) {
     let (mut own, applied) = own;
     // What an earlier run installed (mesh0 outlives agent restarts) counts as installed.
-    let mut installed: std::collections::BTreeSet<ipnet::Ipv4Net> =
-        match mesh_sys::netlink::routes_via(&interface, Some(overlay)).await {
+    let mut installed: std::collections::BTreeSet<ipnet::IpNet> =
+        match mesh_sys::netlink::routes_via(&interface, &overlay).await {
             Ok(r) => r.into_iter().collect(),
             Err(e) => {
                 warn!(error = %e, "cannot list the routes through {interface}");
@@ -1692,15 +1697,22 @@ async fn sync_routes(
             }
         };
     let mut own_applied = applied;
+    let mine = |r: &ipnet::IpNet| {
+        r.contains(&IpAddr::V4(source.0)) || source.1.is_some_and(|a| r.contains(&IpAddr::V6(a)))
+    };
+    let source_of = |r: &ipnet::IpNet| match r {
+        ipnet::IpNet::V4(_) => Some(IpAddr::V4(source.0)),
+        ipnet::IpNet::V6(_) => source.1.map(IpAddr::V6),
+    };
     loop {
-        let wanted: std::collections::BTreeSet<ipnet::Ipv4Net> = peer_routes
+        let wanted: std::collections::BTreeSet<ipnet::IpNet> = peer_routes
             .borrow_and_update()
             .iter()
             .copied()
-            .filter(|r| !r.contains(&source) && *r != overlay)
+            .filter(|r| !mine(r) && !overlay.contains(r))
             .collect();
         for gone in installed.difference(&wanted).copied().collect::<Vec<_>>() {
-            match mesh_sys::netlink::set_route(&interface, gone, source, false).await {
+            match mesh_sys::netlink::set_route(&interface, gone, source_of(&gone), false).await {
                 Ok(()) => {
                     info!(prefix = %gone, "subnet route removed");
                     installed.remove(&gone);
@@ -1709,7 +1721,7 @@ async fn sync_routes(
             }
         }
         for new in wanted.difference(&installed).copied().collect::<Vec<_>>() {
-            match mesh_sys::netlink::set_route(&interface, new, source, true).await {
+            match mesh_sys::netlink::set_route(&interface, new, source_of(&new), true).await {
                 Ok(()) => {
                     info!(prefix = %new, "subnet route added through {interface}");
                     installed.insert(new);
@@ -1724,8 +1736,11 @@ async fn sync_routes(
             if let Err(e) = mesh_sys::firewall::clamp_mss(&interface, &routed, &exits) {
                 warn!(error = %e, "cannot let the approved prefixes through the forwarding guard");
             }
-            if !exits.is_empty() && !ip_forward_on() {
+            if exits.iter().any(|e| e.addr().is_ipv4()) && !ip_forward_on() {
                 warn!(exits = ?exits, "this node is an approved exit but IPv4 forwarding is off, so peers' packets go nowhere: sysctl -w net.ipv4.ip_forward=1");
+            }
+            if exits.iter().any(|e| e.addr().is_ipv6()) && !ip6_forward_on() {
+                warn!(exits = ?exits, "this node is an approved IPv6 exit but IPv6 forwarding is off, so peers' IPv6 packets go nowhere: sysctl -w net.ipv6.conf.all.forwarding=1");
             }
             if !mine.is_empty() {
                 info!(prefixes = ?mine, "routing the approved prefixes for the peers");
@@ -1743,7 +1758,14 @@ async fn sync_routes(
 /// How long a forced `mesh leave` waits for the controller's confirmation.
 const FORCED_LEAVE_WAIT: Duration = Duration::from_secs(5);
 
-/// The network's overlay range, from the node's address and prefix.
+/// The network's overlay ranges: IPv4, and IPv6 when the network has one.
+fn overlay_ranges(m: &Membership) -> Vec<ipnet::IpNet> {
+    std::iter::once(ipnet::IpNet::V4(overlay_range(m)))
+        .chain(m.prefix6.map(|p| ipnet::IpNet::V6(p.trunc())))
+        .collect()
+}
+
+/// The network's IPv4 overlay range, from the node's address and prefix.
 fn overlay_range(m: &Membership) -> ipnet::Ipv4Net {
     ipnet::Ipv4Net::new(m.address, m.prefix_len)
         .map(|n| n.trunc())
@@ -2144,7 +2166,7 @@ mod tests {
 
     #[test]
     fn advertised_routes_change_by_prefix_and_say_what_is_wrong() {
-        let pods: ipnet::Ipv4Net = "10.244.1.0/24".parse().unwrap();
+        let pods: ipnet::IpNet = "10.244.1.0/24".parse().unwrap();
         let list = change_routes(&[], &["10.244.1.0/24".into()], &[]).unwrap();
         assert_eq!(list, vec![pods]);
         // Advertising again changes nothing; withdrawing removes it.
@@ -2158,7 +2180,7 @@ mod tests {
         let e = change_routes(&list, &["10.244.1.5/24".into()], &[]).unwrap_err();
         assert!(e.contains("did you mean 10.244.1.0/24"), "{e}");
         let e = change_routes(&list, &["pods".into()], &[]).unwrap_err();
-        assert!(e.contains("not an IPv4 prefix"), "{e}");
+        assert!(e.contains("not an IP prefix"), "{e}");
         let e = change_routes(&list, &[], &["10.9.0.0/16".into()]).unwrap_err();
         assert!(e.contains("not advertised"), "{e}");
     }
@@ -2213,17 +2235,17 @@ mod tests {
     /// explicit prefixes; the source paths are kept as saved unless given.
     #[test]
     fn auto_routes_keep_the_found_prefix_and_the_sources() {
-        let net = |s: &str| s.parse::<ipnet::Ipv4Net>().unwrap();
+        let net = |s: &str| s.parse::<ipnet::IpNet>().unwrap();
         let saved = Membership {
             advertise_routes: vec![net("10.244.1.0/24")],
             auto_routes: Some(crate::podcidr::AutoRoutes {
-                found: Some(net("10.244.1.0/24")),
+                found: Some("10.244.1.0/24".parse().unwrap()),
                 cni_conf_dir: Some("/srv/cni".into()),
                 flannel_subnet_env: None,
             }),
             ..crate::state::sample_membership()
         };
-        let settle = |auto: Option<bool>, list: Option<Vec<ipnet::Ipv4Net>>| {
+        let settle = |auto: Option<bool>, list: Option<Vec<ipnet::IpNet>>| {
             Options {
                 advertise_auto: auto,
                 advertise_routes: list,

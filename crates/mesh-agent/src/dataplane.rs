@@ -52,7 +52,7 @@ pub enum DataCmd {
     /// prefix of [`DataCmd::SetAddress6`] joins them.
     SetExcluded(Vec<ipnet::IpNet>),
     /// The prefixes the controller approved for this node (see [`Node::set_routes`]).
-    SetRoutes(Vec<ipnet::Ipv4Net>),
+    SetRoutes(Vec<ipnet::IpNet>),
     /// Whether this node is behind a NAT (as the controller sees it): birthday punching runs
     /// only then. `kind`: how the NAT maps, when two observations told.
     Nat {
@@ -283,7 +283,7 @@ impl Relays {
 
 fn to_config(p: &PeerInfo) -> PeerConfig {
     PeerConfig {
-        routes: p.routes.iter().copied().map(ipnet::IpNet::from).collect(),
+        routes: p.routes.clone(),
         key: p.key,
         name: p.name.clone(),
         address: p.address,
@@ -572,7 +572,7 @@ pub async fn run(
                     });
                 }
                 Some(DataCmd::SetRoutes(routes)) => {
-                    node.set_routes(routes.into_iter().map(ipnet::IpNet::from).collect());
+                    node.set_routes(routes);
                 }
                 Some(DataCmd::SetExcluded(view)) => {
                     excluded_view = view;

@@ -4,7 +4,7 @@
 //! it, and only for what it covers; mesh's own packets never follow it (see
 //! [`mesh_sys::exits`]).
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use mesh_proto::control::PeerInfo;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -13,8 +13,9 @@ use tracing::{info, warn};
 /// A prefix this node sends through a peer's exit.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExitUse {
-    /// What goes through the exit (`0.0.0.0/0`: everything without a more specific route).
-    pub prefix: Ipv4Net,
+    /// What goes through the exit (`0.0.0.0/0`, `::/0`: everything of that family without a
+    /// more specific route).
+    pub prefix: IpNet,
     /// The exit node, by node name.
     pub node: String,
 }
@@ -35,8 +36,10 @@ pub fn parse_uses(list: &str) -> Result<Vec<ExitUse>, String> {
                 "{item:?} is not `PREFIX via NODE` (e.g. \"198.51.100.0/24 via site-a\")"
             ));
         };
-        let prefix: Ipv4Net = prefix.parse().map_err(|_| {
-            format!("{prefix:?} is not an IPv4 prefix (expected e.g. 198.51.100.0/24)")
+        let prefix: IpNet = prefix.parse().map_err(|_| {
+            format!(
+                "{prefix:?} is not an IP prefix (expected e.g. 198.51.100.0/24 or 2001:db8::/32)"
+            )
         })?;
         if prefix.trunc() != prefix {
             return Err(format!(
@@ -79,7 +82,7 @@ pub fn active(
 }
 
 /// The prefixes in use: those an approved exit of the named peer covers now.
-pub fn in_use(uses: &[ExitUse], peers: &[PeerInfo]) -> Vec<Ipv4Net> {
+pub fn in_use(uses: &[ExitUse], peers: &[PeerInfo]) -> Vec<IpNet> {
     active(uses, peers)
         .into_iter()
         .filter(|(_, key)| key.is_some())
@@ -104,11 +107,11 @@ pub fn with_exits(mut peers: Vec<PeerInfo>, uses: &[ExitUse]) -> Vec<PeerInfo> {
 /// prefixes in use; removes them when the watch closes.
 pub async fn run(
     interface: String,
-    source: std::net::Ipv4Addr,
-    mut used: watch::Receiver<Vec<Ipv4Net>>,
+    source: (std::net::Ipv4Addr, Option<std::net::Ipv6Addr>),
+    mut used: watch::Receiver<Vec<IpNet>>,
 ) {
     // None: not yet applied (the first pass also clears what a crashed run left).
-    let mut installed: Option<Vec<Ipv4Net>> = None;
+    let mut installed: Option<Vec<IpNet>> = None;
     loop {
         let wanted = used.borrow_and_update().clone();
         if installed.as_ref() != Some(&wanted) {

@@ -75,8 +75,8 @@ struct DaemonFlags {
     /// --json` lists the interfaces left out and why (`endpoint_interfaces.skipped`).
     #[arg(long, value_name = "LIST")]
     endpoint_interfaces: Option<String>,
-    /// IPv4 prefixes this node routes and offers its peers (subnet routes), comma-separated,
-    /// e.g. its pod subnet `10.244.1.0/24`. The controller approves them (by network policy or
+    /// IPv4 and IPv6 prefixes this node routes and offers its peers (subnet routes),
+    /// comma-separated, e.g. its pod subnets `10.244.1.0/24,fd00:10:244:1::/64`. The controller approves them (by network policy or
     /// `mesh-controller route approve`); peers then route them through mesh0. Saved with the
     /// node's state; "" advertises none. At run time: `mesh routes advertise|withdraw`.
     ///
@@ -104,15 +104,16 @@ struct DaemonFlags {
     /// --no-port-mapping).
     #[arg(long, overrides_with = "no_port_mapping")]
     port_mapping: bool,
-    /// IPv4 prefixes this node offers as an exit, comma-separated: `0.0.0.0/0` for everything
+    /// Prefixes this node offers as an exit, comma-separated: `0.0.0.0/0,::/0` for everything
     /// (a site whose uplink reaches registries and mirrors others cannot). Approved like
     /// routes; peers use an exit only when they choose it (--exit-node). The node masquerades
-    /// what it forwards there and needs net.ipv4.ip_forward=1. Saved; "" offers none.
+    /// what it forwards there and needs net.ipv4.ip_forward=1 (net.ipv6.conf.all.forwarding=1
+    /// for IPv6 prefixes). Saved; "" offers none.
     #[arg(long, value_name = "PREFIX,...")]
     advertise_exit: Option<String>,
     /// Send everything without a more specific route through NODE's exit (which it offers
-    /// with --advertise-exit 0.0.0.0/0 and the controller approved); mesh's own traffic keeps
-    /// the underlay. Saved; "" stops.
+    /// with --advertise-exit 0.0.0.0/0 and the controller approved; IPv6 too where it offers
+    /// ::/0); mesh's own traffic keeps the underlay. Saved; "" stops.
     #[arg(long, value_name = "NODE")]
     exit_node: Option<String>,
     /// Send these prefixes through a peer's exit: comma-separated "PREFIX via NODE" (e.g.
@@ -400,14 +401,23 @@ fn kubeadm_cni(
             "invalid --bridge {bridge:?}: an interface name has 1 to 15 characters, without spaces, quotes, `/` or `:`"
         );
     }
-    // What this node advertises and its MTU: from node.json, else from the running agent.
+    // The first IPv4 prefix this node advertises (the bridge's host-local range is IPv4) and
+    // its MTU: from node.json, else from the running agent.
     let (advertised, node_mtu) = match state.load_membership() {
-        Ok(m) => (m.advertise_routes.first().copied(), Some(m.mtu)),
+        Ok(m) => (
+            m.advertise_routes.iter().find_map(|p| match p {
+                ipnet::IpNet::V4(p) => Some(*p),
+                ipnet::IpNet::V6(_) => None,
+            }),
+            Some(m.mtu),
+        ),
         Err(_) => match runtime()?.block_on(ask(state, api::Request::Status)) {
             Ok(v) => (
-                v["routes"]["advertised"][0]["prefix"]
-                    .as_str()
-                    .and_then(|p| p.parse().ok()),
+                v["routes"]["advertised"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find_map(|r| r["prefix"].as_str()?.parse::<ipnet::Ipv4Net>().ok()),
                 v["node"]["mtu"]
                     .as_u64()
                     .and_then(|m| u32::try_from(m).ok()),
@@ -916,18 +926,20 @@ fn parse_wait(wait: Option<String>) -> anyhow::Result<Option<Duration>> {
     .transpose()
 }
 
-/// A comma-separated list of IPv4 prefixes ("" for none), each checked, and whether `auto`
-/// was among them.
-fn parse_prefixes(list: &str) -> anyhow::Result<(Vec<ipnet::Ipv4Net>, bool)> {
-    let mut out: Vec<ipnet::Ipv4Net> = Vec::new();
+/// A comma-separated list of IPv4 and IPv6 prefixes ("" for none), each checked, and whether
+/// `auto` was among them.
+fn parse_prefixes(list: &str) -> anyhow::Result<(Vec<ipnet::IpNet>, bool)> {
+    let mut out: Vec<ipnet::IpNet> = Vec::new();
     let mut auto = false;
     for item in list.split(',').map(str::trim).filter(|i| !i.is_empty()) {
         if item.eq_ignore_ascii_case("auto") {
             auto = true;
             continue;
         }
-        let net: ipnet::Ipv4Net = item.parse().map_err(|_| {
-            anyhow::anyhow!("{item:?} is not an IPv4 prefix (expected e.g. 10.244.1.0/24)")
+        let net: ipnet::IpNet = item.parse().map_err(|_| {
+            anyhow::anyhow!(
+                "{item:?} is not an IP prefix (expected e.g. 10.244.1.0/24 or fd00:10:244:1::/64)"
+            )
         })?;
         if net.trunc() != net {
             anyhow::bail!("{item} has host bits set; did you mean {}?", net.trunc());
@@ -1036,11 +1048,18 @@ fn daemon_options(
             .map(str::trim)
             .filter(|n| !n.is_empty())
         {
+            // Everything of both families: IPv6 goes through the exit only where it offers
+            // ::/0 (see `exits::active`).
             uses.retain(|u| u.prefix.prefix_len() != 0);
-            uses.push(crate::exits::ExitUse {
-                prefix: ipnet::Ipv4Net::default(),
-                node: node.to_owned(),
-            });
+            for everything in [
+                ipnet::IpNet::V4(ipnet::Ipv4Net::default()),
+                ipnet::IpNet::V6(ipnet::Ipv6Net::default()),
+            ] {
+                uses.push(crate::exits::ExitUse {
+                    prefix: everything,
+                    node: node.to_owned(),
+                });
+            }
         }
         Some(uses)
     };

@@ -304,13 +304,13 @@ impl Tracker {
 
 /// The advertised list with the auto-found prefix `old` replaced by `new`; the other
 /// (explicit) prefixes stay in their order. `None` when the list has no room for it.
-pub fn replace_auto(
-    list: &[Ipv4Net],
-    old: Option<Ipv4Net>,
-    new: Ipv4Net,
+pub fn replace_auto<P: Copy + PartialEq>(
+    list: &[P],
+    old: Option<P>,
+    new: P,
     max: usize,
-) -> Option<Vec<Ipv4Net>> {
-    let mut out: Vec<Ipv4Net> = list
+) -> Option<Vec<P>> {
+    let mut out: Vec<P> = list
         .iter()
         .copied()
         .filter(|p| Some(*p) != old || *p == new)
@@ -329,7 +329,7 @@ pub fn replace_auto(
 pub fn adopt(
     membership: &mut crate::state::Membership,
     found: Ipv4Net,
-) -> Result<Option<Vec<Ipv4Net>>, String> {
+) -> Result<Option<Vec<ipnet::IpNet>>, String> {
     let Some(auto) = membership.auto_routes.as_mut() else {
         return Ok(None);
     };
@@ -339,7 +339,8 @@ pub fn adopt(
         return Ok(None);
     }
     let max = mesh_proto::control::MAX_ROUTES;
-    let list = replace_auto(&membership.advertise_routes, auto.found, found, max).ok_or_else(|| {
+    let (old, new) = (auto.found.map(ipnet::IpNet::V4), ipnet::IpNet::V4(found));
+    let list = replace_auto(&membership.advertise_routes, old, new, max).ok_or_else(|| {
         format!("cannot advertise the pod subnet {found}: the node already advertises {max} prefixes (`mesh routes withdraw` one)")
     })?;
     auto.found = Some(found);
@@ -525,17 +526,18 @@ mod tests {
             net("10.244.2.0/24"),
             net("192.168.9.0/24"),
         );
+        let both = |p: Ipv4Net| ipnet::IpNet::V4(p);
         let mut m = crate::state::Membership {
-            advertise_routes: vec![x],
+            advertise_routes: vec![both(x)],
             ..crate::state::sample_membership()
         };
         assert_eq!(adopt(&mut m, a), Ok(None), "auto off: nothing");
         m.auto_routes = Some(AutoRoutes::default());
-        assert_eq!(adopt(&mut m, a), Ok(Some(vec![x, a])));
+        assert_eq!(adopt(&mut m, a), Ok(Some(vec![both(x), both(a)])));
         assert_eq!(adopt(&mut m, a), Ok(None));
-        assert_eq!(adopt(&mut m, b), Ok(Some(vec![x, b])));
+        assert_eq!(adopt(&mut m, b), Ok(Some(vec![both(x), both(b)])));
         assert_eq!(m.auto_routes.as_ref().unwrap().found, Some(b));
-        assert_eq!(m.advertise_routes, vec![x, b]);
+        assert_eq!(m.advertise_routes, vec![both(x), both(b)]);
     }
 
     #[test]

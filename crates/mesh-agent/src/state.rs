@@ -118,7 +118,7 @@ pub struct Membership {
     pub endpoint_interfaces: Option<String>,
     /// The prefixes it advertises as subnet routes (`--advertise-routes`, `mesh routes`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub advertise_routes: Vec<mesh_proto::control::Ipv4Net>,
+    pub advertise_routes: Vec<mesh_proto::control::IpNet>,
     /// Present when it also advertises the pod subnet found on the node
     /// (`--advertise-routes auto`), with the prefix found last.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -135,7 +135,7 @@ pub struct Membership {
     pub hosts_file: bool,
     /// The prefixes it offers as an exit (`--advertise-exit`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub advertise_exits: Vec<mesh_proto::control::Ipv4Net>,
+    pub advertise_exits: Vec<mesh_proto::control::IpNet>,
     /// The prefixes it sends through a peer's exit (`--exit-node`, `--use-routes`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub use_exits: Vec<crate::exits::ExitUse>,

@@ -1,8 +1,9 @@
 //! Routes through an exit node: prefixes (`0.0.0.0/0` for everything) that a peer offers as an
 //! exit and this node chose to use (`mesh up --exit-node NODE`).
 //!
-//! They live in their own routing table, [`TABLE`], consulted by two policy rules for every
-//! packet that does not carry mesh's own mark ([`crate::bypass::MARK`]):
+//! They live in their own routing table, [`TABLE`], consulted by two policy rules per address
+//! family (IPv6 exits such as `::/0` as IPv4 ones) for every packet that does not carry mesh's
+//! own mark ([`crate::bypass::MARK`]):
 //!
 //! ```text
 //! RULE_PREF:     not from all fwmark MARK/MARK lookup main suppress_prefixlength 0
@@ -17,11 +18,11 @@
 
 use crate::netlink::{connect, link_index, NetlinkError};
 use futures_util::TryStreamExt;
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use rtnetlink::packet_route::route::{RouteAttribute, RouteHeader};
 use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleFlags};
 use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 /// The routing table of the exit routes (ASCII "ms", as the interface group).
 pub const TABLE: u32 = 0x6d73;
@@ -33,13 +34,15 @@ fn request(what: &'static str, link: &str) -> impl FnOnce(rtnetlink::Error) -> N
     move |source| NetlinkError::Request { what, link, source }
 }
 
-/// Routes `prefixes` through `interface` (preferred source `source`, the overlay address) for
-/// every unmarked packet, replacing what an earlier call installed; with no prefixes, removes
-/// the rules and routes. Idempotent.
+/// Routes `prefixes` through `interface` for every unmarked packet, replacing what an earlier
+/// call installed; with no prefixes, removes the rules and routes. Idempotent. `source`: the
+/// overlay addresses, the preferred source of the routes of each family (an IPv6 exit without
+/// an IPv6 overlay address leaves the source to the kernel). Rules go in only for the
+/// families that have prefixes.
 pub async fn install(
     interface: &str,
-    source: Ipv4Addr,
-    prefixes: &[Ipv4Net],
+    source: (Ipv4Addr, Option<Ipv6Addr>),
+    prefixes: &[IpNet],
 ) -> Result<(), NetlinkError> {
     let handle = connect()?;
     flush_table(&handle).await;
@@ -49,11 +52,22 @@ pub async fn install(
     }
     let index = link_index(&handle, interface).await?;
     for prefix in prefixes {
-        let mut route = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(prefix.network(), prefix.prefix_len())
-            .output_interface(index)
-            .pref_source(source)
-            .build();
+        let mut route = match prefix {
+            IpNet::V4(p) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(p.network(), p.prefix_len())
+                .output_interface(index)
+                .pref_source(source.0)
+                .build(),
+            IpNet::V6(p) => {
+                let mut b = RouteMessageBuilder::<Ipv6Addr>::new()
+                    .destination_prefix(p.network(), p.prefix_len())
+                    .output_interface(index);
+                if let Some(s) = source.1 {
+                    b = b.pref_source(s);
+                }
+                b.build()
+            }
+        };
         route.header.table = RouteHeader::RT_TABLE_UNSPEC;
         route.attributes.push(RouteAttribute::Table(TABLE));
         handle
@@ -64,10 +78,24 @@ pub async fn install(
             .await
             .map_err(request("adding an exit route", interface))?;
     }
-    let mut main = handle
-        .rule()
-        .add()
-        .v4()
+    if prefixes.iter().any(|p| matches!(p, IpNet::V4(_))) {
+        let rule = || handle.rule().add().v4();
+        add_rules(rule(), rule(), interface).await?;
+    }
+    if prefixes.iter().any(|p| matches!(p, IpNet::V6(_))) {
+        let rule = || handle.rule().add().v6();
+        add_rules(rule(), rule(), interface).await?;
+    }
+    Ok(())
+}
+
+/// The two rules of one family (see the module docs), from two fresh requests of it.
+async fn add_rules<T>(
+    main: rtnetlink::RuleAddRequest<T>,
+    exit: rtnetlink::RuleAddRequest<T>,
+    interface: &str,
+) -> Result<(), NetlinkError> {
+    let mut main = main
         .priority(RULE_PREF)
         .fw_mark(crate::bypass::MARK)
         .table_id(254)
@@ -79,10 +107,7 @@ pub async fn install(
     main.execute()
         .await
         .map_err(request("adding the exit rule", interface))?;
-    let mut exit = handle
-        .rule()
-        .add()
-        .v4()
+    let mut exit = exit
         .priority(RULE_PREF + 1)
         .fw_mark(crate::bypass::MARK)
         .table_id(TABLE)
@@ -107,12 +132,14 @@ pub async fn remove() -> Result<(), NetlinkError> {
 
 async fn delete_rules(handle: &Handle) {
     let mut ours = Vec::new();
-    let mut rules = handle.rule().get(IpVersion::V4).execute();
-    while let Ok(Some(rule)) = rules.try_next().await {
-        if rule.attributes.iter().any(
-            |a| matches!(a, RuleAttribute::Priority(p) if *p == RULE_PREF || *p == RULE_PREF + 1),
-        ) {
-            ours.push(rule);
+    for version in [IpVersion::V4, IpVersion::V6] {
+        let mut rules = handle.rule().get(version).execute();
+        while let Ok(Some(rule)) = rules.try_next().await {
+            if rule.attributes.iter().any(
+                |a| matches!(a, RuleAttribute::Priority(p) if *p == RULE_PREF || *p == RULE_PREF + 1),
+            ) {
+                ours.push(rule);
+            }
         }
     }
     for rule in ours {
@@ -124,13 +151,21 @@ async fn delete_rules(handle: &Handle) {
 
 async fn flush_table(handle: &Handle) {
     let mut ours = Vec::new();
-    let mut routes = handle
-        .route()
-        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-        .execute();
-    while let Ok(Some(msg)) = routes.try_next().await {
-        if crate::netlink::table_of(&msg) == TABLE {
-            ours.push(msg);
+    let dumps = [
+        handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute(),
+        handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
+            .execute(),
+    ];
+    for mut routes in dumps {
+        while let Ok(Some(msg)) = routes.try_next().await {
+            if crate::netlink::table_of(&msg) == TABLE {
+                ours.push(msg);
+            }
         }
     }
     for msg in ours {

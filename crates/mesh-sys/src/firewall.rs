@@ -25,36 +25,47 @@ pub const TABLE: &str = "mesh";
 /// pod subnet), which it routes for its peers, and `exits`: the prefixes it offers as an exit,
 /// where peers' packets leave masqueraded behind the node's own address (the world has no
 /// route back to the overlay), unless they go into `routed` or back into the overlay.
-pub fn ruleset(interface: &str, routed: &[ipnet::Ipv4Net], exits: &[ipnet::Ipv4Net]) -> String {
-    let set = |nets: &[ipnet::Ipv4Net]| {
+pub fn ruleset(interface: &str, routed: &[ipnet::IpNet], exits: &[ipnet::IpNet]) -> String {
+    // One rule of each kind per family that has prefixes: `ip daddr` matches IPv4 only and
+    // `ip6 daddr` IPv6 only, inside the one `inet` table.
+    let families = [("ip", false), ("ip6", true)];
+    let set = |nets: &[ipnet::IpNet], v6: bool| {
         nets.iter()
+            .filter(|n| matches!(n, ipnet::IpNet::V6(_)) == v6)
             .map(|n| n.trunc().to_string())
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let all: Vec<ipnet::Ipv4Net> = routed.iter().chain(exits).copied().collect();
-    let routed_rule = if all.is_empty() {
+    let all: Vec<ipnet::IpNet> = routed.iter().chain(exits).copied().collect();
+    let mut routed_rule = String::new();
+    let mut masquerade = String::new();
+    for (family, v6) in families {
+        let all = set(&all, v6);
+        if !all.is_empty() {
+            routed_rule +=
+                &format!("\t\tiifname \"{interface}\" {family} daddr {{ {all} }} accept\n");
+        }
+        let exits = set(exits, v6);
+        if !exits.is_empty() {
+            let routed = set(routed, v6);
+            let keep = if routed.is_empty() {
+                String::new()
+            } else {
+                format!("{family} daddr != {{ {routed} }} ")
+            };
+            masquerade += &format!(
+                "\t\tiifname \"{interface}\" oifname != \"{interface}\" {keep}{family} daddr {{ {exits} }} masquerade\n"
+            );
+        }
+    }
+    let exit_chain = if masquerade.is_empty() {
         String::new()
     } else {
-        format!(
-            "\t\tiifname \"{interface}\" ip daddr {{ {} }} accept\n",
-            set(&all)
-        )
-    };
-    let exit_chain = if exits.is_empty() {
-        String::new()
-    } else {
-        let keep = if routed.is_empty() {
-            String::new()
-        } else {
-            format!("ip daddr != {{ {} }} ", set(routed))
-        };
         format!(
             "\tchain exit {{\n\
              \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
-             \t\tiifname \"{interface}\" oifname != \"{interface}\" {keep}ip daddr {{ {} }} masquerade\n\
-             \t}}\n",
-            set(exits)
+             {masquerade}\
+             \t}}\n"
         )
     };
     format!(
@@ -115,8 +126,8 @@ fn nft(input: &str, interface: &str) -> Result<(), FirewallError> {
 /// through what peers send to `routed` and `exits` (see [`ruleset`]).
 pub fn clamp_mss(
     interface: &str,
-    routed: &[ipnet::Ipv4Net],
-    exits: &[ipnet::Ipv4Net],
+    routed: &[ipnet::IpNet],
+    exits: &[ipnet::IpNet],
 ) -> Result<(), FirewallError> {
     nft(&ruleset(interface, routed, exits), interface)
 }
@@ -164,5 +175,29 @@ mod tests {
         assert!(exit.contains(
             "iifname \"mesh0\" oifname != \"mesh0\" ip daddr != { 10.244.1.0/24 } ip daddr { 0.0.0.0/0 } masquerade"
         ));
+        assert!(!exit.contains("ip6"), "no IPv6 rules without IPv6 prefixes");
+    }
+
+    #[test]
+    fn ipv6_prefixes_get_ip6_rules_beside_the_ipv4_ones() {
+        let r = super::ruleset(
+            "mesh0",
+            &[
+                "10.244.1.0/24".parse().unwrap(),
+                "fd00:10:244:1::/64".parse().unwrap(),
+            ],
+            &["::/0".parse().unwrap()],
+        );
+        assert!(r.contains("iifname \"mesh0\" ip daddr { 10.244.1.0/24 } accept"));
+        assert!(r.contains("iifname \"mesh0\" ip6 daddr { fd00:10:244:1::/64, ::/0 } accept"));
+        assert!(r.contains(
+            "iifname \"mesh0\" oifname != \"mesh0\" ip6 daddr != { fd00:10:244:1::/64 } ip6 daddr { ::/0 } masquerade"
+        ));
+        assert!(
+            !r.contains("ip daddr { 0.0.0.0/0 }"),
+            "an IPv6 exit is no IPv4 one"
+        );
+        let accept = r.find("ip6 daddr {").unwrap();
+        assert!(accept < r.find("counter drop").unwrap());
     }
 }

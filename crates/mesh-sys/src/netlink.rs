@@ -306,7 +306,7 @@ pub async fn overlay_view(
     let mut uplinks: BTreeSet<u32> = BTreeSet::new();
     for family in [
         RouteMessageBuilder::<Ipv4Addr>::new().build(),
-        RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+        RouteMessageBuilder::<Ipv6Addr>::new().build(),
     ] {
         let mut routes = handle.route().get(family).execute();
         while let Ok(Some(msg)) = routes.try_next().await {
@@ -641,7 +641,7 @@ pub async fn set_peer_mtu6(
     use rtnetlink::packet_route::route::RouteMetric;
     let handle = connect()?;
     let index = link_index(&handle, interface).await?;
-    let route = RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+    let route = RouteMessageBuilder::<Ipv6Addr>::new()
         .destination_prefix(peer, 128)
         .output_interface(index)
         .build();
@@ -653,16 +653,40 @@ pub async fn set_peer_mtu6(
     put_route(&handle, interface, route, metrics, what).await
 }
 
-/// Adds (`present`) or removes a route to `prefix` through `interface`, with `source` as the
-/// preferred source address (the node's overlay address): a peer's approved subnet route.
+/// Adds (`present`) or removes a route to `prefix` (either family) through `interface`, with
+/// `source` as the preferred source address (the node's overlay address of that family, when
+/// it has one): a peer's approved subnet route.
 pub async fn set_route(
     interface: &str,
-    prefix: Ipv4Net,
-    source: Ipv4Addr,
+    prefix: IpNet,
+    source: Option<IpAddr>,
     present: bool,
 ) -> Result<(), NetlinkError> {
     let what = ("adding a subnet route", "removing a subnet route");
-    replace_route(interface, prefix, source, present.then(Vec::new), what).await
+    let metrics = present.then(Vec::new);
+    let handle = connect()?;
+    let index = link_index(&handle, interface).await?;
+    let route = match prefix {
+        IpNet::V4(prefix) => {
+            let mut builder = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(prefix.network(), prefix.prefix_len())
+                .output_interface(index);
+            if let Some(IpAddr::V4(source)) = source {
+                builder = builder.pref_source(source);
+            }
+            builder.build()
+        }
+        IpNet::V6(prefix) => {
+            let mut builder = RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(prefix.network(), prefix.prefix_len())
+                .output_interface(index);
+            if let Some(IpAddr::V6(source)) = source {
+                builder = builder.pref_source(source);
+            }
+            builder.build()
+        }
+    };
+    put_route(&handle, interface, route, metrics, what).await
 }
 
 /// Puts the main-table route to `prefix` through `interface` (preferred source `source`) in
@@ -721,37 +745,49 @@ async fn put_route(
     }
 }
 
-/// The prefixes routed through `interface` in the main table, other than host routes (/32,
-/// the per-peer MTU routes) and `connected` (the overlay's own subnet): the subnet routes a
-/// previous run of the agent installed.
-pub async fn routes_via(
-    interface: &str,
-    connected: Option<Ipv4Net>,
-) -> Result<Vec<Ipv4Net>, NetlinkError> {
+/// The prefixes of both families routed through `interface` in the main table, other than
+/// host routes (/32 and /128, the per-peer MTU routes) and `connected` (the overlay's own
+/// subnets): the subnet routes a previous run of the agent installed.
+pub async fn routes_via(interface: &str, connected: &[IpNet]) -> Result<Vec<IpNet>, NetlinkError> {
     use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
     let handle = connect()?;
     let index = link_index(&handle, interface).await?;
     let mut out = Vec::new();
-    let mut routes = handle
-        .route()
-        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-        .execute();
-    while let Ok(Some(msg)) = routes.try_next().await {
-        let oif = msg.attributes.iter().find_map(|a| match a {
-            RouteAttribute::Oif(i) => Some(*i),
-            _ => None,
-        });
-        if oif != Some(index) || msg.header.table != 254 {
-            continue;
-        }
-        let dst = msg.attributes.iter().find_map(|a| match a {
-            RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
-            _ => None,
-        });
-        let len = msg.header.destination_prefix_length;
-        if let Some(net) = dst.and_then(|d| Ipv4Net::new(d, len).ok()) {
-            if len > 0 && len < 32 && Some(net.trunc()) != connected.map(|c| c.trunc()) {
-                out.push(net.trunc());
+    let dumps = [
+        handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute(),
+        handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
+            .execute(),
+    ];
+    for mut routes in dumps {
+        while let Ok(Some(msg)) = routes.try_next().await {
+            let oif = msg.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(i) => Some(*i),
+                _ => None,
+            });
+            if oif != Some(index) || msg.header.table != 254 {
+                continue;
+            }
+            let dst = msg.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
+                RouteAttribute::Destination(RouteAddress::Inet6(ip)) => Some(IpAddr::V6(*ip)),
+                _ => None,
+            });
+            let len = msg.header.destination_prefix_length;
+            if let Some(net) = dst.and_then(|d| IpNet::new(d, len).ok()) {
+                let net = net.trunc();
+                let host = len == net.max_prefix_len();
+                // The kernel's own IPv6 routes (link-local, multicast) are not subnet routes.
+                let kernel = matches!(net, IpNet::V6(n)
+                    if n.network().segments()[0] & 0xffc0 == 0xfe80
+                        || n.network().segments()[0] >> 8 == 0xff);
+                if len > 0 && !host && !kernel && !connected.iter().any(|c| c.trunc() == net) {
+                    out.push(net);
+                }
             }
         }
     }
