@@ -400,12 +400,20 @@ impl Node {
         if let Some(mtu) = peer.probes.mtu.result() {
             if packet.len() > usize::from(mtu) {
                 // The path cannot carry it: answer like a router would rather than send it
-                // to die silently on the way.
+                // to die silently on the way. IPv6 routers never fragment, so every IPv6
+                // packet is answered, from the node's IPv6 overlay address if it has one.
                 cx.out.counters.too_big_packets += 1;
-                if dst.is_ipv4() && pmtu::dont_fragment(packet) {
-                    if let Some(icmp) = pmtu::frag_needed(packet, mtu, cx.me) {
-                        cx.out.deliver(&icmp);
+                let answer = match dst {
+                    IpAddr::V4(_) if pmtu::dont_fragment(packet) => {
+                        pmtu::frag_needed(packet, mtu, cx.me)
                     }
+                    IpAddr::V4(_) => None,
+                    IpAddr::V6(_) => cx
+                        .me6
+                        .and_then(|me6| pmtu::packet_too_big(packet, mtu, me6)),
+                };
+                if let Some(answer) = answer {
+                    cx.out.deliver(&answer);
                 }
                 return;
             }

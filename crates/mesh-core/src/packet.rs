@@ -35,6 +35,34 @@ pub fn ipv6_addrs(packet: &[u8]) -> Option<(Ipv6Addr, Ipv6Addr)> {
     Some((Ipv6Addr::from(src), Ipv6Addr::from(dst)))
 }
 
+/// The upper-layer protocol of an IPv6 packet and where its header starts, past the extension
+/// headers mesh may meet (hop-by-hop options, routing, fragment, destination options). `None`
+/// if the bytes are not a plausible IPv6 packet or the chain runs past them. A non-first
+/// fragment carries no upper-layer header: it gives the fragment header's own number (44).
+pub fn ipv6_upper_layer(packet: &[u8]) -> Option<(u8, usize)> {
+    const HOP_BY_HOP: u8 = 0;
+    const ROUTING: u8 = 43;
+    const FRAGMENT: u8 = 44;
+    const DESTINATION: u8 = 60;
+    ipv6_addrs(packet)?;
+    let mut next = *packet.get(6)?;
+    let mut at = IPV6_HEADER;
+    // Every extension header is at least 8 bytes and must be there whole: the walk ends.
+    loop {
+        let len = match next {
+            HOP_BY_HOP | ROUTING | DESTINATION => (usize::from(*packet.get(at + 1)?) + 1) * 8,
+            FRAGMENT => 8,
+            _ => return Some((next, at)),
+        };
+        let header = packet.get(at..at + len)?;
+        if next == FRAGMENT && u16::from_be_bytes([header[2], header[3]]) >> 3 != 0 {
+            return Some((FRAGMENT, at));
+        }
+        next = header[0];
+        at += len;
+    }
+}
+
 /// Source and destination of an IPv4 or IPv6 packet (see [`ipv4_addrs`], [`ipv6_addrs`]).
 pub fn ip_addrs(packet: &[u8]) -> Option<(IpAddr, IpAddr)> {
     match ip_version(packet)? {
@@ -91,6 +119,34 @@ mod tests {
     }
 
     #[test]
+    fn finds_the_upper_layer_past_extension_headers() {
+        let mut p = vec![0u8; 40];
+        p[0] = 0x60;
+        p[6] = 58;
+        p.extend([128, 0, 0, 0]);
+        assert_eq!(ipv6_upper_layer(&p), Some((58, 40)));
+        // Hop-by-hop options (16 bytes), then a first fragment, then ICMPv6.
+        p[6] = 0;
+        p.truncate(40);
+        p.extend([44, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        p.extend([58, 0, 0, 1, 0, 0, 0, 7]);
+        p.extend([1, 0, 0, 0]);
+        assert_eq!(ipv6_upper_layer(&p), Some((58, 64)));
+        // A later fragment has no upper-layer header.
+        p[58] = 0x05;
+        p[59] = 0x69;
+        assert_eq!(ipv6_upper_layer(&p), Some((44, 56)));
+        // A chain that runs past the bytes, and no extension header at all.
+        assert_eq!(ipv6_upper_layer(&p[..50]), None);
+        p[41] = 200;
+        assert_eq!(ipv6_upper_layer(&p), None);
+        assert_eq!(ipv6_upper_layer(&p[..40]), None);
+        p[6] = 59; // no next header, and nothing after it
+        assert_eq!(ipv6_upper_layer(&p[..40]), Some((59, 40)));
+        assert_eq!(ipv6_upper_layer(&[0x45; 60]), None);
+    }
+
+    #[test]
     fn refuses_non_ipv4_and_short() {
         assert_eq!(ipv4_addrs(&[0x60; 40]), None);
         assert_eq!(ipv4_addrs(&[0x45; 19]), None);
@@ -104,6 +160,7 @@ mod tests {
         fn never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..80)) {
             let _ = ipv4_addrs(&bytes);
             let _ = ip_addrs(&bytes);
+            let _ = ipv6_upper_layer(&bytes);
         }
     }
 }

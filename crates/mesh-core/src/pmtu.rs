@@ -9,9 +9,15 @@
 //!
 //! [`Search`] is the per-peer state machine: it first tries the configured MTU, then searches
 //! down by bisection, giving each size [`ATTEMPTS`] tries spaced [`PROBE_TIMEOUT`] apart.
+//!
+//! A packet from the TUN device larger than the path MTU is answered as a router would answer
+//! it, back into the TUN device, so the sender (local or forwarded) lowers its path MTU at once:
+//! an IPv4 packet with DF set gets ICMP "fragmentation needed" ([`frag_needed`]), an IPv6
+//! packet an ICMPv6 "packet too big" ([`packet_too_big`]; IPv6 routers never fragment).
 
+use crate::packet::{self, IPV6_HEADER};
 use mesh_proto::tunnel::{internet_checksum, write_ipv4_header, IPV4_HEADER};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
 pub use mesh_proto::tunnel::{build, build_into, parse, Kind, Message, MAGIC, PROTO};
@@ -50,6 +56,82 @@ pub fn frag_needed(original: &[u8], mtu: u16, from: Ipv4Addr) -> Option<Vec<u8>>
     let c = internet_checksum(icmp);
     icmp[2..4].copy_from_slice(&c.to_be_bytes());
     Some(p)
+}
+
+/// IPv6 next header number of ICMPv6.
+const ICMPV6: u8 = 58;
+/// ICMPv6 type of "packet too big" (RFC 4443 §3.2); types below 128 are errors.
+const PACKET_TOO_BIG: u8 = 2;
+/// ICMPv6 error header: type, code, checksum, then a 32-bit field (here the MTU).
+const ICMPV6_ERROR_HEADER: usize = 8;
+/// IPv6's minimum link MTU: an ICMPv6 error is never larger (RFC 4443 §2.4(c)).
+const IPV6_MIN_MTU: usize = 1280;
+/// Hop limit of the ICMPv6 messages the node writes, as the TTL of its IPv4 ones.
+const HOP_LIMIT: u8 = 64;
+
+/// An ICMPv6 "packet too big" (type 2 code 0) telling the sender of `original` that the next
+/// hop carries at most `mtu` bytes, as a router would send it, from `from` (the node's IPv6
+/// overlay address). It quotes as much of `original` as fits in 1280 bytes and goes back into
+/// the TUN device, like [`frag_needed`].
+///
+/// `None` for bytes that are not an IPv6 packet and for those RFC 4443 §2.4(e) says never to
+/// answer: an unspecified or multicast source. Nor for a multicast destination (the RFC allows a
+/// packet too big there, but mesh never carries multicast), nor for an ICMPv6 error or a packet
+/// whose headers cannot be followed to tell, so that errors never answer errors.
+pub fn packet_too_big(original: &[u8], mtu: u16, from: Ipv6Addr) -> Option<Vec<u8>> {
+    let (src, dst) = packet::ipv6_addrs(original)?;
+    if src.is_unspecified() || src.is_multicast() || dst.is_multicast() {
+        return None;
+    }
+    if let (ICMPV6, at) = packet::ipv6_upper_layer(original)? {
+        if *original.get(at)? < 128 {
+            return None;
+        }
+    }
+    let room = IPV6_MIN_MTU - IPV6_HEADER - ICMPV6_ERROR_HEADER;
+    let quoted = original.get(..original.len().min(room))?;
+    let len = u16::try_from(ICMPV6_ERROR_HEADER + quoted.len()).ok()?;
+    let mut p = vec![0u8; IPV6_HEADER + usize::from(len)];
+    let (header, icmp) = p.split_first_chunk_mut::<IPV6_HEADER>()?;
+    icmp[0] = PACKET_TOO_BIG;
+    icmp[4..8].copy_from_slice(&u32::from(mtu).to_be_bytes());
+    icmp[ICMPV6_ERROR_HEADER..].copy_from_slice(quoted);
+    // The checksum covers a pseudo-header as long as the real header: sum it in the real
+    // header's place, then write the real one over it.
+    *header = pseudo_header(from, src, len, ICMPV6);
+    let checksum = internet_checksum(&p);
+    let (header, icmp) = p.split_first_chunk_mut::<IPV6_HEADER>()?;
+    icmp[2..4].copy_from_slice(&checksum.to_be_bytes());
+    write_ipv6_header(header, len, ICMPV6, from, src);
+    Some(p)
+}
+
+/// The pseudo-header an upper-layer checksum over IPv6 covers (RFC 8200 §8.1).
+fn pseudo_header(src: Ipv6Addr, dst: Ipv6Addr, len: u16, next: u8) -> [u8; IPV6_HEADER] {
+    let mut h = [0; IPV6_HEADER];
+    h[..16].copy_from_slice(&src.octets());
+    h[16..32].copy_from_slice(&dst.octets());
+    h[32..36].copy_from_slice(&u32::from(len).to_be_bytes());
+    h[39] = next;
+    h
+}
+
+/// Writes an IPv6 header without extension headers: traffic class and flow label 0, hop
+/// limit [`HOP_LIMIT`].
+fn write_ipv6_header(
+    header: &mut [u8; IPV6_HEADER],
+    payload_len: u16,
+    next: u8,
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+) {
+    *header = [0; IPV6_HEADER];
+    header[0] = 0x60;
+    header[4..6].copy_from_slice(&payload_len.to_be_bytes());
+    header[6] = next;
+    header[7] = HOP_LIMIT;
+    header[8..24].copy_from_slice(&src.octets());
+    header[24..40].copy_from_slice(&dst.octets());
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -217,6 +299,152 @@ mod tests {
         assert_eq!(internet_checksum(&icmp[20..]), 0);
         assert_eq!(&icmp[28..], &orig[..28], "quotes header + 8 bytes");
         assert!(dont_fragment(&orig));
+    }
+
+    /// A pod behind the node (a forwarded source) and a peer's IPv6 overlay address.
+    fn pod() -> Ipv6Addr {
+        "fd00:10:244:1::5".parse().unwrap()
+    }
+    fn peer6() -> Ipv6Addr {
+        "fd12:3456:789a::b".parse().unwrap()
+    }
+    fn me6() -> Ipv6Addr {
+        "fd12:3456:789a::a".parse().unwrap()
+    }
+
+    /// An IPv6 packet of `len` bytes, `next` after the header, with a recognisable body.
+    fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, next: u8, len: usize) -> Vec<u8> {
+        let mut p: Vec<u8> = (0..len).map(|i| i as u8).collect();
+        let header = p.first_chunk_mut().unwrap();
+        write_ipv6_header(header, (len - IPV6_HEADER) as u16, next, src, dst);
+        p
+    }
+
+    /// The ICMPv6 checksum of `reply` checked as a receiver checks it: over a pseudo-header
+    /// written out here by hand, and the message with its checksum field.
+    fn icmpv6_checksum_holds(reply: &[u8]) -> bool {
+        let message = &reply[40..];
+        let mut sum = Vec::new();
+        sum.extend_from_slice(&reply[8..24]);
+        sum.extend_from_slice(&reply[24..40]);
+        sum.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        sum.extend_from_slice(&[0, 0, 0, 58]);
+        sum.extend_from_slice(message);
+        internet_checksum(&sum) == 0
+    }
+
+    #[test]
+    fn packet_too_big_is_a_valid_icmpv6_for_the_sender() {
+        let orig = ipv6(pod(), peer6(), 17, 200);
+        let reply = packet_too_big(&orig, 1340, me6()).unwrap();
+        assert_eq!(reply.len(), 40 + 8 + 200, "quotes all of a short packet");
+        assert_eq!(reply[0] >> 4, 6);
+        assert_eq!(u16::from_be_bytes([reply[4], reply[5]]), 8 + 200);
+        assert_eq!((reply[6], reply[7]), (58, 64), "ICMPv6, hop limit 64");
+        assert_eq!(&reply[8..24], &me6().octets(), "from the node");
+        assert_eq!(&reply[24..40], &pod().octets(), "to the sender");
+        assert_eq!((reply[40], reply[41]), (2, 0), "packet too big");
+        assert_eq!(&reply[44..48], &1340u32.to_be_bytes());
+        assert!(icmpv6_checksum_holds(&reply));
+        assert_eq!(&reply[48..], &orig[..]);
+        // The checksum is not the zero an unchecked one would have.
+        assert_ne!(&reply[42..44], &[0, 0]);
+    }
+
+    #[test]
+    fn packet_too_big_never_exceeds_the_ipv6_minimum_mtu() {
+        let orig = ipv6(pod(), peer6(), 6, 9000);
+        let reply = packet_too_big(&orig, 1420, me6()).unwrap();
+        assert_eq!(reply.len(), 1280);
+        assert_eq!(u16::from_be_bytes([reply[4], reply[5]]), 1280 - 40);
+        assert_eq!(&reply[48..], &orig[..1280 - 48], "as much as fits");
+        assert!(icmpv6_checksum_holds(&reply));
+        // An odd-length quote is summed with its last byte padded.
+        let reply = packet_too_big(&orig[..301], 1420, me6()).unwrap();
+        assert!(icmpv6_checksum_holds(&reply));
+    }
+
+    #[test]
+    fn packet_too_big_answers_no_one_it_must_not() {
+        let me = me6();
+        let v4 = {
+            let mut p = vec![0u8; 1420];
+            write_ipv4_header(p.first_chunk_mut().unwrap(), 1420, 6, A, B);
+            p
+        };
+        assert_eq!(packet_too_big(&v4, 1340, me), None, "IPv4");
+        let mut v5 = ipv6(pod(), peer6(), 17, 1420);
+        v5[0] = 0x50;
+        assert_eq!(packet_too_big(&v5, 1340, me), None, "version 5");
+        let multicast: Ipv6Addr = "ff05::2".parse().unwrap();
+        for (src, dst) in [
+            (Ipv6Addr::UNSPECIFIED, peer6()),
+            (multicast, peer6()),
+            (pod(), multicast),
+        ] {
+            let p = ipv6(src, dst, 17, 1420);
+            assert_eq!(packet_too_big(&p, 1340, me), None, "{src} -> {dst}");
+        }
+        // ICMPv6 errors (types below 128) get none, even behind a hop-by-hop header; other
+        // ICMPv6 messages (echo request 128) do.
+        for (icmp_type, answered) in [
+            (1, false),
+            (2, false),
+            (4, false),
+            (127, false),
+            (128, true),
+        ] {
+            let mut p = ipv6(pod(), peer6(), 58, 1420);
+            p[40] = icmp_type;
+            assert_eq!(
+                packet_too_big(&p, 1340, me).is_some(),
+                answered,
+                "{icmp_type}"
+            );
+            let mut p = ipv6(pod(), peer6(), 0, 1420);
+            p[40..48].copy_from_slice(&[58, 0, 1, 4, 0, 0, 0, 0]);
+            p[48] = icmp_type;
+            assert_eq!(
+                packet_too_big(&p, 1340, me).is_some(),
+                answered,
+                "{icmp_type}"
+            );
+        }
+    }
+
+    #[test]
+    fn packet_too_big_takes_any_prefix_without_panic() {
+        // UDP; an ICMPv6 echo request; the same behind a hop-by-hop header. Each is answered
+        // from the first prefix that shows it is not an error on.
+        let mut udp = ipv6(pod(), peer6(), 17, 1420);
+        udp[40] = 0;
+        let mut echo = ipv6(pod(), peer6(), 58, 1420);
+        echo[40] = 128;
+        let mut hop_by_hop = ipv6(pod(), peer6(), 0, 1420);
+        hop_by_hop[40..49].copy_from_slice(&[58, 0, 1, 4, 0, 0, 0, 0, 128]);
+        for (orig, answered_from) in [(udp, 40), (echo, 41), (hop_by_hop, 49)] {
+            for n in 0..=orig.len() {
+                let reply = packet_too_big(&orig[..n], 1340, me6());
+                assert_eq!(reply.is_some(), n >= answered_from, "{n} bytes");
+                if let Some(reply) = reply {
+                    assert!(reply.len() <= 1280 && icmpv6_checksum_holds(&reply));
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn packet_too_big_never_panics(
+            mut bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..1600),
+        ) {
+            if let Some(b) = bytes.first_mut() {
+                *b = 0x60 | (*b & 0x0f);
+            }
+            if let Some(reply) = packet_too_big(&bytes, 1280, me6()) {
+                proptest::prop_assert!(reply.len() <= 1280 && icmpv6_checksum_holds(&reply));
+            }
+        }
     }
 
     /// Runs a search against a path that carries inner packets up to `limit`.

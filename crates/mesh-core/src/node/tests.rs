@@ -727,11 +727,9 @@ fn full_path_is_confirmed_at_the_interface_mtu() {
     assert_eq!(p.a.peer_status(p.now)[0].path_mtu, Some(1420));
 }
 
-#[test]
-fn small_path_is_found_and_big_packets_get_icmp_not_silence() {
-    let mut p = Pair::new();
-    // An underlay hop with MTU 1400: UDP payload at most 1372, inner packets at most 1340.
-    let limit = 1400 - 28;
+/// Lets a find its path MTU to b over an underlay that carries UDP payloads up to `limit`
+/// bytes, and returns it.
+fn learn_path_mtu(p: &mut Pair, limit: usize) -> u16 {
     for _ in 0..400 {
         p.now += TICK;
         p.a.handle_timeout(p.now);
@@ -739,7 +737,15 @@ fn small_path_is_found_and_big_packets_get_icmp_not_silence() {
         p.drive_limited(limit);
     }
     let found = path_mtu_events(&mut p.a);
-    let mtu = *found.last().expect("a result");
+    *found.last().expect("a result")
+}
+
+#[test]
+fn small_path_is_found_and_big_packets_get_icmp_not_silence() {
+    let mut p = Pair::new();
+    // An underlay hop with MTU 1400: UDP payload at most 1372, inner packets at most 1340.
+    let limit = 1400 - 28;
+    let mtu = learn_path_mtu(&mut p, limit);
     assert!((1332..=1340).contains(&mtu), "found {mtu}");
     // A full-size packet with DF set is answered with "fragmentation needed".
     let mut big = icmp(p.a.address(), p.b.address(), &[0u8; 1400 - 20]);
@@ -752,6 +758,46 @@ fn small_path_is_found_and_big_packets_get_icmp_not_silence() {
     assert_eq!(p.a.counters().too_big_packets, 1);
     // Packets that fit still flow.
     let small = icmp(p.a.address(), p.b.address(), &[0u8; 1000]);
+    p.a.handle_tun_packet(&small, p.now);
+    p.drive_limited(limit);
+    assert_eq!(p.b.poll_tun_packet(), Some(small));
+}
+
+/// IPv6 routers never fragment: an IPv6 packet the path cannot carry, here forwarded from a
+/// pod behind a, is answered with ICMPv6 "packet too big" from a's IPv6 overlay address, so
+/// the pod lowers its path MTU at once; a without an IPv6 address only counts it.
+#[test]
+fn big_forwarded_ipv6_gets_packet_too_big_not_silence() {
+    let mut p = Pair::new();
+    let (a6, b6) = dual_stack(&mut p);
+    let limit = 1400 - 28;
+    let mtu = learn_path_mtu(&mut p, limit);
+    assert!((1332..=1340).contains(&mtu), "found {mtu}");
+    let pod: Ipv6Addr = "fd00:10:244:1::5".parse().unwrap();
+    let mut echo = vec![0u8; 1400 - 40];
+    echo[0] = 128; // an echo request, not an ICMPv6 error
+    let big = icmp6(pod, b6, &echo);
+    p.a.handle_tun_packet(&big, p.now);
+    assert!(p.a.poll_udp().is_none(), "not sent to die on the path");
+    let reply =
+        p.a.poll_tun_packet()
+            .expect("packet too big back to the pod");
+    assert_eq!(reply.len(), 1280, "no larger than IPv6's minimum MTU");
+    assert_eq!((reply[0] >> 4, reply[6]), (6, 58));
+    assert_eq!(&reply[8..24], &a6.octets(), "from a's IPv6 overlay address");
+    assert_eq!(&reply[24..40], &pod.octets(), "to the forwarded sender");
+    assert_eq!((reply[40], reply[41]), (2, 0));
+    assert_eq!(&reply[44..48], &u32::from(mtu).to_be_bytes());
+    assert_eq!(&reply[48..], &big[..1280 - 48], "quotes the packet");
+    assert_eq!(p.a.counters().too_big_packets, 1);
+
+    p.a.set_address6(None);
+    p.a.handle_tun_packet(&big, p.now);
+    assert_eq!(p.a.counters().too_big_packets, 2);
+    assert_eq!(p.a.poll_tun_packet(), None, "no address to answer from");
+    assert!(p.a.poll_udp().is_none());
+    // Packets that fit still flow.
+    let small = icmp6(a6, b6, &echo[..1000]);
     p.a.handle_tun_packet(&small, p.now);
     p.drive_limited(limit);
     assert_eq!(p.b.poll_tun_packet(), Some(small));
