@@ -151,17 +151,13 @@ async fn delete_rules(handle: &Handle) {
 
 async fn flush_table(handle: &Handle) {
     let mut ours = Vec::new();
-    let dumps = [
-        handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute(),
-        handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
-            .execute(),
+    // One dump after the other: the kernel refuses a second dump on a socket while one runs.
+    let requests = [
+        RouteMessageBuilder::<Ipv4Addr>::new().build(),
+        RouteMessageBuilder::<Ipv6Addr>::new().build(),
     ];
-    for mut routes in dumps {
+    for request in requests {
+        let mut routes = handle.route().get(request).execute();
         while let Ok(Some(msg)) = routes.try_next().await {
             if crate::netlink::table_of(&msg) == TABLE {
                 ours.push(msg);

@@ -753,17 +753,13 @@ pub async fn routes_via(interface: &str, connected: &[IpNet]) -> Result<Vec<IpNe
     let handle = connect()?;
     let index = link_index(&handle, interface).await?;
     let mut out = Vec::new();
-    let dumps = [
-        handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute(),
-        handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
-            .execute(),
+    // One dump after the other: the kernel refuses a second dump on a socket while one runs.
+    let requests = [
+        RouteMessageBuilder::<Ipv4Addr>::new().build(),
+        RouteMessageBuilder::<Ipv6Addr>::new().build(),
     ];
-    for mut routes in dumps {
+    for request in requests {
+        let mut routes = handle.route().get(request).execute();
         while let Ok(Some(msg)) = routes.try_next().await {
             let oif = msg.attributes.iter().find_map(|a| match a {
                 RouteAttribute::Oif(i) => Some(*i),
