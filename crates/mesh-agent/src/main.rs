@@ -308,13 +308,13 @@ enum RoutesCmd {
     },
     /// Advertise more prefixes (added to the saved list; the controller approves them).
     Advertise {
-        /// IPv4 prefixes, e.g. 10.244.1.0/24.
+        /// IPv4 or IPv6 prefixes, e.g. 10.244.1.0/24 or fd00:10:244:1::/64.
         #[arg(required = true, value_name = "PREFIX")]
         prefixes: Vec<String>,
     },
     /// Stop advertising prefixes (peers remove their routes to them).
     Withdraw {
-        /// IPv4 prefixes.
+        /// IPv4 or IPv6 prefixes.
         #[arg(required = true, value_name = "PREFIX")]
         prefixes: Vec<String>,
     },
