@@ -209,7 +209,21 @@ fn start(
     address: Ipv4Addr,
     overlay: Option<ipnet::Ipv4Net>,
 ) -> anyhow::Result<Running> {
-    let tun = mesh_sys::tun::create(&opts.interface)?;
+    let (tun, offload) = mesh_sys::tun::create(&opts.interface)?;
+    match &offload {
+        mesh_sys::tun::Offload::On => {
+            info!(
+                "{} opened with offloads (TCP segmentation, batched reads and writes)",
+                opts.interface
+            )
+        }
+        mesh_sys::tun::Offload::Off(why) => {
+            warn!(
+                "{} opened without offloads, one packet per read and write (slower): {why}",
+                opts.interface
+            )
+        }
+    }
     // Both families on one port (IPv4 alone where the kernel has no IPv6).
     let port = mesh_control::net::with_ipv4_fallback(
         mesh_control::net::any(opts.port),
@@ -270,6 +284,7 @@ fn start(
         port: port.clone(),
         tun: tun.clone(),
         quic: inbox,
+        offload: offload == mesh_sys::tun::Offload::On,
     };
     let data_task = tokio::spawn(dataplane::run(node, devices, data_rx, path_tx, shutdown_rx));
     Ok(Running {

@@ -6,7 +6,13 @@
 //! [`Node::poll_output`] gives it: events, datagrams (GSO batches the node grouped, or relayed
 //! messages framed for the relay's QUIC connection), packets to the TUN device. Buffers go back
 //! to the node ([`Node::recycle`]) once written.
+//!
+//! The TUN device is read and written through [`TunIo`]: with offloads (see
+//! [`mesh_sys::tun::Offload`]) one read brings a TCP super-packet of up to 64 KB, split into
+//! packets of the MTU, and the packets one wake-up decrypted are written together, segments of
+//! one TCP flow coalesced into one write.
 
+use futures_util::FutureExt;
 use mesh_core::node::MAX_BATCH_BYTES;
 use mesh_core::{
     Destination, Event, Node, Output, Path, PeerConfig, PeerStatus, SocketId, Source, Transmit,
@@ -30,6 +36,8 @@ const RECV_BATCH: usize = 32;
 const RECV_BUF: usize = 65536;
 /// TUN packets handled per wake-up before the node's output is flushed.
 const TUN_BATCH: usize = 64;
+/// Bytes per packet buffer of a TUN read: the largest MTU mesh0 may have (9000), with room.
+const TUN_PACKET_BUF: usize = 9216;
 
 /// Requests to the data plane.
 pub enum DataCmd {
@@ -99,6 +107,13 @@ mesh_core::counters! {
         tun_rx: Counter("tun_rx_packets"),
         /// Failed TUN writes.
         tun_write_errors: Counter("tun_write_errors"),
+        /// Reads from TUN (one may bring a super-packet of many packets).
+        tun_reads: Counter("tun_read_calls"),
+        /// Reads from TUN whose packet could not be taken apart (a malformed offload header, or
+        /// more segments than a batch holds).
+        tun_read_drops: Drop("tun_unsplittable"),
+        /// 1 when mesh0 was opened with offloads (see `mesh_sys::tun::Offload`).
+        tun_offload: Gauge("tun_offload"),
         /// Relay frames received.
         relay_rx: Counter("relay_rx_frames"),
         /// Relay frames sent.
@@ -317,6 +332,8 @@ pub struct Devices {
     pub port: UdpPort,
     /// The overlay interface.
     pub tun: std::sync::Arc<Tun>,
+    /// Whether it was opened with offloads.
+    pub offload: bool,
     /// Where QUIC datagrams read from the socket go.
     pub quic: QuicInbox,
 }
@@ -427,11 +444,19 @@ pub async fn run(
     events: mpsc::UnboundedSender<PathEvent>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let Devices { port, tun, quic } = devices;
-    let mut counters = DriverCounters::default();
+    let Devices {
+        port,
+        tun,
+        quic,
+        offload,
+    } = devices;
+    let mut counters = DriverCounters {
+        tun_offload: u64::from(offload),
+        ..Default::default()
+    };
+    let mut tio = TunIo::new();
     let mut recv_bufs = vec![vec![0u8; RECV_BUF]; RECV_BATCH];
     let mut meta = vec![RecvMeta::default(); RECV_BATCH];
-    let mut tun_buf = vec![0u8; 65536];
     let far = Duration::from_secs(3600);
     let mut relays = Relays::default();
     let mut extra = ExtraSockets::default();
@@ -485,22 +510,30 @@ pub async fn run(
                 };
                 udp_batch(&mut node, &quic, &mut counters, &mut observation, &recv_bufs, &meta[..n]);
             }
-            r = tun.recv(&mut tun_buf) => {
+            r = tun.recv_multiple(&mut tio.original, &mut tio.bufs, &mut tio.sizes, 0) => {
                 let now = Instant::now();
                 match r {
-                    Ok(len) => {
-                        counters.tun_rx += 1;
-                        node.handle_tun_packet(&tun_buf[..len], now);
+                    Ok(n) => {
+                        let mut packets = tio.handle(&mut node, &mut counters, n, now);
                         // Drain what else is waiting, so sends can be batched.
-                        for _ in 1..TUN_BATCH {
-                            match tun.try_recv(&mut tun_buf) {
-                                Ok(len) => {
-                                    counters.tun_rx += 1;
-                                    node.handle_tun_packet(&tun_buf[..len], now);
+                        while packets < TUN_BATCH {
+                            let more = tun
+                                .recv_multiple(&mut tio.original, &mut tio.bufs, &mut tio.sizes, 0)
+                                .now_or_never();
+                            match more {
+                                Some(Ok(n)) => packets += tio.handle(&mut node, &mut counters, n, now),
+                                Some(Err(e)) if e.raw_os_error().is_none() => {
+                                    counters.tun_read_drops += 1;
+                                    debug!(error = %e, "TUN packet not taken apart");
                                 }
-                                Err(_) => break,
+                                _ => break,
                             }
                         }
+                    }
+                    // Not the system's error but the offload header's: that packet is lost.
+                    Err(e) if e.raw_os_error().is_none() => {
+                        counters.tun_read_drops += 1;
+                        debug!(error = %e, "TUN packet not taken apart");
                     }
                     Err(e) => {
                         warn!(error = %e, "TUN read failed");
@@ -678,17 +711,90 @@ pub async fn run(
                     node.recycle(t.contents);
                 }
                 Output::Tun(pkt) => {
-                    match tun.send(&pkt).await {
-                        Ok(_) => counters.tun_tx += 1,
-                        Err(e) => {
-                            counters.tun_write_errors += 1;
-                            debug!(error = %e, "TUN write failed");
-                        }
-                    }
+                    tio.queue(&pkt);
                     node.recycle(pkt);
+                    if tio.out.len() >= mesh_sys::tun::IDEAL_BATCH_SIZE {
+                        tio.flush(&tun, &mut counters).await;
+                    }
                 }
             }
         }
+        tio.flush(&tun, &mut counters).await;
+    }
+}
+
+/// The TUN device's buffers: one for a read (a super-packet with its virtio-net header), the
+/// packets it splits into, and the packets waiting to be written, each behind room for the
+/// virtio-net header (written as a batch by [`TunIo::flush`], coalescing TCP segments of one
+/// flow where the device has offloads).
+struct TunIo {
+    original: Vec<u8>,
+    bufs: Vec<Vec<u8>>,
+    sizes: Vec<usize>,
+    out: Vec<Vec<u8>>,
+    spare: Vec<Vec<u8>>,
+    gro: mesh_sys::tun::GROTable,
+}
+
+impl TunIo {
+    fn new() -> TunIo {
+        TunIo {
+            original: vec![0; mesh_sys::tun::VIRTIO_NET_HDR_LEN + 65535],
+            bufs: vec![vec![0; TUN_PACKET_BUF]; mesh_sys::tun::IDEAL_BATCH_SIZE],
+            sizes: vec![0; mesh_sys::tun::IDEAL_BATCH_SIZE],
+            out: Vec::with_capacity(mesh_sys::tun::IDEAL_BATCH_SIZE),
+            spare: Vec::new(),
+            gro: mesh_sys::tun::GROTable::default(),
+        }
+    }
+
+    /// Hands the `n` packets of the last read to the node; returns `n`.
+    fn handle(
+        &self,
+        node: &mut Node,
+        counters: &mut DriverCounters,
+        n: usize,
+        now: Instant,
+    ) -> usize {
+        counters.tun_reads += 1;
+        for (buf, &len) in self.bufs.iter().zip(&self.sizes).take(n) {
+            counters.tun_rx += 1;
+            node.handle_tun_packet(&buf[..len], now);
+        }
+        n
+    }
+
+    /// Queues a packet for the next [`TunIo::flush`].
+    fn queue(&mut self, packet: &[u8]) {
+        let mut buf = self.spare.pop().unwrap_or_default();
+        buf.clear();
+        buf.resize(mesh_sys::tun::VIRTIO_NET_HDR_LEN, 0);
+        buf.extend_from_slice(packet);
+        self.out.push(buf);
+    }
+
+    /// Writes the queued packets.
+    async fn flush(&mut self, tun: &Tun, counters: &mut DriverCounters) {
+        if self.out.is_empty() {
+            return;
+        }
+        let packets = self.out.len() as u64;
+        match tun
+            .send_multiple(
+                &mut self.gro,
+                &mut self.out,
+                mesh_sys::tun::VIRTIO_NET_HDR_LEN,
+            )
+            .await
+        {
+            Ok(_) => counters.tun_tx += packets,
+            Err(e) => {
+                counters.tun_write_errors += 1;
+                debug!(error = %e, "TUN write failed");
+            }
+        }
+        self.spare.append(&mut self.out);
+        self.spare.truncate(mesh_sys::tun::IDEAL_BATCH_SIZE);
     }
 }
 
