@@ -3,7 +3,7 @@
 //! every byte of TCP streams of many sizes and write patterns arrives unchanged both ways
 //! (checksummed by the application, as the kernel's own checksums are what offload could get
 //! wrong), UDP datagrams of every size up to the MTU come back unchanged, and the agent says
-//! the device has offloads.
+//! the device has offloads and its UDP socket the buffers it asked for.
 #![allow(clippy::unwrap_used)]
 
 use mesh_e2e::process::Proc;
@@ -142,6 +142,14 @@ fn streams_and_datagrams_of_every_size_arrive_unchanged_through_an_offloading_me
             status["counters"]["tun_offload"], 1,
             "mesh0 without offloads on {}: {:#}",
             agent.host.name, status["counters"]
+        );
+        // Run as root, the agent gets the socket buffers it asks for past rmem_max.
+        let c = &status["counters"];
+        assert!(
+            c["udp_recv_buffer"].as_u64().unwrap() >= 7 << 20
+                && c["udp_send_buffer"].as_u64().unwrap() >= 7 << 20
+                && c["udp_buffers_refused"] == 0,
+            "{c:#}"
         );
     }
     assert!(a.host.wait_ping(b.address, Duration::from_secs(20)));

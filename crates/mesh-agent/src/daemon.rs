@@ -236,6 +236,17 @@ fn start(
             opts.port
         )
     })?;
+    let buffers = port.size_buffers(mesh_sys::socket::SOCKET_BUFFER);
+    if buffers.recv < mesh_sys::socket::SOCKET_BUFFER
+        || buffers.send < mesh_sys::socket::SOCKET_BUFFER
+    {
+        warn!(
+            recv = buffers.recv,
+            send = buffers.send,
+            "the kernel gave the UDP socket smaller buffers than the {} MiB asked (no CAP_NET_ADMIN to pass net.core.rmem_max/wmem_max): bursts may be dropped; raise them with sysctl -w net.core.rmem_max=7340032 net.core.wmem_max=7340032",
+            mesh_sys::socket::SOCKET_BUFFER >> 20
+        );
+    }
     let marked = match port.set_bypass_mark() {
         Ok(()) => true,
         Err(e) => {
@@ -285,6 +296,7 @@ fn start(
         tun: tun.clone(),
         quic: inbox,
         offload: offload == mesh_sys::tun::Offload::On,
+        buffers,
     };
     let data_task = tokio::spawn(dataplane::run(node, devices, data_rx, path_tx, shutdown_rx));
     Ok(Running {

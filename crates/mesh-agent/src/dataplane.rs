@@ -114,6 +114,13 @@ mesh_core::counters! {
         tun_read_drops: Drop("tun_unsplittable"),
         /// 1 when mesh0 was opened with offloads (see `mesh_sys::tun::Offload`).
         tun_offload: Gauge("tun_offload"),
+        /// The UDP socket's receive buffer, bytes, as the kernel granted it.
+        udp_recv_buffer: Gauge("udp_recv_buffer_bytes"),
+        /// The UDP socket's send buffer, bytes.
+        udp_send_buffer: Gauge("udp_send_buffer_bytes"),
+        /// How many of the two buffers the kernel gave less than mesh asked for (see
+        /// `mesh_sys::socket::SOCKET_BUFFER`).
+        udp_buffers_refused: Gauge("udp_buffers_refused"),
         /// Relay frames received.
         relay_rx: Counter("relay_rx_frames"),
         /// Relay frames sent.
@@ -334,6 +341,8 @@ pub struct Devices {
     pub tun: std::sync::Arc<Tun>,
     /// Whether it was opened with offloads.
     pub offload: bool,
+    /// The UDP socket's buffers, as the kernel granted them.
+    pub buffers: mesh_sys::socket::BufferSizes,
     /// Where QUIC datagrams read from the socket go.
     pub quic: QuicInbox,
 }
@@ -449,9 +458,14 @@ pub async fn run(
         tun,
         quic,
         offload,
+        buffers,
     } = devices;
+    let want = mesh_sys::socket::SOCKET_BUFFER;
     let mut counters = DriverCounters {
         tun_offload: u64::from(offload),
+        udp_recv_buffer: buffers.recv as u64,
+        udp_send_buffer: buffers.send as u64,
+        udp_buffers_refused: u64::from(buffers.recv < want) + u64::from(buffers.send < want),
         ..Default::default()
     };
     let mut tio = TunIo::new();

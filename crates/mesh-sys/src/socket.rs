@@ -21,6 +21,19 @@ use tokio::sync::mpsc;
 /// Most QUIC datagrams queued for the quinn endpoint before new ones are dropped (QUIC recovers).
 pub const QUIC_INBOX: usize = 1024;
 
+/// The socket buffers mesh asks for, each way: a few GSO batches of every peer in flight at
+/// once, as Tailscale sizes them.
+pub const SOCKET_BUFFER: usize = 7 << 20;
+
+/// A socket's buffer sizes, as the kernel granted them (see [`UdpPort::size_buffers`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufferSizes {
+    /// Receive buffer, bytes.
+    pub recv: usize,
+    /// Send buffer, bytes.
+    pub send: usize,
+}
+
 /// One UDP socket, shared by the data path (WireGuard) and the QUIC endpoint.
 #[derive(Clone)]
 pub struct UdpPort {
@@ -114,6 +127,26 @@ impl UdpPort {
     /// overlay. Fails without CAP_NET_ADMIN.
     pub fn set_bypass_mark(&self) -> io::Result<()> {
         crate::bypass::mark_socket(&self.inner.io)
+    }
+
+    /// Asks the kernel for receive and send buffers of `want` bytes each (mesh uses
+    /// [`SOCKET_BUFFER`]): past the `net.core.rmem_max`/`wmem_max` limits where the process may
+    /// (`SO_RCVBUFFORCE` with CAP_NET_ADMIN), within them otherwise. Returns what the socket
+    /// holds now; less than asked means bursts are more likely to be dropped by the kernel.
+    pub fn size_buffers(&self, want: usize) -> BufferSizes {
+        use nix::sys::socket::{getsockopt, setsockopt, sockopt};
+        let fd = &self.inner.io;
+        if setsockopt(fd, sockopt::RcvBufForce, &want).is_err() {
+            let _ = setsockopt(fd, sockopt::RcvBuf, &want);
+        }
+        if setsockopt(fd, sockopt::SndBufForce, &want).is_err() {
+            let _ = setsockopt(fd, sockopt::SndBuf, &want);
+        }
+        // The kernel reports twice what it keeps for data (the rest is its bookkeeping).
+        BufferSizes {
+            recv: getsockopt(fd, sockopt::RcvBuf).unwrap_or(0) / 2,
+            send: getsockopt(fd, sockopt::SndBuf).unwrap_or(0) / 2,
+        }
     }
 
     /// The bound address.
