@@ -11,6 +11,14 @@
 //! [`mesh_sys::tun::Offload`]) one read brings a TCP super-packet of up to 64 KB, split into
 //! packets of the MTU, and the packets one wake-up decrypted are written together, segments of
 //! one TCP flow coalesced into one write.
+//!
+//! Writes to the main UDP socket and to the TUN device never hold up the loop: each has a
+//! writer task fed by a bounded queue ([`UDP_WRITE_QUEUE`] batches, [`TUN_WRITE_QUEUE`]
+//! batches), which hands the buffers back once written ([`Written`]). The back-pressure rule:
+//! when a queue is full, the new batch is dropped and counted (`udp_queue_drops`,
+//! `tun_queue_drops`), as a router drops at a full interface queue, and the loop goes on
+//! reading. So a slow TUN write no longer stalls UDP receive, and the system calls of one
+//! direction run on the runtime's other thread while the loop encrypts or decrypts.
 
 use futures_util::FutureExt;
 use mesh_core::node::MAX_BATCH_BYTES;
@@ -38,6 +46,11 @@ const RECV_BUF: usize = 65536;
 const TUN_BATCH: usize = 64;
 /// Bytes per packet buffer of a TUN read: the largest MTU mesh0 may have (9000), with room.
 const TUN_PACKET_BUF: usize = 9216;
+/// Transmits (GSO batches of up to 64 KB) queued for the UDP writer; past this, dropped.
+const UDP_WRITE_QUEUE: usize = 64;
+/// Write batches (up to [`mesh_sys::tun::IDEAL_BATCH_SIZE`] packets) queued for the TUN
+/// writer; past this, dropped.
+const TUN_WRITE_QUEUE: usize = 16;
 
 /// Requests to the data plane.
 pub enum DataCmd {
@@ -114,6 +127,10 @@ mesh_core::counters! {
         tun_read_drops: Drop("tun_unsplittable"),
         /// 1 when mesh0 was opened with offloads (see `mesh_sys::tun::Offload`).
         tun_offload: Gauge("tun_offload"),
+        /// Datagrams dropped because the UDP writer's queue was full.
+        udp_queue_drops: Drop("udp_write_queue_full"),
+        /// Packets dropped because the TUN writer's queue was full.
+        tun_queue_drops: Drop("tun_write_queue_full"),
         /// The UDP socket's receive buffer, bytes, as the kernel granted it.
         udp_recv_buffer: Gauge("udp_recv_buffer_bytes"),
         /// The UDP socket's send buffer, bytes.
@@ -469,6 +486,11 @@ pub async fn run(
         ..Default::default()
     };
     let mut tio = TunIo::new();
+    let (written_tx, mut written) = mpsc::unbounded_channel::<Written>();
+    let (udp_jobs, udp_queue) = mpsc::channel(UDP_WRITE_QUEUE);
+    let (tun_jobs, tun_queue) = mpsc::channel(TUN_WRITE_QUEUE);
+    tokio::spawn(udp_writer(port.clone(), udp_queue, written_tx.clone()));
+    tokio::spawn(tun_writer(tun.clone(), tun_queue, written_tx));
     let mut recv_bufs = vec![vec![0u8; RECV_BUF]; RECV_BATCH];
     let mut meta = vec![RecvMeta::default(); RECV_BATCH];
     let far = Duration::from_secs(3600);
@@ -505,6 +527,12 @@ pub async fn run(
             deadline = deadline.min(o.deadline());
         }
         tokio::select! {
+            Some(w) = written.recv() => {
+                finished(&mut node, &mut tio, &mut counters, w);
+                while let Ok(w) = written.try_recv() {
+                    finished(&mut node, &mut tio, &mut counters, w);
+                }
+            }
             Some(d) = extra_in.recv() => extra_datagram(&mut node, &mut counters, d),
             Some(d) = relay_in.recv() => {
                 relay_datagram(&mut node, &mut relay_link, &mut counters, &d);
@@ -712,7 +740,15 @@ pub async fn run(
                         Destination::Udp {
                             socket: SocketId::MAIN,
                             dst,
-                        } => send_udp(&port, dst, &t, &mut counters).await,
+                        } => {
+                            // To the writer; a full queue drops the batch (see the module docs).
+                            if let Err(e) = udp_jobs.try_send((dst, t)) {
+                                let (_, t) = e.into_inner();
+                                counters.udp_queue_drops += t.datagrams() as u64;
+                                node.recycle(t.contents);
+                            }
+                            continue;
+                        }
                         Destination::Udp { socket, dst } => {
                             let sent = extra.send(socket, dst, &t);
                             counters.extra_tx += sent as u64;
@@ -728,12 +764,12 @@ pub async fn run(
                     tio.queue(&pkt);
                     node.recycle(pkt);
                     if tio.out.len() >= mesh_sys::tun::IDEAL_BATCH_SIZE {
-                        tio.flush(&tun, &mut counters).await;
+                        tio.flush(&tun_jobs, &mut counters);
                     }
                 }
             }
         }
-        tio.flush(&tun, &mut counters).await;
+        tio.flush(&tun_jobs, &mut counters);
     }
 }
 
@@ -747,7 +783,8 @@ struct TunIo {
     sizes: Vec<usize>,
     out: Vec<Vec<u8>>,
     spare: Vec<Vec<u8>>,
-    gro: mesh_sys::tun::GROTable,
+    /// Emptied batch vectors back from the writer, for the next [`TunIo::out`].
+    batches: Vec<Vec<Vec<u8>>>,
 }
 
 impl TunIo {
@@ -758,7 +795,7 @@ impl TunIo {
             sizes: vec![0; mesh_sys::tun::IDEAL_BATCH_SIZE],
             out: Vec::with_capacity(mesh_sys::tun::IDEAL_BATCH_SIZE),
             spare: Vec::new(),
-            gro: mesh_sys::tun::GROTable::default(),
+            batches: Vec::new(),
         }
     }
 
@@ -787,28 +824,126 @@ impl TunIo {
         self.out.push(buf);
     }
 
-    /// Writes the queued packets.
-    async fn flush(&mut self, tun: &Tun, counters: &mut DriverCounters) {
+    /// Hands the queued packets to the TUN writer; when its queue is full they are dropped
+    /// and counted.
+    fn flush(&mut self, jobs: &mpsc::Sender<Vec<Vec<u8>>>, counters: &mut DriverCounters) {
         if self.out.is_empty() {
             return;
         }
-        let packets = self.out.len() as u64;
-        match tun
-            .send_multiple(
-                &mut self.gro,
-                &mut self.out,
-                mesh_sys::tun::VIRTIO_NET_HDR_LEN,
-            )
+        let next = self
+            .batches
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(mesh_sys::tun::IDEAL_BATCH_SIZE));
+        let batch = std::mem::replace(&mut self.out, next);
+        if let Err(e) = jobs.try_send(batch) {
+            let batch = e.into_inner();
+            counters.tun_queue_drops += batch.len() as u64;
+            self.take_back(batch);
+        }
+    }
+
+    /// Keeps the buffers of a written (or dropped) batch for the next ones.
+    fn take_back(&mut self, mut batch: Vec<Vec<u8>>) {
+        if self.spare.len() < 2 * mesh_sys::tun::IDEAL_BATCH_SIZE {
+            self.spare.append(&mut batch);
+        }
+        batch.clear();
+        if self.batches.len() < TUN_WRITE_QUEUE {
+            self.batches.push(batch);
+        }
+    }
+}
+
+/// What a writer task hands back once it has written a batch: the buffers, and how it went.
+enum Written {
+    /// A transmit on the main UDP socket: its buffer, datagrams sent, failed send calls.
+    Udp {
+        contents: Vec<u8>,
+        sent: u64,
+        errors: u64,
+    },
+    /// A batch of TUN packets: the buffers, packets written, failed writes.
+    Tun {
+        batch: Vec<Vec<u8>>,
+        written: u64,
+        errors: u64,
+    },
+}
+
+/// Counts a finished write and takes its buffers back.
+fn finished(node: &mut Node, tio: &mut TunIo, counters: &mut DriverCounters, w: Written) {
+    match w {
+        Written::Udp {
+            contents,
+            sent,
+            errors,
+        } => {
+            counters.udp_tx += sent;
+            counters.udp_send_errors += errors;
+            node.recycle(contents);
+        }
+        Written::Tun {
+            batch,
+            written,
+            errors,
+        } => {
+            counters.tun_tx += written;
+            counters.tun_write_errors += errors;
+            tio.take_back(batch);
+        }
+    }
+}
+
+/// Sends the transmits queued for the main UDP socket, in order, until the loop goes away.
+async fn udp_writer(
+    port: UdpPort,
+    mut jobs: mpsc::Receiver<(SocketAddr, Transmit)>,
+    done: mpsc::UnboundedSender<Written>,
+) {
+    while let Some((dst, t)) = jobs.recv().await {
+        let mut c = DriverCounters::default();
+        send_udp(&port, dst, &t, &mut c).await;
+        let w = Written::Udp {
+            contents: t.contents,
+            sent: c.udp_tx,
+            errors: c.udp_send_errors,
+        };
+        if done.send(w).is_err() {
+            return;
+        }
+    }
+}
+
+/// Writes the packet batches queued for the TUN device, in order, coalescing TCP segments of
+/// one flow where the device has offloads, until the loop goes away.
+async fn tun_writer(
+    tun: std::sync::Arc<Tun>,
+    mut jobs: mpsc::Receiver<Vec<Vec<u8>>>,
+    done: mpsc::UnboundedSender<Written>,
+) {
+    let mut gro = mesh_sys::tun::GROTable::default();
+    while let Some(mut batch) = jobs.recv().await {
+        let packets = batch.len() as u64;
+        let (written, errors) = match tun
+            .send_multiple(&mut gro, &mut batch, mesh_sys::tun::VIRTIO_NET_HDR_LEN)
             .await
         {
-            Ok(_) => counters.tun_tx += packets,
+            Ok(_) => (packets, 0),
             Err(e) => {
-                counters.tun_write_errors += 1;
                 debug!(error = %e, "TUN write failed");
+                (0, 1)
             }
+        };
+        if done
+            .send(Written::Tun {
+                batch,
+                written,
+                errors,
+            })
+            .is_err()
+        {
+            return;
         }
-        self.spare.append(&mut self.out);
-        self.spare.truncate(mesh_sys::tun::IDEAL_BATCH_SIZE);
     }
 }
 
