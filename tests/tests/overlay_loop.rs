@@ -446,8 +446,12 @@ fn flannel_vxlan_over_the_mesh_never_becomes_the_mesh_underlay() {
         let counters = &status["counters"];
         let _ = writeln!(
             endpoints,
-            "  {} (tun_rx {}, udp_tx {}):",
-            a.name, counters["tun_rx"], counters["udp_tx"]
+            "  {} (tun_rx {}, udp_tx {}, write queue drops: udp {} tun {}):",
+            a.name,
+            counters["tun_rx"],
+            counters["udp_tx"],
+            counters["udp_queue_drops"],
+            counters["tun_queue_drops"]
         );
         for (peer, v) in peer_views(a) {
             let _ = writeln!(

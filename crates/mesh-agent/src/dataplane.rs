@@ -13,11 +13,11 @@
 //! one TCP flow coalesced into one write.
 //!
 //! Writes to the main UDP socket and to the TUN device never hold up the loop: each has a
-//! writer task fed by a bounded queue ([`UDP_WRITE_QUEUE`] batches, [`TUN_WRITE_QUEUE`]
-//! batches), which hands the buffers back once written ([`Written`]). The back-pressure rule:
-//! when a queue is full, the new batch is dropped and counted (`udp_queue_drops`,
-//! `tun_queue_drops`), as a router drops at a full interface queue, and the loop goes on
-//! reading. So a slow TUN write no longer stalls UDP receive, and the system calls of one
+//! writer task fed by a bounded queue ([`UDP_PENDING`] datagrams; [`TUN_WRITE_QUEUE`]
+//! batches, behind which packets gather into one growing batch up to [`TUN_PENDING`]), which
+//! hands the buffers back once written ([`Written`]). The back-pressure rule: what does not fit
+//! is dropped and counted (`udp_queue_drops`, `tun_queue_drops`), as a router drops at a full
+//! interface queue, and the loop goes on reading. So a slow TUN write no longer stalls UDP receive, and the system calls of one
 //! direction run on the runtime's other thread while the loop encrypts or decrypts.
 
 use futures_util::FutureExt;
@@ -46,11 +46,15 @@ const RECV_BUF: usize = 65536;
 const TUN_BATCH: usize = 64;
 /// Bytes per packet buffer of a TUN read: the largest MTU mesh0 may have (9000), with room.
 const TUN_PACKET_BUF: usize = 9216;
-/// Transmits (GSO batches of up to 64 KB) queued for the UDP writer; past this, dropped.
-const UDP_WRITE_QUEUE: usize = 64;
-/// Write batches (up to [`mesh_sys::tun::IDEAL_BATCH_SIZE`] packets) queued for the TUN
-/// writer; past this, dropped.
-const TUN_WRITE_QUEUE: usize = 16;
+/// Datagrams queued for the UDP writer (about 6 MB at full size, in the node's transmits);
+/// a transmit that would pass it is dropped.
+const UDP_PENDING: usize = 4096;
+/// Write batches queued for the TUN writer. While they are all taken, packets wait in the next
+/// batch, which grows (so a busy writer gets bigger batches to coalesce) up to
+/// [`TUN_PENDING`] packets; past that, new packets are dropped.
+const TUN_WRITE_QUEUE: usize = 8;
+/// Packets waiting for the TUN writer beyond its queue.
+const TUN_PENDING: usize = 2048;
 
 /// Requests to the data plane.
 pub enum DataCmd {
@@ -487,7 +491,9 @@ pub async fn run(
     };
     let mut tio = TunIo::new();
     let (written_tx, mut written) = mpsc::unbounded_channel::<Written>();
-    let (udp_jobs, udp_queue) = mpsc::channel(UDP_WRITE_QUEUE);
+    // Bounded by the datagrams in it (`udp_pending`), not by its length.
+    let (udp_jobs, udp_queue) = mpsc::unbounded_channel();
+    let mut udp_pending: usize = 0;
     let (tun_jobs, tun_queue) = mpsc::channel(TUN_WRITE_QUEUE);
     tokio::spawn(udp_writer(port.clone(), udp_queue, written_tx.clone()));
     tokio::spawn(tun_writer(tun.clone(), tun_queue, written_tx));
@@ -528,9 +534,9 @@ pub async fn run(
         }
         tokio::select! {
             Some(w) = written.recv() => {
-                finished(&mut node, &mut tio, &mut counters, w);
+                finished(&mut node, &mut tio, &mut counters, &mut udp_pending, w);
                 while let Ok(w) = written.try_recv() {
-                    finished(&mut node, &mut tio, &mut counters, w);
+                    finished(&mut node, &mut tio, &mut counters, &mut udp_pending, w);
                 }
             }
             Some(d) = extra_in.recv() => extra_datagram(&mut node, &mut counters, d),
@@ -742,10 +748,14 @@ pub async fn run(
                             dst,
                         } => {
                             // To the writer; a full queue drops the batch (see the module docs).
-                            if let Err(e) = udp_jobs.try_send((dst, t)) {
-                                let (_, t) = e.into_inner();
-                                counters.udp_queue_drops += t.datagrams() as u64;
+                            let datagrams = t.datagrams();
+                            if udp_pending + datagrams > UDP_PENDING {
+                                counters.udp_queue_drops += datagrams as u64;
                                 node.recycle(t.contents);
+                            } else if let Err(e) = udp_jobs.send((dst, t)) {
+                                node.recycle(e.0 .1.contents);
+                            } else {
+                                udp_pending += datagrams;
                             }
                             continue;
                         }
@@ -761,15 +771,19 @@ pub async fn run(
                     node.recycle(t.contents);
                 }
                 Output::Tun(pkt) => {
-                    tio.queue(&pkt);
+                    if tio.out.len() < TUN_PENDING {
+                        tio.queue(&pkt);
+                    } else {
+                        counters.tun_queue_drops += 1;
+                    }
                     node.recycle(pkt);
                     if tio.out.len() >= mesh_sys::tun::IDEAL_BATCH_SIZE {
-                        tio.flush(&tun_jobs, &mut counters);
+                        tio.flush(&tun_jobs);
                     }
                 }
             }
         }
-        tio.flush(&tun_jobs, &mut counters);
+        tio.flush(&tun_jobs);
     }
 }
 
@@ -824,30 +838,38 @@ impl TunIo {
         self.out.push(buf);
     }
 
-    /// Hands the queued packets to the TUN writer; when its queue is full they are dropped
-    /// and counted.
-    fn flush(&mut self, jobs: &mpsc::Sender<Vec<Vec<u8>>>, counters: &mut DriverCounters) {
+    /// Hands the queued packets to the TUN writer as one batch; while its queue is full they
+    /// stay queued (the writer hands a batch back, which wakes the loop to try again).
+    fn flush(&mut self, jobs: &mpsc::Sender<Vec<Vec<u8>>>) {
         if self.out.is_empty() {
             return;
         }
+        let permit = match jobs.try_reserve() {
+            Ok(permit) => permit,
+            Err(mpsc::error::TrySendError::Full(())) => return,
+            Err(mpsc::error::TrySendError::Closed(())) => {
+                let batch = std::mem::take(&mut self.out);
+                self.take_back(batch);
+                return;
+            }
+        };
         let next = self
             .batches
             .pop()
             .unwrap_or_else(|| Vec::with_capacity(mesh_sys::tun::IDEAL_BATCH_SIZE));
-        let batch = std::mem::replace(&mut self.out, next);
-        if let Err(e) = jobs.try_send(batch) {
-            let batch = e.into_inner();
-            counters.tun_queue_drops += batch.len() as u64;
-            self.take_back(batch);
-        }
+        permit.send(std::mem::replace(&mut self.out, next));
     }
 
     /// Keeps the buffers of a written (or dropped) batch for the next ones.
+    /// Buffers that coalescing grew to a super-packet are let go rather than kept.
     fn take_back(&mut self, mut batch: Vec<Vec<u8>>) {
-        if self.spare.len() < 2 * mesh_sys::tun::IDEAL_BATCH_SIZE {
-            self.spare.append(&mut batch);
-        }
-        batch.clear();
+        let room = TUN_PENDING.saturating_sub(self.spare.len());
+        self.spare.extend(
+            batch
+                .drain(..)
+                .filter(|b| b.capacity() <= TUN_PACKET_BUF)
+                .take(room),
+        );
         if self.batches.len() < TUN_WRITE_QUEUE {
             self.batches.push(batch);
         }
@@ -856,9 +878,11 @@ impl TunIo {
 
 /// What a writer task hands back once it has written a batch: the buffers, and how it went.
 enum Written {
-    /// A transmit on the main UDP socket: its buffer, datagrams sent, failed send calls.
+    /// A transmit on the main UDP socket: its buffer, the datagrams it held, datagrams sent,
+    /// failed send calls.
     Udp {
         contents: Vec<u8>,
+        datagrams: usize,
         sent: u64,
         errors: u64,
     },
@@ -871,13 +895,21 @@ enum Written {
 }
 
 /// Counts a finished write and takes its buffers back.
-fn finished(node: &mut Node, tio: &mut TunIo, counters: &mut DriverCounters, w: Written) {
+fn finished(
+    node: &mut Node,
+    tio: &mut TunIo,
+    counters: &mut DriverCounters,
+    udp_pending: &mut usize,
+    w: Written,
+) {
     match w {
         Written::Udp {
             contents,
+            datagrams,
             sent,
             errors,
         } => {
+            *udp_pending = udp_pending.saturating_sub(datagrams);
             counters.udp_tx += sent;
             counters.udp_send_errors += errors;
             node.recycle(contents);
@@ -897,13 +929,14 @@ fn finished(node: &mut Node, tio: &mut TunIo, counters: &mut DriverCounters, w: 
 /// Sends the transmits queued for the main UDP socket, in order, until the loop goes away.
 async fn udp_writer(
     port: UdpPort,
-    mut jobs: mpsc::Receiver<(SocketAddr, Transmit)>,
+    mut jobs: mpsc::UnboundedReceiver<(SocketAddr, Transmit)>,
     done: mpsc::UnboundedSender<Written>,
 ) {
     while let Some((dst, t)) = jobs.recv().await {
         let mut c = DriverCounters::default();
         send_udp(&port, dst, &t, &mut c).await;
         let w = Written::Udp {
+            datagrams: t.datagrams(),
             contents: t.contents,
             sent: c.udp_tx,
             errors: c.udp_send_errors,
