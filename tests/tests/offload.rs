@@ -143,6 +143,12 @@ fn streams_and_datagrams_of_every_size_arrive_unchanged_through_an_offloading_me
             "mesh0 without offloads on {}: {:#}",
             agent.host.name, status["counters"]
         );
+        let text = agent.cli(["status"]).stdout;
+        assert!(
+            text.contains("datapath  mesh0 with offloads")
+                && text.contains("UDP buffers 7.0 MiB in"),
+            "{text}"
+        );
         // Run as root, the agent gets the socket buffers it asks for past rmem_max.
         let c = &status["counters"];
         assert!(

@@ -766,6 +766,9 @@ fn print_status(v: &serde_json::Value) {
     if let Some(line) = port_mapping_line(&v["port_mapping"]) {
         out(&format!("portmap   {line}"));
     }
+    if let Some(line) = datapath_line(&v["counters"]) {
+        out(&format!("datapath  {line}"));
+    }
     for u in v["exits"]["using"].as_array().into_iter().flatten() {
         out(&format!(
             "exit      {} via {}{}",
@@ -889,6 +892,28 @@ fn quality_text(q: &serde_json::Value) -> String {
 
 /// The `portmap` line of `mesh status`: the router's mapping of the UDP port, or why there is
 /// none. `None` when the daemon did not say (an older daemon).
+/// The data plane's setup from the status counters: TUN offloads and the UDP socket's buffers.
+fn datapath_line(counters: &serde_json::Value) -> Option<String> {
+    let offload = counters["tun_offload"].as_u64()?;
+    let mib = |k: &str| {
+        counters[k]
+            .as_u64()
+            .map(|b| b as f64 / f64::from(1u32 << 20))
+    };
+    let mut line = if offload == 1 {
+        "mesh0 with offloads (TCP segments in batches)".to_owned()
+    } else {
+        "mesh0 without offloads, one packet per read (the log says why)".to_owned()
+    };
+    if let (Some(rx), Some(tx)) = (mib("udp_recv_buffer"), mib("udp_send_buffer")) {
+        line += &format!("; UDP buffers {rx:.1} MiB in, {tx:.1} MiB out");
+        if counters["udp_buffers_refused"].as_u64().unwrap_or(0) > 0 {
+            line += " (less than asked: raise net.core.rmem_max/wmem_max)";
+        }
+    }
+    Some(line)
+}
+
 fn port_mapping_line(pm: &serde_json::Value) -> Option<String> {
     let text = |k: &str| pm[k].as_str().unwrap_or("-");
     Some(match pm["state"].as_str()? {
