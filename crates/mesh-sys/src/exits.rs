@@ -150,20 +150,10 @@ async fn delete_rules(handle: &Handle) {
 }
 
 async fn flush_table(handle: &Handle) {
-    let mut ours = Vec::new();
-    // One dump after the other: the kernel refuses a second dump on a socket while one runs.
-    let requests = [
-        RouteMessageBuilder::<Ipv4Addr>::new().build(),
-        RouteMessageBuilder::<Ipv6Addr>::new().build(),
-    ];
-    for request in requests {
-        let mut routes = handle.route().get(request).execute();
-        while let Ok(Some(msg)) = routes.try_next().await {
-            if crate::netlink::table_of(&msg) == TABLE {
-                ours.push(msg);
-            }
-        }
-    }
+    let ours = crate::netlink::dump_routes(handle)
+        .await
+        .into_iter()
+        .filter(|msg| crate::netlink::table_of(msg) == TABLE);
     for msg in ours {
         if let Err(e) = handle.route().del(msg).execute().await {
             tracing::debug!(error = %e, "removing an exit route");

@@ -304,36 +304,30 @@ pub async fn overlay_view(
     // Default routes of the main table name the uplinks (policy tables are left out: a VPN such
     // as wg-quick puts its own default route there).
     let mut uplinks: BTreeSet<u32> = BTreeSet::new();
-    for family in [
-        RouteMessageBuilder::<Ipv4Addr>::new().build(),
-        RouteMessageBuilder::<Ipv6Addr>::new().build(),
-    ] {
-        let mut routes = handle.route().get(family).execute();
-        while let Ok(Some(msg)) = routes.try_next().await {
-            let oif = msg.attributes.iter().find_map(|a| match a {
-                RouteAttribute::Oif(i) => Some(*i),
-                _ => None,
-            });
-            if is_main_default(&msg) {
-                uplinks.extend(oif);
-                for a in &msg.attributes {
-                    if let RouteAttribute::MultiPath(hops) = a {
-                        uplinks.extend(hops.iter().map(|h| h.interface_index));
-                    }
+    for msg in dump_routes(&handle).await {
+        let oif = msg.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Oif(i) => Some(*i),
+            _ => None,
+        });
+        if is_main_default(&msg) {
+            uplinks.extend(oif);
+            for a in &msg.attributes {
+                if let RouteAttribute::MultiPath(hops) = a {
+                    uplinks.extend(hops.iter().map(|h| h.interface_index));
                 }
             }
-            if !oif.is_some_and(|i| stacked.contains(&i)) {
-                continue;
-            }
-            let dst = msg.attributes.iter().find_map(|a| match a {
-                RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
-                RouteAttribute::Destination(RouteAddress::Inet6(ip)) => Some(IpAddr::V6(*ip)),
-                _ => None,
-            });
-            if let Some(dst) = dst {
-                if let Ok(net) = IpNet::new(dst, msg.header.destination_prefix_length) {
-                    push(net.trunc(), &mut excluded);
-                }
+        }
+        if !oif.is_some_and(|i| stacked.contains(&i)) {
+            continue;
+        }
+        let dst = msg.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
+            RouteAttribute::Destination(RouteAddress::Inet6(ip)) => Some(IpAddr::V6(*ip)),
+            _ => None,
+        });
+        if let Some(dst) = dst {
+            if let Ok(net) = IpNet::new(dst, msg.header.destination_prefix_length) {
+                push(net.trunc(), &mut excluded);
             }
         }
     }
@@ -542,6 +536,24 @@ pub async fn has_address(name: &str, address: Ipv4Addr) -> Result<bool, NetlinkE
 /// Whether `msg` is a default route of the main table (policy tables are not: a VPN such as
 /// wg-quick puts its own default route there). The table is the attribute when there is one
 /// (tables above 255), else the header's.
+/// Every route of both families, of every table: one dump after the other, as the kernel
+/// refuses a second dump on a socket while one runs. A dump that fails ends with what it had.
+pub(crate) async fn dump_routes(
+    handle: &Handle,
+) -> Vec<rtnetlink::packet_route::route::RouteMessage> {
+    let mut all = Vec::new();
+    for request in [
+        RouteMessageBuilder::<Ipv4Addr>::new().build(),
+        RouteMessageBuilder::<Ipv6Addr>::new().build(),
+    ] {
+        let mut routes = handle.route().get(request).execute();
+        while let Ok(Some(msg)) = routes.try_next().await {
+            all.push(msg);
+        }
+    }
+    all
+}
+
 fn is_main_default(msg: &rtnetlink::packet_route::route::RouteMessage) -> bool {
     use rtnetlink::packet_route::route::RouteHeader;
     msg.header.destination_prefix_length == 0
@@ -753,37 +765,29 @@ pub async fn routes_via(interface: &str, connected: &[IpNet]) -> Result<Vec<IpNe
     let handle = connect()?;
     let index = link_index(&handle, interface).await?;
     let mut out = Vec::new();
-    // One dump after the other: the kernel refuses a second dump on a socket while one runs.
-    let requests = [
-        RouteMessageBuilder::<Ipv4Addr>::new().build(),
-        RouteMessageBuilder::<Ipv6Addr>::new().build(),
-    ];
-    for request in requests {
-        let mut routes = handle.route().get(request).execute();
-        while let Ok(Some(msg)) = routes.try_next().await {
-            let oif = msg.attributes.iter().find_map(|a| match a {
-                RouteAttribute::Oif(i) => Some(*i),
-                _ => None,
-            });
-            if oif != Some(index) || msg.header.table != 254 {
-                continue;
-            }
-            let dst = msg.attributes.iter().find_map(|a| match a {
-                RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
-                RouteAttribute::Destination(RouteAddress::Inet6(ip)) => Some(IpAddr::V6(*ip)),
-                _ => None,
-            });
-            let len = msg.header.destination_prefix_length;
-            if let Some(net) = dst.and_then(|d| IpNet::new(d, len).ok()) {
-                let net = net.trunc();
-                let host = len == net.max_prefix_len();
-                // The kernel's own IPv6 routes (link-local, multicast) are not subnet routes.
-                let kernel = matches!(net, IpNet::V6(n)
-                    if n.network().segments()[0] & 0xffc0 == 0xfe80
-                        || n.network().segments()[0] >> 8 == 0xff);
-                if len > 0 && !host && !kernel && !connected.iter().any(|c| c.trunc() == net) {
-                    out.push(net);
-                }
+    for msg in dump_routes(&handle).await {
+        let oif = msg.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Oif(i) => Some(*i),
+            _ => None,
+        });
+        if oif != Some(index) || msg.header.table != 254 {
+            continue;
+        }
+        let dst = msg.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
+            RouteAttribute::Destination(RouteAddress::Inet6(ip)) => Some(IpAddr::V6(*ip)),
+            _ => None,
+        });
+        let len = msg.header.destination_prefix_length;
+        if let Some(net) = dst.and_then(|d| IpNet::new(d, len).ok()) {
+            let net = net.trunc();
+            let host = len == net.max_prefix_len();
+            // The kernel's own IPv6 routes (link-local, multicast) are not subnet routes.
+            let kernel = matches!(net, IpNet::V6(n)
+                if n.network().segments()[0] & 0xffc0 == 0xfe80
+                    || n.network().segments()[0] >> 8 == 0xff);
+            if len > 0 && !host && !kernel && !connected.iter().any(|c| c.trunc() == net) {
+                out.push(net);
             }
         }
     }
