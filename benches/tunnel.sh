@@ -5,8 +5,8 @@
 # through mesh's relay: over QUIC (direct UDP between the nodes blocked) and
 # over TCP (all UDP of the nodes blocked), as ratios to the direct path; and
 # mesh over an IPv6 underlay (the same links with 2001:db8:: addresses, a
-# controller reached over IPv6); and mesh without TUN offloads
-# (mesh-nooffload). Each round measures every path once
+# controller reached over IPv6); mesh without TUN offloads (mesh-nooffload),
+# nebula and tinc as further baselines. Each round measures every path once
 # (one stream and 4 parallel streams, the tunnel processes' CPU time per GB,
 # the idle ping RTT); the table gives medians over the rounds. See
 # benches/README.md. Needs root; everything runs in throwaway network
@@ -19,8 +19,8 @@
 #                   CPU per GB is taken in the 1-stream run)
 #   BENCH_PATHS     paths to measure, space separated
 #                   (default "veth mesh mesh-nooffload relay-quic relay-tcp
-#                   mesh-v6 boringtun wireguard-go"; the relay paths need
-#                   mesh)
+#                   mesh-v6 boringtun wireguard-go nebula tinc"; the relay
+#                   paths need mesh)
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -28,7 +28,7 @@ ROOT=$(cd "$HERE/.." && pwd)
 # shellcheck source-path=SCRIPTDIR source=lib-netns.sh
 . "$HERE/lib-netns.sh"
 
-ALL_PATHS="veth mesh mesh-nooffload relay-quic relay-tcp mesh-v6 boringtun wireguard-go"
+ALL_PATHS="veth mesh mesh-nooffload relay-quic relay-tcp mesh-v6 boringtun wireguard-go nebula tinc"
 BENCH_SECONDS=${BENCH_SECONDS:-10}
 BENCH_ROUNDS=${BENCH_ROUNDS:-3}
 BENCH_STREAMS=${BENCH_STREAMS:-1 4}
@@ -60,6 +60,12 @@ B_IP6=2001:db8::12
 CTL_PORT=7443
 MESH_PORT=51820
 IPERF_PORT=5201
+# The further baselines' overlays (inside 100.64.0.0/10, beside
+# boringtun's 100.100.1.0/24 and wireguard-go's 100.100.2.0/24).
+NEBULA_NET=100.100.3
+NEBULA_PORT=4242
+TINC_NET=100.100.4
+TINC_PORT=655
 
 # Per path, space-separated values, one per round: MBITS["PATH/STREAMS"]
 # (Mbit/s), CPU[PATH] (CPU seconds per GB of the two endpoints' tunnel
@@ -109,6 +115,12 @@ if ! apt_ensure wireguard-tools; then
 fi
 if want wireguard-go && ! apt_ensure wireguard-go; then
     skip wireguard-go "the Debian package wireguard-go could not be installed"
+fi
+if want nebula && ! apt_ensure nebula; then
+    skip nebula "the Debian package nebula could not be installed"
+fi
+if want tinc && ! apt_ensure tinc; then
+    skip tinc "the Debian package tinc could not be installed"
 fi
 [[ -e /dev/net/tun ]] || warn "/dev/net/tun is missing: tunnel paths will fail"
 
@@ -616,6 +628,148 @@ bench_wggo() {
     bench_wg wireguard-go 100.100.2 wireguard-go -f
 }
 
+# ---------------------------------------------------------------- nebula --
+
+OTHER_PIDS=()
+
+other_stop() {
+    local i
+    for ((i = ${#OTHER_PIDS[@]} - 1; i >= 0; i--)); do stop_pid "${OTHER_PIDS[i]}"; done
+    OTHER_PIDS=()
+}
+
+# nebula_config NAME PEER_OVERLAY PEER_UNDERLAY: the config of node NAME (a or
+# b), with no lighthouse: the peer is known from a static host map. Its UDP
+# socket buffers are 7 MiB, as mesh asks for its own; MTU 1420 as for the
+# WireGuard baselines; the cipher is nebula's default (AES-GCM).
+nebula_config() {
+    local d="$WORK/nebula"
+    cat <<EOF
+pki:
+  ca: $d/ca.crt
+  cert: $d/$1.crt
+  key: $d/$1.key
+static_host_map:
+  "$2": ["$3:$NEBULA_PORT"]
+lighthouse:
+  am_lighthouse: false
+  hosts: []
+listen:
+  host: 0.0.0.0
+  port: $NEBULA_PORT
+  read_buffer: 7340032
+  write_buffer: 7340032
+punchy:
+  punch: false
+tun:
+  disabled: false
+  dev: nebula1
+  mtu: 1420
+logging:
+  level: info
+firewall:
+  outbound:
+    - port: any
+      proto: any
+      host: any
+  inbound:
+    - port: any
+      proto: any
+      host: any
+EOF
+}
+
+# A CA and a certificate for each node (made once), then nebula in A and B.
+bench_nebula() {
+    step "Path 5: nebula $(nebula -version 2>/dev/null | awk '{print $2}'), round $ROUND"
+    if [[ -n ${WHY[nebula]:-} ]]; then
+        info "skipped: ${WHY[nebula]}"
+        return 1
+    fi
+    local d="$WORK/nebula" name
+    if [[ ! -s $d/b.crt ]]; then
+        mkdir -p "$d"
+        if ! { nebula-cert ca -name mesh-bench -out-crt "$d/ca.crt" -out-key "$d/ca.key" &&
+            nebula-cert sign -ca-crt "$d/ca.crt" -ca-key "$d/ca.key" -name a -ip "$NEBULA_NET.1/24" \
+                -out-crt "$d/a.crt" -out-key "$d/a.key" &&
+            nebula-cert sign -ca-crt "$d/ca.crt" -ca-key "$d/ca.key" -name b -ip "$NEBULA_NET.2/24" \
+                -out-crt "$d/b.crt" -out-key "$d/b.key"; } >"$WORK/nebula-cert.log" 2>&1; then
+            skip nebula "nebula-cert failed: $(tail -n 2 "$WORK/nebula-cert.log" | tr '\n' ' ')"
+            return 1
+        fi
+        nebula_config a "$NEBULA_NET.2" "$B_IP" >"$d/a.yml"
+        nebula_config b "$NEBULA_NET.1" "$A_IP" >"$d/b.yml"
+    fi
+    for name in a b; do
+        spawn "$(ns "$name")" "$WORK/nebula-$name.log" nebula -config "$d/$name.yml"
+        OTHER_PIDS+=("$LAST_PID")
+        WAIT_WATCH_PID=$LAST_PID wait_until 15 "nebula in $name to create nebula1" \
+            ip -n "$(ns "$name")" addr show dev nebula1 || {
+            skip nebula "nebula in $name did not start (see nebula-$name.log)"
+            return 1
+        }
+    done
+    wait_until 20 "A -> B over nebula" ns_ping "$NS_A" "$NEBULA_NET.2" || {
+        skip nebula "no connectivity A -> B over nebula"
+        return 1
+    }
+    CPU_PIDS=("${OTHER_PIDS[@]}")
+    RELAY_PID=''
+    run_path nebula "$NEBULA_NET.2"
+}
+
+# ------------------------------------------------------------------ tinc --
+
+# tinc_node NAME ADDR UNDERLAY PEER: the configuration directory of node NAME
+# (router mode, its key made here), its host file with Address and Subnet.
+tinc_node() {
+    local d="$WORK/tinc/$1"
+    mkdir -p "$d/hosts"
+    printf 'Name = %s\nConnectTo = %s\nAddressFamily = ipv4\nInterface = tinc0\nMode = router\nPort = %s\n' \
+        "$1" "$4" "$TINC_PORT" >"$d/tinc.conf"
+    printf 'Address = %s\nSubnet = %s/32\nPort = %s\n' "$3" "$2" "$TINC_PORT" >"$d/hosts/$1"
+    # shellcheck disable=SC2016 # $INTERFACE is tincd's, expanded when it runs the script
+    printf '#!/bin/sh\nip addr add %s/24 dev "$INTERFACE"\nip link set "$INTERFACE" mtu 1420 up\n' \
+        "$2" >"$d/tinc-up"
+    chmod 755 "$d/tinc-up"
+    tincd -c "$d" -K2048 </dev/null >>"$WORK/tinc-keys.log" 2>&1
+}
+
+bench_tinc() {
+    step "Path 6: tinc $(tincd --version 2>/dev/null | awk 'NR == 1 {print $3}'), round $ROUND"
+    if [[ -n ${WHY[tinc]:-} ]]; then
+        info "skipped: ${WHY[tinc]}"
+        return 1
+    fi
+    local t="$WORK/tinc" name
+    if [[ ! -s $t/b/hosts/a ]]; then
+        if ! { tinc_node a "$TINC_NET.1" "$A_IP" b && tinc_node b "$TINC_NET.2" "$B_IP" a; } ||
+            ! grep -q 'BEGIN RSA PUBLIC KEY' "$t/a/hosts/a" "$t/b/hosts/b"; then
+            skip tinc "tincd -K could not make the keys (see tinc-keys.log)"
+            return 1
+        fi
+        cp "$t/a/hosts/a" "$t/b/hosts/a"
+        cp "$t/b/hosts/b" "$t/a/hosts/b"
+    fi
+    for name in a b; do
+        spawn "$(ns "$name")" "$WORK/tinc-$name.log" tincd -c "$t/$name" -D -d1 \
+            --pidfile="$t/$name/tincd.pid"
+        OTHER_PIDS+=("$LAST_PID")
+        WAIT_WATCH_PID=$LAST_PID wait_until 15 "tincd in $name to bring up tinc0" \
+            ip -n "$(ns "$name")" addr show dev tinc0 || {
+            skip tinc "tincd in $name did not start (see tinc-$name.log)"
+            return 1
+        }
+    done
+    wait_until 30 "A -> B over tinc" ns_ping "$NS_A" "$TINC_NET.2" || {
+        skip tinc "no connectivity A -> B over tinc"
+        return 1
+    }
+    CPU_PIDS=("${OTHER_PIDS[@]}")
+    RELAY_PID=''
+    run_path tinc "$TINC_NET.2"
+}
+
 # ------------------------------------------------------------------- run --
 
 for ((ROUND = 1; ROUND <= BENCH_ROUNDS; ROUND++)); do
@@ -642,6 +796,14 @@ for ((ROUND = 1; ROUND <= BENCH_ROUNDS; ROUND++)); do
     if want wireguard-go; then
         bench_wggo || true
         wg_stop
+    fi
+    if want nebula; then
+        bench_nebula || true
+        other_stop
+    fi
+    if want tinc; then
+        bench_tinc || true
+        other_stop
     fi
 done
 
@@ -731,7 +893,7 @@ done
 echo
 info "Mbit/s: the receiver's rate, median (min-max) over the rounds. CPU s/GB: user+system"
 info "seconds of the two endpoints' tunnel processes (A's and B's mesh agent, boringtun-cli,"
-info "wireguard-go) per 10^9 bytes moved, in the 1-stream run; relay: that of the"
+info "wireguard-go, nebula, tincd) per 10^9 bytes moved, in the 1-stream run; relay: that of the"
 info "controller (which embeds the relay) on the relay paths, not included in CPU s/GB. RTT: median"
 info "of 50 idle pings 20 ms apart; +RTT: minus veth's. mesh/path: mesh's 1-stream median over"
 info "the path's."
@@ -740,7 +902,7 @@ echo
 for n in "${STREAMS[@]}"; do
     m=$(mbit mesh "$n")
     [[ -n $m ]] || continue
-    for path in wireguard-go boringtun; do
+    for path in wireguard-go boringtun nebula tinc; do
         p=$(mbit "$path" "$n")
         [[ -z $p ]] || printf '    mesh / %s, %s stream(s): %s\n' "$path" "$n" "$(ratio "$m" "$p")"
     done
