@@ -5,14 +5,22 @@
 # through mesh's relay: over QUIC (direct UDP between the nodes blocked) and
 # over TCP (all UDP of the nodes blocked), as ratios to the direct path; and
 # mesh over an IPv6 underlay (the same links with 2001:db8:: addresses, a
-# controller reached over IPv6). See benches/README.md. Needs root; everything runs in throwaway network
+# controller reached over IPv6); mesh without TUN offloads (mesh-nooffload),
+# nebula and tinc as further baselines. Each round measures every path once
+# (one stream and 4 parallel streams, the tunnel processes' CPU time per GB,
+# the idle ping RTT); the table gives medians over the rounds. See
+# benches/README.md. Needs root; everything runs in throwaway network
 # namespaces that are removed on exit.
 #
 # Environment:
 #   BENCH_SECONDS   length of each iperf3 run in seconds (default 10)
+#   BENCH_ROUNDS    rounds; each measures every path once (default 3)
+#   BENCH_STREAMS   iperf3 stream counts to run per path (default "1 4";
+#                   CPU per GB is taken in the 1-stream run)
 #   BENCH_PATHS     paths to measure, space separated
-#                   (default "veth mesh relay-quic relay-tcp mesh-v6 boringtun
-#                   wireguard-go"; the relay paths need mesh)
+#                   (default "veth mesh mesh-nooffload relay-quic relay-tcp
+#                   mesh-v6 boringtun wireguard-go nebula tinc"; the relay
+#                   paths need mesh)
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -20,9 +28,22 @@ ROOT=$(cd "$HERE/.." && pwd)
 # shellcheck source-path=SCRIPTDIR source=lib-netns.sh
 . "$HERE/lib-netns.sh"
 
+ALL_PATHS="veth mesh mesh-nooffload relay-quic relay-tcp mesh-v6 boringtun wireguard-go nebula tinc"
 BENCH_SECONDS=${BENCH_SECONDS:-10}
-BENCH_PATHS=${BENCH_PATHS:-veth mesh relay-quic relay-tcp mesh-v6 boringtun wireguard-go}
+BENCH_ROUNDS=${BENCH_ROUNDS:-3}
+BENCH_STREAMS=${BENCH_STREAMS:-1 4}
+BENCH_PATHS=${BENCH_PATHS:-$ALL_PATHS}
 [[ $BENCH_SECONDS =~ ^[1-9][0-9]*$ ]] || die "BENCH_SECONDS must be a positive integer (got '$BENCH_SECONDS')"
+[[ $BENCH_ROUNDS =~ ^[1-9][0-9]*$ ]] || die "BENCH_ROUNDS must be a positive integer (got '$BENCH_ROUNDS')"
+read -r -a STREAMS <<<"$BENCH_STREAMS"
+[[ ${#STREAMS[@]} -gt 0 ]] || die "BENCH_STREAMS must name at least one stream count"
+for n in "${STREAMS[@]}"; do
+    [[ $n =~ ^[1-9][0-9]*$ ]] || die "BENCH_STREAMS must be positive integers (got '$BENCH_STREAMS')"
+done
+for p in $BENCH_PATHS; do
+    [[ " $ALL_PATHS " == *" $p "* ]] || warn "unknown path '$p' in BENCH_PATHS ignored (known: $ALL_PATHS)"
+done
+CLK_TCK=$(getconf CLK_TCK)
 
 TOOLS_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/bench-tools"
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
@@ -39,8 +60,23 @@ B_IP6=2001:db8::12
 CTL_PORT=7443
 MESH_PORT=51820
 IPERF_PORT=5201
+# The further baselines' overlays (inside 100.64.0.0/10, beside
+# boringtun's 100.100.1.0/24 and wireguard-go's 100.100.2.0/24).
+NEBULA_NET=100.100.3
+NEBULA_PORT=4242
+TINC_NET=100.100.4
+TINC_PORT=655
 
-declare -A MBITS=() WHY=()
+# Per path, space-separated values, one per round: MBITS["PATH/STREAMS"]
+# (Mbit/s), CPU[PATH] (CPU seconds per GB of the two endpoints' tunnel
+# processes), RELAY_CPU[PATH] (of the relay, the controller process), RTT[PATH]
+# (median ping RTT in ms).
+declare -A MBITS=() CPU=() RELAY_CPU=() RTT=() WHY=()
+ROUND=0
+# The tunnel processes of the path being measured (none for veth) and, on the
+# relay paths, the controller that relays.
+CPU_PIDS=()
+RELAY_PID=''
 REPORTED=0 # set once the results (and logs of skipped paths) are printed
 
 lib_on_exit() {
@@ -61,6 +97,8 @@ skip() { # skip PATH REASON...
 }
 
 want() { [[ " $BENCH_PATHS " == *" $1 "* ]]; }
+# Wanted and not skipped (a path skipped in one round is not tried again).
+active() { want "$1" && [[ -z ${WHY[$1]:-} ]]; }
 
 # ------------------------------------------------------------ preparation --
 
@@ -77,6 +115,12 @@ if ! apt_ensure wireguard-tools; then
 fi
 if want wireguard-go && ! apt_ensure wireguard-go; then
     skip wireguard-go "the Debian package wireguard-go could not be installed"
+fi
+if want nebula && ! apt_ensure nebula; then
+    skip nebula "the Debian package nebula could not be installed"
+fi
+if want tinc && ! apt_ensure tinc; then
+    skip tinc "the Debian package tinc could not be installed"
 fi
 [[ -e /dev/net/tun ]] || warn "/dev/net/tun is missing: tunnel paths will fail"
 
@@ -95,24 +139,29 @@ fi
 
 MESH_BIN="$TARGET_DIR/release/mesh"
 CTL_BIN="$TARGET_DIR/release/mesh-controller"
-if want mesh || want mesh-v6; then
+skip_mesh_paths() { # REASON: skip every path that runs mesh
+    local p
+    for p in mesh mesh-nooffload relay-quic relay-tcp mesh-v6; do
+        want "$p" && skip "$p" "$1"
+    done
+    return 0
+}
+if want mesh || want mesh-nooffload || want mesh-v6; then
     if find_cargo; then
         info "building mesh: cargo build --release --bins"
         if ! (cd "$ROOT" && cargo build --release --bins); then
-            skip mesh "cargo build --release --bins failed"
-            skip mesh-v6 "cargo build --release --bins failed"
+            skip_mesh_paths "cargo build --release --bins failed"
         elif [[ ! -x $MESH_BIN || ! -x $CTL_BIN ]]; then
-            skip mesh "the build did not produce $MESH_BIN and $CTL_BIN"
-            skip mesh-v6 "the build did not produce $MESH_BIN and $CTL_BIN"
+            skip_mesh_paths "the build did not produce $MESH_BIN and $CTL_BIN"
         fi
     else
-        skip mesh "cargo not found, cannot build mesh"
-        skip mesh-v6 "cargo not found, cannot build mesh"
+        skip_mesh_paths "cargo not found, cannot build mesh"
     fi
 fi
 
 info "kernel $(uname -r), $(nproc) CPUs: $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)"
 info "$(iperf3 --version | head -n 1); each run lasts ${BENCH_SECONDS}s (+1s omitted warm-up)"
+info "$BENCH_ROUNDS round(s), streams: ${STREAMS[*]}; load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 # -------------------------------------------------------------- topology --
 
@@ -134,30 +183,97 @@ WAIT_WATCH_PID=$LAST_PID wait_until 10 "iperf3 server" tcp_listening "$NS_B" "$I
     die "iperf3 server did not start"
 ok "namespaces ready, iperf3 server listening in B"
 
-# measure PATH ADDRESS: iperf3 A -> ADDRESS, store Mbit/s in MBITS[PATH].
+# cpu_ticks PID...: the user+system CPU time (clock ticks) the processes have
+# used so far, all their threads (fields 14 and 15 of /proc/PID/stat; the
+# name in field 2 may hold spaces, so the fields are counted after its ')').
+cpu_ticks() {
+    local t=0 p st f
+    for p in "$@"; do
+        st=$(<"/proc/$p/stat") || return 1
+        read -r -a f <<<"${st##*) }"
+        t=$((t + f[11] + f[12]))
+    done
+    printf '%s\n' "$t"
+}
+
+# per_gb TICKS BYTES: CPU seconds per GB (10^9 bytes).
+per_gb() { awk -v t="$1" -v b="$2" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", (t / hz) / (b / 1e9) }'; }
+
+# measure PATH ADDRESS STREAMS: iperf3 A -> ADDRESS with STREAMS parallel
+# streams; appends Mbit/s to MBITS[PATH/STREAMS]. In the 1-stream run it also
+# reads the CPU time of CPU_PIDS (and RELAY_PID) before and after and appends
+# their CPU seconds per GB moved to CPU[PATH] (RELAY_CPU[PATH]); the bytes are
+# the receiver's plus the omitted warm-up second's, which the CPU time covers.
 measure() {
-    local path="$1" dst="$2" json="$WORK/iperf-$1.json" bps err
-    info "iperf3 -c $dst -t $BENCH_SECONDS ($path)"
+    local path="$1" dst="$2" n="$3" json="$WORK/iperf-$1-P$3-r$ROUND.json" bps bytes err
+    local t0='' t1='' r0='' r1='' mbit cpu='' note=''
+    info "iperf3 -c $dst -P $n -t $BENCH_SECONDS ($path, round $ROUND)"
+    if [[ $n -eq 1 && ${#CPU_PIDS[@]} -gt 0 ]]; then
+        t0=$(cpu_ticks "${CPU_PIDS[@]}") || t0=''
+        [[ -z $RELAY_PID ]] || r0=$(cpu_ticks "$RELAY_PID") || r0=''
+    fi
     if timeout --foreground $((BENCH_SECONDS + 30)) ip netns exec "$NS_A" \
-        iperf3 -c "$dst" -p "$IPERF_PORT" -t "$BENCH_SECONDS" -O 1 --connect-timeout 5000 -J \
+        iperf3 -c "$dst" -p "$IPERF_PORT" -P "$n" -t "$BENCH_SECONDS" -O 1 --connect-timeout 5000 -J \
         >"$json" 2>"$WORK/iperf-$path.err"; then
+        if [[ -n $t0 ]]; then
+            t1=$(cpu_ticks "${CPU_PIDS[@]}") || t1=''
+            [[ -z $r0 ]] || r1=$(cpu_ticks "$RELAY_PID") || r1=''
+        fi
         bps=$(jq -r '.end.sum_received.bits_per_second // empty' "$json")
+        bytes=$(jq -r '(.end.sum_received.bytes // 0)
+            + ([.intervals[]? | select(.sum.omitted) | .sum.bytes] | add // 0)' "$json")
         if [[ -n $bps ]]; then
-            MBITS[$path]=$(awk -v b="$bps" 'BEGIN { printf "%.1f", b / 1e6 }')
-            ok "$path: ${MBITS[$path]} Mbit/s"
+            mbit=$(awk -v b="$bps" 'BEGIN { printf "%.1f", b / 1e6 }')
+            MBITS[$path/$n]+=" $mbit"
+            if [[ -n $t0 && -n $t1 && $bytes -gt 0 ]]; then
+                cpu=$(per_gb $((t1 - t0)) "$bytes")
+                CPU[$path]+=" $cpu"
+                note=", tunnel processes $cpu CPU s/GB"
+                if [[ -n $r0 && -n $r1 ]]; then
+                    RELAY_CPU[$path]+=" $(per_gb $((r1 - r0)) "$bytes")"
+                    note+=" (+ relay $(per_gb $((r1 - r0)) "$bytes"))"
+                fi
+            fi
+            ok "$path, $n stream(s): $mbit Mbit/s$note"
             return 0
         fi
     fi
     err=$(jq -r '.error // empty' "$json" 2>/dev/null || true)
-    skip "$path" "iperf3 failed: ${err:-$(tail -n 3 "$WORK/iperf-$path.err" "$json" 2>/dev/null | tr '\n' ' ')}"
+    skip "$path" "iperf3 -P $n failed: ${err:-$(tail -n 3 "$WORK/iperf-$path.err" "$json" 2>/dev/null | tr '\n' ' ')}"
     return 1
+}
+
+# latency PATH ADDRESS: 50 pings A -> ADDRESS 20 ms apart on the idle path;
+# appends their median RTT (ms) to RTT[PATH].
+latency() {
+    local path="$1" dst="$2" med
+    med=$(ip netns exec "$NS_A" ping -n -c 50 -i 0.02 -W 1 "$dst" 2>/dev/null |
+        sed -n 's/.* time=\([0-9.]*\) ms.*/\1/p' | sort -g |
+        awk '{ v[NR] = $1 } END { if (NR >= 25) printf "%.3f", NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }') || true
+    if [[ -z $med ]]; then
+        warn "$path: fewer than 25 of 50 pings answered, no RTT this round"
+        return 0
+    fi
+    RTT[$path]+=" $med"
+    info "$path: median ping RTT $med ms"
+}
+
+# run_path PATH ADDRESS: the idle RTT, then one iperf3 run per stream count.
+run_path() {
+    local n
+    latency "$1" "$2"
+    for n in "${STREAMS[@]}"; do
+        measure "$1" "$2" "$n" || return 1
+    done
 }
 
 # ------------------------------------------------------------------ veth --
 
 bench_veth() {
-    step "Path 1: plain veth (baseline)"
-    measure veth "$B_IP"
+    step "Path 1: plain veth (baseline), round $ROUND"
+    CPU_PIDS=()
+    RELAY_PID=''
+    run_path veth "$B_IP"
 }
 
 # ------------------------------------------------------------------ mesh --
@@ -186,14 +302,18 @@ mesh_controller_ready() {
 
 # mesh_pair PATH STATE_DIR LISTEN: a controller listening on LISTEN and the
 # agents bench-a and bench-b joined through it, up and pinging; leaves B's
-# overlay address in PAIR_IP_B. Failures are skipped as PATH (logs carry
-# PATH's name, so that a skipped path shows them).
+# overlay address in PAIR_IP_B, the agents' PIDs in PAIR_PIDS and the
+# controller's in PAIR_CTL_PID. The agents run with the environment
+# assignments in MESH_ENV (none by default). Failures are skipped as PATH
+# (logs carry PATH's name, so that a skipped path shows them).
+MESH_ENV=()
 mesh_pair() {
     local path="$1" sd="$2" listen="$3" token ip_b name netns
     mkdir -p "$sd/ctl" "$sd/a" "$sd/b"
 
     spawn "$NS_C" "$WORK/$path-controller.log" "$CTL_BIN" serve --listen "$listen" --state-dir "$sd/ctl"
     MESH_PIDS+=("$LAST_PID")
+    PAIR_CTL_PID=$LAST_PID
     WAIT_WATCH_PID=$LAST_PID wait_until 20 "controller on udp/$CTL_PORT" \
         mesh_controller_ready "$sd/ctl" || {
         skip "$path" "mesh-controller serve did not start (see $path-controller.log)"
@@ -218,8 +338,8 @@ mesh_pair() {
     local -A agent_pid=()
     for name in a b; do
         netns=$(ns "$name")
-        spawn "$netns" "$WORK/$path-agent-$name.log" "$MESH_BIN" join "$token" --name "bench-$name" \
-            --port "$MESH_PORT" --state-dir "$sd/$name"
+        spawn "$netns" "$WORK/$path-agent-$name.log" env "${MESH_ENV[@]}" "$MESH_BIN" join "$token" \
+            --name "bench-$name" --port "$MESH_PORT" --state-dir "$sd/$name"
         MESH_PIDS+=("$LAST_PID")
         agent_pid[$name]=$LAST_PID
     done
@@ -231,8 +351,10 @@ mesh_pair() {
             return 1
         }
     done
+    PAIR_PIDS=("${agent_pid[a]}" "${agent_pid[b]}")
     ip_b=$(mesh_overlay_ready "$NS_B" "$sd/b")
     info "overlay: A=$(mesh_overlay_ready "$NS_A" "$sd/a") B=$ip_b, mesh0 MTU $(ip -n "$NS_A" -o link show mesh0 | sed -n 's/.* mtu \([0-9]*\).*/\1/p')"
+    info "A: $(grep -o 'mesh0 opened with[a-z ]*offloads' "$WORK/$path-agent-a.log" | head -n 1 || true)"
     wait_until 30 "A -> B over mesh" ns_ping "$NS_A" "$ip_b" || {
         skip "$path" "no connectivity A -> B over the overlay"
         return 1
@@ -240,16 +362,28 @@ mesh_pair() {
     PAIR_IP_B=$ip_b
 }
 
+# bench_mesh PATH: a fresh pair (mesh, or mesh-nooffload: the same with
+# MESH_TUN_OFFLOAD=0 in both agents' environment, mesh0 without TUN offloads).
 bench_mesh() {
-    step "Path 2: mesh (controller + two agents)"
-    if [[ -n ${WHY[mesh]:-} ]]; then
-        info "skipped: ${WHY[mesh]}"
+    local path="$1"
+    MESH_IP_B=''
+    if [[ $path == mesh ]]; then
+        step "Path 2: mesh (controller + two agents), round $ROUND"
+        MESH_ENV=()
+    else
+        step "Path 2a: mesh without TUN offloads (MESH_TUN_OFFLOAD=0), round $ROUND"
+        MESH_ENV=(MESH_TUN_OFFLOAD=0)
+    fi
+    if [[ -n ${WHY[$path]:-} ]]; then
+        info "skipped: ${WHY[$path]}"
         return 1
     fi
-    mesh_pair mesh "$WORK/mesh" "$CTL_IP:$CTL_PORT" || return 1
-    measure mesh "$PAIR_IP_B"
+    mesh_pair "$path" "$WORK/$path-r$ROUND" "$CTL_IP:$CTL_PORT" || return 1
     MESH_IP_B=$PAIR_IP_B
-    MESH_SD=$WORK/mesh
+    MESH_SD=$WORK/$path-r$ROUND
+    CPU_PIDS=("${PAIR_PIDS[@]}")
+    RELAY_PID=''
+    run_path "$path" "$PAIR_IP_B"
 }
 
 # The transport of the controller session of the agent with state dir $2 in namespace $1.
@@ -287,28 +421,32 @@ unblock_udp() {
     for n in a b; do ip netns exec "$(ns "$n")" nft delete table inet benchblock 2>/dev/null || true; done
 }
 
+# On the pair of `mesh` (the agents' CPU time is counted as the path's, the
+# controller's, which embeds the relay, apart as RELAY_CPU).
 bench_relay() {
-    step "Path 2b: mesh through the controller's relay, over QUIC and over TCP"
+    step "Path 2b: mesh through the controller's relay, over QUIC and over TCP, round $ROUND"
     if [[ -z ${MESH_IP_B:-} ]]; then
-        skip relay-quic "mesh was not measured"
-        skip relay-tcp "mesh was not measured"
+        active relay-quic && skip relay-quic "mesh was not measured"
+        active relay-tcp && skip relay-tcp "mesh was not measured"
         return 1
     fi
-    if want relay-quic; then
+    CPU_PIDS=("${PAIR_PIDS[@]}")
+    RELAY_PID=$PAIR_CTL_PID
+    if active relay-quic; then
         block_udp direct
         if wait_until 20 "A -> B on the relay" on_relay; then
             wait_until 10 "A -> B over the relay" ns_ping "$NS_A" "$MESH_IP_B" || true
-            measure relay-quic "$MESH_IP_B" || true
+            run_path relay-quic "$MESH_IP_B" || true
         else
             skip relay-quic "the pair did not move to the relay"
         fi
         unblock_udp
     fi
-    if want relay-tcp; then
+    if active relay-tcp; then
         block_udp all
         if wait_until 30 "both agents on TCP" both_on_tcp && wait_until 20 "A -> B on the relay" on_relay; then
             wait_until 10 "A -> B over the relay" ns_ping "$NS_A" "$MESH_IP_B" || true
-            measure relay-tcp "$MESH_IP_B" || true
+            run_path relay-tcp "$MESH_IP_B" || true
         else
             skip relay-tcp "the agents did not move to TCP"
         fi
@@ -342,6 +480,16 @@ underlay_v6() {
         wait_until 10 "underlay A -> controller over IPv6" ns_ping "$NS_A" "$CTL_IP6"
 }
 
+# Takes the IPv6 addresses away again, so that the next round's other paths
+# stay IPv4-only.
+underlay_v6_down() {
+    local n addr
+    for n in ctl a b; do
+        case $n in ctl) addr=$CTL_IP6 ;; a) addr=$A_IP6 ;; b) addr=$B_IP6 ;; esac
+        ip -n "$(ns "$n")" addr del "$addr/64" dev eth0 2>/dev/null || true
+    done
+}
+
 # Drops IPv4 UDP between the nodes (not to the controller), so that a pair
 # that does not choose IPv6 by itself has no other direct path.
 block_udp4_direct() {
@@ -358,7 +506,7 @@ unblock_udp4_direct() {
 }
 
 bench_mesh_v6() {
-    step "Path 2c: mesh over an IPv6 underlay (controller at [$CTL_IP6]:$CTL_PORT)"
+    step "Path 2c: mesh over an IPv6 underlay (controller at [$CTL_IP6]:$CTL_PORT), round $ROUND"
     if [[ -n ${WHY[mesh-v6]:-} ]]; then
         info "skipped: ${WHY[mesh-v6]}"
         return 1
@@ -367,7 +515,8 @@ bench_mesh_v6() {
         skip mesh-v6 "the IPv6 underlay did not come up"
         return 1
     }
-    local sd="$WORK/mesh-v6"
+    local sd="$WORK/mesh-v6-r$ROUND"
+    MESH_ENV=()
     mesh_pair mesh-v6 "$sd" "[$CTL_IP6]:$CTL_PORT" || return 1
     # Both families are equal here, so mesh should choose IPv6 by itself; if it
     # does not, IPv4 between the nodes is blocked (and that is said).
@@ -382,18 +531,25 @@ bench_mesh_v6() {
     fi
     ok "A -> B direct over IPv6: $(ip netns exec "$NS_A" "$MESH_BIN" status --json --state-dir "$sd/a" 2>/dev/null |
         jq -r '.peers[] | select(.name == "bench-b") | .endpoint')"
-    measure mesh-v6 "$PAIR_IP_B" || true
+    CPU_PIDS=("${PAIR_PIDS[@]}")
+    RELAY_PID=''
+    run_path mesh-v6 "$PAIR_IP_B" || true
     unblock_udp4_direct
 }
 
 # --------------------------------------------------- userspace WireGuard --
 
 WG_PIDS=()
+WG_SOCKS=()
 
+# Stops the tunnel processes and removes the UAPI sockets they created, so
+# that the next round can start them again.
 wg_stop() {
     local i
     for ((i = ${#WG_PIDS[@]} - 1; i >= 0; i--)); do stop_pid "${WG_PIDS[i]}"; done
     WG_PIDS=()
+    for i in "${WG_SOCKS[@]}"; do rm -f -- "$i"; done
+    WG_SOCKS=()
 }
 
 # wg_side PATH NS IFNAME ADDR PORT PRIVKEY PEERPUB PEER_UNDERLAY PEER_OVERLAY CMD...
@@ -410,6 +566,7 @@ wg_side() {
     register_path "$sock"
     spawn "$netns" "$WORK/$path-$ifname.log" "$@" "$ifname"
     WG_PIDS+=("$LAST_PID")
+    WG_SOCKS+=("$sock")
     WAIT_WATCH_PID=$LAST_PID wait_until 15 "$path UAPI socket $sock" test -S "$sock" || {
         skip "$path" "$1 did not create $ifname (see $path-$ifname.log)"
         return 1
@@ -447,11 +604,13 @@ bench_wg() {
         skip "$path" "no connectivity A -> B over the tunnel"
         return 1
     }
-    measure "$path" "$net.2"
+    CPU_PIDS=("${WG_PIDS[@]}")
+    RELAY_PID=''
+    run_path "$path" "$net.2"
 }
 
 bench_boringtun() {
-    step "Path 3: boringtun-cli $("$BORINGTUN" --version 2>/dev/null | awk '{print $2}')"
+    step "Path 3: boringtun-cli $("$BORINGTUN" --version 2>/dev/null | awk '{print $2}'), round $ROUND"
     if [[ -n ${WHY[boringtun]:-} ]]; then
         info "skipped: ${WHY[boringtun]}"
         return 1
@@ -461,7 +620,7 @@ bench_boringtun() {
 }
 
 bench_wggo() {
-    step "Path 4: wireguard-go $(dpkg-query -W -f='${Version}' wireguard-go 2>/dev/null || true)"
+    step "Path 4: wireguard-go $(dpkg-query -W -f='${Version}' wireguard-go 2>/dev/null || true), round $ROUND"
     if [[ -n ${WHY[wireguard-go]:-} ]]; then
         info "skipped: ${WHY[wireguard-go]}"
         return 1
@@ -469,60 +628,308 @@ bench_wggo() {
     bench_wg wireguard-go 100.100.2 wireguard-go -f
 }
 
+# ---------------------------------------------------------------- nebula --
+
+OTHER_PIDS=()
+
+other_stop() {
+    local i
+    for ((i = ${#OTHER_PIDS[@]} - 1; i >= 0; i--)); do stop_pid "${OTHER_PIDS[i]}"; done
+    OTHER_PIDS=()
+}
+
+# nebula_config NAME PEER_OVERLAY PEER_UNDERLAY: the config of node NAME (a or
+# b), with no lighthouse: the peer is known from a static host map. Its UDP
+# socket buffers are 7 MiB, as mesh asks for its own; MTU 1420 as for the
+# WireGuard baselines; the cipher is nebula's default (AES-GCM).
+nebula_config() {
+    local d="$WORK/nebula"
+    cat <<EOF
+pki:
+  ca: $d/ca.crt
+  cert: $d/$1.crt
+  key: $d/$1.key
+static_host_map:
+  "$2": ["$3:$NEBULA_PORT"]
+lighthouse:
+  am_lighthouse: false
+  hosts: []
+listen:
+  host: 0.0.0.0
+  port: $NEBULA_PORT
+  read_buffer: 7340032
+  write_buffer: 7340032
+punchy:
+  punch: false
+tun:
+  disabled: false
+  dev: nebula1
+  mtu: 1420
+logging:
+  level: info
+firewall:
+  outbound:
+    - port: any
+      proto: any
+      host: any
+  inbound:
+    - port: any
+      proto: any
+      host: any
+EOF
+}
+
+# A CA and a certificate for each node (made once), then nebula in A and B.
+bench_nebula() {
+    step "Path 5: nebula $(nebula -version 2>/dev/null | awk '{print $2}'), round $ROUND"
+    if [[ -n ${WHY[nebula]:-} ]]; then
+        info "skipped: ${WHY[nebula]}"
+        return 1
+    fi
+    local d="$WORK/nebula" name
+    if [[ ! -s $d/b.crt ]]; then
+        mkdir -p "$d"
+        if ! { nebula-cert ca -name mesh-bench -out-crt "$d/ca.crt" -out-key "$d/ca.key" &&
+            nebula-cert sign -ca-crt "$d/ca.crt" -ca-key "$d/ca.key" -name a -ip "$NEBULA_NET.1/24" \
+                -out-crt "$d/a.crt" -out-key "$d/a.key" &&
+            nebula-cert sign -ca-crt "$d/ca.crt" -ca-key "$d/ca.key" -name b -ip "$NEBULA_NET.2/24" \
+                -out-crt "$d/b.crt" -out-key "$d/b.key"; } >"$WORK/nebula-cert.log" 2>&1; then
+            skip nebula "nebula-cert failed: $(tail -n 2 "$WORK/nebula-cert.log" | tr '\n' ' ')"
+            return 1
+        fi
+        nebula_config a "$NEBULA_NET.2" "$B_IP" >"$d/a.yml"
+        nebula_config b "$NEBULA_NET.1" "$A_IP" >"$d/b.yml"
+    fi
+    for name in a b; do
+        spawn "$(ns "$name")" "$WORK/nebula-$name.log" nebula -config "$d/$name.yml"
+        OTHER_PIDS+=("$LAST_PID")
+        WAIT_WATCH_PID=$LAST_PID wait_until 15 "nebula in $name to create nebula1" \
+            ip -n "$(ns "$name")" addr show dev nebula1 || {
+            skip nebula "nebula in $name did not start (see nebula-$name.log)"
+            return 1
+        }
+    done
+    wait_until 20 "A -> B over nebula" ns_ping "$NS_A" "$NEBULA_NET.2" || {
+        skip nebula "no connectivity A -> B over nebula"
+        return 1
+    }
+    CPU_PIDS=("${OTHER_PIDS[@]}")
+    RELAY_PID=''
+    run_path nebula "$NEBULA_NET.2"
+}
+
+# ------------------------------------------------------------------ tinc --
+
+# tinc_node NAME ADDR UNDERLAY PEER: the configuration directory of node NAME
+# (router mode, its key made here), its host file with Address and Subnet.
+tinc_node() {
+    local d="$WORK/tinc/$1"
+    mkdir -p "$d/hosts"
+    printf 'Name = %s\nConnectTo = %s\nAddressFamily = ipv4\nInterface = tinc0\nMode = router\nPort = %s\n' \
+        "$1" "$4" "$TINC_PORT" >"$d/tinc.conf"
+    printf 'Address = %s\nSubnet = %s/32\nPort = %s\n' "$3" "$2" "$TINC_PORT" >"$d/hosts/$1"
+    # shellcheck disable=SC2016 # $INTERFACE is tincd's, expanded when it runs the script
+    printf '#!/bin/sh\nip addr add %s/24 dev "$INTERFACE"\nip link set "$INTERFACE" mtu 1420 up\n' \
+        "$2" >"$d/tinc-up"
+    chmod 755 "$d/tinc-up"
+    tincd -c "$d" -K2048 </dev/null >>"$WORK/tinc-keys.log" 2>&1
+}
+
+bench_tinc() {
+    step "Path 6: tinc $(tincd --version 2>/dev/null | awk 'NR == 1 {print $3}'), round $ROUND"
+    if [[ -n ${WHY[tinc]:-} ]]; then
+        info "skipped: ${WHY[tinc]}"
+        return 1
+    fi
+    local t="$WORK/tinc" name
+    if [[ ! -s $t/b/hosts/a ]]; then
+        if ! { tinc_node a "$TINC_NET.1" "$A_IP" b && tinc_node b "$TINC_NET.2" "$B_IP" a; } ||
+            ! grep -q 'BEGIN RSA PUBLIC KEY' "$t/a/hosts/a" "$t/b/hosts/b"; then
+            skip tinc "tincd -K could not make the keys (see tinc-keys.log)"
+            return 1
+        fi
+        cp "$t/a/hosts/a" "$t/b/hosts/a"
+        cp "$t/b/hosts/b" "$t/a/hosts/b"
+    fi
+    for name in a b; do
+        spawn "$(ns "$name")" "$WORK/tinc-$name.log" tincd -c "$t/$name" -D -d1 \
+            --pidfile="$t/$name/tincd.pid"
+        OTHER_PIDS+=("$LAST_PID")
+        WAIT_WATCH_PID=$LAST_PID wait_until 15 "tincd in $name to bring up tinc0" \
+            ip -n "$(ns "$name")" addr show dev tinc0 || {
+            skip tinc "tincd in $name did not start (see tinc-$name.log)"
+            return 1
+        }
+    done
+    wait_until 30 "A -> B over tinc" ns_ping "$NS_A" "$TINC_NET.2" || {
+        skip tinc "no connectivity A -> B over tinc"
+        return 1
+    }
+    CPU_PIDS=("${OTHER_PIDS[@]}")
+    RELAY_PID=''
+    run_path tinc "$TINC_NET.2"
+}
+
 # ------------------------------------------------------------------- run --
 
-want veth && { bench_veth || true; }
-if want mesh; then
-    bench_mesh || true
-    if want relay-quic || want relay-tcp; then bench_relay || true; fi
-    mesh_stop
-fi
-if want mesh-v6; then
-    bench_mesh_v6 || true
-    mesh_stop
-fi
-if want boringtun; then
-    bench_boringtun || true
-    wg_stop
-fi
-if want wireguard-go; then
-    bench_wggo || true
-    wg_stop
-fi
+for ((ROUND = 1; ROUND <= BENCH_ROUNDS; ROUND++)); do
+    step "Round $ROUND of $BENCH_ROUNDS (load average $(cut -d' ' -f1-3 /proc/loadavg))"
+    want veth && { bench_veth || true; }
+    if want mesh; then
+        bench_mesh mesh || true
+        if want relay-quic || want relay-tcp; then bench_relay || true; fi
+        mesh_stop
+    fi
+    if want mesh-nooffload; then
+        bench_mesh mesh-nooffload || true
+        mesh_stop
+    fi
+    if want mesh-v6; then
+        bench_mesh_v6 || true
+        mesh_stop
+        underlay_v6_down
+    fi
+    if want boringtun; then
+        bench_boringtun || true
+        wg_stop
+    fi
+    if want wireguard-go; then
+        bench_wggo || true
+        wg_stop
+    fi
+    if want nebula; then
+        bench_nebula || true
+        other_stop
+    fi
+    if want tinc; then
+        bench_tinc || true
+        other_stop
+    fi
+done
 
 # ----------------------------------------------------------------- table --
 
-step "Results: TCP A -> B, iperf3, ${BENCH_SECONDS}s"
-printf '    %-14s %12s %14s\n' path "Mbit/s" "mesh/path"
-printf '    %-14s %12s %14s\n' -------------- ------------ --------------
-for path in veth mesh relay-quic relay-tcp mesh-v6 boringtun wireguard-go; do
-    want "$path" || continue
-    if [[ -n ${MBITS[$path]:-} ]]; then
-        if [[ -n ${MBITS[mesh]:-} ]]; then
-            ratio=$(awk -v m="${MBITS[mesh]}" -v p="${MBITS[$path]}" 'BEGIN { printf "%.2f", m / p }')
-        else
-            ratio=n/a
-        fi
-        printf '    %-14s %12s %14s\n' "$path" "${MBITS[$path]}" "$ratio"
+# stats FORMAT VALUE...: "median min max" in FORMAT (nothing without values).
+stats() {
+    local fmt="$1"
+    shift
+    [[ $# -gt 0 ]] || return 0
+    printf '%s\n' "$@" | sort -g | awk -v f="$fmt" '{ v[NR] = $1 } END {
+        m = NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+        printf f " " f " " f "\n", m, v[1], v[NR] }'
+}
+median() { # FORMAT VALUE... -> the median alone
+    local r
+    r=$(stats "$@")
+    printf '%s' "${r%% *}"
+}
+# The lists are space-separated numbers, split on purpose below.
+# shellcheck disable=SC2086
+mbit() { median %.1f ${MBITS[$1/$2]:-}; }
+# shellcheck disable=SC2086
+rtt() { median %.3f ${RTT[$1]:-}; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+pct() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.0f %%", 100 * a / b }'; }
+
+# rate_cell PATH STREAMS: "median (min-max)" in Mbit/s, or "-".
+rate_cell() {
+    local st med lo hi
+    # shellcheck disable=SC2086
+    st=$(stats %.0f ${MBITS[$1/$2]:-})
+    if [[ -z $st ]]; then
+        printf -- '-'
     else
-        printf '    %-14s %12s %14s   (%s)\n' "$path" "-" "-" "${WHY[$path]:-not measured}"
+        read -r med lo hi <<<"$st"
+        printf '%s (%s-%s)' "$med" "$lo" "$hi"
     fi
+}
+
+step "Results: TCP A -> B, iperf3, ${BENCH_SECONDS}s per run, medians over $BENCH_ROUNDS round(s)"
+row_fmt='    %-15s'
+hdr=(path)
+sep=(---------------)
+for n in "${STREAMS[@]}"; do
+    row_fmt+=' %20s'
+    if [[ $n -eq 1 ]]; then hdr+=("1 stream Mbit/s"); else hdr+=("$n streams Mbit/s"); fi
+    sep+=(--------------------)
 done
-for path in relay-quic relay-tcp; do
-    if [[ -n ${MBITS[$path]:-} && -n ${MBITS[mesh]:-} ]]; then
-        printf '    %s carries %s of the direct path\n' "$path" \
-            "$(awk -v r="${MBITS[$path]}" -v m="${MBITS[mesh]}" 'BEGIN { printf "%.0f %%", 100 * r / m }')"
+row_fmt+=' %8s %7s %7s %8s %9s'
+hdr+=("CPU s/GB" "relay" "RTT ms" "+RTT ms" "mesh/path")
+sep+=(-------- ------- ------- -------- ---------)
+# shellcheck disable=SC2059 # the format is built above
+printf "$row_fmt\n" "${hdr[@]}"
+# shellcheck disable=SC2059
+printf "$row_fmt\n" "${sep[@]}"
+veth_rtt=$(rtt veth)
+mesh_1=$(mbit mesh 1)
+for path in $ALL_PATHS; do
+    want "$path" || continue
+    row=("$path")
+    any=0
+    for n in "${STREAMS[@]}"; do
+        row+=("$(rate_cell "$path" "$n")")
+        [[ -z ${MBITS[$path/$n]:-} ]] || any=1
+    done
+    # shellcheck disable=SC2086
+    cpu=$(median %.2f ${CPU[$path]:-})
+    # shellcheck disable=SC2086
+    rcpu=$(median %.2f ${RELAY_CPU[$path]:-})
+    r=$(rtt "$path")
+    d=''
+    [[ -z $r || -z $veth_rtt ]] || d=$(awk -v a="$r" -v b="$veth_rtt" 'BEGIN { printf "%+.3f", a - b }')
+    m=''
+    p1=$(mbit "$path" 1)
+    [[ -z $mesh_1 || -z $p1 ]] || m=$(ratio "$mesh_1" "$p1")
+    row+=("${cpu:--}" "${rcpu:--}" "${r:--}" "${d:--}" "${m:--}")
+    # shellcheck disable=SC2059
+    line=$(printf "$row_fmt" "${row[@]}")
+    if [[ $any -eq 0 ]]; then
+        line+="   (${WHY[$path]:-not measured})"
+    elif [[ -n ${WHY[$path]:-} ]]; then
+        line+="   (partly: ${WHY[$path]})"
     fi
+    printf '%s\n' "$line"
 done
-if [[ -n ${MBITS[mesh-v6]:-} && -n ${MBITS[mesh]:-} ]]; then
-    printf '    mesh-v6 (IPv6 underlay) carries %s of mesh over IPv4\n' \
-        "$(awk -v r="${MBITS[mesh-v6]}" -v m="${MBITS[mesh]}" 'BEGIN { printf "%.0f %%", 100 * r / m }')"
+echo
+info "Mbit/s: the receiver's rate, median (min-max) over the rounds. CPU s/GB: user+system"
+info "seconds of the two endpoints' tunnel processes (A's and B's mesh agent, boringtun-cli,"
+info "wireguard-go, nebula, tincd) per 10^9 bytes moved, in the 1-stream run; relay: that of the"
+info "controller (which embeds the relay) on the relay paths, not included in CPU s/GB. RTT: median"
+info "of 50 idle pings 20 ms apart; +RTT: minus veth's. mesh/path: mesh's 1-stream median over"
+info "the path's."
+echo
+# The ratios of the medians that issue 18 asks for.
+for n in "${STREAMS[@]}"; do
+    m=$(mbit mesh "$n")
+    [[ -n $m ]] || continue
+    for path in wireguard-go boringtun nebula tinc; do
+        p=$(mbit "$path" "$n")
+        [[ -z $p ]] || printf '    mesh / %s, %s stream(s): %s\n' "$path" "$n" "$(ratio "$m" "$p")"
+    done
+    p=$(mbit veth "$n")
+    [[ -z $p ]] || printf '    mesh / veth, %s stream(s): %s\n' "$n" "$(pct "$m" "$p")"
+    p=$(mbit mesh-nooffload "$n")
+    [[ -z $p ]] || printf '    mesh / mesh-nooffload (what TUN offloads bring), %s stream(s): %s\n' \
+        "$n" "$(ratio "$m" "$p")"
+    for path in relay-quic relay-tcp; do
+        p=$(mbit "$path" "$n")
+        [[ -z $p ]] || printf '    %s carries %s of the direct path, %s stream(s)\n' "$path" "$(pct "$p" "$m")" "$n"
+    done
+    p=$(mbit mesh-v6 "$n")
+    [[ -z $p ]] || printf '    mesh-v6 (IPv6 underlay) carries %s of mesh over IPv4, %s stream(s)\n' \
+        "$(pct "$p" "$m")" "$n"
+done
+r=$(rtt mesh)
+if [[ -n $r && -n $veth_rtt ]]; then
+    printf '    mesh adds %s ms of RTT to veth (%s against %s ms)\n' \
+        "$(awk -v a="$r" -v b="$veth_rtt" 'BEGIN { printf "%.3f", a - b }')" "$r" "$veth_rtt"
 fi
+info "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
 
 REPORTED=1
 # Logs of the paths that were skipped, so that the reason is visible.
-for path in veth mesh relay-quic relay-tcp mesh-v6 boringtun wireguard-go; do
+for path in $ALL_PATHS; do
     if ! want "$path" || [[ -z ${WHY[$path]:-} ]]; then continue; fi
     for f in "$WORK/$path"-*.log "$WORK/iperf-$path.err"; do
         [[ -s $f ]] || continue
@@ -533,6 +940,6 @@ done
 
 [[ ${#MBITS[@]} -gt 0 ]] || die "no path could be measured"
 # The baselines are optional; mesh is what is being measured.
-if want mesh && [[ -z ${MBITS[mesh]:-} ]]; then
+if want mesh && [[ -z $(mbit mesh "${STREAMS[0]}") ]]; then
     die "mesh could not be measured: ${WHY[mesh]:-unknown reason}"
 fi
