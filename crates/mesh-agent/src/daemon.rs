@@ -211,8 +211,9 @@ fn start(
 ) -> anyhow::Result<Running> {
     let (tun, offload) = mesh_sys::tun::create(&opts.interface)?;
     match &offload {
+        // The normal case: shown by `mesh status`, not logged on every start.
         mesh_sys::tun::Offload::On => {
-            info!(
+            debug!(
                 "{} opened with offloads (TCP segmentation, batched reads and writes)",
                 opts.interface
             )
