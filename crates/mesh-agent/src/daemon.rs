@@ -238,9 +238,7 @@ fn start(
         )
     })?;
     let buffers = port.size_buffers(mesh_sys::socket::SOCKET_BUFFER);
-    if buffers.recv < mesh_sys::socket::SOCKET_BUFFER
-        || buffers.send < mesh_sys::socket::SOCKET_BUFFER
-    {
+    if buffers.short_of(mesh_sys::socket::SOCKET_BUFFER) > 0 {
         warn!(
             recv = buffers.recv,
             send = buffers.send,

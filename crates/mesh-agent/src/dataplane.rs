@@ -17,8 +17,9 @@
 //! batches, behind which packets gather into one growing batch up to [`TUN_PENDING`]), which
 //! hands the buffers back once written ([`Written`]). The back-pressure rule: what does not fit
 //! is dropped and counted (`udp_queue_drops`, `tun_queue_drops`), as a router drops at a full
-//! interface queue, and the loop goes on reading. So a slow TUN write no longer stalls UDP receive, and the system calls of one
-//! direction run on the runtime's other thread while the loop encrypts or decrypts.
+//! interface queue, and the loop goes on reading. So a slow TUN write no longer stalls UDP
+//! receive, and the system calls of one direction run on the runtime's other thread while the
+//! loop encrypts or decrypts.
 
 use futures_util::FutureExt;
 use mesh_core::node::MAX_BATCH_BYTES;
@@ -481,12 +482,11 @@ pub async fn run(
         offload,
         buffers,
     } = devices;
-    let want = mesh_sys::socket::SOCKET_BUFFER;
     let mut counters = DriverCounters {
         tun_offload: u64::from(offload),
         udp_recv_buffer: buffers.recv as u64,
         udp_send_buffer: buffers.send as u64,
-        udp_buffers_refused: u64::from(buffers.recv < want) + u64::from(buffers.send < want),
+        udp_buffers_refused: buffers.short_of(mesh_sys::socket::SOCKET_BUFFER) as u64,
         ..Default::default()
     };
     let mut tio = TunIo::new();

@@ -34,6 +34,13 @@ pub struct BufferSizes {
     pub send: usize,
 }
 
+impl BufferSizes {
+    /// How many of the two buffers hold less than `want` bytes (0, 1 or 2).
+    pub fn short_of(&self, want: usize) -> usize {
+        usize::from(self.recv < want) + usize::from(self.send < want)
+    }
+}
+
 /// One UDP socket, shared by the data path (WireGuard) and the QUIC endpoint.
 #[derive(Clone)]
 pub struct UdpPort {
