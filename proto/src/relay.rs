@@ -131,17 +131,40 @@ pub fn encode(
 }
 
 struct Pending {
+    /// Tells this message apart from an earlier one with the same sender and packet id, so the
+    /// age queues can keep entries of finished messages (see [`Reassembly`]).
+    seq: u64,
     started: Instant,
-    parts: Vec<Option<Vec<u8>>>,
+    count: u8,
+    parts: [Option<Vec<u8>>; MAX_FRAGMENTS],
 }
 
+/// One sender's pending messages, oldest first (by sequence number; some may be finished).
+#[derive(Default)]
+struct Sender {
+    pending: usize,
+    order: VecDeque<(u64, u16)>,
+}
+
+/// Entries beyond twice the live ones (plus this) make an age queue drop its finished entries.
+const QUEUE_SLACK: usize = 64;
+
 /// Reassembles fragmented messages, bounded in entries and time, with a share per sender.
+///
+/// Every frame costs O(1) (amortised): the age queues (all messages, and each sender's) are
+/// not searched when a message completes. A finished message leaves its queue entries behind;
+/// they are told apart from a newer message with the same sender and packet id by a sequence
+/// number, skipped when they reach the front, and dropped in one pass when a queue holds more
+/// than twice the live messages (so a pass over n entries comes after at least n/2 pushes).
+/// Only a full table (an attack or heavy loss) scans the senders, at most [`MAX_PENDING`], to
+/// find the one with most pending.
 #[derive(Default)]
 pub struct Reassembly {
     pending: HashMap<(PublicKey, u16), Pending>,
-    order: VecDeque<(PublicKey, u16)>,
-    /// Pending messages per sender.
-    per_sender: HashMap<PublicKey, usize>,
+    /// Every pending message by age (some entries finished).
+    order: VecDeque<(u64, PublicKey, u16)>,
+    senders: HashMap<PublicKey, Sender>,
+    next_seq: u64,
     dropped: u64,
 }
 
@@ -159,60 +182,107 @@ impl Reassembly {
         self.expire(now);
         let k = (frame.key, frame.id);
         if !self.pending.contains_key(&k) {
-            let mine = self.per_sender.get(&frame.key).copied().unwrap_or(0);
-            if mine >= MAX_PENDING_PER_SENDER {
-                self.evict_oldest_of(frame.key);
-            } else if self.pending.len() >= MAX_PENDING {
-                let hog = self
-                    .per_sender
-                    .iter()
-                    .max_by_key(|(_, n)| **n)
-                    .map(|(key, _)| *key);
-                if let Some(hog) = hog {
-                    self.evict_oldest_of(hog);
-                }
-            }
-            *self.per_sender.entry(frame.key).or_insert(0) += 1;
-            self.pending.insert(
-                k,
-                Pending {
-                    started: now,
-                    parts: vec![None; usize::from(frame.count)],
-                },
-            );
-            self.order.push_back(k);
+            self.make_room(frame.key);
+            self.start(k, frame.count, now);
         }
         let p = self.pending.get_mut(&k)?;
-        if p.parts.len() != usize::from(frame.count) {
+        if p.count != frame.count {
             // Inconsistent fragment counts: drop the message.
             self.remove(k);
             self.dropped += 1;
             return None;
         }
-        p.parts[usize::from(frame.index)] = Some(frame.chunk.to_vec());
-        if p.parts.iter().all(Option::is_some) {
-            let p = self.remove(k)?;
-            let mut msg = Vec::new();
-            for part in p.parts.into_iter().flatten() {
-                msg.extend_from_slice(&part);
-            }
-            if msg.len() > MAX_MESSAGE {
+        let index = usize::from(frame.index);
+        let count = usize::from(frame.count);
+        let complete = (0..count).all(|i| i == index || p.parts[i].is_some());
+        if !complete {
+            let mut part = Vec::with_capacity(if index == 0 {
+                // The whole message is built on the first chunk: room for the others.
+                (frame.chunk.len() * count).min(MAX_MESSAGE)
+            } else {
+                frame.chunk.len()
+            });
+            part.extend_from_slice(frame.chunk);
+            p.parts[index] = Some(part);
+            return None;
+        }
+        let mut p = self.remove(k)?;
+        let mut msg = match p.parts[0].take() {
+            Some(first) => first,
+            None => Vec::with_capacity((frame.chunk.len() * count).min(MAX_MESSAGE)),
+        };
+        for (i, part) in p.parts.iter().enumerate().take(count) {
+            let chunk = if i == index {
+                frame.chunk
+            } else if i == 0 {
+                continue;
+            } else {
+                part.as_deref().unwrap_or_default()
+            };
+            if msg.len() + chunk.len() > MAX_MESSAGE {
                 self.dropped += 1;
                 return None;
             }
-            return Some((frame.key, msg));
+            msg.extend_from_slice(chunk);
         }
-        None
+        Some((frame.key, msg))
     }
 
-    /// Takes a message out of every table.
+    /// Before a new message of `sender`: evicts its own oldest at its share, or the fullest
+    /// sender's oldest when the table is full.
+    fn make_room(&mut self, sender: PublicKey) {
+        let mine = self.senders.get(&sender).map_or(0, |s| s.pending);
+        if mine >= MAX_PENDING_PER_SENDER {
+            self.evict_oldest_of(sender);
+        } else if self.pending.len() >= MAX_PENDING {
+            let hog = self
+                .senders
+                .iter()
+                .max_by_key(|(_, s)| s.pending)
+                .map(|(key, _)| *key);
+            if let Some(hog) = hog {
+                self.evict_oldest_of(hog);
+            }
+        }
+    }
+
+    /// Opens message `k` of `count` fragments and queues it by age.
+    fn start(&mut self, k: (PublicKey, u16), count: u8, now: Instant) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.pending.insert(
+            k,
+            Pending {
+                seq,
+                started: now,
+                count,
+                parts: Default::default(),
+            },
+        );
+        let live = self.pending.len();
+        self.order.push_back((seq, k.0, k.1));
+        if self.order.len() > 2 * live + QUEUE_SLACK {
+            let pending = &self.pending;
+            self.order
+                .retain(|&(seq, key, id)| is_live(pending, seq, key, id));
+        }
+        let s = self.senders.entry(k.0).or_default();
+        s.pending += 1;
+        s.order.push_back((seq, k.1));
+        if s.order.len() > 2 * s.pending + QUEUE_SLACK {
+            let pending = &self.pending;
+            s.order.retain(|&(seq, id)| is_live(pending, seq, k.0, id));
+        }
+    }
+
+    /// Takes a message out of the table (its queue entries stay, finished).
     fn remove(&mut self, k: (PublicKey, u16)) -> Option<Pending> {
         let p = self.pending.remove(&k)?;
-        self.order.retain(|o| *o != k);
-        if let Some(n) = self.per_sender.get_mut(&k.0) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.per_sender.remove(&k.0);
+        if let Some(s) = self.senders.get_mut(&k.0) {
+            s.pending = s.pending.saturating_sub(1);
+            if s.pending == 0 {
+                // Every entry left in its queue is finished.
+                self.senders.remove(&k.0);
             }
         }
         Some(p)
@@ -220,26 +290,50 @@ impl Reassembly {
 
     /// Gives up on the oldest pending message of `sender`.
     fn evict_oldest_of(&mut self, sender: PublicKey) {
-        if let Some(k) = self.order.iter().find(|o| o.0 == sender).copied() {
-            self.remove(k);
-            self.dropped += 1;
+        let Some(s) = self.senders.get_mut(&sender) else {
+            return;
+        };
+        while let Some((seq, id)) = s.order.pop_front() {
+            if is_live(&self.pending, seq, sender, id) {
+                self.remove((sender, id));
+                self.dropped += 1;
+                return;
+            }
         }
     }
 
     fn expire(&mut self, now: Instant) {
-        while let Some(k) = self.order.front().copied() {
-            match self.pending.get(&k) {
-                Some(p) if now.duration_since(p.started) < REASSEMBLY_TIMEOUT => break,
-                Some(_) => {
-                    self.remove(k);
+        while let Some(&(seq, key, id)) = self.order.front() {
+            match self.pending.get(&(key, id)) {
+                Some(p) if p.seq == seq => {
+                    if now.duration_since(p.started) < REASSEMBLY_TIMEOUT {
+                        break;
+                    }
+                    self.remove((key, id));
                     self.dropped += 1;
                 }
-                None => {
-                    self.order.pop_front();
-                }
+                _ => {}
             }
+            self.order.pop_front();
         }
     }
+
+    /// Messages pending now.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+/// Whether the queue entry `(seq, key, id)` is a message still pending (not finished, and not
+/// an earlier message with the same sender and packet id).
+fn is_live(
+    pending: &HashMap<(PublicKey, u16), Pending>,
+    seq: u64,
+    key: PublicKey,
+    id: u16,
+) -> bool {
+    pending.get(&(key, id)).is_some_and(|p| p.seq == seq)
 }
 
 /// A node's end of its relay connections, without I/O: numbers and frames the WireGuard
@@ -346,7 +440,7 @@ mod tests {
             let frames = encode(&K, id, &msg, 1200).unwrap();
             assert_eq!(r.push(decode(&frames[0]).unwrap(), now), None);
         }
-        assert!(r.pending.len() <= MAX_PENDING_PER_SENDER);
+        assert!(r.len() <= MAX_PENDING_PER_SENDER);
         assert_eq!(r.dropped(), u64::from(MAX_PENDING as u16 + 10) - 32);
         // Many senders together stay within the total.
         for n in 0..20u8 {
@@ -355,13 +449,16 @@ mod tests {
                 r.push(decode(&frames[0]).unwrap(), now);
             }
         }
-        assert!(r.pending.len() <= MAX_PENDING);
-        assert_eq!(r.order.len(), r.pending.len());
-        assert_eq!(r.per_sender.values().sum::<usize>(), r.pending.len());
+        assert!(r.len() <= MAX_PENDING);
+        assert!(r.order.len() <= 2 * r.len() + QUEUE_SLACK);
+        assert_eq!(
+            r.senders.values().map(|s| s.pending).sum::<usize>(),
+            r.len()
+        );
         let later = now + REASSEMBLY_TIMEOUT;
         let frames = encode(&K, 60000, &msg, 1200).unwrap();
         r.push(decode(&frames[0]).unwrap(), later);
-        assert_eq!(r.pending.len(), 1, "old ones expired");
+        assert_eq!(r.len(), 1, "old ones expired");
     }
 
     #[test]
@@ -393,6 +490,43 @@ mod tests {
             }
         }
         assert_eq!(r.push(decode(&good[1]).unwrap(), now), Some((victim, msg)));
+    }
+
+    /// A finished message leaves its age entry behind; when its packet id comes back (ids
+    /// wrap), eviction must still take the sender's oldest live message, not the newer one
+    /// that reuses the id.
+    #[test]
+    fn a_reused_packet_id_does_not_inherit_the_age_of_a_finished_message() {
+        let msg = vec![9u8; 2000];
+        let now = Instant::now();
+        let mut r = Reassembly::default();
+        let m = msg.clone();
+        let frames = move |id| encode(&K, id, &m, 1200).unwrap();
+        let old = frames(5);
+        assert_eq!(r.push(decode(&old[0]).unwrap(), now), None);
+        assert_eq!(
+            r.push(decode(&old[1]).unwrap(), now),
+            Some((K, msg.clone()))
+        );
+        // 31 partial messages, then id 5 again: the sender's share is full.
+        for id in 100..131 {
+            assert_eq!(r.push(decode(&frames(id)[0]).unwrap(), now), None);
+        }
+        let again = frames(5);
+        assert_eq!(r.push(decode(&again[0]).unwrap(), now), None);
+        assert_eq!(r.len(), MAX_PENDING_PER_SENDER);
+        // One more: the oldest live message (id 100) goes, not the newer id 5.
+        assert_eq!(r.push(decode(&frames(200)[0]).unwrap(), now), None);
+        assert_eq!(r.dropped(), 1);
+        assert_eq!(
+            r.push(decode(&again[1]).unwrap(), now),
+            Some((K, msg.clone()))
+        );
+        assert_eq!(
+            r.push(decode(&frames(101)[1]).unwrap(), now),
+            Some((K, msg))
+        );
+        assert_eq!(r.push(decode(&frames(100)[1]).unwrap(), now), None);
     }
 
     #[test]
