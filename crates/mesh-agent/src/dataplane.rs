@@ -505,6 +505,7 @@ pub async fn run(
     let (extra_in_tx, mut extra_in) = mpsc::channel::<ExtraDatagram>(EXTRA_INBOX);
     let (relay_in_tx, mut relay_in) = mpsc::channel::<bytes::Bytes>(RELAY_INBOX);
     let mut relay_link = Framer::default();
+    let mut relay_tails = RelayTails::default();
     let mut pings: Vec<PendingPing> = Vec::new();
     // The last peer list, applied again when the excluded destinations change.
     let mut configs: Vec<PeerConfig> = Vec::new();
@@ -764,9 +765,14 @@ pub async fn run(
                             counters.extra_tx += sent as u64;
                             counters.udp_send_errors += (t.datagrams() - sent) as u64;
                         }
-                        Destination::Relay { to } => {
-                            send_relayed(&relays, &mut relay_link, to, &t.contents, &mut counters)
-                        }
+                        Destination::Relay { to } => send_relayed(
+                            &relays,
+                            &mut relay_link,
+                            &mut relay_tails,
+                            to,
+                            &t.contents,
+                            &mut counters,
+                        ),
                     }
                     node.recycle(t.contents);
                 }
@@ -784,6 +790,7 @@ pub async fn run(
             }
         }
         tio.flush(&tun_jobs);
+        relay_tails.flush(&mut counters);
     }
 }
 
@@ -1092,10 +1099,46 @@ async fn send_udp(
     }
 }
 
-/// Frames a WireGuard message for the relay that reaches `to` and sends it as QUIC datagrams.
+/// Messages whose later fragments [`RelayTails`] holds back at most: the receiver keeps up to
+/// [`mesh_proto::relay::MAX_PENDING_PER_SENDER`] incomplete messages of one sender, so this
+/// stays well under it.
+const RELAY_TAIL_BATCH: usize = 16;
+
+/// The later fragments of relayed messages, held back until the end of the drain.
+///
+/// A full-size WireGuard message (1452 bytes) does not fit one QUIC datagram on a 1500-byte
+/// path: its first fragment fills a QUIC packet and the rest is a few dozen bytes. Sent in
+/// order, every message costs two QUIC packets. Sending the first fragments of a run of
+/// messages first and their tails after lets QUIC put a dozen tails in one packet (it packs
+/// queued datagrams while they fit), and keeps the full packets the same size for one GSO
+/// send. The receiver reassembles in any order; each message is whole when its tail arrives,
+/// so messages still complete in the order they were sent.
+#[derive(Default)]
+struct RelayTails {
+    held: Vec<(mesh_control::Link, bytes::Bytes)>,
+    messages: usize,
+}
+
+impl RelayTails {
+    /// Sends what is held back.
+    fn flush(&mut self, counters: &mut DriverCounters) {
+        for (conn, f) in self.held.drain(..) {
+            if conn.send_datagram(f).is_ok() {
+                counters.relay_tx += 1;
+            } else {
+                counters.relay_drops += 1;
+            }
+        }
+        self.messages = 0;
+    }
+}
+
+/// Frames a WireGuard message for the relay that reaches `to` and sends its first datagram;
+/// the others wait in `tails` (see [`RelayTails`]).
 fn send_relayed(
     relays: &Relays,
     link: &mut Framer,
+    tails: &mut RelayTails,
     to: PublicKey,
     message: &[u8],
     counters: &mut DriverCounters,
@@ -1105,16 +1148,26 @@ fn send_relayed(
         return;
     };
     let max = conn.max_datagram_size().unwrap_or(0);
-    match link.frame(&to, message, max) {
-        Ok(frames) => {
-            for f in frames {
-                if conn.send_datagram(f.into()).is_ok() {
-                    counters.relay_tx += 1;
-                } else {
-                    counters.relay_drops += 1;
-                }
-            }
+    let Ok(frames) = link.frame(&to, message, max) else {
+        counters.relay_drops += 1;
+        return;
+    };
+    let mut frames = frames.into_iter();
+    if let Some(first) = frames.next() {
+        if conn.send_datagram(first.into()).is_ok() {
+            counters.relay_tx += 1;
+        } else {
+            counters.relay_drops += 1;
         }
-        Err(_) => counters.relay_drops += 1,
+    }
+    let before = tails.held.len();
+    tails
+        .held
+        .extend(frames.map(|f| (conn.clone(), bytes::Bytes::from(f))));
+    if tails.held.len() > before {
+        tails.messages += 1;
+        if tails.messages >= RELAY_TAIL_BATCH {
+            tails.flush(counters);
+        }
     }
 }
