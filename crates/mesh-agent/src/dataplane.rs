@@ -152,6 +152,9 @@ mesh_core::counters! {
         /// Relayed messages given up on before all their fragments came (expired, or evicted to
         /// bound the reassembly's memory).
         relay_reassembly_drops: Drop("relay_reassembly"),
+        /// Relay frames dropped on arrival because the data plane was behind (its inbox of
+        /// `RELAY_INBOX` frames full).
+        relay_inbox_drops: Drop("relay_inbox_full"),
         /// Extra sockets open now (hole punching toward endpoint-dependent NATs, and the ones kept
         /// for peers reached that way).
         extra_sockets: Gauge("extra_sockets_open"),
@@ -260,6 +263,8 @@ struct Relays {
     readers: std::collections::HashMap<Option<String>, tokio::task::JoinHandle<()>>,
     /// Each peer's home relay, from the peer list.
     home: std::collections::HashMap<PublicKey, String>,
+    /// Frames the readers dropped because the data plane's inbox was full.
+    inbox_drops: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Relays {
@@ -274,13 +279,15 @@ impl Relays {
             r.abort();
         }
         if let Some(c) = &conn {
-            let (c2, tx) = (c.clone(), inbox.clone());
+            let (c2, tx, drops) = (c.clone(), inbox.clone(), self.inbox_drops.clone());
             self.readers.insert(
                 region.clone(),
                 tokio::spawn(async move {
                     while let Ok(d) = c2.read_datagram().await {
-                        // Full inbox: drop, as a congested link would.
-                        let _ = tx.try_send(d);
+                        // Full inbox: drop and count, as a congested link would.
+                        if tx.try_send(d).is_err() {
+                            drops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
                     }
                 }),
             );
@@ -692,6 +699,9 @@ pub async fn run(
                         .filter_map(|p| Some((p.key, relays.pick(&p.key)?.0.to_owned())))
                         .collect();
                     counters.relay_reassembly_drops = relay_link.dropped();
+                    counters.relay_inbox_drops = relays
+                        .inbox_drops
+                        .load(std::sync::atomic::Ordering::Relaxed);
                     let _ = reply.send(DataStatus {
                         peers: status.peers,
                         node: status.counters,

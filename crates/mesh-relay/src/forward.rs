@@ -5,10 +5,19 @@
 //! connection, which is closed ([`mesh_control::quic::CLOSE_REPLACED`]). Only the connection in
 //! the table may send: frames from a replaced, removed or revoked connection are dropped. The
 //! rules themselves are [`Routes`], without I/O; this module drives them with links.
+//!
+//! Frames do not take the table's lock. Each node's forwarding task keeps the destinations it
+//! resolved ([`Routes::resolve`]) with the table's generation, mirrored in an atomic; a frame
+//! whose destination is known and whose generation is unchanged goes straight out. Any change
+//! of the table (a node in or out, replaced, removed, revoked) bumps the generation, and the
+//! next frame of every task resolves again under the lock. Counters are atomics.
 
-use crate::route::{self, Routed, Routes};
+use crate::route::{self, Routes};
+use bytes::Bytes;
 use mesh_control::Link;
 use mesh_proto::PublicKey;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tracing::{debug, info};
 
@@ -27,6 +36,18 @@ impl route::Connection for Link {
 #[derive(Default)]
 pub struct Forwarder {
     routes: Mutex<Routes<Link>>,
+    /// [`Routes::generation`], written under the lock after every change.
+    generation: AtomicU64,
+    forwarded: AtomicU64,
+    forwarded_bytes: AtomicU64,
+    dropped: AtomicU64,
+}
+
+/// A forwarding task's destinations, valid for one generation of the table.
+#[derive(Default)]
+struct RouteCache {
+    generation: u64,
+    to: HashMap<PublicKey, Link>,
 }
 
 /// Keeps a node in the table; dropping it removes the node unless a newer connection of the
@@ -41,8 +62,7 @@ pub struct Attachment {
 impl Drop for Attachment {
     fn drop(&mut self) {
         self.forwarder
-            .lock()
-            .detach(&self.network, &self.key, &self.conn);
+            .change(|r| r.detach(&self.network, &self.key, &self.conn));
     }
 }
 
@@ -50,11 +70,15 @@ impl Attachment {
     /// Forwards what the node sends until its connection closes.
     pub async fn forward(&self) {
         let mut dropped: u64 = 0;
+        let mut cache = RouteCache::default();
         while let Ok(datagram) = self.conn.read_datagram().await {
-            if !self
-                .forwarder
-                .forward_one(&self.network, &self.key, &self.conn, &datagram)
-            {
+            if !self.forwarder.forward_one(
+                &mut cache,
+                &self.network,
+                &self.key,
+                &self.conn,
+                datagram,
+            ) {
                 dropped += 1;
             }
         }
@@ -82,6 +106,15 @@ impl Forwarder {
         self.routes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Changes the table and publishes its new generation.
+    fn change<T>(&self, f: impl FnOnce(&mut Routes<Link>) -> T) -> T {
+        let mut routes = self.lock();
+        let out = f(&mut routes);
+        self.generation
+            .store(routes.generation(), Ordering::Release);
+        out
+    }
+
     /// Admits `key` of `network` on `conn` (replacing an older connection of the same node) and
     /// forwards what it sends until the connection closes. Frames go only to nodes of the same
     /// network, with the key rewritten to the sender's.
@@ -98,7 +131,7 @@ impl Forwarder {
         conn: Link,
         expires: u64,
     ) -> Attachment {
-        let old = self.lock().attach(network, key, conn.clone(), expires);
+        let old = self.change(|r| r.attach(network, key, conn.clone(), expires));
         if let Some(old) = old {
             info!(node = %key, %network, "node connected again; closing its older relay connection");
             old.close(
@@ -118,7 +151,7 @@ impl Forwarder {
     /// sends is forwarded and nothing reaches it. Its connection is closed when `close` is set;
     /// the controller closes its own after telling the node why. Returns whether it was there.
     pub fn remove(&self, network: &str, key: &PublicKey, close: bool) -> bool {
-        let Some(conn) = self.lock().remove(network, key) else {
+        let Some(conn) = self.change(|r| r.remove(network, key)) else {
             return false;
         };
         if close {
@@ -130,7 +163,7 @@ impl Forwarder {
     /// Applies a verified revocation: disconnects `key` of `network` if its admission ends at
     /// or before `cutoff`. Returns whether a connection was closed.
     pub fn revoke(&self, network: &str, key: &PublicKey, cutoff: u64) -> bool {
-        let Some(conn) = self.lock().revoke(network, key, cutoff) else {
+        let Some(conn) = self.change(|r| r.revoke(network, key, cutoff)) else {
             return false;
         };
         conn.close(
@@ -141,24 +174,74 @@ impl Forwarder {
     }
 
     /// Forwards one frame from `from` on `conn` by the rules of [`Routes`]; false if it was
-    /// dropped.
-    fn forward_one(&self, network: &str, from: &PublicKey, conn: &Link, datagram: &[u8]) -> bool {
-        let routed = self.lock().route(network, from, conn, datagram);
-        let Ok(Routed { to, frame }) = routed else {
-            return false;
+    /// dropped. Takes the lock only when `cache` does not know the destination for the table's
+    /// current generation.
+    fn forward_one(
+        &self,
+        cache: &mut RouteCache,
+        network: &str,
+        from: &PublicKey,
+        conn: &Link,
+        datagram: Bytes,
+    ) -> bool {
+        let Ok(dst) = route::destination(from, &datagram) else {
+            return self.drop_one();
         };
-        let len = frame.len();
+        let generation = self.generation.load(Ordering::Acquire);
+        if generation != cache.generation {
+            cache.to.clear();
+            cache.generation = generation;
+        }
+        let to = match cache.to.get(&dst) {
+            Some(to) => to,
+            None => {
+                let routes = self.lock();
+                let Ok(to) = routes.resolve(network, from, conn, &dst) else {
+                    return self.drop_one();
+                };
+                // Resolved under the lock: valid for the generation the table has now.
+                if routes.generation() != cache.generation {
+                    cache.to.clear();
+                    cache.generation = routes.generation();
+                }
+                drop(routes);
+                cache.to.entry(dst).or_insert(to)
+            }
+        };
+        // The frame goes on with the sender's key. A datagram that owns its buffer (QUIC
+        // hands over a frame alone in its packet that way) is rewritten in place; one that
+        // shares it is copied.
+        let mut frame = match datagram.try_into_mut() {
+            Ok(frame) => frame,
+            Err(shared) => bytes::BytesMut::from(&shared[..]),
+        };
+        if mesh_proto::relay::set_key(&mut frame, from).is_err() {
+            return self.drop_one();
+        }
+        let len = frame.len() as u64;
         // A full destination queue drops its oldest datagrams, never blocks the sender (quinn
         // does not count them; a TCP link does, and they count as dropped here).
         let before = to.datagrams_dropped();
-        if to.send_datagram(frame.into()).is_ok() {
-            let evicted = to.datagrams_dropped().saturating_sub(before);
-            if evicted > 0 {
-                self.lock().evicted(evicted);
-            }
-            return true;
+        if to.send_datagram(frame.freeze()).is_err() {
+            return self.drop_one();
         }
-        self.lock().undelivered(len);
+        self.forwarded.fetch_add(1, Ordering::Relaxed);
+        self.forwarded_bytes.fetch_add(len, Ordering::Relaxed);
+        let evicted = to.datagrams_dropped().saturating_sub(before);
+        if evicted > 0 {
+            // Counted as forwarded before; they were not.
+            let _ = self
+                .forwarded
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    Some(n.saturating_sub(evicted))
+                });
+            self.dropped.fetch_add(evicted, Ordering::Relaxed);
+        }
+        true
+    }
+
+    fn drop_one(&self) -> bool {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
         false
     }
 
@@ -174,6 +257,10 @@ impl Forwarder {
 
     /// Totals since start.
     pub fn counters(&self) -> RelayCounters {
-        self.lock().counters()
+        let mut c = self.lock().counters();
+        c.forwarded += self.forwarded.load(Ordering::Relaxed);
+        c.forwarded_bytes += self.forwarded_bytes.load(Ordering::Relaxed);
+        c.dropped += self.dropped.load(Ordering::Relaxed);
+        c
     }
 }

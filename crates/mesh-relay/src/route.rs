@@ -62,6 +62,16 @@ pub enum Refused {
     NoDestination,
 }
 
+/// The destination of a frame `from` sent: decodes the header and refuses what is malformed or
+/// addressed to its own sender (the first rules of [`Routes::route`]).
+pub fn destination(from: &PublicKey, datagram: &[u8]) -> Result<PublicKey, Refused> {
+    let dst = relay::decode(datagram)?.key;
+    if dst == *from {
+        return Err(Refused::ToSelf);
+    }
+    Ok(dst)
+}
+
 /// Where one frame goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Routed<C> {
@@ -82,6 +92,7 @@ struct Entry<C> {
 pub struct Routes<C> {
     networks: HashMap<String, HashMap<PublicKey, Entry<C>>>,
     counters: RelayCounters,
+    generation: u64,
 }
 
 impl<C> Default for Routes<C> {
@@ -89,6 +100,7 @@ impl<C> Default for Routes<C> {
         Routes {
             networks: HashMap::new(),
             counters: RelayCounters::default(),
+            generation: 0,
         }
     }
 }
@@ -106,6 +118,7 @@ impl<C: Connection> Routes<C> {
     fn take(&mut self, network: &str, key: &PublicKey) -> Option<Entry<C>> {
         let nodes = self.networks.get_mut(network)?;
         let e = nodes.remove(key)?;
+        self.generation += 1;
         if nodes.is_empty() {
             self.networks.remove(network);
         }
@@ -116,6 +129,7 @@ impl<C: Connection> Routes<C> {
     /// older connection when this one replaces it: the driver closes that one.
     pub fn attach(&mut self, network: &str, key: PublicKey, conn: C, expires: u64) -> Option<C> {
         let id = conn.id();
+        self.generation += 1;
         let nodes = self.networks.entry(network.to_owned()).or_default();
         let old = nodes.insert(key, Entry { conn, expires })?;
         if old.conn.id() == id {
@@ -189,8 +203,7 @@ impl<C: Connection> Routes<C> {
     }
 
     /// Decides where `datagram`, sent by `from` of `network` on `sender`, goes, and counts it as
-    /// forwarded or dropped. The driver sends [`Routed::frame`] on [`Routed::to`] (and calls
-    /// [`Routes::undelivered`] if that connection refuses it).
+    /// forwarded or dropped. The driver sends [`Routed::frame`] on [`Routed::to`].
     pub fn route(
         &mut self,
         network: &str,
@@ -222,37 +235,41 @@ impl<C: Connection> Routes<C> {
     where
         C: Clone,
     {
-        let dst = relay::decode(datagram)?.key;
-        if dst == *from {
-            return Err(Refused::ToSelf);
-        }
-        if !self.is_current(network, from, sender) {
-            return Err(Refused::NotAdmitted);
-        }
-        let to = self
-            .entry(network, &dst)
-            .ok_or(Refused::NoDestination)?
-            .conn
-            .clone();
+        let dst = destination(from, datagram)?;
+        let to = self.resolve(network, from, sender, &dst)?;
         let mut frame = datagram.to_vec();
         relay::set_key(&mut frame, from)?;
         Ok(Routed { to, frame })
     }
 
-    /// A frame of `len` bytes that [`Routes::route`] forwarded could not be sent after all (the
-    /// destination's connection is gone or cannot take it): counts it as dropped instead.
-    pub fn undelivered(&mut self, len: usize) {
-        self.counters.forwarded = self.counters.forwarded.saturating_sub(1);
-        self.counters.forwarded_bytes = self.counters.forwarded_bytes.saturating_sub(len as u64);
-        self.counters.dropped += 1;
+    /// The connection a frame from `from` of `network` on `sender`, addressed to `dst`, goes
+    /// to: the rules of [`Routes::route`] after the frame was decoded ([`destination`]). The
+    /// answer holds until the table changes ([`Routes::generation`]), so a driver may keep it
+    /// for later frames of the same sender while the generation stays the same. Counts nothing.
+    pub fn resolve(
+        &self,
+        network: &str,
+        from: &PublicKey,
+        sender: &C,
+        dst: &PublicKey,
+    ) -> Result<C, Refused>
+    where
+        C: Clone,
+    {
+        if !self.is_current(network, from, sender) {
+            return Err(Refused::NotAdmitted);
+        }
+        Ok(self
+            .entry(network, dst)
+            .ok_or(Refused::NoDestination)?
+            .conn
+            .clone())
     }
 
-    /// `n` frames counted as forwarded were dropped later, from a full queue of the
-    /// destination's link (a TCP link drops its oldest queued frames; a slow reader never grows
-    /// the relay's memory).
-    pub fn evicted(&mut self, n: u64) {
-        self.counters.forwarded = self.counters.forwarded.saturating_sub(n);
-        self.counters.dropped += n;
+    /// Changes with every change of the table (a node admitted, replaced, detached, removed or
+    /// revoked): what [`Routes::resolve`] answered stays true while this stays the same.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Totals since start.
@@ -440,13 +457,51 @@ mod tests {
         assert!(r.is_empty());
     }
 
+    /// What a forwarding task may keep: `resolve` answers as `route` does, and the
+    /// generation moves with every change that could alter an answer, and only then.
     #[test]
-    fn a_frame_the_destination_refuses_counts_as_dropped() {
+    fn resolve_follows_route_and_the_generation_marks_every_change() {
         let mut r = two();
-        let f = frame(&B, b"wireguard");
-        let routed = r.route("n", &A, &Conn(1), &f).unwrap();
-        r.undelivered(routed.frame.len());
-        let c = r.counters();
-        assert_eq!((c.forwarded, c.forwarded_bytes, c.dropped), (0, 0, 1));
+        let g = r.generation();
+        assert_eq!(r.resolve("n", &A, &Conn(1), &B), Ok(Conn(2)));
+        assert_eq!(r.resolve("n", &A, &Conn(9), &B), Err(Refused::NotAdmitted));
+        assert_eq!(
+            r.resolve("n", &A, &Conn(1), &C),
+            Err(Refused::NoDestination)
+        );
+        assert_eq!(destination(&A, &frame(&A, b"x")), Err(Refused::ToSelf));
+        assert_eq!(destination(&A, &frame(&B, b"x")), Ok(B));
+        // Forwarding and renewals change no answer.
+        r.route("n", &A, &Conn(1), &frame(&B, b"x")).unwrap();
+        assert!(r.set_expires("n", &A, &Conn(1), 50));
+        assert_eq!(r.generation(), g);
+        let mut seen = vec![g];
+        let mut changed = |r: &Routes<Conn>| {
+            assert!(!seen.contains(&r.generation()), "the generation moved");
+            seen.push(r.generation());
+        };
+        r.attach("n", C, Conn(3), u64::MAX);
+        changed(&r);
+        r.attach("n", A, Conn(5), u64::MAX);
+        changed(&r);
+        assert_eq!(r.resolve("n", &A, &Conn(1), &B), Err(Refused::NotAdmitted));
+        r.detach("n", &C, &Conn(3));
+        changed(&r);
+        r.remove("n", &B);
+        changed(&r);
+        assert_eq!(
+            r.resolve("n", &A, &Conn(5), &B),
+            Err(Refused::NoDestination)
+        );
+        r.attach("n", B, Conn(6), 10);
+        changed(&r);
+        r.revoke("n", &B, 10);
+        changed(&r);
+        // Nothing to detach, remove or revoke: nothing changed.
+        let g = r.generation();
+        assert!(!r.detach("n", &B, &Conn(6)));
+        assert_eq!(r.remove("n", &B), None);
+        assert_eq!(r.revoke("n", &A, 0), None);
+        assert_eq!(r.generation(), g);
     }
 }
