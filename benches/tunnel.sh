@@ -398,6 +398,12 @@ mesh_path_to() { # NS STATE_DIR PEER_NAME -> prints direct or relay
 }
 
 on_relay() { [[ $(mesh_path_to "$NS_A" "$MESH_SD/a" bench-b) == relay ]]; }
+# The same, with a ping first: an idle pair notices a dead direct path only on its idle
+# schedule; traffic (as a user's would) makes it look at once.
+on_relay_pinging() {
+    ip netns exec "$NS_A" ping -c 1 -W 1 "$MESH_IP_B" >/dev/null 2>&1 || true
+    on_relay
+}
 both_on_tcp() {
     [[ $(mesh_transport "$NS_A" "$MESH_SD/a") == tcp && $(mesh_transport "$NS_B" "$MESH_SD/b") == tcp ]]
 }
@@ -434,7 +440,7 @@ bench_relay() {
     RELAY_PID=$PAIR_CTL_PID
     if active relay-quic; then
         block_udp direct
-        if wait_until 20 "A -> B on the relay" on_relay; then
+        if wait_until 20 "A -> B on the relay" on_relay_pinging; then
             wait_until 10 "A -> B over the relay" ns_ping "$NS_A" "$MESH_IP_B" || true
             run_path relay-quic "$MESH_IP_B" || true
         else
@@ -444,7 +450,7 @@ bench_relay() {
     fi
     if active relay-tcp; then
         block_udp all
-        if wait_until 30 "both agents on TCP" both_on_tcp && wait_until 20 "A -> B on the relay" on_relay; then
+        if wait_until 30 "both agents on TCP" both_on_tcp && wait_until 20 "A -> B on the relay" on_relay_pinging; then
             wait_until 10 "A -> B over the relay" ns_ping "$NS_A" "$MESH_IP_B" || true
             run_path relay-tcp "$MESH_IP_B" || true
         else
