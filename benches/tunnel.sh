@@ -125,8 +125,9 @@ fi
 # The relay paths block the pair's UDP with nftables, as a firewall would (mesh-v6 too, when
 # the pair does not choose IPv6 by itself).
 if { want relay-quic || want relay-tcp || want mesh-v6; } && ! apt_ensure nftables; then
-    want relay-quic && skip relay-quic "the Debian package nftables could not be installed"
-    want relay-tcp && skip relay-tcp "the Debian package nftables could not be installed"
+    for p in relay-quic relay-tcp; do
+        want "$p" && skip "$p" "the Debian package nftables could not be installed"
+    done
 fi
 [[ -e /dev/net/tun ]] || warn "/dev/net/tun is missing: tunnel paths will fail"
 

@@ -1133,13 +1133,18 @@ impl RelayTails {
     /// Sends what is held back.
     fn flush(&mut self, counters: &mut DriverCounters) {
         for (conn, f) in self.held.drain(..) {
-            if conn.send_datagram(f).is_ok() {
-                counters.relay_tx += 1;
-            } else {
-                counters.relay_drops += 1;
-            }
+            send_frame(&conn, f, counters);
         }
         self.messages = 0;
+    }
+}
+
+/// Sends one relay frame and counts it as sent or dropped.
+fn send_frame(conn: &mesh_control::Link, frame: bytes::Bytes, counters: &mut DriverCounters) {
+    if conn.send_datagram(frame).is_ok() {
+        counters.relay_tx += 1;
+    } else {
+        counters.relay_drops += 1;
     }
 }
 
@@ -1164,11 +1169,7 @@ fn send_relayed(
     };
     let mut frames = frames.into_iter();
     if let Some(first) = frames.next() {
-        if conn.send_datagram(first.into()).is_ok() {
-            counters.relay_tx += 1;
-        } else {
-            counters.relay_drops += 1;
-        }
+        send_frame(conn, first.into(), counters);
     }
     let before = tails.held.len();
     tails

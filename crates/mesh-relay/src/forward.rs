@@ -50,6 +50,16 @@ struct RouteCache {
     to: HashMap<PublicKey, Link>,
 }
 
+impl RouteCache {
+    /// Forgets what it knew if the table's generation is no longer the one it was resolved in.
+    fn at(&mut self, generation: u64) {
+        if generation != self.generation {
+            self.to.clear();
+            self.generation = generation;
+        }
+    }
+}
+
 /// Keeps a node in the table; dropping it removes the node unless a newer connection of the
 /// same node replaced it.
 pub struct Attachment {
@@ -187,11 +197,7 @@ impl Forwarder {
         let Ok(dst) = route::destination(from, &datagram) else {
             return self.drop_one();
         };
-        let generation = self.generation.load(Ordering::Acquire);
-        if generation != cache.generation {
-            cache.to.clear();
-            cache.generation = generation;
-        }
+        cache.at(self.generation.load(Ordering::Acquire));
         let to = match cache.to.get(&dst) {
             Some(to) => to,
             None => {
@@ -200,10 +206,7 @@ impl Forwarder {
                     return self.drop_one();
                 };
                 // Resolved under the lock: valid for the generation the table has now.
-                if routes.generation() != cache.generation {
-                    cache.to.clear();
-                    cache.generation = routes.generation();
-                }
+                cache.at(routes.generation());
                 drop(routes);
                 cache.to.entry(dst).or_insert(to)
             }
