@@ -49,13 +49,28 @@ struct Pair {
 
 impl Pair {
     fn new(seed: u64) -> Pair {
+        Pair::connected(seed, false)
+    }
+
+    /// The pair, on its direct path; or with the direct path cut both ways from the start
+    /// (`cut`), on the relay.
+    fn connected(seed: u64, cut: bool) -> Pair {
         let mut sim = Sim::empty(seed, 0.0);
         sim.add_relay();
         let a = sim.add_node_at(INTERNET, SocketAddr::from((A_IP, NODE_PORT)));
         let b = sim.add_node_at(INTERNET, SocketAddr::from((B_IP, NODE_PORT)));
+        if cut {
+            for (from, to) in [(A_IP, B_IP), (B_IP, A_IP)] {
+                sim.net.set_link_loss(from, to, Some(LinkLoss::Random(1.0)));
+            }
+        }
         sim.connect();
-        let took = sim.time_to_direct(a, b, Duration::from_secs(10));
-        assert!(took.is_some(), "seed {seed}: no direct path");
+        if cut {
+            sim.run_for(Duration::from_secs(10));
+        } else {
+            let took = sim.time_to_direct(a, b, Duration::from_secs(10));
+            assert!(took.is_some(), "seed {seed}: no direct path");
+        }
         let now = sim.now;
         Pair {
             sim,
@@ -356,40 +371,94 @@ fn a_rate_limited_direct_path_with_bulk_traffic_moves_to_the_relay() {
 #[test]
 fn a_path_back_from_a_long_outage_is_not_judged_by_the_outage() {
     for seed in SEEDS {
-        let mut p = Pair::new(seed);
-        p.traffic(Duration::from_secs(15), true);
-        p.direct_loss(Some(LinkLoss::Random(1.0)), Some(LinkLoss::Random(1.0)));
-        p.traffic(Duration::from_secs(20), true);
-        assert_eq!(
-            p.path(p.a, p.b),
-            Path::Relay,
-            "seed {seed}: the cut moves a to the relay"
-        );
+        back_from_an_outage(seed, Duration::from_secs(20));
+    }
+}
+
+/// A firewall that blocks the direct path for a few seconds (the relay e2e test does this): the
+/// losses until liveness gave the path up are in its window when it returns, and were already
+/// acted on by falling back.
+#[test]
+fn a_path_back_from_a_short_outage_is_not_judged_by_the_outage() {
+    for seed in SEEDS {
+        back_from_an_outage(seed, Duration::from_secs(4));
+    }
+}
+
+/// Cuts the direct path both ways for `outage` under steady traffic, then restores it: the pair
+/// falls back to the relay, returns to the direct path within 15 s, and stays there for 30 s
+/// with no switch for quality.
+fn back_from_an_outage(seed: u64, outage: Duration) {
+    let mut p = Pair::new(seed);
+    p.traffic(Duration::from_secs(15), true);
+    p.direct_loss(Some(LinkLoss::Random(1.0)), Some(LinkLoss::Random(1.0)));
+    p.traffic(outage, true);
+    assert_eq!(
+        p.path(p.a, p.b),
+        Path::Relay,
+        "seed {seed}: the cut moves a to the relay"
+    );
+    p.direct_loss(None, None);
+    let took = p
+        .traffic_until(
+            p.a,
+            |p, x| is_direct(&p.path(x, p.peer_of(x))),
+            Duration::from_secs(15),
+            true,
+        )
+        .unwrap_or_else(|| panic!("seed {seed}: not direct within 15 s of the path's return"));
+    p.traffic(Duration::from_secs(30), true);
+    assert!(
+        is_direct(&p.path(p.a, p.b)) && is_direct(&p.path(p.b, p.a)),
+        "seed {seed}: left the direct path again"
+    );
+    assert_eq!(
+        p.switches(p.a).0,
+        0,
+        "seed {seed}: a switched to the relay for quality"
+    );
+    assert_eq!(
+        p.switches(p.b).0,
+        0,
+        "seed {seed}: b switched to the relay for quality"
+    );
+    eprintln!("seed {seed}: direct again {took:?} after an outage of {outage:?}");
+}
+
+/// What the relay e2e test does to a pair under a TCP stream: the direct path is blocked from
+/// the start, opens, is blocked again a moment after the pair took it (before a window of clean
+/// traffic went over it), and opens again two seconds after the fallback. The loss of the
+/// second block fills most of the direct window; the path that returns is clean, and taken.
+#[test]
+fn a_path_blocked_just_after_it_opened_is_taken_again_when_it_reopens() {
+    fn direct(p: &Pair, x: usize) -> bool {
+        is_direct(&p.path(x, p.peer_of(x)))
+    }
+    let cut = Some(LinkLoss::Random(1.0));
+    for seed in SEEDS {
+        let mut p = Pair::connected(seed, true);
+        p.traffic(Duration::from_secs(5), true);
+        assert_eq!(p.path(p.a, p.b), Path::Relay, "seed {seed}");
+        p.direct_loss(None, None);
+        p.traffic_until(p.a, direct, Duration::from_secs(15), true)
+            .unwrap_or_else(|| panic!("seed {seed}: no direct path when it opened"));
+        p.traffic(Duration::from_millis(300), true);
+        p.direct_loss(cut, cut);
+        p.traffic_until(p.a, |p, x| !direct(p, x), Duration::from_secs(10), true)
+            .unwrap_or_else(|| panic!("seed {seed}: no fallback"));
+        p.traffic(Duration::from_secs(2), true);
         p.direct_loss(None, None);
         let took = p
-            .traffic_until(
-                p.a,
-                |p, x| is_direct(&p.path(x, p.peer_of(x))),
-                Duration::from_secs(15),
-                true,
-            )
-            .unwrap_or_else(|| panic!("seed {seed}: not direct within 15 s of the path's return"));
-        p.traffic(Duration::from_secs(30), true);
+            .traffic_until(p.a, direct, Duration::from_secs(15), true)
+            .unwrap_or_else(|| panic!("seed {seed}: not direct within 15 s of the reopening"));
+        p.traffic(Duration::from_secs(20), true);
         assert!(
-            is_direct(&p.path(p.a, p.b)) && is_direct(&p.path(p.b, p.a)),
+            direct(&p, p.a) && direct(&p, p.b),
             "seed {seed}: left the direct path again"
         );
-        assert_eq!(
-            p.switches(p.a).0,
-            0,
-            "seed {seed}: a switched to the relay for quality"
-        );
-        assert_eq!(
-            p.switches(p.b).0,
-            0,
-            "seed {seed}: b switched to the relay for quality"
-        );
-        eprintln!("seed {seed}: direct again {took:?} after the outage");
+        assert_eq!(p.switches(p.a).0, 0, "seed {seed}: a switched for quality");
+        assert_eq!(p.switches(p.b).0, 0, "seed {seed}: b switched for quality");
+        eprintln!("seed {seed}: direct again {took:?} after the reopening");
     }
 }
 

@@ -266,6 +266,19 @@ impl SentLog {
         self.runs[self.newest] = run;
     }
 
+    /// Forgets what went on `leg` so far: those messages are expected nowhere from now on.
+    pub(crate) fn forget(&mut self, leg: Leg) {
+        if self.leg == leg {
+            self.first = self.next;
+        }
+        for run in &mut self.runs {
+            if run.len() != 0 && run.leg() == leg {
+                *run = Run::EMPTY;
+            }
+        }
+        self.evicted[leg as usize] = None;
+    }
+
     /// How many of the counters `first..=last` of session `index` went on `leg`, or `None` when
     /// the log no longer holds all of that span.
     pub(crate) fn expected(&self, leg: Leg, index: u32, first: u64, last: u64) -> Option<u64> {
@@ -391,6 +404,27 @@ mod tests {
             Some(0),
             "another session"
         );
+    }
+
+    #[test]
+    fn messages_sent_into_an_outage_are_forgotten_when_the_path_returns() {
+        let mut log = SentLog::default();
+        // 0..50 direct (the last 20 into a blocked path), 50..60 on the relay after the
+        // fallback, 60..70 direct again; the path returned at 60, and the log forgot.
+        for c in 0..60 {
+            log.note(if c < 50 { Leg::Direct } else { Leg::Relay }, 1, c);
+        }
+        log.forget(Leg::Direct);
+        for c in 60..70 {
+            log.note(Leg::Direct, 1, c);
+        }
+        // The peer's first report since 29 spans the outage: only 60..70 were expected.
+        assert_eq!(log.expected(Leg::Direct, 1, 30, 69), Some(10));
+        assert_eq!(log.expected(Leg::Relay, 1, 30, 69), Some(10), "relay kept");
+        // Forgetting the leg of the open run closes it.
+        log.forget(Leg::Direct);
+        log.note(Leg::Direct, 1, 70);
+        assert_eq!(log.expected(Leg::Direct, 1, 0, 70), Some(1));
     }
 
     #[test]

@@ -275,6 +275,8 @@ pub(crate) struct Measure {
     direct_endpoint: Option<Endpoint>,
     /// Since when the direct path is dead, while it is.
     died_at: Option<Instant>,
+    /// When the direct path last came back from an outage.
+    returned_at: Option<Instant>,
 }
 
 impl Measure {
@@ -297,6 +299,7 @@ impl Measure {
             next_report: 0,
             direct_endpoint: None,
             died_at: None,
+            returned_at: None,
         }
     }
 
@@ -330,11 +333,13 @@ impl Measure {
     }
 
     /// The direct path is `endpoint` now (`None`: it is dead). A new endpoint starts the direct
-    /// window over. So does the same endpoint coming back after it was dead for a whole window:
-    /// then the window holds nothing but the outage, which was already acted on, not the
-    /// quality of the path that returned (it would keep a recovered path on the relay for a
-    /// whole hold time). After a shorter death (loss in bursts) the window goes on: the bursts
-    /// are the path's quality.
+    /// window over. So does the same endpoint coming back from an outage: what the window holds
+    /// of it (the packets lost until liveness gave the path up) was already acted on by falling
+    /// back, and is not the quality of the path that returned; kept, it would send a recovered
+    /// path to the relay for a whole hold time right after its return (a firewall that blocked
+    /// it for two seconds did that in the relay e2e test). Only a path that dies again within a
+    /// window of its last return keeps its window: its outages come in bursts, and the bursts
+    /// are its quality.
     pub(crate) fn direct_is(&mut self, endpoint: Option<Endpoint>, now: Instant) {
         let Some(endpoint) = endpoint else {
             if self.direct_endpoint.is_some() && self.died_at.is_none() {
@@ -343,17 +348,32 @@ impl Measure {
             return;
         };
         let died_at = self.died_at.take();
+        let window = self.windows[Leg::Direct as usize].length();
         match self.direct_endpoint {
-            Some(old) if old != endpoint => self.windows[Leg::Direct as usize].restart(now),
+            Some(old) if old != endpoint => self.start_direct_over(now),
             Some(_) => {
-                let window = self.windows[Leg::Direct as usize].length();
-                if died_at.is_some_and(|d| now.saturating_duration_since(d) >= window) {
-                    self.windows[Leg::Direct as usize].restart(now);
+                if let Some(died) = died_at {
+                    let flapping = now.saturating_duration_since(died) < window
+                        && self
+                            .returned_at
+                            .is_some_and(|r| now.saturating_duration_since(r) < window);
+                    if !flapping {
+                        self.start_direct_over(now);
+                    }
+                    self.returned_at = Some(now);
                 }
             }
             None => {}
         }
         self.direct_endpoint = Some(endpoint);
+    }
+
+    /// Forgets what was measured of the direct path, and what was sent on it: the peer's first
+    /// loss report after an outage spans the messages sent into it (its span starts after the
+    /// last one it reported), and they would count as lost again.
+    fn start_direct_over(&mut self, now: Instant) {
+        self.windows[Leg::Direct as usize].restart(now);
+        self.sent.forget(Leg::Direct);
     }
 
     /// A quality probe with `id` went on `leg` now. (With all slots taken, the oldest is
@@ -665,17 +685,22 @@ mod tests {
         // The same endpoint, still alive: the window goes on.
         m.direct_is(Some(a), t0 + SEC);
         assert_eq!(m.estimate(Leg::Direct, &config, t0 + SEC).loss, Some(0.5));
-        // Dead for a second (loss in bursts) and back: the window goes on.
+        // Dead for a second and back: the outage was acted on, the window starts over.
         m.direct_is(None, t0 + SEC);
         m.direct_is(Some(a), t0 + 2 * SEC);
+        assert_eq!(m.estimate(Leg::Direct, &config, t0 + 2 * SEC).loss, None);
+        m.window(Leg::Direct).reported(100, 50, t0 + 2 * SEC);
+        // Dead again within a window of that return (outages in bursts): the window goes on.
+        m.direct_is(None, t0 + 3 * SEC);
+        m.direct_is(Some(a), t0 + 4 * SEC);
         assert_eq!(
-            m.estimate(Leg::Direct, &config, t0 + 2 * SEC).loss,
+            m.estimate(Leg::Direct, &config, t0 + 4 * SEC).loss,
             Some(0.5)
         );
         // Dead for a whole window (the probes of the outage fail) and back: the window starts
         // over, the outage is not its quality.
-        let back = t0 + 2 * SEC + config.window;
-        m.direct_is(None, t0 + 2 * SEC);
+        let back = t0 + 4 * SEC + config.window;
+        m.direct_is(None, t0 + 4 * SEC);
         m.window(Leg::Direct).reported(100, 0, back - SEC);
         m.direct_is(Some(a), back);
         assert_eq!(m.estimate(Leg::Direct, &config, back).loss, None);
