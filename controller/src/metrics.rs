@@ -2,6 +2,7 @@
 //! and how many are online, and what a relay (the controller's own, or a standalone one)
 //! forwards.
 
+use crate::db::Db;
 use crate::server::Stats;
 use crate::state::unix_now;
 use crate::store::Store;
@@ -14,7 +15,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct NetworkLabels {
@@ -185,7 +186,7 @@ pub fn render_control(stats: &Stats, gate: &Gate) -> String {
 
 #[derive(Clone)]
 struct ScrapeState {
-    store: Option<Arc<Mutex<Store>>>,
+    store: Option<Db>,
     relay: Arc<Forwarder>,
     control: Option<(Arc<Stats>, Arc<Gate>)>,
 }
@@ -198,10 +199,8 @@ async fn scrape(
     }): axum::extract::State<ScrapeState>,
 ) -> (axum::http::StatusCode, String) {
     let text = match store {
-        Some(store) => {
-            let guard = store.lock().unwrap_or_else(|p| p.into_inner());
-            render(&guard, unix_now())
-        }
+        // (A scrape reads every node of every network: on the database's thread.)
+        Some(db) => db.run(|store| render(store, unix_now())).await,
         None => Ok(String::new()),
     };
     match text {
@@ -246,8 +245,12 @@ pub async fn serve_with(
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
+    let store = match store {
+        Some(s) => Some(Db::start(s, "mesh-db-metrics")?),
+        None => None,
+    };
     let state = ScrapeState {
-        store: store.map(|s| Arc::new(Mutex::new(s))),
+        store,
         relay,
         control,
     };

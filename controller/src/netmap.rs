@@ -121,12 +121,79 @@ pub fn view_for(all: &[PeerInfo], me: &PublicKey) -> PeerMap {
     let my_observed = all.iter().find(|p| p.key == *me).and_then(|p| p.observed);
     all.iter()
         .filter(|p| p.key != *me)
-        .map(|p| {
-            let mut seen = p.clone();
-            seen.endpoints = endpoints_for(p, my_observed);
-            (p.key, seen)
-        })
+        .map(|p| (p.key, seen_by(p, my_observed)))
         .collect()
+}
+
+/// [`view_for`] of the members by key.
+pub fn view_for_map(all: &PeerMap, me: &PublicKey) -> PeerMap {
+    let my_observed = all.get(me).and_then(|p| p.observed);
+    all.values()
+        .filter(|p| p.key != *me)
+        .map(|p| (p.key, seen_by(p, my_observed)))
+        .collect()
+}
+
+/// `peer` as a viewer whose connection comes from `viewer_observed` is told of it.
+fn seen_by(peer: &PeerInfo, viewer_observed: Option<SocketAddr>) -> PeerInfo {
+    let mut seen = peer.clone();
+    seen.endpoints = endpoints_for(peer, viewer_observed);
+    seen
+}
+
+/// The keys whose rows differ between `old` and `new`: added, changed or gone.
+pub fn changed_keys(old: &PeerMap, new: &PeerMap) -> Vec<PublicKey> {
+    let mut keys: Vec<PublicKey> = new
+        .iter()
+        .filter(|(k, p)| old.get(k) != Some(p))
+        .map(|(k, _)| *k)
+        .collect();
+    keys.extend(old.keys().filter(|k| !new.contains_key(k)));
+    keys
+}
+
+/// The delta from `sent` to the view of `me` over `all`, where only the rows of `changed`
+/// can differ from those `sent` was made of, and `me`'s own row is not among them (its
+/// observed address decides what it may see of every peer: then compare the whole view).
+/// The same as [`diff`] of `sent` and [`view_for_map`], for the work of `changed` alone.
+pub fn diff_keys(
+    sent: &PeerMap,
+    all: &PeerMap,
+    me: &PublicKey,
+    changed: &[PublicKey],
+) -> Option<ServerMsg> {
+    let my_observed = all.get(me).and_then(|p| p.observed);
+    let mut upsert = Vec::new();
+    let mut remove = Vec::new();
+    for key in changed.iter().filter(|k| *k != me) {
+        match all.get(key) {
+            Some(p) => {
+                let seen = seen_by(p, my_observed);
+                if sent.get(key) != Some(&seen) {
+                    upsert.push(seen);
+                }
+            }
+            None if sent.contains_key(key) => remove.push(*key),
+            None => {}
+        }
+    }
+    if upsert.is_empty() && remove.is_empty() {
+        None
+    } else {
+        Some(ServerMsg::PeersChanged { upsert, remove })
+    }
+}
+
+/// What a node holds after `delta` (a `PeersChanged`; other messages change nothing).
+pub fn apply(view: &mut PeerMap, delta: &ServerMsg) {
+    if let ServerMsg::PeersChanged { upsert, remove } = delta {
+        for p in upsert {
+            view.insert(p.key, p.clone());
+        }
+        for k in remove {
+            view.remove(k);
+        }
+    }
 }
 
 /// The delta from `old` to `new`, or `None` when nothing changed.
@@ -173,6 +240,61 @@ mod tests {
     }
 
     const OVERLAY: (Ipv4Addr, u8) = (Ipv4Addr::new(100, 64, 0, 0), 10);
+
+    /// The hub's delta from the changed rows alone is the delta of the whole views, for every
+    /// viewer whose own row stayed, and applying it gives the new view.
+    #[test]
+    fn a_delta_of_the_changed_rows_is_the_delta_of_the_whole_views() {
+        let map = |ps: Vec<PeerInfo>| -> PeerMap { ps.into_iter().map(|p| (p.key, p)).collect() };
+        // 1..=6; 5 and 6 behind one NAT with LAN candidates (each sees the other's).
+        let lan = |n: u8, lan_port: u16| PeerInfo {
+            observed: Some(([203, 0, 113, 1], 40_000 + u16::from(n)).into()),
+            endpoints: vec![([10, 0, 0, n], lan_port).into()],
+            ..p(n, 1)
+        };
+        let old = map(vec![
+            p(1, 1),
+            p(2, 1),
+            p(3, 1),
+            p(4, 1),
+            lan(5, 7),
+            lan(6, 7),
+        ]);
+        // 2 moves, 3 leaves, 7 joins, 6 gets a new LAN port; 1, 4 and 5 stay.
+        let new = map(vec![
+            p(1, 1),
+            p(2, 9),
+            p(4, 1),
+            lan(5, 7),
+            lan(6, 8),
+            p(7, 1),
+        ]);
+        let changed = changed_keys(&old, &new);
+        assert_eq!(changed.len(), 4, "{changed:?}");
+        for viewer in [1u8, 4, 5] {
+            let me = PublicKey([viewer; 32]);
+            let mut sent = view_for_map(&old, &me);
+            let want = diff(&sent, &view_for_map(&new, &me));
+            let got = diff_keys(&sent, &new, &me, &changed);
+            assert_eq!(got, want, "viewer {viewer}");
+            apply(&mut sent, &got.unwrap());
+            assert_eq!(sent, view_for_map(&new, &me), "viewer {viewer}");
+        }
+        // 5 sees 6's new LAN port; 1 sees none of 6's LAN candidates, so no change of 6.
+        let of = |viewer: u8| match diff_keys(
+            &view_for_map(&old, &PublicKey([viewer; 32])),
+            &new,
+            &PublicKey([viewer; 32]),
+            &changed,
+        ) {
+            Some(ServerMsg::PeersChanged { upsert, .. }) => {
+                upsert.iter().map(|p| p.key.0[0]).collect::<Vec<_>>()
+            }
+            _ => Vec::new(),
+        };
+        assert_eq!(of(5), [2, 6, 7]);
+        assert_eq!(of(1), [2, 7]);
+    }
 
     #[test]
     fn refuses_candidates_that_cannot_be_a_peer_endpoint() {

@@ -10,7 +10,15 @@
 //!   more are dropped and counted, and a flood closes the connection. The database is written
 //!   only when what the node reports changed, or every [`LAST_SEEN_EVERY`] for `last_seen`.
 //!   Peers get a delta only when their view changed.
+//!
+//! The database is never called from a tokio task: the connections share one [`Db`] (a store
+//! on its own thread), the hub reads through another. The hub notices changes by polling
+//! SQLite's `data_version` every 100 ms; a change costs one read of each network with
+//! connected nodes and a comparison of its rows with the last read, and each session is then
+//! sent the delta of the peers that changed (its whole view is compared only when it is new,
+//! its own row changed, or its last delta could not be queued).
 
+use crate::db::Db;
 use crate::netmap::{self, PeerMap};
 use crate::state::{unix_now, StateDir};
 use crate::store::{
@@ -206,7 +214,8 @@ struct Ctx {
     secret: [u8; 32],
     /// The embedded relay: connected nodes, by network and key.
     forwarder: Arc<Forwarder>,
-    store: Mutex<crate::store::Store>,
+    /// The database, for the connections' reads and writes (the hub has its own).
+    db: Db,
     hub: mpsc::UnboundedSender<HubCmd>,
     next_id: AtomicU64,
     /// One connection per node key.
@@ -298,11 +307,11 @@ impl Controller {
         store.reset_connections()?;
         let endpoint = quic::bind_server(listen, &secret)?;
         let (hub_tx, hub_rx) = mpsc::unbounded_channel();
-        let hub_store = state.open_store()?;
+        let hub_db = Db::start(state.open_store()?, "mesh-db-hub")?;
         let forwarder = Forwarder::new();
         let stats = Arc::new(Stats::default());
         tokio::spawn(run_hub(
-            hub_store,
+            hub_db,
             hub_rx,
             secret,
             forwarder.clone(),
@@ -311,7 +320,7 @@ impl Controller {
         let ctx = Arc::new(Ctx {
             secret,
             forwarder,
-            store: Mutex::new(store),
+            db: Db::start(store, "mesh-db")?,
             hub: hub_tx,
             next_id: AtomicU64::new(1),
             current: Mutex::new(HashMap::new()),
@@ -368,7 +377,7 @@ impl Controller {
 
     /// Rows the serving connection changed in the database since start.
     pub fn store_changes(&self) -> u64 {
-        lock(&self.ctx).total_changes()
+        self.ctx.db.changes()
     }
 
     /// Serves until `shutdown` completes.
@@ -540,11 +549,6 @@ pub async fn serve_with(
     Ok(())
 }
 
-fn lock(ctx: &Ctx) -> std::sync::MutexGuard<'_, crate::store::Store> {
-    // A panic while holding the lock would be a bug; keep serving with the data as it is.
-    ctx.store.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 fn current(ctx: &Ctx) -> std::sync::MutexGuard<'_, HashMap<(i64, PublicKey), Current>> {
     ctx.current.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -639,41 +643,35 @@ async fn ask(
             message: format!("too many join requests from {source}; ask again in a minute"),
         }));
     }
-    // The write waits for the database (and its fsync): on the blocking pool, so that a flood
-    // of requests never holds up the tokio workers that drive every other connection.
+    // The write waits for the database (and its fsync), on the database's thread.
     let outcome = {
-        let ctx = ctx.clone();
         let (network, key, hostname) = (network.to_owned(), *key, hostname.to_owned());
         let (exact, name) = match name {
             NameRequest::Exact(n) => (true, n.to_owned()),
             NameRequest::Preferred(n) => (false, n.to_owned()),
         };
         let (reported, observed) = (seen.reported.to_vec(), seen.observed);
-        tokio::task::spawn_blocking(move || {
-            let request = JoinRequest {
-                network: &network,
-                key: &key,
-                name: if exact {
-                    NameRequest::Exact(&name)
-                } else {
-                    NameRequest::Preferred(&name)
-                },
-                hostname: &hostname,
-                // Over TCP the source is the node's too (a proxy's, behind one).
-                source: Some(source),
-                seen: Candidates {
-                    reported: &reported,
-                    observed,
-                },
-            };
-            lock(&ctx).request_join(&request, unix_now())
-        })
-        .await
-        .unwrap_or_else(|e| {
-            Err(StoreError::Invalid(format!(
-                "the join request's database task failed: {e}"
-            )))
-        })
+        ctx.db
+            .run(move |store| {
+                let request = JoinRequest {
+                    network: &network,
+                    key: &key,
+                    name: if exact {
+                        NameRequest::Exact(&name)
+                    } else {
+                        NameRequest::Preferred(&name)
+                    },
+                    hostname: &hostname,
+                    // Over TCP the source is the node's too (a proxy's, behind one).
+                    source: Some(source),
+                    seen: Candidates {
+                        reported: &reported,
+                        observed,
+                    },
+                };
+                store.request_join(&request, unix_now())
+            })
+            .await
     };
     let (network_id, recorded) = match outcome {
         Ok(RequestOutcome::Admitted(adm)) => return Some(Ok(adm)),
@@ -726,7 +724,19 @@ async fn ask(
     match verdict? {
         RequestState::Approved => {
             info!(network, name = %recorded, "join request approved; admitting the waiting node");
-            Some(lock(ctx).hello(network, key, seen, unix_now()))
+            let (network, key) = (network.to_owned(), *key);
+            let (reported, observed) = (seen.reported.to_vec(), seen.observed);
+            Some(
+                ctx.db
+                    .run(move |store| {
+                        let seen = Candidates {
+                            reported: &reported,
+                            observed,
+                        };
+                        store.hello(&network, &key, seen, unix_now())
+                    })
+                    .await,
+            )
         }
         RequestState::Rejected { at, by } => {
             info!(network, name = %recorded, %by, "join request rejected; telling the waiting node");
@@ -768,21 +778,27 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
             endpoints,
             exact_name,
         })) => match mesh_proto::hex::decode(&token_secret) {
-            Some(secret) => lock(&ctx).join(
-                &token_id,
-                &secret,
-                &key,
-                if exact_name {
-                    NameRequest::Exact(&name)
-                } else {
-                    NameRequest::Preferred(&name)
-                },
-                Candidates {
-                    reported: &endpoints,
-                    observed,
-                },
-                now,
-            ),
+            Some(secret) => {
+                ctx.db
+                    .run(move |store| {
+                        store.join(
+                            &token_id,
+                            &secret,
+                            &key,
+                            if exact_name {
+                                NameRequest::Exact(&name)
+                            } else {
+                                NameRequest::Preferred(&name)
+                            },
+                            Candidates {
+                                reported: &endpoints,
+                                observed,
+                            },
+                            now,
+                        )
+                    })
+                    .await
+            }
             None => Err(StoreError::Refused {
                 code: ErrorCode::TokenInvalid,
                 message: "join token secret is not hex".into(),
@@ -823,24 +839,20 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
             routes,
             exits,
         })) => {
-            let mut store = lock(&ctx);
             home = home_relay.clone();
             hello_nat = nat;
             hello_routes = Some((routes, exits));
-            store
-                .hello(
-                    &network,
-                    &key,
-                    Candidates {
+            ctx.db
+                .run(move |store| {
+                    let seen = Candidates {
                         reported: &endpoints,
                         observed,
-                    },
-                    now,
-                )
-                .and_then(|adm| {
+                    };
+                    let adm = store.hello(&network, &key, seen, now)?;
                     store.set_home_relay(adm.network_id, &key, home_relay.as_deref())?;
                     Ok(adm)
                 })
+                .await
         }
         Ok(Ok(_)) => Err(StoreError::Refused {
             code: ErrorCode::BadRequest,
@@ -894,20 +906,25 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
             b"replaced by a newer connection of the same node",
         );
     }
-    if let Some((routes, exits)) = &hello_routes {
-        lock(&ctx).advertise(adm.network_id, &key, routes, exits, unix_now())?;
+    let network_id = adm.network_id;
+    if let Some((routes, exits)) = hello_routes.clone() {
+        ctx.db
+            .run(move |s| s.advertise(network_id, &key, &routes, &exits, unix_now()))
+            .await?;
     }
     let mut advertised = hello_routes.unwrap_or_default();
     info!(node = %adm.name, %key, address = %adm.address, address6 = ?adm.address6, network = %adm.network, observed = ?observed, %transport, "node connected");
-    let (peers, relays, revoked, birthday_budget) = {
-        let store = lock(&ctx);
-        (
-            store.peers(adm.network_id)?,
-            store.relays()?,
-            revoked_in(&store, adm.network_id, unix_now())?,
-            store.birthday_budget(adm.network_id)?,
-        )
-    };
+    let (peers, relays, revoked, birthday_budget) = ctx
+        .db
+        .run(move |store| {
+            Ok((
+                store.peers(network_id)?,
+                store.relays()?,
+                revoked_in(store, network_id, unix_now())?,
+                store.birthday_budget(network_id)?,
+            ))
+        })
+        .await?;
     let view = netmap::view_for(&peers, &key);
     tx.send(
         &ServerMsg::Welcome(mesh_proto::control::Welcome {
@@ -956,7 +973,10 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
         nat: hello_nat,
     };
     if hello_nat.is_some() {
-        lock(&ctx).heartbeat(adm.network_id, &key, &reported, unix_now())?;
+        let report = reported.clone();
+        ctx.db
+            .run(move |s| s.heartbeat(network_id, &key, &report, unix_now()))
+            .await?;
     }
     let mut written_at = Instant::now();
     let mut left = false;
@@ -988,14 +1008,15 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
                     }
                     let now_advertised = (routes, exits);
                     if now_advertised != advertised {
-                        let (routes, exits) = &now_advertised;
-                        lock(&ctx).advertise(adm.network_id, &key, routes, exits, unix_now())?;
-                        info!(node = %adm.name, routes = ?routes, exits = ?exits, "advertised routes changed");
+                        let (routes, exits) = now_advertised.clone();
+                        ctx.db.run(move |s| s.advertise(network_id, &key, &routes, &exits, unix_now())).await?;
+                        info!(node = %adm.name, routes = ?now_advertised.0, exits = ?now_advertised.1, "advertised routes changed");
                         advertised = now_advertised;
                     }
                     let report = NodeReport { endpoints, observed, home_relay, nat };
                     if report != reported || written_at.elapsed() >= LAST_SEEN_EVERY {
-                        lock(&ctx).heartbeat(adm.network_id, &key, &report, unix_now())?;
+                        let written = report.clone();
+                        ctx.db.run(move |s| s.heartbeat(network_id, &key, &written, unix_now())).await?;
                         Stats::inc(&ctx.stats.heartbeat_writes, 1);
                         reported = report;
                         written_at = Instant::now();
@@ -1004,7 +1025,7 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
                 Ok(Ok(ClientMsg::Leave)) => {
                     relay.abort();
                     ctx.forwarder.remove(&adm.network, &key, false);
-                    lock(&ctx).leave(adm.network_id, &key, unix_now())?;
+                    ctx.db.run(move |s| s.leave(network_id, &key, unix_now())).await?;
                     info!(node = %adm.name, "node left the network");
                     left = true;
                     let _ = tx.send(&ServerMsg::Left.encode()).await;
@@ -1052,7 +1073,9 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
         mine
     };
     if still_current && !left && !removed {
-        lock(&ctx).disconnected(adm.network_id, &key, unix_now())?;
+        ctx.db
+            .run(move |s| s.disconnected(network_id, &key, unix_now()))
+            .await?;
     }
     info!(node = %adm.name, replaced = !still_current, "node disconnected");
     Ok(())
@@ -1075,11 +1098,16 @@ struct Session {
     route_states: Vec<mesh_proto::control::RouteState>,
     /// The network's names for several nodes, as last told.
     names: Vec<mesh_proto::control::NameAlias>,
+    /// Whether the next push compares the node's whole view with `sent` (a new session, one
+    /// whose last delta could not be queued, or whose own row changed), rather than only the
+    /// peers that changed since the hub last read the network.
+    full: bool,
 }
 
-/// Owns the list of connected sessions; pushes deltas when the database changes.
+/// Owns the list of connected sessions; pushes deltas when the database changes. Its reads go
+/// to a connection of its own (`db`), so that they never wait behind the connections' writes.
 async fn run_hub(
-    store: crate::store::Store,
+    db: Db,
     mut rx: mpsc::UnboundedReceiver<HubCmd>,
     secret: [u8; 32],
     forwarder: Arc<Forwarder>,
@@ -1087,42 +1115,43 @@ async fn run_hub(
 ) {
     let mut sessions: HashMap<u64, Session> = HashMap::new();
     let mut waiters: HashMap<u64, Waiter> = HashMap::new();
-    let mut version = store.data_version().ok();
+    let mut version = db.run(|s| s.data_version()).await.ok();
     let mut poll = tokio::time::interval(POLL);
     let mut last_full = tokio::time::Instant::now();
-    let hub = Hub {
+    let mut hub = Hub {
         secret,
         forwarder,
         stats,
+        rows: HashMap::new(),
     };
     loop {
         tokio::select! {
             cmd = rx.recv() => match cmd {
                 Some(HubCmd::Register { id, network_id, network, key, tx, sent, relays, revoked, birthday_budget }) => {
                     let tickets_at = tokio::time::Instant::now();
-                    sessions.insert(id, Session { network_id, network, key, tx, sent, removed: false, relays, revoked, tickets_at, birthday_budget, route_states: Vec::new(), names: Vec::new() });
+                    sessions.insert(id, Session { network_id, network, key, tx, sent, removed: false, relays, revoked, tickets_at, birthday_budget, route_states: Vec::new(), names: Vec::new(), full: true });
                     // Changes between the Welcome and now must not be lost.
-                    hub.push(&store, &mut sessions);
+                    hub.push(&db, &mut sessions).await;
                 }
                 Some(HubCmd::Unregister { id }) => { sessions.remove(&id); }
                 Some(HubCmd::Wait { id, network_id, key, verdict }) => {
                     let mut one = HashMap::from([(id, Waiter { network_id, key, verdict })]);
                     // A verdict between the request and now must not be lost.
-                    decide(&store, &mut one);
+                    decide(&db, &mut one).await;
                     waiters.extend(one);
                 }
                 Some(HubCmd::Unwait { id }) => { waiters.remove(&id); }
                 None => return,
             },
             _ = poll.tick() => {
-                let v = store.data_version().ok();
+                let v = db.run(|s| s.data_version()).await.ok();
                 if v != version || last_full.elapsed() >= RESYNC {
                     let changed = v != version;
                     version = v;
                     last_full = tokio::time::Instant::now();
-                    hub.push(&store, &mut sessions);
+                    hub.push(&db, &mut sessions).await;
                     if changed || !waiters.is_empty() {
-                        decide(&store, &mut waiters);
+                        decide(&db, &mut waiters).await;
                     }
                 }
             }
@@ -1138,64 +1167,131 @@ struct Waiter {
 }
 
 /// Tells every waiter whose request was decided (approved, rejected, or gone) its verdict.
-fn decide(store: &crate::store::Store, waiters: &mut HashMap<u64, Waiter>) {
-    let now = unix_now();
-    let mut decided = Vec::new();
-    for (id, w) in waiters.iter() {
-        match store.request_state(w.network_id, &w.key, now) {
-            Ok(RequestState::Pending) => {}
-            Ok(state) => decided.push((*id, state)),
-            Err(e) => {
-                warn!(error = %e, "cannot read join requests");
-                return;
-            }
-        }
+async fn decide(db: &Db, waiters: &mut HashMap<u64, Waiter>) {
+    if waiters.is_empty() {
+        return;
     }
-    for (id, state) in decided {
+    let asked: Vec<(u64, i64, PublicKey)> = waiters
+        .iter()
+        .map(|(id, w)| (*id, w.network_id, w.key))
+        .collect();
+    let states = db
+        .run(move |store| {
+            let now = unix_now();
+            asked
+                .into_iter()
+                .map(|(id, network_id, key)| Ok((id, store.request_state(network_id, &key, now)?)))
+                .collect::<Result<Vec<_>, StoreError>>()
+        })
+        .await;
+    let states = match states {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot read join requests");
+            return;
+        }
+    };
+    for (id, state) in states {
+        if matches!(state, RequestState::Pending) {
+            continue;
+        }
         if let Some(w) = waiters.remove(&id) {
             let _ = w.verdict.send(state);
         }
     }
 }
 
+/// What the hub reads of one network to bring its sessions up to date.
+struct NetworkState {
+    /// The members as stored, by key.
+    peers: PeerMap,
+    birthday_budget: Option<u16>,
+    route_states: HashMap<PublicKey, Vec<mesh_proto::control::RouteState>>,
+    names: Vec<mesh_proto::control::NameAlias>,
+    /// Revocations for the standalone relays (none read when there is no relay).
+    revoked: Vec<(PublicKey, u64)>,
+}
+
+/// The relays, and the state of each of `networks`, in one visit to the database thread.
+fn read_networks(
+    store: &crate::store::Store,
+    networks: &[i64],
+) -> Result<(Vec<RelayRow>, HashMap<i64, NetworkState>), StoreError> {
+    let relays = store.relays()?;
+    let now = unix_now();
+    let mut states = HashMap::with_capacity(networks.len());
+    for &id in networks {
+        let revoked = if relays.is_empty() {
+            Vec::new()
+        } else {
+            revoked_in(store, id, now)?
+        };
+        states.insert(
+            id,
+            NetworkState {
+                peers: store.peers(id)?.into_iter().map(|p| (p.key, p)).collect(),
+                birthday_budget: store.birthday_budget(id)?,
+                route_states: store.route_states(id)?,
+                names: store.aliases(id)?,
+                revoked,
+            },
+        );
+    }
+    Ok((relays, states))
+}
+
 struct Hub {
     secret: [u8; 32],
     forwarder: Arc<Forwarder>,
     stats: Arc<Stats>,
+    /// Each network's peer rows as the hub last read them: a push compares the new rows with
+    /// these once per network, and then each session only the peers that changed.
+    rows: HashMap<i64, PeerMap>,
 }
 
 impl Hub {
-    fn push(&self, store: &crate::store::Store, sessions: &mut HashMap<u64, Session>) {
-        let relays = match store.relays() {
-            Ok(r) => r,
+    /// Brings every session up to date with the database: peers (a delta of what changed),
+    /// route states, names, settings and relay tickets. The work per change is one read of
+    /// each network with sessions, one comparison of its rows with the last read, and for each
+    /// session the peers that changed: not every session's whole view.
+    async fn push(&mut self, db: &Db, sessions: &mut HashMap<u64, Session>) {
+        let mut networks: Vec<i64> = sessions
+            .values()
+            .filter(|s| !s.removed)
+            .map(|s| s.network_id)
+            .collect();
+        networks.sort_unstable();
+        networks.dedup();
+        if networks.is_empty() {
+            return;
+        }
+        let (relays, states) = match db.run(move |s| read_networks(s, &networks)).await {
+            Ok(read) => read,
             Err(e) => {
-                warn!(error = %e, "cannot read relays");
+                warn!(error = %e, "cannot read the networks' state");
                 return;
             }
         };
-        let now = unix_now();
-        let mut by_network: HashMap<i64, Vec<mesh_proto::control::PeerInfo>> = HashMap::new();
-        let mut revoked_by_network: HashMap<i64, Vec<(PublicKey, u64)>> = HashMap::new();
-        let mut budgets: HashMap<i64, Option<u16>> = HashMap::new();
-        type States = HashMap<PublicKey, Vec<mesh_proto::control::RouteState>>;
-        let mut route_states: HashMap<i64, States> = HashMap::new();
-        let mut names_by_network: HashMap<i64, Vec<mesh_proto::control::NameAlias>> =
-            HashMap::new();
+        let mut changed: HashMap<i64, Vec<PublicKey>> = HashMap::with_capacity(states.len());
+        for (id, net) in &states {
+            let keys = match self.rows.get(id) {
+                Some(old) => netmap::changed_keys(old, &net.peers),
+                // Not read before: every session of it compares its whole view.
+                None => net.peers.keys().copied().collect(),
+            };
+            changed.insert(*id, keys);
+        }
         for s in sessions.values_mut() {
             if s.removed {
                 continue;
             }
-            let peers = match by_network.get(&s.network_id) {
-                Some(p) => p,
-                None => match store.peers(s.network_id) {
-                    Ok(p) => by_network.entry(s.network_id).or_insert(p),
-                    Err(e) => {
-                        warn!(error = %e, "cannot read peers");
-                        return;
-                    }
-                },
+            // (A session registered while the hub read: the next push covers it.)
+            let (Some(net), Some(changed)) =
+                (states.get(&s.network_id), changed.get(&s.network_id))
+            else {
+                continue;
             };
-            if !peers.iter().any(|p| p.key == s.key) {
+            if !net.peers.contains_key(&s.key) {
                 s.removed = true;
                 // Off the embedded relay at once; the session closes the connection after
                 // telling the node why.
@@ -1206,34 +1302,24 @@ impl Hub {
                 });
                 continue;
             }
-            let view = netmap::view_for(peers, &s.key);
-            if let Some(delta) = netmap::diff(&s.sent, &view) {
-                if s.tx.try_send(delta).is_ok() {
+            let full = s.full || changed.contains(&s.key) || !self.rows.contains_key(&s.network_id);
+            let delta = if full {
+                let view = netmap::view_for_map(&net.peers, &s.key);
+                netmap::diff(&s.sent, &view)
+            } else {
+                netmap::diff_keys(&s.sent, &net.peers, &s.key, changed)
+            };
+            s.full = false;
+            if let Some(delta) = delta {
+                if s.tx.try_send(delta.clone()).is_ok() {
                     Stats::inc(&self.stats.deltas_pushed, 1);
-                    s.sent = view;
+                    netmap::apply(&mut s.sent, &delta);
+                } else {
+                    // Queue full: the whole view is compared again at the next push.
+                    s.full = true;
                 }
             }
-            let budget = match budgets.get(&s.network_id) {
-                Some(b) => *b,
-                None => match store.birthday_budget(s.network_id) {
-                    Ok(b) => *budgets.entry(s.network_id).or_insert(b),
-                    Err(e) => {
-                        warn!(error = %e, "cannot read the network's settings");
-                        return;
-                    }
-                },
-            };
-            let states = match route_states.get(&s.network_id) {
-                Some(r) => r,
-                None => match store.route_states(s.network_id) {
-                    Ok(r) => route_states.entry(s.network_id).or_insert(r),
-                    Err(e) => {
-                        warn!(error = %e, "cannot read routes");
-                        return;
-                    }
-                },
-            };
-            let mine = states.get(&s.key).cloned().unwrap_or_default();
+            let mine = net.route_states.get(&s.key).cloned().unwrap_or_default();
             if mine != s.route_states {
                 let msg = ServerMsg::Routes {
                     routes: mine.clone(),
@@ -1242,58 +1328,40 @@ impl Hub {
                     s.route_states = mine;
                 }
             }
-            let names = match names_by_network.get(&s.network_id) {
-                Some(n) => n,
-                None => match store.aliases(s.network_id) {
-                    Ok(n) => names_by_network.entry(s.network_id).or_insert(n),
-                    Err(e) => {
-                        warn!(error = %e, "cannot read names");
-                        return;
-                    }
-                },
-            };
-            if *names != s.names {
+            if net.names != s.names {
                 let msg = ServerMsg::Names {
-                    names: names.clone(),
+                    names: net.names.clone(),
                 };
                 if s.tx.try_send(msg).is_ok() {
-                    s.names = names.clone();
+                    s.names = net.names.clone();
                 }
             }
-            if budget != s.birthday_budget {
+            if net.birthday_budget != s.birthday_budget {
                 let msg = ServerMsg::Settings {
-                    birthday_budget: budget,
+                    birthday_budget: net.birthday_budget,
                 };
                 if s.tx.try_send(msg).is_ok() {
-                    s.birthday_budget = budget;
+                    s.birthday_budget = net.birthday_budget;
                 }
             }
-            let revoked = if relays.is_empty() {
-                Vec::new()
-            } else {
-                match revoked_by_network.get(&s.network_id) {
-                    Some(r) => r.clone(),
-                    None => match revoked_in(store, s.network_id, now) {
-                        Ok(r) => revoked_by_network.entry(s.network_id).or_insert(r).clone(),
-                        Err(e) => {
-                            warn!(error = %e, "cannot read removed nodes");
-                            return;
-                        }
-                    },
-                }
-            };
-            if s.relays != relays || s.revoked != revoked || s.tickets_at.elapsed() >= TICKET_RENEW
+            if s.relays != relays
+                || s.revoked != net.revoked
+                || s.tickets_at.elapsed() >= TICKET_RENEW
             {
                 let msg = ServerMsg::Relays {
-                    relays: relay_infos(&self.secret, &relays, &s.network, &s.key, &revoked),
+                    relays: relay_infos(&self.secret, &relays, &s.network, &s.key, &net.revoked),
                 };
                 if s.tx.try_send(msg).is_ok() {
                     s.relays = relays.clone();
-                    s.revoked = revoked;
+                    s.revoked = net.revoked.clone();
                     s.tickets_at = tokio::time::Instant::now();
                 }
             }
         }
+        self.rows = states
+            .into_iter()
+            .map(|(id, net)| (id, net.peers))
+            .collect();
     }
 }
 
@@ -1385,7 +1453,7 @@ mod tests {
             stats,
             forwarder,
             state,
-            changes: Arc::new(move || lock(&ctx).total_changes()),
+            changes: Arc::new(move || ctx.db.changes()),
             _stop: stop,
         }
     }
