@@ -21,6 +21,7 @@
 #   MESH_BIN_DIR      directory holding mesh-controller and mesh-control-load
 #                     (default: build this tree with cargo, release)
 #   KEEP_JSON         file to append each run's JSON line to (default: none)
+#   LOAD_ARGS         more arguments for mesh-control-load, e.g. "--heartbeat 0"
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -31,6 +32,7 @@ LOAD_CONCURRENCY=${LOAD_CONCURRENCY:-64}
 LOAD_IDLE=${LOAD_IDLE:-10}
 CTL_PORT=${CTL_PORT:-17443}
 KEEP_JSON=${KEEP_JSON:-}
+LOAD_ARGS=${LOAD_ARGS:-}
 
 die() {
     echo "control.sh: $*" >&2
@@ -108,8 +110,9 @@ for n in $LOAD_NODES; do
         die "token create failed"
 
     echo "N=$n: joining..." >&2
+    # shellcheck disable=SC2086 # LOAD_ARGS is a list of arguments
     json=$("$LOAD" --token-file "$state/token" --nodes "$n" --concurrency "$LOAD_CONCURRENCY" \
-        --controller-pid "$CTL_PID" --idle "$LOAD_IDLE" --json) || {
+        --controller-pid "$CTL_PID" --idle "$LOAD_IDLE" --json $LOAD_ARGS) || {
         tail -20 "$WORK/serve-$n.log" >&2
         die "mesh-control-load failed for N=$n"
     }
@@ -128,6 +131,6 @@ for n in $LOAD_NODES; do
 done
 
 echo
-echo "| nodes | joined | join span s | joins/s | told of +1 in 10 s | +1 join delay p50/p99/max ms | bytes/node for +1 | leave delay p50/p99/max ms | ctl RSS MiB | ctl CPU s (joins) | ctl idle CPU % |"
+echo "| nodes | joined | join span s | joins/s | told of +1 in 10 s | +1 join delay p50/p99/max ms | bytes/node for +1 | leave delay p50/p99/max ms | ctl RSS MiB | ctl CPU s (joins until quiet) | ctl idle CPU % |"
 echo "|---|---|---|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${ROWS[@]}"

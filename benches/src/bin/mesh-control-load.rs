@@ -81,6 +81,9 @@ struct Args {
     /// Seconds to sit idle with all nodes connected (CPU of the controller is read over it).
     #[arg(long, default_value_t = 10)]
     idle: u64,
+    /// Longest wait, in seconds, for the pushes that follow the joins to stop.
+    #[arg(long, default_value_t = 900)]
+    settle_max: u64,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -481,7 +484,12 @@ async fn main() -> anyhow::Result<()> {
     let last = nodes.iter().map(|j| j.welcome_at).max().unwrap_or(started);
     let join_span = last.duration_since(first);
     let since_start = last.duration_since(started);
-    let settled_after = settle(&nodes, Duration::from_secs(1), Duration::from_secs(120)).await;
+    let settled_after = settle(
+        &nodes,
+        Duration::from_secs(1),
+        Duration::from_secs(args.settle_max),
+    )
+    .await;
     let after_joins = args.controller_pid.map(|p| sample(p, ticks)).transpose()?;
     let pushed_during_joins: usize = nodes
         .iter()
