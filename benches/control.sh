@@ -121,6 +121,7 @@ for n in $LOAD_NODES; do
     ROWS+=("$(echo "$json" | jq -r '
         def r(x): (x * 10 | round) / 10;
         "| \(.nodes) | \(.joined) | \(r(.join_span_s)) | \(.joins_per_s | round) " +
+        "| \(if .converged_s then r(.converged_s) else "no" end) " +
         "| \(.extra_join.within_10s)/\(.extra_join.nodes) " +
         "| \(r(.extra_join.p50_ms)) / \(r(.extra_join.p99_ms)) / \(r(.extra_join.max_ms)) " +
         "| \(.extra_join.bytes_per_node_mean) " +
@@ -131,6 +132,6 @@ for n in $LOAD_NODES; do
 done
 
 echo
-echo "| nodes | joined | join span s | joins/s | told of +1 in 10 s | +1 join delay p50/p99/max ms | bytes/node for +1 | leave delay p50/p99/max ms | ctl RSS MiB | ctl CPU s (joins until quiet) | ctl idle CPU % |"
-echo "|---|---|---|---|---|---|---|---|---|---|---|"
+echo "| nodes | joined | join span s | joins/s | all know all after s | told of +1 in 10 s | +1 join delay p50/p99/max ms | bytes/node for +1 | leave delay p50/p99/max ms | ctl RSS MiB | ctl CPU s (joins until quiet) | ctl idle CPU % |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${ROWS[@]}"

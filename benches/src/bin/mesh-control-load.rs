@@ -38,7 +38,9 @@ use mesh_proto::control::{decode_server, ClientMsg, ServerMsg};
 use mesh_proto::token::JoinToken;
 use mesh_proto::PublicKey;
 use rand::RngCore;
+use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
@@ -111,6 +113,8 @@ fn lock(log: &Log) -> std::sync::MutexGuard<'_, Vec<Received>> {
 struct Joined {
     welcome_at: Instant,
     log: Log,
+    /// Peers the node knows of now (the Welcome's, then the pushes' upserts and removals).
+    known: Arc<AtomicUsize>,
     /// The channel's sending side while no heartbeat task holds it.
     tx: Option<Sender>,
     conn: quinn::Connection,
@@ -171,13 +175,16 @@ async fn join(
     tx.send(&msg.encode()).await.context("send join")?;
     let reply = rx.recv().await.context("read the answer to join")?;
     let welcome_at = Instant::now();
-    match decode_server(&reply).context("decode the answer to join")? {
-        ServerMsg::Welcome(_) => {}
-        ServerMsg::Error { code, message } => bail!("refused: {code:?}: {message}"),
-        other => bail!("unexpected answer to join: {other:?}"),
-    }
+    let mut peers: HashSet<PublicKey> =
+        match decode_server(&reply).context("decode the answer to join")? {
+            ServerMsg::Welcome(w) => w.peers.iter().map(|p| p.key).collect(),
+            ServerMsg::Error { code, message } => bail!("refused: {code:?}: {message}"),
+            other => bail!("unexpected answer to join: {other:?}"),
+        };
     let log: Log = Arc::new(Mutex::new(Vec::new()));
     let sink = log.clone();
+    let known = Arc::new(AtomicUsize::new(peers.len()));
+    let count = known.clone();
     tokio::spawn(async move {
         while let Ok(bytes) = rx.recv().await {
             let at = Instant::now();
@@ -185,6 +192,11 @@ async fn join(
             if let Ok(ServerMsg::PeersChanged { upsert, remove }) = decode_server(&bytes) {
                 adds_watched = upsert.iter().any(|p| p.key == watched);
                 removes_watched = remove.contains(&watched);
+                peers.extend(upsert.iter().map(|p| p.key));
+                for k in &remove {
+                    peers.remove(k);
+                }
+                count.store(peers.len(), Ordering::Relaxed);
             }
             lock(&sink).push(Received {
                 at,
@@ -220,6 +232,7 @@ async fn join(
     Ok(Joined {
         welcome_at,
         log,
+        known,
         tx,
         conn,
     })
@@ -273,6 +286,24 @@ fn sample(pid: u32, ticks: u64) -> anyhow::Result<ProcSample> {
         cpu: Duration::from_millis(ticks_used * 1000 / ticks),
         rss_kib,
     })
+}
+
+/// Waits until every node knows `peers` peers; returns when (within 50 ms), or `None` after
+/// `limit`.
+async fn converge(nodes: &[Joined], peers: usize, limit: Duration) -> Option<Instant> {
+    let start = Instant::now();
+    loop {
+        if nodes
+            .iter()
+            .all(|n| n.known.load(Ordering::Relaxed) >= peers)
+        {
+            return Some(Instant::now());
+        }
+        if start.elapsed() >= limit {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Waits until no node received anything for `quiet`, at most `limit`.
@@ -484,6 +515,14 @@ async fn main() -> anyhow::Result<()> {
     let last = nodes.iter().map(|j| j.welcome_at).max().unwrap_or(started);
     let join_span = last.duration_since(first);
     let since_start = last.duration_since(started);
+    // Everyone knows everyone (N - 1 peers each), and then a second without pushes.
+    let converged = converge(
+        &nodes,
+        nodes.len().saturating_sub(1),
+        Duration::from_secs(args.settle_max),
+    )
+    .await
+    .map(|at| at.duration_since(last));
     let settled_after = settle(
         &nodes,
         Duration::from_secs(1),
@@ -574,6 +613,7 @@ async fn main() -> anyhow::Result<()> {
             "join_span_s": join_span.as_secs_f64(),
             "join_from_start_s": since_start.as_secs_f64(),
             "joins_per_s": rate,
+            "converged_s": converged.map(|d| d.as_secs_f64()),
             "settle_s": settled_after.as_secs_f64(),
             "pushed_during_joins_bytes": pushed_during_joins,
             "pushed_during_joins_messages": msgs_during_joins,
@@ -595,6 +635,16 @@ async fn main() -> anyhow::Result<()> {
         );
         if let Some(f) = failures.first() {
             println!("  first failure: {f}");
+        }
+        match converged {
+            Some(d) => println!(
+                "  every node knew every other {:.2} s after the last Welcome",
+                d.as_secs_f64()
+            ),
+            None => println!(
+                "  not every node knew every other after {} s (--settle-max)",
+                args.settle_max
+            ),
         }
         println!(
             "  pushes until quiet ({:.1} s after the last join): {msgs_during_joins} messages, {pushed_during_joins} bytes to all nodes",
