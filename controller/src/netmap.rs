@@ -152,48 +152,62 @@ pub fn changed_keys(old: &PeerMap, new: &PeerMap) -> Vec<PublicKey> {
     keys
 }
 
-/// The delta from `sent` to the view of `me` over `all`, where only the rows of `changed`
-/// can differ from those `sent` was made of, and `me`'s own row is not among them (its
-/// observed address decides what it may see of every peer: then compare the whole view).
-/// The same as [`diff`] of `sent` and [`view_for_map`], for the work of `changed` alone.
-pub fn diff_keys(
-    sent: &PeerMap,
-    all: &PeerMap,
+/// How the view of `me` changes from the rows `old` to the rows `new`, for the peers of `keys`
+/// (latest per key, `None`: gone from the view). Each side is seen from `me`'s observed
+/// address on that side, so pass every key when `me`'s own row changed.
+pub fn row_changes<'a>(
+    old: &PeerMap,
+    new: &PeerMap,
     me: &PublicKey,
-    changed: &[PublicKey],
-) -> Option<ServerMsg> {
-    let my_observed = all.get(me).and_then(|p| p.observed);
-    let mut upsert = Vec::new();
-    let mut remove = Vec::new();
-    for key in changed.iter().filter(|k| *k != me) {
-        match all.get(key) {
-            Some(p) => {
-                let seen = seen_by(p, my_observed);
-                if sent.get(key) != Some(&seen) {
-                    upsert.push(seen);
-                }
-            }
-            None if sent.contains_key(key) => remove.push(*key),
-            None => {}
-        }
-    }
-    if upsert.is_empty() && remove.is_empty() {
-        None
-    } else {
-        Some(ServerMsg::PeersChanged { upsert, remove })
-    }
+    keys: impl Iterator<Item = &'a PublicKey>,
+) -> Vec<(PublicKey, Option<PeerInfo>)> {
+    let old_observed = old.get(me).and_then(|p| p.observed);
+    let new_observed = new.get(me).and_then(|p| p.observed);
+    let mut changes: Vec<(PublicKey, Option<PeerInfo>)> = keys
+        .filter(|k| *k != me)
+        .filter_map(|k| {
+            let before = old.get(k).map(|p| seen_by(p, old_observed));
+            let after = new.get(k).map(|p| seen_by(p, new_observed));
+            (before != after).then_some((*k, after))
+        })
+        .collect();
+    changes.sort_by_key(|(k, _)| *k);
+    changes.dedup_by_key(|(k, _)| *k);
+    changes
 }
 
-/// What a node holds after `delta` (a `PeersChanged`; other messages change nothing).
-pub fn apply(view: &mut PeerMap, delta: &ServerMsg) {
-    if let ServerMsg::PeersChanged { upsert, remove } = delta {
-        for p in upsert {
-            view.insert(p.key, p.clone());
-        }
-        for k in remove {
-            view.remove(k);
+/// How a view that was `told` (what a node was sent) changes to `me`'s view of `rows`.
+pub fn view_changes(
+    told: &PeerMap,
+    rows: &PeerMap,
+    me: &PublicKey,
+) -> Vec<(PublicKey, Option<PeerInfo>)> {
+    let now = view_for_map(rows, me);
+    let mut changes: Vec<(PublicKey, Option<PeerInfo>)> = now
+        .iter()
+        .filter(|(k, p)| told.get(k) != Some(p))
+        .map(|(k, p)| (*k, Some(p.clone())))
+        .collect();
+    changes.extend(
+        told.keys()
+            .filter(|k| !now.contains_key(k))
+            .map(|k| (*k, None)),
+    );
+    changes.sort_by_key(|(k, _)| *k);
+    changes
+}
+
+/// The `PeersChanged` message of `changes` (latest per key, `None`: remove).
+pub fn delta_of(changes: &BTreeMap<PublicKey, Option<PeerInfo>>) -> ServerMsg {
+    let mut upsert = Vec::new();
+    let mut remove = Vec::new();
+    for (k, p) in changes {
+        match p {
+            Some(p) => upsert.push(p.clone()),
+            None => remove.push(*k),
         }
     }
+    ServerMsg::PeersChanged { upsert, remove }
 }
 
 /// The delta from `old` to `new`, or `None` when nothing changed.
@@ -212,6 +226,18 @@ pub fn diff(old: &PeerMap, new: &PeerMap) -> Option<ServerMsg> {
         None
     } else {
         Some(ServerMsg::PeersChanged { upsert, remove })
+    }
+}
+
+/// What a node holds after `delta` (a `PeersChanged`; other messages change nothing).
+pub fn apply(view: &mut PeerMap, delta: &ServerMsg) {
+    if let ServerMsg::PeersChanged { upsert, remove } = delta {
+        for p in upsert {
+            view.insert(p.key, p.clone());
+        }
+        for k in remove {
+            view.remove(k);
+        }
     }
 }
 
@@ -241,10 +267,10 @@ mod tests {
 
     const OVERLAY: (Ipv4Addr, u8) = (Ipv4Addr::new(100, 64, 0, 0), 10);
 
-    /// The hub's delta from the changed rows alone is the delta of the whole views, for every
-    /// viewer whose own row stayed, and applying it gives the new view.
+    /// The changes the hub sends from the changed rows alone bring every viewer from its old
+    /// view to its new one; a viewer whose own row changed gets them from every row.
     #[test]
-    fn a_delta_of_the_changed_rows_is_the_delta_of_the_whole_views() {
+    fn the_changes_of_the_changed_rows_bring_each_view_up_to_date() {
         let map = |ps: Vec<PeerInfo>| -> PeerMap { ps.into_iter().map(|p| (p.key, p)).collect() };
         // 1..=6; 5 and 6 behind one NAT with LAN candidates (each sees the other's).
         let lan = |n: u8, lan_port: u16| PeerInfo {
@@ -259,8 +285,10 @@ mod tests {
             p(4, 1),
             lan(5, 7),
             lan(6, 7),
+            p(8, 1),
         ]);
-        // 2 moves, 3 leaves, 7 joins, 6 gets a new LAN port; 1, 4 and 5 stay.
+        // 2 moves, 3 leaves, 7 joins, 6 gets a new LAN port, 8 moves behind 5's NAT (and
+        // now sees 5's LAN candidate); 1, 4 and 5 stay.
         let new = map(vec![
             p(1, 1),
             p(2, 9),
@@ -268,32 +296,37 @@ mod tests {
             lan(5, 7),
             lan(6, 8),
             p(7, 1),
+            lan(8, 7),
         ]);
         let changed = changed_keys(&old, &new);
-        assert_eq!(changed.len(), 4, "{changed:?}");
-        for viewer in [1u8, 4, 5] {
+        assert_eq!(changed.len(), 5, "{changed:?}");
+        let to_msg = |c: Vec<(PublicKey, Option<PeerInfo>)>| delta_of(&c.into_iter().collect());
+        for viewer in [1u8, 4, 5, 6, 8] {
             let me = PublicKey([viewer; 32]);
-            let mut sent = view_for_map(&old, &me);
-            let want = diff(&sent, &view_for_map(&new, &me));
-            let got = diff_keys(&sent, &new, &me, &changed);
-            assert_eq!(got, want, "viewer {viewer}");
-            apply(&mut sent, &got.unwrap());
-            assert_eq!(sent, view_for_map(&new, &me), "viewer {viewer}");
+            let own_changed = old.get(&me) != new.get(&me);
+            let changes = if own_changed {
+                row_changes(&old, &new, &me, old.keys().chain(new.keys()))
+            } else {
+                row_changes(&old, &new, &me, changed.iter())
+            };
+            let mut view = view_for_map(&old, &me);
+            apply(&mut view, &to_msg(changes.clone()));
+            assert_eq!(view, view_for_map(&new, &me), "viewer {viewer}");
+            // What a node told the old view at its Welcome is sent the same changes.
+            let told = view_changes(&view_for_map(&old, &me), &new, &me);
+            assert_eq!(told, changes, "viewer {viewer}");
         }
         // 5 sees 6's new LAN port; 1 sees none of 6's LAN candidates, so no change of 6.
-        let of = |viewer: u8| match diff_keys(
-            &view_for_map(&old, &PublicKey([viewer; 32])),
-            &new,
-            &PublicKey([viewer; 32]),
-            &changed,
-        ) {
-            Some(ServerMsg::PeersChanged { upsert, .. }) => {
-                upsert.iter().map(|p| p.key.0[0]).collect::<Vec<_>>()
-            }
-            _ => Vec::new(),
+        let upserted = |viewer: u8| -> Vec<u8> {
+            let me = PublicKey([viewer; 32]);
+            row_changes(&old, &new, &me, changed.iter())
+                .into_iter()
+                .filter(|(_, p)| p.is_some())
+                .map(|(k, _)| k.0[0])
+                .collect()
         };
-        assert_eq!(of(5), [2, 6, 7]);
-        assert_eq!(of(1), [2, 7]);
+        assert_eq!(upserted(5), [2, 6, 7, 8]);
+        assert_eq!(upserted(1), [2, 7, 8]);
     }
 
     #[test]

@@ -15,8 +15,9 @@
 //! on its own thread), the hub reads through another. The hub notices changes by polling
 //! SQLite's `data_version` every 100 ms; a change costs one read of each network with
 //! connected nodes and a comparison of its rows with the last read, and each session is then
-//! sent the delta of the peers that changed (its whole view is compared only when it is new,
-//! its own row changed, or its last delta could not be queued).
+//! sent the delta of the peers that changed, as it sees them (all of them only when it is new
+//! or its own row changed). The hub holds one copy of each network's rows, not a view per
+//! session.
 
 use crate::db::Db;
 use crate::netmap::{self, PeerMap};
@@ -36,7 +37,7 @@ use mesh_proto::control::{
 use mesh_proto::PublicKey;
 use mesh_relay::forward::CLOSE_REVOKED;
 use mesh_relay::{Forwarder, TicketKey};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -1086,7 +1087,13 @@ struct Session {
     network: String,
     key: PublicKey,
     tx: mpsc::Sender<ServerMsg>,
-    sent: PeerMap,
+    /// The view the Welcome gave, until the first push brought the node from it to the hub's
+    /// rows. After that the hub keeps no view per session (it would hold peers × sessions
+    /// entries): a node's view is the hub's rows as it sees them, plus `pending`.
+    welcome: Option<PeerMap>,
+    /// Changes of the node's view not yet queued to it (its queue was full), latest per key
+    /// (`None`: the peer left the view).
+    pending: BTreeMap<PublicKey, Option<mesh_proto::control::PeerInfo>>,
     removed: bool,
     /// The relay list last sent, its revocations, and when its tickets were made.
     relays: Vec<RelayRow>,
@@ -1098,10 +1105,6 @@ struct Session {
     route_states: Vec<mesh_proto::control::RouteState>,
     /// The network's names for several nodes, as last told.
     names: Vec<mesh_proto::control::NameAlias>,
-    /// Whether the next push compares the node's whole view with `sent` (a new session, one
-    /// whose last delta could not be queued, or whose own row changed), rather than only the
-    /// peers that changed since the hub last read the network.
-    full: bool,
 }
 
 /// Owns the list of connected sessions; pushes deltas when the database changes. Its reads go
@@ -1118,6 +1121,7 @@ async fn run_hub(
     let mut version = db.run(|s| s.data_version()).await.ok();
     let mut poll = tokio::time::interval(POLL);
     let mut last_full = tokio::time::Instant::now();
+    let mut registered = false;
     let mut hub = Hub {
         secret,
         forwarder,
@@ -1129,9 +1133,11 @@ async fn run_hub(
             cmd = rx.recv() => match cmd {
                 Some(HubCmd::Register { id, network_id, network, key, tx, sent, relays, revoked, birthday_budget }) => {
                     let tickets_at = tokio::time::Instant::now();
-                    sessions.insert(id, Session { network_id, network, key, tx, sent, removed: false, relays, revoked, tickets_at, birthday_budget, route_states: Vec::new(), names: Vec::new(), full: true });
-                    // Changes between the Welcome and now must not be lost.
-                    hub.push(&db, &mut sessions).await;
+                    sessions.insert(id, Session { network_id, network, key, tx, welcome: Some(sent), pending: BTreeMap::new(), removed: false, relays, revoked, tickets_at, birthday_budget, route_states: Vec::new(), names: Vec::new() });
+                    // Changes between the Welcome and now must not be lost: the next tick brings
+                    // the session from its Welcome to the rows then (one push for all the
+                    // sessions registered meanwhile, not one read of the network per join).
+                    registered = true;
                 }
                 Some(HubCmd::Unregister { id }) => { sessions.remove(&id); }
                 Some(HubCmd::Wait { id, network_id, key, verdict }) => {
@@ -1145,9 +1151,10 @@ async fn run_hub(
             },
             _ = poll.tick() => {
                 let v = db.run(|s| s.data_version()).await.ok();
-                if v != version || last_full.elapsed() >= RESYNC {
+                if v != version || registered || last_full.elapsed() >= RESYNC {
                     let changed = v != version;
                     version = v;
+                    registered = false;
                     last_full = tokio::time::Instant::now();
                     hub.push(&db, &mut sessions).await;
                     if changed || !waiters.is_empty() {
@@ -1272,15 +1279,14 @@ impl Hub {
                 return;
             }
         };
-        let mut changed: HashMap<i64, Vec<PublicKey>> = HashMap::with_capacity(states.len());
-        for (id, net) in &states {
-            let keys = match self.rows.get(id) {
-                Some(old) => netmap::changed_keys(old, &net.peers),
-                // Not read before: every session of it compares its whole view.
-                None => net.peers.keys().copied().collect(),
-            };
-            changed.insert(*id, keys);
-        }
+        let empty = PeerMap::new();
+        let changed: HashMap<i64, Vec<PublicKey>> = states
+            .iter()
+            .map(|(id, net)| {
+                let old = self.rows.get(id).unwrap_or(&empty);
+                (*id, netmap::changed_keys(old, &net.peers))
+            })
+            .collect();
         for s in sessions.values_mut() {
             if s.removed {
                 continue;
@@ -1291,6 +1297,7 @@ impl Hub {
             else {
                 continue;
             };
+            let old = self.rows.get(&s.network_id).unwrap_or(&empty);
             if !net.peers.contains_key(&s.key) {
                 s.removed = true;
                 // Off the embedded relay at once; the session closes the connection after
@@ -1302,22 +1309,21 @@ impl Hub {
                 });
                 continue;
             }
-            let full = s.full || changed.contains(&s.key) || !self.rows.contains_key(&s.network_id);
-            let delta = if full {
-                let view = netmap::view_for_map(&net.peers, &s.key);
-                netmap::diff(&s.sent, &view)
-            } else {
-                netmap::diff_keys(&s.sent, &net.peers, &s.key, changed)
-            };
-            s.full = false;
-            if let Some(delta) = delta {
-                if s.tx.try_send(delta.clone()).is_ok() {
-                    Stats::inc(&self.stats.deltas_pushed, 1);
-                    netmap::apply(&mut s.sent, &delta);
-                } else {
-                    // Queue full: the whole view is compared again at the next push.
-                    s.full = true;
+            let changes = match s.welcome.take() {
+                // New: from what the Welcome told to the rows now.
+                Some(told) => netmap::view_changes(&told, &net.peers, &s.key),
+                // Its own row changed (its observed address decides what it sees of every
+                // peer): every peer; otherwise the peers that changed.
+                None if old.get(&s.key) != net.peers.get(&s.key) => {
+                    netmap::row_changes(old, &net.peers, &s.key, old.keys().chain(net.peers.keys()))
                 }
+                None => netmap::row_changes(old, &net.peers, &s.key, changed.iter()),
+            };
+            s.pending.extend(changes);
+            // (Queue full: the changes wait, merged with later ones, for the next push.)
+            if !s.pending.is_empty() && s.tx.try_send(netmap::delta_of(&s.pending)).is_ok() {
+                Stats::inc(&self.stats.deltas_pushed, 1);
+                s.pending.clear();
             }
             let mine = net.route_states.get(&s.key).cloned().unwrap_or_default();
             if mine != s.route_states {
