@@ -1,0 +1,77 @@
+//! The control-plane load tool's short pass (`benches/control.sh` runs it at 100 to 1,000
+//! nodes): 40 simulated nodes join a real controller over the real protocol, then one more
+//! joins and leaves. What a user of a big network relies on: every node joins, every connected
+//! node hears of the join and of the leave, and what each is sent for one change is a delta of
+//! one peer, not the network's whole list.
+#![allow(clippy::unwrap_used)]
+
+use mesh_e2e::{bin_dir, run_with_timeout, Controller, Lab};
+use serde_json::Value;
+use std::time::Duration;
+
+const NET: &str = "lab";
+const NODES: u64 = 40;
+
+#[test]
+fn forty_nodes_join_and_each_hears_of_one_more_join_and_leave_as_a_delta() {
+    let mut lab = Lab::new("control-load").unwrap();
+    let host = lab.add_controller_host("ctl").unwrap();
+    let ctl = Controller::start(&lab, &host).unwrap();
+    ctl.create_network(NET).unwrap();
+    let token = ctl.create_token(NET, &["--reusable"]).unwrap();
+    let tool = bin_dir().join("mesh-control-load");
+    assert!(
+        tool.is_file(),
+        "{} not found: build it with `cargo build --bins`",
+        tool.display()
+    );
+    let bind = host.ip.to_string();
+    let nodes = NODES.to_string();
+    let out = run_with_timeout(
+        &host.ns,
+        &tool,
+        [
+            "--token",
+            token.as_str(),
+            "--nodes",
+            nodes.as_str(),
+            "--concurrency",
+            "8",
+            "--bind",
+            bind.as_str(),
+            "--idle",
+            "1",
+            "--settle-max",
+            "60",
+            "--json",
+        ],
+        Duration::from_secs(180),
+    );
+    assert!(out.success(), "{out}");
+    let report: Value = serde_json::from_str(out.stdout.trim())
+        .unwrap_or_else(|e| panic!("not one JSON object ({e}): {out}"));
+    let n = |path: &[&str]| -> u64 {
+        let mut v = &report;
+        for p in path {
+            v = &v[*p];
+        }
+        v.as_u64()
+            .unwrap_or_else(|| panic!("{path:?} is not a count in {report:#}"))
+    };
+    assert_eq!(n(&["joined"]), NODES, "{report:#}");
+    assert_eq!(n(&["failed"]), 0, "{report:#}");
+    for change in ["extra_join", "extra_leave"] {
+        assert_eq!(n(&[change, "nodes"]), NODES, "{change}: {report:#}");
+        assert_eq!(
+            n(&[change, "within_10s"]),
+            NODES,
+            "{change}: not every node heard of it: {report:#}"
+        );
+    }
+    // One peer's entry is about 300 bytes; the whole list of 40 would be over 10,000.
+    let bytes = n(&["extra_join", "bytes_per_node_max"]);
+    assert!(
+        (100..=1_000).contains(&bytes),
+        "a node was sent {bytes} bytes for one join: {report:#}"
+    );
+}
