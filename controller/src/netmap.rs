@@ -198,7 +198,9 @@ pub fn view_changes(
 }
 
 /// The `PeersChanged` message of `changes` (latest per key, `None`: remove).
-pub fn delta_of(changes: &BTreeMap<PublicKey, Option<PeerInfo>>) -> ServerMsg {
+pub fn delta_of<'a>(
+    changes: impl IntoIterator<Item = (&'a PublicKey, &'a Option<PeerInfo>)>,
+) -> ServerMsg {
     let mut upsert = Vec::new();
     let mut remove = Vec::new();
     for (k, p) in changes {
@@ -300,7 +302,8 @@ mod tests {
         ]);
         let changed = changed_keys(&old, &new);
         assert_eq!(changed.len(), 5, "{changed:?}");
-        let to_msg = |c: Vec<(PublicKey, Option<PeerInfo>)>| delta_of(&c.into_iter().collect());
+        let to_msg =
+            |c: Vec<(PublicKey, Option<PeerInfo>)>| delta_of(c.iter().map(|(k, p)| (k, p)));
         for viewer in [1u8, 4, 5, 6, 8] {
             let me = PublicKey([viewer; 32]);
             let own_changed = old.get(&me) != new.get(&me);

@@ -48,8 +48,11 @@ use tracing::{debug, info, warn, Instrument};
 
 /// How often the hub looks for changes made by other connections or processes.
 const POLL: Duration = Duration::from_millis(100);
-/// A full recompute at least this often, to retry deltas that could not be queued.
+/// A push at least this often, to retry deltas that could not be queued.
 const RESYNC: Duration = Duration::from_secs(2);
+/// Most peers in one `PeersChanged` the hub sends (about 300 bytes each: well within
+/// `MAX_MESSAGE_LEN` and `MAX_PEERS`).
+const DELTA_CHUNK: usize = 512;
 /// Time a node has to complete the handshake and send its first message.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -1320,10 +1323,19 @@ impl Hub {
                 None => netmap::row_changes(old, &net.peers, &s.key, changed.iter()),
             };
             s.pending.extend(changes);
-            // (Queue full: the changes wait, merged with later ones, for the next push.)
-            if !s.pending.is_empty() && s.tx.try_send(netmap::delta_of(&s.pending)).is_ok() {
+            // In messages of at most DELTA_CHUNK peers (a burst of joins can leave thousands
+            // pending, and a message is bounded); when the queue is full the rest wait, merged
+            // with later changes, for the next push.
+            while !s.pending.is_empty() {
+                let chunk = netmap::delta_of(s.pending.iter().take(DELTA_CHUNK));
+                if s.tx.try_send(chunk).is_err() {
+                    break;
+                }
                 Stats::inc(&self.stats.deltas_pushed, 1);
-                s.pending.clear();
+                let sent: Vec<PublicKey> = s.pending.keys().take(DELTA_CHUNK).copied().collect();
+                for k in sent {
+                    s.pending.remove(&k);
+                }
             }
             let mine = net.route_states.get(&s.key).cloned().unwrap_or_default();
             if mine != s.route_states {
@@ -1377,6 +1389,88 @@ mod tests {
     use super::*;
     use mesh_control::channel::{Receiver, Sender};
     use mesh_proto::control::decode_server;
+
+    /// A session that missed a burst of changes (its queue was full) gets them in messages of
+    /// at most `DELTA_CHUNK` peers as its queue drains, and ends with the whole network.
+    #[tokio::test]
+    async fn a_backlog_goes_out_in_bounded_messages() {
+        let dir = std::env::temp_dir().join(format!("mesh-hub-test-{}", std::process::id()));
+        let state = StateDir::open(&dir).unwrap();
+        let mut store = state.open_store().unwrap();
+        let now = unix_now();
+        store
+            .create_network("prod", "100.64.0.0/16".parse().unwrap(), now)
+            .unwrap();
+        store
+            .create_token(
+                "prod",
+                &crate::store::NewToken::for_test("tok", b"secret", true),
+                now,
+            )
+            .unwrap();
+        let mut keys = Vec::new();
+        let mut network_id = 0;
+        for i in 0..1_200u32 {
+            let mut k = [0u8; 32];
+            k[..4].copy_from_slice(&(i + 1).to_le_bytes());
+            let key = PublicKey(k);
+            let adm = store
+                .join(
+                    "tok",
+                    b"secret",
+                    &key,
+                    NameRequest::Preferred(&format!("n{i}")),
+                    Candidates::default(),
+                    now,
+                )
+                .unwrap();
+            network_id = adm.network_id;
+            keys.push(key);
+        }
+        let db = Db::start(store, "test-hub-db").unwrap();
+        let mut hub = Hub {
+            secret: [1; 32],
+            forwarder: Forwarder::new(),
+            stats: Arc::new(Stats::default()),
+            rows: HashMap::new(),
+        };
+        let (tx, mut rx) = mpsc::channel(2);
+        let me = keys[0];
+        // Its Welcome told it of nobody: the first push owes it 1,199 peers.
+        let mut sessions = HashMap::from([(
+            1,
+            Session {
+                network_id,
+                network: "prod".into(),
+                key: me,
+                tx,
+                welcome: Some(PeerMap::new()),
+                pending: BTreeMap::new(),
+                removed: false,
+                relays: Vec::new(),
+                revoked: Vec::new(),
+                tickets_at: tokio::time::Instant::now(),
+                birthday_budget: None,
+                route_states: Vec::new(),
+                names: Vec::new(),
+            },
+        )]);
+        let mut known = PeerMap::new();
+        let mut largest = 0;
+        for _ in 0..10 {
+            hub.push(&db, &mut sessions).await;
+            while let Ok(msg) = rx.try_recv() {
+                if let ServerMsg::PeersChanged { upsert, .. } = &msg {
+                    largest = largest.max(upsert.len());
+                }
+                netmap::apply(&mut known, &msg);
+            }
+        }
+        assert_eq!(largest, DELTA_CHUNK, "one message held {largest} peers");
+        assert_eq!(known.len(), keys.len() - 1, "the backlog was not all sent");
+        assert!(sessions[&1].pending.is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn heartbeats_burst_then_one_per_second_then_abuse() {
