@@ -119,17 +119,21 @@ pub fn endpoints_for(peer: &PeerInfo, viewer_observed: Option<SocketAddr>) -> Ve
 /// probe. `all` holds reported endpoints and observed addresses as stored.
 pub fn view_for(all: &[PeerInfo], me: &PublicKey) -> PeerMap {
     let my_observed = all.iter().find(|p| p.key == *me).and_then(|p| p.observed);
-    all.iter()
-        .filter(|p| p.key != *me)
-        .map(|p| (p.key, seen_by(p, my_observed)))
-        .collect()
+    view_of(all.iter(), me, my_observed)
 }
 
 /// [`view_for`] of the members by key.
 pub fn view_for_map(all: &PeerMap, me: &PublicKey) -> PeerMap {
     let my_observed = all.get(me).and_then(|p| p.observed);
-    all.values()
-        .filter(|p| p.key != *me)
+    view_of(all.values(), me, my_observed)
+}
+
+fn view_of<'a>(
+    all: impl Iterator<Item = &'a PeerInfo>,
+    me: &PublicKey,
+    my_observed: Option<SocketAddr>,
+) -> PeerMap {
+    all.filter(|p| p.key != *me)
         .map(|p| (p.key, seen_by(p, my_observed)))
         .collect()
 }
@@ -182,15 +186,19 @@ pub fn view_changes(
     rows: &PeerMap,
     me: &PublicKey,
 ) -> Vec<(PublicKey, Option<PeerInfo>)> {
-    let now = view_for_map(rows, me);
-    let mut changes: Vec<(PublicKey, Option<PeerInfo>)> = now
+    view_diff(told, &view_for_map(rows, me))
+}
+
+/// The changes from the view `old` to the view `new`, by key (`None`: gone).
+pub fn view_diff(old: &PeerMap, new: &PeerMap) -> Vec<(PublicKey, Option<PeerInfo>)> {
+    let mut changes: Vec<(PublicKey, Option<PeerInfo>)> = new
         .iter()
-        .filter(|(k, p)| told.get(k) != Some(p))
+        .filter(|(k, p)| old.get(k) != Some(p))
         .map(|(k, p)| (*k, Some(p.clone())))
         .collect();
     changes.extend(
-        told.keys()
-            .filter(|k| !now.contains_key(k))
+        old.keys()
+            .filter(|k| !new.contains_key(k))
             .map(|k| (*k, None)),
     );
     changes.sort_by_key(|(k, _)| *k);
@@ -210,25 +218,6 @@ pub fn delta_of<'a>(
         }
     }
     ServerMsg::PeersChanged { upsert, remove }
-}
-
-/// The delta from `old` to `new`, or `None` when nothing changed.
-pub fn diff(old: &PeerMap, new: &PeerMap) -> Option<ServerMsg> {
-    let upsert: Vec<PeerInfo> = new
-        .iter()
-        .filter(|(k, p)| old.get(k) != Some(p))
-        .map(|(_, p)| p.clone())
-        .collect();
-    let remove: Vec<PublicKey> = old
-        .keys()
-        .filter(|k| !new.contains_key(k))
-        .copied()
-        .collect();
-    if upsert.is_empty() && remove.is_empty() {
-        None
-    } else {
-        Some(ServerMsg::PeersChanged { upsert, remove })
-    }
 }
 
 /// What a node holds after `delta` (a `PeersChanged`; other messages change nothing).
@@ -460,6 +449,10 @@ mod tests {
         let old = view_for(&[p(1, 1), p(2, 1), p(3, 1)], &me);
         assert_eq!(old.len(), 2, "a node is not its own peer");
         let new = view_for(&[p(1, 1), p(3, 2), p(4, 1)], &me);
+        let diff = |old: &PeerMap, new: &PeerMap| {
+            let changes = view_diff(old, new);
+            (!changes.is_empty()).then(|| delta_of(changes.iter().map(|(k, p)| (k, p))))
+        };
         match diff(&old, &new) {
             Some(ServerMsg::PeersChanged { upsert, remove }) => {
                 assert_eq!(upsert, vec![p(3, 2), p(4, 1)]);

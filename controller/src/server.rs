@@ -240,7 +240,8 @@ enum HubCmd {
         network: String,
         key: PublicKey,
         tx: mpsc::Sender<ServerMsg>,
-        sent: PeerMap,
+        /// What the Welcome told the node of its peers.
+        welcome: PeerMap,
         relays: Vec<RelayRow>,
         revoked: Vec<(PublicKey, u64)>,
         birthday_budget: Option<u16>,
@@ -959,7 +960,7 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
         network: adm.network.clone(),
         key,
         tx: push_tx,
-        sent: view,
+        welcome: view,
         relays,
         revoked,
         birthday_budget,
@@ -1134,9 +1135,9 @@ async fn run_hub(
     loop {
         tokio::select! {
             cmd = rx.recv() => match cmd {
-                Some(HubCmd::Register { id, network_id, network, key, tx, sent, relays, revoked, birthday_budget }) => {
+                Some(HubCmd::Register { id, network_id, network, key, tx, welcome, relays, revoked, birthday_budget }) => {
                     let tickets_at = tokio::time::Instant::now();
-                    sessions.insert(id, Session { network_id, network, key, tx, welcome: Some(sent), pending: BTreeMap::new(), removed: false, relays, revoked, tickets_at, birthday_budget, route_states: Vec::new(), names: Vec::new() });
+                    sessions.insert(id, Session { network_id, network, key, tx, welcome: Some(welcome), pending: BTreeMap::new(), removed: false, relays, revoked, tickets_at, birthday_budget, route_states: Vec::new(), names: Vec::new() });
                     // Changes between the Welcome and now must not be lost: the next tick brings
                     // the session from its Welcome to the rows then (one push for all the
                     // sessions registered meanwhile, not one read of the network per join).
