@@ -26,6 +26,9 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
+# For apt_ensure (installs jq when run as root, as tunnel.sh does).
+# shellcheck source=benches/lib-netns.sh
+. "$HERE/lib-netns.sh"
 
 LOAD_NODES=${LOAD_NODES:-100 500 1000}
 LOAD_CONCURRENCY=${LOAD_CONCURRENCY:-64}
@@ -39,7 +42,8 @@ die() {
     exit 1
 }
 
-command -v jq >/dev/null || die "needs jq"
+command -v jq >/dev/null || { [[ $EUID -eq 0 ]] && apt_ensure jq; } ||
+    die "needs jq: run as root to have it installed, or apt-get install jq"
 for n in $LOAD_NODES; do
     [[ $n =~ ^[1-9][0-9]*$ ]] || die "LOAD_NODES must hold positive integers (got '$n')"
 done
