@@ -24,9 +24,9 @@
 
 use mesh_proto::control::{ErrorCode, Ipv6Net, NatKind, PeerInfo};
 use mesh_proto::PublicKey;
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
+use sql::{params, Conn, OptionalExtension};
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -37,6 +37,7 @@ pub mod approval;
 pub mod ipam6;
 pub mod names;
 pub mod routes;
+pub mod sql;
 
 pub use approval::{
     rejection_message, Approval, Approved, JoinRequest, PendingRow, Rejected, RequestOutcome,
@@ -51,9 +52,9 @@ pub const ONLINE_WINDOW_SECS: u64 = 30;
 /// Failures of the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// SQLite failed.
+    /// The database (SQLite or PostgreSQL) failed.
     #[error("database error: {0}")]
-    Db(#[from] rusqlite::Error),
+    Db(#[from] sql::DbError),
     /// The caller asked for something that does not exist or is not allowed.
     #[error("{0}")]
     Invalid(String),
@@ -65,6 +66,12 @@ pub enum StoreError {
         /// Text for the person at the node.
         message: String,
     },
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> StoreError {
+        StoreError::Db(e.into())
+    }
 }
 
 fn refused(code: ErrorCode, message: impl Into<String>) -> StoreError {
@@ -279,7 +286,7 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// The controller's database.
 pub struct Store {
-    conn: Connection,
+    conn: Conn,
 }
 
 impl Store {
@@ -290,12 +297,7 @@ impl Store {
         let mut attempts = 0;
         loop {
             match Store::open_once(path) {
-                Err(StoreError::Db(rusqlite::Error::SqliteFailure(e, _)))
-                    if matches!(
-                        e.code,
-                        rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
-                    ) && attempts < 100 =>
-                {
+                Err(StoreError::Db(e)) if e.is_busy() && attempts < 100 => {
                     attempts += 1;
                     std::thread::sleep(Duration::from_millis(50));
                 }
@@ -306,13 +308,14 @@ impl Store {
 
     fn open_once(path: &Path) -> Result<Store, StoreError> {
         restrict_mode(path)?;
-        let mut conn = Connection::open(path)?;
+        let conn = rusqlite::Connection::open(path)?;
         // Another process may hold the write lock (a migration, a join): wait for it.
         conn.busy_timeout(Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        migrate(&mut conn)?;
+        let conn = Conn::sqlite(conn);
+        migrate(&conn)?;
         // SQLite creates -wal and -shm with the database file's mode; older versions of this
         // controller left them readable by all.
         for suffix in ["-wal", "-shm"] {
@@ -335,7 +338,12 @@ impl Store {
         tmp_name.push(file_name);
         tmp_name.push(format!(".tmp-{}", std::process::id()));
         let tmp = dest.with_file_name(tmp_name);
-        let written = copy_into(&self.conn, &tmp).and_then(|summary| {
+        let Some(conn) = self.conn.as_sqlite() else {
+            return Err(StoreError::Invalid(
+                "the database is PostgreSQL: back it up with PostgreSQL's own tools (pg_dump, or the base backups and WAL archive you already run)".into(),
+            ));
+        };
+        let written = copy_into(conn, &tmp).and_then(|summary| {
             std::fs::rename(&tmp, dest).map_err(|e| {
                 StoreError::Invalid(format!("cannot write {}: {e}", dest.display()))
             })?;
@@ -347,16 +355,14 @@ impl Store {
         written
     }
 
-    /// Rows changed by this connection since it opened (SQLite `total_changes`).
+    /// Rows changed by this connection since it opened.
     pub fn total_changes(&self) -> u64 {
         self.conn.total_changes()
     }
 
-    /// A number that changes whenever another connection commits (SQLite `data_version`).
+    /// A number that changes whenever another connection commits (see [`Conn::data_version`]).
     pub fn data_version(&self) -> Result<i64, StoreError> {
-        Ok(self
-            .conn
-            .query_row("PRAGMA data_version", [], |r| r.get(0))?)
+        Ok(self.conn.data_version()?)
     }
 
     /// Creates a network whose join requests wait for the administrator, with a random
@@ -401,13 +407,9 @@ impl Store {
         );
         match r {
             Ok(_) => Ok(()),
-            Err(rusqlite::Error::SqliteFailure(e, _))
-                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
-            {
-                Err(StoreError::Invalid(format!(
-                    "network {name:?} already exists"
-                )))
-            }
+            Err(e) if e.is_constraint() => Err(StoreError::Invalid(format!(
+                "network {name:?} already exists"
+            ))),
             Err(e) => Err(e.into()),
         }
     }
@@ -420,7 +422,7 @@ impl Store {
                     n.birthday_budget, n.approval, n.auto_approve_routes, n.prefix6
              FROM networks n ORDER BY n.name",
         )?;
-        let rows = st.query_map([], |r| {
+        let rows = st.query_map(params![], |r| {
             let net: u32 = r.get(1)?;
             let len: u8 = r.get(2)?;
             Ok(NetworkRow {
@@ -507,7 +509,7 @@ impl Store {
                     t.controller_tcp
              FROM tokens t JOIN networks n ON n.id = t.network_id ORDER BY t.created_at, t.id",
         )?;
-        let rows = st.query_map([], |r| {
+        let rows = st.query_map(params![], |r| {
             Ok(TokenRow {
                 id: r.get(0)?,
                 network: r.get(1)?,
@@ -547,9 +549,7 @@ impl Store {
         seen: Candidates<'_>,
         now: u64,
     ) -> Result<Admission, StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self.conn.transaction()?;
         type TokenInfo = (i64, Vec<u8>, bool, Option<i64>, bool, i64);
         let token: Option<TokenInfo> = tx
             .query_row(
@@ -629,9 +629,7 @@ impl Store {
         seen: Candidates<'_>,
         now: u64,
     ) -> Result<Admission, StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self.conn.transaction()?;
         let Some(admission) = welcome_back(&tx, network, key, seen, now)? else {
             return Err(refused(
                 ErrorCode::NodeUnknown,
@@ -709,7 +707,8 @@ impl Store {
 
     /// Marks every node disconnected (at controller start: no connection survives a restart).
     pub fn reset_connections(&self) -> Result<(), StoreError> {
-        self.conn.execute("UPDATE nodes SET connected = 0", [])?;
+        self.conn
+            .execute("UPDATE nodes SET connected = 0", params![])?;
         Ok(())
     }
 
@@ -731,7 +730,7 @@ impl Store {
                 "no node {who:?} in network {network:?} (see `mesh-controller node list {network}`)"
             )));
         };
-        let tx = rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
+        let tx = self.conn.transaction()?;
         tx.execute(
             "UPDATE nodes SET removed_at = ?1, connected = 0 WHERE network_id = ?2 AND removed_at IS NULL AND name = ?3",
             params![now as i64, network_id, name],
@@ -747,7 +746,7 @@ impl Store {
 
     /// Removes a node by key (the node asked to leave), with its routes.
     pub fn leave(&self, network_id: i64, key: &PublicKey, now: u64) -> Result<(), StoreError> {
-        let tx = rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
+        let tx = self.conn.transaction()?;
         tx.execute(
             "UPDATE nodes SET removed_at = ?1, connected = 0 WHERE network_id = ?2 AND key = ?3",
             params![now as i64, network_id, key.to_string()],
@@ -926,7 +925,7 @@ impl Store {
         let mut st = self
             .conn
             .prepare("SELECT name, addr, key, tcp_addr FROM relays ORDER BY name")?;
-        let rows = st.query_map([], |r| {
+        let rows = st.query_map(params![], |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, String>(1)?,
@@ -995,14 +994,14 @@ pub struct BackupSummary {
 }
 
 /// The backup proper: `from` into a new file at `path`, which is left complete and synced.
-fn copy_into(from: &Connection, path: &Path) -> Result<BackupSummary, StoreError> {
+fn copy_into(from: &rusqlite::Connection, path: &Path) -> Result<BackupSummary, StoreError> {
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)
         .map_err(|e| StoreError::Invalid(format!("cannot create {}: {e}", path.display())))?;
-    let mut to = Connection::open(path)?;
+    let mut to = rusqlite::Connection::open(path)?;
     {
         let backup = rusqlite::backup::Backup::new(from, &mut to)?;
         // All pages in one step, under one read transaction: in WAL mode it does not hold up
@@ -1053,13 +1052,13 @@ const SCHEMA_VERSION: i64 = 6;
 /// Brings the schema up to [`SCHEMA_VERSION`] in one `BEGIN IMMEDIATE` transaction: the version
 /// is read under the write lock, so of several processes opening one database at once (`serve`
 /// and an admin command) exactly one migrates and the others wait, then find nothing to do.
-fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
-    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+fn migrate(conn: &Conn) -> Result<(), StoreError> {
+    let version: i64 = conn.query_row("PRAGMA user_version", params![], |r| r.get(0))?;
     if version == SCHEMA_VERSION {
         return Ok(());
     }
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let tx = conn.transaction()?;
+    let version: i64 = tx.query_row("PRAGMA user_version", params![], |r| r.get(0))?;
     if version > SCHEMA_VERSION {
         return Err(StoreError::Invalid(format!(
             "the database has schema version {version}, written by a newer mesh-controller (this one knows {SCHEMA_VERSION}); run the newer version, or restore a backup taken before the upgrade"
@@ -1186,18 +1185,13 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         // The IPv6 overlay: a ULA prefix per network, an address per node.
         ipam6::migrate(&tx)?;
     }
-    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
     tx.commit()?;
     Ok(())
 }
 
 /// Adds `column` to `table` unless it is there; whether it was added.
-fn add_column(
-    tx: &rusqlite::Transaction<'_>,
-    table: &str,
-    column: &str,
-    decl: &str,
-) -> Result<bool, StoreError> {
+fn add_column(tx: &Conn, table: &str, column: &str, decl: &str) -> Result<bool, StoreError> {
     let has: bool = tx
         .prepare("SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2")?
         .exists(params![table, column])?;
@@ -1314,7 +1308,7 @@ fn fix_mode(path: &Path) -> Result<(), StoreError> {
 }
 
 /// The id and range of the network called `name`, or an error that says how to list them.
-fn network_by_name(conn: &Connection, name: &str) -> Result<(i64, Cidr), StoreError> {
+fn network_by_name(conn: &Conn, name: &str) -> Result<(i64, Cidr), StoreError> {
     conn.query_row(
         "SELECT id, network, prefix_len FROM networks WHERE name = ?1",
         [name],
@@ -1339,7 +1333,7 @@ fn network_by_name(conn: &Connection, name: &str) -> Result<(i64, Cidr), StoreEr
 /// A live member of `network` connects again: its endpoints, observed address and liveness
 /// are brought up to date inside the open transaction. `None` when the key is no live member.
 fn welcome_back(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Conn,
     network: &str,
     key: &PublicKey,
     seen: Candidates<'_>,
@@ -1399,7 +1393,7 @@ fn welcome_back(
 
 /// Records who admitted the node with this key, and when.
 fn record_approval(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Conn,
     network_id: i64,
     key: &PublicKey,
     by: &str,
@@ -1414,7 +1408,7 @@ fn record_approval(
 
 /// Finds or allocates the node's address inside the open transaction.
 fn admit(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Conn,
     network_id: i64,
     key: &PublicKey,
     request: NameRequest<'_>,
@@ -1565,7 +1559,7 @@ fn admit(
 /// The requested name, or for a [`NameRequest::Preferred`] one `name-2`, `name-3`... if a live
 /// node of another key holds it.
 fn free_name(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Conn,
     network_id: i64,
     request: NameRequest<'_>,
     own_key: Option<&str>,
@@ -1922,9 +1916,11 @@ mod tests {
         // The tombstone holds its address too: its key comes back to it.
         let tomb: Option<String> = s
             .conn
-            .query_row("SELECT address6 FROM nodes WHERE name = 'n4'", [], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT address6 FROM nodes WHERE name = 'n4'",
+                params![],
+                |r| r.get(0),
+            )
             .unwrap();
         let back = join(&mut s, 4, "n4").unwrap().address6;
         assert_eq!(back.map(|a| a.to_string()), tomb);
@@ -2252,7 +2248,7 @@ mod tests {
         let s = Store::open(&path).unwrap();
         let version: i64 = s
             .conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .query_row("PRAGMA user_version", params![], |r| r.get(0))
             .unwrap();
         assert_eq!(version, SCHEMA_VERSION);
     }
@@ -2264,6 +2260,8 @@ mod tests {
         Store::open(&path)
             .unwrap()
             .conn
+            .as_sqlite()
+            .unwrap()
             .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
             .unwrap();
         let e = Store::open(&path).err().unwrap().to_string();

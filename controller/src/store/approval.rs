@@ -14,13 +14,13 @@
 //! Lapsed rows are deleted by the next request or decision; nothing sweeps on a timer. A node
 //! waiting on its connection learns the outcome from [`Store::request_state`].
 
+use super::sql::{params, Conn, OptionalExtension};
 use super::{
     admit, network_by_name, record_approval, refused, rfc3339, welcome_back, Admission, Candidates,
     NameRequest, Store, StoreError,
 };
 use mesh_proto::control::ErrorCode;
 use mesh_proto::PublicKey;
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::Serialize;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
@@ -268,9 +268,7 @@ impl Store {
                 "the hostname sent is not a valid hostname (letters, digits, '-', '_' and '.')",
             ));
         }
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self.conn.transaction()?;
         prune(&tx, now)?;
         let network: Option<(i64, String, u32, u8)> = tx
             .query_row(
@@ -382,9 +380,7 @@ impl Store {
         by: &str,
         now: u64,
     ) -> Result<Vec<Approved>, StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self.conn.transaction()?;
         prune(&tx, now)?;
         let (network_id, _) = network_by_name(&tx, network)?;
         let waiting = waiting(&tx, network_id, now)?;
@@ -451,9 +447,7 @@ impl Store {
         by: &str,
         now: u64,
     ) -> Result<Vec<Rejected>, StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self.conn.transaction()?;
         prune(&tx, now)?;
         let (network_id, _) = network_by_name(&tx, network)?;
         let waiting = waiting(&tx, network_id, now)?;
@@ -519,7 +513,7 @@ fn lapses(at: i64, secs: u64) -> u64 {
 
 /// Deletes the pending requests that lapsed and the rejections past their cooldown, in every
 /// network.
-fn prune(conn: &Connection, now: u64) -> Result<(), StoreError> {
+fn prune(conn: &Conn, now: u64) -> Result<(), StoreError> {
     conn.execute(
         "DELETE FROM join_requests WHERE state = 'pending' AND first_seen <= ?1",
         [now.saturating_sub(REQUEST_LIFETIME_SECS) as i64],
@@ -533,7 +527,7 @@ fn prune(conn: &Connection, now: u64) -> Result<(), StoreError> {
 
 /// Deletes whatever request `key` has in the network: it was admitted another way.
 pub(super) fn forget_request(
-    conn: &Connection,
+    conn: &Conn,
     network_id: i64,
     key: &PublicKey,
 ) -> Result<(), StoreError> {
@@ -548,7 +542,7 @@ pub(super) fn forget_request(
 /// [`MAX_PENDING_PER_SOURCE`], then of the network beyond [`MAX_PENDING_PER_NETWORK`]; never
 /// the request `keep` (the one just written). How many went.
 fn enforce_caps(
-    conn: &Connection,
+    conn: &Conn,
     network_id: i64,
     source: Option<&str>,
     keep: i64,
@@ -589,7 +583,7 @@ fn enforce_caps(
 }
 
 /// The network's pending requests that have not lapsed at `now`, oldest first.
-fn waiting(conn: &Connection, network_id: i64, now: u64) -> Result<Vec<Waiting>, StoreError> {
+fn waiting(conn: &Conn, network_id: i64, now: u64) -> Result<Vec<Waiting>, StoreError> {
     let mut st = conn.prepare(
         "SELECT key, name, exact_name, hostname, source, endpoints, observed, first_seen,
                 last_seen
@@ -625,7 +619,7 @@ fn waiting(conn: &Connection, network_id: i64, now: u64) -> Result<Vec<Waiting>,
 /// The pending requests `who` names, each once, in the order named (oldest first for
 /// [`Who::All`]); an error that says what to do when an entry names none or several.
 fn choose<'w>(
-    conn: &Connection,
+    conn: &Conn,
     network: &str,
     network_id: i64,
     waiting: &'w [Waiting],
@@ -659,7 +653,7 @@ fn choose<'w>(
 /// The one pending request `entry` names: by full key, else by fingerprint, else by name
 /// (which two requests may claim: then the administrator must pick by fingerprint).
 fn find<'w>(
-    conn: &Connection,
+    conn: &Conn,
     network: &str,
     network_id: i64,
     waiting: &'w [Waiting],
@@ -782,7 +776,9 @@ mod tests {
 
     fn requests_in_table(s: &Store) -> i64 {
         s.conn
-            .query_row("SELECT COUNT(*) FROM join_requests", [], |r| r.get(0))
+            .query_row("SELECT COUNT(*) FROM join_requests", params![], |r| {
+                r.get(0)
+            })
             .unwrap()
     }
 
@@ -1360,7 +1356,9 @@ mod tests {
         s.request_join(&req, T0).unwrap();
         let stored: String = s
             .conn
-            .query_row("SELECT endpoints FROM join_requests", [], |r| r.get(0))
+            .query_row("SELECT endpoints FROM join_requests", params![], |r| {
+                r.get(0)
+            })
             .unwrap();
         assert_eq!(stored, "[\"198.51.100.4:51820\"]");
     }
@@ -1376,7 +1374,11 @@ mod tests {
     /// reported.
     fn flood(s: &mut Store, count: u32, source: impl Fn(u32) -> IpAddr) -> usize {
         // Ten thousand commits: no fsync each, for speed. The rules are the same.
-        s.conn.pragma_update(None, "synchronous", "OFF").unwrap();
+        s.conn
+            .as_sqlite()
+            .unwrap()
+            .pragma_update(None, "synchronous", "OFF")
+            .unwrap();
         let mut dropped = 0;
         for i in 0..count {
             let k = flood_key(i);

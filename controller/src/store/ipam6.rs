@@ -8,10 +8,10 @@
 //! tombstone, which holds its address like the IPv4 one) the next attempt hashes again with a
 //! counter. A network created with `--cidr6 off` has no prefix and its nodes no address6.
 
+use super::sql::{params, Conn, OptionalExtension};
 use super::StoreError;
 use mesh_proto::control::{valid_prefix6, ErrorCode, Ipv6Net, MAX_PREFIX6_LEN, MIN_PREFIX6_LEN};
 use mesh_proto::PublicKey;
-use rusqlite::{params, OptionalExtension, Transaction};
 use sha2::{Digest, Sha256};
 use std::net::{Ipv6Addr, SocketAddr};
 
@@ -93,10 +93,7 @@ pub fn candidate(prefix: &Ipv6Net, key: &PublicKey, attempt: u32) -> Option<Ipv6
 }
 
 /// The network's IPv6 prefix, if it has one.
-pub(super) fn prefix_of(
-    conn: &rusqlite::Connection,
-    network_id: i64,
-) -> Result<Option<Ipv6Net>, StoreError> {
+pub(super) fn prefix_of(conn: &Conn, network_id: i64) -> Result<Option<Ipv6Net>, StoreError> {
     let text: Option<String> = conn
         .query_row(
             "SELECT prefix6 FROM networks WHERE id = ?1",
@@ -119,7 +116,7 @@ pub(super) fn stored(text: Option<String>, prefix: Option<Ipv6Net>) -> Option<Ip
 /// A free address for `key` in the network's `prefix`: the first of its hashed candidates
 /// that no node of the network, live or removed, holds.
 pub(super) fn allocate(
-    tx: &Transaction<'_>,
+    tx: &Conn,
     network_id: i64,
     network: &str,
     prefix: &Ipv6Net,
@@ -146,7 +143,7 @@ pub(super) fn allocate(
 /// Gives the node with `key` an address in the network's prefix, unless it has one there
 /// already; its address, or `None` in a network without an IPv6 overlay.
 pub(super) fn ensure(
-    tx: &Transaction<'_>,
+    tx: &Conn,
     network_id: i64,
     network: &str,
     key: &str,
@@ -190,7 +187,7 @@ pub fn refuse_overlay6(prefix: Option<Ipv6Net>, endpoints: &mut Vec<SocketAddr>)
 
 /// Schema version 6: every network gets a random ULA prefix, every node (tombstones too: they
 /// hold their addresses) an address in it, and no two nodes of a network one address.
-pub(super) fn migrate(tx: &Transaction<'_>) -> Result<(), StoreError> {
+pub(super) fn migrate(tx: &Conn) -> Result<(), StoreError> {
     super::add_column(tx, "networks", "prefix6", "TEXT")?;
     super::add_column(tx, "nodes", "address6", "TEXT")?;
     tx.execute_batch(
@@ -199,7 +196,7 @@ pub(super) fn migrate(tx: &Transaction<'_>) -> Result<(), StoreError> {
     let networks: Vec<(i64, String)> = {
         let mut st =
             tx.prepare("SELECT id, name FROM networks WHERE prefix6 IS NULL ORDER BY id")?;
-        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let rows = st.query_map(params![], |r| Ok((r.get(0)?, r.get(1)?)))?;
         rows.collect::<Result<_, _>>()?
     };
     for (id, name) in networks {

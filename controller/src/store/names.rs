@@ -10,9 +10,9 @@
 //! would answer differently. Nodes learn the whole list ([`Store::aliases`]) after the welcome
 //! and whenever it changes.
 
+use super::sql::{params, Conn, OptionalExtension};
 use super::{network_by_name, Store, StoreError};
 use mesh_proto::control::{valid_node_name, NameAlias, MAX_ALIASES, MAX_ALIAS_NODES};
-use rusqlite::{params, OptionalExtension, Transaction, TransactionBehavior};
 
 impl Store {
     /// Makes `name` stand for `nodes` in `network` (replacing its members if it exists).
@@ -25,9 +25,7 @@ impl Store {
         nodes: &[String],
         now: u64,
     ) -> Result<(), StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self.conn.transaction()?;
         let (network_id, _) = network_by_name(&tx, network)?;
         let name = name.trim().to_ascii_lowercase();
         if !valid_node_name(&name) {
@@ -141,11 +139,7 @@ impl Store {
 
 /// Whether `name` is one of the network's names for several nodes (a joining node may not
 /// take it).
-pub(super) fn is_alias(
-    tx: &Transaction<'_>,
-    network_id: i64,
-    name: &str,
-) -> Result<bool, StoreError> {
+pub(super) fn is_alias(tx: &Conn, network_id: i64, name: &str) -> Result<bool, StoreError> {
     Ok(tx
         .query_row(
             "SELECT 1 FROM names WHERE network_id = ?1 AND name = ?2",
@@ -158,7 +152,7 @@ pub(super) fn is_alias(
 
 /// The overlay address of the live node called `name`, if one is.
 fn live_node(
-    tx: &Transaction<'_>,
+    tx: &Conn,
     network_id: i64,
     name: &str,
 ) -> Result<Option<std::net::Ipv4Addr>, StoreError> {
@@ -173,7 +167,7 @@ fn live_node(
 }
 
 /// Schema 5: the `names` table.
-pub(super) fn migrate(tx: &Transaction<'_>) -> Result<(), StoreError> {
+pub(super) fn migrate(tx: &Conn) -> Result<(), StoreError> {
     tx.execute_batch(
         "CREATE TABLE IF NOT EXISTS names (
             network_id INTEGER NOT NULL REFERENCES networks(id) ON DELETE CASCADE,

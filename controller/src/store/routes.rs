@@ -22,12 +22,12 @@
 //! removed or leaves: if it joins again, it advertises afresh. Overlaps are checked between
 //! nodes only: one node may advertise a prefix and a part of it.
 
+use super::sql::{params, Conn};
 use super::{approval::AUTO_APPROVER, network_by_name, rfc3339, Store, StoreError, Who};
 use mesh_proto::control::{
     IpNet, Ipv4Net, Ipv6Net, RouteState, RouteStatus, MAX_ERROR_TEXT, MAX_ROUTES,
 };
 use mesh_proto::PublicKey;
-use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -228,7 +228,7 @@ fn bounded(mut text: String) -> String {
     text
 }
 
-fn policy(conn: &Connection, network_id: i64) -> Result<Policy, StoreError> {
+fn policy(conn: &Conn, network_id: i64) -> Result<Policy, StoreError> {
     let (net, len, auto): (u32, u8, Option<String>) = conn.query_row(
         "SELECT network, prefix_len, auto_approve_routes FROM networks WHERE id = ?1",
         [network_id],
@@ -246,7 +246,7 @@ fn policy(conn: &Connection, network_id: i64) -> Result<Policy, StoreError> {
 }
 
 /// The network's routes, oldest first, with the names of their nodes.
-fn load(conn: &Connection, network_id: i64) -> Result<Vec<Route>, StoreError> {
+fn load(conn: &Conn, network_id: i64) -> Result<Vec<Route>, StoreError> {
     let mut st = conn.prepare(
         "SELECT r.id, r.key, n.name, r.prefix, r.state, r.reason, r.decided_at, r.decided_by,
              r.exit
@@ -384,11 +384,7 @@ fn verdict_columns(
 
 /// Judges every refused route of the network again, oldest first, as conflicts may have gone;
 /// whether any changed.
-pub(super) fn rejudge_refused(
-    conn: &Connection,
-    network_id: i64,
-    now: u64,
-) -> Result<bool, StoreError> {
+pub(super) fn rejudge_refused(conn: &Conn, network_id: i64, now: u64) -> Result<bool, StoreError> {
     let mut routes = load(conn, network_id)?;
     if !routes.iter().any(|r| r.state == RouteStatus::Refused) {
         return Ok(false);
@@ -440,7 +436,7 @@ pub(super) fn rejudge_refused(
 /// Deletes every route of `key` in the network (it was removed or left) and judges the refused
 /// ones again.
 pub(super) fn forget_routes(
-    conn: &Connection,
+    conn: &Conn,
     network_id: i64,
     key: &str,
     now: u64,
@@ -458,7 +454,7 @@ pub(super) fn forget_routes(
 /// Each node's approved prefixes, by node key, sorted: its routes, and its exits. What
 /// `peers` hands out.
 pub(super) fn approved_by_key(
-    conn: &Connection,
+    conn: &Conn,
     network_id: i64,
 ) -> Result<HashMap<String, Approved>, StoreError> {
     let mut st = conn.prepare(
@@ -660,9 +656,7 @@ impl Store {
                 prefixes.len().max(exits.len())
             )));
         }
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self.conn.transaction()?;
         let key = key.to_string();
         if !is_live(&tx, network_id, &key)? {
             return Err(StoreError::Invalid(format!(
@@ -825,9 +819,7 @@ impl Store {
         by: &str,
         now: u64,
     ) -> Result<Vec<RouteRow>, StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self.conn.transaction()?;
         let (network_id, _) = network_by_name(&tx, network)?;
         let mut routes = load(&tx, network_id)?;
         let chosen = choose(&routes, network, who, decision)?;
@@ -902,7 +894,7 @@ impl Store {
                 prefixes.len()
             )));
         }
-        let tx = Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
+        let tx = self.conn.transaction()?;
         let (network_id, _) = network_by_name(&tx, network)?;
         tx.execute(
             "UPDATE networks SET auto_approve_routes = ?1 WHERE id = ?2",
@@ -938,7 +930,7 @@ impl Store {
 /// The ids and prefixes of the routes `key` advertises in the network (`None`: a prefix that
 /// does not parse, never written so).
 fn routes_of(
-    conn: &Connection,
+    conn: &Conn,
     network_id: i64,
     key: &str,
 ) -> Result<Vec<(i64, Option<IpNet>, bool)>, StoreError> {
@@ -960,19 +952,19 @@ fn routes_of(
 }
 
 /// Schema 5: whether a route is offered as an exit.
-pub(super) fn migrate_exits(tx: &Transaction<'_>) -> Result<(), StoreError> {
+pub(super) fn migrate_exits(tx: &Conn) -> Result<(), StoreError> {
     super::add_column(tx, "routes", "exit", "INTEGER NOT NULL DEFAULT 0")?;
     Ok(())
 }
 
-fn is_live(conn: &Connection, network_id: i64, key: &str) -> Result<bool, StoreError> {
+fn is_live(conn: &Conn, network_id: i64, key: &str) -> Result<bool, StoreError> {
     Ok(conn
         .prepare("SELECT 1 FROM nodes WHERE network_id = ?1 AND key = ?2 AND removed_at IS NULL")?
         .exists(params![network_id, key])?)
 }
 
 /// The routes' schema (version 4): the table and the network's policy column.
-pub(super) fn migrate(tx: &Transaction<'_>) -> Result<(), StoreError> {
+pub(super) fn migrate(tx: &Conn) -> Result<(), StoreError> {
     super::add_column(tx, "networks", "auto_approve_routes", "TEXT")?;
     tx.execute_batch(
         "CREATE TABLE IF NOT EXISTS routes (
@@ -1708,7 +1700,11 @@ mod tests {
         join(&mut s, 1, "a").unwrap();
         advertise(&mut s, 1, &["10.244.1.0/24"], T0);
         // Reopened as if the last migration step had not run: it runs again, harmlessly.
-        s.conn.pragma_update(None, "user_version", 3).unwrap();
+        s.conn
+            .as_sqlite()
+            .unwrap()
+            .pragma_update(None, "user_version", 3)
+            .unwrap();
         drop(s);
         let s = Store::open(&d.0.join("state.db")).unwrap();
         assert_eq!(table(&s), [row("a", "10.244.1.0/24", "pending")]);
