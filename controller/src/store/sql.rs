@@ -263,7 +263,7 @@ pub struct Conn {
 
 enum Inner {
     Sqlite(rusqlite::Connection),
-    Postgres(RefCell<Pg>),
+    Postgres(Box<RefCell<Pg>>),
 }
 
 /// A PostgreSQL connection that comes back by itself: a statement on a closed connection
@@ -301,7 +301,7 @@ impl Conn {
         };
         pg.client()?;
         Ok(Conn {
-            inner: Inner::Postgres(RefCell::new(pg)),
+            inner: Inner::Postgres(Box::new(RefCell::new(pg))),
             in_tx: Cell::new(false),
         })
     }
