@@ -31,6 +31,10 @@ command -v etcdctl >/dev/null || need+=(etcd-client)
 # The port mapping tests run miniupnpd in a lab router. This package is the daemon alone: no
 # service, nothing starts on the host (the `miniupnpd` package would add the service).
 command -v miniupnpd >/dev/null || [ -x /usr/sbin/miniupnpd ] || need+=(miniupnpd-nftables)
+# The controller's rules also run on PostgreSQL: the tests start Debian's server themselves
+# (initdb in a temporary directory, as the postgres user, loopback only) and stop it. The
+# package's own cluster is not used.
+ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then
     echo "== installing ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -51,6 +55,8 @@ echo "== build binaries"
 cargo build --workspace --bins --quiet
 echo "== tests"
 MESH_BIN_DIR="$PWD/target/debug" cargo test --workspace -- --test-threads="${MESH_TEST_THREADS:-2}"
+echo "== the controller's rules on PostgreSQL"
+MESH_TEST_DATABASE=postgres cargo test -p mesh-controller --lib -- --test-threads="${MESH_TEST_THREADS:-2}"
 echo "== leftovers"
 left=$(ip netns list | grep -c . || true)
 if [ "$left" -ne 0 ]; then

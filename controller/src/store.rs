@@ -36,6 +36,7 @@ use std::time::{Duration, UNIX_EPOCH};
 pub mod approval;
 pub mod ipam6;
 pub mod names;
+mod pg_schema;
 pub mod routes;
 pub mod sql;
 
@@ -324,6 +325,20 @@ impl Store {
             fix_mode(Path::new(&side))?;
         }
         Ok(Store { conn })
+    }
+
+    /// Connects to the controller's PostgreSQL database at `url` (`postgres://user@host/db`)
+    /// and brings its schema up to date. The connection comes back by itself after the
+    /// database restarts: a call while it is away fails, and the next one connects again.
+    pub fn connect(url: &str) -> Result<Store, StoreError> {
+        let conn = Conn::postgres(url)?;
+        pg_schema::migrate(&conn)?;
+        Ok(Store { conn })
+    }
+
+    /// Whether the database is PostgreSQL (shared by several controllers).
+    pub fn is_postgres(&self) -> bool {
+        self.conn.is_postgres()
     }
 
     /// Copies the database to `dest` while other connections (a running `serve`) keep using
@@ -864,7 +879,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         self.conn.execute(
             "UPDATE nodes SET home_relay = ?1
-             WHERE network_id = ?2 AND key = ?3 AND home_relay IS NOT ?1",
+             WHERE network_id = ?2 AND key = ?3 AND home_relay IS DISTINCT FROM ?1",
             params![home, network_id, key.to_string()],
         )?;
         Ok(())
@@ -1647,9 +1662,19 @@ mod tests {
     }
 
     /// A store with network `prod` (100.64.0.0/29, manual approval) and reusable token `tok1`.
+    /// On PostgreSQL when the tests run with `MESH_TEST_DATABASE=postgres` (a database of its
+    /// own in the test process's server), else on SQLite.
     pub(super) fn store() -> (tempdir::Dir, Store) {
-        let dir = tempdir::Dir::new();
-        let s = Store::open(&dir.0.join("state.db")).unwrap();
+        with_prod(tempdir::Dir::new())
+    }
+
+    /// The same on SQLite whatever the tests run on (its migrations, its backups).
+    pub(super) fn sqlite_store() -> (tempdir::Dir, Store) {
+        with_prod(tempdir::Dir::sqlite())
+    }
+
+    fn with_prod(dir: tempdir::Dir) -> (tempdir::Dir, Store) {
+        let s = dir.open();
         s.create_network("prod", "100.64.0.0/29".parse().unwrap(), T0)
             .unwrap();
         s.create_token("prod", &NewToken::for_test("tok1", b"secret", true), T0)
@@ -1658,9 +1683,28 @@ mod tests {
     }
 
     pub(super) mod tempdir {
-        pub struct Dir(pub std::path::PathBuf);
+        use super::Store;
+
+        /// A temporary directory, and the database a test's store lives in.
+        pub struct Dir(pub std::path::PathBuf, Option<String>);
         impl Dir {
             pub fn new() -> Dir {
+                let mut d = Dir::sqlite();
+                if std::env::var("MESH_TEST_DATABASE").as_deref() == Ok("postgres") {
+                    d.1 = Some(mesh_testpg::Postgres::shared().new_database());
+                }
+                d
+            }
+
+            /// The store (again): `state.db` in the directory, or the test's PostgreSQL database.
+            pub fn open(&self) -> Store {
+                match &self.1 {
+                    Some(url) => Store::connect(url).unwrap(),
+                    None => Store::open(&self.0.join("state.db")).unwrap(),
+                }
+            }
+
+            pub fn sqlite() -> Dir {
                 use std::sync::atomic::{AtomicU32, Ordering};
                 static N: AtomicU32 = AtomicU32::new(0);
                 let p = std::env::temp_dir().join(format!(
@@ -1669,7 +1713,7 @@ mod tests {
                     N.fetch_add(1, Ordering::SeqCst)
                 ));
                 std::fs::create_dir_all(&p).unwrap();
-                Dir(p)
+                Dir(p, None)
             }
         }
         impl Drop for Dir {
@@ -2130,7 +2174,7 @@ mod tests {
         let (d, mut s) = store();
         let a = join(&mut s, 1, "a").unwrap();
         drop(s);
-        let mut s = Store::open(&d.0.join("state.db")).unwrap();
+        let mut s = d.open();
         assert_eq!(join(&mut s, 1, "a").unwrap().address, a.address);
         assert_eq!(
             join(&mut s, 2, "b").unwrap().address,
@@ -2197,6 +2241,55 @@ mod tests {
         s.create_network("dev", "100.65.0.0/29".parse().unwrap(), T0)
             .unwrap();
         assert_eq!(mode(&path), 0o600);
+    }
+
+    /// Three controllers (a connection each, as three `serve` processes on one database have)
+    /// admit 200 nodes at once: every node gets an address and a name of its own. Run with
+    /// `MESH_TEST_DATABASE=postgres` it is the PostgreSQL rule: joins that race on different
+    /// controllers never share an address.
+    #[test]
+    fn joins_racing_on_three_controllers_never_share_an_address() {
+        let (d, s) = store();
+        s.create_network("big", "100.64.0.0/22".parse().unwrap(), T0)
+            .unwrap();
+        s.create_token("big", &NewToken::for_test("many", b"secret", true), T0)
+            .unwrap();
+        let admitted: Vec<Admission> = std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..3u8)
+                .map(|c| {
+                    let d = &d;
+                    scope.spawn(move || {
+                        let mut s = d.open();
+                        let mut out = Vec::new();
+                        for i in (0..200u16).filter(|i| i % 3 == u16::from(c)) {
+                            let mut k = [0x5A; 32];
+                            k[..2].copy_from_slice(&i.to_be_bytes());
+                            out.push(
+                                s.join(
+                                    "many",
+                                    b"secret",
+                                    &PublicKey(k),
+                                    NameRequest::Preferred("node"),
+                                    Candidates::default(),
+                                    T0,
+                                )
+                                .unwrap(),
+                            );
+                        }
+                        out
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .flat_map(|t| t.join().unwrap())
+                .collect()
+        });
+        assert_eq!(admitted.len(), 200);
+        let addresses: HashSet<Ipv4Addr> = admitted.iter().map(|a| a.address).collect();
+        let names: HashSet<&str> = admitted.iter().map(|a| a.name.as_str()).collect();
+        assert_eq!((addresses.len(), names.len()), (200, 200));
+        assert_eq!(s.nodes("big", T0).unwrap().len(), 200);
     }
 
     #[test]
@@ -2270,7 +2363,7 @@ mod tests {
 
     #[test]
     fn a_backup_made_while_the_database_is_in_use_reads_the_same() {
-        let (d, mut s) = store();
+        let (d, mut s) = sqlite_store();
         let a = join(&mut s, 1, "a").unwrap();
         // A second connection, as `serve` holds while an admin command runs the backup.
         let live = Store::open(&d.0.join("state.db")).unwrap();

@@ -986,7 +986,7 @@ pub(super) fn migrate(tx: &Conn) -> Result<(), StoreError> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{join, key, store, T0};
+    use super::super::tests::{join, key, sqlite_store, store, T0};
     use super::*;
 
     const ADMIN: &str = "alice";
@@ -1696,7 +1696,7 @@ mod tests {
 
     #[test]
     fn a_database_of_the_previous_schema_gets_the_routes_table_once() {
-        let (d, mut s) = store();
+        let (d, mut s) = sqlite_store();
         join(&mut s, 1, "a").unwrap();
         advertise(&mut s, 1, &["10.244.1.0/24"], T0);
         // Reopened as if the last migration step had not run: it runs again, harmlessly.
