@@ -29,6 +29,17 @@ pub struct Db {
     changes: Arc<AtomicU64>,
 }
 
+/// Runs `f` on a short-lived thread of its own and waits for it: for the database work of
+/// start-up, made before the database threads exist. A call from inside the tokio runtime
+/// blocks its worker for that long, and the PostgreSQL client, which runs a runtime of its own,
+/// cannot run on a runtime's thread at all.
+pub fn blocking<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| match s.spawn(f).join() {
+        Ok(t) => t,
+        Err(panic) => std::panic::resume_unwind(panic),
+    })
+}
+
 impl Db {
     /// Moves `store` to a new thread called `name`.
     pub fn start(store: Store, name: &str) -> std::io::Result<Db> {

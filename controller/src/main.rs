@@ -28,6 +28,16 @@ struct Cli {
     /// /etc/mesh/mesh-relay.toml for `relay`, if present].
     #[arg(long, global = true)]
     config: Option<PathBuf>,
+    /// PostgreSQL database, shared by several controllers (postgres://USER:PASSWORD@HOST/DB);
+    /// every command, on any host that reaches it [default: SQLite in the state directory].
+    /// Put it in the configuration file (`database = "..."`, mode 0600) to keep the password
+    /// out of the process list.
+    #[arg(long, global = true, value_name = "URL")]
+    database: Option<String>,
+    /// The controller's key file, which every replica on one database must share [default:
+    /// controller.key in the state directory; `serve` creates it, mode 0600, when missing].
+    #[arg(long, global = true, value_name = "PATH")]
+    key_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -274,9 +284,10 @@ enum NetworkCmd {
     Id {
         /// Network name.
         name: String,
-        /// Controller address written into the id (default: the address `serve` listens on).
+        /// Controller address written into the id; repeatable, as for `token create`
+        /// [default: the address `serve` listens on, and every other controller that is up].
         #[arg(long, value_name = "HOST:PORT")]
-        controller: Option<String>,
+        controller: Vec<String>,
         /// The controller's TCP address written into the id, host:port, or `none` (default:
         /// the controller address's host with the TCP port `serve` listens on, if it does).
         #[arg(long, value_name = "HOST:PORT|none")]
@@ -296,9 +307,11 @@ enum TokenCmd {
         /// Lifetime, e.g. 30m, 24h, 7d, or `never` for a token that does not expire.
         #[arg(long, value_name = "DURATION", default_value = DEFAULT_TOKEN_LIFETIME)]
         expires: String,
-        /// Controller address written into the token (default: the address `serve` listens on).
-        #[arg(long)]
-        controller: Option<String>,
+        /// Controller address written into the token; repeat it for several controllers on
+        /// one database (nodes try the others when one is down) [default: the address `serve`
+        /// listens on, and every other controller of the database that is up].
+        #[arg(long, value_name = "HOST:PORT")]
+        controller: Vec<String>,
         /// The controller's TCP address written into the token, host:port, or `none` (default:
         /// the controller address's host with the TCP port `serve` listens on, if it does).
         #[arg(long, value_name = "HOST:PORT|none")]
@@ -423,6 +436,10 @@ enum RouteCmd {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     state_dir: Option<PathBuf>,
+    /// A PostgreSQL connection string (see `--database`).
+    database: Option<String>,
+    /// The controller's key file (see `--key-file`).
+    key_file: Option<PathBuf>,
     listen: Option<SocketAddr>,
     metrics_listen: Option<String>,
     /// For `serve`: the STUN observer's address, or `off`.
@@ -499,10 +516,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .state_dir
         .or(file.state_dir.clone())
         .unwrap_or_else(|| PathBuf::from(default_dir));
-    // Only `serve` creates a controller, and `relay` its own key; admin commands need one.
-    let state = match cli.command {
-        Command::Serve { .. } | Command::Relay { .. } => StateDir::open(&state_dir)?,
-        _ => StateDir::existing(&state_dir)?,
+    let database = cli.database.or(file.database.clone());
+    if let Some(url) = &database {
+        mesh_controller::state::check_database(url)?;
+    }
+    let key_file = cli.key_file.or(file.key_file.clone());
+    // Only `serve` creates a controller, and `relay` its own key; admin commands need one, or
+    // a shared database that names it.
+    let state = match (&cli.command, database) {
+        (Command::Serve { .. } | Command::Relay { .. }, database) => StateDir::open(&state_dir)?
+            .with_database(database)
+            .with_key_file(key_file),
+        (_, Some(url)) => StateDir::remote(&state_dir, url, key_file),
+        (_, None) => StateDir::existing(&state_dir)?.with_key_file(key_file),
     };
     match cli.command {
         Command::Relay {
@@ -577,7 +603,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
         Command::Key => {
-            out(&state.controller_public()?.to_string());
+            out(&state.public_key()?.to_string());
             Ok(())
         }
         Command::Backup { file, force } => {
@@ -690,6 +716,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             // For the network ids admin commands print: the other addresses nodes may use.
             state.write_announced(&announce)?;
+            tracing::info!(database = %state.database_name(), key = %state.key_path().display(), "controller state");
             let rt = tokio::runtime::Runtime::new()?;
             let observer = parse_observer_listen(
                 observer_listen
@@ -742,7 +769,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if !auto_routes.0.is_empty() {
                 eprintln!("subnet routes inside {auto_routes} are approved automatically");
             }
-            match controller_ref(&state, None, None) {
+            match controller_ref(&state, &[], None) {
                 Ok(controller) => {
                     let id = NetworkId {
                         controller,
@@ -762,6 +789,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Err(e) => match e.downcast_ref::<NoAddress>() {
                     Some(NoAddress::NotServed) => eprintln!(
                         "no network id yet: the id names the controller's address, and none is known; once `mesh-controller serve` runs with this state directory, `mesh-controller network id {name}` prints it"
+                    ),
+                    Some(NoAddress::NoneUp) => eprintln!(
+                        "no network id yet: no controller on this database is up; once one runs, `mesh-controller network id {name}` prints it"
                     ),
                     Some(NoAddress::Unspecified(a)) => eprintln!(
                         "no network id yet: the controller listens on {a}, which nodes cannot dial; print it with the address nodes should use: `mesh-controller network id {name} --controller HOST:PORT`"
@@ -826,7 +856,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Network(NetworkCmd::List { json }) => {
             let rows = state.open_store()?.networks()?;
             // Without a known controller address there are no ids: `-`.
-            let controller = controller_ref(&state, None, None).ok();
+            let controller = controller_ref(&state, &[], None).ok();
             let id = |name: &str| {
                 controller.clone().map(|controller| {
                     NetworkId {
@@ -887,7 +917,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             {
                 bail!("no network named {name:?} (see `mesh-controller network list`)");
             }
-            let controller = controller_ref(&state, controller, controller_tcp.as_deref())?;
+            let controller = controller_ref(&state, &controller, controller_tcp.as_deref())?;
             out(&NetworkId {
                 controller,
                 network: name,
@@ -907,7 +937,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 key: controller_key,
                 tcp: controller_tcp,
                 others: controller_others,
-            } = controller_ref(&state, controller, controller_tcp.as_deref())?;
+            } = controller_ref(&state, &controller, controller_tcp.as_deref())?;
             let now = unix_now();
             let expires_at = token_expiry(&expires, now)?;
             let mut rng = rand::rngs::OsRng;
@@ -1202,36 +1232,64 @@ enum NoAddress {
     /// `serve` never wrote the address it listens on.
     #[error("no controller address known: start `mesh-controller serve --listen <ip:port>` with this state dir first, or pass --controller <ip:port>")]
     NotServed,
+    /// No controller on this database is up, and none runs here.
+    #[error("no controller on this database is up (none wrote its row in the last 15 s): start `mesh-controller serve --database ...`, or pass --controller <ip:port> (repeatable)")]
+    NoneUp,
     /// `serve` listens on a wildcard address.
     #[error("the controller listens on {0}, which nodes cannot dial; pass the address nodes should use with --controller <ip:port> (or start serve with --announce <ip:port>,...)")]
     Unspecified(SocketAddr),
 }
 
-/// Where nodes reach this controller, as join tokens and network ids carry it: `controller`
-/// (`--controller`), the address `serve` listens on, or (when that is a wildcard) the first one
-/// `serve --announce` names; `controller_tcp` (`--controller-tcp`,
-/// `none` for no TCP) or that address's host with the TCP port `serve` listens on, if it does;
-/// besides, the other addresses `serve` announces. Fails with [`NoAddress`] when no address
-/// nodes can dial is known.
+/// Where nodes reach this controller, as join tokens and network ids carry it: the
+/// `--controller` addresses (the first as the main one); else the address `serve` listens on
+/// here, or (when that is a wildcard) the first one `serve --announce` names; else, on a shared
+/// database, the first controller that is up. `controller_tcp` (`--controller-tcp`, `none` for
+/// no TCP) or that address's host with the TCP port `serve` listens on, if it does. Besides,
+/// the other addresses: those `serve` announces, and on a shared database every other
+/// controller that is up. Fails with [`NoAddress`] when no address nodes can dial is known.
 fn controller_ref(
     state: &StateDir,
-    controller: Option<String>,
+    controllers: &[String],
     controller_tcp: Option<&str>,
 ) -> anyhow::Result<ControllerRef> {
-    let addr = match controller {
-        Some(c) => {
-            let c = c.trim();
-            check_host_port("--controller", c, "192.0.2.1:7443")?;
-            c.to_owned()
-        }
-        None => match state.wait_listen_addr() {
+    for c in controllers {
+        check_host_port("--controller", c.trim(), "192.0.2.1:7443")?;
+    }
+    // The replicas that are up (a shared database only: on SQLite, serve's files say it all).
+    let replicas = if state.is_shared() {
+        state.open_store()?.replicas(unix_now())?
+    } else {
+        Vec::new()
+    };
+    let replica_addrs: Vec<String> = replicas.iter().flat_map(|r| r.addrs.clone()).collect();
+    let local = if controllers.is_empty() && !(state.is_shared() && state.listen_addr().is_none()) {
+        state.wait_listen_addr()
+    } else {
+        state.listen_addr()
+    };
+    let mut tcp_default = state.listen_tcp_addr().map(|tcp| tcp.port());
+    let addr = match controllers.first() {
+        Some(c) => c.trim().to_owned(),
+        None => match local {
             Some(a) if !a.ip().is_unspecified() => a.to_string(),
             // Listening on every address: the first one `serve --announce` names, if any.
             Some(a) => match state.announced().into_iter().find(|x| is_host_port(x)) {
                 Some(first) => first,
                 None => return Err(NoAddress::Unspecified(a).into()),
             },
-            None => return Err(NoAddress::NotServed.into()),
+            // No controller on this host: the first of the database's that are up.
+            None => match replicas.iter().find(|r| !r.addrs.is_empty()) {
+                Some(r) => {
+                    tcp_default = r
+                        .tcp
+                        .as_deref()
+                        .and_then(|t| t.rsplit_once(':'))
+                        .and_then(|(_, p)| p.parse().ok());
+                    r.addrs[0].clone()
+                }
+                None if state.is_shared() => return Err(NoAddress::NoneUp.into()),
+                None => return Err(NoAddress::NotServed.into()),
+            },
         },
     };
     let tcp = match controller_tcp.map(str::trim) {
@@ -1240,14 +1298,23 @@ fn controller_ref(
             check_host_port("--controller-tcp", a, "192.0.2.1:443, or none")?;
             Some(a.to_owned())
         }
-        // The host nodes dial, with the port `serve` listens on over TCP.
-        None => state.listen_tcp_addr().and_then(|tcp| {
+        // The host nodes dial, with the port the controller listens on over TCP.
+        None => tcp_default.and_then(|port| {
             let host = addr.rsplit_once(':').map(|(h, _)| h)?;
-            Some(format!("{host}:{}", tcp.port()))
+            Some(format!("{host}:{port}"))
         }),
     };
     let mut others: Vec<String> = Vec::new();
-    for other in state.announced() {
+    let candidates = controllers
+        .iter()
+        .skip(1)
+        .map(|c| c.trim().to_owned())
+        .chain(if controllers.is_empty() {
+            state.announced().into_iter().chain(replica_addrs).collect()
+        } else {
+            Vec::new()
+        });
+    for other in candidates {
         if others.len() < mesh_proto::token::MAX_OTHER_CONTROLLERS
             && other != addr
             && !others.contains(&other)
@@ -1256,9 +1323,15 @@ fn controller_ref(
             others.push(other);
         }
     }
+    if controllers.len() > 1 + mesh_proto::token::MAX_OTHER_CONTROLLERS {
+        bail!(
+            "a token carries at most {} controller addresses",
+            1 + mesh_proto::token::MAX_OTHER_CONTROLLERS
+        );
+    }
     Ok(ControllerRef {
         addr,
-        key: state.controller_public()?,
+        key: state.public_key()?,
         tcp,
         others,
     })
@@ -1475,7 +1548,7 @@ mod tests {
     fn tokens_and_network_ids_carry_what_serve_listens_on_and_announces() {
         let dir = std::env::temp_dir().join(format!("mesh-ctl-main-test-{}", std::process::id()));
         let state = StateDir::open(&dir).unwrap();
-        let e = controller_ref(&state, None, None).unwrap_err();
+        let e = controller_ref(&state, &[], None).unwrap_err();
         assert!(
             matches!(e.downcast_ref(), Some(NoAddress::NotServed)),
             "{e}"
@@ -1483,7 +1556,7 @@ mod tests {
         state
             .write_listen_addr("0.0.0.0:7443".parse().unwrap())
             .unwrap();
-        let e = controller_ref(&state, None, None).unwrap_err();
+        let e = controller_ref(&state, &[], None).unwrap_err();
         assert!(
             matches!(e.downcast_ref(), Some(NoAddress::Unspecified(_))),
             "{e}"
@@ -1491,7 +1564,7 @@ mod tests {
         // On every address, with addresses announced: the first of them, the rest besides.
         let both = ["[2001:db8::1]:7443", "192.0.2.1:7443"].map(String::from);
         state.write_announced(&both).unwrap();
-        let c = controller_ref(&state, None, None).unwrap();
+        let c = controller_ref(&state, &[], None).unwrap();
         assert_eq!(c.addr, "[2001:db8::1]:7443");
         assert_eq!(c.others, ["192.0.2.1:7443"]);
         state
@@ -1504,20 +1577,20 @@ mod tests {
             .map(String::from)
             .to_vec();
         state.write_announced(&announced).unwrap();
-        let c = controller_ref(&state, None, None).unwrap();
+        let c = controller_ref(&state, &[], None).unwrap();
         assert_eq!(c.addr, "192.0.2.1:7443");
         assert_eq!(c.tcp.as_deref(), Some("192.0.2.1:443"));
         assert_eq!(c.key, state.controller_public().unwrap());
         // Not the address itself, each once, as many as an id carries.
         assert_eq!(c.others, ["a:1", "b:2", "c:3", "d:4"]);
-        let c = controller_ref(&state, Some("ctl.example.com:7443".into()), Some("none")).unwrap();
+        let c = controller_ref(&state, &["ctl.example.com:7443".into()], Some("none")).unwrap();
         assert_eq!((c.addr.as_str(), c.tcp), ("ctl.example.com:7443", None));
-        let e = controller_ref(&state, Some("ctl.example.com".into()), None).unwrap_err();
+        let e = controller_ref(&state, &["ctl.example.com".into()], None).unwrap_err();
         assert!(e.to_string().contains("use host:port"), "{e}");
-        let e = controller_ref(&state, None, Some("443")).unwrap_err();
+        let e = controller_ref(&state, &[], Some("443")).unwrap_err();
         assert!(e.to_string().contains("invalid --controller-tcp"), "{e}");
         let long = format!("{}:1", "h".repeat(300));
-        let e = controller_ref(&state, Some(long), None).unwrap_err();
+        let e = controller_ref(&state, &[long], None).unwrap_err();
         assert!(e.to_string().contains("at most 255"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

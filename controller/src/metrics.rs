@@ -298,7 +298,7 @@ mod tests {
             t0,
         )
         .unwrap();
-        s.disconnected(a.network_id, &mesh_proto::PublicKey([1; 32]), t0)
+        s.disconnected(a.network_id, &mesh_proto::PublicKey([1; 32]), "r/1", t0)
             .unwrap();
         let text = render(&s, t0).unwrap();
         assert!(

@@ -22,6 +22,7 @@
 use crate::db::Db;
 use crate::netmap::{self, PeerMap};
 use crate::state::{unix_now, StateDir};
+use crate::store::replicas::ReplicaRow;
 use crate::store::{
     Admission, Candidates, JoinRequest, NameRequest, NodeReport, RelayRow, RequestOutcome,
     RequestState, StoreError,
@@ -227,10 +228,104 @@ struct Ctx {
     stats: Arc<Stats>,
     /// Where the STUN observer answers (told to nodes in the Welcome), if it runs.
     observer: Option<SocketAddr>,
-    /// The addresses the controller announces in every Welcome (`serve --announce`).
+    /// The addresses the controller announces in every Welcome: `serve --announce`'s, then
+    /// those of the other replicas on its database that are up.
     announce: std::sync::RwLock<Vec<String>>,
+    /// `serve --announce`'s alone.
+    announce_own: std::sync::RwLock<Vec<String>>,
     /// Join requests per source address.
     asks: Mutex<AskLimiter>,
+    /// This controller as the other replicas on its database see it (its row is written every
+    /// few seconds; see `store::replicas`).
+    replica: Mutex<ReplicaRow>,
+}
+
+/// How often a controller writes its replica row and releases the nodes of replicas gone.
+const REPLICA_EVERY: Duration = Duration::from_secs(5);
+
+/// A name for this `serve` process, unique among the replicas of a database: host, process
+/// and a random part (a restarted process on the same host is another replica).
+fn replica_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().replace('/', "-"))
+        .unwrap_or_default();
+    let host = if host.is_empty() {
+        "controller".to_owned()
+    } else {
+        host
+    };
+    format!(
+        "{host}-{}-{:04x}",
+        std::process::id(),
+        rand::random::<u16>()
+    )
+}
+
+/// Keeps this replica's row fresh, and marks disconnected the nodes whose connections
+/// belonged to replicas that are gone (killed, or this one's earlier run).
+/// Its database connection is its own: a queue of node writes must not make the other
+/// replicas think this one is gone.
+async fn replica_loop(ctx: Arc<Ctx>, db: Db) {
+    let mut tick = tokio::time::interval(REPLICA_EVERY);
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        let mut row = ctx
+            .replica
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        row.last_seen = unix_now();
+        let id = row.id.clone();
+        let r = db
+            .run(move |s| {
+                s.replica_alive(&row)?;
+                let replicas = s.replicas(unix_now())?;
+                let live: Vec<String> = replicas.iter().map(|r| r.id.clone()).collect();
+                Ok((s.release_sessions(&live)?, replicas))
+            })
+            .await;
+        match r {
+            Ok((released, replicas)) => {
+                if failing {
+                    info!("the database answers again");
+                    failing = false;
+                }
+                if released > 0 {
+                    info!(
+                        nodes = released,
+                        "nodes of a controller that is gone marked disconnected"
+                    );
+                }
+                // Nodes learn the other replicas from every Welcome, and try them when the
+                // one they use stops answering.
+                let mut announce = ctx
+                    .announce_own
+                    .read()
+                    .map(|a| a.clone())
+                    .unwrap_or_default();
+                for a in replicas
+                    .iter()
+                    .filter(|r| r.id != id)
+                    .flat_map(|r| &r.addrs)
+                {
+                    if !announce.contains(a)
+                        && announce.len() < mesh_proto::control::MAX_CONTROLLERS
+                    {
+                        announce.push(a.clone());
+                    }
+                }
+                if let Ok(mut a) = ctx.announce.write() {
+                    *a = announce;
+                }
+            }
+            Err(e) if !failing => {
+                warn!(error = %e, "cannot reach the database; retrying every 5 s");
+                failing = true;
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 enum HubCmd {
@@ -308,11 +403,25 @@ impl Controller {
             }
         });
         let secret = state.controller_key()?;
-        let store = state.open_store()?;
-        store.reset_connections()?;
+        let now = unix_now();
+        let replica = ReplicaRow {
+            id: replica_id(),
+            addrs: Vec::new(),
+            tcp: None,
+            started_at: now,
+            last_seen: now,
+        };
+        let store = crate::db::blocking(|| -> anyhow::Result<_> {
+            let store = state.open_store()?;
+            store.claim_identity(&crate::state::public_of(&secret))?;
+            store.replica_alive(&replica)?;
+            let live: Vec<String> = store.replicas(now)?.into_iter().map(|r| r.id).collect();
+            store.release_sessions(&live)?;
+            Ok(store)
+        })?;
         let endpoint = quic::bind_server(listen, &secret)?;
         let (hub_tx, hub_rx) = mpsc::unbounded_channel();
-        let hub_db = Db::start(state.open_store()?, "mesh-db-hub")?;
+        let hub_db = Db::start(crate::db::blocking(|| state.open_store())?, "mesh-db-hub")?;
         let forwarder = Forwarder::new();
         let stats = Arc::new(Stats::default());
         tokio::spawn(run_hub(
@@ -332,8 +441,17 @@ impl Controller {
             stats,
             observer,
             announce: std::sync::RwLock::new(Vec::new()),
+            announce_own: std::sync::RwLock::new(Vec::new()),
             asks: Mutex::new(AskLimiter::default()),
+            replica: Mutex::new(replica),
         });
+        tokio::spawn(replica_loop(
+            ctx.clone(),
+            Db::start(
+                crate::db::blocking(|| state.open_store())?,
+                "mesh-db-replica",
+            )?,
+        ));
         Ok(Controller {
             endpoint,
             tcp: None,
@@ -353,9 +471,30 @@ impl Controller {
     /// now on: nodes save them and try them when the address they use stops answering, so a
     /// controller about to move announces its new address first.
     pub fn announce(&self, addrs: Vec<String>) {
+        if let Ok(mut a) = self.ctx.announce_own.write() {
+            a.clone_from(&addrs);
+        }
         if let Ok(mut a) = self.ctx.announce.write() {
             *a = addrs;
         }
+    }
+
+    /// Where nodes reach this controller, for the replica row the others and admin commands
+    /// read (`token create` puts the replicas that are up into tokens).
+    pub fn set_addresses(&self, addrs: Vec<String>, tcp: Option<String>) {
+        let mut row = self.ctx.replica.lock().unwrap_or_else(|p| p.into_inner());
+        row.addrs = addrs;
+        row.tcp = tcp;
+    }
+
+    /// This controller's replica id (in its logs and the database's `controllers` table).
+    pub fn replica_id(&self) -> String {
+        self.ctx
+            .replica
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .id
+            .clone()
     }
 
     pub fn listen_tcp(&mut self, listen: SocketAddr) -> std::io::Result<SocketAddr> {
@@ -419,6 +558,12 @@ impl Controller {
             }
         }
         info!("shutting down");
+        let id = self.replica_id();
+        let _ = self
+            .ctx
+            .db
+            .run(move |s| s.replica_gone(&id, unix_now()))
+            .await;
         self.endpoint
             .close(0u32.into(), b"controller shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
@@ -517,7 +662,7 @@ pub async fn serve_with(
     let mut controller = Controller::bind_with_observer(&state, listen, observer, limits)?;
     if !announce.is_empty() {
         info!(addresses = ?announce, "announcing these controller addresses to every node");
-        controller.announce(announce);
+        controller.announce(announce.clone());
     }
     let tcp = listen_tcp.bind("controller", |a| controller.listen_tcp(a))?;
     if let Some(tcp) = tcp {
@@ -526,11 +671,27 @@ pub async fn serve_with(
     // The bound addresses: with port 0 the kernel chose one, and tokens must carry it. The UDP
     // address last: `token create` takes it as the sign that both are written.
     state.write_listen_tcp_addr(tcp)?;
-    state.write_listen_addr(controller.local_addr().unwrap_or(listen))?;
+    let bound = controller.local_addr().unwrap_or(listen);
+    state.write_listen_addr(bound)?;
+    // Where nodes reach this replica, for tokens made on any host of a shared database.
+    let mut addrs: Vec<String> = Vec::new();
+    if !bound.ip().is_unspecified() {
+        addrs.push(bound.to_string());
+    }
+    for a in &announce {
+        if !addrs.contains(a) {
+            addrs.push(a.clone());
+        }
+    }
+    let tcp_addr = tcp.and_then(|t| {
+        let host = addrs.first()?.rsplit_once(':')?.0;
+        Some(format!("{host}:{}", t.port()))
+    });
+    controller.set_addresses(addrs, tcp_addr);
     if let Some(addr) = metrics_listen {
         std::net::TcpListener::bind(addr)
             .with_context(|| format!("cannot serve metrics on {addr}"))?;
-        let store = state.open_store()?;
+        let store = crate::db::blocking(|| state.open_store())?;
         let forwarder = controller.forwarder();
         let control = Some((controller.stats(), controller.gate()));
         info!(%addr, "serving Prometheus metrics at /metrics");
@@ -541,7 +702,7 @@ pub async fn serve_with(
             }
         });
     }
-    info!(%listen, key = %state.controller_public()?, max_connections = limits.max_connections, "controller listening");
+    info!(%listen, key = %state.controller_public()?, replica = %controller.replica_id(), database = %state.database_name(), max_connections = limits.max_connections, "controller listening");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     controller
         .run(async move {
@@ -903,6 +1064,16 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
             conn: conn.clone(),
         },
     );
+    let session = format!(
+        "{}/{id}",
+        ctx.replica.lock().unwrap_or_else(|p| p.into_inner()).id
+    );
+    {
+        let (network_id, session) = (adm.network_id, session.clone());
+        ctx.db
+            .run(move |s| s.claim_session(network_id, &key, &session))
+            .await?;
+    }
     if let Some(older) = older {
         Stats::inc(&ctx.stats.replaced, 1);
         info!(node = %adm.name, "node connected again; closing its older connection");
@@ -1079,7 +1250,7 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
     };
     if still_current && !left && !removed {
         ctx.db
-            .run(move |s| s.disconnected(network_id, &key, unix_now()))
+            .run(move |s| s.disconnected(network_id, &key, &session, unix_now()))
             .await?;
     }
     info!(node = %adm.name, replaced = !still_current, "node disconnected");

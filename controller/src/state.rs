@@ -61,10 +61,52 @@ pub fn public_of(secret: &[u8; 32]) -> PublicKey {
     PublicKey(x25519_dalek::PublicKey::from(&secret).to_bytes())
 }
 
-/// The controller's state directory.
+/// The controller's state directory, with where its database and key are when they live
+/// elsewhere (`--database`, `--key-file`).
 #[derive(Debug, Clone)]
 pub struct StateDir {
     dir: PathBuf,
+    /// A PostgreSQL database shared by several controllers; `None`: SQLite in the directory.
+    database: Option<String>,
+    /// The key file, when not `controller.key` in the directory.
+    key_file: Option<PathBuf>,
+}
+
+/// `url` without its password, for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url
+            .split_whitespace()
+            .map(|kv| {
+                if kv.starts_with("password=") {
+                    "password=***"
+                } else {
+                    kv
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+    }
+}
+
+/// Checks a `--database` value: a PostgreSQL connection string.
+pub fn check_database(url: &str) -> anyhow::Result<()> {
+    let url = url.trim();
+    if url.starts_with("postgres://")
+        || url.starts_with("postgresql://")
+        || url.contains("host=")
+        || url.contains("dbname=")
+    {
+        return Ok(());
+    }
+    bail!("--database {:?} is not a PostgreSQL connection string: use postgres://USER:PASSWORD@HOST:5432/DB (or host=... dbname=... pairs); without --database the controller keeps SQLite in its state directory", redact_url(url))
 }
 
 impl StateDir {
@@ -75,7 +117,44 @@ impl StateDir {
         let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
         Ok(StateDir {
             dir: dir.to_owned(),
+            database: None,
+            key_file: None,
         })
+    }
+
+    /// Uses the PostgreSQL database at `url` instead of SQLite in the directory.
+    pub fn with_database(mut self, url: Option<String>) -> StateDir {
+        self.database = url;
+        self
+    }
+
+    /// Uses the key at `path` instead of `controller.key` in the directory.
+    pub fn with_key_file(mut self, path: Option<PathBuf>) -> StateDir {
+        self.key_file = path;
+        self
+    }
+
+    /// Whether the database is PostgreSQL, possibly shared with other controllers.
+    pub fn is_shared(&self) -> bool {
+        self.database.is_some()
+    }
+
+    /// For admin commands on a shared database: nothing local is needed (the database tells
+    /// the key and where the controllers are), so nothing is checked or created.
+    pub fn remote(dir: &Path, url: String, key_file: Option<PathBuf>) -> StateDir {
+        StateDir {
+            dir: dir.to_owned(),
+            database: Some(url),
+            key_file,
+        }
+    }
+
+    /// Where the database is, for logs: the file, or the PostgreSQL URL without password.
+    pub fn database_name(&self) -> String {
+        match &self.database {
+            Some(url) => redact_url(url),
+            None => self.dir.join(DB_FILE).display().to_string(),
+        }
     }
 
     /// An existing controller's directory, for admin commands: refuses a directory without
@@ -84,6 +163,8 @@ impl StateDir {
     pub fn existing(dir: &Path) -> anyhow::Result<StateDir> {
         let state = StateDir {
             dir: dir.to_owned(),
+            database: None,
+            key_file: None,
         };
         // A `serve` that has just started (`serve ... &` then `network create`, as every
         // provisioning script does) is about to create the key: wait for it, up to 10 s once it
@@ -117,10 +198,11 @@ impl StateDir {
     /// Refuses a database without its key: every token and node of that controller pins the
     /// lost key, so a new one would lock them all out.
     pub fn init_controller(&self) -> anyhow::Result<bool> {
-        if self.dir.join(KEY_FILE).exists() {
+        if self.key_path().exists() {
             return Ok(false);
         }
-        if self.dir.join(DB_FILE).exists() {
+        // On a shared database the others' key is checked at start (`claim_identity`).
+        if !self.is_shared() && self.dir.join(DB_FILE).exists() {
             bail!("{}", self.lost_key());
         }
         self.controller_key()?;
@@ -141,7 +223,9 @@ impl StateDir {
 
     /// The controller's key file: its identity, which every token and node pins.
     pub fn key_path(&self) -> PathBuf {
-        self.dir.join(KEY_FILE)
+        self.key_file
+            .clone()
+            .unwrap_or_else(|| self.dir.join(KEY_FILE))
     }
 
     /// Whether a process holds the directory for `role` (creating nothing).
@@ -166,22 +250,41 @@ impl StateDir {
 
     /// Opens the database.
     pub fn open_store(&self) -> anyhow::Result<Store> {
+        if let Some(url) = &self.database {
+            return Store::connect(url).with_context(|| {
+                format!("cannot use the PostgreSQL database {}", redact_url(url))
+            });
+        }
         let path = self.dir.join(DB_FILE);
         Store::open(&path).with_context(|| format!("cannot open database {}", path.display()))
     }
 
     /// The controller's private key; generated (mode 0600) on first use.
     pub fn controller_key(&self) -> anyhow::Result<[u8; 32]> {
-        self.private_key(KEY_FILE)
+        self.private_key(&self.key_path())
+    }
+
+    /// The controller's public key for admin commands: from the key file, or on a shared
+    /// database without one here, as the controllers recorded it.
+    pub fn public_key(&self) -> anyhow::Result<PublicKey> {
+        if self.key_path().exists() || !self.is_shared() {
+            return self.controller_public();
+        }
+        self.open_store()?.identity()?.with_context(|| {
+            format!(
+                "no controller has started on {} yet: start `mesh-controller serve --database ...` first",
+                self.database_name()
+            )
+        })
     }
 
     /// A standalone relay's private key; generated (mode 0600) on first use.
     pub fn relay_key(&self) -> anyhow::Result<[u8; 32]> {
-        self.private_key(RELAY_KEY_FILE)
+        self.private_key(&self.dir.join(RELAY_KEY_FILE))
     }
 
-    fn private_key(&self, file: &str) -> anyhow::Result<[u8; 32]> {
-        let path = self.dir.join(file);
+    fn private_key(&self, path: &Path) -> anyhow::Result<[u8; 32]> {
+        let path = path.to_owned();
         match std::fs::read_to_string(&path) {
             Ok(text) => {
                 let bytes = STANDARD

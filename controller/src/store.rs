@@ -37,6 +37,7 @@ pub mod approval;
 pub mod ipam6;
 pub mod names;
 mod pg_schema;
+pub mod replicas;
 pub mod routes;
 pub mod sql;
 
@@ -55,7 +56,7 @@ pub const ONLINE_WINDOW_SECS: u64 = 30;
 pub enum StoreError {
     /// The database (SQLite or PostgreSQL) failed.
     #[error("database error: {0}")]
-    Db(#[from] sql::DbError),
+    Db(sql::DbError),
     /// The caller asked for something that does not exist or is not allowed.
     #[error("{0}")]
     Invalid(String),
@@ -67,6 +68,12 @@ pub enum StoreError {
         /// Text for the person at the node.
         message: String,
     },
+}
+
+impl From<sql::DbError> for StoreError {
+    fn from(e: sql::DbError) -> StoreError {
+        StoreError::Db(e)
+    }
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -706,24 +713,21 @@ impl Store {
         Ok(out)
     }
 
-    /// Records that a node's control connection ended.
+    /// Records that a node's control connection, that of `session`, ended; nothing when the
+    /// node has connected again since (to this controller or another).
     pub fn disconnected(
         &self,
         network_id: i64,
         key: &PublicKey,
+        session: &str,
         now: u64,
     ) -> Result<(), StoreError> {
         self.conn.execute(
-            "UPDATE nodes SET connected = 0, last_seen = ?1 WHERE network_id = ?2 AND key = ?3 AND removed_at IS NULL",
-            params![now as i64, network_id, key.to_string()],
+            "UPDATE nodes SET connected = 0, last_seen = ?1
+             WHERE network_id = ?2 AND key = ?3 AND removed_at IS NULL
+                 AND (session IS NULL OR session = ?4)",
+            params![now as i64, network_id, key.to_string(), session],
         )?;
-        Ok(())
-    }
-
-    /// Marks every node disconnected (at controller start: no connection survives a restart).
-    pub fn reset_connections(&self) -> Result<(), StoreError> {
-        self.conn
-            .execute("UPDATE nodes SET connected = 0", params![])?;
         Ok(())
     }
 
@@ -1062,7 +1066,7 @@ fn copy_into(from: &rusqlite::Connection, path: &Path) -> Result<BackupSummary, 
 
 /// The schema this version of the controller writes, kept in SQLite's `user_version`. Raise it
 /// with every change to the schema, and add the change to [`migrate`].
-const SCHEMA_VERSION: i64 = 6;
+const SCHEMA_VERSION: i64 = 7;
 
 /// Brings the schema up to [`SCHEMA_VERSION`] in one `BEGIN IMMEDIATE` transaction: the version
 /// is read under the write lock, so of several processes opening one database at once (`serve`
@@ -1199,6 +1203,11 @@ fn migrate(conn: &Conn) -> Result<(), StoreError> {
     if version < 6 {
         // The IPv6 overlay: a ULA prefix per network, an address per node.
         ipam6::migrate(&tx)?;
+    }
+    if version < 7 {
+        // Several controllers on one database: their shared identity, who is up, and which
+        // session owns each node's connection.
+        replicas::migrate(&tx)?;
     }
     tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
     tx.commit()?;
@@ -2188,7 +2197,7 @@ mod tests {
         let a = join(&mut s, 1, "a").unwrap();
         assert!(s.nodes("prod", T0).unwrap()[0].online);
         assert!(!s.nodes("prod", T0 + ONLINE_WINDOW_SECS + 1).unwrap()[0].online);
-        s.disconnected(a.network_id, &key(1), T0).unwrap();
+        s.disconnected(a.network_id, &key(1), "r/1", T0).unwrap();
         assert!(!s.nodes("prod", T0).unwrap()[0].online);
     }
 

@@ -217,7 +217,7 @@ mod tests {
         let id = crate::store::network_by_name(&s.conn, "prod")
             .expect("net")
             .0;
-        s.disconnected(id, &super::super::tests::key(2), T0)
+        s.disconnected(id, &super::super::tests::key(2), "r/1", T0)
             .expect("disconnect");
         assert_eq!(s.aliases(id).expect("names")[0].down, vec!["cp2"]);
         // Setting again replaces the members.

@@ -129,6 +129,22 @@ const MIGRATIONS: &[&str] = &[
     CREATE TRIGGER names_changed AFTER INSERT OR UPDATE OR DELETE ON names
         FOR EACH STATEMENT EXECUTE FUNCTION mesh_notify_change();
     "#,
+    // 2: several controllers (SQLite's version 7); no triggers on the replicas' rows, which
+    // they rewrite every few seconds and which change nothing nodes are told.
+    r#"
+    CREATE TABLE settings (
+        name TEXT COLLATE "C" PRIMARY KEY,
+        value TEXT COLLATE "C" NOT NULL
+    );
+    CREATE TABLE controllers (
+        id TEXT COLLATE "C" PRIMARY KEY,
+        addrs TEXT COLLATE "C" NOT NULL DEFAULT '[]',
+        tcp TEXT COLLATE "C",
+        started_at BIGINT NOT NULL,
+        last_seen BIGINT NOT NULL
+    );
+    ALTER TABLE nodes ADD COLUMN session TEXT COLLATE "C";
+    "#,
 ];
 
 /// Brings the schema up to date in one transaction under the controllers' write lock: of

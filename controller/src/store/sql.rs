@@ -25,16 +25,29 @@ pub const CHANGES_CHANNEL: &str = "mesh_changes";
 pub enum DbError {
     /// SQLite failed.
     #[error("{0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(rusqlite::Error),
     /// PostgreSQL failed, or cannot be reached.
     #[error("{}", pg_message(.0))]
-    Postgres(#[from] postgres::Error),
+    Postgres(postgres::Error),
     /// A query that must return a row returned none.
     #[error("query returned no rows")]
     NoRows,
     /// A column did not hold what the code reads from it.
     #[error("column {0}: {1}")]
     Type(usize, String),
+}
+
+// Not `#[from]`: the message already says it all, and as a source it would be said twice.
+impl From<rusqlite::Error> for DbError {
+    fn from(e: rusqlite::Error) -> DbError {
+        DbError::Sqlite(e)
+    }
+}
+
+impl From<postgres::Error> for DbError {
+    fn from(e: postgres::Error) -> DbError {
+        DbError::Postgres(e)
+    }
 }
 
 fn pg_message(e: &postgres::Error) -> String {
@@ -278,6 +291,8 @@ struct Pg {
     /// notification, and every reconnection (which may have missed some), counts.
     listening: bool,
     heard: i64,
+    /// Inside a transaction (whose statements are not repeated on a new connection).
+    in_tx: bool,
 }
 
 impl Conn {
@@ -298,6 +313,7 @@ impl Conn {
             changes: 0,
             listening: false,
             heard: 0,
+            in_tx: false,
         };
         pg.client()?;
         Ok(Conn {
@@ -517,6 +533,8 @@ impl Pg {
         }
         if self.client.is_none() {
             let mut client = postgres::Client::connect(&self.url, postgres::NoTls)?;
+            // The server's notices ("already exists, skipping") are no news to the log.
+            client.batch_execute("SET client_min_messages TO warning")?;
             self.statements.clear();
             if self.listening {
                 client.batch_execute(&format!("LISTEN {CHANGES_CHANNEL}"))?;
@@ -528,11 +546,25 @@ impl Pg {
         Ok(self.client.as_mut().expect("connected above"))
     }
 
-    /// Prepares `sql` (once per connection) and runs `f` with it.
+    /// Prepares `sql` (once per connection) and runs `f` with it. Outside a transaction, a
+    /// connection found broken (the server restarted, a failover) is made again and the
+    /// statement tried once more: the caller sees the database's answer, not its restart.
     fn run<T>(
         &mut self,
         sql: &str,
-        f: impl FnOnce(&mut postgres::Client, &postgres::Statement) -> Result<T, postgres::Error>,
+        f: impl Fn(&mut postgres::Client, &postgres::Statement) -> Result<T, postgres::Error>,
+    ) -> Result<T, DbError> {
+        let first = self.run_once(sql, &f);
+        if first.is_err() && self.broken() {
+            return self.run_once(sql, &f);
+        }
+        first
+    }
+
+    fn run_once<T>(
+        &mut self,
+        sql: &str,
+        f: &impl Fn(&mut postgres::Client, &postgres::Statement) -> Result<T, postgres::Error>,
     ) -> Result<T, DbError> {
         self.client()?;
         let client = self.client.as_mut().expect("connected above");
@@ -547,8 +579,27 @@ impl Pg {
         Ok(f(client, &st)?)
     }
 
+    /// Whether the last failure was a broken connection that may be made again and the
+    /// statement repeated: not inside a transaction, whose earlier statements died with it.
+    fn broken(&mut self) -> bool {
+        let closed = self.client.as_ref().is_some_and(|c| c.is_closed());
+        if closed {
+            self.client = None;
+        }
+        closed && !self.in_tx
+    }
+
     fn batch(&mut self, sql: &str) -> Result<(), DbError> {
-        Ok(self.client()?.batch_execute(sql)?)
+        let mut r = self.client().and_then(|c| Ok(c.batch_execute(sql)?));
+        if r.is_err() && self.broken() {
+            r = self.client().and_then(|c| Ok(c.batch_execute(sql)?));
+        }
+        if sql.starts_with("BEGIN") {
+            self.in_tx = r.is_ok();
+        } else if sql == "COMMIT" || sql == "ROLLBACK" {
+            self.in_tx = false;
+        }
+        r
     }
 
     fn heard(&mut self) -> Result<i64, DbError> {
@@ -558,7 +609,13 @@ impl Pg {
                 .batch_execute(&format!("LISTEN {CHANGES_CHANNEL}"))?;
         }
         use postgres::fallible_iterator::FallibleIterator;
-        let heard = self.client()?.notifications().iter().count();
+        // A moment's wait, not `iter()`: the client's runtime reads the socket only while it
+        // blocks, so a non-blocking look finds only what an earlier query happened to read.
+        let heard = self
+            .client()?
+            .notifications()
+            .timeout_iter(std::time::Duration::from_millis(2))
+            .count();
         match heard {
             Ok(n) => self.heard += n as i64,
             // The connection broke: connect again at once (which counts as a change), or say

@@ -530,8 +530,26 @@ pub async fn run(
     // The address in use: the token's, or one the controller announced (tried in turn while
     // the one in use does not answer).
     let mut target = ctx.target.clone();
-    let mut next_alternative = 0usize;
+    // Whether the last session was lost (rather than never opened).
+    let mut lost = false;
     loop {
+        if std::mem::take(&mut lost) {
+            // The race starts with the next address: the one just lost is likely down (a
+            // replica killed), and if it is not, it answers a stagger later.
+            let all = addresses(&ctx);
+            if let Some(i) = all
+                .iter()
+                .position(|a| *a == target.quic)
+                .filter(|_| all.len() > 1)
+            {
+                let next = &all[(i + 1) % all.len()];
+                target = if *next == ctx.target.quic {
+                    ctx.target.clone()
+                } else {
+                    Target::new(next, None, "mesh-controller")
+                };
+            }
+        }
         // What the Hello is about to tell counts as told.
         mapped.borrow_and_update();
         advertised.borrow_and_update();
@@ -546,18 +564,15 @@ pub async fn run(
                 routes: ctx.advertised.borrow().clone(),
                 exits: ctx.exits.clone(),
             };
-            let attempt = open(
-                &ctx.dialer,
-                &target,
-                &ctx.controller_key,
-                &ctx.node_key,
-                &hello,
-                Duration::from_secs(5),
-            );
-            let result = tokio::select! {
+            let attempt = open_any(&ctx, &target, &hello);
+            let (answered, result) = tokio::select! {
                 r = attempt => r,
                 _ = shutdown.changed() => return None,
             };
+            if result.is_ok() && answered.quic != target.quic {
+                info!(controller = %answered.quic, previous = %target.quic, "connected through another controller address");
+            }
+            target = answered;
             match result {
                 Ok(s) => s,
                 Err(ControlError::Refused {
@@ -572,19 +587,6 @@ pub async fn run(
                 }
                 Err(e) => {
                     warn!(error = %e, retry_in = ?backoff, "controller connection failed");
-                    if matches!(e, ControlError::Unreachable { .. }) {
-                        // Next time, the next address: the token's, then the announced ones.
-                        let all = addresses(&ctx);
-                        if all.len() > 1 {
-                            next_alternative = (next_alternative + 1) % all.len();
-                            target = if next_alternative == 0 {
-                                ctx.target.clone()
-                            } else {
-                                Target::new(&all[next_alternative], None, "mesh-controller")
-                            };
-                            info!(controller = %target.quic, "trying another address the controller announced");
-                        }
-                    }
                     set_status(&ctx, false, Some(e.to_string()));
                     if let Some(reply) = pending_leave.take() {
                         let _ = reply.send(Err(e.to_string()));
@@ -825,12 +827,75 @@ pub async fn run(
         conn.close(0, b"reconnecting");
         warn!(%reason, "control connection lost; peers stay as they are, reconnecting");
         set_status(&ctx, false, Some(reason));
+        lost = true;
         // A lost session is retried almost at once; backoff grows only while attempts fail.
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             _ = shutdown.changed() => return None,
         }
     }
+}
+
+/// How long a connection attempt waits before the next address joins the race.
+const RACE_STAGGER: Duration = Duration::from_millis(300);
+
+/// Opens a session on the first of the controller's addresses that answers: `first` (the one
+/// that answered last), then every other the token named or the controllers announced, each
+/// [`RACE_STAGGER`] after the one before, all racing. A controller that is down (killed, its
+/// host gone) costs a stagger, not a whole timeout: a node whose controller died is on another
+/// replica within the idle timeout and a few hundred milliseconds. A refusal is an answer and
+/// ends the race. Gives back the address that answered (or failed first) and the result.
+async fn open_any(
+    ctx: &ControlCtx,
+    first: &Target,
+    hello: &ClientMsg,
+) -> (Target, Result<(Session, Welcome), ControlError>) {
+    use futures_util::stream::{FuturesUnordered, StreamExt};
+    let mut targets = vec![first.clone()];
+    for a in addresses(ctx) {
+        if targets.iter().all(|t| t.quic != a) {
+            targets.push(if a == ctx.target.quic {
+                ctx.target.clone()
+            } else {
+                Target::new(&a, None, "mesh-controller")
+            });
+        }
+    }
+    let mut attempts: FuturesUnordered<_> = targets
+        .into_iter()
+        .enumerate()
+        .map(|(i, target)| async move {
+            tokio::time::sleep(RACE_STAGGER * i as u32).await;
+            let r = open(
+                &ctx.dialer,
+                &target,
+                &ctx.controller_key,
+                &ctx.node_key,
+                hello,
+                Duration::from_secs(5),
+            )
+            .await;
+            (target, r)
+        })
+        .collect();
+    let mut failed = None;
+    while let Some((target, r)) = attempts.next().await {
+        match r {
+            Ok(_) | Err(ControlError::Refused { .. }) => return (target, r),
+            Err(e) => {
+                if failed.is_none() {
+                    failed = Some((target, Err(e)));
+                }
+            }
+        }
+    }
+    failed.unwrap_or_else(|| {
+        let e = ControlError::Failed {
+            addr: first.quic.clone(),
+            reason: "no address to try".into(),
+        };
+        (first.clone(), Err(e))
+    })
 }
 
 /// Every address the controller may be reached at: the one from the token, then the ones it

@@ -57,7 +57,7 @@ pub const SEND_FRAME: usize = 1150;
 pub const KEEPALIVE: Duration = quic::KEEPALIVE;
 /// A connection that delivers nothing for this long is dead (pings arrive every
 /// [`KEEPALIVE`], so this is three missed ones plus a round trip).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(8);
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// Control frames waiting in each direction: each is at most 64 KiB.
 pub const CONTROL_QUEUE: usize = 2;
 /// The kernel's send buffer for the connection: bounds how much relayed data a control message

@@ -25,6 +25,9 @@ pub struct Postgres {
     dir: PathBuf,
     bin: PathBuf,
     user: Option<String>,
+    /// The network namespace it runs in, and the address it listens on there (`None`:
+    /// 127.0.0.1 in the tests' own namespace).
+    netns: Option<(String, std::net::Ipv4Addr)>,
     port: u16,
     server: Option<Child>,
     log: PathBuf,
@@ -41,8 +44,19 @@ impl Postgres {
         })
     }
 
-    /// Makes a cluster in a new temporary directory and starts its server.
+    /// Makes a cluster in a new temporary directory and starts its server on loopback.
     pub fn start() -> Result<Postgres, String> {
+        Postgres::start_at(None)
+    }
+
+    /// Makes a cluster and starts its server inside network namespace `netns`, listening on
+    /// `addr` port 5432 there (the database host of a lab). The tests reach it through its
+    /// Unix socket in the cluster's directory, which does not depend on the namespace.
+    pub fn start_in(netns: &str, addr: std::net::Ipv4Addr) -> Result<Postgres, String> {
+        Postgres::start_at(Some((netns.to_owned(), addr)))
+    }
+
+    fn start_at(netns: Option<(String, std::net::Ipv4Addr)>) -> Result<Postgres, String> {
         let bin = bindir()?;
         static N: AtomicU32 = AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
@@ -71,6 +85,7 @@ impl Postgres {
             bin,
             user,
             port: 0,
+            netns,
             server: None,
         };
         let out = pg
@@ -93,7 +108,19 @@ impl Postgres {
                 String::from_utf8_lossy(&out.stderr)
             ));
         }
-        pg.port = free_port()?;
+        pg.port = if pg.netns.is_some() {
+            5432
+        } else {
+            free_port()?
+        };
+        if pg.netns.is_some() {
+            // The lab's hosts (controllers) connect over its network, not through the socket.
+            let hba = pg.data().join("pg_hba.conf");
+            let mut rules = std::fs::read_to_string(&hba).map_err(|e| format!("{e}"))?;
+            rules.push_str("host all all samenet trust\n");
+            std::fs::write(&hba, rules)
+                .map_err(|e| format!("cannot write {}: {e}", hba.display()))?;
+        }
         pg.run()?;
         Ok(pg)
     }
@@ -103,16 +130,30 @@ impl Postgres {
         self.port
     }
 
-    /// A connection string for database `db`.
+    /// A connection string for database `db`, over TCP (what a controller uses).
     pub fn url(&self, db: &str) -> String {
-        format!("postgres://{USER}@127.0.0.1:{}/{db}", self.port)
+        let host = self
+            .netns
+            .as_ref()
+            .map_or(std::net::Ipv4Addr::LOCALHOST, |(_, a)| *a);
+        format!("postgres://{USER}@{host}:{}/{db}", self.port)
+    }
+
+    /// A connection string for database `db` through the Unix socket (from the tests'
+    /// process, whatever namespace the server runs in).
+    fn local_url(&self, db: &str) -> String {
+        format!(
+            "host={} port={} user={USER} dbname={db}",
+            self.dir.display(),
+            self.port
+        )
     }
 
     /// Creates a new, empty database with a unique name; its connection string.
     pub fn new_database(&self) -> String {
         static N: AtomicU32 = AtomicU32::new(0);
         let name = format!("t{}", N.fetch_add(1, Ordering::SeqCst));
-        let mut admin = postgres::Client::connect(&self.url("postgres"), postgres::NoTls)
+        let mut admin = postgres::Client::connect(&self.local_url("postgres"), postgres::NoTls)
             .unwrap_or_else(|e| {
                 panic!(
                     "cannot connect to the test PostgreSQL: {e}; its log: {}",
@@ -165,7 +206,14 @@ impl Postgres {
         let path = self.bin.join(program);
         let mut c = match &self.user {
             Some(user) => {
-                let mut c = Command::new("setpriv");
+                let mut c = match &self.netns {
+                    Some((ns, _)) => {
+                        let mut c = Command::new("ip");
+                        c.args(["netns", "exec", ns, "setpriv"]);
+                        c
+                    }
+                    None => Command::new("setpriv"),
+                };
                 c.arg(format!("--reuid={user}"))
                     .arg(format!("--regid={user}"))
                     .arg("--clear-groups")
@@ -173,7 +221,14 @@ impl Postgres {
                     .arg(path);
                 c
             }
-            None => Command::new(path),
+            None => match &self.netns {
+                Some((ns, _)) => {
+                    let mut c = Command::new("ip");
+                    c.args(["netns", "exec", ns]).arg(path);
+                    c
+                }
+                None => Command::new(path),
+            },
         };
         c.current_dir(&self.dir).stdin(Stdio::null());
         c
@@ -191,7 +246,13 @@ impl Postgres {
             .arg("-D")
             .arg(self.data())
             .args(["-p", &self.port.to_string()])
-            .args(["-c", "listen_addresses=127.0.0.1"])
+            .arg("-c")
+            .arg(format!(
+                "listen_addresses={}",
+                self.netns
+                    .as_ref()
+                    .map_or(std::net::Ipv4Addr::LOCALHOST, |(_, a)| *a)
+            ))
             .arg("-c")
             .arg(format!("unix_socket_directories={}", self.dir.display()))
             .args(["-c", "fsync=off", "-c", "max_connections=300"])
@@ -202,7 +263,7 @@ impl Postgres {
         self.server = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if postgres::Client::connect(&self.url("postgres"), postgres::NoTls).is_ok() {
+            if postgres::Client::connect(&self.local_url("postgres"), postgres::NoTls).is_ok() {
                 return Ok(());
             }
             if let Some(child) = self.server.as_mut() {

@@ -1,0 +1,240 @@
+//! Three controllers on one PostgreSQL (Debian's server, started by the test in a lab host as
+//! an unprivileged user): nodes joined through different controllers ping each other; a change
+//! made through one controller reaches nodes on another within a second; a controller killed
+//! with -9 loses its nodes to the others within 5 s while pings go on, and no address is given
+//! twice; PostgreSQL restarted, the controllers carry on by themselves.
+#![allow(clippy::unwrap_used)]
+
+use mesh_e2e::{wait_all_pairs_ping, wait_until, Agent, Controller, Host, Lab};
+use mesh_testpg::Postgres;
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+const NET: &str = "ha";
+
+fn peer_names(a: &Agent) -> BTreeSet<String> {
+    a.status()
+        .map(|v| {
+            v["peers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["name"].as_str().unwrap().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The controller address the node's session is up with, if it is up.
+fn connected_to(a: &Agent) -> Option<String> {
+    let s = a.status().ok()?;
+    (s["controller"]["connected"] == true)
+        .then(|| s["controller"]["address"].as_str().unwrap().to_owned())
+}
+
+/// `mesh-controller --database URL ARGS` on controller `c`'s host; stdout.
+fn admin(c: &Controller, url: &str, args: &[&str]) -> String {
+    let mut all = vec!["--database", url];
+    all.extend_from_slice(args);
+    c.admin(all).ok().unwrap().stdout
+}
+
+/// A token whose first address is `first` (the others after it): the node connects there.
+fn token_via(c: &Controller, url: &str, first: &str, all: &[String]) -> String {
+    let mut args = vec!["token", "create", NET, "--reusable"];
+    for a in std::iter::once(first).chain(all.iter().map(String::as_str).filter(|a| *a != first)) {
+        args.extend_from_slice(&["--controller", a]);
+    }
+    admin(c, url, &args).trim().to_owned()
+}
+
+fn addresses(c: &Controller, url: &str) -> Vec<String> {
+    let v: Value = serde_json::from_str(&admin(c, url, &["node", "list", NET, "--json"])).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["address"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// `ping -i 0.2 -c COUNT` running in a host while the test does something else.
+struct Pinging(std::process::Child);
+
+impl Pinging {
+    fn start(from: &Host, to: std::net::Ipv4Addr, count: u32) -> Pinging {
+        let child = std::process::Command::new("ip")
+            .args([
+                "netns", "exec", &from.ns, "ping", "-n", "-q", "-i", "0.2", "-W", "1",
+            ])
+            .args(["-c", &count.to_string(), &to.to_string()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        Pinging(child)
+    }
+
+    /// Waits for the end; (sent, received).
+    fn wait(self) -> (u32, u32) {
+        let out = self.0.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .find(|l| l.contains("packets transmitted"))
+            .unwrap_or_else(|| panic!("no summary from ping: {text}"));
+        let num = |word: &str| -> u32 {
+            line.split(',')
+                .find(|p| p.contains(word))
+                .and_then(|p| p.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0)
+        };
+        (num("transmitted"), num("received"))
+    }
+}
+
+#[test]
+fn three_controllers_on_one_postgresql_survive_a_kill_and_a_database_restart() {
+    let mut lab = Lab::new("ha").unwrap();
+    let db_host: Host = lab.add_host_at("db", 50).unwrap();
+    let ctl_hosts: Vec<Host> = (1..=3)
+        .map(|i| lab.add_host_at(&format!("c{i}"), 60 + i).unwrap())
+        .collect();
+    let hosts: Vec<Host> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|n| lab.add_host(n).unwrap())
+        .collect();
+    // Dropped before the lab: the server stops before its namespace goes.
+    let mut pg = Postgres::start_in(&db_host.ns, db_host.ip).unwrap();
+    let url = pg.new_database();
+
+    // The first controller makes the key; the others get a copy (as an operator would).
+    let c1_dir = lab.state_dir("c1").unwrap();
+    let database = ["--database", url.as_str()];
+    let mut c1 =
+        Controller::start_with_args(&lab, &ctl_hosts[0], &c1_dir, 7443, &database).unwrap();
+    let key = lab.dir().join("controller.key");
+    std::fs::copy(c1_dir.join("controller.key"), &key).unwrap();
+    let shared = [
+        "--database",
+        url.as_str(),
+        "--key-file",
+        key.to_str().unwrap(),
+    ];
+    let mut c2 = Controller::start_with_args(
+        &lab,
+        &ctl_hosts[1],
+        &lab.state_dir("c2").unwrap(),
+        7443,
+        &shared,
+    )
+    .unwrap();
+    let c3 = Controller::start_with_args(
+        &lab,
+        &ctl_hosts[2],
+        &lab.state_dir("c3").unwrap(),
+        7443,
+        &shared,
+    )
+    .unwrap();
+    let all: Vec<String> = [&c1, &c2, &c3]
+        .iter()
+        .map(|c| c.listen.to_string())
+        .collect();
+
+    admin(&c2, &url, &["network", "create", NET, "--approval", "auto"]);
+    // a on c1, b on c2, c on c3, d on c1; each token names the three.
+    let via = |first: &Controller| token_via(&c3, &url, &first.listen.to_string(), &all);
+    let mut a = Agent::join(&lab, &hosts[0], "a", &via(&c1)).unwrap();
+    let b = Agent::join(&lab, &hosts[1], "b", &via(&c2)).unwrap();
+    let c = Agent::join(&lab, &hosts[2], "c", &via(&c3)).unwrap();
+    let d = Agent::join(&lab, &hosts[3], "d", &via(&c1)).unwrap();
+    for (node, ctl) in [(&a, &c1), (&b, &c2), (&c, &c3), (&d, &c1)] {
+        assert_eq!(
+            connected_to(node),
+            Some(ctl.listen.to_string()),
+            "{} is on its token's first controller",
+            node.name
+        );
+    }
+    wait_all_pairs_ping(&[&a, &b, &c, &d], Duration::from_secs(30)).unwrap();
+    let before: BTreeSet<String> = addresses(&c1, &url).into_iter().collect();
+    assert_eq!(before.len(), 4, "four nodes, four addresses: {before:?}");
+
+    // A removal through c2 reaches c (on c3) within a second.
+    let asked = Instant::now();
+    admin(&c2, &url, &["node", "remove", NET, "d"]);
+    // From the moment the command returns (its own start-up is not the control plane's).
+    let started = Instant::now();
+    eprintln!(
+        "`node remove` took {} ms, returned at {:?}",
+        started.duration_since(asked).as_millis(),
+        std::time::SystemTime::now()
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || !peer_names(&c).contains("d")),
+        "c still lists d"
+    );
+    let took = started.elapsed();
+    eprintln!(
+        "a removal through c2 reached a node on c3 in {} ms",
+        took.as_millis()
+    );
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    drop(d);
+
+    // c1 dies: a moves to another controller within 5 s while it keeps pinging b.
+    let pinging = Pinging::start(&a.host, b.address, 50);
+    let killed = Instant::now();
+    c1.kill9();
+    assert!(
+        wait_until(Duration::from_secs(10), || connected_to(&a)
+            .is_some_and(|to| to != c1.listen.to_string())),
+        "a did not move off the dead controller: {:?}\n{}",
+        a.status(),
+        a.log()
+    );
+    let moved = killed.elapsed();
+    eprintln!(
+        "a was on another controller {} ms after c1 was killed",
+        moved.as_millis()
+    );
+    assert!(moved < Duration::from_secs(5), "took {moved:?}");
+    let (sent, received) = pinging.wait();
+    eprintln!("pings a -> b across the kill: {received} of {sent}");
+    assert!(
+        received * 10 >= sent * 9,
+        "{received} of {sent} pings came back"
+    );
+    // The address stays, and a new node gets one nobody had.
+    let a_before = a.address;
+    assert_eq!(a.ip().unwrap(), a_before);
+    let e = Agent::join(&lab, &hosts[3], "e", &via(&c2)).unwrap();
+    assert!(
+        !before.contains(&e.address.to_string()),
+        "e got a used address {}",
+        e.address
+    );
+    wait_all_pairs_ping(&[&a, &b, &c, &e], Duration::from_secs(30)).unwrap();
+
+    // PostgreSQL restarts: the controllers reconnect by themselves; joins and changes work.
+    pg.restart().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let out = c3.admin(["--database", url.as_str(), "node", "remove", NET, "e"]);
+            out.success()
+        }),
+        "the database did not come back"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || !peer_names(&b).contains("e")),
+        "b (on c2) did not hear of e's removal after the database restart\n{}",
+        c2.log()
+    );
+    drop(e);
+    let f = Agent::join(&lab, &hosts[3], "f", &via(&c3)).unwrap();
+    assert!(!before.contains(&f.address.to_string()));
+    wait_all_pairs_ping(&[&a, &b, &c, &f], Duration::from_secs(30)).unwrap();
+    let _ = &mut a;
+}
