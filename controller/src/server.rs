@@ -238,6 +238,8 @@ struct Ctx {
     /// This controller as the other replicas on its database see it (its row is written every
     /// few seconds; see `store::replicas`).
     replica: Mutex<ReplicaRow>,
+    /// Wakes the replica loop to write the row at once (its addresses are known).
+    replica_changed: tokio::sync::Notify,
 }
 
 /// How often a controller writes its replica row and releases the nodes of replicas gone.
@@ -269,7 +271,10 @@ async fn replica_loop(ctx: Arc<Ctx>, db: Db) {
     let mut tick = tokio::time::interval(REPLICA_EVERY);
     let mut failing = false;
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = ctx.replica_changed.notified() => {}
+        }
         let mut row = ctx
             .replica
             .lock()
@@ -444,6 +449,7 @@ impl Controller {
             announce_own: std::sync::RwLock::new(Vec::new()),
             asks: Mutex::new(AskLimiter::default()),
             replica: Mutex::new(replica),
+            replica_changed: tokio::sync::Notify::new(),
         });
         tokio::spawn(replica_loop(
             ctx.clone(),
@@ -482,9 +488,13 @@ impl Controller {
     /// Where nodes reach this controller, for the replica row the others and admin commands
     /// read (`token create` puts the replicas that are up into tokens).
     pub fn set_addresses(&self, addrs: Vec<String>, tcp: Option<String>) {
-        let mut row = self.ctx.replica.lock().unwrap_or_else(|p| p.into_inner());
-        row.addrs = addrs;
-        row.tcp = tcp;
+        {
+            let mut row = self.ctx.replica.lock().unwrap_or_else(|p| p.into_inner());
+            row.addrs = addrs;
+            row.tcp = tcp;
+        }
+        // Admin commands on other hosts put these addresses into tokens from now on.
+        self.ctx.replica_changed.notify_one();
     }
 
     /// This controller's replica id (in its logs and the database's `controllers` table).

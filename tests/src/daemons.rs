@@ -677,3 +677,61 @@ pub fn wait_all_pairs_ping(agents: &[&Agent], timeout: Duration) -> Result<()> {
         failed.join(", ")
     )
 }
+
+/// Controllers sharing one PostgreSQL database, as an operator runs them for high
+/// availability: the server runs in lab host `db` (192.0.2.50, started by the test as an
+/// unprivileged user), the controllers in hosts `c1`.. (192.0.2.61..) on port 7443; the first
+/// makes the key, the others get a copy of it (`--key-file`).
+pub struct Replicas {
+    /// The controllers, in order.
+    pub controllers: Vec<Controller>,
+    /// Their database's connection string.
+    pub url: String,
+    /// The database server (stop and start it with `restart`).
+    pub postgres: mesh_testpg::Postgres,
+}
+
+impl Replicas {
+    /// Starts the database and `n` controllers on it.
+    pub fn start(lab: &mut Lab, n: u8) -> Result<Replicas> {
+        let db = lab.add_host_at("db", 50)?;
+        let postgres = mesh_testpg::Postgres::start_in(&db.ns, db.ip).map_err(|e| anyhow!(e))?;
+        let url = postgres.new_database();
+        let key = lab.dir().join("controller.key");
+        let mut controllers = Vec::new();
+        for i in 1..=n {
+            let host = lab.add_host_at(&format!("c{i}"), 60 + i)?;
+            let dir = lab.state_dir(&host.name)?;
+            let mut args = vec!["--database", url.as_str()];
+            let key_arg = key.to_string_lossy().into_owned();
+            if i > 1 {
+                args.extend_from_slice(&["--key-file", &key_arg]);
+            }
+            let c = Controller::start_with_args(lab, &host, &dir, CONTROL_PORT, &args)?;
+            if i == 1 {
+                std::fs::copy(dir.join("controller.key"), &key)?;
+            }
+            controllers.push(c);
+        }
+        Ok(Replicas {
+            controllers,
+            url,
+            postgres,
+        })
+    }
+
+    /// `mesh-controller --database URL ARGS` on controller `i`'s host.
+    pub fn admin(&self, i: usize, args: &[&str]) -> Output {
+        let mut all = vec!["--database", self.url.as_str()];
+        all.extend_from_slice(args);
+        self.controllers[i].admin(all)
+    }
+
+    /// The controllers' addresses, in order.
+    pub fn addrs(&self) -> Vec<String> {
+        self.controllers
+            .iter()
+            .map(|c| c.listen.to_string())
+            .collect()
+    }
+}

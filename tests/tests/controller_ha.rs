@@ -2,11 +2,12 @@
 //! an unprivileged user): nodes joined through different controllers ping each other; a change
 //! made through one controller reaches nodes on another within a second; a controller killed
 //! with -9 loses its nodes to the others within 5 s while pings go on, and no address is given
-//! twice; PostgreSQL restarted, the controllers carry on by themselves.
+//! twice; a node whose token names the controllers by one DNS name (three A records) moves
+//! the same way; PostgreSQL restarted, the controllers carry on by themselves.
 #![allow(clippy::unwrap_used)]
 
+use mesh_e2e::daemons::Replicas;
 use mesh_e2e::{wait_all_pairs_ping, wait_until, Agent, Controller, Host, Lab};
-use mesh_testpg::Postgres;
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -94,62 +95,59 @@ impl Pinging {
     }
 }
 
+/// /etc/netns/<namespace>/hosts (which `ip netns exec` mounts over /etc/hosts), removed on
+/// drop: the host's resolver answers `name` with every address given.
+struct HostsFile(std::path::PathBuf);
+
+impl HostsFile {
+    fn new(host: &Host, name: &str, addrs: &[String]) -> HostsFile {
+        let dir = std::path::PathBuf::from("/etc/netns").join(&host.ns);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut text = String::from("127.0.0.1\tlocalhost\n");
+        for a in addrs {
+            text.push_str(&format!("{}\t{name}\n", a.rsplit_once(':').unwrap().0));
+        }
+        std::fs::write(dir.join("hosts"), text).unwrap();
+        HostsFile(dir)
+    }
+}
+
+impl Drop for HostsFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 #[test]
 fn three_controllers_on_one_postgresql_survive_a_kill_and_a_database_restart() {
     let mut lab = Lab::new("ha").unwrap();
-    let db_host: Host = lab.add_host_at("db", 50).unwrap();
-    let ctl_hosts: Vec<Host> = (1..=3)
-        .map(|i| lab.add_host_at(&format!("c{i}"), 60 + i).unwrap())
-        .collect();
-    let hosts: Vec<Host> = ["a", "b", "c", "d"]
+    // Dropped before the lab: the controllers stop, then the database server.
+    let mut replicas = Replicas::start(&mut lab, 3).unwrap();
+    let hosts: Vec<Host> = ["a", "b", "c", "d", "g"]
         .iter()
         .map(|n| lab.add_host(n).unwrap())
         .collect();
-    // Dropped before the lab: the server stops before its namespace goes.
-    let mut pg = Postgres::start_in(&db_host.ns, db_host.ip).unwrap();
-    let url = pg.new_database();
-
-    // The first controller makes the key; the others get a copy (as an operator would).
-    let c1_dir = lab.state_dir("c1").unwrap();
-    let database = ["--database", url.as_str()];
-    let mut c1 =
-        Controller::start_with_args(&lab, &ctl_hosts[0], &c1_dir, 7443, &database).unwrap();
-    let key = lab.dir().join("controller.key");
-    std::fs::copy(c1_dir.join("controller.key"), &key).unwrap();
-    let shared = [
-        "--database",
-        url.as_str(),
-        "--key-file",
-        key.to_str().unwrap(),
-    ];
-    let mut c2 = Controller::start_with_args(
-        &lab,
-        &ctl_hosts[1],
-        &lab.state_dir("c2").unwrap(),
-        7443,
-        &shared,
-    )
-    .unwrap();
-    let c3 = Controller::start_with_args(
-        &lab,
-        &ctl_hosts[2],
-        &lab.state_dir("c3").unwrap(),
-        7443,
-        &shared,
-    )
-    .unwrap();
-    let all: Vec<String> = [&c1, &c2, &c3]
-        .iter()
-        .map(|c| c.listen.to_string())
-        .collect();
-
-    admin(&c2, &url, &["network", "create", NET, "--approval", "auto"]);
+    let url = replicas.url.clone();
+    let all = replicas.addrs();
+    let [c1, c2, c3] = &mut replicas.controllers[..] else {
+        unreachable!()
+    };
+    admin(c2, &url, &["network", "create", NET, "--approval", "auto"]);
+    // A token made without --controller names this host's controller, then the others up.
+    let made = c2.admin(["--database", url.as_str(), "token", "create", NET]);
+    let told = made.stderr.clone();
+    assert!(
+        told.contains(&format!("at {}", all[1]))
+            && told.contains(&all[0])
+            && told.contains(&all[2]),
+        "{made}"
+    );
     // a on c1, b on c2, c on c3, d on c1; each token names the three.
-    let via = |first: &Controller| token_via(&c3, &url, &first.listen.to_string(), &all);
-    let mut a = Agent::join(&lab, &hosts[0], "a", &via(&c1)).unwrap();
-    let b = Agent::join(&lab, &hosts[1], "b", &via(&c2)).unwrap();
-    let c = Agent::join(&lab, &hosts[2], "c", &via(&c3)).unwrap();
-    let d = Agent::join(&lab, &hosts[3], "d", &via(&c1)).unwrap();
+    let via = |first: &Controller| token_via(c3, &url, &first.listen.to_string(), &all);
+    let mut a = Agent::join(&lab, &hosts[0], "a", &via(c1)).unwrap();
+    let b = Agent::join(&lab, &hosts[1], "b", &via(c2)).unwrap();
+    let c = Agent::join(&lab, &hosts[2], "c", &via(c3)).unwrap();
+    let d = Agent::join(&lab, &hosts[3], "d", &via(c1)).unwrap();
     for (node, ctl) in [(&a, &c1), (&b, &c2), (&c, &c3), (&d, &c1)] {
         assert_eq!(
             connected_to(node),
@@ -158,13 +156,34 @@ fn three_controllers_on_one_postgresql_survive_a_kill_and_a_database_restart() {
             node.name
         );
     }
-    wait_all_pairs_ping(&[&a, &b, &c, &d], Duration::from_secs(30)).unwrap();
-    let before: BTreeSet<String> = addresses(&c1, &url).into_iter().collect();
-    assert_eq!(before.len(), 4, "four nodes, four addresses: {before:?}");
+    // g knows the controllers by one name with three addresses (c1's first).
+    let _hosts_file = HostsFile::new(&hosts[4], "ctl.mesh.test", &all);
+    let by_name = admin(
+        c3,
+        &url,
+        &[
+            "token",
+            "create",
+            NET,
+            "--reusable",
+            "--controller",
+            "ctl.mesh.test:7443",
+        ],
+    );
+    let mut g = Agent::join(&lab, &hosts[4], "g", by_name.trim()).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || connected_to(&g).is_some()),
+        "g is not connected: {:?}",
+        g.status()
+    );
+    eprintln!("g (by name) is on {:?}", connected_to(&g));
+    wait_all_pairs_ping(&[&a, &b, &c, &d, &g], Duration::from_secs(30)).unwrap();
+    let before: BTreeSet<String> = addresses(c1, &url).into_iter().collect();
+    assert_eq!(before.len(), 5, "five nodes, five addresses: {before:?}");
 
     // A removal through c2 reaches c (on c3) within a second.
     let asked = Instant::now();
-    admin(&c2, &url, &["node", "remove", NET, "d"]);
+    admin(c2, &url, &["node", "remove", NET, "d"]);
     // From the moment the command returns (its own start-up is not the control plane's).
     let started = Instant::now();
     eprintln!(
@@ -201,6 +220,21 @@ fn three_controllers_on_one_postgresql_survive_a_kill_and_a_database_restart() {
         moved.as_millis()
     );
     assert!(moved < Duration::from_secs(5), "took {moved:?}");
+    // g too, whichever of the name's addresses it was on.
+    assert!(
+        wait_until(Duration::from_secs(10), || connected_to(&g)
+            .is_some_and(|to| to != all[0])),
+        "g did not move off the dead controller: {:?}\n{}",
+        g.status(),
+        g.log()
+    );
+    let g_moved = killed.elapsed();
+    eprintln!(
+        "g was on {:?} {} ms after c1 was killed",
+        connected_to(&g),
+        g_moved.as_millis()
+    );
+    assert!(g_moved < Duration::from_secs(5), "took {g_moved:?}");
     let (sent, received) = pinging.wait();
     eprintln!("pings a -> b across the kill: {received} of {sent}");
     assert!(
@@ -210,16 +244,16 @@ fn three_controllers_on_one_postgresql_survive_a_kill_and_a_database_restart() {
     // The address stays, and a new node gets one nobody had.
     let a_before = a.address;
     assert_eq!(a.ip().unwrap(), a_before);
-    let e = Agent::join(&lab, &hosts[3], "e", &via(&c2)).unwrap();
+    let e = Agent::join(&lab, &hosts[3], "e", &via(c2)).unwrap();
     assert!(
         !before.contains(&e.address.to_string()),
         "e got a used address {}",
         e.address
     );
-    wait_all_pairs_ping(&[&a, &b, &c, &e], Duration::from_secs(30)).unwrap();
+    wait_all_pairs_ping(&[&a, &b, &c, &e, &g], Duration::from_secs(30)).unwrap();
 
     // PostgreSQL restarts: the controllers reconnect by themselves; joins and changes work.
-    pg.restart().unwrap();
+    replicas.postgres.restart().unwrap();
     assert!(
         wait_until(Duration::from_secs(20), || {
             let out = c3.admin(["--database", url.as_str(), "node", "remove", NET, "e"]);
@@ -233,7 +267,7 @@ fn three_controllers_on_one_postgresql_survive_a_kill_and_a_database_restart() {
         c2.log()
     );
     drop(e);
-    let f = Agent::join(&lab, &hosts[3], "f", &via(&c3)).unwrap();
+    let f = Agent::join(&lab, &hosts[3], "f", &via(c3)).unwrap();
     assert!(!before.contains(&f.address.to_string()));
     wait_all_pairs_ping(&[&a, &b, &c, &f], Duration::from_secs(30)).unwrap();
     let _ = &mut a;

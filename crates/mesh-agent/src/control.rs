@@ -533,23 +533,9 @@ pub async fn run(
     // Whether the last session was lost (rather than never opened).
     let mut lost = false;
     loop {
-        if std::mem::take(&mut lost) {
-            // The race starts with the next address: the one just lost is likely down (a
-            // replica killed), and if it is not, it answers a stagger later.
-            let all = addresses(&ctx);
-            if let Some(i) = all
-                .iter()
-                .position(|a| *a == target.quic)
-                .filter(|_| all.len() > 1)
-            {
-                let next = &all[(i + 1) % all.len()];
-                target = if *next == ctx.target.quic {
-                    ctx.target.clone()
-                } else {
-                    Target::new(next, None, "mesh-controller")
-                };
-            }
-        }
+        // The address just lost goes last in the next race: it is likely down (a replica
+        // killed), and if it is not, it answers a few staggers later.
+        let avoid = std::mem::take(&mut lost).then(|| target.quic.clone());
         // What the Hello is about to tell counts as told.
         mapped.borrow_and_update();
         advertised.borrow_and_update();
@@ -564,7 +550,7 @@ pub async fn run(
                 routes: ctx.advertised.borrow().clone(),
                 exits: ctx.exits.clone(),
             };
-            let attempt = open_any(&ctx, &target, &hello);
+            let attempt = open_any(&ctx, &target, &hello, avoid.as_deref());
             let (answered, result) = tokio::select! {
                 r = attempt => r,
                 _ = shutdown.changed() => return None,
@@ -841,7 +827,7 @@ const RACE_STAGGER: Duration = Duration::from_millis(300);
 
 /// Opens a session on the first of the controller's addresses that answers: `first` (the one
 /// that answered last), then every other the token named or the controllers announced, each
-/// [`RACE_STAGGER`] after the one before, all racing. A controller that is down (killed, its
+/// [`RACE_STAGGER`] after the one before, all racing; `last` (the one just lost) at the end. A controller that is down (killed, its
 /// host gone) costs a stagger, not a whole timeout: a node whose controller died is on another
 /// replica within the idle timeout and a few hundred milliseconds. A refusal is an answer and
 /// ends the race. Gives back the address that answered (or failed first) and the result.
@@ -849,6 +835,7 @@ async fn open_any(
     ctx: &ControlCtx,
     first: &Target,
     hello: &ClientMsg,
+    last: Option<&str>,
 ) -> (Target, Result<(Session, Welcome), ControlError>) {
     use futures_util::stream::{FuturesUnordered, StreamExt};
     let mut targets = vec![first.clone()];
@@ -861,7 +848,20 @@ async fn open_any(
             });
         }
     }
-    let mut attempts: FuturesUnordered<_> = targets
+    // A name with several addresses (one A record per replica) races as several controllers.
+    let mut expanded: Vec<Target> = Vec::with_capacity(targets.len());
+    for t in targets {
+        for one in spread(t).await {
+            if expanded.iter().all(|e| e.quic != one.quic) {
+                expanded.push(one);
+            }
+        }
+    }
+    if let Some(last) = last {
+        // Stable: the others keep their order.
+        expanded.sort_by_key(|t| t.quic == last);
+    }
+    let mut attempts: FuturesUnordered<_> = expanded
         .into_iter()
         .enumerate()
         .map(|(i, target)| async move {
@@ -896,6 +896,44 @@ async fn open_any(
         };
         (first.clone(), Err(e))
     })
+}
+
+/// `target` as one target per address its host name resolves to, when it has several (its
+/// TCP side on the same address); as it is otherwise, an IP address, or a name that does not
+/// resolve now (its attempt says why).
+async fn spread(target: Target) -> Vec<Target> {
+    let Some((host, _)) = target.quic.rsplit_once(':') else {
+        return vec![target];
+    };
+    if host
+        .trim_matches(['[', ']'])
+        .parse::<std::net::IpAddr>()
+        .is_ok()
+    {
+        return vec![target];
+    }
+    let Ok(found) = tokio::net::lookup_host(&target.quic).await else {
+        return vec![target];
+    };
+    let mut addrs: Vec<SocketAddr> = Vec::new();
+    for a in found.map(mesh_control::net::canonical) {
+        if !addrs.contains(&a) {
+            addrs.push(a);
+        }
+    }
+    if addrs.len() < 2 {
+        return vec![target];
+    }
+    let tcp_port = target.tcp.rsplit_once(':').map(|(_, p)| p.to_owned());
+    addrs
+        .into_iter()
+        .map(|a| {
+            let tcp = tcp_port
+                .as_deref()
+                .map(|p| SocketAddr::new(a.ip(), p.parse().unwrap_or(a.port())).to_string());
+            Target::new(&a.to_string(), tcp.as_deref(), target.server_name)
+        })
+        .collect()
 }
 
 /// Every address the controller may be reached at: the one from the token, then the ones it
