@@ -2,9 +2,12 @@
 //! nodes): 40 simulated nodes join a real controller over the real protocol, then one more
 //! joins and leaves. What a user of a big network relies on: every node joins, every connected
 //! node hears of the join and of the leave, and what each is sent for one change is a delta of
-//! one peer, not the network's whole list.
+//! one peer, not the network's whole list. Then the same across three controllers on one
+//! PostgreSQL: 200 nodes join at once spread over the three, no address is given twice, and
+//! every node, whichever controller it is on, hears of a join made through another.
 #![allow(clippy::unwrap_used)]
 
+use mesh_e2e::daemons::Replicas;
 use mesh_e2e::{bin_dir, run_with_timeout, Controller, Lab};
 use serde_json::Value;
 use std::time::Duration;
@@ -74,4 +77,82 @@ fn forty_nodes_join_and_each_hears_of_one_more_join_and_leave_as_a_delta() {
         (100..=1_000).contains(&bytes),
         "a node was sent {bytes} bytes for one join: {report:#}"
     );
+}
+
+#[test]
+fn two_hundred_nodes_join_three_controllers_at_once_and_no_address_is_given_twice() {
+    const MANY: u64 = 200;
+    let mut lab = Lab::new("control-load-ha").unwrap();
+    let replicas = Replicas::start(&mut lab, 3).unwrap();
+    let load = lab.add_host("load").unwrap();
+    replicas
+        .admin(0, &["network", "create", NET, "--approval", "auto"])
+        .ok()
+        .unwrap();
+    let token = replicas
+        .admin(1, &["token", "create", NET, "--reusable"])
+        .ok()
+        .unwrap()
+        .stdout
+        .trim()
+        .to_owned();
+    let tool = bin_dir().join("mesh-control-load");
+    let bind = load.ip.to_string();
+    let nodes = MANY.to_string();
+    let mut args = vec![
+        "--token",
+        token.as_str(),
+        "--nodes",
+        nodes.as_str(),
+        "--concurrency",
+        "64",
+        "--bind",
+        bind.as_str(),
+        "--idle",
+        "1",
+        "--settle-max",
+        "60",
+        "--json",
+    ];
+    let addrs = replicas.addrs();
+    for a in &addrs {
+        args.extend_from_slice(&["--controller", a]);
+    }
+    let out = run_with_timeout(&load.ns, &tool, args, Duration::from_secs(300));
+    assert!(out.success(), "{out}");
+    let report: Value = serde_json::from_str(out.stdout.trim())
+        .unwrap_or_else(|e| panic!("not one JSON object ({e}): {out}"));
+    eprintln!(
+        "200 joins over 3 controllers: {} s, all know all after {} s; one more join reached all in p99 {} ms",
+        report["join_span_s"], report["converged_s"], report["extra_join"]["p99_ms"]
+    );
+    assert_eq!(report["joined"].as_u64(), Some(MANY), "{report:#}");
+    assert_eq!(report["failed"].as_u64(), Some(0), "{report:#}");
+    // The extra join went through one controller; nodes on all three heard of it.
+    assert_eq!(
+        report["extra_join"]["within_10s"].as_u64(),
+        Some(MANY),
+        "{report:#}"
+    );
+    let listed: Value = serde_json::from_str(
+        &replicas
+            .admin(2, &["node", "list", NET, "--json"])
+            .ok()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let addresses: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["address"].as_str().unwrap())
+        .collect();
+    let unique: std::collections::BTreeSet<&&str> = addresses.iter().collect();
+    assert_eq!(
+        addresses.len() as u64,
+        MANY,
+        "the extra node left: {listed:#}"
+    );
+    assert_eq!(unique.len(), addresses.len(), "an address was given twice");
 }
