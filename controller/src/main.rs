@@ -30,8 +30,8 @@ struct Cli {
     config: Option<PathBuf>,
     /// PostgreSQL database, shared by several controllers (postgres://USER:PASSWORD@HOST/DB);
     /// every command, on any host that reaches it [default: SQLite in the state directory].
-    /// Put it in the configuration file (`database = "..."`, mode 0600) to keep the password
-    /// out of the process list.
+    /// Also MESH_CONTROLLER_DATABASE in the environment (keeps the password out of the
+    /// process list), or `database` in the configuration file.
     #[arg(long, global = true, value_name = "URL")]
     database: Option<String>,
     /// The controller's key file, which every replica on one database must share [default:
@@ -454,6 +454,9 @@ struct FileConfig {
 }
 
 const DEFAULT_CONFIG: &str = "/etc/mesh/mesh-controller.toml";
+/// The environment variable that may hold the database's connection string (with its
+/// password, which then stays out of the process list and of the 0644 configuration file).
+const DATABASE_ENV: &str = "MESH_CONTROLLER_DATABASE";
 const DEFAULT_RELAY_CONFIG: &str = "/etc/mesh/mesh-relay.toml";
 
 /// The STUN observer's address: `off` (or empty) for none, absent for the listen address's IP
@@ -516,7 +519,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .state_dir
         .or(file.state_dir.clone())
         .unwrap_or_else(|| PathBuf::from(default_dir));
-    let database = cli.database.or(file.database.clone());
+    // Flag, then the environment (systemd's EnvironmentFile=, a Kubernetes secret), then the
+    // configuration file.
+    let database = cli
+        .database
+        .or_else(|| std::env::var(DATABASE_ENV).ok().filter(|u| !u.trim().is_empty()))
+        .or(file.database.clone());
     if let Some(url) = &database {
         mesh_controller::state::check_database(url)?;
     }
