@@ -523,7 +523,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     // configuration file.
     let database = cli
         .database
-        .or_else(|| std::env::var(DATABASE_ENV).ok().filter(|u| !u.trim().is_empty()))
+        .or_else(|| {
+            std::env::var(DATABASE_ENV)
+                .ok()
+                .filter(|u| !u.trim().is_empty())
+        })
         .or(file.database.clone());
     if let Some(url) = &database {
         mesh_controller::state::check_database(url)?;
