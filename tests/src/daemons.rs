@@ -575,6 +575,21 @@ impl Agent {
         serde_json::from_str(&out.stdout).with_context(|| format!("status is not JSON: {out}"))
     }
 
+    /// The names of the peers `mesh status` lists (none while it does not answer).
+    pub fn peer_names(&self) -> Vec<String> {
+        self.status()
+            .ok()
+            .and_then(|v| {
+                v["peers"].as_array().map(|peers| {
+                    peers
+                        .iter()
+                        .filter_map(|p| p["name"].as_str().map(str::to_owned))
+                        .collect()
+                })
+            })
+            .unwrap_or_default()
+    }
+
     /// The status entry of the peer named `name`.
     pub fn peer(&self, name: &str) -> Result<Value> {
         let status = self.status()?;

@@ -7,19 +7,6 @@ use std::time::{Duration, Instant};
 
 const NET: &str = "members";
 
-fn peer_names(a: &Agent) -> Vec<String> {
-    a.status()
-        .map(|v| {
-            v["peers"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|p| p["name"].as_str().unwrap().to_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[test]
 fn joins_leaves_and_removals_reach_everyone_within_a_second() {
     let mut lab = Lab::new("membership").unwrap();
@@ -38,7 +25,8 @@ fn joins_leaves_and_removals_reach_everyone_within_a_second() {
     // A join: a learns of c within a second of c being up.
     let c = Agent::join(&lab, &hosts[2], "c", &token).unwrap();
     let t = Instant::now();
-    assert!(wait_until(Duration::from_secs(1), || peer_names(&a)
+    assert!(wait_until(Duration::from_secs(1), || a
+        .peer_names()
         .contains(&"c".to_owned())));
     eprintln!("join reached a after {:?}", t.elapsed());
     wait_all_pairs_ping(&[&a, &b, &c], Duration::from_secs(20)).unwrap();
@@ -49,7 +37,7 @@ fn joins_leaves_and_removals_reach_everyone_within_a_second() {
     assert!(out.stdout.contains("left network members"), "{out}");
     let t = Instant::now();
     assert!(wait_until(Duration::from_secs(1), || {
-        !peer_names(&a).contains(&"b".to_owned()) && !peer_names(&c).contains(&"b".to_owned())
+        !a.peer_names().contains(&"b".to_owned()) && !c.peer_names().contains(&"b".to_owned())
     }));
     eprintln!("leave reached a and c after {:?}", t.elapsed());
     assert!(
@@ -73,20 +61,25 @@ fn joins_leaves_and_removals_reach_everyone_within_a_second() {
     let out = ctl.admin(["node", "remove", NET, "c"]);
     assert!(out.success(), "{out}");
     let t = Instant::now();
-    assert!(wait_until(Duration::from_secs(1), || !peer_names(&a)
-        .contains(&"c".to_owned())));
+    assert!(wait_until(Duration::from_secs(1), || !Agent::peer_names(
+        &a
+    )
+    .contains(&"c".to_owned())));
     eprintln!("removal reached a after {:?}", t.elapsed());
     // c is told, and its traffic no longer gets in.
     assert!(!hosts[2].ping(a.address));
 
     // `mesh leave` without a daemon: d joins, its daemon stops, then it leaves.
     let mut d = Agent::join(&lab, &hosts[3], "d", &token).unwrap();
-    assert!(wait_until(Duration::from_secs(1), || peer_names(&a)
+    assert!(wait_until(Duration::from_secs(1), || a
+        .peer_names()
         .contains(&"d".to_owned())));
     d.stop();
     let out = d.cli(["leave"]);
     assert!(out.success(), "{out}");
-    assert!(wait_until(Duration::from_secs(1), || !peer_names(&a)
-        .contains(&"d".to_owned())));
+    assert!(wait_until(Duration::from_secs(1), || !Agent::peer_names(
+        &a
+    )
+    .contains(&"d".to_owned())));
     assert!(!d.cli(["ip"]).success());
 }
