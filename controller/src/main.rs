@@ -1257,8 +1257,8 @@ enum NoAddress {
 /// here, or (when that is a wildcard) the first one `serve --announce` names; else, on a shared
 /// database, the first controller that is up. `controller_tcp` (`--controller-tcp`, `none` for
 /// no TCP) or that address's host with the TCP port `serve` listens on, if it does. Besides,
-/// the other addresses: those `serve` announces, and on a shared database every other
-/// controller that is up. Fails with [`NoAddress`] when no address nodes can dial is known.
+/// the other addresses: the other `--controller` ones, those `serve` announces, and on a shared
+/// database every other controller that is up. Fails with [`NoAddress`] when no address nodes can dial is known.
 fn controller_ref(
     state: &StateDir,
     controllers: &[String],
@@ -1317,15 +1317,14 @@ fn controller_ref(
         }),
     };
     let mut others: Vec<String> = Vec::new();
+    // The other `--controller` addresses first, then (as always) the announced ones and the
+    // other replicas that are up.
     let candidates = controllers
         .iter()
         .skip(1)
         .map(|c| c.trim().to_owned())
-        .chain(if controllers.is_empty() {
-            state.announced().into_iter().chain(replica_addrs).collect()
-        } else {
-            Vec::new()
-        });
+        .chain(state.announced())
+        .chain(replica_addrs);
     for other in candidates {
         if others.len() < mesh_proto::token::MAX_OTHER_CONTROLLERS
             && other != addr
@@ -1597,6 +1596,12 @@ mod tests {
         assert_eq!(c.others, ["a:1", "b:2", "c:3", "d:4"]);
         let c = controller_ref(&state, &["ctl.example.com:7443".into()], Some("none")).unwrap();
         assert_eq!((c.addr.as_str(), c.tcp), ("ctl.example.com:7443", None));
+        // The announced addresses still follow a --controller address.
+        assert_eq!(c.others, ["192.0.2.1:7443", "a:1", "b:2", "c:3"]);
+        // Several: the given ones first, then the announced ones, at most four others.
+        let c = controller_ref(&state, &["x:1".into(), "b:2".into(), "y:2".into()], None).unwrap();
+        assert_eq!(c.addr, "x:1");
+        assert_eq!(c.others, ["b:2", "y:2", "192.0.2.1:7443", "a:1"]);
         let e = controller_ref(&state, &["ctl.example.com".into()], None).unwrap_err();
         assert!(e.to_string().contains("use host:port"), "{e}");
         let e = controller_ref(&state, &[], Some("443")).unwrap_err();
