@@ -343,11 +343,6 @@ impl Store {
         Ok(Store { conn })
     }
 
-    /// Whether the database is PostgreSQL (shared by several controllers).
-    pub fn is_postgres(&self) -> bool {
-        self.conn.is_postgres()
-    }
-
     /// Copies the database to `dest` while other connections (a running `serve`) keep using
     /// it, with SQLite's online backup API: into a temporary file beside `dest` (mode 0600),
     /// which then replaces `dest`. The copy is a single file (no `-wal` beside it), ready to be

@@ -291,8 +291,6 @@ struct Pg {
     /// notification, and every reconnection (which may have missed some), counts.
     listening: bool,
     heard: i64,
-    /// Inside a transaction (whose statements are not repeated on a new connection).
-    in_tx: bool,
 }
 
 impl Conn {
@@ -313,7 +311,6 @@ impl Conn {
             changes: 0,
             listening: false,
             heard: 0,
-            in_tx: false,
         };
         pg.client()?;
         Ok(Conn {
@@ -330,11 +327,6 @@ impl Conn {
         }
     }
 
-    /// Whether this is PostgreSQL.
-    pub fn is_postgres(&self) -> bool {
-        matches!(self.inner, Inner::Postgres(_))
-    }
-
     /// Runs one statement; the number of rows it changed.
     pub fn execute(&self, sql: &str, params: impl Params) -> Result<usize, DbError> {
         let values = params.values();
@@ -344,7 +336,9 @@ impl Conn {
                 .execute(rusqlite::params_from_iter(values.iter()))?),
             Inner::Postgres(pg) => {
                 let mut pg = pg.borrow_mut();
-                let n = pg.run(sql, |client, st| client.execute(st, &pg_params(&values)))?;
+                let n = pg.run(sql, self.may_retry(), |client, st| {
+                    client.execute(st, &pg_params(&values))
+                })?;
                 pg.changes += n;
                 Ok(n as usize)
             }
@@ -355,8 +349,14 @@ impl Conn {
     pub fn execute_batch(&self, sql: &str) -> Result<(), DbError> {
         match &self.inner {
             Inner::Sqlite(c) => Ok(c.execute_batch(sql)?),
-            Inner::Postgres(pg) => pg.borrow_mut().batch(sql),
+            Inner::Postgres(pg) => pg.borrow_mut().batch(sql, self.may_retry()),
         }
+    }
+
+    /// Whether a statement on a PostgreSQL connection found broken may be repeated on a new
+    /// one: outside a transaction, whose earlier statements died with the old connection.
+    fn may_retry(&self) -> bool {
+        !self.in_tx.get()
     }
 
     /// Every row of a query.
@@ -378,9 +378,9 @@ impl Conn {
                 Ok(out)
             }
             Inner::Postgres(pg) => {
-                let rows = pg
-                    .borrow_mut()
-                    .run(sql, |client, st| client.query(st, &pg_params(&values)))?;
+                let rows = pg.borrow_mut().run(sql, self.may_retry(), |client, st| {
+                    client.query(st, &pg_params(&values))
+                })?;
                 rows.iter().map(pg_row).collect()
             }
         }
@@ -418,9 +418,10 @@ impl Conn {
         }
         match &self.inner {
             Inner::Sqlite(c) => c.execute_batch("BEGIN IMMEDIATE")?,
-            Inner::Postgres(pg) => pg.borrow_mut().batch(&format!(
-                "BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})"
-            ))?,
+            Inner::Postgres(pg) => pg.borrow_mut().batch(
+                &format!("BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})"),
+                true,
+            )?,
         }
         self.in_tx.set(true);
         Ok(Tx {
@@ -455,11 +456,16 @@ pub struct Tx<'c> {
 }
 
 impl Tx<'_> {
-    /// Makes the transaction's writes durable and visible.
+    /// Makes the transaction's writes durable and visible. When the commit fails, the
+    /// transaction is rolled back (as on drop): SQLite leaves a transaction whose COMMIT
+    /// failed open, and the connection could start no other.
     pub fn commit(mut self) -> Result<(), DbError> {
-        self.done = true;
-        self.conn.in_tx.set(false);
-        self.conn.execute_batch("COMMIT")
+        let r = self.conn.execute_batch("COMMIT");
+        if r.is_ok() {
+            self.done = true;
+            self.conn.in_tx.set(false);
+        }
+        r
     }
 }
 
@@ -473,8 +479,8 @@ impl std::ops::Deref for Tx<'_> {
 impl Drop for Tx<'_> {
     fn drop(&mut self) {
         if !self.done {
-            self.conn.in_tx.set(false);
             let _ = self.conn.execute_batch("ROLLBACK");
+            self.conn.in_tx.set(false);
         }
     }
 }
@@ -546,16 +552,18 @@ impl Pg {
         Ok(self.client.as_mut().expect("connected above"))
     }
 
-    /// Prepares `sql` (once per connection) and runs `f` with it. Outside a transaction, a
-    /// connection found broken (the server restarted, a failover) is made again and the
-    /// statement tried once more: the caller sees the database's answer, not its restart.
+    /// Prepares `sql` (once per connection) and runs `f` with it. A connection found broken
+    /// (the server restarted, a failover) is made again and, when `retry` says the statement
+    /// may be repeated, it is tried once more: the caller sees the database's answer, not its
+    /// restart.
     fn run<T>(
         &mut self,
         sql: &str,
+        retry: bool,
         f: impl Fn(&mut postgres::Client, &postgres::Statement) -> Result<T, postgres::Error>,
     ) -> Result<T, DbError> {
         let first = self.run_once(sql, &f);
-        if first.is_err() && self.broken() {
+        if first.is_err() && self.broken() && retry {
             return self.run_once(sql, &f);
         }
         first
@@ -579,25 +587,20 @@ impl Pg {
         Ok(f(client, &st)?)
     }
 
-    /// Whether the last failure was a broken connection that may be made again and the
-    /// statement repeated: not inside a transaction, whose earlier statements died with it.
+    /// Whether the last failure was a broken connection (then dropped: the next statement
+    /// connects again).
     fn broken(&mut self) -> bool {
         let closed = self.client.as_ref().is_some_and(|c| c.is_closed());
         if closed {
             self.client = None;
         }
-        closed && !self.in_tx
+        closed
     }
 
-    fn batch(&mut self, sql: &str) -> Result<(), DbError> {
+    fn batch(&mut self, sql: &str, retry: bool) -> Result<(), DbError> {
         let mut r = self.client().and_then(|c| Ok(c.batch_execute(sql)?));
-        if r.is_err() && self.broken() {
+        if r.is_err() && self.broken() && retry {
             r = self.client().and_then(|c| Ok(c.batch_execute(sql)?));
-        }
-        if sql.starts_with("BEGIN") {
-            self.in_tx = r.is_ok();
-        } else if sql == "COMMIT" || sql == "ROLLBACK" {
-            self.in_tx = false;
         }
         r
     }
@@ -722,6 +725,31 @@ impl postgres::types::ToSql for Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A COMMIT that fails (here a deferred foreign key) leaves no transaction open: the
+    /// connection's next transaction starts, and the failed one's write is gone.
+    #[test]
+    fn a_failed_commit_rolls_back() {
+        let conn = Conn::sqlite(rusqlite::Connection::open_in_memory().unwrap());
+        conn.execute_batch(
+            "PRAGMA foreign_keys = ON;
+             CREATE TABLE a (id INTEGER PRIMARY KEY);
+             CREATE TABLE b (a_id INTEGER REFERENCES a(id) DEFERRABLE INITIALLY DEFERRED);",
+        )
+        .unwrap();
+        let tx = conn.transaction().unwrap();
+        tx.execute("INSERT INTO b (a_id) VALUES (?1)", [7]).unwrap();
+        assert!(
+            tx.commit().is_err(),
+            "the dangling reference fails the commit"
+        );
+        let tx = conn.transaction().unwrap();
+        let n: i64 = tx
+            .query_row("SELECT COUNT(*) FROM b", params![], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 0);
+        tx.commit().unwrap();
+    }
 
     #[test]
     fn placeholders_become_dollars_outside_quotes() {
