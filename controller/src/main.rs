@@ -1267,6 +1267,12 @@ fn controller_ref(
     for c in controllers {
         check_host_port("--controller", c.trim(), "192.0.2.1:7443")?;
     }
+    if controllers.len() > 1 + mesh_proto::token::MAX_OTHER_CONTROLLERS {
+        bail!(
+            "a token carries at most {} controller addresses",
+            1 + mesh_proto::token::MAX_OTHER_CONTROLLERS
+        );
+    }
     // The replicas that are up (a shared database only: on SQLite, serve's files say it all).
     let replicas = if state.is_shared() {
         state.open_store()?.replicas(unix_now())?
@@ -1274,10 +1280,12 @@ fn controller_ref(
         Vec::new()
     };
     let replica_addrs: Vec<String> = replicas.iter().flat_map(|r| r.addrs.clone()).collect();
-    let local = if controllers.is_empty() && !(state.is_shared() && state.listen_addr().is_none()) {
-        state.wait_listen_addr()
-    } else {
-        state.listen_addr()
+    // Where `serve` listens on this host, needed without --controller. On a shared database a
+    // controller may run elsewhere: none here is no reason to wait for one to start.
+    let local = match (controllers.is_empty(), state.is_shared()) {
+        (false, _) => None,
+        (true, true) => state.listen_addr(),
+        (true, false) => state.wait_listen_addr(),
     };
     let mut tcp_default = state.listen_tcp_addr().map(|tcp| tcp.port());
     let addr = match controllers.first() {
@@ -1333,12 +1341,6 @@ fn controller_ref(
         {
             others.push(other);
         }
-    }
-    if controllers.len() > 1 + mesh_proto::token::MAX_OTHER_CONTROLLERS {
-        bail!(
-            "a token carries at most {} controller addresses",
-            1 + mesh_proto::token::MAX_OTHER_CONTROLLERS
-        );
     }
     Ok(ControllerRef {
         addr,

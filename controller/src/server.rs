@@ -416,12 +416,11 @@ impl Controller {
             started_at: now,
             last_seen: now,
         };
+        // The replica loop's first round (at once) writes this replica's row and marks the
+        // nodes of replicas gone, this one's earlier run included, disconnected.
         let store = crate::db::blocking(|| -> anyhow::Result<_> {
             let store = state.open_store()?;
             store.claim_identity(&crate::state::public_of(&secret))?;
-            store.replica_alive(&replica)?;
-            let live: Vec<String> = store.replicas(now)?.into_iter().map(|r| r.id).collect();
-            store.release_sessions(&live)?;
             Ok(store)
         })?;
         let endpoint = quic::bind_server(listen, &secret)?;

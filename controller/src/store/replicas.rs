@@ -8,8 +8,9 @@
 //! connect and which key they pin.
 //!
 //! Each node's control connection is owned by one session of one replica
-//! ([`Store::claim_session`]): a replica whose session lost its node to another closes it, and
-//! only the owner marks the node disconnected when its connection ends.
+//! ([`Store::claim_session`]): only the owner marks the node disconnected when its connection
+//! ends, so a session the node left on another replica cannot mark it offline; and the nodes of
+//! a replica that is gone are marked disconnected by the others ([`Store::release_sessions`]).
 
 use super::sql::{params, Conn, OptionalExtension};
 use super::{Store, StoreError};
@@ -22,7 +23,7 @@ pub const REPLICA_WINDOW_SECS: u64 = 15;
 /// A running controller, as it describes itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ReplicaRow {
-    /// Unique per `serve` process (host, listen address, a random part).
+    /// Unique per `serve` process (host name, process id, a random part).
     pub id: String,
     /// Where nodes dial it (host:port of its QUIC listener), best first; empty when it listens
     /// on a wildcard address and announces nothing.
@@ -39,14 +40,7 @@ impl Store {
     /// database already belongs to another key.
     pub fn claim_identity(&self, key: &PublicKey) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
-        let held: Option<String> = tx
-            .query_row(
-                "SELECT value FROM settings WHERE name = 'controller_key'",
-                params![],
-                |r| r.get(0),
-            )
-            .optional()?;
-        match held {
+        match held_identity(&tx)? {
             Some(held) if held == key.to_string() => return Ok(()),
             Some(held) => {
                 return Err(StoreError::Invalid(format!(
@@ -66,15 +60,7 @@ impl Store {
 
     /// The controller identity recorded in this database, once a controller has started on it.
     pub fn identity(&self) -> Result<Option<PublicKey>, StoreError> {
-        let held: Option<String> = self
-            .conn
-            .query_row(
-                "SELECT value FROM settings WHERE name = 'controller_key'",
-                params![],
-                |r| r.get(0),
-            )
-            .optional()?;
-        Ok(held.and_then(|k| k.parse().ok()))
+        Ok(held_identity(&self.conn)?.and_then(|k| k.parse().ok()))
     }
 
     /// Writes (or refreshes) the row of a running replica.
@@ -165,16 +151,17 @@ impl Store {
         tx.commit()?;
         Ok(released)
     }
+}
 
-    /// The session owning each live node's connection, for the nodes that have one.
-    pub fn sessions(&self, network_id: i64) -> Result<Vec<(String, String)>, StoreError> {
-        let rows = self.conn.query(
-            "SELECT key, session FROM nodes
-             WHERE network_id = ?1 AND removed_at IS NULL AND session IS NOT NULL",
-            [network_id],
-        )?;
-        rows.iter().map(|r| Ok((r.get(0)?, r.get(1)?))).collect()
-    }
+/// The controller key recorded in the database, as text.
+fn held_identity(conn: &Conn) -> Result<Option<String>, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT value FROM settings WHERE name = 'controller_key'",
+            params![],
+            |r| r.get(0),
+        )
+        .optional()?)
 }
 
 /// The tables, on SQLite (schema version 7).
@@ -264,16 +251,25 @@ mod tests {
         assert_eq!(online, ["a", "c"]);
     }
 
+    /// A node that moved from r1 to r2: the end of its old session on r1 leaves it online,
+    /// the end of the one on r2 does not.
     #[test]
-    fn the_latest_session_owns_a_node() {
+    fn only_the_latest_session_marks_its_node_disconnected() {
         let (_d, mut s) = store();
         let a = join(&mut s, 1, "a").unwrap();
-        assert!(s.sessions(a.network_id).unwrap().is_empty());
+        let online = |s: &Store| s.nodes("prod", T0).unwrap()[0].online;
+        s.heartbeat(
+            a.network_id,
+            &key(1),
+            &super::super::NodeReport::default(),
+            T0,
+        )
+        .unwrap();
         s.claim_session(a.network_id, &key(1), "r1/1").unwrap();
         s.claim_session(a.network_id, &key(1), "r2/9").unwrap();
-        assert_eq!(
-            s.sessions(a.network_id).unwrap(),
-            [(key(1).to_string(), "r2/9".to_string())]
-        );
+        s.disconnected(a.network_id, &key(1), "r1/1", T0).unwrap();
+        assert!(online(&s), "the stale session's end changed nothing");
+        s.disconnected(a.network_id, &key(1), "r2/9", T0).unwrap();
+        assert!(!online(&s));
     }
 }
