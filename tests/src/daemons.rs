@@ -224,6 +224,13 @@ impl Controller {
         out
     }
 
+    /// `mesh-controller --database URL ARGS --state-dir DIR` in the controller's host.
+    pub fn admin_db(&self, url: &str, args: &[&str]) -> Output {
+        let mut all = vec!["--database", url];
+        all.extend_from_slice(args);
+        self.admin(all)
+    }
+
     /// `network create NAME`.
     pub fn create_network(&self, name: &str) -> Result<()> {
         self.admin(["network", "create", name]).ok()?;
@@ -737,9 +744,7 @@ impl Replicas {
 
     /// `mesh-controller --database URL ARGS` on controller `i`'s host.
     pub fn admin(&self, i: usize, args: &[&str]) -> Output {
-        let mut all = vec!["--database", self.url.as_str()];
-        all.extend_from_slice(args);
-        self.controllers[i].admin(all)
+        self.controllers[i].admin_db(&self.url, args)
     }
 
     /// The controllers' addresses, in order.

@@ -8,12 +8,58 @@
 #![allow(clippy::unwrap_used)]
 
 use mesh_e2e::daemons::Replicas;
-use mesh_e2e::{bin_dir, run_with_timeout, Controller, Lab};
+use mesh_e2e::{bin_dir, run_with_timeout, Controller, Host, Lab};
 use serde_json::Value;
 use std::time::Duration;
 
 const NET: &str = "lab";
 const NODES: u64 = 40;
+
+/// Runs `mesh-control-load` in `host`: `nodes` nodes join with `token`, `concurrency` at a
+/// time, spread over `controllers` (none: the token's), then one more joins and leaves; its
+/// JSON report.
+fn run_load(
+    host: &Host,
+    token: &str,
+    nodes: u64,
+    concurrency: u32,
+    controllers: &[String],
+    timeout: Duration,
+) -> Value {
+    let tool = bin_dir().join("mesh-control-load");
+    assert!(
+        tool.is_file(),
+        "{} not found: build it with `cargo build --bins`",
+        tool.display()
+    );
+    let (bind, nodes, concurrency) = (
+        host.ip.to_string(),
+        nodes.to_string(),
+        concurrency.to_string(),
+    );
+    let mut args = vec![
+        "--token",
+        token,
+        "--nodes",
+        nodes.as_str(),
+        "--concurrency",
+        concurrency.as_str(),
+        "--bind",
+        bind.as_str(),
+        "--idle",
+        "1",
+        "--settle-max",
+        "60",
+        "--json",
+    ];
+    for c in controllers {
+        args.extend_from_slice(&["--controller", c]);
+    }
+    let out = run_with_timeout(&host.ns, &tool, args, timeout);
+    assert!(out.success(), "{out}");
+    serde_json::from_str(out.stdout.trim())
+        .unwrap_or_else(|e| panic!("not one JSON object ({e}): {out}"))
+}
 
 #[test]
 fn forty_nodes_join_and_each_hears_of_one_more_join_and_leave_as_a_delta() {
@@ -22,37 +68,7 @@ fn forty_nodes_join_and_each_hears_of_one_more_join_and_leave_as_a_delta() {
     let ctl = Controller::start(&lab, &host).unwrap();
     ctl.create_network(NET).unwrap();
     let token = ctl.create_token(NET, &["--reusable"]).unwrap();
-    let tool = bin_dir().join("mesh-control-load");
-    assert!(
-        tool.is_file(),
-        "{} not found: build it with `cargo build --bins`",
-        tool.display()
-    );
-    let bind = host.ip.to_string();
-    let nodes = NODES.to_string();
-    let out = run_with_timeout(
-        &host.ns,
-        &tool,
-        [
-            "--token",
-            token.as_str(),
-            "--nodes",
-            nodes.as_str(),
-            "--concurrency",
-            "8",
-            "--bind",
-            bind.as_str(),
-            "--idle",
-            "1",
-            "--settle-max",
-            "60",
-            "--json",
-        ],
-        Duration::from_secs(180),
-    );
-    assert!(out.success(), "{out}");
-    let report: Value = serde_json::from_str(out.stdout.trim())
-        .unwrap_or_else(|e| panic!("not one JSON object ({e}): {out}"));
+    let report = run_load(&host, &token, NODES, 8, &[], Duration::from_secs(180));
     let n = |path: &[&str]| -> u64 {
         let mut v = &report;
         for p in path {
@@ -96,32 +112,14 @@ fn two_hundred_nodes_join_three_controllers_at_once_and_no_address_is_given_twic
         .stdout
         .trim()
         .to_owned();
-    let tool = bin_dir().join("mesh-control-load");
-    let bind = load.ip.to_string();
-    let nodes = MANY.to_string();
-    let mut args = vec![
-        "--token",
-        token.as_str(),
-        "--nodes",
-        nodes.as_str(),
-        "--concurrency",
-        "64",
-        "--bind",
-        bind.as_str(),
-        "--idle",
-        "1",
-        "--settle-max",
-        "60",
-        "--json",
-    ];
-    let addrs = replicas.addrs();
-    for a in &addrs {
-        args.extend_from_slice(&["--controller", a]);
-    }
-    let out = run_with_timeout(&load.ns, &tool, args, Duration::from_secs(300));
-    assert!(out.success(), "{out}");
-    let report: Value = serde_json::from_str(out.stdout.trim())
-        .unwrap_or_else(|e| panic!("not one JSON object ({e}): {out}"));
+    let report = run_load(
+        &load,
+        &token,
+        MANY,
+        64,
+        &replicas.addrs(),
+        Duration::from_secs(300),
+    );
     eprintln!(
         "200 joins over 3 controllers: {} s, all know all after {} s; one more join reached all in p99 {} ms",
         report["join_span_s"], report["converged_s"], report["extra_join"]["p99_ms"]

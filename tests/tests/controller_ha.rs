@@ -23,9 +23,7 @@ fn connected_to(a: &Agent) -> Option<String> {
 
 /// `mesh-controller --database URL ARGS` on controller `c`'s host; stdout.
 fn admin(c: &Controller, url: &str, args: &[&str]) -> String {
-    let mut all = vec!["--database", url];
-    all.extend_from_slice(args);
-    c.admin(all).ok().unwrap().stdout
+    c.admin_db(url, args).ok().unwrap().stdout
 }
 
 /// A token whose first address is `first` (the others after it): the node connects there.
@@ -121,7 +119,7 @@ fn three_controllers_on_one_postgresql_survive_a_kill_and_a_database_restart() {
     };
     admin(c2, &url, &["network", "create", NET, "--approval", "auto"]);
     // A token made without --controller names this host's controller, then the others up.
-    let made = c2.admin(["--database", url.as_str(), "token", "create", NET]);
+    let made = c2.admin_db(&url, &["token", "create", NET]);
     let told = made.stderr.clone();
     assert!(
         told.contains(&format!("at {}", all[1]))
@@ -246,7 +244,7 @@ fn three_controllers_on_one_postgresql_survive_a_kill_and_a_database_restart() {
     replicas.postgres.restart().unwrap();
     assert!(
         wait_until(Duration::from_secs(20), || {
-            let out = c3.admin(["--database", url.as_str(), "node", "remove", NET, "e"]);
+            let out = c3.admin_db(&url, &["node", "remove", NET, "e"]);
             out.success()
         }),
         "the database did not come back"

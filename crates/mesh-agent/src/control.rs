@@ -827,10 +827,11 @@ const RACE_STAGGER: Duration = Duration::from_millis(300);
 
 /// Opens a session on the first of the controller's addresses that answers: `first` (the one
 /// that answered last), then every other the token named or the controllers announced, each
-/// [`RACE_STAGGER`] after the one before, all racing; `last` (the one just lost) at the end. A controller that is down (killed, its
-/// host gone) costs a stagger, not a whole timeout: a node whose controller died is on another
-/// replica within the idle timeout and a few hundred milliseconds. A refusal is an answer and
-/// ends the race. Gives back the address that answered (or failed first) and the result.
+/// [`RACE_STAGGER`] after the one before, all racing; `last` (the one just lost) at the end.
+/// A controller that is down (killed, its host gone) costs a stagger, not a whole timeout: a
+/// node whose controller died is on another replica within the idle timeout and a few hundred
+/// milliseconds. A refusal is an answer and ends the race. Gives back the address that
+/// answered (or failed first) and the result.
 async fn open_any(
     ctx: &ControlCtx,
     first: &Target,
