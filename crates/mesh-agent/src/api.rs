@@ -340,10 +340,12 @@ pub async fn read_request(stream: &mut UnixStream) -> Option<Request> {
 }
 
 /// Writes one response.
-pub async fn write_response(stream: &mut UnixStream, v: &serde_json::Value) {
-    let mut line = v.to_string();
-    line.push('\n');
-    let _ = stream.write_all(line.as_bytes()).await;
+pub async fn write_response(stream: &mut UnixStream, v: &impl serde::Serialize) {
+    let Ok(mut line) = serde_json::to_vec(v) else {
+        return;
+    };
+    line.push(b'\n');
+    let _ = stream.write_all(&line).await;
 }
 
 #[cfg(test)]

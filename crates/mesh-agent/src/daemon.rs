@@ -1417,7 +1417,8 @@ async fn run(
                 };
                 match request {
                     Some(Request::Status) => {
-                        let mut v = status_json(&node_info, &status, &relay_shared, &running.data_tx).await;
+                        let mut reply = status_json(&node_info, &status, &relay_shared, &running.data_tx).await;
+                        let v = &mut reply.rest;
                         if let (Some(obj), Ok(o)) = (v.as_object_mut(), overlay_status.lock()) {
                             obj.insert("overlay".into(), json!(*o));
                         }
@@ -1443,7 +1444,7 @@ async fn run(
                                 .collect();
                             obj.insert("exits".into(), json!({"offered": opts.advertise_exits, "using": using}));
                         }
-                        api::write_response(&mut stream, &v).await;
+                        api::write_response(&mut stream, &reply).await;
                     }
                     Some(Request::Leave { force }) => {
                         let (tx, rx) = oneshot::channel();
@@ -1967,8 +1968,8 @@ fn mapping_kind(kind: Option<NatKind>, observed: &[std::net::SocketAddr]) -> &'s
 /// handshake takes up to REKEY_TIMEOUT more).
 const PEER_ONLINE_WINDOW: Duration = Duration::from_secs(45);
 
-fn secs(d: Option<Duration>) -> serde_json::Value {
-    d.map_or(serde_json::Value::Null, |d| json!(d.as_secs()))
+fn secs(d: Option<Duration>) -> Option<u64> {
+    d.map(|d| d.as_secs())
 }
 
 /// The `counters` of `mesh status --json`: every node and driver counter under its field name.
@@ -1986,11 +1987,108 @@ pub(crate) fn counters_json(
         .into()
 }
 
-fn quality_json(q: &mesh_core::io::PathQuality) -> serde_json::Value {
-    json!({
-        "loss": q.loss,
-        "rtt_ms": q.rtt.map(|d| d.as_secs_f64() * 1000.0),
-    })
+/// Loss (0 to 1) and RTT of one path, where measured.
+#[derive(serde::Serialize)]
+struct QualityJson {
+    loss: Option<f64>,
+    rtt_ms: Option<f64>,
+}
+
+impl From<&mesh_core::io::PathQuality> for QualityJson {
+    fn from(q: &mesh_core::io::PathQuality) -> Self {
+        QualityJson {
+            loss: q.loss,
+            rtt_ms: q.rtt.map(|d| d.as_secs_f64() * 1000.0),
+        }
+    }
+}
+
+#[derive(serde::Serialize)]
+struct PathsQualityJson {
+    direct: QualityJson,
+    relay: QualityJson,
+}
+
+/// One peer in `mesh status --json`. A struct, not a `json!` tree: with a thousand peers the
+/// trees of one status call held about 4 MB at once (the process kept that memory after).
+#[derive(serde::Serialize)]
+struct PeerJson<'a> {
+    name: &'a str,
+    key: String,
+    address: std::net::Ipv4Addr,
+    address6: Option<std::net::Ipv6Addr>,
+    endpoint: Option<std::net::SocketAddr>,
+    candidates: &'a [std::net::SocketAddr],
+    last_handshake_secs_ago: Option<u64>,
+    last_rx_secs_ago: Option<u64>,
+    /// Heard from lately (every peer sends a keepalive at least every 25 s).
+    online: bool,
+    rtt_ms: Option<f64>,
+    path: String,
+    /// The underlay family of the direct path ("ipv4", "ipv6"); null off it.
+    family: Option<&'static str>,
+    relay: Option<&'a String>,
+    path_mtu: Option<u16>,
+    /// Loss (0 to 1) and RTT of each path where measured (while data flows).
+    quality: PathsQualityJson,
+    rx_bytes: u64,
+    tx_bytes: u64,
+}
+
+impl<'a> PeerJson<'a> {
+    fn new(
+        p: &'a mesh_core::PeerStatus,
+        relay_of: &'a std::collections::HashMap<PublicKey, String>,
+    ) -> Self {
+        PeerJson {
+            name: &p.name,
+            key: p.key.to_string(),
+            address: p.address,
+            address6: p.address6,
+            endpoint: p.endpoint,
+            candidates: &p.candidates,
+            last_handshake_secs_ago: secs(p.since_handshake),
+            last_rx_secs_ago: secs(p.since_last_rx),
+            online: p.since_last_rx.is_some_and(|d| d <= PEER_ONLINE_WINDOW),
+            rtt_ms: p.rtt.map(|d| (d.as_secs_f64() * 1e6).round() / 1e3),
+            path: p.path.to_string(),
+            family: match p.path {
+                mesh_core::Path::Direct(e) if e.is_ipv6() => Some("ipv6"),
+                mesh_core::Path::Direct(_) => Some("ipv4"),
+                _ => None,
+            },
+            relay: relay_of.get(&p.key),
+            path_mtu: p.path_mtu,
+            quality: PathsQualityJson {
+                direct: (&p.direct_quality).into(),
+                relay: (&p.relay_quality).into(),
+            },
+            rx_bytes: p.rx_bytes,
+            tx_bytes: p.tx_bytes,
+        }
+    }
+}
+
+/// `mesh status --json` of a running node: the peers apart from the rest, so that they are
+/// written straight from the data plane's status (see [`PeerJson`]).
+#[derive(serde::Serialize)]
+struct StatusReply {
+    #[serde(flatten)]
+    rest: serde_json::Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peers: Option<PeersJson>,
+}
+
+/// The peers of a [`StatusReply`], serialised on demand.
+struct PeersJson {
+    peers: Vec<mesh_core::PeerStatus>,
+    relay_of: std::collections::HashMap<PublicKey, String>,
+}
+
+impl serde::Serialize for PeersJson {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.peers.iter().map(|p| PeerJson::new(p, &self.relay_of)))
+    }
 }
 
 async fn status_json(
@@ -1998,7 +2096,7 @@ async fn status_json(
     control: &Arc<Mutex<ControlStatus>>,
     relays: &crate::relays::RelayShared,
     data: &mpsc::Sender<DataCmd>,
-) -> serde_json::Value {
+) -> StatusReply {
     let (tx, rx) = oneshot::channel();
     let _ = data.send(DataCmd::Status(tx)).await;
     let Ok(DataStatus {
@@ -2009,43 +2107,12 @@ async fn status_json(
         relay_of,
     }) = rx.await
     else {
-        return json!({"error": "the data plane is not running"});
+        return StatusReply {
+            rest: json!({"error": "the data plane is not running"}),
+            peers: None,
+        };
     };
     let control = control.lock().map(|c| c.clone()).unwrap_or_default();
-    let peers: Vec<serde_json::Value> = peers
-        .iter()
-        .map(|p| {
-            json!({
-                "name": p.name,
-                "key": p.key.to_string(),
-                "address": p.address.to_string(),
-                "address6": p.address6.map(|a| a.to_string()),
-                "endpoint": p.endpoint.map(|e| e.to_string()),
-                "candidates": p.candidates.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
-                "last_handshake_secs_ago": secs(p.since_handshake),
-                "last_rx_secs_ago": secs(p.since_last_rx),
-                // Heard from lately (every peer sends a keepalive at least every 25 s).
-                "online": p.since_last_rx.is_some_and(|d| d <= PEER_ONLINE_WINDOW),
-                "rtt_ms": p.rtt.map(|d| (d.as_secs_f64() * 1e6).round() / 1e3),
-                "path": p.path.to_string(),
-                // The underlay family of the direct path ("ipv4", "ipv6"); null off it.
-                "family": match p.path {
-                    mesh_core::Path::Direct(e) if e.is_ipv6() => Some("ipv6"),
-                    mesh_core::Path::Direct(_) => Some("ipv4"),
-                    _ => None,
-                },
-                "relay": relay_of.get(&p.key),
-                "path_mtu": p.path_mtu,
-                // Loss (0 to 1) and RTT of each path where measured (while data flows).
-                "quality": {
-                    "direct": quality_json(&p.direct_quality),
-                    "relay": quality_json(&p.relay_quality),
-                },
-                "rx_bytes": p.rx_bytes,
-                "tx_bytes": p.tx_bytes,
-            })
-        })
-        .collect();
     let observed: Vec<std::net::SocketAddr> = control
         .observed
         .into_iter()
@@ -2057,7 +2124,7 @@ async fn status_json(
         .lock()
         .map(|s| s.values().cloned().collect())
         .unwrap_or_default();
-    json!({
+    let rest = json!({
         "state": "online",
         "version": env!("CARGO_PKG_VERSION"),
         "node": node,
@@ -2070,9 +2137,12 @@ async fn status_json(
             "kind": control.nat,
             "birthday_budget": control.birthday_budget.unwrap_or(mesh_core::birthday::ATTEMPT_BUDGET),
         },
-        "peers": peers,
         "counters": counters_json(&c, &driver, &birthday),
-    })
+    });
+    StatusReply {
+        rest,
+        peers: Some(PeersJson { peers, relay_of }),
+    }
 }
 
 /// What `mesh leave` without a running daemon did.
