@@ -43,7 +43,8 @@ fn handshake(c: &mut Criterion) {
     });
 
     let stranger = StaticSecret::from([9u8; 32]);
-    let mut from_stranger = Session::new(stranger, victim_key, None, 1);
+    let limiter = session::limiter(&stranger);
+    let mut from_stranger = Session::new(stranger, victim_key, None, 1, limiter);
     let init = initiation(&mut from_stranger);
     g.bench_function("stranger_initiation", |b| {
         b.iter(|| black_box(session::address_of(&victim, &victim_pub, black_box(&init))))
@@ -51,8 +52,15 @@ fn handshake(c: &mut Criterion) {
 
     let member = StaticSecret::from([10u8; 32]);
     let member_key = PublicKey(XPublic::from(&member).to_bytes());
-    let mut initiator = Session::new(member, victim_key, None, 2);
-    let mut responder = Session::new(victim.clone(), member_key, None, 3);
+    let limiter = session::limiter(&member);
+    let mut initiator = Session::new(member, victim_key, None, 2, limiter);
+    let mut responder = Session::new(
+        victim.clone(),
+        member_key,
+        None,
+        3,
+        session::limiter(&victim),
+    );
     let mut out = vec![0u8; 256];
     g.bench_function("member_initiation", |b| {
         b.iter_batched(

@@ -394,7 +394,9 @@ mod tests {
 
     fn initiator(to: &StaticSecret, seed: u8) -> Session {
         let peer = PublicKey(XPublic::from(to).to_bytes());
-        Session::new(StaticSecret::from([seed; 32]), peer, None, u32::from(seed))
+        let secret = StaticSecret::from([seed; 32]);
+        let limiter = crate::session::limiter(&secret);
+        Session::new(secret, peer, None, u32::from(seed), limiter)
     }
 
     fn initiation(s: &mut Session) -> Vec<u8> {

@@ -66,6 +66,8 @@ pub const MAX_QUEUE: usize = 4096;
 pub struct Node {
     secret: StaticSecret,
     public: XPublic,
+    /// The handshake rate limiter of every peer's session.
+    limiter: session::Limiter,
     config: NodeConfig,
     peers: PeerTable,
     out: Outbox,
@@ -131,6 +133,7 @@ impl Node {
         let seed = u64::from_le_bytes(key_bits) ^ u64::from(index_seed);
         let guard = HandshakeGuard::new(&secret, GuardConfig::default(), now);
         Node {
+            limiter: session::limiter(&secret),
             secret,
             public,
             config,
@@ -337,6 +340,7 @@ impl Node {
             // Persistent keepalive runs in the node, on the injected clock (see handle_timeout).
             None,
             index,
+            self.limiter.clone(),
         );
         // A new peer gets a handshake right away, so that the path is known and warm before the
         // first packet. Only the lower key starts it: both sides learn of each other at the same

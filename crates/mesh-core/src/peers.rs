@@ -350,7 +350,9 @@ mod tests {
             nat: None,
         };
         let index = table.allocate_index();
-        let session = Session::new(StaticSecret::from([7u8; 32]), config.key, None, index);
+        let secret = StaticSecret::from([7u8; 32]);
+        let limiter = crate::session::limiter(&secret);
+        let session = Session::new(secret, config.key, None, index, limiter);
         Peer::new(config, session, index, None, 1420, Instant::now())
     }
 

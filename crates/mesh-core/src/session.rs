@@ -80,6 +80,15 @@ pub fn address_of(secret: &StaticSecret, public: &XPublic, datagram: &[u8]) -> O
     }
 }
 
+/// A handshake rate limiter as sessions share it.
+pub type Limiter = std::sync::Arc<RateLimiter>;
+
+/// The handshake rate limiter every session of a node shares: one that never reports load (see
+/// the module docs), so it only checks mac1 against `secret`'s public key.
+pub fn limiter(secret: &StaticSecret) -> Limiter {
+    std::sync::Arc::new(RateLimiter::new(&XPublic::from(secret), u64::MAX))
+}
+
 /// Counters of one session.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct SessionStats {
@@ -104,9 +113,15 @@ pub struct Session {
 
 impl Session {
     /// `index` is this side's 24-bit peer index; received packets carry it back.
-    pub fn new(secret: StaticSecret, peer: PublicKey, keepalive: Option<u16>, index: u32) -> Self {
-        // A limiter that never reports load (see the module docs).
-        let limiter = std::sync::Arc::new(RateLimiter::new(&XPublic::from(&secret), u64::MAX));
+    /// `limiter`: the node's one [`limiter`] (a session of its own for each peer cost 190
+    /// bytes apiece).
+    pub fn new(
+        secret: StaticSecret,
+        peer: PublicKey,
+        keepalive: Option<u16>,
+        index: u32,
+        limiter: Limiter,
+    ) -> Self {
         let tunn = Tunn::new(
             secret,
             XPublic::from(peer.0),

@@ -51,12 +51,9 @@ fn stranger_initiations(victim: PublicKey, n: usize, rng: &mut SmallRng) -> Vec<
     let mut buf = vec![0u8; 256];
     (0..n)
         .map(|i| {
-            let mut s = Session::new(
-                StaticSecret::from(rng.gen::<[u8; 32]>()),
-                victim,
-                None,
-                i as u32,
-            );
+            let secret = StaticSecret::from(rng.gen::<[u8; 32]>());
+            let limiter = mesh_core::session::limiter(&secret);
+            let mut s = Session::new(secret, victim, None, i as u32, limiter);
             match s.force_handshake(&mut buf) {
                 Output::Network(b) => b.to_vec(),
                 other => panic!("no initiation: {other:?}"),
