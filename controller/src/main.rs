@@ -31,7 +31,8 @@ struct Cli {
     /// PostgreSQL database, shared by several controllers (postgres://USER:PASSWORD@HOST/DB);
     /// every command, on any host that reaches it [default: SQLite in the state directory].
     /// Also MESH_CONTROLLER_DATABASE in the environment (keeps the password out of the
-    /// process list), or `database` in the configuration file.
+    /// process list), or `database` in the configuration file. TLS as libpq's sslmode says:
+    /// `?sslmode=verify-full&sslrootcert=CA.pem` checks the server's certificate.
     #[arg(long, global = true, value_name = "URL")]
     database: Option<String>,
     /// The controller's key file, which every replica on one database must share [default:

@@ -37,6 +37,7 @@ pub mod approval;
 pub mod ipam6;
 pub mod names;
 mod pg_schema;
+pub mod pg_tls;
 pub mod replicas;
 pub mod routes;
 pub mod sql;

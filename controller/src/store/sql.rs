@@ -35,6 +35,9 @@ pub enum DbError {
     /// A column did not hold what the code reads from it.
     #[error("column {0}: {1}")]
     Type(usize, String),
+    /// The database URL asks for something that cannot be set up (its TLS options).
+    #[error("{0}")]
+    Config(String),
 }
 
 // Not `#[from]`: the message already says it all, and as a source it would be said twice.
@@ -53,7 +56,17 @@ impl From<postgres::Error> for DbError {
 fn pg_message(e: &postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("PostgreSQL: {}", db.message()),
-        None => format!("PostgreSQL: {e}"),
+        // tokio-postgres says what failed ("error connecting to server") and keeps why as
+        // the source ("Connection refused", the certificate the TLS check refused).
+        None => {
+            let mut message = format!("PostgreSQL: {e}");
+            let mut cause = std::error::Error::source(e);
+            while let Some(c) = cause {
+                message.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            message
+        }
     }
 }
 
@@ -282,7 +295,9 @@ enum Inner {
 /// A PostgreSQL connection that comes back by itself: a statement on a closed connection
 /// fails, and the next one connects again.
 struct Pg {
+    /// The connection string as tokio-postgres reads it (see [`super::pg_tls`]).
     url: String,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
     client: Option<postgres::Client>,
     statements: HashMap<String, postgres::Statement>,
     /// Rows changed by this connection.
@@ -303,9 +318,12 @@ impl Conn {
     }
 
     /// Connects to PostgreSQL at `url` (`postgres://user@host/db`, or key=value pairs).
+    /// TLS as the URL's `sslmode` says, with libpq's meanings (see [`super::pg_tls`]).
     pub fn postgres(url: &str) -> Result<Conn, DbError> {
+        let target = super::pg_tls::target(url).map_err(DbError::Config)?;
         let mut pg = Pg {
-            url: url.to_owned(),
+            url: target.url,
+            tls: target.tls,
             client: None,
             statements: HashMap::new(),
             changes: 0,
@@ -538,7 +556,7 @@ impl Pg {
             self.client = None;
         }
         if self.client.is_none() {
-            let mut client = postgres::Client::connect(&self.url, postgres::NoTls)?;
+            let mut client = postgres::Client::connect(&self.url, self.tls.clone())?;
             // The server's notices ("already exists, skipping") are no news to the log.
             client.batch_execute("SET client_min_messages TO warning")?;
             self.statements.clear();

@@ -46,17 +46,39 @@ impl Postgres {
 
     /// Makes a cluster in a new temporary directory and starts its server on loopback.
     pub fn start() -> Result<Postgres, String> {
-        Postgres::start_at(None)
+        Postgres::start_at(None, false)
+    }
+
+    /// [`Postgres::start`] with TLS: a certificate for `localhost` signed by a CA of its own
+    /// ([`Postgres::ca_file`]), and TCP connections without TLS refused (the Unix socket still
+    /// takes plain ones, for the tests' own set-up). [`Postgres::unrelated_ca_file`] holds a CA
+    /// that signed nothing here.
+    pub fn start_tls() -> Result<Postgres, String> {
+        Postgres::start_at(None, true)
+    }
+
+    /// The CA certificate (PEM) that signed the server's certificate (see
+    /// [`Postgres::start_tls`]).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// A CA certificate (PEM) that did not sign the server's (see [`Postgres::start_tls`]).
+    pub fn unrelated_ca_file(&self) -> PathBuf {
+        self.dir.join("other-ca.pem")
     }
 
     /// Makes a cluster and starts its server inside network namespace `netns`, listening on
     /// `addr` port 5432 there (the database host of a lab). The tests reach it through its
     /// Unix socket in the cluster's directory, which does not depend on the namespace.
     pub fn start_in(netns: &str, addr: std::net::Ipv4Addr) -> Result<Postgres, String> {
-        Postgres::start_at(Some((netns.to_owned(), addr)))
+        Postgres::start_at(Some((netns.to_owned(), addr)), false)
     }
 
-    fn start_at(netns: Option<(String, std::net::Ipv4Addr)>) -> Result<Postgres, String> {
+    fn start_at(
+        netns: Option<(String, std::net::Ipv4Addr)>,
+        tls: bool,
+    ) -> Result<Postgres, String> {
         let bin = bindir()?;
         static N: AtomicU32 = AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
@@ -121,8 +143,66 @@ impl Postgres {
             std::fs::write(&hba, rules)
                 .map_err(|e| format!("cannot write {}: {e}", hba.display()))?;
         }
+        if tls {
+            pg.set_up_tls()?;
+        }
         pg.run()?;
         Ok(pg)
+    }
+
+    /// Certificates and settings for [`Postgres::start_tls`].
+    fn set_up_tls(&self) -> Result<(), String> {
+        let fail = |e: rcgen::Error| format!("cannot make test certificates: {e}");
+        let ca = |name: &str| -> Result<(rcgen::Certificate, rcgen::KeyPair), String> {
+            let key = rcgen::KeyPair::generate().map_err(fail)?;
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(fail)?;
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, name);
+            Ok((params.self_signed(&key).map_err(fail)?, key))
+        };
+        let (ca_cert, ca_key) = ca("mesh test CA")?;
+        let (other, _) = ca("mesh test CA (unrelated)")?;
+        let key = rcgen::KeyPair::generate().map_err(fail)?;
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .map_err(fail)?
+            .signed_by(&key, &ca_cert, &ca_key)
+            .map_err(fail)?;
+        let write = |path: PathBuf, text: String| {
+            std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
+        };
+        write(self.ca_file(), ca_cert.pem())?;
+        write(self.unrelated_ca_file(), other.pem())?;
+        let data = self.data();
+        write(data.join("server.crt"), cert.pem())?;
+        write(data.join("server.key"), key.serialize_pem())?;
+        // The server refuses a key others can read, and runs as its own user.
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(
+            data.join("server.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .map_err(|e| format!("chmod server.key: {e}"))?;
+        if let Some(user) = &self.user {
+            let status = Command::new("chown")
+                .arg(format!("{user}:"))
+                .arg(data.join("server.crt"))
+                .arg(data.join("server.key"))
+                .status()
+                .map_err(|e| format!("chown: {e}"))?;
+            if !status.success() {
+                return Err(format!("cannot give the server's key to {user}"));
+            }
+        }
+        let conf = data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).map_err(|e| format!("{e}"))?;
+        text.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        write(conf, text)?;
+        // First match wins: TCP without TLS is refused before the trust rules.
+        let hba = data.join("pg_hba.conf");
+        let rules = std::fs::read_to_string(&hba).map_err(|e| format!("{e}"))?;
+        write(hba, format!("hostnossl all all all reject\n{rules}"))
     }
 
     /// The port it listens on (127.0.0.1).
