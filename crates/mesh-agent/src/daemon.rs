@@ -2010,7 +2010,7 @@ struct PathsQualityJson {
 }
 
 /// One peer in `mesh status --json`. A struct, not a `json!` tree: with a thousand peers the
-/// trees of one status call held about 4 MB at once (the process kept that memory after).
+/// trees of one status call held about 8 MB at once (the process kept that memory after).
 #[derive(serde::Serialize)]
 struct PeerJson<'a> {
     name: &'a str,
