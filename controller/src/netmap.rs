@@ -205,6 +205,24 @@ pub fn view_diff(old: &PeerMap, new: &PeerMap) -> Vec<(PublicKey, Option<PeerInf
     changes
 }
 
+/// A welcome's peer list as sent: the peers the welcome carries, and the `PeersChanged`
+/// messages (at most `chunk` peers each) that carry the rest right after it.
+pub fn welcome_parts(
+    mut peers: Vec<PeerInfo>,
+    first: usize,
+    chunk: usize,
+) -> (Vec<PeerInfo>, Vec<ServerMsg>) {
+    let rest = peers.split_off(first.min(peers.len()));
+    let follow = rest
+        .chunks(chunk.max(1))
+        .map(|c| ServerMsg::PeersChanged {
+            upsert: c.to_vec(),
+            remove: Vec::new(),
+        })
+        .collect();
+    (peers, follow)
+}
+
 /// The `PeersChanged` message of `changes` (latest per key, `None`: remove).
 pub fn delta_of<'a>(
     changes: impl IntoIterator<Item = (&'a PublicKey, &'a Option<PeerInfo>)>,
@@ -236,6 +254,39 @@ pub fn apply(view: &mut PeerMap, delta: &ServerMsg) {
 mod tests {
     use super::*;
     use std::net::Ipv4Addr;
+
+    #[test]
+    fn a_large_welcome_comes_in_parts_that_add_up_to_the_list() {
+        let all: Vec<PeerInfo> = (1..=7).map(|n| p(n, 51820)).collect();
+        let (first, rest) = welcome_parts(all.clone(), 3, 2);
+        assert_eq!(first, all[..3]);
+        assert_eq!(rest.len(), 2);
+        let mut w = mesh_proto::control::Welcome {
+            network: "prod".into(),
+            name: "n0".into(),
+            address: std::net::Ipv4Addr::new(100, 64, 0, 100),
+            prefix_len: 16,
+            address6: None,
+            prefix6: None,
+            peers: first,
+            relays: vec![],
+            observed: None,
+            observer: None,
+            birthday_budget: None,
+            controllers: vec![],
+            now: None,
+            more_peers: 4,
+        };
+        for (i, m) in rest.into_iter().enumerate() {
+            // As the node reads them: encoded, decoded, then folded in.
+            let m = mesh_proto::control::decode_server(&m.encode()).expect("valid");
+            assert_eq!(w.take_rest(m), Ok(i == 1));
+        }
+        assert_eq!(w.peers, all);
+        // A list that fits goes whole.
+        let (first, rest) = welcome_parts(all.clone(), 10, 2);
+        assert_eq!((first, rest.len()), (all, 0));
+    }
 
     fn p(n: u8, port: u16) -> PeerInfo {
         PeerInfo {

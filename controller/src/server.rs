@@ -54,6 +54,11 @@ const RESYNC: Duration = Duration::from_secs(2);
 /// Most peers in one `PeersChanged` the hub sends (about 300 bytes each: well within
 /// `MAX_MESSAGE_LEN` and `MAX_PEERS`).
 const DELTA_CHUNK: usize = 512;
+/// Most peers a welcome carries itself; the rest follow it in `PeersChanged` messages of
+/// [`DELTA_CHUNK`] ([`mesh_proto::control::Welcome::more_peers`]). About 600 KB: within
+/// `MAX_MESSAGE_LEN` and `MAX_PEERS`.
+const WELCOME_PEERS: usize = 2048;
+
 /// Time a node has to complete the handshake and send its first message.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -1111,6 +1116,9 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
         })
         .await?;
     let view = netmap::view_for(&peers, &key);
+    let (first, rest) =
+        netmap::welcome_parts(view.values().cloned().collect(), WELCOME_PEERS, DELTA_CHUNK);
+    let more_peers = (view.len() - first.len()) as u32;
     tx.send(
         &ServerMsg::Welcome(mesh_proto::control::Welcome {
             network: adm.network.clone(),
@@ -1119,7 +1127,7 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
             prefix_len: adm.prefix_len,
             address6: adm.address6,
             prefix6: adm.prefix6,
-            peers: view.values().cloned().collect(),
+            peers: first,
             relays: relay_infos(&ctx.secret, &relays, &adm.network, &key, &revoked),
             observed,
             observer: ctx.observer,
@@ -1129,10 +1137,15 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
                 .duration_since(std::time::UNIX_EPOCH)
                 .ok()
                 .and_then(|d| u64::try_from(d.as_millis()).ok()),
+            more_peers,
         })
         .encode(),
     )
     .await?;
+    // The rest of a large network's list, before anything the hub pushes.
+    for m in rest {
+        tx.send(&m.encode()).await?;
+    }
     let (push_tx, mut push_rx) = mpsc::channel(64);
     let _ = ctx.hub.send(HubCmd::Register {
         id,

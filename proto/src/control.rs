@@ -351,6 +351,45 @@ pub struct Welcome {
     /// tokens and relay tickets carry expiry times. `None` from older controllers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub now: Option<u64>,
+    /// Peers that follow this welcome, in `PeersChanged` messages (upserts only) sent right
+    /// after it and before anything else: a large network's list does not fit one message
+    /// ([`MAX_PEERS`], [`MAX_MESSAGE_LEN`]). The node takes the list as complete once it has
+    /// them all ([`Welcome::take_rest`]). 0 (absent) from older controllers and for lists
+    /// that fit.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub more_peers: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// Most peers a welcome may announce beyond its own ([`Welcome::more_peers`]).
+pub const MAX_MORE_PEERS: u32 = 1 << 20;
+
+impl Welcome {
+    /// Takes one message that follows a welcome with [`Welcome::more_peers`] into its peer
+    /// list. `Ok(true)` once the list is complete; an error for anything else than the
+    /// `PeersChanged` the controller promised.
+    pub fn take_rest(&mut self, msg: ServerMsg) -> Result<bool, String> {
+        let ServerMsg::PeersChanged { upsert, remove } = msg else {
+            return Err(format!(
+                "expected the rest of the peer list ({} more peers), got another message",
+                self.more_peers
+            ));
+        };
+        if !remove.is_empty() || upsert.len() as u64 > u64::from(self.more_peers) {
+            return Err(format!(
+                "the rest of the peer list does not match the welcome ({} more peers announced, {} sent, {} removed)",
+                self.more_peers,
+                upsert.len(),
+                remove.len()
+            ));
+        }
+        self.more_peers -= upsert.len() as u32;
+        self.peers.extend(upsert);
+        Ok(self.more_peers == 0)
+    }
 }
 
 /// Where one advertised prefix stands.
@@ -890,8 +929,12 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerMsg, DecodeError> {
             peers,
             relays,
             controllers,
+            more_peers,
             ..
         }) => {
+            if *more_peers > MAX_MORE_PEERS {
+                return Err(DecodeError::Bounds("more_peers"));
+            }
             if !valid_name(network) || !valid_name(name) {
                 return Err(DecodeError::Bounds("name"));
             }
@@ -1083,6 +1126,7 @@ mod tests {
                 birthday_budget: Some(2),
                 controllers: vec!["ctl.example:7443".into()],
                 now: Some(1_796_300_000_123),
+                more_peers: 0,
             }),
             ServerMsg::Settings {
                 birthday_budget: Some(0),
@@ -1143,6 +1187,55 @@ mod tests {
     }
 
     #[test]
+    fn a_welcome_is_completed_by_the_peers_that_follow_it() {
+        let mut w = Welcome {
+            network: "prod".into(),
+            name: "node-1".into(),
+            address: Ipv4Addr::new(100, 64, 0, 1),
+            prefix_len: 16,
+            address6: None,
+            prefix6: None,
+            peers: (2..4).map(peer).collect(),
+            relays: vec![],
+            observed: None,
+            observer: None,
+            birthday_budget: None,
+            controllers: vec![],
+            now: None,
+            more_peers: 3,
+        };
+        let m = ServerMsg::Welcome(w.clone());
+        assert_eq!(decode_server(&m.encode()), Ok(m));
+        let more = |n: std::ops::Range<u8>| ServerMsg::PeersChanged {
+            upsert: n.map(peer).collect(),
+            remove: vec![],
+        };
+        // Anything else than the promised peers is an error, and changes nothing.
+        let before = w.clone();
+        assert!(w.take_rest(ServerMsg::Left).is_err());
+        assert!(w.take_rest(more(4..8)).is_err(), "more than announced");
+        let removal = ServerMsg::PeersChanged {
+            upsert: vec![],
+            remove: vec![peer(2).key],
+        };
+        assert!(w.take_rest(removal).is_err());
+        assert_eq!(w, before);
+        assert_eq!(w.take_rest(more(4..6)), Ok(false));
+        assert_eq!(w.take_rest(more(6..7)), Ok(true));
+        assert_eq!(w.more_peers, 0);
+        assert_eq!(w.peers, (2..7).map(peer).collect::<Vec<_>>());
+        // Bounded on the wire.
+        let huge = ServerMsg::Welcome(Welcome {
+            more_peers: MAX_MORE_PEERS + 1,
+            ..before
+        });
+        assert_eq!(
+            decode_server(&huge.encode()),
+            Err(DecodeError::Bounds("more_peers"))
+        );
+    }
+
+    #[test]
     fn announced_controllers_are_bounded() {
         let welcome = |controllers: Vec<String>| {
             ServerMsg::Welcome(Welcome {
@@ -1159,6 +1252,7 @@ mod tests {
                 birthday_budget: None,
                 controllers,
                 now: None,
+                more_peers: 0,
             })
         };
         let ok = welcome(vec!["ctl.example:7443".into(); MAX_CONTROLLERS]);
@@ -1331,6 +1425,7 @@ mod tests {
                 birthday_budget: None,
                 controllers: vec![],
                 now: None,
+                more_peers: 0,
             })
         };
         let ok = welcome(Some("fd5e:1234:5678::9"), Some("fd5e:1234:5678::/64"));

@@ -192,7 +192,12 @@ pub async fn ask_until(
                 let verdict = async {
                     loop {
                         match session.recv().await {
-                            Ok(ServerMsg::Welcome(w)) => return Ok(w),
+                            Ok(ServerMsg::Welcome(mut w)) => {
+                                return match session.rest_of_welcome(&mut w).await {
+                                    Ok(()) => Ok(w),
+                                    Err(e) => Err(Ok(e)),
+                                }
+                            }
                             Ok(ServerMsg::Error { code, message }) => {
                                 return Err(Err(refusal(&network, code, message)))
                             }

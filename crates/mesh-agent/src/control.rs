@@ -222,14 +222,19 @@ async fn first_reply(
             }
             other => return Err(failed(format!("unexpected first message {other:?}"))),
         };
-        Ok((
-            Session {
-                conn: conn.clone(),
-                tx,
-                rx,
-            },
-            reply,
-        ))
+        let mut session = Session {
+            conn: conn.clone(),
+            tx,
+            rx,
+        };
+        let reply = match reply {
+            Reply::Welcome(mut w) => {
+                session.rest_of_welcome(&mut w).await?;
+                Reply::Welcome(w)
+            }
+            other => other,
+        };
+        Ok((session, reply))
     };
     match tokio::time::timeout(timeout, attempt).await {
         Ok(r) => r,
@@ -245,6 +250,22 @@ async fn first_reply(
 }
 
 impl Session {
+    /// Reads the rest of a large network's peer list into `welcome`: the `PeersChanged`
+    /// messages that follow it ([`Welcome::more_peers`]), so that the welcome is whole before
+    /// anything uses it (a partial list would drop the peers not yet read).
+    pub async fn rest_of_welcome(&mut self, welcome: &mut Welcome) -> Result<(), ControlError> {
+        while welcome.more_peers > 0 {
+            let msg = self.recv().await?;
+            welcome
+                .take_rest(msg)
+                .map_err(|reason| ControlError::Failed {
+                    addr: self.conn.remote_address().to_string(),
+                    reason,
+                })?;
+        }
+        Ok(())
+    }
+
     /// The next message from the controller (waits as long as the connection lives).
     pub async fn recv(&mut self) -> Result<ServerMsg, ControlError> {
         let failed = |reason: String| ControlError::Failed {

@@ -174,6 +174,7 @@ pub(super) fn server_messages() -> Vec<ServerMsg> {
             birthday_budget: None,
             controllers: vec!["ctl.example:7443".into(), "192.0.2.9:7443".into()],
             now: Some(1_796_300_000_123),
+            more_peers: 0,
         }),
         ServerMsg::Welcome(Welcome {
             network: "n".into(),
@@ -189,6 +190,7 @@ pub(super) fn server_messages() -> Vec<ServerMsg> {
             birthday_budget: None,
             controllers: vec![],
             now: None,
+            more_peers: 0,
         }),
         ServerMsg::Welcome(Welcome {
             network: "big".into(),
@@ -204,6 +206,8 @@ pub(super) fn server_messages() -> Vec<ServerMsg> {
             birthday_budget: None,
             controllers: vec![],
             now: None,
+            // A large network's welcome: the rest of the list follows.
+            more_peers: 2600,
         }),
         ServerMsg::Relays {
             relays: vec![relay("eu-1"), relay("us-1")],
