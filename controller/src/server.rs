@@ -2063,6 +2063,48 @@ mod tests {
         );
     }
 
+    /// A network larger than one welcome: a node that joins gets the first part in the
+    /// welcome and the rest right after it, and has every peer once it folds them in (as the
+    /// agent does, `Welcome::take_rest`), before any other message.
+    #[tokio::test]
+    async fn a_node_of_a_large_network_gets_every_peer_in_parts() {
+        let lab = lab();
+        let mut store = lab.state.open_store().unwrap();
+        let others = WELCOME_PEERS + DELTA_CHUNK + 52;
+        for i in 0..others {
+            let mut key = [0u8; 32];
+            key[..4].copy_from_slice(&(i as u32 + 1000).to_le_bytes());
+            store
+                .join(
+                    "tok",
+                    b"secret",
+                    &PublicKey(key),
+                    crate::store::NameRequest::Exact(&format!("bulk-{i}")),
+                    crate::store::Candidates {
+                        reported: &[],
+                        observed: None,
+                    },
+                    unix_now(),
+                )
+                .unwrap();
+        }
+        let (mut a, welcome) = join(&lab, 1, vec![]).await;
+        let ServerMsg::Welcome(mut w) = welcome else {
+            panic!("{welcome:?}")
+        };
+        assert_eq!(w.peers.len(), WELCOME_PEERS);
+        assert_eq!(w.more_peers as usize, others - WELCOME_PEERS);
+        let mut parts = 0;
+        while w.more_peers > 0 {
+            let m = decode_server(&a.rx.recv().await.unwrap()).unwrap();
+            w.take_rest(m).unwrap();
+            parts += 1;
+        }
+        assert_eq!(parts, 2);
+        let keys: std::collections::HashSet<PublicKey> = w.peers.iter().map(|p| p.key).collect();
+        assert_eq!(keys.len(), others, "every peer, once");
+    }
+
     #[tokio::test]
     async fn relays_carry_revocations_of_removed_nodes() {
         let lab = lab();
