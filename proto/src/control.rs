@@ -1186,23 +1186,32 @@ mod tests {
         assert_eq!(decode_client(&m.encode()), Err(DecodeError::Bounds("name")));
     }
 
-    #[test]
-    fn a_welcome_is_completed_by_the_peers_that_follow_it() {
-        let mut w = Welcome {
+    /// A welcome of node-1 in network prod, with nothing in its lists.
+    fn bare_welcome() -> Welcome {
+        Welcome {
             network: "prod".into(),
             name: "node-1".into(),
             address: Ipv4Addr::new(100, 64, 0, 1),
             prefix_len: 16,
             address6: None,
             prefix6: None,
-            peers: (2..4).map(peer).collect(),
+            peers: vec![],
             relays: vec![],
             observed: None,
             observer: None,
             birthday_budget: None,
             controllers: vec![],
             now: None,
+            more_peers: 0,
+        }
+    }
+
+    #[test]
+    fn a_welcome_is_completed_by_the_peers_that_follow_it() {
+        let mut w = Welcome {
+            peers: (2..4).map(peer).collect(),
             more_peers: 3,
+            ..bare_welcome()
         };
         let m = ServerMsg::Welcome(w.clone());
         assert_eq!(decode_server(&m.encode()), Ok(m));
@@ -1239,20 +1248,8 @@ mod tests {
     fn announced_controllers_are_bounded() {
         let welcome = |controllers: Vec<String>| {
             ServerMsg::Welcome(Welcome {
-                network: "prod".into(),
-                name: "node-1".into(),
-                address: Ipv4Addr::new(100, 64, 0, 1),
-                prefix_len: 16,
-                address6: None,
-                prefix6: None,
-                peers: vec![],
-                relays: vec![],
-                observed: None,
-                observer: None,
-                birthday_budget: None,
                 controllers,
-                now: None,
-                more_peers: 0,
+                ..bare_welcome()
             })
         };
         let ok = welcome(vec!["ctl.example:7443".into(); MAX_CONTROLLERS]);
@@ -1412,20 +1409,9 @@ mod tests {
     fn the_v6_overlay_is_optional_and_bounded() {
         let welcome = |address6: Option<&str>, prefix6: Option<&str>| {
             ServerMsg::Welcome(Welcome {
-                network: "prod".into(),
-                name: "node-1".into(),
-                address: Ipv4Addr::new(100, 64, 0, 1),
-                prefix_len: 16,
                 address6: address6.map(|a| a.parse().unwrap()),
                 prefix6: prefix6.map(|p| p.parse().unwrap()),
-                peers: vec![],
-                relays: vec![],
-                observed: None,
-                observer: None,
-                birthday_budget: None,
-                controllers: vec![],
-                now: None,
-                more_peers: 0,
+                ..bare_welcome()
             })
         };
         let ok = welcome(Some("fd5e:1234:5678::9"), Some("fd5e:1234:5678::/64"));
