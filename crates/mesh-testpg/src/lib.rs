@@ -137,11 +137,9 @@ impl Postgres {
         };
         if pg.netns.is_some() {
             // The lab's hosts (controllers) connect over its network, not through the socket.
-            let hba = pg.data().join("pg_hba.conf");
-            let mut rules = std::fs::read_to_string(&hba).map_err(|e| format!("{e}"))?;
-            rules.push_str("host all all samenet trust\n");
-            std::fs::write(&hba, rules)
-                .map_err(|e| format!("cannot write {}: {e}", hba.display()))?;
+            pg.edit("pg_hba.conf", |rules| {
+                rules + "host all all samenet trust\n"
+            })?;
         }
         if tls {
             pg.set_up_tls()?;
@@ -195,14 +193,22 @@ impl Postgres {
                 return Err(format!("cannot give the server's key to {user}"));
             }
         }
-        let conf = data.join("postgresql.conf");
-        let mut text = std::fs::read_to_string(&conf).map_err(|e| format!("{e}"))?;
-        text.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
-        write(conf, text)?;
+        self.edit("postgresql.conf", |conf| {
+            conf + "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n"
+        })?;
         // First match wins: TCP without TLS is refused before the trust rules.
-        let hba = data.join("pg_hba.conf");
-        let rules = std::fs::read_to_string(&hba).map_err(|e| format!("{e}"))?;
-        write(hba, format!("hostnossl all all all reject\n{rules}"))
+        self.edit("pg_hba.conf", |rules| {
+            format!("hostnossl all all all reject\n{rules}")
+        })
+    }
+
+    /// Rewrites `file` of the cluster's data directory through `change`.
+    fn edit(&self, file: &str, change: impl FnOnce(String) -> String) -> Result<(), String> {
+        let path = self.data().join(file);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        std::fs::write(&path, change(text))
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))
     }
 
     /// The port it listens on (127.0.0.1).
