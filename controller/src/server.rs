@@ -38,7 +38,7 @@ use mesh_proto::control::{
 use mesh_proto::PublicKey;
 use mesh_relay::forward::CLOSE_REVOKED;
 use mesh_relay::{Forwarder, TicketKey};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,8 +52,14 @@ const POLL: Duration = Duration::from_millis(100);
 /// A push at least this often, to retry deltas that could not be queued.
 const RESYNC: Duration = Duration::from_secs(2);
 /// Most peers in one `PeersChanged` the hub sends (about 300 bytes each: well within
-/// `MAX_MESSAGE_LEN` and `MAX_PEERS`).
-const DELTA_CHUNK: usize = 512;
+/// `MAX_MESSAGE_LEN` and `MAX_PEERS`, and small enough that a queue of them per session is
+/// little memory at 5,000 sessions).
+const DELTA_CHUNK: usize = 128;
+/// Messages the hub queues to one session beyond the one being written. A node that reads
+/// slowly holds at most these and the QUIC send buffer of the controller's memory: what it
+/// was not told waits as a position in the network's order of changes, and the hub refills
+/// the queue each time the session wrote a `PeersChanged`.
+const PUSH_QUEUE: usize = 2;
 /// Most peers a welcome carries itself; the rest follow it in `PeersChanged` messages of
 /// [`DELTA_CHUNK`] ([`mesh_proto::control::Welcome::more_peers`]). About 600 KB: within
 /// `MAX_MESSAGE_LEN` and `MAX_PEERS`.
@@ -352,6 +358,10 @@ enum HubCmd {
         birthday_budget: Option<u16>,
     },
     Unregister {
+        id: u64,
+    },
+    /// The session wrote a `PeersChanged` to its node: room in its queue for the next.
+    Sent {
         id: u64,
     },
     /// A connection that waits for the administrator's verdict on its join request.
@@ -1116,6 +1126,9 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
         })
         .await?;
     let view = netmap::view_for(&peers, &key);
+    // Not kept for the rest of the session: at 5,000 nodes, each session's copy of the list
+    // it was welcomed with held gigabytes together.
+    drop(peers);
     let (first, rest) =
         netmap::welcome_parts(view.values().cloned().collect(), WELCOME_PEERS, DELTA_CHUNK);
     let more_peers = (view.len() - first.len()) as u32;
@@ -1146,7 +1159,7 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
     for m in rest {
         tx.send(&m.encode()).await?;
     }
-    let (push_tx, mut push_rx) = mpsc::channel(64);
+    let (push_tx, mut push_rx) = mpsc::channel(PUSH_QUEUE);
     let _ = ctx.hub.send(HubCmd::Register {
         id,
         network_id: adm.network_id,
@@ -1247,7 +1260,11 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
                         relay.abort();
                         removed = true;
                     }
+                    let peers = matches!(msg, ServerMsg::PeersChanged { .. });
                     tx.send(&msg.encode()).await?;
+                    if peers {
+                        let _ = ctx.hub.send(HubCmd::Sent { id });
+                    }
                     if fatal {
                         tx.finish();
                         let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
@@ -1286,11 +1303,16 @@ struct Session {
     tx: mpsc::Sender<ServerMsg>,
     /// The view the Welcome gave, until the first push brought the node from it to the hub's
     /// rows. After that the hub keeps no view per session (it would hold peers × sessions
-    /// entries): a node's view is the hub's rows as it sees them, plus `pending`.
+    /// entries): the node was told the hub's rows as it sees them, except for the changes
+    /// after `told_upto` and the peers in `owed`.
     welcome: Option<PeerMap>,
-    /// Changes of the node's view not yet queued to it (its queue was full), latest per key
-    /// (`None`: the peer left the view).
-    pending: BTreeMap<PublicKey, Option<mesh_proto::control::PeerInfo>>,
+    /// Position in the network's order of changes ([`netmap::Rows`]) up to which the node
+    /// was told every change.
+    told_upto: u64,
+    /// Peers whose view changed for this node alone (from its Welcome to the rows, or when
+    /// its own observed address changed), not yet told. Keys only: what it is told is read
+    /// from the rows when there is room in its queue.
+    owed: BTreeSet<PublicKey>,
     removed: bool,
     /// The relay list last sent, its revocations, and when its tickets were made.
     relays: Vec<RelayRow>,
@@ -1323,20 +1345,21 @@ async fn run_hub(
         secret,
         forwarder,
         stats,
-        rows: HashMap::new(),
+        nets: HashMap::new(),
     };
     loop {
         tokio::select! {
             cmd = rx.recv() => match cmd {
                 Some(HubCmd::Register { id, network_id, network, key, tx, welcome, relays, revoked, birthday_budget }) => {
                     let tickets_at = tokio::time::Instant::now();
-                    sessions.insert(id, Session { network_id, network, key, tx, welcome: Some(welcome), pending: BTreeMap::new(), removed: false, relays, revoked, tickets_at, birthday_budget, route_states: Vec::new(), names: Vec::new() });
+                    sessions.insert(id, Session { network_id, network, key, tx, welcome: Some(welcome), told_upto: 0, owed: BTreeSet::new(), removed: false, relays, revoked, tickets_at, birthday_budget, route_states: Vec::new(), names: Vec::new() });
                     // Changes between the Welcome and now must not be lost: the next tick brings
                     // the session from its Welcome to the rows then (one push for all the
                     // sessions registered meanwhile, not one read of the network per join).
                     registered = true;
                 }
                 Some(HubCmd::Unregister { id }) => { sessions.remove(&id); }
+                Some(HubCmd::Sent { id }) => hub.catch_up_one(&mut sessions, id),
                 Some(HubCmd::Wait { id, network_id, key, verdict }) => {
                     let mut one = HashMap::from([(id, Waiter { network_id, key, verdict })]);
                     // A verdict between the request and now must not be lost.
@@ -1357,6 +1380,8 @@ async fn run_hub(
                     if changed || !waiters.is_empty() {
                         decide(&db, &mut waiters).await;
                     }
+                } else if hub.lagging(&sessions) {
+                    hub.catch_up(&mut sessions);
                 }
             }
         }
@@ -1448,9 +1473,10 @@ struct Hub {
     secret: [u8; 32],
     forwarder: Arc<Forwarder>,
     stats: Arc<Stats>,
-    /// Each network's peer rows as the hub last read them: a push compares the new rows with
-    /// these once per network, and then each session only the peers that changed.
-    rows: HashMap<i64, PeerMap>,
+    /// Each network's peer rows as the hub last read them, and the order in which they
+    /// changed: a push compares the new rows with these once per network, and each session
+    /// is then told the peers that changed after its position.
+    nets: HashMap<i64, netmap::Rows>,
 }
 
 impl Hub {
@@ -1469,33 +1495,32 @@ impl Hub {
         if networks.is_empty() {
             return;
         }
-        let (relays, states) = match db.run(move |s| read_networks(s, &networks)).await {
+        let (relays, mut states) = match db.run(move |s| read_networks(s, &networks)).await {
             Ok(read) => read,
             Err(e) => {
                 warn!(error = %e, "cannot read the networks' state");
                 return;
             }
         };
-        let empty = PeerMap::new();
-        let changed: HashMap<i64, Vec<PublicKey>> = states
-            .iter()
-            .map(|(id, net)| {
-                let old = self.rows.get(id).unwrap_or(&empty);
-                (*id, netmap::changed_keys(old, &net.peers))
-            })
-            .collect();
+        // The rows before this read, for the sessions whose own row changed.
+        let mut before: HashMap<i64, PeerMap> = HashMap::with_capacity(states.len());
+        for (id, net) in &mut states {
+            let rows = std::mem::take(&mut net.peers);
+            before.insert(*id, self.nets.entry(*id).or_default().update(rows));
+        }
         for s in sessions.values_mut() {
             if s.removed {
                 continue;
             }
             // (A session registered while the hub read: the next push covers it.)
-            let (Some(net), Some(changed)) =
-                (states.get(&s.network_id), changed.get(&s.network_id))
-            else {
+            let (Some(net), Some(rows), Some(old)) = (
+                states.get(&s.network_id),
+                self.nets.get(&s.network_id),
+                before.get(&s.network_id),
+            ) else {
                 continue;
             };
-            let old = self.rows.get(&s.network_id).unwrap_or(&empty);
-            if !net.peers.contains_key(&s.key) {
+            if !rows.rows().contains_key(&s.key) {
                 s.removed = true;
                 // Off the embedded relay at once; the session closes the connection after
                 // telling the node why.
@@ -1506,29 +1531,24 @@ impl Hub {
                 });
                 continue;
             }
-            let changes = match s.welcome.take() {
-                // New: from what the Welcome told to the rows now.
-                Some(told) => netmap::view_changes(&told, &net.peers, &s.key),
-                // Its own row changed (its observed address decides what it sees of every
-                // peer): every peer; otherwise the peers that changed.
-                None if old.get(&s.key) != net.peers.get(&s.key) => {
-                    netmap::row_changes(old, &net.peers, &s.key, old.keys().chain(net.peers.keys()))
+            match s.welcome.take() {
+                // New: from what the Welcome told to the rows now; every change before now is
+                // in that difference.
+                Some(told) => {
+                    let changes = netmap::view_changes(&told, rows.rows(), &s.key);
+                    s.owed.extend(changes.into_iter().map(|(k, _)| k));
+                    s.told_upto = rows.last();
                 }
-                None => netmap::row_changes(old, &net.peers, &s.key, changed.iter()),
-            };
-            s.pending.extend(changes);
-            // In messages of at most DELTA_CHUNK peers (a burst of joins can leave thousands
-            // pending, and a message is bounded); when the queue is full the rest wait, merged
-            // with later changes, for the next push.
-            while !s.pending.is_empty() {
-                let chunk = netmap::delta_of(s.pending.iter().take(DELTA_CHUNK));
-                if s.tx.try_send(chunk).is_err() {
-                    break;
-                }
-                Stats::inc(&self.stats.deltas_pushed, 1);
-                let sent: Vec<PublicKey> = s.pending.keys().take(DELTA_CHUNK).copied().collect();
-                for k in sent {
-                    s.pending.remove(&k);
+                // Its own observed address decides what it sees of every peer: the peers whose
+                // view that changed are owed to it (the peers whose rows changed are in the
+                // order anyway).
+                None => {
+                    let observed = |m: &PeerMap| m.get(&s.key).and_then(|p| p.observed);
+                    if old.contains_key(&s.key) && observed(old) != observed(rows.rows()) {
+                        let all = old.keys().chain(rows.rows().keys());
+                        let changes = netmap::row_changes(old, rows.rows(), &s.key, all);
+                        s.owed.extend(changes.into_iter().map(|(k, _)| k));
+                    }
                 }
             }
             let mine = net.route_states.get(&s.key).cloned().unwrap_or_default();
@@ -1570,10 +1590,96 @@ impl Hub {
                 }
             }
         }
-        self.rows = states
-            .into_iter()
-            .map(|(id, net)| (id, net.peers))
-            .collect();
+        self.catch_up(sessions);
+    }
+
+    /// Queues to every session the peers it was not told yet, while its queue has room; the
+    /// rest wait for the next tick. Reads no database: the hub calls it on every tick while a
+    /// session lags.
+    fn catch_up(&mut self, sessions: &mut HashMap<u64, Session>) {
+        for s in sessions.values_mut() {
+            if s.removed || s.welcome.is_some() {
+                continue;
+            }
+            if let Some(rows) = self.nets.get(&s.network_id) {
+                tell(s, rows, &self.stats);
+            }
+        }
+        // The removals every session of a network was told are forgotten.
+        let mut upto: HashMap<i64, u64> = HashMap::new();
+        for s in sessions
+            .values()
+            .filter(|s| !s.removed && s.welcome.is_none())
+        {
+            let u = upto.entry(s.network_id).or_insert(u64::MAX);
+            *u = (*u).min(s.told_upto);
+        }
+        for (id, rows) in &mut self.nets {
+            let last = rows.last();
+            rows.prune(upto.get(id).copied().unwrap_or(last));
+        }
+    }
+
+    /// [`Hub::catch_up`] for one session.
+    fn catch_up_one(&mut self, sessions: &mut HashMap<u64, Session>, id: u64) {
+        let Some(s) = sessions.get_mut(&id) else {
+            return;
+        };
+        if s.removed || s.welcome.is_some() {
+            return;
+        }
+        if let Some(rows) = self.nets.get(&s.network_id) {
+            tell(s, rows, &self.stats);
+        }
+    }
+
+    /// Whether a session has peers it was not told yet.
+    fn lagging(&self, sessions: &HashMap<u64, Session>) -> bool {
+        sessions.values().any(|s| {
+            !s.removed
+                && s.welcome.is_none()
+                && (!s.owed.is_empty()
+                    || self
+                        .nets
+                        .get(&s.network_id)
+                        .is_some_and(|r| r.last() > s.told_upto))
+        })
+    }
+}
+
+/// Queues to `s` what it was not told yet of the peers in `rows` (the peers it is owed, then
+/// the changes after its position), in messages of at most [`DELTA_CHUNK`] peers, while its
+/// queue has room. Each peer as the rows hold it now: a peer that changed several times while
+/// the node lagged is told once.
+fn tell(s: &mut Session, rows: &netmap::Rows, stats: &Stats) {
+    while !s.owed.is_empty() || rows.last() > s.told_upto {
+        let Ok(permit) = s.tx.try_reserve() else {
+            return;
+        };
+        let mut chunk: BTreeSet<PublicKey> = BTreeSet::new();
+        while chunk.len() < DELTA_CHUNK {
+            let Some(k) = s.owed.pop_first() else { break };
+            chunk.insert(k);
+        }
+        for (at, k) in rows.changed_after(s.told_upto) {
+            if chunk.len() >= DELTA_CHUNK {
+                break;
+            }
+            s.told_upto = at;
+            chunk.insert(*k);
+        }
+        let (mut upsert, mut remove) = (Vec::new(), Vec::new());
+        for k in chunk.into_iter().filter(|k| *k != s.key) {
+            match rows.seen_by(&k, &s.key) {
+                Some(p) => upsert.push(p),
+                None => remove.push(k),
+            }
+        }
+        if upsert.is_empty() && remove.is_empty() {
+            continue;
+        }
+        permit.send(ServerMsg::PeersChanged { upsert, remove });
+        Stats::inc(&stats.deltas_pushed, 1);
     }
 }
 
@@ -1626,7 +1732,7 @@ mod tests {
             secret: [1; 32],
             forwarder: Forwarder::new(),
             stats: Arc::new(Stats::default()),
-            rows: HashMap::new(),
+            nets: HashMap::new(),
         };
         let (tx, mut rx) = mpsc::channel(2);
         let me = keys[0];
@@ -1639,7 +1745,8 @@ mod tests {
                 key: me,
                 tx,
                 welcome: Some(PeerMap::new()),
-                pending: BTreeMap::new(),
+                told_upto: 0,
+                owed: BTreeSet::new(),
                 removed: false,
                 relays: Vec::new(),
                 revoked: Vec::new(),
@@ -1662,8 +1769,135 @@ mod tests {
         }
         assert_eq!(largest, DELTA_CHUNK, "one message held {largest} peers");
         assert_eq!(known.len(), keys.len() - 1, "the backlog was not all sent");
-        assert!(sessions[&1].pending.is_empty());
+        assert!(sessions[&1].owed.is_empty());
+        assert!(!hub.lagging(&sessions));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A session whose node reads nothing while the network changes under it (joins, and
+    /// members removed) holds no copies of what it was not told: its backlog is a position in
+    /// the network's order of changes. When it reads again it gets each peer once, as the rows
+    /// hold it then, removals included; and the hub then forgets the removed keys.
+    #[tokio::test]
+    async fn a_node_that_lags_is_told_the_latest_rows_once() {
+        let dir =
+            TempDir(std::env::temp_dir().join(format!("mesh-hub-lag-{}", std::process::id())));
+        let state = StateDir::open(&dir.0).unwrap();
+        let mut store = state.open_store().unwrap();
+        let now = unix_now();
+        store
+            .create_network("prod", "100.64.0.0/16".parse().unwrap(), now)
+            .unwrap();
+        store
+            .create_token(
+                "prod",
+                &crate::store::NewToken::for_test("tok", b"secret", true),
+                now,
+            )
+            .unwrap();
+        let key = |i: u32| {
+            let mut k = [0u8; 32];
+            k[..4].copy_from_slice(&(i + 1).to_le_bytes());
+            PublicKey(k)
+        };
+        let join = move |store: &mut crate::store::Store, i: u32| {
+            store
+                .join(
+                    "tok",
+                    b"secret",
+                    &key(i),
+                    NameRequest::Preferred(&format!("n{i}")),
+                    Candidates::default(),
+                    unix_now(),
+                )
+                .unwrap()
+                .network_id
+        };
+        let mut network_id = 0;
+        for i in 0..100 {
+            network_id = join(&mut store, i);
+        }
+        let db = Db::start(store, "test-hub-lag").unwrap();
+        let mut hub = Hub {
+            secret: [1; 32],
+            forwarder: Forwarder::new(),
+            stats: Arc::new(Stats::default()),
+            nets: HashMap::new(),
+        };
+        let (tx, mut rx) = mpsc::channel(1);
+        let me = key(0);
+        let mut sessions = HashMap::from([(
+            1,
+            Session {
+                network_id,
+                network: "prod".into(),
+                key: me,
+                tx,
+                welcome: Some(PeerMap::new()),
+                told_upto: 0,
+                owed: BTreeSet::new(),
+                removed: false,
+                relays: Vec::new(),
+                revoked: Vec::new(),
+                tickets_at: tokio::time::Instant::now(),
+                birthday_budget: None,
+                route_states: Vec::new(),
+                names: Vec::new(),
+            },
+        )]);
+        let mut known = PeerMap::new();
+        // The node reads its first message, then stops reading: its queue stays full.
+        hub.push(&db, &mut sessions).await;
+        netmap::apply(&mut known, &rx.try_recv().unwrap());
+        hub.push(&db, &mut sessions).await;
+        // 1,000 more join in ten rounds and 40 of the first are removed, a push after each.
+        for round in 0..10u32 {
+            db.run(move |s| {
+                for i in 0..100 {
+                    join(s, 100 + round * 100 + i);
+                }
+                for i in 0..4 {
+                    s.remove_node("prod", &format!("n{}", 1 + round * 4 + i), unix_now())
+                        .unwrap();
+                }
+                Ok(())
+            })
+            .await
+            .unwrap();
+            hub.push(&db, &mut sessions).await;
+        }
+        let session = &sessions[&1];
+        assert!(
+            session.owed.len() <= 100,
+            "owed {} keys",
+            session.owed.len()
+        );
+        // The node reads again.
+        let mut messages = 0;
+        for _ in 0..20_000 {
+            while let Ok(msg) = rx.try_recv() {
+                netmap::apply(&mut known, &msg);
+                messages += 1;
+            }
+            if !hub.lagging(&sessions) {
+                break;
+            }
+            hub.catch_up(&mut sessions);
+        }
+        while let Ok(msg) = rx.try_recv() {
+            netmap::apply(&mut known, &msg);
+            messages += 1;
+        }
+        let rows = &hub.nets[&network_id];
+        assert_eq!(known, netmap::view_for_map(rows.rows(), &me));
+        assert_eq!(known.len(), 1_100 - 40 - 1);
+        // 1,059 peers in messages of at most DELTA_CHUNK, plus the removals.
+        assert!(
+            messages <= 1 + 1_100 / DELTA_CHUNK + 1,
+            "{messages} messages"
+        );
+        hub.catch_up(&mut sessions);
+        assert_eq!(hub.nets[&network_id].remembered(), 1_100 - 40);
     }
 
     #[test]

@@ -28,8 +28,11 @@ pub const SERVER_MAX_BIDI_STREAMS: u32 = 1;
 /// Per-stream receive window at a server. Nodes send small messages (join, hello, heartbeat,
 /// ticket renewals: a few KB); two maximal Noise frames (64 KiB each) keep them flowing.
 pub const SERVER_STREAM_WINDOW: u32 = 128 * 1024;
-/// Bytes a server buffers for sending per connection: the largest control message.
-pub const SERVER_SEND_WINDOW: u64 = MAX_MESSAGE_LEN as u64 + 64 * 1024;
+/// Bytes a server buffers for sending per connection, unacknowledged ones included. A larger
+/// message is written as the node acknowledges; a node that reads slowly holds no more than
+/// this of its server's memory (with the largest control message here, 5,000 nodes joining at
+/// once held about 5 GB of a controller).
+pub const SERVER_SEND_WINDOW: u64 = 256 * 1024;
 /// Per-stream receive window at a node: the largest control message (a full peer list).
 pub const CLIENT_STREAM_WINDOW: u32 = MAX_MESSAGE_LEN as u32 + 64 * 1024;
 /// Connection attempts quinn queues before the server looks at them.
@@ -98,7 +101,7 @@ fn base_transport() -> quinn::TransportConfig {
 /// Transport limits of a server (controller or relay), per connection: one bidirectional
 /// stream, no unidirectional one, [`SERVER_STREAM_WINDOW`] of unread stream data,
 /// [`SERVER_SEND_WINDOW`] of unsent data, and the datagram buffers ([`RELAY_BUFFER`] each way).
-/// About 2.2 MiB at most per connection (quinn's defaults allowed 200 streams of 1.2 MB
+/// About 1.4 MiB at most per connection (quinn's defaults allowed 200 streams of 1.2 MB
 /// each and an unbounded connection window).
 pub fn server_transport() -> Arc<quinn::TransportConfig> {
     let mut t = base_transport();
