@@ -22,6 +22,7 @@ use mesh_proto::control::{PeerInfo, ServerMsg, MAX_ENDPOINTS};
 use mesh_proto::PublicKey;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 
 /// Most reported global IPv6 candidates of one peer handed to every viewer (a host has one or
 /// two stable addresses per uplink).
@@ -117,6 +118,7 @@ pub fn endpoints_for(peer: &PeerInfo, viewer_observed: Option<SocketAddr>) -> Ve
 
 /// The list a node sees: every member except itself, each with the endpoints this node may
 /// probe. `all` holds reported endpoints and observed addresses as stored.
+#[cfg(test)]
 pub fn view_for(all: &[PeerInfo], me: &PublicKey) -> PeerMap {
     let my_observed = all.iter().find(|p| p.key == *me).and_then(|p| p.observed);
     view_of(all.iter(), me, my_observed)
@@ -156,40 +158,8 @@ pub fn changed_keys(old: &PeerMap, new: &PeerMap) -> Vec<PublicKey> {
     keys
 }
 
-/// How the view of `me` changes from the rows `old` to the rows `new`, for the peers of `keys`
-/// (latest per key, `None`: gone from the view). Each side is seen from `me`'s observed
-/// address on that side, so pass every key when `me`'s own row changed.
-pub fn row_changes<'a>(
-    old: &PeerMap,
-    new: &PeerMap,
-    me: &PublicKey,
-    keys: impl Iterator<Item = &'a PublicKey>,
-) -> Vec<(PublicKey, Option<PeerInfo>)> {
-    let old_observed = old.get(me).and_then(|p| p.observed);
-    let new_observed = new.get(me).and_then(|p| p.observed);
-    let mut changes: Vec<(PublicKey, Option<PeerInfo>)> = keys
-        .filter(|k| *k != me)
-        .filter_map(|k| {
-            let before = old.get(k).map(|p| seen_by(p, old_observed));
-            let after = new.get(k).map(|p| seen_by(p, new_observed));
-            (before != after).then_some((*k, after))
-        })
-        .collect();
-    changes.sort_by_key(|(k, _)| *k);
-    changes.dedup_by_key(|(k, _)| *k);
-    changes
-}
-
-/// How a view that was `told` (what a node was sent) changes to `me`'s view of `rows`.
-pub fn view_changes(
-    told: &PeerMap,
-    rows: &PeerMap,
-    me: &PublicKey,
-) -> Vec<(PublicKey, Option<PeerInfo>)> {
-    view_diff(told, &view_for_map(rows, me))
-}
-
 /// The changes from the view `old` to the view `new`, by key (`None`: gone).
+#[cfg(test)]
 pub fn view_diff(old: &PeerMap, new: &PeerMap) -> Vec<(PublicKey, Option<PeerInfo>)> {
     let mut changes: Vec<(PublicKey, Option<PeerInfo>)> = new
         .iter()
@@ -205,22 +175,32 @@ pub fn view_diff(old: &PeerMap, new: &PeerMap) -> Vec<(PublicKey, Option<PeerInf
     changes
 }
 
-/// A welcome's peer list as sent: the peers the welcome carries, and the `PeersChanged`
-/// messages (at most `chunk` peers each) that carry the rest right after it.
-pub fn welcome_parts(
-    mut peers: Vec<PeerInfo>,
-    first: usize,
-    chunk: usize,
-) -> (Vec<PeerInfo>, Vec<ServerMsg>) {
-    let rest = peers.split_off(first.min(peers.len()));
-    let follow = rest
-        .chunks(chunk.max(1))
-        .map(|c| ServerMsg::PeersChanged {
-            upsert: c.to_vec(),
-            remove: Vec::new(),
-        })
-        .collect();
-    (peers, follow)
+/// What `me`, connected from `observed`, is told of the members `rows` when it connects: how
+/// many peers, and each as it sees them, in key order. Lazy, so that a welcome goes out in
+/// parts without a copy of the whole list per node.
+pub fn welcome_view<'a>(
+    rows: &'a PeerMap,
+    me: &'a PublicKey,
+    observed: Option<SocketAddr>,
+) -> (usize, impl Iterator<Item = PeerInfo> + 'a) {
+    let count = rows.len() - usize::from(rows.contains_key(me));
+    let peers = rows
+        .values()
+        .filter(move |p| p.key != *me)
+        .map(move |p| seen_by(p, observed));
+    (count, peers)
+}
+
+/// The members whose candidates a viewer is told differ between its observed addresses
+/// `from` and `to`.
+pub fn seen_differently(
+    rows: &PeerMap,
+    from: Option<SocketAddr>,
+    to: Option<SocketAddr>,
+) -> impl Iterator<Item = PublicKey> + '_ {
+    rows.values()
+        .filter(move |p| endpoints_for(p, from) != endpoints_for(p, to))
+        .map(|p| p.key)
 }
 
 /// One network's member rows as last read, and the order of their latest changes. A node
@@ -229,7 +209,7 @@ pub fn welcome_parts(
 /// held gigabytes.
 #[derive(Debug, Default)]
 pub struct Rows {
-    rows: PeerMap,
+    rows: Arc<PeerMap>,
     /// Each key at the position of its latest change: members, and keys gone from `rows`
     /// until [`Rows::prune`] forgets them.
     order: BTreeMap<u64, PublicKey>,
@@ -243,6 +223,12 @@ impl Rows {
         &self.rows
     }
 
+    /// The rows as last read, to welcome a node from while they change: the node is then told
+    /// the changes after [`Rows::last`].
+    pub fn snapshot(&self) -> Arc<PeerMap> {
+        self.rows.clone()
+    }
+
     /// The position of the latest change (0: none yet).
     pub fn last(&self) -> u64 {
         self.last
@@ -250,7 +236,7 @@ impl Rows {
 
     /// Takes the rows as read now, moving each key whose row changed (added, changed or
     /// gone) to the end of the order; returns the rows before.
-    pub fn update(&mut self, new: PeerMap) -> PeerMap {
+    pub fn update(&mut self, new: PeerMap) -> Arc<PeerMap> {
         for k in changed_keys(&self.rows, &new) {
             self.last += 1;
             if let Some(before) = self.changed_at.insert(k, self.last) {
@@ -258,7 +244,7 @@ impl Rows {
             }
             self.order.insert(self.last, k);
         }
-        std::mem::replace(&mut self.rows, new)
+        std::mem::replace(&mut self.rows, Arc::new(new))
     }
 
     /// The keys whose latest change came after position `after`, oldest first, with their
@@ -304,6 +290,7 @@ impl Rows {
 }
 
 /// The `PeersChanged` message of `changes` (latest per key, `None`: remove).
+#[cfg(test)]
 pub fn delta_of<'a>(
     changes: impl IntoIterator<Item = (&'a PublicKey, &'a Option<PeerInfo>)>,
 ) -> ServerMsg {
@@ -345,7 +332,7 @@ mod tests {
         let mut next = all.clone();
         next.insert(PublicKey([1; 32]), p(1, 40000));
         next.remove(&PublicKey([2; 32]));
-        assert_eq!(rows.update(next.clone()), all);
+        assert_eq!(*rows.update(next.clone()), all);
         let after3: Vec<(u64, PublicKey)> = rows.changed_after(3).map(|(a, k)| (a, *k)).collect();
         assert_eq!(after3.len(), 2);
         assert_eq!(
@@ -376,8 +363,21 @@ mod tests {
     #[test]
     fn a_large_welcome_comes_in_parts_that_add_up_to_the_list() {
         let all: Vec<PeerInfo> = (1..=7).map(|n| p(n, 51820)).collect();
-        let (first, rest) = welcome_parts(all.clone(), 3, 2);
+        let mut rows: PeerMap = all.iter().map(|p| (p.key, p.clone())).collect();
+        let me = PublicKey([9; 32]);
+        rows.insert(me, p(9, 51820));
+        let (count, mut peers) = welcome_view(&rows, &me, None);
+        assert_eq!(count, 7);
+        let first: Vec<PeerInfo> = peers.by_ref().take(3).collect();
         assert_eq!(first, all[..3]);
+        let rest: Vec<ServerMsg> = std::iter::from_fn(|| {
+            let upsert: Vec<PeerInfo> = peers.by_ref().take(2).collect();
+            (!upsert.is_empty()).then(|| ServerMsg::PeersChanged {
+                upsert,
+                remove: Vec::new(),
+            })
+        })
+        .collect();
         assert_eq!(rest.len(), 2);
         let mut w = mesh_proto::control::Welcome {
             network: "prod".into(),
@@ -401,9 +401,6 @@ mod tests {
             assert_eq!(w.take_rest(m), Ok(i == 1));
         }
         assert_eq!(w.peers, all);
-        // A list that fits goes whole.
-        let (first, rest) = welcome_parts(all.clone(), 10, 2);
-        assert_eq!((first, rest.len()), (all, 0));
     }
 
     fn p(n: u8, port: u16) -> PeerInfo {
@@ -427,8 +424,10 @@ mod tests {
 
     const OVERLAY: (Ipv4Addr, u8) = (Ipv4Addr::new(100, 64, 0, 0), 10);
 
-    /// The changes the hub sends from the changed rows alone bring every viewer from its old
-    /// view to its new one; a viewer whose own row changed gets them from every row.
+    /// The changes the hub sends from the changed rows, and from the rows a viewer sees
+    /// differently after its own observed address moved, bring every viewer from its old view
+    /// to its new one. (A row that changed only in what a viewer does not see is sent anyway:
+    /// the hub keeps no view per viewer to compare with.)
     #[test]
     fn the_changes_of_the_changed_rows_bring_each_view_up_to_date() {
         let map = |ps: Vec<PeerInfo>| -> PeerMap { ps.into_iter().map(|p| (p.key, p)).collect() };
@@ -458,36 +457,47 @@ mod tests {
             p(7, 1),
             lan(8, 7),
         ]);
-        let changed = changed_keys(&old, &new);
-        assert_eq!(changed.len(), 5, "{changed:?}");
-        let to_msg =
-            |c: Vec<(PublicKey, Option<PeerInfo>)>| delta_of(c.iter().map(|(k, p)| (k, p)));
+        let mut rows = Rows::default();
+        rows.update(old.clone());
+        let told_upto = rows.last();
+        rows.update(new.clone());
+        assert_eq!(rows.changed_after(told_upto).count(), 5);
+        // What the hub tells a viewer told up to `told_upto`: the rows changed since, and the
+        // peers it sees differently from its new observed address; each as the rows hold it.
+        let tell = |viewer: u8| -> ServerMsg {
+            let me = PublicKey([viewer; 32]);
+            let from = old.get(&me).and_then(|p| p.observed);
+            let to = new.get(&me).and_then(|p| p.observed);
+            let mut keys: Vec<PublicKey> = rows.changed_after(told_upto).map(|(_, k)| *k).collect();
+            keys.extend(seen_differently(rows.rows(), from, to));
+            keys.sort();
+            keys.dedup();
+            let (mut upsert, mut remove) = (Vec::new(), Vec::new());
+            for k in keys.into_iter().filter(|k| *k != me) {
+                match rows.seen_by(&k, &me) {
+                    Some(p) => upsert.push(p),
+                    None => remove.push(k),
+                }
+            }
+            ServerMsg::PeersChanged { upsert, remove }
+        };
         for viewer in [1u8, 4, 5, 6, 8] {
             let me = PublicKey([viewer; 32]);
-            let own_changed = old.get(&me) != new.get(&me);
-            let changes = if own_changed {
-                row_changes(&old, &new, &me, old.keys().chain(new.keys()))
-            } else {
-                row_changes(&old, &new, &me, changed.iter())
-            };
             let mut view = view_for_map(&old, &me);
-            apply(&mut view, &to_msg(changes.clone()));
+            apply(&mut view, &tell(viewer));
             assert_eq!(view, view_for_map(&new, &me), "viewer {viewer}");
-            // What a node told the old view at its Welcome is sent the same changes.
-            let told = view_changes(&view_for_map(&old, &me), &new, &me);
-            assert_eq!(told, changes, "viewer {viewer}");
         }
-        // 5 sees 6's new LAN port; 1 sees none of 6's LAN candidates, so no change of 6.
+        // 8 moved behind 5's NAT: it now sees 5's LAN candidate, though 5's row is the same.
         let upserted = |viewer: u8| -> Vec<u8> {
-            let me = PublicKey([viewer; 32]);
-            row_changes(&old, &new, &me, changed.iter())
-                .into_iter()
-                .filter(|(_, p)| p.is_some())
-                .map(|(k, _)| k.0[0])
-                .collect()
+            match tell(viewer) {
+                ServerMsg::PeersChanged { upsert, .. } => {
+                    upsert.iter().map(|p| p.key.0[0]).collect()
+                }
+                _ => unreachable!(),
+            }
         };
-        assert_eq!(upserted(5), [2, 6, 7, 8]);
-        assert_eq!(upserted(1), [2, 7, 8]);
+        assert_eq!(upserted(8), [2, 5, 6, 7]);
+        assert_eq!(upserted(1), [2, 6, 7, 8]);
     }
 
     #[test]

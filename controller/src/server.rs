@@ -15,9 +15,11 @@
 //! on its own thread), the hub reads through another. The hub notices changes by polling
 //! SQLite's `data_version` every 100 ms; a change costs one read of each network with
 //! connected nodes and a comparison of its rows with the last read, and each session is then
-//! sent the delta of the peers that changed, as it sees them (all of them only when it is new
-//! or its own row changed). The hub holds one copy of each network's rows, not a view per
-//! session.
+//! sent the peers that changed, as it sees them. The hub holds one copy of each network's
+//! rows with the order of their latest changes ([`netmap::Rows`]), not a view per session: a
+//! new node is welcomed from those rows, and a node that reads slowly is a position in that
+//! order plus at most [`PUSH_QUEUE`] messages, so memory grows with the nodes, not with
+//! nodes × peers.
 
 use crate::db::Db;
 use crate::netmap::{self, PeerMap};
@@ -351,8 +353,10 @@ enum HubCmd {
         network: String,
         key: PublicKey,
         tx: mpsc::Sender<ServerMsg>,
-        /// What the Welcome told the node of its peers.
-        welcome: PeerMap,
+        /// Gets the rows the node is welcomed from; it is told the changes after them.
+        rows: tokio::sync::oneshot::Sender<Arc<PeerMap>>,
+        /// The observed address the node is welcomed as seen from.
+        seen_from: Option<SocketAddr>,
         relays: Vec<RelayRow>,
         revoked: Vec<(PublicKey, u64)>,
         birthday_budget: Option<u16>,
@@ -1114,24 +1118,43 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
     }
     let mut advertised = hello_routes.unwrap_or_default();
     info!(node = %adm.name, %key, address = %adm.address, address6 = ?adm.address6, network = %adm.network, observed = ?observed, %transport, "node connected");
-    let (peers, relays, revoked, birthday_budget) = ctx
+    let (relays, revoked, birthday_budget) = ctx
         .db
         .run(move |store| {
             Ok((
-                store.peers(network_id)?,
                 store.relays()?,
                 revoked_in(store, network_id, unix_now())?,
                 store.birthday_budget(network_id)?,
             ))
         })
         .await?;
-    let view = netmap::view_for(&peers, &key);
-    // Not kept for the rest of the session: at 5,000 nodes, each session's copy of the list
-    // it was welcomed with held gigabytes together.
-    drop(peers);
-    let (first, rest) =
-        netmap::welcome_parts(view.values().cloned().collect(), WELCOME_PEERS, DELTA_CHUNK);
-    let more_peers = (view.len() - first.len()) as u32;
+    // The peer list comes from the hub's rows (one copy shared by every node being welcomed,
+    // not one per node: at 5,000 nodes joining at once those held gigabytes), and the hub
+    // then tells the node what changed after them. Its pushes wait in the queue until the
+    // welcome is out.
+    let (push_tx, mut push_rx) = mpsc::channel(PUSH_QUEUE);
+    let (rows_tx, rows_rx) = tokio::sync::oneshot::channel();
+    // Seen from where its connection comes from: the hub may not have read its row yet.
+    let seen_from = observed
+        .and_then(|o| netmap::usable_observed(o, (adm.overlay.network, adm.overlay.prefix_len)));
+    let _ = ctx.hub.send(HubCmd::Register {
+        id,
+        network_id: adm.network_id,
+        network: adm.network.clone(),
+        key,
+        tx: push_tx,
+        rows: rows_tx,
+        seen_from,
+        relays: relays.clone(),
+        revoked: revoked.clone(),
+        birthday_budget,
+    });
+    let rows = rows_rx
+        .await
+        .context("the controller cannot read the network's members")?;
+    let (count, mut peers) = netmap::welcome_view(&rows, &key, seen_from);
+    let first: Vec<_> = peers.by_ref().take(WELCOME_PEERS).collect();
+    let more_peers = (count - first.len()) as u32;
     tx.send(
         &ServerMsg::Welcome(mesh_proto::control::Welcome {
             network: adm.network.clone(),
@@ -1156,21 +1179,19 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
     )
     .await?;
     // The rest of a large network's list, before anything the hub pushes.
-    for m in rest {
-        tx.send(&m.encode()).await?;
+    loop {
+        let upsert: Vec<_> = peers.by_ref().take(DELTA_CHUNK).collect();
+        if upsert.is_empty() {
+            break;
+        }
+        let rest = ServerMsg::PeersChanged {
+            upsert,
+            remove: Vec::new(),
+        };
+        tx.send(&rest.encode()).await?;
     }
-    let (push_tx, mut push_rx) = mpsc::channel(PUSH_QUEUE);
-    let _ = ctx.hub.send(HubCmd::Register {
-        id,
-        network_id: adm.network_id,
-        network: adm.network.clone(),
-        key,
-        tx: push_tx,
-        welcome: view,
-        relays,
-        revoked,
-        birthday_budget,
-    });
+    drop(peers);
+    drop(rows);
     let relay = tokio::spawn({
         let (forwarder, conn, network) = (ctx.forwarder.clone(), conn.clone(), adm.network.clone());
         async move { forwarder.serve(&network, key, conn).await }
@@ -1301,11 +1322,9 @@ struct Session {
     network: String,
     key: PublicKey,
     tx: mpsc::Sender<ServerMsg>,
-    /// The view the Welcome gave, until the first push brought the node from it to the hub's
-    /// rows. After that the hub keeps no view per session (it would hold peers × sessions
-    /// entries): the node was told the hub's rows as it sees them, except for the changes
-    /// after `told_upto` and the peers in `owed`.
-    welcome: Option<PeerMap>,
+    // The hub keeps no view per session (it would hold peers × sessions entries): the node
+    // was told the hub's rows as it sees them, except for the changes after `told_upto` and
+    // the peers in `owed`.
     /// Position in the network's order of changes ([`netmap::Rows`]) up to which the node
     /// was told every change.
     told_upto: u64,
@@ -1313,6 +1332,9 @@ struct Session {
     /// its own observed address changed), not yet told. Keys only: what it is told is read
     /// from the rows when there is room in its queue.
     owed: BTreeSet<PublicKey>,
+    /// The node's observed address as its view was last computed: it decides which of each
+    /// peer's candidates the node is told.
+    seen_from: Option<SocketAddr>,
     removed: bool,
     /// The relay list last sent, its revocations, and when its tickets were made.
     relays: Vec<RelayRow>,
@@ -1350,12 +1372,19 @@ async fn run_hub(
     loop {
         tokio::select! {
             cmd = rx.recv() => match cmd {
-                Some(HubCmd::Register { id, network_id, network, key, tx, welcome, relays, revoked, birthday_budget }) => {
+                Some(HubCmd::Register { id, network_id, network, key, tx, rows, seen_from, relays, revoked, birthday_budget }) => {
+                    // The first node of a network: its rows are read now.
+                    if !hub.nets.contains_key(&network_id) {
+                        hub.read_network(&db, network_id).await;
+                    }
+                    let Some(net) = hub.nets.get(&network_id) else {
+                        // Not read: the connection ends and the node tries again.
+                        continue;
+                    };
+                    let _ = rows.send(net.snapshot());
                     let tickets_at = tokio::time::Instant::now();
-                    sessions.insert(id, Session { network_id, network, key, tx, welcome: Some(welcome), told_upto: 0, owed: BTreeSet::new(), removed: false, relays, revoked, tickets_at, birthday_budget, route_states: Vec::new(), names: Vec::new() });
-                    // Changes between the Welcome and now must not be lost: the next tick brings
-                    // the session from its Welcome to the rows then (one push for all the
-                    // sessions registered meanwhile, not one read of the network per join).
+                    sessions.insert(id, Session { network_id, network, key, tx, told_upto: net.last(), owed: BTreeSet::new(), seen_from, removed: false, relays, revoked, tickets_at, birthday_budget, route_states: Vec::new(), names: Vec::new() });
+                    // Route states and names are told at the next tick.
                     registered = true;
                 }
                 Some(HubCmd::Unregister { id }) => { sessions.remove(&id); }
@@ -1502,22 +1531,16 @@ impl Hub {
                 return;
             }
         };
-        // The rows before this read, for the sessions whose own row changed.
-        let mut before: HashMap<i64, PeerMap> = HashMap::with_capacity(states.len());
         for (id, net) in &mut states {
             let rows = std::mem::take(&mut net.peers);
-            before.insert(*id, self.nets.entry(*id).or_default().update(rows));
+            self.nets.entry(*id).or_default().update(rows);
         }
         for s in sessions.values_mut() {
             if s.removed {
                 continue;
             }
-            // (A session registered while the hub read: the next push covers it.)
-            let (Some(net), Some(rows), Some(old)) = (
-                states.get(&s.network_id),
-                self.nets.get(&s.network_id),
-                before.get(&s.network_id),
-            ) else {
+            let (Some(net), Some(rows)) = (states.get(&s.network_id), self.nets.get(&s.network_id))
+            else {
                 continue;
             };
             if !rows.rows().contains_key(&s.key) {
@@ -1531,25 +1554,14 @@ impl Hub {
                 });
                 continue;
             }
-            match s.welcome.take() {
-                // New: from what the Welcome told to the rows now; every change before now is
-                // in that difference.
-                Some(told) => {
-                    let changes = netmap::view_changes(&told, rows.rows(), &s.key);
-                    s.owed.extend(changes.into_iter().map(|(k, _)| k));
-                    s.told_upto = rows.last();
-                }
-                // Its own observed address decides what it sees of every peer: the peers whose
-                // view that changed are owed to it (the peers whose rows changed are in the
-                // order anyway).
-                None => {
-                    let observed = |m: &PeerMap| m.get(&s.key).and_then(|p| p.observed);
-                    if old.contains_key(&s.key) && observed(old) != observed(rows.rows()) {
-                        let all = old.keys().chain(rows.rows().keys());
-                        let changes = netmap::row_changes(old, rows.rows(), &s.key, all);
-                        s.owed.extend(changes.into_iter().map(|(k, _)| k));
-                    }
-                }
+            // Its own observed address decides what it sees of every peer: when it moved, the
+            // peers whose candidates it may probe changed are owed to it (the peers whose rows
+            // changed are in the order anyway).
+            let now_from = rows.rows().get(&s.key).and_then(|p| p.observed);
+            if now_from != s.seen_from {
+                let moved = netmap::seen_differently(rows.rows(), s.seen_from, now_from);
+                s.owed.extend(moved.filter(|k| *k != s.key));
+                s.seen_from = now_from;
             }
             let mine = net.route_states.get(&s.key).cloned().unwrap_or_default();
             if mine != s.route_states {
@@ -1598,7 +1610,7 @@ impl Hub {
     /// session lags.
     fn catch_up(&mut self, sessions: &mut HashMap<u64, Session>) {
         for s in sessions.values_mut() {
-            if s.removed || s.welcome.is_some() {
+            if s.removed {
                 continue;
             }
             if let Some(rows) = self.nets.get(&s.network_id) {
@@ -1607,10 +1619,7 @@ impl Hub {
         }
         // The removals every session of a network was told are forgotten.
         let mut upto: HashMap<i64, u64> = HashMap::new();
-        for s in sessions
-            .values()
-            .filter(|s| !s.removed && s.welcome.is_none())
-        {
+        for s in sessions.values().filter(|s| !s.removed) {
             let u = upto.entry(s.network_id).or_insert(u64::MAX);
             *u = (*u).min(s.told_upto);
         }
@@ -1620,12 +1629,23 @@ impl Hub {
         }
     }
 
+    /// Reads the members of a network the hub holds no rows of yet.
+    async fn read_network(&mut self, db: &Db, network_id: i64) {
+        match db.run(move |s| s.peers(network_id)).await {
+            Ok(peers) => {
+                let rows = peers.into_iter().map(|p| (p.key, p)).collect();
+                self.nets.entry(network_id).or_default().update(rows);
+            }
+            Err(e) => warn!(error = %e, network_id, "cannot read the network's members"),
+        }
+    }
+
     /// [`Hub::catch_up`] for one session.
     fn catch_up_one(&mut self, sessions: &mut HashMap<u64, Session>, id: u64) {
         let Some(s) = sessions.get_mut(&id) else {
             return;
         };
-        if s.removed || s.welcome.is_some() {
+        if s.removed {
             return;
         }
         if let Some(rows) = self.nets.get(&s.network_id) {
@@ -1637,7 +1657,6 @@ impl Hub {
     fn lagging(&self, sessions: &HashMap<u64, Session>) -> bool {
         sessions.values().any(|s| {
             !s.removed
-                && s.welcome.is_none()
                 && (!s.owed.is_empty()
                     || self
                         .nets
@@ -1744,9 +1763,9 @@ mod tests {
                 network: "prod".into(),
                 key: me,
                 tx,
-                welcome: Some(PeerMap::new()),
                 told_upto: 0,
                 owed: BTreeSet::new(),
+                seen_from: None,
                 removed: false,
                 relays: Vec::new(),
                 revoked: Vec::new(),
@@ -1833,9 +1852,9 @@ mod tests {
                 network: "prod".into(),
                 key: me,
                 tx,
-                welcome: Some(PeerMap::new()),
                 told_upto: 0,
                 owed: BTreeSet::new(),
+                seen_from: None,
                 removed: false,
                 relays: Vec::new(),
                 revoked: Vec::new(),
