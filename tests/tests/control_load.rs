@@ -79,6 +79,11 @@ fn forty_nodes_join_and_each_hears_of_one_more_join_and_leave_as_a_delta() {
     };
     assert_eq!(n(&["joined"]), NODES, "{report:#}");
     assert_eq!(n(&["failed"]), 0, "{report:#}");
+    // Nodes welcomed while others joined still end up knowing every one of them.
+    assert!(
+        report["converged_s"].is_number(),
+        "not every node came to know every other: {report:#}"
+    );
     for change in ["extra_join", "extra_leave"] {
         assert_eq!(n(&[change, "nodes"]), NODES, "{change}: {report:#}");
         assert_eq!(
@@ -126,6 +131,10 @@ fn two_hundred_nodes_join_three_controllers_at_once_and_no_address_is_given_twic
     );
     assert_eq!(report["joined"].as_u64(), Some(MANY), "{report:#}");
     assert_eq!(report["failed"].as_u64(), Some(0), "{report:#}");
+    assert!(
+        report["converged_s"].is_number(),
+        "not every node came to know every other: {report:#}"
+    );
     // The extra join went through one controller; nodes on all three heard of it.
     assert_eq!(
         report["extra_join"]["within_10s"].as_u64(),
