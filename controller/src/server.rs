@@ -1521,6 +1521,9 @@ impl Hub {
             .collect();
         networks.sort_unstable();
         networks.dedup();
+        // The rows of a network nobody is connected to would go stale: its next node is
+        // welcomed from a fresh read instead.
+        self.nets.retain(|id, _| networks.binary_search(id).is_ok());
         if networks.is_empty() {
             return;
         }
