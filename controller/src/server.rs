@@ -1712,13 +1712,13 @@ mod tests {
     use mesh_control::channel::{Receiver, Sender};
     use mesh_proto::control::decode_server;
 
-    /// A session that missed a burst of changes (its queue was full) gets them in messages of
-    /// at most `DELTA_CHUNK` peers as its queue drains, and ends with the whole network.
-    #[tokio::test]
-    async fn a_backlog_goes_out_in_bounded_messages() {
-        let dir = std::env::temp_dir().join(format!("mesh-hub-test-{}", std::process::id()));
-        let state = StateDir::open(&dir).unwrap();
-        let mut store = state.open_store().unwrap();
+    /// A state dir (removed when dropped) whose store has network "prod" and a reusable
+    /// token "tok".
+    fn prod_store(name: &str) -> (TempDir, crate::store::Store) {
+        let dir =
+            TempDir(std::env::temp_dir().join(format!("mesh-hub-{name}-{}", std::process::id())));
+        let state = StateDir::open(&dir.0).unwrap();
+        let store = state.open_store().unwrap();
         let now = unix_now();
         store
             .create_network("prod", "100.64.0.0/16".parse().unwrap(), now)
@@ -1730,6 +1730,44 @@ mod tests {
                 now,
             )
             .unwrap();
+        (dir, store)
+    }
+
+    fn test_hub() -> Hub {
+        Hub {
+            secret: [1; 32],
+            forwarder: Forwarder::new(),
+            stats: Arc::new(Stats::default()),
+            nets: HashMap::new(),
+        }
+    }
+
+    /// A session of network "prod" at the start of its network's order of changes.
+    fn test_session(network_id: i64, key: PublicKey, tx: mpsc::Sender<ServerMsg>) -> Session {
+        Session {
+            network_id,
+            network: "prod".into(),
+            key,
+            tx,
+            told_upto: 0,
+            owed: BTreeSet::new(),
+            seen_from: None,
+            removed: false,
+            relays: Vec::new(),
+            revoked: Vec::new(),
+            tickets_at: tokio::time::Instant::now(),
+            birthday_budget: None,
+            route_states: Vec::new(),
+            names: Vec::new(),
+        }
+    }
+
+    /// A session that missed a burst of changes (its queue was full) gets them in messages of
+    /// at most `DELTA_CHUNK` peers as its queue drains, and ends with the whole network.
+    #[tokio::test]
+    async fn a_backlog_goes_out_in_bounded_messages() {
+        let (_dir, mut store) = prod_store("backlog");
+        let now = unix_now();
         let mut keys = Vec::new();
         let mut network_id = 0;
         for i in 0..1_200u32 {
@@ -1750,34 +1788,11 @@ mod tests {
             keys.push(key);
         }
         let db = Db::start(store, "test-hub-db").unwrap();
-        let mut hub = Hub {
-            secret: [1; 32],
-            forwarder: Forwarder::new(),
-            stats: Arc::new(Stats::default()),
-            nets: HashMap::new(),
-        };
+        let mut hub = test_hub();
         let (tx, mut rx) = mpsc::channel(2);
         let me = keys[0];
         // Its Welcome told it of nobody: the first push owes it 1,199 peers.
-        let mut sessions = HashMap::from([(
-            1,
-            Session {
-                network_id,
-                network: "prod".into(),
-                key: me,
-                tx,
-                told_upto: 0,
-                owed: BTreeSet::new(),
-                seen_from: None,
-                removed: false,
-                relays: Vec::new(),
-                revoked: Vec::new(),
-                tickets_at: tokio::time::Instant::now(),
-                birthday_budget: None,
-                route_states: Vec::new(),
-                names: Vec::new(),
-            },
-        )]);
+        let mut sessions = HashMap::from([(1, test_session(network_id, me, tx))]);
         let mut known = PeerMap::new();
         let mut largest = 0;
         for _ in 0..10 {
@@ -1793,7 +1808,6 @@ mod tests {
         assert_eq!(known.len(), keys.len() - 1, "the backlog was not all sent");
         assert!(sessions[&1].owed.is_empty());
         assert!(!hub.lagging(&sessions));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A session whose node reads nothing while the network changes under it (joins, and
@@ -1802,21 +1816,7 @@ mod tests {
     /// hold it then, removals included; and the hub then forgets the removed keys.
     #[tokio::test]
     async fn a_node_that_lags_is_told_the_latest_rows_once() {
-        let dir =
-            TempDir(std::env::temp_dir().join(format!("mesh-hub-lag-{}", std::process::id())));
-        let state = StateDir::open(&dir.0).unwrap();
-        let mut store = state.open_store().unwrap();
-        let now = unix_now();
-        store
-            .create_network("prod", "100.64.0.0/16".parse().unwrap(), now)
-            .unwrap();
-        store
-            .create_token(
-                "prod",
-                &crate::store::NewToken::for_test("tok", b"secret", true),
-                now,
-            )
-            .unwrap();
+        let (_dir, mut store) = prod_store("lag");
         let key = |i: u32| {
             let mut k = [0u8; 32];
             k[..4].copy_from_slice(&(i + 1).to_le_bytes());
@@ -1840,33 +1840,10 @@ mod tests {
             network_id = join(&mut store, i);
         }
         let db = Db::start(store, "test-hub-lag").unwrap();
-        let mut hub = Hub {
-            secret: [1; 32],
-            forwarder: Forwarder::new(),
-            stats: Arc::new(Stats::default()),
-            nets: HashMap::new(),
-        };
+        let mut hub = test_hub();
         let (tx, mut rx) = mpsc::channel(1);
         let me = key(0);
-        let mut sessions = HashMap::from([(
-            1,
-            Session {
-                network_id,
-                network: "prod".into(),
-                key: me,
-                tx,
-                told_upto: 0,
-                owed: BTreeSet::new(),
-                seen_from: None,
-                removed: false,
-                relays: Vec::new(),
-                revoked: Vec::new(),
-                tickets_at: tokio::time::Instant::now(),
-                birthday_budget: None,
-                route_states: Vec::new(),
-                names: Vec::new(),
-            },
-        )]);
+        let mut sessions = HashMap::from([(1, test_session(network_id, me, tx))]);
         let mut known = PeerMap::new();
         // The node reads its first message, then stops reading: its queue stays full.
         hub.push(&db, &mut sessions).await;
