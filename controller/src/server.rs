@@ -8,7 +8,9 @@
 //!   which is closed ([`quic::CLOSE_REPLACED`]).
 //! - Heartbeats: a burst of [`HEARTBEAT_BURST`], then one per second ([`HeartbeatLimiter`]);
 //!   more are dropped and counted, and a flood closes the connection. The database is written
-//!   only when what the node reports changed, or every [`LAST_SEEN_EVERY`] for `last_seen`.
+//!   only when what the node reports changed; `last_seen` every [`LAST_SEEN_EVERY`], for all
+//!   connected nodes in one transaction of the replica loop (one commit per node would be a
+//!   change every hub, this one's and the other replicas', reads the network for).
 //!   Peers get a delta only when their view changed.
 //!
 //! The database is never called from a tokio task: the connections share one [`Db`] (a store
@@ -253,6 +255,9 @@ struct Ctx {
     replica: Mutex<ReplicaRow>,
     /// Wakes the replica loop to write the row at once (its addresses are known).
     replica_changed: tokio::sync::Notify,
+    /// Connections whose node's `last_seen` is due (network, key, session), by connection id:
+    /// the replica loop writes them together ([`Store::still_connected`]).
+    seen: Mutex<HashMap<u64, (i64, PublicKey, String)>>,
 }
 
 /// How often a controller writes its replica row and releases the nodes of replicas gone.
@@ -295,8 +300,13 @@ async fn replica_loop(ctx: Arc<Ctx>, db: Db) {
             .clone();
         row.last_seen = unix_now();
         let id = row.id.clone();
+        let seen: Vec<(i64, PublicKey, String)> =
+            std::mem::take(&mut *ctx.seen.lock().unwrap_or_else(|p| p.into_inner()))
+                .into_values()
+                .collect();
         let r = db
             .run(move |s| {
+                s.still_connected(&seen, unix_now())?;
                 s.replica_alive(&row)?;
                 let replicas = s.replicas(unix_now())?;
                 let live: Vec<String> = replicas.iter().map(|r| r.id.clone()).collect();
@@ -468,6 +478,7 @@ impl Controller {
             asks: Mutex::new(AskLimiter::default()),
             replica: Mutex::new(replica),
             replica_changed: tokio::sync::Notify::new(),
+            seen: Mutex::new(HashMap::new()),
         });
         tokio::spawn(replica_loop(
             ctx.clone(),
@@ -1246,11 +1257,15 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
                         advertised = now_advertised;
                     }
                     let report = NodeReport { endpoints, observed, home_relay, nat };
-                    if report != reported || written_at.elapsed() >= LAST_SEEN_EVERY {
+                    if report != reported {
                         let written = report.clone();
                         ctx.db.run(move |s| s.heartbeat(network_id, &key, &written, unix_now())).await?;
                         Stats::inc(&ctx.stats.heartbeat_writes, 1);
                         reported = report;
+                        written_at = Instant::now();
+                    } else if written_at.elapsed() >= LAST_SEEN_EVERY {
+                        // Written with the others' at the replica loop's next round.
+                        ctx.seen.lock().unwrap_or_else(|p| p.into_inner()).insert(id, (network_id, key, session.clone()));
                         written_at = Instant::now();
                     }
                 }
@@ -1300,6 +1315,10 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
     // Dropping the forwarding task takes the node out of the relay table.
     relay.abort();
     let _ = ctx.hub.send(HubCmd::Unregister { id });
+    ctx.seen
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&id);
     let still_current = {
         let mut cur = current(&ctx);
         let mine = cur.get(&(adm.network_id, key)).is_some_and(|c| c.id == id);

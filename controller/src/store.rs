@@ -684,6 +684,31 @@ impl Store {
         Ok(())
     }
 
+    /// Records at `now` that the nodes of `sessions` (network, key, session) are still
+    /// connected, in one transaction: the periodic `last_seen` of every connected node, written
+    /// together instead of one commit per node (each of which every replica's hub took for a
+    /// change of the network). A session that ended meanwhile changes nothing: its end
+    /// cleared the node's session.
+    pub fn still_connected(
+        &self,
+        sessions: &[(i64, PublicKey, String)],
+        now: u64,
+    ) -> Result<(), StoreError> {
+        if sessions.is_empty() {
+            return Ok(());
+        }
+        let tx = self.conn.transaction()?;
+        for (network_id, key, session) in sessions {
+            tx.execute(
+                "UPDATE nodes SET last_seen = ?1, connected = 1
+                 WHERE network_id = ?2 AND key = ?3 AND removed_at IS NULL AND session = ?4",
+                params![now as i64, network_id, key.to_string(), session],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Nodes of a network removed (or gone by `leave`) at or after `since`, newest first, at
     /// most `limit`: key and removal time.
     pub fn removed_since(
@@ -719,7 +744,7 @@ impl Store {
         now: u64,
     ) -> Result<(), StoreError> {
         self.conn.execute(
-            "UPDATE nodes SET connected = 0, last_seen = ?1
+            "UPDATE nodes SET connected = 0, last_seen = ?1, session = NULL
              WHERE network_id = ?2 AND key = ?3 AND removed_at IS NULL
                  AND (session IS NULL OR session = ?4)",
             params![now as i64, network_id, key.to_string(), session],

@@ -272,4 +272,35 @@ mod tests {
         s.disconnected(a.network_id, &key(1), "r2/9", T0).unwrap();
         assert!(!online(&s));
     }
+
+    /// The periodic `last_seen` of connected nodes, written together: it reaches the nodes of
+    /// live sessions, and a session that ended before the write does not bring its node back
+    /// online.
+    #[test]
+    fn still_connected_touches_live_sessions_only() {
+        let (_d, mut s) = store();
+        let report = super::super::NodeReport::default();
+        for (n, name, session) in [(1, "a", "r1/1"), (2, "b", "r1/2")] {
+            let a = join(&mut s, n, name).unwrap();
+            s.heartbeat(a.network_id, &key(n), &report, T0).unwrap();
+            s.claim_session(a.network_id, &key(n), session).unwrap();
+        }
+        let network_id = join(&mut s, 3, "c").unwrap().network_id;
+        // b's session ends; then the batch that still holds it is written.
+        s.disconnected(network_id, &key(2), "r1/2", T0 + 1).unwrap();
+        let batch = [
+            (network_id, key(1), "r1/1".to_string()),
+            (network_id, key(2), "r1/2".to_string()),
+        ];
+        s.still_connected(&batch, T0 + 15).unwrap();
+        let nodes = s.nodes("prod", T0 + 15).unwrap();
+        let node = |name: &str| nodes.iter().find(|n| n.name == name).unwrap();
+        assert!(node("a").online);
+        assert_eq!(node("a").last_seen, Some(crate::store::rfc3339(T0 + 15)));
+        assert!(
+            !node("b").online,
+            "an ended session brought its node back online"
+        );
+        assert_eq!(node("b").last_seen, Some(crate::store::rfc3339(T0 + 1)));
+    }
 }
