@@ -124,7 +124,8 @@ pub fn view_for(all: &[PeerInfo], me: &PublicKey) -> PeerMap {
     view_of(all.iter(), me, my_observed)
 }
 
-/// [`view_for`] of the members by key.
+/// The list a node sees (every member except itself, each with the endpoints it may probe),
+/// from the members by key.
 pub fn view_for_map(all: &PeerMap, me: &PublicKey) -> PeerMap {
     let my_observed = all.get(me).and_then(|p| p.observed);
     view_of(all.values(), me, my_observed)

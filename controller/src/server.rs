@@ -20,7 +20,7 @@
 //! sent the peers that changed, as it sees them. The hub holds one copy of each network's
 //! rows with the order of their latest changes ([`netmap::Rows`]), not a view per session: a
 //! new node is welcomed from those rows, and a node that reads slowly is a position in that
-//! order plus at most [`PUSH_QUEUE`] messages, so memory grows with the nodes, not with
+//! order plus at most `PUSH_QUEUE` messages, so memory grows with the nodes, not with
 //! nodes × peers.
 
 use crate::db::Db;
@@ -256,7 +256,7 @@ struct Ctx {
     /// Wakes the replica loop to write the row at once (its addresses are known).
     replica_changed: tokio::sync::Notify,
     /// Connections whose node's `last_seen` is due (network, key, session), by connection id:
-    /// the replica loop writes them together ([`Store::still_connected`]).
+    /// the replica loop writes them together ([`crate::store::Store::still_connected`]).
     seen: Mutex<HashMap<u64, (i64, PublicKey, String)>>,
 }
 
