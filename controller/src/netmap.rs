@@ -256,14 +256,23 @@ impl Rows {
             .map(|(at, k)| (*at, k))
     }
 
-    /// What a node of key `me` is told now of `key`: `None` when `key` is no member (or is
-    /// `me`).
-    pub fn seen_by(&self, key: &PublicKey, me: &PublicKey) -> Option<PeerInfo> {
-        if key == me {
-            return None;
-        }
+    /// The `PeersChanged` that tells `me` of the peers `keys` as the rows hold them now
+    /// (members upserted, others removed; `me` itself skipped); `None` when that is nothing.
+    pub fn delta(
+        &self,
+        keys: impl IntoIterator<Item = PublicKey>,
+        me: &PublicKey,
+    ) -> Option<ServerMsg> {
         let observed = self.rows.get(me).and_then(|p| p.observed);
-        self.rows.get(key).map(|p| seen_by(p, observed))
+        let (mut upsert, mut remove) = (Vec::new(), Vec::new());
+        for k in keys.into_iter().filter(|k| k != me) {
+            match self.rows.get(&k) {
+                Some(p) => upsert.push(seen_by(p, observed)),
+                None => remove.push(k),
+            }
+        }
+        (!upsert.is_empty() || !remove.is_empty())
+            .then_some(ServerMsg::PeersChanged { upsert, remove })
     }
 
     /// Forgets the keys gone from the rows whose removal came at or before `upto` (every node
@@ -347,12 +356,19 @@ mod tests {
         assert_eq!(rows.last(), 5);
         // Seen by peer 3, peer 2 is gone and peer 1 is at its new port.
         let me = PublicKey([3; 32]);
-        assert_eq!(rows.seen_by(&PublicKey([2; 32]), &me), None);
-        assert_eq!(rows.seen_by(&me, &me), None);
+        let Some(ServerMsg::PeersChanged { upsert, remove }) =
+            rows.delta([1, 2].map(|n| PublicKey([n; 32])), &me)
+        else {
+            panic!("peer 3 is owed a change")
+        };
+        assert_eq!(remove, [PublicKey([2; 32])]);
+        let observed: Vec<_> = upsert.iter().map(|p| (p.key, p.observed)).collect();
         assert_eq!(
-            rows.seen_by(&PublicKey([1; 32]), &me).map(|p| p.observed),
-            Some(Some(sa("192.0.2.1:40000")))
+            observed,
+            [(PublicKey([1; 32]), Some(sa("192.0.2.1:40000")))]
         );
+        // Nothing is told of a node to itself.
+        assert_eq!(rows.delta([me], &me), None);
         // The removal stays until every node was told of it.
         rows.prune(4);
         assert_eq!(rows.remembered(), 3);
@@ -473,14 +489,7 @@ mod tests {
             keys.extend(seen_differently(rows.rows(), from, to));
             keys.sort();
             keys.dedup();
-            let (mut upsert, mut remove) = (Vec::new(), Vec::new());
-            for k in keys.into_iter().filter(|k| *k != me) {
-                match rows.seen_by(&k, &me) {
-                    Some(p) => upsert.push(p),
-                    None => remove.push(k),
-                }
-            }
-            ServerMsg::PeersChanged { upsert, remove }
+            rows.delta(keys, &me).expect("every viewer has changes")
         };
         for viewer in [1u8, 4, 5, 6, 8] {
             let me = PublicKey([viewer; 32]);

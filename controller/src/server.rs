@@ -53,7 +53,8 @@ use tracing::{debug, info, warn, Instrument};
 
 /// How often the hub looks for changes made by other connections or processes.
 const POLL: Duration = Duration::from_millis(100);
-/// A push at least this often, to retry deltas that could not be queued.
+/// A push at least this often, to retry the route states, names, settings and relay lists
+/// that could not be queued (peers are refilled as the queue drains) and renew tickets.
 const RESYNC: Duration = Duration::from_secs(2);
 /// Most peers in one `PeersChanged` the hub sends (about 300 bytes each: well within
 /// `MAX_MESSAGE_LEN` and `MAX_PEERS`, and small enough that a queue of them per session is
@@ -1201,6 +1202,7 @@ async fn handle(conn: Link, mut slot: Slot, ctx: Arc<Ctx>) -> anyhow::Result<()>
         };
         tx.send(&rest.encode()).await?;
     }
+    // Not kept for the connection's life: an old snapshot of the network per node.
     drop(peers);
     drop(rows);
     let relay = tokio::spawn({
@@ -1347,9 +1349,9 @@ struct Session {
     /// Position in the network's order of changes ([`netmap::Rows`]) up to which the node
     /// was told every change.
     told_upto: u64,
-    /// Peers whose view changed for this node alone (from its Welcome to the rows, or when
-    /// its own observed address changed), not yet told. Keys only: what it is told is read
-    /// from the rows when there is room in its queue.
+    /// Peers whose view changed for this node alone (its own observed address moved), not
+    /// yet told. Keys only: what it is told is read from the rows when there is room in its
+    /// queue.
     owed: BTreeSet<PublicKey>,
     /// The node's observed address as its view was last computed: it decides which of each
     /// peer's candidates the node is told.
@@ -1489,6 +1491,15 @@ struct NetworkState {
     revoked: Vec<(PublicKey, u64)>,
 }
 
+/// The members of a network by key, as stored.
+fn members(store: &crate::store::Store, network_id: i64) -> Result<PeerMap, StoreError> {
+    Ok(store
+        .peers(network_id)?
+        .into_iter()
+        .map(|p| (p.key, p))
+        .collect())
+}
+
 /// The relays, and the state of each of `networks`, in one visit to the database thread.
 fn read_networks(
     store: &crate::store::Store,
@@ -1506,7 +1517,7 @@ fn read_networks(
         states.insert(
             id,
             NetworkState {
-                peers: store.peers(id)?.into_iter().map(|p| (p.key, p)).collect(),
+                peers: members(store, id)?,
                 birthday_budget: store.birthday_budget(id)?,
                 route_states: store.route_states(id)?,
                 names: store.aliases(id)?,
@@ -1632,12 +1643,7 @@ impl Hub {
     /// session lags.
     fn catch_up(&mut self, sessions: &mut HashMap<u64, Session>) {
         for s in sessions.values_mut() {
-            if s.removed {
-                continue;
-            }
-            if let Some(rows) = self.nets.get(&s.network_id) {
-                tell(s, rows, &self.stats);
-            }
+            self.refill(s);
         }
         // The removals every session of a network was told are forgotten.
         let mut upto: HashMap<i64, u64> = HashMap::new();
@@ -1653,9 +1659,8 @@ impl Hub {
 
     /// Reads the members of a network the hub holds no rows of yet.
     async fn read_network(&mut self, db: &Db, network_id: i64) {
-        match db.run(move |s| s.peers(network_id)).await {
-            Ok(peers) => {
-                let rows = peers.into_iter().map(|p| (p.key, p)).collect();
+        match db.run(move |s| members(s, network_id)).await {
+            Ok(rows) => {
                 self.nets.entry(network_id).or_default().update(rows);
             }
             Err(e) => warn!(error = %e, network_id, "cannot read the network's members"),
@@ -1664,14 +1669,8 @@ impl Hub {
 
     /// [`Hub::catch_up`] for one session.
     fn catch_up_one(&mut self, sessions: &mut HashMap<u64, Session>, id: u64) {
-        let Some(s) = sessions.get_mut(&id) else {
-            return;
-        };
-        if s.removed {
-            return;
-        }
-        if let Some(rows) = self.nets.get(&s.network_id) {
-            tell(s, rows, &self.stats);
+        if let Some(s) = sessions.get_mut(&id) {
+            self.refill(s);
         }
     }
 
@@ -1679,13 +1678,27 @@ impl Hub {
     fn lagging(&self, sessions: &HashMap<u64, Session>) -> bool {
         sessions.values().any(|s| {
             !s.removed
-                && (!s.owed.is_empty()
-                    || self
-                        .nets
-                        .get(&s.network_id)
-                        .is_some_and(|r| r.last() > s.told_upto))
+                && self
+                    .nets
+                    .get(&s.network_id)
+                    .is_some_and(|rows| behind(s, rows))
         })
     }
+
+    /// Queues to `s` what it was not told yet ([`tell`]), unless it was removed.
+    fn refill(&self, s: &mut Session) {
+        if s.removed {
+            return;
+        }
+        if let Some(rows) = self.nets.get(&s.network_id) {
+            tell(s, rows, &self.stats);
+        }
+    }
+}
+
+/// Whether `s` has peers of `rows` it was not told yet.
+fn behind(s: &Session, rows: &netmap::Rows) -> bool {
+    !s.owed.is_empty() || rows.last() > s.told_upto
 }
 
 /// Queues to `s` what it was not told yet of the peers in `rows` (the peers it is owed, then
@@ -1693,7 +1706,7 @@ impl Hub {
 /// queue has room. Each peer as the rows hold it now: a peer that changed several times while
 /// the node lagged is told once.
 fn tell(s: &mut Session, rows: &netmap::Rows, stats: &Stats) {
-    while !s.owed.is_empty() || rows.last() > s.told_upto {
+    while behind(s, rows) {
         let Ok(permit) = s.tx.try_reserve() else {
             return;
         };
@@ -1709,18 +1722,10 @@ fn tell(s: &mut Session, rows: &netmap::Rows, stats: &Stats) {
             s.told_upto = at;
             chunk.insert(*k);
         }
-        let (mut upsert, mut remove) = (Vec::new(), Vec::new());
-        for k in chunk.into_iter().filter(|k| *k != s.key) {
-            match rows.seen_by(&k, &s.key) {
-                Some(p) => upsert.push(p),
-                None => remove.push(k),
-            }
+        if let Some(msg) = rows.delta(chunk, &s.key) {
+            permit.send(msg);
+            Stats::inc(&stats.deltas_pushed, 1);
         }
-        if upsert.is_empty() && remove.is_empty() {
-            continue;
-        }
-        permit.send(ServerMsg::PeersChanged { upsert, remove });
-        Stats::inc(&stats.deltas_pushed, 1);
     }
 }
 
