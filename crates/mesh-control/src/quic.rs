@@ -120,6 +120,12 @@ pub fn server_transport() -> Arc<quinn::TransportConfig> {
 /// time in flight.
 fn client_transport() -> Arc<quinn::TransportConfig> {
     let mut t = base_transport();
+    // Ask the server to acknowledge each ack-eliciting packet at once. A lone keepalive is
+    // otherwise acknowledged by a timer `max_ack_delay` later, a second wake-up of the server
+    // for every keepalive of every node.
+    let mut acks = quinn::AckFrequencyConfig::default();
+    acks.ack_eliciting_threshold(0u32.into());
+    t.ack_frequency_config(Some(acks));
     t.max_concurrent_bidi_streams(0u32.into());
     t.stream_receive_window(CLIENT_STREAM_WINDOW.into());
     t.receive_window(CLIENT_STREAM_WINDOW.into());
