@@ -145,6 +145,16 @@ pub fn bind_server(
 ) -> Result<quinn::Endpoint, ConfigError> {
     let socket = crate::net::with_ipv4_fallback(listen, crate::net::bind_udp)
         .map_err(|e| err(format!("cannot listen on {listen}: {e}")))?;
+    let want = crate::net::SERVER_SOCKET_BUFFER;
+    let got = crate::net::size_buffers(&socket, want);
+    if got.recv < want || got.send < want {
+        tracing::warn!(
+            recv = got.recv,
+            send = got.send,
+            "the kernel gave the UDP socket on {listen} smaller buffers than the {} MiB asked: bursts (many nodes joining, relayed traffic) may be dropped; raise the limits with sysctl -w net.core.rmem_max={want} net.core.wmem_max={want}",
+            want >> 20
+        );
+    }
     quinn::Endpoint::new(
         controller_endpoint_config(secret),
         Some(server_config()?),
@@ -159,6 +169,8 @@ pub fn bind_server(
 pub fn bind_client(bind: std::net::SocketAddr) -> Result<quinn::Endpoint, ConfigError> {
     let socket = crate::net::with_ipv4_fallback(bind, crate::net::bind_udp)
         .map_err(|e| err(format!("cannot bind {bind}: {e}")))?;
+    // One endpoint may carry many connections (the load tool puts 100 on one).
+    crate::net::size_buffers(&socket, crate::net::SERVER_SOCKET_BUFFER);
     let mut endpoint = quinn::Endpoint::new(
         endpoint_config(),
         None,
