@@ -2023,6 +2023,9 @@ struct PeerJson<'a> {
     last_rx_secs_ago: Option<u64>,
     /// Heard from lately (every peer sends a keepalive at least every 25 s).
     online: bool,
+    /// No session yet, and none until a packet goes to or comes from the peer: a network
+    /// larger than `mesh_core::PROACTIVE_PEERS` shakes hands with the rest on demand.
+    on_demand: bool,
     rtt_ms: Option<f64>,
     path: String,
     /// The underlay family of the direct path ("ipv4", "ipv6"); null off it.
@@ -2050,6 +2053,7 @@ impl<'a> PeerJson<'a> {
             last_handshake_secs_ago: secs(p.since_handshake),
             last_rx_secs_ago: secs(p.since_last_rx),
             online: p.since_last_rx.is_some_and(|d| d <= PEER_ONLINE_WINDOW),
+            on_demand: p.on_demand,
             rtt_ms: p.rtt.map(|d| (d.as_secs_f64() * 1e6).round() / 1e3),
             path: p.path.to_string(),
             family: match p.path {

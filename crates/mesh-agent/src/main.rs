@@ -836,6 +836,8 @@ fn print_status(v: &serde_json::Value) {
             .as_u64()
             .map_or("never".to_owned(), |s| format!("{s}s ago"));
         let path = match (p["path"].as_str(), p["relay"].as_str()) {
+            // No session until a packet needs one (a network past mesh_core::PROACTIVE_PEERS).
+            _ if p["on_demand"] == true => "on demand".to_owned(),
             // Not heard from lately: whatever path it had, it answers on none.
             _ if p["online"] == false => "offline".to_owned(),
             (Some("relay"), Some(r)) => format!("relay {r}"),

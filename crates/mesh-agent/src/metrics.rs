@@ -340,6 +340,7 @@ mod tests {
                     loss: None,
                     rtt: Some(Duration::from_millis(40)),
                 },
+                on_demand: false,
             }],
             node: mesh_core::Counters {
                 malformed_packets: 3,

@@ -317,4 +317,7 @@ pub struct PeerStatus {
     pub direct_quality: PathQuality,
     /// What the relay path measured lately (nothing while the peer is idle).
     pub relay_quality: PathQuality,
+    /// No session and none asked for: a peer past
+    /// [`PROACTIVE_PEERS`](crate::PROACTIVE_PEERS) that no packet went to or came from yet.
+    pub on_demand: bool,
 }

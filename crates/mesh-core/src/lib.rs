@@ -49,3 +49,4 @@ pub use node::{
     Destination, Event, Node, NodeConfig, Output, Path, PathQuality, PeerConfig, PeerStatus,
     QualityConfig, SocketId, Source, Status, Transmit,
 };
+pub use peer::handshake::PROACTIVE_PEERS;

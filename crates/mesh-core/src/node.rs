@@ -34,7 +34,7 @@ use x25519_dalek::{PublicKey as XPublic, StaticSecret};
 
 pub use crate::outbox::{MAX_BATCH, MAX_BATCH_BYTES};
 pub use crate::peer::handshake::{
-    PROACTIVE_FALLBACK, REKEY_ATTEMPT_TIME, REKEY_TIMEOUT, STALE_SESSION,
+    PROACTIVE_FALLBACK, PROACTIVE_PEERS, REKEY_ATTEMPT_TIME, REKEY_TIMEOUT, STALE_SESSION,
 };
 pub use crate::peer::path::{
     ACTIVE_CANDIDATE_PROBE_INTERVAL, ACTIVE_TRAFFIC, CANDIDATE_PROBE_INTERVAL,
@@ -286,14 +286,30 @@ impl Node {
         for key in gone {
             self.remove_peer(&key);
         }
+        // In a network larger than PROACTIVE_PEERS, the handshakes ahead of traffic go to the
+        // peers with the lowest overlay addresses: the first to join (the controller hands
+        // addresses out in order), usually a cluster's control plane.
+        let cutoff = (wanted.len() > PROACTIVE_PEERS).then(|| {
+            let mut addresses: Vec<Ipv4Addr> = wanted.values().map(|p| p.address).collect();
+            *addresses.select_nth_unstable(PROACTIVE_PEERS - 1).1
+        });
         for p in peers {
-            self.upsert_peer(p.clone(), now);
+            let ahead = cutoff.is_none_or(|c| p.address <= c);
+            self.upsert(p.clone(), ahead, now);
         }
     }
 
     /// Adds a peer or updates its address, name and candidates. Candidates inside the
     /// destinations set with [`Node::set_excluded`] are refused and counted.
-    pub fn upsert_peer(&mut self, mut config: PeerConfig, now: Instant) {
+    /// A peer new to the node gets a handshake ahead of traffic while the node has fewer than
+    /// [`PROACTIVE_PEERS`](crate::PROACTIVE_PEERS) peers.
+    pub fn upsert_peer(&mut self, config: PeerConfig, now: Instant) {
+        let ahead = self.peers.len() < PROACTIVE_PEERS;
+        self.upsert(config, ahead, now);
+    }
+
+    /// [`Node::upsert_peer`]; `ahead`: a new peer gets a handshake before any traffic.
+    fn upsert(&mut self, mut config: PeerConfig, ahead: bool, now: Instant) {
         if config.key == self.public_key() {
             return;
         }
@@ -344,10 +360,11 @@ impl Node {
         );
         // A new peer gets a handshake right away, so that the path is known and warm before the
         // first packet. Only the lower key starts it: both sides learn of each other at the same
-        // moment, and crossed initiations would cost a round of recovery.
-        let initiate = self.public.to_bytes() < config.key.0;
+        // moment, and crossed initiations would cost a round of recovery. Not `ahead` (past
+        // PROACTIVE_PEERS), the session waits for the first packet.
+        let initiate = ahead && self.public.to_bytes() < config.key.0;
         let key = config.key;
-        let proactive_at = (!initiate).then_some(now + PROACTIVE_FALLBACK);
+        let proactive_at = (ahead && !initiate).then_some(now + PROACTIVE_FALLBACK);
         self.peers.insert(Peer::new(
             config,
             session,
@@ -496,11 +513,12 @@ impl Node {
             return;
         }
         // A path appeared: peers still without a session try again now, lower key first (the
-        // higher key follows after PROACTIVE_FALLBACK, as for a new peer).
+        // higher key follows after PROACTIVE_FALLBACK, as for a new peer); peers left to the
+        // first packet stay so.
         let me = self.public.to_bytes();
         let mut cx = cx!(self, now);
         for (key, peer) in self.peers.iter_mut() {
-            if peer.session.established() {
+            if peer.session.established() || peer.on_demand() {
                 continue;
             }
             if me < key.0 {
@@ -882,6 +900,7 @@ impl Node {
                     path: p.route(self.out.relay_up),
                     direct_quality,
                     relay_quality,
+                    on_demand: p.on_demand(),
                 }
             })
             .collect();

@@ -2093,3 +2093,81 @@ fn losing_ipv6_moves_a_dual_stack_pair_to_ipv4_without_a_relay_stay() {
     assert_eq!(d.a_path(), Path::Direct(B4.parse().unwrap()));
     assert_eq!(d.b_path(), Path::Direct(A4.parse().unwrap()));
 }
+
+/// A node that learns a network of 300 at once shakes hands ahead of traffic with the
+/// [`PROACTIVE_PEERS`] peers of the lowest addresses only (whatever the order of the list),
+/// holds no WireGuard state for the others, and starts a session with one of them when a
+/// packet first goes there.
+#[test]
+fn past_proactive_peers_a_session_waits_for_the_first_packet() {
+    let now = Instant::now();
+    let me = Ipv4Addr::new(100, 64, 0, 1);
+    let mut a = Node::new(
+        NodeConfig {
+            private_key: key(1).0,
+            address: me,
+            keepalive: None,
+            mtu: 1420,
+        },
+        1,
+        now,
+    );
+    let peer = |i: u16| {
+        // (Bytes 1 and 2: x25519 clears the low bits of byte 0.)
+        let mut secret = [9u8; 32];
+        secret[1..3].copy_from_slice(&i.to_le_bytes());
+        let public = PublicKey(XPublic::from(&StaticSecret::from(secret)).to_bytes());
+        let [hi, lo] = (i + 2).to_be_bytes();
+        PeerConfig {
+            routes: Vec::new(),
+            key: public,
+            name: format!("n{i}"),
+            address: Ipv4Addr::new(100, 64, hi, lo),
+            address6: None,
+            endpoints: vec![SocketAddr::from(([198, 51, 100, hi], 10_000 + i))],
+            observed: None,
+            nat: None,
+        }
+    };
+    // Highest address first: the list's order must not decide.
+    let peers: Vec<PeerConfig> = (0..300u16).rev().map(peer).collect();
+    a.set_peers(&peers, now);
+    let later = now + PROACTIVE_FALLBACK + Duration::from_millis(10);
+    a.handle_timeout(later);
+    let mut initiated = std::collections::BTreeSet::new();
+    while let Some(t) = a.poll_udp() {
+        if t.payload.len() == 148 && t.payload[0] == 1 {
+            initiated.insert(t.dst);
+        }
+    }
+    let first: std::collections::BTreeSet<SocketAddr> = (0..PROACTIVE_PEERS as u16)
+        .map(|i| peer(i).endpoints[0])
+        .collect();
+    assert_eq!(
+        initiated, first,
+        "handshakes ahead of traffic: the lowest addresses"
+    );
+    let without_state = a.peers.iter().filter(|(_, p)| !p.session.in_use()).count();
+    assert_eq!(without_state, 300 - PROACTIVE_PEERS);
+
+    // A packet toward a peer past the limit starts its handshake at once.
+    let far = peer(299);
+    a.handle_tun_packet(&icmp(me, far.address, b"hello"), later);
+    let mut toward = Vec::new();
+    while let Some(t) = a.poll_udp() {
+        if t.payload.len() == 148 && t.payload[0] == 1 {
+            toward.push(t.dst);
+        }
+    }
+    assert_eq!(toward, far.endpoints, "the first packet starts the session");
+    assert!(a.peers.get(&far.key).unwrap().session.in_use());
+
+    // A node that joins later is one more peer past the limit: nothing ahead of traffic.
+    let newcomer = peer(300);
+    a.upsert_peer(newcomer.clone(), later);
+    a.handle_timeout(later + PROACTIVE_FALLBACK * 2);
+    while let Some(t) = a.poll_udp() {
+        assert_ne!(t.dst, newcomer.endpoints[0], "nothing sent to the newcomer");
+    }
+    assert!(!a.peers.get(&newcomer.key).unwrap().session.in_use());
+}

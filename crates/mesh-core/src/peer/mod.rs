@@ -337,6 +337,12 @@ impl Peer {
         }
     }
 
+    /// A peer past [`handshake::PROACTIVE_PEERS`] that nothing has asked a session of yet: no
+    /// WireGuard state, no handshake planned. The first packet either way starts one.
+    pub(crate) fn on_demand(&self) -> bool {
+        !self.session.in_use() && self.handshake.wait == handshake::Wait::Idle
+    }
+
     /// Whether traffic to the peer flows (data sent within [`ACTIVE_TRAFFIC`]).
     pub(crate) fn flowing(&self, now: Instant) -> bool {
         self.last_data
