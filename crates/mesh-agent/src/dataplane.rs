@@ -688,7 +688,7 @@ pub async fn run(
                     if node.ping(&key, now) {
                         pings.push((key, now + PING_TIMEOUT, reply));
                     } else {
-                        let _ = reply.send(Err("no session with that peer yet (no handshake); is it online?".into()));
+                        let _ = reply.send(Err("no session with that peer yet; a handshake was started now: try again in a second (if it still fails, the peer is offline or unreachable)".into()));
                     }
                 }
                 Some(DataCmd::Status(reply)) => {

@@ -532,7 +532,8 @@ impl Node {
     }
 
     /// Sends an authenticated ping inside the tunnel to `key` on its current path; the answer
-    /// comes back as [`Event::Pong`]. Returns false for an unknown peer or no session yet.
+    /// comes back as [`Event::Pong`]. Returns false for an unknown peer or no session yet (a
+    /// handshake with a known peer starts then).
     pub fn ping(&mut self, key: &PublicKey, now: Instant) -> bool {
         let mut cx = cx!(self, now);
         match self.peers.get_mut(key) {
@@ -542,7 +543,14 @@ impl Node {
                 self.rearm(key, now);
                 true
             }
-            _ => false,
+            Some(peer) => {
+                // A handshake starts now, as a packet would start one (a peer left to its
+                // first packet has none yet): a ping a moment later finds the session.
+                peer.force_handshake(&mut cx);
+                self.rearm(key, now);
+                false
+            }
+            None => false,
         }
     }
 

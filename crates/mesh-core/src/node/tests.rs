@@ -2170,4 +2170,13 @@ fn past_proactive_peers_a_session_waits_for_the_first_packet() {
         assert_ne!(t.dst, newcomer.endpoints[0], "nothing sent to the newcomer");
     }
     assert!(!a.peers.get(&newcomer.key).unwrap().session.in_use());
+
+    // `mesh ping` toward it finds no session, and starts the handshake for the next try.
+    let t = later + PROACTIVE_FALLBACK * 3;
+    assert!(!a.ping(&newcomer.key, t));
+    let sent: Vec<SocketAddr> = std::iter::from_fn(|| a.poll_udp())
+        .filter(|t| t.payload.len() == 148 && t.payload[0] == 1)
+        .map(|t| t.dst)
+        .collect();
+    assert_eq!(sent, newcomer.endpoints);
 }
