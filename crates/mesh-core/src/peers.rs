@@ -93,8 +93,8 @@ impl Sources {
 #[derive(Default)]
 pub(crate) struct PeerTable {
     /// Sorted by key, so that timer work (and so a whole simulated run) is the same for a given
-    /// seed, and so that the per-packet lookups below lead straight to the peer. Boxed: a peer
-    /// is about 1 KB, and a sorted insert of peer 1,000 inline would move half a megabyte.
+    /// seed, and so that the per-packet lookups below lead straight to the peer. Boxed, so that a
+    /// sorted insert moves pointers, not peers.
     peers: Vec<(PublicKey, Box<Peer>)>,
     by_address: SmallKeyMap<Ipv4Addr, Slot>,
     by_address6: SmallKeyMap<Ipv6Addr, Slot>,
