@@ -2134,12 +2134,15 @@ fn past_proactive_peers_a_session_waits_for_the_first_packet() {
     a.set_peers(&peers, now);
     let later = now + PROACTIVE_FALLBACK + Duration::from_millis(10);
     a.handle_timeout(later);
-    let mut initiated = std::collections::BTreeSet::new();
-    while let Some(t) = a.poll_udp() {
-        if t.payload.len() == 148 && t.payload[0] == 1 {
-            initiated.insert(t.dst);
-        }
-    }
+    // Where the node sent handshake initiations (148 bytes, type 1) since the last call.
+    let initiations = |node: &mut Node| -> Vec<SocketAddr> {
+        std::iter::from_fn(|| node.poll_udp())
+            .filter(|t| t.payload.len() == 148 && t.payload[0] == 1)
+            .map(|t| t.dst)
+            .collect()
+    };
+    let initiated: std::collections::BTreeSet<SocketAddr> =
+        initiations(&mut a).into_iter().collect();
     let first: std::collections::BTreeSet<SocketAddr> = (0..PROACTIVE_PEERS as u16)
         .map(|i| peer(i).endpoints[0])
         .collect();
@@ -2153,13 +2156,11 @@ fn past_proactive_peers_a_session_waits_for_the_first_packet() {
     // A packet toward a peer past the limit starts its handshake at once.
     let far = peer(299);
     a.handle_tun_packet(&icmp(me, far.address, b"hello"), later);
-    let mut toward = Vec::new();
-    while let Some(t) = a.poll_udp() {
-        if t.payload.len() == 148 && t.payload[0] == 1 {
-            toward.push(t.dst);
-        }
-    }
-    assert_eq!(toward, far.endpoints, "the first packet starts the session");
+    assert_eq!(
+        initiations(&mut a),
+        far.endpoints,
+        "the first packet starts the session"
+    );
     assert!(a.peers.get(&far.key).unwrap().session.in_use());
 
     // A node that joins later is one more peer past the limit: nothing ahead of traffic.
@@ -2174,9 +2175,5 @@ fn past_proactive_peers_a_session_waits_for_the_first_packet() {
     // `mesh ping` toward it finds no session, and starts the handshake for the next try.
     let t = later + PROACTIVE_FALLBACK * 3;
     assert!(!a.ping(&newcomer.key, t));
-    let sent: Vec<SocketAddr> = std::iter::from_fn(|| a.poll_udp())
-        .filter(|t| t.payload.len() == 148 && t.payload[0] == 1)
-        .map(|t| t.dst)
-        .collect();
-    assert_eq!(sent, newcomer.endpoints);
+    assert_eq!(initiations(&mut a), newcomer.endpoints);
 }

@@ -20,12 +20,13 @@ pub const STALE_SESSION: Duration = Duration::from_secs(15);
 pub const PROACTIVE_FALLBACK: Duration = Duration::from_secs(1);
 
 /// Peers a node handshakes with before any traffic: every pair of a network of up to this many
-/// nodes and one more. In a larger network a node does so with the first this many peers it
-/// learns (the controller lists them in the order they joined, so a cluster's first nodes,
-/// usually its control plane, come first), and with every other peer when a packet first
-/// needs the session, as Tailscale, Nebula and kernel WireGuard do for all peers. Beyond it,
-/// a proactive handshake costs each join one handshake and one NAT traversal per existing node,
-/// retried for 90 s toward offline ones, and every node about 11 KB of WireGuard state per peer.
+/// nodes and one more. A node that learns a larger network does so with the this-many peers of
+/// the lowest overlay addresses (the controller hands out the lowest free address, so those
+/// joined first: usually a cluster's control plane); a peer learned later, only while the node
+/// has fewer. Every other session starts when a packet first needs it, as Tailscale, Nebula and
+/// kernel WireGuard do for all peers. Beyond the bound, a proactive handshake costs each join
+/// one handshake and one NAT traversal per existing node, retried for 90 s toward offline ones,
+/// and every node about 11 KB of WireGuard state per peer.
 pub const PROACTIVE_PEERS: usize = 128;
 
 /// What the node is waiting for, handshake-wise.
