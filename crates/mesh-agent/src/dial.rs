@@ -26,9 +26,9 @@ use tracing::{debug, info, warn};
 
 /// How long QUIC has alone before TCP starts beside it.
 pub const QUIC_HEAD_START: Duration = Duration::from_secs(2);
-/// A QUIC link that receives nothing for this long is suspect: both sides send a keepalive
-/// every 2 s when idle, and each is acknowledged, so a healthy link hears something well
-/// within it.
+/// A QUIC link that receives nothing for this long is suspect: an idle node sends a keepalive
+/// every [`mesh_control::quic::KEEPALIVE`] (1.5 s) and the server acknowledges each at once, so
+/// a healthy link hears something well within it.
 pub const QUIC_QUIET: Duration = Duration::from_millis(2500);
 /// While on TCP, QUIC is tried again this often.
 pub const QUIC_RETRY: Duration = Duration::from_secs(15);

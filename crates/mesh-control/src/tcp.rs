@@ -53,8 +53,9 @@ pub const MAX_DATAGRAM: usize = mesh_proto::relay::HEADER_LEN + mesh_proto::rela
 /// forwards frames as they are, and the receiver may be on QUIC, whose datagrams carry about
 /// 1,160 bytes on a path at QUIC's minimum MTU. Larger messages go as fragments, as on QUIC.
 pub const SEND_FRAME: usize = 1150;
-/// A ping goes out this often.
-pub const KEEPALIVE: Duration = quic::KEEPALIVE;
+/// A ping goes out this often. TCP has no probe timeout of its own here, so the idle rule
+/// below counts missed pings: kept at 1 s, apart from QUIC's keepalive.
+pub const KEEPALIVE: Duration = Duration::from_secs(1);
 /// A connection that delivers nothing for this long is dead (pings arrive every
 /// [`KEEPALIVE`], so this is three missed ones plus a round trip).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
