@@ -53,9 +53,15 @@ use tracing::{debug, info, warn, Instrument};
 
 /// How often the hub looks for changes made by other connections or processes.
 const POLL: Duration = Duration::from_millis(100);
-/// A push at least this often, to retry the route states, names, settings and relay lists
-/// that could not be queued (peers are refilled as the queue drains) and renew tickets.
+/// The route states, names, settings and relay lists that could not be queued are retried this
+/// often (peers are refilled as the queue drains), and tickets renewed, from what the hub last
+/// read: the database is read again only when it changed (or registrations came).
 const RESYNC: Duration = Duration::from_secs(2);
+/// The database is read in full at least this often even when it says nothing changed: a
+/// safety net, and what drops expired revocations from the relay lists. (Each replica writes
+/// its own row every few seconds, which counts as a change, so in practice reads come more
+/// often.)
+const REREAD: Duration = Duration::from_secs(60);
 /// Most peers in one `PeersChanged` the hub sends (about 300 bytes each: well within
 /// `MAX_MESSAGE_LEN` and `MAX_PEERS`, and small enough that a queue of them per session is
 /// little memory at 5,000 sessions).
@@ -1383,12 +1389,15 @@ async fn run_hub(
     let mut version = db.run(|s| s.data_version()).await.ok();
     let mut poll = tokio::time::interval(POLL);
     let mut last_full = tokio::time::Instant::now();
+    let mut last_retry = last_full;
     let mut registered = false;
     let mut hub = Hub {
         secret,
         forwarder,
         stats,
         nets: HashMap::new(),
+        last_read: None,
+        may_lag: false,
     };
     loop {
         tokio::select! {
@@ -1421,17 +1430,31 @@ async fn run_hub(
             },
             _ = poll.tick() => {
                 let v = db.run(|s| s.data_version()).await.ok();
-                if v != version || registered || last_full.elapsed() >= RESYNC {
+                if v != version || registered || last_full.elapsed() >= REREAD {
                     let changed = v != version;
                     version = v;
                     registered = false;
                     last_full = tokio::time::Instant::now();
+                    last_retry = last_full;
                     hub.push(&db, &mut sessions).await;
                     if changed || !waiters.is_empty() {
                         decide(&db, &mut waiters).await;
                     }
-                } else if hub.lagging(&sessions) {
+                } else if last_retry.elapsed() >= RESYNC {
+                    last_retry = tokio::time::Instant::now();
+                    hub.tell_states(&mut sessions);
                     hub.catch_up(&mut sessions);
+                    if !waiters.is_empty() {
+                        decide(&db, &mut waiters).await;
+                    }
+                } else if hub.may_lag {
+                    // Only after a session's queue was found full: a scan of every session ten
+                    // times a second was most of an idle hub's work.
+                    if hub.lagging(&sessions) {
+                        hub.catch_up(&mut sessions);
+                    } else {
+                        hub.may_lag = false;
+                    }
                 }
             }
         }
@@ -1536,6 +1559,12 @@ struct Hub {
     /// changed: a push compares the new rows with these once per network, and each session
     /// is then told the peers that changed after its position.
     nets: HashMap<i64, netmap::Rows>,
+    /// The relays and the networks' states (without their peers, which are in `nets`) as last
+    /// read: the retries between reads are told from these.
+    last_read: Option<(Vec<RelayRow>, HashMap<i64, NetworkState>)>,
+    /// Whether a session may have peers it was not told yet: set when one is left behind (its
+    /// queue was full), cleared when a look finds none.
+    may_lag: bool,
 }
 
 impl Hub {
@@ -1568,6 +1597,18 @@ impl Hub {
             let rows = std::mem::take(&mut net.peers);
             self.nets.entry(*id).or_default().update(rows);
         }
+        self.last_read = Some((relays, states));
+        self.tell_states(sessions);
+        self.catch_up(sessions);
+    }
+
+    /// Tells every session what changed for it in the last read besides peers: removal from
+    /// the network, a new observed address of its own, route states, names, settings and relay
+    /// tickets (renewed when due). What a full queue refused is told at the next call.
+    fn tell_states(&self, sessions: &mut HashMap<u64, Session>) {
+        let Some((relays, states)) = &self.last_read else {
+            return;
+        };
         for s in sessions.values_mut() {
             if s.removed {
                 continue;
@@ -1621,12 +1662,12 @@ impl Hub {
                     s.birthday_budget = net.birthday_budget;
                 }
             }
-            if s.relays != relays
+            if s.relays != *relays
                 || s.revoked != net.revoked
                 || s.tickets_at.elapsed() >= TICKET_RENEW
             {
                 let msg = ServerMsg::Relays {
-                    relays: relay_infos(&self.secret, &relays, &s.network, &s.key, &net.revoked),
+                    relays: relay_infos(&self.secret, relays, &s.network, &s.key, &net.revoked),
                 };
                 if s.tx.try_send(msg).is_ok() {
                     s.relays = relays.clone();
@@ -1635,7 +1676,6 @@ impl Hub {
                 }
             }
         }
-        self.catch_up(sessions);
     }
 
     /// Queues to every session the peers it was not told yet, while its queue has room; the
@@ -1686,12 +1726,14 @@ impl Hub {
     }
 
     /// Queues to `s` what it was not told yet ([`tell`]), unless it was removed.
-    fn refill(&self, s: &mut Session) {
+    fn refill(&mut self, s: &mut Session) {
         if s.removed {
             return;
         }
         if let Some(rows) = self.nets.get(&s.network_id) {
-            tell(s, rows, &self.stats);
+            if tell(s, rows, &self.stats) {
+                self.may_lag = true;
+            }
         }
     }
 }
@@ -1704,11 +1746,11 @@ fn behind(s: &Session, rows: &netmap::Rows) -> bool {
 /// Queues to `s` what it was not told yet of the peers in `rows` (the peers it is owed, then
 /// the changes after its position), in messages of at most [`DELTA_CHUNK`] peers, while its
 /// queue has room. Each peer as the rows hold it now: a peer that changed several times while
-/// the node lagged is told once.
-fn tell(s: &mut Session, rows: &netmap::Rows, stats: &Stats) {
+/// the node lagged is told once. Returns whether `s` is still behind (its queue is full).
+fn tell(s: &mut Session, rows: &netmap::Rows, stats: &Stats) -> bool {
     while behind(s, rows) {
         let Ok(permit) = s.tx.try_reserve() else {
-            return;
+            return true;
         };
         let mut chunk: BTreeSet<PublicKey> = BTreeSet::new();
         while chunk.len() < DELTA_CHUNK {
@@ -1727,6 +1769,7 @@ fn tell(s: &mut Session, rows: &netmap::Rows, stats: &Stats) {
             Stats::inc(&stats.deltas_pushed, 1);
         }
     }
+    false
 }
 
 #[cfg(test)]
@@ -1763,6 +1806,8 @@ mod tests {
             forwarder: Forwarder::new(),
             stats: Arc::new(Stats::default()),
             nets: HashMap::new(),
+            last_read: None,
+            may_lag: false,
         }
     }
 
@@ -1834,6 +1879,51 @@ mod tests {
         assert!(!hub.lagging(&sessions));
     }
 
+    /// A setting the session's full queue refused is told at a later retry, which reads no
+    /// database: the hub keeps what it last read.
+    #[tokio::test]
+    async fn a_refused_setting_is_retried_from_the_last_read() {
+        let (_dir, mut store) = prod_store("retry");
+        let key = PublicKey([7; 32]);
+        let network_id = store
+            .join(
+                "tok",
+                b"secret",
+                &key,
+                NameRequest::Preferred("n0"),
+                Candidates::default(),
+                unix_now(),
+            )
+            .unwrap()
+            .network_id;
+        store.set_birthday_budget("prod", Some(17)).unwrap();
+        let db = Db::start(store, "test-hub-retry").unwrap();
+        let mut hub = test_hub();
+        let (tx, mut rx) = mpsc::channel(1);
+        let mut sessions = HashMap::from([(1, test_session(network_id, key, tx.clone()))]);
+        // The queue is full when the hub reads the setting.
+        tx.try_send(ServerMsg::Left).unwrap();
+        hub.push(&db, &mut sessions).await;
+        assert_eq!(sessions[&1].birthday_budget, None);
+        // The database goes away; the node reads its queue; the retry tells the setting.
+        drop(db);
+        assert!(matches!(rx.try_recv(), Ok(ServerMsg::Left)));
+        hub.tell_states(&mut sessions);
+        assert!(
+            matches!(
+                rx.try_recv(),
+                Ok(ServerMsg::Settings {
+                    birthday_budget: Some(17)
+                })
+            ),
+            "the setting was not retried"
+        );
+        assert_eq!(sessions[&1].birthday_budget, Some(17));
+        // Told once.
+        hub.tell_states(&mut sessions);
+        assert!(rx.try_recv().is_err());
+    }
+
     /// A session whose node reads nothing while the network changes under it (joins, and
     /// members removed) holds no copies of what it was not told: its backlog is a position in
     /// the network's order of changes. When it reads again it gets each peer once, as the rows
@@ -1895,6 +1985,8 @@ mod tests {
             "owed {} keys",
             session.owed.len()
         );
+        // The hub knows to look for laggards at its ticks.
+        assert!(hub.may_lag);
         // The node reads again.
         let mut messages = 0;
         for _ in 0..20_000 {
