@@ -1440,20 +1440,22 @@ async fn run_hub(
                     if changed || !waiters.is_empty() {
                         decide(&db, &mut waiters).await;
                     }
-                } else if last_retry.elapsed() >= RESYNC {
-                    last_retry = tokio::time::Instant::now();
-                    hub.tell_states(&mut sessions);
-                    hub.catch_up(&mut sessions);
-                    if !waiters.is_empty() {
-                        decide(&db, &mut waiters).await;
+                } else {
+                    if last_retry.elapsed() >= RESYNC {
+                        last_retry = tokio::time::Instant::now();
+                        hub.tell_states(&mut sessions);
+                        if !waiters.is_empty() {
+                            decide(&db, &mut waiters).await;
+                        }
                     }
-                } else if hub.may_lag {
                     // Only after a session's queue was found full: a scan of every session ten
                     // times a second was most of an idle hub's work.
-                    if hub.lagging(&sessions) {
-                        hub.catch_up(&mut sessions);
-                    } else {
-                        hub.may_lag = false;
+                    if hub.may_lag {
+                        if hub.lagging(&sessions) {
+                            hub.catch_up(&mut sessions);
+                        } else {
+                            hub.may_lag = false;
+                        }
                     }
                 }
             }
