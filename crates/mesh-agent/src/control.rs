@@ -704,8 +704,18 @@ pub async fn run(
         // TCP gets QUIC back when it answers again.
         let better = ctx.dialer.better(&target, &conn);
         tokio::pin!(better);
+        // A server that leaves the node's keepalives unanswered is gone (killed, its host
+        // down): on to another replica, without waiting for QUIC's idle timeout.
+        let gone = ctx
+            .dialer
+            .unanswered(&conn, mesh_control::quic::ANSWER_WITHIN);
+        tokio::pin!(gone);
         let reason = loop {
             tokio::select! {
+                _ = &mut gone => break format!(
+                    "the controller left the node's packets unanswered for {:.2} s",
+                    mesh_control::quic::ANSWER_WITHIN.as_secs_f64()
+                ),
                 link = &mut better => {
                     let (to, hello) = (link.transport(), ClientMsg::Hello {
                         network: ctx.network.clone(),
@@ -850,8 +860,8 @@ const RACE_STAGGER: Duration = Duration::from_millis(300);
 /// that answered last), then every other the token named or the controllers announced, each
 /// [`RACE_STAGGER`] after the one before, all racing; `last` (the one just lost) at the end.
 /// A controller that is down (killed, its host gone) costs a stagger, not a whole timeout: a
-/// node whose controller died is on another replica within the idle timeout and a few hundred
-/// milliseconds. A refusal is an answer and ends the race. Gives back the address that
+/// node whose controller died is on another replica a few hundred milliseconds after it gave up
+/// on it ([`mesh_control::quic::ANSWER_WITHIN`]). A refusal is an answer and ends the race. Gives back the address that
 /// answered (or failed first) and the result.
 async fn open_any(
     ctx: &ControlCtx,

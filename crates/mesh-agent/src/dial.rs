@@ -8,9 +8,9 @@
 //! proxy reached through the overlay (clusters run proxies inside it: the overlay would carry
 //! its own control traffic, and die with it).
 //!
-//! Once up, a link is watched ([`Dialer::better`]): a QUIC link that hears nothing for
-//! [`QUIC_QUIET`] while its keepalives go out gets a TCP link beside it, taken if it comes up
-//! while QUIC stays quiet; so does a QUIC link that loses [`QUIC_LOSSY`] or more of its packets
+//! Once up, a link is watched ([`Dialer::better`]): a QUIC link whose server leaves what it sent
+//! unanswered for [`QUIC_QUIET`] gets a TCP link beside it, taken if it comes up while QUIC
+//! stays quiet; so does a QUIC link that loses [`QUIC_LOSSY`] or more of its packets
 //! over [`LOSS_WINDOW`] (UDP dropped in part: the relayed traffic on it suffers while TCP would
 //! carry it whole). A TCP link has QUIC tried again every [`QUIC_RETRY`], and QUIC is taken back
 //! as soon as it answers; after a move for loss the next try waits [`LOSSY_RETRY`], doubling
@@ -26,10 +26,10 @@ use tracing::{debug, info, warn};
 
 /// How long QUIC has alone before TCP starts beside it.
 pub const QUIC_HEAD_START: Duration = Duration::from_secs(2);
-/// A QUIC link that receives nothing for this long is suspect: an idle node sends a keepalive
-/// every [`mesh_control::quic::KEEPALIVE`] (1.5 s) and the server acknowledges each at once, so
-/// a healthy link hears something well within it.
-pub const QUIC_QUIET: Duration = Duration::from_millis(2500);
+/// A QUIC link whose server has left what it was sent unanswered for this long is suspect: the
+/// server acknowledges each packet at once, so a healthy link hears back within a round trip.
+/// At [`mesh_control::quic::ANSWER_WITHIN`] the link is given up ([`Dialer::unanswered`]).
+pub const QUIC_QUIET: Duration = Duration::from_millis(1000);
 /// While on TCP, QUIC is tried again this often.
 pub const QUIC_RETRY: Duration = Duration::from_secs(15);
 /// A QUIC link that loses this share of its packets over [`LOSS_WINDOW`] moves to TCP.
@@ -409,17 +409,37 @@ impl Dialer {
         (at.elapsed() < wait * 2 + LOSS_WINDOW * 2).then_some(wait)
     }
 
-    /// Resolves once `link` has received nothing for [`QUIC_QUIET`].
+    /// Resolves once `link` has left what it sent unanswered for [`QUIC_QUIET`].
     async fn quiet(&self, link: &Link) {
-        let mut last = link.received();
-        let mut since = Instant::now();
+        self.unanswered(link, QUIC_QUIET).await
+    }
+
+    /// Resolves once something `link` sent that asks for an answer (a keepalive, a message, a
+    /// relayed datagram) has been followed by `after` of silence: nothing at all received. An
+    /// idle link is not silent in this sense: its keepalives are answered. Never on a link
+    /// whose transport does not count what it asks (TCP: its pings have their own timeout).
+    ///
+    /// Sampled every [`SAMPLE`]: silence is counted from the first sample that sees a send
+    /// after the last receipt, so it starts up to a sample late. A send and a receipt within
+    /// one sample count as answered; if the server died just then, the next send is watched.
+    pub async fn unanswered(&self, link: &Link, after: Duration) {
+        let Some(mut asked) = link.asked() else {
+            return std::future::pending().await;
+        };
+        let mut heard = link.received();
+        let mut waiting: Option<Instant> = None;
         loop {
             tokio::time::sleep(SAMPLE).await;
-            let now = link.received();
-            if now != last {
-                last = now;
-                since = Instant::now();
-            } else if since.elapsed() >= QUIC_QUIET {
+            let now_heard = link.received();
+            let now_asked = link.asked().unwrap_or(asked);
+            if now_heard != heard {
+                heard = now_heard;
+                asked = now_asked;
+                waiting = None;
+            } else if now_asked != asked && waiting.is_none() {
+                waiting = Some(Instant::now());
+            }
+            if waiting.is_some_and(|w| w.elapsed() >= after) {
                 return;
             }
         }
@@ -563,6 +583,88 @@ mod tests {
             waits.push(dialer.lossy_wait().unwrap().as_secs());
         }
         assert_eq!(waits, [60, 120, 240, 480, 480]);
+    }
+
+    /// Forwards UDP between one client and `server` until `cut` is set; then drops everything,
+    /// as a killed server (or a cut path) would.
+    async fn cuttable_path(server: SocketAddr, cut: Arc<AtomicBool>) -> SocketAddr {
+        let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let back = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        back.connect(server).await.unwrap();
+        let addr = front.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut client: Option<SocketAddr> = None;
+            let (mut a, mut b) = (vec![0u8; 65536], vec![0u8; 65536]);
+            loop {
+                tokio::select! {
+                    r = front.recv_from(&mut a) => {
+                        let Ok((n, from)) = r else { return };
+                        client = Some(from);
+                        if !cut.load(Ordering::SeqCst) {
+                            let _ = back.send(&a[..n]).await;
+                        }
+                    }
+                    r = back.recv(&mut b) => {
+                        let Ok(n) = r else { return };
+                        if let (Some(c), false) = (client, cut.load(Ordering::SeqCst)) {
+                            let _ = front.send_to(&b[..n], c).await;
+                        }
+                    }
+                }
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn an_idle_link_is_kept_and_a_silent_server_given_up_within_four_seconds() {
+        use mesh_control::quic::{ANSWER_WITHIN, KEEPALIVE};
+        let server =
+            mesh_control::quic::bind_server("127.0.0.1:0".parse().unwrap(), &[7; 32]).unwrap();
+        let server_addr = server.local_addr().unwrap();
+        tokio::spawn(async move {
+            let conn = server.accept().await.unwrap().await.unwrap();
+            conn.closed().await;
+        });
+        let cut = Arc::new(AtomicBool::new(false));
+        let path = cuttable_path(server_addr, cut.clone()).await;
+        let dialer = Dialer {
+            endpoint: mesh_control::quic::bind_client("127.0.0.1:0".parse().unwrap()).unwrap(),
+            mark: None,
+            proxy: ProxyEnv::default(),
+            interface: "mesh-test0".into(),
+            overlay: None,
+            tcp_first: Default::default(),
+            lossy: Default::default(),
+        };
+        let target = Target::new(&path.to_string(), None, "mesh-controller");
+        let link = dialer.quic(&target, Duration::from_secs(5)).await.unwrap();
+        // Idle for two keepalives and more: nothing but keepalives and their acks, all
+        // answered.
+        let idle = KEEPALIVE * 2 + Duration::from_secs(1);
+        assert!(
+            tokio::time::timeout(idle, dialer.unanswered(&link, ANSWER_WITHIN))
+                .await
+                .is_err(),
+            "an idle link whose server answers must be kept"
+        );
+        cut.store(true, Ordering::SeqCst);
+        let started = Instant::now();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            dialer.unanswered(&link, ANSWER_WITHIN),
+        )
+        .await
+        .expect("a server that answers nothing is given up");
+        let took = started.elapsed();
+        eprintln!("silent server given up after {took:?}");
+        // The promise: a dead controller noticed within 4 s (a keepalive, the wait, and a
+        // sample), so that the node is on another one within 5 s.
+        assert!(took <= Duration::from_millis(4500), "{took:?}");
+        assert!(
+            link.close_reason().is_none(),
+            "well before QUIC's idle timeout"
+        );
     }
 
     #[test]

@@ -382,9 +382,19 @@ async fn serve(
     }
     let better = ctx.dialer.better(target, &conn);
     tokio::pin!(better);
+    // A relay that leaves the node's keepalives unanswered is gone: reconnect without
+    // waiting for QUIC's idle timeout.
+    let gone = ctx
+        .dialer
+        .unanswered(&conn, mesh_control::quic::ANSWER_WITHIN);
+    tokio::pin!(gone);
     let reason = loop {
         tokio::select! {
             e = conn.closed() => break Ended::Lost(e.to_string()),
+            _ = &mut gone => break Ended::Lost(format!(
+                "the relay left the node's packets unanswered for {:.2} s",
+                mesh_control::quic::ANSWER_WITHIN.as_secs_f64()
+            )),
             link = &mut better => {
                 let fresh = ticket.borrow().clone();
                 match client::admit(link, relay_key, &ctx.node_key, fresh, CONNECT_TIMEOUT).await {
@@ -439,6 +449,8 @@ async fn serve(
         // The next session hands the data plane its link at once.
         conn.close(0, b"moved to another transport");
     } else {
+        // Closed already, or unanswered: then it must not linger until QUIC gives up on it.
+        conn.close(0, b"lost");
         let _ = ctx
             .data
             .send(DataCmd::RelayRegion(name.to_owned(), None))

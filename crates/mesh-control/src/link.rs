@@ -217,6 +217,43 @@ impl Link {
         }
     }
 
+    /// Frames sent so far that the other side must answer, where the transport says (QUIC:
+    /// every frame but acks, padding and the close; keepalives, stream data and relayed
+    /// datagrams included). A server answers each at once with an ack, so one of these followed
+    /// by silence means the server or the path is gone.
+    pub fn asked(&self) -> Option<u64> {
+        match self {
+            Link::Quic(c) => {
+                let f = c.stats().frame_tx;
+                Some(
+                    f.ack_frequency
+                        + f.crypto
+                        + f.data_blocked
+                        + f.datagram
+                        + u64::from(f.handshake_done)
+                        + f.immediate_ack
+                        + f.max_data
+                        + f.max_stream_data
+                        + f.max_streams_bidi
+                        + f.max_streams_uni
+                        + f.new_connection_id
+                        + f.new_token
+                        + f.path_challenge
+                        + f.path_response
+                        + f.ping
+                        + f.reset_stream
+                        + f.retire_connection_id
+                        + f.stream_data_blocked
+                        + f.streams_blocked_bidi
+                        + f.streams_blocked_uni
+                        + f.stop_sending
+                        + f.stream,
+                )
+            }
+            Link::Tcp(_) => None,
+        }
+    }
+
     /// Packets sent and declared lost so far, where the transport knows (QUIC): the loss of
     /// the path to the server, keepalives and relayed datagrams included.
     pub fn packet_loss_counters(&self) -> Option<(u64, u64)> {

@@ -14,20 +14,26 @@ use tracing::warn;
 /// ALPN of the mesh control protocol.
 pub const ALPN: &[u8] = b"mesh/1";
 /// QUIC keepalive, sent by nodes only (a server's acks answer them): well under common NAT
-/// UDP timeouts. A lost one is not waited out until the next: QUIC probes for its ack after a
-/// probe timeout (the round trip, its variance and the ack delay), doubling each time, so
-/// [`IDLE_TIMEOUT`] leaves room for three probes on a 100 ms path and two on a 300 ms one, as
-/// at 1 s and 3 s. Every node's keepalive is a wake-up of its server, the bulk of an idle
-/// controller's work: 1,000 nodes send 667 a second, not 1,000 as at 1 s.
-pub const KEEPALIVE: Duration = Duration::from_millis(1500);
+/// UDP timeouts. Every node's keepalive is a wake-up of its server, the bulk of an idle
+/// controller's work: 1,000 nodes send 500 a second (667 at 1.5 s, 1,000 at 1 s). How fast a
+/// node notices a dead server does not hang on it alone: see [`ANSWER_WITHIN`].
+pub const KEEPALIVE: Duration = Duration::from_millis(2000);
+/// A node that sent a server something that asks for an answer (a keepalive, a message, a
+/// relayed datagram) and has heard nothing at all since, for this long, takes the server for
+/// gone and connects to another (the agent's dialer watches its links for this). A server
+/// acknowledges at once, and QUIC probes for a lost ack after a probe timeout (the round trip,
+/// four times its variance and the ack delay), doubling each time: within this, three probes
+/// go out on a steady 100 ms path and two on a 300 ms one. A dead server is noticed within
+/// `KEEPALIVE + ANSWER_WITHIN` (and a quarter second of sampling): 4 s, leaving a second to
+/// reach another replica within the 5 s promised.
+pub const ANSWER_WITHIN: Duration = Duration::from_millis(1750);
 /// Bytes of relayed datagrams queued per connection and direction.
 pub const RELAY_BUFFER: usize = 512 * 1024;
-/// A connection that hears nothing for this long is dead. QUIC uses the smaller of both sides'
-/// values (and at least three probe timeouts, so a slow path gets more), and restarts the timer
-/// when it sends the first ack-eliciting packet after a receipt, so a dead peer is noticed
-/// within `KEEPALIVE + IDLE_TIMEOUT` (4 s): a node whose controller died is on another replica
-/// within 5 s.
-pub const IDLE_TIMEOUT: Duration = Duration::from_millis(2500);
+/// A connection that hears nothing for this long is closed by QUIC itself (both sides use the
+/// smaller of their values). It is what tells a server that a node is gone; nodes notice a
+/// dead server sooner ([`ANSWER_WITHIN`]). Three keepalives long: a node is not dropped for a
+/// lost keepalive and two lost probes, even on a slow path.
+pub const IDLE_TIMEOUT: Duration = Duration::from_millis(6000);
 /// Bidirectional streams a node may open toward a server at once: the Noise channel only.
 pub const SERVER_MAX_BIDI_STREAMS: u32 = 1;
 /// Per-stream receive window at a server. Nodes send small messages (join, hello, heartbeat,
@@ -530,19 +536,21 @@ mod tests {
 
     #[test]
     fn liveness_is_within_ten_seconds() {
-        // `mesh status` must show a dead controller within 10 s. The idle timer restarts when
-        // the first keepalive after the last receipt goes out, so the worst case is both.
+        // `mesh status` must show a dead controller within 10 s, even if nothing but QUIC's
+        // idle timer noticed. The timer restarts when the first keepalive after the last
+        // receipt goes out, so the worst case is both.
         assert!(KEEPALIVE + IDLE_TIMEOUT <= Duration::from_secs(8));
-        // A node whose controller died notices within 4 s, leaving a second to reach another
-        // replica within the 5 s promised.
-        assert!(KEEPALIVE + IDLE_TIMEOUT <= Duration::from_secs(4));
+        // A node whose controller died notices within 4 s (the dialer samples every quarter
+        // second), leaving a second to reach another replica within the 5 s promised.
+        assert!(KEEPALIVE + ANSWER_WITHIN + Duration::from_millis(250) <= Duration::from_secs(4));
         // A keepalive whose ack was lost is probed again after one, three and seven probe
         // timeouts (round trip + 4 x its variance + 25 ms of ack delay): on a steady 100 ms
-        // path all three go out before the idle timer the keepalive restarted, on a 300 ms
-        // path two.
+        // path all three go out before the node gives up on its server, on a 300 ms path two.
         let pto = |rtt_ms: u64| Duration::from_millis(rtt_ms + 4 * rtt_ms / 10 + 25);
-        assert!(pto(100) * 7 < IDLE_TIMEOUT);
-        assert!(pto(300) * 3 < IDLE_TIMEOUT);
+        assert!(pto(100) * 7 < ANSWER_WITHIN);
+        assert!(pto(300) * 3 < ANSWER_WITHIN);
+        // A server keeps a node through a lost keepalive and two lost probes on a 300 ms path.
+        assert!(KEEPALIVE + pto(300) * 7 < IDLE_TIMEOUT);
         // The next keepalive goes out before the connection could be declared dead.
         assert!(KEEPALIVE < IDLE_TIMEOUT);
     }
