@@ -565,9 +565,9 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    #[tokio::test]
-    async fn moves_for_loss_back_off_doubling() {
-        let dialer = Dialer {
+    /// A dialer on a client endpoint of its own on loopback, without proxy or mark.
+    fn loopback_dialer() -> Dialer {
+        Dialer {
             endpoint: mesh_control::quic::bind_client("127.0.0.1:0".parse().unwrap()).unwrap(),
             mark: None,
             proxy: ProxyEnv::default(),
@@ -575,7 +575,12 @@ mod tests {
             overlay: None,
             tcp_first: Default::default(),
             lossy: Default::default(),
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn moves_for_loss_back_off_doubling() {
+        let dialer = loopback_dialer();
         assert_eq!(dialer.lossy_wait(), None, "QUIC retried at the usual pace");
         let mut waits = Vec::new();
         for _ in 0..5 {
@@ -628,15 +633,7 @@ mod tests {
         });
         let cut = Arc::new(AtomicBool::new(false));
         let path = cuttable_path(server_addr, cut.clone()).await;
-        let dialer = Dialer {
-            endpoint: mesh_control::quic::bind_client("127.0.0.1:0".parse().unwrap()).unwrap(),
-            mark: None,
-            proxy: ProxyEnv::default(),
-            interface: "mesh-test0".into(),
-            overlay: None,
-            tcp_first: Default::default(),
-            lossy: Default::default(),
-        };
+        let dialer = loopback_dialer();
         let target = Target::new(&path.to_string(), None, "mesh-controller");
         let link = dialer.quic(&target, Duration::from_secs(5)).await.unwrap();
         // Idle for two keepalives and more: nothing but keepalives and their acks, all
