@@ -706,9 +706,7 @@ pub async fn run(
         tokio::pin!(better);
         // A server that leaves the node's keepalives unanswered is gone (killed, its host
         // down): on to another replica, without waiting for QUIC's idle timeout.
-        let gone = ctx
-            .dialer
-            .unanswered(&conn, mesh_control::quic::ANSWER_WITHIN);
+        let gone = conn.unanswered(mesh_control::quic::ANSWER_WITHIN);
         tokio::pin!(gone);
         let reason = loop {
             tokio::select! {
@@ -856,13 +854,13 @@ pub async fn run(
 /// How long a connection attempt waits before the next address joins the race.
 const RACE_STAGGER: Duration = Duration::from_millis(300);
 
-/// Opens a session on the first of the controller's addresses that answers: `first` (the one
-/// that answered last), then every other the token named or the controllers announced, each
-/// [`RACE_STAGGER`] after the one before, all racing; `last` (the one just lost) at the end.
-/// A controller that is down (killed, its host gone) costs a stagger, not a whole timeout: a
-/// node whose controller died is on another replica a few hundred milliseconds after it gave up
-/// on it ([`mesh_control::quic::ANSWER_WITHIN`]). A refusal is an answer and ends the race. Gives back the address that
-/// answered (or failed first) and the result.
+/// Opens a session on the first of the controller's addresses that answers: `first` (the one that
+/// answered last), then every other the token named or the controllers announced, each
+/// [`RACE_STAGGER`] after the one before, all racing; `last` (the one just lost) at the end. A
+/// controller that is down (killed, its host gone) costs a stagger, not a whole timeout: a node
+/// whose controller died is on another replica a few hundred milliseconds after it gave up on it
+/// ([`mesh_control::quic::ANSWER_WITHIN`]). A refusal is an answer and ends the race. Gives back
+/// the address that answered (or failed first) and the result.
 async fn open_any(
     ctx: &ControlCtx,
     first: &Target,

@@ -28,7 +28,7 @@ use tracing::{debug, info, warn};
 pub const QUIC_HEAD_START: Duration = Duration::from_secs(2);
 /// A QUIC link whose server has left what it was sent unanswered for this long is suspect: the
 /// server acknowledges each packet at once, so a healthy link hears back within a round trip.
-/// At [`mesh_control::quic::ANSWER_WITHIN`] the link is given up ([`Dialer::unanswered`]).
+/// At [`mesh_control::quic::ANSWER_WITHIN`] the link is given up ([`Link::unanswered`]).
 pub const QUIC_QUIET: Duration = Duration::from_millis(1000);
 /// While on TCP, QUIC is tried again this often.
 pub const QUIC_RETRY: Duration = Duration::from_secs(15);
@@ -45,7 +45,7 @@ pub const MAX_LOSSY_RETRY: Duration = Duration::from_secs(480);
 /// How long a background QUIC attempt may take.
 const QUIC_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often a link's receive counter is sampled.
-const SAMPLE: Duration = Duration::from_millis(250);
+const SAMPLE: Duration = mesh_control::link::WATCH_SAMPLE;
 
 /// Where a server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -411,38 +411,7 @@ impl Dialer {
 
     /// Resolves once `link` has left what it sent unanswered for [`QUIC_QUIET`].
     async fn quiet(&self, link: &Link) {
-        self.unanswered(link, QUIC_QUIET).await
-    }
-
-    /// Resolves once something `link` sent that asks for an answer (a keepalive, a message, a
-    /// relayed datagram) has been followed by `after` of silence: nothing at all received. An
-    /// idle link is not silent in this sense: its keepalives are answered. Never on a link
-    /// whose transport does not count what it asks (TCP: its pings have their own timeout).
-    ///
-    /// Sampled every [`SAMPLE`]: silence is counted from the first sample that sees a send
-    /// after the last receipt, so it starts up to a sample late. A send and a receipt within
-    /// one sample count as answered; if the server died just then, the next send is watched.
-    pub async fn unanswered(&self, link: &Link, after: Duration) {
-        let Some(mut asked) = link.asked() else {
-            return std::future::pending().await;
-        };
-        let mut heard = link.received();
-        let mut waiting: Option<Instant> = None;
-        loop {
-            tokio::time::sleep(SAMPLE).await;
-            let now_heard = link.received();
-            let now_asked = link.asked().unwrap_or(asked);
-            if now_heard != heard {
-                heard = now_heard;
-                asked = now_asked;
-                waiting = None;
-            } else if now_asked != asked && waiting.is_none() {
-                waiting = Some(Instant::now());
-            }
-            if waiting.is_some_and(|w| w.elapsed() >= after) {
-                return;
-            }
-        }
+        link.unanswered(QUIC_QUIET).await
     }
 
     /// Resolves once `link` receives something.
@@ -565,9 +534,9 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    /// A dialer on a client endpoint of its own on loopback, without proxy or mark.
-    fn loopback_dialer() -> Dialer {
-        Dialer {
+    #[tokio::test]
+    async fn moves_for_loss_back_off_doubling() {
+        let dialer = Dialer {
             endpoint: mesh_control::quic::bind_client("127.0.0.1:0".parse().unwrap()).unwrap(),
             mark: None,
             proxy: ProxyEnv::default(),
@@ -575,12 +544,7 @@ mod tests {
             overlay: None,
             tcp_first: Default::default(),
             lossy: Default::default(),
-        }
-    }
-
-    #[tokio::test]
-    async fn moves_for_loss_back_off_doubling() {
-        let dialer = loopback_dialer();
+        };
         assert_eq!(dialer.lossy_wait(), None, "QUIC retried at the usual pace");
         let mut waits = Vec::new();
         for _ in 0..5 {
@@ -588,80 +552,6 @@ mod tests {
             waits.push(dialer.lossy_wait().unwrap().as_secs());
         }
         assert_eq!(waits, [60, 120, 240, 480, 480]);
-    }
-
-    /// Forwards UDP between one client and `server` until `cut` is set; then drops everything,
-    /// as a killed server (or a cut path) would.
-    async fn cuttable_path(server: SocketAddr, cut: Arc<AtomicBool>) -> SocketAddr {
-        let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let back = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        back.connect(server).await.unwrap();
-        let addr = front.local_addr().unwrap();
-        tokio::spawn(async move {
-            let mut client: Option<SocketAddr> = None;
-            let (mut a, mut b) = (vec![0u8; 65536], vec![0u8; 65536]);
-            loop {
-                tokio::select! {
-                    r = front.recv_from(&mut a) => {
-                        let Ok((n, from)) = r else { return };
-                        client = Some(from);
-                        if !cut.load(Ordering::SeqCst) {
-                            let _ = back.send(&a[..n]).await;
-                        }
-                    }
-                    r = back.recv(&mut b) => {
-                        let Ok(n) = r else { return };
-                        if let (Some(c), false) = (client, cut.load(Ordering::SeqCst)) {
-                            let _ = front.send_to(&b[..n], c).await;
-                        }
-                    }
-                }
-            }
-        });
-        addr
-    }
-
-    #[tokio::test]
-    async fn an_idle_link_is_kept_and_a_silent_server_given_up_within_four_seconds() {
-        use mesh_control::quic::{ANSWER_WITHIN, KEEPALIVE};
-        let server =
-            mesh_control::quic::bind_server("127.0.0.1:0".parse().unwrap(), &[7; 32]).unwrap();
-        let server_addr = server.local_addr().unwrap();
-        tokio::spawn(async move {
-            let conn = server.accept().await.unwrap().await.unwrap();
-            conn.closed().await;
-        });
-        let cut = Arc::new(AtomicBool::new(false));
-        let path = cuttable_path(server_addr, cut.clone()).await;
-        let dialer = loopback_dialer();
-        let target = Target::new(&path.to_string(), None, "mesh-controller");
-        let link = dialer.quic(&target, Duration::from_secs(5)).await.unwrap();
-        // Idle for two keepalives and more: nothing but keepalives and their acks, all
-        // answered.
-        let idle = KEEPALIVE * 2 + Duration::from_secs(1);
-        assert!(
-            tokio::time::timeout(idle, dialer.unanswered(&link, ANSWER_WITHIN))
-                .await
-                .is_err(),
-            "an idle link whose server answers must be kept"
-        );
-        cut.store(true, Ordering::SeqCst);
-        let started = Instant::now();
-        tokio::time::timeout(
-            Duration::from_secs(10),
-            dialer.unanswered(&link, ANSWER_WITHIN),
-        )
-        .await
-        .expect("a server that answers nothing is given up");
-        let took = started.elapsed();
-        eprintln!("silent server given up after {took:?}");
-        // The promise: a dead controller noticed within 4 s (a keepalive, the wait, and a
-        // sample), so that the node is on another one within 5 s.
-        assert!(took <= Duration::from_millis(4500), "{took:?}");
-        assert!(
-            link.close_reason().is_none(),
-            "well before QUIC's idle timeout"
-        );
     }
 
     #[test]

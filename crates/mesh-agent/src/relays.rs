@@ -384,9 +384,7 @@ async fn serve(
     tokio::pin!(better);
     // A relay that leaves the node's keepalives unanswered is gone: reconnect without
     // waiting for QUIC's idle timeout.
-    let gone = ctx
-        .dialer
-        .unanswered(&conn, mesh_control::quic::ANSWER_WITHIN);
+    let gone = conn.unanswered(mesh_control::quic::ANSWER_WITHIN);
     tokio::pin!(gone);
     let reason = loop {
         tokio::select! {

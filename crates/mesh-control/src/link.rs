@@ -12,6 +12,10 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+/// How often a link's counters are sampled when it is watched ([`Link::unanswered`], and the
+/// agent's dialer).
+pub const WATCH_SAMPLE: Duration = Duration::from_millis(250);
+
 /// Which transport carries a [`Link`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Transport {
@@ -217,40 +221,72 @@ impl Link {
         }
     }
 
-    /// Frames sent so far that the other side must answer, where the transport says (QUIC:
-    /// every frame but acks, padding and the close; keepalives, stream data and relayed
-    /// datagrams included). A server answers each at once with an ack, so one of these followed
-    /// by silence means the server or the path is gone.
-    pub fn asked(&self) -> Option<u64> {
+    /// Datagrams received and frames sent that the other side must answer, so far, where the
+    /// transport says (QUIC: every frame but acks, padding and the close; keepalives, stream
+    /// data and relayed datagrams included). One snapshot of the connection's statistics.
+    fn heard_and_asked(&self) -> Option<(u64, u64)> {
         match self {
             Link::Quic(c) => {
-                let f = c.stats().frame_tx;
-                Some(
-                    f.ack_frequency
-                        + f.crypto
-                        + f.data_blocked
-                        + f.datagram
-                        + u64::from(f.handshake_done)
-                        + f.immediate_ack
-                        + f.max_data
-                        + f.max_stream_data
-                        + f.max_streams_bidi
-                        + f.max_streams_uni
-                        + f.new_connection_id
-                        + f.new_token
-                        + f.path_challenge
-                        + f.path_response
-                        + f.ping
-                        + f.reset_stream
-                        + f.retire_connection_id
-                        + f.stream_data_blocked
-                        + f.streams_blocked_bidi
-                        + f.streams_blocked_uni
-                        + f.stop_sending
-                        + f.stream,
-                )
+                let stats = c.stats();
+                let f = stats.frame_tx;
+                let asked = f.ack_frequency
+                    + f.crypto
+                    + f.data_blocked
+                    + f.datagram
+                    + u64::from(f.handshake_done)
+                    + f.immediate_ack
+                    + f.max_data
+                    + f.max_stream_data
+                    + f.max_streams_bidi
+                    + f.max_streams_uni
+                    + f.new_connection_id
+                    + f.new_token
+                    + f.path_challenge
+                    + f.path_response
+                    + f.ping
+                    + f.reset_stream
+                    + f.retire_connection_id
+                    + f.stream_data_blocked
+                    + f.streams_blocked_bidi
+                    + f.streams_blocked_uni
+                    + f.stop_sending
+                    + f.stream;
+                Some((stats.udp_rx.datagrams, asked))
             }
             Link::Tcp(_) => None,
+        }
+    }
+
+    /// Resolves once something this link sent that asks for an answer (a keepalive, a
+    /// message, a relayed datagram) has been followed by `after` of silence: nothing at all
+    /// received. A server acknowledges at once, so this means the server or the path is gone.
+    /// An idle link is not silent in this sense: its keepalives are answered. Never on TCP,
+    /// whose pings have their own timeout.
+    ///
+    /// Sampled every [`WATCH_SAMPLE`]: silence is counted from the first sample that sees a
+    /// send after the last receipt, so it starts up to a sample late. A send and a receipt
+    /// within one sample count as answered; if the server died just then, the next send is
+    /// watched.
+    pub async fn unanswered(&self, after: Duration) {
+        let Some((mut heard, mut asked)) = self.heard_and_asked() else {
+            return std::future::pending().await;
+        };
+        let mut waiting: Option<std::time::Instant> = None;
+        loop {
+            tokio::time::sleep(WATCH_SAMPLE).await;
+            let Some((now_heard, now_asked)) = self.heard_and_asked() else {
+                return std::future::pending().await;
+            };
+            if now_heard != heard {
+                heard = now_heard;
+                asked = now_asked;
+                waiting = None;
+            } else if now_asked != asked && waiting.is_none() {
+                waiting = Some(std::time::Instant::now());
+            }
+            if waiting.is_some_and(|w| w.elapsed() >= after) {
+                return;
+            }
         }
     }
 

@@ -18,14 +18,14 @@ pub const ALPN: &[u8] = b"mesh/1";
 /// controller's work: 1,000 nodes send 500 a second (667 at 1.5 s, 1,000 at 1 s). How fast a
 /// node notices a dead server does not hang on it alone: see [`ANSWER_WITHIN`].
 pub const KEEPALIVE: Duration = Duration::from_millis(2000);
-/// A node that sent a server something that asks for an answer (a keepalive, a message, a
-/// relayed datagram) and has heard nothing at all since, for this long, takes the server for
-/// gone and connects to another (the agent's dialer watches its links for this). A server
-/// acknowledges at once, and QUIC probes for a lost ack after a probe timeout (the round trip,
-/// four times its variance and the ack delay), doubling each time: within this, three probes
-/// go out on a steady 100 ms path and two on a 300 ms one. A dead server is noticed within
-/// `KEEPALIVE + ANSWER_WITHIN` (and a quarter second of sampling): 4 s, leaving a second to
-/// reach another replica within the 5 s promised.
+/// A node that sent a server something that asks for an answer (a keepalive, a message, a relayed
+/// datagram) and has heard nothing at all since, for this long, takes the server for gone and
+/// connects to another (the agent watches its links with [`crate::Link::unanswered`]). A server
+/// acknowledges at once, and QUIC probes for a lost ack after a probe timeout (the round trip, four
+/// times its variance and the ack delay), doubling each time: within this, three probes go out on a
+/// steady 100 ms path and two on a 300 ms one. A dead server is noticed within `KEEPALIVE +
+/// ANSWER_WITHIN` (and a quarter second of sampling): 4 s, leaving a second to reach another
+/// replica within the 5 s promised.
 pub const ANSWER_WITHIN: Duration = Duration::from_millis(1750);
 /// Bytes of relayed datagrams queued per connection and direction.
 pub const RELAY_BUFFER: usize = 512 * 1024;
@@ -540,8 +540,8 @@ mod tests {
         // idle timer noticed. The timer restarts when the first keepalive after the last
         // receipt goes out, so the worst case is both.
         assert!(KEEPALIVE + IDLE_TIMEOUT <= Duration::from_secs(8));
-        // A node whose controller died notices within 4 s (the dialer samples every quarter
-        // second), leaving a second to reach another replica within the 5 s promised.
+        // A node whose controller died notices within 4 s (`Link::unanswered` samples every
+        // quarter second), leaving a second to reach another replica within the 5 s promised.
         assert!(KEEPALIVE + ANSWER_WITHIN + Duration::from_millis(250) <= Duration::from_secs(4));
         // A keepalive whose ack was lost is probed again after one, three and seven probe
         // timeouts (round trip + 4 x its variance + 25 ms of ack delay): on a steady 100 ms

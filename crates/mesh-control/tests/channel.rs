@@ -252,14 +252,40 @@ async fn a_dead_controller_is_noticed_within_ten_seconds() {
         conn.closed().await;
     });
     let conn = client.connect(proxy, "mesh").unwrap().await.unwrap();
-    let _channel = initiate(&Link::from(conn.clone()), &node_secret, &ctrl_public)
-        .await
-        .unwrap();
-    // Idle but alive: keepalives hold the connection well past the idle timeout.
-    tokio::time::sleep(quic::IDLE_TIMEOUT + std::time::Duration::from_secs(1)).await;
+    let link = Link::from(conn.clone());
+    let _channel = initiate(&link, &node_secret, &ctrl_public).await.unwrap();
+    // Idle but alive: keepalives hold the connection well past the idle timeout, and the
+    // server answers every one, so the node's watch does not give up on it.
+    let idle = quic::IDLE_TIMEOUT + std::time::Duration::from_secs(1);
+    assert!(
+        tokio::time::timeout(idle, link.unanswered(quic::ANSWER_WITHIN))
+            .await
+            .is_err(),
+        "an idle link whose server answers must be kept"
+    );
     assert!(conn.close_reason().is_none(), "keepalives keep it open");
     cut.store(true, std::sync::atomic::Ordering::SeqCst);
     let started = std::time::Instant::now();
+    // The node's own watch: the next keepalive goes unanswered.
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        link.unanswered(quic::ANSWER_WITHIN),
+    )
+    .await
+    .expect("a server that answers nothing is given up");
+    let given_up = started.elapsed();
+    eprintln!("silent server given up after {given_up:?}");
+    // The promise: a dead controller noticed within 4 s (a keepalive, the wait, and a
+    // sample), so that the node is on another one within 5 s; before QUIC's idle timeout.
+    assert!(
+        given_up <= std::time::Duration::from_millis(4500),
+        "{given_up:?}"
+    );
+    assert!(
+        conn.close_reason().is_none(),
+        "well before QUIC's idle timeout"
+    );
+    // And QUIC's own idle timer, what tells a server that a node is gone.
     let reason = tokio::time::timeout(std::time::Duration::from_secs(15), conn.closed())
         .await
         .expect("the node notices");
