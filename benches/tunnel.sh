@@ -21,6 +21,10 @@
 #                   (default "veth mesh mesh-nooffload relay-quic relay-tcp
 #                   mesh-v6 boringtun wireguard-go nebula tinc"; the relay
 #                   paths need mesh)
+#   MESH_BASE_DIR   a directory holding the mesh and mesh-controller of another
+#                   build (the one before a change, say): adds the path
+#                   mesh-base, that build's pair, measured in the same rounds
+#                   right after mesh, and the ratio mesh / mesh-base
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -29,10 +33,14 @@ ROOT=$(cd "$HERE/.." && pwd)
 . "$HERE/lib-netns.sh"
 
 ALL_PATHS="veth mesh mesh-nooffload relay-quic relay-tcp mesh-v6 boringtun wireguard-go nebula tinc"
+BENCH_PATHS=${BENCH_PATHS:-$ALL_PATHS}
+if [[ -n ${MESH_BASE_DIR:-} ]]; then
+    ALL_PATHS+=" mesh-base"
+    [[ " $BENCH_PATHS " == *" mesh-base "* ]] || BENCH_PATHS+=" mesh-base"
+fi
 BENCH_SECONDS=${BENCH_SECONDS:-10}
 BENCH_ROUNDS=${BENCH_ROUNDS:-3}
 BENCH_STREAMS=${BENCH_STREAMS:-1 4}
-BENCH_PATHS=${BENCH_PATHS:-$ALL_PATHS}
 [[ $BENCH_SECONDS =~ ^[1-9][0-9]*$ ]] || die "BENCH_SECONDS must be a positive integer (got '$BENCH_SECONDS')"
 [[ $BENCH_ROUNDS =~ ^[1-9][0-9]*$ ]] || die "BENCH_ROUNDS must be a positive integer (got '$BENCH_ROUNDS')"
 read -r -a STREAMS <<<"$BENCH_STREAMS"
@@ -146,6 +154,12 @@ fi
 
 MESH_BIN="$TARGET_DIR/release/mesh"
 CTL_BIN="$TARGET_DIR/release/mesh-controller"
+# The build's binaries; bench_mesh points MESH_BIN and CTL_BIN at MESH_BASE_DIR's for mesh-base.
+OWN_MESH_BIN=$MESH_BIN
+OWN_CTL_BIN=$CTL_BIN
+if want mesh-base && [[ ! -x ${MESH_BASE_DIR:-}/mesh || ! -x ${MESH_BASE_DIR:-}/mesh-controller ]]; then
+    skip mesh-base "MESH_BASE_DIR (${MESH_BASE_DIR:-}) does not hold both mesh and mesh-controller"
+fi
 skip_mesh_paths() { # REASON: skip every path that runs mesh
     local p
     for p in mesh mesh-nooffload relay-quic relay-tcp mesh-v6; do
@@ -370,13 +384,21 @@ mesh_pair() {
 }
 
 # bench_mesh PATH: a fresh pair (mesh, or mesh-nooffload: the same with
-# MESH_TUN_OFFLOAD=0 in both agents' environment, mesh0 without TUN offloads).
+# MESH_TUN_OFFLOAD=0 in both agents' environment, mesh0 without TUN offloads,
+# or mesh-base: the binaries in MESH_BASE_DIR).
 bench_mesh() {
     local path="$1"
     MESH_IP_B=''
+    MESH_BIN=$OWN_MESH_BIN
+    CTL_BIN=$OWN_CTL_BIN
     if [[ $path == mesh ]]; then
         step "Path 2: mesh (controller + two agents), round $ROUND"
         MESH_ENV=()
+    elif [[ $path == mesh-base ]]; then
+        step "Path 2b: mesh of the build in MESH_BASE_DIR ($MESH_BASE_DIR), round $ROUND"
+        MESH_ENV=()
+        MESH_BIN=$MESH_BASE_DIR/mesh
+        CTL_BIN=$MESH_BASE_DIR/mesh-controller
     else
         step "Path 2a: mesh without TUN offloads (MESH_TUN_OFFLOAD=0), round $ROUND"
         MESH_ENV=(MESH_TUN_OFFLOAD=0)
@@ -793,6 +815,12 @@ for ((ROUND = 1; ROUND <= BENCH_ROUNDS; ROUND++)); do
         if want relay-quic || want relay-tcp; then bench_relay || true; fi
         mesh_stop
     fi
+    if want mesh-base; then
+        bench_mesh mesh-base || true
+        mesh_stop
+        MESH_BIN=$OWN_MESH_BIN
+        CTL_BIN=$OWN_CTL_BIN
+    fi
     if want mesh-nooffload; then
         bench_mesh mesh-nooffload || true
         mesh_stop
@@ -921,6 +949,9 @@ for n in "${STREAMS[@]}"; do
     done
     p=$(mbit veth "$n")
     [[ -z $p ]] || printf '    mesh / veth, %s stream(s): %s\n' "$n" "$(pct "$m" "$p")"
+    p=$(mbit mesh-base "$n")
+    [[ -z $p ]] || printf '    mesh / mesh-base (this build over the one in MESH_BASE_DIR), %s stream(s): %s\n' \
+        "$n" "$(ratio "$m" "$p")"
     p=$(mbit mesh-nooffload "$n")
     [[ -z $p ]] || printf '    mesh / mesh-nooffload (what TUN offloads bring), %s stream(s): %s\n' \
         "$n" "$(ratio "$m" "$p")"
