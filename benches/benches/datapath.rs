@@ -2,6 +2,9 @@
 //!
 //! - `boringtun`: two `Tunn`s with an established session; encapsulate on one side, decapsulate
 //!   on the other. The baseline.
+//! - `mesh_wg`: mesh's own WireGuard sessions (`mesh-wg`): a packet sealed in place behind room
+//!   for the header, opened in place on the other side. What the node's data path would cost
+//!   in WireGuard once it seals and opens data messages itself.
 //! - `mesh_core`: two `mesh_core::Node`s; a TUN packet goes in on one side (routing, encryption,
 //!   transmit queue) and comes out of the other (demux by index, decryption, source check).
 //!
@@ -9,13 +12,15 @@
 //! rounds, counted in instructions instead of time: `mesh-datapath-count` under callgrind.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use mesh_benches::{Mesh, Raw, PAYLOAD};
+use mesh_benches::{Mesh, Raw, Wg, PAYLOAD};
 
 fn datapath(c: &mut Criterion) {
     let mut g = c.benchmark_group("one_packet_1400B");
     g.throughput(Throughput::Bytes(PAYLOAD as u64));
     let mut raw = Raw::default();
     g.bench_function("boringtun", |bench| bench.iter(|| raw.round()));
+    let mut wg = Wg::default();
+    g.bench_function("mesh_wg", |bench| bench.iter(|| wg.round()));
     let mut mesh = Mesh::default();
     g.bench_function("mesh_core", |bench| bench.iter(|| mesh.round()));
     g.finish();

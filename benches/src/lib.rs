@@ -174,6 +174,47 @@ impl Raw {
     }
 }
 
+/// Two sessions of mesh's own WireGuard implementation (`mesh-wg`), made by its handshake.
+pub struct Wg {
+    a: mesh_wg::Transport,
+    b: mesh_wg::Transport,
+    pkt: Vec<u8>,
+    buf: Vec<u8>,
+}
+
+impl Default for Wg {
+    fn default() -> Self {
+        let sa = StaticSecret::from([1u8; 32]);
+        let sb = StaticSecret::from([2u8; 32]);
+        let mut init = [0u8; mesh_wg::INITIATION_LEN];
+        let initiated =
+            mesh_wg::handshake::initiate(&sa, &XPublic::from(&sb), 1, [3; 32], [0; 12], &mut init)
+                .unwrap();
+        let received = mesh_wg::handshake::receive_initiation(&sb, &init).unwrap();
+        let mut resp = [0u8; mesh_wg::RESPONSE_LEN];
+        let b = mesh_wg::handshake::respond(received, &[0; 32], 2, [4; 32], &mut resp).unwrap();
+        let a = initiated.receive_response(&sa, &[0; 32], &resp).unwrap();
+        Wg {
+            a,
+            b,
+            pkt: packet(Ipv4Addr::new(100, 64, 0, 1), Ipv4Addr::new(100, 64, 0, 2)),
+            buf: vec![0u8; 2048],
+        }
+    }
+}
+
+impl Wg {
+    /// One packet: written behind room for the header (where a TUN read would put it), sealed
+    /// there by one session, opened in place by the other.
+    pub fn round(&mut self) -> usize {
+        let len = self.pkt.len();
+        self.buf[mesh_wg::DATA_HEADER_LEN..mesh_wg::DATA_HEADER_LEN + len]
+            .copy_from_slice(black_box(&self.pkt));
+        let n = self.a.seal(&mut self.buf, len).unwrap();
+        black_box(self.b.open(&mut self.buf[..n]).unwrap().len())
+    }
+}
+
 /// The mesh pair.
 pub struct Mesh {
     a: Node,

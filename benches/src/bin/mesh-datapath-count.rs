@@ -1,9 +1,9 @@
 //! Runs data-path rounds for an instruction count: `valgrind --tool=callgrind
-//! target/release/mesh-datapath-count mesh 20000` (or `boringtun`), twice with different
+//! target/release/mesh-datapath-count mesh 20000` (or `boringtun`, or `wg`: mesh's own WireGuard sessions), twice with different
 //! round counts; the difference over the difference in rounds is the instructions per packet,
 //! free of the set-up and of whatever else the machine is doing.
 
-use mesh_benches::{Mesh, Raw};
+use mesh_benches::{Mesh, Raw, Wg};
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -17,6 +17,12 @@ fn main() {
                 sum += raw.round();
             }
         }
+        "wg" => {
+            let mut wg = Wg::default();
+            for _ in 0..rounds {
+                sum += wg.round();
+            }
+        }
         "mesh" => {
             let mut mesh = Mesh::default();
             for _ in 0..rounds {
@@ -24,7 +30,7 @@ fn main() {
             }
         }
         _ => {
-            eprintln!("usage: mesh-datapath-count boringtun|mesh [rounds]");
+            eprintln!("usage: mesh-datapath-count boringtun|wg|mesh [rounds]");
             std::process::exit(2);
         }
     }

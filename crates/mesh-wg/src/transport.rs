@@ -1,0 +1,264 @@
+//! A session's keys: data messages sealed and opened in place.
+//!
+//! A data message is a 16-byte header (type 4, three zero bytes, the receiver's index, a
+//! 64-bit little-endian counter), the packet encrypted with ChaCha20-Poly1305 (the counter as
+//! nonce), and the 16-byte tag. [`Transport::seal`] encrypts a packet where it already lies,
+//! behind room for the header: no copy. [`Transport::open`] decrypts in place and accepts each
+//! counter once ([`ReplayWindow`]), only after the tag proved the message.
+//!
+//! Sealing takes `&self` (the counter is atomic): one session can seal on several threads.
+
+use crate::{Error, DATA_HEADER_LEN, DATA_OVERHEAD, TAG_LEN, TYPE_DATA};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The paper's Reject-After-Messages (2^64 - 2^13 - 1): no counter at or past it is used, so
+/// a nonce never repeats under one key.
+pub const REJECT_AFTER_MESSAGES: u64 = u64::MAX - (1 << 13);
+
+/// The keys and counters of one session.
+pub struct Transport {
+    local_index: u32,
+    remote_index: u32,
+    sender: LessSafeKey,
+    receiver: LessSafeKey,
+    next_counter: AtomicU64,
+    replay: ReplayWindow,
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transport")
+            .field("local_index", &self.local_index)
+            .field("remote_index", &self.remote_index)
+            .field("sent", &self.sent())
+            .finish_non_exhaustive()
+    }
+}
+
+fn key(bytes: &[u8; 32]) -> LessSafeKey {
+    // A 32-byte key is what ChaCha20-Poly1305 takes: this cannot fail.
+    match UnboundKey::new(&CHACHA20_POLY1305, bytes) {
+        Ok(k) => LessSafeKey::new(k),
+        Err(_) => unreachable!("ChaCha20-Poly1305 takes 32-byte keys"),
+    }
+}
+
+fn nonce(counter: u64) -> Nonce {
+    let mut n = [0u8; 12];
+    n[4..].copy_from_slice(&counter.to_le_bytes());
+    Nonce::assume_unique_for_key(n)
+}
+
+impl Transport {
+    pub(crate) fn new(
+        local_index: u32,
+        remote_index: u32,
+        send: &[u8; 32],
+        recv: &[u8; 32],
+    ) -> Transport {
+        Transport {
+            local_index,
+            remote_index,
+            sender: key(send),
+            receiver: key(recv),
+            next_counter: AtomicU64::new(0),
+            replay: ReplayWindow::default(),
+        }
+    }
+
+    /// The index the peer puts in the messages it sends us.
+    pub fn local_index(&self) -> u32 {
+        self.local_index
+    }
+
+    /// The index our messages carry.
+    pub fn remote_index(&self) -> u32 {
+        self.remote_index
+    }
+
+    /// Data messages sealed so far.
+    pub fn sent(&self) -> u64 {
+        self.next_counter
+            .load(Ordering::Relaxed)
+            .min(REJECT_AFTER_MESSAGES)
+    }
+
+    /// Seals the `len`-byte packet at `buf[DATA_HEADER_LEN..]` in place into a data message
+    /// that starts at `buf[0]`; returns the message's length (`len + DATA_OVERHEAD`). An empty
+    /// packet is a keepalive.
+    pub fn seal(&self, buf: &mut [u8], len: usize) -> Result<usize, Error> {
+        let total = len.checked_add(DATA_OVERHEAD).ok_or(Error::Buffer)?;
+        let msg = buf.get_mut(..total).ok_or(Error::Buffer)?;
+        let counter = self.next_counter.fetch_add(1, Ordering::Relaxed);
+        if counter >= REJECT_AFTER_MESSAGES {
+            // Keep it from wrapping however often this is asked.
+            self.next_counter
+                .store(REJECT_AFTER_MESSAGES, Ordering::Relaxed);
+            return Err(Error::Exhausted);
+        }
+        let (header, rest) = msg.split_at_mut(DATA_HEADER_LEN);
+        header[0] = TYPE_DATA;
+        header[1..4].fill(0);
+        header[4..8].copy_from_slice(&self.remote_index.to_le_bytes());
+        header[8..16].copy_from_slice(&counter.to_le_bytes());
+        let (packet, tag_room) = rest.split_at_mut(len);
+        let tag = self
+            .sender
+            .seal_in_place_separate_tag(nonce(counter), Aad::empty(), packet)
+            .map_err(|_| Error::Buffer)?;
+        tag_room.copy_from_slice(tag.as_ref());
+        Ok(total)
+    }
+
+    /// Opens the data message `msg` in place; returns the packet it carried (empty for a
+    /// keepalive). A refused message changes nothing (the window records a counter only once
+    /// the tag proved the message).
+    pub fn open<'a>(&mut self, msg: &'a mut [u8]) -> Result<&'a mut [u8], Error> {
+        if msg.len() < DATA_OVERHEAD || msg[0] != TYPE_DATA || msg[1..4] != [0, 0, 0] {
+            return Err(Error::Malformed);
+        }
+        if u32::from_le_bytes([msg[4], msg[5], msg[6], msg[7]]) != self.local_index {
+            return Err(Error::WrongIndex);
+        }
+        let mut c = [0u8; 8];
+        c.copy_from_slice(&msg[8..16]);
+        let counter = u64::from_le_bytes(c);
+        if !self.replay.may_accept(counter) {
+            return Err(Error::Replay);
+        }
+        let len = msg.len() - DATA_OVERHEAD;
+        let sealed = &mut msg[DATA_HEADER_LEN..];
+        self.receiver
+            .open_in_place(nonce(counter), Aad::empty(), sealed)
+            .map_err(|_| Error::Decrypt)?;
+        if !self.replay.accept(counter) {
+            return Err(Error::Replay);
+        }
+        debug_assert_eq!(sealed.len(), len + TAG_LEN);
+        Ok(&mut sealed[..len])
+    }
+}
+
+/// Words of the replay bitmap: 64 × 32 = 2,048 counters, the last word kept as slack.
+const WORDS: usize = 32;
+const BITS: u64 = 64 * WORDS as u64;
+/// The window: a counter is accepted while it is less than this far behind the highest one.
+pub const REPLAY_WINDOW: u64 = BITS - 64;
+
+/// Which counters were accepted, within [`REPLAY_WINDOW`] of the highest: each accepted once,
+/// reordering within the window allowed, anything older refused.
+#[derive(Debug, Clone)]
+pub struct ReplayWindow {
+    /// One past the highest counter accepted.
+    next: u64,
+    bits: [u64; WORDS],
+}
+
+impl Default for ReplayWindow {
+    fn default() -> Self {
+        ReplayWindow {
+            next: 0,
+            bits: [0; WORDS],
+        }
+    }
+}
+
+impl ReplayWindow {
+    /// Whether `counter` would be accepted (without recording it).
+    pub fn may_accept(&self, counter: u64) -> bool {
+        if counter >= REJECT_AFTER_MESSAGES {
+            return false;
+        }
+        if counter >= self.next {
+            return true;
+        }
+        if self.next - counter > REPLAY_WINDOW {
+            return false;
+        }
+        let (word, bit) = Self::slot(counter);
+        self.bits[word] & bit == 0
+    }
+
+    /// Records `counter`; `false` (and nothing recorded) if it was seen or is too old.
+    pub fn accept(&mut self, counter: u64) -> bool {
+        if !self.may_accept(counter) {
+            return false;
+        }
+        if counter >= self.next {
+            // Clear the words the window moves onto.
+            let new_word = counter / 64;
+            let first = if self.next == 0 {
+                0
+            } else {
+                (self.next - 1) / 64 + 1
+            };
+            let moved = new_word.saturating_add(1).saturating_sub(first);
+            for w in 0..moved.min(WORDS as u64) {
+                self.bits[((first + w) % WORDS as u64) as usize] = 0;
+            }
+            self.next = counter + 1;
+        }
+        let (word, bit) = Self::slot(counter);
+        self.bits[word] |= bit;
+        true
+    }
+
+    fn slot(counter: u64) -> (usize, u64) {
+        (
+            ((counter / 64) % WORDS as u64) as usize,
+            1u64 << (counter % 64),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_window_accepts_each_counter_once_and_refuses_the_old() {
+        let mut w = ReplayWindow::default();
+        assert!(w.accept(0));
+        assert!(!w.accept(0));
+        assert!(w.accept(5));
+        assert!(w.accept(3), "reordered within the window");
+        assert!(!w.accept(3));
+        assert!(w.accept(10_000));
+        assert!(!w.accept(5), "now far behind");
+        assert!(
+            w.accept(10_000 - REPLAY_WINDOW + 1),
+            "the oldest still in the window"
+        );
+        assert!(!w.accept(10_000 - REPLAY_WINDOW));
+        assert!(!w.accept(10_000));
+        // A jump of many words clears what the window moved onto.
+        assert!(w.accept(10_000 + 64 * 5 + 7));
+        for c in 10_001..10_000 + 64 * 5 + 7 {
+            assert!(w.may_accept(c), "{c} was never seen");
+        }
+        assert!(!w.accept(REJECT_AFTER_MESSAGES));
+    }
+
+    #[test]
+    fn the_window_agrees_with_a_set_of_seen_counters() {
+        // Against a plain model, on a mixed order with repeats.
+        let mut w = ReplayWindow::default();
+        let mut seen = std::collections::BTreeSet::new();
+        let mut top: Option<u64> = None;
+        let mut x: u64 = 12345;
+        for _ in 0..50_000 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let base = top.unwrap_or(0);
+            let c = (base + (x >> 40) % 300).saturating_sub((x >> 20) % 2_500);
+            let fresh = !seen.contains(&c) && top.is_none_or(|t| c + REPLAY_WINDOW > t);
+            assert_eq!(w.accept(c), fresh, "counter {c}, top {top:?}");
+            if fresh {
+                seen.insert(c);
+                top = Some(top.map_or(c, |t| t.max(c)));
+            }
+        }
+    }
+}
