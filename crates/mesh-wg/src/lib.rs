@@ -11,17 +11,21 @@
 //!   a responder under load asks for.
 //! - [`transport`]: a session's keys: sealing and opening data messages in place, the counter,
 //!   and the replay window.
+//! - [`tunnel`]: one peer's state: the handshake in progress, current, previous and next
+//!   sessions, packets waiting for a handshake, and WireGuard's timers on the caller's clock.
 //!
 //! Nothing here reads a clock or draws random numbers: the caller passes the ephemeral key's
-//! bytes and the initiation's timestamp ([`tai64n`]), so that the simulation stays deterministic.
-//! Timers (rekey, keepalive, expiry) belong to the caller as well.
+//! bytes and the initiation's timestamp ([`tai64n`]), and [`Tunnel`] takes `now` in every call,
+//! so that the simulation stays deterministic.
 
 pub mod handshake;
 mod noise;
 pub mod transport;
+pub mod tunnel;
 
 pub use handshake::{Initiated, Received};
 pub use transport::{ReplayWindow, Transport};
+pub use tunnel::{Action, Tunnel};
 
 /// Message type of a handshake initiation.
 pub const TYPE_INITIATION: u8 = 1;

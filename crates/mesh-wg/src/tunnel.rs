@@ -1,0 +1,617 @@
+//! One peer's WireGuard state: the handshake in progress, up to three sessions (current,
+//! previous, and the next one a responder holds until the initiator's first data message
+//! confirms it), the packets waiting for a handshake, and WireGuard's timers (section 6 of the
+//! paper) on the clock the caller passes in.
+//!
+//! Nothing here reads a clock: every call takes `now`, so a simulation decides what time it is;
+//! the wall-clock time an initiation carries is counted from the pair of wall time and
+//! `Instant` given to [`Tunnel::new`]. Ephemeral keys come from the caller's cryptographic
+//! random generator.
+//!
+//! Where an output is bytes to send, they are written into the caller's buffer and the call
+//! says how many ([`Action::Send`]); a received data message is opened in place and the call says
+//! how long the packet is ([`Action::Deliver`]: it lies at `datagram[DATA_HEADER_LEN..]`).
+
+use crate::handshake::{self, Initiated};
+use crate::transport::{Transport, REJECT_AFTER_MESSAGES};
+use crate::{
+    Error, COOKIE_REPLY_LEN, DATA_HEADER_LEN, DATA_OVERHEAD, INITIATION_LEN, RESPONSE_LEN,
+    TYPE_COOKIE_REPLY, TYPE_DATA, TYPE_INITIATION, TYPE_RESPONSE,
+};
+use rand::{CryptoRng, RngCore};
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+use x25519_dalek::{PublicKey, StaticSecret};
+
+/// An initiator starts a new handshake after this many messages under one session.
+pub const REKEY_AFTER_MESSAGES: u64 = 1 << 60;
+/// An initiator starts a new handshake when its session is this old.
+pub const REKEY_AFTER_TIME: Duration = Duration::from_secs(120);
+/// No session older than this seals or opens anything.
+pub const REJECT_AFTER_TIME: Duration = Duration::from_secs(180);
+/// A handshake is given up after this long without an answer.
+pub const REKEY_ATTEMPT_TIME: Duration = Duration::from_secs(90);
+/// An unanswered initiation is sent again after this long.
+pub const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
+/// A keepalive answers data after this long without anything sent back.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A cookie is used in mac2 for this long after it came.
+pub const COOKIE_LIFETIME: Duration = Duration::from_secs(120);
+/// Initiations accepted from one peer at most this often.
+pub const MIN_INITIATION_GAP: Duration = Duration::from_millis(20);
+/// Packets held while a handshake runs; past it, the oldest go.
+pub const MAX_QUEUED: usize = 256;
+
+/// What a call produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Nothing to send or deliver.
+    Done,
+    /// Send the first `n` bytes of the output buffer to the peer.
+    Send(usize),
+    /// Deliver the packet of `n` bytes that now lies at `datagram[DATA_HEADER_LEN..]`.
+    Deliver(usize),
+    /// An authenticated keepalive: nothing to deliver.
+    Keepalive,
+    /// The message was refused; nothing changed.
+    Refused(Error),
+    /// The sessions expired or the handshake was given up: everything was cleared, the next
+    /// packet starts over.
+    Expired,
+}
+
+/// Counters of a tunnel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Since the current session was made.
+    pub since_handshake: Option<Duration>,
+    /// Inner bytes sealed and sent.
+    pub tx_bytes: u64,
+    /// Inner bytes opened and delivered.
+    pub rx_bytes: u64,
+    /// How long the last handshake of ours took to be answered.
+    pub rtt: Option<Duration>,
+}
+
+/// A session and what the timers need to know of it.
+struct Keys {
+    transport: Transport,
+    made: Instant,
+    /// Whether this side initiated it (only the initiator rekeys on age).
+    initiator: bool,
+}
+
+/// A handshake of ours waiting for its response.
+struct Waiting {
+    initiated: Initiated,
+    /// When this handshake attempt began (the first initiation).
+    first: Instant,
+    /// When the last initiation went out.
+    last: Instant,
+}
+
+/// One peer's WireGuard state.
+pub struct Tunnel {
+    local: StaticSecret,
+    peer: PublicKey,
+    psk: [u8; 32],
+    keepalive: Option<Duration>,
+    /// Wall-clock time (since the Unix epoch) at an `Instant`: what initiations are stamped from.
+    wall: (Duration, Instant),
+    /// The peer's 24-bit index; a session's index is it shifted left 8 bits plus a counter.
+    index: u32,
+    rotation: u8,
+    current: Option<Keys>,
+    previous: Option<Keys>,
+    next: Option<Keys>,
+    waiting: Option<Waiting>,
+    cookie: Option<([u8; 16], Instant)>,
+    /// The timestamp and arrival of the last initiation accepted from the peer.
+    last_initiation: Option<([u8; 12], Instant)>,
+    queue: VecDeque<Vec<u8>>,
+    /// When anything last went to the peer (persistent keepalive).
+    last_sent: Option<Instant>,
+    /// When data first came in since we last sent anything: a keepalive is owed from then.
+    owe_keepalive: Option<Instant>,
+    /// When data first went out since we last heard anything: no answer for long means the
+    /// session may be gone on the other side.
+    unanswered: Option<Instant>,
+    /// When data last came in (an old session still in use is renewed).
+    last_data_received: Option<Instant>,
+    tx_bytes: u64,
+    rx_bytes: u64,
+    rtt: Option<Duration>,
+}
+
+fn since(now: Instant, t: Option<Instant>) -> Option<Duration> {
+    t.map(|t| now.saturating_duration_since(t))
+}
+
+impl Keys {
+    fn usable(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.made) < REJECT_AFTER_TIME
+            && self.transport.sent() < REJECT_AFTER_MESSAGES
+    }
+}
+
+impl Tunnel {
+    /// A tunnel to `peer`; `index` is the peer's 24-bit index on this node (received messages
+    /// carry it in their top 24 bits); `keepalive`: persistent keepalive, if any; `wall`: the
+    /// time since the Unix epoch at some `Instant` (initiations carry the wall-clock time, which
+    /// must grow across restarts).
+    pub fn new(
+        local: StaticSecret,
+        peer: PublicKey,
+        psk: Option<[u8; 32]>,
+        keepalive: Option<Duration>,
+        index: u32,
+        wall: (Duration, Instant),
+    ) -> Tunnel {
+        Tunnel {
+            local,
+            peer,
+            psk: psk.unwrap_or([0; 32]),
+            keepalive,
+            wall,
+            index: index & 0x00ff_ffff,
+            rotation: 0,
+            current: None,
+            previous: None,
+            next: None,
+            waiting: None,
+            cookie: None,
+            last_initiation: None,
+            queue: VecDeque::new(),
+            last_sent: None,
+            owe_keepalive: None,
+            unanswered: None,
+            last_data_received: None,
+            tx_bytes: 0,
+            rx_bytes: 0,
+            rtt: None,
+        }
+    }
+
+    /// The peer's public key.
+    pub fn peer(&self) -> &PublicKey {
+        &self.peer
+    }
+
+    /// Whether a session can seal now.
+    pub fn established(&self, now: Instant) -> bool {
+        self.current.as_ref().is_some_and(|k| k.usable(now))
+    }
+
+    /// Counters of this tunnel.
+    pub fn stats(&self, now: Instant) -> Stats {
+        Stats {
+            since_handshake: self
+                .current
+                .as_ref()
+                .map(|k| now.saturating_duration_since(k.made)),
+            tx_bytes: self.tx_bytes,
+            rx_bytes: self.rx_bytes,
+            rtt: self.rtt,
+        }
+    }
+
+    /// Packets waiting for a handshake.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    fn sent_something(&mut self, now: Instant) {
+        self.last_sent = Some(now);
+        self.owe_keepalive = None;
+    }
+
+    fn heard_something(&mut self) {
+        self.unanswered = None;
+    }
+
+    fn next_index(&mut self) -> u32 {
+        self.rotation = self.rotation.wrapping_add(1);
+        (self.index << 8) | u32::from(self.rotation)
+    }
+
+    /// Seals the `len`-byte packet at `buf[DATA_HEADER_LEN..]` in place with the current
+    /// session (the data path); `Err` with nothing changed when there is none: use
+    /// [`Tunnel::send`].
+    pub fn seal(&mut self, buf: &mut [u8], len: usize, now: Instant) -> Result<usize, Error> {
+        let keys = match &self.current {
+            Some(k) if k.usable(now) => k,
+            _ => return Err(Error::Exhausted),
+        };
+        let n = keys.transport.seal(buf, len)?;
+        self.sent_something(now);
+        if len > 0 {
+            self.unanswered.get_or_insert(now);
+            self.tx_bytes += len as u64;
+        }
+        Ok(n)
+    }
+
+    /// Sends `packet`: sealed into `out` when a session is up ([`Action::Send`], a data
+    /// message), else queued, with an initiation written into `out` if none is in flight
+    /// ([`Action::Send`] of [`INITIATION_LEN`] bytes) or [`Action::Done`].
+    pub fn send(
+        &mut self,
+        packet: &[u8],
+        out: &mut [u8],
+        now: Instant,
+        rng: &mut (impl RngCore + CryptoRng),
+    ) -> Action {
+        if self.established(now) {
+            let Some(room) = out.get_mut(DATA_HEADER_LEN..DATA_HEADER_LEN + packet.len()) else {
+                return Action::Refused(Error::Buffer);
+            };
+            room.copy_from_slice(packet);
+            return match self.seal(out, packet.len(), now) {
+                Ok(n) => Action::Send(n),
+                Err(e) => Action::Refused(e),
+            };
+        }
+        if self.queue.len() >= MAX_QUEUED {
+            self.queue.pop_front();
+        }
+        self.queue.push_back(packet.to_vec());
+        if self.waiting.is_some() {
+            return Action::Done;
+        }
+        self.initiate(out, now, rng)
+    }
+
+    /// Writes a fresh initiation into `out` (even if one is in flight: a retransmission).
+    pub fn initiate(
+        &mut self,
+        out: &mut [u8],
+        now: Instant,
+        rng: &mut (impl RngCore + CryptoRng),
+    ) -> Action {
+        if out.len() < INITIATION_LEN {
+            return Action::Refused(Error::Buffer);
+        }
+        let mut ephemeral = [0u8; 32];
+        rng.fill_bytes(&mut ephemeral);
+        let index = self.next_index();
+        let (epoch, at) = self.wall;
+        let wall = match now.checked_duration_since(at) {
+            Some(d) => epoch + d,
+            None => epoch.saturating_sub(at.saturating_duration_since(now)),
+        };
+        let initiated = match handshake::initiate(
+            &self.local,
+            &self.peer,
+            index,
+            ephemeral,
+            crate::tai64n(wall),
+            out,
+        ) {
+            Ok(i) => i,
+            Err(e) => return Action::Refused(e),
+        };
+        if let Some((cookie, at)) = self.cookie {
+            if now.saturating_duration_since(at) < COOKIE_LIFETIME {
+                let _ = handshake::add_mac2(&mut out[..INITIATION_LEN], &cookie);
+            }
+        }
+        let first = self.waiting.as_ref().map_or(now, |w| w.first);
+        self.waiting = Some(Waiting {
+            initiated,
+            first,
+            last: now,
+        });
+        self.sent_something(now);
+        Action::Send(INITIATION_LEN)
+    }
+
+    /// Takes one datagram from the peer (already known to be for this tunnel: an initiation
+    /// from its key, or a message carrying one of its indexes). Data is opened in place in
+    /// `datagram`; a handshake answer is written into `out`.
+    pub fn receive(
+        &mut self,
+        datagram: &mut [u8],
+        out: &mut [u8],
+        now: Instant,
+        rng: &mut (impl RngCore + CryptoRng),
+    ) -> Action {
+        match datagram.first() {
+            Some(&TYPE_DATA) => self.receive_data(datagram, now),
+            Some(&TYPE_INITIATION) => self.receive_initiation(datagram, out, now, rng),
+            Some(&TYPE_RESPONSE) => self.receive_response(datagram, out, now),
+            Some(&TYPE_COOKIE_REPLY) => self.receive_cookie(datagram, now),
+            _ => Action::Refused(Error::Malformed),
+        }
+    }
+
+    fn receive_data(&mut self, datagram: &mut [u8], now: Instant) -> Action {
+        let Some(to) = crate::receiver_index(datagram) else {
+            return Action::Refused(Error::Malformed);
+        };
+        let slot = [&self.current, &self.previous, &self.next]
+            .iter()
+            .position(|k| k.as_ref().is_some_and(|k| k.transport.local_index() == to));
+        let Some(slot) = slot else {
+            return Action::Refused(Error::WrongIndex);
+        };
+        let keys = match slot {
+            0 => self.current.as_mut(),
+            1 => self.previous.as_mut(),
+            _ => self.next.as_mut(),
+        };
+        let Some(keys) = keys else {
+            return Action::Refused(Error::WrongIndex);
+        };
+        if !keys.usable(now) {
+            return Action::Refused(Error::Exhausted);
+        }
+        let len = match keys.transport.open(datagram) {
+            Ok(p) => p.len(),
+            Err(e) => return Action::Refused(e),
+        };
+        if slot == 2 {
+            // The initiator used the session we answered with: it becomes current.
+            self.previous = self.current.take();
+            self.current = self.next.take();
+        }
+        self.heard_something();
+        if len == 0 {
+            return Action::Keepalive;
+        }
+        let packet = &datagram[DATA_HEADER_LEN..DATA_HEADER_LEN + len];
+        let Some(real) = ip_length(packet) else {
+            return Action::Refused(Error::Malformed);
+        };
+        self.last_data_received = Some(now);
+        self.owe_keepalive.get_or_insert(now);
+        self.rx_bytes += real as u64;
+        Action::Deliver(real)
+    }
+
+    fn receive_initiation(
+        &mut self,
+        datagram: &[u8],
+        out: &mut [u8],
+        now: Instant,
+        rng: &mut (impl RngCore + CryptoRng),
+    ) -> Action {
+        if out.len() < RESPONSE_LEN {
+            return Action::Refused(Error::Buffer);
+        }
+        let received = match handshake::receive_initiation(&self.local, datagram) {
+            Ok(r) => r,
+            Err(e) => return Action::Refused(e),
+        };
+        if received.peer != self.peer {
+            return Action::Refused(Error::Decrypt);
+        }
+        if let Some((ts, at)) = self.last_initiation {
+            // Replayed (not later than the last), or a flood.
+            if received.timestamp <= ts || now.saturating_duration_since(at) < MIN_INITIATION_GAP {
+                return Action::Refused(Error::Replay);
+            }
+        }
+        let timestamp = received.timestamp;
+        let mut ephemeral = [0u8; 32];
+        rng.fill_bytes(&mut ephemeral);
+        let index = self.next_index();
+        let transport = match handshake::respond(received, &self.psk, index, ephemeral, out) {
+            Ok(t) => t,
+            Err(e) => return Action::Refused(e),
+        };
+        self.last_initiation = Some((timestamp, now));
+        self.next = Some(Keys {
+            transport,
+            made: now,
+            initiator: false,
+        });
+        self.sent_something(now);
+        Action::Send(RESPONSE_LEN)
+    }
+
+    fn receive_response(&mut self, datagram: &[u8], out: &mut [u8], now: Instant) -> Action {
+        let Some(w) = &self.waiting else {
+            return Action::Refused(Error::WrongIndex);
+        };
+        let transport = match w
+            .initiated
+            .receive_response(&self.local, &self.psk, datagram)
+        {
+            Ok(t) => t,
+            Err(e) => return Action::Refused(e),
+        };
+        self.rtt = Some(now.saturating_duration_since(w.last));
+        self.waiting = None;
+        self.previous = self.current.take();
+        self.next = None;
+        self.current = Some(Keys {
+            transport,
+            made: now,
+            initiator: true,
+        });
+        self.heard_something();
+        // Waiting packets confirm the session; without any, a keepalive does.
+        match self.flush_queued(out, now) {
+            Action::Done => self.keepalive(out, now),
+            other => other,
+        }
+    }
+
+    fn receive_cookie(&mut self, datagram: &[u8], now: Instant) -> Action {
+        let Some(w) = &self.waiting else {
+            return Action::Refused(Error::WrongIndex);
+        };
+        if datagram.len() != COOKIE_REPLY_LEN {
+            return Action::Refused(Error::Malformed);
+        }
+        match w.initiated.receive_cookie_reply(datagram) {
+            Ok(cookie) => {
+                self.cookie = Some((cookie, now));
+                Action::Done
+            }
+            Err(e) => Action::Refused(e),
+        }
+    }
+
+    /// Seals the next packet that waited for the handshake into `out`; [`Action::Done`] when
+    /// none waits (or no session is up yet).
+    pub fn flush_queued(&mut self, out: &mut [u8], now: Instant) -> Action {
+        if !self.established(now) {
+            return Action::Done;
+        }
+        let Some(p) = self.queue.pop_front() else {
+            return Action::Done;
+        };
+        let Some(room) = out.get_mut(DATA_HEADER_LEN..DATA_HEADER_LEN + p.len()) else {
+            return Action::Refused(Error::Buffer);
+        };
+        room.copy_from_slice(&p);
+        match self.seal(out, p.len(), now) {
+            Ok(n) => Action::Send(n),
+            Err(e) => Action::Refused(e),
+        }
+    }
+
+    fn keepalive(&mut self, out: &mut [u8], now: Instant) -> Action {
+        if out.len() < DATA_OVERHEAD {
+            return Action::Refused(Error::Buffer);
+        }
+        match self.seal(out, 0, now) {
+            Ok(n) => Action::Send(n),
+            Err(e) => Action::Refused(e),
+        }
+    }
+
+    fn clear(&mut self) {
+        self.current = None;
+        self.previous = None;
+        self.next = None;
+        self.waiting = None;
+        self.queue.clear();
+    }
+
+    /// WireGuard's timers at `now`: at most one message to send (written into `out`), or the
+    /// news that everything expired. Call it whenever [`Tunnel::next_deadline`] is due, or more
+    /// often.
+    pub fn update_timers(
+        &mut self,
+        out: &mut [u8],
+        now: Instant,
+        rng: &mut (impl RngCore + CryptoRng),
+    ) -> Action {
+        // Keys three times REJECT_AFTER_TIME old (or a handshake given up): all gone.
+        let newest = [&self.current, &self.previous, &self.next]
+            .iter()
+            .filter_map(|k| k.as_ref().map(|k| k.made))
+            .max();
+        if let Some(made) = newest {
+            if now.saturating_duration_since(made) >= REJECT_AFTER_TIME * 3 {
+                self.clear();
+                return Action::Expired;
+            }
+        }
+        if let Some(w) = &self.waiting {
+            if now.saturating_duration_since(w.first) >= REKEY_ATTEMPT_TIME {
+                self.waiting = None;
+                self.queue.clear();
+                return Action::Expired;
+            }
+            if now.saturating_duration_since(w.last) >= REKEY_TIMEOUT {
+                return self.initiate(out, now, rng);
+            }
+            return Action::Done;
+        }
+        let Some(current) = &self.current else {
+            return Action::Done;
+        };
+        let age = now.saturating_duration_since(current.made);
+        let initiator = current.initiator;
+        let sent = current.transport.sent();
+        // The initiator renews an old or well-used session.
+        if initiator && (age >= REKEY_AFTER_TIME || sent >= REKEY_AFTER_MESSAGES) {
+            return self.initiate(out, now, rng);
+        }
+        // Data keeps coming under a session about to be rejected: renew it (either side).
+        if initiator
+            && age >= REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT
+            && since(now, self.last_data_received).is_some_and(|d| d < KEEPALIVE_TIMEOUT)
+        {
+            return self.initiate(out, now, rng);
+        }
+        // Data sent and nothing heard for long: the session may be dead on the other side.
+        if let Some(sent) = self.unanswered {
+            if now.saturating_duration_since(sent) >= KEEPALIVE_TIMEOUT + REKEY_TIMEOUT {
+                self.unanswered = None;
+                return self.initiate(out, now, rng);
+            }
+        }
+        if !self.established(now) {
+            return Action::Done;
+        }
+        // Data received and nothing sent back for a while: a keepalive says we are here.
+        if let Some(got) = self.owe_keepalive {
+            if now.saturating_duration_since(got) >= KEEPALIVE_TIMEOUT {
+                return self.keepalive(out, now);
+            }
+        }
+        if let Some(every) = self.keepalive {
+            if since(now, self.last_sent).is_none_or(|d| d >= every) {
+                return self.keepalive(out, now);
+            }
+        }
+        Action::Done
+    }
+}
+
+impl Tunnel {
+    /// The earliest time [`Tunnel::update_timers`] may have something to do (never later than
+    /// that; sometimes earlier, when a rule's condition may not hold by then). `None`: nothing
+    /// until a packet comes or goes.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let mut at: Option<Instant> = None;
+        let mut consider = |t: Instant| at = Some(at.map_or(t, |a| a.min(t)));
+        if let Some(made) = [&self.current, &self.previous, &self.next]
+            .iter()
+            .filter_map(|k| k.as_ref().map(|k| k.made))
+            .max()
+        {
+            consider(made + REJECT_AFTER_TIME * 3);
+        }
+        if let Some(w) = &self.waiting {
+            consider(w.last + REKEY_TIMEOUT);
+            consider(w.first + REKEY_ATTEMPT_TIME);
+            return at;
+        }
+        if let Some(k) = &self.current {
+            if k.initiator {
+                consider(
+                    k.made
+                        + REKEY_AFTER_TIME
+                            .min(REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT),
+                );
+            }
+        }
+        if let Some(sent) = self.unanswered {
+            consider(sent + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT);
+        }
+        if let Some(got) = self.owe_keepalive {
+            consider(got + KEEPALIVE_TIMEOUT);
+        }
+        if let (Some(every), Some(sent), true) =
+            (self.keepalive, self.last_sent, self.current.is_some())
+        {
+            consider(sent + every);
+        }
+        at
+    }
+}
+
+/// The length an IPv4 or IPv6 packet says it has, if it fits what arrived (a sender may pad).
+fn ip_length(packet: &[u8]) -> Option<usize> {
+    let len = match packet.first()? >> 4 {
+        4 if packet.len() >= 20 => usize::from(u16::from_be_bytes([packet[2], packet[3]])),
+        6 if packet.len() >= 40 => 40 + usize::from(u16::from_be_bytes([packet[4], packet[5]])),
+        _ => return None,
+    };
+    (len <= packet.len()).then_some(len)
+}
