@@ -23,7 +23,7 @@ use x25519_dalek::{PublicKey as XPublic, StaticSecret};
 
 fn initiation(from: &mut Session) -> Vec<u8> {
     let mut buf = vec![0u8; 256];
-    match from.force_handshake(&mut buf) {
+    match from.force_handshake(&mut buf, std::time::Instant::now()) {
         Output::Network(b) => b.to_vec(),
         other => panic!("no initiation: {other:?}"),
     }
@@ -43,8 +43,13 @@ fn handshake(c: &mut Criterion) {
     });
 
     let stranger = StaticSecret::from([9u8; 32]);
-    let limiter = session::limiter(&stranger);
-    let mut from_stranger = Session::new(stranger, victim_key, None, 1, limiter);
+    let mut from_stranger = Session::new(
+        stranger,
+        victim_key,
+        None,
+        1,
+        mesh_core::session::wall_clock(std::time::Instant::now()),
+    );
     let init = initiation(&mut from_stranger);
     g.bench_function("stranger_initiation", |b| {
         b.iter(|| black_box(session::address_of(&victim, &victim_pub, black_box(&init))))
@@ -52,22 +57,31 @@ fn handshake(c: &mut Criterion) {
 
     let member = StaticSecret::from([10u8; 32]);
     let member_key = PublicKey(XPublic::from(&member).to_bytes());
-    let limiter = session::limiter(&member);
-    let mut initiator = Session::new(member, victim_key, None, 2, limiter);
+    let mut initiator = Session::new(
+        member,
+        victim_key,
+        None,
+        2,
+        mesh_core::session::wall_clock(std::time::Instant::now()),
+    );
     let mut responder = Session::new(
         victim.clone(),
         member_key,
         None,
         3,
-        session::limiter(&victim),
+        mesh_core::session::wall_clock(std::time::Instant::now()),
     );
+    // The responder's clock moves a second per initiation: one peer's initiations closer than
+    // 20 ms are refused as a flood.
+    let mut clock = std::time::Instant::now();
     let mut out = vec![0u8; 256];
     g.bench_function("member_initiation", |b| {
         b.iter_batched(
             || initiation(&mut initiator),
             |init| {
                 let who = session::address_of(&victim, &victim_pub, &init);
-                let response = responder.decapsulate(None, &init, &mut out);
+                clock += std::time::Duration::from_secs(1);
+                let response = responder.decapsulate(&init, &mut out, clock);
                 assert!(matches!(response, Output::Network(_)));
                 black_box(who)
             },

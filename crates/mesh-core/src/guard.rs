@@ -395,13 +395,18 @@ mod tests {
     fn initiator(to: &StaticSecret, seed: u8) -> Session {
         let peer = PublicKey(XPublic::from(to).to_bytes());
         let secret = StaticSecret::from([seed; 32]);
-        let limiter = crate::session::limiter(&secret);
-        Session::new(secret, peer, None, u32::from(seed), limiter)
+        Session::new(
+            secret,
+            peer,
+            None,
+            u32::from(seed),
+            crate::session::wall_clock(std::time::Instant::now()),
+        )
     }
 
     fn initiation(s: &mut Session) -> Vec<u8> {
         let mut buf = vec![0u8; 256];
-        match s.force_handshake(&mut buf) {
+        match s.force_handshake(&mut buf, std::time::Instant::now()) {
             Output::Network(b) => b.to_vec(),
             other => panic!("no initiation: {other:?}"),
         }
@@ -514,7 +519,7 @@ mod tests {
         // The initiator's WireGuard takes the cookie; its next initiation carries mac2.
         let mut buf = vec![0u8; 256];
         assert!(matches!(
-            member.decapsulate(DIRECT, &reply, &mut buf),
+            member.decapsulate(&reply, &mut buf, now),
             Output::Done
         ));
         let retry = initiation(&mut member);
@@ -554,7 +559,7 @@ mod tests {
                 panic!("expected a cookie reply");
             };
             let mut buf = vec![0u8; 256];
-            s.decapsulate(ip(n), &reply, &mut buf);
+            s.decapsulate(&reply, &mut buf, t0);
             proven.push(initiation(&mut s));
         }
         // Source 1: burst 2, then over budget until a second has passed.

@@ -45,7 +45,7 @@ pub use crate::peer::quality::PROBE_LOSS_TIMEOUT;
 pub use crate::peer::PeerConfig;
 pub use crate::sockets::SocketId;
 
-/// How often WireGuard's own timers run (boringtun's device uses the same cadence).
+/// How often WireGuard's own timers run (boringtun's device used the same cadence).
 pub const TICK: Duration = Duration::from_millis(250);
 /// Most datagrams the node sends to one IP address that is not a confirmed endpoint (candidate
 /// probes, handshakes to candidates, birthday probes and sprays) per [`PROBE_BUDGET_WINDOW`]:
@@ -66,12 +66,13 @@ pub const MAX_QUEUE: usize = 4096;
 pub struct Node {
     secret: StaticSecret,
     public: XPublic,
-    /// The handshake rate limiter of every peer's session.
-    limiter: session::Limiter,
+    /// The wall-clock time at an `Instant`, read once: what handshake initiations are stamped
+    /// from.
+    wall: session::WallClock,
     config: NodeConfig,
     peers: PeerTable,
     out: Outbox,
-    /// A point of the node's tick grid: boringtun's ticks fall on `origin + k * TICK`, so the
+    /// A point of the node's tick grid: WireGuard's ticks fall on `origin + k * TICK`, so the
     /// ticks of many peers come in one wake-up (and a simulated node's phase is its own).
     origin: Instant,
     /// The latest time the driver gave (for calls that take none).
@@ -133,7 +134,7 @@ impl Node {
         let seed = u64::from_le_bytes(key_bits) ^ u64::from(index_seed);
         let guard = HandshakeGuard::new(&secret, GuardConfig::default(), now);
         Node {
-            limiter: session::limiter(&secret),
+            wall: session::wall_clock(now),
             secret,
             public,
             config,
@@ -356,7 +357,7 @@ impl Node {
             // Persistent keepalive runs in the node, on the injected clock (see handle_timeout).
             None,
             index,
-            self.limiter.clone(),
+            self.wall,
         );
         // A new peer gets a handshake right away, so that the path is known and warm before the
         // first packet. Only the lower key starts it: both sides learn of each other at the same
@@ -371,7 +372,7 @@ impl Node {
             index,
             proactive_at,
             self.config.mtu,
-            // Its first boringtun tick: the node's next one.
+            // Its first WireGuard tick: the node's next one.
             snap(self.origin, now + Duration::from_nanos(1), TICK),
         ));
         self.sources = self.peers.sources();
@@ -440,12 +441,11 @@ impl Node {
             }
         }
         peer.last_data = Some(now);
-        peer.sync_clock(&mut cx);
         let woke = peer.wake_wireguard(now);
         if peer.seal_data(packet, &mut cx) {
-            // Sent (or, rarely, handed to boringtun's handshake): see the bottom.
+            // Sent (or, rarely, queued behind a handshake): see the bottom.
         } else {
-            match peer.session.encapsulate(packet, cx.buf) {
+            match peer.session.encapsulate(packet, cx.buf, cx.now) {
                 Sealed::Network(bytes) => {
                     if !peer.session.established() {
                         peer.handshake.data_waits(now);
@@ -538,7 +538,6 @@ impl Node {
         let mut cx = cx!(self, now);
         match self.peers.get_mut(key) {
             Some(peer) if peer.session.established() => {
-                peer.sync_clock(&mut cx);
                 peer.ping(Purpose::User, &mut cx);
                 self.rearm(key, now);
                 true
@@ -590,7 +589,6 @@ impl Node {
             return;
         };
         let peer = self.peers.at_mut(slot);
-        peer.sync_clock(&mut cx);
         let was_established = peer.session.established();
         let was_busy = self.punching.busy();
         let Received::Authenticated(message) = peer.decapsulate(via, datagram, &mut cx) else {
@@ -598,7 +596,7 @@ impl Node {
             return;
         };
         peer.heard(now);
-        // Data came in: boringtun's passive keepalive and rekey rules need the fast tick.
+        // Data came in: WireGuard's passive keepalive and rekey rules need the fast tick.
         let woke = peer.last_data_rx == Some(now) && peer.wake_wireguard(now);
         match message {
             Some(InTunnel::Message(m)) if m.kind == pmtu::Kind::Birthday => {
@@ -694,9 +692,6 @@ impl Node {
                 // On the node's grid (of the idle tick for idle peers), so the ticks of many
                 // peers come in one wake-up, even when this one came late.
                 peer.wireguard_at = snap(self.origin, peer.wireguard_at, every);
-            } else {
-                // Other timers of an idle peer (a keepalive, a probe) hand boringtun packets.
-                peer.sync_clock(&mut cx);
             }
             peer.handshake_timers(&mut cx);
             if peer.session.established() {
@@ -823,7 +818,7 @@ impl Node {
     }
 
     /// When [`Node::handle_timeout`] should be called next: the earliest real deadline of any
-    /// peer (boringtun's tick, a handshake, a path probe, a candidate round...) or of punching.
+    /// peer (WireGuard's tick, a handshake, a path probe, a candidate round...) or of punching.
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.wake.map(|w| w.0)
     }
@@ -890,7 +885,7 @@ impl Node {
             .peers
             .iter()
             .map(|(_, p)| {
-                let stats = p.session.stats();
+                let stats = p.session.stats(now);
                 let (direct_quality, relay_quality) = p.quality_status(&self.quality, now);
                 PeerStatus {
                     key: p.config.key,
@@ -980,7 +975,7 @@ fn carry_out_one(intent: Intent, peer: &mut Peer, punching: &mut Punching, cx: &
             peer.seal_and_send(&signal, false, cx);
         }
         Intent::Probe { socket, dst } => {
-            if let Sealed::Network(bytes) = peer.session.encapsulate(&[], cx.buf) {
+            if let Sealed::Network(bytes) = peer.session.encapsulate(&[], cx.buf, cx.now) {
                 if cx.out.probe(socket, dst, bytes, cx.now) {
                     punching.probe_sent();
                 }

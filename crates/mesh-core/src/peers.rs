@@ -354,8 +354,13 @@ mod tests {
         };
         let index = table.allocate_index();
         let secret = StaticSecret::from([7u8; 32]);
-        let limiter = crate::session::limiter(&secret);
-        let session = Session::new(secret, config.key, None, index, limiter);
+        let session = Session::new(
+            secret,
+            config.key,
+            None,
+            index,
+            crate::session::wall_clock(std::time::Instant::now()),
+        );
         Peer::new(config, session, index, None, 1420, Instant::now())
     }
 

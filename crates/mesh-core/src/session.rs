@@ -1,37 +1,31 @@
 //! One WireGuard session with one peer.
 //!
-//! This is the only module that touches boringtun's WireGuard state machine ([`crate::guard`]
-//! uses its mac and cookie checks). It exposes a small surface in mesh's own types
-//! so that the WireGuard engine can be swapped (GotaTun, or a time-injected engine) without
-//! touching [`crate::Node`].
+//! This is the only module that touches the WireGuard state machine (mesh's own, `mesh-wg`;
+//! [`crate::guard`] uses boringtun's mac and cookie checks). It exposes a small surface in mesh's
+//! own types so that the engine stays swappable without touching [`crate::Node`].
 //!
-//! boringtun reads its own clock inside `update_timers`; everything else in mesh-core runs on the
-//! `Instant`s the driver passes in. Handshake retransmission while data is waiting is driven by
-//! [`crate::Node`] on that injected clock (see `force_handshake`), so the simulation does not
-//! depend on wall time for a session to come up.
+//! Everything runs on the `Instant`s the driver passes in: `mesh_wg::Tunnel` reads no clock, so
+//! WireGuard's timers (rekey, keepalive, expiry) follow the simulation's clock as everything
+//! else does. The one wall-clock reading is the node's, once, for the timestamp initiations
+//! carry ([`WallClock`]).
 //!
-//! boringtun's per-peer handshake rate limiter is sized out of the way ([`Session::new`]): it
-//! only checks mac1 here. It counts on the wall clock (10 per second by default), so in the
-//! simulation a burst of retries within one wall second refused handshakes depending on how fast
-//! the machine ran, and when it trips it asks for a cookie round trip, which is impossible through
-//! the relay. Its purpose is served node-wide, before any DH, by [`crate::guard`]: every
-//! handshake reaching [`address_of`] (which does the DH that identifies the sender's key) or a
-//! session has passed a mac1 check and a handshake budget on the injected clock, and under load
-//! a direct sender has proven its address with a cookie.
+//! There is no per-peer handshake rate limit here: that is served node-wide, before any DH, by
+//! [`crate::guard`]: every handshake reaching [`address_of`] (which does the DH that identifies
+//! the sender's key) or a session has passed a mac1 check and a handshake budget on the
+//! injected clock, and under load a direct sender has proven its address with a cookie.
 
-use boringtun::noise::handshake::parse_handshake_anon;
-use boringtun::noise::rate_limiter::RateLimiter;
-use boringtun::noise::{Packet, Tunn, TunnResult};
 use mesh_proto::PublicKey;
-use std::net::IpAddr;
-use std::time::Duration;
+use mesh_wg::{Action, Tunnel};
+use rand::rngs::OsRng;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::{Duration, Instant};
 use x25519_dalek::{PublicKey as XPublic, StaticSecret};
 
 /// Smallest buffer any session call may write into: a handshake initiation is 148 bytes and a
 /// data packet is the plaintext plus 32.
 pub const MIN_BUFFER: usize = 148;
 /// WireGuard transport overhead over the inner packet (header 16 + tag 16).
-pub const DATA_OVERHEAD: usize = 32;
+pub const DATA_OVERHEAD: usize = mesh_wg::DATA_OVERHEAD;
 
 /// What a session call produced. Slices borrow the caller's buffer.
 #[derive(Debug)]
@@ -42,9 +36,9 @@ pub enum Output<'a> {
     /// returns `Done`: more may be waiting.
     Network(&'a [u8]),
     /// Write this IPv4 packet to the TUN device; it claims to come from `source`.
-    TunnelV4(&'a [u8], std::net::Ipv4Addr),
+    TunnelV4(&'a [u8], Ipv4Addr),
     /// Write this IPv6 packet to the TUN device; it claims to come from `source`.
-    TunnelV6(&'a [u8], std::net::Ipv6Addr),
+    TunnelV6(&'a [u8], Ipv6Addr),
     /// The datagram or timer event was refused.
     Error(SessionError),
 }
@@ -69,30 +63,43 @@ pub enum Addressed {
 
 /// Works out which session a datagram is for, without touching any session state.
 /// `None` for anything that is not a well-formed WireGuard message addressed to us.
-pub fn address_of(secret: &StaticSecret, public: &XPublic, datagram: &[u8]) -> Option<Addressed> {
-    match Tunn::parse_incoming_packet(datagram).ok()? {
-        Packet::HandshakeInit(init) => parse_handshake_anon(secret, public, &init)
+pub fn address_of(secret: &StaticSecret, _public: &XPublic, datagram: &[u8]) -> Option<Addressed> {
+    match datagram.first()? {
+        1 => mesh_wg::handshake::initiator_of(secret, datagram)
             .ok()
-            .map(|half| Addressed::Initiation(PublicKey(half.peer_static_public))),
-        Packet::HandshakeResponse(p) => Some(Addressed::Index(p.receiver_idx >> 8)),
-        Packet::PacketCookieReply(p) => Some(Addressed::Index(p.receiver_idx >> 8)),
-        Packet::PacketData(p) => Some(Addressed::Index(p.receiver_idx >> 8)),
+            .map(|key| Addressed::Initiation(PublicKey(key.to_bytes()))),
+        2..=4 => mesh_wg::receiver_index(datagram)
+            .filter(|_| well_formed(datagram))
+            .map(|i| Addressed::Index(i >> 8)),
+        _ => None,
     }
 }
 
-/// A handshake rate limiter as sessions share it.
-pub type Limiter = std::sync::Arc<RateLimiter>;
+/// Whether a response, cookie reply or data message has its type's length.
+fn well_formed(datagram: &[u8]) -> bool {
+    match datagram[0] {
+        2 => datagram.len() == mesh_wg::RESPONSE_LEN,
+        3 => datagram.len() == mesh_wg::COOKIE_REPLY_LEN,
+        _ => datagram.len() >= DATA_OVERHEAD,
+    }
+}
 
-/// The handshake rate limiter every session of a node shares: one that never reports load (see
-/// the module docs), so it only checks mac1 against `secret`'s public key.
-pub fn limiter(secret: &StaticSecret) -> Limiter {
-    std::sync::Arc::new(RateLimiter::new(&XPublic::from(secret), u64::MAX))
+/// The wall-clock time (since the Unix epoch) at an `Instant`, read once by the node: what
+/// handshake initiations are stamped from (a responder accepts only ever later ones).
+pub type WallClock = (Duration, Instant);
+
+/// Reads the wall clock now, paired with `now`.
+pub fn wall_clock(now: Instant) -> WallClock {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (since_epoch, now)
 }
 
 /// Counters of one session.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct SessionStats {
-    /// Time since the last completed handshake (boringtun's clock).
+    /// Time since the last completed handshake.
     pub since_handshake: Option<Duration>,
     /// Inner bytes sent.
     pub tx_bytes: u64,
@@ -104,89 +111,80 @@ pub struct SessionStats {
 
 /// A WireGuard session with one peer.
 pub struct Session {
-    /// boringtun's state, made when a packet or a handshake first needs it: about 11 KB (its
-    /// eight session slots are inline), which a peer nobody talks to does not need. A node with
-    /// 1,000 peers held 11 MB of it before any traffic.
-    tunn: Option<Box<Tunn>>,
-    /// What makes `tunn`.
+    /// The WireGuard state, made when a packet or a handshake first needs it: a peer nobody
+    /// talks to does not need its buffers and sessions.
+    tunnel: Option<Box<Tunnel>>,
+    /// What makes `tunnel`.
     make: Make,
-    /// Whether a session key exists, as last known; `None`: ask boringtun (which reads its
-    /// clock to answer, so the data path does not ask: a data message sealed or opened proves
-    /// the key).
-    established: std::cell::Cell<Option<bool>>,
 }
 
-/// The arguments of `Tunn::new`, kept until the session is first needed.
+/// The arguments of `Tunnel::new`, kept until the session is first needed.
 struct Make {
     secret: StaticSecret,
     peer: XPublic,
     keepalive: Option<u16>,
     index: u32,
-    limiter: Limiter,
+    wall: WallClock,
 }
 
 impl Session {
-    /// `index` is this side's 24-bit peer index; received packets carry it back.
-    /// `limiter`: the node's one [`limiter`] (a session of its own for each peer cost 190
-    /// bytes apiece). boringtun's state is made when first needed.
+    /// `index` is this side's 24-bit peer index; received packets carry it back. `wall`: the
+    /// node's [`wall_clock`].
     pub fn new(
         secret: StaticSecret,
         peer: PublicKey,
         keepalive: Option<u16>,
         index: u32,
-        limiter: Limiter,
+        wall: WallClock,
     ) -> Self {
         Session {
-            tunn: None,
+            tunnel: None,
             make: Make {
                 secret,
                 peer: XPublic::from(peer.0),
                 keepalive,
                 index: index & 0x00ff_ffff,
-                limiter,
+                wall,
             },
-            established: std::cell::Cell::new(Some(false)),
         }
     }
 
-    /// boringtun's state, made now if this is its first use.
-    fn tunn(&mut self) -> &mut Tunn {
+    /// The WireGuard state, made now if this is its first use.
+    fn tunnel(&mut self) -> &mut Tunnel {
         let m = &self.make;
-        self.tunn.get_or_insert_with(|| {
-            Box::new(Tunn::new(
+        self.tunnel.get_or_insert_with(|| {
+            Box::new(Tunnel::new(
                 m.secret.clone(),
                 m.peer,
                 None,
-                m.keepalive,
+                m.keepalive.map(|s| Duration::from_secs(u64::from(s))),
                 m.index,
-                Some(m.limiter.clone()),
+                m.wall,
             ))
         })
     }
 
-    /// Whether boringtun's state was made (a packet or a handshake needed it).
+    /// Whether the WireGuard state was made (a packet or a handshake needed it).
     pub fn in_use(&self) -> bool {
-        self.tunn.is_some()
+        self.tunnel.is_some()
     }
 
     /// Encrypts one IP packet. Queues it and starts a handshake when there is no session yet.
     /// `dst` must be at least `src.len() + 32` and at least [`MIN_BUFFER`] bytes.
-    pub fn encapsulate<'a>(&mut self, src: &[u8], dst: &'a mut [u8]) -> Output<'a> {
+    pub fn encapsulate<'a>(&mut self, src: &[u8], dst: &'a mut [u8], now: Instant) -> Output<'a> {
         if dst.len() < (src.len() + DATA_OVERHEAD).max(MIN_BUFFER) {
             return Output::Error(SessionError::Rejected);
         }
-        let out = convert(self.tunn().encapsulate(src, dst));
-        let data = matches!(out, Output::Network(b) if b.first() == Some(&4));
-        self.established.set(data.then_some(true));
-        out
+        let action = self.tunnel().send(src, dst, now, &mut OsRng);
+        network(action, dst)
     }
 
-    /// Decrypts or processes one datagram received from `from`.
+    /// Decrypts or processes one datagram received from the peer.
     pub fn decapsulate<'a>(
         &mut self,
-        from: Option<IpAddr>,
         datagram: &[u8],
         dst: &'a mut [u8],
+        now: Instant,
     ) -> Output<'a> {
         if datagram.is_empty() || dst.len() < datagram.len().max(MIN_BUFFER) {
             return Output::Error(SessionError::Rejected);
@@ -194,72 +192,83 @@ impl Session {
         // Without state, only an initiation can be meant for this session (there is no
         // initiation of ours to respond to, no key to open data with): anything else is refused
         // without making the state.
-        if self.tunn.is_none() && datagram[0] != 1 {
+        if self.tunnel.is_none() && datagram[0] != 1 {
             return Output::Error(SessionError::Rejected);
         }
-        let out = convert(self.tunn().decapsulate(from, datagram, dst));
-        let data = datagram[0] == 4 && !matches!(out, Output::Error(_));
-        self.established.set(data.then_some(true));
-        out
+        // A data message is opened into `dst` (the packet at its start, one copy); a handshake
+        // answer is written there.
+        match self.tunnel().receive(datagram, dst, now, &mut OsRng) {
+            Action::Deliver(n) => tunnel_packet(&dst[..n]),
+            other => network(other, dst),
+        }
     }
 
     /// Emits packets queued while the handshake was in progress, one per call.
-    pub fn flush_queued<'a>(&mut self, dst: &'a mut [u8]) -> Output<'a> {
-        self.established.set(None);
-        match &mut self.tunn {
-            Some(t) => convert(t.decapsulate(None, &[], dst)),
+    pub fn flush_queued<'a>(&mut self, dst: &'a mut [u8], now: Instant) -> Output<'a> {
+        match &mut self.tunnel {
+            Some(t) => network(t.flush_queued(dst, now), dst),
             None => Output::Done,
         }
     }
 
-    /// Runs WireGuard's own timers (keepalive, rekey, expiry).
-    pub fn update_timers<'a>(&mut self, dst: &'a mut [u8]) -> Output<'a> {
-        self.established.set(None);
-        match &mut self.tunn {
-            Some(t) => convert(t.update_timers(dst)),
+    /// Runs WireGuard's timers (keepalive, rekey, expiry).
+    pub fn update_timers<'a>(&mut self, dst: &'a mut [u8], now: Instant) -> Output<'a> {
+        match &mut self.tunnel {
+            Some(t) => network(t.update_timers(dst, now, &mut OsRng), dst),
             None => Output::Done,
         }
     }
 
     /// Sends a fresh handshake initiation even if one is in flight (retransmission).
-    pub fn force_handshake<'a>(&mut self, dst: &'a mut [u8]) -> Output<'a> {
-        self.established.set(None);
-        convert(self.tunn().format_handshake_initiation(dst, true))
+    pub fn force_handshake<'a>(&mut self, dst: &'a mut [u8], now: Instant) -> Output<'a> {
+        let action = self.tunnel().initiate(dst, now, &mut OsRng);
+        network(action, dst)
     }
 
-    /// Whether a handshake has completed (a session key exists).
+    /// Whether a handshake has completed (a session key exists; it may be too old to use, in
+    /// which case sending starts a new handshake).
     pub fn established(&self) -> bool {
-        if let Some(known) = self.established.get() {
-            return known;
-        }
-        let known = self.tunn.as_ref().is_some_and(|t| t.stats().0.is_some());
-        self.established.set(Some(known));
-        known
+        self.tunnel.as_ref().is_some_and(|t| t.has_session())
+    }
+
+    /// The earliest time [`Session::update_timers`] may have something to do.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.tunnel.as_ref().and_then(|t| t.next_deadline())
     }
 
     /// Counters of this session.
-    pub fn stats(&self) -> SessionStats {
-        let Some(tunn) = &self.tunn else {
+    pub fn stats(&self, now: Instant) -> SessionStats {
+        let Some(t) = &self.tunnel else {
             return SessionStats::default();
         };
-        let (since, tx, rx, _, rtt_ms) = tunn.stats();
+        let s = t.stats(now);
         SessionStats {
-            since_handshake: since,
-            tx_bytes: tx as u64,
-            rx_bytes: rx as u64,
-            rtt: rtt_ms.map(|ms| Duration::from_millis(u64::from(ms))),
+            since_handshake: s.since_handshake,
+            tx_bytes: s.tx_bytes,
+            rx_bytes: s.rx_bytes,
+            rtt: s.rtt,
         }
     }
 }
 
-fn convert(r: TunnResult<'_>) -> Output<'_> {
-    use boringtun::noise::errors::WireGuardError;
-    match r {
-        TunnResult::Done => Output::Done,
-        TunnResult::WriteToNetwork(b) => Output::Network(b),
-        TunnResult::WriteToTunnelV4(b, src) => Output::TunnelV4(b, src),
-        TunnResult::WriteToTunnelV6(b, src) => Output::TunnelV6(b, src),
-        TunnResult::Err(WireGuardError::ConnectionExpired) => Output::Error(SessionError::Expired),
-        TunnResult::Err(_) => Output::Error(SessionError::Rejected),
+/// What a call that may send produced, its bytes in `dst`.
+fn network(action: Action, dst: &[u8]) -> Output<'_> {
+    match action {
+        Action::Send(n) => match dst.get(..n) {
+            Some(b) => Output::Network(b),
+            None => Output::Error(SessionError::Rejected),
+        },
+        Action::Done | Action::Keepalive => Output::Done,
+        Action::Deliver(_) | Action::Refused(_) => Output::Error(SessionError::Rejected),
+        Action::Expired => Output::Error(SessionError::Expired),
+    }
+}
+
+/// A decrypted packet with the source address its header names.
+fn tunnel_packet(p: &[u8]) -> Output<'_> {
+    match crate::packet::ip_addrs(p) {
+        Some((IpAddr::V4(src), _)) => Output::TunnelV4(p, src),
+        Some((IpAddr::V6(src), _)) => Output::TunnelV6(p, src),
+        None => Output::Error(SessionError::Rejected),
     }
 }

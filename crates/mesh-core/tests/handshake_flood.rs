@@ -52,9 +52,14 @@ fn stranger_initiations(victim: PublicKey, n: usize, rng: &mut SmallRng) -> Vec<
     (0..n)
         .map(|i| {
             let secret = StaticSecret::from(rng.gen::<[u8; 32]>());
-            let limiter = mesh_core::session::limiter(&secret);
-            let mut s = Session::new(secret, victim, None, i as u32, limiter);
-            match s.force_handshake(&mut buf) {
+            let mut s = Session::new(
+                secret,
+                victim,
+                None,
+                i as u32,
+                mesh_core::session::wall_clock(std::time::Instant::now()),
+            );
+            match s.force_handshake(&mut buf, std::time::Instant::now()) {
                 Output::Network(b) => b.to_vec(),
                 other => panic!("no initiation: {other:?}"),
             }

@@ -161,12 +161,15 @@ fn an_idle_network_wakes_its_nodes_rarely() {
         let wakes = n.io.wakes - before[i].0;
         let runs = n.node.status(sim.now).counters.peer_timer_runs - before[i].1;
         eprintln!("node {i}: {wakes} wake-ups, {runs} peer timer runs in 120 idle seconds");
+        // (WireGuard's timers run on the simulated clock: the passive keepalive a peer sends
+        // 10 s after data it did not answer moves that peer's 25 s keepalive phase by 10 s, so
+        // a node's keepalives fall into two groups on the grid instead of one: up to twice the
+        // wake-ups of a single group, 10 with boringtun's timers on the wall clock.)
         assert!(
-            wakes <= 12,
+            wakes <= 20,
             "node {i} woke {wakes} times in 120 idle seconds"
         );
-        // Seven peers, each with about five keepalives in two minutes and a session age or two
-        // (boringtun's clock is the wall clock here, so those come every 120 virtual seconds).
+        // Seven peers, each with about five keepalives in two minutes and a session age or two.
         assert!(
             runs <= 7 * 8,
             "node {i} ran its peers' timers {runs} times in 120 idle seconds"

@@ -3,13 +3,14 @@
 //! A data message is a 16-byte header (type 4, three zero bytes, the receiver's index, a
 //! 64-bit little-endian counter), the packet encrypted with ChaCha20-Poly1305 (the counter as
 //! nonce), and the 16-byte tag. [`Transport::seal`] encrypts a packet where it already lies,
-//! behind room for the header: no copy. [`Transport::open`] decrypts in place and accepts each
+//! behind room for the header: no copy. [`Transport::open`] decrypts in place
+//! ([`Transport::open_into`] into another buffer, with one copy) and accepts each
 //! counter once ([`ReplayWindow`]), only after the tag proved the message.
 //!
 //! Sealing takes `&self` (the counter is atomic): one session can seal on several threads.
 
 use crate::{Error, DATA_HEADER_LEN, DATA_OVERHEAD, TAG_LEN, TYPE_DATA};
-use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
+use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, CHACHA20_POLY1305};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The paper's Reject-After-Messages (2^64 - 2^13 - 1): no counter at or past it is used, so
@@ -112,9 +113,42 @@ impl Transport {
     }
 
     /// Opens the data message `msg` in place; returns the packet it carried (empty for a
-    /// keepalive). A refused message changes nothing (the window records a counter only once
-    /// the tag proved the message).
+    /// keepalive), at `msg[DATA_HEADER_LEN..]`. A refused message changes nothing (the window
+    /// records a counter only once the tag proved the message).
     pub fn open<'a>(&mut self, msg: &'a mut [u8]) -> Result<&'a mut [u8], Error> {
+        let counter = self.check_header(msg)?;
+        let len = msg.len() - DATA_OVERHEAD;
+        let sealed = &mut msg[DATA_HEADER_LEN..];
+        self.receiver
+            .open_in_place(nonce(counter), Aad::empty(), sealed)
+            .map_err(|_| Error::Decrypt)?;
+        if !self.replay.accept(counter) {
+            return Err(Error::Replay);
+        }
+        Ok(&mut sealed[..len])
+    }
+
+    /// Opens the data message `msg` into `out`: the packet it carried lands at `out[..n]` (one
+    /// copy, the ciphertext's, which the cipher then decrypts in place). Same checks as
+    /// [`Transport::open`]; `out` must hold the packet.
+    pub fn open_into(&mut self, msg: &[u8], out: &mut [u8]) -> Result<usize, Error> {
+        let counter = self.check_header(msg)?;
+        let len = msg.len() - DATA_OVERHEAD;
+        let room = out.get_mut(..len).ok_or(Error::Buffer)?;
+        room.copy_from_slice(&msg[DATA_HEADER_LEN..DATA_HEADER_LEN + len]);
+        let mut tag = [0u8; TAG_LEN];
+        tag.copy_from_slice(&msg[DATA_HEADER_LEN + len..]);
+        self.receiver
+            .open_in_place_separate_tag(nonce(counter), Aad::empty(), Tag::from(tag), room, 0..)
+            .map_err(|_| Error::Decrypt)?;
+        if !self.replay.accept(counter) {
+            return Err(Error::Replay);
+        }
+        Ok(len)
+    }
+
+    /// The counter of a data message for this session that the window may accept.
+    fn check_header(&self, msg: &[u8]) -> Result<u64, Error> {
         if msg.len() < DATA_OVERHEAD || msg[0] != TYPE_DATA || msg[1..4] != [0, 0, 0] {
             return Err(Error::Malformed);
         }
@@ -127,16 +161,7 @@ impl Transport {
         if !self.replay.may_accept(counter) {
             return Err(Error::Replay);
         }
-        let len = msg.len() - DATA_OVERHEAD;
-        let sealed = &mut msg[DATA_HEADER_LEN..];
-        self.receiver
-            .open_in_place(nonce(counter), Aad::empty(), sealed)
-            .map_err(|_| Error::Decrypt)?;
-        if !self.replay.accept(counter) {
-            return Err(Error::Replay);
-        }
-        debug_assert_eq!(sealed.len(), len + TAG_LEN);
-        Ok(&mut sealed[..len])
+        Ok(counter)
     }
 }
 

@@ -1,6 +1,5 @@
-//! One peer's WireGuard state: the handshake in progress, up to three sessions (current,
-//! previous, and the next one a responder holds until the initiator's first data message
-//! confirms it), the packets waiting for a handshake, and WireGuard's timers (section 6 of the
+//! One peer's WireGuard state: the handshake in progress, the current and previous sessions,
+//! and the next ones a responder holds until the initiator's first data message confirms one, the packets waiting for a handshake, and WireGuard's timers (section 6 of the
 //! paper) on the clock the caller passes in.
 //!
 //! Nothing here reads a clock: every call takes `now`, so a simulation decides what time it is;
@@ -9,8 +8,8 @@
 //! random generator.
 //!
 //! Where an output is bytes to send, they are written into the caller's buffer and the call
-//! says how many ([`Action::Send`]); a received data message is opened in place and the call says
-//! how long the packet is ([`Action::Deliver`]: it lies at `datagram[DATA_HEADER_LEN..]`).
+//! says how many ([`Action::Send`]); a received data message is opened into that buffer too
+//! ([`Action::Deliver`]: the packet is at its start).
 
 use crate::handshake::{self, Initiated};
 use crate::transport::{Transport, REJECT_AFTER_MESSAGES};
@@ -41,6 +40,10 @@ pub const COOKIE_LIFETIME: Duration = Duration::from_secs(120);
 pub const MIN_INITIATION_GAP: Duration = Duration::from_millis(20);
 /// Packets held while a handshake runs; past it, the oldest go.
 pub const MAX_QUEUED: usize = 256;
+/// Answered initiations whose sessions wait for the initiator's first data message. Two
+/// initiations can cross on the way (a retransmission close behind the first): the initiator
+/// may confirm either.
+const MAX_PENDING: usize = 3;
 
 /// What a call produced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +52,7 @@ pub enum Action {
     Done,
     /// Send the first `n` bytes of the output buffer to the peer.
     Send(usize),
-    /// Deliver the packet of `n` bytes that now lies at `datagram[DATA_HEADER_LEN..]`.
+    /// Deliver the packet of `n` bytes now at the start of the output buffer.
     Deliver(usize),
     /// An authenticated keepalive: nothing to deliver.
     Keepalive,
@@ -79,11 +82,15 @@ struct Keys {
     made: Instant,
     /// Whether this side initiated it (only the initiator rekeys on age).
     initiator: bool,
+    /// `made` + [`REJECT_AFTER_TIME`]: from then on the keys neither seal nor open.
+    rejected_at: Instant,
 }
 
 /// A handshake of ours waiting for its response.
 struct Waiting {
     initiated: Initiated,
+    /// The initiation before it: its response may still come, and is as good.
+    earlier: Option<Initiated>,
     /// When this handshake attempt began (the first initiation).
     first: Instant,
     /// When the last initiation went out.
@@ -103,7 +110,7 @@ pub struct Tunnel {
     rotation: u8,
     current: Option<Keys>,
     previous: Option<Keys>,
-    next: Option<Keys>,
+    next: VecDeque<Keys>,
     waiting: Option<Waiting>,
     cookie: Option<([u8; 16], Instant)>,
     /// The timestamp and arrival of the last initiation accepted from the peer.
@@ -123,14 +130,22 @@ pub struct Tunnel {
     rtt: Option<Duration>,
 }
 
+/// Where a data message's session sits.
+#[derive(Clone, Copy)]
+enum Slot {
+    Current,
+    Previous,
+    Next(usize),
+}
+
 fn since(now: Instant, t: Option<Instant>) -> Option<Duration> {
     t.map(|t| now.saturating_duration_since(t))
 }
 
 impl Keys {
+    /// (One comparison of `Instant`s on the data path, not a subtraction.)
     fn usable(&self, now: Instant) -> bool {
-        now.saturating_duration_since(self.made) < REJECT_AFTER_TIME
-            && self.transport.sent() < REJECT_AFTER_MESSAGES
+        now < self.rejected_at && self.transport.sent() < REJECT_AFTER_MESSAGES
     }
 }
 
@@ -157,7 +172,7 @@ impl Tunnel {
             rotation: 0,
             current: None,
             previous: None,
-            next: None,
+            next: VecDeque::new(),
             waiting: None,
             cookie: None,
             last_initiation: None,
@@ -180,6 +195,11 @@ impl Tunnel {
     /// Whether a session can seal now.
     pub fn established(&self, now: Instant) -> bool {
         self.current.as_ref().is_some_and(|k| k.usable(now))
+    }
+
+    /// Whether a session was made (it may be too old to seal: [`Tunnel::established`]).
+    pub fn has_session(&self) -> bool {
+        self.current.is_some()
     }
 
     /// Counters of this tunnel.
@@ -241,7 +261,7 @@ impl Tunnel {
         now: Instant,
         rng: &mut (impl RngCore + CryptoRng),
     ) -> Action {
-        if self.established(now) {
+        if self.current.as_ref().is_some_and(|k| k.usable(now)) {
             let Some(room) = out.get_mut(DATA_HEADER_LEN..DATA_HEADER_LEN + packet.len()) else {
                 return Action::Refused(Error::Buffer);
             };
@@ -295,9 +315,13 @@ impl Tunnel {
                 let _ = handshake::add_mac2(&mut out[..INITIATION_LEN], &cookie);
             }
         }
-        let first = self.waiting.as_ref().map_or(now, |w| w.first);
+        let (first, earlier) = match self.waiting.take() {
+            Some(w) => (w.first, Some(w.initiated)),
+            None => (now, None),
+        };
         self.waiting = Some(Waiting {
             initiated,
+            earlier,
             first,
             last: now,
         });
@@ -306,17 +330,18 @@ impl Tunnel {
     }
 
     /// Takes one datagram from the peer (already known to be for this tunnel: an initiation
-    /// from its key, or a message carrying one of its indexes). Data is opened in place in
-    /// `datagram`; a handshake answer is written into `out`.
+    /// from its key, or a message carrying one of its indexes). A packet it carried, or a
+    /// handshake answer, is written into `out` (as long as the datagram, and at least
+    /// [`RESPONSE_LEN`] bytes).
     pub fn receive(
         &mut self,
-        datagram: &mut [u8],
+        datagram: &[u8],
         out: &mut [u8],
         now: Instant,
         rng: &mut (impl RngCore + CryptoRng),
     ) -> Action {
         match datagram.first() {
-            Some(&TYPE_DATA) => self.receive_data(datagram, now),
+            Some(&TYPE_DATA) => self.receive_data(datagram, out, now),
             Some(&TYPE_INITIATION) => self.receive_initiation(datagram, out, now, rng),
             Some(&TYPE_RESPONSE) => self.receive_response(datagram, out, now),
             Some(&TYPE_COOKIE_REPLY) => self.receive_cookie(datagram, now),
@@ -324,20 +349,24 @@ impl Tunnel {
         }
     }
 
-    fn receive_data(&mut self, datagram: &mut [u8], now: Instant) -> Action {
+    fn receive_data(&mut self, datagram: &[u8], out: &mut [u8], now: Instant) -> Action {
         let Some(to) = crate::receiver_index(datagram) else {
             return Action::Refused(Error::Malformed);
         };
-        let slot = [&self.current, &self.previous, &self.next]
-            .iter()
-            .position(|k| k.as_ref().is_some_and(|k| k.transport.local_index() == to));
-        let Some(slot) = slot else {
+        let ours = |k: &Keys| k.transport.local_index() == to;
+        let slot = if self.current.as_ref().is_some_and(ours) {
+            Slot::Current
+        } else if self.previous.as_ref().is_some_and(ours) {
+            Slot::Previous
+        } else if let Some(i) = self.next.iter().position(ours) {
+            Slot::Next(i)
+        } else {
             return Action::Refused(Error::WrongIndex);
         };
         let keys = match slot {
-            0 => self.current.as_mut(),
-            1 => self.previous.as_mut(),
-            _ => self.next.as_mut(),
+            Slot::Current => self.current.as_mut(),
+            Slot::Previous => self.previous.as_mut(),
+            Slot::Next(i) => self.next.get_mut(i),
         };
         let Some(keys) = keys else {
             return Action::Refused(Error::WrongIndex);
@@ -345,20 +374,22 @@ impl Tunnel {
         if !keys.usable(now) {
             return Action::Refused(Error::Exhausted);
         }
-        let len = match keys.transport.open(datagram) {
-            Ok(p) => p.len(),
+        let len = match keys.transport.open_into(datagram, out) {
+            Ok(n) => n,
             Err(e) => return Action::Refused(e),
         };
-        if slot == 2 {
-            // The initiator used the session we answered with: it becomes current.
+        if let Slot::Next(i) = slot {
+            // The initiator used a session we answered with: it becomes current, and the
+            // other answers are moot.
             self.previous = self.current.take();
-            self.current = self.next.take();
+            self.current = self.next.remove(i);
+            self.next.clear();
         }
         self.heard_something();
         if len == 0 {
             return Action::Keepalive;
         }
-        let packet = &datagram[DATA_HEADER_LEN..DATA_HEADER_LEN + len];
+        let packet = &out[..len];
         let Some(real) = ip_length(packet) else {
             return Action::Refused(Error::Malformed);
         };
@@ -400,9 +431,13 @@ impl Tunnel {
             Err(e) => return Action::Refused(e),
         };
         self.last_initiation = Some((timestamp, now));
-        self.next = Some(Keys {
+        if self.next.len() >= MAX_PENDING {
+            self.next.pop_front();
+        }
+        self.next.push_back(Keys {
             transport,
             made: now,
+            rejected_at: now + REJECT_AFTER_TIME,
             initiator: false,
         });
         self.sent_something(now);
@@ -413,20 +448,28 @@ impl Tunnel {
         let Some(w) = &self.waiting else {
             return Action::Refused(Error::WrongIndex);
         };
-        let transport = match w
+        let latest = w
             .initiated
-            .receive_response(&self.local, &self.psk, datagram)
-        {
-            Ok(t) => t,
-            Err(e) => return Action::Refused(e),
+            .receive_response(&self.local, &self.psk, datagram);
+        let transport = match (latest, &w.earlier) {
+            (Ok(t), _) => t,
+            (Err(Error::WrongIndex), Some(earlier)) => {
+                match earlier.receive_response(&self.local, &self.psk, datagram) {
+                    Ok(t) => t,
+                    Err(e) => return Action::Refused(e),
+                }
+            }
+            (Err(e), _) => return Action::Refused(e),
         };
         self.rtt = Some(now.saturating_duration_since(w.last));
         self.waiting = None;
+        // (Sessions answered for the peer's own initiations stay pending: when handshakes
+        // crossed, the peer may send under one of them.)
         self.previous = self.current.take();
-        self.next = None;
         self.current = Some(Keys {
             transport,
             made: now,
+            rejected_at: now + REJECT_AFTER_TIME,
             initiator: true,
         });
         self.heard_something();
@@ -444,7 +487,12 @@ impl Tunnel {
         if datagram.len() != COOKIE_REPLY_LEN {
             return Action::Refused(Error::Malformed);
         }
-        match w.initiated.receive_cookie_reply(datagram) {
+        let cookie = w.initiated.receive_cookie_reply(datagram);
+        let cookie = match (cookie, &w.earlier) {
+            (Err(Error::WrongIndex), Some(earlier)) => earlier.receive_cookie_reply(datagram),
+            (c, _) => c,
+        };
+        match cookie {
             Ok(cookie) => {
                 self.cookie = Some((cookie, now));
                 Action::Done
@@ -485,7 +533,7 @@ impl Tunnel {
     fn clear(&mut self) {
         self.current = None;
         self.previous = None;
-        self.next = None;
+        self.next.clear();
         self.waiting = None;
         self.queue.clear();
     }
@@ -500,9 +548,12 @@ impl Tunnel {
         rng: &mut (impl RngCore + CryptoRng),
     ) -> Action {
         // Keys three times REJECT_AFTER_TIME old (or a handshake given up): all gone.
-        let newest = [&self.current, &self.previous, &self.next]
+        let newest = self
+            .current
             .iter()
-            .filter_map(|k| k.as_ref().map(|k| k.made))
+            .chain(&self.previous)
+            .chain(&self.next)
+            .map(|k| k.made)
             .max();
         if let Some(made) = newest {
             if now.saturating_duration_since(made) >= REJECT_AFTER_TIME * 3 {
@@ -570,9 +621,12 @@ impl Tunnel {
     pub fn next_deadline(&self) -> Option<Instant> {
         let mut at: Option<Instant> = None;
         let mut consider = |t: Instant| at = Some(at.map_or(t, |a| a.min(t)));
-        if let Some(made) = [&self.current, &self.previous, &self.next]
+        if let Some(made) = self
+            .current
             .iter()
-            .filter_map(|k| k.as_ref().map(|k| k.made))
+            .chain(&self.previous)
+            .chain(&self.next)
+            .map(|k| k.made)
             .max()
         {
             consider(made + REJECT_AFTER_TIME * 3);

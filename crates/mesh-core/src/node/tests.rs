@@ -210,7 +210,7 @@ fn spoofed_inner_source_is_dropped() {
 /// own packets would send it.
 fn sealed(from: &mut Node, to: PublicKey, inner: &[u8]) -> Vec<u8> {
     let peer = from.peers.get_mut(&to).expect("peer");
-    match peer.session.encapsulate(inner, &mut from.buf) {
+    match peer.session.encapsulate(inner, &mut from.buf, from.now) {
         Sealed::Network(b) => b.to_vec(),
         other => panic!("no session: {other:?}"),
     }
@@ -1258,7 +1258,7 @@ fn punching_pair() -> (Relayed, Vec<SocketId>) {
 /// An authenticated keepalive from `from` to `to`, as a spray probe would be.
 fn keepalive(from: &mut Node, to: PublicKey) -> Vec<u8> {
     let peer = from.peers.get_mut(&to).expect("peer");
-    match peer.session.encapsulate(&[], &mut from.buf) {
+    match peer.session.encapsulate(&[], &mut from.buf, from.now) {
         Sealed::Network(b) => b.to_vec(),
         other => panic!("{other:?}"),
     }

@@ -66,7 +66,7 @@ pub struct PeerConfig {
 /// Why the node wants to run a peer's timers (for debug logs and tests).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Timer {
-    /// boringtun's own timers (rekey, its keepalives, expiry) need their tick.
+    /// WireGuard's own timers (rekey, its keepalives, expiry) need their tick.
     WireGuard,
     /// A handshake is due: the proactive one, or a retransmission while data waits.
     Handshake,
@@ -115,29 +115,18 @@ pub(crate) struct TimerEnv {
     pub(crate) quality: QualityConfig,
 }
 
-/// boringtun ticks an active peer (traffic or a handshake within [`ACTIVE_WIREGUARD`]) every
-/// [`crate::node::TICK`], like boringtun's own device. An idle peer's timers are coarse and
-/// known in advance: they act only at the session ages in [`SESSION_MARKS`] (a rekey 120 s
-/// after the session if data was sent on it, one 165 s after if data came, 15 s before the keys
-/// stop working at 180 s, the keys' end at 540 s). So an idle peer is ticked only at those
-/// ages, on a grid of this step (at most this late: 10 s of margin are left), and a node with a
-/// thousand idle peers does no work for them between keepalives. Traffic brings the fast tick
-/// back at once ([`Peer::wake_wireguard`]).
+/// WireGuard's timers of an active peer (traffic or a handshake within [`ACTIVE_WIREGUARD`])
+/// run every [`crate::node::TICK`]. An idle peer's timers are coarse and known in advance: they
+/// act only at the tunnel's next deadline (a rekey 120 s after the session, the keys' end), so
+/// an idle peer is woken only then, on a grid of this step (at most this late: 10 s of margin
+/// are left), and a node with a thousand idle peers does no work for them between keepalives.
+/// Traffic brings the fast tick back at once ([`Peer::wake_wireguard`]).
 pub const IDLE_WIREGUARD_TICK: Duration = Duration::from_secs(5);
-/// The session ages at which boringtun's timers act on a session without traffic:
-/// REKEY_AFTER_TIME, REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT, REJECT_AFTER_TIME
-/// and three times REJECT_AFTER_TIME (WireGuard's constants, as boringtun uses them).
-pub const SESSION_MARKS: [Duration; 4] = [
-    Duration::from_secs(120),
-    Duration::from_secs(165),
-    Duration::from_secs(180),
-    Duration::from_secs(540),
-];
 /// Keepalives go on this grid: those of many peers share a wake-up, at most a second late
 /// (NAT mappings that expire after 30 s still see one every 26 s).
 pub const KEEPALIVE_GRID: Duration = Duration::from_secs(1);
-/// A peer counts as active for boringtun's ticks this long after its last traffic: covers
-/// boringtun's passive keepalive (10 s after data received) and stale-session rule (15 s).
+/// A peer counts as active for WireGuard's ticks this long after its last traffic: covers
+/// WireGuard's passive keepalive (10 s after data received) and stale-session rule (15 s).
 pub const ACTIVE_WIREGUARD: Duration = Duration::from_secs(16);
 
 /// What came out of one authenticated datagram.
@@ -175,7 +164,7 @@ pub(crate) struct Peer {
     /// Last inner packet from the peer delivered to the TUN device (not a keepalive, not an
     /// in-tunnel message).
     pub(crate) last_data_rx: Option<Instant>,
-    /// When boringtun's timers next need a tick.
+    /// When WireGuard's timers next need a tick.
     pub(crate) wireguard_at: Instant,
     /// `wireguard_at` is an idle peer's far tick (a session age), which traffic brings forward.
     idle_tick: bool,
@@ -309,11 +298,11 @@ impl Peer {
         next
     }
 
-    /// Whether boringtun's timers need the fast tick: data waits for a handshake, traffic
-    /// lately, or, without a session, anything sent or heard lately (a handshake boringtun may
+    /// Whether WireGuard's timers need the fast tick: data waits for a handshake, traffic
+    /// lately, or, without a session, anything sent or heard lately (a handshake WireGuard may
     /// be retransmitting). (Data, not keepalives, for an established session: those start none
-    /// of boringtun's timers.) A peer without a session and without any of these (its keys
-    /// expired, or it never answered) has nothing for boringtun to do but wait.
+    /// of WireGuard's timers.) A peer without a session and without any of these (its keys
+    /// expired, or it never answered) has nothing for WireGuard to do but wait.
     fn wireguard_active(&self, now: Instant) -> bool {
         let lately = |t: Option<Instant>| {
             t.is_some_and(|t| now.saturating_duration_since(t) < ACTIVE_WIREGUARD)
@@ -356,7 +345,7 @@ impl Peer {
             return;
         }
         let previous = self.path.forget();
-        if let Output::Network(bytes) = self.session.force_handshake(cx.buf) {
+        if let Output::Network(bytes) = self.session.force_handshake(cx.buf, cx.now) {
             self.path.send(&self.config, bytes, true, cx.now, cx.out);
             // The endpoint that worked last is often the only one that can (a symmetric NAT's
             // port toward us is in no candidate list, and an extra socket's mapping is the only
@@ -373,7 +362,7 @@ impl Peer {
     /// [`PathState::send`]. `tracked`: the direct path owes an answer to it (not so for path MTU probes,
     /// which are meant to be lost when too large).
     pub(crate) fn seal_and_send(&mut self, inner: &[u8], tracked: bool, cx: &mut Ctx<'_>) {
-        if let Output::Network(bytes) = self.session.encapsulate(inner, cx.buf) {
+        if let Output::Network(bytes) = self.session.encapsulate(inner, cx.buf, cx.now) {
             let leg = self.path.send(&self.config, bytes, tracked, cx.now, cx.out);
             log_sent(&mut self.measure, leg, bytes);
         }
@@ -414,7 +403,7 @@ impl Peer {
         let id = probes::next_ping_id(cx.next_ping);
         let p = self.message(cx.me, pmtu::Kind::Probe, id, 0, 0);
         self.probes.sent(id, purpose, cx.now);
-        if let Output::Network(bytes) = self.session.encapsulate(&p, cx.buf) {
+        if let Output::Network(bytes) = self.session.encapsulate(&p, cx.buf, cx.now) {
             cx.out.udp(e.socket, e.addr, bytes);
             self.path.sent(Some(Leg::Direct), true, cx.now);
             log_sent(&mut self.measure, Some(Leg::Direct), bytes);
@@ -426,19 +415,19 @@ impl Peer {
     /// addressed to this node go to the TUN device.
     pub(crate) fn decapsulate(&mut self, via: Via, datagram: &[u8], cx: &mut Ctx<'_>) -> Received {
         let key = self.key();
-        let (source_ip, leg) = match via {
-            Via::Direct(from) => (Some(from.addr.ip()), Leg::Direct),
-            Via::Relay => (None, Leg::Relay),
+        let leg = match via {
+            Via::Direct(_) => Leg::Direct,
+            Via::Relay => Leg::Relay,
         };
         // Opened straight into a buffer that can go to the TUN device as it is.
         let mut buf = cx.out.buffer();
         buf.resize(datagram.len().max(crate::session::MIN_BUFFER), 0);
-        let received = match self.session.decapsulate(source_ip, datagram, &mut buf) {
+        let received = match self.session.decapsulate(datagram, &mut buf, cx.now) {
             Output::Network(bytes) => {
                 self.path.last_tx = Some(cx.now);
                 cx.out.reply(via, key, bytes);
                 // Packets queued during the handshake follow the response.
-                while let Output::Network(bytes) = self.session.flush_queued(cx.buf) {
+                while let Output::Network(bytes) = self.session.flush_queued(cx.buf, cx.now) {
                     cx.out.reply(via, key, bytes);
                     log_sent(&mut self.measure, Some(leg), bytes);
                 }
@@ -491,12 +480,12 @@ impl Peer {
                     };
                     return Received::Authenticated(Some(message));
                 } else {
-                    // Traffic (not an in-tunnel probe, which needs none of boringtun's timers).
+                    // Traffic (not an in-tunnel probe, which needs none of WireGuard's timers).
                     self.last_data_rx = Some(cx.now);
                     if self.measure.is_none() {
                         self.measure = Some(start_measuring(cx.quality, self.index, cx.now));
                     }
-                    // boringtun writes the packet at the start of the buffer.
+                    // The session opened the packet at the start of the buffer.
                     buf.truncate(len);
                     cx.out.deliver_buffer(buf);
                     return Received::Authenticated(None);
@@ -551,7 +540,7 @@ impl Peer {
         let mut other: Option<Vec<u8>> = None;
         let mut queued = false;
         let sealed = cx.out.seal(destination, room, |buf| {
-            match session.encapsulate(packet, buf) {
+            match session.encapsulate(packet, buf, now) {
                 Output::Network(b) if b.first() == Some(&4) => {
                     log.note_message(leg, b);
                     Some(b.len())
@@ -613,7 +602,7 @@ impl Peer {
             }
         } else if m.kind == pmtu::Kind::Probe {
             let ack = self.message(cx.me, pmtu::Kind::Ack, m.id, m.size, 0);
-            if let Output::Network(bytes) = self.session.encapsulate(&ack, cx.buf) {
+            if let Output::Network(bytes) = self.session.encapsulate(&ack, cx.buf, cx.now) {
                 cx.out.reply(via, key, bytes);
                 log_sent(&mut self.measure, Some(Leg::of(via)), bytes);
             }
@@ -693,7 +682,7 @@ impl Peer {
             // A probe got through: answer on the same path at once, so that the peer upgrades
             // to it too instead of waiting for its own traffic.
             if !had_path && self.session.established() {
-                if let Output::Network(bytes) = self.session.encapsulate(&[], cx.buf) {
+                if let Output::Network(bytes) = self.session.encapsulate(&[], cx.buf, cx.now) {
                     cx.out.udp(from.socket, from.addr, bytes);
                     self.path.last_direct_tx = Some(now);
                     log_sent(&mut self.measure, Some(Leg::Direct), bytes);
@@ -714,7 +703,7 @@ impl Peer {
             && self.path.endpoint() == Some(from)
             && self.session.established()
         {
-            if let Output::Network(bytes) = self.session.encapsulate(&[], cx.buf) {
+            if let Output::Network(bytes) = self.session.encapsulate(&[], cx.buf, cx.now) {
                 cx.out.udp(from.socket, from.addr, bytes);
                 self.path.last_direct_tx = Some(now);
                 log_sent(&mut self.measure, Some(Leg::Direct), bytes);
@@ -736,13 +725,13 @@ impl Peer {
 
     // ---- timers, in the order the node runs them -------------------------------------------
 
-    /// boringtun's own timers (rekey, its keepalives, session expiry), when their tick is due.
+    /// WireGuard's own timers (rekey, its keepalives, session expiry), when their tick is due.
     /// Returns the wait until the next tick when this one ran (the node puts it on its grid).
     pub(crate) fn wireguard_timers(&mut self, cx: &mut Ctx<'_>) -> Option<Duration> {
         if cx.now < self.wireguard_at {
             return None;
         }
-        self.run_boringtun_timers(cx);
+        self.run_wireguard_timers(cx);
         self.idle_tick = !self.wireguard_active(cx.now);
         if !self.idle_tick {
             self.wireguard_at = cx.now + crate::node::TICK;
@@ -752,12 +741,12 @@ impl Peer {
         Some(IDLE_WIREGUARD_TICK)
     }
 
-    /// One run of boringtun's timers; what they send goes by the best path.
-    fn run_boringtun_timers(&mut self, cx: &mut Ctx<'_>) {
-        // boringtun's own warnings (a handshake unanswered, a session gone stale) name no
+    /// One run of WireGuard's timers; what they send goes by the best path.
+    fn run_wireguard_timers(&mut self, cx: &mut Ctx<'_>) {
+        // WireGuard's warnings (a handshake unanswered, a session gone stale) name no
         // peer: this span gives them the peer's name.
         let span = tracing::warn_span!("peer", name = %self.config.name).entered();
-        let result = self.session.update_timers(cx.buf);
+        let result = self.session.update_timers(cx.buf, cx.now);
         drop(span);
         match result {
             Output::Network(bytes) => {
@@ -772,43 +761,15 @@ impl Peer {
         }
     }
 
-    /// Brings boringtun's clock to now before a packet or a timer of an idle peer reaches it.
-    ///
-    /// boringtun stamps what happens (a new session, a packet sent or received, a handshake
-    /// started) with the time of its last timer run, and an idle peer's timers run only at its
-    /// session marks. Without this, a session made while the peer was idle was stamped up to
-    /// a minute in the past, and its keys expired that much before REJECT_AFTER_TIME, in the
-    /// middle of the traffic that had just started (both sides then wait for a new handshake:
-    /// seconds without a packet).
-    #[inline]
-    pub(crate) fn sync_clock(&mut self, cx: &mut Ctx<'_>) {
-        if self.idle_tick && cx.now < self.wireguard_at {
-            self.sync_idle_clock(cx);
-        }
-    }
-
-    #[cold]
-    fn sync_idle_clock(&mut self, cx: &mut Ctx<'_>) {
-        self.run_boringtun_timers(cx);
-    }
-
-    /// When boringtun's timers next act on an idle established session: the next of
-    /// [`SESSION_MARKS`] after `now` (its session age by boringtun's clock).
+    /// When WireGuard's timers next act on an idle peer: the tunnel's own earliest deadline
+    /// (a rekey, the keys' end), or a coarse tick when it has none.
     fn next_session_mark(&self, now: Instant) -> Instant {
-        let Some(age) = self.session.stats().since_handshake else {
-            return now + IDLE_WIREGUARD_TICK;
-        };
-        let Some(started) = now.checked_sub(age) else {
-            return now + IDLE_WIREGUARD_TICK;
-        };
-        SESSION_MARKS
-            .iter()
-            .map(|m| started + *m)
-            .find(|t| *t > now)
-            .unwrap_or(now + IDLE_WIREGUARD_TICK)
+        self.session
+            .next_deadline()
+            .map_or(now + IDLE_WIREGUARD_TICK, |t| t.max(now))
     }
 
-    /// Traffic to or from the peer: boringtun's timers need the fast tick again from now.
+    /// Traffic to or from the peer: WireGuard's timers need the fast tick again from now.
     /// Returns whether that brought the tick forward (the node then recomputes the wake-up).
     #[inline]
     pub(crate) fn wake_wireguard(&mut self, now: Instant) -> bool {
@@ -861,7 +822,7 @@ impl Peer {
             let p = self.message(cx.me, pmtu::Kind::Probe, id, size, usize::from(size));
             // Not logged for loss reports: a probe larger than the path carries is meant to be
             // lost, which is no loss of the path's.
-            if let Output::Network(bytes) = self.session.encapsulate(&p, cx.buf) {
+            if let Output::Network(bytes) = self.session.encapsulate(&p, cx.buf, cx.now) {
                 self.path.send(&self.config, bytes, false, cx.now, cx.out);
             }
         }
@@ -955,7 +916,7 @@ impl Peer {
         for to in targets {
             let id = probes::next_ping_id(cx.next_ping);
             let p = self.message(cx.me, pmtu::Kind::Probe, id, 0, 0);
-            let Output::Network(bytes) = self.session.encapsulate(&p, cx.buf) else {
+            let Output::Network(bytes) = self.session.encapsulate(&p, cx.buf, cx.now) else {
                 continue;
             };
             let went = if to == path {
@@ -974,7 +935,7 @@ impl Peer {
     /// Primers to every candidate of the peer: keepalives with a TTL that opens our own NAT
     /// toward them and dies before the peer's gateway (they reach a peer on our LAN).
     fn prime(&mut self, cx: &mut Ctx<'_>) {
-        if let Output::Network(bytes) = self.session.encapsulate(&[], cx.buf) {
+        if let Output::Network(bytes) = self.session.encapsulate(&[], cx.buf, cx.now) {
             for dst in self.config.endpoints.iter().take(MAX_ENDPOINTS) {
                 cx.out.primer(SocketId::MAIN, *dst, bytes, cx.now);
             }
@@ -983,7 +944,7 @@ impl Peer {
 
     /// Probes (keepalives) to every candidate of the peer and a few predicted ports.
     fn fire(&mut self, cx: &mut Ctx<'_>) {
-        if let Output::Network(bytes) = self.session.encapsulate(&[], cx.buf) {
+        if let Output::Network(bytes) = self.session.encapsulate(&[], cx.buf, cx.now) {
             for dst in self.config.endpoints.iter().take(MAX_ENDPOINTS) {
                 cx.out.probe(SocketId::MAIN, *dst, bytes, cx.now);
             }
@@ -1163,7 +1124,7 @@ impl Peer {
             size: 0,
         };
         let p = pmtu::build(cx.me, self.config.address, probe, 0);
-        let Output::Network(bytes) = self.session.encapsulate(&p, cx.buf) else {
+        let Output::Network(bytes) = self.session.encapsulate(&p, cx.buf, cx.now) else {
             return;
         };
         match leg {
