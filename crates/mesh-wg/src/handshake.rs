@@ -172,6 +172,15 @@ pub fn mac1_ok(receiver: &PublicKey, message: &[u8]) -> bool {
 /// The static key of the initiator of `message`, an initiation sent to `local`: mac1, one
 /// Diffie-Hellman and one decryption, before anything else is spent on it.
 pub fn initiator_of(local: &StaticSecret, message: &[u8]) -> Result<PublicKey, Error> {
+    open_static(local, message).map(|(_, _, peer)| peer)
+}
+
+/// The first half of taking an initiation: its checks, and the initiator's static key with
+/// the handshake state and ephemeral key that led to it.
+fn open_static(
+    local: &StaticSecret,
+    message: &[u8],
+) -> Result<(State, PublicKey, PublicKey), Error> {
     if message.len() != INITIATION_LEN || message[0] != TYPE_INITIATION || !reserved_ok(message) {
         return Err(Error::Malformed);
     }
@@ -186,26 +195,12 @@ pub fn initiator_of(local: &StaticSecret, message: &[u8]) -> Result<PublicKey, E
     let key = st.mix_dh(&noise::dh(local, &e_pub)?);
     let mut peer = [0u8; 48];
     st.decrypt(&key, &message[40..88], &mut peer)?;
-    Ok(key32(&peer))
+    Ok((st, e_pub, key32(&peer)))
 }
 
 /// Verifies and decrypts an initiation sent to `local`.
 pub fn receive_initiation(local: &StaticSecret, message: &[u8]) -> Result<Received, Error> {
-    if message.len() != INITIATION_LEN || message[0] != TYPE_INITIATION || !reserved_ok(message) {
-        return Err(Error::Malformed);
-    }
-    let local_pub = PublicKey::from(local);
-    if !mac1_ok(&local_pub, message) {
-        return Err(Error::Mac1);
-    }
-    let e_pub = key32(&message[8..40]);
-    let mut st = State::start(&local_pub);
-    st.mix_key(e_pub.as_bytes());
-    st.mix_hash(e_pub.as_bytes());
-    let key = st.mix_dh(&noise::dh(local, &e_pub)?);
-    let mut peer = [0u8; 48];
-    st.decrypt(&key, &message[40..88], &mut peer)?;
-    let peer = key32(&peer);
+    let (mut st, e_pub, peer) = open_static(local, message)?;
     let key = st.mix_dh(&noise::dh(local, &peer)?);
     let mut ts = [0u8; 28];
     st.decrypt(&key, &message[88..116], &mut ts)?;

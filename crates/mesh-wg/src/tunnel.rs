@@ -262,14 +262,7 @@ impl Tunnel {
         rng: &mut (impl RngCore + CryptoRng),
     ) -> Action {
         if self.current.as_ref().is_some_and(|k| k.usable(now)) {
-            let Some(room) = out.get_mut(DATA_HEADER_LEN..DATA_HEADER_LEN + packet.len()) else {
-                return Action::Refused(Error::Buffer);
-            };
-            room.copy_from_slice(packet);
-            return match self.seal(out, packet.len(), now) {
-                Ok(n) => Action::Send(n),
-                Err(e) => Action::Refused(e),
-            };
+            return self.seal_copy(packet, out, now);
         }
         if self.queue.len() >= MAX_QUEUED {
             self.queue.pop_front();
@@ -510,11 +503,16 @@ impl Tunnel {
         let Some(p) = self.queue.pop_front() else {
             return Action::Done;
         };
-        let Some(room) = out.get_mut(DATA_HEADER_LEN..DATA_HEADER_LEN + p.len()) else {
+        self.seal_copy(&p, out, now)
+    }
+
+    /// Copies `packet` behind room for the header in `out` and seals it there.
+    fn seal_copy(&mut self, packet: &[u8], out: &mut [u8], now: Instant) -> Action {
+        let Some(room) = out.get_mut(DATA_HEADER_LEN..DATA_HEADER_LEN + packet.len()) else {
             return Action::Refused(Error::Buffer);
         };
-        room.copy_from_slice(&p);
-        match self.seal(out, p.len(), now) {
+        room.copy_from_slice(packet);
+        match self.seal(out, packet.len(), now) {
             Ok(n) => Action::Send(n),
             Err(e) => Action::Refused(e),
         }

@@ -1,6 +1,9 @@
 //! mesh-wg against boringtun: each side of the handshake and data both ways, with mesh-wg as
 //! initiator and as responder; then what must be refused.
 
+mod common;
+use common::{keys, packet};
+
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Tunn, TunnResult};
 use mesh_wg::handshake::{
@@ -10,15 +13,9 @@ use mesh_wg::{
     tai64n, Error, COOKIE_REPLY_LEN, DATA_HEADER_LEN, DATA_OVERHEAD, INITIATION_LEN, RESPONSE_LEN,
 };
 use proptest::prelude::*;
-use x25519_dalek::{PublicKey, StaticSecret};
+use x25519_dalek::StaticSecret;
 
 const NO_PSK: [u8; 32] = [0; 32];
-
-fn keys(seed: u8) -> (StaticSecret, PublicKey) {
-    let s = StaticSecret::from([seed; 32]);
-    let p = PublicKey::from(&s);
-    (s, p)
-}
 
 fn now() -> [u8; 12] {
     tai64n(
@@ -26,20 +23,6 @@ fn now() -> [u8; 12] {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default(),
     )
-}
-
-/// An IPv4/UDP packet of `len` bytes from 100.64.0.1 to 100.64.0.2 (boringtun checks the
-/// header of what it decrypts).
-fn packet(len: usize, fill: u8) -> Vec<u8> {
-    let mut p = vec![fill; len];
-    p[0] = 0x45;
-    p[1] = 0;
-    p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-    p[8] = 64;
-    p[9] = 17;
-    p[12..16].copy_from_slice(&[100, 64, 0, 1]);
-    p[16..20].copy_from_slice(&[100, 64, 0, 2]);
-    p
 }
 
 /// Seals `p` with `t` the way a node would: the packet already behind room for the header.

@@ -1,6 +1,9 @@
 //! `Tunnel`: two of them on a clock the test moves (handshake, queue, WireGuard's timers), and
 //! one against boringtun's `Tunn` both ways.
 
+mod common;
+use common::{keys, packet};
+
 use boringtun::noise::{Tunn, TunnResult};
 use mesh_wg::tunnel::{
     KEEPALIVE_TIMEOUT, MAX_QUEUED, REJECT_AFTER_TIME, REKEY_AFTER_TIME, REKEY_ATTEMPT_TIME,
@@ -9,13 +12,6 @@ use mesh_wg::tunnel::{
 use mesh_wg::{Action, Error, Tunnel, DATA_HEADER_LEN, INITIATION_LEN, RESPONSE_LEN};
 use rand::rngs::OsRng;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use x25519_dalek::{PublicKey, StaticSecret};
-
-fn keys(seed: u8) -> (StaticSecret, PublicKey) {
-    let s = StaticSecret::from([seed; 32]);
-    let p = PublicKey::from(&s);
-    (s, p)
-}
 
 fn wall(now: Instant) -> (Duration, Instant) {
     (
@@ -24,19 +20,6 @@ fn wall(now: Instant) -> (Duration, Instant) {
             .unwrap_or_default(),
         now,
     )
-}
-
-/// An IPv4/UDP packet of `len` bytes from 100.64.0.1 to 100.64.0.2.
-fn packet(len: usize, fill: u8) -> Vec<u8> {
-    let mut p = vec![fill; len];
-    p[0] = 0x45;
-    p[1] = 0;
-    p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-    p[8] = 64;
-    p[9] = 17;
-    p[12..16].copy_from_slice(&[100, 64, 0, 1]);
-    p[16..20].copy_from_slice(&[100, 64, 0, 2]);
-    p
 }
 
 /// Two tunnels, A (index 1) and B (index 2), and a clock.
