@@ -385,12 +385,10 @@ mesh_pair() {
 
 # bench_mesh PATH: a fresh pair (mesh, or mesh-nooffload: the same with
 # MESH_TUN_OFFLOAD=0 in both agents' environment, mesh0 without TUN offloads,
-# or mesh-base: the binaries in MESH_BASE_DIR).
+# or mesh-base: the binaries in MESH_BASE_DIR, which the round loop puts back after it).
 bench_mesh() {
     local path="$1"
     MESH_IP_B=''
-    MESH_BIN=$OWN_MESH_BIN
-    CTL_BIN=$OWN_CTL_BIN
     if [[ $path == mesh ]]; then
         step "Path 2: mesh (controller + two agents), round $ROUND"
         MESH_ENV=()

@@ -660,7 +660,7 @@ impl Node {
     /// The peer a datagram is for, and where it sits if it is ours: a handshake initiation
     /// names its sender's key (after a DH), everything else our receiver index.
     fn find_peer(&mut self, datagram: &[u8]) -> Option<(PublicKey, Option<Slot>)> {
-        match session::address_of(&self.secret, &self.public, datagram) {
+        match session::address_of(&self.secret, datagram) {
             Some(Addressed::Initiation(key)) => Some((key, self.peers.slot(&key))),
             Some(Addressed::Index(index)) => match self.peers.by_index(index) {
                 Some(slot) => Some((self.peers.key_at(slot), Some(slot))),

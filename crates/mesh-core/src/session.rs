@@ -63,24 +63,13 @@ pub enum Addressed {
 
 /// Works out which session a datagram is for, without touching any session state.
 /// `None` for anything that is not a well-formed WireGuard message addressed to us.
-pub fn address_of(secret: &StaticSecret, _public: &XPublic, datagram: &[u8]) -> Option<Addressed> {
+pub fn address_of(secret: &StaticSecret, datagram: &[u8]) -> Option<Addressed> {
     match datagram.first()? {
         1 => mesh_wg::handshake::initiator_of(secret, datagram)
             .ok()
             .map(|key| Addressed::Initiation(PublicKey(key.to_bytes()))),
-        2..=4 => mesh_wg::receiver_index(datagram)
-            .filter(|_| well_formed(datagram))
-            .map(|i| Addressed::Index(i >> 8)),
+        2..=4 => mesh_wg::receiver_index(datagram).map(|i| Addressed::Index(i >> 8)),
         _ => None,
-    }
-}
-
-/// Whether a response, cookie reply or data message has its type's length.
-fn well_formed(datagram: &[u8]) -> bool {
-    match datagram[0] {
-        2 => datagram.len() == mesh_wg::RESPONSE_LEN,
-        3 => datagram.len() == mesh_wg::COOKIE_REPLY_LEN,
-        _ => datagram.len() >= DATA_OVERHEAD,
     }
 }
 
@@ -96,18 +85,8 @@ pub fn wall_clock(now: Instant) -> WallClock {
     (since_epoch, now)
 }
 
-/// Counters of one session.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct SessionStats {
-    /// Time since the last completed handshake.
-    pub since_handshake: Option<Duration>,
-    /// Inner bytes sent.
-    pub tx_bytes: u64,
-    /// Inner bytes received.
-    pub rx_bytes: u64,
-    /// Round-trip time measured by the last handshake.
-    pub rtt: Option<Duration>,
-}
+/// Counters of one session (the tunnel's own).
+pub type SessionStats = mesh_wg::tunnel::Stats;
 
 /// A WireGuard session with one peer.
 pub struct Session {
@@ -238,16 +217,9 @@ impl Session {
 
     /// Counters of this session.
     pub fn stats(&self, now: Instant) -> SessionStats {
-        let Some(t) = &self.tunnel else {
-            return SessionStats::default();
-        };
-        let s = t.stats(now);
-        SessionStats {
-            since_handshake: s.since_handshake,
-            tx_bytes: s.tx_bytes,
-            rx_bytes: s.rx_bytes,
-            rtt: s.rtt,
-        }
+        self.tunnel
+            .as_ref()
+            .map_or_else(SessionStats::default, |t| t.stats(now))
     }
 }
 

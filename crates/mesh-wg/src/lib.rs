@@ -97,15 +97,18 @@ pub fn tai64n(since_unix_epoch: std::time::Duration) -> [u8; 12] {
     out
 }
 
-/// The receiver index of a response, cookie reply or data message (`None` for anything else
-/// or too short): what a node looks its session up by.
+/// The receiver index of a response, cookie reply or data message of its type's length
+/// (`None` for anything else): what a node looks its session up by.
 pub fn receiver_index(message: &[u8]) -> Option<u32> {
-    let kind = *message.first()?;
-    let at = match kind {
-        TYPE_RESPONSE => 8,
-        TYPE_COOKIE_REPLY | TYPE_DATA => 4,
+    let (at, fits) = match *message.first()? {
+        TYPE_RESPONSE => (8, message.len() == RESPONSE_LEN),
+        TYPE_COOKIE_REPLY => (4, message.len() == COOKIE_REPLY_LEN),
+        TYPE_DATA => (4, message.len() >= DATA_OVERHEAD),
         _ => return None,
     };
+    if !fits {
+        return None;
+    }
     if message.get(1..4)? != [0, 0, 0] {
         return None;
     }

@@ -220,6 +220,16 @@ impl Tunnel {
         self.queue.len()
     }
 
+    /// When the newest of the keys held was made.
+    fn newest_keys(&self) -> Option<Instant> {
+        self.current
+            .iter()
+            .chain(&self.previous)
+            .chain(&self.next)
+            .map(|k| k.made)
+            .max()
+    }
+
     fn sent_something(&mut self, now: Instant) {
         self.last_sent = Some(now);
         self.owe_keepalive = None;
@@ -261,7 +271,7 @@ impl Tunnel {
         now: Instant,
         rng: &mut (impl RngCore + CryptoRng),
     ) -> Action {
-        if self.current.as_ref().is_some_and(|k| k.usable(now)) {
+        if self.established(now) {
             return self.seal_copy(packet, out, now);
         }
         if self.queue.len() >= MAX_QUEUED {
@@ -546,13 +556,7 @@ impl Tunnel {
         rng: &mut (impl RngCore + CryptoRng),
     ) -> Action {
         // Keys three times REJECT_AFTER_TIME old (or a handshake given up): all gone.
-        let newest = self
-            .current
-            .iter()
-            .chain(&self.previous)
-            .chain(&self.next)
-            .map(|k| k.made)
-            .max();
+        let newest = self.newest_keys();
         if let Some(made) = newest {
             if now.saturating_duration_since(made) >= REJECT_AFTER_TIME * 3 {
                 self.clear();
@@ -580,7 +584,7 @@ impl Tunnel {
         if initiator && (age >= REKEY_AFTER_TIME || sent >= REKEY_AFTER_MESSAGES) {
             return self.initiate(out, now, rng);
         }
-        // Data keeps coming under a session about to be rejected: renew it (either side).
+        // Data keeps coming under a session about to be rejected: the initiator renews it.
         if initiator
             && age >= REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT
             && since(now, self.last_data_received).is_some_and(|d| d < KEEPALIVE_TIMEOUT)
@@ -619,14 +623,7 @@ impl Tunnel {
     pub fn next_deadline(&self) -> Option<Instant> {
         let mut at: Option<Instant> = None;
         let mut consider = |t: Instant| at = Some(at.map_or(t, |a| a.min(t)));
-        if let Some(made) = self
-            .current
-            .iter()
-            .chain(&self.previous)
-            .chain(&self.next)
-            .map(|k| k.made)
-            .max()
-        {
+        if let Some(made) = self.newest_keys() {
             consider(made + REJECT_AFTER_TIME * 3);
         }
         if let Some(w) = &self.waiting {

@@ -737,18 +737,13 @@ impl Peer {
             self.wireguard_at = cx.now + crate::node::TICK;
             return Some(crate::node::TICK);
         }
-        self.wireguard_at = self.next_session_mark(cx.now);
+        self.wireguard_at = self.next_wireguard_deadline(cx.now);
         Some(IDLE_WIREGUARD_TICK)
     }
 
     /// One run of WireGuard's timers; what they send goes by the best path.
     fn run_wireguard_timers(&mut self, cx: &mut Ctx<'_>) {
-        // WireGuard's warnings (a handshake unanswered, a session gone stale) name no
-        // peer: this span gives them the peer's name.
-        let span = tracing::warn_span!("peer", name = %self.config.name).entered();
-        let result = self.session.update_timers(cx.buf, cx.now);
-        drop(span);
-        match result {
+        match self.session.update_timers(cx.buf, cx.now) {
             Output::Network(bytes) => {
                 let leg = self.path.send(&self.config, bytes, true, cx.now, cx.out);
                 log_sent(&mut self.measure, leg, bytes);
@@ -763,7 +758,7 @@ impl Peer {
 
     /// When WireGuard's timers next act on an idle peer: the tunnel's own earliest deadline
     /// (a rekey, the keys' end), or a coarse tick when it has none.
-    fn next_session_mark(&self, now: Instant) -> Instant {
+    fn next_wireguard_deadline(&self, now: Instant) -> Instant {
         self.session
             .next_deadline()
             .map_or(now + IDLE_WIREGUARD_TICK, |t| t.max(now))
