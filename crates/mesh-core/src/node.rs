@@ -595,6 +595,13 @@ impl Node {
             self.rearm(&key, now);
             return;
         };
+        // Heard through the relay while the direct path owes an answer: the path, not the
+        // peer, is silent, so the path's shorter timeout applies from now.
+        let proves_alive = via == Via::Relay
+            && peer.path.direct.is_some_and(|d| {
+                d.unanswered_since
+                    .is_some_and(|s| peer.last_rx.is_none_or(|h| h <= s))
+            });
         peer.heard(now);
         // Data came in: WireGuard's passive keepalive and rekey rules need the fast tick.
         let woke = peer.last_data_rx == Some(now) && peer.wake_wireguard(now);
@@ -626,7 +633,7 @@ impl Node {
         // handshake, an in-tunnel message or a new path may bring one forward.
         if was_busy != self.punching.busy() {
             self.rearm_all(now);
-        } else if message.is_some() || switched || !was_established || woke {
+        } else if message.is_some() || switched || !was_established || woke || proves_alive {
             self.rearm(&key, now);
         }
     }

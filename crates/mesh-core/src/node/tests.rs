@@ -813,6 +813,9 @@ struct Relayed {
     a_udp_sent: usize,
     /// Where each of them went, and with what TTL.
     fired_by_a: Vec<(SocketAddr, Option<u8>)>,
+    /// While `Some`, b is stalled (a process starved of CPU): what reaches it waits here, by
+    /// either path, and its timers do not run.
+    b_stalled: Option<Vec<(Source, Vec<u8>)>>,
 }
 
 impl Relayed {
@@ -831,6 +834,7 @@ impl Relayed {
             udp_limit,
             a_udp_sent: 0,
             fired_by_a: Vec::new(),
+            b_stalled: None,
         };
         r.drive();
         // The higher key's fallback handshake is due after PROACTIVE_FALLBACK at the latest.
@@ -849,9 +853,7 @@ impl Relayed {
                 self.a_udp_sent += 1;
                 self.fired_by_a.push((t.dst, t.ttl));
                 if self.udp && t.payload.len() <= self.udp_limit {
-                    self.p
-                        .b
-                        .handle_datagram(Source::main(self.p.a_addr), &t.payload, self.p.now);
+                    self.deliver_to_b(Source::main(self.p.a_addr), t.payload);
                 }
             }
             while let Some(t) = self.p.b.poll_udp() {
@@ -865,9 +867,7 @@ impl Relayed {
             while let Some(t) = self.p.a.poll_relayed() {
                 moved = true;
                 assert_eq!(t.to, kb);
-                self.p
-                    .b
-                    .handle_datagram(Source::Relay { from: ka }, &t.payload, self.p.now);
+                self.deliver_to_b(Source::Relay { from: ka }, t.payload);
             }
             while let Some(t) = self.p.b.poll_relayed() {
                 moved = true;
@@ -887,10 +887,30 @@ impl Relayed {
         panic!("did not settle");
     }
 
+    fn deliver_to_b(&mut self, source: Source, bytes: Vec<u8>) {
+        match self.b_stalled.as_mut() {
+            Some(waiting) => waiting.push((source, bytes)),
+            None => self.p.b.handle_datagram(source, &bytes, self.p.now),
+        }
+    }
+
+    /// b wakes from a stall: its timers run late, then it reads what waited (as the agent's
+    /// loop does), and answers.
+    fn wake_b(&mut self) {
+        let waiting = self.b_stalled.take().unwrap_or_default();
+        self.p.b.handle_timeout(self.p.now);
+        for (source, bytes) in waiting {
+            self.p.b.handle_datagram(source, &bytes, self.p.now);
+        }
+        self.drive();
+    }
+
     fn tick(&mut self) {
         self.p.now += TICK;
         self.p.a.handle_timeout(self.p.now);
-        self.p.b.handle_timeout(self.p.now);
+        if self.b_stalled.is_none() {
+            self.p.b.handle_timeout(self.p.now);
+        }
         self.drive();
     }
 
@@ -1069,6 +1089,66 @@ fn falls_back_to_the_relay_within_three_seconds_when_direct_dies() {
         r.tick();
     }
     assert!(r.send_a_to_b(99));
+}
+
+/// A peer that stops answering on every path at once (its process starved of CPU on a node
+/// at 100 %, its socket buffer overflowing) has not lost its direct path: the relay would not
+/// reach it either. The path stays through a 3 s stall, nothing changes when the peer catches
+/// up, and the peer's own late timers do not drop its paths before it reads what waited. A
+/// peer silent for good is still given up, after `SILENT_PEER_TIMEOUT`.
+#[test]
+fn a_stalled_peer_keeps_its_direct_path_and_a_gone_one_loses_it_later() {
+    let mut r = Relayed::new(true);
+    assert!(r.send_a_to_b(1));
+    assert!(matches!(r.path_a(), Path::Direct(_)));
+    while r.p.a.poll_event().is_some() {}
+    while r.p.b.poll_event().is_some() {}
+    let stall = |r: &mut Relayed, d: Duration| {
+        r.b_stalled = Some(Vec::new());
+        let until = r.p.now + d;
+        let mut tag = 10u8;
+        while r.p.now < until {
+            // Steady traffic toward the stalled peer, as an open TCP connection sends.
+            let pkt = icmp(r.p.a.address(), r.p.b.address(), &[tag; 64]);
+            r.p.a.handle_tun_packet(&pkt, r.p.now);
+            tag = tag.wrapping_add(1);
+            r.tick();
+        }
+    };
+    stall(&mut r, Duration::from_secs(3));
+    assert!(matches!(r.path_a(), Path::Direct(_)));
+    r.wake_b();
+    for _ in 0..4 {
+        r.tick();
+    }
+    assert!(r.send_a_to_b(2));
+    let moved: Vec<Event> = [&mut r.p.a, &mut r.p.b]
+        .into_iter()
+        .flat_map(|n| std::iter::from_fn(|| n.poll_event()).collect::<Vec<_>>())
+        .filter(|e| matches!(e, Event::PathChanged { .. }))
+        .collect();
+    assert!(moved.is_empty(), "a stall moved paths: {moved:?}");
+    assert!(matches!(r.path_a(), Path::Direct(_)));
+    assert!(matches!(r.path_b(), Path::Direct(_)));
+
+    // Gone for good: the relay takes the traffic once SILENT_PEER_TIMEOUT has passed.
+    let gone = r.p.now;
+    stall(&mut r, crate::peer::path::SILENT_PEER_TIMEOUT + TICK * 2);
+    assert_eq!(r.path_a(), Path::Relay);
+    let fell = std::iter::from_fn(|| r.p.a.poll_event()).any(|e| {
+        matches!(
+            e,
+            Event::PathChanged {
+                path: Path::Relay,
+                ..
+            }
+        )
+    });
+    assert!(
+        fell,
+        "no fallback {:?} after the peer went silent",
+        r.p.now - gone
+    );
 }
 
 /// On the relay, `a` learns that `b` moved to `moved` (with `b`'s NAT kind `nat`) and runs its
@@ -1932,8 +2012,11 @@ struct DualStack {
     delay6: Duration,
     cut6: bool,
     /// In flight: when it arrives, whether for b, from where, the bytes.
-    wire: Vec<(Instant, bool, SocketAddr, Vec<u8>)>,
+    wire: Vec<(Instant, bool, Source, Vec<u8>)>,
 }
+
+/// How long the relay takes between the two nodes of a [`DualStack`].
+const DUAL_STACK_RELAY_DELAY: Duration = Duration::from_millis(20);
 
 const A4: &str = "192.0.2.1:51820";
 const A6: &str = "[2001:db8:a::1]:51820";
@@ -2008,17 +2091,27 @@ impl DualStack {
                         (false, true) => B6,
                     };
                     let delay = if v6 { self.delay6 } else { self.delay4 };
-                    self.wire
-                        .push((self.now + delay, from_a, src.parse().unwrap(), t.payload));
+                    self.wire.push((
+                        self.now + delay,
+                        from_a,
+                        Source::main(src.parse().unwrap()),
+                        t.payload,
+                    ));
                 }
-                while node.poll_relayed().is_some() {}
+                // The relay (where set up) carries what it is given.
+                let from = node.public_key();
+                while let Some(r) = node.poll_relayed() {
+                    let source = Source::Relay { from };
+                    let at = self.now + DUAL_STACK_RELAY_DELAY;
+                    self.wire.push((at, from_a, source, r.payload));
+                }
                 while node.poll_tun_packet().is_some() {}
             }
             self.wire.sort_by_key(|w| w.0);
             while self.wire.first().is_some_and(|w| w.0 <= self.now) {
                 let (_, to_b, src, bytes) = self.wire.remove(0);
                 let node = if to_b { &mut self.b } else { &mut self.a };
-                node.handle_datagram(Source::main(src), &bytes, self.now);
+                node.handle_datagram(src, &bytes, self.now);
             }
             for node in [&mut self.a, &mut self.b] {
                 if node.poll_timeout().is_some_and(|t| t <= self.now) {

@@ -30,7 +30,9 @@ use handshake::{Due, Handshake};
 use mesh_proto::control::{NatKind, MAX_ENDPOINTS};
 use mesh_proto::tunnel::{self, LossReport};
 use mesh_proto::PublicKey;
-use path::{DirectDue, PathState, ACTIVE_TRAFFIC, PATH_PROBE_INTERVAL, PREDICTED_PORTS};
+use path::{
+    DirectDue, PathState, ACTIVE_TRAFFIC, PATH_PROBE_INTERVAL, PATH_TIMEOUT, PREDICTED_PORTS,
+};
 use probes::{Probes, Purpose};
 use quality::{Leg, Measure};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -243,7 +245,8 @@ impl Peer {
                     let probe = d.last_probe.map_or(since, |t| t.max(since)) + PATH_PROBE_INTERVAL;
                     at(Some(probe), Timer::PathProbe);
                     if env.relay_up {
-                        at(Some(since + path::PATH_TIMEOUT), Timer::PathTimeout);
+                        let timeout = path::timeout(since, self.last_rx);
+                        at(Some(since + timeout), Timer::PathTimeout);
                     }
                 }
             } else if env.relay_up {
@@ -407,6 +410,19 @@ impl Peer {
             cx.out.udp(e.socket, e.addr, bytes);
             self.path.sent(Some(Leg::Direct), true, cx.now);
             log_sent(&mut self.measure, Some(Leg::Direct), bytes);
+        }
+    }
+
+    /// Sends a small probe inside the tunnel through the relay, whichever path traffic takes;
+    /// the answer comes back the same way.
+    fn ping_relay(&mut self, purpose: Purpose, cx: &mut Ctx<'_>) {
+        let id = probes::next_ping_id(cx.next_ping);
+        let p = self.message(cx.me, pmtu::Kind::Probe, id, 0, 0);
+        self.probes.sent(id, purpose, cx.now);
+        if let Output::Network(bytes) = self.session.encapsulate(&p, cx.buf, cx.now) {
+            cx.out.relay(self.config.key, bytes);
+            self.path.sent(Some(Leg::Relay), true, cx.now);
+            log_sent(&mut self.measure, Some(Leg::Relay), bytes);
         }
     }
 
@@ -834,7 +850,7 @@ impl Peer {
         let relay_up = cx.out.relay_up;
         let on_direct = self.path.sending_direct(relay_up).is_some();
         let was = self.path.endpoint();
-        match self.path.poll_direct(relay_up, cx.now) {
+        match self.path.poll_direct(relay_up, self.last_rx, cx.now) {
             DirectDue::Dead { quiet } => {
                 self.families.retain(&self.config.endpoints);
                 let other = was.and_then(|dead| self.families.fallback(dead, cx.now));
@@ -861,8 +877,19 @@ impl Peer {
                 return;
             }
             DirectDue::Probe => {
-                // The direct path's liveness, whichever path the traffic takes.
+                // The direct path's liveness, whichever path the traffic takes; and, half-way
+                // to the timeout and until the peer is heard some other way, the peer's through
+                // the relay: what tells a dead path from a silent peer. (Not sooner: a lost
+                // packet or two on a lossy path should not send probes to the relay.)
                 self.ping_direct(Purpose::Liveness, cx);
+                let since = self.path.direct.and_then(|d| d.unanswered_since);
+                let relay_probe = since.is_some_and(|s| {
+                    cx.now.saturating_duration_since(s) >= PATH_TIMEOUT / 2
+                        && self.last_rx.is_none_or(|h| h <= s)
+                });
+                if relay_up && relay_probe {
+                    self.ping_relay(Purpose::Liveness, cx);
+                }
                 return;
             }
             DirectDue::Nothing if self.path.direct.is_some() => return,

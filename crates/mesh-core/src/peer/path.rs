@@ -2,8 +2,12 @@
 //! probe rounds look for a direct path.
 //!
 //! A direct path is confirmed only by an authenticated message from the peer's address. While
-//! we send on it and hear nothing back, it is probed after [`PATH_PROBE_INTERVAL`] and given up
-//! after [`PATH_TIMEOUT`] (traffic falls back to the relay). Without one, every candidate gets an
+//! we send on it and hear nothing back, it is probed after [`PATH_PROBE_INTERVAL`] (through the
+//! relay too) and given up after [`PATH_TIMEOUT`] once the peer is heard some other way, so the
+//! path, not the peer, is what failed; a peer silent everywhere (stalled at full CPU, or gone)
+//! keeps its path until [`SILENT_PEER_TIMEOUT`]: the relay could not reach it either, and a
+//! node that wakes late from a stall must not drop every path before it reads what waited in
+//! its socket. Then traffic falls back to the relay. Without one, every candidate gets an
 //! authenticated probe each round, the rounds backing off from [`CANDIDATE_PROBE_INTERVAL`] to
 //! [`MAX_CANDIDATE_PROBE_INTERVAL`] (or [`ACTIVE_CANDIDATE_PROBE_INTERVAL`] while traffic flows).
 //!
@@ -34,6 +38,10 @@ use std::time::{Duration, Instant};
 /// unanswered) is dead: traffic falls back to the relay. Short enough that a TCP stream's
 /// retransmission after its second timeout (about 1.4 s after the loss) already takes the relay.
 pub const PATH_TIMEOUT: Duration = Duration::from_secs(1);
+/// A direct path silent this long while the peer is not heard by any other way either is given
+/// up all the same (the relay may reach a peer whose direct path died and whose answers
+/// through the relay were lost).
+pub const SILENT_PEER_TIMEOUT: Duration = Duration::from_secs(5);
 /// On a direct path we send on and hear nothing back from, a liveness probe goes out once it
 /// has been quiet this long, and again this often. Idle peers get none: only traffic that
 /// expects an answer starts them (WireGuard's own rule for "no reply since we sent").
@@ -55,6 +63,16 @@ pub const PREDICTED_PORTS: u16 = 4;
 pub const PUNCH_ACK_WINDOW: Duration = Duration::from_secs(5);
 /// The node answers a peer's punches at most this often (each answer probes every candidate).
 pub const PUNCH_ANSWER_SPACING: Duration = Duration::from_millis(500);
+
+/// How long a direct path may owe an answer since `since` before it is given up, the peer
+/// last heard (by any path) at `heard`.
+pub(crate) fn timeout(since: Instant, heard: Option<Instant>) -> Duration {
+    if heard.is_some_and(|h| h > since) {
+        PATH_TIMEOUT
+    } else {
+        SILENT_PEER_TIMEOUT
+    }
+}
 
 /// Whether direct probes to the peer's candidates wait for its word (see the module docs): yes
 /// unless it reported that it is not behind a NAT (then no gateway of its own can take a probe).
@@ -325,8 +343,13 @@ impl PathState {
     }
 
     /// The liveness rule of a direct path at `now` (`relay_up`: there is somewhere to fall back
-    /// to).
-    pub(crate) fn poll_direct(&mut self, relay_up: bool, now: Instant) -> DirectDue {
+    /// to; `heard`: when the peer was last heard by any path).
+    pub(crate) fn poll_direct(
+        &mut self,
+        relay_up: bool,
+        heard: Option<Instant>,
+        now: Instant,
+    ) -> DirectDue {
         let Some(d) = self.direct.as_mut() else {
             return DirectDue::Nothing;
         };
@@ -335,7 +358,7 @@ impl PathState {
             return DirectDue::Nothing;
         };
         let quiet = now.saturating_duration_since(since);
-        if quiet >= PATH_TIMEOUT && relay_up {
+        if relay_up && quiet >= timeout(since, heard) {
             self.direct = None;
             self.rounds.restart();
             DirectDue::Dead { quiet }
