@@ -496,6 +496,9 @@ pub async fn run(
         udp_buffers_refused: buffers.short_of(mesh_sys::socket::SOCKET_BUFFER) as u64,
         ..Default::default()
     };
+    // Decrypted packets come behind room for the virtio-net header the writer puts there, so
+    // they go to the TUN device in the buffer they were opened into.
+    node.set_tun_headroom(mesh_sys::tun::VIRTIO_NET_HDR_LEN);
     let mut tio = TunIo::new();
     let (written_tx, mut written) = mpsc::unbounded_channel::<Written>();
     // Bounded by the datagrams in it (`udp_pending`), not by its length.
@@ -788,11 +791,11 @@ pub async fn run(
                 }
                 Output::Tun(pkt) => {
                     if tio.out.len() < TUN_PENDING {
-                        tio.queue(&pkt);
+                        tio.out.push(pkt);
                     } else {
                         counters.tun_queue_drops += 1;
+                        node.recycle(pkt);
                     }
-                    node.recycle(pkt);
                     if tio.out.len() >= mesh_sys::tun::IDEAL_BATCH_SIZE {
                         tio.flush(&tun_jobs);
                     }
@@ -806,14 +809,14 @@ pub async fn run(
 
 /// The TUN device's buffers: one for a read (a super-packet with its virtio-net header), the
 /// packets it splits into, and the packets waiting to be written, each behind room for the
-/// virtio-net header (written as a batch by [`TunIo::flush`], coalescing TCP segments of one
+/// virtio-net header that the node left when it opened them (written as a batch by [`TunIo::flush`], coalescing TCP segments of one
 /// flow where the device has offloads).
 struct TunIo {
     original: Vec<u8>,
     bufs: Vec<Vec<u8>>,
     sizes: Vec<usize>,
+    /// Packets waiting to be written: the node's buffers, opened behind the header's room.
     out: Vec<Vec<u8>>,
-    spare: Vec<Vec<u8>>,
     /// Emptied batch vectors back from the writer, for the next [`TunIo::out`].
     batches: Vec<Vec<Vec<u8>>>,
 }
@@ -825,7 +828,6 @@ impl TunIo {
             bufs: zeroed_buffers(mesh_sys::tun::IDEAL_BATCH_SIZE, TUN_PACKET_BUF),
             sizes: vec![0; mesh_sys::tun::IDEAL_BATCH_SIZE],
             out: Vec::with_capacity(mesh_sys::tun::IDEAL_BATCH_SIZE),
-            spare: Vec::new(),
             batches: Vec::new(),
         }
     }
@@ -846,15 +848,6 @@ impl TunIo {
         n
     }
 
-    /// Queues a packet for the next [`TunIo::flush`].
-    fn queue(&mut self, packet: &[u8]) {
-        let mut buf = self.spare.pop().unwrap_or_default();
-        buf.clear();
-        buf.resize(mesh_sys::tun::VIRTIO_NET_HDR_LEN, 0);
-        buf.extend_from_slice(packet);
-        self.out.push(buf);
-    }
-
     /// Hands the queued packets to the TUN writer as one batch; while its queue is full they
     /// stay queued (the writer hands a batch back, which wakes the loop to try again).
     fn flush(&mut self, jobs: &mpsc::Sender<Vec<Vec<u8>>>) {
@@ -865,8 +858,8 @@ impl TunIo {
             Ok(permit) => permit,
             Err(mpsc::error::TrySendError::Full(())) => return,
             Err(mpsc::error::TrySendError::Closed(())) => {
-                let batch = std::mem::take(&mut self.out);
-                self.take_back(batch);
+                // The writer is gone (shutting down): nothing more will be written.
+                self.out.clear();
                 return;
             }
         };
@@ -877,16 +870,14 @@ impl TunIo {
         permit.send(std::mem::replace(&mut self.out, next));
     }
 
-    /// Keeps the buffers of a written (or dropped) batch for the next ones.
-    /// Buffers that coalescing grew to a super-packet are let go rather than kept.
-    fn take_back(&mut self, mut batch: Vec<Vec<u8>>) {
-        let room = TUN_PENDING.saturating_sub(self.spare.len());
-        self.spare.extend(
-            batch
-                .drain(..)
-                .filter(|b| b.capacity() <= TUN_PACKET_BUF)
-                .take(room),
-        );
+    /// Gives the buffers of a written batch back to the node, which opens the next packets
+    /// into them. Buffers that coalescing grew to a super-packet are let go rather than kept.
+    fn take_back(&mut self, node: &mut Node, mut batch: Vec<Vec<u8>>) {
+        for b in batch.drain(..) {
+            if b.capacity() <= TUN_PACKET_BUF {
+                node.recycle(b);
+            }
+        }
         if self.batches.len() < TUN_WRITE_QUEUE {
             self.batches.push(batch);
         }
@@ -938,7 +929,7 @@ fn finished(
         } => {
             counters.tun_tx += written;
             counters.tun_write_errors += errors;
-            tio.take_back(batch);
+            tio.take_back(node, batch);
         }
     }
 }

@@ -217,7 +217,8 @@ pub enum Output {
     Event(Event),
     /// Send these datagrams.
     Transmit(Transmit),
-    /// Write this IP packet to the TUN device.
+    /// Write this IP packet to the TUN device. It starts [`Node::set_tun_headroom`] bytes
+    /// into the buffer (zeroed room before it; none unless the driver asked).
     Tun(Vec<u8>),
 }
 

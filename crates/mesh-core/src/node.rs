@@ -499,6 +499,13 @@ impl Node {
         self.receive(via, relayed_from, owner, datagram, now);
     }
 
+    /// Puts every packet for the TUN device `bytes` into its buffer, behind zeroed room (a
+    /// driver whose device takes a virtio-net header before each packet writes it there, and
+    /// the packet, without a copy). 0 unless set.
+    pub fn set_tun_headroom(&mut self, bytes: usize) {
+        self.out.tun_headroom = bytes;
+    }
+
     /// Tells the node whether the driver has a relay connection (traffic to peers without a
     /// direct path goes there).
     pub fn set_relay(&mut self, up: bool, now: Instant) {

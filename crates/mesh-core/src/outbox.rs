@@ -31,6 +31,8 @@ pub(crate) struct Outbox {
     /// Buffers the driver gave back ([`crate::Node::recycle`]), reused for new transmits and
     /// TUN packets so the data path allocates nothing once warm.
     pool: Vec<Vec<u8>>,
+    /// Bytes before each packet in a TUN buffer ([`crate::Node::set_tun_headroom`]).
+    pub(crate) tun_headroom: usize,
 }
 
 impl Default for Outbox {
@@ -45,6 +47,7 @@ impl Default for Outbox {
             unannounced: BTreeSet::new(),
             budget: ProbeBudget::new(PROBE_BUDGET, PROBE_BUDGET_WINDOW),
             pool: Vec::new(),
+            tun_headroom: 0,
         }
     }
 }
@@ -128,11 +131,13 @@ impl Outbox {
     pub(crate) fn deliver(&mut self, packet: &[u8]) {
         let mut buf = self.buffer();
         buf.clear();
+        buf.resize(self.tun_headroom, 0);
         buf.extend_from_slice(packet);
         self.deliver_buffer(buf);
     }
 
-    /// An inner packet for the TUN device, already in a buffer of its own (decrypted there).
+    /// An inner packet for the TUN device, already in a buffer of its own (decrypted there,
+    /// [`Outbox::tun_headroom`] bytes in, the bytes before it zeroed).
     pub(crate) fn deliver_buffer(&mut self, packet: Vec<u8>) {
         push_bounded(&mut self.to_tun, &mut self.counters, packet);
     }

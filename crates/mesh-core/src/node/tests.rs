@@ -1091,6 +1091,25 @@ fn falls_back_to_the_relay_within_three_seconds_when_direct_dies() {
     assert!(r.send_a_to_b(99));
 }
 
+/// A driver that writes TUN packets behind a virtio-net header asks for room: each decrypted
+/// packet comes that far into its buffer, the room zeroed even in a reused buffer.
+#[test]
+fn packets_for_tun_come_behind_the_headroom_the_driver_asked_for() {
+    let mut r = Relayed::new(true);
+    assert!(r.send_a_to_b(1));
+    r.p.b.set_tun_headroom(10);
+    for tag in 2..6u8 {
+        r.p.b.recycle(vec![0xff; 2000]);
+        let pkt = icmp(r.p.a.address(), r.p.b.address(), &[tag; 64]);
+        r.p.a.handle_tun_packet(&pkt, r.p.now);
+        r.drive();
+        let got = r.p.b.poll_tun_packet().expect("delivered");
+        assert_eq!(got[..10], [0; 10]);
+        assert_eq!(got[10..], pkt[..]);
+        assert!(r.p.b.poll_tun_packet().is_none());
+    }
+}
+
 /// A peer that stops answering on every path at once (its process starved of CPU on a node
 /// at 100 %, its socket buffer overflowing) has not lost its direct path: the relay would not
 /// reach it either. The path stays through a 3 s stall, nothing changes when the peer catches

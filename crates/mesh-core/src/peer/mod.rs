@@ -435,10 +435,12 @@ impl Peer {
             Via::Direct(_) => Leg::Direct,
             Via::Relay => Leg::Relay,
         };
-        // Opened straight into a buffer that can go to the TUN device as it is.
+        // Opened straight into a buffer that can go to the TUN device as it is (behind the
+        // room the driver asked for).
+        let room = cx.out.tun_headroom;
         let mut buf = cx.out.buffer();
-        buf.resize(datagram.len().max(crate::session::MIN_BUFFER), 0);
-        let received = match self.session.decapsulate(datagram, &mut buf, cx.now) {
+        buf.resize(room + datagram.len().max(crate::session::MIN_BUFFER), 0);
+        let received = match self.session.decapsulate(datagram, &mut buf[room..], cx.now) {
             Output::Network(bytes) => {
                 self.path.last_tx = Some(cx.now);
                 cx.out.reply(via, key, bytes);
@@ -501,8 +503,9 @@ impl Peer {
                     if self.measure.is_none() {
                         self.measure = Some(start_measuring(cx.quality, self.index, cx.now));
                     }
-                    // The session opened the packet at the start of the buffer.
-                    buf.truncate(len);
+                    // The session opened the packet at the start of the room's end.
+                    buf[..room].fill(0);
+                    buf.truncate(room + len);
                     cx.out.deliver_buffer(buf);
                     return Received::Authenticated(None);
                 }
