@@ -37,6 +37,7 @@ fn handshake(c: &mut Criterion) {
     let victim = StaticSecret::from([7u8; 32]);
     let victim_pub = XPublic::from(&victim);
     let victim_key = PublicKey(victim_pub.to_bytes());
+    let victim_local = mesh_core::session::LocalKeys::new(victim.clone());
     let other = XPublic::from(&StaticSecret::from([8u8; 32]));
     g.bench_function("x25519", |b| {
         b.iter(|| black_box(victim.diffie_hellman(black_box(&other))))
@@ -52,7 +53,7 @@ fn handshake(c: &mut Criterion) {
     );
     let init = initiation(&mut from_stranger);
     g.bench_function("stranger_initiation", |b| {
-        b.iter(|| black_box(session::address_of(&victim, black_box(&init))))
+        b.iter(|| black_box(session::address_of(&victim_local, black_box(&init))))
     });
 
     let member = StaticSecret::from([10u8; 32]);
@@ -79,7 +80,7 @@ fn handshake(c: &mut Criterion) {
         b.iter_batched(
             || initiation(&mut initiator),
             |init| {
-                let who = session::address_of(&victim, &init);
+                let who = session::address_of(&victim_local, &init);
                 clock += std::time::Duration::from_secs(1);
                 let response = responder.decapsulate(&init, &mut out, clock);
                 assert!(matches!(response, Output::Network(_)));

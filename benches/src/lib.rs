@@ -184,12 +184,11 @@ pub struct Wg {
 
 impl Default for Wg {
     fn default() -> Self {
-        let sa = StaticSecret::from([1u8; 32]);
-        let sb = StaticSecret::from([2u8; 32]);
+        let sa = mesh_wg::LocalKeys::new(StaticSecret::from([1u8; 32]));
+        let sb = mesh_wg::LocalKeys::new(StaticSecret::from([2u8; 32]));
         let mut init = [0u8; mesh_wg::INITIATION_LEN];
         let initiated =
-            mesh_wg::handshake::initiate(&sa, &XPublic::from(&sb), 1, [3; 32], [0; 12], &mut init)
-                .unwrap();
+            mesh_wg::handshake::initiate(&sa, sb.public(), 1, [3; 32], [0; 12], &mut init).unwrap();
         let received = mesh_wg::handshake::receive_initiation(&sb, &init).unwrap();
         let mut resp = [0u8; mesh_wg::RESPONSE_LEN];
         let b = mesh_wg::handshake::respond(received, &[0; 32], 2, [4; 32], &mut resp).unwrap();

@@ -27,6 +27,7 @@ use crate::session::{self, Addressed, Output as Sealed, Session};
 use crate::sockets::Owner;
 use ipnet::IpNet;
 use mesh_proto::PublicKey;
+use mesh_wg::LocalKeys;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -64,7 +65,8 @@ pub const MAX_QUEUE: usize = 4096;
 
 /// A mesh node. See the crate docs for the input/output contract.
 pub struct Node {
-    secret: StaticSecret,
+    /// The static key, with its public half and the mac1 key derived once.
+    local: LocalKeys,
     public: XPublic,
     /// The wall-clock time at an `Instant`, read once: what handshake initiations are stamped
     /// from.
@@ -135,7 +137,7 @@ impl Node {
         let guard = HandshakeGuard::new(&secret, GuardConfig::default(), now);
         Node {
             wall: session::wall_clock(now),
-            secret,
+            local: LocalKeys::new(secret),
             public,
             config,
             peers: PeerTable::new(index_seed),
@@ -352,7 +354,7 @@ impl Node {
         }
         let index = self.peers.allocate_index();
         let session = Session::new(
-            self.secret.clone(),
+            self.local.clone(),
             config.key,
             // Persistent keepalive runs in the node, on the injected clock (see handle_timeout).
             None,
@@ -674,7 +676,7 @@ impl Node {
     /// The peer a datagram is for, and where it sits if it is ours: a handshake initiation
     /// names its sender's key (after a DH), everything else our receiver index.
     fn find_peer(&mut self, datagram: &[u8]) -> Option<(PublicKey, Option<Slot>)> {
-        match session::address_of(&self.secret, datagram) {
+        match session::address_of(&self.local, datagram) {
             Some(Addressed::Initiation(key)) => Some((key, self.peers.slot(&key))),
             Some(Addressed::Index(index)) => match self.peers.by_index(index) {
                 Some(slot) => Some((self.peers.key_at(slot), Some(slot))),

@@ -15,11 +15,12 @@
 //! injected clock, and under load a direct sender has proven its address with a cookie.
 
 use mesh_proto::PublicKey;
+pub use mesh_wg::LocalKeys;
 use mesh_wg::{Action, Tunnel};
 use rand::rngs::OsRng;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
-use x25519_dalek::{PublicKey as XPublic, StaticSecret};
+use x25519_dalek::PublicKey as XPublic;
 
 /// Smallest buffer any session call may write into: a handshake initiation is 148 bytes and a
 /// data packet is the plaintext plus 32.
@@ -63,9 +64,9 @@ pub enum Addressed {
 
 /// Works out which session a datagram is for, without touching any session state.
 /// `None` for anything that is not a well-formed WireGuard message addressed to us.
-pub fn address_of(secret: &StaticSecret, datagram: &[u8]) -> Option<Addressed> {
+pub fn address_of(local: &LocalKeys, datagram: &[u8]) -> Option<Addressed> {
     match datagram.first()? {
-        1 => mesh_wg::handshake::initiator_of(secret, datagram)
+        1 => mesh_wg::handshake::initiator_of(local, datagram)
             .ok()
             .map(|key| Addressed::Initiation(PublicKey(key.to_bytes()))),
         2..=4 => mesh_wg::receiver_index(datagram).map(|i| Addressed::Index(i >> 8)),
@@ -99,7 +100,7 @@ pub struct Session {
 
 /// The arguments of `Tunnel::new`, kept until the session is first needed.
 struct Make {
-    secret: StaticSecret,
+    local: LocalKeys,
     peer: XPublic,
     keepalive: Option<u16>,
     index: u32,
@@ -107,10 +108,11 @@ struct Make {
 }
 
 impl Session {
-    /// `index` is this side's 24-bit peer index; received packets carry it back. `wall`: the
-    /// node's [`wall_clock`].
+    /// `local`: this side's static key (a [`LocalKeys`], or a `StaticSecret` it is derived
+    /// from); `index` is this side's 24-bit peer index; received packets carry it back. `wall`:
+    /// the node's [`wall_clock`].
     pub fn new(
-        secret: StaticSecret,
+        local: impl Into<LocalKeys>,
         peer: PublicKey,
         keepalive: Option<u16>,
         index: u32,
@@ -119,7 +121,7 @@ impl Session {
         Session {
             tunnel: None,
             make: Make {
-                secret,
+                local: local.into(),
                 peer: XPublic::from(peer.0),
                 keepalive,
                 index: index & 0x00ff_ffff,
@@ -133,7 +135,7 @@ impl Session {
         let m = &self.make;
         self.tunnel.get_or_insert_with(|| {
             Box::new(Tunnel::new(
-                m.secret.clone(),
+                m.local.clone(),
                 m.peer,
                 None,
                 m.keepalive.map(|s| Duration::from_secs(u64::from(s))),

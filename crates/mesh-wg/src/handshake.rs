@@ -17,6 +17,45 @@ use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::XChaCha20Poly1305;
 use x25519_dalek::{PublicKey, StaticSecret};
 
+/// This side's static key with what WireGuard derives from it, computed once instead of for
+/// every handshake message: the public key (an X25519 base-point multiplication), the key that
+/// checks mac1 of messages sent to it, and the handshake state an initiation to it starts from.
+#[derive(Clone)]
+pub struct LocalKeys {
+    secret: StaticSecret,
+    public: PublicKey,
+    mac1: [u8; 32],
+    start: State,
+}
+
+impl LocalKeys {
+    pub fn new(secret: StaticSecret) -> LocalKeys {
+        let public = PublicKey::from(&secret);
+        LocalKeys {
+            mac1: noise::mac1_key(&public),
+            start: State::start(&public),
+            secret,
+            public,
+        }
+    }
+
+    /// The public key.
+    pub fn public(&self) -> &PublicKey {
+        &self.public
+    }
+
+    /// Whether `message`'s mac1 was made for this side ([`mac1_ok`], without deriving the key).
+    pub fn mac1_ok(&self, message: &[u8]) -> bool {
+        mac1_keyed(&self.mac1, message)
+    }
+}
+
+impl From<StaticSecret> for LocalKeys {
+    fn from(secret: StaticSecret) -> LocalKeys {
+        LocalKeys::new(secret)
+    }
+}
+
 /// The initiator's side between sending an initiation and receiving its response.
 pub struct Initiated {
     state: State,
@@ -65,7 +104,7 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 /// Writes an initiation to `peer` into `out` (at least [`INITIATION_LEN`] bytes).
 /// `ephemeral` is this handshake's fresh random secret; `timestamp` is [`crate::tai64n`] of now.
 pub fn initiate(
-    local: &StaticSecret,
+    local: &LocalKeys,
     peer: &PublicKey,
     local_index: u32,
     ephemeral: [u8; 32],
@@ -79,9 +118,9 @@ pub fn initiate(
     st.mix_key(e_pub.as_bytes());
     st.mix_hash(e_pub.as_bytes());
     let key = st.mix_dh(&noise::dh(&ephemeral, peer)?);
-    out[40..72].copy_from_slice(PublicKey::from(local).as_bytes());
+    out[40..72].copy_from_slice(local.public.as_bytes());
     st.encrypt(&key, &mut out[40..88], 32);
-    let key = st.mix_dh(&noise::dh(local, peer)?);
+    let key = st.mix_dh(&noise::dh(&local.secret, peer)?);
     out[88..100].copy_from_slice(&timestamp);
     st.encrypt(&key, &mut out[88..116], 12);
     out[0] = TYPE_INITIATION;
@@ -160,48 +199,45 @@ pub fn cookie_reply(
 /// Whether `message`'s mac1 (the 32 bytes before its end are mac1 and mac2) was made for
 /// `receiver`: the cheap check done before any Diffie-Hellman.
 pub fn mac1_ok(receiver: &PublicKey, message: &[u8]) -> bool {
+    mac1_keyed(&noise::mac1_key(receiver), message)
+}
+
+fn mac1_keyed(key: &[u8; 32], message: &[u8]) -> bool {
     let Some(at) = message.len().checked_sub(32) else {
         return false;
     };
-    same(
-        &noise::mac(&noise::mac1_key(receiver), &message[..at]),
-        &message[at..at + 16],
-    )
+    same(&noise::mac(key, &message[..at]), &message[at..at + 16])
 }
 
 /// The static key of the initiator of `message`, an initiation sent to `local`: mac1, one
 /// Diffie-Hellman and one decryption, before anything else is spent on it.
-pub fn initiator_of(local: &StaticSecret, message: &[u8]) -> Result<PublicKey, Error> {
+pub fn initiator_of(local: &LocalKeys, message: &[u8]) -> Result<PublicKey, Error> {
     open_static(local, message).map(|(_, _, peer)| peer)
 }
 
 /// The first half of taking an initiation: its checks, and the initiator's static key with
 /// the handshake state and ephemeral key that led to it.
-fn open_static(
-    local: &StaticSecret,
-    message: &[u8],
-) -> Result<(State, PublicKey, PublicKey), Error> {
+fn open_static(local: &LocalKeys, message: &[u8]) -> Result<(State, PublicKey, PublicKey), Error> {
     if message.len() != INITIATION_LEN || message[0] != TYPE_INITIATION || !reserved_ok(message) {
         return Err(Error::Malformed);
     }
-    let local_pub = PublicKey::from(local);
-    if !mac1_ok(&local_pub, message) {
+    if !local.mac1_ok(message) {
         return Err(Error::Mac1);
     }
     let e_pub = key32(&message[8..40]);
-    let mut st = State::start(&local_pub);
+    let mut st = local.start.clone();
     st.mix_key(e_pub.as_bytes());
     st.mix_hash(e_pub.as_bytes());
-    let key = st.mix_dh(&noise::dh(local, &e_pub)?);
+    let key = st.mix_dh(&noise::dh(&local.secret, &e_pub)?);
     let mut peer = [0u8; 48];
     st.decrypt(&key, &message[40..88], &mut peer)?;
     Ok((st, e_pub, key32(&peer)))
 }
 
 /// Verifies and decrypts an initiation sent to `local`.
-pub fn receive_initiation(local: &StaticSecret, message: &[u8]) -> Result<Received, Error> {
+pub fn receive_initiation(local: &LocalKeys, message: &[u8]) -> Result<Received, Error> {
     let (mut st, e_pub, peer) = open_static(local, message)?;
-    let key = st.mix_dh(&noise::dh(local, &peer)?);
+    let key = st.mix_dh(&noise::dh(&local.secret, &peer)?);
     let mut ts = [0u8; 28];
     st.decrypt(&key, &message[88..116], &mut ts)?;
     let mut timestamp = [0u8; 12];
@@ -297,7 +333,7 @@ impl Initiated {
     /// as it was, ready for the right one.
     pub fn receive_response(
         &self,
-        local: &StaticSecret,
+        local: &LocalKeys,
         psk: &[u8; 32],
         message: &[u8],
     ) -> Result<Transport, Error> {
@@ -307,7 +343,7 @@ impl Initiated {
         if le32(&message[8..12]) != self.local_index {
             return Err(Error::WrongIndex);
         }
-        if !mac1_ok(&PublicKey::from(local), message) {
+        if !local.mac1_ok(message) {
             return Err(Error::Mac1);
         }
         let mut st = self.state.clone();
@@ -315,7 +351,7 @@ impl Initiated {
         st.mix_key(their_e.as_bytes());
         st.mix_hash(their_e.as_bytes());
         st.mix_key(&noise::dh(&self.ephemeral, &their_e)?);
-        st.mix_key(&noise::dh(local, &their_e)?);
+        st.mix_key(&noise::dh(&local.secret, &their_e)?);
         let [ck, tau, key] = noise::kdf::<3>(&st.ck, psk);
         st.ck = ck;
         st.mix_hash(&tau);

@@ -23,7 +23,7 @@ mod noise;
 pub mod transport;
 pub mod tunnel;
 
-pub use handshake::{Initiated, Received};
+pub use handshake::{Initiated, LocalKeys, Received};
 pub use transport::{ReplayWindow, Transport};
 pub use tunnel::{Action, Tunnel};
 

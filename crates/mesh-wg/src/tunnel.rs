@@ -1,6 +1,7 @@
 //! One peer's WireGuard state: the handshake in progress, the current and previous sessions,
-//! and the next ones a responder holds until the initiator's first data message confirms one, the packets waiting for a handshake, and WireGuard's timers (section 6 of the
-//! paper) on the clock the caller passes in.
+//! the next ones a responder holds until the initiator's first data message confirms one, the
+//! packets waiting for a handshake, and WireGuard's timers (section 6 of the paper) on the
+//! clock the caller passes in.
 //!
 //! Nothing here reads a clock: every call takes `now`, so a simulation decides what time it is;
 //! the wall-clock time an initiation carries is counted from the pair of wall time and
@@ -11,7 +12,7 @@
 //! says how many ([`Action::Send`]); a received data message is opened into that buffer too
 //! ([`Action::Deliver`]: the packet is at its start).
 
-use crate::handshake::{self, Initiated};
+use crate::handshake::{self, Initiated, LocalKeys};
 use crate::transport::{Transport, REJECT_AFTER_MESSAGES};
 use crate::{
     Error, COOKIE_REPLY_LEN, DATA_HEADER_LEN, DATA_OVERHEAD, INITIATION_LEN, RESPONSE_LEN,
@@ -20,7 +21,7 @@ use crate::{
 use rand::{CryptoRng, RngCore};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
-use x25519_dalek::{PublicKey, StaticSecret};
+use x25519_dalek::PublicKey;
 
 /// An initiator starts a new handshake after this many messages under one session.
 pub const REKEY_AFTER_MESSAGES: u64 = 1 << 60;
@@ -99,7 +100,7 @@ struct Waiting {
 
 /// One peer's WireGuard state.
 pub struct Tunnel {
-    local: StaticSecret,
+    local: LocalKeys,
     peer: PublicKey,
     psk: [u8; 32],
     keepalive: Option<Duration>,
@@ -155,7 +156,7 @@ impl Tunnel {
     /// time since the Unix epoch at some `Instant` (initiations carry the wall-clock time, which
     /// must grow across restarts).
     pub fn new(
-        local: StaticSecret,
+        local: LocalKeys,
         peer: PublicKey,
         psk: Option<[u8; 32]>,
         keepalive: Option<Duration>,

@@ -2,7 +2,7 @@
 //! initiator and as responder; then what must be refused.
 
 mod common;
-use common::{keys, packet};
+use common::{keys, local, packet};
 
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Tunn, TunnResult};
@@ -55,13 +55,20 @@ fn mesh_initiates() -> (mesh_wg::Transport, Tunn, StaticSecret) {
     let (theirs, their_pub) = keys(2);
     let mut bt = Tunn::new(theirs, our_pub, None, None, 5, None);
     let mut init = [0u8; INITIATION_LEN];
-    let initiated =
-        initiate(&ours, &their_pub, 0x00ab_cdef, [7; 32], now(), &mut init).expect("initiate");
+    let initiated = initiate(
+        &local(&ours),
+        &their_pub,
+        0x00ab_cdef,
+        [7; 32],
+        now(),
+        &mut init,
+    )
+    .expect("initiate");
     let mut dst = vec![0u8; 10_000];
     let response = network(bt.decapsulate(None, &init, &mut dst));
     assert_eq!(response.len(), RESPONSE_LEN);
     let mut t = initiated
-        .receive_response(&ours, &NO_PSK, &response)
+        .receive_response(&local(&ours), &NO_PSK, &response)
         .expect("boringtun's response");
     assert_eq!(t.local_index(), 0x00ab_cdef);
     let p = packet(1400, 0x5a);
@@ -107,7 +114,7 @@ fn boringtun_initiates_and_mesh_wg_answers() {
     let mut bt = Tunn::new(theirs, our_pub, None, None, 9, None);
     let mut dst = vec![0u8; 10_000];
     let init = network(bt.format_handshake_initiation(&mut dst, false));
-    let received = receive_initiation(&ours, &init).expect("boringtun's initiation");
+    let received = receive_initiation(&local(&ours), &init).expect("boringtun's initiation");
     assert_eq!(received.peer, their_pub);
     let mut response = [0u8; RESPONSE_LEN];
     let mut t = respond(received, &NO_PSK, 0x0000_0042, [9; 32], &mut response).expect("respond");
@@ -161,21 +168,21 @@ fn what_must_be_refused_is_refused_and_changes_nothing() {
     let (stranger, _) = keys(9);
     let mut init = [0u8; INITIATION_LEN];
     let (_, their_pub) = keys(2);
-    initiate(&ours, &their_pub, 1, [8; 32], now(), &mut init).expect("initiate");
+    initiate(&local(&ours), &their_pub, 1, [8; 32], now(), &mut init).expect("initiate");
     assert_eq!(
-        receive_initiation(&stranger, &init).err(),
+        receive_initiation(&local(&stranger), &init).err(),
         Some(Error::Mac1)
     );
     let (their_secret, _) = keys(2);
-    assert!(receive_initiation(&their_secret, &init).is_ok());
+    assert!(receive_initiation(&local(&their_secret), &init).is_ok());
     let mut bad = init;
     bad[60] ^= 1;
     assert_eq!(
-        receive_initiation(&their_secret, &bad).err(),
+        receive_initiation(&local(&their_secret), &bad).err(),
         Some(Error::Mac1)
     );
     assert_eq!(
-        receive_initiation(&their_secret, &init[..100]).err(),
+        receive_initiation(&local(&their_secret), &init[..100]).err(),
         Some(Error::Malformed)
     );
 }
@@ -186,25 +193,28 @@ fn a_wrong_response_leaves_the_initiation_waiting_for_the_right_one() {
     let (theirs, their_pub) = keys(6);
     let mut bt = Tunn::new(theirs, our_pub, None, None, 1, None);
     let mut init = [0u8; INITIATION_LEN];
-    let initiated = initiate(&ours, &their_pub, 77, [3; 32], now(), &mut init).expect("initiate");
+    let initiated =
+        initiate(&local(&ours), &their_pub, 77, [3; 32], now(), &mut init).expect("initiate");
     let mut dst = vec![0u8; 10_000];
     let response = network(bt.decapsulate(None, &init, &mut dst));
     let mut wrong_index = response.clone();
     wrong_index[8] ^= 1;
     assert_eq!(
         initiated
-            .receive_response(&ours, &NO_PSK, &wrong_index)
+            .receive_response(&local(&ours), &NO_PSK, &wrong_index)
             .err(),
         Some(Error::WrongIndex)
     );
     let mut altered = response.clone();
     altered[20] ^= 1;
     assert_eq!(
-        initiated.receive_response(&ours, &NO_PSK, &altered).err(),
+        initiated
+            .receive_response(&local(&ours), &NO_PSK, &altered)
+            .err(),
         Some(Error::Mac1)
     );
     assert!(initiated
-        .receive_response(&ours, &NO_PSK, &response)
+        .receive_response(&local(&ours), &NO_PSK, &response)
         .is_ok());
 }
 
@@ -218,7 +228,8 @@ fn boringtun_under_load_asks_for_a_cookie_and_takes_the_next_initiation_with_it(
     let from: std::net::IpAddr = "192.0.2.7".parse().expect("address");
     let mut dst = vec![0u8; 10_000];
     let mut init = [0u8; INITIATION_LEN];
-    let first = initiate(&ours, &their_pub, 10, [1; 32], now(), &mut init).expect("initiate");
+    let first =
+        initiate(&local(&ours), &their_pub, 10, [1; 32], now(), &mut init).expect("initiate");
     let reply = network(bt.decapsulate(Some(from), &init, &mut dst));
     assert_eq!(
         reply.len(),
@@ -228,14 +239,15 @@ fn boringtun_under_load_asks_for_a_cookie_and_takes_the_next_initiation_with_it(
     let c = first.receive_cookie_reply(&reply).expect("open the cookie");
     // Not for another initiation of ours.
     let mut other = [0u8; INITIATION_LEN];
-    let second_try = initiate(&ours, &their_pub, 11, [2; 32], now(), &mut other).expect("initiate");
+    let second_try =
+        initiate(&local(&ours), &their_pub, 11, [2; 32], now(), &mut other).expect("initiate");
     assert!(second_try.receive_cookie_reply(&reply).is_err());
     // The next initiation proves the address with mac2 and is answered.
     add_mac2(&mut other, &c).expect("mac2");
     let response = network(bt.decapsulate(Some(from), &other, &mut dst));
     assert_eq!(response.len(), RESPONSE_LEN);
     second_try
-        .receive_response(&ours, &NO_PSK, &response)
+        .receive_response(&local(&ours), &NO_PSK, &response)
         .expect("the response");
 }
 
@@ -260,7 +272,7 @@ fn boringtun_takes_our_cookie_reply_and_proves_its_address_with_it() {
         mac2_ok(&c, &again),
         "boringtun's next initiation carries mac2 with our cookie"
     );
-    assert!(receive_initiation(&ours, &again).is_ok());
+    assert!(receive_initiation(&local(&ours), &again).is_ok());
 }
 
 proptest! {
@@ -270,14 +282,14 @@ proptest! {
         let (_, peer) = keys(12);
         let mut m = bytes.clone();
         if let Some(b) = m.first_mut() { *b = kind; }
-        let _ = receive_initiation(&ours, &m);
+        let _ = receive_initiation(&local(&ours), &m);
         let mut init = [0u8; INITIATION_LEN];
-        let initiated = initiate(&ours, &peer, 1, [1; 32], [0; 12], &mut init).expect("initiate");
-        let _ = initiated.receive_response(&ours, &NO_PSK, &m);
+        let initiated = initiate(&local(&ours), &peer, 1, [1; 32], [0; 12], &mut init).expect("initiate");
+        let _ = initiated.receive_response(&local(&ours), &NO_PSK, &m);
         let _ = mesh_wg::receiver_index(&m);
         let mut resp = [0u8; RESPONSE_LEN];
         let (peer_secret, _) = keys(12);
-        let received = receive_initiation(&peer_secret, &init).expect("own initiation");
+        let received = receive_initiation(&local(&peer_secret), &init).expect("own initiation");
         let mut t = respond(received, &NO_PSK, 1, [2; 32], &mut resp).expect("respond");
         prop_assert!(t.open(&mut m).is_err());
     }

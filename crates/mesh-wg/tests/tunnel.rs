@@ -35,8 +35,8 @@ impl Pair {
         let (sa, pa) = keys(1);
         let (sb, pb) = keys(2);
         Pair {
-            a: Tunnel::new(sa, pb, None, keepalive, 1, wall(now)),
-            b: Tunnel::new(sb, pa, None, keepalive, 2, wall(now)),
+            a: Tunnel::new(sa.into(), pb, None, keepalive, 1, wall(now)),
+            b: Tunnel::new(sb.into(), pa, None, keepalive, 2, wall(now)),
             now,
         }
     }
@@ -308,7 +308,7 @@ fn replayed_initiations_and_floods_are_refused() {
     // From another key: refused.
     let (sc, _) = keys(3);
     let (_, pb) = keys(2);
-    let mut stranger = Tunnel::new(sc, pb, None, None, 9, wall(p.now));
+    let mut stranger = Tunnel::new(sc.into(), pb, None, None, 9, wall(p.now));
     let init = sent(stranger.initiate(&mut out, p.now, &mut OsRng), &out);
     p.later(Duration::from_secs(1));
     assert!(matches!(
@@ -333,7 +333,7 @@ fn a_tunnel_and_boringtun_shake_hands_and_talk_both_ways() {
         let now = Instant::now();
         let (ours, our_pub) = keys(11);
         let (theirs, their_pub) = keys(12);
-        let mut t = Tunnel::new(ours, their_pub, None, None, 3, wall(now));
+        let mut t = Tunnel::new(ours.into(), their_pub, None, None, 3, wall(now));
         let mut bt = Tunn::new(theirs, our_pub, None, None, 4, None);
         let mut out = vec![0u8; 4096];
         let mut dst = vec![0u8; 4096];

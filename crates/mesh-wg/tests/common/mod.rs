@@ -1,5 +1,6 @@
 //! What both test files use: keys from a seed, and IP packets boringtun accepts.
 
+use mesh_wg::LocalKeys;
 use x25519_dalek::{PublicKey, StaticSecret};
 
 /// A key pair made from one repeated byte.
@@ -7,6 +8,12 @@ pub fn keys(seed: u8) -> (StaticSecret, PublicKey) {
     let s = StaticSecret::from([seed; 32]);
     let p = PublicKey::from(&s);
     (s, p)
+}
+
+/// `secret` with what the handshake derives from it.
+#[allow(dead_code)] // (not every test file uses it)
+pub fn local(secret: &StaticSecret) -> LocalKeys {
+    LocalKeys::new(secret.clone())
 }
 
 /// An IPv4/UDP packet of `len` bytes from 100.64.0.1 to 100.64.0.2 (boringtun checks the
