@@ -3,7 +3,8 @@
 //! every byte of TCP streams of many sizes and write patterns arrives unchanged both ways
 //! (checksummed by the application, as the kernel's own checksums are what offload could get
 //! wrong), UDP datagrams of every size up to the MTU come back unchanged, and the agent says
-//! the device has offloads and its UDP socket the buffers it asked for.
+//! the device has offloads and its UDP socket the buffers it asked for. The same holds with
+//! offloads off, the fallback for kernels that refuse them.
 #![allow(clippy::unwrap_used)]
 
 use mesh_e2e::process::Proc;
@@ -172,4 +173,64 @@ fn streams_and_datagrams_of_every_size_arrive_unchanged_through_an_offloading_me
     assert!(reads < packets, "{counters:#}");
     assert_eq!(counters["tun_write_errors"], 0, "{counters:#}");
     drop((a, b, ctl, lab));
+}
+
+/// The fallback where a kernel refuses offloads (forced here with `MESH_TUN_OFFLOAD=0`, the
+/// documented way out): mesh0 is opened without them, the log and `mesh status` say so, one
+/// packet goes per read and write, and the same streams and datagrams still arrive unchanged.
+#[test]
+fn without_offloads_the_same_bytes_arrive_and_status_says_so() {
+    let mut lab = Lab::new("nooffload").unwrap();
+    let ctl_host = lab.add_controller_host("ctl").unwrap();
+    let hosts = [lab.add_host("a").unwrap(), lab.add_host("b").unwrap()];
+    let ctl = Controller::start(&lab, &ctl_host).unwrap();
+    ctl.create_network(NET).unwrap();
+    let token = ctl.create_token(NET, &["--reusable"]).unwrap();
+    let mesh = mesh_e2e::mesh_bin().unwrap();
+    let mesh = mesh.to_str().unwrap();
+    let agents: Vec<Agent> = hosts
+        .iter()
+        .map(|h| {
+            let state = lab.state_dir(&h.name).unwrap();
+            let args = [
+                "MESH_TUN_OFFLOAD=0",
+                mesh,
+                "join",
+                &token,
+                "--name",
+                &h.name,
+                "--state-dir",
+                state.to_str().unwrap(),
+            ];
+            Agent::spawn(&lab, h, &h.name, "env", args).unwrap()
+        })
+        .collect();
+    let (a, b) = (&agents[0], &agents[1]);
+    for agent in [a, b] {
+        let status = agent.status().unwrap();
+        assert_eq!(
+            status["counters"]["tun_offload"], 0,
+            "{:#}",
+            status["counters"]
+        );
+        let text = agent.cli(["status"]).stdout;
+        assert!(text.contains("datapath  mesh0 without offloads"), "{text}");
+        assert!(
+            agent.stderr().contains("opened without offloads")
+                && agent.stderr().contains("MESH_TUN_OFFLOAD=0"),
+            "{}",
+            agent.stderr()
+        );
+    }
+    assert!(a.host.wait_ping(b.address, Duration::from_secs(20)));
+    let _servers = (serve(&lab, &a.host), serve(&lab, &b.host));
+    exchange(a, b);
+    exchange(b, a);
+    let counters = a.status().unwrap()["counters"].clone();
+    assert_eq!(
+        counters["tun_reads"], counters["tun_rx"],
+        "one packet per read: {counters:#}"
+    );
+    assert_eq!(counters["tun_write_errors"], 0, "{counters:#}");
+    drop((agents, ctl, lab));
 }
