@@ -80,9 +80,12 @@ fn handshake(c: &mut Criterion) {
         b.iter_batched(
             || initiation(&mut initiator),
             |init| {
-                let who = session::address_of(&victim_local, &init);
+                // As the node takes it: the first half opened to find the session, the rest
+                // finished there.
+                let (who, opened) = session::address_opened(&victim_local, &init).unwrap();
                 clock += std::time::Duration::from_secs(1);
-                let response = responder.decapsulate(&init, &mut out, clock);
+                let response =
+                    responder.decapsulate_opened(opened.unwrap(), &init, &mut out, clock);
                 assert!(matches!(response, Output::Network(_)));
                 black_box(who)
             },

@@ -575,7 +575,7 @@ impl Node {
         if !self.guard_passes(via, datagram, now) {
             return;
         }
-        let Some((key, slot)) = self.find_peer(datagram) else {
+        let Some((key, slot, opened)) = self.find_peer(datagram) else {
             return;
         };
         // The relay names the sender; WireGuard must agree.
@@ -600,7 +600,8 @@ impl Node {
         let peer = self.peers.at_mut(slot);
         let was_established = peer.session.established();
         let was_busy = self.punching.busy();
-        let Received::Authenticated(message) = peer.decapsulate(via, datagram, &mut cx) else {
+        let Received::Authenticated(message) = peer.decapsulate(via, datagram, opened, &mut cx)
+        else {
             self.rearm(&key, now);
             return;
         };
@@ -675,11 +676,17 @@ impl Node {
 
     /// The peer a datagram is for, and where it sits if it is ours: a handshake initiation
     /// names its sender's key (after a DH), everything else our receiver index.
-    fn find_peer(&mut self, datagram: &[u8]) -> Option<(PublicKey, Option<Slot>)> {
-        match session::address_of(&self.local, datagram) {
-            Some(Addressed::Initiation(key)) => Some((key, self.peers.slot(&key))),
-            Some(Addressed::Index(index)) => match self.peers.by_index(index) {
-                Some(slot) => Some((self.peers.key_at(slot), Some(slot))),
+    /// (An initiation comes with its first half opened, for the session to finish.)
+    fn find_peer(
+        &mut self,
+        datagram: &[u8],
+    ) -> Option<(PublicKey, Option<Slot>, Option<session::Opened>)> {
+        match session::address_opened(&self.local, datagram) {
+            Some((Addressed::Initiation(key), opened)) => {
+                Some((key, self.peers.slot(&key), opened))
+            }
+            Some((Addressed::Index(index), _)) => match self.peers.by_index(index) {
+                Some(slot) => Some((self.peers.key_at(slot), Some(slot), None)),
                 None => {
                     self.out.counters.unknown_peer_packets += 1;
                     None

@@ -15,6 +15,7 @@
 //! injected clock, and under load a direct sender has proven its address with a cookie.
 
 use mesh_proto::PublicKey;
+pub use mesh_wg::handshake::Opened;
 pub use mesh_wg::LocalKeys;
 use mesh_wg::{Action, Tunnel};
 use rand::rngs::OsRng;
@@ -70,6 +71,22 @@ pub fn address_of(local: &LocalKeys, datagram: &[u8]) -> Option<Addressed> {
             .ok()
             .map(|key| Addressed::Initiation(PublicKey(key.to_bytes()))),
         2..=4 => mesh_wg::receiver_index(datagram).map(|i| Addressed::Index(i >> 8)),
+        _ => None,
+    }
+}
+
+/// [`address_of`] for the node: an initiation comes with its first half opened
+/// ([`mesh_wg::handshake::open_initiation`]), for [`Session::decapsulate_opened`], so that
+/// taking it does not repeat that Diffie-Hellman.
+pub fn address_opened(local: &LocalKeys, datagram: &[u8]) -> Option<(Addressed, Option<Opened>)> {
+    match datagram.first()? {
+        1 => mesh_wg::handshake::open_initiation(local, datagram)
+            .ok()
+            .map(|o| {
+                let key = Addressed::Initiation(PublicKey(o.peer().to_bytes()));
+                (key, Some(o))
+            }),
+        2..=4 => mesh_wg::receiver_index(datagram).map(|i| (Addressed::Index(i >> 8), None)),
         _ => None,
     }
 }
@@ -182,6 +199,25 @@ impl Session {
             Action::Deliver(n) => tunnel_packet(&dst[..n]),
             other => network(other, dst),
         }
+    }
+
+    /// [`Session::decapsulate`] for an initiation already opened with this session's local keys
+    /// ([`address_opened`]).
+    pub fn decapsulate_opened<'a>(
+        &mut self,
+        opened: Opened,
+        datagram: &[u8],
+        dst: &'a mut [u8],
+        now: Instant,
+    ) -> Output<'a> {
+        if dst.len() < datagram.len().max(MIN_BUFFER) {
+            return Output::Error(SessionError::Rejected);
+        }
+        network(
+            self.tunnel()
+                .receive_opened(opened, datagram, dst, now, &mut OsRng),
+            dst,
+        )
     }
 
     /// Emits packets queued while the handshake was in progress, one per call.

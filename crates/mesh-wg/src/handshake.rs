@@ -212,43 +212,76 @@ fn mac1_keyed(key: &[u8; 32], message: &[u8]) -> bool {
 /// The static key of the initiator of `message`, an initiation sent to `local`: mac1, one
 /// Diffie-Hellman and one decryption, before anything else is spent on it.
 pub fn initiator_of(local: &LocalKeys, message: &[u8]) -> Result<PublicKey, Error> {
-    open_static(local, message).map(|(_, _, peer)| peer)
+    open_initiation(local, message).map(|o| o.peer)
 }
 
-/// The first half of taking an initiation: its checks, and the initiator's static key with
-/// the handshake state and ephemeral key that led to it.
-fn open_static(local: &LocalKeys, message: &[u8]) -> Result<(State, PublicKey, PublicKey), Error> {
+/// The first half of taking an initiation sent to `local`: its checks (mac1 first), one
+/// Diffie-Hellman and the decryption of the initiator's static key. [`Opened::finish`] does
+/// the rest, so a caller that had to know the initiator first (to find its session) does not
+/// pay that Diffie-Hellman twice.
+pub fn open_initiation(local: &LocalKeys, message: &[u8]) -> Result<Opened, Error> {
     if message.len() != INITIATION_LEN || message[0] != TYPE_INITIATION || !reserved_ok(message) {
         return Err(Error::Malformed);
     }
     if !local.mac1_ok(message) {
         return Err(Error::Mac1);
     }
-    let e_pub = key32(&message[8..40]);
-    let mut st = local.start.clone();
-    st.mix_key(e_pub.as_bytes());
-    st.mix_hash(e_pub.as_bytes());
-    let key = st.mix_dh(&noise::dh(&local.secret, &e_pub)?);
+    let ephemeral = key32(&message[8..40]);
+    let mut state = local.start.clone();
+    state.mix_key(ephemeral.as_bytes());
+    state.mix_hash(ephemeral.as_bytes());
+    let key = state.mix_dh(&noise::dh(&local.secret, &ephemeral)?);
     let mut peer = [0u8; 48];
-    st.decrypt(&key, &message[40..88], &mut peer)?;
-    Ok((st, e_pub, key32(&peer)))
+    state.decrypt(&key, &message[40..88], &mut peer)?;
+    Ok(Opened {
+        state,
+        ephemeral,
+        peer: key32(&peer),
+    })
+}
+
+/// An initiation whose sender is known ([`open_initiation`]), not yet verified.
+pub struct Opened {
+    state: State,
+    ephemeral: PublicKey,
+    peer: PublicKey,
+}
+
+impl Opened {
+    /// The initiator's static key, as the initiation claims it (proved only by [`Opened::finish`]).
+    pub fn peer(&self) -> &PublicKey {
+        &self.peer
+    }
+
+    /// The second half: verifies and decrypts the rest of `message` (the initiation this was
+    /// opened from; any other fails to decrypt).
+    pub fn finish(self, local: &LocalKeys, message: &[u8]) -> Result<Received, Error> {
+        if message.len() != INITIATION_LEN {
+            return Err(Error::Malformed);
+        }
+        let Opened {
+            mut state,
+            ephemeral,
+            peer,
+        } = self;
+        let key = state.mix_dh(&noise::dh(&local.secret, &peer)?);
+        let mut ts = [0u8; 28];
+        state.decrypt(&key, &message[88..116], &mut ts)?;
+        let mut timestamp = [0u8; 12];
+        timestamp.copy_from_slice(&ts[..12]);
+        Ok(Received {
+            state,
+            ephemeral,
+            peer,
+            remote_index: le32(&message[4..8]),
+            timestamp,
+        })
+    }
 }
 
 /// Verifies and decrypts an initiation sent to `local`.
 pub fn receive_initiation(local: &LocalKeys, message: &[u8]) -> Result<Received, Error> {
-    let (mut st, e_pub, peer) = open_static(local, message)?;
-    let key = st.mix_dh(&noise::dh(&local.secret, &peer)?);
-    let mut ts = [0u8; 28];
-    st.decrypt(&key, &message[88..116], &mut ts)?;
-    let mut timestamp = [0u8; 12];
-    timestamp.copy_from_slice(&ts[..12]);
-    Ok(Received {
-        state: st,
-        ephemeral: e_pub,
-        peer,
-        remote_index: le32(&message[4..8]),
-        timestamp,
-    })
+    open_initiation(local, message)?.finish(local, message)
 }
 
 /// Answers a verified initiation: writes the response into `out` (at least [`RESPONSE_LEN`]

@@ -410,10 +410,27 @@ impl Tunnel {
         now: Instant,
         rng: &mut (impl RngCore + CryptoRng),
     ) -> Action {
+        match handshake::open_initiation(&self.local, datagram) {
+            Ok(opened) => self.receive_opened(opened, datagram, out, now, rng),
+            Err(e) => Action::Refused(e),
+        }
+    }
+
+    /// [`Tunnel::receive`] for an initiation the caller already opened (to learn whose it is,
+    /// [`handshake::open_initiation`]) with this tunnel's local keys: the same, without that
+    /// Diffie-Hellman again.
+    pub fn receive_opened(
+        &mut self,
+        opened: handshake::Opened,
+        datagram: &[u8],
+        out: &mut [u8],
+        now: Instant,
+        rng: &mut (impl RngCore + CryptoRng),
+    ) -> Action {
         if out.len() < RESPONSE_LEN {
             return Action::Refused(Error::Buffer);
         }
-        let received = match handshake::receive_initiation(&self.local, datagram) {
+        let received = match opened.finish(&self.local, datagram) {
             Ok(r) => r,
             Err(e) => return Action::Refused(e),
         };

@@ -7,7 +7,7 @@ use common::{keys, local, packet};
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Tunn, TunnResult};
 use mesh_wg::handshake::{
-    add_mac2, cookie, cookie_reply, initiate, mac2_ok, receive_initiation, respond,
+    add_mac2, cookie, cookie_reply, initiate, mac2_ok, open_initiation, receive_initiation, respond,
 };
 use mesh_wg::{
     tai64n, Error, COOKIE_REPLY_LEN, DATA_HEADER_LEN, DATA_OVERHEAD, INITIATION_LEN, RESPONSE_LEN,
@@ -185,6 +185,21 @@ fn what_must_be_refused_is_refused_and_changes_nothing() {
         receive_initiation(&local(&their_secret), &init[..100]).err(),
         Some(Error::Malformed)
     );
+    // Opened in two halves (the node learns the sender first): the first half names the
+    // initiator; the second takes only the initiation it was opened from.
+    let theirs = local(&their_secret);
+    let opened = open_initiation(&theirs, &init).expect("opened");
+    assert_eq!(opened.peer().as_bytes(), local(&ours).public().as_bytes());
+    let mut other = [0u8; INITIATION_LEN];
+    initiate(&local(&ours), &their_pub, 2, [9; 32], now(), &mut other).expect("initiate");
+    assert_eq!(
+        opened.finish(&theirs, &other).err(),
+        Some(Error::Decrypt),
+        "a half opened from one initiation finished another"
+    );
+    let opened = open_initiation(&theirs, &init).expect("opened");
+    let received = opened.finish(&theirs, &init).expect("finished");
+    assert_eq!(received.remote_index, 1);
 }
 
 #[test]

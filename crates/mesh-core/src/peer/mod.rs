@@ -429,7 +429,14 @@ impl Peer {
     /// One datagram from this peer (already known to be addressed to its session), from `via`.
     /// Replies (handshake responses, queued packets) go back the way it came; inner packets
     /// addressed to this node go to the TUN device.
-    pub(crate) fn decapsulate(&mut self, via: Via, datagram: &[u8], cx: &mut Ctx<'_>) -> Received {
+    /// (`opened`: the datagram is an initiation whose first half the node opened.)
+    pub(crate) fn decapsulate(
+        &mut self,
+        via: Via,
+        datagram: &[u8],
+        opened: Option<crate::session::Opened>,
+        cx: &mut Ctx<'_>,
+    ) -> Received {
         let key = self.key();
         let leg = match via {
             Via::Direct(_) => Leg::Direct,
@@ -440,7 +447,13 @@ impl Peer {
         let room = cx.out.tun_headroom;
         let mut buf = cx.out.buffer();
         buf.resize(room + datagram.len().max(crate::session::MIN_BUFFER), 0);
-        let received = match self.session.decapsulate(datagram, &mut buf[room..], cx.now) {
+        let decapsulated = match opened {
+            Some(o) => self
+                .session
+                .decapsulate_opened(o, datagram, &mut buf[room..], cx.now),
+            None => self.session.decapsulate(datagram, &mut buf[room..], cx.now),
+        };
+        let received = match decapsulated {
             Output::Network(bytes) => {
                 self.path.last_tx = Some(cx.now);
                 cx.out.reply(via, key, bytes);
