@@ -871,12 +871,10 @@ impl TunIo {
     }
 
     /// Gives the buffers of a written batch back to the node, which opens the next packets
-    /// into them. Buffers that coalescing grew to a super-packet are let go rather than kept.
+    /// into them (and seals GSO batches into those that coalescing grew to a super-packet).
     fn take_back(&mut self, node: &mut Node, mut batch: Vec<Vec<u8>>) {
         for b in batch.drain(..) {
-            if b.capacity() <= TUN_PACKET_BUF {
-                node.recycle(b);
-            }
+            node.recycle(b);
         }
         if self.batches.len() < TUN_WRITE_QUEUE {
             self.batches.push(batch);

@@ -31,6 +31,10 @@ pub(crate) struct Outbox {
     /// Buffers the driver gave back ([`crate::Node::recycle`]), reused for new transmits and
     /// TUN packets so the data path allocates nothing once warm.
     pool: Vec<Vec<u8>>,
+    /// Buffers of room for a whole GSO batch ([`BATCH_CAPACITY`]): a transmit that a second
+    /// datagram joins moves into one, instead of growing by doubling (each step a copy of
+    /// everything so far).
+    batches: Vec<Vec<u8>>,
     /// Bytes before each packet in a TUN buffer ([`crate::Node::set_tun_headroom`]).
     pub(crate) tun_headroom: usize,
 }
@@ -47,6 +51,7 @@ impl Default for Outbox {
             unannounced: BTreeSet::new(),
             budget: ProbeBudget::new(PROBE_BUDGET, PROBE_BUDGET_WINDOW),
             pool: Vec::new(),
+            batches: Vec::new(),
             tun_headroom: 0,
         }
     }
@@ -146,7 +151,11 @@ impl Outbox {
     /// whoever takes it next sets the length it needs, and resizing within what it had writes
     /// nothing.
     pub(crate) fn recycle(&mut self, buf: Vec<u8>) {
-        if self.pool.len() < POOL {
+        if buf.capacity() >= BATCH_CAPACITY {
+            if self.batches.len() < BATCH_POOL {
+                self.batches.push(buf);
+            }
+        } else if self.pool.len() < POOL {
             self.pool.push(buf);
         }
     }
@@ -170,6 +179,12 @@ impl Outbox {
         if let Some(last) = self.transmits.back_mut() {
             if let Some(size) = last.can_grow(&destination) {
                 let start = last.contents.len();
+                into_batch_buffer(
+                    &mut last.contents,
+                    start + room,
+                    &mut self.batches,
+                    &mut self.pool,
+                );
                 last.contents.resize(start + room, 0);
                 let written = seal.take().and_then(|f| f(&mut last.contents[start..]));
                 match written {
@@ -231,6 +246,8 @@ impl Outbox {
     fn push(&mut self, destination: Destination, bytes: &[u8]) {
         if let Some(last) = self.transmits.back_mut() {
             if last.can_take(&destination, bytes.len()) {
+                let end = last.contents.len() + bytes.len();
+                into_batch_buffer(&mut last.contents, end, &mut self.batches, &mut self.pool);
                 last.contents.extend_from_slice(bytes);
                 last.segment_size = Some(bytes.len());
                 self.queued += 1;
@@ -270,6 +287,33 @@ pub const MAX_BATCH: usize = 64;
 pub const MAX_BATCH_BYTES: usize = 64_000;
 /// Most buffers kept for reuse.
 const POOL: usize = 1024;
+/// Capacity of a batch buffer: a whole GSO batch and the room one more seal asks for.
+const BATCH_CAPACITY: usize = MAX_BATCH_BYTES + 2048;
+/// Most batch buffers kept for reuse (about 4 MB).
+const BATCH_POOL: usize = 64;
+
+/// Makes sure `contents` (a transmit that grows into a batch) holds `need` bytes without
+/// growing again: when it cannot, it moves into a batch buffer (kept or new), and the buffer it
+/// leaves goes to `pool`. One copy of the first datagrams instead of one per doubling.
+fn into_batch_buffer(
+    contents: &mut Vec<u8>,
+    need: usize,
+    batches: &mut Vec<Vec<u8>>,
+    pool: &mut Vec<Vec<u8>>,
+) {
+    if contents.capacity() >= need {
+        return;
+    }
+    let mut bigger = batches
+        .pop()
+        .unwrap_or_else(|| Vec::with_capacity(BATCH_CAPACITY.max(need)));
+    bigger.clear();
+    bigger.extend_from_slice(contents);
+    let small = std::mem::replace(contents, bigger);
+    if pool.len() < POOL {
+        pool.push(small);
+    }
+}
 /// IP TTL of a primer: it passes the node's own gateway (one hop) and dies at the next router,
 /// so a gateway that accepts unsolicited input on the far side never sees it. (Two gateways on
 /// one segment are one hop apart: there a primer arrives like any probe.)
@@ -364,4 +408,41 @@ fn push_bounded<T>(queue: &mut VecDeque<T>, counters: &mut Counters, item: T) {
         counters.queue_drops += 1;
     }
     queue.push_back(item);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run of sealed datagrams to one address becomes one GSO transmit, written into a kept
+    /// batch buffer once it outgrows its first one, each datagram intact.
+    #[test]
+    fn a_growing_batch_moves_once_into_a_kept_batch_buffer() {
+        let mut out = Outbox::default();
+        let kept = Vec::with_capacity(BATCH_CAPACITY);
+        let kept_at = kept.as_ptr();
+        out.recycle(kept);
+        out.recycle(vec![0; 2000]);
+        let dst = Destination::Udp {
+            socket: SocketId::MAIN,
+            dst: "192.0.2.1:51820".parse().unwrap(),
+        };
+        for i in 0..40u8 {
+            let sealed = out.seal(dst, 1500, |buf| {
+                buf[..1452].fill(i);
+                Some(1452)
+            });
+            assert_eq!(sealed, Some(1452));
+        }
+        let t = out.pop_transmit().unwrap();
+        assert_eq!(t.segment_size, Some(1452));
+        assert_eq!(t.contents.len(), 40 * 1452);
+        assert_eq!(t.contents.as_ptr(), kept_at, "the kept batch buffer was not used");
+        for (i, datagram) in t.contents.chunks(1452).enumerate() {
+            assert!(datagram.iter().all(|&b| usize::from(b) == i), "datagram {i}");
+        }
+        assert!(out.pop_transmit().is_none());
+        // The first buffer went back to the pool of packet buffers.
+        assert_eq!(out.pool.len(), 1);
+    }
 }
