@@ -31,10 +31,13 @@ pub(crate) struct Outbox {
     /// Buffers the driver gave back ([`crate::Node::recycle`]), reused for new transmits and
     /// TUN packets so the data path allocates nothing once warm.
     pool: Vec<Vec<u8>>,
-    /// Buffers of room for a whole GSO batch ([`BATCH_CAPACITY`]): a transmit that a second
-    /// datagram joins moves into one, instead of growing by doubling (each step a copy of
-    /// everything so far).
-    batches: Vec<Vec<u8>>,
+    /// Large buffers ([`LARGE_BUFFER`]): a transmit that a second datagram joins moves into
+    /// one instead of growing by doubling (each step a copy of everything so far), and packets
+    /// for a TUN device that coalesces are opened into them (see [`Outbox::tun_buffer`]).
+    large: Vec<Vec<u8>>,
+    /// Large buffers that exist, kept or out (at most [`LARGE_LIMIT`]; one the driver drops
+    /// without giving it back counts on: fewer are made, nothing worse).
+    large_made: usize,
     /// Bytes before each packet in a TUN buffer ([`crate::Node::set_tun_headroom`]).
     pub(crate) tun_headroom: usize,
 }
@@ -51,7 +54,8 @@ impl Default for Outbox {
             unannounced: BTreeSet::new(),
             budget: ProbeBudget::new(PROBE_BUDGET, PROBE_BUDGET_WINDOW),
             pool: Vec::new(),
-            batches: Vec::new(),
+            large: Vec::new(),
+            large_made: 0,
             tun_headroom: 0,
         }
     }
@@ -144,16 +148,24 @@ impl Outbox {
     /// An inner packet for the TUN device, already in a buffer of its own (decrypted there,
     /// [`Outbox::tun_headroom`] bytes in, the bytes before it zeroed).
     pub(crate) fn deliver_buffer(&mut self, packet: Vec<u8>) {
-        push_bounded(&mut self.to_tun, &mut self.counters, packet);
+        if self.to_tun.len() >= MAX_QUEUE {
+            if let Some(old) = self.to_tun.pop_front() {
+                self.counters.queue_drops += 1;
+                self.recycle(old);
+            }
+        }
+        self.to_tun.push_back(packet);
     }
 
     /// A buffer the driver may give back with [`crate::Node::recycle`]. It keeps its length:
     /// whoever takes it next sets the length it needs, and resizing within what it had writes
     /// nothing.
     pub(crate) fn recycle(&mut self, buf: Vec<u8>) {
-        if buf.capacity() >= BATCH_CAPACITY {
-            if self.batches.len() < BATCH_POOL {
-                self.batches.push(buf);
+        if buf.capacity() >= LARGE_BUFFER {
+            if self.large.len() < LARGE_LIMIT {
+                self.large.push(buf);
+            } else {
+                self.large_made = self.large_made.saturating_sub(1);
             }
         } else if self.pool.len() < POOL {
             self.pool.push(buf);
@@ -163,6 +175,26 @@ impl Outbox {
     /// A buffer from the pool (any length and contents: set them), or a new one.
     pub(crate) fn buffer(&mut self) -> Vec<u8> {
         self.pool.pop().unwrap_or_default()
+    }
+
+    /// A buffer to open a packet for the TUN device into. Where the driver asked for headroom
+    /// (its device takes a virtio-net header and coalesces the TCP segments of a batch, as
+    /// tun-rs does), a large one: the device's writer coalesces a flow into its first buffer
+    /// only if that buffer has the capacity for the whole super-packet, so a small one costs a
+    /// write per packet.
+    ///
+    /// At most [`LARGE_LIMIT`] large buffers exist; past that (a writer far behind) packets get
+    /// small ones and are written one by one, so memory stays bounded.
+    pub(crate) fn tun_buffer(&mut self) -> Vec<u8> {
+        if self.tun_headroom == 0 {
+            return self.buffer();
+        }
+        self.large_buffer().unwrap_or_else(|| self.buffer())
+    }
+
+    /// A kept large buffer, or a new one while fewer than [`LARGE_LIMIT`] exist.
+    fn large_buffer(&mut self) -> Option<Vec<u8>> {
+        take_large(&mut self.large, &mut self.large_made, 0)
     }
 
     /// Seals one datagram straight into the transmit queue: `seal` writes it into the `room`
@@ -182,7 +214,7 @@ impl Outbox {
                 into_batch_buffer(
                     &mut last.contents,
                     start + room,
-                    &mut self.batches,
+                    (&mut self.large, &mut self.large_made),
                     &mut self.pool,
                 );
                 last.contents.resize(start + room, 0);
@@ -247,7 +279,12 @@ impl Outbox {
         if let Some(last) = self.transmits.back_mut() {
             if last.can_take(&destination, bytes.len()) {
                 let end = last.contents.len() + bytes.len();
-                into_batch_buffer(&mut last.contents, end, &mut self.batches, &mut self.pool);
+                into_batch_buffer(
+                    &mut last.contents,
+                    end,
+                    (&mut self.large, &mut self.large_made),
+                    &mut self.pool,
+                );
                 last.contents.extend_from_slice(bytes);
                 last.segment_size = Some(bytes.len());
                 self.queued += 1;
@@ -287,26 +324,42 @@ pub const MAX_BATCH: usize = 64;
 pub const MAX_BATCH_BYTES: usize = 64_000;
 /// Most buffers kept for reuse.
 const POOL: usize = 1024;
-/// Capacity of a batch buffer: a whole GSO batch and the room one more seal asks for.
-const BATCH_CAPACITY: usize = MAX_BATCH_BYTES + 2048;
-/// Most batch buffers kept for reuse (about 4 MB).
-const BATCH_POOL: usize = 64;
+/// Capacity of a large buffer: a whole GSO batch and the room one more seal asks for, or a TCP
+/// super-packet of 64 KiB coalesced behind a virtio-net header.
+const LARGE_BUFFER: usize = 65_536 + 2048;
+/// Most large buffers in existence, kept or out (at most 17 MB, resident only as far as they
+/// were written): two of tun-rs's ideal TUN batches.
+const LARGE_LIMIT: usize = 256;
+
+/// A kept large buffer, or a new one of at least `need` bytes while fewer than
+/// [`LARGE_LIMIT`] exist (`made` counts them).
+fn take_large(large: &mut Vec<Vec<u8>>, made: &mut usize, need: usize) -> Option<Vec<u8>> {
+    if let Some(b) = large.pop() {
+        return Some(b);
+    }
+    if *made >= LARGE_LIMIT {
+        return None;
+    }
+    *made += 1;
+    Some(Vec::with_capacity(LARGE_BUFFER.max(need)))
+}
 
 /// Makes sure `contents` (a transmit that grows into a batch) holds `need` bytes without
-/// growing again: when it cannot, it moves into a batch buffer (kept or new), and the buffer it
+/// growing again: when it cannot, it moves into a large buffer (kept or new), and the buffer it
 /// leaves goes to `pool`. One copy of the first datagrams instead of one per doubling.
 fn into_batch_buffer(
     contents: &mut Vec<u8>,
     need: usize,
-    batches: &mut Vec<Vec<u8>>,
+    (large, made): (&mut Vec<Vec<u8>>, &mut usize),
     pool: &mut Vec<Vec<u8>>,
 ) {
     if contents.capacity() >= need {
         return;
     }
-    let mut bigger = batches
-        .pop()
-        .unwrap_or_else(|| Vec::with_capacity(BATCH_CAPACITY.max(need)));
+    // (With every large buffer out, the batch grows as a Vec does.)
+    let Some(mut bigger) = take_large(large, made, need) else {
+        return;
+    };
     bigger.clear();
     bigger.extend_from_slice(contents);
     let small = std::mem::replace(contents, bigger);
@@ -402,14 +455,6 @@ pub(crate) struct Ctx<'a> {
     pub(crate) sources: &'a crate::peers::Sources,
 }
 
-fn push_bounded<T>(queue: &mut VecDeque<T>, counters: &mut Counters, item: T) {
-    if queue.len() >= MAX_QUEUE {
-        queue.pop_front();
-        counters.queue_drops += 1;
-    }
-    queue.push_back(item);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -419,7 +464,7 @@ mod tests {
     #[test]
     fn a_growing_batch_moves_once_into_a_kept_batch_buffer() {
         let mut out = Outbox::default();
-        let kept = Vec::with_capacity(BATCH_CAPACITY);
+        let kept = Vec::with_capacity(LARGE_BUFFER);
         let kept_at = kept.as_ptr();
         out.recycle(kept);
         out.recycle(vec![0; 2000]);
@@ -437,12 +482,41 @@ mod tests {
         let t = out.pop_transmit().unwrap();
         assert_eq!(t.segment_size, Some(1452));
         assert_eq!(t.contents.len(), 40 * 1452);
-        assert_eq!(t.contents.as_ptr(), kept_at, "the kept batch buffer was not used");
+        assert_eq!(
+            t.contents.as_ptr(),
+            kept_at,
+            "the kept batch buffer was not used"
+        );
         for (i, datagram) in t.contents.chunks(1452).enumerate() {
-            assert!(datagram.iter().all(|&b| usize::from(b) == i), "datagram {i}");
+            assert!(
+                datagram.iter().all(|&b| usize::from(b) == i),
+                "datagram {i}"
+            );
         }
         assert!(out.pop_transmit().is_none());
         // The first buffer went back to the pool of packet buffers.
         assert_eq!(out.pool.len(), 1);
+    }
+
+    /// Packets for a coalescing TUN writer get large buffers, but no more than
+    /// [`LARGE_LIMIT`] exist: a writer far behind gets small ones (memory stays bounded), and
+    /// large ones given back are used again.
+    #[test]
+    fn large_tun_buffers_are_bounded() {
+        let mut out = Outbox {
+            tun_headroom: 10,
+            ..Outbox::default()
+        };
+        let held: Vec<Vec<u8>> = (0..LARGE_LIMIT).map(|_| out.tun_buffer()).collect();
+        assert!(held.iter().all(|b| b.capacity() >= LARGE_BUFFER));
+        assert!(out.tun_buffer().capacity() < LARGE_BUFFER);
+        for b in held {
+            out.recycle(b);
+        }
+        assert!(out.tun_buffer().capacity() >= LARGE_BUFFER);
+        assert_eq!(out.large_made, LARGE_LIMIT);
+        // Without headroom (a driver that does not coalesce) packets get small buffers.
+        let mut plain = Outbox::default();
+        assert!(plain.tun_buffer().capacity() < LARGE_BUFFER);
     }
 }

@@ -1092,7 +1092,8 @@ fn falls_back_to_the_relay_within_three_seconds_when_direct_dies() {
 }
 
 /// A driver that writes TUN packets behind a virtio-net header asks for room: each decrypted
-/// packet comes that far into its buffer, the room zeroed even in a reused buffer.
+/// packet comes that far into its buffer, the room zeroed even in a reused buffer, and the
+/// buffer large enough for the writer to coalesce a super-packet into it.
 #[test]
 fn packets_for_tun_come_behind_the_headroom_the_driver_asked_for() {
     let mut r = Relayed::new(true);
@@ -1106,6 +1107,8 @@ fn packets_for_tun_come_behind_the_headroom_the_driver_asked_for() {
         let got = r.p.b.poll_tun_packet().expect("delivered");
         assert_eq!(got[..10], [0; 10]);
         assert_eq!(got[10..], pkt[..]);
+        // Room for the writer to coalesce a whole TCP super-packet into it.
+        assert!(got.capacity() >= 10 + 65_535, "{}", got.capacity());
         assert!(r.p.b.poll_tun_packet().is_none());
     }
 }
