@@ -809,8 +809,8 @@ pub async fn run(
 
 /// The TUN device's buffers: one for a read (a super-packet with its virtio-net header), the
 /// packets it splits into, and the packets waiting to be written, each behind room for the
-/// virtio-net header that the node left when it opened them (written as a batch by [`TunIo::flush`], coalescing TCP segments of one
-/// flow where the device has offloads).
+/// virtio-net header that the node left when it opened them (written as a batch by
+/// [`TunIo::flush`], coalescing TCP segments of one flow where the device has offloads).
 struct TunIo {
     original: Vec<u8>,
     bufs: Vec<Vec<u8>>,

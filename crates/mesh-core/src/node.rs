@@ -612,7 +612,7 @@ impl Node {
         let proves_alive = via == Via::Relay
             && peer.path.direct.is_some_and(|d| {
                 d.unanswered_since
-                    .is_some_and(|s| peer.last_rx.is_none_or(|h| h <= s))
+                    .is_some_and(|s| !crate::peer::path::heard_after(peer.last_rx, s))
             });
         peer.heard(now);
         // Data came in: WireGuard's passive keepalive and rekey rules need the fast tick.

@@ -66,13 +66,7 @@ pub enum Addressed {
 /// Works out which session a datagram is for, without touching any session state.
 /// `None` for anything that is not a well-formed WireGuard message addressed to us.
 pub fn address_of(local: &LocalKeys, datagram: &[u8]) -> Option<Addressed> {
-    match datagram.first()? {
-        1 => mesh_wg::handshake::initiator_of(local, datagram)
-            .ok()
-            .map(|key| Addressed::Initiation(PublicKey(key.to_bytes()))),
-        2..=4 => mesh_wg::receiver_index(datagram).map(|i| Addressed::Index(i >> 8)),
-        _ => None,
-    }
+    address_opened(local, datagram).map(|(to, _)| to)
 }
 
 /// [`address_of`] for the node: an initiation comes with its first half opened

@@ -397,32 +397,23 @@ impl Peer {
         self.seal_and_send(&p, true, cx);
     }
 
-    /// Sends a small probe inside the tunnel on the direct path, whichever path traffic takes,
-    /// and remembers it.
-    fn ping_direct(&mut self, purpose: Purpose, cx: &mut Ctx<'_>) {
-        let Some(e) = self.path.endpoint() else {
+    /// Sends a small probe inside the tunnel on `leg` (the direct path, or through the relay),
+    /// whichever path traffic takes, and remembers it; the answer comes back the same way.
+    fn ping_on(&mut self, leg: Leg, purpose: Purpose, cx: &mut Ctx<'_>) {
+        let direct = self.path.endpoint().filter(|_| leg == Leg::Direct);
+        if leg == Leg::Direct && direct.is_none() {
             return;
-        };
-        let id = probes::next_ping_id(cx.next_ping);
-        let p = self.message(cx.me, pmtu::Kind::Probe, id, 0, 0);
-        self.probes.sent(id, purpose, cx.now);
-        if let Output::Network(bytes) = self.session.encapsulate(&p, cx.buf, cx.now) {
-            cx.out.udp(e.socket, e.addr, bytes);
-            self.path.sent(Some(Leg::Direct), true, cx.now);
-            log_sent(&mut self.measure, Some(Leg::Direct), bytes);
         }
-    }
-
-    /// Sends a small probe inside the tunnel through the relay, whichever path traffic takes;
-    /// the answer comes back the same way.
-    fn ping_relay(&mut self, purpose: Purpose, cx: &mut Ctx<'_>) {
         let id = probes::next_ping_id(cx.next_ping);
         let p = self.message(cx.me, pmtu::Kind::Probe, id, 0, 0);
         self.probes.sent(id, purpose, cx.now);
         if let Output::Network(bytes) = self.session.encapsulate(&p, cx.buf, cx.now) {
-            cx.out.relay(self.config.key, bytes);
-            self.path.sent(Some(Leg::Relay), true, cx.now);
-            log_sent(&mut self.measure, Some(Leg::Relay), bytes);
+            match direct {
+                Some(e) => cx.out.udp(e.socket, e.addr, bytes),
+                None => cx.out.relay(self.config.key, bytes),
+            }
+            self.path.sent(Some(leg), true, cx.now);
+            log_sent(&mut self.measure, Some(leg), bytes);
         }
     }
 
@@ -897,14 +888,14 @@ impl Peer {
                 // to the timeout and until the peer is heard some other way, the peer's through
                 // the relay: what tells a dead path from a silent peer. (Not sooner: a lost
                 // packet or two on a lossy path should not send probes to the relay.)
-                self.ping_direct(Purpose::Liveness, cx);
+                self.ping_on(Leg::Direct, Purpose::Liveness, cx);
                 let since = self.path.direct.and_then(|d| d.unanswered_since);
                 let relay_probe = since.is_some_and(|s| {
                     cx.now.saturating_duration_since(s) >= PATH_TIMEOUT / 2
-                        && self.last_rx.is_none_or(|h| h <= s)
+                        && !path::heard_after(self.last_rx, s)
                 });
                 if relay_up && relay_probe {
-                    self.ping_relay(Purpose::Liveness, cx);
+                    self.ping_on(Leg::Relay, Purpose::Liveness, cx);
                 }
                 return;
             }

@@ -67,11 +67,16 @@ pub const PUNCH_ANSWER_SPACING: Duration = Duration::from_millis(500);
 /// How long a direct path may owe an answer since `since` before it is given up, the peer
 /// last heard (by any path) at `heard`.
 pub(crate) fn timeout(since: Instant, heard: Option<Instant>) -> Duration {
-    if heard.is_some_and(|h| h > since) {
+    if heard_after(heard, since) {
         PATH_TIMEOUT
     } else {
         SILENT_PEER_TIMEOUT
     }
+}
+
+/// Whether the peer, last heard (by any path) at `heard`, was heard after `since`.
+pub(crate) fn heard_after(heard: Option<Instant>, since: Instant) -> bool {
+    heard.is_some_and(|h| h > since)
 }
 
 /// Whether direct probes to the peer's candidates wait for its word (see the module docs): yes
