@@ -172,6 +172,23 @@ fn streams_and_datagrams_of_every_size_arrive_unchanged_through_an_offloading_me
     eprintln!("offload: a read {packets} packets from mesh0 in {reads} reads");
     assert!(reads < packets, "{counters:#}");
     assert_eq!(counters["tun_write_errors"], 0, "{counters:#}");
+    // And took coalesced ones back: the kernel counts each write into b's mesh0 as one
+    // received packet, and a's streams arrived in far fewer writes than the packets b's agent
+    // handed its writer (each segment of a flow written alone would be one write per packet).
+    let written = b.status().unwrap()["counters"]["tun_tx"].as_u64().unwrap();
+    let out = b
+        .host
+        .run("cat", ["/sys/class/net/mesh0/statistics/rx_packets"]);
+    let writes: u64 = out
+        .stdout
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{out}"));
+    eprintln!("offload: b wrote {written} packets to mesh0 in {writes} writes");
+    assert!(
+        writes * 4 < written,
+        "b's packets were not coalesced: {written} packets in {writes} writes"
+    );
     drop((a, b, ctl, lab));
 }
 

@@ -31,7 +31,7 @@ use mesh_proto::demux::{classify, DatagramKind};
 use mesh_proto::relay::Framer;
 use mesh_proto::PublicKey;
 use mesh_sys::socket::{Batch, QuicInbox, UdpPort};
-use mesh_sys::tun::Tun;
+use mesh_sys::tun::{Tun, TunPacket};
 use quinn::udp::RecvMeta;
 use std::io::IoSliceMut;
 use std::net::SocketAddr;
@@ -791,7 +791,7 @@ pub async fn run(
                 }
                 Output::Tun(pkt) => {
                     if tio.out.len() < TUN_PENDING {
-                        tio.out.push(pkt);
+                        tio.out.push(TunPacket(pkt));
                     } else {
                         counters.tun_queue_drops += 1;
                         node.recycle(pkt);
@@ -815,10 +815,11 @@ struct TunIo {
     original: Vec<u8>,
     bufs: Vec<Vec<u8>>,
     sizes: Vec<usize>,
-    /// Packets waiting to be written: the node's buffers, opened behind the header's room.
-    out: Vec<Vec<u8>>,
+    /// Packets waiting to be written: the node's buffers, opened behind the header's room
+    /// (each grows to a super-packet if the writer coalesces a flow into it).
+    out: Vec<TunPacket>,
     /// Emptied batch vectors back from the writer, for the next [`TunIo::out`].
-    batches: Vec<Vec<Vec<u8>>>,
+    batches: Vec<Vec<TunPacket>>,
 }
 
 impl TunIo {
@@ -850,7 +851,7 @@ impl TunIo {
 
     /// Hands the queued packets to the TUN writer as one batch; while its queue is full they
     /// stay queued (the writer hands a batch back, which wakes the loop to try again).
-    fn flush(&mut self, jobs: &mpsc::Sender<Vec<Vec<u8>>>) {
+    fn flush(&mut self, jobs: &mpsc::Sender<Vec<TunPacket>>) {
         if self.out.is_empty() {
             return;
         }
@@ -872,9 +873,9 @@ impl TunIo {
 
     /// Gives the buffers of a written batch back to the node, which opens the next packets
     /// into them (and seals GSO batches into those that coalescing grew to a super-packet).
-    fn take_back(&mut self, node: &mut Node, mut batch: Vec<Vec<u8>>) {
+    fn take_back(&mut self, node: &mut Node, mut batch: Vec<TunPacket>) {
         for b in batch.drain(..) {
-            node.recycle(b);
+            node.recycle(b.0);
         }
         if self.batches.len() < TUN_WRITE_QUEUE {
             self.batches.push(batch);
@@ -894,7 +895,7 @@ enum Written {
     },
     /// A batch of TUN packets: the buffers, packets written, failed writes.
     Tun {
-        batch: Vec<Vec<u8>>,
+        batch: Vec<TunPacket>,
         written: u64,
         errors: u64,
     },
@@ -954,19 +955,22 @@ async fn udp_writer(
 }
 
 /// Writes the packet batches queued for the TUN device, in order, coalescing TCP segments of
-/// one flow where the device has offloads, until the loop goes away.
+/// one flow where the device has offloads (into large buffers it keeps for the flows' first
+/// packets, [`mesh_sys::tun::Heads`]), until the loop goes away.
 async fn tun_writer(
     tun: std::sync::Arc<Tun>,
-    mut jobs: mpsc::Receiver<Vec<Vec<u8>>>,
+    mut jobs: mpsc::Receiver<Vec<TunPacket>>,
     done: mpsc::UnboundedSender<Written>,
 ) {
     let mut gro = mesh_sys::tun::GROTable::default();
+    let mut heads = mesh_sys::tun::Heads::default();
+    let offset = mesh_sys::tun::VIRTIO_NET_HDR_LEN;
     while let Some(mut batch) = jobs.recv().await {
         let packets = batch.len() as u64;
-        let (written, errors) = match tun
-            .send_multiple(&mut gro, &mut batch, mesh_sys::tun::VIRTIO_NET_HDR_LEN)
-            .await
-        {
+        heads.prepare(&mut batch, offset);
+        let sent = tun.send_multiple(&mut gro, &mut batch, offset).await;
+        heads.restore(&mut batch);
+        let (written, errors) = match sent {
             Ok(_) => (packets, 0),
             Err(e) => {
                 debug!(error = %e, "TUN write failed");

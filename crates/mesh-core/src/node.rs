@@ -503,9 +503,7 @@ impl Node {
 
     /// Puts every packet for the TUN device `bytes` into its buffer, behind zeroed room (a
     /// driver whose device takes a virtio-net header before each packet writes it there, and
-    /// the packet, without a copy), in a buffer with the capacity of a 64 KiB super-packet: a
-    /// writer that coalesces the TCP segments of a batch (tun-rs) does so only into a buffer
-    /// that holds the result. 0 unless set.
+    /// the packet, without a copy). 0 unless set.
     pub fn set_tun_headroom(&mut self, bytes: usize) {
         self.out.tun_headroom = bytes;
     }

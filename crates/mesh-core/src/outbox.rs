@@ -32,8 +32,8 @@ pub(crate) struct Outbox {
     /// TUN packets so the data path allocates nothing once warm.
     pool: Vec<Vec<u8>>,
     /// Large buffers ([`LARGE_BUFFER`]): a transmit that a second datagram joins moves into
-    /// one instead of growing by doubling (each step a copy of everything so far), and packets
-    /// for a TUN device that coalesces are opened into them (see [`Outbox::tun_buffer`]).
+    /// one instead of growing by doubling (each step a copy of everything so far). They come
+    /// from here and from TUN packets that a coalescing writer grew to a super-packet.
     large: Vec<Vec<u8>>,
     /// Large buffers that exist, kept or out (at most [`LARGE_LIMIT`]; one the driver drops
     /// without giving it back counts on: fewer are made, nothing worse).
@@ -177,26 +177,6 @@ impl Outbox {
         self.pool.pop().unwrap_or_default()
     }
 
-    /// A buffer to open a packet for the TUN device into. Where the driver asked for headroom
-    /// (its device takes a virtio-net header and coalesces the TCP segments of a batch, as
-    /// tun-rs does), a large one: the device's writer coalesces a flow into its first buffer
-    /// only if that buffer has the capacity for the whole super-packet, so a small one costs a
-    /// write per packet.
-    ///
-    /// At most [`LARGE_LIMIT`] large buffers exist; past that (a writer far behind) packets get
-    /// small ones and are written one by one, so memory stays bounded.
-    pub(crate) fn tun_buffer(&mut self) -> Vec<u8> {
-        if self.tun_headroom == 0 {
-            return self.buffer();
-        }
-        self.large_buffer().unwrap_or_else(|| self.buffer())
-    }
-
-    /// A kept large buffer, or a new one while fewer than [`LARGE_LIMIT`] exist.
-    fn large_buffer(&mut self) -> Option<Vec<u8>> {
-        take_large(&mut self.large, &mut self.large_made, 0)
-    }
-
     /// Seals one datagram straight into the transmit queue: `seal` writes it into the `room`
     /// bytes it is given and says how long it came out (`None`: nothing to send). It goes at
     /// the end of the last transmit when that is a batch it can join, so a run of same-size
@@ -324,11 +304,12 @@ pub const MAX_BATCH: usize = 64;
 pub const MAX_BATCH_BYTES: usize = 64_000;
 /// Most buffers kept for reuse.
 const POOL: usize = 1024;
-/// Capacity of a large buffer: a whole GSO batch and the room one more seal asks for, or a TCP
-/// super-packet of 64 KiB coalesced behind a virtio-net header.
+/// Capacity of a large buffer: a whole GSO batch and the room one more seal asks for (a TCP
+/// super-packet of 64 KiB coalesced behind a virtio-net header, a TUN buffer the driver's
+/// writer grew, is the same size).
 const LARGE_BUFFER: usize = 65_536 + 2048;
 /// Most large buffers in existence, kept or out (at most 17 MB, resident only as far as they
-/// were written): two of tun-rs's ideal TUN batches.
+/// were written).
 const LARGE_LIMIT: usize = 256;
 
 /// A kept large buffer, or a new one of at least `need` bytes while fewer than
@@ -496,27 +477,5 @@ mod tests {
         assert!(out.pop_transmit().is_none());
         // The first buffer went back to the pool of packet buffers.
         assert_eq!(out.pool.len(), 1);
-    }
-
-    /// Packets for a coalescing TUN writer get large buffers, but no more than
-    /// [`LARGE_LIMIT`] exist: a writer far behind gets small ones (memory stays bounded), and
-    /// large ones given back are used again.
-    #[test]
-    fn large_tun_buffers_are_bounded() {
-        let mut out = Outbox {
-            tun_headroom: 10,
-            ..Outbox::default()
-        };
-        let held: Vec<Vec<u8>> = (0..LARGE_LIMIT).map(|_| out.tun_buffer()).collect();
-        assert!(held.iter().all(|b| b.capacity() >= LARGE_BUFFER));
-        assert!(out.tun_buffer().capacity() < LARGE_BUFFER);
-        for b in held {
-            out.recycle(b);
-        }
-        assert!(out.tun_buffer().capacity() >= LARGE_BUFFER);
-        assert_eq!(out.large_made, LARGE_LIMIT);
-        // Without headroom (a driver that does not coalesce) packets get small buffers.
-        let mut plain = Outbox::default();
-        assert!(plain.tun_buffer().capacity() < LARGE_BUFFER);
     }
 }

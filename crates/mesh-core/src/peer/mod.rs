@@ -436,7 +436,7 @@ impl Peer {
         // Opened straight into a buffer that can go to the TUN device as it is (behind the
         // room the driver asked for).
         let room = cx.out.tun_headroom;
-        let mut buf = cx.out.tun_buffer();
+        let mut buf = cx.out.buffer();
         buf.resize(room + datagram.len().max(crate::session::MIN_BUFFER), 0);
         let decapsulated = match opened {
             Some(o) => self
