@@ -49,4 +49,5 @@ pub use node::{
     Destination, Event, Node, NodeConfig, Output, Path, PathQuality, PeerConfig, PeerStatus,
     QualityConfig, SocketId, Source, Status, Transmit,
 };
+pub use outbox::LARGE_BUFFER;
 pub use peer::handshake::PROACTIVE_PEERS;

@@ -304,10 +304,10 @@ pub const MAX_BATCH: usize = 64;
 pub const MAX_BATCH_BYTES: usize = 64_000;
 /// Most buffers kept for reuse.
 const POOL: usize = 1024;
-/// Capacity of a large buffer: a whole GSO batch and the room one more seal asks for (a TCP
-/// super-packet of 64 KiB coalesced behind a virtio-net header, a TUN buffer the driver's
-/// writer grew, is the same size).
-const LARGE_BUFFER: usize = 65_536 + 2048;
+/// Capacity of a large buffer: a whole GSO batch and the room one more seal asks for. A buffer
+/// given back with at least this capacity is kept among the large ones (a TUN buffer the
+/// driver's writer grew to hold a coalesced super-packet must be as large: drivers check it).
+pub const LARGE_BUFFER: usize = 65_536 + 2048;
 /// Most large buffers in existence, kept or out (at most 17 MB, resident only as far as they
 /// were written).
 const LARGE_LIMIT: usize = 256;

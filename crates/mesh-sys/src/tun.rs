@@ -35,19 +35,21 @@ pub type Tun = tun_rs::AsyncDevice;
 pub use tun_rs::{GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 /// Capacity a packet's buffer takes on when the writer first coalesces into it: a TCP
-/// super-packet of 64 KiB behind its virtio-net header, with room to spare.
+/// super-packet of 64 KiB behind its virtio-net header, with room to spare. The node files a
+/// buffer this large among its large ones when it comes back (`mesh_core::LARGE_BUFFER`, the
+/// same number; the agent checks that they agree).
 pub const COALESCE_CAPACITY: usize = 65_536 + 2048;
 
-/// A packet for [`tun_rs::AsyncDevice::send_multiple`] in a buffer that grows once, on
-/// demand, to [`COALESCE_CAPACITY`].
+/// A packet for [`tun_rs::AsyncDevice::send_multiple`] in a buffer that reports
+/// [`COALESCE_CAPACITY`] and takes it, once, when tun-rs writes past what it has.
 ///
 /// tun-rs coalesces the segments of a flow into the flow's first buffer only if that buffer's
 /// capacity already holds the whole super-packet (it never allocates: "insufficient
-/// capacity" writes the packet alone). Giving every packet a 66 KB buffer would let it
-/// coalesce, at 66 KB of memory per packet in flight. This buffer reports that capacity
-/// instead and takes it only when tun-rs writes past what it has, which happens to the first
-/// packet of each coalesced flow and to no other: one allocation and a copy of one packet per
-/// flow and batch, and memory in proportion to the flows rather than the packets.
+/// capacity" writes the packet alone). [`Heads`] gives the first packet of each flow it finds
+/// a buffer of that size before the write; this type is the fallback for the rest (a flow
+/// beyond those searched, a prepended header): it reports the capacity it does not have and
+/// grows on the one write past it, so such a flow still coalesces, at one allocation and a
+/// copy of one packet.
 #[derive(Debug, Default)]
 pub struct TunPacket(pub Vec<u8>);
 
