@@ -680,7 +680,7 @@ impl Node {
     fn find_peer(
         &mut self,
         datagram: &[u8],
-    ) -> Option<(PublicKey, Option<Slot>, Option<session::Opened>)> {
+    ) -> Option<(PublicKey, Option<Slot>, Option<Box<session::Opened>>)> {
         match session::address_opened(&self.local, datagram) {
             Some((Addressed::Initiation(key), opened)) => {
                 Some((key, self.peers.slot(&key), opened))

@@ -71,14 +71,18 @@ pub fn address_of(local: &LocalKeys, datagram: &[u8]) -> Option<Addressed> {
 
 /// [`address_of`] for the node: an initiation comes with its first half opened
 /// ([`mesh_wg::handshake::open_initiation`]), for [`Session::decapsulate_opened`], so that
-/// taking it does not repeat that Diffie-Hellman.
-pub fn address_opened(local: &LocalKeys, datagram: &[u8]) -> Option<(Addressed, Option<Opened>)> {
+/// taking it does not repeat that Diffie-Hellman. (Boxed: every data message passes through
+/// here and should not carry an initiation's state around.)
+pub fn address_opened(
+    local: &LocalKeys,
+    datagram: &[u8],
+) -> Option<(Addressed, Option<Box<Opened>>)> {
     match datagram.first()? {
         1 => mesh_wg::handshake::open_initiation(local, datagram)
             .ok()
             .map(|o| {
                 let key = Addressed::Initiation(PublicKey(o.peer().to_bytes()));
-                (key, Some(o))
+                (key, Some(Box::new(o)))
             }),
         2..=4 => mesh_wg::receiver_index(datagram).map(|i| (Addressed::Index(i >> 8), None)),
         _ => None,

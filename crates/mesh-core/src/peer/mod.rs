@@ -425,7 +425,7 @@ impl Peer {
         &mut self,
         via: Via,
         datagram: &[u8],
-        opened: Option<crate::session::Opened>,
+        opened: Option<Box<crate::session::Opened>>,
         cx: &mut Ctx<'_>,
     ) -> Received {
         let key = self.key();
@@ -441,7 +441,7 @@ impl Peer {
         let decapsulated = match opened {
             Some(o) => self
                 .session
-                .decapsulate_opened(o, datagram, &mut buf[room..], cx.now),
+                .decapsulate_opened(*o, datagram, &mut buf[room..], cx.now),
             None => self.session.decapsulate(datagram, &mut buf[room..], cx.now),
         };
         let received = match decapsulated {
