@@ -85,7 +85,7 @@ fn handshake(c: &mut Criterion) {
                 let (who, opened) = session::address_opened(&victim_local, &init).unwrap();
                 clock += std::time::Duration::from_secs(1);
                 let response =
-                    responder.decapsulate_opened(opened.unwrap(), &init, &mut out, clock);
+                    responder.decapsulate_opened(*opened.unwrap(), &init, &mut out, clock);
                 assert!(matches!(response, Output::Network(_)));
                 black_box(who)
             },
