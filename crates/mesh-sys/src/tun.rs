@@ -40,8 +40,22 @@ pub use tun_rs::{GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 /// same number; the agent checks that they agree).
 pub const COALESCE_CAPACITY: usize = 65_536 + 2048;
 
+/// Capacity a packet's buffer reports to tun-rs, whatever it really has: the largest IP
+/// packet (its length field holds 65,535) behind the virtio-net header.
+///
+/// tun-rs bounds a coalesced super-packet only by the capacity its first buffer reports
+/// (less twice the header room) and writes the sum of the segments into the IPv4 total length
+/// (or IPv6 payload length) and UDP length fields as 16-bit numbers. A buffer that reported
+/// more let a batch of one flow grow past 65,535 bytes; the lengths wrapped, the kernel cut
+/// the packet to the wrapped length and dropped the whole batch (a UDP super-packet no longer
+/// longer than one segment fails segmentation in `udp_queue_rcv_skb`). That took out up to
+/// 47 VXLAN packets at a time whenever a peer's datagrams arrived in long runs (GRO on the
+/// underlay), and flannel's TCP over them collapsed.
+pub const COALESCE_LIMIT: usize = VIRTIO_NET_HDR_LEN + 65_535;
+
 /// A packet for [`tun_rs::AsyncDevice::send_multiple`] in a buffer that reports
-/// [`COALESCE_CAPACITY`] and takes it, once, when tun-rs writes past what it has.
+/// [`COALESCE_LIMIT`] and takes [`COALESCE_CAPACITY`], once, when tun-rs writes past what it
+/// has.
 ///
 /// tun-rs coalesces the segments of a flow into the flow's first buffer only if that buffer's
 /// capacity already holds the whole super-packet (it never allocates: "insufficient
@@ -78,7 +92,8 @@ impl AsMut<[u8]> for TunPacket {
 
 impl tun_rs::ExpandBuffer for TunPacket {
     fn buf_capacity(&self) -> usize {
-        self.0.capacity().max(COALESCE_CAPACITY)
+        // Never more, even for a buffer that has more (see COALESCE_LIMIT).
+        COALESCE_LIMIT
     }
 
     fn buf_resize(&mut self, new_len: usize, value: u8) {
@@ -319,7 +334,7 @@ mod tests {
         let mut p = TunPacket(vec![7; 1430]);
         let small = p.0.capacity();
         assert!(small < COALESCE_CAPACITY);
-        assert_eq!(p.buf_capacity(), COALESCE_CAPACITY);
+        assert_eq!(p.buf_capacity(), COALESCE_LIMIT);
         p.buf_resize(1400, 0);
         assert_eq!(p.0.capacity(), small, "shrinking must not allocate");
         p.buf_extend_from_slice(&[1; 1380]);
