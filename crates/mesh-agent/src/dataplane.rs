@@ -159,6 +159,9 @@ mesh_core::counters! {
         /// Relay frames dropped on arrival because the data plane was behind (its inbox of
         /// `RELAY_INBOX` frames full).
         relay_inbox_drops: Drop("relay_inbox_full"),
+        /// Datagrams on extra sockets dropped on arrival because the data plane was behind (its
+        /// inbox of `EXTRA_INBOX` datagrams full).
+        extra_inbox_drops: Drop("extra_inbox_full"),
         /// Extra sockets open now (hole punching toward endpoint-dependent NATs, and the ones kept
         /// for peers reached that way).
         extra_sockets: Gauge("extra_sockets_open"),
@@ -177,6 +180,8 @@ mesh_core::counters! {
 struct ExtraSockets {
     /// Each open socket: a handle to send on, and the reader task (which owns the tokio side).
     open: std::collections::HashMap<SocketId, (std::net::UdpSocket, tokio::task::JoinHandle<()>)>,
+    /// Datagrams the readers dropped because the inbox was full.
+    inbox_drops: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A datagram received on an extra socket.
@@ -189,16 +194,22 @@ impl ExtraSockets {
         // Like the main socket, never routed into the overlay (fails without CAP_NET_ADMIN,
         // which the main socket's start-up has already reported).
         let _ = mesh_sys::bypass::mark_socket(&std_socket);
+        // The socket a birthday attempt won carries all of its peer's traffic: the main
+        // socket's buffers, or a burst overflows the kernel's default (208 KiB) and is lost.
+        // (Limits, not allocations: an idle socket of an attempt costs nothing for them.)
+        mesh_sys::socket::size_buffers(&std_socket, mesh_sys::socket::SOCKET_BUFFER);
         // Sends go through a plain non-blocking handle: tokio's try_send_to refuses until the
         // reactor has seen the new socket writable, and the first probe goes out at once.
         let sender = std_socket.try_clone()?;
         let reader = tokio::net::UdpSocket::from_std(std_socket)?;
-        let tx = inbox.clone();
+        let (tx, drops) = (inbox.clone(), self.inbox_drops.clone());
         let task = tokio::spawn(async move {
             let mut buf = vec![0u8; 65536];
             while let Ok((n, from)) = reader.recv_from(&mut buf).await {
-                // Full inbox: drop, as a congested link would.
-                let _ = tx.try_send((id, from, buf[..n].to_vec()));
+                // Full inbox: drop, as a congested link would, and count it.
+                if tx.try_send((id, from, buf[..n].to_vec())).is_err() {
+                    drops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
             }
         });
         if let Some((_, old)) = self.open.insert(id, (sender, task)) {
@@ -709,6 +720,9 @@ pub async fn run(
                     counters.relay_inbox_drops = relays
                         .inbox_drops
                         .load(std::sync::atomic::Ordering::Relaxed);
+                    counters.extra_inbox_drops = extra
+                        .inbox_drops
+                        .load(std::sync::atomic::Ordering::Relaxed);
                     let _ = reply.send(DataStatus {
                         peers: status.peers,
                         node: status.counters,
@@ -1185,5 +1199,47 @@ fn send_relayed(
         if tails.messages >= RELAY_TAIL_BATCH {
             tails.flush(counters);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    /// A socket a birthday attempt opens (and may keep, to carry a peer's whole traffic) gets
+    /// the buffers the main socket gets, not the kernel's default; and when the data plane
+    /// falls behind, what its reader drops is counted.
+    #[tokio::test]
+    async fn extra_sockets_get_the_main_sockets_buffers_and_count_what_they_drop() {
+        let main = std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let wanted = mesh_sys::socket::size_buffers(&main, mesh_sys::socket::SOCKET_BUFFER);
+        let plain = std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let default = mesh_sys::socket::buffer_sizes(&plain).recv;
+        let mut extra = ExtraSockets::default();
+        // An inbox of one datagram, never read: every datagram after the first is dropped.
+        let (tx, _rx) = mpsc::channel::<ExtraDatagram>(1);
+        extra.open(SocketId(7), &tx).unwrap();
+        let (socket, _) = &extra.open[&SocketId(7)];
+        let got = mesh_sys::socket::buffer_sizes(socket).recv;
+        assert_eq!(got, wanted.recv, "the kernel's default is {default}");
+        assert!(got > default, "{got} <= the default {default}");
+        let port = socket.local_addr().unwrap().port();
+        let sender = std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0)).unwrap();
+        for i in 0..10u8 {
+            sender
+                .send_to(&[i; 100], (std::net::Ipv4Addr::LOCALHOST, port))
+                .unwrap();
+        }
+        let drops = extra.inbox_drops.clone();
+        let counted = async {
+            while drops.load(Ordering::Relaxed) < 9 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), counted)
+            .await
+            .unwrap_or_else(|_| panic!("{} drops counted", drops.load(Ordering::Relaxed)));
+        extra.close(SocketId(7));
     }
 }

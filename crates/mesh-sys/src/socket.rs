@@ -34,6 +34,31 @@ pub struct BufferSizes {
     pub send: usize,
 }
 
+/// Asks the kernel for receive and send buffers of `want` bytes each on socket `fd`: past the
+/// `net.core.rmem_max`/`wmem_max` limits where the process may (`SO_RCVBUFFORCE` with
+/// CAP_NET_ADMIN), within them otherwise. Returns what the socket holds now; less than asked
+/// means bursts are more likely to be dropped by the kernel.
+pub fn size_buffers(fd: &impl std::os::fd::AsFd, want: usize) -> BufferSizes {
+    use nix::sys::socket::{setsockopt, sockopt};
+    if setsockopt(fd, sockopt::RcvBufForce, &want).is_err() {
+        let _ = setsockopt(fd, sockopt::RcvBuf, &want);
+    }
+    if setsockopt(fd, sockopt::SndBufForce, &want).is_err() {
+        let _ = setsockopt(fd, sockopt::SndBuf, &want);
+    }
+    buffer_sizes(fd)
+}
+
+/// The receive and send buffers socket `fd` holds now.
+pub fn buffer_sizes(fd: &impl std::os::fd::AsFd) -> BufferSizes {
+    use nix::sys::socket::{getsockopt, sockopt};
+    // The kernel reports twice what it keeps for data (the rest is its bookkeeping).
+    BufferSizes {
+        recv: getsockopt(fd, sockopt::RcvBuf).unwrap_or(0) / 2,
+        send: getsockopt(fd, sockopt::SndBuf).unwrap_or(0) / 2,
+    }
+}
+
 impl BufferSizes {
     /// How many of the two buffers hold less than `want` bytes (0, 1 or 2).
     pub fn short_of(&self, want: usize) -> usize {
@@ -137,23 +162,9 @@ impl UdpPort {
     }
 
     /// Asks the kernel for receive and send buffers of `want` bytes each (mesh uses
-    /// [`SOCKET_BUFFER`]): past the `net.core.rmem_max`/`wmem_max` limits where the process may
-    /// (`SO_RCVBUFFORCE` with CAP_NET_ADMIN), within them otherwise. Returns what the socket
-    /// holds now; less than asked means bursts are more likely to be dropped by the kernel.
+    /// [`SOCKET_BUFFER`]): see [`size_buffers`].
     pub fn size_buffers(&self, want: usize) -> BufferSizes {
-        use nix::sys::socket::{getsockopt, setsockopt, sockopt};
-        let fd = &self.inner.io;
-        if setsockopt(fd, sockopt::RcvBufForce, &want).is_err() {
-            let _ = setsockopt(fd, sockopt::RcvBuf, &want);
-        }
-        if setsockopt(fd, sockopt::SndBufForce, &want).is_err() {
-            let _ = setsockopt(fd, sockopt::SndBuf, &want);
-        }
-        // The kernel reports twice what it keeps for data (the rest is its bookkeeping).
-        BufferSizes {
-            recv: getsockopt(fd, sockopt::RcvBuf).unwrap_or(0) / 2,
-            send: getsockopt(fd, sockopt::SndBuf).unwrap_or(0) / 2,
-        }
+        size_buffers(&self.inner.io, want)
     }
 
     /// The bound address.
