@@ -47,9 +47,9 @@ pub const COALESCE_CAPACITY: usize = 65_536 + 2048;
 /// (less twice the header room) and writes the sum of the segments into the IPv4 total length
 /// (or IPv6 payload length) and UDP length fields as 16-bit numbers. A buffer that reported
 /// more let a batch of one flow grow past 65,535 bytes; the lengths wrapped, the kernel cut
-/// the packet to the wrapped length and dropped the whole batch (a UDP super-packet no longer
-/// longer than one segment fails segmentation in `udp_queue_rcv_skb`). That took out up to
-/// 47 VXLAN packets at a time whenever a peer's datagrams arrived in long runs (GRO on the
+/// the packet to the wrapped length and dropped the whole batch (a UDP super-packet cut to
+/// one segment or less fails segmentation in `udp_queue_rcv_skb`). That took out dozens of
+/// VXLAN packets at a time whenever a peer's datagrams arrived in long runs (GRO on the
 /// underlay), and flannel's TCP over them collapsed.
 pub const COALESCE_LIMIT: usize = VIRTIO_NET_HDR_LEN + 65_535;
 
