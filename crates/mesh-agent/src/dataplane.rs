@@ -224,26 +224,17 @@ impl ExtraSockets {
         }
     }
 
-    /// Sends each datagram of a transmit on extra socket `id`; how many went (0 if the socket
-    /// is not open). A send that fails with an ICMP error left by an earlier datagram is tried
-    /// once more (see [`mesh_sys::socket::UdpPort::send`]). (The node sends primers, the only
-    /// transmits with a TTL of their own, on the main socket only.)
+    /// Sends a transmit on extra socket `id` (a GSO batch in as few system calls as the kernel
+    /// takes, see [`mesh_sys::socket::send_plain`]); how many datagrams went (0 if the socket
+    /// is not open). (The node sends primers, the only transmits with a TTL of their own, on the
+    /// main socket only.)
     fn send(&self, id: SocketId, dst: std::net::SocketAddr, t: &Transmit) -> usize {
         let Some((s, _)) = self.open.get(&id) else {
             return 0;
         };
-        let mut sent = 0;
-        for d in t.segments() {
-            let result = match s.send_to(d, dst) {
-                Err(e) if mesh_sys::socket::is_deferred_icmp_error(&e) => s.send_to(d, dst),
-                other => other,
-            };
-            match result {
-                Ok(_) => sent += 1,
-                Err(e) => {
-                    debug!(socket = %id, %dst, error = %e, "UDP send on an extra socket failed")
-                }
-            }
+        let sent = mesh_sys::socket::send_plain(s, dst, &t.contents, t.segment_size);
+        if sent < t.datagrams() {
+            debug!(socket = %id, %dst, lost = t.datagrams() - sent, "UDP send on an extra socket failed");
         }
         sent
     }

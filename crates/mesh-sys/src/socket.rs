@@ -336,6 +336,81 @@ fn canonical_meta(meta: &mut [RecvMeta], n: usize) -> usize {
     n
 }
 
+/// Most datagrams one GSO send of [`send_plain`] carries (Linux takes 64 in every version that
+/// has UDP GSO).
+const PLAIN_GSO_SEGMENTS: usize = 64;
+/// Most bytes one GSO send of [`send_plain`] carries: the batch must fit one UDP datagram's
+/// length field with its headers, or the kernel refuses it whole.
+const PLAIN_GSO_BYTES: usize = 64_000;
+
+/// Sends `contents` to `dst` on a plain non-blocking socket, without waiting: one datagram, or
+/// with `segment_size` several back to back, each GSO run (at most 64 datagrams) in one system
+/// call (`UDP_SEGMENT`); a run the kernel refuses as a batch goes one datagram at a time.
+/// Returns how many datagrams went. A send failed by an ICMP error about an earlier datagram
+/// is tried once more (see [`UdpPort::send`]). For sockets a runtime does not drive (mesh's
+/// birthday sockets): no readiness is needed, so a new socket's first probe leaves at once.
+pub fn send_plain(
+    socket: &std::net::UdpSocket,
+    dst: SocketAddr,
+    contents: &[u8],
+    segment_size: Option<usize>,
+) -> usize {
+    let one = |d: &[u8]| retried_once(|| socket.send_to(d, dst).map(|_| ()));
+    let Some(size) = segment_size.filter(|s| *s > 0 && contents.len() > *s) else {
+        return usize::from(one(contents).is_ok());
+    };
+    let per_call = size * PLAIN_GSO_SEGMENTS.min(PLAIN_GSO_BYTES / size).max(1);
+    let mut sent = 0;
+    for run in contents.chunks(per_call) {
+        let datagrams = run.len().div_ceil(size);
+        if datagrams > 1 && u16::try_from(size).is_ok() && gso_send(socket, dst, run, size) {
+            sent += datagrams;
+        } else {
+            sent += run.chunks(size).filter(|d| one(d).is_ok()).count();
+        }
+    }
+    sent
+}
+
+/// One `sendmsg` of `run` with `UDP_SEGMENT` = `size`; whether the kernel took it.
+fn gso_send(socket: &std::net::UdpSocket, dst: SocketAddr, run: &[u8], size: usize) -> bool {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, SockaddrIn, SockaddrIn6};
+    use std::os::fd::AsRawFd;
+    let segment = size as u16;
+    let cmsg = [ControlMessage::UdpGsoSegments(&segment)];
+    let iov = [io::IoSlice::new(run)];
+    let fd = socket.as_raw_fd();
+    let send = || {
+        match dst {
+            SocketAddr::V4(a) => sendmsg(
+                fd,
+                &iov,
+                &cmsg,
+                MsgFlags::empty(),
+                Some(&SockaddrIn::from(a)),
+            ),
+            SocketAddr::V6(a) => sendmsg(
+                fd,
+                &iov,
+                &cmsg,
+                MsgFlags::empty(),
+                Some(&SockaddrIn6::from(a)),
+            ),
+        }
+        .map(|_| ())
+        .map_err(io::Error::from)
+    };
+    retried_once(send).is_ok()
+}
+
+/// `send`, once more if it failed on an ICMP error about an earlier datagram.
+fn retried_once(send: impl Fn() -> io::Result<()>) -> io::Result<()> {
+    match send() {
+        Err(e) if is_deferred_icmp_error(&e) => send(),
+        other => other,
+    }
+}
+
 /// Errors Linux reports on a UDP socket for an ICMP message about an earlier datagram.
 pub fn is_deferred_icmp_error(e: &io::Error) -> bool {
     matches!(
@@ -466,6 +541,38 @@ mod tests {
     use super::*;
     use nix::sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags};
     use std::os::fd::AsFd;
+
+    /// A GSO batch on a plain socket arrives as the datagrams it holds, in order and whole (the
+    /// last one shorter), and so does a lone datagram; the count says how many went.
+    #[test]
+    fn send_plain_delivers_every_datagram_of_a_batch() {
+        let rx = std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0)).unwrap();
+        rx.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        // (Room for all of them before the test reads: 4 MiB as root, rmem_max otherwise.)
+        size_buffers(&rx, 4 << 20);
+        let tx = std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0)).unwrap();
+        tx.set_nonblocking(true).unwrap();
+        let dst = rx.local_addr().unwrap();
+        // 130 datagrams of 500 bytes and one of 300: three GSO runs (64, 64, 3).
+        let mut contents = Vec::new();
+        for i in 0..130u32 {
+            contents.extend((0..500u32).map(|j| (i * 7 + j) as u8));
+        }
+        contents.extend([0xee; 300]);
+        assert_eq!(send_plain(&tx, dst, &contents, Some(500)), 131);
+        let mut buf = [0u8; 2000];
+        for (i, want) in contents.chunks(500).enumerate() {
+            let n = rx.recv(&mut buf).unwrap();
+            assert_eq!(&buf[..n], want, "datagram {i}");
+        }
+        assert_eq!(send_plain(&tx, dst, b"lone", None), 1);
+        assert_eq!(send_plain(&tx, dst, b"one segment", Some(500)), 1);
+        for want in [&b"lone"[..], b"one segment"] {
+            let n = rx.recv(&mut buf).unwrap();
+            assert_eq!(&buf[..n], want);
+        }
+    }
 
     /// What arrives of a primer: its bytes, with the TTL it was given (the receiver asks the
     /// kernel for each datagram's TTL), while an ordinary send on the same socket keeps the
