@@ -32,16 +32,16 @@ use mesh_proto::relay::Framer;
 use mesh_proto::PublicKey;
 use mesh_sys::socket::{Batch, QuicInbox, UdpPort};
 use mesh_sys::tun::{Tun, TunPacket};
-
-// A TUN buffer the writer grew for a coalesced super-packet goes back to the node, which keeps
-// it among its large buffers only if it is at least their size.
-const _: () = assert!(mesh_sys::tun::COALESCE_CAPACITY >= mesh_core::LARGE_BUFFER);
 use quinn::udp::RecvMeta;
 use std::io::IoSliceMut;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, warn};
+
+// A TUN buffer the writer grew for a coalesced super-packet goes back to the node, which keeps
+// it among its large buffers only if it is at least their size.
+const _: () = assert!(mesh_sys::tun::COALESCE_CAPACITY >= mesh_core::LARGE_BUFFER);
 
 /// Datagrams per receive call.
 const RECV_BATCH: usize = 32;

@@ -363,7 +363,8 @@ pub fn send_plain(
     let mut sent = 0;
     for run in contents.chunks(per_call) {
         let datagrams = run.len().div_ceil(size);
-        if datagrams > 1 && u16::try_from(size).is_ok() && gso_send(socket, dst, run, size) {
+        let segment = u16::try_from(size).ok().filter(|_| datagrams > 1);
+        if segment.is_some_and(|segment| gso_send(socket, dst, run, segment)) {
             sent += datagrams;
         } else {
             sent += run.chunks(size).filter(|d| one(d).is_ok()).count();
@@ -372,35 +373,25 @@ pub fn send_plain(
     sent
 }
 
-/// One `sendmsg` of `run` with `UDP_SEGMENT` = `size`; whether the kernel took it.
-fn gso_send(socket: &std::net::UdpSocket, dst: SocketAddr, run: &[u8], size: usize) -> bool {
-    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, SockaddrIn, SockaddrIn6};
+/// One `sendmsg` of `run` with `UDP_SEGMENT` = `segment`; whether the kernel took it.
+fn gso_send(socket: &std::net::UdpSocket, dst: SocketAddr, run: &[u8], segment: u16) -> bool {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, SockaddrStorage};
     use std::os::fd::AsRawFd;
-    let segment = size as u16;
     let cmsg = [ControlMessage::UdpGsoSegments(&segment)];
     let iov = [io::IoSlice::new(run)];
-    let fd = socket.as_raw_fd();
-    let send = || {
-        match dst {
-            SocketAddr::V4(a) => sendmsg(
-                fd,
-                &iov,
-                &cmsg,
-                MsgFlags::empty(),
-                Some(&SockaddrIn::from(a)),
-            ),
-            SocketAddr::V6(a) => sendmsg(
-                fd,
-                &iov,
-                &cmsg,
-                MsgFlags::empty(),
-                Some(&SockaddrIn6::from(a)),
-            ),
-        }
+    let to = SockaddrStorage::from(dst);
+    retried_once(|| {
+        sendmsg(
+            socket.as_raw_fd(),
+            &iov,
+            &cmsg,
+            MsgFlags::empty(),
+            Some(&to),
+        )
         .map(|_| ())
         .map_err(io::Error::from)
-    };
-    retried_once(send).is_ok()
+    })
+    .is_ok()
 }
 
 /// `send`, once more if it failed on an ICMP error about an earlier datagram.
