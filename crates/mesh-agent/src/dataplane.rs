@@ -974,11 +974,17 @@ async fn tun_writer(
     let mut gro = mesh_sys::tun::GROTable::default();
     let mut heads = mesh_sys::tun::Heads::default();
     let offset = mesh_sys::tun::VIRTIO_NET_HDR_LEN;
+    // Without offloads every packet is a write of its own: no flow head to give a large buffer.
+    let coalesces = tun.tcp_gso();
     while let Some(mut batch) = jobs.recv().await {
         let packets = batch.len() as u64;
-        heads.prepare(&mut batch, offset);
+        if coalesces {
+            heads.prepare(&mut batch, offset);
+        }
         let sent = tun.send_multiple(&mut gro, &mut batch, offset).await;
-        heads.restore(&mut batch);
+        if coalesces {
+            heads.restore(&mut batch);
+        }
         let (written, errors) = match sent {
             Ok(_) => (packets, 0),
             Err(e) => {
