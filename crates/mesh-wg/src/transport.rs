@@ -8,10 +8,14 @@
 //! counter once ([`ReplayWindow`]), only after the tag proved the message.
 //!
 //! Sealing takes `&self` (the counter is atomic): one session can seal on several threads.
+//! It can also be split in two ([`Transport::reserve`] then [`SealKey::seal`]): the counter
+//! is taken and the header written where the order of messages is decided, and the
+//! encryption, the costly part, runs later on another thread.
 
 use crate::{Error, DATA_HEADER_LEN, DATA_OVERHEAD, TAG_LEN, TYPE_DATA};
 use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, CHACHA20_POLY1305};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// The paper's Reject-After-Messages (2^64 - 2^13 - 1): no counter at or past it is used, so
 /// a nonce never repeats under one key.
@@ -21,7 +25,7 @@ pub const REJECT_AFTER_MESSAGES: u64 = u64::MAX - (1 << 13);
 pub struct Transport {
     local_index: u32,
     remote_index: u32,
-    sender: LessSafeKey,
+    sender: SealKey,
     receiver: LessSafeKey,
     next_counter: AtomicU64,
     replay: ReplayWindow,
@@ -61,7 +65,7 @@ impl Transport {
         Transport {
             local_index,
             remote_index,
-            sender: key(send),
+            sender: SealKey(Arc::new(key(send))),
             receiver: key(recv),
             next_counter: AtomicU64::new(0),
             replay: ReplayWindow::default(),
@@ -89,8 +93,18 @@ impl Transport {
     /// that starts at `buf[0]`; returns the message's length (`len + DATA_OVERHEAD`). An empty
     /// packet is a keepalive.
     pub fn seal(&self, buf: &mut [u8], len: usize) -> Result<usize, Error> {
+        let total = self.reserve(buf, len)?;
+        self.sender.seal(&mut buf[..total])?;
+        Ok(total)
+    }
+
+    /// The first half of [`Transport::seal`]: takes the next counter and writes the header
+    /// in front of the `len`-byte packet at `buf[DATA_HEADER_LEN..]`; returns the message's
+    /// length. The message must then go through [`SealKey::seal`] (this session's
+    /// [`Transport::seal_key`]) before it leaves: until then the packet lies in it in clear.
+    pub fn reserve(&self, buf: &mut [u8], len: usize) -> Result<usize, Error> {
         let total = len.checked_add(DATA_OVERHEAD).ok_or(Error::Buffer)?;
-        let msg = buf.get_mut(..total).ok_or(Error::Buffer)?;
+        let header = buf.get_mut(..total).ok_or(Error::Buffer)?;
         let counter = self.next_counter.fetch_add(1, Ordering::Relaxed);
         if counter >= REJECT_AFTER_MESSAGES {
             // Keep it from wrapping however often this is asked.
@@ -98,18 +112,16 @@ impl Transport {
                 .store(REJECT_AFTER_MESSAGES, Ordering::Relaxed);
             return Err(Error::Exhausted);
         }
-        let (header, rest) = msg.split_at_mut(DATA_HEADER_LEN);
         header[0] = TYPE_DATA;
         header[1..4].fill(0);
         header[4..8].copy_from_slice(&self.remote_index.to_le_bytes());
         header[8..16].copy_from_slice(&counter.to_le_bytes());
-        let (packet, tag_room) = rest.split_at_mut(len);
-        let tag = self
-            .sender
-            .seal_in_place_separate_tag(nonce(counter), Aad::empty(), packet)
-            .map_err(|_| Error::Buffer)?;
-        tag_room.copy_from_slice(tag.as_ref());
         Ok(total)
+    }
+
+    /// The key that seals what [`Transport::reserve`] prepared (shared, cheap to clone).
+    pub fn seal_key(&self) -> &SealKey {
+        &self.sender
     }
 
     /// Opens the data message `msg` in place; returns the packet it carried (empty for a
@@ -164,6 +176,51 @@ impl Transport {
         Ok(counter)
     }
 }
+
+/// A session's sending key, shared with whoever seals the messages [`Transport::reserve`]
+/// prepared. Clones are the same key ([`SealKey::same`]).
+#[derive(Clone)]
+pub struct SealKey(Arc<LessSafeKey>);
+
+impl SealKey {
+    /// Encrypts a data message [`Transport::reserve`] prepared, in place: `msg` is the whole
+    /// message (header, packet, room for the tag), its counter read from the header.
+    pub fn seal(&self, msg: &mut [u8]) -> Result<(), Error> {
+        if msg.len() < DATA_OVERHEAD || msg[0] != TYPE_DATA {
+            return Err(Error::Malformed);
+        }
+        let mut c = [0u8; 8];
+        c.copy_from_slice(&msg[8..16]);
+        let counter = u64::from_le_bytes(c);
+        let len = msg.len() - DATA_OVERHEAD;
+        let (packet, tag_room) = msg[DATA_HEADER_LEN..].split_at_mut(len);
+        let tag = self
+            .0
+            .seal_in_place_separate_tag(nonce(counter), Aad::empty(), packet)
+            .map_err(|_| Error::Buffer)?;
+        tag_room.copy_from_slice(tag.as_ref());
+        Ok(())
+    }
+
+    /// Whether `other` is this key (a clone of it).
+    pub fn same(&self, other: &SealKey) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl std::fmt::Debug for SealKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SealKey")
+    }
+}
+
+impl PartialEq for SealKey {
+    fn eq(&self, other: &SealKey) -> bool {
+        self.same(other)
+    }
+}
+
+impl Eq for SealKey {}
 
 /// Words of the replay bitmap: 64 × 32 = 2,048 counters, the last word kept as slack.
 const WORDS: usize = 32;
@@ -240,6 +297,42 @@ impl ReplayWindow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reserved_message_sealed_later_is_the_message_seal_makes() {
+        let (a, b) = ([7u8; 32], [9u8; 32]);
+        let whole = Transport::new(1, 2, &a, &b);
+        let split = Transport::new(1, 2, &a, &b);
+        let mut receiver = Transport::new(2, 1, &b, &a);
+        let packet: Vec<u8> = (0..1400u32).map(|i| (i * 31 % 251) as u8).collect();
+        let mut keys = Vec::new();
+        let mut reserved = Vec::new();
+        for len in [0usize, 1, 600, 1400] {
+            let mut one = vec![0u8; len + DATA_OVERHEAD];
+            one[DATA_HEADER_LEN..DATA_HEADER_LEN + len].copy_from_slice(&packet[..len]);
+            let mut two = one.clone();
+            assert_eq!(whole.seal(&mut one, len).unwrap(), len + DATA_OVERHEAD);
+            assert_eq!(split.reserve(&mut two, len).unwrap(), len + DATA_OVERHEAD);
+            assert_eq!(
+                two[DATA_HEADER_LEN..DATA_HEADER_LEN + len],
+                packet[..len],
+                "reserved but not sealed: still in clear"
+            );
+            keys.push(split.seal_key().clone());
+            reserved.push((one, two));
+        }
+        // Sealed later, in another order: each message still carries its own counter.
+        for ((one, two), key) in reserved.iter_mut().zip(&keys).rev() {
+            key.seal(two).unwrap();
+            assert_eq!(one, two);
+        }
+        for (_, two) in &mut reserved {
+            let len = two.len() - DATA_OVERHEAD;
+            assert_eq!(receiver.open(two).unwrap(), &packet[..len]);
+        }
+        assert!(keys[0].same(split.seal_key()) && !keys[0].same(whole.seal_key()));
+        assert_eq!(keys[0].seal(&mut [4u8; 20]), Err(Error::Malformed));
+    }
 
     #[test]
     fn the_window_accepts_each_counter_once_and_refuses_the_old() {

@@ -13,7 +13,7 @@
 //! ([`Action::Deliver`]: the packet is at its start).
 
 use crate::handshake::{self, Initiated, LocalKeys};
-use crate::transport::{Transport, REJECT_AFTER_MESSAGES};
+use crate::transport::{SealKey, Transport, REJECT_AFTER_MESSAGES};
 use crate::{
     Error, COOKIE_REPLY_LEN, DATA_HEADER_LEN, DATA_OVERHEAD, INITIATION_LEN, RESPONSE_LEN,
     TYPE_COOKIE_REPLY, TYPE_DATA, TYPE_INITIATION, TYPE_RESPONSE,
@@ -254,12 +254,36 @@ impl Tunnel {
             _ => return Err(Error::Exhausted),
         };
         let n = keys.transport.seal(buf, len)?;
+        self.sealed(len, now);
+        Ok(n)
+    }
+
+    /// [`Tunnel::seal`] without the encryption: copies `packet` behind room for the header in
+    /// `out`, takes the current session's next counter and writes the header; returns the
+    /// message's length and the key that must seal it ([`SealKey::seal`]) before it leaves.
+    /// `None`, with nothing changed, when no session can seal now: use [`Tunnel::send`].
+    pub fn reserve(
+        &mut self,
+        packet: &[u8],
+        out: &mut [u8],
+        now: Instant,
+    ) -> Option<(usize, SealKey)> {
+        let keys = self.current.as_ref().filter(|k| k.usable(now))?;
+        let room = out.get_mut(DATA_HEADER_LEN..DATA_HEADER_LEN + packet.len())?;
+        room.copy_from_slice(packet);
+        let n = keys.transport.reserve(out, packet.len()).ok()?;
+        let key = keys.transport.seal_key().clone();
+        self.sealed(packet.len(), now);
+        Some((n, key))
+    }
+
+    /// What sealing `len` bytes of packet tells the timers and counters.
+    fn sealed(&mut self, len: usize, now: Instant) {
         self.sent_something(now);
         if len > 0 {
             self.unanswered.get_or_insert(now);
             self.tx_bytes += len as u64;
         }
-        Ok(n)
     }
 
     /// Sends `packet`: sealed into `out` when a session is up ([`Action::Send`], a data
