@@ -181,6 +181,7 @@ fn streams_and_datagrams_of_every_size_arrive_unchanged_through_an_offloading_me
         let text = agent.cli(["status"]).stdout;
         assert!(
             text.contains("datapath  mesh0 with offloads")
+                && text.contains("batches encrypted on a thread of their own")
                 && text.contains("UDP buffers 7.0 MiB in"),
             "{text}"
         );
@@ -206,6 +207,10 @@ fn streams_and_datagrams_of_every_size_arrive_unchanged_through_an_offloading_me
     eprintln!("offload: a read {packets} packets from mesh0 in {reads} reads");
     assert!(reads < packets, "{counters:#}");
     assert_eq!(counters["tun_write_errors"], 0, "{counters:#}");
+    // The streams' batches were encrypted on the sealing thread (and arrived whole, above).
+    let sealed = counters["sealed_off_loop"].as_u64().unwrap();
+    eprintln!("offload: a sealed {sealed} datagrams off the loop");
+    assert!(sealed * 2 > packets, "{counters:#}");
     // And took coalesced ones back: the kernel counts each write into b's mesh0 as one
     // received packet, and a's streams arrived in far fewer writes than the packets b's agent
     // handed its writer (each segment of a flow written alone would be one write per packet).
@@ -226,9 +231,10 @@ fn streams_and_datagrams_of_every_size_arrive_unchanged_through_an_offloading_me
     drop((a, b, ctl, lab));
 }
 
-/// The fallback where a kernel refuses offloads (forced here with `MESH_TUN_OFFLOAD=0`, the
-/// documented way out): mesh0 is opened without them, the log and `mesh status` say so, one
-/// packet goes per read and write, and the same streams and datagrams still arrive unchanged.
+/// The fallbacks: where a kernel refuses offloads (forced here with `MESH_TUN_OFFLOAD=0`, the
+/// documented way out) mesh0 is opened without them, the log and `mesh status` say so, one
+/// packet goes per read and write; and with `MESH_SEAL_THREAD=0` (as on one core) the loop
+/// encrypts everything itself. The same streams and datagrams still arrive unchanged.
 #[test]
 fn without_offloads_the_same_bytes_arrive_and_status_says_so() {
     let mut lab = Lab::new("nooffload").unwrap();
@@ -245,6 +251,7 @@ fn without_offloads_the_same_bytes_arrive_and_status_says_so() {
             let state = lab.state_dir(&h.name).unwrap();
             let args = [
                 "MESH_TUN_OFFLOAD=0",
+                "MESH_SEAL_THREAD=0",
                 mesh,
                 "join",
                 &token,
@@ -260,12 +267,19 @@ fn without_offloads_the_same_bytes_arrive_and_status_says_so() {
     for agent in [a, b] {
         let status = agent.status().unwrap();
         assert_eq!(
-            status["counters"]["tun_offload"], 0,
+            (
+                &status["counters"]["tun_offload"],
+                &status["counters"]["seal_thread"]
+            ),
+            (&0.into(), &0.into()),
             "{:#}",
             status["counters"]
         );
         let text = agent.cli(["status"]).stdout;
-        assert!(text.contains("datapath  mesh0 without offloads"), "{text}");
+        assert!(
+            text.contains("datapath  mesh0 without offloads") && !text.contains("encrypted on a"),
+            "{text}"
+        );
         assert!(
             agent.stderr().contains("opened without offloads")
                 && agent.stderr().contains("MESH_TUN_OFFLOAD=0"),
@@ -282,6 +296,7 @@ fn without_offloads_the_same_bytes_arrive_and_status_says_so() {
         counters["tun_reads"], counters["tun_rx"],
         "one packet per read: {counters:#}"
     );
+    assert_eq!(counters["sealed_off_loop"], 0, "{counters:#}");
     assert_eq!(counters["tun_write_errors"], 0, "{counters:#}");
     drop((agents, ctl, lab));
 }

@@ -19,12 +19,14 @@
 //! is dropped and counted (`udp_queue_drops`, `tun_queue_drops`), as a router drops at a full
 //! interface queue, and the loop goes on reading. So a slow TUN write no longer stalls UDP
 //! receive, and the system calls of one direction run on the runtime's other thread while the
-//! loop encrypts or decrypts.
+//! loop encrypts or decrypts. Where the machine has a second core, batches for the main socket
+//! are encrypted on a thread of their own ([`Sealer`]) on their way to the UDP writer.
 
 use futures_util::FutureExt;
 use mesh_core::node::MAX_BATCH_BYTES;
 use mesh_core::{
     Destination, Event, Node, Output, Path, PeerConfig, PeerStatus, SocketId, Source, Transmit,
+    Unsealed,
 };
 use mesh_proto::control::{NatKind, PeerInfo};
 use mesh_proto::demux::{classify, DatagramKind};
@@ -136,6 +138,11 @@ mesh_core::counters! {
         tun_read_drops: Drop("tun_unsplittable"),
         /// 1 when mesh0 was opened with offloads (see `mesh_sys::tun::Offload`).
         tun_offload: Gauge("tun_offload"),
+        /// 1 when batches are encrypted on the sealing thread ([`Sealer`]), 0 when the loop
+        /// encrypts everything itself.
+        seal_thread: Gauge("seal_thread"),
+        /// Datagrams encrypted on the sealing thread rather than in the loop.
+        sealed_off_loop: Counter("sealed_off_loop_datagrams"),
         /// Datagrams dropped because the UDP writer's queue was full.
         udp_queue_drops: Drop("udp_write_queue_full"),
         /// Packets dropped because the TUN writer's queue was full.
@@ -510,6 +517,9 @@ pub async fn run(
     // Bounded by the datagrams in it (`udp_pending`), not by its length.
     let (udp_jobs, udp_queue) = mpsc::unbounded_channel();
     let mut udp_pending: usize = 0;
+    let sealer = Sealer::start(udp_jobs.clone());
+    node.set_deferred_sealing(sealer.is_some());
+    counters.seal_thread = u64::from(sealer.is_some());
     let (tun_jobs, tun_queue) = mpsc::channel(TUN_WRITE_QUEUE);
     tokio::spawn(udp_writer(port.clone(), udp_queue, written_tx.clone()));
     tokio::spawn(tun_writer(tun.clone(), tun_queue, written_tx));
@@ -764,6 +774,44 @@ pub async fn run(
                     &events,
                     &mut counters,
                 ),
+                Output::Unsealed(u) => {
+                    let datagrams = u.datagrams();
+                    match (u.destination(), &sealer) {
+                        (
+                            Destination::Udp {
+                                socket: SocketId::MAIN,
+                                dst,
+                            },
+                            Some(sealer),
+                        ) => {
+                            // To the sealing thread, which passes it on to the writer; a full
+                            // queue drops the batch (see the module docs).
+                            if udp_pending + datagrams > UDP_PENDING {
+                                counters.udp_queue_drops += datagrams as u64;
+                                node.recycle(u.into_buffer());
+                            } else if let Err(back) = sealer.seal(dst, u) {
+                                node.recycle(back);
+                            } else {
+                                udp_pending += datagrams;
+                                counters.sealed_off_loop += datagrams as u64;
+                            }
+                        }
+                        // Not for the main socket (the node defers only direct paths, but a
+                        // birthday socket is one): sealed here.
+                        _ => {
+                            let t = u.seal();
+                            send_other(
+                                &t,
+                                &extra,
+                                &relays,
+                                &mut relay_link,
+                                &mut relay_tails,
+                                &mut counters,
+                            );
+                            node.recycle(t.contents);
+                        }
+                    }
+                }
                 Output::Transmit(t) => {
                     match t.destination {
                         Destination::Udp {
@@ -771,28 +819,30 @@ pub async fn run(
                             dst,
                         } => {
                             // To the writer; a full queue drops the batch (see the module docs).
+                            // Behind batches still at the sealing thread, it goes that way too,
+                            // so that the datagrams of a flow leave in order.
                             let datagrams = t.datagrams();
                             if udp_pending + datagrams > UDP_PENDING {
                                 counters.udp_queue_drops += datagrams as u64;
                                 node.recycle(t.contents);
-                            } else if let Err(e) = udp_jobs.send((dst, t)) {
-                                node.recycle(e.0 .1.contents);
-                            } else {
-                                udp_pending += datagrams;
+                                continue;
+                            }
+                            let queued = match &sealer {
+                                Some(sealer) if sealer.busy() => sealer.pass(dst, t),
+                                _ => udp_jobs.send((dst, t)).map_err(|e| e.0 .1.contents),
+                            };
+                            match queued {
+                                Ok(()) => udp_pending += datagrams,
+                                Err(back) => node.recycle(back),
                             }
                             continue;
                         }
-                        Destination::Udp { socket, dst } => {
-                            let sent = extra.send(socket, dst, &t);
-                            counters.extra_tx += sent as u64;
-                            counters.udp_send_errors += (t.datagrams() - sent) as u64;
-                        }
-                        Destination::Relay { to } => send_relayed(
+                        _ => send_other(
+                            &t,
+                            &extra,
                             &relays,
                             &mut relay_link,
                             &mut relay_tails,
-                            to,
-                            &t.contents,
                             &mut counters,
                         ),
                     }
@@ -939,6 +989,118 @@ fn finished(
             counters.tun_write_errors += errors;
             tio.take_back(node, batch);
         }
+    }
+}
+
+/// Sends a transmit that is not for the main socket, from the loop: on a birthday socket, or
+/// framed for the relay.
+fn send_other(
+    t: &Transmit,
+    extra: &ExtraSockets,
+    relays: &Relays,
+    relay_link: &mut Framer,
+    relay_tails: &mut RelayTails,
+    counters: &mut DriverCounters,
+) {
+    match t.destination {
+        Destination::Udp { socket, dst } => {
+            let sent = extra.send(socket, dst, t);
+            counters.extra_tx += sent as u64;
+            counters.udp_send_errors += (t.datagrams() - sent) as u64;
+        }
+        Destination::Relay { to } => {
+            send_relayed(relays, relay_link, relay_tails, to, &t.contents, counters)
+        }
+    }
+}
+
+/// What the sealing thread is asked to do, in order.
+enum SealJob {
+    /// Seal the batch, then queue it for the writer.
+    Seal(SocketAddr, Unsealed),
+    /// Queue this sealed transmit for the writer behind the batches before it.
+    Pass(SocketAddr, Transmit),
+}
+
+/// The sealing thread: encrypts the node's batches for the main socket ([`Output::Unsealed`])
+/// on a core of its own and queues them for the UDP writer, in the order it got them. The loop
+/// decides everything (paths, sessions, each message's counter) and decrypts; the thread only
+/// encrypts. A transmit the node sealed itself goes to the writer straight, unless batches are
+/// still at the thread: then it follows them through it, so nothing overtakes.
+///
+/// Started only where the machine has more than one core and `MESH_SEAL_THREAD` is not `0`.
+struct Sealer {
+    jobs: std::sync::mpsc::Sender<SealJob>,
+    /// Jobs sent and not yet handed to the writer.
+    in_flight: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Turns the sealing thread off (`0`).
+const SEAL_THREAD_ENV: &str = "MESH_SEAL_THREAD";
+
+impl Sealer {
+    fn start(writer: mpsc::UnboundedSender<(SocketAddr, Transmit)>) -> Option<Sealer> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if std::env::var(SEAL_THREAD_ENV).is_ok_and(|v| v == "0") {
+            tracing::info!("{SEAL_THREAD_ENV}=0: the data plane's loop encrypts everything itself");
+            return None;
+        }
+        if cores < 2 {
+            tracing::info!("one core: the data plane's loop encrypts everything itself");
+            return None;
+        }
+        let (jobs, rx) = std::sync::mpsc::channel::<SealJob>();
+        let in_flight = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = in_flight.clone();
+        let spawned = std::thread::Builder::new()
+            .name("mesh-seal".into())
+            .spawn(move || {
+                // Ends when the loop drops its sender.
+                while let Ok(job) = rx.recv() {
+                    let t = match job {
+                        SealJob::Seal(dst, u) => (dst, u.seal()),
+                        SealJob::Pass(dst, t) => (dst, t),
+                    };
+                    // The writer is gone only when the loop is: nothing to give back to.
+                    let _ = writer.send(t);
+                    count.fetch_sub(1, std::sync::atomic::Ordering::Release);
+                }
+            });
+        match spawned {
+            Ok(_) => Some(Sealer { jobs, in_flight }),
+            Err(e) => {
+                warn!(error = %e, "no sealing thread: the data plane's loop encrypts everything itself");
+                None
+            }
+        }
+    }
+
+    /// Whether jobs are still at the thread (a transmit sent now must follow them).
+    fn busy(&self) -> bool {
+        self.in_flight.load(std::sync::atomic::Ordering::Acquire) > 0
+    }
+
+    /// Hands a batch over; its buffer back if the thread is gone.
+    fn seal(&self, dst: SocketAddr, u: Unsealed) -> Result<(), Vec<u8>> {
+        self.send(SealJob::Seal(dst, u))
+    }
+
+    /// Queues a sealed transmit behind the batches at the thread.
+    fn pass(&self, dst: SocketAddr, t: Transmit) -> Result<(), Vec<u8>> {
+        self.send(SealJob::Pass(dst, t))
+    }
+
+    fn send(&self, job: SealJob) -> Result<(), Vec<u8>> {
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.jobs.send(job).map_err(|e| {
+            self.in_flight
+                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            match e.0 {
+                SealJob::Seal(_, u) => u.into_buffer(),
+                SealJob::Pass(_, t) => t.contents,
+            }
+        })
     }
 }
 

@@ -206,6 +206,49 @@ pub struct Transmit {
     /// node's own NAT toward the destination and dies on the way, before it can reach (and
     /// poison) the far side's gateway. Never set on a batch.
     pub ttl: Option<u8>,
+    /// Datagrams whose encryption was left for later ([`Node::set_deferred_sealing`]): never
+    /// set on a transmit that reaches the driver as one.
+    pub(crate) pending: Vec<PendingSeal>,
+}
+
+/// Datagrams `first..end` of a transmit, reserved under `key` but not yet encrypted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PendingSeal {
+    pub(crate) first: usize,
+    pub(crate) end: usize,
+    pub(crate) key: mesh_wg::SealKey,
+}
+
+/// A batch whose encryption the node left to the driver ([`Node::set_deferred_sealing`]), so
+/// that it runs on another thread than the node's. Its bytes are not to be read: only
+/// [`Unsealed::seal`] turns it into a [`Transmit`] that may be sent. The order of messages was
+/// fixed when the node reserved their counters; sealing in another order changes nothing on
+/// the wire, sending in another order reorders as the network would.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unsealed(pub(crate) Transmit);
+
+impl Unsealed {
+    /// Where the datagrams go.
+    pub fn destination(&self) -> Destination {
+        self.0.destination
+    }
+
+    /// How many datagrams it holds.
+    pub fn datagrams(&self) -> usize {
+        self.0.datagrams()
+    }
+
+    /// Encrypts every datagram the node reserved: now it may be sent.
+    pub fn seal(mut self) -> Transmit {
+        self.0.seal_pending();
+        self.0
+    }
+
+    /// The buffer, to give back to the node ([`Node::recycle`]) when the batch is dropped
+    /// unsent.
+    pub fn into_buffer(self) -> Vec<u8> {
+        self.0.contents
+    }
 }
 
 /// The next thing the driver must do, in the order the node needs them done
@@ -217,6 +260,9 @@ pub enum Output {
     Event(Event),
     /// Send these datagrams.
     Transmit(Transmit),
+    /// Seal these datagrams ([`Unsealed::seal`], on any thread), then send them, in the order
+    /// given with the transmits.
+    Unsealed(Unsealed),
     /// Write this IP packet to the TUN device. It starts [`Node::set_tun_headroom`] bytes
     /// into the buffer (zeroed room before it; none unless the driver asked).
     Tun(Vec<u8>),

@@ -47,7 +47,7 @@ pub use birthday::{BirthdayConfig, BirthdayStats};
 pub use counters::Counters;
 pub use node::{
     Destination, Event, Node, NodeConfig, Output, Path, PathQuality, PeerConfig, PeerStatus,
-    QualityConfig, SocketId, Source, Status, Transmit,
+    QualityConfig, SocketId, Source, Status, Transmit, Unsealed,
 };
 pub use outbox::LARGE_BUFFER;
 pub use peer::handshake::PROACTIVE_PEERS;

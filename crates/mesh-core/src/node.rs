@@ -14,7 +14,7 @@ pub use crate::counters::Counters;
 use crate::guard::{GuardConfig, HandshakeGuard, Verdict};
 pub use crate::io::{
     Destination, Event, NodeConfig, Output, Path, PathQuality, PeerStatus, QualityConfig, Source,
-    Status, Transmit,
+    Status, Transmit, Unsealed,
 };
 use crate::outbox::{Ctx, Endpoint, Outbox, Via};
 use crate::packet;
@@ -33,7 +33,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 use x25519_dalek::{PublicKey as XPublic, StaticSecret};
 
-pub use crate::outbox::{MAX_BATCH, MAX_BATCH_BYTES};
+pub use crate::outbox::{MAX_BATCH, MAX_BATCH_BYTES, SEAL_INLINE_MAX};
 pub use crate::peer::handshake::{
     PROACTIVE_FALLBACK, PROACTIVE_PEERS, REKEY_ATTEMPT_TIME, REKEY_TIMEOUT, STALE_SESSION,
 };
@@ -508,6 +508,16 @@ impl Node {
         self.out.tun_headroom = bytes;
     }
 
+    /// Leaves the encryption of data messages to the driver: the node takes each message's
+    /// counter and writes its header where it decides the order, as always, and
+    /// [`Node::poll_output`] hands batches of more than [`SEAL_INLINE_MAX`] such messages out
+    /// as [`Output::Unsealed`] for the driver to seal on another thread than the node's (a
+    /// smaller one the node seals itself). Decisions, counters and what goes on the wire are
+    /// the same either way; [`Node::poll_transmit`] always seals. Off unless set.
+    pub fn set_deferred_sealing(&mut self, on: bool) {
+        self.out.defer = on;
+    }
+
     /// Tells the node whether the driver has a relay connection (traffic to peers without a
     /// direct path goes there).
     pub fn set_relay(&mut self, up: bool, now: Instant) {
@@ -855,7 +865,9 @@ impl Node {
     /// [`Event::OpenSocket`] has been polled (so poll events first, or use
     /// [`Node::poll_output`]); the others pass them.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.out.pop_transmit()
+        let mut t = self.out.pop_transmit()?;
+        t.seal_pending();
+        Some(t)
     }
 
     /// Next packet to write to the TUN device.
@@ -879,7 +891,11 @@ impl Node {
         if let Some(e) = self.poll_event() {
             return Some(Output::Event(e));
         }
-        if let Some(t) = self.poll_transmit() {
+        if let Some(mut t) = self.out.pop_transmit() {
+            if t.unsealed() > SEAL_INLINE_MAX {
+                return Some(Output::Unsealed(Unsealed(t)));
+            }
+            t.seal_pending();
             return Some(Output::Transmit(t));
         }
         self.poll_tun_packet().map(Output::Tun)
@@ -1035,6 +1051,7 @@ impl Node {
                 Destination::Relay { .. } => false,
             })?;
         let t = &mut self.out.transmits[pos];
+        t.seal_pending();
         let Destination::Udp { socket, dst } = t.destination else {
             return None;
         };

@@ -2,6 +2,7 @@
 //! the node writes its output through.
 
 use crate::budget::ProbeBudget;
+use crate::io::PendingSeal;
 use crate::node::{
     Counters, Destination, Event, Transmit, MAX_QUEUE, PROBE_BUDGET, PROBE_BUDGET_WINDOW,
 };
@@ -40,6 +41,9 @@ pub(crate) struct Outbox {
     large_made: usize,
     /// Bytes before each packet in a TUN buffer ([`crate::Node::set_tun_headroom`]).
     pub(crate) tun_headroom: usize,
+    /// Whether data messages to UDP destinations are reserved rather than sealed, their
+    /// encryption left to the driver ([`crate::Node::set_deferred_sealing`]).
+    pub(crate) defer: bool,
 }
 
 impl Default for Outbox {
@@ -57,6 +61,7 @@ impl Default for Outbox {
             large: Vec::new(),
             large_made: 0,
             tun_headroom: 0,
+            defer: false,
         }
     }
 }
@@ -235,8 +240,25 @@ impl Outbox {
         }
     }
 
+    /// The datagram [`Outbox::seal`] just queued was reserved, not sealed: `key` must seal it
+    /// before it leaves.
+    pub(crate) fn defer_last(&mut self, key: mesh_wg::SealKey) {
+        let Some(last) = self.transmits.back_mut() else {
+            return;
+        };
+        let at = last.datagrams() - 1;
+        match last.pending.last_mut() {
+            Some(run) if run.end == at && run.key.same(&key) => run.end += 1,
+            _ => last.pending.push(PendingSeal {
+                first: at,
+                end: at + 1,
+                key,
+            }),
+        }
+    }
+
     /// The next transmit the driver may send now (not on a socket it has not been told to
-    /// open yet).
+    /// open yet); it may hold datagrams still to seal ([`Transmit::seal_pending`]).
     pub(crate) fn pop_transmit(&mut self) -> Option<Transmit> {
         let t = if self.unannounced.is_empty() {
             self.transmits.pop_front()?
@@ -292,6 +314,7 @@ impl Outbox {
             contents,
             segment_size: None,
             ttl,
+            pending: Vec::new(),
         });
         self.queued += 1;
     }
@@ -353,7 +376,36 @@ fn into_batch_buffer(
 /// one segment are one hop apart: there a primer arrives like any probe.)
 pub const PRIMER_TTL: u8 = 2;
 
+/// Most datagrams a transmit may hold still to seal and yet be sealed by the node itself
+/// rather than handed to the driver as [`crate::io::Unsealed`]: a lone packet (a ping, a small request)
+/// is sealed at once, cheaper than the trip to another thread and its wake-up.
+pub const SEAL_INLINE_MAX: usize = 2;
+
 impl Transmit {
+    /// Encrypts the datagrams reserved and not yet sealed. A datagram that cannot be sealed
+    /// (which a reservation rules out) is zeroed rather than sent in clear.
+    pub(crate) fn seal_pending(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let size = self.segment_size.unwrap_or(self.contents.len()).max(1);
+        for run in std::mem::take(&mut self.pending) {
+            let start = (run.first * size).min(self.contents.len());
+            let end = (run.end * size).min(self.contents.len());
+            for datagram in self.contents[start..end].chunks_mut(size) {
+                if run.key.seal(datagram).is_err() {
+                    debug_assert!(false, "a reserved datagram could not be sealed");
+                    datagram.fill(0);
+                }
+            }
+        }
+    }
+
+    /// How many datagrams still wait to be sealed.
+    pub(crate) fn unsealed(&self) -> usize {
+        self.pending.iter().map(|r| r.end - r.first).sum()
+    }
+
     /// Datagrams in this transmit.
     pub fn datagrams(&self) -> usize {
         match self.segment_size {

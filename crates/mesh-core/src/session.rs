@@ -16,8 +16,8 @@
 
 use mesh_proto::PublicKey;
 pub use mesh_wg::handshake::Opened;
-pub use mesh_wg::LocalKeys;
 use mesh_wg::{Action, Tunnel};
+pub use mesh_wg::{LocalKeys, SealKey};
 use rand::rngs::OsRng;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
@@ -173,6 +173,19 @@ impl Session {
         }
         let action = self.tunnel().send(src, dst, now, &mut OsRng);
         network(action, dst)
+    }
+
+    /// [`Session::encapsulate`] of a packet for a session that can seal now, without the
+    /// encryption: the message's header is written and the packet copied behind it, and the
+    /// returned key must seal it ([`SealKey::seal`]) before it leaves. `None`, nothing changed,
+    /// when no session can seal: take [`Session::encapsulate`].
+    pub fn reserve(
+        &mut self,
+        src: &[u8],
+        dst: &mut [u8],
+        now: Instant,
+    ) -> Option<(usize, SealKey)> {
+        self.tunnel.as_mut()?.reserve(src, dst, now)
     }
 
     /// Decrypts or processes one datagram received from the peer.

@@ -196,6 +196,65 @@ fn packet_crosses_after_handshake() {
 }
 
 #[test]
+fn deferred_sealing_hands_out_bursts_unsealed_and_they_cross_in_order_once_sealed() {
+    let mut p = Pair::new();
+    p.a.set_deferred_sealing(true);
+    // A lone packet: sealed by the node itself, as before.
+    let one = icmp(p.a.address(), p.b.address(), b"lone");
+    p.a.handle_tun_packet(&one, p.now);
+    let sends = |n: &mut Node| -> Vec<Output> {
+        std::iter::from_fn(|| n.poll_output())
+            .filter(|o| !matches!(o, Output::Event(_)))
+            .collect()
+    };
+    let [Output::Transmit(t)] = &sends(&mut p.a)[..] else {
+        panic!("a lone packet is sealed in place");
+    };
+    p.b.handle_datagram(Source::main(p.a_addr), &t.contents, p.now);
+    assert_eq!(p.b.poll_tun_packet(), Some(one));
+    // A burst of one size: one batch, left unsealed, its bytes not the packets in clear.
+    let burst: Vec<Vec<u8>> = (0..40u8)
+        .map(|i| icmp(p.a.address(), p.b.address(), &[i; 1000]))
+        .collect();
+    for pkt in &burst {
+        p.a.handle_tun_packet(pkt, p.now);
+    }
+    let Ok::<[Output; 1], _>([Output::Unsealed(u)]) = sends(&mut p.a).try_into() else {
+        panic!("a burst is handed out unsealed, as one batch");
+    };
+    assert_eq!(u.datagrams(), 40);
+    assert_eq!(
+        u.destination(),
+        Destination::Udp {
+            socket: SocketId::MAIN,
+            dst: p.b_addr
+        }
+    );
+    // Sealed later (on another thread, in the agent), it is what the peer opens, in order.
+    let t = std::thread::spawn(move || u.seal()).join().unwrap();
+    assert!(
+        !t.contents.windows(1000).any(|w| w == [7u8; 1000]),
+        "nothing in clear"
+    );
+    for d in t.segments() {
+        p.b.handle_datagram(Source::main(p.a_addr), d, p.now);
+    }
+    for pkt in &burst {
+        assert_eq!(p.b.poll_tun_packet().as_ref(), Some(pkt));
+    }
+    assert_eq!(p.b.counters().rejected_packets, 0);
+    // `poll_transmit` never hands out anything unsealed.
+    for pkt in &burst {
+        p.a.handle_tun_packet(pkt, p.now);
+    }
+    let t = p.a.poll_transmit().unwrap();
+    for d in t.segments() {
+        p.b.handle_datagram(Source::main(p.a_addr), d, p.now);
+    }
+    assert_eq!(p.b.poll_tun_packet().as_ref(), Some(&burst[0]));
+}
+
+#[test]
 fn spoofed_inner_source_is_dropped() {
     let mut p = Pair::new();
     // B sends a packet claiming to come from an address that is not B's.

@@ -562,7 +562,18 @@ impl Peer {
         let session = &mut self.session;
         let mut other: Option<Vec<u8>> = None;
         let mut queued = false;
+        // The driver seals UDP batches on another thread when it asked to: here the message
+        // only gets its counter and header.
+        let defer = cx.out.defer && leg == Leg::Direct;
+        let mut reserved = None;
         let sealed = cx.out.seal(destination, room, |buf| {
+            if defer {
+                if let Some((n, key)) = session.reserve(packet, buf, now) {
+                    log.note_message(leg, &buf[..n]);
+                    reserved = Some(key);
+                    return Some(n);
+                }
+            }
             match session.encapsulate(packet, buf, now) {
                 Output::Network(b) if b.first() == Some(&4) => {
                     log.note_message(leg, b);
@@ -580,6 +591,9 @@ impl Peer {
                 _ => None,
             }
         });
+        if let Some(key) = reserved {
+            cx.out.defer_last(key);
+        }
         if queued {
             // Queued behind a handshake in progress.
             self.handshake.data_waits(cx.now);

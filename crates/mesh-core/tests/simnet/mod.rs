@@ -1632,6 +1632,12 @@ impl Sim {
                     self.transmit(i, &t);
                     self.nodes[i].node.recycle(t.contents);
                 }
+                Output::Unsealed(u) => {
+                    // A driver seals it on another thread; here, at once.
+                    let t = u.seal();
+                    self.transmit(i, &t);
+                    self.nodes[i].node.recycle(t.contents);
+                }
                 Output::Tun(pkt) => {
                     // Play the node's IP stack: answer echo requests, record replies.
                     let (src, dst) = addrs(&pkt);
