@@ -19,8 +19,11 @@
 //! is dropped and counted (`udp_queue_drops`, `tun_queue_drops`), as a router drops at a full
 //! interface queue, and the loop goes on reading. So a slow TUN write no longer stalls UDP
 //! receive, and the system calls of one direction run on the runtime's other thread while the
-//! loop encrypts or decrypts. Where the machine has a second core, batches for the main socket
-//! are encrypted on a thread of their own ([`Sealer`]) on their way to the UDP writer.
+//! loop encrypts or decrypts. A lone datagram or packet while its writer is idle (an
+//! interactive exchange, a ping) the loop writes itself without blocking, sparing the wake-up
+//! of the other thread; anything the kernel does not take at once goes to the writer. Where the
+//! machine has a second core, batches for the main socket are encrypted on a thread of their
+//! own ([`Sealer`]) on their way to the UDP writer.
 
 use futures_util::FutureExt;
 use mesh_core::node::MAX_BATCH_BYTES;
@@ -119,6 +122,8 @@ mesh_core::counters! {
         udp_rx: Counter("udp_rx_datagrams"),
         /// Datagrams sent on the UDP socket.
         udp_tx: Counter("udp_tx_datagrams"),
+        /// Of those, datagrams the loop sent itself, the writer being idle (see `send_inline`).
+        udp_inline: Counter("udp_tx_inline_datagrams"),
         /// Send calls on the UDP socket that failed.
         udp_send_errors: Counter("udp_send_errors"),
         /// Datagrams whose first bytes match no protocol.
@@ -127,6 +132,8 @@ mesh_core::counters! {
         quic_drops: Drop("quic_behind"),
         /// Packets written to TUN.
         tun_tx: Counter("tun_tx_packets"),
+        /// Of those, packets the loop wrote itself, the writer being idle (see `send_inline`).
+        tun_inline: Counter("tun_tx_inline_packets"),
         /// Packets read from TUN.
         tun_rx: Counter("tun_rx_packets"),
         /// Failed TUN writes.
@@ -763,6 +770,8 @@ pub async fn run(
                 tracing::debug!(to = %o.to, error = %e, "STUN request not sent");
             }
         }
+        // Sends the loop may make itself this drain (see `send_inline`).
+        let mut inline_budget = INLINE_SENDS;
         while let Some(output) = node.poll_output() {
             match output {
                 Output::Event(ev) => on_event(
@@ -818,6 +827,13 @@ pub async fn run(
                             socket: SocketId::MAIN,
                             dst,
                         } => {
+                            if udp_pending == 0 && inline_budget > 0 {
+                                inline_budget -= 1;
+                                if send_inline(&port, dst, &t, &mut counters).is_some() {
+                                    node.recycle(t.contents);
+                                    continue;
+                                }
+                            }
                             // To the writer; a full queue drops the batch (see the module docs).
                             // Behind batches still at the sealing thread, it goes that way too,
                             // so that the datagrams of a flow leave in order.
@@ -861,9 +877,50 @@ pub async fn run(
                 }
             }
         }
-        tio.flush(&tun_jobs);
+        if !tio.write_inline(&tun, &mut node, &mut counters) {
+            tio.flush(&tun_jobs);
+        }
         relay_tails.flush(&mut counters);
     }
+}
+
+/// Most sends the loop makes itself in one drain while the UDP writer is idle.
+const INLINE_SENDS: usize = 4;
+
+/// Sends a lone datagram from the loop itself, if the socket takes it at once: `Some` when it
+/// is done with (sent, or failed and counted), `None` when it must go to the writer (a GSO
+/// batch or a primer, or a full socket buffer).
+///
+/// Only called while the writer has nothing queued, so order is kept. Handing a single
+/// datagram to the writer task costs a wake-up of the other thread, which is most of what an
+/// idle ping pays over the plain path in each direction; bulk traffic (GSO batches) still goes
+/// to the writer, so encryption and the system calls of sending still overlap.
+fn send_inline(
+    port: &UdpPort,
+    dst: SocketAddr,
+    t: &Transmit,
+    counters: &mut DriverCounters,
+) -> Option<()> {
+    if t.segment_size.is_some() || t.ttl.is_some() {
+        return None;
+    }
+    let batch = Batch {
+        dst,
+        contents: &t.contents,
+        segment_size: None,
+    };
+    match port.try_send(&batch) {
+        Ok(()) => {
+            counters.udp_tx += 1;
+            counters.udp_inline += 1;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return None,
+        Err(e) => {
+            counters.udp_send_errors += 1;
+            debug!(%dst, error = %e, "UDP send failed");
+        }
+    }
+    Some(())
 }
 
 /// The TUN device's buffers: one for a read (a super-packet with its virtio-net header), the
@@ -879,6 +936,8 @@ struct TunIo {
     out: Vec<TunPacket>,
     /// Emptied batch vectors back from the writer, for the next [`TunIo::out`].
     batches: Vec<Vec<TunPacket>>,
+    /// Batches the writer has not handed back yet.
+    in_flight: usize,
 }
 
 impl TunIo {
@@ -889,6 +948,7 @@ impl TunIo {
             sizes: vec![0; mesh_sys::tun::IDEAL_BATCH_SIZE],
             out: Vec::with_capacity(mesh_sys::tun::IDEAL_BATCH_SIZE),
             batches: Vec::new(),
+            in_flight: 0,
         }
     }
 
@@ -928,11 +988,45 @@ impl TunIo {
             .pop()
             .unwrap_or_else(|| Vec::with_capacity(mesh_sys::tun::IDEAL_BATCH_SIZE));
         permit.send(std::mem::replace(&mut self.out, next));
+        self.in_flight += 1;
+    }
+
+    /// Writes a lone queued packet from the loop itself while the writer is idle (order is
+    /// kept), if the device takes it at once: true when it is done with (written, or failed
+    /// and counted). As with [`send_inline`], the writer's wake-up is what a ping would pay.
+    fn write_inline(&mut self, tun: &Tun, node: &mut Node, counters: &mut DriverCounters) -> bool {
+        if self.out.len() != 1 || self.in_flight > 0 {
+            return false;
+        }
+        // With the virtio-net header the zeroed room in front is the header (no offload asked
+        // of the kernel); without it, the packet starts after the room.
+        let start = if tun.tcp_gso() {
+            0
+        } else {
+            mesh_sys::tun::VIRTIO_NET_HDR_LEN
+        };
+        let packet = &self.out[0].0;
+        match tun.try_send(packet.get(start..).unwrap_or_default()) {
+            Ok(_) => {
+                counters.tun_tx += 1;
+                counters.tun_inline += 1;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(e) => {
+                debug!(error = %e, "TUN write failed");
+                counters.tun_write_errors += 1;
+            }
+        }
+        if let Some(p) = self.out.pop() {
+            node.recycle(p.0);
+        }
+        true
     }
 
     /// Gives the buffers of a written batch back to the node, which opens the next packets
     /// into them (and seals GSO batches into those that coalescing grew to a super-packet).
     fn take_back(&mut self, node: &mut Node, mut batch: Vec<TunPacket>) {
+        self.in_flight = self.in_flight.saturating_sub(1);
         for b in batch.drain(..) {
             node.recycle(b.0);
         }

@@ -233,25 +233,44 @@ impl UdpPort {
     /// by reporting it, so such a send is tried once more: one dead destination must not cost
     /// the datagram that happens to follow it.
     pub async fn send(&self, batch: &Batch<'_>) -> io::Result<()> {
-        let t = Transmit {
-            destination: self.socket_form(batch.dst),
-            ecn: None,
-            contents: batch.contents,
-            segment_size: batch.segment_size,
-            src_ip: self.source_for(batch.dst),
-        };
+        let t = self.transmit(batch);
         let mut retried = false;
         loop {
             self.inner.io.writable().await?;
-            match self.inner.io.try_io(Interest::WRITABLE, || {
-                self.inner.state.send((&self.inner.io).into(), &t)
-            }) {
+            match self.send_now(&t) {
                 Ok(()) => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) if !retried && is_deferred_icmp_error(&e) => retried = true,
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Sends one datagram or GSO batch if the socket takes it now, else `WouldBlock` and
+    /// nothing is sent; a deferred ICMP error is tried past once, as in [`UdpPort::send`].
+    pub fn try_send(&self, batch: &Batch<'_>) -> io::Result<()> {
+        let t = self.transmit(batch);
+        match self.send_now(&t) {
+            Err(e) if is_deferred_icmp_error(&e) => self.send_now(&t),
+            r => r,
+        }
+    }
+
+    fn transmit<'a>(&self, batch: &Batch<'a>) -> Transmit<'a> {
+        Transmit {
+            destination: self.socket_form(batch.dst),
+            ecn: None,
+            contents: batch.contents,
+            segment_size: batch.segment_size,
+            src_ip: self.source_for(batch.dst),
+        }
+    }
+
+    /// One non-blocking send call.
+    fn send_now(&self, t: &Transmit<'_>) -> io::Result<()> {
+        self.inner.io.try_io(Interest::WRITABLE, || {
+            self.inner.state.send((&self.inner.io).into(), t)
+        })
     }
 
     /// Sends one datagram to `dst` with IP TTL (IPv6: hop limit) `ttl` (a primer), waiting for
