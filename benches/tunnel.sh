@@ -6,6 +6,7 @@
 # over TCP (all UDP of the nodes blocked), as ratios to the direct path; and
 # mesh over an IPv6 underlay (the same links with 2001:db8:: addresses, a
 # controller reached over IPv6); mesh without TUN offloads (mesh-nooffload),
+# flannel's arrangement, TCP over a VXLAN device on mesh0 (mesh-vxlan),
 # nebula and tinc as further baselines. Each round measures every path once
 # (one stream and 4 parallel streams, the tunnel processes' CPU time per GB,
 # the idle ping RTT); the table gives medians over the rounds. See
@@ -18,9 +19,9 @@
 #   BENCH_STREAMS   iperf3 stream counts to run per path (default "1 4";
 #                   CPU per GB is taken in the 1-stream run)
 #   BENCH_PATHS     paths to measure, space separated
-#                   (default "veth mesh mesh-nooffload relay-quic relay-tcp
-#                   mesh-v6 boringtun wireguard-go nebula tinc"; the relay
-#                   paths need mesh)
+#                   (default "veth mesh mesh-vxlan mesh-nooffload relay-quic
+#                   relay-tcp mesh-v6 boringtun wireguard-go nebula tinc";
+#                   mesh-vxlan and the relay paths need mesh)
 #   MESH_BASE_DIR   a directory holding the mesh and mesh-controller of another
 #                   build (the one before a change, say): adds the path
 #                   mesh-base, that build's pair, measured in the same rounds
@@ -32,7 +33,7 @@ ROOT=$(cd "$HERE/.." && pwd)
 # shellcheck source-path=SCRIPTDIR source=lib-netns.sh
 . "$HERE/lib-netns.sh"
 
-ALL_PATHS="veth mesh mesh-nooffload relay-quic relay-tcp mesh-v6 boringtun wireguard-go nebula tinc"
+ALL_PATHS="veth mesh mesh-vxlan mesh-nooffload relay-quic relay-tcp mesh-v6 boringtun wireguard-go nebula tinc"
 BENCH_PATHS=${BENCH_PATHS:-$ALL_PATHS}
 if [[ -n ${MESH_BASE_DIR:-} ]]; then
     ALL_PATHS+=" mesh-base"
@@ -162,7 +163,7 @@ if want mesh-base && [[ ! -x ${MESH_BASE_DIR:-}/mesh || ! -x ${MESH_BASE_DIR:-}/
 fi
 skip_mesh_paths() { # REASON: skip every path that runs mesh
     local p
-    for p in mesh mesh-nooffload relay-quic relay-tcp mesh-v6; do
+    for p in mesh mesh-vxlan mesh-nooffload relay-quic relay-tcp mesh-v6; do
         want "$p" && skip "$p" "$1"
     done
     return 0
@@ -411,6 +412,53 @@ bench_mesh() {
     CPU_PIDS=("${PAIR_PIDS[@]}")
     RELAY_PID=''
     run_path "$path" "$PAIR_IP_B"
+}
+
+# ------------------------------------------------------------ mesh-vxlan --
+
+# Flannel's arrangement on the pair bench_mesh left up: a VXLAN device in A and B on mesh0
+# (the overlay addresses as its endpoints, flannel's UDP port 8472, 50 bytes under mesh0's MTU),
+# pod-like addresses on it, TCP through it. It is one UDP flow per pair of nodes, so long runs
+# of one flow reach a TUN write batch: the traffic that showed the coalescing length bug
+# (benches/README.md), which a plain TCP stream rarely builds.
+VX_A=10.244.0.1
+VX_B=10.244.0.2
+vxlan_up() { # NS LOCAL REMOTE ADDRESS MTU
+    ip -n "$1" link add vx0 type vxlan id 1 local "$2" remote "$3" dstport 8472 dev mesh0 &&
+        ip -n "$1" link set vx0 mtu "$5" &&
+        ip -n "$1" addr add "$4/24" dev vx0 &&
+        ip -n "$1" link set vx0 up
+}
+vxlan_down() {
+    ip -n "$NS_A" link del vx0 2>/dev/null || true
+    ip -n "$NS_B" link del vx0 2>/dev/null || true
+}
+bench_vxlan() {
+    local ip_a mtu
+    step "Path 2c: TCP over VXLAN on mesh0 (flannel's arrangement), round $ROUND"
+    if [[ -n ${WHY[mesh-vxlan]:-} ]]; then
+        info "skipped: ${WHY[mesh-vxlan]}"
+        return 1
+    fi
+    if [[ -z ${MESH_IP_B:-} ]]; then
+        skip mesh-vxlan "the mesh pair did not come up"
+        return 1
+    fi
+    ip_a=$(mesh_overlay_ready "$NS_A" "$MESH_SD/a")
+    mtu=$(ip -n "$NS_A" -o link show mesh0 | sed -n 's/.* mtu \([0-9]*\).*/\1/p')
+    if ! { vxlan_up "$NS_A" "$ip_a" "$MESH_IP_B" "$VX_A" $((mtu - 50)) &&
+        vxlan_up "$NS_B" "$MESH_IP_B" "$ip_a" "$VX_B" $((mtu - 50)); }; then
+        skip mesh-vxlan "the VXLAN devices could not be made"
+        vxlan_down
+        return 1
+    fi
+    if ! wait_until 10 "A -> B over VXLAN" ns_ping "$NS_A" "$VX_B"; then
+        skip mesh-vxlan "no connectivity A -> B over VXLAN on mesh0"
+        vxlan_down
+        return 1
+    fi
+    run_path mesh-vxlan "$VX_B" || true
+    vxlan_down
 }
 
 # The transport of the controller session of the agent with state dir $2 in namespace $1.
@@ -810,6 +858,7 @@ for ((ROUND = 1; ROUND <= BENCH_ROUNDS; ROUND++)); do
     want veth && { bench_veth || true; }
     if want mesh; then
         bench_mesh mesh || true
+        if want mesh-vxlan; then bench_vxlan || true; fi
         if want relay-quic || want relay-tcp; then bench_relay || true; fi
         mesh_stop
     fi
@@ -953,6 +1002,9 @@ for n in "${STREAMS[@]}"; do
     p=$(mbit mesh-nooffload "$n")
     [[ -z $p ]] || printf '    mesh / mesh-nooffload (what TUN offloads bring), %s stream(s): %s\n' \
         "$n" "$(ratio "$m" "$p")"
+    p=$(mbit mesh-vxlan "$n")
+    [[ -z $p ]] || printf '    mesh-vxlan (TCP over VXLAN on mesh0) carries %s of mesh, %s stream(s)\n' \
+        "$(pct "$p" "$m")" "$n"
     for path in relay-quic relay-tcp; do
         p=$(mbit "$path" "$n")
         [[ -z $p ]] || printf '    %s carries %s of the direct path, %s stream(s)\n' "$path" "$(pct "$p" "$m")" "$n"

@@ -377,8 +377,8 @@ fn into_batch_buffer(
 pub const PRIMER_TTL: u8 = 2;
 
 /// Most datagrams a transmit may hold still to seal and yet be sealed by the node itself
-/// rather than handed to the driver as [`crate::io::Unsealed`]: a lone packet (a ping, a small request)
-/// is sealed at once, cheaper than the trip to another thread and its wake-up.
+/// rather than handed to the driver as [`crate::io::Unsealed`]: a lone packet (a ping, a small
+/// request) is sealed at once, cheaper than the trip to another thread and its wake-up.
 pub const SEAL_INLINE_MAX: usize = 2;
 
 impl Transmit {
