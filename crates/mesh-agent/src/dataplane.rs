@@ -773,6 +773,23 @@ pub async fn run(
         // Sends the loop may make itself this drain (see `send_inline`).
         let mut inline_budget = INLINE_SENDS;
         while let Some(output) = node.poll_output() {
+            // Only batches for the main socket go to the sealing thread; anything else the
+            // node left unsealed (for a birthday socket) is sealed here.
+            let output = match output {
+                Output::Unsealed(u)
+                    if sealer.is_none()
+                        || !matches!(
+                            u.destination(),
+                            Destination::Udp {
+                                socket: SocketId::MAIN,
+                                ..
+                            }
+                        ) =>
+                {
+                    Output::Transmit(u.seal())
+                }
+                other => other,
+            };
             match output {
                 Output::Event(ev) => on_event(
                     ev,
@@ -784,41 +801,21 @@ pub async fn run(
                     &mut counters,
                 ),
                 Output::Unsealed(u) => {
+                    let (Destination::Udp { dst, .. }, Some(sealer)) = (u.destination(), &sealer)
+                    else {
+                        unreachable!("only batches for the sealing thread are left unsealed");
+                    };
+                    // To the sealing thread, which passes it on to the writer; a full queue
+                    // drops the batch (see the module docs).
                     let datagrams = u.datagrams();
-                    match (u.destination(), &sealer) {
-                        (
-                            Destination::Udp {
-                                socket: SocketId::MAIN,
-                                dst,
-                            },
-                            Some(sealer),
-                        ) => {
-                            // To the sealing thread, which passes it on to the writer; a full
-                            // queue drops the batch (see the module docs).
-                            if udp_pending + datagrams > UDP_PENDING {
-                                counters.udp_queue_drops += datagrams as u64;
-                                node.recycle(u.into_buffer());
-                            } else if let Err(back) = sealer.seal(dst, u) {
-                                node.recycle(back);
-                            } else {
-                                udp_pending += datagrams;
-                                counters.sealed_off_loop += datagrams as u64;
-                            }
-                        }
-                        // Not for the main socket (the node defers only direct paths, but a
-                        // birthday socket is one): sealed here.
-                        _ => {
-                            let t = u.seal();
-                            send_other(
-                                &t,
-                                &extra,
-                                &relays,
-                                &mut relay_link,
-                                &mut relay_tails,
-                                &mut counters,
-                            );
-                            node.recycle(t.contents);
-                        }
+                    if udp_pending + datagrams > UDP_PENDING {
+                        counters.udp_queue_drops += datagrams as u64;
+                        node.recycle(u.into_buffer());
+                    } else if let Err(back) = sealer.seal(dst, u) {
+                        node.recycle(back);
+                    } else {
+                        udp_pending += datagrams;
+                        counters.sealed_off_loop += datagrams as u64;
                     }
                 }
                 Output::Transmit(t) => {
