@@ -49,6 +49,13 @@ fn key(bytes: &[u8; 32]) -> LessSafeKey {
     }
 }
 
+/// The counter in a data message's header (`msg` holds at least the header).
+fn header_counter(msg: &[u8]) -> u64 {
+    let mut c = [0u8; 8];
+    c.copy_from_slice(&msg[8..DATA_HEADER_LEN]);
+    u64::from_le_bytes(c)
+}
+
 fn nonce(counter: u64) -> Nonce {
     let mut n = [0u8; 12];
     n[4..].copy_from_slice(&counter.to_le_bytes());
@@ -167,9 +174,7 @@ impl Transport {
         if u32::from_le_bytes([msg[4], msg[5], msg[6], msg[7]]) != self.local_index {
             return Err(Error::WrongIndex);
         }
-        let mut c = [0u8; 8];
-        c.copy_from_slice(&msg[8..16]);
-        let counter = u64::from_le_bytes(c);
+        let counter = header_counter(msg);
         if !self.replay.may_accept(counter) {
             return Err(Error::Replay);
         }
@@ -189,9 +194,7 @@ impl SealKey {
         if msg.len() < DATA_OVERHEAD || msg[0] != TYPE_DATA {
             return Err(Error::Malformed);
         }
-        let mut c = [0u8; 8];
-        c.copy_from_slice(&msg[8..16]);
-        let counter = u64::from_le_bytes(c);
+        let counter = header_counter(msg);
         let len = msg.len() - DATA_OVERHEAD;
         let (packet, tag_room) = msg[DATA_HEADER_LEN..].split_at_mut(len);
         let tag = self

@@ -195,7 +195,12 @@ impl Tunnel {
 
     /// Whether a session can seal now.
     pub fn established(&self, now: Instant) -> bool {
-        self.current.as_ref().is_some_and(|k| k.usable(now))
+        self.sealing_keys(now).is_some()
+    }
+
+    /// The keys that seal now: the current session's, while usable.
+    fn sealing_keys(&self, now: Instant) -> Option<&Keys> {
+        self.current.as_ref().filter(|k| k.usable(now))
     }
 
     /// Whether a session was made (it may be too old to seal: [`Tunnel::established`]).
@@ -249,10 +254,7 @@ impl Tunnel {
     /// session (the data path); `Err` with nothing changed when there is none: use
     /// [`Tunnel::send`].
     pub fn seal(&mut self, buf: &mut [u8], len: usize, now: Instant) -> Result<usize, Error> {
-        let keys = match &self.current {
-            Some(k) if k.usable(now) => k,
-            _ => return Err(Error::Exhausted),
-        };
+        let keys = self.sealing_keys(now).ok_or(Error::Exhausted)?;
         let n = keys.transport.seal(buf, len)?;
         self.sealed(len, now);
         Ok(n)
@@ -268,7 +270,7 @@ impl Tunnel {
         out: &mut [u8],
         now: Instant,
     ) -> Option<(usize, SealKey)> {
-        let keys = self.current.as_ref().filter(|k| k.usable(now))?;
+        let keys = self.sealing_keys(now)?;
         let room = out.get_mut(DATA_HEADER_LEN..DATA_HEADER_LEN + packet.len())?;
         room.copy_from_slice(packet);
         let n = keys.transport.reserve(out, packet.len()).ok()?;
