@@ -250,10 +250,7 @@ impl UdpPort {
     /// nothing is sent; a deferred ICMP error is tried past once, as in [`UdpPort::send`].
     pub fn try_send(&self, batch: &Batch<'_>) -> io::Result<()> {
         let t = self.transmit(batch);
-        match self.send_now(&t) {
-            Err(e) if is_deferred_icmp_error(&e) => self.send_now(&t),
-            r => r,
-        }
+        retried_once(|| self.send_now(&t))
     }
 
     fn transmit<'a>(&self, batch: &Batch<'a>) -> Transmit<'a> {
