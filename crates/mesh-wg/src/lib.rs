@@ -24,7 +24,7 @@ pub mod transport;
 pub mod tunnel;
 
 pub use handshake::{Initiated, LocalKeys, Received};
-pub use transport::{ReplayWindow, SealKey, Transport};
+pub use transport::{OpenKey, OpenedData, ReplayWindow, SealKey, Transport};
 pub use tunnel::{Action, Tunnel};
 
 /// Message type of a handshake initiation.

@@ -11,6 +11,11 @@
 //! It can also be split in two ([`Transport::reserve`] then [`SealKey::seal`]): the counter
 //! is taken and the header written where the order of messages is decided, and the
 //! encryption, the costly part, runs later on another thread.
+//!
+//! Opening splits the same way: [`OpenKey::open`] (the session's receiving key, shared)
+//! decrypts on any thread and returns an [`OpenedData`], which only it makes; the session
+//! then takes the counter into its replay window ([`Transport::accept`]), in the order the
+//! messages came.
 
 use crate::{Error, DATA_HEADER_LEN, DATA_OVERHEAD, TAG_LEN, TYPE_DATA};
 use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, CHACHA20_POLY1305};
@@ -26,7 +31,7 @@ pub struct Transport {
     local_index: u32,
     remote_index: u32,
     sender: SealKey,
-    receiver: LessSafeKey,
+    receiver: OpenKey,
     next_counter: AtomicU64,
     replay: ReplayWindow,
 }
@@ -73,7 +78,10 @@ impl Transport {
             local_index,
             remote_index,
             sender: SealKey(Arc::new(key(send))),
-            receiver: key(recv),
+            receiver: OpenKey {
+                key: Arc::new(key(recv)),
+                index: local_index,
+            },
             next_counter: AtomicU64::new(0),
             replay: ReplayWindow::default(),
         }
@@ -139,6 +147,7 @@ impl Transport {
         let len = msg.len() - DATA_OVERHEAD;
         let sealed = &mut msg[DATA_HEADER_LEN..];
         self.receiver
+            .key
             .open_in_place(nonce(counter), Aad::empty(), sealed)
             .map_err(|_| Error::Decrypt)?;
         if !self.replay.accept(counter) {
@@ -158,12 +167,32 @@ impl Transport {
         let mut tag = [0u8; TAG_LEN];
         tag.copy_from_slice(&msg[DATA_HEADER_LEN + len..]);
         self.receiver
+            .key
             .open_in_place_separate_tag(nonce(counter), Aad::empty(), Tag::from(tag), room, 0..)
             .map_err(|_| Error::Decrypt)?;
         if !self.replay.accept(counter) {
             return Err(Error::Replay);
         }
         Ok(len)
+    }
+
+    /// The key that opens this session's data messages away from it ([`OpenKey::open`]; shared,
+    /// cheap to clone).
+    pub fn open_key(&self) -> &OpenKey {
+        &self.receiver
+    }
+
+    /// The second half of opening off the session's thread: records the counter of a message
+    /// this session's [`OpenKey`] opened; returns the packet's length. Refused (nothing
+    /// recorded) when another session's key opened it or the counter was already taken.
+    pub fn accept(&mut self, opened: &OpenedData) -> Result<usize, Error> {
+        if !Arc::ptr_eq(&opened.key.key, &self.receiver.key) {
+            return Err(Error::WrongIndex);
+        }
+        if !self.replay.accept(opened.counter) {
+            return Err(Error::Replay);
+        }
+        Ok(opened.len)
     }
 
     /// The counter of a data message for this session that the window may accept.
@@ -224,6 +253,82 @@ impl PartialEq for SealKey {
 }
 
 impl Eq for SealKey {}
+
+/// A session's receiving key, shared with whoever opens its data messages away from the
+/// session ([`Transport::open_key`]).
+#[derive(Clone)]
+pub struct OpenKey {
+    key: Arc<LessSafeKey>,
+    /// The session's own index, which its messages carry.
+    index: u32,
+}
+
+impl OpenKey {
+    /// The index of the session whose key this is.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// Decrypts a data message in place: `header` is its 16 bytes of header, `sealed` the
+    /// encrypted packet and the tag behind it. The packet lands at `sealed[..len]`, `len`
+    /// being [`OpenedData::len`]. The counter is not yet taken: the session must
+    /// [`Transport::accept`] it before the packet counts as received.
+    pub fn open(self, header: &[u8], sealed: &mut [u8]) -> Result<OpenedData, Error> {
+        if header.len() != DATA_HEADER_LEN || header[0] != TYPE_DATA || header[1..4] != [0, 0, 0] {
+            return Err(Error::Malformed);
+        }
+        if u32::from_le_bytes([header[4], header[5], header[6], header[7]]) != self.index {
+            return Err(Error::WrongIndex);
+        }
+        let Some(len) = sealed.len().checked_sub(TAG_LEN) else {
+            return Err(Error::Malformed);
+        };
+        let counter = header_counter(header);
+        if counter >= REJECT_AFTER_MESSAGES {
+            return Err(Error::Replay);
+        }
+        self.key
+            .open_in_place(nonce(counter), Aad::empty(), sealed)
+            .map_err(|_| Error::Decrypt)?;
+        Ok(OpenedData {
+            key: self,
+            counter,
+            len,
+        })
+    }
+}
+
+impl std::fmt::Debug for OpenKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "OpenKey({})", self.index)
+    }
+}
+
+/// A data message an [`OpenKey`] authenticated: only [`OpenKey::open`] makes one, so a
+/// session that accepts it ([`Transport::accept`]) knows the packet is the peer's.
+#[derive(Debug)]
+pub struct OpenedData {
+    key: OpenKey,
+    counter: u64,
+    len: usize,
+}
+
+impl OpenedData {
+    /// The index of the session that opened it.
+    pub fn index(&self) -> u32 {
+        self.key.index
+    }
+
+    /// The packet's length (0: a keepalive).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it was a keepalive.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
 
 /// Words of the replay bitmap: 64 × 32 = 2,048 counters, the last word kept as slack.
 const WORDS: usize = 32;
@@ -335,6 +440,87 @@ mod tests {
         }
         assert!(keys[0].same(split.seal_key()) && !keys[0].same(whole.seal_key()));
         assert_eq!(keys[0].seal(&mut [4u8; 20]), Err(Error::Malformed));
+    }
+
+    #[test]
+    fn messages_opened_away_from_the_session_are_accepted_once_and_only_by_it() {
+        let (a, b) = ([7u8; 32], [9u8; 32]);
+        let sender = Transport::new(1, 2, &a, &b);
+        let mut receiver = Transport::new(2, 1, &b, &a);
+        let mut stranger = Transport::new(2, 1, &b, &a);
+        let packet: Vec<u8> = (0..1400u32).map(|i| (i * 17 % 253) as u8).collect();
+        let mut sealed = Vec::new();
+        for len in [0usize, 1, 1400, 600] {
+            let mut m = vec![0u8; len + DATA_OVERHEAD];
+            m[DATA_HEADER_LEN..DATA_HEADER_LEN + len].copy_from_slice(&packet[..len]);
+            sender.seal(&mut m, len).unwrap();
+            sealed.push(m);
+        }
+        let replayed = sealed[2].clone();
+        // Opened on another thread, in the order they came.
+        let key = receiver.open_key().clone();
+        let opened = std::thread::spawn(move || {
+            let mut out = Vec::new();
+            for mut m in sealed {
+                let (header, body) = m.split_at_mut(DATA_HEADER_LEN);
+                let o = key.clone().open(header, body).unwrap();
+                let len = o.len();
+                out.push((o, body[..len].to_vec()));
+            }
+            out
+        })
+        .join()
+        .unwrap();
+        for (o, p) in &opened {
+            assert_eq!(p[..], packet[..o.len()]);
+            assert_eq!(
+                stranger.accept(o),
+                Err(Error::WrongIndex),
+                "another session's proof"
+            );
+            assert_eq!(receiver.accept(o), Ok(o.len()));
+            assert_eq!(
+                receiver.accept(o),
+                Err(Error::Replay),
+                "a counter counts once"
+            );
+        }
+        assert!(opened[0].0.is_empty(), "the keepalive");
+        // A message opened in place the usual way after that is a replay too.
+        let mut again = replayed.clone();
+        assert_eq!(receiver.open(&mut again), Err(Error::Replay));
+        // Tampered, or a header that is not a data message for this key: refused, nothing
+        // taken.
+        let mut bad = replayed.clone();
+        bad[100] ^= 1;
+        let (h, body) = bad.split_at_mut(DATA_HEADER_LEN);
+        assert_eq!(
+            receiver.open_key().clone().open(h, body).unwrap_err(),
+            Error::Decrypt
+        );
+        let mut other = replayed;
+        other[4] ^= 1;
+        let (h, body) = other.split_at_mut(DATA_HEADER_LEN);
+        assert_eq!(
+            receiver.open_key().clone().open(h, body).unwrap_err(),
+            Error::WrongIndex
+        );
+        assert_eq!(
+            receiver
+                .open_key()
+                .clone()
+                .open(&[4u8; 3], &mut [0u8; 40])
+                .unwrap_err(),
+            Error::Malformed
+        );
+        assert_eq!(
+            receiver
+                .open_key()
+                .clone()
+                .open(&h[..16], &mut [0u8; 15])
+                .unwrap_err(),
+            Error::WrongIndex
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! ([`Action::Deliver`]: the packet is at its start).
 
 use crate::handshake::{self, Initiated, LocalKeys};
-use crate::transport::{SealKey, Transport, REJECT_AFTER_MESSAGES};
+use crate::transport::{OpenKey, OpenedData, SealKey, Transport, REJECT_AFTER_MESSAGES};
 use crate::{
     Error, COOKIE_REPLY_LEN, DATA_HEADER_LEN, DATA_OVERHEAD, INITIATION_LEN, RESPONSE_LEN,
     TYPE_COOKIE_REPLY, TYPE_DATA, TYPE_INITIATION, TYPE_RESPONSE,
@@ -383,6 +383,57 @@ impl Tunnel {
         let Some(to) = crate::receiver_index(datagram) else {
             return Action::Refused(Error::Malformed);
         };
+        let slot = match self.usable_slot(to, now) {
+            Ok(slot) => slot,
+            Err(e) => return Action::Refused(e),
+        };
+        let Some(keys) = self.keys_mut(slot) else {
+            return Action::Refused(Error::WrongIndex);
+        };
+        match keys.transport.open_into(datagram, out) {
+            Ok(len) => self.data_received(slot, &out[..len], now),
+            Err(e) => Action::Refused(e),
+        }
+    }
+
+    /// The key that opens the data message `datagram`, for opening it away from the tunnel
+    /// ([`OpenKey::open`]); `None` when it is not a data message or no session of ours that
+    /// may still receive carries its index (take [`Tunnel::receive`], which refuses it).
+    pub fn open_key(&self, datagram: &[u8], now: Instant) -> Option<OpenKey> {
+        if datagram.first() != Some(&TYPE_DATA) {
+            return None;
+        }
+        let to = crate::receiver_index(datagram)?;
+        let slot = self.usable_slot(to, now).ok()?;
+        let keys = match slot {
+            Slot::Current => self.current.as_ref(),
+            Slot::Previous => self.previous.as_ref(),
+            Slot::Next(i) => self.next.get(i),
+        }?;
+        Some(keys.transport.open_key().clone())
+    }
+
+    /// [`Tunnel::receive`] of a data message already opened with a key from
+    /// [`Tunnel::open_key`]: `packet` is what it carried. The same checks and bookkeeping
+    /// (its session still able to receive, the counter not seen before), without the
+    /// decryption.
+    pub fn accept_opened(&mut self, opened: &OpenedData, packet: &[u8], now: Instant) -> Action {
+        let slot = match self.usable_slot(opened.index(), now) {
+            Ok(slot) => slot,
+            Err(e) => return Action::Refused(e),
+        };
+        let Some(keys) = self.keys_mut(slot) else {
+            return Action::Refused(Error::WrongIndex);
+        };
+        match keys.transport.accept(opened) {
+            Ok(len) if len <= packet.len() => self.data_received(slot, &packet[..len], now),
+            Ok(_) => Action::Refused(Error::Buffer),
+            Err(e) => Action::Refused(e),
+        }
+    }
+
+    /// Where the session with local index `to` sits, if it may still receive.
+    fn usable_slot(&self, to: u32, now: Instant) -> Result<Slot, Error> {
         let ours = |k: &Keys| k.transport.local_index() == to;
         let slot = if self.current.as_ref().is_some_and(ours) {
             Slot::Current
@@ -391,23 +442,31 @@ impl Tunnel {
         } else if let Some(i) = self.next.iter().position(ours) {
             Slot::Next(i)
         } else {
-            return Action::Refused(Error::WrongIndex);
+            return Err(Error::WrongIndex);
         };
         let keys = match slot {
+            Slot::Current => self.current.as_ref(),
+            Slot::Previous => self.previous.as_ref(),
+            Slot::Next(i) => self.next.get(i),
+        };
+        match keys {
+            Some(k) if k.usable(now) => Ok(slot),
+            Some(_) => Err(Error::Exhausted),
+            None => Err(Error::WrongIndex),
+        }
+    }
+
+    fn keys_mut(&mut self, slot: Slot) -> Option<&mut Keys> {
+        match slot {
             Slot::Current => self.current.as_mut(),
             Slot::Previous => self.previous.as_mut(),
             Slot::Next(i) => self.next.get_mut(i),
-        };
-        let Some(keys) = keys else {
-            return Action::Refused(Error::WrongIndex);
-        };
-        if !keys.usable(now) {
-            return Action::Refused(Error::Exhausted);
         }
-        let len = match keys.transport.open_into(datagram, out) {
-            Ok(n) => n,
-            Err(e) => return Action::Refused(e),
-        };
+    }
+
+    /// A data message of the session at `slot` was opened and its counter taken: `packet` is
+    /// what it carried.
+    fn data_received(&mut self, slot: Slot, packet: &[u8], now: Instant) -> Action {
         if let Slot::Next(i) = slot {
             // The initiator used a session we answered with: it becomes current, and the
             // other answers are moot.
@@ -416,10 +475,9 @@ impl Tunnel {
             self.next.clear();
         }
         self.heard_something();
-        if len == 0 {
+        if packet.is_empty() {
             return Action::Keepalive;
         }
-        let packet = &out[..len];
         let Some(real) = ip_length(packet) else {
             return Action::Refused(Error::Malformed);
         };
