@@ -316,6 +316,8 @@ impl Burst {
                     *unsealed = Some(u);
                 }
                 Output::Tun(p) => self.a.recycle(p),
+                // (A only sends.)
+                Output::Unopened(u) => self.a.handle_opened(u.open()),
                 Output::Event(_) => {}
             }
         }

@@ -181,7 +181,7 @@ fn streams_and_datagrams_of_every_size_arrive_unchanged_through_an_offloading_me
         let text = agent.cli(["status"]).stdout;
         assert!(
             text.contains("datapath  mesh0 with offloads")
-                && text.contains("batches encrypted on a thread of their own")
+                && text.contains("batches encrypted and decrypted on threads of their own")
                 && text.contains("UDP buffers 7.0 MiB in"),
             "{text}"
         );
@@ -218,6 +218,15 @@ fn streams_and_datagrams_of_every_size_arrive_unchanged_through_an_offloading_me
     let sealed = counters["sealed_off_loop"].as_u64().unwrap();
     eprintln!("offload: a sealed {sealed} datagrams off the loop");
     assert!(sealed * 2 > packets, "{counters:#}");
+    // And b decrypted them on its opening thread: most of what it received came back from
+    // there (a lone message b opens itself).
+    let bc = b.status().unwrap()["counters"].clone();
+    let (opened, received) = (
+        bc["opened_off_loop"].as_u64().unwrap(),
+        bc["udp_rx"].as_u64().unwrap(),
+    );
+    eprintln!("offload: b opened {opened} of {received} datagrams off the loop");
+    assert!(opened * 2 > received, "{bc:#}");
     // And took coalesced ones back: the kernel counts each write into b's mesh0 as one
     // received packet, and a's streams arrived in far fewer writes than the packets b's agent
     // handed its writer (each segment of a flow written alone would be one write per packet).
@@ -240,8 +249,8 @@ fn streams_and_datagrams_of_every_size_arrive_unchanged_through_an_offloading_me
 
 /// The fallbacks: where a kernel refuses offloads (forced here with `MESH_TUN_OFFLOAD=0`, the
 /// documented way out) mesh0 is opened without them, the log and `mesh status` say so, one
-/// packet goes per read and write; and with `MESH_SEAL_THREAD=0` (as on one core) the loop
-/// encrypts everything itself. The same streams and datagrams still arrive unchanged.
+/// packet goes per read and write; and with `MESH_SEAL_THREAD=0` and `MESH_OPEN_THREAD=0` (as
+/// on one core) the loop encrypts and decrypts everything itself. The same streams and datagrams still arrive unchanged.
 #[test]
 fn without_offloads_the_same_bytes_arrive_and_status_says_so() {
     let mut lab = Lab::new("nooffload").unwrap();
@@ -259,6 +268,7 @@ fn without_offloads_the_same_bytes_arrive_and_status_says_so() {
             let args = [
                 "MESH_TUN_OFFLOAD=0",
                 "MESH_SEAL_THREAD=0",
+                "MESH_OPEN_THREAD=0",
                 mesh,
                 "join",
                 &token,
@@ -276,15 +286,18 @@ fn without_offloads_the_same_bytes_arrive_and_status_says_so() {
         assert_eq!(
             (
                 &status["counters"]["tun_offload"],
-                &status["counters"]["seal_thread"]
+                &status["counters"]["seal_thread"],
+                &status["counters"]["open_thread"]
             ),
-            (&0.into(), &0.into()),
+            (&0.into(), &0.into(), &0.into()),
             "{:#}",
             status["counters"]
         );
         let text = agent.cli(["status"]).stdout;
         assert!(
-            text.contains("datapath  mesh0 without offloads") && !text.contains("encrypted on a"),
+            text.contains("datapath  mesh0 without offloads")
+                && !text.contains("on a thread")
+                && !text.contains("on threads"),
             "{text}"
         );
         assert!(
@@ -304,6 +317,7 @@ fn without_offloads_the_same_bytes_arrive_and_status_says_so() {
         "one packet per read: {counters:#}"
     );
     assert_eq!(counters["sealed_off_loop"], 0, "{counters:#}");
+    assert_eq!(counters["opened_off_loop"], 0, "{counters:#}");
     assert_eq!(counters["tun_write_errors"], 0, "{counters:#}");
     drop((agents, ctl, lab));
 }

@@ -23,13 +23,14 @@
 //! interactive exchange, a ping) the loop writes itself without blocking, sparing the wake-up
 //! of the other thread; anything the kernel does not take at once goes to the writer. Where the
 //! machine has a second core, batches for the main socket are encrypted on a thread of their
-//! own ([`Sealer`]) on their way to the UDP writer.
+//! own ([`Sealer`]) on their way to the UDP writer, and batches from it are decrypted on
+//! another ([`Opener`]) and come back to the loop, which takes them in the order they came.
 
 use futures_util::FutureExt;
 use mesh_core::node::MAX_BATCH_BYTES;
 use mesh_core::{
-    Destination, Event, Node, Output, Path, PeerConfig, PeerStatus, SocketId, Source, Transmit,
-    Unsealed,
+    Destination, Event, Node, Opened, Output, Path, PeerConfig, PeerStatus, SocketId, Source,
+    Transmit, Unopened, Unsealed,
 };
 use mesh_proto::control::{NatKind, PeerInfo};
 use mesh_proto::demux::{classify, DatagramKind};
@@ -150,6 +151,11 @@ mesh_core::counters! {
         seal_thread: Gauge("seal_thread"),
         /// Datagrams encrypted on the sealing thread rather than in the loop.
         sealed_off_loop: Counter("sealed_off_loop_datagrams"),
+        /// 1 when batches received are decrypted on the opening thread ([`Opener`]), 0 when
+        /// the loop decrypts everything itself.
+        open_thread: Gauge("open_thread"),
+        /// Datagrams decrypted on the opening thread rather than in the loop.
+        opened_off_loop: Counter("opened_off_loop_datagrams"),
         /// Datagrams dropped because the UDP writer's queue was full.
         udp_queue_drops: Drop("udp_write_queue_full"),
         /// Packets dropped because the TUN writer's queue was full.
@@ -527,6 +533,10 @@ pub async fn run(
     let sealer = Sealer::start(udp_jobs.clone());
     node.set_deferred_sealing(sealer.is_some());
     counters.seal_thread = u64::from(sealer.is_some());
+    let (opened_tx, mut opened) = mpsc::unbounded_channel::<Opened>();
+    let opener = Opener::start(opened_tx);
+    node.set_deferred_opening(opener.is_some());
+    counters.open_thread = u64::from(opener.is_some());
     let (tun_jobs, tun_queue) = mpsc::channel(TUN_WRITE_QUEUE);
     tokio::spawn(udp_writer(port.clone(), udp_queue, written_tx.clone()));
     tokio::spawn(tun_writer(tun.clone(), tun_queue, written_tx));
@@ -567,6 +577,12 @@ pub async fn run(
             deadline = deadline.min(o.deadline());
         }
         tokio::select! {
+            Some(o) = opened.recv() => {
+                node.handle_opened(o);
+                while let Ok(o) = opened.try_recv() {
+                    node.handle_opened(o);
+                }
+            }
             Some(w) = written.recv() => {
                 finished(&mut node, &mut tio, &mut counters, &mut udp_pending, w);
                 while let Ok(w) = written.try_recv() {
@@ -641,6 +657,14 @@ pub async fn run(
                 }
                 while let Ok(d) = relay_in.try_recv() {
                     relay_datagram(&mut node, &mut relay_link, &mut counters, &d);
+                }
+                // So do the batches at the opening thread (the node takes the rest of what
+                // came before the timers).
+                while node.unopened_at_driver() > 0 {
+                    match opened.recv().await {
+                        Some(o) => node.handle_opened(o),
+                        None => break,
+                    }
                 }
                 node.handle_timeout(Instant::now());
             }
@@ -816,6 +840,18 @@ pub async fn run(
                     } else {
                         udp_pending += datagrams;
                         counters.sealed_off_loop += datagrams as u64;
+                    }
+                }
+                Output::Unopened(u) => {
+                    // To the opening thread, back through `opened`; without it, here.
+                    let datagrams = u.datagrams();
+                    let back = match &opener {
+                        Some(o) => o.open(u).err(),
+                        None => Some(u),
+                    };
+                    match back {
+                        None => counters.opened_off_loop += datagrams as u64,
+                        Some(u) => node.handle_opened(u.open()),
                     }
                 }
                 Output::Transmit(t) => {
@@ -1192,6 +1228,56 @@ impl Sealer {
                 SealJob::Pass(_, t) => t.contents,
             }
         })
+    }
+}
+
+/// The opening thread: decrypts the batches of data messages the node set aside
+/// ([`Output::Unopened`]) on a core of its own and gives them back to the loop, in the order it
+/// got them. The loop does the rest (the replay window, timers, paths, source checks, the TUN
+/// writes) in the order the messages came; a lone message the node opens itself.
+///
+/// Started only where the machine has more than one core and `MESH_OPEN_THREAD` is not `0`.
+struct Opener {
+    jobs: std::sync::mpsc::Sender<Unopened>,
+}
+
+/// Turns the opening thread off (`0`).
+const OPEN_THREAD_ENV: &str = "MESH_OPEN_THREAD";
+
+impl Opener {
+    fn start(back: mpsc::UnboundedSender<Opened>) -> Option<Opener> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if std::env::var(OPEN_THREAD_ENV).is_ok_and(|v| v == "0") {
+            tracing::info!("{OPEN_THREAD_ENV}=0: the data plane's loop decrypts everything itself");
+            return None;
+        }
+        if cores < 2 {
+            tracing::info!("one core: the data plane's loop decrypts everything itself");
+            return None;
+        }
+        let (jobs, rx) = std::sync::mpsc::channel::<Unopened>();
+        let spawned = std::thread::Builder::new()
+            .name("mesh-open".into())
+            .spawn(move || {
+                // Ends when the loop drops its sender (or its receiver: nothing to give to).
+                while let Ok(u) = rx.recv() {
+                    if back.send(u.open()).is_err() {
+                        return;
+                    }
+                }
+            });
+        match spawned {
+            Ok(_) => Some(Opener { jobs }),
+            Err(e) => {
+                warn!(error = %e, "no opening thread: the data plane's loop decrypts everything itself");
+                None
+            }
+        }
+    }
+
+    /// Hands a batch over; the batch back if the thread is gone.
+    fn open(&self, u: Unopened) -> Result<(), Unopened> {
+        self.jobs.send(u).map_err(|e| e.0)
     }
 }
 

@@ -907,8 +907,14 @@ fn datapath_line(counters: &serde_json::Value) -> Option<String> {
     } else {
         "mesh0 without offloads, one packet per read (the log says why)".to_owned()
     };
-    if counters["seal_thread"].as_u64() == Some(1) {
-        line += "; batches encrypted on a thread of their own";
+    match (
+        counters["seal_thread"].as_u64() == Some(1),
+        counters["open_thread"].as_u64() == Some(1),
+    ) {
+        (true, true) => line += "; batches encrypted and decrypted on threads of their own",
+        (true, false) => line += "; batches encrypted on a thread of their own",
+        (false, true) => line += "; batches decrypted on a thread of their own",
+        (false, false) => {}
     }
     if let (Some(rx), Some(tx)) = (mib("udp_recv_buffer"), mib("udp_send_buffer")) {
         line += &format!("; UDP buffers {rx:.1} MiB in, {tx:.1} MiB out");

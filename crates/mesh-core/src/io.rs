@@ -253,7 +253,7 @@ impl Unsealed {
 
 /// The next thing the driver must do, in the order the node needs them done
 /// ([`Node::poll_output`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Output {
     /// Log or act on an event. Events come first: an [`Event::OpenSocket`] must be carried out
     /// before the transmits on that socket.
@@ -263,6 +263,10 @@ pub enum Output {
     /// Seal these datagrams ([`Unsealed::seal`], on any thread), then send them, in the order
     /// given with the transmits.
     Unsealed(Unsealed),
+    /// Open these data messages ([`crate::Unopened::open`], on any thread) and give them back
+    /// with [`Node::handle_opened`], in the order they were handed out (only with
+    /// [`Node::set_deferred_opening`]).
+    Unopened(crate::Unopened),
     /// Write this IP packet to the TUN device. It starts [`Node::set_tun_headroom`] bytes
     /// into the buffer (zeroed room before it; none unless the driver asked).
     Tun(Vec<u8>),

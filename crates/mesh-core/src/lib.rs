@@ -35,6 +35,7 @@ pub mod counters;
 pub mod guard;
 pub mod io;
 pub mod node;
+mod opening;
 mod outbox;
 pub mod packet;
 mod peer;
@@ -49,5 +50,6 @@ pub use node::{
     Destination, Event, Node, NodeConfig, Output, Path, PathQuality, PeerConfig, PeerStatus,
     QualityConfig, SocketId, Source, Status, Transmit, Unsealed,
 };
+pub use opening::{Opened, Unopened, OPEN_BATCH_MAX, OPEN_INLINE_MAX};
 pub use outbox::LARGE_BUFFER;
 pub use peer::handshake::PROACTIVE_PEERS;

@@ -16,6 +16,7 @@ pub use crate::io::{
     Destination, Event, NodeConfig, Output, Path, PathQuality, PeerStatus, QualityConfig, Source,
     Status, Transmit, Unsealed,
 };
+use crate::opening::{Item, Next, Opened, Opening, Pending, State};
 use crate::outbox::{Ctx, Endpoint, Outbox, Via};
 use crate::packet;
 use crate::peer::probes::Purpose;
@@ -102,6 +103,9 @@ pub struct Node {
     sources: crate::peers::Sources,
     /// How paths are measured and chosen ([`Node::set_quality`]).
     quality: QualityConfig,
+    /// Data messages left to the driver to open, and what waits behind them
+    /// ([`Node::set_deferred_opening`]).
+    opening: Opening,
 }
 
 /// The context a peer acts in, built from the node's fields (a macro, so that the borrows of
@@ -156,6 +160,7 @@ impl Node {
             routes: Vec::new(),
             sources: crate::peers::Sources::default(),
             quality: QualityConfig::default(),
+            opening: Opening::default(),
         }
     }
 
@@ -474,6 +479,127 @@ impl Node {
     /// message the relay carried. Datagrams on an extra socket the node has closed (or from
     /// another peer than the socket's) are counted and dropped.
     pub fn handle_datagram(&mut self, source: Source, datagram: &[u8], now: Instant) {
+        if self.opening.on {
+            if let Some(item) = self.set_aside(source, datagram, now) {
+                self.opening.queue.push_back(Pending::Data(item));
+                return;
+            }
+            if self.opening.busy() {
+                // Behind the messages still to open, in the order it came.
+                let mut copy = self.out.buffer();
+                copy.clear();
+                copy.extend_from_slice(datagram);
+                self.opening.queue.push_back(Pending::Other {
+                    source,
+                    datagram: copy,
+                    now,
+                });
+                return;
+            }
+        }
+        self.take_datagram(source, datagram, now);
+    }
+
+    /// A data message on the main socket for a session that can open it, set aside for the
+    /// driver to open (`None`, nothing changed: anything else, which the node takes itself).
+    fn set_aside(&mut self, source: Source, datagram: &[u8], now: Instant) -> Option<Item> {
+        let Source::Udp { socket, from } = source else {
+            return None;
+        };
+        if socket != SocketId::MAIN
+            || datagram.first() != Some(&mesh_wg::TYPE_DATA)
+            || datagram.len() > self.buf.len()
+            || is_excluded(&self.excluded, from.ip())
+        {
+            return None;
+        }
+        let index = mesh_wg::receiver_index(datagram)?;
+        let slot = self.peers.by_index(index >> 8)?;
+        let key = self.peers.at(slot).session.open_key(datagram, now)?;
+        let (header, sealed) = datagram.split_first_chunk::<{ mesh_wg::DATA_HEADER_LEN }>()?;
+        let room = self.out.tun_headroom;
+        let mut buf = self.out.buffer();
+        buf.resize(room + sealed.len(), 0);
+        buf[..room].fill(0);
+        buf[room..].copy_from_slice(sealed);
+        Some(Item {
+            from: Endpoint { socket, addr: from },
+            now,
+            header: *header,
+            buf,
+            room,
+            state: State::Sealed(key),
+        })
+    }
+
+    /// Takes back data messages the driver opened ([`Output::Unopened`]), in the order they
+    /// were handed out; then poll for what they made. A batch given back out of order (one
+    /// handed out before it never came back) is dropped and counted.
+    pub fn handle_opened(&mut self, opened: Opened) {
+        let Opened(batch) = opened;
+        if !self.opening.back(batch.batch) {
+            self.out.counters.rejected_packets += batch.items.len() as u64;
+            for item in batch.items {
+                self.out.recycle(item.buf);
+            }
+            return;
+        }
+        for item in batch.items {
+            self.take_opened(item);
+        }
+    }
+
+    /// A data message opened away from the node (or by it, just now): the rest of
+    /// [`Node::handle_datagram`].
+    fn take_opened(&mut self, item: Item) {
+        let now = item.now;
+        let Some(slot) = self.peers.by_index(item.index() >> 8) else {
+            self.out.counters.unknown_peer_packets += 1;
+            self.out.recycle(item.buf);
+            return;
+        };
+        let key = self.peers.key_at(slot);
+        let via = Via::Direct(item.from);
+        self.take_from(key, slot, via, None, now, |peer, cx| {
+            peer.receive_opened(via, item, cx)
+        });
+    }
+
+    /// Takes what waited behind messages to open (or such a message, opened).
+    fn take_pending(&mut self, next: Pending) {
+        match next {
+            Pending::Data(item) => self.take_opened(item),
+            Pending::Other {
+                source,
+                datagram,
+                now,
+            } => {
+                self.take_datagram(source, &datagram, now);
+                self.out.recycle(datagram);
+            }
+        }
+    }
+
+    /// Batches of [`Output::Unopened`] handed out and not yet given back. A driver gives
+    /// them back before it runs the timers ([`Node::handle_timeout`]), which take what came
+    /// before them first.
+    pub fn unopened_at_driver(&self) -> usize {
+        self.opening.at_driver.len()
+    }
+
+    /// Leaves the decryption of data messages on the main socket to the driver: the node sets
+    /// each aside with its session's key, and [`Node::poll_output`] hands a run of more than
+    /// [`crate::OPEN_INLINE_MAX`] out as [`Output::Unopened`] for the driver to open on another
+    /// thread and give back ([`Node::handle_opened`]); the node takes everything else about
+    /// them (replay window, timers, paths, source checks) then, in the order they came, and
+    /// whatever came in meanwhile after them. A smaller run it opens itself. Needs a driver
+    /// that polls with [`Node::poll_output`]. Off unless set.
+    pub fn set_deferred_opening(&mut self, on: bool) {
+        self.opening.on = on;
+    }
+
+    /// What came in, taken now.
+    fn take_datagram(&mut self, source: Source, datagram: &[u8], now: Instant) {
         let (via, relayed_from, owner) = match source {
             Source::Udp { socket, from } => {
                 if is_excluded(&self.excluded, from.ip()) {
@@ -602,16 +728,32 @@ impl Node {
             self.out.counters.malformed_packets += 1;
             return;
         }
-        let mut cx = cx!(self, now);
         let Some(slot) = slot else {
-            cx.out.counters.unknown_peer_packets += 1;
+            self.out.counters.unknown_peer_packets += 1;
             return;
         };
+        self.take_from(key, slot, via, owner, now, |peer, cx| {
+            peer.decapsulate(via, datagram, opened, cx)
+        });
+    }
+
+    /// One message from the peer `key` at `slot`, from `via` (`owner`: of the extra socket it
+    /// came in on): `decapsulate` has its session take it; then its paths, timers and in-tunnel
+    /// messages.
+    fn take_from(
+        &mut self,
+        key: PublicKey,
+        slot: Slot,
+        via: Via,
+        owner: Option<Owner>,
+        now: Instant,
+        decapsulate: impl FnOnce(&mut Peer, &mut Ctx<'_>) -> Received,
+    ) {
+        let mut cx = cx!(self, now);
         let peer = self.peers.at_mut(slot);
         let was_established = peer.session.established();
         let was_busy = self.punching.busy();
-        let Received::Authenticated(message) = peer.decapsulate(via, datagram, opened, &mut cx)
-        else {
+        let Received::Authenticated(message) = decapsulate(peer, &mut cx) else {
             self.rearm(&key, now);
             return;
         };
@@ -712,6 +854,11 @@ impl Node {
     /// Runs the timers that are due at `now`: those of every peer whose deadline has come (in
     /// key order, so a simulated run is the same for a given seed), then punching's.
     pub fn handle_timeout(&mut self, now: Instant) {
+        // What came before the deadline goes first: a timer run ahead of an answer waiting
+        // to be opened would take a path that works for dead.
+        while let Some(next) = self.opening.next_here() {
+            self.take_pending(next);
+        }
         self.now = self.now.max(now);
         let keepalive = self.config.keepalive;
         let was_busy = self.punching.busy();
@@ -888,6 +1035,14 @@ impl Node {
     /// then packets for the TUN device. A driver calls this until `None` after every input
     /// (writing a TUN packet may make the node answer, so keep polling).
     pub fn poll_output(&mut self) -> Option<Output> {
+        // Messages set aside to open go first (what they make comes out below, in order).
+        loop {
+            match self.opening.next() {
+                Next::Wait => break,
+                Next::HandOut(batch) => return Some(Output::Unopened(batch)),
+                Next::Take(next) => self.take_pending(next),
+            }
+        }
         if let Some(e) = self.poll_event() {
             return Some(Output::Event(e));
         }

@@ -204,6 +204,11 @@ impl PeerTable {
         self.peers[slot.0].0
     }
 
+    /// The peer in `slot`, to read.
+    pub(crate) fn at(&self, slot: Slot) -> &Peer {
+        &self.peers[slot.0].1
+    }
+
     /// The peer in `slot` (from [`PeerTable::by_address`] or [`PeerTable::by_index`] since
     /// the last insert or remove).
     pub(crate) fn at_mut(&mut self, slot: Slot) -> &mut Peer {

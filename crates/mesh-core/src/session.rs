@@ -17,7 +17,7 @@
 use mesh_proto::PublicKey;
 pub use mesh_wg::handshake::Opened;
 use mesh_wg::{Action, Tunnel};
-pub use mesh_wg::{LocalKeys, SealKey};
+pub use mesh_wg::{LocalKeys, OpenKey, OpenedData, SealKey};
 use rand::rngs::OsRng;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
@@ -207,6 +207,29 @@ impl Session {
         // A data message is opened into `dst` (the packet at its start, one copy); a handshake
         // answer is written there.
         match self.tunnel().receive(datagram, dst, now, &mut OsRng) {
+            Action::Deliver(n) => tunnel_packet(&dst[..n]),
+            other => network(other, dst),
+        }
+    }
+
+    /// The key that opens the data message `datagram` away from the session, when one of its
+    /// sessions that may still receive is the one it names ([`mesh_wg::Tunnel::open_key`]).
+    pub fn open_key(&self, datagram: &[u8], now: Instant) -> Option<OpenKey> {
+        self.tunnel.as_ref()?.open_key(datagram, now)
+    }
+
+    /// [`Session::decapsulate`] of a data message opened away from the session with a key
+    /// from [`Session::open_key`]: `dst` holds the packet it carried, at its start.
+    pub fn accept_opened<'a>(
+        &mut self,
+        opened: &OpenedData,
+        dst: &'a mut [u8],
+        now: Instant,
+    ) -> Output<'a> {
+        let Some(tunnel) = self.tunnel.as_mut() else {
+            return Output::Error(SessionError::Rejected);
+        };
+        match tunnel.accept_opened(opened, dst, now) {
             Action::Deliver(n) => tunnel_packet(&dst[..n]),
             other => network(other, dst),
         }

@@ -27,9 +27,16 @@ use std::time::Duration;
 
 const SEEDS: std::ops::RangeInclusive<u64> = 1..=5;
 
-/// `defer`: every node leaves sealing to the driver ([`mesh_core::Node::set_deferred_sealing`]),
-/// which must change nothing a transcript shows.
-fn flat(seed: u64, defer: bool) -> Sim {
+/// What every node leaves to the driver: sealing ([`mesh_core::Node::set_deferred_sealing`])
+/// and opening ([`mesh_core::Node::set_deferred_opening`]), which must change nothing a
+/// transcript shows.
+#[derive(Clone, Copy, Default)]
+struct Defer {
+    sealing: bool,
+    opening: bool,
+}
+
+fn flat(seed: u64, defer: Defer) -> Sim {
     let mut sim = Sim::empty(seed, 0.1);
     for i in 0..8u8 {
         sim.add_node_at(
@@ -37,13 +44,13 @@ fn flat(seed: u64, defer: bool) -> Sim {
             SocketAddr::from((Ipv4Addr::new(192, 0, 2, i + 1), NODE_PORT)),
         );
     }
-    defer_sealing(&mut sim, defer);
+    defer_to_driver(&mut sim, defer);
     sim.connect();
     all_pairs(&mut sim, 8);
     sim
 }
 
-fn nat(seed: u64, defer: bool) -> Sim {
+fn nat(seed: u64, defer: Defer) -> Sim {
     let mut sim = Sim::empty(seed, 0.05);
     sim.add_relay();
     for k in Behaviour::ALL {
@@ -55,16 +62,17 @@ fn nat(seed: u64, defer: bool) -> Sim {
     for _ in 0..2 {
         sim.add_node(lan);
     }
-    defer_sealing(&mut sim, defer);
+    defer_to_driver(&mut sim, defer);
     sim.connect();
     sim.run_for(Duration::from_secs(2));
     all_pairs(&mut sim, 12);
     sim
 }
 
-fn defer_sealing(sim: &mut Sim, on: bool) {
+fn defer_to_driver(sim: &mut Sim, defer: Defer) {
     for n in &mut sim.nodes {
-        n.node.set_deferred_sealing(on);
+        n.node.set_deferred_sealing(defer.sealing);
+        n.node.set_deferred_opening(defer.opening);
     }
 }
 
@@ -202,7 +210,7 @@ fn check(file: &str, got: &str) {
 #[test]
 fn flat_network_transcripts_match() {
     for seed in SEEDS {
-        let sim = flat(seed, false);
+        let sim = flat(seed, Defer::default());
         let title = format!("flat seed {seed}: 8 public nodes, 10% loss, every pair pings for 8 s");
         check(&format!("flat-{seed}.txt"), &transcript(&sim, &title));
     }
@@ -211,7 +219,7 @@ fn flat_network_transcripts_match() {
 #[test]
 fn nat_zoo_transcripts_match() {
     for seed in SEEDS {
-        let sim = nat(seed, false);
+        let sim = nat(seed, Defer::default());
         let title = format!(
             "nat seed {seed}: relay, two nodes of every NAT kind and two on one LAN, 5% loss, \
              every pair pings for 12 s"
@@ -224,11 +232,28 @@ fn nat_zoo_transcripts_match() {
 /// same transcripts (every delivery, event and path, byte for byte).
 #[test]
 fn deferred_sealing_changes_no_transcript() {
+    same_transcripts(Defer {
+        sealing: true,
+        opening: false,
+    });
+}
+
+/// So does opening left to the driver: the node takes each message back in the order it
+/// came, with what came behind it after it.
+#[test]
+fn deferred_opening_changes_no_transcript() {
+    same_transcripts(Defer {
+        sealing: true,
+        opening: true,
+    });
+}
+
+fn same_transcripts(defer: Defer) {
     for seed in 1..=2 {
-        let sim = flat(seed, true);
+        let sim = flat(seed, defer);
         let title = format!("flat seed {seed}: 8 public nodes, 10% loss, every pair pings for 8 s");
         check(&format!("flat-{seed}.txt"), &transcript(&sim, &title));
-        let sim = nat(seed, true);
+        let sim = nat(seed, defer);
         let title = format!(
             "nat seed {seed}: relay, two nodes of every NAT kind and two on one LAN, 5% loss, \
              every pair pings for 12 s"

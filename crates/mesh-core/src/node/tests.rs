@@ -255,6 +255,132 @@ fn deferred_sealing_hands_out_bursts_unsealed_and_they_cross_in_order_once_seale
 }
 
 #[test]
+fn deferred_opening_hands_out_bursts_and_keeps_their_order_and_whatever_came_behind() {
+    let mut p = Pair::new();
+    p.b.set_deferred_opening(true);
+    let outputs = |n: &mut Node| -> Vec<Output> {
+        std::iter::from_fn(|| n.poll_output())
+            .filter(|o| !matches!(o, Output::Event(_)))
+            .collect()
+    };
+    let datagrams = |p: &mut Pair, pkts: &[Vec<u8>]| -> Vec<Vec<u8>> {
+        for pkt in pkts {
+            p.a.handle_tun_packet(pkt, p.now);
+        }
+        let mut out = Vec::new();
+        while let Some(t) = p.a.poll_transmit() {
+            out.extend(t.segments().map(<[u8]>::to_vec));
+        }
+        out
+    };
+    // A lone packet: opened by the node itself, as before.
+    let one = icmp(p.a.address(), p.b.address(), b"lone");
+    for d in datagrams(&mut p, std::slice::from_ref(&one)) {
+        p.b.handle_datagram(Source::main(p.a_addr), &d, p.now);
+    }
+    let [Output::Tun(got)] = &outputs(&mut p.b)[..] else {
+        panic!("a lone message is opened in place");
+    };
+    assert_eq!(got, &one);
+    // A burst: handed out as one batch; nothing reaches the TUN side before it comes back.
+    let burst: Vec<Vec<u8>> = (0..40u8)
+        .map(|i| icmp(p.a.address(), p.b.address(), &[i; 1000]))
+        .collect();
+    for d in datagrams(&mut p, &burst) {
+        p.b.handle_datagram(Source::main(p.a_addr), &d, p.now);
+    }
+    let Ok::<[Output; 1], _>([Output::Unopened(u)]) = outputs(&mut p.b).try_into() else {
+        panic!("a burst is handed out to open, as one batch");
+    };
+    assert_eq!(u.datagrams(), 40);
+    // Meanwhile a second burst (handed out behind it) and a lone packet, which waits.
+    let second: Vec<Vec<u8>> = (40..80u8)
+        .map(|i| icmp(p.a.address(), p.b.address(), &[i; 500]))
+        .collect();
+    for d in datagrams(&mut p, &second) {
+        p.b.handle_datagram(Source::main(p.a_addr), &d, p.now);
+    }
+    let Ok::<[Output; 1], _>([Output::Unopened(u2)]) = outputs(&mut p.b).try_into() else {
+        panic!("the second burst goes out behind the first");
+    };
+    let last = icmp(p.a.address(), p.b.address(), b"last");
+    for d in datagrams(&mut p, std::slice::from_ref(&last)) {
+        p.b.handle_datagram(Source::main(p.a_addr), &d, p.now);
+    }
+    // (Not opened here ahead of those at the driver: it follows them out.)
+    let Ok::<[Output; 1], _>([Output::Unopened(u3)]) = outputs(&mut p.b).try_into() else {
+        panic!("the lone one goes out behind the batches");
+    };
+    // A message that came another way (through the relay) waits for all three.
+    let relayed = icmp(p.a.address(), p.b.address(), b"relayed");
+    let from = p.a.public_key();
+    for d in datagrams(&mut p, std::slice::from_ref(&relayed)) {
+        p.b.handle_datagram(Source::Relay { from }, &d, p.now);
+    }
+    assert!(outputs(&mut p.b).is_empty(), "the relayed one waits");
+    // Opened on other threads, given back in order: every packet, in the order sent.
+    let opened: Vec<_> = [u, u2, u3]
+        .map(|u| std::thread::spawn(move || u.open()))
+        .map(|h| h.join().unwrap())
+        .into();
+    for o in opened {
+        p.b.handle_opened(o);
+    }
+    let out = outputs(&mut p.b);
+    let delivered: Vec<Vec<u8>> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Tun(pkt) => Some(pkt.clone()),
+            _ => None,
+        })
+        .collect();
+    let expected: Vec<Vec<u8>> = burst
+        .iter()
+        .chain(&second)
+        .chain([&last, &relayed])
+        .cloned()
+        .collect();
+    assert_eq!(delivered, expected);
+    assert_eq!(p.b.counters().rejected_packets, 0);
+    // A replay of the burst: opened again (the tag is good) but refused by the window.
+    let replay = datagrams(&mut p, &burst[..3]);
+    for d in replay.iter().chain(&replay) {
+        p.b.handle_datagram(Source::main(p.a_addr), d, p.now);
+    }
+    let Ok::<[Output; 1], _>([Output::Unopened(u)]) = outputs(&mut p.b).try_into() else {
+        panic!("six messages go out as a batch");
+    };
+    p.b.handle_opened(u.open());
+    assert_eq!(outputs(&mut p.b).len(), 3, "each message once");
+    assert_eq!(p.b.counters().rejected_packets, 3);
+    // A batch given back before the one handed out ahead of it: the older is forgotten, the
+    // later taken; the older, come late, is dropped and counted.
+    for d in datagrams(&mut p, &burst[..5]) {
+        p.b.handle_datagram(Source::main(p.a_addr), &d, p.now);
+    }
+    let Ok::<[Output; 1], _>([Output::Unopened(older)]) = outputs(&mut p.b).try_into() else {
+        panic!("a batch");
+    };
+    for d in datagrams(&mut p, &second[..5]) {
+        p.b.handle_datagram(Source::main(p.a_addr), &d, p.now);
+    }
+    let Ok::<[Output; 1], _>([Output::Unopened(newer)]) = outputs(&mut p.b).try_into() else {
+        panic!("a second batch");
+    };
+    p.b.handle_opened(newer.open());
+    p.b.handle_opened(older.open());
+    let delivered: Vec<Vec<u8>> = outputs(&mut p.b)
+        .into_iter()
+        .filter_map(|o| match o {
+            Output::Tun(pkt) => Some(pkt),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(delivered, second[..5].to_vec());
+    assert_eq!(p.b.counters().rejected_packets, 3 + 5);
+}
+
+#[test]
 fn spoofed_inner_source_is_dropped() {
     let mut p = Pair::new();
     // B sends a packet claiming to come from an address that is not B's.

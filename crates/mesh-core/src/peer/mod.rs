@@ -428,22 +428,70 @@ impl Peer {
         opened: Option<Box<crate::session::Opened>>,
         cx: &mut Ctx<'_>,
     ) -> Received {
-        let key = self.key();
-        let leg = match via {
-            Via::Direct(_) => Leg::Direct,
-            Via::Relay => Leg::Relay,
-        };
         // Opened straight into a buffer that can go to the TUN device as it is (behind the
         // room the driver asked for).
         let room = cx.out.tun_headroom;
         let mut buf = cx.out.buffer();
         buf.resize(room + datagram.len().max(crate::session::MIN_BUFFER), 0);
-        let decapsulated = match opened {
-            Some(o) => self
-                .session
-                .decapsulate_opened(*o, datagram, &mut buf[room..], cx.now),
-            None => self.session.decapsulate(datagram, &mut buf[room..], cx.now),
+        self.take(
+            via,
+            datagram,
+            buf,
+            room,
+            cx,
+            |session, dst, now| match opened {
+                Some(o) => session.decapsulate_opened(*o, datagram, dst, now),
+                None => session.decapsulate(datagram, dst, now),
+            },
+        )
+    }
+
+    /// [`Peer::decapsulate`] of a data message the driver opened
+    /// ([`crate::Node::set_deferred_opening`]): its packet lies in the item's buffer already.
+    pub(crate) fn receive_opened(
+        &mut self,
+        via: Via,
+        item: crate::opening::Item,
+        cx: &mut Ctx<'_>,
+    ) -> Received {
+        let crate::opening::Item {
+            header,
+            buf,
+            room,
+            state,
+            ..
+        } = item;
+        self.take(
+            via,
+            &header,
+            buf,
+            room,
+            cx,
+            |session, dst, now| match &state {
+                crate::opening::State::Opened(o) => session.accept_opened(o, dst, now),
+                _ => Output::Error(SessionError::Rejected),
+            },
+        )
+    }
+
+    /// What the session made of `datagram` (`decapsulate` writes into `buf[room..]`): replies
+    /// go back the way it came, packets to the TUN device in `buf`, in-tunnel messages to the
+    /// caller.
+    fn take(
+        &mut self,
+        via: Via,
+        datagram: &[u8],
+        mut buf: Vec<u8>,
+        room: usize,
+        cx: &mut Ctx<'_>,
+        decapsulate: impl for<'b> FnOnce(&mut Session, &'b mut [u8], Instant) -> Output<'b>,
+    ) -> Received {
+        let key = self.key();
+        let leg = match via {
+            Via::Direct(_) => Leg::Direct,
+            Via::Relay => Leg::Relay,
         };
+        let decapsulated = decapsulate(&mut self.session, &mut buf[room..], cx.now);
         let received = match decapsulated {
             Output::Network(bytes) => {
                 self.path.last_tx = Some(cx.now);

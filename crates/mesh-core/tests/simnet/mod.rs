@@ -1638,6 +1638,10 @@ impl Sim {
                     self.transmit(i, &t);
                     self.nodes[i].node.recycle(t.contents);
                 }
+                Output::Unopened(u) => {
+                    // Likewise opened at once, and given back.
+                    self.nodes[i].node.handle_opened(u.open());
+                }
                 Output::Tun(pkt) => {
                     // Play the node's IP stack: answer echo requests, record replies.
                     let (src, dst) = addrs(&pkt);
