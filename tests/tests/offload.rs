@@ -147,6 +147,23 @@ fn serve(lab: &Lab, host: &Host) -> Proc {
     p
 }
 
+/// An agent joined on `host` with `env` set (`NAME=value`).
+fn join_with(lab: &Lab, host: &Host, token: &str, env: &[&str]) -> Agent {
+    let mesh = mesh_e2e::mesh_bin().unwrap();
+    let state = lab.state_dir(&host.name).unwrap();
+    let mut args: Vec<&str> = env.to_vec();
+    args.extend([
+        mesh.to_str().unwrap(),
+        "join",
+        token,
+        "--name",
+        &host.name,
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    Agent::spawn(lab, host, &host.name, "env", args).unwrap()
+}
+
 fn exchange(from: &Agent, to: &Agent) {
     let out = from.host.run(
         "timeout",
@@ -169,8 +186,9 @@ fn streams_and_datagrams_of_every_size_arrive_unchanged_through_an_offloading_me
     let ctl = Controller::start(&lab, &ctl_host).unwrap();
     ctl.create_network(NET).unwrap();
     let token = ctl.create_token(NET, &["--reusable"]).unwrap();
-    let a = Agent::join(&lab, &a_host, "a", &token).unwrap();
-    let b = Agent::join(&lab, &b_host, "b", &token).unwrap();
+    // With decryption on its thread too (off unless asked).
+    let a = join_with(&lab, &a_host, &token, &["MESH_OPEN_THREAD=1"]);
+    let b = join_with(&lab, &b_host, &token, &["MESH_OPEN_THREAD=1"]);
     for agent in [&a, &b] {
         let status = agent.status().unwrap();
         assert_eq!(
@@ -249,8 +267,8 @@ fn streams_and_datagrams_of_every_size_arrive_unchanged_through_an_offloading_me
 
 /// The fallbacks: where a kernel refuses offloads (forced here with `MESH_TUN_OFFLOAD=0`, the
 /// documented way out) mesh0 is opened without them, the log and `mesh status` say so, one
-/// packet goes per read and write; and with `MESH_SEAL_THREAD=0` and `MESH_OPEN_THREAD=0` (as
-/// on one core) the loop encrypts and decrypts everything itself. The same streams and datagrams still arrive unchanged.
+/// packet goes per read and write; and with `MESH_SEAL_THREAD=0` (as on one core) and the
+/// opening thread left off (its default) the loop encrypts and decrypts everything itself. The same streams and datagrams still arrive unchanged.
 #[test]
 fn without_offloads_the_same_bytes_arrive_and_status_says_so() {
     let mut lab = Lab::new("nooffload").unwrap();
@@ -259,25 +277,15 @@ fn without_offloads_the_same_bytes_arrive_and_status_says_so() {
     let ctl = Controller::start(&lab, &ctl_host).unwrap();
     ctl.create_network(NET).unwrap();
     let token = ctl.create_token(NET, &["--reusable"]).unwrap();
-    let mesh = mesh_e2e::mesh_bin().unwrap();
-    let mesh = mesh.to_str().unwrap();
     let agents: Vec<Agent> = hosts
         .iter()
         .map(|h| {
-            let state = lab.state_dir(&h.name).unwrap();
-            let args = [
-                "MESH_TUN_OFFLOAD=0",
-                "MESH_SEAL_THREAD=0",
-                "MESH_OPEN_THREAD=0",
-                mesh,
-                "join",
+            join_with(
+                &lab,
+                h,
                 &token,
-                "--name",
-                &h.name,
-                "--state-dir",
-                state.to_str().unwrap(),
-            ];
-            Agent::spawn(&lab, h, &h.name, "env", args).unwrap()
+                &["MESH_TUN_OFFLOAD=0", "MESH_SEAL_THREAD=0"],
+            )
         })
         .collect();
     let (a, b) = (&agents[0], &agents[1]);

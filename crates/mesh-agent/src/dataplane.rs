@@ -23,8 +23,9 @@
 //! interactive exchange, a ping) the loop writes itself without blocking, sparing the wake-up
 //! of the other thread; anything the kernel does not take at once goes to the writer. Where the
 //! machine has a second core, batches for the main socket are encrypted on a thread of their
-//! own ([`Sealer`]) on their way to the UDP writer, and batches from it are decrypted on
-//! another ([`Opener`]) and come back to the loop, which takes them in the order they came.
+//! own ([`Sealer`]) on their way to the UDP writer; with `MESH_OPEN_THREAD=1`, batches from it
+//! are decrypted on another ([`Opener`]) and come back to the loop, which takes them in the
+//! order they came.
 
 use futures_util::FutureExt;
 use mesh_core::node::MAX_BATCH_BYTES;
@@ -1236,23 +1237,24 @@ impl Sealer {
 /// got them. The loop does the rest (the replay window, timers, paths, source checks, the TUN
 /// writes) in the order the messages came; a lone message the node opens itself.
 ///
-/// Started only where the machine has more than one core and `MESH_OPEN_THREAD` is not `0`.
+/// Off unless `MESH_OPEN_THREAD=1`, and only where the machine has more than one core: on the
+/// two cores this was measured on (both ends of a bench on one machine) the thread's two
+/// wake-ups per batch cost more than the decryption it takes off the loop (benches/README.md).
 struct Opener {
     jobs: std::sync::mpsc::Sender<Unopened>,
 }
 
-/// Turns the opening thread off (`0`).
+/// Turns the opening thread on (`1`).
 const OPEN_THREAD_ENV: &str = "MESH_OPEN_THREAD";
 
 impl Opener {
     fn start(back: mpsc::UnboundedSender<Opened>) -> Option<Opener> {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        if std::env::var(OPEN_THREAD_ENV).is_ok_and(|v| v == "0") {
-            tracing::info!("{OPEN_THREAD_ENV}=0: the data plane's loop decrypts everything itself");
+        if std::env::var(OPEN_THREAD_ENV).map_or(true, |v| v != "1") {
             return None;
         }
         if cores < 2 {
-            tracing::info!("one core: the data plane's loop decrypts everything itself");
+            tracing::info!("{OPEN_THREAD_ENV}=1 but one core: the data plane's loop decrypts everything itself");
             return None;
         }
         let (jobs, rx) = std::sync::mpsc::channel::<Unopened>();
@@ -1267,7 +1269,12 @@ impl Opener {
                 }
             });
         match spawned {
-            Ok(_) => Some(Opener { jobs }),
+            Ok(_) => {
+                tracing::info!(
+                    "{OPEN_THREAD_ENV}=1: batches received are decrypted on a thread of their own"
+                );
+                Some(Opener { jobs })
+            }
             Err(e) => {
                 warn!(error = %e, "no opening thread: the data plane's loop decrypts everything itself");
                 None
