@@ -1270,7 +1270,8 @@ impl Opener {
             });
         match spawned {
             Ok(_) => {
-                tracing::info!(
+                // (`mesh status` says so; a log line would stand beside a failed join's error.)
+                debug!(
                     "{OPEN_THREAD_ENV}=1: batches received are decrypted on a thread of their own"
                 );
                 Some(Opener { jobs })
