@@ -15,10 +15,15 @@
 //! out. `sealed_in_loop`: the node encrypts (the loop's whole cost without a sealing thread);
 //! `loop_share_deferred`: the node leaves encryption to the driver (what the loop still pays);
 //! `seal_thread_share`: sealing that batch (what the agent's sealing thread pays).
+//! The receiving side, a burst of datagrams into a node and out as TUN packets:
+//! `opened_in_loop` (the loop's whole cost without an opening thread), `opened_deferred_all`
+//! (set aside, opened and taken back, all on one thread), `open_thread_share` (what the
+//! opening thread pays); the loop's share with the thread is the second minus the third.
 
 use criterion::BatchSize;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use mesh_benches::{Burst, Mesh, Raw, Wg, BURST, PAYLOAD};
+use mesh_benches::{Burst, Mesh, Raw, Receive, Wg, BURST, PAYLOAD};
+use std::cell::RefCell;
 
 fn datapath(c: &mut Criterion) {
     let mut g = c.benchmark_group("one_packet_1400B");
@@ -42,9 +47,31 @@ fn datapath(c: &mut Criterion) {
     g.bench_function("seal_thread_share", |bench| {
         bench.iter_batched(|| sealer.unsealed(), |u| u.seal(), BatchSize::SmallInput)
     });
-    g.finish();
-    // (The sealed batches of the last group are dropped, not given back: setup makes more.)
+    // (The sealed batches are dropped, not given back: setup makes more.)
     drop(sealer);
+    // The receiving side: setup has A seal each round's burst (fresh counters).
+    for (name, defer) in [("opened_in_loop", false), ("opened_deferred_all", true)] {
+        let r = RefCell::new(Receive::new(defer));
+        g.bench_function(name, |bench| {
+            bench.iter_batched(
+                || r.borrow_mut().sealed(),
+                |t| r.borrow_mut().round(t),
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    let r = RefCell::new(Receive::new(true));
+    g.bench_function("open_thread_share", |bench| {
+        bench.iter_batched(
+            || {
+                let t = r.borrow_mut().sealed();
+                r.borrow_mut().unopened(t)
+            },
+            |u| u.open(),
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
 }
 
 criterion_group!(benches, datapath);

@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 use boringtun::noise::{Tunn, TunnResult};
-use mesh_core::{Node, NodeConfig, Output, PeerConfig, Source, Unsealed};
+use mesh_core::{Node, NodeConfig, Output, PeerConfig, Source, Transmit, Unopened, Unsealed};
 use mesh_proto::PublicKey;
 use std::hint::black_box;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -323,5 +323,85 @@ impl Burst {
         }
         assert_eq!(n, BURST, "the whole burst goes out");
         n
+    }
+}
+
+/// The receiving side of a mesh pair under a burst: [`BURST`] datagrams A sealed (made fresh
+/// for every round: the replay window takes each counter once) into B, out of B as packets
+/// for the TUN device. With `defer`, B leaves the decryption to the driver
+/// ([`Node::set_deferred_opening`]): [`Unopened::open`] is what the opening thread pays, the
+/// rest the loop's share.
+pub struct Receive {
+    a: Node,
+    b: Node,
+    ea: SocketAddr,
+    pkt: Vec<u8>,
+    now: Instant,
+}
+
+impl Receive {
+    pub fn new(defer: bool) -> Receive {
+        let (a, mut b, ea, _) = node_pair();
+        b.set_deferred_opening(defer);
+        Receive {
+            a,
+            b,
+            ea,
+            pkt: packet(Ipv4Addr::new(100, 64, 0, 1), Ipv4Addr::new(100, 64, 0, 2)),
+            now: Instant::now(),
+        }
+    }
+
+    /// A burst sealed by A (in GSO batches of at most 64 KB), as B's socket would hand it
+    /// over.
+    pub fn sealed(&mut self) -> Vec<Transmit> {
+        for _ in 0..BURST {
+            self.a.handle_tun_packet(&self.pkt, self.now);
+        }
+        let batches: Vec<Transmit> = std::iter::from_fn(|| self.a.poll_transmit()).collect();
+        assert_eq!(
+            batches.iter().map(Transmit::datagrams).sum::<usize>(),
+            BURST
+        );
+        batches
+    }
+
+    fn receive(&mut self, batches: Vec<Transmit>) {
+        for t in batches {
+            for d in t.segments() {
+                self.b.handle_datagram(Source::main(self.ea), d, self.now);
+            }
+            self.a.recycle(t.contents);
+        }
+    }
+
+    /// The whole receive: every datagram in, every packet out (opened in the loop, or handed
+    /// out, opened and given back, all here).
+    pub fn round(&mut self, batches: Vec<Transmit>) -> usize {
+        self.receive(batches);
+        let mut n = 0;
+        while let Some(out) = self.b.poll_output() {
+            match out {
+                Output::Unopened(u) => self.b.handle_opened(u.open()),
+                Output::Tun(p) => {
+                    n += 1;
+                    self.b.recycle(black_box(p));
+                }
+                Output::Transmit(t) => self.b.recycle(t.contents),
+                Output::Unsealed(u) => self.b.recycle(u.into_buffer()),
+                Output::Event(_) => {}
+            }
+        }
+        assert_eq!(n, BURST, "the whole burst arrives");
+        n
+    }
+
+    /// A burst set aside by B, to open (for timing [`Unopened::open`] alone).
+    pub fn unopened(&mut self, batches: Vec<Transmit>) -> Unopened {
+        self.receive(batches);
+        match self.b.poll_output() {
+            Some(Output::Unopened(u)) => u,
+            other => panic!("a burst is handed out to open: {other:?}"),
+        }
     }
 }
