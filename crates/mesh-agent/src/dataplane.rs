@@ -67,6 +67,10 @@ const UDP_PENDING: usize = 4096;
 const TUN_WRITE_QUEUE: usize = 8;
 /// Packets waiting for the TUN writer beyond its queue.
 const TUN_PENDING: usize = 2048;
+/// Batches at the opening thread (of up to 64 datagrams each). With that many out, the loop
+/// waits for the oldest to come back before it hands out another: received datagrams then
+/// wait in the socket's buffer, and the kernel drops what does not fit, as at any full queue.
+const OPEN_PENDING: usize = 32;
 
 /// Requests to the data plane.
 pub enum DataCmd {
@@ -845,6 +849,12 @@ pub async fn run(
                 }
                 Output::Unopened(u) => {
                     // To the opening thread, back through `opened`; without it, here.
+                    while opener.is_some() && node.unopened_at_driver() > OPEN_PENDING {
+                        match opened.recv().await {
+                            Some(o) => node.handle_opened(o),
+                            None => break,
+                        }
+                    }
                     let datagrams = u.datagrams();
                     let back = match &opener {
                         Some(o) => o.open(u).err(),
