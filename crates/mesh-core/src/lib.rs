@@ -50,6 +50,6 @@ pub use node::{
     Destination, Event, Node, NodeConfig, Output, Path, PathQuality, PeerConfig, PeerStatus,
     QualityConfig, SocketId, Source, Status, Transmit, Unsealed,
 };
-pub use opening::{Opened, Unopened, OPEN_BATCH_MAX, OPEN_INLINE_MAX};
+pub use opening::{Opened, Unopened, OPEN_BATCH_MAX, OPEN_INLINE_BYTES, OPEN_INLINE_MAX};
 pub use outbox::LARGE_BUFFER;
 pub use peer::handshake::PROACTIVE_PEERS;

@@ -7,7 +7,8 @@
 //! decrypts it on any thread ([`Unopened::open`]) and gives it back
 //! ([`crate::Node::handle_opened`]), where the node does everything else (the replay window,
 //! timers, paths, the source check) in the order the messages came. A run of at most
-//! [`OPEN_INLINE_MAX`] with nothing else at the driver the node opens itself.
+//! [`OPEN_INLINE_MAX`] messages or under [`OPEN_INLINE_BYTES`], with nothing at the driver,
+//! the node opens itself.
 //!
 //! Order is kept without a reorder buffer: anything that comes in while messages wait (a
 //! handshake, a message on another socket or the relay) waits behind them, and batches come
@@ -20,8 +21,11 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 /// Most data messages the node opens itself instead of handing them out (while none are at
-/// the driver): a ping or an ACK costs less opened here than a trip to another thread.
+/// the driver): a ping costs less opened here than a trip to another thread.
 pub const OPEN_INLINE_MAX: usize = 2;
+/// A run of messages carrying fewer bytes than this the node opens itself too (while none are
+/// at the driver): a batch of TCP ACKs is many messages but little to decrypt.
+pub const OPEN_INLINE_BYTES: usize = 4096;
 /// Most data messages in one [`Unopened`] (one GRO batch).
 pub const OPEN_BATCH_MAX: usize = 64;
 
@@ -149,17 +153,21 @@ impl Opening {
     }
 
     pub(crate) fn next(&mut self) -> Next {
-        let run = self
+        let (run, bytes) = self
             .queue
             .iter()
             .take(OPEN_BATCH_MAX)
-            .take_while(|p| matches!(p, Pending::Data(_)))
-            .count();
+            .map_while(|p| match p {
+                Pending::Data(item) => Some(item.buf.len() - item.room),
+                Pending::Other { .. } => None,
+            })
+            .fold((0, 0), |(n, b), len| (n + 1, b + len));
+        let here = run <= OPEN_INLINE_MAX || bytes < OPEN_INLINE_BYTES;
         match self.queue.front() {
             None => Next::Wait,
             Some(Pending::Other { .. }) if !self.at_driver.is_empty() => Next::Wait,
             Some(Pending::Other { .. }) => self.queue.pop_front().map_or(Next::Wait, Next::Take),
-            Some(Pending::Data(_)) if run <= OPEN_INLINE_MAX && self.at_driver.is_empty() => {
+            Some(Pending::Data(_)) if here && self.at_driver.is_empty() => {
                 match self.queue.pop_front() {
                     Some(Pending::Data(mut item)) => {
                         item.open();
