@@ -34,7 +34,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 use x25519_dalek::{PublicKey as XPublic, StaticSecret};
 
-pub use crate::outbox::{MAX_BATCH, MAX_BATCH_BYTES, SEAL_INLINE_MAX};
+pub use crate::outbox::{MAX_BATCH, MAX_BATCH_BYTES, SEAL_INLINE_BYTES, SEAL_INLINE_MAX};
 pub use crate::peer::handshake::{
     PROACTIVE_FALLBACK, PROACTIVE_PEERS, REKEY_ATTEMPT_TIME, REKEY_TIMEOUT, STALE_SESSION,
 };
@@ -589,11 +589,12 @@ impl Node {
 
     /// Leaves the decryption of data messages on the main socket to the driver: the node sets
     /// each aside with its session's key, and [`Node::poll_output`] hands a run of more than
-    /// [`crate::OPEN_INLINE_MAX`] out as [`Output::Unopened`] for the driver to open on another
-    /// thread and give back ([`Node::handle_opened`]); the node takes everything else about
-    /// them (replay window, timers, paths, source checks) then, in the order they came, and
-    /// whatever came in meanwhile after them. A smaller run it opens itself. Needs a driver
-    /// that polls with [`Node::poll_output`]. Off unless set.
+    /// [`crate::OPEN_INLINE_MAX`] carrying at least [`crate::OPEN_INLINE_BYTES`] out as
+    /// [`Output::Unopened`] for the driver to open on another thread and give back
+    /// ([`Node::handle_opened`]); the node takes everything else about them (replay window,
+    /// timers, paths, source checks) then, in the order they came, and whatever came in
+    /// meanwhile after them. A smaller run it opens itself. Needs a driver that polls with
+    /// [`Node::poll_output`]; set it before traffic flows. Off unless set.
     pub fn set_deferred_opening(&mut self, on: bool) {
         self.opening.on = on;
     }
@@ -636,9 +637,9 @@ impl Node {
 
     /// Leaves the encryption of data messages to the driver: the node takes each message's
     /// counter and writes its header where it decides the order, as always, and
-    /// [`Node::poll_output`] hands batches of more than [`SEAL_INLINE_MAX`] such messages out
-    /// as [`Output::Unsealed`] for the driver to seal on another thread than the node's (a
-    /// smaller one the node seals itself). Decisions, counters and what goes on the wire are
+    /// [`Node::poll_output`] hands batches of more than [`SEAL_INLINE_MAX`] such messages and
+    /// at least [`SEAL_INLINE_BYTES`] out as [`Output::Unsealed`] for the driver to seal on
+    /// another thread than the node's (a smaller one the node seals itself). Decisions, counters and what goes on the wire are
     /// the same either way; [`Node::poll_transmit`] always seals. Off unless set.
     pub fn set_deferred_sealing(&mut self, on: bool) {
         self.out.defer = on;
@@ -1047,7 +1048,7 @@ impl Node {
             return Some(Output::Event(e));
         }
         if let Some(mut t) = self.out.pop_transmit() {
-            if t.unsealed() > SEAL_INLINE_MAX {
+            if t.unsealed() > SEAL_INLINE_MAX && t.contents.len() >= SEAL_INLINE_BYTES {
                 return Some(Output::Unsealed(Unsealed(t)));
             }
             t.seal_pending();

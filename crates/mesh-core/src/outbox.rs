@@ -380,6 +380,9 @@ pub const PRIMER_TTL: u8 = 2;
 /// rather than handed to the driver as [`crate::io::Unsealed`]: a lone packet (a ping, a small
 /// request) is sealed at once, cheaper than the trip to another thread and its wake-up.
 pub const SEAL_INLINE_MAX: usize = 2;
+/// A transmit of fewer bytes than this the node seals itself too: a batch of TCP ACKs is
+/// many datagrams but little to encrypt.
+pub const SEAL_INLINE_BYTES: usize = 4096;
 
 impl Transmit {
     /// Encrypts the datagrams reserved and not yet sealed. A datagram that cannot be sealed
