@@ -639,8 +639,9 @@ impl Node {
     /// counter and writes its header where it decides the order, as always, and
     /// [`Node::poll_output`] hands batches of more than [`SEAL_INLINE_MAX`] such messages and
     /// at least [`SEAL_INLINE_BYTES`] out as [`Output::Unsealed`] for the driver to seal on
-    /// another thread than the node's (a smaller one the node seals itself). Decisions, counters and what goes on the wire are
-    /// the same either way; [`Node::poll_transmit`] always seals. Off unless set.
+    /// another thread than the node's (a smaller one the node seals itself). Decisions,
+    /// counters and what goes on the wire are the same either way; [`Node::poll_transmit`]
+    /// always seals. Off unless set.
     pub fn set_deferred_sealing(&mut self, on: bool) {
         self.out.defer = on;
     }

@@ -134,6 +134,9 @@ pub(crate) struct Opening {
     /// Batches handed out and not yet back, oldest first.
     pub(crate) at_driver: VecDeque<u64>,
     next_batch: u64,
+    /// Messages at the queue's front the node decided to open itself (a short run), not yet
+    /// taken.
+    here: usize,
 }
 
 /// What to do next with the queue.
@@ -153,6 +156,16 @@ impl Opening {
     }
 
     pub(crate) fn next(&mut self) -> Next {
+        if self.here > 0 {
+            self.here -= 1;
+            return match self.queue.pop_front() {
+                Some(Pending::Data(mut item)) => {
+                    item.open();
+                    Next::Take(Pending::Data(item))
+                }
+                other => other.map_or(Next::Wait, Next::Take),
+            };
+        }
         let (run, bytes) = self
             .queue
             .iter()
@@ -168,13 +181,9 @@ impl Opening {
             Some(Pending::Other { .. }) if !self.at_driver.is_empty() => Next::Wait,
             Some(Pending::Other { .. }) => self.queue.pop_front().map_or(Next::Wait, Next::Take),
             Some(Pending::Data(_)) if here && self.at_driver.is_empty() => {
-                match self.queue.pop_front() {
-                    Some(Pending::Data(mut item)) => {
-                        item.open();
-                        Next::Take(Pending::Data(item))
-                    }
-                    other => other.map_or(Next::Wait, Next::Take),
-                }
+                // The whole run, one message a call.
+                self.here = run;
+                self.next()
             }
             Some(Pending::Data(_)) => {
                 let items = self
@@ -199,6 +208,7 @@ impl Opening {
         if !self.at_driver.is_empty() {
             return None;
         }
+        self.here = self.here.saturating_sub(1);
         let mut next = self.queue.pop_front()?;
         if let Pending::Data(item) = &mut next {
             item.open();

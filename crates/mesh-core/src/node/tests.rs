@@ -282,6 +282,21 @@ fn deferred_opening_hands_out_bursts_and_keeps_their_order_and_whatever_came_beh
         panic!("a lone message is opened in place");
     };
     assert_eq!(got, &one);
+    // A run of small ones (ACK-sized, under 4 KB together): opened by the node too, in order.
+    let small: Vec<Vec<u8>> = (0..5u8)
+        .map(|i| icmp(p.a.address(), p.b.address(), &[i; 40]))
+        .collect();
+    for d in datagrams(&mut p, &small) {
+        p.b.handle_datagram(Source::main(p.a_addr), &d, p.now);
+    }
+    let got: Vec<Vec<u8>> = outputs(&mut p.b)
+        .into_iter()
+        .map(|o| match o {
+            Output::Tun(pkt) => pkt,
+            other => panic!("small runs are opened in place: {other:?}"),
+        })
+        .collect();
+    assert_eq!(got, small);
     // A burst: handed out as one batch; nothing reaches the TUN side before it comes back.
     let burst: Vec<Vec<u8>> = (0..40u8)
         .map(|i| icmp(p.a.address(), p.b.address(), &[i; 1000]))
