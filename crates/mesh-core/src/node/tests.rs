@@ -273,11 +273,31 @@ fn deferred_opening_hands_out_bursts_and_keeps_their_order_and_whatever_came_beh
         }
         out
     };
+    // Sealed by A, into B's main socket.
+    let feed = |p: &mut Pair, pkts: &[Vec<u8>]| {
+        for d in datagrams(p, pkts) {
+            p.b.handle_datagram(Source::main(p.a_addr), &d, p.now);
+        }
+    };
+    // What B hands out after that: exactly one batch to open.
+    let handed_out = |p: &mut Pair, why: &str| -> crate::Unopened {
+        let Ok::<[Output; 1], _>([Output::Unopened(u)]) = outputs(&mut p.b).try_into() else {
+            panic!("{why}");
+        };
+        u
+    };
+    // The packets among outputs, in order.
+    let packets = |outs: Vec<Output>| -> Vec<Vec<u8>> {
+        outs.into_iter()
+            .filter_map(|o| match o {
+                Output::Tun(pkt) => Some(pkt),
+                _ => None,
+            })
+            .collect()
+    };
     // A lone packet: opened by the node itself, as before.
     let one = icmp(p.a.address(), p.b.address(), b"lone");
-    for d in datagrams(&mut p, std::slice::from_ref(&one)) {
-        p.b.handle_datagram(Source::main(p.a_addr), &d, p.now);
-    }
+    feed(&mut p, std::slice::from_ref(&one));
     let [Output::Tun(got)] = &outputs(&mut p.b)[..] else {
         panic!("a lone message is opened in place");
     };
@@ -286,9 +306,7 @@ fn deferred_opening_hands_out_bursts_and_keeps_their_order_and_whatever_came_beh
     let small: Vec<Vec<u8>> = (0..5u8)
         .map(|i| icmp(p.a.address(), p.b.address(), &[i; 40]))
         .collect();
-    for d in datagrams(&mut p, &small) {
-        p.b.handle_datagram(Source::main(p.a_addr), &d, p.now);
-    }
+    feed(&mut p, &small);
     let got: Vec<Vec<u8>> = outputs(&mut p.b)
         .into_iter()
         .map(|o| match o {
@@ -301,31 +319,19 @@ fn deferred_opening_hands_out_bursts_and_keeps_their_order_and_whatever_came_beh
     let burst: Vec<Vec<u8>> = (0..40u8)
         .map(|i| icmp(p.a.address(), p.b.address(), &[i; 1000]))
         .collect();
-    for d in datagrams(&mut p, &burst) {
-        p.b.handle_datagram(Source::main(p.a_addr), &d, p.now);
-    }
-    let Ok::<[Output; 1], _>([Output::Unopened(u)]) = outputs(&mut p.b).try_into() else {
-        panic!("a burst is handed out to open, as one batch");
-    };
+    feed(&mut p, &burst);
+    let u = handed_out(&mut p, "a burst is handed out to open, as one batch");
     assert_eq!(u.datagrams(), 40);
     // Meanwhile a second burst (handed out behind it) and a lone packet, which waits.
     let second: Vec<Vec<u8>> = (40..80u8)
         .map(|i| icmp(p.a.address(), p.b.address(), &[i; 500]))
         .collect();
-    for d in datagrams(&mut p, &second) {
-        p.b.handle_datagram(Source::main(p.a_addr), &d, p.now);
-    }
-    let Ok::<[Output; 1], _>([Output::Unopened(u2)]) = outputs(&mut p.b).try_into() else {
-        panic!("the second burst goes out behind the first");
-    };
+    feed(&mut p, &second);
+    let u2 = handed_out(&mut p, "the second burst goes out behind the first");
     let last = icmp(p.a.address(), p.b.address(), b"last");
-    for d in datagrams(&mut p, std::slice::from_ref(&last)) {
-        p.b.handle_datagram(Source::main(p.a_addr), &d, p.now);
-    }
+    feed(&mut p, std::slice::from_ref(&last));
     // (Not opened here ahead of those at the driver: it follows them out.)
-    let Ok::<[Output; 1], _>([Output::Unopened(u3)]) = outputs(&mut p.b).try_into() else {
-        panic!("the lone one goes out behind the batches");
-    };
+    let u3 = handed_out(&mut p, "the lone one goes out behind the batches");
     // A message that came another way (through the relay) waits for all three.
     let relayed = icmp(p.a.address(), p.b.address(), b"relayed");
     let from = p.a.public_key();
@@ -341,14 +347,7 @@ fn deferred_opening_hands_out_bursts_and_keeps_their_order_and_whatever_came_beh
     for o in opened {
         p.b.handle_opened(o);
     }
-    let out = outputs(&mut p.b);
-    let delivered: Vec<Vec<u8>> = out
-        .iter()
-        .filter_map(|o| match o {
-            Output::Tun(pkt) => Some(pkt.clone()),
-            _ => None,
-        })
-        .collect();
+    let delivered = packets(outputs(&mut p.b));
     let expected: Vec<Vec<u8>> = burst
         .iter()
         .chain(&second)
@@ -362,36 +361,19 @@ fn deferred_opening_hands_out_bursts_and_keeps_their_order_and_whatever_came_beh
     for d in replay.iter().chain(&replay) {
         p.b.handle_datagram(Source::main(p.a_addr), d, p.now);
     }
-    let Ok::<[Output; 1], _>([Output::Unopened(u)]) = outputs(&mut p.b).try_into() else {
-        panic!("six messages go out as a batch");
-    };
+    let u = handed_out(&mut p, "six messages go out as a batch");
     p.b.handle_opened(u.open());
     assert_eq!(outputs(&mut p.b).len(), 3, "each message once");
     assert_eq!(p.b.counters().rejected_packets, 3);
     // A batch given back before the one handed out ahead of it: the older is forgotten, the
     // later taken; the older, come late, is dropped and counted.
-    for d in datagrams(&mut p, &burst[..5]) {
-        p.b.handle_datagram(Source::main(p.a_addr), &d, p.now);
-    }
-    let Ok::<[Output; 1], _>([Output::Unopened(older)]) = outputs(&mut p.b).try_into() else {
-        panic!("a batch");
-    };
-    for d in datagrams(&mut p, &second[..5]) {
-        p.b.handle_datagram(Source::main(p.a_addr), &d, p.now);
-    }
-    let Ok::<[Output; 1], _>([Output::Unopened(newer)]) = outputs(&mut p.b).try_into() else {
-        panic!("a second batch");
-    };
+    feed(&mut p, &burst[..5]);
+    let older = handed_out(&mut p, "a batch");
+    feed(&mut p, &second[..5]);
+    let newer = handed_out(&mut p, "a second batch");
     p.b.handle_opened(newer.open());
     p.b.handle_opened(older.open());
-    let delivered: Vec<Vec<u8>> = outputs(&mut p.b)
-        .into_iter()
-        .filter_map(|o| match o {
-            Output::Tun(pkt) => Some(pkt),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(delivered, second[..5].to_vec());
+    assert_eq!(packets(outputs(&mut p.b)), second[..5].to_vec());
     assert_eq!(p.b.counters().rejected_packets, 3 + 5);
 }
 
