@@ -54,6 +54,11 @@ fn key(bytes: &[u8; 32]) -> LessSafeKey {
     }
 }
 
+/// The receiver index in a data message's header (`msg` holds at least the header).
+fn header_index(msg: &[u8]) -> u32 {
+    u32::from_le_bytes([msg[4], msg[5], msg[6], msg[7]])
+}
+
 /// The counter in a data message's header (`msg` holds at least the header).
 fn header_counter(msg: &[u8]) -> u64 {
     let mut c = [0u8; 8];
@@ -200,7 +205,7 @@ impl Transport {
         if msg.len() < DATA_OVERHEAD || msg[0] != TYPE_DATA || msg[1..4] != [0, 0, 0] {
             return Err(Error::Malformed);
         }
-        if u32::from_le_bytes([msg[4], msg[5], msg[6], msg[7]]) != self.local_index {
+        if header_index(msg) != self.local_index {
             return Err(Error::WrongIndex);
         }
         let counter = header_counter(msg);
@@ -277,7 +282,7 @@ impl OpenKey {
         if header.len() != DATA_HEADER_LEN || header[0] != TYPE_DATA || header[1..4] != [0, 0, 0] {
             return Err(Error::Malformed);
         }
-        if u32::from_le_bytes([header[4], header[5], header[6], header[7]]) != self.index {
+        if header_index(header) != self.index {
             return Err(Error::WrongIndex);
         }
         let Some(len) = sealed.len().checked_sub(TAG_LEN) else {

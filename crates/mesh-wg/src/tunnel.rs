@@ -405,12 +405,7 @@ impl Tunnel {
         }
         let to = crate::receiver_index(datagram)?;
         let slot = self.usable_slot(to, now).ok()?;
-        let keys = match slot {
-            Slot::Current => self.current.as_ref(),
-            Slot::Previous => self.previous.as_ref(),
-            Slot::Next(i) => self.next.get(i),
-        }?;
-        Some(keys.transport.open_key().clone())
+        Some(self.keys(slot)?.transport.open_key().clone())
     }
 
     /// [`Tunnel::receive`] of a data message already opened with a key from
@@ -444,15 +439,18 @@ impl Tunnel {
         } else {
             return Err(Error::WrongIndex);
         };
-        let keys = match slot {
-            Slot::Current => self.current.as_ref(),
-            Slot::Previous => self.previous.as_ref(),
-            Slot::Next(i) => self.next.get(i),
-        };
-        match keys {
+        match self.keys(slot) {
             Some(k) if k.usable(now) => Ok(slot),
             Some(_) => Err(Error::Exhausted),
             None => Err(Error::WrongIndex),
+        }
+    }
+
+    fn keys(&self, slot: Slot) -> Option<&Keys> {
+        match slot {
+            Slot::Current => self.current.as_ref(),
+            Slot::Previous => self.previous.as_ref(),
+            Slot::Next(i) => self.next.get(i),
         }
     }
 
