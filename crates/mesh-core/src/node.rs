@@ -553,7 +553,9 @@ impl Node {
     /// [`Node::handle_datagram`].
     fn take_opened(&mut self, item: Item) {
         let now = item.now;
-        let Some(slot) = self.peers.by_index(item.index() >> 8) else {
+        let slot = crate::peer::loss::data_header(&item.header)
+            .and_then(|(index, _)| self.peers.by_index(index >> 8));
+        let Some(slot) = slot else {
             self.out.counters.unknown_peer_packets += 1;
             self.out.recycle(item.buf);
             return;

@@ -54,16 +54,6 @@ pub(crate) enum State {
 }
 
 impl Item {
-    /// The receiver index it carries.
-    pub(crate) fn index(&self) -> u32 {
-        u32::from_le_bytes([
-            self.header[4],
-            self.header[5],
-            self.header[6],
-            self.header[7],
-        ])
-    }
-
     /// Decrypts it (any thread).
     pub(crate) fn open(&mut self) {
         let state = std::mem::replace(&mut self.state, State::Refused);
@@ -157,14 +147,8 @@ impl Opening {
 
     pub(crate) fn next(&mut self) -> Next {
         if self.here > 0 {
-            self.here -= 1;
-            return match self.queue.pop_front() {
-                Some(Pending::Data(mut item)) => {
-                    item.open();
-                    Next::Take(Pending::Data(item))
-                }
-                other => other.map_or(Next::Wait, Next::Take),
-            };
+            // (Nothing is at the driver while a run is taken here.)
+            return self.next_here().map_or(Next::Wait, Next::Take);
         }
         let (run, bytes) = self
             .queue
