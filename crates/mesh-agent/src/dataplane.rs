@@ -665,12 +665,7 @@ pub async fn run(
                 }
                 // So do the batches at the opening thread (the node takes the rest of what
                 // came before the timers).
-                while node.unopened_at_driver() > 0 {
-                    match opened.recv().await {
-                        Some(o) => node.handle_opened(o),
-                        None => break,
-                    }
-                }
+                take_back_opened(&mut node, &mut opened, 0).await;
                 node.handle_timeout(Instant::now());
             }
             cmd = cmds.recv() => match cmd {
@@ -849,11 +844,8 @@ pub async fn run(
                 }
                 Output::Unopened(u) => {
                     // To the opening thread, back through `opened`; without it, here.
-                    while opener.is_some() && node.unopened_at_driver() > OPEN_PENDING {
-                        match opened.recv().await {
-                            Some(o) => node.handle_opened(o),
-                            None => break,
-                        }
+                    if opener.is_some() {
+                        take_back_opened(&mut node, &mut opened, OPEN_PENDING).await;
                     }
                     let datagrams = u.datagrams();
                     let back = match &opener {
@@ -1259,10 +1251,10 @@ const OPEN_THREAD_ENV: &str = "MESH_OPEN_THREAD";
 
 impl Opener {
     fn start(back: mpsc::UnboundedSender<Opened>) -> Option<Opener> {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         if std::env::var(OPEN_THREAD_ENV).map_or(true, |v| v != "1") {
             return None;
         }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         if cores < 2 {
             tracing::info!("{OPEN_THREAD_ENV}=1 but one core: the data plane's loop decrypts everything itself");
             return None;
@@ -1296,6 +1288,21 @@ impl Opener {
     /// Hands a batch over; the batch back if the thread is gone.
     fn open(&self, u: Unopened) -> Result<(), Unopened> {
         self.jobs.send(u).map_err(|e| e.0)
+    }
+}
+
+/// Waits for the opening thread's batches, oldest first, and gives them back to the node until
+/// at most `left` are still out (or the thread is gone).
+async fn take_back_opened(
+    node: &mut Node,
+    opened: &mut mpsc::UnboundedReceiver<Opened>,
+    left: usize,
+) {
+    while node.unopened_at_driver() > left {
+        match opened.recv().await {
+            Some(o) => node.handle_opened(o),
+            None => return,
+        }
     }
 }
 
