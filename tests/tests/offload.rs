@@ -200,6 +200,7 @@ fn streams_and_datagrams_of_every_size_arrive_unchanged_through_an_offloading_me
         assert!(
             text.contains("datapath  mesh0 with offloads")
                 && text.contains("batches encrypted and decrypted on threads of their own")
+                && text.contains("TUN writes on a thread of their own")
                 && text.contains("UDP buffers 7.0 MiB in"),
             "{text}"
         );
@@ -284,7 +285,11 @@ fn without_offloads_the_same_bytes_arrive_and_status_says_so() {
                 &lab,
                 h,
                 &token,
-                &["MESH_TUN_OFFLOAD=0", "MESH_SEAL_THREAD=0"],
+                &[
+                    "MESH_TUN_OFFLOAD=0",
+                    "MESH_SEAL_THREAD=0",
+                    "MESH_TUN_THREAD=0",
+                ],
             )
         })
         .collect();
@@ -295,9 +300,10 @@ fn without_offloads_the_same_bytes_arrive_and_status_says_so() {
             (
                 &status["counters"]["tun_offload"],
                 &status["counters"]["seal_thread"],
-                &status["counters"]["open_thread"]
+                &status["counters"]["open_thread"],
+                &status["counters"]["tun_write_thread"]
             ),
-            (&0.into(), &0.into(), &0.into()),
+            (&0.into(), &0.into(), &0.into(), &0.into()),
             "{:#}",
             status["counters"]
         );

@@ -916,6 +916,9 @@ fn datapath_line(counters: &serde_json::Value) -> Option<String> {
         (false, true) => line += "; batches decrypted on a thread of their own",
         (false, false) => {}
     }
+    if counters["tun_write_thread"].as_u64() == Some(1) {
+        line += "; TUN writes on a thread of their own";
+    }
     if let (Some(rx), Some(tx)) = (mib("udp_recv_buffer"), mib("udp_send_buffer")) {
         line += &format!("; UDP buffers {rx:.1} MiB in, {tx:.1} MiB out");
         if counters["udp_buffers_refused"].as_u64().unwrap_or(0) > 0 {
