@@ -1344,8 +1344,8 @@ const TUN_THREAD_ENV: &str = "MESH_TUN_THREAD";
 /// A write to mesh0 is where the kernel delivers the packets to their socket (the TCP receive
 /// path of the application behind mesh0 runs in that call), so on a task it took a runtime
 /// worker from the loop for as long; on a thread the kernel schedules it beside both.
-/// Measured on 2 cores: four TCP streams 7-11 % faster, one stream the same, 3-5 % more CPU
-/// per GB (benches/README.md).
+/// Measured on 2 cores: four TCP streams 4-11 % faster, one stream within the noise, 3-8 %
+/// more CPU per GB (benches/README.md).
 fn start_tun_writer(writer: impl std::future::Future<Output = ()> + Send + 'static) -> bool {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     if cores < 2 || std::env::var(TUN_THREAD_ENV).is_ok_and(|v| v == "0") {
