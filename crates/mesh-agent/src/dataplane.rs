@@ -1172,17 +1172,22 @@ struct Sealer {
     in_flight: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
+/// Whether the agent may use only one core: then the data plane's threads (sealing, opening,
+/// TUN writes) would only take turns with the loop, and the loop does their work itself.
+fn one_core() -> bool {
+    std::thread::available_parallelism().map_or(1, |n| n.get()) < 2
+}
+
 /// Turns the sealing thread off (`0`).
 const SEAL_THREAD_ENV: &str = "MESH_SEAL_THREAD";
 
 impl Sealer {
     fn start(writer: mpsc::UnboundedSender<(SocketAddr, Transmit)>) -> Option<Sealer> {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         if std::env::var(SEAL_THREAD_ENV).is_ok_and(|v| v == "0") {
             tracing::info!("{SEAL_THREAD_ENV}=0: the data plane's loop encrypts everything itself");
             return None;
         }
-        if cores < 2 {
+        if one_core() {
             tracing::info!("one core: the data plane's loop encrypts everything itself");
             return None;
         }
@@ -1261,8 +1266,7 @@ impl Opener {
         if std::env::var(OPEN_THREAD_ENV).map_or(true, |v| v != "1") {
             return None;
         }
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        if cores < 2 {
+        if one_core() {
             tracing::info!("{OPEN_THREAD_ENV}=1 but one core: the data plane's loop decrypts everything itself");
             return None;
         }
@@ -1347,25 +1351,26 @@ const TUN_THREAD_ENV: &str = "MESH_TUN_THREAD";
 /// Measured on 2 cores: four TCP streams 4-11 % faster, one stream within the noise, 3-8 %
 /// more CPU per GB (benches/README.md).
 fn start_tun_writer(writer: impl std::future::Future<Output = ()> + Send + 'static) -> bool {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if cores < 2 || std::env::var(TUN_THREAD_ENV).is_ok_and(|v| v == "0") {
+    if one_core() || std::env::var(TUN_THREAD_ENV).is_ok_and(|v| v == "0") {
         tokio::spawn(writer);
         return false;
     }
     // Handed over through a slot, so that a thread that cannot start leaves it to a task.
     let slot = std::sync::Arc::new(std::sync::Mutex::new(Some(writer)));
     let taken = slot.clone();
+    let agent = tokio::runtime::Handle::current();
     let spawned = std::thread::Builder::new()
         .name("mesh-tun-write".into())
         .spawn(move || {
-            let writer = taken.lock().ok().and_then(|mut w| w.take());
-            let runtime = tokio::runtime::Builder::new_current_thread().build();
-            match (writer, runtime) {
-                (Some(writer), Ok(runtime)) => runtime.block_on(writer),
-                (_, Err(e)) => {
-                    tracing::error!(error = %e, "no runtime for the TUN writer: mesh0 gets nothing");
+            let Some(writer) = taken.lock().ok().and_then(|mut w| w.take()) else {
+                return;
+            };
+            match tokio::runtime::Builder::new_current_thread().build() {
+                Ok(runtime) => runtime.block_on(writer),
+                Err(e) => {
+                    warn!(error = %e, "no runtime for the TUN writer's thread: it runs as a task");
+                    agent.spawn(writer);
                 }
-                (None, _) => {}
             }
         });
     match spawned {
